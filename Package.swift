@@ -1,0 +1,38 @@
+// swift-tools-version: 6.0
+// kvstore: a KV-cache object store for LLM serving. Layers and rules: ../shared/DESIGN.md §1.
+import PackageDescription
+
+let package = Package(
+    name: "kvstore",
+    products: [
+        // The CPython extension. setup.py copies lib_native.so to kvstore/_native.abi3.so.
+        .library(name: "_native", type: .dynamic, targets: ["CKVStorePython"]),
+        .library(name: "KVStore", targets: ["KVStore"]),
+    ],
+    targets: [
+        .target(name: "KVCore"),
+        .target(name: "KVTransfer", dependencies: ["KVCore"]),
+        .target(name: "KVStore", dependencies: ["KVCore", "KVTransfer"]),
+        // Header-only C target: the flat C ABI's types and prototypes (ownership rules live there).
+        .target(name: "CKVStoreABI"),
+        .target(name: "KVStoreABI", dependencies: ["CKVStoreABI", "KVStore", "KVCore", "KVTransfer"]),
+        .systemLibrary(name: "CPython", path: "Sources/CPython", pkgConfig: "python3"),
+        .target(
+            name: "CKVStorePython",
+            dependencies: ["CKVStoreABI", "KVStoreABI", "CPython"],
+            cSettings: [
+                .define("Py_LIMITED_API", to: "0x030B0000"),
+                .unsafeFlags(["-O2", "-fvisibility=hidden"]),
+            ],
+            linkerSettings: [
+                .unsafeFlags([
+                    "-static-stdlib",
+                    "-Xlinker", "--version-script=Sources/CKVStorePython/exports.map",
+                ]),
+            ]
+        ),
+        .testTarget(name: "KVCoreTests", dependencies: ["KVCore"]),
+        .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVCore"]),
+        .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVTransfer"]),
+    ]
+)

@@ -1,0 +1,42 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import KVCore
+import KVTransfer
+
+/// A segment of host memory: an anonymous private mapping of `size` bytes, transparent huge
+/// pages requested (best effort). Pages are committed on first touch.
+///
+/// Owns the mapping and unmaps it in `unmap()` or deinit. `@unchecked Sendable`: the bytes are
+/// synchronised by the object table's write and read tickets, the mapping's lifetime by
+/// `StoreClient`'s operation gate.
+public final class HostSegment: @unchecked Sendable {
+    public let size: Int
+    private let base: UnsafeMutableRawPointer
+    private var mapped = true
+
+    /// Maps `size` bytes (> 0). Throws `noSpace` when the mapping fails.
+    public init(size: Int) throws(KVError) {
+        guard size > 0 else { throw .invalidArgument("segment size must be positive") }
+        base = try SystemCall.mmap(length: size, protection: PROT_READ | PROT_WRITE,
+                                   flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+        self.size = size
+        _ = madvise(base, size, 14 /* MADV_HUGEPAGE */)
+    }
+
+    /// The bytes at `offset` ..< `offset + length` as a region.
+    public func region(offset: Int, length: Int) -> MemoryRegion {
+        precondition(offset >= 0 && length >= 0 && offset + length <= size, "range outside the segment")
+        return MemoryRegion(base + offset, length: length)
+    }
+
+    /// Unmaps the segment. Call once no operation uses it.
+    public func unmap() {
+        if mapped {
+            munmap(base, size)
+            mapped = false
+        }
+    }
+
+    deinit { unmap() }
+}

@@ -1,0 +1,10 @@
+import Synchronization
+
+/// Operation counters of a store client (relaxed atomics).
+final class OperationCounters: Sendable {
+    let puts = Atomic<Int>(0)
+    let gets = Atomic<Int>(0)
+    let hits = Atomic<Int>(0)
+    let misses = Atomic<Int>(0)
+    let removes = Atomic<Int>(0)
+}

@@ -1,0 +1,29 @@
+import KVCore
+
+extension StoreClient {
+    /// Names of the statistics, in the order `statistics()` returns them. Static strings, so
+    /// the C ABI can hand out their addresses.
+    public static let statisticNames: [StaticString] = [
+        "objects", "object_bytes", "bytes_used", "capacity", "bytes_free",
+        "bytes_copied", "bytes_staged", "copy_ops",
+        "puts", "gets", "hits", "misses", "removes",
+        "active_readers", "free_blocks", "largest_free_block",
+        "registered_buffers", "registered_bytes", "closed",
+    ]
+
+    /// Current values, aligned with `statisticNames`. All counts are exact when no operation
+    /// is in flight.
+    public func statistics() -> [Int] {
+        let s = master.snapshot()
+        return [
+            s.objects, s.objectBytes, s.used, s.capacity, s.capacity - s.used,
+            counters.bytesCopied.load(ordering: .relaxed), counters.bytesStaged.load(ordering: .relaxed),
+            counters.copyOps.load(ordering: .relaxed),
+            operations.puts.load(ordering: .relaxed), operations.gets.load(ordering: .relaxed),
+            operations.hits.load(ordering: .relaxed), operations.misses.load(ordering: .relaxed),
+            operations.removes.load(ordering: .relaxed),
+            s.readers, s.freeBlocks, s.largestFree,
+            registry.count, registry.registeredBytes, isClosed ? 1 : 0,
+        ]
+    }
+}

@@ -1,0 +1,177 @@
+import CKVStoreABI
+import KVCore
+import KVStore
+import KVTransfer
+
+// Object operations of the C ABI. Contracts: include/kvstore_abi.h.
+
+@inline(__always)
+func writeMode(_ flags: UInt32) -> WriteMode { flags & UInt32(KV_UPSERT) != 0 ? .upsert : .put }
+
+@c(kv_put)
+public func kvPut(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
+                  _ parts: UnsafePointer<kv_buffer>?, _ nparts: Int, _ flags: UInt32) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        let k = try ABI.key(key, keyLen)
+        try ABI.withSources(parts, nparts) { (regions) throws(KVError) in
+            try c.put(key: k, parts: regions, mode: writeMode(flags))
+        }
+    }
+}
+
+@c(kv_put_batch)
+public func kvPutBatch(_ store: OpaquePointer?, _ n: Int, _ keys: UnsafePointer<kv_key>?,
+                       _ parts: UnsafePointer<kv_buffer>?, _ partCounts: UnsafePointer<Int>?,
+                       _ flags: UInt32, _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        guard n == 0 || (keys != nil && partCounts != nil && statuses != nil) else {
+            throw .invalidArgument("batch arrays must not be NULL")
+        }
+        var first = 0
+        for i in 0..<n {
+            let count = partCounts![i]
+            statuses![i] = kvPut(OpaquePointer(Unmanaged.passUnretained(c).toOpaque()), keys![i].ptr, keys![i].len,
+                                 parts.map { $0 + first }, count, flags)
+            first += count
+        }
+    }
+}
+
+@c(kv_read_begin)
+public func kvReadBegin(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
+                        _ flags: UInt32, _ out: UnsafeMutablePointer<kv_read>?) -> Int32 {
+    var busy = false
+    let s = ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        let k = try ABI.key(key, keyLen)
+        guard let out else { throw .invalidArgument("out pointer is NULL") }
+        let t: ReadTicket
+        if flags & UInt32(KV_READ_NOWAIT) != 0 {
+            switch try c.tryBeginRead(key: k) {
+            case .found(let x): t = x
+            case .notFound: throw .notFound("object '\(k)' not found")
+            case .busy: busy = true; return
+            }
+        } else {
+            t = try c.beginRead(key: k)
+        }
+        out.pointee = kv_read(handle: t.handle, offset: UInt64(t.offset), size: UInt64(t.size))
+    }
+    return busy ? Int32(KV_BUSY) : s
+}
+
+@inline(__always)
+func ticket(_ hold: UnsafePointer<kv_read>) -> ReadTicket {
+    ReadTicket(handle: hold.pointee.handle, offset: Int(hold.pointee.offset), size: Int(hold.pointee.size))
+}
+
+@c(kv_read_copy)
+public func kvReadCopy(_ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?,
+                       _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int,
+                       _ copied: UnsafeMutablePointer<UInt64>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        guard let hold else { throw .invalidArgument("read hold is NULL") }
+        let n = try ABI.withDestinations(dst, ndst) { (d) throws(KVError) in try c.copyOut(ticket(hold), to: d) }
+        copied?.pointee = UInt64(n)
+    }
+}
+
+@c(kv_read_end)
+public func kvReadEnd(_ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        guard let hold else { throw .invalidArgument("read hold is NULL") }
+        try c.endRead(ticket(hold))
+    }
+}
+
+@c(kv_get_into)
+public func kvGetInto(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
+                      _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int,
+                      _ copied: UnsafeMutablePointer<UInt64>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        let k = try ABI.key(key, keyLen)
+        let n = try ABI.withDestinations(dst, ndst) { (d) throws(KVError) in try c.get(key: k, into: d) }
+        copied?.pointee = UInt64(n)
+    }
+}
+
+@c(kv_get_into_batch)
+public func kvGetIntoBatch(_ store: OpaquePointer?, _ n: Int, _ keys: UnsafePointer<kv_key>?,
+                           _ dst: UnsafePointer<kv_mut_buffer>?, _ dstCounts: UnsafePointer<Int>?,
+                           _ results: UnsafeMutablePointer<Int64>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        _ = try ABI.client(store)
+        guard n == 0 || (keys != nil && dstCounts != nil && results != nil) else {
+            throw .invalidArgument("batch arrays must not be NULL")
+        }
+        var first = 0
+        for i in 0..<n {
+            let count = dstCounts![i]
+            var copied: UInt64 = 0
+            let s = kvGetInto(store, keys![i].ptr, keys![i].len, dst.map { $0 + first }, count, &copied)
+            results![i] = s == 0 ? Int64(copied) : -Int64(s)
+            first += count
+        }
+    }
+}
+
+@c(kv_exists)
+public func kvExists(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
+                     _ out: UnsafeMutablePointer<Int32>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        let k = try ABI.key(key, keyLen)
+        out?.pointee = try c.exists(key: k) ? 1 : 0
+    }
+}
+
+@c(kv_size)
+public func kvSize(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
+                   _ out: UnsafeMutablePointer<UInt64>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        let k = try ABI.key(key, keyLen)
+        out?.pointee = UInt64(try c.size(key: k))
+    }
+}
+
+@c(kv_remove)
+public func kvRemove(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int, _ flags: UInt32) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        let k = try ABI.key(key, keyLen)
+        try c.remove(key: k, force: flags & UInt32(KV_REMOVE_FORCE) != 0)
+    }
+}
+
+@c(kv_remove_all)
+public func kvRemoveAll(_ store: OpaquePointer?, _ removed: UnsafeMutablePointer<UInt64>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let n = try ABI.client(store).removeAll()
+        removed?.pointee = UInt64(n)
+    }
+}
+
+@c(kv_register_buffer)
+public func kvRegisterBuffer(_ store: OpaquePointer?, _ ptr: UnsafeRawPointer?, _ len: Int,
+                             _ location: UnsafePointer<CChar>?, _ locationLen: Int) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        guard let ptr else { throw .invalidArgument("buffer pointer is NULL") }
+        let loc = location.map { String(decoding: UnsafeRawBufferPointer(start: $0, count: locationLen), as: UTF8.self) } ?? "cpu"
+        try c.registerBuffer(MemoryRegion(ptr, length: len), location: loc)
+    }
+}
+
+@c(kv_unregister_buffer)
+public func kvUnregisterBuffer(_ store: OpaquePointer?, _ ptr: UnsafeRawPointer?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        try c.unregisterBuffer(address: UInt(bitPattern: ptr))
+    }
+}

@@ -1,0 +1,57 @@
+import CKVStoreABI
+import KVCore
+import KVStore
+
+// Lifecycle, errors and statistics of the C ABI. Contracts: include/kvstore_abi.h.
+
+@c(kv_last_error)
+public func kvLastError(_ len: UnsafeMutablePointer<Int>?) -> UnsafePointer<CChar> {
+    let b = LastError.box
+    len?.pointee = b.count
+    return UnsafePointer(b.bytes)
+}
+
+@c(kv_max_key_bytes)
+public func kvMaxKeyBytes() -> Int { ObjectKey.maxBytes }
+
+@c(kv_store_create)
+public func kvStoreCreate(_ segmentSize: UInt64, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        guard let out else { throw .invalidArgument("out pointer is NULL") }
+        guard segmentSize <= UInt64(Int.max) else { throw .invalidArgument("segment size \(segmentSize) is too large") }
+        let client = try StoreClient(segmentSize: Int(segmentSize))
+        out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
+    }
+}
+
+@c(kv_store_destroy)
+public func kvStoreDestroy(_ store: OpaquePointer?) {
+    guard let store else { return }
+    let u = Unmanaged<StoreClient>.fromOpaque(UnsafeRawPointer(store))
+    u.takeUnretainedValue().close()
+    u.release()
+}
+
+@c(kv_store_close)
+public func kvStoreClose(_ store: OpaquePointer?) -> Int32 {
+    ABI.status { () throws(KVError) in try ABI.client(store).close() }
+}
+
+@c(kv_store_is_closed)
+public func kvStoreIsClosed(_ store: OpaquePointer?) -> Int32 {
+    guard let c = try? ABI.client(store) else { return 1 }
+    return c.isClosed ? 1 : 0
+}
+
+@c(kv_stats)
+public func kvStats(_ store: OpaquePointer?, _ out: UnsafeMutablePointer<kv_stat>?, _ cap: Int) -> Int {
+    let names = StoreClient.statisticNames
+    guard let c = try? ABI.client(store) else { return 0 }
+    guard let out, cap > 0 else { return names.count }
+    let values = c.statistics()
+    for i in 0..<min(cap, names.count) {
+        out[i] = kv_stat(name: UnsafeRawPointer(names[i].utf8Start).assumingMemoryBound(to: CChar.self),
+                         value: Int64(values[i]))
+    }
+    return names.count
+}

@@ -1,0 +1,33 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import KVCore
+
+/// The one wrapper for libc calls that can fail: reads `errno` at once and throws `KVError`.
+public enum SystemCall {
+    /// Throws when `result` is -1, with `what` and the errno text in the message.
+    @discardableResult
+    public static func check<T: BinaryInteger>(_ what: @autoclosure () -> String, _ result: T,
+                                               code: KVError.Code = .internal) throws(KVError) -> T {
+        if result == -1 { throw failure(what(), code: code) }
+        return result
+    }
+
+    /// mmap that throws on MAP_FAILED.
+    public static func mmap(length: Int, protection: Int32, flags: Int32, fd: Int32 = -1,
+                            offset: Int = 0) throws(KVError) -> UnsafeMutableRawPointer {
+        guard let p = Glibc.mmap(nil, length, protection, flags, fd, off_t(offset)), p != MAP_FAILED else {
+            throw failure("mmap of \(length) bytes", code: .noSpace)
+        }
+        return p
+    }
+
+    /// A `KVError` for the current errno.
+    public static func failure(_ what: String, code: KVError.Code = .internal) -> KVError {
+        let e = errno
+        let text = strerror(e).map { String(cString: $0) } ?? "errno \(e)"
+        return KVError(code, "\(what) failed: \(text) (errno \(e))")
+    }
+}

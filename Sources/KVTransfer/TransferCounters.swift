@@ -1,0 +1,14 @@
+import Synchronization
+
+/// Byte and operation counters of the transfer layer, readable at any time from any thread
+/// (relaxed atomics; a snapshot taken while copies run is approximate, a quiescent one exact).
+public final class TransferCounters: Sendable {
+    /// Bytes copied between caller memory and segments (each byte counted once per copy).
+    public let bytesCopied = Atomic<Int>(0)
+    /// Bytes copied through an intermediate staging buffer (0 unless a transport needs one).
+    public let bytesStaged = Atomic<Int>(0)
+    /// Copy operations issued (slices).
+    public let copyOps = Atomic<Int>(0)
+
+    public init() {}
+}
