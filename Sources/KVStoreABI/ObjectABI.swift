@@ -20,25 +20,6 @@ public func kvPut(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLe
     }
 }
 
-@c(kv_put_batch)
-public func kvPutBatch(_ store: OpaquePointer?, _ n: Int, _ keys: UnsafePointer<kv_key>?,
-                       _ parts: UnsafePointer<kv_buffer>?, _ partCounts: UnsafePointer<Int>?,
-                       _ flags: UInt32, _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
-    ABI.status { () throws(KVError) in
-        let c = try ABI.client(store)
-        guard n == 0 || (keys != nil && partCounts != nil && statuses != nil) else {
-            throw .invalidArgument("batch arrays must not be NULL")
-        }
-        var first = 0
-        for i in 0..<n {
-            let count = partCounts![i]
-            statuses![i] = kvPut(OpaquePointer(Unmanaged.passUnretained(c).toOpaque()), keys![i].ptr, keys![i].len,
-                                 parts.map { $0 + first }, count, flags)
-            first += count
-        }
-    }
-}
-
 @c(kv_read_begin)
 public func kvReadBegin(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
                         _ flags: UInt32, _ out: UnsafeMutablePointer<kv_read>?) -> Int32 {
@@ -97,26 +78,6 @@ public func kvGetInto(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ k
         let k = try ABI.key(key, keyLen)
         let n = try ABI.withDestinations(dst, ndst) { (d) throws(KVError) in try c.get(key: k, into: d) }
         copied?.pointee = UInt64(n)
-    }
-}
-
-@c(kv_get_into_batch)
-public func kvGetIntoBatch(_ store: OpaquePointer?, _ n: Int, _ keys: UnsafePointer<kv_key>?,
-                           _ dst: UnsafePointer<kv_mut_buffer>?, _ dstCounts: UnsafePointer<Int>?,
-                           _ results: UnsafeMutablePointer<Int64>?) -> Int32 {
-    ABI.status { () throws(KVError) in
-        _ = try ABI.client(store)
-        guard n == 0 || (keys != nil && dstCounts != nil && results != nil) else {
-            throw .invalidArgument("batch arrays must not be NULL")
-        }
-        var first = 0
-        for i in 0..<n {
-            let count = dstCounts![i]
-            var copied: UInt64 = 0
-            let s = kvGetInto(store, keys![i].ptr, keys![i].len, dst.map { $0 + first }, count, &copied)
-            results![i] = s == 0 ? Int64(copied) : -Int64(s)
-            first += count
-        }
     }
 }
 

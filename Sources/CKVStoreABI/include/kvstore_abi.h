@@ -12,7 +12,8 @@
  *    the ABI never keeps a pointer past the return, except registered buffers, which the
  *    caller keeps alive until kv_unregister_buffer or close.
  *  - Keys are UTF-8, (pointer, byte length), not NUL-terminated.
- *  - Every function is thread-safe.
+ *  - Every function is thread-safe. Batches are loops over the single-object calls on the
+ *    caller's side, so each object keeps its own status and message.
  */
 #ifndef KVSTORE_ABI_H
 #define KVSTORE_ABI_H
@@ -40,7 +41,7 @@ enum {
     KV_BUSY = 64,
 };
 
-/* Flags of kv_put / kv_put_batch. */
+/* Flags of kv_put. */
 enum { KV_PUT = 0, KV_UPSERT = 1 };
 /* Flags of kv_read_begin. */
 enum { KV_READ_WAIT = 0, KV_READ_NOWAIT = 1 };
@@ -79,12 +80,6 @@ int32_t kv_store_is_closed(kv_store *store);
 /* Writes the concatenation of parts[0..nparts) as one object (each part copied once). */
 int32_t kv_put(kv_store *store, const char *key, size_t key_len,
                const kv_buffer *parts, size_t nparts, uint32_t flags);
-/* n objects: object i is parts[first_i .. first_i + part_counts[i]) where first_i is the sum
- * of the earlier counts. statuses[i] gets each object's status (per-key errors' messages are
- * not kept). Returns KV_OK unless the whole call was refused. */
-int32_t kv_put_batch(kv_store *store, size_t n, const kv_key *keys, const kv_buffer *parts,
-                     const size_t *part_counts, uint32_t flags, int32_t *statuses);
-
 /* Takes a read hold on key: *out gets its size. Every successful kv_read_begin must be
  * matched by one kv_read_end. With KV_READ_NOWAIT it returns KV_BUSY instead of waiting. */
 int32_t kv_read_begin(kv_store *store, const char *key, size_t key_len, uint32_t flags, kv_read *out);
@@ -96,10 +91,6 @@ int32_t kv_read_end(kv_store *store, const kv_read *hold);
 /* begin + copy + end in one call; *copied gets the object's size. */
 int32_t kv_get_into(kv_store *store, const char *key, size_t key_len,
                     const kv_mut_buffer *dst, size_t ndst, uint64_t *copied);
-/* Batch form, laid out like kv_put_batch; results[i] gets bytes copied (>= 0) or -status. */
-int32_t kv_get_into_batch(kv_store *store, size_t n, const kv_key *keys, const kv_mut_buffer *dst,
-                          const size_t *dst_counts, int64_t *results);
-
 int32_t kv_exists(kv_store *store, const char *key, size_t key_len, int32_t *out);
 int32_t kv_size(kv_store *store, const char *key, size_t key_len, uint64_t *out);
 int32_t kv_remove(kv_store *store, const char *key, size_t key_len, uint32_t flags);

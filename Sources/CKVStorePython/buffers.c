@@ -1,0 +1,112 @@
+/* Argument conversion: keys and buffer-protocol objects. */
+#include "kvpy.h"
+#include <string.h>
+
+/* Raises ArgumentTypeError: "<what> must be <expected>, not <type name>". */
+static int type_error(PyObject *obj, const char *what, const char *expected) {
+    PyObject *tname = PyType_GetName(Py_TYPE(obj));
+    if (!tname) return -1;
+    PyObject *msg = PyUnicode_FromFormat("%s must be %s, not %U", what, expected, tname);
+    Py_DECREF(tname);
+    if (!msg) return -1;
+    kvpy_raise(KV_E_ARGUMENT_TYPE, PyUnicode_AsUTF8AndSize(msg, NULL));
+    Py_DECREF(msg);
+    return -1;
+}
+
+int kvpy_key(PyObject *obj, const char **ptr, Py_ssize_t *len) {
+    if (!PyUnicode_Check(obj)) return type_error(obj, "key", "str");
+    *ptr = PyUnicode_AsUTF8AndSize(obj, len);
+    if (*ptr == NULL) {
+        PyErr_Clear();
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "key is not valid Unicode (it holds a lone surrogate)");
+        return -1;
+    }
+    return 0;
+}
+
+static int get_view(PyObject *obj, Py_buffer *view, int writable) {
+    const char *what = writable ? "target buffer" : "value";
+    if (obj == Py_None || !PyObject_CheckBuffer(obj))
+        return type_error(obj, what, "a bytes-like object (buffer protocol)");
+    if (PyObject_GetBuffer(obj, view, PyBUF_STRIDES | (writable ? PyBUF_WRITABLE : 0)) < 0) {
+        if (!writable) return -1;
+        PyErr_Clear();
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "target buffer is read-only; pass a writable buffer such as a bytearray or numpy array");
+        return -1;
+    }
+    if (!PyBuffer_IsContiguous(view, 'C')) {
+        PyBuffer_Release(view);
+        kvpy_raise(KV_E_INVALID_ARGUMENT, writable
+            ? "target buffer must be C-contiguous (numpy.ascontiguousarray makes a contiguous copy)"
+            : "value must be C-contiguous (numpy.ascontiguousarray makes a contiguous copy)");
+        return -1;
+    }
+    return 0;
+}
+
+int kvpy_source(PyObject *obj, Py_buffer *view) { return get_view(obj, view, 0); }
+int kvpy_target(PyObject *obj, Py_buffer *view) { return get_view(obj, view, 1); }
+
+void kvpy_buffers_init(kvpy_buffers *b) {
+    b->views = b->views_inline;
+    b->parts = b->parts_inline;
+    b->count = 0;
+    b->capacity = 4;
+}
+
+static int reserve(kvpy_buffers *b, Py_ssize_t extra) {
+    if (b->count + extra <= b->capacity) return 0;
+    Py_ssize_t cap = b->capacity * 2;
+    while (cap < b->count + extra) cap *= 2;
+    Py_buffer *v = PyMem_Malloc(sizeof(Py_buffer) * (size_t)cap);
+    kv_buffer *p = PyMem_Malloc(sizeof(kv_buffer) * (size_t)cap);
+    if (!v || !p) { PyMem_Free(v); PyMem_Free(p); PyErr_NoMemory(); return -1; }
+    memcpy(v, b->views, sizeof(Py_buffer) * (size_t)b->count);
+    memcpy(p, b->parts, sizeof(kv_buffer) * (size_t)b->count);
+    if (b->views != b->views_inline) { PyMem_Free(b->views); PyMem_Free(b->parts); }
+    b->views = v;
+    b->parts = p;
+    b->capacity = cap;
+    return 0;
+}
+
+static int add_one(kvpy_buffers *b, PyObject *obj, int writable) {
+    if (reserve(b, 1) < 0) return -1;
+    Py_buffer *v = &b->views[b->count];
+    if (get_view(obj, v, writable) < 0) return -1;
+    b->parts[b->count].ptr = v->buf;
+    b->parts[b->count].len = (size_t)v->len;
+    b->count++;
+    return 0;
+}
+
+Py_ssize_t kvpy_buffers_add(kvpy_buffers *b, PyObject *obj, int writable, int allow_list) {
+    if (allow_list && (PyList_Check(obj) || PyTuple_Check(obj))) {
+        Py_ssize_t start = b->count, n = PySequence_Size(obj);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PySequence_GetItem(obj, i);
+            if (!item) goto fail;
+            int rc = add_one(b, item, writable);
+            Py_DECREF(item);
+            if (rc < 0) goto fail;
+        }
+        return n;
+    fail:
+        while (b->count > start) PyBuffer_Release(&b->views[--b->count]);
+        return -1;
+    }
+    return add_one(b, obj, writable) < 0 ? -1 : 1;
+}
+
+size_t kvpy_buffers_bytes(const kvpy_buffers *b, Py_ssize_t first, Py_ssize_t n) {
+    size_t total = 0;
+    for (Py_ssize_t i = first; i < first + n; i++) total += b->parts[i].len;
+    return total;
+}
+
+void kvpy_buffers_release(kvpy_buffers *b) {
+    for (Py_ssize_t i = 0; i < b->count; i++) PyBuffer_Release(&b->views[i]);
+    if (b->views != b->views_inline) { PyMem_Free(b->views); PyMem_Free(b->parts); }
+    kvpy_buffers_init(b);
+}

@@ -1,0 +1,583 @@
+/* kvstore._native.Store: the store type. Each method converts its arguments, calls the C ABI
+ * (with the GIL released for large copies and for waits), and converts the result. */
+#include "kvpy.h"
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    PyObject_HEAD
+    kv_store *store;
+    PyObject *registered; /* {address: capsule holding the registered Py_buffer} */
+} StoreObject;
+
+#define RUN_MAYBE_UNLOCKED(bytes, stmt) \
+    do { \
+        if ((bytes) >= KVPY_GIL_THRESHOLD) { \
+            PyThreadState *_ts = PyEval_SaveThread(); \
+            stmt; \
+            PyEval_RestoreThread(_ts); \
+        } else { \
+            stmt; \
+        } \
+    } while (0)
+
+static int ensure_open(StoreObject *self) {
+    if (self->store == NULL || kv_store_is_closed(self->store)) {
+        kvpy_raise(KV_E_STORE_CLOSED, "the store is closed");
+        return -1;
+    }
+    return 0;
+}
+#define ENSURE_OPEN(self) if (ensure_open(self) < 0) return NULL
+
+static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssize_t max) {
+    if (nargs < min || nargs > max) {
+        if (min == max) PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, min, nargs);
+        else PyErr_Format(PyExc_TypeError, "%s() takes at least %zd arguments (%zd given)", name, min, nargs);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- lifecycle ---- */
+
+static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"segment_size", NULL};
+    long long size = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L", kwlist, &size)) return -1;
+    if (self->store) {
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "the store is already initialised");
+        return -1;
+    }
+    if (size <= 0) {
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "segment_size must be a positive number of bytes");
+        return -1;
+    }
+    kv_store *s = NULL;
+    int32_t st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kv_store_create((uint64_t)size, &s);
+    Py_END_ALLOW_THREADS
+    if (st) { kvpy_raise_last(st); return -1; }
+    self->store = s;
+    if (!self->registered && !(self->registered = PyDict_New())) return -1;
+    return 0;
+}
+
+static void store_close_impl(StoreObject *self) {
+    if (self->store) {
+        Py_BEGIN_ALLOW_THREADS
+        kv_store_close(self->store);
+        Py_END_ALLOW_THREADS
+    }
+    if (self->registered) PyDict_Clear(self->registered);
+}
+
+static void store_dealloc(StoreObject *self) {
+    PyTypeObject *tp = Py_TYPE((PyObject *)self);
+    store_close_impl(self);
+    if (self->store) kv_store_destroy(self->store);
+    self->store = NULL;
+    Py_CLEAR(self->registered);
+    freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
+    tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *store_close(StoreObject *self, PyObject *unused) {
+    (void)unused;
+    store_close_impl(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *store_get_closed(StoreObject *self, void *unused) {
+    (void)unused;
+    return PyBool_FromLong(self->store == NULL || kv_store_is_closed(self->store));
+}
+
+static PyObject *store_stats(StoreObject *self, PyObject *unused) {
+    (void)unused;
+    ENSURE_OPEN(self);
+    kv_stat stats[64];
+    size_t n = kv_stats(self->store, stats, 64);
+    if (n > 64) n = 64;
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromLongLong(stats[i].value);
+        if (!v || PyDict_SetItemString(d, stats[i].name, v) < 0) { Py_XDECREF(v); Py_DECREF(d); return NULL; }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+/* ---- single-object writes ---- */
+
+static PyObject *put_impl(StoreObject *self, PyObject *key, PyObject *const *parts, Py_ssize_t nparts, uint32_t flags) {
+    ENSURE_OPEN(self);
+    const char *k;
+    Py_ssize_t klen;
+    if (kvpy_key(key, &k, &klen) < 0) return NULL;
+    kvpy_buffers b;
+    kvpy_buffers_init(&b);
+    for (Py_ssize_t i = 0; i < nparts; i++) {
+        if (kvpy_buffers_add(&b, parts[i], 0, 0) < 0) { kvpy_buffers_release(&b); return NULL; }
+    }
+    int32_t st;
+    RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(&b, 0, b.count),
+                       st = kv_put(self->store, k, (size_t)klen, b.parts, (size_t)b.count, flags));
+    kvpy_buffers_release(&b);
+    if (st) return kvpy_raise_last(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *store_put(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("put", nargs, 2, 2) < 0) return NULL;
+    return put_impl(self, args[0], args + 1, 1, KV_PUT);
+}
+
+static PyObject *store_upsert(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("upsert", nargs, 2, 2) < 0) return NULL;
+    return put_impl(self, args[0], args + 1, 1, KV_UPSERT);
+}
+
+static PyObject *store_put_parts(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("put_parts", nargs, 1, PY_SSIZE_T_MAX) < 0) return NULL;
+    return put_impl(self, args[0], args + 1, nargs - 1, KV_PUT);
+}
+
+static PyObject *store_upsert_parts(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("upsert_parts", nargs, 1, PY_SSIZE_T_MAX) < 0) return NULL;
+    return put_impl(self, args[0], args + 1, nargs - 1, KV_UPSERT);
+}
+
+/* ---- batches: shared plumbing ---- */
+
+/* Per-key state of a batch: the key (a held reference), its parts, and its outcome. */
+typedef struct {
+    PyObject *key;      /* new reference, or NULL when the key was bad */
+    const char *k;
+    Py_ssize_t klen;
+    Py_ssize_t first, count;
+    PyObject *error;    /* exception instance found while converting, or NULL */
+    int32_t status;
+    char *message;      /* malloc'd ABI message when status != 0 */
+    uint64_t value;     /* bytes copied, size, or flag */
+} batch_item;
+
+static Py_ssize_t seq_len(PyObject *obj, const char *what) {
+    if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
+        PyObject *tname = PyType_GetName(Py_TYPE(obj));
+        PyObject *msg = tname ? PyUnicode_FromFormat("%s must be a list or tuple, not %U", what, tname) : NULL;
+        Py_XDECREF(tname);
+        if (msg) { kvpy_raise(KV_E_ARGUMENT_TYPE, PyUnicode_AsUTF8AndSize(msg, NULL)); Py_DECREF(msg); }
+        return -1;
+    }
+    return PySequence_Size(obj);
+}
+
+/* Validates the batch's lists and converts the keys. Returns the items (n of them) or NULL. */
+static batch_item *batch_begin(PyObject *keys, PyObject *second, const char *second_name, Py_ssize_t *n_out) {
+    Py_ssize_t n = seq_len(keys, "keys");
+    if (n < 0) return NULL;
+    if (second) {
+        Py_ssize_t m = seq_len(second, second_name);
+        if (m < 0) return NULL;
+        if (m != n) {
+            PyObject *msg = PyUnicode_FromFormat("keys and %s have different lengths (%zd and %zd)", second_name, n, m);
+            if (msg) { kvpy_raise(KV_E_INVALID_ARGUMENT, PyUnicode_AsUTF8AndSize(msg, NULL)); Py_DECREF(msg); }
+            return NULL;
+        }
+    }
+    batch_item *items = PyMem_Calloc((size_t)(n ? n : 1), sizeof(batch_item));
+    if (!items) { PyErr_NoMemory(); return NULL; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PySequence_GetItem(keys, i);
+        if (!key) { items[i].error = kvpy_take_error(); continue; }
+        if (kvpy_key(key, &items[i].k, &items[i].klen) < 0) {
+            items[i].error = kvpy_take_error();
+            Py_DECREF(key);
+            continue;
+        }
+        items[i].key = key;
+    }
+    *n_out = n;
+    return items;
+}
+
+static void batch_record_failure(batch_item *it, int32_t st) {
+    it->status = st;
+    if (st && st != KV_BUSY) {
+        const char *m = kv_last_error(NULL);
+        it->message = strdup(m ? m : "");
+    }
+}
+
+/* The error of item i as an exception instance (new reference), or NULL if it succeeded. */
+static PyObject *batch_error(batch_item *it) {
+    if (it->error) { Py_INCREF(it->error); return it->error; }
+    if (it->status) {
+        PyObject *e = kvpy_error_object(it->status, it->message ? it->message : "");
+        if (!e) e = kvpy_take_error();
+        return e;
+    }
+    return NULL;
+}
+
+static void batch_end(batch_item *items, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_XDECREF(items[i].key);
+        Py_XDECREF(items[i].error);
+        free(items[i].message);
+    }
+    PyMem_Free(items);
+}
+
+/* Builds the result list: the error instance, or ok(item) for items that succeeded. */
+static PyObject *batch_results(batch_item *items, Py_ssize_t n, PyObject *(*ok)(batch_item *)) {
+    PyObject *list = PyList_New(n);
+    if (!list) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *r = batch_error(&items[i]);
+        if (!r) r = ok(&items[i]);
+        if (!r) { Py_DECREF(list); return NULL; }
+        PyList_SetItem(list, i, r);
+    }
+    return list;
+}
+
+static PyObject *ok_none(batch_item *it) { (void)it; Py_RETURN_NONE; }
+static PyObject *ok_value(batch_item *it) { return PyLong_FromUnsignedLongLong(it->value); }
+static PyObject *ok_bool(batch_item *it) { return PyBool_FromLong(it->value != 0); }
+
+/* ---- batch writes ---- */
+
+static PyObject *put_batch_impl(StoreObject *self, PyObject *const *args, Py_ssize_t nargs,
+                                const char *name, const char *second_name, uint32_t flags) {
+    if (check_nargs(name, nargs, 2, 2) < 0) return NULL;
+    ENSURE_OPEN(self);
+    Py_ssize_t n;
+    batch_item *items = batch_begin(args[0], args[1], second_name, &n);
+    if (!items) return NULL;
+    kvpy_buffers b;
+    kvpy_buffers_init(&b);
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!items[i].key) continue;
+        PyObject *v = PySequence_GetItem(args[1], i);
+        Py_ssize_t added = v ? kvpy_buffers_add(&b, v, 0, 1) : -1;
+        Py_XDECREF(v);
+        if (added < 0) { items[i].error = kvpy_take_error(); continue; }
+        items[i].first = b.count - added;
+        items[i].count = added;
+        total += kvpy_buffers_bytes(&b, items[i].first, added);
+    }
+    RUN_MAYBE_UNLOCKED(total, {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (!items[i].key || items[i].error) continue;
+            int32_t st = kv_put(self->store, items[i].k, (size_t)items[i].klen, b.parts + items[i].first,
+                                (size_t)items[i].count, flags);
+            batch_record_failure(&items[i], st);
+        }
+    });
+    kvpy_buffers_release(&b);
+    PyObject *r = batch_results(items, n, ok_none);
+    batch_end(items, n);
+    return r;
+}
+
+static PyObject *store_put_batch(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return put_batch_impl(self, args, nargs, "put_batch", "values", KV_PUT);
+}
+static PyObject *store_upsert_batch(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return put_batch_impl(self, args, nargs, "upsert_batch", "values", KV_UPSERT);
+}
+static PyObject *store_batch_put_from(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return put_batch_impl(self, args, nargs, "batch_put_from", "buffers", KV_PUT);
+}
+static PyObject *store_batch_upsert_from(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return put_batch_impl(self, args, nargs, "batch_upsert_from", "buffer_lists", KV_UPSERT);
+}
+
+/* ---- reads ---- */
+
+/* Takes a read hold; waits (GIL released) while an in-place upsert rewrites the object. */
+static int32_t read_begin(StoreObject *self, const char *k, Py_ssize_t klen, kv_read *hold) {
+    int32_t st = kv_read_begin(self->store, k, (size_t)klen, KV_READ_NOWAIT, hold);
+    if (st == KV_BUSY) {
+        Py_BEGIN_ALLOW_THREADS
+        st = kv_read_begin(self->store, k, (size_t)klen, KV_READ_WAIT, hold);
+        Py_END_ALLOW_THREADS
+    }
+    return st;
+}
+
+/* A held object as new bytes (NULL with an error set); ends the hold either way. */
+static PyObject *read_bytes(StoreObject *self, kv_read *hold) {
+    PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)hold->size);
+    if (!bytes) { kv_read_end(self->store, hold); return NULL; }
+    kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)hold->size};
+    int32_t st;
+    RUN_MAYBE_UNLOCKED(hold->size, st = kv_read_copy(self->store, hold, &dst, 1, NULL));
+    if (st) { Py_DECREF(bytes); kvpy_raise_last(st); bytes = NULL; }
+    kv_read_end(self->store, hold);
+    return bytes;
+}
+
+static PyObject *store_get(StoreObject *self, PyObject *key) {
+    ENSURE_OPEN(self);
+    const char *k;
+    Py_ssize_t klen;
+    if (kvpy_key(key, &k, &klen) < 0) return NULL;
+    kv_read hold;
+    int32_t st = read_begin(self, k, klen, &hold);
+    if (st) return kvpy_raise_last(st);
+    return read_bytes(self, &hold);
+}
+
+static PyObject *store_get_into(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("get_into", nargs, 2, 2) < 0) return NULL;
+    ENSURE_OPEN(self);
+    const char *k;
+    Py_ssize_t klen;
+    if (kvpy_key(args[0], &k, &klen) < 0) return NULL;
+    Py_buffer view;
+    if (kvpy_target(args[1], &view) < 0) return NULL;
+    kv_mut_buffer dst = {view.buf, (size_t)view.len};
+    uint64_t copied = 0;
+    int32_t st;
+    RUN_MAYBE_UNLOCKED((size_t)view.len, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, &copied));
+    PyBuffer_Release(&view);
+    if (st) return kvpy_raise_last(st);
+    return PyLong_FromUnsignedLongLong(copied);
+}
+
+static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
+    ENSURE_OPEN(self);
+    Py_ssize_t n;
+    batch_item *items = batch_begin(keys, NULL, NULL, &n);
+    if (!items) return NULL;
+    PyObject *list = PyList_New(n);
+    if (!list) { batch_end(items, n); return NULL; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *r = NULL;
+        if (items[i].key) {
+            kv_read hold;
+            int32_t st = read_begin(self, items[i].k, items[i].klen, &hold);
+            if (st == KV_E_OBJECT_NOT_FOUND) { r = Py_None; Py_INCREF(r); }
+            else if (st) { batch_record_failure(&items[i], st); r = batch_error(&items[i]); }
+            else if (!(r = read_bytes(self, &hold))) r = kvpy_take_error();
+        } else {
+            r = batch_error(&items[i]);
+        }
+        if (!r) { Py_DECREF(list); batch_end(items, n); return NULL; }
+        PyList_SetItem(list, i, r);
+    }
+    batch_end(items, n);
+    return list;
+}
+
+static PyObject *store_batch_get_into(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("batch_get_into", nargs, 2, 2) < 0) return NULL;
+    ENSURE_OPEN(self);
+    Py_ssize_t n;
+    batch_item *items = batch_begin(args[0], args[1], "buffers", &n);
+    if (!items) return NULL;
+    kvpy_buffers b;
+    kvpy_buffers_init(&b);
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!items[i].key) continue;
+        PyObject *v = PySequence_GetItem(args[1], i);
+        Py_ssize_t added = v ? kvpy_buffers_add(&b, v, 1, 1) : -1;
+        Py_XDECREF(v);
+        if (added < 0) { items[i].error = kvpy_take_error(); continue; }
+        items[i].first = b.count - added;
+        items[i].count = added;
+        total += kvpy_buffers_bytes(&b, items[i].first, added);
+    }
+    RUN_MAYBE_UNLOCKED(total, {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (!items[i].key || items[i].error) continue;
+            int32_t st = kv_get_into(self->store, items[i].k, (size_t)items[i].klen,
+                                     (const kv_mut_buffer *)(b.parts + items[i].first), (size_t)items[i].count,
+                                     &items[i].value);
+            batch_record_failure(&items[i], st);
+        }
+    });
+    kvpy_buffers_release(&b);
+    PyObject *r = batch_results(items, n, ok_value);
+    batch_end(items, n);
+    return r;
+}
+
+/* ---- queries and removal ---- */
+
+static PyObject *store_exists(StoreObject *self, PyObject *key) {
+    ENSURE_OPEN(self);
+    const char *k;
+    Py_ssize_t klen;
+    if (kvpy_key(key, &k, &klen) < 0) return NULL;
+    int32_t out = 0, st = kv_exists(self->store, k, (size_t)klen, &out);
+    if (st) return kvpy_raise_last(st);
+    return PyBool_FromLong(out);
+}
+
+static PyObject *store_size(StoreObject *self, PyObject *key) {
+    ENSURE_OPEN(self);
+    const char *k;
+    Py_ssize_t klen;
+    if (kvpy_key(key, &k, &klen) < 0) return NULL;
+    uint64_t out = 0;
+    int32_t st = kv_size(self->store, k, (size_t)klen, &out);
+    if (st) return kvpy_raise_last(st);
+    return PyLong_FromUnsignedLongLong(out);
+}
+
+static PyObject *store_remove(StoreObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"key", "force", NULL};
+    PyObject *key;
+    int force = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p", kwlist, &key, &force)) return NULL;
+    ENSURE_OPEN(self);
+    const char *k;
+    Py_ssize_t klen;
+    if (kvpy_key(key, &k, &klen) < 0) return NULL;
+    int32_t st = kv_remove(self->store, k, (size_t)klen, force ? KV_REMOVE_FORCE : 0);
+    if (st) return kvpy_raise_last(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *keys_batch(StoreObject *self, PyObject *keys, int op, PyObject *(*ok)(batch_item *)) {
+    ENSURE_OPEN(self);
+    Py_ssize_t n;
+    batch_item *items = batch_begin(keys, NULL, NULL, &n);
+    if (!items) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!items[i].key) continue;
+        int32_t st, flag = 0;
+        if (op == 0) { st = kv_exists(self->store, items[i].k, (size_t)items[i].klen, &flag); items[i].value = (uint64_t)flag; }
+        else st = kv_remove(self->store, items[i].k, (size_t)items[i].klen, 0);
+        batch_record_failure(&items[i], st);
+    }
+    PyObject *r = batch_results(items, n, ok);
+    batch_end(items, n);
+    return r;
+}
+
+static PyObject *store_batch_exists(StoreObject *self, PyObject *keys) { return keys_batch(self, keys, 0, ok_bool); }
+static PyObject *store_batch_remove(StoreObject *self, PyObject *keys) { return keys_batch(self, keys, 1, ok_none); }
+
+static PyObject *store_remove_all(StoreObject *self, PyObject *unused) {
+    (void)unused;
+    ENSURE_OPEN(self);
+    uint64_t n = 0;
+    int32_t st = kv_remove_all(self->store, &n);
+    if (st) return kvpy_raise_last(st);
+    return PyLong_FromUnsignedLongLong(n);
+}
+
+/* ---- registered buffers ---- */
+
+static void capsule_release(PyObject *capsule) {
+    Py_buffer *view = PyCapsule_GetPointer(capsule, "kvstore.registered_buffer");
+    if (view) { PyBuffer_Release(view); PyMem_Free(view); }
+}
+
+static PyObject *store_register_buffer(StoreObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"buffer", "location", NULL};
+    PyObject *obj;
+    const char *loc = "cpu";
+    Py_ssize_t loclen = 3;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|s#", kwlist, &obj, &loc, &loclen)) return NULL;
+    ENSURE_OPEN(self);
+    Py_buffer *view = PyMem_Malloc(sizeof(Py_buffer));
+    if (!view) return PyErr_NoMemory();
+    if (kvpy_source(obj, view) < 0) { PyMem_Free(view); return NULL; }
+    int32_t st = kv_register_buffer(self->store, view->buf, (size_t)view->len, loc, (size_t)loclen);
+    if (st) { PyBuffer_Release(view); PyMem_Free(view); return kvpy_raise_last(st); }
+    PyObject *capsule = PyCapsule_New(view, "kvstore.registered_buffer", capsule_release);
+    PyObject *addr = PyLong_FromVoidPtr(view->buf);
+    if (!capsule || !addr || PyDict_SetItem(self->registered, addr, capsule) < 0) {
+        kv_unregister_buffer(self->store, view->buf);
+        if (!capsule) { PyBuffer_Release(view); PyMem_Free(view); }
+        Py_XDECREF(capsule);
+        Py_XDECREF(addr);
+        return NULL;
+    }
+    Py_DECREF(capsule);
+    Py_DECREF(addr);
+    Py_RETURN_NONE;
+}
+
+static PyObject *store_unregister_buffer(StoreObject *self, PyObject *obj) {
+    ENSURE_OPEN(self);
+    void *ptr;
+    if (PyLong_Check(obj)) {
+        ptr = PyLong_AsVoidPtr(obj);
+        if (!ptr && PyErr_Occurred()) return NULL;
+    } else {
+        Py_buffer view;
+        if (kvpy_source(obj, &view) < 0) return NULL;
+        ptr = view.buf;
+        PyBuffer_Release(&view);
+    }
+    int32_t st = kv_unregister_buffer(self->store, ptr);
+    if (st) return kvpy_raise_last(st);
+    PyObject *addr = PyLong_FromVoidPtr(ptr);
+    if (!addr) return NULL;
+    int rc = PyDict_DelItem(self->registered, addr);
+    Py_DECREF(addr);
+    if (rc < 0) PyErr_Clear();
+    Py_RETURN_NONE;
+}
+
+/* ---- type ---- */
+
+static PyMethodDef store_methods[] = {
+    {"put", (PyCFunction)(void (*)(void))store_put, METH_FASTCALL, "put(key, value): store a new object."},
+    {"upsert", (PyCFunction)(void (*)(void))store_upsert, METH_FASTCALL, "upsert(key, value): store or replace."},
+    {"put_from", (PyCFunction)(void (*)(void))store_put, METH_FASTCALL, "put_from(key, buffer): put from a (registered) buffer."},
+    {"upsert_from", (PyCFunction)(void (*)(void))store_upsert, METH_FASTCALL, "upsert_from(key, buffer)."},
+    {"put_parts", (PyCFunction)(void (*)(void))store_put_parts, METH_FASTCALL, "put_parts(key, *parts): one object from several buffers."},
+    {"upsert_parts", (PyCFunction)(void (*)(void))store_upsert_parts, METH_FASTCALL, "upsert_parts(key, *parts)."},
+    {"put_batch", (PyCFunction)(void (*)(void))store_put_batch, METH_FASTCALL, "put_batch(keys, values) -> list."},
+    {"upsert_batch", (PyCFunction)(void (*)(void))store_upsert_batch, METH_FASTCALL, "upsert_batch(keys, values) -> list."},
+    {"batch_put_from", (PyCFunction)(void (*)(void))store_batch_put_from, METH_FASTCALL, "batch_put_from(keys, buffers) -> list."},
+    {"batch_upsert_from", (PyCFunction)(void (*)(void))store_batch_upsert_from, METH_FASTCALL, "batch_upsert_from(keys, buffer_lists) -> list."},
+    {"get", (PyCFunction)store_get, METH_O, "get(key) -> bytes."},
+    {"get_into", (PyCFunction)(void (*)(void))store_get_into, METH_FASTCALL, "get_into(key, buffer) -> int."},
+    {"get_batch", (PyCFunction)store_get_batch, METH_O, "get_batch(keys) -> list."},
+    {"batch_get_into", (PyCFunction)(void (*)(void))store_batch_get_into, METH_FASTCALL, "batch_get_into(keys, buffers) -> list."},
+    {"exists", (PyCFunction)store_exists, METH_O, "exists(key) -> bool."},
+    {"batch_exists", (PyCFunction)store_batch_exists, METH_O, "batch_exists(keys) -> list."},
+    {"size", (PyCFunction)store_size, METH_O, "size(key) -> int."},
+    {"remove", (PyCFunction)(void (*)(void))store_remove, METH_VARARGS | METH_KEYWORDS, "remove(key, force=False)."},
+    {"batch_remove", (PyCFunction)store_batch_remove, METH_O, "batch_remove(keys) -> list."},
+    {"remove_all", (PyCFunction)store_remove_all, METH_NOARGS, "remove_all() -> int."},
+    {"register_buffer", (PyCFunction)(void (*)(void))store_register_buffer, METH_VARARGS | METH_KEYWORDS, "register_buffer(buffer, location='cpu')."},
+    {"unregister_buffer", (PyCFunction)store_unregister_buffer, METH_O, "unregister_buffer(buffer)."},
+    {"stats", (PyCFunction)store_stats, METH_NOARGS, "stats() -> dict."},
+    {"close", (PyCFunction)store_close, METH_NOARGS, "close(): idempotent."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef store_getset[] = {
+    {"closed", (getter)store_get_closed, NULL, "True once close() was called.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot store_slots[] = {
+    {Py_tp_init, (void *)store_init},
+    {Py_tp_new, (void *)PyType_GenericNew},
+    {Py_tp_dealloc, (void *)store_dealloc},
+    {Py_tp_methods, store_methods},
+    {Py_tp_getset, store_getset},
+    {Py_tp_doc, (void *)"Native embedded store. Use kvstore.Store."},
+    {0, NULL},
+};
+
+PyType_Spec kvpy_store_spec = {
+    "kvstore._native.Store", sizeof(StoreObject), 0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, store_slots,
+};

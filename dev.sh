@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# kvstore's one entry point for a fresh Debian 12 machine with the Swift 6 toolchain on PATH.
+#
+#   ./dev.sh demo [args]   set everything up, then run the LLM-serving demo (python -m kvstore demo)
+#   ./dev.sh test          set everything up, then run the Swift tests and pytest
+#   ./dev.sh bench [args]  set everything up, then run the benchmarks (python -m kvstore bench)
+#   ./dev.sh setup         set everything up only
+#
+# Set-up installs missing Debian packages (python3-dev, python3-venv, libibverbs-dev,
+# libnuma-dev, pkg-config), creates .venv with numpy and pytest, and builds and installs the
+# package (swift build -c release) into it. Every step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+PY=${PYTHON:-python3}
+VENV=$ROOT/.venv
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+install_system_packages() {
+    local missing=()
+    for p in python3-dev python3-venv libibverbs-dev libnuma-dev pkg-config; do
+        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return
+    log "installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+make_venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        log "creating $VENV"
+        "$PY" -m venv "$VENV"
+    fi
+    local stamp=$VENV/.kvstore-deps
+    local want="numpy pytest setuptools wheel"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        log "installing Python packages: $want"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+        "$VENV/bin/python" -m pip install -q $want
+        echo "$want" >"$stamp"
+    fi
+}
+
+build() {
+    command -v swift >/dev/null || { echo "swift is not on PATH: install the Swift 6 toolchain" >&2; exit 1; }
+    log "building and installing kvstore (swift build -c release)"
+    "$VENV/bin/python" -m pip install -q --no-build-isolation --no-deps --force-reinstall .
+}
+
+setup_all() { install_system_packages; make_venv; build; }
+
+swift_flags() {
+    local inc
+    inc=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    export PKG_CONFIG_PATH=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("LIBPC") or "")')
+    echo "-Xcc -I$inc"
+}
+
+cmd=${1:-help}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup) setup_all ;;
+    demo) setup_all; exec "$VENV/bin/python" -m kvstore demo "$@" ;;
+    bench) setup_all; exec "$VENV/bin/python" -m kvstore bench "$@" ;;
+    test)
+        setup_all
+        flags=$(swift_flags)
+        log "Swift tests (thread sanitizer)"
+        # shellcheck disable=SC2086
+        swift test --sanitize=thread --scratch-path .build-tsan $flags
+        log "pytest"
+        "$VENV/bin/python" -m pytest -q "$@"
+        ;;
+    *) sed -n '2,13p' "$0"; exit 2 ;;
+esac
