@@ -94,16 +94,19 @@ public struct ObjectTable: Sendable {
     /// Reserves space for a write of `size` bytes (> 0) under `key`.
     public mutating func beginWrite(key: String, size: Int, mode: WriteMode) throws(KVError) -> WriteTicket {
         guard size > 0 else { throw .invalidArgument("value must not be empty") }
-        var entry = entries[key]
-        if mode == .put, let e = entry, e.current >= 0 || e.putPending {
-            throw .exists("object '\(key)' already exists")
-        }
-        if mode == .upsert, let e = entry, e.current >= 0 {
-            let c = Int(e.current)
-            if versions[c].state == .complete, versions[c].size == size, versions[c].readers == 0 {
-                versions[c].state = .rewriting
-                return WriteTicket(handle: handle(e.current), offset: versions[c].allocation!.offset,
-                                   size: size, inPlace: true)
+        let index = entries.index(forKey: key)
+        if let index {
+            let e = entries.values[index]
+            if mode == .put, e.current >= 0 || e.putPending {
+                throw .exists("object '\(key)' already exists")
+            }
+            if mode == .upsert, e.current >= 0 {
+                let c = Int(e.current)
+                if versions[c].state == .complete, versions[c].size == size, versions[c].readers == 0 {
+                    versions[c].state = .rewriting
+                    return WriteTicket(handle: handle(e.current), offset: versions[c].allocation!.offset,
+                                       size: size, inPlace: true)
+                }
             }
         }
         guard let a = allocator.allocate(size) else {
@@ -114,9 +117,7 @@ public struct ObjectTable: Sendable {
         }
         let slot = newVersion(Version(state: .writing, key: key, allocation: a, size: size, mode: mode))
         if mode == .put {
-            if entry == nil { entry = Entry() }
-            entry!.putPending = true
-            entries[key] = entry!
+            if let index { entries.values[index].putPending = true } else { entries[key] = Entry(putPending: true) }
         }
         return WriteTicket(handle: handle(slot), offset: a.offset, size: size, inPlace: false)
     }
@@ -133,11 +134,16 @@ public struct ObjectTable: Sendable {
         }
         guard versions[s].state == .writing else { throw KVError(.internal, "commit of a write not in flight") }
         let key = versions[s].key
-        var entry = entries[key] ?? Entry()
+        let index: Dictionary<String, Entry>.Index
+        if let i = entries.index(forKey: key) {
+            index = i
+        } else {
+            entries[key] = Entry()
+            index = entries.index(forKey: key)!
+        }
         if versions[s].mode == .put {
-            entry.putPending = false
-            if entry.current >= 0 {
-                entries[key] = entry
+            entries.values[index].putPending = false
+            if entries.values[index].current >= 0 {
                 try dropVersion(Int32(s))
                 throw .exists("object '\(key)' already exists")
             }
@@ -145,13 +151,13 @@ public struct ObjectTable: Sendable {
         versions[s].state = .complete
         versions[s].linked = true
         objectBytes += versions[s].size
-        if entry.current >= 0 {
-            try unlink(entry.current)
+        let old = entries.values[index].current
+        entries.values[index].current = Int32(s)
+        if old >= 0 {
+            try unlink(old)
         } else {
             objectCount += 1
         }
-        entry.current = Int32(s)
-        entries[key] = entry
     }
 
     /// Abandons a write: its space is freed and the key is as before. An aborted in-place
@@ -225,12 +231,17 @@ public struct ObjectTable: Sendable {
     /// Removes every visible object; returns how many.
     public mutating func removeAll() throws(KVError) -> Int {
         let n = objectCount
-        var keep: [String: Entry] = [:]
-        for (key, var e) in entries {
-            if e.current >= 0 { try unlink(e.current); e.current = -1 }
-            if e.putPending { keep[key] = e }
+        var pending = 0
+        for i in entries.indices {
+            let c = entries.values[i].current
+            if c >= 0 { entries.values[i].current = -1; try unlink(c) }
+            if entries.values[i].putPending { pending += 1 }
         }
-        entries = keep
+        if pending == 0 {
+            entries.removeAll(keepingCapacity: true)
+        } else {
+            entries = entries.filter { $0.value.putPending }
+        }
         objectCount = 0
         return n
     }

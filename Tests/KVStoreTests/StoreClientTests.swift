@@ -1,0 +1,162 @@
+import Dispatch
+import XCTest
+import KVCore
+import KVTransfer
+@testable import KVStore
+
+final class StoreClientTests: XCTestCase {
+    /// A value whose every byte is determined by (tag, length): a torn or mixed read cannot
+    /// pass `check`.
+    static func value(tag: UInt64, length: Int) -> [UInt8] {
+        var v = [UInt8](repeating: 0, count: length)
+        withUnsafeBytes(of: tag.littleEndian) { for i in 0..<8 { v[i] = $0[i] } }
+        withUnsafeBytes(of: UInt64(length).littleEndian) { for i in 0..<8 { v[8 + i] = $0[i] } }
+        for i in 16..<length { v[i] = UInt8(truncatingIfNeeded: tag &* 31 &+ UInt64(i) &* 7) }
+        return v
+    }
+
+    static func check(_ bytes: UnsafeRawBufferPointer, count: Int) -> Bool {
+        guard count >= 16 else { return false }
+        let tag = bytes.loadUnaligned(as: UInt64.self)
+        let length = bytes.loadUnaligned(fromByteOffset: 8, as: UInt64.self)
+        guard length == UInt64(count) else { return false }
+        for i in 16..<count where bytes[i] != UInt8(truncatingIfNeeded: tag &* 31 &+ UInt64(i) &* 7) { return false }
+        return true
+    }
+
+    func stat(_ s: StoreClient, _ name: String) -> Int {
+        s.statistics()[StoreClient.statisticNames.firstIndex { $0.description == name }!]
+    }
+
+    func testRoundTripCopiesOnceAndStagesNothing() throws {
+        let s = try StoreClient(segmentSize: 1 << 20)
+        defer { s.close() }
+        let v = Self.value(tag: 7, length: 5000)
+        try put(s, "a", v)
+        XCTAssertEqual(stat(s, "bytes_copied"), 5000)
+        XCTAssertEqual(try get(s, "a"), v)
+        XCTAssertEqual(stat(s, "bytes_copied"), 10000)
+        XCTAssertEqual(stat(s, "bytes_staged"), 0)
+        XCTAssertThrowsError(try put(s, "a", v)) { XCTAssertEqual(($0 as? KVError)?.code, .objectExists) }
+        XCTAssertThrowsError(try get(s, "a", capacity: 10)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+        XCTAssertEqual(stat(s, "active_readers"), 0, "a failed get_into releases its hold")
+    }
+
+    func testCallsAfterCloseFail() throws {
+        let s = try StoreClient(segmentSize: 1 << 20)
+        try put(s, "a", [1, 2, 3])
+        s.close()
+        s.close()
+        XCTAssertThrowsError(try get(s, "a")) { XCTAssertEqual(($0 as? KVError)?.code, .storeClosed) }
+        XCTAssertThrowsError(try put(s, "b", [1])) { XCTAssertEqual(($0 as? KVError)?.code, .storeClosed) }
+        XCTAssertThrowsError(try s.exists(key: "a")) { XCTAssertEqual(($0 as? KVError)?.code, .storeClosed) }
+    }
+
+    /// Many threads put, upsert, get and remove overlapping keys. Every read must be one
+    /// complete version; afterwards the accounting must be exact.
+    func testConcurrentWritersAndReadersNeverTear() throws {
+        let s = try StoreClient(segmentSize: 8 << 20)
+        defer { s.close() }
+        let keys = (0..<12).map { "key-\($0)" }
+        let torn = Atomic(0)
+        DispatchQueue.concurrentPerform(iterations: 6) { thread in
+            var rng = SplitMix64(seed: UInt64(thread + 1))
+            var out = [UInt8](repeating: 0, count: 1 << 15)
+            for step in 0..<3000 {
+                let key = keys[Int(rng.next() % UInt64(keys.count))]
+                let length = [64, 256, 4096, 20000][Int(rng.next() % 4)]
+                let tag = UInt64(thread) << 32 | UInt64(step)
+                switch rng.next() % 10 {
+                case 0..<2: try? put(s, key, Self.value(tag: tag, length: length))
+                case 2..<5: try? put(s, key, Self.value(tag: tag, length: length), .upsert)
+                case 5: try? s.remove(key: key)
+                default:
+                    let n: Int? = out.withUnsafeMutableBytes { b in
+                        var r = MemoryRegion(b.baseAddress!, length: b.count)
+                        return withUnsafePointer(to: &r) { try? s.get(key: key, into: UnsafeBufferPointer(start: $0, count: 1)) }
+                    }
+                    if let n, !out.withUnsafeBytes({ Self.check($0, count: n) }) { torn.add(1, ordering: .relaxed) }
+                }
+            }
+        }
+        XCTAssertEqual(torn.load(ordering: .relaxed), 0, "a read returned a torn or mixed value")
+        var expectedObjects = 0, expectedUsed = 0, expectedBytes = 0
+        for k in keys where try s.exists(key: k) {
+            let v = try get(s, k)
+            XCTAssertTrue(v.withUnsafeBytes { Self.check($0, count: v.count) })
+            expectedObjects += 1
+            expectedBytes += v.count
+            expectedUsed += SegmentAllocator.roundedLength(v.count)
+        }
+        XCTAssertEqual(stat(s, "objects"), expectedObjects)
+        XCTAssertEqual(stat(s, "object_bytes"), expectedBytes)
+        XCTAssertEqual(stat(s, "bytes_used"), expectedUsed)
+        XCTAssertEqual(stat(s, "active_readers"), 0)
+        XCTAssertEqual(try s.removeAll(), expectedObjects)
+        XCTAssertEqual(stat(s, "bytes_used"), 0)
+        XCTAssertEqual(stat(s, "free_blocks"), 1, "all space coalesces back")
+    }
+
+    /// Closing while other threads work: every operation either completes or reports
+    /// storeClosed; nothing crashes.
+    func testCloseWhileBusy() throws {
+        let s = try StoreClient(segmentSize: 4 << 20)
+        let v = Self.value(tag: 1, length: 100_000)
+        let other = Atomic(0)
+        DispatchQueue.concurrentPerform(iterations: 4) { thread in
+            if thread == 0 {
+                for _ in 0..<2000 { sched_yield() }
+                s.close()
+                return
+            }
+            for i in 0..<5000 {
+                do {
+                    try put(s, "t\(thread)-\(i % 20)", v, .upsert)
+                    _ = try get(s, "t\(thread)-\(i % 20)", capacity: 100_000)
+                } catch let e as KVError where e.code == .storeClosed {
+                    return
+                } catch {
+                    other.add(1, ordering: .relaxed)
+                }
+            }
+        }
+        s.close()
+        XCTAssertTrue(s.isClosed)
+        XCTAssertEqual(other.load(ordering: .relaxed), 0)
+    }
+}
+
+// Helpers at file scope so worker closures need not capture the test case.
+func put(_ s: StoreClient, _ key: String, _ bytes: [UInt8], _ mode: WriteMode = .put) throws {
+    try bytes.withUnsafeBytes { b in
+        var r = MemoryRegion(b.baseAddress!, length: b.count)
+        try withUnsafePointer(to: &r) { try s.put(key: key, parts: UnsafeBufferPointer(start: $0, count: 1), mode: mode) }
+    }
+}
+
+func get(_ s: StoreClient, _ key: String, capacity: Int = 1 << 16) throws -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: capacity)
+    let n = try out.withUnsafeMutableBytes { b in
+        var r = MemoryRegion(b.baseAddress!, length: b.count)
+        return try withUnsafePointer(to: &r) { try s.get(key: key, into: UnsafeBufferPointer(start: $0, count: 1)) }
+    }
+    return Array(out[0..<n])
+}
+
+
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct SplitMix64 {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}

@@ -1,0 +1,57 @@
+import XCTest
+import KVCore
+@testable import KVTransfer
+
+final class TransferPlanTests: XCTestCase {
+    func r(_ a: UInt, _ n: Int) -> MemoryRegion { MemoryRegion(address: a, length: n) }
+
+    func testLargeCopiesAreSlicedBelowTheLimit() {
+        let n = 3 * TransferPlan.maxSliceSize + 5
+        let ops = TransferPlan.slices(sources: [r(0x1000, n)], destinations: [r(0x9000_0000, n)])
+        XCTAssertEqual(ops.count, 4)
+        XCTAssertTrue(ops.allSatisfy { $0.length <= TransferPlan.maxSliceSize })
+        XCTAssertEqual(TransferPlan.maxSliceSize, 16 * 1024 * 1024 - 16)
+        XCTAssertEqual(ops.reduce(0) { $0 + $1.length }, n)
+        XCTAssertEqual(ops[1].source, 0x1000 + UInt(TransferPlan.maxSliceSize))
+        XCTAssertEqual(ops[1].destination, 0x9000_0000 + UInt(TransferPlan.maxSliceSize))
+    }
+
+    func testGatherPlacesEachPartOnceInOrder() {
+        let ops = TransferPlan.slices(sources: [r(100, 3), r(200, 5), r(300, 0), r(400, 2)], destinations: [r(1000, 10)])
+        XCTAssertEqual(ops, [CopyOp(source: 100, destination: 1000, length: 3),
+                             CopyOp(source: 200, destination: 1003, length: 5),
+                             CopyOp(source: 400, destination: 1008, length: 2)])
+    }
+
+    func testScatterAndGatherTogether() {
+        let ops = TransferPlan.slices(sources: [r(0, 4), r(10, 4)], destinations: [r(100, 3), r(200, 5)])
+        XCTAssertEqual(ops, [CopyOp(source: 0, destination: 100, length: 3),
+                             CopyOp(source: 3, destination: 200, length: 1),
+                             CopyOp(source: 10, destination: 201, length: 4)])
+    }
+
+    func testMovesTheShorterSide() {
+        let ops = TransferPlan.slices(sources: [r(0, 10)], destinations: [r(100, 4)])
+        XCTAssertEqual(ops.reduce(0) { $0 + $1.length }, 4)
+    }
+
+    func testLocalCopyMovesBytesAndCountsThem() {
+        let counters = TransferCounters()
+        let t = LocalCopyTransport(counters: counters)
+        let a: [UInt8] = Array(0..<10), b: [UInt8] = Array(10..<20)
+        var out = [UInt8](repeating: 0, count: 20)
+        a.withUnsafeBytes { pa in
+            b.withUnsafeBytes { pb in
+                out.withUnsafeMutableBytes { po in
+                    let src = [MemoryRegion(pa.baseAddress!, length: 10), MemoryRegion(pb.baseAddress!, length: 10)]
+                    let dst = [MemoryRegion(po.baseAddress!, length: 20)]
+                    src.withUnsafeBufferPointer { s in dst.withUnsafeBufferPointer { d in XCTAssertEqual(t.copy(from: s, to: d), 20) } }
+                }
+            }
+        }
+        XCTAssertEqual(out, Array(0..<20))
+        XCTAssertEqual(counters.bytesCopied.load(ordering: .relaxed), 20)
+        XCTAssertEqual(counters.bytesStaged.load(ordering: .relaxed), 0)
+        XCTAssertEqual(counters.copyOps.load(ordering: .relaxed), 2)
+    }
+}
