@@ -1,13 +1,13 @@
 import KVCore
-import Synchronization
 
-/// The in-process master: the `ObjectTable` state machine behind one mutex. Every method is
+
+/// The in-process master: the `ObjectTable` state machine behind one lock. Every method is
 /// thread-safe and holds the lock only for bookkeeping, never while bytes are copied.
 public final class EmbeddedMaster: Sendable {
-    private let table: Mutex<ObjectTable>
+    private let table: Locked<ObjectTable>
 
     public init(capacity: Int) {
-        table = Mutex(ObjectTable(capacity: capacity))
+        table = Locked(ObjectTable(capacity: capacity))
     }
 
     public func beginWrite(key: String, size: Int, mode: WriteMode) throws(KVError) -> WriteTicket {

@@ -1,5 +1,5 @@
 import KVCore
-import Synchronization
+
 
 /// Memory ranges registered by the user, each with the location captured at registration.
 /// Ranges never overlap. Lookup by address is a binary search over a sorted array.
@@ -10,7 +10,7 @@ public final class MemoryRegistry: Sendable {
         public let location: MemoryLocation
     }
 
-    private let entries = Mutex<[Entry]>([])
+    private let entries = Locked<[Entry]>([])
 
     public init() {}
 

@@ -1,0 +1,45 @@
+"""Command line: ``python -m kvstore demo`` and ``python -m kvstore bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvstore", description="kvstore command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="prefill/decode KV-cache workload on the embedded store, every byte verified")
+    demo.add_argument("--requests", type=int, default=32, help="simulated requests (default 32)")
+    demo.add_argument("--layers", type=int, default=16, help="model layers (default 16)")
+    demo.add_argument("--blocks", type=int, default=8, help="KV blocks per request and layer (default 8)")
+    demo.add_argument("--block-tokens", type=int, default=16, help="tokens per block (default 16)")
+    demo.add_argument("--kv-heads", type=int, default=8, help="KV heads (default 8)")
+    demo.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
+    demo.add_argument("--segment-size", default=None, help="store size, e.g. 1GiB (default: 1.25 x the data)")
+    demo.add_argument("--seed", type=int, default=0)
+
+    bench = sub.add_parser("bench", help="measure put/get throughput against numpy.copyto")
+    bench.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB,256MiB",
+                       help="comma-separated value sizes (default 4KiB,64KiB,1MiB,16MiB,256MiB)")
+    bench.add_argument("--ops", default="put,get,put_from,get_into,batch",
+                       help="comma-separated operations: put,get,put_from,get_into,batch")
+    bench.add_argument("--repeat", type=int, default=5, help="timed repetitions per case; the median is reported")
+    bench.add_argument("--batch", default="256x64KiB", help="batch shape COUNTxSIZE (default 256x64KiB)")
+    bench.add_argument("--budget", default="512MiB", help="bytes moved per repetition for large sizes (default 512MiB)")
+    bench.add_argument("--small-ops", type=int, default=200_000, help="operations per repetition for small sizes")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from ._demo import run_demo
+
+        return run_demo(args)
+    from ._bench import run_bench
+
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
