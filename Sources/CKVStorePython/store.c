@@ -42,9 +42,10 @@ static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ss
 /* ---- lifecycle ---- */
 
 static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"segment_size", NULL};
+    static char *kwlist[] = {"segment_size", "prefault", NULL};
     long long size = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L", kwlist, &size)) return -1;
+    int prefault = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|p", kwlist, &size, &prefault)) return -1;
     if (self->store) {
         kvpy_raise(KV_E_INVALID_ARGUMENT, "the store is already initialised");
         return -1;
@@ -56,7 +57,7 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     kv_store *s = NULL;
     int32_t st;
     Py_BEGIN_ALLOW_THREADS
-    st = kv_store_create((uint64_t)size, &s);
+    st = kv_store_create((uint64_t)size, prefault ? KV_CREATE_PREFAULT : 0, &s);
     Py_END_ALLOW_THREADS
     if (st) { kvpy_raise_last(st); return -1; }
     self->store = s;

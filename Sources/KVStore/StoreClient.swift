@@ -22,12 +22,13 @@ public final class StoreClient: Sendable {
     let gate = OperationGate()
     let operations = OperationCounters()
 
-    /// Creates an embedded store with one host segment of `segmentSize` bytes.
-    public init(segmentSize: Int) throws(KVError) {
+    /// Creates an embedded store with one host segment of `segmentSize` bytes; `prefault`
+    /// commits the segment's pages now instead of on first use.
+    public init(segmentSize: Int, prefault: Bool = false) throws(KVError) {
         guard segmentSize >= SegmentAllocator.granule else {
             throw .invalidArgument("segment size must be at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
-        segment = try HostSegment(size: segmentSize)
+        segment = try HostSegment(size: segmentSize, prefault: prefault)
         master = EmbeddedMaster(capacity: segmentSize)
         transport = LocalCopyTransport(counters: counters)
     }

@@ -15,11 +15,13 @@ public func kvLastError(_ len: UnsafeMutablePointer<Int>?) -> UnsafePointer<CCha
 public func kvMaxKeyBytes() -> Int { ObjectKey.maxBytes }
 
 @c(kv_store_create)
-public func kvStoreCreate(_ segmentSize: UInt64, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+public func kvStoreCreate(_ segmentSize: UInt64, _ flags: UInt32,
+                          _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
     ABI.status { () throws(KVError) in
         guard let out else { throw .invalidArgument("out pointer is NULL") }
         guard segmentSize <= UInt64(Int.max) else { throw .invalidArgument("segment size \(segmentSize) is too large") }
-        let client = try StoreClient(segmentSize: Int(segmentSize))
+        let client = try StoreClient(segmentSize: Int(segmentSize),
+                                     prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0)
         out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
     }
 }

@@ -69,7 +69,9 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"workload: {args.requests} requests x {args.blocks} blocks -> {n_objects} objects, {_fmt_bytes(total)}")
 
     errors = 0
-    with Store(segment) as store:
+    t = time.perf_counter()
+    with Store(segment, prefault=True) as store:
+        print(f"store ready in {time.perf_counter() - t:.3f} s (segment memory committed up front)")
         # Prefill: one object per (request, layer, block), gathered from the K and V buffers.
         progress = _Progress("prefill", args.requests)
         put_time = 0.0

@@ -21,13 +21,15 @@ class Store(_native.Store):
     the store on exit; any call after ``close()`` raises ``StoreClosedError``.
 
     ``segment_size`` is in bytes, as an int or a string such as ``"1GiB"`` (default 1 GiB).
+    Segment memory is committed on first use; ``prefault=True`` commits all of it now, so
+    creation takes longer and later writes never wait for page faults.
     """
 
-    def __init__(self, segment_size: int | str = DEFAULT_SEGMENT_SIZE) -> None:
+    def __init__(self, segment_size: int | str = DEFAULT_SEGMENT_SIZE, *, prefault: bool = False) -> None:
         size = parse_size(segment_size, name="segment_size")
         if size < 64:
             raise InvalidArgumentError(f"segment_size must be at least 64 bytes, got {size}")
-        super().__init__(size)
+        super().__init__(size, bool(prefault))
 
     def __enter__(self) -> "Store":
         return self

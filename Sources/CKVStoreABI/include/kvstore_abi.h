@@ -68,8 +68,12 @@ const char *kv_last_error(size_t *len);
 /* Longest key accepted, in bytes. */
 size_t kv_max_key_bytes(void);
 
-/* Creates an embedded store with one host segment of segment_size bytes. */
-int32_t kv_store_create(uint64_t segment_size, kv_store **out);
+/* Flags of kv_store_create. */
+enum { KV_CREATE_PREFAULT = 1 };
+
+/* Creates an embedded store with one host segment of segment_size bytes. With
+ * KV_CREATE_PREFAULT the segment's pages are committed now rather than on first use. */
+int32_t kv_store_create(uint64_t segment_size, uint32_t flags, kv_store **out);
 /* Closes (waits for operations in flight) and frees the handle. NULL is ignored. */
 void kv_store_destroy(kv_store *store);
 /* Closes the store; idempotent. */
