@@ -11,7 +11,9 @@ let package = Package(
     ],
     targets: [
         .target(name: "KVCore"),
-        .target(name: "KVTransfer", dependencies: ["KVCore"]),
+        // C copy kernels (SIMD streaming stores) used by KVTransfer's local transport.
+        .target(name: "CKVCopy", cSettings: [.unsafeFlags(["-O2"])]),
+        .target(name: "KVTransfer", dependencies: ["KVCore", "CKVCopy"]),
         .target(name: "KVStore", dependencies: ["KVCore", "KVTransfer"]),
         // Header-only C target: the flat C ABI's types and prototypes (ownership rules live there).
         .target(name: "CKVStoreABI"),

@@ -46,7 +46,8 @@ public final class StoreClient: Sendable {
         let ticket = try master.beginWrite(key: key, size: total, mode: mode)
         let destination = segment.region(offset: ticket.offset, length: total)
         withUnsafePointer(to: destination) { d in
-            _ = transport.copy(from: parts, to: UnsafeBufferPointer(start: d, count: 1))
+            _ = transport.copy(from: parts, to: UnsafeBufferPointer(start: d, count: 1),
+                               streamingThreshold: LocalCopyTransport.intoSegmentStreamingThreshold)
         }
         try master.commitWrite(ticket)
         operations.puts.add(1, ordering: .relaxed)
@@ -93,7 +94,8 @@ public final class StoreClient: Sendable {
         }
         let source = segment.region(offset: ticket.offset, length: ticket.size)
         return withUnsafePointer(to: source) { s in
-            transport.copy(from: UnsafeBufferPointer(start: s, count: 1), to: destinations)
+            transport.copy(from: UnsafeBufferPointer(start: s, count: 1), to: destinations,
+                           streamingThreshold: LocalCopyTransport.intoCallerStreamingThreshold)
         }
     }
 

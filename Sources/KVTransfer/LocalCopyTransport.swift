@@ -1,11 +1,23 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CKVCopy
 
-/// Moves bytes within this process's address space: one `memcpy` per slice, straight from
-/// source to destination, no staging. Safe to use from many threads at once; the caller
-/// guarantees both sides of every region stay valid for the call.
+/// Moves bytes within this process's address space: one copy per slice, straight from source
+/// to destination, no staging. Safe to use from many threads at once; the caller guarantees
+/// both sides of every region stay valid for the call.
+///
+/// Kernel choice per slice: slices of at least `streamingThreshold` bytes use non-temporal
+/// (streaming) stores, smaller ones `memcpy`. Measured on the development machine (glibc
+/// 2.36, AMD EPYC VM): glibc switches to streaming stores only above 240 MiB there, and below
+/// that `memcpy` of 1–16 MiB reaches 8–10 GB/s where streaming stores reach 12–15 GB/s.
 public struct LocalCopyTransport: Sendable {
+    /// Default threshold for copies into a segment: the bytes are not read again soon.
+    public static let intoSegmentStreamingThreshold = 64 * 1024
+    /// Default threshold for copies into caller memory, which the caller reads next: only
+    /// copies too large to stay in cache stream.
+    public static let intoCallerStreamingThreshold = 1024 * 1024
+
     public let counters: TransferCounters
 
     public init(counters: TransferCounters) {
@@ -16,25 +28,21 @@ public struct LocalCopyTransport: Sendable {
     /// (`min` of the two totals).
     @discardableResult
     public func copy(from sources: UnsafeBufferPointer<MemoryRegion>,
-                     to destinations: UnsafeBufferPointer<MemoryRegion>) -> Int {
+                     to destinations: UnsafeBufferPointer<MemoryRegion>,
+                     streamingThreshold: Int = Int.max) -> Int {
         var ops = 0
         let moved = TransferPlan.forEachSlice(sources: sources, destinations: destinations) { (op: CopyOp) in
-            memcpy(UnsafeMutableRawPointer(bitPattern: op.destination)!,
-                   UnsafeRawPointer(bitPattern: op.source)!, op.length)
+            let d = UnsafeMutableRawPointer(bitPattern: op.destination)!
+            let s = UnsafeRawPointer(bitPattern: op.source)!
+            if op.length >= streamingThreshold {
+                kv_copy_streaming(d, s, op.length)
+            } else {
+                memcpy(d, s, op.length)
+            }
             ops += 1
         }
         counters.bytesCopied.add(moved, ordering: .relaxed)
         counters.copyOps.add(ops, ordering: .relaxed)
         return moved
-    }
-
-    /// Copies one region into one region (the single-buffer fast path).
-    @discardableResult
-    public func copy(from source: MemoryRegion, to destination: MemoryRegion) -> Int {
-        withUnsafePointer(to: source) { s in
-            withUnsafePointer(to: destination) { d in
-                copy(from: UnsafeBufferPointer(start: s, count: 1), to: UnsafeBufferPointer(start: d, count: 1))
-            }
-        }
     }
 }

@@ -1,0 +1,12 @@
+/* Copy kernels of the local transport. */
+#ifndef KV_COPY_H
+#define KV_COPY_H
+#include <stddef.h>
+
+/* Copies n bytes with non-temporal (streaming) stores: the destination bypasses the caches,
+ * so a large copy neither reads the destination first (no read-for-ownership) nor evicts the
+ * working set. For copies whose destination is not read again soon. Falls back to memcpy on
+ * processors without SSE2 streaming stores. The ranges must not overlap. */
+void kv_copy_streaming(void *dst, const void *src, size_t n);
+
+#endif
