@@ -3,6 +3,7 @@
 #ifndef KVPY_H
 #define KVPY_H
 
+#define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include "kvstore_abi.h"
 
