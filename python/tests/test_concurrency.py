@@ -1,0 +1,128 @@
+"""Many Python threads on one store: no torn reads, exact accounting afterwards."""
+
+import random
+import struct
+import threading
+
+import numpy as np
+
+import kvstore
+
+SIZES = (64, 1000, 4096, 70_000, 300_000)  # below and above the GIL-release threshold
+
+
+def make_value(tag: int, size: int) -> bytes:
+    """A value fully determined by (tag, size): header then a tag-seeded pattern."""
+    body = np.random.default_rng(tag).integers(0, 256, size - 16, dtype=np.uint8).tobytes()
+    return struct.pack("<QQ", tag, size) + body
+
+
+def is_complete(data) -> bool:
+    data = bytes(data)
+    if len(data) < 16:
+        return False
+    tag, size = struct.unpack_from("<QQ", data)
+    return size == len(data) and data == make_value(tag, size)
+
+
+def test_concurrent_put_get_upsert_remove_on_overlapping_keys():
+    keys = [f"key-{i}" for i in range(16)]
+    errors: list[str] = []
+    with kvstore.Store("64MiB") as store:
+
+        def worker(wid: int) -> None:
+            rng = random.Random(wid)
+            out = bytearray(max(SIZES))
+            for step in range(400):
+                key = rng.choice(keys)
+                tag = wid * 100_000 + step
+                op = rng.random()
+                try:
+                    if op < 0.2:
+                        store.put(key, make_value(tag, rng.choice(SIZES)))
+                    elif op < 0.45:
+                        store.upsert(key, make_value(tag, rng.choice(SIZES)))
+                    elif op < 0.55:
+                        store.remove(key)
+                    elif op < 0.75:
+                        if not is_complete(store.get(key)):
+                            errors.append(f"torn get of {key}")
+                    elif op < 0.9:
+                        n = store.get_into(key, out)
+                        if not is_complete(memoryview(out)[:n]):
+                            errors.append(f"torn get_into of {key}")
+                    else:
+                        for v in store.get_batch(keys[:4]):
+                            if v is not None and not is_complete(v):
+                                errors.append("torn get_batch")
+                except (kvstore.ObjectNotFoundError, kvstore.ObjectExistsError):
+                    pass
+                except Exception as e:  # anything else is a bug
+                    errors.append(repr(e))
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+
+        present = [k for k in keys if store.exists(k)]
+        values = [store.get(k) for k in present]
+        assert all(is_complete(v) for v in values)
+        s = store.stats()
+        assert s["objects"] == len(present)
+        assert s["object_bytes"] == sum(len(v) for v in values)
+        assert s["bytes_used"] == sum((len(v) + 63) // 64 * 64 for v in values)
+        assert s["active_readers"] == 0
+        assert store.remove_all() == len(present)
+        s = store.stats()
+        assert s["bytes_used"] == 0 and s["objects"] == 0 and s["free_blocks"] == 1
+
+
+def test_concurrent_batches_of_distinct_keys():
+    with kvstore.Store("64MiB") as store:
+        def worker(wid: int) -> None:
+            keys = [f"w{wid}-{i}" for i in range(64)]
+            vals = [np.full(8192, wid, np.uint8) for _ in keys]
+            assert store.batch_put_from(keys, vals) == [None] * 64
+            outs = [np.empty(8192, np.uint8) for _ in keys]
+            assert store.batch_get_into(keys, outs) == [8192] * 64
+            assert all((o == wid).all() for o in outs)
+            assert store.batch_remove(keys) == [None] * 64
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        s = store.stats()
+        assert s["objects"] == 0 and s["bytes_used"] == 0
+
+
+def test_close_while_other_threads_work():
+    store = kvstore.Store("16MiB")
+    unexpected: list[BaseException] = []
+    started = threading.Barrier(5)
+
+    def worker(wid: int) -> None:
+        started.wait()
+        v = bytes(100_000)
+        try:
+            for i in range(100_000):
+                store.upsert(f"{wid}-{i % 10}", v)
+                store.get(f"{wid}-{i % 10}")
+        except kvstore.StoreClosedError:
+            return
+        except BaseException as e:
+            unexpected.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    store.close()
+    for t in threads:
+        t.join()
+    assert unexpected == []
+    assert store.closed
