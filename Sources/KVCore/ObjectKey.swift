@@ -1,10 +1,19 @@
-/// Rules for object keys. Keys are non-empty UTF-8 strings of at most `maxBytes` bytes.
-public enum ObjectKey {
+/// An object key: a non-empty UTF-8 byte string of at most `maxBytes` bytes.
+///
+/// Keys are compared and hashed as raw bytes (Swift `String` hashing normalises Unicode and
+/// costs several times more). Keys of up to 24 bytes are stored inline, so building one for a
+/// lookup allocates nothing; longer keys keep their bytes in an array.
+public struct ObjectKey: Hashable, Sendable, CustomStringConvertible, ExpressibleByStringInterpolation {
     /// Longest key accepted, in UTF-8 bytes. Keys of LLM connectors (model name, block hash,
     /// rank) are a few hundred bytes at most.
     public static let maxBytes = 1024
+    static let inlineCapacity = 24
 
-    /// Checks a key given as UTF-8 bytes; throws `invalidArgument` naming the problem.
+    @usableFromInline var inline: (UInt64, UInt64, UInt64) = (0, 0, 0)
+    @usableFromInline var heap: [UInt8]? = nil
+    public let count: Int
+
+    /// Checks a key's length in UTF-8 bytes; throws `invalidArgument` naming the problem.
     public static func validate(byteCount: Int) throws(KVError) {
         if byteCount == 0 { throw .invalidArgument("key must not be empty") }
         if byteCount > maxBytes {
@@ -12,9 +21,68 @@ public enum ObjectKey {
         }
     }
 
-    /// Builds the key string from UTF-8 bytes after validating its length.
-    public static func make(_ utf8: UnsafeRawBufferPointer) throws(KVError) -> String {
-        try validate(byteCount: utf8.count)
-        return String(decoding: utf8, as: UTF8.self)
+    /// A key from UTF-8 bytes (copied); throws `invalidArgument` when empty or too long.
+    public init(utf8 bytes: UnsafeRawBufferPointer) throws(KVError) {
+        try Self.validate(byteCount: bytes.count)
+        self.init(unchecked: bytes)
+    }
+
+    /// A key from a string; throws `invalidArgument` when empty or too long.
+    public init(_ string: String) throws(KVError) {
+        var s = string
+        let bytes = s.withUTF8 { Array($0) }
+        try Self.validate(byteCount: bytes.count)
+        self = bytes.withUnsafeBytes { ObjectKey(unchecked: $0) }
+    }
+
+    /// A key from a literal (tests and fixed keys); the literal must be a valid key.
+    public init(stringLiteral value: String) {
+        do { try self.init(value) } catch { preconditionFailure("invalid key literal '\(value)': \(error.message)") }
+    }
+
+    public init(stringInterpolation: DefaultStringInterpolation) {
+        self.init(stringLiteral: String(stringInterpolation: stringInterpolation))
+    }
+
+    init(unchecked bytes: UnsafeRawBufferPointer) {
+        count = bytes.count
+        if count <= Self.inlineCapacity {
+            var words: (UInt64, UInt64, UInt64) = (0, 0, 0)
+            withUnsafeMutableBytes(of: &words) { w in
+                if let base = bytes.baseAddress, bytes.count > 0 { w.baseAddress!.copyMemory(from: base, byteCount: bytes.count) }
+            }
+            inline = words
+        } else {
+            heap = Array(bytes)
+        }
+    }
+
+    /// The empty placeholder used by unused bookkeeping slots.
+    init() { count = 0 }
+
+    /// Calls `body` with the key's UTF-8 bytes.
+    public func withUTF8<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        if let heap { return try heap.withUnsafeBytes(body) }
+        var words = inline
+        return try withUnsafeBytes(of: &words) { try body(UnsafeRawBufferPointer(rebasing: $0[0..<count])) }
+    }
+
+    public var description: String { withUTF8 { String(decoding: $0, as: UTF8.self) } }
+
+    public func hash(into hasher: inout Hasher) {
+        if let heap {
+            heap.withUnsafeBytes { hasher.combine(bytes: $0) }
+        } else {
+            hasher.combine(inline.0)
+            hasher.combine(inline.1)
+            hasher.combine(inline.2)
+            hasher.combine(count)
+        }
+    }
+
+    public static func == (a: ObjectKey, b: ObjectKey) -> Bool {
+        guard a.count == b.count else { return false }
+        if let ha = a.heap, let hb = b.heap { return ha == hb }
+        return a.inline == b.inline
     }
 }

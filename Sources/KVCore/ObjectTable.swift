@@ -56,7 +56,7 @@ public struct ObjectTable: Sendable {
     struct Version: Sendable {
         var generation: UInt32 = 0
         var state: State = .free
-        var key: String = ""
+        var key = ObjectKey()
         var allocation: Allocation? = nil
         var size = 0
         var readers: Int32 = 0
@@ -72,7 +72,7 @@ public struct ObjectTable: Sendable {
     private(set) public var allocator: SegmentAllocator
     private var versions: [Version] = []
     private var recycled: [Int32] = []
-    private var entries: [String: Entry] = [:]
+    private var entries: [ObjectKey: Entry] = [:]
     /// Visible objects.
     public private(set) var objectCount = 0
     /// Sum of the sizes of visible objects, in bytes.
@@ -92,34 +92,43 @@ public struct ObjectTable: Sendable {
     // MARK: writes
 
     /// Reserves space for a write of `size` bytes (> 0) under `key`.
-    public mutating func beginWrite(key: String, size: Int, mode: WriteMode) throws(KVError) -> WriteTicket {
+    public mutating func beginWrite(key: ObjectKey, size: Int, mode: WriteMode) throws(KVError) -> WriteTicket {
         guard size > 0 else { throw .invalidArgument("value must not be empty") }
-        let index = entries.index(forKey: key)
-        if let index {
-            let e = entries.values[index]
-            if mode == .put, e.current >= 0 || e.putPending {
+        if mode == .put {
+            // One hash lookup: claims the key (inserting an entry when absent) unless taken.
+            guard Self.claimForPut(&entries[key, default: Entry()]) else {
                 throw .exists("object '\(key)' already exists")
             }
-            if mode == .upsert, e.current >= 0 {
-                let c = Int(e.current)
-                if versions[c].state == .complete, versions[c].size == size, versions[c].readers == 0 {
-                    versions[c].state = .rewriting
-                    return WriteTicket(handle: handle(e.current), offset: versions[c].allocation!.offset,
-                                       size: size, inPlace: true)
-                }
+        } else if let e = entries[key], e.current >= 0 {
+            let c = Int(e.current)
+            if versions[c].state == .complete, versions[c].size == size, versions[c].readers == 0 {
+                versions[c].state = .rewriting
+                return WriteTicket(handle: handle(e.current), offset: versions[c].allocation!.offset,
+                                   size: size, inPlace: true)
             }
         }
         guard let a = allocator.allocate(size) else {
+            if mode == .put { releasePutClaim(key) }
             if size > allocator.capacity {
                 throw .noSpace("value of \(size) bytes is larger than the segment (\(allocator.capacity) bytes)")
             }
             throw .noSpace("no free space for \(size) bytes (\(allocator.freeBytes) of \(allocator.capacity) bytes free, largest free block \(allocator.largestFreeBlock) bytes)")
         }
         let slot = newVersion(Version(state: .writing, key: key, allocation: a, size: size, mode: mode))
-        if mode == .put {
-            if let index { entries.values[index].putPending = true } else { entries[key] = Entry(putPending: true) }
-        }
         return WriteTicket(handle: handle(slot), offset: a.offset, size: size, inPlace: false)
+    }
+
+    @inline(__always)
+    private static func claimForPut(_ e: inout Entry) -> Bool {
+        if e.current >= 0 || e.putPending { return false }
+        e.putPending = true
+        return true
+    }
+
+    private mutating func releasePutClaim(_ key: ObjectKey) {
+        guard var e = entries[key] else { return }
+        e.putPending = false
+        entries[key] = e.current < 0 ? nil : e
     }
 
     /// Makes a written object visible. A put that lost a race to an upsert of the same key
@@ -134,30 +143,36 @@ public struct ObjectTable: Sendable {
         }
         guard versions[s].state == .writing else { throw KVError(.internal, "commit of a write not in flight") }
         let key = versions[s].key
-        let index: Dictionary<String, Entry>.Index
-        if let i = entries.index(forKey: key) {
-            index = i
-        } else {
-            entries[key] = Entry()
-            index = entries.index(forKey: key)!
-        }
-        if versions[s].mode == .put {
-            entries.values[index].putPending = false
-            if entries.values[index].current >= 0 {
-                try dropVersion(Int32(s))
-                throw .exists("object '\(key)' already exists")
-            }
+        let isPut = versions[s].mode == .put
+        // One hash lookup: installs the new version, or reports the put's lost race.
+        let old = Self.install(&entries[key, default: Entry()], slot: Int32(s), isPut: isPut)
+        if old == Self.lostRace {
+            try dropVersion(Int32(s))
+            throw .exists("object '\(key)' already exists")
         }
         versions[s].state = .complete
         versions[s].linked = true
         objectBytes += versions[s].size
-        let old = entries.values[index].current
-        entries.values[index].current = Int32(s)
         if old >= 0 {
             try unlink(old)
         } else {
             objectCount += 1
         }
+    }
+
+    private static let lostRace: Int32 = -2
+
+    /// Makes `slot` the entry's current version; returns the previous one (-1: none), or
+    /// `lostRace` for a put whose key became visible meanwhile (the entry is left visible).
+    @inline(__always)
+    private static func install(_ e: inout Entry, slot: Int32, isPut: Bool) -> Int32 {
+        if isPut {
+            e.putPending = false
+            if e.current >= 0 { return lostRace }
+        }
+        let old = e.current
+        e.current = slot
+        return old
     }
 
     /// Abandons a write: its space is freed and the key is as before. An aborted in-place
@@ -190,7 +205,7 @@ public struct ObjectTable: Sendable {
     // MARK: reads
 
     /// Takes a read hold on the visible version of `key`.
-    public mutating func acquireRead(key: String) -> ReadResult {
+    public mutating func acquireRead(key: ObjectKey) -> ReadResult {
         guard let e = entries[key], e.current >= 0 else { return .notFound }
         let c = Int(e.current)
         if versions[c].state == .rewriting { return .busy }
@@ -210,17 +225,17 @@ public struct ObjectTable: Sendable {
     }
 
     /// Size of the visible version of `key`, or nil.
-    public func size(key: String) -> Int? {
+    public func size(key: ObjectKey) -> Int? {
         guard let e = entries[key], e.current >= 0 else { return nil }
         return versions[Int(e.current)].size
     }
 
-    public func contains(key: String) -> Bool { size(key: key) != nil }
+    public func contains(key: ObjectKey) -> Bool { size(key: key) != nil }
 
     // MARK: removal
 
     /// Removes the visible version of `key`; readers in progress finish with the bytes they hold.
-    public mutating func remove(key: String) throws(KVError) {
+    public mutating func remove(key: ObjectKey) throws(KVError) {
         guard var e = entries[key], e.current >= 0 else { throw .notFound("object '\(key)' not found") }
         try unlink(e.current)
         objectCount -= 1

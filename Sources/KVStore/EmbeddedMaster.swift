@@ -10,7 +10,7 @@ public final class EmbeddedMaster: Sendable {
         table = Locked(ObjectTable(capacity: capacity))
     }
 
-    public func beginWrite(key: String, size: Int, mode: WriteMode) throws(KVError) -> WriteTicket {
+    public func beginWrite(key: ObjectKey, size: Int, mode: WriteMode) throws(KVError) -> WriteTicket {
         try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.beginWrite(key: key, size: size, mode: mode) }
     }
 
@@ -22,7 +22,7 @@ public final class EmbeddedMaster: Sendable {
         try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.abortWrite(ticket) }
     }
 
-    public func acquireRead(key: String) -> ReadResult {
+    public func acquireRead(key: ObjectKey) -> ReadResult {
         table.withLock { $0.acquireRead(key: key) }
     }
 
@@ -30,9 +30,9 @@ public final class EmbeddedMaster: Sendable {
         try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.releaseRead(handle) }
     }
 
-    public func size(key: String) -> Int? { table.withLock { $0.size(key: key) } }
+    public func size(key: ObjectKey) -> Int? { table.withLock { $0.size(key: key) } }
 
-    public func remove(key: String) throws(KVError) {
+    public func remove(key: ObjectKey) throws(KVError) {
         try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.remove(key: key) }
     }
 

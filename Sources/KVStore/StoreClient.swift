@@ -38,7 +38,7 @@ public final class StoreClient: Sendable {
     /// Writes the concatenation of `parts` as the object `key`: each part copied once, in
     /// order, straight into its place in the segment. The object becomes visible only when
     /// completely written.
-    public func put(key: String, parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode) throws(KVError) {
+    public func put(key: ObjectKey, parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode) throws(KVError) {
         try gate.enter()
         defer { gate.leave() }
         let total = TransferPlan.totalLength(parts)
@@ -56,7 +56,7 @@ public final class StoreClient: Sendable {
     // MARK: reads
 
     /// Takes a read hold on `key`, waiting while an in-place upsert rewrites it.
-    public func beginRead(key: String) throws(KVError) -> ReadTicket {
+    public func beginRead(key: ObjectKey) throws(KVError) -> ReadTicket {
         while true {
             switch try tryBeginRead(key: key) {
             case .found(let t): return t
@@ -67,7 +67,7 @@ public final class StoreClient: Sendable {
     }
 
     /// Takes a read hold without waiting; `.busy` while an in-place upsert rewrites the object.
-    public func tryBeginRead(key: String) throws(KVError) -> ReadResult {
+    public func tryBeginRead(key: ObjectKey) throws(KVError) -> ReadResult {
         try gate.enter()
         defer { gate.leave() }
         let r = master.acquireRead(key: key)
@@ -108,7 +108,7 @@ public final class StoreClient: Sendable {
 
     /// Copies object `key` into `destinations`; returns its size. The store is unchanged when
     /// it fails.
-    public func get(key: String, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
+    public func get(key: ObjectKey, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
         let t = try beginRead(key: key)
         defer { try? endRead(t) }
         return try copyOut(t, to: destinations)
@@ -116,13 +116,13 @@ public final class StoreClient: Sendable {
 
     // MARK: queries and removal
 
-    public func exists(key: String) throws(KVError) -> Bool {
+    public func exists(key: ObjectKey) throws(KVError) -> Bool {
         try gate.enter()
         defer { gate.leave() }
         return master.size(key: key) != nil
     }
 
-    public func size(key: String) throws(KVError) -> Int {
+    public func size(key: ObjectKey) throws(KVError) -> Int {
         try gate.enter()
         defer { gate.leave() }
         guard let n = master.size(key: key) else { throw .notFound("object '\(key)' not found") }
@@ -132,7 +132,7 @@ public final class StoreClient: Sendable {
     /// Removes `key`. Readers already copying finish with the bytes they hold; the space is
     /// freed when the last of them is done. (`force` is accepted for the lease rules to come;
     /// with no leases every removal is allowed.)
-    public func remove(key: String, force: Bool = false) throws(KVError) {
+    public func remove(key: ObjectKey, force: Bool = false) throws(KVError) {
         try gate.enter()
         defer { gate.leave() }
         try master.remove(key: key)

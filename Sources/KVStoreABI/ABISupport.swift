@@ -12,12 +12,12 @@ enum ABI {
     }
 
     @inline(__always)
-    static func key(_ ptr: UnsafePointer<CChar>?, _ len: Int) throws(KVError) -> String {
+    static func key(_ ptr: UnsafePointer<CChar>?, _ len: Int) throws(KVError) -> ObjectKey {
         guard let ptr else {
             if len == 0 { throw .invalidArgument("key must not be empty") }
             throw .invalidArgument("key pointer is NULL")
         }
-        return try ObjectKey.make(UnsafeRawBufferPointer(start: ptr, count: len))
+        return try ObjectKey(utf8: UnsafeRawBufferPointer(start: ptr, count: len))
     }
 
     /// Runs `body`; returns KV_OK or the error's code (recording its message).

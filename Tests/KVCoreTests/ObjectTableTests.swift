@@ -2,13 +2,13 @@ import XCTest
 @testable import KVCore
 
 final class ObjectTableTests: XCTestCase {
-    func put(_ t: inout ObjectTable, _ key: String, _ size: Int, _ mode: WriteMode = .put) throws -> WriteTicket {
+    func put(_ t: inout ObjectTable, _ key: ObjectKey, _ size: Int, _ mode: WriteMode = .put) throws -> WriteTicket {
         let w = try t.beginWrite(key: key, size: size, mode: mode)
         try t.commitWrite(w)
         return w
     }
 
-    func read(_ t: inout ObjectTable, _ key: String) -> ReadTicket? {
+    func read(_ t: inout ObjectTable, _ key: ObjectKey) -> ReadTicket? {
         if case .found(let r) = t.acquireRead(key: key) { return r }
         return nil
     }
@@ -153,6 +153,27 @@ final class ObjectTableTests: XCTestCase {
             XCTAssertEqual(($0 as? KVError)?.code, .noSpace)
         }
         XCTAssertThrowsError(try t.beginWrite(key: "z", size: 0, mode: .put)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+    }
+
+    func testKeysCompareAsBytesInlineAndOnTheHeap() throws {
+        let short: ObjectKey = "block-1", long = try ObjectKey(String(repeating: "x", count: 200))
+        XCTAssertEqual(short, try ObjectKey("block-1"))
+        XCTAssertNotEqual(short, try ObjectKey("block-2"))
+        XCTAssertEqual(long, try ObjectKey(String(repeating: "x", count: 200)))
+        XCTAssertNotEqual(long, try ObjectKey(String(repeating: "x", count: 199)))
+        XCTAssertNotEqual(try ObjectKey(String("a\u{0}")), try ObjectKey(String("a")), "length is part of the key")
+        XCTAssertEqual(try ObjectKey(String("é")).count, 2)
+        XCTAssertEqual(long.description.count, 200)
+        XCTAssertEqual(Set([short, long, "block-1"]).count, 2)
+        var t = ObjectTable(capacity: 1 << 20)
+        for n in [1, 23, 24, 25, 1024] {
+            let k = try ObjectKey(String(repeating: "k", count: n))
+            _ = try put(&t, k, n)
+            XCTAssertEqual(t.size(key: k), n)
+        }
+        let empty = String()
+        XCTAssertThrowsError(try ObjectKey(empty))
+        XCTAssertThrowsError(try ObjectKey(String(repeating: "k", count: 1025)))
     }
 
     func testKeyRules() {

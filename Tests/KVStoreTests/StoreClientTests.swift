@@ -57,7 +57,7 @@ final class StoreClientTests: XCTestCase {
     func testConcurrentWritersAndReadersNeverTear() throws {
         let s = try StoreClient(segmentSize: 8 << 20)
         defer { s.close() }
-        let keys = (0..<12).map { "key-\($0)" }
+        let keys: [ObjectKey] = (0..<12).map { "key-\($0)" }
         let torn = Atomic(0)
         DispatchQueue.concurrentPerform(iterations: 6) { thread in
             var rng = SplitMix64(seed: UInt64(thread + 1))
@@ -127,14 +127,14 @@ final class StoreClientTests: XCTestCase {
 }
 
 // Helpers at file scope so worker closures need not capture the test case.
-func put(_ s: StoreClient, _ key: String, _ bytes: [UInt8], _ mode: WriteMode = .put) throws {
+func put(_ s: StoreClient, _ key: ObjectKey, _ bytes: [UInt8], _ mode: WriteMode = .put) throws {
     try bytes.withUnsafeBytes { b in
         var r = MemoryRegion(b.baseAddress!, length: b.count)
         try withUnsafePointer(to: &r) { try s.put(key: key, parts: UnsafeBufferPointer(start: $0, count: 1), mode: mode) }
     }
 }
 
-func get(_ s: StoreClient, _ key: String, capacity: Int = 1 << 16) throws -> [UInt8] {
+func get(_ s: StoreClient, _ key: ObjectKey, capacity: Int = 1 << 16) throws -> [UInt8] {
     var out = [UInt8](repeating: 0, count: capacity)
     let n = try out.withUnsafeMutableBytes { b in
         var r = MemoryRegion(b.baseAddress!, length: b.count)
