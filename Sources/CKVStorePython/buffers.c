@@ -29,20 +29,24 @@ static int get_view(PyObject *obj, Py_buffer *view, int writable) {
     const char *what = writable ? "target buffer" : "value";
     if (obj == Py_None || !PyObject_CheckBuffer(obj))
         return type_error(obj, what, "a bytes-like object (buffer protocol)");
-    if (PyObject_GetBuffer(obj, view, PyBUF_STRIDES | (writable ? PyBUF_WRITABLE : 0)) < 0) {
-        if (!writable) return -1;
-        PyErr_Clear();
+    /* PyBUF_SIMPLE asks for plain contiguous bytes: the cheapest export (no shape or strides)
+     * and exactly what is needed. Only when it fails, find out why. */
+    if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) == 0) return 0;
+    PyErr_Clear();
+    if (PyObject_GetBuffer(obj, view, PyBUF_STRIDES) < 0) return -1;
+    int readonly = view->readonly, contiguous = PyBuffer_IsContiguous(view, 'C');
+    PyBuffer_Release(view);
+    if (writable && readonly) {
         kvpy_raise(KV_E_INVALID_ARGUMENT, "target buffer is read-only; pass a writable buffer such as a bytearray or numpy array");
-        return -1;
-    }
-    if (!PyBuffer_IsContiguous(view, 'C')) {
-        PyBuffer_Release(view);
+    } else if (!contiguous) {
         kvpy_raise(KV_E_INVALID_ARGUMENT, writable
             ? "target buffer must be C-contiguous (numpy.ascontiguousarray makes a contiguous copy)"
             : "value must be C-contiguous (numpy.ascontiguousarray makes a contiguous copy)");
-        return -1;
+    } else {
+        kvpy_raise(KV_E_INVALID_ARGUMENT, writable ? "target buffer cannot be exported as writable bytes"
+                                                   : "value cannot be exported as contiguous bytes");
     }
-    return 0;
+    return -1;
 }
 
 int kvpy_source(PyObject *obj, Py_buffer *view) { return get_view(obj, view, 0); }
