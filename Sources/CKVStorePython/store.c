@@ -251,6 +251,24 @@ static PyObject *ok_none(batch_item *it) { (void)it; Py_RETURN_NONE; }
 static PyObject *ok_value(batch_item *it) { return PyLong_FromUnsignedLongLong(it->value); }
 static PyObject *ok_bool(batch_item *it) { return PyBool_FromLong(it->value != 0); }
 
+/* Collects the buffers (or lists of buffers) of every item with a good key into b; an item
+ * whose buffers are bad gets its error. Returns the total bytes collected. */
+static size_t batch_buffers(batch_item *items, Py_ssize_t n, PyObject *seq, int writable, kvpy_buffers *b) {
+    kvpy_buffers_init(b);
+    size_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!items[i].key) continue;
+        PyObject *v = PySequence_GetItem(seq, i);
+        Py_ssize_t added = v ? kvpy_buffers_add(b, v, writable, 1) : -1;
+        Py_XDECREF(v);
+        if (added < 0) { items[i].error = kvpy_take_error(); continue; }
+        items[i].first = b->count - added;
+        items[i].count = added;
+        total += kvpy_buffers_bytes(b, items[i].first, added);
+    }
+    return total;
+}
+
 /* ---- batch writes ---- */
 
 static PyObject *put_batch_impl(StoreObject *self, PyObject *const *args, Py_ssize_t nargs,
@@ -261,18 +279,7 @@ static PyObject *put_batch_impl(StoreObject *self, PyObject *const *args, Py_ssi
     batch_item *items = batch_begin(args[0], args[1], second_name, &n);
     if (!items) return NULL;
     kvpy_buffers b;
-    kvpy_buffers_init(&b);
-    size_t total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!items[i].key) continue;
-        PyObject *v = PySequence_GetItem(args[1], i);
-        Py_ssize_t added = v ? kvpy_buffers_add(&b, v, 0, 1) : -1;
-        Py_XDECREF(v);
-        if (added < 0) { items[i].error = kvpy_take_error(); continue; }
-        items[i].first = b.count - added;
-        items[i].count = added;
-        total += kvpy_buffers_bytes(&b, items[i].first, added);
-    }
+    size_t total = batch_buffers(items, n, args[1], 0, &b);
     RUN_MAYBE_UNLOCKED(total, {
         for (Py_ssize_t i = 0; i < n; i++) {
             if (!items[i].key || items[i].error) continue;
@@ -385,18 +392,7 @@ static PyObject *store_batch_get_into(StoreObject *self, PyObject *const *args, 
     batch_item *items = batch_begin(args[0], args[1], "buffers", &n);
     if (!items) return NULL;
     kvpy_buffers b;
-    kvpy_buffers_init(&b);
-    size_t total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!items[i].key) continue;
-        PyObject *v = PySequence_GetItem(args[1], i);
-        Py_ssize_t added = v ? kvpy_buffers_add(&b, v, 1, 1) : -1;
-        Py_XDECREF(v);
-        if (added < 0) { items[i].error = kvpy_take_error(); continue; }
-        items[i].first = b.count - added;
-        items[i].count = added;
-        total += kvpy_buffers_bytes(&b, items[i].first, added);
-    }
+    size_t total = batch_buffers(items, n, args[1], 1, &b);
     RUN_MAYBE_UNLOCKED(total, {
         for (Py_ssize_t i = 0; i < n; i++) {
             if (!items[i].key || items[i].error) continue;
