@@ -1,9 +1,10 @@
 """``python -m kvstore bench``: throughput of the embedded store next to numpy.copyto.
 
-Each case is timed ``--repeat`` times after one untimed warm-up and the median is reported.
 Every store case has a numpy.copyto baseline that moves the same bytes between the same
-number of distinct buffers in the same run, so the ratio (store GB/s / copyto GB/s) is the
-fraction of the memcpy limit reached:
+number of distinct buffers. The two are timed alternately, ``--repeat`` pairs after one
+untimed warm-up of each (five times as many pairs for the cheap batch cases), so both see the
+same state of a noisy machine; GB/s columns are medians, and the ratio is the median of the
+per-pair ratios (copyto time / store time), i.e. the fraction of the memcpy limit reached:
 
 - put, put_from: one source buffer copied into ``n`` distinct objects; baseline: copyto of
   one source into ``n`` distinct destination arrays. ``put`` passes a ``bytes`` value (the
@@ -40,16 +41,27 @@ def _fmt_size(n: int) -> str:
     return f"{n} B"
 
 
-def _median_time(fn: Callable[[], None], setup: Callable[[], None], repeat: int) -> float:
+def _paired(fn: Callable[[], None], setup: Callable[[], None], base: Callable[[], None],
+            repeat: int) -> tuple[float, float, float]:
+    """Times the store case and its copyto baseline alternately, ``repeat`` pairs after one
+    warm-up of each, so both see the same machine state. Returns the median store time, the
+    median baseline time, and the median of the per-pair ratios (baseline time / store time).
+    """
     setup()
     fn()  # warm-up: faults pages in, fills caches and allocator state
-    times = []
+    base()
+    store_t, base_t, ratios = [], [], []
     for _ in range(repeat):
         setup()
-        t = time.perf_counter()
+        t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        t1 = time.perf_counter()
+        base()
+        t2 = time.perf_counter()
+        store_t.append(t1 - t0)
+        base_t.append(t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+    return statistics.median(store_t), statistics.median(base_t), statistics.median(ratios)
 
 
 def _count_for(size: int, budget: int, small_ops: int) -> int:
@@ -69,16 +81,17 @@ def run_bench(args: argparse.Namespace) -> int:
 
     results: list[dict[str, object]] = []
     header = f"{'operation':<16}{'size':>10}{'count':>8}{'ops/s':>14}{'GB/s':>9}{'copyto GB/s':>13}{'ratio':>8}"
-    print(f"kvstore bench: median of {args.repeat} after a warm-up; ratio = store / numpy.copyto (same run)")
+    print(f"kvstore bench: {args.repeat} alternating store/copyto pairs after a warm-up; medians; ratio = store / numpy.copyto")
     print(header)
     print("-" * len(header))
 
-    def report(op: str, size: int, count: int, t: float, base_t: float) -> None:
+    def report(op: str, size: int, count: int, timing: tuple[float, float, float]) -> None:
+        t, base_t, ratio = timing
         moved = size * count
         row = {
             "op": op, "size": size, "count": count, "seconds": t,
             "ops_per_s": count / t, "gb_per_s": moved / t / 1e9,
-            "copyto_gb_per_s": moved / base_t / 1e9, "ratio": base_t / t,
+            "copyto_gb_per_s": moved / base_t / 1e9, "ratio": ratio,
         }
         results.append(row)
         ops_s = row["ops_per_s"] if not op.startswith("batch") else 1 / t
@@ -106,9 +119,6 @@ def run_bench(args: argparse.Namespace) -> int:
             for row in rows:
                 np.copyto(dst, row)
 
-        base_put = _median_time(copy_scatter, lambda: None, args.repeat)
-        base_get = _median_time(copy_gather, lambda: None, args.repeat)
-        del rows, pool
 
         segment = n * ((size + 63) // 64 * 64) + (1 << 20)
         with Store(segment, prefault=True) as store:
@@ -128,8 +138,7 @@ def run_bench(args: argparse.Namespace) -> int:
                         for k in keys:
                             fn(k, value)
 
-                    t = _median_time(run_put, store.remove_all, args.repeat)
-                    report(op, size, n, t, base_put)
+                    report(op, size, n, _paired(run_put, store.remove_all, copy_scatter, args.repeat))
                 elif op == "get":
                     get = store.get
 
@@ -138,8 +147,7 @@ def run_bench(args: argparse.Namespace) -> int:
                             get(k)
 
                     fill()
-                    t = _median_time(run_get, lambda: None, args.repeat)
-                    report(op, size, n, t, base_get)
+                    report(op, size, n, _paired(run_get, lambda: None, copy_gather, args.repeat))
                 elif op == "get_into":
                     get_into = store.get_into
 
@@ -148,35 +156,42 @@ def run_bench(args: argparse.Namespace) -> int:
                             get_into(k, dst)
 
                     fill()
-                    t = _median_time(run_get_into, lambda: None, args.repeat)
+                    timing = _paired(run_get_into, lambda: None, copy_gather, args.repeat)
+                    dst.fill(0)
+                    run_get_into()
                     if not np.array_equal(dst, src):
                         print("get_into returned wrong bytes", file=sys.stderr)
                         return 1
-                    report(op, size, n, t, base_get)
+                    report(op, size, n, timing)
+        del rows, pool
 
     if "batch" in ops:
         src2 = np.full((batch_count, batch_size), 3, dtype=np.uint8)
         dst2 = np.zeros((batch_count, batch_size), dtype=np.uint8)
         keys = [f"batch-{i}" for i in range(batch_count)]
         srcs, dsts = list(src2), list(dst2)
-        base = _median_time(lambda: np.copyto(dst2, src2), lambda: None, args.repeat)
+        reps = args.repeat * 5  # a batch takes about a millisecond: more pairs, steadier medians
+
+        def base() -> None:
+            np.copyto(dst2, src2)
+
         segment = batch_count * ((batch_size + 63) // 64 * 64) + (1 << 20)
         with Store(segment, prefault=True) as store:
             def run_batch_put() -> None:
                 store.batch_put_from(keys, srcs)
 
-            t = _median_time(run_batch_put, store.remove_all, args.repeat)
-            report("batch_put_from", batch_size, batch_count, t, base)
+            report("batch_put_from", batch_size, batch_count, _paired(run_batch_put, store.remove_all, base, reps))
 
             def run_batch_get() -> None:
                 store.batch_get_into(keys, dsts)
 
+            timing = _paired(run_batch_get, lambda: None, base, reps)
             dst2.fill(0)
-            t = _median_time(run_batch_get, lambda: None, args.repeat)
+            run_batch_get()
             if not np.array_equal(dst2, src2):
                 print("batch_get_into returned wrong bytes", file=sys.stderr)
                 return 1
-            report("batch_get_into", batch_size, batch_count, t, base)
+            report("batch_get_into", batch_size, batch_count, timing)
 
     if args.json:
         with open(args.json, "w") as f:
