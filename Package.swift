@@ -33,8 +33,10 @@ let package = Package(
                 ]),
             ]
         ),
-        .testTarget(name: "KVCoreTests", dependencies: ["KVCore"]),
+        // Helpers shared by the test targets (seeded random numbers).
+        .target(name: "KVTestSupport", path: "Tests/KVTestSupport"),
+        .testTarget(name: "KVCoreTests", dependencies: ["KVCore", "KVTestSupport"]),
         .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVCore"]),
-        .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVTransfer"]),
+        .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVTransfer", "KVTestSupport"]),
     ]
 )

@@ -2,33 +2,28 @@
 #include "kvpy.h"
 #include <string.h>
 
-/* Raises ArgumentTypeError: "<what> must be <expected>, not <type name>". */
-static int type_error(PyObject *obj, const char *what, const char *expected) {
-    PyObject *tname = PyType_GetName(Py_TYPE(obj));
-    if (!tname) return -1;
-    PyObject *msg = PyUnicode_FromFormat("%s must be %s, not %U", what, expected, tname);
-    Py_DECREF(tname);
-    if (!msg) return -1;
-    kvpy_raise(KV_E_ARGUMENT_TYPE, PyUnicode_AsUTF8AndSize(msg, NULL));
-    Py_DECREF(msg);
-    return -1;
-}
-
-int kvpy_key(PyObject *obj, const char **ptr, Py_ssize_t *len) {
-    if (!PyUnicode_Check(obj)) return type_error(obj, "key", "str");
+int kvpy_utf8(PyObject *obj, const char *what, const char **ptr, Py_ssize_t *len) {
+    if (!PyUnicode_Check(obj)) {
+        kvpy_type_error(obj, what, "str");
+        return -1;
+    }
     *ptr = PyUnicode_AsUTF8AndSize(obj, len);
     if (*ptr == NULL) {
         PyErr_Clear();
-        kvpy_raise(KV_E_INVALID_ARGUMENT, "key is not valid Unicode (it holds a lone surrogate)");
+        kvpy_raise_format(KV_E_INVALID_ARGUMENT, "%s is not valid Unicode (it holds a lone surrogate)", what);
         return -1;
     }
     return 0;
 }
 
+int kvpy_key(PyObject *obj, const char **ptr, Py_ssize_t *len) { return kvpy_utf8(obj, "key", ptr, len); }
+
 static int get_view(PyObject *obj, Py_buffer *view, int writable) {
     const char *what = writable ? "target buffer" : "value";
-    if (obj == Py_None || !PyObject_CheckBuffer(obj))
-        return type_error(obj, what, "a bytes-like object (buffer protocol)");
+    if (obj == Py_None || !PyObject_CheckBuffer(obj)) {
+        kvpy_type_error(obj, what, "a bytes-like object (buffer protocol)");
+        return -1;
+    }
     /* PyBUF_SIMPLE asks for plain contiguous bytes: the cheapest export (no shape or strides)
      * and exactly what is needed. Only when it fails, find out why. */
     if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) == 0) return 0;
@@ -36,16 +31,12 @@ static int get_view(PyObject *obj, Py_buffer *view, int writable) {
     if (PyObject_GetBuffer(obj, view, PyBUF_STRIDES) < 0) return -1;
     int readonly = view->readonly, contiguous = PyBuffer_IsContiguous(view, 'C');
     PyBuffer_Release(view);
-    if (writable && readonly) {
+    if (writable && readonly)
         kvpy_raise(KV_E_INVALID_ARGUMENT, "target buffer is read-only; pass a writable buffer such as a bytearray or numpy array");
-    } else if (!contiguous) {
-        kvpy_raise(KV_E_INVALID_ARGUMENT, writable
-            ? "target buffer must be C-contiguous (numpy.ascontiguousarray makes a contiguous copy)"
-            : "value must be C-contiguous (numpy.ascontiguousarray makes a contiguous copy)");
-    } else {
-        kvpy_raise(KV_E_INVALID_ARGUMENT, writable ? "target buffer cannot be exported as writable bytes"
-                                                   : "value cannot be exported as contiguous bytes");
-    }
+    else if (!contiguous)
+        kvpy_raise_format(KV_E_INVALID_ARGUMENT, "%s must be C-contiguous (numpy.ascontiguousarray makes a contiguous copy)", what);
+    else
+        kvpy_raise_format(KV_E_INVALID_ARGUMENT, "%s cannot be exported as %s bytes", what, writable ? "writable" : "contiguous");
     return -1;
 }
 

@@ -1,6 +1,7 @@
 /* Exception mapping: the table of classes comes from kvstore/_errors.py through
  * _native._set_error_classes, so the code -> class mapping lives in exactly one place. */
 #include "kvpy.h"
+#include <stdarg.h>
 
 #define KVPY_MAX_CODE 16
 static PyObject *error_classes[KVPY_MAX_CODE];
@@ -35,6 +36,22 @@ static PyObject *class_for(int32_t code) {
 
 PyObject *kvpy_raise(int32_t code, const char *message) {
     PyErr_SetString(class_for(code), message);
+    return NULL;
+}
+
+PyObject *kvpy_raise_format(int32_t code, const char *format, ...) {
+    va_list args;
+    va_start(args, format);
+    PyErr_FormatV(class_for(code), format, args);
+    va_end(args);
+    return NULL;
+}
+
+PyObject *kvpy_type_error(PyObject *obj, const char *what, const char *expected) {
+    PyObject *tname = PyType_GetName(Py_TYPE(obj));
+    if (!tname) return NULL;
+    kvpy_raise_format(KV_E_ARGUMENT_TYPE, "%s must be %s, not %U", what, expected, tname);
+    Py_DECREF(tname);
     return NULL;
 }
 

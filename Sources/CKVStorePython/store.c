@@ -30,6 +30,13 @@ static int ensure_open(StoreObject *self) {
 }
 #define ENSURE_OPEN(self) if (ensure_open(self) < 0) return NULL
 
+/* The common prologue of single-key methods: the store is open (checked first, so a closed
+ * store reports StoreClosedError whatever the arguments) and the key converts. */
+static int key_arg(StoreObject *self, PyObject *key, const char **k, Py_ssize_t *klen) {
+    if (ensure_open(self) < 0) return -1;
+    return kvpy_key(key, k, klen);
+}
+
 static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssize_t max) {
     if (nargs < min || nargs > max) {
         if (min == max) PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, min, nargs);
@@ -50,8 +57,8 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
         kvpy_raise(KV_E_INVALID_ARGUMENT, "the store is already initialised");
         return -1;
     }
-    if (size <= 0) {
-        kvpy_raise(KV_E_INVALID_ARGUMENT, "segment_size must be a positive number of bytes");
+    if (size < 0) {  /* the ABI takes an unsigned size; the core checks the minimum */
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "segment_size must not be negative");
         return -1;
     }
     kv_store *s = NULL;
@@ -115,10 +122,9 @@ static PyObject *store_stats(StoreObject *self, PyObject *unused) {
 /* ---- single-object writes ---- */
 
 static PyObject *put_impl(StoreObject *self, PyObject *key, PyObject *const *parts, Py_ssize_t nparts, uint32_t flags) {
-    ENSURE_OPEN(self);
     const char *k;
     Py_ssize_t klen;
-    if (kvpy_key(key, &k, &klen) < 0) return NULL;
+    if (key_arg(self, key, &k, &klen) < 0) return NULL;
     kvpy_buffers b;
     kvpy_buffers_init(&b);
     for (Py_ssize_t i = 0; i < nparts; i++) {
@@ -168,10 +174,7 @@ typedef struct {
 
 static Py_ssize_t seq_len(PyObject *obj, const char *what) {
     if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
-        PyObject *tname = PyType_GetName(Py_TYPE(obj));
-        PyObject *msg = tname ? PyUnicode_FromFormat("%s must be a list or tuple, not %U", what, tname) : NULL;
-        Py_XDECREF(tname);
-        if (msg) { kvpy_raise(KV_E_ARGUMENT_TYPE, PyUnicode_AsUTF8AndSize(msg, NULL)); Py_DECREF(msg); }
+        kvpy_type_error(obj, what, "a list or tuple");
         return -1;
     }
     return PySequence_Size(obj);
@@ -185,8 +188,7 @@ static batch_item *batch_begin(PyObject *keys, PyObject *second, const char *sec
         Py_ssize_t m = seq_len(second, second_name);
         if (m < 0) return NULL;
         if (m != n) {
-            PyObject *msg = PyUnicode_FromFormat("keys and %s have different lengths (%zd and %zd)", second_name, n, m);
-            if (msg) { kvpy_raise(KV_E_INVALID_ARGUMENT, PyUnicode_AsUTF8AndSize(msg, NULL)); Py_DECREF(msg); }
+            kvpy_raise_format(KV_E_INVALID_ARGUMENT, "keys and %s have different lengths (%zd and %zd)", second_name, n, m);
             return NULL;
         }
     }
@@ -208,7 +210,7 @@ static batch_item *batch_begin(PyObject *keys, PyObject *second, const char *sec
 
 static void batch_record_failure(batch_item *it, int32_t st) {
     it->status = st;
-    if (st && st != KV_BUSY) {
+    if (st) {
         const char *m = kv_last_error(NULL);
         it->message = strdup(m ? m : "");
     }
@@ -333,10 +335,9 @@ static PyObject *read_bytes(StoreObject *self, kv_read *hold) {
 }
 
 static PyObject *store_get(StoreObject *self, PyObject *key) {
-    ENSURE_OPEN(self);
     const char *k;
     Py_ssize_t klen;
-    if (kvpy_key(key, &k, &klen) < 0) return NULL;
+    if (key_arg(self, key, &k, &klen) < 0) return NULL;
     kv_read hold;
     int32_t st = read_begin(self, k, klen, &hold);
     if (st) return kvpy_raise_last(st);
@@ -345,10 +346,9 @@ static PyObject *store_get(StoreObject *self, PyObject *key) {
 
 static PyObject *store_get_into(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs("get_into", nargs, 2, 2) < 0) return NULL;
-    ENSURE_OPEN(self);
     const char *k;
     Py_ssize_t klen;
-    if (kvpy_key(args[0], &k, &klen) < 0) return NULL;
+    if (key_arg(self, args[0], &k, &klen) < 0) return NULL;
     Py_buffer view;
     if (kvpy_target(args[1], &view) < 0) return NULL;
     kv_mut_buffer dst = {view.buf, (size_t)view.len};
@@ -411,20 +411,18 @@ static PyObject *store_batch_get_into(StoreObject *self, PyObject *const *args, 
 /* ---- queries and removal ---- */
 
 static PyObject *store_exists(StoreObject *self, PyObject *key) {
-    ENSURE_OPEN(self);
     const char *k;
     Py_ssize_t klen;
-    if (kvpy_key(key, &k, &klen) < 0) return NULL;
+    if (key_arg(self, key, &k, &klen) < 0) return NULL;
     int32_t out = 0, st = kv_exists(self->store, k, (size_t)klen, &out);
     if (st) return kvpy_raise_last(st);
     return PyBool_FromLong(out);
 }
 
 static PyObject *store_size(StoreObject *self, PyObject *key) {
-    ENSURE_OPEN(self);
     const char *k;
     Py_ssize_t klen;
-    if (kvpy_key(key, &k, &klen) < 0) return NULL;
+    if (key_arg(self, key, &k, &klen) < 0) return NULL;
     uint64_t out = 0;
     int32_t st = kv_size(self->store, k, (size_t)klen, &out);
     if (st) return kvpy_raise_last(st);
@@ -436,10 +434,9 @@ static PyObject *store_remove(StoreObject *self, PyObject *args, PyObject *kwds)
     PyObject *key;
     int force = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p", kwlist, &key, &force)) return NULL;
-    ENSURE_OPEN(self);
     const char *k;
     Py_ssize_t klen;
-    if (kvpy_key(key, &k, &klen) < 0) return NULL;
+    if (key_arg(self, key, &k, &klen) < 0) return NULL;
     int32_t st = kv_remove(self->store, k, (size_t)klen, force ? KV_REMOVE_FORCE : 0);
     if (st) return kvpy_raise_last(st);
     Py_RETURN_NONE;
@@ -483,11 +480,12 @@ static void capsule_release(PyObject *capsule) {
 
 static PyObject *store_register_buffer(StoreObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"buffer", "location", NULL};
-    PyObject *obj;
+    PyObject *obj, *location = NULL;
     const char *loc = "cpu";
     Py_ssize_t loclen = 3;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|s#", kwlist, &obj, &loc, &loclen)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O", kwlist, &obj, &location)) return NULL;
     ENSURE_OPEN(self);
+    if (location && kvpy_utf8(location, "location", &loc, &loclen) < 0) return NULL;
     Py_buffer *view = PyMem_Malloc(sizeof(Py_buffer));
     if (!view) return PyErr_NoMemory();
     if (kvpy_source(obj, view) < 0) { PyMem_Free(view); return NULL; }

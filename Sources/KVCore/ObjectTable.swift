@@ -183,22 +183,14 @@ public struct ObjectTable: Sendable {
             guard versions[s].state == .rewriting else { throw KVError(.internal, "abort of a write not in flight") }
             versions[s].state = .complete
             if versions[s].linked {
-                let key = versions[s].key
-                try unlink(Int32(s))
-                entries[key]!.current = -1
-                objectCount -= 1
-                if !entries[key]!.putPending { entries[key] = nil }
+                try remove(key: versions[s].key)
             } else {
                 try reclaimIfUnused(Int32(s))
             }
             return
         }
         guard versions[s].state == .writing else { throw KVError(.internal, "abort of a write not in flight") }
-        let key = versions[s].key
-        if versions[s].mode == .put, var entry = entries[key] {
-            entry.putPending = false
-            entries[key] = entry.current < 0 ? nil : entry
-        }
+        if versions[s].mode == .put { releasePutClaim(versions[s].key) }
         try dropVersion(Int32(s))
     }
 
@@ -294,8 +286,8 @@ public struct ObjectTable: Sendable {
     }
 
     private mutating func reclaimIfUnused(_ s: Int32) throws(KVError) {
-        let v = versions[Int(s)]
-        if v.readers == 0 && v.state == .complete && !v.linked { try dropVersion(s) }
+        let i = Int(s)
+        if versions[i].readers == 0 && versions[i].state == .complete && !versions[i].linked { try dropVersion(s) }
     }
 
     private mutating func dropVersion(_ s: Int32) throws(KVError) {

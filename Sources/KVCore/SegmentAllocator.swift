@@ -43,6 +43,8 @@ public struct SegmentAllocator: Sendable {
     private var slBitmaps: [UInt32]
     public private(set) var usedBytes = 0
     public private(set) var allocationCount = 0
+    /// Number of free blocks (1 when all free space is one run; a fragmentation measure).
+    public private(set) var freeBlockCount = 0
 
     /// - Parameter capacity: segment size in bytes; rounded down to the granule.
     public init(capacity: Int) {
@@ -124,9 +126,6 @@ public struct SegmentAllocator: Sendable {
         return best * Self.granule
     }
 
-    /// Number of free blocks (1 when all free space is one run; a fragmentation measure).
-    public var freeBlockCount: Int { blocks.reduce(0) { $0 + ($1.inUse && $1.isFree ? 1 : 0) } }
-
     // MARK: - internals
 
     /// Size class of a block of `size` granules.
@@ -194,6 +193,7 @@ public struct SegmentAllocator: Sendable {
         blocks[Int(b)].nextFree = old
         if old >= 0 { blocks[Int(old)].prevFree = b }
         heads[h] = b
+        freeBlockCount += 1
         flBitmap |= 1 << UInt64(fl)
         slBitmaps[fl] |= 1 << UInt32(sl)
     }
@@ -206,6 +206,7 @@ public struct SegmentAllocator: Sendable {
         if n >= 0 { blocks[Int(n)].prevFree = p }
         blocks[Int(b)].prevFree = -1
         blocks[Int(b)].nextFree = -1
+        freeBlockCount -= 1
         if heads[h] < 0 {
             slBitmaps[fl] &= ~(1 << UInt32(sl))
             if slBitmaps[fl] == 0 { flBitmap &= ~(1 << UInt64(fl)) }

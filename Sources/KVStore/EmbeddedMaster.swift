@@ -18,10 +18,6 @@ public final class EmbeddedMaster: Sendable {
         try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.commitWrite(ticket) }
     }
 
-    public func abortWrite(_ ticket: WriteTicket) throws(KVError) {
-        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.abortWrite(ticket) }
-    }
-
     public func acquireRead(key: ObjectKey) -> ReadResult {
         table.withLock { $0.acquireRead(key: key) }
     }

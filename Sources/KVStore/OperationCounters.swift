@@ -3,7 +3,7 @@ import Synchronization
 /// Operation counters of a store client (relaxed atomics).
 final class OperationCounters: Sendable {
     let puts = Atomic<Int>(0)
-    let gets = Atomic<Int>(0)
+    /// Lookups that found the object; `hits + misses` is the number of gets.
     let hits = Atomic<Int>(0)
     let misses = Atomic<Int>(0)
     let removes = Atomic<Int>(0)

@@ -15,12 +15,12 @@ extension StoreClient {
     /// is in flight.
     public func statistics() -> [Int] {
         let s = master.snapshot()
+        let hits = operations.hits.load(ordering: .relaxed), misses = operations.misses.load(ordering: .relaxed)
         return [
             s.objects, s.objectBytes, s.used, s.capacity, s.capacity - s.used,
             counters.bytesCopied.load(ordering: .relaxed), counters.bytesStaged.load(ordering: .relaxed),
             counters.copyOps.load(ordering: .relaxed),
-            operations.puts.load(ordering: .relaxed), operations.gets.load(ordering: .relaxed),
-            operations.hits.load(ordering: .relaxed), operations.misses.load(ordering: .relaxed),
+            operations.puts.load(ordering: .relaxed), hits + misses, hits, misses,
             operations.removes.load(ordering: .relaxed),
             s.readers, s.freeBlocks, s.largestFree,
             registry.count, registry.registeredBytes, isClosed ? 1 : 0,

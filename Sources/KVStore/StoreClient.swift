@@ -46,41 +46,29 @@ public final class StoreClient: Sendable {
         let ticket = try master.beginWrite(key: key, size: total, mode: mode)
         let destination = segment.region(offset: ticket.offset, length: total)
         withUnsafePointer(to: destination) { d in
-            _ = transport.copy(from: parts, to: UnsafeBufferPointer(start: d, count: 1),
-                               streamingThreshold: LocalCopyTransport.intoSegmentStreamingThreshold)
+            _ = transport.copy(from: parts, to: UnsafeBufferPointer(start: d, count: 1), into: .segment)
         }
         try master.commitWrite(ticket)
         operations.puts.add(1, ordering: .relaxed)
     }
 
     // MARK: reads
+    //
+    // The public read calls each pass the operation gate once; the `held…` helpers below
+    // assume the caller is inside it, so `get` pays for one gate entry, not three.
 
     /// Takes a read hold on `key`, waiting while an in-place upsert rewrites it.
     public func beginRead(key: ObjectKey) throws(KVError) -> ReadTicket {
-        while true {
-            switch try tryBeginRead(key: key) {
-            case .found(let t): return t
-            case .notFound: throw .notFound("object '\(key)' not found")
-            case .busy: sched_yield()
-            }
-        }
+        try gate.enter()
+        defer { gate.leave() }
+        return try heldBeginRead(key: key)
     }
 
     /// Takes a read hold without waiting; `.busy` while an in-place upsert rewrites the object.
     public func tryBeginRead(key: ObjectKey) throws(KVError) -> ReadResult {
         try gate.enter()
         defer { gate.leave() }
-        let r = master.acquireRead(key: key)
-        switch r {
-        case .found:
-            operations.gets.add(1, ordering: .relaxed)
-            operations.hits.add(1, ordering: .relaxed)
-        case .notFound:
-            operations.gets.add(1, ordering: .relaxed)
-            operations.misses.add(1, ordering: .relaxed)
-        case .busy: break
-        }
-        return r
+        return heldTryBeginRead(key: key)
     }
 
     /// Copies a held object into `destinations` (filled in order); returns bytes copied.
@@ -88,18 +76,10 @@ public final class StoreClient: Sendable {
     public func copyOut(_ ticket: ReadTicket, to destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
         try gate.enter()
         defer { gate.leave() }
-        let room = TransferPlan.totalLength(destinations)
-        guard room >= ticket.size else {
-            throw .invalidArgument("buffer of \(room) bytes is too small for an object of \(ticket.size) bytes")
-        }
-        let source = segment.region(offset: ticket.offset, length: ticket.size)
-        return withUnsafePointer(to: source) { s in
-            transport.copy(from: UnsafeBufferPointer(start: s, count: 1), to: destinations,
-                           streamingThreshold: LocalCopyTransport.intoCallerStreamingThreshold)
-        }
+        return try heldCopyOut(ticket, to: destinations)
     }
 
-    /// Ends a read hold. After `close` it is a no-op (the segment is gone).
+    /// Ends a read hold. After `close` it throws `storeClosed` (the segment is gone).
     public func endRead(_ ticket: ReadTicket) throws(KVError) {
         try gate.enter()
         defer { gate.leave() }
@@ -109,9 +89,42 @@ public final class StoreClient: Sendable {
     /// Copies object `key` into `destinations`; returns its size. The store is unchanged when
     /// it fails.
     public func get(key: ObjectKey, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
-        let t = try beginRead(key: key)
-        defer { try? endRead(t) }
-        return try copyOut(t, to: destinations)
+        try gate.enter()
+        defer { gate.leave() }
+        let t = try heldBeginRead(key: key)
+        defer { try? master.releaseRead(t.handle) }
+        return try heldCopyOut(t, to: destinations)
+    }
+
+    private func heldBeginRead(key: ObjectKey) throws(KVError) -> ReadTicket {
+        while true {
+            switch heldTryBeginRead(key: key) {
+            case .found(let t): return t
+            case .notFound: throw .notFound("object '\(key)' not found")
+            case .busy: sched_yield()
+            }
+        }
+    }
+
+    private func heldTryBeginRead(key: ObjectKey) -> ReadResult {
+        let r = master.acquireRead(key: key)
+        switch r {
+        case .found: operations.hits.add(1, ordering: .relaxed)
+        case .notFound: operations.misses.add(1, ordering: .relaxed)
+        case .busy: break
+        }
+        return r
+    }
+
+    private func heldCopyOut(_ ticket: ReadTicket, to destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
+        let room = TransferPlan.totalLength(destinations)
+        guard room >= ticket.size else {
+            throw .invalidArgument("buffer of \(room) bytes is too small for an object of \(ticket.size) bytes")
+        }
+        let source = segment.region(offset: ticket.offset, length: ticket.size)
+        return withUnsafePointer(to: source) { s in
+            transport.copy(from: UnsafeBufferPointer(start: s, count: 1), to: destinations, into: .callerMemory)
+        }
     }
 
     // MARK: queries and removal

@@ -13,10 +13,7 @@ enum ABI {
 
     @inline(__always)
     static func key(_ ptr: UnsafePointer<CChar>?, _ len: Int) throws(KVError) -> ObjectKey {
-        guard let ptr else {
-            if len == 0 { throw .invalidArgument("key must not be empty") }
-            throw .invalidArgument("key pointer is NULL")
-        }
+        guard ptr != nil || len == 0 else { throw .invalidArgument("key pointer is NULL") }
         return try ObjectKey(utf8: UnsafeRawBufferPointer(start: ptr, count: len))
     }
 
@@ -48,22 +45,12 @@ enum ABI {
     @inline(__always)
     static func withRegions<R>(_ count: Int, _ element: (Int) -> (UInt, Int),
                                _ body: (UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> R) throws(KVError) -> R {
-        if count == 1 {
-            let (a, n) = element(0)
-            guard a != 0 || n == 0 else { throw KVError.invalidArgument("buffer 0 is NULL") }
-            var r = MemoryRegion(address: a, length: n)
-            return try withUnsafePointer(to: &r) { (rp) throws(KVError) -> R in
-                try body(UnsafeBufferPointer(start: rp, count: 1))
-            }
-        }
         guard count > 0 else { return try body(UnsafeBufferPointer(start: nil, count: 0)) }
         return try withUnsafeTemporaryAllocation(of: MemoryRegion.self, capacity: count) { (buf) throws(KVError) -> R in
             for i in 0..<count {
                 let (a, n) = element(i)
-                guard a != 0 || n == 0 else {
-                    buf.baseAddress!.deinitialize(count: i)
-                    throw KVError.invalidArgument("buffer \(i) is NULL")
-                }
+                // MemoryRegion is trivial: elements initialised before a throw need no cleanup.
+                guard a != 0 || n == 0 else { throw KVError.invalidArgument("buffer \(i) is NULL") }
                 buf.initializeElement(at: i, to: MemoryRegion(address: a, length: n))
             }
             return try body(UnsafeBufferPointer(buf))

@@ -12,15 +12,25 @@ import CKVCopy
 /// 2.36, AMD EPYC VM): glibc switches to streaming stores only above 240 MiB there, and below
 /// that `memcpy` of 1–16 MiB reaches 8–10 GB/s where streaming stores reach 12–15 GB/s.
 public struct LocalCopyTransport: Sendable {
-    /// Default threshold for copies into a segment: the bytes are not read again soon, and
-    /// consecutive puts land on cold lines, so skipping the read-for-ownership pays from one
-    /// page up (4 KiB puts: about 650k → 800k+ ops/s on the development machine).
-    public static let intoSegmentStreamingThreshold = 4 * 1024
-    /// Default threshold for copies into caller memory. Below it the caller's buffer may
-    /// still be in cache when it reads the bytes; above it glibc's `rep movsb` path measured
-    /// 4.5 GB/s reading 64 KiB objects out of a huge-page segment where streaming stores
-    /// reached 13.6 GB/s (batch_get_into of 256 × 64 KiB).
-    public static let intoCallerStreamingThreshold = 64 * 1024
+    /// What the destination of a copy is; it decides the copy kernel.
+    public enum Destination: Sendable {
+        /// A segment: the bytes are not read again soon, and consecutive puts land on cold
+        /// lines, so skipping the read-for-ownership pays from one page up (4 KiB puts: about
+        /// 650k → 800k+ ops/s on the development machine). Streams from 4 KiB.
+        case segment
+        /// The caller's memory, which it may read at once: below 64 KiB the buffer may still be
+        /// in cache. Above, glibc's `rep movsb` measured 4.5 GB/s reading 64 KiB objects out of
+        /// a huge-page segment where streaming stores reached 13.6 GB/s. Streams from 64 KiB.
+        case callerMemory
+
+        /// Slices of at least this many bytes use streaming stores.
+        public var streamingThreshold: Int {
+            switch self {
+            case .segment: 4 * 1024
+            case .callerMemory: 64 * 1024
+            }
+        }
+    }
 
     public let counters: TransferCounters
 
@@ -33,12 +43,13 @@ public struct LocalCopyTransport: Sendable {
     @discardableResult
     public func copy(from sources: UnsafeBufferPointer<MemoryRegion>,
                      to destinations: UnsafeBufferPointer<MemoryRegion>,
-                     streamingThreshold: Int = Int.max) -> Int {
+                     into destination: Destination) -> Int {
+        let threshold = destination.streamingThreshold
         var ops = 0
         let moved = TransferPlan.forEachSlice(sources: sources, destinations: destinations) { (op: CopyOp) in
             let d = UnsafeMutableRawPointer(bitPattern: op.destination)!
             let s = UnsafeRawPointer(bitPattern: op.source)!
-            if op.length >= streamingThreshold {
+            if op.length >= threshold {
                 kv_copy_streaming(d, s, op.length)
             } else {
                 memcpy(d, s, op.length)

@@ -157,8 +157,8 @@ final class ObjectTableTests: XCTestCase {
 
     func testKeysCompareAsBytesInlineAndOnTheHeap() throws {
         let short: ObjectKey = "block-1", long = try ObjectKey(String(repeating: "x", count: 200))
-        XCTAssertEqual(short, try ObjectKey("block-1"))
-        XCTAssertNotEqual(short, try ObjectKey("block-2"))
+        XCTAssertEqual(short, try ObjectKey(String("block-1")))
+        XCTAssertNotEqual(short, try ObjectKey(String("block-2")))
         XCTAssertEqual(long, try ObjectKey(String(repeating: "x", count: 200)))
         XCTAssertNotEqual(long, try ObjectKey(String(repeating: "x", count: 199)))
         XCTAssertNotEqual(try ObjectKey(String("a\u{0}")), try ObjectKey(String("a")), "length is part of the key")

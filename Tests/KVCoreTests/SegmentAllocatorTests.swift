@@ -1,4 +1,5 @@
 import XCTest
+import KVTestSupport
 @testable import KVCore
 
 final class SegmentAllocatorTests: XCTestCase {
@@ -95,7 +96,7 @@ final class SegmentAllocatorTests: XCTestCase {
     /// Random allocations and frees checked against a model: ranges stay inside the segment
     /// and disjoint, accounting is exact, and everything coalesces back at the end.
     func testRandomWorkloadAgainstModel() throws {
-        var rng = SplitMix(seed: 42)
+        var rng = SplitMix64(seed: 42)
         let capacity = 8 << 20
         var a = SegmentAllocator(capacity: capacity)
         var live: [Allocation] = []
@@ -127,18 +128,6 @@ final class SegmentAllocatorTests: XCTestCase {
         XCTAssertEqual(a.usedBytes, 0)
         XCTAssertEqual(a.freeBlockCount, 1)
         XCTAssertNotNil(a.allocate(capacity))
-    }
-}
-
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 

@@ -1,5 +1,10 @@
 import Dispatch
+import Synchronization
 import XCTest
+import KVTestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
 import KVCore
 import KVTransfer
 @testable import KVStore
@@ -143,20 +148,3 @@ func get(_ s: StoreClient, _ key: ObjectKey, capacity: Int = 1 << 16) throws -> 
     return Array(out[0..<n])
 }
 
-
-import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
-
-struct SplitMix64 {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}

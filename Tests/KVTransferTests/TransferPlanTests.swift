@@ -45,7 +45,7 @@ final class TransferPlanTests: XCTestCase {
                 out.withUnsafeMutableBytes { po in
                     let src = [MemoryRegion(pa.baseAddress!, length: 10), MemoryRegion(pb.baseAddress!, length: 10)]
                     let dst = [MemoryRegion(po.baseAddress!, length: 20)]
-                    src.withUnsafeBufferPointer { s in dst.withUnsafeBufferPointer { d in XCTAssertEqual(t.copy(from: s, to: d), 20) } }
+                    src.withUnsafeBufferPointer { s in dst.withUnsafeBufferPointer { d in XCTAssertEqual(t.copy(from: s, to: d, into: .callerMemory), 20) } }
                 }
             }
         }

@@ -3,39 +3,12 @@
 ``kvstore.Store()`` is an embedded store in this process. See README.md for the API.
 """
 
-from ._errors import (
-    ArgumentTypeError,
-    InternalError,
-    InvalidArgumentError,
-    LeaseHeldError,
-    NoSpaceError,
-    ObjectExistsError,
-    ObjectNotFoundError,
-    StoreClosedError,
-    StoreError,
-    TransferError,
-    UnsupportedError,
-)
+from . import _errors
+from ._errors import *  # noqa: F403 - the exception hierarchy; listed in _errors.__all__
 from ._native import MAX_KEY_BYTES
 from ._sizes import parse_size
 from ._store import DEFAULT_SEGMENT_SIZE, Store
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Store",
-    "parse_size",
-    "MAX_KEY_BYTES",
-    "DEFAULT_SEGMENT_SIZE",
-    "StoreError",
-    "ObjectNotFoundError",
-    "ObjectExistsError",
-    "NoSpaceError",
-    "LeaseHeldError",
-    "InvalidArgumentError",
-    "ArgumentTypeError",
-    "TransferError",
-    "StoreClosedError",
-    "UnsupportedError",
-    "InternalError",
-]
+__all__ = ["Store", "parse_size", "MAX_KEY_BYTES", "DEFAULT_SEGMENT_SIZE", *_errors.__all__]

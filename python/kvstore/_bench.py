@@ -68,6 +68,18 @@ def _count_for(size: int, budget: int, small_ops: int) -> int:
     return max(2, min(small_ops, budget // size))
 
 
+def _segment_for(count: int, size: int) -> int:
+    """A segment that holds ``count`` objects of ``size`` bytes (64-byte granules) plus slack."""
+    return count * ((size + 63) // 64 * 64) + (1 << 20)
+
+
+def _same(name: str, got: np.ndarray, want: np.ndarray) -> bool:
+    if np.array_equal(got, want):
+        return True
+    print(f"{name} returned wrong bytes", file=sys.stderr)
+    return False
+
+
 def run_bench(args: argparse.Namespace) -> int:
     sizes = [parse_size(s.strip(), name="size") for s in args.sizes.split(",") if s.strip()]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -98,16 +110,14 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{op:<16}{_fmt_size(size):>10}{count:>8}{ops_s:>14,.0f}{row['gb_per_s']:>9.2f}"
               f"{row['copyto_gb_per_s']:>13.2f}{row['ratio']:>8.2f}", flush=True)
 
-    for size in sizes:
-        single = [o for o in ops if o != "batch"]
-        if not single:
-            break
+    single = [o for o in ops if o != "batch"]
+    for size in sizes if single else []:
         n = _count_for(size, budget, args.small_ops)
         keys = [f"bench-{size}-{i}" for i in range(n)]
         src = np.full(size, 7, dtype=np.uint8)
         src_bytes = src.tobytes()
         dst = np.empty(size, dtype=np.uint8)
-        dst.fill(0)
+        dst.fill(0)  # fault the pages in now, not inside a timed copy
         pool = np.ones((n, size), dtype=np.uint8)  # baseline's n distinct buffers, pages faulted
         rows = list(pool)
 
@@ -120,8 +130,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 np.copyto(dst, row)
 
 
-        segment = n * ((size + 63) // 64 * 64) + (1 << 20)
-        with Store(segment, prefault=True) as store:
+        with Store(_segment_for(n, size), prefault=True) as store:
             store.register_buffer(src)
 
             def fill() -> None:
@@ -159,8 +168,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     timing = _paired(run_get_into, lambda: None, copy_gather, args.repeat)
                     dst.fill(0)
                     run_get_into()
-                    if not np.array_equal(dst, src):
-                        print("get_into returned wrong bytes", file=sys.stderr)
+                    if not _same(op, dst, src):
                         return 1
                     report(op, size, n, timing)
         del rows, pool
@@ -175,8 +183,7 @@ def run_bench(args: argparse.Namespace) -> int:
         def base() -> None:
             np.copyto(dst2, src2)
 
-        segment = batch_count * ((batch_size + 63) // 64 * 64) + (1 << 20)
-        with Store(segment, prefault=True) as store:
+        with Store(_segment_for(batch_count, batch_size), prefault=True) as store:
             def run_batch_put() -> None:
                 store.batch_put_from(keys, srcs)
 
@@ -188,8 +195,7 @@ def run_bench(args: argparse.Namespace) -> int:
             timing = _paired(run_batch_get, lambda: None, base, reps)
             dst2.fill(0)
             run_batch_get()
-            if not np.array_equal(dst2, src2):
-                print("batch_get_into returned wrong bytes", file=sys.stderr)
+            if not _same("batch_get_into", dst2, src2):
                 return 1
             report("batch_get_into", batch_size, batch_count, timing)
 

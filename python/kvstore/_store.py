@@ -5,7 +5,6 @@ from __future__ import annotations
 from types import TracebackType
 
 from . import _native
-from ._errors import InvalidArgumentError
 from ._sizes import parse_size
 
 #: Default size of the embedded store's host segment. Pages are committed on first use.
@@ -26,10 +25,7 @@ class Store(_native.Store):
     """
 
     def __init__(self, segment_size: int | str = DEFAULT_SEGMENT_SIZE, *, prefault: bool = False) -> None:
-        size = parse_size(segment_size, name="segment_size")
-        if size < 64:
-            raise InvalidArgumentError(f"segment_size must be at least 64 bytes, got {size}")
-        super().__init__(size, bool(prefault))
+        super().__init__(parse_size(segment_size, name="segment_size"), bool(prefault))
 
     def __enter__(self) -> "Store":
         return self

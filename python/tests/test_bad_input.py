@@ -281,3 +281,92 @@ def test_error_hierarchy():
                 kvstore.StoreClosedError, kvstore.UnsupportedError):
         assert issubclass(cls, kvstore.StoreError)
     assert str(kvstore.ObjectNotFoundError("object 'x' not found")) == "object 'x' not found"
+
+
+@pytest.mark.parametrize("target", [None, "text", 5, 1.5])
+def test_targets_of_the_wrong_type(seeded, target):
+    before = snapshot(seeded)
+    with pytest.raises(kvstore.ArgumentTypeError, match="target buffer must be"):
+        seeded.get_into("existing", target)
+    res = seeded.batch_get_into(["existing"], [target])
+    assert isinstance(res[0], kvstore.ArgumentTypeError)
+    check_unchanged(seeded, before)
+
+
+def test_parts_calls_need_at_least_one_byte(seeded):
+    before = snapshot(seeded)
+    with pytest.raises(kvstore.InvalidArgumentError, match="empty"):
+        seeded.put_parts("new")
+    with pytest.raises(kvstore.InvalidArgumentError, match="empty"):
+        seeded.upsert_parts("existing")
+    res = seeded.batch_put_from(["new"], [[]])
+    assert isinstance(res[0], kvstore.InvalidArgumentError)
+    check_unchanged(seeded, before)
+    assert not seeded.exists("new")
+
+
+def test_bad_member_of_a_gather_or_scatter_list_fails_that_key_only(seeded):
+    good = bytearray(b"kept")
+    refs = sys.getrefcount(good)
+    res = seeded.batch_put_from(["g1", "g2"], [[good, None], [b"fine"]])
+    assert isinstance(res[0], kvstore.ArgumentTypeError) and res[1] is None
+    assert not seeded.exists("g1") and seeded.get("g2") == b"fine"
+    assert sys.getrefcount(good) == refs
+    good.append(0)  # the good member's export was released with the failed key
+
+    before = snapshot(seeded)
+    first, second = bytearray(3), bytearray(10)
+    res = seeded.batch_get_into(["existing", "g2"], [[first, b"read-only"], [second]])
+    assert isinstance(res[0], kvstore.InvalidArgumentError) and res[1] == 4
+    assert first == bytearray(3) and bytes(second[:4]) == b"fine"
+    assert snapshot(seeded) == before
+
+
+def test_batch_remove_and_exists_report_bad_keys_per_key(seeded):
+    before_objects = seeded.stats()["objects"]
+    res = seeded.batch_remove(["", 3, "missing"])
+    assert isinstance(res[0], kvstore.InvalidArgumentError)
+    assert isinstance(res[1], kvstore.ArgumentTypeError)
+    assert isinstance(res[2], kvstore.ObjectNotFoundError)
+    res = seeded.batch_exists(["", "existing"])
+    assert isinstance(res[0], kvstore.InvalidArgumentError) and res[1] is True
+    assert seeded.stats()["objects"] == before_objects
+
+
+@pytest.mark.parametrize(
+    "location, exc",
+    [
+        (5, kvstore.ArgumentTypeError),
+        (None, kvstore.ArgumentTypeError),
+        (b"cpu", kvstore.ArgumentTypeError),
+        ("", kvstore.InvalidArgumentError),
+        ("cpu:1", kvstore.InvalidArgumentError),
+        ("cuda", kvstore.InvalidArgumentError),
+        ("\ud800", kvstore.InvalidArgumentError),
+    ],
+)
+def test_bad_locations(store, location, exc):
+    a = bytearray(64)
+    with pytest.raises(exc):
+        store.register_buffer(a, location=location)
+    assert store.stats()["registered_buffers"] == 0
+    a.append(1)  # no export left behind
+
+
+def test_bad_unregistrations(store):
+    a = bytearray(64)
+    store.register_buffer(a)
+    with pytest.raises(kvstore.InvalidArgumentError, match="no buffer is registered"):
+        store.unregister_buffer(12345)
+    with pytest.raises(kvstore.InvalidArgumentError):
+        store.unregister_buffer(memoryview(a)[8:])  # only the start address unregisters
+    with pytest.raises(kvstore.ArgumentTypeError):
+        store.unregister_buffer(None)
+    assert store.stats()["registered_buffers"] == 1
+    store.unregister_buffer(a)
+
+
+@pytest.mark.parametrize("size", [True, 1.5, [1], b"1GiB"])
+def test_segment_sizes_of_the_wrong_type(size):
+    with pytest.raises(kvstore.ArgumentTypeError):
+        kvstore.Store(size)

@@ -12,12 +12,18 @@
 
 /* Raises the exception class mapped to `code` (kvstore/_errors.py) with `message`. */
 PyObject *kvpy_raise(int32_t code, const char *message);
+/* Raises the class mapped to `code` with a PyUnicode_FromFormat message; returns NULL. */
+PyObject *kvpy_raise_format(int32_t code, const char *format, ...);
+/* Raises ArgumentTypeError "<what> must be <expected>, not <type of obj>"; returns NULL. */
+PyObject *kvpy_type_error(PyObject *obj, const char *what, const char *expected);
 /* Raises for the ABI's last error on this thread. */
 PyObject *kvpy_raise_last(int32_t code);
 /* A new exception instance for `code` (for per-key batch results); NULL with an error set. */
 PyObject *kvpy_error_object(int32_t code, const char *message);
 
-/* A key argument as UTF-8. Returns 0, or -1 with ArgumentTypeError set. */
+/* A str argument named `what` as UTF-8. Returns 0, or -1 with a typed error set. */
+int kvpy_utf8(PyObject *obj, const char *what, const char **ptr, Py_ssize_t *len);
+/* A key argument as UTF-8 (kvpy_utf8 named "key"). */
 int kvpy_key(PyObject *obj, const char **ptr, Py_ssize_t *len);
 /* A readable C-contiguous buffer. Returns 0, or -1 with a typed error set. */
 int kvpy_source(PyObject *obj, Py_buffer *view);
