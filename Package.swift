@@ -13,11 +13,14 @@ let package = Package(
         .target(name: "KVCore"),
         // C copy kernels (SIMD streaming stores) used by KVTransfer's local transport.
         .target(name: "CKVCopy", cSettings: [.unsafeFlags(["-O2"])]),
-        .target(name: "KVTransfer", dependencies: ["KVCore", "CKVCopy"]),
-        .target(name: "KVStore", dependencies: ["KVCore", "KVTransfer"]),
+        // Finds the linker section of device registration records (see AcceleratorRegistration).
+        .target(name: "CKVAccelerator"),
+        .target(name: "KVAccelerator", dependencies: ["KVCore", "CKVAccelerator"]),
+        .target(name: "KVTransfer", dependencies: ["KVCore", "KVAccelerator", "CKVCopy"]),
+        .target(name: "KVStore", dependencies: ["KVCore", "KVAccelerator", "KVTransfer"]),
         // Header-only C target: the flat C ABI's types and prototypes (ownership rules live there).
         .target(name: "CKVStoreABI"),
-        .target(name: "KVStoreABI", dependencies: ["CKVStoreABI", "KVStore", "KVCore", "KVTransfer"]),
+        .target(name: "KVStoreABI", dependencies: ["CKVStoreABI", "KVStore", "KVCore", "KVAccelerator", "KVTransfer"]),
         .systemLibrary(name: "CPython", path: "Sources/CPython", pkgConfig: "python3"),
         .target(
             name: "CKVStorePython",
@@ -36,7 +39,8 @@ let package = Package(
         // Helpers shared by the test targets (seeded random numbers).
         .target(name: "KVTestSupport", path: "Tests/KVTestSupport"),
         .testTarget(name: "KVCoreTests", dependencies: ["KVCore", "KVTestSupport"]),
-        .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVCore"]),
-        .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVTransfer", "KVTestSupport"]),
+        .testTarget(name: "KVAcceleratorTests", dependencies: ["KVAccelerator", "KVCore", "KVTestSupport"]),
+        .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVAccelerator", "KVCore"]),
+        .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVAccelerator", "KVTransfer", "KVTestSupport"]),
     ]
 )

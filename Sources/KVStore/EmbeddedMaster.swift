@@ -1,3 +1,4 @@
+import KVAccelerator
 import KVCore
 
 
@@ -16,6 +17,10 @@ public final class EmbeddedMaster: Sendable {
 
     public func commitWrite(_ ticket: WriteTicket) throws(KVError) {
         try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.commitWrite(ticket) }
+    }
+
+    public func abortWrite(_ ticket: WriteTicket) throws(KVError) {
+        try table.withLock { (t) throws(KVError) in try t.abortWrite(ticket) }
     }
 
     public func acquireRead(key: ObjectKey) -> ReadResult {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KVAccelerator
 import KVCore
 import KVTransfer
 
@@ -16,9 +17,16 @@ public final class HostSegment: @unchecked Sendable {
     public let size: Int
     private let base: UnsafeMutableRawPointer
     private var mapped = true
+    /// The pin taken at creation, if any: released (only it, exactly once) before unmapping.
+    public private(set) var pinned: PinnedRange?
+    /// Bytes pinned at creation (0 when pageable); constant, so readable without the gate.
+    public let pinnedLength: Int
+    /// Why pinning was refused ("" when pinned or not attempted).
+    public let pinFallbackReason: String
 
-    /// Maps `size` bytes (> 0). Throws `noSpace` when the mapping fails.
-    public init(size: Int, prefault: Bool = false) throws(KVError) {
+    /// Maps `size` bytes (> 0), then pins them when `pinning` allows and an accelerator is
+    /// present. Throws `noSpace` when the mapping fails; a refused pin is not an error.
+    public init(size: Int, prefault: Bool = false, pinning: PinningPolicy = PinningPolicy(enabled: false)) throws(KVError) {
         guard size > 0 else { throw .invalidArgument("segment size must be positive") }
         base = try SystemCall.mmap(length: size, protection: PROT_READ | PROT_WRITE,
                                    flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
@@ -33,7 +41,15 @@ public final class HostSegment: @unchecked Sendable {
                 while offset < size { base.storeBytes(of: 0, toByteOffset: offset, as: UInt8.self); offset += page }
             }
         }
+        switch PinnedMemory.shared.pin(MemoryRegion(base, length: size), policy: pinning) {
+        case .pinned(let r): pinned = r; pinFallbackReason = ""; pinnedLength = size
+        case .notNeeded: pinned = nil; pinFallbackReason = ""; pinnedLength = 0
+        case .fellBack(let why): pinned = nil; pinFallbackReason = why; pinnedLength = 0
+        }
     }
+
+    /// Whether a pin was refused at creation.
+    public var pinFellBack: Bool { !pinFallbackReason.isEmpty }
 
     /// The bytes at `offset` ..< `offset + length` as a region.
     public func region(offset: Int, length: Int) -> MemoryRegion {
@@ -44,6 +60,10 @@ public final class HostSegment: @unchecked Sendable {
     /// Unmaps the segment. Call once no operation uses it.
     public func unmap() {
         if mapped {
+            if let p = pinned {
+                PinnedMemory.shared.unpin(p)
+                pinned = nil
+            }
             munmap(base, size)
             mapped = false
         }

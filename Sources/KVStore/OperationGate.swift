@@ -1,3 +1,4 @@
+import KVAccelerator
 import KVCore
 import Synchronization
 

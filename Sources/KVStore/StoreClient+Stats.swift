@@ -1,3 +1,4 @@
+import KVAccelerator
 import KVCore
 
 extension StoreClient {
@@ -8,7 +9,7 @@ extension StoreClient {
         "bytes_copied", "bytes_staged", "copy_ops",
         "puts", "gets", "hits", "misses", "removes",
         "active_readers", "free_blocks", "largest_free_block",
-        "registered_buffers", "registered_bytes", "closed",
+        "registered_buffers", "registered_bytes", "pinned_bytes", "pin_fallbacks", "accelerators", "closed",
     ]
 
     /// Current values, aligned with `statisticNames`. All counts are exact when no operation
@@ -23,7 +24,9 @@ extension StoreClient {
             operations.puts.load(ordering: .relaxed), hits + misses, hits, misses,
             operations.removes.load(ordering: .relaxed),
             s.readers, s.freeBlocks, s.largestFree,
-            registry.count, registry.registeredBytes, isClosed ? 1 : 0,
+            registry.count, registry.registeredBytes,
+            isClosed ? 0 : segment.pinnedLength, segment.pinFellBack ? 1 : 0,
+            AcceleratorRegistry.snapshot.accelerators.count, isClosed ? 1 : 0,
         ]
     }
 }

@@ -1,3 +1,4 @@
+import KVAccelerator
 import KVCore
 import KVTransfer
 import Synchronization
@@ -14,6 +15,15 @@ import Glibc
 /// Thread-safe: any number of threads may call any method at once. Memory passed in as
 /// `MemoryRegion`s must stay valid for the call.
 public final class StoreClient: Sendable {
+    /// What the caller knows about where its buffers live.
+    public enum MemoryHint: Sendable {
+        /// Every buffer is host memory (a Python buffer-protocol object, for example): no lookup.
+        case host
+        /// Find out: a registered buffer's location by address range, otherwise ask the
+        /// accelerator registry (a driver query only when an accelerator is present).
+        case locate
+    }
+
     public let segment: HostSegment
     public let registry = MemoryRegistry()
     public let counters = TransferCounters()
@@ -23,12 +33,16 @@ public final class StoreClient: Sendable {
     let operations = OperationCounters()
 
     /// Creates an embedded store with one host segment of `segmentSize` bytes; `prefault`
-    /// commits the segment's pages now instead of on first use.
-    public init(segmentSize: Int, prefault: Bool = false) throws(KVError) {
+    /// commits the segment's pages now instead of on first use. The segment is pinned when an
+    /// accelerator is present and `pinning` (default: from the environment, see
+    /// `PinningPolicy`) allows; a refused pin leaves it pageable and is counted in stats.
+    public init(segmentSize: Int, prefault: Bool = false, pinning: PinningPolicy? = nil) throws(KVError) {
         guard segmentSize >= SegmentAllocator.granule else {
             throw .invalidArgument("segment size must be at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
-        segment = try HostSegment(size: segmentSize, prefault: prefault)
+        let policy: PinningPolicy
+        if let pinning { policy = pinning } else { policy = try PinningPolicy.fromEnvironment() }
+        segment = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy)
         master = EmbeddedMaster(capacity: segmentSize)
         transport = LocalCopyTransport(counters: counters)
     }
@@ -38,18 +52,117 @@ public final class StoreClient: Sendable {
     /// Writes the concatenation of `parts` as the object `key`: each part copied once, in
     /// order, straight into its place in the segment. The object becomes visible only when
     /// completely written.
-    public func put(key: ObjectKey, parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode) throws(KVError) {
+    /// Parts on a device are copied by that device (device→host); see `MemoryHint`.
+    public func put(key: ObjectKey, parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
+                    memory: MemoryHint = .locate) throws(KVError) {
         try gate.enter()
         defer { gate.leave() }
         let total = TransferPlan.totalLength(parts)
         guard total > 0 else { throw .invalidArgument("value must not be empty") }
+        let locations = try locate(parts, memory)
         let ticket = try master.beginWrite(key: key, size: total, mode: mode)
         let destination = segment.region(offset: ticket.offset, length: total)
-        withUnsafePointer(to: destination) { d in
-            _ = transport.copy(from: parts, to: UnsafeBufferPointer(start: d, count: 1), into: .segment)
+        if let locations {
+            var plan = DeviceCopyPlan()
+            planWrite(&plan, parts: parts, locations: locations, into: destination, owner: 0)
+            if let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] {
+                try? master.abortWrite(ticket)
+                throw e
+            }
+        } else {
+            withUnsafePointer(to: destination) { d in
+                _ = transport.copy(from: parts, to: UnsafeBufferPointer(start: d, count: 1), into: .segment)
+            }
         }
         try master.commitWrite(ticket)
         operations.puts.add(1, ordering: .relaxed)
+    }
+
+    /// One object of `putBatch`: its key and the range of its parts in the batch's part list.
+    public struct BatchWrite: Sendable {
+        public let key: ObjectKey
+        public let parts: Range<Int>
+        public init(key: ObjectKey, parts: Range<Int>) {
+            self.key = key
+            self.parts = parts
+        }
+    }
+
+    /// Writes several objects; returns one result per object (nil: written). Space for every
+    /// object is taken first, then all copies run grouped per device (each device made current
+    /// once), then each object commits — or is revoked if its copy failed.
+    public func putBatch(_ items: [BatchWrite], parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
+                         memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
+        try gate.enter()
+        defer { gate.leave() }
+        var results = [KVError?](repeating: nil, count: items.count)
+        var tickets = [WriteTicket?](repeating: nil, count: items.count)
+        var plan = DeviceCopyPlan()
+        for (i, item) in items.enumerated() {
+            do throws(KVError) {
+                guard item.parts.lowerBound >= 0, item.parts.upperBound <= parts.count else {
+                    throw .invalidArgument("parts \(item.parts) out of range of \(parts.count) parts")
+                }
+                let mine = UnsafeBufferPointer(rebasing: parts[item.parts])
+                let total = TransferPlan.totalLength(mine)
+                guard total > 0 else { throw .invalidArgument("value must not be empty") }
+                let locations = try locate(mine, memory) ?? [MemoryLocation](repeating: .host, count: mine.count)
+                let t = try master.beginWrite(key: item.key, size: total, mode: mode)
+                tickets[i] = t
+                planWrite(&plan, parts: mine, locations: locations, into: segment.region(offset: t.offset, length: total), owner: i)
+            } catch {
+                results[i] = error
+            }
+        }
+        let failed = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)
+        for (i, t) in tickets.enumerated() {
+            guard let t else { continue }
+            if let e = failed[i] {
+                try? master.abortWrite(t)
+                results[i] = e
+                continue
+            }
+            do throws(KVError) {
+                try master.commitWrite(t)
+                operations.puts.add(1, ordering: .relaxed)
+            } catch {
+                results[i] = error
+            }
+        }
+        return results
+    }
+
+    private func planWrite(_ plan: inout DeviceCopyPlan, parts: UnsafeBufferPointer<MemoryRegion>,
+                           locations: [MemoryLocation], into destination: MemoryRegion, owner: Int) {
+        locations.withUnsafeBufferPointer { sl in
+            withUnsafePointer(to: destination) { d in
+                withUnsafePointer(to: MemoryLocation.host) { dl in
+                    plan.add(sources: parts, sourceLocations: sl,
+                             destinations: UnsafeBufferPointer(start: d, count: 1),
+                             destinationLocations: UnsafeBufferPointer(start: dl, count: 1), owner: owner)
+                }
+            }
+        }
+    }
+
+    /// Where each of `regions` lives; nil when all are host memory (the fast path).
+    func locate(_ regions: UnsafeBufferPointer<MemoryRegion>, _ hint: MemoryHint) throws(KVError) -> [MemoryLocation]? {
+        guard hint == .locate else { return nil }
+        let snapshot = AcceleratorRegistry.snapshot
+        var out: [MemoryLocation]? = nil
+        for (i, r) in regions.enumerated() {
+            let loc = location(of: r, snapshot: snapshot)
+            if loc.isHost && out == nil { continue }
+            if out == nil { out = [MemoryLocation](repeating: .host, count: regions.count) }
+            out![i] = loc
+        }
+        return out
+    }
+
+    /// The location of `region`: its registration's, else the registry's classification.
+    public func location(of region: MemoryRegion, snapshot: AcceleratorSnapshot = AcceleratorRegistry.snapshot) -> MemoryLocation {
+        if let e = registry.lookup(region) { return e.location }
+        return snapshot.classify(region.address) ?? .host
     }
 
     // MARK: reads
@@ -73,10 +186,23 @@ public final class StoreClient: Sendable {
 
     /// Copies a held object into `destinations` (filled in order); returns bytes copied.
     /// Throws `invalidArgument` when they hold fewer than `ticket.size` bytes (nothing copied).
-    public func copyOut(_ ticket: ReadTicket, to destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
+    public func copyOut(_ ticket: ReadTicket, to destinations: UnsafeBufferPointer<MemoryRegion>,
+                        memory: MemoryHint = .locate) throws(KVError) -> Int {
         try gate.enter()
         defer { gate.leave() }
-        return try heldCopyOut(ticket, to: destinations)
+        return try heldCopyOut(ticket, range: 0..<ticket.size, to: destinations, memory: memory)
+    }
+
+    /// Copies bytes `range` of a held object into `destinations` (which must hold at least
+    /// `range.count` bytes); returns bytes copied.
+    public func copyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
+                        memory: MemoryHint = .locate) throws(KVError) -> Int {
+        try gate.enter()
+        defer { gate.leave() }
+        guard range.lowerBound >= 0, range.upperBound <= ticket.size else {
+            throw .invalidArgument("range \(range.lowerBound)..<\(range.upperBound) is outside an object of \(ticket.size) bytes")
+        }
+        return try heldCopyOut(ticket, range: range, to: destinations, memory: memory)
     }
 
     /// Ends a read hold. After `close` it throws `storeClosed` (the segment is gone).
@@ -88,12 +214,67 @@ public final class StoreClient: Sendable {
 
     /// Copies object `key` into `destinations`; returns its size. The store is unchanged when
     /// it fails.
-    public func get(key: ObjectKey, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
+    public func get(key: ObjectKey, into destinations: UnsafeBufferPointer<MemoryRegion>,
+                    memory: MemoryHint = .locate) throws(KVError) -> Int {
         try gate.enter()
         defer { gate.leave() }
         let t = try heldBeginRead(key: key)
         defer { try? master.releaseRead(t.handle) }
-        return try heldCopyOut(t, to: destinations)
+        return try heldCopyOut(t, range: 0..<t.size, to: destinations, memory: memory)
+    }
+
+    /// Reads several objects, object `i` into `destinations[items[i].parts]`; returns one
+    /// result per object (its size, or the error). Every object is held first, then all copies
+    /// run grouped per device, then the holds are released.
+    public func getBatch(_ items: [BatchRead], destinations: UnsafeBufferPointer<MemoryRegion>,
+                         memory: MemoryHint = .locate) throws(KVError) -> [Result<Int, KVError>] {
+        try gate.enter()
+        defer { gate.leave() }
+        var results = [Result<Int, KVError>](repeating: .success(0), count: items.count)
+        var held: [(Int, ReadTicket)] = []
+        defer { for (_, t) in held { try? master.releaseRead(t.handle) } }
+        var plan = DeviceCopyPlan()
+        for (i, item) in items.enumerated() {
+            do throws(KVError) {
+                guard item.destinations.lowerBound >= 0, item.destinations.upperBound <= destinations.count else {
+                    throw .invalidArgument("destinations \(item.destinations) out of range of \(destinations.count)")
+                }
+                let mine = UnsafeBufferPointer(rebasing: destinations[item.destinations])
+                let t = try heldBeginRead(key: item.key)
+                held.append((i, t))
+                let room = TransferPlan.totalLength(mine)
+                guard room >= t.size else {
+                    throw .invalidArgument("buffer of \(room) bytes is too small for an object of \(t.size) bytes")
+                }
+                let locations = try locate(mine, memory) ?? [MemoryLocation](repeating: .host, count: mine.count)
+                let source = segment.region(offset: t.offset, length: t.size)
+                locations.withUnsafeBufferPointer { dl in
+                    withUnsafePointer(to: source) { s in
+                        withUnsafePointer(to: MemoryLocation.host) { sl in
+                            plan.add(sources: UnsafeBufferPointer(start: s, count: 1), sourceLocations: UnsafeBufferPointer(start: sl, count: 1),
+                                     destinations: mine, destinationLocations: dl, owner: i)
+                        }
+                    }
+                }
+                results[i] = .success(t.size)
+            } catch {
+                results[i] = .failure(error)
+            }
+        }
+        for (i, e) in plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot) {
+            results[i] = .failure(e)
+        }
+        return results
+    }
+
+    /// One object of `getBatch`: its key and the range of its destinations.
+    public struct BatchRead: Sendable {
+        public let key: ObjectKey
+        public let destinations: Range<Int>
+        public init(key: ObjectKey, destinations: Range<Int>) {
+            self.key = key
+            self.destinations = destinations
+        }
     }
 
     private func heldBeginRead(key: ObjectKey) throws(KVError) -> ReadTicket {
@@ -116,12 +297,27 @@ public final class StoreClient: Sendable {
         return r
     }
 
-    private func heldCopyOut(_ ticket: ReadTicket, to destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
+    private func heldCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
+                             memory: MemoryHint) throws(KVError) -> Int {
         let room = TransferPlan.totalLength(destinations)
-        guard room >= ticket.size else {
-            throw .invalidArgument("buffer of \(room) bytes is too small for an object of \(ticket.size) bytes")
+        guard room >= range.count else {
+            let what = range.count == ticket.size ? "an object of \(ticket.size) bytes" : "\(range.count) bytes"
+            throw .invalidArgument("buffer of \(room) bytes is too small for \(what)")
         }
-        let source = segment.region(offset: ticket.offset, length: ticket.size)
+        let source = segment.region(offset: ticket.offset + range.lowerBound, length: range.count)
+        if let locations = try locate(destinations, memory) {
+            var plan = DeviceCopyPlan()
+            locations.withUnsafeBufferPointer { dl in
+                withUnsafePointer(to: source) { s in
+                    withUnsafePointer(to: MemoryLocation.host) { sl in
+                        plan.add(sources: UnsafeBufferPointer(start: s, count: 1), sourceLocations: UnsafeBufferPointer(start: sl, count: 1),
+                                 destinations: destinations, destinationLocations: dl, owner: 0)
+                    }
+                }
+            }
+            if let e = plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] { throw e }
+            return range.count
+        }
         return withUnsafePointer(to: source) { s in
             transport.copy(from: UnsafeBufferPointer(start: s, count: 1), to: destinations, into: .callerMemory)
         }
@@ -163,13 +359,17 @@ public final class StoreClient: Sendable {
 
     // MARK: buffers
 
-    /// Records `region` as user memory at `location` ("cpu" is the only device in this build).
+    /// Records `region` as user memory at `location` ("cpu", "cuda:N"): later transfers find
+    /// its device by address range, with no driver query. Throws `invalidArgument` when no
+    /// such device exists, or when the registry can tell the memory lives elsewhere.
     public func registerBuffer(_ region: MemoryRegion, location: String) throws(KVError) {
         try gate.enter()
         defer { gate.leave() }
         let loc = try MemoryLocation(parsing: location)
-        guard loc == .host else {
-            throw .invalidArgument("no device '\(location)' on this machine (available: cpu)")
+        let snapshot = AcceleratorRegistry.snapshot
+        _ = try snapshot.requireDevice(at: loc)
+        if snapshot.hasAccelerator, let actual = snapshot.classify(region.address), actual != loc {
+            throw .invalidArgument("buffer at 0x\(String(region.address, radix: 16)) is \(actual) memory, not \(loc)")
         }
         try registry.register(region, location: loc)
     }

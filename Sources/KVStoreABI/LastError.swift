@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KVAccelerator
 import KVCore
 
 /// The thread-local last-error message of the C ABI. Each thread owns one heap buffer

@@ -1,4 +1,5 @@
 import CKVStoreABI
+import KVAccelerator
 import KVCore
 import KVStore
 import KVTransfer

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CKVCopy
+import KVAccelerator
 
 /// Moves bytes within this process's address space: one copy per slice, straight from source
 /// to destination, no staging. Safe to use from many threads at once; the caller guarantees
@@ -47,17 +48,34 @@ public struct LocalCopyTransport: Sendable {
         let threshold = destination.streamingThreshold
         var ops = 0
         let moved = TransferPlan.forEachSlice(sources: sources, destinations: destinations) { (op: CopyOp) in
-            let d = UnsafeMutableRawPointer(bitPattern: op.destination)!
-            let s = UnsafeRawPointer(bitPattern: op.source)!
-            if op.length >= threshold {
-                kv_copy_streaming(d, s, op.length)
-            } else {
-                memcpy(d, s, op.length)
-            }
+            Self.hostCopy(op, threshold: threshold)
             ops += 1
         }
         counters.bytesCopied.add(moved, ordering: .relaxed)
         counters.copyOps.add(ops, ordering: .relaxed)
         return moved
+    }
+
+    /// Copies one host→host slice and counts it.
+    public func copyHost(_ op: CopyOp, into destination: Destination) {
+        Self.hostCopy(op, threshold: destination.streamingThreshold)
+        count(op.length)
+    }
+
+    /// Counts one slice of `length` bytes that a device copied.
+    public func count(_ length: Int) {
+        counters.bytesCopied.add(length, ordering: .relaxed)
+        counters.copyOps.add(1, ordering: .relaxed)
+    }
+
+    @inline(__always)
+    private static func hostCopy(_ op: CopyOp, threshold: Int) {
+        let d = UnsafeMutableRawPointer(bitPattern: op.destination)!
+        let s = UnsafeRawPointer(bitPattern: op.source)!
+        if op.length >= threshold {
+            kv_copy_streaming(d, s, op.length)
+        } else {
+            memcpy(d, s, op.length)
+        }
     }
 }

@@ -1,3 +1,4 @@
+import KVAccelerator
 /// One copy of `length` bytes (at most `TransferPlan.maxSliceSize`).
 public struct CopyOp: Sendable, Hashable {
     public let source: UInt
@@ -26,12 +27,24 @@ public enum TransferPlan {
         sources: UnsafeBufferPointer<MemoryRegion>, destinations: UnsafeBufferPointer<MemoryRegion>,
         maxSlice: Int = maxSliceSize, _ body: (CopyOp) throws(E) -> Void
     ) throws(E) -> Int {
+        try forEachIndexedSlice(sources: sources, destinations: destinations, maxSlice: maxSlice) { (op, _, _) throws(E) in
+            try body(op)
+        }
+    }
+
+    /// `forEachSlice`, also passing the indices of the source and destination regions the
+    /// slice lies in.
+    @discardableResult
+    public static func forEachIndexedSlice<E: Error>(
+        sources: UnsafeBufferPointer<MemoryRegion>, destinations: UnsafeBufferPointer<MemoryRegion>,
+        maxSlice: Int = maxSliceSize, _ body: (CopyOp, Int, Int) throws(E) -> Void
+    ) throws(E) -> Int {
         var si = 0, di = 0, so = 0, dOff = 0, moved = 0
         while si < sources.count && di < destinations.count {
             let s = sources[si], d = destinations[di]
             let n = min(s.length - so, d.length - dOff, maxSlice)
             if n > 0 {
-                try body(CopyOp(source: s.address + UInt(so), destination: d.address + UInt(dOff), length: n))
+                try body(CopyOp(source: s.address + UInt(so), destination: d.address + UInt(dOff), length: n), si, di)
                 moved += n
             }
             so += n

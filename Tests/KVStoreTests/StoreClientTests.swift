@@ -1,6 +1,7 @@
 import Dispatch
 import Synchronization
 import XCTest
+import KVAccelerator
 import KVTestSupport
 #if canImport(Glibc)
 import Glibc

@@ -1,4 +1,5 @@
 import XCTest
+import KVAccelerator
 import KVCore
 @testable import KVTransfer
 

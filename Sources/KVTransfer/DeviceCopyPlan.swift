@@ -1,0 +1,79 @@
+import KVAccelerator
+import KVCore
+
+/// Copies whose sides may live on devices, grouped by the device that performs them.
+///
+/// Each source and destination region comes with its location. A slice between two host
+/// regions is a host copy; any other slice is performed by a device — the source's for a
+/// device→host or device→device copy, the destination's for host→device — with its direction
+/// named. `execute` runs the host copies, then each device's copies inside one
+/// `withCurrent` scope per device, so a batch mixing several devices switches device once per
+/// device, not once per buffer. Each copy carries an owner (an object of a batch): a failure
+/// fails its owner only, and the owner's remaining copies are skipped.
+public struct DeviceCopyPlan {
+    public struct Copy: Sendable, Hashable {
+        public let op: CopyOp
+        public let direction: CopyDirection
+        public let owner: Int
+    }
+
+    /// Host→host slices.
+    public private(set) var hostCopies: [Copy] = []
+    /// Device slices per performing device, devices in order of first use.
+    public private(set) var deviceGroups: [(device: MemoryLocation, copies: [Copy])] = []
+
+    public init() {}
+
+    /// Plans the copy of the `sources` stream into the `destinations` stream for `owner`.
+    /// The location arrays are aligned with their regions.
+    public mutating func add(sources: UnsafeBufferPointer<MemoryRegion>, sourceLocations: UnsafeBufferPointer<MemoryLocation>,
+                             destinations: UnsafeBufferPointer<MemoryRegion>, destinationLocations: UnsafeBufferPointer<MemoryLocation>,
+                             owner: Int) {
+        TransferPlan.forEachIndexedSlice(sources: sources, destinations: destinations) { op, si, di in
+            let s = sourceLocations[si], d = destinationLocations[di]
+            let direction = CopyDirection(from: s, to: d)
+            let copy = Copy(op: op, direction: direction, owner: owner)
+            if direction == .hostToHost {
+                hostCopies.append(copy)
+                return
+            }
+            let performer = s.isHost ? d : s
+            if let g = deviceGroups.firstIndex(where: { $0.device == performer }) {
+                deviceGroups[g].copies.append(copy)
+            } else {
+                deviceGroups.append((performer, [copy]))
+            }
+        }
+    }
+
+    /// Runs every copy; returns the failure of each owner that failed (empty when all
+    /// succeeded). A device missing from `devices` fails its copies with `invalidArgument`.
+    public func execute(transport: LocalCopyTransport, into destination: LocalCopyTransport.Destination,
+                        devices: AcceleratorSnapshot) -> [Int: KVError] {
+        var failed: [Int: KVError] = [:]
+        for c in hostCopies { transport.copyHost(c.op, into: destination) }
+        for group in deviceGroups {
+            guard let device = devices.device(at: group.device) else {
+                for c in group.copies where failed[c.owner] == nil {
+                    failed[c.owner] = .invalidArgument("no device '\(group.device)' on this machine")
+                }
+                continue
+            }
+            do throws(KVError) {
+                try device.withCurrent { () throws(KVError) in
+                    for c in group.copies where failed[c.owner] == nil {
+                        do throws(KVError) {
+                            try device.copy(c.direction, from: c.op.source, to: c.op.destination, count: c.op.length)
+                            transport.count(c.op.length)
+                        } catch {
+                            failed[c.owner] = error
+                        }
+                    }
+                }
+            } catch {
+                for c in group.copies where failed[c.owner] == nil { failed[c.owner] = error }
+            }
+        }
+        return failed
+    }
+}
