@@ -37,7 +37,7 @@ let package = Package(
             ]
         ),
         // Helpers shared by the test targets (seeded random numbers).
-        .target(name: "KVTestSupport", path: "Tests/KVTestSupport"),
+        .target(name: "KVTestSupport", dependencies: ["KVAccelerator", "KVCore"], path: "Tests/KVTestSupport"),
         .testTarget(name: "KVCoreTests", dependencies: ["KVCore", "KVTestSupport"]),
         .testTarget(name: "KVAcceleratorTests", dependencies: ["KVAccelerator", "KVCore", "KVTestSupport"]),
         .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVAccelerator", "KVCore"]),

@@ -38,7 +38,7 @@ final class MemoryRegistryTests: XCTestCase {
         XCTAssertEqual(try MemoryLocation(parsing: "cpu"), .host)
         XCTAssertEqual(try MemoryLocation(parsing: "cpu:0"), .host)
         XCTAssertEqual(try MemoryLocation(parsing: "cuda:3"), MemoryLocation(kind: .cuda, index: 3))
-        for bad in ["", "gpu", "cuda:", "cuda:-1", "cuda:x", "CPU"] {
+        for bad in ["", "cuda:", "cuda:-1", "cuda:+1", "cuda:x", "CPU", "1cuda", "cu-da:0"] {
             XCTAssertThrowsError(try MemoryLocation(parsing: bad), bad)
         }
     }

@@ -1,0 +1,144 @@
+import XCTest
+import KVAccelerator
+import KVTestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+import KVCore
+import KVTransfer
+@testable import KVStore
+
+/// Transfers to and from device memory, using the fake accelerator of KVTestSupport (two
+/// devices whose memory is a host arena each).
+final class StoreClientDeviceTests: XCTestCase {
+    override func setUp() { FakeAccelerator.setDevices(2) }
+    override func tearDown() { FakeAccelerator.reset() }
+
+    let fake0 = MemoryLocation(kind: FakeAccelerator.kind, index: 0)
+    let fake1 = MemoryLocation(kind: FakeAccelerator.kind, index: 1)
+
+    func stat(_ s: StoreClient, _ name: String) -> Int {
+        s.statistics()[StoreClient.statisticNames.firstIndex { $0.description == name }!]
+    }
+
+    func region(_ device: Int, offset: Int, length: Int) -> MemoryRegion {
+        MemoryRegion(FakeAccelerator.memory(device).baseAddress! + offset, length: length)
+    }
+
+    func fill(_ r: MemoryRegion, seed: UInt8) {
+        let p = UnsafeMutableRawPointer(bitPattern: r.address)!
+        for i in 0..<r.length { p.storeBytes(of: UInt8(truncatingIfNeeded: Int(seed) &* 13 &+ i), toByteOffset: i, as: UInt8.self) }
+    }
+
+    func bytes(_ r: MemoryRegion) -> [UInt8] {
+        Array(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: r.address), count: r.length))
+    }
+
+    func testPutFromDeviceAndGetIntoDeviceUseTheDeviceWithExplicitDirections() throws {
+        let s = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: false))
+        defer { s.close() }
+        let src = region(0, offset: 0, length: 10_000), dst = region(1, offset: 0, length: 10_000)
+        fill(src, seed: 3)
+        // A host header and a device body in one object (the tensor shape of a put).
+        let header = [UInt8](repeating: 0xAB, count: 304)
+        try header.withUnsafeBytes { h in
+            let parts = [MemoryRegion(h.baseAddress!, length: 304), src]
+            try parts.withUnsafeBufferPointer { try s.put(key: "t", parts: $0, mode: .put) }
+        }
+        XCTAssertTrue(FakeAccelerator.events.contains(.copy(.deviceToHost, device: 0, bytes: 10_000)))
+        FakeAccelerator.clearEvents()
+        let t = try s.beginRead(key: "t")
+        let n = try [dst].withUnsafeBufferPointer { try s.copyOut(t, range: 304..<10_304, to: $0) }
+        try s.endRead(t)
+        XCTAssertEqual(n, 10_000)
+        XCTAssertEqual(bytes(dst), bytes(src))
+        XCTAssertEqual(FakeAccelerator.events, [.enter(1), .copy(.hostToDevice, device: 1, bytes: 10_000), .leave(1)])
+        XCTAssertEqual(stat(s, "bytes_staged"), 0)
+    }
+
+    func testBatchMixingDevicesIsGroupedPerDevice() throws {
+        let s = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: false))
+        defer { s.close() }
+        let host = UnsafeMutableRawPointer.allocate(byteCount: 4 * 4096, alignment: 64)
+        defer { host.deallocate() }
+        // Objects alternate fake:0, host, fake:1, fake:0, host, fake:1 …
+        var parts: [MemoryRegion] = []
+        for i in 0..<12 {
+            let r: MemoryRegion = switch i % 3 {
+            case 0: region(0, offset: i * 4096, length: 4096)
+            case 1: MemoryRegion(host + (i / 3) * 4096, length: 4096)
+            default: region(1, offset: i * 4096, length: 4096)
+            }
+            fill(r, seed: UInt8(i))
+            parts.append(r)
+        }
+        let items = (0..<12).map { StoreClient.BatchWrite(key: "k\($0)", parts: $0..<($0 + 1)) }
+        FakeAccelerator.clearEvents()
+        let results = try parts.withUnsafeBufferPointer { try s.putBatch(items, parts: $0, mode: .put) }
+        XCTAssertTrue(results.allSatisfy { $0 == nil })
+        let entered = FakeAccelerator.events.filter { if case .enter = $0 { true } else { false } }
+        XCTAssertEqual(entered, [.enter(0), .enter(1)], "each device made current once for the whole batch")
+        // Read everything back into the other device's memory, also as one grouped batch.
+        var dsts: [MemoryRegion] = []
+        for i in 0..<12 { dsts.append(region(i % 2 == 0 ? 1 : 0, offset: 512 * 1024 + i * 4096, length: 4096)) }
+        FakeAccelerator.clearEvents()
+        let reads = (0..<12).map { StoreClient.BatchRead(key: "k\($0)", destinations: $0..<($0 + 1)) }
+        let got = try dsts.withUnsafeBufferPointer { try s.getBatch(reads, destinations: $0) }
+        XCTAssertTrue(got.allSatisfy { (try? $0.get()) == 4096 })
+        XCTAssertEqual(FakeAccelerator.events.filter { if case .enter = $0 { true } else { false } }.count, 2)
+        for i in 0..<12 { XCTAssertEqual(bytes(dsts[i]), bytes(parts[i]), "object \(i)") }
+    }
+
+    func testFailedDeviceCopyRevokesOnlyThatObject() throws {
+        let s = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: false))
+        defer { s.close() }
+        let parts = [region(0, offset: 0, length: 1000), region(0, offset: 4096, length: 1000)]
+        // Device→host copies land in the segment; fail the first object's by its destination.
+        let segBase = s.segment.region(offset: 0, length: 1).address
+        FakeAccelerator.failCopies(to: segBase)
+        let items = [StoreClient.BatchWrite(key: "a", parts: 0..<1), StoreClient.BatchWrite(key: "b", parts: 1..<2)]
+        let r = try parts.withUnsafeBufferPointer { try s.putBatch(items, parts: $0, mode: .put) }
+        FakeAccelerator.failCopies(to: nil)
+        XCTAssertEqual(r[0]?.code, .transfer)
+        XCTAssertNil(r[1])
+        XCTAssertFalse(try s.exists(key: "a"), "a failed write is never visible")
+        XCTAssertTrue(try s.exists(key: "b"))
+        XCTAssertEqual(stat(s, "objects"), 1)
+        XCTAssertEqual(stat(s, "bytes_used"), 1024)
+    }
+
+    func testRegisteredBufferKeepsItsDeviceAndBadLocationsAreRefused() throws {
+        let s = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: false))
+        defer { s.close() }
+        let r = region(1, offset: 0, length: 8192)
+        try s.registerBuffer(r, location: "fake:1")
+        XCTAssertEqual(s.location(of: region(1, offset: 100, length: 10)), fake1)
+        XCTAssertThrowsError(try s.registerBuffer(region(0, offset: 0, length: 10), location: "fake:1")) { e in
+            XCTAssertEqual((e as! KVError).code, .invalidArgument, "fake:0 memory claimed as fake:1")
+        }
+        XCTAssertThrowsError(try s.registerBuffer(region(0, offset: 0, length: 10), location: "fake:7"))
+        XCTAssertThrowsError(try s.registerBuffer(region(0, offset: 0, length: 10), location: "cuda:0"))
+        XCTAssertEqual(stat(s, "registered_buffers"), 1)
+    }
+
+    func testSegmentIsPinnedWithinTheBudgetAndUnpinnedOnClose() throws {
+        let before = PinnedMemory.shared.pinnedBytes.load(ordering: .relaxed)
+        let s = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: true, maxBytes: 0))
+        XCTAssertEqual(stat(s, "pinned_bytes"), 1 << 20)
+        XCTAssertEqual(stat(s, "pin_fallbacks"), 0)
+        XCTAssertEqual(FakeAccelerator.pinnedRanges.count, 1)
+        // A second store does not fit a 1.5 MiB budget: it stays pageable and says so.
+        let t = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: true, maxBytes: before + 3 << 19))
+        XCTAssertEqual(stat(t, "pinned_bytes"), 0)
+        XCTAssertEqual(stat(t, "pin_fallbacks"), 1)
+        try [UInt8](repeating: 1, count: 100).withUnsafeBytes { b in
+            try [MemoryRegion(b.baseAddress!, length: 100)].withUnsafeBufferPointer { try t.put(key: "x", parts: $0, mode: .put) }
+        }
+        s.close()
+        t.close()
+        XCTAssertTrue(FakeAccelerator.pinnedRanges.isEmpty, "the pinned segment was unpinned on close")
+        XCTAssertEqual(FakeAccelerator.events.filter { if case .unpin = $0 { true } else { false } }.count, 1,
+                       "only the range that was pinned is unpinned")
+        XCTAssertEqual(PinnedMemory.shared.pinnedBytes.load(ordering: .relaxed), before)
+    }
+}
