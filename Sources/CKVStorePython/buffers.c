@@ -48,6 +48,7 @@ void kvpy_buffers_init(kvpy_buffers *b) {
     b->parts = b->parts_inline;
     b->count = 0;
     b->capacity = 4;
+    b->raw = 0;
 }
 
 static int reserve(kvpy_buffers *b, Py_ssize_t extra) {
@@ -92,6 +93,50 @@ Py_ssize_t kvpy_buffers_add(kvpy_buffers *b, PyObject *obj, int writable, int al
         return -1;
     }
     return add_one(b, obj, writable) < 0 ? -1 : 1;
+}
+
+int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len) {
+    if (!PyTuple_Check(obj) || PyTuple_Size(obj) != 2) return 0;
+    PyObject *a = PyTuple_GetItem(obj, 0), *n = PyTuple_GetItem(obj, 1);
+    if (!PyLong_Check(a) || !PyLong_Check(n)) return 0;
+    void *p = PyLong_AsVoidPtr(a);
+    if (!p && PyErr_Occurred()) return -1;
+    long long l = PyLong_AsLongLong(n);
+    if (l == -1 && PyErr_Occurred()) return -1;
+    if (l < 0 || (!p && l > 0)) {
+        kvpy_raise_format(KV_E_INVALID_ARGUMENT, "raw part (address, length) is invalid: length %lld at %p", l, p);
+        return -1;
+    }
+    *ptr = p;
+    *len = (size_t)l;
+    return 1;
+}
+
+Py_ssize_t kvpy_buffers_add_raw_list(kvpy_buffers *b, PyObject *list, int writable) {
+    if (!PyList_Check(list)) { kvpy_type_error(list, "parts", "a list"); return -1; }
+    Py_ssize_t start = b->count, start_raw = b->raw, n = PyList_Size(list);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GetItem(list, i);
+        void *p;
+        size_t len;
+        int r = kvpy_raw_part(item, &p, &len);
+        if (r < 0) goto fail;
+        if (r == 1) {
+            if (reserve(b, 1) < 0) goto fail;
+            memset(&b->views[b->count], 0, sizeof(Py_buffer));  /* obj NULL: nothing to release */
+            b->parts[b->count].ptr = p;
+            b->parts[b->count].len = len;
+            b->count++;
+            b->raw++;
+        } else if (add_one(b, item, writable) < 0) {
+            goto fail;
+        }
+    }
+    return n;
+fail:
+    while (b->count > start) PyBuffer_Release(&b->views[--b->count]);
+    b->raw = start_raw;
+    return -1;
 }
 
 size_t kvpy_buffers_bytes(const kvpy_buffers *b, Py_ssize_t first, Py_ssize_t n) {

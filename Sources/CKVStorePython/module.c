@@ -4,6 +4,14 @@
 static PyMethodDef module_methods[] = {
     {"_set_error_classes", (PyCFunction)kvpy_set_error_classes, METH_O,
      "Installs the {code: exception class} mapping (called once by kvstore._errors)."},
+    {"tensor_header", (PyCFunction)(void (*)(void))kvpy_tensor_header, METH_FASTCALL,
+     "tensor_header(dtype_code, shape) -> bytes: the 304-byte header of a full tensor."},
+    {"decode_tensor_header", (PyCFunction)kvpy_decode_tensor_header, METH_O,
+     "decode_tensor_header(buffer) -> (dtype_code, shape, data_bytes); InvalidArgumentError when corrupt."},
+    {"dlpack_info", (PyCFunction)kvpy_dlpack_info, METH_O,
+     "dlpack_info(capsule) -> (address, device_type, device_id, (code, bits, lanes), shape, strides)."},
+    {"devices", (PyCFunction)(void (*)(void))kvpy_devices, METH_FASTCALL,
+     "devices(refresh=False) -> list of locations ('cpu:0', 'cuda:0', ...)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -13,6 +21,7 @@ static int module_exec(PyObject *m) {
     if (PyModule_AddObject(m, "Store", type) < 0) { Py_DECREF(type); return -1; }
     if (PyModule_AddIntConstant(m, "MAX_KEY_BYTES", (long)kv_max_key_bytes()) < 0) return -1;
     if (PyModule_AddIntConstant(m, "GIL_RELEASE_BYTES", KVPY_GIL_THRESHOLD) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "TENSOR_HEADER_SIZE", KV_TENSOR_HEADER_SIZE) < 0) return -1;
     return 0;
 }
 

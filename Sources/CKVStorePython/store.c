@@ -4,40 +4,32 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct {
-    PyObject_HEAD
-    kv_store *store;
-    PyObject *registered; /* {address: capsule holding the registered Py_buffer} */
-} StoreObject;
+#define key_arg kvpy_key_arg
+#define check_nargs kvpy_check_nargs
+#define read_begin kvpy_read_begin
+#define batch_begin kvpy_batch_begin
+#define batch_record_failure kvpy_batch_record_failure
+#define batch_error kvpy_batch_error
+#define batch_end kvpy_batch_end
+#define batch_results kvpy_batch_results
 
-#define RUN_MAYBE_UNLOCKED(bytes, stmt) \
-    do { \
-        if ((bytes) >= KVPY_GIL_THRESHOLD) { \
-            PyThreadState *_ts = PyEval_SaveThread(); \
-            stmt; \
-            PyEval_RestoreThread(_ts); \
-        } else { \
-            stmt; \
-        } \
-    } while (0)
-
-static int ensure_open(StoreObject *self) {
+int kvpy_ensure_open(StoreObject *self) {
     if (self->store == NULL || kv_store_is_closed(self->store)) {
         kvpy_raise(KV_E_STORE_CLOSED, "the store is closed");
         return -1;
     }
     return 0;
 }
-#define ENSURE_OPEN(self) if (ensure_open(self) < 0) return NULL
+#define ensure_open kvpy_ensure_open
 
 /* The common prologue of single-key methods: the store is open (checked first, so a closed
  * store reports StoreClosedError whatever the arguments) and the key converts. */
-static int key_arg(StoreObject *self, PyObject *key, const char **k, Py_ssize_t *klen) {
+int kvpy_key_arg(StoreObject *self, PyObject *key, const char **k, Py_ssize_t *klen) {
     if (ensure_open(self) < 0) return -1;
     return kvpy_key(key, k, klen);
 }
 
-static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssize_t max) {
+int kvpy_check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssize_t max) {
     if (nargs < min || nargs > max) {
         if (min == max) PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, min, nargs);
         else PyErr_Format(PyExc_TypeError, "%s() takes at least %zd arguments (%zd given)", name, min, nargs);
@@ -132,7 +124,7 @@ static PyObject *put_impl(StoreObject *self, PyObject *key, PyObject *const *par
     }
     int32_t st;
     RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(&b, 0, b.count),
-                       st = kv_put(self->store, k, (size_t)klen, b.parts, (size_t)b.count, flags));
+                       st = kv_put(self->store, k, (size_t)klen, b.parts, (size_t)b.count, flags | KV_HOST_MEMORY));
     kvpy_buffers_release(&b);
     if (st) return kvpy_raise_last(st);
     Py_RETURN_NONE;
@@ -160,18 +152,6 @@ static PyObject *store_upsert_parts(StoreObject *self, PyObject *const *args, Py
 
 /* ---- batches: shared plumbing ---- */
 
-/* Per-key state of a batch: the key (a held reference), its parts, and its outcome. */
-typedef struct {
-    PyObject *key;      /* new reference, or NULL when the key was bad */
-    const char *k;
-    Py_ssize_t klen;
-    Py_ssize_t first, count;
-    PyObject *error;    /* exception instance found while converting, or NULL */
-    int32_t status;
-    char *message;      /* malloc'd ABI message when status != 0 */
-    uint64_t value;     /* bytes copied, size, or flag */
-} batch_item;
-
 static Py_ssize_t seq_len(PyObject *obj, const char *what) {
     if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
         kvpy_type_error(obj, what, "a list or tuple");
@@ -181,7 +161,7 @@ static Py_ssize_t seq_len(PyObject *obj, const char *what) {
 }
 
 /* Validates the batch's lists and converts the keys. Returns the items (n of them) or NULL. */
-static batch_item *batch_begin(PyObject *keys, PyObject *second, const char *second_name, Py_ssize_t *n_out) {
+batch_item *kvpy_batch_begin(PyObject *keys, PyObject *second, const char *second_name, Py_ssize_t *n_out) {
     Py_ssize_t n = seq_len(keys, "keys");
     if (n < 0) return NULL;
     if (second) {
@@ -208,7 +188,7 @@ static batch_item *batch_begin(PyObject *keys, PyObject *second, const char *sec
     return items;
 }
 
-static void batch_record_failure(batch_item *it, int32_t st) {
+void kvpy_batch_record_failure(batch_item *it, int32_t st) {
     it->status = st;
     if (st) {
         const char *m = kv_last_error(NULL);
@@ -217,7 +197,7 @@ static void batch_record_failure(batch_item *it, int32_t st) {
 }
 
 /* The error of item i as an exception instance (new reference), or NULL if it succeeded. */
-static PyObject *batch_error(batch_item *it) {
+PyObject *kvpy_batch_error(batch_item *it) {
     if (it->error) { Py_INCREF(it->error); return it->error; }
     if (it->status) {
         PyObject *e = kvpy_error_object(it->status, it->message ? it->message : "");
@@ -227,7 +207,7 @@ static PyObject *batch_error(batch_item *it) {
     return NULL;
 }
 
-static void batch_end(batch_item *items, Py_ssize_t n) {
+void kvpy_batch_end(batch_item *items, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_XDECREF(items[i].key);
         Py_XDECREF(items[i].error);
@@ -237,7 +217,7 @@ static void batch_end(batch_item *items, Py_ssize_t n) {
 }
 
 /* Builds the result list: the error instance, or ok(item) for items that succeeded. */
-static PyObject *batch_results(batch_item *items, Py_ssize_t n, PyObject *(*ok)(batch_item *)) {
+PyObject *kvpy_batch_results(batch_item *items, Py_ssize_t n, PyObject *(*ok)(batch_item *)) {
     PyObject *list = PyList_New(n);
     if (!list) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -286,7 +266,7 @@ static PyObject *put_batch_impl(StoreObject *self, PyObject *const *args, Py_ssi
         for (Py_ssize_t i = 0; i < n; i++) {
             if (!items[i].key || items[i].error) continue;
             int32_t st = kv_put(self->store, items[i].k, (size_t)items[i].klen, b.parts + items[i].first,
-                                (size_t)items[i].count, flags);
+                                (size_t)items[i].count, flags | KV_HOST_MEMORY);
             batch_record_failure(&items[i], st);
         }
     });
@@ -312,7 +292,7 @@ static PyObject *store_batch_upsert_from(StoreObject *self, PyObject *const *arg
 /* ---- reads ---- */
 
 /* Takes a read hold; waits (GIL released) while an in-place upsert rewrites the object. */
-static int32_t read_begin(StoreObject *self, const char *k, Py_ssize_t klen, kv_read *hold) {
+int32_t kvpy_read_begin(StoreObject *self, const char *k, Py_ssize_t klen, kv_read *hold) {
     int32_t st = kv_read_begin(self->store, k, (size_t)klen, KV_READ_NOWAIT, hold);
     if (st == KV_BUSY) {
         Py_BEGIN_ALLOW_THREADS
@@ -328,7 +308,7 @@ static PyObject *read_bytes(StoreObject *self, kv_read *hold) {
     if (!bytes) { kv_read_end(self->store, hold); return NULL; }
     kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)hold->size};
     int32_t st;
-    RUN_MAYBE_UNLOCKED(hold->size, st = kv_read_copy(self->store, hold, &dst, 1, NULL));
+    RUN_MAYBE_UNLOCKED(hold->size, st = kv_read_copy(self->store, hold, &dst, 1, KV_HOST_MEMORY, NULL));
     if (st) { Py_DECREF(bytes); kvpy_raise_last(st); bytes = NULL; }
     kv_read_end(self->store, hold);
     return bytes;
@@ -354,7 +334,7 @@ static PyObject *store_get_into(StoreObject *self, PyObject *const *args, Py_ssi
     kv_mut_buffer dst = {view.buf, (size_t)view.len};
     uint64_t copied = 0;
     int32_t st;
-    RUN_MAYBE_UNLOCKED((size_t)view.len, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, &copied));
+    RUN_MAYBE_UNLOCKED((size_t)view.len, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, KV_HOST_MEMORY, &copied));
     PyBuffer_Release(&view);
     if (st) return kvpy_raise_last(st);
     return PyLong_FromUnsignedLongLong(copied);
@@ -398,7 +378,7 @@ static PyObject *store_batch_get_into(StoreObject *self, PyObject *const *args, 
             if (!items[i].key || items[i].error) continue;
             int32_t st = kv_get_into(self->store, items[i].k, (size_t)items[i].klen,
                                      (const kv_mut_buffer *)(b.parts + items[i].first), (size_t)items[i].count,
-                                     &items[i].value);
+                                     KV_HOST_MEMORY, &items[i].value);
             batch_record_failure(&items[i], st);
         }
     });
@@ -552,6 +532,7 @@ static PyMethodDef store_methods[] = {
     {"remove_all", (PyCFunction)store_remove_all, METH_NOARGS, "remove_all() -> int."},
     {"register_buffer", (PyCFunction)(void (*)(void))store_register_buffer, METH_VARARGS | METH_KEYWORDS, "register_buffer(buffer, location='cpu')."},
     {"unregister_buffer", (PyCFunction)store_unregister_buffer, METH_O, "unregister_buffer(buffer)."},
+    KVPY_RAW_METHODS
     {"stats", (PyCFunction)store_stats, METH_NOARGS, "stats() -> dict."},
     {"close", (PyCFunction)store_close, METH_NOARGS, "close(): idempotent."},
     {NULL, NULL, 0, NULL},

@@ -10,8 +10,13 @@ enum LastError {
     final class Box {
         var bytes: UnsafeMutablePointer<CChar>
         var count: Int
+        /// Messages of the items of the last batch call on this thread ("" for successes).
+        var batch: [UnsafeMutablePointer<CChar>] = []
         init() { bytes = .allocate(capacity: 1); bytes[0] = 0; count = 0 }
-        deinit { bytes.deallocate() }
+        deinit {
+            bytes.deallocate()
+            for p in batch { free(p) }
+        }
     }
 
     static let key: pthread_key_t = {
@@ -42,6 +47,20 @@ enum LastError {
         b.bytes = fresh
         b.count = utf8.count - 1
     }
+
+    /// Records the per-item messages of a batch call.
+    static func setBatch(_ errors: [KVError?]) {
+        let b = box
+        for p in b.batch { free(p) }
+        b.batch = errors.map { e in strdup(e?.message ?? "")! }
+    }
+
+    /// An empty C string (for out-of-range batch indices).
+    nonisolated(unsafe) static let empty: UnsafeMutablePointer<CChar> = {
+        let p = UnsafeMutablePointer<CChar>.allocate(capacity: 1)
+        p[0] = 0
+        return p
+    }()
 
     /// Records `error` and returns its status code.
     static func record(_ error: KVError) -> Int32 {

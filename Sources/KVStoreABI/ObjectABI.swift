@@ -16,7 +16,7 @@ public func kvPut(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLe
         let c = try ABI.client(store)
         let k = try ABI.key(key, keyLen)
         try ABI.withSources(parts, nparts) { (regions) throws(KVError) in
-            try c.put(key: k, parts: regions, mode: writeMode(flags))
+            try c.put(key: k, parts: regions, mode: writeMode(flags), memory: memoryHint(flags))
         }
     }
 }
@@ -51,12 +51,32 @@ func ticket(_ hold: UnsafePointer<kv_read>) -> ReadTicket {
 
 @c(kv_read_copy)
 public func kvReadCopy(_ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?,
-                       _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int,
+                       _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int, _ flags: UInt32,
                        _ copied: UnsafeMutablePointer<UInt64>?) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         guard let hold else { throw .invalidArgument("read hold is NULL") }
-        let n = try ABI.withDestinations(dst, ndst) { (d) throws(KVError) in try c.copyOut(ticket(hold), to: d) }
+        let n = try ABI.withDestinations(dst, ndst) { (d) throws(KVError) in
+            try c.copyOut(ticket(hold), to: d, memory: memoryHint(flags))
+        }
+        copied?.pointee = UInt64(n)
+    }
+}
+
+@c(kv_read_copy_range)
+public func kvReadCopyRange(_ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?, _ offset: UInt64, _ length: UInt64,
+                            _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int, _ flags: UInt32,
+                            _ copied: UnsafeMutablePointer<UInt64>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        guard let hold else { throw .invalidArgument("read hold is NULL") }
+        guard offset <= UInt64(Int.max), length <= UInt64(Int.max) - offset else {
+            throw .invalidArgument("range offset \(offset) length \(length) overflows")
+        }
+        let range = Int(offset)..<Int(offset + length)
+        let n = try ABI.withDestinations(dst, ndst) { (d) throws(KVError) in
+            try c.copyOut(ticket(hold), range: range, to: d, memory: memoryHint(flags))
+        }
         copied?.pointee = UInt64(n)
     }
 }
@@ -72,12 +92,12 @@ public func kvReadEnd(_ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?) 
 
 @c(kv_get_into)
 public func kvGetInto(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
-                      _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int,
+                      _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int, _ flags: UInt32,
                       _ copied: UnsafeMutablePointer<UInt64>?) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         let k = try ABI.key(key, keyLen)
-        let n = try ABI.withDestinations(dst, ndst) { (d) throws(KVError) in try c.get(key: k, into: d) }
+        let n = try ABI.withDestinations(dst, ndst) { (d) throws(KVError) in try c.get(key: k, into: d, memory: memoryHint(flags)) }
         copied?.pointee = UInt64(n)
     }
 }

@@ -41,8 +41,12 @@ enum {
     KV_BUSY = 64,
 };
 
-/* Flags of kv_put. */
+/* Flags of kv_put and kv_batch_put. */
 enum { KV_PUT = 0, KV_UPSERT = 1 };
+/* Flag of kv_put, kv_get_into, kv_read_copy(_range) and the batch calls: the caller guarantees
+ * every buffer is host memory (no lookup). Without it each buffer's device is found by its
+ * registration (address range) or, for unregistered memory, by asking the device registry. */
+enum { KV_HOST_MEMORY = 2 };
 /* Flags of kv_read_begin. */
 enum { KV_READ_WAIT = 0, KV_READ_NOWAIT = 1 };
 /* Flags of kv_remove. */
@@ -89,12 +93,30 @@ int32_t kv_put(kv_store *store, const char *key, size_t key_len,
 int32_t kv_read_begin(kv_store *store, const char *key, size_t key_len, uint32_t flags, kv_read *out);
 /* Copies a held object into dst[0..ndst) (filled in order); *copied gets the bytes copied. */
 int32_t kv_read_copy(kv_store *store, const kv_read *hold, const kv_mut_buffer *dst, size_t ndst,
-                     uint64_t *copied);
+                     uint32_t flags, uint64_t *copied);
+/* Copies bytes [offset, offset+length) of a held object into dst (which must hold length). */
+int32_t kv_read_copy_range(kv_store *store, const kv_read *hold, uint64_t offset, uint64_t length,
+                           const kv_mut_buffer *dst, size_t ndst, uint32_t flags, uint64_t *copied);
 int32_t kv_read_end(kv_store *store, const kv_read *hold);
 
 /* begin + copy + end in one call; *copied gets the object's size. */
 int32_t kv_get_into(kv_store *store, const char *key, size_t key_len,
-                    const kv_mut_buffer *dst, size_t ndst, uint64_t *copied);
+                    const kv_mut_buffer *dst, size_t ndst, uint32_t flags, uint64_t *copied);
+
+/* One object of kv_batch_put: its key and parts. */
+typedef struct { const char *key; size_t key_len; const kv_buffer *parts; size_t nparts; } kv_batch_put_item;
+/* One object of kv_batch_get_into: its key and destinations. */
+typedef struct { const char *key; size_t key_len; const kv_mut_buffer *dst; size_t ndst; } kv_batch_get_item;
+
+/* Writes n objects; statuses[i] gets each object's status (its message: kv_batch_error(i)).
+ * All copies run grouped per device. Returns non-zero only when the call itself is malformed. */
+int32_t kv_batch_put(kv_store *store, const kv_batch_put_item *items, size_t n, uint32_t flags,
+                     int32_t *statuses);
+/* Reads n objects; statuses[i] as above, sizes[i] (may be NULL) gets each object's size. */
+int32_t kv_batch_get_into(kv_store *store, const kv_batch_get_item *items, size_t n, uint32_t flags,
+                          int32_t *statuses, uint64_t *sizes);
+/* Message of item `index` of the last batch call on this thread ("" when it succeeded). */
+const char *kv_batch_error(size_t index, size_t *len);
 int32_t kv_exists(kv_store *store, const char *key, size_t key_len, int32_t *out);
 int32_t kv_size(kv_store *store, const char *key, size_t key_len, uint64_t *out);
 int32_t kv_remove(kv_store *store, const char *key, size_t key_len, uint32_t flags);
@@ -104,6 +126,24 @@ int32_t kv_remove_all(kv_store *store, uint64_t *removed);
 int32_t kv_register_buffer(kv_store *store, const void *ptr, size_t len,
                            const char *location, size_t location_len);
 int32_t kv_unregister_buffer(kv_store *store, const void *ptr);
+
+/* Tensor header (DESIGN.md §4, 304 bytes). */
+enum { KV_TENSOR_HEADER_SIZE = 304, KV_TENSOR_MAX_DIMS = 8 };
+typedef struct {
+    int32_t dtype;         /* dtype code */
+    int32_t ndim;
+    int64_t shape[8];      /* unused dims -1 */
+    uint64_t data_offset;  /* 304 */
+    uint64_t data_bytes;
+} kv_tensor_info;
+/* Writes the header of a full tensor to out[0..out_len) (out_len >= 304). */
+int32_t kv_tensor_header_encode(int32_t dtype, int32_t ndim, const int64_t *shape, void *out, size_t out_len);
+/* Validates and decodes a header: KV_E_INVALID_ARGUMENT names the bad field. */
+int32_t kv_tensor_header_decode(const void *bytes, size_t len, kv_tensor_info *out);
+
+/* Devices, comma-separated ("cpu:0,cuda:0"), NUL-terminated into out[0..cap); returns the
+ * full length. refresh != 0 probes the machine again first. */
+size_t kv_devices(int32_t refresh, char *out, size_t cap);
 
 /* Writes up to cap statistics to out; returns how many exist (call with cap 0 to count). */
 size_t kv_stats(kv_store *store, kv_stat *out, size_t cap);

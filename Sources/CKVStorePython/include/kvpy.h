@@ -35,6 +35,7 @@ typedef struct {
     Py_buffer *views;
     kv_buffer *parts; /* kv_mut_buffer has the same layout; cast for targets */
     Py_ssize_t count, capacity;
+    Py_ssize_t raw;   /* how many parts are raw (address, length) pairs: memory of unknown device */
     Py_buffer views_inline[4];
     kv_buffer parts_inline[4];
 } kvpy_buffers;
@@ -43,6 +44,11 @@ void kvpy_buffers_init(kvpy_buffers *b);
 /* Appends obj (a buffer) or, when allow_list, each item of obj (a list or tuple of buffers).
  * Returns the number appended, or -1 with an error set (nothing appended then). */
 Py_ssize_t kvpy_buffers_add(kvpy_buffers *b, PyObject *obj, int writable, int allow_list);
+/* Appends each item of `list` (a list): a buffer, or a raw part, a tuple (address, length) of
+ * memory on any device that the caller keeps alive. Returns the number appended or -1. */
+Py_ssize_t kvpy_buffers_add_raw_list(kvpy_buffers *b, PyObject *list, int writable);
+/* A raw part (address, length) tuple. Returns 1 (filled), 0 (not a raw part) or -1 (error). */
+int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len);
 /* Total bytes of parts [first, first + n). */
 size_t kvpy_buffers_bytes(const kvpy_buffers *b, Py_ssize_t first, Py_ssize_t n);
 void kvpy_buffers_release(kvpy_buffers *b);
@@ -53,5 +59,76 @@ PyObject *kvpy_take_error(void);
 PyObject *kvpy_set_error_classes(PyObject *module, PyObject *mapping);
 
 extern PyType_Spec kvpy_store_spec;
+
+/* ---- shared by store.c and raw.c ---- */
+
+typedef struct {
+    PyObject_HEAD
+    kv_store *store;
+    PyObject *registered; /* {address: capsule holding the registered Py_buffer, or the object kept alive} */
+} StoreObject;
+
+#define RUN_MAYBE_UNLOCKED(bytes, stmt) \
+    do { \
+        if ((bytes) >= KVPY_GIL_THRESHOLD) { \
+            PyThreadState *_ts = PyEval_SaveThread(); \
+            stmt; \
+            PyEval_RestoreThread(_ts); \
+        } else { \
+            stmt; \
+        } \
+    } while (0)
+
+/* 0 when the store is open, else -1 with StoreClosedError set. */
+int kvpy_ensure_open(StoreObject *self);
+#define ENSURE_OPEN(self) if (kvpy_ensure_open(self) < 0) return NULL
+/* The store is open and `key` converts (the prologue of single-key methods). */
+int kvpy_key_arg(StoreObject *self, PyObject *key, const char **k, Py_ssize_t *klen);
+int kvpy_check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssize_t max);
+/* Takes a read hold; waits (GIL released) while an in-place upsert rewrites the object. */
+int32_t kvpy_read_begin(StoreObject *self, const char *k, Py_ssize_t klen, kv_read *hold);
+
+/* Per-key state of a batch: the key (a held reference), its parts, and its outcome. */
+typedef struct {
+    PyObject *key;      /* new reference, or NULL when the key was bad */
+    const char *k;
+    Py_ssize_t klen;
+    Py_ssize_t first, count;
+    PyObject *error;    /* exception instance found while converting, or NULL */
+    int32_t status;
+    char *message;      /* malloc'd ABI message when status != 0 */
+    uint64_t value;     /* bytes copied, size, or flag */
+} batch_item;
+
+/* Validates the batch's lists (equal lengths) and converts the keys. */
+batch_item *kvpy_batch_begin(PyObject *keys, PyObject *second, const char *second_name, Py_ssize_t *n_out);
+/* Records status st and, when it failed, the ABI's message (or `message` when not NULL). */
+void kvpy_batch_record_failure(batch_item *it, int32_t st);
+/* The error of an item as an exception instance (new reference), or NULL if it succeeded. */
+PyObject *kvpy_batch_error(batch_item *it);
+void kvpy_batch_end(batch_item *items, Py_ssize_t n);
+/* The result list: each item's error instance, or ok(item). */
+PyObject *kvpy_batch_results(batch_item *items, Py_ssize_t n, PyObject *(*ok)(batch_item *));
+
+/* Methods of raw.c: raw (address, length) parts, batch calls grouped per device, tensor reads. */
+PyObject *kvpy_store_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *kvpy_store_batch_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *kvpy_store_read_object(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *kvpy_store_register_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
+#define KVPY_RAW_METHODS \
+    {"_put_raw", (PyCFunction)(void (*)(void))kvpy_store_put_raw, METH_FASTCALL, \
+     "_put_raw(key, parts: list, upsert: bool): parts are buffers or (address, length) of any device."}, \
+    {"_batch_put_raw", (PyCFunction)(void (*)(void))kvpy_store_batch_put_raw, METH_FASTCALL, \
+     "_batch_put_raw(keys, part_lists, upsert) -> list: copies grouped per device."}, \
+    {"_read_object", (PyCFunction)(void (*)(void))kvpy_store_read_object, METH_FASTCALL, \
+     "_read_object(key, prefix_len, resolve) -> object: reads the prefix, resolve(prefix_bytes, size) returns (result, destination), the rest is copied there under one read hold."}, \
+    {"_register_raw", (PyCFunction)(void (*)(void))kvpy_store_register_raw, METH_FASTCALL, \
+     "_register_raw(address, length, location, owner): registers device memory, keeping owner alive."},
+
+/* Module functions of raw.c. */
+PyObject *kvpy_tensor_header(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+PyObject *kvpy_decode_tensor_header(PyObject *module, PyObject *arg);
+PyObject *kvpy_dlpack_info(PyObject *module, PyObject *capsule);
+PyObject *kvpy_devices(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 #endif

@@ -1,0 +1,285 @@
+/* Raw-memory methods of kvstore._native.Store and tensor helpers of the module: parts given as
+ * (address, length) of memory on any device, batch writes grouped per device, a read that
+ * decides its destination after seeing the object's first bytes (tensor reads), the tensor
+ * header codec, DLPack capsule parsing, and the device list. Conversion only: the logic is
+ * behind the C ABI. */
+#include "kvpy.h"
+#include <stdlib.h>
+#include <string.h>
+
+/* _put_raw(key, parts, upsert) */
+PyObject *kvpy_store_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (kvpy_check_nargs("_put_raw", nargs, 3, 3) < 0) return NULL;
+    const char *k;
+    Py_ssize_t klen;
+    if (kvpy_key_arg(self, args[0], &k, &klen) < 0) return NULL;
+    int upsert = PyObject_IsTrue(args[2]);
+    if (upsert < 0) return NULL;
+    kvpy_buffers b;
+    kvpy_buffers_init(&b);
+    if (kvpy_buffers_add_raw_list(&b, args[1], 0) < 0) return NULL;
+    uint32_t flags = (upsert ? KV_UPSERT : KV_PUT) | (b.raw == 0 ? KV_HOST_MEMORY : 0);
+    int32_t st;
+    RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(&b, 0, b.count),
+                       st = kv_put(self->store, k, (size_t)klen, b.parts, (size_t)b.count, flags));
+    kvpy_buffers_release(&b);
+    if (st) return kvpy_raise_last(st);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ok_none(batch_item *it) { (void)it; Py_RETURN_NONE; }
+
+/* _batch_put_raw(keys, part_lists, upsert) -> [None | exception] */
+PyObject *kvpy_store_batch_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (kvpy_check_nargs("_batch_put_raw", nargs, 3, 3) < 0) return NULL;
+    ENSURE_OPEN(self);
+    int upsert = PyObject_IsTrue(args[2]);
+    if (upsert < 0) return NULL;
+    Py_ssize_t n;
+    batch_item *items = kvpy_batch_begin(args[0], args[1], "part_lists", &n);
+    if (!items) return NULL;
+    kvpy_buffers b;
+    kvpy_buffers_init(&b);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!items[i].key) continue;
+        PyObject *v = PySequence_GetItem(args[1], i);
+        Py_ssize_t added = v ? kvpy_buffers_add_raw_list(&b, v, 0) : -1;
+        Py_XDECREF(v);
+        if (added < 0) { items[i].error = kvpy_take_error(); continue; }
+        items[i].first = b.count - added;
+        items[i].count = added;
+    }
+    kv_batch_put_item *calls = PyMem_Calloc((size_t)(n ? n : 1), sizeof(kv_batch_put_item));
+    int32_t *statuses = PyMem_Calloc((size_t)(n ? n : 1), sizeof(int32_t));
+    Py_ssize_t *index = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_ssize_t));
+    if (!calls || !statuses || !index) {
+        PyMem_Free(calls); PyMem_Free(statuses); PyMem_Free(index);
+        kvpy_buffers_release(&b); kvpy_batch_end(items, n);
+        return PyErr_NoMemory();
+    }
+    size_t m = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!items[i].key || items[i].error) continue;
+        calls[m] = (kv_batch_put_item){items[i].k, (size_t)items[i].klen, b.parts + items[i].first, (size_t)items[i].count};
+        index[m++] = i;
+    }
+    uint32_t flags = (upsert ? KV_UPSERT : KV_PUT) | (b.raw == 0 ? KV_HOST_MEMORY : 0);
+    int32_t st;
+    RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(&b, 0, b.count), st = kv_batch_put(self->store, calls, m, flags, statuses));
+    PyObject *r = NULL;
+    if (st) {
+        kvpy_raise_last(st);
+    } else {
+        for (size_t j = 0; j < m; j++) {
+            batch_item *it = &items[index[j]];
+            it->status = statuses[j];
+            if (statuses[j]) it->message = strdup(kv_batch_error(j, NULL));
+        }
+        r = kvpy_batch_results(items, n, ok_none);
+    }
+    PyMem_Free(calls); PyMem_Free(statuses); PyMem_Free(index);
+    kvpy_buffers_release(&b);
+    kvpy_batch_end(items, n);
+    return r;
+}
+
+/* _read_object(key, prefix_len, resolve) -> result */
+PyObject *kvpy_store_read_object(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (kvpy_check_nargs("_read_object", nargs, 3, 3) < 0) return NULL;
+    const char *k;
+    Py_ssize_t klen;
+    if (kvpy_key_arg(self, args[0], &k, &klen) < 0) return NULL;
+    Py_ssize_t prefix = PyLong_AsSsize_t(args[1]);
+    if (prefix < 0) {
+        if (!PyErr_Occurred()) kvpy_raise(KV_E_INVALID_ARGUMENT, "prefix_len must not be negative");
+        return NULL;
+    }
+    kv_read hold;
+    int32_t st = kvpy_read_begin(self, k, klen, &hold);
+    if (st) return kvpy_raise_last(st);
+    PyObject *result = NULL, *pair = NULL, *prefix_bytes = NULL;
+    Py_buffer view = {0};
+    uint64_t have = hold.size < (uint64_t)prefix ? hold.size : (uint64_t)prefix;
+    prefix_bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)have);
+    if (!prefix_bytes) goto done;
+    kv_mut_buffer head = {PyBytes_AsString(prefix_bytes), (size_t)have};
+    st = kv_read_copy_range(self->store, &hold, 0, have, &head, 1, KV_HOST_MEMORY, NULL);
+    if (st) { kvpy_raise_last(st); goto done; }
+    pair = PyObject_CallFunction(args[2], "OK", prefix_bytes, (unsigned long long)hold.size);
+    if (!pair) goto done;
+    if (!PyTuple_Check(pair) || PyTuple_Size(pair) != 2) {
+        kvpy_type_error(pair, "resolve()'s result", "a (result, destination) tuple");
+        goto done;
+    }
+    PyObject *dest = PyTuple_GetItem(pair, 1);
+    uint64_t rest = hold.size - have;
+    if (dest != Py_None) {
+        kv_mut_buffer d;
+        uint32_t flags = 0;
+        int r = kvpy_raw_part(dest, &d.ptr, &d.len);
+        if (r < 0) goto done;
+        if (r == 0) {
+            if (kvpy_target(dest, &view) < 0) goto done;
+            d.ptr = view.buf;
+            d.len = (size_t)view.len;
+            flags = KV_HOST_MEMORY;
+        }
+        if (rest > 0) {
+            RUN_MAYBE_UNLOCKED(rest, st = kv_read_copy_range(self->store, &hold, have, rest, &d, 1, flags, NULL));
+            if (st) { kvpy_raise_last(st); goto done; }
+        }
+    } else if (rest > 0) {
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "resolve() gave no destination for the object's remaining bytes");
+        goto done;
+    }
+    result = PyTuple_GetItem(pair, 0);
+    Py_INCREF(result);
+done:
+    if (view.obj) PyBuffer_Release(&view);
+    Py_XDECREF(pair);
+    Py_XDECREF(prefix_bytes);
+    kv_read_end(self->store, &hold);
+    return result;
+}
+
+/* _register_raw(address, length, location, owner) */
+PyObject *kvpy_store_register_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (kvpy_check_nargs("_register_raw", nargs, 4, 4) < 0) return NULL;
+    ENSURE_OPEN(self);
+    PyObject *pair = PyTuple_Pack(2, args[0], args[1]);
+    if (!pair) return NULL;
+    void *p;
+    size_t len;
+    int r = kvpy_raw_part(pair, &p, &len);
+    Py_DECREF(pair);
+    if (r < 0) return NULL;
+    if (r == 0) return kvpy_type_error(args[0], "address and length", "ints");
+    const char *loc;
+    Py_ssize_t loclen;
+    if (kvpy_utf8(args[2], "location", &loc, &loclen) < 0) return NULL;
+    int32_t st = kv_register_buffer(self->store, p, len, loc, (size_t)loclen);
+    if (st) return kvpy_raise_last(st);
+    PyObject *addr = PyLong_FromVoidPtr(p);
+    if (!addr || PyDict_SetItem(self->registered, addr, args[3]) < 0) {
+        kv_unregister_buffer(self->store, p);
+        Py_XDECREF(addr);
+        return NULL;
+    }
+    Py_DECREF(addr);
+    Py_RETURN_NONE;
+}
+
+/* tensor_header(dtype_code, shape) -> bytes */
+PyObject *kvpy_tensor_header(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (kvpy_check_nargs("tensor_header", nargs, 2, 2) < 0) return NULL;
+    long dtype = PyLong_AsLong(args[0]);
+    if (dtype == -1 && PyErr_Occurred()) return NULL;
+    if (!PyTuple_Check(args[1])) return kvpy_type_error(args[1], "shape", "a tuple of ints");
+    Py_ssize_t ndim = PyTuple_Size(args[1]);
+    if (ndim > KV_TENSOR_MAX_DIMS) {
+        return kvpy_raise_format(KV_E_INVALID_ARGUMENT, "a tensor has at most %d dimensions, got %zd",
+                                 KV_TENSOR_MAX_DIMS, ndim);
+    }
+    int64_t shape[KV_TENSOR_MAX_DIMS];
+    for (Py_ssize_t i = 0; i < ndim; i++) {
+        shape[i] = PyLong_AsLongLong(PyTuple_GetItem(args[1], i));
+        if (shape[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, KV_TENSOR_HEADER_SIZE);
+    if (!out) return NULL;
+    int32_t st = kv_tensor_header_encode((int32_t)dtype, (int32_t)ndim, shape, PyBytes_AsString(out), KV_TENSOR_HEADER_SIZE);
+    if (st) { Py_DECREF(out); return kvpy_raise_last(st); }
+    return out;
+}
+
+/* decode_tensor_header(buffer) -> (dtype_code, shape, data_bytes) */
+PyObject *kvpy_decode_tensor_header(PyObject *module, PyObject *arg) {
+    (void)module;
+    Py_buffer view;
+    if (kvpy_source(arg, &view) < 0) return NULL;
+    kv_tensor_info info;
+    int32_t st = kv_tensor_header_decode(view.buf, (size_t)view.len, &info);
+    PyBuffer_Release(&view);
+    if (st) return kvpy_raise_last(st);
+    PyObject *shape = PyTuple_New(info.ndim);
+    if (!shape) return NULL;
+    for (int32_t i = 0; i < info.ndim; i++) PyTuple_SetItem(shape, i, PyLong_FromLongLong(info.shape[i]));
+    return Py_BuildValue("(iNK)", info.dtype, shape, (unsigned long long)info.data_bytes);
+}
+
+/* DLPack's C structs (dlpack.h, stable ABI; written here to avoid the dependency). */
+typedef struct { int32_t device_type; int32_t device_id; } kv_dl_device;
+typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } kv_dl_dtype;
+typedef struct {
+    void *data;
+    kv_dl_device device;
+    int32_t ndim;
+    kv_dl_dtype dtype;
+    int64_t *shape;
+    int64_t *strides;
+    uint64_t byte_offset;
+} kv_dl_tensor;
+typedef struct { kv_dl_tensor dl_tensor; void *manager_ctx; void (*deleter)(void *); } kv_dl_managed;
+typedef struct {
+    uint32_t major, minor;
+    void *manager_ctx;
+    void (*deleter)(void *);
+    uint64_t flags;
+    kv_dl_tensor dl_tensor;
+} kv_dl_managed_versioned;
+
+/* dlpack_info(capsule) -> (address, device_type, device_id, (code, bits, lanes), shape, strides|None)
+ * Reads the capsule without consuming it: its producer frees the tensor when it is dropped. */
+PyObject *kvpy_dlpack_info(PyObject *module, PyObject *capsule) {
+    (void)module;
+    const kv_dl_tensor *t = NULL;
+    if (PyCapsule_IsValid(capsule, "dltensor")) {
+        const kv_dl_managed *m = PyCapsule_GetPointer(capsule, "dltensor");
+        if (m) t = &m->dl_tensor;
+    } else if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
+        const kv_dl_managed_versioned *m = PyCapsule_GetPointer(capsule, "dltensor_versioned");
+        if (m) t = &m->dl_tensor;
+    }
+    if (!t) {
+        PyErr_Clear();
+        return kvpy_type_error(capsule, "__dlpack__() result", "an unused DLPack capsule");
+    }
+    if (t->ndim < 0 || t->ndim > 64) return kvpy_raise_format(KV_E_INVALID_ARGUMENT, "DLPack tensor has ndim %d", (int)t->ndim);
+    PyObject *shape = PyTuple_New(t->ndim);
+    if (!shape) return NULL;
+    for (int32_t i = 0; i < t->ndim; i++) PyTuple_SetItem(shape, i, PyLong_FromLongLong(t->shape[i]));
+    PyObject *strides;
+    if (t->strides) {
+        strides = PyTuple_New(t->ndim);
+        if (!strides) { Py_DECREF(shape); return NULL; }
+        for (int32_t i = 0; i < t->ndim; i++) PyTuple_SetItem(strides, i, PyLong_FromLongLong(t->strides[i]));
+    } else {
+        strides = Py_None;
+        Py_INCREF(strides);
+    }
+    return Py_BuildValue("(Kii(iii)NN)", (unsigned long long)((uintptr_t)t->data + t->byte_offset),
+                         (int)t->device.device_type, (int)t->device.device_id,
+                         (int)t->dtype.code, (int)t->dtype.bits, (int)t->dtype.lanes, shape, strides);
+}
+
+/* devices(refresh=False) -> ["cpu:0", ...] */
+PyObject *kvpy_devices(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (kvpy_check_nargs("devices", nargs, 0, 1) < 0) return NULL;
+    int refresh = nargs ? PyObject_IsTrue(args[0]) : 0;
+    if (refresh < 0) return NULL;
+    char buf[1024];
+    size_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = kv_devices(refresh, buf, sizeof buf);
+    Py_END_ALLOW_THREADS
+    if (n >= sizeof buf) n = sizeof buf - 1;
+    PyObject *text = PyUnicode_FromStringAndSize(buf, (Py_ssize_t)n);
+    if (!text) return NULL;
+    PyObject *sep = PyUnicode_FromString(",");
+    PyObject *list = sep ? PyUnicode_Split(text, sep, -1) : NULL;
+    Py_XDECREF(sep);
+    Py_DECREF(text);
+    return list;
+}
