@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
+from typing import Any
 
-from . import _native
+from . import _native, _tensor
+from ._errors import ArgumentTypeError, InvalidArgumentError, ObjectNotFoundError, StoreClosedError
 from ._sizes import parse_size
 
 #: Default size of the embedded store's host segment. Pages are committed on first use.
@@ -27,6 +30,143 @@ class Store(_native.Store):
     def __init__(self, segment_size: int | str = DEFAULT_SEGMENT_SIZE, *, prefault: bool = False) -> None:
         super().__init__(parse_size(segment_size, name="segment_size"), bool(prefault))
 
+    # ---- tensors (DESIGN.md §4; helpers in _tensor.py) ----
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise StoreClosedError("the store is closed")
+
+    def put_tensor(self, key: str, tensor: Any) -> None:
+        """Stores a tensor (numpy, torch, cupy, DLPack; CPU or GPU) as header + raw bytes.
+
+        The 304-byte header and the tensor's bytes are two parts of one multi-buffer write:
+        each copied once into the segment, nothing concatenated. A GPU tensor is copied by its
+        device (device→host). ``ObjectExistsError`` when the key exists.
+        """
+        self._put_tensor(key, tensor, False)
+
+    def upsert_tensor(self, key: str, tensor: Any) -> None:
+        """``put_tensor`` that replaces an existing object."""
+        self._put_tensor(key, tensor, True)
+
+    def _put_tensor(self, key: str, tensor: Any, upsert: bool) -> None:
+        self._require_open()
+        ref = _tensor.describe(tensor)
+        header = _native.tensor_header(ref.code, ref.shape)
+        self._put_raw(key, [header, *ref.data_parts], upsert)
+
+    def batch_put_tensor(self, keys: Sequence[str], tensors: Sequence[Any]) -> list[Exception | None]:
+        """Stores several tensors; one result per key (``None`` or the exception). The copies of
+        the whole batch run grouped per device."""
+        return self._batch_put_tensor(keys, tensors, False)
+
+    def batch_upsert_tensor(self, keys: Sequence[str], tensors: Sequence[Any]) -> list[Exception | None]:
+        return self._batch_put_tensor(keys, tensors, True)
+
+    def _batch_put_tensor(self, keys: Sequence[str], tensors: Sequence[Any], upsert: bool) -> list[Exception | None]:
+        self._require_open()
+        _check_batch(keys, tensors, "tensors")
+        results: list[Exception | None] = [None] * len(keys)
+        good_keys, part_lists, where, keep = [], [], [], []
+        for i, (key, t) in enumerate(zip(keys, tensors)):
+            try:
+                ref = _tensor.describe(t)
+                header = _native.tensor_header(ref.code, ref.shape)
+            except Exception as e:  # noqa: BLE001 - the per-key result is the exception
+                results[i] = e
+                continue
+            keep.append(ref)
+            good_keys.append(key)
+            part_lists.append([header, *ref.data_parts])
+            where.append(i)
+        for i, r in zip(where, self._batch_put_raw(good_keys, part_lists, upsert)):
+            results[i] = r
+        return results
+
+    def get_tensor(self, key: str, *, like: Any = None, device: str | None = None) -> Any:
+        """Reads a stored tensor: a new numpy array by default (bf16 / fp8 as uint16 / uint8
+        holding the raw bits), or a tensor of ``like``'s framework and device, or a tensor on
+        ``device`` ("cuda:0": torch when installed, else cupy). One copy, straight into the new
+        tensor's memory."""
+        self._require_open()
+        _tensor.check_device(device)
+        if like is not None:
+            _tensor._framework(like, None)
+
+        def resolve(prefix: bytes, size: int) -> tuple[Any, Any]:
+            code, shape = _tensor.decode(prefix, size, key)
+            return _tensor.allocate(code, shape, like, device)
+
+        return self._read_object(key, _tensor.HEADER_SIZE, resolve)
+
+    def get_tensor_into(self, key: str, target: Any) -> Any:
+        """Reads a stored tensor into ``target`` (an existing array or tensor of the same shape
+        and dtype, on any device; a uint16 / uint8 target also takes bf16 / fp8). Returns
+        ``target``. Nothing is written when the shapes or dtypes differ."""
+        self._require_open()
+        ref = _tensor.describe(target, "target")
+        if not ref.writable:
+            raise InvalidArgumentError("target is read-only")
+
+        def resolve(prefix: bytes, size: int) -> tuple[Any, Any]:
+            code, shape = _tensor.decode(prefix, size, key)
+            if shape != ref.shape or not _tensor.compatible(code, ref.code):
+                raise InvalidArgumentError(
+                    f"object {key!r} is a {_tensor.DTYPE_NAMES[code]} tensor of shape {shape}; the target is "
+                    f"{_tensor.DTYPE_NAMES[ref.code]} of shape {ref.shape}")
+            return target, (ref.part if ref.nbytes else None)
+
+        return self._read_object(key, _tensor.HEADER_SIZE, resolve)
+
+    def batch_get_tensor(self, keys: Sequence[str], *, like: Any = None,
+                         device: str | None = None) -> list[Any]:
+        """``get_tensor`` for each key: the tensor, ``None`` for a missing key, or the exception."""
+        self._require_open()
+        if not isinstance(keys, (list, tuple)):
+            raise ArgumentTypeError(f"keys must be a list or tuple, not {type(keys).__name__}")
+        _tensor.check_device(device)
+        out: list[Any] = []
+        for key in keys:
+            try:
+                out.append(self.get_tensor(key, like=like, device=device))
+            except ObjectNotFoundError:
+                out.append(None)
+            except Exception as e:  # noqa: BLE001 - the per-key result is the exception
+                out.append(e)
+        return out
+
+    # ---- buffers of any device ----
+
+    def register_buffer(self, buffer: Any, location: str | None = None) -> None:
+        """Registers memory for zero-copy transfers with its device, captured now: later
+        transfers find the device by address range, with no driver query. ``buffer`` is a
+        buffer-protocol object (host memory) or a tensor (numpy, torch, cupy, DLPack) on any
+        device; ``location`` ("cpu", "cuda:N") defaults to the tensor's own device and must
+        match it. Keep using the same object; it is kept alive until unregistered."""
+        if _has_buffer(buffer):
+            super().register_buffer(buffer, "cpu" if location is None else location)
+            return
+        self._require_open()
+        ref = _tensor.describe(buffer, "buffer")
+        if location is None:
+            location = ref.location
+        elif not isinstance(location, str):
+            raise ArgumentTypeError(f"location must be a str, not {type(location).__name__}")
+        elif ref.location != "cuda" and _normal(location) != _normal(ref.location):
+            raise InvalidArgumentError(f"buffer lives on {ref.location}, not {location}")
+        if ref.nbytes == 0:
+            raise InvalidArgumentError("cannot register an empty buffer")
+        self._register_raw(ref.part[0], ref.nbytes, location, buffer)
+
+    def unregister_buffer(self, buffer: Any) -> None:
+        """Forgets a registration (by the object registered, or its address as an int)."""
+        if isinstance(buffer, int) or _has_buffer(buffer):
+            super().unregister_buffer(buffer)
+            return
+        self._require_open()
+        ref = _tensor.describe(buffer, "buffer")
+        super().unregister_buffer(ref.part[0] if isinstance(ref.part, tuple) else 0)
+
     def __enter__(self) -> "Store":
         return self
 
@@ -43,3 +183,25 @@ class Store(_native.Store):
             return "<kvstore.Store closed>"
         s = self.stats()
         return f"<kvstore.Store objects={s['objects']} bytes_used={s['bytes_used']} capacity={s['capacity']}>"
+
+
+def _has_buffer(obj: Any) -> bool:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return True
+    try:
+        memoryview(obj).release()
+        return True
+    except TypeError:
+        return False
+
+
+def _normal(location: str) -> str:
+    return location if ":" in location else f"{location}:0"
+
+
+def _check_batch(keys: Any, values: Any, name: str) -> None:
+    for what, seq in (("keys", keys), (name, values)):
+        if not isinstance(seq, (list, tuple)):
+            raise ArgumentTypeError(f"{what} must be a list or tuple, not {type(seq).__name__}")
+    if len(keys) != len(values):
+        raise InvalidArgumentError(f"keys and {name} have different lengths ({len(keys)} and {len(values)})")

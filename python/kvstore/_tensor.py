@@ -1,0 +1,267 @@
+"""Tensor support: what a tensor object is (dtype, shape, bytes, device), and where a stored
+tensor is read into.
+
+Accepted objects: numpy arrays, torch tensors, and any object exposing
+``__cuda_array_interface__`` (cupy, numba) or DLPack (``__dlpack__``). torch and cupy are
+imported only when the caller hands in such an object or asks for one.
+
+The stored format is DESIGN.md §4 (Mooncake's): a 304-byte header, then the raw C-contiguous
+element bytes. Non-contiguous inputs are refused (``InvalidArgumentError``): kvstore never
+copies a tensor behind your back; call ``np.ascontiguousarray(x)`` / ``x.contiguous()`` first.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from ._errors import ArgumentTypeError, InvalidArgumentError, UnsupportedError
+
+HEADER_SIZE = _native.TENSOR_HEADER_SIZE
+MAX_DIMS = 8
+
+#: dtype name -> code (DESIGN.md §4). Names are numpy's and torch's (without "torch.").
+DTYPE_CODES = {
+    "float32": 0, "float64": 1, "int8": 2, "uint8": 3, "int16": 4, "uint16": 5, "int32": 6,
+    "uint32": 7, "int64": 8, "uint64": 9, "bool": 10, "float16": 11, "bfloat16": 12,
+    "float8_e4m3fn": 13, "float8_e5m2": 14,
+}
+DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
+ITEM_SIZES = {0: 4, 1: 8, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 4, 8: 8, 9: 8, 10: 1, 11: 2, 12: 2, 13: 1, 14: 1}
+#: Codes numpy has no type for, and the raw unsigned type their bytes are returned as.
+RAW_CODES = {12: 5, 13: 3, 14: 3}
+
+_TYPESTR = {"f4": 0, "f8": 1, "i1": 2, "u1": 3, "i2": 4, "u2": 5, "i4": 6, "u4": 7, "i8": 8,
+            "u8": 9, "b1": 10, "f2": 11}
+# DLPack (type code, bits) -> dtype code. Type codes: 0 int, 1 uint, 2 float, 4 bfloat,
+# 6 bool, 10 float8_e4m3fn, 12 float8_e5m2 (DLPack 1.1); 5 is complex.
+_DLPACK = {(0, 8): 2, (0, 16): 4, (0, 32): 6, (0, 64): 8, (1, 8): 3, (1, 16): 5, (1, 32): 7,
+           (1, 64): 9, (2, 16): 11, (2, 32): 0, (2, 64): 1, (4, 16): 12, (6, 8): 10,
+           (10, 8): 13, (12, 8): 14}
+# DLPack device types: 1 CPU, 2 CUDA, 3 CUDA pinned host, 13 CUDA managed.
+_DL_HOST = {1, 3}
+_DL_CUDA = {2, 13}
+
+
+@dataclass
+class TensorRef:
+    """A tensor's bytes as kvstore moves them."""
+
+    code: int
+    shape: tuple[int, ...]
+    nbytes: int
+    #: a buffer-protocol object over the bytes (host memory), or an (address, length) pair
+    part: Any
+    #: "cpu", "cuda:N", or "cuda" when the index is the registry's to find
+    location: str
+    writable: bool = True
+    keep: list[Any] = field(default_factory=list)
+
+    @property
+    def data_parts(self) -> list[Any]:
+        return [self.part] if self.nbytes else []
+
+
+def _refuse_dims(shape: tuple[int, ...]) -> None:
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgumentError(f"a tensor has at most {MAX_DIMS} dimensions, got {len(shape)}")
+
+
+def _c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...] | None, unit: int) -> bool:
+    """Whether `strides` (in multiples of `unit`) describe a C-contiguous layout."""
+    if strides is None:
+        return True
+    expected = unit
+    for dim, stride in zip(reversed(shape), reversed(strides)):
+        if dim > 1 and stride != expected:
+            return False
+        expected *= dim
+    return True
+
+
+def _not_contiguous(what: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"{what} is not C-contiguous; kvstore stores tensors as contiguous bytes and never copies "
+        "behind your back: pass np.ascontiguousarray(x) or x.contiguous()")
+
+
+def _code_for(name: str, what: str) -> int:
+    code = DTYPE_CODES.get(name)
+    if code is None:
+        raise InvalidArgumentError(
+            f"{what} has dtype {name}, which kvstore cannot store (supported: {', '.join(DTYPE_CODES)})")
+    return code
+
+
+def describe(obj: Any, what: str = "tensor") -> TensorRef:
+    """The bytes, dtype code, shape and device of a tensor object (never copies)."""
+    if isinstance(obj, np.ndarray):
+        return _describe_numpy(obj, what)
+    module = type(obj).__module__.split(".")[0]
+    if module == "torch" and hasattr(obj, "data_ptr"):
+        return _describe_torch(obj, what)
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is not None:
+        return _describe_cai(obj, cai, what)
+    if hasattr(obj, "__dlpack__"):
+        return _describe_dlpack(obj, what)
+    raise ArgumentTypeError(
+        f"{what} must be a numpy array or a tensor (torch, or an object with __cuda_array_interface__ "
+        f"or __dlpack__), not {type(obj).__name__}")
+
+
+def _describe_numpy(a: np.ndarray, what: str) -> TensorRef:
+    _refuse_dims(a.shape)
+    if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and sys.byteorder == "big"):
+        raise InvalidArgumentError(f"{what} is big-endian; stored tensors are little-endian")
+    code = _code_for(a.dtype.name, what)
+    if not a.flags.c_contiguous:
+        raise _not_contiguous(what)
+    flat = a.reshape(-1).view(np.uint8)
+    return TensorRef(code, tuple(int(d) for d in a.shape), int(a.nbytes), flat, "cpu", bool(a.flags.writeable), [a])
+
+
+def _torch_location(device: Any) -> str:
+    if device.type == "cpu":
+        return "cpu"
+    return f"{device.type}:{device.index or 0}"
+
+
+def _describe_torch(t: Any, what: str) -> TensorRef:
+    shape = tuple(int(d) for d in t.shape)
+    _refuse_dims(shape)
+    code = _code_for(str(t.dtype).removeprefix("torch."), what)
+    if not t.is_contiguous():
+        raise _not_contiguous(what)
+    nbytes = int(t.numel()) * int(t.element_size())
+    return TensorRef(code, shape, nbytes, (int(t.data_ptr()), nbytes), _torch_location(t.device), True, [t])
+
+
+def _describe_cai(obj: Any, cai: dict[str, Any], what: str) -> TensorRef:
+    shape = tuple(int(d) for d in cai["shape"])
+    _refuse_dims(shape)
+    typestr = cai["typestr"]
+    if typestr[0] == ">":
+        raise InvalidArgumentError(f"{what} is big-endian; stored tensors are little-endian")
+    code = _TYPESTR.get(typestr[1:])
+    if code is None:
+        raise InvalidArgumentError(f"{what} has element type {typestr!r}, which kvstore cannot store")
+    if not _c_contiguous(shape, cai.get("strides"), ITEM_SIZES[code]):
+        raise _not_contiguous(what)
+    address, readonly = cai["data"]
+    nbytes = ITEM_SIZES[code]
+    for d in shape:
+        nbytes *= d
+    # __cuda_array_interface__ does not say which GPU: the device registry finds out.
+    return TensorRef(code, shape, nbytes, (int(address), nbytes), "cuda", not readonly, [obj])
+
+
+def _describe_dlpack(obj: Any, what: str) -> TensorRef:
+    dev_type, dev_id = obj.__dlpack_device__()
+    if dev_type in _DL_HOST:
+        location = "cpu"
+    elif dev_type in _DL_CUDA:
+        location = f"cuda:{dev_id}"
+    else:
+        raise UnsupportedError(f"{what} lives on DLPack device type {dev_type}, which kvstore does not support")
+    capsule = obj.__dlpack__()
+    address, _, _, (tcode, bits, lanes), shape, strides = _native.dlpack_info(capsule)
+    _refuse_dims(shape)
+    code = _DLPACK.get((tcode, bits)) if lanes == 1 else None
+    if code is None:
+        raise InvalidArgumentError(f"{what} has DLPack dtype (code {tcode}, {bits} bits, {lanes} lanes), "
+                                   "which kvstore cannot store")
+    if not _c_contiguous(shape, strides, 1):
+        raise _not_contiguous(what)
+    nbytes = ITEM_SIZES[code]
+    for d in shape:
+        nbytes *= d
+    return TensorRef(code, tuple(shape), nbytes, (int(address), nbytes), location, True, [obj, capsule])
+
+
+# ---- reading ----
+
+def numpy_dtype(code: int) -> np.dtype:
+    """The numpy dtype a stored tensor is returned as (raw unsigned for bf16 / fp8)."""
+    return np.dtype(DTYPE_NAMES[RAW_CODES.get(code, code)])
+
+
+def _framework(like: Any, device: str | None) -> str:
+    if like is not None:
+        module = type(like).__module__.split(".")[0]
+        if isinstance(like, np.ndarray) or module == "numpy":
+            return "numpy"
+        if module in ("torch", "cupy"):
+            return module
+        raise ArgumentTypeError(f"like must be a numpy array, torch tensor or cupy array, not {type(like).__name__}")
+    if device is None or device.split(":")[0] == "cpu":
+        return "numpy"
+    try:
+        import torch  # noqa: F401
+        return "torch"
+    except ImportError:
+        pass
+    try:
+        import cupy  # noqa: F401
+        return "cupy"
+    except ImportError:
+        raise UnsupportedError(f"get_tensor(device={device!r}) needs torch or cupy installed") from None
+
+
+def check_device(device: str | None) -> None:
+    if device is None:
+        return
+    if not isinstance(device, str):
+        raise ArgumentTypeError(f"device must be a str such as 'cpu' or 'cuda:0', not {type(device).__name__}")
+    name = device if ":" in device else f"{device}:0"
+    if name not in _native.devices():
+        raise InvalidArgumentError(f"no device {device!r} on this machine (available: {', '.join(_native.devices())})")
+
+
+def allocate(code: int, shape: tuple[int, ...], like: Any = None, device: str | None = None) -> tuple[Any, Any]:
+    """A new tensor for (code, shape) and the destination its bytes are copied into."""
+    framework = _framework(like, device)
+    if framework == "numpy":
+        out = np.empty(shape, dtype=numpy_dtype(code))
+        return out, out.reshape(-1).view(np.uint8)
+    if framework == "torch":
+        import torch
+        dtype = getattr(torch, DTYPE_NAMES[code], None)
+        if dtype is None:
+            raise UnsupportedError(f"this torch has no {DTYPE_NAMES[code]}")
+        dev = device if device is not None else (like.device if like is not None else "cpu")
+        t = torch.empty(shape, dtype=dtype, device=dev)
+        ref = describe(t)
+        return t, ref.part if ref.nbytes else None
+    import cupy
+    dev_index = int(device.split(":")[1]) if device and ":" in device else None
+    if dev_index is not None:
+        with cupy.cuda.Device(dev_index):
+            arr = cupy.empty(shape, dtype=numpy_dtype(code))
+    else:
+        arr = cupy.empty(shape, dtype=numpy_dtype(code))
+    ref = describe(arr)
+    return arr, ref.part if ref.nbytes else None
+
+
+def compatible(stored: int, target: int) -> bool:
+    """Whether a target of dtype `target` may receive a stored tensor of dtype `stored`."""
+    return stored == target or RAW_CODES.get(stored) == target
+
+
+def decode(prefix: bytes, size: int, key: str) -> tuple[int, tuple[int, ...]]:
+    """Validates a stored object's header against its size; returns (code, shape)."""
+    if len(prefix) < HEADER_SIZE:
+        raise InvalidArgumentError(f"object {key!r} is not a tensor: {size} bytes is shorter than a tensor header")
+    try:
+        code, shape, data_bytes = _native.decode_tensor_header(prefix)
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"object {key!r}: {e}") from None
+    if HEADER_SIZE + data_bytes != size:
+        raise InvalidArgumentError(
+            f"object {key!r}: corrupt tensor, header says {data_bytes} data bytes but the object holds {size - HEADER_SIZE}")
+    return code, shape
