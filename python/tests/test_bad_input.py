@@ -370,3 +370,10 @@ def test_bad_unregistrations(store):
 def test_segment_sizes_of_the_wrong_type(size):
     with pytest.raises(kvstore.ArgumentTypeError):
         kvstore.Store(size)
+
+
+def test_location_none_means_the_buffers_own_device(store):
+    a = bytearray(64)
+    store.register_buffer(a, location=None)
+    assert store.stats()["registered_buffers"] == 1
+    store.unregister_buffer(a)
