@@ -337,7 +337,6 @@ def test_batch_remove_and_exists_report_bad_keys_per_key(seeded):
     "location, exc",
     [
         (5, kvstore.ArgumentTypeError),
-        (None, kvstore.ArgumentTypeError),
         (b"cpu", kvstore.ArgumentTypeError),
         ("", kvstore.InvalidArgumentError),
         ("cpu:1", kvstore.InvalidArgumentError),
