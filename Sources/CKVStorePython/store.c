@@ -41,10 +41,10 @@ int kvpy_check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssiz
 /* ---- lifecycle ---- */
 
 static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"segment_size", "prefault", NULL};
+    static char *kwlist[] = {"segment_size", "prefault", "pin_memory", NULL};
     long long size = 0;
-    int prefault = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|p", kwlist, &size, &prefault)) return -1;
+    int prefault = 0, pin = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|pp", kwlist, &size, &prefault, &pin)) return -1;
     if (self->store) {
         kvpy_raise(KV_E_INVALID_ARGUMENT, "the store is already initialised");
         return -1;
@@ -56,7 +56,7 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     kv_store *s = NULL;
     int32_t st;
     Py_BEGIN_ALLOW_THREADS
-    st = kv_store_create((uint64_t)size, prefault ? KV_CREATE_PREFAULT : 0, &s);
+    st = kv_store_create((uint64_t)size, (prefault ? KV_CREATE_PREFAULT : 0) | (pin ? 0 : KV_CREATE_NO_PIN), &s);
     Py_END_ALLOW_THREADS
     if (st) { kvpy_raise_last(st); return -1; }
     self->store = s;

@@ -21,8 +21,10 @@ public func kvStoreCreate(_ segmentSize: UInt64, _ flags: UInt32,
     ABI.status { () throws(KVError) in
         guard let out else { throw .invalidArgument("out pointer is NULL") }
         guard segmentSize <= UInt64(Int.max) else { throw .invalidArgument("segment size \(segmentSize) is too large") }
+        var pinning = try PinningPolicy.fromEnvironment()
+        if flags & UInt32(KV_CREATE_NO_PIN) != 0 { pinning.enabled = false }
         let client = try StoreClient(segmentSize: Int(segmentSize),
-                                     prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0)
+                                     prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: pinning)
         out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
     }
 }

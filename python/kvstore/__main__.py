@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="measure put/get throughput against numpy.copyto")
     bench.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB,256MiB",
                        help="comma-separated value sizes (default 4KiB,64KiB,1MiB,16MiB,256MiB)")
-    bench.add_argument("--ops", default="put,get,put_from,get_into,batch",
-                       help="comma-separated operations: put,get,put_from,get_into,batch")
+    bench.add_argument("--ops", default="put,get,put_from,get_into,put_tensor,get_tensor_into,batch",
+                       help="comma-separated operations: put,get,put_from,get_into,put_tensor,get_tensor_into,batch,gpu (gpu needs torch and a CUDA device)")
     bench.add_argument("--repeat", type=int, default=7, help="timed store/copyto pairs per case (batch cases: 5x); medians are reported")
     bench.add_argument("--batch", default="256x64KiB", help="batch shape COUNTxSIZE (default 256x64KiB)")
     bench.add_argument("--budget", default="512MiB", help="bytes moved per repetition for large sizes (default 512MiB)")

@@ -12,6 +12,13 @@ per-pair ratios (copyto time / store time), i.e. the fraction of the memcpy limi
 - get_into: ``n`` objects copied into one destination; baseline: ``n`` distinct sources into
   one destination.
 - get: like get_into, but each call also allocates the ``bytes`` it returns.
+- put_tensor / get_tensor_into: like put_from / get_into with a float32 numpy array (uint8
+  when the size is not a multiple of 4): the 304-byte header and the data are two parts of
+  one write (the baseline copies the data bytes only).
+- gpu (needs torch and a CUDA device): GPU→store ``upsert_tensor`` and store→GPU
+  ``get_tensor_into`` of each size, in stores with pinning on and off, against torch's own
+  copy between the CUDA tensor and a pinned CPU tensor of the same size (the ratio column is
+  store / torch there).
 - batch_put_from / batch_get_into: one call moving COUNT objects of SIZE between the store and
   the rows of a 2-D array; baseline: one copyto of the whole array (the memcpy limit for the
   same bytes).
@@ -31,7 +38,7 @@ import numpy as np
 from ._sizes import parse_size
 from ._store import Store
 
-_ALL_OPS = ("put", "get", "put_from", "get_into", "batch")
+_ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu")
 
 
 def _fmt_size(n: int) -> str:
@@ -110,7 +117,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{op:<16}{_fmt_size(size):>10}{count:>8}{ops_s:>14,.0f}{row['gb_per_s']:>9.2f}"
               f"{row['copyto_gb_per_s']:>13.2f}{row['ratio']:>8.2f}", flush=True)
 
-    single = [o for o in ops if o != "batch"]
+    single = [o for o in ops if o not in ("batch", "gpu")]
     for size in sizes if single else []:
         n = _count_for(size, budget, args.small_ops)
         keys = [f"bench-{size}-{i}" for i in range(n)]
@@ -130,7 +137,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 np.copyto(dst, row)
 
 
-        with Store(_segment_for(n, size), prefault=True) as store:
+        with Store(_segment_for(n, size + 304), prefault=True) as store:  # room for tensor headers
             store.register_buffer(src)
 
             def fill() -> None:
@@ -148,6 +155,31 @@ def run_bench(args: argparse.Namespace) -> int:
                             fn(k, value)
 
                     report(op, size, n, _paired(run_put, store.remove_all, copy_scatter, args.repeat))
+                elif op == "put_tensor":
+                    tensor = src.view(np.float32) if size % 4 == 0 else src
+
+                    def run_put_tensor(tensor: np.ndarray = tensor) -> None:
+                        for k in keys:
+                            store.put_tensor(k, tensor)
+
+                    report(op, size, n, _paired(run_put_tensor, store.remove_all, copy_scatter, args.repeat))
+                elif op == "get_tensor_into":
+                    tensor = src.view(np.float32) if size % 4 == 0 else src
+                    target = dst.view(tensor.dtype)
+                    store.remove_all()
+                    for k in keys:
+                        store.put_tensor(k, tensor)
+
+                    def run_get_tensor_into(target: np.ndarray = target) -> None:
+                        for k in keys:
+                            store.get_tensor_into(k, target)
+
+                    timing = _paired(run_get_tensor_into, lambda: None, copy_gather, args.repeat)
+                    dst.fill(0)
+                    run_get_tensor_into()
+                    if not _same(op, dst, src):
+                        return 1
+                    report(op, size, n, timing)
                 elif op == "get":
                     get = store.get
 
@@ -198,6 +230,13 @@ def run_bench(args: argparse.Namespace) -> int:
             if not _same("batch_get_into", dst2, src2):
                 return 1
             report("batch_get_into", batch_size, batch_count, timing)
+
+    if "gpu" in ops:
+        from ._bench_gpu import run_gpu
+
+        rc = run_gpu(sizes, args.repeat, report)
+        if rc:
+            return rc
 
     if args.json:
         with open(args.json, "w") as f:

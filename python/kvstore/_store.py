@@ -25,10 +25,18 @@ class Store(_native.Store):
     ``segment_size`` is in bytes, as an int or a string such as ``"1GiB"`` (default 1 GiB).
     Segment memory is committed on first use; ``prefault=True`` commits all of it now, so
     creation takes longer and later writes never wait for page faults.
+
+    When an accelerator (a CUDA GPU) is present the segment is pinned (page-locked for fast
+    DMA) within a byte budget: ``KVSTORE_PIN_MEMORY=0`` turns pinning off,
+    ``KVSTORE_PIN_MEMORY_MAX_BYTES`` caps the bytes pinned by the process (``MC_STORE_``
+    names are aliases). A refused pin leaves the segment pageable and shows in ``stats()``
+    (``pinned_bytes``, ``pin_fallbacks``); it never fails. ``pin_memory=False`` skips
+    pinning for this store.
     """
 
-    def __init__(self, segment_size: int | str = DEFAULT_SEGMENT_SIZE, *, prefault: bool = False) -> None:
-        super().__init__(parse_size(segment_size, name="segment_size"), bool(prefault))
+    def __init__(self, segment_size: int | str = DEFAULT_SEGMENT_SIZE, *, prefault: bool = False,
+                 pin_memory: bool = True) -> None:
+        super().__init__(parse_size(segment_size, name="segment_size"), bool(prefault), bool(pin_memory))
 
     # ---- tensors (DESIGN.md §4; helpers in _tensor.py) ----
 

@@ -73,10 +73,13 @@ const char *kv_last_error(size_t *len);
 size_t kv_max_key_bytes(void);
 
 /* Flags of kv_store_create. */
-enum { KV_CREATE_PREFAULT = 1 };
+enum { KV_CREATE_PREFAULT = 1, KV_CREATE_NO_PIN = 2 };
 
 /* Creates an embedded store with one host segment of segment_size bytes. With
- * KV_CREATE_PREFAULT the segment's pages are committed now rather than on first use. */
+ * KV_CREATE_PREFAULT the segment's pages are committed now rather than on first use. The
+ * segment is pinned when an accelerator is present, within the budget of the environment
+ * (KVSTORE_PIN_MEMORY, KVSTORE_PIN_MEMORY_MAX_BYTES, or their MC_STORE_ aliases; a bad value is
+ * KV_E_INVALID_ARGUMENT); KV_CREATE_NO_PIN leaves it pageable. A refused pin is not an error. */
 int32_t kv_store_create(uint64_t segment_size, uint32_t flags, kv_store **out);
 /* Closes (waits for operations in flight) and frees the handle. NULL is ignored. */
 void kv_store_destroy(kv_store *store);
