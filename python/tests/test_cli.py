@@ -28,9 +28,17 @@ def test_bench_small_run(tmp_path):
             "--budget", "4MiB", "--batch", "8x4KiB", "--json", str(out))
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())
-    assert {row["op"] for row in rows} == {"put", "get", "put_from", "get_into", "batch_put_from", "batch_get_into"}
+    assert {row["op"] for row in rows} == {"put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into",
+                                           "batch_put_from", "batch_get_into"}
     assert all(row["gb_per_s"] > 0 and row["copyto_gb_per_s"] > 0 for row in rows)
 
 
 def test_bench_rejects_unknown_op():
     assert run("bench", "--ops", "fly").returncode == 2
+
+
+def test_bench_gpu_mode_skips_cleanly_without_a_gpu():
+    r = run("bench", "--ops", "gpu", "--sizes", "1MiB", "--repeat", "1")
+    assert r.returncode == 0, r.stderr
+    if "cuda:0" not in __import__("kvstore").devices():
+        assert "skipped" in r.stderr
