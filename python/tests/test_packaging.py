@@ -37,3 +37,16 @@ def test_typing_files_ship():
     pkg = Path(kvstore.__file__).parent
     assert (pkg / "py.typed").exists()
     assert (pkg / "_native.pyi").exists()
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf not installed")
+def test_device_kinds_are_registered_in_the_extension():
+    # Each device kind places one 8-byte record (a function pointer) in this section; the
+    # registry reads it at run time. The extension links two kinds: the host and CUDA.
+    out = subprocess.run(["readelf", "-W", "-S", str(SO)], capture_output=True, text=True, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if "kvstore_accelerators" in line]
+    assert rows, "no kvstore_accelerators section"
+    name_at = rows[0].index("kvstore_accelerators")
+    size = int(rows[0][name_at + 4], 16)
+    assert size == 16
+    assert kvstore.devices()[0] == "cpu:0"
