@@ -13,7 +13,6 @@ copies a tensor behind your back; call ``np.ascontiguousarray(x)`` / ``x.contigu
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,19 +46,23 @@ _DL_HOST = {1, 3}
 _DL_CUDA = {2, 13}
 
 
-@dataclass
 class TensorRef:
-    """A tensor's bytes as kvstore moves them."""
+    """A tensor's bytes as kvstore moves them (a plain slotted class: built on every call)."""
 
-    code: int
-    shape: tuple[int, ...]
-    nbytes: int
-    #: a buffer-protocol object over the bytes (host memory), or an (address, length) pair
-    part: Any
-    #: "cpu", "cuda:N", or "cuda" when the index is the registry's to find
-    location: str
-    writable: bool = True
-    keep: list[Any] = field(default_factory=list)
+    __slots__ = ("code", "shape", "nbytes", "part", "location", "writable", "keep")
+
+    def __init__(self, code: int, shape: tuple[int, ...], nbytes: int, part: Any, location: str,
+                 writable: bool = True, keep: Any = None) -> None:
+        self.code = code
+        self.shape = shape
+        self.nbytes = nbytes
+        #: a buffer-protocol object over the bytes (host memory), or an (address, length) pair
+        self.part = part
+        #: "cpu", "cuda:N", or "cuda" when the index is the registry's to find
+        self.location = location
+        self.writable = writable
+        #: objects that must stay alive while the bytes are used
+        self.keep = keep
 
     @property
     def data_parts(self) -> list[Any]:
@@ -114,7 +117,16 @@ def describe(obj: Any, what: str = "tensor") -> TensorRef:
         f"or __dlpack__), not {type(obj).__name__}")
 
 
+#: Native little-endian numpy dtypes -> code: the fast path (a dict lookup, no dtype.name).
+_NUMPY_CODES = {np.dtype(name).newbyteorder("<"): code for name, code in DTYPE_CODES.items()
+                if name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2")}
+
+
 def _describe_numpy(a: np.ndarray, what: str) -> TensorRef:
+    code = _NUMPY_CODES.get(a.dtype)
+    if code is not None and a.flags.c_contiguous and a.ndim <= MAX_DIMS:
+        # A standard dtype: the array itself is the buffer (no view object to build).
+        return TensorRef(code, a.shape, a.nbytes, a, "cpu", a.flags.writeable, a)
     _refuse_dims(a.shape)
     if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and sys.byteorder == "big"):
         raise InvalidArgumentError(f"{what} is big-endian; stored tensors are little-endian")
@@ -122,7 +134,7 @@ def _describe_numpy(a: np.ndarray, what: str) -> TensorRef:
     if not a.flags.c_contiguous:
         raise _not_contiguous(what)
     flat = a.reshape(-1).view(np.uint8)
-    return TensorRef(code, tuple(int(d) for d in a.shape), int(a.nbytes), flat, "cpu", bool(a.flags.writeable), [a])
+    return TensorRef(code, tuple(int(d) for d in a.shape), int(a.nbytes), flat, "cpu", bool(a.flags.writeable), a)
 
 
 def _torch_location(device: Any) -> str:
@@ -138,7 +150,7 @@ def _describe_torch(t: Any, what: str) -> TensorRef:
     if not t.is_contiguous():
         raise _not_contiguous(what)
     nbytes = int(t.numel()) * int(t.element_size())
-    return TensorRef(code, shape, nbytes, (int(t.data_ptr()), nbytes), _torch_location(t.device), True, [t])
+    return TensorRef(code, shape, nbytes, (int(t.data_ptr()), nbytes), _torch_location(t.device), True, t)
 
 
 def _describe_cai(obj: Any, cai: dict[str, Any], what: str) -> TensorRef:
@@ -157,7 +169,7 @@ def _describe_cai(obj: Any, cai: dict[str, Any], what: str) -> TensorRef:
     for d in shape:
         nbytes *= d
     # __cuda_array_interface__ does not say which GPU: the device registry finds out.
-    return TensorRef(code, shape, nbytes, (int(address), nbytes), "cuda", not readonly, [obj])
+    return TensorRef(code, shape, nbytes, (int(address), nbytes), "cuda", not readonly, obj)
 
 
 def _describe_dlpack(obj: Any, what: str) -> TensorRef:
@@ -180,7 +192,7 @@ def _describe_dlpack(obj: Any, what: str) -> TensorRef:
     nbytes = ITEM_SIZES[code]
     for d in shape:
         nbytes *= d
-    return TensorRef(code, tuple(shape), nbytes, (int(address), nbytes), location, True, [obj, capsule])
+    return TensorRef(code, tuple(shape), nbytes, (int(address), nbytes), location, True, (obj, capsule))
 
 
 # ---- reading ----
