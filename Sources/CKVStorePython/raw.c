@@ -1,87 +1,11 @@
-/* Raw-memory methods of kvstore._native.Store and tensor helpers of the module: parts given as
- * (address, length) of memory on any device, batch writes grouped per device, a read that
- * decides its destination after seeing the object's first bytes (tensor reads), the tensor
- * header codec, DLPack capsule parsing, and the device list. Conversion only: the logic is
+/* Raw-memory methods of kvstore._native.Store and tensor helpers of the module: a read that
+ * decides its destination after seeing the object's first bytes (tensor reads), registration
+ * of memory on any device, the tensor header codec, DLPack capsule parsing, and the device
+ * list. Conversion only: the logic is
  * behind the C ABI. */
 #include "kvpy.h"
 #include <stdlib.h>
 #include <string.h>
-
-/* _put_raw(key, parts, upsert) */
-PyObject *kvpy_store_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (kvpy_check_nargs("_put_raw", nargs, 3, 3) < 0) return NULL;
-    const char *k;
-    Py_ssize_t klen;
-    if (kvpy_key_arg(self, args[0], &k, &klen) < 0) return NULL;
-    int upsert = PyObject_IsTrue(args[2]);
-    if (upsert < 0) return NULL;
-    kvpy_buffers b;
-    kvpy_buffers_init(&b);
-    if (kvpy_buffers_add_raw_list(&b, args[1], 0) < 0) return NULL;
-    uint32_t flags = (upsert ? KV_UPSERT : KV_PUT) | (b.raw == 0 ? KV_HOST_MEMORY : 0);
-    int32_t st;
-    RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(&b, 0, b.count),
-                       st = kv_put(self->store, k, (size_t)klen, b.parts, (size_t)b.count, flags));
-    kvpy_buffers_release(&b);
-    if (st) return kvpy_raise_last(st);
-    Py_RETURN_NONE;
-}
-
-static PyObject *ok_none(batch_item *it) { (void)it; Py_RETURN_NONE; }
-
-/* _batch_put_raw(keys, part_lists, upsert) -> [None | exception] */
-PyObject *kvpy_store_batch_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (kvpy_check_nargs("_batch_put_raw", nargs, 3, 3) < 0) return NULL;
-    ENSURE_OPEN(self);
-    int upsert = PyObject_IsTrue(args[2]);
-    if (upsert < 0) return NULL;
-    Py_ssize_t n;
-    batch_item *items = kvpy_batch_begin(args[0], args[1], "part_lists", &n);
-    if (!items) return NULL;
-    kvpy_buffers b;
-    kvpy_buffers_init(&b);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!items[i].key) continue;
-        PyObject *v = PySequence_GetItem(args[1], i);
-        Py_ssize_t added = v ? kvpy_buffers_add_raw_list(&b, v, 0) : -1;
-        Py_XDECREF(v);
-        if (added < 0) { items[i].error = kvpy_take_error(); continue; }
-        items[i].first = b.count - added;
-        items[i].count = added;
-    }
-    kv_batch_put_item *calls = PyMem_Calloc((size_t)(n ? n : 1), sizeof(kv_batch_put_item));
-    int32_t *statuses = PyMem_Calloc((size_t)(n ? n : 1), sizeof(int32_t));
-    Py_ssize_t *index = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Py_ssize_t));
-    if (!calls || !statuses || !index) {
-        PyMem_Free(calls); PyMem_Free(statuses); PyMem_Free(index);
-        kvpy_buffers_release(&b); kvpy_batch_end(items, n);
-        return PyErr_NoMemory();
-    }
-    size_t m = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!items[i].key || items[i].error) continue;
-        calls[m] = (kv_batch_put_item){items[i].k, (size_t)items[i].klen, b.parts + items[i].first, (size_t)items[i].count};
-        index[m++] = i;
-    }
-    uint32_t flags = (upsert ? KV_UPSERT : KV_PUT) | (b.raw == 0 ? KV_HOST_MEMORY : 0);
-    int32_t st;
-    RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(&b, 0, b.count), st = kv_batch_put(self->store, calls, m, flags, statuses));
-    PyObject *r = NULL;
-    if (st) {
-        kvpy_raise_last(st);
-    } else {
-        for (size_t j = 0; j < m; j++) {
-            batch_item *it = &items[index[j]];
-            it->status = statuses[j];
-            if (statuses[j]) it->message = strdup(kv_batch_error(j, NULL));
-        }
-        r = kvpy_batch_results(items, n, ok_none);
-    }
-    PyMem_Free(calls); PyMem_Free(statuses); PyMem_Free(index);
-    kvpy_buffers_release(&b);
-    kvpy_batch_end(items, n);
-    return r;
-}
 
 /* _read_object(key, prefix_len, resolve) -> result */
 PyObject *kvpy_store_read_object(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {

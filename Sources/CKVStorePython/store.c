@@ -7,11 +7,6 @@
 #define key_arg kvpy_key_arg
 #define check_nargs kvpy_check_nargs
 #define read_begin kvpy_read_begin
-#define batch_begin kvpy_batch_begin
-#define batch_record_failure kvpy_batch_record_failure
-#define batch_error kvpy_batch_error
-#define batch_end kvpy_batch_end
-#define batch_results kvpy_batch_results
 
 int kvpy_ensure_open(StoreObject *self) {
     if (self->store == NULL || kv_store_is_closed(self->store)) {
@@ -113,6 +108,18 @@ static PyObject *store_stats(StoreObject *self, PyObject *unused) {
 
 /* ---- single-object writes ---- */
 
+/* Writes the collected buffers as one object and releases them. Raw (address, length) parts
+ * make the core find their device; buffer-protocol parts are host memory. */
+static PyObject *put_buffers(StoreObject *self, const char *k, Py_ssize_t klen, kvpy_buffers *b, uint32_t flags) {
+    if (b->raw == 0) flags |= KV_HOST_MEMORY;
+    int32_t st;
+    RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(b, 0, b->count),
+                       st = kv_put(self->store, k, (size_t)klen, b->parts, (size_t)b->count, flags));
+    kvpy_buffers_release(b);
+    if (st) return kvpy_raise_last(st);
+    Py_RETURN_NONE;
+}
+
 static PyObject *put_impl(StoreObject *self, PyObject *key, PyObject *const *parts, Py_ssize_t nparts, uint32_t flags) {
     const char *k;
     Py_ssize_t klen;
@@ -122,12 +129,21 @@ static PyObject *put_impl(StoreObject *self, PyObject *key, PyObject *const *par
     for (Py_ssize_t i = 0; i < nparts; i++) {
         if (kvpy_buffers_add(&b, parts[i], 0, 0) < 0) { kvpy_buffers_release(&b); return NULL; }
     }
-    int32_t st;
-    RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(&b, 0, b.count),
-                       st = kv_put(self->store, k, (size_t)klen, b.parts, (size_t)b.count, flags | KV_HOST_MEMORY));
-    kvpy_buffers_release(&b);
-    if (st) return kvpy_raise_last(st);
-    Py_RETURN_NONE;
+    return put_buffers(self, k, klen, &b, flags);
+}
+
+/* _put_raw(key, parts: list, upsert) */
+static PyObject *store_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("_put_raw", nargs, 3, 3) < 0) return NULL;
+    const char *k;
+    Py_ssize_t klen;
+    if (key_arg(self, args[0], &k, &klen) < 0) return NULL;
+    int upsert = PyObject_IsTrue(args[2]);
+    if (upsert < 0) return NULL;
+    kvpy_buffers b;
+    kvpy_buffers_init(&b);
+    if (kvpy_buffers_add_raw_list(&b, args[1], 0) < 0) return NULL;
+    return put_buffers(self, k, klen, &b, upsert ? KV_UPSERT : KV_PUT);
 }
 
 static PyObject *store_put(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -152,6 +168,18 @@ static PyObject *store_upsert_parts(StoreObject *self, PyObject *const *args, Py
 
 /* ---- batches: shared plumbing ---- */
 
+/* Per-key state of a batch: the key (a held reference), its parts, and its outcome. */
+typedef struct {
+    PyObject *key;      /* new reference, or NULL when the key was bad */
+    const char *k;
+    Py_ssize_t klen;
+    Py_ssize_t first, count;
+    PyObject *error;    /* exception instance found while converting, or NULL */
+    int32_t status;
+    char *message;      /* malloc'd ABI message when status != 0 */
+    uint64_t value;     /* bytes copied, size, or flag */
+} batch_item;
+
 static Py_ssize_t seq_len(PyObject *obj, const char *what) {
     if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
         kvpy_type_error(obj, what, "a list or tuple");
@@ -161,7 +189,7 @@ static Py_ssize_t seq_len(PyObject *obj, const char *what) {
 }
 
 /* Validates the batch's lists and converts the keys. Returns the items (n of them) or NULL. */
-batch_item *kvpy_batch_begin(PyObject *keys, PyObject *second, const char *second_name, Py_ssize_t *n_out) {
+static batch_item *batch_begin(PyObject *keys, PyObject *second, const char *second_name, Py_ssize_t *n_out) {
     Py_ssize_t n = seq_len(keys, "keys");
     if (n < 0) return NULL;
     if (second) {
@@ -188,7 +216,7 @@ batch_item *kvpy_batch_begin(PyObject *keys, PyObject *second, const char *secon
     return items;
 }
 
-void kvpy_batch_record_failure(batch_item *it, int32_t st) {
+static void batch_record_failure(batch_item *it, int32_t st) {
     it->status = st;
     if (st) {
         const char *m = kv_last_error(NULL);
@@ -197,7 +225,7 @@ void kvpy_batch_record_failure(batch_item *it, int32_t st) {
 }
 
 /* The error of item i as an exception instance (new reference), or NULL if it succeeded. */
-PyObject *kvpy_batch_error(batch_item *it) {
+static PyObject *batch_error(batch_item *it) {
     if (it->error) { Py_INCREF(it->error); return it->error; }
     if (it->status) {
         PyObject *e = kvpy_error_object(it->status, it->message ? it->message : "");
@@ -207,7 +235,7 @@ PyObject *kvpy_batch_error(batch_item *it) {
     return NULL;
 }
 
-void kvpy_batch_end(batch_item *items, Py_ssize_t n) {
+static void batch_end(batch_item *items, Py_ssize_t n) {
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_XDECREF(items[i].key);
         Py_XDECREF(items[i].error);
@@ -217,7 +245,7 @@ void kvpy_batch_end(batch_item *items, Py_ssize_t n) {
 }
 
 /* Builds the result list: the error instance, or ok(item) for items that succeeded. */
-PyObject *kvpy_batch_results(batch_item *items, Py_ssize_t n, PyObject *(*ok)(batch_item *)) {
+static PyObject *batch_results(batch_item *items, Py_ssize_t n, PyObject *(*ok)(batch_item *)) {
     PyObject *list = PyList_New(n);
     if (!list) return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -233,22 +261,74 @@ static PyObject *ok_none(batch_item *it) { (void)it; Py_RETURN_NONE; }
 static PyObject *ok_value(batch_item *it) { return PyLong_FromUnsignedLongLong(it->value); }
 static PyObject *ok_bool(batch_item *it) { return PyBool_FromLong(it->value != 0); }
 
-/* Collects the buffers (or lists of buffers) of every item with a good key into b; an item
- * whose buffers are bad gets its error. Returns the total bytes collected. */
-static size_t batch_buffers(batch_item *items, Py_ssize_t n, PyObject *seq, int writable, kvpy_buffers *b) {
+/* Collects the buffers of every item with a good key into b: each item's value is a buffer or
+ * a list or tuple of buffers, or with `raw` a list of buffers and (address, length) parts. An
+ * item whose buffers are bad gets its error. */
+static void batch_buffers(batch_item *items, Py_ssize_t n, PyObject *seq, int writable, int raw, kvpy_buffers *b) {
     kvpy_buffers_init(b);
-    size_t total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (!items[i].key) continue;
         PyObject *v = PySequence_GetItem(seq, i);
-        Py_ssize_t added = v ? kvpy_buffers_add(b, v, writable, 1) : -1;
+        Py_ssize_t added = !v ? -1 : raw ? kvpy_buffers_add_raw_list(b, v, writable) : kvpy_buffers_add(b, v, writable, 1);
         Py_XDECREF(v);
         if (added < 0) { items[i].error = kvpy_take_error(); continue; }
         items[i].first = b->count - added;
         items[i].count = added;
-        total += kvpy_buffers_bytes(b, items[i].first, added);
     }
-    return total;
+}
+
+/* Runs the items whose conversion succeeded as one kv_batch_put (or, with `get`, one
+ * kv_batch_get_into): the core plans every copy and runs them grouped per device. Records
+ * each item's status, message and size. Returns 0, or -1 with an error set when the call
+ * itself failed. */
+static int run_batch(StoreObject *self, batch_item *items, Py_ssize_t n, const kvpy_buffers *b, int get, uint32_t flags) {
+    size_t cap = (size_t)(n ? n : 1);
+    Py_ssize_t *index = PyMem_Calloc(cap, sizeof *index);
+    int32_t *statuses = PyMem_Calloc(cap, sizeof *statuses);
+    uint64_t *sizes = PyMem_Calloc(cap, sizeof *sizes);
+    kv_batch_put_item *puts = get ? NULL : PyMem_Calloc(cap, sizeof *puts);
+    kv_batch_get_item *gets = get ? PyMem_Calloc(cap, sizeof *gets) : NULL;
+    int rc = -1;
+    if (!index || !statuses || !sizes || (!puts && !gets)) { PyErr_NoMemory(); goto done; }
+    if (b->raw == 0) flags |= KV_HOST_MEMORY;
+    size_t m = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        batch_item *it = &items[i];
+        if (!it->key || it->error) continue;
+        if (get) gets[m] = (kv_batch_get_item){it->k, (size_t)it->klen, (const kv_mut_buffer *)(b->parts + it->first), (size_t)it->count};
+        else puts[m] = (kv_batch_put_item){it->k, (size_t)it->klen, b->parts + it->first, (size_t)it->count};
+        index[m++] = i;
+    }
+    int32_t st;
+    RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(b, 0, b->count),
+                       st = get ? kv_batch_get_into(self->store, gets, m, flags, statuses, sizes)
+                                : kv_batch_put(self->store, puts, m, flags, statuses));
+    if (st) { kvpy_raise_last(st); goto done; }
+    for (size_t j = 0; j < m; j++) {
+        batch_item *it = &items[index[j]];
+        it->status = statuses[j];
+        it->value = sizes[j];
+        if (statuses[j]) it->message = strdup(kv_batch_error(j, NULL));
+    }
+    rc = 0;
+done:
+    PyMem_Free(index); PyMem_Free(statuses); PyMem_Free(sizes); PyMem_Free(puts); PyMem_Free(gets);
+    return rc;
+}
+
+/* A whole batch call: convert keys and buffers, run, build the per-key results. */
+static PyObject *batch_call(StoreObject *self, PyObject *keys, PyObject *values, const char *values_name,
+                            int get, int raw, uint32_t flags, PyObject *(*ok)(batch_item *)) {
+    ENSURE_OPEN(self);
+    Py_ssize_t n;
+    batch_item *items = batch_begin(keys, values, values_name, &n);
+    if (!items) return NULL;
+    kvpy_buffers b;
+    batch_buffers(items, n, values, get, raw, &b);
+    PyObject *r = run_batch(self, items, n, &b, get, flags) < 0 ? NULL : batch_results(items, n, ok);
+    kvpy_buffers_release(&b);
+    batch_end(items, n);
+    return r;
 }
 
 /* ---- batch writes ---- */
@@ -256,24 +336,7 @@ static size_t batch_buffers(batch_item *items, Py_ssize_t n, PyObject *seq, int 
 static PyObject *put_batch_impl(StoreObject *self, PyObject *const *args, Py_ssize_t nargs,
                                 const char *name, const char *second_name, uint32_t flags) {
     if (check_nargs(name, nargs, 2, 2) < 0) return NULL;
-    ENSURE_OPEN(self);
-    Py_ssize_t n;
-    batch_item *items = batch_begin(args[0], args[1], second_name, &n);
-    if (!items) return NULL;
-    kvpy_buffers b;
-    size_t total = batch_buffers(items, n, args[1], 0, &b);
-    RUN_MAYBE_UNLOCKED(total, {
-        for (Py_ssize_t i = 0; i < n; i++) {
-            if (!items[i].key || items[i].error) continue;
-            int32_t st = kv_put(self->store, items[i].k, (size_t)items[i].klen, b.parts + items[i].first,
-                                (size_t)items[i].count, flags | KV_HOST_MEMORY);
-            batch_record_failure(&items[i], st);
-        }
-    });
-    kvpy_buffers_release(&b);
-    PyObject *r = batch_results(items, n, ok_none);
-    batch_end(items, n);
-    return r;
+    return batch_call(self, args[0], args[1], second_name, 0, 0, flags, ok_none);
 }
 
 static PyObject *store_put_batch(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -287,6 +350,13 @@ static PyObject *store_batch_put_from(StoreObject *self, PyObject *const *args, 
 }
 static PyObject *store_batch_upsert_from(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
     return put_batch_impl(self, args, nargs, "batch_upsert_from", "buffer_lists", KV_UPSERT);
+}
+/* _batch_put_raw(keys, part_lists, upsert) -> [None | exception] */
+static PyObject *store_batch_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("_batch_put_raw", nargs, 3, 3) < 0) return NULL;
+    int upsert = PyObject_IsTrue(args[2]);
+    if (upsert < 0) return NULL;
+    return batch_call(self, args[0], args[1], "part_lists", 0, 1, upsert ? KV_UPSERT : KV_PUT, ok_none);
 }
 
 /* ---- reads ---- */
@@ -367,25 +437,7 @@ static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
 
 static PyObject *store_batch_get_into(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs("batch_get_into", nargs, 2, 2) < 0) return NULL;
-    ENSURE_OPEN(self);
-    Py_ssize_t n;
-    batch_item *items = batch_begin(args[0], args[1], "buffers", &n);
-    if (!items) return NULL;
-    kvpy_buffers b;
-    size_t total = batch_buffers(items, n, args[1], 1, &b);
-    RUN_MAYBE_UNLOCKED(total, {
-        for (Py_ssize_t i = 0; i < n; i++) {
-            if (!items[i].key || items[i].error) continue;
-            int32_t st = kv_get_into(self->store, items[i].k, (size_t)items[i].klen,
-                                     (const kv_mut_buffer *)(b.parts + items[i].first), (size_t)items[i].count,
-                                     KV_HOST_MEMORY, &items[i].value);
-            batch_record_failure(&items[i], st);
-        }
-    });
-    kvpy_buffers_release(&b);
-    PyObject *r = batch_results(items, n, ok_value);
-    batch_end(items, n);
-    return r;
+    return batch_call(self, args[0], args[1], "buffers", 1, 0, 0, ok_value);
 }
 
 /* ---- queries and removal ---- */
@@ -532,6 +584,10 @@ static PyMethodDef store_methods[] = {
     {"remove_all", (PyCFunction)store_remove_all, METH_NOARGS, "remove_all() -> int."},
     {"register_buffer", (PyCFunction)(void (*)(void))store_register_buffer, METH_VARARGS | METH_KEYWORDS, "register_buffer(buffer, location='cpu')."},
     {"unregister_buffer", (PyCFunction)store_unregister_buffer, METH_O, "unregister_buffer(buffer)."},
+    {"_put_raw", (PyCFunction)(void (*)(void))store_put_raw, METH_FASTCALL,
+     "_put_raw(key, parts: list, upsert): parts are buffers or (address, length) of memory on any device."},
+    {"_batch_put_raw", (PyCFunction)(void (*)(void))store_batch_put_raw, METH_FASTCALL,
+     "_batch_put_raw(keys, part_lists, upsert) -> list: like _put_raw per key; copies grouped per device."},
     KVPY_RAW_METHODS
     {"stats", (PyCFunction)store_stats, METH_NOARGS, "stats() -> dict."},
     {"close", (PyCFunction)store_close, METH_NOARGS, "close(): idempotent."},

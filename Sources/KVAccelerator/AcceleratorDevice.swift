@@ -28,7 +28,9 @@ public protocol AcceleratorDevice: AnyObject, Sendable {
     func withCurrent<R>(_ body: () throws(KVError) -> R) throws(KVError) -> R
 
     /// Copies `count` bytes from `source` to `destination`; `direction` says which side is
-    /// this device's memory. A direction this device cannot perform is `unsupported`.
+    /// this device's memory. A direction this device cannot perform is `unsupported`. Call it
+    /// inside `withCurrent` (one scope can hold many copies: `DeviceCopyPlan` enters it once
+    /// per device per batch).
     func copy(_ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int) throws(KVError)
 
     /// Allocates `bytes` of page-locked host memory usable for fast copies with this device.

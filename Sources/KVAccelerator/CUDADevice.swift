@@ -50,19 +50,17 @@ public final class CUDADevice: AcceleratorDevice {
 
     public func copy(_ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int) throws(KVError) {
         guard count > 0 else { return }
-        try withCurrent { () throws(KVError) in
-            let r: CUDADriver.Result
-            switch direction {
-            case .hostToDevice:
-                r = driver.cuMemcpyHtoD(UInt64(destination), UnsafeRawPointer(bitPattern: source)!, count)
-            case .deviceToHost:
-                r = driver.cuMemcpyDtoH(UnsafeMutableRawPointer(bitPattern: destination)!, UInt64(source), count)
-            case .deviceToDevice, .hostToHost:
-                // Unified addressing: the driver finds both sides (also across devices).
-                r = driver.cuMemcpy(UInt64(destination), UInt64(source), count)
-            }
-            try driver.check(r, "\(direction) copy of \(count) bytes on \(location)")
+        let r: CUDADriver.Result
+        switch direction {
+        case .hostToDevice:
+            r = driver.cuMemcpyHtoD(UInt64(destination), UnsafeRawPointer(bitPattern: source)!, count)
+        case .deviceToHost:
+            r = driver.cuMemcpyDtoH(UnsafeMutableRawPointer(bitPattern: destination)!, UInt64(source), count)
+        case .deviceToDevice, .hostToHost:
+            // Unified addressing: the driver finds both sides (also across devices).
+            r = driver.cuMemcpy(UInt64(destination), UInt64(source), count)
         }
+        try driver.check(r, "\(direction) copy of \(count) bytes on \(location)")
     }
 
     public func allocatePinned(bytes: Int) throws(KVError) -> MemoryRegion {

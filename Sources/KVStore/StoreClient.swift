@@ -59,20 +59,18 @@ public final class StoreClient: Sendable {
         defer { gate.leave() }
         let total = TransferPlan.totalLength(parts)
         guard total > 0 else { throw .invalidArgument("value must not be empty") }
-        let locations = try locate(parts, memory)
+        let locations = locate(parts, memory)
         let ticket = try master.beginWrite(key: key, size: total, mode: mode)
         let destination = segment.region(offset: ticket.offset, length: total)
         if let locations {
             var plan = DeviceCopyPlan()
-            planWrite(&plan, parts: parts, locations: locations, into: destination, owner: 0)
+            plan.addWrite(parts, locations: locations, into: destination, owner: 0)
             if let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] {
                 try? master.abortWrite(ticket)
                 throw e
             }
         } else {
-            withUnsafePointer(to: destination) { d in
-                _ = transport.copy(from: parts, to: UnsafeBufferPointer(start: d, count: 1), into: .segment)
-            }
+            copyHost(parts, into: destination)
         }
         try master.commitWrite(ticket)
         operations.puts.add(1, ordering: .relaxed)
@@ -106,10 +104,14 @@ public final class StoreClient: Sendable {
                 let mine = UnsafeBufferPointer(rebasing: parts[item.parts])
                 let total = TransferPlan.totalLength(mine)
                 guard total > 0 else { throw .invalidArgument("value must not be empty") }
-                let locations = try locate(mine, memory) ?? [MemoryLocation](repeating: .host, count: mine.count)
                 let t = try master.beginWrite(key: item.key, size: total, mode: mode)
                 tickets[i] = t
-                planWrite(&plan, parts: mine, locations: locations, into: segment.region(offset: t.offset, length: total), owner: i)
+                let destination = segment.region(offset: t.offset, length: total)
+                if let locations = locate(mine, memory) {
+                    plan.addWrite(mine, locations: locations, into: destination, owner: i)
+                } else {
+                    copyHost(mine, into: destination)   // host memory: nothing to group
+                }
             } catch {
                 results[i] = error
             }
@@ -132,21 +134,8 @@ public final class StoreClient: Sendable {
         return results
     }
 
-    private func planWrite(_ plan: inout DeviceCopyPlan, parts: UnsafeBufferPointer<MemoryRegion>,
-                           locations: [MemoryLocation], into destination: MemoryRegion, owner: Int) {
-        locations.withUnsafeBufferPointer { sl in
-            withUnsafePointer(to: destination) { d in
-                withUnsafePointer(to: MemoryLocation.host) { dl in
-                    plan.add(sources: parts, sourceLocations: sl,
-                             destinations: UnsafeBufferPointer(start: d, count: 1),
-                             destinationLocations: UnsafeBufferPointer(start: dl, count: 1), owner: owner)
-                }
-            }
-        }
-    }
-
     /// Where each of `regions` lives; nil when all are host memory (the fast path).
-    func locate(_ regions: UnsafeBufferPointer<MemoryRegion>, _ hint: MemoryHint) throws(KVError) -> [MemoryLocation]? {
+    func locate(_ regions: UnsafeBufferPointer<MemoryRegion>, _ hint: MemoryHint) -> [MemoryLocation]? {
         guard hint == .locate else { return nil }
         let snapshot = AcceleratorRegistry.snapshot
         var out: [MemoryLocation]? = nil
@@ -231,8 +220,8 @@ public final class StoreClient: Sendable {
         try gate.enter()
         defer { gate.leave() }
         var results = [Result<Int, KVError>](repeating: .success(0), count: items.count)
-        var held: [(Int, ReadTicket)] = []
-        defer { for (_, t) in held { try? master.releaseRead(t.handle) } }
+        var held: [ReadTicket] = []
+        defer { for t in held { try? master.releaseRead(t.handle) } }
         var plan = DeviceCopyPlan()
         for (i, item) in items.enumerated() {
             do throws(KVError) {
@@ -241,20 +230,13 @@ public final class StoreClient: Sendable {
                 }
                 let mine = UnsafeBufferPointer(rebasing: destinations[item.destinations])
                 let t = try heldBeginRead(key: item.key)
-                held.append((i, t))
-                let room = TransferPlan.totalLength(mine)
-                guard room >= t.size else {
-                    throw .invalidArgument("buffer of \(room) bytes is too small for an object of \(t.size) bytes")
-                }
-                let locations = try locate(mine, memory) ?? [MemoryLocation](repeating: .host, count: mine.count)
+                held.append(t)
+                try Self.checkRoom(mine, for: t.size, of: t)
                 let source = segment.region(offset: t.offset, length: t.size)
-                locations.withUnsafeBufferPointer { dl in
-                    withUnsafePointer(to: source) { s in
-                        withUnsafePointer(to: MemoryLocation.host) { sl in
-                            plan.add(sources: UnsafeBufferPointer(start: s, count: 1), sourceLocations: UnsafeBufferPointer(start: sl, count: 1),
-                                     destinations: mine, destinationLocations: dl, owner: i)
-                        }
-                    }
+                if let locations = locate(mine, memory) {
+                    plan.addRead(from: source, into: mine, locations: locations, owner: i)
+                } else {
+                    copyHost(source, into: mine)
                 }
                 results[i] = .success(t.size)
             } catch {
@@ -297,28 +279,39 @@ public final class StoreClient: Sendable {
         return r
     }
 
+    /// Throws `invalidArgument` when `destinations` hold fewer than `count` bytes of `ticket`'s object.
+    private static func checkRoom(_ destinations: UnsafeBufferPointer<MemoryRegion>, for count: Int,
+                                  of ticket: ReadTicket) throws(KVError) {
+        let room = TransferPlan.totalLength(destinations)
+        guard room < count else { return }
+        let what = count == ticket.size ? "an object of \(ticket.size) bytes" : "\(count) bytes"
+        throw .invalidArgument("buffer of \(room) bytes is too small for \(what)")
+    }
+
     private func heldCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
                              memory: MemoryHint) throws(KVError) -> Int {
-        let room = TransferPlan.totalLength(destinations)
-        guard room >= range.count else {
-            let what = range.count == ticket.size ? "an object of \(ticket.size) bytes" : "\(range.count) bytes"
-            throw .invalidArgument("buffer of \(room) bytes is too small for \(what)")
-        }
+        try Self.checkRoom(destinations, for: range.count, of: ticket)
         let source = segment.region(offset: ticket.offset + range.lowerBound, length: range.count)
-        if let locations = try locate(destinations, memory) {
+        if let locations = locate(destinations, memory) {
             var plan = DeviceCopyPlan()
-            locations.withUnsafeBufferPointer { dl in
-                withUnsafePointer(to: source) { s in
-                    withUnsafePointer(to: MemoryLocation.host) { sl in
-                        plan.add(sources: UnsafeBufferPointer(start: s, count: 1), sourceLocations: UnsafeBufferPointer(start: sl, count: 1),
-                                 destinations: destinations, destinationLocations: dl, owner: 0)
-                    }
-                }
-            }
+            plan.addRead(from: source, into: destinations, locations: locations, owner: 0)
             if let e = plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] { throw e }
             return range.count
         }
-        return withUnsafePointer(to: source) { s in
+        return copyHost(source, into: destinations)
+    }
+
+    /// Host parts into a segment region: one copy per slice, no lookup, no plan.
+    private func copyHost(_ parts: UnsafeBufferPointer<MemoryRegion>, into destination: MemoryRegion) {
+        withUnsafePointer(to: destination) { d in
+            _ = transport.copy(from: parts, to: UnsafeBufferPointer(start: d, count: 1), into: .segment)
+        }
+    }
+
+    /// A segment region into host destinations; returns bytes copied.
+    @discardableResult
+    private func copyHost(_ source: MemoryRegion, into destinations: UnsafeBufferPointer<MemoryRegion>) -> Int {
+        withUnsafePointer(to: source) { s in
             transport.copy(from: UnsafeBufferPointer(start: s, count: 1), to: destinations, into: .callerMemory)
         }
     }

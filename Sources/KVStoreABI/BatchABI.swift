@@ -12,45 +12,66 @@ import KVStore
 @inline(__always)
 func memoryHint(_ flags: UInt32) -> StoreClient.MemoryHint { flags & UInt32(KV_HOST_MEMORY) != 0 ? .host : .locate }
 
+/// The items of a batch call, converted: for each item whose key and buffer array are valid,
+/// its position, key and the range of its buffers in `regions`; for the others, their error.
+struct BatchInput {
+    var positions: [Int] = []
+    var keys: [ObjectKey] = []
+    var ranges: [Range<Int>] = []
+    var regions: [MemoryRegion] = []
+    var errors: [KVError?]
+
+    /// `item(i)` gives item i's key and buffer array; kv_buffer and kv_mut_buffer share one
+    /// layout, so both arrays are read as kv_buffer.
+    init(count n: Int, item: (Int) -> (key: UnsafePointer<CChar>?, keyLen: Int, buffers: UnsafePointer<kv_buffer>?, count: Int)) {
+        errors = [KVError?](repeating: nil, count: n)
+        positions.reserveCapacity(n)
+        keys.reserveCapacity(n)
+        ranges.reserveCapacity(n)
+        regions.reserveCapacity(n)
+        for i in 0..<n {
+            let it = item(i)
+            do throws(KVError) {
+                let k = try ABI.key(it.key, it.keyLen)
+                guard it.count == 0 || it.buffers != nil else { throw .invalidArgument("buffers of item \(i) are NULL") }
+                for j in 0..<it.count {
+                    guard it.buffers![j].ptr != nil || it.buffers![j].len == 0 else { throw .invalidArgument("buffer \(j) is NULL") }
+                }
+                let first = regions.count
+                for j in 0..<it.count {
+                    regions.append(MemoryRegion(address: UInt(bitPattern: it.buffers![j].ptr), length: it.buffers![j].len))
+                }
+                positions.append(i)
+                keys.append(k)
+                ranges.append(first..<regions.count)
+            } catch {
+                errors[i] = error
+            }
+        }
+    }
+
+    /// Records the outcome of converted object `j` (nil: success), then writes every item's
+    /// status (statuses is NULL only for an empty batch) and keeps the messages for
+    /// kv_batch_error.
+    mutating func finish(_ outcome: [KVError?], statuses: UnsafeMutablePointer<Int32>?) {
+        for (j, e) in outcome.enumerated() { errors[positions[j]] = e }
+        for (i, e) in errors.enumerated() { statuses?[i] = e?.code.rawValue ?? 0 }
+        LastError.setBatch(errors)
+    }
+}
+
 @c(kv_batch_put)
 public func kvBatchPut(_ store: OpaquePointer?, _ items: UnsafePointer<kv_batch_put_item>?, _ n: Int,
                        _ flags: UInt32, _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         guard n >= 0, n == 0 || (items != nil && statuses != nil) else { throw .invalidArgument("batch arrays are NULL") }
-        var writes: [StoreClient.BatchWrite?] = []
-        var regions: [MemoryRegion] = []
-        var early = [KVError?](repeating: nil, count: n)
-        writes.reserveCapacity(n)
-        for i in 0..<n {
-            let it = items![i]
-            do throws(KVError) {
-                let k = try ABI.key(it.key, it.key_len)
-                guard it.nparts == 0 || it.parts != nil else { throw .invalidArgument("parts of item \(i) are NULL") }
-                let first = regions.count
-                for j in 0..<it.nparts {
-                    let p = it.parts![j]
-                    guard p.ptr != nil || p.len == 0 else { throw .invalidArgument("buffer \(j) is NULL") }
-                    regions.append(MemoryRegion(address: UInt(bitPattern: p.ptr), length: p.len))
-                }
-                writes.append(StoreClient.BatchWrite(key: k, parts: first..<regions.count))
-            } catch {
-                early[i] = error
-                writes.append(nil)
-            }
+        var input = BatchInput(count: n) { i in (items![i].key, items![i].key_len, items![i].parts, items![i].nparts) }
+        let writes = zip(input.keys, input.ranges).map { StoreClient.BatchWrite(key: $0, parts: $1) }
+        let results = try input.regions.withUnsafeBufferPointer { (r) throws(KVError) in
+            try c.putBatch(writes, parts: r, mode: writeMode(flags), memory: memoryHint(flags))
         }
-        let planned = writes.compactMap { $0 }
-        let results = try regions.withUnsafeBufferPointer { (r) throws(KVError) in
-            try c.putBatch(planned, parts: r, mode: writeMode(flags), memory: memoryHint(flags))
-        }
-        var next = 0
-        var all = early
-        for i in 0..<n where writes[i] != nil {
-            all[i] = results[next]
-            next += 1
-        }
-        for i in 0..<n { statuses![i] = all[i]?.code.rawValue ?? 0 }
-        LastError.setBatch(all)
+        input.finish(results, statuses: statuses)
     }
 }
 
@@ -61,50 +82,31 @@ public func kvBatchGetInto(_ store: OpaquePointer?, _ items: UnsafePointer<kv_ba
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         guard n >= 0, n == 0 || (items != nil && statuses != nil) else { throw .invalidArgument("batch arrays are NULL") }
-        var reads: [StoreClient.BatchRead?] = []
-        var regions: [MemoryRegion] = []
-        var all = [KVError?](repeating: nil, count: n)
-        for i in 0..<n {
-            let it = items![i]
-            do throws(KVError) {
-                let k = try ABI.key(it.key, it.key_len)
-                guard it.ndst == 0 || it.dst != nil else { throw .invalidArgument("destinations of item \(i) are NULL") }
-                let first = regions.count
-                for j in 0..<it.ndst {
-                    let d = it.dst![j]
-                    guard d.ptr != nil || d.len == 0 else { throw .invalidArgument("buffer \(j) is NULL") }
-                    regions.append(MemoryRegion(address: UInt(bitPattern: d.ptr), length: d.len))
-                }
-                reads.append(StoreClient.BatchRead(key: k, destinations: first..<regions.count))
-            } catch {
-                all[i] = error
-                reads.append(nil)
+        var input = BatchInput(count: n) { i in
+            (items![i].key, items![i].key_len, UnsafeRawPointer(items![i].dst)?.assumingMemoryBound(to: kv_buffer.self), items![i].ndst)
+        }
+        let reads = zip(input.keys, input.ranges).map { StoreClient.BatchRead(key: $0, destinations: $1) }
+        let results = try input.regions.withUnsafeBufferPointer { (r) throws(KVError) in
+            try c.getBatch(reads, destinations: r, memory: memoryHint(flags))
+        }
+        var outcome = [KVError?](repeating: nil, count: results.count)
+        for (j, r) in results.enumerated() {
+            switch r {
+            case .success(let size): sizes?[input.positions[j]] = UInt64(size)
+            case .failure(let e): outcome[j] = e
             }
         }
-        let planned = reads.compactMap { $0 }
-        let results = try regions.withUnsafeBufferPointer { (r) throws(KVError) in
-            try c.getBatch(planned, destinations: r, memory: memoryHint(flags))
-        }
-        var next = 0
-        for i in 0..<n where reads[i] != nil {
-            switch results[next] {
-            case .success(let size): sizes?[i] = UInt64(size)
-            case .failure(let e): all[i] = e
-            }
-            next += 1
-        }
-        for i in 0..<n { statuses![i] = all[i]?.code.rawValue ?? 0 }
-        LastError.setBatch(all)
+        input.finish(outcome, statuses: statuses)
     }
 }
 
 @c(kv_batch_error)
 public func kvBatchError(_ index: Int, _ len: UnsafeMutablePointer<Int>?) -> UnsafePointer<CChar> {
     let b = LastError.box
-    guard index >= 0, index < b.batch.count else {
+    guard index >= 0, index < b.batch.count, let message = b.batch[index] else {
         len?.pointee = 0
         return UnsafePointer(LastError.empty)
     }
-    len?.pointee = strlen(b.batch[index])
-    return UnsafePointer(b.batch[index])
+    len?.pointee = strlen(message)
+    return UnsafePointer(message)
 }

@@ -11,7 +11,7 @@ enum LastError {
         var bytes: UnsafeMutablePointer<CChar>
         var count: Int
         /// Messages of the items of the last batch call on this thread ("" for successes).
-        var batch: [UnsafeMutablePointer<CChar>] = []
+        var batch: [UnsafeMutablePointer<CChar>?] = []
         init() { bytes = .allocate(capacity: 1); bytes[0] = 0; count = 0 }
         deinit {
             bytes.deallocate()
@@ -48,11 +48,11 @@ enum LastError {
         b.count = utf8.count - 1
     }
 
-    /// Records the per-item messages of a batch call.
+    /// Records the per-item messages of a batch call (only failures allocate).
     static func setBatch(_ errors: [KVError?]) {
         let b = box
         for p in b.batch { free(p) }
-        b.batch = errors.map { e in strdup(e?.message ?? "")! }
+        b.batch = errors.map { e in e.map { strdup($0.message)! } }
     }
 
     /// An empty C string (for out-of-range batch indices).

@@ -24,13 +24,31 @@ public struct DeviceCopyPlan {
 
     public init() {}
 
-    /// Plans the copy of the `sources` stream into the `destinations` stream for `owner`.
-    /// The location arrays are aligned with their regions.
-    public mutating func add(sources: UnsafeBufferPointer<MemoryRegion>, sourceLocations: UnsafeBufferPointer<MemoryLocation>,
-                             destinations: UnsafeBufferPointer<MemoryRegion>, destinationLocations: UnsafeBufferPointer<MemoryLocation>,
-                             owner: Int) {
+    /// Plans writing the `parts` stream into the host region `destination` (a segment) for
+    /// `owner`. `locations` is aligned with `parts`; nil means every part is host memory.
+    public mutating func addWrite(_ parts: UnsafeBufferPointer<MemoryRegion>, locations: [MemoryLocation]?,
+                                  into destination: MemoryRegion, owner: Int) {
+        withUnsafePointer(to: destination) { d in
+            add(sources: parts, source: { locations?[$0] ?? .host },
+                destinations: UnsafeBufferPointer(start: d, count: 1), destination: { _ in .host }, owner: owner)
+        }
+    }
+
+    /// Plans reading the host region `source` (a segment) into the `destinations` stream for
+    /// `owner`. `locations` is aligned with `destinations`; nil means all are host memory.
+    public mutating func addRead(from source: MemoryRegion, into destinations: UnsafeBufferPointer<MemoryRegion>,
+                                 locations: [MemoryLocation]?, owner: Int) {
+        withUnsafePointer(to: source) { s in
+            add(sources: UnsafeBufferPointer(start: s, count: 1), source: { _ in .host },
+                destinations: destinations, destination: { locations?[$0] ?? .host }, owner: owner)
+        }
+    }
+
+    private mutating func add(sources: UnsafeBufferPointer<MemoryRegion>, source: (Int) -> MemoryLocation,
+                              destinations: UnsafeBufferPointer<MemoryRegion>, destination: (Int) -> MemoryLocation,
+                              owner: Int) {
         TransferPlan.forEachIndexedSlice(sources: sources, destinations: destinations) { op, si, di in
-            let s = sourceLocations[si], d = destinationLocations[di]
+            let s = source(si), d = destination(di)
             let direction = CopyDirection(from: s, to: d)
             let copy = Copy(op: op, direction: direction, owner: owner)
             if direction == .hostToHost {

@@ -88,38 +88,10 @@ int kvpy_check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssiz
 /* Takes a read hold; waits (GIL released) while an in-place upsert rewrites the object. */
 int32_t kvpy_read_begin(StoreObject *self, const char *k, Py_ssize_t klen, kv_read *hold);
 
-/* Per-key state of a batch: the key (a held reference), its parts, and its outcome. */
-typedef struct {
-    PyObject *key;      /* new reference, or NULL when the key was bad */
-    const char *k;
-    Py_ssize_t klen;
-    Py_ssize_t first, count;
-    PyObject *error;    /* exception instance found while converting, or NULL */
-    int32_t status;
-    char *message;      /* malloc'd ABI message when status != 0 */
-    uint64_t value;     /* bytes copied, size, or flag */
-} batch_item;
-
-/* Validates the batch's lists (equal lengths) and converts the keys. */
-batch_item *kvpy_batch_begin(PyObject *keys, PyObject *second, const char *second_name, Py_ssize_t *n_out);
-/* Records status st and, when it failed, the ABI's message (or `message` when not NULL). */
-void kvpy_batch_record_failure(batch_item *it, int32_t st);
-/* The error of an item as an exception instance (new reference), or NULL if it succeeded. */
-PyObject *kvpy_batch_error(batch_item *it);
-void kvpy_batch_end(batch_item *items, Py_ssize_t n);
-/* The result list: each item's error instance, or ok(item). */
-PyObject *kvpy_batch_results(batch_item *items, Py_ssize_t n, PyObject *(*ok)(batch_item *));
-
-/* Methods of raw.c: raw (address, length) parts, batch calls grouped per device, tensor reads. */
-PyObject *kvpy_store_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
-PyObject *kvpy_store_batch_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
+/* Methods of raw.c: tensor reads and registration of memory on any device. */
 PyObject *kvpy_store_read_object(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvpy_store_register_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
 #define KVPY_RAW_METHODS \
-    {"_put_raw", (PyCFunction)(void (*)(void))kvpy_store_put_raw, METH_FASTCALL, \
-     "_put_raw(key, parts: list, upsert: bool): parts are buffers or (address, length) of any device."}, \
-    {"_batch_put_raw", (PyCFunction)(void (*)(void))kvpy_store_batch_put_raw, METH_FASTCALL, \
-     "_batch_put_raw(keys, part_lists, upsert) -> list: copies grouped per device."}, \
     {"_read_object", (PyCFunction)(void (*)(void))kvpy_store_read_object, METH_FASTCALL, \
      "_read_object(key, prefix_len, resolve) -> object: reads the prefix, resolve(prefix_bytes, size) returns (result, destination), the rest is copied there under one read hold."}, \
     {"_register_raw", (PyCFunction)(void (*)(void))kvpy_store_register_raw, METH_FASTCALL, \
