@@ -137,72 +137,53 @@ def run_bench(args: argparse.Namespace) -> int:
                 np.copyto(dst, row)
 
 
+        tensor = src.view(np.float32) if size % 4 == 0 else src
+
         with Store(_segment_for(n, size + 304), prefault=True) as store:  # room for tensor headers
             store.register_buffer(src)
-
-            def fill() -> None:
-                store.remove_all()
-                for k in keys:
-                    store.put(k, src)
+            # op -> (call, value): each run puts `value` under every key.
+            writes: dict[str, tuple[Callable[[str, object], None], object]] = {
+                "put": (store.put, src_bytes), "put_from": (store.put_from, src), "put_tensor": (store.put_tensor, tensor),
+            }
+            # op -> (write op whose objects are read, call, target): each run reads every key into
+            # `target` (None: `get`, which returns new bytes); targets are checked after timing.
+            reads: dict[str, tuple[str, Callable[..., object], np.ndarray | None]] = {
+                "get": ("put_from", store.get, None),
+                "get_into": ("put_from", store.get_into, dst),
+                "get_tensor_into": ("put_tensor", store.get_tensor_into, dst.view(tensor.dtype)),
+            }
 
             for op in single:
-                if op in ("put", "put_from"):
-                    fn = store.put if op == "put" else store.put_from
-                    value: object = src_bytes if op == "put" else src
+                if op in writes:
+                    fn, value = writes[op]
 
-                    def run_put(fn: Callable[[str, object], None] = fn, value: object = value) -> None:
+                    def run_write(fn: Callable[[str, object], None] = fn, value: object = value) -> None:
                         for k in keys:
                             fn(k, value)
 
-                    report(op, size, n, _paired(run_put, store.remove_all, copy_scatter, args.repeat))
-                elif op == "put_tensor":
-                    tensor = src.view(np.float32) if size % 4 == 0 else src
+                    report(op, size, n, _paired(run_write, store.remove_all, copy_scatter, args.repeat))
+                    continue
+                written, read, target = reads[op]
+                write, value = writes[written]
+                store.remove_all()
+                for k in keys:
+                    write(k, value)
 
-                    def run_put_tensor(tensor: np.ndarray = tensor) -> None:
+                def run_read(read: Callable[..., object] = read, target: np.ndarray | None = target) -> None:
+                    if target is None:
                         for k in keys:
-                            store.put_tensor(k, tensor)
-
-                    report(op, size, n, _paired(run_put_tensor, store.remove_all, copy_scatter, args.repeat))
-                elif op == "get_tensor_into":
-                    tensor = src.view(np.float32) if size % 4 == 0 else src
-                    target = dst.view(tensor.dtype)
-                    store.remove_all()
-                    for k in keys:
-                        store.put_tensor(k, tensor)
-
-                    def run_get_tensor_into(target: np.ndarray = target) -> None:
+                            read(k)
+                    else:
                         for k in keys:
-                            store.get_tensor_into(k, target)
+                            read(k, target)
 
-                    timing = _paired(run_get_tensor_into, lambda: None, copy_gather, args.repeat)
+                timing = _paired(run_read, lambda: None, copy_gather, args.repeat)
+                if target is not None:
                     dst.fill(0)
-                    run_get_tensor_into()
+                    run_read()
                     if not _same(op, dst, src):
                         return 1
-                    report(op, size, n, timing)
-                elif op == "get":
-                    get = store.get
-
-                    def run_get() -> None:
-                        for k in keys:
-                            get(k)
-
-                    fill()
-                    report(op, size, n, _paired(run_get, lambda: None, copy_gather, args.repeat))
-                elif op == "get_into":
-                    get_into = store.get_into
-
-                    def run_get_into() -> None:
-                        for k in keys:
-                            get_into(k, dst)
-
-                    fill()
-                    timing = _paired(run_get_into, lambda: None, copy_gather, args.repeat)
-                    dst.fill(0)
-                    run_get_into()
-                    if not _same(op, dst, src):
-                        return 1
-                    report(op, size, n, timing)
+                report(op, size, n, timing)
         del rows, pool
 
     if "batch" in ops:

@@ -98,12 +98,11 @@ class Store(_native.Store):
         tensor's memory."""
         self._require_open()
         _tensor.check_device(device)
-        if like is not None:
-            _tensor._framework(like, None)
+        kind = _tensor.framework(like, device)
 
         def resolve(prefix: bytes, size: int) -> tuple[Any, Any]:
             code, shape = _tensor.decode(prefix, size, key)
-            return _tensor.allocate(code, shape, like, device)
+            return _tensor.allocate(code, shape, kind, like, device)
 
         return self._read_object(key, _tensor.HEADER_SIZE, resolve)
 
@@ -173,7 +172,7 @@ class Store(_native.Store):
             return
         self._require_open()
         ref = _tensor.describe(buffer, "buffer")
-        super().unregister_buffer(ref.part[0] if isinstance(ref.part, tuple) else 0)
+        super().unregister_buffer(ref.part[0])  # a non-buffer tensor's part is (address, length)
 
     def __enter__(self) -> "Store":
         return self

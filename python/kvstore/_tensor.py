@@ -21,7 +21,6 @@ from . import _native
 from ._errors import ArgumentTypeError, InvalidArgumentError, UnsupportedError
 
 HEADER_SIZE = _native.TENSOR_HEADER_SIZE
-MAX_DIMS = 8
 
 #: dtype name -> code (DESIGN.md §4). Names are numpy's and torch's (without "torch.").
 DTYPE_CODES = {
@@ -67,11 +66,6 @@ class TensorRef:
     @property
     def data_parts(self) -> list[Any]:
         return [self.part] if self.nbytes else []
-
-
-def _refuse_dims(shape: tuple[int, ...]) -> None:
-    if len(shape) > MAX_DIMS:
-        raise InvalidArgumentError(f"a tensor has at most {MAX_DIMS} dimensions, got {len(shape)}")
 
 
 def _c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...] | None, unit: int) -> bool:
@@ -124,10 +118,9 @@ _NUMPY_CODES = {np.dtype(name).newbyteorder("<"): code for name, code in DTYPE_C
 
 def _describe_numpy(a: np.ndarray, what: str) -> TensorRef:
     code = _NUMPY_CODES.get(a.dtype)
-    if code is not None and a.flags.c_contiguous and a.ndim <= MAX_DIMS:
+    if code is not None and a.flags.c_contiguous:
         # A standard dtype: the array itself is the buffer (no view object to build).
         return TensorRef(code, a.shape, a.nbytes, a, "cpu", a.flags.writeable, a)
-    _refuse_dims(a.shape)
     if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and sys.byteorder == "big"):
         raise InvalidArgumentError(f"{what} is big-endian; stored tensors are little-endian")
     code = _code_for(a.dtype.name, what)
@@ -145,7 +138,6 @@ def _torch_location(device: Any) -> str:
 
 def _describe_torch(t: Any, what: str) -> TensorRef:
     shape = tuple(int(d) for d in t.shape)
-    _refuse_dims(shape)
     code = _code_for(str(t.dtype).removeprefix("torch."), what)
     if not t.is_contiguous():
         raise _not_contiguous(what)
@@ -155,7 +147,6 @@ def _describe_torch(t: Any, what: str) -> TensorRef:
 
 def _describe_cai(obj: Any, cai: dict[str, Any], what: str) -> TensorRef:
     shape = tuple(int(d) for d in cai["shape"])
-    _refuse_dims(shape)
     typestr = cai["typestr"]
     if typestr[0] == ">":
         raise InvalidArgumentError(f"{what} is big-endian; stored tensors are little-endian")
@@ -182,7 +173,6 @@ def _describe_dlpack(obj: Any, what: str) -> TensorRef:
         raise UnsupportedError(f"{what} lives on DLPack device type {dev_type}, which kvstore does not support")
     capsule = obj.__dlpack__()
     address, _, _, (tcode, bits, lanes), shape, strides = _native.dlpack_info(capsule)
-    _refuse_dims(shape)
     code = _DLPACK.get((tcode, bits)) if lanes == 1 else None
     if code is None:
         raise InvalidArgumentError(f"{what} has DLPack dtype (code {tcode}, {bits} bits, {lanes} lanes), "
@@ -202,7 +192,8 @@ def numpy_dtype(code: int) -> np.dtype:
     return np.dtype(DTYPE_NAMES[RAW_CODES.get(code, code)])
 
 
-def _framework(like: Any, device: str | None) -> str:
+def framework(like: Any, device: str | None) -> str:
+    """The framework a read returns: "numpy", "torch" or "cupy" (validates ``like``)."""
     if like is not None:
         module = type(like).__module__.split(".")[0]
         if isinstance(like, np.ndarray) or module == "numpy":
@@ -234,13 +225,14 @@ def check_device(device: str | None) -> None:
         raise InvalidArgumentError(f"no device {device!r} on this machine (available: {', '.join(_native.devices())})")
 
 
-def allocate(code: int, shape: tuple[int, ...], like: Any = None, device: str | None = None) -> tuple[Any, Any]:
-    """A new tensor for (code, shape) and the destination its bytes are copied into."""
-    framework = _framework(like, device)
-    if framework == "numpy":
+def allocate(code: int, shape: tuple[int, ...], kind: str, like: Any = None,
+             device: str | None = None) -> tuple[Any, Any]:
+    """A new tensor of framework `kind` for (code, shape), and the destination its bytes are
+    copied into."""
+    if kind == "numpy":
         out = np.empty(shape, dtype=numpy_dtype(code))
         return out, out.reshape(-1).view(np.uint8)
-    if framework == "torch":
+    if kind == "torch":
         import torch
         dtype = getattr(torch, DTYPE_NAMES[code], None)
         if dtype is None:
