@@ -342,3 +342,133 @@ def test_devices_lists_the_host_first():
     d = kvstore.devices()
     assert d[0] == "cpu:0"
     assert kvstore.devices(refresh=True)[0] == "cpu:0"
+
+
+# ---- bad values of every other argument the tensor and device calls take ----
+
+@pytest.mark.parametrize("key,exc", [(5, kvstore.ArgumentTypeError), (b"k", kvstore.ArgumentTypeError),
+                                     ("", kvstore.InvalidArgumentError),
+                                     ("k" * (kvstore.MAX_KEY_BYTES + 1), kvstore.InvalidArgumentError)])
+def test_bad_keys_of_every_tensor_call(store, key, exc):
+    store.put_tensor("ok", np.ones(3))
+    before = snapshot(store)
+    for call in (lambda: store.put_tensor(key, np.ones(2)), lambda: store.upsert_tensor(key, np.ones(2)),
+                 lambda: store.get_tensor(key), lambda: store.get_tensor_into(key, np.ones(3))):
+        with pytest.raises(exc):
+            call()
+    for batch in (store.batch_put_tensor([key, "new"], [np.ones(2), np.ones(2)]),
+                  store.batch_upsert_tensor([key], [np.ones(2)]), store.batch_get_tensor([key, "ok"])):
+        assert isinstance(batch[0], exc)
+    assert store.exists("new")
+    store.remove("new")
+    assert snapshot(store) == before
+
+
+def test_batch_tensor_lists_of_the_wrong_type(store):
+    for keys, tensors in (("a", [np.ones(2)]), (["a"], np.ones((1, 2))), ({"a"}, [np.ones(2)])):
+        with pytest.raises(kvstore.ArgumentTypeError):
+            store.batch_put_tensor(keys, tensors)
+    assert store.stats()["objects"] == 0
+    assert store.batch_put_tensor(("a",), (np.ones(2),)) == [None]   # tuples are lists too
+
+
+@pytest.mark.parametrize("device", ["", "cuda", "cuda:x", "fake:0", "cpu:1"])
+def test_bad_device_strings(store, device):
+    store.put_tensor("t", np.ones(2))
+    with pytest.raises(kvstore.InvalidArgumentError):
+        store.get_tensor("t", device=device)
+    assert isinstance(store.batch_get_tensor(["t"], device="cpu")[0], np.ndarray)
+    with pytest.raises(kvstore.InvalidArgumentError):
+        store.batch_get_tensor(["t"], device=device)
+    assert store.stats()["active_readers"] == 0
+
+
+def test_register_tensor_bad_values(store):
+    a = np.arange(16, dtype=np.float32)
+    t = DLPackTensor(a, 2, 32, (16,))
+    with pytest.raises(kvstore.ArgumentTypeError):
+        store.register_buffer(t, location=5)
+    with pytest.raises(kvstore.ArgumentTypeError):
+        store.register_buffer(object())
+    with pytest.raises(kvstore.InvalidArgumentError, match="empty"):
+        store.register_buffer(DLPackTensor(a, 2, 32, (0,)))
+    with pytest.raises(kvstore.InvalidArgumentError):
+        store.unregister_buffer(t)   # never registered
+    store.register_buffer(t)
+    with pytest.raises(kvstore.InvalidArgumentError, match="overlaps"):
+        store.register_buffer(DLPackTensor(a, 2, 32, (16,)))
+    assert store.stats()["registered_buffers"] == 1
+    store.unregister_buffer(t)
+    assert store.stats()["registered_buffers"] == 0
+
+
+@pytest.mark.parametrize("name", ["KVSTORE_PIN_MEMORY", "MC_STORE_PIN_MEMORY"])
+def test_bad_pinning_environment_is_refused_at_creation(monkeypatch, name):
+    monkeypatch.setenv(name, "maybe")
+    with pytest.raises(kvstore.InvalidArgumentError, match=name):
+        kvstore.Store("1MiB")
+
+
+@pytest.mark.parametrize("name", ["KVSTORE_PIN_MEMORY_MAX_BYTES", "MC_STORE_PIN_MEMORY_MAX_BYTES"])
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "1GiB"])
+def test_bad_pinning_budget_is_refused_at_creation(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(kvstore.InvalidArgumentError, match=name):
+        kvstore.Store("1MiB")
+
+
+def test_good_pinning_environment_is_accepted(monkeypatch):
+    monkeypatch.setenv("KVSTORE_PIN_MEMORY", "0")
+    monkeypatch.setenv("MC_STORE_PIN_MEMORY_MAX_BYTES", "4096")
+    with kvstore.Store("1MiB", pin_memory=False) as s:
+        assert s.stats()["pinned_bytes"] == 0 and s.stats()["pin_fallbacks"] == 0
+
+
+def test_raw_parts_bad_values(store):
+    a = np.ones(64, np.uint8)
+    before = snapshot(store)
+    for parts in ([(0, 10)], [(a.ctypes.data, -1)], [("x", 1)], [(a.ctypes.data,)], (b"x",)):
+        with pytest.raises((kvstore.InvalidArgumentError, kvstore.ArgumentTypeError)):
+            store._put_raw("r", parts, False)
+    r = store._batch_put_raw(["r1", "r2"], [[(0, 10)], [b"hdr", (a.ctypes.data, 64)]], False)
+    assert isinstance(r[0], kvstore.InvalidArgumentError) and r[1] is None
+    assert store.get("r2") == b"hdr" + a.tobytes()
+    store.remove("r2")
+    assert snapshot(store) == before
+
+
+def test_read_object_bad_values_release_the_hold(store):
+    store.put("k", bytes(400))
+    with pytest.raises(kvstore.InvalidArgumentError):
+        store._read_object("k", -1, lambda p, n: (None, None))
+    with pytest.raises(kvstore.ArgumentTypeError):
+        store._read_object("k", 8, lambda p, n: "not a pair")
+    with pytest.raises(ZeroDivisionError):
+        store._read_object("k", 8, lambda p, n: 1 / 0)
+    with pytest.raises(kvstore.InvalidArgumentError, match="no destination"):
+        store._read_object("k", 8, lambda p, n: (None, None))
+    with pytest.raises(kvstore.InvalidArgumentError, match="too small"):
+        store._read_object("k", 8, lambda p, n: (None, bytearray(10)))
+    assert store.stats()["active_readers"] == 0
+    assert store._read_object("k", 1000, lambda p, n: (len(p), None)) == 400
+
+
+def test_tensor_codec_functions_bad_values():
+    native = kvstore._native
+    with pytest.raises(kvstore.InvalidArgumentError):
+        native.tensor_header(99, (1,))
+    with pytest.raises(kvstore.InvalidArgumentError):
+        native.tensor_header(0, (-1,))
+    with pytest.raises(kvstore.InvalidArgumentError, match="at most 8"):
+        native.tensor_header(0, (1,) * 9)
+    with pytest.raises(kvstore.ArgumentTypeError):
+        native.tensor_header(0, [1])
+    with pytest.raises(TypeError):
+        native.tensor_header("f32", (1,))
+    with pytest.raises(kvstore.InvalidArgumentError, match="not a tensor"):
+        native.decode_tensor_header(b"short")
+    with pytest.raises(kvstore.ArgumentTypeError):
+        native.decode_tensor_header(5)
+    with pytest.raises(kvstore.ArgumentTypeError):
+        native.dlpack_info(5)
+    assert native.decode_tensor_header(native.tensor_header(12, (2, 3))) == (12, (2, 3), 12)
