@@ -36,10 +36,15 @@ int kvpy_check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssiz
 /* ---- lifecycle ---- */
 
 static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"segment_size", "prefault", "pin_memory", NULL};
+    static char *kwlist[] = {"segment_size", "prefault", "pin_memory", "lease_ttl", "soft_pin_ttl",
+                             "eviction_high_watermark", "eviction_ratio", NULL};
     long long size = 0;
     int prefault = 0, pin = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|pp", kwlist, &size, &prefault, &pin)) return -1;
+    kv_store_config config;
+    kv_store_config_init(&config);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|ppdddd", kwlist, &size, &prefault, &pin, &config.lease_ttl,
+                                     &config.soft_pin_ttl, &config.eviction_high_watermark, &config.eviction_ratio))
+        return -1;
     if (self->store) {
         kvpy_raise(KV_E_INVALID_ARGUMENT, "the store is already initialised");
         return -1;
@@ -51,7 +56,7 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     kv_store *s = NULL;
     int32_t st;
     Py_BEGIN_ALLOW_THREADS
-    st = kv_store_create((uint64_t)size, (prefault ? KV_CREATE_PREFAULT : 0) | (pin ? 0 : KV_CREATE_NO_PIN), &s);
+    st = kv_store_create((uint64_t)size, (prefault ? KV_CREATE_PREFAULT : 0) | (pin ? 0 : KV_CREATE_NO_PIN), &config, &s);
     Py_END_ALLOW_THREADS
     if (st) { kvpy_raise_last(st); return -1; }
     self->store = s;
@@ -110,17 +115,26 @@ static PyObject *store_stats(StoreObject *self, PyObject *unused) {
 
 /* Writes the collected buffers as one object and releases them. Raw (address, length) parts
  * make the core find their device; buffer-protocol parts are host memory. */
-static PyObject *put_buffers(StoreObject *self, const char *k, Py_ssize_t klen, kvpy_buffers *b, uint32_t flags) {
+static PyObject *put_buffers(StoreObject *self, const char *k, Py_ssize_t klen, kvpy_buffers *b, uint32_t flags,
+                             const kv_put_options *options) {
     if (b->raw == 0) flags |= KV_HOST_MEMORY;
     int32_t st;
     RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(b, 0, b->count),
-                       st = kv_put(self->store, k, (size_t)klen, b->parts, (size_t)b->count, flags));
+                       st = kv_put(self->store, k, (size_t)klen, b->parts, (size_t)b->count, flags, options));
     kvpy_buffers_release(b);
     if (st) return kvpy_raise_last(st);
     Py_RETURN_NONE;
 }
 
-static PyObject *put_impl(StoreObject *self, PyObject *key, PyObject *const *parts, Py_ssize_t nparts, uint32_t flags) {
+/* A write method's arguments: nargs positional (min..max), then keyword options. */
+static int write_args(const char *name, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                      Py_ssize_t min, Py_ssize_t max, kv_put_options *options) {
+    if (check_nargs(name, nargs, min, max) < 0) return -1;
+    return kvpy_put_options(name, args + nargs, kwnames, options);
+}
+
+static PyObject *put_impl(StoreObject *self, PyObject *key, PyObject *const *parts, Py_ssize_t nparts, uint32_t flags,
+                          const kv_put_options *options) {
     const char *k;
     Py_ssize_t klen;
     if (key_arg(self, key, &k, &klen) < 0) return NULL;
@@ -129,12 +143,13 @@ static PyObject *put_impl(StoreObject *self, PyObject *key, PyObject *const *par
     for (Py_ssize_t i = 0; i < nparts; i++) {
         if (kvpy_buffers_add(&b, parts[i], 0, 0) < 0) { kvpy_buffers_release(&b); return NULL; }
     }
-    return put_buffers(self, k, klen, &b, flags);
+    return put_buffers(self, k, klen, &b, flags, options);
 }
 
-/* _put_raw(key, parts: list, upsert) */
-static PyObject *store_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("_put_raw", nargs, 3, 3) < 0) return NULL;
+/* _put_raw(key, parts: list, upsert, **options) */
+static PyObject *store_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    kv_put_options o;
+    if (write_args("_put_raw", args, nargs, kwnames, 3, 3, &o) < 0) return NULL;
     const char *k;
     Py_ssize_t klen;
     if (key_arg(self, args[0], &k, &klen) < 0) return NULL;
@@ -143,28 +158,22 @@ static PyObject *store_put_raw(StoreObject *self, PyObject *const *args, Py_ssiz
     kvpy_buffers b;
     kvpy_buffers_init(&b);
     if (kvpy_buffers_add_raw_list(&b, args[1], 0) < 0) return NULL;
-    return put_buffers(self, k, klen, &b, upsert ? KV_UPSERT : KV_PUT);
+    return put_buffers(self, k, klen, &b, upsert ? KV_UPSERT : KV_PUT, &o);
 }
 
-static PyObject *store_put(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("put", nargs, 2, 2) < 0) return NULL;
-    return put_impl(self, args[0], args + 1, 1, KV_PUT);
-}
-
-static PyObject *store_upsert(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("upsert", nargs, 2, 2) < 0) return NULL;
-    return put_impl(self, args[0], args + 1, 1, KV_UPSERT);
-}
-
-static PyObject *store_put_parts(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("put_parts", nargs, 1, PY_SSIZE_T_MAX) < 0) return NULL;
-    return put_impl(self, args[0], args + 1, nargs - 1, KV_PUT);
-}
-
-static PyObject *store_upsert_parts(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("upsert_parts", nargs, 1, PY_SSIZE_T_MAX) < 0) return NULL;
-    return put_impl(self, args[0], args + 1, nargs - 1, KV_UPSERT);
-}
+/* The single-object writes: name, positional count (PY_SSIZE_T_MAX: key then any parts), mode. */
+#define SINGLE_WRITE(fn, name, max, flags) \
+    static PyObject *fn(StoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) { \
+        kv_put_options o; \
+        if (write_args(name, args, nargs, kwnames, (max) == 2 ? 2 : 1, max, &o) < 0) return NULL; \
+        return put_impl(self, args[0], args + 1, nargs - 1, flags, &o); \
+    }
+SINGLE_WRITE(store_put, "put", 2, KV_PUT)
+SINGLE_WRITE(store_upsert, "upsert", 2, KV_UPSERT)
+SINGLE_WRITE(store_put_from, "put_from", 2, KV_PUT)
+SINGLE_WRITE(store_upsert_from, "upsert_from", 2, KV_UPSERT)
+SINGLE_WRITE(store_put_parts, "put_parts", PY_SSIZE_T_MAX, KV_PUT)
+SINGLE_WRITE(store_upsert_parts, "upsert_parts", PY_SSIZE_T_MAX, KV_UPSERT)
 
 /* ---- batches: shared plumbing ---- */
 
@@ -281,7 +290,8 @@ static void batch_buffers(batch_item *items, Py_ssize_t n, PyObject *seq, int wr
  * kv_batch_get_into): the core plans every copy and runs them grouped per device. Records
  * each item's status, message and size. Returns 0, or -1 with an error set when the call
  * itself failed. */
-static int run_batch(StoreObject *self, batch_item *items, Py_ssize_t n, const kvpy_buffers *b, int get, uint32_t flags) {
+static int run_batch(StoreObject *self, batch_item *items, Py_ssize_t n, const kvpy_buffers *b, int get, uint32_t flags,
+                     const kv_put_options *options) {
     size_t cap = (size_t)(n ? n : 1);
     Py_ssize_t *index = PyMem_Calloc(cap, sizeof *index);
     int32_t *statuses = PyMem_Calloc(cap, sizeof *statuses);
@@ -302,7 +312,7 @@ static int run_batch(StoreObject *self, batch_item *items, Py_ssize_t n, const k
     int32_t st;
     RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(b, 0, b->count),
                        st = get ? kv_batch_get_into(self->store, gets, m, flags, statuses, sizes)
-                                : kv_batch_put(self->store, puts, m, flags, statuses));
+                                : kv_batch_put(self->store, puts, m, flags, options, statuses));
     if (st) { kvpy_raise_last(st); goto done; }
     for (size_t j = 0; j < m; j++) {
         batch_item *it = &items[index[j]];
@@ -318,14 +328,14 @@ done:
 
 /* A whole batch call: convert keys and buffers, run, build the per-key results. */
 static PyObject *batch_call(StoreObject *self, PyObject *keys, PyObject *values, const char *values_name,
-                            int get, int raw, uint32_t flags, PyObject *(*ok)(batch_item *)) {
+                            int get, int raw, uint32_t flags, const kv_put_options *options, PyObject *(*ok)(batch_item *)) {
     ENSURE_OPEN(self);
     Py_ssize_t n;
     batch_item *items = batch_begin(keys, values, values_name, &n);
     if (!items) return NULL;
     kvpy_buffers b;
     batch_buffers(items, n, values, get, raw, &b);
-    PyObject *r = run_batch(self, items, n, &b, get, flags) < 0 ? NULL : batch_results(items, n, ok);
+    PyObject *r = run_batch(self, items, n, &b, get, flags, options) < 0 ? NULL : batch_results(items, n, ok);
     kvpy_buffers_release(&b);
     batch_end(items, n);
     return r;
@@ -333,30 +343,24 @@ static PyObject *batch_call(StoreObject *self, PyObject *keys, PyObject *values,
 
 /* ---- batch writes ---- */
 
-static PyObject *put_batch_impl(StoreObject *self, PyObject *const *args, Py_ssize_t nargs,
-                                const char *name, const char *second_name, uint32_t flags) {
-    if (check_nargs(name, nargs, 2, 2) < 0) return NULL;
-    return batch_call(self, args[0], args[1], second_name, 0, 0, flags, ok_none);
-}
+#define BATCH_WRITE(fn, name, second_name, flags) \
+    static PyObject *fn(StoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) { \
+        kv_put_options o; \
+        if (write_args(name, args, nargs, kwnames, 2, 2, &o) < 0) return NULL; \
+        return batch_call(self, args[0], args[1], second_name, 0, 0, flags, &o, ok_none); \
+    }
+BATCH_WRITE(store_put_batch, "put_batch", "values", KV_PUT)
+BATCH_WRITE(store_upsert_batch, "upsert_batch", "values", KV_UPSERT)
+BATCH_WRITE(store_batch_put_from, "batch_put_from", "buffers", KV_PUT)
+BATCH_WRITE(store_batch_upsert_from, "batch_upsert_from", "buffer_lists", KV_UPSERT)
 
-static PyObject *store_put_batch(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return put_batch_impl(self, args, nargs, "put_batch", "values", KV_PUT);
-}
-static PyObject *store_upsert_batch(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return put_batch_impl(self, args, nargs, "upsert_batch", "values", KV_UPSERT);
-}
-static PyObject *store_batch_put_from(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return put_batch_impl(self, args, nargs, "batch_put_from", "buffers", KV_PUT);
-}
-static PyObject *store_batch_upsert_from(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    return put_batch_impl(self, args, nargs, "batch_upsert_from", "buffer_lists", KV_UPSERT);
-}
-/* _batch_put_raw(keys, part_lists, upsert) -> [None | exception] */
-static PyObject *store_batch_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("_batch_put_raw", nargs, 3, 3) < 0) return NULL;
+/* _batch_put_raw(keys, part_lists, upsert, **options) -> [None | exception] */
+static PyObject *store_batch_put_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    kv_put_options o;
+    if (write_args("_batch_put_raw", args, nargs, kwnames, 3, 3, &o) < 0) return NULL;
     int upsert = PyObject_IsTrue(args[2]);
     if (upsert < 0) return NULL;
-    return batch_call(self, args[0], args[1], "part_lists", 0, 1, upsert ? KV_UPSERT : KV_PUT, ok_none);
+    return batch_call(self, args[0], args[1], "part_lists", 0, 1, upsert ? KV_UPSERT : KV_PUT, &o, ok_none);
 }
 
 /* ---- reads ---- */
@@ -437,7 +441,7 @@ static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
 
 static PyObject *store_batch_get_into(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs("batch_get_into", nargs, 2, 2) < 0) return NULL;
-    return batch_call(self, args[0], args[1], "buffers", 1, 0, 0, ok_value);
+    return batch_call(self, args[0], args[1], "buffers", 1, 0, 0, NULL, ok_value);
 }
 
 /* ---- queries and removal ---- */
@@ -474,7 +478,7 @@ static PyObject *store_remove(StoreObject *self, PyObject *args, PyObject *kwds)
     Py_RETURN_NONE;
 }
 
-static PyObject *keys_batch(StoreObject *self, PyObject *keys, int op, PyObject *(*ok)(batch_item *)) {
+static PyObject *keys_batch(StoreObject *self, PyObject *keys, int op, uint32_t flags, PyObject *(*ok)(batch_item *)) {
     ENSURE_OPEN(self);
     Py_ssize_t n;
     batch_item *items = batch_begin(keys, NULL, NULL, &n);
@@ -483,7 +487,7 @@ static PyObject *keys_batch(StoreObject *self, PyObject *keys, int op, PyObject 
         if (!items[i].key) continue;
         int32_t st, flag = 0;
         if (op == 0) { st = kv_exists(self->store, items[i].k, (size_t)items[i].klen, &flag); items[i].value = (uint64_t)flag; }
-        else st = kv_remove(self->store, items[i].k, (size_t)items[i].klen, 0);
+        else st = kv_remove(self->store, items[i].k, (size_t)items[i].klen, flags);
         batch_record_failure(&items[i], st);
     }
     PyObject *r = batch_results(items, n, ok);
@@ -491,14 +495,23 @@ static PyObject *keys_batch(StoreObject *self, PyObject *keys, int op, PyObject 
     return r;
 }
 
-static PyObject *store_batch_exists(StoreObject *self, PyObject *keys) { return keys_batch(self, keys, 0, ok_bool); }
-static PyObject *store_batch_remove(StoreObject *self, PyObject *keys) { return keys_batch(self, keys, 1, ok_none); }
+static PyObject *store_batch_exists(StoreObject *self, PyObject *keys) { return keys_batch(self, keys, 0, 0, ok_bool); }
 
-static PyObject *store_remove_all(StoreObject *self, PyObject *unused) {
-    (void)unused;
+static PyObject *store_batch_remove(StoreObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"keys", "force", NULL};
+    PyObject *keys;
+    int force = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p", kwlist, &keys, &force)) return NULL;
+    return keys_batch(self, keys, 1, force ? KV_REMOVE_FORCE : 0, ok_none);
+}
+
+static PyObject *store_remove_all(StoreObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"force", NULL};
+    int force = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p", kwlist, &force)) return NULL;
     ENSURE_OPEN(self);
     uint64_t n = 0;
-    int32_t st = kv_remove_all(self->store, &n);
+    int32_t st = kv_remove_all(self->store, force ? KV_REMOVE_FORCE : 0, &n);
     if (st) return kvpy_raise_last(st);
     return PyLong_FromUnsignedLongLong(n);
 }
@@ -562,16 +575,16 @@ static PyObject *store_unregister_buffer(StoreObject *self, PyObject *obj) {
 /* ---- type ---- */
 
 static PyMethodDef store_methods[] = {
-    {"put", (PyCFunction)(void (*)(void))store_put, METH_FASTCALL, "put(key, value): store a new object."},
-    {"upsert", (PyCFunction)(void (*)(void))store_upsert, METH_FASTCALL, "upsert(key, value): store or replace."},
-    {"put_from", (PyCFunction)(void (*)(void))store_put, METH_FASTCALL, "put_from(key, buffer): put from a (registered) buffer."},
-    {"upsert_from", (PyCFunction)(void (*)(void))store_upsert, METH_FASTCALL, "upsert_from(key, buffer)."},
-    {"put_parts", (PyCFunction)(void (*)(void))store_put_parts, METH_FASTCALL, "put_parts(key, *parts): one object from several buffers."},
-    {"upsert_parts", (PyCFunction)(void (*)(void))store_upsert_parts, METH_FASTCALL, "upsert_parts(key, *parts)."},
-    {"put_batch", (PyCFunction)(void (*)(void))store_put_batch, METH_FASTCALL, "put_batch(keys, values) -> list."},
-    {"upsert_batch", (PyCFunction)(void (*)(void))store_upsert_batch, METH_FASTCALL, "upsert_batch(keys, values) -> list."},
-    {"batch_put_from", (PyCFunction)(void (*)(void))store_batch_put_from, METH_FASTCALL, "batch_put_from(keys, buffers) -> list."},
-    {"batch_upsert_from", (PyCFunction)(void (*)(void))store_batch_upsert_from, METH_FASTCALL, "batch_upsert_from(keys, buffer_lists) -> list."},
+    {"put", (PyCFunction)(void (*)(void))store_put, METH_FASTCALL | METH_KEYWORDS, "put(key, value, *, hard_pin=False, soft_pin=False, soft_pin_ttl=None, ttl=None): store a new object."},
+    {"upsert", (PyCFunction)(void (*)(void))store_upsert, METH_FASTCALL | METH_KEYWORDS, "upsert(key, value): store or replace."},
+    {"put_from", (PyCFunction)(void (*)(void))store_put_from, METH_FASTCALL | METH_KEYWORDS, "put_from(key, buffer): put from a (registered) buffer."},
+    {"upsert_from", (PyCFunction)(void (*)(void))store_upsert_from, METH_FASTCALL | METH_KEYWORDS, "upsert_from(key, buffer)."},
+    {"put_parts", (PyCFunction)(void (*)(void))store_put_parts, METH_FASTCALL | METH_KEYWORDS, "put_parts(key, *parts): one object from several buffers."},
+    {"upsert_parts", (PyCFunction)(void (*)(void))store_upsert_parts, METH_FASTCALL | METH_KEYWORDS, "upsert_parts(key, *parts)."},
+    {"put_batch", (PyCFunction)(void (*)(void))store_put_batch, METH_FASTCALL | METH_KEYWORDS, "put_batch(keys, values) -> list."},
+    {"upsert_batch", (PyCFunction)(void (*)(void))store_upsert_batch, METH_FASTCALL | METH_KEYWORDS, "upsert_batch(keys, values) -> list."},
+    {"batch_put_from", (PyCFunction)(void (*)(void))store_batch_put_from, METH_FASTCALL | METH_KEYWORDS, "batch_put_from(keys, buffers) -> list."},
+    {"batch_upsert_from", (PyCFunction)(void (*)(void))store_batch_upsert_from, METH_FASTCALL | METH_KEYWORDS, "batch_upsert_from(keys, buffer_lists) -> list."},
     {"get", (PyCFunction)store_get, METH_O, "get(key) -> bytes."},
     {"get_into", (PyCFunction)(void (*)(void))store_get_into, METH_FASTCALL, "get_into(key, buffer) -> int."},
     {"get_batch", (PyCFunction)store_get_batch, METH_O, "get_batch(keys) -> list."},
@@ -580,13 +593,13 @@ static PyMethodDef store_methods[] = {
     {"batch_exists", (PyCFunction)store_batch_exists, METH_O, "batch_exists(keys) -> list."},
     {"size", (PyCFunction)store_size, METH_O, "size(key) -> int."},
     {"remove", (PyCFunction)(void (*)(void))store_remove, METH_VARARGS | METH_KEYWORDS, "remove(key, force=False)."},
-    {"batch_remove", (PyCFunction)store_batch_remove, METH_O, "batch_remove(keys) -> list."},
-    {"remove_all", (PyCFunction)store_remove_all, METH_NOARGS, "remove_all() -> int."},
+    {"batch_remove", (PyCFunction)(void (*)(void))store_batch_remove, METH_VARARGS | METH_KEYWORDS, "batch_remove(keys, force=False) -> list."},
+    {"remove_all", (PyCFunction)(void (*)(void))store_remove_all, METH_VARARGS | METH_KEYWORDS, "remove_all(force=False) -> int: removes every object that is not leased (every object with force)."},
     {"register_buffer", (PyCFunction)(void (*)(void))store_register_buffer, METH_VARARGS | METH_KEYWORDS, "register_buffer(buffer, location='cpu')."},
     {"unregister_buffer", (PyCFunction)store_unregister_buffer, METH_O, "unregister_buffer(buffer)."},
-    {"_put_raw", (PyCFunction)(void (*)(void))store_put_raw, METH_FASTCALL,
+    {"_put_raw", (PyCFunction)(void (*)(void))store_put_raw, METH_FASTCALL | METH_KEYWORDS,
      "_put_raw(key, parts: list, upsert): parts are buffers or (address, length) of memory on any device."},
-    {"_batch_put_raw", (PyCFunction)(void (*)(void))store_batch_put_raw, METH_FASTCALL,
+    {"_batch_put_raw", (PyCFunction)(void (*)(void))store_batch_put_raw, METH_FASTCALL | METH_KEYWORDS,
      "_batch_put_raw(keys, part_lists, upsert) -> list: like _put_raw per key; copies grouped per device."},
     KVPY_RAW_METHODS
     {"stats", (PyCFunction)store_stats, METH_NOARGS, "stats() -> dict."},

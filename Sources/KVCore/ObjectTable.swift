@@ -7,7 +7,7 @@ public enum WriteMode: Sendable {
     /// Fails with `objectExists` when the key is visible or another put of it is in flight.
     case put
     /// Replaces the visible version when it commits; in place when the size is unchanged and
-    /// no reader holds the current version.
+    /// no reader holds or leases the current version.
     case upsert
 }
 
@@ -44,14 +44,28 @@ public enum ReadResult: Sendable, Equatable {
 }
 
 /// The master's state machine for one segment: which keys exist, where their bytes are, who
-/// reads them. Pure logic, no I/O: the embedded store wraps it in a mutex, the network master
+/// reads and leases them, what is pinned, what expires, and what to evict. Pure logic, no I/O
+/// and no clock: every call that depends on time takes `now` (monotonic nanoseconds), and the
+/// timers due by then run first. The embedded store wraps it in a mutex; the network master
 /// will wrap the same type.
 ///
-/// Invariants: an object is visible only between `commitWrite` and its removal; a version's
-/// space is freed only when it is neither visible nor read; `usedBytes` is exactly the
-/// allocator's in-use space.
+/// Rules:
+/// - An object is visible only between `commitWrite` and its removal (remove, eviction,
+///   expiry, or replacement by an upsert).
+/// - A read (`acquireRead`, `lease`) leases the version for `policy.leaseTTL`. A leased
+///   object is never evicted; `remove` refuses it unless forced.
+/// - A version's space is freed only when it is invisible, no reader holds it and its lease
+///   has ended: an upsert or expiry of a leased object hides it at once, and its bytes stay
+///   untouched until the lease ends.
+/// - Eviction is approximately least-recently-used: evictable objects sit on an intrusive
+///   list (most recent first); soft-pinned objects on a second list used only when the first
+///   is empty. Leased, hard-pinned, held and incomplete versions are on no list, so each
+///   eviction is O(1) and never scans past objects it may not take.
 public struct ObjectTable: Sendable {
     enum State: Sendable { case free, writing, complete, rewriting }
+
+    /// Which eviction list a version is on.
+    enum List: UInt8, Sendable { case none = 0, ordinary = 1, softPinned = 2 }
 
     struct Version: Sendable {
         var generation: UInt32 = 0
@@ -62,6 +76,15 @@ public struct ObjectTable: Sendable {
         var readers: Int32 = 0
         var linked = false
         var mode: WriteMode = .put
+        /// Applied when the write commits.
+        var options = WriteOptions.default
+        var hardPinned = false
+        var softPinned = false
+        /// End of the read lease; 0: not leased.
+        var leaseUntil: Nanoseconds = 0
+        var list = List.none
+        var prev: Int32 = -1
+        var next: Int32 = -1
     }
 
     struct Entry: Sendable {
@@ -69,31 +92,61 @@ public struct ObjectTable: Sendable {
         var putPending = false
     }
 
-    private(set) public var allocator: SegmentAllocator
-    private var versions: [Version] = []
+    /// Head (most recent) and tail (eviction end) of one eviction list.
+    struct ListEnds: Sendable {
+        var head: Int32 = -1
+        var tail: Int32 = -1
+    }
+
+    public let policy: CachePolicy
+    public internal(set) var allocator: SegmentAllocator
+    var versions: [Version] = []
     private var recycled: [Int32] = []
-    private var entries: [ObjectKey: Entry] = [:]
+    var entries: [ObjectKey: Entry] = [:]
+    var timers = TimerQueue()
+    var lists = [ListEnds](repeating: ListEnds(), count: 3)
     /// Visible objects.
-    public private(set) var objectCount = 0
+    public internal(set) var objectCount = 0
     /// Sum of the sizes of visible objects, in bytes.
-    public private(set) var objectBytes = 0
+    public internal(set) var objectBytes = 0
     /// Read holds currently outstanding.
     public private(set) var activeReaders = 0
+    /// Versions whose read lease has not ended (visible or not).
+    public internal(set) var activeLeases = 0
+    /// Sizes of the visible hard-pinned / soft-pinned objects, in bytes.
+    public internal(set) var hardPinnedBytes = 0
+    public internal(set) var softPinnedBytes = 0
+    /// Space (allocation lengths) of the versions on an eviction list: what eviction could free.
+    public internal(set) var evictableBytes = 0
+    /// Objects evicted, and their sizes in bytes.
+    public internal(set) var evictedObjects = 0
+    public internal(set) var evictedBytes = 0
+    /// Objects that disappeared because their TTL passed.
+    public internal(set) var expiredObjects = 0
 
-    public init(capacity: Int) {
+    /// A table for a segment of `capacity` bytes; `policy` must be valid (see `CachePolicy.validate`).
+    public init(capacity: Int, policy: CachePolicy = CachePolicy()) {
         allocator = SegmentAllocator(capacity: capacity)
+        self.policy = policy
     }
 
     public var capacity: Int { allocator.capacity }
-    /// Bytes of the segment in use: visible objects, writes in flight, and removed versions
-    /// still held by readers.
+    /// Bytes of the segment in use: visible objects, writes in flight, and invisible versions
+    /// still held or leased by readers.
     public var usedBytes: Int { allocator.usedBytes }
 
     // MARK: writes
 
-    /// Reserves space for a write of `size` bytes (> 0) under `key`.
-    public mutating func beginWrite(key: ObjectKey, size: Int, mode: WriteMode) throws(KVError) -> WriteTicket {
+    /// Reserves space for a write of `size` bytes (> 0) under `key`, evicting when the write
+    /// would take usage above the high watermark or does not fit. Throws `noSpace` only when
+    /// nothing evictable is left.
+    public mutating func beginWrite(key: ObjectKey, size: Int, mode: WriteMode,
+                                    options: WriteOptions = .default, now: Nanoseconds) throws(KVError) -> WriteTicket {
+        advance(now: now)
         guard size > 0 else { throw .invalidArgument("value must not be empty") }
+        if options.hardPin && hardPinnedBytes + size > capacity {
+            throw .noSpace("hard-pinning \(size) bytes would exceed the capacity: \(hardPinnedBytes) of \(capacity) bytes are hard-pinned already")
+        }
         if mode == .put {
             // One hash lookup: claims the key (inserting an entry when absent) unless taken.
             guard Self.claimForPut(&entries[key, default: Entry()]) else {
@@ -101,20 +154,22 @@ public struct ObjectTable: Sendable {
             }
         } else if let e = entries[key], e.current >= 0 {
             let c = Int(e.current)
-            if versions[c].state == .complete, versions[c].size == size, versions[c].readers == 0 {
+            if versions[c].state == .complete, versions[c].size == size, versions[c].readers == 0, versions[c].leaseUntil == 0 {
+                clearCacheState(e.current)
                 versions[c].state = .rewriting
+                versions[c].options = options
                 return WriteTicket(handle: handle(e.current), offset: versions[c].allocation!.offset,
                                    size: size, inPlace: true)
             }
         }
-        guard let a = allocator.allocate(size) else {
+        guard let a = allocateEvicting(size) else {
             if mode == .put { releasePutClaim(key) }
             if size > allocator.capacity {
                 throw .noSpace("value of \(size) bytes is larger than the segment (\(allocator.capacity) bytes)")
             }
-            throw .noSpace("no free space for \(size) bytes (\(allocator.freeBytes) of \(allocator.capacity) bytes free, largest free block \(allocator.largestFreeBlock) bytes)")
+            throw .noSpace("no space for \(size) bytes and nothing left to evict: \(allocator.freeBytes) of \(allocator.capacity) bytes free (largest free block \(allocator.largestFreeBlock) bytes), \(hardPinnedBytes) bytes hard-pinned, \(activeLeases) objects leased, \(activeReaders) reads in progress")
         }
-        let slot = newVersion(Version(state: .writing, key: key, allocation: a, size: size, mode: mode))
+        let slot = newVersion(Version(state: .writing, key: key, allocation: a, size: size, mode: mode, options: options))
         return WriteTicket(handle: handle(slot), offset: a.offset, size: size, inPlace: false)
     }
 
@@ -131,14 +186,15 @@ public struct ObjectTable: Sendable {
         entries[key] = e.current < 0 ? nil : e
     }
 
-    /// Makes a written object visible. A put that lost a race to an upsert of the same key
-    /// fails with `objectExists` and its space is freed.
-    public mutating func commitWrite(_ t: WriteTicket) throws(KVError) {
+    /// Makes a written object visible with its write options. A put that lost a race to an
+    /// upsert of the same key fails with `objectExists` and its space is freed.
+    public mutating func commitWrite(_ t: WriteTicket, now: Nanoseconds) throws(KVError) {
+        advance(now: now)
         let s = try slot(t.handle)
         if t.inPlace {
             guard versions[s].state == .rewriting else { throw KVError(.internal, "commit of a write not in flight") }
             versions[s].state = .complete
-            if !versions[s].linked { try reclaimIfUnused(Int32(s)) }
+            if versions[s].linked { applyOptions(Int32(s), now: now) } else { reclaimIfUnused(Int32(s)) }
             return
         }
         guard versions[s].state == .writing else { throw KVError(.internal, "commit of a write not in flight") }
@@ -147,14 +203,15 @@ public struct ObjectTable: Sendable {
         // One hash lookup: installs the new version, or reports the put's lost race.
         let old = Self.install(&entries[key, default: Entry()], slot: Int32(s), isPut: isPut)
         if old == Self.lostRace {
-            try dropVersion(Int32(s))
+            dropVersion(Int32(s))
             throw .exists("object '\(key)' already exists")
         }
         versions[s].state = .complete
         versions[s].linked = true
         objectBytes += versions[s].size
+        applyOptions(Int32(s), now: now)
         if old >= 0 {
-            try unlink(old)
+            unlink(old)
         } else {
             objectCount += 1
         }
@@ -177,46 +234,62 @@ public struct ObjectTable: Sendable {
 
     /// Abandons a write: its space is freed and the key is as before. An aborted in-place
     /// upsert has already destroyed the old bytes, so the object is removed.
-    public mutating func abortWrite(_ t: WriteTicket) throws(KVError) {
+    public mutating func abortWrite(_ t: WriteTicket, now: Nanoseconds) throws(KVError) {
         let s = try slot(t.handle)
         if t.inPlace {
             guard versions[s].state == .rewriting else { throw KVError(.internal, "abort of a write not in flight") }
             versions[s].state = .complete
             if versions[s].linked {
-                try remove(key: versions[s].key)
+                try remove(key: versions[s].key, force: true, now: now)
             } else {
-                try reclaimIfUnused(Int32(s))
+                reclaimIfUnused(Int32(s))
             }
             return
         }
         guard versions[s].state == .writing else { throw KVError(.internal, "abort of a write not in flight") }
         if versions[s].mode == .put { releasePutClaim(versions[s].key) }
-        try dropVersion(Int32(s))
+        dropVersion(Int32(s))
     }
 
     // MARK: reads
 
-    /// Takes a read hold on the visible version of `key`.
-    public mutating func acquireRead(key: ObjectKey) -> ReadResult {
+    /// Takes a read hold on the visible version of `key` and leases it.
+    public mutating func acquireRead(key: ObjectKey, now: Nanoseconds) -> ReadResult {
+        advance(now: now)
         guard let e = entries[key], e.current >= 0 else { return .notFound }
         let c = Int(e.current)
         if versions[c].state == .rewriting { return .busy }
         versions[c].readers += 1
         activeReaders += 1
+        grantLease(e.current, now: now)
+        updateList(e.current)
         return .found(ReadTicket(handle: handle(e.current), offset: versions[c].allocation!.offset,
                                  size: versions[c].size))
     }
 
-    /// Ends a read hold; frees the version's space if it was removed or replaced meanwhile.
-    public mutating func releaseRead(_ h: VersionHandle) throws(KVError) {
+    /// Ends a read hold; frees the version's space if it was hidden meanwhile and is not leased.
+    public mutating func releaseRead(_ h: VersionHandle, now: Nanoseconds) throws(KVError) {
         let s = try slot(h)
         guard versions[s].readers > 0 else { throw KVError(.internal, "release of a version that is not read") }
         versions[s].readers -= 1
         activeReaders -= 1
-        if !versions[s].linked { try reclaimIfUnused(Int32(s)) }
+        if versions[s].linked { updateList(Int32(s)) } else { reclaimIfUnused(Int32(s)) }
+        advance(now: now)
     }
 
-    /// Size of the visible version of `key`, or nil.
+    /// Size of the visible version of `key`, leasing it (what `exists` and `size` do); nil
+    /// when there is none. An object being rewritten in place is reported but not leased.
+    public mutating func lease(key: ObjectKey, now: Nanoseconds) -> Int? {
+        advance(now: now)
+        guard let e = entries[key], e.current >= 0 else { return nil }
+        if versions[Int(e.current)].state == .complete {
+            grantLease(e.current, now: now)
+            updateList(e.current)
+        }
+        return versions[Int(e.current)].size
+    }
+
+    /// Size of the visible version of `key`, or nil. Grants no lease and runs no timers.
     public func size(key: ObjectKey) -> Int? {
         guard let e = entries[key], e.current >= 0 else { return nil }
         return versions[Int(e.current)].size
@@ -226,36 +299,53 @@ public struct ObjectTable: Sendable {
 
     // MARK: removal
 
-    /// Removes the visible version of `key`; readers in progress finish with the bytes they hold.
-    public mutating func remove(key: ObjectKey) throws(KVError) {
-        guard var e = entries[key], e.current >= 0 else { throw .notFound("object '\(key)' not found") }
-        try unlink(e.current)
-        objectCount -= 1
-        e.current = -1
-        entries[key] = e.putPending ? e : nil
+    /// Removes the visible version of `key`. A leased object is refused with `leaseHeld`
+    /// unless `force`, which also ends the lease. Readers in progress finish with the bytes
+    /// they hold.
+    public mutating func remove(key: ObjectKey, force: Bool = false, now: Nanoseconds) throws(KVError) {
+        advance(now: now)
+        guard let e = entries[key], e.current >= 0 else { throw .notFound("object '\(key)' not found") }
+        let c = e.current
+        let until = versions[Int(c)].leaseUntil
+        if until != 0 {
+            guard force else {
+                let ms = (until - min(until, now) + 999_999) / 1_000_000
+                throw KVError(.leaseHeld, "object '\(key)' is leased by a reader for another \(ms) ms; remove(force=True) removes it anyway")
+            }
+            endLease(c)
+        }
+        hide(c)
     }
 
-    /// Removes every visible object; returns how many.
-    public mutating func removeAll() throws(KVError) -> Int {
-        let n = objectCount
-        var pending = 0
-        for i in entries.indices {
-            let c = entries.values[i].current
-            if c >= 0 { entries.values[i].current = -1; try unlink(c) }
-            if entries.values[i].putPending { pending += 1 }
+    /// Removes every visible object that is not leased (every object when `force`); returns how many.
+    public mutating func removeAll(force: Bool = false, now: Nanoseconds) -> Int {
+        advance(now: now)
+        var victims: [Int32] = []
+        victims.reserveCapacity(objectCount)
+        for e in entries.values where e.current >= 0 {
+            if versions[Int(e.current)].leaseUntil != 0 && !force { continue }
+            victims.append(e.current)
         }
-        if pending == 0 {
-            entries.removeAll(keepingCapacity: true)
-        } else {
-            entries = entries.filter { $0.value.putPending }
+        for c in victims {
+            if versions[Int(c)].leaseUntil != 0 { endLease(c) }
+            hide(c)
         }
-        objectCount = 0
-        return n
+        return victims.count
+    }
+
+    /// Takes visible version `c` out of its key (remove, eviction, expiry).
+    mutating func hide(_ c: Int32) {
+        let key = versions[Int(c)].key
+        var e = entries[key]!
+        e.current = -1
+        entries[key] = e.putPending ? e : nil
+        objectCount -= 1
+        unlink(c)
     }
 
     // MARK: internals
 
-    private func handle(_ slot: Int32) -> VersionHandle {
+    func handle(_ slot: Int32) -> VersionHandle {
         VersionHandle(versions[Int(slot)].generation) << 32 | VersionHandle(UInt32(slot))
     }
 
@@ -278,20 +368,25 @@ public struct ObjectTable: Sendable {
         return Int32(versions.count - 1)
     }
 
-    /// Takes a visible version out of its key; frees it now or when its last reader leaves.
-    private mutating func unlink(_ s: Int32) throws(KVError) {
+    /// Makes a visible version invisible; frees it now or when its last reader and lease end.
+    mutating func unlink(_ s: Int32) {
+        clearCacheState(s)
         versions[Int(s)].linked = false
         objectBytes -= versions[Int(s)].size
-        try reclaimIfUnused(s)
+        reclaimIfUnused(s)
     }
 
-    private mutating func reclaimIfUnused(_ s: Int32) throws(KVError) {
-        let i = Int(s)
-        if versions[i].readers == 0 && versions[i].state == .complete && !versions[i].linked { try dropVersion(s) }
+    mutating func reclaimIfUnused(_ s: Int32) {
+        let v = versions[Int(s)]
+        if v.readers == 0 && v.state == .complete && !v.linked && v.leaseUntil == 0 { dropVersion(s) }
     }
 
-    private mutating func dropVersion(_ s: Int32) throws(KVError) {
-        if let a = versions[Int(s)].allocation { try allocator.free(a) }
+    private mutating func dropVersion(_ s: Int32) {
+        timers.cancelAll(slot: s)
+        if let a = versions[Int(s)].allocation {
+            // The table hands out and frees every allocation itself: a failure is a bug here.
+            do { try allocator.free(a) } catch { assertionFailure("\(error)") }
+        }
         let gen = versions[Int(s)].generation &+ 1
         versions[Int(s)] = Version()
         versions[Int(s)].generation = gen

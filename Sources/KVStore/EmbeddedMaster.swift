@@ -1,51 +1,87 @@
 import KVAccelerator
 import KVCore
 
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// The in-process master: the `ObjectTable` state machine behind one lock. Every method is
-/// thread-safe and holds the lock only for bookkeeping, never while bytes are copied.
+/// A source of monotonic time in nanoseconds. The store reads it outside its lock and hands
+/// the value to the state machine; tests pass a clock they move by hand.
+public typealias Clock = @Sendable () -> Nanoseconds
+
+/// `CLOCK_MONOTONIC` in nanoseconds (a vDSO call, no system call).
+public let monotonicClock: Clock = {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Nanoseconds(ts.tv_sec) &* 1_000_000_000 &+ Nanoseconds(ts.tv_nsec)
+}
+
+/// The in-process master: the `ObjectTable` state machine behind one lock, fed by `clock`.
+/// Every method is thread-safe and holds the lock only for bookkeeping, never while bytes
+/// are copied.
 public final class EmbeddedMaster: Sendable {
     private let table: Locked<ObjectTable>
+    public let clock: Clock
+    public let policy: CachePolicy
 
-    public init(capacity: Int) {
-        table = Locked(ObjectTable(capacity: capacity))
+    public init(capacity: Int, policy: CachePolicy = CachePolicy(), clock: @escaping Clock = monotonicClock) {
+        table = Locked(ObjectTable(capacity: capacity, policy: policy))
+        self.clock = clock
+        self.policy = policy
     }
 
-    public func beginWrite(key: ObjectKey, size: Int, mode: WriteMode) throws(KVError) -> WriteTicket {
-        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.beginWrite(key: key, size: size, mode: mode) }
+    public func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions) throws(KVError) -> WriteTicket {
+        let now = clock()
+        return try table.withLock { (t: inout ObjectTable) throws(KVError) in
+            try t.beginWrite(key: key, size: size, mode: mode, options: options, now: now)
+        }
     }
 
     public func commitWrite(_ ticket: WriteTicket) throws(KVError) {
-        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.commitWrite(ticket) }
+        let now = clock()
+        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.commitWrite(ticket, now: now) }
     }
 
     public func abortWrite(_ ticket: WriteTicket) throws(KVError) {
-        try table.withLock { (t) throws(KVError) in try t.abortWrite(ticket) }
+        let now = clock()
+        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.abortWrite(ticket, now: now) }
     }
 
     public func acquireRead(key: ObjectKey) -> ReadResult {
-        table.withLock { $0.acquireRead(key: key) }
+        let now = clock()
+        return table.withLock { $0.acquireRead(key: key, now: now) }
     }
 
     public func releaseRead(_ handle: VersionHandle) throws(KVError) {
-        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.releaseRead(handle) }
+        let now = clock()
+        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.releaseRead(handle, now: now) }
     }
 
-    public func size(key: ObjectKey) -> Int? { table.withLock { $0.size(key: key) } }
-
-    public func remove(key: ObjectKey) throws(KVError) {
-        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.remove(key: key) }
+    /// Size of `key`, leasing it; nil when absent.
+    public func lease(key: ObjectKey) -> Int? {
+        let now = clock()
+        return table.withLock { $0.lease(key: key, now: now) }
     }
 
-    public func removeAll() throws(KVError) -> Int {
-        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.removeAll() }
+    public func remove(key: ObjectKey, force: Bool) throws(KVError) {
+        let now = clock()
+        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.remove(key: key, force: force, now: now) }
     }
 
-    /// A consistent snapshot of the table's accounting.
-    public func snapshot() -> (objects: Int, objectBytes: Int, used: Int, capacity: Int, readers: Int, freeBlocks: Int, largestFree: Int) {
-        table.withLock { t in
-            (t.objectCount, t.objectBytes, t.usedBytes, t.capacity, t.activeReaders,
-             t.allocator.freeBlockCount, t.allocator.largestFreeBlock)
+    public func removeAll(force: Bool) -> Int {
+        let now = clock()
+        return table.withLock { $0.removeAll(force: force, now: now) }
+    }
+
+    /// The table's counters, after running the timers due now.
+    public func statistics() -> CacheStatistics {
+        let now = clock()
+        return table.withLock { t in
+            t.advance(now: now)
+            return t.statistics
         }
     }
+
+    /// Runs `body` on the table under the lock (tests and diagnostics).
+    public func inspect<R>(_ body: (inout ObjectTable) -> R) -> R { table.withLock(body) }
 }

@@ -6,24 +6,28 @@ extension StoreClient {
     /// the C ABI can hand out their addresses.
     public static let statisticNames: [StaticString] = [
         "objects", "object_bytes", "bytes_used", "capacity", "bytes_free",
+        "hard_pinned_bytes", "soft_pinned_bytes",
         "bytes_copied", "bytes_staged", "copy_ops",
         "puts", "gets", "hits", "misses", "removes",
-        "active_readers", "free_blocks", "largest_free_block",
-        "registered_buffers", "registered_bytes", "pinned_bytes", "pin_fallbacks", "accelerators", "closed",
+        "evicted_objects", "evicted_bytes", "expired_objects",
+        "leases_active", "active_readers", "free_blocks", "largest_free_block",
+        "registered_buffers", "registered_bytes", "page_locked_bytes", "page_lock_fallbacks", "accelerators", "closed",
     ]
 
     /// Current values, aligned with `statisticNames`. All counts are exact when no operation
     /// is in flight.
     public func statistics() -> [Int] {
-        let s = master.snapshot()
+        let s = master.statistics()
         let hits = operations.hits.load(ordering: .relaxed), misses = operations.misses.load(ordering: .relaxed)
         return [
-            s.objects, s.objectBytes, s.used, s.capacity, s.capacity - s.used,
+            s.objects, s.objectBytes, s.usedBytes, s.capacity, s.capacity - s.usedBytes,
+            s.hardPinnedBytes, s.softPinnedBytes,
             counters.bytesCopied.load(ordering: .relaxed), counters.bytesStaged.load(ordering: .relaxed),
             counters.copyOps.load(ordering: .relaxed),
             operations.puts.load(ordering: .relaxed), hits + misses, hits, misses,
             operations.removes.load(ordering: .relaxed),
-            s.readers, s.freeBlocks, s.largestFree,
+            s.evictedObjects, s.evictedBytes, s.expiredObjects,
+            s.activeLeases, s.activeReaders, s.freeBlocks, s.largestFreeBlock,
             registry.count, registry.registeredBytes,
             isClosed ? 0 : segment.pinnedLength, segment.pinFellBack ? 1 : 0,
             AcceleratorRegistry.snapshot.accelerators.count, isClosed ? 1 : 0,

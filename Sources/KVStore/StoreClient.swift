@@ -36,16 +36,22 @@ public final class StoreClient: Sendable {
     /// commits the segment's pages now instead of on first use. The segment is pinned when an
     /// accelerator is present and `pinning` (default: from the environment, see
     /// `PinningPolicy`) allows; a refused pin leaves it pageable and is counted in stats.
-    public init(segmentSize: Int, prefault: Bool = false, pinning: PinningPolicy? = nil) throws(KVError) {
+    /// `cache` sets leases and eviction (checked here); `clock` is for tests.
+    public init(segmentSize: Int, prefault: Bool = false, pinning: PinningPolicy? = nil,
+                cache: CachePolicy = CachePolicy(), clock: @escaping Clock = monotonicClock) throws(KVError) {
         guard segmentSize >= SegmentAllocator.granule else {
             throw .invalidArgument("segment size must be at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
+        try cache.validate()
         let policy: PinningPolicy
         if let pinning { policy = pinning } else { policy = try PinningPolicy.fromEnvironment() }
         segment = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy)
-        master = EmbeddedMaster(capacity: segmentSize)
+        master = EmbeddedMaster(capacity: segmentSize, policy: cache, clock: clock)
         transport = LocalCopyTransport(counters: counters)
     }
+
+    /// The store's lease and eviction rules.
+    public var cachePolicy: CachePolicy { master.policy }
 
     // MARK: writes
 
@@ -53,14 +59,15 @@ public final class StoreClient: Sendable {
     /// order, straight into its place in the segment. The object becomes visible only when
     /// completely written.
     /// Parts on a device are copied by that device (device→host); see `MemoryHint`.
+    /// `options` pin the object or give it a TTL. Evicts when the store is full.
     public func put(key: ObjectKey, parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
-                    memory: MemoryHint = .locate) throws(KVError) {
+                    options: WriteOptions = .default, memory: MemoryHint = .locate) throws(KVError) {
         try gate.enter()
         defer { gate.leave() }
         let total = TransferPlan.totalLength(parts)
         guard total > 0 else { throw .invalidArgument("value must not be empty") }
         let locations = locate(parts, memory)
-        let ticket = try master.beginWrite(key: key, size: total, mode: mode)
+        let ticket = try master.beginWrite(key: key, size: total, mode: mode, options: options)
         let destination = segment.region(offset: ticket.offset, length: total)
         if let locations {
             var plan = DeviceCopyPlan()
@@ -90,7 +97,7 @@ public final class StoreClient: Sendable {
     /// object is taken first, then all copies run grouped per device (each device made current
     /// once), then each object commits — or is revoked if its copy failed.
     public func putBatch(_ items: [BatchWrite], parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
-                         memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
+                         options: WriteOptions = .default, memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
         try gate.enter()
         defer { gate.leave() }
         var results = [KVError?](repeating: nil, count: items.count)
@@ -104,7 +111,7 @@ public final class StoreClient: Sendable {
                 let mine = UnsafeBufferPointer(rebasing: parts[item.parts])
                 let total = TransferPlan.totalLength(mine)
                 guard total > 0 else { throw .invalidArgument("value must not be empty") }
-                let t = try master.beginWrite(key: item.key, size: total, mode: mode)
+                let t = try master.beginWrite(key: item.key, size: total, mode: mode, options: options)
                 tickets[i] = t
                 let destination = segment.region(offset: t.offset, length: total)
                 if let locations = locate(mine, memory) {
@@ -318,34 +325,36 @@ public final class StoreClient: Sendable {
 
     // MARK: queries and removal
 
+    /// Whether `key` exists; an existing object is leased (so a `get` that follows finds it).
     public func exists(key: ObjectKey) throws(KVError) -> Bool {
         try gate.enter()
         defer { gate.leave() }
-        return master.size(key: key) != nil
+        return master.lease(key: key) != nil
     }
 
+    /// The size of `key` in bytes; leases the object.
     public func size(key: ObjectKey) throws(KVError) -> Int {
         try gate.enter()
         defer { gate.leave() }
-        guard let n = master.size(key: key) else { throw .notFound("object '\(key)' not found") }
+        guard let n = master.lease(key: key) else { throw .notFound("object '\(key)' not found") }
         return n
     }
 
-    /// Removes `key`. Readers already copying finish with the bytes they hold; the space is
-    /// freed when the last of them is done. (`force` is accepted for the lease rules to come;
-    /// with no leases every removal is allowed.)
+    /// Removes `key`. A leased object is refused with `leaseHeld` unless `force`. Readers
+    /// already copying finish with the bytes they hold; the space is freed when the last of
+    /// them is done.
     public func remove(key: ObjectKey, force: Bool = false) throws(KVError) {
         try gate.enter()
         defer { gate.leave() }
-        try master.remove(key: key)
+        try master.remove(key: key, force: force)
         operations.removes.add(1, ordering: .relaxed)
     }
 
-    /// Removes every object; returns how many.
-    public func removeAll() throws(KVError) -> Int {
+    /// Removes every object that is not leased (every object when `force`); returns how many.
+    public func removeAll(force: Bool = false) throws(KVError) -> Int {
         try gate.enter()
         defer { gate.leave() }
-        let n = try master.removeAll()
+        let n = master.removeAll(force: force)
         operations.removes.add(n, ordering: .relaxed)
         return n
     }

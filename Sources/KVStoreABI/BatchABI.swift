@@ -62,14 +62,16 @@ struct BatchInput {
 
 @c(kv_batch_put)
 public func kvBatchPut(_ store: OpaquePointer?, _ items: UnsafePointer<kv_batch_put_item>?, _ n: Int,
-                       _ flags: UInt32, _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+                       _ flags: UInt32, _ options: UnsafePointer<kv_put_options>?,
+                       _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
+        let o = try writeOptions(options, c)
         guard n >= 0, n == 0 || (items != nil && statuses != nil) else { throw .invalidArgument("batch arrays are NULL") }
         var input = BatchInput(count: n) { i in (items![i].key, items![i].key_len, items![i].parts, items![i].nparts) }
         let writes = zip(input.keys, input.ranges).map { StoreClient.BatchWrite(key: $0, parts: $1) }
         let results = try input.regions.withUnsafeBufferPointer { (r) throws(KVError) in
-            try c.putBatch(writes, parts: r, mode: writeMode(flags), memory: memoryHint(flags))
+            try c.putBatch(writes, parts: r, mode: writeMode(flags), options: o, memory: memoryHint(flags))
         }
         input.finish(results, statuses: statuses)
     }

@@ -9,14 +9,29 @@ import KVTransfer
 @inline(__always)
 func writeMode(_ flags: UInt32) -> WriteMode { flags & UInt32(KV_UPSERT) != 0 ? .upsert : .put }
 
+/// Converts and checks a write's options (NULL: none) against the store's defaults.
+func writeOptions(_ p: UnsafePointer<kv_put_options>?, _ c: StoreClient) throws(KVError) -> WriteOptions {
+    guard let p else { return .default }
+    let o = p.pointee
+    let known = UInt32(KV_PIN_HARD | KV_PIN_SOFT | KV_OPT_TTL | KV_OPT_SOFT_PIN_TTL)
+    guard o.flags & ~known == 0 else {
+        throw .invalidArgument("unknown put option flags 0x\(String(o.flags & ~known, radix: 16))")
+    }
+    return try WriteOptions(hardPin: o.flags & UInt32(KV_PIN_HARD) != 0, softPin: o.flags & UInt32(KV_PIN_SOFT) != 0,
+                            softPinSeconds: o.flags & UInt32(KV_OPT_SOFT_PIN_TTL) != 0 ? o.soft_pin_ttl : nil,
+                            ttlSeconds: o.flags & UInt32(KV_OPT_TTL) != 0 ? o.ttl : nil, policy: c.cachePolicy)
+}
+
 @c(kv_put)
 public func kvPut(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
-                  _ parts: UnsafePointer<kv_buffer>?, _ nparts: Int, _ flags: UInt32) -> Int32 {
+                  _ parts: UnsafePointer<kv_buffer>?, _ nparts: Int, _ flags: UInt32,
+                  _ options: UnsafePointer<kv_put_options>?) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         let k = try ABI.key(key, keyLen)
+        let o = try writeOptions(options, c)
         try ABI.withSources(parts, nparts) { (regions) throws(KVError) in
-            try c.put(key: k, parts: regions, mode: writeMode(flags), memory: memoryHint(flags))
+            try c.put(key: k, parts: regions, mode: writeMode(flags), options: o, memory: memoryHint(flags))
         }
     }
 }
@@ -132,9 +147,9 @@ public func kvRemove(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ ke
 }
 
 @c(kv_remove_all)
-public func kvRemoveAll(_ store: OpaquePointer?, _ removed: UnsafeMutablePointer<UInt64>?) -> Int32 {
+public func kvRemoveAll(_ store: OpaquePointer?, _ flags: UInt32, _ removed: UnsafeMutablePointer<UInt64>?) -> Int32 {
     ABI.status { () throws(KVError) in
-        let n = try ABI.client(store).removeAll()
+        let n = try ABI.client(store).removeAll(force: flags & UInt32(KV_REMOVE_FORCE) != 0)
         removed?.pointee = UInt64(n)
     }
 }

@@ -15,16 +15,28 @@ public func kvLastError(_ len: UnsafeMutablePointer<Int>?) -> UnsafePointer<CCha
 @c(kv_max_key_bytes)
 public func kvMaxKeyBytes() -> Int { ObjectKey.maxBytes }
 
+@c(kv_store_config_init)
+public func kvStoreConfigInit(_ config: UnsafeMutablePointer<kv_store_config>?) {
+    let d = CachePolicy()
+    config?.pointee = kv_store_config(lease_ttl: Double(d.leaseTTL) / 1e9, soft_pin_ttl: Double(d.softPinTTL) / 1e9,
+                                      eviction_high_watermark: d.highWatermark, eviction_ratio: d.evictionRatio)
+}
+
 @c(kv_store_create)
-public func kvStoreCreate(_ segmentSize: UInt64, _ flags: UInt32,
+public func kvStoreCreate(_ segmentSize: UInt64, _ flags: UInt32, _ config: UnsafePointer<kv_store_config>?,
                           _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
     ABI.status { () throws(KVError) in
         guard let out else { throw .invalidArgument("out pointer is NULL") }
         guard segmentSize <= UInt64(Int.max) else { throw .invalidArgument("segment size \(segmentSize) is too large") }
+        var cache = CachePolicy()
+        if let c = config?.pointee {
+            cache = try CachePolicy(leaseSeconds: c.lease_ttl, softPinSeconds: c.soft_pin_ttl,
+                                    highWatermark: c.eviction_high_watermark, evictionRatio: c.eviction_ratio)
+        }
         var pinning = try PinningPolicy.fromEnvironment()
         if flags & UInt32(KV_CREATE_NO_PIN) != 0 { pinning.enabled = false }
         let client = try StoreClient(segmentSize: Int(segmentSize),
-                                     prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: pinning)
+                                     prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: pinning, cache: cache)
         out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
     }
 }

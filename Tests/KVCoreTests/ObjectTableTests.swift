@@ -2,80 +2,83 @@ import XCTest
 @testable import KVCore
 
 final class ObjectTableTests: XCTestCase {
+    /// The rules of these tests predate leases: reads protect bytes only while held.
+    static let noLeases = CachePolicy(leaseTTL: 0, softPinTTL: 1_000_000_000, highWatermark: 1, evictionRatio: 0.05)
+
     func put(_ t: inout ObjectTable, _ key: ObjectKey, _ size: Int, _ mode: WriteMode = .put) throws -> WriteTicket {
-        let w = try t.beginWrite(key: key, size: size, mode: mode)
-        try t.commitWrite(w)
+        let w = try t.beginWrite(key: key, size: size, mode: mode, now: 0)
+        try t.commitWrite(w, now: 0)
         return w
     }
 
     func read(_ t: inout ObjectTable, _ key: ObjectKey) -> ReadTicket? {
-        if case .found(let r) = t.acquireRead(key: key) { return r }
+        if case .found(let r) = t.acquireRead(key: key, now: 0) { return r }
         return nil
     }
 
     func testObjectIsVisibleOnlyAfterCommit() throws {
-        var t = ObjectTable(capacity: 1 << 20)
-        let w = try t.beginWrite(key: "a", size: 100, mode: .put)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
+        let w = try t.beginWrite(key: "a", size: 100, mode: .put, now: 0)
         XCTAssertFalse(t.contains(key: "a"))
-        XCTAssertEqual(t.acquireRead(key: "a"), .notFound)
+        XCTAssertEqual(t.acquireRead(key: "a", now: 0), .notFound)
         XCTAssertEqual(t.objectCount, 0)
         XCTAssertEqual(t.usedBytes, 128)
-        try t.commitWrite(w)
+        try t.commitWrite(w, now: 0)
         XCTAssertEqual(t.size(key: "a"), 100)
         XCTAssertEqual(t.objectCount, 1)
         XCTAssertEqual(t.objectBytes, 100)
     }
 
     func testPutOfExistingOrPendingKeyFails() throws {
-        var t = ObjectTable(capacity: 1 << 20)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
         _ = try put(&t, "a", 10)
-        XCTAssertThrowsError(try t.beginWrite(key: "a", size: 10, mode: .put)) { XCTAssertEqual(($0 as? KVError)?.code, .objectExists) }
-        let w = try t.beginWrite(key: "b", size: 10, mode: .put)
-        XCTAssertThrowsError(try t.beginWrite(key: "b", size: 10, mode: .put)) { XCTAssertEqual(($0 as? KVError)?.code, .objectExists) }
-        try t.abortWrite(w)
+        XCTAssertThrowsError(try t.beginWrite(key: "a", size: 10, mode: .put, now: 0)) { XCTAssertEqual(($0 as? KVError)?.code, .objectExists) }
+        let w = try t.beginWrite(key: "b", size: 10, mode: .put, now: 0)
+        XCTAssertThrowsError(try t.beginWrite(key: "b", size: 10, mode: .put, now: 0)) { XCTAssertEqual(($0 as? KVError)?.code, .objectExists) }
+        try t.abortWrite(w, now: 0)
         XCTAssertEqual(t.usedBytes, 64)
         _ = try put(&t, "b", 10)
     }
 
     func testAbortLeavesNothing() throws {
-        var t = ObjectTable(capacity: 1 << 20)
-        let w = try t.beginWrite(key: "a", size: 5000, mode: .put)
-        try t.abortWrite(w)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
+        let w = try t.beginWrite(key: "a", size: 5000, mode: .put, now: 0)
+        try t.abortWrite(w, now: 0)
         XCTAssertFalse(t.contains(key: "a"))
         XCTAssertEqual(t.usedBytes, 0)
-        XCTAssertThrowsError(try t.commitWrite(w), "a stale ticket must not commit")
+        XCTAssertThrowsError(try t.commitWrite(w, now: 0), "a stale ticket must not commit")
     }
 
     func testUpsertOfSameSizeRewritesInPlaceAndReadersWait() throws {
-        var t = ObjectTable(capacity: 1 << 20)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
         let first = try put(&t, "a", 256)
-        let w = try t.beginWrite(key: "a", size: 256, mode: .upsert)
+        let w = try t.beginWrite(key: "a", size: 256, mode: .upsert, now: 0)
         XCTAssertTrue(w.inPlace)
         XCTAssertEqual(w.offset, first.offset)
-        XCTAssertEqual(t.acquireRead(key: "a"), .busy)
-        try t.commitWrite(w)
+        XCTAssertEqual(t.acquireRead(key: "a", now: 0), .busy)
+        try t.commitWrite(w, now: 0)
         XCTAssertNotNil(read(&t, "a"))
         XCTAssertEqual(t.usedBytes, 256)
     }
 
     func testUpsertWhileReadHeldKeepsOldBytesUntilRelease() throws {
-        var t = ObjectTable(capacity: 1 << 20)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
         let first = try put(&t, "a", 256)
         let r = try XCTUnwrap(read(&t, "a"))
-        let w = try t.beginWrite(key: "a", size: 256, mode: .upsert)
+        let w = try t.beginWrite(key: "a", size: 256, mode: .upsert, now: 0)
         XCTAssertFalse(w.inPlace, "a read version is never overwritten")
         XCTAssertNotEqual(w.offset, first.offset)
-        try t.commitWrite(w)
+        try t.commitWrite(w, now: 0)
         XCTAssertEqual(t.usedBytes, 512, "old version still held")
         XCTAssertEqual(t.objectCount, 1)
         XCTAssertEqual(t.objectBytes, 256)
-        try t.releaseRead(r.handle)
+        try t.releaseRead(r.handle, now: 0)
         XCTAssertEqual(t.usedBytes, 256)
         XCTAssertEqual(t.activeReaders, 0)
     }
 
     func testUpsertOfOtherSizeReplaces() throws {
-        var t = ObjectTable(capacity: 1 << 20)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
         _ = try put(&t, "a", 100)
         _ = try put(&t, "a", 1000, .upsert)
         XCTAssertEqual(t.size(key: "a"), 1000)
@@ -84,75 +87,75 @@ final class ObjectTableTests: XCTestCase {
     }
 
     func testAbortedInPlaceUpsertRemovesTheObject() throws {
-        var t = ObjectTable(capacity: 1 << 20)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
         _ = try put(&t, "a", 64)
-        let w = try t.beginWrite(key: "a", size: 64, mode: .upsert)
+        let w = try t.beginWrite(key: "a", size: 64, mode: .upsert, now: 0)
         XCTAssertTrue(w.inPlace)
-        try t.abortWrite(w)
+        try t.abortWrite(w, now: 0)
         XCTAssertFalse(t.contains(key: "a"))
         XCTAssertEqual(t.usedBytes, 0)
         XCTAssertEqual(t.objectCount, 0)
     }
 
     func testPutLosingARaceToUpsertFailsAndFrees() throws {
-        var t = ObjectTable(capacity: 1 << 20)
-        let p = try t.beginWrite(key: "a", size: 64, mode: .put)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
+        let p = try t.beginWrite(key: "a", size: 64, mode: .put, now: 0)
         _ = try put(&t, "a", 64, .upsert)
-        XCTAssertThrowsError(try t.commitWrite(p)) { XCTAssertEqual(($0 as? KVError)?.code, .objectExists) }
+        XCTAssertThrowsError(try t.commitWrite(p, now: 0)) { XCTAssertEqual(($0 as? KVError)?.code, .objectExists) }
         XCTAssertEqual(t.usedBytes, 64)
         XCTAssertEqual(t.objectCount, 1)
     }
 
     func testRemoveDuringReadDefersTheFree() throws {
-        var t = ObjectTable(capacity: 1 << 20)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
         _ = try put(&t, "a", 64)
         let r = try XCTUnwrap(read(&t, "a"))
-        try t.remove(key: "a")
+        try t.remove(key: "a", now: 0)
         XCTAssertFalse(t.contains(key: "a"))
         XCTAssertEqual(t.usedBytes, 64)
-        XCTAssertThrowsError(try t.remove(key: "a")) { XCTAssertEqual(($0 as? KVError)?.code, .objectNotFound) }
-        try t.releaseRead(r.handle)
+        XCTAssertThrowsError(try t.remove(key: "a", now: 0)) { XCTAssertEqual(($0 as? KVError)?.code, .objectNotFound) }
+        try t.releaseRead(r.handle, now: 0)
         XCTAssertEqual(t.usedBytes, 0)
-        XCTAssertThrowsError(try t.releaseRead(r.handle), "a released hold cannot be released again")
+        XCTAssertThrowsError(try t.releaseRead(r.handle, now: 0), "a released hold cannot be released again")
     }
 
     func testRemoveDuringInPlaceRewriteFreesAtCommit() throws {
-        var t = ObjectTable(capacity: 1 << 20)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
         _ = try put(&t, "a", 64)
-        let w = try t.beginWrite(key: "a", size: 64, mode: .upsert)
-        try t.remove(key: "a")
+        let w = try t.beginWrite(key: "a", size: 64, mode: .upsert, now: 0)
+        try t.remove(key: "a", now: 0)
         XCTAssertEqual(t.usedBytes, 64)
-        try t.commitWrite(w)
+        try t.commitWrite(w, now: 0)
         XCTAssertEqual(t.usedBytes, 0)
         XCTAssertFalse(t.contains(key: "a"))
     }
 
     func testRemoveAllKeepsPendingPuts() throws {
-        var t = ObjectTable(capacity: 1 << 20)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
         for i in 0..<10 { _ = try put(&t, "k\(i)", 100) }
-        let pending = try t.beginWrite(key: "p", size: 100, mode: .put)
-        XCTAssertEqual(try t.removeAll(), 10)
+        let pending = try t.beginWrite(key: "p", size: 100, mode: .put, now: 0)
+        XCTAssertEqual(t.removeAll(now: 0), 10)
         XCTAssertEqual(t.objectCount, 0)
         XCTAssertEqual(t.objectBytes, 0)
         XCTAssertEqual(t.usedBytes, 128)
-        XCTAssertThrowsError(try t.beginWrite(key: "p", size: 1, mode: .put))
-        try t.commitWrite(pending)
+        XCTAssertThrowsError(try t.beginWrite(key: "p", size: 1, mode: .put, now: 0))
+        try t.commitWrite(pending, now: 0)
         XCTAssertEqual(t.objectCount, 1)
     }
 
     func testNoSpaceNamesTheProblem() throws {
         var t = ObjectTable(capacity: 4096)
-        XCTAssertThrowsError(try t.beginWrite(key: "big", size: 4097, mode: .put)) {
+        XCTAssertThrowsError(try t.beginWrite(key: "big", size: 4097, mode: .put, now: 0)) {
             XCTAssertEqual(($0 as? KVError)?.code, .noSpace)
             XCTAssertTrue(($0 as? KVError)?.message.contains("larger than the segment") ?? false)
         }
-        _ = try put(&t, "a", 4096)
-        XCTAssertThrowsError(try t.beginWrite(key: "b", size: 1, mode: .put)) { XCTAssertEqual(($0 as? KVError)?.code, .noSpace) }
+        try t.commitWrite(t.beginWrite(key: "a", size: 4096, mode: .put, options: WriteOptions(hardPin: true), now: 0), now: 0)
+        XCTAssertThrowsError(try t.beginWrite(key: "b", size: 1, mode: .put, now: 0)) { XCTAssertEqual(($0 as? KVError)?.code, .noSpace) }
         XCTAssertFalse(t.contains(key: "b"))
-        XCTAssertThrowsError(try t.beginWrite(key: "b", size: 1, mode: .put), "a failed put leaves no pending key") {
+        XCTAssertThrowsError(try t.beginWrite(key: "b", size: 1, mode: .put, now: 0), "a failed put leaves no pending key") {
             XCTAssertEqual(($0 as? KVError)?.code, .noSpace)
         }
-        XCTAssertThrowsError(try t.beginWrite(key: "z", size: 0, mode: .put)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+        XCTAssertThrowsError(try t.beginWrite(key: "z", size: 0, mode: .put, now: 0)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
     }
 
     func testKeysCompareAsBytesInlineAndOnTheHeap() throws {
@@ -165,7 +168,7 @@ final class ObjectTableTests: XCTestCase {
         XCTAssertEqual(try ObjectKey(String("é")).count, 2)
         XCTAssertEqual(long.description.count, 200)
         XCTAssertEqual(Set([short, long, "block-1"]).count, 2)
-        var t = ObjectTable(capacity: 1 << 20)
+        var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
         for n in [1, 23, 24, 25, 1024] {
             let k = try ObjectKey(String(repeating: "k", count: n))
             _ = try put(&t, k, n)

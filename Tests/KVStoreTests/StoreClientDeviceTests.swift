@@ -124,13 +124,13 @@ final class StoreClientDeviceTests: XCTestCase {
     func testSegmentIsPinnedWithinTheBudgetAndUnpinnedOnClose() throws {
         let before = PinnedMemory.shared.pinnedBytes.load(ordering: .relaxed)
         let s = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: true, maxBytes: 0))
-        XCTAssertEqual(stat(s, "pinned_bytes"), 1 << 20)
-        XCTAssertEqual(stat(s, "pin_fallbacks"), 0)
+        XCTAssertEqual(stat(s, "page_locked_bytes"), 1 << 20)
+        XCTAssertEqual(stat(s, "page_lock_fallbacks"), 0)
         XCTAssertEqual(FakeAccelerator.pinnedRanges.count, 1)
         // A second store does not fit a 1.5 MiB budget: it stays pageable and says so.
         let t = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: true, maxBytes: before + 3 << 19))
-        XCTAssertEqual(stat(t, "pinned_bytes"), 0)
-        XCTAssertEqual(stat(t, "pin_fallbacks"), 1)
+        XCTAssertEqual(stat(t, "page_locked_bytes"), 0)
+        XCTAssertEqual(stat(t, "page_lock_fallbacks"), 1)
         try [UInt8](repeating: 1, count: 100).withUnsafeBytes { b in
             try [MemoryRegion(b.baseAddress!, length: 100)].withUnsafeBufferPointer { try t.put(key: "x", parts: $0, mode: .put) }
         }

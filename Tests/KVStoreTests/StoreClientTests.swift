@@ -61,7 +61,9 @@ final class StoreClientTests: XCTestCase {
     /// Many threads put, upsert, get and remove overlapping keys. Every read must be one
     /// complete version; afterwards the accounting must be exact.
     func testConcurrentWritersAndReadersNeverTear() throws {
-        let s = try StoreClient(segmentSize: 8 << 20)
+        // Reads lease (5 s); every clock reading moves time 1 ms, so leases end as work goes on.
+        let clock = ManualClock(step: 1_000_000)
+        let s = try StoreClient(segmentSize: 8 << 20, clock: clock.clock)
         defer { s.close() }
         let keys: [ObjectKey] = (0..<12).map { "key-\($0)" }
         let torn = Atomic(0)
@@ -75,7 +77,7 @@ final class StoreClientTests: XCTestCase {
                 switch rng.next() % 10 {
                 case 0..<2: try? put(s, key, Self.value(tag: tag, length: length))
                 case 2..<5: try? put(s, key, Self.value(tag: tag, length: length), .upsert)
-                case 5: try? s.remove(key: key)
+                case 5: try? s.remove(key: key, force: rng.next() % 2 == 0)
                 default:
                     let n: Int? = out.withUnsafeMutableBytes { b in
                         var r = MemoryRegion(b.baseAddress!, length: b.count)
@@ -86,6 +88,7 @@ final class StoreClientTests: XCTestCase {
             }
         }
         XCTAssertEqual(torn.load(ordering: .relaxed), 0, "a read returned a torn or mixed value")
+        clock.advance(seconds: 10)  // every lease ends: replaced versions are freed
         var expectedObjects = 0, expectedUsed = 0, expectedBytes = 0
         for k in keys where try s.exists(key: k) {
             let v = try get(s, k)
@@ -98,7 +101,9 @@ final class StoreClientTests: XCTestCase {
         XCTAssertEqual(stat(s, "object_bytes"), expectedBytes)
         XCTAssertEqual(stat(s, "bytes_used"), expectedUsed)
         XCTAssertEqual(stat(s, "active_readers"), 0)
-        XCTAssertEqual(try s.removeAll(), expectedObjects)
+        XCTAssertEqual(stat(s, "leases_active"), expectedObjects, "the checks above leased every object")
+        XCTAssertEqual(try s.removeAll(), 0, "leased objects stay")
+        XCTAssertEqual(try s.removeAll(force: true), expectedObjects)
         XCTAssertEqual(stat(s, "bytes_used"), 0)
         XCTAssertEqual(stat(s, "free_blocks"), 1, "all space coalesces back")
     }

@@ -161,11 +161,11 @@ def run_bench(args: argparse.Namespace) -> int:
                         for k in keys:
                             fn(k, value)
 
-                    report(op, size, n, _paired(run_write, store.remove_all, copy_scatter, args.repeat))
+                    report(op, size, n, _paired(run_write, lambda: store.remove_all(force=True), copy_scatter, args.repeat))
                     continue
                 written, read, target = reads[op]
                 write, value = writes[written]
-                store.remove_all()
+                store.remove_all(force=True)
                 for k in keys:
                     write(k, value)
 
@@ -200,7 +200,7 @@ def run_bench(args: argparse.Namespace) -> int:
             def run_batch_put() -> None:
                 store.batch_put_from(keys, srcs)
 
-            report("batch_put_from", batch_size, batch_count, _paired(run_batch_put, store.remove_all, base, reps))
+            report("batch_put_from", batch_size, batch_count, _paired(run_batch_put, lambda: store.remove_all(force=True), base, reps))
 
             def run_batch_get() -> None:
                 store.batch_get_into(keys, dsts)

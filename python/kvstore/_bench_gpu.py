@@ -43,7 +43,7 @@ def run_gpu(sizes: list[int], repeat: int, report: Callable[..., None]) -> int:
 
         for pin in (True, False):
             with Store(2 * size + (1 << 22), prefault=True, pin_memory=pin) as store:
-                tag = "pinned" if store.stats()["pinned_bytes"] else "pageable"
+                tag = "pinned" if store.stats()["page_locked_bytes"] else "pageable"
                 store.upsert_tensor("g", gpu_src)
 
                 def put() -> None:

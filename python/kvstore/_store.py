@@ -30,13 +30,34 @@ class Store(_native.Store):
     DMA) within a byte budget: ``KVSTORE_PIN_MEMORY=0`` turns pinning off,
     ``KVSTORE_PIN_MEMORY_MAX_BYTES`` caps the bytes pinned by the process (``MC_STORE_``
     names are aliases). A refused pin leaves the segment pageable and shows in ``stats()``
-    (``pinned_bytes``, ``pin_fallbacks``); it never fails. ``pin_memory=False`` skips
+    (``page_locked_bytes``, ``page_lock_fallbacks``); it never fails. ``pin_memory=False`` skips
     pinning for this store.
+
+    The store is a cache (README "Capacity, eviction, leases and pins"):
+
+    - ``lease_ttl`` (seconds, default 5; 0 turns leases off): ``get``, ``get_into``,
+      ``exists`` and ``size`` lease the object they find. A leased object is never evicted,
+      ``remove`` raises ``LeaseHeldError`` unless ``force=True``, and an ``upsert`` of it never
+      overwrites its bytes: the new value goes to fresh space and the old bytes are freed when
+      the lease ends.
+    - When a write would take usage above ``eviction_high_watermark`` (a fraction of the
+      segment, default 0.9) or does not fit, approximately least-recently-used objects are
+      evicted, at least ``eviction_ratio`` of the segment (default 0.05) per round. Leased,
+      hard-pinned and incomplete objects are never evicted; soft-pinned ones only after all
+      others. ``NoSpaceError`` only when nothing evictable is left.
+    - Writes take ``hard_pin=True`` (never evicted), ``soft_pin=True`` (evicted last, for
+      ``soft_pin_ttl`` seconds; default ``soft_pin_ttl`` of the store, 1800) and ``ttl``
+      (seconds until the object expires).
     """
 
     def __init__(self, segment_size: int | str = DEFAULT_SEGMENT_SIZE, *, prefault: bool = False,
-                 pin_memory: bool = True) -> None:
-        super().__init__(parse_size(segment_size, name="segment_size"), bool(prefault), bool(pin_memory))
+                 pin_memory: bool = True, lease_ttl: float = 5.0, soft_pin_ttl: float = 1800.0,
+                 eviction_high_watermark: float = 0.9, eviction_ratio: float = 0.05) -> None:
+        super().__init__(parse_size(segment_size, name="segment_size"), _flag(prefault, "prefault"),
+                         _flag(pin_memory, "pin_memory"), _number(lease_ttl, "lease_ttl"),
+                         _number(soft_pin_ttl, "soft_pin_ttl"),
+                         _number(eviction_high_watermark, "eviction_high_watermark"),
+                         _number(eviction_ratio, "eviction_ratio"))
 
     # ---- tensors (DESIGN.md §4; helpers in _tensor.py) ----
 
@@ -44,34 +65,36 @@ class Store(_native.Store):
         if self.closed:
             raise StoreClosedError("the store is closed")
 
-    def put_tensor(self, key: str, tensor: Any) -> None:
+    def put_tensor(self, key: str, tensor: Any, **options: Any) -> None:
         """Stores a tensor (numpy, torch, cupy, DLPack; CPU or GPU) as header + raw bytes.
 
         The 304-byte header and the tensor's bytes are two parts of one multi-buffer write:
         each copied once into the segment, nothing concatenated. A GPU tensor is copied by its
-        device (device→host). ``ObjectExistsError`` when the key exists.
+        device (device→host). ``ObjectExistsError`` when the key exists. ``options`` are the
+        write options of ``put`` (``hard_pin``, ``soft_pin``, ``soft_pin_ttl``, ``ttl``).
         """
-        self._put_tensor(key, tensor, False)
+        self._put_tensor(key, tensor, False, options)
 
-    def upsert_tensor(self, key: str, tensor: Any) -> None:
+    def upsert_tensor(self, key: str, tensor: Any, **options: Any) -> None:
         """``put_tensor`` that replaces an existing object."""
-        self._put_tensor(key, tensor, True)
+        self._put_tensor(key, tensor, True, options)
 
-    def _put_tensor(self, key: str, tensor: Any, upsert: bool) -> None:
+    def _put_tensor(self, key: str, tensor: Any, upsert: bool, options: dict[str, Any]) -> None:
         self._require_open()
         ref = _tensor.describe(tensor)
         header = _native.tensor_header(ref.code, ref.shape)
-        self._put_raw(key, [header, *ref.data_parts], upsert)
+        self._put_raw(key, [header, *ref.data_parts], upsert, **options)
 
-    def batch_put_tensor(self, keys: Sequence[str], tensors: Sequence[Any]) -> list[Exception | None]:
+    def batch_put_tensor(self, keys: Sequence[str], tensors: Sequence[Any], **options: Any) -> list[Exception | None]:
         """Stores several tensors; one result per key (``None`` or the exception). The copies of
-        the whole batch run grouped per device."""
-        return self._batch_put_tensor(keys, tensors, False)
+        the whole batch run grouped per device. ``options`` as for ``put_tensor``."""
+        return self._batch_put_tensor(keys, tensors, False, options)
 
-    def batch_upsert_tensor(self, keys: Sequence[str], tensors: Sequence[Any]) -> list[Exception | None]:
-        return self._batch_put_tensor(keys, tensors, True)
+    def batch_upsert_tensor(self, keys: Sequence[str], tensors: Sequence[Any], **options: Any) -> list[Exception | None]:
+        return self._batch_put_tensor(keys, tensors, True, options)
 
-    def _batch_put_tensor(self, keys: Sequence[str], tensors: Sequence[Any], upsert: bool) -> list[Exception | None]:
+    def _batch_put_tensor(self, keys: Sequence[str], tensors: Sequence[Any], upsert: bool,
+                          options: dict[str, Any]) -> list[Exception | None]:
         self._require_open()
         _check_batch(keys, tensors, "tensors")
         results: list[Exception | None] = [None] * len(keys)
@@ -87,7 +110,7 @@ class Store(_native.Store):
             good_keys.append(key)
             part_lists.append([header, *ref.data_parts])
             where.append(i)
-        for i, r in zip(where, self._batch_put_raw(good_keys, part_lists, upsert)):
+        for i, r in zip(where, self._batch_put_raw(good_keys, part_lists, upsert, **options)):
             results[i] = r
         return results
 
@@ -190,6 +213,18 @@ class Store(_native.Store):
             return "<kvstore.Store closed>"
         s = self.stats()
         return f"<kvstore.Store objects={s['objects']} bytes_used={s['bytes_used']} capacity={s['capacity']}>"
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, not {type(value).__name__}")
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(f"{name} must be a number, not {type(value).__name__}")
+    return float(value)
 
 
 def _has_buffer(obj: Any) -> bool:

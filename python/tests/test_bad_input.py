@@ -116,12 +116,13 @@ def test_value_larger_than_segment():
 
 
 def test_full_store_raises_no_space_and_recovers():
+    # Nothing evictable: every object is hard-pinned.
     with kvstore.Store("1MiB") as s:
-        s.put("existing", b"value")
+        s.put("existing", b"value", hard_pin=True)
         for i in range(15):
-            s.put(f"f{i}", bytes(64 << 10))
+            s.put(f"f{i}", bytes(64 << 10), hard_pin=True)
         before = snapshot(s)
-        with pytest.raises(kvstore.NoSpaceError):
+        with pytest.raises(kvstore.NoSpaceError, match="nothing left to evict"):
             s.put("one-too-many", bytes(128 << 10))
         check_unchanged(s, before)
         s.remove("f0")

@@ -3,6 +3,7 @@
 import random
 import struct
 import threading
+import time
 
 import numpy as np
 
@@ -28,7 +29,7 @@ def is_complete(data) -> bool:
 def test_concurrent_put_get_upsert_remove_on_overlapping_keys():
     keys = [f"key-{i}" for i in range(16)]
     errors: list[str] = []
-    with kvstore.Store("64MiB") as store:
+    with kvstore.Store("64MiB", lease_ttl=0.2) as store:
 
         def worker(wid: int) -> None:
             rng = random.Random(wid)
@@ -55,7 +56,7 @@ def test_concurrent_put_get_upsert_remove_on_overlapping_keys():
                         for v in store.get_batch(keys[:4]):
                             if v is not None and not is_complete(v):
                                 errors.append("torn get_batch")
-                except (kvstore.ObjectNotFoundError, kvstore.ObjectExistsError):
+                except (kvstore.ObjectNotFoundError, kvstore.ObjectExistsError, kvstore.LeaseHeldError):
                     pass
                 except Exception as e:  # anything else is a bug
                     errors.append(repr(e))
@@ -66,6 +67,7 @@ def test_concurrent_put_get_upsert_remove_on_overlapping_keys():
         for t in threads:
             t.join()
         assert errors == []
+        time.sleep(0.3)  # every lease ends: replaced versions are freed
 
         present = [k for k in keys if store.exists(k)]
         values = [store.get(k) for k in present]
@@ -75,7 +77,8 @@ def test_concurrent_put_get_upsert_remove_on_overlapping_keys():
         assert s["object_bytes"] == sum(len(v) for v in values)
         assert s["bytes_used"] == sum((len(v) + 63) // 64 * 64 for v in values)
         assert s["active_readers"] == 0
-        assert store.remove_all() == len(present)
+        assert store.remove_all() == 0  # the checks above leased them all
+        assert store.remove_all(force=True) == len(present)
         s = store.stats()
         assert s["bytes_used"] == 0 and s["objects"] == 0 and s["free_blocks"] == 1
 
@@ -89,7 +92,8 @@ def test_concurrent_batches_of_distinct_keys():
             outs = [np.empty(8192, np.uint8) for _ in keys]
             assert store.batch_get_into(keys, outs) == [8192] * 64
             assert all((o == wid).all() for o in outs)
-            assert store.batch_remove(keys) == [None] * 64
+            assert all(isinstance(r, kvstore.LeaseHeldError) for r in store.batch_remove(keys))
+            assert store.batch_remove(keys, force=True) == [None] * 64
 
         threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
         for t in threads:

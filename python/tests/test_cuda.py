@@ -58,9 +58,9 @@ def test_registered_cuda_buffer_is_found_by_address(store):
 
 def test_segment_is_pinned_by_default_and_budget_falls_back():
     with kvstore.Store("64MiB") as s:
-        assert s.stats()["pinned_bytes"] == 64 << 20
+        assert s.stats()["page_locked_bytes"] == 64 << 20
     code = ("import kvstore; s = kvstore.Store('64MiB'); st = s.stats(); "
-            "print(st['pinned_bytes'], st['pin_fallbacks']); "
+            "print(st['page_locked_bytes'], st['page_lock_fallbacks']); "
             "import torch; t = torch.ones(1000, device='cuda:0'); s.put_tensor('x', t); "
             "assert torch.equal(s.get_tensor('x', like=t), t); s.close()")
     env = dict(os.environ, KVSTORE_PIN_MEMORY_MAX_BYTES=str(1 << 20))

@@ -32,11 +32,13 @@ def test_put_existing_key_raises_and_keeps_value(store):
 
 def test_upsert_creates_and_replaces(store):
     store.upsert("k", b"one")
-    assert store.get("k") == b"one"
     used = store.stats()["bytes_used"]
-    store.upsert("k", b"two")  # same size: rewritten in place
-    assert store.get("k") == b"two"
+    store.upsert("k", b"two")  # same size, never read: rewritten in place
     assert store.stats()["bytes_used"] == used
+    assert store.get("k") == b"two"  # leases "k"
+    store.upsert("k", b"new")  # leased: the new value goes elsewhere, the old bytes stay
+    assert store.get("k") == b"new"
+    assert store.stats()["bytes_used"] == 2 * used
     store.upsert("k", b"a longer value")
     assert store.get("k") == b"a longer value"
     s = store.stats()
@@ -115,7 +117,10 @@ def test_exists_size_remove(store):
     assert store.size("a") == 3
     with pytest.raises(kvstore.ObjectNotFoundError):
         store.size("b")
-    store.remove("a")
+    with pytest.raises(kvstore.LeaseHeldError, match="leased"):  # exists() and size() leased it
+        store.remove("a")
+    assert store.get("a") == b"123"
+    store.remove("a", force=True)
     assert not store.exists("a")
     with pytest.raises(kvstore.ObjectNotFoundError):
         store.remove("a")

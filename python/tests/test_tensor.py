@@ -360,7 +360,7 @@ def test_bad_keys_of_every_tensor_call(store, key, exc):
                   store.batch_upsert_tensor([key], [np.ones(2)]), store.batch_get_tensor([key, "ok"])):
         assert isinstance(batch[0], exc)
     assert store.exists("new")
-    store.remove("new")
+    store.remove("new", force=True)
     assert snapshot(store) == before
 
 
@@ -421,7 +421,7 @@ def test_good_pinning_environment_is_accepted(monkeypatch):
     monkeypatch.setenv("KVSTORE_PIN_MEMORY", "0")
     monkeypatch.setenv("MC_STORE_PIN_MEMORY_MAX_BYTES", "4096")
     with kvstore.Store("1MiB", pin_memory=False) as s:
-        assert s.stats()["pinned_bytes"] == 0 and s.stats()["pin_fallbacks"] == 0
+        assert s.stats()["page_locked_bytes"] == 0 and s.stats()["page_lock_fallbacks"] == 0
 
 
 def test_raw_parts_bad_values(store):
@@ -433,7 +433,7 @@ def test_raw_parts_bad_values(store):
     r = store._batch_put_raw(["r1", "r2"], [[(0, 10)], [b"hdr", (a.ctypes.data, 64)]], False)
     assert isinstance(r[0], kvstore.InvalidArgumentError) and r[1] is None
     assert store.get("r2") == b"hdr" + a.tobytes()
-    store.remove("r2")
+    store.remove("r2", force=True)
     assert snapshot(store) == before
 
 

@@ -12,8 +12,8 @@
  *    the ABI never keeps a pointer past the return, except registered buffers, which the
  *    caller keeps alive until kv_unregister_buffer or close.
  *  - Keys are UTF-8, (pointer, byte length), not NUL-terminated.
- *  - Every function is thread-safe. Batches are loops over the single-object calls on the
- *    caller's side, so each object keeps its own status and message.
+ *  - Every function is thread-safe. kv_batch_put and kv_batch_get_into plan a whole batch and
+ *    run its copies grouped per device; each object keeps its own status and message.
  */
 #ifndef KVSTORE_ABI_H
 #define KVSTORE_ABI_H
@@ -75,12 +75,23 @@ size_t kv_max_key_bytes(void);
 /* Flags of kv_store_create. */
 enum { KV_CREATE_PREFAULT = 1, KV_CREATE_NO_PIN = 2 };
 
-/* Creates an embedded store with one host segment of segment_size bytes. With
+/* Cache rules of a store. Durations in seconds; kv_store_config_init fills the defaults
+ * (lease 5 s, soft pin 1800 s, high watermark 0.9, eviction ratio 0.05). */
+typedef struct {
+    double lease_ttl;                /* >= 0; 0: reads grant no lease */
+    double soft_pin_ttl;             /* > 0: how long a soft pin lasts when a put does not say */
+    double eviction_high_watermark;  /* (0, 1]: evict when a write would take usage above it */
+    double eviction_ratio;           /* (0, 1]: fraction of capacity one eviction round frees */
+} kv_store_config;
+void kv_store_config_init(kv_store_config *config);
+
+/* Creates an embedded store with one host segment of segment_size bytes and the cache rules
+ * of config (NULL: the defaults; a bad value is KV_E_INVALID_ARGUMENT naming it). With
  * KV_CREATE_PREFAULT the segment's pages are committed now rather than on first use. The
  * segment is pinned when an accelerator is present, within the budget of the environment
  * (KVSTORE_PIN_MEMORY, KVSTORE_PIN_MEMORY_MAX_BYTES, or their MC_STORE_ aliases; a bad value is
  * KV_E_INVALID_ARGUMENT); KV_CREATE_NO_PIN leaves it pageable. A refused pin is not an error. */
-int32_t kv_store_create(uint64_t segment_size, uint32_t flags, kv_store **out);
+int32_t kv_store_create(uint64_t segment_size, uint32_t flags, const kv_store_config *config, kv_store **out);
 /* Closes (waits for operations in flight) and frees the handle. NULL is ignored. */
 void kv_store_destroy(kv_store *store);
 /* Closes the store; idempotent. */
@@ -88,9 +99,19 @@ int32_t kv_store_close(kv_store *store);
 /* 1 when closed, else 0. */
 int32_t kv_store_is_closed(kv_store *store);
 
-/* Writes the concatenation of parts[0..nparts) as one object (each part copied once). */
+/* Cache options of a write (kv_put, kv_batch_put): flags say which are set. Durations in
+ * seconds, each > 0 and at most 365 days. KV_PIN_HARD: never evicted. KV_PIN_SOFT: evicted
+ * only after every ordinary object, for soft_pin_ttl when KV_OPT_SOFT_PIN_TTL is set, else the
+ * store's default. KV_OPT_TTL: the object expires ttl after it is written. HARD and SOFT are
+ * exclusive; unknown flag bits are KV_E_INVALID_ARGUMENT. */
+enum { KV_PIN_HARD = 1, KV_PIN_SOFT = 2, KV_OPT_TTL = 4, KV_OPT_SOFT_PIN_TTL = 8 };
+typedef struct { uint32_t flags; double ttl; double soft_pin_ttl; } kv_put_options;
+
+/* Writes the concatenation of parts[0..nparts) as one object (each part copied once), with
+ * options (NULL: none). When the store is full it evicts least-recently-used objects;
+ * KV_E_NO_SPACE only when nothing evictable is left. */
 int32_t kv_put(kv_store *store, const char *key, size_t key_len,
-               const kv_buffer *parts, size_t nparts, uint32_t flags);
+               const kv_buffer *parts, size_t nparts, uint32_t flags, const kv_put_options *options);
 /* Takes a read hold on key: *out gets its size. Every successful kv_read_begin must be
  * matched by one kv_read_end. With KV_READ_NOWAIT it returns KV_BUSY instead of waiting. */
 int32_t kv_read_begin(kv_store *store, const char *key, size_t key_len, uint32_t flags, kv_read *out);
@@ -111,19 +132,24 @@ typedef struct { const char *key; size_t key_len; const kv_buffer *parts; size_t
 /* One object of kv_batch_get_into: its key and destinations. */
 typedef struct { const char *key; size_t key_len; const kv_mut_buffer *dst; size_t ndst; } kv_batch_get_item;
 
-/* Writes n objects; statuses[i] gets each object's status (its message: kv_batch_error(i)).
- * All copies run grouped per device. Returns non-zero only when the call itself is malformed. */
+/* Writes n objects, each with options (NULL: none); statuses[i] gets each object's status (its
+ * message: kv_batch_error(i)). All copies run grouped per device. Returns non-zero only when
+ * the call itself is malformed (bad options included). */
 int32_t kv_batch_put(kv_store *store, const kv_batch_put_item *items, size_t n, uint32_t flags,
-                     int32_t *statuses);
+                     const kv_put_options *options, int32_t *statuses);
 /* Reads n objects; statuses[i] as above, sizes[i] (may be NULL) gets each object's size. */
 int32_t kv_batch_get_into(kv_store *store, const kv_batch_get_item *items, size_t n, uint32_t flags,
                           int32_t *statuses, uint64_t *sizes);
 /* Message of item `index` of the last batch call on this thread ("" when it succeeded). */
 const char *kv_batch_error(size_t index, size_t *len);
+/* kv_read_begin, kv_get_into, kv_batch_get_into, kv_exists and kv_size lease the object they
+ * find for the store's lease_ttl: a leased object is not evicted, and kv_remove refuses it with
+ * KV_E_LEASE_HELD unless KV_REMOVE_FORCE. */
 int32_t kv_exists(kv_store *store, const char *key, size_t key_len, int32_t *out);
 int32_t kv_size(kv_store *store, const char *key, size_t key_len, uint64_t *out);
 int32_t kv_remove(kv_store *store, const char *key, size_t key_len, uint32_t flags);
-int32_t kv_remove_all(kv_store *store, uint64_t *removed);
+/* Removes every object that is not leased (with KV_REMOVE_FORCE: every object). */
+int32_t kv_remove_all(kv_store *store, uint32_t flags, uint64_t *removed);
 
 /* Registers [ptr, ptr+len) as user memory at `location` ("cpu", "cuda:N"). */
 int32_t kv_register_buffer(kv_store *store, const void *ptr, size_t len,

@@ -30,6 +30,13 @@ int kvpy_source(PyObject *obj, Py_buffer *view);
 /* A writable C-contiguous buffer. Returns 0, or -1 with a typed error set. */
 int kvpy_target(PyObject *obj, Py_buffer *view);
 
+/* A duration argument `name` in seconds: an int or float (not bool). 0, or -1 with a typed error. */
+int kvpy_seconds(PyObject *obj, const char *name, double *out);
+/* The keyword options of write method `fname` (hard_pin, soft_pin, soft_pin_ttl, ttl; None
+ * for a duration means not given). kwvalues/kwnames as METH_FASTCALL | METH_KEYWORDS passes
+ * them (kwnames may be NULL). 0, or -1 with a typed error naming the bad option. */
+int kvpy_put_options(const char *fname, PyObject *const *kwvalues, PyObject *kwnames, kv_put_options *out);
+
 /* A growable list of buffer views (sources or targets) and their (ptr, len) pairs. */
 typedef struct {
     Py_buffer *views;

@@ -1,0 +1,100 @@
+/// Nanoseconds on a monotonic clock. The state machine never reads a clock: every operation
+/// that depends on time is handed `now`, so tests drive time by hand.
+public typealias Nanoseconds = UInt64
+
+/// Durations given in seconds by users, converted and checked in one place.
+public enum Seconds {
+    /// The longest duration accepted anywhere (leases, pins, TTLs): 365 days. Anything longer
+    /// is almost certainly a unit mistake (milliseconds passed as seconds).
+    public static let maximum: Double = 365 * 24 * 3600
+
+    /// `seconds` as nanoseconds. Throws `invalidArgument` naming `name` for NaN, infinity, a
+    /// negative value, zero when `allowZero` is false, or more than `maximum`.
+    public static func nanoseconds(_ seconds: Double, name: String, allowZero: Bool = false) throws(KVError) -> Nanoseconds {
+        guard seconds.isFinite else { throw .invalidArgument("\(name) must be a finite number of seconds, got \(seconds)") }
+        guard seconds >= 0 else { throw .invalidArgument("\(name) must not be negative, got \(seconds) s") }
+        guard seconds > 0 || allowZero else { throw .invalidArgument("\(name) must be greater than 0 s") }
+        guard seconds <= maximum else {
+            throw .invalidArgument("\(name) of \(seconds) s is longer than the maximum of \(Int(maximum)) s (365 days)")
+        }
+        return Nanoseconds((seconds * 1e9).rounded())
+    }
+}
+
+/// The cache rules of one store (or, later, one master): how long reads lease objects, when
+/// and how much to evict. Checked by `validate()`; the defaults match Mooncake's master.
+public struct CachePolicy: Sendable, Equatable {
+    /// How long a read (`get`, `get_into`, `exists`, `size`) protects the object from eviction
+    /// and removal. 0: reads grant no lease (an object is still protected while it is copied).
+    public var leaseTTL: Nanoseconds = 5_000_000_000
+    /// How long a soft pin lasts when the put does not say.
+    public var softPinTTL: Nanoseconds = 1_800_000_000_000
+    /// Eviction starts when a write would take usage above this fraction of capacity.
+    public var highWatermark = 0.9
+    /// Fraction of capacity one eviction round frees (at least what the write needs).
+    public var evictionRatio = 0.05
+
+    public init() {}
+
+    public init(leaseTTL: Nanoseconds, softPinTTL: Nanoseconds, highWatermark: Double, evictionRatio: Double) {
+        self.leaseTTL = leaseTTL
+        self.softPinTTL = softPinTTL
+        self.highWatermark = highWatermark
+        self.evictionRatio = evictionRatio
+    }
+
+    /// Builds a policy from user values in seconds and fractions; every value is checked.
+    public init(leaseSeconds: Double, softPinSeconds: Double, highWatermark: Double, evictionRatio: Double) throws(KVError) {
+        leaseTTL = try Seconds.nanoseconds(leaseSeconds, name: "lease_ttl", allowZero: true)
+        softPinTTL = try Seconds.nanoseconds(softPinSeconds, name: "soft_pin_ttl")
+        self.highWatermark = highWatermark
+        self.evictionRatio = evictionRatio
+        try validate()
+    }
+
+    public func validate() throws(KVError) {
+        guard highWatermark.isFinite, highWatermark > 0, highWatermark <= 1 else {
+            throw .invalidArgument("eviction_high_watermark must be in (0, 1], got \(highWatermark)")
+        }
+        guard evictionRatio.isFinite, evictionRatio > 0, evictionRatio <= 1 else {
+            throw .invalidArgument("eviction_ratio must be in (0, 1], got \(evictionRatio)")
+        }
+        guard leaseTTL <= Nanoseconds(Seconds.maximum * 1e9), softPinTTL > 0, softPinTTL <= Nanoseconds(Seconds.maximum * 1e9) else {
+            throw .invalidArgument("lease and soft-pin durations must be at most 365 days (soft pin: more than 0)")
+        }
+    }
+}
+
+/// Per-write cache options.
+public struct WriteOptions: Sendable, Equatable {
+    /// Never evicted (still removable). Counted in `hardPinnedBytes`.
+    public var hardPin = false
+    /// Evicted only after every ordinary object, for this long after the write commits
+    /// (then ordinary). nil: not soft-pinned.
+    public var softPinTTL: Nanoseconds? = nil
+    /// The object expires (disappears as if removed) this long after the write commits.
+    public var ttl: Nanoseconds? = nil
+
+    public init(hardPin: Bool = false, softPinTTL: Nanoseconds? = nil, ttl: Nanoseconds? = nil) {
+        self.hardPin = hardPin
+        self.softPinTTL = softPinTTL
+        self.ttl = ttl
+    }
+
+    public static let `default` = WriteOptions()
+
+    /// Builds options from user values: `softPinSeconds`/`ttlSeconds` nil when not given;
+    /// a soft pin without its own TTL lasts `policy.softPinTTL`.
+    public init(hardPin: Bool, softPin: Bool, softPinSeconds: Double?, ttlSeconds: Double?,
+                policy: CachePolicy) throws(KVError) {
+        if hardPin && softPin { throw .invalidArgument("hard_pin and soft_pin are exclusive: choose one") }
+        if softPinSeconds != nil && !softPin { throw .invalidArgument("soft_pin_ttl is given without soft_pin=True") }
+        self.hardPin = hardPin
+        if softPin {
+            softPinTTL = try softPinSeconds.map { s throws(KVError) in try Seconds.nanoseconds(s, name: "soft_pin_ttl") } ?? policy.softPinTTL
+        }
+        if let ttlSeconds { ttl = try Seconds.nanoseconds(ttlSeconds, name: "ttl") }
+    }
+
+    var isDefault: Bool { !hardPin && softPinTTL == nil && ttl == nil }
+}
