@@ -144,6 +144,9 @@ public struct ObjectTable: Sendable {
                                     options: WriteOptions = .default, now: Nanoseconds) throws(KVError) -> WriteTicket {
         advance(now: now)
         guard size > 0 else { throw .invalidArgument("value must not be empty") }
+        guard size <= capacity else {
+            throw .noSpace("value of \(size) bytes is larger than the segment (\(capacity) bytes)")
+        }
         if options.hardPin && hardPinnedBytes + size > capacity {
             throw .noSpace("hard-pinning \(size) bytes would exceed the capacity: \(hardPinnedBytes) of \(capacity) bytes are hard-pinned already")
         }
@@ -164,9 +167,6 @@ public struct ObjectTable: Sendable {
         }
         guard let a = allocateEvicting(size) else {
             if mode == .put { releasePutClaim(key) }
-            if size > allocator.capacity {
-                throw .noSpace("value of \(size) bytes is larger than the segment (\(allocator.capacity) bytes)")
-            }
             throw .noSpace("no space for \(size) bytes and nothing left to evict: \(allocator.freeBytes) of \(allocator.capacity) bytes free (largest free block \(allocator.largestFreeBlock) bytes), \(hardPinnedBytes) bytes hard-pinned, \(activeLeases) objects leased, \(activeReaders) reads in progress")
         }
         let slot = newVersion(Version(state: .writing, key: key, allocation: a, size: size, mode: mode, options: options))

@@ -4,6 +4,7 @@ import random
 import struct
 import threading
 import time
+import zlib
 
 import numpy as np
 
@@ -130,3 +131,73 @@ def test_close_while_other_threads_work():
         t.join()
     assert unexpected == []
     assert store.closed
+
+
+def checked_value(ident: int, size: int) -> bytes:
+    """8-byte id, 4-byte CRC32 of the payload, then the payload (derived from the id)."""
+    payload = random.Random(ident).randbytes(size - 12)
+    return struct.pack("<QI", ident, zlib.crc32(payload)) + payload
+
+
+def test_readers_see_whole_objects_while_writers_fill_far_past_capacity():
+    capacity = 8 << 20
+    readers, writers = 8, 2
+    per_writer = 6 * capacity // writers  # 6x the capacity in all
+    written = [0] * writers
+    done = threading.Event()
+    errors: list[str] = []
+    counts = {"hits": 0, "misses": 0, "no_space_retries": 0}
+    # Leases short enough that 8 busy readers cannot lease the whole store and starve writers.
+    with kvstore.Store(capacity, lease_ttl=0.002) as store:
+
+        def writer(w: int) -> None:
+            rng = random.Random(1000 + w)
+            total = 0
+            while total < per_writer:
+                i = written[w]
+                v = checked_value(w << 32 | i, rng.randrange(16 << 10, 96 << 10))
+                while True:
+                    try:
+                        store.put(f"w{w}-{i}", v)
+                        break
+                    except kvstore.NoSpaceError:
+                        counts["no_space_retries"] += 1
+                        time.sleep(0.001)
+                total += len(v)
+                written[w] = i + 1
+
+        def reader(r: int) -> None:
+            rng = random.Random(r)
+            out = bytearray(96 << 10)
+            while not done.is_set():
+                w = rng.randrange(writers)
+                if written[w] == 0:
+                    continue
+                i = rng.randrange(written[w])
+                try:
+                    n = store.get_into(f"w{w}-{i}", out)
+                except kvstore.ObjectNotFoundError:
+                    counts["misses"] += 1
+                    continue
+                except Exception as e:  # noqa: BLE001 - any other error fails the test
+                    errors.append(repr(e))
+                    continue
+                counts["hits"] += 1
+                ident, crc = struct.unpack_from("<QI", out)
+                if ident != (w << 32 | i) or zlib.crc32(memoryview(out)[12:n]) != crc:
+                    errors.append(f"w{w}-{i}: wrong or torn bytes (id {ident:#x})")
+
+        rs = [threading.Thread(target=reader, args=(r,)) for r in range(readers)]
+        ws = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
+        for t in rs + ws:
+            t.start()
+        for t in ws:
+            t.join()
+        done.set()
+        for t in rs:
+            t.join()
+        assert errors == []
+        st = store.stats()
+        assert counts["hits"] > 0 and st["evicted_objects"] > 0
+        assert st["objects"] + st["evicted_objects"] == sum(written)
+        assert st["bytes_used"] <= capacity and st["active_readers"] == 0
