@@ -22,6 +22,8 @@ per-pair ratios (copyto time / store time), i.e. the fraction of the memcpy limi
 - batch_put_from / batch_get_into: one call moving COUNT objects of SIZE between the store and
   the rows of a 2-D array; baseline: one copyto of the whole array (the memcpy limit for the
   same bytes).
+- evict: 64 KiB puts into a store at 300% fill (evicting) against a store at 50% fill, side
+  by side (``_bench_cache.py``; its own table).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 from ._sizes import parse_size
 from ._store import Store
 
-_ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu")
+_ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", "evict")
 
 
 def _fmt_size(n: int) -> str:
@@ -100,9 +102,10 @@ def run_bench(args: argparse.Namespace) -> int:
 
     results: list[dict[str, object]] = []
     header = f"{'operation':<16}{'size':>10}{'count':>8}{'ops/s':>14}{'GB/s':>9}{'copyto GB/s':>13}{'ratio':>8}"
-    print(f"kvstore bench: {args.repeat} alternating store/copyto pairs after a warm-up; medians; ratio = store / numpy.copyto")
-    print(header)
-    print("-" * len(header))
+    if any(o != "evict" for o in ops):
+        print(f"kvstore bench: {args.repeat} alternating store/copyto pairs after a warm-up; medians; ratio = store / numpy.copyto")
+        print(header)
+        print("-" * len(header))
 
     def report(op: str, size: int, count: int, timing: tuple[float, float, float]) -> None:
         t, base_t, ratio = timing
@@ -117,7 +120,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{op:<16}{_fmt_size(size):>10}{count:>8}{ops_s:>14,.0f}{row['gb_per_s']:>9.2f}"
               f"{row['copyto_gb_per_s']:>13.2f}{row['ratio']:>8.2f}", flush=True)
 
-    single = [o for o in ops if o not in ("batch", "gpu")]
+    single = [o for o in ops if o not in ("batch", "gpu", "evict")]
     for size in sizes if single else []:
         n = _count_for(size, budget, args.small_ops)
         keys = [f"bench-{size}-{i}" for i in range(n)]
@@ -216,6 +219,14 @@ def run_bench(args: argparse.Namespace) -> int:
         from ._bench_gpu import run_gpu
 
         rc = run_gpu(sizes, args.repeat, report)
+        if rc:
+            return rc
+
+    if "evict" in ops:
+        from ._bench_cache import run_evict
+
+        rc = run_evict(parse_size(args.evict_segment, name="evict segment"), parse_size(args.evict_size, name="evict size"),
+                       args.evict_count, args.repeat * 3, results.append)
         if rc:
             return rc
 

@@ -25,16 +25,25 @@ def test_demo_rejects_bad_arguments():
 def test_bench_small_run(tmp_path):
     out = tmp_path / "bench.json"
     r = run("bench", "--sizes", "4KiB,1MiB", "--repeat", "1", "--small-ops", "200",
-            "--budget", "4MiB", "--batch", "8x4KiB", "--json", str(out))
+            "--budget", "4MiB", "--batch", "8x4KiB", "--evict-segment", "4MiB", "--evict-count", "16",
+            "--json", str(out))
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())
     assert {row["op"] for row in rows} == {"put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into",
-                                           "batch_put_from", "batch_get_into"}
-    assert all(row["gb_per_s"] > 0 and row["copyto_gb_per_s"] > 0 for row in rows)
+                                           "batch_put_from", "batch_get_into", "put_evict"}
+    assert all(row["gb_per_s"] > 0 for row in rows)
+    assert all(row["copyto_gb_per_s"] > 0 for row in rows if row["op"] != "put_evict")
+    evict = [row for row in rows if row["op"] == "put_evict"]
+    assert [row["fill"] for row in evict] == ["50% fill", "300% fill"]
+    assert evict[1]["evictions_per_put"] > 0 and evict[1]["ratio_to_half_fill"] > 0
 
 
 def test_bench_rejects_unknown_op():
     assert run("bench", "--ops", "fly").returncode == 2
+
+
+def test_bench_evict_rejects_rounds_that_would_fill_the_half_store():
+    assert run("bench", "--ops", "evict", "--evict-segment", "4MiB", "--evict-count", "64").returncode == 2
 
 
 def test_bench_gpu_mode_skips_cleanly_without_a_gpu():

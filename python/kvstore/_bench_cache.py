@@ -1,0 +1,88 @@
+"""``python -m kvstore bench --ops evict``: put throughput of a full, evicting store against the
+same workload in a half-full one, timed side by side.
+
+Two stores of ``--evict-segment`` bytes (prefaulted) run the same rounds of ``--evict-count``
+puts of ``--evict-size`` values under new keys:
+
+- "50% fill": the store holds half its capacity; each round ends (untimed) by removing what it
+  wrote, so every round starts at 50% and none evicts.
+- "300% fill": three times the capacity has been written before timing starts, so the store
+  sits at its high watermark and every round evicts about as much as it writes (reported as
+  evictions per put).
+
+Rounds alternate between the stores (after one warm-up round each); throughput columns are
+medians, and the ratio is the median of per-pair ratios (300% throughput / 50% throughput).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+from ._store import Store
+
+
+def run_evict(segment: int, size: int, count: int, repeat: int,
+              record: Callable[[dict[str, Any]], None]) -> int:
+    if size <= 0 or count < 1 or count * size > 0.35 * segment:
+        print("bad arguments: --evict-count x --evict-size must be positive and at most 35% of --evict-segment "
+              "(the half-full store must not reach its watermark)", file=sys.stderr)
+        return 2
+    value = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    half, full = Store(segment, prefault=True), Store(segment, prefault=True)
+    try:
+        per_segment = segment // size
+        for i in range(per_segment // 2):
+            half.put(f"base-{i}", value)
+        for i in range(3 * per_segment):
+            full.put(f"fill-{i}", value)
+        fill_half = half.stats()["bytes_used"] / segment
+        serial = [0]
+
+        def round_on(store: Store) -> float:
+            keys = [f"r{serial[0]}-{i}" for i in range(count)]
+            serial[0] += 1
+            put = store.put
+            t0 = time.perf_counter()
+            for k in keys:
+                put(k, value)
+            t = time.perf_counter() - t0
+            if store is half:
+                half.batch_remove(keys, force=True)
+            return t
+
+        round_on(half)
+        round_on(full)
+        evicted0 = full.stats()["evicted_objects"]
+        half_t, full_t, ratios = [], [], []
+        for rep in range(repeat):
+            order = (half, full) if rep % 2 == 0 else (full, half)
+            times = {id(s): round_on(s) for s in order}
+            half_t.append(times[id(half)])
+            full_t.append(times[id(full)])
+            ratios.append(half_t[-1] / full_t[-1])
+        evictions_per_put = (full.stats()["evicted_objects"] - evicted0) / (repeat * count)
+        st = full.stats()
+    finally:
+        half.close()
+        full.close()
+
+    print(f"kvstore bench evict: {count} puts of {size} B per round into two {segment >> 20} MiB stores, "
+          f"{repeat} alternating rounds after a warm-up; medians")
+    header = f"{'store':<12}{'ops/s':>12}{'GB/s':>8}{'evictions/put':>15}{'ratio':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, times, epp, ratio in ((f"{fill_half:.0%} fill", half_t, 0.0, None),
+                                    ("300% fill", full_t, evictions_per_put, statistics.median(ratios))):
+        t = statistics.median(times)
+        row = {"op": "put_evict", "fill": name, "size": size, "count": count, "seconds": t,
+               "ops_per_s": count / t, "gb_per_s": count * size / t / 1e9, "evictions_per_put": epp,
+               "ratio_to_half_fill": ratio}
+        record(row)
+        r = f"{ratio:>8.2f}" if ratio is not None else f"{'':>8}"
+        print(f"{name:<12}{count / t:>12,.0f}{count * size / t / 1e9:>8.2f}{epp:>15.2f}{r}", flush=True)
+    print(f"(300% store: {st['objects']} objects, {st['bytes_used'] / segment:.0%} used, "
+          f"{st['evicted_objects']} evicted in all)")
+    return 0
