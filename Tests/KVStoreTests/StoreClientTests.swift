@@ -111,7 +111,11 @@ final class StoreClientTests: XCTestCase {
     /// Closing while other threads work: every operation either completes or reports
     /// storeClosed; nothing crashes.
     func testCloseWhileBusy() throws {
-        let s = try StoreClient(segmentSize: 4 << 20)
+        // No leases: with them, each upsert of a just-read key would keep the old 100 KB for 5 s
+        // and a slow run could fill the segment before close (this test is about close).
+        var noLeases = CachePolicy()
+        noLeases.leaseTTL = 0
+        let s = try StoreClient(segmentSize: 4 << 20, cache: noLeases)
         let v = Self.value(tag: 1, length: 100_000)
         let other = Atomic(0)
         DispatchQueue.concurrentPerform(iterations: 4) { thread in
