@@ -11,6 +11,8 @@ import pytest
 import kvstore
 
 KIB = 1024
+#: A TTL that a busy CI machine cannot overrun between two consecutive statements.
+SHORT = 0.5
 
 
 def value(i: int, size: int = 64 * KIB) -> bytes:
@@ -60,12 +62,12 @@ def test_writes_do_not_lease(store):
 
 
 def test_lease_ends_after_lease_ttl():
-    with kvstore.Store("1MiB", lease_ttl=0.05) as s:
+    with kvstore.Store("1MiB", lease_ttl=SHORT) as s:
         s.put("k", b"v")
         s.get("k")
         with pytest.raises(kvstore.LeaseHeldError):
             s.remove("k")
-        time.sleep(0.1)
+        time.sleep(SHORT + 0.1)
         assert s.stats()["leases_active"] == 0
         s.remove("k")
 
@@ -79,13 +81,13 @@ def test_zero_lease_ttl_turns_leases_off():
 
 
 def test_upsert_of_a_leased_object_writes_elsewhere_and_frees_the_old_bytes_when_the_lease_ends():
-    with kvstore.Store("1MiB", lease_ttl=0.05) as s:
+    with kvstore.Store("1MiB", lease_ttl=SHORT) as s:
         s.put("k", value(1, 4096))
         assert s.get("k") == value(1, 4096)  # leased
         s.upsert("k", value(2, 4096))         # neither waits nor fails
         assert s.get("k") == value(2, 4096)   # readers see the new value at once
         assert s.stats()["bytes_used"] == 8192  # the old bytes stay untouched for the lease
-        time.sleep(0.1)
+        time.sleep(SHORT + 0.1)
         assert s.stats()["bytes_used"] == 4096
 
 
@@ -155,11 +157,11 @@ def test_no_space_only_when_nothing_is_evictable():
 def test_soft_pinned_objects_go_after_all_others_and_become_ordinary():
     with kvstore.Store("1MiB", lease_ttl=0) as s:  # exists() below must not lease
         s.put("soft", value(0), soft_pin=True)
-        s.put("short", value(1), soft_pin=True, soft_pin_ttl=0.05)
+        s.put("short", value(1), soft_pin=True, soft_pin_ttl=SHORT)
         assert s.stats()["soft_pinned_bytes"] == 2 * 64 * KIB
         fill(s, 30)
         assert s.exists("soft") and s.exists("short")
-        time.sleep(0.1)
+        time.sleep(SHORT + 0.1)
         fill(s, 30, prefix="again")
         assert s.exists("soft") and not s.exists("short")
         assert s.stats()["soft_pinned_bytes"] == 64 * KIB
@@ -167,10 +169,10 @@ def test_soft_pinned_objects_go_after_all_others_and_become_ordinary():
 
 def test_ttl_expires_the_object():
     with kvstore.Store("1MiB") as s:
-        s.put("k", b"v", ttl=0.05)
+        s.put("k", b"v", ttl=SHORT)
         s.put("keep", b"v", ttl=60)
         assert s.get("k") == b"v"
-        time.sleep(0.1)
+        time.sleep(SHORT + 0.1)
         assert not s.exists("k")
         with pytest.raises(kvstore.ObjectNotFoundError):
             s.get("k")
