@@ -114,7 +114,7 @@ extension ObjectTable {
         listRemove(s)
         guard want != .none else { return }
         let l = Int(want.rawValue)
-        evictableBytes += v.allocation!.length
+        evictableBytes += v.placements.length
         versions[Int(s)].list = want
         versions[Int(s)].prev = -1
         versions[Int(s)].next = lists[l].head
@@ -126,7 +126,7 @@ extension ObjectTable {
         let v = versions[Int(s)]
         guard v.list != .none else { return }
         let l = Int(v.list.rawValue)
-        evictableBytes -= v.allocation!.length
+        evictableBytes -= v.placements.length
         if v.prev >= 0 { versions[Int(v.prev)].next = v.next } else { lists[l].head = v.next }
         if v.next >= 0 { versions[Int(v.next)].prev = v.prev } else { lists[l].tail = v.prev }
         versions[Int(s)].list = .none
@@ -149,19 +149,30 @@ extension ObjectTable {
     /// Bytes one eviction round frees at least.
     var roundBytes: Int { max(SegmentAllocator.granule, Int(Double(capacity) * policy.evictionRatio)) }
 
-    /// Allocates `size` bytes: first evicts down to the high watermark (a round of at least
-    /// `roundBytes`) when the write would cross it, then evicts round after round while the
-    /// allocation does not fit. nil only when nothing evictable is left.
-    mutating func allocateEvicting(_ size: Int) -> Allocation? {
+    /// Places `replicas` copies of `size` bytes in distinct segments (`preferred` first): first
+    /// evicts down to the high watermark (a round of at least `roundBytes`) when the write
+    /// would cross it, then evicts round after round while the copies do not fit. Best effort
+    /// beyond the first copy: fewer when fewer segments are mounted or can make room. nil only
+    /// when not even one copy fits with nothing evictable left.
+    mutating func placeEvicting(_ size: Int, replicas: Int, preferred: SegmentID?) -> PlacementList? {
         let rounded = SegmentAllocator.roundedLength(size)
         // Cannot fit even if everything evictable went: fail before evicting anything.
-        guard size <= capacity, rounded <= allocator.freeBytes + evictableBytes else { return nil }
+        guard size <= segments.largestCapacity, rounded <= segments.freeBytes + evictableBytes else { return nil }
+        let target = min(replicas, segments.mountedCount)
         let high = Int(Double(capacity) * policy.highWatermark)
-        let over = usedBytes + rounded - high
+        let over = usedBytes + rounded * target - high
         if over > 0 { evict(atLeast: max(over, roundBytes)) }
+        var placed = PlacementList()
         while true {
-            if let a = allocator.allocate(size) { return a }
-            if evict(atLeast: max(rounded, roundBytes)) == 0 { return nil }
+            if segments.slots.count == 1 {  // the embedded store: no ordering to compute
+                if let p = segments.allocate(size, in: 0) { placed.append(p) }
+            } else {
+                for s in segments.placementOrder(preferred: preferred) where placed.count < target && !placed.contains(slot: s) {
+                    if let p = segments.allocate(size, in: s) { placed.append(p) }
+                }
+            }
+            if placed.count == target { return placed }
+            if evict(atLeast: max(rounded, roundBytes)) == 0 { return placed.isEmpty ? nil : placed }
         }
     }
 
@@ -174,7 +185,7 @@ extension ObjectTable {
             var s = lists[Int(List.ordinary.rawValue)].tail
             if s < 0 { s = lists[Int(List.softPinned.rawValue)].tail }
             guard s >= 0 else { break }
-            freed += versions[Int(s)].allocation!.length
+            freed += versions[Int(s)].placements.length
             evictedObjects += 1
             evictedBytes += versions[Int(s)].size
             hide(s)
@@ -190,7 +201,7 @@ extension ObjectTable {
                         activeReaders: activeReaders, activeLeases: activeLeases,
                         hardPinnedBytes: hardPinnedBytes, softPinnedBytes: softPinnedBytes,
                         evictedObjects: evictedObjects, evictedBytes: evictedBytes, expiredObjects: expiredObjects,
-                        freeBlocks: allocator.freeBlockCount, largestFreeBlock: allocator.largestFreeBlock)
+                        freeBlocks: segments.freeBlockCount, largestFreeBlock: segments.largestFreeBlock)
     }
 }
 

@@ -11,26 +11,37 @@ public enum WriteMode: Sendable {
     case upsert
 }
 
-/// Space reserved for a write. The caller copies `size` bytes to `offset` of the segment,
-/// then calls `commitWrite` (the object becomes visible) or `abortWrite` (nothing remains).
+/// Space reserved for a write: one place per replica. The caller copies `size` bytes to every
+/// replica (the first at `offset` of `segment`), then calls `commitWrite` (the object becomes
+/// visible) or `abortWrite` (nothing remains).
 public struct WriteTicket: Sendable, Equatable {
     public let handle: VersionHandle
+    /// The first replica's segment and offset.
+    public let segment: SegmentID
     public let offset: Int
     public let size: Int
     /// The write overwrites the current version's bytes; readers wait until it commits.
     public let inPlace: Bool
+    /// Replicas after the first (distinct segments).
+    public let moreReplicas: [Replica]
+
+    /// Every replica, the first included.
+    public var replicas: [Replica] { [Replica(segment: segment, offset: offset)] + moreReplicas }
 }
 
 /// A reader's hold on one complete version: its bytes stay in place (not freed, reused or
 /// overwritten) until `releaseRead`.
 public struct ReadTicket: Sendable, Equatable {
     public let handle: VersionHandle
+    /// The replica to read: its segment and offset.
+    public let segment: SegmentID
     public let offset: Int
     public let size: Int
 
     /// Rebuilds a ticket handed across the C ABI; it must be one `acquireRead` returned.
-    public init(handle: VersionHandle, offset: Int, size: Int) {
+    public init(handle: VersionHandle, segment: SegmentID = 0, offset: Int, size: Int) {
         self.handle = handle
+        self.segment = segment
         self.offset = offset
         self.size = size
     }
@@ -43,8 +54,9 @@ public enum ReadResult: Sendable, Equatable {
     case busy
 }
 
-/// The master's state machine for one segment: which keys exist, where their bytes are, who
-/// reads and leases them, what is pinned, what expires, and what to evict. Pure logic, no I/O
+/// The master's state machine: which keys exist, in which segments their replicas are, who
+/// reads and leases them, what is pinned, what expires, and what to evict. Segments are
+/// mounted and unmounted at run time (the embedded store mounts one, segment 0). Pure logic, no I/O
 /// and no clock: every call that depends on time takes `now` (monotonic nanoseconds), and the
 /// timers due by then run first. The embedded store wraps it in a mutex; the network master
 /// will wrap the same type.
@@ -71,7 +83,7 @@ public struct ObjectTable: Sendable {
         var generation: UInt32 = 0
         var state: State = .free
         var key = ObjectKey()
-        var allocation: Allocation? = nil
+        var placements = PlacementList()
         var size = 0
         var readers: Int32 = 0
         var linked = false
@@ -99,7 +111,7 @@ public struct ObjectTable: Sendable {
     }
 
     public let policy: CachePolicy
-    public internal(set) var allocator: SegmentAllocator
+    var segments = SegmentSet()
     var versions: [Version] = []
     private var recycled: [Int32] = []
     var entries: [ObjectKey: Entry] = [:]
@@ -124,28 +136,49 @@ public struct ObjectTable: Sendable {
     /// Objects that disappeared because their TTL passed.
     public internal(set) var expiredObjects = 0
 
-    /// A table for a segment of `capacity` bytes; `policy` must be valid (see `CachePolicy.validate`).
+    /// A table with segment 0 of `capacity` bytes mounted (none when `capacity` is below one
+    /// granule); `policy` must be valid (see `CachePolicy.validate`).
     public init(capacity: Int, policy: CachePolicy = CachePolicy()) {
-        allocator = SegmentAllocator(capacity: capacity)
+        self.policy = policy
+        try? segments.mount(0, capacity: capacity)
+    }
+
+    /// A table with no segment mounted yet.
+    public init(policy: CachePolicy) {
         self.policy = policy
     }
 
-    public var capacity: Int { allocator.capacity }
-    /// Bytes of the segment in use: visible objects, writes in flight, and invisible versions
-    /// still held or leased by readers.
-    public var usedBytes: Int { allocator.usedBytes }
+    /// Total capacity of the mounted segments, in bytes.
+    public var capacity: Int { segments.capacity }
+    /// Bytes of the mounted segments in use: visible objects, writes in flight, and invisible
+    /// versions still held or leased by readers.
+    public var usedBytes: Int { segments.usedBytes }
+    /// Number of mounted segments.
+    public var segmentCount: Int { segments.mountedCount }
+
+    /// Adds segment `id` of `capacity` bytes. Throws `invalidArgument` when it is mounted already
+    /// or smaller than one granule.
+    public mutating func mount(segment id: SegmentID, capacity: Int) throws(KVError) {
+        try segments.mount(id, capacity: capacity)
+    }
 
     // MARK: writes
 
-    /// Reserves space for a write of `size` bytes (> 0) under `key`, evicting when the write
-    /// would take usage above the high watermark or does not fit. Throws `noSpace` only when
-    /// nothing evictable is left.
-    public mutating func beginWrite(key: ObjectKey, size: Int, mode: WriteMode,
-                                    options: WriteOptions = .default, now: Nanoseconds) throws(KVError) -> WriteTicket {
+    /// Reserves space for a write of `size` bytes (> 0) under `key`: `replicas` copies in
+    /// distinct segments (fewer when fewer are mounted or have room), the first in `preferred`
+    /// when it can. Evicts when the write would take usage above the high watermark or does
+    /// not fit. Throws `noSpace` only when nothing evictable is left.
+    public mutating func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions = .default,
+                                    replicas: Int = 1, preferred: SegmentID? = nil,
+                                    now: Nanoseconds) throws(KVError) -> WriteTicket {
         advance(now: now)
         guard size > 0 else { throw .invalidArgument("value must not be empty") }
-        guard size <= capacity else {
-            throw .noSpace("value of \(size) bytes is larger than the segment (\(capacity) bytes)")
+        guard replicas >= 1, replicas <= Self.maxReplicas else {
+            throw .invalidArgument("replica count must be between 1 and \(Self.maxReplicas), got \(replicas)")
+        }
+        guard segments.mountedCount > 0 else { throw .noSpace("no segment is mounted") }
+        guard size <= segments.largestCapacity else {
+            throw .noSpace("value of \(size) bytes is larger than the segment (\(segments.largestCapacity) bytes)")
         }
         if options.hardPin && hardPinnedBytes + size > capacity {
             throw .noSpace("hard-pinning \(size) bytes would exceed the capacity: \(hardPinnedBytes) of \(capacity) bytes are hard-pinned already")
@@ -157,20 +190,30 @@ public struct ObjectTable: Sendable {
             }
         } else if let e = entries[key], e.current >= 0 {
             let c = Int(e.current)
-            if versions[c].state == .complete, versions[c].size == size, versions[c].readers == 0, versions[c].leaseUntil == 0 {
+            if versions[c].state == .complete, versions[c].size == size, versions[c].readers == 0, versions[c].leaseUntil == 0,
+               versions[c].placements.count == min(replicas, segments.mountedCount) {
                 clearCacheState(e.current)
                 versions[c].state = .rewriting
                 versions[c].options = options
-                return WriteTicket(handle: handle(e.current), offset: versions[c].allocation!.offset,
-                                   size: size, inPlace: true)
+                return ticket(e.current, inPlace: true)
             }
         }
-        guard let a = allocateEvicting(size) else {
+        guard let placed = placeEvicting(size, replicas: replicas, preferred: preferred) else {
             if mode == .put { releasePutClaim(key) }
-            throw .noSpace("no space for \(size) bytes and nothing left to evict: \(allocator.freeBytes) of \(allocator.capacity) bytes free (largest free block \(allocator.largestFreeBlock) bytes), \(hardPinnedBytes) bytes hard-pinned, \(activeLeases) objects leased, \(activeReaders) reads in progress")
+            throw .noSpace("no space for \(size) bytes and nothing left to evict: \(segments.freeBytes) of \(segments.capacity) bytes free (largest free block \(segments.largestFreeBlock) bytes), \(hardPinnedBytes) bytes hard-pinned, \(activeLeases) objects leased, \(activeReaders) reads in progress")
         }
-        let slot = newVersion(Version(state: .writing, key: key, allocation: a, size: size, mode: mode, options: options))
-        return WriteTicket(handle: handle(slot), offset: a.offset, size: size, inPlace: false)
+        let slot = newVersion(Version(state: .writing, key: key, placements: placed, size: size, mode: mode, options: options))
+        return ticket(slot, inPlace: false)
+    }
+
+    /// Most replicas one object may have.
+    public static let maxReplicas = 16
+
+    private func ticket(_ s: Int32, inPlace: Bool) -> WriteTicket {
+        let v = versions[Int(s)]
+        let first = segments.replica(v.placements.first!)
+        return WriteTicket(handle: handle(s), segment: first.segment, offset: first.offset, size: v.size, inPlace: inPlace,
+                           moreReplicas: v.placements.rest.map { segments.replica($0) })
     }
 
     @inline(__always)
@@ -191,6 +234,11 @@ public struct ObjectTable: Sendable {
     public mutating func commitWrite(_ t: WriteTicket, now: Nanoseconds) throws(KVError) {
         advance(now: now)
         let s = try slot(t.handle)
+        if versions[s].placements.isEmpty && (versions[s].state == .writing || versions[s].state == .rewriting) {
+            let key = versions[s].key
+            try abortWrite(t, now: now)
+            throw KVError(.transfer, "every segment of '\(key)' was unmounted during the write")
+        }
         if t.inPlace {
             guard versions[s].state == .rewriting else { throw KVError(.internal, "commit of a write not in flight") }
             versions[s].state = .complete
@@ -251,10 +299,56 @@ public struct ObjectTable: Sendable {
         dropVersion(Int32(s))
     }
 
+    /// What unmounting a segment did.
+    public struct UnmountReport: Sendable, Equatable {
+        /// Visible objects whose last replica was in the segment: gone.
+        public var lostObjects: [ObjectKey] = []
+        /// Objects that lost one replica and still have others.
+        public var degradedObjects = 0
+        /// Writes in flight that lost every replica (their commit fails with `transfer`).
+        public var failedWrites = 0
+    }
+
+    /// Removes segment `id` (its client left or died): every replica in it is gone at once.
+    /// An object left without replicas disappears (and its lease ends); others keep serving
+    /// from their remaining replicas. Throws `invalidArgument` when `id` is not mounted.
+    public mutating func unmount(segment id: SegmentID, now: Nanoseconds) throws(KVError) -> UnmountReport {
+        advance(now: now)
+        guard let dead = segments.unmount(id) else { throw .invalidArgument("segment \(id) is not mounted") }
+        var report = UnmountReport()
+        for i in versions.indices where versions[i].state != .free && versions[i].placements.contains(slot: dead) {
+            let s = Int32(i)
+            let listed = versions[i].list
+            listRemove(s)  // eviction accounting counts placements: take it off before changing them
+            _ = versions[i].placements.remove(slot: dead)
+            if !versions[i].placements.isEmpty {
+                if versions[i].linked { report.degradedObjects += 1 }
+                if listed != .none { updateList(s) }
+                continue
+            }
+            switch versions[i].state {
+            case .writing, .rewriting:
+                report.failedWrites += 1
+            case .complete:
+                endLease(s)
+                if versions[i].linked {
+                    report.lostObjects.append(versions[i].key)
+                    hide(s)
+                } else {
+                    reclaimIfUnused(s)
+                }
+            case .free:
+                break
+            }
+        }
+        return report
+    }
+
     // MARK: reads
 
-    /// Takes a read hold on the visible version of `key` and leases it.
-    public mutating func acquireRead(key: ObjectKey, now: Nanoseconds) -> ReadResult {
+    /// Takes a read hold on the visible version of `key` and leases it. The ticket names the
+    /// replica in `prefer` when there is one, else the first.
+    public mutating func acquireRead(key: ObjectKey, now: Nanoseconds, prefer: SegmentID? = nil) -> ReadResult {
         advance(now: now)
         guard let e = entries[key], e.current >= 0 else { return .notFound }
         let c = Int(e.current)
@@ -263,8 +357,20 @@ public struct ObjectTable: Sendable {
         activeReaders += 1
         grantLease(e.current, now: now)
         updateList(e.current)
-        return .found(ReadTicket(handle: handle(e.current), offset: versions[c].allocation!.offset,
-                                 size: versions[c].size))
+        var chosen = versions[c].placements.first!
+        if let prefer, let ps = segments.slot(of: prefer) {
+            versions[c].placements.forEach { if $0.slot == ps { chosen = $0 } }
+        }
+        let r = segments.replica(chosen)
+        return .found(ReadTicket(handle: handle(e.current), segment: r.segment, offset: r.offset, size: versions[c].size))
+    }
+
+    /// The replicas of the visible version of `key`, or nil.
+    public func replicas(key: ObjectKey) -> [Replica]? {
+        guard let e = entries[key], e.current >= 0 else { return nil }
+        var out: [Replica] = []
+        versions[Int(e.current)].placements.forEach { out.append(segments.replica($0)) }
+        return out
     }
 
     /// Ends a read hold; frees the version's space if it was hidden meanwhile and is not leased.
@@ -383,10 +489,7 @@ public struct ObjectTable: Sendable {
 
     private mutating func dropVersion(_ s: Int32) {
         timers.cancelAll(slot: s)
-        if let a = versions[Int(s)].allocation {
-            // The table hands out and frees every allocation itself: a failure is a bug here.
-            do { try allocator.free(a) } catch { assertionFailure("\(error)") }
-        }
+        versions[Int(s)].placements.forEach { segments.free($0) }
         let gen = versions[Int(s)].generation &+ 1
         versions[Int(s)] = Version()
         versions[Int(s)].generation = gen
