@@ -5,18 +5,23 @@ import KVAccelerator
 import KVCore
 import KVTransfer
 
-/// A segment of host memory: an anonymous private mapping of `size` bytes, transparent huge
-/// pages requested (best effort). Pages are committed on first touch, or all at once when
-/// `prefault` is set (MAP_POPULATE: creation pays the page faults so later copies run at
-/// memory speed).
+/// A segment of host memory: `size` bytes mapped read-write, transparent huge pages requested
+/// (best effort). Pages are committed on first touch, or all at once when `prefault` is set
+/// (creation pays the page faults so later copies run at memory speed).
 ///
-/// Owns the mapping and unmaps it in `unmap()` or deinit. `@unchecked Sendable`: the bytes are
+/// Private segments are anonymous mappings. Shared segments live in an unnamed shared-memory file (`fd`): another
+/// process on the host maps the same bytes with `HostSegment(attaching:)` (given the fd, or
+/// the path `/proc/<pid>/fd/<fd>`), so data moves between processes with one memcpy.
+///
+/// Owns the mapping (and the file) and releases them in `unmap()` or deinit. `@unchecked Sendable`: the bytes are
 /// synchronised by the object table's write and read tickets, the mapping's lifetime by
 /// `StoreClient`'s operation gate.
 public final class HostSegment: @unchecked Sendable {
     public let size: Int
     private let base: UnsafeMutableRawPointer
     private var mapped = true
+    /// The shared-memory file of a shared segment, -1 for a private one. Closed by `unmap()`.
+    public private(set) var fd: Int32 = -1
     /// The pin taken at creation, if any: released (only it, exactly once) before unmapping.
     public private(set) var pinned: PinnedRange?
     /// Bytes pinned at creation (0 when pageable); constant, so readable without the gate.
@@ -24,12 +29,26 @@ public final class HostSegment: @unchecked Sendable {
     /// Why pinning was refused ("" when pinned or not attempted).
     public let pinFallbackReason: String
 
-    /// Maps `size` bytes (> 0), then pins them when `pinning` allows and an accelerator is
-    /// present. Throws `noSpace` when the mapping fails; a refused pin is not an error.
-    public init(size: Int, prefault: Bool = false, pinning: PinningPolicy = PinningPolicy(enabled: false)) throws(KVError) {
+    /// Maps `size` bytes (> 0) — in a new shared-memory file when `shared` — then pins them when `pinning`
+    /// allows and an accelerator is present. Throws `noSpace` when the memory cannot be had; a
+    /// refused pin is not an error.
+    public init(size: Int, prefault: Bool = false, pinning: PinningPolicy = PinningPolicy(enabled: false),
+                shared: Bool = false) throws(KVError) {
         guard size > 0 else { throw .invalidArgument("segment size must be positive") }
-        base = try SystemCall.mmap(length: size, protection: PROT_READ | PROT_WRITE,
-                                   flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+        if shared {
+            let fd = try Self.anonymousSharedFile()
+            do throws(KVError) {
+                try SystemCall.check("ftruncate of a \(size)-byte segment", ftruncate(fd, off_t(size)), code: .noSpace)
+                base = try SystemCall.mmap(length: size, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED, fd: fd)
+            } catch {
+                close(fd)
+                throw error
+            }
+            self.fd = fd
+        } else {
+            base = try SystemCall.mmap(length: size, protection: PROT_READ | PROT_WRITE,
+                                       flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+        }
         self.size = size
         _ = madvise(base, size, 14 /* MADV_HUGEPAGE */)
         if prefault {
@@ -48,6 +67,52 @@ public final class HostSegment: @unchecked Sendable {
         }
     }
 
+    /// Maps the shared segment of another process (or of this one): `path` names its file,
+    /// normally `/proc/<pid>/fd/<fd>`. Throws `invalidArgument` when it cannot be opened or is
+    /// smaller than `size`. Never pinned (its owner decides).
+    public init(attaching path: String, size: Int) throws(KVError) {
+        guard size > 0 else { throw .invalidArgument("segment size must be positive") }
+        let fd = try SystemCall.check("open of segment '\(path)'", open(path, O_RDWR | O_CLOEXEC), code: .invalidArgument)
+        var st = stat()
+        guard fstat(fd, &st) == 0, Int(st.st_size) >= size else {
+            close(fd)
+            throw .invalidArgument("segment '\(path)' is smaller than \(size) bytes")
+        }
+        do throws(KVError) {
+            base = try SystemCall.mmap(length: size, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED, fd: fd)
+        } catch {
+            close(fd)
+            throw error
+        }
+        self.fd = fd
+        self.size = size
+        pinned = nil
+        pinnedLength = 0
+        pinFallbackReason = ""
+    }
+
+    /// A new shared-memory file with no name: created in /dev/shm (`shm_open`, exclusive,
+    /// mode 0600) and unlinked at once, so nothing is left behind when the process dies; other
+    /// processes reach it through `/proc/<pid>/fd/<fd>`.
+    private static func anonymousSharedFile() throws(KVError) -> Int32 {
+        for attempt in 0..<16 {
+            let name = "/kvstore-\(getpid())-\(UInt32.random(in: 0...UInt32.max))-\(attempt)"
+            let fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            if fd >= 0 {
+                shm_unlink(name)
+                return fd
+            }
+            if errno != EEXIST { throw SystemCall.failure("shm_open of a shared segment", code: .noSpace) }
+        }
+        throw KVError(.noSpace, "shm_open of a shared segment kept finding its random name taken")
+    }
+
+    /// The path another process on this host opens to map this shared segment.
+    public var sharePath: String? { fd >= 0 ? "/proc/\(getpid())/fd/\(fd)" : nil }
+
+    /// Whether the segment lives in a shared-memory file other processes can map.
+    public var isShared: Bool { fd >= 0 }
+
     /// Whether a pin was refused at creation.
     public var pinFellBack: Bool { !pinFallbackReason.isEmpty }
 
@@ -65,6 +130,7 @@ public final class HostSegment: @unchecked Sendable {
                 pinned = nil
             }
             munmap(base, size)
+            if fd >= 0 { close(fd); fd = -1 }
             mapped = false
         }
     }
