@@ -33,6 +33,10 @@ public struct CachePolicy: Sendable, Equatable {
     public var highWatermark = 0.9
     /// Fraction of capacity one eviction round frees (at least what the write needs).
     public var evictionRatio = 0.05
+    /// Whether an upsert of the same size may rewrite an unleased, unread object in place.
+    /// The network master turns this off: remote readers copy without a hold, so bytes must
+    /// never change under a version they may have been told about.
+    public var inPlaceUpserts = true
 
     public init() {}
 

@@ -190,7 +190,7 @@ public struct ObjectTable: Sendable {
             }
         } else if let e = entries[key], e.current >= 0 {
             let c = Int(e.current)
-            if versions[c].state == .complete, versions[c].size == size, versions[c].readers == 0, versions[c].leaseUntil == 0,
+            if policy.inPlaceUpserts, versions[c].state == .complete, versions[c].size == size, versions[c].readers == 0, versions[c].leaseUntil == 0,
                versions[c].placements.count == min(replicas, segments.mountedCount) {
                 clearCacheState(e.current)
                 versions[c].state = .rewriting
@@ -393,6 +393,23 @@ public struct ObjectTable: Sendable {
             updateList(e.current)
         }
         return versions[Int(e.current)].size
+    }
+
+    /// Leases the visible version of `key` and returns its size and replicas, those in
+    /// `first` segments ahead of the others (a reader's own host); nil when absent or being
+    /// rewritten in place. What a remote reader gets: it copies under the lease alone.
+    public mutating func leaseReplicas(key: ObjectKey, now: Nanoseconds,
+                                       first: (SegmentID) -> Bool = { _ in false }) -> (size: Int, replicas: [Replica])? {
+        advance(now: now)
+        guard let e = entries[key], e.current >= 0, versions[Int(e.current)].state == .complete else { return nil }
+        grantLease(e.current, now: now)
+        updateList(e.current)
+        var near: [Replica] = [], far: [Replica] = []
+        versions[Int(e.current)].placements.forEach {
+            let r = segments.replica($0)
+            if first(r.segment) { near.append(r) } else { far.append(r) }
+        }
+        return (versions[Int(e.current)].size, near + far)
     }
 
     /// Size of the visible version of `key`, or nil. Grants no lease and runs no timers.

@@ -1,0 +1,276 @@
+/// The master's control-plane messages (DESIGN.md §2: the master owns metadata only; object
+/// bytes move between clients). Each travels in one `WireFrameHeader` frame; a response
+/// carries its request's id. Every request gets exactly one response; `putCommit` and
+/// `putAbort` may be pipelined (sent without waiting), since a connection's requests are
+/// handled in order.
+///
+/// Durations on the wire are nanoseconds (u64); sizes and offsets u64; segment ids u32.
+public enum MasterRequest: Sendable, Equatable {
+    /// First message of a connection. `token` must match the master's when it has one.
+    case hello(token: String, name: String)
+    /// Offers a segment of `size` bytes owned by this client: `host` identifies the machine
+    /// (clients on the same host map `sharePath`); `endpoint` is where the owner serves reads
+    /// and writes of it to other hosts.
+    case mount(size: Int, host: String, sharePath: String, endpoint: String)
+    case unmount(segment: SegmentID)
+    case heartbeat
+    case putStart(key: ObjectKey, size: Int, mode: WriteMode, options: WireWriteOptions, replicas: Int, preferred: SegmentID?)
+    case putCommit(handle: VersionHandle)
+    case putAbort(handle: VersionHandle)
+    /// Leases `key` and returns its replicas (those on `host` first).
+    case get(key: ObjectKey, host: String)
+    case exists(key: ObjectKey)
+    case size(key: ObjectKey)
+    case remove(key: ObjectKey, force: Bool)
+    case removeAll(force: Bool)
+    case stats
+    case segmentInfo(segment: SegmentID)
+
+    public var kind: UInt16 {
+        switch self {
+        case .hello: 1
+        case .mount: 2
+        case .unmount: 3
+        case .heartbeat: 4
+        case .putStart: 5
+        case .putCommit: 6
+        case .putAbort: 7
+        case .get: 8
+        case .exists: 9
+        case .size: 10
+        case .remove: 11
+        case .removeAll: 12
+        case .stats: 13
+        case .segmentInfo: 14
+        }
+    }
+
+    public static func isRequestKind(_ k: UInt16) -> Bool { (1...14).contains(k) }
+}
+
+/// Write options as they travel: the same flags as the C ABI's `kv_put_options`, durations in
+/// nanoseconds (0: not given). Validated by the master like any user input.
+public struct WireWriteOptions: Sendable, Equatable {
+    public var hardPin = false
+    public var softPinTTL: Nanoseconds? = nil
+    public var ttl: Nanoseconds? = nil
+
+    public init(hardPin: Bool = false, softPinTTL: Nanoseconds? = nil, ttl: Nanoseconds? = nil) {
+        self.hardPin = hardPin
+        self.softPinTTL = softPinTTL
+        self.ttl = ttl
+    }
+
+    public init(_ o: WriteOptions) { self.init(hardPin: o.hardPin, softPinTTL: o.softPinTTL, ttl: o.ttl) }
+
+    /// Checks the values as `WriteOptions` from a user would be checked.
+    public func validated() throws(KVError) -> WriteOptions {
+        let maxNs = Nanoseconds(Seconds.maximum * 1e9)
+        if hardPin && softPinTTL != nil { throw .invalidArgument("hard_pin and soft_pin are exclusive: choose one") }
+        for (name, v) in [("soft_pin_ttl", softPinTTL), ("ttl", ttl)] {
+            if let v, v == 0 || v > maxNs { throw .invalidArgument("\(name) must be greater than 0 and at most 365 days") }
+        }
+        return WriteOptions(hardPin: hardPin, softPinTTL: softPinTTL, ttl: ttl)
+    }
+}
+
+/// One segment as clients find it.
+public struct SegmentInfo: Sendable, Equatable {
+    public var segment: SegmentID
+    public var size: Int
+    public var host: String
+    public var sharePath: String
+    public var endpoint: String
+
+    public init(segment: SegmentID, size: Int, host: String, sharePath: String, endpoint: String) {
+        self.segment = segment
+        self.size = size
+        self.host = host
+        self.sharePath = sharePath
+        self.endpoint = endpoint
+    }
+}
+
+public enum MasterResponse: Sendable, Equatable {
+    case ok
+    case error(KVError)
+    case welcome(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds)
+    case mounted(segment: SegmentID)
+    case putStarted(handle: VersionHandle, inPlace: Bool, replicas: [Replica])
+    case found(size: Int, replicas: [Replica])
+    case flag(Bool)
+    case value(Int)
+    case stats([(String, Int)])
+    case segment(SegmentInfo)
+
+    public var kind: UInt16 {
+        switch self {
+        case .ok: 100
+        case .error: 101
+        case .welcome: 102
+        case .mounted: 103
+        case .putStarted: 104
+        case .found: 105
+        case .flag: 106
+        case .value: 107
+        case .stats: 108
+        case .segment: 109
+        }
+    }
+
+    public static func isResponseKind(_ k: UInt16) -> Bool { (100...109).contains(k) }
+
+    public static func == (a: MasterResponse, b: MasterResponse) -> Bool {
+        switch (a, b) {
+        case (.stats(let x), .stats(let y)): x.map(\.0) == y.map(\.0) && x.map(\.1) == y.map(\.1)
+        case (.ok, .ok): true
+        case (.error(let x), .error(let y)): x == y
+        case let (.welcome(c1, l1, t1), .welcome(c2, l2, t2)): c1 == c2 && l1 == l2 && t1 == t2
+        case (.mounted(let x), .mounted(let y)): x == y
+        case let (.putStarted(h1, i1, r1), .putStarted(h2, i2, r2)): h1 == h2 && i1 == i2 && r1 == r2
+        case let (.found(s1, r1), .found(s2, r2)): s1 == s2 && r1 == r2
+        case (.flag(let x), .flag(let y)): x == y
+        case (.value(let x), .value(let y)): x == y
+        case (.segment(let x), .segment(let y)): x == y
+        default: false
+        }
+    }
+}
+
+// MARK: - codec
+
+/// Limits a master enforces on what it decodes.
+public enum MasterLimits {
+    public static let maxString = 4096
+    public static let maxSize = 1 << 48
+    public static let maxStats = 256
+}
+
+extension MasterRequest {
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        switch self {
+        case let .hello(token, name): w.string(token); w.string(name)
+        case let .mount(size, host, path, endpoint): w.u64(UInt64(size)); w.string(host); w.string(path); w.string(endpoint)
+        case let .unmount(segment): w.u32(segment)
+        case .heartbeat, .stats: break
+        case let .putStart(key, size, mode, options, replicas, preferred):
+            w.key(key); w.u64(UInt64(size)); w.u8(mode == .put ? 0 : 1)
+            w.bool(options.hardPin); w.u64(options.softPinTTL ?? 0); w.u64(options.ttl ?? 0)
+            w.u8(UInt8(clamping: replicas)); w.bool(preferred != nil); w.u32(preferred ?? 0)
+        case let .putCommit(handle), let .putAbort(handle): w.u64(handle)
+        case let .get(key, host): w.key(key); w.string(host)
+        case let .exists(key), let .size(key): w.key(key)
+        case let .remove(key, force): w.key(key); w.bool(force)
+        case let .removeAll(force): w.bool(force)
+        case let .segmentInfo(segment): w.u32(segment)
+        }
+        return w.bytes
+    }
+
+    /// Decodes the payload of a frame of `kind`; throws `invalidArgument` naming the problem.
+    public static func decode(kind: UInt16, _ b: UnsafeRawBufferPointer) throws(KVError) -> MasterRequest {
+        var r = WireReader(b)
+        let m: MasterRequest
+        switch kind {
+        case 1: m = .hello(token: try r.string(max: MasterLimits.maxString, "token"), name: try r.string(max: MasterLimits.maxString, "name"))
+        case 2:
+            m = .mount(size: try r.size(max: MasterLimits.maxSize, "segment size"), host: try r.string(max: MasterLimits.maxString, "host"),
+                       sharePath: try r.string(max: MasterLimits.maxString, "share path"),
+                       endpoint: try r.string(max: MasterLimits.maxString, "endpoint"))
+        case 3: m = .unmount(segment: try r.u32())
+        case 4: m = .heartbeat
+        case 5:
+            let key = try r.key()
+            let size = try r.size(max: MasterLimits.maxSize, "value size")
+            let mode: WriteMode
+            switch try r.u8() {
+            case 0: mode = .put
+            case 1: mode = .upsert
+            case let v: throw .invalidArgument("bad write mode \(v)")
+            }
+            let hard = try r.bool()
+            let soft = try r.u64(), ttl = try r.u64()
+            let replicas = Int(try r.u8())
+            let hasPreferred = try r.bool()
+            let preferred = try r.u32()
+            m = .putStart(key: key, size: size, mode: mode,
+                          options: WireWriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl),
+                          replicas: replicas, preferred: hasPreferred ? preferred : nil)
+        case 6: m = .putCommit(handle: try r.u64())
+        case 7: m = .putAbort(handle: try r.u64())
+        case 8: m = .get(key: try r.key(), host: try r.string(max: MasterLimits.maxString, "host"))
+        case 9: m = .exists(key: try r.key())
+        case 10: m = .size(key: try r.key())
+        case 11: m = .remove(key: try r.key(), force: try r.bool())
+        case 12: m = .removeAll(force: try r.bool())
+        case 13: m = .stats
+        case 14: m = .segmentInfo(segment: try r.u32())
+        default: throw .invalidArgument("unknown request kind \(kind)")
+        }
+        try r.finish("request \(kind)")
+        return m
+    }
+}
+
+extension MasterResponse {
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        func replicas(_ rs: [Replica]) {
+            w.count(rs.count)
+            for r in rs { w.u32(r.segment); w.u64(UInt64(r.offset)) }
+        }
+        switch self {
+        case .ok: break
+        case let .error(e): w.u32(UInt32(e.code.rawValue)); w.string(String(decoding: e.message.utf8.prefix(MasterLimits.maxString - 8), as: UTF8.self))
+        case let .welcome(client, lease, ttl): w.u64(client); w.u64(lease); w.u64(ttl)
+        case let .mounted(segment): w.u32(segment)
+        case let .putStarted(handle, inPlace, rs): w.u64(handle); w.bool(inPlace); replicas(rs)
+        case let .found(size, rs): w.u64(UInt64(size)); replicas(rs)
+        case let .flag(v): w.bool(v)
+        case let .value(v): w.i64(Int64(v))
+        case let .stats(pairs):
+            w.count(pairs.count)
+            for (name, v) in pairs { w.string(name); w.i64(Int64(v)) }
+        case let .segment(s): w.u32(s.segment); w.u64(UInt64(s.size)); w.string(s.host); w.string(s.sharePath); w.string(s.endpoint)
+        }
+        return w.bytes
+    }
+
+    public static func decode(kind: UInt16, _ b: UnsafeRawBufferPointer) throws(KVError) -> MasterResponse {
+        var r = WireReader(b)
+        func replicas() throws(KVError) -> [Replica] {
+            let n = try r.count(max: ObjectTable.maxReplicas, minElementSize: 12, "replicas")
+            var out: [Replica] = []
+            for _ in 0..<n { out.append(Replica(segment: try r.u32(), offset: try r.size(max: MasterLimits.maxSize, "offset"))) }
+            return out
+        }
+        let m: MasterResponse
+        switch kind {
+        case 100: m = .ok
+        case 101:
+            let raw = Int32(bitPattern: try r.u32())
+            guard let code = KVError.Code(rawValue: raw) else { throw .invalidArgument("unknown error code \(raw)") }
+            m = .error(KVError(code, try r.string(max: MasterLimits.maxString, "error message")))
+        case 102: m = .welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64())
+        case 103: m = .mounted(segment: try r.u32())
+        case 104: m = .putStarted(handle: try r.u64(), inPlace: try r.bool(), replicas: try replicas())
+        case 105: m = .found(size: try r.size(max: MasterLimits.maxSize), replicas: try replicas())
+        case 106: m = .flag(try r.bool())
+        case 107: m = .value(Int(try r.i64()))
+        case 108:
+            let n = try r.count(max: MasterLimits.maxStats, minElementSize: 12, "statistics")
+            var pairs: [(String, Int)] = []
+            for _ in 0..<n { pairs.append((try r.string(max: 64, "statistic name"), Int(try r.i64()))) }
+            m = .stats(pairs)
+        case 109:
+            m = .segment(SegmentInfo(segment: try r.u32(), size: try r.size(max: MasterLimits.maxSize),
+                                     host: try r.string(max: MasterLimits.maxString, "host"),
+                                     sharePath: try r.string(max: MasterLimits.maxString, "share path"),
+                                     endpoint: try r.string(max: MasterLimits.maxString, "endpoint")))
+        default: throw .invalidArgument("unknown response kind \(kind)")
+        }
+        try r.finish("response \(kind)")
+        return m
+    }
+}

@@ -1,0 +1,191 @@
+/// Settings of a master.
+public struct MasterConfig: Sendable {
+    /// Clients must present this token in `hello` (nil: no token; only for loopback masters).
+    public var token: String?
+    /// A client not heard from for this long is dead: its segments are unmounted.
+    public var clientTTL: Nanoseconds = 10_000_000_000
+    /// Leases and eviction; leases must be on (remote readers copy under the lease alone),
+    /// and upserts never rewrite in place.
+    public var cache: CachePolicy
+
+    public init(token: String? = nil, clientTTL: Nanoseconds = 10_000_000_000, cache: CachePolicy = CachePolicy()) {
+        self.token = token
+        self.clientTTL = clientTTL
+        self.cache = cache
+        self.cache.inPlaceUpserts = false
+    }
+
+    public func validate() throws(KVError) {
+        try cache.validate()
+        guard cache.leaseTTL > 0 else { throw .invalidArgument("a master needs read leases: lease TTL must be greater than 0") }
+        guard clientTTL > 0 else { throw .invalidArgument("client TTL must be greater than 0") }
+    }
+}
+
+/// The master's whole state and logic, without sockets: clients and their segments, writes
+/// in flight, and the object table. The network master (KVMaster) feeds it decoded requests
+/// with the connection's session; tests feed it directly with a hand-moved clock.
+///
+/// Not thread-safe: the server serialises calls.
+public struct MasterService: Sendable {
+    /// One connection's state: nil client until `hello` succeeds.
+    public struct Session: Sendable {
+        public var client: UInt64? = nil
+        public init() {}
+    }
+
+    struct Client: Sendable {
+        var name: String
+        var lastSeen: Nanoseconds
+        var segments: Set<SegmentID> = []
+        var writes: Set<VersionHandle> = []
+    }
+
+    /// What happened to a client that left or died.
+    public struct Departure: Sendable, Equatable {
+        public var client: UInt64
+        public var name: String
+        public var segments: [SegmentID]
+        public var lostObjects: [ObjectKey]
+        public var abortedWrites: Int
+    }
+
+    public let config: MasterConfig
+    public private(set) var table: ObjectTable
+    var clients: [UInt64: Client] = [:]
+    var segmentInfo: [SegmentID: SegmentInfo] = [:]
+    var segmentOwner: [SegmentID: UInt64] = [:]
+    var writes: [VersionHandle: (ticket: WriteTicket, client: UInt64)] = [:]
+    var nextClient: UInt64 = 1
+    var nextSegment: SegmentID = 1
+    public private(set) var requests = 0
+
+    public init(config: MasterConfig) throws(KVError) {
+        try config.validate()
+        self.config = config
+        table = ObjectTable(policy: config.cache)
+    }
+
+    public var clientCount: Int { clients.count }
+
+    /// Handles one request of a connection. A request before `hello` or a wrong token is an
+    /// error response; the server closes the connection after an error to `hello`.
+    public mutating func handle(_ request: MasterRequest, session: inout Session, now: Nanoseconds) -> MasterResponse {
+        requests += 1
+        do throws(KVError) {
+            if case let .hello(token, name) = request {
+                guard session.client == nil else { throw .invalidArgument("hello was already sent on this connection") }
+                if let want = config.token, token != want { throw .invalidArgument("the master refused the token") }
+                let id = nextClient
+                nextClient += 1
+                clients[id] = Client(name: name, lastSeen: now)
+                session.client = id
+                return .welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL)
+            }
+            guard let id = session.client, clients[id] != nil else {
+                throw .invalidArgument(session.client == nil ? "the first request must be hello" : "this client was expired; reconnect")
+            }
+            clients[id]!.lastSeen = now
+            return try dispatch(request, client: id, now: now)
+        } catch {
+            return .error(error)
+        }
+    }
+
+    private mutating func dispatch(_ request: MasterRequest, client id: UInt64, now: Nanoseconds) throws(KVError) -> MasterResponse {
+        switch request {
+        case .hello:
+            throw .invalidArgument("hello was already sent on this connection")
+        case .heartbeat:
+            return .ok
+        case let .mount(size, host, path, endpoint):
+            let seg = nextSegment
+            try table.mount(segment: seg, capacity: size)
+            nextSegment += 1
+            segmentInfo[seg] = SegmentInfo(segment: seg, size: size, host: host, sharePath: path, endpoint: endpoint)
+            segmentOwner[seg] = id
+            clients[id]!.segments.insert(seg)
+            return .mounted(segment: seg)
+        case let .unmount(seg):
+            guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
+            _ = try unmount(seg, now: now)
+            clients[id]!.segments.remove(seg)
+            return .ok
+        case let .putStart(key, size, mode, wireOptions, replicas, preferred):
+            let options = try wireOptions.validated()
+            let t = try table.beginWrite(key: key, size: size, mode: mode, options: options, replicas: replicas,
+                                         preferred: preferred, now: now)
+            writes[t.handle] = (t, id)
+            clients[id]!.writes.insert(t.handle)
+            return .putStarted(handle: t.handle, inPlace: t.inPlace, replicas: t.replicas)
+        case let .putCommit(handle), let .putAbort(handle):
+            guard let w = writes[handle], w.client == id else { throw .invalidArgument("no write \(handle) in flight for this client") }
+            writes[handle] = nil
+            clients[id]!.writes.remove(handle)
+            if case .putCommit = request { try table.commitWrite(w.ticket, now: now) } else { try table.abortWrite(w.ticket, now: now) }
+            return .ok
+        case let .get(key, host):
+            guard let (size, replicas) = table.leaseReplicas(key: key, now: now, first: { self.segmentInfo[$0]?.host == host }) else {
+                throw .notFound("object '\(key)' not found")
+            }
+            return .found(size: size, replicas: replicas)
+        case let .exists(key):
+            return .flag(table.lease(key: key, now: now) != nil)
+        case let .size(key):
+            guard let n = table.lease(key: key, now: now) else { throw .notFound("object '\(key)' not found") }
+            return .value(n)
+        case let .remove(key, force):
+            try table.remove(key: key, force: force, now: now)
+            return .ok
+        case let .removeAll(force):
+            return .value(table.removeAll(force: force, now: now))
+        case .stats:
+            table.advance(now: now)
+            let s = table.statistics
+            return .stats([
+                ("objects", s.objects), ("object_bytes", s.objectBytes), ("bytes_used", s.usedBytes), ("capacity", s.capacity),
+                ("hard_pinned_bytes", s.hardPinnedBytes), ("soft_pinned_bytes", s.softPinnedBytes),
+                ("evicted_objects", s.evictedObjects), ("evicted_bytes", s.evictedBytes), ("expired_objects", s.expiredObjects),
+                ("leases_active", s.activeLeases), ("segments", table.segmentCount), ("clients", clients.count),
+                ("writes_in_flight", writes.count), ("requests", requests),
+            ])
+        case let .segmentInfo(seg):
+            guard let info = segmentInfo[seg] else { throw .notFound("segment \(seg) is not mounted") }
+            return .segment(info)
+        }
+    }
+
+    private mutating func unmount(_ seg: SegmentID, now: Nanoseconds) throws(KVError) -> ObjectTable.UnmountReport {
+        let report = try table.unmount(segment: seg, now: now)
+        segmentInfo[seg] = nil
+        segmentOwner[seg] = nil
+        return report
+    }
+
+    /// A client left (its connection closed) or died: its writes in flight are aborted and
+    /// its segments unmounted (objects without another replica are lost). nil when unknown.
+    @discardableResult
+    public mutating func depart(client id: UInt64, now: Nanoseconds) -> Departure? {
+        guard let c = clients.removeValue(forKey: id) else { return nil }
+        var d = Departure(client: id, name: c.name, segments: c.segments.sorted(), lostObjects: [], abortedWrites: 0)
+        for h in c.writes {
+            if let w = writes.removeValue(forKey: h) {
+                try? table.abortWrite(w.ticket, now: now)
+                d.abortedWrites += 1
+            }
+        }
+        for seg in d.segments {
+            if let r = try? unmount(seg, now: now) { d.lostObjects += r.lostObjects }
+        }
+        return d
+    }
+
+    /// Clients not heard from within the client TTL, departed; returns what each left behind.
+    public mutating func expireClients(now: Nanoseconds) -> [Departure] {
+        let dead = clients.filter { now > $0.value.lastSeen && now - $0.value.lastSeen > config.clientTTL }.keys.sorted()
+        return dead.compactMap { depart(client: $0, now: now) }
+    }
+
+    /// Runs the table's timers (leases, pins, TTLs) due by `now`.
+    public mutating func advance(now: Nanoseconds) { table.advance(now: now) }
+}

@@ -1,0 +1,195 @@
+import XCTest
+import KVTestSupport
+@testable import KVCore
+
+/// The master's logic without sockets: sessions, segments, writes, reads, client death, and
+/// the protocol codec, with time moved by hand.
+final class MasterServiceTests: XCTestCase {
+    static let s: Nanoseconds = 1_000_000_000
+
+    func master(token: String? = nil) throws -> MasterService {
+        try MasterService(config: MasterConfig(token: token, clientTTL: 10 * Self.s))
+    }
+
+    /// A connected client with one segment of `kib` KiB on `host`.
+    func join(_ m: inout MasterService, _ name: String, host: String, kib: Int = 256, now: Nanoseconds = 0) -> (MasterService.Session, SegmentID) {
+        var session = MasterService.Session()
+        guard case .welcome = m.handle(.hello(token: "", name: name), session: &session, now: now) else { XCTFail(); return (session, 0) }
+        guard case .mounted(let seg) = m.handle(.mount(size: kib << 10, host: host, sharePath: "/proc/1/fd/3", endpoint: "\(host):7000"),
+                                                session: &session, now: now) else { XCTFail(); return (session, 0) }
+        return (session, seg)
+    }
+
+    func put(_ m: inout MasterService, _ session: inout MasterService.Session, _ key: ObjectKey, size: Int = 1000,
+             replicas: Int = 1, preferred: SegmentID? = nil, now: Nanoseconds = 0) -> [Replica] {
+        guard case let .putStarted(handle, inPlace, rs) = m.handle(.putStart(key: key, size: size, mode: .put, options: WireWriteOptions(),
+                                                                            replicas: replicas, preferred: preferred),
+                                                                 session: &session, now: now) else { XCTFail("putStart"); return [] }
+        XCTAssertFalse(inPlace)
+        XCTAssertEqual(m.handle(.putCommit(handle: handle), session: &session, now: now), .ok)
+        return rs
+    }
+
+    func errorCode(_ r: MasterResponse) -> KVError.Code? {
+        if case .error(let e) = r { return e.code }
+        return nil
+    }
+
+    func testSessionsNeedHelloAndTheToken() throws {
+        var m = try master(token: "secret")
+        var s = MasterService.Session()
+        XCTAssertEqual(errorCode(m.handle(.heartbeat, session: &s, now: 0)), .invalidArgument)
+        XCTAssertEqual(errorCode(m.handle(.hello(token: "wrong", name: "a"), session: &s, now: 0)), .invalidArgument)
+        XCTAssertNil(s.client)
+        guard case .welcome(let id, let lease, let ttl) = m.handle(.hello(token: "secret", name: "a"), session: &s, now: 0) else { return XCTFail() }
+        XCTAssertEqual(s.client, id)
+        XCTAssertEqual(lease, 5 * Self.s)
+        XCTAssertEqual(ttl, 10 * Self.s)
+        XCTAssertEqual(errorCode(m.handle(.hello(token: "secret", name: "a"), session: &s, now: 0)), .invalidArgument)
+        XCTAssertEqual(m.handle(.heartbeat, session: &s, now: 0), .ok)
+    }
+
+    func testConfigNeedsLeases() {
+        var c = MasterConfig()
+        c.cache.leaseTTL = 0
+        XCTAssertThrowsError(try MasterService(config: c)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+        XCTAssertFalse(MasterConfig().cache.inPlaceUpserts)
+    }
+
+    func testPutGetPrefersTheReadersHost() throws {
+        var m = try master()
+        var (a, segA) = join(&m, "a", host: "h1")
+        var (b, segB) = join(&m, "b", host: "h2")
+        let rs = put(&m, &a, "k", replicas: 2, preferred: segA)
+        XCTAssertEqual(rs.map(\.segment), [segA, segB])
+        guard case .found(let size, let forB) = m.handle(.get(key: "k", host: "h2"), session: &b, now: 1) else { return XCTFail() }
+        XCTAssertEqual(size, 1000)
+        XCTAssertEqual(forB.map(\.segment), [segB, segA], "the reader's own host first")
+        XCTAssertEqual(m.handle(.exists(key: "k"), session: &b, now: 1), .flag(true))
+        XCTAssertEqual(m.handle(.exists(key: "nope"), session: &b, now: 1), .flag(false))
+        XCTAssertEqual(m.handle(.size(key: "k"), session: &b, now: 1), .value(1000))
+        XCTAssertEqual(errorCode(m.handle(.get(key: "nope", host: "h2"), session: &b, now: 1)), .objectNotFound)
+        XCTAssertEqual(errorCode(m.handle(.remove(key: "k", force: false), session: &b, now: 1)), .leaseHeld)
+        XCTAssertEqual(m.handle(.remove(key: "k", force: true), session: &b, now: 1), .ok)
+        guard case .segment(let info) = m.handle(.segmentInfo(segment: segA), session: &b, now: 1) else { return XCTFail() }
+        XCTAssertEqual(info.host, "h1")
+        XCTAssertEqual(info.endpoint, "h1:7000")
+    }
+
+    func testUpsertsNeverRewriteInPlaceOnAMaster() throws {
+        var m = try master()
+        var (a, _) = join(&m, "a", host: "h1")
+        _ = put(&m, &a, "k")
+        guard case let .putStarted(h, inPlace, _) = m.handle(.putStart(key: "k", size: 1000, mode: .upsert, options: WireWriteOptions(),
+                                                                         replicas: 1, preferred: nil), session: &a, now: 0) else { return XCTFail() }
+        XCTAssertFalse(inPlace)
+        XCTAssertEqual(m.handle(.putCommit(handle: h), session: &a, now: 0), .ok)
+    }
+
+    func testWritesBelongToTheirClient() throws {
+        var m = try master()
+        var (a, _) = join(&m, "a", host: "h1")
+        var (b, _) = join(&m, "b", host: "h1")
+        guard case let .putStarted(h, _, _) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: WireWriteOptions(), replicas: 1,
+                                                                  preferred: nil), session: &a, now: 0) else { return XCTFail() }
+        XCTAssertEqual(errorCode(m.handle(.putCommit(handle: h), session: &b, now: 0)), .invalidArgument)
+        XCTAssertEqual(errorCode(m.handle(.putCommit(handle: h + 1), session: &a, now: 0)), .invalidArgument)
+        XCTAssertEqual(errorCode(m.handle(.putStart(key: "x", size: 10, mode: .put, options: WireWriteOptions(hardPin: true, softPinTTL: 5),
+                                                     replicas: 1, preferred: nil), session: &a, now: 0)), .invalidArgument)
+        XCTAssertEqual(errorCode(m.handle(.unmount(segment: 999), session: &a, now: 0)), .invalidArgument)
+        XCTAssertEqual(m.handle(.putAbort(handle: h), session: &a, now: 0), .ok)
+        XCTAssertEqual(m.handle(.exists(key: "k"), session: &a, now: 0), .flag(false))
+    }
+
+    func testSilentClientsExpireAndTakeOnlyUnreplicatedObjects() throws {
+        var m = try master()
+        var (a, segA) = join(&m, "a", host: "h1")
+        var (b, _) = join(&m, "b", host: "h2")
+        _ = put(&m, &a, "onA", preferred: segA)
+        _ = put(&m, &a, "both", replicas: 2)
+        guard case .putStarted = m.handle(.putStart(key: "pending", size: 10, mode: .put, options: WireWriteOptions(), replicas: 1,
+                                                     preferred: segA), session: &a, now: 0) else { return XCTFail() }
+        // b keeps talking, a goes silent.
+        for t in stride(from: Self.s, through: 10 * Self.s, by: Int(Self.s)) {
+            XCTAssertEqual(m.handle(.heartbeat, session: &b, now: t), .ok)
+            XCTAssertTrue(m.expireClients(now: t).isEmpty, "a is within its TTL at \(t / Self.s) s")
+        }
+        let gone = m.expireClients(now: 10 * Self.s + 1)
+        XCTAssertEqual(gone.count, 1)
+        XCTAssertEqual(gone.first?.name, "a")
+        XCTAssertEqual(gone.first?.segments, [segA])
+        XCTAssertEqual(gone.first?.lostObjects, ["onA"])
+        XCTAssertEqual(gone.first?.abortedWrites, 1)
+        XCTAssertEqual(errorCode(m.handle(.get(key: "onA", host: "h2"), session: &b, now: 11 * Self.s)), .objectNotFound)
+        guard case .found(_, let rs) = m.handle(.get(key: "both", host: "h2"), session: &b, now: 11 * Self.s) else { return XCTFail() }
+        XCTAssertEqual(rs.count, 1)
+        XCTAssertEqual(m.handle(.exists(key: "pending"), session: &b, now: 11 * Self.s), .flag(false))
+        XCTAssertEqual(errorCode(m.handle(.heartbeat, session: &a, now: 11 * Self.s)), .invalidArgument, "a must reconnect")
+        XCTAssertEqual(m.clientCount, 1)
+        XCTAssertNil(m.table.invariantViolation())
+    }
+
+    // MARK: codec
+
+    static let requests: [MasterRequest] = [
+        .hello(token: "t", name: "n"), .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1"),
+        .unmount(segment: 3), .heartbeat,
+        .putStart(key: "k", size: 5, mode: .upsert, options: WireWriteOptions(hardPin: false, softPinTTL: 7, ttl: 9), replicas: 2, preferred: 4),
+        .putStart(key: "k", size: 5, mode: .put, options: WireWriteOptions(hardPin: true), replicas: 1, preferred: nil),
+        .putCommit(handle: 1 << 40), .putAbort(handle: 2), .get(key: "k", host: "h"), .exists(key: "é"), .size(key: "k"),
+        .remove(key: "k", force: true), .removeAll(force: false), .stats, .segmentInfo(segment: 9),
+    ]
+    static let responses: [MasterResponse] = [
+        .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3), .mounted(segment: 4),
+        .putStarted(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)]), .found(size: 6, replicas: []),
+        .flag(true), .value(-7), .stats([("objects", 1), ("bytes_used", 2)]),
+        .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e")),
+    ]
+
+    func testEveryMessageRoundTrips() throws {
+        for r in Self.requests {
+            let back = try r.encode().withUnsafeBytes { b in try MasterRequest.decode(kind: r.kind, b) }
+            XCTAssertEqual(back, r)
+        }
+        for r in Self.responses {
+            let back = try r.encode().withUnsafeBytes { b in try MasterResponse.decode(kind: r.kind, b) }
+            XCTAssertEqual(back, r)
+        }
+    }
+
+    /// Random and mutated frames, decoded and (when they decode) handled on random sessions:
+    /// nothing traps, every failure is a typed error, and the table stays consistent.
+    func testFuzzedRequestsNeverBreakTheMaster() throws {
+        var m = try master()
+        var rng = SplitMix64(seed: 99)
+        var sessions = (0..<4).map { _ in MasterService.Session() }
+        var decoded = 0
+        for i in 0..<30_000 {
+            let now = Nanoseconds(i) * 1_000_000
+            var bytes: [UInt8]
+            var kind = UInt16(rng.next() % 20)
+            if rng.next() % 3 == 0 {
+                bytes = (0..<Int(rng.next() % 64)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            } else {
+                let base = Self.requests[Int(rng.next() % UInt64(Self.requests.count))]
+                kind = base.kind
+                bytes = base.encode()
+                if !bytes.isEmpty && rng.next() % 2 == 0 { bytes[Int(rng.next() % UInt64(bytes.count))] ^= UInt8(truncatingIfNeeded: rng.next() | 1) }
+            }
+            let s = Int(rng.next() % 4)
+            do {
+                let req = try bytes.withUnsafeBytes { b in try MasterRequest.decode(kind: kind, b) }
+                decoded += 1
+                let resp = m.handle(req, session: &sessions[s], now: now)
+                _ = try resp.encode().withUnsafeBytes { b in try MasterResponse.decode(kind: resp.kind, b) }
+            } catch {
+                XCTAssertEqual((error as? KVError)?.code, .invalidArgument)
+            }
+            if i % 1000 == 0 {
+                _ = m.expireClients(now: now)
+                if let v = m.table.invariantViolation() { return XCTFail("step \(i): \(v)") }
+            }
+        }
+        XCTAssertGreaterThan(decoded, 1000)
+    }
+}
