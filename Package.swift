@@ -18,6 +18,8 @@ let package = Package(
         .target(name: "KVAccelerator", dependencies: ["KVCore", "CKVAccelerator"]),
         .target(name: "KVTransfer", dependencies: ["KVCore", "KVAccelerator", "CKVCopy"]),
         .target(name: "KVStore", dependencies: ["KVCore", "KVAccelerator", "KVTransfer"]),
+        // The network master: MasterService (KVCore) behind a poll loop, plus /metrics and /health.
+        .target(name: "KVMaster", dependencies: ["KVCore", "KVAccelerator", "KVTransfer", "KVStore"]),
         // Header-only C target: the flat C ABI's types and prototypes (ownership rules live there).
         .target(name: "CKVStoreABI"),
         .target(name: "KVStoreABI", dependencies: ["CKVStoreABI", "KVStore", "KVCore", "KVAccelerator", "KVTransfer"]),
@@ -42,5 +44,6 @@ let package = Package(
         .testTarget(name: "KVAcceleratorTests", dependencies: ["KVAccelerator", "KVCore", "KVTestSupport"]),
         .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVAccelerator", "KVCore"]),
         .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVAccelerator", "KVTransfer", "KVTestSupport"]),
+        .testTarget(name: "KVMasterTests", dependencies: ["KVMaster", "KVCore", "KVTransfer", "KVStore", "KVTestSupport"]),
     ]
 )

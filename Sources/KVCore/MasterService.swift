@@ -140,6 +140,15 @@ public struct MasterService: Sendable {
         case let .removeAll(force):
             return .value(table.removeAll(force: force, now: now))
         case .stats:
+            return statistics(now: now)
+        case let .segmentInfo(seg):
+            guard let info = segmentInfo[seg] else { throw .notFound("segment \(seg) is not mounted") }
+            return .segment(info)
+        }
+    }
+
+    /// The master's statistics (what `stats` returns and `/metrics` shows).
+    public mutating func statistics(now: Nanoseconds) -> MasterResponse {
             table.advance(now: now)
             let s = table.statistics
             return .stats([
@@ -149,10 +158,6 @@ public struct MasterService: Sendable {
                 ("leases_active", s.activeLeases), ("segments", table.segmentCount), ("clients", clients.count),
                 ("writes_in_flight", writes.count), ("requests", requests),
             ])
-        case let .segmentInfo(seg):
-            guard let info = segmentInfo[seg] else { throw .notFound("segment \(seg) is not mounted") }
-            return .segment(info)
-        }
     }
 
     private mutating func unmount(_ seg: SegmentID, now: Nanoseconds) throws(KVError) -> ObjectTable.UnmountReport {

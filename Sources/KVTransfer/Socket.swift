@@ -1,0 +1,149 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import KVAccelerator
+import KVCore
+
+/// A TCP socket (IPv4), owning its descriptor: closed by `close()` or deinit. Calls that can
+/// fail throw `KVError` through `SystemCall` (code `transfer` for I/O on a connection).
+///
+/// `@unchecked Sendable`: the descriptor is an integer; whoever shares a socket between
+/// threads serialises reads and writes themselves (the master's loop owns its sockets).
+public final class Socket: @unchecked Sendable {
+    public private(set) var fd: Int32
+
+    public init(adopting fd: Int32) { self.fd = fd }
+
+    deinit { close() }
+
+    public func close() {
+        if fd >= 0 { Glibc.close(fd); fd = -1 }
+    }
+
+    /// Resolves "a.b.c.d" or "localhost" (IPv4) into a socket address.
+    public static func address(host: String, port: Int) throws(KVError) -> sockaddr_in {
+        guard (0...65535).contains(port) else { throw .invalidArgument("port \(port) is out of range") }
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_port = in_port_t(UInt16(port).bigEndian)
+        let h = host == "localhost" ? "127.0.0.1" : host
+        guard inet_pton(AF_INET, h, &a.sin_addr) == 1 else {
+            throw .invalidArgument("'\(host)' is not an IPv4 address (a.b.c.d or localhost)")
+        }
+        return a
+    }
+
+    /// Whether `host` is a loopback address.
+    public static func isLoopback(_ host: String) -> Bool {
+        host == "localhost" || host.hasPrefix("127.")
+    }
+
+    /// A listening socket on host:port (port 0: the kernel picks; see `localPort`).
+    public static func listen(host: String, port: Int, backlog: Int32 = 128) throws(KVError) -> Socket {
+        var addr = try address(host: host, port: port)
+        let s = Socket(adopting: try SystemCall.check("socket", Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)))
+        var one: Int32 = 1
+        setsockopt(s.fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        try SystemCall.check("bind to \(host):\(port)", rc, code: .invalidArgument)
+        try SystemCall.check("listen on \(host):\(port)", Glibc.listen(s.fd, backlog))
+        return s
+    }
+
+    /// A connected socket to host:port (blocking, TCP_NODELAY). Throws `transfer` when the
+    /// peer cannot be reached.
+    public static func connect(host: String, port: Int) throws(KVError) -> Socket {
+        var addr = try address(host: host, port: port)
+        let s = Socket(adopting: try SystemCall.check("socket", Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)))
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(s.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        try SystemCall.check("connect to \(host):\(port)", rc, code: .transfer)
+        s.setNoDelay()
+        return s
+    }
+
+    /// The port this socket is bound to.
+    public var localPort: Int {
+        var a = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        return Int(UInt16(bigEndian: a.sin_port))
+    }
+
+    /// Accepts one connection (non-blocking, TCP_NODELAY); nil when none is pending.
+    public func accept() throws(KVError) -> Socket? {
+        let c = Glibc.accept(fd, nil, nil)
+        if c < 0 {
+            if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED { return nil }
+            throw SystemCall.failure("accept")
+        }
+        let s = Socket(adopting: c)
+        _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+        s.setNonBlocking()
+        s.setNoDelay()
+        return s
+    }
+
+    public func setNonBlocking() { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+
+    public func setNoDelay() {
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// Writes all of `bytes` (blocking socket), retrying short writes. Throws `transfer`.
+    public func writeAll(_ bytes: UnsafeRawBufferPointer) throws(KVError) {
+        var done = 0
+        while done < bytes.count {
+            let n = send(fd, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemCall.failure("send", code: .transfer)
+            }
+            done += n
+        }
+    }
+
+    /// Reads exactly `into.count` bytes (blocking socket). Throws `transfer` when the peer
+    /// closes first.
+    public func readExactly(into: UnsafeMutableRawBufferPointer) throws(KVError) {
+        var done = 0
+        while done < into.count {
+            let n = recv(fd, into.baseAddress! + done, into.count - done, 0)
+            if n == 0 { throw KVError(.transfer, "the peer closed the connection") }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemCall.failure("recv", code: .transfer)
+            }
+            done += n
+        }
+    }
+
+    /// One non-blocking read into `buffer`'s spare room: bytes read, 0 at end of stream, nil
+    /// when nothing is available.
+    public func readAvailable(into buffer: inout [UInt8], max: Int = 1 << 16) throws(KVError) -> Int? {
+        let old = buffer.count
+        buffer.append(contentsOf: repeatElement(0, count: max))
+        let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + old, max, 0) }
+        buffer.removeLast(max - Swift.max(n, 0))
+        if n < 0 {
+            if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { return nil }
+            throw SystemCall.failure("recv", code: .transfer)
+        }
+        return n
+    }
+
+    /// One non-blocking write of `bytes`: bytes written (possibly fewer), 0 when the socket
+    /// cannot take any now.
+    public func writeAvailable(_ bytes: UnsafeRawBufferPointer) throws(KVError) -> Int {
+        let n = send(fd, bytes.baseAddress!, bytes.count, Int32(MSG_NOSIGNAL))
+        if n < 0 {
+            if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { return 0 }
+            throw SystemCall.failure("send", code: .transfer)
+        }
+        return n
+    }
+}
