@@ -8,6 +8,11 @@ let package = Package(
         // The CPython extension. setup.py copies lib_native.so to kvstore/_native.abi3.so.
         .library(name: "_native", type: .dynamic, targets: ["CKVStorePython"]),
         .library(name: "KVStore", targets: ["KVStore"]),
+        .executable(name: "kvstore-master", targets: ["kvstore-master"]),
+    ],
+    dependencies: [
+        // Command-line parsing of kvstore-master only (the extension does not link it).
+        .package(url: "https://github.com/apple/swift-argument-parser", exact: "1.8.2"),
     ],
     targets: [
         .target(name: "KVCore"),
@@ -20,6 +25,9 @@ let package = Package(
         .target(name: "KVStore", dependencies: ["KVCore", "KVAccelerator", "KVTransfer"]),
         // The network master: MasterService (KVCore) behind a poll loop, plus /metrics and /health.
         .target(name: "KVMaster", dependencies: ["KVCore", "KVAccelerator", "KVTransfer", "KVStore"]),
+        .executableTarget(name: "kvstore-master", dependencies: [
+            "KVMaster", "KVCore", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         // Header-only C target: the flat C ABI's types and prototypes (ownership rules live there).
         .target(name: "CKVStoreABI"),
         .target(name: "KVStoreABI", dependencies: ["CKVStoreABI", "KVStore", "KVCore", "KVAccelerator", "KVTransfer"]),

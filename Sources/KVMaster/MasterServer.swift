@@ -91,6 +91,27 @@ public final class MasterServer: @unchecked Sendable {
         if wake.read >= 0 { close(wake.read); close(wake.write) }
     }
 
+    /// The token in `KVSTORE_MASTER_TOKEN`, if set and not empty.
+    public static func environmentToken() -> String? {
+        guard let v = getenv("KVSTORE_MASTER_TOKEN"), v.pointee != 0 else { return nil }
+        return String(cString: v)
+    }
+
+    /// The write end of the stop pipe of the server that handles signals (one per process).
+    nonisolated(unsafe) private static var signalPipe: Int32 = -1
+
+    /// Makes SIGINT and SIGTERM stop this server (`run()` returns and the process can exit
+    /// cleanly, closing every connection).
+    public func stopOnSignals() {
+        Self.signalPipe = wake.write
+        let handler: @convention(c) (Int32) -> Void = { _ in
+            var b: UInt8 = 1
+            _ = write(MasterServer.signalPipe, &b, 1)
+        }
+        signal(SIGINT, handler)
+        signal(SIGTERM, handler)
+    }
+
     /// Makes `run()` return soon. Thread-safe.
     public func stop() {
         var b: UInt8 = 1

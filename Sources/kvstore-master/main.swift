@@ -1,0 +1,65 @@
+import ArgumentParser
+import KVCore
+import KVMaster
+
+/// `kvstore-master`: the standalone network master (DESIGN.md §1). Flags take kvstore's
+/// names; Mooncake master's spellings are accepted where they mean the same thing.
+@main
+struct KVStoreMaster: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "kvstore-master",
+        abstract: "Run the kvstore master: object metadata, leases and eviction for a cluster of clients.")
+
+    @Option(name: [.customLong("host"), .customLong("rpc_address")], help: "Address to listen on (not loopback: --token is required).")
+    var host = "127.0.0.1"
+
+    @Option(name: [.customLong("port"), .customLong("rpc_port")], help: "Port of the control plane.")
+    var port = 50051
+
+    @Option(name: [.customLong("metrics-port"), .customLong("metrics_port")], help: "Port of /metrics and /health (0: none).")
+    var metricsPort = 9003
+
+    @Option(name: .customLong("metrics-host"), help: "Address of /metrics and /health.")
+    var metricsHost = "127.0.0.1"
+
+    @Option(help: "Token clients must present (default: $KVSTORE_MASTER_TOKEN).")
+    var token: String?
+
+    @Option(name: [.customLong("client-ttl"), .customLong("client_ttl")], help: "Seconds without a heartbeat before a client is dead.")
+    var clientTTL = 10.0
+
+    @Option(name: .customLong("lease-ttl"), help: "Seconds a read leases an object.")
+    var leaseTTL = 5.0
+
+    @Option(name: .customLong("default_kv_lease_ttl"), help: "Mooncake's spelling of --lease-ttl, in milliseconds.")
+    var leaseTTLMilliseconds: Int?
+
+    @Option(name: [.customLong("eviction-high-watermark"), .customLong("eviction_high_watermark_ratio")], help: "Evict above this fraction of capacity.")
+    var highWatermark = 0.9
+
+    @Option(name: [.customLong("eviction-ratio"), .customLong("eviction_ratio")], help: "Fraction of capacity one eviction round frees.")
+    var evictionRatio = 0.05
+
+    @Option(name: .customLong("soft-pin-ttl"), help: "Seconds a soft pin lasts when a put does not say.")
+    var softPinTTL = 1800.0
+
+    func run() throws {
+        var o = MasterServer.Options()
+        o.host = host
+        o.port = port
+        o.metricsHost = metricsHost
+        o.metricsPort = metricsPort == 0 ? nil : metricsPort
+        let lease = leaseTTLMilliseconds.map { Double($0) / 1000 } ?? leaseTTL
+        do throws(KVError) {
+            let cache = try CachePolicy(leaseSeconds: lease, softPinSeconds: softPinTTL, highWatermark: highWatermark,
+                                        evictionRatio: evictionRatio)
+            o.config = MasterConfig(token: token ?? MasterServer.environmentToken(),
+                                    clientTTL: try Seconds.nanoseconds(clientTTL, name: "client_ttl"), cache: cache)
+            let server = try MasterServer(options: o)
+            server.stopOnSignals()
+            server.run()
+        } catch {
+            throw ValidationError(error.message)
+        }
+    }
+}
