@@ -30,7 +30,7 @@ let package = Package(
         ]),
         // Header-only C target: the flat C ABI's types and prototypes (ownership rules live there).
         .target(name: "CKVStoreABI"),
-        .target(name: "KVStoreABI", dependencies: ["CKVStoreABI", "KVStore", "KVCore", "KVAccelerator", "KVTransfer"]),
+        .target(name: "KVStoreABI", dependencies: ["CKVStoreABI", "KVStore", "KVCore", "KVAccelerator", "KVTransfer", "KVMaster"]),
         .systemLibrary(name: "CPython", path: "Sources/CPython", pkgConfig: "python3"),
         .target(
             name: "CKVStorePython",

@@ -1,7 +1,29 @@
 /* Module init of kvstore._native. */
 #include "kvpy.h"
 
+/* run_master(host, port, metrics_host, metrics_port, token, client_ttl, lease_ttl, soft_pin_ttl,
+ * eviction_high_watermark, eviction_ratio): serves until SIGINT/SIGTERM, GIL released. */
+static PyObject *kvpy_run_master(PyObject *module, PyObject *args) {
+    (void)module;
+    kv_master_options o;
+    const char *token = NULL;
+    if (!PyArg_ParseTuple(args, "sisizddddd", &o.host, &o.port, &o.metrics_host, &o.metrics_port, &token,
+                          &o.client_ttl, &o.cache.lease_ttl, &o.cache.soft_pin_ttl,
+                          &o.cache.eviction_high_watermark, &o.cache.eviction_ratio))
+        return NULL;
+    o.token = token;
+    int32_t st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kv_master_run(&o);
+    Py_END_ALLOW_THREADS
+    if (st) return kvpy_raise_last(st);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"run_master", (PyCFunction)kvpy_run_master, METH_VARARGS,
+     "run_master(host, port, metrics_host, metrics_port, token, client_ttl, lease_ttl, soft_pin_ttl, "
+     "eviction_high_watermark, eviction_ratio): the network master; returns after SIGINT/SIGTERM."},
     {"_set_error_classes", (PyCFunction)kvpy_set_error_classes, METH_O,
      "Installs the {code: exception class} mapping (called once by kvstore._errors)."},
     {"tensor_header", (PyCFunction)(void (*)(void))kvpy_tensor_header, METH_FASTCALL,

@@ -100,16 +100,30 @@ public final class MasterServer: @unchecked Sendable {
     /// The write end of the stop pipe of the server that handles signals (one per process).
     nonisolated(unsafe) private static var signalPipe: Int32 = -1
 
+    /// The signal handlers `stopOnSignals` replaced.
+    public typealias SavedSignals = (interrupt: sigaction, terminate: sigaction)
+
     /// Makes SIGINT and SIGTERM stop this server (`run()` returns and the process can exit
-    /// cleanly, closing every connection).
-    public func stopOnSignals() {
+    /// cleanly, closing every connection). Returns the handlers it replaced.
+    @discardableResult
+    public func stopOnSignals() -> SavedSignals {
         Self.signalPipe = wake.write
-        let handler: @convention(c) (Int32) -> Void = { _ in
+        var action = sigaction()
+        action.__sigaction_handler.sa_handler = { _ in
             var b: UInt8 = 1
             _ = write(MasterServer.signalPipe, &b, 1)
         }
-        signal(SIGINT, handler)
-        signal(SIGTERM, handler)
+        var oldInt = sigaction(), oldTerm = sigaction()
+        sigaction(SIGINT, &action, &oldInt)
+        sigaction(SIGTERM, &action, &oldTerm)
+        return (oldInt, oldTerm)
+    }
+
+    /// Puts back the handlers `stopOnSignals` replaced.
+    public static func restoreSignals(_ saved: SavedSignals) {
+        var s = saved
+        sigaction(SIGINT, &s.interrupt, nil)
+        sigaction(SIGTERM, &s.terminate, nil)
     }
 
     /// Makes `run()` return soon. Thread-safe.

@@ -1,4 +1,4 @@
-"""Command line: ``python -m kvstore demo`` and ``python -m kvstore bench``."""
+"""Command line: ``python -m kvstore demo``, ``bench`` and ``master``."""
 
 from __future__ import annotations
 
@@ -35,7 +35,38 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--evict-count", type=int, default=1024, help="puts per timed round in the evict case (default 1024)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
+    master = sub.add_parser("master", help="run the network master (the same server as the kvstore-master executable)")
+    master.add_argument("--host", "--rpc_address", dest="host", default="127.0.0.1",
+                        help="address to listen on; not loopback needs --token (default 127.0.0.1)")
+    master.add_argument("--port", "--rpc_port", dest="port", type=int, default=50051, help="control-plane port (default 50051)")
+    master.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics and /health (default 127.0.0.1)")
+    master.add_argument("--metrics-port", "--metrics_port", dest="metrics_port", type=int, default=9003,
+                        help="port of /metrics and /health; -1: none (default 9003)")
+    master.add_argument("--token", default=None, help="token clients must present (default: $KVSTORE_MASTER_TOKEN)")
+    master.add_argument("--client-ttl", "--client_ttl", dest="client_ttl", type=float, default=10.0,
+                        help="seconds without a heartbeat before a client is dead (default 10)")
+    master.add_argument("--lease-ttl", type=float, default=5.0, help="seconds a read leases an object (default 5)")
+    master.add_argument("--default_kv_lease_ttl", type=int, default=None, help="Mooncake's --lease-ttl, in milliseconds")
+    master.add_argument("--eviction-high-watermark", "--eviction_high_watermark_ratio", dest="eviction_high_watermark",
+                        type=float, default=0.9, help="evict above this fraction of capacity (default 0.9)")
+    master.add_argument("--eviction-ratio", "--eviction_ratio", dest="eviction_ratio", type=float, default=0.05,
+                        help="fraction of capacity one eviction round frees (default 0.05)")
+    master.add_argument("--soft-pin-ttl", type=float, default=1800.0, help="seconds a soft pin lasts by default (default 1800)")
+
     args = parser.parse_args(argv)
+    if args.command == "master":
+        from . import _native
+        from ._errors import StoreError
+
+        lease = args.default_kv_lease_ttl / 1000 if args.default_kv_lease_ttl is not None else args.lease_ttl
+        try:
+            _native.run_master(args.host, args.port, args.metrics_host, args.metrics_port, args.token or "",
+                               args.client_ttl, lease, args.soft_pin_ttl, args.eviction_high_watermark,
+                               args.eviction_ratio)
+        except StoreError as e:
+            print(f"kvstore master: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "demo":
         from ._demo import run_demo
 

@@ -51,3 +51,39 @@ def test_bench_gpu_mode_skips_cleanly_without_a_gpu():
     assert r.returncode == 0, r.stderr
     if "cuda:0" not in __import__("kvstore").devices():
         assert "skipped" in r.stderr
+
+
+def _start_master(*args):
+    import subprocess
+    import sys as _sys
+
+    p = subprocess.Popen([_sys.executable, "-m", "kvstore", "master", "--port", "0", "--metrics-port", "0", *args],
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()
+    return p, line
+
+
+def test_master_serves_health_and_metrics_and_stops_on_sigterm():
+    import re
+    import signal
+    import urllib.request
+
+    p, line = _start_master()
+    try:
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+), metrics on 127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        base = f"http://127.0.0.1:{m.group(2)}"
+        assert urllib.request.urlopen(base + "/health", timeout=5).read() == b"ok\n"
+        metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+        assert "kvstore_clients 0" in metrics and "# TYPE kvstore_objects gauge" in metrics
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+        assert "stopped" in p.stderr.read()
+
+
+def test_master_refuses_bad_settings():
+    for args in (["--host", "0.0.0.0"], ["--lease-ttl", "0"], ["--client-ttl", "-1"], ["--host", "not-an-ip"]):
+        p, line = _start_master(*args)
+        assert p.wait(timeout=10) == 2, args
+        assert line.startswith("kvstore master:"), (args, line)

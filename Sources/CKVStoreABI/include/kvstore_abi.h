@@ -174,6 +174,23 @@ int32_t kv_tensor_header_decode(const void *bytes, size_t len, kv_tensor_info *o
  * full length. refresh != 0 probes the machine again first. */
 size_t kv_devices(int32_t refresh, char *out, size_t cap);
 
+/* The network master (python -m kvstore master; the kvstore-master executable runs the same
+ * server). Strings are NUL-terminated; token NULL or "" means none (then host must be a
+ * loopback address). metrics_port < 0: no HTTP endpoint; ports 0: the kernel picks. */
+typedef struct {
+    const char *host;
+    int32_t port;
+    const char *metrics_host;
+    int32_t metrics_port;
+    const char *token;
+    double client_ttl;          /* seconds */
+    kv_store_config cache;      /* lease_ttl must be > 0 */
+} kv_master_options;
+/* Binds, then serves until SIGINT or SIGTERM (handlers installed for the call and restored
+ * after). Logs to standard error. Returns KV_OK after a clean stop, or an error (bad options,
+ * address in use) before serving. */
+int32_t kv_master_run(const kv_master_options *options);
+
 /* Writes up to cap statistics to out; returns how many exist (call with cap 0 to count). */
 size_t kv_stats(kv_store *store, kv_stat *out, size_t cap);
 

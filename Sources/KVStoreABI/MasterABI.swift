@@ -1,0 +1,29 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CKVStoreABI
+import KVCore
+import KVMaster
+
+// The network master in the C ABI. Contract: include/kvstore_abi.h.
+
+@c(kv_master_run)
+public func kvMasterRun(_ options: UnsafePointer<kv_master_options>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        guard let o = options?.pointee else { throw .invalidArgument("options are NULL") }
+        var opts = MasterServer.Options()
+        opts.host = o.host.map { String(cString: $0) } ?? "127.0.0.1"
+        opts.port = Int(o.port)
+        opts.metricsHost = o.metrics_host.map { String(cString: $0) } ?? "127.0.0.1"
+        opts.metricsPort = o.metrics_port < 0 ? nil : Int(o.metrics_port)
+        let token = o.token.map { String(cString: $0) } ?? ""
+        let cache = try CachePolicy(leaseSeconds: o.cache.lease_ttl, softPinSeconds: o.cache.soft_pin_ttl,
+                                    highWatermark: o.cache.eviction_high_watermark, evictionRatio: o.cache.eviction_ratio)
+        opts.config = MasterConfig(token: token.isEmpty ? MasterServer.environmentToken() : token,
+                                   clientTTL: try Seconds.nanoseconds(o.client_ttl, name: "client_ttl"), cache: cache)
+        let server = try MasterServer(options: opts)
+        let previous = server.stopOnSignals()
+        defer { MasterServer.restoreSignals(previous) }
+        server.run()
+    }
+}
