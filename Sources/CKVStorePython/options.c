@@ -2,9 +2,9 @@
  * conversion happens here; the core checks every value (kv_put_options in kvstore_abi.h). */
 #include "kvpy.h"
 
-int kvpy_seconds(PyObject *obj, const char *name, double *out) {
+int kvpy_number(PyObject *obj, const char *name, const char *expected, double *out) {
     if (PyBool_Check(obj) || !(PyLong_Check(obj) || PyFloat_Check(obj))) {
-        kvpy_type_error(obj, name, "a number of seconds (int or float)");
+        kvpy_type_error(obj, name, expected);
         return -1;
     }
     double v = PyFloat_AsDouble(obj);
@@ -13,12 +13,23 @@ int kvpy_seconds(PyObject *obj, const char *name, double *out) {
     return 0;
 }
 
-static int flag_arg(PyObject *obj, const char *name, uint32_t bit, uint32_t *flags) {
+int kvpy_seconds(PyObject *obj, const char *name, double *out) {
+    return kvpy_number(obj, name, "a number of seconds (int or float)", out);
+}
+
+int kvpy_flag(PyObject *obj, const char *name, int *out) {
     if (!PyBool_Check(obj)) {
         kvpy_type_error(obj, name, "True or False");
         return -1;
     }
-    if (obj == Py_True) *flags |= bit;
+    *out = obj == Py_True;
+    return 0;
+}
+
+static int flag_arg(PyObject *obj, const char *name, uint32_t bit, uint32_t *flags) {
+    int on;
+    if (kvpy_flag(obj, name, &on) < 0) return -1;
+    if (on) *flags |= bit;
     return 0;
 }
 

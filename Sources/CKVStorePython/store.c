@@ -40,10 +40,17 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
                              "eviction_high_watermark", "eviction_ratio", NULL};
     long long size = 0;
     int prefault = 0, pin = 1;
+    PyObject *prefault_obj = Py_False, *pin_obj = Py_True, *lease = NULL, *soft = NULL, *watermark = NULL, *ratio = NULL;
     kv_store_config config;
     kv_store_config_init(&config);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|ppdddd", kwlist, &size, &prefault, &pin, &config.lease_ttl,
-                                     &config.soft_pin_ttl, &config.eviction_high_watermark, &config.eviction_ratio))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|OOOOOO", kwlist, &size, &prefault_obj, &pin_obj, &lease, &soft,
+                                     &watermark, &ratio))
+        return -1;
+    if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0 ||
+        (lease && kvpy_seconds(lease, "lease_ttl", &config.lease_ttl) < 0) ||
+        (soft && kvpy_seconds(soft, "soft_pin_ttl", &config.soft_pin_ttl) < 0) ||
+        (watermark && kvpy_number(watermark, "eviction_high_watermark", "a number", &config.eviction_high_watermark) < 0) ||
+        (ratio && kvpy_number(ratio, "eviction_ratio", "a number", &config.eviction_ratio) < 0))
         return -1;
     if (self->store) {
         kvpy_raise(KV_E_INVALID_ARGUMENT, "the store is already initialised");
@@ -465,15 +472,23 @@ static PyObject *store_size(StoreObject *self, PyObject *key) {
     return PyLong_FromUnsignedLongLong(out);
 }
 
+/* "O&" converter of the removal calls' `force`: exactly True or False, into KV_REMOVE_FORCE. */
+static int force_flags(PyObject *obj, void *out) {
+    int force;
+    if (kvpy_flag(obj, "force", &force) < 0) return 0;
+    *(uint32_t *)out = force ? KV_REMOVE_FORCE : 0;
+    return 1;
+}
+
 static PyObject *store_remove(StoreObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"key", "force", NULL};
     PyObject *key;
-    int force = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p", kwlist, &key, &force)) return NULL;
+    uint32_t flags = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O&", kwlist, &key, force_flags, &flags)) return NULL;
     const char *k;
     Py_ssize_t klen;
     if (key_arg(self, key, &k, &klen) < 0) return NULL;
-    int32_t st = kv_remove(self->store, k, (size_t)klen, force ? KV_REMOVE_FORCE : 0);
+    int32_t st = kv_remove(self->store, k, (size_t)klen, flags);
     if (st) return kvpy_raise_last(st);
     Py_RETURN_NONE;
 }
@@ -500,18 +515,18 @@ static PyObject *store_batch_exists(StoreObject *self, PyObject *keys) { return 
 static PyObject *store_batch_remove(StoreObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"keys", "force", NULL};
     PyObject *keys;
-    int force = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p", kwlist, &keys, &force)) return NULL;
-    return keys_batch(self, keys, 1, force ? KV_REMOVE_FORCE : 0, ok_none);
+    uint32_t flags = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O&", kwlist, &keys, force_flags, &flags)) return NULL;
+    return keys_batch(self, keys, 1, flags, ok_none);
 }
 
 static PyObject *store_remove_all(StoreObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"force", NULL};
-    int force = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p", kwlist, &force)) return NULL;
+    uint32_t flags = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O&", kwlist, force_flags, &flags)) return NULL;
     ENSURE_OPEN(self);
     uint64_t n = 0;
-    int32_t st = kv_remove_all(self->store, force ? KV_REMOVE_FORCE : 0, &n);
+    int32_t st = kv_remove_all(self->store, flags, &n);
     if (st) return kvpy_raise_last(st);
     return PyLong_FromUnsignedLongLong(n);
 }

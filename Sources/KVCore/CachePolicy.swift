@@ -7,6 +7,7 @@ public enum Seconds {
     /// The longest duration accepted anywhere (leases, pins, TTLs): 365 days. Anything longer
     /// is almost certainly a unit mistake (milliseconds passed as seconds).
     public static let maximum: Double = 365 * 24 * 3600
+    public static let maximumNanoseconds = Nanoseconds(maximum * 1e9)
 
     /// `seconds` as nanoseconds. Throws `invalidArgument` naming `name` for NaN, infinity, a
     /// negative value, zero when `allowZero` is false, or more than `maximum`.
@@ -63,7 +64,7 @@ public struct CachePolicy: Sendable, Equatable {
         guard evictionRatio.isFinite, evictionRatio > 0, evictionRatio <= 1 else {
             throw .invalidArgument("eviction_ratio must be in (0, 1], got \(evictionRatio)")
         }
-        guard leaseTTL <= Nanoseconds(Seconds.maximum * 1e9), softPinTTL > 0, softPinTTL <= Nanoseconds(Seconds.maximum * 1e9) else {
+        guard leaseTTL <= Seconds.maximumNanoseconds, softPinTTL > 0, softPinTTL <= Seconds.maximumNanoseconds else {
             throw .invalidArgument("lease and soft-pin durations must be at most 365 days (soft pin: more than 0)")
         }
     }
@@ -91,14 +92,23 @@ public struct WriteOptions: Sendable, Equatable {
     /// a soft pin without its own TTL lasts `policy.softPinTTL`.
     public init(hardPin: Bool, softPin: Bool, softPinSeconds: Double?, ttlSeconds: Double?,
                 policy: CachePolicy) throws(KVError) {
-        if hardPin && softPin { throw .invalidArgument("hard_pin and soft_pin are exclusive: choose one") }
         if softPinSeconds != nil && !softPin { throw .invalidArgument("soft_pin_ttl is given without soft_pin=True") }
         self.hardPin = hardPin
         if softPin {
             softPinTTL = try softPinSeconds.map { s throws(KVError) in try Seconds.nanoseconds(s, name: "soft_pin_ttl") } ?? policy.softPinTTL
         }
         if let ttlSeconds { ttl = try Seconds.nanoseconds(ttlSeconds, name: "ttl") }
+        try validate()
     }
 
-    var isDefault: Bool { !hardPin && softPinTTL == nil && ttl == nil }
+    /// Checks options that arrive already in nanoseconds (from the wire): the pins are
+    /// exclusive and each duration is more than 0 and at most 365 days.
+    public func validate() throws(KVError) {
+        if hardPin && softPinTTL != nil { throw .invalidArgument("hard_pin and soft_pin are exclusive: choose one") }
+        for (name, v) in [("soft_pin_ttl", softPinTTL), ("ttl", ttl)] {
+            if let v, v == 0 || v > Seconds.maximumNanoseconds {
+                throw .invalidArgument("\(name) must be greater than 0 and at most 365 days")
+            }
+        }
+    }
 }

@@ -14,7 +14,9 @@ public enum MasterRequest: Sendable, Equatable {
     case mount(size: Int, host: String, sharePath: String, endpoint: String)
     case unmount(segment: SegmentID)
     case heartbeat
-    case putStart(key: ObjectKey, size: Int, mode: WriteMode, options: WireWriteOptions, replicas: Int, preferred: SegmentID?)
+    /// `options` travel as the C ABI's flags, durations in nanoseconds (0: not given); the
+    /// master checks them with `WriteOptions.validate`.
+    case putStart(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions, replicas: Int, preferred: SegmentID?)
     case putCommit(handle: VersionHandle)
     case putAbort(handle: VersionHandle)
     /// Leases `key` and returns its replicas (those on `host` first).
@@ -48,29 +50,14 @@ public enum MasterRequest: Sendable, Equatable {
     public static func isRequestKind(_ k: UInt16) -> Bool { (1...14).contains(k) }
 }
 
-/// Write options as they travel: the same flags as the C ABI's `kv_put_options`, durations in
-/// nanoseconds (0: not given). Validated by the master like any user input.
-public struct WireWriteOptions: Sendable, Equatable {
-    public var hardPin = false
-    public var softPinTTL: Nanoseconds? = nil
-    public var ttl: Nanoseconds? = nil
+/// One named statistic of the master.
+public struct Statistic: Sendable, Equatable {
+    public var name: String
+    public var value: Int
 
-    public init(hardPin: Bool = false, softPinTTL: Nanoseconds? = nil, ttl: Nanoseconds? = nil) {
-        self.hardPin = hardPin
-        self.softPinTTL = softPinTTL
-        self.ttl = ttl
-    }
-
-    public init(_ o: WriteOptions) { self.init(hardPin: o.hardPin, softPinTTL: o.softPinTTL, ttl: o.ttl) }
-
-    /// Checks the values as `WriteOptions` from a user would be checked.
-    public func validated() throws(KVError) -> WriteOptions {
-        let maxNs = Nanoseconds(Seconds.maximum * 1e9)
-        if hardPin && softPinTTL != nil { throw .invalidArgument("hard_pin and soft_pin are exclusive: choose one") }
-        for (name, v) in [("soft_pin_ttl", softPinTTL), ("ttl", ttl)] {
-            if let v, v == 0 || v > maxNs { throw .invalidArgument("\(name) must be greater than 0 and at most 365 days") }
-        }
-        return WriteOptions(hardPin: hardPin, softPinTTL: softPinTTL, ttl: ttl)
+    public init(_ name: String, _ value: Int) {
+        self.name = name
+        self.value = value
     }
 }
 
@@ -100,7 +87,7 @@ public enum MasterResponse: Sendable, Equatable {
     case found(size: Int, replicas: [Replica])
     case flag(Bool)
     case value(Int)
-    case stats([(String, Int)])
+    case stats([Statistic])
     case segment(SegmentInfo)
 
     public var kind: UInt16 {
@@ -119,22 +106,6 @@ public enum MasterResponse: Sendable, Equatable {
     }
 
     public static func isResponseKind(_ k: UInt16) -> Bool { (100...109).contains(k) }
-
-    public static func == (a: MasterResponse, b: MasterResponse) -> Bool {
-        switch (a, b) {
-        case (.stats(let x), .stats(let y)): x.map(\.0) == y.map(\.0) && x.map(\.1) == y.map(\.1)
-        case (.ok, .ok): true
-        case (.error(let x), .error(let y)): x == y
-        case let (.welcome(c1, l1, t1), .welcome(c2, l2, t2)): c1 == c2 && l1 == l2 && t1 == t2
-        case (.mounted(let x), .mounted(let y)): x == y
-        case let (.putStarted(h1, i1, r1), .putStarted(h2, i2, r2)): h1 == h2 && i1 == i2 && r1 == r2
-        case let (.found(s1, r1), .found(s2, r2)): s1 == s2 && r1 == r2
-        case (.flag(let x), .flag(let y)): x == y
-        case (.value(let x), .value(let y)): x == y
-        case (.segment(let x), .segment(let y)): x == y
-        default: false
-        }
-    }
 }
 
 // MARK: - codec
@@ -195,7 +166,7 @@ extension MasterRequest {
             let hasPreferred = try r.bool()
             let preferred = try r.u32()
             m = .putStart(key: key, size: size, mode: mode,
-                          options: WireWriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl),
+                          options: WriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl),
                           replicas: replicas, preferred: hasPreferred ? preferred : nil)
         case 6: m = .putCommit(handle: try r.u64())
         case 7: m = .putAbort(handle: try r.u64())
@@ -231,7 +202,7 @@ extension MasterResponse {
         case let .value(v): w.i64(Int64(v))
         case let .stats(pairs):
             w.count(pairs.count)
-            for (name, v) in pairs { w.string(name); w.i64(Int64(v)) }
+            for p in pairs { w.string(p.name); w.i64(Int64(p.value)) }
         case let .segment(s): w.u32(s.segment); w.u64(UInt64(s.size)); w.string(s.host); w.string(s.sharePath); w.string(s.endpoint)
         }
         return w.bytes
@@ -260,8 +231,8 @@ extension MasterResponse {
         case 107: m = .value(Int(try r.i64()))
         case 108:
             let n = try r.count(max: MasterLimits.maxStats, minElementSize: 12, "statistics")
-            var pairs: [(String, Int)] = []
-            for _ in 0..<n { pairs.append((try r.string(max: 64, "statistic name"), Int(try r.i64()))) }
+            var pairs: [Statistic] = []
+            for _ in 0..<n { pairs.append(Statistic(try r.string(max: 64, "statistic name"), Int(try r.i64()))) }
             m = .stats(pairs)
         case 109:
             m = .segment(SegmentInfo(segment: try r.u32(), size: try r.size(max: MasterLimits.maxSize),

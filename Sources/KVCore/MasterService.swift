@@ -111,8 +111,8 @@ public struct MasterService: Sendable {
             _ = try unmount(seg, now: now)
             clients[id]!.segments.remove(seg)
             return .ok
-        case let .putStart(key, size, mode, wireOptions, replicas, preferred):
-            let options = try wireOptions.validated()
+        case let .putStart(key, size, mode, options, replicas, preferred):
+            try options.validate()
             let t = try table.beginWrite(key: key, size: size, mode: mode, options: options, replicas: replicas,
                                          preferred: preferred, now: now)
             writes[t.handle] = (t, id)
@@ -152,11 +152,11 @@ public struct MasterService: Sendable {
             table.advance(now: now)
             let s = table.statistics
             return .stats([
-                ("objects", s.objects), ("object_bytes", s.objectBytes), ("bytes_used", s.usedBytes), ("capacity", s.capacity),
-                ("hard_pinned_bytes", s.hardPinnedBytes), ("soft_pinned_bytes", s.softPinnedBytes),
-                ("evicted_objects", s.evictedObjects), ("evicted_bytes", s.evictedBytes), ("expired_objects", s.expiredObjects),
-                ("leases_active", s.activeLeases), ("segments", table.segmentCount), ("clients", clients.count),
-                ("writes_in_flight", writes.count), ("requests", requests),
+                Statistic("objects", s.objects), Statistic("object_bytes", s.objectBytes), Statistic("bytes_used", s.usedBytes), Statistic("capacity", s.capacity),
+                Statistic("hard_pinned_bytes", s.hardPinnedBytes), Statistic("soft_pinned_bytes", s.softPinnedBytes),
+                Statistic("evicted_objects", s.evictedObjects), Statistic("evicted_bytes", s.evictedBytes), Statistic("expired_objects", s.expiredObjects),
+                Statistic("leases_active", s.activeLeases), Statistic("segments", table.segmentCount), Statistic("clients", clients.count),
+                Statistic("writes_in_flight", writes.count), Statistic("requests", requests),
             ])
     }
 

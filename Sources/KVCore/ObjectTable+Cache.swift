@@ -45,6 +45,12 @@ extension ObjectTable {
         versions[Int(s)].leaseUntil = max(versions[Int(s)].leaseUntil, until)
     }
 
+    /// A read of version `s`: leases it and takes it off the eviction order while leased or held.
+    mutating func noteRead(_ s: Int32, now: Nanoseconds) {
+        grantLease(s, now: now)
+        updateList(s)
+    }
+
     mutating func endLease(_ s: Int32) {
         guard versions[Int(s)].leaseUntil != 0 else { return }
         versions[Int(s)].leaseUntil = 0

@@ -355,8 +355,7 @@ public struct ObjectTable: Sendable {
         if versions[c].state == .rewriting { return .busy }
         versions[c].readers += 1
         activeReaders += 1
-        grantLease(e.current, now: now)
-        updateList(e.current)
+        noteRead(e.current, now: now)
         var chosen = versions[c].placements.first!
         if let prefer, let ps = segments.slot(of: prefer) {
             versions[c].placements.forEach { if $0.slot == ps { chosen = $0 } }
@@ -374,13 +373,13 @@ public struct ObjectTable: Sendable {
     }
 
     /// Ends a read hold; frees the version's space if it was hidden meanwhile and is not leased.
-    public mutating func releaseRead(_ h: VersionHandle, now: Nanoseconds) throws(KVError) {
+    /// Needs no time: timers due meanwhile run at the next call that takes `now`.
+    public mutating func releaseRead(_ h: VersionHandle) throws(KVError) {
         let s = try slot(h)
         guard versions[s].readers > 0 else { throw KVError(.internal, "release of a version that is not read") }
         versions[s].readers -= 1
         activeReaders -= 1
         if versions[s].linked { updateList(Int32(s)) } else { reclaimIfUnused(Int32(s)) }
-        advance(now: now)
     }
 
     /// Size of the visible version of `key`, leasing it (what `exists` and `size` do); nil
@@ -388,10 +387,7 @@ public struct ObjectTable: Sendable {
     public mutating func lease(key: ObjectKey, now: Nanoseconds) -> Int? {
         advance(now: now)
         guard let e = entries[key], e.current >= 0 else { return nil }
-        if versions[Int(e.current)].state == .complete {
-            grantLease(e.current, now: now)
-            updateList(e.current)
-        }
+        if versions[Int(e.current)].state == .complete { noteRead(e.current, now: now) }
         return versions[Int(e.current)].size
     }
 
@@ -402,8 +398,7 @@ public struct ObjectTable: Sendable {
                                        first: (SegmentID) -> Bool = { _ in false }) -> (size: Int, replicas: [Replica])? {
         advance(now: now)
         guard let e = entries[key], e.current >= 0, versions[Int(e.current)].state == .complete else { return nil }
-        grantLease(e.current, now: now)
-        updateList(e.current)
+        noteRead(e.current, now: now)
         var near: [Replica] = [], far: [Replica] = []
         versions[Int(e.current)].placements.forEach {
             let r = segments.replica($0)

@@ -83,10 +83,9 @@ struct SegmentSet: Sendable {
     private(set) var capacity = 0
     private(set) var usedBytes = 0
     private(set) var mountedCount = 0
-    /// The largest mounted segment's capacity: no object can be larger.
-    var largestCapacity: Int {
-        slots.lazy.filter(\.mounted).map(\.allocator.capacity).max() ?? 0
-    }
+    /// The largest mounted segment's capacity: no object can be larger. Kept on mount and
+    /// unmount, since every write checks it.
+    private(set) var largestCapacity = 0
 
     var freeBytes: Int { capacity - usedBytes }
 
@@ -111,6 +110,7 @@ struct SegmentSet: Sendable {
         byID[id] = Int32(slots.count - 1)
         capacity += allocator.capacity
         mountedCount += 1
+        largestCapacity = max(largestCapacity, allocator.capacity)
     }
 
     /// Unmounts segment `id`: its space leaves the totals; placements in it must no longer be
@@ -121,6 +121,7 @@ struct SegmentSet: Sendable {
         capacity -= slots[Int(s)].allocator.capacity
         usedBytes -= slots[Int(s)].allocator.usedBytes
         mountedCount -= 1
+        largestCapacity = slots.lazy.filter(\.mounted).map(\.allocator.capacity).max() ?? 0
         return s
     }
 

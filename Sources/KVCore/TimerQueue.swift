@@ -23,9 +23,6 @@ struct TimerQueue: Sendable {
     private static let kinds = TimerKind.allCases.count
 
     var count: Int { heap.count }
-    var isEmpty: Bool { heap.isEmpty }
-    /// The earliest deadline, or nil.
-    var nextDeadline: Nanoseconds? { heap.first?.deadline }
 
     private func index(_ slot: Int32, _ kind: TimerKind) -> Int { Int(slot) * Self.kinds + kind.rawValue }
 

@@ -47,6 +47,8 @@ public final class MasterServer: @unchecked Sendable {
     private var wake: (read: Int32, write: Int32) = (-1, -1)
     private var service: MasterService
     private var connections: [Int32: Connection] = [:]
+    /// Where every read lands before its bytes join a connection's input (allocated once).
+    private var scratch = [UInt8](repeating: 0, count: 1 << 16)
     private let clock: Clock
     private let log: @Sendable (String) -> Void
     /// The ports actually bound (useful with port 0).
@@ -181,9 +183,12 @@ public final class MasterServer: @unchecked Sendable {
     private func readFrom(_ c: Connection) {
         while true {
             let n: Int?
-            do throws(KVError) { n = try c.socket.readAvailable(into: &c.input) } catch { return drop(c, reason: error.message) }
+            do {
+                n = try scratch.withUnsafeMutableBytes { b in try c.socket.readAvailable(into: b) }
+            } catch { return drop(c, reason: (error as? KVError)?.message ?? "\(error)") }
             guard let n else { break }
             if n == 0 { return drop(c, reason: c.http ? nil : "closed by the client") }
+            c.input += scratch[0..<n]
             if c.input.count > options.maxPayload + WireFrameHeader.size { break }
         }
         if c.http { return serveHTTP(c) }
@@ -267,8 +272,8 @@ public final class MasterServer: @unchecked Sendable {
     func metricsText() -> String {
         guard case .stats(let pairs) = service.statistics(now: clock()) else { return "" }
         var out = ""
-        for (name, value) in pairs {
-            out += "# TYPE kvstore_\(name) gauge\nkvstore_\(name) \(value)\n"
+        for p in pairs {
+            out += "# TYPE kvstore_\(p.name) gauge\nkvstore_\(p.name) \(p.value)\n"
         }
         return out
     }

@@ -53,8 +53,7 @@ public final class EmbeddedMaster: Sendable {
     }
 
     public func releaseRead(_ handle: VersionHandle) throws(KVError) {
-        let now = clock()
-        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.releaseRead(handle, now: now) }
+        try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.releaseRead(handle) }
     }
 
     /// Size of `key`, leasing it; nil when absent.
@@ -81,7 +80,4 @@ public final class EmbeddedMaster: Sendable {
             return t.statistics
         }
     }
-
-    /// Runs `body` on the table under the lock (tests and diagnostics).
-    public func inspect<R>(_ body: (inout ObjectTable) -> R) -> R { table.withLock(body) }
 }

@@ -83,20 +83,21 @@ public final class StoreClient: Sendable {
         operations.puts.add(1, ordering: .relaxed)
     }
 
-    /// One object of `putBatch`: its key and the range of its parts in the batch's part list.
-    public struct BatchWrite: Sendable {
+    /// One object of a batch: its key and the range of its regions in the batch's region list
+    /// (its parts for `putBatch`, its destinations for `getBatch`).
+    public struct BatchItem: Sendable {
         public let key: ObjectKey
-        public let parts: Range<Int>
-        public init(key: ObjectKey, parts: Range<Int>) {
+        public let regions: Range<Int>
+        public init(key: ObjectKey, regions: Range<Int>) {
             self.key = key
-            self.parts = parts
+            self.regions = regions
         }
     }
 
     /// Writes several objects; returns one result per object (nil: written). Space for every
     /// object is taken first, then all copies run grouped per device (each device made current
     /// once), then each object commits — or is revoked if its copy failed.
-    public func putBatch(_ items: [BatchWrite], parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
+    public func putBatch(_ items: [BatchItem], parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
                          options: WriteOptions = .default, memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
         try gate.enter()
         defer { gate.leave() }
@@ -105,10 +106,7 @@ public final class StoreClient: Sendable {
         var plan = DeviceCopyPlan()
         for (i, item) in items.enumerated() {
             do throws(KVError) {
-                guard item.parts.lowerBound >= 0, item.parts.upperBound <= parts.count else {
-                    throw .invalidArgument("parts \(item.parts) out of range of \(parts.count) parts")
-                }
-                let mine = UnsafeBufferPointer(rebasing: parts[item.parts])
+                let mine = try Self.slice(parts, item.regions, "parts")
                 let total = TransferPlan.totalLength(mine)
                 guard total > 0 else { throw .invalidArgument("value must not be empty") }
                 let t = try master.beginWrite(key: item.key, size: total, mode: mode, options: options)
@@ -139,6 +137,15 @@ public final class StoreClient: Sendable {
             }
         }
         return results
+    }
+
+    /// Regions `range` of `all` (one batch item's); throws `invalidArgument` when out of range.
+    static func slice(_ all: UnsafeBufferPointer<MemoryRegion>, _ range: Range<Int>,
+                      _ what: String) throws(KVError) -> UnsafeBufferPointer<MemoryRegion> {
+        guard range.lowerBound >= 0, range.upperBound <= all.count else {
+            throw .invalidArgument("\(what) \(range) out of range of \(all.count) \(what)")
+        }
+        return UnsafeBufferPointer(rebasing: all[range])
     }
 
     /// Where each of `regions` lives; nil when all are host memory (the fast path).
@@ -219,10 +226,10 @@ public final class StoreClient: Sendable {
         return try heldCopyOut(t, range: 0..<t.size, to: destinations, memory: memory)
     }
 
-    /// Reads several objects, object `i` into `destinations[items[i].parts]`; returns one
+    /// Reads several objects, object `i` into `destinations[items[i].regions]`; returns one
     /// result per object (its size, or the error). Every object is held first, then all copies
     /// run grouped per device, then the holds are released.
-    public func getBatch(_ items: [BatchRead], destinations: UnsafeBufferPointer<MemoryRegion>,
+    public func getBatch(_ items: [BatchItem], destinations: UnsafeBufferPointer<MemoryRegion>,
                          memory: MemoryHint = .locate) throws(KVError) -> [Result<Int, KVError>] {
         try gate.enter()
         defer { gate.leave() }
@@ -232,10 +239,7 @@ public final class StoreClient: Sendable {
         var plan = DeviceCopyPlan()
         for (i, item) in items.enumerated() {
             do throws(KVError) {
-                guard item.destinations.lowerBound >= 0, item.destinations.upperBound <= destinations.count else {
-                    throw .invalidArgument("destinations \(item.destinations) out of range of \(destinations.count)")
-                }
-                let mine = UnsafeBufferPointer(rebasing: destinations[item.destinations])
+                let mine = try Self.slice(destinations, item.regions, "destinations")
                 let t = try heldBeginRead(key: item.key)
                 held.append(t)
                 try Self.checkRoom(mine, for: t.size, of: t)
@@ -254,16 +258,6 @@ public final class StoreClient: Sendable {
             results[i] = .failure(e)
         }
         return results
-    }
-
-    /// One object of `getBatch`: its key and the range of its destinations.
-    public struct BatchRead: Sendable {
-        public let key: ObjectKey
-        public let destinations: Range<Int>
-        public init(key: ObjectKey, destinations: Range<Int>) {
-            self.key = key
-            self.destinations = destinations
-        }
     }
 
     private func heldBeginRead(key: ObjectKey) throws(KVError) -> ReadTicket {

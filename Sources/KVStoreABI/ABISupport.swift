@@ -18,6 +18,15 @@ enum ABI {
         return try ObjectKey(utf8: UnsafeRawBufferPointer(start: ptr, count: len))
     }
 
+    /// The client of a batch call of `n` items, once its arrays are checked (NULL only when empty).
+    @inline(__always)
+    static func batchClient(_ store: OpaquePointer?, _ n: Int, _ items: UnsafeRawPointer?,
+                            _ statuses: UnsafeMutablePointer<Int32>?) throws(KVError) -> StoreClient {
+        let c = try client(store)
+        guard n >= 0, n == 0 || (items != nil && statuses != nil) else { throw .invalidArgument("batch arrays are NULL") }
+        return c
+    }
+
     /// Runs `body`; returns KV_OK or the error's code (recording its message).
     @inline(__always)
     static func status(_ body: () throws(KVError) -> Void) -> Int32 {

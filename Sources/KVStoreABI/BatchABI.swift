@@ -13,11 +13,11 @@ import KVStore
 func memoryHint(_ flags: UInt32) -> StoreClient.MemoryHint { flags & UInt32(KV_HOST_MEMORY) != 0 ? .host : .locate }
 
 /// The items of a batch call, converted: for each item whose key and buffer array are valid,
-/// its position, key and the range of its buffers in `regions`; for the others, their error.
+/// its position and its `BatchItem` (key and range of its buffers in `regions`); for the
+/// others, their error.
 struct BatchInput {
     var positions: [Int] = []
-    var keys: [ObjectKey] = []
-    var ranges: [Range<Int>] = []
+    var items: [StoreClient.BatchItem] = []
     var regions: [MemoryRegion] = []
     var errors: [KVError?]
 
@@ -26,8 +26,7 @@ struct BatchInput {
     init(count n: Int, item: (Int) -> (key: UnsafePointer<CChar>?, keyLen: Int, buffers: UnsafePointer<kv_buffer>?, count: Int)) {
         errors = [KVError?](repeating: nil, count: n)
         positions.reserveCapacity(n)
-        keys.reserveCapacity(n)
-        ranges.reserveCapacity(n)
+        items.reserveCapacity(n)
         regions.reserveCapacity(n)
         for i in 0..<n {
             let it = item(i)
@@ -42,8 +41,7 @@ struct BatchInput {
                     regions.append(MemoryRegion(address: UInt(bitPattern: it.buffers![j].ptr), length: it.buffers![j].len))
                 }
                 positions.append(i)
-                keys.append(k)
-                ranges.append(first..<regions.count)
+                items.append(StoreClient.BatchItem(key: k, regions: first..<regions.count))
             } catch {
                 errors[i] = error
             }
@@ -65,13 +63,11 @@ public func kvBatchPut(_ store: OpaquePointer?, _ items: UnsafePointer<kv_batch_
                        _ flags: UInt32, _ options: UnsafePointer<kv_put_options>?,
                        _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
     ABI.status { () throws(KVError) in
-        let c = try ABI.client(store)
+        let c = try ABI.batchClient(store, n, items, statuses)
         let o = try writeOptions(options, c)
-        guard n >= 0, n == 0 || (items != nil && statuses != nil) else { throw .invalidArgument("batch arrays are NULL") }
         var input = BatchInput(count: n) { i in (items![i].key, items![i].key_len, items![i].parts, items![i].nparts) }
-        let writes = zip(input.keys, input.ranges).map { StoreClient.BatchWrite(key: $0, parts: $1) }
         let results = try input.regions.withUnsafeBufferPointer { (r) throws(KVError) in
-            try c.putBatch(writes, parts: r, mode: writeMode(flags), options: o, memory: memoryHint(flags))
+            try c.putBatch(input.items, parts: r, mode: writeMode(flags), options: o, memory: memoryHint(flags))
         }
         input.finish(results, statuses: statuses)
     }
@@ -82,14 +78,12 @@ public func kvBatchGetInto(_ store: OpaquePointer?, _ items: UnsafePointer<kv_ba
                            _ flags: UInt32, _ statuses: UnsafeMutablePointer<Int32>?,
                            _ sizes: UnsafeMutablePointer<UInt64>?) -> Int32 {
     ABI.status { () throws(KVError) in
-        let c = try ABI.client(store)
-        guard n >= 0, n == 0 || (items != nil && statuses != nil) else { throw .invalidArgument("batch arrays are NULL") }
+        let c = try ABI.batchClient(store, n, items, statuses)
         var input = BatchInput(count: n) { i in
             (items![i].key, items![i].key_len, UnsafeRawPointer(items![i].dst)?.assumingMemoryBound(to: kv_buffer.self), items![i].ndst)
         }
-        let reads = zip(input.keys, input.ranges).map { StoreClient.BatchRead(key: $0, destinations: $1) }
         let results = try input.regions.withUnsafeBufferPointer { (r) throws(KVError) in
-            try c.getBatch(reads, destinations: r, memory: memoryHint(flags))
+            try c.getBatch(input.items, destinations: r, memory: memoryHint(flags))
         }
         var outcome = [KVError?](repeating: nil, count: results.count)
         for (j, r) in results.enumerated() {

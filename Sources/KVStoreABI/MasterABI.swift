@@ -17,8 +17,7 @@ public func kvMasterRun(_ options: UnsafePointer<kv_master_options>?) -> Int32 {
         opts.metricsHost = o.metrics_host.map { String(cString: $0) } ?? "127.0.0.1"
         opts.metricsPort = o.metrics_port < 0 ? nil : Int(o.metrics_port)
         let token = o.token.map { String(cString: $0) } ?? ""
-        let cache = try CachePolicy(leaseSeconds: o.cache.lease_ttl, softPinSeconds: o.cache.soft_pin_ttl,
-                                    highWatermark: o.cache.eviction_high_watermark, evictionRatio: o.cache.eviction_ratio)
+        let cache = try CachePolicy(o.cache)
         opts.config = MasterConfig(token: token.isEmpty ? MasterServer.environmentToken() : token,
                                    clientTTL: try Seconds.nanoseconds(o.client_ttl, name: "client_ttl"), cache: cache)
         let server = try MasterServer(options: opts)

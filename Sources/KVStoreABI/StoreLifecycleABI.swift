@@ -15,6 +15,14 @@ public func kvLastError(_ len: UnsafeMutablePointer<Int>?) -> UnsafePointer<CCha
 @c(kv_max_key_bytes)
 public func kvMaxKeyBytes() -> Int { ObjectKey.maxBytes }
 
+extension CachePolicy {
+    /// The policy a `kv_store_config` describes, every value checked.
+    init(_ c: kv_store_config) throws(KVError) {
+        try self.init(leaseSeconds: c.lease_ttl, softPinSeconds: c.soft_pin_ttl,
+                      highWatermark: c.eviction_high_watermark, evictionRatio: c.eviction_ratio)
+    }
+}
+
 @c(kv_store_config_init)
 public func kvStoreConfigInit(_ config: UnsafeMutablePointer<kv_store_config>?) {
     let d = CachePolicy()
@@ -28,11 +36,7 @@ public func kvStoreCreate(_ segmentSize: UInt64, _ flags: UInt32, _ config: Unsa
     ABI.status { () throws(KVError) in
         guard let out else { throw .invalidArgument("out pointer is NULL") }
         guard segmentSize <= UInt64(Int.max) else { throw .invalidArgument("segment size \(segmentSize) is too large") }
-        var cache = CachePolicy()
-        if let c = config?.pointee {
-            cache = try CachePolicy(leaseSeconds: c.lease_ttl, softPinSeconds: c.soft_pin_ttl,
-                                    highWatermark: c.eviction_high_watermark, evictionRatio: c.eviction_ratio)
-        }
+        let cache = try config.map { (c) throws(KVError) in try CachePolicy(c.pointee) } ?? CachePolicy()
         var pinning = try PinningPolicy.fromEnvironment()
         if flags & UInt32(KV_CREATE_NO_PIN) != 0 { pinning.enabled = false }
         let client = try StoreClient(segmentSize: Int(segmentSize),

@@ -122,13 +122,10 @@ public final class Socket: @unchecked Sendable {
         }
     }
 
-    /// One non-blocking read into `buffer`'s spare room: bytes read, 0 at end of stream, nil
-    /// when nothing is available.
-    public func readAvailable(into buffer: inout [UInt8], max: Int = 1 << 16) throws(KVError) -> Int? {
-        let old = buffer.count
-        buffer.append(contentsOf: repeatElement(0, count: max))
-        let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + old, max, 0) }
-        buffer.removeLast(max - Swift.max(n, 0))
+    /// One non-blocking read into `buffer`: bytes read, 0 at end of stream, nil when nothing
+    /// is available.
+    public func readAvailable(into buffer: UnsafeMutableRawBufferPointer) throws(KVError) -> Int? {
+        let n = recv(fd, buffer.baseAddress, buffer.count, 0)
         if n < 0 {
             if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { return nil }
             throw SystemCall.failure("recv", code: .transfer)

@@ -22,7 +22,7 @@ final class MasterServiceTests: XCTestCase {
 
     func put(_ m: inout MasterService, _ session: inout MasterService.Session, _ key: ObjectKey, size: Int = 1000,
              replicas: Int = 1, preferred: SegmentID? = nil, now: Nanoseconds = 0) -> [Replica] {
-        guard case let .putStarted(handle, inPlace, rs) = m.handle(.putStart(key: key, size: size, mode: .put, options: WireWriteOptions(),
+        guard case let .putStarted(handle, inPlace, rs) = m.handle(.putStart(key: key, size: size, mode: .put, options: WriteOptions(),
                                                                             replicas: replicas, preferred: preferred),
                                                                  session: &session, now: now) else { XCTFail("putStart"); return [] }
         XCTAssertFalse(inPlace)
@@ -80,7 +80,7 @@ final class MasterServiceTests: XCTestCase {
         var m = try master()
         var (a, _) = join(&m, "a", host: "h1")
         _ = put(&m, &a, "k")
-        guard case let .putStarted(h, inPlace, _) = m.handle(.putStart(key: "k", size: 1000, mode: .upsert, options: WireWriteOptions(),
+        guard case let .putStarted(h, inPlace, _) = m.handle(.putStart(key: "k", size: 1000, mode: .upsert, options: WriteOptions(),
                                                                          replicas: 1, preferred: nil), session: &a, now: 0) else { return XCTFail() }
         XCTAssertFalse(inPlace)
         XCTAssertEqual(m.handle(.putCommit(handle: h), session: &a, now: 0), .ok)
@@ -90,11 +90,11 @@ final class MasterServiceTests: XCTestCase {
         var m = try master()
         var (a, _) = join(&m, "a", host: "h1")
         var (b, _) = join(&m, "b", host: "h1")
-        guard case let .putStarted(h, _, _) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: WireWriteOptions(), replicas: 1,
+        guard case let .putStarted(h, _, _) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(), replicas: 1,
                                                                   preferred: nil), session: &a, now: 0) else { return XCTFail() }
         XCTAssertEqual(errorCode(m.handle(.putCommit(handle: h), session: &b, now: 0)), .invalidArgument)
         XCTAssertEqual(errorCode(m.handle(.putCommit(handle: h + 1), session: &a, now: 0)), .invalidArgument)
-        XCTAssertEqual(errorCode(m.handle(.putStart(key: "x", size: 10, mode: .put, options: WireWriteOptions(hardPin: true, softPinTTL: 5),
+        XCTAssertEqual(errorCode(m.handle(.putStart(key: "x", size: 10, mode: .put, options: WriteOptions(hardPin: true, softPinTTL: 5),
                                                      replicas: 1, preferred: nil), session: &a, now: 0)), .invalidArgument)
         XCTAssertEqual(errorCode(m.handle(.unmount(segment: 999), session: &a, now: 0)), .invalidArgument)
         XCTAssertEqual(m.handle(.putAbort(handle: h), session: &a, now: 0), .ok)
@@ -107,7 +107,7 @@ final class MasterServiceTests: XCTestCase {
         var (b, _) = join(&m, "b", host: "h2")
         _ = put(&m, &a, "onA", preferred: segA)
         _ = put(&m, &a, "both", replicas: 2)
-        guard case .putStarted = m.handle(.putStart(key: "pending", size: 10, mode: .put, options: WireWriteOptions(), replicas: 1,
+        guard case .putStarted = m.handle(.putStart(key: "pending", size: 10, mode: .put, options: WriteOptions(), replicas: 1,
                                                      preferred: segA), session: &a, now: 0) else { return XCTFail() }
         // b keeps talking, a goes silent.
         for t in stride(from: Self.s, through: 10 * Self.s, by: Int(Self.s)) {
@@ -134,15 +134,15 @@ final class MasterServiceTests: XCTestCase {
     static let requests: [MasterRequest] = [
         .hello(token: "t", name: "n"), .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1"),
         .unmount(segment: 3), .heartbeat,
-        .putStart(key: "k", size: 5, mode: .upsert, options: WireWriteOptions(hardPin: false, softPinTTL: 7, ttl: 9), replicas: 2, preferred: 4),
-        .putStart(key: "k", size: 5, mode: .put, options: WireWriteOptions(hardPin: true), replicas: 1, preferred: nil),
+        .putStart(key: "k", size: 5, mode: .upsert, options: WriteOptions(hardPin: false, softPinTTL: 7, ttl: 9), replicas: 2, preferred: 4),
+        .putStart(key: "k", size: 5, mode: .put, options: WriteOptions(hardPin: true), replicas: 1, preferred: nil),
         .putCommit(handle: 1 << 40), .putAbort(handle: 2), .get(key: "k", host: "h"), .exists(key: "é"), .size(key: "k"),
         .remove(key: "k", force: true), .removeAll(force: false), .stats, .segmentInfo(segment: 9),
     ]
     static let responses: [MasterResponse] = [
         .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3), .mounted(segment: 4),
         .putStarted(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)]), .found(size: 6, replicas: []),
-        .flag(true), .value(-7), .stats([("objects", 1), ("bytes_used", 2)]),
+        .flag(true), .value(-7), .stats([Statistic("objects", 1), Statistic("bytes_used", 2)]),
         .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e")),
     ]
 

@@ -25,7 +25,7 @@ final class ObjectTableCacheTests: XCTestCase {
     /// Reads (takes and releases a hold): the object is leased afterwards.
     func read(_ t: inout ObjectTable, _ key: ObjectKey, at now: Nanoseconds = 0) throws {
         guard case .found(let r) = t.acquireRead(key: key, now: now) else { return XCTFail("\(key) not found") }
-        try t.releaseRead(r.handle, now: now)
+        try t.releaseRead(r.handle)
     }
 
     func code(_ body: () throws -> Void) -> KVError.Code? {
@@ -97,7 +97,7 @@ final class ObjectTableCacheTests: XCTestCase {
         XCTAssertEqual(t.objectCount, 1)
         guard case .found(let r) = t.acquireRead(key: "a", now: 2) else { return XCTFail() }
         XCTAssertEqual(r.offset, w.offset, "readers see the new value at once")
-        try t.releaseRead(r.handle, now: 2)
+        try t.releaseRead(r.handle)
         t.advance(now: 5 * Self.second)
         XCTAssertEqual(t.usedBytes, 1024, "freed when its lease ended")
         XCTAssertEqual(t.activeLeases, 1, "the new version's lease from the read at 2 ns")
@@ -218,7 +218,7 @@ final class ObjectTableCacheTests: XCTestCase {
         XCTAssertEqual(t.acquireRead(key: "a", now: 10 * Self.second + 5), .notFound)
         XCTAssertEqual(t.expiredObjects, 1)
         XCTAssertEqual(t.usedBytes, kib)
-        try t.releaseRead(r.handle, now: 11 * Self.second)
+        try t.releaseRead(r.handle)
         XCTAssertEqual(t.usedBytes, kib, "still leased until 15 s + 4")
         t.advance(now: 15 * Self.second + 4)
         XCTAssertEqual(t.usedBytes, 0)
@@ -245,7 +245,7 @@ final class ObjectTableCacheTests: XCTestCase {
         XCTAssertTrue(t.contains(key: "held"))
         try t.commitWrite(pending, now: 0)
         XCTAssertTrue(t.contains(key: "pending"))
-        try t.releaseRead(r.handle, now: 0)
+        try t.releaseRead(r.handle)
         XCTAssertEqual(t.evictionOrder().last, "held", "back on the list, most recent")
     }
 

@@ -55,7 +55,7 @@ final class ObjectTableSegmentTests: XCTestCase {
             guard case .found(let r) = t.acquireRead(key: "a", now: 0, prefer: seg) else { return XCTFail() }
             XCTAssertEqual(r.segment, seg)
             XCTAssertTrue(w.replicas.contains(Replica(segment: seg, offset: r.offset)))
-            try t.releaseRead(r.handle, now: 0)
+            try t.releaseRead(r.handle)
         }
         XCTAssertNil(t.invariantViolation())
     }
@@ -81,7 +81,7 @@ final class ObjectTableSegmentTests: XCTestCase {
         XCTAssertEqual(code { try t.commitWrite(inFlight, now: 2) }, .transfer)
         XCTAssertFalse(t.contains(key: "writing"))
         _ = try put(&t, "writing")  // the key is free again
-        try t.releaseRead(r.handle, now: 2)
+        try t.releaseRead(r.handle)
         XCTAssertEqual(t.activeReaders, 0)
         XCTAssertNil(t.invariantViolation())
     }
@@ -117,7 +117,7 @@ final class ObjectTableSegmentTests: XCTestCase {
             case 35..<65:
                 if case .found(let r) = t.acquireRead(key: key, now: now, prefer: SegmentID(rng.next() % 4)) { held.append(r.handle) }
             case 65..<80:
-                if !held.isEmpty { try t.releaseRead(held.remove(at: Int(rng.next() % UInt64(held.count))), now: now) }
+                if !held.isEmpty { try t.releaseRead(held.remove(at: Int(rng.next() % UInt64(held.count)))) }
             case 80..<90:
                 try? t.remove(key: key, force: rng.next() % 2 == 0, now: now)
             case 90..<93:
@@ -137,7 +137,7 @@ final class ObjectTableSegmentTests: XCTestCase {
             }
             if let v = t.invariantViolation() { return XCTFail("step \(step): \(v)") }
         }
-        for h in held { try t.releaseRead(h, now: now) }
+        for h in held { try t.releaseRead(h) }
         t.advance(now: now + 1_000_000)
         _ = t.removeAll(force: true, now: now + 1_000_000)
         XCTAssertEqual(t.usedBytes, 0)

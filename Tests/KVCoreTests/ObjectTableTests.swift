@@ -72,7 +72,7 @@ final class ObjectTableTests: XCTestCase {
         XCTAssertEqual(t.usedBytes, 512, "old version still held")
         XCTAssertEqual(t.objectCount, 1)
         XCTAssertEqual(t.objectBytes, 256)
-        try t.releaseRead(r.handle, now: 0)
+        try t.releaseRead(r.handle)
         XCTAssertEqual(t.usedBytes, 256)
         XCTAssertEqual(t.activeReaders, 0)
     }
@@ -114,9 +114,9 @@ final class ObjectTableTests: XCTestCase {
         XCTAssertFalse(t.contains(key: "a"))
         XCTAssertEqual(t.usedBytes, 64)
         XCTAssertThrowsError(try t.remove(key: "a", now: 0)) { XCTAssertEqual(($0 as? KVError)?.code, .objectNotFound) }
-        try t.releaseRead(r.handle, now: 0)
+        try t.releaseRead(r.handle)
         XCTAssertEqual(t.usedBytes, 0)
-        XCTAssertThrowsError(try t.releaseRead(r.handle, now: 0), "a released hold cannot be released again")
+        XCTAssertThrowsError(try t.releaseRead(r.handle), "a released hold cannot be released again")
     }
 
     func testRemoveDuringInPlaceRewriteFreesAtCommit() throws {

@@ -46,14 +46,14 @@ final class MasterServerTests: XCTestCase {
         var all: [String] { lock.withLock { $0 } }
     }
 
-    func start(token: String? = nil) throws -> (MasterServer, Thread, Logs) {
+    func start(token: String? = nil) throws -> (MasterServer, TestThread, Logs) {
         var o = MasterServer.Options()
         o.port = 0
         o.metricsPort = 0
         o.config = MasterConfig(token: token, clientTTL: 10_000_000_000)
         let logs = Logs()
         let server = try MasterServer(options: o, log: { logs.add($0) })
-        let t = Thread { server.run() }
+        let t = TestThread { server.run() }
         t.start()
         return (server, t, logs)
     }
@@ -64,7 +64,7 @@ final class MasterServerTests: XCTestCase {
         let c = try Client(port: server.port)
         guard case .welcome = try c.call(.hello(token: "", name: "t")) else { return XCTFail() }
         guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
-        guard case .putStarted(let h, _, let rs) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WireWriteOptions(),
+        guard case .putStarted(let h, _, let rs) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(),
                                                                          replicas: 1, preferred: seg)) else { return XCTFail() }
         XCTAssertEqual(rs.first?.segment, seg)
         XCTAssertEqual(try c.call(.putCommit(handle: h)), .ok)
@@ -100,7 +100,7 @@ final class MasterServerTests: XCTestCase {
         _ = try a.call(.hello(token: "", name: "a"))
         _ = try b.call(.hello(token: "", name: "b"))
         guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
-        guard case .putStarted(let h, _, _) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WireWriteOptions(),
+        guard case .putStarted(let h, _, _) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(),
                                                                     replicas: 1, preferred: seg)) else { return XCTFail() }
         _ = try a.call(.putCommit(handle: h))
         XCTAssertEqual(try b.call(.exists(key: "k")), .flag(true))
@@ -150,20 +150,4 @@ final class MasterServerTests: XCTestCase {
         XCTAssertTrue(m.contains("kvstore_clients 0"))
         XCTAssertTrue(try get("/nope").hasPrefix("HTTP/1.1 404"))
     }
-}
-
-/// A pthread running one closure (no Foundation).
-final class Thread: @unchecked Sendable {
-    private var t = pthread_t()
-    private let body: @Sendable () -> Void
-    init(_ body: @escaping @Sendable () -> Void) { self.body = body }
-    func start() {
-        let me = Unmanaged.passRetained(self).toOpaque()
-        pthread_create(&t, nil, { raw in
-            let me = Unmanaged<Thread>.fromOpaque(raw!).takeRetainedValue()
-            me.body()
-            return nil
-        }, me)
-    }
-    func join() { pthread_join(t, nil) }
 }

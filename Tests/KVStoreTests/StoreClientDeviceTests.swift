@@ -72,7 +72,7 @@ final class StoreClientDeviceTests: XCTestCase {
             fill(r, seed: UInt8(i))
             parts.append(r)
         }
-        let items = (0..<12).map { StoreClient.BatchWrite(key: "k\($0)", parts: $0..<($0 + 1)) }
+        let items = (0..<12).map { StoreClient.BatchItem(key: "k\($0)", regions: $0..<($0 + 1)) }
         FakeAccelerator.clearEvents()
         let results = try parts.withUnsafeBufferPointer { try s.putBatch(items, parts: $0, mode: .put) }
         XCTAssertTrue(results.allSatisfy { $0 == nil })
@@ -82,7 +82,7 @@ final class StoreClientDeviceTests: XCTestCase {
         var dsts: [MemoryRegion] = []
         for i in 0..<12 { dsts.append(region(i % 2 == 0 ? 1 : 0, offset: 512 * 1024 + i * 4096, length: 4096)) }
         FakeAccelerator.clearEvents()
-        let reads = (0..<12).map { StoreClient.BatchRead(key: "k\($0)", destinations: $0..<($0 + 1)) }
+        let reads = (0..<12).map { StoreClient.BatchItem(key: "k\($0)", regions: $0..<($0 + 1)) }
         let got = try dsts.withUnsafeBufferPointer { try s.getBatch(reads, destinations: $0) }
         XCTAssertTrue(got.allSatisfy { (try? $0.get()) == 4096 })
         XCTAssertEqual(FakeAccelerator.events.filter { if case .enter = $0 { true } else { false } }.count, 2)
@@ -96,7 +96,7 @@ final class StoreClientDeviceTests: XCTestCase {
         // Device→host copies land in the segment; fail the first object's by its destination.
         let segBase = s.segment.region(offset: 0, length: 1).address
         FakeAccelerator.failCopies(to: segBase)
-        let items = [StoreClient.BatchWrite(key: "a", parts: 0..<1), StoreClient.BatchWrite(key: "b", parts: 1..<2)]
+        let items = [StoreClient.BatchItem(key: "a", regions: 0..<1), StoreClient.BatchItem(key: "b", regions: 1..<2)]
         let r = try parts.withUnsafeBufferPointer { try s.putBatch(items, parts: $0, mode: .put) }
         FakeAccelerator.failCopies(to: nil)
         XCTAssertEqual(r[0]?.code, .transfer)

@@ -53,11 +53,9 @@ class Store(_native.Store):
     def __init__(self, segment_size: int | str = DEFAULT_SEGMENT_SIZE, *, prefault: bool = False,
                  pin_memory: bool = True, lease_ttl: float = 5.0, soft_pin_ttl: float = 1800.0,
                  eviction_high_watermark: float = 0.9, eviction_ratio: float = 0.05) -> None:
-        super().__init__(parse_size(segment_size, name="segment_size"), _flag(prefault, "prefault"),
-                         _flag(pin_memory, "pin_memory"), _number(lease_ttl, "lease_ttl"),
-                         _number(soft_pin_ttl, "soft_pin_ttl"),
-                         _number(eviction_high_watermark, "eviction_high_watermark"),
-                         _number(eviction_ratio, "eviction_ratio"))
+        # The extension checks every setting's type, the core its value.
+        super().__init__(parse_size(segment_size, name="segment_size"), prefault, pin_memory, lease_ttl, soft_pin_ttl,
+                         eviction_high_watermark, eviction_ratio)
 
     # ---- tensors (DESIGN.md §4; helpers in _tensor.py) ----
 
@@ -213,18 +211,6 @@ class Store(_native.Store):
             return "<kvstore.Store closed>"
         s = self.stats()
         return f"<kvstore.Store objects={s['objects']} bytes_used={s['bytes_used']} capacity={s['capacity']}>"
-
-
-def _flag(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ArgumentTypeError(f"{name} must be True or False, not {type(value).__name__}")
-    return value
-
-
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"{name} must be a number, not {type(value).__name__}")
-    return float(value)
 
 
 def _has_buffer(obj: Any) -> bool:

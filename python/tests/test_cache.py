@@ -274,10 +274,28 @@ def test_hard_pinning_more_than_capacity_is_refused():
     ({"eviction_ratio": math.inf}, kvstore.InvalidArgumentError, "eviction_ratio"),
     ({"eviction_ratio": [0.1]}, kvstore.ArgumentTypeError, "eviction_ratio must be a number"),
     ({"prefault": 1}, kvstore.ArgumentTypeError, "prefault must be True or False"),
+    ({"pin_memory": "yes"}, kvstore.ArgumentTypeError, "pin_memory must be True or False"),
+    ({"lease_ttl": True}, kvstore.ArgumentTypeError, "lease_ttl must be a number"),
+    ({"eviction_high_watermark": "0.9"}, kvstore.ArgumentTypeError, "eviction_high_watermark must be a number"),
 ])
 def test_bad_store_settings_are_refused(settings, exc, match):
     with pytest.raises(exc, match=match):
         kvstore.Store("1MiB", **settings)
+
+
+@pytest.mark.parametrize("force", ["yes", 1, None, 0.0])
+def test_force_must_be_a_bool_and_a_bad_one_removes_nothing(store, force):
+    store.put("k", b"v")
+    assert store.exists("k")  # leased: only a real force=True could remove it
+    before = store.stats()
+    for call in (lambda: store.remove("k", force=force), lambda: store.batch_remove(["k"], force=force),
+                 lambda: store.remove_all(force=force)):
+        with pytest.raises(kvstore.ArgumentTypeError, match="force must be True or False"):
+            call()
+    after = store.stats()
+    assert (after["objects"], after["removes"], after["leases_active"]) == \
+        (before["objects"], before["removes"], before["leases_active"])
+    assert store.get("k") == b"v"
 
 
 def test_unknown_store_setting_is_a_type_error():

@@ -83,7 +83,9 @@ def test_master_serves_health_and_metrics_and_stops_on_sigterm():
 
 
 def test_master_refuses_bad_settings():
-    for args in (["--host", "0.0.0.0"], ["--lease-ttl", "0"], ["--client-ttl", "-1"], ["--host", "not-an-ip"]):
+    for args in (["--host", "0.0.0.0"], ["--lease-ttl", "0"], ["--client-ttl", "-1"], ["--host", "not-an-ip"],
+                 ["--port", "70000"], ["--metrics-port", "70000"], ["--soft-pin-ttl", "0"],
+                 ["--eviction-ratio", "2"], ["--eviction-high-watermark", "0"], ["--default_kv_lease_ttl", "0"]):
         p, line = _start_master(*args)
         assert p.wait(timeout=10) == 2, args
         assert line.startswith("kvstore master:"), (args, line)

@@ -30,8 +30,13 @@ int kvpy_source(PyObject *obj, Py_buffer *view);
 /* A writable C-contiguous buffer. Returns 0, or -1 with a typed error set. */
 int kvpy_target(PyObject *obj, Py_buffer *view);
 
-/* A duration argument `name` in seconds: an int or float (not bool). 0, or -1 with a typed error. */
+/* A number argument `name` (an int or float, not bool; `expected` words the type error).
+ * 0, or -1 with a typed error. */
+int kvpy_number(PyObject *obj, const char *name, const char *expected, double *out);
+/* kvpy_number for a duration in seconds. */
 int kvpy_seconds(PyObject *obj, const char *name, double *out);
+/* A flag argument `name`: exactly True or False. 0, or -1 with a typed error. */
+int kvpy_flag(PyObject *obj, const char *name, int *out);
 /* The keyword options of write method `fname` (hard_pin, soft_pin, soft_pin_ttl, ttl; None
  * for a duration means not given). kwvalues/kwnames as METH_FASTCALL | METH_KEYWORDS passes
  * them (kwnames may be NULL). 0, or -1 with a typed error naming the bad option. */
