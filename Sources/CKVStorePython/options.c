@@ -33,10 +33,29 @@ static int flag_arg(PyObject *obj, const char *name, uint32_t bit, uint32_t *fla
     return 0;
 }
 
+/* replicas=N: an int; the core checks 1..16 (values beyond 32 bits are refused here). */
+static int replicas_arg(PyObject *v, kv_put_options *out) {
+    if (PyBool_Check(v) || !PyLong_Check(v)) {
+        kvpy_type_error(v, "replicas", "an int");
+        return -1;
+    }
+    int overflow = 0;
+    long long n = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (n == -1 && PyErr_Occurred()) return -1;
+    if (overflow || n < 0 || n > 0xffffffffLL) {
+        kvpy_raise_format(KV_E_INVALID_ARGUMENT, "replicas must be between 1 and 16, got %R", v);
+        return -1;
+    }
+    out->replicas = (uint32_t)n;
+    out->flags |= KV_OPT_REPLICAS;
+    return 0;
+}
+
 int kvpy_put_options(const char *fname, PyObject *const *kwvalues, PyObject *kwnames, kv_put_options *out) {
     out->flags = 0;
     out->ttl = 0;
     out->soft_pin_ttl = 0;
+    out->replicas = 1;
     if (!kwnames) return 0;
     Py_ssize_t n = PyTuple_Size(kwnames);
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -53,9 +72,11 @@ int kvpy_put_options(const char *fname, PyObject *const *kwvalues, PyObject *kwn
         } else if (PyUnicode_CompareWithASCIIString(name, "soft_pin_ttl") == 0) {
             rc = v == Py_None ? 0 : kvpy_seconds(v, "soft_pin_ttl", &out->soft_pin_ttl);
             if (rc == 0 && v != Py_None) out->flags |= KV_OPT_SOFT_PIN_TTL;
+        } else if (PyUnicode_CompareWithASCIIString(name, "replicas") == 0) {
+            rc = replicas_arg(v, out);
         } else {
             kvpy_raise_format(KV_E_ARGUMENT_TYPE,
-                              "%s() got an unknown option %R; the options are hard_pin, soft_pin, soft_pin_ttl, ttl",
+                              "%s() got an unknown option %R; the options are hard_pin, soft_pin, soft_pin_ttl, ttl, replicas",
                               fname, name);
             return -1;
         }

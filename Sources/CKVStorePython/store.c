@@ -71,6 +71,28 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
+/* _connect(url, segment_size, prefault, pin_memory, token): makes an uninitialised store a
+ * client of the master at url (Store.connect). token None or "": none. */
+static PyObject *store_connect(StoreObject *self, PyObject *args) {
+    const char *url, *token = NULL;
+    long long size = 0;
+    PyObject *prefault_obj, *pin_obj;
+    int prefault = 0, pin = 1;
+    if (!PyArg_ParseTuple(args, "sLOOz", &url, &size, &prefault_obj, &pin_obj, &token)) return NULL;
+    if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0) return NULL;
+    if (self->store) return kvpy_raise(KV_E_INVALID_ARGUMENT, "the store is already initialised");
+    if (size < 0) return kvpy_raise(KV_E_INVALID_ARGUMENT, "segment_size must not be negative");
+    kv_store *s = NULL;
+    int32_t st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kv_store_connect(url, (uint64_t)size, (prefault ? KV_CREATE_PREFAULT : 0) | (pin ? 0 : KV_CREATE_NO_PIN), token, &s);
+    Py_END_ALLOW_THREADS
+    if (st) return kvpy_raise_last(st);
+    self->store = s;
+    if (!self->registered && !(self->registered = PyDict_New())) return NULL;
+    Py_RETURN_NONE;
+}
+
 static void store_close_impl(StoreObject *self) {
     if (self->store) {
         Py_BEGIN_ALLOW_THREADS
@@ -618,6 +640,7 @@ static PyMethodDef store_methods[] = {
      "_batch_put_raw(keys, part_lists, upsert) -> list: like _put_raw per key; copies grouped per device."},
     KVPY_RAW_METHODS
     {"stats", (PyCFunction)store_stats, METH_NOARGS, "stats() -> dict."},
+    {"_connect", (PyCFunction)store_connect, METH_VARARGS, "_connect(url, segment_size, prefault, pin_memory, token)."},
     {"close", (PyCFunction)store_close, METH_NOARGS, "close(): idempotent."},
     {NULL, NULL, 0, NULL},
 };

@@ -79,21 +79,26 @@ public struct WriteOptions: Sendable, Equatable {
     public var softPinTTL: Nanoseconds? = nil
     /// The object expires (disappears as if removed) this long after the write commits.
     public var ttl: Nanoseconds? = nil
+    /// Copies to place, each in a distinct segment (best effort: fewer when fewer segments
+    /// exist). 1...`ObjectTable.maxReplicas`.
+    public var replicas = 1
 
-    public init(hardPin: Bool = false, softPinTTL: Nanoseconds? = nil, ttl: Nanoseconds? = nil) {
+    public init(hardPin: Bool = false, softPinTTL: Nanoseconds? = nil, ttl: Nanoseconds? = nil, replicas: Int = 1) {
         self.hardPin = hardPin
         self.softPinTTL = softPinTTL
         self.ttl = ttl
+        self.replicas = replicas
     }
 
     public static let `default` = WriteOptions()
 
     /// Builds options from user values: `softPinSeconds`/`ttlSeconds` nil when not given;
     /// a soft pin without its own TTL lasts `policy.softPinTTL`.
-    public init(hardPin: Bool, softPin: Bool, softPinSeconds: Double?, ttlSeconds: Double?,
+    public init(hardPin: Bool, softPin: Bool, softPinSeconds: Double?, ttlSeconds: Double?, replicas: Int = 1,
                 policy: CachePolicy) throws(KVError) {
         if softPinSeconds != nil && !softPin { throw .invalidArgument("soft_pin_ttl is given without soft_pin=True") }
         self.hardPin = hardPin
+        self.replicas = replicas
         if softPin {
             softPinTTL = try softPinSeconds.map { s throws(KVError) in try Seconds.nanoseconds(s, name: "soft_pin_ttl") } ?? policy.softPinTTL
         }
@@ -109,6 +114,9 @@ public struct WriteOptions: Sendable, Equatable {
             if let v, v == 0 || v > Seconds.maximumNanoseconds {
                 throw .invalidArgument("\(name) must be greater than 0 and at most 365 days")
             }
+        }
+        guard (1...ObjectTable.maxReplicas).contains(replicas) else {
+            throw .invalidArgument("replicas must be between 1 and \(ObjectTable.maxReplicas), got \(replicas)")
         }
     }
 }

@@ -35,3 +35,10 @@ public struct KVError: Error, Sendable, Equatable, CustomStringConvertible {
     public static func noSpace(_ message: String) -> KVError { KVError(.noSpace, message) }
     public static func closed() -> KVError { KVError(.storeClosed, "the store is closed") }
 }
+
+/// Runs `body` (a closure through an API that only rethrows untyped errors, such as
+/// `Array.withUnsafeBytes`) and gives back its `KVError`.
+@inlinable @inline(__always)
+public func rethrowingKVError<R>(_ body: () throws -> R) throws(KVError) -> R {
+    do { return try body() } catch let e as KVError { throw e } catch { throw KVError(.internal, "\(error)") }
+}

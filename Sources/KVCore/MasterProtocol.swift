@@ -16,7 +16,7 @@ public enum MasterRequest: Sendable, Equatable {
     case heartbeat
     /// `options` travel as the C ABI's flags, durations in nanoseconds (0: not given); the
     /// master checks them with `WriteOptions.validate`.
-    case putStart(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions, replicas: Int, preferred: SegmentID?)
+    case putStart(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions, preferred: SegmentID?)
     case putCommit(handle: VersionHandle)
     case putAbort(handle: VersionHandle)
     /// Leases `key` and returns its replicas (those on `host` first).
@@ -48,6 +48,14 @@ public enum MasterRequest: Sendable, Equatable {
     }
 
     public static func isRequestKind(_ k: UInt16) -> Bool { (1...14).contains(k) }
+
+    /// The key a request is about, if any.
+    public var key: ObjectKey? {
+        switch self {
+        case let .putStart(key, _, _, _, _), let .get(key, _), let .exists(key), let .size(key), let .remove(key, _): key
+        default: nil
+        }
+    }
 }
 
 /// One named statistic of the master.
@@ -125,10 +133,10 @@ extension MasterRequest {
         case let .mount(size, host, path, endpoint): w.u64(UInt64(size)); w.string(host); w.string(path); w.string(endpoint)
         case let .unmount(segment): w.u32(segment)
         case .heartbeat, .stats: break
-        case let .putStart(key, size, mode, options, replicas, preferred):
+        case let .putStart(key, size, mode, options, preferred):
             w.key(key); w.u64(UInt64(size)); w.u8(mode == .put ? 0 : 1)
             w.bool(options.hardPin); w.u64(options.softPinTTL ?? 0); w.u64(options.ttl ?? 0)
-            w.u8(UInt8(clamping: replicas)); w.bool(preferred != nil); w.u32(preferred ?? 0)
+            w.u8(UInt8(clamping: options.replicas)); w.bool(preferred != nil); w.u32(preferred ?? 0)
         case let .putCommit(handle), let .putAbort(handle): w.u64(handle)
         case let .get(key, host): w.key(key); w.string(host)
         case let .exists(key), let .size(key): w.key(key)
@@ -166,8 +174,8 @@ extension MasterRequest {
             let hasPreferred = try r.bool()
             let preferred = try r.u32()
             m = .putStart(key: key, size: size, mode: mode,
-                          options: WriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl),
-                          replicas: replicas, preferred: hasPreferred ? preferred : nil)
+                          options: WriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl, replicas: replicas),
+                          preferred: hasPreferred ? preferred : nil)
         case 6: m = .putCommit(handle: try r.u64())
         case 7: m = .putAbort(handle: try r.u64())
         case 8: m = .get(key: try r.key(), host: try r.string(max: MasterLimits.maxString, "host"))

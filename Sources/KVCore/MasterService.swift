@@ -55,9 +55,13 @@ public struct MasterService: Sendable {
     var clients: [UInt64: Client] = [:]
     var segmentInfo: [SegmentID: SegmentInfo] = [:]
     var segmentOwner: [SegmentID: UInt64] = [:]
-    var writes: [VersionHandle: (ticket: WriteTicket, client: UInt64)] = [:]
+    var writes: [VersionHandle: (ticket: WriteTicket, client: UInt64, key: ObjectKey)] = [:]
+    /// Writes in flight per key.
+    var writingKeys: [ObjectKey: Int] = [:]
     var nextClient: UInt64 = 1
-    var nextSegment: SegmentID = 1
+    /// Starts at a random value so that segment ids of two runs of a master do not meet: a
+    /// client that kept a segment id across a master restart finds it unknown.
+    var nextSegment = SegmentID.random(in: 1...(1 << 30))
     public private(set) var requests = 0
 
     public init(config: MasterConfig) throws(KVError) {
@@ -111,16 +115,17 @@ public struct MasterService: Sendable {
             _ = try unmount(seg, now: now)
             clients[id]!.segments.remove(seg)
             return .ok
-        case let .putStart(key, size, mode, options, replicas, preferred):
+        case let .putStart(key, size, mode, options, preferred):
             try options.validate()
-            let t = try table.beginWrite(key: key, size: size, mode: mode, options: options, replicas: replicas,
+            let t = try table.beginWrite(key: key, size: size, mode: mode, options: options, replicas: options.replicas,
                                          preferred: preferred, now: now)
-            writes[t.handle] = (t, id)
+            writes[t.handle] = (t, id, key)
+            writingKeys[key, default: 0] += 1
             clients[id]!.writes.insert(t.handle)
             return .putStarted(handle: t.handle, inPlace: t.inPlace, replicas: t.replicas)
         case let .putCommit(handle), let .putAbort(handle):
             guard let w = writes[handle], w.client == id else { throw .invalidArgument("no write \(handle) in flight for this client") }
-            writes[handle] = nil
+            forget(handle)
             clients[id]!.writes.remove(handle)
             if case .putCommit = request { try table.commitWrite(w.ticket, now: now) } else { try table.abortWrite(w.ticket, now: now) }
             return .ok
@@ -174,7 +179,7 @@ public struct MasterService: Sendable {
         guard let c = clients.removeValue(forKey: id) else { return nil }
         var d = Departure(client: id, name: c.name, segments: c.segments.sorted(), lostObjects: [], abortedWrites: 0)
         for h in c.writes {
-            if let w = writes.removeValue(forKey: h) {
+            if let w = forget(h) {
                 try? table.abortWrite(w.ticket, now: now)
                 d.abortedWrites += 1
             }
@@ -191,6 +196,34 @@ public struct MasterService: Sendable {
         return dead.compactMap { depart(client: $0, now: now) }
     }
 
+    /// Drops write `h` from the writes in flight.
+    @discardableResult
+    private mutating func forget(_ h: VersionHandle) -> (ticket: WriteTicket, client: UInt64, key: ObjectKey)? {
+        guard let w = writes.removeValue(forKey: h) else { return nil }
+        if writingKeys[w.key]! == 1 { writingKeys[w.key] = nil } else { writingKeys[w.key]! -= 1 }
+        return w
+    }
+
+    /// Whether a write of `key` has started and not yet committed or aborted. The server
+    /// reads every connection's pending input before answering a request about such a key,
+    /// so a commit already sent (pipelined) is seen by whoever asks after the put returned.
+    public func isWriting(_ key: ObjectKey) -> Bool { writingKeys[key] != nil }
+
     /// Runs the table's timers (leases, pins, TTLs) due by `now`.
     public mutating func advance(now: Nanoseconds) { table.advance(now: now) }
+}
+
+extension CacheStatistics {
+    /// The table counters a master's `stats` answer carries (absent ones 0; a remote reader
+    /// holds no read tickets and sees no free-block layout).
+    public init(_ stats: [Statistic]) {
+        var all: [String: Int] = [:]
+        for s in stats where all[s.name] == nil { all[s.name] = s.value }
+        self.init(objects: all["objects", default: 0], objectBytes: all["object_bytes", default: 0],
+                  usedBytes: all["bytes_used", default: 0], capacity: all["capacity", default: 0],
+                  activeReaders: 0, activeLeases: all["leases_active", default: 0],
+                  hardPinnedBytes: all["hard_pinned_bytes", default: 0], softPinnedBytes: all["soft_pinned_bytes", default: 0],
+                  evictedObjects: all["evicted_objects", default: 0], evictedBytes: all["evicted_bytes", default: 0],
+                  expiredObjects: all["expired_objects", default: 0], freeBlocks: 0, largestFreeBlock: 0)
+    }
 }

@@ -29,6 +29,14 @@ public struct WriteTicket: Sendable, Equatable {
     public var replicas: [Replica] { [Replica(segment: segment, offset: offset)] + moreReplicas }
 }
 
+extension WriteTicket {
+    /// A ticket as a remote master describes it (`replicas` not empty).
+    public init(handle: VersionHandle, size: Int, inPlace: Bool, replicas: [Replica]) {
+        self.init(handle: handle, segment: replicas[0].segment, offset: replicas[0].offset, size: size,
+                  inPlace: inPlace, moreReplicas: Array(replicas.dropFirst()))
+    }
+}
+
 /// A reader's hold on one complete version: its bytes stay in place (not freed, reused or
 /// overwritten) until `releaseRead`.
 public struct ReadTicket: Sendable, Equatable {
@@ -37,13 +45,16 @@ public struct ReadTicket: Sendable, Equatable {
     public let segment: SegmentID
     public let offset: Int
     public let size: Int
+    /// Other replicas to read should this one fail (a remote master's answer; empty here).
+    public var fallbacks: [Replica] = []
 
     /// Rebuilds a ticket handed across the C ABI; it must be one `acquireRead` returned.
-    public init(handle: VersionHandle, segment: SegmentID = 0, offset: Int, size: Int) {
+    public init(handle: VersionHandle, segment: SegmentID = 0, offset: Int, size: Int, fallbacks: [Replica] = []) {
         self.handle = handle
         self.segment = segment
         self.offset = offset
         self.size = size
+        self.fallbacks = fallbacks
     }
 }
 
@@ -430,7 +441,9 @@ public struct ObjectTable: Sendable {
                 let ms = (until - min(until, now) + 999_999) / 1_000_000
                 throw KVError(.leaseHeld, "object '\(key)' is leased by a reader for another \(ms) ms; remove(force=True) removes it anyway")
             }
-            endLease(c)
+            // Remote readers copy under the lease alone: the object goes now, its bytes when
+            // the lease ends. In-process readers hold the version, so the lease can end now.
+            if policy.inPlaceUpserts { endLease(c) }
         }
         hide(c)
     }
@@ -445,7 +458,7 @@ public struct ObjectTable: Sendable {
             victims.append(e.current)
         }
         for c in victims {
-            if versions[Int(c)].leaseUntil != 0 { endLease(c) }
+            if versions[Int(c)].leaseUntil != 0 && policy.inPlaceUpserts { endLease(c) }
             hide(c)
         }
         return victims.count

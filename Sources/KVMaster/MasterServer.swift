@@ -158,7 +158,11 @@ public final class MasterServer: @unchecked Sendable {
             let now = clock()
             if now &- lastSweep >= 1_000_000_000 {
                 lastSweep = now
-                for d in service.expireClients(now: now) { logDeparture(d, why: "silent for longer than the client TTL") }
+                for d in service.expireClients(now: now) {
+                    logDeparture(d, why: "silent for longer than the client TTL")
+                    // Its connection (if still open) ends too: the client sees that and reconnects.
+                    for c in connections.values where c.session.client == d.client { drop(c, reason: nil) }
+                }
                 service.advance(now: now)
             }
         }
@@ -206,6 +210,7 @@ public final class MasterServer: @unchecked Sendable {
                 guard let request else { break }
                 consumed += WireFrameHeader.size + header.length
                 let wasWelcomed = c.session.client != nil
+                if !draining, let key = request.key, service.isWriting(key) { drainOthers(except: c) }
                 let response = service.handle(request, session: &c.session, now: clock())
                 c.output += WireWriter.frame(kind: response.kind, requestID: header.requestID, payload: response.encode())
                 if case .hello = request, !wasWelcomed, case .error(let e) = response {
@@ -216,6 +221,19 @@ public final class MasterServer: @unchecked Sendable {
                 consumed = c.input.count
                 return drop(c, reason: "malformed message: \((error as? KVError)?.message ?? "\(error)")")
             }
+        }
+    }
+
+    /// Set while `drainOthers` runs (it does not nest).
+    private var draining = false
+
+    /// Reads and handles whatever the other connections have sent already: a pipelined
+    /// commit that reached this machine before the request being handled is applied first.
+    private func drainOthers(except c: Connection) {
+        draining = true
+        defer { draining = false }
+        for other in Array(connections.values) where other !== c && !other.http {
+            readFrom(other)
         }
     }
 

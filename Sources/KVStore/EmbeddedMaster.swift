@@ -16,10 +16,33 @@ public let monotonicClock: Clock = {
     return Nanoseconds(ts.tv_sec) &* 1_000_000_000 &+ Nanoseconds(ts.tv_nsec)
 }
 
+/// What a `StoreClient` asks of its master: the embedded one (a function call) or a master
+/// server over the network (`RemoteMaster`). Thread-safe.
+public protocol MasterLink: AnyObject, Sendable {
+    var policy: CachePolicy { get }
+    /// Space for a write, in `options.replicas` segments (`preferred` first when it has room).
+    func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
+                    preferred: SegmentID?) throws(KVError) -> WriteTicket
+    /// Makes a written object visible. A remote master may only send it (the answer is
+    /// read with the next request): the object is visible to this client's next request
+    /// at once, to other clients as soon as the master reads it.
+    func commitWrite(_ ticket: WriteTicket) throws(KVError)
+    func abortWrite(_ ticket: WriteTicket) throws(KVError)
+    /// A read of `key` (leased); for a remote master `busy` never happens, the handle is 0
+    /// and the ticket lists the other replicas in `fallbacks`.
+    func acquireRead(key: ObjectKey, host: String) throws(KVError) -> ReadResult
+    func releaseRead(_ handle: VersionHandle) throws(KVError)
+    /// Size of `key`, leasing it; nil when absent.
+    func lease(key: ObjectKey) throws(KVError) -> Int?
+    func remove(key: ObjectKey, force: Bool) throws(KVError)
+    func removeAll(force: Bool) throws(KVError) -> Int
+    func statistics() throws(KVError) -> CacheStatistics
+}
+
 /// The in-process master: the `ObjectTable` state machine behind one lock, fed by `clock`.
 /// Every method is thread-safe and holds the lock only for bookkeeping, never while bytes
 /// are copied.
-public final class EmbeddedMaster: Sendable {
+public final class EmbeddedMaster: MasterLink {
     private let table: Locked<ObjectTable>
     public let clock: Clock
     public let policy: CachePolicy
@@ -30,10 +53,11 @@ public final class EmbeddedMaster: Sendable {
         self.policy = policy
     }
 
-    public func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions) throws(KVError) -> WriteTicket {
+    public func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
+                           preferred: SegmentID? = nil) throws(KVError) -> WriteTicket {
         let now = clock()
         return try table.withLock { (t: inout ObjectTable) throws(KVError) in
-            try t.beginWrite(key: key, size: size, mode: mode, options: options, now: now)
+            try t.beginWrite(key: key, size: size, mode: mode, options: options, replicas: options.replicas, now: now)
         }
     }
 
@@ -47,7 +71,7 @@ public final class EmbeddedMaster: Sendable {
         try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.abortWrite(ticket, now: now) }
     }
 
-    public func acquireRead(key: ObjectKey) -> ReadResult {
+    public func acquireRead(key: ObjectKey, host: String = "") -> ReadResult {
         let now = clock()
         return table.withLock { $0.acquireRead(key: key, now: now) }
     }

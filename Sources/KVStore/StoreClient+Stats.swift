@@ -12,12 +12,14 @@ extension StoreClient {
         "evicted_objects", "evicted_bytes", "expired_objects",
         "leases_active", "active_readers", "free_blocks", "largest_free_block",
         "registered_buffers", "registered_bytes", "page_locked_bytes", "page_lock_fallbacks", "accelerators", "closed",
+        "segment_size", "master_reconnects", "commit_failures",
     ]
 
     /// Current values, aligned with `statisticNames`. All counts are exact when no operation
     /// is in flight.
     public func statistics() -> [Int] {
-        let s = master.statistics()
+        // A connected client shows the cluster's table (zeros while the master is unreachable).
+        let s = (try? master.statistics()) ?? CacheStatistics([])
         let hits = operations.hits.load(ordering: .relaxed), misses = operations.misses.load(ordering: .relaxed)
         return [
             s.objects, s.objectBytes, s.usedBytes, s.capacity, s.capacity - s.usedBytes,
@@ -29,8 +31,10 @@ extension StoreClient {
             s.evictedObjects, s.evictedBytes, s.expiredObjects,
             s.activeLeases, s.activeReaders, s.freeBlocks, s.largestFreeBlock,
             registry.count, registry.registeredBytes,
-            isClosed ? 0 : segment.pinnedLength, segment.pinFellBack ? 1 : 0,
+            isClosed ? 0 : segment?.pinnedLength ?? 0, segment?.pinFellBack ?? false ? 1 : 0,
             AcceleratorRegistry.snapshot.accelerators.count, isClosed ? 1 : 0,
+            segment?.size ?? 0, remote?.reconnects.load(ordering: .relaxed) ?? 0,
+            remote?.commitFailures.load(ordering: .relaxed) ?? 0,
         ]
     }
 }

@@ -24,10 +24,14 @@ public final class StoreClient: Sendable {
         case locate
     }
 
-    public let segment: HostSegment
+    /// This client's segment (nil for a pure client of a cluster).
+    public let segment: HostSegment?
     public let registry = MemoryRegistry()
     public let counters = TransferCounters()
-    let master: EmbeddedMaster
+    let master: any MasterLink
+    /// The master server, when this client is connected to one.
+    public let remote: RemoteMaster?
+    let cluster: ClusterState?
     let transport: LocalCopyTransport
     let gate = OperationGate()
     let operations = OperationCounters()
@@ -47,6 +51,48 @@ public final class StoreClient: Sendable {
         if let pinning { policy = pinning } else { policy = try PinningPolicy.fromEnvironment() }
         segment = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy)
         master = EmbeddedMaster(capacity: segmentSize, policy: cache, clock: clock)
+        remote = nil
+        cluster = nil
+        transport = LocalCopyTransport(counters: counters)
+    }
+
+    /// Joins the cluster of the master at `url` ("kvstore://host:port"): mounts a shared
+    /// segment of `segmentSize` bytes (0: a pure client that stores nothing itself) served to
+    /// other hosts over TCP, and reads and writes objects in every segment of the cluster.
+    /// `token` must match the master's when it has one. Throws `transfer` when the master
+    /// cannot be reached and `invalidArgument` when it refuses the token.
+    public init(connecting url: String, segmentSize: Int, token: String? = nil, prefault: Bool = false,
+                pinning: PinningPolicy? = nil, name: String = "") throws(KVError) {
+        guard segmentSize == 0 || segmentSize >= SegmentAllocator.granule else {
+            throw .invalidArgument("segment size must be 0 (a pure client) or at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
+        }
+        let policy: PinningPolicy
+        if let pinning { policy = pinning } else { policy = try PinningPolicy.fromEnvironment() }
+        let state = ClusterState(token: token)
+        let remote = try RemoteMaster(url: url, token: token, name: name.isEmpty ? "pid \(getpid())" : name,
+                                      onConnect: { epoch, seg in state.connected(epoch: epoch, segment: seg) })
+        var own: HostSegment? = nil
+        do throws(KVError) {
+            if segmentSize > 0 {
+                let s = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy, shared: true)
+                own = s
+                let server = try SegmentServer(region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: token,
+                                               log: { line in _ = "kvstore: \(line)\n".withCString { Glibc.write(2, $0, strlen($0)) } })
+                state.server.withLock { $0 = server }
+                _ = try remote.mount(RemoteMaster.Mount(size: segmentSize, host: state.host, sharePath: s.sharePath!,
+                                                        endpoint: server.endpoint))
+            }
+            try remote.startHeartbeat()
+        } catch {
+            remote.close()
+            state.close()
+            own?.unmap()
+            throw error
+        }
+        segment = own
+        master = remote
+        self.remote = remote
+        cluster = state
         transport = LocalCopyTransport(counters: counters)
     }
 
@@ -62,25 +108,67 @@ public final class StoreClient: Sendable {
     /// `options` pin the object or give it a TTL. Evicts when the store is full.
     public func put(key: ObjectKey, parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
                     options: WriteOptions = .default, memory: MemoryHint = .locate) throws(KVError) {
-        try gate.enter()
-        defer { gate.leave() }
+        try enter()
+        defer { leave() }
         let total = TransferPlan.totalLength(parts)
         guard total > 0 else { throw .invalidArgument("value must not be empty") }
         let locations = locate(parts, memory)
-        let ticket = try master.beginWrite(key: key, size: total, mode: mode, options: options)
-        let destination = segment.region(offset: ticket.offset, length: total)
-        if let locations {
-            var plan = DeviceCopyPlan()
-            plan.addWrite(parts, locations: locations, into: destination, owner: 0)
-            if let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] {
-                try? master.abortWrite(ticket)
-                throw e
+        let ticket = try master.beginWrite(key: key, size: total, mode: mode, options: options, preferred: ownSegmentID)
+        do throws(KVError) {
+            for r in ticket.replicas {
+                var plan = DeviceCopyPlan()
+                try write(parts, locations: locations, size: total, to: r, plan: &plan, owner: 0)
+                if let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] { throw e }
             }
-        } else {
-            copyHost(parts, into: destination)
+        } catch {
+            try? master.abortWrite(ticket)
+            throw error
         }
         try master.commitWrite(ticket)
         operations.puts.add(1, ordering: .relaxed)
+    }
+
+    /// Copies `parts` (`size` bytes) into replica `r`: host parts into a mapped segment at
+    /// once, device parts into `plan` (the caller executes it), parts for a segment on
+    /// another host over TCP at once.
+    private func write(_ parts: UnsafeBufferPointer<MemoryRegion>, locations: [MemoryLocation]?, size: Int,
+                       to r: Replica, plan: inout DeviceCopyPlan, owner: Int) throws(KVError) {
+        switch try access(r.segment) {
+        case .mapped(let s):
+            let destination = try Self.region(of: s, r, size)
+            if let locations {
+                plan.addWrite(parts, locations: locations, into: destination, owner: owner)
+            } else {
+                copyHost(parts, into: destination)
+            }
+        case .peer(let p):
+            guard let locations else {
+                try p.write(segment: r.segment, offset: r.offset, length: size, from: parts)
+                counters.bytesCopied.add(size, ordering: .relaxed)
+                counters.copyOps.add(1, ordering: .relaxed)
+                return
+            }
+            // A socket cannot read device memory: stage through host memory (DESIGN.md §2).
+            try withStaging(size) { (staging) throws(KVError) in
+                var d2h = DeviceCopyPlan()
+                d2h.addWrite(parts, locations: locations, into: staging, owner: 0)
+                if let e = d2h.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] { throw e }
+                try withUnsafePointer(to: staging) { (s) throws(KVError) in
+                    try p.write(segment: r.segment, offset: r.offset, length: size, from: UnsafeBufferPointer(start: s, count: 1))
+                }
+            }
+            counters.bytesCopied.add(size, ordering: .relaxed)
+            counters.copyOps.add(1, ordering: .relaxed)
+        }
+    }
+
+    /// Replica `r`'s `size` bytes in mapped segment `s`; `internal` when the master's answer
+    /// points outside it.
+    private static func region(of s: HostSegment, _ r: Replica, _ size: Int) throws(KVError) -> MemoryRegion {
+        guard r.offset >= 0, size >= 0, r.offset <= s.size, size <= s.size - r.offset else {
+            throw KVError(.internal, "replica \(r) of \(size) bytes lies outside its \(s.size)-byte segment")
+        }
+        return s.region(offset: r.offset, length: size)
     }
 
     /// One object of a batch: its key and the range of its regions in the batch's region list
@@ -99,8 +187,8 @@ public final class StoreClient: Sendable {
     /// once), then each object commits — or is revoked if its copy failed.
     public func putBatch(_ items: [BatchItem], parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
                          options: WriteOptions = .default, memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
-        try gate.enter()
-        defer { gate.leave() }
+        try enter()
+        defer { leave() }
         var results = [KVError?](repeating: nil, count: items.count)
         var tickets = [WriteTicket?](repeating: nil, count: items.count)
         var plan = DeviceCopyPlan()
@@ -109,14 +197,10 @@ public final class StoreClient: Sendable {
                 let mine = try Self.slice(parts, item.regions, "parts")
                 let total = TransferPlan.totalLength(mine)
                 guard total > 0 else { throw .invalidArgument("value must not be empty") }
-                let t = try master.beginWrite(key: item.key, size: total, mode: mode, options: options)
+                let t = try master.beginWrite(key: item.key, size: total, mode: mode, options: options, preferred: ownSegmentID)
                 tickets[i] = t
-                let destination = segment.region(offset: t.offset, length: total)
-                if let locations = locate(mine, memory) {
-                    plan.addWrite(mine, locations: locations, into: destination, owner: i)
-                } else {
-                    copyHost(mine, into: destination)   // host memory: nothing to group
-                }
+                let locations = locate(mine, memory)
+                for r in t.replicas { try write(mine, locations: locations, size: total, to: r, plan: &plan, owner: i) }
             } catch {
                 results[i] = error
             }
@@ -124,7 +208,7 @@ public final class StoreClient: Sendable {
         let failed = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)
         for (i, t) in tickets.enumerated() {
             guard let t else { continue }
-            if let e = failed[i] {
+            if let e = results[i] ?? failed[i] {
                 try? master.abortWrite(t)
                 results[i] = e
                 continue
@@ -175,24 +259,24 @@ public final class StoreClient: Sendable {
 
     /// Takes a read hold on `key`, waiting while an in-place upsert rewrites it.
     public func beginRead(key: ObjectKey) throws(KVError) -> ReadTicket {
-        try gate.enter()
-        defer { gate.leave() }
+        try enter()
+        defer { leave() }
         return try heldBeginRead(key: key)
     }
 
     /// Takes a read hold without waiting; `.busy` while an in-place upsert rewrites the object.
     public func tryBeginRead(key: ObjectKey) throws(KVError) -> ReadResult {
-        try gate.enter()
-        defer { gate.leave() }
-        return heldTryBeginRead(key: key)
+        try enter()
+        defer { leave() }
+        return try heldTryBeginRead(key: key)
     }
 
     /// Copies a held object into `destinations` (filled in order); returns bytes copied.
     /// Throws `invalidArgument` when they hold fewer than `ticket.size` bytes (nothing copied).
     public func copyOut(_ ticket: ReadTicket, to destinations: UnsafeBufferPointer<MemoryRegion>,
                         memory: MemoryHint = .locate) throws(KVError) -> Int {
-        try gate.enter()
-        defer { gate.leave() }
+        try enter()
+        defer { leave() }
         return try heldCopyOut(ticket, range: 0..<ticket.size, to: destinations, memory: memory)
     }
 
@@ -200,8 +284,8 @@ public final class StoreClient: Sendable {
     /// `range.count` bytes); returns bytes copied.
     public func copyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
                         memory: MemoryHint = .locate) throws(KVError) -> Int {
-        try gate.enter()
-        defer { gate.leave() }
+        try enter()
+        defer { leave() }
         guard range.lowerBound >= 0, range.upperBound <= ticket.size else {
             throw .invalidArgument("range \(range.lowerBound)..<\(range.upperBound) is outside an object of \(ticket.size) bytes")
         }
@@ -210,8 +294,8 @@ public final class StoreClient: Sendable {
 
     /// Ends a read hold. After `close` it throws `storeClosed` (the segment is gone).
     public func endRead(_ ticket: ReadTicket) throws(KVError) {
-        try gate.enter()
-        defer { gate.leave() }
+        try enter()
+        defer { leave() }
         try master.releaseRead(ticket.handle)
     }
 
@@ -219,8 +303,8 @@ public final class StoreClient: Sendable {
     /// it fails.
     public func get(key: ObjectKey, into destinations: UnsafeBufferPointer<MemoryRegion>,
                     memory: MemoryHint = .locate) throws(KVError) -> Int {
-        try gate.enter()
-        defer { gate.leave() }
+        try enter()
+        defer { leave() }
         let t = try heldBeginRead(key: key)
         defer { try? master.releaseRead(t.handle) }
         return try heldCopyOut(t, range: 0..<t.size, to: destinations, memory: memory)
@@ -231,8 +315,8 @@ public final class StoreClient: Sendable {
     /// run grouped per device, then the holds are released.
     public func getBatch(_ items: [BatchItem], destinations: UnsafeBufferPointer<MemoryRegion>,
                          memory: MemoryHint = .locate) throws(KVError) -> [Result<Int, KVError>] {
-        try gate.enter()
-        defer { gate.leave() }
+        try enter()
+        defer { leave() }
         var results = [Result<Int, KVError>](repeating: .success(0), count: items.count)
         var held: [ReadTicket] = []
         defer { for t in held { try? master.releaseRead(t.handle) } }
@@ -243,11 +327,15 @@ public final class StoreClient: Sendable {
                 let t = try heldBeginRead(key: item.key)
                 held.append(t)
                 try Self.checkRoom(mine, for: t.size, of: t)
-                let source = segment.region(offset: t.offset, length: t.size)
-                if let locations = locate(mine, memory) {
-                    plan.addRead(from: source, into: mine, locations: locations, owner: i)
+                if case .mapped(let s) = try access(t.segment) {
+                    let source = try Self.region(of: s, Replica(segment: t.segment, offset: t.offset), t.size)
+                    if let locations = locate(mine, memory) {
+                        plan.addRead(from: source, into: mine, locations: locations, owner: i)
+                    } else {
+                        copyHost(source, into: mine)
+                    }
                 } else {
-                    copyHost(source, into: mine)
+                    _ = try heldCopyOut(t, range: 0..<t.size, to: mine, memory: memory)
                 }
                 results[i] = .success(t.size)
             } catch {
@@ -262,7 +350,7 @@ public final class StoreClient: Sendable {
 
     private func heldBeginRead(key: ObjectKey) throws(KVError) -> ReadTicket {
         while true {
-            switch heldTryBeginRead(key: key) {
+            switch try heldTryBeginRead(key: key) {
             case .found(let t): return t
             case .notFound: throw .notFound("object '\(key)' not found")
             case .busy: sched_yield()
@@ -270,8 +358,8 @@ public final class StoreClient: Sendable {
         }
     }
 
-    private func heldTryBeginRead(key: ObjectKey) -> ReadResult {
-        let r = master.acquireRead(key: key)
+    private func heldTryBeginRead(key: ObjectKey) throws(KVError) -> ReadResult {
+        let r = try master.acquireRead(key: key, host: cluster?.host ?? "")
         switch r {
         case .found: operations.hits.add(1, ordering: .relaxed)
         case .notFound: operations.misses.add(1, ordering: .relaxed)
@@ -292,14 +380,58 @@ public final class StoreClient: Sendable {
     private func heldCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
                              memory: MemoryHint) throws(KVError) -> Int {
         try Self.checkRoom(destinations, for: range.count, of: ticket)
-        let source = segment.region(offset: ticket.offset + range.lowerBound, length: range.count)
-        if let locations = locate(destinations, memory) {
-            var plan = DeviceCopyPlan()
-            plan.addRead(from: source, into: destinations, locations: locations, owner: 0)
-            if let e = plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] { throw e }
-            return range.count
+        let locations = locate(destinations, memory)
+        var failure: KVError? = nil
+        for r in [Replica(segment: ticket.segment, offset: ticket.offset)] + ticket.fallbacks {
+            do throws(KVError) {
+                try read(r, size: ticket.size, range: range, into: destinations, locations: locations)
+                return range.count
+            } catch where error.code == .transfer || error.code == .objectNotFound {
+                failure = error   // that replica's holder died or left: try the next one
+            }
         }
-        return copyHost(source, into: destinations)
+        throw failure!
+    }
+
+    /// Copies bytes `range` of replica `r` (of an object of `size` bytes) into `destinations`.
+    private func read(_ r: Replica, size: Int, range: Range<Int>, into destinations: UnsafeBufferPointer<MemoryRegion>,
+                      locations: [MemoryLocation]?) throws(KVError) {
+        switch try access(r.segment) {
+        case .mapped(let s):
+            let whole = try Self.region(of: s, r, size)
+            let source = MemoryRegion(address: whole.address + UInt(range.lowerBound), length: range.count)
+            if let locations {
+                var plan = DeviceCopyPlan()
+                plan.addRead(from: source, into: destinations, locations: locations, owner: 0)
+                if let e = plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] { throw e }
+            } else {
+                copyHost(source, into: destinations)
+            }
+        case .peer(let p):
+            guard let locations else {
+                try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count, into: destinations)
+                counters.bytesCopied.add(range.count, ordering: .relaxed)
+                counters.copyOps.add(1, ordering: .relaxed)
+                return
+            }
+            try withStaging(range.count) { (staging) throws(KVError) in
+                try withUnsafePointer(to: staging) { (s) throws(KVError) in
+                    try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count,
+                               into: UnsafeBufferPointer(start: s, count: 1))
+                }
+                var h2d = DeviceCopyPlan()
+                h2d.addRead(from: staging, into: destinations, locations: locations, owner: 0)
+                if let e = h2d.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] { throw e }
+            }
+        }
+    }
+
+    /// Runs `body` with `size` bytes of host memory, counted as staged.
+    private func withStaging(_ size: Int, _ body: (MemoryRegion) throws(KVError) -> Void) throws(KVError) {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: 64)
+        defer { p.deallocate() }
+        counters.bytesStaged.add(size, ordering: .relaxed)
+        try body(MemoryRegion(p, length: size))
     }
 
     /// Host parts into a segment region: one copy per slice, no lookup, no plan.
@@ -321,16 +453,16 @@ public final class StoreClient: Sendable {
 
     /// Whether `key` exists; an existing object is leased (so a `get` that follows finds it).
     public func exists(key: ObjectKey) throws(KVError) -> Bool {
-        try gate.enter()
-        defer { gate.leave() }
-        return master.lease(key: key) != nil
+        try enter()
+        defer { leave() }
+        return try master.lease(key: key) != nil
     }
 
     /// The size of `key` in bytes; leases the object.
     public func size(key: ObjectKey) throws(KVError) -> Int {
-        try gate.enter()
-        defer { gate.leave() }
-        guard let n = master.lease(key: key) else { throw .notFound("object '\(key)' not found") }
+        try enter()
+        defer { leave() }
+        guard let n = try master.lease(key: key) else { throw .notFound("object '\(key)' not found") }
         return n
     }
 
@@ -338,17 +470,17 @@ public final class StoreClient: Sendable {
     /// already copying finish with the bytes they hold; the space is freed when the last of
     /// them is done.
     public func remove(key: ObjectKey, force: Bool = false) throws(KVError) {
-        try gate.enter()
-        defer { gate.leave() }
+        try enter()
+        defer { leave() }
         try master.remove(key: key, force: force)
         operations.removes.add(1, ordering: .relaxed)
     }
 
     /// Removes every object that is not leased (every object when `force`); returns how many.
     public func removeAll(force: Bool = false) throws(KVError) -> Int {
-        try gate.enter()
-        defer { gate.leave() }
-        let n = master.removeAll(force: force)
+        try enter()
+        defer { leave() }
+        let n = try master.removeAll(force: force)
         operations.removes.add(n, ordering: .relaxed)
         return n
     }
@@ -380,12 +512,106 @@ public final class StoreClient: Sendable {
 
     public var isClosed: Bool { gate.isClosed }
 
-    /// Refuses new operations, waits for those in flight, then releases the segment.
-    /// Idempotent.
+    /// Refuses new operations, waits for those in flight, then leaves the cluster (when
+    /// connected: unmount, stop serving) and releases the segment. Idempotent.
     public func close() {
         if gate.close() {
+            remote?.close()
+            cluster?.close()
             registry.removeAll()
-            segment.unmap()
+            segment?.unmap()
         }
+    }
+
+    // MARK: cluster plumbing
+
+    /// Enters an operation: passes the gate and, when connected to a master, reconnects if
+    /// the connection was lost, then shares the data lock (a reconnect waits for it).
+    @inline(__always)
+    func enter() throws(KVError) {
+        try gate.enter()
+        guard let remote else { return }
+        do throws(KVError) {
+            try remote.reconnectIfNeeded()
+        } catch {
+            gate.leave()
+            throw error
+        }
+        remote.dataLock.lockShared()
+    }
+
+    @inline(__always)
+    func leave() {
+        remote?.dataLock.unlock()
+        gate.leave()
+    }
+
+    /// The segment to place a write's first replica in: this client's own, when it has one.
+    var ownSegmentID: SegmentID? {
+        guard segment != nil else { return nil }
+        return cluster?.segment.load(ordering: .relaxed) ?? 0
+    }
+
+    /// How to reach segment `seg`: this client's own or another local client's (mapped), or
+    /// a peer's on another host (TCP). Asks the master about a segment once per connection.
+    func access(_ seg: SegmentID) throws(KVError) -> SegmentAccess {
+        guard let cluster, let remote else {
+            guard let segment, seg == 0 else { throw KVError(.internal, "segment \(seg) is not this store's") }
+            return .mapped(segment)
+        }
+        if let segment, seg == cluster.segment.load(ordering: .relaxed) { return .mapped(segment) }
+        if let a = cluster.peers.withLock({ $0.map[seg] }) { return a }
+        let (info, epoch) = try remote.segmentInfo(seg)
+        let a = try cluster.reach(info)
+        cluster.peers.withLock { p in if p.epoch == epoch { p.map[seg] = a } }
+        return a
+    }
+}
+
+/// How a client reaches one segment.
+enum SegmentAccess: Sendable {
+    /// Mapped into this process: its own, or another local client's shared segment.
+    case mapped(HostSegment)
+    /// Served over TCP by its owner on another host.
+    case peer(PeerLink)
+}
+
+/// A connected client's view of the cluster: its host identity, its own segment id and
+/// server, and the segments of others it has mapped or dialled (forgotten at each reconnect,
+/// since a restarted master numbers segments afresh).
+final class ClusterState: Sendable {
+    let host = localHostIdentity()
+    let token: String?
+    let segment = Atomic<SegmentID>(0)
+    let server = Locked<SegmentServer?>(nil)
+    let peers = Locked<(epoch: Int, map: [SegmentID: SegmentAccess])>((0, [:]))
+
+    init(token: String?) { self.token = token }
+
+    /// After each (re)connect: a new epoch, this client's segment id (0: none).
+    func connected(epoch: Int, segment seg: SegmentID) {
+        segment.store(seg, ordering: .relaxed)
+        server.withLock { $0?.segmentID.withLock { $0 = seg } }
+        let old = peers.withLock { p in
+            defer { p = (epoch, [:]) }
+            return p.map
+        }
+        _ = old   // released outside the lock (unmaps, closes sockets)
+    }
+
+    /// Maps a segment of this host, or dials one of another host (or of this host when its
+    /// file cannot be opened, such as across a PID namespace).
+    func reach(_ info: SegmentInfo) throws(KVError) -> SegmentAccess {
+        if info.host == host, let s = try? HostSegment(attaching: info.sharePath, size: info.size) { return .mapped(s) }
+        return .peer(try PeerLink(endpoint: info.endpoint, token: token))
+    }
+
+    func close() {
+        server.withLock { $0 }?.stop()
+        let old = peers.withLock { p in
+            defer { p.map = [:] }
+            return p.map
+        }
+        for case .peer(let l) in old.values { l.closeIdle() }
     }
 }

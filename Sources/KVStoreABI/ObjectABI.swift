@@ -13,13 +13,14 @@ func writeMode(_ flags: UInt32) -> WriteMode { flags & UInt32(KV_UPSERT) != 0 ? 
 func writeOptions(_ p: UnsafePointer<kv_put_options>?, _ c: StoreClient) throws(KVError) -> WriteOptions {
     guard let p else { return .default }
     let o = p.pointee
-    let known = UInt32(KV_PIN_HARD | KV_PIN_SOFT | KV_OPT_TTL | KV_OPT_SOFT_PIN_TTL)
+    let known = UInt32(KV_PIN_HARD | KV_PIN_SOFT | KV_OPT_TTL | KV_OPT_SOFT_PIN_TTL | KV_OPT_REPLICAS)
     guard o.flags & ~known == 0 else {
         throw .invalidArgument("unknown put option flags 0x\(String(o.flags & ~known, radix: 16))")
     }
     return try WriteOptions(hardPin: o.flags & UInt32(KV_PIN_HARD) != 0, softPin: o.flags & UInt32(KV_PIN_SOFT) != 0,
                             softPinSeconds: o.flags & UInt32(KV_OPT_SOFT_PIN_TTL) != 0 ? o.soft_pin_ttl : nil,
-                            ttlSeconds: o.flags & UInt32(KV_OPT_TTL) != 0 ? o.ttl : nil, policy: c.cachePolicy)
+                            ttlSeconds: o.flags & UInt32(KV_OPT_TTL) != 0 ? o.ttl : nil,
+                            replicas: o.flags & UInt32(KV_OPT_REPLICAS) != 0 ? Int(o.replicas) : 1, policy: c.cachePolicy)
 }
 
 @c(kv_put)
@@ -54,14 +55,15 @@ public func kvReadBegin(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _
         } else {
             t = try c.beginRead(key: k)
         }
-        out.pointee = kv_read(handle: t.handle, offset: UInt64(t.offset), size: UInt64(t.size))
+        out.pointee = kv_read(handle: t.handle, segment: UInt64(t.segment), offset: UInt64(t.offset), size: UInt64(t.size))
     }
     return busy ? Int32(KV_BUSY) : s
 }
 
 @inline(__always)
 func ticket(_ hold: UnsafePointer<kv_read>) -> ReadTicket {
-    ReadTicket(handle: hold.pointee.handle, offset: Int(hold.pointee.offset), size: Int(hold.pointee.size))
+    ReadTicket(handle: hold.pointee.handle, segment: SegmentID(truncatingIfNeeded: hold.pointee.segment),
+               offset: Int(hold.pointee.offset), size: Int(hold.pointee.size))
 }
 
 @c(kv_read_copy)

@@ -45,6 +45,23 @@ public func kvStoreCreate(_ segmentSize: UInt64, _ flags: UInt32, _ config: Unsa
     }
 }
 
+@c(kv_store_connect)
+public func kvStoreConnect(_ url: UnsafePointer<CChar>?, _ segmentSize: UInt64, _ flags: UInt32,
+                           _ token: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        guard let out else { throw .invalidArgument("out pointer is NULL") }
+        guard let url else { throw .invalidArgument("master url is NULL") }
+        guard segmentSize <= UInt64(Int.max) else { throw .invalidArgument("segment size \(segmentSize) is too large") }
+        var pinning = try PinningPolicy.fromEnvironment()
+        if flags & UInt32(KV_CREATE_NO_PIN) != 0 { pinning.enabled = false }
+        let t = token.map { String(cString: $0) }
+        let client = try StoreClient(connecting: String(cString: url), segmentSize: Int(segmentSize),
+                                     token: t?.isEmpty == false ? t : nil,
+                                     prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: pinning)
+        out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
+    }
+}
+
 @c(kv_store_destroy)
 public func kvStoreDestroy(_ store: OpaquePointer?) {
     guard let store else { return }

@@ -52,17 +52,54 @@ public final class Socket: @unchecked Sendable {
         return s
     }
 
-    /// A connected socket to host:port (blocking, TCP_NODELAY). Throws `transfer` when the
-    /// peer cannot be reached.
-    public static func connect(host: String, port: Int) throws(KVError) -> Socket {
+    /// A connected socket to host:port (blocking, TCP_NODELAY), giving up after `timeout`
+    /// seconds. Throws `transfer` when the peer cannot be reached.
+    public static func connect(host: String, port: Int, timeout: Double = 5) throws(KVError) -> Socket {
         var addr = try address(host: host, port: port)
         let s = Socket(adopting: try SystemCall.check("socket", Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)))
+        s.setNonBlocking()
         let rc = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(s.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
-        try SystemCall.check("connect to \(host):\(port)", rc, code: .transfer)
+        if rc != 0 {
+            guard errno == EINPROGRESS else { throw SystemCall.failure("connect to \(host):\(port)", code: .transfer) }
+            var p = pollfd(fd: s.fd, events: Int16(POLLOUT), revents: 0)
+            var n: Int32
+            repeat { n = poll(&p, 1, Int32(timeout * 1000)) } while n < 0 && errno == EINTR
+            guard n > 0 else { throw KVError(.transfer, "connect to \(host):\(port) timed out after \(timeout) s") }
+            var err: Int32 = 0
+            var len = socklen_t(MemoryLayout<Int32>.size)
+            getsockopt(s.fd, SOL_SOCKET, SO_ERROR, &err, &len)
+            if err != 0 {
+                errno = err
+                throw SystemCall.failure("connect to \(host):\(port)", code: .transfer)
+            }
+        }
+        _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)
         s.setNoDelay()
         return s
+    }
+
+    /// Makes blocking reads and writes fail with `transfer` after `seconds` without progress.
+    public func setTimeout(_ seconds: Double) {
+        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - seconds.rounded(.down)) * 1e6))
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// The local IPv4 address this socket is bound or connected from ("a.b.c.d").
+    public var localHost: String {
+        var a = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        var text = [CChar](repeating: 0, count: Int(INET_ADDRSTRLEN))
+        inet_ntop(AF_INET, &a.sin_addr, &text, socklen_t(text.count))
+        return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// Ends both directions now: a thread blocked reading this socket wakes up.
+    public func shutdown() {
+        if fd >= 0 { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
     }
 
     /// The port this socket is bound to.
@@ -101,6 +138,7 @@ public final class Socket: @unchecked Sendable {
             let n = send(fd, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
             if n < 0 {
                 if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK { throw KVError(.transfer, "send timed out: the peer stopped reading") }
                 throw SystemCall.failure("send", code: .transfer)
             }
             done += n
@@ -116,6 +154,7 @@ public final class Socket: @unchecked Sendable {
             if n == 0 { throw KVError(.transfer, "the peer closed the connection") }
             if n < 0 {
                 if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK { throw KVError(.transfer, "recv timed out: the peer stopped answering") }
                 throw SystemCall.failure("recv", code: .transfer)
             }
             done += n

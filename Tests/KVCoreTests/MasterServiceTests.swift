@@ -22,8 +22,7 @@ final class MasterServiceTests: XCTestCase {
 
     func put(_ m: inout MasterService, _ session: inout MasterService.Session, _ key: ObjectKey, size: Int = 1000,
              replicas: Int = 1, preferred: SegmentID? = nil, now: Nanoseconds = 0) -> [Replica] {
-        guard case let .putStarted(handle, inPlace, rs) = m.handle(.putStart(key: key, size: size, mode: .put, options: WriteOptions(),
-                                                                            replicas: replicas, preferred: preferred),
+        guard case let .putStarted(handle, inPlace, rs) = m.handle(.putStart(key: key, size: size, mode: .put, options: WriteOptions(replicas: replicas), preferred: preferred),
                                                                  session: &session, now: now) else { XCTFail("putStart"); return [] }
         XCTAssertFalse(inPlace)
         XCTAssertEqual(m.handle(.putCommit(handle: handle), session: &session, now: now), .ok)
@@ -80,8 +79,7 @@ final class MasterServiceTests: XCTestCase {
         var m = try master()
         var (a, _) = join(&m, "a", host: "h1")
         _ = put(&m, &a, "k")
-        guard case let .putStarted(h, inPlace, _) = m.handle(.putStart(key: "k", size: 1000, mode: .upsert, options: WriteOptions(),
-                                                                         replicas: 1, preferred: nil), session: &a, now: 0) else { return XCTFail() }
+        guard case let .putStarted(h, inPlace, _) = m.handle(.putStart(key: "k", size: 1000, mode: .upsert, options: WriteOptions(replicas: 1), preferred: nil), session: &a, now: 0) else { return XCTFail() }
         XCTAssertFalse(inPlace)
         XCTAssertEqual(m.handle(.putCommit(handle: h), session: &a, now: 0), .ok)
     }
@@ -90,12 +88,11 @@ final class MasterServiceTests: XCTestCase {
         var m = try master()
         var (a, _) = join(&m, "a", host: "h1")
         var (b, _) = join(&m, "b", host: "h1")
-        guard case let .putStarted(h, _, _) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(), replicas: 1,
+        guard case let .putStarted(h, _, _) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1),
                                                                   preferred: nil), session: &a, now: 0) else { return XCTFail() }
         XCTAssertEqual(errorCode(m.handle(.putCommit(handle: h), session: &b, now: 0)), .invalidArgument)
         XCTAssertEqual(errorCode(m.handle(.putCommit(handle: h + 1), session: &a, now: 0)), .invalidArgument)
-        XCTAssertEqual(errorCode(m.handle(.putStart(key: "x", size: 10, mode: .put, options: WriteOptions(hardPin: true, softPinTTL: 5),
-                                                     replicas: 1, preferred: nil), session: &a, now: 0)), .invalidArgument)
+        XCTAssertEqual(errorCode(m.handle(.putStart(key: "x", size: 10, mode: .put, options: WriteOptions(hardPin: true, softPinTTL: 5, replicas: 1), preferred: nil), session: &a, now: 0)), .invalidArgument)
         XCTAssertEqual(errorCode(m.handle(.unmount(segment: 999), session: &a, now: 0)), .invalidArgument)
         XCTAssertEqual(m.handle(.putAbort(handle: h), session: &a, now: 0), .ok)
         XCTAssertEqual(m.handle(.exists(key: "k"), session: &a, now: 0), .flag(false))
@@ -107,7 +104,7 @@ final class MasterServiceTests: XCTestCase {
         var (b, _) = join(&m, "b", host: "h2")
         _ = put(&m, &a, "onA", preferred: segA)
         _ = put(&m, &a, "both", replicas: 2)
-        guard case .putStarted = m.handle(.putStart(key: "pending", size: 10, mode: .put, options: WriteOptions(), replicas: 1,
+        guard case .putStarted = m.handle(.putStart(key: "pending", size: 10, mode: .put, options: WriteOptions(replicas: 1),
                                                      preferred: segA), session: &a, now: 0) else { return XCTFail() }
         // b keeps talking, a goes silent.
         for t in stride(from: Self.s, through: 10 * Self.s, by: Int(Self.s)) {
@@ -134,8 +131,8 @@ final class MasterServiceTests: XCTestCase {
     static let requests: [MasterRequest] = [
         .hello(token: "t", name: "n"), .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1"),
         .unmount(segment: 3), .heartbeat,
-        .putStart(key: "k", size: 5, mode: .upsert, options: WriteOptions(hardPin: false, softPinTTL: 7, ttl: 9), replicas: 2, preferred: 4),
-        .putStart(key: "k", size: 5, mode: .put, options: WriteOptions(hardPin: true), replicas: 1, preferred: nil),
+        .putStart(key: "k", size: 5, mode: .upsert, options: WriteOptions(hardPin: false, softPinTTL: 7, ttl: 9, replicas: 2), preferred: 4),
+        .putStart(key: "k", size: 5, mode: .put, options: WriteOptions(hardPin: true, replicas: 1), preferred: nil),
         .putCommit(handle: 1 << 40), .putAbort(handle: 2), .get(key: "k", host: "h"), .exists(key: "é"), .size(key: "k"),
         .remove(key: "k", force: true), .removeAll(force: false), .stats, .segmentInfo(segment: 9),
     ]

@@ -64,8 +64,7 @@ final class MasterServerTests: XCTestCase {
         let c = try Client(port: server.port)
         guard case .welcome = try c.call(.hello(token: "", name: "t")) else { return XCTFail() }
         guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
-        guard case .putStarted(let h, _, let rs) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(),
-                                                                         replicas: 1, preferred: seg)) else { return XCTFail() }
+        guard case .putStarted(let h, _, let rs) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         XCTAssertEqual(rs.first?.segment, seg)
         XCTAssertEqual(try c.call(.putCommit(handle: h)), .ok)
         XCTAssertEqual(try c.call(.get(key: "k", host: "h")), .found(size: 100, replicas: rs))
@@ -100,8 +99,7 @@ final class MasterServerTests: XCTestCase {
         _ = try a.call(.hello(token: "", name: "a"))
         _ = try b.call(.hello(token: "", name: "b"))
         guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
-        guard case .putStarted(let h, _, _) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(),
-                                                                    replicas: 1, preferred: seg)) else { return XCTFail() }
+        guard case .putStarted(let h, _, _) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         _ = try a.call(.putCommit(handle: h))
         XCTAssertEqual(try b.call(.exists(key: "k")), .flag(true))
         a.socket.close()

@@ -94,7 +94,7 @@ final class StoreClientDeviceTests: XCTestCase {
         defer { s.close() }
         let parts = [region(0, offset: 0, length: 1000), region(0, offset: 4096, length: 1000)]
         // Device→host copies land in the segment; fail the first object's by its destination.
-        let segBase = s.segment.region(offset: 0, length: 1).address
+        let segBase = s.segment!.region(offset: 0, length: 1).address
         FakeAccelerator.failCopies(to: segBase)
         let items = [StoreClient.BatchItem(key: "a", regions: 0..<1), StoreClient.BatchItem(key: "b", regions: 1..<2)]
         let r = try parts.withUnsafeBufferPointer { try s.putBatch(items, parts: $0, mode: .put) }

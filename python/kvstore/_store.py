@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -56,6 +57,34 @@ class Store(_native.Store):
         # The extension checks every setting's type, the core its value.
         super().__init__(parse_size(segment_size, name="segment_size"), prefault, pin_memory, lease_ttl, soft_pin_ttl,
                          eviction_high_watermark, eviction_ratio)
+
+    @classmethod
+    def connect(cls, url: str = "kvstore://127.0.0.1:50051", *, segment_size: int | str = DEFAULT_SEGMENT_SIZE,
+                token: str | None = None, prefault: bool = False, pin_memory: bool = True) -> Store:
+        """Joins the cluster of the master server at ``url`` (``python -m kvstore master``).
+
+        The client mounts a shared-memory segment of ``segment_size`` bytes (``0``: a pure
+        client that stores nothing itself) and reads and writes objects in every segment of
+        the cluster with the same API as the embedded store: other processes on this host map
+        its segment (one memcpy per transfer), other hosts reach it over TCP. ``token`` must
+        match the master's (default: ``KVSTORE_MASTER_TOKEN`` from the environment). Writes
+        take ``replicas=N`` to place copies in N distinct segments (best effort).
+
+        Leases and eviction are the master's settings. The client heartbeats in the
+        background; after a lost connection (a master restart) it reconnects on its next call
+        and remounts its segment empty (``stats()['master_reconnects']`` counts that).
+        ``TransferError`` when the master cannot be reached, ``InvalidArgumentError`` for a
+        bad address or a refused token.
+        """
+        if token is None:
+            token = os.environ.get("KVSTORE_MASTER_TOKEN") or None
+        if not isinstance(url, str):
+            raise ArgumentTypeError(f"url must be a str such as 'kvstore://127.0.0.1:50051', got {type(url).__name__}")
+        if token is not None and not isinstance(token, str):
+            raise ArgumentTypeError(f"token must be a str or None, got {type(token).__name__}")
+        store = cls.__new__(cls)
+        store._connect(url, parse_size(segment_size, name="segment_size"), prefault, pin_memory, token)
+        return store
 
     # ---- tensors (DESIGN.md §4; helpers in _tensor.py) ----
 

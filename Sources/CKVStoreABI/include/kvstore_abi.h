@@ -60,8 +60,8 @@ typedef struct { const void *ptr; size_t len; } kv_buffer;
 typedef struct { void *ptr; size_t len; } kv_mut_buffer;
 /* A key: `len` UTF-8 bytes at `ptr`. */
 typedef struct { const char *ptr; size_t len; } kv_key;
-/* A read hold on one object version (see kv_read_begin). */
-typedef struct { uint64_t handle; uint64_t offset; uint64_t size; } kv_read;
+/* A read hold on one object version (see kv_read_begin): which replica (segment, offset). */
+typedef struct { uint64_t handle; uint64_t segment; uint64_t offset; uint64_t size; } kv_read;
 /* One statistic; `name` is a static NUL-terminated string. */
 typedef struct { const char *name; int64_t value; } kv_stat;
 
@@ -92,6 +92,13 @@ void kv_store_config_init(kv_store_config *config);
  * (KVSTORE_PIN_MEMORY, KVSTORE_PIN_MEMORY_MAX_BYTES, or their MC_STORE_ aliases; a bad value is
  * KV_E_INVALID_ARGUMENT); KV_CREATE_NO_PIN leaves it pageable. A refused pin is not an error. */
 int32_t kv_store_create(uint64_t segment_size, uint32_t flags, const kv_store_config *config, kv_store **out);
+/* Joins the cluster of the master at url ("kvstore://host:port", NUL-terminated): mounts a
+ * shared segment of segment_size bytes (0: a pure client storing nothing itself; else at least
+ * 4096) that other clients on this host map and other hosts reach over TCP. token (NULL or "":
+ * none) must match the master's. Flags as for kv_store_create. KV_E_TRANSFER when the master
+ * cannot be reached, KV_E_INVALID_ARGUMENT for a bad url or a refused token. Leases and
+ * eviction are the master's. */
+int32_t kv_store_connect(const char *url, uint64_t segment_size, uint32_t flags, const char *token, kv_store **out);
 /* Closes (waits for operations in flight) and frees the handle. NULL is ignored. */
 void kv_store_destroy(kv_store *store);
 /* Closes the store; idempotent. */
@@ -103,9 +110,10 @@ int32_t kv_store_is_closed(kv_store *store);
  * seconds, each > 0 and at most 365 days. KV_PIN_HARD: never evicted. KV_PIN_SOFT: evicted
  * only after every ordinary object, for soft_pin_ttl when KV_OPT_SOFT_PIN_TTL is set, else the
  * store's default. KV_OPT_TTL: the object expires ttl after it is written. HARD and SOFT are
- * exclusive; unknown flag bits are KV_E_INVALID_ARGUMENT. */
-enum { KV_PIN_HARD = 1, KV_PIN_SOFT = 2, KV_OPT_TTL = 4, KV_OPT_SOFT_PIN_TTL = 8 };
-typedef struct { uint32_t flags; double ttl; double soft_pin_ttl; } kv_put_options;
+ * exclusive; unknown flag bits are KV_E_INVALID_ARGUMENT. KV_OPT_REPLICAS: place `replicas`
+ * copies (1..16) in distinct segments, best effort when fewer exist (default 1). */
+enum { KV_PIN_HARD = 1, KV_PIN_SOFT = 2, KV_OPT_TTL = 4, KV_OPT_SOFT_PIN_TTL = 8, KV_OPT_REPLICAS = 16 };
+typedef struct { uint32_t flags; double ttl; double soft_pin_ttl; uint32_t replicas; } kv_put_options;
 
 /* Writes the concatenation of parts[0..nparts) as one object (each part copied once), with
  * options (NULL: none). When the store is full it evicts least-recently-used objects;

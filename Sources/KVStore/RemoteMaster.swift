@@ -1,0 +1,386 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import KVAccelerator
+import KVCore
+import KVTransfer
+import Synchronization
+
+/// A master server reached over TCP: the `MasterLink` of a connected `StoreClient`.
+///
+/// One connection, one request at a time (a lock serialises callers); commits are pipelined
+/// (sent without waiting; their answers are read before the next answer). A heartbeat thread
+/// keeps the client alive when it is idle.
+///
+/// Connection loss: the call that sees it fails with `transfer` and the connection is marked
+/// lost; `reconnectIfNeeded()` (run at the start of each operation and by the heartbeat
+/// thread) dials again, says hello, remounts this client's segment empty (whatever it held
+/// is lost: the master that knew it is gone, or has departed this client) and counts a
+/// reconnect. It runs under `dataLock` held exclusively, so no copy into or out of segment
+/// memory is in flight while segments change identity.
+public final class RemoteMaster: MasterLink, @unchecked Sendable {
+    public let host: String
+    public let port: Int
+    /// Lease TTL from the master's welcome; the rest are client-side defaults. Set once in init.
+    public private(set) var policy = CachePolicy()
+    public private(set) var clientTTL: Nanoseconds = 10_000_000_000
+    /// Shared by every operation using segment memory; exclusive for a reconnect.
+    public let dataLock = SharedLock()
+    /// Times this client reconnected (a master restart or a lost connection).
+    public let reconnects = Atomic<Int>(0)
+    /// Pipelined commits the master refused (the write's segment died meanwhile, or a put
+    /// lost to a concurrent upsert): those objects are not stored.
+    public let commitFailures = Atomic<Int>(0)
+
+    /// What a segment mount says (kept to remount after a reconnect).
+    public struct Mount: Sendable {
+        public var size: Int
+        public var host: String
+        public var sharePath: String
+        public var endpoint: String
+    }
+
+    struct Link: @unchecked Sendable {
+        var socket: Socket?
+        var nextID: UInt32 = 1
+        var pending = 0
+        var lastRequest: Nanoseconds = 0
+        var lastAttempt: Nanoseconds = 0
+        var lastFailure = ""
+        var mount: Mount?
+        var segment: SegmentID = 0
+        var epoch = 0
+        /// Writes started on this connection and not yet committed or aborted.
+        var writes: Set<VersionHandle> = []
+    }
+
+    private let link = Locked(Link())
+    private let token: String
+    private let name: String
+    private let timeout: Double
+    private let clock: Clock
+    /// Called (under the link's lock) after each connect with the epoch and this client's
+    /// segment id (0: none).
+    private let onConnect: @Sendable (Int, SegmentID) -> Void
+    private var heartbeat: BackgroundThread?
+    private let stopPipe: (read: Int32, write: Int32)
+
+    /// Parses "kvstore://host:port" (or "host:port"; the port defaults to 50051).
+    public static func parse(url: String) throws(KVError) -> (host: String, port: Int) {
+        var rest = Substring(url)
+        if rest.hasPrefix("kvstore://") { rest = rest.dropFirst("kvstore://".count) }
+        else if rest.contains("://") { throw .invalidArgument("master address '\(url)' must start with kvstore://") }
+        if rest.hasSuffix("/") { rest = rest.dropLast() }
+        var host = String(rest), port = 50051
+        if let colon = rest.lastIndex(of: ":") {
+            host = String(rest[..<colon])
+            guard let p = Int(rest[rest.index(after: colon)...]), (1...65535).contains(p) else {
+                throw .invalidArgument("master address '\(url)' has a bad port")
+            }
+            port = p
+        }
+        _ = try Socket.address(host: host, port: port)
+        return (host, port)
+    }
+
+    /// Connects and says hello; throws `transfer` when the master cannot be reached and
+    /// `invalidArgument` when it refuses the token.
+    public init(url: String, token: String?, name: String, timeout: Double = 10,
+                clock: @escaping Clock = monotonicClock,
+                onConnect: @escaping @Sendable (Int, SegmentID) -> Void = { _, _ in }) throws(KVError) {
+        (host, port) = try Self.parse(url: url)
+        self.token = token ?? ""
+        self.name = name
+        self.timeout = timeout
+        self.clock = clock
+        self.onConnect = onConnect
+        var fds: [Int32] = [0, 0]
+        try SystemCall.check("pipe", pipe(&fds))
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        stopPipe = (fds[0], fds[1])
+        var welcome: (Nanoseconds, Nanoseconds) = (0, 0)
+        do throws(KVError) {
+            welcome = try link.withLock { (l: inout Link) throws(KVError) in try connect(&l) }
+        } catch {
+            Glibc.close(stopPipe.read); Glibc.close(stopPipe.write)
+            throw error
+        }
+        policy.leaseTTL = welcome.0
+        policy.inPlaceUpserts = false
+        clientTTL = welcome.1
+    }
+
+    deinit {
+        Glibc.close(stopPipe.read)
+        Glibc.close(stopPipe.write)
+    }
+
+    /// The connection's local address: where peers on other hosts can reach this client.
+    public var localHost: String { link.withLock { $0.socket?.localHost ?? "127.0.0.1" } }
+
+    /// Current connection epoch (1 after the first connect, +1 per reconnect).
+    public var epoch: Int { link.withLock { $0.epoch } }
+
+    /// This client's mounted segment id (0: none).
+    public var segment: SegmentID { link.withLock { $0.segment } }
+
+    /// Mounts this client's segment; remembered for reconnects.
+    public func mount(_ m: Mount) throws(KVError) -> SegmentID {
+        try link.withLock { (l: inout Link) throws(KVError) -> SegmentID in
+            guard case .mounted(let seg) = try expect(&l, .mount(size: m.size, host: m.host, sharePath: m.sharePath, endpoint: m.endpoint)) else {
+                throw KVError(.internal, "unexpected answer to mount")
+            }
+            l.mount = m
+            l.segment = seg
+            onConnect(l.epoch, seg)
+            return seg
+        }
+    }
+
+    /// Starts the heartbeat thread (every quarter of the client TTL, when idle).
+    public func startHeartbeat() throws(KVError) {
+        heartbeat = try BackgroundThread { [unowned self] in self.heartbeatLoop() }
+    }
+
+    /// Stops the heartbeat, unmounts (best effort) and closes the connection. Idempotent.
+    public func close() {
+        var b: UInt8 = 1
+        _ = write(stopPipe.write, &b, 1)
+        heartbeat?.join()
+        heartbeat = nil
+        link.withLock { l in
+            if l.socket != nil, l.segment != 0 { _ = try? self.expect(&l, .unmount(segment: l.segment)) }
+            l.socket?.close()
+            l.socket = nil
+            l.mount = nil
+        }
+    }
+
+    // MARK: MasterLink
+
+    public func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
+                           preferred: SegmentID?) throws(KVError) -> WriteTicket {
+        try link.withLock { (l: inout Link) throws(KVError) -> WriteTicket in
+            let r = try expect(&l, .putStart(key: key, size: size, mode: mode, options: options, preferred: preferred))
+            guard case let .putStarted(handle, inPlace, replicas) = r, !replicas.isEmpty else {
+                throw KVError(.internal, "unexpected answer to putStart")
+            }
+            l.writes.insert(handle)
+            return WriteTicket(handle: handle, size: size, inPlace: inPlace, replicas: replicas)
+        }
+    }
+
+    public func commitWrite(_ t: WriteTicket) throws(KVError) { try finishWrite(.putCommit(handle: t.handle)) }
+    public func abortWrite(_ t: WriteTicket) throws(KVError) { try finishWrite(.putAbort(handle: t.handle)) }
+
+    public func acquireRead(key: ObjectKey, host: String) throws(KVError) -> ReadResult {
+        do throws(KVError) {
+            guard case let .found(size, replicas) = try call(.get(key: key, host: host)), let first = replicas.first else {
+                throw KVError(.internal, "unexpected answer to get")
+            }
+            return .found(ReadTicket(handle: 0, segment: first.segment, offset: first.offset, size: size,
+                                     fallbacks: Array(replicas.dropFirst())))
+        } catch where error.code == .objectNotFound {
+            return .notFound
+        }
+    }
+
+    public func releaseRead(_ handle: VersionHandle) throws(KVError) {}
+
+    public func lease(key: ObjectKey) throws(KVError) -> Int? {
+        do throws(KVError) {
+            guard case .value(let n) = try call(.size(key: key)) else { throw KVError(.internal, "unexpected answer to size") }
+            return n
+        } catch where error.code == .objectNotFound {
+            return nil
+        }
+    }
+
+    public func remove(key: ObjectKey, force: Bool) throws(KVError) {
+        _ = try call(.remove(key: key, force: force))
+    }
+
+    public func removeAll(force: Bool) throws(KVError) -> Int {
+        guard case .value(let n) = try call(.removeAll(force: force)) else { throw KVError(.internal, "unexpected answer to removeAll") }
+        return n
+    }
+
+    public func statistics() throws(KVError) -> CacheStatistics { CacheStatistics(try masterStatistics()) }
+
+    /// The master's own statistics (cluster-wide).
+    public func masterStatistics() throws(KVError) -> [Statistic] {
+        guard case .stats(let s) = try call(.stats) else { throw KVError(.internal, "unexpected answer to stats") }
+        return s
+    }
+
+    /// Where segment `seg` lives, and the epoch the answer belongs to.
+    public func segmentInfo(_ seg: SegmentID) throws(KVError) -> (SegmentInfo, Int) {
+        try link.withLock { (l: inout Link) throws(KVError) -> (SegmentInfo, Int) in
+            guard case .segment(let info) = try expect(&l, .segmentInfo(segment: seg)) else {
+                throw KVError(.internal, "unexpected answer to segmentInfo")
+            }
+            return (info, l.epoch)
+        }
+    }
+
+    /// Dials the master again when the connection was lost (at most every 200 ms): waits for
+    /// operations using segment memory, reconnects, remounts. Throws `transfer` while the
+    /// master stays unreachable.
+    public func reconnectIfNeeded() throws(KVError) {
+        let (lost, recent, why) = link.withLock { l in
+            (l.socket == nil, clock() &- l.lastAttempt < 200_000_000, l.lastFailure)
+        }
+        guard lost else { return }
+        if recent { throw KVError(.transfer, "the master at \(host):\(port) is unreachable (\(why)); retrying") }
+        dataLock.lockExclusive()
+        defer { dataLock.unlock() }
+        try link.withLock { (l: inout Link) throws(KVError) in
+            guard l.socket == nil else { return }
+            _ = try connect(&l)
+            _ = reconnects.add(1, ordering: .relaxed)
+            if let m = l.mount {
+                guard case .mounted(let seg) = try expect(&l, .mount(size: m.size, host: m.host, sharePath: m.sharePath, endpoint: m.endpoint)) else {
+                    throw KVError(.internal, "unexpected answer to mount")
+                }
+                l.segment = seg
+            }
+            onConnect(l.epoch, l.segment)
+            let text = "kvstore: reconnected to the master at \(host):\(port) (reconnect \(reconnects.load(ordering: .relaxed)))"
+                + (l.mount != nil ? "; this client's segment was remounted empty as \(l.segment): the objects it held are lost\n" : "\n")
+            _ = text.withCString { write(2, $0, strlen($0)) }
+        }
+    }
+
+    // MARK: connection
+
+    /// One request and its answer; an `.error` answer is returned, not thrown.
+    private func call(_ r: MasterRequest) throws(KVError) -> MasterResponse {
+        try link.withLock { (l: inout Link) throws(KVError) in try expect(&l, r) }
+    }
+
+    private func finishWrite(_ r: MasterRequest) throws(KVError) {
+        try link.withLock { (l: inout Link) throws(KVError) in
+            guard case .putCommit(let h) = r, true else { return try finish(&l, r) }
+            try finish(&l, r, handle: h)
+        }
+    }
+
+    private func finish(_ l: inout Link, _ r: MasterRequest, handle: VersionHandle? = nil) throws(KVError) {
+        let h: VersionHandle
+        switch r {
+        case .putCommit(let x), .putAbort(let x): h = x
+        default: return
+        }
+        guard l.writes.remove(h) != nil, let s = l.socket else {
+            throw KVError(.transfer, "the connection to the master was lost during this write; it was not stored")
+        }
+        do throws(KVError) {
+            try s.writeFrame(kind: r.kind, requestID: l.nextID, payload: r.encode())
+            l.nextID &+= 1
+            l.pending += 1
+        } catch {
+            throw lost(&l, error)
+        }
+    }
+
+    /// Sends `r`, reads the pipelined answers before it, returns its answer; throws the
+    /// master's error.
+    private func expect(_ l: inout Link, _ r: MasterRequest) throws(KVError) -> MasterResponse {
+        guard let s = l.socket else {
+            throw KVError(.transfer, "the connection to the master at \(host):\(port) was lost (\(l.lastFailure))")
+        }
+        let id = l.nextID
+        l.nextID &+= 1
+        let response: MasterResponse
+        do throws(KVError) {
+            try s.writeFrame(kind: r.kind, requestID: id, payload: r.encode())
+            while l.pending > 0 {
+                if case .error = try readResponse(s) { _ = commitFailures.add(1, ordering: .relaxed) }
+                l.pending -= 1
+            }
+            response = try readResponse(s)
+        } catch {
+            throw lost(&l, error)
+        }
+        l.lastRequest = clock()
+        if case .error(let e) = response { throw e }
+        return response
+    }
+
+    private func readResponse(_ s: Socket) throws(KVError) -> MasterResponse {
+        let (h, payload) = try s.readFrame(maxPayload: WireFrameHeader.defaultMaxPayload, isKnown: MasterResponse.isResponseKind)
+        return try rethrowingKVError { try payload.withUnsafeBytes { try MasterResponse.decode(kind: h.kind, $0) } }
+    }
+
+    /// Marks the connection lost; returns the error for the caller.
+    private func lost(_ l: inout Link, _ e: KVError) -> KVError {
+        l.socket?.close()
+        l.socket = nil
+        l.pending = 0
+        l.writes.removeAll()
+        l.lastFailure = e.message
+        return KVError(.transfer, "lost the connection to the master at \(host):\(port): \(e.message)")
+    }
+
+    /// Dials and says hello; returns (lease TTL, client TTL).
+    private func connect(_ l: inout Link) throws(KVError) -> (Nanoseconds, Nanoseconds) {
+        l.lastAttempt = clock()
+        do throws(KVError) {
+            let s = try Socket.connect(host: host, port: port, timeout: min(timeout, 5))
+            s.setTimeout(timeout)
+            l.socket = s
+            l.nextID = 1
+            l.pending = 0
+            l.writes.removeAll()
+            guard case let .welcome(_, lease, ttl) = try expect(&l, .hello(token: token, name: name)) else {
+                throw KVError(.internal, "unexpected answer to hello")
+            }
+            l.epoch += 1
+            l.segment = 0
+            return (lease, ttl)
+        } catch {
+            l.socket?.close()
+            l.socket = nil
+            l.lastFailure = error.message
+            if error.code == .invalidArgument { throw error }   // a refused token
+            throw KVError(.transfer, "cannot reach the master at \(host):\(port): \(error.message)")
+        }
+    }
+
+    private func heartbeatLoop() {
+        let interval = max(Int32(clientTTL / 4_000_000), 20)   // ms
+        while true {
+            var p = pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, interval) > 0 { return }
+            do throws(KVError) {
+                try reconnectIfNeeded()
+                try link.withLock { (l: inout Link) throws(KVError) in
+                    guard l.socket != nil, clock() &- l.lastRequest >= Nanoseconds(interval) * 1_000_000 else { return }
+                    _ = try expect(&l, .heartbeat)
+                }
+            } catch {
+                // Lost or unreachable: the next round (or the next operation) tries again.
+            }
+        }
+    }
+}
+
+/// This machine as the master sees it: clients with the same identity map each other's
+/// segments; others use TCP. The boot id names the kernel, the network namespace a container
+/// or `ip netns` boundary (its /proc, /dev/shm and addresses may differ).
+public func localHostIdentity() -> String {
+    func read(_ path: String) -> String {
+        guard let f = fopen(path, "r") else { return "" }
+        defer { fclose(f) }
+        var buf = [CChar](repeating: 0, count: 128)
+        guard fgets(&buf, Int32(buf.count), f) != nil else { return "" }
+        return String(decoding: buf.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+    var ns = [CChar](repeating: 0, count: 64)
+    let n = readlink("/proc/self/ns/net", &ns, ns.count - 1)
+    let net = n > 0 ? String(decoding: ns[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
+    var name = [CChar](repeating: 0, count: 256)
+    gethostname(&name, name.count - 1)
+    let hostName = String(decoding: name.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    return "\(hostName)/\(read("/proc/sys/kernel/random/boot_id"))/\(net)"
+}

@@ -1,0 +1,311 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import KVAccelerator
+import KVCore
+
+// The data plane between hosts (DESIGN.md §2): each client serves reads and writes of its own
+// segment over TCP, and peers call it directly; the master never sees object bytes. Frames
+// are `WireFrameHeader`s (kinds 200...211); the bytes of a read or write follow their frame
+// raw, sent from and received into segment or caller memory directly (no intermediate buffer).
+//
+//   200 hello(token)                      -> 210 ok | 211 error, then close
+//   201 read(segment, offset, length)     -> 210 ok + `length` raw bytes | 211 error
+//   202 write(segment, offset, length) + `length` raw bytes -> 210 ok | 211 error, then close
+
+enum DataFrame {
+    static let hello: UInt16 = 200, read: UInt16 = 201, write: UInt16 = 202
+    static let ok: UInt16 = 210, error: UInt16 = 211
+    static let maxPayload = 8192
+
+    static func isKnown(_ k: UInt16) -> Bool { (200...202).contains(k) || k == ok || k == error }
+}
+
+extension Socket {
+    /// Sends one frame.
+    public func writeFrame(kind: UInt16, requestID: UInt32 = 0, payload: [UInt8]) throws(KVError) {
+        let f = WireWriter.frame(kind: kind, requestID: requestID, payload: payload)
+        try rethrowingKVError { try f.withUnsafeBytes { try writeAll($0) } }
+    }
+
+    /// Reads one whole frame (blocking). Throws `transfer` for I/O failures and
+    /// `invalidArgument` for a frame that does not decode.
+    public func readFrame(maxPayload: Int, isKnown: (UInt16) -> Bool) throws(KVError) -> (WireFrameHeader, [UInt8]) {
+        var head = [UInt8](repeating: 0, count: WireFrameHeader.size)
+        try rethrowingKVError { try head.withUnsafeMutableBytes { try readExactly(into: $0) } }
+        let h = try rethrowingKVError { try head.withUnsafeBytes { try WireFrameHeader.decode($0, maxPayload: maxPayload, isKnown: isKnown) } }
+        var payload = [UInt8](repeating: 0, count: h.length)
+        if h.length > 0 { try rethrowingKVError { try payload.withUnsafeMutableBytes { try readExactly(into: $0) } } }
+        return (h, payload)
+    }
+
+    /// Reads exactly `count` bytes into `regions`, filling them in order.
+    func readExactly(_ count: Int, into regions: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+        var left = count
+        for r in regions where left > 0 {
+            let n = min(left, r.length)
+            try readExactly(into: UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: r.address), count: n))
+            left -= n
+        }
+        if left > 0 { throw .invalidArgument("destinations hold \(count - left) of \(count) bytes") }
+    }
+}
+
+/// Serves reads and writes of one segment (`region`) to peers on other hosts: an accept
+/// thread plus one thread per connection, blocking I/O straight between the socket and the
+/// segment. Every request is checked: a peer must say hello with the cluster's token first,
+/// name the segment id this server currently serves (`segmentID`), and stay inside it.
+public final class SegmentServer: @unchecked Sendable {
+    public let region: MemoryRegion
+    public let host: String
+    public let port: Int
+    private let token: String
+    private let listener: Socket
+    private let wake: (read: Int32, write: Int32)
+    private let state = Locked(State())
+    private var acceptThread: BackgroundThread?
+    /// The id the master gave this segment (0: not mounted; requests are refused).
+    public let segmentID = Locked<SegmentID>(0)
+    private let log: @Sendable (String) -> Void
+
+    private struct State: @unchecked Sendable {
+        var connections: [Int32: (socket: Socket, thread: BackgroundThread?)] = [:]
+        var stopped = false
+    }
+
+    /// Listens on host:port (0: any free port) and starts serving.
+    public init(region: MemoryRegion, host: String, port: Int = 0, token: String?,
+                log: @escaping @Sendable (String) -> Void = { _ in }) throws(KVError) {
+        self.region = region
+        self.host = host
+        self.token = token ?? ""
+        self.log = log
+        listener = try Socket.listen(host: host, port: port)
+        listener.setNonBlocking()
+        self.port = listener.localPort
+        var fds: [Int32] = [0, 0]
+        try SystemCall.check("pipe", pipe(&fds))
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        wake = (fds[0], fds[1])
+        acceptThread = try BackgroundThread { [unowned self] in self.acceptLoop() }
+    }
+
+    deinit {
+        close(wake.read)
+        close(wake.write)
+    }
+
+    public var endpoint: String { "\(host):\(port)" }
+
+    /// Stops accepting, ends every connection and waits for their threads. Idempotent.
+    public func stop() {
+        let first = state.withLock { s -> Bool in
+            defer { s.stopped = true }
+            return !s.stopped
+        }
+        guard first else { return }
+        var b: UInt8 = 1
+        _ = write(wake.write, &b, 1)
+        acceptThread?.join()
+        let all = state.withLock { s in s.connections.values.map { $0 } }
+        for c in all { c.socket.shutdown() }
+        for c in all { c.thread?.join() }
+        listener.close()
+    }
+
+    public var connectionCount: Int { state.withLock { $0.connections.count } }
+
+    private func acceptLoop() {
+        while true {
+            var fds = [pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0)]
+            let n = poll(&fds, 2, -1)
+            if n < 0 && errno != EINTR { return }
+            if fds[0].revents != 0 { return }
+            guard fds[1].revents != 0, let s = try? listener.accept() else { continue }
+            _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)
+            s.setTimeout(30)
+            let fd = s.fd
+            let accepted = state.withLock { st -> Bool in
+                guard !st.stopped else { return false }
+                st.connections[fd] = (s, nil)
+                return true
+            }
+            guard accepted else { return }
+            do {
+                let t = try BackgroundThread { [unowned self] in self.serve(s) }
+                state.withLock { $0.connections[fd]?.thread = t }
+            } catch {
+                state.withLock { _ = $0.connections.removeValue(forKey: fd) }
+            }
+        }
+    }
+
+    private func serve(_ s: Socket) {
+        defer {
+            // Stop joins the threads it finds; a connection that ends by itself detaches.
+            let fd = s.fd
+            s.shutdown()
+            state.withLock { st in if !st.stopped { st.connections[fd] = nil } }
+        }
+        var welcomed = false
+        while true {
+            let header: WireFrameHeader, payload: [UInt8]
+            do throws(KVError) {
+                (header, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown)
+            } catch {
+                if error.code != .transfer { log("segment server: closing a connection: \(error.message)") }
+                return
+            }
+            do throws(KVError) {
+                switch header.kind {
+                case DataFrame.hello:
+                    let t = try rethrowingKVError { try payload.withUnsafeBytes { b in
+                        var r = WireReader(b)
+                        let t = try r.string(max: MasterLimits.maxString, "token")
+                        try r.finish("hello")
+                        return t
+                    } }
+                    guard t == token else { throw .invalidArgument("the segment server refused the token") }
+                    welcomed = true
+                    try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                case DataFrame.read, DataFrame.write:
+                    guard welcomed else { throw .invalidArgument("the first request must be hello") }
+                    let (seg, offset, length) = try rethrowingKVError { try payload.withUnsafeBytes { b in
+                        var r = WireReader(b)
+                        let v = (try r.u32(), try r.size(max: MasterLimits.maxSize, "offset"), try r.size(max: MasterLimits.maxSize, "length"))
+                        try r.finish("transfer request")
+                        return v
+                    } }
+                    let current = segmentID.withLock { $0 }
+                    guard current != 0, seg == current else { throw .notFound("segment \(seg) is not served here (this server serves \(current))") }
+                    guard offset <= region.length, length <= region.length - offset else {
+                        throw .invalidArgument("range \(offset)+\(length) is outside the \(region.length)-byte segment")
+                    }
+                    let bytes = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: region.address + UInt(offset)), count: length)
+                    if header.kind == DataFrame.read {
+                        try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                        try s.writeAll(UnsafeRawBufferPointer(bytes))
+                    } else {
+                        try s.readExactly(into: bytes)
+                        try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                    }
+                default:
+                    throw .invalidArgument("unexpected frame kind \(header.kind)")
+                }
+            } catch {
+                if error.code == .transfer { return }
+                var w = WireWriter()
+                w.u32(UInt32(error.code.rawValue))
+                w.string(String(decoding: error.message.utf8.prefix(1024), as: UTF8.self))
+                try? s.writeFrame(kind: DataFrame.error, requestID: header.requestID, payload: w.bytes)
+                // A refused write leaves its raw bytes unread on the stream: the connection ends.
+                if header.kind != DataFrame.read || !welcomed { return }
+            }
+        }
+    }
+}
+
+/// The client side of a peer's `SegmentServer`: a small pool of connections (each used by
+/// one operation at a time), opened on demand with the cluster's token. A failed connection
+/// is dropped, never reused; the operation fails with `transfer`.
+public final class PeerLink: Sendable {
+    public let host: String
+    public let port: Int
+    private let token: String
+    private let idle = Locked<[Socket]>([])
+    private static let maxIdle = 8
+    private let timeout: Double
+
+    /// `endpoint` is "a.b.c.d:port".
+    public init(endpoint: String, token: String?, timeout: Double = 30) throws(KVError) {
+        guard let colon = endpoint.lastIndex(of: ":"), let p = Int(endpoint[endpoint.index(after: colon)...]) else {
+            throw .invalidArgument("endpoint '\(endpoint)' is not host:port")
+        }
+        host = String(endpoint[..<colon])
+        port = p
+        _ = try Socket.address(host: host, port: port)
+        self.token = token ?? ""
+        self.timeout = timeout
+    }
+
+    /// Copies `length` bytes at `offset` of the peer's segment `segment` into `destinations`.
+    public func read(segment: SegmentID, offset: Int, length: Int, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+        try exchange(kind: DataFrame.read, segment: segment, offset: offset, length: length) { (s) throws(KVError) in
+            try Self.expectOK(s)
+            try s.readExactly(length, into: destinations)
+        }
+    }
+
+    /// Writes the concatenation of `parts` (`length` bytes) at `offset` of the peer's segment.
+    public func write(segment: SegmentID, offset: Int, length: Int, from parts: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+        try exchange(kind: DataFrame.write, segment: segment, offset: offset, length: length) { (s) throws(KVError) in
+            var left = length
+            for p in parts where left > 0 {
+                let n = min(left, p.length)
+                try s.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: p.address), count: n))
+                left -= n
+            }
+            try Self.expectOK(s)
+        }
+    }
+
+    /// Drops every idle connection.
+    public func closeIdle() {
+        let all = idle.withLock { i in defer { i.removeAll() }; return i }
+        for s in all { s.close() }
+    }
+
+    private func exchange(kind: UInt16, segment: SegmentID, offset: Int, length: Int,
+                          _ body: (Socket) throws(KVError) -> Void) throws(KVError) {
+        let s = try take()
+        do throws(KVError) {
+            var w = WireWriter()
+            w.u32(segment); w.u64(UInt64(offset)); w.u64(UInt64(length))
+            try s.writeFrame(kind: kind, payload: w.bytes)
+            try body(s)
+        } catch {
+            s.close()   // the stream's position is unknown now: never reuse it
+            if error.code == .transfer {
+                throw KVError(.transfer, "transfer with peer \(host):\(port) failed: \(error.message)")
+            }
+            throw error
+        }
+        let kept = idle.withLock { i -> Bool in
+            guard i.count < Self.maxIdle else { return false }
+            i.append(s)
+            return true
+        }
+        if !kept { s.close() }
+    }
+
+    private func take() throws(KVError) -> Socket {
+        if let s = idle.withLock({ $0.popLast() }) { return s }
+        let s: Socket
+        do throws(KVError) {
+            s = try Socket.connect(host: host, port: port, timeout: min(timeout, 5))
+            s.setTimeout(timeout)
+            var w = WireWriter()
+            w.string(token)
+            try s.writeFrame(kind: DataFrame.hello, payload: w.bytes)
+            try Self.expectOK(s)
+        } catch {
+            throw KVError(error.code, "peer \(host):\(port): \(error.message)")
+        }
+        return s
+    }
+
+    /// Reads a response frame: returns on ok, throws the peer's error otherwise.
+    private static func expectOK(_ s: Socket) throws(KVError) {
+        let (h, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown)
+        if h.kind == DataFrame.ok { return }
+        guard h.kind == DataFrame.error else { throw KVError(.transfer, "unexpected frame kind \(h.kind) from the peer") }
+        let e = try rethrowingKVError { try payload.withUnsafeBytes { b in
+            var r = WireReader(b)
+            let raw = Int32(bitPattern: try r.u32())
+            let msg = try r.string(max: 4096, "error message")
+            return KVError(KVError.Code(rawValue: raw) ?? .transfer, msg)
+        } }
+        throw e
+    }
+}
