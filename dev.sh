@@ -6,7 +6,7 @@
 #   ./dev.sh bench [args]  set everything up, then run the benchmarks (python -m kvstore bench)
 #   ./dev.sh setup         set everything up only
 #
-# Set-up installs missing Debian packages (python3-dev, python3-venv, libibverbs-dev,
+# Set-up installs missing Debian packages (python3-dev, python3-venv, libibverbs-dev, iproute2, iperf3,
 # libnuma-dev, pkg-config), creates .venv with numpy and pytest, and builds and installs the
 # package (swift build -c release) into it. Every step is skipped when already done.
 set -euo pipefail
@@ -19,7 +19,7 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 install_system_packages() {
     local missing=()
-    for p in python3-dev python3-venv libibverbs-dev libnuma-dev pkg-config; do
+    for p in python3-dev python3-venv libibverbs-dev libnuma-dev pkg-config iproute2 iperf3; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return

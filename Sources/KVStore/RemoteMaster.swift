@@ -368,7 +368,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 /// This machine as the master sees it: clients with the same identity map each other's
 /// segments; others use TCP. The boot id names the kernel, the network namespace a container
 /// or `ip netns` boundary (its /proc, /dev/shm and addresses may differ).
+/// `KVSTORE_HOST_ID`, when set, replaces it (to make processes of one machine use TCP).
 public func localHostIdentity() -> String {
+    if let v = getenv("KVSTORE_HOST_ID"), v.pointee != 0 { return String(cString: v) }
     func read(_ path: String) -> String {
         guard let f = fopen(path, "r") else { return "" }
         defer { fclose(f) }

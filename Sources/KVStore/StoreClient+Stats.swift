@@ -12,7 +12,7 @@ extension StoreClient {
         "evicted_objects", "evicted_bytes", "expired_objects",
         "leases_active", "active_readers", "free_blocks", "largest_free_block",
         "registered_buffers", "registered_bytes", "page_locked_bytes", "page_lock_fallbacks", "accelerators", "closed",
-        "segment_size", "master_reconnects", "commit_failures",
+        "segment_size", "master_reconnects", "commit_failures", "network_bytes",
     ]
 
     /// Current values, aligned with `statisticNames`. All counts are exact when no operation
@@ -34,7 +34,7 @@ extension StoreClient {
             isClosed ? 0 : segment?.pinnedLength ?? 0, segment?.pinFellBack ?? false ? 1 : 0,
             AcceleratorRegistry.snapshot.accelerators.count, isClosed ? 1 : 0,
             segment?.size ?? 0, remote?.reconnects.load(ordering: .relaxed) ?? 0,
-            remote?.commitFailures.load(ordering: .relaxed) ?? 0,
+            remote?.commitFailures.load(ordering: .relaxed) ?? 0, counters.networkBytes.load(ordering: .relaxed),
         ]
     }
 }

@@ -144,8 +144,7 @@ public final class StoreClient: Sendable {
         case .peer(let p):
             guard let locations else {
                 try p.write(segment: r.segment, offset: r.offset, length: size, from: parts)
-                counters.bytesCopied.add(size, ordering: .relaxed)
-                counters.copyOps.add(1, ordering: .relaxed)
+                countNetwork(size)
                 return
             }
             // A socket cannot read device memory: stage through host memory (DESIGN.md §2).
@@ -156,6 +155,7 @@ public final class StoreClient: Sendable {
                 try withUnsafePointer(to: staging) { (s) throws(KVError) in
                     try p.write(segment: r.segment, offset: r.offset, length: size, from: UnsafeBufferPointer(start: s, count: 1))
                 }
+                countNetwork(size)
             }
             counters.bytesCopied.add(size, ordering: .relaxed)
             counters.copyOps.add(1, ordering: .relaxed)
@@ -410,8 +410,7 @@ public final class StoreClient: Sendable {
         case .peer(let p):
             guard let locations else {
                 try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count, into: destinations)
-                counters.bytesCopied.add(range.count, ordering: .relaxed)
-                counters.copyOps.add(1, ordering: .relaxed)
+                countNetwork(range.count)
                 return
             }
             try withStaging(range.count) { (staging) throws(KVError) in
@@ -419,11 +418,18 @@ public final class StoreClient: Sendable {
                     try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count,
                                into: UnsafeBufferPointer(start: s, count: 1))
                 }
+                countNetwork(range.count)
                 var h2d = DeviceCopyPlan()
                 h2d.addRead(from: staging, into: destinations, locations: locations, owner: 0)
                 if let e = h2d.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] { throw e }
             }
         }
+    }
+
+    private func countNetwork(_ n: Int) {
+        counters.bytesCopied.add(n, ordering: .relaxed)
+        counters.networkBytes.add(n, ordering: .relaxed)
+        counters.copyOps.add(1, ordering: .relaxed)
     }
 
     /// Runs `body` with `size` bytes of host memory, counted as staged.

@@ -9,6 +9,8 @@ public final class TransferCounters: Sendable {
     public let bytesStaged = Atomic<Int>(0)
     /// Copy operations issued (slices).
     public let copyOps = Atomic<Int>(0)
+    /// Bytes sent to or received from peers' segments over the network (part of `bytesCopied`).
+    public let networkBytes = Atomic<Int>(0)
 
     public init() {}
 }

@@ -94,7 +94,7 @@ void kv_store_config_init(kv_store_config *config);
 int32_t kv_store_create(uint64_t segment_size, uint32_t flags, const kv_store_config *config, kv_store **out);
 /* Joins the cluster of the master at url ("kvstore://host:port", NUL-terminated): mounts a
  * shared segment of segment_size bytes (0: a pure client storing nothing itself; else at least
- * 4096) that other clients on this host map and other hosts reach over TCP. token (NULL or "":
+ * 64) that other clients on this host map and other hosts reach over TCP. token (NULL or "":
  * none) must match the master's. Flags as for kv_store_create. KV_E_TRANSFER when the master
  * cannot be reached, KV_E_INVALID_ARGUMENT for a bad url or a refused token. Leases and
  * eviction are the master's. */

@@ -1,0 +1,374 @@
+"""Many processes around a master server (issue 5): shared memory on one host, TCP between
+hosts (separate host identities and network namespaces), replicas, client death, master
+restart, and a master fuzzed over its socket. Every server and process started is stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+import kvstore
+from cluster import Master, wait_for, worker
+from cluster_worker import value_of
+
+
+@pytest.fixture
+def master():
+    with Master("--client-ttl", "2") as m:
+        yield m
+
+
+def connect(m: Master, **kw) -> kvstore.Store:
+    kw.setdefault("segment_size", "16MiB")
+    return kvstore.Store.connect(m.url, **kw)
+
+
+# ---- one process, several clients ----
+
+def test_clients_share_objects_through_the_master(master):
+    a, b, pure = connect(master), connect(master), connect(master, segment_size=0)
+    try:
+        a.put("k", b"hello" * 1000)
+        assert b.get("k") == b"hello" * 1000          # a's segment, mapped by b
+        assert pure.get("k") == b"hello" * 1000
+        assert b.exists("k") and pure.size("k") == 5000
+        pure.put("from-pure", b"x" * 70000)            # a pure client writes into others' segments
+        buf = bytearray(70000)
+        assert a.get_into("from-pure", buf) == 70000 and buf == b"x" * 70000
+        assert b.get_batch(["k", "missing"])[0] == b"hello" * 1000
+        with pytest.raises(kvstore.ObjectExistsError):
+            b.put("k", b"again")
+        b.upsert("k", b"new")
+        assert a.get("k") == b"new"
+        a.remove("k", force=True)
+        assert not pure.exists("k")
+        assert a.stats()["segment_size"] == 16 << 20 and pure.stats()["segment_size"] == 0
+        assert a.stats()["capacity"] == 32 << 20        # the cluster's: two segments
+    finally:
+        for s in (a, b, pure):
+            s.close()
+
+
+def test_put_is_visible_to_another_client_as_soon_as_it_returns(master):
+    a, b = connect(master), connect(master)
+    try:
+        for i in range(300):   # commits are pipelined; the master applies them before answering b
+            a.put(f"k{i}", b"v" * 100)
+            assert b.exists(f"k{i}")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_tensors_and_multi_part_writes_across_clients(master):
+    a, b = connect(master), connect(master, segment_size=0)
+    try:
+        t = np.arange(4096, dtype=np.float32).reshape(64, 64)
+        a.put_tensor("t", t)
+        assert np.array_equal(b.get_tensor("t"), t)
+        b.put_parts("p", b"head", memoryview(b"body" * 100))
+        assert a.get("p") == b"head" + b"body" * 100
+    finally:
+        a.close()
+        b.close()
+
+
+def test_replicas_land_in_distinct_segments_and_survive_their_owner(master):
+    keeper, reader = connect(master), connect(master, segment_size=0)
+    owner = worker(master.url, "w0", "0", "--serve", "--segment", "16MiB")
+    try:
+        assert wait_for(lambda: reader.stats()["capacity"] == 32 << 20, 10)
+        for i in range(20):
+            reader.put(f"r{i}", value_of(f"r{i}", 50000), replicas=2)
+        assert reader.stats()["bytes_used"] >= 2 * 20 * 50000     # two copies of each
+        owner.kill()                                             # one segment dies
+        owner.wait()
+        assert wait_for(lambda: reader.stats()["capacity"] == 16 << 20, 8)
+        for i in range(20):
+            assert reader.get(f"r{i}") == value_of(f"r{i}", 50000)
+    finally:
+        owner.kill()
+        owner.wait()
+        keeper.close()
+        reader.close()
+
+
+def test_replicas_are_best_effort_when_segments_are_few(master):
+    a = connect(master)
+    try:
+        a.put("k", b"v" * 1000, replicas=16)
+        assert a.get("k") == b"v" * 1000
+    finally:
+        a.close()
+
+
+# ---- bad input ----
+
+def test_connect_rejects_bad_arguments(master):
+    with pytest.raises(kvstore.ArgumentTypeError):
+        kvstore.Store.connect(5)
+    with pytest.raises(kvstore.ArgumentTypeError):
+        kvstore.Store.connect(master.url, token=5)
+    for url in ("http://127.0.0.1:1", "kvstore://not-an-ip:50051", "kvstore://127.0.0.1:99999", "kvstore://127.0.0.1:x"):
+        with pytest.raises(kvstore.InvalidArgumentError):
+            kvstore.Store.connect(url)
+    with pytest.raises(kvstore.InvalidArgumentError):
+        kvstore.Store.connect(master.url, segment_size=-1)
+    with pytest.raises(kvstore.InvalidArgumentError):
+        kvstore.Store.connect(master.url, segment_size=10)
+    with pytest.raises(kvstore.ArgumentTypeError):
+        kvstore.Store.connect(master.url, segment_size=0, prefault="yes")
+
+
+def test_connect_to_nothing_is_a_transfer_error():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(kvstore.TransferError):
+        kvstore.Store.connect(f"kvstore://127.0.0.1:{port}")
+
+
+def test_token_is_checked():
+    with Master("--token", "s3cret") as m:
+        with pytest.raises(kvstore.InvalidArgumentError, match="token"):
+            kvstore.Store.connect(m.url, segment_size=0, token="wrong")
+        with pytest.raises(kvstore.InvalidArgumentError, match="token"):
+            kvstore.Store.connect(m.url, segment_size=0)
+        s = kvstore.Store.connect(m.url, segment_size=0, token="s3cret")
+        s.close()
+
+
+@pytest.mark.parametrize("bad", [0, 17, -1, 2**40])
+def test_bad_replica_counts_leave_nothing_behind(master, bad):
+    a = connect(master)
+    try:
+        with pytest.raises(kvstore.InvalidArgumentError, match="replicas"):
+            a.put("k", b"v", replicas=bad)
+        with pytest.raises(kvstore.ArgumentTypeError):
+            a.put("k", b"v", replicas="2")
+        with pytest.raises(kvstore.ArgumentTypeError):
+            a.put("k", b"v", replicas=True)
+        assert not a.exists("k") and a.stats()["objects"] == 0
+    finally:
+        a.close()
+
+
+def test_embedded_store_takes_replicas_too():
+    with kvstore.Store("4MiB") as s:
+        s.put("k", b"v", replicas=3)           # one segment: one copy
+        assert s.get("k") == b"v"
+        with pytest.raises(kvstore.InvalidArgumentError):
+            s.put("j", b"v", replicas=0)
+
+
+def test_closed_connected_store_raises(master):
+    a = connect(master)
+    a.close()
+    with pytest.raises(kvstore.StoreClosedError):
+        a.get("k")
+    a.close()
+
+
+# ---- many processes ----
+
+def run_workers(m: Master, n: int, seconds: float, **kw) -> list[dict]:
+    procs = [worker(m.url, f"w{i}", str(seconds), "--peers", str(n), **kw) for i in range(n)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=seconds + 60)
+        assert p.returncode == 0, stderr
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def test_three_client_processes_put_and_get_concurrently(master):
+    results = run_workers(master, 3, 2.0)
+    for r in results:
+        assert r["corrupt"] == 0 and r["transfer_errors"] == 0 and r["put_errors"] == 0
+        assert r["puts"] > 50
+    assert sum(r["gets"] for r in results) > 50
+
+
+def test_tcp_between_clients_with_different_host_identities(master):
+    # Same machine, different host ids: the clients cannot map each other and use TCP.
+    procs = [worker(master.url, f"w{i}", "2", "--peers", "2", env={"KVSTORE_HOST_ID": f"host-{i}"}) for i in range(2)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=60)
+        assert p.returncode == 0, stderr
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    for r in results:
+        assert r["corrupt"] == 0 and r["transfer_errors"] == 0
+        assert r["gets"] > 10 and r["stats"]["network_bytes"] > 0
+
+
+def test_kill_9_of_a_client_mid_workload(master, tmp_path):
+    ready = tmp_path / "ready"
+    victim = worker(master.url, "w2", "30", "--peers", "3", "--ready", str(ready))
+    assert wait_for(ready.exists, 20)
+    survivors = [worker(master.url, f"w{i}", "4", "--peers", "3") for i in range(2)]
+    time.sleep(1.0)
+    observer = connect(master, segment_size=0)
+    try:
+        victim_keys = [f"w2-{i}" for i in range(20)]
+        assert any(observer.exists(k) for k in victim_keys)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        killed_at = time.monotonic()
+        # Its objects go missing within the client TTL (2 s) + 5 s.
+        assert wait_for(lambda: not any(observer.exists(k) for k in victim_keys), 7)
+        assert time.monotonic() - killed_at < 7
+        for p in survivors:
+            stdout, stderr = p.communicate(timeout=60)
+            assert p.returncode == 0, stderr
+            r = json.loads(stdout.strip().splitlines()[-1])
+            assert r["corrupt"] == 0 and r["put_errors"] == 0 and r["puts"] > 20
+    finally:
+        victim.kill()
+        victim.wait()
+        for p in survivors:
+            p.kill()
+            p.wait()
+        observer.close()
+
+
+def test_client_survives_a_master_restart():
+    m = Master("--client-ttl", "2")
+    a = kvstore.Store.connect(m.url, segment_size="8MiB")
+    try:
+        a.put("before", b"1" * 1000)
+        port = m.port
+        m.stop(signal.SIGKILL)
+        with pytest.raises(kvstore.TransferError):
+            a.get("before")                                 # the master is gone: a clear error, no hang
+        m = Master("--client-ttl", "2", port=port)
+        ok = wait_for(lambda: _reconnected(a), 10, 0.1)
+        assert ok, "the client did not reconnect"
+        assert not a.exists("before")                       # the new master knows nothing of it
+        a.put("after", b"2" * 1000)
+        assert a.get("after") == b"2" * 1000
+        assert a.stats()["master_reconnects"] >= 1
+        assert a.stats()["capacity"] == 8 << 20              # remounted
+    finally:
+        a.close()
+        m.stop()
+
+
+def _reconnected(s: kvstore.Store) -> bool:
+    try:
+        s.exists("x")
+        return True
+    except kvstore.TransferError:
+        return False
+
+
+# ---- the master under hostile input ----
+
+def _frame(kind: int, payload: bytes, rid: int = 1) -> bytes:
+    return struct.pack("<IHHII", 0x5453564B, 1, kind, rid, len(payload)) + payload
+
+
+def test_master_survives_random_and_mutated_messages(master):
+    rng = random.Random(1234)
+    key = b"k"
+    valid = [
+        _frame(1, struct.pack("<I", 0) + struct.pack("<I", 4) + b"fuzz"),
+        _frame(4, b""),
+        _frame(9, struct.pack("<I", 1) + key),
+        _frame(8, struct.pack("<I", 1) + key + struct.pack("<I", 1) + b"h"),
+        _frame(5, struct.pack("<I", 1) + key + struct.pack("<Q", 100) + bytes([0, 0]) + bytes(16) + bytes([1, 0]) + bytes(4)),
+        _frame(13, b""),
+        _frame(2, struct.pack("<Q", 1 << 20) + struct.pack("<I", 1) + b"h" + struct.pack("<I", 1) + b"p" + struct.pack("<I", 1) + b"e"),
+    ]
+    end = time.monotonic() + 3.0
+    sent = 0
+    while time.monotonic() < end:
+        s = socket.create_connection(("127.0.0.1", master.port), timeout=2)
+        try:
+            for _ in range(rng.randrange(1, 6)):
+                choice = rng.random()
+                if choice < 0.3:
+                    msg = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+                else:
+                    msg = bytearray(rng.choice(valid))
+                    for _ in range(rng.randrange(0, 4)):
+                        msg[rng.randrange(len(msg))] = rng.randrange(256)
+                    if rng.random() < 0.2:
+                        msg = msg[: rng.randrange(len(msg))]
+                s.sendall(bytes(msg))
+                sent += 1
+        except OSError:
+            pass   # the master closed a connection it refused: expected
+        finally:
+            s.close()
+    assert sent > 100
+    assert master.proc.poll() is None                  # zero crashes
+    c = connect(master)
+    try:
+        c.put("still", b"works")
+        assert c.get("still") == b"works"
+    finally:
+        c.close()
+
+
+# ---- two network namespaces: different addresses, TCP only ----
+
+NETNS = "kvstore-test-ns"
+
+
+def _netns_available() -> bool:
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        return False
+    r = subprocess.run(["ip", "netns", "add", NETNS + "-probe"], capture_output=True)
+    if r.returncode != 0:
+        return False
+    subprocess.run(["ip", "netns", "del", NETNS + "-probe"], capture_output=True)
+    return True
+
+
+@pytest.fixture
+def netns():
+    if not _netns_available():
+        pytest.skip("needs root and ip netns (network namespaces)")
+    sh = lambda *a: subprocess.run(a, check=True, capture_output=True)
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+    subprocess.run(["ip", "link", "del", "kvs-veth0"], capture_output=True)
+    sh("ip", "netns", "add", NETNS)
+    try:
+        sh("ip", "link", "add", "kvs-veth0", "type", "veth", "peer", "name", "kvs-veth1")
+        sh("ip", "link", "set", "kvs-veth1", "netns", NETNS)
+        sh("ip", "addr", "add", "10.213.0.1/24", "dev", "kvs-veth0")
+        sh("ip", "link", "set", "kvs-veth0", "up")
+        sh("ip", "netns", "exec", NETNS, "ip", "addr", "add", "10.213.0.2/24", "dev", "kvs-veth1")
+        sh("ip", "netns", "exec", NETNS, "ip", "link", "set", "kvs-veth1", "up")
+        sh("ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up")
+        yield NETNS
+    finally:
+        subprocess.run(["ip", "link", "del", "kvs-veth0"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+
+
+def test_two_hosts_over_veth_use_tcp(netns):
+    with Master("--token", "veth-token", host="10.213.0.1") as m:
+        env = {"KVSTORE_MASTER_TOKEN": "veth-token"}
+        here = worker(m.url, "w0", "2", "--peers", "2", env=env)
+        there = worker(m.url, "w1", "2", "--peers", "2", env=env, netns=netns)
+        results = []
+        for p in (here, there):
+            stdout, stderr = p.communicate(timeout=60)
+            assert p.returncode == 0, stderr
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
+        for r in results:
+            assert r["corrupt"] == 0 and r["transfer_errors"] == 0
+            assert r["gets"] > 10 and r["stats"]["network_bytes"] > 0
