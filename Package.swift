@@ -52,6 +52,6 @@ let package = Package(
         .testTarget(name: "KVAcceleratorTests", dependencies: ["KVAccelerator", "KVCore", "KVTestSupport"]),
         .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVAccelerator", "KVCore"]),
         .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVAccelerator", "KVTransfer", "KVTestSupport"]),
-        .testTarget(name: "KVMasterTests", dependencies: ["KVMaster", "KVCore", "KVTransfer", "KVStore", "KVTestSupport"]),
+        .testTarget(name: "KVMasterTests", dependencies: ["KVMaster", "KVCore", "KVAccelerator", "KVTransfer", "KVStore", "KVTestSupport"]),
     ]
 )

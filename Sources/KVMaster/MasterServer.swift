@@ -27,6 +27,8 @@ public final class MasterServer: @unchecked Sendable {
         public var metricsPort: Int? = 9003
         public var config = MasterConfig()
         public var maxPayload = WireFrameHeader.defaultMaxPayload
+        /// After serving a request, keep polling without sleeping this long (0: never spin).
+        public var spinNanos: Nanoseconds = 100_000
         public init() {}
     }
 
@@ -138,6 +140,7 @@ public final class MasterServer: @unchecked Sendable {
     public func run() {
         log("listening on \(options.host):\(port)" + (metricsPort.map { ", metrics on \(options.metricsHost):\($0)" } ?? ""))
         var lastSweep = clock()
+        var lastActivity: Nanoseconds = 0
         while true {
             var fds = [pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0)]
@@ -145,8 +148,12 @@ public final class MasterServer: @unchecked Sendable {
             for (fd, c) in connections {
                 fds.append(pollfd(fd: fd, events: Int16(POLLIN) | (c.sent < c.output.count ? Int16(POLLOUT) : 0), revents: 0))
             }
-            let n = poll(&fds, nfds_t(fds.count), 250)
+            // Right after a request, poll without sleeping for a short while: the next
+            // request of a busy client is picked up without a scheduler wake-up.
+            let busy = clock() &- lastActivity < options.spinNanos
+            let n = poll(&fds, nfds_t(fds.count), busy ? 0 : 250)
             if n < 0 && errno != EINTR { log("poll failed: errno \(errno)"); break }
+            if n > 0 { lastActivity = clock() }
             if fds[0].revents != 0 { break }
             if fds[1].revents != 0 { acceptAll(listener, http: false) }
             if let h = httpListener, fds[2].revents != 0 { acceptAll(h, http: true) }

@@ -78,8 +78,13 @@ public final class HostSegment: @unchecked Sendable {
             close(fd)
             throw .invalidArgument("segment '\(path)' is smaller than \(size) bytes")
         }
+        // When the owner committed every page (prefault), build this mapping's page tables now
+        // (MAP_POPULATE allocates nothing then): no first-touch fault inside a timed copy.
+        // A lazily committed segment stays lazy here too.
+        let committed = Int(st.st_blocks) * 512 >= size
         do throws(KVError) {
-            base = try SystemCall.mmap(length: size, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED, fd: fd)
+            base = try SystemCall.mmap(length: size, protection: PROT_READ | PROT_WRITE,
+                                       flags: MAP_SHARED | (committed ? MAP_POPULATE : 0), fd: fd)
         } catch {
             close(fd)
             throw error

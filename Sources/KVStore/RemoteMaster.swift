@@ -105,6 +105,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             Glibc.close(stopPipe.read); Glibc.close(stopPipe.write)
             throw error
         }
+        onConnect(1, 0)
         policy.leaseTTL = welcome.0
         policy.inPlaceUpserts = false
         clientTTL = welcome.1
@@ -307,7 +308,12 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         return response
     }
 
+    /// How long a call spins for the master's answer before blocking (a loopback or LAN
+    /// round trip fits; it saves a scheduler wake-up per request).
+    static let spinNanos = 200_000
+
     private func readResponse(_ s: Socket) throws(KVError) -> MasterResponse {
+        s.spinUntilReadable(Self.spinNanos)
         let (h, payload) = try s.readFrame(maxPayload: WireFrameHeader.defaultMaxPayload, isKnown: MasterResponse.isResponseKind)
         return try rethrowingKVError { try payload.withUnsafeBytes { try MasterResponse.decode(kind: h.kind, $0) } }
     }

@@ -24,6 +24,8 @@ per-pair ratios (copyto time / store time), i.e. the fraction of the memcpy limi
   same bytes).
 - evict: 64 KiB puts into a store at 300% fill (evicting) against a store at 50% fill, side
   by side (``_bench_cache.py``; its own table).
+- cluster: a master and holder processes; shared-memory and TCP transfers and 4 KiB
+  operations through the network master (``_bench_cluster.py``; its own table).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np
 from ._sizes import parse_size
 from ._store import Store
 
-_ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", "evict")
+_ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", "evict", "cluster")
 
 
 def _fmt_size(n: int) -> str:
@@ -103,7 +105,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     results: list[dict[str, object]] = []
     header = f"{'operation':<16}{'size':>10}{'count':>8}{'ops/s':>14}{'GB/s':>9}{'copyto GB/s':>13}{'ratio':>8}"
-    if any(o != "evict" for o in ops):
+    if any(o not in ("evict", "cluster") for o in ops):
         print(f"kvstore bench: {args.repeat} alternating store/copyto pairs after a warm-up; medians; ratio = store / numpy.copyto")
         print(header)
         print("-" * len(header))
@@ -121,7 +123,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{op:<16}{_fmt_size(size):>10}{count:>8}{ops_s:>14,.0f}{row['gb_per_s']:>9.2f}"
               f"{row['copyto_gb_per_s']:>13.2f}{row['ratio']:>8.2f}", flush=True)
 
-    single = [o for o in ops if o not in ("batch", "gpu", "evict")]
+    single = [o for o in ops if o not in ("batch", "gpu", "evict", "cluster")]
     for size in sizes if single else []:
         n = _count_for(size, budget, args.small_ops)
         keys = [f"bench-{size}-{i}" for i in range(n)]
@@ -228,6 +230,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
         rc = run_evict(parse_size(args.evict_segment, name="evict segment"), parse_size(args.evict_size, name="evict size"),
                        args.evict_count, args.repeat * 3, results.append)
+        if rc:
+            return rc
+
+    if "cluster" in ops:
+        from ._bench_cluster import run_cluster
+
+        rc = run_cluster(parse_size(args.cluster_size, name="cluster size"), budget, batch_count, batch_size,
+                         args.repeat, results.append)
         if rc:
             return rc
 

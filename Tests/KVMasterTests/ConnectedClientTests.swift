@@ -1,0 +1,148 @@
+import XCTest
+import KVAccelerator
+import KVCore
+import KVStore
+import KVTestSupport
+import KVTransfer
+@testable import KVMaster
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `StoreClient(connecting:)` against an in-process `MasterServer`: same-host mapping, TCP
+/// peers (a client with another host identity), concurrent writers and readers on several
+/// clients (run under the thread sanitizer by ./dev.sh test), and a peer's segment server
+/// refusing bad requests.
+final class ConnectedClientTests: XCTestCase {
+    var server: MasterServer!
+    var thread: TestThread!
+    var url: String { "kvstore://127.0.0.1:\(server.port)" }
+
+    override func setUpWithError() throws {
+        var o = MasterServer.Options()
+        o.port = 0
+        o.metricsPort = nil
+        server = try MasterServer(options: o, log: { _ in })
+        let s = server!
+        thread = TestThread { s.run() }
+        thread.start()
+    }
+
+    override func tearDown() {
+        server.stop()
+        thread.join()
+    }
+
+    static func put(_ c: StoreClient, _ key: ObjectKey, _ bytes: [UInt8], replicas: Int = 1) throws {
+        try bytes.withUnsafeBytes { b in
+            var r = MemoryRegion(b.baseAddress!, length: b.count)
+            try withUnsafePointer(to: &r) { p in
+                try c.put(key: key, parts: UnsafeBufferPointer(start: p, count: 1), mode: .put,
+                          options: WriteOptions(replicas: replicas), memory: .host)
+            }
+        }
+    }
+
+    static func get(_ c: StoreClient, _ key: ObjectKey, _ count: Int) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        let n = try out.withUnsafeMutableBytes { b in
+            var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: b.count)
+            return try withUnsafePointer(to: &r) { p in
+                try c.get(key: key, into: UnsafeBufferPointer(start: p, count: 1), memory: .host)
+            }
+        }
+        return Array(out[0..<n])
+    }
+
+    static func pattern(_ seed: Int, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ seed) } }
+
+    func testSameHostClientsMapEachOther() throws {
+        let a = try StoreClient(connecting: url, segmentSize: 1 << 20)
+        let b = try StoreClient(connecting: url, segmentSize: 0)
+        defer { a.close(); b.close() }
+        try Self.put(b, "k", Self.pattern(1, 5000))                 // into a's segment (b has none)
+        XCTAssertEqual(try Self.get(a, "k", 5000), Self.pattern(1, 5000))
+        XCTAssertEqual(try Self.get(b, "k", 5000), Self.pattern(1, 5000))
+        XCTAssertEqual(b.counters.networkBytes.load(ordering: .relaxed), 0)
+        XCTAssertTrue(try a.exists(key: "k"))
+        XCTAssertEqual(try b.size(key: "k"), 5000)
+        XCTAssertThrowsError(try Self.get(b, "nope", 10)) { XCTAssertEqual(($0 as? KVError)?.code, .objectNotFound) }
+    }
+
+    func testPeerOverTCPAndReplicas() throws {
+        let a = try StoreClient(connecting: url, segmentSize: 1 << 20)
+        setenv("KVSTORE_HOST_ID", "another-host", 1)
+        let far = try StoreClient(connecting: url, segmentSize: 1 << 20)
+        unsetenv("KVSTORE_HOST_ID")
+        defer { a.close(); far.close() }
+        try Self.put(far, "two", Self.pattern(2, 70_000), replicas: 2)
+        try Self.put(a, "one", Self.pattern(3, 40_000))
+        XCTAssertEqual(try Self.get(far, "one", 40_000), Self.pattern(3, 40_000))   // a's segment, over TCP
+        XCTAssertGreaterThan(far.counters.networkBytes.load(ordering: .relaxed), 0)
+        XCTAssertEqual(try Self.get(a, "two", 70_000), Self.pattern(2, 70_000))
+        XCTAssertGreaterThanOrEqual(try a.remote!.statistics().usedBytes, 2 * 70_000 + 40_000)
+    }
+
+    func testConcurrentWritersAndReadersOnThreeClients() throws {
+        let clients = [try StoreClient(connecting: url, segmentSize: 4 << 20),
+                       try StoreClient(connecting: url, segmentSize: 4 << 20),
+                       try StoreClient(connecting: url, segmentSize: 0)]
+        defer { clients.forEach { $0.close() } }
+        let failures = Locked([String]())
+        runThreads(6) { t in
+            let c = clients[t % 3]
+            for i in 0..<150 {
+                let key: ObjectKey = "t\(t)-\(i)"
+                do {
+                    try Self.put(c, key, Self.pattern(t * 1000 + i, 3000))
+                    let other: ObjectKey = "t\((t + 1) % 6)-\(i / 2)"
+                    if let got = try? Self.get(clients[(t + 1) % 3], other, 3000), got != Self.pattern(((t + 1) % 6) * 1000 + i / 2, 3000) {
+                        failures.withLock { $0.append("corrupt read of \(other)") }
+                    }
+                } catch {
+                    failures.withLock { $0.append("\(key): \(error)") }
+                }
+            }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, [])
+        XCTAssertEqual(try clients[2].remote!.statistics().objects, 900)
+    }
+
+    func testSegmentServerRefusesBadRequests() throws {
+        let memory = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
+        defer { memory.deallocate() }
+        let s = try SegmentServer(region: MemoryRegion(memory, length: 4096), host: "127.0.0.1", token: "t")
+        defer { s.stop() }
+        s.segmentID.withLock { $0 = 7 }
+        var buf = [UInt8](repeating: 0, count: 16)
+        let wrongToken = try PeerLink(endpoint: s.endpoint, token: "x")
+        XCTAssertThrowsError(try buf.withUnsafeMutableBytes { b in
+            var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: 16)
+            try withUnsafePointer(to: &r) { try wrongToken.read(segment: 7, offset: 0, length: 16, into: UnsafeBufferPointer(start: $0, count: 1)) }
+        })
+        let peer = try PeerLink(endpoint: s.endpoint, token: "t")
+        for (seg, offset, length) in [(8 as SegmentID, 0, 16), (7, 4090, 16), (7, Int(1) << 40, 16)] {
+            XCTAssertThrowsError(try buf.withUnsafeMutableBytes { b in
+                var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: 16)
+                try withUnsafePointer(to: &r) { try peer.read(segment: seg, offset: offset, length: length, into: UnsafeBufferPointer(start: $0, count: 1)) }
+            }, "segment \(seg) offset \(offset)")
+        }
+        memory.storeBytes(of: 0xAB, toByteOffset: 100, as: UInt8.self)
+        try buf.withUnsafeMutableBytes { b in
+            var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: 16)
+            try withUnsafePointer(to: &r) { try peer.read(segment: 7, offset: 100, length: 16, into: UnsafeBufferPointer(start: $0, count: 1)) }
+        }
+        XCTAssertEqual(buf[0], 0xAB)
+    }
+
+    func testUnreachableMasterAndBadURLs() {
+        XCTAssertThrowsError(try StoreClient(connecting: "kvstore://127.0.0.1:1", segmentSize: 0)) {
+            XCTAssertEqual(($0 as? KVError)?.code, .transfer)
+        }
+        for u in ["http://x:1", "kvstore://host:1", "kvstore://127.0.0.1:0", "kvstore://127.0.0.1:abc"] {
+            XCTAssertThrowsError(try StoreClient(connecting: u, segmentSize: 0)) {
+                XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument, u)
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+"""``python -m kvstore bench --ops cluster``: the multi-process data paths (issue 5).
+
+A master server process (``python -m kvstore master`` on a free loopback port) and a holder
+process that mounts a prefaulted segment; this process joins as a pure client
+(``segment_size=0``), so every object it writes or reads lives in the holder's segment:
+
+- shm: same host identity, so the holder's segment is mapped here and each transfer is one
+  memcpy. ``put_from``/``get_into`` of ``--cluster-size`` objects (default 16 MiB) and
+  ``batch_put_from``/``batch_get_into`` of ``--batch`` (256 x 64 KiB), each timed alternately
+  with ``numpy.copyto`` of the same bytes (ratio = store / copyto, median of pairs).
+- tcp: a second holder with another host identity (``KVSTORE_HOST_ID``), so this client
+  reaches it over TCP on loopback. ``put_from``/``get_into`` of the same objects, against
+  ``iperf3`` (one stream, loopback, 3 s) measured in the same run (ratio = store / iperf3).
+- ops: 4 KiB ``put`` and ``get`` through the network master (one round trip each), in ops/s,
+  single thread; the ratio column compares with 18,000 ops/s, the top of the 10-18k ops/s
+  Mooncake Store reaches on these machines (Mooncake itself is not run here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from ._store import Store
+
+MOONCAKE_OPS_PER_S = 18_000
+
+
+class _Process:
+    """A child process whose first stderr/stdout line is awaited; the rest is drained."""
+
+    def __init__(self, cmd: list[str], pattern: str, env: dict[str, str] | None = None, stream: str = "stderr") -> None:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, **(env or {})})
+        out = getattr(self.proc, stream)
+        line = out.readline()
+        self.match = re.search(pattern, line)
+        if not self.match:
+            rest = self.proc.stderr.read() if stream == "stdout" else ""
+            self.stop()
+            raise RuntimeError(f"{cmd[:4]} did not start: {line}{rest}")
+        for s in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=lambda s=s: [None for _ in s], daemon=True).start()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_HOLDER = ("import sys, kvstore\n"
+           "s = kvstore.Store.connect(sys.argv[1], segment_size=int(sys.argv[2]), prefault=True)\n"
+           "print('ready', flush=True)\n"
+           "sys.stdin.read()\n"
+           "s.close()\n")
+
+
+def _paired(fn: Callable[[], None], setup: Callable[[], None], base: Callable[[], None], repeat: int) -> tuple[float, float, float]:
+    setup()
+    fn()
+    base()
+    st, bt, ratios = [], [], []
+    for _ in range(repeat):
+        setup()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        base()
+        t2 = time.perf_counter()
+        st.append(t1 - t0)
+        bt.append(t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+    return statistics.median(st), statistics.median(bt), statistics.median(ratios)
+
+
+def _iperf3_gbps() -> float | None:
+    """Loopback TCP throughput of one iperf3 stream, in GB/s; None without iperf3."""
+    if not shutil.which("iperf3"):
+        return None
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "3", "-J"], capture_output=True, text=True)
+            if r.returncode == 0:
+                end = json.loads(r.stdout).get("end", {})
+                if "sum_received" in end:
+                    return end["sum_received"]["bits_per_second"] / 8 / 1e9
+            time.sleep(0.1)
+        return None
+    finally:
+        server.kill()
+        server.wait()
+
+
+def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repeat: int,
+                record: Callable[[dict[str, Any]], None]) -> int:
+    n = max(2, budget // size)
+    holder_bytes = 3 * max(n * size, batch_count * batch_size) + (64 << 20)
+    master = _Process([sys.executable, "-m", "kvstore", "master", "--port", "0", "--metrics-port", "-1"],
+                      r"listening on 127\.0\.0\.1:(\d+)")
+    url = f"kvstore://127.0.0.1:{master.match.group(1)}"
+    procs = [master]
+    stores: list[Store] = []
+    try:
+        shm_holder = _Process([sys.executable, "-c", _HOLDER, url, str(holder_bytes)], "ready", stream="stdout")
+        procs.append(shm_holder)
+        client = Store.connect(url, segment_size=0)
+        stores.append(client)
+
+        header = f"{'path':<6}{'operation':<16}{'size':>10}{'count':>7}{'ops/s':>12}{'GB/s':>8}{'baseline GB/s':>15}{'ratio':>7}"
+        print(f"\nkvstore bench cluster: master + holder processes, this process a pure client; {repeat} pairs; medians")
+        print(header)
+        print("-" * len(header))
+
+        def report(path: str, op: str, sz: int, count: int, t: float, base_gbps: float | None, ratio: float | None,
+                   baseline: str) -> None:
+            row = {"op": f"cluster_{path}_{op}", "size": sz, "count": count, "seconds": t, "ops_per_s": count / t,
+                   "gb_per_s": sz * count / t / 1e9, "baseline": baseline, "baseline_gb_per_s": base_gbps, "ratio": ratio}
+            record(row)
+            bs = f"{base_gbps:.2f}" if base_gbps is not None else "-"
+            rs = f"{ratio:.2f}" if ratio is not None else "-"
+            print(f"{path:<6}{op:<16}{_size(sz):>10}{count:>7}{count / t:>12,.0f}{row['gb_per_s']:>8.2f}{bs:>15}{rs:>7}", flush=True)
+
+        src = np.full(size, 7, dtype=np.uint8)
+        dst = np.zeros(size, dtype=np.uint8)
+        pool = np.ones((n, size), dtype=np.uint8)
+        rows = list(pool)
+        keys = [f"c-{i}" for i in range(n)]
+
+        def scatter() -> None:
+            for r in rows:
+                np.copyto(r, src)
+
+        def gather() -> None:
+            for r in rows:
+                np.copyto(dst, r)
+
+        def puts(store: Store) -> Callable[[], None]:
+            return lambda: [store.put_from(k, src) for k in keys] and None
+
+        def gets(store: Store) -> Callable[[], None]:
+            return lambda: [store.get_into(k, dst) for k in keys] and None
+
+        # shm: one memcpy into the holder's mapped segment
+        t, bt, ratio = _paired(puts(client), lambda: client.remove_all(force=True), scatter, repeat)
+        report("shm", "put_from", size, n, t, size * n / bt / 1e9, ratio, "copyto")
+        t, bt, ratio = _paired(gets(client), lambda: None, gather, repeat)
+        dst.fill(0)
+        gets(client)()
+        if not np.array_equal(dst, src):
+            print("cluster get_into returned wrong bytes", file=sys.stderr)
+            return 1
+        report("shm", "get_into", size, n, t, size * n / bt / 1e9, ratio, "copyto")
+        client.remove_all(force=True)
+
+        bsrc = np.full((batch_count, batch_size), 3, dtype=np.uint8)
+        bdst = np.zeros((batch_count, batch_size), dtype=np.uint8)
+        bkeys = [f"b-{i}" for i in range(batch_count)]
+        srows, drows = list(bsrc), list(bdst)
+        whole = np.empty_like(bsrc)
+        t, bt, ratio = _paired(lambda: client.batch_put_from(bkeys, srows), lambda: client.remove_all(force=True),
+                               lambda: np.copyto(whole, bsrc), repeat * 5)
+        report("shm", "batch_put_from", batch_size, batch_count, t, bsrc.nbytes / bt / 1e9, ratio, "copyto")
+        t, bt, ratio = _paired(lambda: client.batch_get_into(bkeys, drows), lambda: None,
+                               lambda: np.copyto(whole, bsrc), repeat * 5)
+        if not np.array_equal(bdst, bsrc):
+            print("cluster batch_get_into returned wrong bytes", file=sys.stderr)
+            return 1
+        report("shm", "batch_get_into", batch_size, batch_count, t, bsrc.nbytes / bt / 1e9, ratio, "copyto")
+        client.remove_all(force=True)
+
+        # tcp: the second holder has another host identity
+        tcp_holder = _Process([sys.executable, "-c", _HOLDER, url, str(holder_bytes)], "ready", stream="stdout",
+                              env={"KVSTORE_HOST_ID": "bench-remote-host"})
+        procs.append(tcp_holder)
+        shm_holder.stop()   # its segment leaves: every write now goes to the remote one
+        procs.remove(shm_holder)
+        iperf = _iperf3_gbps()
+
+        def timed(fn: Callable[[], None]) -> float:
+            fn()
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        net0 = client.stats()["network_bytes"]
+        t = timed(lambda: (client.remove_all(force=True), puts(client)()) and None)
+        report("tcp", "put_from", size, n, t, iperf, (size * n / t / 1e9) / iperf if iperf else None, "iperf3")
+        t = timed(gets(client))
+        dst.fill(0)
+        gets(client)()
+        if not np.array_equal(dst, src) or client.stats()["network_bytes"] == net0:
+            print("cluster tcp get_into returned wrong bytes or did not use TCP", file=sys.stderr)
+            return 1
+        report("tcp", "get_into", size, n, t, iperf, (size * n / t / 1e9) / iperf if iperf else None, "iperf3")
+        if iperf is None:
+            print("(iperf3 is not installed: no TCP baseline; ./dev.sh setup installs it)")
+        client.remove_all(force=True)
+        tcp_holder.stop()
+        procs.remove(tcp_holder)
+
+        # ops: 4 KiB through the master (a local holder again, so the data path is one memcpy)
+        ops_holder = _Process([sys.executable, "-c", _HOLDER, url, str(256 << 20)], "ready", stream="stdout")
+        procs.append(ops_holder)
+        small = bytes(4096)
+        m = 20_000
+        skeys = [f"s-{i}" for i in range(m)]
+        put, get = client.put, client.get
+
+        def small_puts() -> None:
+            for k in skeys:
+                put(k, small)
+
+        def small_gets() -> None:
+            for k in skeys:
+                get(k)
+
+        t = timed(lambda: (client.remove_all(force=True), small_puts()) and None)
+        # timed() includes remove_all in each put round; measure a clean round for the figure
+        client.remove_all(force=True)
+        t0 = time.perf_counter()
+        small_puts()
+        t = min(t, time.perf_counter() - t0)
+        report("ops", "put", 4096, m, t, None, (m / t) / MOONCAKE_OPS_PER_S, "mooncake 18k/s")
+        t = timed(small_gets)
+        report("ops", "get", 4096, m, t, None, (m / t) / MOONCAKE_OPS_PER_S, "mooncake 18k/s")
+        print("ratios: shm = store / numpy.copyto; tcp = store / iperf3 (one stream, same run); "
+              f"ops = ops/s / {MOONCAKE_OPS_PER_S:,} (Mooncake Store's best on these machines)")
+        return 0
+    finally:
+        for s in stores:
+            s.close()
+        for p in reversed(procs):
+            p.stop()
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
