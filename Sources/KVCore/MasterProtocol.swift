@@ -1,8 +1,8 @@
 /// The master's control-plane messages (DESIGN.md §2: the master owns metadata only; object
 /// bytes move between clients). Each travels in one `WireFrameHeader` frame; a response
-/// carries its request's id. Every request gets exactly one response; `putCommit` and
-/// `putAbort` may be pipelined (sent without waiting), since a connection's requests are
-/// handled in order.
+/// carries its request's id. Every request gets exactly one response, except `putCommit` and
+/// `putAbort`: they are pipelined (sent without waiting; a connection's requests are handled
+/// in order) and answered only when they fail (an `error` with their request id).
 ///
 /// Durations on the wire are nanoseconds (u64); sizes and offsets u64; segment ids u32.
 public enum MasterRequest: Sendable, Equatable {
@@ -48,6 +48,14 @@ public enum MasterRequest: Sendable, Equatable {
     }
 
     public static func isRequestKind(_ k: UInt16) -> Bool { (1...14).contains(k) }
+
+    /// Requests answered only when they fail.
+    public var isPipelined: Bool {
+        switch self {
+        case .putCommit, .putAbort: true
+        default: false
+        }
+    }
 
     /// The key a request is about, if any.
     public var key: ObjectKey? {

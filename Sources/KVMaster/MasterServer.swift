@@ -200,6 +200,7 @@ public final class MasterServer: @unchecked Sendable {
             guard let n else { break }
             if n == 0 { return drop(c, reason: c.http ? nil : "closed by the client") }
             c.input += scratch[0..<n]
+            if n < scratch.count { break }   // drained for now; poll says when more arrives
             if c.input.count > options.maxPayload + WireFrameHeader.size { break }
         }
         if c.http { return serveHTTP(c) }
@@ -219,6 +220,7 @@ public final class MasterServer: @unchecked Sendable {
                 let wasWelcomed = c.session.client != nil
                 if !draining, let key = request.key, service.isWriting(key) { drainOthers(except: c) }
                 let response = service.handle(request, session: &c.session, now: clock())
+                if response == .ok, request.isPipelined { continue }   // answered only when it fails
                 c.output += WireWriter.frame(kind: response.kind, requestID: header.requestID, payload: response.encode())
                 if case .hello = request, !wasWelcomed, case .error(let e) = response {
                     c.closeAfterFlush = true

@@ -9,7 +9,8 @@ import Synchronization
 /// A master server reached over TCP: the `MasterLink` of a connected `StoreClient`.
 ///
 /// One connection, one request at a time (a lock serialises callers); commits are pipelined
-/// (sent without waiting; their answers are read before the next answer). A heartbeat thread
+/// (sent without waiting; the master answers them only when they fail, and such an answer is
+/// read, and counted in `commitFailures`, before the next answer). A heartbeat thread
 /// keeps the client alive when it is idle.
 ///
 /// Connection loss: the call that sees it fails with `transfer` and the connection is marked
@@ -43,7 +44,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     struct Link: @unchecked Sendable {
         var socket: Socket?
         var nextID: UInt32 = 1
-        var pending = 0
+        var reader = FrameReader(maxPayload: WireFrameHeader.defaultMaxPayload, spinNanos: RemoteMaster.spinNanos)
         var lastRequest: Nanoseconds = 0
         var lastAttempt: Nanoseconds = 0
         var lastFailure = ""
@@ -278,7 +279,6 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         do throws(KVError) {
             try s.writeFrame(kind: r.kind, requestID: l.nextID, payload: r.encode())
             l.nextID &+= 1
-            l.pending += 1
         } catch {
             throw lost(&l, error)
         }
@@ -295,11 +295,12 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         let response: MasterResponse
         do throws(KVError) {
             try s.writeFrame(kind: r.kind, requestID: id, payload: r.encode())
-            while l.pending > 0 {
-                if case .error = try readResponse(s) { _ = commitFailures.add(1, ordering: .relaxed) }
-                l.pending -= 1
+            while true {
+                let (rid, answer) = try readResponse(s, &l.reader)
+                if rid == id { response = answer; break }
+                // Pipelined commits and aborts are answered only when they fail.
+                _ = commitFailures.add(1, ordering: .relaxed)
             }
-            response = try readResponse(s)
         } catch {
             throw lost(&l, error)
         }
@@ -312,17 +313,15 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// round trip fits; it saves a scheduler wake-up per request).
     static let spinNanos = 200_000
 
-    private func readResponse(_ s: Socket) throws(KVError) -> MasterResponse {
-        s.spinUntilReadable(Self.spinNanos)
-        let (h, payload) = try s.readFrame(maxPayload: WireFrameHeader.defaultMaxPayload, isKnown: MasterResponse.isResponseKind)
-        return try rethrowingKVError { try payload.withUnsafeBytes { try MasterResponse.decode(kind: h.kind, $0) } }
+    private func readResponse(_ s: Socket, _ reader: inout FrameReader) throws(KVError) -> (UInt32, MasterResponse) {
+        let (h, payload) = try reader.next(s, isKnown: MasterResponse.isResponseKind)
+        return (h.requestID, try rethrowingKVError { try payload.withUnsafeBytes { try MasterResponse.decode(kind: h.kind, $0) } })
     }
 
     /// Marks the connection lost; returns the error for the caller.
     private func lost(_ l: inout Link, _ e: KVError) -> KVError {
         l.socket?.close()
         l.socket = nil
-        l.pending = 0
         l.writes.removeAll()
         l.lastFailure = e.message
         return KVError(.transfer, "lost the connection to the master at \(host):\(port): \(e.message)")
@@ -336,7 +335,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             s.setTimeout(timeout)
             l.socket = s
             l.nextID = 1
-            l.pending = 0
+            l.reader = FrameReader(maxPayload: WireFrameHeader.defaultMaxPayload, spinNanos: Self.spinNanos)
             l.writes.removeAll()
             guard case let .welcome(_, lease, ttl) = try expect(&l, .hello(token: token, name: name)) else {
                 throw KVError(.internal, "unexpected answer to hello")

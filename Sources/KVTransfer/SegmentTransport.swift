@@ -309,3 +309,71 @@ public final class PeerLink: Sendable {
         throw e
     }
 }
+
+/// Reads frames from a blocking socket through a buffer: one `recv` usually brings a whole
+/// answer (or several pipelined ones), and waiting starts with a short spin of non-blocking
+/// reads (`spinNanos`) before blocking, so an answer that comes within the spin costs no
+/// scheduler wake-up.
+public struct FrameReader: Sendable {
+    private var buffer = [UInt8](repeating: 0, count: 1 << 16)
+    private var start = 0
+    private var end = 0
+    public let maxPayload: Int
+    public let spinNanos: Int
+
+    public init(maxPayload: Int, spinNanos: Int) {
+        self.maxPayload = maxPayload
+        self.spinNanos = spinNanos
+    }
+
+    /// The next frame. Throws `transfer` for I/O failures, `invalidArgument` for a bad frame.
+    public mutating func next(_ s: Socket, isKnown: (UInt16) -> Bool) throws(KVError) -> (WireFrameHeader, [UInt8]) {
+        try fill(s, WireFrameHeader.size)
+        let h = try rethrowingKVError { try buffer.withUnsafeBytes { b in
+            try WireFrameHeader.decode(UnsafeRawBufferPointer(rebasing: b[start..<start + WireFrameHeader.size]),
+                                       maxPayload: maxPayload, isKnown: isKnown)
+        } }
+        try fill(s, WireFrameHeader.size + h.length)
+        let payload = Array(buffer[start + WireFrameHeader.size..<start + WireFrameHeader.size + h.length])
+        start += WireFrameHeader.size + h.length
+        if start == end { start = 0; end = 0 }
+        return (h, payload)
+    }
+
+    /// Ensures `count` buffered bytes from `start`.
+    private mutating func fill(_ s: Socket, _ count: Int) throws(KVError) {
+        guard end - start < count else { return }
+        if start > 0 {   // move what is left to the front
+            buffer.withUnsafeMutableBytes { b in
+                b.baseAddress!.copyMemory(from: b.baseAddress! + start, byteCount: end - start)
+            }
+            end -= start
+            start = 0
+        }
+        if buffer.count < count { buffer += [UInt8](repeating: 0, count: count - buffer.count) }
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        let deadline = ts.tv_sec &* 1_000_000_000 &+ ts.tv_nsec &+ spinNanos
+        while end < count {
+            let fd = s.fd
+            let free = buffer.count - end
+            var spinning = true
+            let n = buffer.withUnsafeMutableBytes { b -> Int in
+                while true {
+                    let r = recv(fd, b.baseAddress! + end, free, spinning ? Int32(MSG_DONTWAIT) : 0)
+                    if r >= 0 { return r }
+                    if errno == EINTR { continue }
+                    guard spinning, errno == EAGAIN || errno == EWOULDBLOCK else { return -1 }
+                    clock_gettime(CLOCK_MONOTONIC, &ts)
+                    if ts.tv_sec &* 1_000_000_000 &+ ts.tv_nsec > deadline { spinning = false }
+                }
+            }
+            if n == 0 { throw KVError(.transfer, "the peer closed the connection") }
+            if n < 0 {
+                if errno == EAGAIN || errno == EWOULDBLOCK { throw KVError(.transfer, "recv timed out: the peer stopped answering") }
+                throw SystemCall.failure("recv", code: .transfer)
+            }
+            end += n
+        }
+    }
+}

@@ -31,6 +31,21 @@ final class MasterServerTests: XCTestCase {
 
         func send(_ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try socket.writeAll($0) } }
 
+        /// Sends a pipelined request (answered only when it fails); returns its id.
+        @discardableResult
+        func post(_ r: MasterRequest) throws -> UInt32 {
+            let id = nextID
+            nextID += 1
+            try send(WireWriter.frame(kind: r.kind, requestID: id, payload: r.encode()))
+            return id
+        }
+
+        /// The next answer, whatever its id.
+        func next() throws -> (UInt32, MasterResponse) {
+            let (h, payload) = try socket.readFrame(maxPayload: 1 << 20, isKnown: MasterResponse.isResponseKind)
+            return (h.requestID, try payload.withUnsafeBytes { try MasterResponse.decode(kind: h.kind, $0) })
+        }
+
         /// True when the server closed the connection.
         func isClosedByPeer() -> Bool {
             var b: UInt8 = 0
@@ -66,8 +81,13 @@ final class MasterServerTests: XCTestCase {
         guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
         guard case .putStarted(let h, _, let rs) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         XCTAssertEqual(rs.first?.segment, seg)
-        XCTAssertEqual(try c.call(.putCommit(handle: h)), .ok)
+        try c.post(.putCommit(handle: h))                       // no answer when it succeeds
         XCTAssertEqual(try c.call(.get(key: "k", host: "h")), .found(size: 100, replicas: rs))
+        let bad = try c.post(.putCommit(handle: h))             // a second commit fails: answered
+        let (id, answer) = try c.next()
+        XCTAssertEqual(id, bad)
+        guard case .error(let e) = answer else { return XCTFail("\(answer)") }
+        XCTAssertEqual(e.code, .invalidArgument)
         XCTAssertEqual(try c.call(.exists(key: "missing")), .flag(false))
     }
 
@@ -100,8 +120,8 @@ final class MasterServerTests: XCTestCase {
         _ = try b.call(.hello(token: "", name: "b"))
         guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
         guard case .putStarted(let h, _, _) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
-        _ = try a.call(.putCommit(handle: h))
-        XCTAssertEqual(try b.call(.exists(key: "k")), .flag(true))
+        try a.post(.putCommit(handle: h))
+        XCTAssertEqual(try b.call(.exists(key: "k")), .flag(true))   // applied before b's question
         a.socket.close()
         var gone = false
         for _ in 0..<100 where !gone {
