@@ -237,7 +237,7 @@ def run_bench(args: argparse.Namespace) -> int:
         from ._bench_cluster import run_cluster
 
         rc = run_cluster(parse_size(args.cluster_size, name="cluster size"), budget, batch_count, batch_size,
-                         args.repeat, results.append)
+                         args.repeat, args.small_ops, results.append)
         if rc:
             return rc
 

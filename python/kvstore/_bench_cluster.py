@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._bench import _paired
 from ._store import Store
 
 MOONCAKE_OPS_PER_S = 18_000
@@ -73,24 +74,6 @@ _HOLDER = ("import sys, kvstore\n"
            "s.close()\n")
 
 
-def _paired(fn: Callable[[], None], setup: Callable[[], None], base: Callable[[], None], repeat: int) -> tuple[float, float, float]:
-    setup()
-    fn()
-    base()
-    st, bt, ratios = [], [], []
-    for _ in range(repeat):
-        setup()
-        t0 = time.perf_counter()
-        fn()
-        t1 = time.perf_counter()
-        base()
-        t2 = time.perf_counter()
-        st.append(t1 - t0)
-        bt.append(t2 - t1)
-        ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(st), statistics.median(bt), statistics.median(ratios)
-
-
 def _iperf3_gbps() -> float | None:
     """Loopback TCP throughput of one iperf3 stream, in GB/s; None without iperf3."""
     if not shutil.which("iperf3"):
@@ -116,7 +99,7 @@ def _iperf3_gbps() -> float | None:
         server.wait()
 
 
-def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repeat: int,
+def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repeat: int, small_ops: int,
                 record: Callable[[dict[str, Any]], None]) -> int:
     n = max(2, budget // size)
     holder_bytes = 3 * max(n * size, batch_count * batch_size) + (64 << 20)
@@ -230,7 +213,7 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
         ops_holder = _Process([sys.executable, "-c", _HOLDER, url, str(256 << 20)], "ready", stream="stdout")
         procs.append(ops_holder)
         small = bytes(4096)
-        m = 20_000
+        m = max(100, min(20_000, small_ops))
         skeys = [f"s-{i}" for i in range(m)]
         put, get = client.put, client.get
 

@@ -182,14 +182,18 @@ def test_closed_connected_store_raises(master):
 
 # ---- many processes ----
 
-def run_workers(m: Master, n: int, seconds: float, **kw) -> list[dict]:
-    procs = [worker(m.url, f"w{i}", str(seconds), "--peers", str(n), **kw) for i in range(n)]
+def results_of(procs: list[subprocess.Popen]) -> list[dict]:
+    """Waits for worker processes; returns the JSON line each printed."""
     out = []
     for p in procs:
-        stdout, stderr = p.communicate(timeout=seconds + 60)
+        stdout, stderr = p.communicate(timeout=90)
         assert p.returncode == 0, stderr
         out.append(json.loads(stdout.strip().splitlines()[-1]))
     return out
+
+
+def run_workers(m: Master, n: int, seconds: float, **kw) -> list[dict]:
+    return results_of([worker(m.url, f"w{i}", str(seconds), "--peers", str(n), **kw) for i in range(n)])
 
 
 def test_three_client_processes_put_and_get_concurrently(master):
@@ -203,12 +207,7 @@ def test_three_client_processes_put_and_get_concurrently(master):
 def test_tcp_between_clients_with_different_host_identities(master):
     # Same machine, different host ids: the clients cannot map each other and use TCP.
     procs = [worker(master.url, f"w{i}", "2", "--peers", "2", env={"KVSTORE_HOST_ID": f"host-{i}"}) for i in range(2)]
-    results = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=60)
-        assert p.returncode == 0, stderr
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
-    for r in results:
+    for r in results_of(procs):
         assert r["corrupt"] == 0 and r["transfer_errors"] == 0
         assert r["gets"] > 10 and r["stats"]["network_bytes"] > 0
 
@@ -229,10 +228,7 @@ def test_kill_9_of_a_client_mid_workload(master, tmp_path):
         # Its objects go missing within the client TTL (2 s) + 5 s.
         assert wait_for(lambda: not any(observer.exists(k) for k in victim_keys), 7)
         assert time.monotonic() - killed_at < 7
-        for p in survivors:
-            stdout, stderr = p.communicate(timeout=60)
-            assert p.returncode == 0, stderr
-            r = json.loads(stdout.strip().splitlines()[-1])
+        for r in results_of(survivors):
             assert r["corrupt"] == 0 and r["put_errors"] == 0 and r["puts"] > 20
     finally:
         victim.kill()
@@ -364,11 +360,6 @@ def test_two_hosts_over_veth_use_tcp(netns):
         env = {"KVSTORE_MASTER_TOKEN": "veth-token"}
         here = worker(m.url, "w0", "2", "--peers", "2", env=env)
         there = worker(m.url, "w1", "2", "--peers", "2", env=env, netns=netns)
-        results = []
-        for p in (here, there):
-            stdout, stderr = p.communicate(timeout=60)
-            assert p.returncode == 0, stderr
-            results.append(json.loads(stdout.strip().splitlines()[-1]))
-        for r in results:
+        for r in results_of([here, there]):
             assert r["corrupt"] == 0 and r["transfer_errors"] == 0
             assert r["gets"] > 10 and r["stats"]["network_bytes"] > 0
