@@ -35,6 +35,31 @@ int kvpy_check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssiz
 
 /* ---- lifecycle ---- */
 
+/* Checks shared by Store() and Store.connect() before the store is created. */
+static int store_can_create(StoreObject *self, long long size) {
+    if (self->store) {
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "the store is already initialised");
+        return -1;
+    }
+    if (size < 0) {  /* the ABI takes an unsigned size; the core checks the minimum */
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "segment_size must not be negative");
+        return -1;
+    }
+    return 0;
+}
+
+/* Takes the handle kv_store_create or kv_store_connect returned with status st. */
+static int store_adopt(StoreObject *self, int32_t st, kv_store *s) {
+    if (st) { kvpy_raise_last(st); return -1; }
+    self->store = s;
+    if (!self->registered && !(self->registered = PyDict_New())) return -1;
+    return 0;
+}
+
+static uint32_t create_flags(int prefault, int pin) {
+    return (prefault ? KV_CREATE_PREFAULT : 0) | (pin ? 0 : KV_CREATE_NO_PIN);
+}
+
 static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"segment_size", "prefault", "pin_memory", "lease_ttl", "soft_pin_ttl",
                              "eviction_high_watermark", "eviction_ratio", NULL};
@@ -52,23 +77,13 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
         (watermark && kvpy_number(watermark, "eviction_high_watermark", "a number", &config.eviction_high_watermark) < 0) ||
         (ratio && kvpy_number(ratio, "eviction_ratio", "a number", &config.eviction_ratio) < 0))
         return -1;
-    if (self->store) {
-        kvpy_raise(KV_E_INVALID_ARGUMENT, "the store is already initialised");
-        return -1;
-    }
-    if (size < 0) {  /* the ABI takes an unsigned size; the core checks the minimum */
-        kvpy_raise(KV_E_INVALID_ARGUMENT, "segment_size must not be negative");
-        return -1;
-    }
+    if (store_can_create(self, size) < 0) return -1;
     kv_store *s = NULL;
     int32_t st;
     Py_BEGIN_ALLOW_THREADS
-    st = kv_store_create((uint64_t)size, (prefault ? KV_CREATE_PREFAULT : 0) | (pin ? 0 : KV_CREATE_NO_PIN), &config, &s);
+    st = kv_store_create((uint64_t)size, create_flags(prefault, pin), &config, &s);
     Py_END_ALLOW_THREADS
-    if (st) { kvpy_raise_last(st); return -1; }
-    self->store = s;
-    if (!self->registered && !(self->registered = PyDict_New())) return -1;
-    return 0;
+    return store_adopt(self, st, s);
 }
 
 /* _connect(url, segment_size, prefault, pin_memory, token): makes an uninitialised store a
@@ -80,16 +95,13 @@ static PyObject *store_connect(StoreObject *self, PyObject *args) {
     int prefault = 0, pin = 1;
     if (!PyArg_ParseTuple(args, "sLOOz", &url, &size, &prefault_obj, &pin_obj, &token)) return NULL;
     if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0) return NULL;
-    if (self->store) return kvpy_raise(KV_E_INVALID_ARGUMENT, "the store is already initialised");
-    if (size < 0) return kvpy_raise(KV_E_INVALID_ARGUMENT, "segment_size must not be negative");
+    if (store_can_create(self, size) < 0) return NULL;
     kv_store *s = NULL;
     int32_t st;
     Py_BEGIN_ALLOW_THREADS
-    st = kv_store_connect(url, (uint64_t)size, (prefault ? KV_CREATE_PREFAULT : 0) | (pin ? 0 : KV_CREATE_NO_PIN), token, &s);
+    st = kv_store_connect(url, (uint64_t)size, create_flags(prefault, pin), token, &s);
     Py_END_ALLOW_THREADS
-    if (st) return kvpy_raise_last(st);
-    self->store = s;
-    if (!self->registered && !(self->registered = PyDict_New())) return NULL;
+    if (store_adopt(self, st, s) < 0) return NULL;
     Py_RETURN_NONE;
 }
 

@@ -109,7 +109,7 @@ public enum MasterResponse: Sendable, Equatable {
     public var kind: UInt16 {
         switch self {
         case .ok: 100
-        case .error: 101
+        case .error: Self.errorKind
         case .welcome: 102
         case .mounted: 103
         case .putStarted: 104
@@ -122,6 +122,9 @@ public enum MasterResponse: Sendable, Equatable {
     }
 
     public static func isResponseKind(_ k: UInt16) -> Bool { (100...109).contains(k) }
+
+    /// The kind of `error`; its payload is also the error frame of the segment servers.
+    public static let errorKind: UInt16 = 101
 }
 
 // MARK: - codec

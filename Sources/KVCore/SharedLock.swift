@@ -24,6 +24,8 @@ public final class SharedLock: @unchecked Sendable {
     }
 
     @inline(__always) public func lockShared() { pthread_rwlock_rdlock(lock) }
+    /// Shares the lock unless it is held or awaited exclusively; false then (never waits).
+    @inline(__always) public func tryLockShared() -> Bool { pthread_rwlock_tryrdlock(lock) == 0 }
     @inline(__always) public func lockExclusive() { pthread_rwlock_wrlock(lock) }
     @inline(__always) public func unlock() { pthread_rwlock_unlock(lock) }
 }

@@ -72,16 +72,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         if rest.hasPrefix("kvstore://") { rest = rest.dropFirst("kvstore://".count) }
         else if rest.contains("://") { throw .invalidArgument("master address '\(url)' must start with kvstore://") }
         if rest.hasSuffix("/") { rest = rest.dropLast() }
-        var host = String(rest), port = 50051
-        if let colon = rest.lastIndex(of: ":") {
-            host = String(rest[..<colon])
-            guard let p = Int(rest[rest.index(after: colon)...]), (1...65535).contains(p) else {
-                throw .invalidArgument("master address '\(url)' has a bad port")
-            }
-            port = p
-        }
-        _ = try Socket.address(host: host, port: port)
-        return (host, port)
+        return try Socket.endpoint(rest, defaultPort: 50051)
     }
 
     /// Connects and says hello; throws `transfer` when the master cannot be reached and
@@ -120,22 +111,12 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// The connection's local address: where peers on other hosts can reach this client.
     public var localHost: String { link.withLock { $0.socket?.localHost ?? "127.0.0.1" } }
 
-    /// Current connection epoch (1 after the first connect, +1 per reconnect).
-    public var epoch: Int { link.withLock { $0.epoch } }
-
-    /// This client's mounted segment id (0: none).
-    public var segment: SegmentID { link.withLock { $0.segment } }
-
     /// Mounts this client's segment; remembered for reconnects.
     public func mount(_ m: Mount) throws(KVError) -> SegmentID {
         try link.withLock { (l: inout Link) throws(KVError) -> SegmentID in
-            guard case .mounted(let seg) = try expect(&l, .mount(size: m.size, host: m.host, sharePath: m.sharePath, endpoint: m.endpoint)) else {
-                throw KVError(.internal, "unexpected answer to mount")
-            }
-            l.mount = m
-            l.segment = seg
-            onConnect(l.epoch, seg)
-            return seg
+            try send(m, &l)
+            onConnect(l.epoch, l.segment)
+            return l.segment
         }
     }
 
@@ -172,8 +153,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
-    public func commitWrite(_ t: WriteTicket) throws(KVError) { try finishWrite(.putCommit(handle: t.handle)) }
-    public func abortWrite(_ t: WriteTicket) throws(KVError) { try finishWrite(.putAbort(handle: t.handle)) }
+    public func commitWrite(_ t: WriteTicket) throws(KVError) { try finish(.putCommit(handle: t.handle), t.handle) }
+    public func abortWrite(_ t: WriteTicket) throws(KVError) { try finish(.putAbort(handle: t.handle), t.handle) }
 
     public func acquireRead(key: ObjectKey, host: String) throws(KVError) -> ReadResult {
         do throws(KVError) {
@@ -207,12 +188,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         return n
     }
 
-    public func statistics() throws(KVError) -> CacheStatistics { CacheStatistics(try masterStatistics()) }
-
-    /// The master's own statistics (cluster-wide).
-    public func masterStatistics() throws(KVError) -> [Statistic] {
+    /// The cluster's table counters, from the master.
+    public func statistics() throws(KVError) -> CacheStatistics {
         guard case .stats(let s) = try call(.stats) else { throw KVError(.internal, "unexpected answer to stats") }
-        return s
+        return CacheStatistics(s)
     }
 
     /// Where segment `seg` lives, and the epoch the answer belongs to.
@@ -240,12 +219,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             guard l.socket == nil else { return }
             _ = try connect(&l)
             _ = reconnects.add(1, ordering: .relaxed)
-            if let m = l.mount {
-                guard case .mounted(let seg) = try expect(&l, .mount(size: m.size, host: m.host, sharePath: m.sharePath, endpoint: m.endpoint)) else {
-                    throw KVError(.internal, "unexpected answer to mount")
-                }
-                l.segment = seg
-            }
+            if let m = l.mount { try send(m, &l) }
             onConnect(l.epoch, l.segment)
             let text = "kvstore: reconnected to the master at \(host):\(port) (reconnect \(reconnects.load(ordering: .relaxed)))"
                 + (l.mount != nil ? "; this client's segment was remounted empty as \(l.segment): the objects it held are lost\n" : "\n")
@@ -255,32 +229,33 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     // MARK: connection
 
-    /// One request and its answer; an `.error` answer is returned, not thrown.
+    /// One request and its answer; throws the master's error.
     private func call(_ r: MasterRequest) throws(KVError) -> MasterResponse {
         try link.withLock { (l: inout Link) throws(KVError) in try expect(&l, r) }
     }
 
-    private func finishWrite(_ r: MasterRequest) throws(KVError) {
-        try link.withLock { (l: inout Link) throws(KVError) in
-            guard case .putCommit(let h) = r, true else { return try finish(&l, r) }
-            try finish(&l, r, handle: h)
+    /// Mounts `m` on this connection and remembers it (for remounts after a reconnect).
+    private func send(_ m: Mount, _ l: inout Link) throws(KVError) {
+        guard case .mounted(let seg) = try expect(&l, .mount(size: m.size, host: m.host, sharePath: m.sharePath, endpoint: m.endpoint)) else {
+            throw KVError(.internal, "unexpected answer to mount")
         }
+        l.mount = m
+        l.segment = seg
     }
 
-    private func finish(_ l: inout Link, _ r: MasterRequest, handle: VersionHandle? = nil) throws(KVError) {
-        let h: VersionHandle
-        switch r {
-        case .putCommit(let x), .putAbort(let x): h = x
-        default: return
-        }
-        guard l.writes.remove(h) != nil, let s = l.socket else {
-            throw KVError(.transfer, "the connection to the master was lost during this write; it was not stored")
-        }
-        do throws(KVError) {
-            try s.writeFrame(kind: r.kind, requestID: l.nextID, payload: r.encode())
-            l.nextID &+= 1
-        } catch {
-            throw lost(&l, error)
+    /// Sends the commit or abort `r` of write `h`, pipelined: the master answers it only when
+    /// it fails, and that answer is read before the next one.
+    private func finish(_ r: MasterRequest, _ h: VersionHandle) throws(KVError) {
+        try link.withLock { (l: inout Link) throws(KVError) in
+            guard l.writes.remove(h) != nil, let s = l.socket else {
+                throw KVError(.transfer, "the connection to the master was lost during this write; it was not stored")
+            }
+            do throws(KVError) {
+                try s.writeFrame(kind: r.kind, requestID: l.nextID, payload: r.encode())
+                l.nextID &+= 1
+            } catch {
+                throw lost(&l, error)
+            }
         }
     }
 

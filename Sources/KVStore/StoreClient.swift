@@ -47,9 +47,7 @@ public final class StoreClient: Sendable {
             throw .invalidArgument("segment size must be at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
         try cache.validate()
-        let policy: PinningPolicy
-        if let pinning { policy = pinning } else { policy = try PinningPolicy.fromEnvironment() }
-        segment = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy)
+        segment = try HostSegment(size: segmentSize, prefault: prefault, pinning: try Self.pinningPolicy(pinning))
         master = EmbeddedMaster(capacity: segmentSize, policy: cache, clock: clock)
         remote = nil
         cluster = nil
@@ -66,8 +64,7 @@ public final class StoreClient: Sendable {
         guard segmentSize == 0 || segmentSize >= SegmentAllocator.granule else {
             throw .invalidArgument("segment size must be 0 (a pure client) or at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
-        let policy: PinningPolicy
-        if let pinning { policy = pinning } else { policy = try PinningPolicy.fromEnvironment() }
+        let policy = try Self.pinningPolicy(pinning)
         let state = ClusterState(token: token)
         let remote = try RemoteMaster(url: url, token: token, name: name.isEmpty ? "pid \(getpid())" : name,
                                       onConnect: { epoch, seg in state.connected(epoch: epoch, segment: seg) })
@@ -77,7 +74,7 @@ public final class StoreClient: Sendable {
                 let s = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy, shared: true)
                 own = s
                 let server = try SegmentServer(region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: token,
-                                               log: { line in _ = "kvstore: \(line)\n".withCString { Glibc.write(2, $0, strlen($0)) } })
+                                               dataLock: remote.dataLock, log: { line in _ = "kvstore: \(line)\n".withCString { Glibc.write(2, $0, strlen($0)) } })
                 state.server.withLock { $0 = server }
                 _ = try remote.mount(RemoteMaster.Mount(size: segmentSize, host: state.host, sharePath: s.sharePath!,
                                                         endpoint: server.endpoint))
@@ -94,6 +91,12 @@ public final class StoreClient: Sendable {
         self.remote = remote
         cluster = state
         transport = LocalCopyTransport(counters: counters)
+    }
+
+    /// `pinning`, or the environment's policy when nil.
+    private static func pinningPolicy(_ pinning: PinningPolicy?) throws(KVError) -> PinningPolicy {
+        if let pinning { return pinning }
+        return try PinningPolicy.fromEnvironment()
     }
 
     /// The store's lease and eviction rules.
@@ -115,10 +118,10 @@ public final class StoreClient: Sendable {
         let locations = locate(parts, memory)
         let ticket = try master.beginWrite(key: key, size: total, mode: mode, options: options, preferred: ownSegmentID)
         do throws(KVError) {
-            for r in ticket.replicas {
-                var plan = DeviceCopyPlan()
-                try write(parts, locations: locations, size: total, to: r, plan: &plan, owner: 0)
-                if let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] { throw e }
+            var plan = DeviceCopyPlan()   // device parts only; host parts are copied at once
+            for r in ticket.replicas { try write(parts, locations: locations, size: total, to: r, plan: &plan, owner: 0) }
+            if locations != nil, let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] {
+                throw e
             }
         } catch {
             try? master.abortWrite(ticket)
@@ -157,8 +160,6 @@ public final class StoreClient: Sendable {
                 }
                 countNetwork(size)
             }
-            counters.bytesCopied.add(size, ordering: .relaxed)
-            counters.copyOps.add(1, ordering: .relaxed)
         }
     }
 
@@ -381,16 +382,17 @@ public final class StoreClient: Sendable {
                              memory: MemoryHint) throws(KVError) -> Int {
         try Self.checkRoom(destinations, for: range.count, of: ticket)
         let locations = locate(destinations, memory)
-        var failure: KVError? = nil
-        for r in [Replica(segment: ticket.segment, offset: ticket.offset)] + ticket.fallbacks {
+        var r = Replica(segment: ticket.segment, offset: ticket.offset)
+        var next = 0
+        while true {
             do throws(KVError) {
                 try read(r, size: ticket.size, range: range, into: destinations, locations: locations)
                 return range.count
-            } catch where error.code == .transfer || error.code == .objectNotFound {
-                failure = error   // that replica's holder died or left: try the next one
+            } catch where (error.code == .transfer || error.code == .objectNotFound) && next < ticket.fallbacks.count {
+                r = ticket.fallbacks[next]   // that replica's holder died or left: try the next one
+                next += 1
             }
         }
-        throw failure!
     }
 
     /// Copies bytes `range` of replica `r` (of an object of `size` bytes) into `destinations`.

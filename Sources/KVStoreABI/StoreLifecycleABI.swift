@@ -30,17 +30,28 @@ public func kvStoreConfigInit(_ config: UnsafeMutablePointer<kv_store_config>?) 
                                       eviction_high_watermark: d.highWatermark, eviction_ratio: d.evictionRatio)
 }
 
+/// A segment size from the ABI, checked to fit an Int.
+private func segmentBytes(_ n: UInt64) throws(KVError) -> Int {
+    guard n <= UInt64(Int.max) else { throw .invalidArgument("segment size \(n) is too large") }
+    return Int(n)
+}
+
+/// The environment's pinning policy, off with KV_CREATE_NO_PIN.
+private func pinning(_ flags: UInt32) throws(KVError) -> PinningPolicy {
+    var p = try PinningPolicy.fromEnvironment()
+    if flags & UInt32(KV_CREATE_NO_PIN) != 0 { p.enabled = false }
+    return p
+}
+
 @c(kv_store_create)
 public func kvStoreCreate(_ segmentSize: UInt64, _ flags: UInt32, _ config: UnsafePointer<kv_store_config>?,
                           _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
     ABI.status { () throws(KVError) in
         guard let out else { throw .invalidArgument("out pointer is NULL") }
-        guard segmentSize <= UInt64(Int.max) else { throw .invalidArgument("segment size \(segmentSize) is too large") }
+        let size = try segmentBytes(segmentSize)
         let cache = try config.map { (c) throws(KVError) in try CachePolicy(c.pointee) } ?? CachePolicy()
-        var pinning = try PinningPolicy.fromEnvironment()
-        if flags & UInt32(KV_CREATE_NO_PIN) != 0 { pinning.enabled = false }
-        let client = try StoreClient(segmentSize: Int(segmentSize),
-                                     prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: pinning, cache: cache)
+        let client = try StoreClient(segmentSize: size, prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0,
+                                     pinning: try pinning(flags), cache: cache)
         out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
     }
 }
@@ -51,13 +62,10 @@ public func kvStoreConnect(_ url: UnsafePointer<CChar>?, _ segmentSize: UInt64, 
     ABI.status { () throws(KVError) in
         guard let out else { throw .invalidArgument("out pointer is NULL") }
         guard let url else { throw .invalidArgument("master url is NULL") }
-        guard segmentSize <= UInt64(Int.max) else { throw .invalidArgument("segment size \(segmentSize) is too large") }
-        var pinning = try PinningPolicy.fromEnvironment()
-        if flags & UInt32(KV_CREATE_NO_PIN) != 0 { pinning.enabled = false }
+        let size = try segmentBytes(segmentSize)
         let t = token.map { String(cString: $0) }
-        let client = try StoreClient(connecting: String(cString: url), segmentSize: Int(segmentSize),
-                                     token: t?.isEmpty == false ? t : nil,
-                                     prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: pinning)
+        let client = try StoreClient(connecting: String(cString: url), segmentSize: size, token: t?.isEmpty == false ? t : nil,
+                                     prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: try pinning(flags))
         out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
     }
 }

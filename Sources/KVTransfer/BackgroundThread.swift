@@ -35,9 +35,6 @@ public final class BackgroundThread: @unchecked Sendable {
         pthread_join(thread, nil)
     }
 
-    /// Whether the caller is this thread.
-    public var isCurrent: Bool { pthread_equal(thread, pthread_self()) != 0 }
-
     deinit {
         if !joined { pthread_detach(thread) }
     }

@@ -67,16 +67,22 @@ public final class SegmentServer: @unchecked Sendable {
     /// The id the master gave this segment (0: not mounted; requests are refused).
     public let segmentID = Locked<SegmentID>(0)
     private let log: @Sendable (String) -> Void
+    /// Held shared while a request checks the segment id and copies (the owner's reconnect
+    /// takes it exclusively to remount, so no copy straddles a change of identity).
+    private let dataLock: SharedLock?
 
     private struct State: @unchecked Sendable {
-        var connections: [Int32: (socket: Socket, thread: BackgroundThread?)] = [:]
+        /// By serial number (descriptor numbers are reused as soon as a socket closes).
+        var connections: [Int: (socket: Socket, thread: BackgroundThread?)] = [:]
+        var nextSerial = 0
         var stopped = false
     }
 
     /// Listens on host:port (0: any free port) and starts serving.
-    public init(region: MemoryRegion, host: String, port: Int = 0, token: String?,
+    public init(region: MemoryRegion, host: String, port: Int = 0, token: String?, dataLock: SharedLock? = nil,
                 log: @escaping @Sendable (String) -> Void = { _ in }) throws(KVError) {
         self.region = region
+        self.dataLock = dataLock
         self.host = host
         self.token = token ?? ""
         self.log = log
@@ -113,8 +119,6 @@ public final class SegmentServer: @unchecked Sendable {
         listener.close()
     }
 
-    public var connectionCount: Int { state.withLock { $0.connections.count } }
-
     private func acceptLoop() {
         while true {
             var fds = [pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0),
@@ -125,28 +129,27 @@ public final class SegmentServer: @unchecked Sendable {
             guard fds[1].revents != 0, let s = try? listener.accept() else { continue }
             _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)
             s.setTimeout(30)
-            let fd = s.fd
-            let accepted = state.withLock { st -> Bool in
-                guard !st.stopped else { return false }
-                st.connections[fd] = (s, nil)
-                return true
+            let serial = state.withLock { st -> Int? in
+                guard !st.stopped else { return nil }
+                st.nextSerial += 1
+                st.connections[st.nextSerial] = (s, nil)
+                return st.nextSerial
             }
-            guard accepted else { return }
+            guard let serial else { return }
             do {
-                let t = try BackgroundThread { [unowned self] in self.serve(s) }
-                state.withLock { $0.connections[fd]?.thread = t }
+                let t = try BackgroundThread { [unowned self] in self.serve(s, serial) }
+                state.withLock { $0.connections[serial]?.thread = t }
             } catch {
-                state.withLock { _ = $0.connections.removeValue(forKey: fd) }
+                state.withLock { _ = $0.connections.removeValue(forKey: serial) }
             }
         }
     }
 
-    private func serve(_ s: Socket) {
+    private func serve(_ s: Socket, _ serial: Int) {
         defer {
             // Stop joins the threads it finds; a connection that ends by itself detaches.
-            let fd = s.fd
             s.shutdown()
-            state.withLock { st in if !st.stopped { st.connections[fd] = nil } }
+            state.withLock { st in if !st.stopped { st.connections[serial] = nil } }
         }
         var welcomed = false
         while true {
@@ -177,6 +180,12 @@ public final class SegmentServer: @unchecked Sendable {
                         try r.finish("transfer request")
                         return v
                     } }
+                    // Never wait here: the owner's reconnect may itself wait for an operation that
+                    // waits for this peer. A remount in progress refuses the request instead.
+                    guard dataLock?.tryLockShared() ?? true else {
+                        throw KVError(.transfer, "segment \(seg) is being remounted by its owner")
+                    }
+                    defer { dataLock?.unlock() }
                     let current = segmentID.withLock { $0 }
                     guard current != 0, seg == current else { throw .notFound("segment \(seg) is not served here (this server serves \(current))") }
                     guard offset <= region.length, length <= region.length - offset else {
@@ -194,13 +203,11 @@ public final class SegmentServer: @unchecked Sendable {
                     throw .invalidArgument("unexpected frame kind \(header.kind)")
                 }
             } catch {
-                if error.code == .transfer { return }
-                var w = WireWriter()
-                w.u32(UInt32(error.code.rawValue))
-                w.string(String(decoding: error.message.utf8.prefix(1024), as: UTF8.self))
-                try? s.writeFrame(kind: DataFrame.error, requestID: header.requestID, payload: w.bytes)
-                // A refused write leaves its raw bytes unread on the stream: the connection ends.
-                if header.kind != DataFrame.read || !welcomed { return }
+                // The payload of the master's `error` answer (same codec); best effort.
+                try? s.writeFrame(kind: DataFrame.error, requestID: header.requestID, payload: MasterResponse.error(error).encode())
+                // A refused write leaves its raw bytes unread, a transfer failure leaves the
+                // stream in an unknown state: either way the connection ends.
+                if error.code == .transfer || header.kind != DataFrame.read || !welcomed { return }
             }
         }
     }
@@ -219,12 +226,7 @@ public final class PeerLink: Sendable {
 
     /// `endpoint` is "a.b.c.d:port".
     public init(endpoint: String, token: String?, timeout: Double = 30) throws(KVError) {
-        guard let colon = endpoint.lastIndex(of: ":"), let p = Int(endpoint[endpoint.index(after: colon)...]) else {
-            throw .invalidArgument("endpoint '\(endpoint)' is not host:port")
-        }
-        host = String(endpoint[..<colon])
-        port = p
-        _ = try Socket.address(host: host, port: port)
+        (host, port) = try Socket.endpoint(Substring(endpoint))
         self.token = token ?? ""
         self.timeout = timeout
     }
@@ -299,13 +301,9 @@ public final class PeerLink: Sendable {
     private static func expectOK(_ s: Socket) throws(KVError) {
         let (h, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown)
         if h.kind == DataFrame.ok { return }
-        guard h.kind == DataFrame.error else { throw KVError(.transfer, "unexpected frame kind \(h.kind) from the peer") }
-        let e = try rethrowingKVError { try payload.withUnsafeBytes { b in
-            var r = WireReader(b)
-            let raw = Int32(bitPattern: try r.u32())
-            let msg = try r.string(max: 4096, "error message")
-            return KVError(KVError.Code(rawValue: raw) ?? .transfer, msg)
-        } }
+        guard h.kind == DataFrame.error,
+              case .error(let e) = try rethrowingKVError({ try payload.withUnsafeBytes { try MasterResponse.decode(kind: MasterResponse.errorKind, $0) } })
+        else { throw KVError(.transfer, "unexpected frame kind \(h.kind) from the peer") }
         throw e
     }
 }

@@ -33,6 +33,21 @@ public final class Socket: @unchecked Sendable {
         return a
     }
 
+    /// Splits "a.b.c.d:port" (the port may be left out when `defaultPort` is given) and checks
+    /// both: an IPv4 address or localhost, a port in 1...65535.
+    public static func endpoint(_ text: Substring, defaultPort: Int? = nil) throws(KVError) -> (host: String, port: Int) {
+        var host = text, port = defaultPort
+        if let colon = text.lastIndex(of: ":") {
+            host = text[..<colon]
+            port = Int(text[text.index(after: colon)...])
+        }
+        guard let port, (1...65535).contains(port) else {
+            throw .invalidArgument("'\(text)' is not host:port with a port from 1 to 65535")
+        }
+        _ = try address(host: String(host), port: port)
+        return (String(host), port)
+    }
+
     /// Whether `host` is a loopback address.
     public static func isLoopback(_ host: String) -> Bool {
         host == "localhost" || host.hasPrefix("127.")
@@ -158,23 +173,6 @@ public final class Socket: @unchecked Sendable {
                 throw SystemCall.failure("recv", code: .transfer)
             }
             done += n
-        }
-    }
-
-    /// Returns once the socket has bytes (or end of stream, or an error) to read, or after
-    /// spinning for `spinNanos` without any: a peer answering within the spin is noticed
-    /// without the scheduler's wake-up latency (tens of microseconds on virtual machines).
-    /// The blocking read that follows does the waiting after that.
-    public func spinUntilReadable(_ spinNanos: Int) {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        let deadline = ts.tv_sec &* 1_000_000_000 &+ ts.tv_nsec &+ spinNanos
-        var b: UInt8 = 0
-        while true {
-            let n = recv(fd, &b, 1, Int32(MSG_PEEK | MSG_DONTWAIT))
-            if n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) { return }
-            clock_gettime(CLOCK_MONOTONIC, &ts)
-            if ts.tv_sec &* 1_000_000_000 &+ ts.tv_nsec > deadline { return }
         }
     }
 

@@ -108,36 +108,43 @@ final class ConnectedClientTests: XCTestCase {
         XCTAssertEqual(try clients[2].remote!.statistics().objects, 900)
     }
 
+    /// `length` bytes at `offset` of the peer's segment `seg` into `buf`.
+    static func read(_ peer: PeerLink, _ seg: SegmentID, _ offset: Int, _ length: Int, into buf: inout [UInt8]) throws {
+        try buf.withUnsafeMutableBytes { b in
+            var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: b.count)
+            try withUnsafePointer(to: &r) { try peer.read(segment: seg, offset: offset, length: length, into: UnsafeBufferPointer(start: $0, count: 1)) }
+        }
+    }
+
     func testSegmentServerRefusesBadRequests() throws {
         let memory = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
         defer { memory.deallocate() }
-        let s = try SegmentServer(region: MemoryRegion(memory, length: 4096), host: "127.0.0.1", token: "t")
+        let lock = SharedLock()
+        let s = try SegmentServer(region: MemoryRegion(memory, length: 4096), host: "127.0.0.1", token: "t", dataLock: lock)
         defer { s.stop() }
         s.segmentID.withLock { $0 = 7 }
         var buf = [UInt8](repeating: 0, count: 16)
         let wrongToken = try PeerLink(endpoint: s.endpoint, token: "x")
-        XCTAssertThrowsError(try buf.withUnsafeMutableBytes { b in
-            var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: 16)
-            try withUnsafePointer(to: &r) { try wrongToken.read(segment: 7, offset: 0, length: 16, into: UnsafeBufferPointer(start: $0, count: 1)) }
-        })
+        XCTAssertThrowsError(try Self.read(wrongToken, 7, 0, 16, into: &buf))
         let peer = try PeerLink(endpoint: s.endpoint, token: "t")
         for (seg, offset, length) in [(8 as SegmentID, 0, 16), (7, 4090, 16), (7, Int(1) << 40, 16)] {
-            XCTAssertThrowsError(try buf.withUnsafeMutableBytes { b in
-                var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: 16)
-                try withUnsafePointer(to: &r) { try peer.read(segment: seg, offset: offset, length: length, into: UnsafeBufferPointer(start: $0, count: 1)) }
-            }, "segment \(seg) offset \(offset)")
+            XCTAssertThrowsError(try Self.read(peer, seg, offset, length, into: &buf), "segment \(seg) offset \(offset)")
         }
+        // While the owner remounts (its data lock held exclusively) requests are refused, not queued.
+        lock.lockExclusive()
+        XCTAssertThrowsError(try Self.read(peer, 7, 0, 16, into: &buf)) { XCTAssertEqual(($0 as? KVError)?.code, .transfer) }
+        lock.unlock()
         memory.storeBytes(of: 0xAB, toByteOffset: 100, as: UInt8.self)
-        try buf.withUnsafeMutableBytes { b in
-            var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: 16)
-            try withUnsafePointer(to: &r) { try peer.read(segment: 7, offset: 100, length: 16, into: UnsafeBufferPointer(start: $0, count: 1)) }
-        }
+        try Self.read(peer, 7, 100, 16, into: &buf)
         XCTAssertEqual(buf[0], 0xAB)
     }
 
     func testUnreachableMasterAndBadURLs() {
         XCTAssertThrowsError(try StoreClient(connecting: "kvstore://127.0.0.1:1", segmentSize: 0)) {
             XCTAssertEqual(($0 as? KVError)?.code, .transfer)
+        }
+        for e in ["127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "127.0.0.1:x", "host:1", ""] {
+            XCTAssertThrowsError(try PeerLink(endpoint: e, token: nil)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument, e) }
         }
         for u in ["http://x:1", "kvstore://host:1", "kvstore://127.0.0.1:0", "kvstore://127.0.0.1:abc"] {
             XCTAssertThrowsError(try StoreClient(connecting: u, segmentSize: 0)) {

@@ -142,30 +142,40 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
             for r in rows:
                 np.copyto(dst, r)
 
-        def puts(store: Store) -> Callable[[], None]:
-            return lambda: [store.put_from(k, src) for k in keys] and None
+        def puts() -> None:
+            for k in keys:
+                client.put_from(k, src)
 
-        def gets(store: Store) -> Callable[[], None]:
-            return lambda: [store.get_into(k, dst) for k in keys] and None
+        def gets() -> None:
+            for k in keys:
+                client.get_into(k, dst)
+
+        def clear() -> None:
+            client.remove_all(force=True)
+
+        def gets_verified() -> bool:
+            dst.fill(0)
+            gets()
+            if np.array_equal(dst, src):
+                return True
+            print("cluster get_into returned wrong bytes", file=sys.stderr)
+            return False
 
         # shm: one memcpy into the holder's mapped segment
-        t, bt, ratio = _paired(puts(client), lambda: client.remove_all(force=True), scatter, repeat)
+        t, bt, ratio = _paired(puts, clear, scatter, repeat)
         report("shm", "put_from", size, n, t, size * n / bt / 1e9, ratio, "copyto")
-        t, bt, ratio = _paired(gets(client), lambda: None, gather, repeat)
-        dst.fill(0)
-        gets(client)()
-        if not np.array_equal(dst, src):
-            print("cluster get_into returned wrong bytes", file=sys.stderr)
+        t, bt, ratio = _paired(gets, lambda: None, gather, repeat)
+        if not gets_verified():
             return 1
         report("shm", "get_into", size, n, t, size * n / bt / 1e9, ratio, "copyto")
-        client.remove_all(force=True)
+        clear()
 
         bsrc = np.full((batch_count, batch_size), 3, dtype=np.uint8)
         bdst = np.zeros((batch_count, batch_size), dtype=np.uint8)
         bkeys = [f"b-{i}" for i in range(batch_count)]
         srows, drows = list(bsrc), list(bdst)
         whole = np.empty_like(bsrc)
-        t, bt, ratio = _paired(lambda: client.batch_put_from(bkeys, srows), lambda: client.remove_all(force=True),
+        t, bt, ratio = _paired(lambda: client.batch_put_from(bkeys, srows), clear,
                                lambda: np.copyto(whole, bsrc), repeat * 5)
         report("shm", "batch_put_from", batch_size, batch_count, t, bsrc.nbytes / bt / 1e9, ratio, "copyto")
         t, bt, ratio = _paired(lambda: client.batch_get_into(bkeys, drows), lambda: None,
@@ -174,7 +184,7 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
             print("cluster batch_get_into returned wrong bytes", file=sys.stderr)
             return 1
         report("shm", "batch_get_into", batch_size, batch_count, t, bsrc.nbytes / bt / 1e9, ratio, "copyto")
-        client.remove_all(force=True)
+        clear()
 
         # tcp: the second holder has another host identity
         tcp_holder = _Process([sys.executable, "-c", _HOLDER, url, str(holder_bytes)], "ready", stream="stdout",
@@ -184,28 +194,31 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
         procs.remove(shm_holder)
         iperf = _iperf3_gbps()
 
-        def timed(fn: Callable[[], None]) -> float:
+        def timed(fn: Callable[[], None], setup: Callable[[], None] = lambda: None) -> float:
+            """Median of ``repeat`` timed runs after a warm-up; ``setup`` runs untimed before each."""
+            setup()
             fn()
             times = []
             for _ in range(repeat):
+                setup()
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
             return statistics.median(times)
 
         net0 = client.stats()["network_bytes"]
-        t = timed(lambda: (client.remove_all(force=True), puts(client)()) and None)
+        t = timed(puts, clear)
         report("tcp", "put_from", size, n, t, iperf, (size * n / t / 1e9) / iperf if iperf else None, "iperf3")
-        t = timed(gets(client))
-        dst.fill(0)
-        gets(client)()
-        if not np.array_equal(dst, src) or client.stats()["network_bytes"] == net0:
-            print("cluster tcp get_into returned wrong bytes or did not use TCP", file=sys.stderr)
+        t = timed(gets)
+        if not gets_verified():
+            return 1
+        if client.stats()["network_bytes"] == net0:
+            print("cluster tcp case did not use TCP", file=sys.stderr)
             return 1
         report("tcp", "get_into", size, n, t, iperf, (size * n / t / 1e9) / iperf if iperf else None, "iperf3")
         if iperf is None:
             print("(iperf3 is not installed: no TCP baseline; ./dev.sh setup installs it)")
-        client.remove_all(force=True)
+        clear()
         tcp_holder.stop()
         procs.remove(tcp_holder)
 
@@ -225,12 +238,7 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
             for k in skeys:
                 get(k)
 
-        t = timed(lambda: (client.remove_all(force=True), small_puts()) and None)
-        # timed() includes remove_all in each put round; measure a clean round for the figure
-        client.remove_all(force=True)
-        t0 = time.perf_counter()
-        small_puts()
-        t = min(t, time.perf_counter() - t0)
+        t = timed(small_puts, clear)
         report("ops", "put", 4096, m, t, None, (m / t) / MOONCAKE_OPS_PER_S, "mooncake 18k/s")
         t = timed(small_gets)
         report("ops", "get", 4096, m, t, None, (m / t) / MOONCAKE_OPS_PER_S, "mooncake 18k/s")

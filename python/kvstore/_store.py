@@ -82,6 +82,9 @@ class Store(_native.Store):
             raise ArgumentTypeError(f"url must be a str such as 'kvstore://127.0.0.1:50051', got {type(url).__name__}")
         if token is not None and not isinstance(token, str):
             raise ArgumentTypeError(f"token must be a str or None, got {type(token).__name__}")
+        for name, text in (("url", url), ("token", token or "")):
+            if "\0" in text:
+                raise InvalidArgumentError(f"{name} must not contain a NUL character")
         store = cls.__new__(cls)
         store._connect(url, parse_size(segment_size, name="segment_size"), prefault, pin_memory, token)
         return store

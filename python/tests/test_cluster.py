@@ -128,6 +128,32 @@ def test_connect_rejects_bad_arguments(master):
         kvstore.Store.connect(master.url, segment_size=10)
     with pytest.raises(kvstore.ArgumentTypeError):
         kvstore.Store.connect(master.url, segment_size=0, prefault="yes")
+    with pytest.raises(kvstore.ArgumentTypeError):
+        kvstore.Store.connect(master.url, segment_size=0, pin_memory=1)
+    for bad_size in (1.5, None, [1]):
+        with pytest.raises(kvstore.ArgumentTypeError):
+            kvstore.Store.connect(master.url, segment_size=bad_size)
+    with pytest.raises(kvstore.InvalidArgumentError):
+        kvstore.Store.connect(master.url, segment_size="lots")
+    with pytest.raises(kvstore.InvalidArgumentError, match="NUL"):
+        kvstore.Store.connect(master.url + "\0", segment_size=0)
+    with pytest.raises(kvstore.InvalidArgumentError, match="NUL"):
+        kvstore.Store.connect(master.url, segment_size=0, token="a\0b")
+
+
+def test_failed_connects_leave_the_cluster_as_it_was():
+    with Master("--token", "t") as m:
+        observer = kvstore.Store.connect(m.url, segment_size="1MiB", token="t")
+        try:
+            before = observer.stats()
+            for kw in ({"token": "wrong"}, {"token": None}, {"token": "t", "segment_size": 10}):
+                kw.setdefault("segment_size", "1MiB")
+                with pytest.raises(kvstore.StoreError):
+                    kvstore.Store.connect(m.url, **kw)
+            after = observer.stats()
+            assert (after["capacity"], after["objects"]) == (before["capacity"], before["objects"]) == (1 << 20, 0)
+        finally:
+            observer.close()
 
 
 def test_connect_to_nothing_is_a_transfer_error():
