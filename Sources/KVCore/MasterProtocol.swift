@@ -27,6 +27,12 @@ public enum MasterRequest: Sendable, Equatable {
     case removeAll(force: Bool)
     case stats
     case segmentInfo(segment: SegmentID)
+    /// `putStart` of up to `MasterLimits.maxBatch` objects with one mode and one set of
+    /// options: one round trip for a whole batch. Answered by `putStartedBatch`, one result
+    /// per item in order (a refused item does not stop the others).
+    case putStartBatch(items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?)
+    /// `get` of up to `MasterLimits.maxBatch` keys; answered by `foundBatch`, one result per key.
+    case getBatch(keys: [ObjectKey], host: String)
 
     public var kind: UInt16 {
         switch self {
@@ -44,10 +50,12 @@ public enum MasterRequest: Sendable, Equatable {
         case .removeAll: 12
         case .stats: 13
         case .segmentInfo: 14
+        case .putStartBatch: 15
+        case .getBatch: 16
         }
     }
 
-    public static func isRequestKind(_ k: UInt16) -> Bool { (1...14).contains(k) }
+    public static func isRequestKind(_ k: UInt16) -> Bool { (1...16).contains(k) }
 
     /// Requests answered only when they fail.
     public var isPipelined: Bool {
@@ -63,6 +71,53 @@ public enum MasterRequest: Sendable, Equatable {
         case let .putStart(key, _, _, _, _), let .get(key, _), let .exists(key), let .size(key), let .remove(key, _): key
         default: nil
         }
+    }
+
+    /// Whether any key the request is about satisfies `test`.
+    public func anyKey(_ test: (ObjectKey) -> Bool) -> Bool {
+        switch self {
+        case let .putStartBatch(items, _, _, _): items.contains { test($0.key) }
+        case let .getBatch(keys, _): keys.contains(where: test)
+        default: key.map(test) ?? false
+        }
+    }
+}
+
+/// One object of a `putStartBatch`.
+public struct BatchWrite: Sendable, Equatable {
+    public var key: ObjectKey
+    public var size: Int
+    public init(key: ObjectKey, size: Int) {
+        self.key = key
+        self.size = size
+    }
+}
+
+/// What a batch answer says of one item: its answer, or why it was refused.
+public enum BatchResult<Value: Sendable & Equatable>: Sendable, Equatable {
+    case success(Value)
+    case failure(KVError)
+}
+
+/// A started write as a master describes it.
+public struct StartedWrite: Sendable, Equatable {
+    public var handle: VersionHandle
+    public var inPlace: Bool
+    public var replicas: [Replica]
+    public init(handle: VersionHandle, inPlace: Bool, replicas: [Replica]) {
+        self.handle = handle
+        self.inPlace = inPlace
+        self.replicas = replicas
+    }
+}
+
+/// A leased object as a master describes it: its size and replicas (the preferred first).
+public struct FoundObject: Sendable, Equatable {
+    public var size: Int
+    public var replicas: [Replica]
+    public init(size: Int, replicas: [Replica]) {
+        self.size = size
+        self.replicas = replicas
     }
 }
 
@@ -105,6 +160,8 @@ public enum MasterResponse: Sendable, Equatable {
     case value(Int)
     case stats([Statistic])
     case segment(SegmentInfo)
+    case putStartedBatch([BatchResult<StartedWrite>])
+    case foundBatch([BatchResult<FoundObject>])
 
     public var kind: UInt16 {
         switch self {
@@ -118,10 +175,12 @@ public enum MasterResponse: Sendable, Equatable {
         case .value: 107
         case .stats: 108
         case .segment: 109
+        case .putStartedBatch: 110
+        case .foundBatch: 111
         }
     }
 
-    public static func isResponseKind(_ k: UInt16) -> Bool { (100...109).contains(k) }
+    public static func isResponseKind(_ k: UInt16) -> Bool { (100...111).contains(k) }
 
     /// The kind of `error`; its payload is also the error frame of the segment servers.
     public static let errorKind: UInt16 = 101
@@ -134,6 +193,8 @@ public enum MasterLimits {
     public static let maxString = 4096
     public static let maxSize = 1 << 48
     public static let maxStats = 256
+    /// Items in one `putStartBatch` or `getBatch` (clients split larger batches).
+    public static let maxBatch = 4096
 }
 
 extension MasterRequest {
@@ -145,17 +206,46 @@ extension MasterRequest {
         case let .unmount(segment): w.u32(segment)
         case .heartbeat, .stats: break
         case let .putStart(key, size, mode, options, preferred):
-            w.key(key); w.u64(UInt64(size)); w.u8(mode == .put ? 0 : 1)
-            w.bool(options.hardPin); w.u64(options.softPinTTL ?? 0); w.u64(options.ttl ?? 0)
-            w.u8(UInt8(clamping: options.replicas)); w.bool(preferred != nil); w.u32(preferred ?? 0)
+            w.key(key); w.u64(UInt64(size))
+            Self.encodeWrite(&w, mode, options, preferred)
         case let .putCommit(handle), let .putAbort(handle): w.u64(handle)
         case let .get(key, host): w.key(key); w.string(host)
         case let .exists(key), let .size(key): w.key(key)
         case let .remove(key, force): w.key(key); w.bool(force)
         case let .removeAll(force): w.bool(force)
         case let .segmentInfo(segment): w.u32(segment)
+        case let .putStartBatch(items, mode, options, preferred):
+            Self.encodeWrite(&w, mode, options, preferred)
+            w.count(items.count)
+            for i in items { w.key(i.key); w.u64(UInt64(i.size)) }
+        case let .getBatch(keys, host):
+            w.string(host)
+            w.count(keys.count)
+            for k in keys { w.key(k) }
         }
         return w.bytes
+    }
+
+    private static func encodeWrite(_ w: inout WireWriter, _ mode: WriteMode, _ options: WriteOptions, _ preferred: SegmentID?) {
+        w.u8(mode == .put ? 0 : 1)
+        w.bool(options.hardPin); w.u64(options.softPinTTL ?? 0); w.u64(options.ttl ?? 0)
+        w.u8(UInt8(clamping: options.replicas)); w.bool(preferred != nil); w.u32(preferred ?? 0)
+    }
+
+    private static func decodeWrite(_ r: inout WireReader) throws(KVError) -> (WriteMode, WriteOptions, SegmentID?) {
+        let mode: WriteMode
+        switch try r.u8() {
+        case 0: mode = .put
+        case 1: mode = .upsert
+        case let v: throw .invalidArgument("bad write mode \(v)")
+        }
+        let hard = try r.bool()
+        let soft = try r.u64(), ttl = try r.u64()
+        let replicas = Int(try r.u8())
+        let hasPreferred = try r.bool()
+        let preferred = try r.u32()
+        return (mode, WriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl, replicas: replicas),
+                hasPreferred ? preferred : nil)
     }
 
     /// Decodes the payload of a frame of `kind`; throws `invalidArgument` naming the problem.
@@ -173,20 +263,8 @@ extension MasterRequest {
         case 5:
             let key = try r.key()
             let size = try r.size(max: MasterLimits.maxSize, "value size")
-            let mode: WriteMode
-            switch try r.u8() {
-            case 0: mode = .put
-            case 1: mode = .upsert
-            case let v: throw .invalidArgument("bad write mode \(v)")
-            }
-            let hard = try r.bool()
-            let soft = try r.u64(), ttl = try r.u64()
-            let replicas = Int(try r.u8())
-            let hasPreferred = try r.bool()
-            let preferred = try r.u32()
-            m = .putStart(key: key, size: size, mode: mode,
-                          options: WriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl, replicas: replicas),
-                          preferred: hasPreferred ? preferred : nil)
+            let (mode, options, preferred) = try decodeWrite(&r)
+            m = .putStart(key: key, size: size, mode: mode, options: options, preferred: preferred)
         case 6: m = .putCommit(handle: try r.u64())
         case 7: m = .putAbort(handle: try r.u64())
         case 8: m = .get(key: try r.key(), host: try r.string(max: MasterLimits.maxString, "host"))
@@ -196,6 +274,20 @@ extension MasterRequest {
         case 12: m = .removeAll(force: try r.bool())
         case 13: m = .stats
         case 14: m = .segmentInfo(segment: try r.u32())
+        case 15:
+            let (mode, options, preferred) = try decodeWrite(&r)
+            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 13, "batch items")
+            var items: [BatchWrite] = []
+            items.reserveCapacity(n)
+            for _ in 0..<n { items.append(BatchWrite(key: try r.key(), size: try r.size(max: MasterLimits.maxSize, "value size"))) }
+            m = .putStartBatch(items: items, mode: mode, options: options, preferred: preferred)
+        case 16:
+            let host = try r.string(max: MasterLimits.maxString, "host")
+            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 5, "batch keys")
+            var keys: [ObjectKey] = []
+            keys.reserveCapacity(n)
+            for _ in 0..<n { keys.append(try r.key()) }
+            m = .getBatch(keys: keys, host: host)
         default: throw .invalidArgument("unknown request kind \(kind)")
         }
         try r.finish("request \(kind)")
@@ -210,9 +302,21 @@ extension MasterResponse {
             w.count(rs.count)
             for r in rs { w.u32(r.segment); w.u64(UInt64(r.offset)) }
         }
+        func error(_ e: KVError) {
+            w.u32(UInt32(bitPattern: e.code.rawValue)); w.string(String(decoding: e.message.utf8.prefix(MasterLimits.maxString - 8), as: UTF8.self))
+        }
+        func results<V>(_ rs: [BatchResult<V>], _ value: (V) -> Void) {
+            w.count(rs.count)
+            for r in rs {
+                switch r {
+                case .success(let v): w.u8(0); value(v)
+                case .failure(let e): w.u8(1); error(e)
+                }
+            }
+        }
         switch self {
         case .ok: break
-        case let .error(e): w.u32(UInt32(e.code.rawValue)); w.string(String(decoding: e.message.utf8.prefix(MasterLimits.maxString - 8), as: UTF8.self))
+        case let .error(e): error(e)
         case let .welcome(client, lease, ttl): w.u64(client); w.u64(lease); w.u64(ttl)
         case let .mounted(segment): w.u32(segment)
         case let .putStarted(handle, inPlace, rs): w.u64(handle); w.bool(inPlace); replicas(rs)
@@ -223,6 +327,8 @@ extension MasterResponse {
             w.count(pairs.count)
             for p in pairs { w.string(p.name); w.i64(Int64(p.value)) }
         case let .segment(s): w.u32(s.segment); w.u64(UInt64(s.size)); w.string(s.host); w.string(s.sharePath); w.string(s.endpoint)
+        case let .putStartedBatch(rs): results(rs) { w.u64($0.handle); w.bool($0.inPlace); replicas($0.replicas) }
+        case let .foundBatch(rs): results(rs) { w.u64(UInt64($0.size)); replicas($0.replicas) }
         }
         return w.bytes
     }
@@ -235,13 +341,28 @@ extension MasterResponse {
             for _ in 0..<n { out.append(Replica(segment: try r.u32(), offset: try r.size(max: MasterLimits.maxSize, "offset"))) }
             return out
         }
+        func error() throws(KVError) -> KVError {
+            let raw = Int32(bitPattern: try r.u32())
+            guard let code = KVError.Code(rawValue: raw) else { throw .invalidArgument("unknown error code \(raw)") }
+            return KVError(code, try r.string(max: MasterLimits.maxString, "error message"))
+        }
+        func results<V>(_ value: () throws(KVError) -> V) throws(KVError) -> [BatchResult<V>] {
+            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 5, "batch results")
+            var out: [BatchResult<V>] = []
+            out.reserveCapacity(n)
+            for _ in 0..<n {
+                switch try r.u8() {
+                case 0: out.append(.success(try value()))
+                case 1: out.append(.failure(try error()))
+                case let t: throw .invalidArgument("bad batch result tag \(t)")
+                }
+            }
+            return out
+        }
         let m: MasterResponse
         switch kind {
         case 100: m = .ok
-        case 101:
-            let raw = Int32(bitPattern: try r.u32())
-            guard let code = KVError.Code(rawValue: raw) else { throw .invalidArgument("unknown error code \(raw)") }
-            m = .error(KVError(code, try r.string(max: MasterLimits.maxString, "error message")))
+        case 101: m = .error(try error())
         case 102: m = .welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64())
         case 103: m = .mounted(segment: try r.u32())
         case 104: m = .putStarted(handle: try r.u64(), inPlace: try r.bool(), replicas: try replicas())
@@ -258,6 +379,14 @@ extension MasterResponse {
                                      host: try r.string(max: MasterLimits.maxString, "host"),
                                      sharePath: try r.string(max: MasterLimits.maxString, "share path"),
                                      endpoint: try r.string(max: MasterLimits.maxString, "endpoint")))
+        case 110:
+            m = .putStartedBatch(try results { () throws(KVError) in
+                StartedWrite(handle: try r.u64(), inPlace: try r.bool(), replicas: try replicas())
+            })
+        case 111:
+            m = .foundBatch(try results { () throws(KVError) in
+                FoundObject(size: try r.size(max: MasterLimits.maxSize), replicas: try replicas())
+            })
         default: throw .invalidArgument("unknown response kind \(kind)")
         }
         try r.finish("response \(kind)")

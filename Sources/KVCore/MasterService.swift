@@ -117,12 +117,21 @@ public struct MasterService: Sendable {
             return .ok
         case let .putStart(key, size, mode, options, preferred):
             try options.validate()
-            let t = try table.beginWrite(key: key, size: size, mode: mode, options: options, replicas: options.replicas,
-                                         preferred: preferred, now: now)
-            writes[t.handle] = (t, id, key)
-            writingKeys[key, default: 0] += 1
-            clients[id]!.writes.insert(t.handle)
+            let t = try startWrite(key: key, size: size, mode: mode, options: options, preferred: preferred, client: id, now: now)
             return .putStarted(handle: t.handle, inPlace: t.inPlace, replicas: t.replicas)
+        case let .putStartBatch(items, mode, options, preferred):
+            try options.validate()
+            var out: [BatchResult<StartedWrite>] = []
+            out.reserveCapacity(items.count)
+            for i in items {
+                do throws(KVError) {
+                    let t = try startWrite(key: i.key, size: i.size, mode: mode, options: options, preferred: preferred, client: id, now: now)
+                    out.append(.success(StartedWrite(handle: t.handle, inPlace: t.inPlace, replicas: t.replicas)))
+                } catch {
+                    out.append(.failure(error))
+                }
+            }
+            return .putStartedBatch(out)
         case let .putCommit(handle), let .putAbort(handle):
             guard let w = writes[handle], w.client == id else { throw .invalidArgument("no write \(handle) in flight for this client") }
             forget(handle)
@@ -134,6 +143,17 @@ public struct MasterService: Sendable {
                 throw .notFound("object '\(key)' not found")
             }
             return .found(size: size, replicas: replicas)
+        case let .getBatch(keys, host):
+            var out: [BatchResult<FoundObject>] = []
+            out.reserveCapacity(keys.count)
+            for key in keys {
+                if let (size, replicas) = table.leaseReplicas(key: key, now: now, first: { self.segmentInfo[$0]?.host == host }) {
+                    out.append(.success(FoundObject(size: size, replicas: replicas)))
+                } else {
+                    out.append(.failure(.notFound("object '\(key)' not found")))
+                }
+            }
+            return .foundBatch(out)
         case let .exists(key):
             return .flag(table.lease(key: key, now: now) != nil)
         case let .size(key):
@@ -150,6 +170,16 @@ public struct MasterService: Sendable {
             guard let info = segmentInfo[seg] else { throw .notFound("segment \(seg) is not mounted") }
             return .segment(info)
         }
+    }
+
+    private mutating func startWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
+                                     client id: UInt64, now: Nanoseconds) throws(KVError) -> WriteTicket {
+        let t = try table.beginWrite(key: key, size: size, mode: mode, options: options, replicas: options.replicas,
+                                     preferred: preferred, now: now)
+        writes[t.handle] = (t, id, key)
+        writingKeys[key, default: 0] += 1
+        clients[id]!.writes.insert(t.handle)
+        return t
     }
 
     /// The master's statistics (what `stats` returns and `/metrics` shows).

@@ -94,9 +94,14 @@ public struct WireWriter: Sendable {
     /// A whole frame: header (with the payload's length) then `payload`.
     public static func frame(kind: UInt16, requestID: UInt32, payload: [UInt8]) -> [UInt8] {
         var w = WireWriter(capacity: WireFrameHeader.size + payload.count)
-        WireFrameHeader(kind: kind, requestID: requestID, length: payload.count).encode(into: &w)
-        w.bytes.append(contentsOf: payload)
+        w.frame(kind: kind, requestID: requestID, payload: payload)
         return w.bytes
+    }
+
+    /// Appends a whole frame (several frames can go out in one write).
+    public mutating func frame(kind: UInt16, requestID: UInt32, payload: [UInt8]) {
+        WireFrameHeader(kind: kind, requestID: requestID, length: payload.count).encode(into: &self)
+        bytes.append(contentsOf: payload)
     }
 }
 

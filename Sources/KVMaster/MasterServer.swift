@@ -218,10 +218,16 @@ public final class MasterServer: @unchecked Sendable {
                 guard let request else { break }
                 consumed += WireFrameHeader.size + header.length
                 let wasWelcomed = c.session.client != nil
-                if !draining, let key = request.key, service.isWriting(key) { drainOthers(except: c) }
+                if !draining, request.anyKey({ service.isWriting($0) }) { drainOthers(except: c) }
                 let response = service.handle(request, session: &c.session, now: clock())
                 if response == .ok, request.isPipelined { continue }   // answered only when it fails
                 c.output += WireWriter.frame(kind: response.kind, requestID: header.requestID, payload: response.encode())
+                // Answer at once: a client streaming a batch has its next chunk queued behind
+                // this one and copies this chunk's objects while the master starts the next.
+                if c.input.count - consumed > WireFrameHeader.size {
+                    flush(c)
+                    if connections[c.socket.fd] !== c { return }   // the flush failed and dropped it
+                }
                 if case .hello = request, !wasWelcomed, case .error(let e) = response {
                     c.closeAfterFlush = true
                     log("refused a client: \(e.message)")

@@ -37,6 +37,22 @@ public protocol MasterLink: AnyObject, Sendable {
     func remove(key: ObjectKey, force: Bool) throws(KVError)
     func removeAll(force: Bool) throws(KVError) -> Int
     func statistics() throws(KVError) -> CacheStatistics
+
+    /// `beginWrite` of several objects; a refused item does not stop the others. Calls
+    /// `started` with consecutive ranges of `items` and one result per item of the range, in
+    /// order, covering every item. A remote master gets the items in chunks, the next chunk
+    /// sent before `started` runs for this one, so the caller's copies overlap the master's
+    /// work. Throws only when the master cannot be asked at all (some chunks may have been
+    /// started: their tickets were handed to `started`).
+    func beginWrites(_ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
+                     started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void) throws(KVError)
+    /// Commits `commit` and aborts `abort` (a remote master gets them in one send); returns
+    /// one error per `commit` ticket (nil: committed, or sent to a remote master, which
+    /// answers only failures, see `commitWrite`).
+    func finishWrites(commit: [WriteTicket], abort: [WriteTicket]) -> [KVError?]
+    /// `acquireRead` of several keys, handed to `found` chunk by chunk like `beginWrites`.
+    func acquireReads(keys: [ObjectKey], host: String,
+                      found: (Range<Int>, [Result<ReadResult, KVError>]) -> Void) throws(KVError)
 }
 
 /// The in-process master: the `ObjectTable` state machine behind one lock, fed by `clock`.
@@ -94,6 +110,35 @@ public final class EmbeddedMaster: MasterLink {
     public func removeAll(force: Bool) -> Int {
         let now = clock()
         return table.withLock { $0.removeAll(force: force, now: now) }
+    }
+
+    public func beginWrites(_ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
+                            started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void) {
+        let now = clock()
+        let results = table.withLock { t in
+            items.map { i in
+                Result { () throws(KVError) in
+                    try t.beginWrite(key: i.key, size: i.size, mode: mode, options: options, replicas: options.replicas, now: now)
+                }
+            }
+        }
+        started(0..<items.count, results)
+    }
+
+    public func finishWrites(commit: [WriteTicket], abort: [WriteTicket]) -> [KVError?] {
+        let now = clock()
+        return table.withLock { t in
+            for a in abort { try? t.abortWrite(a, now: now) }
+            return commit.map { c in
+                do throws(KVError) { try t.commitWrite(c, now: now); return nil } catch { return error }
+            }
+        }
+    }
+
+    public func acquireReads(keys: [ObjectKey], host: String, found: (Range<Int>, [Result<ReadResult, KVError>]) -> Void) {
+        let now = clock()
+        let results: [Result<ReadResult, KVError>] = table.withLock { t in keys.map { .success(t.acquireRead(key: $0, now: now)) } }
+        found(0..<keys.count, results)
     }
 
     /// The table's counters, after running the timers due now.

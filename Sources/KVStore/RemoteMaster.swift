@@ -53,6 +53,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         var epoch = 0
         /// Writes started on this connection and not yet committed or aborted.
         var writes: Set<VersionHandle> = []
+        /// Requests of streamed batches not yet answered, and answers read for them by
+        /// another call (see `streamed`).
+        var awaited: Set<UInt32> = []
+        var parked: [UInt32: MasterResponse] = [:]
     }
 
     private let link = Locked(Link())
@@ -153,8 +157,114 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
-    public func commitWrite(_ t: WriteTicket) throws(KVError) { try finish(.putCommit(handle: t.handle), t.handle) }
-    public func abortWrite(_ t: WriteTicket) throws(KVError) { try finish(.putAbort(handle: t.handle), t.handle) }
+    public func beginWrites(_ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
+                            started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void) throws(KVError) {
+        try streamed(items.count, { r in .putStartBatch(items: Array(items[r]), mode: mode, options: options, preferred: preferred) },
+                     decode: { (l: inout Link, range: Range<Int>, answer: MasterResponse) throws(KVError) -> [Result<WriteTicket, KVError>] in
+            guard case .putStartedBatch(let rs) = answer, rs.count == range.count else {
+                throw KVError(.internal, "unexpected answer to putStartBatch")
+            }
+            var out: [Result<WriteTicket, KVError>] = []
+            out.reserveCapacity(rs.count)
+            for (i, r) in zip(range, rs) {
+                switch r {
+                case .success(let w) where !w.replicas.isEmpty:
+                    l.writes.insert(w.handle)
+                    out.append(.success(WriteTicket(handle: w.handle, size: items[i].size, inPlace: w.inPlace, replicas: w.replicas)))
+                case .success:
+                    out.append(.failure(KVError(.internal, "the master started a write with no replica")))
+                case .failure(let e):
+                    out.append(.failure(e))
+                }
+            }
+            return out
+        }, handle: started)
+    }
+
+    /// Sends the commits and aborts pipelined, in one write: the master answers them only
+    /// when they fail, and such an answer is read before the next one.
+    public func finishWrites(commit: [WriteTicket], abort: [WriteTicket]) -> [KVError?] {
+        link.withLock { (l: inout Link) -> [KVError?] in
+            var frames = WireWriter()
+            var results = [KVError?](repeating: nil, count: commit.count)
+            let lostWrite = KVError(.transfer, "the connection to the master was lost during this write; it was not stored")
+            func add(_ r: MasterRequest, _ h: VersionHandle) -> Bool {
+                guard l.writes.remove(h) != nil else { return false }
+                frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
+                l.nextID &+= 1
+                return true
+            }
+            for a in abort { _ = add(.putAbort(handle: a.handle), a.handle) }
+            for (i, c) in commit.enumerated() where !add(.putCommit(handle: c.handle), c.handle) { results[i] = lostWrite }
+            guard !frames.bytes.isEmpty else { return results }
+            guard let s = l.socket else { return results.map { _ in lostWrite } }
+            do throws(KVError) {
+                try rethrowingKVError { try frames.bytes.withUnsafeBytes { try s.writeAll($0) } }
+            } catch {
+                _ = lost(&l, error)
+                return results.map { _ in lostWrite }
+            }
+            return results
+        }
+    }
+
+    public func acquireReads(keys: [ObjectKey], host: String,
+                             found: (Range<Int>, [Result<ReadResult, KVError>]) -> Void) throws(KVError) {
+        try streamed(keys.count, { r in .getBatch(keys: Array(keys[r]), host: host) },
+                     decode: { (_: inout Link, range: Range<Int>, answer: MasterResponse) throws(KVError) -> [Result<ReadResult, KVError>] in
+            guard case .foundBatch(let rs) = answer, rs.count == range.count else {
+                throw KVError(.internal, "unexpected answer to getBatch")
+            }
+            return rs.map { r in
+                switch r {
+                case .success(let f):
+                    guard let first = f.replicas.first else { return .failure(KVError(.internal, "the master found an object with no replica")) }
+                    return .success(.found(ReadTicket(handle: 0, segment: first.segment, offset: first.offset, size: f.size,
+                                                      fallbacks: Array(f.replicas.dropFirst()))))
+                case .failure(let e) where e.code == .objectNotFound: return .success(.notFound)
+                case .failure(let e): return .failure(e)
+                }
+            }
+        }, handle: found)
+    }
+
+    /// Items per request of a streamed batch: small enough that the first answer comes
+    /// quickly and the caller's copies of one chunk overlap the master's work on the next.
+    static let streamChunk = 32
+
+    /// Asks for `count` items in chunks (`request` builds a chunk's request): chunk k+1 is
+    /// sent before chunk k's answer is handled, so the master works while `handle` runs.
+    /// `decode` runs under the connection's lock, `handle` outside it (it may ask the master
+    /// for a segment's address: an answer meant for this batch is then parked for it).
+    private func streamed<R>(_ count: Int, _ request: (Range<Int>) -> MasterRequest,
+                             decode: (inout Link, Range<Int>, MasterResponse) throws(KVError) -> [R],
+                             handle: (Range<Int>, [R]) -> Void) throws(KVError) {
+        let chunks = stride(from: 0, to: count, by: Self.streamChunk).map { $0..<min($0 + Self.streamChunk, count) }
+        guard !chunks.isEmpty else { return }
+        var ids: [UInt32] = []
+        ids.reserveCapacity(chunks.count)
+        var received = 0
+        defer {   // after a failure: the answer to the chunk already sent is read and dropped
+            link.withLock { l in for id in ids[received...] where l.socket != nil { _ = try? receive(&l, id) } }
+        }
+        for (k, range) in chunks.enumerated() {
+            let results = try link.withLock { (l: inout Link) throws(KVError) -> [R] in
+                if k == 0 { ids.append(try send(&l, request(range), awaited: true)) }
+                if k + 1 < chunks.count { ids.append(try send(&l, request(chunks[k + 1]), awaited: true)) }
+                let answer = try receive(&l, ids[k])
+                received += 1
+                if case .error(let e) = answer { throw e }
+                return try decode(&l, range, answer)
+            }
+            handle(range, results)
+        }
+    }
+
+    public func commitWrite(_ t: WriteTicket) throws(KVError) {
+        if let e = finishWrites(commit: [t], abort: [])[0] { throw e }
+    }
+
+    public func abortWrite(_ t: WriteTicket) throws(KVError) { _ = finishWrites(commit: [], abort: [t]) }
 
     public func acquireRead(key: ObjectKey, host: String) throws(KVError) -> ReadResult {
         do throws(KVError) {
@@ -243,45 +353,55 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         l.segment = seg
     }
 
-    /// Sends the commit or abort `r` of write `h`, pipelined: the master answers it only when
-    /// it fails, and that answer is read before the next one.
-    private func finish(_ r: MasterRequest, _ h: VersionHandle) throws(KVError) {
-        try link.withLock { (l: inout Link) throws(KVError) in
-            guard l.writes.remove(h) != nil, let s = l.socket else {
-                throw KVError(.transfer, "the connection to the master was lost during this write; it was not stored")
-            }
-            do throws(KVError) {
-                try s.writeFrame(kind: r.kind, requestID: l.nextID, payload: r.encode())
-                l.nextID &+= 1
-            } catch {
-                throw lost(&l, error)
-            }
-        }
-    }
-
     /// Sends `r`, reads the pipelined answers before it, returns its answer; throws the
     /// master's error.
     private func expect(_ l: inout Link, _ r: MasterRequest) throws(KVError) -> MasterResponse {
+        let response = try receive(&l, try send(&l, r))
+        if case .error(let e) = response { throw e }
+        return response
+    }
+
+    /// Sends `r`; returns its request id. `awaited`: its answer may be read by another call
+    /// first, which parks it.
+    private func send(_ l: inout Link, _ r: MasterRequest, awaited: Bool = false) throws(KVError) -> UInt32 {
         guard let s = l.socket else {
             throw KVError(.transfer, "the connection to the master at \(host):\(port) was lost (\(l.lastFailure))")
         }
         let id = l.nextID
         l.nextID &+= 1
-        let response: MasterResponse
         do throws(KVError) {
             try s.writeFrame(kind: r.kind, requestID: id, payload: r.encode())
+        } catch {
+            throw lost(&l, error)
+        }
+        if awaited { l.awaited.insert(id) }
+        return id
+    }
+
+    /// Reads answers until the one to request `id` (the ones before it answer pipelined
+    /// commits and aborts that failed).
+    private func receive(_ l: inout Link, _ id: UInt32) throws(KVError) -> MasterResponse {
+        if let parked = l.parked.removeValue(forKey: id) {
+            l.awaited.remove(id)
+            return parked
+        }
+        guard let s = l.socket else {
+            throw KVError(.transfer, "the connection to the master at \(host):\(port) was lost (\(l.lastFailure))")
+        }
+        do throws(KVError) {
             while true {
                 let (rid, answer) = try readResponse(s, &l.reader)
-                if rid == id { response = answer; break }
-                // Pipelined commits and aborts are answered only when they fail.
+                if rid == id {
+                    l.lastRequest = clock()
+                    l.awaited.remove(id)
+                    return answer
+                }
+                if l.awaited.contains(rid) { l.parked[rid] = answer; continue }   // a streamed batch's
                 _ = commitFailures.add(1, ordering: .relaxed)
             }
         } catch {
             throw lost(&l, error)
         }
-        l.lastRequest = clock()
-        if case .error(let e) = response { throw e }
-        return response
     }
 
     /// How long a call spins for the master's answer before blocking (a loopback or LAN
@@ -298,6 +418,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         l.socket?.close()
         l.socket = nil
         l.writes.removeAll()
+        l.awaited.removeAll()
+        l.parked.removeAll()
         l.lastFailure = e.message
         return KVError(.transfer, "lost the connection to the master at \(host):\(port): \(e.message)")
     }

@@ -184,42 +184,60 @@ public final class StoreClient: Sendable {
     }
 
     /// Writes several objects; returns one result per object (nil: written). Space for every
-    /// object is taken first, then all copies run grouped per device (each device made current
-    /// once), then each object commits — or is revoked if its copy failed.
+    /// object is taken first (one request to the master), then all copies run grouped per
+    /// device (each device made current once), then every object commits — or is revoked if
+    /// its copy failed — in one more message.
     public func putBatch(_ items: [BatchItem], parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
                          options: WriteOptions = .default, memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
         try enter()
         defer { leave() }
         var results = [KVError?](repeating: nil, count: items.count)
-        var tickets = [WriteTicket?](repeating: nil, count: items.count)
-        var plan = DeviceCopyPlan()
+        var asked: [Int] = []         // items with a valid slice, in request order
+        var requests: [BatchWrite] = []
         for (i, item) in items.enumerated() {
             do throws(KVError) {
-                let mine = try Self.slice(parts, item.regions, "parts")
-                let total = TransferPlan.totalLength(mine)
+                let total = TransferPlan.totalLength(try Self.slice(parts, item.regions, "parts"))
                 guard total > 0 else { throw .invalidArgument("value must not be empty") }
-                let t = try master.beginWrite(key: item.key, size: total, mode: mode, options: options, preferred: ownSegmentID)
-                tickets[i] = t
-                let locations = locate(mine, memory)
-                for r in t.replicas { try write(mine, locations: locations, size: total, to: r, plan: &plan, owner: i) }
+                asked.append(i)
+                requests.append(BatchWrite(key: item.key, size: total))
             } catch {
                 results[i] = error
             }
         }
+        guard !requests.isEmpty else { return results }
+        var tickets: [(item: Int, ticket: WriteTicket)] = []
+        tickets.reserveCapacity(requests.count)
+        var plan = DeviceCopyPlan()
+        // Host parts are copied as each chunk's space arrives, while the master starts the next.
+        try master.beginWrites(requests, mode: mode, options: options, preferred: ownSegmentID) { range, started in
+            for (i, r) in zip(asked[range], started) {
+                switch r {
+                case .failure(let e): results[i] = e
+                case .success(let t):
+                    tickets.append((i, t))
+                    do throws(KVError) {
+                        let mine = UnsafeBufferPointer(rebasing: parts[items[i].regions])
+                        let locations = locate(mine, memory)
+                        for r in t.replicas { try write(mine, locations: locations, size: t.size, to: r, plan: &plan, owner: i) }
+                    } catch {
+                        results[i] = error
+                    }
+                }
+            }
+        }
         let failed = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)
-        for (i, t) in tickets.enumerated() {
-            guard let t else { continue }
+        var commit: [(item: Int, ticket: WriteTicket)] = [], abort: [WriteTicket] = []
+        for (i, t) in tickets {
             if let e = results[i] ?? failed[i] {
-                try? master.abortWrite(t)
                 results[i] = e
-                continue
+                abort.append(t)
+            } else {
+                commit.append((i, t))
             }
-            do throws(KVError) {
-                try master.commitWrite(t)
-                operations.puts.add(1, ordering: .relaxed)
-            } catch {
-                results[i] = error
-            }
+        }
+        let committed = master.finishWrites(commit: commit.map(\.ticket), abort: abort)
+        for ((i, _), e) in zip(commit, committed) {
+            if let e { results[i] = e } else { operations.puts.add(1, ordering: .relaxed) }
         }
         return results
     }
@@ -312,35 +330,61 @@ public final class StoreClient: Sendable {
     }
 
     /// Reads several objects, object `i` into `destinations[items[i].regions]`; returns one
-    /// result per object (its size, or the error). Every object is held first, then all copies
-    /// run grouped per device, then the holds are released.
+    /// result per object (its size, or the error). Every object is held first (one request
+    /// to the master), then all copies run grouped per device, then the holds are released.
     public func getBatch(_ items: [BatchItem], destinations: UnsafeBufferPointer<MemoryRegion>,
                          memory: MemoryHint = .locate) throws(KVError) -> [Result<Int, KVError>] {
         try enter()
         defer { leave() }
         var results = [Result<Int, KVError>](repeating: .success(0), count: items.count)
-        var held: [ReadTicket] = []
-        defer { for t in held { try? master.releaseRead(t.handle) } }
-        var plan = DeviceCopyPlan()
+        var asked: [Int] = []
+        var keys: [ObjectKey] = []
         for (i, item) in items.enumerated() {
             do throws(KVError) {
-                let mine = try Self.slice(destinations, item.regions, "destinations")
-                let t = try heldBeginRead(key: item.key)
-                held.append(t)
-                try Self.checkRoom(mine, for: t.size, of: t)
-                if case .mapped(let s) = try access(t.segment) {
-                    let source = try Self.region(of: s, Replica(segment: t.segment, offset: t.offset), t.size)
-                    if let locations = locate(mine, memory) {
-                        plan.addRead(from: source, into: mine, locations: locations, owner: i)
-                    } else {
-                        copyHost(source, into: mine)
-                    }
-                } else {
-                    _ = try heldCopyOut(t, range: 0..<t.size, to: mine, memory: memory)
-                }
-                results[i] = .success(t.size)
+                _ = try Self.slice(destinations, item.regions, "destinations")
+                asked.append(i)
+                keys.append(item.key)
             } catch {
                 results[i] = .failure(error)
+            }
+        }
+        guard !keys.isEmpty else { return results }
+        var held: [ReadTicket] = []
+        held.reserveCapacity(keys.count)
+        defer { for t in held { try? master.releaseRead(t.handle) } }
+        var plan = DeviceCopyPlan()
+        try master.acquireReads(keys: keys, host: cluster?.host ?? "") { range, leased in
+            for (i, r) in zip(asked[range], leased) {
+                do throws(KVError) {
+                    let t: ReadTicket
+                    switch r {
+                    case .failure(let e): throw e
+                    case .success(.found(let found)):
+                        operations.hits.add(1, ordering: .relaxed)
+                        t = found
+                    case .success(.notFound):
+                        operations.misses.add(1, ordering: .relaxed)
+                        throw .notFound("object '\(items[i].key)' not found")
+                    case .success(.busy):
+                        t = try heldBeginRead(key: items[i].key)   // an in-place upsert (embedded only): wait for it alone
+                    }
+                    held.append(t)
+                    let mine = UnsafeBufferPointer(rebasing: destinations[items[i].regions])
+                    try Self.checkRoom(mine, for: t.size, of: t)
+                    if case .mapped(let s)? = try? access(t.segment) {
+                        let source = try Self.region(of: s, Replica(segment: t.segment, offset: t.offset), t.size)
+                        if let locations = locate(mine, memory) {
+                            plan.addRead(from: source, into: mine, locations: locations, owner: i)
+                        } else {
+                            copyHost(source, into: mine)
+                        }
+                    } else {
+                        _ = try heldCopyOut(t, range: 0..<t.size, to: mine, memory: memory)   // over TCP, or replica fallback
+                    }
+                    results[i] = .success(t.size)
+                } catch {
+                    results[i] = .failure(error)
+                }
             }
         }
         for (i, e) in plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot) {

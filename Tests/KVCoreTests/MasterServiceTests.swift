@@ -126,6 +126,45 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertNil(m.table.invariantViolation())
     }
 
+    /// A batch is answered item by item: a refused item does not stop the others, every
+    /// started write is this client's to commit, and reads prefer the reader's host.
+    func testBatchesAnswerEachItem() throws {
+        var m = try master()
+        var (a, segA) = join(&m, "a", host: "h1", kib: 64)
+        var (b, segB) = join(&m, "b", host: "h2", kib: 64)
+        _ = put(&m, &a, "old")
+        let items = [BatchWrite(key: "x", size: 1000), BatchWrite(key: "old", size: 10), BatchWrite(key: "huge", size: 1 << 20),
+                     BatchWrite(key: "y", size: 2000)]
+        guard case .putStartedBatch(let rs) = m.handle(.putStartBatch(items: items, mode: .put, options: WriteOptions(replicas: 2), preferred: segB),
+                                                       session: &b, now: 0) else { return XCTFail() }
+        XCTAssertEqual(rs.count, 4)
+        var handles: [VersionHandle] = []
+        for (i, r) in rs.enumerated() {
+            switch (i, r) {
+            case (0, .success(let w)), (3, .success(let w)):
+                XCTAssertEqual(w.replicas.map(\.segment), [segB, segA])
+                handles.append(w.handle)
+            case (1, .failure(let e)): XCTAssertEqual(e.code, .objectExists)
+            case (2, .failure(let e)): XCTAssertEqual(e.code, .noSpace)
+            default: XCTFail("item \(i): \(r)")
+            }
+        }
+        XCTAssertTrue(m.isWriting("x"))
+        XCTAssertEqual(errorCode(m.handle(.putCommit(handle: handles[0]), session: &a, now: 0)), .invalidArgument, "not a's write")
+        for h in handles { XCTAssertEqual(m.handle(.putCommit(handle: h), session: &b, now: 0), .ok) }
+        XCTAssertFalse(m.isWriting("x"))
+        guard case .foundBatch(let found) = m.handle(.getBatch(keys: ["y", "nope", "x"], host: "h1"), session: &a, now: 0) else { return XCTFail() }
+        XCTAssertEqual(found.count, 3)
+        guard case .success(let y) = found[0], case .failure(let missing) = found[1], case .success(let x) = found[2] else { return XCTFail("\(found)") }
+        XCTAssertEqual(y.size, 2000)
+        XCTAssertEqual(x.replicas.first?.segment, segA, "the reader's host first")
+        XCTAssertEqual(missing.code, .objectNotFound)
+        XCTAssertEqual(errorCode(m.handle(.putStartBatch(items: items, mode: .put, options: WriteOptions(replicas: 0), preferred: nil),
+                                          session: &a, now: 0)), .invalidArgument, "bad options refuse the whole batch")
+        XCTAssertEqual(m.handle(.stats, session: &a, now: 0).statsValue("writes_in_flight"), 0)
+        XCTAssertNil(m.table.invariantViolation())
+    }
+
     // MARK: codec
 
     static let requests: [MasterRequest] = [
@@ -135,12 +174,20 @@ final class MasterServiceTests: XCTestCase {
         .putStart(key: "k", size: 5, mode: .put, options: WriteOptions(hardPin: true, replicas: 1), preferred: nil),
         .putCommit(handle: 1 << 40), .putAbort(handle: 2), .get(key: "k", host: "h"), .exists(key: "é"), .size(key: "k"),
         .remove(key: "k", force: true), .removeAll(force: false), .stats, .segmentInfo(segment: 9),
+        .putStartBatch(items: [BatchWrite(key: "a", size: 1), BatchWrite(key: "b", size: 1 << 20)], mode: .put,
+                       options: WriteOptions(ttl: 3, replicas: 2), preferred: 7),
+        .putStartBatch(items: [], mode: .upsert, options: .default, preferred: nil),
+        .getBatch(keys: ["a", "b", "é"], host: "h"),
     ]
     static let responses: [MasterResponse] = [
         .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3), .mounted(segment: 4),
         .putStarted(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)]), .found(size: 6, replicas: []),
         .flag(true), .value(-7), .stats([Statistic("objects", 1), Statistic("bytes_used", 2)]),
         .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e")),
+        .putStartedBatch([.success(StartedWrite(handle: 3, inPlace: false, replicas: [Replica(segment: 2, offset: 128)])),
+                          .failure(KVError(.noSpace, "full"))]),
+        .foundBatch([.failure(KVError(.objectNotFound, "gone")),
+                     .success(FoundObject(size: 9, replicas: [Replica(segment: 1, offset: 0), Replica(segment: 2, offset: 64)]))]),
     ]
 
     func testEveryMessageRoundTrips() throws {
@@ -188,5 +235,12 @@ final class MasterServiceTests: XCTestCase {
             }
         }
         XCTAssertGreaterThan(decoded, 1000)
+    }
+}
+
+extension MasterResponse {
+    func statsValue(_ name: String) -> Int? {
+        guard case .stats(let all) = self else { return nil }
+        return all.first { $0.name == name }?.value
     }
 }

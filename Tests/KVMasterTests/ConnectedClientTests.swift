@@ -108,6 +108,67 @@ final class ConnectedClientTests: XCTestCase {
         XCTAssertEqual(try clients[2].remote!.statistics().objects, 900)
     }
 
+    /// Batches through the master (one request for the batch): objects in a same-host
+    /// segment and in a far one, bad items refused one by one, a missing key, replicas.
+    func testBatchesAcrossHosts() throws {
+        let a = try StoreClient(connecting: url, segmentSize: 1 << 20)
+        setenv("KVSTORE_HOST_ID", "another-host", 1)
+        let far = try StoreClient(connecting: url, segmentSize: 1 << 20)
+        unsetenv("KVSTORE_HOST_ID")
+        defer { a.close(); far.close() }
+        let values = (0..<40).map { Self.pattern($0, 1000 + 97 * $0) }
+        var storage = values.map { v in UnsafeMutableRawBufferPointer.allocate(byteCount: v.count, alignment: 8) }
+        defer { storage.forEach { $0.deallocate() } }
+        for (b, v) in zip(storage, values) { b.copyBytes(from: v) }
+        var parts = storage.map { MemoryRegion(address: UInt(bitPattern: $0.baseAddress!), length: $0.count) }
+        parts.append(MemoryRegion(address: 0, length: 0))
+        var items = (0..<40).map { StoreClient.BatchItem(key: "b\($0)", regions: $0..<$0 + 1) }
+        items.append(.init(key: "empty", regions: 40..<41))
+        items.append(.init(key: "outside", regions: 41..<43))
+        let results = try parts.withUnsafeBufferPointer { p in
+            try a.putBatch(items, parts: p, mode: .put, options: WriteOptions(replicas: 2), memory: .host)
+        }
+        XCTAssertEqual(results.prefix(40).compactMap { $0 }, [])
+        XCTAssertEqual(results[40]?.code, .invalidArgument)
+        XCTAssertEqual(results[41]?.code, .invalidArgument)
+        XCTAssertFalse(try a.exists(key: "empty"))
+
+        for reader in [a, far] {
+            var out = values.map { v in UnsafeMutableRawBufferPointer.allocate(byteCount: v.count, alignment: 8) }
+            defer { out.forEach { $0.deallocate() } }
+            var dests = out.map { MemoryRegion(address: UInt(bitPattern: $0.baseAddress!), length: $0.count) }
+            dests.append(dests[0])
+            var gets = (0..<40).map { StoreClient.BatchItem(key: "b\($0)", regions: $0..<$0 + 1) }
+            gets.append(.init(key: "missing", regions: 40..<41))
+            gets.append(.init(key: "b1", regions: 0..<1))   // too small for b1
+            let got = try dests.withUnsafeBufferPointer { d in try reader.getBatch(gets, destinations: d, memory: .host) }
+            for i in 0..<40 {
+                XCTAssertEqual(try got[i].get(), values[i].count)
+                XCTAssertEqual(Array(out[i]), values[i], "b\(i)")
+            }
+            guard case .failure(let missing) = got[40], case .failure(let small) = got[41] else { return XCTFail() }
+            XCTAssertEqual(missing.code, .objectNotFound)
+            XCTAssertEqual(small.code, .invalidArgument)
+        }
+        XCTAssertGreaterThan(a.counters.networkBytes.load(ordering: .relaxed), 40 * 1000, "second replicas went to far over TCP")
+        XCTAssertEqual(far.counters.networkBytes.load(ordering: .relaxed), 0, "far reads its own replicas")
+        XCTAssertEqual(try a.remote!.statistics().objects, 40)
+
+        // far's objects (one replica, in far's segment) batch-read by a over TCP.
+        let farItems = (0..<3).map { StoreClient.BatchItem(key: "f\($0)", regions: $0..<$0 + 1) }
+        XCTAssertEqual(try parts.withUnsafeBufferPointer { try far.putBatch(farItems, parts: $0, mode: .put, memory: .host) }.compactMap { $0 }, [])
+        let before = a.counters.networkBytes.load(ordering: .relaxed)
+        var out = (0..<3).map { UnsafeMutableRawBufferPointer.allocate(byteCount: values[$0].count, alignment: 8) }
+        defer { out.forEach { $0.deallocate() } }
+        let dests = out.map { MemoryRegion(address: UInt(bitPattern: $0.baseAddress!), length: $0.count) }
+        let got = try dests.withUnsafeBufferPointer { try a.getBatch(farItems, destinations: $0, memory: .host) }
+        for i in 0..<3 {
+            XCTAssertEqual(try got[i].get(), values[i].count)
+            XCTAssertEqual(Array(out[i]), values[i])
+        }
+        XCTAssertEqual(a.counters.networkBytes.load(ordering: .relaxed) - before, values[0..<3].reduce(0) { $0 + $1.count })
+    }
+
     /// `length` bytes at `offset` of the peer's segment `seg` into `buf`.
     static func read(_ peer: PeerLink, _ seg: SegmentID, _ offset: Int, _ length: Int, into buf: inout [UInt8]) throws {
         try buf.withUnsafeMutableBytes { b in
