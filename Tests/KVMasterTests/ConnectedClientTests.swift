@@ -169,6 +169,56 @@ final class ConnectedClientTests: XCTestCase {
         XCTAssertEqual(a.counters.networkBytes.load(ordering: .relaxed) - before, values[0..<3].reduce(0) { $0 + $1.count })
     }
 
+    /// Streamed batches share one master connection with single calls of other threads (an
+    /// answer meant for a batch is then read, and parked, by another call): every byte checks.
+    func testStreamedBatchesBesideSingleCalls() throws {
+        let holder = try StoreClient(connecting: url, segmentSize: 8 << 20)
+        setenv("KVSTORE_HOST_ID", "far", 1)
+        let far = try StoreClient(connecting: url, segmentSize: 8 << 20)
+        unsetenv("KVSTORE_HOST_ID")
+        let c = try StoreClient(connecting: url, segmentSize: 0)
+        defer { c.close(); far.close(); holder.close() }
+        let failures = Locked([String]())
+        runThreads(4) { t in
+            for round in 0..<6 {
+                let n = 70, size = 700
+                let values = (0..<n).map { Self.pattern(t * 100 + round * 7 + $0, size) }
+                if t < 2 {
+                    let src = UnsafeMutableRawBufferPointer.allocate(byteCount: n * size, alignment: 8)
+                    let dst = UnsafeMutableRawBufferPointer.allocate(byteCount: n * size, alignment: 8)
+                    defer { src.deallocate(); dst.deallocate() }
+                    for (i, v) in values.enumerated() { UnsafeMutableRawBufferPointer(rebasing: src[i * size..<(i + 1) * size]).copyBytes(from: v) }
+                    let parts = (0..<n).map { MemoryRegion(address: UInt(bitPattern: src.baseAddress!) + UInt($0 * size), length: size) }
+                    let dests = (0..<n).map { MemoryRegion(address: UInt(bitPattern: dst.baseAddress!) + UInt($0 * size), length: size) }
+                    let items = (0..<n).map { StoreClient.BatchItem(key: "s\(t)-\(round)-\($0)", regions: $0..<$0 + 1) }
+                    do {
+                        let put = try parts.withUnsafeBufferPointer { try c.putBatch(items, parts: $0, mode: .put, options: WriteOptions(replicas: 2), memory: .host) }
+                        if let e = put.compactMap({ $0 }).first { failures.withLock { $0.append("putBatch: \(e)") } }
+                        let got = try dests.withUnsafeBufferPointer { try c.getBatch(items, destinations: $0, memory: .host) }
+                        for i in 0..<n where (try? got[i].get()) != size || Array(dst[i * size..<(i + 1) * size]) != values[i] {
+                            failures.withLock { $0.append("batch item \(i) of thread \(t) round \(round)") }
+                        }
+                    } catch {
+                        failures.withLock { $0.append("batch: \(error)") }
+                    }
+                } else {
+                    for (i, v) in values.enumerated() {
+                        let key: ObjectKey = "s\(t)-\(round)-\(i)"
+                        do {
+                            try Self.put(c, key, v)
+                            if try Self.get(c, key, size) != v { failures.withLock { $0.append("single \(key)") } }
+                        } catch {
+                            failures.withLock { $0.append("\(key): \(error)") }
+                        }
+                    }
+                }
+            }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, [])
+        XCTAssertEqual(c.remote!.commitFailures.load(ordering: .relaxed), 0)
+        XCTAssertEqual(try c.remote!.statistics().objects, 4 * 6 * 70)
+    }
+
     /// `length` bytes at `offset` of the peer's segment `seg` into `buf`.
     static func read(_ peer: PeerLink, _ seg: SegmentID, _ offset: Int, _ length: Int, into buf: inout [UInt8]) throws {
         try buf.withUnsafeMutableBytes { b in
