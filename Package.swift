@@ -21,7 +21,9 @@ let package = Package(
         // Finds the linker section of device registration records (see AcceleratorRegistration).
         .target(name: "CKVAccelerator"),
         .target(name: "KVAccelerator", dependencies: ["KVCore", "CKVAccelerator"]),
-        .target(name: "KVTransfer", dependencies: ["KVCore", "KVAccelerator", "CKVCopy"]),
+        // RDMA over libibverbs, loaded with dlopen (verbs structures from libibverbs-dev's header).
+        .target(name: "CKVVerbs", cSettings: [.unsafeFlags(["-O2"])]),
+        .target(name: "KVTransfer", dependencies: ["KVCore", "KVAccelerator", "CKVCopy", "CKVVerbs"]),
         .target(name: "KVStore", dependencies: ["KVCore", "KVAccelerator", "KVTransfer"]),
         // The network master: MasterService (KVCore) behind a poll loop, plus /metrics and /health.
         .target(name: "KVMaster", dependencies: ["KVCore", "KVAccelerator", "KVTransfer", "KVStore"]),

@@ -34,6 +34,8 @@ static PyMethodDef module_methods[] = {
      "dlpack_info(capsule) -> (address, device_type, device_id, (code, bits, lanes), shape, strides)."},
     {"devices", (PyCFunction)(void (*)(void))kvpy_devices, METH_FASTCALL,
      "devices(refresh=False) -> list of locations ('cpu:0', 'cuda:0', ...)."},
+    {"rdma_info", (PyCFunction)(void (*)(void))kvpy_rdma_info, METH_FASTCALL,
+     "rdma_info() -> text: RDMA discovery (parsed by kvstore.rdma())."},
     {NULL, NULL, 0, NULL},
 };
 

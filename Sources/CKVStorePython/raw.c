@@ -207,3 +207,17 @@ PyObject *kvpy_devices(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     Py_DECREF(text);
     return list;
 }
+
+/* rdma_info() -> the text of kv_rdma_info (parsed by kvstore.rdma()) */
+PyObject *kvpy_rdma_info(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    (void)args;
+    if (kvpy_check_nargs("rdma_info", nargs, 0, 0) < 0) return NULL;
+    char buf[4096];
+    size_t n;
+    Py_BEGIN_ALLOW_THREADS
+    n = kv_rdma_info(buf, sizeof buf);
+    Py_END_ALLOW_THREADS
+    if (n >= sizeof buf) n = sizeof buf - 1;
+    return PyUnicode_DecodeUTF8(buf, (Py_ssize_t)n, "replace");
+}

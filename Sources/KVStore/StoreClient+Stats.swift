@@ -1,5 +1,6 @@
 import KVAccelerator
 import KVCore
+import KVTransfer
 
 extension StoreClient {
     /// Names of the statistics, in the order `statistics()` returns them. Static strings, so
@@ -12,7 +13,7 @@ extension StoreClient {
         "evicted_objects", "evicted_bytes", "expired_objects",
         "leases_active", "active_readers", "free_blocks", "largest_free_block",
         "registered_buffers", "registered_bytes", "page_locked_bytes", "page_lock_fallbacks", "accelerators", "closed",
-        "segment_size", "master_reconnects", "commit_failures", "network_bytes",
+        "segment_size", "master_reconnects", "commit_failures", "network_bytes", "rdma_bytes", "rdma_devices",
     ]
 
     /// Current values, aligned with `statisticNames`. All counts are exact when no operation
@@ -35,6 +36,7 @@ extension StoreClient {
             AcceleratorRegistry.snapshot.accelerators.count, isClosed ? 1 : 0,
             segment?.size ?? 0, remote?.reconnects.load(ordering: .relaxed) ?? 0,
             remote?.commitFailures.load(ordering: .relaxed) ?? 0, counters.networkBytes.load(ordering: .relaxed),
+            counters.rdmaBytes.load(ordering: .relaxed), remote == nil ? 0 : RDMA.discovery.devices.filter(\.active).count,
         ]
     }
 }

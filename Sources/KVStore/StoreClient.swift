@@ -74,7 +74,7 @@ public final class StoreClient: Sendable {
                 let s = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy, shared: true)
                 own = s
                 let server = try SegmentServer(region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: token,
-                                               dataLock: remote.dataLock, log: { line in _ = "kvstore: \(line)\n".withCString { Glibc.write(2, $0, strlen($0)) } })
+                                               dataLock: remote.dataLock, rdma: RDMA.shared.context, log: { line in _ = "kvstore: \(line)\n".withCString { Glibc.write(2, $0, strlen($0)) } })
                 state.server.withLock { $0 = server }
                 _ = try remote.mount(RemoteMaster.Mount(size: segmentSize, host: state.host, sharePath: s.sharePath!,
                                                         endpoint: server.endpoint))
@@ -146,8 +146,7 @@ public final class StoreClient: Sendable {
             }
         case .peer(let p):
             guard let locations else {
-                try p.write(segment: r.segment, offset: r.offset, length: size, from: parts)
-                countNetwork(size)
+                countNetwork(size, staged: try p.write(segment: r.segment, offset: r.offset, length: size, from: parts))
                 return
             }
             // A socket cannot read device memory: stage through host memory (DESIGN.md §2).
@@ -155,10 +154,10 @@ public final class StoreClient: Sendable {
                 var d2h = DeviceCopyPlan()
                 d2h.addWrite(parts, locations: locations, into: staging, owner: 0)
                 if let e = d2h.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] { throw e }
-                try withUnsafePointer(to: staging) { (s) throws(KVError) in
+                let staged = try withUnsafePointer(to: staging) { (s) throws(KVError) in
                     try p.write(segment: r.segment, offset: r.offset, length: size, from: UnsafeBufferPointer(start: s, count: 1))
                 }
-                countNetwork(size)
+                countNetwork(size, staged: staged)
             }
         }
     }
@@ -455,16 +454,16 @@ public final class StoreClient: Sendable {
             }
         case .peer(let p):
             guard let locations else {
-                try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count, into: destinations)
-                countNetwork(range.count)
+                countNetwork(range.count, staged: try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count,
+                                                             into: destinations))
                 return
             }
             try withStaging(range.count) { (staging) throws(KVError) in
-                try withUnsafePointer(to: staging) { (s) throws(KVError) in
+                let staged = try withUnsafePointer(to: staging) { (s) throws(KVError) in
                     try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count,
                                into: UnsafeBufferPointer(start: s, count: 1))
                 }
-                countNetwork(range.count)
+                countNetwork(range.count, staged: staged)
                 var h2d = DeviceCopyPlan()
                 h2d.addRead(from: staging, into: destinations, locations: locations, owner: 0)
                 if let e = h2d.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] { throw e }
@@ -472,10 +471,16 @@ public final class StoreClient: Sendable {
         }
     }
 
-    private func countNetwork(_ n: Int) {
+    /// Counts `n` bytes moved to or from a peer; `staged` of them went through an RDMA
+    /// staging buffer (RDMA moves only those).
+    private func countNetwork(_ n: Int, staged: Int) {
         counters.bytesCopied.add(n, ordering: .relaxed)
         counters.networkBytes.add(n, ordering: .relaxed)
         counters.copyOps.add(1, ordering: .relaxed)
+        if staged > 0 {
+            counters.bytesStaged.add(staged, ordering: .relaxed)
+            counters.rdmaBytes.add(staged, ordering: .relaxed)
+        }
     }
 
     /// Runs `body` with `size` bytes of host memory, counted as staged.
@@ -643,7 +648,7 @@ final class ClusterState: Sendable {
     /// After each (re)connect: a new epoch, this client's segment id (0: none).
     func connected(epoch: Int, segment seg: SegmentID) {
         segment.store(seg, ordering: .relaxed)
-        server.withLock { $0?.segmentID.withLock { $0 = seg } }
+        server.withLock { $0?.serve(segment: seg) }
         let old = peers.withLock { p in
             defer { p = (epoch, [:]) }
             return p.map
@@ -655,7 +660,7 @@ final class ClusterState: Sendable {
     /// file cannot be opened, such as across a PID namespace).
     func reach(_ info: SegmentInfo) throws(KVError) -> SegmentAccess {
         if info.host == host, let s = try? HostSegment(attaching: info.sharePath, size: info.size) { return .mapped(s) }
-        return .peer(try PeerLink(endpoint: info.endpoint, token: token))
+        return .peer(try PeerLink(endpoint: info.endpoint, token: token, rdma: RDMA.shared.context))
     }
 
     func close() {

@@ -1,6 +1,7 @@
 import CKVStoreABI
 import KVAccelerator
 import KVCore
+import KVTransfer
 
 // The tensor header codec and the device list of the C ABI. Contracts: include/kvstore_abi.h.
 
@@ -41,6 +42,20 @@ public func kvDevices(_ refresh: Int32, _ out: UnsafeMutablePointer<CChar>?, _ c
     let s = refresh != 0 ? AcceleratorRegistry.refresh() : AcceleratorRegistry.snapshot
     let text = s.devices.map(\.location.description).joined(separator: ",")
     let utf8 = Array(text.utf8)
+    if let out, cap > 0 {
+        let n = min(utf8.count, cap - 1)
+        for i in 0..<n { out[i] = CChar(bitPattern: utf8[i]) }
+        out[n] = 0
+    }
+    return utf8.count
+}
+
+@c(kv_rdma_info)
+public func kvRDMAInfo(_ out: UnsafeMutablePointer<CChar>?, _ cap: Int) -> Int {
+    let d = RDMA.discovery
+    var lines = ["\(d.loaded ? 1 : 0)\t\(RDMA.shared.context != nil ? 1 : 0)\t\(d.reason.isEmpty ? RDMA.shared.openFailure : d.reason)"]
+    for dev in d.devices { lines.append("\(dev.name)\t\(dev.port)\t\(dev.active ? 1 : 0)\t\(dev.linkLayer)\t\(dev.mtu)") }
+    let utf8 = Array(lines.joined(separator: "\n").utf8)
     if let out, cap > 0 {
         let n = min(utf8.count, cap - 1)
         for i in 0..<n { out[i] = CChar(bitPattern: utf8[i]) }

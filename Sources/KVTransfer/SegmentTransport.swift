@@ -3,6 +3,7 @@ import Glibc
 #endif
 import KVAccelerator
 import KVCore
+import Synchronization
 
 // The data plane between hosts (DESIGN.md §2): each client serves reads and writes of its own
 // segment over TCP, and peers call it directly; the master never sees object bytes. Frames
@@ -12,13 +13,19 @@ import KVCore
 //   200 hello(token)                      -> 210 ok | 211 error, then close
 //   201 read(segment, offset, length)     -> 210 ok + `length` raw bytes | 211 error
 //   202 write(segment, offset, length) + `length` raw bytes -> 210 ok | 211 error, then close
+//   203 rdmaConnect(queue-pair address)   -> 212 rdmaAccepted(address, base, rkey, size, segment)
+//                                            | 211 error (`unsupported`: no RDMA here; TCP goes on)
+//
+// After rdmaAccepted the peer reads and writes the segment with one-sided RDMA through the
+// queue pair, which lives as long as this TCP connection. A remount registers the segment
+// again, so the keys handed out before it stop working (those transfers fail, not corrupt).
 
 enum DataFrame {
-    static let hello: UInt16 = 200, read: UInt16 = 201, write: UInt16 = 202
-    static let ok: UInt16 = 210, error: UInt16 = 211
+    static let hello: UInt16 = 200, read: UInt16 = 201, write: UInt16 = 202, rdmaConnect: UInt16 = 203
+    static let ok: UInt16 = 210, error: UInt16 = 211, rdmaAccepted: UInt16 = 212
     static let maxPayload = 8192
 
-    static func isKnown(_ k: UInt16) -> Bool { (200...202).contains(k) || k == ok || k == error }
+    static func isKnown(_ k: UInt16) -> Bool { (200...203).contains(k) || (210...212).contains(k) }
 }
 
 extension Socket {
@@ -70,6 +77,9 @@ public final class SegmentServer: @unchecked Sendable {
     /// Held shared while a request checks the segment id and copies (the owner's reconnect
     /// takes it exclusively to remount, so no copy straddles a change of identity).
     private let dataLock: SharedLock?
+    /// RDMA: the device context and the segment's current registration (nil: TCP only).
+    private let rdma: RDMAContext?
+    private let registration = Locked<RDMAMemory?>(nil)
 
     private struct State: @unchecked Sendable {
         /// By serial number (descriptor numbers are reused as soon as a socket closes).
@@ -79,10 +89,13 @@ public final class SegmentServer: @unchecked Sendable {
     }
 
     /// Listens on host:port (0: any free port) and starts serving.
+    /// With `rdma`, the segment is registered with that device and peers may connect queue
+    /// pairs to it (a registration failure is logged and leaves TCP only).
     public init(region: MemoryRegion, host: String, port: Int = 0, token: String?, dataLock: SharedLock? = nil,
-                log: @escaping @Sendable (String) -> Void = { _ in }) throws(KVError) {
+                rdma: RDMAContext? = nil, log: @escaping @Sendable (String) -> Void = { _ in }) throws(KVError) {
         self.region = region
         self.dataLock = dataLock
+        self.rdma = rdma
         self.host = host
         self.token = token ?? ""
         self.log = log
@@ -102,6 +115,25 @@ public final class SegmentServer: @unchecked Sendable {
     }
 
     public var endpoint: String { "\(host):\(port)" }
+
+    /// Serves the segment under id `seg` from now on (0: refuse requests). With RDMA, the
+    /// segment is registered again: keys handed out under the old id stop working.
+    public func serve(segment seg: SegmentID) {
+        segmentID.withLock { $0 = seg }
+        guard let rdma else { return }
+        let old = registration.withLock { r in defer { r = nil }; return r }
+        _ = old   // deregistered here, before the new registration
+        guard seg != 0 else { return }
+        do throws(KVError) {
+            let m = try rdma.register(region)
+            registration.withLock { $0 = m }
+        } catch {
+            log("segment server: RDMA registration failed (\(error.message)); serving over TCP only")
+        }
+    }
+
+    /// Whether peers can reach this segment over RDMA now.
+    public var servesRDMA: Bool { registration.withLock { $0 != nil } }
 
     /// Stops accepting, ends every connection and waits for their threads. Idempotent.
     public func stop() {
@@ -152,6 +184,8 @@ public final class SegmentServer: @unchecked Sendable {
             state.withLock { st in if !st.stopped { st.connections[serial] = nil } }
         }
         var welcomed = false
+        var queuePairs: [RDMAQueuePair] = []   // live as long as this connection
+        defer { queuePairs.removeAll() }
         while true {
             let header: WireFrameHeader, payload: [UInt8]
             do throws(KVError) {
@@ -199,6 +233,25 @@ public final class SegmentServer: @unchecked Sendable {
                         try s.readExactly(into: bytes)
                         try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
                     }
+                case DataFrame.rdmaConnect:
+                    guard welcomed else { throw .invalidArgument("the first request must be hello") }
+                    let theirs = try rethrowingKVError { try payload.withUnsafeBytes { b in
+                        var r = WireReader(b)
+                        let a = try RDMAAddress.decode(&r)
+                        try r.finish("rdmaConnect")
+                        return a
+                    } }
+                    guard let rdma, let memory = registration.withLock({ $0 }) else {
+                        throw KVError(.unsupported, "this peer has no RDMA device (\(RDMA.shared.openFailure)); use TCP")
+                    }
+                    let qp = try RDMAQueuePair(rdma)
+                    try qp.connect(to: theirs)
+                    queuePairs.append(qp)
+                    var w = WireWriter()
+                    qp.address.encode(into: &w)
+                    w.u64(UInt64(memory.region.address)); w.u32(memory.rkey); w.u64(UInt64(memory.region.length))
+                    w.u32(segmentID.withLock { $0 })
+                    try s.writeFrame(kind: DataFrame.rdmaAccepted, requestID: header.requestID, payload: w.bytes)
                 default:
                     throw .invalidArgument("unexpected frame kind \(header.kind)")
                 }
@@ -207,7 +260,7 @@ public final class SegmentServer: @unchecked Sendable {
                 try? s.writeFrame(kind: DataFrame.error, requestID: header.requestID, payload: MasterResponse.error(error).encode())
                 // A refused write leaves its raw bytes unread, a transfer failure leaves the
                 // stream in an unknown state: either way the connection ends.
-                if error.code == .transfer || header.kind != DataFrame.read || !welcomed { return }
+                if error.code == .transfer || !welcomed || (header.kind != DataFrame.read && header.kind != DataFrame.rdmaConnect) { return }
             }
         }
     }
@@ -216,58 +269,138 @@ public final class SegmentServer: @unchecked Sendable {
 /// The client side of a peer's `SegmentServer`: a small pool of connections (each used by
 /// one operation at a time), opened on demand with the cluster's token. A failed connection
 /// is dropped, never reused; the operation fails with `transfer`.
+///
+/// With an RDMA context, each new connection also connects a queue pair to the peer's; reads
+/// and writes then move by one-sided RDMA READ/WRITE, staged through a registered buffer of
+/// the connection (DESIGN.md §2: caller memory is not registered). A peer that answers that
+/// it has no RDMA is remembered, and TCP carries everything from then on.
 public final class PeerLink: Sendable {
     public let host: String
     public let port: Int
     private let token: String
-    private let idle = Locked<[Socket]>([])
+    private let idle = Locked<[PeerConnection]>([])
     private static let maxIdle = 8
     private let timeout: Double
+    private let rdma: RDMAContext?
+    /// The peer said it has no RDMA (or connecting a queue pair failed): TCP only.
+    public let rdmaRefused = Atomic<Bool>(false)
+    /// Bytes moved by RDMA.
+    public let rdmaBytes = Atomic<Int>(0)
+
+    /// Largest registered staging buffer of a connection; bigger transfers go in pieces.
+    static let stagingLimit = 16 << 20
 
     /// `endpoint` is "a.b.c.d:port".
-    public init(endpoint: String, token: String?, timeout: Double = 30) throws(KVError) {
+    public init(endpoint: String, token: String?, timeout: Double = 30, rdma: RDMAContext? = nil) throws(KVError) {
         (host, port) = try Socket.endpoint(Substring(endpoint))
         self.token = token ?? ""
         self.timeout = timeout
+        self.rdma = rdma
+        if rdma == nil { rdmaRefused.store(true, ordering: .relaxed) }
     }
 
-    /// Copies `length` bytes at `offset` of the peer's segment `segment` into `destinations`.
-    public func read(segment: SegmentID, offset: Int, length: Int, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
-        try exchange(kind: DataFrame.read, segment: segment, offset: offset, length: length) { (s) throws(KVError) in
-            try Self.expectOK(s)
-            try s.readExactly(length, into: destinations)
+    /// Copies `length` bytes at `offset` of the peer's segment `segment` into `destinations`;
+    /// returns the bytes staged (RDMA).
+    @discardableResult
+    public func read(segment: SegmentID, offset: Int, length: Int, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
+        try exchange(kind: DataFrame.read, segment: segment, offset: offset, length: length) { (c) throws(KVError) -> Int in
+            if let r = c.rdma, r.covers(segment, offset, length) {
+                guard TransferPlan.totalLength(destinations) >= length else {
+                    throw .invalidArgument("destinations hold \(TransferPlan.totalLength(destinations)) of \(length) bytes")
+                }
+                var done = 0
+                while done < length {
+                    let n = min(length - done, Self.stagingLimit)
+                    let staging = try c.staging(n, rdma!)
+                    try r.queuePair.transfer(write: false, local: MemoryRegion(address: staging.region.address, length: n), lkey: staging.lkey,
+                                             remote: r.base + UInt64(offset + done), rkey: r.rkey)
+                    Self.scatter(MemoryRegion(address: staging.region.address, length: n), skipping: done, into: destinations)
+                    done += n
+                }
+                rdmaBytes.add(length, ordering: .relaxed)
+                return length
+            }
+            try c.socket.writeFrame(kind: DataFrame.read, payload: Self.request(segment, offset, length))
+            try Self.expectOK(c.socket)
+            try c.socket.readExactly(length, into: destinations)
+            return 0
         }
     }
 
-    /// Writes the concatenation of `parts` (`length` bytes) at `offset` of the peer's segment.
-    public func write(segment: SegmentID, offset: Int, length: Int, from parts: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
-        try exchange(kind: DataFrame.write, segment: segment, offset: offset, length: length) { (s) throws(KVError) in
+    /// Writes the concatenation of `parts` (`length` bytes) at `offset` of the peer's segment;
+    /// returns the bytes staged (RDMA).
+    @discardableResult
+    public func write(segment: SegmentID, offset: Int, length: Int, from parts: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
+        try exchange(kind: DataFrame.write, segment: segment, offset: offset, length: length) { (c) throws(KVError) -> Int in
+            if let r = c.rdma, r.covers(segment, offset, length) {
+                var done = 0
+                while done < length {
+                    let n = min(length - done, Self.stagingLimit)
+                    let staging = try c.staging(n, rdma!)
+                    Self.gather(parts, skipping: done, into: MemoryRegion(address: staging.region.address, length: n))
+                    try r.queuePair.transfer(write: true, local: MemoryRegion(address: staging.region.address, length: n), lkey: staging.lkey,
+                                             remote: r.base + UInt64(offset + done), rkey: r.rkey)
+                    done += n
+                }
+                rdmaBytes.add(length, ordering: .relaxed)
+                return length
+            }
+            try c.socket.writeFrame(kind: DataFrame.write, payload: Self.request(segment, offset, length))
             var left = length
             for p in parts where left > 0 {
                 let n = min(left, p.length)
-                try s.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: p.address), count: n))
+                try c.socket.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: p.address), count: n))
                 left -= n
             }
-            try Self.expectOK(s)
+            try Self.expectOK(c.socket)
+            return 0
         }
     }
 
     /// Drops every idle connection.
     public func closeIdle() {
         let all = idle.withLock { i in defer { i.removeAll() }; return i }
-        for s in all { s.close() }
+        for c in all { c.socket.close() }
+    }
+
+    private static func request(_ segment: SegmentID, _ offset: Int, _ length: Int) -> [UInt8] {
+        var w = WireWriter()
+        w.u32(segment); w.u64(UInt64(offset)); w.u64(UInt64(length))
+        return w.bytes
+    }
+
+    /// Copies `source` into the byte stream `destinations` starting `skip` bytes in.
+    static func scatter(_ source: MemoryRegion, skipping skip: Int, into destinations: UnsafeBufferPointer<MemoryRegion>) {
+        var skip = skip, from = 0
+        for d in destinations where from < source.length {
+            if skip >= d.length { skip -= d.length; continue }
+            let n = min(d.length - skip, source.length - from)
+            memcpy(UnsafeMutableRawPointer(bitPattern: d.address + UInt(skip))!, UnsafeRawPointer(bitPattern: source.address + UInt(from))!, n)
+            from += n
+            skip = 0
+        }
+    }
+
+    /// Fills `destination` from the byte stream `parts` starting `skip` bytes in.
+    static func gather(_ parts: UnsafeBufferPointer<MemoryRegion>, skipping skip: Int, into destination: MemoryRegion) {
+        var skip = skip, to = 0
+        for p in parts where to < destination.length {
+            if skip >= p.length { skip -= p.length; continue }
+            let n = min(p.length - skip, destination.length - to)
+            memcpy(UnsafeMutableRawPointer(bitPattern: destination.address + UInt(to))!, UnsafeRawPointer(bitPattern: p.address + UInt(skip))!, n)
+            to += n
+            skip = 0
+        }
     }
 
     private func exchange(kind: UInt16, segment: SegmentID, offset: Int, length: Int,
-                          _ body: (Socket) throws(KVError) -> Void) throws(KVError) {
-        let s = try take()
+                          _ body: (PeerConnection) throws(KVError) -> Int) throws(KVError) -> Int {
+        let c = try take()
+        let staged: Int
         do throws(KVError) {
-            var w = WireWriter()
-            w.u32(segment); w.u64(UInt64(offset)); w.u64(UInt64(length))
-            try s.writeFrame(kind: kind, payload: w.bytes)
-            try body(s)
+            staged = try body(c)
         } catch {
-            s.close()   // the stream's position is unknown now: never reuse it
+            c.socket.close()   // the stream's position (or the queue pair's state) is unknown now: never reuse it
             if error.code == .transfer {
                 throw KVError(.transfer, "transfer with peer \(host):\(port) failed: \(error.message)")
             }
@@ -275,14 +408,15 @@ public final class PeerLink: Sendable {
         }
         let kept = idle.withLock { i -> Bool in
             guard i.count < Self.maxIdle else { return false }
-            i.append(s)
+            i.append(c)
             return true
         }
-        if !kept { s.close() }
+        if !kept { c.socket.close() }
+        return staged
     }
 
-    private func take() throws(KVError) -> Socket {
-        if let s = idle.withLock({ $0.popLast() }) { return s }
+    private func take() throws(KVError) -> PeerConnection {
+        if let c = idle.withLock({ $0.popLast() }) { return c }
         let s: Socket
         do throws(KVError) {
             s = try Socket.connect(host: host, port: port, timeout: min(timeout, 5))
@@ -294,17 +428,102 @@ public final class PeerLink: Sendable {
         } catch {
             throw KVError(error.code, "peer \(host):\(port): \(error.message)")
         }
-        return s
+        let c = PeerConnection(s)
+        if let rdma, !rdmaRefused.load(ordering: .relaxed) {
+            do throws(KVError) {
+                c.rdma = try connectQueuePair(s, rdma)
+            } catch {
+                // No RDMA on the peer, or the queue pairs could not connect: TCP from now on.
+                rdmaRefused.store(true, ordering: .relaxed)
+                if error.code == .transfer { s.close(); throw KVError(.transfer, "peer \(host):\(port): \(error.message)") }
+            }
+        }
+        return c
+    }
+
+    /// Connects a queue pair to one of the peer's (over the connection `s`).
+    private func connectQueuePair(_ s: Socket, _ rdma: RDMAContext) throws(KVError) -> PeerConnection.RemoteSegment {
+        let qp = try RDMAQueuePair(rdma)
+        var w = WireWriter()
+        qp.address.encode(into: &w)
+        try s.writeFrame(kind: DataFrame.rdmaConnect, payload: w.bytes)
+        let (h, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown)
+        guard h.kind == DataFrame.rdmaAccepted else {
+            if h.kind == DataFrame.error { throw Self.peerError(payload) }
+            throw KVError(.transfer, "unexpected frame kind \(h.kind) from the peer")
+        }
+        let (theirs, base, rkey, size, seg) = try rethrowingKVError { try payload.withUnsafeBytes { b in
+            var r = WireReader(b)
+            let v = (try RDMAAddress.decode(&r), try r.u64(), try r.u32(), try r.size(max: MasterLimits.maxSize, "segment size"), try r.u32())
+            try r.finish("rdmaAccepted")
+            return v
+        } }
+        try qp.connect(to: theirs)
+        return PeerConnection.RemoteSegment(queuePair: qp, base: base, rkey: rkey, size: size, segment: seg)
     }
 
     /// Reads a response frame: returns on ok, throws the peer's error otherwise.
     private static func expectOK(_ s: Socket) throws(KVError) {
         let (h, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown)
         if h.kind == DataFrame.ok { return }
-        guard h.kind == DataFrame.error,
-              case .error(let e) = try rethrowingKVError({ try payload.withUnsafeBytes { try MasterResponse.decode(kind: MasterResponse.errorKind, $0) } })
-        else { throw KVError(.transfer, "unexpected frame kind \(h.kind) from the peer") }
-        throw e
+        guard h.kind == DataFrame.error else { throw KVError(.transfer, "unexpected frame kind \(h.kind) from the peer") }
+        throw peerError(payload)
+    }
+
+    private static func peerError(_ payload: [UInt8]) -> KVError {
+        guard case .error(let e)? = try? payload.withUnsafeBytes({ try MasterResponse.decode(kind: MasterResponse.errorKind, $0) }) else {
+            return KVError(.transfer, "the peer sent an error frame that does not decode")
+        }
+        return e
+    }
+}
+
+/// One pooled connection to a peer's segment server, with its RDMA state when it has one.
+final class PeerConnection: @unchecked Sendable {
+    struct RemoteSegment {
+        let queuePair: RDMAQueuePair
+        let base: UInt64
+        let rkey: UInt32
+        let size: Int
+        let segment: SegmentID
+
+        /// Whether `offset..<offset+length` of segment `seg` is what this queue pair reaches
+        /// (otherwise the TCP request is sent, and the server says what is wrong).
+        func covers(_ seg: SegmentID, _ offset: Int, _ length: Int) -> Bool {
+            seg == segment && offset >= 0 && length >= 0 && offset <= size && length <= size - offset
+        }
+    }
+
+    let socket: Socket
+    var rdma: RemoteSegment?
+    private var stagingMemory: (buffer: UnsafeMutableRawPointer, memory: RDMAMemory)?
+
+    init(_ s: Socket) { socket = s }
+
+    deinit {
+        if let (b, _) = stagingMemory {
+            stagingMemory = nil
+            b.deallocate()
+        }
+    }
+
+    /// A registered buffer of at least `size` bytes (kept for the connection's next transfers).
+    func staging(_ size: Int, _ context: RDMAContext) throws(KVError) -> RDMAMemory {
+        if let s = stagingMemory, s.memory.region.length >= size { return s.memory }
+        if let (b, _) = stagingMemory {
+            stagingMemory = nil
+            b.deallocate()
+        }
+        let n = max(size, 1 << 20)
+        let b = UnsafeMutableRawPointer.allocate(byteCount: n, alignment: 4096)
+        do throws(KVError) {
+            let m = try context.register(MemoryRegion(address: UInt(bitPattern: b), length: n))
+            stagingMemory = (b, m)
+            return m
+        } catch {
+            b.deallocate()
+            throw error
+        }
     }
 }
 

@@ -11,6 +11,8 @@ public final class TransferCounters: Sendable {
     public let copyOps = Atomic<Int>(0)
     /// Bytes sent to or received from peers' segments over the network (part of `bytesCopied`).
     public let networkBytes = Atomic<Int>(0)
+    /// The part of `networkBytes` moved by RDMA (the rest went over TCP).
+    public let rdmaBytes = Atomic<Int>(0)
 
     public init() {}
 }

@@ -182,6 +182,11 @@ int32_t kv_tensor_header_decode(const void *bytes, size_t len, kv_tensor_info *o
  * full length. refresh != 0 probes the machine again first. */
 size_t kv_devices(int32_t refresh, char *out, size_t cap);
 
+/* RDMA as this process found it (libibverbs loaded at run time), NUL-terminated into
+ * out[0..cap); returns the full length. First line: "<library loaded 0|1>\t<in use 0|1>\t<why
+ * not, or empty>"; then one line per device: "name\tport\tactive 0|1\tlink layer\tmtu". */
+size_t kv_rdma_info(char *out, size_t cap);
+
 /* The network master (python -m kvstore master; the kvstore-master executable runs the same
  * server). Strings are NUL-terminated; token NULL or "" means none (then host must be a
  * loopback address). metrics_port < 0: no HTTP endpoint; ports 0: the kernel picks. */

@@ -114,5 +114,6 @@ PyObject *kvpy_tensor_header(PyObject *module, PyObject *const *args, Py_ssize_t
 PyObject *kvpy_decode_tensor_header(PyObject *module, PyObject *arg);
 PyObject *kvpy_dlpack_info(PyObject *module, PyObject *capsule);
 PyObject *kvpy_devices(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+PyObject *kvpy_rdma_info(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 #endif

@@ -1,0 +1,220 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CKVVerbs
+import KVAccelerator
+import KVCore
+
+/// RDMA between hosts (DESIGN.md §2): libibverbs loaded at run time (`CKVVerbs`), device
+/// discovery, memory registration, reliable-connected queue pairs and one-sided READ/WRITE.
+/// Used by `PeerLink` when both sides have an active device; TCP otherwise.
+///
+/// Environment: `KVSTORE_RDMA=0` turns RDMA off; `KVSTORE_IBVERBS_LIBRARY` names the library
+/// file to load (default `libibverbs.so.1`); `KVSTORE_RDMA_DEVICE` picks a device by name
+/// (default: the first with an active port); `KVSTORE_RDMA_GID_INDEX` the GID (default 0).
+public enum RDMA {
+    /// One device as discovery found it.
+    public struct Device: Sendable, Equatable {
+        public var name: String
+        public var port: Int
+        public var active: Bool
+        /// "infiniband", "ethernet" (RoCE) or "unknown".
+        public var linkLayer: String
+        public var mtu: Int
+    }
+
+    /// What discovery found: whether the library loaded (and if not, why), and the devices.
+    public struct Discovery: Sendable {
+        public var loaded: Bool
+        /// Why RDMA is not in use, or "" when a device is usable.
+        public var reason: String
+        public var devices: [Device]
+        /// The device `PeerLink`s use: the chosen one, if it has an active port.
+        public var usable: Device? {
+            let wanted = environment("KVSTORE_RDMA_DEVICE")
+            return devices.first { $0.active && (wanted == nil || $0.name == wanted) }
+        }
+    }
+
+    /// Loads `library` (nil: the default or `KVSTORE_IBVERBS_LIBRARY`) and lists devices.
+    public static func discover(library: String? = nil) -> Discovery {
+        if let v = environment("KVSTORE_RDMA"), ["0", "off", "false", "no"].contains(v.lowercased()) {
+            return Discovery(loaded: false, reason: "RDMA is turned off (KVSTORE_RDMA=\(v))", devices: [])
+        }
+        var err = [CChar](repeating: 0, count: 512)
+        let path = library ?? environment("KVSTORE_IBVERBS_LIBRARY")
+        let rc = path.map { p in p.withCString { kv_verbs_load($0, &err, err.count) } } ?? kv_verbs_load(nil, &err, err.count)
+        guard rc == 0 else { return Discovery(loaded: false, reason: text(err), devices: []) }
+        var raw = [kv_rdma_device](repeating: kv_rdma_device(), count: 32)
+        let n = kv_rdma_devices(&raw, Int32(raw.count), &err, err.count)
+        guard n >= 0 else { return Discovery(loaded: true, reason: text(err), devices: []) }
+        let devices = raw.prefix(Int(min(n, 32))).map { d in
+            Device(name: withUnsafeBytes(of: d.name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) },
+                   port: Int(d.port), active: d.active != 0,
+                   linkLayer: d.link_layer == 1 ? "infiniband" : d.link_layer == 2 ? "ethernet" : "unknown", mtu: Int(d.mtu))
+        }
+        var found = Discovery(loaded: true, reason: "", devices: devices)
+        if found.usable == nil {
+            found.reason = devices.isEmpty ? "no RDMA devices on this machine"
+                : "no RDMA device with an active port" + (environment("KVSTORE_RDMA_DEVICE").map { " named '\($0)'" } ?? "")
+        }
+        return found
+    }
+
+    /// Discovery as of the first use in this process.
+    public static let discovery = discover()
+
+    /// The context every `PeerLink` and `SegmentServer` of this process shares (nil: no usable
+    /// device, or it failed to open; `openFailure` says why).
+    public static let shared: (context: RDMAContext?, openFailure: String) = {
+        guard let d = discovery.usable else { return (nil, discovery.reason) }
+        do throws(KVError) {
+            let gid = environment("KVSTORE_RDMA_GID_INDEX").flatMap { Int32($0) } ?? 0
+            return (try RDMAContext(device: d.name, port: d.port, gidIndex: gid), "")
+        } catch {
+            return (nil, error.message)
+        }
+    }()
+
+    static func text(_ err: [CChar]) -> String {
+        String(decoding: err.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    static func environment(_ name: String) -> String? {
+        guard let v = getenv(name), v.pointee != 0 else { return nil }
+        return String(cString: v)
+    }
+}
+
+/// An open device port with its protection domain. Thread-safe (verbs calls are).
+public final class RDMAContext: @unchecked Sendable {
+    let raw: OpaquePointer
+    public let device: String
+
+    public init(device: String, port: Int, gidIndex: Int32 = 0) throws(KVError) {
+        var err = [CChar](repeating: 0, count: 512)
+        guard let k = kv_rdma_open(device, Int32(port), gidIndex, &err, err.count) else {
+            throw KVError(.unsupported, "RDMA: " + RDMA.text(err))
+        }
+        raw = k
+        self.device = device
+    }
+
+    deinit { kv_rdma_close(raw) }
+
+    /// Registers `region` for local and remote access.
+    public func register(_ region: MemoryRegion) throws(KVError) -> RDMAMemory {
+        try RDMAMemory(self, region)
+    }
+}
+
+/// A registered memory region: its keys, deregistered on deinit.
+public final class RDMAMemory: @unchecked Sendable {
+    public let region: MemoryRegion
+    public let lkey: UInt32
+    public let rkey: UInt32
+    private let mr: UnsafeMutableRawPointer
+    private let context: RDMAContext
+
+    init(_ context: RDMAContext, _ region: MemoryRegion) throws(KVError) {
+        var err = [CChar](repeating: 0, count: 512)
+        var l: UInt32 = 0, r: UInt32 = 0
+        guard let mr = kv_rdma_register(context.raw, UnsafeMutableRawPointer(bitPattern: region.address), region.length,
+                                        &l, &r, &err, err.count) else {
+            throw KVError(.transfer, "RDMA: " + RDMA.text(err))
+        }
+        self.mr = mr
+        self.context = context
+        self.region = region
+        lkey = l
+        rkey = r
+    }
+
+    deinit { kv_rdma_deregister(mr) }
+}
+
+/// A reliable-connected queue pair; one operation at a time.
+public final class RDMAQueuePair: @unchecked Sendable {
+    private let raw: OpaquePointer
+    private let context: RDMAContext
+    /// What the peer needs to connect to this queue pair.
+    public let address: RDMAAddress
+
+    public init(_ context: RDMAContext) throws(KVError) {
+        var err = [CChar](repeating: 0, count: 512)
+        var a = kv_rdma_address()
+        guard let q = kv_rdma_qp_create(context.raw, &a, &err, err.count) else { throw KVError(.transfer, "RDMA: " + RDMA.text(err)) }
+        raw = q
+        self.context = context
+        address = RDMAAddress(a)
+    }
+
+    deinit { kv_rdma_qp_destroy(raw) }
+
+    public func connect(to remote: RDMAAddress) throws(KVError) {
+        var err = [CChar](repeating: 0, count: 512)
+        var r = remote.raw
+        guard kv_rdma_qp_connect(raw, &r, &err, err.count) == 0 else { throw KVError(.transfer, "RDMA: " + RDMA.text(err)) }
+    }
+
+    /// One-sided READ (remote → `local`) or WRITE (`local` → remote) of `local.length` bytes;
+    /// `local` must lie in memory registered with `lkey`.
+    public func transfer(write: Bool, local: MemoryRegion, lkey: UInt32, remote: UInt64, rkey: UInt32,
+                         timeoutMilliseconds: Int32 = 30_000) throws(KVError) {
+        var err = [CChar](repeating: 0, count: 512)
+        guard kv_rdma_transfer(raw, write ? 1 : 0, UnsafeMutableRawPointer(bitPattern: local.address), lkey, remote, rkey,
+                               local.length, timeoutMilliseconds, &err, err.count) == 0 else {
+            throw KVError(.transfer, "RDMA: " + RDMA.text(err))
+        }
+    }
+}
+
+/// A queue pair's address as exchanged over TCP (`encode`/`decode` are the wire form).
+public struct RDMAAddress: Sendable, Equatable {
+    public var qpn: UInt32
+    public var psn: UInt32
+    public var lid: UInt16
+    public var gid: [UInt8]
+    public var mtu: Int32
+
+    init(_ a: kv_rdma_address) {
+        qpn = a.qpn
+        psn = a.psn
+        lid = a.lid
+        gid = withUnsafeBytes(of: a.gid) { Array($0) }
+        mtu = a.mtu
+    }
+
+    public init(qpn: UInt32, psn: UInt32, lid: UInt16, gid: [UInt8], mtu: Int32) {
+        self.qpn = qpn
+        self.psn = psn
+        self.lid = lid
+        self.gid = gid
+        self.mtu = mtu
+    }
+
+    var raw: kv_rdma_address {
+        var a = kv_rdma_address()
+        a.qpn = qpn
+        a.psn = psn
+        a.lid = lid
+        withUnsafeMutableBytes(of: &a.gid) { b in for (i, v) in gid.prefix(16).enumerated() { b[i] = v } }
+        a.mtu = mtu
+        return a
+    }
+
+    public func encode(into w: inout WireWriter) {
+        w.u32(qpn); w.u32(psn); w.u16(lid)
+        for i in 0..<16 { w.u8(i < gid.count ? gid[i] : 0) }
+        w.u32(UInt32(bitPattern: mtu))
+    }
+
+    public static func decode(_ r: inout WireReader) throws(KVError) -> RDMAAddress {
+        let qpn = try r.u32(), psn = try r.u32(), lid = try r.u16()
+        var gid: [UInt8] = []
+        for _ in 0..<16 { gid.append(try r.u8()) }
+        let mtu = Int32(bitPattern: try r.u32())
+        guard (1...5).contains(mtu) else { throw .invalidArgument("bad RDMA MTU \(mtu)") }
+        return RDMAAddress(qpn: qpn, psn: psn, lid: lid, gid: gid, mtu: mtu)
+    }
+}
