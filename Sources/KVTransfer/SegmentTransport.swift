@@ -371,24 +371,28 @@ public final class PeerLink: Sendable {
 
     /// Copies `source` into the byte stream `destinations` starting `skip` bytes in.
     static func scatter(_ source: MemoryRegion, skipping skip: Int, into destinations: UnsafeBufferPointer<MemoryRegion>) {
-        var skip = skip, from = 0
-        for d in destinations where from < source.length {
-            if skip >= d.length { skip -= d.length; continue }
-            let n = min(d.length - skip, source.length - from)
-            memcpy(UnsafeMutableRawPointer(bitPattern: d.address + UInt(skip))!, UnsafeRawPointer(bitPattern: source.address + UInt(from))!, n)
-            from += n
-            skip = 0
+        pieces(of: destinations, skipping: skip, count: source.length) { piece, at in
+            memcpy(UnsafeMutableRawPointer(bitPattern: piece.address)!, UnsafeRawPointer(bitPattern: source.address + UInt(at))!, piece.length)
         }
     }
 
     /// Fills `destination` from the byte stream `parts` starting `skip` bytes in.
     static func gather(_ parts: UnsafeBufferPointer<MemoryRegion>, skipping skip: Int, into destination: MemoryRegion) {
-        var skip = skip, to = 0
-        for p in parts where to < destination.length {
-            if skip >= p.length { skip -= p.length; continue }
-            let n = min(p.length - skip, destination.length - to)
-            memcpy(UnsafeMutableRawPointer(bitPattern: destination.address + UInt(to))!, UnsafeRawPointer(bitPattern: p.address + UInt(skip))!, n)
-            to += n
+        pieces(of: parts, skipping: skip, count: destination.length) { piece, at in
+            memcpy(UnsafeMutableRawPointer(bitPattern: destination.address + UInt(at))!, UnsafeRawPointer(bitPattern: piece.address)!, piece.length)
+        }
+    }
+
+    /// Calls `body` with the pieces of bytes `skip..<skip+count` of the stream `regions`, each
+    /// with its position from `skip`.
+    private static func pieces(of regions: UnsafeBufferPointer<MemoryRegion>, skipping skip: Int, count: Int,
+                               _ body: (MemoryRegion, Int) -> Void) {
+        var skip = skip, at = 0
+        for r in regions where at < count {
+            if skip >= r.length { skip -= r.length; continue }
+            let n = min(r.length - skip, count - at)
+            body(MemoryRegion(address: r.address + UInt(skip), length: n), at)
+            at += n
             skip = 0
         }
     }
