@@ -231,6 +231,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// Items per request of a streamed batch: small enough that the first answer comes
     /// quickly and the caller's copies of one chunk overlap the master's work on the next.
     static let streamChunk = 32
+    static let firstChunk = 8
 
     /// Asks for `count` items in chunks (`request` builds a chunk's request): chunk k+1 is
     /// sent before chunk k's answer is handled, so the master works while `handle` runs.
@@ -239,7 +240,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     private func streamed<R>(_ count: Int, _ request: (Range<Int>) -> MasterRequest,
                              decode: (inout Link, Range<Int>, MasterResponse) throws(KVError) -> [R],
                              handle: (Range<Int>, [R]) -> Void) throws(KVError) {
-        let chunks = stride(from: 0, to: count, by: Self.streamChunk).map { $0..<min($0 + Self.streamChunk, count) }
+        // A small first chunk, so copying starts soon; then chunks of `streamChunk`.
+        let first = min(count, Self.firstChunk)
+        let chunks = (first > 0 ? [0..<first] : [])
+            + stride(from: first, to: count, by: Self.streamChunk).map { $0..<min($0 + Self.streamChunk, count) }
         guard !chunks.isEmpty else { return }
         var ids: [UInt32] = []
         ids.reserveCapacity(chunks.count)
