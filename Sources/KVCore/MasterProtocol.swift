@@ -65,20 +65,13 @@ public enum MasterRequest: Sendable, Equatable {
         }
     }
 
-    /// The key a request is about, if any.
-    public var key: ObjectKey? {
-        switch self {
-        case let .putStart(key, _, _, _, _), let .get(key, _), let .exists(key), let .size(key), let .remove(key, _): key
-        default: nil
-        }
-    }
-
     /// Whether any key the request is about satisfies `test`.
     public func anyKey(_ test: (ObjectKey) -> Bool) -> Bool {
         switch self {
+        case let .putStart(key, _, _, _, _), let .get(key, _), let .exists(key), let .size(key), let .remove(key, _): test(key)
         case let .putStartBatch(items, _, _, _): items.contains { test($0.key) }
         case let .getBatch(keys, _): keys.contains(where: test)
-        default: key.map(test) ?? false
+        default: false
         }
     }
 }
@@ -93,13 +86,7 @@ public struct BatchWrite: Sendable, Equatable {
     }
 }
 
-/// What a batch answer says of one item: its answer, or why it was refused.
-public enum BatchResult<Value: Sendable & Equatable>: Sendable, Equatable {
-    case success(Value)
-    case failure(KVError)
-}
-
-/// A started write as a master describes it.
+/// A started write as a master describes it (the writer knows the size).
 public struct StartedWrite: Sendable, Equatable {
     public var handle: VersionHandle
     public var inPlace: Bool
@@ -108,6 +95,14 @@ public struct StartedWrite: Sendable, Equatable {
         self.handle = handle
         self.inPlace = inPlace
         self.replicas = replicas
+    }
+
+    public init(_ t: WriteTicket) { self.init(handle: t.handle, inPlace: t.inPlace, replicas: t.replicas) }
+
+    /// The writer's ticket for `size` bytes; `internal` when the master named no replica.
+    public func ticket(size: Int) throws(KVError) -> WriteTicket {
+        guard !replicas.isEmpty else { throw KVError(.internal, "the master started a write with no replica") }
+        return WriteTicket(handle: handle, size: size, inPlace: inPlace, replicas: replicas)
     }
 }
 
@@ -118,6 +113,13 @@ public struct FoundObject: Sendable, Equatable {
     public init(size: Int, replicas: [Replica]) {
         self.size = size
         self.replicas = replicas
+    }
+
+    /// A reader's ticket: the first replica, the others as fallbacks (the lease is the
+    /// master's, so the handle is 0); `internal` when the master named no replica.
+    public func ticket() throws(KVError) -> ReadTicket {
+        guard let first = replicas.first else { throw KVError(.internal, "the master found an object with no replica") }
+        return ReadTicket(handle: 0, segment: first.segment, offset: first.offset, size: size, fallbacks: Array(replicas.dropFirst()))
     }
 }
 
@@ -154,14 +156,15 @@ public enum MasterResponse: Sendable, Equatable {
     case error(KVError)
     case welcome(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds)
     case mounted(segment: SegmentID)
-    case putStarted(handle: VersionHandle, inPlace: Bool, replicas: [Replica])
-    case found(size: Int, replicas: [Replica])
+    case putStarted(StartedWrite)
+    case found(FoundObject)
     case flag(Bool)
     case value(Int)
     case stats([Statistic])
     case segment(SegmentInfo)
-    case putStartedBatch([BatchResult<StartedWrite>])
-    case foundBatch([BatchResult<FoundObject>])
+    /// One result per item of a batch request, in order.
+    case putStartedBatch([Result<StartedWrite, KVError>])
+    case foundBatch([Result<FoundObject, KVError>])
 
     public var kind: UInt16 {
         switch self {
@@ -305,7 +308,9 @@ extension MasterResponse {
         func error(_ e: KVError) {
             w.u32(UInt32(bitPattern: e.code.rawValue)); w.string(String(decoding: e.message.utf8.prefix(MasterLimits.maxString - 8), as: UTF8.self))
         }
-        func results<V>(_ rs: [BatchResult<V>], _ value: (V) -> Void) {
+        func started(_ s: StartedWrite) { w.u64(s.handle); w.bool(s.inPlace); replicas(s.replicas) }
+        func found(_ f: FoundObject) { w.u64(UInt64(f.size)); replicas(f.replicas) }
+        func results<V>(_ rs: [Result<V, KVError>], _ value: (V) -> Void) {
             w.count(rs.count)
             for r in rs {
                 switch r {
@@ -319,16 +324,16 @@ extension MasterResponse {
         case let .error(e): error(e)
         case let .welcome(client, lease, ttl): w.u64(client); w.u64(lease); w.u64(ttl)
         case let .mounted(segment): w.u32(segment)
-        case let .putStarted(handle, inPlace, rs): w.u64(handle); w.bool(inPlace); replicas(rs)
-        case let .found(size, rs): w.u64(UInt64(size)); replicas(rs)
+        case let .putStarted(s): started(s)
+        case let .found(f): found(f)
         case let .flag(v): w.bool(v)
         case let .value(v): w.i64(Int64(v))
         case let .stats(pairs):
             w.count(pairs.count)
             for p in pairs { w.string(p.name); w.i64(Int64(p.value)) }
         case let .segment(s): w.u32(s.segment); w.u64(UInt64(s.size)); w.string(s.host); w.string(s.sharePath); w.string(s.endpoint)
-        case let .putStartedBatch(rs): results(rs) { w.u64($0.handle); w.bool($0.inPlace); replicas($0.replicas) }
-        case let .foundBatch(rs): results(rs) { w.u64(UInt64($0.size)); replicas($0.replicas) }
+        case let .putStartedBatch(rs): results(rs, started)
+        case let .foundBatch(rs): results(rs, found)
         }
         return w.bytes
     }
@@ -346,9 +351,15 @@ extension MasterResponse {
             guard let code = KVError.Code(rawValue: raw) else { throw .invalidArgument("unknown error code \(raw)") }
             return KVError(code, try r.string(max: MasterLimits.maxString, "error message"))
         }
-        func results<V>(_ value: () throws(KVError) -> V) throws(KVError) -> [BatchResult<V>] {
+        func started() throws(KVError) -> StartedWrite {
+            StartedWrite(handle: try r.u64(), inPlace: try r.bool(), replicas: try replicas())
+        }
+        func found() throws(KVError) -> FoundObject {
+            FoundObject(size: try r.size(max: MasterLimits.maxSize), replicas: try replicas())
+        }
+        func results<V>(_ value: () throws(KVError) -> V) throws(KVError) -> [Result<V, KVError>] {
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 5, "batch results")
-            var out: [BatchResult<V>] = []
+            var out: [Result<V, KVError>] = []
             out.reserveCapacity(n)
             for _ in 0..<n {
                 switch try r.u8() {
@@ -365,8 +376,8 @@ extension MasterResponse {
         case 101: m = .error(try error())
         case 102: m = .welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64())
         case 103: m = .mounted(segment: try r.u32())
-        case 104: m = .putStarted(handle: try r.u64(), inPlace: try r.bool(), replicas: try replicas())
-        case 105: m = .found(size: try r.size(max: MasterLimits.maxSize), replicas: try replicas())
+        case 104: m = .putStarted(try started())
+        case 105: m = .found(try found())
         case 106: m = .flag(try r.bool())
         case 107: m = .value(Int(try r.i64()))
         case 108:
@@ -379,14 +390,8 @@ extension MasterResponse {
                                      host: try r.string(max: MasterLimits.maxString, "host"),
                                      sharePath: try r.string(max: MasterLimits.maxString, "share path"),
                                      endpoint: try r.string(max: MasterLimits.maxString, "endpoint")))
-        case 110:
-            m = .putStartedBatch(try results { () throws(KVError) in
-                StartedWrite(handle: try r.u64(), inPlace: try r.bool(), replicas: try replicas())
-            })
-        case 111:
-            m = .foundBatch(try results { () throws(KVError) in
-                FoundObject(size: try r.size(max: MasterLimits.maxSize), replicas: try replicas())
-            })
+        case 110: m = .putStartedBatch(try results(started))
+        case 111: m = .foundBatch(try results(found))
         default: throw .invalidArgument("unknown response kind \(kind)")
         }
         try r.finish("response \(kind)")

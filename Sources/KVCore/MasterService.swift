@@ -118,20 +118,14 @@ public struct MasterService: Sendable {
         case let .putStart(key, size, mode, options, preferred):
             try options.validate()
             let t = try startWrite(key: key, size: size, mode: mode, options: options, preferred: preferred, client: id, now: now)
-            return .putStarted(handle: t.handle, inPlace: t.inPlace, replicas: t.replicas)
+            return .putStarted(StartedWrite(t))
         case let .putStartBatch(items, mode, options, preferred):
             try options.validate()
-            var out: [BatchResult<StartedWrite>] = []
-            out.reserveCapacity(items.count)
-            for i in items {
-                do throws(KVError) {
-                    let t = try startWrite(key: i.key, size: i.size, mode: mode, options: options, preferred: preferred, client: id, now: now)
-                    out.append(.success(StartedWrite(handle: t.handle, inPlace: t.inPlace, replicas: t.replicas)))
-                } catch {
-                    out.append(.failure(error))
+            return .putStartedBatch(items.map { i in
+                Result { () throws(KVError) in
+                    StartedWrite(try startWrite(key: i.key, size: i.size, mode: mode, options: options, preferred: preferred, client: id, now: now))
                 }
-            }
-            return .putStartedBatch(out)
+            })
         case let .putCommit(handle), let .putAbort(handle):
             guard let w = writes[handle], w.client == id else { throw .invalidArgument("no write \(handle) in flight for this client") }
             forget(handle)
@@ -139,21 +133,9 @@ public struct MasterService: Sendable {
             if case .putCommit = request { try table.commitWrite(w.ticket, now: now) } else { try table.abortWrite(w.ticket, now: now) }
             return .ok
         case let .get(key, host):
-            guard let (size, replicas) = table.leaseReplicas(key: key, now: now, first: { self.segmentInfo[$0]?.host == host }) else {
-                throw .notFound("object '\(key)' not found")
-            }
-            return .found(size: size, replicas: replicas)
+            return .found(try find(key, host: host, now: now))
         case let .getBatch(keys, host):
-            var out: [BatchResult<FoundObject>] = []
-            out.reserveCapacity(keys.count)
-            for key in keys {
-                if let (size, replicas) = table.leaseReplicas(key: key, now: now, first: { self.segmentInfo[$0]?.host == host }) {
-                    out.append(.success(FoundObject(size: size, replicas: replicas)))
-                } else {
-                    out.append(.failure(.notFound("object '\(key)' not found")))
-                }
-            }
-            return .foundBatch(out)
+            return .foundBatch(keys.map { key in Result { () throws(KVError) in try find(key, host: host, now: now) } })
         case let .exists(key):
             return .flag(table.lease(key: key, now: now) != nil)
         case let .size(key):
@@ -170,6 +152,14 @@ public struct MasterService: Sendable {
             guard let info = segmentInfo[seg] else { throw .notFound("segment \(seg) is not mounted") }
             return .segment(info)
         }
+    }
+
+    /// Leases `key` and lists its replicas, those on `host` first.
+    private mutating func find(_ key: ObjectKey, host: String, now: Nanoseconds) throws(KVError) -> FoundObject {
+        guard let (size, replicas) = table.leaseReplicas(key: key, now: now, first: { self.segmentInfo[$0]?.host == host }) else {
+            throw .notFound("object '\(key)' not found")
+        }
+        return FoundObject(size: size, replicas: replicas)
     }
 
     private mutating func startWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions, preferred: SegmentID?,

@@ -113,6 +113,20 @@ public struct WireReader {
 
     public init(_ bytes: UnsafeRawBufferPointer) { base = bytes }
 
+    /// Reads all of `payload` with `body`, which must consume every byte (`what` names the
+    /// message in the error when it does not).
+    public static func parse<T>(_ payload: [UInt8], _ what: String,
+                                _ body: (inout WireReader) throws(KVError) -> T) throws(KVError) -> T {
+        try rethrowingKVError {
+            try payload.withUnsafeBytes { b in
+                var r = WireReader(b)
+                let v = try body(&r)
+                try r.finish(what)
+                return v
+            }
+        }
+    }
+
     public var remaining: Int { base.count - position }
 
     private mutating func take(_ n: Int, _ what: String) throws(KVError) -> UnsafeRawBufferPointer {

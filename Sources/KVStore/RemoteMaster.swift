@@ -148,12 +148,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
                            preferred: SegmentID?) throws(KVError) -> WriteTicket {
         try link.withLock { (l: inout Link) throws(KVError) -> WriteTicket in
-            let r = try expect(&l, .putStart(key: key, size: size, mode: mode, options: options, preferred: preferred))
-            guard case let .putStarted(handle, inPlace, replicas) = r, !replicas.isEmpty else {
+            guard case .putStarted(let w) = try expect(&l, .putStart(key: key, size: size, mode: mode, options: options, preferred: preferred)) else {
                 throw KVError(.internal, "unexpected answer to putStart")
             }
-            l.writes.insert(handle)
-            return WriteTicket(handle: handle, size: size, inPlace: inPlace, replicas: replicas)
+            return try Self.started(w, size: size, &l)
         }
     }
 
@@ -164,47 +162,65 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             guard case .putStartedBatch(let rs) = answer, rs.count == range.count else {
                 throw KVError(.internal, "unexpected answer to putStartBatch")
             }
-            var out: [Result<WriteTicket, KVError>] = []
-            out.reserveCapacity(rs.count)
-            for (i, r) in zip(range, rs) {
-                switch r {
-                case .success(let w) where !w.replicas.isEmpty:
-                    l.writes.insert(w.handle)
-                    out.append(.success(WriteTicket(handle: w.handle, size: items[i].size, inPlace: w.inPlace, replicas: w.replicas)))
-                case .success:
-                    out.append(.failure(KVError(.internal, "the master started a write with no replica")))
-                case .failure(let e):
-                    out.append(.failure(e))
-                }
-            }
-            return out
+            return zip(range, rs).map { i, r in r.flatMap { w in Result { () throws(KVError) in try Self.started(w, size: items[i].size, &l) } } }
         }, handle: started)
     }
 
-    /// Sends the commits and aborts pipelined, in one write: the master answers them only
-    /// when they fail, and such an answer is read before the next one.
+    /// The ticket of a write the master started on this connection (remembered until it is
+    /// committed or aborted).
+    private static func started(_ w: StartedWrite, size: Int, _ l: inout Link) throws(KVError) -> WriteTicket {
+        let t = try w.ticket(size: size)
+        l.writes.insert(t.handle)
+        return t
+    }
+
+    public func commitWrite(_ t: WriteTicket) throws(KVError) {
+        try link.withLock { (l: inout Link) throws(KVError) in
+            var frames = WireWriter()
+            guard pipeline(.putCommit(handle: t.handle), t.handle, into: &frames, &l), send(frames, &l) else { throw Self.lostWrite }
+        }
+    }
+
+    public func abortWrite(_ t: WriteTicket) throws(KVError) {
+        link.withLock { l in
+            var frames = WireWriter()
+            if pipeline(.putAbort(handle: t.handle), t.handle, into: &frames, &l) { _ = send(frames, &l) }
+        }
+    }
+
+    /// Sends the commits and aborts pipelined, in one write.
     public func finishWrites(commit: [WriteTicket], abort: [WriteTicket]) -> [KVError?] {
         link.withLock { (l: inout Link) -> [KVError?] in
             var frames = WireWriter()
-            var results = [KVError?](repeating: nil, count: commit.count)
-            let lostWrite = KVError(.transfer, "the connection to the master was lost during this write; it was not stored")
-            func add(_ r: MasterRequest, _ h: VersionHandle) -> Bool {
-                guard l.writes.remove(h) != nil else { return false }
-                frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
-                l.nextID &+= 1
-                return true
-            }
-            for a in abort { _ = add(.putAbort(handle: a.handle), a.handle) }
-            for (i, c) in commit.enumerated() where !add(.putCommit(handle: c.handle), c.handle) { results[i] = lostWrite }
-            guard !frames.bytes.isEmpty else { return results }
-            guard let s = l.socket else { return results.map { _ in lostWrite } }
-            do throws(KVError) {
-                try rethrowingKVError { try frames.bytes.withUnsafeBytes { try s.writeAll($0) } }
-            } catch {
-                _ = lost(&l, error)
-                return results.map { _ in lostWrite }
-            }
-            return results
+            for a in abort { _ = pipeline(.putAbort(handle: a.handle), a.handle, into: &frames, &l) }
+            let sent = commit.map { c in pipeline(.putCommit(handle: c.handle), c.handle, into: &frames, &l) }
+            let delivered = send(frames, &l)
+            return sent.map { $0 && delivered ? nil : Self.lostWrite }
+        }
+    }
+
+    static let lostWrite = KVError(.transfer, "the connection to the master was lost during this write; it was not stored")
+
+    /// Appends the commit or abort `r` of write `h` to `frames` (pipelined: the master answers
+    /// it only when it fails, and that answer is read before the next one). False when `h` is
+    /// not a write of this connection (it was lost with an earlier connection).
+    private func pipeline(_ r: MasterRequest, _ h: VersionHandle, into frames: inout WireWriter, _ l: inout Link) -> Bool {
+        guard l.writes.remove(h) != nil else { return false }
+        frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
+        l.nextID &+= 1
+        return true
+    }
+
+    /// Writes `frames` (nothing to write is a success); false when the connection is lost.
+    private func send(_ frames: WireWriter, _ l: inout Link) -> Bool {
+        guard !frames.bytes.isEmpty else { return true }
+        guard let s = l.socket else { return false }
+        do throws(KVError) {
+            try rethrowingKVError { try frames.bytes.withUnsafeBytes { try s.writeAll($0) } }
+            return true
+        } catch {
+            _ = lost(&l, error)
+            return false
         }
     }
 
@@ -216,13 +232,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 throw KVError(.internal, "unexpected answer to getBatch")
             }
             return rs.map { r in
-                switch r {
-                case .success(let f):
-                    guard let first = f.replicas.first else { return .failure(KVError(.internal, "the master found an object with no replica")) }
-                    return .success(.found(ReadTicket(handle: 0, segment: first.segment, offset: first.offset, size: f.size,
-                                                      fallbacks: Array(f.replicas.dropFirst()))))
-                case .failure(let e) where e.code == .objectNotFound: return .success(.notFound)
-                case .failure(let e): return .failure(e)
+                switch r {   // a missing object is `.notFound`, not an error
+                case .success(let f): Result { () throws(KVError) in .found(try f.ticket()) }
+                case .failure(let e) where e.code == .objectNotFound: .success(.notFound)
+                case .failure(let e): .failure(e)
                 }
             }
         }, handle: found)
@@ -264,19 +277,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
-    public func commitWrite(_ t: WriteTicket) throws(KVError) {
-        if let e = finishWrites(commit: [t], abort: [])[0] { throw e }
-    }
-
-    public func abortWrite(_ t: WriteTicket) throws(KVError) { _ = finishWrites(commit: [], abort: [t]) }
-
     public func acquireRead(key: ObjectKey, host: String) throws(KVError) -> ReadResult {
         do throws(KVError) {
-            guard case let .found(size, replicas) = try call(.get(key: key, host: host)), let first = replicas.first else {
-                throw KVError(.internal, "unexpected answer to get")
-            }
-            return .found(ReadTicket(handle: 0, segment: first.segment, offset: first.offset, size: size,
-                                     fallbacks: Array(replicas.dropFirst())))
+            guard case .found(let f) = try call(.get(key: key, host: host)) else { throw KVError(.internal, "unexpected answer to get") }
+            return .found(try f.ticket())
         } catch where error.code == .objectNotFound {
             return .notFound
         }

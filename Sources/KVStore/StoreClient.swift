@@ -65,7 +65,7 @@ public final class StoreClient: Sendable {
             throw .invalidArgument("segment size must be 0 (a pure client) or at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
         let policy = try Self.pinningPolicy(pinning)
-        let state = ClusterState(token: token)
+        let state = ClusterState(token: token, counters: counters)
         let remote = try RemoteMaster(url: url, token: token, name: name.isEmpty ? "pid \(getpid())" : name,
                                       onConnect: { epoch, seg in state.connected(epoch: epoch, segment: seg) })
         var own: HostSegment? = nil
@@ -146,7 +146,7 @@ public final class StoreClient: Sendable {
             }
         case .peer(let p):
             guard let locations else {
-                countNetwork(size, staged: try p.write(segment: r.segment, offset: r.offset, length: size, from: parts))
+                try p.write(segment: r.segment, offset: r.offset, length: size, from: parts)
                 return
             }
             // A socket cannot read device memory: stage through host memory (DESIGN.md §2).
@@ -154,10 +154,9 @@ public final class StoreClient: Sendable {
                 var d2h = DeviceCopyPlan()
                 d2h.addWrite(parts, locations: locations, into: staging, owner: 0)
                 if let e = d2h.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] { throw e }
-                let staged = try withUnsafePointer(to: staging) { (s) throws(KVError) in
+                try withUnsafePointer(to: staging) { (s) throws(KVError) in
                     try p.write(segment: r.segment, offset: r.offset, length: size, from: UnsafeBufferPointer(start: s, count: 1))
                 }
-                countNetwork(size, staged: staged)
             }
         }
     }
@@ -359,28 +358,17 @@ public final class StoreClient: Sendable {
                     switch r {
                     case .failure(let e): throw e
                     case .success(.found(let found)):
-                        operations.hits.add(1, ordering: .relaxed)
+                        countLookup(.found(found))
                         t = found
                     case .success(.notFound):
-                        operations.misses.add(1, ordering: .relaxed)
+                        countLookup(.notFound)
                         throw .notFound("object '\(items[i].key)' not found")
                     case .success(.busy):
                         t = try heldBeginRead(key: items[i].key)   // an in-place upsert (embedded only): wait for it alone
                     }
                     held.append(t)
                     let mine = UnsafeBufferPointer(rebasing: destinations[items[i].regions])
-                    try Self.checkRoom(mine, for: t.size, of: t)
-                    if case .mapped(let s)? = try? access(t.segment) {
-                        let source = try Self.region(of: s, Replica(segment: t.segment, offset: t.offset), t.size)
-                        if let locations = locate(mine, memory) {
-                            plan.addRead(from: source, into: mine, locations: locations, owner: i)
-                        } else {
-                            copyHost(source, into: mine)
-                        }
-                    } else {
-                        _ = try heldCopyOut(t, range: 0..<t.size, to: mine, memory: memory)   // over TCP, or replica fallback
-                    }
-                    results[i] = .success(t.size)
+                    results[i] = .success(try heldCopyOut(t, range: 0..<t.size, to: mine, locations: locate(mine, memory), plan: &plan, owner: i))
                 } catch {
                     results[i] = .failure(error)
                 }
@@ -404,12 +392,17 @@ public final class StoreClient: Sendable {
 
     private func heldTryBeginRead(key: ObjectKey) throws(KVError) -> ReadResult {
         let r = try master.acquireRead(key: key, host: cluster?.host ?? "")
+        countLookup(r)
+        return r
+    }
+
+    /// Counts a lookup's hit or miss.
+    private func countLookup(_ r: ReadResult) {
         switch r {
         case .found: operations.hits.add(1, ordering: .relaxed)
         case .notFound: operations.misses.add(1, ordering: .relaxed)
         case .busy: break
         }
-        return r
     }
 
     /// Throws `invalidArgument` when `destinations` hold fewer than `count` bytes of `ticket`'s object.
@@ -423,13 +416,26 @@ public final class StoreClient: Sendable {
 
     private func heldCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
                              memory: MemoryHint) throws(KVError) -> Int {
-        try Self.checkRoom(destinations, for: range.count, of: ticket)
         let locations = locate(destinations, memory)
+        var plan = DeviceCopyPlan()
+        let n = try heldCopyOut(ticket, range: range, to: destinations, locations: locations, plan: &plan, owner: 0)
+        if locations != nil, let e = plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] {
+            throw e
+        }
+        return n
+    }
+
+    /// Copies bytes `range` of a held object into `destinations`, trying its replicas in
+    /// order: host memory at once, device memory of a mapped segment into `plan` (the caller
+    /// executes it). Returns `range.count`.
+    private func heldCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
+                             locations: [MemoryLocation]?, plan: inout DeviceCopyPlan, owner: Int) throws(KVError) -> Int {
+        try Self.checkRoom(destinations, for: range.count, of: ticket)
         var r = Replica(segment: ticket.segment, offset: ticket.offset)
         var next = 0
         while true {
             do throws(KVError) {
-                try read(r, size: ticket.size, range: range, into: destinations, locations: locations)
+                try read(r, size: ticket.size, range: range, into: destinations, locations: locations, plan: &plan, owner: owner)
                 return range.count
             } catch where (error.code == .transfer || error.code == .objectNotFound) && next < ticket.fallbacks.count {
                 r = ticket.fallbacks[next]   // that replica's holder died or left: try the next one
@@ -438,48 +444,34 @@ public final class StoreClient: Sendable {
         }
     }
 
-    /// Copies bytes `range` of replica `r` (of an object of `size` bytes) into `destinations`.
+    /// Copies bytes `range` of replica `r` (of an object of `size` bytes) into `destinations`:
+    /// from a mapped segment at once (host memory) or into `plan` (device memory); from a peer
+    /// at once (device memory staged through host memory).
     private func read(_ r: Replica, size: Int, range: Range<Int>, into destinations: UnsafeBufferPointer<MemoryRegion>,
-                      locations: [MemoryLocation]?) throws(KVError) {
+                      locations: [MemoryLocation]?, plan: inout DeviceCopyPlan, owner: Int) throws(KVError) {
         switch try access(r.segment) {
         case .mapped(let s):
             let whole = try Self.region(of: s, r, size)
             let source = MemoryRegion(address: whole.address + UInt(range.lowerBound), length: range.count)
             if let locations {
-                var plan = DeviceCopyPlan()
-                plan.addRead(from: source, into: destinations, locations: locations, owner: 0)
-                if let e = plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] { throw e }
+                plan.addRead(from: source, into: destinations, locations: locations, owner: owner)
             } else {
                 copyHost(source, into: destinations)
             }
         case .peer(let p):
             guard let locations else {
-                countNetwork(range.count, staged: try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count,
-                                                             into: destinations))
+                try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count, into: destinations)
                 return
             }
             try withStaging(range.count) { (staging) throws(KVError) in
-                let staged = try withUnsafePointer(to: staging) { (s) throws(KVError) in
+                try withUnsafePointer(to: staging) { (s) throws(KVError) in
                     try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count,
                                into: UnsafeBufferPointer(start: s, count: 1))
                 }
-                countNetwork(range.count, staged: staged)
                 var h2d = DeviceCopyPlan()
                 h2d.addRead(from: staging, into: destinations, locations: locations, owner: 0)
                 if let e = h2d.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] { throw e }
             }
-        }
-    }
-
-    /// Counts `n` bytes moved to or from a peer; `staged` of them went through an RDMA
-    /// staging buffer (RDMA moves only those).
-    private func countNetwork(_ n: Int, staged: Int) {
-        counters.bytesCopied.add(n, ordering: .relaxed)
-        counters.networkBytes.add(n, ordering: .relaxed)
-        counters.copyOps.add(1, ordering: .relaxed)
-        if staged > 0 {
-            counters.bytesStaged.add(staged, ordering: .relaxed)
-            counters.rdmaBytes.add(staged, ordering: .relaxed)
         }
     }
 
@@ -639,11 +631,16 @@ enum SegmentAccess: Sendable {
 final class ClusterState: Sendable {
     let host = localHostIdentity()
     let token: String?
+    /// The client's counters, which its peer links add their network bytes to.
+    let counters: TransferCounters
     let segment = Atomic<SegmentID>(0)
     let server = Locked<SegmentServer?>(nil)
     let peers = Locked<(epoch: Int, map: [SegmentID: SegmentAccess])>((0, [:]))
 
-    init(token: String?) { self.token = token }
+    init(token: String?, counters: TransferCounters) {
+        self.token = token
+        self.counters = counters
+    }
 
     /// After each (re)connect: a new epoch, this client's segment id (0: none).
     func connected(epoch: Int, segment seg: SegmentID) {
@@ -660,7 +657,7 @@ final class ClusterState: Sendable {
     /// file cannot be opened, such as across a PID namespace).
     func reach(_ info: SegmentInfo) throws(KVError) -> SegmentAccess {
         if info.host == host, let s = try? HostSegment(attaching: info.sharePath, size: info.size) { return .mapped(s) }
-        return .peer(try PeerLink(endpoint: info.endpoint, token: token, rdma: RDMA.shared.context))
+        return .peer(try PeerLink(endpoint: info.endpoint, token: token, rdma: RDMA.shared.context, counters: counters))
     }
 
     func close() {

@@ -41,13 +41,22 @@ public enum RDMA {
         if let v = environment("KVSTORE_RDMA"), ["0", "off", "false", "no"].contains(v.lowercased()) {
             return Discovery(loaded: false, reason: "RDMA is turned off (KVSTORE_RDMA=\(v))", devices: [])
         }
-        var err = [CChar](repeating: 0, count: 512)
         let path = library ?? environment("KVSTORE_IBVERBS_LIBRARY")
-        let rc = path.map { p in p.withCString { kv_verbs_load($0, &err, err.count) } } ?? kv_verbs_load(nil, &err, err.count)
-        guard rc == 0 else { return Discovery(loaded: false, reason: text(err), devices: []) }
+        do throws(KVError) {
+            try call(.unsupported) { err, n in (path.map { p in p.withCString { kv_verbs_load($0, err, n) } } ?? kv_verbs_load(nil, err, n)) == 0 ? () : nil }
+        } catch {
+            return Discovery(loaded: false, reason: error.message, devices: [])
+        }
         var raw = [kv_rdma_device](repeating: kv_rdma_device(), count: 32)
-        let n = kv_rdma_devices(&raw, Int32(raw.count), &err, err.count)
-        guard n >= 0 else { return Discovery(loaded: true, reason: text(err), devices: []) }
+        let n: Int32
+        do throws(KVError) {
+            n = try call(.unsupported) { err, len in
+                let n = kv_rdma_devices(&raw, Int32(raw.count), err, len)
+                return n >= 0 ? n : nil
+            }
+        } catch {
+            return Discovery(loaded: true, reason: error.message, devices: [])
+        }
         let devices = raw.prefix(Int(min(n, 32))).map { d in
             Device(name: withUnsafeBytes(of: d.name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) },
                    port: Int(d.port), active: d.active != 0,
@@ -76,8 +85,18 @@ public enum RDMA {
         }
     }()
 
-    static func text(_ err: [CChar]) -> String {
-        String(decoding: err.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    /// Runs a shim call that fails by returning nil after writing its reason into the
+    /// buffer it is given; throws `code` with that reason.
+    static func call<R>(_ code: KVError.Code, _ body: (UnsafeMutablePointer<CChar>, Int) -> R?) throws(KVError) -> R {
+        var reason = ""
+        let r: R? = withUnsafeTemporaryAllocation(of: CChar.self, capacity: 512) { buffer in
+            buffer[0] = 0
+            let r = body(buffer.baseAddress!, buffer.count)
+            if r == nil { reason = String(decoding: UnsafeRawBufferPointer(buffer).prefix { $0 != 0 }, as: UTF8.self) }
+            return r
+        }
+        guard let r else { throw KVError(code, reason) }
+        return r
     }
 
     static func environment(_ name: String) -> String? {
@@ -92,59 +111,67 @@ public final class RDMAContext: @unchecked Sendable {
     public let device: String
 
     public init(device: String, port: Int, gidIndex: Int32 = 0) throws(KVError) {
-        var err = [CChar](repeating: 0, count: 512)
-        guard let k = kv_rdma_open(device, Int32(port), gidIndex, &err, err.count) else {
-            throw KVError(.unsupported, "RDMA: " + RDMA.text(err))
-        }
-        raw = k
+        raw = try RDMA.call(.unsupported) { err, n in kv_rdma_open(device, Int32(port), gidIndex, err, n) }
         self.device = device
     }
 
     deinit { kv_rdma_close(raw) }
 
-    /// Registers `region` for local and remote access.
+    /// Registers `region` (memory someone else owns) for local and remote access.
     public func register(_ region: MemoryRegion) throws(KVError) -> RDMAMemory {
-        try RDMAMemory(self, region)
+        try RDMAMemory(self, region, owned: false)
+    }
+
+    /// Allocates `size` bytes and registers them (freed with the registration).
+    public func allocate(_ size: Int) throws(KVError) -> RDMAMemory {
+        let p = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: 4096)
+        do throws(KVError) {
+            return try RDMAMemory(self, MemoryRegion(address: UInt(bitPattern: p), length: size), owned: true)
+        } catch {
+            p.deallocate()
+            throw error
+        }
     }
 }
 
-/// A registered memory region: its keys, deregistered on deinit.
+/// A registered memory region and its keys: deregistered on deinit, then freed when it was
+/// allocated by `RDMAContext.allocate`.
 public final class RDMAMemory: @unchecked Sendable {
     public let region: MemoryRegion
     public let lkey: UInt32
     public let rkey: UInt32
     private let mr: UnsafeMutableRawPointer
     private let context: RDMAContext
+    private let owned: Bool
 
-    init(_ context: RDMAContext, _ region: MemoryRegion) throws(KVError) {
-        var err = [CChar](repeating: 0, count: 512)
+    init(_ context: RDMAContext, _ region: MemoryRegion, owned: Bool) throws(KVError) {
         var l: UInt32 = 0, r: UInt32 = 0
-        guard let mr = kv_rdma_register(context.raw, UnsafeMutableRawPointer(bitPattern: region.address), region.length,
-                                        &l, &r, &err, err.count) else {
-            throw KVError(.transfer, "RDMA: " + RDMA.text(err))
+        mr = try RDMA.call(.transfer) { err, n in
+            kv_rdma_register(context.raw, UnsafeMutableRawPointer(bitPattern: region.address), region.length, &l, &r, err, n)
         }
-        self.mr = mr
         self.context = context
         self.region = region
+        self.owned = owned
         lkey = l
         rkey = r
     }
 
-    deinit { kv_rdma_deregister(mr) }
+    deinit {
+        kv_rdma_deregister(mr)
+        if owned { UnsafeMutableRawPointer(bitPattern: region.address)?.deallocate() }
+    }
 }
 
 /// A reliable-connected queue pair; one operation at a time.
 public final class RDMAQueuePair: @unchecked Sendable {
     private let raw: OpaquePointer
-    private let context: RDMAContext
+    let context: RDMAContext
     /// What the peer needs to connect to this queue pair.
     public let address: RDMAAddress
 
     public init(_ context: RDMAContext) throws(KVError) {
-        var err = [CChar](repeating: 0, count: 512)
         var a = kv_rdma_address()
-        guard let q = kv_rdma_qp_create(context.raw, &a, &err, err.count) else { throw KVError(.transfer, "RDMA: " + RDMA.text(err)) }
-        raw = q
+        raw = try RDMA.call(.transfer) { err, n in kv_rdma_qp_create(context.raw, &a, err, n) }
         self.context = context
         address = RDMAAddress(a)
     }
@@ -152,19 +179,17 @@ public final class RDMAQueuePair: @unchecked Sendable {
     deinit { kv_rdma_qp_destroy(raw) }
 
     public func connect(to remote: RDMAAddress) throws(KVError) {
-        var err = [CChar](repeating: 0, count: 512)
         var r = remote.raw
-        guard kv_rdma_qp_connect(raw, &r, &err, err.count) == 0 else { throw KVError(.transfer, "RDMA: " + RDMA.text(err)) }
+        try RDMA.call(.transfer) { err, n in kv_rdma_qp_connect(raw, &r, err, n) == 0 ? () : nil }
     }
 
     /// One-sided READ (remote → `local`) or WRITE (`local` → remote) of `local.length` bytes;
     /// `local` must lie in memory registered with `lkey`.
     public func transfer(write: Bool, local: MemoryRegion, lkey: UInt32, remote: UInt64, rkey: UInt32,
                          timeoutMilliseconds: Int32 = 30_000) throws(KVError) {
-        var err = [CChar](repeating: 0, count: 512)
-        guard kv_rdma_transfer(raw, write ? 1 : 0, UnsafeMutableRawPointer(bitPattern: local.address), lkey, remote, rkey,
-                               local.length, timeoutMilliseconds, &err, err.count) == 0 else {
-            throw KVError(.transfer, "RDMA: " + RDMA.text(err))
+        try RDMA.call(.transfer) { err, n in
+            kv_rdma_transfer(raw, write ? 1 : 0, UnsafeMutableRawPointer(bitPattern: local.address), lkey, remote, rkey,
+                             local.length, timeoutMilliseconds, err, n) == 0 ? () : nil
         }
     }
 }

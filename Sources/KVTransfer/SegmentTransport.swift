@@ -71,8 +71,9 @@ public final class SegmentServer: @unchecked Sendable {
     private let wake: (read: Int32, write: Int32)
     private let state = Locked(State())
     private var acceptThread: BackgroundThread?
-    /// The id the master gave this segment (0: not mounted; requests are refused).
-    public let segmentID = Locked<SegmentID>(0)
+    /// The id the master gave this segment (0: not mounted; requests are refused); set by
+    /// `serve(segment:)`.
+    private let segmentID = Locked<SegmentID>(0)
     private let log: @Sendable (String) -> Void
     /// Held shared while a request checks the segment id and copies (the owner's reconnect
     /// takes it exclusively to remount, so no copy straddles a change of identity).
@@ -121,8 +122,7 @@ public final class SegmentServer: @unchecked Sendable {
     public func serve(segment seg: SegmentID) {
         segmentID.withLock { $0 = seg }
         guard let rdma else { return }
-        let old = registration.withLock { r in defer { r = nil }; return r }
-        _ = old   // deregistered here, before the new registration
+        registration.withLock { $0 = nil }   // deregistered: the old keys stop working
         guard seg != 0 else { return }
         do throws(KVError) {
             let m = try rdma.register(region)
@@ -177,6 +177,16 @@ public final class SegmentServer: @unchecked Sendable {
         }
     }
 
+    /// Runs `body` with the segment id served now, holding the owner's data lock shared so
+    /// that no remount changes it meanwhile. Never waits: the owner's reconnect may itself
+    /// wait for an operation that waits for this peer, so a remount in progress refuses the
+    /// request with `transfer` instead.
+    private func whileServing(_ body: (SegmentID) throws(KVError) -> Void) throws(KVError) {
+        guard dataLock?.tryLockShared() ?? true else { throw KVError(.transfer, "the segment is being remounted by its owner") }
+        defer { dataLock?.unlock() }
+        try body(segmentID.withLock { $0 })
+    }
+
     private func serve(_ s: Socket, _ serial: Int) {
         defer {
             // Stop joins the threads it finds; a connection that ends by itself detaches.
@@ -197,61 +207,44 @@ public final class SegmentServer: @unchecked Sendable {
             do throws(KVError) {
                 switch header.kind {
                 case DataFrame.hello:
-                    let t = try rethrowingKVError { try payload.withUnsafeBytes { b in
-                        var r = WireReader(b)
-                        let t = try r.string(max: MasterLimits.maxString, "token")
-                        try r.finish("hello")
-                        return t
-                    } }
+                    let t = try WireReader.parse(payload, "hello") { (r) throws(KVError) in try r.string(max: MasterLimits.maxString, "token") }
                     guard t == token else { throw .invalidArgument("the segment server refused the token") }
                     welcomed = true
                     try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
                 case DataFrame.read, DataFrame.write:
                     guard welcomed else { throw .invalidArgument("the first request must be hello") }
-                    let (seg, offset, length) = try rethrowingKVError { try payload.withUnsafeBytes { b in
-                        var r = WireReader(b)
-                        let v = (try r.u32(), try r.size(max: MasterLimits.maxSize, "offset"), try r.size(max: MasterLimits.maxSize, "length"))
-                        try r.finish("transfer request")
-                        return v
-                    } }
-                    // Never wait here: the owner's reconnect may itself wait for an operation that
-                    // waits for this peer. A remount in progress refuses the request instead.
-                    guard dataLock?.tryLockShared() ?? true else {
-                        throw KVError(.transfer, "segment \(seg) is being remounted by its owner")
+                    let (seg, offset, length) = try WireReader.parse(payload, "transfer request") { (r) throws(KVError) in
+                        (try r.u32(), try r.size(max: MasterLimits.maxSize, "offset"), try r.size(max: MasterLimits.maxSize, "length"))
                     }
-                    defer { dataLock?.unlock() }
-                    let current = segmentID.withLock { $0 }
-                    guard current != 0, seg == current else { throw .notFound("segment \(seg) is not served here (this server serves \(current))") }
-                    guard offset <= region.length, length <= region.length - offset else {
-                        throw .invalidArgument("range \(offset)+\(length) is outside the \(region.length)-byte segment")
-                    }
-                    let bytes = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: region.address + UInt(offset)), count: length)
-                    if header.kind == DataFrame.read {
-                        try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
-                        try s.writeAll(UnsafeRawBufferPointer(bytes))
-                    } else {
-                        try s.readExactly(into: bytes)
-                        try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                    try whileServing { (current) throws(KVError) in
+                        guard current != 0, seg == current else { throw .notFound("segment \(seg) is not served here (this server serves \(current))") }
+                        guard offset <= region.length, length <= region.length - offset else {
+                            throw .invalidArgument("range \(offset)+\(length) is outside the \(region.length)-byte segment")
+                        }
+                        let bytes = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: region.address + UInt(offset)), count: length)
+                        if header.kind == DataFrame.read {
+                            try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                            try s.writeAll(UnsafeRawBufferPointer(bytes))
+                        } else {
+                            try s.readExactly(into: bytes)
+                            try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                        }
                     }
                 case DataFrame.rdmaConnect:
                     guard welcomed else { throw .invalidArgument("the first request must be hello") }
-                    let theirs = try rethrowingKVError { try payload.withUnsafeBytes { b in
-                        var r = WireReader(b)
-                        let a = try RDMAAddress.decode(&r)
-                        try r.finish("rdmaConnect")
-                        return a
-                    } }
-                    guard let rdma, let memory = registration.withLock({ $0 }) else {
-                        throw KVError(.unsupported, "this peer has no RDMA device (\(RDMA.shared.openFailure)); use TCP")
+                    let theirs = try WireReader.parse(payload, "rdmaConnect") { (r) throws(KVError) in try RDMAAddress.decode(&r) }
+                    try whileServing { (current) throws(KVError) in
+                        guard let rdma, let memory = registration.withLock({ $0 }) else {
+                            throw KVError(.unsupported, "this peer has no RDMA device (\(RDMA.shared.openFailure)); use TCP")
+                        }
+                        let qp = try RDMAQueuePair(rdma)
+                        try qp.connect(to: theirs)
+                        queuePairs.append(qp)
+                        var w = WireWriter()
+                        qp.address.encode(into: &w)
+                        w.u64(UInt64(memory.region.address)); w.u32(memory.rkey); w.u64(UInt64(memory.region.length)); w.u32(current)
+                        try s.writeFrame(kind: DataFrame.rdmaAccepted, requestID: header.requestID, payload: w.bytes)
                     }
-                    let qp = try RDMAQueuePair(rdma)
-                    try qp.connect(to: theirs)
-                    queuePairs.append(qp)
-                    var w = WireWriter()
-                    qp.address.encode(into: &w)
-                    w.u64(UInt64(memory.region.address)); w.u32(memory.rkey); w.u64(UInt64(memory.region.length))
-                    w.u32(segmentID.withLock { $0 })
-                    try s.writeFrame(kind: DataFrame.rdmaAccepted, requestID: header.requestID, payload: w.bytes)
                 default:
                     throw .invalidArgument("unexpected frame kind \(header.kind)")
                 }
@@ -274,6 +267,9 @@ public final class SegmentServer: @unchecked Sendable {
 /// and writes then move by one-sided RDMA READ/WRITE, staged through a registered buffer of
 /// the connection (DESIGN.md §2: caller memory is not registered). A peer that answers that
 /// it has no RDMA is remembered, and TCP carries everything from then on.
+///
+/// Every byte moved is counted in `counters` (`networkBytes`; `rdmaBytes` and `bytesStaged`
+/// for RDMA).
 public final class PeerLink: Sendable {
     public let host: String
     public let port: Int
@@ -282,78 +278,58 @@ public final class PeerLink: Sendable {
     private static let maxIdle = 8
     private let timeout: Double
     private let rdma: RDMAContext?
+    private let counters: TransferCounters
     /// The peer said it has no RDMA (or connecting a queue pair failed): TCP only.
     public let rdmaRefused = Atomic<Bool>(false)
-    /// Bytes moved by RDMA.
-    public let rdmaBytes = Atomic<Int>(0)
 
     /// Largest registered staging buffer of a connection; bigger transfers go in pieces.
     static let stagingLimit = 16 << 20
 
     /// `endpoint` is "a.b.c.d:port".
-    public init(endpoint: String, token: String?, timeout: Double = 30, rdma: RDMAContext? = nil) throws(KVError) {
+    public init(endpoint: String, token: String?, timeout: Double = 30, rdma: RDMAContext? = nil,
+                counters: TransferCounters = TransferCounters()) throws(KVError) {
         (host, port) = try Socket.endpoint(Substring(endpoint))
         self.token = token ?? ""
         self.timeout = timeout
         self.rdma = rdma
+        self.counters = counters
         if rdma == nil { rdmaRefused.store(true, ordering: .relaxed) }
     }
 
-    /// Copies `length` bytes at `offset` of the peer's segment `segment` into `destinations`;
-    /// returns the bytes staged (RDMA).
-    @discardableResult
-    public func read(segment: SegmentID, offset: Int, length: Int, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
-        try exchange(kind: DataFrame.read, segment: segment, offset: offset, length: length) { (c) throws(KVError) -> Int in
+    /// Copies `length` bytes at `offset` of the peer's segment `segment` into `destinations`
+    /// (which must hold at least `length` bytes: `invalidArgument` otherwise, nothing sent).
+    public func read(segment: SegmentID, offset: Int, length: Int, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+        try Self.checkLength(destinations, length, "destinations")
+        try exchange(length) { (c) throws(KVError) in
             if let r = c.rdma, r.covers(segment, offset, length) {
-                guard TransferPlan.totalLength(destinations) >= length else {
-                    throw .invalidArgument("destinations hold \(TransferPlan.totalLength(destinations)) of \(length) bytes")
+                try c.transfer(write: false, r, offset: offset, length: length, counters: counters) { piece, at in
+                    Self.scatter(piece, skipping: at, into: destinations)
                 }
-                var done = 0
-                while done < length {
-                    let n = min(length - done, Self.stagingLimit)
-                    let staging = try c.staging(n, rdma!)
-                    try r.queuePair.transfer(write: false, local: MemoryRegion(address: staging.region.address, length: n), lkey: staging.lkey,
-                                             remote: r.base + UInt64(offset + done), rkey: r.rkey)
-                    Self.scatter(MemoryRegion(address: staging.region.address, length: n), skipping: done, into: destinations)
-                    done += n
-                }
-                rdmaBytes.add(length, ordering: .relaxed)
-                return length
+                return
             }
             try c.socket.writeFrame(kind: DataFrame.read, payload: Self.request(segment, offset, length))
             try Self.expectOK(c.socket)
             try c.socket.readExactly(length, into: destinations)
-            return 0
         }
     }
 
-    /// Writes the concatenation of `parts` (`length` bytes) at `offset` of the peer's segment;
-    /// returns the bytes staged (RDMA).
-    @discardableResult
-    public func write(segment: SegmentID, offset: Int, length: Int, from parts: UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Int {
-        try exchange(kind: DataFrame.write, segment: segment, offset: offset, length: length) { (c) throws(KVError) -> Int in
+    /// Writes the first `length` bytes of the concatenation of `parts` at `offset` of the
+    /// peer's segment (`parts` must hold at least `length` bytes: `invalidArgument`
+    /// otherwise, nothing sent).
+    public func write(segment: SegmentID, offset: Int, length: Int, from parts: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+        try Self.checkLength(parts, length, "parts")
+        try exchange(length) { (c) throws(KVError) in
             if let r = c.rdma, r.covers(segment, offset, length) {
-                var done = 0
-                while done < length {
-                    let n = min(length - done, Self.stagingLimit)
-                    let staging = try c.staging(n, rdma!)
-                    Self.gather(parts, skipping: done, into: MemoryRegion(address: staging.region.address, length: n))
-                    try r.queuePair.transfer(write: true, local: MemoryRegion(address: staging.region.address, length: n), lkey: staging.lkey,
-                                             remote: r.base + UInt64(offset + done), rkey: r.rkey)
-                    done += n
+                try c.transfer(write: true, r, offset: offset, length: length, counters: counters) { piece, at in
+                    Self.gather(parts, skipping: at, into: piece)
                 }
-                rdmaBytes.add(length, ordering: .relaxed)
-                return length
+                return
             }
             try c.socket.writeFrame(kind: DataFrame.write, payload: Self.request(segment, offset, length))
-            var left = length
-            for p in parts where left > 0 {
-                let n = min(left, p.length)
-                try c.socket.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: p.address), count: n))
-                left -= n
+            try Self.pieces(of: parts, skipping: 0, count: length) { (p, _) throws(KVError) in
+                try c.socket.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: p.address), count: p.length))
             }
             try Self.expectOK(c.socket)
-            return 0
         }
     }
 
@@ -361,6 +337,11 @@ public final class PeerLink: Sendable {
     public func closeIdle() {
         let all = idle.withLock { i in defer { i.removeAll() }; return i }
         for c in all { c.socket.close() }
+    }
+
+    private static func checkLength(_ regions: UnsafeBufferPointer<MemoryRegion>, _ length: Int, _ what: String) throws(KVError) {
+        let total = TransferPlan.totalLength(regions)
+        guard length >= 0, total >= length else { throw .invalidArgument("\(what) hold \(total) bytes, fewer than the \(length) to transfer") }
     }
 
     private static func request(_ segment: SegmentID, _ offset: Int, _ length: Int) -> [UInt8] {
@@ -385,38 +366,40 @@ public final class PeerLink: Sendable {
 
     /// Calls `body` with the pieces of bytes `skip..<skip+count` of the stream `regions`, each
     /// with its position from `skip`.
-    private static func pieces(of regions: UnsafeBufferPointer<MemoryRegion>, skipping skip: Int, count: Int,
-                               _ body: (MemoryRegion, Int) -> Void) {
+    static func pieces<E: Error>(of regions: UnsafeBufferPointer<MemoryRegion>, skipping skip: Int, count: Int,
+                                 _ body: (MemoryRegion, Int) throws(E) -> Void) throws(E) {
         var skip = skip, at = 0
         for r in regions where at < count {
             if skip >= r.length { skip -= r.length; continue }
             let n = min(r.length - skip, count - at)
-            body(MemoryRegion(address: r.address + UInt(skip), length: n), at)
+            try body(MemoryRegion(address: r.address + UInt(skip), length: n), at)
             at += n
             skip = 0
         }
     }
 
-    private func exchange(kind: UInt16, segment: SegmentID, offset: Int, length: Int,
-                          _ body: (PeerConnection) throws(KVError) -> Int) throws(KVError) -> Int {
+    /// Runs `body` on a pooled connection and counts `length` bytes moved. A failure drops
+    /// the connection (its stream position or queue pair state is unknown).
+    private func exchange(_ length: Int, _ body: (PeerConnection) throws(KVError) -> Void) throws(KVError) {
         let c = try take()
-        let staged: Int
         do throws(KVError) {
-            staged = try body(c)
+            try body(c)
         } catch {
-            c.socket.close()   // the stream's position (or the queue pair's state) is unknown now: never reuse it
+            c.socket.close()
             if error.code == .transfer {
                 throw KVError(.transfer, "transfer with peer \(host):\(port) failed: \(error.message)")
             }
             throw error
         }
+        counters.bytesCopied.add(length, ordering: .relaxed)
+        counters.networkBytes.add(length, ordering: .relaxed)
+        counters.copyOps.add(1, ordering: .relaxed)
         let kept = idle.withLock { i -> Bool in
             guard i.count < Self.maxIdle else { return false }
             i.append(c)
             return true
         }
         if !kept { c.socket.close() }
-        return staged
     }
 
     private func take() throws(KVError) -> PeerConnection {
@@ -451,34 +434,27 @@ public final class PeerLink: Sendable {
         var w = WireWriter()
         qp.address.encode(into: &w)
         try s.writeFrame(kind: DataFrame.rdmaConnect, payload: w.bytes)
-        let (h, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown)
-        guard h.kind == DataFrame.rdmaAccepted else {
-            if h.kind == DataFrame.error { throw Self.peerError(payload) }
-            throw KVError(.transfer, "unexpected frame kind \(h.kind) from the peer")
+        let payload = try Self.expect(DataFrame.rdmaAccepted, s)
+        let (theirs, base, rkey, size, seg) = try WireReader.parse(payload, "rdmaAccepted") { (r) throws(KVError) in
+            (try RDMAAddress.decode(&r), try r.u64(), try r.u32(), try r.size(max: MasterLimits.maxSize, "segment size"), try r.u32())
         }
-        let (theirs, base, rkey, size, seg) = try rethrowingKVError { try payload.withUnsafeBytes { b in
-            var r = WireReader(b)
-            let v = (try RDMAAddress.decode(&r), try r.u64(), try r.u32(), try r.size(max: MasterLimits.maxSize, "segment size"), try r.u32())
-            try r.finish("rdmaAccepted")
-            return v
-        } }
         try qp.connect(to: theirs)
         return PeerConnection.RemoteSegment(queuePair: qp, base: base, rkey: rkey, size: size, segment: seg)
     }
 
     /// Reads a response frame: returns on ok, throws the peer's error otherwise.
-    private static func expectOK(_ s: Socket) throws(KVError) {
-        let (h, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown)
-        if h.kind == DataFrame.ok { return }
-        guard h.kind == DataFrame.error else { throw KVError(.transfer, "unexpected frame kind \(h.kind) from the peer") }
-        throw peerError(payload)
-    }
+    private static func expectOK(_ s: Socket) throws(KVError) { _ = try expect(DataFrame.ok, s) }
 
-    private static func peerError(_ payload: [UInt8]) -> KVError {
+    /// Reads a response frame of `kind` and returns its payload; throws the peer's error (or
+    /// `transfer` for any other frame).
+    private static func expect(_ kind: UInt16, _ s: Socket) throws(KVError) -> [UInt8] {
+        let (h, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown)
+        if h.kind == kind { return payload }
+        guard h.kind == DataFrame.error else { throw KVError(.transfer, "unexpected frame kind \(h.kind) from the peer") }
         guard case .error(let e)? = try? payload.withUnsafeBytes({ try MasterResponse.decode(kind: MasterResponse.errorKind, $0) }) else {
-            return KVError(.transfer, "the peer sent an error frame that does not decode")
+            throw KVError(.transfer, "the peer sent an error frame that does not decode")
         }
-        return e
+        throw e
     }
 }
 
@@ -500,34 +476,35 @@ final class PeerConnection: @unchecked Sendable {
 
     let socket: Socket
     var rdma: RemoteSegment?
-    private var stagingMemory: (buffer: UnsafeMutableRawPointer, memory: RDMAMemory)?
+    /// Registered memory for RDMA staging, kept for the connection's next transfers.
+    private var staging: RDMAMemory?
 
     init(_ s: Socket) { socket = s }
 
-    deinit {
-        if let (b, _) = stagingMemory {
-            stagingMemory = nil
-            b.deallocate()
+    /// Moves `length` bytes at `offset` of the remote segment by RDMA, in pieces of at most
+    /// `PeerLink.stagingLimit` through the staging buffer: `stage(piece, at)` fills the piece
+    /// before a WRITE, or empties it after a READ (`at`: the piece's position in the transfer).
+    func transfer(write: Bool, _ r: RemoteSegment, offset: Int, length: Int, counters: TransferCounters,
+                  _ stage: (MemoryRegion, Int) -> Void) throws(KVError) {
+        let buffer = try stagingBuffer(min(length, PeerLink.stagingLimit), r.queuePair.context)
+        var done = 0
+        while done < length {
+            let piece = MemoryRegion(address: buffer.region.address, length: min(length - done, PeerLink.stagingLimit))
+            if write { stage(piece, done) }
+            try r.queuePair.transfer(write: write, local: piece, lkey: buffer.lkey, remote: r.base + UInt64(offset + done), rkey: r.rkey)
+            if !write { stage(piece, done) }
+            done += piece.length
         }
+        counters.rdmaBytes.add(length, ordering: .relaxed)
+        counters.bytesStaged.add(length, ordering: .relaxed)
     }
 
-    /// A registered buffer of at least `size` bytes (kept for the connection's next transfers).
-    func staging(_ size: Int, _ context: RDMAContext) throws(KVError) -> RDMAMemory {
-        if let s = stagingMemory, s.memory.region.length >= size { return s.memory }
-        if let (b, _) = stagingMemory {
-            stagingMemory = nil
-            b.deallocate()
-        }
-        let n = max(size, 1 << 20)
-        let b = UnsafeMutableRawPointer.allocate(byteCount: n, alignment: 4096)
-        do throws(KVError) {
-            let m = try context.register(MemoryRegion(address: UInt(bitPattern: b), length: n))
-            stagingMemory = (b, m)
-            return m
-        } catch {
-            b.deallocate()
-            throw error
-        }
+    private func stagingBuffer(_ size: Int, _ context: RDMAContext) throws(KVError) -> RDMAMemory {
+        if let s = staging, s.region.length >= size { return s }
+        staging = nil
+        let s = try context.allocate(max(size, 1 << 20))
+        staging = s
+        return s
     }
 }
 

@@ -22,11 +22,11 @@ final class MasterServiceTests: XCTestCase {
 
     func put(_ m: inout MasterService, _ session: inout MasterService.Session, _ key: ObjectKey, size: Int = 1000,
              replicas: Int = 1, preferred: SegmentID? = nil, now: Nanoseconds = 0) -> [Replica] {
-        guard case let .putStarted(handle, inPlace, rs) = m.handle(.putStart(key: key, size: size, mode: .put, options: WriteOptions(replicas: replicas), preferred: preferred),
+        guard case let .putStarted(w) = m.handle(.putStart(key: key, size: size, mode: .put, options: WriteOptions(replicas: replicas), preferred: preferred),
                                                                  session: &session, now: now) else { XCTFail("putStart"); return [] }
-        XCTAssertFalse(inPlace)
-        XCTAssertEqual(m.handle(.putCommit(handle: handle), session: &session, now: now), .ok)
-        return rs
+        XCTAssertFalse(w.inPlace)
+        XCTAssertEqual(m.handle(.putCommit(handle: w.handle), session: &session, now: now), .ok)
+        return w.replicas
     }
 
     func errorCode(_ r: MasterResponse) -> KVError.Code? {
@@ -61,9 +61,9 @@ final class MasterServiceTests: XCTestCase {
         var (b, segB) = join(&m, "b", host: "h2")
         let rs = put(&m, &a, "k", replicas: 2, preferred: segA)
         XCTAssertEqual(rs.map(\.segment), [segA, segB])
-        guard case .found(let size, let forB) = m.handle(.get(key: "k", host: "h2"), session: &b, now: 1) else { return XCTFail() }
-        XCTAssertEqual(size, 1000)
-        XCTAssertEqual(forB.map(\.segment), [segB, segA], "the reader's own host first")
+        guard case .found(let forB) = m.handle(.get(key: "k", host: "h2"), session: &b, now: 1) else { return XCTFail() }
+        XCTAssertEqual(forB.size, 1000)
+        XCTAssertEqual(forB.replicas.map(\.segment), [segB, segA], "the reader's own host first")
         XCTAssertEqual(m.handle(.exists(key: "k"), session: &b, now: 1), .flag(true))
         XCTAssertEqual(m.handle(.exists(key: "nope"), session: &b, now: 1), .flag(false))
         XCTAssertEqual(m.handle(.size(key: "k"), session: &b, now: 1), .value(1000))
@@ -79,17 +79,18 @@ final class MasterServiceTests: XCTestCase {
         var m = try master()
         var (a, _) = join(&m, "a", host: "h1")
         _ = put(&m, &a, "k")
-        guard case let .putStarted(h, inPlace, _) = m.handle(.putStart(key: "k", size: 1000, mode: .upsert, options: WriteOptions(replicas: 1), preferred: nil), session: &a, now: 0) else { return XCTFail() }
-        XCTAssertFalse(inPlace)
-        XCTAssertEqual(m.handle(.putCommit(handle: h), session: &a, now: 0), .ok)
+        guard case let .putStarted(w) = m.handle(.putStart(key: "k", size: 1000, mode: .upsert, options: WriteOptions(replicas: 1), preferred: nil), session: &a, now: 0) else { return XCTFail() }
+        XCTAssertFalse(w.inPlace)
+        XCTAssertEqual(m.handle(.putCommit(handle: w.handle), session: &a, now: 0), .ok)
     }
 
     func testWritesBelongToTheirClient() throws {
         var m = try master()
         var (a, _) = join(&m, "a", host: "h1")
         var (b, _) = join(&m, "b", host: "h1")
-        guard case let .putStarted(h, _, _) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1),
-                                                                  preferred: nil), session: &a, now: 0) else { return XCTFail() }
+        guard case let .putStarted(w) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1),
+                                                            preferred: nil), session: &a, now: 0) else { return XCTFail() }
+        let h = w.handle
         XCTAssertEqual(errorCode(m.handle(.putCommit(handle: h), session: &b, now: 0)), .invalidArgument)
         XCTAssertEqual(errorCode(m.handle(.putCommit(handle: h + 1), session: &a, now: 0)), .invalidArgument)
         XCTAssertEqual(errorCode(m.handle(.putStart(key: "x", size: 10, mode: .put, options: WriteOptions(hardPin: true, softPinTTL: 5, replicas: 1), preferred: nil), session: &a, now: 0)), .invalidArgument)
@@ -118,8 +119,8 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(gone.first?.lostObjects, ["onA"])
         XCTAssertEqual(gone.first?.abortedWrites, 1)
         XCTAssertEqual(errorCode(m.handle(.get(key: "onA", host: "h2"), session: &b, now: 11 * Self.s)), .objectNotFound)
-        guard case .found(_, let rs) = m.handle(.get(key: "both", host: "h2"), session: &b, now: 11 * Self.s) else { return XCTFail() }
-        XCTAssertEqual(rs.count, 1)
+        guard case .found(let both) = m.handle(.get(key: "both", host: "h2"), session: &b, now: 11 * Self.s) else { return XCTFail() }
+        XCTAssertEqual(both.replicas.count, 1)
         XCTAssertEqual(m.handle(.exists(key: "pending"), session: &b, now: 11 * Self.s), .flag(false))
         XCTAssertEqual(errorCode(m.handle(.heartbeat, session: &a, now: 11 * Self.s)), .invalidArgument, "a must reconnect")
         XCTAssertEqual(m.clientCount, 1)
@@ -181,7 +182,7 @@ final class MasterServiceTests: XCTestCase {
     ]
     static let responses: [MasterResponse] = [
         .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3), .mounted(segment: 4),
-        .putStarted(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)]), .found(size: 6, replicas: []),
+        .putStarted(StartedWrite(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)])), .found(FoundObject(size: 6, replicas: [])),
         .flag(true), .value(-7), .stats([Statistic("objects", 1), Statistic("bytes_used", 2)]),
         .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e")),
         .putStartedBatch([.success(StartedWrite(handle: 3, inPlace: false, replicas: [Replica(segment: 2, offset: 128)])),
@@ -198,6 +199,22 @@ final class MasterServiceTests: XCTestCase {
         for r in Self.responses {
             let back = try r.encode().withUnsafeBytes { b in try MasterResponse.decode(kind: r.kind, b) }
             XCTAssertEqual(back, r)
+        }
+    }
+
+    /// A batch over `MasterLimits.maxBatch` items, or a bad result tag, does not decode.
+    func testBatchLimitsAreEnforced() {
+        let tooMany = MasterRequest.getBatch(keys: Array(repeating: "k", count: MasterLimits.maxBatch + 1), host: "h")
+        XCTAssertThrowsError(try tooMany.encode().withUnsafeBytes { try MasterRequest.decode(kind: tooMany.kind, $0) }) {
+            XCTAssertTrue(($0 as? KVError)?.message.contains("exceeds") ?? false, "\($0)")
+        }
+        let writes = MasterRequest.putStartBatch(items: Array(repeating: BatchWrite(key: "k", size: 1), count: MasterLimits.maxBatch + 1),
+                                                 mode: .put, options: .default, preferred: nil)
+        XCTAssertThrowsError(try writes.encode().withUnsafeBytes { try MasterRequest.decode(kind: writes.kind, $0) })
+        var bytes = MasterResponse.foundBatch([.failure(KVError(.objectNotFound, "x"))]).encode()
+        bytes[4] = 7   // the result tag after the count
+        XCTAssertThrowsError(try bytes.withUnsafeBytes { try MasterResponse.decode(kind: 111, $0) }) {
+            XCTAssertTrue(($0 as? KVError)?.message.contains("tag") ?? false, "\($0)")
         }
     }
 

@@ -233,7 +233,7 @@ final class ConnectedClientTests: XCTestCase {
         let lock = SharedLock()
         let s = try SegmentServer(region: MemoryRegion(memory, length: 4096), host: "127.0.0.1", token: "t", dataLock: lock)
         defer { s.stop() }
-        s.segmentID.withLock { $0 = 7 }
+        s.serve(segment: 7)
         var buf = [UInt8](repeating: 0, count: 16)
         let wrongToken = try PeerLink(endpoint: s.endpoint, token: "x")
         XCTAssertThrowsError(try Self.read(wrongToken, 7, 0, 16, into: &buf))
@@ -246,6 +246,20 @@ final class ConnectedClientTests: XCTestCase {
         XCTAssertThrowsError(try Self.read(peer, 7, 0, 16, into: &buf)) { XCTAssertEqual(($0 as? KVError)?.code, .transfer) }
         lock.unlock()
         memory.storeBytes(of: 0xAB, toByteOffset: 100, as: UInt8.self)
+        try Self.read(peer, 7, 100, 16, into: &buf)
+        XCTAssertEqual(buf[0], 0xAB)
+
+        // Caller memory shorter than the transfer, or a negative length: refused before
+        // anything is sent; the segment is unchanged and the link keeps working.
+        let before = Array(UnsafeRawBufferPointer(start: memory, count: 4096))
+        for length in [32, -1] {
+            XCTAssertThrowsError(try Self.read(peer, 7, 0, length, into: &buf)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+            XCTAssertThrowsError(try buf.withUnsafeBytes { b in
+                var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: b.count)
+                try withUnsafePointer(to: &r) { try peer.write(segment: 7, offset: 0, length: length, from: UnsafeBufferPointer(start: $0, count: 1)) }
+            }) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+        }
+        XCTAssertEqual(Array(UnsafeRawBufferPointer(start: memory, count: 4096)), before)
         try Self.read(peer, 7, 100, 16, into: &buf)
         XCTAssertEqual(buf[0], 0xAB)
     }

@@ -79,10 +79,11 @@ final class MasterServerTests: XCTestCase {
         let c = try Client(port: server.port)
         guard case .welcome = try c.call(.hello(token: "", name: "t")) else { return XCTFail() }
         guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
-        guard case .putStarted(let h, _, let rs) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
+        guard case .putStarted(let w) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
+        let (h, rs) = (w.handle, w.replicas)
         XCTAssertEqual(rs.first?.segment, seg)
         try c.post(.putCommit(handle: h))                       // no answer when it succeeds
-        XCTAssertEqual(try c.call(.get(key: "k", host: "h")), .found(size: 100, replicas: rs))
+        XCTAssertEqual(try c.call(.get(key: "k", host: "h")), .found(FoundObject(size: 100, replicas: rs)))
         let bad = try c.post(.putCommit(handle: h))             // a second commit fails: answered
         let (id, answer) = try c.next()
         XCTAssertEqual(id, bad)
@@ -119,7 +120,8 @@ final class MasterServerTests: XCTestCase {
         _ = try a.call(.hello(token: "", name: "a"))
         _ = try b.call(.hello(token: "", name: "b"))
         guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
-        guard case .putStarted(let h, _, _) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
+        guard case .putStarted(let w) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
+        let h = w.handle
         try a.post(.putCommit(handle: h))
         XCTAssertEqual(try b.call(.exists(key: "k")), .flag(true))   // applied before b's question
         a.socket.close()

@@ -44,12 +44,7 @@ final class RDMATests: XCTestCase {
         let a = RDMAAddress(qpn: 0x12345, psn: 0xABCDEF, lid: 7, gid: (0..<16).map { UInt8($0 * 3) }, mtu: 5)
         var w = WireWriter()
         a.encode(into: &w)
-        let back = try w.bytes.withUnsafeBytes { b in
-            var r = WireReader(b)
-            let v = try RDMAAddress.decode(&r)
-            try r.finish()
-            return v
-        }
+        let back = try WireReader.parse(w.bytes, "address") { (r) throws(KVError) in try RDMAAddress.decode(&r) }
         XCTAssertEqual(back, a)
         var bad = w.bytes
         bad[bad.count - 4] = 9   // MTU enum out of range
@@ -94,16 +89,18 @@ final class RDMATests: XCTestCase {
         XCTAssertEqual(bytes, (100..<108).map { UInt8(truncatingIfNeeded: $0 * 7) })
 
         // A PeerLink without an RDMA context never asks, and moves bytes over TCP.
-        let peer = try PeerLink(endpoint: server.endpoint, token: "t")
+        let counters = TransferCounters()
+        let peer = try PeerLink(endpoint: server.endpoint, token: "t", counters: counters)
         XCTAssertTrue(peer.rdmaRefused.load(ordering: .relaxed))
         var out = [UInt8](repeating: 0, count: 16)
-        let staged = try out.withUnsafeMutableBytes { b in
+        try out.withUnsafeMutableBytes { b in
             var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: 16)
-            return try withUnsafePointer(to: &r) { try peer.read(segment: 5, offset: 0, length: 16, into: UnsafeBufferPointer(start: $0, count: 1)) }
+            try withUnsafePointer(to: &r) { try peer.read(segment: 5, offset: 0, length: 16, into: UnsafeBufferPointer(start: $0, count: 1)) }
         }
-        XCTAssertEqual(staged, 0)
         XCTAssertEqual(out, (0..<16).map { UInt8(truncatingIfNeeded: $0 * 7) })
-        XCTAssertEqual(peer.rdmaBytes.load(ordering: .relaxed), 0)
+        XCTAssertEqual(counters.networkBytes.load(ordering: .relaxed), 16)
+        XCTAssertEqual(counters.rdmaBytes.load(ordering: .relaxed), 0)
+        XCTAssertEqual(counters.bytesStaged.load(ordering: .relaxed), 0)
     }
 
     /// The staging copies of RDMA transfers: a piece of the byte stream of several regions,
