@@ -170,7 +170,7 @@ kv_rdma_context *kv_rdma_open(const char *name, int port, int gid_index, char *e
     if (!list) { say(err, errlen, "no RDMA devices"); return NULL; }
     struct ibv_device *dev = NULL;
     for (int i = 0; i < n; i++) {
-        if (strcmp(V.get_device_name(list[i]), name) == 0) dev = list[i];
+        if (strcmp(V.get_device_name(list[i]), name) == 0) { dev = list[i]; break; }
     }
     if (!dev) {
         V.free_device_list(list);

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._bench import _paired
+from ._bench import _fmt_size, _gather, _paired, _put_all, _same, _scatter
 from ._store import Store
 
 MOONCAKE_OPS_PER_S = 18_000
@@ -126,7 +126,7 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
             record(row)
             bs = f"{base_gbps:.2f}" if base_gbps is not None else "-"
             rs = f"{ratio:.2f}" if ratio is not None else "-"
-            print(f"{path:<6}{op:<16}{_size(sz):>10}{count:>7}{count / t:>12,.0f}{row['gb_per_s']:>8.2f}{bs:>15}{rs:>7}", flush=True)
+            print(f"{path:<6}{op:<16}{_fmt_size(sz):>10}{count:>7}{count / t:>12,.0f}{row['gb_per_s']:>8.2f}{bs:>15}{rs:>7}", flush=True)
 
         src = np.full(size, 7, dtype=np.uint8)
         dst = np.zeros(size, dtype=np.uint8)
@@ -135,12 +135,10 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
         keys = [f"c-{i}" for i in range(n)]
 
         def scatter() -> None:
-            for r in rows:
-                np.copyto(r, src)
+            _scatter(rows, src)
 
         def gather() -> None:
-            for r in rows:
-                np.copyto(dst, r)
+            _gather(rows, dst)
 
         def puts() -> None:
             for k in keys:
@@ -156,10 +154,7 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
         def gets_verified() -> bool:
             dst.fill(0)
             gets()
-            if np.array_equal(dst, src):
-                return True
-            print("cluster get_into returned wrong bytes", file=sys.stderr)
-            return False
+            return _same("cluster get_into", dst, src)
 
         # shm: one memcpy into the holder's mapped segment
         t, bt, ratio = _paired(puts, clear, scatter, repeat)
@@ -175,13 +170,12 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
         bkeys = [f"b-{i}" for i in range(batch_count)]
         srows, drows = list(bsrc), list(bdst)
         whole = np.empty_like(bsrc)
-        t, bt, ratio = _paired(lambda: client.batch_put_from(bkeys, srows), clear,
+        t, bt, ratio = _paired(lambda: _put_all(client, bkeys, srows), clear,
                                lambda: np.copyto(whole, bsrc), repeat * 5)
         report("shm", "batch_put_from", batch_size, batch_count, t, bsrc.nbytes / bt / 1e9, ratio, "copyto")
         t, bt, ratio = _paired(lambda: client.batch_get_into(bkeys, drows), lambda: None,
                                lambda: np.copyto(whole, bsrc), repeat * 5)
-        if not np.array_equal(bdst, bsrc):
-            print("cluster batch_get_into returned wrong bytes", file=sys.stderr)
+        if not _same("cluster batch_get_into", bdst, bsrc):
             return 1
         report("shm", "batch_get_into", batch_size, batch_count, t, bsrc.nbytes / bt / 1e9, ratio, "copyto")
         clear()
@@ -251,9 +245,3 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
         for p in reversed(procs):
             p.stop()
 
-
-def _size(n: int) -> str:
-    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n} B"

@@ -5,18 +5,21 @@ what was found and why RDMA is or is not used, and connected stores fall back to
 queue-pair and one-sided READ/WRITE data path needs a device and is not exercised here.
 """
 
+import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 import kvstore
+from kvstore import _native
 
 
 def _rdma_in_subprocess(**env) -> dict:
     code = "import json, kvstore; print(json.dumps(kvstore.rdma()))"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                          check=True, timeout=60)
-    import json
     return json.loads(out.stdout)
 
 
@@ -50,3 +53,11 @@ def test_embedded_store_reports_no_rdma_use():
     with kvstore.Store(1 << 20) as s:
         st = s.stats()
         assert st["rdma_bytes"] == 0 and st["rdma_devices"] == 0
+
+
+def test_rdma_takes_no_arguments():
+    with pytest.raises(TypeError):
+        kvstore.rdma(1)
+    with pytest.raises(TypeError):
+        _native.rdma_info("x")
+    assert kvstore.rdma() == kvstore.rdma()   # discovery is once per process: same answer
