@@ -154,7 +154,9 @@ public struct SegmentInfo: Sendable, Equatable {
 public enum MasterResponse: Sendable, Equatable {
     case ok
     case error(KVError)
-    case welcome(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds)
+    /// `local`: an abstract Unix-domain socket name on which the master also listens ("" for
+    /// none); a client on the same host and network namespace moves its connection there.
+    case welcome(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds, local: String)
     case mounted(segment: SegmentID)
     case putStarted(StartedWrite)
     case found(FoundObject)
@@ -322,7 +324,7 @@ extension MasterResponse {
         switch self {
         case .ok: break
         case let .error(e): error(e)
-        case let .welcome(client, lease, ttl): w.u64(client); w.u64(lease); w.u64(ttl)
+        case let .welcome(client, lease, ttl, local): w.u64(client); w.u64(lease); w.u64(ttl); w.string(local)
         case let .mounted(segment): w.u32(segment)
         case let .putStarted(s): started(s)
         case let .found(f): found(f)
@@ -374,7 +376,7 @@ extension MasterResponse {
         switch kind {
         case 100: m = .ok
         case 101: m = .error(try error())
-        case 102: m = .welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64())
+        case 102: m = .welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64(), local: try r.string(max: MasterLimits.maxString, "local socket"))
         case 103: m = .mounted(segment: try r.u32())
         case 104: m = .putStarted(try started())
         case 105: m = .found(try found())

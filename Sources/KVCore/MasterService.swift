@@ -7,6 +7,8 @@ public struct MasterConfig: Sendable {
     /// Leases and eviction; leases must be on (remote readers copy under the lease alone),
     /// and upserts never rewrite in place.
     public var cache: CachePolicy
+    /// The local socket name the welcome advertises ("" for none; set by the network master).
+    public var localSocket = ""
 
     public init(token: String? = nil, clientTTL: Nanoseconds = 10_000_000_000, cache: CachePolicy = CachePolicy()) {
         self.token = token
@@ -84,7 +86,7 @@ public struct MasterService: Sendable {
                 nextClient += 1
                 clients[id] = Client(name: name, lastSeen: now)
                 session.client = id
-                return .welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL)
+                return .welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket)
             }
             guard let id = session.client, clients[id] != nil else {
                 throw .invalidArgument(session.client == nil ? "the first request must be hello" : "this client was expired; reconnect")

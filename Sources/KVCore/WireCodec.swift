@@ -18,7 +18,7 @@
 public struct WireFrameHeader: Sendable, Equatable {
     public static let size = 16
     public static let magic: UInt32 = 0x5453_564B
-    public static let version: UInt16 = 1
+    public static let version: UInt16 = 2
     /// Default payload limit: 64 MiB (a batch of many keys with their metadata).
     public static let defaultMaxPayload = 64 << 20
 

@@ -31,6 +31,8 @@ public final class MasterServer: @unchecked Sendable {
         /// Waking a sleeping master costs the sender an inter-processor interrupt (tens of
         /// microseconds on a VM); 1 ms keeps it awake between the chunks of a streamed batch.
         public var spinNanos: Nanoseconds = 1_000_000
+        /// Also listen on an abstract Unix-domain socket, advertised to clients in the welcome.
+        public var localSocket = true
         public init() {}
     }
 
@@ -47,6 +49,8 @@ public final class MasterServer: @unchecked Sendable {
 
     public let options: Options
     private let listener: Socket
+    /// The abstract Unix-domain listener advertised in the welcome (nil: none).
+    private let localListener: Socket?
     private let httpListener: Socket?
     private var wake: (read: Int32, write: Int32) = (-1, -1)
     private var service: MasterService
@@ -66,10 +70,27 @@ public final class MasterServer: @unchecked Sendable {
             throw .invalidArgument("binding \(options.host) (not loopback) needs a token that clients must present")
         }
         self.options = options
-        service = try MasterService(config: options.config)
         listener = try Socket.listen(host: options.host, port: options.port)
         listener.setNonBlocking()
         port = listener.localPort
+        // Clients on this host and network namespace move their connection to a local socket
+        // (a loopback TCP round trip costs twice a Unix-domain one). Its name is unique per run.
+        var config = options.config
+        if options.localSocket {
+            let name = "kvstore-master.\(getpid()).\(port).\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
+            do throws(KVError) {
+                let l = try Socket.listenLocal(name: name)
+                l.setNonBlocking()
+                localListener = l
+                config.localSocket = name
+            } catch {
+                localListener = nil
+                log("no local socket (clients on this host use TCP): \(error.message)")
+            }
+        } else {
+            localListener = nil
+        }
+        service = try MasterService(config: config)
         if let mp = options.metricsPort {
             let h = try Socket.listen(host: options.metricsHost, port: mp)
             h.setNonBlocking()
@@ -143,10 +164,12 @@ public final class MasterServer: @unchecked Sendable {
         log("listening on \(options.host):\(port)" + (metricsPort.map { ", metrics on \(options.metricsHost):\($0)" } ?? ""))
         var lastSweep = clock()
         var lastActivity: Nanoseconds = 0
+        let listeners = [(listener, false)] + (localListener.map { [($0, false)] } ?? []) + (httpListener.map { [($0, true)] } ?? [])
+        var fds: [pollfd] = []
         while true {
-            var fds = [pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0)]
-            if let h = httpListener { fds.append(pollfd(fd: h.fd, events: Int16(POLLIN), revents: 0)) }
+            fds.removeAll(keepingCapacity: true)
+            fds.append(pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0))
+            for (l, _) in listeners { fds.append(pollfd(fd: l.fd, events: Int16(POLLIN), revents: 0)) }
             for (fd, c) in connections {
                 fds.append(pollfd(fd: fd, events: Int16(POLLIN) | (c.sent < c.output.count ? Int16(POLLOUT) : 0), revents: 0))
             }
@@ -157,9 +180,8 @@ public final class MasterServer: @unchecked Sendable {
             if n < 0 && errno != EINTR { log("poll failed: errno \(errno)"); break }
             if n > 0 { lastActivity = clock() }
             if fds[0].revents != 0 { break }
-            if fds[1].revents != 0 { acceptAll(listener, http: false) }
-            if let h = httpListener, fds[2].revents != 0 { acceptAll(h, http: true) }
-            for p in fds.dropFirst(httpListener == nil ? 2 : 3) where p.revents != 0 {
+            for (i, (l, http)) in listeners.enumerated() where fds[i + 1].revents != 0 { acceptAll(l, http: http) }
+            for p in fds.dropFirst(1 + listeners.count) where p.revents != 0 {
                 guard let c = connections[p.fd] else { continue }
                 if p.revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 { readFrom(c) }
                 if connections[p.fd] != nil { flush(c) }

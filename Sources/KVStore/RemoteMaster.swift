@@ -48,6 +48,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         var lastRequest: Nanoseconds = 0
         var lastAttempt: Nanoseconds = 0
         var lastFailure = ""
+        /// This side's address of the TCP connection (kept when the link moves to the local socket).
+        var localHost = "127.0.0.1"
+        /// Whether the link runs over the master's local (Unix-domain) socket.
+        var local = false
         var mount: Mount?
         var segment: SegmentID = 0
         var epoch = 0
@@ -113,7 +117,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     }
 
     /// The connection's local address: where peers on other hosts can reach this client.
-    public var localHost: String { link.withLock { $0.socket?.localHost ?? "127.0.0.1" } }
+    public var localHost: String { link.withLock { $0.localHost } }
+
+    /// Whether the connection runs over the master's local socket (same host), not TCP.
+    public var isLocal: Bool { link.withLock { $0.local } }
 
     /// Mounts this client's segment; remembered for reconnects.
     public func mount(_ m: Mount) throws(KVError) -> SegmentID {
@@ -432,22 +439,28 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         return KVError(.transfer, "lost the connection to the master at \(host):\(port): \(e.message)")
     }
 
-    /// Dials and says hello; returns (lease TTL, client TTL).
+    /// Dials and says hello; returns (lease TTL, client TTL). When the welcome names a local
+    /// socket this process can reach (same host and network namespace), the link moves there:
+    /// hello again on it, then the TCP connection closes (`KVSTORE_MASTER_LOCAL=0`: stay on TCP).
     private func connect(_ l: inout Link) throws(KVError) -> (Nanoseconds, Nanoseconds) {
         l.lastAttempt = clock()
         do throws(KVError) {
             let s = try Socket.connect(host: host, port: port, timeout: min(timeout, 5))
-            s.setTimeout(timeout)
-            l.socket = s
-            l.nextID = 1
-            l.reader = FrameReader(maxPayload: WireFrameHeader.defaultMaxPayload, spinNanos: Self.spinNanos)
-            l.writes.removeAll()
-            guard case let .welcome(_, lease, ttl) = try expect(&l, .hello(token: token, name: name)) else {
-                throw KVError(.internal, "unexpected answer to hello")
+            l.localHost = s.localHost
+            var welcome = try hello(s, &l)
+            if !welcome.local.isEmpty, Self.useLocalSocket, let u = try? Socket.connectLocal(name: welcome.local) {
+                let tcp = l.socket
+                if let w = try? hello(u, &l) {
+                    welcome = w
+                    l.local = true
+                    tcp?.close()
+                } else {
+                    l.socket = tcp   // the local socket failed: stay on the TCP connection
+                }
             }
             l.epoch += 1
             l.segment = 0
-            return (lease, ttl)
+            return (welcome.lease, welcome.ttl)
         } catch {
             l.socket?.close()
             l.socket = nil
@@ -455,6 +468,26 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             if error.code == .invalidArgument { throw error }   // a refused token
             throw KVError(.transfer, "cannot reach the master at \(host):\(port): \(error.message)")
         }
+    }
+
+    /// Makes `s` the link's socket and says hello on it.
+    private func hello(_ s: Socket, _ l: inout Link) throws(KVError) -> (lease: Nanoseconds, ttl: Nanoseconds, local: String) {
+        s.setTimeout(timeout)
+        l.socket = s
+        l.local = false
+        l.nextID = 1
+        l.reader = FrameReader(maxPayload: WireFrameHeader.defaultMaxPayload, spinNanos: Self.spinNanos)
+        l.writes.removeAll()
+        guard case let .welcome(_, lease, ttl, local) = try expect(&l, .hello(token: token, name: name)) else {
+            throw KVError(.internal, "unexpected answer to hello")
+        }
+        return (lease, ttl, local)
+    }
+
+    /// False when `KVSTORE_MASTER_LOCAL=0`: stay on TCP even on the master's host.
+    static var useLocalSocket: Bool {
+        guard let v = getenv("KVSTORE_MASTER_LOCAL") else { return true }
+        return String(cString: v) != "0"
     }
 
     private func heartbeatLoop() {

@@ -14,6 +14,7 @@ extension StoreClient {
         "leases_active", "active_readers", "free_blocks", "largest_free_block",
         "registered_buffers", "registered_bytes", "page_locked_bytes", "page_lock_fallbacks", "accelerators", "closed",
         "segment_size", "master_reconnects", "commit_failures", "network_bytes", "rdma_bytes", "rdma_devices",
+        "master_local",
     ]
 
     /// Current values, aligned with `statisticNames`. All counts are exact when no operation
@@ -37,6 +38,7 @@ extension StoreClient {
             segment?.size ?? 0, remote?.reconnects.load(ordering: .relaxed) ?? 0,
             remote?.commitFailures.load(ordering: .relaxed) ?? 0, counters.networkBytes.load(ordering: .relaxed),
             counters.rdmaBytes.load(ordering: .relaxed), remote == nil ? 0 : RDMA.discovery.devices.filter(\.active).count,
+            remote?.isLocal ?? false ? 1 : 0,
         ]
     }
 }

@@ -4,7 +4,7 @@ import Glibc
 import KVAccelerator
 import KVCore
 
-/// A TCP socket (IPv4), owning its descriptor: closed by `close()` or deinit. Calls that can
+/// A TCP socket (IPv4) or a local (abstract Unix-domain) stream socket, owning its descriptor: closed by `close()` or deinit. Calls that can
 /// fail throw `KVError` through `SystemCall` (code `transfer` for I/O on a connection).
 ///
 /// `@unchecked Sendable`: the descriptor is an integer; whoever shares a socket between
@@ -92,6 +92,44 @@ public final class Socket: @unchecked Sendable {
         }
         _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)
         s.setNoDelay()
+        return s
+    }
+
+    /// An abstract Unix-domain address (`name` without the leading NUL; Linux only). Abstract
+    /// names belong to the network namespace and vanish with the socket: no file to clean up.
+    private static func localAddress(_ name: String) throws(KVError) -> (sockaddr_un, socklen_t) {
+        var a = sockaddr_un()
+        a.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(name.utf8)
+        let room = MemoryLayout.size(ofValue: a.sun_path) - 1
+        guard !bytes.isEmpty, bytes.count <= room, !bytes.contains(0) else {
+            throw .invalidArgument("local socket name '\(name)' must be 1 to \(room) bytes without NUL")
+        }
+        withUnsafeMutableBytes(of: &a.sun_path) { p in
+            p[0] = 0
+            for (i, b) in bytes.enumerated() { p[i + 1] = b }
+        }
+        return (a, socklen_t(MemoryLayout<sa_family_t>.size + 1 + bytes.count))
+    }
+
+    /// A listening socket on the abstract Unix-domain name `name` (same host and network
+    /// namespace only). Throws `invalidArgument` when the name is taken.
+    public static func listenLocal(name: String, backlog: Int32 = 128) throws(KVError) -> Socket {
+        let (addr, len) = try localAddress(name)
+        let s = Socket(adopting: try SystemCall.check("socket", Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)))
+        let rc = withUnsafePointer(to: addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s.fd, $0, len) } }
+        try SystemCall.check("bind to local socket \(name)", rc, code: .invalidArgument)
+        try SystemCall.check("listen on local socket \(name)", Glibc.listen(s.fd, backlog))
+        return s
+    }
+
+    /// A connected (blocking) socket to the abstract Unix-domain name `name`. Throws
+    /// `transfer` when nothing listens there (another host or network namespace).
+    public static func connectLocal(name: String) throws(KVError) -> Socket {
+        let (addr, len) = try localAddress(name)
+        let s = Socket(adopting: try SystemCall.check("socket", Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)))
+        let rc = withUnsafePointer(to: addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(s.fd, $0, len) } }
+        try SystemCall.check("connect to local socket \(name)", rc, code: .transfer)
         return s
     }
 

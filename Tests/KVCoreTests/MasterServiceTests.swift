@@ -40,10 +40,11 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(errorCode(m.handle(.heartbeat, session: &s, now: 0)), .invalidArgument)
         XCTAssertEqual(errorCode(m.handle(.hello(token: "wrong", name: "a"), session: &s, now: 0)), .invalidArgument)
         XCTAssertNil(s.client)
-        guard case .welcome(let id, let lease, let ttl) = m.handle(.hello(token: "secret", name: "a"), session: &s, now: 0) else { return XCTFail() }
+        guard case .welcome(let id, let lease, let ttl, let local) = m.handle(.hello(token: "secret", name: "a"), session: &s, now: 0) else { return XCTFail() }
         XCTAssertEqual(s.client, id)
         XCTAssertEqual(lease, 5 * Self.s)
         XCTAssertEqual(ttl, 10 * Self.s)
+        XCTAssertEqual(local, "")   // the service alone advertises no local socket
         XCTAssertEqual(errorCode(m.handle(.hello(token: "secret", name: "a"), session: &s, now: 0)), .invalidArgument)
         XCTAssertEqual(m.handle(.heartbeat, session: &s, now: 0), .ok)
     }
@@ -181,7 +182,7 @@ final class MasterServiceTests: XCTestCase {
         .getBatch(keys: ["a", "b", "é"], host: "h"),
     ]
     static let responses: [MasterResponse] = [
-        .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3), .mounted(segment: 4),
+        .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1"), .mounted(segment: 4),
         .putStarted(StartedWrite(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)])), .found(FoundObject(size: 6, replicas: [])),
         .flag(true), .value(-7), .stats([Statistic("objects", 1), Statistic("bytes_used", 2)]),
         .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e")),

@@ -65,8 +65,8 @@ final class WireCodecTests: XCTestCase {
         fails(Array(frame.prefix(15)), "needs 16")
         var bad = frame; bad[0] ^= 1
         fails(bad, "magic")
-        bad = frame; bad[4] = 2
-        fails(bad, "version 2")
+        bad = frame; bad[4] = 9
+        fails(bad, "version 9")
         fails(frame, known: { $0 != 7 }, "unknown message kind 7")
         fails(WireWriter.frame(kind: 1, requestID: 1, payload: [UInt8](repeating: 0, count: 100)), max: 99, "exceeds the limit")
     }

@@ -15,6 +15,7 @@ final class MasterServerTests: XCTestCase {
         let socket: Socket
         var nextID: UInt32 = 1
         init(port: Int) throws { socket = try Socket.connect(host: "127.0.0.1", port: port) }
+        init(local name: String) throws { socket = try Socket.connectLocal(name: name) }
 
         func call(_ r: MasterRequest) throws -> MasterResponse {
             let id = nextID
@@ -61,8 +62,9 @@ final class MasterServerTests: XCTestCase {
         var all: [String] { lock.withLock { $0 } }
     }
 
-    func start(token: String? = nil) throws -> (MasterServer, TestThread, Logs) {
+    func start(token: String? = nil, localSocket: Bool = true) throws -> (MasterServer, TestThread, Logs) {
         var o = MasterServer.Options()
+        o.localSocket = localSocket
         o.port = 0
         o.metricsPort = 0
         o.config = MasterConfig(token: token, clientTTL: 10_000_000_000)
@@ -90,6 +92,42 @@ final class MasterServerTests: XCTestCase {
         guard case .error(let e) = answer else { return XCTFail("\(answer)") }
         XCTAssertEqual(e.code, .invalidArgument)
         XCTAssertEqual(try c.call(.exists(key: "missing")), .flag(false))
+    }
+
+    func testLocalSocketServesTheSameMaster() throws {
+        let (server, thread, _) = try start(token: "s3cret")
+        defer { server.stop(); thread.join() }
+        let tcp = try Client(port: server.port)
+        guard case .welcome(_, _, _, let name) = try tcp.call(.hello(token: "s3cret", name: "tcp")) else { return XCTFail() }
+        XCTAssertTrue(name.hasPrefix("kvstore-master."), name)
+        guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
+        // The local socket checks the token too, and a refused hello closes it.
+        let refused = try Client(local: name)
+        guard case .error(let e) = try refused.call(.hello(token: "nope", name: "x")) else { return XCTFail() }
+        XCTAssertEqual(e.code, .invalidArgument)
+        XCTAssertTrue(refused.isClosedByPeer())
+        // Same table: a write over the local socket is seen over TCP.
+        let local = try Client(local: name)
+        guard case .welcome(_, _, _, let again) = try local.call(.hello(token: "s3cret", name: "local")) else { return XCTFail() }
+        XCTAssertEqual(again, name)
+        guard case .putStarted(let w) = try local.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
+        try local.post(.putCommit(handle: w.handle))
+        XCTAssertEqual(try tcp.call(.exists(key: "k")), .flag(true))
+        // A malformed frame closes only that local connection.
+        let bad = try Client(local: name)
+        try bad.send(WireWriter.frame(kind: 999, requestID: 1, payload: []))
+        XCTAssertTrue(bad.isClosedByPeer())
+        XCTAssertEqual(try local.call(.heartbeat), .ok)
+        XCTAssertThrowsError(try Socket.connectLocal(name: name + ".other")) { XCTAssertEqual(($0 as? KVError)?.code, .transfer) }
+        XCTAssertThrowsError(try Socket.connectLocal(name: "")) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+    }
+
+    func testLocalSocketCanBeTurnedOff() throws {
+        let (server, thread, _) = try start(localSocket: false)
+        defer { server.stop(); thread.join() }
+        let c = try Client(port: server.port)
+        guard case .welcome(_, _, _, let name) = try c.call(.hello(token: "", name: "t")) else { return XCTFail() }
+        XCTAssertEqual(name, "")
     }
 
     func testMalformedFrameClosesOnlyItsConnection() throws {

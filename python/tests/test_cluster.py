@@ -70,6 +70,23 @@ def test_put_is_visible_to_another_client_as_soon_as_it_returns(master):
         b.close()
 
 
+def test_same_host_clients_move_to_the_masters_local_socket(master, monkeypatch):
+    a = connect(master)
+    monkeypatch.setenv("KVSTORE_MASTER_LOCAL", "0")   # stay on TCP
+    b = connect(master, segment_size=0)
+    try:
+        assert a.stats()["master_local"] == 1 and b.stats()["master_local"] == 0
+        b.put("over-tcp", b"t" * 5000)                  # into a's segment
+        a.put("over-local", b"l" * 5000)
+        assert a.get("over-tcp") == b"t" * 5000 and b.get("over-local") == b"l" * 5000
+        assert a.stats()["objects"] == 2 == b.stats()["objects"]
+    finally:
+        a.close()
+        b.close()
+    with kvstore.Store() as embedded:
+        assert embedded.stats()["master_local"] == 0
+
+
 def test_tensors_and_multi_part_writes_across_clients(master):
     a, b = connect(master), connect(master, segment_size=0)
     try:
@@ -284,6 +301,7 @@ def test_client_survives_a_master_restart():
         assert a.get("after") == b"2" * 1000
         assert a.stats()["master_reconnects"] >= 1
         assert a.stats()["capacity"] == 8 << 20              # remounted
+        assert a.stats()["master_local"] == 1                # on the new master's local socket
     finally:
         a.close()
         m.stop()
@@ -300,7 +318,7 @@ def _reconnected(s: kvstore.Store) -> bool:
 # ---- the master under hostile input ----
 
 def _frame(kind: int, payload: bytes, rid: int = 1) -> bytes:
-    return struct.pack("<IHHII", 0x5453564B, 1, kind, rid, len(payload)) + payload
+    return struct.pack("<IHHII", 0x5453564B, 2, kind, rid, len(payload)) + payload
 
 
 def test_master_survives_random_and_mutated_messages(master):
@@ -388,6 +406,8 @@ def test_two_hosts_over_veth_use_tcp(netns):
         env = {"KVSTORE_MASTER_TOKEN": "veth-token"}
         here = worker(m.url, "w0", "2", "--peers", "2", env=env)
         there = worker(m.url, "w1", "2", "--peers", "2", env=env, netns=netns)
-        for r in results_of([here, there]):
+        for r, local in zip(results_of([here, there]), (1, 0)):
             assert r["corrupt"] == 0 and r["transfer_errors"] == 0
             assert r["gets"] > 10 and r["stats"]["network_bytes"] > 0
+            # the master's local socket is reachable from its own network namespace only
+            assert r["stats"]["master_local"] == local
