@@ -222,7 +222,7 @@ public final class MasterServer: @unchecked Sendable {
                 n = try scratch.withUnsafeMutableBytes { b in try c.socket.readAvailable(into: b) }
             } catch { return drop(c, reason: (error as? KVError)?.message ?? "\(error)") }
             guard let n else { break }
-            if n == 0 { return drop(c, reason: c.http ? nil : "closed by the client") }
+            if n == 0 { return drop(c, reason: c.http ? nil : Self.closedByClient) }
             c.input += scratch[0..<n]
             if n < scratch.count { break }   // drained for now; poll says when more arrives
             if c.input.count > options.maxPayload + WireFrameHeader.size { break }
@@ -290,12 +290,19 @@ public final class MasterServer: @unchecked Sendable {
         if c.closeAfterFlush { drop(c, reason: nil) }
     }
 
+    static let closedByClient = "closed by the client"
+
+    /// Closes `c` and departs its client. A client that closes its connection holding
+    /// nothing (no segment, no write in flight) leaves without a log line: every client on
+    /// this host does that with its first (TCP) connection when it moves to the local socket.
     private func drop(_ c: Connection, reason: String?) {
         connections[c.socket.fd] = nil
-        if let reason { log("closing connection \(c.socket.fd)" + (c.session.client.map { " (client \($0))" } ?? "") + ": \(reason)") }
-        if let id = c.session.client, let d = service.depart(client: id, now: clock()) {
-            logDeparture(d, why: "its connection closed")
+        let d = c.session.client.flatMap { service.depart(client: $0, now: clock()) }
+        let holdingNothing = d.map { $0.segments.isEmpty && $0.lostObjects.isEmpty && $0.abortedWrites == 0 } ?? true
+        if let reason, !(holdingNothing && reason == Self.closedByClient) {
+            log("closing connection \(c.socket.fd)" + (c.session.client.map { " (client \($0))" } ?? "") + ": \(reason)")
         }
+        if let d, !holdingNothing { logDeparture(d, why: "its connection closed") }
         c.socket.close()
     }
 

@@ -123,11 +123,21 @@ final class MasterServerTests: XCTestCase {
     }
 
     func testLocalSocketCanBeTurnedOff() throws {
-        let (server, thread, _) = try start(localSocket: false)
+        let (server, thread, logs) = try start(localSocket: false)
         defer { server.stop(); thread.join() }
         let c = try Client(port: server.port)
         guard case .welcome(_, _, _, let name) = try c.call(.hello(token: "", name: "t")) else { return XCTFail() }
         XCTAssertEqual(name, "")
+        // A client closing while holding nothing leaves quietly (clients moving to the local
+        // socket do that with their TCP connection); one holding a segment is logged.
+        let held = try Client(port: server.port)
+        _ = try held.call(.hello(token: "", name: "held"))
+        _ = try held.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e"))
+        c.socket.close()
+        held.socket.close()
+        for _ in 0..<200 where !logs.all.contains(where: { $0.contains("'held' left") }) { usleep(10_000) }
+        XCTAssertTrue(logs.all.contains { $0.contains("'held' left") })
+        XCTAssertFalse(logs.all.contains { $0.contains("'t' left") || $0.contains("client 1)") }, "\(logs.all)")
     }
 
     func testMalformedFrameClosesOnlyItsConnection() throws {
