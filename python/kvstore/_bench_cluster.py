@@ -12,7 +12,7 @@ process that mounts a prefaulted segment; this process joins as a pure client
   reaches it over TCP on loopback. ``put_from``/``get_into`` of the same objects, against
   ``iperf3`` (one stream, loopback, 3 s) measured in the same run (ratio = store / iperf3).
 - ops: 4 KiB ``put`` and ``get`` through the network master (one round trip each), in ops/s,
-  single thread, over the master's local socket as a client on its host uses it; ops-tcp: the
+  single thread, over the master's local socket as a client on its host uses it; ops_tcp: the
   same from a client kept on loopback TCP (``KVSTORE_MASTER_LOCAL=0``). The ratio column
   compares with 18,000 ops/s, the top of the 10-18k ops/s Mooncake Store reaches on these
   machines (Mooncake itself is not run here).
@@ -234,7 +234,7 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
         if client.stats()["master_local"] != 1 or tcp_client.stats()["master_local"] != 0:
             print("cluster ops: the clients' control connections are not local and TCP as meant", file=sys.stderr)
             return 1
-        for path, c in (("ops", client), ("ops-tcp", tcp_client)):
+        for path, c in (("ops", client), ("ops_tcp", tcp_client)):
             skeys = [f"{path}-{i}" for i in range(m)]
             put, get = c.put, c.get
 

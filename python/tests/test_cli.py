@@ -33,7 +33,7 @@ def test_bench_small_run(tmp_path):
                                            "batch_put_from", "batch_get_into", "put_evict",
                                            "cluster_shm_put_from", "cluster_shm_get_into", "cluster_shm_batch_put_from",
                                            "cluster_shm_batch_get_into", "cluster_tcp_put_from", "cluster_tcp_get_into",
-                                           "cluster_ops_put", "cluster_ops_get"}
+                                           "cluster_ops_put", "cluster_ops_get", "cluster_ops_tcp_put", "cluster_ops_tcp_get"}
     assert all(row["gb_per_s"] > 0 for row in rows)
     assert all(row["copyto_gb_per_s"] > 0 for row in rows if "copyto_gb_per_s" in row)
     assert all(row["ratio"] > 0 for row in rows if row["op"].startswith("cluster_shm"))
