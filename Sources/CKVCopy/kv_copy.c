@@ -1,4 +1,8 @@
+#define _GNU_SOURCE
 #include "kv_copy.h"
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/uio.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -43,3 +47,16 @@ void kv_copy_streaming(void *dst, const void *src, size_t n) {
 void kv_copy_streaming(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 
 #endif
+
+long kv_process_vm_copy(int pid, int write, void *const *local, void *const *remote, const size_t *lengths, size_t count) {
+    if (count > 1024) { errno = EINVAL; return -1; }
+    struct iovec l[1024], r[1024];
+    for (size_t i = 0; i < count; i++) {
+        l[i].iov_base = local[i];
+        l[i].iov_len = lengths[i];
+        r[i].iov_base = remote[i];
+        r[i].iov_len = lengths[i];
+    }
+    ssize_t n = write ? process_vm_writev(pid, l, count, r, count, 0) : process_vm_readv(pid, l, count, r, count, 0);
+    return (long)n;
+}

@@ -652,6 +652,10 @@ static PyMethodDef store_methods[] = {
      "_batch_put_raw(keys, part_lists, upsert) -> list: like _put_raw per key; copies grouped per device."},
     KVPY_RAW_METHODS
     {"stats", (PyCFunction)store_stats, METH_NOARGS, "stats() -> dict."},
+    {"_kv_register", (PyCFunction)(void (*)(void))kvpy_kv_register, METH_FASTCALL, "_kv_register(node_id, packed_descriptors)."},
+    {"_kv_unregister", (PyCFunction)kvpy_kv_unregister, METH_NOARGS, "_kv_unregister()."},
+    {"_kv_fetch", (PyCFunction)kvpy_kv_fetch, METH_O, "_kv_fetch(node_id) -> packed descriptors."},
+    {"_kv_move", (PyCFunction)(void (*)(void))kvpy_kv_move, METH_FASTCALL, "_kv_move(peer, flags, src, dst, layers) -> transfers."},
     {"_connect", (PyCFunction)store_connect, METH_VARARGS, "_connect(url, segment_size, prefault, pin_memory, token)."},
     {"close", (PyCFunction)store_close, METH_NOARGS, "close(): idempotent."},
     {NULL, NULL, 0, NULL},

@@ -33,6 +33,12 @@ public enum MasterRequest: Sendable, Equatable {
     case putStartBatch(items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?)
     /// `get` of up to `MasterLimits.maxBatch` keys; answered by `foundBatch`, one result per key.
     case getBatch(keys: [ObjectKey], host: String)
+    /// Publishes a KV layout under its node id (the same client may publish it again; another
+    /// client's node id is `objectExists`). It lives until unpublished or its client leaves.
+    case publishLayout(PublishedLayout)
+    /// The layout published under `node`; answered by `layout`.
+    case fetchLayout(node: String)
+    case unpublishLayout(node: String)
 
     public var kind: UInt16 {
         switch self {
@@ -52,10 +58,13 @@ public enum MasterRequest: Sendable, Equatable {
         case .segmentInfo: 14
         case .putStartBatch: 15
         case .getBatch: 16
+        case .publishLayout: 17
+        case .fetchLayout: 18
+        case .unpublishLayout: 19
         }
     }
 
-    public static func isRequestKind(_ k: UInt16) -> Bool { (1...16).contains(k) }
+    public static func isRequestKind(_ k: UInt16) -> Bool { (1...19).contains(k) }
 
     /// Requests answered only when they fail.
     public var isPipelined: Bool {
@@ -167,6 +176,7 @@ public enum MasterResponse: Sendable, Equatable {
     /// One result per item of a batch request, in order.
     case putStartedBatch([Result<StartedWrite, KVError>])
     case foundBatch([Result<FoundObject, KVError>])
+    case layout(PublishedLayout)
 
     public var kind: UInt16 {
         switch self {
@@ -182,10 +192,11 @@ public enum MasterResponse: Sendable, Equatable {
         case .segment: 109
         case .putStartedBatch: 110
         case .foundBatch: 111
+        case .layout: 112
         }
     }
 
-    public static func isResponseKind(_ k: UInt16) -> Bool { (100...111).contains(k) }
+    public static func isResponseKind(_ k: UInt16) -> Bool { (100...112).contains(k) }
 
     /// The kind of `error`; its payload is also the error frame of the segment servers.
     public static let errorKind: UInt16 = 101
@@ -219,6 +230,8 @@ extension MasterRequest {
         case let .remove(key, force): w.key(key); w.bool(force)
         case let .removeAll(force): w.bool(force)
         case let .segmentInfo(segment): w.u32(segment)
+        case let .publishLayout(p): p.encode(into: &w)
+        case let .fetchLayout(node), let .unpublishLayout(node): w.string(node)
         case let .putStartBatch(items, mode, options, preferred):
             Self.encodeWrite(&w, mode, options, preferred)
             w.count(items.count)
@@ -293,6 +306,9 @@ extension MasterRequest {
             keys.reserveCapacity(n)
             for _ in 0..<n { keys.append(try r.key()) }
             m = .getBatch(keys: keys, host: host)
+        case 17: m = .publishLayout(try PublishedLayout.decode(&r))
+        case 18: m = .fetchLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
+        case 19: m = .unpublishLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
         default: throw .invalidArgument("unknown request kind \(kind)")
         }
         try r.finish("request \(kind)")
@@ -336,6 +352,7 @@ extension MasterResponse {
         case let .segment(s): w.u32(s.segment); w.u64(UInt64(s.size)); w.string(s.host); w.string(s.sharePath); w.string(s.endpoint)
         case let .putStartedBatch(rs): results(rs, started)
         case let .foundBatch(rs): results(rs, found)
+        case let .layout(p): p.encode(into: &w)
         }
         return w.bytes
     }
@@ -394,6 +411,7 @@ extension MasterResponse {
                                      endpoint: try r.string(max: MasterLimits.maxString, "endpoint")))
         case 110: m = .putStartedBatch(try results(started))
         case 111: m = .foundBatch(try results(found))
+        case 112: m = .layout(try PublishedLayout.decode(&r))
         default: throw .invalidArgument("unknown response kind \(kind)")
         }
         try r.finish("response \(kind)")

@@ -61,6 +61,8 @@ public struct MasterService: Sendable {
     /// Writes in flight per key.
     var writingKeys: [ObjectKey: Int] = [:]
     var nextClient: UInt64 = 1
+    /// Published KV layouts (prefill→decode transfer), removed when their client leaves.
+    var layouts = LayoutDirectory()
     /// Starts at a random value so that segment ids of two runs of a master do not meet: a
     /// client that kept a segment id across a master restart finds it unknown.
     var nextSegment = SegmentID.random(in: 1...(1 << 30))
@@ -153,6 +155,14 @@ public struct MasterService: Sendable {
         case let .segmentInfo(seg):
             guard let info = segmentInfo[seg] else { throw .notFound("segment \(seg) is not mounted") }
             return .segment(info)
+        case let .publishLayout(p):
+            try layouts.publish(p, owner: id)
+            return .ok
+        case let .fetchLayout(node):
+            return .layout(try layouts.fetch(node))
+        case let .unpublishLayout(node):
+            try layouts.unpublish(node, owner: id)
+            return .ok
         }
     }
 
@@ -184,6 +194,7 @@ public struct MasterService: Sendable {
                 Statistic("evicted_objects", s.evictedObjects), Statistic("evicted_bytes", s.evictedBytes), Statistic("expired_objects", s.expiredObjects),
                 Statistic("leases_active", s.activeLeases), Statistic("segments", table.segmentCount), Statistic("clients", clients.count),
                 Statistic("writes_in_flight", writes.count), Statistic("requests", requests),
+                Statistic("kv_layouts", layouts.count),
             ])
     }
 
@@ -199,6 +210,7 @@ public struct MasterService: Sendable {
     @discardableResult
     public mutating func depart(client id: UInt64, now: Nanoseconds) -> Departure? {
         guard let c = clients.removeValue(forKey: id) else { return nil }
+        layouts.depart(id)
         var d = Departure(client: id, name: c.name, segments: c.segments.sorted(), lostObjects: [], abortedWrites: 0)
         for h in c.writes {
             if let w = forget(h) {

@@ -53,6 +53,12 @@ public protocol MasterLink: AnyObject, Sendable {
     /// `acquireRead` of several keys, handed to `found` chunk by chunk like `beginWrites`.
     func acquireReads(keys: [ObjectKey], host: String,
                       found: (Range<Int>, [Result<ReadResult, KVError>]) -> Void) throws(KVError)
+
+    /// KV layouts (prefill→decode transfer): publish this client's under its node id, find
+    /// another's, withdraw this client's.
+    func publishLayout(_ p: PublishedLayout) throws(KVError)
+    func fetchLayout(node: String) throws(KVError) -> PublishedLayout
+    func unpublishLayout(node: String) throws(KVError)
 }
 
 /// The in-process master: the `ObjectTable` state machine behind one lock, fed by `clock`.
@@ -60,6 +66,8 @@ public protocol MasterLink: AnyObject, Sendable {
 /// are copied.
 public final class EmbeddedMaster: MasterLink {
     private let table: Locked<ObjectTable>
+    /// The one client of an embedded master is owner 0.
+    private let layouts = Locked(LayoutDirectory())
     public let clock: Clock
     public let policy: CachePolicy
 
@@ -139,6 +147,18 @@ public final class EmbeddedMaster: MasterLink {
         let now = clock()
         let results: [Result<ReadResult, KVError>] = table.withLock { t in keys.map { .success(t.acquireRead(key: $0, now: now)) } }
         found(0..<keys.count, results)
+    }
+
+    public func publishLayout(_ p: PublishedLayout) throws(KVError) {
+        try layouts.withLock { (d: inout LayoutDirectory) throws(KVError) in try d.publish(p, owner: 0) }
+    }
+
+    public func fetchLayout(node: String) throws(KVError) -> PublishedLayout {
+        try layouts.withLock { (d: inout LayoutDirectory) throws(KVError) in try d.fetch(node) }
+    }
+
+    public func unpublishLayout(node: String) throws(KVError) {
+        try layouts.withLock { (d: inout LayoutDirectory) throws(KVError) in try d.unpublish(node, owner: 0) }
     }
 
     /// The table's counters, after running the timers due now.

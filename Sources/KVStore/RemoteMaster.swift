@@ -313,6 +313,19 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         return n
     }
 
+    public func publishLayout(_ p: PublishedLayout) throws(KVError) {
+        _ = try call(.publishLayout(p))
+    }
+
+    public func fetchLayout(node: String) throws(KVError) -> PublishedLayout {
+        guard case .layout(let p) = try call(.fetchLayout(node: node)) else { throw KVError(.internal, "unexpected answer to fetchLayout") }
+        return p
+    }
+
+    public func unpublishLayout(node: String) throws(KVError) {
+        _ = try call(.unpublishLayout(node: node))
+    }
+
     /// The cluster's table counters, from the master.
     public func statistics() throws(KVError) -> CacheStatistics {
         guard case .stats(let s) = try call(.stats) else { throw KVError(.internal, "unexpected answer to stats") }

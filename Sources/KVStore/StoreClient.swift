@@ -34,6 +34,8 @@ public final class StoreClient: Sendable {
     let cluster: ClusterState?
     let transport: LocalCopyTransport
     let gate = OperationGate()
+    /// This client's published KV layout (prefill→decode transfer), if any.
+    let kvNode = Locked<PublishedLayout?>(nil)
     let operations = OperationCounters()
 
     /// Creates an embedded store with one host segment of `segmentSize` bytes; `prefault`
@@ -635,6 +637,11 @@ final class ClusterState: Sendable {
     let counters: TransferCounters
     let segment = Atomic<SegmentID>(0)
     let server = Locked<SegmentServer?>(nil)
+    /// The server of a pure client's KV layout (a client with a segment serves it on the
+    /// segment's server).
+    let kvServer = Locked<SegmentServer?>(nil)
+    /// Peers' KV servers by endpoint.
+    let kvLinks = Locked<[String: PeerLink]>([:])
     let peers = Locked<(epoch: Int, map: [SegmentID: SegmentAccess])>((0, [:]))
 
     init(token: String?, counters: TransferCounters) {
@@ -662,6 +669,8 @@ final class ClusterState: Sendable {
 
     func close() {
         server.withLock { $0 }?.stop()
+        kvServer.withLock { $0 }?.stop()
+        for l in kvLinks.withLock({ l in defer { l = [:] }; return l }).values { l.closeIdle() }
         let old = peers.withLock { p in
             defer { p.map = [:] }
             return p.map

@@ -15,6 +15,11 @@ import Synchronization
 //   202 write(segment, offset, length) + `length` raw bytes -> 210 ok | 211 error, then close
 //   203 rdmaConnect(queue-pair address)   -> 212 rdmaAccepted(address, base, rkey, size, segment)
 //                                            | 211 error (`unsupported`: no RDMA here; TCP goes on)
+//   204 kvRead(n, n x (address, length))  -> 210 ok + the ranges' raw bytes in order | 211 error
+//   205 kvWrite(n, n x (address, length)) + raw bytes -> 210 ok | 211 error, then close
+//
+// kvRead/kvWrite move KV-cache blocks (prefill→decode): every range must lie inside one
+// buffer of the KV layout this process published (`serveKV`), at most `maxKVRanges` per frame.
 //
 // After rdmaAccepted the peer reads and writes the segment with one-sided RDMA through the
 // queue pair, which lives as long as this TCP connection. A remount registers the segment
@@ -22,10 +27,13 @@ import Synchronization
 
 enum DataFrame {
     static let hello: UInt16 = 200, read: UInt16 = 201, write: UInt16 = 202, rdmaConnect: UInt16 = 203
+    static let kvRead: UInt16 = 204, kvWrite: UInt16 = 205
     static let ok: UInt16 = 210, error: UInt16 = 211, rdmaAccepted: UInt16 = 212
-    static let maxPayload = 8192
+    static let maxPayload = 16 * maxKVRanges + 64
+    /// Most block ranges one kvRead or kvWrite frame may name.
+    static let maxKVRanges = 1024
 
-    static func isKnown(_ k: UInt16) -> Bool { (200...203).contains(k) || (210...212).contains(k) }
+    static func isKnown(_ k: UInt16) -> Bool { (200...205).contains(k) || (210...212).contains(k) }
 }
 
 extension Socket {
@@ -81,6 +89,11 @@ public final class SegmentServer: @unchecked Sendable {
     /// RDMA: the device context and the segment's current registration (nil: TCP only).
     private let rdma: RDMAContext?
     private let registration = Locked<RDMAMemory?>(nil)
+    /// The host buffers of this process's published KV layout, sorted by address; written
+    /// under `kvLock` held exclusively, read (and copied from or into) with it shared, so a
+    /// layout is never withdrawn while a peer's transfer touches it.
+    nonisolated(unsafe) private var kvBuffers: [MemoryRegion] = []
+    private let kvLock = SharedLock()
 
     private struct State: @unchecked Sendable {
         /// By serial number (descriptor numbers are reused as soon as a socket closes).
@@ -129,6 +142,30 @@ public final class SegmentServer: @unchecked Sendable {
             registration.withLock { $0 = m }
         } catch {
             log("segment server: RDMA registration failed (\(error.message)); serving over TCP only")
+        }
+    }
+
+    /// Serves kvRead/kvWrite of these host buffers from now on (empty: none). Waits for the
+    /// transfers in progress on the old ones.
+    public func serveKV(_ buffers: [MemoryRegion]) {
+        kvLock.lockExclusive()
+        kvBuffers = buffers.sorted { $0.address < $1.address }
+        kvLock.unlock()
+    }
+
+    /// Checks that every range lies inside one served KV buffer (call with `kvLock` held).
+    private func checkKV(_ ranges: [MemoryRegion]) throws(KVError) {
+        for r in ranges {
+            // The last buffer starting at or before r.address.
+            var lo = 0, hi = kvBuffers.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if kvBuffers[mid].address <= r.address { lo = mid + 1 } else { hi = mid }
+            }
+            guard lo > 0, r.length >= 0, r.address - kvBuffers[lo - 1].address <= UInt(kvBuffers[lo - 1].length),
+                  UInt(r.length) <= UInt(kvBuffers[lo - 1].length) - (r.address - kvBuffers[lo - 1].address) else {
+                throw .invalidArgument("range \(r.address)+\(r.length) is not inside a KV buffer this peer published")
+            }
         }
     }
 
@@ -230,6 +267,19 @@ public final class SegmentServer: @unchecked Sendable {
                             try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
                         }
                     }
+                case DataFrame.kvRead, DataFrame.kvWrite:
+                    guard welcomed else { throw .invalidArgument("the first request must be hello") }
+                    let ranges = try WireReader.parse(payload, "KV transfer request") { (r) throws(KVError) in try KVRanges.decode(&r) }
+                    kvLock.lockShared()
+                    defer { kvLock.unlock() }
+                    try checkKV(ranges)
+                    if header.kind == DataFrame.kvRead {
+                        try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                        for r in ranges { try s.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: r.address), count: r.length)) }
+                    } else {
+                        for r in ranges { try s.readExactly(into: UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: r.address), count: r.length)) }
+                        try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                    }
                 case DataFrame.rdmaConnect:
                     guard welcomed else { throw .invalidArgument("the first request must be hello") }
                     let theirs = try WireReader.parse(payload, "rdmaConnect") { (r) throws(KVError) in try RDMAAddress.decode(&r) }
@@ -253,7 +303,7 @@ public final class SegmentServer: @unchecked Sendable {
                 try? s.writeFrame(kind: DataFrame.error, requestID: header.requestID, payload: MasterResponse.error(error).encode())
                 // A refused write leaves its raw bytes unread, a transfer failure leaves the
                 // stream in an unknown state: either way the connection ends.
-                if error.code == .transfer || !welcomed || (header.kind != DataFrame.read && header.kind != DataFrame.rdmaConnect) { return }
+                if error.code == .transfer || !welcomed || header.kind == DataFrame.write || header.kind == DataFrame.kvWrite { return }
             }
         }
     }
@@ -330,6 +380,30 @@ public final class PeerLink: Sendable {
                 try c.socket.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: p.address), count: p.length))
             }
             try Self.expectOK(c.socket)
+        }
+    }
+
+    /// Moves bytes between the peer's published KV buffers (`remote`) and this process's
+    /// memory (`local`, same lengths pairwise) in one request: `write` sends local → remote.
+    /// At most `maxKVRanges` pairs; every remote range must lie inside one of the peer's KV
+    /// buffers (`invalidArgument` from the peer otherwise, nothing moved).
+    public func kvTransfer(write: Bool, remote: [MemoryRegion], local: [MemoryRegion]) throws(KVError) {
+        guard remote.count == local.count, remote.count <= DataFrame.maxKVRanges,
+              zip(remote, local).allSatisfy({ $0.length == $1.length && $0.length >= 0 }) else {
+            throw .invalidArgument("a KV transfer needs at most \(DataFrame.maxKVRanges) remote and local ranges of equal lengths")
+        }
+        var w = WireWriter(capacity: 8 + 16 * remote.count)
+        KVRanges.encode(remote, into: &w)
+        let total = remote.reduce(0) { $0 + $1.length }
+        try exchange(total) { (c) throws(KVError) in
+            try c.socket.writeFrame(kind: write ? DataFrame.kvWrite : DataFrame.kvRead, payload: w.bytes)
+            if write {
+                for r in local { try c.socket.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: r.address), count: r.length)) }
+                try Self.expectOK(c.socket)
+            } else {
+                try Self.expectOK(c.socket)
+                for r in local { try c.socket.readExactly(into: UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: r.address), count: r.length)) }
+            }
         }
     }
 
@@ -573,5 +647,24 @@ public struct FrameReader: Sendable {
             }
             end += n
         }
+    }
+}
+
+/// The range list of kvRead/kvWrite: a count, then (address u64, length u64) pairs.
+enum KVRanges {
+    static func encode(_ ranges: [MemoryRegion], into w: inout WireWriter) {
+        w.count(ranges.count)
+        for r in ranges { w.u64(UInt64(r.address)); w.u64(UInt64(r.length)) }
+    }
+
+    static func decode(_ r: inout WireReader) throws(KVError) -> [MemoryRegion] {
+        let n = try r.count(max: DataFrame.maxKVRanges, minElementSize: 16, "KV ranges")
+        var out: [MemoryRegion] = []
+        out.reserveCapacity(n)
+        for _ in 0..<n {
+            let address = UInt(try r.u64())
+            out.append(MemoryRegion(address: address, length: try r.size(max: MasterLimits.maxSize, "KV range length")))
+        }
+        return out
     }
 }

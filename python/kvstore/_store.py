@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _native, _tensor
+from ._kv import KVLayoutMixin
 from ._errors import ArgumentTypeError, InvalidArgumentError, ObjectNotFoundError, StoreClosedError
 from ._sizes import parse_size
 
@@ -15,7 +16,7 @@ from ._sizes import parse_size
 DEFAULT_SEGMENT_SIZE = 1 << 30
 
 
-class Store(_native.Store):
+class Store(KVLayoutMixin, _native.Store):
     """An embedded, in-process KV-cache store: an in-process master and one host segment.
 
     Values are any C-contiguous buffer-protocol object (bytes, bytearray, memoryview, numpy

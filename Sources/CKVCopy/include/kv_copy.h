@@ -9,4 +9,10 @@
  * processors without SSE2 streaming stores. The ranges must not overlap. */
 void kv_copy_streaming(void *dst, const void *src, size_t n);
 
+/* Cross-process copies on one host (process_vm_readv / process_vm_writev, which glibc
+ * declares only under _GNU_SOURCE): `count` pairs of local and remote ranges of equal
+ * lengths, moved in one system call. `write` 0: remote -> local. Returns the bytes moved, or
+ * -1 with errno set. */
+long kv_process_vm_copy(int pid, int write, void *const *local, void *const *remote, const size_t *lengths, size_t count);
+
 #endif

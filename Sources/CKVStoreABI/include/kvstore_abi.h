@@ -207,6 +207,39 @@ int32_t kv_master_run(const kv_master_options *options);
 /* Writes up to cap statistics to out; returns how many exist (call with cap 0 to count). */
 size_t kv_stats(kv_store *store, kv_stat *out, size_t cap);
 
+/* ---- KV layouts and block transfer (prefill -> decode) ----
+ * A node publishes its KV cache as buffers (kv_block_buffer), one per (layer, kind), each
+ * an array of `bytes_per_block`-byte blocks; peers move blocks between their layout and a
+ * published one. Validation errors name the bad descriptor. */
+enum { KV_KIND_KEY = 0, KV_KIND_VALUE = 1, KV_KIND_INDEX = 2 };
+typedef struct {
+    int64_t layer;
+    int32_t kind;             /* KV_KIND_* */
+    uint64_t address;
+    uint64_t length;
+    uint64_t bytes_per_block;
+    char location[32];        /* "cpu" or "cuda:N", NUL-terminated */
+} kv_block_buffer;
+
+/* Validates and publishes this store's layout under node (UTF-8, node_len bytes), replacing
+ * its previous one. Buffers are borrowed for the call; the memory they describe must stay
+ * valid until kv_layout_unregister, another kv_layout_register, or close. */
+int32_t kv_layout_register(kv_store *s, const char *node, size_t node_len, const kv_block_buffer *buffers, size_t count);
+/* Withdraws this store's layout (none: KV_OK). */
+int32_t kv_layout_unregister(kv_store *s);
+/* The layout published under node: *count is set to its number of buffers; they are written
+ * to out (sorted by layer, then kind) only when capacity >= *count. */
+int32_t kv_layout_fetch(kv_store *s, const char *node, size_t node_len, kv_block_buffer *out, size_t capacity, size_t *count);
+
+/* Flags of kv_blocks_move. */
+enum { KV_BLOCKS_PULL = 0, KV_BLOCKS_PUSH = 1, KV_BLOCKS_AGGREGATED = 2 };
+/* Pull (peer's src blocks -> this store's dst blocks) or push (this store's src blocks ->
+ * peer's dst blocks) for every kind of the listed layers (layers NULL: all). Everything is
+ * validated before any byte moves; runs of consecutive ids are coalesced. KV_BLOCKS_AGGREGATED
+ * issues many runs per operation. *transfers (may be NULL) receives the operations issued. */
+int32_t kv_blocks_move(kv_store *s, const char *peer, size_t peer_len, uint32_t flags, const int64_t *src,
+                       const int64_t *dst, size_t count, const int64_t *layers, size_t layer_count, uint64_t *transfers);
+
 #ifdef __cplusplus
 }
 #endif

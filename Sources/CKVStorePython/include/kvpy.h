@@ -116,4 +116,10 @@ PyObject *kvpy_dlpack_info(PyObject *module, PyObject *capsule);
 PyObject *kvpy_devices(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvpy_rdma_info(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
+/* KV layouts and block moves (kv.c). */
+PyObject *kvpy_kv_register(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *kvpy_kv_unregister(StoreObject *self, PyObject *unused);
+PyObject *kvpy_kv_fetch(StoreObject *self, PyObject *node);
+PyObject *kvpy_kv_move(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
+
 #endif

@@ -1,0 +1,133 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import KVAccelerator
+import KVCore
+import KVTransfer
+
+/// Prefill→decode KV transfer (DESIGN.md §2, "KV blocks"): this client publishes its KV
+/// cache as a layout under a node id; another moves blocks between its own layout and a
+/// peer's, straight between the two caches (the master only holds the layouts).
+extension StoreClient {
+    /// Validates `descriptors` (the layout rules, and that each location names a device of
+    /// this machine) and publishes them under `node`, replacing this client's previous
+    /// layout. Peers on other hosts reach host buffers through this client's server.
+    public func registerKVLayout(node: String, descriptors: [KVBufferDescriptor]) throws(KVError) {
+        try enter()
+        defer { leave() }
+        guard !node.isEmpty, node.utf8.count <= 256, !node.utf8.contains(0) else {
+            throw .invalidArgument("a node id must be 1 to 256 bytes without NUL")
+        }
+        let layout = try KVLayout(descriptors)
+        let devices = AcceleratorRegistry.snapshot
+        for (i, d) in descriptors.enumerated() {
+            do throws(KVError) {
+                _ = try devices.requireDevice(at: try MemoryLocation(parsing: d.location))
+            } catch {
+                throw .invalidArgument("descriptor \(i) \(d.name): \(error.message)")
+            }
+        }
+        let old = kvNode.withLock { $0 }
+        var endpoint = ""
+        if let cluster, let remote {
+            let hostBuffers = layout.descriptors.filter { (try? MemoryLocation(parsing: $0.location))?.isHost ?? false }
+                .map { MemoryRegion(address: $0.address, length: $0.length) }
+            var found = cluster.server.withLock { $0 } ?? cluster.kvServer.withLock { $0 }
+            if found == nil {
+                let made = try SegmentServer(region: MemoryRegion(address: 0, length: 0), host: remote.localHost, token: cluster.token)
+                cluster.kvServer.withLock { $0 = made }
+                found = made
+            }
+            found!.serveKV(hostBuffers)
+            endpoint = found!.endpoint
+        }
+        let published = PublishedLayout(node: node, layout: layout, host: cluster?.host ?? localHostIdentity(),
+                                        pid: Int(getpid()), endpoint: endpoint)
+        if let old, old.node != node { try? master.unpublishLayout(node: old.node) }
+        try master.publishLayout(published)
+        kvNode.withLock { $0 = published }
+    }
+
+    /// Withdraws this client's layout (peers can no longer reach it). Not an error when
+    /// there is none.
+    public func unregisterKVLayout() throws(KVError) {
+        try enter()
+        defer { leave() }
+        guard let old = kvNode.withLock({ $0 }) else { return }
+        cluster?.server.withLock { $0 }?.serveKV([])
+        cluster?.kvServer.withLock { $0 }?.serveKV([])
+        kvNode.withLock { $0 = nil }
+        try master.unpublishLayout(node: old.node)
+    }
+
+    /// The layout published under `node` (`objectNotFound` when none).
+    public func kvLayout(node: String) throws(KVError) -> PublishedLayout {
+        try enter()
+        defer { leave() }
+        return try master.fetchLayout(node: node)
+    }
+
+    /// This client's published layout, if any.
+    public var ownKVLayout: PublishedLayout? { kvNode.withLock { $0 } }
+
+    /// Copies blocks between the peer `node`'s layout and this client's: `pull` copies the
+    /// peer's `sourceBlocks[i]` into this client's `destinationBlocks[i]`, otherwise this
+    /// client's `sourceBlocks[i]` into the peer's `destinationBlocks[i]`, for every kind of
+    /// `layers` (nil: all). Everything is validated before any byte moves (`KVBlockPlan`);
+    /// runs of consecutive ids are coalesced. Returns the transfer operations issued.
+    public func moveKVBlocks(peer node: String, pull: Bool, sourceBlocks: [Int], destinationBlocks: [Int],
+                             layers: [Int]? = nil, executor: KVCopyExecutor = .perBlock) throws(KVError) -> Int {
+        try enter()
+        defer { leave() }
+        guard let mine = kvNode.withLock({ $0 }) else {
+            throw .invalidArgument("this store has no KV layout: register one before moving blocks")
+        }
+        let peer = node == mine.node ? mine : try master.fetchLayout(node: node)
+        let (from, to) = pull ? (peer.layout, mine.layout) : (mine.layout, peer.layout)
+        let copies = try KVBlockPlan.copies(from: from, to: to, sourceBlocks: sourceBlocks, destinationBlocks: destinationBlocks, layers: layers)
+        let sameProcess = peer.host == mine.host && peer.pid == mine.pid
+        // Device memory: per-block copies by the device, in this process only.
+        var devices = Set<MemoryLocation>()
+        for d in from.descriptors { devices.insert(try MemoryLocation(parsing: d.location)) }
+        for d in to.descriptors { devices.insert(try MemoryLocation(parsing: d.location)) }
+        if devices.contains(where: { !$0.isHost }) {
+            guard executor == .perBlock else {
+                throw KVError(.unsupported, "the aggregated executor has no device path built in (buffers in \(devices.filter { !$0.isHost }.map(\.description).sorted().joined(separator: ", "))); use the per-block executor")
+            }
+            guard sameProcess else {
+                throw KVError(.unsupported, "KV blocks in device memory move only within one process here (no GPU transport between processes is built in)")
+            }
+            return try deviceCopies(copies, from: from, to: to)
+        }
+        let mover = KVBlockMover(counters: counters)
+        if sameProcess { return try mover.run(copies, pull: pull, route: .sameProcess, executor: executor) }
+        let link = peer.endpoint.isEmpty ? nil : try kvLink(peer.endpoint)
+        if peer.host == mine.host { return try mover.run(copies, pull: pull, route: .sameHost(pid: Int32(peer.pid), link: link), executor: executor) }
+        guard let link else { throw KVError(.unsupported, "node '\(peer.node)' is on another host and serves no KV transfers") }
+        return try mover.run(copies, pull: pull, route: .network(link), executor: executor)
+    }
+
+    /// One device copy per run, each by the device that owns either side (direction named).
+    private func deviceCopies(_ copies: [KVBlockCopy], from: KVLayout, to: KVLayout) throws(KVError) -> Int {
+        let snapshot = AcceleratorRegistry.snapshot
+        for c in copies {
+            let s = try MemoryLocation(parsing: from.descriptors[c.sourceDescriptor].location)
+            let d = try MemoryLocation(parsing: to.descriptors[c.destinationDescriptor].location)
+            let direction = CopyDirection(from: s, to: d)
+            let device = try snapshot.requireDevice(at: s.isHost ? d : s)
+            try device.withCurrent { () throws(KVError) in
+                try device.copy(direction, from: c.source, to: c.destination, count: c.length)
+            }
+            transport.count(c.length)
+        }
+        return copies.count
+    }
+
+    private func kvLink(_ endpoint: String) throws(KVError) -> PeerLink {
+        guard let cluster else { throw KVError(.internal, "an embedded store has no peers") }
+        if let l = cluster.kvLinks.withLock({ $0[endpoint] }) { return l }
+        let l = try PeerLink(endpoint: endpoint, token: cluster.token, counters: counters)
+        cluster.kvLinks.withLock { $0[endpoint] = l }
+        return l
+    }
+}
