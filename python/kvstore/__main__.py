@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="measure put/get throughput against numpy.copyto")
     bench.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB,256MiB",
                        help="comma-separated value sizes (default 4KiB,64KiB,1MiB,16MiB,256MiB)")
-    bench.add_argument("--ops", default="put,get,put_from,get_into,put_tensor,get_tensor_into,batch,evict,cluster",
-                       help="comma-separated operations: put,get,put_from,get_into,put_tensor,get_tensor_into,batch,evict,gpu "
-                            "(gpu needs torch and a CUDA device)")
+    bench.add_argument("--ops", default="put,get,put_from,get_into,put_tensor,get_tensor_into,batch,evict,cluster,kv",
+                       help="comma-separated operations: put,get,put_from,get_into,put_tensor,get_tensor_into,batch,evict,"
+                            "cluster,kv,gpu (gpu needs torch and a CUDA device)")
     bench.add_argument("--repeat", type=int, default=7, help="timed store/copyto pairs per case (batch cases: 5x); medians are reported")
     bench.add_argument("--batch", default="256x64KiB", help="batch shape COUNTxSIZE (default 256x64KiB)")
     bench.add_argument("--budget", default="512MiB", help="bytes moved per repetition for large sizes (default 512MiB)")
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--evict-segment", default="256MiB", help="segment of each store in the evict case (default 256MiB)")
     bench.add_argument("--evict-size", default="64KiB", help="value size in the evict case (default 64KiB)")
     bench.add_argument("--evict-count", type=int, default=1024, help="puts per timed round in the evict case (default 1024)")
+    bench.add_argument("--kv-shape", default="32x1024x16KiB",
+                       help="KV layout of the kv case, LAYERSxBLOCKSxBLOCK_SIZE (default 32x1024x16KiB: 1 GiB)")
+    bench.add_argument("--kv-pull", type=int, default=512, help="blocks pulled per layer and kind in the kv case (default 512)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     master = sub.add_parser("master", help="run the network master (the same server as the kvstore-master executable)")

@@ -26,6 +26,8 @@ per-pair ratios (copyto time / store time), i.e. the fraction of the memcpy limi
   by side (``_bench_cache.py``; its own table).
 - cluster: a master and holder processes; shared-memory and TCP transfers and 4 KiB
   operations through the network master (``_bench_cluster.py``; its own table).
+- kv: prefill→decode block pulls, per-block against aggregated and against copyto, in one
+  process, between processes and over TCP (``_bench_kv.py``; its own table).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import numpy as np
 from ._sizes import parse_size
 from ._store import Store
 
-_ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", "evict", "cluster")
+_ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", "evict", "cluster", "kv")
 
 
 def _fmt_size(n: int) -> str:
@@ -125,7 +127,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     results: list[dict[str, object]] = []
     header = f"{'operation':<16}{'size':>10}{'count':>8}{'ops/s':>14}{'GB/s':>9}{'copyto GB/s':>13}{'ratio':>8}"
-    if any(o not in ("evict", "cluster") for o in ops):
+    if any(o not in ("evict", "cluster", "kv") for o in ops):
         print(f"kvstore bench: {args.repeat} alternating store/copyto pairs after a warm-up; medians; ratio = store / numpy.copyto")
         print(header)
         print("-" * len(header))
@@ -143,7 +145,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{op:<16}{_fmt_size(size):>10}{count:>8}{ops_s:>14,.0f}{row['gb_per_s']:>9.2f}"
               f"{row['copyto_gb_per_s']:>13.2f}{row['ratio']:>8.2f}", flush=True)
 
-    single = [o for o in ops if o not in ("batch", "gpu", "evict", "cluster")]
+    single = [o for o in ops if o not in ("batch", "gpu", "evict", "cluster", "kv")]
     for size in sizes if single else []:
         n = _count_for(size, budget, args.small_ops)
         keys = [f"bench-{size}-{i}" for i in range(n)]
@@ -256,6 +258,17 @@ def run_bench(args: argparse.Namespace) -> int:
 
         rc = run_cluster(parse_size(args.cluster_size, name="cluster size"), budget, batch_count, batch_size,
                          args.repeat, args.small_ops, results.append)
+        if rc:
+            return rc
+
+    if "kv" in ops:
+        from ._bench_kv import run_kv
+
+        parts = args.kv_shape.split("x")
+        if len(parts) != 3:
+            print("--kv-shape is LAYERSxBLOCKSxBLOCK_SIZE", file=sys.stderr)
+            return 2
+        rc = run_kv(int(parts[0]), int(parts[1]), parse_size(parts[2], name="block size"), args.kv_pull, args.repeat, results.append)
         if rc:
             return rc
 

@@ -26,17 +26,19 @@ def test_bench_small_run(tmp_path):
     out = tmp_path / "bench.json"
     r = run("bench", "--sizes", "4KiB,1MiB", "--repeat", "1", "--small-ops", "200",
             "--budget", "4MiB", "--batch", "8x4KiB", "--evict-segment", "4MiB", "--evict-count", "16",
-            "--cluster-size", "1MiB", "--json", str(out))
+            "--cluster-size", "1MiB", "--kv-shape", "2x16x4KiB", "--kv-pull", "4", "--json", str(out))
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())
     assert {row["op"] for row in rows} == {"put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into",
                                            "batch_put_from", "batch_get_into", "put_evict",
                                            "cluster_shm_put_from", "cluster_shm_get_into", "cluster_shm_batch_put_from",
                                            "cluster_shm_batch_get_into", "cluster_tcp_put_from", "cluster_tcp_get_into",
-                                           "cluster_ops_put", "cluster_ops_get", "cluster_ops_tcp_put", "cluster_ops_tcp_get"}
+                                           "cluster_ops_put", "cluster_ops_get", "cluster_ops_tcp_put", "cluster_ops_tcp_get",
+                                           *(f"kv_{route}_{case}" for route in ("local", "shm", "tcp")
+                                             for case in ("scattered_per_block", "scattered_aggregated", "contiguous_aggregated"))}
     assert all(row["gb_per_s"] > 0 for row in rows)
     assert all(row["copyto_gb_per_s"] > 0 for row in rows if "copyto_gb_per_s" in row)
-    assert all(row["ratio"] > 0 for row in rows if row["op"].startswith("cluster_shm"))
+    assert all(row["ratio"] > 0 for row in rows if row["op"].startswith(("cluster_shm", "kv_")))
     evict = [row for row in rows if row["op"] == "put_evict"]
     assert [row["fill"] for row in evict] == ["50% fill", "300% fill"]
     assert evict[1]["evictions_per_put"] > 0 and evict[1]["ratio_to_half_fill"] > 0
