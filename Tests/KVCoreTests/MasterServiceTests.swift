@@ -180,7 +180,12 @@ final class MasterServiceTests: XCTestCase {
                        options: WriteOptions(ttl: 3, replicas: 2), preferred: 7),
         .putStartBatch(items: [], mode: .upsert, options: .default, preferred: nil),
         .getBatch(keys: ["a", "b", "é"], host: "h"),
+        .publishLayout(MasterServiceTests.published), .fetchLayout(node: "n"), .unpublishLayout(node: "é"),
     ]
+    static let published = PublishedLayout(
+        node: "n", layout: try! KVLayout([KVBufferDescriptor(layer: 0, kind: .key, address: 4096, length: 8192, bytesPerBlock: 4096),
+                                          KVBufferDescriptor(layer: 0, kind: .value, address: 4096, length: 4096, bytesPerBlock: 4096, location: "cuda:1")]),
+        host: "h", pid: 7, endpoint: "127.0.0.1:9")
     static let responses: [MasterResponse] = [
         .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1"), .mounted(segment: 4),
         .putStarted(StartedWrite(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)])), .found(FoundObject(size: 6, replicas: [])),
@@ -190,7 +195,23 @@ final class MasterServiceTests: XCTestCase {
                           .failure(KVError(.noSpace, "full"))]),
         .foundBatch([.failure(KVError(.objectNotFound, "gone")),
                      .success(FoundObject(size: 9, replicas: [Replica(segment: 1, offset: 0), Replica(segment: 2, offset: 64)]))]),
+        .layout(MasterServiceTests.published),
     ]
+
+    func testLayoutsArePublishedPerClientAndLeaveWithIt() throws {
+        var m = try master()
+        var (sa, _) = join(&m, "a", host: "h1")
+        var (sb, _) = join(&m, "b", host: "h2")
+        XCTAssertEqual(m.handle(.publishLayout(Self.published), session: &sa, now: 0), .ok)
+        XCTAssertEqual(errorCode(m.handle(.publishLayout(Self.published), session: &sb, now: 0)), .objectExists)
+        XCTAssertEqual(m.handle(.fetchLayout(node: "n"), session: &sb, now: 0), .layout(Self.published))
+        XCTAssertEqual(errorCode(m.handle(.unpublishLayout(node: "n"), session: &sb, now: 0)), .objectNotFound)
+        XCTAssertEqual(errorCode(m.handle(.fetchLayout(node: "other"), session: &sb, now: 0)), .objectNotFound)
+        m.depart(client: sa.client!, now: 0)
+        XCTAssertEqual(errorCode(m.handle(.fetchLayout(node: "n"), session: &sb, now: 0)), .objectNotFound)
+        XCTAssertEqual(m.handle(.publishLayout(Self.published), session: &sb, now: 0), .ok)
+        XCTAssertEqual(m.handle(.unpublishLayout(node: "n"), session: &sb, now: 0), .ok)
+    }
 
     func testEveryMessageRoundTrips() throws {
         for r in Self.requests {
