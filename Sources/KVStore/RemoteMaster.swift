@@ -53,6 +53,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         /// Whether the link runs over the master's local (Unix-domain) socket.
         var local = false
         var mount: Mount?
+        /// This client's published KV layout (published again after a reconnect).
+        var layout: PublishedLayout?
         var segment: SegmentID = 0
         var epoch = 0
         /// Writes started on this connection and not yet committed or aborted.
@@ -314,7 +316,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     }
 
     public func publishLayout(_ p: PublishedLayout) throws(KVError) {
-        _ = try call(.publishLayout(p))
+        try link.withLock { (l: inout Link) throws(KVError) in
+            _ = try expect(&l, .publishLayout(p))
+            l.layout = p
+        }
     }
 
     public func fetchLayout(node: String) throws(KVError) -> PublishedLayout {
@@ -323,7 +328,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     }
 
     public func unpublishLayout(node: String) throws(KVError) {
-        _ = try call(.unpublishLayout(node: node))
+        try link.withLock { (l: inout Link) throws(KVError) in
+            if l.layout?.node == node { l.layout = nil }
+            _ = try expect(&l, .unpublishLayout(node: node))
+        }
     }
 
     /// The cluster's table counters, from the master.
@@ -358,6 +366,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             _ = try connect(&l)
             _ = reconnects.add(1, ordering: .relaxed)
             if let m = l.mount { try send(m, &l) }
+            // The layout's memory and server outlive the master: publish it again (another
+            // client may have taken the node id meanwhile: then it stays unpublished).
+            if let p = l.layout, (try? expect(&l, .publishLayout(p))) == nil { l.layout = nil }
             onConnect(l.epoch, l.segment)
             let text = "kvstore: reconnected to the master at \(host):\(port) (reconnect \(reconnects.load(ordering: .relaxed)))"
                 + (l.mount != nil ? "; this client's segment was remounted empty as \(l.segment): the objects it held are lost\n" : "\n")

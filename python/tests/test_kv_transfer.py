@@ -349,3 +349,82 @@ def test_a_peer_refuses_ranges_outside_its_published_buffers(master, tmp_path):
     finally:
         peer.kill()
         me.close()
+
+
+def test_a_layout_is_published_again_after_a_master_restart():
+    import signal
+
+    from cluster import wait_for
+
+    m = Master("--client-ttl", "2")
+    a = kvstore.Store.connect(m.url, segment_size=0)
+    b = None
+    try:
+        src = make(a, "prefill", 1)
+        port = m.port
+        m.stop(signal.SIGKILL)
+        m = Master("--client-ttl", "2", port=port)
+
+        def reconnected() -> bool:
+            try:
+                a.exists("x")
+                return True
+            except kvstore.TransferError:
+                return False
+
+        assert wait_for(reconnected, 10, 0.1)
+        b = kvstore.Store.connect(m.url, segment_size=0)
+        dst = make(b, "decode", 2)
+        assert len(b.get_registered_memory("prefill")) == 2 * LAYERS
+        b.pull_kv_blocks("prefill", [1, 2], [3, 4])
+        assert same(dst, moved(layout_arrays(LAYERS, BLOCKS, BPB, 2), src, [1, 2], [3, 4]))
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+        m.stop()
+
+
+def test_concurrent_pulls_and_pushes_from_many_threads(master, tmp_path):
+    """Threads of one client pull disjoint destination blocks while others push into the
+    peer: every byte lands where it should."""
+    import threading
+
+    peer = Peer(master.url, "prefill", 11, tmp_path)
+    me = kvstore.Store.connect(master.url, segment_size=0)
+    try:
+        dst = make(me, "decode", 12)
+        original = [a.copy() for a in dst]
+        errors: list[BaseException] = []
+
+        def puller(t: int) -> None:
+            try:
+                ids = list(range(t * 8, t * 8 + 8))
+                for _ in range(20):
+                    me.pull_kv_blocks("prefill", ids, ids, executor=("per_block", "aggregated")[t % 2])
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        def pusher(t: int) -> None:
+            try:
+                ids = [40 + t * 4 + i for i in range(4)]
+                for _ in range(20):
+                    me.push_kv_blocks("prefill", ids, ids, layers=[1], executor="aggregated")
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=puller, args=(t,)) for t in range(4)]
+        threads += [threading.Thread(target=pusher, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        pulled = list(range(32))
+        assert same(dst[:], moved(original, peer.arrays, pulled, pulled))  # pushes do not touch blocks 0-31
+        theirs = peer.finish()
+        pushed = list(range(40, 56))
+        assert same(theirs, moved(peer.arrays, original, pushed, pushed, layers=[1]))
+    finally:
+        peer.kill()
+        me.close()
