@@ -123,12 +123,8 @@ final class KVBlockMoverTests: XCTestCase {
         defer { early.close() }
         try early.writeFrame(kind: DataFrame.kvRead, payload: w.bytes)
         XCTAssertEqual(try RDMATests.errorCode(early), .invalidArgument)
-        let s = try Socket.connect(host: "127.0.0.1", port: server.port)
+        let s = try RDMATests.welcomed(server.port, token: "t")
         defer { s.close() }
-        var hello = WireWriter()
-        hello.string("t")
-        try s.writeFrame(kind: DataFrame.hello, payload: hello.bytes)
-        XCTAssertEqual(try s.readFrame(maxPayload: 8192, isKnown: DataFrame.isKnown).0.kind, DataFrame.ok)
         try s.writeFrame(kind: DataFrame.kvRead, payload: Array(w.bytes.dropLast()))   // truncated
         XCTAssertEqual(try RDMATests.errorCode(s), .invalidArgument)
     }

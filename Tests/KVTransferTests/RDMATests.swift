@@ -70,12 +70,8 @@ final class RDMATests: XCTestCase {
         try early.writeFrame(kind: DataFrame.rdmaConnect, payload: address.bytes)
         XCTAssertEqual(try Self.errorCode(early), .invalidArgument, "hello first")
 
-        let s = try Socket.connect(host: "127.0.0.1", port: server.port)
+        let s = try Self.welcomed(server.port, token: "t")
         defer { s.close() }
-        var hello = WireWriter()
-        hello.string("t")
-        try s.writeFrame(kind: DataFrame.hello, payload: hello.bytes)
-        XCTAssertEqual(try s.readFrame(maxPayload: 8192, isKnown: DataFrame.isKnown).0.kind, DataFrame.ok)
         try s.writeFrame(kind: DataFrame.rdmaConnect, payload: address.bytes)
         XCTAssertEqual(try Self.errorCode(s), .unsupported)
         try s.writeFrame(kind: DataFrame.rdmaConnect, payload: [1, 2, 3])
@@ -133,6 +129,16 @@ final class RDMATests: XCTestCase {
             XCTAssertEqual(Array(back[skip..<skip + n]), Array(stream[skip..<skip + n]))
             XCTAssertEqual(back.filter { $0 != 0 }.count, stream[skip..<skip + n].filter { $0 != 0 }.count, "nothing outside the piece written")
         }
+    }
+
+    /// A raw connection to a segment server that said hello with `token` and was welcomed.
+    static func welcomed(_ port: Int, token: String) throws -> Socket {
+        let s = try Socket.connect(host: "127.0.0.1", port: port)
+        var hello = WireWriter()
+        hello.string(token)
+        try s.writeFrame(kind: DataFrame.hello, payload: hello.bytes)
+        XCTAssertEqual(try s.readFrame(maxPayload: 8192, isKnown: DataFrame.isKnown).0.kind, DataFrame.ok)
+        return s
     }
 
     static func errorCode(_ s: Socket) throws -> KVError.Code? {
