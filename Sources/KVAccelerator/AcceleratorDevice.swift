@@ -32,6 +32,10 @@ public protocol AcceleratorDevice: AnyObject, Sendable {
     /// inside `withCurrent` (one scope can hold many copies: `DeviceCopyPlan` enters it once
     /// per device per batch).
     func copy(_ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int) throws(KVError)
+    /// Many copies of one direction in one driver call (`sources[i]` → `destinations[i]`,
+    /// `counts[i]` bytes; the arrays are equally long), complete when it returns. Devices
+    /// without such a call throw `unsupported` (the default). Call it inside `withCurrent`.
+    func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int]) throws(KVError)
 
     /// Allocates `bytes` of page-locked host memory usable for fast copies with this device.
     /// Freed with `freePinned`.
@@ -46,6 +50,10 @@ public protocol AcceleratorDevice: AnyObject, Sendable {
 
 extension AcceleratorDevice {
     public var kind: DeviceKind { Self.kind }
+
+    public func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int]) throws(KVError) {
+        throw KVError(.unsupported, "\(location) has no batched copy")
+    }
 }
 
 /// The registration record of one device type: a C function in the `kvstore_accelerators`

@@ -29,6 +29,15 @@ final class CUDADriver: @unchecked Sendable {
     let cuMemHostRegister: @convention(c) (UnsafeMutableRawPointer, Int, UInt32) -> Result
     let cuMemHostUnregister: @convention(c) (UnsafeMutableRawPointer) -> Result
     let cuGetErrorString: (@convention(c) (Result, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Result)?
+    /// CUDA 12.8+: many copies in one call (the 12.8 signature, with failIdx; drivers keep it
+    /// beside the 13.x `_v2`), on a stream of its own. nil on older drivers.
+    typealias MemcpyBatchAsync = @convention(c) (UnsafeMutablePointer<UInt64>, UnsafeMutablePointer<UInt64>, UnsafeMutablePointer<Int>, Int,
+                                                 UnsafeMutableRawPointer, UnsafeMutablePointer<Int>, Int, UnsafeMutablePointer<Int>,
+                                                 OpaquePointer?) -> Result
+    let cuMemcpyBatchAsync: MemcpyBatchAsync?
+    let cuStreamCreate: (@convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Result)?
+    let cuStreamSynchronize: (@convention(c) (OpaquePointer?) -> Result)?
+    let cuStreamDestroy: (@convention(c) (OpaquePointer?) -> Result)?
 
     /// Number of devices the driver reports (> 0).
     let deviceCount: Int
@@ -81,6 +90,11 @@ final class CUDADriver: @unchecked Sendable {
         cuMemFreeHost = try sym("cuMemFreeHost", (@convention(c) (UnsafeMutableRawPointer) -> Result).self)
         cuMemHostRegister = try sym("cuMemHostRegister_v2", (@convention(c) (UnsafeMutableRawPointer, Int, UInt32) -> Result).self)
         cuMemHostUnregister = try sym("cuMemHostUnregister", (@convention(c) (UnsafeMutableRawPointer) -> Result).self)
+        func optional<T>(_ name: String, _: T.Type) -> T? { dlsym(h, name).map { unsafeBitCast($0, to: T.self) } }
+        cuMemcpyBatchAsync = optional("cuMemcpyBatchAsync", MemcpyBatchAsync.self)
+        cuStreamCreate = optional("cuStreamCreate", (@convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Result).self)
+        cuStreamSynchronize = optional("cuStreamSynchronize", (@convention(c) (OpaquePointer?) -> Result).self)
+        cuStreamDestroy = optional("cuStreamDestroy_v2", (@convention(c) (OpaquePointer?) -> Result).self)
         cuGetErrorString = dlsym(h, "cuGetErrorString").map {
             unsafeBitCast($0, to: (@convention(c) (Result, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Result).self)
         }

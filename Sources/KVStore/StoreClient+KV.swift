@@ -91,13 +91,10 @@ extension StoreClient {
         for d in from.descriptors { devices.insert(try MemoryLocation(parsing: d.location)) }
         for d in to.descriptors { devices.insert(try MemoryLocation(parsing: d.location)) }
         if devices.contains(where: { !$0.isHost }) {
-            guard executor == .perBlock else {
-                throw KVError(.unsupported, "the aggregated executor has no device path built in (buffers in \(devices.filter { !$0.isHost }.map(\.description).sorted().joined(separator: ", "))); use the per-block executor")
-            }
             guard sameProcess else {
                 throw KVError(.unsupported, "KV blocks in device memory move only within one process here (no GPU transport between processes is built in)")
             }
-            return try deviceCopies(copies, from: from, to: to)
+            return try deviceCopies(copies, from: from, to: to, batched: executor == .aggregated)
         }
         let mover = KVBlockMover(counters: counters)
         if sameProcess { return try mover.run(copies, pull: pull, route: .sameProcess, executor: executor) }
@@ -107,20 +104,58 @@ extension StoreClient {
         return try mover.run(copies, pull: pull, route: .network(link), executor: executor)
     }
 
-    /// One device copy per run, each by the device that owns either side (direction named).
-    private func deviceCopies(_ copies: [KVBlockCopy], from: KVLayout, to: KVLayout) throws(KVError) -> Int {
+    /// Copies by the device that owns either side of each run, direction named: one copy per
+    /// run, or (`batched`) one batched driver call per device and direction for up to 1024
+    /// runs (a device without one: `unsupported`, before any byte moves). Returns the calls.
+    private func deviceCopies(_ copies: [KVBlockCopy], from: KVLayout, to: KVLayout, batched: Bool) throws(KVError) -> Int {
         let snapshot = AcceleratorRegistry.snapshot
+        var groups: [(device: any AcceleratorDevice, direction: CopyDirection, copies: [KVBlockCopy])] = []
         for c in copies {
             let s = try MemoryLocation(parsing: from.descriptors[c.sourceDescriptor].location)
             let d = try MemoryLocation(parsing: to.descriptors[c.destinationDescriptor].location)
             let direction = CopyDirection(from: s, to: d)
             let device = try snapshot.requireDevice(at: s.isHost ? d : s)
-            try device.withCurrent { () throws(KVError) in
-                try device.copy(direction, from: c.source, to: c.destination, count: c.length)
+            if batched, let i = groups.firstIndex(where: { $0.device === device && $0.direction == direction }) {
+                groups[i].copies.append(c)
+            } else {
+                groups.append((device, direction, [c]))
             }
-            transport.count(c.length)
         }
-        return copies.count
+        if batched {   // refuse before moving anything when a device has no batched call
+            for g in groups where g.direction != .hostToHost {
+                try g.device.withCurrent { () throws(KVError) in
+                    try g.device.copyBatch(g.direction, sources: [], destinations: [], counts: [])
+                }
+            }
+        }
+        var calls = 0
+        for g in groups {
+            if g.direction == .hostToHost {   // host runs of a mixed layout: one memmove each
+                for c in g.copies {
+                    memmove(UnsafeMutableRawPointer(bitPattern: c.destination)!, UnsafeRawPointer(bitPattern: c.source)!, c.length)
+                    transport.count(c.length)
+                }
+                calls += g.copies.count
+                continue
+            }
+            try g.device.withCurrent { () throws(KVError) in
+                var start = 0
+                let step = batched ? KVBlockMover.maxRunsPerOperation : 1
+                while start < g.copies.count {
+                    let chunk = g.copies[start..<min(start + step, g.copies.count)]
+                    if batched {
+                        try g.device.copyBatch(g.direction, sources: chunk.map(\.source), destinations: chunk.map(\.destination),
+                                               counts: chunk.map(\.length))
+                    } else {
+                        try g.device.copy(g.direction, from: chunk.first!.source, to: chunk.first!.destination, count: chunk.first!.length)
+                    }
+                    for c in chunk { transport.count(c.length) }
+                    calls += 1
+                    start += chunk.count
+                }
+            }
+        }
+        return calls
     }
 
     private func kvLink(_ endpoint: String) throws(KVError) -> PeerLink {

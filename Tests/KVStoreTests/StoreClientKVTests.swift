@@ -4,6 +4,9 @@ import KVTestSupport
 import KVCore
 import KVTransfer
 @testable import KVStore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// KV layouts on an embedded store, with device memory from the fake accelerator: locations
 /// are checked against the devices present, device blocks move by per-block device copies
@@ -40,9 +43,35 @@ final class StoreClientKVTests: XCTestCase {
         XCTAssertEqual(value[12 * Self.bpb + Self.bpb - 1], 105)
         let copies = FakeAccelerator.events.compactMap { e -> CopyDirection? in if case let .copy(d, _, _) = e { d } else { nil } }
         XCTAssertEqual(copies, [.deviceToDevice, .deviceToDevice, .deviceToDevice, .deviceToDevice])
-        XCTAssertThrowsError(try s.moveKVBlocks(peer: "n", pull: true, sourceBlocks: [0], destinationBlocks: [1], executor: .aggregated)) {
+        // Aggregated: one batched call per device and direction (fake:0's KEY and fake:1's VALUE).
+        FakeAccelerator.clearEvents()
+        XCTAssertEqual(try s.moveKVBlocks(peer: "n", pull: true, sourceBlocks: [2, 4, 6], destinationBlocks: [13, 14, 15], executor: .aggregated), 2)
+        XCTAssertEqual(key[13 * Self.bpb], 2); XCTAssertEqual(key[15 * Self.bpb], 6); XCTAssertEqual(value[14 * Self.bpb + 3], 104)
+        let batches = FakeAccelerator.events.compactMap { e -> Int? in if case let .copyBatch(.deviceToDevice, _, n) = e { n } else { nil } }
+        XCTAssertEqual(batches, [3, 3])
+    }
+
+    /// A device without a batched call: the aggregated executor refuses before moving anything.
+    func testAggregatedExecutorNeedsABatchedDeviceCall() throws {
+        let s = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: false))
+        defer { s.close() }
+        let host = UnsafeMutableRawPointer.allocate(byteCount: Self.blocks * Self.bpb, alignment: 64)
+        defer { host.deallocate() }
+        memset(host, 7, Self.blocks * Self.bpb)
+        try s.registerKVLayout(node: "n", descriptors: [
+            KVBufferDescriptor(layer: 0, kind: .key, address: UInt(bitPattern: host), length: Self.blocks * Self.bpb, bytesPerBlock: Self.bpb),
+        ])
+        // Host-only layouts never reach a device: the aggregated executor is the host path.
+        XCTAssertEqual(try s.moveKVBlocks(peer: "n", pull: true, sourceBlocks: [0], destinationBlocks: [1], executor: .aggregated), 1)
+        FakeAccelerator.failBatches(true)
+        defer { FakeAccelerator.failBatches(false) }
+        try s.registerKVLayout(node: "n", descriptors: [descriptor(0, .key, device: 0, offset: 0)])
+        let key = FakeAccelerator.memory(0)
+        memset(key.baseAddress!, 9, Self.blocks * Self.bpb)
+        key[5 * Self.bpb] = 1
+        XCTAssertThrowsError(try s.moveKVBlocks(peer: "n", pull: true, sourceBlocks: [5], destinationBlocks: [6], executor: .aggregated)) {
             XCTAssertEqual(($0 as? KVError)?.code, .unsupported)
         }
-        XCTAssertEqual(key[1 * Self.bpb], 1, "the refused move changed nothing")
+        XCTAssertEqual(key[6 * Self.bpb], 9, "the refused move changed nothing")
     }
 }

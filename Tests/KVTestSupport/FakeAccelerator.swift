@@ -19,6 +19,8 @@ public final class FakeAccelerator: AcceleratorDevice {
     public enum Event: Equatable, Sendable {
         case enter(Int), leave(Int)
         case copy(CopyDirection, device: Int, bytes: Int)
+        /// One batched call of `copies` copies.
+        case copyBatch(CopyDirection, device: Int, copies: Int)
         case pin(Int), unpin(Int)
     }
 
@@ -26,6 +28,7 @@ public final class FakeAccelerator: AcceleratorDevice {
         var devices = 0
         var failPins = false
         var failCopiesTo: UInt? = nil
+        var noBatches = false
         var events: [Event] = []
         var pinned: [MemoryRegion] = []
         var current: Int? = nil
@@ -51,6 +54,8 @@ public final class FakeAccelerator: AcceleratorDevice {
     public static var pinnedRanges: [MemoryRegion] { state.withLock { $0.pinned } }
     public static var currentDevice: Int? { state.withLock { $0.current } }
     public static func failPins(_ on: Bool) { state.withLock { $0.failPins = on } }
+    /// Makes the devices lack a batched copy call (`unsupported`, as older CUDA drivers).
+    public static func failBatches(_ on: Bool) { state.withLock { $0.noBatches = on } }
     /// Makes copies whose destination is `address` fail (nil: none fail).
     public static func failCopies(to address: UInt?) { state.withLock { $0.failCopiesTo = address } }
 
@@ -110,6 +115,19 @@ public final class FakeAccelerator: AcceleratorDevice {
         }
         guard !fail else { throw KVError(.transfer, "fake:\(index) copy failed (injected, or device not current)") }
         memcpy(UnsafeMutableRawPointer(bitPattern: destination)!, UnsafeRawPointer(bitPattern: source)!, count)
+    }
+
+    /// Checks every copy as `copy` does, then records one event for the whole batch.
+    public func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int]) throws(KVError) {
+        if Self.state.withLock({ $0.noBatches }) { throw KVError(.unsupported, "fake:\(index) has no batched copy") }
+        guard !sources.isEmpty else { return }
+        for i in sources.indices {
+            try copy(direction, from: sources[i], to: destinations[i], count: counts[i])
+        }
+        Self.state.withLock { s in
+            s.events.removeLast(sources.count)
+            s.events.append(.copyBatch(direction, device: index, copies: sources.count))
+        }
     }
 
     public func allocatePinned(bytes: Int) throws(KVError) -> MemoryRegion {

@@ -79,3 +79,31 @@ def test_cupy_array_through_cuda_array_interface(store):
     store.get_tensor_into("c", b)
     assert bool((a == b).all())
     assert np.array_equal(store.get_tensor("c"), np.arange(100, dtype=np.float32))
+
+
+@pytest.mark.parametrize("executor", ["per_block", "aggregated"])
+def test_kv_blocks_between_gpu_and_host_buffers_of_one_process(executor):
+    """A layout with K on the GPU and V on the host: pulls within it move GPU blocks by the
+    device (per block, or one cuMemcpyBatchAsync per direction) and host blocks by memcpy."""
+    layers, blocks, bpb = 2, 64, 4096
+    k = [torch.randint(0, 255, (blocks, bpb), dtype=torch.uint8, device="cuda:0") for _ in range(layers)]
+    v = [np.random.default_rng(i).integers(0, 255, (blocks, bpb), dtype=np.uint8) for i in range(layers)]
+    ds = []
+    for layer in range(layers):
+        ds.append({"layer": layer, "kind": "key", "address": k[layer].data_ptr(), "length": blocks * bpb,
+                   "bytes_per_block": bpb, "location": "cuda:0"})
+        ds.append({"layer": layer, "kind": "value", "address": v[layer].ctypes.data, "length": blocks * bpb,
+                   "bytes_per_block": bpb})
+    with kvstore.Store("16MiB") as s:
+        s.register_kv_layout("self", ds)
+        k0 = [t.clone() for t in k]
+        v0 = [a.copy() for a in v]
+        src, dst = [1, 2, 3, 9, 20], [40, 41, 42, 50, 60]
+        try:
+            s.pull_kv_blocks("self", src, dst, executor=executor)
+        except kvstore.UnsupportedError as e:
+            pytest.skip(f"this driver has no batched copy: {e}")
+        torch.cuda.synchronize()
+        for layer in range(layers):
+            assert torch.equal(k[layer][dst], k0[layer][src])
+            assert np.array_equal(v[layer][dst], v0[layer][src])
