@@ -485,6 +485,13 @@ static PyObject *store_batch_get_into(StoreObject *self, PyObject *const *args, 
     return batch_call(self, args[0], args[1], "buffers", 1, 0, 0, NULL, ok_value);
 }
 
+/* _batch_get_raw(keys, part_lists) -> [size | exception]: batch_get_into whose targets are
+ * buffers or (address, length) parts of memory on any device. */
+static PyObject *store_batch_get_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("_batch_get_raw", nargs, 2, 2) < 0) return NULL;
+    return batch_call(self, args[0], args[1], "part_lists", 1, 1, 0, NULL, ok_value);
+}
+
 /* ---- queries and removal ---- */
 
 static PyObject *store_exists(StoreObject *self, PyObject *key) {
@@ -648,6 +655,8 @@ static PyMethodDef store_methods[] = {
     {"unregister_buffer", (PyCFunction)store_unregister_buffer, METH_O, "unregister_buffer(buffer)."},
     {"_put_raw", (PyCFunction)(void (*)(void))store_put_raw, METH_FASTCALL | METH_KEYWORDS,
      "_put_raw(key, parts: list, upsert): parts are buffers or (address, length) of memory on any device."},
+    {"_batch_get_raw", (PyCFunction)(void (*)(void))store_batch_get_raw, METH_FASTCALL,
+     "_batch_get_raw(keys, part_lists) -> list: batch_get_into into buffers or (address, length) parts."},
     {"_batch_put_raw", (PyCFunction)(void (*)(void))store_batch_put_raw, METH_FASTCALL | METH_KEYWORDS,
      "_batch_put_raw(keys, part_lists, upsert) -> list: like _put_raw per key; copies grouped per device."},
     KVPY_RAW_METHODS

@@ -1,0 +1,403 @@
+"""The Python API of Mooncake Store (0.3.13) over kvstore: connectors switch with one import.
+
+    from kvstore.mooncake import MooncakeDistributedStore, ReplicateConfig
+
+Mooncake's conventions are kept, not kvstore's: calls return integer codes instead of raising
+(0 success, -704 object not found, -706 object has a lease, -600 invalid parameters, -200 no
+space, -705 already exists, -800 transfer failure), ``get`` of a missing key returns ``b""``,
+``put`` of an existing key returns 0 and keeps the stored value, ``is_exist`` returns 1 / 0.
+README.md, "Coming from Mooncake", lists every difference.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import _errors
+from ._errors import StoreError
+from ._sizes import parse_size
+from ._store import Store
+
+__all__ = ["MooncakeDistributedStore", "ReplicateConfig", "SoftPinAction", "ErrorCode"]
+
+
+class ErrorCode(enum.IntEnum):
+    """Mooncake's return codes that kvstore produces."""
+
+    OK = 0
+    INTERNAL_ERROR = -1
+    NO_AVAILABLE_HANDLE = -200   # no space
+    INVALID_PARAMS = -600
+    OBJECT_NOT_FOUND = -704
+    OBJECT_ALREADY_EXISTS = -705
+    OBJECT_HAS_LEASE = -706
+    TRANSFER_FAIL = -800
+
+
+_CODES: dict[type[BaseException], int] = {
+    _errors.ObjectNotFoundError: ErrorCode.OBJECT_NOT_FOUND,
+    _errors.ObjectExistsError: ErrorCode.OBJECT_ALREADY_EXISTS,
+    _errors.LeaseHeldError: ErrorCode.OBJECT_HAS_LEASE,
+    _errors.NoSpaceError: ErrorCode.NO_AVAILABLE_HANDLE,
+    _errors.InvalidArgumentError: ErrorCode.INVALID_PARAMS,
+    _errors.UnsupportedError: ErrorCode.INVALID_PARAMS,
+    _errors.StoreClosedError: ErrorCode.INVALID_PARAMS,
+    _errors.TransferError: ErrorCode.TRANSFER_FAIL,
+}
+
+
+def _code(e: BaseException) -> int:
+    for cls in type(e).__mro__:
+        if cls in _CODES:
+            return int(_CODES[cls])
+    if isinstance(e, (TypeError, ValueError, OverflowError)):
+        return int(ErrorCode.INVALID_PARAMS)
+    return int(ErrorCode.INTERNAL_ERROR)
+
+
+class SoftPinAction(enum.IntEnum):
+    """What a write does to the object's soft pin."""
+
+    PRESERVE = 0
+    ENABLE = 1
+    DISABLE = 2
+
+
+class ReplicateConfig:
+    """Placement and pinning of a write: ``replica_num`` copies in distinct segments (best
+    effort), ``with_hard_pin`` (never evicted), ``soft_pin_action`` / ``with_soft_pin`` (evicted
+    last) for ``soft_pin_ttl_ms`` (0: the store's default). ``preferred_segments`` and
+    ``preferred_segment`` are accepted and ignored: kvstore places the first replica in the
+    writer's own segment when it has one."""
+
+    def __init__(self) -> None:
+        self.replica_num = 1
+        self.with_hard_pin = False
+        self.soft_pin_action = SoftPinAction.PRESERVE
+        self.soft_pin_ttl_ms = 0
+        self.preferred_segments: list[str] = []
+        self.preferred_segment = ""
+
+    @property
+    def with_soft_pin(self) -> bool:
+        return self.soft_pin_action == SoftPinAction.ENABLE
+
+    @with_soft_pin.setter
+    def with_soft_pin(self, on: bool) -> None:
+        self.soft_pin_action = SoftPinAction.ENABLE if on else SoftPinAction.PRESERVE
+
+    def _options(self) -> dict[str, Any]:
+        n = self.replica_num
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise _errors.InvalidArgumentError(f"replica_num must be a positive int, not {n!r}")
+        if not isinstance(self.with_hard_pin, bool):
+            raise _errors.InvalidArgumentError("with_hard_pin must be a bool")
+        try:
+            action = SoftPinAction(self.soft_pin_action)
+        except ValueError:
+            raise _errors.InvalidArgumentError(f"soft_pin_action {self.soft_pin_action!r} is not a SoftPinAction") from None
+        ttl = self.soft_pin_ttl_ms
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 0:
+            raise _errors.InvalidArgumentError(f"soft_pin_ttl_ms must be a non-negative int, not {ttl!r}")
+        options: dict[str, Any] = {"replicas": n, "hard_pin": self.with_hard_pin}
+        if action == SoftPinAction.ENABLE and not self.with_hard_pin:   # a hard pin already covers it
+            options["soft_pin"] = True
+            if ttl:
+                options["soft_pin_ttl"] = ttl / 1000
+        return options
+
+    def __repr__(self) -> str:
+        return (f"ReplicateConfig(replica_num={self.replica_num}, with_hard_pin={self.with_hard_pin}, "
+                f"soft_pin_action={SoftPinAction(self.soft_pin_action).name}, soft_pin_ttl_ms={self.soft_pin_ttl_ms}, "
+                f"preferred_segments={self.preferred_segments}, preferred_segment={self.preferred_segment!r})")
+
+
+_SETUP_KEYS = ("local_hostname", "metadata_server", "global_segment_size", "local_buffer_size", "protocol",
+               "rdma_devices", "master_server_addr")
+
+
+def _options(config: ReplicateConfig | None) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if not isinstance(config, ReplicateConfig):
+        raise _errors.ArgumentTypeError(f"config must be a ReplicateConfig, not {type(config).__name__}")
+    return config._options()
+
+
+def _log(message: str) -> None:
+    print(f"kvstore.mooncake: {message}", file=sys.stderr)
+
+
+class MooncakeDistributedStore:
+    """A client of a kvstore master with Mooncake Store's Python API (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._store: Store | None = None
+        self._hostname = ""
+
+    # ---- lifecycle ----
+
+    def setup(self, local_hostname: Any, metadata_server: str = "P2PHANDSHAKE", global_segment_size: int | str = 16 << 20,
+              local_buffer_size: int | str = 16 << 20, protocol: str = "tcp", rdma_devices: str = "",
+              master_server_addr: str = "127.0.0.1:50051", engine: Any = None) -> int:
+        """Joins the master at ``master_server_addr`` with a segment of ``global_segment_size``
+        bytes (0: a pure client). Also takes one dict with the same keys (sizes as ints or
+        strings such as "16MB"; ``master_server_address`` and ``device_name`` are accepted
+        spellings). ``local_buffer_size`` and ``rdma_devices`` are accepted and unused (kvstore
+        needs no staging buffer; RDMA devices are found at run time). Returns 0 or an error code."""
+        if isinstance(local_hostname, dict):
+            cfg = dict(local_hostname)
+            if "master_server_address" in cfg:
+                cfg.setdefault("master_server_addr", cfg.pop("master_server_address"))
+            if "device_name" in cfg:
+                cfg.setdefault("rdma_devices", cfg.pop("device_name"))
+            unknown = sorted(set(cfg) - set(_SETUP_KEYS))
+            if unknown:
+                _log(f"setup: ignoring unknown keys {', '.join(unknown)}")
+            return self.setup(**{k: cfg[k] for k in _SETUP_KEYS if k in cfg})
+        try:
+            if self._store is not None and not self._store.closed:
+                raise _errors.InvalidArgumentError("setup was already called; close() first")
+            for name, v in (("local_hostname", local_hostname), ("metadata_server", metadata_server),
+                            ("protocol", protocol), ("master_server_addr", master_server_addr)):
+                if not isinstance(v, str):
+                    raise _errors.ArgumentTypeError(f"{name} must be a str, not {type(v).__name__}")
+            if metadata_server != "P2PHANDSHAKE" and not metadata_server.startswith("http://"):
+                raise _errors.InvalidArgumentError(f"metadata_server {metadata_server!r}: kvstore takes 'P2PHANDSHAKE' or "
+                                                   "'http://host:port/metadata' (and needs neither)")
+            if protocol not in ("tcp", "rdma"):
+                raise _errors.InvalidArgumentError(f"protocol {protocol!r} is not 'tcp' or 'rdma'")
+            size = parse_size(global_segment_size, name="global_segment_size")
+            parse_size(local_buffer_size, name="local_buffer_size")
+            host, _, port = local_hostname.rpartition(":") if ":" in local_hostname else (local_hostname, "", "")
+            if not port:
+                with socket.socket() as s:   # a free port, as Mooncake picks one
+                    s.bind(("", 0))
+                    port = str(s.getsockname()[1])
+            url = master_server_addr if "://" in master_server_addr else f"kvstore://{master_server_addr}"
+            self._store = Store.connect(url, segment_size=size)
+            self._hostname = f"{host or 'localhost'}:{port}"
+            return 0
+        except Exception as e:   # noqa: BLE001 - Mooncake's convention: a code, not an exception
+            _log(f"setup failed: {e}")
+            return _code(e)
+
+    def get_hostname(self) -> str:
+        """"host:port" of this client (the port picked at setup when none was given)."""
+        return self._hostname
+
+    def close(self) -> int:
+        """Leaves the cluster. Idempotent; returns 0."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        return 0
+
+    def health_check(self) -> int:
+        """0 healthy, 1 closed or not set up, 2 master unreachable."""
+        if self._store is None or self._store.closed:
+            return 1
+        try:
+            self._store.exists("\x00kvstore-health")
+            return 0
+        except _errors.TransferError:
+            return 2
+        except StoreError:
+            return 1
+
+    def _call(self, fn: Callable[[Store], Any], fail: Any = None) -> Any:
+        """Runs fn on the store; an exception becomes its code (or `fail`, when given)."""
+        try:
+            if self._store is None:
+                raise _errors.StoreClosedError("not set up (call setup first) or closed")
+            return fn(self._store)
+        except Exception as e:   # noqa: BLE001
+            return _code(e) if fail is None else fail
+
+    # ---- bytes ----
+
+    def put(self, key: str, value: Any, config: ReplicateConfig | None = None) -> int:
+        """0 (also when the key exists: the stored value is kept), or an error code."""
+        def put(s: Store) -> int:
+            try:
+                s.put(key, value, **_options(config))
+            except _errors.ObjectExistsError:
+                pass
+            return 0
+        return self._call(put)
+
+    def upsert(self, key: str, value: Any, config: ReplicateConfig | None = None) -> int:
+        return self._call(lambda s: s.upsert(key, value, **_options(config)) or 0)
+
+    def put_parts(self, key: str, *parts: Any, config: ReplicateConfig | None = None) -> int:
+        def put(s: Store) -> int:
+            try:
+                s.put_parts(key, *parts, **_options(config))
+            except _errors.ObjectExistsError:
+                pass
+            return 0
+        return self._call(put)
+
+    def upsert_parts(self, key: str, *parts: Any, config: ReplicateConfig | None = None) -> int:
+        return self._call(lambda s: s.upsert_parts(key, *parts, **_options(config)) or 0)
+
+    def get(self, key: str) -> bytes:
+        """The value, or b"" when it is missing (or on any error)."""
+        return self._call(lambda s: s.get(key), fail=b"")
+
+    def get_size(self, key: str) -> int:
+        return self._call(lambda s: s.size(key))
+
+    def is_exist(self, key: str) -> int:
+        """1 present, 0 absent, or an error code."""
+        return self._call(lambda s: int(s.exists(key)))
+
+    def _batch_codes(self, results: list[Any], ok: Callable[[Any], int] = lambda _: 0,
+                     exists_ok: bool = False) -> list[int]:
+        return [ok(r) if not isinstance(r, BaseException)
+                else 0 if exists_ok and isinstance(r, _errors.ObjectExistsError) else _code(r) for r in results]
+
+    def put_batch(self, keys: Sequence[str], values: Sequence[Any], config: ReplicateConfig | None = None) -> int:
+        """0 when every value is stored (existing keys count as stored), else the first error."""
+        def put(s: Store) -> int:
+            codes = self._batch_codes(s.put_batch(list(keys), list(values), **_options(config)), exists_ok=True)
+            return next((c for c in codes if c), 0)
+        return self._call(put)
+
+    def upsert_batch(self, keys: Sequence[str], values: Sequence[Any], config: ReplicateConfig | None = None) -> int:
+        def upsert(s: Store) -> int:
+            codes = self._batch_codes(s.upsert_batch(list(keys), list(values), **_options(config)))
+            return next((c for c in codes if c), 0)
+        return self._call(upsert)
+
+    def get_batch(self, keys: Sequence[str]) -> list[bytes]:
+        """One value per key; b"" for a missing key."""
+        def get(s: Store) -> list[bytes]:
+            return [v if isinstance(v, bytes) else b"" for v in s.get_batch(list(keys))]
+        return self._safe_list(get, keys, b"")
+
+    def _safe_list(self, fn: Callable[[Store], list[Any]], keys: Any, fill: Any) -> list[Any]:
+        try:
+            if self._store is None:
+                raise _errors.StoreClosedError("not set up")
+            return fn(self._store)
+        except Exception as e:   # noqa: BLE001
+            n = len(keys) if isinstance(keys, (list, tuple)) else 0
+            return [fill if not isinstance(fill, int) else _code(e)] * n
+
+    def batch_is_exist(self, keys: Sequence[str]) -> list[int]:
+        def exist(s: Store) -> list[int]:
+            return [int(r) if not isinstance(r, BaseException) else _code(r) for r in s.batch_exists(list(keys))]
+        return self._safe_list(exist, keys, int(ErrorCode.INVALID_PARAMS))
+
+    def remove(self, key: str, force: bool = False) -> int:
+        return self._call(lambda s: s.remove(key, force=force) or 0)
+
+    def batch_remove(self, keys: Sequence[str], force: bool = False) -> list[int]:
+        return self._safe_list(lambda s: self._batch_codes(s.batch_remove(list(keys), force=force)), keys,
+                               int(ErrorCode.INVALID_PARAMS))
+
+    def remove_all(self, force: bool = False) -> int:
+        """The number of objects removed, or an error code."""
+        return self._call(lambda s: s.remove_all(force=force))
+
+    # ---- zero copy with integer addresses ----
+
+    def register_buffer(self, buffer_ptr: int, size: int) -> int:
+        """Registers host memory at an integer address (device memory: register it through
+        ``kvstore.Store.register_buffer`` with its tensor, which captures its device)."""
+        def register(s: Store) -> int:
+            for name, v in (("buffer_ptr", buffer_ptr), ("size", size)):
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise _errors.InvalidArgumentError(f"{name} must be a positive int")
+            s._register_raw(buffer_ptr, size, "cpu", None)
+            return 0
+        return self._call(register)
+
+    def unregister_buffer(self, buffer_ptr: int) -> int:
+        return self._call(lambda s: s.unregister_buffer(buffer_ptr) or 0)
+
+    @staticmethod
+    def _parts(ptrs: Sequence[int], sizes: Sequence[int]) -> list[tuple[int, int]]:
+        if len(ptrs) != len(sizes):
+            raise _errors.InvalidArgumentError("buffer pointers and sizes differ in length")
+        return [(int(p), int(n)) for p, n in zip(ptrs, sizes)]
+
+    def put_from(self, key: str, buffer_ptr: int, size: int, config: ReplicateConfig | None = None) -> int:
+        return self.batch_put_from([key], [buffer_ptr], [size], config)[0]
+
+    def upsert_from(self, key: str, buffer_ptr: int, size: int, config: ReplicateConfig | None = None) -> int:
+        return self.batch_upsert_from([key], [buffer_ptr], [size], config)[0]
+
+    def get_into(self, key: str, buffer_ptr: int, size: int) -> int:
+        """Bytes read into the buffer, or an error code."""
+        return self.batch_get_into([key], [buffer_ptr], [size])[0]
+
+    def _put_raw(self, keys: Sequence[str], part_lists: list[list[tuple[int, int]]], upsert: bool,
+                 config: ReplicateConfig | None) -> list[int]:
+        def put(s: Store) -> list[int]:
+            if len(keys) != len(part_lists):
+                raise _errors.InvalidArgumentError("keys and buffers differ in length")
+            return self._batch_codes(s._batch_put_raw(list(keys), part_lists, upsert, **_options(config)), exists_ok=not upsert)
+        return self._safe_list(put, keys, int(ErrorCode.INVALID_PARAMS))
+
+    def batch_put_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
+                       config: ReplicateConfig | None = None) -> list[int]:
+        try:
+            parts = [[p] for p in self._parts(buffer_ptrs, sizes)]
+        except Exception as e:   # noqa: BLE001
+            return [_code(e)] * len(keys)
+        return self._put_raw(keys, parts, False, config)
+
+    def batch_upsert_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
+                          config: ReplicateConfig | None = None) -> list[int]:
+        try:
+            parts = [[p] for p in self._parts(buffer_ptrs, sizes)]
+        except Exception as e:   # noqa: BLE001
+            return [_code(e)] * len(keys)
+        return self._put_raw(keys, parts, True, config)
+
+    def batch_put_from_multi_buffers(self, keys: Sequence[str], all_buffer_ptrs: Sequence[Sequence[int]],
+                                     all_sizes: Sequence[Sequence[int]], config: ReplicateConfig | None = None) -> list[int]:
+        """Each object gathered from several buffers, each copied once into place."""
+        try:
+            if len(all_buffer_ptrs) != len(all_sizes):
+                raise _errors.InvalidArgumentError("buffer pointer lists and size lists differ in length")
+            parts = [self._parts(p, n) for p, n in zip(all_buffer_ptrs, all_sizes)]
+        except Exception as e:   # noqa: BLE001
+            return [_code(e)] * len(keys)
+        return self._put_raw(keys, parts, False, config)
+
+    def batch_get_into(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int]) -> list[int]:
+        """Bytes read per key, or its error code."""
+        try:
+            parts = [[p] for p in self._parts(buffer_ptrs, sizes)]
+        except Exception as e:   # noqa: BLE001
+            return [_code(e)] * len(keys)
+        return self._get_raw(keys, parts)
+
+    def batch_get_into_multi_buffers(self, keys: Sequence[str], all_buffer_ptrs: Sequence[Sequence[int]],
+                                     all_sizes: Sequence[Sequence[int]], prefer_same_node: bool = True) -> list[int]:
+        """Each object scattered over several buffers, in order."""
+        try:
+            if len(all_buffer_ptrs) != len(all_sizes):
+                raise _errors.InvalidArgumentError("buffer pointer lists and size lists differ in length")
+            parts = [self._parts(p, n) for p, n in zip(all_buffer_ptrs, all_sizes)]
+        except Exception as e:   # noqa: BLE001
+            return [_code(e)] * len(keys)
+        return self._get_raw(keys, parts)
+
+    def _get_raw(self, keys: Sequence[str], part_lists: list[list[tuple[int, int]]]) -> list[int]:
+        def get(s: Store) -> list[int]:
+            if len(keys) != len(part_lists):
+                raise _errors.InvalidArgumentError("keys and buffers differ in length")
+            return self._batch_codes(s._batch_get_raw(list(keys), part_lists), ok=int)
+        return self._safe_list(get, keys, int(ErrorCode.INVALID_PARAMS))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._store is None else self._hostname
+        return f"<kvstore.mooncake.MooncakeDistributedStore {state}>"

@@ -1,0 +1,157 @@
+"""kvstore.mooncake: Mooncake Store's Python API and its integer conventions (issue 7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cluster import Master
+from kvstore.mooncake import ErrorCode, MooncakeDistributedStore, ReplicateConfig, SoftPinAction
+
+
+@pytest.fixture
+def master():
+    with Master() as m:
+        yield m
+
+
+def client(m: Master, size: int | str = 16 << 20) -> MooncakeDistributedStore:
+    s = MooncakeDistributedStore()
+    assert s.setup("localhost", "P2PHANDSHAKE", size, 16 << 20, "tcp", "", f"127.0.0.1:{m.port}") == 0
+    return s
+
+
+def test_setup_positional_and_dict_forms_and_hostname(master):
+    a = MooncakeDistributedStore()
+    assert a.health_check() == 1 and a.get_hostname() == ""
+    assert a.setup("127.0.0.1:17812", "http://127.0.0.1:8080/metadata", "16MB", "1MB", "tcp", "",
+                   f"127.0.0.1:{master.port}") == 0
+    assert a.get_hostname() == "127.0.0.1:17812" and a.health_check() == 0
+    b = MooncakeDistributedStore()
+    assert b.setup({"local_hostname": "localhost", "metadata_server": "P2PHANDSHAKE", "global_segment_size": "8MB",
+                    "local_buffer_size": 0, "protocol": "tcp", "device_name": "",
+                    "master_server_address": f"127.0.0.1:{master.port}"}) == 0
+    host, port = b.get_hostname().split(":")
+    assert host == "localhost" and 0 < int(port) < 65536          # a free port was picked
+    assert a.put("k", b"v") == 0 and b.get("k") == b"v"
+    assert a.setup("localhost", "P2PHANDSHAKE", 0, 0, "tcp", "", f"127.0.0.1:{master.port}") == ErrorCode.INVALID_PARAMS
+    for s in (a, b):
+        assert s.close() == 0 and s.close() == 0 and s.health_check() == 1
+
+
+@pytest.mark.parametrize("args, code", [
+    (("localhost", "etcd://127.0.0.1:2379", 0, 0, "tcp"), ErrorCode.INVALID_PARAMS),
+    (("localhost", "P2PHANDSHAKE", 0, 0, "nvlink"), ErrorCode.INVALID_PARAMS),
+    (("localhost", "P2PHANDSHAKE", "lots", 0, "tcp"), ErrorCode.INVALID_PARAMS),
+    ((5, "P2PHANDSHAKE", 0, 0, "tcp"), ErrorCode.INVALID_PARAMS),
+])
+def test_bad_setup_returns_a_code_and_leaves_it_unset(master, args, code):
+    s = MooncakeDistributedStore()
+    assert s.setup(*args, "", f"127.0.0.1:{master.port}") == code
+    assert s.health_check() == 1 and s.put("k", b"v") == ErrorCode.INVALID_PARAMS and s.get("k") == b""
+
+
+def test_unreachable_master_and_health_after_it_stops():
+    s = MooncakeDistributedStore()
+    m = Master()
+    port = m.port
+    m.stop()
+    assert s.setup("localhost", "P2PHANDSHAKE", 0, 0, "tcp", "", f"127.0.0.1:{port}") == ErrorCode.TRANSFER_FAIL
+    with Master() as m:
+        s = client(m, 0)
+        assert s.health_check() == 0
+        m.stop()
+        assert s.health_check() == 2
+        s.close()
+
+
+def test_bytes_calls_and_their_quirks(master):
+    s = client(master)
+    try:
+        assert s.put("k", b"hello") == 0
+        assert s.put("k", b"other") == 0 and s.get("k") == b"hello"      # put keeps the stored value
+        assert s.upsert("k", b"new") == 0 and s.get("k") == b"new"
+        assert s.get("missing") == b"" and s.get_size("missing") == ErrorCode.OBJECT_NOT_FOUND
+        assert s.get_size("k") == 3 and s.is_exist("k") == 1 and s.is_exist("missing") == 0
+        assert s.put_parts("p", b"ab", bytearray(b"cd"), memoryview(b"ef")) == 0 and s.get("p") == b"abcdef"
+        assert s.upsert_parts("p", b"x", b"y") == 0 and s.get("p") == b"xy"
+        assert s.put_batch(["b1", "b2", "k"], [b"1", b"22", b"zzz"]) == 0 and s.get("k") == b"new"
+        assert s.get_batch(["b1", "nope", "b2"]) == [b"1", b"", b"22"]
+        assert s.upsert_batch(["b1", "b3"], [b"one", b"three"]) == 0 and s.get_batch(["b1", "b3"]) == [b"one", b"three"]
+        assert s.batch_is_exist(["b1", "nope"]) == [1, 0]
+        assert s.remove("nope") == ErrorCode.OBJECT_NOT_FOUND
+        assert s.remove("b1") == ErrorCode.OBJECT_HAS_LEASE                 # read just now: leased
+        assert s.remove("b1", force=True) == 0 and s.is_exist("b1") == 0
+        assert s.batch_remove(["b2", "nope"], force=True) == [0, ErrorCode.OBJECT_NOT_FOUND]
+        assert s.remove_all(force=True) == 3 and s.batch_is_exist(["k", "p", "b3"]) == [0, 0, 0]
+        assert s.put("", b"x") == ErrorCode.INVALID_PARAMS and s.put("e", b"") == ErrorCode.INVALID_PARAMS
+        assert s.put(5, b"x") == ErrorCode.INVALID_PARAMS and s.put_batch(["a"], [b"1", b"2"]) == ErrorCode.INVALID_PARAMS
+        assert s.put("big", bytes(32 << 20)) == ErrorCode.NO_AVAILABLE_HANDLE and s.is_exist("big") == 0
+    finally:
+        s.close()
+
+
+def test_zero_copy_with_integer_addresses(master):
+    s = client(master)
+    try:
+        src = np.arange(4096, dtype=np.uint8)
+        dst = np.zeros(4096, dtype=np.uint8)
+        a, b = src.ctypes.data, dst.ctypes.data
+        assert s.register_buffer(a, src.nbytes) == 0 and s.register_buffer(b, dst.nbytes) == 0
+        assert s.register_buffer(a, 0) == ErrorCode.INVALID_PARAMS
+        assert s.put_from("z", a, 1000) == 0 and s.put_from("z", a + 1, 10) == 0      # kept
+        assert s.get_into("z", b, 4096) == 1000 and np.array_equal(dst[:1000], src[:1000])
+        assert s.get_into("z", b, 10) == ErrorCode.INVALID_PARAMS                    # too small
+        assert s.get_into("nope", b, 4096) == ErrorCode.OBJECT_NOT_FOUND
+        assert s.upsert_from("z", a + 100, 50) == 0 and s.get("z") == src[100:150].tobytes()
+        assert s.batch_put_from(["x", "y"], [a, a + 10], [5, 6]) == [0, 0]
+        assert s.batch_put_from(["x"], [a, a], [1]) == [ErrorCode.INVALID_PARAMS]
+        assert s.batch_upsert_from(["x"], [a + 7], [3]) == [0] and s.get("x") == src[7:10].tobytes()
+        assert s.batch_get_into(["x", "y", "nope"], [b, b + 100, b + 200], [64, 64, 64]) == [3, 6, ErrorCode.OBJECT_NOT_FOUND]
+        assert dst[100:106].tobytes() == src[10:16].tobytes()
+        # header + data from two buffers into one object, and back out into two buffers
+        assert s.batch_put_from_multi_buffers(["m"], [[a, a + 2000]], [[16, 100]]) == [0]
+        assert s.get("m") == src[:16].tobytes() + src[2000:2100].tobytes()
+        dst[:] = 0
+        assert s.batch_get_into_multi_buffers(["m"], [[b + 3000, b]], [[16, 100]]) == [116]
+        assert dst[3000:3016].tobytes() == src[:16].tobytes() and dst[:100].tobytes() == src[2000:2100].tobytes()
+        assert s.unregister_buffer(a) == 0 and s.unregister_buffer(a) == ErrorCode.INVALID_PARAMS
+    finally:
+        s.close()
+
+
+def test_replicate_config_fields_and_checks(master):
+    c = ReplicateConfig()
+    assert (c.replica_num, c.with_hard_pin, c.soft_pin_action, c.soft_pin_ttl_ms, c.preferred_segments, c.preferred_segment) == \
+        (1, False, SoftPinAction.PRESERVE, 0, [], "")
+    c.with_soft_pin = True
+    assert c.soft_pin_action == SoftPinAction.ENABLE and c.with_soft_pin
+    assert "ENABLE" in repr(c)
+    s = client(master)
+    try:
+        c.with_hard_pin, c.soft_pin_ttl_ms, c.preferred_segment = True, 60_000, "ignored:1"
+        assert s.put("pinned", b"x" * 100, c) == 0
+        for field, bad in (("replica_num", 0), ("replica_num", "2"), ("with_hard_pin", 1), ("soft_pin_action", 9),
+                           ("soft_pin_ttl_ms", -1)):
+            d = ReplicateConfig()
+            setattr(d, field, bad)
+            assert s.put("bad", b"x", d) == ErrorCode.INVALID_PARAMS, field
+        assert s.put("bad", b"x", config="replicas") == ErrorCode.INVALID_PARAMS and s.is_exist("bad") == 0
+    finally:
+        s.close()
+
+
+def test_two_clients_in_one_process_replicate_across_their_segments(master):
+    a, b = client(master), client(master)
+    try:
+        c = ReplicateConfig()
+        c.replica_num = 2
+        value = bytes(range(256)) * 64
+        assert a.put("r", value, c) == 0
+        assert a.close() == 0                 # a's segment leaves with it
+        assert b.get("r") == value            # the replica in b's segment remains
+        assert a.setup("localhost", "P2PHANDSHAKE", 16 << 20, 0, "tcp", "", f"127.0.0.1:{master.port}") == 0   # re-setup
+        assert a.get("r") == value and a.health_check() == 0
+    finally:
+        a.close()
+        b.close()
