@@ -114,3 +114,38 @@ PyObject *kvpy_kv_move(StoreObject *self, PyObject *const *args, Py_ssize_t narg
     if (st) return kvpy_raise_last(st);
     return PyLong_FromUnsignedLongLong(transfers);
 }
+
+/* keys() -> list[str]: every object's key (kv_keys; retried if the store changes between the
+ * size query and the copy). */
+PyObject *kvpy_keys(StoreObject *self, PyObject *unused) {
+    (void)unused;
+    if (kvpy_ensure_open(self) < 0) return NULL;
+    size_t cap = 0, needed = 0, count = 0;
+    unsigned char *buf = NULL;
+    for (int attempt = 0; attempt < 8; attempt++) {
+        int32_t st;
+        Py_BEGIN_ALLOW_THREADS
+        st = kv_keys(self->store, buf, cap, &needed, &count);
+        Py_END_ALLOW_THREADS
+        if (st) { PyMem_Free(buf); return kvpy_raise_last(st); }
+        if (needed <= cap) {
+            PyObject *list = PyList_New((Py_ssize_t)count);
+            size_t at = 0;
+            for (size_t i = 0; list && i < count; i++) {
+                uint32_t n = (uint32_t)buf[at] | (uint32_t)buf[at + 1] << 8 | (uint32_t)buf[at + 2] << 16 | (uint32_t)buf[at + 3] << 24;
+                PyObject *k = PyUnicode_DecodeUTF8((const char *)buf + at + 4, (Py_ssize_t)n, "strict");
+                if (!k) { Py_CLEAR(list); break; }
+                PyList_SetItem(list, (Py_ssize_t)i, k);
+                at += 4 + n;
+            }
+            PyMem_Free(buf);
+            return list;
+        }
+        PyMem_Free(buf);
+        cap = needed + needed / 8 + 64;   /* room for a few keys added meanwhile */
+        buf = PyMem_Malloc(cap);
+        if (!buf) return PyErr_NoMemory();
+    }
+    PyMem_Free(buf);
+    return kvpy_raise(KV_E_TRANSFER, "the set of keys kept changing while it was read");
+}

@@ -39,6 +39,8 @@ public enum MasterRequest: Sendable, Equatable {
     /// The layout published under `node`; answered by `layout`.
     case fetchLayout(node: String)
     case unpublishLayout(node: String)
+    /// The keys of every object; answered by `keys`.
+    case listKeys
 
     public var kind: UInt16 {
         switch self {
@@ -61,10 +63,11 @@ public enum MasterRequest: Sendable, Equatable {
         case .publishLayout: 17
         case .fetchLayout: 18
         case .unpublishLayout: 19
+        case .listKeys: 20
         }
     }
 
-    public static func isRequestKind(_ k: UInt16) -> Bool { (1...19).contains(k) }
+    public static func isRequestKind(_ k: UInt16) -> Bool { (1...20).contains(k) }
 
     /// Requests answered only when they fail.
     public var isPipelined: Bool {
@@ -177,6 +180,7 @@ public enum MasterResponse: Sendable, Equatable {
     case putStartedBatch([Result<StartedWrite, KVError>])
     case foundBatch([Result<FoundObject, KVError>])
     case layout(PublishedLayout)
+    case keys([ObjectKey])
 
     public var kind: UInt16 {
         switch self {
@@ -193,10 +197,11 @@ public enum MasterResponse: Sendable, Equatable {
         case .putStartedBatch: 110
         case .foundBatch: 111
         case .layout: 112
+        case .keys: 113
         }
     }
 
-    public static func isResponseKind(_ k: UInt16) -> Bool { (100...112).contains(k) }
+    public static func isResponseKind(_ k: UInt16) -> Bool { (100...113).contains(k) }
 
     /// The kind of `error`; its payload is also the error frame of the segment servers.
     public static let errorKind: UInt16 = 101
@@ -220,7 +225,7 @@ extension MasterRequest {
         case let .hello(token, name): w.string(token); w.string(name)
         case let .mount(size, host, path, endpoint): w.u64(UInt64(size)); w.string(host); w.string(path); w.string(endpoint)
         case let .unmount(segment): w.u32(segment)
-        case .heartbeat, .stats: break
+        case .heartbeat, .stats, .listKeys: break
         case let .putStart(key, size, mode, options, preferred):
             w.key(key); w.u64(UInt64(size))
             Self.encodeWrite(&w, mode, options, preferred)
@@ -309,6 +314,7 @@ extension MasterRequest {
         case 17: m = .publishLayout(try PublishedLayout.decode(&r))
         case 18: m = .fetchLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
         case 19: m = .unpublishLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
+        case 20: m = .listKeys
         default: throw .invalidArgument("unknown request kind \(kind)")
         }
         try r.finish("request \(kind)")
@@ -353,6 +359,7 @@ extension MasterResponse {
         case let .putStartedBatch(rs): results(rs, started)
         case let .foundBatch(rs): results(rs, found)
         case let .layout(p): p.encode(into: &w)
+        case let .keys(ks): w.count(ks.count); for k in ks { w.key(k) }
         }
         return w.bytes
     }
@@ -412,6 +419,12 @@ extension MasterResponse {
         case 110: m = .putStartedBatch(try results(started))
         case 111: m = .foundBatch(try results(found))
         case 112: m = .layout(try PublishedLayout.decode(&r))
+        case 113:
+            let n = try r.count(max: WireFrameHeader.defaultMaxPayload / 5, minElementSize: 5, "keys")
+            var ks: [ObjectKey] = []
+            ks.reserveCapacity(n)
+            for _ in 0..<n { ks.append(try r.key()) }
+            m = .keys(ks)
         default: throw .invalidArgument("unknown response kind \(kind)")
         }
         try r.finish("response \(kind)")

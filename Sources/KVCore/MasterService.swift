@@ -163,6 +163,8 @@ public struct MasterService: Sendable {
         case let .unpublishLayout(node):
             try layouts.unpublish(node, owner: id)
             return .ok
+        case .listKeys:
+            return .keys(table.keys(now: now))
         }
     }
 

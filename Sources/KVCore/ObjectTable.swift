@@ -449,6 +449,12 @@ public struct ObjectTable: Sendable {
     }
 
     /// Removes every visible object that is not leased (every object when `force`); returns how many.
+    /// The keys of every visible object (timers due by `now` run first), in no order.
+    public mutating func keys(now: Nanoseconds) -> [ObjectKey] {
+        advance(now: now)
+        return entries.compactMap { $0.value.current >= 0 ? $0.key : nil }
+    }
+
     public mutating func removeAll(force: Bool = false, now: Nanoseconds) -> Int {
         advance(now: now)
         var victims: [Int32] = []

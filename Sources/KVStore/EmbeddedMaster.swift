@@ -59,6 +59,8 @@ public protocol MasterLink: AnyObject, Sendable {
     func publishLayout(_ p: PublishedLayout) throws(KVError)
     func fetchLayout(node: String) throws(KVError) -> PublishedLayout
     func unpublishLayout(node: String) throws(KVError)
+    /// The keys of every object of the store (or cluster).
+    func keys() throws(KVError) -> [ObjectKey]
 }
 
 /// The in-process master: the `ObjectTable` state machine behind one lock, fed by `clock`.
@@ -147,6 +149,11 @@ public final class EmbeddedMaster: MasterLink {
         let now = clock()
         let results: [Result<ReadResult, KVError>] = table.withLock { t in keys.map { .success(t.acquireRead(key: $0, now: now)) } }
         found(0..<keys.count, results)
+    }
+
+    public func keys() -> [ObjectKey] {
+        let now = clock()
+        return table.withLock { $0.keys(now: now) }
     }
 
     public func publishLayout(_ p: PublishedLayout) throws(KVError) {

@@ -322,6 +322,11 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
+    public func keys() throws(KVError) -> [ObjectKey] {
+        guard case .keys(let ks) = try call(.listKeys) else { throw KVError(.internal, "unexpected answer to listKeys") }
+        return ks
+    }
+
     public func fetchLayout(node: String) throws(KVError) -> PublishedLayout {
         guard case .layout(let p) = try call(.fetchLayout(node: node)) else { throw KVError(.internal, "unexpected answer to fetchLayout") }
         return p

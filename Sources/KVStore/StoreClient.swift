@@ -536,6 +536,13 @@ public final class StoreClient: Sendable {
         return n
     }
 
+    /// The keys of every object (of the cluster, for a connected client), in no order.
+    public func keys() throws(KVError) -> [ObjectKey] {
+        try enter()
+        defer { leave() }
+        return try master.keys()
+    }
+
     // MARK: buffers
 
     /// Records `region` as user memory at `location` ("cpu", "cuda:N"): later transfers find

@@ -174,3 +174,26 @@ public func kvUnregisterBuffer(_ store: OpaquePointer?, _ ptr: UnsafeRawPointer?
         try c.unregisterBuffer(address: UInt(bitPattern: ptr))
     }
 }
+
+@c(kv_keys)
+public func kvKeys(_ store: OpaquePointer?, _ out: UnsafeMutableRawPointer?, _ cap: Int,
+                   _ needed: UnsafeMutablePointer<Int>?, _ count: UnsafeMutablePointer<Int>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        guard let needed, let count else { throw .invalidArgument("needed and count must not be NULL") }
+        let keys = try c.keys()
+        var total = 0
+        for k in keys { k.withUTF8 { total += 4 + $0.count } }
+        needed.pointee = total
+        count.pointee = keys.count
+        guard let out, cap >= total else { return }
+        var at = 0
+        for k in keys {
+            k.withUTF8 { b in
+                out.storeBytes(of: UInt32(b.count).littleEndian, toByteOffset: at, as: UInt32.self)
+                if b.count > 0 { (out + at + 4).copyMemory(from: b.baseAddress!, byteCount: b.count) }
+                at += 4 + b.count
+            }
+        }
+    }
+}

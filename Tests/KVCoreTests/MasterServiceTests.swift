@@ -180,7 +180,7 @@ final class MasterServiceTests: XCTestCase {
                        options: WriteOptions(ttl: 3, replicas: 2), preferred: 7),
         .putStartBatch(items: [], mode: .upsert, options: .default, preferred: nil),
         .getBatch(keys: ["a", "b", "é"], host: "h"),
-        .publishLayout(MasterServiceTests.published), .fetchLayout(node: "n"), .unpublishLayout(node: "é"),
+        .publishLayout(MasterServiceTests.published), .fetchLayout(node: "n"), .unpublishLayout(node: "é"), .listKeys,
     ]
     static let published = PublishedLayout(
         node: "n", layout: try! KVLayout([KVBufferDescriptor(layer: 0, kind: .key, address: 4096, length: 8192, bytesPerBlock: 4096),
@@ -195,7 +195,7 @@ final class MasterServiceTests: XCTestCase {
                           .failure(KVError(.noSpace, "full"))]),
         .foundBatch([.failure(KVError(.objectNotFound, "gone")),
                      .success(FoundObject(size: 9, replicas: [Replica(segment: 1, offset: 0), Replica(segment: 2, offset: 64)]))]),
-        .layout(MasterServiceTests.published),
+        .layout(MasterServiceTests.published), .keys(["a", "é", "req/1"]), .keys([]),
     ]
 
     func testLayoutsArePublishedPerClientAndLeaveWithIt() throws {

@@ -12,6 +12,7 @@ README.md, "Coming from Mooncake", lists every difference.
 from __future__ import annotations
 
 import enum
+import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -300,6 +301,20 @@ class MooncakeDistributedStore:
     def batch_remove(self, keys: Sequence[str], force: bool = False) -> list[int]:
         return self._safe_list(lambda s: self._batch_codes(s.batch_remove(list(keys), force=force)), keys,
                                int(ErrorCode.INVALID_PARAMS))
+
+    def remove_by_regex(self, regex: str, force: bool = False) -> int:
+        """Removes every object whose key matches ``regex`` (Python ``re.search``); returns how
+        many were removed (leased ones are skipped without ``force``), or an error code."""
+        def remove(s: Store) -> int:
+            if not isinstance(regex, str):
+                raise _errors.ArgumentTypeError(f"regex must be a str, not {type(regex).__name__}")
+            try:
+                pattern = re.compile(regex)
+            except re.error as e:
+                raise _errors.InvalidArgumentError(f"bad regex {regex!r}: {e}") from None
+            matched = [k for k in s.keys() if pattern.search(k)]
+            return sum(1 for r in s.batch_remove(matched, force=force) if r is None) if matched else 0
+        return self._call(remove)
 
     def remove_all(self, force: bool = False) -> int:
         """The number of objects removed, or an error code."""

@@ -155,3 +155,49 @@ def test_two_clients_in_one_process_replicate_across_their_segments(master):
     finally:
         a.close()
         b.close()
+
+
+def test_remove_by_regex_across_clients(master):
+    a, b = client(master), client(master)
+    try:
+        for k in ("req-1/layer-0", "req-1/layer-1", "req-2/layer-0", "other"):
+            assert a.put(k, b"v") == 0
+        assert b.get("req-1/layer-1") == b"v"                       # leased by this read
+        assert b.remove_by_regex(r"^req-1/") == 1                   # the leased one is kept
+        assert b.remove_by_regex(r"^req-1/", force=True) == 1
+        assert sorted(k for k in ("req-1/layer-0", "req-1/layer-1", "req-2/layer-0", "other") if a.is_exist(k)) == \
+            ["other", "req-2/layer-0"]
+        assert a.remove_by_regex("layer-0$", force=True) == 1 and a.remove_by_regex("nothing") == 0   # is_exist leased it
+        assert a.remove_by_regex("(") == ErrorCode.INVALID_PARAMS and a.remove_by_regex(5) == ErrorCode.INVALID_PARAMS
+        assert a.is_exist("other") == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_mooncake_master_flags_start_the_master(tmp_path):
+    """Scripts written for mooncake_master start `python -m kvstore master` with its flags."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore", "master", "--rpc_port", str(port), "--rpc_address", "127.0.0.1",
+                             "--default_kv_lease_ttl", "200", "--eviction_high_watermark_ratio", "0.8",
+                             "--eviction_ratio", "0.1", "--client_ttl", "3", "--metrics_port", "-1"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert f"listening on 127.0.0.1:{port}" in proc.stderr.readline()
+        c = MooncakeDistributedStore()
+        assert c.setup("localhost", "P2PHANDSHAKE", "4MB", 0, "tcp", "", f"127.0.0.1:{port}") == 0
+        assert c.put("k", b"v") == 0 and c.get("k") == b"v"
+        assert c.remove("k") == ErrorCode.OBJECT_HAS_LEASE
+        import time
+        time.sleep(0.3)                                             # the 200 ms lease has ended
+        assert c.remove("k") == 0
+        c.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -197,3 +197,17 @@ def test_large_values_are_sliced_and_intact():
         assert s.get_into("big", out) == n
         assert np.array_equal(out, src)
         assert s.get("big") == src.tobytes()
+
+
+def test_keys_lists_every_visible_object():
+    with kvstore.Store("4MiB") as s:
+        assert s.keys() == []
+        for k in ("a", "é/1", "req-7/layer-3"):
+            s.put(k, b"x")
+        s.remove("a")
+        assert sorted(s.keys()) == ["req-7/layer-3", "é/1"]
+        with pytest.raises(TypeError):
+            s.keys("a")
+    s.close()
+    with pytest.raises(kvstore.StoreClosedError):
+        s.keys()

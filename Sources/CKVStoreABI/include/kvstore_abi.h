@@ -207,6 +207,11 @@ int32_t kv_master_run(const kv_master_options *options);
 /* Writes up to cap statistics to out; returns how many exist (call with cap 0 to count). */
 size_t kv_stats(kv_store *store, kv_stat *out, size_t cap);
 
+/* The keys of every object (of the cluster, for a connected store), packed into out as
+ * (u32 little-endian byte length, UTF-8 bytes) records. *needed receives the bytes the whole
+ * list takes and *count the number of keys; out is written only when cap >= *needed. */
+int32_t kv_keys(kv_store *s, void *out, size_t cap, size_t *needed, size_t *count);
+
 /* ---- KV layouts and block transfer (prefill -> decode) ----
  * A node publishes its KV cache as buffers (kv_block_buffer), one per (layer, kind), each
  * an array of `bytes_per_block`-byte blocks; peers move blocks between their layout and a
