@@ -11,6 +11,7 @@ README.md, "Coming from Mooncake", lists every difference.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import re
 import socket
@@ -18,7 +19,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import _errors
+import numpy as np
+
+from . import _errors, _tensor
 from ._errors import StoreError
 from ._sizes import parse_size
 from ._store import Store
@@ -117,6 +120,8 @@ class ReplicateConfig:
                 f"preferred_segments={self.preferred_segments}, preferred_segment={self.preferred_segment!r})")
 
 
+_NONE = object()   # `_call(fail=_NONE)`: None on failure
+
 _SETUP_KEYS = ("local_hostname", "metadata_server", "global_segment_size", "local_buffer_size", "protocol",
                "rdma_devices", "master_server_addr")
 
@@ -211,13 +216,16 @@ class MooncakeDistributedStore:
             return 1
 
     def _call(self, fn: Callable[[Store], Any], fail: Any = None) -> Any:
-        """Runs fn on the store; an exception becomes its code (or `fail`, when given)."""
+        """Runs fn on the store; an exception becomes its code (or `fail`, when given;
+        `_NONE` for None)."""
         try:
             if self._store is None:
                 raise _errors.StoreClosedError("not set up (call setup first) or closed")
             return fn(self._store)
         except Exception as e:   # noqa: BLE001
-            return _code(e) if fail is None else fail
+            if fail is None:
+                return _code(e)
+            return None if fail is _NONE else fail
 
     # ---- bytes ----
 
@@ -319,6 +327,72 @@ class MooncakeDistributedStore:
     def remove_all(self, force: bool = False) -> int:
         """The number of objects removed, or an error code."""
         return self._call(lambda s: s.remove_all(force=force))
+
+    # ---- tensors ----
+    # Tensors are stored as kvstore's tensor format (header + data, DESIGN.md), read back as
+    # torch tensors on the CPU when torch is installed, numpy arrays otherwise.
+
+    @staticmethod
+    def _as_torch(a: Any) -> Any:
+        try:
+            import torch
+        except ImportError:
+            return a
+        return torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+
+    def put_tensor(self, key: str, tensor: Any, config: ReplicateConfig | None = None) -> int:
+        """0 (also when the key exists: the stored tensor is kept), or an error code."""
+        def put(s: Store) -> int:
+            try:
+                s.put_tensor(key, tensor, **_options(config))
+            except _errors.ObjectExistsError:
+                pass
+            return 0
+        return self._call(put)
+
+    def upsert_tensor(self, key: str, tensor: Any, config: ReplicateConfig | None = None) -> int:
+        return self._call(lambda s: s.upsert_tensor(key, tensor, **_options(config)) or 0)
+
+    def get_tensor(self, key: str) -> Any:
+        """The tensor, or None when it is missing or not a tensor."""
+        return self._call(lambda s: self._as_torch(s.get_tensor(key)), fail=_NONE)
+
+    def batch_put_tensor(self, keys: Sequence[str], tensors_list: Sequence[Any],
+                         config: ReplicateConfig | None = None) -> list[int]:
+        return self._safe_list(lambda s: self._batch_codes(s.batch_put_tensor(list(keys), list(tensors_list), **_options(config)),
+                                                           exists_ok=True), keys, int(ErrorCode.INVALID_PARAMS))
+
+    def batch_upsert_tensor(self, keys: Sequence[str], tensors_list: Sequence[Any],
+                            config: ReplicateConfig | None = None) -> list[int]:
+        return self._safe_list(lambda s: self._batch_codes(s.batch_upsert_tensor(list(keys), list(tensors_list), **_options(config))),
+                               keys, int(ErrorCode.INVALID_PARAMS))
+
+    def batch_get_tensor(self, keys: Sequence[str]) -> list[Any]:
+        """One tensor per key; None for a missing key."""
+        def get(s: Store) -> list[Any]:
+            return [None if isinstance(t, BaseException) or t is None else self._as_torch(t) for t in s.batch_get_tensor(list(keys))]
+        return self._safe_list(get, keys, None)
+
+    def put_tensor_from(self, key: str, buffer_ptr: int, size: int, config: ReplicateConfig | None = None) -> int:
+        """Stores `size` bytes at `buffer_ptr` that hold a tensor as ``get_tensor_into`` leaves
+        it (header, then data); the header is checked first."""
+        def put(s: Store) -> int:
+            _tensor.decode(bytes((ctypes.c_char * min(size, _tensor.HEADER_SIZE)).from_address(buffer_ptr)), size, key)
+            return self.put_from(key, buffer_ptr, size, config)
+        return self._call(put)
+
+    def get_tensor_into(self, key: str, buffer_ptr: int, size: int) -> Any:
+        """Reads the stored tensor (header and data) into host memory at `buffer_ptr` and
+        returns a tensor viewing its data there, or None (missing, too small, not a tensor)."""
+        def get(s: Store) -> Any:
+            n = self.get_into(key, buffer_ptr, size)
+            if n < 0:
+                return None
+            header = bytes((ctypes.c_char * min(n, _tensor.HEADER_SIZE)).from_address(buffer_ptr))
+            code, shape = _tensor.decode(header, n, key)
+            data = (ctypes.c_uint8 * (n - _tensor.HEADER_SIZE)).from_address(buffer_ptr + _tensor.HEADER_SIZE)
+            return self._as_torch(np.frombuffer(data, dtype=_tensor.numpy_dtype(code)).reshape(shape))
+        return self._call(get, fail=_NONE)
 
     # ---- zero copy with integer addresses ----
 

@@ -201,3 +201,35 @@ def test_mooncake_master_flags_start_the_master(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_tensor_calls(master):
+    """Mooncake's tensor calls take torch tensors; any tensor kvstore takes works (numpy here,
+    where torch is not installed; reads return torch tensors when it is)."""
+    s = client(master)
+    try:
+        t = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+        assert s.put_tensor("t", t) == 0 and s.put_tensor("t", t * 2) == 0      # kept
+        got = s.get_tensor("t")
+        assert tuple(got.shape) == (3, 4, 5) and np.array_equal(np.asarray(got), t)
+        assert s.upsert_tensor("t", t + 1) == 0 and np.array_equal(np.asarray(s.get_tensor("t")), t + 1)
+        assert s.get_tensor("missing") is None
+        assert s.put("raw", b"not a tensor") == 0 and s.get_tensor("raw") is None
+        assert s.batch_put_tensor(["a", "b"], [t[0], t[1].astype(np.int64)]) == [0, 0]
+        a, b, missing = s.batch_get_tensor(["a", "b", "nope"])
+        assert np.array_equal(np.asarray(a), t[0]) and np.asarray(b).dtype == np.int64 and missing is None
+        assert s.batch_upsert_tensor(["a"], [t[2]]) == [0] and np.array_equal(np.asarray(s.get_tensor("a")), t[2])
+        assert s.batch_put_tensor(["c"], ["not a tensor"]) == [ErrorCode.INVALID_PARAMS]
+        # get_tensor_into leaves header + data in the buffer; put_tensor_from stores them again
+        buf = np.zeros(4096, dtype=np.uint8)
+        view = s.get_tensor_into("t", buf.ctypes.data, buf.nbytes)
+        assert np.array_equal(np.asarray(view), t + 1)
+        size = s.get_size("t")
+        assert s.put_tensor_from("copy", buf.ctypes.data, size) == 0
+        assert np.array_equal(np.asarray(s.get_tensor("copy")), t + 1)
+        assert s.get_tensor_into("t", buf.ctypes.data, 16) is None                 # too small
+        assert s.get_tensor_into("raw", buf.ctypes.data, buf.nbytes) is None       # not a tensor
+        junk = np.full(64, 7, dtype=np.uint8)
+        assert s.put_tensor_from("junk", junk.ctypes.data, 64) == ErrorCode.INVALID_PARAMS and s.is_exist("junk") == 0
+    finally:
+        s.close()
