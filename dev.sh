@@ -8,7 +8,9 @@
 #
 # Set-up installs missing Debian packages (python3-dev, python3-venv, libibverbs-dev, iproute2, iperf3,
 # libnuma-dev, pkg-config), creates .venv with numpy and pytest, and builds and installs the
-# package (swift build -c release) into it. Every step is skipped when already done.
+# package (swift build -c release) into it. Every step is skipped when already done. `test` and
+# `bench` also try to install Mooncake Store from PyPI (the parity test, bench --against), and
+# `bench` redis-server; when they cannot be installed, those parts skip.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -45,6 +47,32 @@ make_venv() {
     fi
 }
 
+# Optional peers, best effort: Mooncake Store (the parity test in test_mooncake.py and
+# `bench --against mooncake`) and, for the benchmark, Redis from Debian. Without them those
+# parts skip.
+MOONCAKE=mooncake-transfer-engine-non-cuda==0.3.13.post1
+install_mooncake() {
+    local stamp=$VENV/.kvstore-mooncake
+    [ "$(cat "$stamp" 2>/dev/null)" = "$MOONCAKE" ] && return
+    log "installing Mooncake Store ($MOONCAKE; optional, for comparisons)"
+    if "$VENV/bin/python" -m pip install -q --retries 1 --timeout 30 "$MOONCAKE"; then
+        echo "$MOONCAKE" >"$stamp"
+    else
+        log "Mooncake Store could not be installed: the comparisons with it are skipped"
+    fi
+}
+
+install_redis() {
+    dpkg -s redis-server >/dev/null 2>&1 && return
+    log "installing redis-server (optional, for bench --against redis)"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo=sudo
+    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null; } ||
+        log "redis-server could not be installed: the comparison with it is skipped"
+    # The package starts a system service; the benchmark runs its own server.
+    { command -v systemctl >/dev/null && $sudo systemctl disable --now redis-server >/dev/null 2>&1; } || true
+}
+
 build() {
     command -v swift >/dev/null || { echo "swift is not on PATH: install the Swift 6 toolchain" >&2; exit 1; }
     log "building and installing kvstore (swift build -c release)"
@@ -65,9 +93,10 @@ cmd=${1:-help}
 case "$cmd" in
     setup) setup_all ;;
     demo) setup_all; exec "$VENV/bin/python" -m kvstore demo "$@" ;;
-    bench) setup_all; exec "$VENV/bin/python" -m kvstore bench "$@" ;;
+    bench) setup_all; install_mooncake; install_redis; exec "$VENV/bin/python" -m kvstore bench "$@" ;;
     test)
         setup_all
+        install_mooncake
         flags=$(swift_flags)
         log "Swift tests (thread sanitizer)"
         # shellcheck disable=SC2086

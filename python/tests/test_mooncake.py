@@ -233,3 +233,53 @@ def test_tensor_calls(master):
         assert s.put_tensor_from("junk", junk.ctypes.data, 64) == ErrorCode.INVALID_PARAMS and s.is_exist("junk") == 0
     finally:
         s.close()
+
+
+def _mooncake_master() -> str | None:
+    """mooncake_master of an installed Mooncake Store (mooncake-transfer-engine-non-cuda)."""
+    import importlib.util
+    import shutil
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("mooncake") is None:
+        return None
+    exe = Path(sys.executable).with_name("mooncake_master")
+    return str(exe) if exe.exists() else shutil.which("mooncake_master")
+
+
+@pytest.mark.skipif(_mooncake_master() is None, reason="Mooncake Store is not installed (pip install mooncake-transfer-engine-non-cuda)")
+def test_same_results_as_mooncake_store_itself(master):
+    """The same call sequence against Mooncake Store and kvstore.mooncake gives the same
+    results, except where README.md says otherwise."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    probe = str(Path(__file__).with_name("mooncake_probe.py"))
+    rpc = free_port()
+    mc = subprocess.Popen([_mooncake_master(), f"--rpc_port={rpc}", f"--metrics_port={free_port()}",
+                           "--enable_http_metadata_server=false"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import time
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", rpc)) == 0:
+                    break
+            time.sleep(0.1)
+        theirs = subprocess.run([sys.executable, probe, "mooncake", f"127.0.0.1:{rpc}"], capture_output=True, text=True, timeout=120)
+        ours = subprocess.run([sys.executable, probe, "kvstore", f"127.0.0.1:{master.port}"], capture_output=True, text=True, timeout=120)
+        assert theirs.returncode == 0, theirs.stderr[-2000:]
+        assert ours.returncode == 0, ours.stderr[-2000:]
+        assert json.loads(ours.stdout.splitlines()[-1]) == json.loads(theirs.stdout.splitlines()[-1])
+    finally:
+        mc.terminate()
+        mc.wait(timeout=20)
