@@ -77,6 +77,15 @@ public enum MasterRequest: Sendable, Equatable {
         }
     }
 
+    /// Requests about every object (a pipelined commit already sent by another client must
+    /// be applied before them, like before a request naming its key).
+    public var concernsEveryKey: Bool {
+        switch self {
+        case .removeAll, .listKeys, .stats: true
+        default: false
+        }
+    }
+
     /// Whether any key the request is about satisfies `test`.
     public func anyKey(_ test: (ObjectKey) -> Bool) -> Bool {
         switch self {

@@ -245,6 +245,9 @@ public struct MasterService: Sendable {
     /// so a commit already sent (pipelined) is seen by whoever asks after the put returned.
     public func isWriting(_ key: ObjectKey) -> Bool { writingKeys[key] != nil }
 
+    /// Whether any write has started and not yet committed or aborted.
+    public var hasWritesInFlight: Bool { !writes.isEmpty }
+
     /// Runs the table's timers (leases, pins, TTLs) due by `now`.
     public mutating func advance(now: Nanoseconds) { table.advance(now: now) }
 }

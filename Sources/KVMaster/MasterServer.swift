@@ -242,7 +242,9 @@ public final class MasterServer: @unchecked Sendable {
                 guard let request else { break }
                 consumed += WireFrameHeader.size + header.length
                 let wasWelcomed = c.session.client != nil
-                if !draining, request.anyKey({ service.isWriting($0) }) { drainOthers(except: c) }
+                if !draining, request.anyKey({ service.isWriting($0) }) || (request.concernsEveryKey && service.hasWritesInFlight) {
+                    drainOthers(except: c)
+                }
                 let response = service.handle(request, session: &c.session, now: clock())
                 if response == .ok, request.isPipelined { continue }   // answered only when it fails
                 c.output += WireWriter.frame(kind: response.kind, requestID: header.requestID, payload: response.encode())

@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--kv-shape", default="32x1024x16KiB",
                        help="KV layout of the kv case, LAYERSxBLOCKSxBLOCK_SIZE (default 32x1024x16KiB: 1 GiB)")
     bench.add_argument("--kv-pull", type=int, default=512, help="blocks pulled per layer and kind in the kv case (default 512)")
+    bench.add_argument("--against", default=None, metavar="PEERS",
+                       help="compare with mooncake and/or redis (comma-separated): the same workloads on each, "
+                            "interleaved; runs only the comparison")
+    bench.add_argument("--against-count", type=int, default=256, help="1 MiB values per round in --against (default 256)")
+    bench.add_argument("--chart", metavar="PNG", default=None, help="with --against: write a chart (needs matplotlib)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
     master = sub.add_parser("master", help="run the network master (the same server as the kvstore-master executable)")

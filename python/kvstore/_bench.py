@@ -115,6 +115,16 @@ def _same(name: str, got: np.ndarray, want: np.ndarray) -> bool:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.against:
+        from ._bench_against import run_against
+
+        results_against: list[dict[str, object]] = []
+        peers = [p.strip() for p in args.against.split(",") if p.strip()]
+        rc = run_against(peers, args.repeat, args.small_ops, max(1, args.against_count), results_against.append, args.chart)
+        if rc == 0 and args.json:
+            with open(args.json, "w") as f:
+                json.dump(results_against, f, indent=2)
+        return rc
     sizes = [parse_size(s.strip(), name="size") for s in args.sizes.split(",") if s.strip()]
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in _ALL_OPS]

@@ -65,6 +65,12 @@ def test_put_is_visible_to_another_client_as_soon_as_it_returns(master):
         for i in range(300):   # commits are pipelined; the master applies them before answering b
             a.put(f"k{i}", b"v" * 100)
             assert b.exists(f"k{i}")
+        # Requests about every object see the put that just returned, too.
+        for i in range(100):
+            a.put(f"all{i}", b"v" * 100)
+            assert f"all{i}" in b.keys()
+            a.put(f"gone{i}", b"v" * 100)
+            assert b.remove_all(force=True) >= 1 and not a.exists(f"gone{i}")
     finally:
         a.close()
         b.close()

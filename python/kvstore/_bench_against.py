@@ -1,0 +1,310 @@
+"""``python -m kvstore bench --against mooncake,redis``: the same workloads on kvstore and on
+each peer that is installed, interleaved in one run, with the memcpy limit.
+
+- kvstore: a master process (``python -m kvstore master``) on loopback; this process joins it
+  with a 1 GiB segment (``Store.connect``), the set-up of an engine that offers memory.
+- mooncake: Mooncake Store from PyPI (``mooncake-transfer-engine-non-cuda``): its
+  ``mooncake_master`` on loopback, this process a client with a 1 GiB segment, protocol tcp,
+  metadata P2PHANDSHAKE.
+- redis: ``redis-server`` from Debian on a unix socket, no persistence; a minimal RESP client
+  (SET / GET / DEL) in this process.
+
+Workloads, every value checked after its gets: 4 KiB puts and gets (ops/s), 1 MiB puts and
+gets (GB/s; the memcpy limit is ``numpy.copyto`` of the same bytes). Each round runs every
+system once, in turn; medians over the rounds. Every server is started here and stopped by
+process id. With matplotlib installed, ``--chart FILE`` writes a PNG.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ._store import Store
+
+PEERS = ("mooncake", "redis")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(path_or_port: Any, timeout: float = 20) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if isinstance(path_or_port, int):
+                with socket.create_connection(("127.0.0.1", path_or_port), timeout=1):
+                    return True
+            else:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(path_or_port)
+                    return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class _Server:
+    """A server process, stopped by process id."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+class _Redis:
+    """SET / GET / DEL over RESP on a unix socket (one request at a time)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+
+    def _send(self, *parts: bytes) -> None:
+        out = [b"*%d\r\n" % len(parts)]
+        for p in parts:
+            out.append(b"$%d\r\n" % len(p))
+            out.append(p)
+            out.append(b"\r\n")
+        self.sock.sendall(b"".join(out))
+
+    def _reply(self) -> Any:
+        line = self.file.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self.file.read(n + 2)
+            return data[:-2]
+        if kind == b"-":
+            raise RuntimeError(rest.decode())
+        return rest
+
+    def set(self, key: str, value: bytes) -> None:
+        self._send(b"SET", key.encode(), value)
+        self._reply()
+
+    def get(self, key: str) -> bytes | None:
+        self._send(b"GET", key.encode())
+        return self._reply()
+
+    def flush(self) -> None:
+        self._send(b"FLUSHALL")
+        self._reply()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class _System:
+    name: str
+
+    def put(self, key: str, value: Any) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def clear(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _kvstore(servers: list[_Server]) -> _System:
+    port = _free_port()
+    servers.append(_Server([sys.executable, "-m", "kvstore", "master", "--port", str(port), "--metrics-port", "-1"]))
+    if not _wait_port(port):
+        raise RuntimeError("the kvstore master did not start")
+    store = Store.connect(f"kvstore://127.0.0.1:{port}", segment_size=1 << 30, prefault=True)
+
+    class S(_System):
+        name = "kvstore"
+        put = staticmethod(store.put)
+        get = staticmethod(store.get)
+
+        def clear(self) -> None:
+            store.remove_all(force=True)
+
+        def close(self) -> None:
+            store.close()
+    return S()
+
+
+def _mooncake(servers: list[_Server]) -> _System | str:
+    try:
+        os.environ.setdefault("GLOG_minloglevel", "2")
+        from mooncake.store import MooncakeDistributedStore  # type: ignore[import-not-found]
+    except ImportError:
+        return "not installed (pip install mooncake-transfer-engine-non-cuda)"
+    master = shutil.which("mooncake_master") or str(Path(sys.executable).with_name("mooncake_master"))
+    if not Path(master).exists():
+        return "mooncake_master not found"
+    port = _free_port()
+    servers.append(_Server([master, f"--rpc_port={port}", f"--metrics_port={_free_port()}",
+                            "--enable_http_metadata_server=false"], env={"GLOG_minloglevel": "2"}))
+    if not _wait_port(port):
+        return "mooncake_master did not start"
+    store = MooncakeDistributedStore()
+    rc = store.setup("localhost", "P2PHANDSHAKE", 1 << 30, 128 << 20, "tcp", "", f"127.0.0.1:{port}")
+    if rc != 0:
+        return f"setup failed ({rc})"
+
+    class S(_System):
+        name = "mooncake"
+
+        def put(self, key: str, value: Any) -> None:
+            rc = store.put(key, value)
+            if rc != 0:
+                raise RuntimeError(f"mooncake put failed ({rc})")
+
+        get = staticmethod(store.get)
+
+        def clear(self) -> None:
+            store.remove_all()
+
+        def close(self) -> None:
+            store.close()
+    return S()
+
+
+def _redis(servers: list[_Server], tmp: str) -> _System | str:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return "redis-server not installed (apt-get install redis-server)"
+    path = os.path.join(tmp, "redis.sock")
+    servers.append(_Server([exe, "--port", "0", "--unixsocket", path, "--save", "", "--appendonly", "no",
+                            "--maxmemory", "2gb", "--daemonize", "no"]))
+    if not _wait_port(path):
+        return "redis-server did not start"
+    client = _Redis(path)
+
+    class S(_System):
+        name = "redis"
+        put = staticmethod(client.set)
+        get = staticmethod(client.get)
+
+        def clear(self) -> None:
+            client.flush()
+
+        def close(self) -> None:
+            client.close()
+    return S()
+
+
+def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,
+                record: Callable[[dict[str, Any]], None], chart: str | None) -> int:
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        print(f"--against takes {', '.join(PEERS)}, not {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    servers: list[_Server] = []
+    systems: list[_System] = []
+    with tempfile.TemporaryDirectory(prefix="kvstore-bench-") as tmp:
+        try:
+            systems.append(_kvstore(servers))
+            for p in peers:
+                s = _mooncake(servers) if p == "mooncake" else _redis(servers, tmp)
+                if isinstance(s, str):
+                    print(f"{p}: skipped, {s}")
+                else:
+                    systems.append(s)
+            small = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+            big = np.random.default_rng(2).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+            n_small = max(100, min(small_ops, 20_000))
+            keys_small = [f"s-{i}" for i in range(n_small)]
+            keys_big = [f"b-{i}" for i in range(big_count)]
+            times: dict[tuple[str, str], list[float]] = {}
+
+            def timed(name: str, case: str, fn: Callable[[], None]) -> None:
+                t0 = time.perf_counter()
+                fn()
+                times.setdefault((name, case), []).append(time.perf_counter() - t0)
+
+            src = np.frombuffer(big, dtype=np.uint8)
+            dst = np.empty_like(src)
+            for r in range(repeat + 1):   # round 0 warms up
+                for s in systems:
+                    s.clear()
+                    timed(s.name, "put 4 KiB", lambda: [s.put(k, small) for k in keys_small])
+                    timed(s.name, "get 4 KiB", lambda: [s.get(k) for k in keys_small])
+                    if any(s.get(k) != small for k in keys_small[:: max(1, n_small // 100)]):
+                        print(f"{s.name} returned wrong bytes", file=sys.stderr)
+                        return 1
+                    s.clear()
+                    timed(s.name, "put 1 MiB", lambda: [s.put(k, big) for k in keys_big])
+                    timed(s.name, "get 1 MiB", lambda: [s.get(k) for k in keys_big])
+                    if s.get(keys_big[-1]) != big:
+                        print(f"{s.name} returned wrong bytes", file=sys.stderr)
+                        return 1
+                timed("memcpy", "put 1 MiB", lambda: [np.copyto(dst, src) for _ in keys_big])
+                timed("memcpy", "get 1 MiB", lambda: [np.copyto(dst, src) for _ in keys_big])
+                if r == 0:
+                    times.clear()
+            names = [s.name for s in systems] + ["memcpy"]
+            print(f"\nkvstore bench --against: {repeat} interleaved rounds, medians; one client thread on loopback")
+            header = f"{'case':<12}" + "".join(f"{n:>16}" for n in names)
+            print(header)
+            print("-" * len(header))
+            rows = []
+            for case, count, unit in (("put 4 KiB", n_small, "ops"), ("get 4 KiB", n_small, "ops"),
+                                      ("put 1 MiB", big_count, "GB"), ("get 1 MiB", big_count, "GB")):
+                cells = []
+                for n in names:
+                    if (n, case) not in times:
+                        cells.append(f"{'-':>16}")
+                        continue
+                    t = statistics.median(times[(n, case)])
+                    value = count / t if unit == "ops" else count * len(big) / t / 1e9
+                    cells.append(f"{value:>12,.0f} op/s" if unit == "ops" else f"{value:>11.2f} GB/s")
+                    record({"op": f"against_{n}_{case.replace(' ', '_')}", "system": n, "case": case,
+                            "seconds": t, "value": value, "unit": "ops/s" if unit == "ops" else "GB/s"})
+                    rows.append((case, n, value))
+                print(f"{case:<12}" + "".join(cells))
+            if chart:
+                _chart(rows, chart)
+            return 0
+        finally:
+            for s in systems:
+                s.close()
+            for srv in reversed(servers):
+                srv.stop()
+
+
+def _chart(rows: list[tuple[str, str, float]], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no chart written)")
+        return
+    cases = list(dict.fromkeys(c for c, _, _ in rows))
+    fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.5))
+    for ax, case in zip(axes, cases):
+        pts = [(n, v) for c, n, v in rows if c == case]
+        ax.bar([n for n, _ in pts], [v for _, v in pts])
+        ax.set_title(case)
+        ax.set_ylabel("ops/s" if "4 KiB" in case else "GB/s")
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"chart written to {path}")
