@@ -283,3 +283,38 @@ def test_same_results_as_mooncake_store_itself(master):
     finally:
         mc.terminate()
         mc.wait(timeout=20)
+
+
+def test_clients_in_several_processes(master, tmp_path):
+    """A client in another process writes with replicas; this process reads, and writes back."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "other.py"
+    script.write_text(
+        "import sys\n"
+        "from kvstore.mooncake import MooncakeDistributedStore, ReplicateConfig\n"
+        "s = MooncakeDistributedStore()\n"
+        "assert s.setup('localhost', 'P2PHANDSHAKE', 16 << 20, 0, 'tcp', '', sys.argv[1]) == 0\n"
+        "c = ReplicateConfig(); c.replica_num = 2\n"
+        "assert s.put_batch([f'p{i}' for i in range(50)], [bytes([i]) * 3000 for i in range(50)], c) == 0\n"
+        "print('written', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print(s.get('from-parent').hex(), flush=True)\n"
+        "s.close()\n")
+    me = client(master)
+    other = subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{master.port}"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "written"
+        assert me.get_batch([f"p{i}" for i in range(50)]) == [bytes([i]) * 3000 for i in range(50)]
+        assert me.put("from-parent", b"\x01\x02") == 0
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "0102"
+        assert other.wait(timeout=20) == 0
+        assert me.get("p7") == bytes([7]) * 3000       # its replica in this client's segment remains
+    finally:
+        if other.poll() is None:
+            other.kill()
+        me.close()
