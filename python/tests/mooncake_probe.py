@@ -41,10 +41,13 @@ rec("get_into", s.get_into("z", dst.ctypes.data, 4096), s.get_into("z", dst.ctyp
     s.get_into("nope", dst.ctypes.data, 4096), bool((dst[:1000] == buf[:1000]).all()))
 rec("batch_get_into", s.batch_get_into(["z", "nope"], [dst.ctypes.data, dst.ctypes.data], [4096, 4096]))
 rec("batch_put_from", s.batch_put_from(["x", "y"], [buf.ctypes.data, buf.ctypes.data + 8], [4, 4]))
+rec("existing", s.batch_put_from(["z", "n"], [buf.ctypes.data] * 2, [100, 100]),
+    s.batch_put_from_multi_buffers(["z"], [[buf.ctypes.data]], [[100]]), s.put_parts("z", b"ab"))
 rec("empty", s.put("e", b""), s.put("", b"x"))
 rec("upsert", s.upsert("u", b"1"), s.upsert("u", b"22"), s.get("u"))
 rec("remove_by_regex", s.remove_by_regex("^[abc]$"))
 rec("batch_remove", s.batch_remove(["x", "nope"]))
 rec("remove_all", s.remove_all())
+rec("unregister", s.unregister_buffer(buf.ctypes.data), s.unregister_buffer(buf.ctypes.data))
 rec("close", s.close())
 print(json.dumps(out))
