@@ -229,27 +229,25 @@ class MooncakeDistributedStore:
 
     # ---- bytes ----
 
-    def put(self, key: str, value: Any, config: ReplicateConfig | None = None) -> int:
-        """0 (also when the key exists: the stored value is kept), or an error code."""
+    def _put_keeping(self, write: Callable[[Store], Any]) -> int:
+        """Runs a put: 0 also when the key exists (Mooncake keeps the stored value), or a code."""
         def put(s: Store) -> int:
             try:
-                s.put(key, value, **_options(config))
+                write(s)
             except _errors.ObjectExistsError:
                 pass
             return 0
         return self._call(put)
+
+    def put(self, key: str, value: Any, config: ReplicateConfig | None = None) -> int:
+        """0 (also when the key exists: the stored value is kept), or an error code."""
+        return self._put_keeping(lambda s: s.put(key, value, **_options(config)))
 
     def upsert(self, key: str, value: Any, config: ReplicateConfig | None = None) -> int:
         return self._call(lambda s: s.upsert(key, value, **_options(config)) or 0)
 
     def put_parts(self, key: str, *parts: Any, config: ReplicateConfig | None = None) -> int:
-        def put(s: Store) -> int:
-            try:
-                s.put_parts(key, *parts, **_options(config))
-            except _errors.ObjectExistsError:
-                pass
-            return 0
-        return self._call(put)
+        return self._put_keeping(lambda s: s.put_parts(key, *parts, **_options(config)))
 
     def upsert_parts(self, key: str, *parts: Any, config: ReplicateConfig | None = None) -> int:
         return self._call(lambda s: s.upsert_parts(key, *parts, **_options(config)) or 0)
@@ -342,13 +340,7 @@ class MooncakeDistributedStore:
 
     def put_tensor(self, key: str, tensor: Any, config: ReplicateConfig | None = None) -> int:
         """0 (also when the key exists: the stored tensor is kept), or an error code."""
-        def put(s: Store) -> int:
-            try:
-                s.put_tensor(key, tensor, **_options(config))
-            except _errors.ObjectExistsError:
-                pass
-            return 0
-        return self._call(put)
+        return self._put_keeping(lambda s: s.put_tensor(key, tensor, **_options(config)))
 
     def upsert_tensor(self, key: str, tensor: Any, config: ReplicateConfig | None = None) -> int:
         return self._call(lambda s: s.upsert_tensor(key, tensor, **_options(config)) or 0)
