@@ -6,7 +6,7 @@
 
 _Static_assert(sizeof(kv_block_buffer) == 72, "kv_block_buffer is packed by _store.py as '<qi4xQQQ32s'");
 
-/* A read-only contiguous buffer of `itemsize`-byte items, or NULL for None when allow_none. */
+/* A read-only contiguous buffer of whole int64s (the block lists _kv.py packs). */
 static int int64_view(PyObject *obj, const char *what, Py_buffer *view) {
     if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0) {
         PyErr_Clear();
@@ -97,12 +97,15 @@ PyObject *kvpy_kv_move(StoreObject *self, PyObject *const *args, Py_ssize_t narg
     if (have_layers && int64_view(args[4], "layers", &l) < 0) { PyBuffer_Release(&s); PyBuffer_Release(&d); return NULL; }
     int32_t st;
     uint64_t transfers = 0;
+    /* An empty layer list is a list (refused by the core), never "all layers": no NULL. */
+    static const int64_t no_layers = 0;
+    const int64_t *layers_ptr = have_layers && l.len ? (const int64_t *)l.buf : &no_layers;
     if (s.len != d.len) {
         st = -1;
     } else {
         Py_BEGIN_ALLOW_THREADS
         st = kv_blocks_move(self->store, peer, (size_t)plen, (uint32_t)flags, (const int64_t *)s.buf, (const int64_t *)d.buf,
-                            (size_t)(s.len / 8), have_layers ? (const int64_t *)l.buf : NULL, have_layers ? (size_t)(l.len / 8) : 0,
+                            (size_t)(s.len / 8), have_layers ? layers_ptr : NULL, have_layers ? (size_t)(l.len / 8) : 0,
                             &transfers);
         Py_END_ALLOW_THREADS
     }

@@ -208,6 +208,7 @@ public enum KVBlockPlan {
             throw .invalidArgument("\(sourceBlocks.count) source blocks but \(destinationBlocks.count) destination blocks: the lists must be equally long")
         }
         let chosen = layers ?? Array(0..<source.layers)
+        guard !chosen.isEmpty else { throw .invalidArgument("layers must name at least one layer (None: all)") }
         var seenLayers = Set<Int>()
         for l in chosen {
             guard l >= 0, l < source.layers else { throw .invalidArgument("layer \(l) is out of range (the layouts have layers 0 to \(source.layers - 1))") }

@@ -86,17 +86,16 @@ extension StoreClient {
         let (from, to) = pull ? (peer.layout, mine.layout) : (mine.layout, peer.layout)
         let copies = try KVBlockPlan.copies(from: from, to: to, sourceBlocks: sourceBlocks, destinationBlocks: destinationBlocks, layers: layers)
         let sameProcess = peer.host == mine.host && peer.pid == mine.pid
-        // Device memory: per-block copies by the device, in this process only.
-        var devices = Set<MemoryLocation>()
-        for d in from.descriptors { devices.insert(try MemoryLocation(parsing: d.location)) }
-        for d in to.descriptors { devices.insert(try MemoryLocation(parsing: d.location)) }
-        if devices.contains(where: { !$0.isHost }) {
+        // Device memory: copies by the device, in this process only.
+        let fromLocations = try from.descriptors.map { (d) throws(KVError) in try MemoryLocation(parsing: d.location) }
+        let toLocations = try to.descriptors.map { (d) throws(KVError) in try MemoryLocation(parsing: d.location) }
+        let mover = KVBlockMover(counters: counters)
+        if (fromLocations + toLocations).contains(where: { !$0.isHost }) {
             guard sameProcess else {
                 throw KVError(.unsupported, "KV blocks in device memory move only within one process here (no GPU transport between processes is built in)")
             }
-            return try deviceCopies(copies, from: from, to: to, batched: executor == .aggregated)
+            return try deviceCopies(copies, from: fromLocations, to: toLocations, batched: executor == .aggregated, mover: mover)
         }
-        let mover = KVBlockMover(counters: counters)
         if sameProcess { return try mover.run(copies, pull: pull, route: .sameProcess, executor: executor) }
         let link = peer.endpoint.isEmpty ? nil : try kvLink(peer.endpoint)
         if peer.host == mine.host { return try mover.run(copies, pull: pull, route: .sameHost(pid: Int32(peer.pid), link: link), executor: executor) }
@@ -104,18 +103,20 @@ extension StoreClient {
         return try mover.run(copies, pull: pull, route: .network(link), executor: executor)
     }
 
-    /// Copies by the device that owns either side of each run, direction named: one copy per
-    /// run, or (`batched`) one batched driver call per device and direction for up to 1024
-    /// runs (a device without one: `unsupported`, before any byte moves). Returns the calls.
-    private func deviceCopies(_ copies: [KVBlockCopy], from: KVLayout, to: KVLayout, batched: Bool) throws(KVError) -> Int {
+    /// Copies grouped by the device that owns either side and the direction (named): one
+    /// copy per run, or (`batched`) one batched driver call per group for up to 1024 runs (a
+    /// device without one: `unsupported`, before any byte moves). Host runs of a mixed layout
+    /// go to `mover` in this process. `from`/`to`: each descriptor's location. Returns the
+    /// operations issued.
+    private func deviceCopies(_ copies: [KVBlockCopy], from: [MemoryLocation], to: [MemoryLocation], batched: Bool,
+                              mover: KVBlockMover) throws(KVError) -> Int {
         let snapshot = AcceleratorRegistry.snapshot
         var groups: [(device: any AcceleratorDevice, direction: CopyDirection, copies: [KVBlockCopy])] = []
         for c in copies {
-            let s = try MemoryLocation(parsing: from.descriptors[c.sourceDescriptor].location)
-            let d = try MemoryLocation(parsing: to.descriptors[c.destinationDescriptor].location)
+            let s = from[c.sourceDescriptor], d = to[c.destinationDescriptor]
             let direction = CopyDirection(from: s, to: d)
             let device = try snapshot.requireDevice(at: s.isHost ? d : s)
-            if batched, let i = groups.firstIndex(where: { $0.device === device && $0.direction == direction }) {
+            if let i = groups.firstIndex(where: { $0.device === device && $0.direction == direction }) {
                 groups[i].copies.append(c)
             } else {
                 groups.append((device, direction, [c]))
@@ -130,18 +131,13 @@ extension StoreClient {
         }
         var calls = 0
         for g in groups {
-            if g.direction == .hostToHost {   // host runs of a mixed layout: one memmove each
-                for c in g.copies {
-                    memmove(UnsafeMutableRawPointer(bitPattern: c.destination)!, UnsafeRawPointer(bitPattern: c.source)!, c.length)
-                    transport.count(c.length)
-                }
-                calls += g.copies.count
+            if g.direction == .hostToHost {
+                calls += try mover.run(g.copies, pull: true, route: .sameProcess, executor: .perBlock)
                 continue
             }
             try g.device.withCurrent { () throws(KVError) in
-                var start = 0
                 let step = batched ? KVBlockMover.maxRunsPerOperation : 1
-                while start < g.copies.count {
+                for start in stride(from: 0, to: g.copies.count, by: step) {
                     let chunk = g.copies[start..<min(start + step, g.copies.count)]
                     if batched {
                         try g.device.copyBatch(g.direction, sources: chunk.map(\.source), destinations: chunk.map(\.destination),
@@ -151,7 +147,6 @@ extension StoreClient {
                     }
                     for c in chunk { transport.count(c.length) }
                     calls += 1
-                    start += chunk.count
                 }
             }
         }

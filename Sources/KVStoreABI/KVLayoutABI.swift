@@ -40,7 +40,6 @@ public func kvLayoutRegister(_ store: OpaquePointer?, _ node: UnsafePointer<CCha
             guard let kind = KVBufferKind(rawValue: UInt8(truncatingIfNeeded: b.kind)), b.kind >= 0, b.kind <= 2 else {
                 throw .invalidArgument("descriptor \(i): kind \(b.kind) is not KEY (0), VALUE (1) or INDEX (2)")
             }
-            guard b.layer >= 0, b.layer < 1 << 20 else { throw .invalidArgument("descriptor \(i): layer \(b.layer) must be from 0 to \((1 << 20) - 1)") }
             guard b.length <= UInt64(MasterLimits.maxSize), b.bytes_per_block <= UInt64(MasterLimits.maxSize) else {
                 throw .invalidArgument("descriptor \(i): length and bytes per block must be below 2^48")
             }

@@ -64,6 +64,13 @@ extension Socket {
         }
         if left > 0 { throw .invalidArgument("destinations hold \(count - left) of \(count) bytes") }
     }
+
+    /// Writes the first `count` bytes of the concatenation of `regions`.
+    func writeAll(_ count: Int, from regions: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+        try PeerLink.pieces(of: regions, skipping: 0, count: count) { (p, _) throws(KVError) in
+            try writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: p.address), count: p.length))
+        }
+    }
 }
 
 /// Serves reads and writes of one segment (`region`) to peers on other hosts: an accept
@@ -273,12 +280,15 @@ public final class SegmentServer: @unchecked Sendable {
                     kvLock.lockShared()
                     defer { kvLock.unlock() }
                     try checkKV(ranges)
-                    if header.kind == DataFrame.kvRead {
-                        try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
-                        for r in ranges { try s.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: r.address), count: r.length)) }
-                    } else {
-                        for r in ranges { try s.readExactly(into: UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: r.address), count: r.length)) }
-                        try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                    let total = ranges.reduce(0) { $0 + $1.length }
+                    try ranges.withUnsafeBufferPointer { (rs) throws(KVError) in
+                        if header.kind == DataFrame.kvRead {
+                            try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                            try s.writeAll(total, from: rs)
+                        } else {
+                            try s.readExactly(total, into: rs)
+                            try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                        }
                     }
                 case DataFrame.rdmaConnect:
                     guard welcomed else { throw .invalidArgument("the first request must be hello") }
@@ -376,9 +386,7 @@ public final class PeerLink: Sendable {
                 return
             }
             try c.socket.writeFrame(kind: DataFrame.write, payload: Self.request(segment, offset, length))
-            try Self.pieces(of: parts, skipping: 0, count: length) { (p, _) throws(KVError) in
-                try c.socket.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: p.address), count: p.length))
-            }
+            try c.socket.writeAll(length, from: parts)
             try Self.expectOK(c.socket)
         }
     }
@@ -397,12 +405,14 @@ public final class PeerLink: Sendable {
         let total = remote.reduce(0) { $0 + $1.length }
         try exchange(total) { (c) throws(KVError) in
             try c.socket.writeFrame(kind: write ? DataFrame.kvWrite : DataFrame.kvRead, payload: w.bytes)
-            if write {
-                for r in local { try c.socket.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: r.address), count: r.length)) }
-                try Self.expectOK(c.socket)
-            } else {
-                try Self.expectOK(c.socket)
-                for r in local { try c.socket.readExactly(into: UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: r.address), count: r.length)) }
+            try local.withUnsafeBufferPointer { (l) throws(KVError) in
+                if write {
+                    try c.socket.writeAll(total, from: l)
+                    try Self.expectOK(c.socket)
+                } else {
+                    try Self.expectOK(c.socket)
+                    try c.socket.readExactly(total, into: l)
+                }
             }
         }
     }

@@ -97,6 +97,7 @@ final class KVLayoutTests: XCTestCase {
         bad(src, dst, [0], [-1], "destination block -1 is out of range")
         bad(src, dst, [0], [0], layers: [2], "layer 2 is out of range")
         bad(src, dst, [0], [0], layers: [1, 1], "layer 1 is listed twice")
+        bad(src, dst, [0], [0], layers: [], "at least one layer")
         // Fewer blocks in one buffer: ids are checked against each chosen buffer.
         var short = layout(base: 1 << 30)
         short[3].length = 4 * 64

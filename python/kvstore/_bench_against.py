@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,13 +124,15 @@ class _Redis:
         self.sock.close()
 
 
+@dataclass
 class _System:
-    name: str
+    """One system under comparison, as the workloads use it."""
 
-    def put(self, key: str, value: Any) -> None: ...
-    def get(self, key: str) -> bytes: ...
-    def clear(self) -> None: ...
-    def close(self) -> None: ...
+    name: str
+    put: Callable[[str, Any], Any]
+    get: Callable[[str], Any]
+    clear: Callable[[], Any]
+    close: Callable[[], Any]
 
 
 def _kvstore(servers: list[_Server]) -> _System:
@@ -139,17 +142,7 @@ def _kvstore(servers: list[_Server]) -> _System:
         raise RuntimeError("the kvstore master did not start")
     store = Store.connect(f"kvstore://127.0.0.1:{port}", segment_size=1 << 30, prefault=True)
 
-    class S(_System):
-        name = "kvstore"
-        put = staticmethod(store.put)
-        get = staticmethod(store.get)
-
-        def clear(self) -> None:
-            store.remove_all(force=True)
-
-        def close(self) -> None:
-            store.close()
-    return S()
+    return _System("kvstore", store.put, store.get, lambda: store.remove_all(force=True), store.close)
 
 
 def _mooncake(servers: list[_Server]) -> _System | str:
@@ -171,22 +164,11 @@ def _mooncake(servers: list[_Server]) -> _System | str:
     if rc != 0:
         return f"setup failed ({rc})"
 
-    class S(_System):
-        name = "mooncake"
-
-        def put(self, key: str, value: Any) -> None:
-            rc = store.put(key, value)
-            if rc != 0:
-                raise RuntimeError(f"mooncake put failed ({rc})")
-
-        get = staticmethod(store.get)
-
-        def clear(self) -> None:
-            store.remove_all()
-
-        def close(self) -> None:
-            store.close()
-    return S()
+    def put(key: str, value: Any) -> None:
+        rc = store.put(key, value)
+        if rc != 0:
+            raise RuntimeError(f"mooncake put failed ({rc})")
+    return _System("mooncake", put, store.get, store.remove_all, store.close)
 
 
 def _redis(servers: list[_Server], tmp: str) -> _System | str:
@@ -200,17 +182,7 @@ def _redis(servers: list[_Server], tmp: str) -> _System | str:
         return "redis-server did not start"
     client = _Redis(path)
 
-    class S(_System):
-        name = "redis"
-        put = staticmethod(client.set)
-        get = staticmethod(client.get)
-
-        def clear(self) -> None:
-            client.flush()
-
-        def close(self) -> None:
-            client.close()
-    return S()
+    return _System("redis", client.set, client.get, client.flush, client.close)
 
 
 def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,

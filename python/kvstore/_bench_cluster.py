@@ -69,6 +69,14 @@ class _Process:
             self.proc.wait()
 
 
+def _close_all(stores: list[Store], procs: list[_Process]) -> None:
+    """Closes the stores, then stops the processes, the last started first."""
+    for s in stores:
+        s.close()
+    for p in reversed(procs):
+        p.stop()
+
+
 _HOLDER = ("import sys, kvstore\n"
            "s = kvstore.Store.connect(sys.argv[1], segment_size=int(sys.argv[2]), prefault=True)\n"
            "print('ready', flush=True)\n"
@@ -254,8 +262,5 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
               f"ops = ops/s / {MOONCAKE_OPS_PER_S:,} (Mooncake Store's best on these machines)")
         return 0
     finally:
-        for s in stores:
-            s.close()
-        for p in reversed(procs):
-            p.stop()
+        _close_all(stores, procs)
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ._bench_cluster import _Process
+from ._bench_cluster import _close_all, _Process
 from ._store import Store
 
 _PEER = ("import sys, numpy as np, kvstore\n"
@@ -159,7 +159,4 @@ def run_kv(layers: int, blocks: int, size: int, pull: int, repeat: int, record: 
         print("ratios: scattered aggregated = per-block time / aggregated time; contiguous = copyto time / store time")
         return 0
     finally:
-        for s in stores:
-            s.close()
-        for p in reversed(procs):
-            p.stop()
+        _close_all(stores, procs)

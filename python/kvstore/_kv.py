@@ -127,12 +127,14 @@ class KVLayoutMixin:
         runs of consecutive ids on both sides are coalesced into one copy. ``executor``
         "aggregated" issues many copies per operation. Returns the transfer operations issued.
         """
-        return self._kv_move(peer, move_flags(False, executor), block_ids("src_block_ids", src_block_ids),
-                             block_ids("dst_block_ids", dst_block_ids), None if layers is None else block_ids("layers", layers))
+        return self._move_kv_blocks(peer, False, src_block_ids, dst_block_ids, layers, executor)
 
     def push_kv_blocks(self, peer: str, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
                        layers: Sequence[int] | None = None, *, executor: str = "per_block") -> int:
         """Copies this store's blocks ``src_block_ids[i]`` into the peer's ``dst_block_ids[i]``
         (the other direction of ``pull_kv_blocks``)."""
-        return self._kv_move(peer, move_flags(True, executor), block_ids("src_block_ids", src_block_ids),
-                             block_ids("dst_block_ids", dst_block_ids), None if layers is None else block_ids("layers", layers))
+        return self._move_kv_blocks(peer, True, src_block_ids, dst_block_ids, layers, executor)
+
+    def _move_kv_blocks(self, peer: str, push: bool, src: Any, dst: Any, layers: Any, executor: Any) -> int:
+        return self._kv_move(peer, move_flags(push, executor), block_ids("src_block_ids", src), block_ids("dst_block_ids", dst),
+                             None if layers is None else block_ids("layers", layers))

@@ -121,6 +121,7 @@ class ReplicateConfig:
 
 
 _NONE = object()   # `_call(fail=_NONE)`: None on failure
+_CODE = object()   # `_call_each(fill=_CODE)`: the error's code per key
 
 _SETUP_KEYS = ("local_hostname", "metadata_server", "global_segment_size", "local_buffer_size", "protocol",
                "rdma_devices", "master_server_addr")
@@ -215,17 +216,29 @@ class MooncakeDistributedStore:
         except StoreError:
             return 1
 
+    def _run(self, fn: Callable[[Store], Any]) -> Any:
+        if self._store is None:
+            raise _errors.StoreClosedError("not set up (call setup first) or closed")
+        return fn(self._store)
+
     def _call(self, fn: Callable[[Store], Any], fail: Any = None) -> Any:
         """Runs fn on the store; an exception becomes its code (or `fail`, when given;
         `_NONE` for None)."""
         try:
-            if self._store is None:
-                raise _errors.StoreClosedError("not set up (call setup first) or closed")
-            return fn(self._store)
+            return self._run(fn)
         except Exception as e:   # noqa: BLE001
             if fail is None:
                 return _code(e)
             return None if fail is _NONE else fail
+
+    def _call_each(self, fn: Callable[[Store], list[Any]], keys: Any, fill: Any = _CODE) -> list[Any]:
+        """Runs a batch call; when the whole call fails, one `fill` per key (by default the
+        error's code)."""
+        try:
+            return self._run(fn)
+        except Exception as e:   # noqa: BLE001
+            n = len(keys) if isinstance(keys, (list, tuple)) else 0
+            return [_code(e) if fill is _CODE else fill] * n
 
     # ---- bytes ----
 
@@ -285,28 +298,18 @@ class MooncakeDistributedStore:
         """One value per key; b"" for a missing key."""
         def get(s: Store) -> list[bytes]:
             return [v if isinstance(v, bytes) else b"" for v in s.get_batch(list(keys))]
-        return self._safe_list(get, keys, b"")
-
-    def _safe_list(self, fn: Callable[[Store], list[Any]], keys: Any, fill: Any) -> list[Any]:
-        try:
-            if self._store is None:
-                raise _errors.StoreClosedError("not set up")
-            return fn(self._store)
-        except Exception as e:   # noqa: BLE001
-            n = len(keys) if isinstance(keys, (list, tuple)) else 0
-            return [fill if not isinstance(fill, int) else _code(e)] * n
+        return self._call_each(get, keys, b"")
 
     def batch_is_exist(self, keys: Sequence[str]) -> list[int]:
         def exist(s: Store) -> list[int]:
             return [int(r) if not isinstance(r, BaseException) else _code(r) for r in s.batch_exists(list(keys))]
-        return self._safe_list(exist, keys, int(ErrorCode.INVALID_PARAMS))
+        return self._call_each(exist, keys)
 
     def remove(self, key: str, force: bool = False) -> int:
         return self._call(lambda s: s.remove(key, force=force) or 0)
 
     def batch_remove(self, keys: Sequence[str], force: bool = False) -> list[int]:
-        return self._safe_list(lambda s: self._batch_codes(s.batch_remove(list(keys), force=force)), keys,
-                               int(ErrorCode.INVALID_PARAMS))
+        return self._call_each(lambda s: self._batch_codes(s.batch_remove(list(keys), force=force)), keys)
 
     def remove_by_regex(self, regex: str, force: bool = False) -> int:
         """Removes every object whose key matches ``regex`` (Python ``re.search``); returns how
@@ -351,19 +354,19 @@ class MooncakeDistributedStore:
 
     def batch_put_tensor(self, keys: Sequence[str], tensors_list: Sequence[Any],
                          config: ReplicateConfig | None = None) -> list[int]:
-        return self._safe_list(lambda s: self._batch_codes(s.batch_put_tensor(list(keys), list(tensors_list), **_options(config)),
-                                                           exists_ok=True), keys, int(ErrorCode.INVALID_PARAMS))
+        return self._call_each(lambda s: self._batch_codes(s.batch_put_tensor(list(keys), list(tensors_list), **_options(config)),
+                                                           exists_ok=True), keys)
 
     def batch_upsert_tensor(self, keys: Sequence[str], tensors_list: Sequence[Any],
                             config: ReplicateConfig | None = None) -> list[int]:
-        return self._safe_list(lambda s: self._batch_codes(s.batch_upsert_tensor(list(keys), list(tensors_list), **_options(config))),
-                               keys, int(ErrorCode.INVALID_PARAMS))
+        return self._call_each(lambda s: self._batch_codes(s.batch_upsert_tensor(list(keys), list(tensors_list), **_options(config))),
+                               keys)
 
     def batch_get_tensor(self, keys: Sequence[str]) -> list[Any]:
         """One tensor per key; None for a missing key."""
         def get(s: Store) -> list[Any]:
             return [None if isinstance(t, BaseException) or t is None else self._as_torch(t) for t in s.batch_get_tensor(list(keys))]
-        return self._safe_list(get, keys, None)
+        return self._call_each(get, keys, None)
 
     def put_tensor_from(self, key: str, buffer_ptr: int, size: int, config: ReplicateConfig | None = None) -> int:
         """Stores `size` bytes at `buffer_ptr` that hold a tensor as ``get_tensor_into`` leaves
@@ -402,12 +405,6 @@ class MooncakeDistributedStore:
     def unregister_buffer(self, buffer_ptr: int) -> int:
         return self._call(lambda s: s.unregister_buffer(buffer_ptr) or 0)
 
-    @staticmethod
-    def _parts(ptrs: Sequence[int], sizes: Sequence[int]) -> list[tuple[int, int]]:
-        if len(ptrs) != len(sizes):
-            raise _errors.InvalidArgumentError("buffer pointers and sizes differ in length")
-        return [(int(p), int(n)) for p, n in zip(ptrs, sizes)]
-
     def put_from(self, key: str, buffer_ptr: int, size: int, config: ReplicateConfig | None = None) -> int:
         return self.batch_put_from([key], [buffer_ptr], [size], config)[0]
 
@@ -418,66 +415,42 @@ class MooncakeDistributedStore:
         """Bytes read into the buffer, or an error code."""
         return self.batch_get_into([key], [buffer_ptr], [size])[0]
 
-    def _put_raw(self, keys: Sequence[str], part_lists: list[list[tuple[int, int]]], upsert: bool,
-                 config: ReplicateConfig | None) -> list[int]:
-        def put(s: Store) -> list[int]:
-            if len(keys) != len(part_lists):
-                raise _errors.InvalidArgumentError("keys and buffers differ in length")
-            return self._batch_codes(s._batch_put_raw(list(keys), part_lists, upsert, **_options(config)), exists_ok=not upsert)
-        return self._safe_list(put, keys, int(ErrorCode.INVALID_PARAMS))
-
     def batch_put_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
                        config: ReplicateConfig | None = None) -> list[int]:
-        try:
-            parts = [[p] for p in self._parts(buffer_ptrs, sizes)]
-        except Exception as e:   # noqa: BLE001
-            return [_code(e)] * len(keys)
-        return self._put_raw(keys, parts, False, config)
+        return self._raw("put", keys, buffer_ptrs, sizes, config, single=True)
 
     def batch_upsert_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
                           config: ReplicateConfig | None = None) -> list[int]:
-        try:
-            parts = [[p] for p in self._parts(buffer_ptrs, sizes)]
-        except Exception as e:   # noqa: BLE001
-            return [_code(e)] * len(keys)
-        return self._put_raw(keys, parts, True, config)
+        return self._raw("upsert", keys, buffer_ptrs, sizes, config, single=True)
 
     def batch_put_from_multi_buffers(self, keys: Sequence[str], all_buffer_ptrs: Sequence[Sequence[int]],
                                      all_sizes: Sequence[Sequence[int]], config: ReplicateConfig | None = None) -> list[int]:
         """Each object gathered from several buffers, each copied once into place."""
-        try:
-            if len(all_buffer_ptrs) != len(all_sizes):
-                raise _errors.InvalidArgumentError("buffer pointer lists and size lists differ in length")
-            parts = [self._parts(p, n) for p, n in zip(all_buffer_ptrs, all_sizes)]
-        except Exception as e:   # noqa: BLE001
-            return [_code(e)] * len(keys)
-        return self._put_raw(keys, parts, False, config)
+        return self._raw("put", keys, all_buffer_ptrs, all_sizes, config)
 
     def batch_get_into(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int]) -> list[int]:
         """Bytes read per key, or its error code."""
-        try:
-            parts = [[p] for p in self._parts(buffer_ptrs, sizes)]
-        except Exception as e:   # noqa: BLE001
-            return [_code(e)] * len(keys)
-        return self._get_raw(keys, parts)
+        return self._raw("get", keys, buffer_ptrs, sizes, single=True)
 
     def batch_get_into_multi_buffers(self, keys: Sequence[str], all_buffer_ptrs: Sequence[Sequence[int]],
                                      all_sizes: Sequence[Sequence[int]], prefer_same_node: bool = True) -> list[int]:
         """Each object scattered over several buffers, in order."""
-        try:
-            if len(all_buffer_ptrs) != len(all_sizes):
-                raise _errors.InvalidArgumentError("buffer pointer lists and size lists differ in length")
-            parts = [self._parts(p, n) for p, n in zip(all_buffer_ptrs, all_sizes)]
-        except Exception as e:   # noqa: BLE001
-            return [_code(e)] * len(keys)
-        return self._get_raw(keys, parts)
+        return self._raw("get", keys, all_buffer_ptrs, all_sizes)
 
-    def _get_raw(self, keys: Sequence[str], part_lists: list[list[tuple[int, int]]]) -> list[int]:
-        def get(s: Store) -> list[int]:
-            if len(keys) != len(part_lists):
-                raise _errors.InvalidArgumentError("keys and buffers differ in length")
-            return self._batch_codes(s._batch_get_raw(list(keys), part_lists), ok=int)
-        return self._safe_list(get, keys, int(ErrorCode.INVALID_PARAMS))
+    def _raw(self, op: str, keys: Sequence[str], all_ptrs: Any, all_sizes: Any, config: ReplicateConfig | None = None,
+             single: bool = False) -> list[int]:
+        """Puts (`op` "put": existing keys count as stored), upserts or gets of objects made of
+        (address, length) parts (`single`: one buffer per key): one code (gets: the bytes
+        read) per key."""
+        def run(s: Store) -> list[int]:
+            ptrs, sizes = ([[p] for p in all_ptrs], [[n] for n in all_sizes]) if single else (all_ptrs, all_sizes)
+            if not (len(keys) == len(ptrs) == len(sizes)) or any(len(p) != len(n) for p, n in zip(ptrs, sizes)):
+                raise _errors.InvalidArgumentError("keys, buffer pointers and sizes differ in length")
+            parts = [[(int(p), int(n)) for p, n in zip(ps, ns)] for ps, ns in zip(ptrs, sizes)]
+            if op == "get":
+                return self._batch_codes(s._batch_get_raw(list(keys), parts), ok=int)
+            return self._batch_codes(s._batch_put_raw(list(keys), parts, op == "upsert", **_options(config)), exists_ok=op == "put")
+        return self._call_each(run, keys)
 
     def __repr__(self) -> str:
         state = "closed" if self._store is None else self._hostname

@@ -95,3 +95,18 @@ def test_master_refuses_bad_settings():
         p, line = _start_master(*args)
         assert p.wait(timeout=10) == 2, args
         assert line.startswith("kvstore master:"), (args, line)
+
+
+def test_bench_against_peers(tmp_path):
+    out = tmp_path / "against.json"
+    r = run("bench", "--against", "mooncake,redis", "--repeat", "1", "--small-ops", "100", "--against-count", "4",
+            "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())
+    systems = {row["system"] for row in rows}
+    assert {"kvstore", "memcpy"} <= systems
+    # a peer that is installed is measured; one that is not says why
+    for peer in ("mooncake", "redis"):
+        assert peer in systems or f"{peer}: skipped" in r.stdout
+    assert all(row["value"] > 0 for row in rows)
+    assert run("bench", "--against", "memcached").returncode == 2

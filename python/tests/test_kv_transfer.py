@@ -428,3 +428,35 @@ def test_concurrent_pulls_and_pushes_from_many_threads(master, tmp_path):
     finally:
         peer.kill()
         me.close()
+
+
+def test_bad_arguments_of_every_kv_call_leave_everything_unchanged(master):
+    a = kvstore.Store.connect(master.url, segment_size=0)
+    b = kvstore.Store.connect(master.url, segment_size=0)
+    try:
+        src, dst = make(a, "p", 1), make(b, "d", 2)
+        before_src, before_dst = [x.copy() for x in src], [x.copy() for x in dst]
+        published = b.get_registered_memory("p")
+        for call, exc in [
+            (lambda: b.get_registered_memory(5), kvstore.ArgumentTypeError),
+            (lambda: b.get_registered_memory(""), kvstore.InvalidArgumentError),
+            (lambda: b.get_registered_memory("x" * 300), kvstore.InvalidArgumentError),
+            (lambda: b.unregister_kv_layout("d"), TypeError),
+            (lambda: b.pull_kv_blocks("p", [0], [0], layers="01"), kvstore.ArgumentTypeError),
+            (lambda: b.pull_kv_blocks("p", [0], [0], layers=[1.0]), kvstore.ArgumentTypeError),
+            (lambda: b.pull_kv_blocks("p", [0], [0], layers=[-1]), kvstore.InvalidArgumentError),
+            (lambda: b.pull_kv_blocks("p", [0], [0], layers=[]), kvstore.InvalidArgumentError),
+            (lambda: b.push_kv_blocks("p", [0, 1], [0]), kvstore.InvalidArgumentError),
+            (lambda: b.push_kv_blocks("p", [0], [BLOCKS]), kvstore.InvalidArgumentError),
+            (lambda: b.push_kv_blocks("p", [0, 1], [7, 7]), kvstore.InvalidArgumentError),
+            (lambda: b.push_kv_blocks("p", [0], [0], executor="all"), kvstore.InvalidArgumentError),
+            (lambda: b.push_kv_blocks("nobody", [0], [0]), kvstore.ObjectNotFoundError),
+            (lambda: b.push_kv_blocks("p", None, [0]), kvstore.ArgumentTypeError),
+        ]:
+            with pytest.raises(exc):
+                call()
+        assert same(src, before_src) and same(dst, before_dst)
+        assert b.get_registered_memory("p") == published
+    finally:
+        a.close()
+        b.close()

@@ -318,3 +318,31 @@ def test_clients_in_several_processes(master, tmp_path):
         if other.poll() is None:
             other.kill()
         me.close()
+
+
+def test_wrong_arguments_return_codes_and_change_nothing(master):
+    s = client(master)
+    try:
+        src = np.arange(64, dtype=np.uint8)
+        assert s.put("k", b"v") == 0
+        assert s.get_into("k", "address", 10) == ErrorCode.INVALID_PARAMS
+        assert s.put_from("n", None, 10) == ErrorCode.INVALID_PARAMS
+        assert s.batch_put_from(["a", "b"], [src.ctypes.data], [4, 4]) == [ErrorCode.INVALID_PARAMS] * 2
+        assert s.batch_get_into(["k"], [src.ctypes.data], [4, 4]) == [ErrorCode.INVALID_PARAMS]
+        assert s.batch_put_from_multi_buffers(["a"], [[src.ctypes.data, src.ctypes.data]], [[4]]) == [ErrorCode.INVALID_PARAMS]
+        assert s.batch_get_into_multi_buffers(["k"], [[src.ctypes.data]], [[4], [4]]) == [ErrorCode.INVALID_PARAMS]
+        assert s.batch_upsert_from(["k"], [src.ctypes.data], [-1]) == [ErrorCode.INVALID_PARAMS]
+        assert s.remove(5) == ErrorCode.INVALID_PARAMS and s.remove("k", force="yes") == ErrorCode.INVALID_PARAMS
+        assert s.get(5) == b"" and s.get_size(None) == ErrorCode.INVALID_PARAMS and s.is_exist(b"k") == ErrorCode.INVALID_PARAMS
+        assert s.get_batch(None) == [] and s.batch_is_exist([5]) == [ErrorCode.INVALID_PARAMS]
+        assert s.put_batch(["a"], None) == ErrorCode.INVALID_PARAMS and s.upsert_batch(None, [b"x"]) == ErrorCode.INVALID_PARAMS
+        assert s.remove_all(force=1) == ErrorCode.INVALID_PARAMS
+        assert s.unregister_buffer("ptr") == ErrorCode.INVALID_PARAMS
+        assert s.put_tensor("t", "not a tensor") == ErrorCode.INVALID_PARAMS and s.get_tensor(5) is None
+        assert s.batch_get_tensor(None) == []
+        assert s.get_tensor_into("k", "ptr", 10) is None and s.put_tensor_from("t", None, 10) == ErrorCode.INVALID_PARAMS
+        # nothing changed
+        assert s.get("k") == b"v"
+        assert s.batch_is_exist(["a", "b", "n", "t"]) == [0, 0, 0, 0]
+    finally:
+        s.close()
