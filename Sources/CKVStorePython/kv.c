@@ -118,37 +118,35 @@ PyObject *kvpy_kv_move(StoreObject *self, PyObject *const *args, Py_ssize_t narg
     return PyLong_FromUnsignedLongLong(transfers);
 }
 
-/* keys() -> list[str]: every object's key (kv_keys; retried if the store changes between the
- * size query and the copy). */
-PyObject *kvpy_keys(StoreObject *self, PyObject *unused) {
-    (void)unused;
+/* _keys_page(after: str | None) -> (list[str], more: bool): one page of keys in byte order
+ * after `after` (kv_keys_page); Store.keys walks the pages. */
+PyObject *kvpy_keys_page(StoreObject *self, PyObject *after) {
     if (kvpy_ensure_open(self) < 0) return NULL;
-    size_t cap = 0, needed = 0, count = 0;
-    unsigned char *buf = NULL;
-    for (int attempt = 0; attempt < 8; attempt++) {
-        int32_t st;
-        Py_BEGIN_ALLOW_THREADS
-        st = kv_keys(self->store, buf, cap, &needed, &count);
-        Py_END_ALLOW_THREADS
-        if (st) { PyMem_Free(buf); return kvpy_raise_last(st); }
-        if (needed <= cap) {
-            PyObject *list = PyList_New((Py_ssize_t)count);
-            size_t at = 0;
-            for (size_t i = 0; list && i < count; i++) {
-                uint32_t n = (uint32_t)buf[at] | (uint32_t)buf[at + 1] << 8 | (uint32_t)buf[at + 2] << 16 | (uint32_t)buf[at + 3] << 24;
-                PyObject *k = PyUnicode_DecodeUTF8((const char *)buf + at + 4, (Py_ssize_t)n, "strict");
-                if (!k) { Py_CLEAR(list); break; }
-                PyList_SetItem(list, (Py_ssize_t)i, k);
-                at += 4 + n;
-            }
-            PyMem_Free(buf);
-            return list;
-        }
-        PyMem_Free(buf);
-        cap = needed + needed / 8 + 64;   /* room for a few keys added meanwhile */
-        buf = PyMem_Malloc(cap);
-        if (!buf) return PyErr_NoMemory();
+    const char *a = NULL;
+    Py_ssize_t alen = 0;
+    if (after != Py_None) {
+        if (!PyUnicode_Check(after)) return kvpy_raise_format(KV_E_INVALID_ARGUMENT, "after must be a str or None");
+        a = PyUnicode_AsUTF8AndSize(after, &alen);
+        if (!a) return NULL;
+    }
+    unsigned char *buf = PyMem_Malloc(KV_KEYS_PAGE_BYTES);
+    if (!buf) return PyErr_NoMemory();
+    size_t count = 0;
+    int32_t more = 0, st;
+    Py_BEGIN_ALLOW_THREADS
+    st = kv_keys_page(self->store, a, (size_t)alen, buf, KV_KEYS_PAGE_BYTES, &count, &more);
+    Py_END_ALLOW_THREADS
+    if (st) { PyMem_Free(buf); return kvpy_raise_last(st); }
+    PyObject *list = PyList_New((Py_ssize_t)count);
+    size_t at = 0;
+    for (size_t i = 0; list && i < count; i++) {
+        uint32_t n = (uint32_t)buf[at] | (uint32_t)buf[at + 1] << 8 | (uint32_t)buf[at + 2] << 16 | (uint32_t)buf[at + 3] << 24;
+        PyObject *k = PyUnicode_DecodeUTF8((const char *)buf + at + 4, (Py_ssize_t)n, "strict");
+        if (!k) { Py_CLEAR(list); break; }
+        PyList_SetItem(list, (Py_ssize_t)i, k);
+        at += 4 + n;
     }
     PyMem_Free(buf);
-    return kvpy_raise(KV_E_TRANSFER, "the set of keys kept changing while it was read");
+    if (!list) return NULL;
+    return Py_BuildValue("(NO)", list, more ? Py_True : Py_False);
 }

@@ -661,7 +661,7 @@ static PyMethodDef store_methods[] = {
      "_batch_put_raw(keys, part_lists, upsert) -> list: like _put_raw per key; copies grouped per device."},
     KVPY_RAW_METHODS
     {"stats", (PyCFunction)store_stats, METH_NOARGS, "stats() -> dict."},
-    {"keys", (PyCFunction)kvpy_keys, METH_NOARGS, "keys() -> list[str]: every object's key (of the cluster, when connected), in no order."},
+    {"_keys_page", (PyCFunction)kvpy_keys_page, METH_O, "_keys_page(after) -> (list[str], more): one page of keys in byte order after `after` (None: the first)."},
     {"_kv_register", (PyCFunction)(void (*)(void))kvpy_kv_register, METH_FASTCALL, "_kv_register(node_id, packed_descriptors)."},
     {"_kv_unregister", (PyCFunction)kvpy_kv_unregister, METH_NOARGS, "_kv_unregister()."},
     {"_kv_fetch", (PyCFunction)kvpy_kv_fetch, METH_O, "_kv_fetch(node_id) -> packed descriptors."},

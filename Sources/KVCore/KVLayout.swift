@@ -297,4 +297,7 @@ public struct LayoutDirectory: Sendable {
     }
 
     public var count: Int { layouts.count }
+
+    /// Layouts `owner` has published.
+    public func count(of owner: UInt64) -> Int { layouts.values.reduce(0) { $0 + ($1.owner == owner ? 1 : 0) } }
 }

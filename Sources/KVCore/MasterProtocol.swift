@@ -6,8 +6,11 @@
 ///
 /// Durations on the wire are nanoseconds (u64); sizes and offsets u64; segment ids u32.
 public enum MasterRequest: Sendable, Equatable {
-    /// First message of a connection. `token` must match the master's when it has one.
-    case hello(token: String, name: String)
+    /// First message of a connection: the client's name and a fresh 32-byte nonce; answered
+    /// by `challenge` (see `Authentication`).
+    case hello(name: String, nonce: [UInt8])
+    /// The client's proof of the token for this connection's nonces; answered by `welcome`.
+    case prove(proof: [UInt8])
     /// Offers a segment of `size` bytes owned by this client: `host` identifies the machine
     /// (clients on the same host map `sharePath`); `endpoint` is where the owner serves reads
     /// and writes of it to other hosts.
@@ -39,8 +42,9 @@ public enum MasterRequest: Sendable, Equatable {
     /// The layout published under `node`; answered by `layout`.
     case fetchLayout(node: String)
     case unpublishLayout(node: String)
-    /// The keys of every object; answered by `keys`.
-    case listKeys
+    /// One page of keys after `after` (nil: the first page), in byte order; answered by
+    /// `keys`. No page is larger than `ObjectTable.keysPageBytes`.
+    case listKeys(after: ObjectKey?)
 
     public var kind: UInt16 {
         switch self {
@@ -64,10 +68,14 @@ public enum MasterRequest: Sendable, Equatable {
         case .fetchLayout: 18
         case .unpublishLayout: 19
         case .listKeys: 20
+        case .prove: 21
         }
     }
 
-    public static func isRequestKind(_ k: UInt16) -> Bool { (1...20).contains(k) }
+    public static func isRequestKind(_ k: UInt16) -> Bool { (1...21).contains(k) }
+
+    /// The only kinds a master reads before a connection has authenticated.
+    public static func isHandshakeKind(_ k: UInt16) -> Bool { k == 1 || k == 21 }
 
     /// Requests answered only when they fail.
     public var isPipelined: Bool {
@@ -189,7 +197,10 @@ public enum MasterResponse: Sendable, Equatable {
     case putStartedBatch([Result<StartedWrite, KVError>])
     case foundBatch([Result<FoundObject, KVError>])
     case layout(PublishedLayout)
-    case keys([ObjectKey])
+    /// A page of keys; `more`: keys after the last one remain (ask again after it).
+    case keys([ObjectKey], more: Bool)
+    /// The master's nonce and its proof of the token (it answers `hello`).
+    case challenge(nonce: [UInt8], proof: [UInt8])
 
     public var kind: UInt16 {
         switch self {
@@ -207,10 +218,11 @@ public enum MasterResponse: Sendable, Equatable {
         case .foundBatch: 111
         case .layout: 112
         case .keys: 113
+        case .challenge: 114
         }
     }
 
-    public static func isResponseKind(_ k: UInt16) -> Bool { (100...113).contains(k) }
+    public static func isResponseKind(_ k: UInt16) -> Bool { (100...114).contains(k) }
 
     /// The kind of `error`; its payload is also the error frame of the segment servers.
     public static let errorKind: UInt16 = 101
@@ -221,6 +233,10 @@ public enum MasterResponse: Sendable, Equatable {
 /// Limits a master enforces on what it decodes.
 public enum MasterLimits {
     public static let maxString = 4096
+    /// A client's name (it appears in the master's log lines).
+    public static let maxName = 256
+    /// Largest frame a master reads before the connection has authenticated.
+    public static let maxPreAuthPayload = 512
     public static let maxSize = 1 << 48
     public static let maxStats = 256
     /// Items in one `putStartBatch` or `getBatch` (clients split larger batches).
@@ -231,10 +247,14 @@ extension MasterRequest {
     public func encode() -> [UInt8] {
         var w = WireWriter()
         switch self {
-        case let .hello(token, name): w.string(token); w.string(name)
+        case let .hello(name, nonce): w.string(name); w.bytes(nonce)
+        case let .prove(proof): w.bytes(proof)
         case let .mount(size, host, path, endpoint): w.u64(UInt64(size)); w.string(host); w.string(path); w.string(endpoint)
         case let .unmount(segment): w.u32(segment)
-        case .heartbeat, .stats, .listKeys: break
+        case .heartbeat, .stats: break
+        case let .listKeys(after):
+            w.bool(after != nil)
+            if let after { w.key(after) }
         case let .putStart(key, size, mode, options, preferred):
             w.key(key); w.u64(UInt64(size))
             Self.encodeWrite(&w, mode, options, preferred)
@@ -285,7 +305,8 @@ extension MasterRequest {
         var r = WireReader(b)
         let m: MasterRequest
         switch kind {
-        case 1: m = .hello(token: try r.string(max: MasterLimits.maxString, "token"), name: try r.string(max: MasterLimits.maxString, "name"))
+        case 1: m = .hello(name: try r.string(max: MasterLimits.maxName, "name"), nonce: Array(try r.bytes(max: 64, "nonce")))
+        case 21: m = .prove(proof: Array(try r.bytes(max: 64, "proof")))
         case 2:
             m = .mount(size: try r.size(max: MasterLimits.maxSize, "segment size"), host: try r.string(max: MasterLimits.maxString, "host"),
                        sharePath: try r.string(max: MasterLimits.maxString, "share path"),
@@ -323,7 +344,7 @@ extension MasterRequest {
         case 17: m = .publishLayout(try PublishedLayout.decode(&r))
         case 18: m = .fetchLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
         case 19: m = .unpublishLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
-        case 20: m = .listKeys
+        case 20: m = .listKeys(after: try r.bool() ? try r.key() : nil)
         default: throw .invalidArgument("unknown request kind \(kind)")
         }
         try r.finish("request \(kind)")
@@ -368,7 +389,8 @@ extension MasterResponse {
         case let .putStartedBatch(rs): results(rs, started)
         case let .foundBatch(rs): results(rs, found)
         case let .layout(p): p.encode(into: &w)
-        case let .keys(ks): w.count(ks.count); for k in ks { w.key(k) }
+        case let .keys(ks, more): w.bool(more); w.count(ks.count); for k in ks { w.key(k) }
+        case let .challenge(nonce, proof): w.bytes(nonce); w.bytes(proof)
         }
         return w.bytes
     }
@@ -429,11 +451,13 @@ extension MasterResponse {
         case 111: m = .foundBatch(try results(found))
         case 112: m = .layout(try PublishedLayout.decode(&r))
         case 113:
-            let n = try r.count(max: WireFrameHeader.defaultMaxPayload / 5, minElementSize: 5, "keys")
+            let more = try r.bool()
+            let n = try r.count(max: ObjectTable.keysPageBytes / 5, minElementSize: 5, "keys")
             var ks: [ObjectKey] = []
             ks.reserveCapacity(n)
             for _ in 0..<n { ks.append(try r.key()) }
-            m = .keys(ks)
+            m = .keys(ks, more: more)
+        case 114: m = .challenge(nonce: Array(try r.bytes(max: 64, "nonce")), proof: Array(try r.bytes(max: 64, "proof")))
         default: throw .invalidArgument("unknown response kind \(kind)")
         }
         try r.finish("response \(kind)")

@@ -9,6 +9,22 @@ public struct MasterConfig: Sendable {
     public var cache: CachePolicy
     /// The local socket name the welcome advertises ("" for none; set by the network master).
     public var localSocket = ""
+    /// What one client may hold at once.
+    public var quotas = Quotas()
+
+    /// Per-client limits: no client can exhaust the master's memory or hold space forever.
+    public struct Quotas: Sendable {
+        /// Segments one client may have mounted.
+        public var segments = 64
+        /// Writes started and not yet committed or aborted.
+        public var writesInFlight = 65_536
+        /// KV layouts (node ids) one client may publish.
+        public var layouts = 64
+        /// A write not committed within this time is aborted (its space freed; a commit that
+        /// arrives later is refused and counted by the writer in `commit_failures`).
+        public var writeTimeout: Nanoseconds = 300_000_000_000
+        public init() {}
+    }
 
     public init(token: String? = nil, clientTTL: Nanoseconds = 10_000_000_000, cache: CachePolicy = CachePolicy()) {
         self.token = token
@@ -21,6 +37,9 @@ public struct MasterConfig: Sendable {
         try cache.validate()
         guard cache.leaseTTL > 0 else { throw .invalidArgument("a master needs read leases: lease TTL must be greater than 0") }
         guard clientTTL > 0 else { throw .invalidArgument("client TTL must be greater than 0") }
+        guard quotas.segments > 0, quotas.writesInFlight > 0, quotas.layouts > 0, quotas.writeTimeout > 0 else {
+            throw .invalidArgument("client quotas must be greater than 0")
+        }
     }
 }
 
@@ -33,6 +52,8 @@ public struct MasterService: Sendable {
     /// One connection's state: nil client until `hello` succeeds.
     public struct Session: Sendable {
         public var client: UInt64? = nil
+        /// The nonces and name of a `hello` waiting for its `prove`.
+        var challenge: (client: [UInt8], server: [UInt8], name: String)?
         public init() {}
     }
 
@@ -57,7 +78,7 @@ public struct MasterService: Sendable {
     var clients: [UInt64: Client] = [:]
     var segmentInfo: [SegmentID: SegmentInfo] = [:]
     var segmentOwner: [SegmentID: UInt64] = [:]
-    var writes: [VersionHandle: (ticket: WriteTicket, client: UInt64, key: ObjectKey)] = [:]
+    var writes: [VersionHandle: (ticket: WriteTicket, client: UInt64, key: ObjectKey, started: Nanoseconds)] = [:]
     /// Writes in flight per key.
     var writingKeys: [ObjectKey: Int] = [:]
     var nextClient: UInt64 = 1
@@ -67,10 +88,17 @@ public struct MasterService: Sendable {
     /// client that kept a segment id across a master restart finds it unknown.
     var nextSegment = SegmentID.random(in: 1...(1 << 30))
     public private(set) var requests = 0
+    /// Writes aborted because they were not committed within the write timeout.
+    public private(set) var expiredWrites = 0
+    /// Handshakes refused (a wrong token, or a proof that does not match).
+    public private(set) var refusedHandshakes = 0
+
+    private let tokenBytes: [UInt8]
 
     public init(config: MasterConfig) throws(KVError) {
         try config.validate()
         self.config = config
+        tokenBytes = Array((config.token ?? "").utf8)
         table = ObjectTable(policy: config.cache)
     }
 
@@ -81,12 +109,26 @@ public struct MasterService: Sendable {
     public mutating func handle(_ request: MasterRequest, session: inout Session, now: Nanoseconds) -> MasterResponse {
         requests += 1
         do throws(KVError) {
-            if case let .hello(token, name) = request {
-                guard session.client == nil else { throw .invalidArgument("hello was already sent on this connection") }
-                if let want = config.token, token != want { throw .invalidArgument("the master refused the token") }
+            if case let .hello(name, nonce) = request {
+                guard session.client == nil, session.challenge == nil else { throw .invalidArgument("hello was already sent on this connection") }
+                guard nonce.count == Authentication.nonceSize else {
+                    throw .invalidArgument("hello needs a \(Authentication.nonceSize)-byte nonce, got \(nonce.count) bytes")
+                }
+                let server = Authentication.randomBytes(Authentication.nonceSize)
+                session.challenge = (nonce, server, name)
+                return .challenge(nonce: server, proof: Authentication.proof(token: tokenBytes, role: .server, clientNonce: nonce, serverNonce: server))
+            }
+            if case let .prove(proof) = request {
+                guard session.client == nil, let c = session.challenge else { throw .invalidArgument("prove must follow hello") }
+                session.challenge = nil
+                let want = Authentication.proof(token: tokenBytes, role: .client, clientNonce: c.client, serverNonce: c.server)
+                guard Authentication.constantTimeEqual(proof, want) else {
+                    refusedHandshakes += 1
+                    throw .invalidArgument("the master refused the token")
+                }
                 let id = nextClient
                 nextClient += 1
-                clients[id] = Client(name: name, lastSeen: now)
+                clients[id] = Client(name: c.name, lastSeen: now)
                 session.client = id
                 return .welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket)
             }
@@ -102,11 +144,14 @@ public struct MasterService: Sendable {
 
     private mutating func dispatch(_ request: MasterRequest, client id: UInt64, now: Nanoseconds) throws(KVError) -> MasterResponse {
         switch request {
-        case .hello:
-            throw .invalidArgument("hello was already sent on this connection")
+        case .hello, .prove:
+            throw .invalidArgument("this connection has already authenticated")
         case .heartbeat:
             return .ok
         case let .mount(size, host, path, endpoint):
+            guard clients[id]!.segments.count < config.quotas.segments else {
+                throw .noSpace("this client has \(config.quotas.segments) segments mounted, its quota")
+            }
             let seg = nextSegment
             try table.mount(segment: seg, capacity: size)
             nextSegment += 1
@@ -156,6 +201,9 @@ public struct MasterService: Sendable {
             guard let info = segmentInfo[seg] else { throw .notFound("segment \(seg) is not mounted") }
             return .segment(info)
         case let .publishLayout(p):
+            if layouts.count(of: id) >= config.quotas.layouts && (try? layouts.fetch(p.node)) == nil {
+                throw .noSpace("this client has published \(config.quotas.layouts) KV layouts, its quota")
+            }
             try layouts.publish(p, owner: id)
             return .ok
         case let .fetchLayout(node):
@@ -163,8 +211,9 @@ public struct MasterService: Sendable {
         case let .unpublishLayout(node):
             try layouts.unpublish(node, owner: id)
             return .ok
-        case .listKeys:
-            return .keys(table.keys(now: now))
+        case let .listKeys(after):
+            let page = table.keysPage(after: after, now: now)
+            return .keys(page.keys, more: page.more)
         }
     }
 
@@ -178,9 +227,12 @@ public struct MasterService: Sendable {
 
     private mutating func startWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
                                      client id: UInt64, now: Nanoseconds) throws(KVError) -> WriteTicket {
+        guard clients[id]!.writes.count < config.quotas.writesInFlight else {
+            throw .noSpace("this client has \(config.quotas.writesInFlight) writes in flight, its quota: commit or abort some first")
+        }
         let t = try table.beginWrite(key: key, size: size, mode: mode, options: options, replicas: options.replicas,
                                      preferred: preferred, now: now)
-        writes[t.handle] = (t, id, key)
+        writes[t.handle] = (t, id, key, now)
         writingKeys[key, default: 0] += 1
         clients[id]!.writes.insert(t.handle)
         return t
@@ -196,7 +248,8 @@ public struct MasterService: Sendable {
                 Statistic("evicted_objects", s.evictedObjects), Statistic("evicted_bytes", s.evictedBytes), Statistic("expired_objects", s.expiredObjects),
                 Statistic("leases_active", s.activeLeases), Statistic("segments", table.segmentCount), Statistic("clients", clients.count),
                 Statistic("writes_in_flight", writes.count), Statistic("requests", requests),
-                Statistic("kv_layouts", layouts.count),
+                Statistic("kv_layouts", layouts.count), Statistic("expired_writes", expiredWrites),
+                Statistic("refused_handshakes", refusedHandshakes),
             ])
     }
 
@@ -234,7 +287,7 @@ public struct MasterService: Sendable {
 
     /// Drops write `h` from the writes in flight.
     @discardableResult
-    private mutating func forget(_ h: VersionHandle) -> (ticket: WriteTicket, client: UInt64, key: ObjectKey)? {
+    private mutating func forget(_ h: VersionHandle) -> (ticket: WriteTicket, client: UInt64, key: ObjectKey, started: Nanoseconds)? {
         guard let w = writes.removeValue(forKey: h) else { return nil }
         if writingKeys[w.key]! == 1 { writingKeys[w.key] = nil } else { writingKeys[w.key]! -= 1 }
         return w
@@ -250,6 +303,20 @@ public struct MasterService: Sendable {
 
     /// Runs the table's timers (leases, pins, TTLs) due by `now`.
     public mutating func advance(now: Nanoseconds) { table.advance(now: now) }
+
+    /// Aborts writes started longer than the write timeout ago (a writer that never commits
+    /// cannot hold space forever); returns how many.
+    @discardableResult
+    public mutating func expireWrites(now: Nanoseconds) -> Int {
+        let stale = writes.filter { now > $0.value.started && now - $0.value.started > config.quotas.writeTimeout }.keys
+        for h in stale {
+            guard let w = forget(h) else { continue }
+            clients[w.client]?.writes.remove(h)
+            try? table.abortWrite(w.ticket, now: now)
+        }
+        expiredWrites += stale.count
+        return stale.count
+    }
 }
 
 extension CacheStatistics {

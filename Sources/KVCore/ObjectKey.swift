@@ -1,9 +1,12 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 /// An object key: a non-empty UTF-8 byte string of at most `maxBytes` bytes.
 ///
 /// Keys are compared and hashed as raw bytes (Swift `String` hashing normalises Unicode and
 /// costs several times more). Keys of up to 24 bytes are stored inline, so building one for a
 /// lookup allocates nothing; longer keys keep their bytes in an array.
-public struct ObjectKey: Hashable, Sendable, CustomStringConvertible, ExpressibleByStringInterpolation {
+public struct ObjectKey: Hashable, Comparable, Sendable, CustomStringConvertible, ExpressibleByStringInterpolation {
     /// Longest key accepted, in UTF-8 bytes. Keys of LLM connectors (model name, block hash,
     /// rank) are a few hundred bytes at most.
     public static let maxBytes = 1024
@@ -68,6 +71,18 @@ public struct ObjectKey: Hashable, Sendable, CustomStringConvertible, Expressibl
     }
 
     public var description: String { withUTF8 { String(decoding: $0, as: UTF8.self) } }
+
+    /// Byte-wise order of the UTF-8 bytes (a shorter key sorts before its extensions): the
+    /// order in which `keys` pages walk the table.
+    public static func < (a: ObjectKey, b: ObjectKey) -> Bool {
+        a.withUTF8 { x in
+            b.withUTF8 { y in
+                let n = Swift.min(x.count, y.count)
+                let c = n == 0 ? 0 : memcmp(x.baseAddress!, y.baseAddress!, n)
+                return c != 0 ? c < 0 : x.count < y.count
+            }
+        }
+    }
 
     public func hash(into hasher: inout Hasher) {
         if let heap {

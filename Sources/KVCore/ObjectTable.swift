@@ -448,13 +448,91 @@ public struct ObjectTable: Sendable {
         hide(c)
     }
 
-    /// Removes every visible object that is not leased (every object when `force`); returns how many.
     /// The keys of every visible object (timers due by `now` run first), in no order.
     public mutating func keys(now: Nanoseconds) -> [ObjectKey] {
         advance(now: now)
         return entries.compactMap { $0.value.current >= 0 ? $0.key : nil }
     }
 
+    /// One page of `keysPage`: keys in byte order; `more` when keys after the last remain.
+    public struct KeysPage: Sendable, Equatable {
+        public var keys: [ObjectKey]
+        public var more: Bool
+        public init(keys: [ObjectKey], more: Bool) {
+            self.keys = keys
+            self.more = more
+        }
+    }
+
+    /// Encoded bytes a page of keys may take (4 + length per key): every page fits one frame
+    /// and one fixed buffer of the C ABI.
+    public static let keysPageBytes = 1 << 20
+
+    /// The visible keys after `after` (nil: from the first) in byte order, as many as fit in
+    /// `maxBytes` (4 + length each). Like Redis SCAN, a key present for the whole walk is
+    /// returned exactly once; keys added or removed meanwhile may or may not be. Each page
+    /// scans the table once (O(n log k) for k keys per page).
+    public mutating func keysPage(after: ObjectKey?, maxBytes: Int = keysPageBytes, now: Nanoseconds) -> KeysPage {
+        advance(now: now)
+        // The smallest keys above `after`, gathered in a max-heap bounded by the byte budget.
+        var heap: [ObjectKey] = []
+        var bytes = 0
+        var more = false
+        func siftUp(_ i: Int) {
+            var i = i
+            while i > 0 {
+                let p = (i - 1) / 2
+                guard heap[p] < heap[i] else { return }
+                heap.swapAt(p, i)
+                i = p
+            }
+        }
+        func popMax() -> ObjectKey {
+            let top = heap[0]
+            let last = heap.removeLast()
+            if !heap.isEmpty {
+                heap[0] = last
+                var i = 0
+                while true {
+                    let l = 2 * i + 1, r = l + 1
+                    var m = i
+                    if l < heap.count && heap[m] < heap[l] { m = l }
+                    if r < heap.count && heap[m] < heap[r] { m = r }
+                    if m == i { break }
+                    heap.swapAt(i, m)
+                    i = m
+                }
+            }
+            return top
+        }
+        // The smallest key left out so far: the page must end below it, or the key would be
+        // skipped by the next page (which starts after this page's last key).
+        var ceiling: ObjectKey? = nil
+        for (k, e) in entries where e.current >= 0 {
+            if let after, !(after < k) { continue }
+            if let c = ceiling, !(k < c) { continue }
+            if bytes + 4 + k.count > maxBytes {
+                // Full: make room by dropping kept keys above k (they come in a later page);
+                // when that is not enough, k waits for a later page too.
+                more = true
+                while let top = heap.first, k < top, bytes + 4 + k.count > maxBytes {
+                    let dropped = popMax()
+                    bytes -= 4 + dropped.count
+                    ceiling = dropped
+                }
+                if bytes + 4 + k.count > maxBytes {
+                    ceiling = k
+                    continue
+                }
+            }
+            heap.append(k)
+            bytes += 4 + k.count
+            siftUp(heap.count - 1)
+        }
+        return KeysPage(keys: heap.sorted(), more: more)
+    }
+
+    /// Removes every visible object that is not leased (every object when `force`); returns how many.
     public mutating func removeAll(force: Bool = false, now: Nanoseconds) -> Int {
         advance(now: now)
         var victims: [Int32] = []

@@ -77,6 +77,9 @@ struct SegmentSet: Sendable {
         var mounted: Bool
     }
 
+    /// Most bytes all mounted segments may add up to (64 PiB): sums of sizes never overflow.
+    static let maxTotalCapacity = 1 << 56
+
     private(set) var slots: [Slot] = []
     private var byID: [SegmentID: Int32] = [:]
     /// Sum over mounted segments, in bytes.
@@ -105,6 +108,10 @@ struct SegmentSet: Sendable {
         let allocator = SegmentAllocator(capacity: bytes)
         guard allocator.capacity > 0 else {
             throw .invalidArgument("segment size must be at least \(SegmentAllocator.granule) bytes, got \(bytes)")
+        }
+        // Checked: sizes come from clients, and their sum must never wrap.
+        guard capacity <= Self.maxTotalCapacity - allocator.capacity else {
+            throw .noSpace("mounting \(bytes) more bytes would pass the limit of \(Self.maxTotalCapacity) bytes over all segments")
         }
         slots.append(Slot(id: id, allocator: allocator, mounted: true))
         byID[id] = Int32(slots.count - 1)

@@ -18,7 +18,7 @@
 public struct WireFrameHeader: Sendable, Equatable {
     public static let size = 16
     public static let magic: UInt32 = 0x5453_564B
-    public static let version: UInt16 = 2
+    public static let version: UInt16 = 3
     /// Default payload limit: 64 MiB (a batch of many keys with their metadata).
     public static let defaultMaxPayload = 64 << 20
 
@@ -80,6 +80,8 @@ public struct WireWriter: Sendable {
         u32(UInt32(b.count))
         bytes.append(contentsOf: b)
     }
+
+    public mutating func bytes(_ b: [UInt8]) { b.withUnsafeBytes { bytes($0) } }
 
     public mutating func string(_ s: String) {
         var s = s

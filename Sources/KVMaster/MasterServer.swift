@@ -33,18 +33,44 @@ public final class MasterServer: @unchecked Sendable {
         public var spinNanos: Nanoseconds = 1_000_000
         /// Also listen on an abstract Unix-domain socket, advertised to clients in the welcome.
         public var localSocket = true
+        /// Most connections at once (clients, HTTP and not yet authenticated ones); one more
+        /// is answered with an error and closed. 0: from the file-descriptor limit.
+        public var maxClients = 0
+        /// A connection that has not authenticated within this time is closed.
+        public var authTimeout: Nanoseconds = 5_000_000_000
+        /// A connection whose unsent answers pass this many bytes is not read until they drain
+        /// (a client that sends requests and never reads cannot grow the master's memory).
+        public var outputSoftLimit = 4 << 20
+        /// ... and is closed when they pass this many.
+        public var outputHardLimit = 256 << 20
+        /// Users (besides the master's own and root) whose processes may use the local socket.
+        public var allowedUIDs: [UInt32] = []
+        /// Where the token file is written (nil: `TokenFile.path(port:)`; "" for none).
+        public var tokenFile: String? = nil
         public init() {}
+    }
+
+    /// The connection limit when `maxClients` is 0: the file-descriptor limit less room for
+    /// the listeners, logs and the metrics endpoint, at most 65,536.
+    static func defaultMaxClients() -> Int {
+        var r = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &r) == 0 else { return 1000 }
+        let soft = r.rlim_cur == rlim_t.max ? 65_536 : Int(clamping: r.rlim_cur)   // RLIM_INFINITY
+        return max(16, min(65_536, soft - 32))
     }
 
     final class Connection {
         let socket: Socket
         let http: Bool
+        let accepted: Nanoseconds
         var input: [UInt8] = []
         var output: [UInt8] = []
         var sent = 0
         var session = MasterService.Session()
         var closeAfterFlush = false
-        init(_ s: Socket, http: Bool) { socket = s; self.http = http }
+        init(_ s: Socket, http: Bool, accepted: Nanoseconds) { socket = s; self.http = http; self.accepted = accepted }
+        var pending: Int { output.count - sent }
+        var authenticated: Bool { session.client != nil }
     }
 
     public let options: Options
@@ -59,23 +85,48 @@ public final class MasterServer: @unchecked Sendable {
     private var scratch = [UInt8](repeating: 0, count: 1 << 16)
     private let clock: Clock
     private let log: @Sendable (String) -> Void
+    private var limited = RateLimitedLog()
     /// The ports actually bound (useful with port 0).
     public let port: Int
     public let metricsPort: Int?
+    /// The connection cap in force.
+    public let maxClients: Int
+    /// The token clients must prove (given, or generated at start).
+    public let token: String
+    /// The file this master wrote its token to (nil: none).
+    public let tokenPath: String?
+    /// accept() failed for lack of descriptors: the listeners rest until then.
+    private var acceptPausedUntil: Nanoseconds = 0
+    private var refusedConnections = 0
 
-    /// Binds the listeners. Refuses a non-loopback address without a token.
+    /// Binds the listeners. Without a token in the configuration, generates one; writes the
+    /// token to this user's token file for the port (0600), where same-user clients find it.
     public init(options: Options, clock: @escaping Clock = monotonicClock,
                 log: @escaping @Sendable (String) -> Void = MasterServer.logToStandardError) throws(KVError) {
-        if !Socket.isLoopback(options.host) && (options.config.token ?? "").isEmpty {
-            throw .invalidArgument("binding \(options.host) (not loopback) needs a token that clients must present")
+        var config = options.config
+        if let t = config.token, !t.isEmpty {
+            guard t.utf8.count >= Authentication.minTokenLength else {
+                throw .invalidArgument("the token must be at least \(Authentication.minTokenLength) bytes (a generated one has 64)")
+            }
+        } else {
+            config.token = Authentication.newToken()
         }
+        token = config.token!
         self.options = options
+        maxClients = options.maxClients > 0 ? options.maxClients : Self.defaultMaxClients()
         listener = try Socket.listen(host: options.host, port: options.port)
         listener.setNonBlocking()
         port = listener.localPort
+        if options.tokenFile == "" {
+            tokenPath = nil
+        } else {
+            var path = options.tokenFile ?? ""
+            if path.isEmpty { path = try TokenFile.path(port: port) }
+            try TokenFile.write(token, to: path)
+            tokenPath = path
+        }
         // Clients on this host and network namespace move their connection to a local socket
         // (a loopback TCP round trip costs twice a Unix-domain one). Its name is unique per run.
-        var config = options.config
         if options.localSocket {
             let name = "kvstore-master.\(getpid()).\(port).\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
             do throws(KVError) {
@@ -116,12 +167,31 @@ public final class MasterServer: @unchecked Sendable {
 
     deinit {
         if wake.read >= 0 { close(wake.read); close(wake.write) }
+        if let tokenPath { TokenFile.remove(tokenPath, ifHolding: token) }
     }
 
     /// The token in `KVSTORE_MASTER_TOKEN`, if set and not empty.
-    public static func environmentToken() -> String? {
-        guard let v = getenv("KVSTORE_MASTER_TOKEN"), v.pointee != 0 else { return nil }
-        return String(cString: v)
+    public static func environmentToken() -> String? { TokenFile.environmentToken() }
+
+    /// The token an operator gave: `given` (a command-line flag, "" for none), else the
+    /// 0600 file `file` ("" for none), else `KVSTORE_MASTER_TOKEN`; nil: generate one.
+    public static func token(given: String, file: String) throws(KVError) -> String? {
+        if !given.isEmpty { return given }
+        if !file.isEmpty {
+            guard let t = TokenFile.read(file) else {
+                throw .invalidArgument("cannot read a token from \(file): it must exist, belong to this user, be readable by no one else (chmod 600) and not be empty")
+            }
+            return t
+        }
+        return environmentToken()
+    }
+
+    /// "1001,1002" as uids.
+    public static func uids(_ text: String) throws(KVError) -> [UInt32] {
+        try text.split(separator: ",").map { (part) throws(KVError) -> UInt32 in
+            guard let v = UInt32(part.trimmingPrefix(" ")) else { throw .invalidArgument("'\(part)' is not a uid") }
+            return v
+        }
     }
 
     /// The write end of the stop pipe of the server that handles signals (one per process).
@@ -169,9 +239,13 @@ public final class MasterServer: @unchecked Sendable {
         while true {
             fds.removeAll(keepingCapacity: true)
             fds.append(pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0))
-            for (l, _) in listeners { fds.append(pollfd(fd: l.fd, events: Int16(POLLIN), revents: 0)) }
+            // Out of descriptors: the listeners rest a moment instead of spinning in accept.
+            let accepting = clock() >= acceptPausedUntil
+            for (l, _) in listeners { fds.append(pollfd(fd: accepting ? l.fd : -1, events: Int16(POLLIN), revents: 0)) }
             for (fd, c) in connections {
-                fds.append(pollfd(fd: fd, events: Int16(POLLIN) | (c.sent < c.output.count ? Int16(POLLOUT) : 0), revents: 0))
+                // Answers piled up: stop reading this connection until they drain.
+                let reading = c.pending <= options.outputSoftLimit
+                fds.append(pollfd(fd: fd, events: (reading ? Int16(POLLIN) : 0) | (c.pending > 0 ? Int16(POLLOUT) : 0), revents: 0))
             }
             // Right after a request, poll without sleeping for a short while: the next
             // request of a busy client is picked up without a scheduler wake-up.
@@ -185,10 +259,19 @@ public final class MasterServer: @unchecked Sendable {
                 guard let c = connections[p.fd] else { continue }
                 if p.revents & Int16(POLLIN | POLLHUP | POLLERR) != 0 { readFrom(c) }
                 if connections[p.fd] != nil { flush(c) }
+                // Drained below the soft limit: handle the requests that waited meanwhile.
+                if connections[p.fd] === c, !c.input.isEmpty, c.pending <= options.outputSoftLimit, !c.http { handleInput(c) }
             }
             let now = clock()
-            if now &- lastSweep >= 1_000_000_000 {
+            if now &- lastSweep >= 250_000_000 {
                 lastSweep = now
+                for c in Array(connections.values) where !c.authenticated && now &- c.accepted > options.authTimeout {
+                    drop(c, reason: nil)
+                    limited.log("auth-timeout", now: now, log) { "closed a connection that did not authenticate within \(options.authTimeout / 1_000_000) ms" }
+                }
+                if service.expireWrites(now: now) > 0 {
+                    limited.log("expired-writes", now: now, log) { "aborted writes not committed within \(options.config.quotas.writeTimeout / 1_000_000_000) s" }
+                }
                 for d in service.expireClients(now: now) {
                     logDeparture(d, why: "silent for longer than the client TTL")
                     // Its connection (if still open) ends too: the client sees that and reconnects.
@@ -198,6 +281,7 @@ public final class MasterServer: @unchecked Sendable {
             }
         }
         for c in connections.values { drop(c, reason: nil) }
+        if let tokenPath { TokenFile.remove(tokenPath, ifHolding: token) }
         log("stopped")
     }
 
@@ -205,14 +289,48 @@ public final class MasterServer: @unchecked Sendable {
 
     private func acceptAll(_ l: Socket, http: Bool) {
         while true {
+            let s: Socket
             do throws(KVError) {
-                guard let s = try l.accept() else { return }
-                connections[s.fd] = Connection(s, http: http)
+                guard let a = try l.accept() else { return }
+                s = a
             } catch {
-                log("accept failed: \(error.message)")
+                // Out of descriptors or memory (nothing else fails here): rest the listeners.
+                let now = clock()
+                acceptPausedUntil = now + 100_000_000
+                limited.log("accept", now: now, log) { "accept failed: \(error.message)" }
                 return
             }
+            if l === localListener, let refusal = refusePeer(s) {
+                refusedConnections += 1
+                limited.log("peer-uid", now: clock(), log) { refusal }
+                refuse(s, refusal)
+                continue
+            }
+            guard connections.count < maxClients else {
+                refusedConnections += 1
+                limited.log("max-clients", now: clock(), log) { "refused a connection: \(self.maxClients) connections are open (--max-clients)" }
+                refuse(s, "the master has \(maxClients) connections open, its limit (--max-clients)")
+                continue
+            }
+            connections[s.fd] = Connection(s, http: http, accepted: clock())
         }
+    }
+
+    /// Why a process on the local socket may not connect (nil: it may): only the master's
+    /// own user, root and `allowedUIDs`, as the kernel reports them (SO_PEERCRED).
+    private func refusePeer(_ s: Socket) -> String? {
+        guard let cred = s.peerCredentials else { return "refused a local connection whose peer credentials are unknown" }
+        let uid = cred.uid
+        if uid == geteuid() || uid == 0 || options.allowedUIDs.contains(uid) { return nil }
+        return "refused a local connection from uid \(uid) (pid \(cred.pid)): only uid \(geteuid()), root and --allow-uid may connect"
+    }
+
+    /// Best effort: tells a refused peer why, then closes.
+    private func refuse(_ s: Socket, _ why: String) {
+        let f = WireWriter.frame(kind: MasterResponse.errorKind, requestID: 0,
+                                 payload: MasterResponse.error(KVError(.invalidArgument, why)).encode())
+        _ = f.withUnsafeBytes { try? s.writeAvailable($0) }
+        s.close()
     }
 
     private func readFrom(_ c: Connection) {
@@ -225,42 +343,70 @@ public final class MasterServer: @unchecked Sendable {
             if n == 0 { return drop(c, reason: c.http ? nil : Self.closedByClient) }
             c.input += scratch[0..<n]
             if n < scratch.count { break }   // drained for now; poll says when more arrives
-            if c.input.count > options.maxPayload + WireFrameHeader.size { break }
+            if c.input.count > maxPayload(c) + WireFrameHeader.size { break }
         }
         if c.http { return serveHTTP(c) }
+        handleInput(c)
+    }
+
+    /// Largest frame `c` may send now: tiny until it has authenticated.
+    private func maxPayload(_ c: Connection) -> Int {
+        c.authenticated ? options.maxPayload : MasterLimits.maxPreAuthPayload
+    }
+
+    /// Handles the whole frames in `c`'s input, until its unsent answers pass the soft limit
+    /// (the rest waits until they drain).
+    private func handleInput(_ c: Connection) {
         var consumed = 0
         defer { if consumed > 0 { c.input.removeFirst(consumed) } }
         while c.input.count - consumed >= WireFrameHeader.size {
+            if c.pending > options.outputSoftLimit { break }
             do {
+                let limit = maxPayload(c)
+                let authenticated = c.authenticated
                 let (header, request) = try c.input.withUnsafeBytes { (all) throws -> (WireFrameHeader, MasterRequest?) in
                     let rest = UnsafeRawBufferPointer(rebasing: all[consumed...])
-                    let h = try WireFrameHeader.decode(rest, maxPayload: options.maxPayload, isKnown: MasterRequest.isRequestKind)
+                    // Before authentication only handshake frames are decoded, and only small ones.
+                    let h = try WireFrameHeader.decode(rest, maxPayload: limit, isKnown: { k in
+                        authenticated ? MasterRequest.isRequestKind(k) : MasterRequest.isHandshakeKind(k)
+                    })
                     guard rest.count >= WireFrameHeader.size + h.length else { return (h, nil) }
                     let payload = UnsafeRawBufferPointer(rebasing: rest[WireFrameHeader.size..<WireFrameHeader.size + h.length])
                     return (h, try MasterRequest.decode(kind: h.kind, payload))
                 }
                 guard let request else { break }
                 consumed += WireFrameHeader.size + header.length
-                let wasWelcomed = c.session.client != nil
+                let wasWelcomed = c.authenticated
                 if !draining, request.anyKey({ service.isWriting($0) }) || (request.concernsEveryKey && service.hasWritesInFlight) {
                     drainOthers(except: c)
                 }
                 let response = service.handle(request, session: &c.session, now: clock())
                 if response == .ok, request.isPipelined { continue }   // answered only when it fails
                 c.output += WireWriter.frame(kind: response.kind, requestID: header.requestID, payload: response.encode())
+                if c.pending > options.outputHardLimit {
+                    return drop(c, reason: "its unread answers passed \(options.outputHardLimit) bytes")
+                }
                 // Answer at once: a client streaming a batch has its next chunk queued behind
                 // this one and copies this chunk's objects while the master starts the next.
                 if c.input.count - consumed > WireFrameHeader.size {
                     flush(c)
                     if connections[c.socket.fd] !== c { return }   // the flush failed and dropped it
                 }
-                if case .hello = request, !wasWelcomed, case .error(let e) = response {
+                if !wasWelcomed, case .error(let e) = response {
+                    // A failed handshake ends the connection: one guess per connection.
                     c.closeAfterFlush = true
-                    log("refused a client: \(e.message)")
+                    consumed = c.input.count
+                    limited.log("refused", now: clock(), log) { "refused a client: \(e.message)" }
+                    flush(c)
+                    return
                 }
             } catch {
                 consumed = c.input.count
-                return drop(c, reason: "malformed message: \((error as? KVError)?.message ?? "\(error)")")
+                let why = "malformed message: \((error as? KVError)?.message ?? "\(error)")"
+                if c.authenticated { return drop(c, reason: why) }
+                drop(c, reason: nil)
+                limited.log("malformed", now: clock(), log) { "closing a connection that did not authenticate: \(why)" }
+                return
             }
         }
     }
@@ -338,9 +484,25 @@ public final class MasterServer: @unchecked Sendable {
     func metricsText() -> String {
         guard case .stats(let pairs) = service.statistics(now: clock()) else { return "" }
         var out = ""
-        for p in pairs {
+        for p in pairs + [Statistic("connections", connections.count), Statistic("refused_connections", refusedConnections)] {
             out += "# TYPE kvstore_\(p.name) gauge\nkvstore_\(p.name) \(p.value)\n"
         }
         return out
+    }
+}
+
+/// Log lines that repeat (a refused client, a failing accept) at most once a second per kind,
+/// with a count of the ones left out: an attacker cannot flood the log.
+struct RateLimitedLog {
+    private var last: [String: (at: Nanoseconds, suppressed: Int)] = [:]
+
+    mutating func log(_ kind: String, now: Nanoseconds, _ sink: (String) -> Void, _ line: () -> String) {
+        if let l = last[kind], now &- l.at < 1_000_000_000 {
+            last[kind]!.suppressed += 1
+            return
+        }
+        let suppressed = last[kind]?.suppressed ?? 0
+        last[kind] = (now, 0)
+        sink(line() + (suppressed > 0 ? " (and \(suppressed) similar in the last second)" : ""))
     }
 }

@@ -59,8 +59,8 @@ public protocol MasterLink: AnyObject, Sendable {
     func publishLayout(_ p: PublishedLayout) throws(KVError)
     func fetchLayout(node: String) throws(KVError) -> PublishedLayout
     func unpublishLayout(node: String) throws(KVError)
-    /// The keys of every object of the store (or cluster).
-    func keys() throws(KVError) -> [ObjectKey]
+    /// One page of the keys of the store (or cluster), in byte order after `after`.
+    func keysPage(after: ObjectKey?) throws(KVError) -> ObjectTable.KeysPage
 }
 
 /// The in-process master: the `ObjectTable` state machine behind one lock, fed by `clock`.
@@ -151,9 +151,9 @@ public final class EmbeddedMaster: MasterLink {
         found(0..<keys.count, results)
     }
 
-    public func keys() -> [ObjectKey] {
+    public func keysPage(after: ObjectKey?) -> ObjectTable.KeysPage {
         let now = clock()
-        return table.withLock { $0.keys(now: now) }
+        return table.withLock { $0.keysPage(after: after, now: now) }
     }
 
     public func publishLayout(_ p: PublishedLayout) throws(KVError) {

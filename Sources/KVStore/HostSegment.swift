@@ -39,6 +39,7 @@ public final class HostSegment: @unchecked Sendable {
             let fd = try Self.anonymousSharedFile()
             do throws(KVError) {
                 try SystemCall.check("ftruncate of a \(size)-byte segment", ftruncate(fd, off_t(size)), code: .noSpace)
+                try Self.reserve(fd, size)
                 base = try SystemCall.mmap(length: size, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED, fd: fd)
             } catch {
                 close(fd)
@@ -110,6 +111,22 @@ public final class HostSegment: @unchecked Sendable {
             if errno != EEXIST { throw SystemCall.failure("shm_open of a shared segment", code: .noSpace) }
         }
         throw KVError(.noSpace, "shm_open of a shared segment kept finding its random name taken")
+    }
+
+    /// Reserves every page of a shared-memory file now (`posix_fallocate`): a sparse file on
+    /// a small /dev/shm would let writes fault with SIGBUS later. Throws `noSpace` naming the
+    /// space /dev/shm has and how to raise it.
+    static func reserve(_ fd: Int32, _ size: Int) throws(KVError) {
+        var rc: Int32
+        repeat { rc = posix_fallocate(fd, 0, off_t(size)) } while rc == EINTR
+        guard rc != 0 else { return }
+        var fs = statvfs()
+        let free = statvfs("/dev/shm", &fs) == 0 ? Int(fs.f_bavail) * Int(fs.f_frsize) : -1
+        let total = free >= 0 ? Int(fs.f_blocks) * Int(fs.f_frsize) : -1
+        let what = String(cString: strerror(rc))
+        let room = free >= 0 ? "/dev/shm has \(free) of \(total) bytes free" : "/dev/shm could not be measured"
+        throw KVError(.noSpace, "cannot reserve a \(size)-byte shared segment (\(what)): \(room); use a smaller segment_size, "
+            + "or give /dev/shm more room (in Docker: docker run --shm-size=...; on a host: mount -o remount,size=... /dev/shm)")
     }
 
     /// The path another process on this host opens to map this shared segment.

@@ -66,7 +66,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     }
 
     private let link = Locked(Link())
-    private let token: String
+    /// The cluster's token (segment servers and peer links of this client use it too).
+    public let token: ClusterToken
     private let name: String
     private let timeout: Double
     private let clock: Clock
@@ -87,11 +88,20 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     /// Connects and says hello; throws `transfer` when the master cannot be reached and
     /// `invalidArgument` when it refuses the token.
-    public init(url: String, token: String?, name: String, timeout: Double = 10,
+    public convenience init(url: String, token: String?, name: String, timeout: Double = 10,
+                            clock: @escaping Clock = monotonicClock,
+                            onConnect: @escaping @Sendable (Int, SegmentID) -> Void = { _, _ in }) throws(KVError) {
+        let (h, p) = try Self.parse(url: url)
+        try self.init(url: url, token: ClusterToken(explicit: token, host: h, port: p), name: name, timeout: timeout,
+                      clock: clock, onConnect: onConnect)
+    }
+
+    /// Connects and authenticates with `token`.
+    public init(url: String, token: ClusterToken, name: String, timeout: Double = 10,
                 clock: @escaping Clock = monotonicClock,
                 onConnect: @escaping @Sendable (Int, SegmentID) -> Void = { _, _ in }) throws(KVError) {
         (host, port) = try Self.parse(url: url)
-        self.token = token ?? ""
+        self.token = token
         self.name = name
         self.timeout = timeout
         self.clock = clock
@@ -322,9 +332,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
-    public func keys() throws(KVError) -> [ObjectKey] {
-        guard case .keys(let ks) = try call(.listKeys) else { throw KVError(.internal, "unexpected answer to listKeys") }
-        return ks
+    public func keysPage(after: ObjectKey?) throws(KVError) -> ObjectTable.KeysPage {
+        guard case let .keys(ks, more) = try call(.listKeys(after: after)) else { throw KVError(.internal, "unexpected answer to listKeys") }
+        return ObjectTable.KeysPage(keys: ks, more: more)
     }
 
     public func fetchLayout(node: String) throws(KVError) -> PublishedLayout {
@@ -473,8 +483,14 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// hello again on it, then the TCP connection closes (`KVSTORE_MASTER_LOCAL=0`: stay on TCP).
     private func connect(_ l: inout Link) throws(KVError) -> (Nanoseconds, Nanoseconds) {
         l.lastAttempt = clock()
+        token.reload()   // a restarted master wrote a new token file
         do throws(KVError) {
             let s = try Socket.connect(host: host, port: port, timeout: min(timeout, 5))
+            guard !token.bytes.isEmpty else {
+                s.close()
+                let file = (try? TokenFile.path(port: port)).map { " (or run as the master's user on its host: it writes \($0))" } ?? ""
+                throw KVError(.invalidArgument, "no token for the master at \(host):\(port): pass token=... or set KVSTORE_MASTER_TOKEN\(file)")
+            }
             l.localHost = s.localHost
             var welcome = try hello(s, &l)
             if !welcome.local.isEmpty, Self.useLocalSocket, let u = try? Socket.connectLocal(name: welcome.local) {
@@ -507,8 +523,25 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         l.nextID = 1
         l.reader = FrameReader(maxPayload: WireFrameHeader.defaultMaxPayload, spinNanos: Self.spinNanos)
         l.writes.removeAll()
-        guard case let .welcome(_, lease, ttl, local) = try expect(&l, .hello(token: token, name: name)) else {
+        let secret = token.bytes
+        let cn = Authentication.randomBytes(Authentication.nonceSize)
+        guard case let .challenge(sn, proof) = try expect(&l, .hello(name: name, nonce: cn)) else {
             throw KVError(.internal, "unexpected answer to hello")
+        }
+        // The master proves the token first: a process holding the master's port without it
+        // (after a crash) learns nothing and gets no proof of ours.
+        guard sn.count == Authentication.nonceSize,
+              Authentication.constantTimeEqual(proof, Authentication.proof(token: secret, role: .server, clientNonce: cn, serverNonce: sn)) else {
+            throw KVError(.invalidArgument, "the server at \(host):\(port) could not prove the cluster token: it is not this cluster's master, or the token differs (\(token.hint))")
+        }
+        let answer: MasterResponse
+        do throws(KVError) {
+            answer = try expect(&l, .prove(proof: Authentication.proof(token: secret, role: .client, clientNonce: cn, serverNonce: sn)))
+        } catch where error.code == .invalidArgument {
+            throw KVError(.invalidArgument, "\(error.message) (\(token.hint))")
+        }
+        guard case let .welcome(_, lease, ttl, local) = answer else {
+            throw KVError(.internal, "unexpected answer to prove")
         }
         return (lease, ttl, local)
     }

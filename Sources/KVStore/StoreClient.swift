@@ -59,23 +59,26 @@ public final class StoreClient: Sendable {
     /// Joins the cluster of the master at `url` ("kvstore://host:port"): mounts a shared
     /// segment of `segmentSize` bytes (0: a pure client that stores nothing itself) served to
     /// other hosts over TCP, and reads and writes objects in every segment of the cluster.
-    /// `token` must match the master's when it has one. Throws `transfer` when the master
-    /// cannot be reached and `invalidArgument` when it refuses the token.
+    /// `token` is the cluster's (nil: `KVSTORE_MASTER_TOKEN`, else the token file a master on
+    /// a loopback address wrote for this user; see `ClusterToken`). Throws `transfer` when the
+    /// master cannot be reached and `invalidArgument` when the token is refused.
     public init(connecting url: String, segmentSize: Int, token: String? = nil, prefault: Bool = false,
                 pinning: PinningPolicy? = nil, name: String = "") throws(KVError) {
         guard segmentSize == 0 || segmentSize >= SegmentAllocator.granule else {
             throw .invalidArgument("segment size must be 0 (a pure client) or at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
         let policy = try Self.pinningPolicy(pinning)
-        let state = ClusterState(token: token, counters: counters)
-        let remote = try RemoteMaster(url: url, token: token, name: name.isEmpty ? "pid \(getpid())" : name,
+        let (host, port) = try RemoteMaster.parse(url: url)
+        let clusterToken = ClusterToken(explicit: token, host: host, port: port)
+        let state = ClusterState(token: clusterToken, counters: counters)
+        let remote = try RemoteMaster(url: url, token: clusterToken, name: name.isEmpty ? "pid \(getpid())" : name,
                                       onConnect: { epoch, seg in state.connected(epoch: epoch, segment: seg) })
         var own: HostSegment? = nil
         do throws(KVError) {
             if segmentSize > 0 {
                 let s = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy, shared: true)
                 own = s
-                let server = try SegmentServer(region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: token,
+                let server = try SegmentServer(region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: clusterToken,
                                                dataLock: remote.dataLock, rdma: RDMA.shared.context, log: { line in _ = "kvstore: \(line)\n".withCString { Glibc.write(2, $0, strlen($0)) } })
                 state.server.withLock { $0 = server }
                 _ = try remote.mount(RemoteMaster.Mount(size: segmentSize, host: state.host, sharePath: s.sharePath!,
@@ -536,11 +539,25 @@ public final class StoreClient: Sendable {
         return n
     }
 
-    /// The keys of every object (of the cluster, for a connected client), in no order.
-    public func keys() throws(KVError) -> [ObjectKey] {
+    /// One page of the keys (of the cluster, for a connected client) in byte order after
+    /// `after` (nil: the first page); at most `ObjectTable.keysPageBytes` of them. Walk the
+    /// pages with the last key of each until `more` is false, like Redis SCAN.
+    public func keysPage(after: ObjectKey?) throws(KVError) -> ObjectTable.KeysPage {
         try enter()
         defer { leave() }
-        return try master.keys()
+        return try master.keysPage(after: after)
+    }
+
+    /// Every key, from all the pages.
+    public func keys() throws(KVError) -> [ObjectKey] {
+        var all: [ObjectKey] = []
+        var after: ObjectKey? = nil
+        while true {
+            let page = try keysPage(after: after)
+            all += page.keys
+            guard page.more, let last = page.keys.last else { return all }
+            after = last
+        }
     }
 
     // MARK: buffers
@@ -639,7 +656,7 @@ enum SegmentAccess: Sendable {
 /// since a restarted master numbers segments afresh).
 final class ClusterState: Sendable {
     let host = localHostIdentity()
-    let token: String?
+    let token: ClusterToken
     /// The client's counters, which its peer links add their network bytes to.
     let counters: TransferCounters
     let segment = Atomic<SegmentID>(0)
@@ -651,7 +668,7 @@ final class ClusterState: Sendable {
     let kvLinks = Locked<[String: PeerLink]>([:])
     let peers = Locked<(epoch: Int, map: [SegmentID: SegmentAccess])>((0, [:]))
 
-    init(token: String?, counters: TransferCounters) {
+    init(token: ClusterToken, counters: TransferCounters) {
         self.token = token
         self.counters = counters
     }

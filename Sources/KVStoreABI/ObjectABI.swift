@@ -175,20 +175,22 @@ public func kvUnregisterBuffer(_ store: OpaquePointer?, _ ptr: UnsafeRawPointer?
     }
 }
 
-@c(kv_keys)
-public func kvKeys(_ store: OpaquePointer?, _ out: UnsafeMutableRawPointer?, _ cap: Int,
-                   _ needed: UnsafeMutablePointer<Int>?, _ count: UnsafeMutablePointer<Int>?) -> Int32 {
+@c(kv_keys_page)
+public func kvKeysPage(_ store: OpaquePointer?, _ after: UnsafePointer<CChar>?, _ afterLength: Int,
+                       _ out: UnsafeMutableRawPointer?, _ cap: Int,
+                       _ count: UnsafeMutablePointer<Int>?, _ more: UnsafeMutablePointer<Int32>?) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
-        guard let needed, let count else { throw .invalidArgument("needed and count must not be NULL") }
-        let keys = try c.keys()
-        var total = 0
-        for k in keys { k.withUTF8 { total += 4 + $0.count } }
-        needed.pointee = total
-        count.pointee = keys.count
-        guard let out, cap >= total else { return }
+        guard let out, let count, let more else { throw .invalidArgument("out, count and more must not be NULL") }
+        guard cap >= ObjectTable.keysPageBytes else {
+            throw .invalidArgument("the key buffer holds \(cap) bytes; a page needs \(ObjectTable.keysPageBytes)")
+        }
+        let start = try after.map { (p) throws(KVError) in try ObjectKey(utf8: UnsafeRawBufferPointer(start: p, count: afterLength)) }
+        let page = try c.keysPage(after: start)
+        count.pointee = page.keys.count
+        more.pointee = page.more ? 1 : 0
         var at = 0
-        for k in keys {
+        for k in page.keys {
             k.withUTF8 { b in
                 out.storeBytes(of: UInt32(b.count).littleEndian, toByteOffset: at, as: UInt32.self)
                 if b.count > 0 { (out + at + 4).copyMemory(from: b.baseAddress!, byteCount: b.count) }

@@ -10,7 +10,8 @@ import Synchronization
 // are `WireFrameHeader`s (kinds 200...211); the bytes of a read or write follow their frame
 // raw, sent from and received into segment or caller memory directly (no intermediate buffer).
 //
-//   200 hello(token)                      -> 210 ok | 211 error, then close
+//   200 hello(client nonce)               -> 213 challenge(server nonce, server proof) | 211 error
+//   206 prove(client proof)               -> 210 ok | 211 error, then close (see `Authentication`)
 //   201 read(segment, offset, length)     -> 210 ok + `length` raw bytes | 211 error
 //   202 write(segment, offset, length) + `length` raw bytes -> 210 ok | 211 error, then close
 //   203 rdmaConnect(queue-pair address)   -> 212 rdmaAccepted(address, base, rkey, size, segment)
@@ -27,13 +28,17 @@ import Synchronization
 
 enum DataFrame {
     static let hello: UInt16 = 200, read: UInt16 = 201, write: UInt16 = 202, rdmaConnect: UInt16 = 203
-    static let kvRead: UInt16 = 204, kvWrite: UInt16 = 205
-    static let ok: UInt16 = 210, error: UInt16 = 211, rdmaAccepted: UInt16 = 212
+    static let kvRead: UInt16 = 204, kvWrite: UInt16 = 205, prove: UInt16 = 206
+    static let ok: UInt16 = 210, error: UInt16 = 211, rdmaAccepted: UInt16 = 212, challenge: UInt16 = 213
     static let maxPayload = 16 * maxKVRanges + 64
     /// Most block ranges one kvRead or kvWrite frame may name.
     static let maxKVRanges = 1024
 
-    static func isKnown(_ k: UInt16) -> Bool { (200...205).contains(k) || (210...212).contains(k) }
+    static func isKnown(_ k: UInt16) -> Bool { (200...206).contains(k) || (210...213).contains(k) }
+    /// Largest frame read before the peer has authenticated (hello and prove are tiny).
+    static let maxPreAuthPayload = 256
+    /// Seconds a new connection has to authenticate.
+    static let authTimeout = 5.0
 }
 
 extension Socket {
@@ -81,7 +86,7 @@ public final class SegmentServer: @unchecked Sendable {
     public let region: MemoryRegion
     public let host: String
     public let port: Int
-    private let token: String
+    private let token: ClusterToken
     private let listener: Socket
     private let wake: (read: Int32, write: Int32)
     private let state = Locked(State())
@@ -109,16 +114,19 @@ public final class SegmentServer: @unchecked Sendable {
         var stopped = false
     }
 
+    /// Most connections served at once (each has a thread); more are closed at accept.
+    public static let maxConnections = 256
+
     /// Listens on host:port (0: any free port) and starts serving.
     /// With `rdma`, the segment is registered with that device and peers may connect queue
     /// pairs to it (a registration failure is logged and leaves TCP only).
-    public init(region: MemoryRegion, host: String, port: Int = 0, token: String?, dataLock: SharedLock? = nil,
+    public init(region: MemoryRegion, host: String, port: Int = 0, token: ClusterToken, dataLock: SharedLock? = nil,
                 rdma: RDMAContext? = nil, log: @escaping @Sendable (String) -> Void = { _ in }) throws(KVError) {
         self.region = region
         self.dataLock = dataLock
         self.rdma = rdma
         self.host = host
-        self.token = token ?? ""
+        self.token = token
         self.log = log
         listener = try Socket.listen(host: host, port: port)
         listener.setNonBlocking()
@@ -205,11 +213,17 @@ public final class SegmentServer: @unchecked Sendable {
             guard fds[1].revents != 0, let s = try? listener.accept() else { continue }
             _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)
             s.setTimeout(30)
+            var full = false
             let serial = state.withLock { st -> Int? in
                 guard !st.stopped else { return nil }
+                guard st.connections.count < Self.maxConnections else { full = true; return nil }
                 st.nextSerial += 1
                 st.connections[st.nextSerial] = (s, nil)
                 return st.nextSerial
+            }
+            if full {   // a peer cannot make this process start threads without bound
+                s.close()
+                continue
             }
             guard let serial else { return }
             do {
@@ -238,12 +252,16 @@ public final class SegmentServer: @unchecked Sendable {
             state.withLock { st in if !st.stopped { st.connections[serial] = nil } }
         }
         var welcomed = false
+        var nonces: (client: [UInt8], server: [UInt8])?
         var queuePairs: [RDMAQueuePair] = []   // live as long as this connection
         defer { queuePairs.removeAll() }
+        // Until the peer has proved the token: tiny frames only, and a deadline.
+        s.setTimeout(DataFrame.authTimeout)
         while true {
             let header: WireFrameHeader, payload: [UInt8]
             do throws(KVError) {
-                (header, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown)
+                (header, payload) = try s.readFrame(maxPayload: welcomed ? DataFrame.maxPayload : DataFrame.maxPreAuthPayload,
+                                                    isKnown: welcomed ? DataFrame.isKnown : { $0 == DataFrame.hello || $0 == DataFrame.prove })
             } catch {
                 if error.code != .transfer { log("segment server: closing a connection: \(error.message)") }
                 return
@@ -251,9 +269,22 @@ public final class SegmentServer: @unchecked Sendable {
             do throws(KVError) {
                 switch header.kind {
                 case DataFrame.hello:
-                    let t = try WireReader.parse(payload, "hello") { (r) throws(KVError) in try r.string(max: MasterLimits.maxString, "token") }
-                    guard t == token else { throw .invalidArgument("the segment server refused the token") }
+                    guard !welcomed, nonces == nil else { throw .invalidArgument("hello was already sent on this connection") }
+                    let cn = try WireReader.parse(payload, "hello") { (r) throws(KVError) in Array(try r.bytes(max: 64, "nonce")) }
+                    guard cn.count == Authentication.nonceSize else { throw .invalidArgument("hello needs a \(Authentication.nonceSize)-byte nonce") }
+                    let sn = Authentication.randomBytes(Authentication.nonceSize)
+                    nonces = (cn, sn)
+                    var w = WireWriter()
+                    w.bytes(sn)
+                    w.bytes(Authentication.proof(token: token.bytes, role: .server, clientNonce: cn, serverNonce: sn))
+                    try s.writeFrame(kind: DataFrame.challenge, requestID: header.requestID, payload: w.bytes)
+                case DataFrame.prove:
+                    guard !welcomed, let n = nonces else { throw .invalidArgument("prove must follow hello") }
+                    let proof = try WireReader.parse(payload, "prove") { (r) throws(KVError) in Array(try r.bytes(max: 64, "proof")) }
+                    let want = Authentication.proof(token: token.bytes, role: .client, clientNonce: n.client, serverNonce: n.server)
+                    guard Authentication.constantTimeEqual(proof, want) else { throw .invalidArgument("the segment server refused the token") }
                     welcomed = true
+                    s.setTimeout(30)
                     try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
                 case DataFrame.read, DataFrame.write:
                     guard welcomed else { throw .invalidArgument("the first request must be hello") }
@@ -333,7 +364,7 @@ public final class SegmentServer: @unchecked Sendable {
 public final class PeerLink: Sendable {
     public let host: String
     public let port: Int
-    private let token: String
+    private let token: ClusterToken
     private let idle = Locked<[PeerConnection]>([])
     private static let maxIdle = 8
     private let timeout: Double
@@ -346,10 +377,10 @@ public final class PeerLink: Sendable {
     static let stagingLimit = 16 << 20
 
     /// `endpoint` is "a.b.c.d:port".
-    public init(endpoint: String, token: String?, timeout: Double = 30, rdma: RDMAContext? = nil,
+    public init(endpoint: String, token: ClusterToken, timeout: Double = 30, rdma: RDMAContext? = nil,
                 counters: TransferCounters = TransferCounters()) throws(KVError) {
         (host, port) = try Socket.endpoint(Substring(endpoint))
-        self.token = token ?? ""
+        self.token = token
         self.timeout = timeout
         self.rdma = rdma
         self.counters = counters
@@ -492,10 +523,7 @@ public final class PeerLink: Sendable {
         do throws(KVError) {
             s = try Socket.connect(host: host, port: port, timeout: min(timeout, 5))
             s.setTimeout(timeout)
-            var w = WireWriter()
-            w.string(token)
-            try s.writeFrame(kind: DataFrame.hello, payload: w.bytes)
-            try Self.expectOK(s)
+            try PeerHandshake.authenticate(s, token: token.bytes)
         } catch {
             throw KVError(error.code, "peer \(host):\(port): \(error.message)")
         }
@@ -527,7 +555,15 @@ public final class PeerLink: Sendable {
     }
 
     /// Reads a response frame: returns on ok, throws the peer's error otherwise.
-    private static func expectOK(_ s: Socket) throws(KVError) { _ = try expect(DataFrame.ok, s) }
+    static func expectOK(_ s: Socket) throws(KVError) { _ = try expect(DataFrame.ok, s) }
+
+    /// The error an error frame's payload carries.
+    static func errorOf(_ payload: [UInt8]) -> KVError {
+        guard case .error(let e)? = try? payload.withUnsafeBytes({ try MasterResponse.decode(kind: MasterResponse.errorKind, $0) }) else {
+            return KVError(.transfer, "the peer sent an error frame that does not decode")
+        }
+        return e
+    }
 
     /// Reads a response frame of `kind` and returns its payload; throws the peer's error (or
     /// `transfer` for any other frame).
@@ -535,10 +571,7 @@ public final class PeerLink: Sendable {
         let (h, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown)
         if h.kind == kind { return payload }
         guard h.kind == DataFrame.error else { throw KVError(.transfer, "unexpected frame kind \(h.kind) from the peer") }
-        guard case .error(let e)? = try? payload.withUnsafeBytes({ try MasterResponse.decode(kind: MasterResponse.errorKind, $0) }) else {
-            throw KVError(.transfer, "the peer sent an error frame that does not decode")
-        }
-        throw e
+        throw errorOf(payload)
     }
 }
 

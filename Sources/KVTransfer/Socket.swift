@@ -150,6 +150,16 @@ public final class Socket: @unchecked Sendable {
         return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
+    /// The process at the other end of a Unix-domain socket, as the kernel saw it when it
+    /// connected (SO_PEERCRED): nil for TCP or on failure.
+    public var peerCredentials: (pid: Int32, uid: UInt32, gid: UInt32)? {
+        // struct ucred { pid_t pid; uid_t uid; gid_t gid; } (Glibc's module hides the type).
+        var cred: (Int32, UInt32, UInt32) = (0, 0, 0)
+        var len = socklen_t(12)
+        guard getsockopt(fd, SOL_SOCKET, 17 /* SO_PEERCRED */, &cred, &len) == 0, len == 12 else { return nil }
+        return (cred.0, cred.1, cred.2)
+    }
+
     /// Ends both directions now: a thread blocked reading this socket wakes up.
     public func shutdown() {
         if fd >= 0 { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }

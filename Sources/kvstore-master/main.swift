@@ -10,7 +10,7 @@ struct KVStoreMaster: ParsableCommand {
         commandName: "kvstore-master",
         abstract: "Run the kvstore master: object metadata, leases and eviction for a cluster of clients.")
 
-    @Option(name: [.customLong("host"), .customLong("rpc_address")], help: "Address to listen on (not loopback: --token is required).")
+    @Option(name: [.customLong("host"), .customLong("rpc_address")], help: "Address to listen on.")
     var host = "127.0.0.1"
 
     @Option(name: [.customLong("port"), .customLong("rpc_port")], help: "Port of the control plane.")
@@ -22,8 +22,17 @@ struct KVStoreMaster: ParsableCommand {
     @Option(name: .customLong("metrics-host"), help: "Address of /metrics and /health.")
     var metricsHost = "127.0.0.1"
 
-    @Option(help: "Token clients must present (default: $KVSTORE_MASTER_TOKEN).")
+    @Option(help: "Token clients must prove (visible in ps: prefer --token-file or $KVSTORE_MASTER_TOKEN; default: generated and written to this user's token file).")
     var token: String?
+
+    @Option(name: .customLong("token-file"), help: "Read the token from this file (mode 600).")
+    var tokenFile: String?
+
+    @Option(name: .customLong("max-clients"), help: "Most connections at once (0: from the file-descriptor limit).")
+    var maxClients = 0
+
+    @Option(name: .customLong("allow-uid"), help: "Also accept this user's processes on the local socket (repeatable).")
+    var allowUID: [UInt32] = []
 
     @Option(name: [.customLong("client-ttl"), .customLong("client_ttl")], help: "Seconds without a heartbeat before a client is dead.")
     var clientTTL = 10.0
@@ -53,8 +62,10 @@ struct KVStoreMaster: ParsableCommand {
         do throws(KVError) {
             let cache = try CachePolicy(leaseSeconds: lease, softPinSeconds: softPinTTL, highWatermark: highWatermark,
                                         evictionRatio: evictionRatio)
-            o.config = MasterConfig(token: token ?? MasterServer.environmentToken(),
+            o.config = MasterConfig(token: try MasterServer.token(given: token ?? "", file: tokenFile ?? ""),
                                     clientTTL: try Seconds.nanoseconds(clientTTL, name: "client_ttl"), cache: cache)
+            o.maxClients = maxClients
+            o.allowedUIDs = allowUID
             let server = try MasterServer(options: o)
             server.stopOnSignals()
             server.run()

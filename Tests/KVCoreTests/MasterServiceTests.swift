@@ -11,10 +11,24 @@ final class MasterServiceTests: XCTestCase {
         try MasterService(config: MasterConfig(token: token, clientTTL: 10 * Self.s))
     }
 
+    /// The handshake of a client holding `token`: hello, check the master's proof, prove.
+    /// Returns the answer to prove (a welcome, or the refusal).
+    @discardableResult
+    static func authenticate(_ m: inout MasterService, _ session: inout MasterService.Session, token: String = "", name: String = "c",
+                             now: Nanoseconds = 0) -> MasterResponse {
+        let cn = Authentication.randomBytes(Authentication.nonceSize)
+        guard case let .challenge(sn, proof) = m.handle(.hello(name: name, nonce: cn), session: &session, now: now) else {
+            return .error(KVError(.internal, "no challenge"))
+        }
+        let t = Array(token.utf8)
+        XCTAssertEqual(proof, Authentication.proof(token: m.config.token.map { Array($0.utf8) } ?? [], role: .server, clientNonce: cn, serverNonce: sn))
+        return m.handle(.prove(proof: Authentication.proof(token: t, role: .client, clientNonce: cn, serverNonce: sn)), session: &session, now: now)
+    }
+
     /// A connected client with one segment of `kib` KiB on `host`.
     func join(_ m: inout MasterService, _ name: String, host: String, kib: Int = 256, now: Nanoseconds = 0) -> (MasterService.Session, SegmentID) {
         var session = MasterService.Session()
-        guard case .welcome = m.handle(.hello(token: "", name: name), session: &session, now: now) else { XCTFail(); return (session, 0) }
+        guard case .welcome = Self.authenticate(&m, &session, token: m.config.token ?? "", name: name, now: now) else { XCTFail(); return (session, 0) }
         guard case .mounted(let seg) = m.handle(.mount(size: kib << 10, host: host, sharePath: "/proc/1/fd/3", endpoint: "\(host):7000"),
                                                 session: &session, now: now) else { XCTFail(); return (session, 0) }
         return (session, seg)
@@ -38,15 +52,77 @@ final class MasterServiceTests: XCTestCase {
         var m = try master(token: "secret")
         var s = MasterService.Session()
         XCTAssertEqual(errorCode(m.handle(.heartbeat, session: &s, now: 0)), .invalidArgument)
-        XCTAssertEqual(errorCode(m.handle(.hello(token: "wrong", name: "a"), session: &s, now: 0)), .invalidArgument)
+        XCTAssertEqual(errorCode(m.handle(.prove(proof: [UInt8](repeating: 0, count: 32)), session: &s, now: 0)), .invalidArgument,
+                       "prove before hello")
+        XCTAssertEqual(errorCode(m.handle(.hello(name: "a", nonce: [1, 2, 3]), session: &s, now: 0)), .invalidArgument, "short nonce")
+        XCTAssertEqual(errorCode(Self.authenticate(&m, &s, token: "wrong")), .invalidArgument)
         XCTAssertNil(s.client)
-        guard case .welcome(let id, let lease, let ttl, let local) = m.handle(.hello(token: "secret", name: "a"), session: &s, now: 0) else { return XCTFail() }
-        XCTAssertEqual(s.client, id)
+        XCTAssertEqual(m.handle(.stats, session: &s, now: 0).statsValue("refused_handshakes"), nil, "still not authenticated")
+        var fresh = MasterService.Session()
+        guard case .welcome(let id, let lease, let ttl, let local) = Self.authenticate(&m, &fresh, token: "secret") else { return XCTFail() }
+        XCTAssertEqual(fresh.client, id)
         XCTAssertEqual(lease, 5 * Self.s)
         XCTAssertEqual(ttl, 10 * Self.s)
         XCTAssertEqual(local, "")   // the service alone advertises no local socket
-        XCTAssertEqual(errorCode(m.handle(.hello(token: "secret", name: "a"), session: &s, now: 0)), .invalidArgument)
-        XCTAssertEqual(m.handle(.heartbeat, session: &s, now: 0), .ok)
+        XCTAssertEqual(errorCode(m.handle(.hello(name: "a", nonce: Authentication.randomBytes(32)), session: &fresh, now: 0)), .invalidArgument)
+        XCTAssertEqual(m.handle(.heartbeat, session: &fresh, now: 0), .ok)
+        XCTAssertEqual(m.handle(.stats, session: &fresh, now: 0).statsValue("refused_handshakes"), 1)
+    }
+
+    func testTheMastersProofNeedsTheToken() throws {
+        var m = try master(token: "secret")
+        var s = MasterService.Session()
+        let cn = Authentication.randomBytes(32)
+        guard case let .challenge(sn, proof) = m.handle(.hello(name: "a", nonce: cn), session: &s, now: 0) else { return XCTFail() }
+        XCTAssertEqual(proof, Authentication.proof(token: Array("secret".utf8), role: .server, clientNonce: cn, serverNonce: sn))
+        XCTAssertNotEqual(proof, Authentication.proof(token: Array("secreT".utf8), role: .server, clientNonce: cn, serverNonce: sn))
+        // The master's proof is never a valid client proof (labels differ): replaying it fails.
+        XCTAssertEqual(errorCode(m.handle(.prove(proof: proof), session: &s, now: 0)), .invalidArgument)
+        XCTAssertNil(s.client)
+    }
+
+    func testQuotasBoundWhatOneClientHolds() throws {
+        var config = MasterConfig(clientTTL: 10 * Self.s)
+        config.quotas.segments = 2
+        config.quotas.writesInFlight = 3
+        config.quotas.layouts = 1
+        config.quotas.writeTimeout = 2 * Self.s
+        var m = try MasterService(config: config)
+        var (a, _) = join(&m, "a", host: "h")
+        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e"), session: &a, now: 0)), nil)
+        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e"), session: &a, now: 0)), .noSpace)
+        for i in 0..<3 {
+            guard case .putStarted = m.handle(.putStart(key: "w\(i)", size: 100, mode: .put, options: .default, preferred: nil), session: &a, now: 0) else { return XCTFail() }
+        }
+        XCTAssertEqual(errorCode(m.handle(.putStart(key: "w3", size: 100, mode: .put, options: .default, preferred: nil), session: &a, now: 0)), .noSpace)
+        // Never committed: aborted after the write timeout, and their space is free again.
+        XCTAssertEqual(m.expireWrites(now: 1 * Self.s), 0)
+        XCTAssertEqual(m.expireWrites(now: 3 * Self.s), 3)
+        XCTAssertEqual(m.handle(.stats, session: &a, now: 3 * Self.s).statsValue("writes_in_flight"), 0)
+        XCTAssertEqual(m.handle(.stats, session: &a, now: 3 * Self.s).statsValue("bytes_used"), 0)
+        XCTAssertEqual(m.handle(.stats, session: &a, now: 3 * Self.s).statsValue("expired_writes"), 3)
+        guard case .putStarted = m.handle(.putStart(key: "w3", size: 100, mode: .put, options: .default, preferred: nil), session: &a, now: 3 * Self.s) else { return XCTFail() }
+        XCTAssertEqual(m.handle(.publishLayout(Self.published), session: &a, now: 0), .ok)
+        XCTAssertEqual(m.handle(.publishLayout(Self.published), session: &a, now: 0), .ok, "replacing its own is no new layout")
+        var other = Self.published
+        other.node = "n2"
+        XCTAssertEqual(errorCode(m.handle(.publishLayout(other), session: &a, now: 0)), .noSpace)
+        XCTAssertNil(m.table.invariantViolation())
+    }
+
+    func testMountedCapacityCannotOverflow() throws {
+        var config = MasterConfig(clientTTL: 10 * Self.s)
+        config.quotas.segments = 1 << 20
+        var m = try MasterService(config: config)
+        var (a, _) = join(&m, "a", host: "h")
+        var refused = 0
+        for _ in 0..<32_768 {   // 2^48 bytes each: their sum would pass Int.max
+            if errorCode(m.handle(.mount(size: 1 << 48, host: "h", sharePath: "p", endpoint: "e"), session: &a, now: 0)) == .noSpace { refused += 1 }
+        }
+        XCTAssertGreaterThan(refused, 32_000)
+        let capacity = m.handle(.stats, session: &a, now: 0).statsValue("capacity")!
+        XCTAssertLessThanOrEqual(capacity, 1 << 56)
+        XCTAssertGreaterThan(capacity, 0)
     }
 
     func testConfigNeedsLeases() {
@@ -170,7 +246,7 @@ final class MasterServiceTests: XCTestCase {
     // MARK: codec
 
     static let requests: [MasterRequest] = [
-        .hello(token: "t", name: "n"), .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1"),
+        .hello(name: "n", nonce: [1, 2, 3]), .prove(proof: [9, 8]), .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1"),
         .unmount(segment: 3), .heartbeat,
         .putStart(key: "k", size: 5, mode: .upsert, options: WriteOptions(hardPin: false, softPinTTL: 7, ttl: 9, replicas: 2), preferred: 4),
         .putStart(key: "k", size: 5, mode: .put, options: WriteOptions(hardPin: true, replicas: 1), preferred: nil),
@@ -180,7 +256,8 @@ final class MasterServiceTests: XCTestCase {
                        options: WriteOptions(ttl: 3, replicas: 2), preferred: 7),
         .putStartBatch(items: [], mode: .upsert, options: .default, preferred: nil),
         .getBatch(keys: ["a", "b", "é"], host: "h"),
-        .publishLayout(MasterServiceTests.published), .fetchLayout(node: "n"), .unpublishLayout(node: "é"), .listKeys,
+        .publishLayout(MasterServiceTests.published), .fetchLayout(node: "n"), .unpublishLayout(node: "é"), .listKeys(after: nil),
+        .listKeys(after: "req/1"),
     ]
     static let published = PublishedLayout(
         node: "n", layout: try! KVLayout([KVBufferDescriptor(layer: 0, kind: .key, address: 4096, length: 8192, bytesPerBlock: 4096),
@@ -195,7 +272,8 @@ final class MasterServiceTests: XCTestCase {
                           .failure(KVError(.noSpace, "full"))]),
         .foundBatch([.failure(KVError(.objectNotFound, "gone")),
                      .success(FoundObject(size: 9, replicas: [Replica(segment: 1, offset: 0), Replica(segment: 2, offset: 64)]))]),
-        .layout(MasterServiceTests.published), .keys(["a", "é", "req/1"]), .keys([]),
+        .layout(MasterServiceTests.published), .keys(["a", "é", "req/1"], more: true), .keys([], more: false),
+        .challenge(nonce: [1, 2], proof: [3]),
     ]
 
     func testLayoutsArePublishedPerClientAndLeaveWithIt() throws {

@@ -1,5 +1,6 @@
 import XCTest
 @testable import KVCore
+import KVTestSupport
 
 final class ObjectTableTests: XCTestCase {
     /// The rules of these tests predate leases: reads protect bytes only while held.
@@ -156,6 +157,45 @@ final class ObjectTableTests: XCTestCase {
             XCTAssertEqual(($0 as? KVError)?.code, .noSpace)
         }
         XCTAssertThrowsError(try t.beginWrite(key: "z", size: 0, mode: .put, now: 0)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+    }
+
+    func testKeyPagesWalkEveryKeyOnceInByteOrder() throws {
+        var t = ObjectTable(capacity: 64 << 20, policy: Self.noLeases)
+        var rng = SplitMix64(seed: 7)
+        var all = Set<ObjectKey>()
+        for i in 0..<600 {
+            let k = try ObjectKey("k\(rng.next() % 100_000)-" + String(repeating: "x", count: Int(rng.next() % 60)) + "\(i)")
+            _ = try put(&t, k, 64)
+            all.insert(k)
+        }
+        let pending = try t.beginWrite(key: "not-committed", size: 64, mode: .put, now: 0)
+        // Small pages: 300 bytes hold only a few keys each.
+        var seen: [ObjectKey] = []
+        var after: ObjectKey? = nil
+        var pages = 0
+        while true {
+            let page = t.keysPage(after: after, maxBytes: 300, now: 0)
+            pages += 1
+            XCTAssertLessThanOrEqual(page.keys.reduce(0) { $0 + 4 + $1.count }, 300)
+            XCTAssertEqual(page.keys, page.keys.sorted())
+            seen += page.keys
+            guard page.more, let last = page.keys.last else { break }
+            after = last
+            // Keys removed and added during the walk: those present throughout still come once.
+            if pages == 5 { try t.remove(key: seen[0], force: true, now: 0); all.remove(seen[0]) }
+        }
+        XCTAssertGreaterThan(pages, 50)
+        XCTAssertEqual(seen, seen.sorted(), "each page continues after the previous one")
+        XCTAssertEqual(Set(seen).count, seen.count, "no key twice")
+        XCTAssertTrue(all.isSubset(of: Set(seen)), "every key present throughout")
+        XCTAssertFalse(seen.contains("not-committed"))
+        try t.abortWrite(pending, now: 0)
+        // One big page holds everything.
+        let whole = t.keysPage(after: nil, now: 0)
+        XCTAssertFalse(whole.more)
+        XCTAssertEqual(Set(whole.keys), all)
+        XCTAssertEqual(t.keysPage(after: whole.keys.last, now: 0), ObjectTable.KeysPage(keys: [], more: false))
+        XCTAssertTrue(ObjectKey("a") < "ab" && ObjectKey("ab") < "b" && !(ObjectKey("b") < "b") && ObjectKey("Z") < "a")
     }
 
     func testKeysCompareAsBytesInlineAndOnTheHeap() throws {

@@ -269,7 +269,7 @@ final class ConnectedClientTests: XCTestCase {
             XCTAssertEqual(($0 as? KVError)?.code, .transfer)
         }
         for e in ["127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "127.0.0.1:x", "host:1", ""] {
-            XCTAssertThrowsError(try PeerLink(endpoint: e, token: nil)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument, e) }
+            XCTAssertThrowsError(try PeerLink(endpoint: e, token: "")) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument, e) }
         }
         for u in ["http://x:1", "kvstore://host:1", "kvstore://127.0.0.1:0", "kvstore://127.0.0.1:abc"] {
             XCTAssertThrowsError(try StoreClient(connecting: u, segmentSize: 0)) {

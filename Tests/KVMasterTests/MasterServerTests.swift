@@ -11,7 +11,7 @@ import Glibc
 /// only its own connection, departures when a connection closes, and the HTTP endpoint.
 final class MasterServerTests: XCTestCase {
     /// A blocking test client speaking the wire protocol.
-    final class Client {
+    final class Client: @unchecked Sendable {
         let socket: Socket
         var nextID: UInt32 = 1
         init(port: Int) throws { socket = try Socket.connect(host: "127.0.0.1", port: port) }
@@ -31,6 +31,20 @@ final class MasterServerTests: XCTestCase {
         }
 
         func send(_ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try socket.writeAll($0) } }
+
+        /// The handshake with `token`: the master's answer to prove (a welcome or an error),
+        /// or its error to hello. Checks the master's proof.
+        func hello(token: String = MasterServerTests.token, name: String,
+                   expectedToken: String = MasterServerTests.token) throws -> MasterResponse {
+            let cn = Authentication.randomBytes(Authentication.nonceSize)
+            let answer = try call(.hello(name: name, nonce: cn))
+            guard case let .challenge(sn, proof) = answer else { return answer }
+            let t = Array(token.utf8)
+            // The master proves the same token (checked only when this client holds it).
+            let matches = proof == Authentication.proof(token: t, role: .server, clientNonce: cn, serverNonce: sn)
+            XCTAssertEqual(matches, token == expectedToken)
+            return try call(.prove(proof: Authentication.proof(token: t, role: .client, clientNonce: cn, serverNonce: sn)))
+        }
 
         /// Sends a pipelined request (answered only when it fails); returns its id.
         @discardableResult
@@ -62,12 +76,22 @@ final class MasterServerTests: XCTestCase {
         var all: [String] { lock.withLock { $0 } }
     }
 
-    func start(token: String? = nil, localSocket: Bool = true) throws -> (MasterServer, TestThread, Logs) {
+    static let token = "master-server-tests-token"
+
+    func start(token: String = MasterServerTests.token, localSocket: Bool = true,
+               _ adjust: (inout MasterServer.Options) -> Void = { _ in }) throws -> (MasterServer, TestThread, Logs) {
+        try Self.start(token: token, localSocket: localSocket, adjust)
+    }
+
+    static func start(token: String = MasterServerTests.token, localSocket: Bool = true,
+                      _ adjust: (inout MasterServer.Options) -> Void = { _ in }) throws -> (MasterServer, TestThread, Logs) {
         var o = MasterServer.Options()
         o.localSocket = localSocket
         o.port = 0
         o.metricsPort = 0
+        o.tokenFile = ""
         o.config = MasterConfig(token: token, clientTTL: 10_000_000_000)
+        adjust(&o)
         let logs = Logs()
         let server = try MasterServer(options: o, log: { logs.add($0) })
         let t = TestThread { server.run() }
@@ -79,7 +103,7 @@ final class MasterServerTests: XCTestCase {
         let (server, thread, _) = try start()
         defer { server.stop(); thread.join() }
         let c = try Client(port: server.port)
-        guard case .welcome = try c.call(.hello(token: "", name: "t")) else { return XCTFail() }
+        guard case .welcome = try c.hello(name: "t") else { return XCTFail() }
         guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
         guard case .putStarted(let w) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         let (h, rs) = (w.handle, w.replicas)
@@ -95,20 +119,20 @@ final class MasterServerTests: XCTestCase {
     }
 
     func testLocalSocketServesTheSameMaster() throws {
-        let (server, thread, _) = try start(token: "s3cret")
+        let (server, thread, _) = try start(token: "s3cret-s3cret-s3cret")
         defer { server.stop(); thread.join() }
         let tcp = try Client(port: server.port)
-        guard case .welcome(_, _, _, let name) = try tcp.call(.hello(token: "s3cret", name: "tcp")) else { return XCTFail() }
+        guard case .welcome(_, _, _, let name) = try tcp.hello(token: "s3cret-s3cret-s3cret", name: "tcp", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
         XCTAssertTrue(name.hasPrefix("kvstore-master."), name)
         guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
         // The local socket checks the token too, and a refused hello closes it.
         let refused = try Client(local: name)
-        guard case .error(let e) = try refused.call(.hello(token: "nope", name: "x")) else { return XCTFail() }
+        guard case .error(let e) = try refused.hello(token: "nope", name: "x", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
         XCTAssertEqual(e.code, .invalidArgument)
         XCTAssertTrue(refused.isClosedByPeer())
         // Same table: a write over the local socket is seen over TCP.
         let local = try Client(local: name)
-        guard case .welcome(_, _, _, let again) = try local.call(.hello(token: "s3cret", name: "local")) else { return XCTFail() }
+        guard case .welcome(_, _, _, let again) = try local.hello(token: "s3cret-s3cret-s3cret", name: "local", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
         XCTAssertEqual(again, name)
         guard case .putStarted(let w) = try local.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         try local.post(.putCommit(handle: w.handle))
@@ -126,12 +150,12 @@ final class MasterServerTests: XCTestCase {
         let (server, thread, logs) = try start(localSocket: false)
         defer { server.stop(); thread.join() }
         let c = try Client(port: server.port)
-        guard case .welcome(_, _, _, let name) = try c.call(.hello(token: "", name: "t")) else { return XCTFail() }
+        guard case .welcome(_, _, _, let name) = try c.hello(name: "t") else { return XCTFail() }
         XCTAssertEqual(name, "")
         // A client closing while holding nothing leaves quietly (clients moving to the local
         // socket do that with their TCP connection); one holding a segment is logged.
         let held = try Client(port: server.port)
-        _ = try held.call(.hello(token: "", name: "held"))
+        _ = try held.hello(name: "held")
         _ = try held.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e"))
         c.socket.close()
         held.socket.close()
@@ -144,7 +168,7 @@ final class MasterServerTests: XCTestCase {
         let (server, thread, logs) = try start()
         defer { server.stop(); thread.join() }
         let good = try Client(port: server.port)
-        guard case .welcome = try good.call(.hello(token: "", name: "good")) else { return XCTFail() }
+        guard case .welcome = try good.hello(name: "good") else { return XCTFail() }
         guard case .mounted = try good.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
         let bad = [
             Array("GET / HTTP/1.1\r\n\r\n".utf8),                                           // not our protocol
@@ -165,8 +189,8 @@ final class MasterServerTests: XCTestCase {
         let (server, thread, logs) = try start()
         defer { server.stop(); thread.join() }
         let a = try Client(port: server.port), b = try Client(port: server.port)
-        _ = try a.call(.hello(token: "", name: "a"))
-        _ = try b.call(.hello(token: "", name: "b"))
+        _ = try a.hello(name: "a")
+        _ = try b.hello(name: "b")
         guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
         guard case .putStarted(let w) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         let h = w.handle
@@ -183,16 +207,19 @@ final class MasterServerTests: XCTestCase {
         XCTAssertTrue(logs.all.contains { $0.contains("'a' left") && $0.contains("1 objects lost") })
     }
 
-    func testTokenAndNonLoopbackRule() throws {
+    func testTokenRules() throws {
         var o = MasterServer.Options()
         o.host = "0.0.0.0"
         o.port = 0
         o.metricsPort = nil
+        o.tokenFile = ""
+        XCTAssertEqual(try MasterServer(options: o).token.count, 64, "no token given: one is generated")
+        o.config.token = "short"
         XCTAssertThrowsError(try MasterServer(options: o)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
-        let (server, thread, _) = try start(token: "s3cret")
+        let (server, thread, _) = try start(token: "s3cret-s3cret-s3cret")
         defer { server.stop(); thread.join() }
         let c = try Client(port: server.port)
-        guard case .error(let e) = try c.call(.hello(token: "nope", name: "x")) else { return XCTFail() }
+        guard case .error(let e) = try c.hello(token: "nope", name: "x", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
         XCTAssertTrue(e.message.contains("token"))
         XCTAssertTrue(c.isClosedByPeer())
     }
@@ -217,5 +244,128 @@ final class MasterServerTests: XCTestCase {
         XCTAssertTrue(m.contains("# TYPE kvstore_objects gauge\nkvstore_objects 0\n"))
         XCTAssertTrue(m.contains("kvstore_clients 0"))
         XCTAssertTrue(try get("/nope").hasPrefix("HTTP/1.1 404"))
+    }
+}
+
+/// The master under hostile connections: nothing but a small handshake before
+/// authentication, a deadline for it, a connection cap, bounded answers to clients that
+/// never read, and its token file.
+final class MasterServerLimitTests: XCTestCase {
+    typealias Client = MasterServerTests.Client
+
+    func start(_ adjust: (inout MasterServer.Options) -> Void) throws -> (MasterServer, TestThread, MasterServerTests.Logs) {
+        try MasterServerTests.start(adjust)
+    }
+
+    func testOnlyASmallHandshakeIsReadBeforeAuthentication() throws {
+        let (server, thread, logs) = try start { _ in }
+        defer { server.stop(); thread.join() }
+        // A request other than hello, even a well-formed one, closes the connection unread.
+        let early = try Client(port: server.port)
+        try early.post(.heartbeat)
+        XCTAssertTrue(early.isClosedByPeer())
+        // A hello larger than the pre-authentication limit is refused by its header alone.
+        let big = try Client(port: server.port)
+        try big.send(WireWriter.frame(kind: 1, requestID: 1, payload: [UInt8](repeating: 0, count: MasterLimits.maxPreAuthPayload + 1)))
+        XCTAssertTrue(big.isClosedByPeer())
+        let wrong = try Client(port: server.port)
+        guard case .error = try wrong.hello(token: "not-the-token-at-all", name: "x") else { return XCTFail() }
+        XCTAssertTrue(wrong.isClosedByPeer(), "one guess per connection")
+        let good = try Client(port: server.port)
+        guard case .welcome = try good.hello(name: "good") else { return XCTFail() }
+        XCTAssertTrue(logs.all.contains { $0.contains("did not authenticate") })
+    }
+
+    static func now() -> Nanoseconds {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Nanoseconds(ts.tv_sec) * 1_000_000_000 + Nanoseconds(ts.tv_nsec)
+    }
+
+    func testAConnectionThatDoesNotAuthenticateIsClosed() throws {
+        let (server, thread, _) = try start { $0.authTimeout = 300_000_000 }
+        defer { server.stop(); thread.join() }
+        let idle = try Client(port: server.port)
+        let half = try Client(port: server.port)
+        try half.send(Array(WireWriter.frame(kind: 1, requestID: 1, payload: [UInt8](repeating: 0, count: 40)).prefix(20)))
+        let started = Self.now()
+        XCTAssertTrue(idle.isClosedByPeer())
+        XCTAssertTrue(half.isClosedByPeer())
+        XCTAssertLessThan(Self.now() - started, 1_500_000_000)
+        let good = try Client(port: server.port)
+        guard case .welcome = try good.hello(name: "good") else { return XCTFail() }
+        usleep(600_000)
+        XCTAssertEqual(try good.call(.heartbeat), .ok, "an authenticated client has no deadline")
+    }
+
+    func testConnectionsPastTheCapAreRefused() throws {
+        let (server, thread, logs) = try start { $0.maxClients = 3 }
+        defer { server.stop(); thread.join() }
+        XCTAssertEqual(server.maxClients, 3)
+        let held = try (0..<3).map { _ in try Client(port: server.port) }
+        guard case .welcome = try held[0].hello(name: "a") else { return XCTFail() }
+        let extra = try Client(port: server.port)
+        let (_, answer) = try extra.next()
+        guard case .error(let e) = answer else { return XCTFail("\(answer)") }
+        XCTAssertTrue(e.message.contains("--max-clients"), e.message)
+        XCTAssertTrue(extra.isClosedByPeer())
+        XCTAssertEqual(try held[0].call(.heartbeat), .ok)
+        held[1].socket.close()
+        var admitted = false
+        for _ in 0..<100 where !admitted {
+            usleep(10_000)
+            let c = try Client(port: server.port)
+            if case .welcome? = try? c.hello(name: "later") { admitted = true }
+        }
+        XCTAssertTrue(admitted, "room again once a connection closed")
+        XCTAssertTrue(logs.all.contains { $0.contains("--max-clients") })
+        XCTAssertGreaterThan(MasterServer.defaultMaxClients(), 16)
+    }
+
+    func testAClientThatNeverReadsIsPausedNotBuffered() throws {
+        let (server, thread, _) = try start { o in
+            o.outputSoftLimit = 64 << 10
+            o.outputHardLimit = 1 << 20
+        }
+        defer { server.stop(); thread.join() }
+        let greedy = try Client(port: server.port)
+        guard case .welcome = try greedy.hello(name: "greedy") else { return XCTFail() }
+        // 20,000 stats requests (~8 MB of answers), sent without reading any answer.
+        let n = 20_000
+        var frames = WireWriter()
+        for i in 0..<n { frames.frame(kind: MasterRequest.stats.kind, requestID: UInt32(100 + i), payload: []) }
+        let bytes = frames.bytes
+        let sender = TestThread { try? bytes.withUnsafeBytes { try greedy.socket.writeAll($0) } }
+        sender.start()
+        usleep(300_000)
+        let other = try Client(port: server.port)
+        guard case .welcome = try other.hello(name: "other") else { return XCTFail() }
+        XCTAssertEqual(try other.call(.heartbeat), .ok, "the master keeps serving others")
+        // Reading now gets every answer: the master paused the connection instead of dropping it.
+        var got = 0
+        while got < n {
+            let (id, answer) = try greedy.next()
+            XCTAssertEqual(id, UInt32(100 + got))
+            guard case .stats = answer else { return XCTFail("\(answer)") }
+            got += 1
+        }
+        sender.join()
+    }
+
+    func testTheTokenFileIsPrivateAndRemovedAtStop() throws {
+        let dir = "/tmp/kvstore-master-tests-\(getpid())"
+        mkdir(dir, 0o700)
+        defer { rmdir(dir) }
+        let path = dir + "/t.token"
+        let (server, thread, _) = try start { $0.tokenFile = path }
+        var st = stat()
+        XCTAssertEqual(stat(path, &st), 0)
+        XCTAssertEqual(st.st_mode & 0o777, 0o600)
+        XCTAssertEqual(TokenFile.read(path), server.token)
+        server.stop()
+        thread.join()
+        XCTAssertNotEqual(stat(path, &st), 0, "removed when the master stops")
+        chmod(dir, 0o755)
+        XCTAssertNil(TokenFile.read(path))
     }
 }

@@ -46,12 +46,20 @@ def main(argv: list[str] | None = None) -> int:
 
     master = sub.add_parser("master", help="run the network master (the same server as the kvstore-master executable)")
     master.add_argument("--host", "--rpc_address", dest="host", default="127.0.0.1",
-                        help="address to listen on; not loopback needs --token (default 127.0.0.1)")
+                        help="address to listen on (default 127.0.0.1)")
     master.add_argument("--port", "--rpc_port", dest="port", type=int, default=50051, help="control-plane port (default 50051)")
     master.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics and /health (default 127.0.0.1)")
     master.add_argument("--metrics-port", "--metrics_port", dest="metrics_port", type=int, default=9003,
                         help="port of /metrics and /health; -1: none (default 9003)")
-    master.add_argument("--token", default=None, help="token clients must present (default: $KVSTORE_MASTER_TOKEN)")
+    master.add_argument("--token", default=None,
+                        help="token clients must prove (visible to other users in ps: prefer --token-file or "
+                             "$KVSTORE_MASTER_TOKEN; default: generated, and written to this user's token file)")
+    master.add_argument("--token-file", default=None, help="read the token from this file (mode 600)")
+    master.add_argument("--max-clients", type=int, default=0,
+                        help="most connections at once (default 0: from the file-descriptor limit)")
+    master.add_argument("--allow-uid", type=int, action="append", default=[],
+                        help="also accept this user's processes on the local socket (repeatable; "
+                             "default: only the master's own user and root)")
     master.add_argument("--client-ttl", "--client_ttl", dest="client_ttl", type=float, default=10.0,
                         help="seconds without a heartbeat before a client is dead (default 10)")
     master.add_argument("--lease-ttl", type=float, default=5.0, help="seconds a read leases an object (default 5)")
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _native.run_master(args.host, args.port, args.metrics_host, args.metrics_port, args.token or "",
                                args.client_ttl, lease, args.soft_pin_ttl, args.eviction_high_watermark,
-                               args.eviction_ratio)
+                               args.eviction_ratio, args.token_file or "", args.max_clients,
+                               ",".join(str(u) for u in args.allow_uid))
         except StoreError as e:
             print(f"kvstore master: {e}", file=sys.stderr)
             return 2

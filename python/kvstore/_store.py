@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -51,6 +52,31 @@ class Store(KVLayoutMixin, _native.Store):
       ``soft_pin_ttl`` seconds; default ``soft_pin_ttl`` of the store, 1800) and ``ttl``
       (seconds until the object expires).
     """
+
+    def keys(self, pattern: str | None = None) -> list[str]:
+        """Every key (of the cluster, when connected), or those ``pattern`` matches (Python
+        ``re.search``), in byte order. Read page by page (``scan_keys``): no answer is ever
+        larger than one page, however many keys there are."""
+        return list(self.scan_keys(pattern))
+
+    def scan_keys(self, pattern: str | None = None) -> Iterator[str]:
+        """The keys one page at a time (like Redis ``SCAN``): a key present for the whole walk
+        comes exactly once; keys added or removed meanwhile may or may not."""
+        if pattern is not None and not isinstance(pattern, str):
+            raise ArgumentTypeError(f"pattern must be a str or None, not {type(pattern).__name__}")
+        try:
+            matcher = re.compile(pattern) if pattern is not None else None
+        except re.error as e:
+            raise InvalidArgumentError(f"bad pattern {pattern!r}: {e}") from None
+        after: str | None = None
+        while True:
+            page, more = self._keys_page(after)
+            for k in page:
+                if matcher is None or matcher.search(k):
+                    yield k
+            if not more or not page:
+                return
+            after = page[-1]
 
     def __init__(self, segment_size: int | str = DEFAULT_SEGMENT_SIZE, *, prefault: bool = False,
                  pin_memory: bool = True, lease_ttl: float = 5.0, soft_pin_ttl: float = 1800.0,

@@ -321,7 +321,7 @@ class MooncakeDistributedStore:
                 pattern = re.compile(regex)
             except re.error as e:
                 raise _errors.InvalidArgumentError(f"bad regex {regex!r}: {e}") from None
-            matched = [k for k in s.keys() if pattern.search(k)]
+            matched = [k for k in s.scan_keys() if pattern.search(k)]
             return sum(1 for r in s.batch_remove(matched, force=force) if r is None) if matched else 0
         return self._call(remove)
 

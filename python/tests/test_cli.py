@@ -89,7 +89,8 @@ def test_master_serves_health_and_metrics_and_stops_on_sigterm():
 
 
 def test_master_refuses_bad_settings():
-    for args in (["--host", "0.0.0.0"], ["--lease-ttl", "0"], ["--client-ttl", "-1"], ["--host", "not-an-ip"],
+    for args in (["--token", "too-short"], ["--token-file", "/nonexistent/token"], ["--max-clients", "-1"],
+                 ["--lease-ttl", "0"], ["--client-ttl", "-1"], ["--host", "not-an-ip"],
                  ["--port", "70000"], ["--metrics-port", "70000"], ["--soft-pin-ttl", "0"],
                  ["--eviction-ratio", "2"], ["--eviction-high-watermark", "0"], ["--default_kv_lease_ttl", "0"]):
         p, line = _start_master(*args)

@@ -164,15 +164,21 @@ def test_connect_rejects_bad_arguments(master):
         kvstore.Store.connect(master.url, segment_size=0, token="a\0b")
 
 
-def test_failed_connects_leave_the_cluster_as_it_was():
-    with Master("--token", "t") as m:
-        observer = kvstore.Store.connect(m.url, segment_size="1MiB", token="t")
+TOKEN = "a-test-token-of-32-characters..."
+
+
+def test_failed_connects_leave_the_cluster_as_it_was(tmp_path, monkeypatch):
+    with Master("--token", TOKEN) as m:
+        observer = kvstore.Store.connect(m.url, segment_size="1MiB", token=TOKEN)
         try:
             before = observer.stats()
-            for kw in ({"token": "wrong"}, {"token": None}, {"token": "t", "segment_size": 10}):
+            for kw in ({"token": "wrong"}, {"token": TOKEN, "segment_size": 10}):
                 kw.setdefault("segment_size", "1MiB")
                 with pytest.raises(kvstore.StoreError):
                     kvstore.Store.connect(m.url, **kw)
+            monkeypatch.setenv("KVSTORE_RUNTIME_DIR", str(tmp_path))   # no token file there
+            with pytest.raises(kvstore.InvalidArgumentError, match="no token"):
+                kvstore.Store.connect(m.url, segment_size="1MiB")
             after = observer.stats()
             assert (after["capacity"], after["objects"]) == (before["capacity"], before["objects"]) == (1 << 20, 0)
         finally:
@@ -188,14 +194,25 @@ def test_connect_to_nothing_is_a_transfer_error():
         kvstore.Store.connect(f"kvstore://127.0.0.1:{port}")
 
 
-def test_token_is_checked():
-    with Master("--token", "s3cret") as m:
+def test_token_is_checked(tmp_path, monkeypatch):
+    with Master("--token", TOKEN) as m:
         with pytest.raises(kvstore.InvalidArgumentError, match="token"):
             kvstore.Store.connect(m.url, segment_size=0, token="wrong")
-        with pytest.raises(kvstore.InvalidArgumentError, match="token"):
-            kvstore.Store.connect(m.url, segment_size=0)
-        s = kvstore.Store.connect(m.url, segment_size=0, token="s3cret")
+        s = kvstore.Store.connect(m.url, segment_size=0, token=TOKEN)
         s.close()
+        # Same user, no token given: the master's token file is read.
+        s = kvstore.Store.connect(m.url, segment_size=0)
+        s.close()
+        monkeypatch.setenv("KVSTORE_RUNTIME_DIR", str(tmp_path))
+        with pytest.raises(kvstore.InvalidArgumentError, match="no token"):
+            kvstore.Store.connect(m.url, segment_size=0)
+        monkeypatch.setenv("KVSTORE_MASTER_TOKEN", TOKEN)
+        kvstore.Store.connect(m.url, segment_size=0).close()
+
+
+def test_master_refuses_a_short_token():
+    with pytest.raises(RuntimeError, match="at least 16"):
+        Master("--token", "short")
 
 
 @pytest.mark.parametrize("bad", [0, 17, -1, 2**40])
@@ -324,7 +341,7 @@ def _reconnected(s: kvstore.Store) -> bool:
 # ---- the master under hostile input ----
 
 def _frame(kind: int, payload: bytes, rid: int = 1) -> bytes:
-    return struct.pack("<IHHII", 0x5453564B, 2, kind, rid, len(payload)) + payload
+    return struct.pack("<IHHII", 0x5453564B, 3, kind, rid, len(payload)) + payload
 
 
 def test_master_survives_random_and_mutated_messages(master):
@@ -408,8 +425,8 @@ def netns():
 
 
 def test_two_hosts_over_veth_use_tcp(netns):
-    with Master("--token", "veth-token", host="10.213.0.1") as m:
-        env = {"KVSTORE_MASTER_TOKEN": "veth-token"}
+    with Master("--token", TOKEN, host="10.213.0.1") as m:
+        env = {"KVSTORE_MASTER_TOKEN": TOKEN}
         here = worker(m.url, "w0", "2", "--peers", "2", env=env)
         there = worker(m.url, "w1", "2", "--peers", "2", env=env, netns=netns)
         for r, local in zip(results_of([here, there]), (1, 0)):

@@ -205,9 +205,31 @@ def test_keys_lists_every_visible_object():
         for k in ("a", "é/1", "req-7/layer-3"):
             s.put(k, b"x")
         s.remove("a")
-        assert sorted(s.keys()) == ["req-7/layer-3", "é/1"]
+        assert s.keys() == ["req-7/layer-3", "é/1"]                 # byte order of the UTF-8
+        assert s.keys("^req-") == ["req-7/layer-3"] and s.keys("layer-[0-9]$") == ["req-7/layer-3"]
         with pytest.raises(TypeError):
-            s.keys("a")
+            s.keys(5)
+        with pytest.raises(kvstore.InvalidArgumentError, match="bad pattern"):
+            s.keys("(")
     s.close()
     with pytest.raises(kvstore.StoreClosedError):
         s.keys()
+
+
+def test_keys_come_in_pages_that_cover_every_key_once():
+    # Keys of 1000 bytes: about a thousand fill a 1 MiB page, so 3000 take several pages.
+    with kvstore.Store("64MiB") as s:
+        want = sorted(f"{i:05d}-".ljust(1000, "k") for i in range(3000))
+        assert all(r is None for r in s.put_batch(want, [b"v"] * len(want)))
+        pages, after = 0, None
+        seen = []
+        while True:
+            page, more = s._keys_page(after)
+            pages += 1
+            assert sum(4 + len(k) for k in page) <= 1 << 20
+            seen += page
+            if not more:
+                break
+            after = page[-1]
+        assert pages >= 3 and seen == want
+        assert s.keys() == want and list(s.scan_keys("^0000")) == want[:10]

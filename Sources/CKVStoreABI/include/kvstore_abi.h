@@ -195,9 +195,12 @@ typedef struct {
     int32_t port;
     const char *metrics_host;
     int32_t metrics_port;
-    const char *token;
+    const char *token;          /* NULL or "": token_file, else $KVSTORE_MASTER_TOKEN, else generated */
     double client_ttl;          /* seconds */
     kv_store_config cache;      /* lease_ttl must be > 0 */
+    const char *token_file;     /* NULL or "": none; else the token is read from this 0600 file */
+    int32_t max_clients;        /* 0: from the file-descriptor limit */
+    const char *allow_uids;     /* NULL or "": none; else comma-separated uids allowed on the local socket */
 } kv_master_options;
 /* Binds, then serves until SIGINT or SIGTERM (handlers installed for the call and restored
  * after). Logs to standard error. Returns KV_OK after a clean stop, or an error (bad options,
@@ -207,10 +210,14 @@ int32_t kv_master_run(const kv_master_options *options);
 /* Writes up to cap statistics to out; returns how many exist (call with cap 0 to count). */
 size_t kv_stats(kv_store *store, kv_stat *out, size_t cap);
 
-/* The keys of every object (of the cluster, for a connected store), packed into out as
- * (u32 little-endian byte length, UTF-8 bytes) records. *needed receives the bytes the whole
- * list takes and *count the number of keys; out is written only when cap >= *needed. */
-int32_t kv_keys(kv_store *s, void *out, size_t cap, size_t *needed, size_t *count);
+/* One page of keys (of the cluster, for a connected store) in byte order after the key
+ * `after` (after_len bytes; NULL: the first page), packed into out as (u32 little-endian byte
+ * length, UTF-8 bytes) records. A page takes at most KV_KEYS_PAGE_BYTES: out must hold that
+ * many. *count receives the number of keys, *more 1 when keys after the last one remain
+ * (ask again after it, like Redis SCAN: a key present for the whole walk comes exactly once). */
+enum { KV_KEYS_PAGE_BYTES = 1 << 20 };
+int32_t kv_keys_page(kv_store *s, const char *after, size_t after_len, void *out, size_t cap,
+                     size_t *count, int32_t *more);
 
 /* ---- KV layouts and block transfer (prefill -> decode) ----
  * A node publishes its KV cache as buffers (kv_block_buffer), one per (layer, kind), each

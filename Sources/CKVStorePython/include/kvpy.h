@@ -121,6 +121,6 @@ PyObject *kvpy_kv_register(StoreObject *self, PyObject *const *args, Py_ssize_t 
 PyObject *kvpy_kv_unregister(StoreObject *self, PyObject *unused);
 PyObject *kvpy_kv_fetch(StoreObject *self, PyObject *node);
 PyObject *kvpy_kv_move(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
-PyObject *kvpy_keys(StoreObject *self, PyObject *unused);
+PyObject *kvpy_keys_page(StoreObject *self, PyObject *after);
 
 #endif
