@@ -1,0 +1,333 @@
+"""Hostile clients against a real master and real clients over loopback (issue 16): each
+attack fails with a clear error, the master stays up with bounded memory, and honest
+clients' data stays byte-exact."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import kvstore
+import wire
+from cluster import Master, wait_for
+
+RSS_BOUND = 64 << 20
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.fixture
+def master():
+    with Master("--client-ttl", "5") as m:
+        yield m
+
+
+@pytest.fixture
+def honest(master):
+    """An honest client holding 64 objects whose bytes every test checks at the end."""
+    s = kvstore.Store.connect(master.url, segment_size="32MiB")
+    values = {f"honest/{i}": os.urandom(4096 + i) for i in range(64)}
+    for k, v in values.items():
+        s.put(k, v)
+    yield s
+    try:
+        for k, v in values.items():
+            assert s.get(k) == v
+        assert master.proc.poll() is None, "the master died"
+    finally:
+        s.close()
+
+
+def authenticated(m: Master) -> wire.Raw:
+    r = wire.Raw.tcp(m.port)
+    assert r.authenticate(wire.read_token(m.port)) == 102
+    return r
+
+
+def test_mounts_whose_sizes_overflow_are_refused(master, honest):
+    r = authenticated(master)
+    refused = 0
+    for _ in range(2000):
+        kind, body = r.call(wire.MOUNT, struct.pack("<Q", 1 << 48) + wire.lp(b"h") + wire.lp(b"/p") + wire.lp(b"127.0.0.1:1"))
+        if kind == wire.ERROR:
+            refused += 1
+            assert "quota" in wire.error_message(body) or "limit" in wire.error_message(body)
+    assert refused >= 2000 - 64                       # the per-client segment quota
+    r.close()
+    assert honest.stats()["capacity"] == 32 << 20     # the raw client's mounts left with it
+    assert master.proc.poll() is None
+
+
+def test_half_sent_hellos_and_idle_connections_cost_nothing_and_time_out(master, honest):
+    before = rss(master.proc.pid)
+    conns = []
+    for i in range(200):
+        s = socket.create_connection(("127.0.0.1", master.port))
+        if i % 2:   # a hello header announcing 64 MiB, then nothing
+            s.sendall(struct.pack("<IHHII", wire.MAGIC, wire.VERSION, wire.HELLO, 1, 64 << 20) + b"x" * 1000)
+        conns.append(s)
+    time.sleep(0.5)
+    assert rss(master.proc.pid) - before < RSS_BOUND
+    honest.put("during", b"d")                        # honest clients are served meanwhile
+    # Announced sizes past the pre-authentication limit close at once; idle ones within the deadline.
+    closed = 0
+    deadline = time.monotonic() + 8
+    for s in conns:
+        s.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            if s.recv(1) == b"":
+                closed += 1
+        except (ConnectionResetError, socket.timeout):
+            closed += isinstance(s, socket.socket)
+        s.close()
+    assert closed == len(conns)
+    assert "did not authenticate" in "".join(master.log)
+
+
+def test_requests_before_authentication_are_never_decoded(master, honest):
+    for kind, payload in ((wire.HEARTBEAT, b""), (wire.STATS, b""), (wire.LIST_KEYS, b"\0"),
+                          (wire.MOUNT, struct.pack("<Q", 1 << 20) + wire.lp(b"h") * 3)):
+        r = wire.Raw.tcp(master.port)
+        r.s.sendall(wire.frame(kind, payload) * 1000)
+        assert r.closed_by_peer()
+    # A flood of pre-hello heartbeats is cut off at the first frame.
+    before = rss(master.proc.pid)
+    r = wire.Raw.tcp(master.port)
+    try:
+        r.s.sendall(wire.frame(wire.HEARTBEAT) * (1 << 20))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert r.closed_by_peer()
+    assert rss(master.proc.pid) - before < RSS_BOUND
+
+
+def test_a_wrong_proof_is_refused_and_ends_the_connection(master, honest):
+    r = wire.Raw.tcp(master.port)
+    assert r.authenticate(b"not the token, but long enough") == wire.ERROR
+    assert r.closed_by_peer()
+    with pytest.raises(kvstore.InvalidArgumentError, match="token"):
+        kvstore.Store.connect(master.url, segment_size=0, token="not the token, but long enough")
+
+
+def test_connections_past_max_clients_are_refused_cleanly():
+    with Master("--max-clients", "16") as m:
+        honest = kvstore.Store.connect(m.url, segment_size="4MiB")
+        honest.put("k", b"v" * 100)
+        held = [socket.create_connection(("127.0.0.1", m.port)) for _ in range(40)]
+        refused = 0
+        for s in held:
+            s.settimeout(0.3)
+            try:
+                data = s.recv(4096)
+            except socket.timeout:
+                continue
+            if data[:4] == struct.pack("<I", wire.MAGIC) and b"--max-clients" in data:
+                refused += 1
+        assert refused >= 40 - 16          # the honest client holds one (its local socket)
+        assert honest.get("k") == b"v" * 100
+        for s in held:
+            s.close()
+        wait_for(lambda: _connects(m), 5)
+        assert _connects(m)
+        honest.close()
+        assert "--max-clients" in m.stop()
+
+
+def _connects(m: Master) -> bool:
+    try:
+        kvstore.Store.connect(m.url, segment_size=0).close()
+        return True
+    except kvstore.StoreError:
+        return False
+
+
+def test_a_client_that_never_reads_cannot_grow_the_master(master, honest):
+    r = authenticated(master)
+    before = rss(master.proc.pid)
+    # 16 MB of stats requests (each answered with ~500 bytes), never reading an answer.
+    r.s.settimeout(5)
+    sent = 0
+    try:
+        chunk = wire.frame(wire.STATS) * 4096
+        while sent < (16 << 20):
+            r.s.sendall(chunk)
+            sent += len(chunk)
+    except (socket.timeout, BrokenPipeError, ConnectionResetError):
+        pass   # the master stopped reading: backpressure
+    time.sleep(0.5)
+    assert rss(master.proc.pid) - before < RSS_BOUND
+    honest.put("after-greedy", b"g" * 1000)
+    assert honest.get("after-greedy") == b"g" * 1000
+    r.close()
+
+
+def test_keys_past_the_frame_limit_never_depart_the_client(master, honest):
+    # 70,000 keys of 1000 bytes: 70 MB of keys, more than one 64 MiB frame.
+    n = 70_000
+    keys = [f"{i:08d}/".ljust(1000, "k") for i in range(n)]
+    for i in range(0, n, 2000):
+        assert all(x is None for x in honest.put_batch(keys[i:i + 2000], [b"v"] * 2000))
+    got = honest.keys("^[0-9]")
+    assert got == keys
+    assert honest.stats()["master_reconnects"] == 0
+    assert honest.batch_exists(keys[:10] + keys[-10:]) == [True] * 20
+    assert all(x is None for x in honest.batch_remove(keys, force=True))
+
+
+def _nobody_python() -> list[str]:
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to act as user nobody")
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c"]
+
+
+def test_another_local_user_is_refused(master, honest):
+    names = wire.local_socket_names(master.proc.pid)
+    assert names, "the master's local socket is listed in /proc/net/unix"
+    token_dir = os.path.dirname(wire.read_token.__code__.co_filename)
+    script = textwrap.dedent(f"""
+        import sys, os, struct, socket
+        sys.path.insert(0, {token_dir!r})
+        import wire
+        out = []
+        # 1. the token file is out of reach
+        try:
+            wire.read_token({master.port})
+            out.append("token-readable")
+        except OSError:
+            out.append("token-unreadable")
+        # 2. the local socket: refused by the kernel's peer credentials
+        r = wire.Raw.local({names[0]!r})
+        try:
+            kind, body = r.read()
+            out.append("local-refused:" + wire.error_message(body) if kind == wire.ERROR else "local-answered")
+        except ConnectionError:
+            out.append("local-closed")
+        # 3. TCP: no proof without the token
+        r = wire.Raw.tcp({master.port})
+        out.append("tcp-" + str(r.authenticate(b"a guess at the token, 32 bytes..")))
+        out.append("closed" if r.closed_by_peer() else "open")
+        print(" ".join(out))
+    """)
+    p = subprocess.run(_nobody_python() + [script], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    words = p.stdout.split()
+    assert words[0] == "token-unreadable"
+    assert words[1].startswith("local-refused") and "uid 65534" in p.stdout
+    assert words[-2:] == [f"tcp-{wire.ERROR}", "closed"]
+    assert honest.stats()["objects"] >= 64
+
+
+def _unshare_available() -> bool:
+    return os.geteuid() == 0 and shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+def test_a_small_dev_shm_gives_no_space_never_sigbus(master):
+    if not _unshare_available():
+        pytest.skip("needs root and unshare (a private mount namespace)")
+    script = textwrap.dedent(f"""
+        import kvstore
+        try:
+            kvstore.Store.connect({master.url!r}, segment_size="64MiB")
+            print("connected")
+        except kvstore.NoSpaceError as e:
+            print("nospace:", e)
+        s = kvstore.Store.connect({master.url!r}, segment_size="8MiB")
+        for i in range(32):
+            s.upsert("k%d" % (i % 6), bytes([i]) * (1 << 20))
+        assert s.get("k5") == bytes([29]) * (1 << 20)
+        s.close()
+        print("filled")
+    """)
+    cmd = ["unshare", "-m", "sh", "-c",
+           'mount --make-rprivate / && mount -t tmpfs -o size=16m tmpfs /dev/shm && exec "$0" -c "$1"', sys.executable, script]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr                 # no SIGBUS
+    assert "nospace:" in p.stdout and "shm-size" in p.stdout and "free" in p.stdout, p.stdout
+    assert "filled" in p.stdout
+
+
+def _segment_endpoint(m: Master, key: str) -> tuple[str, int]:
+    """Where the holder of `key` serves its segment, found as any cluster member would."""
+    r = authenticated(m)
+    kind, body = r.call(wire.GET, wire.lp(key.encode()) + wire.lp(b"elsewhere"))
+    assert kind == 105, wire.error_message(body) if kind == wire.ERROR else kind
+    (seg,) = struct.unpack_from("<I", body, 12)
+    kind, body = r.call(wire.SEGMENT_INFO, struct.pack("<I", seg))
+    assert kind == 109
+    at = 4 + 8
+    fields = []
+    for _ in range(3):
+        (n,) = struct.unpack_from("<I", body, at)
+        fields.append(body[at + 4:at + 4 + n].decode())
+        at += 4 + n
+    host, port = fields[2].rsplit(":", 1)
+    r.close()
+    return host, int(port)
+
+
+def test_segment_server_refuses_strangers_and_caps_connections(master, honest):
+    host, port = _segment_endpoint(master, "honest/0")
+    # No proof, no service: a read before the handshake closes the connection unanswered.
+    r = wire.Raw.tcp(port, host)
+    r.send(wire.D_READ, struct.pack("<IQQ", 1, 0, 4096))
+    assert r.closed_by_peer()
+    r = wire.Raw.tcp(port, host)
+    assert r.authenticate(b"a guess at the token, 32 bytes..", data_plane=True) == wire.D_ERROR
+    # Hundreds of idle connections: at most 256 get a thread; the rest are closed at once.
+    threads_before = len(os.listdir("/proc/self/task"))
+    conns = [socket.create_connection((host, port)) for _ in range(400)]
+    time.sleep(0.5)
+    assert len(os.listdir("/proc/self/task")) - threads_before <= 260
+    for c in conns:
+        c.close()
+    # A member with the token is served.
+    r = wire.Raw.tcp(port, host)
+    assert r.authenticate(wire.read_token(master.port), data_plane=True) == wire.D_OK
+
+
+def test_segment_server_survives_random_and_mutated_frames(master, honest):
+    import random
+    host, port = _segment_endpoint(master, "honest/1")
+    token = wire.read_token(master.port)
+    rng = random.Random(99)
+    valid = [wire.frame(wire.D_READ, struct.pack("<IQQ", 1, 0, 64)), wire.frame(wire.D_KV_READ, struct.pack("<I", 1) + bytes(16)),
+             wire.frame(wire.D_WRITE, struct.pack("<IQQ", 1, 0, 8) + b"x" * 8), wire.frame(203, bytes(40))]
+    end = time.monotonic() + 2.0
+    sent = 0
+    while time.monotonic() < end:
+        r = wire.Raw.tcp(port, host, timeout=2)
+        try:
+            if rng.random() < 0.5:
+                r.authenticate(token, data_plane=True)
+            for _ in range(rng.randrange(1, 5)):
+                msg = bytearray(rng.choice(valid)) if rng.random() < 0.7 else bytearray(rng.randbytes(rng.randrange(1, 64)))
+                for _ in range(rng.randrange(0, 4)):
+                    msg[rng.randrange(len(msg))] = rng.randrange(256)
+                r.s.sendall(bytes(msg))
+                sent += 1
+        except OSError:
+            pass
+        finally:
+            r.close()
+    assert sent > 50
+    # The server still serves: a reader on another "host" goes through it over TCP.
+    env = {**os.environ, "KVSTORE_HOST_ID": "another-host"}
+    code = f"import kvstore; s = kvstore.Store.connect({master.url!r}, segment_size=0); print(len(s.get('honest/1'))); s.close()"
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and p.stdout.strip() == str(4096 + 1), p.stderr
