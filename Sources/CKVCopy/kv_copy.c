@@ -2,7 +2,10 @@
 #include "kv_copy.h"
 #include <errno.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/vfs.h>
 #include <sys/uio.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -59,4 +62,53 @@ long kv_process_vm_copy(int pid, int write, void *const *local, void *const *rem
     }
     ssize_t n = write ? process_vm_writev(pid, l, count, r, count, 0) : process_vm_readv(pid, l, count, r, count, 0);
     return (long)n;
+}
+
+long kv_send_fd(int sock, int fd, const void *data, size_t len) {
+    struct iovec iov = {(void *)data, len};
+    union { struct cmsghdr h; char space[CMSG_SPACE(sizeof(int))]; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.space;
+    msg.msg_controllen = sizeof control.space;
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    ssize_t n;
+    do { n = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
+    return (long)n;
+}
+
+long kv_recv_fd(int sock, int *fd, void *data, size_t cap) {
+    *fd = -1;
+    struct iovec iov = {data, cap};
+    union { struct cmsghdr h; char space[CMSG_SPACE(4 * sizeof(int))]; } control;
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.space;
+    msg.msg_controllen = sizeof control.space;
+    ssize_t n;
+    do { n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC); } while (n < 0 && errno == EINTR);
+    if (n < 0) return -1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count; i++) {
+            int got;
+            memcpy(&got, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+            if (*fd < 0) *fd = got; else close(got);   /* one descriptor is expected */
+        }
+    }
+    if (msg.msg_flags & MSG_CTRUNC) { if (*fd >= 0) close(*fd); *fd = -1; errno = EMSGSIZE; return -1; }
+    return (long)n;
+}
+
+long kv_fs_type(int fd) {
+    struct statfs fs;
+    return fstatfs(fd, &fs) == 0 ? (long)fs.f_type : -1;
 }

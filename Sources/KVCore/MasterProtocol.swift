@@ -168,15 +168,22 @@ public struct SegmentInfo: Sendable, Equatable {
     public var segment: SegmentID
     public var size: Int
     public var host: String
+    /// Where its owner hands the segment's descriptor to members on its host (an abstract
+    /// Unix-domain socket name; "" for none).
     public var sharePath: String
     public var endpoint: String
+    /// The owner's process id as the kernel told the master (SO_PEERCRED on its local
+    /// socket), never as the owner claimed it; 0 when unknown (the owner uses TCP). Readers
+    /// map the segment only from a process with this id.
+    public var pid: Int
 
-    public init(segment: SegmentID, size: Int, host: String, sharePath: String, endpoint: String) {
+    public init(segment: SegmentID, size: Int, host: String, sharePath: String, endpoint: String, pid: Int = 0) {
         self.segment = segment
         self.size = size
         self.host = host
         self.sharePath = sharePath
         self.endpoint = endpoint
+        self.pid = pid
     }
 }
 
@@ -185,7 +192,10 @@ public enum MasterResponse: Sendable, Equatable {
     case error(KVError)
     /// `local`: an abstract Unix-domain socket name on which the master also listens ("" for
     /// none); a client on the same host and network namespace moves its connection there.
-    case welcome(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds, local: String)
+    /// `pid`: the master's process id, so that a client on the local socket can tell that it
+    /// sees the master's pid as the master does (one PID namespace): only then are the pids
+    /// the master verifies meaningful to it.
+    case welcome(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds, local: String, pid: Int)
     case mounted(segment: SegmentID)
     case putStarted(StartedWrite)
     case found(FoundObject)
@@ -376,7 +386,7 @@ extension MasterResponse {
         switch self {
         case .ok: break
         case let .error(e): error(e)
-        case let .welcome(client, lease, ttl, local): w.u64(client); w.u64(lease); w.u64(ttl); w.string(local)
+        case let .welcome(client, lease, ttl, local, pid): w.u64(client); w.u64(lease); w.u64(ttl); w.string(local); w.u64(UInt64(pid))
         case let .mounted(segment): w.u32(segment)
         case let .putStarted(s): started(s)
         case let .found(f): found(f)
@@ -385,7 +395,7 @@ extension MasterResponse {
         case let .stats(pairs):
             w.count(pairs.count)
             for p in pairs { w.string(p.name); w.i64(Int64(p.value)) }
-        case let .segment(s): w.u32(s.segment); w.u64(UInt64(s.size)); w.string(s.host); w.string(s.sharePath); w.string(s.endpoint)
+        case let .segment(s): w.u32(s.segment); w.u64(UInt64(s.size)); w.string(s.host); w.string(s.sharePath); w.string(s.endpoint); w.u64(UInt64(s.pid))
         case let .putStartedBatch(rs): results(rs, started)
         case let .foundBatch(rs): results(rs, found)
         case let .layout(p): p.encode(into: &w)
@@ -431,7 +441,9 @@ extension MasterResponse {
         switch kind {
         case 100: m = .ok
         case 101: m = .error(try error())
-        case 102: m = .welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64(), local: try r.string(max: MasterLimits.maxString, "local socket"))
+        case 102:
+            m = .welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64(),
+                         local: try r.string(max: MasterLimits.maxString, "local socket"), pid: try r.size(max: Int(Int32.max), "pid"))
         case 103: m = .mounted(segment: try r.u32())
         case 104: m = .putStarted(try started())
         case 105: m = .found(try found())
@@ -446,7 +458,8 @@ extension MasterResponse {
             m = .segment(SegmentInfo(segment: try r.u32(), size: try r.size(max: MasterLimits.maxSize),
                                      host: try r.string(max: MasterLimits.maxString, "host"),
                                      sharePath: try r.string(max: MasterLimits.maxString, "share path"),
-                                     endpoint: try r.string(max: MasterLimits.maxString, "endpoint")))
+                                     endpoint: try r.string(max: MasterLimits.maxString, "endpoint"),
+                                     pid: try r.size(max: Int(Int32.max), "pid")))
         case 110: m = .putStartedBatch(try results(started))
         case 111: m = .foundBatch(try results(found))
         case 112: m = .layout(try PublishedLayout.decode(&r))

@@ -9,6 +9,8 @@ public struct MasterConfig: Sendable {
     public var cache: CachePolicy
     /// The local socket name the welcome advertises ("" for none; set by the network master).
     public var localSocket = ""
+    /// The master's process id, in the welcome (0: not told; set by the network master).
+    public var masterPID = 0
     /// What one client may hold at once.
     public var quotas = Quotas()
 
@@ -54,12 +56,17 @@ public struct MasterService: Sendable {
         public var client: UInt64? = nil
         /// The nonces and name of a `hello` waiting for its `prove`.
         var challenge: (client: [UInt8], server: [UInt8], name: String)?
+        /// The peer's process id as the kernel reports it (SO_PEERCRED of a local socket);
+        /// 0 when unknown (TCP). Set by the server, never from a message.
+        public var peerPID: Int32 = 0
         public init() {}
     }
 
     struct Client: Sendable {
         var name: String
         var lastSeen: Nanoseconds
+        /// Verified process id (0: unknown); see `Session.peerPID`.
+        var pid: Int = 0
         var segments: Set<SegmentID> = []
         var writes: Set<VersionHandle> = []
     }
@@ -128,9 +135,10 @@ public struct MasterService: Sendable {
                 }
                 let id = nextClient
                 nextClient += 1
-                clients[id] = Client(name: c.name, lastSeen: now)
+                clients[id] = Client(name: c.name, lastSeen: now, pid: Int(max(0, session.peerPID)))
                 session.client = id
-                return .welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket)
+                return .welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket,
+                                pid: config.masterPID)
             }
             guard let id = session.client, clients[id] != nil else {
                 throw .invalidArgument(session.client == nil ? "the first request must be hello" : "this client was expired; reconnect")
@@ -155,7 +163,8 @@ public struct MasterService: Sendable {
             let seg = nextSegment
             try table.mount(segment: seg, capacity: size)
             nextSegment += 1
-            segmentInfo[seg] = SegmentInfo(segment: seg, size: size, host: host, sharePath: path, endpoint: endpoint)
+            // The pid is the one the kernel reported, whatever the client claims elsewhere.
+            segmentInfo[seg] = SegmentInfo(segment: seg, size: size, host: host, sharePath: path, endpoint: endpoint, pid: clients[id]!.pid)
             segmentOwner[seg] = id
             clients[id]!.segments.insert(seg)
             return .mounted(segment: seg)
@@ -204,7 +213,9 @@ public struct MasterService: Sendable {
             if layouts.count(of: id) >= config.quotas.layouts && (try? layouts.fetch(p.node)) == nil {
                 throw .noSpace("this client has published \(config.quotas.layouts) KV layouts, its quota")
             }
-            try layouts.publish(p, owner: id)
+            var verified = p
+            verified.pid = clients[id]!.pid   // same-host transfers target only a pid the kernel reported
+            try layouts.publish(verified, owner: id)
             return .ok
         case let .fetchLayout(node):
             return .layout(try layouts.fetch(node))

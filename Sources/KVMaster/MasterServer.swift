@@ -112,6 +112,7 @@ public final class MasterServer: @unchecked Sendable {
             config.token = Authentication.newToken()
         }
         token = config.token!
+        config.masterPID = Int(getpid())
         self.options = options
         maxClients = options.maxClients > 0 ? options.maxClients : Self.defaultMaxClients()
         listener = try Socket.listen(host: options.host, port: options.port)
@@ -312,7 +313,9 @@ public final class MasterServer: @unchecked Sendable {
                 refuse(s, "the master has \(maxClients) connections open, its limit (--max-clients)")
                 continue
             }
-            connections[s.fd] = Connection(s, http: http, accepted: clock())
+            let c = Connection(s, http: http, accepted: clock())
+            if l === localListener { c.session.peerPID = s.peerCredentials?.pid ?? 0 }
+            connections[s.fd] = c
         }
     }
 

@@ -9,9 +9,10 @@ import KVTransfer
 /// (best effort). Pages are committed on first touch, or all at once when `prefault` is set
 /// (creation pays the page faults so later copies run at memory speed).
 ///
-/// Private segments are anonymous mappings. Shared segments live in an unnamed shared-memory file (`fd`): another
-/// process on the host maps the same bytes with `HostSegment(attaching:)` (given the fd, or
-/// the path `/proc/<pid>/fd/<fd>`), so data moves between processes with one memcpy.
+/// Private segments are anonymous mappings. Shared segments live in an unnamed shared-memory
+/// file (`fd`): another process on the host that received the descriptor (over a Unix-domain
+/// socket, never by a path it was told) maps the same bytes with `HostSegment(attaching:)`,
+/// so data moves between processes with one memcpy.
 ///
 /// Owns the mapping (and the file) and releases them in `unmap()` or deinit. `@unchecked Sendable`: the bytes are
 /// synchronised by the object table's write and read tickets, the mapping's lifetime by
@@ -68,21 +69,35 @@ public final class HostSegment: @unchecked Sendable {
         }
     }
 
-    /// Maps the shared segment of another process (or of this one): `path` names its file,
-    /// normally `/proc/<pid>/fd/<fd>`. Throws `invalidArgument` when it cannot be opened or is
-    /// smaller than `size`. Never pinned (its owner decides).
-    public init(attaching path: String, size: Int) throws(KVError) {
-        guard size > 0 else { throw .invalidArgument("segment size must be positive") }
-        let fd = try SystemCall.check("open of segment '\(path)'", open(path, O_RDWR | O_CLOEXEC), code: .invalidArgument)
+    /// Maps the shared segment of another process (or of this one) from its descriptor `fd`,
+    /// which this segment then owns (closed on failure too). Only a shared-memory file (tmpfs
+    /// or hugetlbfs) that is open for reading and writing and holds at least `size` bytes is
+    /// accepted: a descriptor of any other file is refused (`invalidArgument`), so a peer
+    /// cannot make this process write into a file of its choosing. Never pinned.
+    public init(attaching fd: Int32, size: Int) throws(KVError) {
+        guard size > 0 else { close(fd); throw .invalidArgument("segment size must be positive") }
         var st = stat()
-        guard fstat(fd, &st) == 0, Int(st.st_size) >= size else {
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
             close(fd)
-            throw .invalidArgument("segment '\(path)' is smaller than \(size) bytes")
+            throw .invalidArgument("the segment descriptor is not a regular file")
         }
-        // When the owner committed every page (prefault), build this mapping's page tables now
-        // (MAP_POPULATE allocates nothing then): no first-touch fault inside a timed copy.
-        // A lazily committed segment stays lazy here too.
-        let committed = Int(st.st_blocks) * 512 >= size
+        guard SegmentShare.isSharedMemoryFile(fd) else {
+            close(fd)
+            throw .invalidArgument("the segment descriptor is not a shared-memory file (tmpfs or hugetlbfs)")
+        }
+        guard fcntl(fd, F_GETFL) & O_ACCMODE == O_RDWR else {
+            close(fd)
+            throw .invalidArgument("the segment descriptor is not open for reading and writing")
+        }
+        guard Int(st.st_size) >= size else {
+            close(fd)
+            throw .invalidArgument("the segment file is smaller than \(size) bytes")
+        }
+        // Shared segments are reserved at creation, so their pages exist: build this mapping's
+        // page tables now (MAP_POPULATE allocates nothing then) and no copy takes a fault, up
+        // to 1 GiB (about 0.1 s here); a larger segment's tables fill on first use instead of
+        // stalling the first read that reaches it.
+        let committed = Int(st.st_blocks) * 512 >= size && size <= 1 << 30
         do throws(KVError) {
             base = try SystemCall.mmap(length: size, protection: PROT_READ | PROT_WRITE,
                                        flags: MAP_SHARED | (committed ? MAP_POPULATE : 0), fd: fd)
@@ -99,7 +114,7 @@ public final class HostSegment: @unchecked Sendable {
 
     /// A new shared-memory file with no name: created in /dev/shm (`shm_open`, exclusive,
     /// mode 0600) and unlinked at once, so nothing is left behind when the process dies; other
-    /// processes reach it through `/proc/<pid>/fd/<fd>`.
+    /// processes receive its descriptor from the owner's segment server (`SegmentShare`).
     private static func anonymousSharedFile() throws(KVError) -> Int32 {
         for attempt in 0..<16 {
             let name = "/kvstore-\(getpid())-\(UInt32.random(in: 0...UInt32.max))-\(attempt)"
@@ -128,9 +143,6 @@ public final class HostSegment: @unchecked Sendable {
         throw KVError(.noSpace, "cannot reserve a \(size)-byte shared segment (\(what)): \(room); use a smaller segment_size, "
             + "or give /dev/shm more room (in Docker: docker run --shm-size=...; on a host: mount -o remount,size=... /dev/shm)")
     }
-
-    /// The path another process on this host opens to map this shared segment.
-    public var sharePath: String? { fd >= 0 ? "/proc/\(getpid())/fd/\(fd)" : nil }
 
     /// Whether the segment lives in a shared-memory file other processes can map.
     public var isShared: Bool { fd >= 0 }

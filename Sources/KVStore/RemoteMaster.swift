@@ -71,9 +71,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     private let name: String
     private let timeout: Double
     private let clock: Clock
-    /// Called (under the link's lock) after each connect with the epoch and this client's
-    /// segment id (0: none).
-    private let onConnect: @Sendable (Int, SegmentID) -> Void
+    /// Called (under the link's lock) after each connect with the epoch, this client's segment
+    /// id (0: none) and whether the link runs over the master's local socket (this process
+    /// then shares the master's view of process ids: same-host routes may use them).
+    private let onConnect: @Sendable (Int, SegmentID, Bool) -> Void
     private var heartbeat: BackgroundThread?
     private let stopPipe: (read: Int32, write: Int32)
 
@@ -90,7 +91,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// `invalidArgument` when it refuses the token.
     public convenience init(url: String, token: String?, name: String, timeout: Double = 10,
                             clock: @escaping Clock = monotonicClock,
-                            onConnect: @escaping @Sendable (Int, SegmentID) -> Void = { _, _ in }) throws(KVError) {
+                            onConnect: @escaping @Sendable (Int, SegmentID, Bool) -> Void = { _, _, _ in }) throws(KVError) {
         let (h, p) = try Self.parse(url: url)
         try self.init(url: url, token: ClusterToken(explicit: token, host: h, port: p), name: name, timeout: timeout,
                       clock: clock, onConnect: onConnect)
@@ -99,7 +100,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// Connects and authenticates with `token`.
     public init(url: String, token: ClusterToken, name: String, timeout: Double = 10,
                 clock: @escaping Clock = monotonicClock,
-                onConnect: @escaping @Sendable (Int, SegmentID) -> Void = { _, _ in }) throws(KVError) {
+                onConnect: @escaping @Sendable (Int, SegmentID, Bool) -> Void = { _, _, _ in }) throws(KVError) {
         (host, port) = try Self.parse(url: url)
         self.token = token
         self.name = name
@@ -117,7 +118,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             Glibc.close(stopPipe.read); Glibc.close(stopPipe.write)
             throw error
         }
-        onConnect(1, 0)
+        onConnect(1, 0, isLocal)
         policy.leaseTTL = welcome.0
         policy.inPlaceUpserts = false
         clientTTL = welcome.1
@@ -138,7 +139,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public func mount(_ m: Mount) throws(KVError) -> SegmentID {
         try link.withLock { (l: inout Link) throws(KVError) -> SegmentID in
             try send(m, &l)
-            onConnect(l.epoch, l.segment)
+            onConnect(l.epoch, l.segment, l.local)
             return l.segment
         }
     }
@@ -384,7 +385,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             // The layout's memory and server outlive the master: publish it again (another
             // client may have taken the node id meanwhile: then it stays unpublished).
             if let p = l.layout, (try? expect(&l, .publishLayout(p))) == nil { l.layout = nil }
-            onConnect(l.epoch, l.segment)
+            onConnect(l.epoch, l.segment, l.local)
             let text = "kvstore: reconnected to the master at \(host):\(port) (reconnect \(reconnects.load(ordering: .relaxed)))"
                 + (l.mount != nil ? "; this client's segment was remounted empty as \(l.segment): the objects it held are lost\n" : "\n")
             _ = text.withCString { write(2, $0, strlen($0)) }
@@ -493,7 +494,11 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             }
             l.localHost = s.localHost
             var welcome = try hello(s, &l)
-            if !welcome.local.isEmpty, Self.useLocalSocket, let u = try? Socket.connectLocal(name: welcome.local) {
+            // The local socket is taken only when the process listening there is the master
+            // as this process sees it (same pid: one PID namespace), so that the pids the
+            // master verifies name the same processes here.
+            if !welcome.local.isEmpty, Self.useLocalSocket, let u = try? Socket.connectLocal(name: welcome.local),
+               let cred = u.peerCredentials, Int(cred.pid) == welcome.pid {
                 let tcp = l.socket
                 if let w = try? hello(u, &l) {
                     welcome = w
@@ -516,7 +521,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     }
 
     /// Makes `s` the link's socket and says hello on it.
-    private func hello(_ s: Socket, _ l: inout Link) throws(KVError) -> (lease: Nanoseconds, ttl: Nanoseconds, local: String) {
+    private func hello(_ s: Socket, _ l: inout Link) throws(KVError) -> (lease: Nanoseconds, ttl: Nanoseconds, local: String, pid: Int) {
         s.setTimeout(timeout)
         l.socket = s
         l.local = false
@@ -540,10 +545,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         } catch where error.code == .invalidArgument {
             throw KVError(.invalidArgument, "\(error.message) (\(token.hint))")
         }
-        guard case let .welcome(_, lease, ttl, local) = answer else {
+        guard case let .welcome(_, lease, ttl, local, pid) = answer else {
             throw KVError(.internal, "unexpected answer to prove")
         }
-        return (lease, ttl, local)
+        return (lease, ttl, local, pid)
     }
 
     /// False when `KVSTORE_MASTER_LOCAL=0`: stay on TCP even on the master's host.

@@ -85,7 +85,10 @@ extension StoreClient {
         let peer = node == mine.node ? mine : try master.fetchLayout(node: node)
         let (from, to) = pull ? (peer.layout, mine.layout) : (mine.layout, peer.layout)
         let copies = try KVBlockPlan.copies(from: from, to: to, sourceBlocks: sourceBlocks, destinationBlocks: destinationBlocks, layers: layers)
-        let sameProcess = peer.host == mine.host && peer.pid == mine.pid
+        // Addresses are used directly only for this store's own layout; another layout's pid is
+        // the one the master verified (0: unknown, so never a same-host target).
+        let sharesPIDs = cluster?.sharesPIDs.load(ordering: .relaxed) ?? true
+        let sameProcess = peer.node == mine.node || (sharesPIDs && peer.host == mine.host && peer.pid == Int(getpid()))
         // Device memory: copies by the device, in this process only.
         let fromLocations = try from.descriptors.map { (d) throws(KVError) in try MemoryLocation(parsing: d.location) }
         let toLocations = try to.descriptors.map { (d) throws(KVError) in try MemoryLocation(parsing: d.location) }
@@ -98,7 +101,9 @@ extension StoreClient {
         }
         if sameProcess { return try mover.run(copies, pull: pull, route: .sameProcess, executor: executor) }
         let link = peer.endpoint.isEmpty ? nil : try kvLink(peer.endpoint)
-        if peer.host == mine.host { return try mover.run(copies, pull: pull, route: .sameHost(pid: Int32(peer.pid), link: link), executor: executor) }
+        if peer.host == mine.host, peer.pid > 0, sharesPIDs {
+            return try mover.run(copies, pull: pull, route: .sameHost(pid: Int32(peer.pid), link: link), executor: executor)
+        }
         guard let link else { throw KVError(.unsupported, "node '\(peer.node)' is on another host and serves no KV transfers") }
         return try mover.run(copies, pull: pull, route: .network(link), executor: executor)
     }

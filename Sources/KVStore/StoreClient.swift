@@ -72,16 +72,17 @@ public final class StoreClient: Sendable {
         let clusterToken = ClusterToken(explicit: token, host: host, port: port)
         let state = ClusterState(token: clusterToken, counters: counters)
         let remote = try RemoteMaster(url: url, token: clusterToken, name: name.isEmpty ? "pid \(getpid())" : name,
-                                      onConnect: { epoch, seg in state.connected(epoch: epoch, segment: seg) })
+                                      onConnect: { epoch, seg, local in state.connected(epoch: epoch, segment: seg, local: local) })
         var own: HostSegment? = nil
         do throws(KVError) {
             if segmentSize > 0 {
                 let s = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy, shared: true)
                 own = s
                 let server = try SegmentServer(region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: clusterToken,
-                                               dataLock: remote.dataLock, rdma: RDMA.shared.context, log: { line in _ = "kvstore: \(line)\n".withCString { Glibc.write(2, $0, strlen($0)) } })
+                                               dataLock: remote.dataLock, rdma: RDMA.shared.context, shareFD: s.fd,
+                                               log: { line in _ = "kvstore: \(line)\n".withCString { Glibc.write(2, $0, strlen($0)) } })
                 state.server.withLock { $0 = server }
-                _ = try remote.mount(RemoteMaster.Mount(size: segmentSize, host: state.host, sharePath: s.sharePath!,
+                _ = try remote.mount(RemoteMaster.Mount(size: segmentSize, host: state.host, sharePath: server.localName,
                                                         endpoint: server.endpoint))
             }
             try remote.startHeartbeat()
@@ -660,6 +661,10 @@ final class ClusterState: Sendable {
     /// The client's counters, which its peer links add their network bytes to.
     let counters: TransferCounters
     let segment = Atomic<SegmentID>(0)
+    /// This client reaches the master over its local socket and sees its pid as it does: the
+    /// owner pids the master verified name processes here too. Without it, same-host peers
+    /// are reached over TCP.
+    let sharesPIDs = Atomic<Bool>(false)
     let server = Locked<SegmentServer?>(nil)
     /// The server of a pure client's KV layout (a client with a segment serves it on the
     /// segment's server).
@@ -673,9 +678,11 @@ final class ClusterState: Sendable {
         self.counters = counters
     }
 
-    /// After each (re)connect: a new epoch, this client's segment id (0: none).
-    func connected(epoch: Int, segment seg: SegmentID) {
+    /// After each (re)connect: a new epoch, this client's segment id (0: none), and whether
+    /// the link is the master's local socket (`sharesPIDs`).
+    func connected(epoch: Int, segment seg: SegmentID, local: Bool) {
         segment.store(seg, ordering: .relaxed)
+        sharesPIDs.store(local, ordering: .relaxed)
         server.withLock { $0?.serve(segment: seg) }
         let old = peers.withLock { p in
             defer { p = (epoch, [:]) }
@@ -685,9 +692,14 @@ final class ClusterState: Sendable {
     }
 
     /// Maps a segment of this host, or dials one of another host (or of this host when its
-    /// file cannot be opened, such as across a PID namespace).
+    /// descriptor cannot be had: another PID or network namespace, an owner on TCP). The
+    /// descriptor comes only from the process the master verified as the owner.
     func reach(_ info: SegmentInfo) throws(KVError) -> SegmentAccess {
-        if info.host == host, let s = try? HostSegment(attaching: info.sharePath, size: info.size) { return .mapped(s) }
+        if info.host == host, info.pid > 0, !info.sharePath.isEmpty, sharesPIDs.load(ordering: .relaxed),
+           let fd = try? SegmentShare.receive(name: info.sharePath, pid: info.pid, token: token),
+           let s = try? HostSegment(attaching: fd, size: info.size) {
+            return .mapped(s)
+        }
         return .peer(try PeerLink(endpoint: info.endpoint, token: token, rdma: RDMA.shared.context, counters: counters))
     }
 

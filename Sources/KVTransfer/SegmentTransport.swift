@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CKVCopy
 import KVAccelerator
 import KVCore
 import Synchronization
@@ -18,6 +19,12 @@ import Synchronization
 //                                            | 211 error (`unsupported`: no RDMA here; TCP goes on)
 //   204 kvRead(n, n x (address, length))  -> 210 ok + the ranges' raw bytes in order | 211 error
 //   205 kvWrite(n, n x (address, length)) + raw bytes -> 210 ok | 211 error, then close
+//   207 segmentFD                         -> 210 ok(u64 size) with the segment's descriptor
+//                                            attached (SCM_RIGHTS; local socket only) | 211 error
+//
+// A server with a shared segment also listens on an abstract Unix-domain socket (`localName`)
+// for members on its host: they check the kernel's peer credentials against the owner's pid
+// the master verified, authenticate as over TCP, and receive the segment as an open file.
 //
 // kvRead/kvWrite move KV-cache blocks (prefill→decode): every range must lie inside one
 // buffer of the KV layout this process published (`serveKV`), at most `maxKVRanges` per frame.
@@ -28,13 +35,13 @@ import Synchronization
 
 enum DataFrame {
     static let hello: UInt16 = 200, read: UInt16 = 201, write: UInt16 = 202, rdmaConnect: UInt16 = 203
-    static let kvRead: UInt16 = 204, kvWrite: UInt16 = 205, prove: UInt16 = 206
+    static let kvRead: UInt16 = 204, kvWrite: UInt16 = 205, prove: UInt16 = 206, segmentFD: UInt16 = 207
     static let ok: UInt16 = 210, error: UInt16 = 211, rdmaAccepted: UInt16 = 212, challenge: UInt16 = 213
     static let maxPayload = 16 * maxKVRanges + 64
     /// Most block ranges one kvRead or kvWrite frame may name.
     static let maxKVRanges = 1024
 
-    static func isKnown(_ k: UInt16) -> Bool { (200...206).contains(k) || (210...213).contains(k) }
+    static func isKnown(_ k: UInt16) -> Bool { (200...207).contains(k) || (210...213).contains(k) }
     /// Largest frame read before the peer has authenticated (hello and prove are tiny).
     static let maxPreAuthPayload = 256
     /// Seconds a new connection has to authenticate.
@@ -88,6 +95,12 @@ public final class SegmentServer: @unchecked Sendable {
     public let port: Int
     private let token: ClusterToken
     private let listener: Socket
+    /// The abstract Unix-domain listener handing out `shareFD` (nil: no shared segment).
+    private let localListener: Socket?
+    /// Its name ("" when none): what the owner mounts as its segment's share path.
+    public let localName: String
+    /// The shared segment's file (-1: none); owned by the segment, not by this server.
+    private let shareFD: Int32
     private let wake: (read: Int32, write: Int32)
     private let state = Locked(State())
     private var acceptThread: BackgroundThread?
@@ -121,7 +134,7 @@ public final class SegmentServer: @unchecked Sendable {
     /// With `rdma`, the segment is registered with that device and peers may connect queue
     /// pairs to it (a registration failure is logged and leaves TCP only).
     public init(region: MemoryRegion, host: String, port: Int = 0, token: ClusterToken, dataLock: SharedLock? = nil,
-                rdma: RDMAContext? = nil, log: @escaping @Sendable (String) -> Void = { _ in }) throws(KVError) {
+                rdma: RDMAContext? = nil, shareFD: Int32 = -1, log: @escaping @Sendable (String) -> Void = { _ in }) throws(KVError) {
         self.region = region
         self.dataLock = dataLock
         self.rdma = rdma
@@ -131,6 +144,17 @@ public final class SegmentServer: @unchecked Sendable {
         listener = try Socket.listen(host: host, port: port)
         listener.setNonBlocking()
         self.port = listener.localPort
+        self.shareFD = shareFD
+        if shareFD >= 0 {
+            let name = "kvstore-segment.\(getpid()).\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
+            let l = try Socket.listenLocal(name: name)
+            l.setNonBlocking()
+            localListener = l
+            localName = name
+        } else {
+            localListener = nil
+            localName = ""
+        }
         var fds: [Int32] = [0, 0]
         try SystemCall.check("pipe", pipe(&fds))
         for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
@@ -201,16 +225,23 @@ public final class SegmentServer: @unchecked Sendable {
         for c in all { c.socket.shutdown() }
         for c in all { c.thread?.join() }
         listener.close()
+        localListener?.close()
     }
 
     private func acceptLoop() {
         while true {
             var fds = [pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0)]
-            let n = poll(&fds, 2, -1)
+                       pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: localListener?.fd ?? -1, events: Int16(POLLIN), revents: 0)]
+            let n = poll(&fds, 3, -1)
             if n < 0 && errno != EINTR { return }
             if fds[0].revents != 0 { return }
-            guard fds[1].revents != 0, let s = try? listener.accept() else { continue }
+            let local = fds[2].revents != 0
+            guard let l = local ? localListener : (fds[1].revents != 0 ? listener : nil) else { continue }
+            guard let s = try? l.accept() else {
+                usleep(10_000)   // accept failed (out of descriptors): rest instead of spinning
+                continue
+            }
             _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)
             s.setTimeout(30)
             var full = false
@@ -320,6 +351,19 @@ public final class SegmentServer: @unchecked Sendable {
                             try s.readExactly(total, into: rs)
                             try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
                         }
+                    }
+                case DataFrame.segmentFD:
+                    guard welcomed else { throw .invalidArgument("the first request must be hello") }
+                    guard shareFD >= 0, s.isUnixDomain else {
+                        throw KVError(.unsupported, "this server hands out no segment descriptor on this connection")
+                    }
+                    try whileServing { (current) throws(KVError) in
+                        guard current != 0 else { throw .notFound("the segment is not mounted") }
+                        var w = WireWriter()
+                        w.u64(UInt64(region.length))
+                        let f = WireWriter.frame(kind: DataFrame.ok, requestID: header.requestID, payload: w.bytes)
+                        let n = f.withUnsafeBytes { kv_send_fd(s.fd, shareFD, $0.baseAddress, $0.count) }
+                        guard n == f.count else { throw SystemCall.failure("sending the segment descriptor", code: .transfer) }
                     }
                 case DataFrame.rdmaConnect:
                     guard welcomed else { throw .invalidArgument("the first request must be hello") }

@@ -160,6 +160,14 @@ public final class Socket: @unchecked Sendable {
         return (cred.0, cred.1, cred.2)
     }
 
+    /// Whether this is a Unix-domain socket (descriptors can travel over it).
+    public var isUnixDomain: Bool {
+        var a = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+        return rc == 0 && Int32(a.ss_family) == AF_UNIX
+    }
+
     /// Ends both directions now: a thread blocked reading this socket wakes up.
     public func shutdown() {
         if fd >= 0 { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }

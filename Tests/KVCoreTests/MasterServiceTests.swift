@@ -59,7 +59,7 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertNil(s.client)
         XCTAssertEqual(m.handle(.stats, session: &s, now: 0).statsValue("refused_handshakes"), nil, "still not authenticated")
         var fresh = MasterService.Session()
-        guard case .welcome(let id, let lease, let ttl, let local) = Self.authenticate(&m, &fresh, token: "secret") else { return XCTFail() }
+        guard case .welcome(let id, let lease, let ttl, let local, _) = Self.authenticate(&m, &fresh, token: "secret") else { return XCTFail() }
         XCTAssertEqual(fresh.client, id)
         XCTAssertEqual(lease, 5 * Self.s)
         XCTAssertEqual(ttl, 10 * Self.s)
@@ -79,6 +79,30 @@ final class MasterServiceTests: XCTestCase {
         // The master's proof is never a valid client proof (labels differ): replaying it fails.
         XCTAssertEqual(errorCode(m.handle(.prove(proof: proof), session: &s, now: 0)), .invalidArgument)
         XCTAssertNil(s.client)
+    }
+
+    func testOwnerPidsComeFromTheConnectionNeverFromAClaim() throws {
+        var m = try master()
+        var local = MasterService.Session()
+        local.peerPID = 4242                      // what the server read with SO_PEERCRED
+        guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
+        guard case .mounted(let seg) = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e"), session: &local, now: 0) else { return XCTFail() }
+        var claimed = Self.published
+        claimed.pid = 1                           // a claim of another process's pid
+        XCTAssertEqual(m.handle(.publishLayout(claimed), session: &local, now: 0), .ok)
+        var (tcp, tcpSeg) = join(&m, "tcp", host: "h")   // no peer credentials: pid unknown
+        guard case .segment(let info) = m.handle(.segmentInfo(segment: seg), session: &tcp, now: 0) else { return XCTFail() }
+        XCTAssertEqual(info.pid, 4242)
+        guard case .layout(let p) = m.handle(.fetchLayout(node: "n"), session: &tcp, now: 0) else { return XCTFail() }
+        XCTAssertEqual(p.pid, 4242)
+        guard case .segment(let other) = m.handle(.segmentInfo(segment: tcpSeg), session: &tcp, now: 0) else { return XCTFail() }
+        XCTAssertEqual(other.pid, 0)
+        var theirs = Self.published
+        theirs.node = "t"
+        theirs.pid = 4242
+        XCTAssertEqual(m.handle(.publishLayout(theirs), session: &tcp, now: 0), .ok)
+        guard case .layout(let q) = m.handle(.fetchLayout(node: "t"), session: &local, now: 0) else { return XCTFail() }
+        XCTAssertEqual(q.pid, 0, "a TCP client cannot name a pid")
     }
 
     func testQuotasBoundWhatOneClientHolds() throws {
@@ -264,10 +288,10 @@ final class MasterServiceTests: XCTestCase {
                                           KVBufferDescriptor(layer: 0, kind: .value, address: 4096, length: 4096, bytesPerBlock: 4096, location: "cuda:1")]),
         host: "h", pid: 7, endpoint: "127.0.0.1:9")
     static let responses: [MasterResponse] = [
-        .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1"), .mounted(segment: 4),
+        .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1", pid: 77), .mounted(segment: 4),
         .putStarted(StartedWrite(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)])), .found(FoundObject(size: 6, replicas: [])),
         .flag(true), .value(-7), .stats([Statistic("objects", 1), Statistic("bytes_used", 2)]),
-        .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e")),
+        .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e", pid: 31)),
         .putStartedBatch([.success(StartedWrite(handle: 3, inPlace: false, replicas: [Replica(segment: 2, offset: 128)])),
                           .failure(KVError(.noSpace, "full"))]),
         .foundBatch([.failure(KVError(.objectNotFound, "gone")),
@@ -282,7 +306,9 @@ final class MasterServiceTests: XCTestCase {
         var (sb, _) = join(&m, "b", host: "h2")
         XCTAssertEqual(m.handle(.publishLayout(Self.published), session: &sa, now: 0), .ok)
         XCTAssertEqual(errorCode(m.handle(.publishLayout(Self.published), session: &sb, now: 0)), .objectExists)
-        XCTAssertEqual(m.handle(.fetchLayout(node: "n"), session: &sb, now: 0), .layout(Self.published))
+        var seen = Self.published
+        seen.pid = 0   // the master keeps the pid it verified (none for a session without peer credentials)
+        XCTAssertEqual(m.handle(.fetchLayout(node: "n"), session: &sb, now: 0), .layout(seen))
         XCTAssertEqual(errorCode(m.handle(.unpublishLayout(node: "n"), session: &sb, now: 0)), .objectNotFound)
         XCTAssertEqual(errorCode(m.handle(.fetchLayout(node: "other"), session: &sb, now: 0)), .objectNotFound)
         m.depart(client: sa.client!, now: 0)

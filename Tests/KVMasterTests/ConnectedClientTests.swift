@@ -3,7 +3,7 @@ import KVAccelerator
 import KVCore
 import KVStore
 import KVTestSupport
-import KVTransfer
+@testable import KVTransfer
 @testable import KVMaster
 #if canImport(Glibc)
 import Glibc
@@ -225,6 +225,36 @@ final class ConnectedClientTests: XCTestCase {
             var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: b.count)
             try withUnsafePointer(to: &r) { try peer.read(segment: seg, offset: offset, length: length, into: UnsafeBufferPointer(start: $0, count: 1)) }
         }
+    }
+
+    func testSegmentDescriptorsGoOnlyToMembersFromTheVerifiedOwner() throws {
+        let seg = try HostSegment(size: 1 << 20, shared: true)
+        defer { seg.unmap() }
+        let s = try SegmentServer(region: seg.region(offset: 0, length: 1 << 20), host: "127.0.0.1", token: "the-cluster-token", shareFD: seg.fd)
+        defer { s.stop() }
+        XCTAssertTrue(s.localName.hasPrefix("kvstore-segment."))
+        XCTAssertThrowsError(try SegmentShare.receive(name: s.localName, pid: Int(getpid()), token: "the-cluster-token")) {
+            XCTAssertEqual(($0 as? KVError)?.code, .objectNotFound, "not mounted yet: nothing handed out")
+        }
+        s.serve(segment: 9)
+        // The master said another process owns it: this listener is not that process.
+        XCTAssertThrowsError(try SegmentShare.receive(name: s.localName, pid: Int(getpid()) + 1, token: "the-cluster-token")) {
+            XCTAssertTrue(($0 as? KVError)?.message.contains("not the segment's owner") ?? false)
+        }
+        XCTAssertThrowsError(try SegmentShare.receive(name: s.localName, pid: Int(getpid()), token: "another-token-entirely")) {
+            XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument)
+        }
+        let fd = try SegmentShare.receive(name: s.localName, pid: Int(getpid()), token: "the-cluster-token")
+        let peer = try HostSegment(attaching: fd, size: 1 << 20)
+        defer { peer.unmap() }
+        UnsafeMutableRawPointer(bitPattern: seg.region(offset: 100, length: 1).address)!.storeBytes(of: 77, as: UInt8.self)
+        XCTAssertEqual(UnsafeRawPointer(bitPattern: peer.region(offset: 100, length: 1).address)!.load(as: UInt8.self), 77)
+        // Over TCP the same request is refused: descriptors travel on the local socket only.
+        let tcp = try Socket.connect(host: "127.0.0.1", port: s.port)
+        try PeerHandshake.authenticate(tcp, token: Array("the-cluster-token".utf8))
+        try tcp.writeFrame(kind: DataFrame.segmentFD, payload: [])
+        let (h, _) = try tcp.readFrame(maxPayload: 8192, isKnown: DataFrame.isKnown)
+        XCTAssertEqual(h.kind, DataFrame.error)
     }
 
     func testSegmentServerRefusesBadRequests() throws {

@@ -6,19 +6,18 @@ import KVAccelerator
 import Glibc
 #endif
 
-/// Shared segments: a second mapping through the path other processes use sees the same bytes.
+/// Shared segments: a second mapping from the descriptor other processes receive sees the same
+/// bytes; descriptors of anything but a read-write shared-memory file are refused.
 final class HostSegmentTests: XCTestCase {
     func bytes(_ r: MemoryRegion) -> UnsafeMutableRawBufferPointer {
         UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: r.address), count: r.length)
     }
 
-    func testSharedSegmentIsVisibleThroughItsSharePath() throws {
+    func testSharedSegmentIsVisibleThroughItsDescriptor() throws {
         let owner = try HostSegment(size: 1 << 20, prefault: true, shared: true)
         defer { owner.unmap() }
         XCTAssertTrue(owner.isShared)
-        let path = try XCTUnwrap(owner.sharePath)
-        XCTAssertTrue(path.hasPrefix("/proc/\(getpid())/fd/"))
-        let peer = try HostSegment(attaching: path, size: 1 << 20)
+        let peer = try HostSegment(attaching: dup(owner.fd), size: 1 << 20)
         defer { peer.unmap() }
         let a = bytes(owner.region(offset: 4096, length: 100)), b = bytes(peer.region(offset: 4096, length: 100))
         for i in 0..<100 { a[i] = UInt8(i) }
@@ -28,22 +27,33 @@ final class HostSegmentTests: XCTestCase {
         XCTAssertNotEqual(a.baseAddress, b.baseAddress, "two mappings")
     }
 
-    func testPrivateSegmentsHaveNoSharePath() throws {
+    func testPrivateSegmentsAreNotShared() throws {
         let s = try HostSegment(size: 1 << 16)
         XCTAssertFalse(s.isShared)
-        XCTAssertNil(s.sharePath)
+        XCTAssertEqual(s.fd, -1)
     }
 
-    func testAttachingRefusesMissingOrShortFiles() throws {
-        XCTAssertThrowsError(try HostSegment(attaching: "/proc/self/fd/987654", size: 4096)) {
-            XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument)
+    func testAttachingRefusesBadShortOrForeignFiles() throws {
+        func refused(_ fd: Int32, _ size: Int, _ words: String) {
+            XCTAssertThrowsError(try HostSegment(attaching: fd, size: size)) {
+                XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument)
+                XCTAssertTrue(($0 as? KVError)?.message.contains(words) ?? false, "\($0)")
+            }
+            XCTAssertEqual(fcntl(fd, F_GETFD), -1, "the descriptor is closed either way")
         }
+        refused(987_654, 4096, "not a regular file")
         let owner = try HostSegment(size: 1 << 16, shared: true)
         defer { owner.unmap() }
-        XCTAssertThrowsError(try HostSegment(attaching: owner.sharePath!, size: 1 << 20)) {
-            XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument)
-            XCTAssertTrue(($0 as? KVError)?.message.contains("smaller") ?? false)
-        }
+        refused(dup(owner.fd), 1 << 20, "smaller")
+        // A file a peer could open only for reading: never mapped for writing.
+        let readOnly = open("/proc/self/fd/\(owner.fd)", O_RDONLY | O_CLOEXEC)
+        refused(readOnly, 1 << 16, "reading and writing")
+        // A regular file on disk (say, the victim's own data): refused, whatever its size.
+        let path = "/var/tmp/kvstore-hostsegment-test-\(getpid())"
+        let disk = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        unlink(path)
+        XCTAssertEqual(ftruncate(disk, 1 << 16), 0)
+        refused(disk, 1 << 16, "not a shared-memory file")
     }
 
     func testUnmapClosesTheFileAndLeavesNothingInDevShm() throws {

@@ -331,3 +331,70 @@ def test_segment_server_survives_random_and_mutated_frames(master, honest):
     code = f"import kvstore; s = kvstore.Store.connect({master.url!r}, segment_size=0); print(len(s.get('honest/1'))); s.close()"
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
     assert p.returncode == 0 and p.stdout.strip() == str(4096 + 1), p.stderr
+
+
+def _host_identity() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    return f"{socket.gethostname()}/{boot}/{os.readlink('/proc/self/ns/net')}"
+
+
+ATTACKER = """
+import os, struct, sys
+sys.path.insert(0, {tests!r})
+import wire
+r = wire.Raw.local({name!r})
+assert r.authenticate(wire.read_token({port})) == 102
+# A segment whose "share path" is the victim's file, served at a port where nothing listens.
+kind, _ = r.call(wire.MOUNT, struct.pack("<Q", 1 << 20) + wire.lp({host!r}.encode()) + wire.lp({path!r}.encode())
+                 + wire.lp(b"127.0.0.1:1"))
+assert kind == 103, kind
+# A layout over the victim's private memory, claiming the victim's pid and host.
+d = struct.pack("<I", 2) + struct.pack("<IBQQQ", 0, 0, {address}, 4096, 4096) + wire.lp(b"cpu") \\
+    + struct.pack("<IBQQQ", 0, 1, {address} + 4096, 4096, 4096) + wire.lp(b"cpu")
+kind, body = r.call(17, wire.lp(b"evil") + d + wire.lp({host!r}.encode()) + struct.pack("<Q", {pid}) + wire.lp(b""))
+assert kind == wire.OK, (kind, body)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_claimed_paths_pids_and_addresses_are_never_acted_on(master, honest, tmp_path):
+    """The confused deputy: what a client claims in a mount or a layout (a file to map, a
+    pid and addresses to copy from or into) never makes another client touch its own files
+    or private memory."""
+    import numpy as np
+    victim_file = tmp_path / "victim.bin"
+    victim_file.write_bytes(b"F" * (1 << 20))
+    secret = np.full(8192, ord("S"), np.uint8)            # private, never published
+    cache = np.zeros(8192, np.uint8)
+    honest.register_kv_layout("victim", [
+        {"layer": 0, "kind": "key", "address": cache.ctypes.data, "length": 4096, "bytes_per_block": 4096},
+        {"layer": 0, "kind": "value", "address": cache.ctypes.data + 4096, "length": 4096, "bytes_per_block": 4096}])
+    names = wire.local_socket_names(master.proc.pid)
+    script = ATTACKER.format(tests=os.path.dirname(wire.__file__), name=names[0], port=master.port, host=_host_identity(),
+                             path=str(victim_file), address=secret.ctypes.data, pid=os.getpid())
+    attacker = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        assert attacker.stdout.readline().strip() == "ready", attacker.stderr.read()
+        # Writes that place a replica in the attacker's segment: the victim's file is never opened.
+        for i in range(8):
+            try:
+                honest.put(f"two/{i}", bytes([i]) * 4096, replicas=2)
+            except kvstore.StoreError:
+                pass   # the attacker's segment cannot be reached: an error, not a write elsewhere
+        assert victim_file.read_bytes() == b"F" * (1 << 20)
+        # Pulls and pushes against the layout over the victim's private memory.
+        for move in (honest.pull_kv_blocks, honest.push_kv_blocks):
+            cache[:] = 7
+            try:
+                move("evil", [0], [0])
+            except kvstore.StoreError:
+                pass
+            assert (secret == ord("S")).all(), "the victim's private memory was written"
+            assert not (cache == ord("S")).any(), "the victim's private memory was copied into its cache"
+    finally:
+        attacker.stdin.close()
+        attacker.wait(timeout=10)
+        honest.unregister_kv_layout()

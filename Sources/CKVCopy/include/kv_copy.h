@@ -15,4 +15,15 @@ void kv_copy_streaming(void *dst, const void *src, size_t n);
  * -1 with errno set. */
 long kv_process_vm_copy(int pid, int write, void *const *local, void *const *remote, const size_t *lengths, size_t count);
 
+/* Descriptor passing over a Unix-domain socket (SCM_RIGHTS): the shared segments of one host
+ * travel as open files, never as paths a peer names. kv_send_fd sends `len` bytes of `data`
+ * with `fd` attached; kv_recv_fd receives up to `cap` bytes and at most one descriptor
+ * (*fd = -1 when none came; any extra descriptors are closed). Both return the bytes moved,
+ * or -1 with errno set. Blocking; EINTR is retried. */
+long kv_send_fd(int sock, int fd, const void *data, size_t len);
+long kv_recv_fd(int sock, int *fd, void *data, size_t cap);
+
+/* The file system type of an open file (statfs f_type, e.g. TMPFS_MAGIC), or -1. */
+long kv_fs_type(int fd);
+
 #endif
