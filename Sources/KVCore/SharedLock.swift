@@ -27,5 +27,6 @@ public final class SharedLock: @unchecked Sendable {
     /// Shares the lock unless it is held or awaited exclusively; false then (never waits).
     @inline(__always) public func tryLockShared() -> Bool { pthread_rwlock_tryrdlock(lock) == 0 }
     @inline(__always) public func lockExclusive() { pthread_rwlock_wrlock(lock) }
+    @inline(__always) public func tryLockExclusive() -> Bool { pthread_rwlock_trywrlock(lock) == 0 }
     @inline(__always) public func unlock() { pthread_rwlock_unlock(lock) }
 }

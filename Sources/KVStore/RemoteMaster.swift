@@ -76,6 +76,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// then shares the master's view of process ids: same-host routes may use them).
     private let onConnect: @Sendable (Int, SegmentID, Bool) -> Void
     private var heartbeat: BackgroundThread?
+    /// Runs on the heartbeat thread after each round (outside the link's lock); set before
+    /// `startHeartbeat`.
+    public var maintenance: (@Sendable () -> Void)?
     private let stopPipe: (read: Int32, write: Int32)
 
     /// Parses "kvstore://host:port" (or "host:port"; the port defaults to 50051).
@@ -571,6 +574,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             } catch {
                 // Lost or unreachable: the next round (or the next operation) tries again.
             }
+            maintenance?()
         }
     }
 }

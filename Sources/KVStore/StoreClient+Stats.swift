@@ -14,7 +14,7 @@ extension StoreClient {
         "leases_active", "active_readers", "free_blocks", "largest_free_block",
         "registered_buffers", "registered_bytes", "page_locked_bytes", "page_lock_fallbacks", "accelerators", "closed",
         "segment_size", "master_reconnects", "commit_failures", "network_bytes", "rdma_bytes", "rdma_devices",
-        "master_local",
+        "master_local", "peers", "peers_pruned",
     ]
 
     /// Current values, aligned with `statisticNames`. All counts are exact when no operation
@@ -39,6 +39,7 @@ extension StoreClient {
             remote?.commitFailures.load(ordering: .relaxed) ?? 0, counters.networkBytes.load(ordering: .relaxed),
             counters.rdmaBytes.load(ordering: .relaxed), remote == nil ? 0 : RDMA.discovery.devices.filter(\.active).count,
             remote?.isLocal ?? false ? 1 : 0,
+            cluster?.peers.withLock { $0.map.count } ?? 0, cluster?.pruned.load(ordering: .relaxed) ?? 0,
         ]
     }
 }

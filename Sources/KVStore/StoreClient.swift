@@ -85,6 +85,7 @@ public final class StoreClient: Sendable {
                 _ = try remote.mount(RemoteMaster.Mount(size: segmentSize, host: state.host, sharePath: server.localName,
                                                         endpoint: server.endpoint))
             }
+            remote.maintenance = { [weak remote] in if let remote { state.prunePeers(remote) } }
             try remote.startHeartbeat()
         } catch {
             remote.close()
@@ -672,6 +673,8 @@ final class ClusterState: Sendable {
     /// Peers' KV servers by endpoint.
     let kvLinks = Locked<[String: PeerLink]>([:])
     let peers = Locked<(epoch: Int, map: [SegmentID: SegmentAccess])>((0, [:]))
+    /// Most peers kept mapped or dialled; past it, `prunePeers` drops the excess.
+    static let maxPeers = 256
 
     init(token: ClusterToken, counters: TransferCounters) {
         self.token = token
@@ -702,6 +705,39 @@ final class ClusterState: Sendable {
         }
         return .peer(try PeerLink(endpoint: info.endpoint, token: token, rdma: RDMA.shared.context, counters: counters))
     }
+
+    /// Forgets the segments the master no longer knows (their owners departed): mappings are
+    /// unmapped and descriptors closed, so dead peers' shared memory is freed; keeps at most
+    /// `maxPeers`. Runs on the heartbeat thread; drops entries only while no operation is in
+    /// flight (an operation may hold addresses in a mapping), else tries again next round.
+    func prunePeers(_ remote: RemoteMaster) {
+        let (epoch, known) = peers.withLock { ($0.epoch, Array($0.map.keys)) }
+        guard !known.isEmpty else { return }
+        var gone = Set<SegmentID>()
+        for seg in known {
+            do throws(KVError) {
+                _ = try remote.segmentInfo(seg)
+            } catch where error.code == .objectNotFound {
+                gone.insert(seg)
+            } catch {
+                return   // the master is unreachable: nothing can be concluded now
+            }
+        }
+        let excess = max(0, known.count - gone.count - Self.maxPeers)
+        guard !gone.isEmpty || excess > 0, remote.dataLock.tryLockExclusive() else { return }
+        let dropped = peers.withLock { p -> [SegmentAccess] in
+            guard p.epoch == epoch else { return [] }
+            var out = gone.compactMap { p.map.removeValue(forKey: $0) }
+            for seg in Array(p.map.keys.prefix(excess)) { if let a = p.map.removeValue(forKey: seg) { out.append(a) } }
+            pruned.add(out.count, ordering: .relaxed)   // with the removal: statistics agree
+            return out
+        }
+        remote.dataLock.unlock()
+        for case .peer(let l) in dropped { l.closeIdle() }
+    }   // the mapped segments in `dropped` are unmapped here, as their last reference goes
+
+    /// Peers forgotten by `prunePeers`.
+    let pruned = Atomic<Int>(0)
 
     func close() {
         server.withLock { $0 }?.stop()

@@ -398,3 +398,40 @@ def test_claimed_paths_pids_and_addresses_are_never_acted_on(master, honest, tmp
         attacker.stdin.close()
         attacker.wait(timeout=10)
         honest.unregister_kv_layout()
+
+
+def test_dead_peers_memory_is_freed():
+    """A reader drops the mappings of segments whose owners died, so their shared memory
+    goes back to the system (it used to stay mapped until the reader closed)."""
+    def shm_used() -> int:
+        st = os.statvfs("/dev/shm")
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    with Master("--client-ttl", "2") as m:
+        reader = kvstore.Store.connect(m.url, segment_size=0)
+        base = shm_used()
+        holders = []
+        code = ("import kvstore, sys; s = kvstore.Store.connect(sys.argv[1], segment_size='64MiB'); "
+                "s.put(sys.argv[2], b'h' * 100000); print('ready', flush=True); sys.stdin.read()")
+        try:
+            for i in range(3):
+                p = subprocess.Popen([sys.executable, "-c", code, m.url, f"held/{i}"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+                assert p.stdout.readline().strip() == "ready"
+                holders.append(p)
+            for i in range(3):
+                assert reader.get(f"held/{i}") == b"h" * 100000    # maps each holder's segment
+            assert reader.stats()["peers"] == 3, reader.stats()
+            assert shm_used() - base >= 3 * (64 << 20)           # reserved up front
+            for p in holders:
+                p.kill()
+                p.wait()
+            assert wait_for(lambda: reader.stats()["peers"] == 0, 10), reader.stats()
+            assert reader.stats()["peers_pruned"] == 3
+            assert wait_for(lambda: shm_used() - base < 16 << 20, 5), (shm_used() - base)
+            with pytest.raises(kvstore.ObjectNotFoundError):
+                reader.get("held/0")
+        finally:
+            for p in holders:
+                p.kill()
+            reader.close()
