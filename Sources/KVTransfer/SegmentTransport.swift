@@ -119,6 +119,8 @@ public final class SegmentServer: @unchecked Sendable {
     /// layout is never withdrawn while a peer's transfer touches it.
     nonisolated(unsafe) private var kvBuffers: [MemoryRegion] = []
     private let kvLock = SharedLock()
+    /// Connections inside a KV transfer now, by serial (cut when the layout changes).
+    private let kvActive = Locked<[Int: Socket]>([:])
 
     private struct State: @unchecked Sendable {
         /// By serial number (descriptor numbers are reused as soon as a socket closes).
@@ -186,8 +188,15 @@ public final class SegmentServer: @unchecked Sendable {
 
     /// Serves kvRead/kvWrite of these host buffers from now on (empty: none). Waits for the
     /// transfers in progress on the old ones.
+    ///
+    /// A peer in the middle of a transfer holds the buffers shared while it waits on the
+    /// network; one that stalls (a kvWrite sent in part) must not block the owner: its
+    /// connection is cut (`shutdown`), so the change waits for memory copies only.
     public func serveKV(_ buffers: [MemoryRegion]) {
-        kvLock.lockExclusive()
+        while !kvLock.tryLockExclusive() {
+            for s in kvActive.withLock({ Array($0.values) }) { s.shutdown() }
+            usleep(200)
+        }
         kvBuffers = buffers.sorted { $0.address < $1.address }
         kvLock.unlock()
     }
@@ -339,6 +348,8 @@ public final class SegmentServer: @unchecked Sendable {
                 case DataFrame.kvRead, DataFrame.kvWrite:
                     guard welcomed else { throw .invalidArgument("the first request must be hello") }
                     let ranges = try WireReader.parse(payload, "KV transfer request") { (r) throws(KVError) in try KVRanges.decode(&r) }
+                    kvActive.withLock { $0[serial] = s }
+                    defer { kvActive.withLock { _ = $0.removeValue(forKey: serial) } }
                     kvLock.lockShared()
                     defer { kvLock.unlock() }
                     try checkKV(ranges)

@@ -435,3 +435,22 @@ def test_dead_peers_memory_is_freed():
             for p in holders:
                 p.kill()
             reader.close()
+
+
+def test_a_stalled_kv_write_does_not_block_unregistering(master, honest):
+    import numpy as np
+    cache = np.zeros(2 * 65536, np.uint8)
+    honest.register_kv_layout("stalled", [
+        {"layer": 0, "kind": "key", "address": cache.ctypes.data, "length": 65536, "bytes_per_block": 4096},
+        {"layer": 0, "kind": "value", "address": cache.ctypes.data + 65536, "length": 65536, "bytes_per_block": 4096}])
+    host, port = _segment_endpoint(master, "honest/2")
+    r = wire.Raw.tcp(port, host)
+    assert r.authenticate(wire.read_token(master.port), data_plane=True) == wire.D_OK
+    # A kvWrite of 64 KiB that sends 100 bytes, then nothing.
+    r.send(205, struct.pack("<I", 1) + struct.pack("<QQ", cache.ctypes.data, 65536))
+    r.s.sendall(b"w" * 100)
+    time.sleep(0.3)
+    started = time.monotonic()
+    honest.unregister_kv_layout()
+    assert time.monotonic() - started < 1.0
+    assert r.closed_by_peer(timeout=2)
