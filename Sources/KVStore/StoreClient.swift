@@ -701,6 +701,7 @@ final class ClusterState: Sendable {
         if info.host == host, info.pid > 0, !info.sharePath.isEmpty, sharesPIDs.load(ordering: .relaxed),
            let fd = try? SegmentShare.receive(name: info.sharePath, pid: info.pid, token: token),
            let s = try? HostSegment(attaching: fd, size: info.size) {
+            s.populateInBackground()
             return .mapped(s)
         }
         return .peer(try PeerLink(endpoint: info.endpoint, token: token, rdma: RDMA.shared.context, counters: counters))

@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--against-count", type=int, default=256, help="1 MiB values per round in --against (default 256)")
     bench.add_argument("--chart", metavar="PNG", default=None, help="with --against: write a chart (needs matplotlib)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--baseline", metavar="DIR", default=None,
+                       help="compare with another build of kvstore installed in DIR (pip install --target DIR .): "
+                            "the same bench, alternating runs, medians and ratios")
+    bench.add_argument("--rounds", type=int, default=4, help="alternating rounds of --baseline (default 4)")
 
     master = sub.add_parser("master", help="run the network master (the same server as the kvstore-master executable)")
     master.add_argument("--host", "--rpc_address", dest="host", default="127.0.0.1",

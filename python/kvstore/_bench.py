@@ -115,6 +115,12 @@ def _same(name: str, got: np.ndarray, want: np.ndarray) -> bool:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.baseline:
+        from ._bench_compare import run_compare
+
+        argv = ["--ops", args.ops, "--sizes", args.sizes, "--repeat", str(args.repeat), "--batch", args.batch,
+                "--budget", args.budget, "--small-ops", str(args.small_ops), "--cluster-size", args.cluster_size]
+        return run_compare(args.baseline, argv, max(2, args.rounds))
     if args.against:
         from ._bench_against import run_against
 

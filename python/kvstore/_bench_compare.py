@@ -1,0 +1,55 @@
+"""``python -m kvstore bench --baseline DIR``: this build against another, side by side.
+
+DIR holds another build of the package (for example ``pip install --target DIR .`` from a
+checkout of the previous commit). Each round runs the same ``bench`` command once with
+``PYTHONPATH=DIR`` (the baseline, with its own master and holders) and once with this build,
+alternating, so both see the same machine state; the table shows each case's median over
+the rounds and the ratio this / baseline (ops/s for small operations, GB/s otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+
+
+def run_compare(baseline: str, argv: list[str], rounds: int) -> int:
+    if not os.path.isdir(os.path.join(baseline, "kvstore")):
+        print(f"--baseline {baseline}: no kvstore package there (make one with pip install --target {baseline} .)",
+              file=sys.stderr)
+        return 2
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    values: dict[str, dict[tuple[str, int], list[float]]] = {"baseline": defaultdict(list), "this": defaultdict(list)}
+    for r in range(rounds):
+        for name, path in (("baseline", baseline), ("this", here)) if r % 2 == 0 else (("this", here), ("baseline", baseline)):
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                env = {**os.environ, "PYTHONPATH": path}
+                p = subprocess.run([sys.executable, "-m", "kvstore", "bench", *argv, "--json", f.name], env=env,
+                                   capture_output=True, text=True)
+                if p.returncode != 0:
+                    print(f"{name} run failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}", file=sys.stderr)
+                    return 1
+                for row in json.load(open(f.name)):
+                    small = row.get("size", 0) <= 4096
+                    values[name][(row["op"], row.get("size", 0))].append(row["ops_per_s"] if small else row["gb_per_s"])
+    print(f"\nkvstore bench --baseline {baseline}: {rounds} alternating rounds of `bench {' '.join(argv)}`; medians")
+    header = f"{'case':<34}{'size':>9}{'baseline':>14}{'this':>14}{'unit':>7}{'this/base':>11}"
+    print(header)
+    print("-" * len(header))
+    for key in values["this"]:
+        if key not in values["baseline"]:
+            continue
+        op, size = key
+        b, t = statistics.median(values["baseline"][key]), statistics.median(values["this"][key])
+        unit = "ops/s" if size <= 4096 else "GB/s"
+        fmt = (lambda v: f"{v:,.0f}") if unit == "ops/s" else (lambda v: f"{v:.2f}")
+        print(f"{op:<34}{size:>9}{fmt(b):>14}{fmt(t):>14}{unit:>7}{t / b:>11.3f}")
+    only = [k[0] for k in values["this"] if k not in values["baseline"]]
+    if only:
+        print(f"only in this build: {', '.join(only)}")
+    return 0
