@@ -34,6 +34,7 @@ def test_bench_small_run(tmp_path):
                                            "cluster_shm_put_from", "cluster_shm_get_into", "cluster_shm_batch_put_from",
                                            "cluster_shm_batch_get_into", "cluster_tcp_put_from", "cluster_tcp_get_into",
                                            "cluster_ops_put", "cluster_ops_get", "cluster_ops_tcp_put", "cluster_ops_tcp_get",
+                                           "cluster_auth_connect+put",
                                            *(f"kv_{route}_{case}" for route in ("local", "shm", "tcp")
                                              for case in ("scattered_per_block", "scattered_aggregated", "contiguous_aggregated"))}
     assert all(row["gb_per_s"] > 0 for row in rows)
