@@ -81,11 +81,12 @@ build() {
 
 setup_all() { install_system_packages; make_venv; build; }
 
-swift_flags() {
-    local inc
-    inc=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-    export PKG_CONFIG_PATH=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("LIBPC") or "")')
-    echo "-Xcc -I$inc"
+# The interpreter's headers and pkg-config directory for `swift test` (set in this shell:
+# an export inside $(...) would be lost).
+python_build_env() {
+    PY_INCLUDE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    PKG_CONFIG_PATH=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("LIBPC") or "")')${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
+    export PKG_CONFIG_PATH
 }
 
 cmd=${1:-help}
@@ -97,10 +98,9 @@ case "$cmd" in
     test)
         setup_all
         install_mooncake
-        flags=$(swift_flags)
+        python_build_env
         log "Swift tests (thread sanitizer)"
-        # shellcheck disable=SC2086
-        swift test --sanitize=thread --scratch-path .build-tsan $flags
+        swift test --sanitize=thread --scratch-path .build-tsan -Xcc "-I$PY_INCLUDE"
         log "pytest"
         "$VENV/bin/python" -m pytest -q "$@"
         ;;

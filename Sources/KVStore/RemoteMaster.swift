@@ -52,6 +52,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         var localHost = "127.0.0.1"
         /// Whether the link runs over the master's local (Unix-domain) socket.
         var local = false
+        /// Whether this process sees the master's pid as the master does (checked on its
+        /// local socket, whether or not the link then runs there).
+        var sharesPIDs = false
         var mount: Mount?
         /// This client's published KV layout (published again after a reconnect).
         var layout: PublishedLayout?
@@ -72,8 +75,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     private let timeout: Double
     private let clock: Clock
     /// Called (under the link's lock) after each connect with the epoch, this client's segment
-    /// id (0: none) and whether the link runs over the master's local socket (this process
-    /// then shares the master's view of process ids: same-host routes may use them).
+    /// id (0: none) and whether this process shares the master's view of process ids (checked
+    /// on its local socket): only then may same-host routes use the pids the master verified.
     private let onConnect: @Sendable (Int, SegmentID, Bool) -> Void
     private var heartbeat: BackgroundThread?
     /// Runs on the heartbeat thread after each round (outside the link's lock); set before
@@ -121,7 +124,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             Glibc.close(stopPipe.read); Glibc.close(stopPipe.write)
             throw error
         }
-        onConnect(1, 0, isLocal)
+        onConnect(1, 0, sharesPIDs)
         policy.leaseTTL = welcome.0
         policy.inPlaceUpserts = false
         clientTTL = welcome.1
@@ -138,11 +141,14 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// Whether the connection runs over the master's local socket (same host), not TCP.
     public var isLocal: Bool { link.withLock { $0.local } }
 
+    /// Whether this process shares the master's PID namespace (see `Link.sharesPIDs`).
+    public var sharesPIDs: Bool { link.withLock { $0.sharesPIDs } }
+
     /// Mounts this client's segment; remembered for reconnects.
     public func mount(_ m: Mount) throws(KVError) -> SegmentID {
         try link.withLock { (l: inout Link) throws(KVError) -> SegmentID in
             try send(m, &l)
-            onConnect(l.epoch, l.segment, l.local)
+            onConnect(l.epoch, l.segment, l.sharesPIDs)
             return l.segment
         }
     }
@@ -388,7 +394,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             // The layout's memory and server outlive the master: publish it again (another
             // client may have taken the node id meanwhile: then it stays unpublished).
             if let p = l.layout, (try? expect(&l, .publishLayout(p))) == nil { l.layout = nil }
-            onConnect(l.epoch, l.segment, l.local)
+            onConnect(l.epoch, l.segment, l.sharesPIDs)
             let text = "kvstore: reconnected to the master at \(host):\(port) (reconnect \(reconnects.load(ordering: .relaxed)))"
                 + (l.mount != nil ? "; this client's segment was remounted empty as \(l.segment): the objects it held are lost\n" : "\n")
             _ = text.withCString { write(2, $0, strlen($0)) }
@@ -500,8 +506,14 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             // The local socket is taken only when the process listening there is the master
             // as this process sees it (same pid: one PID namespace), so that the pids the
             // master verifies name the same processes here.
-            if !welcome.local.isEmpty, Self.useLocalSocket, let u = try? Socket.connectLocal(name: welcome.local),
+            // A client kept on TCP (KVSTORE_MASTER_LOCAL=0) still checks, and closes the socket.
+            var probe: Socket? = nil
+            if !welcome.local.isEmpty, let u = try? Socket.connectLocal(name: welcome.local),
                let cred = u.peerCredentials, Int(cred.pid) == welcome.pid {
+                probe = u
+            }
+            l.sharesPIDs = probe != nil
+            if let u = probe, Self.useLocalSocket {
                 let tcp = l.socket
                 if let w = try? hello(u, &l) {
                     welcome = w

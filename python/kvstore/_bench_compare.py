@@ -42,14 +42,11 @@ def run_compare(baseline: str, argv: list[str], rounds: int) -> int:
     print(header)
     print("-" * len(header))
     for key in values["this"]:
-        if key not in values["baseline"]:
-            continue
         op, size = key
-        b, t = statistics.median(values["baseline"][key]), statistics.median(values["this"][key])
+        t = statistics.median(values["this"][key])
+        b = statistics.median(values["baseline"][key]) if key in values["baseline"] else None
         unit = "ops/s" if size <= 4096 else "GB/s"
         fmt = (lambda v: f"{v:,.0f}") if unit == "ops/s" else (lambda v: f"{v:.2f}")
-        print(f"{op:<34}{size:>9}{fmt(b):>14}{fmt(t):>14}{unit:>7}{t / b:>11.3f}")
-    only = [k[0] for k in values["this"] if k not in values["baseline"]]
-    if only:
-        print(f"only in this build: {', '.join(only)}")
+        bs, rs = (fmt(b), f"{t / b:.3f}") if b else ("-", "-")
+        print(f"{op:<34}{size:>9}{bs:>14}{fmt(t):>14}{unit:>7}{rs:>11}")
     return 0
