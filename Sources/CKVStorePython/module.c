@@ -4,21 +4,22 @@
 #include <string.h>
 
 /* run_master(host, port, metrics_host, metrics_port, token, client_ttl, lease_ttl, soft_pin_ttl,
- * eviction_high_watermark, eviction_ratio, token_file, max_clients, allow_uids): serves until
+ * eviction_high_watermark, eviction_ratio, token_file, max_clients, allow_uids, tenants): serves until
  * SIGINT/SIGTERM, GIL released. */
 static PyObject *kvpy_run_master(PyObject *module, PyObject *args) {
     (void)module;
     kv_master_options o;
-    const char *token = NULL, *token_file = NULL, *allow_uids = NULL;
+    const char *token = NULL, *token_file = NULL, *allow_uids = NULL, *tenants = NULL;
     memset(&o, 0, sizeof o);
-    if (!PyArg_ParseTuple(args, "sisizdddddziz", &o.host, &o.port, &o.metrics_host, &o.metrics_port, &token,
+    if (!PyArg_ParseTuple(args, "sisizdddddzizz", &o.host, &o.port, &o.metrics_host, &o.metrics_port, &token,
                           &o.client_ttl, &o.cache.lease_ttl, &o.cache.soft_pin_ttl,
                           &o.cache.eviction_high_watermark, &o.cache.eviction_ratio,
-                          &token_file, &o.max_clients, &allow_uids))
+                          &token_file, &o.max_clients, &allow_uids, &tenants))
         return NULL;
     o.token = token;
     o.token_file = token_file;
     o.allow_uids = allow_uids;
+    o.tenants = tenants;
     int32_t st;
     Py_BEGIN_ALLOW_THREADS
     st = kv_master_run(&o);
@@ -30,7 +31,7 @@ static PyObject *kvpy_run_master(PyObject *module, PyObject *args) {
 static PyMethodDef module_methods[] = {
     {"run_master", (PyCFunction)kvpy_run_master, METH_VARARGS,
      "run_master(host, port, metrics_host, metrics_port, token, client_ttl, lease_ttl, soft_pin_ttl, "
-     "eviction_high_watermark, eviction_ratio, token_file, max_clients, allow_uids): the network master; "
+     "eviction_high_watermark, eviction_ratio, token_file, max_clients, allow_uids, tenants): the network master; "
      "returns after SIGINT/SIGTERM."},
     {"_set_error_classes", (PyCFunction)kvpy_set_error_classes, METH_O,
      "Installs the {code: exception class} mapping (called once by kvstore._errors)."},

@@ -23,6 +23,20 @@ public enum Authentication {
         HMACSHA256.mac(key: token, message: Array(role.rawValue.utf8) + clientNonce + serverNonce)
     }
 
+    /// The data plane's secret (segment and KV servers), derived from the cluster's token:
+    /// every member, tenant or not, needs it to reach the segments objects live in.
+    public static func dataKey(clusterToken: [UInt8]) -> [UInt8] {
+        HMACSHA256.mac(key: clusterToken, message: Array("kvstore data plane".utf8))
+    }
+
+    /// `secret` (32 bytes) masked for one handshake: XOR with a pad only the holder of `token`
+    /// can derive from the nonces, so it travels in the welcome without being readable on the
+    /// wire. The same call unmasks it.
+    public static func mask(_ secret: [UInt8], token: [UInt8], clientNonce: [UInt8], serverNonce: [UInt8]) -> [UInt8] {
+        let pad = HMACSHA256.mac(key: token, message: Array("kvstore wrap".utf8) + clientNonce + serverNonce)
+        return zip(secret, pad).map { $0 ^ $1 }
+    }
+
     /// Compares in time that depends on the lengths only, not on where the bytes differ.
     public static func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
         guard a.count == b.count else { return false }

@@ -6,9 +6,10 @@
 ///
 /// Durations on the wire are nanoseconds (u64); sizes and offsets u64; segment ids u32.
 public enum MasterRequest: Sendable, Equatable {
-    /// First message of a connection: the client's name and a fresh 32-byte nonce; answered
-    /// by `challenge` (see `Authentication`).
-    case hello(name: String, nonce: [UInt8])
+    /// First message of a connection: the client's name, a fresh 32-byte nonce, and the
+    /// tenant whose token it will prove ("" for the cluster's own token); answered by
+    /// `challenge` (see `Authentication`).
+    case hello(name: String, nonce: [UInt8], tenant: String)
     /// The client's proof of the token for this connection's nonces; answered by `welcome`.
     case prove(proof: [UInt8])
     /// Offers a segment of `size` bytes owned by this client: `host` identifies the machine
@@ -195,7 +196,9 @@ public enum MasterResponse: Sendable, Equatable {
     /// `pid`: the master's process id, so that a client on the local socket can tell that it
     /// sees the master's pid as the master does (one PID namespace): only then are the pids
     /// the master verifies meaningful to it.
-    case welcome(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds, local: String, pid: Int)
+    /// `data`: the data plane's secret (`Authentication.dataKey`), masked for this handshake
+    /// (`Authentication.mask` with the token the client proved).
+    case welcome(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds, local: String, pid: Int, data: [UInt8])
     case mounted(segment: SegmentID)
     case putStarted(StartedWrite)
     case found(FoundObject)
@@ -257,7 +260,7 @@ extension MasterRequest {
     public func encode() -> [UInt8] {
         var w = WireWriter()
         switch self {
-        case let .hello(name, nonce): w.string(name); w.bytes(nonce)
+        case let .hello(name, nonce, tenant): w.string(name); w.bytes(nonce); w.string(tenant)
         case let .prove(proof): w.bytes(proof)
         case let .mount(size, host, path, endpoint): w.u64(UInt64(size)); w.string(host); w.string(path); w.string(endpoint)
         case let .unmount(segment): w.u32(segment)
@@ -315,7 +318,9 @@ extension MasterRequest {
         var r = WireReader(b)
         let m: MasterRequest
         switch kind {
-        case 1: m = .hello(name: try r.string(max: MasterLimits.maxName, "name"), nonce: Array(try r.bytes(max: 64, "nonce")))
+        case 1:
+            m = .hello(name: try r.string(max: MasterLimits.maxName, "name"), nonce: Array(try r.bytes(max: 64, "nonce")),
+                       tenant: try r.string(max: Tenant.maxNameBytes, "tenant"))
         case 21: m = .prove(proof: Array(try r.bytes(max: 64, "proof")))
         case 2:
             m = .mount(size: try r.size(max: MasterLimits.maxSize, "segment size"), host: try r.string(max: MasterLimits.maxString, "host"),
@@ -386,7 +391,8 @@ extension MasterResponse {
         switch self {
         case .ok: break
         case let .error(e): error(e)
-        case let .welcome(client, lease, ttl, local, pid): w.u64(client); w.u64(lease); w.u64(ttl); w.string(local); w.u64(UInt64(pid))
+        case let .welcome(client, lease, ttl, local, pid, data):
+            w.u64(client); w.u64(lease); w.u64(ttl); w.string(local); w.u64(UInt64(pid)); w.bytes(data)
         case let .mounted(segment): w.u32(segment)
         case let .putStarted(s): started(s)
         case let .found(f): found(f)
@@ -443,7 +449,8 @@ extension MasterResponse {
         case 101: m = .error(try error())
         case 102:
             m = .welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64(),
-                         local: try r.string(max: MasterLimits.maxString, "local socket"), pid: try r.size(max: Int(Int32.max), "pid"))
+                         local: try r.string(max: MasterLimits.maxString, "local socket"), pid: try r.size(max: Int(Int32.max), "pid"),
+                         data: Array(try r.bytes(max: 64, "data key")))
         case 103: m = .mounted(segment: try r.u32())
         case 104: m = .putStarted(try started())
         case 105: m = .found(try found())

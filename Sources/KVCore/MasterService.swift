@@ -11,6 +11,10 @@ public struct MasterConfig: Sendable {
     public var localSocket = ""
     /// The master's process id, in the welcome (0: not told; set by the network master).
     public var masterPID = 0
+    /// Tenants by name, each with its own token: a client that proves a tenant's token sees
+    /// only that tenant's keys and KV layouts (`Tenant`). The cluster's own token (`token`)
+    /// sees everything.
+    public var tenants: [String: String] = [:]
     /// What one client may hold at once.
     public var quotas = Quotas()
 
@@ -42,6 +46,13 @@ public struct MasterConfig: Sendable {
         guard quotas.segments > 0, quotas.writesInFlight > 0, quotas.layouts > 0, quotas.writeTimeout > 0 else {
             throw .invalidArgument("client quotas must be greater than 0")
         }
+        for (name, token) in tenants {
+            try Tenant.validate(name: name)
+            guard token.utf8.count >= Authentication.minTokenLength else {
+                throw .invalidArgument("tenant '\(name)': the token must be at least \(Authentication.minTokenLength) bytes")
+            }
+            guard token != self.token else { throw .invalidArgument("tenant '\(name)': its token must differ from the cluster's") }
+        }
     }
 }
 
@@ -54,8 +65,8 @@ public struct MasterService: Sendable {
     /// One connection's state: nil client until `hello` succeeds.
     public struct Session: Sendable {
         public var client: UInt64? = nil
-        /// The nonces and name of a `hello` waiting for its `prove`.
-        var challenge: (client: [UInt8], server: [UInt8], name: String)?
+        /// The nonces, name and tenant of a `hello` waiting for its `prove`.
+        var challenge: (client: [UInt8], server: [UInt8], name: String, tenant: String)?
         /// The peer's process id as the kernel reports it (SO_PEERCRED of a local socket);
         /// 0 when unknown (TCP). Set by the server, never from a message.
         public var peerPID: Int32 = 0
@@ -67,6 +78,8 @@ public struct MasterService: Sendable {
         var lastSeen: Nanoseconds
         /// Verified process id (0: unknown); see `Session.peerPID`.
         var pid: Int = 0
+        /// The tenant it proved, nil for the cluster's own token.
+        var tenant: Tenant? = nil
         var segments: Set<SegmentID> = []
         var writes: Set<VersionHandle> = []
     }
@@ -101,12 +114,30 @@ public struct MasterService: Sendable {
     public private(set) var refusedHandshakes = 0
 
     private let tokenBytes: [UInt8]
+    private let dataKey: [UInt8]
 
     public init(config: MasterConfig) throws(KVError) {
         try config.validate()
         self.config = config
         tokenBytes = Array((config.token ?? "").utf8)
+        dataKey = Authentication.dataKey(clusterToken: tokenBytes)
         table = ObjectTable(policy: config.cache)
+    }
+
+    /// The token a hello for `tenant` must prove ("" : the cluster's).
+    private func token(of tenant: String) throws(KVError) -> [UInt8] {
+        if tenant.isEmpty { return tokenBytes }
+        guard let t = config.tenants[tenant] else { throw .invalidArgument("this master has no tenant '\(tenant)'") }
+        return Array(t.utf8)
+    }
+
+    /// Whether `request` of `session`'s client is about a key with a write in flight (the
+    /// server then applies other connections' pipelined commits first); keys as the table
+    /// holds them, inside the client's tenant.
+    public func needsDrain(_ request: MasterRequest, session: Session) -> Bool {
+        if request.concernsEveryKey { return hasWritesInFlight }
+        guard let id = session.client, let tenant = clients[id]?.tenant else { return request.anyKey(isWriting) }
+        return request.anyKey { k in (try? tenant.key(k)).map(isWriting) ?? false }
     }
 
     public var clientCount: Int { clients.count }
@@ -116,35 +147,40 @@ public struct MasterService: Sendable {
     public mutating func handle(_ request: MasterRequest, session: inout Session, now: Nanoseconds) -> MasterResponse {
         requests += 1
         do throws(KVError) {
-            if case let .hello(name, nonce) = request {
+            if case let .hello(name, nonce, tenant) = request {
                 guard session.client == nil, session.challenge == nil else { throw .invalidArgument("hello was already sent on this connection") }
                 guard nonce.count == Authentication.nonceSize else {
                     throw .invalidArgument("hello needs a \(Authentication.nonceSize)-byte nonce, got \(nonce.count) bytes")
                 }
+                let token = try self.token(of: tenant)
                 let server = Authentication.randomBytes(Authentication.nonceSize)
-                session.challenge = (nonce, server, name)
-                return .challenge(nonce: server, proof: Authentication.proof(token: tokenBytes, role: .server, clientNonce: nonce, serverNonce: server))
+                session.challenge = (nonce, server, name, tenant)
+                return .challenge(nonce: server, proof: Authentication.proof(token: token, role: .server, clientNonce: nonce, serverNonce: server))
             }
             if case let .prove(proof) = request {
                 guard session.client == nil, let c = session.challenge else { throw .invalidArgument("prove must follow hello") }
                 session.challenge = nil
-                let want = Authentication.proof(token: tokenBytes, role: .client, clientNonce: c.client, serverNonce: c.server)
+                let proved = try token(of: c.tenant)
+                let want = Authentication.proof(token: proved, role: .client, clientNonce: c.client, serverNonce: c.server)
                 guard Authentication.constantTimeEqual(proof, want) else {
                     refusedHandshakes += 1
-                    throw .invalidArgument("the master refused the token")
+                    throw .invalidArgument("the master refused the token" + (c.tenant.isEmpty ? "" : " of tenant '\(c.tenant)'"))
                 }
                 let id = nextClient
                 nextClient += 1
-                clients[id] = Client(name: c.name, lastSeen: now, pid: Int(max(0, session.peerPID)))
+                clients[id] = Client(name: c.name, lastSeen: now, pid: Int(max(0, session.peerPID)),
+                                     tenant: c.tenant.isEmpty ? nil : Tenant(name: c.tenant))
                 session.client = id
                 return .welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket,
-                                pid: config.masterPID)
+                                pid: config.masterPID,
+                                data: Authentication.mask(dataKey, token: proved, clientNonce: c.client, serverNonce: c.server))
             }
             guard let id = session.client, clients[id] != nil else {
                 throw .invalidArgument(session.client == nil ? "the first request must be hello" : "this client was expired; reconnect")
             }
             clients[id]!.lastSeen = now
-            return try dispatch(request, client: id, now: now)
+            guard let tenant = clients[id]!.tenant else { return try dispatch(request, client: id, now: now) }
+            return tenant.unscoped(try dispatch(try tenant.scoped(request), client: id, now: now))
         } catch {
             return .error(error)
         }
@@ -203,6 +239,9 @@ public struct MasterService: Sendable {
             try table.remove(key: key, force: force, now: now)
             return .ok
         case let .removeAll(force):
+            if let prefix = clients[id]!.tenant?.prefix {
+                return .value(table.removeAll(force: force, prefix: prefix, now: now))
+            }
             return .value(table.removeAll(force: force, now: now))
         case .stats:
             return statistics(now: now)
@@ -223,7 +262,7 @@ public struct MasterService: Sendable {
             try layouts.unpublish(node, owner: id)
             return .ok
         case let .listKeys(after):
-            let page = table.keysPage(after: after, now: now)
+            let page = table.keysPage(after: after, prefix: clients[id]!.tenant?.prefix, now: now)
             return .keys(page.keys, more: page.more)
         }
     }
@@ -342,5 +381,87 @@ extension CacheStatistics {
                   hardPinnedBytes: all["hard_pinned_bytes", default: 0], softPinnedBytes: all["soft_pinned_bytes", default: 0],
                   evictedObjects: all["evicted_objects", default: 0], evictedBytes: all["evicted_bytes", default: 0],
                   expiredObjects: all["expired_objects", default: 0], freeBlocks: 0, largestFreeBlock: 0)
+    }
+}
+
+/// A tenant: clients that prove its token work inside its namespace. Their keys and KV node
+/// ids are stored as "<name>/<key>" and shown to them without the prefix; listing and
+/// `removeAll` reach only the tenant's own keys. Tenants are isolated from each other; the
+/// cluster's own token sees (and may remove) every key, prefixes included.
+public struct Tenant: Sendable, Equatable {
+    public static let maxNameBytes = 64
+    public let name: String
+    /// "<name>/" as bytes.
+    public let prefix: [UInt8]
+
+    public init(name: String) {
+        self.name = name
+        prefix = Array(name.utf8) + [UInt8(ascii: "/")]
+    }
+
+    /// Names are 1 to 64 of A-Z a-z 0-9 . _ - (no "/": namespaces never overlap).
+    public static func validate(name: String) throws(KVError) {
+        let ok = !name.isEmpty && name.utf8.count <= maxNameBytes && name.utf8.allSatisfy { c in
+            (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5A) || (c >= 0x61 && c <= 0x7A) || c == 0x2E || c == 0x5F || c == 0x2D
+        }
+        guard ok else { throw .invalidArgument("tenant name '\(name)' must be 1 to \(maxNameBytes) of A-Z a-z 0-9 . _ -") }
+    }
+
+    /// `k` inside the namespace; `invalidArgument` when the prefix makes it too long.
+    public func key(_ k: ObjectKey) throws(KVError) -> ObjectKey {
+        let full = k.withUTF8 { prefix + Array($0) }
+        guard full.count <= ObjectKey.maxBytes else {
+            throw .invalidArgument("key is \(k.count) bytes; within tenant '\(name)' the limit is \(ObjectKey.maxBytes - prefix.count) bytes")
+        }
+        return full.withUnsafeBytes { ObjectKey(unchecked: $0) }
+    }
+
+    /// `k` without the namespace (it must be inside it).
+    func strip(_ k: ObjectKey) -> ObjectKey {
+        k.withUTF8 { b in ObjectKey(unchecked: UnsafeRawBufferPointer(rebasing: b[prefix.count...])) }
+    }
+
+    func node(_ n: String) -> String { name + "/" + n }
+
+    /// `r` with every key and node id inside the namespace.
+    func scoped(_ r: MasterRequest) throws(KVError) -> MasterRequest {
+        switch r {
+        case let .putStart(k, size, mode, options, preferred):
+            return .putStart(key: try key(k), size: size, mode: mode, options: options, preferred: preferred)
+        case let .putStartBatch(items, mode, options, preferred):
+            var scoped: [BatchWrite] = []
+            scoped.reserveCapacity(items.count)
+            for i in items { scoped.append(BatchWrite(key: try key(i.key), size: i.size)) }
+            return .putStartBatch(items: scoped, mode: mode, options: options, preferred: preferred)
+        case let .get(k, host): return .get(key: try key(k), host: host)
+        case let .getBatch(keys, host):
+            var scoped: [ObjectKey] = []
+            scoped.reserveCapacity(keys.count)
+            for k in keys { scoped.append(try key(k)) }
+            return .getBatch(keys: scoped, host: host)
+        case let .exists(k): return .exists(key: try key(k))
+        case let .size(k): return .size(key: try key(k))
+        case let .remove(k, force): return .remove(key: try key(k), force: force)
+        case let .listKeys(after): return .listKeys(after: try after.map { (k) throws(KVError) in try key(k) })
+        case let .publishLayout(p):
+            var q = p
+            q.node = node(p.node)
+            return .publishLayout(q)
+        case let .fetchLayout(n): return .fetchLayout(node: node(n))
+        case let .unpublishLayout(n): return .unpublishLayout(node: node(n))
+        default: return r
+        }
+    }
+
+    /// An answer with keys and node ids shown inside the namespace.
+    func unscoped(_ r: MasterResponse) -> MasterResponse {
+        switch r {
+        case let .keys(ks, more): return .keys(ks.map(strip), more: more)
+        case let .layout(p):
+            var q = p
+            q.node = String(p.node.dropFirst(name.count + 1))
+            return .layout(q)
+        default: return r
+        }
     }
 }

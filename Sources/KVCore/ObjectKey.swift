@@ -74,6 +74,12 @@ public struct ObjectKey: Hashable, Comparable, Sendable, CustomStringConvertible
 
     /// Byte-wise order of the UTF-8 bytes (a shorter key sorts before its extensions): the
     /// order in which `keys` pages walk the table.
+    /// Whether the key's bytes start with `prefix`.
+    public func hasPrefix(_ prefix: [UInt8]) -> Bool {
+        guard count >= prefix.count else { return false }
+        return withUTF8 { b in prefix.withUnsafeBytes { p in p.count == 0 || memcmp(b.baseAddress!, p.baseAddress!, p.count) == 0 } }
+    }
+
     public static func < (a: ObjectKey, b: ObjectKey) -> Bool {
         a.withUTF8 { x in
             b.withUTF8 { y in

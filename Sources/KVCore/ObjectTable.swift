@@ -472,7 +472,8 @@ public struct ObjectTable: Sendable {
     /// `maxBytes` (4 + length each). Like Redis SCAN, a key present for the whole walk is
     /// returned exactly once; keys added or removed meanwhile may or may not be. Each page
     /// scans the table once (O(n log k) for k keys per page).
-    public mutating func keysPage(after: ObjectKey?, maxBytes: Int = keysPageBytes, now: Nanoseconds) -> KeysPage {
+    /// With `prefix`, only keys starting with those bytes (a tenant's namespace).
+    public mutating func keysPage(after: ObjectKey?, prefix: [UInt8]? = nil, maxBytes: Int = keysPageBytes, now: Nanoseconds) -> KeysPage {
         advance(now: now)
         // The smallest keys above `after`, gathered in a max-heap bounded by the byte budget.
         var heap: [ObjectKey] = []
@@ -511,6 +512,7 @@ public struct ObjectTable: Sendable {
         for (k, e) in entries where e.current >= 0 {
             if let after, !(after < k) { continue }
             if let c = ceiling, !(k < c) { continue }
+            if let prefix, !k.hasPrefix(prefix) { continue }
             if bytes + 4 + k.count > maxBytes {
                 // Full: make room by dropping kept keys above k (they come in a later page);
                 // when that is not enough, k waits for a later page too.
@@ -533,11 +535,13 @@ public struct ObjectTable: Sendable {
     }
 
     /// Removes every visible object that is not leased (every object when `force`); returns how many.
-    public mutating func removeAll(force: Bool = false, now: Nanoseconds) -> Int {
+    /// With `prefix`, only keys starting with those bytes (a tenant's namespace).
+    public mutating func removeAll(force: Bool = false, prefix: [UInt8]? = nil, now: Nanoseconds) -> Int {
         advance(now: now)
         var victims: [Int32] = []
-        victims.reserveCapacity(objectCount)
-        for e in entries.values where e.current >= 0 {
+        victims.reserveCapacity(prefix == nil ? objectCount : 0)
+        for (k, e) in entries where e.current >= 0 {
+            if let prefix, !k.hasPrefix(prefix) { continue }
             if versions[Int(e.current)].leaseUntil != 0 && !force { continue }
             victims.append(e.current)
         }

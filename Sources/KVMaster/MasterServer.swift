@@ -187,6 +187,21 @@ public final class MasterServer: @unchecked Sendable {
         return environmentToken()
     }
 
+    /// Tenants from "NAME:TOKEN_FILE" items (each may also hold several, comma-separated);
+    /// each token is read from its file like `--token-file`.
+    public static func tenants(_ items: [String]) throws(KVError) -> [String: String] {
+        var out: [String: String] = [:]
+        for item in items.flatMap({ $0.split(separator: ",") }) {
+            guard let colon = item.firstIndex(of: ":") else { throw .invalidArgument("tenant '\(item)' must be NAME:TOKEN_FILE") }
+            let name = String(item[..<colon]), file = String(item[item.index(after: colon)...])
+            try Tenant.validate(name: name)
+            guard out[name] == nil else { throw .invalidArgument("tenant '\(name)' is given twice") }
+            guard let t = try token(given: "", file: file) else { throw .invalidArgument("tenant '\(name)' needs a token file") }
+            out[name] = t
+        }
+        return out
+    }
+
     /// "1001,1002" as uids.
     public static func uids(_ text: String) throws(KVError) -> [UInt32] {
         try text.split(separator: ",").map { (part) throws(KVError) -> UInt32 in
@@ -380,7 +395,7 @@ public final class MasterServer: @unchecked Sendable {
                 guard let request else { break }
                 consumed += WireFrameHeader.size + header.length
                 let wasWelcomed = c.authenticated
-                if !draining, request.anyKey({ service.isWriting($0) }) || (request.concernsEveryKey && service.hasWritesInFlight) {
+                if !draining, service.needsDrain(request, session: c.session) {
                     drainOthers(except: c)
                 }
                 let response = service.handle(request, session: &c.session, now: clock())

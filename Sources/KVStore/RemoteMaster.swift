@@ -69,8 +69,12 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     }
 
     private let link = Locked(Link())
-    /// The cluster's token (segment servers and peer links of this client use it too).
+    /// The token this client proves: the cluster's, or its tenant's.
     public let token: ClusterToken
+    /// The data plane's key (segment and KV servers), set from each welcome.
+    public let dataKey: ClusterToken
+    /// The tenant named in the URL ("" for none).
+    public let tenant: String
     private let name: String
     private let timeout: Double
     private let clock: Clock
@@ -84,13 +88,26 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public var maintenance: (@Sendable () -> Void)?
     private let stopPipe: (read: Int32, write: Int32)
 
-    /// Parses "kvstore://host:port" (or "host:port"; the port defaults to 50051).
+    /// Parses "kvstore://[tenant@]host:port" (or "host:port"; the port defaults to 50051).
     public static func parse(url: String) throws(KVError) -> (host: String, port: Int) {
+        let (_, host, port) = try parseWithTenant(url: url)
+        return (host, port)
+    }
+
+    /// The tenant ("" for none: the cluster's own token), host and port of a master URL.
+    public static func parseWithTenant(url: String) throws(KVError) -> (tenant: String, host: String, port: Int) {
         var rest = Substring(url)
         if rest.hasPrefix("kvstore://") { rest = rest.dropFirst("kvstore://".count) }
         else if rest.contains("://") { throw .invalidArgument("master address '\(url)' must start with kvstore://") }
         if rest.hasSuffix("/") { rest = rest.dropLast() }
-        return try Socket.endpoint(rest, defaultPort: 50051)
+        var tenant = ""
+        if let at = rest.firstIndex(of: "@") {
+            tenant = String(rest[..<at])
+            rest = rest[rest.index(after: at)...]
+            try Tenant.validate(name: tenant)
+        }
+        let (host, port) = try Socket.endpoint(rest, defaultPort: 50051)
+        return (tenant, host, port)
     }
 
     /// Connects and says hello; throws `transfer` when the master cannot be reached and
@@ -98,17 +115,18 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public convenience init(url: String, token: String?, name: String, timeout: Double = 10,
                             clock: @escaping Clock = monotonicClock,
                             onConnect: @escaping @Sendable (Int, SegmentID, Bool) -> Void = { _, _, _ in }) throws(KVError) {
-        let (h, p) = try Self.parse(url: url)
-        try self.init(url: url, token: ClusterToken(explicit: token, host: h, port: p), name: name, timeout: timeout,
+        let (tenant, h, p) = try Self.parseWithTenant(url: url)
+        try self.init(url: url, token: ClusterToken(explicit: token, host: h, port: p, tenant: tenant), name: name, timeout: timeout,
                       clock: clock, onConnect: onConnect)
     }
 
-    /// Connects and authenticates with `token`.
-    public init(url: String, token: ClusterToken, name: String, timeout: Double = 10,
+    /// Connects and authenticates with `token`; each welcome's data-plane key goes to `dataKey`.
+    public init(url: String, token: ClusterToken, dataKey: ClusterToken = ClusterToken(""), name: String, timeout: Double = 10,
                 clock: @escaping Clock = monotonicClock,
                 onConnect: @escaping @Sendable (Int, SegmentID, Bool) -> Void = { _, _, _ in }) throws(KVError) {
-        (host, port) = try Self.parse(url: url)
+        (tenant, host, port) = try Self.parseWithTenant(url: url)
         self.token = token
+        self.dataKey = dataKey
         self.name = name
         self.timeout = timeout
         self.clock = clock
@@ -545,14 +563,15 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         l.writes.removeAll()
         let secret = token.bytes
         let cn = Authentication.randomBytes(Authentication.nonceSize)
-        guard case let .challenge(sn, proof) = try expect(&l, .hello(name: name, nonce: cn)) else {
+        guard case let .challenge(sn, proof) = try expect(&l, .hello(name: name, nonce: cn, tenant: tenant)) else {
             throw KVError(.internal, "unexpected answer to hello")
         }
         // The master proves the token first: a process holding the master's port without it
         // (after a crash) learns nothing and gets no proof of ours.
         guard sn.count == Authentication.nonceSize,
               Authentication.constantTimeEqual(proof, Authentication.proof(token: secret, role: .server, clientNonce: cn, serverNonce: sn)) else {
-            throw KVError(.invalidArgument, "the server at \(host):\(port) could not prove the cluster token: it is not this cluster's master, or the token differs (\(token.hint))")
+            let which = tenant.isEmpty ? "the cluster token" : "the token of tenant '\(tenant)'"
+            throw KVError(.invalidArgument, "the server at \(host):\(port) could not prove \(which): it is not this cluster's master, or the token differs (\(token.hint))")
         }
         let answer: MasterResponse
         do throws(KVError) {
@@ -560,9 +579,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         } catch where error.code == .invalidArgument {
             throw KVError(.invalidArgument, "\(error.message) (\(token.hint))")
         }
-        guard case let .welcome(_, lease, ttl, local, pid) = answer else {
+        guard case let .welcome(_, lease, ttl, local, pid, data) = answer, data.count == 32 else {
             throw KVError(.internal, "unexpected answer to prove")
         }
+        dataKey.set(Authentication.mask(data, token: secret, clientNonce: cn, serverNonce: sn))
         return (lease, ttl, local, pid)
     }
 

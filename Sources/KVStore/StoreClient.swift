@@ -68,17 +68,19 @@ public final class StoreClient: Sendable {
             throw .invalidArgument("segment size must be 0 (a pure client) or at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
         let policy = try Self.pinningPolicy(pinning)
-        let (host, port) = try RemoteMaster.parse(url: url)
-        let clusterToken = ClusterToken(explicit: token, host: host, port: port)
-        let state = ClusterState(token: clusterToken, counters: counters)
-        let remote = try RemoteMaster(url: url, token: clusterToken, name: name.isEmpty ? "pid \(getpid())" : name,
+        let (tenant, host, port) = try RemoteMaster.parseWithTenant(url: url)
+        let clusterToken = ClusterToken(explicit: token, host: host, port: port, tenant: tenant)
+        // The data plane uses the key each welcome carries (the same for every member).
+        let dataKey = ClusterToken("")
+        let state = ClusterState(token: dataKey, counters: counters)
+        let remote = try RemoteMaster(url: url, token: clusterToken, dataKey: dataKey, name: name.isEmpty ? "pid \(getpid())" : name,
                                       onConnect: { epoch, seg, local in state.connected(epoch: epoch, segment: seg, local: local) })
         var own: HostSegment? = nil
         do throws(KVError) {
             if segmentSize > 0 {
                 let s = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy, shared: true)
                 own = s
-                let server = try SegmentServer(region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: clusterToken,
+                let server = try SegmentServer(region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: remote.dataKey,
                                                dataLock: remote.dataLock, rdma: RDMA.shared.context, shareFD: s.fd,
                                                log: { line in _ = "kvstore: \(line)\n".withCString { Glibc.write(2, $0, strlen($0)) } })
                 state.server.withLock { $0 = server }

@@ -24,6 +24,7 @@ public func kvMasterRun(_ options: UnsafePointer<kv_master_options>?) -> Int32 {
         guard o.max_clients >= 0 else { throw .invalidArgument("max_clients must be 0 (from the descriptor limit) or more") }
         opts.maxClients = Int(o.max_clients)
         opts.allowedUIDs = try MasterServer.uids(o.allow_uids.map { String(cString: $0) } ?? "")
+        opts.config.tenants = try MasterServer.tenants(o.tenants.map { String(cString: $0) }.map { [$0] } ?? [])
         let server = try MasterServer(options: opts)
         let previous = server.stopOnSignals()
         defer { MasterServer.restoreSignals(previous) }

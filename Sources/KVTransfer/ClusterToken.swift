@@ -25,15 +25,16 @@ public final class ClusterToken: Sendable, ExpressibleByStringLiteral {
 
     public convenience init(stringLiteral value: String) { self.init(value) }
 
-    /// The token for a master at host:port, as a client finds it.
-    public init(explicit: String?, host: String, port: Int) {
+    /// The token for a master at host:port, as a client finds it (a tenant's token is never
+    /// read from the master's file, which holds the cluster's).
+    public init(explicit: String?, host: String, port: Int, tenant: String = "") {
         if let explicit, !explicit.isEmpty {
             value = Locked(Array(explicit.utf8))
             file = nil
         } else if let env = TokenFile.environmentToken() {
             value = Locked(Array(env.utf8))
             file = nil
-        } else if Socket.isLoopback(host), let path = try? TokenFile.path(port: port) {
+        } else if tenant.isEmpty, Socket.isLoopback(host), let path = try? TokenFile.path(port: port) {
             value = Locked(Array((TokenFile.read(path) ?? "").utf8))
             file = path
         } else {
@@ -43,6 +44,9 @@ public final class ClusterToken: Sendable, ExpressibleByStringLiteral {
     }
 
     public var bytes: [UInt8] { value.withLock { $0 } }
+
+    /// Replaces the value (the data plane's key, received in each welcome).
+    public func set(_ bytes: [UInt8]) { value.withLock { $0 = bytes } }
 
     /// Reads the token file again (nothing for an explicit token).
     public func reload() {

@@ -34,6 +34,9 @@ struct KVStoreMaster: ParsableCommand {
     @Option(name: .customLong("allow-uid"), help: "Also accept this user's processes on the local socket (repeatable).")
     var allowUID: [UInt32] = []
 
+    @Option(name: .customLong("tenant"), help: "NAME:TOKEN_FILE: clients proving that token see only NAME's keys (repeatable).")
+    var tenant: [String] = []
+
     @Option(name: [.customLong("client-ttl"), .customLong("client_ttl")], help: "Seconds without a heartbeat before a client is dead.")
     var clientTTL = 10.0
 
@@ -66,6 +69,7 @@ struct KVStoreMaster: ParsableCommand {
                                     clientTTL: try Seconds.nanoseconds(clientTTL, name: "client_ttl"), cache: cache)
             o.maxClients = maxClients
             o.allowedUIDs = allowUID
+            o.config.tenants = try MasterServer.tenants(tenant)
             let server = try MasterServer(options: o)
             server.stopOnSignals()
             server.run()

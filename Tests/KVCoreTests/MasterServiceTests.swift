@@ -15,13 +15,13 @@ final class MasterServiceTests: XCTestCase {
     /// Returns the answer to prove (a welcome, or the refusal).
     @discardableResult
     static func authenticate(_ m: inout MasterService, _ session: inout MasterService.Session, token: String = "", name: String = "c",
-                             now: Nanoseconds = 0) -> MasterResponse {
+                             tenant: String = "", now: Nanoseconds = 0) -> MasterResponse {
         let cn = Authentication.randomBytes(Authentication.nonceSize)
-        guard case let .challenge(sn, proof) = m.handle(.hello(name: name, nonce: cn), session: &session, now: now) else {
-            return .error(KVError(.internal, "no challenge"))
-        }
+        let answer = m.handle(.hello(name: name, nonce: cn, tenant: tenant), session: &session, now: now)
+        guard case let .challenge(sn, proof) = answer else { return answer }
         let t = Array(token.utf8)
-        XCTAssertEqual(proof, Authentication.proof(token: m.config.token.map { Array($0.utf8) } ?? [], role: .server, clientNonce: cn, serverNonce: sn))
+        let real = tenant.isEmpty ? m.config.token : m.config.tenants[tenant]
+        XCTAssertEqual(proof, Authentication.proof(token: real.map { Array($0.utf8) } ?? [], role: .server, clientNonce: cn, serverNonce: sn))
         return m.handle(.prove(proof: Authentication.proof(token: t, role: .client, clientNonce: cn, serverNonce: sn)), session: &session, now: now)
     }
 
@@ -54,17 +54,17 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(errorCode(m.handle(.heartbeat, session: &s, now: 0)), .invalidArgument)
         XCTAssertEqual(errorCode(m.handle(.prove(proof: [UInt8](repeating: 0, count: 32)), session: &s, now: 0)), .invalidArgument,
                        "prove before hello")
-        XCTAssertEqual(errorCode(m.handle(.hello(name: "a", nonce: [1, 2, 3]), session: &s, now: 0)), .invalidArgument, "short nonce")
+        XCTAssertEqual(errorCode(m.handle(.hello(name: "a", nonce: [1, 2, 3], tenant: ""), session: &s, now: 0)), .invalidArgument, "short nonce")
         XCTAssertEqual(errorCode(Self.authenticate(&m, &s, token: "wrong")), .invalidArgument)
         XCTAssertNil(s.client)
         XCTAssertEqual(m.handle(.stats, session: &s, now: 0).statsValue("refused_handshakes"), nil, "still not authenticated")
         var fresh = MasterService.Session()
-        guard case .welcome(let id, let lease, let ttl, let local, _) = Self.authenticate(&m, &fresh, token: "secret") else { return XCTFail() }
+        guard case .welcome(let id, let lease, let ttl, let local, _, _) = Self.authenticate(&m, &fresh, token: "secret") else { return XCTFail() }
         XCTAssertEqual(fresh.client, id)
         XCTAssertEqual(lease, 5 * Self.s)
         XCTAssertEqual(ttl, 10 * Self.s)
         XCTAssertEqual(local, "")   // the service alone advertises no local socket
-        XCTAssertEqual(errorCode(m.handle(.hello(name: "a", nonce: Authentication.randomBytes(32)), session: &fresh, now: 0)), .invalidArgument)
+        XCTAssertEqual(errorCode(m.handle(.hello(name: "a", nonce: Authentication.randomBytes(32), tenant: ""), session: &fresh, now: 0)), .invalidArgument)
         XCTAssertEqual(m.handle(.heartbeat, session: &fresh, now: 0), .ok)
         XCTAssertEqual(m.handle(.stats, session: &fresh, now: 0).statsValue("refused_handshakes"), 1)
     }
@@ -73,7 +73,7 @@ final class MasterServiceTests: XCTestCase {
         var m = try master(token: "secret")
         var s = MasterService.Session()
         let cn = Authentication.randomBytes(32)
-        guard case let .challenge(sn, proof) = m.handle(.hello(name: "a", nonce: cn), session: &s, now: 0) else { return XCTFail() }
+        guard case let .challenge(sn, proof) = m.handle(.hello(name: "a", nonce: cn, tenant: ""), session: &s, now: 0) else { return XCTFail() }
         XCTAssertEqual(proof, Authentication.proof(token: Array("secret".utf8), role: .server, clientNonce: cn, serverNonce: sn))
         XCTAssertNotEqual(proof, Authentication.proof(token: Array("secreT".utf8), role: .server, clientNonce: cn, serverNonce: sn))
         // The master's proof is never a valid client proof (labels differ): replaying it fails.
@@ -103,6 +103,64 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(m.handle(.publishLayout(theirs), session: &tcp, now: 0), .ok)
         guard case .layout(let q) = m.handle(.fetchLayout(node: "t"), session: &local, now: 0) else { return XCTFail() }
         XCTAssertEqual(q.pid, 0, "a TCP client cannot name a pid")
+    }
+
+    func testTenantsSeeOnlyTheirOwnKeysAndLayouts() throws {
+        var config = MasterConfig(token: "the-cluster-token", clientTTL: 10 * Self.s)
+        config.tenants = ["acme": "acme-token-0123456789", "beta": "beta-token-0123456789"]
+        var m = try MasterService(config: config)
+        var admin = MasterService.Session(), acme = MasterService.Session(), beta = MasterService.Session()
+        guard case .welcome = Self.authenticate(&m, &admin, token: "the-cluster-token") else { return XCTFail() }
+        guard case .welcome = Self.authenticate(&m, &acme, token: "acme-token-0123456789", tenant: "acme") else { return XCTFail() }
+        guard case .welcome = Self.authenticate(&m, &beta, token: "beta-token-0123456789", tenant: "beta") else { return XCTFail() }
+        var wrong = MasterService.Session(), unknown = MasterService.Session()
+        XCTAssertEqual(errorCode(Self.authenticate(&m, &wrong, token: "beta-token-0123456789", tenant: "acme")), .invalidArgument,
+                       "another tenant's token")
+        XCTAssertEqual(errorCode(Self.authenticate(&m, &unknown, token: "x", tenant: "nobody")), .invalidArgument)
+        guard case .mounted = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e"), session: &admin, now: 0) else { return XCTFail() }
+        _ = put(&m, &acme, "k")
+        _ = put(&m, &beta, "k")                                 // the same name, another object
+        _ = put(&m, &beta, "only-beta")
+        XCTAssertEqual(m.handle(.exists(key: "only-beta"), session: &acme, now: 0), .flag(false))
+        XCTAssertEqual(m.handle(.exists(key: "k"), session: &acme, now: 0), .flag(true))
+        XCTAssertEqual(m.handle(.listKeys(after: nil), session: &acme, now: 0), .keys(["k"], more: false))
+        XCTAssertEqual(m.handle(.listKeys(after: nil), session: &beta, now: 0), .keys(["k", "only-beta"], more: false))
+        XCTAssertEqual(m.handle(.listKeys(after: nil), session: &admin, now: 0), .keys(["acme/k", "beta/k", "beta/only-beta"], more: false))
+        XCTAssertEqual(m.handle(.exists(key: "beta/k"), session: &acme, now: 0), .flag(false), "no way out of the namespace")
+        // remove_all of a tenant empties its namespace only.
+        XCTAssertEqual(m.handle(.removeAll(force: true), session: &beta, now: 0), .value(2))
+        XCTAssertEqual(m.handle(.exists(key: "k"), session: &acme, now: 0), .flag(true))
+        // Keys too long once prefixed are refused with the tenant's limit.
+        let long = try ObjectKey(String(repeating: "x", count: ObjectKey.maxBytes - 2))
+        guard case .error(let e) = m.handle(.exists(key: long), session: &acme, now: 0) else { return XCTFail() }
+        XCTAssertTrue(e.message.contains("within tenant 'acme'"), e.message)
+        // KV node ids are namespaced the same way.
+        XCTAssertEqual(m.handle(.publishLayout(Self.published), session: &acme, now: 0), .ok)
+        XCTAssertEqual(m.handle(.publishLayout(Self.published), session: &beta, now: 0), .ok, "'n' in beta is another node")
+        guard case .layout(let p) = m.handle(.fetchLayout(node: "n"), session: &acme, now: 0) else { return XCTFail() }
+        XCTAssertEqual(p.node, "n")
+        guard case .layout(let q) = m.handle(.fetchLayout(node: "acme/n"), session: &admin, now: 0) else { return XCTFail() }
+        XCTAssertEqual(q.node, "acme/n")
+        // Every member gets the same data-plane key, masked for its own handshake.
+        var keys: [[UInt8]] = []
+        for (token, tenant) in [("the-cluster-token", ""), ("acme-token-0123456789", "acme")] {
+            var s = MasterService.Session()
+            let cn = Authentication.randomBytes(32)
+            guard case let .challenge(sn, _) = m.handle(.hello(name: "k", nonce: cn, tenant: tenant), session: &s, now: 0) else { return XCTFail() }
+            let t = Array(token.utf8)
+            guard case let .welcome(_, _, _, _, _, data) = m.handle(.prove(proof: Authentication.proof(token: t, role: .client, clientNonce: cn, serverNonce: sn)),
+                                                                     session: &s, now: 0) else { return XCTFail() }
+            XCTAssertNotEqual(data, Authentication.dataKey(clusterToken: Array("the-cluster-token".utf8)), "never in the clear")
+            keys.append(Authentication.mask(data, token: t, clientNonce: cn, serverNonce: sn))
+        }
+        XCTAssertEqual(keys[0], Authentication.dataKey(clusterToken: Array("the-cluster-token".utf8)))
+        XCTAssertEqual(keys[0], keys[1])
+        var bad = MasterConfig(token: "the-cluster-token")
+        bad.tenants = ["a/b": "a-token-0123456789"]
+        XCTAssertThrowsError(try MasterService(config: bad))
+        bad.tenants = ["ab": "short"]
+        XCTAssertThrowsError(try MasterService(config: bad))
+        XCTAssertNil(m.table.invariantViolation())
     }
 
     func testQuotasBoundWhatOneClientHolds() throws {
@@ -270,7 +328,7 @@ final class MasterServiceTests: XCTestCase {
     // MARK: codec
 
     static let requests: [MasterRequest] = [
-        .hello(name: "n", nonce: [1, 2, 3]), .prove(proof: [9, 8]), .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1"),
+        .hello(name: "n", nonce: [1, 2, 3], tenant: "acme"), .prove(proof: [9, 8]), .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1"),
         .unmount(segment: 3), .heartbeat,
         .putStart(key: "k", size: 5, mode: .upsert, options: WriteOptions(hardPin: false, softPinTTL: 7, ttl: 9, replicas: 2), preferred: 4),
         .putStart(key: "k", size: 5, mode: .put, options: WriteOptions(hardPin: true, replicas: 1), preferred: nil),
@@ -288,7 +346,7 @@ final class MasterServiceTests: XCTestCase {
                                           KVBufferDescriptor(layer: 0, kind: .value, address: 4096, length: 4096, bytesPerBlock: 4096, location: "cuda:1")]),
         host: "h", pid: 7, endpoint: "127.0.0.1:9")
     static let responses: [MasterResponse] = [
-        .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1", pid: 77), .mounted(segment: 4),
+        .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1", pid: 77, data: [5, 6]), .mounted(segment: 4),
         .putStarted(StartedWrite(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)])), .found(FoundObject(size: 6, replicas: [])),
         .flag(true), .value(-7), .stats([Statistic("objects", 1), Statistic("bytes_used", 2)]),
         .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e", pid: 31)),

@@ -37,7 +37,7 @@ final class MasterServerTests: XCTestCase {
         func hello(token: String = MasterServerTests.token, name: String,
                    expectedToken: String = MasterServerTests.token) throws -> MasterResponse {
             let cn = Authentication.randomBytes(Authentication.nonceSize)
-            let answer = try call(.hello(name: name, nonce: cn))
+            let answer = try call(.hello(name: name, nonce: cn, tenant: ""))
             guard case let .challenge(sn, proof) = answer else { return answer }
             let t = Array(token.utf8)
             // The master proves the same token (checked only when this client holds it).
@@ -122,7 +122,7 @@ final class MasterServerTests: XCTestCase {
         let (server, thread, _) = try start(token: "s3cret-s3cret-s3cret")
         defer { server.stop(); thread.join() }
         let tcp = try Client(port: server.port)
-        guard case .welcome(_, _, _, let name, _) = try tcp.hello(token: "s3cret-s3cret-s3cret", name: "tcp", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
+        guard case .welcome(_, _, _, let name, _, _) = try tcp.hello(token: "s3cret-s3cret-s3cret", name: "tcp", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
         XCTAssertTrue(name.hasPrefix("kvstore-master."), name)
         guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
         // The local socket checks the token too, and a refused hello closes it.
@@ -132,7 +132,7 @@ final class MasterServerTests: XCTestCase {
         XCTAssertTrue(refused.isClosedByPeer())
         // Same table: a write over the local socket is seen over TCP.
         let local = try Client(local: name)
-        guard case .welcome(_, _, _, let again, _) = try local.hello(token: "s3cret-s3cret-s3cret", name: "local", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
+        guard case .welcome(_, _, _, let again, _, _) = try local.hello(token: "s3cret-s3cret-s3cret", name: "local", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
         XCTAssertEqual(again, name)
         guard case .putStarted(let w) = try local.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         try local.post(.putCommit(handle: w.handle))
@@ -150,7 +150,7 @@ final class MasterServerTests: XCTestCase {
         let (server, thread, logs) = try start(localSocket: false)
         defer { server.stop(); thread.join() }
         let c = try Client(port: server.port)
-        guard case .welcome(_, _, _, let name, _) = try c.hello(name: "t") else { return XCTFail() }
+        guard case .welcome(_, _, _, let name, _, _) = try c.hello(name: "t") else { return XCTFail() }
         XCTAssertEqual(name, "")
         // A client closing while holding nothing leaves quietly (clients moving to the local
         // socket do that with their TCP connection); one holding a segment is logged.

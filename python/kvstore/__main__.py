@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     master.add_argument("--allow-uid", type=int, action="append", default=[],
                         help="also accept this user's processes on the local socket (repeatable; "
                              "default: only the master's own user and root)")
+    master.add_argument("--tenant", action="append", default=[], metavar="NAME:TOKEN_FILE",
+                        help="a tenant: clients proving the token in TOKEN_FILE (mode 600) connect as "
+                             "kvstore://NAME@host:port and see only NAME's keys (repeatable)")
     master.add_argument("--client-ttl", "--client_ttl", dest="client_ttl", type=float, default=10.0,
                         help="seconds without a heartbeat before a client is dead (default 10)")
     master.add_argument("--lease-ttl", type=float, default=5.0, help="seconds a read leases an object (default 5)")
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             _native.run_master(args.host, args.port, args.metrics_host, args.metrics_port, args.token or "",
                                args.client_ttl, lease, args.soft_pin_ttl, args.eviction_high_watermark,
                                args.eviction_ratio, args.token_file or "", args.max_clients,
-                               ",".join(str(u) for u in args.allow_uid))
+                               ",".join(str(u) for u in args.allow_uid), ",".join(args.tenant))
         except StoreError as e:
             print(f"kvstore master: {e}", file=sys.stderr)
             return 2

@@ -298,13 +298,13 @@ def test_segment_server_refuses_strangers_and_caps_connections(master, honest):
         c.close()
     # A member with the token is served.
     r = wire.Raw.tcp(port, host)
-    assert r.authenticate(wire.read_token(master.port), data_plane=True) == wire.D_OK
+    assert r.authenticate(wire.data_key(wire.read_token(master.port)), data_plane=True) == wire.D_OK
 
 
 def test_segment_server_survives_random_and_mutated_frames(master, honest):
     import random
     host, port = _segment_endpoint(master, "honest/1")
-    token = wire.read_token(master.port)
+    token = wire.data_key(wire.read_token(master.port))
     rng = random.Random(99)
     valid = [wire.frame(wire.D_READ, struct.pack("<IQQ", 1, 0, 64)), wire.frame(wire.D_KV_READ, struct.pack("<I", 1) + bytes(16)),
              wire.frame(wire.D_WRITE, struct.pack("<IQQ", 1, 0, 8) + b"x" * 8), wire.frame(203, bytes(40))]
@@ -445,7 +445,7 @@ def test_a_stalled_kv_write_does_not_block_unregistering(master, honest):
         {"layer": 0, "kind": "value", "address": cache.ctypes.data + 65536, "length": 65536, "bytes_per_block": 4096}])
     host, port = _segment_endpoint(master, "honest/2")
     r = wire.Raw.tcp(port, host)
-    assert r.authenticate(wire.read_token(master.port), data_plane=True) == wire.D_OK
+    assert r.authenticate(wire.data_key(wire.read_token(master.port)), data_plane=True) == wire.D_OK
     # A kvWrite of 64 KiB that sends 100 bytes, then nothing.
     r.send(205, struct.pack("<I", 1) + struct.pack("<QQ", cache.ctypes.data, 65536))
     r.s.sendall(b"w" * 100)
@@ -454,3 +454,36 @@ def test_a_stalled_kv_write_does_not_block_unregistering(master, honest):
     honest.unregister_kv_layout()
     assert time.monotonic() - started < 1.0
     assert r.closed_by_peer(timeout=2)
+
+
+def test_tenants_see_and_remove_only_their_own_keys(tmp_path):
+    files = {}
+    for name in ("acme", "beta"):
+        f = tmp_path / f"{name}.token"
+        f.write_text(f"{name}-token-of-some-length\n")
+        f.chmod(0o600)
+        files[name] = f
+    with Master("--tenant", f"acme:{files['acme']}", "--tenant", f"beta:{files['beta']}") as m:
+        host = m.url.removeprefix("kvstore://")
+        admin = kvstore.Store.connect(m.url, segment_size="16MiB")
+        acme = kvstore.Store.connect(f"kvstore://acme@{host}", segment_size="8MiB", token="acme-token-of-some-length")
+        beta = kvstore.Store.connect(f"kvstore://beta@{host}", segment_size=0, token="beta-token-of-some-length")
+        try:
+            with pytest.raises(kvstore.InvalidArgumentError, match="tenant 'acme'"):
+                kvstore.Store.connect(f"kvstore://acme@{host}", segment_size=0, token="beta-token-of-some-length")
+            with pytest.raises(kvstore.InvalidArgumentError):
+                kvstore.Store.connect(f"kvstore://nobody@{host}", segment_size=0, token="beta-token-of-some-length")
+            acme.put("k", b"acme's")
+            beta.put("k", b"beta's")            # same name, another object
+            beta.put("b-only", b"b" * 10000)   # lives in a segment of another member
+            assert acme.get("k") == b"acme's" and beta.get("k") == b"beta's"
+            assert not acme.exists("b-only") and acme.keys() == ["k"]
+            assert beta.keys() == ["b-only", "k"]
+            assert sorted(admin.keys()) == ["acme/k", "beta/b-only", "beta/k"]
+            assert not acme.exists("beta/k")                       # no way out of the namespace
+            assert beta.remove_all(force=True) == 2                 # only beta's
+            assert acme.get("k") == b"acme's" and admin.keys() == ["acme/k"]
+            assert admin.remove_all(force=True) == 1                # the cluster's token reaches everything
+        finally:
+            for s in (beta, acme, admin):
+                s.close()

@@ -27,6 +27,11 @@ def lp(b: bytes) -> bytes:
     return struct.pack("<I", len(b)) + b
 
 
+def data_key(token: bytes) -> bytes:
+    """The data plane's secret (segment and KV servers), derived from the cluster token."""
+    return hmac.new(token, b"kvstore data plane", hashlib.sha256).digest()
+
+
 def proof(token: bytes, role: str, cn: bytes, sn: bytes) -> bytes:
     return hmac.new(token, role.encode() + cn + sn, hashlib.sha256).digest()
 
@@ -87,7 +92,7 @@ class Raw:
     def authenticate(self, token: bytes, name: str = "raw", data_plane: bool = False) -> int:
         """The handshake; returns the answer's kind (OK for data plane, 102 welcome for the master)."""
         cn = os.urandom(32)
-        kind, body = self.call(D_HELLO if data_plane else HELLO, lp(cn) if data_plane else lp(name.encode()) + lp(cn))
+        kind, body = self.call(D_HELLO if data_plane else HELLO, lp(cn) if data_plane else lp(name.encode()) + lp(cn) + lp(b""))
         if kind != (D_CHALLENGE if data_plane else CHALLENGE):
             return kind
         (n,) = struct.unpack_from("<I", body, 0)

@@ -201,6 +201,7 @@ typedef struct {
     const char *token_file;     /* NULL or "": none; else the token is read from this 0600 file */
     int32_t max_clients;        /* 0: from the file-descriptor limit */
     const char *allow_uids;     /* NULL or "": none; else comma-separated uids allowed on the local socket */
+    const char *tenants;        /* NULL or "": none; else comma-separated NAME:TOKEN_FILE */
 } kv_master_options;
 /* Binds, then serves until SIGINT or SIGTERM (handlers installed for the call and restored
  * after). Logs to standard error. Returns KV_OK after a clean stop, or an error (bad options,
