@@ -70,6 +70,9 @@ public struct MasterService: Sendable {
         /// The peer's process id as the kernel reports it (SO_PEERCRED of a local socket);
         /// 0 when unknown (TCP). Set by the server, never from a message.
         public var peerPID: Int32 = 0
+        /// The tenant this connection proved (nil: the cluster's token). Kept here as well as
+        /// with the client, so a request needs no lookup to find its namespace.
+        var tenant: Tenant? = nil
         public init() {}
     }
 
@@ -136,7 +139,7 @@ public struct MasterService: Sendable {
     /// holds them, inside the client's tenant.
     public func needsDrain(_ request: MasterRequest, session: Session) -> Bool {
         if request.concernsEveryKey { return hasWritesInFlight }
-        guard let id = session.client, let tenant = clients[id]?.tenant else { return request.anyKey(isWriting) }
+        guard let tenant = session.tenant else { return request.anyKey(isWriting) }
         return request.anyKey { k in (try? tenant.key(k)).map(isWriting) ?? false }
     }
 
@@ -171,6 +174,7 @@ public struct MasterService: Sendable {
                 clients[id] = Client(name: c.name, lastSeen: now, pid: Int(max(0, session.peerPID)),
                                      tenant: c.tenant.isEmpty ? nil : Tenant(name: c.tenant))
                 session.client = id
+                session.tenant = clients[id]!.tenant
                 return .welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket,
                                 pid: config.masterPID,
                                 data: Authentication.mask(dataKey, token: proved, clientNonce: c.client, serverNonce: c.server))
@@ -179,7 +183,7 @@ public struct MasterService: Sendable {
                 throw .invalidArgument(session.client == nil ? "the first request must be hello" : "this client was expired; reconnect")
             }
             clients[id]!.lastSeen = now
-            guard let tenant = clients[id]!.tenant else { return try dispatch(request, client: id, now: now) }
+            guard let tenant = session.tenant else { return try dispatch(request, client: id, now: now) }
             return tenant.unscoped(try dispatch(try tenant.scoped(request), client: id, now: now))
         } catch {
             return .error(error)

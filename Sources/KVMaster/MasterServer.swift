@@ -256,7 +256,8 @@ public final class MasterServer: @unchecked Sendable {
             fds.removeAll(keepingCapacity: true)
             fds.append(pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0))
             // Out of descriptors: the listeners rest a moment instead of spinning in accept.
-            let accepting = clock() >= acceptPausedUntil
+            let loopStart = clock()
+            let accepting = loopStart >= acceptPausedUntil
             for (l, _) in listeners { fds.append(pollfd(fd: accepting ? l.fd : -1, events: Int16(POLLIN), revents: 0)) }
             for (fd, c) in connections {
                 // Answers piled up: stop reading this connection until they drain.
@@ -265,7 +266,7 @@ public final class MasterServer: @unchecked Sendable {
             }
             // Right after a request, poll without sleeping for a short while: the next
             // request of a busy client is picked up without a scheduler wake-up.
-            let busy = clock() &- lastActivity < options.spinNanos
+            let busy = loopStart &- lastActivity < options.spinNanos
             let n = poll(&fds, nfds_t(fds.count), busy ? 0 : 250)
             if n < 0 && errno != EINTR { log("poll failed: errno \(errno)"); break }
             if n > 0 { lastActivity = clock() }
