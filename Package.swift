@@ -1,5 +1,5 @@
 // swift-tools-version: 6.0
-// kvstore: a KV-cache object store for LLM serving. Layers and rules: ../shared/DESIGN.md §1.
+// kvstore: a KV-cache object store for LLM serving. Layers and rules: docs/architecture.md.
 import PackageDescription
 
 let package = Package(

@@ -1,4 +1,4 @@
-/// KV-cache layouts for prefill→decode transfer (DESIGN.md §2, "KV blocks"): an engine's KV
+/// KV-cache layouts for prefill→decode transfer (docs/architecture.md §3, "KV blocks"): an engine's KV
 /// cache described as buffers, one per (layer, kind), each an array of equal-sized blocks.
 /// Pure logic: validation, the wire codec, and the block-copy plan with contiguous runs
 /// coalesced. Which device a location names is checked by the store (KVAccelerator).

@@ -1,4 +1,4 @@
-/// The master's control-plane messages (DESIGN.md §2: the master owns metadata only; object
+/// The master's control-plane messages (docs/architecture.md: the master owns metadata only; object
 /// bytes move between clients). Each travels in one `WireFrameHeader` frame; a response
 /// carries its request's id. Every request gets exactly one response, except `putCommit` and
 /// `putAbort`: they are pipelined (sent without waiting; a connection's requests are handled

@@ -1,5 +1,5 @@
 /// The 304-byte little-endian header stored in front of a tensor's raw C-contiguous bytes,
-/// byte-compatible with Mooncake Store's tensor format (DESIGN.md §4):
+/// byte-compatible with Mooncake Store's tensor format:
 ///
 /// | offset | field |
 /// |---|---|
@@ -166,7 +166,7 @@ public struct TensorHeader: Sendable, Equatable {
     }
 }
 
-/// Element types of stored tensors and their codes (DESIGN.md §4).
+/// Element types of stored tensors and their codes (the header's dtype field).
 public enum TensorDType: Int32, Sendable, CaseIterable {
     case float32 = 0, float64, int8, uint8, int16, uint16, int32, uint32, int64, uint64, bool
     case float16, bfloat16, float8E4M3, float8E5M2

@@ -5,7 +5,7 @@ import KVAccelerator
 import KVCore
 import KVTransfer
 
-/// Prefill→decode KV transfer (DESIGN.md §2, "KV blocks"): this client publishes its KV
+/// Prefill→decode KV transfer (docs/architecture.md §3, "KV blocks"): this client publishes its KV
 /// cache as a layout under a node id; another moves blocks between its own layout and a
 /// peer's, straight between the two caches (the master only holds the layouts).
 extension StoreClient {

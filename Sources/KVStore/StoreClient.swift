@@ -7,10 +7,10 @@ import Synchronization
 import Glibc
 #endif
 
-/// The store client: every object operation of kvstore. This form is the embedded
-/// store: an in-process master and one host segment. Bytes are copied exactly once, straight
-/// between the caller's memory and the segment (`LocalCopyTransport`); the master's lock is
-/// never held during a copy.
+/// The store client: every object operation of kvstore, embedded (an in-process master and
+/// one private segment) or connected to a master (its own shared segment, the others' mapped
+/// or reached over the network). Bytes are copied exactly once, straight between the caller's
+/// memory and a segment; no master lock is held during a copy.
 ///
 /// Thread-safe: any number of threads may call any method at once. Memory passed in as
 /// `MemoryRegion`s must stay valid for the call.
@@ -158,7 +158,7 @@ public final class StoreClient: Sendable {
                 try p.write(segment: r.segment, offset: r.offset, length: size, from: parts)
                 return
             }
-            // A socket cannot read device memory: stage through host memory (DESIGN.md §2).
+            // A socket cannot read device memory: stage through host memory (docs/architecture.md §3).
             try withStaging(size) { (staging) throws(KVError) in
                 var d2h = DeviceCopyPlan()
                 d2h.addWrite(parts, locations: locations, into: staging, owner: 0)

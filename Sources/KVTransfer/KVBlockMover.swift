@@ -5,7 +5,7 @@ import CKVCopy
 import KVAccelerator
 import KVCore
 
-/// How block copies are issued (DESIGN.md §2, "KV blocks").
+/// How block copies are issued (docs/architecture.md §3, "KV blocks").
 public enum KVCopyExecutor: String, Sendable, CaseIterable {
     /// One operation per copy (per coalesced run): the default.
     case perBlock = "per_block"

@@ -5,7 +5,7 @@ import CKVVerbs
 import KVAccelerator
 import KVCore
 
-/// RDMA between hosts (DESIGN.md §2): libibverbs loaded at run time (`CKVVerbs`), device
+/// RDMA between hosts (docs/architecture.md §3): libibverbs loaded at run time (`CKVVerbs`), device
 /// discovery, memory registration, reliable-connected queue pairs and one-sided READ/WRITE.
 /// Used by `PeerLink` when both sides have an active device; TCP otherwise.
 ///

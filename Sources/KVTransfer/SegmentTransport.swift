@@ -6,7 +6,7 @@ import KVAccelerator
 import KVCore
 import Synchronization
 
-// The data plane between hosts (DESIGN.md §2): each client serves reads and writes of its own
+// The data plane between hosts (docs/architecture.md §3): each client serves reads and writes of its own
 // segment over TCP, and peers call it directly; the master never sees object bytes. Frames
 // are `WireFrameHeader`s (kinds 200...211); the bytes of a read or write follow their frame
 // raw, sent from and received into segment or caller memory directly (no intermediate buffer).
@@ -411,7 +411,7 @@ public final class SegmentServer: @unchecked Sendable {
 ///
 /// With an RDMA context, each new connection also connects a queue pair to the peer's; reads
 /// and writes then move by one-sided RDMA READ/WRITE, staged through a registered buffer of
-/// the connection (DESIGN.md §2: caller memory is not registered). A peer that answers that
+/// the connection (docs/architecture.md §3: caller memory is not registered). A peer that answers that
 /// it has no RDMA is remembered, and TCP carries everything from then on.
 ///
 /// Every byte moved is counted in `counters` (`networkBytes`; `rdmaBytes` and `bytesStaged`

@@ -2,7 +2,7 @@ import ArgumentParser
 import KVCore
 import KVMaster
 
-/// `kvstore-master`: the standalone network master (DESIGN.md §1). Flags take kvstore's
+/// `kvstore-master`: the standalone network master (docs/architecture.md §2). Flags take kvstore's
 /// names; Mooncake master's spellings are accepted where they mean the same thing.
 @main
 struct KVStoreMaster: ParsableCommand {

@@ -116,7 +116,7 @@ class Store(KVLayoutMixin, _native.Store):
         store._connect(url, parse_size(segment_size, name="segment_size"), prefault, pin_memory, token)
         return store
 
-    # ---- tensors (DESIGN.md §4; helpers in _tensor.py) ----
+    # ---- tensors (header layout: Sources/KVCore/TensorHeader.swift; helpers in _tensor.py) ----
 
     def _require_open(self) -> None:
         if self.closed:

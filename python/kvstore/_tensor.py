@@ -5,7 +5,7 @@ Accepted objects: numpy arrays, torch tensors, and any object exposing
 ``__cuda_array_interface__`` (cupy, numba) or DLPack (``__dlpack__``). torch and cupy are
 imported only when the caller hands in such an object or asks for one.
 
-The stored format is DESIGN.md §4 (Mooncake's): a 304-byte header, then the raw C-contiguous
+The stored format is Mooncake's (fields in Sources/KVCore/TensorHeader.swift): a 304-byte header, then the raw C-contiguous
 element bytes. Non-contiguous inputs are refused (``InvalidArgumentError``): kvstore never
 copies a tensor behind your back; call ``np.ascontiguousarray(x)`` / ``x.contiguous()`` first.
 """
@@ -22,7 +22,7 @@ from ._errors import ArgumentTypeError, InvalidArgumentError, UnsupportedError
 
 HEADER_SIZE = _native.TENSOR_HEADER_SIZE
 
-#: dtype name -> code (DESIGN.md §4). Names are numpy's and torch's (without "torch.").
+#: dtype name -> code (see `TensorHeader`). Names are numpy's and torch's (without "torch.").
 DTYPE_CODES = {
     "float32": 0, "float64": 1, "int8": 2, "uint8": 3, "int16": 4, "uint16": 5, "int32": 6,
     "uint32": 7, "int64": 8, "uint64": 9, "bool": 10, "float16": 11, "bfloat16": 12,

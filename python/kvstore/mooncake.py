@@ -330,7 +330,7 @@ class MooncakeDistributedStore:
         return self._call(lambda s: s.remove_all(force=force))
 
     # ---- tensors ----
-    # Tensors are stored as kvstore's tensor format (header + data, DESIGN.md), read back as
+    # Tensors are stored as kvstore's tensor format (the 304-byte header, then the data), read back as
     # torch tensors on the CPU when torch is installed, numpy arrays otherwise.
 
     @staticmethod

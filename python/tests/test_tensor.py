@@ -29,7 +29,7 @@ def sample(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 def header_fields(blob: bytes) -> dict:
-    """Decodes the 304-byte header independently (struct), per DESIGN.md §4."""
+    """Decodes the 304-byte header independently (struct), per the field table in Sources/KVCore/TensorHeader.swift."""
     magic, version, hsize, dtype, ndim, layout, flags, offset, nbytes = struct.unpack_from("<IHHiiIIQQ", blob, 0)
     glob = struct.unpack_from("<8q", blob, 40)
     local = struct.unpack_from("<8q", blob, 104)

@@ -164,7 +164,7 @@ int32_t kv_register_buffer(kv_store *store, const void *ptr, size_t len,
                            const char *location, size_t location_len);
 int32_t kv_unregister_buffer(kv_store *store, const void *ptr);
 
-/* Tensor header (DESIGN.md §4, 304 bytes). */
+/* Tensor header (304 bytes; layout in Sources/KVCore/TensorHeader.swift). */
 enum { KV_TENSOR_HEADER_SIZE = 304, KV_TENSOR_MAX_DIMS = 8 };
 typedef struct {
     int32_t dtype;         /* dtype code */

@@ -1,4 +1,4 @@
-/* RDMA through libibverbs, loaded with dlopen at run time (DESIGN.md §6): kvstore links no
+/* RDMA through libibverbs, loaded with dlopen at run time (docs/architecture.md §8): kvstore links no
  * verbs library, and a machine without one simply has no RDMA devices. This header exposes a
  * small flat API that hides every verbs type; kv_verbs.c implements it over the real
  * <infiniband/verbs.h> structures (the inline ibv_post_send/ibv_poll_cq dispatch through
