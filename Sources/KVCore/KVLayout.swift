@@ -97,8 +97,11 @@ public struct KVLayout: Sendable, Equatable {
             throw .invalidArgument("layer \(missing) has no buffer: a layout covers layers 0 to \(layers - 1) without gaps")
         }
         if sorted.count != layers * kinds.count {
+            // One pass over the sorted descriptors (O(n log n) overall, never layers × n).
+            var byLayer: [Int: Set<KVBufferKind>] = [:]
+            for d in sorted { byLayer[d.element.layer, default: []].insert(d.element.kind) }
             for layer in 0..<layers {
-                let has = Set(sorted.filter { $0.element.layer == layer }.map(\.element.kind))
+                let has = byLayer[layer] ?? []
                 if let k = kinds.first(where: { !has.contains($0) }) {
                     throw .invalidArgument("layer \(layer) has no \(k.name) buffer: every layer needs the same kinds (\(kinds.map(\.name).joined(separator: ", ")))")
                 }

@@ -26,6 +26,8 @@ public struct MasterConfig: Sendable {
         public var writesInFlight = 65_536
         /// KV layouts (node ids) one client may publish.
         public var layouts = 64
+        /// The share of the cluster's capacity one client's hard-pinned objects may take.
+        public var hardPinShare = 0.5
         /// A write not committed within this time is aborted (its space freed; a commit that
         /// arrives later is refused and counted by the writer in `commit_failures`).
         public var writeTimeout: Nanoseconds = 300_000_000_000
@@ -43,7 +45,8 @@ public struct MasterConfig: Sendable {
         try cache.validate()
         guard cache.leaseTTL > 0 else { throw .invalidArgument("a master needs read leases: lease TTL must be greater than 0") }
         guard clientTTL > 0 else { throw .invalidArgument("client TTL must be greater than 0") }
-        guard quotas.segments > 0, quotas.writesInFlight > 0, quotas.layouts > 0, quotas.writeTimeout > 0 else {
+        guard quotas.segments > 0, quotas.writesInFlight > 0, quotas.layouts > 0, quotas.writeTimeout > 0,
+              quotas.hardPinShare > 0, quotas.hardPinShare <= 1 else {
             throw .invalidArgument("client quotas must be greater than 0")
         }
         for (name, token) in tenants {
@@ -284,8 +287,9 @@ public struct MasterService: Sendable {
         guard clients[id]!.writes.count < config.quotas.writesInFlight else {
             throw .noSpace("this client has \(config.quotas.writesInFlight) writes in flight, its quota: commit or abort some first")
         }
+        let limit = Int(Double(table.capacity) * config.quotas.hardPinShare)
         let t = try table.beginWrite(key: key, size: size, mode: mode, options: options, replicas: options.replicas,
-                                     preferred: preferred, now: now)
+                                     preferred: preferred, owner: id, ownerHardPinLimit: limit, now: now)
         writes[t.handle] = (t, id, key, now)
         writingKeys[key, default: 0] += 1
         clients[id]!.writes.insert(t.handle)

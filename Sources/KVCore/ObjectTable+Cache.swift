@@ -72,6 +72,7 @@ extension ObjectTable {
         if o.hardPin {
             versions[Int(s)].hardPinned = true
             hardPinnedBytes += versions[Int(s)].size
+            hardPinnedByOwner[versions[Int(s)].owner, default: 0] += versions[Int(s)].size
         }
         if let ttl = o.softPinTTL {
             versions[Int(s)].softPinned = true
@@ -86,7 +87,11 @@ extension ObjectTable {
     /// takes it off its eviction list. Leases are left alone.
     mutating func clearCacheState(_ s: Int32) {
         let i = Int(s)
-        if versions[i].hardPinned { hardPinnedBytes -= versions[i].size }
+        if versions[i].hardPinned {
+            hardPinnedBytes -= versions[i].size
+            let left = hardPinnedByOwner[versions[i].owner, default: 0] - versions[i].size
+            hardPinnedByOwner[versions[i].owner] = left == 0 ? nil : left
+        }
         if versions[i].softPinned { softPinnedBytes -= versions[i].size }
         versions[i].hardPinned = false
         versions[i].softPinned = false

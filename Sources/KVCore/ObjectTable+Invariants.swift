@@ -28,6 +28,7 @@ extension ObjectTable {
             ("objectCount", objectCount, objects), ("objectBytes", self.objectBytes, objectBytes),
             ("activeReaders", activeReaders, readers), ("activeLeases", activeLeases, leases),
             ("hardPinnedBytes", hardPinnedBytes, hard), ("softPinnedBytes", softPinnedBytes, soft),
+            ("hard pins by owner", hardPinnedByOwner.values.reduce(0, +), hard),
             ("usedBytes", usedBytes, used), ("evictableBytes", evictableBytes, listed), ("listed bytes", evictableBytes, onLists),
             ("visible entries", entries.values.filter { $0.current >= 0 }.count, objects),
         ]

@@ -103,6 +103,9 @@ public struct ObjectTable: Sendable {
         var options = WriteOptions.default
         var hardPinned = false
         var softPinned = false
+        /// Who wrote it (a master's client; 0 in an embedded store): hard pins count against
+        /// the writer's quota.
+        var owner: UInt64 = 0
         /// End of the read lease; 0: not leased.
         var leaseUntil: Nanoseconds = 0
         var list = List.none
@@ -138,6 +141,8 @@ public struct ObjectTable: Sendable {
     public internal(set) var activeLeases = 0
     /// Sizes of the visible hard-pinned / soft-pinned objects, in bytes.
     public internal(set) var hardPinnedBytes = 0
+    /// Hard-pinned bytes per writer (`Version.owner`); absent: none.
+    public internal(set) var hardPinnedByOwner: [UInt64: Int] = [:]
     public internal(set) var softPinnedBytes = 0
     /// Space (allocation lengths) of the versions on an eviction list: what eviction could free.
     public internal(set) var evictableBytes = 0
@@ -179,8 +184,12 @@ public struct ObjectTable: Sendable {
     /// distinct segments (fewer when fewer are mounted or have room), the first in `preferred`
     /// when it can. Evicts when the write would take usage above the high watermark or does
     /// not fit. Throws `noSpace` only when nothing evictable is left.
+    ///
+    /// `owner` is the writer (a master's client id); with `ownerHardPinLimit`, a hard-pinned
+    /// write that would take the owner's hard-pinned bytes past it is `noSpace`.
     public mutating func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions = .default,
-                                    replicas: Int = 1, preferred: SegmentID? = nil,
+                                    replicas: Int = 1, preferred: SegmentID? = nil, owner: UInt64 = 0,
+                                    ownerHardPinLimit: Int? = nil,
                                     now: Nanoseconds) throws(KVError) -> WriteTicket {
         advance(now: now)
         guard size > 0 else { throw .invalidArgument("value must not be empty") }
@@ -194,6 +203,9 @@ public struct ObjectTable: Sendable {
         if options.hardPin && hardPinnedBytes + size > capacity {
             throw .noSpace("hard-pinning \(size) bytes would exceed the capacity: \(hardPinnedBytes) of \(capacity) bytes are hard-pinned already")
         }
+        if options.hardPin, let limit = ownerHardPinLimit, hardPinnedByOwner[owner, default: 0] + size > limit {
+            throw .noSpace("hard-pinning \(size) bytes would take this client past its quota of \(limit) hard-pinned bytes (\(hardPinnedByOwner[owner, default: 0]) pinned)")
+        }
         if mode == .put {
             // One hash lookup: claims the key (inserting an entry when absent) unless taken.
             guard Self.claimForPut(&entries[key, default: Entry()]) else {
@@ -206,6 +218,7 @@ public struct ObjectTable: Sendable {
                 clearCacheState(e.current)
                 versions[c].state = .rewriting
                 versions[c].options = options
+                versions[c].owner = owner
                 return ticket(e.current, inPlace: true)
             }
         }
@@ -213,7 +226,7 @@ public struct ObjectTable: Sendable {
             if mode == .put { releasePutClaim(key) }
             throw .noSpace("no space for \(size) bytes and nothing left to evict: \(segments.freeBytes) of \(segments.capacity) bytes free (largest free block \(segments.largestFreeBlock) bytes), \(hardPinnedBytes) bytes hard-pinned, \(activeLeases) objects leased, \(activeReaders) reads in progress")
         }
-        let slot = newVersion(Version(state: .writing, key: key, placements: placed, size: size, mode: mode, options: options))
+        let slot = newVersion(Version(state: .writing, key: key, placements: placed, size: size, mode: mode, options: options, owner: owner))
         return ticket(slot, inPlace: false)
     }
 

@@ -192,6 +192,27 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertNil(m.table.invariantViolation())
     }
 
+    func testHardPinsCountAgainstTheirWritersQuota() throws {
+        var m = try master()                     // hardPinShare 0.5 by default
+        var (a, _) = join(&m, "a", host: "h", kib: 1024)
+        var (b, _) = join(&m, "b", host: "h", kib: 1024)   // 2 MiB in all: 1 MiB of pins each
+        func pin(_ s: inout MasterService.Session, _ key: ObjectKey, _ kib: Int) -> MasterResponse {
+            guard case .putStarted(let w) = m.handle(.putStart(key: key, size: kib << 10, mode: .put, options: WriteOptions(hardPin: true),
+                                                              preferred: nil), session: &s, now: 0) else {
+                return m.handle(.putStart(key: key, size: kib << 10, mode: .put, options: WriteOptions(hardPin: true), preferred: nil),
+                                session: &s, now: 0)
+            }
+            return m.handle(.putCommit(handle: w.handle), session: &s, now: 0)
+        }
+        XCTAssertEqual(pin(&a, "a1", 600), .ok)
+        XCTAssertEqual(errorCode(pin(&a, "a2", 600)), .noSpace, "a's quota is half the capacity")
+        XCTAssertEqual(pin(&b, "b1", 600), .ok, "another client's quota is its own")
+        XCTAssertEqual(m.handle(.remove(key: "a1", force: true), session: &b, now: 0), .ok)
+        XCTAssertEqual(pin(&a, "a2", 600), .ok, "removing a pinned object frees its writer's quota")
+        XCTAssertEqual(m.table.hardPinnedByOwner.values.reduce(0, +), 1200 << 10)
+        XCTAssertNil(m.table.invariantViolation())
+    }
+
     func testMountedCapacityCannotOverflow() throws {
         var config = MasterConfig(clientTTL: 10 * Self.s)
         config.quotas.segments = 1 << 20
