@@ -101,6 +101,8 @@ public final class SegmentServer: @unchecked Sendable {
     public let localName: String
     /// The shared segment's file (-1: none); owned by the segment, not by this server.
     private let shareFD: Int32
+    /// An authenticated connection silent this long (or a transfer stalled this long) is closed.
+    private let idleTimeout: Double
     private let wake: (read: Int32, write: Int32)
     private let state = Locked(State())
     private var acceptThread: BackgroundThread?
@@ -136,7 +138,8 @@ public final class SegmentServer: @unchecked Sendable {
     /// With `rdma`, the segment is registered with that device and peers may connect queue
     /// pairs to it (a registration failure is logged and leaves TCP only).
     public init(region: MemoryRegion, host: String, port: Int = 0, token: ClusterToken, dataLock: SharedLock? = nil,
-                rdma: RDMAContext? = nil, shareFD: Int32 = -1, log: @escaping @Sendable (String) -> Void = { _ in }) throws(KVError) {
+                rdma: RDMAContext? = nil, shareFD: Int32 = -1, idleTimeout: Double = 30,
+                log: @escaping @Sendable (String) -> Void = { _ in }) throws(KVError) {
         self.region = region
         self.dataLock = dataLock
         self.rdma = rdma
@@ -147,6 +150,7 @@ public final class SegmentServer: @unchecked Sendable {
         listener.setNonBlocking()
         self.port = listener.localPort
         self.shareFD = shareFD
+        self.idleTimeout = idleTimeout
         if shareFD >= 0 {
             let name = "kvstore-segment.\(getpid()).\(String(UInt64.random(in: 0...UInt64.max), radix: 16))"
             let l = try Socket.listenLocal(name: name)
@@ -324,7 +328,7 @@ public final class SegmentServer: @unchecked Sendable {
                     let want = Authentication.proof(token: token.bytes, role: .client, clientNonce: n.client, serverNonce: n.server)
                     guard Authentication.constantTimeEqual(proof, want) else { throw .invalidArgument("the segment server refused the token") }
                     welcomed = true
-                    s.setTimeout(30)
+                    s.setTimeout(idleTimeout)
                     try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
                 case DataFrame.read, DataFrame.write:
                     guard welcomed else { throw .invalidArgument("the first request must be hello") }
@@ -550,16 +554,28 @@ public final class PeerLink: Sendable {
 
     /// Runs `body` on a pooled connection and counts `length` bytes moved. A failure drops
     /// the connection (its stream position or queue pair state is unknown).
+    ///
+    /// A pooled connection may have been closed by the peer meanwhile (its idle timeout): when
+    /// one fails with `transfer`, the operation runs once more on a new connection (every
+    /// operation may run twice: reads copy the same bytes again, writes write the same bytes to
+    /// space not yet visible, or to the same KV ranges).
     private func exchange(_ length: Int, _ body: (PeerConnection) throws(KVError) -> Void) throws(KVError) {
-        let c = try take()
-        do throws(KVError) {
-            try body(c)
-        } catch {
-            c.socket.close()
-            if error.code == .transfer {
-                throw KVError(.transfer, "transfer with peer \(host):\(port) failed: \(error.message)")
+        var (c, pooled) = try take()
+        while true {
+            do throws(KVError) {
+                try body(c)
+                break
+            } catch {
+                c.socket.close()
+                if error.code == .transfer && pooled {
+                    (c, pooled) = (try connect(), false)
+                    continue
+                }
+                if error.code == .transfer {
+                    throw KVError(.transfer, "transfer with peer \(host):\(port) failed: \(error.message)")
+                }
+                throw error
             }
-            throw error
         }
         counters.bytesCopied.add(length, ordering: .relaxed)
         counters.networkBytes.add(length, ordering: .relaxed)
@@ -572,8 +588,13 @@ public final class PeerLink: Sendable {
         if !kept { c.socket.close() }
     }
 
-    private func take() throws(KVError) -> PeerConnection {
-        if let c = idle.withLock({ $0.popLast() }) { return c }
+    /// A pooled connection (true) or a new one.
+    private func take() throws(KVError) -> (PeerConnection, Bool) {
+        if let c = idle.withLock({ $0.popLast() }) { return (c, true) }
+        return (try connect(), false)
+    }
+
+    private func connect() throws(KVError) -> PeerConnection {
         let s: Socket
         do throws(KVError) {
             s = try Socket.connect(host: host, port: port, timeout: min(timeout, 5))

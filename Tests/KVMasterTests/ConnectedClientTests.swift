@@ -227,6 +227,22 @@ final class ConnectedClientTests: XCTestCase {
         }
     }
 
+    func testAPooledConnectionTheServerClosedIsRedialled() throws {
+        let memory = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
+        defer { memory.deallocate() }
+        for i in 0..<4096 { memory.storeBytes(of: UInt8(truncatingIfNeeded: i), toByteOffset: i, as: UInt8.self) }
+        let s = try SegmentServer(region: MemoryRegion(memory, length: 4096), host: "127.0.0.1", token: "t", idleTimeout: 0.2)
+        defer { s.stop() }
+        s.serve(segment: 3)
+        let peer = try PeerLink(endpoint: s.endpoint, token: "t")
+        var buf = [UInt8](repeating: 0, count: 16)
+        try Self.read(peer, 3, 100, 16, into: &buf)
+        usleep(500_000)   // the server closes the pooled connection meanwhile
+        buf = [UInt8](repeating: 0, count: 16)
+        try Self.read(peer, 3, 200, 16, into: &buf)
+        XCTAssertEqual(buf, (200..<216).map { UInt8(truncatingIfNeeded: $0) })
+    }
+
     func testSegmentDescriptorsGoOnlyToMembersFromTheVerifiedOwner() throws {
         let seg = try HostSegment(size: 1 << 20, shared: true)
         defer { seg.unmap() }
