@@ -6,8 +6,13 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvstore", description="kvstore command line")
+def console() -> None:
+    """The ``kvstore`` console script (``kvstore demo|bench|master``)."""
+    sys.exit(main(prog="kvstore"))
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m kvstore") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="kvstore command line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="prefill/decode KV-cache workload on the embedded store, every byte verified")

@@ -50,3 +50,15 @@ def test_device_kinds_are_registered_in_the_extension():
     size = int(rows[0][name_at + 4], 16)
     assert size == 16
     assert kvstore.devices()[0] == "cpu:0"
+
+
+def test_console_script_runs_the_command_line():
+    # pip installs a `kvstore` script next to the interpreter (kvstore demo, bench, master).
+    import sys
+    script = Path(sys.executable).parent / "kvstore"
+    if not script.exists():
+        pytest.skip("kvstore is not pip-installed in this environment")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage: kvstore" in out.stdout
+    for command in ("demo", "bench", "master"):
+        assert command in out.stdout
