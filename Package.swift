@@ -50,7 +50,7 @@ let package = Package(
         ),
         // Helpers shared by the test targets (seeded random numbers).
         .target(name: "KVTestSupport", dependencies: ["KVAccelerator", "KVCore"], path: "Tests/KVTestSupport"),
-        .testTarget(name: "KVCoreTests", dependencies: ["KVCore", "KVTestSupport"]),
+        .testTarget(name: "KVCoreTests", dependencies: ["KVCore", "KVTestSupport", "CKVStoreABI"]),
         .testTarget(name: "KVAcceleratorTests", dependencies: ["KVAccelerator", "KVCore", "KVTestSupport"]),
         .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVAccelerator", "KVCore"]),
         .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVAccelerator", "KVTransfer", "KVTestSupport"]),

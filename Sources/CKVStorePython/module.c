@@ -1,6 +1,7 @@
 /* Module init of kvstore._native. */
 #include "kvpy.h"
 
+#include <stddef.h>
 #include <string.h>
 
 /* run_master(host, port, metrics_host, metrics_port, token, client_ttl, lease_ttl, soft_pin_ttl,
@@ -48,7 +49,40 @@ static PyMethodDef module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* The C ABI's constants, so that Python reads them from here instead of repeating them:
+ * _native.ABI maps each name to its value (error codes, flags, record sizes and offsets). */
+static int add_abi_constants(PyObject *m) {
+    static const struct { const char *name; long value; } table[] = {
+        {"E_OBJECT_NOT_FOUND", KV_E_OBJECT_NOT_FOUND}, {"E_OBJECT_EXISTS", KV_E_OBJECT_EXISTS},
+        {"E_NO_SPACE", KV_E_NO_SPACE}, {"E_LEASE_HELD", KV_E_LEASE_HELD},
+        {"E_INVALID_ARGUMENT", KV_E_INVALID_ARGUMENT}, {"E_TRANSFER", KV_E_TRANSFER},
+        {"E_STORE_CLOSED", KV_E_STORE_CLOSED}, {"E_UNSUPPORTED", KV_E_UNSUPPORTED},
+        {"E_INTERNAL", KV_E_INTERNAL}, {"E_ARGUMENT_TYPE", KV_E_ARGUMENT_TYPE},
+        {"KIND_KEY", KV_KIND_KEY}, {"KIND_VALUE", KV_KIND_VALUE}, {"KIND_INDEX", KV_KIND_INDEX},
+        {"BLOCKS_PUSH", KV_BLOCKS_PUSH}, {"BLOCKS_AGGREGATED", KV_BLOCKS_AGGREGATED},
+        {"BLOCK_BUFFER_SIZE", (long)sizeof(kv_block_buffer)},
+        {"BLOCK_BUFFER_LAYER", (long)offsetof(kv_block_buffer, layer)},
+        {"BLOCK_BUFFER_KIND", (long)offsetof(kv_block_buffer, kind)},
+        {"BLOCK_BUFFER_ADDRESS", (long)offsetof(kv_block_buffer, address)},
+        {"BLOCK_BUFFER_LENGTH", (long)offsetof(kv_block_buffer, length)},
+        {"BLOCK_BUFFER_BYTES_PER_BLOCK", (long)offsetof(kv_block_buffer, bytes_per_block)},
+        {"BLOCK_BUFFER_LOCATION", (long)offsetof(kv_block_buffer, location)},
+        {"BLOCK_BUFFER_LOCATION_BYTES", (long)sizeof(((kv_block_buffer *)0)->location)},
+        {"KEYS_PAGE_BYTES", KV_KEYS_PAGE_BYTES},
+    };
+    PyObject *d = PyDict_New();
+    if (!d) return -1;
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
+        PyObject *v = PyLong_FromLong(table[i].value);
+        if (!v || PyDict_SetItemString(d, table[i].name, v) < 0) { Py_XDECREF(v); Py_DECREF(d); return -1; }
+        Py_DECREF(v);
+    }
+    if (PyModule_AddObject(m, "ABI", d) < 0) { Py_DECREF(d); return -1; }
+    return 0;
+}
+
 static int module_exec(PyObject *m) {
+    if (add_abi_constants(m) < 0) return -1;
     PyObject *type = PyType_FromSpec(&kvpy_store_spec);
     if (!type) return -1;
     if (PyModule_AddObject(m, "Store", type) < 0) { Py_DECREF(type); return -1; }

@@ -36,31 +36,31 @@ class StoreError(Exception):
 class ObjectNotFoundError(StoreError, KeyError):
     """No object with that key (never written, removed, or not yet complete)."""
 
-    code = 1
+    code = _native.ABI["E_OBJECT_NOT_FOUND"]
 
 
 class ObjectExistsError(StoreError):
     """``put`` of a key that already exists; the stored value is unchanged."""
 
-    code = 2
+    code = _native.ABI["E_OBJECT_EXISTS"]
 
 
 class NoSpaceError(StoreError, MemoryError):
     """The store has no room for the object."""
 
-    code = 3
+    code = _native.ABI["E_NO_SPACE"]
 
 
 class LeaseHeldError(StoreError):
     """The object is leased by a reader and cannot be removed or replaced now."""
 
-    code = 4
+    code = _native.ABI["E_LEASE_HELD"]
 
 
 class InvalidArgumentError(StoreError, ValueError):
     """An argument has a bad value (empty key, too-small buffer, mismatched batch lists...)."""
 
-    code = 5
+    code = _native.ABI["E_INVALID_ARGUMENT"]
 
 
 class ArgumentTypeError(InvalidArgumentError, TypeError):
@@ -69,31 +69,31 @@ class ArgumentTypeError(InvalidArgumentError, TypeError):
     Both an ``InvalidArgumentError`` and a ``TypeError``.
     """
 
-    code = 10
+    code = _native.ABI["E_ARGUMENT_TYPE"]
 
 
 class TransferError(StoreError):
     """Moving bytes failed (a peer died mid-transfer, a device copy failed)."""
 
-    code = 6
+    code = _native.ABI["E_TRANSFER"]
 
 
 class StoreClosedError(StoreError):
     """The store was closed."""
 
-    code = 7
+    code = _native.ABI["E_STORE_CLOSED"]
 
 
 class UnsupportedError(StoreError):
     """A feature this build or this machine lacks."""
 
-    code = 8
+    code = _native.ABI["E_UNSUPPORTED"]
 
 
 class InternalError(StoreError):
     """A broken invariant inside kvstore: a bug, please report it."""
 
-    code = 9
+    code = _native.ABI["E_INTERNAL"]
 
 
 _BY_CODE: dict[int, type[StoreError]] = {

@@ -12,13 +12,36 @@ from array import array
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import _native
 from ._errors import ArgumentTypeError, InvalidArgumentError
 
+_ABI = _native.ABI   # the C ABI's constants, as the extension was compiled with them
 KINDS = ("key", "value", "index")
+_KIND_CODES = (_ABI["KIND_KEY"], _ABI["KIND_VALUE"], _ABI["KIND_INDEX"])
 EXECUTORS = ("per_block", "aggregated")
-_RECORD = struct.Struct("<qi4xQQQ32s")   # kv_block_buffer (kvstore_abi.h)
 _FIELDS = ("layer", "kind", "address", "length", "bytes_per_block", "location")
-_PUSH, _AGGREGATED = 1, 2
+_PUSH, _AGGREGATED = _ABI["BLOCKS_PUSH"], _ABI["BLOCKS_AGGREGATED"]
+_LOCATION_BYTES = _ABI["BLOCK_BUFFER_LOCATION_BYTES"]
+
+
+def _record_struct() -> struct.Struct:
+    """kv_block_buffer's layout, built from the offsets the extension reports."""
+    fields = [("q", "LAYER"), ("i", "KIND"), ("Q", "ADDRESS"), ("Q", "LENGTH"), ("Q", "BYTES_PER_BLOCK"),
+              (f"{_LOCATION_BYTES}s", "LOCATION")]
+    fmt, at = "<", 0
+    for code, name in fields:
+        offset = _ABI[f"BLOCK_BUFFER_{name}"]
+        fmt += f"{offset - at}x" if offset > at else ""
+        fmt += code
+        at = offset + struct.calcsize("<" + code)
+    size = _ABI["BLOCK_BUFFER_SIZE"]
+    fmt += f"{size - at}x" if size > at else ""
+    s = struct.Struct(fmt)
+    assert s.size == size, (fmt, size)
+    return s
+
+
+_RECORD = _record_struct()
 
 
 def _int(d: Mapping[str, Any], name: str, i: int) -> int:
@@ -52,12 +75,12 @@ def pack_descriptors(descriptors: Any) -> bytes:
         if not isinstance(location, str):
             raise ArgumentTypeError(f"descriptor {i}: location must be a str, not {type(location).__name__}")
         loc = location.encode()
-        if not loc or len(loc) > 31 or b"\0" in loc:
-            raise InvalidArgumentError(f"descriptor {i}: location {location!r} must be 1 to 31 bytes without NUL")
+        if not loc or len(loc) > _LOCATION_BYTES - 1 or b"\0" in loc:
+            raise InvalidArgumentError(f"descriptor {i}: location {location!r} must be 1 to {_LOCATION_BYTES - 1} bytes without NUL")
         layer = _int(d, "layer", i)
         if layer >= 1 << 63:
             raise InvalidArgumentError(f"descriptor {i}: layer {layer} is out of range")
-        out += _RECORD.pack(layer, KINDS.index(kind.lower()), _int(d, "address", i), _int(d, "length", i),
+        out += _RECORD.pack(layer, _KIND_CODES[KINDS.index(kind.lower())], _int(d, "address", i), _int(d, "length", i),
                             _int(d, "bytes_per_block", i), loc)
     return bytes(out)
 
@@ -65,7 +88,7 @@ def pack_descriptors(descriptors: Any) -> bytes:
 def unpack_descriptors(packed: bytes) -> list[dict[str, Any]]:
     out = []
     for layer, kind, address, length, bpb, loc in _RECORD.iter_unpack(packed):
-        out.append({"layer": layer, "kind": KINDS[kind], "address": address, "length": length,
+        out.append({"layer": layer, "kind": KINDS[_KIND_CODES.index(kind)], "address": address, "length": length,
                     "bytes_per_block": bpb, "location": loc.split(b"\0", 1)[0].decode()})
     return out
 
