@@ -73,6 +73,17 @@ install_redis() {
     { command -v systemctl >/dev/null && $sudo systemctl disable --now redis-server >/dev/null 2>&1; } || true
 }
 
+# Checkers run by `test`: ruff and mypy (for stubtest), pinned.
+CHECKERS="ruff==0.17.6 mypy==2.4.1"
+install_checkers() {
+    local stamp=$VENV/.kvstore-checkers
+    [ "$(cat "$stamp" 2>/dev/null)" = "$CHECKERS" ] && return
+    log "installing checkers: $CHECKERS"
+    # shellcheck disable=SC2086
+    "$VENV/bin/python" -m pip install -q $CHECKERS
+    echo "$CHECKERS" >"$stamp"
+}
+
 build() {
     command -v swift >/dev/null || { echo "swift is not on PATH: install the Swift 6 toolchain" >&2; exit 1; }
     log "building and installing kvstore (swift build -c release)"
@@ -101,6 +112,10 @@ case "$cmd" in
         python_build_env
         log "Swift tests (thread sanitizer)"
         swift test --sanitize=thread --scratch-path .build-tsan -Xcc "-I$PY_INCLUDE"
+        install_checkers
+        log "ruff (Python lint) and stubtest (the extension's .pyi against the built module)"
+        "$VENV/bin/ruff" check python/
+        "$VENV/bin/python" -m mypy.stubtest kvstore._native
         log "pytest"
         "$VENV/bin/python" -m pytest -q "$@"
         ;;

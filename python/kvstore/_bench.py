@@ -37,7 +37,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -162,7 +162,7 @@ def run_bench(args: argparse.Namespace) -> int:
               f"{row['copyto_gb_per_s']:>13.2f}{row['ratio']:>8.2f}", flush=True)
 
     single = [o for o in ops if o not in ("batch", "gpu", "evict", "cluster", "kv")]
-    for size in sizes if single else []:
+    for size in (sizes if single else []):
         n = _count_for(size, budget, args.small_ops)
         keys = [f"bench-{size}-{i}" for i in range(n)]
         src = np.full(size, 7, dtype=np.uint8)
@@ -173,10 +173,10 @@ def run_bench(args: argparse.Namespace) -> int:
         rows = list(pool)
 
         def copy_scatter() -> None:
-            _scatter(rows, src)
+            _scatter(rows, src)  # noqa: F821 (ruff 0.17 misreads this loop-body name)
 
         def copy_gather() -> None:
-            _gather(rows, dst)
+            _gather(rows, dst)  # noqa: F821 (ruff 0.17 misreads this loop-body name)
 
 
         tensor = src.view(np.float32) if size % 4 == 0 else src

@@ -10,7 +10,7 @@ is baseline time / store time: 1.0 means the store reaches torch's pinned bandwi
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from . import devices
 from ._store import Store

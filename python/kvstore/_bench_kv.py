@@ -22,7 +22,8 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -114,7 +115,8 @@ def run_kv(layers: int, blocks: int, size: int, pull: int, repeat: int, record: 
             return lambda: me.pull_kv_blocks("bench-prefill", s, d, executor=executor)
 
         def row(route: str, shape: str, executor: str, transfers: int, t: float, base: str, bt: float, ratio: float) -> None:
-            print(f"{route:<7}{shape:<12}{executor:<12}{transfers:>10}{moved / t / 1e9:>8.2f}{base:>22}{moved / bt / 1e9:>8.2f}{ratio:>7.2f}",
+            print(f"{route:<7}{shape:<12}{executor:<12}{transfers:>10}{moved / t / 1e9:>8.2f}{base:>22}"
+                  f"{moved / bt / 1e9:>8.2f}{ratio:>7.2f}",
                   flush=True)
             record({"op": f"kv_{route}_{shape}_{executor}", "size": size, "count": 2 * layers * pull, "seconds": t,
                     "gb_per_s": moved / t / 1e9, "baseline": base, "baseline_gb_per_s": moved / bt / 1e9, "ratio": ratio})

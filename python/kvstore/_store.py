@@ -9,8 +9,8 @@ from types import TracebackType
 from typing import Any
 
 from . import _native, _tensor
-from ._kv import KVLayoutMixin
 from ._errors import ArgumentTypeError, InvalidArgumentError, ObjectNotFoundError, StoreClosedError
+from ._kv import KVLayoutMixin
 from ._sizes import parse_size
 
 #: Default size of the embedded store's host segment. Pages are committed on first use.
@@ -254,7 +254,7 @@ class Store(KVLayoutMixin, _native.Store):
         ref = _tensor.describe(buffer, "buffer")
         super().unregister_buffer(ref.part[0])  # a non-buffer tensor's part is (address, length)
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(

@@ -65,7 +65,8 @@ def main() -> None:
                 if got != value_of(other, len(got)):
                     counts["corrupt"] += 1
     counts["written"] = i
-    counts["stats"] = {k: v for k, v in store.stats().items() if k in ("network_bytes", "rdma_bytes", "bytes_staged", "master_reconnects", "commit_failures", "master_local")}
+    kept = ("network_bytes", "rdma_bytes", "bytes_staged", "master_reconnects", "commit_failures", "master_local")
+    counts["stats"] = {k: v for k, v in store.stats().items() if k in kept}
     print(json.dumps(counts), flush=True)
     if a.serve:
         while True:

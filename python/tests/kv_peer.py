@@ -6,10 +6,9 @@ publishes it as `node`, prints "ready", and when its stdin closes saves the buff
 import sys
 
 import numpy as np
+from kv_util import descriptors, layout_arrays
 
 import kvstore
-
-from kv_util import layout_arrays, descriptors
 
 url, node, layers, blocks, bpb, seed, out = sys.argv[1:8]
 store = kvstore.Store.connect(url, segment_size=0)

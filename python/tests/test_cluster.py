@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 import pytest
-
-import kvstore
 from cluster import Master, wait_for, worker
 from cluster_worker import value_of
+
+import kvstore
 
 
 @pytest.fixture
@@ -406,7 +406,8 @@ def _netns_available() -> bool:
 def netns():
     if not _netns_available():
         pytest.skip("needs root and ip netns (network namespaces)")
-    sh = lambda *a: subprocess.run(a, check=True, capture_output=True)
+    def sh(*a: str) -> None:
+        subprocess.run(a, check=True, capture_output=True)
     subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
     subprocess.run(["ip", "link", "del", "kvs-veth0"], capture_output=True)
     sh("ip", "netns", "add", NETNS)

@@ -11,14 +11,13 @@ import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
-
-import kvstore
 import wire
 from cluster import Master, wait_for
+
+import kvstore
 
 RSS_BOUND = 64 << 20
 
@@ -92,7 +91,7 @@ def test_half_sent_hellos_and_idle_connections_cost_nothing_and_time_out(master,
         try:
             if s.recv(1) == b"":
                 closed += 1
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             closed += isinstance(s, socket.socket)
         s.close()
     assert closed == len(conns)
@@ -134,7 +133,7 @@ def test_connections_past_max_clients_are_refused_cleanly():
             s.settimeout(0.3)
             try:
                 data = s.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if data[:4] == struct.pack("<I", wire.MAGIC) and b"--max-clients" in data:
                 refused += 1
@@ -167,7 +166,7 @@ def test_a_client_that_never_reads_cannot_grow_the_master(master, honest):
         while sent < (16 << 20):
             r.s.sendall(chunk)
             sent += len(chunk)
-    except (socket.timeout, BrokenPipeError, ConnectionResetError):
+    except (TimeoutError, BrokenPipeError, ConnectionResetError):
         pass   # the master stopped reading: backpressure
     time.sleep(0.5)
     assert rss(master.proc.pid) - before < RSS_BOUND

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import kvstore
 from cluster import Master
 from kv_util import descriptors, layout_arrays
+
+import kvstore
 
 LAYERS, BLOCKS, BPB = 3, 64, 1024
 PEER = str(Path(__file__).with_name("kv_peer.py"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from cluster import Master
+
 from kvstore.mooncake import ErrorCode, MooncakeDistributedStore, ReplicateConfig, SoftPinAction
 
 

@@ -6,9 +6,9 @@ import threading
 
 import numpy as np
 import pytest
+from dlpack_producer import DLPackTensor
 
 import kvstore
-from dlpack_producer import DLPackTensor
 
 NUMPY_DTYPES = {
     "float32": 0, "float64": 1, "int8": 2, "uint8": 3, "int16": 4, "uint16": 5, "int32": 6,

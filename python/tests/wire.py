@@ -86,7 +86,7 @@ class Raw:
                     return True
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     def authenticate(self, token: bytes, name: str = "raw", data_plane: bool = False) -> int:
