@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvstore") -> int:
         from ._demo import run_demo
 
         return run_demo(args)
-    from ._bench import run_bench
+    from .bench import run_bench
 
     return run_bench(args)
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -112,3 +113,16 @@ def test_bench_against_peers(tmp_path):
         assert peer in systems or f"{peer}: skipped" in r.stdout
     assert all(row["value"] > 0 for row in rows)
     assert run("bench", "--against", "memcached").returncode == 2
+
+
+def test_bench_baseline_compares_two_builds(tmp_path):
+    # The installed build against itself: both sides run, every case gets a ratio.
+    import kvstore
+    here = str(Path(kvstore.__file__).parent.parent)
+    r = run("bench", "--ops", "put,get", "--sizes", "4KiB", "--repeat", "1", "--small-ops", "200",
+            "--baseline", here, "--rounds", "2")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith(("put", "get"))]
+    assert len(lines) == 2 and all(line.split()[-1] not in ("-",) for line in lines), r.stdout
+    bad = run("bench", "--baseline", str(tmp_path))
+    assert bad.returncode == 2 and "no kvstore package" in bad.stderr

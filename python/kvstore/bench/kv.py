@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from ._bench_cluster import _close_all, _Process
-from ._store import Store
+from .._store import Store
+from .common import _close_all, _Process
 
 _PEER = ("import sys, numpy as np, kvstore\n"
-         "from kvstore._bench_kv import _arrays, _descriptors\n"
+         "from kvstore.bench.kv import _arrays, _descriptors\n"
          "url, layers, blocks, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])\n"
          "s = kvstore.Store.connect(url, segment_size=0)\n"
          "a = _arrays(layers, blocks, size, True)\n"

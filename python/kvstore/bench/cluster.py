@@ -25,60 +25,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ._bench import _fmt_size, _gather, _paired, _put_all, _same, _scatter
-from ._store import Store
+from .._store import Store
+from .common import _close_all, _fmt_size, _gather, _paired, _Process, _put_all, _same, _scatter
 
 MOONCAKE_OPS_PER_S = 18_000
-
-
-class _Process:
-    """A child process whose first stderr/stdout line is awaited; the rest is drained."""
-
-    def __init__(self, cmd: list[str], pattern: str, env: dict[str, str] | None = None, stream: str = "stderr") -> None:
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, **(env or {})})
-        out = getattr(self.proc, stream)
-        line = out.readline()
-        self.match = re.search(pattern, line)
-        if not self.match:
-            rest = self.proc.stderr.read() if stream == "stdout" else ""
-            self.stop()
-            raise RuntimeError(f"{cmd[:4]} did not start: {line}{rest}")
-        for s in (self.proc.stdout, self.proc.stderr):
-            threading.Thread(target=lambda s=s: [None for _ in s], daemon=True).start()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def _close_all(stores: list[Store], procs: list[_Process]) -> None:
-    """Closes the stores, then stops the processes, the last started first."""
-    for s in stores:
-        s.close()
-    for p in reversed(procs):
-        p.stop()
 
 
 _HOLDER = ("import sys, kvstore\n"

@@ -23,106 +23,38 @@ per-pair ratios (copyto time / store time), i.e. the fraction of the memcpy limi
   the rows of a 2-D array; baseline: one copyto of the whole array (the memcpy limit for the
   same bytes).
 - evict: 64 KiB puts into a store at 300% fill (evicting) against a store at 50% fill, side
-  by side (``_bench_cache.py``; its own table).
+  by side (``bench/cache.py``; its own table).
 - cluster: a master and holder processes; shared-memory and TCP transfers and 4 KiB
-  operations through the network master (``_bench_cluster.py``; its own table).
+  operations through the network master (``bench/cluster.py``; its own table).
 - kv: prefill→decode block pulls, per-block against aggregated and against copyto, in one
-  process, between processes and over TCP (``_bench_kv.py``; its own table).
+  process, between processes and over TCP (``bench/kv.py``; its own table).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
 
-from ._sizes import parse_size
-from ._store import Store
+from .._sizes import parse_size
+from .._store import Store
+from .common import _count_for, _fmt_size, _gather, _paired, _put_all, _same, _scatter, _segment_for
 
 _ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", "evict", "cluster", "kv")
 
 
-def _fmt_size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n} B"
-
-
-def _paired(fn: Callable[[], None], setup: Callable[[], None], base: Callable[[], None],
-            repeat: int) -> tuple[float, float, float]:
-    """Times the store case and its copyto baseline alternately, ``repeat`` pairs after one
-    warm-up of each, so both see the same machine state. Returns the median store time, the
-    median baseline time, and the median of the per-pair ratios (baseline time / store time).
-    """
-    setup()
-    fn()  # warm-up: faults pages in, fills caches and allocator state
-    base()
-    store_t, base_t, ratios = [], [], []
-    for _ in range(repeat):
-        setup()
-        t0 = time.perf_counter()
-        fn()
-        t1 = time.perf_counter()
-        base()
-        t2 = time.perf_counter()
-        store_t.append(t1 - t0)
-        base_t.append(t2 - t1)
-        ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(store_t), statistics.median(base_t), statistics.median(ratios)
-
-
-def _count_for(size: int, budget: int, small_ops: int) -> int:
-    return max(2, min(small_ops, budget // size))
-
-
-def _segment_for(count: int, size: int) -> int:
-    """A segment that holds ``count`` objects of ``size`` bytes (64-byte granules) plus slack,
-    below the default eviction watermark (90%), so nothing is evicted."""
-    return (count * ((size + 63) // 64 * 64) + (1 << 20)) * 10 // 8
-
-
-def _scatter(rows: list[np.ndarray], src: np.ndarray) -> None:
-    """The copyto baseline of writing ``src`` into each of ``rows`` (distinct buffers)."""
-    for row in rows:
-        np.copyto(row, src)
-
-
-def _gather(rows: list[np.ndarray], dst: np.ndarray) -> None:
-    """The copyto baseline of reading each of ``rows`` into ``dst``."""
-    for row in rows:
-        np.copyto(dst, row)
-
-
-def _put_all(store: Store, keys: list[str], values: list[np.ndarray]) -> None:
-    """``batch_put_from`` that raises the first per-key failure: a refused put must not be
-    timed as a fast one."""
-    for failure in store.batch_put_from(keys, values):
-        if failure is not None:
-            raise failure
-
-
-def _same(name: str, got: np.ndarray, want: np.ndarray) -> bool:
-    if np.array_equal(got, want):
-        return True
-    print(f"{name} returned wrong bytes", file=sys.stderr)
-    return False
-
-
 def run_bench(args: argparse.Namespace) -> int:
     if args.baseline:
-        from ._bench_compare import run_compare
+        from .compare import run_compare
 
         argv = ["--ops", args.ops, "--sizes", args.sizes, "--repeat", str(args.repeat), "--batch", args.batch,
                 "--budget", args.budget, "--small-ops", str(args.small_ops), "--cluster-size", args.cluster_size]
         return run_compare(args.baseline, argv, max(2, args.rounds))
     if args.against:
-        from ._bench_against import run_against
+        from .against import run_against
 
         results_against: list[dict[str, object]] = []
         peers = [p.strip() for p in args.against.split(",") if p.strip()]
@@ -255,14 +187,14 @@ def run_bench(args: argparse.Namespace) -> int:
             report("batch_get_into", batch_size, batch_count, timing)
 
     if "gpu" in ops:
-        from ._bench_gpu import run_gpu
+        from .gpu import run_gpu
 
         rc = run_gpu(sizes, args.repeat, report)
         if rc:
             return rc
 
     if "evict" in ops:
-        from ._bench_cache import run_evict
+        from .cache import run_evict
 
         rc = run_evict(parse_size(args.evict_segment, name="evict segment"), parse_size(args.evict_size, name="evict size"),
                        args.evict_count, args.repeat * 3, results.append)
@@ -270,7 +202,7 @@ def run_bench(args: argparse.Namespace) -> int:
             return rc
 
     if "cluster" in ops:
-        from ._bench_cluster import run_cluster
+        from .cluster import run_cluster
 
         rc = run_cluster(parse_size(args.cluster_size, name="cluster size"), budget, batch_count, batch_size,
                          args.repeat, args.small_ops, results.append)
@@ -278,7 +210,7 @@ def run_bench(args: argparse.Namespace) -> int:
             return rc
 
     if "kv" in ops:
-        from ._bench_kv import run_kv
+        from .kv import run_kv
 
         parts = args.kv_shape.split("x")
         if len(parts) != 3:

@@ -23,7 +23,7 @@ def run_compare(baseline: str, argv: list[str], rounds: int) -> int:
         print(f"--baseline {baseline}: no kvstore package there (make one with pip install --target {baseline} .)",
               file=sys.stderr)
         return 2
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # holds kvstore/
     values: dict[str, dict[tuple[str, int], list[float]]] = {"baseline": defaultdict(list), "this": defaultdict(list)}
     for r in range(rounds):
         for name, path in (("baseline", baseline), ("this", here)) if r % 2 == 0 else (("this", here), ("baseline", baseline)):

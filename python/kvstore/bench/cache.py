@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._store import Store
+from .._store import Store
 
 
 def run_evict(segment: int, size: int, count: int, repeat: int,

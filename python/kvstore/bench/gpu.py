@@ -12,12 +12,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from . import devices
-from ._store import Store
+from .. import devices
+from .._store import Store
 
 
 def run_gpu(sizes: list[int], repeat: int, report: Callable[..., None]) -> int:
-    from ._bench import _paired
+    from .common import _paired
 
     try:
         import torch

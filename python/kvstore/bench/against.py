@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ._store import Store
+from .._store import Store
 
 PEERS = ("mooncake", "redis")
 

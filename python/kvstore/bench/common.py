@@ -1,0 +1,121 @@
+"""Helpers shared by the benchmarks: timing pairs, formatting, byte checks, child processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from .._store import Store
+
+
+def _fmt_size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def _paired(fn: Callable[[], None], setup: Callable[[], None], base: Callable[[], None],
+            repeat: int) -> tuple[float, float, float]:
+    """Times the store case and its copyto baseline alternately, ``repeat`` pairs after one
+    warm-up of each, so both see the same machine state. Returns the median store time, the
+    median baseline time, and the median of the per-pair ratios (baseline time / store time).
+    """
+    setup()
+    fn()  # warm-up: faults pages in, fills caches and allocator state
+    base()
+    store_t, base_t, ratios = [], [], []
+    for _ in range(repeat):
+        setup()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        base()
+        t2 = time.perf_counter()
+        store_t.append(t1 - t0)
+        base_t.append(t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+    return statistics.median(store_t), statistics.median(base_t), statistics.median(ratios)
+
+
+def _count_for(size: int, budget: int, small_ops: int) -> int:
+    return max(2, min(small_ops, budget // size))
+
+
+def _segment_for(count: int, size: int) -> int:
+    """A segment that holds ``count`` objects of ``size`` bytes (64-byte granules) plus slack,
+    below the default eviction watermark (90%), so nothing is evicted."""
+    return (count * ((size + 63) // 64 * 64) + (1 << 20)) * 10 // 8
+
+
+def _scatter(rows: list[np.ndarray], src: np.ndarray) -> None:
+    """The copyto baseline of writing ``src`` into each of ``rows`` (distinct buffers)."""
+    for row in rows:
+        np.copyto(row, src)
+
+
+def _gather(rows: list[np.ndarray], dst: np.ndarray) -> None:
+    """The copyto baseline of reading each of ``rows`` into ``dst``."""
+    for row in rows:
+        np.copyto(dst, row)
+
+
+def _put_all(store: Store, keys: list[str], values: list[np.ndarray]) -> None:
+    """``batch_put_from`` that raises the first per-key failure: a refused put must not be
+    timed as a fast one."""
+    for failure in store.batch_put_from(keys, values):
+        if failure is not None:
+            raise failure
+
+
+def _same(name: str, got: np.ndarray, want: np.ndarray) -> bool:
+    if np.array_equal(got, want):
+        return True
+    print(f"{name} returned wrong bytes", file=sys.stderr)
+    return False
+
+
+class _Process:
+    """A child process whose first stderr/stdout line is awaited; the rest is drained."""
+
+    def __init__(self, cmd: list[str], pattern: str, env: dict[str, str] | None = None, stream: str = "stderr") -> None:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, **(env or {})})
+        out = getattr(self.proc, stream)
+        line = out.readline()
+        self.match = re.search(pattern, line)
+        if not self.match:
+            rest = self.proc.stderr.read() if stream == "stdout" else ""
+            self.stop()
+            raise RuntimeError(f"{cmd[:4]} did not start: {line}{rest}")
+        for s in (self.proc.stdout, self.proc.stderr):
+            threading.Thread(target=lambda s=s: [None for _ in s], daemon=True).start()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _close_all(stores: list[Store], procs: list[_Process]) -> None:
+    """Closes the stores, then stops the processes, the last started first."""
+    for s in stores:
+        s.close()
+    for p in reversed(procs):
+        p.stop()
