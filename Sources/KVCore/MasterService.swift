@@ -140,7 +140,10 @@ public struct MasterService: Sendable {
     /// Whether `request` of `session`'s client is about a key with a write in flight (the
     /// server then applies other connections' pipelined commits first); keys as the table
     /// holds them, inside the client's tenant.
-    public func needsDrain(_ request: MasterRequest, session: Session) -> Bool {
+    ///
+    /// `mutating` only so that a server holding the service in a class property calls it in
+    /// place: a non-mutating call copied the whole service (every table) per request.
+    public mutating func needsDrain(_ request: MasterRequest, session: Session) -> Bool {
         if request.concernsEveryKey { return hasWritesInFlight }
         guard let tenant = session.tenant else { return request.anyKey(isWriting) }
         return request.anyKey { k in (try? tenant.key(k)).map(isWriting) ?? false }

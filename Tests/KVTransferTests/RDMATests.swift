@@ -140,11 +140,11 @@ final class RDMATests: XCTestCase {
 
     /// Whether the server closed `s` without answering.
     static func isClosedUnread(_ s: Socket) -> Bool {
-        do {
+        do throws(KVError) {
             _ = try s.readFrame(maxPayload: 8192, isKnown: DataFrame.isKnown)
             return false
         } catch {
-            return (error as? KVError)?.code == .transfer
+            return error.code == .transfer
         }
     }
 
