@@ -3,43 +3,48 @@ import KVCore
 import KVTransfer
 
 extension StoreClient {
-    /// Names of the statistics, in the order `statistics()` returns them. Static strings, so
-    /// the C ABI can hand out their addresses.
-    public static let statisticNames: [StaticString] = [
-        "objects", "object_bytes", "bytes_used", "capacity", "bytes_free",
-        "hard_pinned_bytes", "soft_pinned_bytes",
-        "bytes_copied", "bytes_staged", "copy_ops",
-        "puts", "gets", "hits", "misses", "removes",
-        "evicted_objects", "evicted_bytes", "expired_objects",
-        "leases_active", "active_readers", "free_blocks", "largest_free_block",
-        "registered_buffers", "registered_bytes", "page_locked_bytes", "page_lock_fallbacks", "accelerators", "closed",
-        "segment_size", "master_reconnects", "commit_failures", "network_bytes", "rdma_bytes", "rdma_devices",
-        "master_local", "peers", "peers_pruned",
-    ]
+    /// One statistic: a static name (the C ABI hands out its address) and its value.
+    public struct NamedStatistic: Sendable {
+        public let name: StaticString
+        public let value: Int
+        init(_ name: StaticString, _ value: Int) {
+            self.name = name
+            self.value = value
+        }
+    }
 
-    /// Current values, aligned with `statisticNames`. All counts are exact when no operation
-    /// is in flight.
-    public func statistics() -> [Int] {
+    /// Every statistic, named where its value is computed (one list, nothing to keep aligned).
+    /// All counts are exact when no operation is in flight.
+    public func statistics() -> [NamedStatistic] {
         // A connected client shows the cluster's table (zeros while the master is unreachable).
         let s = (try? master.statistics()) ?? CacheStatistics([])
         let hits = operations.hits.load(ordering: .relaxed), misses = operations.misses.load(ordering: .relaxed)
         return [
-            s.objects, s.objectBytes, s.usedBytes, s.capacity, s.capacity - s.usedBytes,
-            s.hardPinnedBytes, s.softPinnedBytes,
-            counters.bytesCopied.load(ordering: .relaxed), counters.bytesStaged.load(ordering: .relaxed),
-            counters.copyOps.load(ordering: .relaxed),
-            operations.puts.load(ordering: .relaxed), hits + misses, hits, misses,
-            operations.removes.load(ordering: .relaxed),
-            s.evictedObjects, s.evictedBytes, s.expiredObjects,
-            s.activeLeases, s.activeReaders, s.freeBlocks, s.largestFreeBlock,
-            registry.count, registry.registeredBytes,
-            isClosed ? 0 : segment?.pinnedLength ?? 0, segment?.pinFellBack ?? false ? 1 : 0,
-            AcceleratorRegistry.snapshot.accelerators.count, isClosed ? 1 : 0,
-            segment?.size ?? 0, remote?.reconnects.load(ordering: .relaxed) ?? 0,
-            remote?.commitFailures.load(ordering: .relaxed) ?? 0, counters.networkBytes.load(ordering: .relaxed),
-            counters.rdmaBytes.load(ordering: .relaxed), remote == nil ? 0 : RDMA.discovery.devices.filter(\.active).count,
-            remote?.isLocal ?? false ? 1 : 0,
-            cluster?.peers.withLock { $0.map.count } ?? 0, cluster?.pruned.load(ordering: .relaxed) ?? 0,
+            .init("objects", s.objects), .init("object_bytes", s.objectBytes), .init("bytes_used", s.usedBytes),
+            .init("capacity", s.capacity), .init("bytes_free", s.capacity - s.usedBytes),
+            .init("hard_pinned_bytes", s.hardPinnedBytes), .init("soft_pinned_bytes", s.softPinnedBytes),
+            .init("bytes_copied", counters.bytesCopied.load(ordering: .relaxed)),
+            .init("bytes_staged", counters.bytesStaged.load(ordering: .relaxed)),
+            .init("copy_ops", counters.copyOps.load(ordering: .relaxed)),
+            .init("puts", operations.puts.load(ordering: .relaxed)), .init("gets", hits + misses), .init("hits", hits),
+            .init("misses", misses), .init("removes", operations.removes.load(ordering: .relaxed)),
+            .init("evicted_objects", s.evictedObjects), .init("evicted_bytes", s.evictedBytes),
+            .init("expired_objects", s.expiredObjects),
+            .init("leases_active", s.activeLeases), .init("active_readers", s.activeReaders),
+            .init("free_blocks", s.freeBlocks), .init("largest_free_block", s.largestFreeBlock),
+            .init("registered_buffers", registry.count), .init("registered_bytes", registry.registeredBytes),
+            .init("page_locked_bytes", isClosed ? 0 : segment?.pinnedLength ?? 0),
+            .init("page_lock_fallbacks", segment?.pinFellBack ?? false ? 1 : 0),
+            .init("accelerators", AcceleratorRegistry.snapshot.accelerators.count), .init("closed", isClosed ? 1 : 0),
+            .init("segment_size", segment?.size ?? 0),
+            .init("master_reconnects", remote?.reconnects.load(ordering: .relaxed) ?? 0),
+            .init("commit_failures", remote?.commitFailures.load(ordering: .relaxed) ?? 0),
+            .init("network_bytes", counters.networkBytes.load(ordering: .relaxed)),
+            .init("rdma_bytes", counters.rdmaBytes.load(ordering: .relaxed)),
+            .init("rdma_devices", remote == nil ? 0 : RDMA.discovery.devices.filter(\.active).count),
+            .init("master_local", remote?.isLocal ?? false ? 1 : 0),
+            .init("peers", cluster?.peers.withLock { $0.map.count } ?? 0),
+            .init("peers_pruned", cluster?.pruned.load(ordering: .relaxed) ?? 0),
         ]
     }
 }

@@ -91,13 +91,11 @@ public func kvStoreIsClosed(_ store: OpaquePointer?) -> Int32 {
 
 @c(kv_stats)
 public func kvStats(_ store: OpaquePointer?, _ out: UnsafeMutablePointer<kv_stat>?, _ cap: Int) -> Int {
-    let names = StoreClient.statisticNames
     guard let c = try? ABI.client(store) else { return 0 }
-    guard let out, cap > 0 else { return names.count }
-    let values = c.statistics()
-    for i in 0..<min(cap, names.count) {
-        out[i] = kv_stat(name: UnsafeRawPointer(names[i].utf8Start).assumingMemoryBound(to: CChar.self),
-                         value: Int64(values[i]))
+    let stats = c.statistics()
+    guard let out, cap > 0 else { return stats.count }
+    for (i, s) in stats.prefix(cap).enumerated() {
+        out[i] = kv_stat(name: UnsafeRawPointer(s.name.utf8Start).assumingMemoryBound(to: CChar.self), value: Int64(s.value))
     }
-    return names.count
+    return stats.count
 }

@@ -11,7 +11,7 @@ import KVTransfer
 /// concurrent load, pins and statistics.
 final class StoreClientCacheTests: XCTestCase {
     func stat(_ s: StoreClient, _ name: String) -> Int {
-        s.statistics()[StoreClient.statisticNames.firstIndex { $0.description == name }!]
+        s.statistics().first { $0.name.description == name }!.value
     }
 
     func testEveryReadCallLeasesAndTheLeaseEndsWithTime() throws {

@@ -18,7 +18,7 @@ final class StoreClientDeviceTests: XCTestCase {
     let fake1 = MemoryLocation(kind: FakeAccelerator.kind, index: 1)
 
     func stat(_ s: StoreClient, _ name: String) -> Int {
-        s.statistics()[StoreClient.statisticNames.firstIndex { $0.description == name }!]
+        s.statistics().first { $0.name.description == name }!.value
     }
 
     func region(_ device: Int, offset: Int, length: Int) -> MemoryRegion {

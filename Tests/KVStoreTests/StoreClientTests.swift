@@ -31,7 +31,7 @@ final class StoreClientTests: XCTestCase {
     }
 
     func stat(_ s: StoreClient, _ name: String) -> Int {
-        s.statistics()[StoreClient.statisticNames.firstIndex { $0.description == name }!]
+        s.statistics().first { $0.name.description == name }!.value
     }
 
     func testRoundTripCopiesOnceAndStagesNothing() throws {
