@@ -10,10 +10,7 @@ let package = Package(
         .library(name: "KVStore", targets: ["KVStore"]),
         .executable(name: "kvstore-master", targets: ["kvstore-master"]),
     ],
-    dependencies: [
-        // Command-line parsing of kvstore-master only (the extension does not link it).
-        .package(url: "https://github.com/apple/swift-argument-parser", exact: "1.8.2"),
-    ],
+    dependencies: [],
     targets: [
         .target(name: "KVCore"),
         // C copy kernels (SIMD streaming stores) used by KVTransfer's local transport.
@@ -27,9 +24,8 @@ let package = Package(
         .target(name: "KVStore", dependencies: ["KVCore", "KVAccelerator", "KVTransfer"]),
         // The network master: MasterService (KVCore) behind a poll loop, plus /metrics and /health.
         .target(name: "KVMaster", dependencies: ["KVCore", "KVAccelerator", "KVTransfer", "KVStore"]),
-        .executableTarget(name: "kvstore-master", dependencies: [
-            "KVMaster", "KVCore", .product(name: "ArgumentParser", package: "swift-argument-parser"),
-        ]),
+        // Its command line is KVMaster.MasterCommandLine, shared with `kvstore master`.
+        .executableTarget(name: "kvstore-master", dependencies: ["KVMaster"]),
         // Header-only C target: the flat C ABI's types and prototypes (ownership rules live there).
         .target(name: "CKVStoreABI"),
         .target(name: "KVStoreABI", dependencies: ["CKVStoreABI", "KVStore", "KVCore", "KVAccelerator", "KVTransfer", "KVMaster"]),

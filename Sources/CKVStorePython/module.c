@@ -4,36 +4,37 @@
 #include <stddef.h>
 #include <string.h>
 
-/* run_master(host, port, metrics_host, metrics_port, token, client_ttl, lease_ttl, soft_pin_ttl,
- * eviction_high_watermark, eviction_ratio, token_file, max_clients, allow_uids, tenants): serves until
- * SIGINT/SIGTERM, GIL released. */
-static PyObject *kvpy_run_master(PyObject *module, PyObject *args) {
+/* master_main(program, args): the network master with its command line (kv_master_main);
+ * returns the exit status. The GIL is released while it serves. */
+static PyObject *kvpy_master_main(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    kv_master_options o;
-    const char *token = NULL, *token_file = NULL, *allow_uids = NULL, *tenants = NULL;
-    memset(&o, 0, sizeof o);
-    if (!PyArg_ParseTuple(args, "sisizdddddzizz", &o.host, &o.port, &o.metrics_host, &o.metrics_port, &token,
-                          &o.client_ttl, &o.cache.lease_ttl, &o.cache.soft_pin_ttl,
-                          &o.cache.eviction_high_watermark, &o.cache.eviction_ratio,
-                          &token_file, &o.max_clients, &allow_uids, &tenants))
-        return NULL;
-    o.token = token;
-    o.token_file = token_file;
-    o.allow_uids = allow_uids;
-    o.tenants = tenants;
-    int32_t st;
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyList_Check(args[1]))
+        return kvpy_raise_format(KV_E_ARGUMENT_TYPE, "master_main(program: str, args: list[str])");
+    const char *program = PyUnicode_AsUTF8AndSize(args[0], NULL);
+    if (!program) return NULL;
+    Py_ssize_t n = PyList_Size(args[1]);
+    const char **argv = PyMem_Calloc((size_t)n + 1, sizeof(char *));
+    if (!argv) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *a = PyList_GetItem(args[1], i);
+        argv[i] = a && PyUnicode_Check(a) ? PyUnicode_AsUTF8AndSize(a, NULL) : NULL;
+        if (!argv[i]) {
+            PyMem_Free(argv);
+            if (!PyErr_Occurred()) kvpy_raise_format(KV_E_ARGUMENT_TYPE, "master_main: every argument must be a str");
+            return NULL;
+        }
+    }
+    int32_t status;
     Py_BEGIN_ALLOW_THREADS
-    st = kv_master_run(&o);
+    status = kv_master_main(program, argv, (size_t)n);
     Py_END_ALLOW_THREADS
-    if (st) return kvpy_raise_last(st);
-    Py_RETURN_NONE;
+    PyMem_Free(argv);
+    return PyLong_FromLong(status);
 }
 
 static PyMethodDef module_methods[] = {
-    {"run_master", (PyCFunction)kvpy_run_master, METH_VARARGS,
-     "run_master(host, port, metrics_host, metrics_port, token, client_ttl, lease_ttl, soft_pin_ttl, "
-     "eviction_high_watermark, eviction_ratio, token_file, max_clients, allow_uids, tenants): the network master; "
-     "returns after SIGINT/SIGTERM."},
+    {"master_main", (PyCFunction)(void (*)(void))kvpy_master_main, METH_FASTCALL,
+     "master_main(program, args) -> int: the network master with the kvstore-master command line; the exit status."},
     {"_set_error_classes", (PyCFunction)kvpy_set_error_classes, METH_O,
      "Installs the {code: exception class} mapping (called once by kvstore._errors)."},
     {"tensor_header", (PyCFunction)(void (*)(void))kvpy_tensor_header, METH_FASTCALL,

@@ -53,50 +53,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvstore") -> int:
                             "the same bench, alternating runs, medians and ratios")
     bench.add_argument("--rounds", type=int, default=4, help="alternating rounds of --baseline (default 4)")
 
-    master = sub.add_parser("master", help="run the network master (the same server as the kvstore-master executable)")
-    master.add_argument("--host", "--rpc_address", dest="host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1)")
-    master.add_argument("--port", "--rpc_port", dest="port", type=int, default=50051, help="control-plane port (default 50051)")
-    master.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics and /health (default 127.0.0.1)")
-    master.add_argument("--metrics-port", "--metrics_port", dest="metrics_port", type=int, default=9003,
-                        help="port of /metrics and /health; -1: none (default 9003)")
-    master.add_argument("--token", default=None,
-                        help="token clients must prove (visible to other users in ps: prefer --token-file or "
-                             "$KVSTORE_MASTER_TOKEN; default: generated, and written to this user's token file)")
-    master.add_argument("--token-file", default=None, help="read the token from this file (mode 600)")
-    master.add_argument("--max-clients", type=int, default=0,
-                        help="most connections at once (default 0: from the file-descriptor limit)")
-    master.add_argument("--allow-uid", type=int, action="append", default=[],
-                        help="also accept this user's processes on the local socket (repeatable; "
-                             "default: only the master's own user and root)")
-    master.add_argument("--tenant", action="append", default=[], metavar="NAME:TOKEN_FILE",
-                        help="a tenant: clients proving the token in TOKEN_FILE (mode 600) connect as "
-                             "kvstore://NAME@host:port and see only NAME's keys (repeatable)")
-    master.add_argument("--client-ttl", "--client_ttl", dest="client_ttl", type=float, default=10.0,
-                        help="seconds without a heartbeat before a client is dead (default 10)")
-    master.add_argument("--lease-ttl", type=float, default=5.0, help="seconds a read leases an object (default 5)")
-    master.add_argument("--default_kv_lease_ttl", type=int, default=None, help="Mooncake's --lease-ttl, in milliseconds")
-    master.add_argument("--eviction-high-watermark", "--eviction_high_watermark_ratio", dest="eviction_high_watermark",
-                        type=float, default=0.9, help="evict above this fraction of capacity (default 0.9)")
-    master.add_argument("--eviction-ratio", "--eviction_ratio", dest="eviction_ratio", type=float, default=0.05,
-                        help="fraction of capacity one eviction round frees (default 0.05)")
-    master.add_argument("--soft-pin-ttl", type=float, default=1800.0, help="seconds a soft pin lasts by default (default 1800)")
+    # The master's flags are defined once, in the Swift core (shared with kvstore-master):
+    # everything after "master" goes there, --help included.
+    sub.add_parser("master", add_help=False, help="run the network master (the same server and flags as kvstore-master; "
+                                                   "master --help lists them)")
 
-    args = parser.parse_args(argv)
-    if args.command == "master":
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == ["master"]:
         from . import _native
-        from ._errors import StoreError
 
-        lease = args.default_kv_lease_ttl / 1000 if args.default_kv_lease_ttl is not None else args.lease_ttl
-        try:
-            _native.run_master(args.host, args.port, args.metrics_host, args.metrics_port, args.token or "",
-                               args.client_ttl, lease, args.soft_pin_ttl, args.eviction_high_watermark,
-                               args.eviction_ratio, args.token_file or "", args.max_clients,
-                               ",".join(str(u) for u in args.allow_uid), ",".join(args.tenant))
-        except StoreError as e:
-            print(f"kvstore master: {e}", file=sys.stderr)
-            return 2
-        return 0
+        return _native.master_main("kvstore master", list(raw[1:]))
+    args = parser.parse_args(raw)
     if args.command == "demo":
         from ._demo import run_demo
 

@@ -126,3 +126,15 @@ def test_bench_baseline_compares_two_builds(tmp_path):
     assert len(lines) == 2 and all(line.split()[-1] not in ("-",) for line in lines), r.stdout
     bad = run("bench", "--baseline", str(tmp_path))
     assert bad.returncode == 2 and "no kvstore package" in bad.stderr
+
+
+def test_master_flags_are_defined_once_in_the_core():
+    # kvstore master, python -m kvstore master and kvstore-master parse the same flags (the
+    # Swift core's MasterCommandLine): the help lists every spelling, Mooncake's included.
+    r = run("master", "--help")
+    assert r.returncode == 0
+    for flag in ("--rpc_port", "--metrics-port", "--token-file", "--max-clients", "--allow-uid", "--tenant",
+                 "--default_kv_lease_ttl", "--eviction_high_watermark_ratio"):
+        assert flag in r.stdout, flag
+    bad = run("master", "--metrics-port", "-2")
+    assert bad.returncode == 2 and "kvstore master: --metrics-port" in bad.stderr

@@ -187,26 +187,13 @@ size_t kv_devices(int32_t refresh, char *out, size_t cap);
  * not, or empty>"; then one line per device: "name\tport\tactive 0|1\tlink layer\tmtu". */
 size_t kv_rdma_info(char *out, size_t cap);
 
-/* The network master (python -m kvstore master; the kvstore-master executable runs the same
- * server). Strings are NUL-terminated; token NULL or "" means none (then host must be a
- * loopback address). metrics_port < 0: no HTTP endpoint; ports 0: the kernel picks. */
-typedef struct {
-    const char *host;
-    int32_t port;
-    const char *metrics_host;
-    int32_t metrics_port;
-    const char *token;          /* NULL or "": token_file, else $KVSTORE_MASTER_TOKEN, else generated */
-    double client_ttl;          /* seconds */
-    kv_store_config cache;      /* lease_ttl must be > 0 */
-    const char *token_file;     /* NULL or "": none; else the token is read from this 0600 file */
-    int32_t max_clients;        /* 0: from the file-descriptor limit */
-    const char *allow_uids;     /* NULL or "": none; else comma-separated uids allowed on the local socket */
-    const char *tenants;        /* NULL or "": none; else comma-separated NAME:TOKEN_FILE */
-} kv_master_options;
-/* Binds, then serves until SIGINT or SIGTERM (handlers installed for the call and restored
- * after). Logs to standard error. Returns KV_OK after a clean stop, or an error (bad options,
- * address in use) before serving. */
-int32_t kv_master_run(const kv_master_options *options);
+/* The network master, with the command line of the kvstore-master executable (both parse it
+ * in KVMaster.MasterCommandLine): argv holds argc NUL-terminated arguments without the program
+ * name; program names it in messages. Prints --help or an error to stdout/stderr, else binds
+ * and serves until SIGINT or SIGTERM (handlers installed for the call and restored after).
+ * Returns the process exit status: 0 after a clean stop or --help, 2 for bad arguments or a
+ * master that cannot start. */
+int32_t kv_master_main(const char *program, const char *const *argv, size_t argc);
 
 /* Writes up to cap statistics to out; returns how many exist (call with cap 0 to count). */
 size_t kv_stats(kv_store *store, kv_stat *out, size_t cap);
