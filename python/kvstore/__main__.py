@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvstore") -> int:
     bench.add_argument("--budget", default="512MiB", help="bytes moved per repetition for large sizes (default 512MiB)")
     bench.add_argument("--small-ops", type=int, default=200_000, help="operations per repetition for small sizes")
     bench.add_argument("--cluster-size", default="16MiB", help="object size of the cluster shm/tcp cases (default 16MiB)")
+    bench.add_argument("--cluster-cases", default="shm,tcp,ops",
+                       help="which parts of --ops cluster run: shm, tcp, ops (auth and 4 KiB ops) (default all)")
     bench.add_argument("--evict-segment", default="256MiB", help="segment of each store in the evict case (default 256MiB)")
     bench.add_argument("--evict-size", default="64KiB", help="value size in the evict case (default 64KiB)")
     bench.add_argument("--evict-count", type=int, default=1024, help="puts per timed round in the evict case (default 1024)")

@@ -73,8 +73,11 @@ def _iperf3_gbps() -> float | None:
         server.wait()
 
 
+CASES = ("shm", "tcp", "ops")
+
+
 def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repeat: int, small_ops: int,
-                record: Callable[[dict[str, Any]], None]) -> int:
+                record: Callable[[dict[str, Any]], None], cases: tuple[str, ...] = CASES) -> int:
     n = max(2, budget // size)
     holder_bytes = 3 * max(n * size, batch_count * batch_size) + (64 << 20)
     master = _Process([sys.executable, "-m", "kvstore", "master", "--port", "0", "--metrics-port", "-1"],
@@ -130,43 +133,6 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
             gets()
             return _same("cluster get_into", dst, src)
 
-        # shm: one memcpy into the holder's mapped segment. The first write maps it; its page
-        # tables fill in the background (about 0.3 s per GiB here), as they would long before
-        # an engine's steady traffic: wait for that, untimed (`auth` times the first write).
-        client.put_from("map-the-holder", src)
-        client.remove("map-the-holder", force=True)
-        time.sleep(1.0 + holder_bytes / (1 << 30))
-        t, bt, ratio = _paired(puts, clear, scatter, repeat)
-        report("shm", "put_from", size, n, t, size * n / bt / 1e9, ratio, "copyto")
-        t, bt, ratio = _paired(gets, lambda: None, gather, repeat)
-        if not gets_verified():
-            return 1
-        report("shm", "get_into", size, n, t, size * n / bt / 1e9, ratio, "copyto")
-        clear()
-
-        bsrc = np.full((batch_count, batch_size), 3, dtype=np.uint8)
-        bdst = np.zeros((batch_count, batch_size), dtype=np.uint8)
-        bkeys = [f"b-{i}" for i in range(batch_count)]
-        srows, drows = list(bsrc), list(bdst)
-        whole = np.empty_like(bsrc)
-        t, bt, ratio = _paired(lambda: _put_all(client, bkeys, srows), clear,
-                               lambda: np.copyto(whole, bsrc), repeat * 5)
-        report("shm", "batch_put_from", batch_size, batch_count, t, bsrc.nbytes / bt / 1e9, ratio, "copyto")
-        t, bt, ratio = _paired(lambda: client.batch_get_into(bkeys, drows), lambda: None,
-                               lambda: np.copyto(whole, bsrc), repeat * 5)
-        if not _same("cluster batch_get_into", bdst, bsrc):
-            return 1
-        report("shm", "batch_get_into", batch_size, batch_count, t, bsrc.nbytes / bt / 1e9, ratio, "copyto")
-        clear()
-
-        # tcp: the second holder has another host identity
-        tcp_holder = _Process([sys.executable, "-c", _HOLDER, url, str(holder_bytes)], "ready", stream="stdout",
-                              env={"KVSTORE_HOST_ID": "bench-remote-host"})
-        procs.append(tcp_holder)
-        shm_holder.stop()   # its segment leaves: every write now goes to the remote one
-        procs.remove(shm_holder)
-        iperf = _iperf3_gbps()
-
         def timed(fn: Callable[[], None], setup: Callable[[], None] = lambda: None) -> float:
             """Median of ``repeat`` timed runs after a warm-up; ``setup`` runs untimed before each."""
             setup()
@@ -179,22 +145,66 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
                 times.append(time.perf_counter() - t0)
             return statistics.median(times)
 
-        net0 = client.stats()["network_bytes"]
-        t = timed(puts, clear)
-        report("tcp", "put_from", size, n, t, iperf, (size * n / t / 1e9) / iperf if iperf else None, "iperf3")
-        t = timed(gets)
-        if not gets_verified():
-            return 1
-        if client.stats()["network_bytes"] == net0:
-            print("cluster tcp case did not use TCP", file=sys.stderr)
-            return 1
-        report("tcp", "get_into", size, n, t, iperf, (size * n / t / 1e9) / iperf if iperf else None, "iperf3")
-        if iperf is None:
-            print("(iperf3 is not installed: no TCP baseline; ./dev.sh setup installs it)")
-        clear()
-        tcp_holder.stop()
-        procs.remove(tcp_holder)
+        if "shm" in cases:
+            # shm: one memcpy into the holder's mapped segment. The first write maps it; its page
+            # tables fill in the background (about 0.3 s per GiB here), as they would long before
+            # an engine's steady traffic: wait for that, untimed (`auth` times the first write).
+            client.put_from("map-the-holder", src)
+            client.remove("map-the-holder", force=True)
+            time.sleep(1.0 + holder_bytes / (1 << 30))
+            t, bt, ratio = _paired(puts, clear, scatter, repeat)
+            report("shm", "put_from", size, n, t, size * n / bt / 1e9, ratio, "copyto")
+            t, bt, ratio = _paired(gets, lambda: None, gather, repeat)
+            if not gets_verified():
+                return 1
+            report("shm", "get_into", size, n, t, size * n / bt / 1e9, ratio, "copyto")
+            clear()
 
+            bsrc = np.full((batch_count, batch_size), 3, dtype=np.uint8)
+            bdst = np.zeros((batch_count, batch_size), dtype=np.uint8)
+            bkeys = [f"b-{i}" for i in range(batch_count)]
+            srows, drows = list(bsrc), list(bdst)
+            whole = np.empty_like(bsrc)
+            t, bt, ratio = _paired(lambda: _put_all(client, bkeys, srows), clear,
+                                   lambda: np.copyto(whole, bsrc), repeat * 5)
+            report("shm", "batch_put_from", batch_size, batch_count, t, bsrc.nbytes / bt / 1e9, ratio, "copyto")
+            t, bt, ratio = _paired(lambda: client.batch_get_into(bkeys, drows), lambda: None,
+                                   lambda: np.copyto(whole, bsrc), repeat * 5)
+            if not _same("cluster batch_get_into", bdst, bsrc):
+                return 1
+            report("shm", "batch_get_into", batch_size, batch_count, t, bsrc.nbytes / bt / 1e9, ratio, "copyto")
+            clear()
+
+        if "tcp" in cases:
+            # tcp: the second holder has another host identity
+            tcp_holder = _Process([sys.executable, "-c", _HOLDER, url, str(holder_bytes)], "ready", stream="stdout",
+                                  env={"KVSTORE_HOST_ID": "bench-remote-host"})
+            procs.append(tcp_holder)
+            shm_holder.stop()   # its segment leaves: every write now goes to the remote one
+            procs.remove(shm_holder)
+            iperf = _iperf3_gbps()
+
+            net0 = client.stats()["network_bytes"]
+            t = timed(puts, clear)
+            report("tcp", "put_from", size, n, t, iperf, (size * n / t / 1e9) / iperf if iperf else None, "iperf3")
+            t = timed(gets)
+            if not gets_verified():
+                return 1
+            if client.stats()["network_bytes"] == net0:
+                print("cluster tcp case did not use TCP", file=sys.stderr)
+                return 1
+            report("tcp", "get_into", size, n, t, iperf, (size * n / t / 1e9) / iperf if iperf else None, "iperf3")
+            if iperf is None:
+                print("(iperf3 is not installed: no TCP baseline; ./dev.sh setup installs it)")
+            clear()
+            tcp_holder.stop()
+            procs.remove(tcp_holder)
+
+        if shm_holder in procs:   # the tcp case was skipped
+            shm_holder.stop()
+            procs.remove(shm_holder)
+        if "ops" not in cases:
+            return 0
         # ops: 4 KiB through the master (a local holder again, so the data path is one memcpy)
         ops_holder = _Process([sys.executable, "-c", _HOLDER, url, str(256 << 20)], "ready", stream="stdout")
         procs.append(ops_holder)

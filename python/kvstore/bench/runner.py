@@ -52,6 +52,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
         argv = ["--ops", args.ops, "--sizes", args.sizes, "--repeat", str(args.repeat), "--batch", args.batch,
                 "--budget", args.budget, "--small-ops", str(args.small_ops), "--cluster-size", args.cluster_size]
+        if args.cluster_cases != "shm,tcp,ops":   # (a baseline build may not know the flag)
+            argv += ["--cluster-cases", args.cluster_cases]
         return run_compare(args.baseline, argv, max(2, args.rounds))
     if args.against:
         from .against import run_against
@@ -202,10 +204,14 @@ def run_bench(args: argparse.Namespace) -> int:
             return rc
 
     if "cluster" in ops:
-        from .cluster import run_cluster
+        from .cluster import CASES, run_cluster
 
+        cases = tuple(c.strip() for c in args.cluster_cases.split(",") if c.strip())
+        if not cases or any(c not in CASES for c in cases):
+            print(f"bad --cluster-cases: choose among {', '.join(CASES)}", file=sys.stderr)
+            return 2
         rc = run_cluster(parse_size(args.cluster_size, name="cluster size"), budget, batch_count, batch_size,
-                         args.repeat, args.small_ops, results.append)
+                         args.repeat, args.small_ops, results.append, cases)
         if rc:
             return rc
 
