@@ -60,6 +60,50 @@ public enum Authentication {
     public static let minTokenLength = 16
 }
 
+/// The server side of one handshake: checks the client's nonce, picks its own, proves the
+/// token and checks the client's proof. The master and the segment servers both use it.
+public struct ServerHandshake: Sendable {
+    public let clientNonce: [UInt8]
+    public let serverNonce: [UInt8]
+
+    /// `invalidArgument` unless the client's nonce has `Authentication.nonceSize` bytes.
+    public init(clientNonce: [UInt8]) throws(KVError) {
+        guard clientNonce.count == Authentication.nonceSize else {
+            throw .invalidArgument("hello needs a \(Authentication.nonceSize)-byte nonce, got \(clientNonce.count) bytes")
+        }
+        self.clientNonce = clientNonce
+        serverNonce = Authentication.randomBytes(Authentication.nonceSize)
+    }
+
+    /// This side's proof of `token`, sent with `serverNonce`.
+    public func serverProof(token: [UInt8]) -> [UInt8] {
+        Authentication.proof(token: token, role: .server, clientNonce: clientNonce, serverNonce: serverNonce)
+    }
+
+    /// Whether the client proved `token` (constant time).
+    public func accepts(clientProof: [UInt8], token: [UInt8]) -> Bool {
+        Authentication.constantTimeEqual(clientProof, Authentication.proof(token: token, role: .client, clientNonce: clientNonce,
+                                                                           serverNonce: serverNonce))
+    }
+}
+
+/// The client side of one handshake: the nonce to send, then (once the server proved the
+/// token) the proof to answer with. The master link and the peer links both use it.
+public struct ClientHandshake: Sendable {
+    public let clientNonce = Authentication.randomBytes(Authentication.nonceSize)
+
+    public init() {}
+
+    /// The proof to send, or nil when the server did not prove `token` (then it is not this
+    /// cluster's, or the tokens differ: nothing of ours must reach it).
+    public func answer(serverNonce: [UInt8], serverProof: [UInt8], token: [UInt8]) -> [UInt8]? {
+        guard serverNonce.count == Authentication.nonceSize,
+              Authentication.constantTimeEqual(serverProof, Authentication.proof(token: token, role: .server, clientNonce: clientNonce,
+                                                                                serverNonce: serverNonce)) else { return nil }
+        return Authentication.proof(token: token, role: .client, clientNonce: clientNonce, serverNonce: serverNonce)
+    }
+}
+
 /// HMAC with SHA-256 (RFC 2104).
 public enum HMACSHA256 {
     public static func mac(key: [UInt8], message: [UInt8]) -> [UInt8] {

@@ -46,6 +46,10 @@ public enum MasterRequest: Sendable, Equatable {
     /// One page of keys after `after` (nil: the first page), in byte order; answered by
     /// `keys`. No page is larger than `ObjectTable.keysPageBytes`.
     case listKeys(after: ObjectKey?)
+    /// How many segments have been unmounted since the master started; answered by `value`.
+    /// A client forgets its peers' mappings only when this changed (one round trip, not one
+    /// per mapped segment).
+    case unmountCount
 
     public var kind: UInt16 {
         switch self {
@@ -70,10 +74,11 @@ public enum MasterRequest: Sendable, Equatable {
         case .unpublishLayout: 19
         case .listKeys: 20
         case .prove: 21
+        case .unmountCount: 22
         }
     }
 
-    public static func isRequestKind(_ k: UInt16) -> Bool { (1...21).contains(k) }
+    public static func isRequestKind(_ k: UInt16) -> Bool { (1...22).contains(k) }
 
     /// The only kinds a master reads before a connection has authenticated.
     public static func isHandshakeKind(_ k: UInt16) -> Bool { k == 1 || k == 21 }
@@ -264,7 +269,7 @@ extension MasterRequest {
         case let .prove(proof): w.bytes(proof)
         case let .mount(size, host, path, endpoint): w.u64(UInt64(size)); w.string(host); w.string(path); w.string(endpoint)
         case let .unmount(segment): w.u32(segment)
-        case .heartbeat, .stats: break
+        case .heartbeat, .stats, .unmountCount: break
         case let .listKeys(after):
             w.bool(after != nil)
             if let after { w.key(after) }
@@ -322,6 +327,7 @@ extension MasterRequest {
             m = .hello(name: try r.string(max: MasterLimits.maxName, "name"), nonce: Array(try r.bytes(max: 64, "nonce")),
                        tenant: try r.string(max: Tenant.maxNameBytes, "tenant"))
         case 21: m = .prove(proof: Array(try r.bytes(max: 64, "proof")))
+        case 22: m = .unmountCount
         case 2:
             m = .mount(size: try r.size(max: MasterLimits.maxSize, "segment size"), host: try r.string(max: MasterLimits.maxString, "host"),
                        sharePath: try r.string(max: MasterLimits.maxString, "share path"),

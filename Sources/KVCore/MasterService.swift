@@ -68,13 +68,12 @@ public struct MasterService: Sendable {
     /// One connection's state: nil client until `hello` succeeds.
     public struct Session: Sendable {
         public var client: UInt64? = nil
-        /// The nonces, name and tenant of a `hello` waiting for its `prove`.
-        var challenge: (client: [UInt8], server: [UInt8], name: String, tenant: String)?
+        /// The handshake, name and tenant of a `hello` waiting for its `prove`.
+        var challenge: (handshake: ServerHandshake, name: String, tenant: String)?
         /// The peer's process id as the kernel reports it (SO_PEERCRED of a local socket);
         /// 0 when unknown (TCP). Set by the server, never from a message.
         public var peerPID: Int32 = 0
-        /// The tenant this connection proved (nil: the cluster's token). Kept here as well as
-        /// with the client, so a request needs no lookup to find its namespace.
+        /// The tenant this connection proved (nil: the cluster's token).
         var tenant: Tenant? = nil
         public init() {}
     }
@@ -84,8 +83,6 @@ public struct MasterService: Sendable {
         var lastSeen: Nanoseconds
         /// Verified process id (0: unknown); see `Session.peerPID`.
         var pid: Int = 0
-        /// The tenant it proved, nil for the cluster's own token.
-        var tenant: Tenant? = nil
         var segments: Set<SegmentID> = []
         var writes: Set<VersionHandle> = []
     }
@@ -114,6 +111,8 @@ public struct MasterService: Sendable {
     /// client that kept a segment id across a master restart finds it unknown.
     var nextSegment = SegmentID.random(in: 1...(1 << 30))
     public private(set) var requests = 0
+    /// Segments unmounted since this master started (clients prune their peers when it moves).
+    public private(set) var unmounts = 0
     /// Writes aborted because they were not committed within the write timeout.
     public private(set) var expiredWrites = 0
     /// Handshakes refused (a wrong token, or a proof that does not match).
@@ -158,50 +157,49 @@ public struct MasterService: Sendable {
         do throws(KVError) {
             if case let .hello(name, nonce, tenant) = request {
                 guard session.client == nil, session.challenge == nil else { throw .invalidArgument("hello was already sent on this connection") }
-                guard nonce.count == Authentication.nonceSize else {
-                    throw .invalidArgument("hello needs a \(Authentication.nonceSize)-byte nonce, got \(nonce.count) bytes")
-                }
+                let handshake = try ServerHandshake(clientNonce: nonce)
                 let token = try self.token(of: tenant)
-                let server = Authentication.randomBytes(Authentication.nonceSize)
-                session.challenge = (nonce, server, name, tenant)
-                return .challenge(nonce: server, proof: Authentication.proof(token: token, role: .server, clientNonce: nonce, serverNonce: server))
+                session.challenge = (handshake, name, tenant)
+                return .challenge(nonce: handshake.serverNonce, proof: handshake.serverProof(token: token))
             }
             if case let .prove(proof) = request {
                 guard session.client == nil, let c = session.challenge else { throw .invalidArgument("prove must follow hello") }
                 session.challenge = nil
                 let proved = try token(of: c.tenant)
-                let want = Authentication.proof(token: proved, role: .client, clientNonce: c.client, serverNonce: c.server)
-                guard Authentication.constantTimeEqual(proof, want) else {
+                guard c.handshake.accepts(clientProof: proof, token: proved) else {
                     refusedHandshakes += 1
                     throw .invalidArgument("the master refused the token" + (c.tenant.isEmpty ? "" : " of tenant '\(c.tenant)'"))
                 }
                 let id = nextClient
                 nextClient += 1
-                clients[id] = Client(name: c.name, lastSeen: now, pid: Int(max(0, session.peerPID)),
-                                     tenant: c.tenant.isEmpty ? nil : Tenant(name: c.tenant))
+                clients[id] = Client(name: c.name, lastSeen: now, pid: Int(max(0, session.peerPID)))
                 session.client = id
-                session.tenant = clients[id]!.tenant
+                session.tenant = c.tenant.isEmpty ? nil : Tenant(name: c.tenant)
                 return .welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket,
                                 pid: config.masterPID,
-                                data: Authentication.mask(dataKey, token: proved, clientNonce: c.client, serverNonce: c.server))
+                                data: Authentication.mask(dataKey, token: proved, clientNonce: c.handshake.clientNonce,
+                                                          serverNonce: c.handshake.serverNonce))
             }
             guard let id = session.client, clients[id] != nil else {
                 throw .invalidArgument(session.client == nil ? "the first request must be hello" : "this client was expired; reconnect")
             }
             clients[id]!.lastSeen = now
-            guard let tenant = session.tenant else { return try dispatch(request, client: id, now: now) }
-            return tenant.unscoped(try dispatch(try tenant.scoped(request), client: id, now: now))
+            guard let tenant = session.tenant else { return try dispatch(request, client: id, tenant: nil, now: now) }
+            return tenant.unscoped(try dispatch(try tenant.scoped(request), client: id, tenant: tenant, now: now))
         } catch {
             return .error(error)
         }
     }
 
-    private mutating func dispatch(_ request: MasterRequest, client id: UInt64, now: Nanoseconds) throws(KVError) -> MasterResponse {
+    /// `request` (already inside `tenant`'s namespace) of client `id`.
+    private mutating func dispatch(_ request: MasterRequest, client id: UInt64, tenant: Tenant?, now: Nanoseconds) throws(KVError) -> MasterResponse {
         switch request {
         case .hello, .prove:
             throw .invalidArgument("this connection has already authenticated")
         case .heartbeat:
             return .ok
+        case .unmountCount:
+            return .value(unmounts)
         case let .mount(size, host, path, endpoint):
             guard clients[id]!.segments.count < config.quotas.segments else {
                 throw .noSpace("this client has \(config.quotas.segments) segments mounted, its quota")
@@ -249,10 +247,7 @@ public struct MasterService: Sendable {
             try table.remove(key: key, force: force, now: now)
             return .ok
         case let .removeAll(force):
-            if let prefix = clients[id]!.tenant?.prefix {
-                return .value(table.removeAll(force: force, prefix: prefix, now: now))
-            }
-            return .value(table.removeAll(force: force, now: now))
+            return .value(table.removeAll(force: force, prefix: tenant?.prefix, now: now))
         case .stats:
             return statistics(now: now)
         case let .segmentInfo(seg):
@@ -272,7 +267,7 @@ public struct MasterService: Sendable {
             try layouts.unpublish(node, owner: id)
             return .ok
         case let .listKeys(after):
-            let page = table.keysPage(after: after, prefix: clients[id]!.tenant?.prefix, now: now)
+            let page = table.keysPage(after: after, prefix: tenant?.prefix, now: now)
             return .keys(page.keys, more: page.more)
         }
     }
@@ -316,6 +311,7 @@ public struct MasterService: Sendable {
 
     private mutating func unmount(_ seg: SegmentID, now: Nanoseconds) throws(KVError) -> ObjectTable.UnmountReport {
         let report = try table.unmount(segment: seg, now: now)
+        unmounts += 1
         segmentInfo[seg] = nil
         segmentOwner[seg] = nil
         return report

@@ -461,12 +461,6 @@ public struct ObjectTable: Sendable {
         hide(c)
     }
 
-    /// The keys of every visible object (timers due by `now` run first), in no order.
-    public mutating func keys(now: Nanoseconds) -> [ObjectKey] {
-        advance(now: now)
-        return entries.compactMap { $0.value.current >= 0 ? $0.key : nil }
-    }
-
     /// One page of `keysPage`: keys in byte order; `more` when keys after the last remain.
     public struct KeysPage: Sendable, Equatable {
         public var keys: [ObjectKey]
@@ -474,6 +468,26 @@ public struct ObjectTable: Sendable {
         public init(keys: [ObjectKey], more: Bool) {
             self.keys = keys
             self.more = more
+        }
+
+        /// Checks a page that came from a master, which may lie: keys strictly increasing
+        /// and all after `after` (so walking the pages always moves forward and ends), at
+        /// most `keysPageBytes` encoded (the C ABI copies a page into a buffer that size), and
+        /// `more` only with at least one key. Throws `transfer`.
+        public func validate(after: ObjectKey?) throws(KVError) {
+            var bytes = 0
+            var previous = after
+            for k in keys {
+                if let p = previous, !(p < k) {
+                    throw KVError(.transfer, "the master sent a page of keys out of order or not after '\(p)'")
+                }
+                bytes += 4 + k.count
+                previous = k
+            }
+            guard bytes <= ObjectTable.keysPageBytes else {
+                throw KVError(.transfer, "the master sent a page of \(bytes) key bytes; a page holds at most \(ObjectTable.keysPageBytes)")
+            }
+            guard !more || !keys.isEmpty else { throw KVError(.transfer, "the master sent an empty page that claims more keys") }
         }
     }
 

@@ -140,7 +140,7 @@ public enum MasterCommandLine {
         options.config = MasterConfig(token: try MasterServer.token(given: s.token, file: s.tokenFile),
                                       clientTTL: try Seconds.nanoseconds(s.clientTTL, name: "client_ttl"), cache: cache)
         options.config.tenants = tenants.merging(try MasterServer.tenants(s.tenants)) { _, new in new }
-        try options.config.validate()
+        try options.validate()
         return .run(options)
     }
 

@@ -48,6 +48,22 @@ public final class MasterServer: @unchecked Sendable {
         /// Where the token file is written (nil: `TokenFile.path(port:)`; "" for none).
         public var tokenFile: String? = nil
         public init() {}
+
+        /// Checks every setting (the command line and `MasterServer.init` both call it):
+        /// ports, limits, a given token's length, and the service's configuration.
+        public func validate() throws(KVError) {
+            for (name, p) in [("port", port), ("metrics port", metricsPort ?? 0)] where !(0...65535).contains(p) {
+                throw .invalidArgument("\(name) \(p) is out of range (0-65535)")
+            }
+            guard maxClients >= 0 else { throw .invalidArgument("max clients must be 0 (from the descriptor limit) or more, not \(maxClients)") }
+            guard authTimeout > 0, outputSoftLimit > 0, outputHardLimit >= outputSoftLimit else {
+                throw .invalidArgument("the connection limits must be positive, the hard one at least the soft one")
+            }
+            if let t = config.token, !t.isEmpty, t.utf8.count < Authentication.minTokenLength {
+                throw .invalidArgument("the token must be at least \(Authentication.minTokenLength) bytes (a generated one has 64)")
+            }
+            try config.validate()
+        }
     }
 
     /// The connection limit when `maxClients` is 0: the file-descriptor limit less room for
@@ -103,14 +119,9 @@ public final class MasterServer: @unchecked Sendable {
     /// token to this user's token file for the port (0600), where same-user clients find it.
     public init(options: Options, clock: @escaping Clock = monotonicClock,
                 log: @escaping @Sendable (String) -> Void = MasterServer.logToStandardError) throws(KVError) {
+        try options.validate()
         var config = options.config
-        if let t = config.token, !t.isEmpty {
-            guard t.utf8.count >= Authentication.minTokenLength else {
-                throw .invalidArgument("the token must be at least \(Authentication.minTokenLength) bytes (a generated one has 64)")
-            }
-        } else {
-            config.token = Authentication.newToken()
-        }
+        if (config.token ?? "").isEmpty { config.token = Authentication.newToken() }
         token = config.token!
         config.masterPID = Int(getpid())
         self.options = options
@@ -298,7 +309,7 @@ public final class MasterServer: @unchecked Sendable {
             }
         }
         for c in connections.values { drop(c, reason: nil) }
-        if let tokenPath { TokenFile.remove(tokenPath, ifHolding: token) }
+        if let tokenPath { TokenFile.remove(tokenPath, ifHolding: token) }   // (deinit covers a server never run)
         log("stopped")
     }
 
@@ -317,7 +328,9 @@ public final class MasterServer: @unchecked Sendable {
                 limited.log("accept", now: now, log) { "accept failed: \(error.message)" }
                 return
             }
-            if l === localListener, let refusal = refusePeer(s) {
+            // Local peers are who the kernel says they are (SO_PEERCRED), read once.
+            let cred = l === localListener ? s.peerCredentials : nil
+            if l === localListener, let refusal = refusePeer(cred) {
                 refusedConnections += 1
                 limited.log("peer-uid", now: clock(), log) { refusal }
                 refuse(s, refusal)
@@ -330,15 +343,15 @@ public final class MasterServer: @unchecked Sendable {
                 continue
             }
             let c = Connection(s, http: http, accepted: clock())
-            if l === localListener { c.session.peerPID = s.peerCredentials?.pid ?? 0 }
+            c.session.peerPID = cred?.pid ?? 0
             connections[s.fd] = c
         }
     }
 
     /// Why a process on the local socket may not connect (nil: it may): only the master's
     /// own user, root and `allowedUIDs`, as the kernel reports them (SO_PEERCRED).
-    private func refusePeer(_ s: Socket) -> String? {
-        guard let cred = s.peerCredentials else { return "refused a local connection whose peer credentials are unknown" }
+    private func refusePeer(_ cred: (pid: Int32, uid: UInt32, gid: UInt32)?) -> String? {
+        guard let cred else { return "refused a local connection whose peer credentials are unknown" }
         let uid = cred.uid
         if uid == geteuid() || uid == 0 || options.allowedUIDs.contains(uid) { return nil }
         return "refused a local connection from uid \(uid) (pid \(cred.pid)): only uid \(geteuid()), root and --allow-uid may connect"

@@ -362,7 +362,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     public func keysPage(after: ObjectKey?) throws(KVError) -> ObjectTable.KeysPage {
         guard case let .keys(ks, more) = try call(.listKeys(after: after)) else { throw KVError(.internal, "unexpected answer to listKeys") }
-        return ObjectTable.KeysPage(keys: ks, more: more)
+        let page = ObjectTable.KeysPage(keys: ks, more: more)
+        try page.validate(after: after)
+        return page
     }
 
     public func fetchLayout(node: String) throws(KVError) -> PublishedLayout {
@@ -381,6 +383,14 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public func statistics() throws(KVError) -> CacheStatistics {
         guard case .stats(let s) = try call(.stats) else { throw KVError(.internal, "unexpected answer to stats") }
         return CacheStatistics(s)
+    }
+
+    /// Segments the master has unmounted since it started, and the epoch the answer belongs to.
+    public func unmountCount() throws(KVError) -> (Int, Int) {
+        try link.withLock { (l: inout Link) throws(KVError) -> (Int, Int) in
+            guard case .value(let n) = try expect(&l, .unmountCount) else { throw KVError(.internal, "unexpected answer to unmountCount") }
+            return (n, l.epoch)
+        }
     }
 
     /// Where segment `seg` lives, and the epoch the answer belongs to.
@@ -562,27 +572,26 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         l.reader = FrameReader(maxPayload: WireFrameHeader.defaultMaxPayload, spinNanos: Self.spinNanos)
         l.writes.removeAll()
         let secret = token.bytes
-        let cn = Authentication.randomBytes(Authentication.nonceSize)
-        guard case let .challenge(sn, proof) = try expect(&l, .hello(name: name, nonce: cn, tenant: tenant)) else {
+        let handshake = ClientHandshake()
+        guard case let .challenge(sn, proof) = try expect(&l, .hello(name: name, nonce: handshake.clientNonce, tenant: tenant)) else {
             throw KVError(.internal, "unexpected answer to hello")
         }
         // The master proves the token first: a process holding the master's port without it
         // (after a crash) learns nothing and gets no proof of ours.
-        guard sn.count == Authentication.nonceSize,
-              Authentication.constantTimeEqual(proof, Authentication.proof(token: secret, role: .server, clientNonce: cn, serverNonce: sn)) else {
+        guard let answer = handshake.answer(serverNonce: sn, serverProof: proof, token: secret) else {
             let which = tenant.isEmpty ? "the cluster token" : "the token of tenant '\(tenant)'"
             throw KVError(.invalidArgument, "the server at \(host):\(port) could not prove \(which): it is not this cluster's master, or the token differs (\(token.hint))")
         }
-        let answer: MasterResponse
+        let welcome: MasterResponse
         do throws(KVError) {
-            answer = try expect(&l, .prove(proof: Authentication.proof(token: secret, role: .client, clientNonce: cn, serverNonce: sn)))
+            welcome = try expect(&l, .prove(proof: answer))
         } catch where error.code == .invalidArgument {
             throw KVError(.invalidArgument, "\(error.message) (\(token.hint))")
         }
-        guard case let .welcome(_, lease, ttl, local, pid, data) = answer, data.count == 32 else {
+        guard case let .welcome(_, lease, ttl, local, pid, data) = welcome, data.count == 32 else {
             throw KVError(.internal, "unexpected answer to prove")
         }
-        dataKey.set(Authentication.mask(data, token: secret, clientNonce: cn, serverNonce: sn))
+        dataKey.set(Authentication.mask(data, token: secret, clientNonce: handshake.clientNonce, serverNonce: sn))
         return (lease, ttl, local, pid)
     }
 

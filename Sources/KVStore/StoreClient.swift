@@ -713,9 +713,15 @@ final class ClusterState: Sendable {
     /// unmapped and descriptors closed, so dead peers' shared memory is freed; keeps at most
     /// `maxPeers`. Runs on the heartbeat thread; drops entries only while no operation is in
     /// flight (an operation may hold addresses in a mapping), else tries again next round.
+    ///
+    /// One round trip per round when nothing changed: the segments are asked about one by one
+    /// only when the master's count of unmounts moved since the last complete prune (or the
+    /// cache is over its bound).
     func prunePeers(_ remote: RemoteMaster) {
         let (epoch, known) = peers.withLock { ($0.epoch, Array($0.map.keys)) }
-        guard !known.isEmpty else { return }
+        guard !known.isEmpty, let (unmounts, countEpoch) = try? remote.unmountCount(), countEpoch == epoch else { return }
+        let seen = prunedAtUnmounts.withLock { $0 }
+        if seen?.epoch == epoch, seen?.unmounts == unmounts, known.count <= Self.maxPeers { return }
         var gone = Set<SegmentID>()
         for seg in known {
             do throws(KVError) {
@@ -727,7 +733,12 @@ final class ClusterState: Sendable {
             }
         }
         let excess = max(0, known.count - gone.count - Self.maxPeers)
-        guard !gone.isEmpty || excess > 0, remote.dataLock.tryLockExclusive() else { return }
+        guard !gone.isEmpty || excess > 0 else {
+            prunedAtUnmounts.withLock { $0 = (epoch, unmounts) }
+            return
+        }
+        guard remote.dataLock.tryLockExclusive() else { return }   // an operation is in flight: next round
+        prunedAtUnmounts.withLock { $0 = (epoch, unmounts) }
         let dropped = peers.withLock { p -> [SegmentAccess] in
             guard p.epoch == epoch else { return [] }
             var out = gone.compactMap { p.map.removeValue(forKey: $0) }
@@ -741,6 +752,9 @@ final class ClusterState: Sendable {
 
     /// Peers forgotten by `prunePeers`.
     let pruned = Atomic<Int>(0)
+    /// The master's unmount count (and epoch) at the last complete prune: until it moves,
+    /// every mapped peer is known to be mounted still.
+    let prunedAtUnmounts = Locked<(epoch: Int, unmounts: Int)?>(nil)
 
     func close() {
         server.withLock { $0 }?.stop()

@@ -148,9 +148,9 @@ public enum TokenFile {
 enum PeerHandshake {
     /// Client side on a fresh connection; throws `invalidArgument` when either side refuses.
     static func authenticate(_ s: Socket, token: [UInt8]) throws(KVError) {
-        let cn = Authentication.randomBytes(Authentication.nonceSize)
+        let handshake = ClientHandshake()
         var w = WireWriter()
-        w.bytes(cn)
+        w.bytes(handshake.clientNonce)
         try s.writeFrame(kind: DataFrame.hello, payload: w.bytes)
         let (h, payload) = try s.readFrame(maxPayload: 4096, isKnown: DataFrame.isKnown)
         if h.kind == DataFrame.error { throw PeerLink.errorOf(payload) }
@@ -158,12 +158,11 @@ enum PeerHandshake {
         let (sn, proof) = try WireReader.parse(payload, "challenge") { (r) throws(KVError) in
             (Array(try r.bytes(max: 64, "nonce")), Array(try r.bytes(max: 64, "proof")))
         }
-        guard sn.count == Authentication.nonceSize,
-              Authentication.constantTimeEqual(proof, Authentication.proof(token: token, role: .server, clientNonce: cn, serverNonce: sn)) else {
+        guard let answer = handshake.answer(serverNonce: sn, serverProof: proof, token: token) else {
             throw .invalidArgument("the peer could not prove the cluster token: it is not a member of this cluster")
         }
         var p = WireWriter()
-        p.bytes(Authentication.proof(token: token, role: .client, clientNonce: cn, serverNonce: sn))
+        p.bytes(answer)
         try s.writeFrame(kind: DataFrame.prove, payload: p.bytes)
         try PeerLink.expectOK(s)
     }

@@ -256,7 +256,6 @@ public final class SegmentServer: @unchecked Sendable {
                 continue
             }
             _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)
-            s.setTimeout(30)
             var full = false
             let serial = state.withLock { st -> Int? in
                 guard !st.stopped else { return nil }
@@ -296,7 +295,7 @@ public final class SegmentServer: @unchecked Sendable {
             state.withLock { st in if !st.stopped { st.connections[serial] = nil } }
         }
         var welcomed = false
-        var nonces: (client: [UInt8], server: [UInt8])?
+        var handshake: ServerHandshake?
         var queuePairs: [RDMAQueuePair] = []   // live as long as this connection
         defer { queuePairs.removeAll() }
         // Until the peer has proved the token: tiny frames only, and a deadline.
@@ -313,20 +312,18 @@ public final class SegmentServer: @unchecked Sendable {
             do throws(KVError) {
                 switch header.kind {
                 case DataFrame.hello:
-                    guard !welcomed, nonces == nil else { throw .invalidArgument("hello was already sent on this connection") }
+                    guard !welcomed, handshake == nil else { throw .invalidArgument("hello was already sent on this connection") }
                     let cn = try WireReader.parse(payload, "hello") { (r) throws(KVError) in Array(try r.bytes(max: 64, "nonce")) }
-                    guard cn.count == Authentication.nonceSize else { throw .invalidArgument("hello needs a \(Authentication.nonceSize)-byte nonce") }
-                    let sn = Authentication.randomBytes(Authentication.nonceSize)
-                    nonces = (cn, sn)
+                    let h = try ServerHandshake(clientNonce: cn)
+                    handshake = h
                     var w = WireWriter()
-                    w.bytes(sn)
-                    w.bytes(Authentication.proof(token: token.bytes, role: .server, clientNonce: cn, serverNonce: sn))
+                    w.bytes(h.serverNonce)
+                    w.bytes(h.serverProof(token: token.bytes))
                     try s.writeFrame(kind: DataFrame.challenge, requestID: header.requestID, payload: w.bytes)
                 case DataFrame.prove:
-                    guard !welcomed, let n = nonces else { throw .invalidArgument("prove must follow hello") }
+                    guard !welcomed, let h = handshake else { throw .invalidArgument("prove must follow hello") }
                     let proof = try WireReader.parse(payload, "prove") { (r) throws(KVError) in Array(try r.bytes(max: 64, "proof")) }
-                    let want = Authentication.proof(token: token.bytes, role: .client, clientNonce: n.client, serverNonce: n.server)
-                    guard Authentication.constantTimeEqual(proof, want) else { throw .invalidArgument("the segment server refused the token") }
+                    guard h.accepts(clientProof: proof, token: token.bytes) else { throw .invalidArgument("the segment server refused the token") }
                     welcomed = true
                     s.setTimeout(idleTimeout)
                     try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])

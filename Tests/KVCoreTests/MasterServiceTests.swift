@@ -213,6 +213,17 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertNil(m.table.invariantViolation())
     }
 
+    func testTheUnmountCountMovesWhenASegmentGoes() throws {
+        var m = try master()
+        var (a, seg) = join(&m, "a", host: "h")
+        let (b, _) = join(&m, "b", host: "h")
+        XCTAssertEqual(m.handle(.unmountCount, session: &a, now: 0), .value(0))
+        XCTAssertEqual(m.handle(.unmount(segment: seg), session: &a, now: 0), .ok)
+        XCTAssertEqual(m.handle(.unmountCount, session: &a, now: 0), .value(1))
+        m.depart(client: b.client!, now: 0)
+        XCTAssertEqual(m.handle(.unmountCount, session: &a, now: 0), .value(2))
+    }
+
     func testMountedCapacityCannotOverflow() throws {
         var config = MasterConfig(clientTTL: 10 * Self.s)
         config.quotas.segments = 1 << 20
@@ -350,7 +361,7 @@ final class MasterServiceTests: XCTestCase {
 
     static let requests: [MasterRequest] = [
         .hello(name: "n", nonce: [1, 2, 3], tenant: "acme"), .prove(proof: [9, 8]), .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1"),
-        .unmount(segment: 3), .heartbeat,
+        .unmount(segment: 3), .heartbeat, .unmountCount,
         .putStart(key: "k", size: 5, mode: .upsert, options: WriteOptions(hardPin: false, softPinTTL: 7, ttl: 9, replicas: 2), preferred: 4),
         .putStart(key: "k", size: 5, mode: .put, options: WriteOptions(hardPin: true, replicas: 1), preferred: nil),
         .putCommit(handle: 1 << 40), .putAbort(handle: 2), .get(key: "k", host: "h"), .exists(key: "é"), .size(key: "k"),

@@ -369,3 +369,65 @@ final class MasterServerLimitTests: XCTestCase {
         XCTAssertNil(TokenFile.read(path))
     }
 }
+
+/// The master's command line (shared by kvstore-master and kvstore master): every flag's wrong
+/// values are refused with the flag named, and nothing starts.
+final class MasterCommandLineTests: XCTestCase {
+    func testWrongValuesAreRefusedNamingTheFlag() {
+        let bad: [([String], String)] = [
+            (["--port"], "--port needs a value"), (["--port", "x"], "--port needs an integer"), (["--port", "70000"], "out of range"),
+            (["--metrics-port", "-2"], "--metrics-port"), (["--max-clients", "-1"], "--max-clients"),
+            (["--allow-uid", "root"], "not a uid"), (["--tenant", "nocolon"], "NAME:TOKEN_FILE"),
+            (["--tenant", "a/b:/nonexistent"], "tenant name"), (["--token", "short"], "at least 16"),
+            (["--token-file", "/nonexistent/token"], "cannot read a token"), (["--client-ttl", "nan"], "--client-ttl"),
+            (["--lease-ttl", "-1"], "lease_ttl"), (["--eviction-ratio", "2"], "eviction_ratio"),
+            (["--default_kv_lease_ttl", "zero"], "--default_kv_lease_ttl"), (["--bogus"], "unknown argument"),
+        ]
+        for (args, words) in bad {
+            XCTAssertThrowsError(try MasterCommandLine.parse(args), "\(args)") { e in
+                let message = (e as? KVError)?.message ?? ""
+                XCTAssertEqual((e as? KVError)?.code, .invalidArgument, "\(args)")
+                XCTAssertTrue(message.contains(words), "\(args): \(message)")
+            }
+        }
+    }
+
+    func testBothSpellingsAndEqualsFormsParse() throws {
+        guard case .run(let o) = try MasterCommandLine.parse(["--rpc_port=0", "--metrics_port", "-1", "--token", "a-token-of-16+bytes",
+                                                              "--allow-uid", "7,8", "--default_kv_lease_ttl", "250", "--max-clients=9"])
+        else { return XCTFail() }
+        XCTAssertEqual(o.port, 0)
+        XCTAssertNil(o.metricsPort)
+        XCTAssertEqual(o.allowedUIDs, [7, 8])
+        XCTAssertEqual(o.maxClients, 9)
+        XCTAssertEqual(o.config.cache.leaseTTL, 250_000_000)
+        guard case .help(let text) = try MasterCommandLine.parse(["--port", "1", "--help"], program: "x") else { return XCTFail() }
+        XCTAssertTrue(text.hasPrefix("usage: x"))
+    }
+}
+
+/// Token files: only this user's, readable by no one else.
+final class TokenFileTests: XCTestCase {
+    func testFilesAndDirectoriesOthersCouldReadOrPlantAreRefused() throws {
+        let dir = "/tmp/kvstore-tokenfile-tests-\(getpid())"
+        mkdir(dir, 0o700)
+        defer { unlink(dir + "/t"); unlink(dir + "/sub/master-1.token"); rmdir(dir + "/sub"); rmdir(dir) }
+        let path = dir + "/t"
+        try TokenFile.write("a-token-of-16+bytes", to: path)
+        XCTAssertEqual(TokenFile.read(path), "a-token-of-16+bytes")
+        chmod(path, 0o644)
+        XCTAssertNil(TokenFile.read(path), "readable by others: refused")
+        chmod(path, 0o600)
+        symlink(path, dir + "/link")
+        defer { unlink(dir + "/link") }
+        XCTAssertNil(TokenFile.read(dir + "/link"), "a symbolic link is not followed")
+        // A runtime directory others may write to is refused.
+        mkdir(dir + "/sub", 0o755)
+        chmod(dir + "/sub", 0o755)
+        setenv("KVSTORE_RUNTIME_DIR", dir + "/sub", 1)
+        defer { unsetenv("KVSTORE_RUNTIME_DIR") }
+        XCTAssertThrowsError(try TokenFile.path(port: 1)) { XCTAssertTrue(($0 as? KVError)?.message.contains("must be 700") ?? false) }
+        chmod(dir + "/sub", 0o700)
+        XCTAssertEqual(try TokenFile.path(port: 1), dir + "/sub/master-1.token")
+    }
+}

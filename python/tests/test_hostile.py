@@ -470,8 +470,13 @@ def test_tenants_see_and_remove_only_their_own_keys(tmp_path):
         try:
             with pytest.raises(kvstore.InvalidArgumentError, match="tenant 'acme'"):
                 kvstore.Store.connect(f"kvstore://acme@{host}", segment_size=0, token="beta-token-of-some-length")
-            with pytest.raises(kvstore.InvalidArgumentError):
-                kvstore.Store.connect(f"kvstore://nobody@{host}", segment_size=0, token="beta-token-of-some-length")
+            before = admin.stats()
+            for url in (f"kvstore://nobody@{host}", f"kvstore://@{host}", f"kvstore://a/b@{host}", f"kvstore://sp ace@{host}",
+                        f"kvstore://{'t' * 65}@{host}"):
+                with pytest.raises(kvstore.InvalidArgumentError):
+                    kvstore.Store.connect(url, segment_size="1MiB", token="beta-token-of-some-length")
+            after = admin.stats()
+            assert (after["capacity"], after["objects"]) == (before["capacity"], before["objects"])
             acme.put("k", b"acme's")
             beta.put("k", b"beta's")            # same name, another object
             beta.put("b-only", b"b" * 10000)   # lives in a segment of another member
