@@ -61,7 +61,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         var segment: SegmentID = 0
         var epoch = 0
         /// Writes started on this connection and not yet committed or aborted.
-        var writes: Set<VersionHandle> = []
+        /// ... with when each started (a slow one's commit is confirmed, see `slowCommit`).
+        var writes: [VersionHandle: Nanoseconds] = [:]
         /// Requests of streamed batches not yet answered, and answers read for them by
         /// another call (see `streamed`).
         var awaited: Set<UInt32> = []
@@ -198,7 +199,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             guard case .putStarted(let w) = try expect(&l, .putStart(key: key, size: size, mode: mode, options: options, preferred: preferred)) else {
                 throw KVError(.internal, "unexpected answer to putStart")
             }
-            return try Self.started(w, size: size, &l)
+            return try Self.started(w, size: size, now: clock(), &l)
         }
     }
 
@@ -209,22 +210,45 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             guard case .putStartedBatch(let rs) = answer, rs.count == range.count else {
                 throw KVError(.internal, "unexpected answer to putStartBatch")
             }
-            return zip(range, rs).map { i, r in r.flatMap { w in Result { () throws(KVError) in try Self.started(w, size: items[i].size, &l) } } }
+            let now = clock()
+            return zip(range, rs).map { i, r in r.flatMap { w in Result { () throws(KVError) in try Self.started(w, size: items[i].size, now: now, &l) } } }
         }, handle: started)
     }
 
     /// The ticket of a write the master started on this connection (remembered until it is
     /// committed or aborted).
-    private static func started(_ w: StartedWrite, size: Int, _ l: inout Link) throws(KVError) -> WriteTicket {
+    private static func started(_ w: StartedWrite, size: Int, now: Nanoseconds, _ l: inout Link) throws(KVError) -> WriteTicket {
         let t = try w.ticket(size: size)
-        l.writes.insert(t.handle)
+        l.writes[t.handle] = now
         return t
     }
 
+    /// A write older than this when it commits has its commit confirmed before the put
+    /// returns: the master aborts writes not committed within its write timeout (300 s), and
+    /// a pipelined commit it then refuses would otherwise be acknowledged and lost.
+    public static let slowCommit: Nanoseconds = 60_000_000_000
+
+    /// Whether write `h` started more than `slowCommit` ago.
+    private func isSlow(_ h: VersionHandle, _ l: Link) -> Bool {
+        l.writes[h].map { clock() &- $0 > Self.slowCommit } ?? false
+    }
+
+    /// Waits until the master has handled everything sent before (one round trip); false when
+    /// a pipelined commit was refused meanwhile.
+    private func confirmCommits(_ l: inout Link) throws(KVError) -> Bool {
+        let before = commitFailures.load(ordering: .relaxed)
+        _ = try expect(&l, .heartbeat)
+        return commitFailures.load(ordering: .relaxed) == before
+    }
+
+    static let refusedSlowWrite = KVError(.transfer, "the master refused this write's commit (it outlived the master's write timeout); it was not stored")
+
     public func commitWrite(_ t: WriteTicket) throws(KVError) {
         try link.withLock { (l: inout Link) throws(KVError) in
+            let slow = isSlow(t.handle, l)
             var frames = WireWriter()
             guard pipeline(.putCommit(handle: t.handle), t.handle, into: &frames, &l), send(frames, &l) else { throw Self.lostWrite }
+            if slow, try !confirmCommits(&l) { throw Self.refusedSlowWrite }
         }
     }
 
@@ -239,10 +263,14 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public func finishWrites(commit: [WriteTicket], abort: [WriteTicket]) -> [KVError?] {
         link.withLock { (l: inout Link) -> [KVError?] in
             var frames = WireWriter()
+            let slow = commit.map { isSlow($0.handle, l) }
             for a in abort { _ = pipeline(.putAbort(handle: a.handle), a.handle, into: &frames, &l) }
             let sent = commit.map { c in pipeline(.putCommit(handle: c.handle), c.handle, into: &frames, &l) }
             let delivered = send(frames, &l)
-            return sent.map { $0 && delivered ? nil : Self.lostWrite }
+            // A refusal cannot be tied to one commit: every slow one is then reported unstored
+            // (one that was stored after all is safe to write again).
+            let confirmed = !delivered || !slow.contains(true) || ((try? confirmCommits(&l)) ?? false)
+            return zip(sent, slow).map { s, isSlow in !(s && delivered) ? Self.lostWrite : (isSlow && !confirmed ? Self.refusedSlowWrite : nil) }
         }
     }
 
@@ -252,7 +280,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// it only when it fails, and that answer is read before the next one). False when `h` is
     /// not a write of this connection (it was lost with an earlier connection).
     private func pipeline(_ r: MasterRequest, _ h: VersionHandle, into frames: inout WireWriter, _ l: inout Link) -> Bool {
-        guard l.writes.remove(h) != nil else { return false }
+        guard l.writes.removeValue(forKey: h) != nil else { return false }
         frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
         l.nextID &+= 1
         return true

@@ -1,6 +1,7 @@
 import XCTest
 import KVCore
 import KVTestSupport
+@testable import KVStore
 import KVTransfer
 @testable import KVMaster
 #if canImport(Glibc)
@@ -429,5 +430,36 @@ final class TokenFileTests: XCTestCase {
         XCTAssertThrowsError(try TokenFile.path(port: 1)) { XCTAssertTrue(($0 as? KVError)?.message.contains("must be 700") ?? false) }
         chmod(dir + "/sub", 0o700)
         XCTAssertEqual(try TokenFile.path(port: 1), dir + "/sub/master-1.token")
+    }
+}
+
+/// A write that outlives the master's write timeout: the master aborts it, and the client must
+/// not acknowledge it (its commit is pipelined; for a slow write it is confirmed first).
+final class SlowWriteTests: XCTestCase {
+    final class FakeClock: @unchecked Sendable {
+        let now = Locked<Nanoseconds>(1_000_000_000)
+    }
+
+    func testASlowWritesCommitIsConfirmedNotAcknowledgedBlindly() throws {
+        let (server, thread, _) = try MasterServerTests.start { $0.config.quotas.writeTimeout = 1_000_000_000 }
+        defer { server.stop(); thread.join() }
+        let time = FakeClock()
+        let remote = try RemoteMaster(url: "kvstore://127.0.0.1:\(server.port)", token: MasterServerTests.token, name: "slow",
+                                      clock: { time.now.withLock { $0 } })
+        defer { remote.close() }
+        _ = try remote.mount(RemoteMaster.Mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "127.0.0.1:1"))
+        let fast = try remote.beginWrite(key: "fast", size: 100, mode: .put, options: .default, preferred: nil)
+        try remote.commitWrite(fast)
+        let slow = try remote.beginWrite(key: "slow", size: 100, mode: .put, options: .default, preferred: nil)
+        time.now.withLock { $0 += RemoteMaster.slowCommit + 1 }   // the copy took over a minute...
+        usleep(1_600_000)                                          // ...and the master gave up on it
+        XCTAssertThrowsError(try remote.commitWrite(slow)) { XCTAssertEqual(($0 as? KVError)?.code, .transfer) }
+        XCTAssertNil(try remote.lease(key: "slow"), "never stored, and the put was not acknowledged")
+        XCTAssertEqual(try remote.lease(key: "fast"), 100)
+        // The same through the batch path.
+        let batch = try remote.beginWrite(key: "slow-batch", size: 100, mode: .put, options: .default, preferred: nil)
+        time.now.withLock { $0 += RemoteMaster.slowCommit + 1 }
+        usleep(1_600_000)
+        XCTAssertEqual(remote.finishWrites(commit: [batch], abort: []).first??.code, .transfer)
     }
 }
