@@ -7,36 +7,27 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* _read_object(key, prefix_len, resolve) -> result */
-PyObject *kvpy_store_read_object(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (kvpy_check_nargs("_read_object", nargs, 3, 3) < 0) return NULL;
-    const char *k;
-    Py_ssize_t klen;
-    if (kvpy_key_arg(self, args[0], &k, &klen) < 0) return NULL;
-    Py_ssize_t prefix = PyLong_AsSsize_t(args[1]);
-    if (prefix < 0) {
-        if (!PyErr_Occurred()) kvpy_raise(KV_E_INVALID_ARGUMENT, "prefix_len must not be negative");
-        return NULL;
-    }
-    kv_read hold;
-    int32_t st = kvpy_read_begin(self, k, klen, &hold);
-    if (st) return kvpy_raise_last(st);
+/* One try of _read_object on a held object: the result, or NULL with an error set, or NULL
+ * with *stale set (a copy outlived the lease: nothing was returned, begin again). */
+static PyObject *read_held_object(StoreObject *self, kv_read *hold, Py_ssize_t prefix, PyObject *resolve, int *stale) {
     PyObject *result = NULL, *pair = NULL, *prefix_bytes = NULL;
     Py_buffer view = {0};
-    uint64_t have = hold.size < (uint64_t)prefix ? hold.size : (uint64_t)prefix;
+    int32_t st;
+    uint64_t have = hold->size < (uint64_t)prefix ? hold->size : (uint64_t)prefix;
     prefix_bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)have);
     if (!prefix_bytes) goto done;
     kv_mut_buffer head = {PyBytes_AsString(prefix_bytes), (size_t)have};
-    st = kv_read_copy_range(self->store, &hold, 0, have, &head, 1, KV_HOST_MEMORY, NULL);
+    st = kv_read_copy_range(self->store, hold, 0, have, &head, 1, KV_HOST_MEMORY, NULL);
+    if (st == KV_STALE) { *stale = 1; goto done; }
     if (st) { kvpy_raise_last(st); goto done; }
-    pair = PyObject_CallFunction(args[2], "OK", prefix_bytes, (unsigned long long)hold.size);
+    pair = PyObject_CallFunction(resolve, "OK", prefix_bytes, (unsigned long long)hold->size);
     if (!pair) goto done;
     if (!PyTuple_Check(pair) || PyTuple_Size(pair) != 2) {
         kvpy_type_error(pair, "resolve()'s result", "a (result, destination) tuple");
         goto done;
     }
     PyObject *dest = PyTuple_GetItem(pair, 1);
-    uint64_t rest = hold.size - have;
+    uint64_t rest = hold->size - have;
     if (dest != Py_None) {
         kv_mut_buffer d;
         uint32_t flags = 0;
@@ -49,7 +40,8 @@ PyObject *kvpy_store_read_object(StoreObject *self, PyObject *const *args, Py_ss
             flags = KV_HOST_MEMORY;
         }
         if (rest > 0) {
-            RUN_MAYBE_UNLOCKED(rest, st = kv_read_copy_range(self->store, &hold, have, rest, &d, 1, flags, NULL));
+            RUN_MAYBE_UNLOCKED(rest, st = kv_read_copy_range(self->store, hold, have, rest, &d, 1, flags, NULL));
+            if (st == KV_STALE) { *stale = 1; goto done; }
             if (st) { kvpy_raise_last(st); goto done; }
         }
     } else if (rest > 0) {
@@ -62,8 +54,32 @@ done:
     if (view.obj) PyBuffer_Release(&view);
     Py_XDECREF(pair);
     Py_XDECREF(prefix_bytes);
-    kv_read_end(self->store, &hold);
     return result;
+}
+
+/* _read_object(key, prefix_len, resolve) -> result: reads the first prefix_len bytes,
+ * calls resolve(prefix, size) -> (result, destination), copies the rest into destination.
+ * A copy that outlived its lease is thrown away and the read begins again (at most 3 times). */
+PyObject *kvpy_store_read_object(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (kvpy_check_nargs("_read_object", nargs, 3, 3) < 0) return NULL;
+    const char *k;
+    Py_ssize_t klen;
+    if (kvpy_key_arg(self, args[0], &k, &klen) < 0) return NULL;
+    Py_ssize_t prefix = PyLong_AsSsize_t(args[1]);
+    if (prefix < 0) {
+        if (!PyErr_Occurred()) kvpy_raise(KV_E_INVALID_ARGUMENT, "prefix_len must not be negative");
+        return NULL;
+    }
+    for (int tries = 0;; tries++) {
+        kv_read hold;
+        int32_t st = kvpy_read_begin(self, k, klen, &hold);
+        if (st) return kvpy_raise_last(st);
+        int stale = 0;
+        PyObject *result = read_held_object(self, &hold, prefix, args[2], &stale);
+        if (stale && tries >= 3) kvpy_raise_last(KV_E_TRANSFER);
+        kv_read_end(self->store, &hold);
+        if (!stale || tries >= 3) return result;
+    }
 }
 
 /* _register_raw(address, length, location, owner) */

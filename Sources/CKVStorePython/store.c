@@ -417,26 +417,38 @@ int32_t kvpy_read_begin(StoreObject *self, const char *k, Py_ssize_t klen, kv_re
     return st;
 }
 
-/* A held object as new bytes (NULL with an error set); ends the hold either way. */
-static PyObject *read_bytes(StoreObject *self, kv_read *hold) {
-    PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)hold->size);
-    if (!bytes) { kv_read_end(self->store, hold); return NULL; }
-    kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)hold->size};
-    int32_t st;
-    RUN_MAYBE_UNLOCKED(hold->size, st = kv_read_copy(self->store, hold, &dst, 1, KV_HOST_MEMORY, NULL));
-    if (st) { Py_DECREF(bytes); kvpy_raise_last(st); bytes = NULL; }
-    kv_read_end(self->store, hold);
-    return bytes;
+/* How many times a read whose copy outlived its lease (KV_STALE) begins again before it fails. */
+#define STALE_RETRIES 3
+
+/* Object k as new bytes. NULL: with a Python error set, or, when the hold could not be taken,
+ * with no error set and *begin_status the status (so a batch can tell a missing key). A copy
+ * that outlived its lease is thrown away and the read begins again. */
+static PyObject *read_key_bytes(StoreObject *self, const char *k, Py_ssize_t klen, int32_t *begin_status) {
+    *begin_status = 0;
+    for (int tries = 0;; tries++) {
+        kv_read hold;
+        int32_t st = read_begin(self, k, klen, &hold);
+        if (st) { *begin_status = st; return NULL; }
+        PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)hold.size);
+        if (!bytes) { kv_read_end(self->store, &hold); return NULL; }
+        kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)hold.size};
+        RUN_MAYBE_UNLOCKED(hold.size, st = kv_read_copy(self->store, &hold, &dst, 1, KV_HOST_MEMORY, NULL));
+        if (st == 0) { kv_read_end(self->store, &hold); return bytes; }
+        Py_DECREF(bytes);
+        if (st == KV_STALE && tries < STALE_RETRIES) { kv_read_end(self->store, &hold); continue; }
+        kvpy_raise_last(st == KV_STALE ? KV_E_TRANSFER : st);   /* before kv_read_end: its message */
+        kv_read_end(self->store, &hold);
+        return NULL;
+    }
 }
 
 static PyObject *store_get(StoreObject *self, PyObject *key) {
     const char *k;
     Py_ssize_t klen;
     if (key_arg(self, key, &k, &klen) < 0) return NULL;
-    kv_read hold;
-    int32_t st = read_begin(self, k, klen, &hold);
-    if (st) return kvpy_raise_last(st);
-    return read_bytes(self, &hold);
+    int32_t st;
+    PyObject *bytes = read_key_bytes(self, k, klen, &st);
+    return bytes || !st ? bytes : kvpy_raise_last(st);
 }
 
 static PyObject *store_get_into(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -465,11 +477,11 @@ static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *r = NULL;
         if (items[i].key) {
-            kv_read hold;
-            int32_t st = read_begin(self, items[i].k, items[i].klen, &hold);
+            int32_t st;
+            r = read_key_bytes(self, items[i].k, items[i].klen, &st);
             if (st == KV_E_OBJECT_NOT_FOUND) { r = Py_None; Py_INCREF(r); }
             else if (st) { batch_record_failure(&items[i], st); r = batch_error(&items[i]); }
-            else if (!(r = read_bytes(self, &hold))) r = kvpy_take_error();
+            else if (!r) r = kvpy_take_error();
         } else {
             r = batch_error(&items[i]);
         }

@@ -15,7 +15,8 @@ public enum MasterRequest: Sendable, Equatable {
     /// Offers a segment of `size` bytes owned by this client: `host` identifies the machine
     /// (clients on the same host map `sharePath`); `endpoint` is where the owner serves reads
     /// and writes of it to other hosts.
-    case mount(size: Int, host: String, sharePath: String, endpoint: String)
+    /// `reused`: this memory served reads under an earlier mount (see `ObjectTable.mount(readyAt:)`).
+    case mount(size: Int, host: String, sharePath: String, endpoint: String, reused: Bool)
     case unmount(segment: SegmentID)
     case heartbeat
     /// `options` travel as the C ABI's flags, durations in nanoseconds (0: not given); the
@@ -151,10 +152,12 @@ public struct FoundObject: Sendable, Equatable {
     }
 
     /// A reader's ticket: the first replica, the others as fallbacks (the lease is the
-    /// master's, so the handle is 0); `internal` when the master named no replica.
-    public func ticket() throws(KVError) -> ReadTicket {
+    /// master's, so the handle is 0; the copy must end by `leaseEnd`, see `ReadTicket`);
+    /// `internal` when the master named no replica.
+    public func ticket(leaseEnd: Nanoseconds) throws(KVError) -> ReadTicket {
         guard let first = replicas.first else { throw KVError(.internal, "the master found an object with no replica") }
-        return ReadTicket(handle: 0, segment: first.segment, offset: first.offset, size: size, fallbacks: Array(replicas.dropFirst()))
+        return ReadTicket(handle: 0, segment: first.segment, offset: first.offset, size: size, fallbacks: Array(replicas.dropFirst()),
+                          leaseEnd: leaseEnd)
     }
 }
 
@@ -267,7 +270,8 @@ extension MasterRequest {
         switch self {
         case let .hello(name, nonce, tenant): w.string(name); w.bytes(nonce); w.string(tenant)
         case let .prove(proof): w.bytes(proof)
-        case let .mount(size, host, path, endpoint): w.u64(UInt64(size)); w.string(host); w.string(path); w.string(endpoint)
+        case let .mount(size, host, path, endpoint, reused):
+            w.u64(UInt64(size)); w.string(host); w.string(path); w.string(endpoint); w.u8(reused ? 1 : 0)
         case let .unmount(segment): w.u32(segment)
         case .heartbeat, .stats, .unmountCount: break
         case let .listKeys(after):
@@ -331,7 +335,7 @@ extension MasterRequest {
         case 2:
             m = .mount(size: try r.size(max: MasterLimits.maxSize, "segment size"), host: try r.string(max: MasterLimits.maxString, "host"),
                        sharePath: try r.string(max: MasterLimits.maxString, "share path"),
-                       endpoint: try r.string(max: MasterLimits.maxString, "endpoint"))
+                       endpoint: try r.string(max: MasterLimits.maxString, "endpoint"), reused: try r.bool())
         case 3: m = .unmount(segment: try r.u32())
         case 4: m = .heartbeat
         case 5:

@@ -200,12 +200,14 @@ public struct MasterService: Sendable {
             return .ok
         case .unmountCount:
             return .value(unmounts)
-        case let .mount(size, host, path, endpoint):
+        case let .mount(size, host, path, endpoint, reused):
             guard clients[id]!.segments.count < config.quotas.segments else {
                 throw .noSpace("this client has \(config.quotas.segments) segments mounted, its quota")
             }
             let seg = nextSegment
-            try table.mount(segment: seg, capacity: size)
+            // Memory that served reads before (its owner lost the master) may still be read
+            // under leases granted then: it takes new objects only once they have all ended.
+            try table.mount(segment: seg, capacity: size, readyAt: reused ? now &+ table.policy.leaseTTL : 0, now: now)
             nextSegment += 1
             // The pid is the one the kernel reported, whatever the client claims elsewhere.
             segmentInfo[seg] = SegmentInfo(segment: seg, size: size, host: host, sharePath: path, endpoint: endpoint, pid: clients[id]!.pid)

@@ -6,6 +6,7 @@ extension ObjectTable {
     /// last lease it was), turns expired soft pins ordinary, and removes objects whose TTL
     /// passed. Every call that takes `now` runs this first; tests call it to move time.
     public mutating func advance(now: Nanoseconds) {
+        if !quarantined.isEmpty { releaseQuarantine(now: now) }
         while let t = timers.popDue(now: now) {
             let s = t.slot, i = Int(t.slot)
             switch t.kind {

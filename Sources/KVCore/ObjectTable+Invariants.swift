@@ -12,6 +12,7 @@ extension ObjectTable {
             v.placements.forEach { p in if segments.slots[Int(p.slot)].mounted { used += p.allocation.length } }
             if v.list != .none { listed += v.placements.length }
         }
+        for q in quarantined where segments.slots[Int(q.placement.slot)].mounted { used += q.placement.allocation.length }
         var onLists = 0
         for l in [List.ordinary, .softPinned] {
             var s = lists[Int(l.rawValue)].head, prev: Int32 = -1

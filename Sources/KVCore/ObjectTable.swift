@@ -47,14 +47,20 @@ public struct ReadTicket: Sendable, Equatable {
     public let size: Int
     /// Other replicas to read should this one fail (a remote master's answer; empty here).
     public var fallbacks: [Replica] = []
+    /// For a read under a remote master's lease (nothing holds the bytes but the lease): the
+    /// reader's own monotonic time by which its copy must have ended for the bytes to be the
+    /// object's. 0: the version is held (an embedded store's reader), nothing to check.
+    public var leaseEnd: Nanoseconds = 0
 
     /// Rebuilds a ticket handed across the C ABI; it must be one `acquireRead` returned.
-    public init(handle: VersionHandle, segment: SegmentID = 0, offset: Int, size: Int, fallbacks: [Replica] = []) {
+    public init(handle: VersionHandle, segment: SegmentID = 0, offset: Int, size: Int, fallbacks: [Replica] = [],
+                leaseEnd: Nanoseconds = 0) {
         self.handle = handle
         self.segment = segment
         self.offset = offset
         self.size = size
         self.fallbacks = fallbacks
+        self.leaseEnd = leaseEnd
     }
 }
 
@@ -174,8 +180,27 @@ public struct ObjectTable: Sendable {
 
     /// Adds segment `id` of `capacity` bytes. Throws `invalidArgument` when it is mounted already
     /// or smaller than one granule.
-    public mutating func mount(segment id: SegmentID, capacity: Int) throws(KVError) {
+    ///
+    /// `readyAt`: the segment's memory served reads before (a client that lost its master
+    /// remounts the same memory), so readers under an earlier lease may still be copying out
+    /// of it; it takes no object before then. Its whole space counts as used until then.
+    public mutating func mount(segment id: SegmentID, capacity: Int, readyAt: Nanoseconds = 0, now: Nanoseconds = 0) throws(KVError) {
         try segments.mount(id, capacity: capacity)
+        guard readyAt > now, let slot = segments.slot(of: id),
+              let all = segments.allocate(segments.slots[Int(slot)].allocator.capacity, in: slot) else { return }
+        quarantined.append((all, readyAt))
+    }
+
+    /// Whole segments mounted with a `readyAt` still ahead: their placeholder allocation and when it goes.
+    var quarantined: [(placement: Placement, until: Nanoseconds)] = []
+
+    /// Frees the quarantined segments that are ready by `now`.
+    mutating func releaseQuarantine(now: Nanoseconds) {
+        quarantined.removeAll { q in
+            guard q.until <= now else { return false }
+            segments.free(q.placement)   // a no-op once the segment is unmounted
+            return true
+        }
     }
 
     // MARK: writes
@@ -224,7 +249,9 @@ public struct ObjectTable: Sendable {
         }
         guard let placed = placeEvicting(size, replicas: replicas, preferred: preferred) else {
             if mode == .put { releasePutClaim(key) }
-            throw .noSpace("no space for \(size) bytes and nothing left to evict: \(segments.freeBytes) of \(segments.capacity) bytes free (largest free block \(segments.largestFreeBlock) bytes), \(hardPinnedBytes) bytes hard-pinned, \(activeLeases) objects leased, \(activeReaders) reads in progress")
+            let held = quarantined.reduce(0) { $0 + $1.placement.allocation.length }
+            let remounted = held == 0 ? "" : ", \(held) bytes of remounted segments held until readers of the old mount are done (one lease TTL)"
+            throw .noSpace("no space for \(size) bytes and nothing left to evict: \(segments.freeBytes) of \(segments.capacity) bytes free (largest free block \(segments.largestFreeBlock) bytes), \(hardPinnedBytes) bytes hard-pinned, \(activeLeases) objects leased, \(activeReaders) reads in progress\(remounted)")
         }
         let slot = newVersion(Version(state: .writing, key: key, placements: placed, size: size, mode: mode, options: options, owner: owner))
         return ticket(slot, inPlace: false)
@@ -339,6 +366,7 @@ public struct ObjectTable: Sendable {
     public mutating func unmount(segment id: SegmentID, now: Nanoseconds) throws(KVError) -> UnmountReport {
         advance(now: now)
         guard let dead = segments.unmount(id) else { throw .invalidArgument("segment \(id) is not mounted") }
+        quarantined.removeAll { $0.placement.slot == dead }
         var report = UnmountReport()
         for i in versions.indices where versions[i].state != .free && versions[i].placements.contains(slot: dead) {
             let s = Int32(i)

@@ -7,4 +7,7 @@ final class OperationCounters: Sendable {
     let hits = Atomic<Int>(0)
     let misses = Atomic<Int>(0)
     let removes = Atomic<Int>(0)
+    /// Reads whose copy ended after the reader's lease deadline: their bytes were thrown
+    /// away (the read was retried or failed).
+    let readsExpired = Atomic<Int>(0)
 }

@@ -60,6 +60,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         var layout: PublishedLayout?
         var segment: SegmentID = 0
         var epoch = 0
+        /// The lease TTL this connection's master grants (from its welcome): a restarted
+        /// master may grant another.
+        var leaseTTL: Nanoseconds = 0
         /// Writes started on this connection and not yet committed or aborted.
         /// ... with when each started (a slow one's commit is confirmed, see `slowCommit`).
         var writes: [VersionHandle: Nanoseconds] = [:]
@@ -206,7 +209,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public func beginWrites(_ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
                             started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void) throws(KVError) {
         try streamed(items.count, { r in .putStartBatch(items: Array(items[r]), mode: mode, options: options, preferred: preferred) },
-                     decode: { (l: inout Link, range: Range<Int>, answer: MasterResponse) throws(KVError) -> [Result<WriteTicket, KVError>] in
+                     decode: { (l: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<WriteTicket, KVError>] in
             guard case .putStartedBatch(let rs) = answer, rs.count == range.count else {
                 throw KVError(.internal, "unexpected answer to putStartBatch")
             }
@@ -302,18 +305,29 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public func acquireReads(keys: [ObjectKey], host: String,
                              found: (Range<Int>, [Result<ReadResult, KVError>]) -> Void) throws(KVError) {
         try streamed(keys.count, { r in .getBatch(keys: Array(keys[r]), host: host) },
-                     decode: { (_: inout Link, range: Range<Int>, answer: MasterResponse) throws(KVError) -> [Result<ReadResult, KVError>] in
+                     decode: { (l: inout Link, range: Range<Int>, sentAt: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<ReadResult, KVError>] in
             guard case .foundBatch(let rs) = answer, rs.count == range.count else {
                 throw KVError(.internal, "unexpected answer to getBatch")
             }
+            let end = Self.leaseEnd(sentAt: sentAt, ttl: l.leaseTTL)
             return rs.map { r in
                 switch r {   // a missing object is `.notFound`, not an error
-                case .success(let f): Result { () throws(KVError) in .found(try f.ticket()) }
+                case .success(let f): Result { () throws(KVError) in .found(try f.ticket(leaseEnd: end)) }
                 case .failure(let e) where e.code == .objectNotFound: .success(.notFound)
                 case .failure(let e): .failure(e)
                 }
             }
         }, handle: found)
+    }
+
+    /// The reader's deadline for a lease asked for at `sentAt` (this client's clock): the
+    /// master starts the lease when it handles the request, after `sentAt`, so a copy that
+    /// ends before `sentAt + leaseTTL` ended inside the lease. The margin (1/32 of the TTL,
+    /// at least 1 ms) covers the two clocks' rates (NTP slews at most 0.05%) and the few
+    /// instructions a CPU may run ahead of its loads.
+    public static func leaseEnd(sentAt: Nanoseconds, ttl: Nanoseconds) -> Nanoseconds {
+        let margin = max(ttl / 32, 1_000_000)
+        return ttl > margin ? sentAt &+ (ttl - margin) : sentAt
     }
 
     /// Items per request of a streamed batch: small enough that the first answer comes
@@ -326,7 +340,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// `decode` runs under the connection's lock, `handle` outside it (it may ask the master
     /// for a segment's address: an answer meant for this batch is then parked for it).
     private func streamed<R>(_ count: Int, _ request: (Range<Int>) -> MasterRequest,
-                             decode: (inout Link, Range<Int>, MasterResponse) throws(KVError) -> [R],
+                             decode: (inout Link, Range<Int>, Nanoseconds, MasterResponse) throws(KVError) -> [R],
                              handle: (Range<Int>, [R]) -> Void) throws(KVError) {
         // A small first chunk, so copying starts soon; then chunks of `streamChunk`.
         let first = min(count, Self.firstChunk)
@@ -335,18 +349,26 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         guard !chunks.isEmpty else { return }
         var ids: [UInt32] = []
         ids.reserveCapacity(chunks.count)
+        var sentAt: [Nanoseconds] = []   // when each chunk's request left (before it was written)
+        sentAt.reserveCapacity(chunks.count)
         var received = 0
         defer {   // after a failure: the answer to the chunk already sent is read and dropped
             link.withLock { l in for id in ids[received...] where l.socket != nil { _ = try? receive(&l, id) } }
         }
         for (k, range) in chunks.enumerated() {
             let results = try link.withLock { (l: inout Link) throws(KVError) -> [R] in
-                if k == 0 { ids.append(try send(&l, request(range), awaited: true)) }
-                if k + 1 < chunks.count { ids.append(try send(&l, request(chunks[k + 1]), awaited: true)) }
+                if k == 0 {
+                    sentAt.append(clock())
+                    ids.append(try send(&l, request(range), awaited: true))
+                }
+                if k + 1 < chunks.count {
+                    sentAt.append(clock())
+                    ids.append(try send(&l, request(chunks[k + 1]), awaited: true))
+                }
                 let answer = try receive(&l, ids[k])
                 received += 1
                 if case .error(let e) = answer { throw e }
-                return try decode(&l, range, answer)
+                return try decode(&l, range, sentAt[k], answer)
             }
             handle(range, results)
         }
@@ -354,8 +376,12 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     public func acquireRead(key: ObjectKey, host: String) throws(KVError) -> ReadResult {
         do throws(KVError) {
-            guard case .found(let f) = try call(.get(key: key, host: host)) else { throw KVError(.internal, "unexpected answer to get") }
-            return .found(try f.ticket())
+            let (answer, end) = try link.withLock { (l: inout Link) throws(KVError) in
+                let sentAt = clock()
+                return (try expect(&l, .get(key: key, host: host)), Self.leaseEnd(sentAt: sentAt, ttl: l.leaseTTL))
+            }
+            guard case .found(let f) = answer else { throw KVError(.internal, "unexpected answer to get") }
+            return .found(try f.ticket(leaseEnd: end))
         } catch where error.code == .objectNotFound {
             return .notFound
         }
@@ -466,7 +492,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     /// Mounts `m` on this connection and remembers it (for remounts after a reconnect).
     private func send(_ m: Mount, _ l: inout Link) throws(KVError) {
-        guard case .mounted(let seg) = try expect(&l, .mount(size: m.size, host: m.host, sharePath: m.sharePath, endpoint: m.endpoint)) else {
+        // A remount (after a reconnect) says so: readers may still copy under earlier leases.
+        let reused = l.mount != nil
+        guard case .mounted(let seg) = try expect(&l, .mount(size: m.size, host: m.host, sharePath: m.sharePath, endpoint: m.endpoint,
+                                                             reused: reused)) else {
             throw KVError(.internal, "unexpected answer to mount")
         }
         l.mount = m
@@ -581,6 +610,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             }
             l.epoch += 1
             l.segment = 0
+            l.leaseTTL = welcome.lease
             return (welcome.lease, welcome.ttl)
         } catch {
             l.socket?.close()

@@ -28,6 +28,7 @@ extension StoreClient {
             .init("copy_ops", counters.copyOps.load(ordering: .relaxed)),
             .init("puts", operations.puts.load(ordering: .relaxed)), .init("gets", hits + misses), .init("hits", hits),
             .init("misses", misses), .init("removes", operations.removes.load(ordering: .relaxed)),
+            .init("reads_expired", operations.readsExpired.load(ordering: .relaxed)),
             .init("evicted_objects", s.evictedObjects), .init("evicted_bytes", s.evictedBytes),
             .init("expired_objects", s.expiredObjects),
             .init("leases_active", s.activeLeases), .init("active_readers", s.activeReaders),

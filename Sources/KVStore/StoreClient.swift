@@ -318,6 +318,19 @@ public final class StoreClient: Sendable {
         return try heldCopyOut(ticket, range: range, to: destinations, memory: memory)
     }
 
+    /// `copyOut` of bytes `range` for a caller that retries: nil when the copy outlived the
+    /// read's lease (its bytes are not the object's: end the read and begin it again).
+    public func copyOutIfLeased(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
+                                memory: MemoryHint = .locate) throws(KVError) -> Int? {
+        try enter()
+        defer { leave() }
+        guard range.lowerBound >= 0, range.upperBound <= ticket.size else {
+            throw .invalidArgument("range \(range.lowerBound)..<\(range.upperBound) is outside an object of \(ticket.size) bytes")
+        }
+        let n = try uncheckedCopyOut(ticket, range: range, to: destinations, memory: memory)
+        return leaseHeld(ticket) ? n : nil
+    }
+
     /// Ends a read hold. After `close` it throws `storeClosed` (the segment is gone).
     public func endRead(_ ticket: ReadTicket) throws(KVError) {
         try enter()
@@ -331,14 +344,31 @@ public final class StoreClient: Sendable {
                     memory: MemoryHint = .locate) throws(KVError) -> Int {
         try enter()
         defer { leave() }
-        let t = try heldBeginRead(key: key)
-        defer { try? master.releaseRead(t.handle) }
-        return try heldCopyOut(t, range: 0..<t.size, to: destinations, memory: memory)
+        return try heldGet(key: key, into: destinations, memory: memory)
+    }
+
+    /// How many times a read whose copy outlived its lease is tried again before it fails.
+    static let expiredReadRetries = 3
+
+    /// `get` inside the gate: a copy that ended after its lease deadline is thrown away and
+    /// the read starts again (the object may have moved, or be gone: `notFound` then).
+    private func heldGet(key: ObjectKey, into destinations: UnsafeBufferPointer<MemoryRegion>,
+                         memory: MemoryHint) throws(KVError) -> Int {
+        var tries = 0
+        while true {
+            let t = try heldBeginRead(key: key)
+            defer { try? master.releaseRead(t.handle) }
+            let n = try uncheckedCopyOut(t, range: 0..<t.size, to: destinations, memory: memory)
+            if leaseHeld(t) { return n }
+            tries += 1
+            if tries > Self.expiredReadRetries { throw Self.leaseExpired(t, tries: tries) }
+        }
     }
 
     /// Reads several objects, object `i` into `destinations[items[i].regions]`; returns one
     /// result per object (its size, or the error). Every object is held first (one request
     /// to the master), then all copies run grouped per device, then the holds are released.
+    /// An object whose copy outlived its lease is read again on its own (see `get`).
     public func getBatch(_ items: [BatchItem], destinations: UnsafeBufferPointer<MemoryRegion>,
                          memory: MemoryHint = .locate) throws(KVError) -> [Result<Int, KVError>] {
         try enter()
@@ -359,9 +389,10 @@ public final class StoreClient: Sendable {
         var held: [ReadTicket] = []
         held.reserveCapacity(keys.count)
         defer { for t in held { try? master.releaseRead(t.handle) } }
+        var leased: [(item: Int, ticket: ReadTicket)] = []   // copies to check once they are done
         var plan = DeviceCopyPlan()
-        try master.acquireReads(keys: keys, host: cluster?.host ?? "") { range, leased in
-            for (i, r) in zip(asked[range], leased) {
+        try master.acquireReads(keys: keys, host: cluster?.host ?? "") { range, answers in
+            for (i, r) in zip(asked[range], answers) {
                 do throws(KVError) {
                     let t: ReadTicket
                     switch r {
@@ -378,6 +409,7 @@ public final class StoreClient: Sendable {
                     held.append(t)
                     let mine = UnsafeBufferPointer(rebasing: destinations[items[i].regions])
                     results[i] = .success(try heldCopyOut(t, range: 0..<t.size, to: mine, locations: locate(mine, memory), plan: &plan, owner: i))
+                    if t.leaseEnd != 0 { leased.append((i, t)) }
                 } catch {
                     results[i] = .failure(error)
                 }
@@ -386,7 +418,41 @@ public final class StoreClient: Sendable {
         for (i, e) in plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot) {
             results[i] = .failure(e)
         }
+        for (i, t) in leased {
+            guard case .success = results[i], !leaseHeld(t) else { continue }
+            results[i] = Result { () throws(KVError) in
+                try heldGet(key: items[i].key, into: UnsafeBufferPointer(rebasing: destinations[items[i].regions]), memory: memory)
+            }
+        }
         return results
+    }
+
+    /// Whether a copy from `t`'s replica that has just ended ended inside the lease: the bytes
+    /// it copied are the object's. Counts the copies that did not (their bytes must be thrown
+    /// away). A held version (embedded store) always is.
+    ///
+    /// Why this is enough: the master never frees a leased version's space (a forced removal
+    /// hides the object and keeps its bytes until the lease ends) except when the segment
+    /// itself goes, and a remounted segment takes no new object for a lease TTL
+    /// (`ObjectTable.mount(readyAt:)`). So the bytes under a replica are the object's until
+    /// the lease ends, and the reader's deadline (`RemoteMaster.leaseEnd`) is earlier.
+    @inline(__always)
+    func leaseHeld(_ t: ReadTicket) -> Bool {
+        guard t.leaseEnd != 0 else { return true }
+        atomicMemoryFence(ordering: .sequentiallyConsistent)   // every load of the copy before the clock is read
+        if monotonicClock() < t.leaseEnd { return true }
+        operations.readsExpired.add(1, ordering: .relaxed)
+        return false
+    }
+
+    /// Test hook: `KVSTORE_TEST_READ_PAUSE_US` pauses every read under a remote lease this
+    /// long between the lease and the copy (a reader descheduled at the worst moment).
+    static let testReadPause: UInt32 = getenv("KVSTORE_TEST_READ_PAUSE_US").flatMap { UInt32(String(cString: $0)) } ?? 0
+
+    /// The error of a read whose copy outlived its lease `tries` times in a row.
+    public static func leaseExpired(_ t: ReadTicket, tries: Int) -> KVError {
+        KVError(.transfer, "the read outlived its lease \(tries) time\(tries == 1 ? "" : "s") (object of \(t.size) bytes in segment \(t.segment)), "
+                + "so its bytes were thrown away: the reader was paused or the copy was slower than the master's lease TTL")
     }
 
     private func heldBeginRead(key: ObjectKey) throws(KVError) -> ReadTicket {
@@ -425,6 +491,14 @@ public final class StoreClient: Sendable {
 
     private func heldCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
                              memory: MemoryHint) throws(KVError) -> Int {
+        let n = try uncheckedCopyOut(ticket, range: range, to: destinations, memory: memory)
+        guard leaseHeld(ticket) else { throw Self.leaseExpired(ticket, tries: 1) }
+        return n
+    }
+
+    /// `heldCopyOut` without the lease check: the caller checks (`leaseHeld`).
+    private func uncheckedCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
+                                  memory: MemoryHint) throws(KVError) -> Int {
         let locations = locate(destinations, memory)
         var plan = DeviceCopyPlan()
         let n = try heldCopyOut(ticket, range: range, to: destinations, locations: locations, plan: &plan, owner: 0)
@@ -440,6 +514,7 @@ public final class StoreClient: Sendable {
     private func heldCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
                              locations: [MemoryLocation]?, plan: inout DeviceCopyPlan, owner: Int) throws(KVError) -> Int {
         try Self.checkRoom(destinations, for: range.count, of: ticket)
+        if ticket.leaseEnd != 0, Self.testReadPause > 0 { usleep(Self.testReadPause) }
         var r = Replica(segment: ticket.segment, offset: ticket.offset)
         var next = 0
         while true {

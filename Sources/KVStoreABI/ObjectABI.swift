@@ -55,7 +55,8 @@ public func kvReadBegin(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _
         } else {
             t = try c.beginRead(key: k)
         }
-        out.pointee = kv_read(handle: t.handle, segment: UInt64(t.segment), offset: UInt64(t.offset), size: UInt64(t.size))
+        out.pointee = kv_read(handle: t.handle, segment: UInt64(t.segment), offset: UInt64(t.offset), size: UInt64(t.size),
+                              lease_end: t.leaseEnd)
     }
     return busy ? Int32(KV_BUSY) : s
 }
@@ -63,28 +64,39 @@ public func kvReadBegin(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _
 @inline(__always)
 func ticket(_ hold: UnsafePointer<kv_read>) -> ReadTicket {
     ReadTicket(handle: hold.pointee.handle, segment: SegmentID(truncatingIfNeeded: hold.pointee.segment),
-               offset: Int(hold.pointee.offset), size: Int(hold.pointee.size))
+               offset: Int(hold.pointee.offset), size: Int(hold.pointee.size), leaseEnd: hold.pointee.lease_end)
 }
 
 @c(kv_read_copy)
 public func kvReadCopy(_ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?,
                        _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int, _ flags: UInt32,
                        _ copied: UnsafeMutablePointer<UInt64>?) -> Int32 {
-    ABI.status { () throws(KVError) in
+    var stale = false
+    let s = ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         guard let hold else { throw .invalidArgument("read hold is NULL") }
+        let t = ticket(hold)
         let n = try ABI.withDestinations(dst, ndst) { (d) throws(KVError) in
-            try c.copyOut(ticket(hold), to: d, memory: memoryHint(flags))
+            try c.copyOutIfLeased(t, range: 0..<t.size, to: d, memory: memoryHint(flags))
         }
-        copied?.pointee = UInt64(n)
+        stale = n == nil
+        copied?.pointee = UInt64(n ?? 0)
     }
+    return stale ? staleRead(hold!) : s
+}
+
+/// KV_STALE, with the reason as the last error.
+private func staleRead(_ hold: UnsafePointer<kv_read>) -> Int32 {
+    LastError.set(StoreClient.leaseExpired(ticket(hold), tries: 1).message)
+    return Int32(KV_STALE)
 }
 
 @c(kv_read_copy_range)
 public func kvReadCopyRange(_ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?, _ offset: UInt64, _ length: UInt64,
                             _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int, _ flags: UInt32,
                             _ copied: UnsafeMutablePointer<UInt64>?) -> Int32 {
-    ABI.status { () throws(KVError) in
+    var stale = false
+    let s = ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         guard let hold else { throw .invalidArgument("read hold is NULL") }
         guard offset <= UInt64(Int.max), length <= UInt64(Int.max) - offset else {
@@ -92,10 +104,12 @@ public func kvReadCopyRange(_ store: OpaquePointer?, _ hold: UnsafePointer<kv_re
         }
         let range = Int(offset)..<Int(offset + length)
         let n = try ABI.withDestinations(dst, ndst) { (d) throws(KVError) in
-            try c.copyOut(ticket(hold), range: range, to: d, memory: memoryHint(flags))
+            try c.copyOutIfLeased(ticket(hold), range: range, to: d, memory: memoryHint(flags))
         }
-        copied?.pointee = UInt64(n)
+        stale = n == nil
+        copied?.pointee = UInt64(n ?? 0)
     }
+    return stale ? staleRead(hold!) : s
 }
 
 @c(kv_read_end)

@@ -29,7 +29,7 @@ final class MasterServiceTests: XCTestCase {
     func join(_ m: inout MasterService, _ name: String, host: String, kib: Int = 256, now: Nanoseconds = 0) -> (MasterService.Session, SegmentID) {
         var session = MasterService.Session()
         guard case .welcome = Self.authenticate(&m, &session, token: m.config.token ?? "", name: name, now: now) else { XCTFail(); return (session, 0) }
-        guard case .mounted(let seg) = m.handle(.mount(size: kib << 10, host: host, sharePath: "/proc/1/fd/3", endpoint: "\(host):7000"),
+        guard case .mounted(let seg) = m.handle(.mount(size: kib << 10, host: host, sharePath: "/proc/1/fd/3", endpoint: "\(host):7000", reused: false),
                                                 session: &session, now: now) else { XCTFail(); return (session, 0) }
         return (session, seg)
     }
@@ -86,7 +86,7 @@ final class MasterServiceTests: XCTestCase {
         var local = MasterService.Session()
         local.peerPID = 4242                      // what the server read with SO_PEERCRED
         guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
-        guard case .mounted(let seg) = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e"), session: &local, now: 0) else { return XCTFail() }
+        guard case .mounted(let seg) = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e", reused: false), session: &local, now: 0) else { return XCTFail() }
         var claimed = Self.published
         claimed.pid = 1                           // a claim of another process's pid
         XCTAssertEqual(m.handle(.publishLayout(claimed), session: &local, now: 0), .ok)
@@ -117,7 +117,7 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(errorCode(Self.authenticate(&m, &wrong, token: "beta-token-0123456789", tenant: "acme")), .invalidArgument,
                        "another tenant's token")
         XCTAssertEqual(errorCode(Self.authenticate(&m, &unknown, token: "x", tenant: "nobody")), .invalidArgument)
-        guard case .mounted = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e"), session: &admin, now: 0) else { return XCTFail() }
+        guard case .mounted = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e", reused: false), session: &admin, now: 0) else { return XCTFail() }
         _ = put(&m, &acme, "k")
         _ = put(&m, &beta, "k")                                 // the same name, another object
         _ = put(&m, &beta, "only-beta")
@@ -171,8 +171,8 @@ final class MasterServiceTests: XCTestCase {
         config.quotas.writeTimeout = 2 * Self.s
         var m = try MasterService(config: config)
         var (a, _) = join(&m, "a", host: "h")
-        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e"), session: &a, now: 0)), nil)
-        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e"), session: &a, now: 0)), .noSpace)
+        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)), nil)
+        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)), .noSpace)
         for i in 0..<3 {
             guard case .putStarted = m.handle(.putStart(key: "w\(i)", size: 100, mode: .put, options: .default, preferred: nil), session: &a, now: 0) else { return XCTFail() }
         }
@@ -231,7 +231,7 @@ final class MasterServiceTests: XCTestCase {
         var (a, _) = join(&m, "a", host: "h")
         var refused = 0
         for _ in 0..<32_768 {   // 2^48 bytes each: their sum would pass Int.max
-            if errorCode(m.handle(.mount(size: 1 << 48, host: "h", sharePath: "p", endpoint: "e"), session: &a, now: 0)) == .noSpace { refused += 1 }
+            if errorCode(m.handle(.mount(size: 1 << 48, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)) == .noSpace { refused += 1 }
         }
         XCTAssertGreaterThan(refused, 32_000)
         let capacity = m.handle(.stats, session: &a, now: 0).statsValue("capacity")!
@@ -360,7 +360,7 @@ final class MasterServiceTests: XCTestCase {
     // MARK: codec
 
     static let requests: [MasterRequest] = [
-        .hello(name: "n", nonce: [1, 2, 3], tenant: "acme"), .prove(proof: [9, 8]), .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1"),
+        .hello(name: "n", nonce: [1, 2, 3], tenant: "acme"), .prove(proof: [9, 8]), .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1", reused: true),
         .unmount(segment: 3), .heartbeat, .unmountCount,
         .putStart(key: "k", size: 5, mode: .upsert, options: WriteOptions(hardPin: false, softPinTTL: 7, ttl: 9, replicas: 2), preferred: 4),
         .putStart(key: "k", size: 5, mode: .put, options: WriteOptions(hardPin: true, replicas: 1), preferred: nil),

@@ -39,6 +39,24 @@ final class ObjectTableSegmentTests: XCTestCase {
         XCTAssertNil(t.invariantViolation())
     }
 
+    func testARemountedSegmentTakesNoObjectUntilItIsReady() throws {
+        var t = ObjectTable(policy: CachePolicy(leaseTTL: 100, softPinTTL: 1_000_000_000, highWatermark: 0.9, evictionRatio: 0.05))
+        try t.mount(segment: 1, capacity: 64 * kib, readyAt: 1_000, now: 10)
+        XCTAssertEqual(t.usedBytes, 64 * kib, "its whole space is taken until then")
+        XCTAssertNil(t.invariantViolation())
+        XCTAssertEqual(code { _ = try t.beginWrite(key: "a", size: 10, mode: .put, now: 999) }, .noSpace)
+        try t.mount(segment: 2, capacity: 64 * kib, now: 999)   // a fresh segment: ready at once
+        XCTAssertEqual(try t.beginWrite(key: "a", size: 10, mode: .put, now: 999).segment, 2)
+        let w = try t.beginWrite(key: "b", size: 60 * kib, mode: .put, preferred: 1, now: 1_000)
+        XCTAssertEqual(w.segment, 1, "ready now")
+        XCTAssertNil(t.invariantViolation())
+        // Unmounted before it is ready: nothing is left behind.
+        try t.mount(segment: 3, capacity: 64 * kib, readyAt: 5_000, now: 1_000)
+        _ = try t.unmount(segment: 3, now: 1_001)
+        XCTAssertTrue(t.quarantined.isEmpty)
+        XCTAssertNil(t.invariantViolation())
+    }
+
     func testReplicasGoToDistinctSegmentsPreferredFirst() throws {
         var t = try table(segments: [1, 2, 3], kib: 64)
         let w = try put(&t, "a", replicas: 3, preferred: 2)

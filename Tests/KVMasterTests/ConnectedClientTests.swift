@@ -56,6 +56,13 @@ final class ConnectedClientTests: XCTestCase {
 
     static func pattern(_ seed: Int, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ seed) } }
 
+    func testAReadersDeadlineIsInsideTheMastersLease() {
+        // The master's lease starts after the request left; the reader keeps a margin for the clocks.
+        XCTAssertEqual(RemoteMaster.leaseEnd(sentAt: 1_000, ttl: 5_000_000_000), 1_000 + 5_000_000_000 - 5_000_000_000 / 32)
+        XCTAssertEqual(RemoteMaster.leaseEnd(sentAt: 1_000, ttl: 10_000_000), 1_000 + 9_000_000, "at least 1 ms")
+        XCTAssertEqual(RemoteMaster.leaseEnd(sentAt: 1_000, ttl: 1_000_000), 1_000, "no time left: every copy is stale")
+    }
+
     func testSameHostClientsMapEachOther() throws {
         let a = try StoreClient(connecting: url, segmentSize: 1 << 20)
         let b = try StoreClient(connecting: url, segmentSize: 0)

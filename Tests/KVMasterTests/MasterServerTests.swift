@@ -105,7 +105,7 @@ final class MasterServerTests: XCTestCase {
         defer { server.stop(); thread.join() }
         let c = try Client(port: server.port)
         guard case .welcome = try c.hello(name: "t") else { return XCTFail() }
-        guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
+        guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
         guard case .putStarted(let w) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         let (h, rs) = (w.handle, w.replicas)
         XCTAssertEqual(rs.first?.segment, seg)
@@ -125,7 +125,7 @@ final class MasterServerTests: XCTestCase {
         let tcp = try Client(port: server.port)
         guard case .welcome(_, _, _, let name, _, _) = try tcp.hello(token: "s3cret-s3cret-s3cret", name: "tcp", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
         XCTAssertTrue(name.hasPrefix("kvstore-master."), name)
-        guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
+        guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
         // The local socket checks the token too, and a refused hello closes it.
         let refused = try Client(local: name)
         guard case .error(let e) = try refused.hello(token: "nope", name: "x", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
@@ -157,7 +157,7 @@ final class MasterServerTests: XCTestCase {
         // socket do that with their TCP connection); one holding a segment is logged.
         let held = try Client(port: server.port)
         _ = try held.hello(name: "held")
-        _ = try held.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e"))
+        _ = try held.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false))
         c.socket.close()
         held.socket.close()
         for _ in 0..<200 where !logs.all.contains(where: { $0.contains("'held' left") }) { usleep(10_000) }
@@ -170,7 +170,7 @@ final class MasterServerTests: XCTestCase {
         defer { server.stop(); thread.join() }
         let good = try Client(port: server.port)
         guard case .welcome = try good.hello(name: "good") else { return XCTFail() }
-        guard case .mounted = try good.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
+        guard case .mounted = try good.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
         let bad = [
             Array("GET / HTTP/1.1\r\n\r\n".utf8),                                           // not our protocol
             WireWriter.frame(kind: 999, requestID: 1, payload: []),                            // unknown kind
@@ -192,7 +192,7 @@ final class MasterServerTests: XCTestCase {
         let a = try Client(port: server.port), b = try Client(port: server.port)
         _ = try a.hello(name: "a")
         _ = try b.hello(name: "b")
-        guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e")) else { return XCTFail() }
+        guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
         guard case .putStarted(let w) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         let h = w.handle
         try a.post(.putCommit(handle: h))

@@ -62,7 +62,7 @@ def test_mounts_whose_sizes_overflow_are_refused(master, honest):
     r = authenticated(master)
     refused = 0
     for _ in range(2000):
-        kind, body = r.call(wire.MOUNT, struct.pack("<Q", 1 << 48) + wire.lp(b"h") + wire.lp(b"/p") + wire.lp(b"127.0.0.1:1"))
+        kind, body = r.call(wire.MOUNT, struct.pack("<Q", 1 << 48) + wire.lp(b"h") + wire.lp(b"/p") + wire.lp(b"127.0.0.1:1") + b"\0")
         if kind == wire.ERROR:
             refused += 1
             assert "quota" in wire.error_message(body) or "limit" in wire.error_message(body)
@@ -346,7 +346,7 @@ r = wire.Raw.local({name!r})
 assert r.authenticate(wire.read_token({port})) == 102
 # A segment whose "share path" is the victim's file, served at a port where nothing listens.
 kind, _ = r.call(wire.MOUNT, struct.pack("<Q", 1 << 20) + wire.lp({host!r}.encode()) + wire.lp({path!r}.encode())
-                 + wire.lp(b"127.0.0.1:1"))
+                 + wire.lp(b"127.0.0.1:1") + b"\\0")
 assert kind == 103, kind
 # A layout over the victim's private memory, claiming the victim's pid and host.
 d = struct.pack("<I", 2) + struct.pack("<IBQQQ", 0, 0, {address}, 4096, 4096) + wire.lp(b"cpu") \\

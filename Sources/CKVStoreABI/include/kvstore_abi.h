@@ -39,6 +39,10 @@ enum {
     KV_E_ARGUMENT_TYPE = 10,
     /* Not an error: an in-place upsert is rewriting the object; retry (kv_read_begin). */
     KV_BUSY = 64,
+    /* Not an error: the copy ended after the read's lease deadline, so the bytes it wrote are
+     * not the object's; end the hold and begin the read again (kv_read_copy(_range); the
+     * last error says why, for a caller that gives up). */
+    KV_STALE = 65,
 };
 
 /* Flags of kv_put and kv_batch_put. */
@@ -60,8 +64,9 @@ typedef struct { const void *ptr; size_t len; } kv_buffer;
 typedef struct { void *ptr; size_t len; } kv_mut_buffer;
 /* A key: `len` UTF-8 bytes at `ptr`. */
 typedef struct { const char *ptr; size_t len; } kv_key;
-/* A read hold on one object version (see kv_read_begin): which replica (segment, offset). */
-typedef struct { uint64_t handle; uint64_t segment; uint64_t offset; uint64_t size; } kv_read;
+/* A read hold on one object version (see kv_read_begin): which replica (segment, offset), and
+ * for a read under a cluster master's lease the reader's deadline (monotonic ns; 0: held). */
+typedef struct { uint64_t handle; uint64_t segment; uint64_t offset; uint64_t size; uint64_t lease_end; } kv_read;
 /* One statistic; `name` is a static NUL-terminated string. */
 typedef struct { const char *name; int64_t value; } kv_stat;
 
@@ -123,7 +128,8 @@ int32_t kv_put(kv_store *store, const char *key, size_t key_len,
 /* Takes a read hold on key: *out gets its size. Every successful kv_read_begin must be
  * matched by one kv_read_end. With KV_READ_NOWAIT it returns KV_BUSY instead of waiting. */
 int32_t kv_read_begin(kv_store *store, const char *key, size_t key_len, uint32_t flags, kv_read *out);
-/* Copies a held object into dst[0..ndst) (filled in order); *copied gets the bytes copied. */
+/* Copies a held object into dst[0..ndst) (filled in order); *copied gets the bytes copied.
+ * KV_STALE: the copy outlived the lease (see KV_STALE). */
 int32_t kv_read_copy(kv_store *store, const kv_read *hold, const kv_mut_buffer *dst, size_t ndst,
                      uint32_t flags, uint64_t *copied);
 /* Copies bytes [offset, offset+length) of a held object into dst (which must hold length). */
