@@ -17,7 +17,7 @@ static PyObject *read_held_object(StoreObject *self, kv_read *hold, Py_ssize_t p
     prefix_bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)have);
     if (!prefix_bytes) goto done;
     kv_mut_buffer head = {PyBytes_AsString(prefix_bytes), (size_t)have};
-    st = kv_read_copy_range(self->store, hold, 0, have, &head, 1, KV_HOST_MEMORY, NULL);
+    RUN_UNLOCKED(self, have, st = kv_read_copy_range(self->store, hold, 0, have, &head, 1, KV_HOST_MEMORY, NULL));
     if (st == KV_STALE) { *stale = 1; goto done; }
     if (st) { kvpy_raise_last(st); goto done; }
     pair = PyObject_CallFunction(resolve, "OK", prefix_bytes, (unsigned long long)hold->size);
@@ -40,7 +40,7 @@ static PyObject *read_held_object(StoreObject *self, kv_read *hold, Py_ssize_t p
             flags = KV_HOST_MEMORY;
         }
         if (rest > 0) {
-            RUN_MAYBE_UNLOCKED(rest, st = kv_read_copy_range(self->store, hold, have, rest, &d, 1, flags, NULL));
+            RUN_UNLOCKED(self, rest, st = kv_read_copy_range(self->store, hold, have, rest, &d, 1, flags, NULL));
             if (st == KV_STALE) { *stale = 1; goto done; }
             if (st) { kvpy_raise_last(st); goto done; }
         }

@@ -102,6 +102,7 @@ static PyObject *store_connect(StoreObject *self, PyObject *args) {
     st = kv_store_connect(url, (uint64_t)size, create_flags(prefault, pin), token, &s);
     Py_END_ALLOW_THREADS
     if (store_adopt(self, st, s) < 0) return NULL;
+    self->remote = 1;
     Py_RETURN_NONE;
 }
 
@@ -140,7 +141,8 @@ static PyObject *store_stats(StoreObject *self, PyObject *unused) {
     (void)unused;
     ENSURE_OPEN(self);
     kv_stat stats[64];
-    size_t n = kv_stats(self->store, stats, 64);
+    size_t n;
+    RUN_UNLOCKED(self, 0, n = kv_stats(self->store, stats, 64));
     if (n > 64) n = 64;
     PyObject *d = PyDict_New();
     if (!d) return NULL;
@@ -160,7 +162,7 @@ static PyObject *put_buffers(StoreObject *self, const char *k, Py_ssize_t klen, 
                              const kv_put_options *options) {
     if (b->raw == 0) flags |= KV_HOST_MEMORY;
     int32_t st;
-    RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(b, 0, b->count),
+    RUN_UNLOCKED(self, kvpy_buffers_bytes(b, 0, b->count),
                        st = kv_put(self->store, k, (size_t)klen, b->parts, (size_t)b->count, flags, options));
     kvpy_buffers_release(b);
     if (st) return kvpy_raise_last(st);
@@ -351,7 +353,7 @@ static int run_batch(StoreObject *self, batch_item *items, Py_ssize_t n, const k
         index[m++] = i;
     }
     int32_t st;
-    RUN_MAYBE_UNLOCKED(kvpy_buffers_bytes(b, 0, b->count),
+    RUN_UNLOCKED(self, kvpy_buffers_bytes(b, 0, b->count),
                        st = get ? kv_batch_get_into(self->store, gets, m, flags, statuses, sizes)
                                 : kv_batch_put(self->store, puts, m, flags, options, statuses));
     if (st) { kvpy_raise_last(st); goto done; }
@@ -408,7 +410,8 @@ static PyObject *store_batch_put_raw(StoreObject *self, PyObject *const *args, P
 
 /* Takes a read hold; waits (GIL released) while an in-place upsert rewrites the object. */
 int32_t kvpy_read_begin(StoreObject *self, const char *k, Py_ssize_t klen, kv_read *hold) {
-    int32_t st = kv_read_begin(self->store, k, (size_t)klen, KV_READ_NOWAIT, hold);
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_read_begin(self->store, k, (size_t)klen, KV_READ_NOWAIT, hold));
     if (st == KV_BUSY) {
         Py_BEGIN_ALLOW_THREADS
         st = kv_read_begin(self->store, k, (size_t)klen, KV_READ_WAIT, hold);
@@ -432,7 +435,7 @@ static PyObject *read_key_bytes(StoreObject *self, const char *k, Py_ssize_t kle
         PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)hold.size);
         if (!bytes) { kv_read_end(self->store, &hold); return NULL; }
         kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)hold.size};
-        RUN_MAYBE_UNLOCKED(hold.size, st = kv_read_copy(self->store, &hold, &dst, 1, KV_HOST_MEMORY, NULL));
+        RUN_UNLOCKED(self, hold.size, st = kv_read_copy(self->store, &hold, &dst, 1, KV_HOST_MEMORY, NULL));
         if (st == 0) { kv_read_end(self->store, &hold); return bytes; }
         Py_DECREF(bytes);
         if (st == KV_STALE && tries < STALE_RETRIES) { kv_read_end(self->store, &hold); continue; }
@@ -461,33 +464,82 @@ static PyObject *store_get_into(StoreObject *self, PyObject *const *args, Py_ssi
     kv_mut_buffer dst = {view.buf, (size_t)view.len};
     uint64_t copied = 0;
     int32_t st;
-    RUN_MAYBE_UNLOCKED((size_t)view.len, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, KV_HOST_MEMORY, &copied));
+    RUN_UNLOCKED(self, (size_t)view.len, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, KV_HOST_MEMORY, &copied));
     PyBuffer_Release(&view);
     if (st) return kvpy_raise_last(st);
     return PyLong_FromUnsignedLongLong(copied);
 }
 
+/* get_batch(keys): holds on every key in one kv_batch_read_begin (one master request per
+ * chunk), then each object copied into new bytes; a copy that outlived its lease is read
+ * again on its own. A missing key gives None. */
 static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
     ENSURE_OPEN(self);
     Py_ssize_t n;
     batch_item *items = batch_begin(keys, NULL, NULL, &n);
     if (!items) return NULL;
-    PyObject *list = PyList_New(n);
-    if (!list) { batch_end(items, n); return NULL; }
+    PyObject *list = NULL;
+    size_t cap = (size_t)(n ? n : 1), m = 0;
+    kv_key *ks = PyMem_Calloc(cap, sizeof *ks);
+    Py_ssize_t *index = PyMem_Calloc(cap, sizeof *index);
+    int32_t *statuses = PyMem_Calloc(cap, sizeof *statuses);
+    kv_read *holds = PyMem_Calloc(cap, sizeof *holds);
+    if (!ks || !index || !statuses || !holds) { PyErr_NoMemory(); goto done; }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *r = NULL;
-        if (items[i].key) {
-            int32_t st;
-            r = read_key_bytes(self, items[i].k, items[i].klen, &st);
-            if (st == KV_E_OBJECT_NOT_FOUND) { r = Py_None; Py_INCREF(r); }
-            else if (st) { batch_record_failure(&items[i], st); r = batch_error(&items[i]); }
-            else if (!r) r = kvpy_take_error();
-        } else {
-            r = batch_error(&items[i]);
-        }
-        if (!r) { Py_DECREF(list); batch_end(items, n); return NULL; }
-        PyList_SetItem(list, i, r);
+        if (!items[i].key) continue;
+        ks[m] = (kv_key){items[i].k, (size_t)items[i].klen};
+        index[m++] = i;
     }
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_batch_read_begin(self->store, ks, m, holds, statuses));
+    if (st) { kvpy_raise_last(st); goto done; }
+    PyObject **values = PyMem_Calloc(cap, sizeof *values);   /* the bytes of each held key */
+    if (!values) { PyErr_NoMemory(); goto end_holds; }
+    for (size_t j = 0; j < m; j++) {
+        batch_item *it = &items[index[j]];
+        if (statuses[j]) {
+            if (statuses[j] != KV_E_OBJECT_NOT_FOUND) { it->status = statuses[j]; it->message = strdup(kv_batch_error(j, NULL)); }
+            continue;
+        }
+        PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)holds[j].size);
+        if (!bytes) { it->error = kvpy_take_error(); continue; }
+        kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)holds[j].size};
+        RUN_UNLOCKED(self, holds[j].size, st = kv_read_copy(self->store, &holds[j], &dst, 1, KV_HOST_MEMORY, NULL));
+        if (st == 0) { values[j] = bytes; continue; }
+        Py_DECREF(bytes);
+        if (st != KV_STALE) { it->status = st; it->message = strdup(kv_last_error(NULL)); }
+        else values[j] = NULL, statuses[j] = KV_STALE;   /* read again below, once its hold ended */
+    }
+    for (size_t j = 0; j < m; j++) {
+        if (statuses[j] == 0 || statuses[j] == KV_STALE) kv_read_end(self->store, &holds[j]);
+    }
+    for (size_t j = 0; j < m; j++) {
+        batch_item *it = &items[index[j]];
+        if (statuses[j] != KV_STALE) continue;
+        int32_t bst;
+        values[j] = read_key_bytes(self, it->k, it->klen, &bst);
+        if (!values[j] && bst == KV_E_OBJECT_NOT_FOUND) statuses[j] = KV_E_OBJECT_NOT_FOUND;
+        else if (!values[j] && bst) { it->status = bst; it->message = strdup(kv_last_error(NULL)); }
+        else if (!values[j]) it->error = kvpy_take_error();
+    }
+    /* Each item: its bytes, None when missing, or its error. */
+    list = PyList_New(n);
+    for (Py_ssize_t i = 0; i < n && list; i++) {
+        PyObject *e = batch_error(&items[i]);
+        if (e) { PyList_SetItem(list, i, e); continue; }
+        Py_INCREF(Py_None);
+        PyList_SetItem(list, i, Py_None);
+    }
+    for (size_t j = 0; j < m && list; j++) {
+        if (values[j]) { PyList_SetItem(list, index[j], values[j]); values[j] = NULL; }
+    }
+    for (size_t j = 0; j < m; j++) Py_XDECREF(values[j]);
+    PyMem_Free(values);
+    goto done;
+end_holds:
+    for (size_t j = 0; j < m; j++) if (statuses[j] == 0) kv_read_end(self->store, &holds[j]);
+done:
+    PyMem_Free(ks); PyMem_Free(index); PyMem_Free(statuses); PyMem_Free(holds);
     batch_end(items, n);
     return list;
 }
@@ -510,7 +562,8 @@ static PyObject *store_exists(StoreObject *self, PyObject *key) {
     const char *k;
     Py_ssize_t klen;
     if (key_arg(self, key, &k, &klen) < 0) return NULL;
-    int32_t out = 0, st = kv_exists(self->store, k, (size_t)klen, &out);
+    int32_t out = 0, st;
+    RUN_UNLOCKED(self, 0, st = kv_exists(self->store, k, (size_t)klen, &out));
     if (st) return kvpy_raise_last(st);
     return PyBool_FromLong(out);
 }
@@ -520,7 +573,8 @@ static PyObject *store_size(StoreObject *self, PyObject *key) {
     Py_ssize_t klen;
     if (key_arg(self, key, &k, &klen) < 0) return NULL;
     uint64_t out = 0;
-    int32_t st = kv_size(self->store, k, (size_t)klen, &out);
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_size(self->store, k, (size_t)klen, &out));
     if (st) return kvpy_raise_last(st);
     return PyLong_FromUnsignedLongLong(out);
 }
@@ -541,24 +595,47 @@ static PyObject *store_remove(StoreObject *self, PyObject *args, PyObject *kwds)
     const char *k;
     Py_ssize_t klen;
     if (key_arg(self, key, &k, &klen) < 0) return NULL;
-    int32_t st = kv_remove(self->store, k, (size_t)klen, flags);
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_remove(self->store, k, (size_t)klen, flags));
     if (st) return kvpy_raise_last(st);
     Py_RETURN_NONE;
 }
 
+/* A batch of keys only (op 0: sizes, for batch_exists; op 1: removal): one kv_batch_size or
+ * kv_batch_remove call for the converted keys (one master request per chunk of keys). */
 static PyObject *keys_batch(StoreObject *self, PyObject *keys, int op, uint32_t flags, PyObject *(*ok)(batch_item *)) {
     ENSURE_OPEN(self);
     Py_ssize_t n;
     batch_item *items = batch_begin(keys, NULL, NULL, &n);
     if (!items) return NULL;
+    PyObject *r = NULL;
+    size_t cap = (size_t)(n ? n : 1), m = 0;
+    kv_key *ks = PyMem_Calloc(cap, sizeof *ks);
+    Py_ssize_t *index = PyMem_Calloc(cap, sizeof *index);
+    int32_t *statuses = PyMem_Calloc(cap, sizeof *statuses);
+    uint64_t *sizes = PyMem_Calloc(cap, sizeof *sizes);
+    if (!ks || !index || !statuses || !sizes) { PyErr_NoMemory(); goto done; }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (!items[i].key) continue;
-        int32_t st, flag = 0;
-        if (op == 0) { st = kv_exists(self->store, items[i].k, (size_t)items[i].klen, &flag); items[i].value = (uint64_t)flag; }
-        else st = kv_remove(self->store, items[i].k, (size_t)items[i].klen, flags);
-        batch_record_failure(&items[i], st);
+        ks[m] = (kv_key){items[i].k, (size_t)items[i].klen};
+        index[m++] = i;
     }
-    PyObject *r = batch_results(items, n, ok);
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = op == 0 ? kv_batch_size(self->store, ks, m, statuses, sizes)
+                                        : kv_batch_remove(self->store, ks, m, flags, statuses));
+    if (st) { kvpy_raise_last(st); goto done; }
+    for (size_t j = 0; j < m; j++) {
+        batch_item *it = &items[index[j]];
+        if (op == 0 && statuses[j] == KV_E_OBJECT_NOT_FOUND) continue;   /* exists: False */
+        it->value = op == 0 ? 1 : 0;
+        if (statuses[j]) {
+            it->status = statuses[j];
+            it->message = strdup(kv_batch_error(j, NULL));
+        }
+    }
+    r = batch_results(items, n, ok);
+done:
+    PyMem_Free(ks); PyMem_Free(index); PyMem_Free(statuses); PyMem_Free(sizes);
     batch_end(items, n);
     return r;
 }
@@ -579,7 +656,8 @@ static PyObject *store_remove_all(StoreObject *self, PyObject *args, PyObject *k
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O&", kwlist, force_flags, &flags)) return NULL;
     ENSURE_OPEN(self);
     uint64_t n = 0;
-    int32_t st = kv_remove_all(self->store, flags, &n);
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_remove_all(self->store, flags, &n));
     if (st) return kvpy_raise_last(st);
     return PyLong_FromUnsignedLongLong(n);
 }

@@ -51,6 +51,11 @@ public enum MasterRequest: Sendable, Equatable {
     /// A client forgets its peers' mappings only when this changed (one round trip, not one
     /// per mapped segment).
     case unmountCount
+    /// `size` of up to `MasterLimits.maxBatch` keys (each found object is leased); answered
+    /// by `values`, one result per key (`objectNotFound` for a missing one).
+    case sizeBatch(keys: [ObjectKey])
+    /// `remove` of up to `MasterLimits.maxBatch` keys; answered by `values` (0 per removed key).
+    case removeBatch(keys: [ObjectKey], force: Bool)
 
     public var kind: UInt16 {
         switch self {
@@ -76,10 +81,12 @@ public enum MasterRequest: Sendable, Equatable {
         case .listKeys: 20
         case .prove: 21
         case .unmountCount: 22
+        case .sizeBatch: 23
+        case .removeBatch: 24
         }
     }
 
-    public static func isRequestKind(_ k: UInt16) -> Bool { (1...22).contains(k) }
+    public static func isRequestKind(_ k: UInt16) -> Bool { (1...24).contains(k) }
 
     /// The only kinds a master reads before a connection has authenticated.
     public static func isHandshakeKind(_ k: UInt16) -> Bool { k == 1 || k == 21 }
@@ -106,7 +113,7 @@ public enum MasterRequest: Sendable, Equatable {
         switch self {
         case let .putStart(key, _, _, _, _), let .get(key, _), let .exists(key), let .size(key), let .remove(key, _): test(key)
         case let .putStartBatch(items, _, _, _): items.contains { test($0.key) }
-        case let .getBatch(keys, _): keys.contains(where: test)
+        case let .getBatch(keys, _), let .sizeBatch(keys), let .removeBatch(keys, _): keys.contains(where: test)
         default: false
         }
     }
@@ -222,6 +229,8 @@ public enum MasterResponse: Sendable, Equatable {
     case keys([ObjectKey], more: Bool)
     /// The master's nonce and its proof of the token (it answers `hello`).
     case challenge(nonce: [UInt8], proof: [UInt8])
+    /// One number or error per item of a batch (`sizeBatch`, `removeBatch`).
+    case values([Result<Int, KVError>])
 
     public var kind: UInt16 {
         switch self {
@@ -240,10 +249,11 @@ public enum MasterResponse: Sendable, Equatable {
         case .layout: 112
         case .keys: 113
         case .challenge: 114
+        case .values: 115
         }
     }
 
-    public static func isResponseKind(_ k: UInt16) -> Bool { (100...114).contains(k) }
+    public static func isResponseKind(_ k: UInt16) -> Bool { (100...115).contains(k) }
 
     /// The kind of `error`; its payload is also the error frame of the segment servers.
     public static let errorKind: UInt16 = 101
@@ -265,6 +275,15 @@ public enum MasterLimits {
 }
 
 extension MasterRequest {
+    /// A counted list of at most `MasterLimits.maxBatch` keys.
+    static func decodeKeys(_ r: inout WireReader) throws(KVError) -> [ObjectKey] {
+        let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 5, "batch keys")
+        var keys: [ObjectKey] = []
+        keys.reserveCapacity(n)
+        for _ in 0..<n { keys.append(try r.key()) }
+        return keys
+    }
+
     public func encode() -> [UInt8] {
         var w = WireWriter()
         switch self {
@@ -294,6 +313,13 @@ extension MasterRequest {
             for i in items { w.key(i.key); w.u64(UInt64(i.size)) }
         case let .getBatch(keys, host):
             w.string(host)
+            w.count(keys.count)
+            for k in keys { w.key(k) }
+        case let .sizeBatch(keys):
+            w.count(keys.count)
+            for k in keys { w.key(k) }
+        case let .removeBatch(keys, force):
+            w.bool(force)
             w.count(keys.count)
             for k in keys { w.key(k) }
         }
@@ -366,6 +392,10 @@ extension MasterRequest {
             keys.reserveCapacity(n)
             for _ in 0..<n { keys.append(try r.key()) }
             m = .getBatch(keys: keys, host: host)
+        case 23: m = .sizeBatch(keys: try Self.decodeKeys(&r))
+        case 24:
+            let force = try r.bool()
+            m = .removeBatch(keys: try Self.decodeKeys(&r), force: force)
         case 17: m = .publishLayout(try PublishedLayout.decode(&r))
         case 18: m = .fetchLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
         case 19: m = .unpublishLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
@@ -417,6 +447,7 @@ extension MasterResponse {
         case let .layout(p): p.encode(into: &w)
         case let .keys(ks, more): w.bool(more); w.count(ks.count); for k in ks { w.key(k) }
         case let .challenge(nonce, proof): w.bytes(nonce); w.bytes(proof)
+        case let .values(rs): results(rs) { w.i64(Int64($0)) }
         }
         return w.bytes
     }
@@ -488,6 +519,7 @@ extension MasterResponse {
             for _ in 0..<n { ks.append(try r.key()) }
             m = .keys(ks, more: more)
         case 114: m = .challenge(nonce: Array(try r.bytes(max: 64, "nonce")), proof: Array(try r.bytes(max: 64, "proof")))
+        case 115: m = .values(try results { () throws(KVError) in Int(try r.i64()) })
         default: throw .invalidArgument("unknown response kind \(kind)")
         }
         try r.finish("response \(kind)")

@@ -248,6 +248,13 @@ public struct MasterService: Sendable {
         case let .remove(key, force):
             try table.remove(key: key, force: force, now: now)
             return .ok
+        case let .sizeBatch(keys):
+            return .values(keys.map { key in
+                guard let n = table.lease(key: key, now: now) else { return .failure(.notFound("object '\(key)' not found")) }
+                return .success(n)
+            })
+        case let .removeBatch(keys, force):
+            return .values(keys.map { key in Result { () throws(KVError) in try table.remove(key: key, force: force, now: now); return 0 } })
         case let .removeAll(force):
             return .value(table.removeAll(force: force, prefix: tenant?.prefix, now: now))
         case .stats:
@@ -432,6 +439,13 @@ public struct Tenant: Sendable, Equatable {
 
     func node(_ n: String) -> String { name + "/" + n }
 
+    func scopedKeys(_ keys: [ObjectKey]) throws(KVError) -> [ObjectKey] {
+        var scoped: [ObjectKey] = []
+        scoped.reserveCapacity(keys.count)
+        for k in keys { scoped.append(try key(k)) }
+        return scoped
+    }
+
     /// `r` with every key and node id inside the namespace.
     func scoped(_ r: MasterRequest) throws(KVError) -> MasterRequest {
         switch r {
@@ -451,6 +465,8 @@ public struct Tenant: Sendable, Equatable {
         case let .exists(k): return .exists(key: try key(k))
         case let .size(k): return .size(key: try key(k))
         case let .remove(k, force): return .remove(key: try key(k), force: force)
+        case let .sizeBatch(keys): return .sizeBatch(keys: try scopedKeys(keys))
+        case let .removeBatch(keys, force): return .removeBatch(keys: try scopedKeys(keys), force: force)
         case let .listKeys(after): return .listKeys(after: try after.map { (k) throws(KVError) in try key(k) })
         case let .publishLayout(p):
             var q = p

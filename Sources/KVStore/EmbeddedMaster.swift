@@ -35,6 +35,10 @@ public protocol MasterLink: AnyObject, Sendable {
     /// Size of `key`, leasing it; nil when absent.
     func lease(key: ObjectKey) throws(KVError) -> Int?
     func remove(key: ObjectKey, force: Bool) throws(KVError)
+    /// `lease` of several keys (one result each); a remote master gets them in chunks.
+    func leases(keys: [ObjectKey]) throws(KVError) -> [Result<Int?, KVError>]
+    /// `remove` of several keys: one error per key (nil: removed); chunked like `leases`.
+    func remove(keys: [ObjectKey], force: Bool) throws(KVError) -> [KVError?]
     func removeAll(force: Bool) throws(KVError) -> Int
     func statistics() throws(KVError) -> CacheStatistics
 
@@ -115,6 +119,20 @@ public final class EmbeddedMaster: MasterLink {
     public func remove(key: ObjectKey, force: Bool) throws(KVError) {
         let now = clock()
         try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.remove(key: key, force: force, now: now) }
+    }
+
+    public func leases(keys: [ObjectKey]) -> [Result<Int?, KVError>] {
+        let now = clock()
+        return table.withLock { t in keys.map { .success(t.lease(key: $0, now: now)) } }
+    }
+
+    public func remove(keys: [ObjectKey], force: Bool) -> [KVError?] {
+        let now = clock()
+        return table.withLock { t in
+            keys.map { k in
+                do throws(KVError) { try t.remove(key: k, force: force, now: now); return nil } catch { return error }
+            }
+        }
     }
 
     public func removeAll(force: Bool) -> Int {

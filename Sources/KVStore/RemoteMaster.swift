@@ -330,6 +330,41 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         return ttl > margin ? sentAt &+ (ttl - margin) : sentAt
     }
 
+    /// Keys per request of a batch with nothing to copy (`sizeBatch`, `removeBatch`): at most
+    /// 1 MiB of keys a request, and few round trips (10,000 keys: 10).
+    static let keysChunk = 1024
+
+    /// `lease` of several keys: each key's size, or nil when it is absent. One request per
+    /// `keysChunk` keys, the next sent before this one's answer is read.
+    public func leases(keys: [ObjectKey]) throws(KVError) -> [Result<Int?, KVError>] {
+        var out: [Result<Int?, KVError>] = []
+        out.reserveCapacity(keys.count)
+        try streamed(keys.count, firstChunk: Self.keysChunk, chunk: Self.keysChunk, { r in .sizeBatch(keys: Array(keys[r])) },
+                     decode: { (_: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<Int?, KVError>] in
+            guard case .values(let rs) = answer, rs.count == range.count else { throw KVError(.internal, "unexpected answer to sizeBatch") }
+            return rs.map { r in
+                switch r {
+                case .success(let n): .success(n)
+                case .failure(let e) where e.code == .objectNotFound: .success(nil)
+                case .failure(let e): .failure(e)
+                }
+            }
+        }, handle: { _, rs in out.append(contentsOf: rs) })
+        return out
+    }
+
+    /// `remove` of several keys: one error per key (nil: removed). Chunked like `leases`.
+    public func remove(keys: [ObjectKey], force: Bool) throws(KVError) -> [KVError?] {
+        var out: [KVError?] = []
+        out.reserveCapacity(keys.count)
+        try streamed(keys.count, firstChunk: Self.keysChunk, chunk: Self.keysChunk, { r in .removeBatch(keys: Array(keys[r]), force: force) },
+                     decode: { (_: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [KVError?] in
+            guard case .values(let rs) = answer, rs.count == range.count else { throw KVError(.internal, "unexpected answer to removeBatch") }
+            return rs.map { r in if case .failure(let e) = r { e } else { nil } }
+        }, handle: { _, rs in out.append(contentsOf: rs) })
+        return out
+    }
+
     /// Items per request of a streamed batch: small enough that the first answer comes
     /// quickly and the caller's copies of one chunk overlap the master's work on the next.
     static let streamChunk = 32
@@ -339,13 +374,14 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// sent before chunk k's answer is handled, so the master works while `handle` runs.
     /// `decode` runs under the connection's lock, `handle` outside it (it may ask the master
     /// for a segment's address: an answer meant for this batch is then parked for it).
-    private func streamed<R>(_ count: Int, _ request: (Range<Int>) -> MasterRequest,
+    private func streamed<R>(_ count: Int, firstChunk: Int = RemoteMaster.firstChunk, chunk: Int = RemoteMaster.streamChunk,
+                             _ request: (Range<Int>) -> MasterRequest,
                              decode: (inout Link, Range<Int>, Nanoseconds, MasterResponse) throws(KVError) -> [R],
                              handle: (Range<Int>, [R]) -> Void) throws(KVError) {
-        // A small first chunk, so copying starts soon; then chunks of `streamChunk`.
-        let first = min(count, Self.firstChunk)
+        // A small first chunk, so copying starts soon; then chunks of `chunk`.
+        let first = min(count, firstChunk)
         let chunks = (first > 0 ? [0..<first] : [])
-            + stride(from: first, to: count, by: Self.streamChunk).map { $0..<min($0 + Self.streamChunk, count) }
+            + stride(from: first, to: count, by: chunk).map { $0..<min($0 + chunk, count) }
         guard !chunks.isEmpty else { return }
         var ids: [UInt32] = []
         ids.reserveCapacity(chunks.count)

@@ -609,6 +609,48 @@ public final class StoreClient: Sendable {
         operations.removes.add(1, ordering: .relaxed)
     }
 
+    /// `size` of several keys: each found object's size (leased), nil for a missing one, or
+    /// the error. One master request per chunk of keys, not one per key.
+    public func sizes(keys: [ObjectKey]) throws(KVError) -> [Result<Int?, KVError>] {
+        try enter()
+        defer { leave() }
+        return try master.leases(keys: keys)
+    }
+
+    /// `remove` of several keys: one error per key (nil: removed). One master request per
+    /// chunk of keys.
+    public func remove(keys: [ObjectKey], force: Bool = false) throws(KVError) -> [KVError?] {
+        try enter()
+        defer { leave() }
+        let errors = try master.remove(keys: keys, force: force)
+        operations.removes.add(errors.lazy.filter { $0 == nil }.count, ordering: .relaxed)
+        return errors
+    }
+
+    /// Read holds on several keys (see `beginRead`): one master request per chunk of keys.
+    /// `notFound` for a missing key. Every ticket returned must be ended with `endRead`.
+    public func beginReads(keys: [ObjectKey]) throws(KVError) -> [Result<ReadTicket, KVError>] {
+        try enter()
+        defer { leave() }
+        var out: [Result<ReadTicket, KVError>] = []
+        out.reserveCapacity(keys.count)
+        try master.acquireReads(keys: keys, host: cluster?.host ?? "") { range, answers in
+            for (key, r) in zip(keys[range], answers) {
+                switch r {
+                case .failure(let e): out.append(.failure(e))
+                case .success(let found):
+                    countLookup(found)
+                    switch found {
+                    case .found(let t): out.append(.success(t))
+                    case .notFound: out.append(.failure(.notFound("object '\(key)' not found")))
+                    case .busy: out.append(Result { () throws(KVError) in try heldBeginRead(key: key) })   // embedded only: wait for it alone
+                    }
+                }
+            }
+        }
+        return out
+    }
+
     /// Removes every object that is not leased (every object when `force`); returns how many.
     public func removeAll(force: Bool = false) throws(KVError) -> Int {
         try enter()

@@ -96,6 +96,84 @@ public func kvBatchGetInto(_ store: OpaquePointer?, _ items: UnsafePointer<kv_ba
     }
 }
 
+/// The keys of a key batch, converted: the valid ones, their positions, and every item's error.
+struct KeyBatch {
+    var keys: [ObjectKey] = []
+    var positions: [Int] = []
+    var errors: [KVError?]
+
+    init(_ raw: UnsafePointer<kv_key>?, _ n: Int) {
+        errors = [KVError?](repeating: nil, count: n)
+        keys.reserveCapacity(n)
+        positions.reserveCapacity(n)
+        for i in 0..<n {
+            do throws(KVError) {
+                keys.append(try ABI.key(raw![i].ptr, raw![i].len))
+                positions.append(i)
+            } catch {
+                errors[i] = error
+            }
+        }
+    }
+
+    /// Records converted key `j`'s outcome.
+    mutating func set(_ j: Int, _ e: KVError?) { errors[positions[j]] = e }
+
+    /// Writes every item's status and keeps the messages for kv_batch_error.
+    func finish(_ statuses: UnsafeMutablePointer<Int32>?) {
+        for (i, e) in errors.enumerated() { statuses?[i] = e?.code.rawValue ?? 0 }
+        LastError.setBatch(errors)
+    }
+}
+
+@c(kv_batch_size)
+public func kvBatchSize(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int,
+                        _ statuses: UnsafeMutablePointer<Int32>?, _ sizes: UnsafeMutablePointer<UInt64>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.batchClient(store, n, keys, statuses)
+        guard n == 0 || sizes != nil else { throw .invalidArgument("batch arrays are NULL") }
+        var batch = KeyBatch(keys, n)
+        for (j, r) in try c.sizes(keys: batch.keys).enumerated() {
+            switch r {
+            case .success(let size?): sizes![batch.positions[j]] = UInt64(size)
+            case .success(nil): batch.set(j, .notFound("object '\(batch.keys[j])' not found"))
+            case .failure(let e): batch.set(j, e)
+            }
+        }
+        batch.finish(statuses)
+    }
+}
+
+@c(kv_batch_remove)
+public func kvBatchRemove(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int, _ flags: UInt32,
+                          _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.batchClient(store, n, keys, statuses)
+        var batch = KeyBatch(keys, n)
+        for (j, e) in try c.remove(keys: batch.keys, force: flags & UInt32(KV_REMOVE_FORCE) != 0).enumerated() { batch.set(j, e) }
+        batch.finish(statuses)
+    }
+}
+
+@c(kv_batch_read_begin)
+public func kvBatchReadBegin(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int,
+                             _ holds: UnsafeMutablePointer<kv_read>?, _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.batchClient(store, n, keys, statuses)
+        guard n == 0 || holds != nil else { throw .invalidArgument("batch arrays are NULL") }
+        var batch = KeyBatch(keys, n)
+        for (j, r) in try c.beginReads(keys: batch.keys).enumerated() {
+            switch r {
+            case .success(let t):
+                holds![batch.positions[j]] = kv_read(handle: t.handle, segment: UInt64(t.segment), offset: UInt64(t.offset),
+                                                     size: UInt64(t.size), lease_end: t.leaseEnd)
+            case .failure(let e): batch.set(j, e)
+            }
+        }
+        batch.finish(statuses)
+    }
+}
+
 @c(kv_batch_error)
 public func kvBatchError(_ index: Int, _ len: UnsafeMutablePointer<Int>?) -> UnsafePointer<CChar> {
     let b = LastError.box

@@ -371,7 +371,7 @@ final class MasterServiceTests: XCTestCase {
         .putStartBatch(items: [], mode: .upsert, options: .default, preferred: nil),
         .getBatch(keys: ["a", "b", "é"], host: "h"),
         .publishLayout(MasterServiceTests.published), .fetchLayout(node: "n"), .unpublishLayout(node: "é"), .listKeys(after: nil),
-        .listKeys(after: "req/1"),
+        .listKeys(after: "req/1"), .sizeBatch(keys: ["a", "é"]), .sizeBatch(keys: []), .removeBatch(keys: ["a"], force: true),
     ]
     static let published = PublishedLayout(
         node: "n", layout: try! KVLayout([KVBufferDescriptor(layer: 0, kind: .key, address: 4096, length: 8192, bytesPerBlock: 4096),
@@ -387,8 +387,25 @@ final class MasterServiceTests: XCTestCase {
         .foundBatch([.failure(KVError(.objectNotFound, "gone")),
                      .success(FoundObject(size: 9, replicas: [Replica(segment: 1, offset: 0), Replica(segment: 2, offset: 64)]))]),
         .layout(MasterServiceTests.published), .keys(["a", "é", "req/1"], more: true), .keys([], more: false),
-        .challenge(nonce: [1, 2], proof: [3]),
+        .challenge(nonce: [1, 2], proof: [3]), .values([.success(0), .success(1 << 40), .failure(KVError(.objectNotFound, "gone"))]),
     ]
+
+    func testKeyBatchesAnswerPerKeyAndLeaseWhatTheyFind() throws {
+        var m = try master()
+        var (a, _) = join(&m, "a", host: "h")
+        guard case .putStarted(let w) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: .default, preferred: nil), session: &a, now: 0)
+        else { return XCTFail() }
+        XCTAssertEqual(m.handle(.putCommit(handle: w.handle), session: &a, now: 0), .ok)
+        guard case .values(let sizes) = m.handle(.sizeBatch(keys: ["k", "missing"]), session: &a, now: 1) else { return XCTFail() }
+        XCTAssertEqual(try sizes[0].get(), 10)
+        XCTAssertEqual(sizes[1].failureCode, .objectNotFound)
+        guard case .values(let removed) = m.handle(.removeBatch(keys: ["k", "missing"], force: false), session: &a, now: 2) else { return XCTFail() }
+        XCTAssertEqual(removed[0].failureCode, .leaseHeld, "sizeBatch leased it")
+        XCTAssertEqual(removed[1].failureCode, .objectNotFound)
+        guard case .values(let forced) = m.handle(.removeBatch(keys: ["k"], force: true), session: &a, now: 3) else { return XCTFail() }
+        XCTAssertEqual(try forced[0].get(), 0)
+        XCTAssertNil(m.table.invariantViolation())
+    }
 
     func testLayoutsArePublishedPerClientAndLeaveWithIt() throws {
         var m = try master()
@@ -475,5 +492,12 @@ extension MasterResponse {
     func statsValue(_ name: String) -> Int? {
         guard case .stats(let all) = self else { return nil }
         return all.first { $0.name == name }?.value
+    }
+}
+
+extension Result where Failure == KVError {
+    var failureCode: KVError.Code? {
+        if case .failure(let e) = self { return e.code }
+        return nil
     }
 }

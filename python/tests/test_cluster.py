@@ -5,6 +5,7 @@ restart, and a master fuzzed over its socket. Every server and process started i
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import socket
@@ -407,3 +408,57 @@ def test_two_hosts_over_veth_use_tcp(netns):
             assert r["gets"] > 10 and r["stats"]["network_bytes"] > 0
             # the master's local socket is reachable from its own network namespace only
             assert r["stats"]["master_local"] == local
+
+
+# ---- batches as one request per chunk, and waits without the GIL (issue 18) ----
+
+def test_key_batches_on_a_connected_store_span_many_chunks(master):
+    s = connect(master)
+    try:
+        keys = [f"k{i}" for i in range(5000)]
+        s.put_batch(keys[::2], [str(i).encode() for i in range(0, 5000, 2)])
+        # 5,000 keys: five requests of 1,024, not 5,000 round trips; results stay in order.
+        assert s.batch_exists(keys) == [i % 2 == 0 for i in range(5000)]
+        got = s.get_batch(keys[:3000])
+        assert got == [str(i).encode() if i % 2 == 0 else None for i in range(3000)]
+        bad = s.batch_exists(["k0", "", "k1"])                 # a bad key fails alone
+        assert bad[0] is True and isinstance(bad[1], kvstore.InvalidArgumentError) and bad[2] is False
+        leased = s.batch_remove(keys[:4])                      # just read: leased
+        assert isinstance(leased[0], kvstore.LeaseHeldError) and isinstance(leased[1], kvstore.ObjectNotFoundError)
+        removed = s.batch_remove(keys, force=True)
+        assert sum(r is None for r in removed) == 2500
+        assert all(isinstance(r, kvstore.ObjectNotFoundError) for r in removed[1::2])
+        assert s.stats()["objects"] == 0 and s.batch_exists(keys[:10]) == [False] * 10
+    finally:
+        s.close()
+
+
+def test_a_thread_waiting_on_a_stalled_master_does_not_hold_the_gil(master):
+    import threading
+    s = connect(master)
+    try:
+        s.put("k", b"v")
+        done = threading.Event()
+        out = {}
+
+        def waiter():
+            out["exists"] = s.exists("k")      # waits while the master is stopped
+            done.set()
+
+        os.kill(master.proc.pid, signal.SIGSTOP)
+        try:
+            t = threading.Thread(target=waiter)
+            t.start()
+            time.sleep(0.05)
+            # This thread keeps running Python while the other waits on the master.
+            spins, end = 0, time.monotonic() + 0.5
+            while time.monotonic() < end:
+                spins += 1
+            assert not done.is_set()
+            assert spins > 10000
+        finally:
+            os.kill(master.proc.pid, signal.SIGCONT)
+        t.join(10)
+        assert out["exists"] is True
+    finally:
+        s.close()

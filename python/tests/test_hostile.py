@@ -485,6 +485,12 @@ def test_tenants_see_and_remove_only_their_own_keys(tmp_path):
             assert beta.keys() == ["b-only", "k"]
             assert sorted(admin.keys()) == ["acme/k", "beta/b-only", "beta/k"]
             assert not acme.exists("beta/k")                       # no way out of the namespace
+            # The batch calls stay inside too: one request for many keys names only the tenant's.
+            assert acme.batch_exists(["k", "b-only", "beta/k"]) == [True, False, False]
+            assert acme.get_batch(["k", "b-only"]) == [b"acme's", None]
+            outcome = acme.batch_remove(["b-only", "beta/k"], force=True)
+            assert all(isinstance(e, kvstore.ObjectNotFoundError) for e in outcome)
+            assert beta.get("b-only") == b"b" * 10000
             assert beta.remove_all(force=True) == 2                 # only beta's
             assert acme.get("k") == b"acme's" and admin.keys() == ["acme/k"]
             assert admin.remove_all(force=True) == 1                # the cluster's token reaches everything

@@ -154,6 +154,15 @@ int32_t kv_batch_put(kv_store *store, const kv_batch_put_item *items, size_t n, 
 /* Reads n objects; statuses[i] as above, sizes[i] (may be NULL) gets each object's size. */
 int32_t kv_batch_get_into(kv_store *store, const kv_batch_get_item *items, size_t n, uint32_t flags,
                           int32_t *statuses, uint64_t *sizes);
+/* kv_size of n keys: sizes[i] gets each found object's size (the object is leased);
+ * statuses[i] is KV_E_OBJECT_NOT_FOUND for a missing key. A cluster's master gets one request
+ * per 1,024 keys, not one per key. */
+int32_t kv_batch_size(kv_store *store, const kv_key *keys, size_t n, int32_t *statuses, uint64_t *sizes);
+/* kv_remove of n keys (flags: KV_REMOVE_FORCE); statuses[i] per key. Chunked like kv_batch_size. */
+int32_t kv_batch_remove(kv_store *store, const kv_key *keys, size_t n, uint32_t flags, int32_t *statuses);
+/* kv_read_begin (waiting) of n keys, one master request per chunk of keys: holds[i] is valid
+ * when statuses[i] is KV_OK, and must then be ended with kv_read_end. */
+int32_t kv_batch_read_begin(kv_store *store, const kv_key *keys, size_t n, kv_read *holds, int32_t *statuses);
 /* Message of item `index` of the last batch call on this thread ("" when it succeeded). */
 const char *kv_batch_error(size_t index, size_t *len);
 /* kv_read_begin, kv_get_into, kv_batch_get_into, kv_exists and kv_size lease the object they

@@ -7,7 +7,9 @@
 #include <Python.h>
 #include "kvstore_abi.h"
 
-/* Copies of at least this many bytes run with the GIL released. */
+/* An embedded store's calls run with the GIL released when they copy at least this many
+ * bytes (below it, releasing costs more than it lends: nothing in them waits for long). A
+ * connected store's calls always do: any of them may wait for the master or a peer. */
 #define KVPY_GIL_THRESHOLD (64 * 1024)
 
 /* Raises the exception class mapped to `code` (kvstore/_errors.py) with `message`. */
@@ -78,11 +80,14 @@ typedef struct {
     PyObject_HEAD
     kv_store *store;
     PyObject *registered; /* {address: capsule holding the registered Py_buffer, or the object kept alive} */
+    int remote;           /* connected to a master: every call may wait on the network */
 } StoreObject;
 
-#define RUN_MAYBE_UNLOCKED(bytes, stmt) \
+/* Runs stmt, a call of self's store moving `bytes`, with the GIL released when it may wait
+ * (see KVPY_GIL_THRESHOLD). */
+#define RUN_UNLOCKED(self, bytes, stmt) \
     do { \
-        if ((bytes) >= KVPY_GIL_THRESHOLD) { \
+        if ((self)->remote || (bytes) >= KVPY_GIL_THRESHOLD) { \
             PyThreadState *_ts = PyEval_SaveThread(); \
             stmt; \
             PyEval_RestoreThread(_ts); \
