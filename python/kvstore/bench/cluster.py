@@ -76,6 +76,31 @@ def _iperf3_gbps() -> float | None:
 CASES = ("shm", "tcp", "ops")
 
 
+THREADS = 4
+
+
+def _threaded(threads: int, keys: list[str], op: Callable[[str], Any]) -> None:
+    """Runs ``op`` over ``keys`` split between ``threads`` Python threads of this process."""
+    import threading
+    workers = [threading.Thread(target=lambda part=keys[i::threads]: [op(k) for k in part]) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+class _busy_core:
+    """A child process spinning on one core for the ``with`` block."""
+
+    def __enter__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.2)   # let it take its core
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repeat: int, small_ops: int,
                 record: Callable[[dict[str, Any]], None], cases: tuple[str, ...] = CASES) -> int:
     n = max(2, budget // size)
@@ -248,6 +273,21 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
             report(path, "put", 4096, m, t, None, (m / t) / MOONCAKE_OPS_PER_S, "mooncake 18k/s")
             t = timed(small_gets)
             report(path, "get", 4096, m, t, None, (m / t) / MOONCAKE_OPS_PER_S, "mooncake 18k/s")
+            # Many Python threads on one client: each waits on the master without the GIL.
+            t = timed(lambda: _threaded(THREADS, skeys, get))
+            report(path, f"get {THREADS} threads", 4096, m, t, None, None, "-")
+            # Another process keeps one core busy (an inference host's cores rarely idle).
+            with _busy_core():
+                t = timed(small_puts, clear)
+                report(path, "put, core busy", 4096, m, t, None, None, "-")
+                t = timed(small_gets)
+                report(path, "get, core busy", 4096, m, t, None, None, "-")
+            # batch_exists of 10,000 keys, half present: keys per second.
+            bkeys = [f"{path}-b{i}" for i in range(10_000)]
+            c.put_batch(bkeys[::2], [b"x"] * 5_000)
+            t = timed(lambda: c.batch_exists(bkeys))
+            report(path, "batch_exists", 0, len(bkeys), t, None, None, "-")
+            c.batch_remove(bkeys, force=True)
         print("ratios: shm = store / numpy.copyto; tcp = store / iperf3 (one stream, same run); "
               f"ops = ops/s / {MOONCAKE_OPS_PER_S:,} (Mooncake Store's best on these machines)")
         return 0
