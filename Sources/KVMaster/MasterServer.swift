@@ -261,6 +261,7 @@ public final class MasterServer: @unchecked Sendable {
         log("listening on \(options.host):\(port)" + (metricsPort.map { ", metrics on \(options.metricsHost):\($0)" } ?? ""))
         var lastSweep = clock()
         var lastActivity: Nanoseconds = 0
+        var spin = SpinBackoff(spinNanos: Int(options.spinNanos))
         let listeners = [(listener, false)] + (localListener.map { [($0, false)] } ?? []) + (httpListener.map { [($0, true)] } ?? [])
         var fds: [pollfd] = []
         while true {
@@ -276,11 +277,15 @@ public final class MasterServer: @unchecked Sendable {
                 fds.append(pollfd(fd: fd, events: (reading ? Int16(POLLIN) : 0) | (c.pending > 0 ? Int16(POLLOUT) : 0), revents: 0))
             }
             // Right after a request, poll without sleeping for a short while: the next
-            // request of a busy client is picked up without a scheduler wake-up.
-            let busy = loopStart &- lastActivity < options.spinNanos
+            // request of a busy client is picked up without a scheduler wake-up. Not while
+            // the machine is busy: a spin that lost its core stops spinning (`SpinBackoff`).
+            let busy = Int(loopStart &- lastActivity) < spin.budget(now: Int(loopStart))
+            let polled = busy ? SpinBackoff.now() : 0
             let n = poll(&fds, nfds_t(fds.count), busy ? 0 : 250)
             if n < 0 && errno != EINTR { log("poll failed: errno \(errno)"); break }
             if n > 0 { lastActivity = clock() }
+            // An empty poll that took long: the master lost its core during it.
+            if busy && n == 0 { _ = spin.keepSpinning(previous: polled, now: SpinBackoff.now()) }
             if fds[0].revents != 0 { break }
             for (i, (l, http)) in listeners.enumerated() where fds[i + 1].revents != 0 { acceptAll(l, http: http) }
             for p in fds.dropFirst(1 + listeners.count) where p.revents != 0 {

@@ -700,18 +700,19 @@ final class PeerConnection: @unchecked Sendable {
 
 /// Reads frames from a blocking socket through a buffer: one `recv` usually brings a whole
 /// answer (or several pipelined ones), and waiting starts with a short spin of non-blocking
-/// reads (`spinNanos`) before blocking, so an answer that comes within the spin costs no
-/// scheduler wake-up.
+/// reads (at most `spinNanos`, see `SpinBackoff`) before blocking, so an answer that comes
+/// within the spin costs no scheduler wake-up.
 public struct FrameReader: Sendable {
     private var buffer = [UInt8](repeating: 0, count: 1 << 16)
     private var start = 0
     private var end = 0
     public let maxPayload: Int
-    public let spinNanos: Int
+    public var spin: SpinBackoff
+    public var spinNanos: Int { spin.spinNanos }
 
     public init(maxPayload: Int, spinNanos: Int) {
         self.maxPayload = maxPayload
-        self.spinNanos = spinNanos
+        self.spin = SpinBackoff(spinNanos: spinNanos)
     }
 
     /// The next frame. Throws `transfer` for I/O failures, `invalidArgument` for a bad frame.
@@ -739,21 +740,22 @@ public struct FrameReader: Sendable {
             start = 0
         }
         if buffer.count < count { buffer += [UInt8](repeating: 0, count: count - buffer.count) }
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        let deadline = ts.tv_sec &* 1_000_000_000 &+ ts.tv_nsec &+ spinNanos
+        let started = SpinBackoff.now()
+        let deadline = started &+ spin.budget(now: started)
         while end < count {
             let fd = s.fd
             let free = buffer.count - end
-            var spinning = true
+            var spinning = deadline > started
+            var previous = started
             let n = buffer.withUnsafeMutableBytes { b -> Int in
                 while true {
                     let r = recv(fd, b.baseAddress! + end, free, spinning ? Int32(MSG_DONTWAIT) : 0)
                     if r >= 0 { return r }
                     if errno == EINTR { continue }
                     guard spinning, errno == EAGAIN || errno == EWOULDBLOCK else { return -1 }
-                    clock_gettime(CLOCK_MONOTONIC, &ts)
-                    if ts.tv_sec &* 1_000_000_000 &+ ts.tv_nsec > deadline { spinning = false }
+                    let now = SpinBackoff.now()
+                    if now > deadline || !spin.keepSpinning(previous: previous, now: now) { spinning = false }
+                    previous = now
                 }
             }
             if n == 0 { throw KVError(.transfer, "the peer closed the connection") }

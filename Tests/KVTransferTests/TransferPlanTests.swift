@@ -56,3 +56,28 @@ final class TransferPlanTests: XCTestCase {
         XCTAssertEqual(counters.copyOps.load(ordering: .relaxed), 2)
     }
 }
+
+final class SpinBackoffTests: XCTestCase {
+    func testQuietPeriodsGrowWhileSignsComeAndResetWhenIsolated() {
+        var s = SpinBackoff(spinNanos: 200_000)
+        let t0 = 1_000_000_000
+        s.noteBusy(now: t0)
+        XCTAssertEqual(s.budget(now: t0 + 500_000), 0, "quiet for 1 ms")
+        s.noteBusy(now: t0 + 1_100_000)                    // right after the period: back off longer
+        XCTAssertEqual(s.quietLength, 2_000_000)
+        for i in 0..<10 { s.noteBusy(now: t0 + 2_000_000 + i * 100_000) }
+        XCTAssertEqual(s.quietLength, SpinBackoff.quiet, "capped")
+        s.noteBusy(now: t0 + 10_000_000_000)              // long after: an isolated sign
+        XCTAssertEqual(s.quietLength, SpinBackoff.minQuiet)
+        XCTAssertEqual(s.budget(now: t0 + 10_000_000_000 + SpinBackoff.minQuiet), 200_000)
+    }
+
+    func testShortGapsKeepSpinningAndTheLoadIsRead() {
+        var s = SpinBackoff(spinNanos: 200_000)
+        let now = SpinBackoff.now()
+        XCTAssertTrue(s.keepSpinning(previous: now - 1_000, now: now), "a short gap")
+        XCTAssertEqual(s.budget(now: now), 200_000)
+        XCTAssertGreaterThanOrEqual(SpinBackoff.runnableTasks(), 1, "this thread is running")
+        XCTAssertGreaterThanOrEqual(SpinBackoff.involuntarySwitches(), 0)
+    }
+}

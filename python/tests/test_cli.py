@@ -34,11 +34,14 @@ def test_bench_small_run(tmp_path):
                                            "batch_put_from", "batch_get_into", "put_evict",
                                            "cluster_shm_put_from", "cluster_shm_get_into", "cluster_shm_batch_put_from",
                                            "cluster_shm_batch_get_into", "cluster_tcp_put_from", "cluster_tcp_get_into",
-                                           "cluster_ops_put", "cluster_ops_get", "cluster_ops_tcp_put", "cluster_ops_tcp_get",
+                                           *(f"cluster_{path}_{op}" for path in ("ops", "ops_tcp")
+                                             for op in ("put", "get", "get 4 threads", "put, core busy", "get, core busy",
+                                                        "batch_exists")),
                                            "cluster_auth_connect+put",
                                            *(f"kv_{route}_{case}" for route in ("local", "shm", "tcp")
                                              for case in ("scattered_per_block", "scattered_aggregated", "contiguous_aggregated"))}
-    assert all(row["gb_per_s"] > 0 for row in rows)
+    assert all(row["gb_per_s"] > 0 or row["op"].endswith("batch_exists") for row in rows)
+    assert all(row["ops_per_s"] > 0 for row in rows if row["op"].startswith("cluster_ops"))
     assert all(row["copyto_gb_per_s"] > 0 for row in rows if "copyto_gb_per_s" in row)
     assert all(row["ratio"] > 0 for row in rows if row["op"].startswith(("cluster_shm", "kv_")))
     evict = [row for row in rows if row["op"] == "put_evict"]
