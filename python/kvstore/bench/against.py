@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .._store import Store
+from .cluster import THREADS, _busy_core, _threaded
 
 PEERS = ("mooncake", "redis")
 
@@ -134,6 +135,7 @@ class _System:
     get: Callable[[str], Any]
     clear: Callable[[], Any]
     close: Callable[[], Any]
+    exists_batch: Callable[[list[str]], Any] | None = None
 
 
 def _kvstore(servers: list[_Server]) -> _System:
@@ -143,7 +145,7 @@ def _kvstore(servers: list[_Server]) -> _System:
         raise RuntimeError("the kvstore master did not start")
     store = Store.connect(f"kvstore://127.0.0.1:{port}", segment_size=1 << 30, prefault=True)
 
-    return _System("kvstore", store.put, store.get, lambda: store.remove_all(force=True), store.close)
+    return _System("kvstore", store.put, store.get, lambda: store.remove_all(force=True), store.close, store.batch_exists)
 
 
 def _mooncake(servers: list[_Server]) -> _System | str:
@@ -169,7 +171,7 @@ def _mooncake(servers: list[_Server]) -> _System | str:
         rc = store.put(key, value)
         if rc != 0:
             raise RuntimeError(f"mooncake put failed ({rc})")
-    return _System("mooncake", put, store.get, store.remove_all, store.close)
+    return _System("mooncake", put, store.get, store.remove_all, store.close, store.batch_is_exist)
 
 
 def _redis(servers: list[_Server], tmp: str) -> _System | str:
@@ -208,6 +210,7 @@ def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,
             n_small = max(100, min(small_ops, 20_000))
             keys_small = [f"s-{i}" for i in range(n_small)]
             keys_big = [f"b-{i}" for i in range(big_count)]
+            keys_exists = [f"e-{i}" for i in range(10_000)]
             times: dict[tuple[str, str], list[float]] = {}
 
             def timed(name: str, case: str, fn: Callable[[], None]) -> None:
@@ -233,18 +236,35 @@ def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,
                     if s.get(keys_big[-1]) != big:
                         print(f"{s.name} returned wrong bytes", file=sys.stderr)
                         return 1
+                    # Real conditions: threads of one client, another process on a core, batches.
+                    s.clear()
+                    for k in keys_small:
+                        s.put(k, small)
+                    timed(s.name, f"get 4 KiB x{THREADS} thr", lambda: _threaded(THREADS, keys_small, s.get))
+                    if s.exists_batch is not None:
+                        present = keys_exists[::2]
+                        for k in present:
+                            s.put(k, b"x")
+                        timed(s.name, "batch_exists", lambda: s.exists_batch(keys_exists))
+                    s.clear()
+                    with _busy_core():
+                        timed(s.name, "put 4 KiB busy", lambda: [s.put(k, small) for k in keys_small])
+                        timed(s.name, "get 4 KiB busy", lambda: [s.get(k) for k in keys_small])
                 timed("memcpy", "put 1 MiB", lambda: [np.copyto(area[i], src) for i in range(big_count)])
                 timed("memcpy", "get 1 MiB", lambda: [area[i].tobytes() for i in range(big_count)])
                 if r == 0:
                     times.clear()
             names = [s.name for s in systems] + ["memcpy"]
-            print(f"\nkvstore bench --against: {repeat} interleaved rounds, medians; one client thread on loopback")
-            header = f"{'case':<12}" + "".join(f"{n:>16}" for n in names)
+            print(f"\nkvstore bench --against: {repeat} interleaved rounds, medians; one client on loopback "
+                  f"(x{THREADS} thr: {THREADS} Python threads; busy: another process spins on a core; batch_exists: keys/s of 10,000)")
+            header = f"{'case':<18}" + "".join(f"{n:>16}" for n in names)
             print(header)
             print("-" * len(header))
             rows = []
             for case, count, unit in (("put 4 KiB", n_small, "ops"), ("get 4 KiB", n_small, "ops"),
-                                      ("put 1 MiB", big_count, "GB"), ("get 1 MiB", big_count, "GB")):
+                                      ("put 1 MiB", big_count, "GB"), ("get 1 MiB", big_count, "GB"),
+                                      (f"get 4 KiB x{THREADS} thr", n_small, "ops"), ("batch_exists", len(keys_exists), "ops"),
+                                      ("put 4 KiB busy", n_small, "ops"), ("get 4 KiB busy", n_small, "ops")):
                 cells = []
                 for n in names:
                     if (n, case) not in times:
@@ -256,7 +276,7 @@ def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,
                     record({"op": f"against_{n}_{case.replace(' ', '_')}", "system": n, "case": case,
                             "seconds": t, "value": value, "unit": "ops/s" if unit == "ops" else "GB/s"})
                     rows.append((case, n, value))
-                print(f"{case:<12}" + "".join(cells))
+                print(f"{case:<18}" + "".join(cells))
             if chart:
                 _chart(rows, chart)
             return 0
