@@ -89,6 +89,7 @@ static int module_exec(PyObject *m) {
     if (PyModule_AddObject(m, "Store", type) < 0) { Py_DECREF(type); return -1; }
     if (PyModule_AddIntConstant(m, "MAX_KEY_BYTES", (long)kv_max_key_bytes()) < 0) return -1;
     if (PyModule_AddIntConstant(m, "GIL_RELEASE_BYTES", KVPY_GIL_THRESHOLD) < 0) return -1;
+    kvpy_install_wait_hooks();   /* a wait of a call that kept the GIL releases it */
     if (PyModule_AddIntConstant(m, "TENSOR_HEADER_SIZE", KV_TENSOR_HEADER_SIZE) < 0) return -1;
     return 0;
 }

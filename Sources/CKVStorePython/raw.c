@@ -77,7 +77,7 @@ PyObject *kvpy_store_read_object(StoreObject *self, PyObject *const *args, Py_ss
         int stale = 0;
         PyObject *result = read_held_object(self, &hold, prefix, args[2], &stale);
         if (stale && tries >= 3) kvpy_raise_last(KV_E_TRANSFER);
-        kv_read_end(self->store, &hold);
+        kvpy_read_end(self, &hold);
         if (!stale || tries >= 3) return result;
     }
 }
@@ -97,11 +97,11 @@ PyObject *kvpy_store_register_raw(StoreObject *self, PyObject *const *args, Py_s
     const char *loc;
     Py_ssize_t loclen;
     if (kvpy_utf8(args[2], "location", &loc, &loclen) < 0) return NULL;
-    int32_t st = kv_register_buffer(self->store, p, len, loc, (size_t)loclen);
+    int32_t st = kvpy_register(self, p, len, loc, (size_t)loclen);
     if (st) return kvpy_raise_last(st);
     PyObject *addr = PyLong_FromVoidPtr(p);
     if (!addr || PyDict_SetItem(self->registered, addr, args[3]) < 0) {
-        kv_unregister_buffer(self->store, p);
+        kvpy_unregister(self, p);
         Py_XDECREF(addr);
         return NULL;
     }

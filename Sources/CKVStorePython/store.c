@@ -102,7 +102,6 @@ static PyObject *store_connect(StoreObject *self, PyObject *args) {
     st = kv_store_connect(url, (uint64_t)size, create_flags(prefault, pin), token, &s);
     Py_END_ALLOW_THREADS
     if (store_adopt(self, st, s) < 0) return NULL;
-    self->remote = 1;
     Py_RETURN_NONE;
 }
 
@@ -406,6 +405,31 @@ static PyObject *store_batch_put_raw(StoreObject *self, PyObject *const *args, P
     return batch_call(self, args[0], args[1], "part_lists", 0, 1, upsert ? KV_UPSERT : KV_PUT, &o, ok_none);
 }
 
+/* ---- the wait hooks ---- */
+
+/* Per thread: whether the running ABI call kept the GIL, and the thread state once a wait
+ * inside it released the GIL. The rest of such a call runs without the GIL (the ABI never
+ * touches Python objects; the buffers it writes are held by the caller), and the GIL is
+ * taken back when the call returns: taking it back inside the call, holding the core's locks,
+ * would make every other thread's call wait for those locks without the GIL, and so on. */
+static _Thread_local int keeping_gil;
+static _Thread_local PyThreadState *released;
+
+void kvpy_keep_gil_begin(void) { keeping_gil = 1; }
+
+void kvpy_keep_gil_end(void) {
+    keeping_gil = 0;
+    if (released) { PyEval_RestoreThread(released); released = NULL; }
+}
+
+static void wait_begins(void) {
+    if (keeping_gil && !released) released = PyEval_SaveThread();
+}
+
+static void wait_ends(void) {}
+
+void kvpy_install_wait_hooks(void) { kv_set_wait_hooks(wait_begins, wait_ends); }
+
 /* ---- reads ---- */
 
 /* Takes a read hold; waits (GIL released) while an in-place upsert rewrites the object. */
@@ -433,14 +457,14 @@ static PyObject *read_key_bytes(StoreObject *self, const char *k, Py_ssize_t kle
         int32_t st = read_begin(self, k, klen, &hold);
         if (st) { *begin_status = st; return NULL; }
         PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)hold.size);
-        if (!bytes) { kv_read_end(self->store, &hold); return NULL; }
+        if (!bytes) { kvpy_read_end(self, &hold); return NULL; }
         kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)hold.size};
         RUN_UNLOCKED(self, hold.size, st = kv_read_copy(self->store, &hold, &dst, 1, KV_HOST_MEMORY, NULL));
-        if (st == 0) { kv_read_end(self->store, &hold); return bytes; }
+        if (st == 0) { kvpy_read_end(self, &hold); return bytes; }
         Py_DECREF(bytes);
-        if (st == KV_STALE && tries < STALE_RETRIES) { kv_read_end(self->store, &hold); continue; }
+        if (st == KV_STALE && tries < STALE_RETRIES) { kvpy_read_end(self, &hold); continue; }
         kvpy_raise_last(st == KV_STALE ? KV_E_TRANSFER : st);   /* before kv_read_end: its message */
-        kv_read_end(self->store, &hold);
+        kvpy_read_end(self, &hold);
         return NULL;
     }
 }
@@ -511,7 +535,7 @@ static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
         else values[j] = NULL, statuses[j] = KV_STALE;   /* read again below, once its hold ended */
     }
     for (size_t j = 0; j < m; j++) {
-        if (statuses[j] == 0 || statuses[j] == KV_STALE) kv_read_end(self->store, &holds[j]);
+        if (statuses[j] == 0 || statuses[j] == KV_STALE) kvpy_read_end(self, &holds[j]);
     }
     for (size_t j = 0; j < m; j++) {
         batch_item *it = &items[index[j]];
@@ -537,7 +561,7 @@ static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
     PyMem_Free(values);
     goto done;
 end_holds:
-    for (size_t j = 0; j < m; j++) if (statuses[j] == 0) kv_read_end(self->store, &holds[j]);
+    for (size_t j = 0; j < m; j++) if (statuses[j] == 0) kvpy_read_end(self, &holds[j]);
 done:
     PyMem_Free(ks); PyMem_Free(index); PyMem_Free(statuses); PyMem_Free(holds);
     batch_end(items, n);
@@ -680,12 +704,12 @@ static PyObject *store_register_buffer(StoreObject *self, PyObject *args, PyObje
     Py_buffer *view = PyMem_Malloc(sizeof(Py_buffer));
     if (!view) return PyErr_NoMemory();
     if (kvpy_source(obj, view) < 0) { PyMem_Free(view); return NULL; }
-    int32_t st = kv_register_buffer(self->store, view->buf, (size_t)view->len, loc, (size_t)loclen);
+    int32_t st = kvpy_register(self, view->buf, (size_t)view->len, loc, (size_t)loclen);
     if (st) { PyBuffer_Release(view); PyMem_Free(view); return kvpy_raise_last(st); }
     PyObject *capsule = PyCapsule_New(view, "kvstore.registered_buffer", capsule_release);
     PyObject *addr = PyLong_FromVoidPtr(view->buf);
     if (!capsule || !addr || PyDict_SetItem(self->registered, addr, capsule) < 0) {
-        kv_unregister_buffer(self->store, view->buf);
+        kvpy_unregister(self, view->buf);
         if (!capsule) { PyBuffer_Release(view); PyMem_Free(view); }
         Py_XDECREF(capsule);
         Py_XDECREF(addr);
@@ -708,7 +732,7 @@ static PyObject *store_unregister_buffer(StoreObject *self, PyObject *obj) {
         ptr = view.buf;
         PyBuffer_Release(&view);
     }
-    int32_t st = kv_unregister_buffer(self->store, ptr);
+    int32_t st = kvpy_unregister(self, ptr);
     if (st) return kvpy_raise_last(st);
     PyObject *addr = PyLong_FromVoidPtr(ptr);
     if (!addr) return NULL;

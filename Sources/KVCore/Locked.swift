@@ -31,11 +31,39 @@ public final class Locked<State: Sendable>: @unchecked Sendable {
     }
 
     /// Runs `body` with exclusive access to the state. Never call `withLock` of the same
-    /// instance from inside `body`.
+    /// instance from inside `body`. Waiting for a lock another thread holds is a wait
+    /// (`WaitHooks`); taking a free one is not.
     @inlinable @inline(__always)
     public func withLock<R, E: Error>(_ body: (inout State) throws(E) -> R) throws(E) -> R {
-        pthread_mutex_lock(mutex)
+        if pthread_mutex_trylock(mutex) != 0 { lockContended() }
         defer { pthread_mutex_unlock(mutex) }
         return try body(&state.pointee)
+    }
+
+    /// Taken by another thread: retry a few thousand times (tens of microseconds: most
+    /// holders finish within one round trip to the master), then wait (`WaitHooks`).
+    @usableFromInline func lockContended() {
+        for _ in 0..<2_000 where pthread_mutex_trylock(mutex) == 0 { return }
+        _ = WaitHooks.waiting { pthread_mutex_lock(mutex) }
+    }
+}
+
+/// What a thread does around a wait that may be long: blocking on the network or on a lock
+/// another thread holds. The Python extension sets them once, at import, to release the GIL
+/// for a wait of a call that kept it (a short call keeps the GIL: releasing it costs more than
+/// the call); on any other thread they do nothing.
+public enum WaitHooks {
+    public typealias Hook = @convention(c) () -> Void
+    /// Set once, before any store exists (so never written while read).
+    nonisolated(unsafe) public static var before: Hook? = nil
+    nonisolated(unsafe) public static var after: Hook? = nil
+
+    /// Runs `body`, a wait, between the hooks.
+    @inlinable @inline(__always)
+    public static func waiting<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+        guard let before, let after else { return try body() }
+        before()
+        defer { after() }
+        return try body()
     }
 }

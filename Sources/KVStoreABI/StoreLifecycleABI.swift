@@ -43,6 +43,12 @@ private func pinning(_ flags: UInt32) throws(KVError) -> PinningPolicy {
     return p
 }
 
+@c(kv_set_wait_hooks)
+public func kvSetWaitHooks(_ before: (@convention(c) () -> Void)?, _ after: (@convention(c) () -> Void)?) {
+    WaitHooks.before = after == nil ? nil : before
+    WaitHooks.after = before == nil ? nil : after
+}
+
 @c(kv_store_create)
 public func kvStoreCreate(_ segmentSize: UInt64, _ flags: UInt32, _ config: UnsafePointer<kv_store_config>?,
                           _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {

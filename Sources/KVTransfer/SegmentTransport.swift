@@ -747,8 +747,18 @@ public struct FrameReader: Sendable {
             let free = buffer.count - end
             var spinning = deadline > started
             var previous = started
+            var blocked = false
             let n = buffer.withUnsafeMutableBytes { b -> Int in
                 while true {
+                    if !spinning && !blocked {
+                        // A blocking wait: up to a millisecond as it is (an answer usually comes
+                        // well within), then tell the hooks (the GIL goes) and wait on.
+                        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                        if poll(&p, 1, 1) == 0 {
+                            blocked = true
+                            WaitHooks.before?()
+                        }
+                    }
                     let r = recv(fd, b.baseAddress! + end, free, spinning ? Int32(MSG_DONTWAIT) : 0)
                     if r >= 0 { return r }
                     if errno == EINTR { continue }
@@ -758,6 +768,9 @@ public struct FrameReader: Sendable {
                     previous = now
                 }
             }
+            let failure = errno
+            if blocked, WaitHooks.before != nil { WaitHooks.after?() }
+            errno = failure
             if n == 0 { throw KVError(.transfer, "the peer closed the connection") }
             if n < 0 {
                 if errno == EAGAIN || errno == EWOULDBLOCK { throw KVError(.transfer, "recv timed out: the peer stopped answering") }

@@ -79,8 +79,11 @@ public final class Socket: @unchecked Sendable {
         if rc != 0 {
             guard errno == EINPROGRESS else { throw SystemCall.failure("connect to \(host):\(port)", code: .transfer) }
             var p = pollfd(fd: s.fd, events: Int16(POLLOUT), revents: 0)
-            var n: Int32
-            repeat { n = poll(&p, 1, Int32(timeout * 1000)) } while n < 0 && errno == EINTR
+            let n: Int32 = WaitHooks.waiting {
+                var r: Int32
+                repeat { r = poll(&p, 1, Int32(timeout * 1000)) } while r < 0 && errno == EINTR
+                return r
+            }
             guard n > 0 else { throw KVError(.transfer, "connect to \(host):\(port) timed out after \(timeout) s") }
             var err: Int32 = 0
             var len = socklen_t(MemoryLayout<Int32>.size)

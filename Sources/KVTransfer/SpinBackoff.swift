@@ -76,7 +76,7 @@ public struct SpinBackoff: Sendable {
     /// Cores online.
     static let cores: Int = max(1, sysconf(Int32(_SC_NPROCESSORS_ONLN)))
 
-    nonisolated(unsafe) static let loadavg: Int32 = open("/proc/loadavg", O_RDONLY | O_CLOEXEC)
+    static let loadavg: Int32 = open("/proc/loadavg", O_RDONLY | O_CLOEXEC)
 
     /// Tasks runnable right now on the whole machine, this one included (the fourth field of
     /// /proc/loadavg, "running/total"); 0 when it cannot be read.

@@ -97,6 +97,11 @@ void kv_store_config_init(kv_store_config *config);
  * (KVSTORE_PIN_MEMORY, KVSTORE_PIN_MEMORY_MAX_BYTES, or their MC_STORE_ aliases; a bad value is
  * KV_E_INVALID_ARGUMENT); KV_CREATE_NO_PIN leaves it pageable. A refused pin is not an error. */
 int32_t kv_store_create(uint64_t segment_size, uint32_t flags, const kv_store_config *config, kv_store **out);
+/* Hooks run on a thread around a wait that may be long: blocking for the network (after a short
+ * spin) or for a lock another thread holds. For a runtime with a global lock: release it in
+ * `before`, take it back in `after` (both no-ops on threads that do not hold it). Set once,
+ * before any store is created; NULL for either clears both. */
+void kv_set_wait_hooks(void (*before)(void), void (*after)(void));
 /* Joins the cluster of the master at url ("kvstore://host:port", NUL-terminated): mounts a
  * shared segment of segment_size bytes (0: a pure client storing nothing itself; else at least
  * 64) that other clients on this host map and other hosts reach over TCP. token (NULL or "":

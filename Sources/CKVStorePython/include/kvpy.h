@@ -7,9 +7,8 @@
 #include <Python.h>
 #include "kvstore_abi.h"
 
-/* An embedded store's calls run with the GIL released when they copy at least this many
- * bytes (below it, releasing costs more than it lends: nothing in them waits for long). A
- * connected store's calls always do: any of them may wait for the master or a peer. */
+/* Calls that copy at least this many bytes run with the GIL released; shorter ones keep it
+ * except while they wait (releasing it costs more than such a call). */
 #define KVPY_GIL_THRESHOLD (64 * 1024)
 
 /* Raises the exception class mapped to `code` (kvstore/_errors.py) with `message`. */
@@ -80,21 +79,49 @@ typedef struct {
     PyObject_HEAD
     kv_store *store;
     PyObject *registered; /* {address: capsule holding the registered Py_buffer, or the object kept alive} */
-    int remote;           /* connected to a master: every call may wait on the network */
 } StoreObject;
 
-/* Runs stmt, a call of self's store moving `bytes`, with the GIL released when it may wait
- * (see KVPY_GIL_THRESHOLD). */
+/* The wait hooks of the core (kv_set_wait_hooks): a call that keeps the GIL marks itself with
+ * kvpy_keep_gil_begin(); a wait inside it (blocking on the network or a contended lock) then
+ * releases the GIL and takes it back when the wait ends. */
+void kvpy_keep_gil_begin(void);
+void kvpy_keep_gil_end(void);
+void kvpy_install_wait_hooks(void);
+
+/* Runs stmt, a call of self's store moving `bytes`: with the GIL released for copies of
+ * KVPY_GIL_THRESHOLD bytes or more; otherwise keeping it, except while the call waits (see
+ * the wait hooks), so a thread stalled on the master or a peer never stops the others. */
 #define RUN_UNLOCKED(self, bytes, stmt) \
     do { \
-        if ((self)->remote || (bytes) >= KVPY_GIL_THRESHOLD) { \
+        if ((bytes) >= KVPY_GIL_THRESHOLD) { \
             PyThreadState *_ts = PyEval_SaveThread(); \
             stmt; \
             PyEval_RestoreThread(_ts); \
         } else { \
+            (void)(self); \
+            kvpy_keep_gil_begin(); \
             stmt; \
+            kvpy_keep_gil_end(); \
         } \
     } while (0)
+
+/* kv_read_end, kv_register_buffer and kv_unregister_buffer, marked as calls that keep the GIL
+ * (a wait inside them releases it: see RUN_UNLOCKED). */
+static inline int32_t kvpy_read_end(StoreObject *self, const kv_read *hold) {
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_read_end(self->store, hold));
+    return st;
+}
+static inline int32_t kvpy_register(StoreObject *self, const void *p, size_t len, const char *loc, size_t loclen) {
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_register_buffer(self->store, p, len, loc, loclen));
+    return st;
+}
+static inline int32_t kvpy_unregister(StoreObject *self, const void *p) {
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_unregister_buffer(self->store, p));
+    return st;
+}
 
 /* 0 when the store is open, else -1 with StoreClosedError set. */
 int kvpy_ensure_open(StoreObject *self);
