@@ -278,14 +278,11 @@ public final class MasterServer: @unchecked Sendable {
             }
             // Right after a request, poll without sleeping for a short while: the next
             // request of a busy client is picked up without a scheduler wake-up. Not while
-            // the machine is busy: a spin that lost its core stops spinning (`SpinBackoff`).
+            // the machine is busy (`SpinBackoff`).
             let busy = Int(loopStart &- lastActivity) < spin.budget(now: Int(loopStart))
-            let polled = busy ? SpinBackoff.now() : 0
             let n = poll(&fds, nfds_t(fds.count), busy ? 0 : 250)
             if n < 0 && errno != EINTR { log("poll failed: errno \(errno)"); break }
             if n > 0 { lastActivity = clock() }
-            // An empty poll that took long: the master lost its core during it.
-            if busy && n == 0 { _ = spin.keepSpinning(previous: polled, now: SpinBackoff.now()) }
             if fds[0].revents != 0 { break }
             for (i, (l, http)) in listeners.enumerated() where fds[i + 1].revents != 0 { acceptAll(l, http: http) }
             for p in fds.dropFirst(1 + listeners.count) where p.revents != 0 {

@@ -746,7 +746,6 @@ public struct FrameReader: Sendable {
             let fd = s.fd
             let free = buffer.count - end
             var spinning = deadline > started
-            var previous = started
             var blocked = false
             let n = buffer.withUnsafeMutableBytes { b -> Int in
                 while true {
@@ -763,9 +762,7 @@ public struct FrameReader: Sendable {
                     if r >= 0 { return r }
                     if errno == EINTR { continue }
                     guard spinning, errno == EAGAIN || errno == EWOULDBLOCK else { return -1 }
-                    let now = SpinBackoff.now()
-                    if now > deadline || !spin.keepSpinning(previous: previous, now: now) { spinning = false }
-                    previous = now
+                    if SpinBackoff.now() > deadline { spinning = false }
                 }
             }
             let failure = errno

@@ -5,26 +5,24 @@ import Glibc
 /// When to spin for an answer and when to block. On an idle machine a short spin pays: a
 /// blocked waiter costs a scheduler wake-up (tens of microseconds on a VM) and an answer
 /// comes within a few. On a busy one it costs dearly: the spinner holds a core the other side
-/// (or the engine) needs, and the scheduler ranks it behind tasks that slept. Signs of a busy
-/// machine: more runnable tasks than cores for three samples in a row (`/proc/loadavg`, read
-/// at most every millisecond while spinning is allowed), or a spin that loses its core to
-/// this kernel's scheduler (two polls of one spin far apart, with an involuntary context
-/// switch between). After one, waits block at once for a quiet period: 1 ms after an isolated
-/// sign, doubling up to `quiet` while signs come right after each period; then spinning is
-/// tried again. Measured (`bench --ops cluster`, 2 cores): with one other process spinning,
-/// 4 KiB put/get went from 12-17k/15-25k ops/s to 45-55k/50-76k; idle stays at 105-120k/125-155k.
+/// (or the engine) needs, and the scheduler ranks it behind tasks that slept. The sign of a
+/// busy machine: more runnable tasks than cores for three samples in a row (`/proc/loadavg`,
+/// read at most every millisecond while spinning is allowed). Then waits block at once for a
+/// quiet period: 1 ms after an isolated sign, doubling up to `quiet` while signs come right
+/// after each period; then spinning is tried again. (A spin losing its core was tried as a
+/// second sign: Python threads waiting for the GIL wake often enough to trip it, and 4 threads
+/// of one client fell from 78k to 61k gets/s.) Measured (`bench --ops cluster`, 2 cores): with
+/// one other process spinning, 4 KiB put/get went from 16k/24k ops/s to 42-45k/56-57k.
 ///
 /// Not thread-safe: one per waiting loop (a connection's reader, the master's poll loop).
 public struct SpinBackoff: Sendable {
     /// Longest spin, in nanoseconds (0: never spin).
     public let spinNanos: Int
-    /// A gap this long between two polls of one spin means the spinner lost its core.
-    public static let preemptionGap = 40_000
     /// The longest quiet period.
     public static let quiet = 20_000_000
     private var quietUntil = 0
     /// Quiet periods started (a busy machine seen).
-    public private(set) var preemptions = 0
+    public private(set) var quietPeriods = 0
 
     public init(spinNanos: Int) {
         self.spinNanos = spinNanos
@@ -32,14 +30,6 @@ public struct SpinBackoff: Sendable {
 
     private var sampledAt = 0
     private var crowded = 0
-    private var lastSwitches = Int.max
-
-    /// Involuntary context switches of the calling thread so far.
-    static func involuntarySwitches() -> Int {
-        var ru = rusage()
-        guard getrusage(__rusage_who_t(1), &ru) == 0 else { return 0 }   // RUSAGE_THREAD
-        return ru.ru_nivcsw
-    }
     /// How often the runnable-task count is read while spinning is allowed.
     static let samplePeriod = 1_000_000
 
@@ -56,8 +46,6 @@ public struct SpinBackoff: Sendable {
         return spinNanos
     }
 
-
-
     /// The current quiet period: short after an isolated sign (a stray task took the core
     /// once), doubling while signs keep coming right after each period, up to `quiet`.
     private(set) var quietLength = SpinBackoff.minQuiet
@@ -69,7 +57,7 @@ public struct SpinBackoff: Sendable {
         // A sign soon after the last period ended: the machine is busy, back off longer.
         quietLength = now &- quietUntil < 2 &* quietLength ? min(quietLength &* 2, Self.quiet) : Self.minQuiet
         quietUntil = now &+ quietLength
-        preemptions += 1
+        quietPeriods += 1
         return 0
     }
 
@@ -97,20 +85,6 @@ public struct SpinBackoff: Sendable {
             }
             return value
         }
-    }
-
-    /// Checks the gap since the spin's previous poll; false (and a quiet period from `now`)
-    /// when the spinner lost its core meanwhile: stop spinning.
-    @inline(__always)
-    public mutating func keepSpinning(previous: Int, now: Int) -> Bool {
-        guard now &- previous >= Self.preemptionGap else { return true }
-        // Only this kernel's scheduler taking the core counts (a VM's host pausing the vCPU
-        // also makes gaps, and says nothing about this machine's load).
-        let switches = Self.involuntarySwitches()
-        defer { lastSwitches = switches }
-        guard switches > lastSwitches else { return true }
-        _ = noteBusy(now: now)
-        return false
     }
 
     /// CLOCK_MONOTONIC in nanoseconds.

@@ -72,12 +72,8 @@ final class SpinBackoffTests: XCTestCase {
         XCTAssertEqual(s.budget(now: t0 + 10_000_000_000 + SpinBackoff.minQuiet), 200_000)
     }
 
-    func testShortGapsKeepSpinningAndTheLoadIsRead() {
-        var s = SpinBackoff(spinNanos: 200_000)
-        let now = SpinBackoff.now()
-        XCTAssertTrue(s.keepSpinning(previous: now - 1_000, now: now), "a short gap")
-        XCTAssertEqual(s.budget(now: now), 200_000)
+    func testTheLoadIsRead() {
         XCTAssertGreaterThanOrEqual(SpinBackoff.runnableTasks(), 1, "this thread is running")
-        XCTAssertGreaterThanOrEqual(SpinBackoff.involuntarySwitches(), 0)
+        XCTAssertGreaterThanOrEqual(SpinBackoff.cores, 1)
     }
 }
