@@ -56,6 +56,9 @@ public enum MasterRequest: Sendable, Equatable {
     case sizeBatch(keys: [ObjectKey])
     /// `remove` of up to `MasterLimits.maxBatch` keys; answered by `values` (0 per removed key).
     case removeBatch(keys: [ObjectKey], force: Bool)
+    /// Ends read holds (`FoundObject.hold`) of this client whose copies ended; pipelined, never
+    /// answered (a hold that already ended is ignored).
+    case release(holds: [VersionHandle])
 
     public var kind: UInt16 {
         switch self {
@@ -83,10 +86,11 @@ public enum MasterRequest: Sendable, Equatable {
         case .unmountCount: 22
         case .sizeBatch: 23
         case .removeBatch: 24
+        case .release: 25
         }
     }
 
-    public static func isRequestKind(_ k: UInt16) -> Bool { (1...24).contains(k) }
+    public static func isRequestKind(_ k: UInt16) -> Bool { (1...25).contains(k) }
 
     /// The only kinds a master reads before a connection has authenticated.
     public static func isHandshakeKind(_ k: UInt16) -> Bool { k == 1 || k == 21 }
@@ -94,7 +98,7 @@ public enum MasterRequest: Sendable, Equatable {
     /// Requests answered only when they fail.
     public var isPipelined: Bool {
         switch self {
-        case .putCommit, .putAbort: true
+        case .putCommit, .putAbort, .release: true
         default: false
         }
     }
@@ -153,17 +157,20 @@ public struct StartedWrite: Sendable, Equatable {
 public struct FoundObject: Sendable, Equatable {
     public var size: Int
     public var replicas: [Replica]
-    public init(size: Int, replicas: [Replica]) {
+    /// The reader's hold on the version (release it with `release` once the copy ended).
+    public var hold: VersionHandle
+    public init(size: Int, replicas: [Replica], hold: VersionHandle = 0) {
         self.size = size
         self.replicas = replicas
+        self.hold = hold
     }
 
-    /// A reader's ticket: the first replica, the others as fallbacks (the lease is the
-    /// master's, so the handle is 0; the copy must end by `leaseEnd`, see `ReadTicket`);
-    /// `internal` when the master named no replica.
+    /// A reader's ticket: the first replica, the others as fallbacks, the master's hold as
+    /// the handle (released with `release`); the copy must end by `leaseEnd` (see
+    /// `ReadTicket`). `internal` when the master named no replica.
     public func ticket(leaseEnd: Nanoseconds) throws(KVError) -> ReadTicket {
         guard let first = replicas.first else { throw KVError(.internal, "the master found an object with no replica") }
-        return ReadTicket(handle: 0, segment: first.segment, offset: first.offset, size: size, fallbacks: Array(replicas.dropFirst()),
+        return ReadTicket(handle: hold, segment: first.segment, offset: first.offset, size: size, fallbacks: Array(replicas.dropFirst()),
                           leaseEnd: leaseEnd)
     }
 }
@@ -322,6 +329,9 @@ extension MasterRequest {
             w.bool(force)
             w.count(keys.count)
             for k in keys { w.key(k) }
+        case let .release(holds):
+            w.count(holds.count)
+            for h in holds { w.u64(h) }
         }
         return w.bytes
     }
@@ -396,6 +406,12 @@ extension MasterRequest {
         case 24:
             let force = try r.bool()
             m = .removeBatch(keys: try Self.decodeKeys(&r), force: force)
+        case 25:
+            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 8, "holds")
+            var holds: [VersionHandle] = []
+            holds.reserveCapacity(n)
+            for _ in 0..<n { holds.append(try r.u64()) }
+            m = .release(holds: holds)
         case 17: m = .publishLayout(try PublishedLayout.decode(&r))
         case 18: m = .fetchLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
         case 19: m = .unpublishLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
@@ -418,7 +434,7 @@ extension MasterResponse {
             w.u32(UInt32(bitPattern: e.code.rawValue)); w.string(String(decoding: e.message.utf8.prefix(MasterLimits.maxString - 8), as: UTF8.self))
         }
         func started(_ s: StartedWrite) { w.u64(s.handle); w.bool(s.inPlace); replicas(s.replicas) }
-        func found(_ f: FoundObject) { w.u64(UInt64(f.size)); replicas(f.replicas) }
+        func found(_ f: FoundObject) { w.u64(UInt64(f.size)); replicas(f.replicas); w.u64(f.hold) }
         func results<V>(_ rs: [Result<V, KVError>], _ value: (V) -> Void) {
             w.count(rs.count)
             for r in rs {
@@ -469,7 +485,7 @@ extension MasterResponse {
             StartedWrite(handle: try r.u64(), inPlace: try r.bool(), replicas: try replicas())
         }
         func found() throws(KVError) -> FoundObject {
-            FoundObject(size: try r.size(max: MasterLimits.maxSize), replicas: try replicas())
+            FoundObject(size: try r.size(max: MasterLimits.maxSize), replicas: try replicas(), hold: try r.u64())
         }
         func results<V>(_ value: () throws(KVError) -> V) throws(KVError) -> [Result<V, KVError>] {
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 5, "batch results")

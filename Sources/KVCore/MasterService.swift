@@ -28,6 +28,9 @@ public struct MasterConfig: Sendable {
         public var layouts = 64
         /// The share of the cluster's capacity one client's hard-pinned objects may take.
         public var hardPinShare = 0.5
+        /// Read holds one client may have outstanding (a reader releases each when its copy
+        /// ends; a hold not released ends with its lease).
+        public var readsInFlight = 65_536
         /// A write not committed within this time is aborted (its space freed; a commit that
         /// arrives later is refused and counted by the writer in `commit_failures`).
         public var writeTimeout: Nanoseconds = 300_000_000_000
@@ -102,6 +105,20 @@ public struct MasterService: Sendable {
     var segmentInfo: [SegmentID: SegmentInfo] = [:]
     var segmentOwner: [SegmentID: UInt64] = [:]
     var writes: [VersionHandle: (ticket: WriteTicket, client: UInt64, key: ObjectKey, started: Nanoseconds)] = [:]
+    /// Read holds of remote readers, per (client, version): their ends, earliest first. A
+    /// hold keeps the version's bytes until the reader says its copy ended (`release`) or
+    /// its lease ends, whichever is first; a departed client's holds run to their end (its
+    /// copies may still be running).
+    var holds: [Hold: [Nanoseconds]] = [:]
+    /// Every hold in the order they end (all last one lease TTL, so the order they began).
+    var holdEnds: [(end: Nanoseconds, hold: Hold)] = []
+    var holdEndsHead = 0
+    var holdCount: [UInt64: Int] = [:]
+
+    struct Hold: Hashable, Sendable {
+        var client: UInt64
+        var version: VersionHandle
+    }
     /// Writes in flight per key.
     var writingKeys: [ObjectKey: Int] = [:]
     var nextClient: UInt64 = 1
@@ -237,9 +254,12 @@ public struct MasterService: Sendable {
             if case .putCommit = request { try table.commitWrite(w.ticket, now: now) } else { try table.abortWrite(w.ticket, now: now) }
             return .ok
         case let .get(key, host):
-            return .found(try find(key, host: host, now: now))
+            return .found(try find(key, host: host, client: id, now: now))
         case let .getBatch(keys, host):
-            return .foundBatch(keys.map { key in Result { () throws(KVError) in try find(key, host: host, now: now) } })
+            return .foundBatch(keys.map { key in Result { () throws(KVError) in try find(key, host: host, client: id, now: now) } })
+        case let .release(versions):
+            for v in versions { release(Hold(client: id, version: v)) }
+            return .ok
         case let .exists(key):
             return .flag(table.lease(key: key, now: now) != nil)
         case let .size(key):
@@ -282,11 +302,44 @@ public struct MasterService: Sendable {
     }
 
     /// Leases `key` and lists its replicas, those on `host` first.
-    private mutating func find(_ key: ObjectKey, host: String, now: Nanoseconds) throws(KVError) -> FoundObject {
-        guard let (size, replicas) = table.leaseReplicas(key: key, now: now, first: { self.segmentInfo[$0]?.host == host }) else {
+    private mutating func find(_ key: ObjectKey, host: String, client: UInt64, now: Nanoseconds) throws(KVError) -> FoundObject {
+        guard holdCount[client, default: 0] < config.quotas.readsInFlight else {
+            throw .noSpace("this client has \(config.quotas.readsInFlight) reads in flight, its quota")
+        }
+        guard let (size, replicas, handle) = table.holdReplicas(key: key, now: now, first: { self.segmentInfo[$0]?.host == host }) else {
             throw .notFound("object '\(key)' not found")
         }
-        return FoundObject(size: size, replicas: replicas)
+        let h = Hold(client: client, version: handle)
+        let end = now &+ table.policy.leaseTTL
+        holds[h, default: []].append(end)
+        holdEnds.append((end, h))
+        holdCount[client, default: 0] += 1
+        return FoundObject(size: size, replicas: replicas, hold: handle)
+    }
+
+    /// Ends `client`'s earliest hold on `version` (none: nothing to do, it already ended).
+    private mutating func release(_ h: Hold) {
+        guard var ends = holds[h], !ends.isEmpty else { return }
+        ends.removeFirst()
+        holds[h] = ends.isEmpty ? nil : ends
+        if holdCount[h.client]! == 1 { holdCount[h.client] = nil } else { holdCount[h.client]! -= 1 }
+        try? table.releaseRead(h.version)
+    }
+
+    /// Ends the holds whose lease has ended by `now`; returns how many.
+    @discardableResult
+    public mutating func expireHolds(now: Nanoseconds) -> Int {
+        var n = 0
+        while holdEndsHead < holdEnds.count, holdEnds[holdEndsHead].end <= now {
+            let (end, h) = holdEnds[holdEndsHead]
+            holdEndsHead += 1
+            if let first = holds[h]?.first, first <= end { release(h); n += 1 }
+        }
+        if holdEndsHead > 4096 && holdEndsHead * 2 > holdEnds.count {   // drop the consumed front
+            holdEnds.removeFirst(holdEndsHead)
+            holdEndsHead = 0
+        }
+        return n
     }
 
     private mutating func startWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions, preferred: SegmentID?,

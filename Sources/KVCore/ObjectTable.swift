@@ -83,9 +83,11 @@ public enum ReadResult: Sendable, Equatable {
 ///   expiry, or replacement by an upsert).
 /// - A read (`acquireRead`, `lease`) leases the version for `policy.leaseTTL`. A leased
 ///   object is never evicted; `remove` refuses it unless forced.
-/// - A version's space is freed only when it is invisible, no reader holds it and its lease
-///   has ended: an upsert or expiry of a leased object hides it at once, and its bytes stay
-///   untouched until the lease ends.
+/// - A version's space is freed only when it is invisible and no reader holds it: an upsert,
+///   removal or expiry hides it at once, and its bytes stay untouched until the last reader
+///   copying them is done. Every reader that copies holds the version (an in-process reader
+///   until `releaseRead`; a remote one through its master, until it says it is done or its
+///   lease ends), so a lease alone keeps no hidden bytes.
 /// - Eviction is approximately least-recently-used: evictable objects sit on an intrusive
 ///   list (most recent first); soft-pinned objects on a second list used only when the first
 ///   is empty. Leased, hard-pinned, held and incomplete versions are on no list, so each
@@ -443,20 +445,24 @@ public struct ObjectTable: Sendable {
         return versions[Int(e.current)].size
     }
 
-    /// Leases the visible version of `key` and returns its size and replicas, those in
-    /// `first` segments ahead of the others (a reader's own host); nil when absent or being
-    /// rewritten in place. What a remote reader gets: it copies under the lease alone.
-    public mutating func leaseReplicas(key: ObjectKey, now: Nanoseconds,
-                                       first: (SegmentID) -> Bool = { _ in false }) -> (size: Int, replicas: [Replica])? {
+    /// Leases the visible version of `key`, takes a read hold on it (released with
+    /// `releaseRead(handle)`) and returns its size, replicas (those in `first` segments ahead
+    /// of the others: a reader's own host) and the hold's handle; nil when absent or being
+    /// rewritten in place. What a remote reader gets: its master releases the hold when the
+    /// reader says its copy ended, or when the lease would have.
+    public mutating func holdReplicas(key: ObjectKey, now: Nanoseconds,
+                                      first: (SegmentID) -> Bool = { _ in false }) -> (size: Int, replicas: [Replica], handle: VersionHandle)? {
         advance(now: now)
         guard let e = entries[key], e.current >= 0, versions[Int(e.current)].state == .complete else { return nil }
+        versions[Int(e.current)].readers += 1
+        activeReaders += 1
         noteRead(e.current, now: now)
         var near: [Replica] = [], far: [Replica] = []
         versions[Int(e.current)].placements.forEach {
             let r = segments.replica($0)
             if first(r.segment) { near.append(r) } else { far.append(r) }
         }
-        return (versions[Int(e.current)].size, near + far)
+        return (versions[Int(e.current)].size, near + far, handle(e.current))
     }
 
     /// Size of the visible version of `key`, or nil. Grants no lease and runs no timers.
@@ -482,9 +488,9 @@ public struct ObjectTable: Sendable {
                 let ms = (until - min(until, now) + 999_999) / 1_000_000
                 throw KVError(.leaseHeld, "object '\(key)' is leased by a reader for another \(ms) ms; remove(force=True) removes it anyway")
             }
-            // Remote readers copy under the lease alone: the object goes now, its bytes when
-            // the lease ends. In-process readers hold the version, so the lease can end now.
-            if policy.inPlaceUpserts { endLease(c) }
+            // Every reader copying holds the version: the object and its lease go now, its
+            // bytes when the last reader is done.
+            endLease(c)
         }
         hide(c)
     }
@@ -601,7 +607,7 @@ public struct ObjectTable: Sendable {
             victims.append(e.current)
         }
         for c in victims {
-            if versions[Int(c)].leaseUntil != 0 && policy.inPlaceUpserts { endLease(c) }
+            endLease(c)
             hide(c)
         }
         return victims.count
@@ -652,11 +658,12 @@ public struct ObjectTable: Sendable {
 
     mutating func reclaimIfUnused(_ s: Int32) {
         let v = versions[Int(s)]
-        if v.readers == 0 && v.state == .complete && !v.linked && v.leaseUntil == 0 { dropVersion(s) }
+        if v.readers == 0 && v.state == .complete && !v.linked { dropVersion(s) }
     }
 
     private mutating func dropVersion(_ s: Int32) {
         timers.cancelAll(slot: s)
+        if versions[Int(s)].leaseUntil != 0 { activeLeases -= 1 }
         versions[Int(s)].placements.forEach { segments.free($0) }
         let gen = versions[Int(s)].generation &+ 1
         versions[Int(s)] = Version()

@@ -299,6 +299,7 @@ public final class MasterServer: @unchecked Sendable {
                     drop(c, reason: nil)
                     limited.log("auth-timeout", now: now, log) { "closed a connection that did not authenticate within \(options.authTimeout / 1_000_000) ms" }
                 }
+                service.expireHolds(now: now)
                 if service.expireWrites(now: now) > 0 {
                     limited.log("expired-writes", now: now, log) { "aborted writes not committed within \(options.config.quotas.writeTimeout / 1_000_000_000) s" }
                 }

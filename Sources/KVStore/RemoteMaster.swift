@@ -69,6 +69,11 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         /// Requests of streamed batches not yet answered, and answers read for them by
         /// another call (see `streamed`).
         var awaited: Set<UInt32> = []
+        /// Read holds whose copies ended, sent with the next request (`release`).
+        var releases: [VersionHandle] = []
+        /// Read holds this connection's master granted and this client has not released (a
+        /// hold from an earlier connection is never released on this one).
+        var holds: [VersionHandle: Int] = [:]
         var parked: [UInt32: MasterResponse] = [:]
     }
 
@@ -289,8 +294,12 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         return true
     }
 
-    /// Writes `frames` (nothing to write is a success); false when the connection is lost.
-    private func send(_ frames: WireWriter, _ l: inout Link) -> Bool {
+    /// Writes `frames` after the queued hold releases (nothing to write is a success); false
+    /// when the connection is lost.
+    private func send(_ pipelined: WireWriter, _ l: inout Link) -> Bool {
+        var frames = WireWriter()
+        takeReleases(into: &frames, &l)
+        frames.append(pipelined)
         guard !frames.bytes.isEmpty else { return true }
         guard let s = l.socket else { return false }
         do throws(KVError) {
@@ -310,6 +319,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 throw KVError(.internal, "unexpected answer to getBatch")
             }
             let end = Self.leaseEnd(sentAt: sentAt, ttl: l.leaseTTL)
+            for case .success(let f) in rs where f.hold != 0 { l.holds[f.hold, default: 0] += 1 }
             return rs.map { r in
                 switch r {   // a missing object is `.notFound`, not an error
                 case .success(let f): Result { () throws(KVError) in .found(try f.ticket(leaseEnd: end)) }
@@ -414,7 +424,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         do throws(KVError) {
             let (answer, end) = try link.withLock { (l: inout Link) throws(KVError) in
                 let sentAt = clock()
-                return (try expect(&l, .get(key: key, host: host)), Self.leaseEnd(sentAt: sentAt, ttl: l.leaseTTL))
+                let answer = try expect(&l, .get(key: key, host: host))
+                if case .found(let f) = answer, f.hold != 0 { l.holds[f.hold, default: 0] += 1 }
+                return (answer, Self.leaseEnd(sentAt: sentAt, ttl: l.leaseTTL))
             }
             guard case .found(let f) = answer else { throw KVError(.internal, "unexpected answer to get") }
             return .found(try f.ticket(leaseEnd: end))
@@ -423,7 +435,34 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
-    public func releaseRead(_ handle: VersionHandle) throws(KVError) {}
+    /// Queues the end of read hold `handle` (0: none): it goes out with the next request,
+    /// at once when many are queued. The master ends it with its lease anyway.
+    public func releaseRead(_ handle: VersionHandle) throws(KVError) {
+        guard handle != 0 else { return }
+        link.withLock { l in
+            guard let n = l.holds[handle] else { return }
+            l.holds[handle] = n == 1 ? nil : n - 1
+            l.releases.append(handle)
+            if l.releases.count >= Self.releaseBatch { _ = send(WireWriter(), &l) }
+        }
+    }
+
+    /// Queued hold releases that are sent without waiting for another request.
+    static let releaseBatch = 256
+
+    /// Appends the queued hold releases to `frames` (before the request they ride with).
+    private func takeReleases(into frames: inout WireWriter, _ l: inout Link) {
+        guard !l.releases.isEmpty, l.socket != nil else { return }
+        var i = 0
+        while i < l.releases.count {   // a request carries at most maxBatch
+            let chunk = Array(l.releases[i..<min(i + MasterLimits.maxBatch, l.releases.count)])
+            let r = MasterRequest.release(holds: chunk)
+            frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
+            l.nextID &+= 1
+            i += chunk.count
+        }
+        l.releases.removeAll(keepingCapacity: true)
+    }
 
     public func lease(key: ObjectKey) throws(KVError) -> Int? {
         do throws(KVError) {
@@ -552,10 +591,17 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         guard let s = l.socket else {
             throw KVError(.transfer, "the connection to the master at \(host):\(port) was lost (\(l.lastFailure))")
         }
+        var frames = WireWriter()
+        takeReleases(into: &frames, &l)
         let id = l.nextID
         l.nextID &+= 1
         do throws(KVError) {
-            try s.writeFrame(kind: r.kind, requestID: id, payload: r.encode())
+            if frames.bytes.isEmpty {
+                try s.writeFrame(kind: r.kind, requestID: id, payload: r.encode())
+            } else {
+                frames.frame(kind: r.kind, requestID: id, payload: r.encode())
+                try rethrowingKVError { try frames.bytes.withUnsafeBytes { try s.writeAll($0) } }
+            }
         } catch {
             throw lost(&l, error)
         }
@@ -603,6 +649,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         l.socket?.close()
         l.socket = nil
         l.writes.removeAll()
+        l.releases.removeAll()   // the holds end with their leases on that master
+        l.holds.removeAll()
         l.awaited.removeAll()
         l.parked.removeAll()
         l.lastFailure = e.message
@@ -647,6 +695,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             l.epoch += 1
             l.segment = 0
             l.leaseTTL = welcome.lease
+            l.holds.removeAll()
+            l.releases.removeAll()
             return (welcome.lease, welcome.ttl)
         } catch {
             l.socket?.close()

@@ -431,11 +431,13 @@ public final class StoreClient: Sendable {
     /// it copied are the object's. Counts the copies that did not (their bytes must be thrown
     /// away). A held version (embedded store) always is.
     ///
-    /// Why this is enough: the master never frees a leased version's space (a forced removal
-    /// hides the object and keeps its bytes until the lease ends) except when the segment
-    /// itself goes, and a remounted segment takes no new object for a lease TTL
+    /// Why this is enough: the master frees a version's space only once every hold on it has
+    /// ended, and a remote reader's hold lasts until it releases it (after this check) or
+    /// until the lease it was granted with ends; the only exception is the segment itself
+    /// going, and a remounted segment takes no new object for a lease TTL
     /// (`ObjectTable.mount(readyAt:)`). So the bytes under a replica are the object's until
-    /// the lease ends, and the reader's deadline (`RemoteMaster.leaseEnd`) is earlier.
+    /// the lease ends at the latest, and the reader's deadline (`RemoteMaster.leaseEnd`) is
+    /// earlier.
     @inline(__always)
     func leaseHeld(_ t: ReadTicket) -> Bool {
         guard t.leaseEnd != 0 else { return true }

@@ -85,128 +85,45 @@ final class ObjectTableCacheTests: XCTestCase {
         try t.remove(key: "a", now: 0)
     }
 
-    func testUpsertOfALeasedObjectKeepsItsBytesUntilTheLeaseEnds() throws {
+    func testUpsertOfALeasedObjectKeepsItsBytesOnlyWhileAReaderHoldsThem() throws {
         var t = table(kib: 64)
         let first = try put(&t, "a")
-        try read(&t, "a", at: 0)
+        guard case .found(let held) = t.acquireRead(key: "a", now: 0) else { return XCTFail() }
         let w = try t.beginWrite(key: "a", size: 1024, mode: .upsert, now: 1)
         XCTAssertFalse(w.inPlace, "a leased object is never rewritten in place")
         XCTAssertNotEqual(w.offset, first.offset)
         try t.commitWrite(w, now: 1)
-        XCTAssertEqual(t.usedBytes, 2048, "the old version is hidden but kept")
+        XCTAssertEqual(t.usedBytes, 2048, "the old version is hidden but kept for its reader")
         XCTAssertEqual(t.objectCount, 1)
         guard case .found(let r) = t.acquireRead(key: "a", now: 2) else { return XCTFail() }
         XCTAssertEqual(r.offset, w.offset, "readers see the new value at once")
         try t.releaseRead(r.handle)
-        t.advance(now: 5 * Self.second)
-        XCTAssertEqual(t.usedBytes, 1024, "freed when its lease ended")
+        try t.releaseRead(held.handle)
+        XCTAssertEqual(t.usedBytes, 1024, "freed when its last reader is done, lease or not")
         XCTAssertEqual(t.activeLeases, 1, "the new version's lease from the read at 2 ns")
+        XCTAssertNil(t.invariantViolation())
+        // A lease alone (exists, size) keeps no hidden bytes: nobody copies them.
+        _ = t.lease(key: "a", now: 3)
+        let again = try t.beginWrite(key: "a", size: 1024, mode: .upsert, now: 4)
+        try t.commitWrite(again, now: 4)
+        XCTAssertEqual(t.usedBytes, 1024)
+        XCTAssertNil(t.invariantViolation())
     }
 
-    func testRemoveAllSkipsLeasedObjectsUnlessForced() throws {
+    func testAHoldForARemoteReaderKeepsTheBytesOfARemovedObject() throws {
         var t = table(kib: 64)
-        for k in ["a", "b", "c"] { try put(&t, ObjectKey(stringLiteral: k)) }
-        try read(&t, "b")
-        XCTAssertEqual(t.removeAll(now: 1), 2)
-        XCTAssertTrue(t.contains(key: "b"))
-        XCTAssertEqual(t.removeAll(force: true, now: 1), 1)
-        XCTAssertEqual(t.usedBytes, 0)
-        XCTAssertEqual(t.activeLeases, 0)
-    }
-
-    // MARK: eviction
-
-    func testEvictsLeastRecentlyUsedFirstAndSkipsLeased() throws {
-        var t = table(kib: 10, lease: 5 * Self.second, watermark: 1, ratio: 0.1)  // rounds of 1 object
-        for i in 0..<10 { try put(&t, ObjectKey(stringLiteral: "k\(i)"), at: 0) }
-        try read(&t, "k0", at: 1)  // leased: off the list until 5 s + 1
-        XCTAssertEqual(t.evictionOrder().prefix(3), ["k1", "k2", "k3"])
-        try put(&t, "n0", at: 2)
-        try put(&t, "n1", at: 2)
-        XCTAssertTrue(t.contains(key: "k0"), "leased objects are never evicted")
-        XCTAssertFalse(t.contains(key: "k1"))
-        XCTAssertFalse(t.contains(key: "k2"))
-        XCTAssertTrue(t.contains(key: "k3"))
-        XCTAssertEqual(t.evictedObjects, 2)
-        XCTAssertEqual(t.evictedBytes, 2048)
-        // When its lease ends k0 rejoins at the recent end.
-        t.advance(now: 10 * Self.second)
-        XCTAssertEqual(t.evictionOrder().last, "k0")
-    }
-
-    func testHighWatermarkEvictsARoundBeforeTheSegmentIsFull() throws {
-        var t = table(kib: 100, watermark: 0.9, ratio: 0.05)
-        for i in 0..<90 { try put(&t, ObjectKey(stringLiteral: "k\(i)")) }
-        XCTAssertEqual(t.evictedObjects, 0, "exactly at the watermark")
-        try put(&t, "over")
-        XCTAssertEqual(t.evictedObjects, 5, "one round: 5% of capacity")
-        XCTAssertEqual(t.usedBytes, 86 * kib)
-        XCTAssertFalse(t.contains(key: "k4"))
-        XCTAssertTrue(t.contains(key: "k5"))
-    }
-
-    func testFillingToThreeHundredPercentSucceedsForEveryPut() throws {
-        var t = table(kib: 256)
-        var rng = SplitMix64(seed: 7)
-        var written = 0
-        var i = 0
-        while written < 3 * t.capacity {
-            let size = 512 + Int(rng.next() % 8192)
-            try put(&t, ObjectKey(stringLiteral: "o\(i)"), size)
-            written += size
-            i += 1
-        }
-        XCTAssertGreaterThan(t.evictedObjects, 0)
-        XCTAssertEqual(t.evictedObjects + t.objectCount, i)
-        XCTAssertLessThanOrEqual(t.usedBytes, t.capacity)
-        XCTAssertTrue(t.contains(key: ObjectKey(stringLiteral: "o\(i - 1)")), "the newest object is kept")
-    }
-
-    func testHardPinnedObjectsAreNeverEvicted() throws {
-        var t = table(kib: 10, watermark: 1, ratio: 0.1)
-        for i in 0..<5 { try put(&t, ObjectKey(stringLiteral: "pin\(i)"), options: WriteOptions(hardPin: true)) }
-        XCTAssertEqual(t.hardPinnedBytes, 5 * kib)
-        for i in 0..<20 { try put(&t, ObjectKey(stringLiteral: "k\(i)")) }
-        for i in 0..<5 { XCTAssertTrue(t.contains(key: ObjectKey(stringLiteral: "pin\(i)"))) }
-        XCTAssertEqual(t.evictedObjects, 15)
-        // Only pinned and leased objects left: a put that does not fit fails and changes nothing.
-        for i in 15..<20 { try read(&t, ObjectKey(stringLiteral: "k\(i)")) }
-        let before = t.statistics
-        XCTAssertEqual(code { try put(&t, "more") }, .noSpace)
-        XCTAssertEqual(t.statistics, before)
-        XCTAssertFalse(t.contains(key: "more"))
-        // Pins are removable; hard-pinned bytes follow.
-        try t.remove(key: "pin0", now: 0)
-        XCTAssertEqual(t.hardPinnedBytes, 4 * kib)
-    }
-
-    func testHardPinningMoreThanCapacityIsRefused() throws {
-        var t = table(kib: 4)
-        try put(&t, "a", 3 * kib, options: WriteOptions(hardPin: true))
-        XCTAssertEqual(code { try put(&t, "b", 2 * kib, options: WriteOptions(hardPin: true)) }, .noSpace)
-        XCTAssertFalse(t.contains(key: "b"))
-        XCTAssertEqual(t.hardPinnedBytes, 3 * kib)
-    }
-
-    func testSoftPinnedObjectsGoLastAndBecomeOrdinaryAfterTheirTTL() throws {
-        var t = table(kib: 10, watermark: 1, ratio: 0.1)
-        try put(&t, "soft", options: WriteOptions(softPinTTL: 30 * Self.second))
-        XCTAssertEqual(t.softPinnedBytes, kib)
-        for i in 0..<9 { try put(&t, ObjectKey(stringLiteral: "k\(i)")) }
-        for i in 9..<18 { try put(&t, ObjectKey(stringLiteral: "k\(i)")) }
-        XCTAssertTrue(t.contains(key: "soft"), "ordinary objects went first")
-        try put(&t, "k18", 10 * kib - kib)  // needs all but one slot: takes ordinary ones first
-        XCTAssertTrue(t.contains(key: "soft"))
-        try put(&t, "all", 10 * kib)       // only the soft-pinned one is left to evict
-        XCTAssertFalse(t.contains(key: "soft"))
-        XCTAssertEqual(t.softPinnedBytes, 0)
-
-        var u = table(kib: 10, watermark: 1, ratio: 0.1)
-        try put(&u, "soft", options: WriteOptions(softPinTTL: 30 * Self.second), at: 0)
-        try put(&u, "k0", at: 1)
-        u.advance(now: 30 * Self.second)
-        XCTAssertEqual(u.softPinnedBytes, 0)
-        XCTAssertEqual(u.evictionOrder(), ["k0", "soft"], "ordinary now, at the recent end")
+        try put(&t, "a")
+        guard let (size, replicas, hold) = t.holdReplicas(key: "a", now: 1) else { return XCTFail() }
+        XCTAssertEqual(size, 1024)
+        XCTAssertEqual(replicas.count, 1)
+        try t.remove(key: "a", force: true, now: 2)
+        XCTAssertEqual(t.usedBytes, 1024, "the remote reader may still be copying")
+        XCTAssertEqual(t.activeLeases, 0, "a forced removal ends the lease")
+        let w = try t.beginWrite(key: "b", size: 60 * 1024, mode: .put, now: 3)
+        XCTAssertNotEqual(w.offset, replicas[0].offset)
+        try t.releaseRead(hold)
+        XCTAssertEqual(t.usedBytes, 60 * 1024, "freed once the reader is done")
+        XCTAssertNil(t.invariantViolation())
     }
 
     func testExpiredObjectsDisappear() throws {
@@ -214,15 +131,14 @@ final class ObjectTableCacheTests: XCTestCase {
         try put(&t, "a", options: WriteOptions(ttl: 10 * Self.second), at: 5)
         XCTAssertEqual(t.cacheState(key: "a")?.expiresAt, 10 * Self.second + 5)
         guard case .found(let r) = t.acquireRead(key: "a", now: 10 * Self.second + 4) else { return XCTFail() }
-        // Expiry hides a leased, held object at once; its bytes stay until the read and lease end.
+        // Expiry hides a leased, held object at once; its bytes stay until the read ends.
         XCTAssertEqual(t.acquireRead(key: "a", now: 10 * Self.second + 5), .notFound)
         XCTAssertEqual(t.expiredObjects, 1)
         XCTAssertEqual(t.usedBytes, kib)
         try t.releaseRead(r.handle)
-        XCTAssertEqual(t.usedBytes, kib, "still leased until 15 s + 4")
-        t.advance(now: 15 * Self.second + 4)
-        XCTAssertEqual(t.usedBytes, 0)
+        XCTAssertEqual(t.usedBytes, 0, "no reader left: the lease keeps nothing hidden")
         XCTAssertEqual(t.activeLeases, 0)
+        XCTAssertNil(t.invariantViolation())
     }
 
     func testUpsertAppliesItsOwnOptions() throws {
