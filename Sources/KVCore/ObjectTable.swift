@@ -99,7 +99,7 @@ public struct ObjectTable: Sendable {
     enum List: UInt8, Sendable { case none = 0, ordinary = 1, softPinned = 2 }
 
     struct Version: Sendable {
-        var generation: UInt32 = 0
+        var generation: UInt32 = 1   // from 1, so no handle is 0 (0 means "no hold")
         var state: State = .free
         var key = ObjectKey()
         var placements = PlacementList()
@@ -665,7 +665,8 @@ public struct ObjectTable: Sendable {
         timers.cancelAll(slot: s)
         if versions[Int(s)].leaseUntil != 0 { activeLeases -= 1 }
         versions[Int(s)].placements.forEach { segments.free($0) }
-        let gen = versions[Int(s)].generation &+ 1
+        let next = versions[Int(s)].generation &+ 1
+        let gen = next == 0 ? 1 : next
         versions[Int(s)] = Version()
         versions[Int(s)].generation = gen
         recycled.append(s)

@@ -407,6 +407,31 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertNil(m.table.invariantViolation())
     }
 
+    func testARemoteReadHoldsTheBytesUntilReleasedOrItsLeaseEnds() throws {
+        var m = try master()
+        var (a, _) = join(&m, "a", host: "h")
+        guard case .putStarted(let w) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: .default, preferred: nil), session: &a, now: 0)
+        else { return XCTFail() }
+        XCTAssertEqual(m.handle(.putCommit(handle: w.handle), session: &a, now: 0), .ok)
+        let used = m.table.usedBytes
+        guard case .found(let f) = m.handle(.get(key: "k", host: "h"), session: &a, now: 1), f.hold != 0 else { return XCTFail() }
+        XCTAssertEqual(m.handle(.remove(key: "k", force: true), session: &a, now: 2), .ok)
+        XCTAssertEqual(m.table.usedBytes, used, "held by the reader")
+        XCTAssertEqual(m.handle(.release(holds: [f.hold, f.hold, 12345]), session: &a, now: 3), .ok, "extra and unknown ones are ignored")
+        XCTAssertEqual(m.table.usedBytes, 0, "freed once the reader released it")
+        // A hold that is never released ends with its lease.
+        guard case .putStarted(let w2) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: .default, preferred: nil), session: &a, now: 4)
+        else { return XCTFail() }
+        XCTAssertEqual(m.handle(.putCommit(handle: w2.handle), session: &a, now: 4), .ok)
+        guard case .found = m.handle(.get(key: "k", host: "h"), session: &a, now: 5) else { return XCTFail() }
+        XCTAssertEqual(m.handle(.remove(key: "k", force: true), session: &a, now: 6), .ok)
+        XCTAssertEqual(m.expireHolds(now: 5 + m.table.policy.leaseTTL - 1), 0)
+        XCTAssertEqual(m.table.usedBytes, used)
+        XCTAssertEqual(m.expireHolds(now: 5 + m.table.policy.leaseTTL), 1)
+        XCTAssertEqual(m.table.usedBytes, 0)
+        XCTAssertNil(m.table.invariantViolation())
+    }
+
     func testLayoutsArePublishedPerClientAndLeaveWithIt() throws {
         var m = try master()
         var (sa, _) = join(&m, "a", host: "h1")

@@ -110,7 +110,10 @@ final class MasterServerTests: XCTestCase {
         let (h, rs) = (w.handle, w.replicas)
         XCTAssertEqual(rs.first?.segment, seg)
         try c.post(.putCommit(handle: h))                       // no answer when it succeeds
-        XCTAssertEqual(try c.call(.get(key: "k", host: "h")), .found(FoundObject(size: 100, replicas: rs)))
+        guard case .found(let f) = try c.call(.get(key: "k", host: "h")) else { return XCTFail() }
+        XCTAssertEqual(f.size, 100)
+        XCTAssertEqual(f.replicas, rs)
+        XCTAssertNotEqual(f.hold, 0, "a hold the reader releases when its copy ends")
         let bad = try c.post(.putCommit(handle: h))             // a second commit fails: answered
         let (id, answer) = try c.next()
         XCTAssertEqual(id, bad)

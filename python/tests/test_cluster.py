@@ -462,3 +462,19 @@ def test_a_thread_waiting_on_a_stalled_master_does_not_hold_the_gil(master):
         assert out["exists"] is True
     finally:
         s.close()
+
+
+def test_a_forced_removal_after_a_read_frees_the_space_at_once(master):
+    # The reader's hold ends with its copy (released with its next request), not with its lease.
+    s = connect(master, segment_size="4MiB")
+    try:
+        s.put("a", b"1" * (3 << 20))
+        assert s.get("a") == b"1" * (3 << 20)
+        s.remove("a", force=True)
+        assert s.stats()["bytes_used"] == 0
+        s.put("b", b"2" * (3 << 20))                       # the same space, at once
+        assert s.get("b") == b"2" * (3 << 20)
+        with pytest.raises(kvstore.LeaseHeldError):
+            s.remove("b")                                  # the lease still guards a plain remove
+    finally:
+        s.close()
