@@ -207,6 +207,8 @@ def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,
                     systems.append(s)
             small = np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes()
             big = np.random.default_rng(2).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+            huge = np.random.default_rng(3).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes()
+            keys_huge = [f"h-{i}" for i in range(16)]
             n_small = max(100, min(small_ops, 20_000))
             keys_small = [f"s-{i}" for i in range(n_small)]
             keys_big = [f"b-{i}" for i in range(big_count)]
@@ -236,6 +238,13 @@ def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,
                     if s.get(keys_big[-1]) != big:
                         print(f"{s.name} returned wrong bytes", file=sys.stderr)
                         return 1
+                    # The read -> forced remove -> put cycle with 16 MiB values (the put after the
+                    # previous round's reads and removal; round 0 warms up).
+                    s.clear()
+                    timed(s.name, "cycle put 16 MiB", lambda: [s.put(k, huge) for k in keys_huge])
+                    if any(s.get(k) != huge for k in keys_huge):
+                        print(f"{s.name} returned wrong bytes", file=sys.stderr)
+                        return 1
                     # Real conditions: threads of one client, another process on a core, batches.
                     s.clear()
                     for k in keys_small:
@@ -263,6 +272,7 @@ def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,
             rows = []
             for case, count, unit in (("put 4 KiB", n_small, "ops"), ("get 4 KiB", n_small, "ops"),
                                       ("put 1 MiB", big_count, "GB"), ("get 1 MiB", big_count, "GB"),
+                                      ("cycle put 16 MiB", len(keys_huge), "GB16"),
                                       (f"get 4 KiB x{THREADS} thr", n_small, "ops"), ("batch_exists", len(keys_exists), "ops"),
                                       ("put 4 KiB busy", n_small, "ops"), ("get 4 KiB busy", n_small, "ops")):
                 cells = []
@@ -271,7 +281,7 @@ def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,
                         cells.append(f"{'-':>16}")
                         continue
                     t = statistics.median(times[(n, case)])
-                    value = count / t if unit == "ops" else count * len(big) / t / 1e9
+                    value = count / t if unit == "ops" else count * (len(huge) if unit == "GB16" else len(big)) / t / 1e9
                     cells.append(f"{value:>12,.0f} op/s" if unit == "ops" else f"{value:>11.2f} GB/s")
                     record({"op": f"against_{n}_{case.replace(' ', '_')}", "system": n, "case": case,
                             "seconds": t, "value": value, "unit": "ops/s" if unit == "ops" else "GB/s"})
