@@ -109,7 +109,7 @@ public struct MasterService: Sendable {
     /// hold keeps the version's bytes until the reader says its copy ended (`release`) or
     /// its lease ends, whichever is first; a departed client's holds run to their end (its
     /// copies may still be running).
-    var holds: [Hold: [Nanoseconds]] = [:]
+    var holds: [Hold: HoldEnds] = [:]
     /// Every hold in the order they end (all last one lease TTL, so the order they began).
     var holdEnds: [(end: Nanoseconds, hold: Hold)] = []
     var holdEndsHead = 0
@@ -118,6 +118,13 @@ public struct MasterService: Sendable {
     struct Hold: Hashable, Sendable {
         var client: UInt64
         var version: VersionHandle
+    }
+
+    /// The ends of one client's holds on one version, earliest first: the first inline (one
+    /// hold, the usual case, allocates nothing).
+    struct HoldEnds: Sendable {
+        var first: Nanoseconds
+        var rest: [Nanoseconds] = []
     }
     /// Writes in flight per key.
     var writingKeys: [ObjectKey: Int] = [:]
@@ -311,7 +318,7 @@ public struct MasterService: Sendable {
         }
         let h = Hold(client: client, version: handle)
         let end = now &+ table.policy.leaseTTL
-        holds[h, default: []].append(end)
+        if holds[h] == nil { holds[h] = HoldEnds(first: end) } else { holds[h]!.rest.append(end) }
         holdEnds.append((end, h))
         holdCount[client, default: 0] += 1
         return FoundObject(size: size, replicas: replicas, hold: handle)
@@ -319,9 +326,8 @@ public struct MasterService: Sendable {
 
     /// Ends `client`'s earliest hold on `version` (none: nothing to do, it already ended).
     private mutating func release(_ h: Hold) {
-        guard var ends = holds[h], !ends.isEmpty else { return }
-        ends.removeFirst()
-        holds[h] = ends.isEmpty ? nil : ends
+        guard let ends = holds[h] else { return }
+        holds[h] = ends.rest.isEmpty ? nil : HoldEnds(first: ends.rest[0], rest: Array(ends.rest.dropFirst()))
         if holdCount[h.client]! == 1 { holdCount[h.client] = nil } else { holdCount[h.client]! -= 1 }
         try? table.releaseRead(h.version)
     }
@@ -333,7 +339,7 @@ public struct MasterService: Sendable {
         while holdEndsHead < holdEnds.count, holdEnds[holdEndsHead].end <= now {
             let (end, h) = holdEnds[holdEndsHead]
             holdEndsHead += 1
-            if let first = holds[h]?.first, first <= end { release(h); n += 1 }
+            if let ends = holds[h], ends.first <= end { release(h); n += 1 }
         }
         if holdEndsHead > 4096 && holdEndsHead * 2 > holdEnds.count {   // drop the consumed front
             holdEnds.removeFirst(holdEndsHead)
