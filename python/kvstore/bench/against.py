@@ -39,6 +39,8 @@ from .._store import Store
 from .cluster import THREADS, _busy_core, _threaded
 
 PEERS = ("mooncake", "redis")
+# Client processes of the multi-process case (each with THREADS threads).
+PROCESSES = (4, 8)
 
 
 def _free_port() -> int:
@@ -136,6 +138,62 @@ class _System:
     clear: Callable[[], Any]
     close: Callable[[], Any]
     exists_batch: Callable[[list[str]], Any] | None = None
+    # Python statements that make `get` (a callable of one key) in a worker process, and
+    # that close its client.
+    client_code: str | None = None
+    client_close: str = ""
+
+
+# A client process of the multi-process case: connects (CLIENT_CODE defines `get`), says
+# ready, waits for a line, then reads every key once from THREADS threads and prints the time.
+_WORKER = """
+import sys, threading, time
+keys = [f"s-{i}" for i in range(int(sys.argv[2]))]
+threads = int(sys.argv[3])
+exec(sys.argv[1])
+for k in keys[:10]:
+    get(k)
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.perf_counter()
+ws = [threading.Thread(target=lambda part=keys[i::threads]: [get(k) for k in part]) for i in range(threads)]
+for w in ws:
+    w.start()
+for w in ws:
+    w.join()
+print(time.perf_counter() - t0, flush=True)
+sys.stdin.readline()   # then leave cleanly (a client that vanishes may leave its segment behind)
+exec(sys.argv[4])
+"""
+
+
+def _processes(s: _System, procs: int, threads: int, keys: list[str]) -> float:
+    """Seconds for ``procs`` client processes of ``threads`` threads each to read ``keys``
+    ("s-0", "s-1", ...) once each (all start together; the slowest one ends it)."""
+    assert s.client_code is not None
+    env = {**os.environ, "GLOG_minloglevel": "2"}
+    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, s.client_code, str(len(keys)), str(threads), s.client_close],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+               for _ in range(procs)]
+    try:
+        for w in workers:
+            if w.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a {s.name} client process did not start")
+        for w in workers:
+            w.stdin.write("go\n")
+            w.stdin.flush()
+        t = max(float(w.stdout.readline()) for w in workers)
+        for w in workers:
+            w.stdin.write("bye\n")
+            w.stdin.flush()
+        for w in workers:
+            w.wait(timeout=30)
+        return t
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
 
 
 def _kvstore(servers: list[_Server]) -> _System:
@@ -144,8 +202,9 @@ def _kvstore(servers: list[_Server]) -> _System:
     if not _wait_port(port):
         raise RuntimeError("the kvstore master did not start")
     store = Store.connect(f"kvstore://127.0.0.1:{port}", segment_size=1 << 30, prefault=True)
-
-    return _System("kvstore", store.put, store.get, lambda: store.remove_all(force=True), store.close, store.batch_exists)
+    code = f"import kvstore; c = kvstore.Store.connect('kvstore://127.0.0.1:{port}', segment_size=0); get = c.get"
+    return _System("kvstore", store.put, store.get, lambda: store.remove_all(force=True), store.close, store.batch_exists, code,
+                   "c.close()")
 
 
 def _mooncake(servers: list[_Server]) -> _System | str:
@@ -171,7 +230,9 @@ def _mooncake(servers: list[_Server]) -> _System | str:
         rc = store.put(key, value)
         if rc != 0:
             raise RuntimeError(f"mooncake put failed ({rc})")
-    return _System("mooncake", put, store.get, store.remove_all, store.close, store.batch_is_exist)
+    code = ("from mooncake.store import MooncakeDistributedStore as M; c = M(); "
+            f"assert c.setup('localhost', 'P2PHANDSHAKE', 0, 16 << 20, 'tcp', '', '127.0.0.1:{port}') == 0; get = c.get")
+    return _System("mooncake", put, store.get, store.remove_all, store.close, store.batch_is_exist, code, "c.close()")
 
 
 def _redis(servers: list[_Server], tmp: str) -> _System | str:
@@ -255,6 +316,10 @@ def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,
                         for k in present:
                             s.put(k, b"x")
                         timed(s.name, "batch_exists", lambda: s.exists_batch(keys_exists))
+                    if s.client_code is not None:
+                        for procs in PROCESSES:
+                            t = _processes(s, procs, THREADS, keys_small)
+                            times.setdefault((s.name, f"get 4 KiB {procs}p x{THREADS}"), []).append(t / procs)
                     s.clear()
                     with _busy_core():
                         timed(s.name, "put 4 KiB busy", lambda: [s.put(k, small) for k in keys_small])
@@ -265,7 +330,8 @@ def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,
                     times.clear()
             names = [s.name for s in systems] + ["memcpy"]
             print(f"\nkvstore bench --against: {repeat} interleaved rounds, medians; one client on loopback "
-                  f"(x{THREADS} thr: {THREADS} Python threads; busy: another process spins on a core; batch_exists: keys/s of 10,000)")
+                  f"(x{THREADS} thr: {THREADS} Python threads; busy: another process spins on a core; batch_exists: keys/s of 10,000; "
+                  f"Np: N more client processes of {THREADS} threads, all reading the keys at once, aggregate ops/s)")
             header = f"{'case':<18}" + "".join(f"{n:>16}" for n in names)
             print(header)
             print("-" * len(header))
@@ -274,7 +340,8 @@ def run_against(peers: list[str], repeat: int, small_ops: int, big_count: int,
                                       ("put 1 MiB", big_count, "GB"), ("get 1 MiB", big_count, "GB"),
                                       ("cycle put 16 MiB", len(keys_huge), "GB16"),
                                       (f"get 4 KiB x{THREADS} thr", n_small, "ops"), ("batch_exists", len(keys_exists), "ops"),
-                                      ("put 4 KiB busy", n_small, "ops"), ("get 4 KiB busy", n_small, "ops")):
+                                      ("put 4 KiB busy", n_small, "ops"), ("get 4 KiB busy", n_small, "ops"),
+                                      *((f"get 4 KiB {p}p x{THREADS}", n_small, "ops") for p in PROCESSES)):
                 cells = []
                 for n in names:
                     if (n, case) not in times:
