@@ -13,12 +13,20 @@ copies a tensor behind your back; call ``np.ascontiguousarray(x)`` / ``x.contigu
 from __future__ import annotations
 
 import sys
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from . import _native
 from ._errors import ArgumentTypeError, InvalidArgumentError, UnsupportedError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def _numpy() -> Any:
+    """numpy, imported on first use: `import kvstore` (and so the master process) does not pay
+    for it, nor start OpenBLAS's threads."""
+    import numpy
+    return numpy
 
 HEADER_SIZE = _native.TENSOR_HEADER_SIZE
 
@@ -96,7 +104,8 @@ def _code_for(name: str, what: str) -> int:
 
 def describe(obj: Any, what: str = "tensor") -> TensorRef:
     """The bytes, dtype code, shape and device of a tensor object (never copies)."""
-    if isinstance(obj, np.ndarray):
+    np = sys.modules.get("numpy")   # not imported: obj cannot be an ndarray
+    if np is not None and isinstance(obj, np.ndarray):
         return _describe_numpy(obj, what)
     module = type(obj).__module__.split(".")[0]
     if module == "torch" and hasattr(obj, "data_ptr"):
@@ -111,13 +120,21 @@ def describe(obj: Any, what: str = "tensor") -> TensorRef:
         f"or __dlpack__), not {type(obj).__name__}")
 
 
-#: Native little-endian numpy dtypes -> code: the fast path (a dict lookup, no dtype.name).
-_NUMPY_CODES = {np.dtype(name).newbyteorder("<"): code for name, code in DTYPE_CODES.items()
-                if name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2")}
+#: Native little-endian numpy dtypes -> code: the fast path (a dict lookup, no dtype.name);
+#: built on first use.
+_NUMPY_CODES: dict[Any, int] = {}
+
+
+def _numpy_codes() -> dict[Any, int]:
+    if not _NUMPY_CODES:
+        np = _numpy()
+        _NUMPY_CODES.update({np.dtype(name).newbyteorder("<"): code for name, code in DTYPE_CODES.items()
+                             if name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2")})
+    return _NUMPY_CODES
 
 
 def _describe_numpy(a: np.ndarray, what: str) -> TensorRef:
-    code = _NUMPY_CODES.get(a.dtype)
+    code = _numpy_codes().get(a.dtype)
     if code is not None and a.flags.c_contiguous:
         # A standard dtype: the array itself is the buffer (no view object to build).
         return TensorRef(code, a.shape, a.nbytes, a, "cpu", a.flags.writeable, a)
@@ -126,7 +143,7 @@ def _describe_numpy(a: np.ndarray, what: str) -> TensorRef:
     code = _code_for(a.dtype.name, what)
     if not a.flags.c_contiguous:
         raise _not_contiguous(what)
-    flat = a.reshape(-1).view(np.uint8)
+    flat = a.reshape(-1).view(_numpy().uint8)
     return TensorRef(code, tuple(int(d) for d in a.shape), int(a.nbytes), flat, "cpu", bool(a.flags.writeable), a)
 
 
@@ -189,14 +206,14 @@ def _describe_dlpack(obj: Any, what: str) -> TensorRef:
 
 def numpy_dtype(code: int) -> np.dtype:
     """The numpy dtype a stored tensor is returned as (raw unsigned for bf16 / fp8)."""
-    return np.dtype(DTYPE_NAMES[RAW_CODES.get(code, code)])
+    return _numpy().dtype(DTYPE_NAMES[RAW_CODES.get(code, code)])
 
 
 def framework(like: Any, device: str | None) -> str:
     """The framework a read returns: "numpy", "torch" or "cupy" (validates ``like``)."""
     if like is not None:
         module = type(like).__module__.split(".")[0]
-        if isinstance(like, np.ndarray) or module == "numpy":
+        if module == "numpy":
             return "numpy"
         if module in ("torch", "cupy"):
             return module
@@ -230,6 +247,7 @@ def allocate(code: int, shape: tuple[int, ...], kind: str, like: Any = None,
     """A new tensor of framework `kind` for (code, shape), and the destination its bytes are
     copied into."""
     if kind == "numpy":
+        np = _numpy()
         out = np.empty(shape, dtype=numpy_dtype(code))
         return out, out.reshape(-1).view(np.uint8)
     if kind == "torch":
