@@ -114,6 +114,11 @@ public struct MasterService: Sendable {
     var holdEnds: [(end: Nanoseconds, hold: Hold)] = []
     var holdEndsHead = 0
     var holdCount: [UInt64: Int] = [:]
+    /// Holds ended by their reader, and by their lease (a reader that died or never said).
+    public private(set) var holdsReleased = 0
+    public private(set) var holdsExpired = 0
+    /// Segments mounted as memory that served reads before (held for a lease TTL).
+    public private(set) var remounts = 0
 
     struct Hold: Hashable, Sendable {
         var client: UInt64
@@ -232,6 +237,7 @@ public struct MasterService: Sendable {
             // Memory that served reads before (its owner lost the master) may still be read
             // under leases granted then: it takes new objects only once they have all ended.
             try table.mount(segment: seg, capacity: size, readyAt: reused ? now &+ table.policy.leaseTTL : 0, now: now)
+            if reused { remounts += 1 }
             nextSegment += 1
             // The pid is the one the kernel reported, whatever the client claims elsewhere.
             segmentInfo[seg] = SegmentInfo(segment: seg, size: size, host: host, sharePath: path, endpoint: endpoint, pid: clients[id]!.pid)
@@ -265,7 +271,7 @@ public struct MasterService: Sendable {
         case let .getBatch(keys, host):
             return .foundBatch(keys.map { key in Result { () throws(KVError) in try find(key, host: host, client: id, now: now) } })
         case let .release(versions):
-            for v in versions { release(Hold(client: id, version: v)) }
+            for v in versions where release(Hold(client: id, version: v)) { holdsReleased += 1 }
             return .ok
         case let .exists(key):
             return .flag(table.lease(key: key, now: now) != nil)
@@ -324,12 +330,14 @@ public struct MasterService: Sendable {
         return FoundObject(size: size, replicas: replicas, hold: handle)
     }
 
-    /// Ends `client`'s earliest hold on `version` (none: nothing to do, it already ended).
-    private mutating func release(_ h: Hold) {
-        guard let ends = holds[h] else { return }
+    /// Ends `client`'s earliest hold on `version`; false when it has none (it already ended).
+    @discardableResult
+    private mutating func release(_ h: Hold) -> Bool {
+        guard let ends = holds[h] else { return false }
         holds[h] = ends.rest.isEmpty ? nil : HoldEnds(first: ends.rest[0], rest: Array(ends.rest.dropFirst()))
         if holdCount[h.client]! == 1 { holdCount[h.client] = nil } else { holdCount[h.client]! -= 1 }
         try? table.releaseRead(h.version)
+        return true
     }
 
     /// Ends the holds whose lease has ended by `now`; returns how many.
@@ -341,6 +349,7 @@ public struct MasterService: Sendable {
             holdEndsHead += 1
             if let ends = holds[h], ends.first <= end { release(h); n += 1 }
         }
+        holdsExpired += n
         if holdEndsHead > 4096 && holdEndsHead * 2 > holdEnds.count {   // drop the consumed front
             holdEnds.removeFirst(holdEndsHead)
             holdEndsHead = 0
@@ -374,6 +383,8 @@ public struct MasterService: Sendable {
                 Statistic("writes_in_flight", writes.count), Statistic("requests", requests),
                 Statistic("kv_layouts", layouts.count), Statistic("expired_writes", expiredWrites),
                 Statistic("refused_handshakes", refusedHandshakes),
+                Statistic("read_holds", holdCount.values.reduce(0, +)), Statistic("read_holds_released", holdsReleased),
+                Statistic("read_holds_expired", holdsExpired), Statistic("remounts", remounts),
             ])
     }
 

@@ -429,6 +429,9 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(m.table.usedBytes, used)
         XCTAssertEqual(m.expireHolds(now: 5 + m.table.policy.leaseTTL), 1)
         XCTAssertEqual(m.table.usedBytes, 0)
+        XCTAssertEqual(m.handle(.stats, session: &a, now: 7).statsValue("read_holds_released"), 1)
+        XCTAssertEqual(m.handle(.stats, session: &a, now: 7).statsValue("read_holds_expired"), 1)
+        XCTAssertEqual(m.handle(.stats, session: &a, now: 7).statsValue("read_holds"), 0)
         XCTAssertNil(m.table.invariantViolation())
     }
 
