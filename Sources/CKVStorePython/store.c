@@ -494,6 +494,8 @@ static PyObject *store_get_into(StoreObject *self, PyObject *const *args, Py_ssi
     return PyLong_FromUnsignedLongLong(copied);
 }
 
+#define READ_CHUNK 4096
+
 /* get_batch(keys): holds on every key in one kv_batch_read_begin (one master request per
  * chunk), then each object copied into new bytes; a copy that outlived its lease is read
  * again on its own. A missing key gives None. */
@@ -514,28 +516,33 @@ static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
         ks[m] = (kv_key){items[i].k, (size_t)items[i].klen};
         index[m++] = i;
     }
-    int32_t st;
-    RUN_UNLOCKED(self, 0, st = kv_batch_read_begin(self->store, ks, m, holds, statuses));
-    if (st) { kvpy_raise_last(st); goto done; }
     PyObject **values = PyMem_Calloc(cap, sizeof *values);   /* the bytes of each held key */
-    if (!values) { PyErr_NoMemory(); goto end_holds; }
-    for (size_t j = 0; j < m; j++) {
-        batch_item *it = &items[index[j]];
-        if (statuses[j]) {
-            if (statuses[j] != KV_E_OBJECT_NOT_FOUND) { it->status = statuses[j]; it->message = strdup(kv_batch_error(j, NULL)); }
-            continue;
+    if (!values) { PyErr_NoMemory(); goto done; }
+    /* Chunk by chunk, so a batch of any length holds at most READ_CHUNK objects at a time (a
+     * cluster master limits the reads one client has in flight). */
+    for (size_t base = 0; base < m; base += READ_CHUNK) {
+        size_t cn = m - base < READ_CHUNK ? m - base : READ_CHUNK;
+        int32_t st;
+        RUN_UNLOCKED(self, 0, st = kv_batch_read_begin(self->store, ks + base, cn, holds + base, statuses + base));
+        if (st) { kvpy_raise_last(st); goto free_values; }
+        for (size_t j = base; j < base + cn; j++) {
+            batch_item *it = &items[index[j]];
+            if (statuses[j]) {
+                if (statuses[j] != KV_E_OBJECT_NOT_FOUND) { it->status = statuses[j]; it->message = strdup(kv_batch_error(j - base, NULL)); }
+                continue;
+            }
+            PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)holds[j].size);
+            if (!bytes) { it->error = kvpy_take_error(); kvpy_read_end(self, &holds[j]); statuses[j] = -1; continue; }
+            kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)holds[j].size};
+            RUN_UNLOCKED(self, holds[j].size, st = kv_read_copy(self->store, &holds[j], &dst, 1, KV_HOST_MEMORY, NULL));
+            if (st == 0) values[j] = bytes;
+            else {
+                Py_DECREF(bytes);
+                if (st != KV_STALE) { it->status = st; it->message = strdup(kv_last_error(NULL)); }
+                else statuses[j] = KV_STALE;   /* read again below, once its hold ended */
+            }
+            kvpy_read_end(self, &holds[j]);
         }
-        PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)holds[j].size);
-        if (!bytes) { it->error = kvpy_take_error(); continue; }
-        kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)holds[j].size};
-        RUN_UNLOCKED(self, holds[j].size, st = kv_read_copy(self->store, &holds[j], &dst, 1, KV_HOST_MEMORY, NULL));
-        if (st == 0) { values[j] = bytes; continue; }
-        Py_DECREF(bytes);
-        if (st != KV_STALE) { it->status = st; it->message = strdup(kv_last_error(NULL)); }
-        else values[j] = NULL, statuses[j] = KV_STALE;   /* read again below, once its hold ended */
-    }
-    for (size_t j = 0; j < m; j++) {
-        if (statuses[j] == 0 || statuses[j] == KV_STALE) kvpy_read_end(self, &holds[j]);
     }
     for (size_t j = 0; j < m; j++) {
         batch_item *it = &items[index[j]];
@@ -557,11 +564,9 @@ static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
     for (size_t j = 0; j < m && list; j++) {
         if (values[j]) { PyList_SetItem(list, index[j], values[j]); values[j] = NULL; }
     }
+free_values:
     for (size_t j = 0; j < m; j++) Py_XDECREF(values[j]);
     PyMem_Free(values);
-    goto done;
-end_holds:
-    for (size_t j = 0; j < m; j++) if (statuses[j] == 0) kvpy_read_end(self, &holds[j]);
 done:
     PyMem_Free(ks); PyMem_Free(index); PyMem_Free(statuses); PyMem_Free(holds);
     batch_end(items, n);

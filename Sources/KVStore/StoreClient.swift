@@ -215,6 +215,23 @@ public final class StoreClient: Sendable {
         var tickets: [(item: Int, ticket: WriteTicket)] = []
         tickets.reserveCapacity(requests.count)
         var plan = DeviceCopyPlan()
+        /// Commits the writes in `tickets` whose copies succeeded, aborts the others.
+        func finish(failed: [Int: KVError]) {
+            var commit: [(item: Int, ticket: WriteTicket)] = [], abort: [WriteTicket] = []
+            for (i, t) in tickets {
+                if let e = results[i] ?? failed[i] {
+                    results[i] = e
+                    abort.append(t)
+                } else {
+                    commit.append((i, t))
+                }
+            }
+            tickets.removeAll(keepingCapacity: true)
+            let committed = master.finishWrites(commit: commit.map(\.ticket), abort: abort)
+            for ((i, _), e) in zip(commit, committed) {
+                if let e { results[i] = e } else { operations.puts.add(1, ordering: .relaxed) }
+            }
+        }
         // Host parts are copied as each chunk's space arrives, while the master starts the next.
         try master.beginWrites(requests, mode: mode, options: options, preferred: ownSegmentID) { range, started in
             for (i, r) in zip(asked[range], started) {
@@ -231,23 +248,17 @@ public final class StoreClient: Sendable {
                     }
                 }
             }
+            // Every copy so far done (host memory: nothing planned): commit this chunk now, so a
+            // batch of any length keeps at most a chunk's writes in flight at the master (its
+            // per-client limit is `writesInFlight`).
+            if plan.hostCopies.isEmpty && plan.deviceGroups.isEmpty && tickets.count >= Self.commitChunk { finish(failed: [:]) }
         }
-        let failed = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)
-        var commit: [(item: Int, ticket: WriteTicket)] = [], abort: [WriteTicket] = []
-        for (i, t) in tickets {
-            if let e = results[i] ?? failed[i] {
-                results[i] = e
-                abort.append(t)
-            } else {
-                commit.append((i, t))
-            }
-        }
-        let committed = master.finishWrites(commit: commit.map(\.ticket), abort: abort)
-        for ((i, _), e) in zip(commit, committed) {
-            if let e { results[i] = e } else { operations.puts.add(1, ordering: .relaxed) }
-        }
+        finish(failed: plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot))
         return results
     }
+
+    /// Writes of a batch committed together once copied (when no device copy is pending).
+    static let commitChunk = 1024
 
     /// Regions `range` of `all` (one batch item's); throws `invalidArgument` when out of range.
     static func slice(_ all: UnsafeBufferPointer<MemoryRegion>, _ range: Range<Int>,
@@ -390,8 +401,22 @@ public final class StoreClient: Sendable {
         held.reserveCapacity(keys.count)
         defer { for t in held { try? master.releaseRead(t.handle) } }
         var leased: [(item: Int, ticket: ReadTicket)] = []   // copies to check once they are done
+        var stale: [Int] = []                                  // copies that outlived their lease
         var plan = DeviceCopyPlan()
         try master.acquireReads(keys: keys, host: cluster?.host ?? "") { range, answers in
+            // With every copy of the batch so far done (host memory: nothing planned), this
+            // chunk's holds are checked and ended now, so a batch of any length holds at most
+            // a chunk's worth at the master (its per-client limit is `readsInFlight`).
+            defer {
+                if plan.hostCopies.isEmpty && plan.deviceGroups.isEmpty {
+                    for (i, t) in leased {
+                        if case .success = results[i], !leaseHeld(t) { stale.append(i) }
+                    }
+                    leased.removeAll(keepingCapacity: true)
+                    for t in held { try? master.releaseRead(t.handle) }
+                    held.removeAll(keepingCapacity: true)
+                }
+            }
             for (i, r) in zip(asked[range], answers) {
                 do throws(KVError) {
                     let t: ReadTicket
@@ -419,7 +444,9 @@ public final class StoreClient: Sendable {
             results[i] = .failure(e)
         }
         for (i, t) in leased {
-            guard case .success = results[i], !leaseHeld(t) else { continue }
+            if case .success = results[i], !leaseHeld(t) { stale.append(i) }
+        }
+        for i in stale {
             results[i] = Result { () throws(KVError) in
                 try heldGet(key: items[i].key, into: UnsafeBufferPointer(rebasing: destinations[items[i].regions]), memory: memory)
             }

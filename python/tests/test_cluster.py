@@ -478,3 +478,21 @@ def test_a_forced_removal_after_a_read_frees_the_space_at_once(master):
             s.remove("b")                                  # the lease still guards a plain remove
     finally:
         s.close()
+
+
+def test_a_batch_longer_than_the_masters_read_limit_reads_every_object(master):
+    # A client may have 65,536 reads in flight at the master; batches end their holds chunk by
+    # chunk, so a longer batch still reads everything.
+    s = connect(master, segment_size="64MiB")
+    try:
+        n = 70_000
+        keys = [f"k{i}" for i in range(n)]
+        s.put_batch(keys, [i.to_bytes(4, "little") for i in range(n)])
+        got = s.get_batch(keys)
+        assert all(v == i.to_bytes(4, "little") for i, v in enumerate(got))
+        bufs = [bytearray(4) for _ in range(n)]
+        assert s.batch_get_into(keys, bufs) == [4] * n
+        assert all(b == i.to_bytes(4, "little") for i, b in enumerate(bufs))
+        assert master.proc.poll() is None
+    finally:
+        s.close()
