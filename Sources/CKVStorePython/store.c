@@ -267,6 +267,18 @@ static batch_item *batch_begin(PyObject *keys, PyObject *second, const char *sec
     return items;
 }
 
+/* The converted keys of a batch's items into ks, and each one's item index into index;
+ * returns how many. */
+static size_t batch_keys(const batch_item *items, Py_ssize_t n, kv_key *ks, Py_ssize_t *index) {
+    size_t m = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!items[i].key) continue;
+        ks[m] = (kv_key){items[i].k, (size_t)items[i].klen};
+        index[m++] = i;
+    }
+    return m;
+}
+
 static void batch_record_failure(batch_item *it, int32_t st) {
     it->status = st;
     if (st) {
@@ -511,11 +523,7 @@ static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
     int32_t *statuses = PyMem_Calloc(cap, sizeof *statuses);
     kv_read *holds = PyMem_Calloc(cap, sizeof *holds);
     if (!ks || !index || !statuses || !holds) { PyErr_NoMemory(); goto done; }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!items[i].key) continue;
-        ks[m] = (kv_key){items[i].k, (size_t)items[i].klen};
-        index[m++] = i;
-    }
+    m = batch_keys(items, n, ks, index);
     PyObject **values = PyMem_Calloc(cap, sizeof *values);   /* the bytes of each held key */
     if (!values) { PyErr_NoMemory(); goto done; }
     /* Chunk by chunk, so a batch of any length holds at most READ_CHUNK objects at a time (a
@@ -644,11 +652,7 @@ static PyObject *keys_batch(StoreObject *self, PyObject *keys, int op, uint32_t 
     int32_t *statuses = PyMem_Calloc(cap, sizeof *statuses);
     uint64_t *sizes = PyMem_Calloc(cap, sizeof *sizes);
     if (!ks || !index || !statuses || !sizes) { PyErr_NoMemory(); goto done; }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!items[i].key) continue;
-        ks[m] = (kv_key){items[i].k, (size_t)items[i].klen};
-        index[m++] = i;
-    }
+    m = batch_keys(items, n, ks, index);
     int32_t st;
     RUN_UNLOCKED(self, 0, st = op == 0 ? kv_batch_size(self->store, ks, m, statuses, sizes)
                                         : kv_batch_remove(self->store, ks, m, flags, statuses));

@@ -282,6 +282,12 @@ public enum MasterLimits {
 }
 
 extension MasterRequest {
+    /// A counted list of keys (what `decodeKeys` reads).
+    static func encodeKeys(_ keys: [ObjectKey], _ w: inout WireWriter) {
+        w.count(keys.count)
+        for k in keys { w.key(k) }
+    }
+
     /// A counted list of at most `MasterLimits.maxBatch` keys.
     static func decodeKeys(_ r: inout WireReader) throws(KVError) -> [ObjectKey] {
         let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 5, "batch keys")
@@ -320,15 +326,12 @@ extension MasterRequest {
             for i in items { w.key(i.key); w.u64(UInt64(i.size)) }
         case let .getBatch(keys, host):
             w.string(host)
-            w.count(keys.count)
-            for k in keys { w.key(k) }
+            Self.encodeKeys(keys, &w)
         case let .sizeBatch(keys):
-            w.count(keys.count)
-            for k in keys { w.key(k) }
+            Self.encodeKeys(keys, &w)
         case let .removeBatch(keys, force):
             w.bool(force)
-            w.count(keys.count)
-            for k in keys { w.key(k) }
+            Self.encodeKeys(keys, &w)
         case let .release(holds):
             w.count(holds.count)
             for h in holds { w.u64(h) }
@@ -397,11 +400,7 @@ extension MasterRequest {
             m = .putStartBatch(items: items, mode: mode, options: options, preferred: preferred)
         case 16:
             let host = try r.string(max: MasterLimits.maxString, "host")
-            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 5, "batch keys")
-            var keys: [ObjectKey] = []
-            keys.reserveCapacity(n)
-            for _ in 0..<n { keys.append(try r.key()) }
-            m = .getBatch(keys: keys, host: host)
+            m = .getBatch(keys: try Self.decodeKeys(&r), host: host)
         case 23: m = .sizeBatch(keys: try Self.decodeKeys(&r))
         case 24:
             let force = try r.bool()

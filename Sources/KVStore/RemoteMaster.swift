@@ -347,30 +347,31 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// `lease` of several keys: each key's size, or nil when it is absent. One request per
     /// `keysChunk` keys, the next sent before this one's answer is read.
     public func leases(keys: [ObjectKey]) throws(KVError) -> [Result<Int?, KVError>] {
-        var out: [Result<Int?, KVError>] = []
-        out.reserveCapacity(keys.count)
-        try streamed(keys.count, firstChunk: Self.keysChunk, chunk: Self.keysChunk, { r in .sizeBatch(keys: Array(keys[r])) },
-                     decode: { (_: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<Int?, KVError>] in
-            guard case .values(let rs) = answer, rs.count == range.count else { throw KVError(.internal, "unexpected answer to sizeBatch") }
-            return rs.map { r in
-                switch r {
-                case .success(let n): .success(n)
-                case .failure(let e) where e.code == .objectNotFound: .success(nil)
-                case .failure(let e): .failure(e)
-                }
+        try keyBatches(keys, "sizeBatch") { .sizeBatch(keys: $0) }.map { r in
+            switch r {
+            case .success(let n): .success(n)
+            case .failure(let e) where e.code == .objectNotFound: .success(nil)
+            case .failure(let e): .failure(e)
             }
-        }, handle: { _, rs in out.append(contentsOf: rs) })
-        return out
+        }
     }
 
     /// `remove` of several keys: one error per key (nil: removed). Chunked like `leases`.
     public func remove(keys: [ObjectKey], force: Bool) throws(KVError) -> [KVError?] {
-        var out: [KVError?] = []
+        try keyBatches(keys, "removeBatch") { .removeBatch(keys: $0, force: force) }.map { r in
+            if case .failure(let e) = r { e } else { nil }
+        }
+    }
+
+    /// The `values` answers of `request` for `keys`, `keysChunk` keys per request.
+    private func keyBatches(_ keys: [ObjectKey], _ name: String,
+                            _ request: ([ObjectKey]) -> MasterRequest) throws(KVError) -> [Result<Int, KVError>] {
+        var out: [Result<Int, KVError>] = []
         out.reserveCapacity(keys.count)
-        try streamed(keys.count, firstChunk: Self.keysChunk, chunk: Self.keysChunk, { r in .removeBatch(keys: Array(keys[r]), force: force) },
-                     decode: { (_: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [KVError?] in
-            guard case .values(let rs) = answer, rs.count == range.count else { throw KVError(.internal, "unexpected answer to removeBatch") }
-            return rs.map { r in if case .failure(let e) = r { e } else { nil } }
+        try streamed(keys.count, firstChunk: Self.keysChunk, chunk: Self.keysChunk, { r in request(Array(keys[r])) },
+                     decode: { (_: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<Int, KVError>] in
+            guard case .values(let rs) = answer, rs.count == range.count else { throw KVError(.internal, "unexpected answer to \(name)") }
+            return rs
         }, handle: { _, rs in out.append(contentsOf: rs) })
         return out
     }

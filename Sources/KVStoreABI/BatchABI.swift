@@ -165,8 +165,7 @@ public func kvBatchReadBegin(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_k
         for (j, r) in try c.beginReads(keys: batch.keys).enumerated() {
             switch r {
             case .success(let t):
-                holds![batch.positions[j]] = kv_read(handle: t.handle, segment: UInt64(t.segment), offset: UInt64(t.offset),
-                                                     size: UInt64(t.size), lease_end: t.leaseEnd)
+                holds![batch.positions[j]] = readRecord(t)
             case .failure(let e): batch.set(j, e)
             }
         }

@@ -55,10 +55,15 @@ public func kvReadBegin(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _
         } else {
             t = try c.beginRead(key: k)
         }
-        out.pointee = kv_read(handle: t.handle, segment: UInt64(t.segment), offset: UInt64(t.offset), size: UInt64(t.size),
-                              lease_end: t.leaseEnd)
+        out.pointee = readRecord(t)
     }
     return busy ? Int32(KV_BUSY) : s
+}
+
+/// The C record of a read hold (`ticket` reads it back).
+@inline(__always)
+func readRecord(_ t: ReadTicket) -> kv_read {
+    kv_read(handle: t.handle, segment: UInt64(t.segment), offset: UInt64(t.offset), size: UInt64(t.size), lease_end: t.leaseEnd)
 }
 
 @inline(__always)

@@ -21,8 +21,6 @@ public struct SpinBackoff: Sendable {
     /// The longest quiet period.
     public static let quiet = 20_000_000
     private var quietUntil = 0
-    /// Quiet periods started (a busy machine seen).
-    public private(set) var quietPeriods = 0
 
     public init(spinNanos: Int) {
         self.spinNanos = spinNanos
@@ -57,7 +55,6 @@ public struct SpinBackoff: Sendable {
         // A sign soon after the last period ended: the machine is busy, back off longer.
         quietLength = now &- quietUntil < 2 &* quietLength ? min(quietLength &* 2, Self.quiet) : Self.minQuiet
         quietUntil = now &+ quietLength
-        quietPeriods += 1
         return 0
     }
 

@@ -435,6 +435,21 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertNil(m.table.invariantViolation())
     }
 
+    func testAReaderThatNeverReleasesIsBoundedAndItsHoldsEndWithTheirLeases() throws {
+        var config = MasterConfig(token: nil, clientTTL: 10 * Self.s)
+        config.quotas.readsInFlight = 3
+        var m = try MasterService(config: config)
+        var (a, _) = join(&m, "a", host: "h")
+        _ = put(&m, &a, "k", size: 10)
+        for t in 1...3 { guard case .found = m.handle(.get(key: "k", host: "h"), session: &a, now: Nanoseconds(t)) else { return XCTFail() } }
+        XCTAssertEqual(errorCode(m.handle(.get(key: "k", host: "h"), session: &a, now: 4)), .noSpace, "the client's limit")
+        guard case .values(let sizes) = m.handle(.sizeBatch(keys: ["k"]), session: &a, now: 4) else { return XCTFail() }
+        XCTAssertEqual(try sizes[0].get(), 10, "exists takes no hold")
+        XCTAssertEqual(m.expireHolds(now: 3 + m.table.policy.leaseTTL), 3)
+        guard case .found = m.handle(.get(key: "k", host: "h"), session: &a, now: 5 + m.table.policy.leaseTTL) else { return XCTFail() }
+        XCTAssertNil(m.table.invariantViolation())
+    }
+
     func testLayoutsArePublishedPerClientAndLeaveWithIt() throws {
         var m = try master()
         var (sa, _) = join(&m, "a", host: "h1")
