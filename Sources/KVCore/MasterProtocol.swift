@@ -59,6 +59,18 @@ public enum MasterRequest: Sendable, Equatable {
     /// Ends read holds (`FoundObject.hold`) of this client whose copies ended; pipelined, never
     /// answered (a hold that already ended is ignored).
     case release(holds: [VersionHandle])
+    /// The client is leaving for good (its store closed): the master departs it at once
+    /// instead of keeping its session for a resume. Answered by `ok`.
+    case leave
+    /// Sent right after `welcome` by a client whose earlier connection was lost: take back
+    /// session `client` (its segments, objects, writes in flight, holds and layouts).
+    /// `proof` is `Authentication.mac(key: session secret, message: client nonce ‖ server
+    /// nonce of this connection)`, so a secret seen on the wire is no use on another
+    /// connection. `commits` and `aborts` are writes the client finished on the lost
+    /// connection without an answer after them (they may not have arrived): the master applies
+    /// those still in flight. Answered by `value` (how many commits it applied); the fresh
+    /// client id of this connection's welcome is dropped.
+    case resume(client: UInt64, proof: [UInt8], commits: [VersionHandle], aborts: [VersionHandle])
 
     public var kind: UInt16 {
         switch self {
@@ -87,10 +99,12 @@ public enum MasterRequest: Sendable, Equatable {
         case .sizeBatch: 23
         case .removeBatch: 24
         case .release: 25
+        case .leave: 26
+        case .resume: 27
         }
     }
 
-    public static func isRequestKind(_ k: UInt16) -> Bool { (1...25).contains(k) }
+    public static func isRequestKind(_ k: UInt16) -> Bool { (1...27).contains(k) }
 
     /// The only kinds a master reads before a connection has authenticated.
     public static func isHandshakeKind(_ k: UInt16) -> Bool { k == 1 || k == 21 }
@@ -175,6 +189,43 @@ public struct FoundObject: Sendable, Equatable {
     }
 }
 
+/// What a master tells a client that proved its token.
+public struct Welcome: Sendable, Equatable {
+    /// The client's id (its session).
+    public var client: UInt64
+    public var leaseTTL: Nanoseconds
+    /// A client not heard from for this long is departed; it is also how long a session
+    /// whose connection was lost waits for a `resume`.
+    public var clientTTL: Nanoseconds
+    /// An abstract Unix-domain socket name on which the master also listens ("" for none);
+    /// a client on the same host and network namespace moves its connection there.
+    public var local: String
+    /// The master's process id, so that a client on the local socket can tell that it sees
+    /// the master's pid as the master does (one PID namespace): only then are the pids the
+    /// master verifies meaningful to it.
+    public var pid: Int
+    /// The data plane's secret (`Authentication.dataKey`), masked for this handshake
+    /// (`Authentication.mask` with the token the client proved).
+    public var data: [UInt8]
+    /// The session's secret (32 random bytes), masked the same way: it proves a `resume`.
+    public var session: [UInt8]
+    /// A write not committed within this time is aborted and its space reused: a writer
+    /// starts no copy after its own deadline (`WriteTicket.deadline`).
+    public var writeTimeout: Nanoseconds
+
+    public init(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds, local: String, pid: Int, data: [UInt8],
+                session: [UInt8] = [], writeTimeout: Nanoseconds = 0) {
+        self.client = client
+        self.leaseTTL = leaseTTL
+        self.clientTTL = clientTTL
+        self.local = local
+        self.pid = pid
+        self.data = data
+        self.session = session
+        self.writeTimeout = writeTimeout
+    }
+}
+
 /// One named statistic of the master.
 public struct Statistic: Sendable, Equatable {
     public var name: String
@@ -213,14 +264,8 @@ public struct SegmentInfo: Sendable, Equatable {
 public enum MasterResponse: Sendable, Equatable {
     case ok
     case error(KVError)
-    /// `local`: an abstract Unix-domain socket name on which the master also listens ("" for
-    /// none); a client on the same host and network namespace moves its connection there.
-    /// `pid`: the master's process id, so that a client on the local socket can tell that it
-    /// sees the master's pid as the master does (one PID namespace): only then are the pids
-    /// the master verifies meaningful to it.
-    /// `data`: the data plane's secret (`Authentication.dataKey`), masked for this handshake
-    /// (`Authentication.mask` with the token the client proved).
-    case welcome(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds, local: String, pid: Int, data: [UInt8])
+    /// The answer to a correct `prove` (see `Welcome`).
+    case welcome(Welcome)
     case mounted(segment: SegmentID)
     case putStarted(StartedWrite)
     case found(FoundObject)
@@ -297,6 +342,15 @@ extension MasterRequest {
         return keys
     }
 
+    /// A counted list of at most `MasterLimits.maxBatch` version handles.
+    static func decodeHandles(_ r: inout WireReader, _ what: String) throws(KVError) -> [VersionHandle] {
+        let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 8, what)
+        var out: [VersionHandle] = []
+        out.reserveCapacity(n)
+        for _ in 0..<n { out.append(try r.u64()) }
+        return out
+    }
+
     public func encode() -> [UInt8] {
         var w = WireWriter()
         switch self {
@@ -305,7 +359,7 @@ extension MasterRequest {
         case let .mount(size, host, path, endpoint, reused):
             w.u64(UInt64(size)); w.string(host); w.string(path); w.string(endpoint); w.u8(reused ? 1 : 0)
         case let .unmount(segment): w.u32(segment)
-        case .heartbeat, .stats, .unmountCount: break
+        case .heartbeat, .stats, .unmountCount, .leave: break
         case let .listKeys(after):
             w.bool(after != nil)
             if let after { w.key(after) }
@@ -335,6 +389,12 @@ extension MasterRequest {
         case let .release(holds):
             w.count(holds.count)
             for h in holds { w.u64(h) }
+        case let .resume(client, proof, commits, aborts):
+            w.u64(client); w.bytes(proof)
+            w.count(commits.count)
+            for h in commits { w.u64(h) }
+            w.count(aborts.count)
+            for h in aborts { w.u64(h) }
         }
         return w.bytes
     }
@@ -405,12 +465,11 @@ extension MasterRequest {
         case 24:
             let force = try r.bool()
             m = .removeBatch(keys: try Self.decodeKeys(&r), force: force)
-        case 25:
-            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 8, "holds")
-            var holds: [VersionHandle] = []
-            holds.reserveCapacity(n)
-            for _ in 0..<n { holds.append(try r.u64()) }
-            m = .release(holds: holds)
+        case 25: m = .release(holds: try Self.decodeHandles(&r, "holds"))
+        case 26: m = .leave
+        case 27:
+            m = .resume(client: try r.u64(), proof: Array(try r.bytes(max: 64, "proof")),
+                        commits: try Self.decodeHandles(&r, "commits"), aborts: try Self.decodeHandles(&r, "aborts"))
         case 17: m = .publishLayout(try PublishedLayout.decode(&r))
         case 18: m = .fetchLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
         case 19: m = .unpublishLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
@@ -446,8 +505,9 @@ extension MasterResponse {
         switch self {
         case .ok: break
         case let .error(e): error(e)
-        case let .welcome(client, lease, ttl, local, pid, data):
-            w.u64(client); w.u64(lease); w.u64(ttl); w.string(local); w.u64(UInt64(pid)); w.bytes(data)
+        case let .welcome(v):
+            w.u64(v.client); w.u64(v.leaseTTL); w.u64(v.clientTTL); w.string(v.local); w.u64(UInt64(v.pid)); w.bytes(v.data)
+            w.bytes(v.session); w.u64(v.writeTimeout)
         case let .mounted(segment): w.u32(segment)
         case let .putStarted(s): started(s)
         case let .found(f): found(f)
@@ -504,9 +564,10 @@ extension MasterResponse {
         case 100: m = .ok
         case 101: m = .error(try error())
         case 102:
-            m = .welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64(),
-                         local: try r.string(max: MasterLimits.maxString, "local socket"), pid: try r.size(max: Int(Int32.max), "pid"),
-                         data: Array(try r.bytes(max: 64, "data key")))
+            m = .welcome(Welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64(),
+                                 local: try r.string(max: MasterLimits.maxString, "local socket"), pid: try r.size(max: Int(Int32.max), "pid"),
+                                 data: Array(try r.bytes(max: 64, "data key")), session: Array(try r.bytes(max: 64, "session secret")),
+                                 writeTimeout: try r.u64()))
         case 103: m = .mounted(segment: try r.u32())
         case 104: m = .putStarted(try started())
         case 105: m = .found(try found())

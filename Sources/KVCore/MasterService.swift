@@ -78,6 +78,12 @@ public struct MasterService: Sendable {
         public var peerPID: Int32 = 0
         /// The tenant this connection proved (nil: the cluster's token).
         var tenant: Tenant? = nil
+        /// Which attachment of its client this connection is (a resume on another
+        /// connection moves the client there; this one's requests are then refused).
+        public internal(set) var attachment: UInt64 = 0
+        /// This connection's handshake nonces (client's, then master's): what a `resume`
+        /// proof signs.
+        var nonces: [UInt8] = []
         public init() {}
     }
 
@@ -88,6 +94,15 @@ public struct MasterService: Sendable {
         var pid: Int = 0
         var segments: Set<SegmentID> = []
         var writes: Set<VersionHandle> = []
+        /// The tenant it proved ("" : the cluster's token); a resume must prove the same.
+        var tenant = ""
+        /// The session secret (32 random bytes) a `resume` proves.
+        var secret: [UInt8] = []
+        /// Bumped by each resume: only the connection holding the latest may act.
+        var attachment: UInt64 = 1
+        /// Whether a connection is attached (false: lost; the session waits for a resume
+        /// until the client TTL has passed since it was last heard from).
+        var connected = true
     }
 
     /// What happened to a client that left or died.
@@ -96,7 +111,9 @@ public struct MasterService: Sendable {
         public var name: String
         public var segments: [SegmentID]
         public var lostObjects: [ObjectKey]
-        public var abortedWrites: Int
+        /// Its writes in flight: they keep their space until the write timeout (the writer
+        /// may still be copying), then are aborted (`expireWrites`).
+        public var abandonedWrites: Int
     }
 
     public let config: MasterConfig
@@ -119,6 +136,17 @@ public struct MasterService: Sendable {
     public private(set) var holdsExpired = 0
     /// Segments mounted as memory that served reads before (held for a lease TTL).
     public private(set) var remounts = 0
+    /// Sessions taken back by a client after its connection was lost, and resumes refused.
+    public private(set) var resumedSessions = 0
+    public private(set) var refusedResumes = 0
+    /// Sessions whose connection closed while they held something (kept for a resume).
+    public private(set) var detachedSessions = 0
+    /// Pipelined commits applied by a resume (they may have been lost with the connection).
+    public private(set) var resumedCommits = 0
+    /// Writes of departed clients left to run out their write timeout.
+    public private(set) var abandonedWrites = 0
+    /// Clients that left with `leave`, for the server to log (`takeDepartures`).
+    private var left: [Departure] = []
 
     struct Hold: Hashable, Sendable {
         var client: UInt64
@@ -201,18 +229,33 @@ public struct MasterService: Sendable {
                 }
                 let id = nextClient
                 nextClient += 1
-                clients[id] = Client(name: c.name, lastSeen: now, pid: Int(max(0, session.peerPID)))
+                let secret = Authentication.randomBytes(32)
+                clients[id] = Client(name: c.name, lastSeen: now, pid: Int(max(0, session.peerPID)), tenant: c.tenant, secret: secret)
                 session.client = id
+                session.attachment = 1
+                session.nonces = c.handshake.clientNonce + c.handshake.serverNonce
                 session.tenant = c.tenant.isEmpty ? nil : Tenant(name: c.tenant)
-                return .welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket,
-                                pid: config.masterPID,
-                                data: Authentication.mask(dataKey, token: proved, clientNonce: c.handshake.clientNonce,
-                                                          serverNonce: c.handshake.serverNonce))
+                let (cn, sn) = (c.handshake.clientNonce, c.handshake.serverNonce)
+                return .welcome(Welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket,
+                                        pid: config.masterPID,
+                                        data: Authentication.mask(dataKey, token: proved, clientNonce: cn, serverNonce: sn),
+                                        session: Authentication.mask(secret, token: proved, clientNonce: cn, serverNonce: sn),
+                                        writeTimeout: config.quotas.writeTimeout))
             }
-            guard let id = session.client, clients[id] != nil else {
+            guard let id = session.client, let client = clients[id] else {
                 throw .invalidArgument(session.client == nil ? "the first request must be hello" : "this client was expired; reconnect")
             }
+            guard client.attachment == session.attachment else {
+                throw .invalidArgument("this session was resumed on another connection")
+            }
             clients[id]!.lastSeen = now
+            if case let .resume(old, proof, commits, aborts) = request {
+                return try resume(old, proof: proof, commits: commits, aborts: aborts, session: &session, now: now)
+            }
+            if case .leave = request {
+                if let d = depart(client: id, now: now) { left.append(d) }
+                return .ok
+            }
             guard let tenant = session.tenant else { return try dispatch(request, client: id, tenant: nil, now: now) }
             return tenant.unscoped(try dispatch(try tenant.scoped(request), client: id, tenant: tenant, now: now))
         } catch {
@@ -225,6 +268,8 @@ public struct MasterService: Sendable {
         switch request {
         case .hello, .prove:
             throw .invalidArgument("this connection has already authenticated")
+        case .resume, .leave:
+            throw KVError(.internal, "handled before dispatch")
         case .heartbeat:
             return .ok
         case .unmountCount:
@@ -385,6 +430,9 @@ public struct MasterService: Sendable {
                 Statistic("refused_handshakes", refusedHandshakes),
                 Statistic("read_holds", holdCount.values.reduce(0, +)), Statistic("read_holds_released", holdsReleased),
                 Statistic("read_holds_expired", holdsExpired), Statistic("remounts", remounts),
+                Statistic("sessions_resumed", resumedSessions), Statistic("sessions_refused", refusedResumes),
+                Statistic("sessions_detached", detachedSessions), Statistic("sessions_waiting", clients.values.count { !$0.connected }),
+                Statistic("commits_resumed", resumedCommits), Statistic("writes_abandoned", abandonedWrites),
             ])
     }
 
@@ -396,23 +444,86 @@ public struct MasterService: Sendable {
         return report
     }
 
-    /// A client left (its connection closed) or died: its writes in flight are aborted and
-    /// its segments unmounted (objects without another replica are lost). nil when unknown.
+    /// A client left (`leave`), died or stayed away past its grace period: its segments are
+    /// unmounted (objects without another replica are lost) and its layouts unpublished.
+    /// Its writes in flight are not aborted yet: the writer may still be copying (a process
+    /// the master lost sight of is not necessarily stopped), so their space stays taken until
+    /// the write timeout, past the writer's own deadline (`expireWrites`); their commits are
+    /// refused (the session is gone), so their bytes never become visible. nil when unknown.
     @discardableResult
     public mutating func depart(client id: UInt64, now: Nanoseconds) -> Departure? {
         guard let c = clients.removeValue(forKey: id) else { return nil }
         layouts.depart(id)
-        var d = Departure(client: id, name: c.name, segments: c.segments.sorted(), lostObjects: [], abortedWrites: 0)
-        for h in c.writes {
-            if let w = forget(h) {
-                try? table.abortWrite(w.ticket, now: now)
-                d.abortedWrites += 1
-            }
-        }
+        var d = Departure(client: id, name: c.name, segments: c.segments.sorted(), lostObjects: [], abandonedWrites: c.writes.count)
+        abandonedWrites += c.writes.count
         for seg in d.segments {
             if let r = try? unmount(seg, now: now) { d.lostObjects += r.lostObjects }
         }
         return d
+    }
+
+    /// The clients that left with `leave` since the last call (for the server's log).
+    public mutating func takeDepartures() -> [Departure] {
+        defer { left.removeAll() }
+        return left
+    }
+
+    /// The connection of `session` closed. `peerGone`: the server knows the peer process
+    /// has exited (a local connection whose pid is gone). A client holding nothing, or whose
+    /// process is gone, departs at once; otherwise its session waits for a `resume` until the
+    /// client TTL has passed (a lost TCP connection is often a short partition, and departing
+    /// would lose every object in its segments). Returns the departure, if any.
+    public mutating func closed(_ session: Session, peerGone: Bool, now: Nanoseconds) -> Departure? {
+        guard let id = session.client, let c = clients[id], c.attachment == session.attachment else { return nil }
+        let holding = !c.segments.isEmpty || !c.writes.isEmpty || holdCount[id] != nil || layouts.count(of: id) > 0
+        if peerGone || !holding { return depart(client: id, now: now) }
+        clients[id]!.connected = false
+        clients[id]!.lastSeen = now
+        detachedSessions += 1
+        return nil
+    }
+
+    /// Moves session `old` to this connection (see `MasterRequest.resume`).
+    private mutating func resume(_ old: UInt64, proof: [UInt8], commits: [VersionHandle], aborts: [VersionHandle],
+                                 session: inout Session, now: Nanoseconds) throws(KVError) -> MasterResponse {
+        let id = session.client!
+        let fresh = clients[id]!
+        guard fresh.segments.isEmpty, fresh.writes.isEmpty, holdCount[id] == nil, layouts.count(of: id) == 0, old != id else {
+            throw .invalidArgument("resume must be the first request after welcome")
+        }
+        guard let o = clients[old] else {
+            refusedResumes += 1
+            throw .notFound("session \(old) is gone (its grace period ended, it left, or the master restarted)")
+        }
+        // A session whose process the kernel named (a local connection) resumes only from
+        // that process; one the master knew only by TCP may come back on either.
+        guard o.tenant == fresh.tenant, o.pid == 0 || o.pid == fresh.pid,
+              Authentication.constantTimeEqual(proof, HMACSHA256.mac(key: o.secret, message: session.nonces)) else {
+            refusedResumes += 1
+            throw .invalidArgument("the master refused to resume session \(old): wrong proof, tenant or process")
+        }
+        clients[id] = nil
+        clients[old]!.attachment += 1
+        clients[old]!.connected = true
+        clients[old]!.lastSeen = now
+        session.client = old
+        session.attachment = clients[old]!.attachment
+        resumedSessions += 1
+        for h in aborts {
+            guard let w = writes[h], w.client == old else { continue }
+            forget(h)
+            clients[old]!.writes.remove(h)
+            try? table.abortWrite(w.ticket, now: now)
+        }
+        var applied = 0
+        for h in commits {
+            guard let w = writes[h], w.client == old else { continue }
+            forget(h)
+            clients[old]!.writes.remove(h)
+            if (try? table.commitWrite(w.ticket, now: now)) != nil { applied += 1 }
+        }
+        resumedCommits += applied
+        return .value(applied)
     }
 
     /// Clients not heard from within the client TTL, departed; returns what each left behind.

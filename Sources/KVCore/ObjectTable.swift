@@ -24,6 +24,10 @@ public struct WriteTicket: Sendable, Equatable {
     public let inPlace: Bool
     /// Replicas after the first (distinct segments).
     public let moreReplicas: [Replica]
+    /// The writer's deadline on its own monotonic clock (0: none, an embedded master): no copy
+    /// into the write's space may begin later, since a remote master frees the space of a
+    /// write not committed within its write timeout (`RemoteMaster.started`).
+    public var deadline: Nanoseconds = 0
 
     /// Every replica, the first included.
     public var replicas: [Replica] { [Replica(segment: segment, offset: offset)] + moreReplicas }

@@ -26,7 +26,7 @@ public enum MasterCommandLine {
         var options = MasterServer.Options()
         var token = "", tokenFile = ""
         var tenants: [String] = []
-        var clientTTL = 10.0, leaseTTL = 5.0, softPinTTL = 1800.0
+        var clientTTL = 10.0, leaseTTL = 5.0, softPinTTL = 1800.0, writeTimeout = 300.0
         var leaseMilliseconds: Int? = nil
         var highWatermark = 0.9, evictionRatio = 0.05
     }
@@ -97,6 +97,10 @@ public enum MasterCommandLine {
             s, v throws(KVError) in
             s.softPinTTL = try double(v, "--soft-pin-ttl")
         },
+        Flag(names: ["--write-timeout"], value: "SECONDS",
+             help: "a write not committed within this time is aborted and its space reused (default 300)") { s, v throws(KVError) in
+            s.writeTimeout = try double(v, "--write-timeout")
+        },
     ]
 
     /// The help text, for `program`.
@@ -140,6 +144,7 @@ public enum MasterCommandLine {
         options.config = MasterConfig(token: try MasterServer.token(given: s.token, file: s.tokenFile),
                                       clientTTL: try Seconds.nanoseconds(s.clientTTL, name: "client_ttl"), cache: cache)
         options.config.tenants = tenants.merging(try MasterServer.tenants(s.tenants)) { _, new in new }
+        options.config.quotas.writeTimeout = try Seconds.nanoseconds(s.writeTimeout, name: "write_timeout")
         try options.validate()
         return .run(options)
     }

@@ -12,9 +12,10 @@ import KVTransfer
 /// One thread runs `run()`: a `poll` loop over the listeners and every connection, so the
 /// service needs no lock. Each connection's requests are handled in arrival order. A frame
 /// that does not decode (bad magic, version, kind, length or fields) closes that connection
-/// with a logged reason; the master and every other connection carry on. A closed control
-/// connection departs its client at once (segments unmounted, writes aborted); a silent one
-/// departs after the client TTL.
+/// with a logged reason; the master and every other connection carry on. A client that
+/// leaves (`leave`), or whose connection closes while it holds nothing or its process is gone,
+/// departs at once; a client whose connection is lost keeps its session for a resume, and a
+/// silent or lost one departs after the client TTL (`MasterService.closed`).
 ///
 /// `@unchecked Sendable`: all state is touched only by the thread in `run()`, except `stop()`,
 /// which only writes to a pipe.
@@ -417,6 +418,17 @@ public final class MasterServer: @unchecked Sendable {
                 }
                 let response = service.handle(request, session: &c.session, now: clock())
                 if response == .ok, request.isPipelined { continue }   // answered only when it fails
+                if case .leave = request {
+                    for d in service.takeDepartures() where !(d.segments.isEmpty && d.lostObjects.isEmpty && d.abandonedWrites == 0) {
+                        logDeparture(d, why: "it closed its store")
+                    }
+                }
+                if case .resume = request, case .value = response, let id = c.session.client {
+                    // The session moved here: a connection still holding it (a partition the
+                    // master did not see) ends, without touching the session.
+                    for other in Array(connections.values) where other !== c && other.session.client == id { drop(other, reason: nil) }
+                    log("client \(id) resumed its session on connection \(c.socket.fd)")
+                }
                 c.output += WireWriter.frame(kind: response.kind, requestID: header.requestID, payload: response.encode())
                 if c.pending > options.outputHardLimit {
                     return drop(c, reason: "its unread answers passed \(options.outputHardLimit) bytes")
@@ -438,7 +450,7 @@ public final class MasterServer: @unchecked Sendable {
             } catch {
                 consumed = c.input.count
                 let why = "malformed message: \((error as? KVError)?.message ?? "\(error)")"
-                if c.authenticated { return drop(c, reason: why) }
+                if c.authenticated { return drop(c, reason: why, keepSession: false) }
                 drop(c, reason: nil)
                 limited.log("malformed", now: clock(), log) { "closing a connection that did not authenticate: \(why)" }
                 return
@@ -475,13 +487,18 @@ public final class MasterServer: @unchecked Sendable {
 
     static let closedByClient = "closed by the client"
 
-    /// Closes `c` and departs its client. A client that closes its connection holding
-    /// nothing (no segment, no write in flight) leaves without a log line: every client on
-    /// this host does that with its first (TCP) connection when it moves to the local socket.
-    private func drop(_ c: Connection, reason: String?) {
+    /// Closes `c`. Its client departs at once when it held nothing, or its process is gone
+    /// (a local connection whose pid no longer exists), or `keepSession` is false (the master
+    /// closes a misbehaving connection); otherwise its session waits for a resume until the
+    /// client TTL (`MasterService.closed`). A client that closes its connection holding
+    /// nothing leaves without a log line: every client on this host does that with its first
+    /// (TCP) connection when it moves to the local socket.
+    private func drop(_ c: Connection, reason: String?, keepSession: Bool = true) {
         connections[c.socket.fd] = nil
-        let d = c.session.client.flatMap { service.depart(client: $0, now: clock()) }
-        let holdingNothing = d.map { $0.segments.isEmpty && $0.lostObjects.isEmpty && $0.abortedWrites == 0 } ?? true
+        let pid = c.session.peerPID
+        let gone = !keepSession || (pid > 0 && Self.processExiting(pid))
+        let d = service.closed(c.session, peerGone: gone, now: clock())
+        let holdingNothing = d.map { $0.segments.isEmpty && $0.lostObjects.isEmpty && $0.abandonedWrites == 0 } ?? true
         if let reason, !(holdingNothing && reason == Self.closedByClient) {
             log("closing connection \(c.socket.fd)" + (c.session.client.map { " (client \($0))" } ?? "") + ": \(reason)")
         }
@@ -489,8 +506,26 @@ public final class MasterServer: @unchecked Sendable {
         c.socket.close()
     }
 
+    /// Whether process `pid` (of this PID namespace) is gone or exiting: no /proc entry, a
+    /// zombie, or the kernel's PF_EXITING flag set (it is set before an exiting process's
+    /// descriptors close, so a peer that died is seen as such when its socket's EOF arrives).
+    static func processExiting(_ pid: Int32) -> Bool {
+        let fd = open("/proc/\(pid)/stat", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return true }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 1024)
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard n > 0, let paren = buf[0..<n].lastIndex(of: UInt8(ascii: ")")) else { return true }
+        // After "pid (comm)": state ppid pgrp session tty_nr tpgid flags ...
+        let fields = buf[(paren + 1)..<n].split(separator: UInt8(ascii: " "))
+        guard fields.count > 6, let state = fields[0].first else { return true }
+        if state == UInt8(ascii: "Z") || state == UInt8(ascii: "X") { return true }
+        let flags = UInt64(String(decoding: fields[6], as: UTF8.self)) ?? 0
+        return flags & 0x4 != 0   // PF_EXITING
+    }
+
     private func logDeparture(_ d: MasterService.Departure, why: String) {
-        log("client \(d.client) '\(d.name)' left (\(why)): unmounted segments \(d.segments), \(d.lostObjects.count) objects lost, \(d.abortedWrites) writes aborted")
+        log("client \(d.client) '\(d.name)' left (\(why)): unmounted segments \(d.segments), \(d.lostObjects.count) objects lost, \(d.abandonedWrites) writes abandoned")
     }
 
     // MARK: HTTP

@@ -15,10 +15,13 @@ import Synchronization
 ///
 /// Connection loss: the call that sees it fails with `transfer` and the connection is marked
 /// lost; `reconnectIfNeeded()` (run at the start of each operation and by the heartbeat
-/// thread) dials again, says hello, remounts this client's segment empty (whatever it held
-/// is lost: the master that knew it is gone, or has departed this client) and counts a
-/// reconnect. It runs under `dataLock` held exclusively, so no copy into or out of segment
-/// memory is in flight while segments change identity.
+/// thread) dials again, says hello and resumes this client's session (`resume`: its segment,
+/// objects, writes in flight and holds are kept; pipelined commits that had no answer after
+/// them are sent again). When the master no longer knows the session (it restarted, or the
+/// client was away longer than the client TTL), it remounts this client's segment empty
+/// (whatever it held is lost) instead. Either way it counts a reconnect. It runs under
+/// `dataLock` held exclusively, so no copy into or out of segment memory is in flight while
+/// segments change identity.
 public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public let host: String
     public let port: Int
@@ -32,6 +35,12 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// Pipelined commits the master refused (the write's segment died meanwhile, or a put
     /// lost to a concurrent upsert): those objects are not stored.
     public let commitFailures = Atomic<Int>(0)
+    /// Reconnects that took the session back (`resume`), and pipelined commits they applied.
+    public let resumes = Atomic<Int>(0)
+    public let resumedCommits = Atomic<Int>(0)
+    /// The master's write timeout (from its welcome): a writer starts no copy after its own
+    /// deadline for a write (`WriteTicket.deadline`).
+    public private(set) var writeTimeout: Nanoseconds = 300_000_000_000
 
     /// What a segment mount says (kept to remount after a reconnect).
     public struct Mount: Sendable {
@@ -75,7 +84,24 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         /// hold from an earlier connection is never released on this one).
         var holds: [VersionHandle: Int] = [:]
         var parked: [UInt32: MasterResponse] = [:]
+        /// The session this client holds at the master (its id and secret), for `resume`.
+        var client: UInt64 = 0
+        var secret: [UInt8] = []
+        /// This connection's handshake nonces (what a `resume` proof signs), and the secret of
+        /// the session its welcome began.
+        var nonces: [UInt8] = []
+        var welcomeSecret: [UInt8] = []
+        /// Commits sent pipelined with no answer read after them (request id, write): they
+        /// may have been lost with the connection, so a resume sends them again.
+        var unconfirmed: [(id: UInt32, handle: VersionHandle)] = []
+        /// Writes whose commit or abort could not be sent (the connection was lost): a resume
+        /// aborts them.
+        var orphans: [VersionHandle] = []
     }
+
+    /// At most this many unconfirmed commits and orphans are kept (then one round trip
+    /// confirms the commits; the oldest orphans are left to the master's write timeout).
+    static let maxUnconfirmed = MasterLimits.maxBatch
 
     private let link = Locked(Link())
     /// The token this client proves: the cluster's, or its tenant's.
@@ -144,17 +170,18 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         try SystemCall.check("pipe", pipe(&fds))
         for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         stopPipe = (fds[0], fds[1])
-        var welcome: (Nanoseconds, Nanoseconds) = (0, 0)
+        var welcome = Welcome(client: 0, leaseTTL: 0, clientTTL: 0, local: "", pid: 0, data: [])
         do throws(KVError) {
-            welcome = try link.withLock { (l: inout Link) throws(KVError) in try connect(&l) }
+            welcome = try link.withLock { (l: inout Link) throws(KVError) in try connect(&l).welcome }
         } catch {
             Glibc.close(stopPipe.read); Glibc.close(stopPipe.write)
             throw error
         }
         onConnect(1, 0, sharesPIDs)
-        policy.leaseTTL = welcome.0
+        policy.leaseTTL = welcome.leaseTTL
         policy.inPlaceUpserts = false
-        clientTTL = welcome.1
+        clientTTL = welcome.clientTTL
+        if welcome.writeTimeout > 0 { writeTimeout = welcome.writeTimeout }
     }
 
     deinit {
@@ -185,14 +212,15 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         heartbeat = try BackgroundThread { [unowned self] in self.heartbeatLoop() }
     }
 
-    /// Stops the heartbeat, unmounts (best effort) and closes the connection. Idempotent.
+    /// Stops the heartbeat, leaves (best effort: the master departs this client at once,
+    /// unmounting its segment) and closes the connection. Idempotent.
     public func close() {
         var b: UInt8 = 1
         _ = write(stopPipe.write, &b, 1)
         heartbeat?.join()
         heartbeat = nil
         link.withLock { l in
-            if l.socket != nil, l.segment != 0 { _ = try? self.expect(&l, .unmount(segment: l.segment)) }
+            if l.socket != nil { _ = try? self.expect(&l, .leave) }
             l.socket?.close()
             l.socket = nil
             l.mount = nil
@@ -204,30 +232,34 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
                            preferred: SegmentID?) throws(KVError) -> WriteTicket {
         try link.withLock { (l: inout Link) throws(KVError) -> WriteTicket in
+            let sentAt = clock()
             guard case .putStarted(let w) = try expect(&l, .putStart(key: key, size: size, mode: mode, options: options, preferred: preferred)) else {
                 throw KVError(.internal, "unexpected answer to putStart")
             }
-            return try Self.started(w, size: size, now: clock(), &l)
+            return try started(w, size: size, sentAt: sentAt, &l)
         }
     }
 
     public func beginWrites(_ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
                             started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void) throws(KVError) {
         try streamed(items.count, { r in .putStartBatch(items: Array(items[r]), mode: mode, options: options, preferred: preferred) },
-                     decode: { (l: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<WriteTicket, KVError>] in
+                     decode: { (l: inout Link, range: Range<Int>, sentAt: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<WriteTicket, KVError>] in
             guard case .putStartedBatch(let rs) = answer, rs.count == range.count else {
                 throw KVError(.internal, "unexpected answer to putStartBatch")
             }
-            let now = clock()
-            return zip(range, rs).map { i, r in r.flatMap { w in Result { () throws(KVError) in try Self.started(w, size: items[i].size, now: now, &l) } } }
+            return zip(range, rs).map { i, r in r.flatMap { w in Result { () throws(KVError) in try self.started(w, size: items[i].size, sentAt: sentAt, &l) } } }
         }, handle: started)
     }
 
-    /// The ticket of a write the master started on this connection (remembered until it is
-    /// committed or aborted).
-    private static func started(_ w: StartedWrite, size: Int, now: Nanoseconds, _ l: inout Link) throws(KVError) -> WriteTicket {
-        let t = try w.ticket(size: size)
-        l.writes[t.handle] = now
+    /// The ticket of a write the master started on this connection, asked for at `sentAt`
+    /// (remembered until it is committed or aborted). Its deadline is the write timeout after
+    /// `sentAt`, less a margin (as `leaseEnd`): the master, which started the write later,
+    /// keeps its space at least that long, so a copy begun before the deadline lands in space
+    /// that is still this write's.
+    private func started(_ w: StartedWrite, size: Int, sentAt: Nanoseconds, _ l: inout Link) throws(KVError) -> WriteTicket {
+        var t = try w.ticket(size: size)
+        t.deadline = Self.leaseEnd(sentAt: sentAt, ttl: writeTimeout)
+        l.writes[t.handle] = sentAt
         return t
     }
 
@@ -255,7 +287,12 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         try link.withLock { (l: inout Link) throws(KVError) in
             let slow = isSlow(t.handle, l)
             var frames = WireWriter()
-            guard pipeline(.putCommit(handle: t.handle), t.handle, into: &frames, &l), send(frames, &l) else { throw Self.lostWrite }
+            guard pipeline(.putCommit(handle: t.handle), t.handle, into: &frames, &l) else { throw Self.lostWrite }
+            guard send(frames, &l) else {
+                orphan([t.handle], &l)
+                throw Self.lostWrite
+            }
+            try confirmIfMany(&l)
             if slow, try !confirmCommits(&l) { throw Self.refusedSlowWrite }
         }
     }
@@ -263,7 +300,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public func abortWrite(_ t: WriteTicket) throws(KVError) {
         link.withLock { l in
             var frames = WireWriter()
-            if pipeline(.putAbort(handle: t.handle), t.handle, into: &frames, &l) { _ = send(frames, &l) }
+            if pipeline(.putAbort(handle: t.handle), t.handle, into: &frames, &l), !send(frames, &l) { orphan([t.handle], &l) }
         }
     }
 
@@ -272,9 +309,11 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         link.withLock { (l: inout Link) -> [KVError?] in
             var frames = WireWriter()
             let slow = commit.map { isSlow($0.handle, l) }
-            for a in abort { _ = pipeline(.putAbort(handle: a.handle), a.handle, into: &frames, &l) }
+            let aborted = abort.filter { a in pipeline(.putAbort(handle: a.handle), a.handle, into: &frames, &l) }
             let sent = commit.map { c in pipeline(.putCommit(handle: c.handle), c.handle, into: &frames, &l) }
             let delivered = send(frames, &l)
+            if !delivered { orphan(aborted.map(\.handle) + zip(commit, sent).filter(\.1).map(\.0.handle), &l) }
+            if delivered { try? confirmIfMany(&l) }
             // A refusal cannot be tied to one commit: every slow one is then reported unstored
             // (one that was stored after all is safe to write again).
             let confirmed = !delivered || !slow.contains(true) || ((try? confirmCommits(&l)) ?? false)
@@ -290,8 +329,23 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     private func pipeline(_ r: MasterRequest, _ h: VersionHandle, into frames: inout WireWriter, _ l: inout Link) -> Bool {
         guard l.writes.removeValue(forKey: h) != nil else { return false }
         frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
+        if case .putCommit = r { l.unconfirmed.append((l.nextID, h)) }
         l.nextID &+= 1
         return true
+    }
+
+    /// Writes whose commit or abort was not sent (the connection was lost): they were
+    /// reported unstored, so a resume aborts them.
+    private func orphan(_ hs: [VersionHandle], _ l: inout Link) {
+        l.unconfirmed.removeAll { u in hs.contains(u.handle) }
+        l.orphans += hs
+        if l.orphans.count > Self.maxUnconfirmed { l.orphans.removeFirst(l.orphans.count - Self.maxUnconfirmed) }
+    }
+
+    /// One round trip when many commits went out with no answer after them, so a resume
+    /// never has more than `maxUnconfirmed` to send again.
+    private func confirmIfMany(_ l: inout Link) throws(KVError) {
+        if l.unconfirmed.count >= Self.maxUnconfirmed { _ = try expect(&l, .heartbeat) }
     }
 
     /// Writes `frames` after the queued hold releases (nothing to write is a success); false
@@ -546,15 +600,18 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         defer { dataLock.unlock() }
         try link.withLock { (l: inout Link) throws(KVError) in
             guard l.socket == nil else { return }
-            _ = try connect(&l)
+            let resumed = try connect(&l).resumed
             _ = reconnects.add(1, ordering: .relaxed)
-            if let m = l.mount { try send(m, &l) }
-            // The layout's memory and server outlive the master: publish it again (another
-            // client may have taken the node id meanwhile: then it stays unpublished).
-            if let p = l.layout, (try? expect(&l, .publishLayout(p))) == nil { l.layout = nil }
+            if !resumed {
+                if let m = l.mount { try send(m, &l) }
+                // The layout's memory and server outlive the master: publish it again (another
+                // client may have taken the node id meanwhile: then it stays unpublished).
+                if let p = l.layout, (try? expect(&l, .publishLayout(p))) == nil { l.layout = nil }
+            }
             onConnect(l.epoch, l.segment, l.sharesPIDs)
             let text = "kvstore: reconnected to the master at \(host):\(port) (reconnect \(reconnects.load(ordering: .relaxed)))"
-                + (l.mount != nil ? "; this client's segment was remounted empty as \(l.segment): the objects it held are lost\n" : "\n")
+                + (resumed ? "; resumed this client's session: its segment and objects are kept\n"
+                   : l.mount != nil ? "; this client's segment was remounted empty as \(l.segment): the objects it held are lost\n" : "\n")
             _ = text.withCString { write(2, $0, strlen($0)) }
         }
     }
@@ -623,6 +680,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         do throws(KVError) {
             while true {
                 let (rid, answer) = try readResponse(s, &l.reader)
+                // The master answers in order: every commit sent before `rid` was handled.
+                if !l.unconfirmed.isEmpty { l.unconfirmed.removeAll { u in Int32(bitPattern: rid &- u.id) >= 0 } }
                 if rid == id {
                     l.lastRequest = clock()
                     l.awaited.remove(id)
@@ -645,23 +704,22 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         return (h.requestID, try rethrowingKVError { try payload.withUnsafeBytes { try MasterResponse.decode(kind: h.kind, $0) } })
     }
 
-    /// Marks the connection lost; returns the error for the caller.
+    /// Marks the connection lost; returns the error for the caller. Writes, holds and
+    /// releases are kept for a resume (`connect` drops them when the session is gone).
     private func lost(_ l: inout Link, _ e: KVError) -> KVError {
         l.socket?.close()
         l.socket = nil
-        l.writes.removeAll()
-        l.releases.removeAll()   // the holds end with their leases on that master
-        l.holds.removeAll()
         l.awaited.removeAll()
         l.parked.removeAll()
         l.lastFailure = e.message
         return KVError(.transfer, "lost the connection to the master at \(host):\(port): \(e.message)")
     }
 
-    /// Dials and says hello; returns (lease TTL, client TTL). When the welcome names a local
-    /// socket this process can reach (same host and network namespace), the link moves there:
-    /// hello again on it, then the TCP connection closes (`KVSTORE_MASTER_LOCAL=0`: stay on TCP).
-    private func connect(_ l: inout Link) throws(KVError) -> (Nanoseconds, Nanoseconds) {
+    /// Dials and says hello, then resumes this client's session when it had one; returns the
+    /// welcome and whether the session was resumed. When the welcome names a local socket
+    /// this process can reach (same host and network namespace), the link moves there: hello
+    /// again on it, then the TCP connection closes (`KVSTORE_MASTER_LOCAL=0`: stay on TCP).
+    private func connect(_ l: inout Link) throws(KVError) -> (welcome: Welcome, resumed: Bool) {
         l.lastAttempt = clock()
         token.reload()   // a restarted master wrote a new token file
         do throws(KVError) {
@@ -694,11 +752,21 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 }
             }
             l.epoch += 1
-            l.segment = 0
-            l.leaseTTL = welcome.lease
-            l.holds.removeAll()
-            l.releases.removeAll()
-            return (welcome.lease, welcome.ttl)
+            l.leaseTTL = welcome.leaseTTL
+            let resumed = try resume(&l)
+            if resumed {
+                _ = resumes.add(1, ordering: .relaxed)
+            } else {   // a new session: nothing of the old one exists at this master
+                l.client = welcome.client
+                l.secret = l.welcomeSecret
+                l.segment = 0
+                l.writes.removeAll()
+                l.holds.removeAll()
+                l.releases.removeAll()
+            }
+            l.unconfirmed.removeAll()
+            l.orphans.removeAll()
+            return (welcome, resumed)
         } catch {
             l.socket?.close()
             l.socket = nil
@@ -708,14 +776,32 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
+    /// Takes back the session this client held (`l.client`) on the new connection; false
+    /// when there was none or the master no longer knows it (it restarted, or the client TTL
+    /// passed). Throws only when the connection fails.
+    private func resume(_ l: inout Link) throws(KVError) -> Bool {
+        guard l.client != 0, !l.secret.isEmpty else { return false }
+        let r = MasterRequest.resume(client: l.client, proof: HMACSHA256.mac(key: l.secret, message: l.nonces),
+                                     commits: l.unconfirmed.suffix(MasterLimits.maxBatch).map(\.handle),
+                                     aborts: Array(l.orphans.suffix(MasterLimits.maxBatch)))
+        do throws(KVError) {
+            guard case .value(let n) = try expect(&l, r) else { throw KVError(.internal, "unexpected answer to resume") }
+            _ = resumedCommits.add(n, ordering: .relaxed)
+            return true
+        } catch where l.socket != nil {
+            let text = "kvstore: the master did not resume this client's session: \(error.message)\n"
+            _ = text.withCString { write(2, $0, strlen($0)) }
+            return false   // the master refused: a new session
+        }
+    }
+
     /// Makes `s` the link's socket and says hello on it.
-    private func hello(_ s: Socket, _ l: inout Link) throws(KVError) -> (lease: Nanoseconds, ttl: Nanoseconds, local: String, pid: Int) {
+    private func hello(_ s: Socket, _ l: inout Link) throws(KVError) -> Welcome {
         s.setTimeout(timeout)
         l.socket = s
         l.local = false
         l.nextID = 1
         l.reader = FrameReader(maxPayload: WireFrameHeader.defaultMaxPayload, spinNanos: Self.spinNanos)
-        l.writes.removeAll()
         let secret = token.bytes
         let handshake = ClientHandshake()
         guard case let .challenge(sn, proof) = try expect(&l, .hello(name: name, nonce: handshake.clientNonce, tenant: tenant)) else {
@@ -733,11 +819,13 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         } catch where error.code == .invalidArgument {
             throw KVError(.invalidArgument, "\(error.message) (\(token.hint))")
         }
-        guard case let .welcome(_, lease, ttl, local, pid, data) = welcome, data.count == 32 else {
+        guard case let .welcome(w) = welcome, w.data.count == 32, w.session.count == 32 else {
             throw KVError(.internal, "unexpected answer to prove")
         }
-        dataKey.set(Authentication.mask(data, token: secret, clientNonce: handshake.clientNonce, serverNonce: sn))
-        return (lease, ttl, local, pid)
+        dataKey.set(Authentication.mask(w.data, token: secret, clientNonce: handshake.clientNonce, serverNonce: sn))
+        l.welcomeSecret = Authentication.mask(w.session, token: secret, clientNonce: handshake.clientNonce, serverNonce: sn)
+        l.nonces = handshake.clientNonce + sn
+        return w
     }
 
     /// False when `KVSTORE_MASTER_LOCAL=0`: stay on TCP even on the master's host.

@@ -40,6 +40,8 @@ extension StoreClient {
             .init("segment_size", segment?.size ?? 0),
             .init("master_reconnects", remote?.reconnects.load(ordering: .relaxed) ?? 0),
             .init("commit_failures", remote?.commitFailures.load(ordering: .relaxed) ?? 0),
+            .init("sessions_resumed", remote?.resumes.load(ordering: .relaxed) ?? 0),
+            .init("commits_resent", remote?.resumedCommits.load(ordering: .relaxed) ?? 0),
             .init("network_bytes", counters.networkBytes.load(ordering: .relaxed)),
             .init("rdma_bytes", counters.rdmaBytes.load(ordering: .relaxed)),
             .init("rdma_devices", remote == nil ? 0 : RDMA.discovery.devices.filter(\.active).count),

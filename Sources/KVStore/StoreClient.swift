@@ -128,9 +128,10 @@ public final class StoreClient: Sendable {
         let ticket = try master.beginWrite(key: key, size: total, mode: mode, options: options, preferred: ownSegmentID)
         do throws(KVError) {
             var plan = DeviceCopyPlan()   // device parts only; host parts are copied at once
-            for r in ticket.replicas { try write(parts, locations: locations, size: total, to: r, plan: &plan, owner: 0) }
-            if locations != nil, let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] {
-                throw e
+            for r in ticket.replicas { try write(parts, locations: locations, size: total, to: r, of: ticket, plan: &plan, owner: 0) }
+            if locations != nil {
+                try Self.checkDeadline(ticket)
+                if let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] { throw e }
             }
         } catch {
             try? master.abortWrite(ticket)
@@ -144,8 +145,11 @@ public final class StoreClient: Sendable {
     /// once, device parts into `plan` (the caller executes it), parts for a segment on
     /// another host over TCP at once.
     private func write(_ parts: UnsafeBufferPointer<MemoryRegion>, locations: [MemoryLocation]?, size: Int,
-                       to r: Replica, plan: inout DeviceCopyPlan, owner: Int) throws(KVError) {
-        switch try access(r.segment) {
+                       to r: Replica, of ticket: WriteTicket, plan: inout DeviceCopyPlan, owner: Int) throws(KVError) {
+        let target = try access(r.segment)
+        if ticket.deadline != 0, Self.testWritePause > 0 { usleep(Self.testWritePause) }
+        try Self.checkDeadline(ticket)
+        switch target {
         case .mapped(let s):
             let destination = try Self.region(of: s, r, size)
             if let locations {
@@ -168,6 +172,15 @@ public final class StoreClient: Sendable {
                 }
             }
         }
+    }
+
+    /// Fenced writers: no copy into a write's space begins after the write's deadline (the
+    /// master may have freed the space and given it to another object). `transfer` when it
+    /// has passed; the caller aborts the write.
+    static func checkDeadline(_ t: WriteTicket) throws(KVError) {
+        guard t.deadline != 0, monotonicClock() >= t.deadline else { return }
+        throw KVError(.transfer, "this write outlived the master's write timeout before its copy began, so it was not stored "
+                      + "(the writer was paused, or the copies were slower than the timeout)")
     }
 
     /// Replica `r`'s `size` bytes in mapped segment `s`; `internal` when the master's answer
@@ -242,7 +255,7 @@ public final class StoreClient: Sendable {
                     do throws(KVError) {
                         let mine = UnsafeBufferPointer(rebasing: parts[items[i].regions])
                         let locations = locate(mine, memory)
-                        for r in t.replicas { try write(mine, locations: locations, size: t.size, to: r, plan: &plan, owner: i) }
+                        for r in t.replicas { try write(mine, locations: locations, size: t.size, to: r, of: t, plan: &plan, owner: i) }
                     } catch {
                         results[i] = error
                     }
@@ -477,6 +490,10 @@ public final class StoreClient: Sendable {
     /// Test hook: `KVSTORE_TEST_READ_PAUSE_US` pauses every read under a remote lease this
     /// long between the lease and the copy (a reader descheduled at the worst moment).
     static let testReadPause: UInt32 = getenv("KVSTORE_TEST_READ_PAUSE_US").flatMap { UInt32(String(cString: $0)) } ?? 0
+
+    /// Test hook: `KVSTORE_TEST_WRITE_PAUSE_US` pauses every write to a remote master this
+    /// long between its start and its copy.
+    static let testWritePause: UInt32 = getenv("KVSTORE_TEST_WRITE_PAUSE_US").flatMap { UInt32(String(cString: $0)) } ?? 0
 
     /// The error of a read whose copy outlived its lease `tries` times in a row.
     public static func leaseExpired(_ t: ReadTicket, tries: Int) -> KVError {

@@ -59,7 +59,8 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertNil(s.client)
         XCTAssertEqual(m.handle(.stats, session: &s, now: 0).statsValue("refused_handshakes"), nil, "still not authenticated")
         var fresh = MasterService.Session()
-        guard case .welcome(let id, let lease, let ttl, let local, _, _) = Self.authenticate(&m, &fresh, token: "secret") else { return XCTFail() }
+        guard case .welcome(let w) = Self.authenticate(&m, &fresh, token: "secret") else { return XCTFail() }
+        let (id, lease, ttl, local) = (w.client, w.leaseTTL, w.clientTTL, w.local)
         XCTAssertEqual(fresh.client, id)
         XCTAssertEqual(lease, 5 * Self.s)
         XCTAssertEqual(ttl, 10 * Self.s)
@@ -148,8 +149,9 @@ final class MasterServiceTests: XCTestCase {
             let cn = Authentication.randomBytes(32)
             guard case let .challenge(sn, _) = m.handle(.hello(name: "k", nonce: cn, tenant: tenant), session: &s, now: 0) else { return XCTFail() }
             let t = Array(token.utf8)
-            guard case let .welcome(_, _, _, _, _, data) = m.handle(.prove(proof: Authentication.proof(token: t, role: .client, clientNonce: cn, serverNonce: sn)),
+            guard case let .welcome(welcomed) = m.handle(.prove(proof: Authentication.proof(token: t, role: .client, clientNonce: cn, serverNonce: sn)),
                                                                      session: &s, now: 0) else { return XCTFail() }
+            let data = welcomed.data
             XCTAssertNotEqual(data, Authentication.dataKey(clusterToken: Array("the-cluster-token".utf8)), "never in the clear")
             keys.append(Authentication.mask(data, token: t, clientNonce: cn, serverNonce: sn))
         }
@@ -308,7 +310,7 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(gone.first?.name, "a")
         XCTAssertEqual(gone.first?.segments, [segA])
         XCTAssertEqual(gone.first?.lostObjects, ["onA"])
-        XCTAssertEqual(gone.first?.abortedWrites, 1)
+        XCTAssertEqual(gone.first?.abandonedWrites, 1)
         XCTAssertEqual(errorCode(m.handle(.get(key: "onA", host: "h2"), session: &b, now: 11 * Self.s)), .objectNotFound)
         guard case .found(let both) = m.handle(.get(key: "both", host: "h2"), session: &b, now: 11 * Self.s) else { return XCTFail() }
         XCTAssertEqual(both.replicas.count, 1)
@@ -378,7 +380,7 @@ final class MasterServiceTests: XCTestCase {
                                           KVBufferDescriptor(layer: 0, kind: .value, address: 4096, length: 4096, bytesPerBlock: 4096, location: "cuda:1")]),
         host: "h", pid: 7, endpoint: "127.0.0.1:9")
     static let responses: [MasterResponse] = [
-        .ok, .error(KVError(.leaseHeld, "held")), .welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1", pid: 77, data: [5, 6]), .mounted(segment: 4),
+        .ok, .error(KVError(.leaseHeld, "held")), .welcome(Welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1", pid: 77, data: [5, 6], session: [7], writeTimeout: 8)), .mounted(segment: 4),
         .putStarted(StartedWrite(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)])), .found(FoundObject(size: 6, replicas: [])),
         .flag(true), .value(-7), .stats([Statistic("objects", 1), Statistic("bytes_used", 2)]),
         .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e", pid: 31)),

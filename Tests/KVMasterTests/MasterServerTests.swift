@@ -126,7 +126,8 @@ final class MasterServerTests: XCTestCase {
         let (server, thread, _) = try start(token: "s3cret-s3cret-s3cret")
         defer { server.stop(); thread.join() }
         let tcp = try Client(port: server.port)
-        guard case .welcome(_, _, _, let name, _, _) = try tcp.hello(token: "s3cret-s3cret-s3cret", name: "tcp", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
+        guard case .welcome(let w) = try tcp.hello(token: "s3cret-s3cret-s3cret", name: "tcp", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
+        let name = w.local
         XCTAssertTrue(name.hasPrefix("kvstore-master."), name)
         guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
         // The local socket checks the token too, and a refused hello closes it.
@@ -136,7 +137,8 @@ final class MasterServerTests: XCTestCase {
         XCTAssertTrue(refused.isClosedByPeer())
         // Same table: a write over the local socket is seen over TCP.
         let local = try Client(local: name)
-        guard case .welcome(_, _, _, let again, _, _) = try local.hello(token: "s3cret-s3cret-s3cret", name: "local", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
+        guard case .welcome(let w2) = try local.hello(token: "s3cret-s3cret-s3cret", name: "local", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
+        let again = w2.local
         XCTAssertEqual(again, name)
         guard case .putStarted(let w) = try local.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         try local.post(.putCommit(handle: w.handle))
@@ -154,7 +156,8 @@ final class MasterServerTests: XCTestCase {
         let (server, thread, logs) = try start(localSocket: false)
         defer { server.stop(); thread.join() }
         let c = try Client(port: server.port)
-        guard case .welcome(_, _, _, let name, _, _) = try c.hello(name: "t") else { return XCTFail() }
+        guard case .welcome(let w) = try c.hello(name: "t") else { return XCTFail() }
+        let name = w.local
         XCTAssertEqual(name, "")
         // A client closing while holding nothing leaves quietly (clients moving to the local
         // socket do that with their TCP connection); one holding a segment is logged.
@@ -162,6 +165,7 @@ final class MasterServerTests: XCTestCase {
         _ = try held.hello(name: "held")
         _ = try held.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false))
         c.socket.close()
+        XCTAssertEqual(try held.call(.leave), .ok)
         held.socket.close()
         for _ in 0..<200 where !logs.all.contains(where: { $0.contains("'held' left") }) { usleep(10_000) }
         XCTAssertTrue(logs.all.contains { $0.contains("'held' left") })
@@ -189,17 +193,27 @@ final class MasterServerTests: XCTestCase {
         XCTAssertTrue(logs.all.contains { $0.contains("malformed message") })
     }
 
-    func testClosedConnectionDepartsItsClient() throws {
+    func testLeavingDepartsAtOnceAndALostConnectionKeepsItsSession() throws {
         let (server, thread, logs) = try start()
         defer { server.stop(); thread.join() }
-        let a = try Client(port: server.port), b = try Client(port: server.port)
+        let a = try Client(port: server.port), b = try Client(port: server.port), lost = try Client(port: server.port)
         _ = try a.hello(name: "a")
         _ = try b.hello(name: "b")
+        _ = try lost.hello(name: "lost")
         guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
+        guard case .mounted(let kept) = try lost.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
         guard case .putStarted(let w) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         let h = w.handle
         try a.post(.putCommit(handle: h))
         XCTAssertEqual(try b.call(.exists(key: "k")), .flag(true))   // applied before b's question
+        // A TCP connection that closes (a partition, a client's timeout) keeps its session
+        // for a resume: its segment stays mounted until the client TTL.
+        lost.socket.close()
+        usleep(100_000)
+        guard case .segment = try b.call(.segmentInfo(segment: kept)) else { return XCTFail("a lost connection departed its client") }
+        guard case .stats(let st) = try b.call(.stats) else { return XCTFail() }
+        XCTAssertEqual(st.first { $0.name == "sessions_waiting" }?.value, 1)
+        XCTAssertEqual(try a.call(.leave), .ok)
         a.socket.close()
         var gone = false
         for _ in 0..<100 where !gone {
@@ -208,7 +222,7 @@ final class MasterServerTests: XCTestCase {
         }
         XCTAssertTrue(gone)
         XCTAssertEqual(try b.call(.exists(key: "k")), .flag(false))
-        XCTAssertTrue(logs.all.contains { $0.contains("'a' left") && $0.contains("1 objects lost") })
+        XCTAssertTrue(logs.all.contains { $0.contains("'a' left (it closed its store)") && $0.contains("1 objects lost") }, "\(logs.all)")
     }
 
     func testTokenRules() throws {

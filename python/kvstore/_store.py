@@ -98,8 +98,11 @@ class Store(KVLayoutMixin, _native.Store):
         take ``replicas=N`` to place copies in N distinct segments (best effort).
 
         Leases and eviction are the master's settings. The client heartbeats in the
-        background; after a lost connection (a master restart) it reconnects on its next call
-        and remounts its segment empty (``stats()['master_reconnects']`` counts that).
+        background; after a lost connection it reconnects on its next call and resumes its
+        session, segment and objects kept (``stats()['sessions_resumed']``), when the master
+        still knows it (within the master's client TTL); after a master restart it remounts
+        its segment empty instead (``stats()['master_reconnects']`` counts both).
+        ``close()`` leaves the cluster at once (its segment's objects go with it).
         ``TransferError`` when the master cannot be reached, ``InvalidArgumentError`` for a
         bad address or a refused token.
         """

@@ -67,6 +67,7 @@ def test_mounts_whose_sizes_overflow_are_refused(master, honest):
             refused += 1
             assert "quota" in wire.error_message(body) or "limit" in wire.error_message(body)
     assert refused >= 2000 - 64                       # the per-client segment quota
+    assert r.call(wire.LEAVE)[0] == wire.OK           # (a lost connection would keep them for a resume)
     r.close()
     assert honest.stats()["capacity"] == 32 << 20     # the raw client's mounts left with it
     assert master.proc.poll() is None

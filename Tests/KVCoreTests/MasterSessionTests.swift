@@ -1,0 +1,180 @@
+import XCTest
+import KVTestSupport
+@testable import KVCore
+
+/// Sessions that survive a lost connection (`resume`), clients that leave, and fenced
+/// writers (a departed writer's space is kept until its write timeout), with time moved by hand.
+final class MasterSessionTests: XCTestCase {
+    static let s: Nanoseconds = 1_000_000_000
+    let token = "the-cluster-token"
+
+    func master(writeTimeout: Nanoseconds = 300 * MasterSessionTests.s) throws -> MasterService {
+        var c = MasterConfig(token: token, clientTTL: 10 * Self.s)
+        c.quotas.writeTimeout = writeTimeout
+        return try MasterService(config: c)
+    }
+
+    /// A new connection's handshake; returns its session and the session secret the welcome
+    /// carried (unmasked as a client does).
+    func connect(_ m: inout MasterService, pid: Int32 = 0, now: Nanoseconds = 0) -> (MasterService.Session, [UInt8]) {
+        var session = MasterService.Session()
+        session.peerPID = pid
+        let cn = Authentication.randomBytes(Authentication.nonceSize)
+        guard case let .challenge(sn, _) = m.handle(.hello(name: "c", nonce: cn, tenant: ""), session: &session, now: now),
+              case let .welcome(w) = m.handle(.prove(proof: Authentication.proof(token: Array(token.utf8), role: .client, clientNonce: cn, serverNonce: sn)),
+                                               session: &session, now: now) else {
+            XCTFail("handshake")
+            return (session, [])
+        }
+        XCTAssertEqual(w.writeTimeout, m.config.quotas.writeTimeout)
+        XCTAssertEqual(w.session.count, 32)
+        let secret = Authentication.mask(w.session, token: Array(token.utf8), clientNonce: cn, serverNonce: sn)
+        XCTAssertEqual(secret, m.clients[w.client]!.secret, "the welcome carries the session secret, masked")
+        XCTAssertNotEqual(w.session, secret, "never in the clear")
+        return (session, secret)
+    }
+
+    func mount(_ m: inout MasterService, _ s: inout MasterService.Session, kib: Int = 256, now: Nanoseconds = 0) -> SegmentID {
+        guard case .mounted(let seg) = m.handle(.mount(size: kib << 10, host: "h", sharePath: "", endpoint: "h:1", reused: false),
+                                                session: &s, now: now) else { XCTFail("mount"); return 0 }
+        return seg
+    }
+
+    func start(_ m: inout MasterService, _ s: inout MasterService.Session, _ key: ObjectKey, size: Int = 1000,
+               preferred: SegmentID? = nil, now: Nanoseconds = 0) -> StartedWrite? {
+        guard case .putStarted(let w) = m.handle(.putStart(key: key, size: size, mode: .put, options: .default, preferred: preferred),
+                                                 session: &s, now: now) else { return nil }
+        return w
+    }
+
+    func proof(_ secret: [UInt8], _ s: MasterService.Session) -> [UInt8] { HMACSHA256.mac(key: secret, message: s.nonces) }
+
+    func found(_ m: inout MasterService, _ s: inout MasterService.Session, _ key: ObjectKey, now: Nanoseconds) -> Bool {
+        if case .found = m.handle(.get(key: key, host: "h"), session: &s, now: now) { return true }
+        return false
+    }
+
+    func testALostConnectionKeepsTheSessionUntilItResumes() throws {
+        var m = try master()
+        let (a0, secret) = connect(&m)
+        var a = a0
+        let seg = mount(&m, &a)
+        let oldID = a.client!
+        guard let done = start(&m, &a, "kept", preferred: seg), let pending = start(&m, &a, "pending", preferred: seg),
+              let dropped = start(&m, &a, "dropped", preferred: seg) else { return XCTFail() }
+        XCTAssertEqual(m.handle(.putCommit(handle: done.handle), session: &a, now: 0), .ok)
+        var (b, _) = connect(&m)
+
+        XCTAssertNil(m.closed(a, peerGone: false, now: 1 * Self.s), "a lost connection does not depart a client holding a segment")
+        XCTAssertEqual(m.detachedSessions, 1)
+        XCTAssertTrue(found(&m, &b, "kept", now: 2 * Self.s), "its objects stay readable meanwhile")
+
+        var (a2, _) = connect(&m, now: 3 * Self.s)
+        XCTAssertEqual(errorCode(m.handle(.resume(client: oldID, proof: proof([UInt8](repeating: 1, count: 32), a2), commits: [], aborts: []),
+                                          session: &a2, now: 3 * Self.s)), .invalidArgument, "a wrong proof")
+        XCTAssertEqual(m.refusedResumes, 1)
+        var (a3, _) = connect(&m, now: 3 * Self.s)
+        XCTAssertEqual(m.handle(.resume(client: oldID, proof: proof(secret, a3), commits: [pending.handle], aborts: [dropped.handle]),
+                                session: &a3, now: 3 * Self.s), .value(1), "the commit sent before the loss is applied")
+        XCTAssertEqual(a3.client, oldID)
+        XCTAssertTrue(found(&m, &b, "pending", now: 4 * Self.s))
+        XCTAssertFalse(found(&m, &b, "dropped", now: 4 * Self.s), "the write reported lost is aborted")
+        XCTAssertEqual(m.handle(.putCommit(handle: done.handle), session: &a3, now: 4 * Self.s).kind, MasterResponse.errorKind,
+                       "a commit already applied is not applied twice")
+        XCTAssertEqual(m.handle(.heartbeat, session: &a3, now: 5 * Self.s), .ok)
+        XCTAssertEqual(m.handle(.segmentInfo(segment: seg), session: &a3, now: 5 * Self.s).kind, 109, "the segment stayed mounted")
+        XCTAssertEqual(errorCode(m.handle(.heartbeat, session: &a, now: 5 * Self.s)), .invalidArgument,
+                       "the old connection's session moved: it may not act")
+        XCTAssertNil(m.closed(a, peerGone: false, now: 5 * Self.s), "closing the old connection leaves the resumed session alone")
+        XCTAssertEqual(m.handle(.heartbeat, session: &a3, now: 5 * Self.s), .ok)
+        XCTAssertEqual(m.resumedSessions, 1)
+        XCTAssertEqual(m.clientCount, 3, "a (now on a3), b, and a2 (its resume was refused: a session of its own); a3's fresh id was dropped")
+        XCTAssertNil(m.table.invariantViolation())
+    }
+
+    func testASessionNotResumedWithinTheClientTTLDeparts() throws {
+        var m = try master()
+        let (a0, secret) = connect(&m)
+        var a = a0
+        let seg = mount(&m, &a)
+        guard let w = start(&m, &a, "k", preferred: seg) else { return XCTFail() }
+        XCTAssertEqual(m.handle(.putCommit(handle: w.handle), session: &a, now: 0), .ok)
+        XCTAssertNil(m.closed(a, peerGone: false, now: 0))
+        XCTAssertTrue(m.expireClients(now: 10 * Self.s).isEmpty)
+        let gone = m.expireClients(now: 10 * Self.s + 1)
+        XCTAssertEqual(gone.map(\.lostObjects), [["k"]])
+        var (late, _) = connect(&m, now: 11 * Self.s)
+        XCTAssertEqual(errorCode(m.handle(.resume(client: a.client!, proof: proof(secret, late), commits: [], aborts: []),
+                                          session: &late, now: 11 * Self.s)), .objectNotFound)
+        XCTAssertEqual(m.handle(.heartbeat, session: &late, now: 11 * Self.s), .ok, "a refused resume leaves the new session usable")
+    }
+
+    func testResumeChecksTheProcessAndComesFirst() throws {
+        var m = try master()
+        let (a0, secret) = connect(&m, pid: 100)
+        var a = a0
+        _ = mount(&m, &a)
+        XCTAssertNil(m.closed(a, peerGone: false, now: 0))
+        var (other, _) = connect(&m, pid: 200)
+        XCTAssertEqual(errorCode(m.handle(.resume(client: a.client!, proof: proof(secret, other), commits: [], aborts: []),
+                                          session: &other, now: 0)), .invalidArgument, "another process may not take the session")
+        var (busy, _) = connect(&m, pid: 100)
+        _ = mount(&m, &busy)
+        XCTAssertEqual(errorCode(m.handle(.resume(client: a.client!, proof: proof(secret, busy), commits: [], aborts: []),
+                                          session: &busy, now: 0)), .invalidArgument, "resume must come first")
+        var (same, _) = connect(&m, pid: 100)
+        XCTAssertEqual(m.handle(.resume(client: a.client!, proof: proof(secret, same), commits: [], aborts: []), session: &same, now: 0), .value(0))
+    }
+
+    func testLeavingOrAGoneProcessDepartsAtOnce() throws {
+        var m = try master()
+        var (a, _) = connect(&m)
+        _ = mount(&m, &a)
+        XCTAssertEqual(m.handle(.leave, session: &a, now: 0), .ok)
+        XCTAssertEqual(m.takeDepartures().count, 1)
+        XCTAssertEqual(m.table.segmentCount, 0)
+        XCTAssertEqual(errorCode(m.handle(.heartbeat, session: &a, now: 0)), .invalidArgument)
+        var (b, _) = connect(&m)
+        _ = mount(&m, &b)
+        XCTAssertNotNil(m.closed(b, peerGone: true, now: 0), "a connection whose process is gone departs it")
+        let (c, _) = connect(&m)
+        XCTAssertNotNil(m.closed(c, peerGone: false, now: 0), "a client holding nothing departs when its connection closes")
+        XCTAssertEqual(m.clientCount, 0)
+    }
+
+    /// Fenced writers: the space of a departed writer's write stays taken until the write
+    /// timeout, so a writer the master lost sight of never copies into another object's space.
+    func testADepartedWritersSpaceIsKeptUntilTheWriteTimeout() throws {
+        var m = try master(writeTimeout: 30 * Self.s)
+        var (owner, _) = connect(&m)
+        let seg = mount(&m, &owner, kib: 64)
+        var (writer, _) = connect(&m)
+        guard let w = start(&m, &writer, "stale", size: 64 << 10, preferred: seg) else { return XCTFail() }
+        let d = m.depart(client: writer.client!, now: 1 * Self.s)
+        XCTAssertEqual(d?.abandonedWrites, 1)
+        XCTAssertNil(start(&m, &owner, "new", size: 64 << 10, preferred: seg, now: 2 * Self.s),
+                     "the abandoned write's space is not given to another object")
+        XCTAssertEqual(errorCode(m.handle(.putCommit(handle: w.handle), session: &writer, now: 3 * Self.s)), .invalidArgument,
+                       "the departed writer's commit is refused")
+        XCTAssertEqual(m.expireWrites(now: 30 * Self.s), 0)
+        XCTAssertEqual(m.expireWrites(now: 30 * Self.s + 1), 1)
+        guard let n = start(&m, &owner, "new", size: 64 << 10, preferred: seg, now: 31 * Self.s) else { return XCTFail("space freed") }
+        XCTAssertEqual(m.handle(.putCommit(handle: n.handle), session: &owner, now: 31 * Self.s), .ok)
+        XCTAssertFalse(found(&m, &owner, "stale", now: 31 * Self.s))
+        XCTAssertNil(m.table.invariantViolation())
+    }
+
+    func testSessionMessagesRoundTrip() throws {
+        for r in [MasterRequest.leave, .resume(client: 7, proof: [1, 2, 3], commits: [4, 5], aborts: [6])] {
+            XCTAssertEqual(try r.encode().withUnsafeBytes { try MasterRequest.decode(kind: r.kind, $0) }, r)
+        }
+        var w = WireWriter()
+        w.u64(1); w.bytes([0]); w.count(MasterLimits.maxBatch + 1)
+        XCTAssertThrowsError(try w.bytes.withUnsafeBytes { try MasterRequest.decode(kind: 27, $0) }, "a bounded list")
+    }
+
+    func errorCode(_ r: MasterResponse) -> KVError.Code? {
+        if case .error(let e) = r { return e.code }
+        return nil
+    }
+}
