@@ -74,9 +74,13 @@ int kvpy_put_options(const char *fname, PyObject *const *kwvalues, PyObject *kwn
             if (rc == 0 && v != Py_None) out->flags |= KV_OPT_SOFT_PIN_TTL;
         } else if (PyUnicode_CompareWithASCIIString(name, "replicas") == 0) {
             rc = replicas_arg(v, out);
+        } else if (PyUnicode_CompareWithASCIIString(name, "checksum") == 0) {
+            int on;
+            rc = kvpy_flag(v, "checksum", &on);
+            if (rc == 0) out->flags |= on ? KV_OPT_CHECKSUM : KV_OPT_NO_CHECKSUM;
         } else {
             kvpy_raise_format(KV_E_ARGUMENT_TYPE,
-                              "%s() got an unknown option %R; the options are hard_pin, soft_pin, soft_pin_ttl, ttl, replicas",
+                              "%s() got an unknown option %R; the options are hard_pin, soft_pin, soft_pin_ttl, ttl, replicas, checksum",
                               fname, name);
             return -1;
         }

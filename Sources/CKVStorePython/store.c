@@ -56,22 +56,24 @@ static int store_adopt(StoreObject *self, int32_t st, kv_store *s) {
     return 0;
 }
 
-static uint32_t create_flags(int prefault, int pin) {
-    return (prefault ? KV_CREATE_PREFAULT : 0) | (pin ? 0 : KV_CREATE_NO_PIN);
+static uint32_t create_flags(int prefault, int pin, int checksum) {
+    return (prefault ? KV_CREATE_PREFAULT : 0) | (pin ? 0 : KV_CREATE_NO_PIN) | (checksum ? KV_CREATE_CHECKSUM : 0);
 }
 
 static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"segment_size", "prefault", "pin_memory", "lease_ttl", "soft_pin_ttl",
-                             "eviction_high_watermark", "eviction_ratio", NULL};
+                             "eviction_high_watermark", "eviction_ratio", "checksum", NULL};
     long long size = 0;
-    int prefault = 0, pin = 1;
+    int prefault = 0, pin = 1, checksum = 0;
     PyObject *prefault_obj = Py_False, *pin_obj = Py_True, *lease = NULL, *soft = NULL, *watermark = NULL, *ratio = NULL;
+    PyObject *checksum_obj = Py_False;
     kv_store_config config;
     kv_store_config_init(&config);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|OOOOOO", kwlist, &size, &prefault_obj, &pin_obj, &lease, &soft,
-                                     &watermark, &ratio))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|OOOOOOO", kwlist, &size, &prefault_obj, &pin_obj, &lease, &soft,
+                                     &watermark, &ratio, &checksum_obj))
         return -1;
     if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0 ||
+        kvpy_flag(checksum_obj, "checksum", &checksum) < 0 ||
         (lease && kvpy_seconds(lease, "lease_ttl", &config.lease_ttl) < 0) ||
         (soft && kvpy_seconds(soft, "soft_pin_ttl", &config.soft_pin_ttl) < 0) ||
         (watermark && kvpy_number(watermark, "eviction_high_watermark", "a number", &config.eviction_high_watermark) < 0) ||
@@ -81,25 +83,27 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     kv_store *s = NULL;
     int32_t st;
     Py_BEGIN_ALLOW_THREADS
-    st = kv_store_create((uint64_t)size, create_flags(prefault, pin), &config, &s);
+    st = kv_store_create((uint64_t)size, create_flags(prefault, pin, checksum), &config, &s);
     Py_END_ALLOW_THREADS
     return store_adopt(self, st, s);
 }
 
-/* _connect(url, segment_size, prefault, pin_memory, token): makes an uninitialised store a
- * client of the master at url (Store.connect). token None or "": none. */
+/* _connect(url, segment_size, prefault, pin_memory, token, checksum): makes an uninitialised
+ * store a client of the master at url (Store.connect). token None or "": none. */
 static PyObject *store_connect(StoreObject *self, PyObject *args) {
     const char *url, *token = NULL;
     long long size = 0;
-    PyObject *prefault_obj, *pin_obj;
-    int prefault = 0, pin = 1;
-    if (!PyArg_ParseTuple(args, "sLOOz", &url, &size, &prefault_obj, &pin_obj, &token)) return NULL;
-    if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0) return NULL;
+    PyObject *prefault_obj, *pin_obj, *checksum_obj = Py_False;
+    int prefault = 0, pin = 1, checksum = 0;
+    if (!PyArg_ParseTuple(args, "sLOOz|O", &url, &size, &prefault_obj, &pin_obj, &token, &checksum_obj)) return NULL;
+    if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0 ||
+        kvpy_flag(checksum_obj, "checksum", &checksum) < 0)
+        return NULL;
     if (store_can_create(self, size) < 0) return NULL;
     kv_store *s = NULL;
     int32_t st;
     Py_BEGIN_ALLOW_THREADS
-    st = kv_store_connect(url, (uint64_t)size, create_flags(prefault, pin), token, &s);
+    st = kv_store_connect(url, (uint64_t)size, create_flags(prefault, pin, checksum), token, &s);
     Py_END_ALLOW_THREADS
     if (store_adopt(self, st, s) < 0) return NULL;
     Py_RETURN_NONE;
@@ -459,9 +463,15 @@ int32_t kvpy_read_begin(StoreObject *self, const char *k, Py_ssize_t klen, kv_re
 /* How many times a read whose copy outlived its lease (KV_STALE) begins again before it fails. */
 #define STALE_RETRIES 3
 
+/* Whether a failed copy of one replica may succeed from another (a hold names one replica;
+ * kv_get_into tries them all). */
+#define REPLICA_FAILURE(st) ((st) == KV_E_CHECKSUM || (st) == KV_E_TRANSFER)
+
 /* Object k as new bytes. NULL: with a Python error set, or, when the hold could not be taken,
  * with no error set and *begin_status the status (so a batch can tell a missing key). A copy
- * that outlived its lease is thrown away and the read begins again. */
+ * that outlived its lease is thrown away and the read begins again; a copy whose replica
+ * failed (a dead holder, a checksum mismatch) is read again through kv_get_into, which tries
+ * every replica. */
 static PyObject *read_key_bytes(StoreObject *self, const char *k, Py_ssize_t klen, int32_t *begin_status) {
     *begin_status = 0;
     for (int tries = 0;; tries++) {
@@ -473,6 +483,21 @@ static PyObject *read_key_bytes(StoreObject *self, const char *k, Py_ssize_t kle
         kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)hold.size};
         RUN_UNLOCKED(self, hold.size, st = kv_read_copy(self->store, &hold, &dst, 1, KV_HOST_MEMORY, NULL));
         if (st == 0) { kvpy_read_end(self, &hold); return bytes; }
+        if (REPLICA_FAILURE(st)) {
+            kvpy_read_end(self, &hold);
+            uint64_t copied = 0;
+            RUN_UNLOCKED(self, hold.size, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, KV_HOST_MEMORY, &copied));
+            if (st == 0 && copied == hold.size) return bytes;
+            if (st == 0) {   /* replaced meanwhile by a shorter value */
+                PyObject *shorter = PyBytes_FromStringAndSize(PyBytes_AsString(bytes), (Py_ssize_t)copied);
+                Py_DECREF(bytes);
+                return shorter;
+            }
+            Py_DECREF(bytes);
+            if (st == KV_E_INVALID_ARGUMENT && tries < STALE_RETRIES) continue;   /* replaced by a longer one */
+            if (st == KV_E_OBJECT_NOT_FOUND) { *begin_status = st; return NULL; }
+            return kvpy_raise_last(st);
+        }
         Py_DECREF(bytes);
         if (st == KV_STALE && tries < STALE_RETRIES) { kvpy_read_end(self, &hold); continue; }
         kvpy_raise_last(st == KV_STALE ? KV_E_TRANSFER : st);   /* before kv_read_end: its message */
@@ -546,8 +571,8 @@ static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
             if (st == 0) values[j] = bytes;
             else {
                 Py_DECREF(bytes);
-                if (st != KV_STALE) { it->status = st; it->message = strdup(kv_last_error(NULL)); }
-                else statuses[j] = KV_STALE;   /* read again below, once its hold ended */
+                if (st != KV_STALE && !REPLICA_FAILURE(st)) { it->status = st; it->message = strdup(kv_last_error(NULL)); }
+                else statuses[j] = KV_STALE;   /* read again below, once its hold ended (every replica) */
             }
             kvpy_read_end(self, &holds[j]);
         }

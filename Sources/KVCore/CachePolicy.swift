@@ -82,12 +82,18 @@ public struct WriteOptions: Sendable, Equatable {
     /// Copies to place, each in a distinct segment (best effort: fewer when fewer segments
     /// exist). 1...`ObjectTable.maxReplicas`.
     public var replicas = 1
+    /// The writer stores a CRC32C of the bytes, computed in the same pass as its copy, and
+    /// every whole-object read checks its copy against it. The writer's business: it does not
+    /// travel with `putStart` (the CRC travels with the commit).
+    public var checksum = false
 
-    public init(hardPin: Bool = false, softPinTTL: Nanoseconds? = nil, ttl: Nanoseconds? = nil, replicas: Int = 1) {
+    public init(hardPin: Bool = false, softPinTTL: Nanoseconds? = nil, ttl: Nanoseconds? = nil, replicas: Int = 1,
+                checksum: Bool = false) {
         self.hardPin = hardPin
         self.softPinTTL = softPinTTL
         self.ttl = ttl
         self.replicas = replicas
+        self.checksum = checksum
     }
 
     public static let `default` = WriteOptions()
@@ -95,10 +101,11 @@ public struct WriteOptions: Sendable, Equatable {
     /// Builds options from user values: `softPinSeconds`/`ttlSeconds` nil when not given;
     /// a soft pin without its own TTL lasts `policy.softPinTTL`.
     public init(hardPin: Bool, softPin: Bool, softPinSeconds: Double?, ttlSeconds: Double?, replicas: Int = 1,
-                policy: CachePolicy) throws(KVError) {
+                checksum: Bool = false, policy: CachePolicy) throws(KVError) {
         if softPinSeconds != nil && !softPin { throw .invalidArgument("soft_pin_ttl is given without soft_pin=True") }
         self.hardPin = hardPin
         self.replicas = replicas
+        self.checksum = checksum
         if softPin {
             softPinTTL = try softPinSeconds.map { s throws(KVError) in try Seconds.nanoseconds(s, name: "soft_pin_ttl") } ?? policy.softPinTTL
         }

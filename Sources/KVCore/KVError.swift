@@ -16,6 +16,9 @@ public struct KVError: Error, Sendable, Equatable, CustomStringConvertible {
         /// An argument of the wrong type. Raised by the Python layer only; listed here so the
         /// code space stays in one place.
         case argumentType = 10
+        /// A copy's CRC32C differs from the one its writer stored, on every replica: the
+        /// object's bytes are corrupt (never returned).
+        case checksum = 11
     }
 
     public let code: Code

@@ -22,7 +22,8 @@ public enum MasterRequest: Sendable, Equatable {
     /// `options` travel as the C ABI's flags, durations in nanoseconds (0: not given); the
     /// master checks them with `WriteOptions.validate`.
     case putStart(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions, preferred: SegmentID?)
-    case putCommit(handle: VersionHandle)
+    /// `checksum`: the CRC32C of the object's bytes when the writer computed one.
+    case putCommit(handle: VersionHandle, checksum: UInt32? = nil)
     case putAbort(handle: VersionHandle)
     /// Leases `key` and returns its replicas (those on `host` first).
     case get(key: ObjectKey, host: String)
@@ -70,7 +71,7 @@ public enum MasterRequest: Sendable, Equatable {
     /// connection without an answer after them (they may not have arrived): the master applies
     /// those still in flight. Answered by `value` (how many commits it applied); the fresh
     /// client id of this connection's welcome is dropped.
-    case resume(client: UInt64, proof: [UInt8], commits: [VersionHandle], aborts: [VersionHandle])
+    case resume(client: UInt64, proof: [UInt8], commits: [PipelinedCommit], aborts: [VersionHandle])
 
     public var kind: UInt16 {
         switch self {
@@ -137,6 +138,16 @@ public enum MasterRequest: Sendable, Equatable {
     }
 }
 
+/// A commit as a client sent it (see `putCommit`), kept to be sent again by a `resume`.
+public struct PipelinedCommit: Sendable, Equatable {
+    public var handle: VersionHandle
+    public var checksum: UInt32?
+    public init(handle: VersionHandle, checksum: UInt32? = nil) {
+        self.handle = handle
+        self.checksum = checksum
+    }
+}
+
 /// One object of a `putStartBatch`.
 public struct BatchWrite: Sendable, Equatable {
     public var key: ObjectKey
@@ -173,10 +184,13 @@ public struct FoundObject: Sendable, Equatable {
     public var replicas: [Replica]
     /// The reader's hold on the version (release it with `release` once the copy ended).
     public var hold: VersionHandle
-    public init(size: Int, replicas: [Replica], hold: VersionHandle = 0) {
+    /// The writer's CRC32C of the bytes (nil: none).
+    public var checksum: UInt32?
+    public init(size: Int, replicas: [Replica], hold: VersionHandle = 0, checksum: UInt32? = nil) {
         self.size = size
         self.replicas = replicas
         self.hold = hold
+        self.checksum = checksum
     }
 
     /// A reader's ticket: the first replica, the others as fallbacks, the master's hold as
@@ -185,7 +199,7 @@ public struct FoundObject: Sendable, Equatable {
     public func ticket(leaseEnd: Nanoseconds) throws(KVError) -> ReadTicket {
         guard let first = replicas.first else { throw KVError(.internal, "the master found an object with no replica") }
         return ReadTicket(handle: hold, segment: first.segment, offset: first.offset, size: size, fallbacks: Array(replicas.dropFirst()),
-                          leaseEnd: leaseEnd)
+                          leaseEnd: leaseEnd, checksum: checksum)
     }
 }
 
@@ -342,6 +356,24 @@ extension MasterRequest {
         return keys
     }
 
+    /// An optional CRC32C: a flag byte, then the value when set.
+    static func encodeChecksum(_ c: UInt32?, _ w: inout WireWriter) {
+        w.bool(c != nil)
+        if let c { w.u32(c) }
+    }
+
+    static func decodeChecksum(_ r: inout WireReader) throws(KVError) -> UInt32? {
+        try r.bool() ? try r.u32() : nil
+    }
+
+    static func decodeCommits(_ r: inout WireReader) throws(KVError) -> [PipelinedCommit] {
+        let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 9, "commits")
+        var out: [PipelinedCommit] = []
+        out.reserveCapacity(n)
+        for _ in 0..<n { out.append(PipelinedCommit(handle: try r.u64(), checksum: try decodeChecksum(&r))) }
+        return out
+    }
+
     /// A counted list of at most `MasterLimits.maxBatch` version handles.
     static func decodeHandles(_ r: inout WireReader, _ what: String) throws(KVError) -> [VersionHandle] {
         let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 8, what)
@@ -366,7 +398,8 @@ extension MasterRequest {
         case let .putStart(key, size, mode, options, preferred):
             w.key(key); w.u64(UInt64(size))
             Self.encodeWrite(&w, mode, options, preferred)
-        case let .putCommit(handle), let .putAbort(handle): w.u64(handle)
+        case let .putCommit(handle, checksum): w.u64(handle); Self.encodeChecksum(checksum, &w)
+        case let .putAbort(handle): w.u64(handle)
         case let .get(key, host): w.key(key); w.string(host)
         case let .exists(key), let .size(key): w.key(key)
         case let .remove(key, force): w.key(key); w.bool(force)
@@ -392,7 +425,7 @@ extension MasterRequest {
         case let .resume(client, proof, commits, aborts):
             w.u64(client); w.bytes(proof)
             w.count(commits.count)
-            for h in commits { w.u64(h) }
+            for c in commits { w.u64(c.handle); Self.encodeChecksum(c.checksum, &w) }
             w.count(aborts.count)
             for h in aborts { w.u64(h) }
         }
@@ -442,7 +475,7 @@ extension MasterRequest {
             let size = try r.size(max: MasterLimits.maxSize, "value size")
             let (mode, options, preferred) = try decodeWrite(&r)
             m = .putStart(key: key, size: size, mode: mode, options: options, preferred: preferred)
-        case 6: m = .putCommit(handle: try r.u64())
+        case 6: m = .putCommit(handle: try r.u64(), checksum: try Self.decodeChecksum(&r))
         case 7: m = .putAbort(handle: try r.u64())
         case 8: m = .get(key: try r.key(), host: try r.string(max: MasterLimits.maxString, "host"))
         case 9: m = .exists(key: try r.key())
@@ -469,7 +502,7 @@ extension MasterRequest {
         case 26: m = .leave
         case 27:
             m = .resume(client: try r.u64(), proof: Array(try r.bytes(max: 64, "proof")),
-                        commits: try Self.decodeHandles(&r, "commits"), aborts: try Self.decodeHandles(&r, "aborts"))
+                        commits: try Self.decodeCommits(&r), aborts: try Self.decodeHandles(&r, "aborts"))
         case 17: m = .publishLayout(try PublishedLayout.decode(&r))
         case 18: m = .fetchLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
         case 19: m = .unpublishLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
@@ -492,7 +525,7 @@ extension MasterResponse {
             w.u32(UInt32(bitPattern: e.code.rawValue)); w.string(String(decoding: e.message.utf8.prefix(MasterLimits.maxString - 8), as: UTF8.self))
         }
         func started(_ s: StartedWrite) { w.u64(s.handle); w.bool(s.inPlace); replicas(s.replicas) }
-        func found(_ f: FoundObject) { w.u64(UInt64(f.size)); replicas(f.replicas); w.u64(f.hold) }
+        func found(_ f: FoundObject) { w.u64(UInt64(f.size)); replicas(f.replicas); w.u64(f.hold); MasterRequest.encodeChecksum(f.checksum, &w) }
         func results<V>(_ rs: [Result<V, KVError>], _ value: (V) -> Void) {
             w.count(rs.count)
             for r in rs {
@@ -544,7 +577,8 @@ extension MasterResponse {
             StartedWrite(handle: try r.u64(), inPlace: try r.bool(), replicas: try replicas())
         }
         func found() throws(KVError) -> FoundObject {
-            FoundObject(size: try r.size(max: MasterLimits.maxSize), replicas: try replicas(), hold: try r.u64())
+            FoundObject(size: try r.size(max: MasterLimits.maxSize), replicas: try replicas(), hold: try r.u64(),
+                        checksum: try MasterRequest.decodeChecksum(&r))
         }
         func results<V>(_ value: () throws(KVError) -> V) throws(KVError) -> [Result<V, KVError>] {
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 5, "batch results")

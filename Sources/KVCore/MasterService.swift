@@ -305,11 +305,19 @@ public struct MasterService: Sendable {
                     StartedWrite(try startWrite(key: i.key, size: i.size, mode: mode, options: options, preferred: preferred, client: id, now: now))
                 }
             })
-        case let .putCommit(handle), let .putAbort(handle):
+        case let .putCommit(handle, checksum):
             guard let w = writes[handle], w.client == id else { throw .invalidArgument("no write \(handle) in flight for this client") }
             forget(handle)
             clients[id]!.writes.remove(handle)
-            if case .putCommit = request { try table.commitWrite(w.ticket, now: now) } else { try table.abortWrite(w.ticket, now: now) }
+            var t = w.ticket
+            t.checksum = checksum
+            try table.commitWrite(t, now: now)
+            return .ok
+        case let .putAbort(handle):
+            guard let w = writes[handle], w.client == id else { throw .invalidArgument("no write \(handle) in flight for this client") }
+            forget(handle)
+            clients[id]!.writes.remove(handle)
+            try table.abortWrite(w.ticket, now: now)
             return .ok
         case let .get(key, host):
             return .found(try find(key, host: host, client: id, now: now))
@@ -364,7 +372,7 @@ public struct MasterService: Sendable {
         guard holdCount[client, default: 0] < config.quotas.readsInFlight else {
             throw .noSpace("this client has \(config.quotas.readsInFlight) reads in flight, its quota")
         }
-        guard let (size, replicas, handle) = table.holdReplicas(key: key, now: now, first: { self.segmentInfo[$0]?.host == host }) else {
+        guard let (size, replicas, handle, checksum) = table.holdReplicas(key: key, now: now, first: { self.segmentInfo[$0]?.host == host }) else {
             throw .notFound("object '\(key)' not found")
         }
         let h = Hold(client: client, version: handle)
@@ -372,7 +380,7 @@ public struct MasterService: Sendable {
         if holds[h] == nil { holds[h] = HoldEnds(first: end) } else { holds[h]!.rest.append(end) }
         holdEnds.append((end, h))
         holdCount[client, default: 0] += 1
-        return FoundObject(size: size, replicas: replicas, hold: handle)
+        return FoundObject(size: size, replicas: replicas, hold: handle, checksum: checksum)
     }
 
     /// Ends `client`'s earliest hold on `version`; false when it has none (it already ended).
@@ -484,7 +492,7 @@ public struct MasterService: Sendable {
     }
 
     /// Moves session `old` to this connection (see `MasterRequest.resume`).
-    private mutating func resume(_ old: UInt64, proof: [UInt8], commits: [VersionHandle], aborts: [VersionHandle],
+    private mutating func resume(_ old: UInt64, proof: [UInt8], commits: [PipelinedCommit], aborts: [VersionHandle],
                                  session: inout Session, now: Nanoseconds) throws(KVError) -> MasterResponse {
         let id = session.client!
         let fresh = clients[id]!
@@ -516,11 +524,13 @@ public struct MasterService: Sendable {
             try? table.abortWrite(w.ticket, now: now)
         }
         var applied = 0
-        for h in commits {
-            guard let w = writes[h], w.client == old else { continue }
-            forget(h)
-            clients[old]!.writes.remove(h)
-            if (try? table.commitWrite(w.ticket, now: now)) != nil { applied += 1 }
+        for c in commits {
+            guard let w = writes[c.handle], w.client == old else { continue }
+            forget(c.handle)
+            clients[old]!.writes.remove(c.handle)
+            var t = w.ticket
+            t.checksum = c.checksum
+            if (try? table.commitWrite(t, now: now)) != nil { applied += 1 }
         }
         resumedCommits += applied
         return .value(applied)

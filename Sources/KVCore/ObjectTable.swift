@@ -28,6 +28,9 @@ public struct WriteTicket: Sendable, Equatable {
     /// into the write's space may begin later, since a remote master frees the space of a
     /// write not committed within its write timeout (`RemoteMaster.started`).
     public var deadline: Nanoseconds = 0
+    /// The CRC32C of the object's bytes when its writer computed one (`WriteOptions.checksum`),
+    /// set before the commit; stored with the version and checked by every whole-object read.
+    public var checksum: UInt32? = nil
 
     /// Every replica, the first included.
     public var replicas: [Replica] { [Replica(segment: segment, offset: offset)] + moreReplicas }
@@ -55,16 +58,19 @@ public struct ReadTicket: Sendable, Equatable {
     /// reader's own monotonic time by which its copy must have ended for the bytes to be the
     /// object's. 0: the version is held (an embedded store's reader), nothing to check.
     public var leaseEnd: Nanoseconds = 0
+    /// The CRC32C its writer stored (nil: none): a read of the whole object checks its copy.
+    public var checksum: UInt32? = nil
 
     /// Rebuilds a ticket handed across the C ABI; it must be one `acquireRead` returned.
     public init(handle: VersionHandle, segment: SegmentID = 0, offset: Int, size: Int, fallbacks: [Replica] = [],
-                leaseEnd: Nanoseconds = 0) {
+                leaseEnd: Nanoseconds = 0, checksum: UInt32? = nil) {
         self.handle = handle
         self.segment = segment
         self.offset = offset
         self.size = size
         self.fallbacks = fallbacks
         self.leaseEnd = leaseEnd
+        self.checksum = checksum
     }
 }
 
@@ -118,6 +124,8 @@ public struct ObjectTable: Sendable {
         /// Who wrote it (a master's client; 0 in an embedded store): hard pins count against
         /// the writer's quota.
         var owner: UInt64 = 0
+        /// The writer's CRC32C of the bytes (nil: none).
+        var checksum: UInt32? = nil
         /// End of the read lease; 0: not leased.
         var leaseUntil: Nanoseconds = 0
         var list = List.none
@@ -299,6 +307,7 @@ public struct ObjectTable: Sendable {
         if t.inPlace {
             guard versions[s].state == .rewriting else { throw KVError(.internal, "commit of a write not in flight") }
             versions[s].state = .complete
+            versions[s].checksum = t.checksum
             if versions[s].linked { applyOptions(Int32(s), now: now) } else { reclaimIfUnused(Int32(s)) }
             return
         }
@@ -312,6 +321,7 @@ public struct ObjectTable: Sendable {
             throw .exists("object '\(key)' already exists")
         }
         versions[s].state = .complete
+        versions[s].checksum = t.checksum
         versions[s].linked = true
         objectBytes += versions[s].size
         applyOptions(Int32(s), now: now)
@@ -419,7 +429,8 @@ public struct ObjectTable: Sendable {
             versions[c].placements.forEach { if $0.slot == ps { chosen = $0 } }
         }
         let r = segments.replica(chosen)
-        return .found(ReadTicket(handle: handle(e.current), segment: r.segment, offset: r.offset, size: versions[c].size))
+        return .found(ReadTicket(handle: handle(e.current), segment: r.segment, offset: r.offset, size: versions[c].size,
+                                 checksum: versions[c].checksum))
     }
 
     /// The replicas of the visible version of `key`, or nil.
@@ -455,7 +466,7 @@ public struct ObjectTable: Sendable {
     /// rewritten in place. What a remote reader gets: its master releases the hold when the
     /// reader says its copy ended, or when the lease would have.
     public mutating func holdReplicas(key: ObjectKey, now: Nanoseconds,
-                                      first: (SegmentID) -> Bool = { _ in false }) -> (size: Int, replicas: [Replica], handle: VersionHandle)? {
+                                      first: (SegmentID) -> Bool = { _ in false }) -> (size: Int, replicas: [Replica], handle: VersionHandle, checksum: UInt32?)? {
         advance(now: now)
         guard let e = entries[key], e.current >= 0, versions[Int(e.current)].state == .complete else { return nil }
         versions[Int(e.current)].readers += 1
@@ -466,7 +477,7 @@ public struct ObjectTable: Sendable {
             let r = segments.replica($0)
             if first(r.segment) { near.append(r) } else { far.append(r) }
         }
-        return (versions[Int(e.current)].size, near + far, handle(e.current))
+        return (versions[Int(e.current)].size, near + far, handle(e.current), versions[Int(e.current)].checksum)
     }
 
     /// Size of the visible version of `key`, or nil. Grants no lease and runs no timers.

@@ -10,4 +10,8 @@ final class OperationCounters: Sendable {
     /// Reads whose copy ended after the reader's lease deadline: their bytes were thrown
     /// away (the read was retried or failed).
     let readsExpired = Atomic<Int>(0)
+    /// Whole-object reads checked against their writer's CRC32C, and copies that differed
+    /// from it (each replica tried counts once).
+    let checksumsVerified = Atomic<Int>(0)
+    let checksumFailures = Atomic<Int>(0)
 }

@@ -93,7 +93,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         var welcomeSecret: [UInt8] = []
         /// Commits sent pipelined with no answer read after them (request id, write): they
         /// may have been lost with the connection, so a resume sends them again.
-        var unconfirmed: [(id: UInt32, handle: VersionHandle)] = []
+        var unconfirmed: [(id: UInt32, commit: PipelinedCommit)] = []
         /// Writes whose commit or abort could not be sent (the connection was lost): a resume
         /// aborts them.
         var orphans: [VersionHandle] = []
@@ -287,7 +287,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         try link.withLock { (l: inout Link) throws(KVError) in
             let slow = isSlow(t.handle, l)
             var frames = WireWriter()
-            guard pipeline(.putCommit(handle: t.handle), t.handle, into: &frames, &l) else { throw Self.lostWrite }
+            guard pipeline(.putCommit(handle: t.handle, checksum: t.checksum), t.handle, into: &frames, &l) else { throw Self.lostWrite }
             guard send(frames, &l) else {
                 orphan([t.handle], &l)
                 throw Self.lostWrite
@@ -310,7 +310,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             var frames = WireWriter()
             let slow = commit.map { isSlow($0.handle, l) }
             let aborted = abort.filter { a in pipeline(.putAbort(handle: a.handle), a.handle, into: &frames, &l) }
-            let sent = commit.map { c in pipeline(.putCommit(handle: c.handle), c.handle, into: &frames, &l) }
+            let sent = commit.map { c in pipeline(.putCommit(handle: c.handle, checksum: c.checksum), c.handle, into: &frames, &l) }
             let delivered = send(frames, &l)
             if !delivered { orphan(aborted.map(\.handle) + zip(commit, sent).filter(\.1).map(\.0.handle), &l) }
             if delivered { try? confirmIfMany(&l) }
@@ -329,7 +329,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     private func pipeline(_ r: MasterRequest, _ h: VersionHandle, into frames: inout WireWriter, _ l: inout Link) -> Bool {
         guard l.writes.removeValue(forKey: h) != nil else { return false }
         frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
-        if case .putCommit = r { l.unconfirmed.append((l.nextID, h)) }
+        if case let .putCommit(_, checksum) = r { l.unconfirmed.append((l.nextID, PipelinedCommit(handle: h, checksum: checksum))) }
         l.nextID &+= 1
         return true
     }
@@ -337,7 +337,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// Writes whose commit or abort was not sent (the connection was lost): they were
     /// reported unstored, so a resume aborts them.
     private func orphan(_ hs: [VersionHandle], _ l: inout Link) {
-        l.unconfirmed.removeAll { u in hs.contains(u.handle) }
+        l.unconfirmed.removeAll { u in hs.contains(u.commit.handle) }
         l.orphans += hs
         if l.orphans.count > Self.maxUnconfirmed { l.orphans.removeFirst(l.orphans.count - Self.maxUnconfirmed) }
     }
@@ -782,7 +782,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     private func resume(_ l: inout Link) throws(KVError) -> Bool {
         guard l.client != 0, !l.secret.isEmpty else { return false }
         let r = MasterRequest.resume(client: l.client, proof: HMACSHA256.mac(key: l.secret, message: l.nonces),
-                                     commits: l.unconfirmed.suffix(MasterLimits.maxBatch).map(\.handle),
+                                     commits: l.unconfirmed.suffix(MasterLimits.maxBatch).map(\.commit),
                                      aborts: Array(l.orphans.suffix(MasterLimits.maxBatch)))
         do throws(KVError) {
             guard case .value(let n) = try expect(&l, r) else { throw KVError(.internal, "unexpected answer to resume") }

@@ -29,6 +29,8 @@ extension StoreClient {
             .init("puts", operations.puts.load(ordering: .relaxed)), .init("gets", hits + misses), .init("hits", hits),
             .init("misses", misses), .init("removes", operations.removes.load(ordering: .relaxed)),
             .init("reads_expired", operations.readsExpired.load(ordering: .relaxed)),
+            .init("checksums_verified", operations.checksumsVerified.load(ordering: .relaxed)),
+            .init("checksum_failures", operations.checksumFailures.load(ordering: .relaxed)),
             .init("evicted_objects", s.evictedObjects), .init("evicted_bytes", s.evictedBytes),
             .init("expired_objects", s.expiredObjects),
             .init("leases_active", s.activeLeases), .init("active_readers", s.activeReaders),

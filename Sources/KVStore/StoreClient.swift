@@ -126,26 +126,35 @@ public final class StoreClient: Sendable {
         guard total > 0 else { throw .invalidArgument("value must not be empty") }
         let locations = locate(parts, memory)
         let ticket = try master.beginWrite(key: key, size: total, mode: mode, options: options, preferred: ownSegmentID)
+        var done = ticket
         do throws(KVError) {
             var plan = DeviceCopyPlan()   // device parts only; host parts are copied at once
-            for r in ticket.replicas { try write(parts, locations: locations, size: total, to: r, of: ticket, plan: &plan, owner: 0) }
+            for (i, r) in ticket.replicas.enumerated() {
+                let crc = try write(parts, locations: locations, size: total, to: r, of: ticket, plan: &plan, owner: 0,
+                                    checksum: options.checksum && i == 0)
+                if i == 0 { done.checksum = crc }
+            }
             if locations != nil {
                 try Self.checkDeadline(ticket)
                 if let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] { throw e }
             }
+            if options.checksum && done.checksum == nil { done.checksum = try checksumOfFirstReplica(ticket) }
         } catch {
             try? master.abortWrite(ticket)
             throw error
         }
-        try master.commitWrite(ticket)
+        try master.commitWrite(done)
         operations.puts.add(1, ordering: .relaxed)
     }
 
     /// Copies `parts` (`size` bytes) into replica `r`: host parts into a mapped segment at
     /// once, device parts into `plan` (the caller executes it), parts for a segment on
-    /// another host over TCP at once.
+    /// another host over TCP at once. With `checksum`, returns the bytes' CRC32C when it could
+    /// be had now (in the copy's pass for host parts into a mapped segment); nil when the copy
+    /// is planned (the caller computes it from the segment once the plan has run).
     private func write(_ parts: UnsafeBufferPointer<MemoryRegion>, locations: [MemoryLocation]?, size: Int,
-                       to r: Replica, of ticket: WriteTicket, plan: inout DeviceCopyPlan, owner: Int) throws(KVError) {
+                       to r: Replica, of ticket: WriteTicket, plan: inout DeviceCopyPlan, owner: Int,
+                       checksum: Bool = false) throws(KVError) -> UInt32? {
         let target = try access(r.segment)
         if ticket.deadline != 0, Self.testWritePause > 0 { usleep(Self.testWritePause) }
         try Self.checkDeadline(ticket)
@@ -154,24 +163,45 @@ public final class StoreClient: Sendable {
             let destination = try Self.region(of: s, r, size)
             if let locations {
                 plan.addWrite(parts, locations: locations, into: destination, owner: owner)
-            } else {
-                copyHost(parts, into: destination)
+                return nil
             }
+            if checksum {
+                return withUnsafePointer(to: destination) { d in
+                    transport.copyChecksummed(from: parts, to: UnsafeBufferPointer(start: d, count: 1), into: .segment).1
+                }
+            }
+            copyHost(parts, into: destination)
+            return nil
         case .peer(let p):
             guard let locations else {
+                let crc = checksum ? LocalCopyTransport.checksum(parts, length: size) : nil
                 try p.write(segment: r.segment, offset: r.offset, length: size, from: parts)
-                return
+                return crc
             }
             // A socket cannot read device memory: stage through host memory (docs/architecture.md §3).
+            var crc: UInt32? = nil
             try withStaging(size) { (staging) throws(KVError) in
                 var d2h = DeviceCopyPlan()
                 d2h.addWrite(parts, locations: locations, into: staging, owner: 0)
                 if let e = d2h.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] { throw e }
                 try withUnsafePointer(to: staging) { (s) throws(KVError) in
-                    try p.write(segment: r.segment, offset: r.offset, length: size, from: UnsafeBufferPointer(start: s, count: 1))
+                    let one = UnsafeBufferPointer(start: s, count: 1)
+                    if checksum { crc = LocalCopyTransport.checksum(one, length: size) }
+                    try p.write(segment: r.segment, offset: r.offset, length: size, from: one)
                 }
             }
+            return crc
         }
+    }
+
+    /// The CRC32C of a write's first replica as it lies in its (mapped) segment: for bytes a
+    /// device copied there.
+    private func checksumOfFirstReplica(_ t: WriteTicket) throws(KVError) -> UInt32 {
+        guard case .mapped(let s) = try access(t.segment) else {
+            throw KVError(.unsupported, "checksum=True with device memory needs the write's first replica on this host")
+        }
+        let region = try Self.region(of: s, Replica(segment: t.segment, offset: t.offset), t.size)
+        return withUnsafePointer(to: region) { LocalCopyTransport.checksum(UnsafeBufferPointer(start: $0, count: 1), length: t.size) }
     }
 
     /// Fenced writers: no copy into a write's space begins after the write's deadline (the
@@ -232,6 +262,10 @@ public final class StoreClient: Sendable {
         func finish(failed: [Int: KVError]) {
             var commit: [(item: Int, ticket: WriteTicket)] = [], abort: [WriteTicket] = []
             for (i, t) in tickets {
+                var t = t
+                if results[i] == nil, failed[i] == nil, options.checksum, t.checksum == nil {   // a device copy: from the segment
+                    do throws(KVError) { t.checksum = try checksumOfFirstReplica(t) } catch { results[i] = error }
+                }
                 if let e = results[i] ?? failed[i] {
                     results[i] = e
                     abort.append(t)
@@ -250,15 +284,19 @@ public final class StoreClient: Sendable {
             for (i, r) in zip(asked[range], started) {
                 switch r {
                 case .failure(let e): results[i] = e
-                case .success(let t):
-                    tickets.append((i, t))
+                case .success(var t):
                     do throws(KVError) {
                         let mine = UnsafeBufferPointer(rebasing: parts[items[i].regions])
                         let locations = locate(mine, memory)
-                        for r in t.replicas { try write(mine, locations: locations, size: t.size, to: r, of: t, plan: &plan, owner: i) }
+                        for (k, r) in t.replicas.enumerated() {
+                            let crc = try write(mine, locations: locations, size: t.size, to: r, of: t, plan: &plan, owner: i,
+                                                checksum: options.checksum && k == 0)
+                            if k == 0 { t.checksum = crc }
+                        }
                     } catch {
                         results[i] = error
                     }
+                    tickets.append((i, t))
                 }
             }
             // Every copy so far done (host memory: nothing planned): commit this chunk now, so a
@@ -491,6 +529,11 @@ public final class StoreClient: Sendable {
     /// long between the lease and the copy (a reader descheduled at the worst moment).
     static let testReadPause: UInt32 = getenv("KVSTORE_TEST_READ_PAUSE_US").flatMap { UInt32(String(cString: $0)) } ?? 0
 
+    /// Writes store a CRC32C unless their options say not to (`Store(checksum=True)`); set
+    /// once when the store is created, before its handle is shared.
+    public let checksumDefault = Atomic<Bool>(false)
+    public var checksumByDefault: Bool { checksumDefault.load(ordering: .relaxed) }
+
     /// Test hook: `KVSTORE_TEST_WRITE_PAUSE_US` pauses every write to a remote master this
     /// long between its start and its copy.
     static let testWritePause: UInt32 = getenv("KVSTORE_TEST_WRITE_PAUSE_US").flatMap { UInt32(String(cString: $0)) } ?? 0
@@ -561,13 +604,24 @@ public final class StoreClient: Sendable {
                              locations: [MemoryLocation]?, plan: inout DeviceCopyPlan, owner: Int) throws(KVError) -> Int {
         try Self.checkRoom(destinations, for: range.count, of: ticket)
         if ticket.leaseEnd != 0, Self.testReadPause > 0 { usleep(Self.testReadPause) }
+        let verify = ticket.checksum != nil && range.lowerBound == 0 && range.count == ticket.size
         var r = Replica(segment: ticket.segment, offset: ticket.offset)
         var next = 0
         while true {
             do throws(KVError) {
-                try read(r, size: ticket.size, range: range, into: destinations, locations: locations, plan: &plan, owner: owner)
+                let crc = try read(r, size: ticket.size, range: range, into: destinations, locations: locations, plan: &plan,
+                                   owner: owner, checksum: verify)
+                if verify, let want = ticket.checksum {
+                    // A copy that outlived its lease may hold reused space: the caller's lease
+                    // check throws it away and reads again. Otherwise a difference is corruption.
+                    if crc != want && !(ticket.leaseEnd != 0 && monotonicClock() >= ticket.leaseEnd) {
+                        operations.checksumFailures.add(1, ordering: .relaxed)
+                        throw Self.checksumMismatch(ticket, r, got: crc ?? 0)
+                    }
+                    if crc == want { operations.checksumsVerified.add(1, ordering: .relaxed) }
+                }
                 return range.count
-            } catch where (error.code == .transfer || error.code == .objectNotFound) && next < ticket.fallbacks.count {
+            } catch where (error.code == .transfer || error.code == .objectNotFound || error.code == .checksum) && next < ticket.fallbacks.count {
                 r = ticket.fallbacks[next]   // that replica's holder died or left: try the next one
                 next += 1
             }
@@ -577,32 +631,52 @@ public final class StoreClient: Sendable {
     /// Copies bytes `range` of replica `r` (of an object of `size` bytes) into `destinations`:
     /// from a mapped segment at once (host memory) or into `plan` (device memory); from a peer
     /// at once (device memory staged through host memory).
+    /// With `checksum`, returns the CRC32C of the bytes read: in the copy's pass from a mapped
+    /// segment into host memory, over the source before a planned device copy, over what
+    /// arrived from a peer.
     private func read(_ r: Replica, size: Int, range: Range<Int>, into destinations: UnsafeBufferPointer<MemoryRegion>,
-                      locations: [MemoryLocation]?, plan: inout DeviceCopyPlan, owner: Int) throws(KVError) {
+                      locations: [MemoryLocation]?, plan: inout DeviceCopyPlan, owner: Int,
+                      checksum: Bool = false) throws(KVError) -> UInt32? {
         switch try access(r.segment) {
         case .mapped(let s):
             let whole = try Self.region(of: s, r, size)
             let source = MemoryRegion(address: whole.address + UInt(range.lowerBound), length: range.count)
             if let locations {
+                let crc = checksum ? withUnsafePointer(to: source) { LocalCopyTransport.checksum(UnsafeBufferPointer(start: $0, count: 1), length: source.length) } : nil
                 plan.addRead(from: source, into: destinations, locations: locations, owner: owner)
-            } else {
-                copyHost(source, into: destinations)
+                return crc
             }
+            if checksum {
+                return withUnsafePointer(to: source) { src in
+                    transport.copyChecksummed(from: UnsafeBufferPointer(start: src, count: 1), to: destinations, into: .callerMemory).1
+                }
+            }
+            copyHost(source, into: destinations)
+            return nil
         case .peer(let p):
             guard let locations else {
                 try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count, into: destinations)
-                return
+                return checksum ? LocalCopyTransport.checksum(destinations, length: range.count) : nil
             }
+            var crc: UInt32? = nil
             try withStaging(range.count) { (staging) throws(KVError) in
                 try withUnsafePointer(to: staging) { (s) throws(KVError) in
                     try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count,
                                into: UnsafeBufferPointer(start: s, count: 1))
+                    if checksum { crc = LocalCopyTransport.checksum(UnsafeBufferPointer(start: s, count: 1), length: range.count) }
                 }
                 var h2d = DeviceCopyPlan()
                 h2d.addRead(from: staging, into: destinations, locations: locations, owner: 0)
                 if let e = h2d.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] { throw e }
             }
+            return crc
         }
+    }
+
+    /// The error of a whole-object read whose copy differed from the writer's CRC32C.
+    static func checksumMismatch(_ t: ReadTicket, _ r: Replica, got: UInt32) -> KVError {
+        KVError(.checksum, "checksum mismatch reading an object of \(t.size) bytes in segment \(r.segment) at offset \(r.offset): "
+                + "CRC32C \(String(got, radix: 16)), its writer stored \(String(t.checksum ?? 0, radix: 16)); the bytes are corrupt and were not returned")
     }
 
     /// Runs `body` with `size` bytes of host memory, counted as staged.

@@ -11,16 +11,19 @@ func writeMode(_ flags: UInt32) -> WriteMode { flags & UInt32(KV_UPSERT) != 0 ? 
 
 /// Converts and checks a write's options (NULL: none) against the store's defaults.
 func writeOptions(_ p: UnsafePointer<kv_put_options>?, _ c: StoreClient) throws(KVError) -> WriteOptions {
-    guard let p else { return .default }
+    guard let p else { return WriteOptions(checksum: c.checksumByDefault) }
     let o = p.pointee
-    let known = UInt32(KV_PIN_HARD | KV_PIN_SOFT | KV_OPT_TTL | KV_OPT_SOFT_PIN_TTL | KV_OPT_REPLICAS)
+    let known = UInt32(KV_PIN_HARD | KV_PIN_SOFT | KV_OPT_TTL | KV_OPT_SOFT_PIN_TTL | KV_OPT_REPLICAS | KV_OPT_CHECKSUM | KV_OPT_NO_CHECKSUM)
     guard o.flags & ~known == 0 else {
         throw .invalidArgument("unknown put option flags 0x\(String(o.flags & ~known, radix: 16))")
     }
+    let on = o.flags & UInt32(KV_OPT_CHECKSUM) != 0, off = o.flags & UInt32(KV_OPT_NO_CHECKSUM) != 0
+    guard !(on && off) else { throw .invalidArgument("KV_OPT_CHECKSUM and KV_OPT_NO_CHECKSUM are exclusive") }
     return try WriteOptions(hardPin: o.flags & UInt32(KV_PIN_HARD) != 0, softPin: o.flags & UInt32(KV_PIN_SOFT) != 0,
                             softPinSeconds: o.flags & UInt32(KV_OPT_SOFT_PIN_TTL) != 0 ? o.soft_pin_ttl : nil,
                             ttlSeconds: o.flags & UInt32(KV_OPT_TTL) != 0 ? o.ttl : nil,
-                            replicas: o.flags & UInt32(KV_OPT_REPLICAS) != 0 ? Int(o.replicas) : 1, policy: c.cachePolicy)
+                            replicas: o.flags & UInt32(KV_OPT_REPLICAS) != 0 ? Int(o.replicas) : 1,
+                            checksum: on || (c.checksumByDefault && !off), policy: c.cachePolicy)
 }
 
 @c(kv_put)
@@ -63,13 +66,15 @@ public func kvReadBegin(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _
 /// The C record of a read hold (`ticket` reads it back).
 @inline(__always)
 func readRecord(_ t: ReadTicket) -> kv_read {
-    kv_read(handle: t.handle, segment: UInt64(t.segment), offset: UInt64(t.offset), size: UInt64(t.size), lease_end: t.leaseEnd)
+    kv_read(handle: t.handle, segment: UInt64(t.segment), offset: UInt64(t.offset), size: UInt64(t.size), lease_end: t.leaseEnd,
+            checksum: t.checksum ?? 0, has_checksum: t.checksum == nil ? 0 : 1)
 }
 
 @inline(__always)
 func ticket(_ hold: UnsafePointer<kv_read>) -> ReadTicket {
     ReadTicket(handle: hold.pointee.handle, segment: SegmentID(truncatingIfNeeded: hold.pointee.segment),
-               offset: Int(hold.pointee.offset), size: Int(hold.pointee.size), leaseEnd: hold.pointee.lease_end)
+               offset: Int(hold.pointee.offset), size: Int(hold.pointee.size), leaseEnd: hold.pointee.lease_end,
+               checksum: hold.pointee.has_checksum != 0 ? hold.pointee.checksum : nil)
 }
 
 @c(kv_read_copy)

@@ -58,6 +58,7 @@ public func kvStoreCreate(_ segmentSize: UInt64, _ flags: UInt32, _ config: Unsa
         let cache = try config.map { (c) throws(KVError) in try CachePolicy(c.pointee) } ?? CachePolicy()
         let client = try StoreClient(segmentSize: size, prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0,
                                      pinning: try pinning(flags), cache: cache)
+        client.checksumDefault.store(flags & UInt32(KV_CREATE_CHECKSUM) != 0, ordering: .relaxed)
         out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
     }
 }
@@ -72,6 +73,7 @@ public func kvStoreConnect(_ url: UnsafePointer<CChar>?, _ segmentSize: UInt64, 
         let t = token.map { String(cString: $0) }
         let client = try StoreClient(connecting: String(cString: url), segmentSize: size, token: t?.isEmpty == false ? t : nil,
                                      prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: try pinning(flags))
+        client.checksumDefault.store(flags & UInt32(KV_CREATE_CHECKSUM) != 0, ordering: .relaxed)
         out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
     }
 }

@@ -56,6 +56,35 @@ public struct LocalCopyTransport: Sendable {
         return moved
     }
 
+    /// `copy` that also computes the CRC32C of the bytes in the same pass, chained from `crc`
+    /// (the CRC of the bytes before these; 0 for none). Returns bytes copied and the CRC.
+    public func copyChecksummed(from sources: UnsafeBufferPointer<MemoryRegion>,
+                                to destinations: UnsafeBufferPointer<MemoryRegion>,
+                                into destination: Destination, crc: UInt32 = 0) -> (Int, UInt32) {
+        let threshold = destination.streamingThreshold
+        var ops = 0
+        var c = crc
+        let moved = TransferPlan.forEachSlice(sources: sources, destinations: destinations) { (op: CopyOp) in
+            c = kv_crc32c_copy(UnsafeMutableRawPointer(bitPattern: op.destination), UnsafeRawPointer(bitPattern: op.source),
+                               op.length, c, op.length >= threshold ? 1 : 0)
+            ops += 1
+        }
+        counters.bytesCopied.add(moved, ordering: .relaxed)
+        counters.copyOps.add(ops, ordering: .relaxed)
+        return (moved, c)
+    }
+
+    /// The CRC32C of the first `length` bytes of `regions` (host memory), chained from `crc`.
+    public static func checksum(_ regions: UnsafeBufferPointer<MemoryRegion>, length: Int, crc: UInt32 = 0) -> UInt32 {
+        var c = crc, left = length
+        for r in regions where left > 0 {
+            let n = min(r.length, left)
+            c = kv_crc32c_copy(nil, UnsafeRawPointer(bitPattern: r.address), n, c, 0)
+            left -= n
+        }
+        return c
+    }
+
     /// Copies one host→host slice and counts it.
     public func copyHost(_ op: CopyOp, into destination: Destination) {
         Self.hostCopy(op, threshold: destination.streamingThreshold)

@@ -74,7 +74,7 @@ final class MasterSessionTests: XCTestCase {
                                           session: &a2, now: 3 * Self.s)), .invalidArgument, "a wrong proof")
         XCTAssertEqual(m.refusedResumes, 1)
         var (a3, _) = connect(&m, now: 3 * Self.s)
-        XCTAssertEqual(m.handle(.resume(client: oldID, proof: proof(secret, a3), commits: [pending.handle], aborts: [dropped.handle]),
+        XCTAssertEqual(m.handle(.resume(client: oldID, proof: proof(secret, a3), commits: [PipelinedCommit(handle: pending.handle, checksum: 7)], aborts: [dropped.handle]),
                                 session: &a3, now: 3 * Self.s), .value(1), "the commit sent before the loss is applied")
         XCTAssertEqual(a3.client, oldID)
         XCTAssertTrue(found(&m, &b, "pending", now: 4 * Self.s))
@@ -165,7 +165,7 @@ final class MasterSessionTests: XCTestCase {
     }
 
     func testSessionMessagesRoundTrip() throws {
-        for r in [MasterRequest.leave, .resume(client: 7, proof: [1, 2, 3], commits: [4, 5], aborts: [6])] {
+        for r in [MasterRequest.leave, .resume(client: 7, proof: [1, 2, 3], commits: [PipelinedCommit(handle: 4), PipelinedCommit(handle: 5, checksum: 9)], aborts: [6])] {
             XCTAssertEqual(try r.encode().withUnsafeBytes { try MasterRequest.decode(kind: r.kind, $0) }, r)
         }
         var w = WireWriter()

@@ -113,7 +113,7 @@ final class ObjectTableCacheTests: XCTestCase {
     func testAHoldForARemoteReaderKeepsTheBytesOfARemovedObject() throws {
         var t = table(kib: 64)
         try put(&t, "a")
-        guard let (size, replicas, hold) = t.holdReplicas(key: "a", now: 1) else { return XCTFail() }
+        guard let (size, replicas, hold, _) = t.holdReplicas(key: "a", now: 1) else { return XCTFail() }
         XCTAssertEqual(size, 1024)
         XCTAssertEqual(replicas.count, 1)
         try t.remove(key: "a", force: true, now: 2)

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidArgumentError",
     "ArgumentTypeError",
     "TransferError",
+    "ChecksumError",
     "StoreClosedError",
     "UnsupportedError",
     "InternalError",
@@ -78,6 +79,13 @@ class TransferError(StoreError):
     code = _native.ABI["E_TRANSFER"]
 
 
+class ChecksumError(TransferError):
+    """A read's copy differed from the CRC32C its writer stored, on every replica: the object's
+    bytes are corrupt, and were not returned (``checksum=True``)."""
+
+    code = _native.ABI["E_CHECKSUM"]
+
+
 class StoreClosedError(StoreError):
     """The store was closed."""
 
@@ -109,6 +117,7 @@ _BY_CODE: dict[int, type[StoreError]] = {
         UnsupportedError,
         InternalError,
         ArgumentTypeError,
+        ChecksumError,
     )
 }
 

@@ -51,6 +51,14 @@ class Store(KVLayoutMixin, _native.Store):
     - Writes take ``hard_pin=True`` (never evicted), ``soft_pin=True`` (evicted last, for
       ``soft_pin_ttl`` seconds; default ``soft_pin_ttl`` of the store, 1800) and ``ttl``
       (seconds until the object expires).
+
+    End-to-end checksums: ``checksum=True`` (per store, or per write as a keyword, which
+    overrides the store's) stores a CRC32C of the object's bytes, computed in the same pass as
+    the copy (the SSE4.2 instruction where present). Every read of a whole object that has one
+    checks its copy: a difference is tried on the object's other replicas, then raises
+    ``ChecksumError`` (a ``TransferError``); the bytes are never returned. Ranged reads
+    (``get_into`` with an offset, ``kv_read_copy_range``) and KV block moves are not checked.
+    ``stats()`` counts ``checksums_verified`` and ``checksum_failures``.
     """
 
     def keys(self, pattern: str | None = None) -> list[str]:
@@ -80,14 +88,14 @@ class Store(KVLayoutMixin, _native.Store):
 
     def __init__(self, segment_size: int | str = DEFAULT_SEGMENT_SIZE, *, prefault: bool = False,
                  pin_memory: bool = True, lease_ttl: float = 5.0, soft_pin_ttl: float = 1800.0,
-                 eviction_high_watermark: float = 0.9, eviction_ratio: float = 0.05) -> None:
+                 eviction_high_watermark: float = 0.9, eviction_ratio: float = 0.05, checksum: bool = False) -> None:
         # The extension checks every setting's type, the core its value.
         super().__init__(parse_size(segment_size, name="segment_size"), prefault, pin_memory, lease_ttl, soft_pin_ttl,
-                         eviction_high_watermark, eviction_ratio)
+                         eviction_high_watermark, eviction_ratio, checksum)
 
     @classmethod
     def connect(cls, url: str = "kvstore://127.0.0.1:50051", *, segment_size: int | str = DEFAULT_SEGMENT_SIZE,
-                token: str | None = None, prefault: bool = False, pin_memory: bool = True) -> Store:
+                token: str | None = None, prefault: bool = False, pin_memory: bool = True, checksum: bool = False) -> Store:
         """Joins the cluster of the master server at ``url`` (``python -m kvstore master``).
 
         The client mounts a shared-memory segment of ``segment_size`` bytes (``0``: a pure
@@ -96,6 +104,7 @@ class Store(KVLayoutMixin, _native.Store):
         its segment (one memcpy per transfer), other hosts reach it over TCP. ``token`` must
         match the master's (default: ``KVSTORE_MASTER_TOKEN`` from the environment). Writes
         take ``replicas=N`` to place copies in N distinct segments (best effort).
+        ``checksum=True`` makes every write store a CRC32C of its bytes (see ``Store``).
 
         Leases and eviction are the master's settings. The client heartbeats in the
         background; after a lost connection it reconnects on its next call and resumes its
@@ -116,7 +125,7 @@ class Store(KVLayoutMixin, _native.Store):
             if "\0" in text:
                 raise InvalidArgumentError(f"{name} must not contain a NUL character")
         store = cls.__new__(cls)
-        store._connect(url, parse_size(segment_size, name="segment_size"), prefault, pin_memory, token)
+        store._connect(url, parse_size(segment_size, name="segment_size"), prefault, pin_memory, token, checksum)
         return store
 
     # ---- tensors (header layout: Sources/KVCore/TensorHeader.swift; helpers in _tensor.py) ----

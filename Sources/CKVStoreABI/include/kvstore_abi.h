@@ -37,6 +37,7 @@ enum {
     KV_E_UNSUPPORTED = 8,
     KV_E_INTERNAL = 9,
     KV_E_ARGUMENT_TYPE = 10,
+    KV_E_CHECKSUM = 11,
     /* Not an error: an in-place upsert is rewriting the object; retry (kv_read_begin). */
     KV_BUSY = 64,
     /* Not an error: the copy ended after the read's lease deadline, so the bytes it wrote are
@@ -64,9 +65,13 @@ typedef struct { const void *ptr; size_t len; } kv_buffer;
 typedef struct { void *ptr; size_t len; } kv_mut_buffer;
 /* A key: `len` UTF-8 bytes at `ptr`. */
 typedef struct { const char *ptr; size_t len; } kv_key;
-/* A read hold on one object version (see kv_read_begin): which replica (segment, offset), and
- * for a read under a cluster master's lease the reader's deadline (monotonic ns; 0: held). */
-typedef struct { uint64_t handle; uint64_t segment; uint64_t offset; uint64_t size; uint64_t lease_end; } kv_read;
+/* A read hold on one object version (see kv_read_begin): which replica (segment, offset), for
+ * a read under a cluster master's lease the reader's deadline (monotonic ns; 0: held), and the
+ * writer's CRC32C when has_checksum is 1 (a copy of the whole object is checked against it). */
+typedef struct {
+    uint64_t handle; uint64_t segment; uint64_t offset; uint64_t size; uint64_t lease_end;
+    uint32_t checksum; uint32_t has_checksum;
+} kv_read;
 /* One statistic; `name` is a static NUL-terminated string. */
 typedef struct { const char *name; int64_t value; } kv_stat;
 
@@ -78,7 +83,9 @@ const char *kv_last_error(size_t *len);
 size_t kv_max_key_bytes(void);
 
 /* Flags of kv_store_create. */
-enum { KV_CREATE_PREFAULT = 1, KV_CREATE_NO_PIN = 2 };
+/* KV_CREATE_CHECKSUM (also for kv_store_connect): writes store a CRC32C unless their options
+ * say KV_OPT_NO_CHECKSUM (see kv_put_options). */
+enum { KV_CREATE_PREFAULT = 1, KV_CREATE_NO_PIN = 2, KV_CREATE_CHECKSUM = 4 };
 
 /* Cache rules of a store. Durations in seconds; kv_store_config_init fills the defaults
  * (lease 5 s, soft pin 1800 s, high watermark 0.9, eviction ratio 0.05). */
@@ -121,8 +128,12 @@ int32_t kv_store_is_closed(kv_store *store);
  * only after every ordinary object, for soft_pin_ttl when KV_OPT_SOFT_PIN_TTL is set, else the
  * store's default. KV_OPT_TTL: the object expires ttl after it is written. HARD and SOFT are
  * exclusive; unknown flag bits are KV_E_INVALID_ARGUMENT. KV_OPT_REPLICAS: place `replicas`
- * copies (1..16) in distinct segments, best effort when fewer exist (default 1). */
-enum { KV_PIN_HARD = 1, KV_PIN_SOFT = 2, KV_OPT_TTL = 4, KV_OPT_SOFT_PIN_TTL = 8, KV_OPT_REPLICAS = 16 };
+ * copies (1..16) in distinct segments, best effort when fewer exist (default 1).
+ * KV_OPT_CHECKSUM / KV_OPT_NO_CHECKSUM: store a CRC32C of the bytes (computed in the same pass
+ * as the copy) or not, whatever the store's default (KV_CREATE_CHECKSUM); every read of a whole
+ * object with a CRC checks its copy and fails with KV_E_CHECKSUM when every replica differs. */
+enum { KV_PIN_HARD = 1, KV_PIN_SOFT = 2, KV_OPT_TTL = 4, KV_OPT_SOFT_PIN_TTL = 8, KV_OPT_REPLICAS = 16,
+       KV_OPT_CHECKSUM = 32, KV_OPT_NO_CHECKSUM = 64 };
 typedef struct { uint32_t flags; double ttl; double soft_pin_ttl; uint32_t replicas; } kv_put_options;
 
 /* Writes the concatenation of parts[0..nparts) as one object (each part copied once), with
