@@ -118,6 +118,14 @@ public enum MasterRequest: Sendable, Equatable {
         }
     }
 
+    /// Requests that read keys (a read of a key being written waits for its commit).
+    public var isRead: Bool {
+        switch self {
+        case .get, .getBatch, .exists, .size, .sizeBatch: true
+        default: false
+        }
+    }
+
     /// Requests about every object (a pipelined commit already sent by another client must
     /// be applied before them, like before a request naming its key).
     public var concernsEveryKey: Bool {

@@ -17,6 +17,11 @@ public struct MasterConfig: Sendable {
     public var tenants: [String: String] = [:]
     /// What one client may hold at once.
     public var quotas = Quotas()
+    /// Read-your-writes across connections: a read of a key with a write in flight waits up
+    /// to this long for that write's commit (or abort) before it is answered (`mustWait`),
+    /// so a put that returned on another host is seen even when its pipelined commit is still
+    /// on the wire. 0: never wait.
+    public var readWait: Nanoseconds = 50_000_000
 
     /// Per-client limits: no client can exhaust the master's memory or hold space forever.
     public struct Quotas: Sendable {
@@ -206,6 +211,23 @@ public struct MasterService: Sendable {
     }
 
     public var clientCount: Int { clients.count }
+
+    /// Whether `request` (of `session`) reads a key that has a write in flight: the server
+    /// holds it back (at most `readWait`) until that write commits or aborts.
+    public mutating func mustWait(_ request: MasterRequest, session: Session) -> Bool {
+        guard config.readWait > 0, request.isRead, !writes.isEmpty, session.client != nil else { return false }
+        return needsDrain(request, session: session)
+    }
+
+    /// Reads held back by `mustWait`, and those answered when the wait ran out.
+    public private(set) var readsWaited = 0
+    public private(set) var readWaitsExpired = 0
+
+    /// Counts a read the server held back; `expired`: answered because the wait ran out.
+    public mutating func countWait(expired: Bool) {
+        readsWaited += 1
+        if expired { readWaitsExpired += 1 }
+    }
 
     /// Handles one request of a connection. A request before `hello` or a wrong token is an
     /// error response; the server closes the connection after an error to `hello`.
@@ -441,6 +463,8 @@ public struct MasterService: Sendable {
                 Statistic("sessions_resumed", resumedSessions), Statistic("sessions_refused", refusedResumes),
                 Statistic("sessions_detached", detachedSessions), Statistic("sessions_waiting", clients.values.count { !$0.connected }),
                 Statistic("commits_resumed", resumedCommits), Statistic("writes_abandoned", abandonedWrites),
+                Statistic("reads_waited", readsWaited), Statistic("read_waits_expired", readWaitsExpired),
+                Statistic("puts_superseded", table.supersededPuts),
             ])
     }
 

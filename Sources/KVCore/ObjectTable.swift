@@ -295,7 +295,10 @@ public struct ObjectTable: Sendable {
     }
 
     /// Makes a written object visible with its write options. A put that lost a race to an
-    /// upsert of the same key fails with `objectExists` and its space is freed.
+    /// upsert of the same key (its claim kept other puts out, not upserts) succeeds as if it
+    /// had committed just before that upsert, which replaced it: its space is freed and the
+    /// upsert's value stays (`supersededPuts`). A commit is never refused for that, so a
+    /// pipelined commit that returned success is never undone by it.
     public mutating func commitWrite(_ t: WriteTicket, now: Nanoseconds) throws(KVError) {
         advance(now: now)
         let s = try slot(t.handle)
@@ -318,7 +321,8 @@ public struct ObjectTable: Sendable {
         let old = Self.install(&entries[key, default: Entry()], slot: Int32(s), isPut: isPut)
         if old == Self.lostRace {
             dropVersion(Int32(s))
-            throw .exists("object '\(key)' already exists")
+            supersededPuts += 1
+            return
         }
         versions[s].state = .complete
         versions[s].checksum = t.checksum
@@ -331,6 +335,9 @@ public struct ObjectTable: Sendable {
             objectCount += 1
         }
     }
+
+    /// Puts that committed after an upsert of their key had (see `commitWrite`).
+    public private(set) var supersededPuts = 0
 
     private static let lostRace: Int32 = -2
 

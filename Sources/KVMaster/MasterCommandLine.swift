@@ -26,7 +26,7 @@ public enum MasterCommandLine {
         var options = MasterServer.Options()
         var token = "", tokenFile = ""
         var tenants: [String] = []
-        var clientTTL = 10.0, leaseTTL = 5.0, softPinTTL = 1800.0, writeTimeout = 300.0
+        var clientTTL = 10.0, leaseTTL = 5.0, softPinTTL = 1800.0, writeTimeout = 300.0, readWait = 0.05
         var leaseMilliseconds: Int? = nil
         var highWatermark = 0.9, evictionRatio = 0.05
     }
@@ -101,6 +101,10 @@ public enum MasterCommandLine {
              help: "a write not committed within this time is aborted and its space reused (default 300)") { s, v throws(KVError) in
             s.writeTimeout = try double(v, "--write-timeout")
         },
+        Flag(names: ["--read-wait"], value: "SECONDS",
+             help: "how long a read of a key with a write in flight waits for its commit (default 0.05; 0: never)") { s, v throws(KVError) in
+            s.readWait = try double(v, "--read-wait")
+        },
     ]
 
     /// The help text, for `program`.
@@ -145,6 +149,8 @@ public enum MasterCommandLine {
                                       clientTTL: try Seconds.nanoseconds(s.clientTTL, name: "client_ttl"), cache: cache)
         options.config.tenants = tenants.merging(try MasterServer.tenants(s.tenants)) { _, new in new }
         options.config.quotas.writeTimeout = try Seconds.nanoseconds(s.writeTimeout, name: "write_timeout")
+        guard s.readWait >= 0, s.readWait <= 60 else { throw .invalidArgument("--read-wait must be between 0 and 60 seconds") }
+        options.config.readWait = Nanoseconds(s.readWait * 1e9)
         try options.validate()
         return .run(options)
     }

@@ -85,6 +85,9 @@ public final class MasterServer: @unchecked Sendable {
         var sent = 0
         var session = MasterService.Session()
         var closeAfterFlush = false
+        /// A read held back until a write of its key commits, or `until` (`MasterService.mustWait`);
+        /// the connection's later requests wait behind it, so answers stay in order.
+        var parked: (header: WireFrameHeader, request: MasterRequest, until: Nanoseconds)?
         init(_ s: Socket, http: Bool, accepted: Nanoseconds) { socket = s; self.http = http; self.accepted = accepted }
         var pending: Int { output.count - sent }
         var authenticated: Bool { session.client != nil }
@@ -274,14 +277,14 @@ public final class MasterServer: @unchecked Sendable {
             for (l, _) in listeners { fds.append(pollfd(fd: accepting ? l.fd : -1, events: Int16(POLLIN), revents: 0)) }
             for (fd, c) in connections {
                 // Answers piled up: stop reading this connection until they drain.
-                let reading = c.pending <= options.outputSoftLimit
+                let reading = c.pending <= options.outputSoftLimit && c.parked == nil
                 fds.append(pollfd(fd: fd, events: (reading ? Int16(POLLIN) : 0) | (c.pending > 0 ? Int16(POLLOUT) : 0), revents: 0))
             }
             // Right after a request, poll without sleeping for a short while: the next
             // request of a busy client is picked up without a scheduler wake-up. Not while
             // the machine is busy (`SpinBackoff`).
             let busy = Int(loopStart &- lastActivity) < spin.budget(now: Int(loopStart))
-            let n = poll(&fds, nfds_t(fds.count), busy ? 0 : 250)
+            let n = poll(&fds, nfds_t(fds.count), busy ? 0 : parked.isEmpty ? 250 : 1)
             if n < 0 && errno != EINTR { log("poll failed: errno \(errno)"); break }
             if n > 0 { lastActivity = clock() }
             if fds[0].revents != 0 { break }
@@ -293,6 +296,7 @@ public final class MasterServer: @unchecked Sendable {
                 // Drained below the soft limit: handle the requests that waited meanwhile.
                 if connections[p.fd] === c, !c.input.isEmpty, c.pending <= options.outputSoftLimit, !c.http { handleInput(c) }
             }
+            if !parked.isEmpty { resumeParked() }
             let now = clock()
             if now &- lastSweep >= 250_000_000 {
                 lastSweep = now
@@ -396,7 +400,7 @@ public final class MasterServer: @unchecked Sendable {
         var consumed = 0
         defer { if consumed > 0 { c.input.removeFirst(consumed) } }
         while c.input.count - consumed >= WireFrameHeader.size {
-            if c.pending > options.outputSoftLimit { break }
+            if c.pending > options.outputSoftLimit || c.parked != nil { break }
             do {
                 let limit = maxPayload(c)
                 let authenticated = c.authenticated
@@ -415,23 +419,18 @@ public final class MasterServer: @unchecked Sendable {
                 let wasWelcomed = c.authenticated
                 if !draining, service.needsDrain(request, session: c.session) {
                     drainOthers(except: c)
+                    if connections[c.socket.fd] !== c { return }
                 }
-                let response = service.handle(request, session: &c.session, now: clock())
-                if response == .ok, request.isPipelined { continue }   // answered only when it fails
-                if case .leave = request {
-                    for d in service.takeDepartures() where !(d.segments.isEmpty && d.lostObjects.isEmpty && d.abandonedWrites == 0) {
-                        logDeparture(d, why: "it closed its store")
-                    }
+                if service.mustWait(request, session: c.session) {
+                    // Its key's write has not committed yet, though its put may have returned
+                    // on another host with the commit still on the wire: wait for it (bounded).
+                    c.parked = (header, request, clock() &+ service.config.readWait)
+                    parked.insert(c.socket.fd)
+                    break
                 }
-                if case .resume = request, case .value = response, let id = c.session.client {
-                    // The session moved here: a connection still holding it (a partition the
-                    // master did not see) ends, without touching the session.
-                    for other in Array(connections.values) where other !== c && other.session.client == id { drop(other, reason: nil) }
-                    log("client \(id) resumed its session on connection \(c.socket.fd)")
-                }
-                c.output += WireWriter.frame(kind: response.kind, requestID: header.requestID, payload: response.encode())
-                if c.pending > options.outputHardLimit {
-                    return drop(c, reason: "its unread answers passed \(options.outputHardLimit) bytes")
+                guard let response = respond(c, header, request) else {
+                    if connections[c.socket.fd] !== c { return }
+                    continue   // a pipelined request that succeeded: no answer
                 }
                 // Answer at once: a client streaming a batch has its next chunk queued behind
                 // this one and copies this chunk's objects while the master starts the next.
@@ -455,6 +454,54 @@ public final class MasterServer: @unchecked Sendable {
                 limited.log("malformed", now: clock(), log) { "closing a connection that did not authenticate: \(why)" }
                 return
             }
+        }
+    }
+
+    /// Handles `request` of `c` and queues its answer. nil when there is none (a pipelined
+    /// request that succeeded) or `c` was dropped.
+    private func respond(_ c: Connection, _ header: WireFrameHeader, _ request: MasterRequest) -> MasterResponse? {
+        let response = service.handle(request, session: &c.session, now: clock())
+        if response == .ok, request.isPipelined { return nil }   // answered only when it fails
+        if case .leave = request {
+            for d in service.takeDepartures() where !(d.segments.isEmpty && d.lostObjects.isEmpty && d.abandonedWrites == 0) {
+                logDeparture(d, why: "it closed its store")
+            }
+        }
+        if case .resume = request, case .value = response, let id = c.session.client {
+            // The session moved here: a connection still holding it (a partition the master
+            // did not see) ends, without touching the session.
+            for other in Array(connections.values) where other !== c && other.session.client == id { drop(other, reason: nil) }
+            log("client \(id) resumed its session on connection \(c.socket.fd)")
+        }
+        c.output += WireWriter.frame(kind: response.kind, requestID: header.requestID, payload: response.encode())
+        if c.pending > options.outputHardLimit {
+            drop(c, reason: "its unread answers passed \(options.outputHardLimit) bytes")
+            return nil
+        }
+        return response
+    }
+
+    /// Connections with a read held back (`Connection.parked`).
+    private var parked: Set<Int32> = []
+
+    /// Answers the held-back reads whose key's write has ended, or whose wait ran out, then
+    /// goes on with the requests queued behind them.
+    private func resumeParked() {
+        let now = clock()
+        for fd in Array(parked) {
+            guard let c = connections[fd], let p = c.parked else {
+                parked.remove(fd)
+                continue
+            }
+            let expired = now >= p.until
+            guard expired || !service.mustWait(p.request, session: c.session) else { continue }
+            c.parked = nil
+            parked.remove(fd)
+            service.countWait(expired: expired)
+            _ = respond(c, p.header, p.request)
+            guard connections[fd] === c else { continue }
+            flush(c)
+            if connections[fd] === c, !c.input.isEmpty { handleInput(c) }
         }
     }
 
@@ -495,6 +542,7 @@ public final class MasterServer: @unchecked Sendable {
     /// (TCP) connection when it moves to the local socket.
     private func drop(_ c: Connection, reason: String?, keepSession: Bool = true) {
         connections[c.socket.fd] = nil
+        parked.remove(c.socket.fd)
         let pid = c.session.peerPID
         let gone = !keepSession || (pid > 0 && Self.processExiting(pid))
         let d = service.closed(c.session, peerGone: gone, now: clock())

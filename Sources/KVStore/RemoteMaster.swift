@@ -32,8 +32,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public let dataLock = SharedLock()
     /// Times this client reconnected (a master restart or a lost connection).
     public let reconnects = Atomic<Int>(0)
-    /// Pipelined commits the master refused (the write's segment died meanwhile, or a put
-    /// lost to a concurrent upsert): those objects are not stored.
+    /// Pipelined commits the master refused (every segment of the write died meanwhile), or
+    /// that were lost with a session the master no longer knew at the reconnect: those
+    /// objects are not stored.
     public let commitFailures = Atomic<Int>(0)
     /// Reconnects that took the session back (`resume`), and pipelined commits they applied.
     public let resumes = Atomic<Int>(0)
@@ -757,6 +758,11 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             if resumed {
                 _ = resumes.add(1, ordering: .relaxed)
             } else {   // a new session: nothing of the old one exists at this master
+                if !l.unconfirmed.isEmpty {
+                    _ = commitFailures.add(l.unconfirmed.count, ordering: .relaxed)
+                    let text = "kvstore: \(l.unconfirmed.count) commits sent just before the connection was lost may not have reached the master, which no longer knows this client: those objects may be missing\n"
+                    _ = text.withCString { write(2, $0, strlen($0)) }
+                }
                 l.client = welcome.client
                 l.secret = l.welcomeSecret
                 l.segment = 0

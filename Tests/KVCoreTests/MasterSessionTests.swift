@@ -164,6 +164,44 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertNil(m.table.invariantViolation())
     }
 
+    /// A put whose key an upsert wrote meanwhile is not refused (its commit was pipelined, its
+    /// caller told success): it counts as written just before the upsert, which replaced it.
+    func testAPutThatLostARaceToAnUpsertIsNotRefused() throws {
+        var m = try master()
+        var (a, _) = connect(&m)
+        let seg = mount(&m, &a)
+        guard let put = start(&m, &a, "k", size: 100, preferred: seg) else { return XCTFail() }
+        guard case .putStarted(let up) = m.handle(.putStart(key: "k", size: 200, mode: .upsert, options: .default, preferred: seg),
+                                                   session: &a, now: 0) else { return XCTFail() }
+        XCTAssertEqual(m.handle(.putCommit(handle: up.handle), session: &a, now: 0), .ok)
+        XCTAssertEqual(m.handle(.putCommit(handle: put.handle), session: &a, now: 0), .ok)
+        XCTAssertEqual(m.handle(.size(key: "k"), session: &a, now: 0), .value(200), "the upsert's value stays")
+        XCTAssertEqual(m.table.supersededPuts, 1)
+        XCTAssertNil(m.table.invariantViolation())
+    }
+
+    func testReadsOfAKeyBeingWrittenWaitForItsCommit() throws {
+        var m = try master()
+        var (a, _) = connect(&m)
+        let seg = mount(&m, &a)
+        guard let w = start(&m, &a, "k", preferred: seg) else { return XCTFail() }
+        for r in [MasterRequest.get(key: "k", host: "h"), .exists(key: "k"), .size(key: "k"), .getBatch(keys: ["x", "k"], host: "h"),
+                  .sizeBatch(keys: ["k"])] {
+            XCTAssertTrue(m.mustWait(r, session: a), "\(r)")
+        }
+        XCTAssertFalse(m.mustWait(.get(key: "other", host: "h"), session: a))
+        XCTAssertFalse(m.mustWait(.remove(key: "k", force: false), session: a), "only reads wait")
+        XCTAssertEqual(m.handle(.putCommit(handle: w.handle), session: &a, now: 0), .ok)
+        XCTAssertFalse(m.mustWait(.get(key: "k", host: "h"), session: a))
+        var c = MasterConfig(token: token)
+        c.readWait = 0
+        var off = try MasterService(config: c)
+        var (b, _) = connect(&off)
+        let seg2 = mount(&off, &b)
+        _ = start(&off, &b, "k", preferred: seg2)
+        XCTAssertFalse(off.mustWait(.get(key: "k", host: "h"), session: b), "--read-wait 0: never")
+    }
+
     func testSessionMessagesRoundTrip() throws {
         for r in [MasterRequest.leave, .resume(client: 7, proof: [1, 2, 3], commits: [PipelinedCommit(handle: 4), PipelinedCommit(handle: 5, checksum: 9)], aborts: [6])] {
             XCTAssertEqual(try r.encode().withUnsafeBytes { try MasterRequest.decode(kind: r.kind, $0) }, r)

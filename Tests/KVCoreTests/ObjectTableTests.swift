@@ -98,13 +98,15 @@ final class ObjectTableTests: XCTestCase {
         XCTAssertEqual(t.objectCount, 0)
     }
 
-    func testPutLosingARaceToUpsertFailsAndFrees() throws {
+    func testPutLosingARaceToUpsertIsSupersededAndFreed() throws {
         var t = ObjectTable(capacity: 1 << 20, policy: Self.noLeases)
         let p = try t.beginWrite(key: "a", size: 64, mode: .put, now: 0)
-        _ = try put(&t, "a", 64, .upsert)
-        XCTAssertThrowsError(try t.commitWrite(p, now: 0)) { XCTAssertEqual(($0 as? KVError)?.code, .objectExists) }
-        XCTAssertEqual(t.usedBytes, 64)
+        _ = try put(&t, "a", 32, .upsert)
+        XCTAssertNoThrow(try t.commitWrite(p, now: 0), "ordered just before the upsert, not refused")
+        XCTAssertEqual(t.size(key: "a"), 32, "the upsert's value stays")
+        XCTAssertEqual(t.usedBytes, 64, "the put's space is freed (32 bytes round up to a 64-byte granule)")
         XCTAssertEqual(t.objectCount, 1)
+        XCTAssertEqual(t.supersededPuts, 1)
     }
 
     func testRemoveDuringReadDefersTheFree() throws {

@@ -26,12 +26,15 @@ import kvstore
 class Relay:
     """Forwards TCP connections to ``port`` on loopback. ``cut()`` closes every relayed
     connection; frames of a kind in ``drop`` (client to master) are swallowed, as if they
-    were lost with the connection."""
+    were lost with the connection; frames of a kind in ``hold`` wait until ``release()`` (a
+    slow network), and the frames behind them wait too."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.drop: set[int] = set()
         self.dropped: list[int] = []
+        self.hold: set[int] = set()
+        self.held: list[tuple[socket.socket, bytes]] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"kvstore://127.0.0.1:{self.listener.getsockname()[1]}"
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
@@ -61,10 +64,14 @@ class Relay:
                     if len(buf) < 16 + length:
                         break
                     frame, buf = buf[:16 + length], buf[16 + length:]
-                    if kind in self.drop:
-                        self.dropped.append(kind)
-                    else:
-                        dst.sendall(frame)
+                    with self.lock:
+                        if kind in self.drop:
+                            self.dropped.append(kind)
+                            continue
+                        if kind in self.hold or any(d is dst for d, _ in self.held):
+                            self.held.append((dst, frame))
+                            continue
+                    dst.sendall(frame)
         except OSError:
             pass
         self._close(src, dst)
@@ -84,6 +91,13 @@ class Relay:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def release(self) -> None:
+        """Sends the held frames, in order, and stops holding."""
+        with self.lock:
+            held, self.held, self.hold = self.held, [], set()
+            for dst, frame in held:
+                dst.sendall(frame)
 
     def cut(self) -> None:
         with self.lock:
