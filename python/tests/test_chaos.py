@@ -53,7 +53,7 @@ class Proc:
         self.signal(signal.SIGTERM)
         rc = self.p.wait(timeout=30)
         time.sleep(0.1)
-        summaries = [json.loads(l)["summary"] for l in self.lines if '"summary"' in l]
+        summaries = [json.loads(line)["summary"] for line in self.lines if "\"summary\"" in line]
         assert rc == 0 and summaries, f"a worker crashed (rc {rc}): {''.join(self.err)[-2000:]}"
         return summaries[0]
 
