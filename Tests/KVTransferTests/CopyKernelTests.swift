@@ -4,9 +4,22 @@ import KVAccelerator
 @testable import KVCore
 @testable import KVTransfer
 
-/// The CRC32C kernel (hardware and table give the same answers, across the three-stream
-/// block boundary and across slices), and checksums kept by the object table.
-final class ChecksumTests: XCTestCase {
+/// The copy kernels: the three-stream streaming copy, the CRC32C kernel (the same answers
+/// across the three-stream block boundary, the split into thirds and slices), and checksums
+/// kept by the object table.
+final class CopyKernelTests: XCTestCase {
+    func testTheThreeStreamCopyMovesEveryByteAndNothingElse() {
+        for n in [0, 1, 63, 64, 191, 192, 4097, 1 << 20, (1 << 20) + 13, 3 * (1 << 20) + 65] {
+            for shift in [0, 5] {
+                let src = (0..<(n + 8)).map { UInt8(truncatingIfNeeded: $0 &* 131 &+ 7) }
+                var dst = [UInt8](repeating: 0, count: n + 16)
+                src.withUnsafeBytes { s in dst.withUnsafeMutableBytes { d in kv_copy_streaming3(d.baseAddress! + shift, s.baseAddress! + 3, n) } }
+                XCTAssertEqual(Array(dst[shift..<(shift + n)]), Array(src[3..<(3 + n)]), "length \(n)")
+                XCTAssertTrue(dst[..<shift].allSatisfy { $0 == 0 } && dst[(shift + n)...].allSatisfy { $0 == 0 }, "length \(n): outside the range")
+            }
+        }
+    }
+
     /// A plain bitwise CRC32C, independent of the kernel.
     static func reference(_ bytes: [UInt8], _ crc: UInt32 = 0) -> UInt32 {
         var c = ~crc
