@@ -72,6 +72,11 @@ public enum MasterRequest: Sendable, Equatable {
     /// those still in flight. Answered by `value` (how many commits it applied); the fresh
     /// client id of this connection's welcome is dropped.
     case resume(client: UInt64, proof: [UInt8], commits: [PipelinedCommit], aborts: [VersionHandle])
+    /// After a master restart: the objects in this client's `segment` (mounted with `reused`)
+    /// as its owner knows them from the old master's `notices`, up to `MasterLimits.maxBatch` a
+    /// request, ascending offsets. Answered by `values`: 1 per object taken back, 0 per one
+    /// refused (`ObjectTable.restore`).
+    case restore(segment: SegmentID, objects: [ObjectTable.Restored])
 
     public var kind: UInt16 {
         switch self {
@@ -102,10 +107,11 @@ public enum MasterRequest: Sendable, Equatable {
         case .release: 25
         case .leave: 26
         case .resume: 27
+        case .restore: 28
         }
     }
 
-    public static func isRequestKind(_ k: UInt16) -> Bool { (1...27).contains(k) }
+    public static func isRequestKind(_ k: UInt16) -> Bool { (1...28).contains(k) }
 
     /// The only kinds a master reads before a connection has authenticated.
     public static func isHandshakeKind(_ k: UInt16) -> Bool { k == 1 || k == 21 }
@@ -305,6 +311,10 @@ public enum MasterResponse: Sendable, Equatable {
     case challenge(nonce: [UInt8], proof: [UInt8])
     /// One number or error per item of a batch (`sizeBatch`, `removeBatch`).
     case values([Result<Int, KVError>])
+    /// Unsolicited (request id 0): what changed in the segments this client owns — objects
+    /// stored there and objects gone — so that it can tell a restarted master
+    /// (`restore`). At most `MasterLimits.maxBatch` a frame.
+    case notices([ObjectTable.SegmentNotice])
 
     public var kind: UInt16 {
         switch self {
@@ -324,10 +334,14 @@ public enum MasterResponse: Sendable, Equatable {
         case .keys: 113
         case .challenge: 114
         case .values: 115
+        case .notices: 116
         }
     }
 
-    public static func isResponseKind(_ k: UInt16) -> Bool { (100...115).contains(k) }
+    public static func isResponseKind(_ k: UInt16) -> Bool { (100...116).contains(k) }
+
+    /// The kind of `notices` (sent unasked, request id 0).
+    public static let noticesKind: UInt16 = 116
 
     /// The kind of `error`; its payload is also the error frame of the segment servers.
     public static let errorKind: UInt16 = 101
@@ -362,6 +376,24 @@ extension MasterRequest {
         keys.reserveCapacity(n)
         for _ in 0..<n { keys.append(try r.key()) }
         return keys
+    }
+
+    /// One restored object: key, offset, size, seq, options (as a write's), checksum.
+    static func encodeRestored(_ o: ObjectTable.Restored, _ w: inout WireWriter) {
+        w.key(o.key); w.u64(UInt64(o.offset)); w.u64(UInt64(o.size)); w.u64(o.seq)
+        w.bool(o.options.hardPin); w.u64(o.options.softPinTTL ?? 0); w.u64(o.options.ttl ?? 0)
+        encodeChecksum(o.checksum, &w)
+    }
+
+    static func decodeRestored(_ r: inout WireReader) throws(KVError) -> ObjectTable.Restored {
+        let key = try r.key()
+        let offset = try r.size(max: MasterLimits.maxSize, "offset"), size = try r.size(max: MasterLimits.maxSize, "size")
+        let seq = try r.u64()
+        let hard = try r.bool()
+        let soft = try r.u64(), ttl = try r.u64()
+        return ObjectTable.Restored(key: key, offset: offset, size: size, seq: seq,
+                                    options: WriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl),
+                                    checksum: try decodeChecksum(&r))
     }
 
     /// An optional CRC32C: a flag byte, then the value when set.
@@ -430,6 +462,10 @@ extension MasterRequest {
         case let .release(holds):
             w.count(holds.count)
             for h in holds { w.u64(h) }
+        case let .restore(segment, objects):
+            w.u32(segment)
+            w.count(objects.count)
+            for o in objects { Self.encodeRestored(o, &w) }
         case let .resume(client, proof, commits, aborts):
             w.u64(client); w.bytes(proof)
             w.count(commits.count)
@@ -508,6 +544,13 @@ extension MasterRequest {
             m = .removeBatch(keys: try Self.decodeKeys(&r), force: force)
         case 25: m = .release(holds: try Self.decodeHandles(&r, "holds"))
         case 26: m = .leave
+        case 28:
+            let segment = try r.u32()
+            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 40, "restored objects")
+            var objects: [ObjectTable.Restored] = []
+            objects.reserveCapacity(n)
+            for _ in 0..<n { objects.append(try Self.decodeRestored(&r)) }
+            m = .restore(segment: segment, objects: objects)
         case 27:
             m = .resume(client: try r.u64(), proof: Array(try r.bytes(max: 64, "proof")),
                         commits: try Self.decodeCommits(&r), aborts: try Self.decodeHandles(&r, "aborts"))
@@ -564,6 +607,12 @@ extension MasterResponse {
         case let .keys(ks, more): w.bool(more); w.count(ks.count); for k in ks { w.key(k) }
         case let .challenge(nonce, proof): w.bytes(nonce); w.bytes(proof)
         case let .values(rs): results(rs) { w.i64(Int64($0)) }
+        case let .notices(ns):
+            w.count(ns.count)
+            for n in ns {
+                w.u32(n.segment); w.u64(UInt64(n.offset)); w.u64(n.seq); w.bool(n.object != nil)
+                if let o = n.object { MasterRequest.encodeRestored(o, &w) }
+            }
         }
         return w.bytes
     }
@@ -638,6 +687,16 @@ extension MasterResponse {
             m = .keys(ks, more: more)
         case 114: m = .challenge(nonce: Array(try r.bytes(max: 64, "nonce")), proof: Array(try r.bytes(max: 64, "proof")))
         case 115: m = .values(try results { () throws(KVError) in Int(try r.i64()) })
+        case 116:
+            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 21, "notices")
+            var ns: [ObjectTable.SegmentNotice] = []
+            ns.reserveCapacity(n)
+            for _ in 0..<n {
+                let segment = try r.u32(), offset = try r.size(max: MasterLimits.maxSize, "offset"), seq = try r.u64()
+                let object = try r.bool() ? try MasterRequest.decodeRestored(&r) : nil
+                ns.append(ObjectTable.SegmentNotice(segment: segment, offset: offset, seq: seq, object: object))
+            }
+            m = .notices(ns)
         default: throw .invalidArgument("unknown response kind \(kind)")
         }
         try r.finish("response \(kind)")

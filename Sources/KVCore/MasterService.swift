@@ -22,6 +22,9 @@ public struct MasterConfig: Sendable {
     /// so a put that returned on another host is seen even when its pipelined commit is still
     /// on the wire. 0: never wait.
     public var readWait: Nanoseconds = 50_000_000
+    /// The first commit's sequence number (`ObjectTable.nextSeq`): the network master sets its
+    /// wall-clock time in nanoseconds, so a restarted master's commits order after the old one's.
+    public var sequenceBase: UInt64 = 1
 
     /// Per-client limits: no client can exhaust the master's memory or hold space forever.
     public struct Quotas: Sendable {
@@ -189,6 +192,47 @@ public struct MasterService: Sendable {
         tokenBytes = Array((config.token ?? "").utf8)
         dataKey = Authentication.dataKey(clusterToken: tokenBytes)
         table = ObjectTable(policy: config.cache)
+        table.recordNotices = true
+        table.nextSeq = max(1, config.sequenceBase)
+    }
+
+    /// Notices waiting for a client whose connection is lost (delivered after its resume).
+    var pendingNotices: [UInt64: [ObjectTable.SegmentNotice]] = [:]
+    /// A lost session whose notices pile past this is departed (its owner's index could no
+    /// longer be kept whole).
+    static let maxPendingNotices = 1 << 20
+
+    /// What each connected owner must hear of its segments since the last call, grouped per
+    /// client (at most `MasterLimits.maxBatch` a group). The server sends them at once, before
+    /// the answer of the request that caused them, so an owner hears that space was freed
+    /// before anyone can write into it again. A tenant's client hears of stored objects only
+    /// when their keys are its tenant's.
+    public mutating func takeNotices(now: Nanoseconds) -> [(client: UInt64, notices: [ObjectTable.SegmentNotice])] {
+        let fresh = table.takeNotices()
+        if fresh.isEmpty && pendingNotices.isEmpty { return [] }
+        for n in fresh {
+            guard let owner = segmentOwner[n.segment], let c = clients[owner] else { continue }
+            if let o = n.object, !c.tenant.isEmpty {
+                let prefix = Array(c.tenant.utf8) + [UInt8(ascii: "/")]
+                guard o.key.withUTF8({ $0.starts(with: prefix) }) else { continue }
+            }
+            pendingNotices[owner, default: []].append(n)
+        }
+        var out: [(client: UInt64, notices: [ObjectTable.SegmentNotice])] = []
+        for (id, ns) in pendingNotices {
+            guard let c = clients[id] else { pendingNotices[id] = nil; continue }
+            if !c.connected {
+                if ns.count > Self.maxPendingNotices { depart(client: id, now: now) }
+                continue
+            }
+            pendingNotices[id] = nil
+            var i = 0
+            while i < ns.count {
+                out.append((id, Array(ns[i..<min(i + MasterLimits.maxBatch, ns.count)])))
+                i += MasterLimits.maxBatch
+            }
+        }
+        return out
     }
 
     /// The token a hello for `tenant` must prove ("" : the cluster's).
@@ -311,6 +355,17 @@ public struct MasterService: Sendable {
             segmentOwner[seg] = id
             clients[id]!.segments.insert(seg)
             return .mounted(segment: seg)
+        case let .restore(seg, objects):
+            guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
+            let prefix = tenant?.prefix
+            var mine: [ObjectTable.Restored] = [], at: [Int] = []
+            for (i, o) in objects.enumerated() where prefix.map({ p in o.key.withUTF8 { $0.starts(with: p) } }) ?? true {
+                mine.append(o)
+                at.append(i)
+            }
+            var results = [Result<Int, KVError>](repeating: .success(0), count: objects.count)
+            for (i, ok) in zip(at, try table.restore(mine, segment: seg, now: now)) where ok { results[i] = .success(1) }
+            return .values(results)
         case let .unmount(seg):
             guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
             _ = try unmount(seg, now: now)
@@ -465,6 +520,7 @@ public struct MasterService: Sendable {
                 Statistic("commits_resumed", resumedCommits), Statistic("writes_abandoned", abandonedWrites),
                 Statistic("reads_waited", readsWaited), Statistic("read_waits_expired", readWaitsExpired),
                 Statistic("puts_superseded", table.supersededPuts),
+                Statistic("objects_restored", table.restoredObjects), Statistic("restores_refused", table.refusedRestores),
             ])
     }
 
@@ -515,15 +571,21 @@ public struct MasterService: Sendable {
         return nil
     }
 
+    /// Whether `session` is its client's current connection (not one a resume moved away from).
+    public func isCurrent(_ session: Session) -> Bool {
+        guard let id = session.client, let c = clients[id] else { return false }
+        return c.attachment == session.attachment
+    }
+
     /// Moves session `old` to this connection (see `MasterRequest.resume`).
     private mutating func resume(_ old: UInt64, proof: [UInt8], commits: [PipelinedCommit], aborts: [VersionHandle],
                                  session: inout Session, now: Nanoseconds) throws(KVError) -> MasterResponse {
         let id = session.client!
         let fresh = clients[id]!
-        guard fresh.segments.isEmpty, fresh.writes.isEmpty, holdCount[id] == nil, layouts.count(of: id) == 0, old != id else {
+        guard fresh.segments.isEmpty, fresh.writes.isEmpty, holdCount[id] == nil, layouts.count(of: id) == 0 else {
             throw .invalidArgument("resume must be the first request after welcome")
         }
-        guard let o = clients[old] else {
+        guard old != id, let o = clients[old] else {   // (a restarted master may give the same id again)
             refusedResumes += 1
             throw .notFound("session \(old) is gone (its grace period ended, it left, or the master restarted)")
         }

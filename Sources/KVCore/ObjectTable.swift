@@ -126,6 +126,9 @@ public struct ObjectTable: Sendable {
         var owner: UInt64 = 0
         /// The writer's CRC32C of the bytes (nil: none).
         var checksum: UInt32? = nil
+        /// The commit's place in the table's history (0: not committed): a restarted master
+        /// resolves two reports of one key by it.
+        var seq: UInt64 = 0
         /// End of the read lease; 0: not leased.
         var leaseUntil: Nanoseconds = 0
         var list = List.none
@@ -327,8 +330,11 @@ public struct ObjectTable: Sendable {
         versions[s].state = .complete
         versions[s].checksum = t.checksum
         versions[s].linked = true
+        versions[s].seq = nextSeq
+        nextSeq &+= 1
         objectBytes += versions[s].size
         applyOptions(Int32(s), now: now)
+        if recordNotices { notice(stored: Int32(s)) }
         if old >= 0 {
             unlink(old)
         } else {
@@ -635,6 +641,139 @@ public struct ObjectTable: Sendable {
         return victims.count
     }
 
+    // MARK: restore
+
+    /// One object as a segment's owner knows it (from the master's notices), reported to a
+    /// restarted master (`restore`).
+    public struct Restored: Sendable, Equatable {
+        public var key: ObjectKey
+        public var offset: Int
+        public var size: Int
+        public var seq: UInt64
+        public var options: WriteOptions
+        public var checksum: UInt32?
+        public init(key: ObjectKey, offset: Int, size: Int, seq: UInt64, options: WriteOptions, checksum: UInt32?) {
+            self.key = key
+            self.offset = offset
+            self.size = size
+            self.seq = seq
+            self.options = options
+            self.checksum = checksum
+        }
+    }
+
+    /// What a segment's owner hears of its segment: an object stored in it (`object`), or one
+    /// gone from it (nil: the version committed as `seq` at `offset`).
+    public struct SegmentNotice: Sendable, Equatable {
+        public var segment: SegmentID
+        public var offset: Int
+        public var seq: UInt64
+        public var object: Restored?
+        public init(segment: SegmentID, offset: Int, seq: UInt64, object: Restored?) {
+            self.segment = segment
+            self.offset = offset
+            self.seq = seq
+            self.object = object
+        }
+    }
+
+    /// Whether commits and removals are recorded in `notices` (a master sets it; an embedded
+    /// store has no one to tell).
+    public var recordNotices = false
+    /// Commits and removals since the last `takeNotices`, per placement.
+    public private(set) var notices: [SegmentNotice] = []
+    /// The sequence number the next commit gets. A master starts it at its wall-clock time in
+    /// nanoseconds, so that a restarted master's commits come after its predecessor's.
+    public var nextSeq: UInt64 = 1
+    /// Objects taken back by `restore`, and reports it refused.
+    public private(set) var restoredObjects = 0
+    public private(set) var refusedRestores = 0
+
+    public mutating func takeNotices() -> [SegmentNotice] {
+        defer { notices.removeAll(keepingCapacity: true) }
+        return notices
+    }
+
+    private mutating func notice(stored s: Int32) {
+        let v = versions[Int(s)]
+        v.placements.forEach { p in
+            notices.append(SegmentNotice(segment: segments.id(of: p.slot), offset: p.allocation.offset, seq: v.seq,
+                                         object: Restored(key: v.key, offset: p.allocation.offset, size: v.size, seq: v.seq,
+                                                          options: v.options, checksum: v.checksum)))
+        }
+    }
+
+    /// Takes back the objects the owner of segment `id` reports (after this master restarted):
+    /// each exactly where it lies. One reported in another segment too, with the same `seq`,
+    /// gains a replica; two reports of one key keep the higher `seq`; a report whose range is
+    /// not free (or leaves the segment) is refused. Returns, per object, whether it was taken.
+    /// A segment still held for old leases (`mount(readyAt:)`) stays held around what was
+    /// taken. Leases are not restored; pins and TTLs start again from `now` (an object lives
+    /// at least as long as it would have).
+    public mutating func restore(_ objects: [Restored], segment id: SegmentID, now: Nanoseconds) throws(KVError) -> [Bool] {
+        advance(now: now)
+        guard let slot = segments.slot(of: id) else { throw .invalidArgument("segment \(id) is not mounted") }
+        var until: Nanoseconds = 0
+        quarantined.removeAll { q in
+            guard q.placement.slot == slot else { return false }
+            until = max(until, q.until)
+            segments.free(q.placement)
+            return true
+        }
+        var taken: [Bool] = []
+        taken.reserveCapacity(objects.count)
+        for o in objects {
+            let ok = restoreOne(o, slot: slot, held: until > now, now: now)
+            if ok { restoredObjects += 1 } else { refusedRestores += 1 }
+            taken.append(ok)
+        }
+        if until > now {   // the rest of the segment stays held until the old leases have ended
+            while case let n = segments.slots[Int(slot)].allocator.largestFreeBlock, n > 0, let p = segments.allocate(n, in: slot) {
+                quarantined.append((p, until))
+            }
+        }
+        return taken
+    }
+
+    /// `held`: the segment is still held for old leases; the object is then leased for a lease
+    /// TTL (past that hold), so it is not evicted and its space not reused meanwhile.
+    private mutating func restoreOne(_ o: Restored, slot: Int32, held: Bool, now: Nanoseconds) -> Bool {
+        guard o.size > 0, o.seq != 0, (try? o.options.validate()) != nil,
+              let p = segments.reserve(offset: o.offset, size: o.size, in: slot) else { return false }
+        nextSeq = max(nextSeq, o.seq &+ 1)
+        if let e = entries[o.key], e.current >= 0 {
+            let c = e.current
+            let v = versions[Int(c)]
+            if v.seq == o.seq {   // the same write, another replica
+                guard v.size == o.size, v.checksum == o.checksum, !v.placements.contains(slot: slot),
+                      v.placements.count < Self.maxReplicas else {
+                    segments.free(p)
+                    return false
+                }
+                listRemove(c)
+                versions[Int(c)].placements.append(p)
+                if held { grantLease(c, now: now) }
+                updateList(c)
+                return true
+            }
+            if v.seq > o.seq || v.state != .complete {
+                segments.free(p)
+                return false
+            }
+        }
+        let s = newVersion(Version(state: .complete, key: o.key, placements: PlacementList(p), size: o.size, mode: .upsert,
+                                   options: o.options, owner: 0))
+        versions[Int(s)].seq = o.seq
+        versions[Int(s)].checksum = o.checksum
+        versions[Int(s)].linked = true
+        let old = Self.install(&entries[o.key, default: Entry()], slot: s, isPut: false)
+        objectBytes += o.size
+        if held { grantLease(s, now: now) }
+        applyOptions(s, now: now)
+        if old >= 0 { unlink(old) } else { objectCount += 1 }
+        return true
+    }
+
     /// Takes visible version `c` out of its key (remove, eviction, expiry).
     mutating func hide(_ c: Int32) {
         let key = versions[Int(c)].key
@@ -672,6 +811,12 @@ public struct ObjectTable: Sendable {
 
     /// Makes a visible version invisible; frees it now or when its last reader and lease end.
     mutating func unlink(_ s: Int32) {
+        if recordNotices, versions[Int(s)].seq != 0 {
+            let seq = versions[Int(s)].seq
+            versions[Int(s)].placements.forEach { p in
+                notices.append(SegmentNotice(segment: segments.id(of: p.slot), offset: p.allocation.offset, seq: seq, object: nil))
+            }
+        }
         clearCacheState(s)
         versions[Int(s)].linked = false
         objectBytes -= versions[Int(s)].size

@@ -90,6 +90,53 @@ public struct SegmentAllocator: Sendable {
                           length: want * Self.granule, block: found)
     }
 
+    /// Takes exactly the range at `offset` for `bytes` bytes (rounded up to the granule) when
+    /// all of it is free: what a restarted master does with the objects a segment's owner
+    /// reports. nil when `offset` is not a granule boundary, the range leaves the segment, or
+    /// any of it is taken. Ascending offsets cost O(1) each (the search starts after the last
+    /// range taken); others scan the blocks before them.
+    public mutating func reserve(offset: Int, bytes: Int) -> Allocation? {
+        guard bytes > 0, offset >= 0, offset % Self.granule == 0, offset <= capacity, bytes <= capacity - offset,
+              !blocks.isEmpty else { return nil }
+        let start = offset / Self.granule, want = (bytes + Self.granule - 1) / Self.granule
+        var b: Int32 = 0   // block 0 always starts the segment: nothing merges into a predecessor of it
+        if reserveHint >= 0, Int(reserveHint) < blocks.count, blocks[Int(reserveHint)].inUse,
+           blocks[Int(reserveHint)].start <= start { b = reserveHint }
+        while b >= 0, blocks[Int(b)].start + blocks[Int(b)].size <= start { b = blocks[Int(b)].nextPhys }
+        guard b >= 0, blocks[Int(b)].isFree, blocks[Int(b)].start + blocks[Int(b)].size >= start + want else { return nil }
+        removeFree(b)
+        var r = b
+        let left = start - blocks[Int(b)].start
+        if left > 0 {   // the free part before the range stays a free block
+            let next = blocks[Int(b)].nextPhys
+            r = newBlock(Block(start: start, size: blocks[Int(b)].size - left, prevPhys: b, nextPhys: next,
+                               prevFree: -1, nextFree: -1, isFree: false, inUse: true))
+            if next >= 0 { blocks[Int(next)].prevPhys = r }
+            blocks[Int(b)].nextPhys = r
+            blocks[Int(b)].size = left
+            insertFree(b)
+        }
+        let right = blocks[Int(r)].size - want
+        reserveHint = r
+        if right > 0 {
+            let next = blocks[Int(r)].nextPhys
+            let rest = newBlock(Block(start: start + want, size: right, prevPhys: r, nextPhys: next,
+                                      prevFree: -1, nextFree: -1, isFree: true, inUse: true))
+            if next >= 0 { blocks[Int(next)].prevPhys = rest }
+            blocks[Int(r)].nextPhys = rest
+            insertFree(rest)
+            reserveHint = rest
+        }
+        blocks[Int(r)].size = want
+        blocks[Int(r)].isFree = false
+        usedBytes += want * Self.granule
+        allocationCount += 1
+        return Allocation(offset: start * Self.granule, length: want * Self.granule, block: r)
+    }
+
+    /// Where the last `reserve` left off (-1: none).
+    private var reserveHint: Int32 = -1
+
     /// Returns an allocation's range to the free space, merging it with free neighbours.
     /// Throws `internal` for a range this allocator did not hand out or already freed.
     public mutating func free(_ a: Allocation) throws(KVError) {

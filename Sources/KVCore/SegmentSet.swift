@@ -138,6 +138,13 @@ struct SegmentSet: Sendable {
         return Placement(slot: s, allocation: a)
     }
 
+    /// Takes exactly `size` bytes at `offset` of slot `s` (see `SegmentAllocator.reserve`).
+    mutating func reserve(offset: Int, size: Int, in s: Int32) -> Placement? {
+        guard slots[Int(s)].mounted, let a = slots[Int(s)].allocator.reserve(offset: offset, bytes: size) else { return nil }
+        usedBytes += a.length
+        return Placement(slot: s, allocation: a)
+    }
+
     /// Frees a placement; a placement in an unmounted segment is already gone.
     mutating func free(_ p: Placement) {
         guard slots[Int(p.slot)].mounted else { return }

@@ -157,6 +157,11 @@ public final class MasterServer: @unchecked Sendable {
         } else {
             localListener = nil
         }
+        // Commits are numbered from the wall clock, so a restarted master's come after the old
+        // one's (a restore keeps the higher of two reports of a key).
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        config.sequenceBase = UInt64(max(1, now.tv_sec)) &* 1_000_000_000 &+ UInt64(max(0, now.tv_nsec))
         service = try MasterService(config: config)
         if let mp = options.metricsPort {
             let h = try Socket.listen(host: options.metricsHost, port: mp)
@@ -314,6 +319,7 @@ public final class MasterServer: @unchecked Sendable {
                     for c in connections.values where c.session.client == d.client { drop(c, reason: nil) }
                 }
                 service.advance(now: now)
+                deliverNotices()
             }
         }
         for c in connections.values { drop(c, reason: nil) }
@@ -461,6 +467,8 @@ public final class MasterServer: @unchecked Sendable {
     /// request that succeeded) or `c` was dropped.
     private func respond(_ c: Connection, _ header: WireFrameHeader, _ request: MasterRequest) -> MasterResponse? {
         let response = service.handle(request, session: &c.session, now: clock())
+        deliverNotices()   // before this answer: an owner hears of freed space before it is handed out again
+        if connections[c.socket.fd] !== c { return nil }
         if response == .ok, request.isPipelined { return nil }   // answered only when it fails
         if case .leave = request {
             for d in service.takeDepartures() where !(d.segments.isEmpty && d.lostObjects.isEmpty && d.abandonedWrites == 0) {
@@ -479,6 +487,18 @@ public final class MasterServer: @unchecked Sendable {
             return nil
         }
         return response
+    }
+
+    /// Sends each connected owner what changed in its segments (`MasterService.takeNotices`),
+    /// at once.
+    private func deliverNotices() {
+        let batches = service.takeNotices(now: clock())
+        guard !batches.isEmpty else { return }
+        for (client, notices) in batches {
+            guard let c = connections.values.first(where: { $0.session.client == client && service.isCurrent($0.session) }) else { continue }
+            c.output += WireWriter.frame(kind: MasterResponse.noticesKind, requestID: 0, payload: MasterResponse.notices(notices).encode())
+            flush(c)
+        }
     }
 
     /// Connections with a read held back (`Connection.parked`).

@@ -36,6 +36,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// that were lost with a session the master no longer knew at the reconnect: those
     /// objects are not stored.
     public let commitFailures = Atomic<Int>(0)
+    /// Objects of this client's segment a restarted master took back from its report.
+    public let restoredObjects = Atomic<Int>(0)
     /// Reconnects that took the session back (`resume`), and pipelined commits they applied.
     public let resumes = Atomic<Int>(0)
     public let resumedCommits = Atomic<Int>(0)
@@ -75,7 +77,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         var leaseTTL: Nanoseconds = 0
         /// Writes started on this connection and not yet committed or aborted.
         /// ... with when each started (a slow one's commit is confirmed, see `slowCommit`).
-        var writes: [VersionHandle: Nanoseconds] = [:]
+        var writes: [VersionHandle: (sentAt: Nanoseconds, key: ObjectKey, options: WriteOptions)] = [:]
         /// Requests of streamed batches not yet answered, and answers read for them by
         /// another call (see `streamed`).
         var awaited: Set<UInt32> = []
@@ -94,10 +96,13 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         var welcomeSecret: [UInt8] = []
         /// Commits sent pipelined with no answer read after them (request id, write): they
         /// may have been lost with the connection, so a resume sends them again.
-        var unconfirmed: [(id: UInt32, commit: PipelinedCommit)] = []
+        var unconfirmed: [(id: UInt32, commit: PipelinedCommit, place: Replica, object: ObjectTable.Restored)] = []
         /// Writes whose commit or abort could not be sent (the connection was lost): a resume
         /// aborts them.
         var orphans: [VersionHandle] = []
+        /// The objects in this client's segment, by offset, as the master's `notices` told
+        /// them: what it reports to a restarted master (`restore`).
+        var index: [Int: ObjectTable.Restored] = [:]
     }
 
     /// At most this many unconfirmed commits and orphans are kept (then one round trip
@@ -237,7 +242,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             guard case .putStarted(let w) = try expect(&l, .putStart(key: key, size: size, mode: mode, options: options, preferred: preferred)) else {
                 throw KVError(.internal, "unexpected answer to putStart")
             }
-            return try started(w, size: size, sentAt: sentAt, &l)
+            return try started(w, key: key, size: size, options: options, sentAt: sentAt, &l)
         }
     }
 
@@ -248,7 +253,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             guard case .putStartedBatch(let rs) = answer, rs.count == range.count else {
                 throw KVError(.internal, "unexpected answer to putStartBatch")
             }
-            return zip(range, rs).map { i, r in r.flatMap { w in Result { () throws(KVError) in try self.started(w, size: items[i].size, sentAt: sentAt, &l) } } }
+            return zip(range, rs).map { i, r in r.flatMap { w in Result { () throws(KVError) in try self.started(w, key: items[i].key, size: items[i].size, options: options, sentAt: sentAt, &l) } } }
         }, handle: started)
     }
 
@@ -257,10 +262,11 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// `sentAt`, less a margin (as `leaseEnd`): the master, which started the write later,
     /// keeps its space at least that long, so a copy begun before the deadline lands in space
     /// that is still this write's.
-    private func started(_ w: StartedWrite, size: Int, sentAt: Nanoseconds, _ l: inout Link) throws(KVError) -> WriteTicket {
+    private func started(_ w: StartedWrite, key: ObjectKey, size: Int, options: WriteOptions, sentAt: Nanoseconds,
+                         _ l: inout Link) throws(KVError) -> WriteTicket {
         var t = try w.ticket(size: size)
         t.deadline = Self.leaseEnd(sentAt: sentAt, ttl: writeTimeout)
-        l.writes[t.handle] = sentAt
+        l.writes[t.handle] = (sentAt, key, options)
         return t
     }
 
@@ -271,7 +277,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     /// Whether write `h` started more than `slowCommit` ago.
     private func isSlow(_ h: VersionHandle, _ l: Link) -> Bool {
-        l.writes[h].map { clock() &- $0 > Self.slowCommit } ?? false
+        l.writes[h].map { clock() &- $0.sentAt > Self.slowCommit } ?? false
     }
 
     /// Waits until the master has handled everything sent before (one round trip); false when
@@ -288,7 +294,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         try link.withLock { (l: inout Link) throws(KVError) in
             let slow = isSlow(t.handle, l)
             var frames = WireWriter()
-            guard pipeline(.putCommit(handle: t.handle, checksum: t.checksum), t.handle, into: &frames, &l) else { throw Self.lostWrite }
+            guard pipeline(.putCommit(handle: t.handle, checksum: t.checksum), t, into: &frames, &l) else { throw Self.lostWrite }
             guard send(frames, &l) else {
                 orphan([t.handle], &l)
                 throw Self.lostWrite
@@ -301,7 +307,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public func abortWrite(_ t: WriteTicket) throws(KVError) {
         link.withLock { l in
             var frames = WireWriter()
-            if pipeline(.putAbort(handle: t.handle), t.handle, into: &frames, &l), !send(frames, &l) { orphan([t.handle], &l) }
+            if pipeline(.putAbort(handle: t.handle), t, into: &frames, &l), !send(frames, &l) { orphan([t.handle], &l) }
         }
     }
 
@@ -310,8 +316,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         link.withLock { (l: inout Link) -> [KVError?] in
             var frames = WireWriter()
             let slow = commit.map { isSlow($0.handle, l) }
-            let aborted = abort.filter { a in pipeline(.putAbort(handle: a.handle), a.handle, into: &frames, &l) }
-            let sent = commit.map { c in pipeline(.putCommit(handle: c.handle, checksum: c.checksum), c.handle, into: &frames, &l) }
+            let aborted = abort.filter { a in pipeline(.putAbort(handle: a.handle), a, into: &frames, &l) }
+            let sent = commit.map { c in pipeline(.putCommit(handle: c.handle, checksum: c.checksum), c, into: &frames, &l) }
             let delivered = send(frames, &l)
             if !delivered { orphan(aborted.map(\.handle) + zip(commit, sent).filter(\.1).map(\.0.handle), &l) }
             if delivered { try? confirmIfMany(&l) }
@@ -327,10 +333,16 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// Appends the commit or abort `r` of write `h` to `frames` (pipelined: the master answers
     /// it only when it fails, and that answer is read before the next one). False when `h` is
     /// not a write of this connection (it was lost with an earlier connection).
-    private func pipeline(_ r: MasterRequest, _ h: VersionHandle, into frames: inout WireWriter, _ l: inout Link) -> Bool {
-        guard l.writes.removeValue(forKey: h) != nil else { return false }
+    private func pipeline(_ r: MasterRequest, _ t: WriteTicket, into frames: inout WireWriter, _ l: inout Link) -> Bool {
+        let h = t.handle
+        guard let w = l.writes.removeValue(forKey: h) else { return false }
         frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
-        if case let .putCommit(_, checksum) = r { l.unconfirmed.append((l.nextID, PipelinedCommit(handle: h, checksum: checksum))) }
+        if case let .putCommit(_, checksum) = r {
+            // What a restarted master is told of it when its commit may not have arrived (seq 1:
+            // below every commit the old master numbered, so any report it noticed wins).
+            let object = ObjectTable.Restored(key: w.key, offset: t.offset, size: t.size, seq: 1, options: w.options, checksum: checksum)
+            l.unconfirmed.append((l.nextID, PipelinedCommit(handle: h, checksum: checksum), Replica(segment: t.segment, offset: t.offset), object))
+        }
         l.nextID &+= 1
         return true
     }
@@ -604,7 +616,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             let resumed = try connect(&l).resumed
             _ = reconnects.add(1, ordering: .relaxed)
             if !resumed {
-                if let m = l.mount { try send(m, &l) }
+                if let m = l.mount {
+                    try send(m, &l)
+                    try restoreIndex(&l)
+                }
                 // The layout's memory and server outlive the master: publish it again (another
                 // client may have taken the node id meanwhile: then it stays unpublished).
                 if let p = l.layout, (try? expect(&l, .publishLayout(p))) == nil { l.layout = nil }
@@ -612,8 +627,59 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             onConnect(l.epoch, l.segment, l.sharesPIDs)
             let text = "kvstore: reconnected to the master at \(host):\(port) (reconnect \(reconnects.load(ordering: .relaxed)))"
                 + (resumed ? "; resumed this client's session: its segment and objects are kept\n"
-                   : l.mount != nil ? "; this client's segment was remounted empty as \(l.segment): the objects it held are lost\n" : "\n")
+                   : l.mount != nil ? "; this client's segment was remounted as \(l.segment), \(l.index.count) of its objects re-registered\n" : "\n")
             _ = text.withCString { write(2, $0, strlen($0)) }
+        }
+    }
+
+    /// Reports this client's segment's objects (`index`) to a master that restarted, in
+    /// ascending offsets; forgets those it refused.
+    private func restoreIndex(_ l: inout Link) throws(KVError) {
+        let all = l.index.values.sorted { $0.offset < $1.offset }
+        var i = 0
+        while i < all.count {
+            let chunk = Array(all[i..<min(i + MasterLimits.maxBatch, all.count)])
+            guard case .values(let rs) = try expect(&l, .restore(segment: l.segment, objects: chunk)), rs.count == chunk.count else {
+                throw KVError(.internal, "unexpected answer to restore")
+            }
+            for (o, r) in zip(chunk, rs) {
+                if case .success(1) = r { _ = restoredObjects.add(1, ordering: .relaxed) } else { l.index[o.offset] = nil }
+            }
+            i += chunk.count
+        }
+    }
+
+    /// Handles the frames that are already here, without waiting: notices, and answers to
+    /// pipelined requests that failed (an idle owner's heartbeat thread calls it when the
+    /// connection turns readable, so notices never pile up unread).
+    /// Returns false when the connection turned out closed or broken.
+    @discardableResult
+    private func drainReady(_ l: inout Link) -> Bool {
+        guard let s = l.socket else { return false }
+        while true {
+            let next: (WireFrameHeader, [UInt8])?
+            do throws(KVError) { next = try l.reader.nextIfReady(s, isKnown: MasterResponse.isResponseKind) } catch { return false }
+            guard let frame = next else { return true }
+            guard let answer = try? frame.1.withUnsafeBytes({ (b) throws(KVError) in try MasterResponse.decode(kind: frame.0.kind, b) }) else { return false }
+            let rid = frame.0.requestID
+            if rid == 0, case .notices(let ns) = answer { Self.apply(ns, &l); continue }
+            if !l.unconfirmed.isEmpty { l.unconfirmed.removeAll { u in Int32(bitPattern: rid &- u.id) >= 0 } }
+            if l.awaited.contains(rid) { l.parked[rid] = answer } else { _ = commitFailures.add(1, ordering: .relaxed) }
+        }
+    }
+
+    /// Applies the master's notices about this client's segment to `index`.
+    private static func apply(_ notices: [ObjectTable.SegmentNotice], _ l: inout Link) {
+        for n in notices where n.segment == l.segment && l.segment != 0 {
+            if let o = n.object {
+                l.index[n.offset] = o
+                // The master applied this commit: the index now follows it (seq 0: not re-added).
+                for i in l.unconfirmed.indices where l.unconfirmed[i].place == Replica(segment: n.segment, offset: n.offset) {
+                    l.unconfirmed[i].object.seq = 0
+                }
+            } else if l.index[n.offset]?.seq == n.seq {
+                l.index[n.offset] = nil
+            }
         }
     }
 
@@ -681,6 +747,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         do throws(KVError) {
             while true {
                 let (rid, answer) = try readResponse(s, &l.reader)
+                if rid == 0, case .notices(let ns) = answer {
+                    Self.apply(ns, &l)
+                    continue
+                }
                 // The master answers in order: every commit sent before `rid` was handled.
                 if !l.unconfirmed.isEmpty { l.unconfirmed.removeAll { u in Int32(bitPattern: rid &- u.id) >= 0 } }
                 if rid == id {
@@ -706,8 +776,11 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     }
 
     /// Marks the connection lost; returns the error for the caller. Writes, holds and
-    /// releases are kept for a resume (`connect` drops them when the session is gone).
+    /// releases are kept for a resume (`connect` drops them when the session is gone). The
+    /// notices the master sent before it went are read first (they may be all that is left of
+    /// what its segment holds).
     private func lost(_ l: inout Link, _ e: KVError) -> KVError {
+        drainReady(&l)
         l.socket?.close()
         l.socket = nil
         l.awaited.removeAll()
@@ -758,9 +831,18 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             if resumed {
                 _ = resumes.add(1, ordering: .relaxed)
             } else {   // a new session: nothing of the old one exists at this master
-                if !l.unconfirmed.isEmpty {
-                    _ = commitFailures.add(l.unconfirmed.count, ordering: .relaxed)
-                    let text = "kvstore: \(l.unconfirmed.count) commits sent just before the connection was lost may not have reached the master, which no longer knows this client: those objects may be missing\n"
+                // Commits with no answer after them: those the master applied were noticed (into
+                // this client's own segment, then re-registered); the others may be missing.
+                // Commits into this client's own segment are re-registered whatever became of them
+                // (seq 1: a version the old master noticed wins).
+                // Only those the master never noticed: its space cannot have been reused since.
+                for u in l.unconfirmed where u.place.segment == l.segment && u.object.seq != 0 && l.index[u.place.offset] == nil {
+                    l.index[u.place.offset] = u.object
+                }
+                let unknown = l.unconfirmed.filter { u in u.place.segment != l.segment }.count
+                if unknown > 0 {
+                    _ = commitFailures.add(unknown, ordering: .relaxed)
+                    let text = "kvstore: \(unknown) commits sent just before the connection was lost may not have reached the master, which no longer knows this client: those objects may be missing\n"
                     _ = text.withCString { write(2, $0, strlen($0)) }
                 }
                 l.client = welcome.client
@@ -842,9 +924,29 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     private func heartbeatLoop() {
         let interval = max(Int32(clientTTL / 4_000_000), 20)   // ms
+        var nextRound = clock() &+ Nanoseconds(interval) * 1_000_000
         while true {
-            var p = pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0)
-            if poll(&p, 1, interval) > 0 { return }
+            // Also wake when the connection turns readable while no call is reading it (an
+            // owner that makes no calls still hears of its segment: `drainReady`); the rounds
+            // below keep their own schedule.
+            let fd = link.withLock { $0.socket?.fd ?? -1 }
+            // Without a connection, dial again soon (a restarted master wants its segments
+            // and their objects back quickly; `reconnectIfNeeded` paces the attempts).
+            if fd < 0 { nextRound = min(nextRound, clock() &+ 100_000_000) }
+            let wait = Int32(clamping: max(0, (Int(bitPattern: UInt(nextRound &- clock())) + 999_999) / 1_000_000))
+            var p = [pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0), pollfd(fd: fd, events: Int16(POLLIN), revents: 0)]
+            let ready = poll(&p, 2, min(wait, interval))
+            if p[0].revents != 0 { return }
+            if ready > 0, p[1].revents != 0 {
+                var q = pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0)
+                if poll(&q, 1, 20) > 0 { return }   // let a call that is reading its answer take it first
+                link.withLock { l in
+                    guard l.socket?.fd == fd, !drainReady(&l) else { return }
+                    _ = lost(&l, KVError(.transfer, "the master closed the connection"))
+                }
+            }
+            guard clock() >= nextRound else { continue }
+            nextRound = clock() &+ Nanoseconds(interval) * 1_000_000
             do throws(KVError) {
                 try reconnectIfNeeded()
                 try link.withLock { (l: inout Link) throws(KVError) in

@@ -43,6 +43,7 @@ extension StoreClient {
             .init("master_reconnects", remote?.reconnects.load(ordering: .relaxed) ?? 0),
             .init("commit_failures", remote?.commitFailures.load(ordering: .relaxed) ?? 0),
             .init("sessions_resumed", remote?.resumes.load(ordering: .relaxed) ?? 0),
+            .init("objects_reregistered", remote?.restoredObjects.load(ordering: .relaxed) ?? 0),
             .init("commits_resent", remote?.resumedCommits.load(ordering: .relaxed) ?? 0),
             .init("network_bytes", counters.networkBytes.load(ordering: .relaxed)),
             .init("rdma_bytes", counters.rdmaBytes.load(ordering: .relaxed)),

@@ -35,6 +35,36 @@ public struct FrameReader: Sendable {
         return (h, payload)
     }
 
+    /// The next frame when one is buffered or arrives without waiting (non-blocking reads);
+    /// nil otherwise. Throws `transfer` once the peer closed, `invalidArgument` for a bad frame.
+    public mutating func nextIfReady(_ s: Socket, isKnown: (UInt16) -> Bool) throws(KVError) -> (WireFrameHeader, [UInt8])? {
+        while true {
+            if end - start >= WireFrameHeader.size {
+                let h = try rethrowingKVError { try buffer.withUnsafeBytes { b in
+                    try WireFrameHeader.decode(UnsafeRawBufferPointer(rebasing: b[start..<start + WireFrameHeader.size]),
+                                               maxPayload: maxPayload, isKnown: isKnown)
+                } }
+                if end - start >= WireFrameHeader.size + h.length { return try next(s, isKnown: isKnown) }
+                if buffer.count < WireFrameHeader.size + h.length || start > 0 {
+                    buffer.withUnsafeMutableBytes { b in b.baseAddress!.copyMemory(from: b.baseAddress! + start, byteCount: end - start) }
+                    end -= start
+                    start = 0
+                    let want = WireFrameHeader.size + h.length
+                    if buffer.count < want { buffer += [UInt8](repeating: 0, count: want - buffer.count) }
+                }
+            } else if start > 0 {
+                buffer.withUnsafeMutableBytes { b in b.baseAddress!.copyMemory(from: b.baseAddress! + start, byteCount: end - start) }
+                end -= start
+                start = 0
+            }
+            let fd = s.fd, free = buffer.count - end
+            let n = buffer.withUnsafeMutableBytes { b in recv(fd, b.baseAddress! + end, free, Int32(MSG_DONTWAIT)) }
+            if n == 0 { throw KVError(.transfer, "the peer closed the connection") }
+            if n < 0 { return nil }
+            end += n
+        }
+    }
+
     /// Ensures `count` buffered bytes from `start`.
     private mutating func fill(_ s: Socket, _ count: Int) throws(KVError) {
         guard end - start < count else { return }

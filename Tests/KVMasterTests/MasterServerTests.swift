@@ -18,17 +18,24 @@ final class MasterServerTests: XCTestCase {
         init(port: Int) throws { socket = try Socket.connect(host: "127.0.0.1", port: port) }
         init(local name: String) throws { socket = try Socket.connectLocal(name: name) }
 
+        /// Notices the master sent this client (about segments it mounted).
+        var notices: [ObjectTable.SegmentNotice] = []
+
         func call(_ r: MasterRequest) throws -> MasterResponse {
             let id = nextID
             nextID += 1
             try send(WireWriter.frame(kind: r.kind, requestID: id, payload: r.encode()))
-            var head = [UInt8](repeating: 0, count: WireFrameHeader.size)
-            try head.withUnsafeMutableBytes { try socket.readExactly(into: $0) }
-            let h = try head.withUnsafeBytes { try WireFrameHeader.decode($0) }
-            XCTAssertEqual(h.requestID, id)
-            var payload = [UInt8](repeating: 0, count: h.length)
-            if h.length > 0 { try payload.withUnsafeMutableBytes { try socket.readExactly(into: $0) } }
-            return try payload.withUnsafeBytes { try MasterResponse.decode(kind: h.kind, $0) }
+            while true {
+                var head = [UInt8](repeating: 0, count: WireFrameHeader.size)
+                try head.withUnsafeMutableBytes { try socket.readExactly(into: $0) }
+                let h = try head.withUnsafeBytes { try WireFrameHeader.decode($0) }
+                var payload = [UInt8](repeating: 0, count: h.length)
+                if h.length > 0 { try payload.withUnsafeMutableBytes { try socket.readExactly(into: $0) } }
+                let answer = try payload.withUnsafeBytes { try MasterResponse.decode(kind: h.kind, $0) }
+                if h.requestID == 0, case .notices(let ns) = answer { notices += ns; continue }
+                XCTAssertEqual(h.requestID, id)
+                return answer
+            }
         }
 
         func send(_ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try socket.writeAll($0) } }
@@ -58,8 +65,12 @@ final class MasterServerTests: XCTestCase {
 
         /// The next answer, whatever its id.
         func next() throws -> (UInt32, MasterResponse) {
-            let (h, payload) = try socket.readFrame(maxPayload: 1 << 20, isKnown: MasterResponse.isResponseKind)
-            return (h.requestID, try payload.withUnsafeBytes { try MasterResponse.decode(kind: h.kind, $0) })
+            while true {
+                let (h, payload) = try socket.readFrame(maxPayload: 1 << 20, isKnown: MasterResponse.isResponseKind)
+                let answer = try payload.withUnsafeBytes { try MasterResponse.decode(kind: h.kind, $0) }
+                if h.requestID == 0, case .notices(let ns) = answer { notices += ns; continue }
+                return (h.requestID, answer)
+            }
         }
 
         /// True when the server closed the connection.

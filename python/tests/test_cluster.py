@@ -318,8 +318,9 @@ def test_client_survives_a_master_restart():
         m = Master("--client-ttl", "2", "--lease-ttl", "1", port=port)
         ok = wait_for(lambda: _reconnected(a), 10, 0.1)
         assert ok, "the client did not reconnect"
-        assert not a.exists("before")                       # the new master knows nothing of it
-        # The remounted segment takes objects once leases of the old mount have surely ended.
+        assert a.get("before") == b"1" * 1000               # re-registered with the new master (issue 17 item 6)
+        assert a.stats()["objects_reregistered"] == 1
+        # The remounted segment takes new objects once leases of the old mount have surely ended.
         assert wait_for(lambda: _put(a, "after", b"2" * 1000), 5, 0.05)
         assert a.get("after") == b"2" * 1000
         assert a.stats()["master_reconnects"] >= 1

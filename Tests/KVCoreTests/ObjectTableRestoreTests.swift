@@ -1,0 +1,81 @@
+import XCTest
+@testable import KVCore
+
+/// A restarted master's table rebuilt from what segment owners report (issue 17 item 6):
+/// exact ranges, replicas merged, the newer of two reports kept, old leases respected.
+final class ObjectTableRestoreTests: XCTestCase {
+    static let noLeases = CachePolicy(leaseTTL: 0, softPinTTL: 1_000_000_000, highWatermark: 1, evictionRatio: 0.05)
+
+    func r(_ key: ObjectKey, _ offset: Int, _ size: Int, seq: UInt64, checksum: UInt32? = nil) -> ObjectTable.Restored {
+        ObjectTable.Restored(key: key, offset: offset, size: size, seq: seq, options: .default, checksum: checksum)
+    }
+
+    func testTheAllocatorTakesExactRanges() {
+        var a = SegmentAllocator(capacity: 1 << 20)
+        XCTAssertNotNil(a.reserve(offset: 4096, bytes: 100))
+        XCTAssertNil(a.reserve(offset: 4096, bytes: 1), "taken")
+        XCTAssertNil(a.reserve(offset: 4000, bytes: 200), "overlaps")
+        XCTAssertNil(a.reserve(offset: 100, bytes: 10), "not a granule boundary")
+        XCTAssertNil(a.reserve(offset: (1 << 20) - 64, bytes: 65), "leaves the segment")
+        let first = a.reserve(offset: 0, bytes: 64)
+        XCTAssertNotNil(first)
+        XCTAssertNotNil(a.reserve(offset: 8192, bytes: 64))
+        XCTAssertEqual(a.usedBytes, 128 + 64 + 64)
+        XCTAssertNoThrow(try a.free(first!))
+        XCTAssertEqual(a.reserve(offset: 0, bytes: 64)?.offset, 0, "a freed range can be taken again")
+    }
+
+    func testReportsAreMergedByKeyAndSequence() throws {
+        var t = ObjectTable(policy: Self.noLeases)
+        try t.mount(segment: 1, capacity: 1 << 20, now: 0)
+        try t.mount(segment: 2, capacity: 1 << 20, now: 0)
+        XCTAssertEqual(try t.restore([r("a", 0, 100, seq: 10, checksum: 7), r("b", 128, 50, seq: 11), r("old", 256, 64, seq: 5)],
+                                     segment: 1, now: 0), [true, true, true])
+        // Segment 2 holds a's other replica (same seq), a newer b, an older "old", and junk.
+        XCTAssertEqual(try t.restore([r("a", 512, 100, seq: 10, checksum: 7), r("b", 0, 60, seq: 12), r("old", 1024, 64, seq: 4),
+                                      r("bad", 1 << 20, 64, seq: 9), r("zero", 2048, 64, seq: 0)], segment: 2, now: 0),
+                       [true, true, false, false, false])
+        XCTAssertEqual(t.replicas(key: "a")?.count, 2)
+        XCTAssertEqual(t.size(key: "b"), 60, "the newer report wins")
+        XCTAssertEqual(t.replicas(key: "b"), [Replica(segment: 2, offset: 0)])
+        XCTAssertEqual(t.replicas(key: "old"), [Replica(segment: 1, offset: 256)])
+        guard case .found(let rt) = t.acquireRead(key: "a", now: 0) else { return XCTFail() }
+        XCTAssertEqual(rt.checksum, 7)
+        try t.releaseRead(rt.handle)
+        XCTAssertEqual(t.objectCount, 3)
+        XCTAssertEqual(t.restoredObjects, 5)
+        // New commits come after every restored one.
+        let w = try t.beginWrite(key: "b", size: 10, mode: .upsert, now: 0)
+        try t.commitWrite(w, now: 0)
+        XCTAssertEqual(try t.restore([r("b", 4096, 60, seq: 12)], segment: 1, now: 0), [false], "a restored report never beats a new write")
+        XCTAssertNil(t.invariantViolation())
+    }
+
+    func testASegmentHeldForOldLeasesStaysHeldAroundWhatWasRestored() throws {
+        var t = ObjectTable(policy: CachePolicy(leaseTTL: 2_000_000_000, softPinTTL: 1_000_000_000, highWatermark: 1, evictionRatio: 0.05))
+        try t.mount(segment: 1, capacity: 1 << 20, readyAt: 2_000_000_000, now: 0)
+        XCTAssertEqual(try t.restore([r("a", 4096, 100, seq: 3)], segment: 1, now: 1), [true])
+        XCTAssertThrowsError(try t.beginWrite(key: "new", size: 64, mode: .put, now: 2), "still held: old readers may copy")
+        XCTAssertNotNil(t.size(key: "a"), "not evicted to make room either")
+        XCTAssertNoThrow(try t.beginWrite(key: "new", size: 64, mode: .put, now: 2_000_000_002))
+        XCTAssertNil(t.invariantViolation())
+    }
+
+    func testCommitsAndRemovalsAreNoticedPerPlacement() throws {
+        var t = ObjectTable(policy: Self.noLeases)
+        t.recordNotices = true
+        t.nextSeq = 100
+        try t.mount(segment: 1, capacity: 1 << 20, now: 0)
+        try t.mount(segment: 2, capacity: 1 << 20, now: 0)
+        let w = try t.beginWrite(key: "k", size: 10, mode: .put, replicas: 2, now: 0)
+        try t.commitWrite(w, now: 0)
+        let stored = t.takeNotices()
+        XCTAssertEqual(Set(stored.map(\.segment)), [1, 2])
+        XCTAssertEqual(stored.map(\.seq), [100, 100])
+        XCTAssertEqual(stored.first?.object?.key, "k")
+        try t.remove(key: "k", now: 0)
+        let gone = t.takeNotices()
+        XCTAssertEqual(gone.count, 2)
+        XCTAssertTrue(gone.allSatisfy { $0.object == nil && $0.seq == 100 })
+    }
+}
