@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvstore") -> int:
     bench.add_argument("--evict-segment", default="256MiB", help="segment of each store in the evict case (default 256MiB)")
     bench.add_argument("--evict-size", default="64KiB", help="value size in the evict case (default 64KiB)")
     bench.add_argument("--evict-count", type=int, default=1024, help="puts per timed round in the evict case (default 1024)")
+    bench.add_argument("--restart-count", type=int, default=100_000,
+                       help="objects of 1 KiB held by 4 clients in --ops restart (default 100000)")
     bench.add_argument("--kv-shape", default="32x1024x16KiB",
                        help="KV layout of the kv case, LAYERSxBLOCKSxBLOCK_SIZE (default 32x1024x16KiB: 1 GiB)")
     bench.add_argument("--kv-pull", type=int, default=512, help="blocks pulled per layer and kind in the kv case (default 512)")

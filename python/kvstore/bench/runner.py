@@ -43,7 +43,8 @@ from .._sizes import parse_size
 from .._store import Store
 from .common import _count_for, _fmt_size, _gather, _paired, _put_all, _same, _scatter, _segment_for
 
-_ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", "evict", "cluster", "kv", "checksum")
+_ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", "evict", "cluster", "kv", "checksum",
+            "restart")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -77,7 +78,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     results: list[dict[str, object]] = []
     header = f"{'operation':<16}{'size':>10}{'count':>8}{'ops/s':>14}{'GB/s':>9}{'copyto GB/s':>13}{'ratio':>8}"
-    if any(o not in ("evict", "cluster", "kv", "checksum") for o in ops):
+    if any(o not in ("evict", "cluster", "kv", "checksum", "restart") for o in ops):
         print(f"kvstore bench: {args.repeat} alternating store/copyto pairs after a warm-up; medians; ratio = store / numpy.copyto")
         print(header)
         print("-" * len(header))
@@ -95,7 +96,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{op:<16}{_fmt_size(size):>10}{count:>8}{ops_s:>14,.0f}{row['gb_per_s']:>9.2f}"
               f"{row['copyto_gb_per_s']:>13.2f}{row['ratio']:>8.2f}", flush=True)
 
-    single = [o for o in ops if o not in ("batch", "gpu", "evict", "cluster", "kv", "checksum")]
+    single = [o for o in ops if o not in ("batch", "gpu", "evict", "cluster", "kv", "checksum", "restart")]
     for size in (sizes if single else []):
         n = _count_for(size, budget, args.small_ops)
         keys = [f"bench-{size}-{i}" for i in range(n)]
@@ -212,6 +213,13 @@ def run_bench(args: argparse.Namespace) -> int:
             return 2
         rc = run_cluster(parse_size(args.cluster_size, name="cluster size"), budget, batch_count, batch_size,
                          args.repeat, args.small_ops, results.append, cases)
+        if rc:
+            return rc
+
+    if "restart" in ops:
+        from .restart import run_restart
+
+        rc = run_restart(args.restart_count, 1024, args.repeat, results.append)
         if rc:
             return rc
 
