@@ -34,6 +34,13 @@ public final class Locked<State: Sendable>: @unchecked Sendable {
     /// instance from inside `body`. Waiting for a lock another thread holds is a wait
     /// (`WaitHooks`); taking a free one is not.
     @inlinable @inline(__always)
+    /// `body` under the lock when it is free now; nil (and nothing run) when another thread holds it.
+    public func withLockIfFree<R>(_ body: (inout State) -> R) -> R? {
+        guard pthread_mutex_trylock(mutex) == 0 else { return nil }
+        defer { pthread_mutex_unlock(mutex) }
+        return body(&state.pointee)
+    }
+
     public func withLock<R, E: Error>(_ body: (inout State) throws(E) -> R) throws(E) -> R {
         if pthread_mutex_trylock(mutex) != 0 { lockContended() }
         defer { pthread_mutex_unlock(mutex) }

@@ -124,6 +124,15 @@ public enum MasterRequest: Sendable, Equatable {
         }
     }
 
+    /// Requests that hand out space (their answers wait until every owner heard of the space
+    /// freed before them: `MasterService.freedNoticesWaiting`).
+    public var allocates: Bool {
+        switch self {
+        case .putStart, .putStartBatch: true
+        default: false
+        }
+    }
+
     /// Requests that read keys (a read of a key being written waits for its commit).
     public var isRead: Bool {
         switch self {

@@ -202,24 +202,38 @@ public struct MasterService: Sendable {
     /// longer be kept whole).
     static let maxPendingNotices = 1 << 20
 
-    /// What each connected owner must hear of its segments since the last call, grouped per
-    /// client (at most `MasterLimits.maxBatch` a group). The server sends them at once, before
-    /// the answer of the request that caused them, so an owner hears that space was freed
-    /// before anyone can write into it again. A tenant's client hears of stored objects only
-    /// when their keys are its tenant's.
-    public mutating func takeNotices(now: Nanoseconds) -> [(client: UInt64, notices: [ObjectTable.SegmentNotice])] {
-        let fresh = table.takeNotices()
-        if fresh.isEmpty && pendingNotices.isEmpty { return [] }
-        for n in fresh {
+    /// Whether any notice waits (the server delivers within a millisecond). `mutating` so a
+    /// server holding the service in a class property does not copy it per call (see `needsDrain`).
+    public mutating func hasNotices() -> Bool { !pendingNotices.isEmpty || !table.notices.isEmpty }
+    /// Whether a waiting notice says that space was freed: it must reach its owner before any
+    /// answer hands space out again (`MasterRequest.allocates`).
+    public private(set) var freedNoticesWaiting = false
+
+    /// Moves the table's new notices to their owners' queues (a tenant's client hears of
+    /// stored objects only when their keys are its tenant's).
+    mutating func routeNotices() {
+        for n in table.takeNotices() {
             guard let owner = segmentOwner[n.segment], let c = clients[owner] else { continue }
             if let o = n.object, !c.tenant.isEmpty {
                 let prefix = Array(c.tenant.utf8) + [UInt8(ascii: "/")]
                 guard o.key.withUTF8({ $0.starts(with: prefix) }) else { continue }
             }
+            if n.object == nil { freedNoticesWaiting = true }
             pendingNotices[owner, default: []].append(n)
         }
+    }
+
+    /// What connected owners must hear of their segments, grouped per client (at most
+    /// `MasterLimits.maxBatch` a group): every queue with `all`, else only `requester`'s (its
+    /// notices ride with its answer at no cost). The server takes them all at least every
+    /// millisecond, and before the answer of any request that allocates when space was freed
+    /// meanwhile (`freedNoticesWaiting`), so an owner always hears that space was freed before
+    /// anyone can write into it again. A lost session's queue waits for its resume.
+    public mutating func takeNotices(now: Nanoseconds, all: Bool, requester: UInt64? = nil) -> [(client: UInt64, notices: [ObjectTable.SegmentNotice])] {
+        routeNotices()
+        if pendingNotices.isEmpty { return [] }
         var out: [(client: UInt64, notices: [ObjectTable.SegmentNotice])] = []
-        for (id, ns) in pendingNotices {
+        for (id, ns) in pendingNotices where all || id == requester {
             guard let c = clients[id] else { pendingNotices[id] = nil; continue }
             if !c.connected {
                 if ns.count > Self.maxPendingNotices { depart(client: id, now: now) }
@@ -232,6 +246,7 @@ public struct MasterService: Sendable {
                 i += MasterLimits.maxBatch
             }
         }
+        if all { freedNoticesWaiting = pendingNotices.values.contains { ns in ns.contains { $0.object == nil } } }
         return out
     }
 
@@ -572,7 +587,7 @@ public struct MasterService: Sendable {
     }
 
     /// Whether `session` is its client's current connection (not one a resume moved away from).
-    public func isCurrent(_ session: Session) -> Bool {
+    public mutating func isCurrent(_ session: Session) -> Bool {
         guard let id = session.client, let c = clients[id] else { return false }
         return c.attachment == session.attachment
     }

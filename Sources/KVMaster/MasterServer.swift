@@ -289,7 +289,7 @@ public final class MasterServer: @unchecked Sendable {
             // request of a busy client is picked up without a scheduler wake-up. Not while
             // the machine is busy (`SpinBackoff`).
             let busy = Int(loopStart &- lastActivity) < spin.budget(now: Int(loopStart))
-            let n = poll(&fds, nfds_t(fds.count), busy ? 0 : parked.isEmpty ? 250 : 1)
+            let n = poll(&fds, nfds_t(fds.count), busy ? 0 : parked.isEmpty && !service.hasNotices() ? 250 : 1)
             if n < 0 && errno != EINTR { log("poll failed: errno \(errno)"); break }
             if n > 0 { lastActivity = clock() }
             if fds[0].revents != 0 { break }
@@ -319,8 +319,8 @@ public final class MasterServer: @unchecked Sendable {
                     for c in connections.values where c.session.client == d.client { drop(c, reason: nil) }
                 }
                 service.advance(now: now)
-                deliverNotices()
             }
+            deliverNotices(all: false)
         }
         for c in connections.values { drop(c, reason: nil) }
         if let tokenPath { TokenFile.remove(tokenPath, ifHolding: token) }   // (deinit covers a server never run)
@@ -467,8 +467,12 @@ public final class MasterServer: @unchecked Sendable {
     /// request that succeeded) or `c` was dropped.
     private func respond(_ c: Connection, _ header: WireFrameHeader, _ request: MasterRequest) -> MasterResponse? {
         let response = service.handle(request, session: &c.session, now: clock())
-        deliverNotices()   // before this answer: an owner hears of freed space before it is handed out again
+        // The requester's own notices ride with this answer; everyone's go out now when this
+        // answer hands out space that was freed meanwhile, else within a millisecond.
+        deliverNotices(all: request.allocates && service.freedNoticesWaiting, requester: c)
         if connections[c.socket.fd] !== c { return nil }
+        if case .welcome = response, let id = c.session.client { owners[id] = c }
+        if case .resume = request, case .value = response, let id = c.session.client { owners[id] = c }
         if response == .ok, request.isPipelined { return nil }   // answered only when it fails
         if case .leave = request {
             for d in service.takeDepartures() where !(d.segments.isEmpty && d.lostObjects.isEmpty && d.abandonedWrites == 0) {
@@ -489,17 +493,33 @@ public final class MasterServer: @unchecked Sendable {
         return response
     }
 
-    /// Sends each connected owner what changed in its segments (`MasterService.takeNotices`),
-    /// at once.
-    private func deliverNotices() {
-        let batches = service.takeNotices(now: clock())
-        guard !batches.isEmpty else { return }
+    /// When notices last went to every owner.
+    private var noticesSent: Nanoseconds = 0
+
+    /// Sends owners what changed in their segments (`MasterService.takeNotices`): `requester`'s
+    /// are queued ahead of its answer (one write for both); everyone's are written at once
+    /// when `all`, or when a millisecond has passed since they last were.
+    private func deliverNotices(all: Bool, requester: Connection? = nil) {
+        guard service.hasNotices() else { return }
+        let now = clock()
+        let everyone = all || now &- noticesSent >= 1_000_000
+        if everyone { noticesSent = now }
+        let batches = service.takeNotices(now: now, all: everyone, requester: requester?.session.client)
         for (client, notices) in batches {
-            guard let c = connections.values.first(where: { $0.session.client == client && service.isCurrent($0.session) }) else { continue }
-            c.output += WireWriter.frame(kind: MasterResponse.noticesKind, requestID: 0, payload: MasterResponse.notices(notices).encode())
+            let frame = WireWriter.frame(kind: MasterResponse.noticesKind, requestID: 0, payload: MasterResponse.notices(notices).encode())
+            if let r = requester, r.session.client == client, service.isCurrent(r.session) {
+                r.output += frame
+                continue
+            }
+            guard let c = owners[client], connections[c.socket.fd] === c, service.isCurrent(c.session) else { continue }
+            c.output += frame
             flush(c)
         }
     }
+
+    /// Each client's current connection (for notices), kept when a session is welcomed or
+    /// resumed.
+    private var owners: [UInt64: Connection] = [:]
 
     /// Connections with a read held back (`Connection.parked`).
     private var parked: Set<Int32> = []
@@ -563,6 +583,7 @@ public final class MasterServer: @unchecked Sendable {
     private func drop(_ c: Connection, reason: String?, keepSession: Bool = true) {
         connections[c.socket.fd] = nil
         parked.remove(c.socket.fd)
+        if let id = c.session.client, owners[id] === c { owners[id] = nil }
         let pid = c.session.peerPID
         let gone = !keepSession || (pid > 0 && Self.processExiting(pid))
         let d = service.closed(c.session, peerGone: gone, now: clock())

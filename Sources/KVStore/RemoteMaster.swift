@@ -922,28 +922,26 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         return String(cString: v) != "0"
     }
 
+    /// How often the heartbeat thread reads notices that arrived while no call was reading
+    /// (an owner that makes no calls still hears of its segment before the kernel's socket
+    /// buffer fills: `drainReady`). It never waits for the link: a call in progress reads them.
+    static let noticeDrainNanos: Nanoseconds = 5_000_000
+
     private func heartbeatLoop() {
         let interval = max(Int32(clientTTL / 4_000_000), 20)   // ms
         var nextRound = clock() &+ Nanoseconds(interval) * 1_000_000
         while true {
-            // Also wake when the connection turns readable while no call is reading it (an
-            // owner that makes no calls still hears of its segment: `drainReady`); the rounds
-            // below keep their own schedule.
-            let fd = link.withLock { $0.socket?.fd ?? -1 }
             // Without a connection, dial again soon (a restarted master wants its segments
             // and their objects back quickly; `reconnectIfNeeded` paces the attempts).
-            if fd < 0 { nextRound = min(nextRound, clock() &+ 100_000_000) }
-            let wait = Int32(clamping: max(0, (Int(bitPattern: UInt(nextRound &- clock())) + 999_999) / 1_000_000))
-            var p = [pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0), pollfd(fd: fd, events: Int16(POLLIN), revents: 0)]
-            let ready = poll(&p, 2, min(wait, interval))
-            if p[0].revents != 0 { return }
-            if ready > 0, p[1].revents != 0 {
-                var q = pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0)
-                if poll(&q, 1, 20) > 0 { return }   // let a call that is reading its answer take it first
-                link.withLock { l in
-                    guard l.socket?.fd == fd, !drainReady(&l) else { return }
-                    _ = lost(&l, KVError(.transfer, "the master closed the connection"))
-                }
+            let connected = link.withLockIfFree { $0.socket != nil } ?? true
+            if !connected { nextRound = min(nextRound, clock() &+ 100_000_000) }
+            let untilRound = Int(bitPattern: UInt(nextRound &- clock()))
+            let wait = min(max(0, untilRound), Int(Self.noticeDrainNanos))
+            var p = pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, Int32((wait + 999_999) / 1_000_000)) > 0 { return }
+            _ = link.withLockIfFree { l in
+                guard l.socket != nil, !drainReady(&l) else { return }
+                _ = lost(&l, KVError(.transfer, "the master closed the connection"))
             }
             guard clock() >= nextRound else { continue }
             nextRound = clock() &+ Nanoseconds(interval) * 1_000_000
