@@ -78,43 +78,77 @@ public enum MasterRequest: Sendable, Equatable {
     /// refused (`ObjectTable.restore`).
     case restore(segment: SegmentID, objects: [ObjectTable.Restored])
 
-    public var kind: UInt16 {
+    /// Every request kind, numbered once (the wire numbers never change).
+    public enum Kind: UInt16, CaseIterable {
+        case hello = 1
+        case mount = 2
+        case unmount = 3
+        case heartbeat = 4
+        case putStart = 5
+        case putCommit = 6
+        case putAbort = 7
+        case get = 8
+        case exists = 9
+        case size = 10
+        case remove = 11
+        case removeAll = 12
+        case stats = 13
+        case segmentInfo = 14
+        case putStartBatch = 15
+        case getBatch = 16
+        case publishLayout = 17
+        case fetchLayout = 18
+        case unpublishLayout = 19
+        case listKeys = 20
+        case prove = 21
+        case unmountCount = 22
+        case sizeBatch = 23
+        case removeBatch = 24
+        case release = 25
+        case leave = 26
+        case resume = 27
+        case restore = 28
+    }
+
+    public var requestKind: Kind {
         switch self {
-        case .hello: 1
-        case .mount: 2
-        case .unmount: 3
-        case .heartbeat: 4
-        case .putStart: 5
-        case .putCommit: 6
-        case .putAbort: 7
-        case .get: 8
-        case .exists: 9
-        case .size: 10
-        case .remove: 11
-        case .removeAll: 12
-        case .stats: 13
-        case .segmentInfo: 14
-        case .putStartBatch: 15
-        case .getBatch: 16
-        case .publishLayout: 17
-        case .fetchLayout: 18
-        case .unpublishLayout: 19
-        case .listKeys: 20
-        case .prove: 21
-        case .unmountCount: 22
-        case .sizeBatch: 23
-        case .removeBatch: 24
-        case .release: 25
-        case .leave: 26
-        case .resume: 27
-        case .restore: 28
+        case .hello: .hello
+        case .mount: .mount
+        case .unmount: .unmount
+        case .heartbeat: .heartbeat
+        case .putStart: .putStart
+        case .putCommit: .putCommit
+        case .putAbort: .putAbort
+        case .get: .get
+        case .exists: .exists
+        case .size: .size
+        case .remove: .remove
+        case .removeAll: .removeAll
+        case .stats: .stats
+        case .segmentInfo: .segmentInfo
+        case .putStartBatch: .putStartBatch
+        case .getBatch: .getBatch
+        case .publishLayout: .publishLayout
+        case .fetchLayout: .fetchLayout
+        case .unpublishLayout: .unpublishLayout
+        case .listKeys: .listKeys
+        case .prove: .prove
+        case .unmountCount: .unmountCount
+        case .sizeBatch: .sizeBatch
+        case .removeBatch: .removeBatch
+        case .release: .release
+        case .leave: .leave
+        case .resume: .resume
+        case .restore: .restore
         }
     }
 
-    public static func isRequestKind(_ k: UInt16) -> Bool { (1...28).contains(k) }
+    public var kind: UInt16 { requestKind.rawValue }
+
+    public static func isRequestKind(_ k: UInt16) -> Bool { Kind(rawValue: k) != nil }
 
     /// The only kinds a master reads before a connection has authenticated.
-    public static func isHandshakeKind(_ k: UInt16) -> Bool { k == 1 || k == 21 }
+    public static func isHandshakeKind(_ k: UInt16) -> Bool { k == Kind.hello.rawValue || k == Kind.prove.rawValue }
 
     /// Requests answered only when they fail.
     public var isPipelined: Bool {
@@ -325,35 +359,58 @@ public enum MasterResponse: Sendable, Equatable {
     /// (`restore`). At most `MasterLimits.maxBatch` a frame.
     case notices([ObjectTable.SegmentNotice])
 
-    public var kind: UInt16 {
+    /// Every answer kind, numbered once.
+    public enum Kind: UInt16, CaseIterable {
+        case ok = 100
+        case error = 101
+        case welcome = 102
+        case mounted = 103
+        case putStarted = 104
+        case found = 105
+        case flag = 106
+        case value = 107
+        case stats = 108
+        case segment = 109
+        case putStartedBatch = 110
+        case foundBatch = 111
+        case layout = 112
+        case keys = 113
+        case challenge = 114
+        case values = 115
+        case notices = 116
+    }
+
+    public var responseKind: Kind {
         switch self {
-        case .ok: 100
-        case .error: Self.errorKind
-        case .welcome: 102
-        case .mounted: 103
-        case .putStarted: 104
-        case .found: 105
-        case .flag: 106
-        case .value: 107
-        case .stats: 108
-        case .segment: 109
-        case .putStartedBatch: 110
-        case .foundBatch: 111
-        case .layout: 112
-        case .keys: 113
-        case .challenge: 114
-        case .values: 115
-        case .notices: 116
+        case .ok: .ok
+        case .error: .error
+        case .welcome: .welcome
+        case .mounted: .mounted
+        case .putStarted: .putStarted
+        case .found: .found
+        case .flag: .flag
+        case .value: .value
+        case .stats: .stats
+        case .segment: .segment
+        case .putStartedBatch: .putStartedBatch
+        case .foundBatch: .foundBatch
+        case .layout: .layout
+        case .keys: .keys
+        case .challenge: .challenge
+        case .values: .values
+        case .notices: .notices
         }
     }
 
-    public static func isResponseKind(_ k: UInt16) -> Bool { (100...116).contains(k) }
+    public var kind: UInt16 { responseKind.rawValue }
+
+    public static func isResponseKind(_ k: UInt16) -> Bool { Kind(rawValue: k) != nil }
 
     /// The kind of `notices` (sent unasked, request id 0).
-    public static let noticesKind: UInt16 = 116
+    public static let noticesKind = Kind.notices.rawValue
 
     /// The kind of `error`; its payload is also the error frame of the segment servers.
-    public static let errorKind: UInt16 = 101
+    public static let errorKind = Kind.error.rawValue
 }
 
 // MARK: - codec
@@ -511,63 +568,63 @@ extension MasterRequest {
     public static func decode(kind: UInt16, _ b: UnsafeRawBufferPointer) throws(KVError) -> MasterRequest {
         var r = WireReader(b)
         let m: MasterRequest
-        switch kind {
-        case 1:
+        guard let k = Kind(rawValue: kind) else { throw .invalidArgument("unknown request kind \(kind)") }
+        switch k {
+        case .hello:
             m = .hello(name: try r.string(max: MasterLimits.maxName, "name"), nonce: Array(try r.bytes(max: 64, "nonce")),
                        tenant: try r.string(max: Tenant.maxNameBytes, "tenant"))
-        case 21: m = .prove(proof: Array(try r.bytes(max: 64, "proof")))
-        case 22: m = .unmountCount
-        case 2:
+        case .prove: m = .prove(proof: Array(try r.bytes(max: 64, "proof")))
+        case .unmountCount: m = .unmountCount
+        case .mount:
             m = .mount(size: try r.size(max: MasterLimits.maxSize, "segment size"), host: try r.string(max: MasterLimits.maxString, "host"),
                        sharePath: try r.string(max: MasterLimits.maxString, "share path"),
                        endpoint: try r.string(max: MasterLimits.maxString, "endpoint"), reused: try r.bool())
-        case 3: m = .unmount(segment: try r.u32())
-        case 4: m = .heartbeat
-        case 5:
+        case .unmount: m = .unmount(segment: try r.u32())
+        case .heartbeat: m = .heartbeat
+        case .putStart:
             let key = try r.key()
             let size = try r.size(max: MasterLimits.maxSize, "value size")
             let (mode, options, preferred) = try decodeWrite(&r)
             m = .putStart(key: key, size: size, mode: mode, options: options, preferred: preferred)
-        case 6: m = .putCommit(handle: try r.u64(), checksum: try Self.decodeChecksum(&r))
-        case 7: m = .putAbort(handle: try r.u64())
-        case 8: m = .get(key: try r.key(), host: try r.string(max: MasterLimits.maxString, "host"))
-        case 9: m = .exists(key: try r.key())
-        case 10: m = .size(key: try r.key())
-        case 11: m = .remove(key: try r.key(), force: try r.bool())
-        case 12: m = .removeAll(force: try r.bool())
-        case 13: m = .stats
-        case 14: m = .segmentInfo(segment: try r.u32())
-        case 15:
+        case .putCommit: m = .putCommit(handle: try r.u64(), checksum: try Self.decodeChecksum(&r))
+        case .putAbort: m = .putAbort(handle: try r.u64())
+        case .get: m = .get(key: try r.key(), host: try r.string(max: MasterLimits.maxString, "host"))
+        case .exists: m = .exists(key: try r.key())
+        case .size: m = .size(key: try r.key())
+        case .remove: m = .remove(key: try r.key(), force: try r.bool())
+        case .removeAll: m = .removeAll(force: try r.bool())
+        case .stats: m = .stats
+        case .segmentInfo: m = .segmentInfo(segment: try r.u32())
+        case .putStartBatch:
             let (mode, options, preferred) = try decodeWrite(&r)
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 13, "batch items")
             var items: [BatchWrite] = []
             items.reserveCapacity(n)
             for _ in 0..<n { items.append(BatchWrite(key: try r.key(), size: try r.size(max: MasterLimits.maxSize, "value size"))) }
             m = .putStartBatch(items: items, mode: mode, options: options, preferred: preferred)
-        case 16:
+        case .getBatch:
             let host = try r.string(max: MasterLimits.maxString, "host")
             m = .getBatch(keys: try Self.decodeKeys(&r), host: host)
-        case 23: m = .sizeBatch(keys: try Self.decodeKeys(&r))
-        case 24:
+        case .sizeBatch: m = .sizeBatch(keys: try Self.decodeKeys(&r))
+        case .removeBatch:
             let force = try r.bool()
             m = .removeBatch(keys: try Self.decodeKeys(&r), force: force)
-        case 25: m = .release(holds: try Self.decodeHandles(&r, "holds"))
-        case 26: m = .leave
-        case 28:
+        case .release: m = .release(holds: try Self.decodeHandles(&r, "holds"))
+        case .leave: m = .leave
+        case .restore:
             let segment = try r.u32()
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 40, "restored objects")
             var objects: [ObjectTable.Restored] = []
             objects.reserveCapacity(n)
             for _ in 0..<n { objects.append(try Self.decodeRestored(&r)) }
             m = .restore(segment: segment, objects: objects)
-        case 27:
+        case .resume:
             m = .resume(client: try r.u64(), proof: Array(try r.bytes(max: 64, "proof")),
                         commits: try Self.decodeCommits(&r), aborts: try Self.decodeHandles(&r, "aborts"))
-        case 17: m = .publishLayout(try PublishedLayout.decode(&r))
-        case 18: m = .fetchLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
-        case 19: m = .unpublishLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
-        case 20: m = .listKeys(after: try r.bool() ? try r.key() : nil)
-        default: throw .invalidArgument("unknown request kind \(kind)")
+        case .publishLayout: m = .publishLayout(try PublishedLayout.decode(&r))
+        case .fetchLayout: m = .fetchLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
+        case .unpublishLayout: m = .unpublishLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
+        case .listKeys: m = .listKeys(after: try r.bool() ? try r.key() : nil)
         }
         try r.finish("request \(kind)")
         return m
@@ -660,43 +717,44 @@ extension MasterResponse {
             return out
         }
         let m: MasterResponse
-        switch kind {
-        case 100: m = .ok
-        case 101: m = .error(try error())
-        case 102:
+        guard let k = Kind(rawValue: kind) else { throw .invalidArgument("unknown response kind \(kind)") }
+        switch k {
+        case .ok: m = .ok
+        case .error: m = .error(try error())
+        case .welcome:
             m = .welcome(Welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64(),
                                  local: try r.string(max: MasterLimits.maxString, "local socket"), pid: try r.size(max: Int(Int32.max), "pid"),
                                  data: Array(try r.bytes(max: 64, "data key")), session: Array(try r.bytes(max: 64, "session secret")),
                                  writeTimeout: try r.u64()))
-        case 103: m = .mounted(segment: try r.u32())
-        case 104: m = .putStarted(try started())
-        case 105: m = .found(try found())
-        case 106: m = .flag(try r.bool())
-        case 107: m = .value(Int(try r.i64()))
-        case 108:
+        case .mounted: m = .mounted(segment: try r.u32())
+        case .putStarted: m = .putStarted(try started())
+        case .found: m = .found(try found())
+        case .flag: m = .flag(try r.bool())
+        case .value: m = .value(Int(try r.i64()))
+        case .stats:
             let n = try r.count(max: MasterLimits.maxStats, minElementSize: 12, "statistics")
             var pairs: [Statistic] = []
             for _ in 0..<n { pairs.append(Statistic(try r.string(max: 64, "statistic name"), Int(try r.i64()))) }
             m = .stats(pairs)
-        case 109:
+        case .segment:
             m = .segment(SegmentInfo(segment: try r.u32(), size: try r.size(max: MasterLimits.maxSize),
                                      host: try r.string(max: MasterLimits.maxString, "host"),
                                      sharePath: try r.string(max: MasterLimits.maxString, "share path"),
                                      endpoint: try r.string(max: MasterLimits.maxString, "endpoint"),
                                      pid: try r.size(max: Int(Int32.max), "pid")))
-        case 110: m = .putStartedBatch(try results(started))
-        case 111: m = .foundBatch(try results(found))
-        case 112: m = .layout(try PublishedLayout.decode(&r))
-        case 113:
+        case .putStartedBatch: m = .putStartedBatch(try results(started))
+        case .foundBatch: m = .foundBatch(try results(found))
+        case .layout: m = .layout(try PublishedLayout.decode(&r))
+        case .keys:
             let more = try r.bool()
             let n = try r.count(max: ObjectTable.keysPageBytes / 5, minElementSize: 5, "keys")
             var ks: [ObjectKey] = []
             ks.reserveCapacity(n)
             for _ in 0..<n { ks.append(try r.key()) }
             m = .keys(ks, more: more)
-        case 114: m = .challenge(nonce: Array(try r.bytes(max: 64, "nonce")), proof: Array(try r.bytes(max: 64, "proof")))
-        case 115: m = .values(try results { () throws(KVError) in Int(try r.i64()) })
-        case 116:
+        case .challenge: m = .challenge(nonce: Array(try r.bytes(max: 64, "nonce")), proof: Array(try r.bytes(max: 64, "proof")))
+        case .values: m = .values(try results { () throws(KVError) in Int(try r.i64()) })
+        case .notices:
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 21, "notices")
             var ns: [ObjectTable.SegmentNotice] = []
             ns.reserveCapacity(n)
@@ -706,7 +764,6 @@ extension MasterResponse {
                 ns.append(ObjectTable.SegmentNotice(segment: segment, offset: offset, seq: seq, object: object))
             }
             m = .notices(ns)
-        default: throw .invalidArgument("unknown response kind \(kind)")
         }
         try r.finish("response \(kind)")
         return m

@@ -202,6 +202,18 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertFalse(off.mustWait(.get(key: "k", host: "h"), session: b), "--read-wait 0: never")
     }
 
+    /// Message kinds are numbered once (`Kind`); the numbers are the wire format and never move.
+    func testMessageKindNumbersAreStable() {
+        XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...28))
+        XCTAssertEqual(MasterResponse.Kind.allCases.map(\.rawValue), Array(100...116))
+        XCTAssertEqual(MasterRequest.heartbeat.kind, 4)
+        XCTAssertEqual(MasterRequest.restore(segment: 1, objects: []).kind, 28)
+        XCTAssertEqual(MasterResponse.errorKind, 101)
+        XCTAssertEqual(MasterResponse.notices([]).kind, 116)
+        XCTAssertTrue(MasterRequest.isHandshakeKind(1) && MasterRequest.isHandshakeKind(21) && !MasterRequest.isHandshakeKind(2))
+        XCTAssertFalse(MasterRequest.isRequestKind(29) || MasterResponse.isResponseKind(117) || MasterRequest.isRequestKind(0))
+    }
+
     func testSessionMessagesRoundTrip() throws {
         for r in [MasterRequest.leave, .resume(client: 7, proof: [1, 2, 3], commits: [PipelinedCommit(handle: 4), PipelinedCommit(handle: 5, checksum: 9)], aborts: [6])] {
             XCTAssertEqual(try r.encode().withUnsafeBytes { try MasterRequest.decode(kind: r.kind, $0) }, r)
