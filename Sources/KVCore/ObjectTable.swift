@@ -685,6 +685,8 @@ public struct ObjectTable: Sendable {
     /// The sequence number the next commit gets. A master starts it at its wall-clock time in
     /// nanoseconds, so that a restarted master's commits come after its predecessor's.
     public var nextSeq: UInt64 = 1
+    /// Per segment slot: where the last restored range ended (reports must ascend).
+    var restoreCursor: [Int32: Int] = [:]
     /// Objects taken back by `restore`, and reports it refused.
     public private(set) var restoredObjects = 0
     public private(set) var refusedRestores = 0
@@ -738,8 +740,11 @@ public struct ObjectTable: Sendable {
     /// `held`: the segment is still held for old leases; the object is then leased for a lease
     /// TTL (past that hold), so it is not evicted and its space not reused meanwhile.
     private mutating func restoreOne(_ o: Restored, slot: Int32, held: Bool, now: Nanoseconds) -> Bool {
-        guard o.size > 0, o.seq != 0, (try? o.options.validate()) != nil,
+        // Offsets must ascend across all of a segment's reports: each range is then found where
+        // the last one ended (O(1)), so no report can make the master scan the segment.
+        guard o.size > 0, o.seq != 0, o.offset >= restoreCursor[slot, default: 0], (try? o.options.validate()) != nil,
               let p = segments.reserve(offset: o.offset, size: o.size, in: slot) else { return false }
+        restoreCursor[slot] = p.allocation.offset + p.allocation.length
         nextSeq = max(nextSeq, o.seq &+ 1)
         if let e = entries[o.key], e.current >= 0 {
             let c = e.current
