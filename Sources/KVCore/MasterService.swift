@@ -92,6 +92,8 @@ public struct MasterService: Sendable {
         /// This connection's handshake nonces (client's, then master's): what a `resume`
         /// proof signs.
         var nonces: [UInt8] = []
+        /// Whether its client has mounted a segment (it may have notices to hear).
+        public internal(set) var ownsSegment = false
         public init() {}
     }
 
@@ -331,17 +333,30 @@ public struct MasterService: Sendable {
             }
             clients[id]!.lastSeen = now
             if case let .resume(old, proof, commits, aborts) = request {
-                return try resume(old, proof: proof, commits: commits, aborts: aborts, session: &session, now: now)
+                let answer = try resume(old, proof: proof, commits: commits, aborts: aborts, session: &session, now: now)
+                session.ownsSegment = !(clients[session.client!]?.segments.isEmpty ?? true)
+                return answer
+            }
+            if case .mount = request {
+                let answer = try tenantDispatch(request, client: id, session: session, now: now)
+                session.ownsSegment = true
+                return answer
             }
             if case .leave = request {
                 if let d = depart(client: id, now: now) { left.append(d) }
                 return .ok
             }
-            guard let tenant = session.tenant else { return try dispatch(request, client: id, tenant: nil, now: now) }
-            return tenant.unscoped(try dispatch(try tenant.scoped(request), client: id, tenant: tenant, now: now))
+            return try tenantDispatch(request, client: id, session: session, now: now)
         } catch {
             return .error(error)
         }
+    }
+
+    /// `request` of client `id`, inside its session's tenant.
+    private mutating func tenantDispatch(_ request: MasterRequest, client id: UInt64, session: Session,
+                                         now: Nanoseconds) throws(KVError) -> MasterResponse {
+        guard let tenant = session.tenant else { return try dispatch(request, client: id, tenant: nil, now: now) }
+        return tenant.unscoped(try dispatch(try tenant.scoped(request), client: id, tenant: tenant, now: now))
     }
 
     /// `request` (already inside `tenant`'s namespace) of client `id`.

@@ -468,8 +468,9 @@ public final class MasterServer: @unchecked Sendable {
     private func respond(_ c: Connection, _ header: WireFrameHeader, _ request: MasterRequest) -> MasterResponse? {
         let response = service.handle(request, session: &c.session, now: clock())
         // The requester's own notices ride with this answer; everyone's go out now when this
-        // answer hands out space that was freed meanwhile, else within a millisecond.
-        deliverNotices(all: request.allocates && service.freedNoticesWaiting, requester: c)
+        // answer hands out space that was freed meanwhile, else within a millisecond (the loop).
+        let urgent = request.allocates && service.freedNoticesWaiting
+        if urgent || c.session.ownsSegment { deliverNotices(all: urgent, requester: c) }
         if connections[c.socket.fd] !== c { return nil }
         if case .welcome = response, let id = c.session.client { owners[id] = c }
         if case .resume = request, case .value = response, let id = c.session.client { owners[id] = c }
