@@ -202,6 +202,25 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertFalse(off.mustWait(.get(key: "k", host: "h"), session: b), "--read-wait 0: never")
     }
 
+    /// A restore names only the client's own segment; a restored object is readable at once,
+    /// and the owner hears of later changes (notices) for its segment only.
+    func testRestoreIsOwnedAndNoticed() throws {
+        var m = try master()
+        var (a, _) = connect(&m)
+        var (b, _) = connect(&m)
+        let segA = mount(&m, &a)
+        let obj = ObjectTable.Restored(key: "k", offset: 0, size: 100, seq: 5, options: .default, checksum: nil)
+        XCTAssertEqual(errorCode(m.handle(.restore(segment: segA, objects: [obj]), session: &b, now: 0)), .invalidArgument,
+                       "another client's segment")
+        XCTAssertEqual(m.handle(.restore(segment: segA, objects: [obj]), session: &a, now: 0), .values([.success(1)]))
+        XCTAssertTrue(found(&m, &b, "k", now: 0))
+        XCTAssertEqual(m.handle(.remove(key: "k", force: true), session: &b, now: 0), .ok)
+        let batches = m.takeNotices(now: 0, all: true)
+        XCTAssertEqual(batches.map(\.client), [a.client!], "only the owner hears")
+        XCTAssertEqual(batches.first?.notices.first?.seq, 5)
+        XCTAssertNil(batches.first?.notices.first?.object, "a removal")
+    }
+
     /// Message kinds are numbered once (`Kind`); the numbers are the wire format and never move.
     func testMessageKindNumbersAreStable() {
         XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...28))
