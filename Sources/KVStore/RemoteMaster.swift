@@ -18,8 +18,9 @@ import Synchronization
 /// thread) dials again, says hello and resumes this client's session (`resume`: its segment,
 /// objects, writes in flight and holds are kept; pipelined commits that had no answer after
 /// them are sent again). When the master no longer knows the session (it restarted, or the
-/// client was away longer than the client TTL), it remounts this client's segment empty
-/// (whatever it held is lost) instead. Either way it counts a reconnect. It runs under
+/// client was away longer than the client TTL), it remounts this client's segment and
+/// reports the objects in it (`index`, from the master's notices: `restore`) instead. Either
+/// way it counts a reconnect. It runs under
 /// `dataLock` held exclusively, so no copy into or out of segment memory is in flight while
 /// segments change identity.
 public final class RemoteMaster: MasterLink, @unchecked Sendable {

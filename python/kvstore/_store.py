@@ -110,7 +110,8 @@ class Store(KVLayoutMixin, _native.Store):
         background; after a lost connection it reconnects on its next call and resumes its
         session, segment and objects kept (``stats()['sessions_resumed']``), when the master
         still knows it (within the master's client TTL); after a master restart it remounts
-        its segment empty instead (``stats()['master_reconnects']`` counts both).
+        its segment and reports the objects in it, which the new master takes back
+        (``stats()['objects_reregistered']``; ``stats()['master_reconnects']`` counts both).
         ``close()`` leaves the cluster at once (its segment's objects go with it).
         ``TransferError`` when the master cannot be reached, ``InvalidArgumentError`` for a
         bad address or a refused token.
