@@ -12,14 +12,19 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <emmintrin.h>
 
+/* Head of a streaming copy: brings the destination to a 64-byte boundary with an ordinary
+ * copy, and moves the three cursors past it. */
+static void copy_head(unsigned char **d, const unsigned char **s, size_t *n) {
+    size_t head = (64 - ((uintptr_t)*d & 63)) & 63;
+    if (head > *n) head = *n;
+    memcpy(*d, *s, head);
+    *d += head; *s += head; *n -= head;
+}
+
 void kv_copy_streaming(void *dst, const void *src, size_t n) {
     unsigned char *d = dst;
     const unsigned char *s = src;
-    /* Head: bring the destination to a 64-byte boundary with an ordinary copy. */
-    size_t head = (64 - ((uintptr_t)d & 63)) & 63;
-    if (head > n) head = n;
-    memcpy(d, s, head);
-    d += head; s += head; n -= head;
+    copy_head(&d, &s, &n);
     while (n >= 128) {
         _mm_prefetch((const char *)s + 1024, _MM_HINT_NTA);
         __m128i a0 = _mm_loadu_si128((const __m128i *)(s + 0));
@@ -48,10 +53,7 @@ void kv_copy_streaming(void *dst, const void *src, size_t n) {
 void kv_copy_streaming3(void *dst, const void *src, size_t n) {
     unsigned char *d = dst;
     const unsigned char *s = src;
-    size_t head = (64 - ((uintptr_t)d & 63)) & 63;
-    if (head > n) head = n;
-    memcpy(d, s, head);
-    d += head; s += head; n -= head;
+    copy_head(&d, &s, &n);
     size_t part = (n / 3) & ~(size_t)63;   /* multiples of 64: every stream's stores stay aligned */
     const unsigned char *s1 = s + part, *s2 = s + 2 * part;
     unsigned char *d1 = d + part, *d2 = d + 2 * part;

@@ -104,8 +104,8 @@ public struct MasterService: Sendable {
         var pid: Int = 0
         var segments: Set<SegmentID> = []
         var writes: Set<VersionHandle> = []
-        /// The tenant it proved ("" : the cluster's token); a resume must prove the same.
-        var tenant = ""
+        /// The tenant it proved (nil: the cluster's token); a resume must prove the same.
+        var tenant: Tenant? = nil
         /// The session secret (32 random bytes) a `resume` proves.
         var secret: [UInt8] = []
         /// Bumped by each resume: only the connection holding the latest may act.
@@ -215,11 +215,8 @@ public struct MasterService: Sendable {
     /// stored objects only when their keys are its tenant's).
     mutating func routeNotices() {
         for n in table.takeNotices() {
-            guard let owner = segmentOwner[n.segment], let c = clients[owner] else { continue }
-            if let o = n.object, !c.tenant.isEmpty {
-                let prefix = Array(c.tenant.utf8) + [UInt8(ascii: "/")]
-                guard o.key.withUTF8({ $0.starts(with: prefix) }) else { continue }
-            }
+            guard let owner = segmentOwner[n.segment], let c = clients.index(forKey: owner) else { continue }
+            if let o = n.object, let prefix = clients[c].value.tenant?.prefix, !o.key.withUTF8({ $0.starts(with: prefix) }) { continue }
             if n.object == nil { freedNoticesWaiting = true }
             pendingNotices[owner, default: []].append(n)
         }
@@ -313,11 +310,11 @@ public struct MasterService: Sendable {
                 let id = nextClient
                 nextClient += 1
                 let secret = Authentication.randomBytes(32)
-                clients[id] = Client(name: c.name, lastSeen: now, pid: Int(max(0, session.peerPID)), tenant: c.tenant, secret: secret)
+                session.tenant = c.tenant.isEmpty ? nil : Tenant(name: c.tenant)
+                clients[id] = Client(name: c.name, lastSeen: now, pid: Int(max(0, session.peerPID)), tenant: session.tenant, secret: secret)
                 session.client = id
                 session.attachment = 1
                 session.nonces = c.handshake.clientNonce + c.handshake.serverNonce
-                session.tenant = c.tenant.isEmpty ? nil : Tenant(name: c.tenant)
                 let (cn, sn) = (c.handshake.clientNonce, c.handshake.serverNonce)
                 return .welcome(Welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket,
                                         pid: config.masterPID,

@@ -692,8 +692,9 @@ public struct ObjectTable: Sendable {
     public private(set) var refusedRestores = 0
 
     public mutating func takeNotices() -> [SegmentNotice] {
-        defer { notices.removeAll(keepingCapacity: true) }
-        return notices
+        var taken: [SegmentNotice] = []
+        swap(&taken, &notices)   // hands the buffer over: no copy
+        return taken
     }
 
     private mutating func notice(stored s: Int32) {

@@ -72,17 +72,7 @@ public struct SegmentAllocator: Sendable {
         let want = (bytes + Self.granule - 1) / Self.granule
         guard let found = findFree(want) else { return nil }
         removeFree(found)
-        let remainder = blocks[Int(found)].size - want
-        if remainder > 0 {
-            let next = blocks[Int(found)].nextPhys
-            let rest = newBlock(Block(start: blocks[Int(found)].start + want, size: remainder,
-                                      prevPhys: found, nextPhys: next, prevFree: -1, nextFree: -1,
-                                      isFree: true, inUse: true))
-            if next >= 0 { blocks[Int(next)].prevPhys = rest }
-            blocks[Int(found)].nextPhys = rest
-            blocks[Int(found)].size = want
-            insertFree(rest)
-        }
+        if let rest = split(found, keeping: want) { insertFree(rest) }
         blocks[Int(found)].isFree = false
         usedBytes += want * Self.granule
         allocationCount += 1
@@ -107,27 +97,15 @@ public struct SegmentAllocator: Sendable {
         removeFree(b)
         var r = b
         let left = start - blocks[Int(b)].start
-        if left > 0 {   // the free part before the range stays a free block
-            let next = blocks[Int(b)].nextPhys
-            r = newBlock(Block(start: start, size: blocks[Int(b)].size - left, prevPhys: b, nextPhys: next,
-                               prevFree: -1, nextFree: -1, isFree: false, inUse: true))
-            if next >= 0 { blocks[Int(next)].prevPhys = r }
-            blocks[Int(b)].nextPhys = r
-            blocks[Int(b)].size = left
+        if left > 0, let tail = split(b, keeping: left) {   // the free part before the range stays free
             insertFree(b)
+            r = tail
         }
-        let right = blocks[Int(r)].size - want
         reserveHint = r
-        if right > 0 {
-            let next = blocks[Int(r)].nextPhys
-            let rest = newBlock(Block(start: start + want, size: right, prevPhys: r, nextPhys: next,
-                                      prevFree: -1, nextFree: -1, isFree: true, inUse: true))
-            if next >= 0 { blocks[Int(next)].prevPhys = rest }
-            blocks[Int(r)].nextPhys = rest
+        if let rest = split(r, keeping: want) {
             insertFree(rest)
             reserveHint = rest
         }
-        blocks[Int(r)].size = want
         blocks[Int(r)].isFree = false
         usedBytes += want * Self.granule
         allocationCount += 1
@@ -212,6 +190,20 @@ public struct SegmentAllocator: Sendable {
         }
         let s = slMap.trailingZeroBitCount
         return heads[fl * Self.slCount + s]
+    }
+
+    /// Cuts block `b` (off every free list) after its first `keep` granules; returns the new
+    /// block holding the rest (off every free list too), or nil when nothing is left over.
+    private mutating func split(_ b: Int32, keeping keep: Int) -> Int32? {
+        let rest = blocks[Int(b)].size - keep
+        guard rest > 0 else { return nil }
+        let next = blocks[Int(b)].nextPhys
+        let tail = newBlock(Block(start: blocks[Int(b)].start + keep, size: rest, prevPhys: b, nextPhys: next,
+                                  prevFree: -1, nextFree: -1, isFree: false, inUse: true))
+        if next >= 0 { blocks[Int(next)].prevPhys = tail }
+        blocks[Int(b)].nextPhys = tail
+        blocks[Int(b)].size = keep
+        return tail
     }
 
     private mutating func newBlock(_ b: Block) -> Int32 {

@@ -78,7 +78,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         var leaseTTL: Nanoseconds = 0
         /// Writes started on this connection and not yet committed or aborted.
         /// ... with when each started (a slow one's commit is confirmed, see `slowCommit`).
-        var writes: [VersionHandle: (sentAt: Nanoseconds, key: ObjectKey, options: WriteOptions)] = [:]
+        /// ... and, for a write into this client's own segment, its key and options (what it
+        /// re-reports to a restarted master should its commit go unread: `unconfirmed`).
+        var writes: [VersionHandle: (sentAt: Nanoseconds, own: (key: ObjectKey, options: WriteOptions)?)] = [:]
         /// Requests of streamed batches not yet answered, and answers read for them by
         /// another call (see `streamed`).
         var awaited: Set<UInt32> = []
@@ -97,7 +99,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         var welcomeSecret: [UInt8] = []
         /// Commits sent pipelined with no answer read after them (request id, write): they
         /// may have been lost with the connection, so a resume sends them again.
-        var unconfirmed: [(id: UInt32, commit: PipelinedCommit, place: Replica, object: ObjectTable.Restored)] = []
+        var unconfirmed: [(id: UInt32, commit: PipelinedCommit, place: Replica, object: ObjectTable.Restored?)] = []
         /// Writes whose commit or abort could not be sent (the connection was lost): a resume
         /// aborts them.
         var orphans: [VersionHandle] = []
@@ -267,7 +269,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                          _ l: inout Link) throws(KVError) -> WriteTicket {
         var t = try w.ticket(size: size)
         t.deadline = Self.leaseEnd(sentAt: sentAt, ttl: writeTimeout)
-        l.writes[t.handle] = (sentAt, key, options)
+        l.writes[t.handle] = (sentAt, t.segment == l.segment && l.segment != 0 ? (key, options) : nil)
         return t
     }
 
@@ -339,9 +341,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         guard let w = l.writes.removeValue(forKey: h) else { return false }
         frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
         if case let .putCommit(_, checksum) = r {
-            // What a restarted master is told of it when its commit may not have arrived (seq 1:
-            // below every commit the old master numbered, so any report it noticed wins).
-            let object = ObjectTable.Restored(key: w.key, offset: t.offset, size: t.size, seq: 1, options: w.options, checksum: checksum)
+            // What a restarted master is told of a write into this client's own segment when its
+            // commit may not have arrived (seq 1: below every commit the old master numbered, so
+            // any report it noticed wins).
+            let object = w.own.map { ObjectTable.Restored(key: $0.key, offset: t.offset, size: t.size, seq: 1, options: $0.options, checksum: checksum) }
             l.unconfirmed.append((l.nextID, PipelinedCommit(handle: h, checksum: checksum), Replica(segment: t.segment, offset: t.offset), object))
         }
         l.nextID &+= 1
@@ -669,14 +672,18 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
-    /// Applies the master's notices about this client's segment to `index`.
-    private static func apply(_ notices: [ObjectTable.SegmentNotice], _ l: inout Link) {
-        for n in notices where n.segment == l.segment && l.segment != 0 {
+    /// Applies the master's notices about this client's segment to `index`. A notice that
+    /// does not fit the segment (a master that lies, or a bug) is dropped: the index never
+    /// holds more entries than the segment has granules.
+    static func apply(_ notices: [ObjectTable.SegmentNotice], _ l: inout Link) {
+        guard l.segment != 0, let size = l.mount?.size else { return }
+        for n in notices where n.segment == l.segment && n.offset >= 0 && n.offset < size && n.offset % SegmentAllocator.granule == 0 {
             if let o = n.object {
+                guard o.offset == n.offset, o.size > 0, o.size <= size - n.offset else { continue }
                 l.index[n.offset] = o
-                // The master applied this commit: the index now follows it (seq 0: not re-added).
-                for i in l.unconfirmed.indices where l.unconfirmed[i].place == Replica(segment: n.segment, offset: n.offset) {
-                    l.unconfirmed[i].object.seq = 0
+                // The master applied this commit: the index now follows it (not re-reported).
+                for i in l.unconfirmed.indices where l.unconfirmed[i].object != nil && l.unconfirmed[i].place.offset == n.offset {
+                    l.unconfirmed[i].object = nil
                 }
             } else if l.index[n.offset]?.seq == n.seq {
                 l.index[n.offset] = nil
@@ -836,9 +843,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 // this client's own segment, then re-registered); the others may be missing.
                 // Commits into this client's own segment are re-registered whatever became of them
                 // (seq 1: a version the old master noticed wins).
-                // Only those the master never noticed: its space cannot have been reused since.
-                for u in l.unconfirmed where u.place.segment == l.segment && u.object.seq != 0 && l.index[u.place.offset] == nil {
-                    l.index[u.place.offset] = u.object
+                // Only those the master never noticed (`object` left set): their space cannot have
+                // been reused since.
+                for u in l.unconfirmed where u.place.segment == l.segment && l.index[u.place.offset] == nil {
+                    if let o = u.object { l.index[u.place.offset] = o }
                 }
                 let unknown = l.unconfirmed.filter { u in u.place.segment != l.segment }.count
                 if unknown > 0 {

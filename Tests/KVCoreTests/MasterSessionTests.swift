@@ -221,6 +221,35 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertNil(batches.first?.notices.first?.object, "a removal")
     }
 
+    /// A tenant's client restores only its tenant's keys, and hears only of them; forged
+    /// reports (another tenant's key, an oversized list) are refused and leave the table as it was.
+    func testATenantRestoresAndHearsOnlyItsOwnKeys() throws {
+        var c = MasterConfig(token: token, clientTTL: 10 * Self.s)
+        c.tenants = ["acme": "acme-token-0123456789"]
+        var m = try MasterService(config: c)
+        var t = MasterService.Session()
+        let cn = Authentication.randomBytes(Authentication.nonceSize)
+        guard case let .challenge(sn, _) = m.handle(.hello(name: "t", nonce: cn, tenant: "acme"), session: &t, now: 0),
+              case .welcome = m.handle(.prove(proof: Authentication.proof(token: Array("acme-token-0123456789".utf8), role: .client,
+                                                                         clientNonce: cn, serverNonce: sn)), session: &t, now: 0) else {
+            return XCTFail("tenant handshake")
+        }
+        let seg = mount(&m, &t)
+        let mine = ObjectTable.Restored(key: "acme/k", offset: 0, size: 64, seq: 5, options: .default, checksum: nil)
+        let theirs = ObjectTable.Restored(key: "other/k", offset: 64, size: 64, seq: 6, options: .default, checksum: nil)
+        XCTAssertEqual(m.handle(.restore(segment: seg, objects: [mine, theirs]), session: &t, now: 0), .values([.success(1), .success(0)]))
+        XCTAssertEqual(m.table.objectCount, 1)
+        XCTAssertNil(m.table.size(key: "other/k"), "another tenant's key cannot be forged")
+        // An admin writes another tenant's key into this tenant's segment: the owner hears nothing of it.
+        var (admin, _) = connect(&m)
+        guard let w = start(&m, &admin, "other/x", size: 64, preferred: seg) else { return XCTFail() }
+        XCTAssertEqual(m.handle(.putCommit(handle: w.handle), session: &admin, now: 0), .ok)
+        XCTAssertTrue(m.takeNotices(now: 0, all: true).allSatisfy { $0.notices.allSatisfy { $0.object == nil } })
+        var tooMany = WireWriter()
+        tooMany.u32(seg); tooMany.count(MasterLimits.maxBatch + 1)
+        XCTAssertThrowsError(try tooMany.bytes.withUnsafeBytes { try MasterRequest.decode(kind: MasterRequest.Kind.restore.rawValue, $0) })
+    }
+
     /// Message kinds are numbered once (`Kind`); the numbers are the wire format and never move.
     func testMessageKindNumbersAreStable() {
         XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...28))

@@ -411,6 +411,9 @@ final class MasterCommandLineTests: XCTestCase {
             (["--token-file", "/nonexistent/token"], "cannot read a token"), (["--client-ttl", "nan"], "--client-ttl"),
             (["--lease-ttl", "-1"], "lease_ttl"), (["--eviction-ratio", "2"], "eviction_ratio"),
             (["--default_kv_lease_ttl", "zero"], "--default_kv_lease_ttl"), (["--bogus"], "unknown argument"),
+            (["--write-timeout", "0"], "write_timeout"), (["--write-timeout", "-5"], "write_timeout"),
+            (["--write-timeout", "inf"], "--write-timeout"), (["--read-wait", "-1"], "--read-wait"),
+            (["--read-wait", "61"], "--read-wait"), (["--read-wait", "soon"], "--read-wait"),
         ]
         for (args, words) in bad {
             XCTAssertThrowsError(try MasterCommandLine.parse(args), "\(args)") { e in
@@ -419,6 +422,17 @@ final class MasterCommandLineTests: XCTestCase {
                 XCTAssertTrue(message.contains(words), "\(args): \(message)")
             }
         }
+    }
+
+    func testWriteTimeoutAndReadWaitReachTheConfig() throws {
+        guard case .run(let o) = try MasterCommandLine.parse(["--write-timeout", "2.5", "--read-wait", "0", "--token", "a-token-of-16+bytes"]) else {
+            return XCTFail()
+        }
+        XCTAssertEqual(o.config.quotas.writeTimeout, 2_500_000_000)
+        XCTAssertEqual(o.config.readWait, 0)
+        guard case .run(let d) = try MasterCommandLine.parse(["--token", "a-token-of-16+bytes"]) else { return XCTFail() }
+        XCTAssertEqual(d.config.quotas.writeTimeout, 300_000_000_000)
+        XCTAssertEqual(d.config.readWait, 50_000_000)
     }
 
     func testBothSpellingsAndEqualsFormsParse() throws {

@@ -70,29 +70,31 @@ def test_chaos_no_wrong_bytes_no_lost_acknowledged_puts():
         assert p.ready.wait(20)
     losses: list[float] = []      # when an event that may lose objects happened
     killed: list[Proc] = []
+
+    def freeze(p: Proc, seconds: float) -> None:
+        p.signal(signal.SIGSTOP)
+        time.sleep(seconds)
+        p.signal(signal.SIGCONT)
+
+    def kill_holder(i: int) -> None:
+        losses.append(time.time())
+        holders[i].signal(signal.SIGKILL)
+        killed.append(holders[i])
+        holders.append(Proc("holder", master.url, f"h{len(holders)}"))
+
     try:
         time.sleep(2)
-        readers[0].signal(signal.SIGSTOP)            # a reader frozen past its lease
-        time.sleep(1.2)
-        readers[0].signal(signal.SIGCONT)
+        freeze(readers[0], 1.2)                      # a reader frozen past its lease
         time.sleep(0.8)
-        losses.append(time.time())
-        holders[0].signal(signal.SIGKILL)            # a holder dies
-        killed.append(holders[0])
-        holders.append(Proc("holder", master.url, "h2"))
+        kill_holder(0)                               # a holder dies
         time.sleep(1.5)
-        writers[0].signal(signal.SIGSTOP)            # a writer frozen past the write timeout and TTL
-        time.sleep(2.6)
-        writers[0].signal(signal.SIGCONT)
+        freeze(writers[0], 2.6)                      # a writer frozen past the write timeout and TTL
         time.sleep(1.5)
         losses.append(time.time())
         master.stop(signal.SIGKILL)                  # the master dies and comes back on its port
         master = Master(*FLAGS, port=port)
         time.sleep(3)
-        losses.append(time.time())
-        holders[1].signal(signal.SIGKILL)            # another holder dies
-        killed.append(holders[1])
-        holders.append(Proc("holder", master.url, "h3"))
+        kill_holder(1)                               # another holder dies
         time.sleep(3)
         summaries = [r.finish() for r in readers]
         writer_summaries = [w.finish() for w in writers]

@@ -56,6 +56,25 @@ def test_checked_reads_count_and_the_per_write_option_overrides_the_store():
             s.put("z", b"abc", checksum=1)
 
 
+def test_wrong_checksum_values_are_refused_and_change_nothing():
+    for bad in ("yes", 1, None, 0.0):
+        with pytest.raises(kvstore.ArgumentTypeError):
+            kvstore.Store(16 << 20, checksum=bad)
+        with pytest.raises(kvstore.ArgumentTypeError):
+            kvstore.Store.connect("kvstore://127.0.0.1:1", segment_size=0, checksum=bad)
+    with kvstore.Store(16 << 20) as s:
+        s.put("keep", b"v")
+        before = s.stats()
+        for bad in ("yes", 1, None):
+            for call in (lambda: s.put("x", b"abc", checksum=bad), lambda: s.upsert("keep", b"new", checksum=bad),
+                         lambda: s.put_batch(["y"], [b"abc"], checksum=bad)):
+                with pytest.raises(kvstore.ArgumentTypeError):
+                    call()
+        after = s.stats()
+        assert s.get("keep") == b"v" and not s.exists("x") and not s.exists("y")
+        assert (after["objects"], after["bytes_used"], after["puts"]) == (before["objects"], before["bytes_used"], before["puts"])
+
+
 @pytest.fixture
 def master():
     with Master() as m:

@@ -11,16 +11,9 @@ import sys
 import time
 
 from cluster import Master, wait_for
+from test_cluster import _reconnected as back
 
 import kvstore
-
-
-def back(s: kvstore.Store) -> bool:
-    try:
-        s.exists("probe")
-        return True
-    except kvstore.TransferError:
-        return False
 
 
 def test_every_object_comes_back_after_the_master_is_killed():

@@ -1,43 +1,21 @@
 """``bench --ops checksum``: what ``checksum=True`` costs (a CRC32C computed in the copy's pass
 and checked by every read). Each case runs without and with checksums in alternating pairs in
-one run, after a warm-up of each; medians; cost = median of the per-pair time ratios − 1.
+one run, after a warm-up of each (`_paired`); medians; cost = median of the per-pair time
+ratios − 1.
 Cases: the embedded store, and a connected client holding its own segment (the same-host
 path: a master process, the copy into mapped shared memory), with ``put_from`` and
 ``get_into`` at each size."""
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .._store import Store
-from .common import _close_all, _count_for, _fmt_size, _Process, _segment_for
-
-
-def _pairs(off: Callable[[], None], on: Callable[[], None], setup: Callable[[], None], repeat: int) -> tuple[float, float, float]:
-    """Median times without and with checksums, and the median of the per-pair ratios (with / without)."""
-    for fn in (off, on):
-        setup()
-        fn()
-    t_off, t_on, ratios = [], [], []
-    for _ in range(repeat):
-        setup()
-        t0 = time.perf_counter()
-        off()
-        t1 = time.perf_counter()
-        setup()
-        t2 = time.perf_counter()
-        on()
-        t3 = time.perf_counter()
-        t_off.append(t1 - t0)
-        t_on.append(t3 - t2)
-        ratios.append((t3 - t2) / (t1 - t0))
-    return statistics.median(t_off), statistics.median(t_on), statistics.median(ratios)
+from .common import _close_all, _count_for, _fmt_size, _paired, _Process, _segment_for
 
 
 def run_checksum(sizes: list[int], budget: int, repeat: int, small_ops: int, record: Callable[[dict[str, Any]], None]) -> int:
@@ -85,11 +63,15 @@ def run_checksum(sizes: list[int], budget: int, repeat: int, small_ops: int, rec
                             store.get_into(k, dst)
                     return run
 
-                report("put_from", _pairs(put(plain, False), put(checked, True), lambda store=store: store.remove_all(force=True), repeat))
+                def empty(store: Store = store) -> None:
+                    store.remove_all(force=True)
+
+                # Without as the "store" case, with as the "baseline": the ratio is with / without.
+                report("put_from", _paired(put(plain, False), empty, put(checked, True), repeat, base_setup=empty))
                 store.remove_all(force=True)
                 put(plain, False)()
                 put(checked, True)()
-                report("get_into", _pairs(get(plain), get(checked), lambda: None, repeat))
+                report("get_into", _paired(get(plain), lambda: None, get(checked), repeat))
                 dst.fill(0)
                 store.get_into(checked[-1], dst)
                 if not np.array_equal(dst, src):

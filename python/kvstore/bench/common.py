@@ -24,13 +24,16 @@ def _fmt_size(n: int) -> str:
 
 
 def _paired(fn: Callable[[], None], setup: Callable[[], None], base: Callable[[], None],
-            repeat: int) -> tuple[float, float, float]:
+            repeat: int, base_setup: Callable[[], None] | None = None) -> tuple[float, float, float]:
     """Times the store case and its copyto baseline alternately, ``repeat`` pairs after one
     warm-up of each, so both see the same machine state. Returns the median store time, the
     median baseline time, and the median of the per-pair ratios (baseline time / store time).
+    ``base_setup`` runs untimed before each baseline run (when it needs a fresh state too).
     """
     setup()
     fn()  # warm-up: faults pages in, fills caches and allocator state
+    if base_setup:
+        base_setup()
     base()
     store_t, base_t, ratios = [], [], []
     for _ in range(repeat):
@@ -38,11 +41,14 @@ def _paired(fn: Callable[[], None], setup: Callable[[], None], base: Callable[[]
         t0 = time.perf_counter()
         fn()
         t1 = time.perf_counter()
-        base()
+        if base_setup:
+            base_setup()
         t2 = time.perf_counter()
+        base()
+        t3 = time.perf_counter()
         store_t.append(t1 - t0)
-        base_t.append(t2 - t1)
-        ratios.append((t2 - t1) / (t1 - t0))
+        base_t.append(t3 - t2)
+        ratios.append((t3 - t2) / (t1 - t0))
     return statistics.median(store_t), statistics.median(base_t), statistics.median(ratios)
 
 
