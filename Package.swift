@@ -23,7 +23,7 @@ let package = Package(
         .target(name: "KVTransfer", dependencies: ["KVCore", "KVAccelerator", "CKVCopy", "CKVVerbs"]),
         .target(name: "KVStore", dependencies: ["KVCore", "KVAccelerator", "KVTransfer"]),
         // The network master: MasterService (KVCore) behind a poll loop, plus /metrics and /health.
-        .target(name: "KVMaster", dependencies: ["KVCore", "KVAccelerator", "KVTransfer", "KVStore"]),
+        .target(name: "KVMaster", dependencies: ["KVCore", "KVAccelerator", "KVTransfer"]),
         // Its command line is KVMaster.MasterCommandLine, shared with `kvstore master`.
         .executableTarget(name: "kvstore-master", dependencies: ["KVMaster"]),
         // Header-only C target: the flat C ABI's types and prototypes (ownership rules live there).

@@ -283,9 +283,12 @@ public struct Welcome: Sendable, Equatable {
     /// A write not committed within this time is aborted and its space reused: a writer
     /// starts no copy after its own deadline (`WriteTicket.deadline`).
     public var writeTimeout: Nanoseconds
+    /// The leadership term of a master elected on etcd (the revision that created its leader
+    /// key; 0: not elected). A client that found the leader in etcd refuses another term.
+    public var term: UInt64
 
     public init(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds, local: String, pid: Int, data: [UInt8],
-                session: [UInt8] = [], writeTimeout: Nanoseconds = 0) {
+                session: [UInt8] = [], writeTimeout: Nanoseconds = 0, term: UInt64 = 0) {
         self.client = client
         self.leaseTTL = leaseTTL
         self.clientTTL = clientTTL
@@ -294,6 +297,7 @@ public struct Welcome: Sendable, Equatable {
         self.data = data
         self.session = session
         self.writeTimeout = writeTimeout
+        self.term = term
     }
 }
 
@@ -657,7 +661,7 @@ extension MasterResponse {
         case let .error(e): error(e)
         case let .welcome(v):
             w.u64(v.client); w.u64(v.leaseTTL); w.u64(v.clientTTL); w.string(v.local); w.u64(UInt64(v.pid)); w.bytes(v.data)
-            w.bytes(v.session); w.u64(v.writeTimeout)
+            w.bytes(v.session); w.u64(v.writeTimeout); w.u64(v.term)
         case let .mounted(segment): w.u32(segment)
         case let .putStarted(s): started(s)
         case let .found(f): found(f)
@@ -725,7 +729,7 @@ extension MasterResponse {
             m = .welcome(Welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64(),
                                  local: try r.string(max: MasterLimits.maxString, "local socket"), pid: try r.size(max: Int(Int32.max), "pid"),
                                  data: Array(try r.bytes(max: 64, "data key")), session: Array(try r.bytes(max: 64, "session secret")),
-                                 writeTimeout: try r.u64()))
+                                 writeTimeout: try r.u64(), term: try r.u64()))
         case .mounted: m = .mounted(segment: try r.u32())
         case .putStarted: m = .putStarted(try started())
         case .found: m = .found(try found())

@@ -25,6 +25,8 @@ public struct MasterConfig: Sendable {
     /// The first commit's sequence number (`ObjectTable.nextSeq`): the network master sets its
     /// wall-clock time in nanoseconds, so a restarted master's commits order after the old one's.
     public var sequenceBase: UInt64 = 1
+    /// The leadership term of a master elected on etcd, in each welcome (0: not elected).
+    public var term: UInt64 = 0
 
     /// Per-client limits: no client can exhaust the master's memory or hold space forever.
     public struct Quotas: Sendable {
@@ -320,7 +322,7 @@ public struct MasterService: Sendable {
                                         pid: config.masterPID,
                                         data: Authentication.mask(dataKey, token: proved, clientNonce: cn, serverNonce: sn),
                                         session: Authentication.mask(secret, token: proved, clientNonce: cn, serverNonce: sn),
-                                        writeTimeout: config.quotas.writeTimeout))
+                                        writeTimeout: config.quotas.writeTimeout, term: config.term))
             }
             guard let id = session.client, let client = clients[id] else {
                 throw .invalidArgument(session.client == nil ? "the first request must be hello" : "this client was expired; reconnect")

@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import KVCore
+import KVTransfer
+import KVAccelerator
 
 /// The master's command line, defined once: the `kvstore-master` executable and `kvstore
 /// master` / `python -m kvstore master` (through the C ABI's `kv_master_main`) both parse
@@ -29,6 +31,7 @@ public enum MasterCommandLine {
         var clientTTL = 10.0, leaseTTL = 5.0, softPinTTL = 1800.0, writeTimeout = 300.0, readWait = 0.05
         var leaseMilliseconds: Int? = nil
         var highWatermark = 0.9, evictionRatio = 0.05
+        var etcd = "", cluster = "kvstore", etcdTTL = 2, advertise = ""
     }
 
     static func int(_ s: String, _ flag: String) throws(KVError) -> Int {
@@ -105,6 +108,21 @@ public enum MasterCommandLine {
              help: "how long a read of a key with a write in flight waits for its commit (default 0.05; 0: never)") { s, v throws(KVError) in
             s.readWait = try double(v, "--read-wait")
         },
+        Flag(names: ["--etcd", "--etcd-endpoints", "--etcd_endpoints"], value: "URLS",
+             help: "run as leader or hot standby, elected on etcd at these endpoints (http://host:port, comma-separated; "
+                 + "clients connect with kvstore+etcd://host:port/CLUSTER)") { s, v in s.etcd = v },
+        Flag(names: ["--cluster", "--cluster_id"], value: "NAME", help: "the cluster whose leader this master stands for (default kvstore)") {
+            s, v throws(KVError) in
+            try MasterElection.validate(cluster: v)
+            s.cluster = v
+        },
+        Flag(names: ["--etcd-ttl"], value: "SECONDS",
+             help: "the leader's etcd lease: a dead leader is replaced after about this long (default 2)") { s, v throws(KVError) in
+            s.etcdTTL = try int(v, "--etcd-ttl")
+        },
+        Flag(names: ["--advertise"], value: "ADDRESS", help: "the address clients dial, published in etcd (default the --host)") { s, v in
+            s.advertise = v
+        },
     ]
 
     /// The help text, for `program`.
@@ -151,6 +169,11 @@ public enum MasterCommandLine {
         options.config.quotas.writeTimeout = try Seconds.nanoseconds(s.writeTimeout, name: "write_timeout")
         guard s.readWait >= 0, s.readWait <= 60 else { throw .invalidArgument("--read-wait must be between 0 and 60 seconds") }
         options.config.readWait = Nanoseconds(s.readWait * 1e9)
+        if !s.etcd.isEmpty {
+            options.election = MasterElection.Options(endpoints: s.etcd, cluster: s.cluster, ttl: s.etcdTTL, advertise: s.advertise)
+        } else if s.cluster != "kvstore" || s.etcdTTL != 2 || !s.advertise.isEmpty {
+            throw .invalidArgument("--cluster, --etcd-ttl and --advertise need --etcd")
+        }
         try options.validate()
         return .run(options)
     }
@@ -168,6 +191,8 @@ public enum MasterCommandLine {
             case .help(let text):
                 _ = text.withCString { write(1, $0, strlen($0)) }
                 return 0
+            case .run(let options) where options.election != nil:
+                return try runElected(options)
             case .run(let options):
                 let server = try MasterServer(options: options)
                 let previous = server.stopOnSignals()
@@ -177,6 +202,47 @@ public enum MasterCommandLine {
             }
         } catch {
             return fail(error.message)
+        }
+    }
+
+    /// A master elected on etcd: a standby until it wins the leader key, then a `MasterServer`
+    /// (a fresh table each term: clients re-register their objects, as after a restart) that
+    /// serves while the lease is renewed in time. A leader that loses its lease stops serving
+    /// and stands by again; SIGINT or SIGTERM resigns (the lease is revoked, so a standby takes
+    /// over at once) and returns 0.
+    static func runElected(_ base: MasterServer.Options) throws(KVError) -> Int32 {
+        let e = base.election!
+        let election = try MasterElection(options: e)
+        var fds: [Int32] = [0, 0]
+        try SystemCall.check("pipe", pipe(&fds))
+        defer { close(fds[0]); close(fds[1]) }
+        let address = "\(e.advertise.isEmpty ? base.host : e.advertise):\(base.port)"
+        while true {
+            let saved = MasterServer.stopOnSignals(writingTo: fds[1])
+            let won = election.campaign(address: address, stopFD: fds[0])
+            MasterServer.restoreSignals(saved)
+            guard let term = won else { return 0 }
+            var options = base
+            options.config.term = UInt64(term)
+            let server: MasterServer
+            do throws(KVError) {
+                server = try MasterServer(options: options)
+            } catch {
+                MasterServer.logToStandardError("cannot serve as leader: \(error.message); resigning")
+                election.resign()
+                var p = pollfd(fd: fds[0], events: Int16(POLLIN), revents: 0)
+                if poll(&p, 1, 1000) > 0 { return 0 }
+                continue
+            }
+            server.fence = { election.deadline }
+            let lostBefore = election.lost.load(ordering: .relaxed)
+            try election.keepLeading(onLost: { server.stop() })
+            let previous = server.stopOnSignals()
+            let ended = server.run()
+            MasterServer.restoreSignals(previous)
+            election.resign()
+            // Stopped by a signal (not by a lost lease): done. Otherwise stand by again.
+            if ended == .stopped, election.lost.load(ordering: .relaxed) == lostBefore { return 0 }
         }
     }
 }

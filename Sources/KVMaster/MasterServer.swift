@@ -3,7 +3,6 @@ import Glibc
 #endif
 import KVAccelerator
 import KVCore
-import KVStore
 import KVTransfer
 
 /// The network master: `MasterService` behind a TCP control plane, plus a small HTTP endpoint
@@ -48,6 +47,8 @@ public final class MasterServer: @unchecked Sendable {
         public var allowedUIDs: [UInt32] = []
         /// Where the token file is written (nil: `TokenFile.path(port:)`; "" for none).
         public var tokenFile: String? = nil
+        /// Leader election on etcd (nil: a single master). See `MasterElection`.
+        public var election: MasterElection.Options? = nil
         public init() {}
 
         /// Checks every setting (the command line and `MasterServer.init` both call it):
@@ -64,6 +65,16 @@ public final class MasterServer: @unchecked Sendable {
                 throw .invalidArgument("the token must be at least \(Authentication.minTokenLength) bytes (a generated one has 64)")
             }
             try config.validate()
+            if let e = election {
+                try e.validate()
+                guard port != 0 else { throw .invalidArgument("a master elected on etcd needs a fixed --port (clients find it there)") }
+                guard !(e.advertise.isEmpty ? host : e.advertise).hasPrefix("0.") else {
+                    throw .invalidArgument("a master listening on \(host) must say which address clients dial (--advertise)")
+                }
+                guard let t = config.token, !t.isEmpty else {
+                    throw .invalidArgument("masters elected on etcd must all prove one token: give --token-file (or --token, or KVSTORE_MASTER_TOKEN)")
+                }
+            }
         }
     }
 
@@ -239,8 +250,12 @@ public final class MasterServer: @unchecked Sendable {
     /// Makes SIGINT and SIGTERM stop this server (`run()` returns and the process can exit
     /// cleanly, closing every connection). Returns the handlers it replaced.
     @discardableResult
-    public func stopOnSignals() -> SavedSignals {
-        Self.signalPipe = wake.write
+    public func stopOnSignals() -> SavedSignals { Self.stopOnSignals(writingTo: wake.write) }
+
+    /// Makes SIGINT and SIGTERM write a byte to `fd` (a pipe); returns the handlers replaced.
+    @discardableResult
+    public static func stopOnSignals(writingTo fd: Int32) -> SavedSignals {
+        signalPipe = fd
         var action = sigaction()
         action.__sigaction_handler.sa_handler = { _ in
             var b: UInt8 = 1
@@ -265,8 +280,25 @@ public final class MasterServer: @unchecked Sendable {
         _ = write(wake.write, &b, 1)
     }
 
-    /// Serves until `stop()`.
-    public func run() {
+    /// Why `run()` returned.
+    public enum Ended: Sendable, Equatable {
+        case stopped
+        /// The fence's deadline passed: this master may no longer be the leader.
+        case fenced
+    }
+
+    /// For a master elected on etcd: the monotonic time until which it may serve
+    /// (`MasterElection.deadline`). `run()` reads it before handling anything that arrived,
+    /// and returns `.fenced`, closing every connection, once it has passed. Set before `run()`.
+    public var fence: (@Sendable () -> Nanoseconds)?
+
+    /// The longest `run()` sleeps in poll while fenced, so a passed deadline is seen soon.
+    static let fencePollMillis: Int32 = 10
+
+    /// Serves until `stop()` (or, with a `fence`, until its deadline passes).
+    @discardableResult
+    public func run() -> Ended {
+        var ended = Ended.stopped
         log("listening on \(options.host):\(port)" + (metricsPort.map { ", metrics on \(options.metricsHost):\($0)" } ?? ""))
         var lastSweep = clock()
         var lastActivity: Nanoseconds = 0
@@ -289,8 +321,11 @@ public final class MasterServer: @unchecked Sendable {
             // request of a busy client is picked up without a scheduler wake-up. Not while
             // the machine is busy (`SpinBackoff`).
             let busy = Int(loopStart &- lastActivity) < spin.budget(now: Int(loopStart))
-            let n = poll(&fds, nfds_t(fds.count), busy ? 0 : parked.isEmpty && !service.hasNotices() ? 250 : 1)
+            let idle: Int32 = fence == nil ? 250 : Self.fencePollMillis
+            let n = poll(&fds, nfds_t(fds.count), busy ? 0 : parked.isEmpty && !service.hasNotices() ? idle : 1)
             if n < 0 && errno != EINTR { log("poll failed: errno \(errno)"); break }
+            // Fenced: nothing that arrived is handled once the lease may have ended.
+            if let fence, clock() >= fence() { ended = .fenced; break }
             if n > 0 { lastActivity = clock() }
             if fds[0].revents != 0 { break }
             for (i, (l, http)) in listeners.enumerated() where fds[i + 1].revents != 0 { acceptAll(l, http: http) }
@@ -324,7 +359,8 @@ public final class MasterServer: @unchecked Sendable {
         }
         for c in connections.values { drop(c, reason: nil) }
         if let tokenPath { TokenFile.remove(tokenPath, ifHolding: token) }   // (deinit covers a server never run)
-        log("stopped")
+        log(ended == .fenced ? "stopped serving: the leadership may have passed to another master" : "stopped")
+        return ended
     }
 
     // MARK: connections
@@ -644,7 +680,9 @@ public final class MasterServer: @unchecked Sendable {
     func metricsText() -> String {
         guard case .stats(let pairs) = service.statistics(now: clock()) else { return "" }
         var out = ""
-        for p in pairs + [Statistic("connections", connections.count), Statistic("refused_connections", refusedConnections)] {
+        let extra = [Statistic("connections", connections.count), Statistic("refused_connections", refusedConnections),
+                     Statistic("term", Int(clamping: options.config.term))]
+        for p in pairs + extra {
             out += "# TYPE kvstore_\(p.name) gauge\nkvstore_\(p.name) \(p.value)\n"
         }
         return out

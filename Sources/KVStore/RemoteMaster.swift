@@ -24,8 +24,15 @@ import Synchronization
 /// `dataLock` held exclusively, so no copy into or out of segment memory is in flight while
 /// segments change identity.
 public final class RemoteMaster: MasterLink, @unchecked Sendable {
-    public let host: String
-    public let port: Int
+    /// Where the master is: fixed by the URL, or the leader etcd names (`Address`).
+    public let address: Address
+    private let dialed: Locked<(host: String, port: Int)>
+    /// The master this client dials: the URL's, or the elected leader it last found in etcd.
+    public var host: String { dialed.withLock { $0.host } }
+    public var port: Int { dialed.withLock { $0.port } }
+    /// Times this client moved to a newly elected leader (etcd), and the term of the one it uses.
+    public let failovers = Atomic<Int>(0)
+    public let term = Atomic<UInt64>(0)
     /// Lease TTL from the master's welcome; the rest are client-side defaults. Set once in init.
     public private(set) var policy = CachePolicy()
     public private(set) var clientTTL: Nanoseconds = 10_000_000_000
@@ -132,26 +139,77 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public var maintenance: (@Sendable () -> Void)?
     private let stopPipe: (read: Int32, write: Int32)
 
+    /// A master URL: "kvstore://[tenant@]host:port" (or "host:port"; the port defaults to
+    /// 50051), or "kvstore+etcd://[tenant@]etcd-host:port[,etcd-host:port...][/CLUSTER]": the
+    /// leader elected on etcd for CLUSTER (default "kvstore"), found again at each reconnect.
+    public struct Address: Sendable {
+        public let tenant: String
+        /// The master of a kvstore:// URL.
+        public let fixed: (host: String, port: Int)?
+        /// The etcd of a kvstore+etcd:// URL, and the cluster.
+        public let etcd: EtcdClient?
+        public let cluster: String
+
+        public init(url: String) throws(KVError) {
+            var rest = Substring(url)
+            var etcd = false
+            if rest.hasPrefix("kvstore://") { rest = rest.dropFirst("kvstore://".count) }
+            else if rest.hasPrefix("kvstore+etcd://") { rest = rest.dropFirst("kvstore+etcd://".count); etcd = true }
+            else if rest.contains("://") { throw .invalidArgument("master address '\(url)' must start with kvstore:// or kvstore+etcd://") }
+            var t = ""
+            if let at = rest.firstIndex(of: "@") {
+                t = String(rest[..<at])
+                rest = rest[rest.index(after: at)...]
+                try Tenant.validate(name: t)
+            }
+            tenant = t
+            if etcd {
+                var name = "kvstore"
+                if let slash = rest.firstIndex(of: "/") {
+                    let path = rest[rest.index(after: slash)...]
+                    rest = rest[..<slash]
+                    if !path.isEmpty { name = String(path.hasSuffix("/") ? path.dropLast() : path) }
+                }
+                try MasterElectionKey.validate(cluster: name)
+                cluster = name
+                self.etcd = try EtcdClient(endpoints: String(rest), timeout: 1)
+                fixed = nil
+            } else {
+                if rest.hasSuffix("/") { rest = rest.dropLast() }
+                fixed = try Socket.endpoint(rest, defaultPort: 50051)
+                self.etcd = nil
+                cluster = ""
+            }
+        }
+
+        /// The master to dial and its term (0 for a fixed master): for etcd, the leader as
+        /// etcd names it now. Throws `transfer` when etcd cannot be reached or names none.
+        public func resolve() throws(KVError) -> (host: String, port: Int, term: UInt64) {
+            if let fixed { return (fixed.host, fixed.port, 0) }
+            let etcd = etcd!
+            guard let kv = try etcd.get(MasterElectionKey.leader(cluster: cluster)) else {
+                throw KVError(.transfer, "cluster '\(cluster)' has no leader in etcd at \(etcd.description) (an election may be under way)")
+            }
+            let text = String(decoding: kv.value.prefix(300), as: UTF8.self)
+            guard kv.value.count <= 300, let (h, p) = try? Socket.endpoint(Substring(text)) else {
+                throw KVError(.transfer, "etcd names the leader of cluster '\(cluster)' as '\(text.prefix(80))', which is not host:port")
+            }
+            return (h, p, UInt64(kv.createRevision))
+        }
+    }
+
     /// Parses "kvstore://[tenant@]host:port" (or "host:port"; the port defaults to 50051).
     public static func parse(url: String) throws(KVError) -> (host: String, port: Int) {
         let (_, host, port) = try parseWithTenant(url: url)
         return (host, port)
     }
 
-    /// The tenant ("" for none: the cluster's own token), host and port of a master URL.
+    /// The tenant ("" for none: the cluster's own token), host and port of a master URL (for
+    /// kvstore+etcd://, the leader etcd names now).
     public static func parseWithTenant(url: String) throws(KVError) -> (tenant: String, host: String, port: Int) {
-        var rest = Substring(url)
-        if rest.hasPrefix("kvstore://") { rest = rest.dropFirst("kvstore://".count) }
-        else if rest.contains("://") { throw .invalidArgument("master address '\(url)' must start with kvstore://") }
-        if rest.hasSuffix("/") { rest = rest.dropLast() }
-        var tenant = ""
-        if let at = rest.firstIndex(of: "@") {
-            tenant = String(rest[..<at])
-            rest = rest[rest.index(after: at)...]
-            try Tenant.validate(name: tenant)
-        }
-        let (host, port) = try Socket.endpoint(rest, defaultPort: 50051)
-        return (tenant, host, port)
+        let a = try Address(url: url)
+        let (host, port, _) = try a.resolve()
+        return (a.tenant, host, port)
     }
 
     /// Connects and says hello; throws `transfer` when the master cannot be reached and
@@ -168,7 +226,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public init(url: String, token: ClusterToken, dataKey: ClusterToken = ClusterToken(""), name: String, timeout: Double = 10,
                 clock: @escaping Clock = monotonicClock,
                 onConnect: @escaping @Sendable (Int, SegmentID, Bool) -> Void = { _, _, _ in }) throws(KVError) {
-        (tenant, host, port) = try Self.parseWithTenant(url: url)
+        address = try Address(url: url)
+        tenant = address.tenant
+        let first = try address.resolve()
+        dialed = Locked((first.host, first.port))
         self.token = token
         self.dataKey = dataKey
         self.name = name
@@ -805,6 +866,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         l.lastAttempt = clock()
         token.reload()   // a restarted master wrote a new token file
         do throws(KVError) {
+            // A master elected on etcd: dial the leader etcd names now.
+            let (host, port, term) = try address.resolve()
+            dialed.withLock { $0 = (host, port) }
             let s = try Socket.connect(host: host, port: port, timeout: min(timeout, 5))
             guard !token.bytes.isEmpty else {
                 s.close()
@@ -833,9 +897,22 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                     l.socket = tcp   // the local socket failed: stay on the TCP connection
                 }
             }
+            // Identity from the connection: the master that answered must hold the term etcd
+            // named (an address can outlive its leader; a new process may listen there).
+            guard address.etcd == nil || welcome.term == term else {
+                throw KVError(.transfer, "the master at \(host):\(port) is in term \(welcome.term), not the leader etcd names (term \(term))")
+            }
+            let previousTerm = self.term.exchange(welcome.term, ordering: .relaxed)
+            let newTerm = previousTerm != 0 && previousTerm != welcome.term
+            if newTerm {
+                _ = failovers.add(1, ordering: .relaxed)
+                let text = "kvstore: cluster '\(address.cluster)' elected a new leader at \(host):\(port) (term \(welcome.term))\n"
+                _ = text.withCString { write(2, $0, strlen($0)) }
+            }
             l.epoch += 1
             l.leaseTTL = welcome.leaseTTL
-            let resumed = try resume(&l)
+            // A new leader never knows a session of an earlier term (it began empty).
+            let resumed = newTerm ? false : try resume(&l)
             if resumed {
                 _ = resumes.add(1, ordering: .relaxed)
             } else {   // a new session: nothing of the old one exists at this master
@@ -869,7 +946,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             l.socket = nil
             l.lastFailure = error.message
             if error.code == .invalidArgument { throw error }   // a refused token
-            throw KVError(.transfer, "cannot reach the master at \(host):\(port): \(error.message)")
+            throw KVError(.transfer, "cannot reach the master at \(host):\(port)\(address.etcd == nil ? "" : " (cluster '\(address.cluster)')"): \(error.message)")
         }
     }
 

@@ -45,6 +45,8 @@ extension StoreClient {
             .init("sessions_resumed", remote?.resumes.load(ordering: .relaxed) ?? 0),
             .init("objects_reregistered", remote?.restoredObjects.load(ordering: .relaxed) ?? 0),
             .init("commits_resent", remote?.resumedCommits.load(ordering: .relaxed) ?? 0),
+            .init("master_failovers", remote?.failovers.load(ordering: .relaxed) ?? 0),
+            .init("master_term", Int(clamping: remote?.term.load(ordering: .relaxed) ?? 0)),
             .init("network_bytes", counters.networkBytes.load(ordering: .relaxed)),
             .init("rdma_bytes", counters.rdmaBytes.load(ordering: .relaxed)),
             .init("rdma_devices", remote == nil ? 0 : RDMA.discovery.devices.filter(\.active).count),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import os
 import re
 import socket
 import sys
@@ -135,6 +136,17 @@ def _options(config: ReplicateConfig | None) -> dict[str, Any]:
     return config._options()
 
 
+def _master_url(address: str) -> str:
+    """A kvstore URL for Mooncake's ``master_server_address``: "host:port", a kvstore URL as is,
+    or Mooncake's highly available form "etcd://host:port[;host:port...]" (the leader elected
+    on that etcd, for the cluster named by ``MC_STORE_CLUSTER_ID``, default "kvstore")."""
+    if address.startswith("etcd://"):
+        endpoints = address[len("etcd://"):].rstrip("/").replace(";", ",")
+        cluster = os.environ.get("MC_STORE_CLUSTER_ID") or "kvstore"
+        return f"kvstore+etcd://{endpoints}/{cluster}"
+    return address if "://" in address else f"kvstore://{address}"
+
+
 def _log(message: str) -> None:
     print(f"kvstore.mooncake: {message}", file=sys.stderr)
 
@@ -185,7 +197,7 @@ class MooncakeDistributedStore:
                 with socket.socket() as s:   # a free port, as Mooncake picks one
                     s.bind(("", 0))
                     port = str(s.getsockname()[1])
-            url = master_server_addr if "://" in master_server_addr else f"kvstore://{master_server_addr}"
+            url = _master_url(master_server_addr)
             self._store = Store.connect(url, segment_size=size)
             self._hostname = f"{host or 'localhost'}:{port}"
             return 0
