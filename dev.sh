@@ -6,13 +6,15 @@
 #   ./dev.sh bench [args]  set everything up, then run the benchmarks (python -m kvstore bench)
 #   ./dev.sh wheel         set everything up, then build a manylinux abi3 wheel into dist/
 #   ./dev.sh install-master [PREFIX]  build the kvstore-master executable, install it in PREFIX/bin
+#   ./dev.sh etcd [args]   run a single-member etcd on 127.0.0.1:2379 (for masters run with --etcd)
 #   ./dev.sh setup         set everything up only
 #
 # Set-up installs missing Debian packages (python3-dev, python3-venv, libibverbs-dev, iproute2, iperf3,
 # libnuma-dev, pkg-config), creates .venv with numpy and pytest, and builds and installs the
 # package (swift build -c release) into it. Every step is skipped when already done. `test` and
 # `bench` also try to install Mooncake Store from PyPI (the parity test, bench --against), and
-# `bench` redis-server; when they cannot be installed, those parts skip.
+# `bench` redis-server; when they cannot be installed, those parts skip. Both install etcd-server
+# (master election: the failover tests and benchmark).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -62,6 +64,28 @@ install_mooncake() {
     else
         log "Mooncake Store could not be installed: the comparisons with it are skipped"
     fi
+}
+
+# etcd (Debian's etcd-server) for master election: the failover tests, `bench --ops failover`
+# and `./dev.sh etcd`. The package's own service is left stopped: tests run their own members.
+install_etcd() {
+    dpkg -s etcd-server >/dev/null 2>&1 && return
+    log "installing etcd-server (master election and failover)"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq etcd-server >/dev/null
+    { command -v systemctl >/dev/null && $sudo systemctl disable --now etcd >/dev/null 2>&1; } || true
+}
+
+# A single-member etcd on loopback (data in .etcd/), in the foreground: what masters started
+# with --etcd http://127.0.0.1:2379 elect their leader on. Its 50 ms heartbeat lets it grant
+# leases as short as 1 s (--etcd-ttl 1).
+run_etcd() {
+    exec etcd --name kvstore --data-dir "$ROOT/.etcd" \
+        --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+        --initial-cluster kvstore=http://127.0.0.1:2380 --heartbeat-interval 50 --election-timeout 500 "$@"
 }
 
 install_redis() {
@@ -143,10 +167,12 @@ case "$cmd" in
         install -D -m 755 "$(swift build -c release --show-bin-path)/kvstore-master" "$prefix/bin/kvstore-master"
         ;;
     demo) setup_all; exec "$VENV/bin/python" -m kvstore demo "$@" ;;
-    bench) setup_all; install_mooncake; install_redis; exec "$VENV/bin/python" -m kvstore bench "$@" ;;
+    etcd) install_etcd; run_etcd "$@" ;;
+    bench) setup_all; install_mooncake; install_redis; install_etcd; exec "$VENV/bin/python" -m kvstore bench "$@" ;;
     test)
         setup_all
         install_mooncake
+        install_etcd
         python_build_env
         log "Swift tests (thread sanitizer)"
         swift test --sanitize=thread --scratch-path .build-tsan -Xcc "-I$PY_INCLUDE"
@@ -160,5 +186,5 @@ case "$cmd" in
         log "the wheel in a fresh virtual environment"
         smoke_wheel
         ;;
-    *) sed -n '2,15p' "$0"; exit 2 ;;
+    *) sed -n '2,17p' "$0"; exit 2 ;;
 esac

@@ -1,4 +1,5 @@
 import XCTest
+import Synchronization
 import KVCore
 import KVTestSupport
 @testable import KVStore
@@ -446,6 +447,54 @@ final class MasterCommandLineTests: XCTestCase {
         XCTAssertEqual(o.config.cache.leaseTTL, 250_000_000)
         guard case .help(let text) = try MasterCommandLine.parse(["--port", "1", "--help"], program: "x") else { return XCTFail() }
         XCTAssertTrue(text.hasPrefix("usage: x"))
+    }
+
+    func testElectionFlags() throws {
+        guard case .run(let o) = try MasterCommandLine.parse(["--etcd", "http://127.0.0.1:2379,127.0.0.2:2380", "--cluster_id", "prod",
+                                                              "--etcd-ttl", "1", "--advertise", "10.0.0.5", "--host", "0.0.0.0",
+                                                              "--token", "a-token-of-16+bytes"]) else { return XCTFail() }
+        XCTAssertEqual(o.election, MasterElection.Options(endpoints: "http://127.0.0.1:2379,127.0.0.2:2380", cluster: "prod", ttl: 1,
+                                                          advertise: "10.0.0.5"))
+        guard case .run(let plain) = try MasterCommandLine.parse(["--token", "a-token-of-16+bytes"]) else { return XCTFail() }
+        XCTAssertNil(plain.election)
+        let bad: [([String], String)] = [
+            (["--etcd", "http://127.0.0.1:2379"], "one token"),
+            (["--cluster", "x", "--token", "a-token-of-16+bytes"], "need --etcd"),
+            (["--etcd", "http://127.0.0.1:2379", "--etcd-ttl", "301", "--token", "a-token-of-16+bytes"], "1 to 300"),
+            (["--etcd", "http://127.0.0.1:2379", "--port", "0", "--token", "a-token-of-16+bytes"], "fixed --port"),
+            (["--etcd", "http://127.0.0.1:2379", "--host", "0.0.0.0", "--token", "a-token-of-16+bytes"], "--advertise"),
+            (["--etcd", "ftp://x", "--token", "a-token-of-16+bytes"], "etcd endpoint"),
+            (["--etcd", "http://127.0.0.1:2379", "--cluster", "a b", "--token", "a-token-of-16+bytes"], "cluster name"),
+        ]
+        for (args, words) in bad {
+            XCTAssertThrowsError(try MasterCommandLine.parse(args), "\(args)") { e in
+                XCTAssertTrue(((e as? KVError)?.message ?? "").contains(words), "\(args): \(e)")
+            }
+        }
+    }
+
+    /// A fenced master stops serving once its deadline passes: it closes every connection and
+    /// answers nothing that arrives after (`run` returns `.fenced`).
+    func testAFencedMasterStopsServingAtItsDeadline() throws {
+        let deadline = Atomic<UInt64>(monotonicClock() &+ 10_000_000_000)
+        var o = MasterServer.Options()
+        o.port = 0
+        o.metricsPort = nil
+        o.tokenFile = ""
+        o.config = MasterConfig(token: MasterServerTests.token, clientTTL: 10_000_000_000)
+        let fenced = try MasterServer(options: o, log: { _ in })
+        fenced.fence = { deadline.load(ordering: .relaxed) }
+        let ended = Locked<MasterServer.Ended?>(nil)
+        let t = TestThread { ended.withLock { $0 = fenced.run() } }
+        t.start()
+        let c = try MasterServerTests.Client(port: fenced.port)
+        guard case .welcome = try c.hello(name: "t") else { return XCTFail() }
+        XCTAssertNoThrow(try c.call(.heartbeat))
+        deadline.store(monotonicClock(), ordering: .relaxed)   // the lease may have passed
+        t.join()
+        defer { fenced.stop() }
+        XCTAssertEqual(ended.withLock { $0 }, .fenced)
+        XCTAssertThrowsError(try c.call(.heartbeat))            // closed, unanswered
     }
 }
 
