@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KVAccelerator
 import KVCore
 import Synchronization
 

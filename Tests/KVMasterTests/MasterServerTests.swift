@@ -1,5 +1,6 @@
 import XCTest
 import Synchronization
+import KVAccelerator
 import KVCore
 import KVTestSupport
 @testable import KVStore

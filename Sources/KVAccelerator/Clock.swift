@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import KVCore
 
 /// A source of monotonic time in nanoseconds. The store reads it outside its lock and hands
 /// the value to the state machine; tests pass a clock they move by hand.
