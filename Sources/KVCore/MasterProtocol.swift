@@ -53,7 +53,7 @@ public enum MasterRequest: Sendable, Equatable {
     /// per mapped segment).
     case unmountCount
     /// `size` of up to `MasterLimits.maxBatch` keys (each found object is leased); answered
-    /// by `values`, one result per key (`objectNotFound` for a missing one).
+    /// by `sizes`, one size per key (nil for an absent one).
     case sizeBatch(keys: [ObjectKey])
     /// `remove` of up to `MasterLimits.maxBatch` keys; answered by `values` (0 per removed key).
     case removeBatch(keys: [ObjectKey], force: Bool)
@@ -362,6 +362,9 @@ public enum MasterResponse: Sendable, Equatable {
     /// stored there and objects gone — so that it can tell a restarted master
     /// (`restore`). At most `MasterLimits.maxBatch` a frame.
     case notices([ObjectTable.SegmentNotice])
+    /// The answer to `sizeBatch`: each key's size, nil when it is absent (8 bytes a key, no
+    /// error text: `batch_exists` of 10,000 keys is mostly this).
+    case sizes([Int?])
 
     /// Every answer kind, numbered once.
     public enum Kind: UInt16, CaseIterable {
@@ -382,6 +385,7 @@ public enum MasterResponse: Sendable, Equatable {
         case challenge = 114
         case values = 115
         case notices = 116
+        case sizes = 117
     }
 
     public var responseKind: Kind {
@@ -403,6 +407,7 @@ public enum MasterResponse: Sendable, Equatable {
         case .challenge: .challenge
         case .values: .values
         case .notices: .notices
+        case .sizes: .sizes
         }
     }
 
@@ -677,6 +682,9 @@ extension MasterResponse {
         case let .keys(ks, more): w.bool(more); w.count(ks.count); for k in ks { w.key(k) }
         case let .challenge(nonce, proof): w.bytes(nonce); w.bytes(proof)
         case let .values(rs): results(rs) { w.i64(Int64($0)) }
+        case let .sizes(ns):
+            w.count(ns.count)
+            for n in ns { w.u64(n.map { UInt64($0) } ?? UInt64.max) }
         case let .notices(ns):
             w.count(ns.count)
             for n in ns {
@@ -758,6 +766,17 @@ extension MasterResponse {
             m = .keys(ks, more: more)
         case .challenge: m = .challenge(nonce: Array(try r.bytes(max: 64, "nonce")), proof: Array(try r.bytes(max: 64, "proof")))
         case .values: m = .values(try results { () throws(KVError) in Int(try r.i64()) })
+        case .sizes:
+            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 8, "sizes")
+            var ns: [Int?] = []
+            ns.reserveCapacity(n)
+            for _ in 0..<n {
+                let v = try r.u64()
+                if v == UInt64.max { ns.append(nil); continue }
+                guard v <= UInt64(MasterLimits.maxSize) else { throw KVError(.invalidArgument, "size \(v) is out of range") }
+                ns.append(Int(v))
+            }
+            m = .sizes(ns)
         case .notices:
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 21, "notices")
             var ns: [ObjectTable.SegmentNotice] = []

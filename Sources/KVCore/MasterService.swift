@@ -441,10 +441,7 @@ public struct MasterService: Sendable {
             try table.remove(key: key, force: force, now: now)
             return .ok
         case let .sizeBatch(keys):
-            return .values(keys.map { key in
-                guard let n = table.lease(key: key, now: now) else { return .failure(.notFound("object '\(key)' not found")) }
-                return .success(n)
-            })
+            return .sizes(keys.map { key in table.lease(key: key, now: now) })
         case let .removeBatch(keys, force):
             return .values(keys.map { key in Result { () throws(KVError) in try table.remove(key: key, force: force, now: now); return 0 } })
         case let .removeAll(force):

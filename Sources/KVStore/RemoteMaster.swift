@@ -479,13 +479,14 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// `lease` of several keys: each key's size, or nil when it is absent. One request per
     /// `keysChunk` keys, the next sent before this one's answer is read.
     public func leases(keys: [ObjectKey]) throws(KVError) -> [Result<Int?, KVError>] {
-        try keyBatches(keys, "sizeBatch") { .sizeBatch(keys: $0) }.map { r in
-            switch r {
-            case .success(let n): .success(n)
-            case .failure(let e) where e.code == .objectNotFound: .success(nil)
-            case .failure(let e): .failure(e)
-            }
-        }
+        var out: [Result<Int?, KVError>] = []
+        out.reserveCapacity(keys.count)
+        try streamed(keys.count, firstChunk: Self.keysChunk, chunk: Self.keysChunk, { r in .sizeBatch(keys: Array(keys[r])) },
+                     decode: { (_: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Int?] in
+            guard case .sizes(let ns) = answer, ns.count == range.count else { throw KVError(.internal, "unexpected answer to sizeBatch") }
+            return ns
+        }, handle: { _, ns in out.append(contentsOf: ns.lazy.map { .success($0) }) })
+        return out
     }
 
     /// `remove` of several keys: one error per key (nil: removed). Chunked like `leases`.

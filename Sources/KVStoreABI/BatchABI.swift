@@ -126,6 +126,10 @@ struct KeyBatch {
     }
 }
 
+/// A missing key of `kv_batch_size` (one shared value: 10,000 missing keys build no message each;
+/// the index in the batch names the key).
+private let missingObject = KVError.notFound("object not found")
+
 @c(kv_batch_size)
 public func kvBatchSize(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int,
                         _ statuses: UnsafeMutablePointer<Int32>?, _ sizes: UnsafeMutablePointer<UInt64>?) -> Int32 {
@@ -136,7 +140,7 @@ public func kvBatchSize(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?,
         for (j, r) in try c.sizes(keys: batch.keys).enumerated() {
             switch r {
             case .success(let size?): sizes![batch.positions[j]] = UInt64(size)
-            case .success(nil): batch.set(j, .notFound("object '\(batch.keys[j])' not found"))
+            case .success(nil): batch.set(j, missingObject)
             case .failure(let e): batch.set(j, e)
             }
         }

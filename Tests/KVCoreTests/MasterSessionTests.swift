@@ -253,13 +253,31 @@ final class MasterSessionTests: XCTestCase {
     /// Message kinds are numbered once (`Kind`); the numbers are the wire format and never move.
     func testMessageKindNumbersAreStable() {
         XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...28))
-        XCTAssertEqual(MasterResponse.Kind.allCases.map(\.rawValue), Array(100...116))
+        XCTAssertEqual(MasterResponse.Kind.allCases.map(\.rawValue), Array(100...117))
         XCTAssertEqual(MasterRequest.heartbeat.kind, 4)
         XCTAssertEqual(MasterRequest.restore(segment: 1, objects: []).kind, 28)
         XCTAssertEqual(MasterResponse.errorKind, 101)
         XCTAssertEqual(MasterResponse.notices([]).kind, 116)
+        XCTAssertEqual(MasterResponse.sizes([]).kind, 117)
         XCTAssertTrue(MasterRequest.isHandshakeKind(1) && MasterRequest.isHandshakeKind(21) && !MasterRequest.isHandshakeKind(2))
-        XCTAssertFalse(MasterRequest.isRequestKind(29) || MasterResponse.isResponseKind(117) || MasterRequest.isRequestKind(0))
+        XCTAssertFalse(MasterRequest.isRequestKind(29) || MasterResponse.isResponseKind(118) || MasterRequest.isRequestKind(0))
+    }
+
+    /// `sizes` (the answer to `sizeBatch`): 8 bytes a key, absent as all ones; a size past
+    /// `MasterLimits.maxSize` or a list past `maxBatch` is refused.
+    func testSizesRoundTripAndAreBounded() throws {
+        let r = MasterResponse.sizes([0, nil, 4096, MasterLimits.maxSize, nil])
+        XCTAssertEqual(try r.encode().withUnsafeBytes { try MasterResponse.decode(kind: r.kind, $0) }, r)
+        var big = WireWriter()
+        big.count(1); big.u64(UInt64(MasterLimits.maxSize) + 1)
+        XCTAssertThrowsError(try big.bytes.withUnsafeBytes { try MasterResponse.decode(kind: 117, $0) })
+        var long = WireWriter()
+        long.count(MasterLimits.maxBatch + 1)
+        for _ in 0...MasterLimits.maxBatch { long.u64(1) }
+        XCTAssertThrowsError(try long.bytes.withUnsafeBytes { try MasterResponse.decode(kind: 117, $0) })
+        var short = WireWriter()
+        short.count(3); short.u64(1)
+        XCTAssertThrowsError(try short.bytes.withUnsafeBytes { try MasterResponse.decode(kind: 117, $0) })
     }
 
     func testSessionMessagesRoundTrip() throws {
