@@ -66,7 +66,7 @@ public struct LocalCopyTransport: Sendable {
         var c = crc
         let moved = TransferPlan.forEachSlice(sources: sources, destinations: destinations) { (op: CopyOp) in
             c = kv_crc32c_copy(UnsafeMutableRawPointer(bitPattern: op.destination), UnsafeRawPointer(bitPattern: op.source),
-                               op.length, c, op.length >= threshold ? 1 : 0)
+                               op.length, c, op.length < threshold ? 0 : destination == .segment ? 2 : 1)
             ops += 1
         }
         counters.bytesCopied.add(moved, ordering: .relaxed)

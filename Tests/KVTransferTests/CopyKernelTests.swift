@@ -38,10 +38,17 @@ final class CopyKernelTests: XCTestCase {
         for n in [0, 1, 7, 8, 9, 4095, 12_287, 12_288, 12_289, 24_576, 24_676, 196_607, 196_608, 196_609, 599_999] {
             var out = [UInt8](repeating: 0, count: n)
             let want = Self.reference(Array(data[0..<n]))
-            for streaming: Int32 in [0, 1] {
+            for streaming: Int32 in [0, 1, 2] {   // 2: the folding path from 32 KiB (where the processor has it)
                 let got = data.withUnsafeBytes { s in out.withUnsafeMutableBytes { d in kv_crc32c_copy(d.baseAddress, s.baseAddress, n, 0, streaming) } }
                 XCTAssertEqual(got, want, "length \(n)")
                 XCTAssertEqual(out, Array(data[0..<n]), "the copy, length \(n)")
+            }
+            // Destinations off the 16-byte grid take plain stores: same bytes, same checksum.
+            for shift in [1, 8] where n > 0 {
+                var wide = [UInt8](repeating: 0, count: n + shift)
+                let got = data.withUnsafeBytes { s in wide.withUnsafeMutableBytes { d in kv_crc32c_copy(d.baseAddress! + shift, s.baseAddress, n, 0, 2) } }
+                XCTAssertEqual(got, want, "length \(n), destination +\(shift)")
+                XCTAssertEqual(Array(wide[shift...]), Array(data[0..<n]), "the copy, length \(n), destination +\(shift)")
             }
             // Chained over two pieces: the same as one pass.
             let cut = n / 3

@@ -32,9 +32,12 @@ long kv_recv_fd(int sock, int *fd, void *data, size_t cap);
 /* CRC32C (Castagnoli, the iSCSI polynomial; check value of "123456789": 0xE3069283).
  * `crc` is the CRC of the bytes before these (0 for none), so a stream's CRC is the chain of
  * calls over its pieces in order. kv_crc32c_copy copies n bytes to dst in the same pass
- * (`streaming`: non-temporal stores, as kv_copy_streaming); dst may be NULL (CRC only).
- * Uses the SSE4.2 crc32 instruction on three interleaved streams when the processor has it
- * (about memcpy's speed), a table otherwise. The ranges must not overlap. */
+ * (`streaming`: non-temporal stores, as kv_copy_streaming; 2: the same, into a segment from
+ * a buffer that is likely warm, which may fold with carry-less multiplies); dst may be NULL
+ * (CRC only). Uses the SSE4.2 crc32 instruction on three interleaved streams when the
+ * processor has it (about memcpy's speed), VPCLMULQDQ folding for streaming 2 from 32 KiB
+ * when it has AVX-512 and that (KVSTORE_CRC_NO_CLMUL set: never), a table otherwise. The
+ * ranges must not overlap. */
 unsigned kv_crc32c_copy(void *dst, const void *src, size_t n, unsigned crc, int streaming);
 /* 1 when kv_crc32c_copy runs on the hardware instruction, 0 on the table. */
 int kv_crc32c_hardware(void);
