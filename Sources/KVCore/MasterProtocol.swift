@@ -440,6 +440,8 @@ public enum MasterLimits {
 extension MasterRequest {
     /// A counted list of keys (what `decodeKeys` reads).
     static func encodeKeys(_ keys: [ObjectKey], _ w: inout WireWriter) {
+        // Room for all of them at once (a chunk of 1,024 keys grew the buffer ten times).
+        w.reserve(4 + keys.reduce(0) { $0 + 4 + $1.count })
         w.count(keys.count)
         for k in keys { w.key(k) }
     }

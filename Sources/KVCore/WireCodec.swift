@@ -67,6 +67,9 @@ public struct WireWriter: Sendable {
 
     public init(capacity: Int = 64) { bytes.reserveCapacity(capacity) }
 
+    /// Makes room for `more` bytes at once (a writer about to append many fields).
+    public mutating func reserve(_ more: Int) { bytes.reserveCapacity(bytes.count + more) }
+
     public mutating func u8(_ v: UInt8) { bytes.append(v) }
     /// Appends what another writer wrote (whole frames).
     public mutating func append(_ other: WireWriter) { bytes += other.bytes }
@@ -186,7 +189,7 @@ public struct WireReader {
     /// A key: valid UTF-8, 1 to `ObjectKey.maxBytes` bytes.
     public mutating func key() throws(KVError) -> ObjectKey {
         let b = try bytes(max: ObjectKey.maxBytes, "key")
-        guard String(validating: b, as: UTF8.self) != nil else { throw .invalidArgument("key is not valid UTF-8") }
+        guard ObjectKey.isValidUTF8(b) else { throw .invalidArgument("key is not valid UTF-8") }
         return try ObjectKey(utf8: b)
     }
 

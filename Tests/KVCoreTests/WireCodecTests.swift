@@ -47,6 +47,25 @@ final class WireCodecTests: XCTestCase {
         try bytes.withUnsafeBytes { b in try Sample.decode(b) }
     }
 
+    /// The key validator agrees with the standard library on ASCII, every UTF-8 form, and
+    /// broken sequences at every position (its ASCII fast path must not skip a bad byte).
+    func testKeyUTF8ValidationAgreesWithTheStandardLibrary() {
+        var cases: [[UInt8]] = [[], Array("plain-ascii-key-0123456789".utf8), Array("é".utf8), Array("ключ/😀/鍵".utf8),
+                                [0xC3], [0xC3, 0x28], [0x80], [0xED, 0xA0, 0x80], [0xF4, 0x90, 0x80, 0x80], [0xC0, 0xAF], [0xFF]]
+        var g = SystemRandomNumberGenerator()
+        for _ in 0..<2000 {
+            let n = Int.random(in: 1...40, using: &g)
+            var b = (0..<n).map { _ in UInt8.random(in: 0x20...0x7E, using: &g) }
+            if Bool.random(using: &g) { b[Int.random(in: 0..<n, using: &g)] = UInt8.random(in: 0x80...0xFF, using: &g) }
+            if Bool.random(using: &g) { b.insert(contentsOf: Array("ü€".utf8), at: Int.random(in: 0...n, using: &g)) }
+            cases.append(b)
+        }
+        for b in cases {
+            let want = String(validating: b, as: UTF8.self) != nil
+            XCTAssertEqual(b.withUnsafeBytes { ObjectKey.isValidUTF8($0) }, want, "\(b)")
+        }
+    }
+
     func testFieldsRoundTrip() throws {
         XCTAssertEqual(try decode(sample.encode()), sample)
     }
