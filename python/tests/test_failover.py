@@ -285,3 +285,38 @@ def test_an_elected_master_publishes_its_term(etcd, token):
             assert f"kvstore_term {term}\n" in r.read().decode()
     finally:
         m.stop()
+
+
+def test_an_etcd_member_dies_and_the_cluster_carries_on(token):
+    """One of three etcd members is killed (the first endpoint, which every client tries
+    first): masters and clients move to the others; then the leader is killed too and a
+    standby takes over through the two members left."""
+    path, secret = token
+    with Etcd(members=3) as etcd:
+        masters = [ElectedMaster(etcd, "fo7", path, ttl=2) for _ in range(2)]
+        store = None
+        try:
+            first = _lead(etcd, "fo7", masters)
+            store = kvstore.Store.connect(_url(etcd, "fo7"), segment_size=8 << 20, token=secret)
+            want = {f"e{i}": os.urandom(700 + i) for i in range(50)}
+            for k, v in want.items():
+                store.put(k, v)
+            etcd.procs[0].kill()                               # the first endpoint's member dies
+            etcd.procs[0].wait()
+            assert wait_for(lambda: _try_put(store, "after-member", b"m" * 100), 20)
+            for k, v in want.items():
+                assert store.get(k) == v, k
+            leader = next(m for m in masters if m.proc.poll() is None and m.serving())
+            term = leader.terms()[-1]
+            leader.proc.kill()                                 # and then the leader
+            assert wait_for(lambda: any(m.proc.poll() is None and m.serving() and m.terms()[-1] > term for m in masters), 20)
+            assert wait_for(lambda: _try_put(store, "after-leader", b"l" * 100), 20)
+            for k, v in want.items():
+                assert store.get(k) == v, k
+            assert store.get("after-member") == b"m" * 100
+            assert first in masters
+        finally:
+            if store is not None:
+                store.close()
+            for m in masters:
+                m.stop()

@@ -65,10 +65,18 @@ class Etcd:
                     raise RuntimeError("etcd did not start") from None
                 time.sleep(0.05)
 
-    def call(self, path: str, body: dict, member: int = 0) -> dict:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.client_ports[member]}{path}", data=json.dumps(body).encode())
-        with urllib.request.urlopen(req, timeout=2) as r:
-            return json.loads(r.read())
+    def call(self, path: str, body: dict, member: int | None = None) -> dict:
+        """POSTs to one member (``member``), or to the first one alive."""
+        members = [member] if member is not None else [i for i, p in enumerate(self.procs) if p.poll() is None]
+        error: OSError | None = None
+        for i in members:
+            req = urllib.request.Request(f"http://127.0.0.1:{self.client_ports[i]}{path}", data=json.dumps(body).encode())
+            try:
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    return json.loads(r.read())
+            except OSError as e:
+                error = e
+        raise error or OSError("no etcd member is running")
 
     def stop(self) -> None:
         for p in self.procs:
