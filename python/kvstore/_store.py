@@ -36,7 +36,7 @@ class Store(KVLayoutMixin, _native.Store):
     (``page_locked_bytes``, ``page_lock_fallbacks``); it never fails. ``pin_memory=False`` skips
     pinning for this store.
 
-    The store is a cache (README "Capacity, eviction, leases and pins"):
+    The store is a cache (docs/cache.md):
 
     - ``lease_ttl`` (seconds, default 5; 0 turns leases off): ``get``, ``get_into``,
       ``exists`` and ``size`` lease the object they find. A leased object is never evicted,

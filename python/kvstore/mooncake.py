@@ -6,7 +6,7 @@ Mooncake's conventions are kept, not kvstore's: calls return integer codes inste
 (0 success, -704 object not found, -706 object has a lease, -600 invalid parameters, -200 no
 space, -705 already exists, -800 transfer failure), ``get`` of a missing key returns ``b""``,
 ``put`` of an existing key returns 0 and keeps the stored value, ``is_exist`` returns 1 / 0.
-README.md, "Coming from Mooncake", lists every difference.
+docs/mooncake.md lists every difference.
 """
 
 from __future__ import annotations

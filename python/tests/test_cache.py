@@ -1,6 +1,6 @@
-"""The store as a cache: leases, eviction, pins, TTLs and their statistics (README "Capacity,
-eviction, leases and pins"). Time-dependent rules are unit-tested in Swift with a hand-driven
-clock; here a few short TTLs check that the same rules arrive through Python."""
+"""The store as a cache: leases, eviction, pins, TTLs and their statistics (docs/cache.md).
+Time-dependent rules are unit-tested in Swift with a hand-driven clock; here a few short TTLs
+check that the same rules arrive through Python."""
 
 import math
 import time

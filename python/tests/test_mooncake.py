@@ -251,7 +251,7 @@ def _mooncake_master() -> str | None:
 @pytest.mark.skipif(_mooncake_master() is None, reason="Mooncake Store is not installed (pip install mooncake-transfer-engine-non-cuda)")
 def test_same_results_as_mooncake_store_itself(master):
     """The same call sequence against Mooncake Store and kvstore.mooncake gives the same
-    results, except where README.md says otherwise."""
+    results, except where docs/mooncake.md says otherwise."""
     import json
     import socket
     import subprocess
