@@ -4,6 +4,7 @@ import Glibc
 import KVAccelerator
 import KVCore
 import KVTransfer
+import Synchronization
 
 /// A segment of host memory: `size` bytes mapped read-write, transparent huge pages requested
 /// (best effort). Pages are committed on first touch, or all at once when `prefault` is set
@@ -29,6 +30,20 @@ public final class HostSegment: @unchecked Sendable {
     public let pinnedLength: Int
     /// Why pinning was refused ("" when pinned or not attempted).
     public let pinFallbackReason: String
+    /// The thread building the page tables (`populateInBackground`), and its stop flag:
+    /// `unmap()` stops and joins it first, so it never touches an address after the munmap.
+    private let populator = Locked<BackgroundThread?>(nil)
+    private let population = Population()
+
+    /// What the populating thread shares with the segment (not the segment itself, which
+    /// it must not keep alive: `unmap()`, run by deinit too, joins it).
+    final class Population: Sendable {
+        let stop = Atomic<Bool>(false)
+        let done = Atomic<Int>(0)
+    }
+
+    /// Bytes whose page tables the background thread has built so far.
+    public var populatedBytes: Int { population.done.load(ordering: .relaxed) }
 
     /// Maps `size` bytes (> 0) — in a new shared-memory file when `shared` — then pins them when `pinning`
     /// allows and an accelerator is present. Throws `noSpace` when the memory cannot be had; a
@@ -112,18 +127,21 @@ public final class HostSegment: @unchecked Sendable {
     /// Builds this mapping's page tables on a background thread (MADV_POPULATE_WRITE, Linux
     /// 5.14+; older kernels fault pages in on first use instead), so later copies take no
     /// fault. 4 MiB at a time: each step holds the process's memory-map lock (shared) for
-    /// well under a millisecond, so a foreground mmap or munmap is not held up. The thread
-    /// keeps the segment alive until it is done; for attached segments, which only deinit
-    /// unmaps.
+    /// well under a millisecond, so a foreground mmap or munmap is not held up. `unmap()`
+    /// (and so deinit) stops the thread and waits for it before unmapping.
     public func populateInBackground() {
         let chunk = 4 << 20
-        _ = try? BackgroundThread { [self] in
+        let address = UInt(bitPattern: base), size = size, p = population
+        let t = try? BackgroundThread {
+            let base = UnsafeMutableRawPointer(bitPattern: address)!
             var at = 0
-            while at < size {
+            while at < size, !p.stop.load(ordering: .acquiring) {
                 if madvise(base + at, min(chunk, size - at), 23 /* MADV_POPULATE_WRITE */) != 0 { return }
                 at += chunk
+                p.done.store(min(at, size), ordering: .relaxed)
             }
         }
+        populator.withLock { $0 = t }
     }
 
     /// A new shared-memory file with no name: created in /dev/shm (`shm_open`, exclusive,
@@ -172,6 +190,8 @@ public final class HostSegment: @unchecked Sendable {
 
     /// Unmaps the segment. Call once no operation uses it.
     public func unmap() {
+        population.stop.store(true, ordering: .releasing)
+        populator.withLock { t -> BackgroundThread? in defer { t = nil }; return t }?.join()
         if mapped {
             if let p = pinned {
                 PinnedMemory.shared.unpin(p)

@@ -40,6 +40,7 @@ extension StoreClient {
             .init("page_lock_fallbacks", segment?.pinFellBack ?? false ? 1 : 0),
             .init("accelerators", AcceleratorRegistry.snapshot.accelerators.count), .init("closed", isClosed ? 1 : 0),
             .init("segment_size", segment?.size ?? 0),
+            .init("segment_populated_bytes", segment?.populatedBytes ?? 0),
             .init("master_reconnects", remote?.reconnects.load(ordering: .relaxed) ?? 0),
             .init("commit_failures", remote?.commitFailures.load(ordering: .relaxed) ?? 0),
             .init("sessions_resumed", remote?.resumes.load(ordering: .relaxed) ?? 0),

@@ -79,6 +79,10 @@ public final class StoreClient: Sendable {
         do throws(KVError) {
             if segmentSize > 0 {
                 let s = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy, shared: true)
+                // Its pages are reserved (posix_fallocate) but not yet mapped: without prefault,
+                // map them on a background thread, so an engine's first puts, long after
+                // connect, do not take a page fault per 4 KiB.
+                if !prefault { s.populateInBackground() }
                 own = s
                 let server = try SegmentServer(region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: remote.dataKey,
                                                dataLock: remote.dataLock, rdma: RDMA.shared.context, shareFD: s.fd,

@@ -13,6 +13,23 @@ final class HostSegmentTests: XCTestCase {
         UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: r.address), count: r.length)
     }
 
+    /// The background thread maps the whole segment, and `unmap()` stops and waits for it
+    /// when it is still running (it must never touch the range after the munmap).
+    func testBackgroundPopulationFinishesAndUnmapStopsIt() throws {
+        let s = try HostSegment(size: 8 << 20, shared: true)
+        s.populateInBackground()
+        var waited = 0
+        while s.populatedBytes < s.size && waited < 5000 { usleep(1000); waited += 1 }
+        XCTAssertEqual(s.populatedBytes, s.size)
+        s.unmap()
+        for _ in 0..<4 {
+            let big = try HostSegment(size: 256 << 20, shared: true)
+            big.populateInBackground()
+            big.unmap()
+            XCTAssertLessThanOrEqual(big.populatedBytes, big.size)
+        }
+    }
+
     func testSharedSegmentIsVisibleThroughItsDescriptor() throws {
         let owner = try HostSegment(size: 1 << 20, prefault: true, shared: true)
         defer { owner.unmap() }

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvstore") -> int:
                        help="comma-separated value sizes (default 4KiB,64KiB,1MiB,16MiB,256MiB)")
     bench.add_argument("--ops", default="put,get,put_from,get_into,put_tensor,get_tensor_into,batch,evict,cluster,kv",
                        help="comma-separated operations: put,get,put_from,get_into,put_tensor,get_tensor_into,batch,evict,"
-                            "cluster,kv,gpu (gpu needs torch and a CUDA device); also checksum, restart, failover (needs etcd)")
+                            "cluster,kv,gpu (gpu needs torch and a CUDA device); also checksum, cold, restart, failover (needs etcd)")
     bench.add_argument("--repeat", type=int, default=7, help="timed store/copyto pairs per case (batch cases: 5x); medians are reported")
     bench.add_argument("--batch", default="256x64KiB", help="batch shape COUNTxSIZE (default 256x64KiB)")
     bench.add_argument("--budget", default="512MiB", help="bytes moved per repetition for large sizes (default 512MiB)")
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvstore") -> int:
     bench.add_argument("--evict-count", type=int, default=1024, help="puts per timed round in the evict case (default 1024)")
     bench.add_argument("--restart-count", type=int, default=100_000,
                        help="objects of 1 KiB held by 4 clients in --ops restart (default 100000)")
+    bench.add_argument("--cold-segment", default="2GiB", help="segment of the fresh client in --ops cold (default 2GiB)")
+    bench.add_argument("--cold-wait", type=float, default=5.0, help="seconds from connect to the first put in --ops cold (default 5)")
     bench.add_argument("--failover-count", type=int, default=10_000,
                        help="objects of 1 KiB held by 2 clients in --ops failover (default 10000)")
     bench.add_argument("--kv-shape", default="32x1024x16KiB",

@@ -497,3 +497,23 @@ def test_a_batch_longer_than_the_masters_read_limit_reads_every_object(master):
         assert master.proc.poll() is None
     finally:
         s.close()
+
+
+def test_a_new_segment_is_mapped_in_the_background_and_close_stops_that(master):
+    """Without prefault, a connected client's segment (reserved at connect) gets its page
+    tables on a background thread, so the first puts take no fault per page; closing the
+    store while that thread runs stops it before the memory goes."""
+    s = kvstore.Store.connect(master.url, segment_size=64 << 20)
+    try:
+        assert wait_for(lambda: s.stats()["segment_populated_bytes"] == 64 << 20, 10)
+        s.put("k", b"v" * 5000)
+        assert s.get("k") == b"v" * 5000
+    finally:
+        s.close()
+    for _ in range(5):   # closed at once, mid-population
+        kvstore.Store.connect(master.url, segment_size=1 << 30).close()
+    c = kvstore.Store.connect(master.url, segment_size=0)
+    try:
+        assert c.stats()["segment_populated_bytes"] == 0
+    finally:
+        c.close()
