@@ -34,14 +34,21 @@ import Synchronization
 // again, so the keys handed out before it stop working (those transfers fail, not corrupt).
 
 enum DataFrame {
-    static let hello: UInt16 = 200, read: UInt16 = 201, write: UInt16 = 202, rdmaConnect: UInt16 = 203
-    static let kvRead: UInt16 = 204, kvWrite: UInt16 = 205, prove: UInt16 = 206, segmentFD: UInt16 = 207
-    static let ok: UInt16 = 210, error: UInt16 = 211, rdmaAccepted: UInt16 = 212, challenge: UInt16 = 213
+    /// Every data-plane frame kind, numbered once (the wire format: they never move).
+    enum Kind: UInt16, CaseIterable {
+        case hello = 200, read, write, rdmaConnect, kvRead, kvWrite, prove, segmentFD
+        case ok = 210, error, rdmaAccepted, challenge
+    }
+    static let hello = Kind.hello.rawValue, read = Kind.read.rawValue, write = Kind.write.rawValue
+    static let rdmaConnect = Kind.rdmaConnect.rawValue, kvRead = Kind.kvRead.rawValue, kvWrite = Kind.kvWrite.rawValue
+    static let prove = Kind.prove.rawValue, segmentFD = Kind.segmentFD.rawValue
+    static let ok = Kind.ok.rawValue, error = Kind.error.rawValue, rdmaAccepted = Kind.rdmaAccepted.rawValue
+    static let challenge = Kind.challenge.rawValue
     static let maxPayload = 16 * maxKVRanges + 64
     /// Most block ranges one kvRead or kvWrite frame may name.
     static let maxKVRanges = 1024
 
-    static func isKnown(_ k: UInt16) -> Bool { (200...207).contains(k) || (210...213).contains(k) }
+    static func isKnown(_ k: UInt16) -> Bool { Kind(rawValue: k) != nil }
     /// Largest frame read before the peer has authenticated (hello and prove are tiny).
     static let maxPreAuthPayload = 256
     /// Seconds a new connection has to authenticate.

@@ -12,6 +12,14 @@ import Glibc
 /// on, on the same connection), and the staging gather/scatter that RDMA transfers use.
 /// The queue-pair and one-sided READ/WRITE paths need a device and are not exercised here.
 final class RDMATests: XCTestCase {
+    /// Data-plane kinds are numbered once (`DataFrame.Kind`); the numbers are the wire format.
+    func testDataPlaneKindNumbersAreStable() {
+        XCTAssertEqual(DataFrame.Kind.allCases.map(\.rawValue), Array(200...207) + Array(210...213))
+        XCTAssertEqual([DataFrame.hello, DataFrame.segmentFD, DataFrame.ok, DataFrame.challenge], [200, 207, 210, 213])
+        XCTAssertTrue(DataFrame.isKnown(205) && DataFrame.isKnown(212))
+        XCTAssertFalse(DataFrame.isKnown(208) || DataFrame.isKnown(209) || DataFrame.isKnown(214) || DataFrame.isKnown(116))
+    }
+
     func testDiscoveryMatchesTheMachine() {
         let d = RDMA.discover()
         let libraryPresent = dlopen("libibverbs.so.1", RTLD_NOW | RTLD_LOCAL).map { dlclose($0); return true } ?? false
