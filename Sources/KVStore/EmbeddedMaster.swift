@@ -25,7 +25,7 @@ public protocol MasterLink: AnyObject, Sendable {
     func lease(key: ObjectKey) throws(KVError) -> Int?
     func remove(key: ObjectKey, force: Bool) throws(KVError)
     /// `lease` of several keys (one result each); a remote master gets them in chunks.
-    func leases(keys: [ObjectKey]) throws(KVError) -> [Result<Int?, KVError>]
+    func leases(keys: [ObjectKey]) throws(KVError) -> [Int?]
     /// `remove` of several keys: one error per key (nil: removed); chunked like `leases`.
     func remove(keys: [ObjectKey], force: Bool) throws(KVError) -> [KVError?]
     func removeAll(force: Bool) throws(KVError) -> Int
@@ -110,9 +110,9 @@ public final class EmbeddedMaster: MasterLink {
         try table.withLock { (t: inout ObjectTable) throws(KVError) in try t.remove(key: key, force: force, now: now) }
     }
 
-    public func leases(keys: [ObjectKey]) -> [Result<Int?, KVError>] {
+    public func leases(keys: [ObjectKey]) -> [Int?] {
         let now = clock()
-        return table.withLock { t in keys.map { .success(t.lease(key: $0, now: now)) } }
+        return table.withLock { t in keys.map { t.lease(key: $0, now: now) } }
     }
 
     public func remove(keys: [ObjectKey], force: Bool) -> [KVError?] {

@@ -478,14 +478,14 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     /// `lease` of several keys: each key's size, or nil when it is absent. One request per
     /// `keysChunk` keys, the next sent before this one's answer is read.
-    public func leases(keys: [ObjectKey]) throws(KVError) -> [Result<Int?, KVError>] {
-        var out: [Result<Int?, KVError>] = []
+    public func leases(keys: [ObjectKey]) throws(KVError) -> [Int?] {
+        var out: [Int?] = []
         out.reserveCapacity(keys.count)
         try streamed(keys.count, firstChunk: Self.keysChunk, chunk: Self.keysChunk, { r in .sizeBatch(keys: Array(keys[r])) },
                      decode: { (_: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Int?] in
             guard case .sizes(let ns) = answer, ns.count == range.count else { throw KVError(.internal, "unexpected answer to sizeBatch") }
             return ns
-        }, handle: { _, ns in out.append(contentsOf: ns.lazy.map { .success($0) }) })
+        }, handle: { _, ns in out.append(contentsOf: ns) })
         return out
     }
 

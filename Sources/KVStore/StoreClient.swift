@@ -733,9 +733,9 @@ public final class StoreClient: Sendable {
         operations.removes.add(1, ordering: .relaxed)
     }
 
-    /// `size` of several keys: each found object's size (leased), nil for a missing one, or
-    /// the error. One master request per chunk of keys, not one per key.
-    public func sizes(keys: [ObjectKey]) throws(KVError) -> [Result<Int?, KVError>] {
+    /// `size` of several keys: each found object's size (leased), nil for a missing one.
+    /// One master request per chunk of keys, not one per key.
+    public func sizes(keys: [ObjectKey]) throws(KVError) -> [Int?] {
         try enter()
         defer { leave() }
         return try master.leases(keys: keys)

@@ -138,11 +138,7 @@ public func kvBatchSize(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?,
         guard n == 0 || sizes != nil else { throw .invalidArgument("batch arrays are NULL") }
         var batch = KeyBatch(keys, n)
         for (j, r) in try c.sizes(keys: batch.keys).enumerated() {
-            switch r {
-            case .success(let size?): sizes![batch.positions[j]] = UInt64(size)
-            case .success(nil): batch.set(j, missingObject)
-            case .failure(let e): batch.set(j, e)
-            }
+            if let size = r { sizes![batch.positions[j]] = UInt64(size) } else { batch.set(j, missingObject) }
         }
         batch.finish(statuses)
     }
