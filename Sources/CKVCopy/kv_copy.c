@@ -308,6 +308,23 @@ static uint32_t fold_run(unsigned char *d, const unsigned char *s, size_t n, int
 /* From this length, the folding path (its final joins cost about a microsecond). */
 #define CRC_FOLD_MIN (32 * 1024)
 
+/* 16 bytes of each of three streams: into their CRC registers, and copied when copy is set. */
+__attribute__((target("sse4.2"), always_inline))
+static inline void step3(const unsigned char *s0, const unsigned char *s1, const unsigned char *s2,
+                         unsigned char *d0, unsigned char *d1, unsigned char *d2,
+                         uint64_t *a, uint64_t *b, uint64_t *c, int copy, int nt) {
+    __m128i x = _mm_loadu_si128((const __m128i *)s0);
+    __m128i y = _mm_loadu_si128((const __m128i *)s1);
+    __m128i z = _mm_loadu_si128((const __m128i *)s2);
+    *a = _mm_crc32_u64(*a, (uint64_t)_mm_cvtsi128_si64(x));
+    *b = _mm_crc32_u64(*b, (uint64_t)_mm_cvtsi128_si64(y));
+    *c = _mm_crc32_u64(*c, (uint64_t)_mm_cvtsi128_si64(z));
+    *a = _mm_crc32_u64(*a, (uint64_t)_mm_extract_epi64(x, 1));
+    *b = _mm_crc32_u64(*b, (uint64_t)_mm_extract_epi64(y, 1));
+    *c = _mm_crc32_u64(*c, (uint64_t)_mm_extract_epi64(z, 1));
+    if (copy) store3(d0, d1, d2, x, y, z, nt);
+}
+
 __attribute__((target("sse4.2"), always_inline))
 static inline uint32_t hw_run(unsigned char *d, const unsigned char *s, size_t n, uint32_t v, int copy, int nt) {
     uint64_t a = v;
@@ -319,16 +336,7 @@ static inline uint32_t hw_run(unsigned char *d, const unsigned char *s, size_t n
         unsigned char *d1 = d + part, *d2 = d + 2 * part;
         uint64_t b = 0, c = 0;
         for (size_t i = 0; i < part; i += 16) {
-            __m128i x = _mm_loadu_si128((const __m128i *)(s + i));
-            __m128i y = _mm_loadu_si128((const __m128i *)(s1 + i));
-            __m128i z = _mm_loadu_si128((const __m128i *)(s2 + i));
-            a = _mm_crc32_u64(a, (uint64_t)_mm_cvtsi128_si64(x));
-            b = _mm_crc32_u64(b, (uint64_t)_mm_cvtsi128_si64(y));
-            c = _mm_crc32_u64(c, (uint64_t)_mm_cvtsi128_si64(z));
-            a = _mm_crc32_u64(a, (uint64_t)_mm_extract_epi64(x, 1));
-            b = _mm_crc32_u64(b, (uint64_t)_mm_extract_epi64(y, 1));
-            c = _mm_crc32_u64(c, (uint64_t)_mm_extract_epi64(z, 1));
-            if (copy) store3(d + i, d1 + i, d2 + i, x, y, z, nt);
+            step3(s + i, s1 + i, s2 + i, d + i, d1 + i, d2 + i, &a, &b, &c, copy, nt);
         }
         a = crc_shift_len(crc_shift_len((uint32_t)a, part) ^ (uint32_t)b, part) ^ (uint32_t)c;
         s += 3 * part; n -= 3 * part;
@@ -345,16 +353,7 @@ static inline uint32_t hw_run(unsigned char *d, const unsigned char *s, size_t n
             _mm_prefetch((const char *)(s1 + line + CRC_PREFETCH), _MM_HINT_T0);
             _mm_prefetch((const char *)(s2 + line + CRC_PREFETCH), _MM_HINT_T0);
             for (size_t i = line; i < line + 64; i += 16) {
-                __m128i x = _mm_loadu_si128((const __m128i *)(s + i));
-                __m128i y = _mm_loadu_si128((const __m128i *)(s1 + i));
-                __m128i z = _mm_loadu_si128((const __m128i *)(s2 + i));
-                a = _mm_crc32_u64(a, (uint64_t)_mm_cvtsi128_si64(x));
-                b = _mm_crc32_u64(b, (uint64_t)_mm_cvtsi128_si64(y));
-                c = _mm_crc32_u64(c, (uint64_t)_mm_cvtsi128_si64(z));
-                a = _mm_crc32_u64(a, (uint64_t)_mm_extract_epi64(x, 1));
-                b = _mm_crc32_u64(b, (uint64_t)_mm_extract_epi64(y, 1));
-                c = _mm_crc32_u64(c, (uint64_t)_mm_extract_epi64(z, 1));
-                if (copy) store3(d + i, d1 + i, d2 + i, x, y, z, nt);
+                step3(s + i, s1 + i, s2 + i, d + i, d1 + i, d2 + i, &a, &b, &c, copy, nt);
             }
         }
         a = crc_shift(crc_shift((uint32_t)a) ^ (uint32_t)b) ^ (uint32_t)c;

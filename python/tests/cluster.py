@@ -4,51 +4,32 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from kvstore.bench.common import _Logged
 
 WORKER = str(Path(__file__).with_name("cluster_worker.py"))
 
 
-class Master:
+class Master(_Logged):
     """``python -m kvstore master`` on a free loopback port (or ``port``); stops on exit."""
 
     def __init__(self, *args: str, port: int = 0, netns: str | None = None, host: str = "127.0.0.1") -> None:
         cmd = [sys.executable, "-m", "kvstore", "master", "--host", host, "--port", str(port), "--metrics-port", "-1", *args]
         if netns:
             cmd = ["ip", "netns", "exec", netns, *cmd]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stderr.readline()
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        line = proc.stderr.readline()
         m = re.search(r"listening on [\d.]+:(\d+)", line)
         if not m:
-            self.proc.kill()
-            raise RuntimeError(f"master did not start: {line}{self.proc.stderr.read()}")
+            proc.kill()
+            raise RuntimeError(f"master did not start: {line}{proc.stderr.read()}")
         self.port = int(m.group(1))
         self.url = f"kvstore://{host}:{self.port}"
-        self.log: list[str] = [line]
-        # Keep reading what it logs: a full pipe would block the master.
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-
-    def _drain(self) -> None:
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def stop(self, sig: int = signal.SIGTERM) -> str:
-        """Stops the master; returns what it logged."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(timeout=5)
-        return "".join(self.log)
+        super().__init__(proc, [line])   # keeps reading what it logs: a full pipe would block it
 
     def __enter__(self) -> Master:
         return self

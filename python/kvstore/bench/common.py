@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -74,6 +75,22 @@ def _gather(rows: list[np.ndarray], dst: np.ndarray) -> None:
         np.copyto(dst, row)
 
 
+def _fill(writer: Store, keys: list[str], values: list[bytes], name: str) -> bool:
+    """Puts ``keys`` (key i gets ``values[i % len(values)]``) in batches of 1,024, as the
+    restart and failover benchmarks load their holders; False (with the reason printed) when
+    a put fails or the last keys are not found afterwards."""
+    for i in range(0, len(keys), 1024):
+        chunk = keys[i:i + 1024]
+        errors = writer.put_batch(chunk, [values[j % len(values)] for j in range(i, i + len(chunk))])
+        if any(errors):
+            print(f"{name}: a put failed: {next(e for e in errors if e)}", file=sys.stderr)
+            return False
+    if not all(writer.batch_exists(keys[-10:])):
+        print(f"{name}: the last puts are not found", file=sys.stderr)
+        return False
+    return True
+
+
 def _put_all(store: Store, keys: list[str], values: list[np.ndarray]) -> None:
     """``batch_put_from`` that raises the first per-key failure: a refused put must not be
     timed as a fast one."""
@@ -87,6 +104,36 @@ def _same(name: str, got: np.ndarray, want: np.ndarray) -> bool:
         return True
     print(f"{name} returned wrong bytes", file=sys.stderr)
     return False
+
+
+class _Logged:
+    """A child process whose standard error is kept, line by line, in ``log`` (read on a
+    thread: a full pipe would block the child). ``stop`` signals it (a frozen one is woken
+    first, so it sees the signal), waits, and returns what it logged."""
+
+    def __init__(self, proc: subprocess.Popen, first: list[str] | None = None) -> None:
+        self.proc = proc
+        self.log: list[str] = list(first or [])
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        if self.proc.poll() is None:
+            if sig != signal.SIGCONT:
+                self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout=5)
+        return "".join(self.log)
 
 
 class _Process:

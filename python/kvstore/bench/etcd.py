@@ -16,9 +16,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
+
+from .common import _Logged
 
 
 def etcd_binary() -> str | None:
@@ -98,23 +99,15 @@ class Etcd:
         self.stop()
 
 
-class ElectedMaster:
+class ElectedMaster(_Logged):
     """``python -m kvstore master --etcd ...`` on a free port, as leader or standby; its log is
-    kept in ``log`` (``is_leader`` reads it)."""
+    kept in ``log`` (``terms`` and ``serving`` read it)."""
 
     def __init__(self, etcd: Etcd, cluster: str, token_file: str, *args: str, ttl: int = 1) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "kvstore", "master", "--port", str(self.port), "--metrics-port", "-1",
                "--etcd", etcd.endpoints, "--cluster", cluster, "--etcd-ttl", str(ttl), "--token-file", token_file, *args]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-        self.log: list[str] = []
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
+        super().__init__(subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True))
 
     def terms(self) -> list[int]:
         """The terms this master has won, in order."""
@@ -128,19 +121,6 @@ class ElectedMaster:
             if "stopped serving" in line or "no longer the leader" in line:
                 return False
         return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> str:
-        if self.proc.poll() is None:
-            if sig != signal.SIGCONT:
-                self.proc.send_signal(signal.SIGCONT)   # a frozen one must see the signal
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(timeout=5)
-        return "".join(self.log)
 
 
 def token_file(directory: str) -> str:

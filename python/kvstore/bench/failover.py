@@ -22,7 +22,7 @@ from typing import Any
 
 from .._errors import StoreError
 from .._store import Store
-from .common import _Process
+from .common import _fill, _Process
 from .etcd import ElectedMaster, Etcd, etcd_binary, token_file
 
 _HOLDER = ("import sys, kvstore\n"
@@ -79,12 +79,7 @@ def run_failover(count: int, size: int, repeat: int, record: Callable[[dict[str,
                     stores.append(writer)
                     keys = [f"f{i}" for i in range(count)]
                     values = [os.urandom(size) for _ in range(64)]
-                    for i in range(0, count, 1024):
-                        errors = writer.put_batch(keys[i:i + 1024], [values[j % 64] for j in range(i, min(i + 1024, count))])
-                        if any(errors):
-                            print(f"failover: a put failed: {next(e for e in errors if e)}", file=sys.stderr)
-                            return 1
-                    if not all(writer.batch_exists(keys[-10:])):
+                    if not _fill(writer, keys, values, "failover"):
                         return 1
                     time.sleep(0.3)   # the holders have read their notices
                     leader = next(m for m in masters if m.terms()[-1:] == [term])

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._store import Store
-from .common import _close_all, _Process
+from .common import _close_all, _fill, _Process
 
 _HOLDER = ("import sys, kvstore\n"
            "s = kvstore.Store.connect(sys.argv[1], segment_size=int(sys.argv[2]))\n"
@@ -46,12 +46,7 @@ def run_restart(count: int, size: int, repeat: int, record: Callable[[dict[str, 
             stores.append(writer)
             keys = [f"r{run}-{i}" for i in range(count)]
             values = [os.urandom(size) for _ in range(64)]
-            for i in range(0, count, 1024):
-                errors = writer.put_batch(keys[i:i + 1024], [values[j % 64] for j in range(i, min(i + 1024, count))])
-                if any(errors):
-                    print(f"restart: a put failed: {next(e for e in errors if e)}", file=sys.stderr)
-                    return 1
-            if not all(writer.batch_exists(keys[-10:])):
+            if not _fill(writer, keys, values, "restart"):
                 return 1
             time.sleep(0.5)   # the holders have read their notices
             master.proc.kill()
