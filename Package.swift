@@ -13,22 +13,25 @@ let package = Package(
     dependencies: [],
     targets: [
         .target(name: "KVCore"),
+        // The system layer: libc calls with one error and retry policy, sockets (credentials and
+        // descriptor passing), the frame reader, threads, the clock, token files, the etcd client.
+        .target(name: "KVSystem", dependencies: ["KVCore", "CKVCopy"]),
         // C copy kernels (SIMD streaming stores) used by KVTransfer's local transport.
         .target(name: "CKVCopy", cSettings: [.unsafeFlags(["-O2"])]),
         // Finds the linker section of device registration records (see AcceleratorRegistration).
         .target(name: "CKVAccelerator"),
-        .target(name: "KVAccelerator", dependencies: ["KVCore", "CKVAccelerator"]),
+        .target(name: "KVAccelerator", dependencies: ["KVCore", "KVSystem", "CKVAccelerator"]),
         // RDMA over libibverbs, loaded with dlopen (verbs structures from libibverbs-dev's header).
         .target(name: "CKVVerbs", cSettings: [.unsafeFlags(["-O2"])]),
-        .target(name: "KVTransfer", dependencies: ["KVCore", "KVAccelerator", "CKVCopy", "CKVVerbs"]),
-        .target(name: "KVStore", dependencies: ["KVCore", "KVAccelerator", "KVTransfer"]),
+        .target(name: "KVTransfer", dependencies: ["KVCore", "KVSystem", "KVAccelerator", "CKVCopy", "CKVVerbs"]),
+        .target(name: "KVStore", dependencies: ["KVCore", "KVSystem", "KVAccelerator", "KVTransfer"]),
         // The network master: MasterService (KVCore) behind a poll loop, plus /metrics and /health.
-        .target(name: "KVMaster", dependencies: ["KVCore", "KVAccelerator", "KVTransfer"]),
+        .target(name: "KVMaster", dependencies: ["KVCore", "KVSystem"]),
         // Its command line is KVMaster.MasterCommandLine, shared with `kvstore master`.
         .executableTarget(name: "kvstore-master", dependencies: ["KVMaster"]),
         // Header-only C target: the flat C ABI's types and prototypes (ownership rules live there).
         .target(name: "CKVStoreABI"),
-        .target(name: "KVStoreABI", dependencies: ["CKVStoreABI", "KVStore", "KVCore", "KVAccelerator", "KVTransfer", "KVMaster"]),
+        .target(name: "KVStoreABI", dependencies: ["CKVStoreABI", "KVStore", "KVCore", "KVSystem", "KVAccelerator", "KVTransfer", "KVMaster"]),
         .systemLibrary(name: "CPython", path: "Sources/CPython", pkgConfig: "python3"),
         .target(
             name: "CKVStorePython",
@@ -48,8 +51,8 @@ let package = Package(
         .target(name: "KVTestSupport", dependencies: ["KVAccelerator", "KVCore"], path: "Tests/KVTestSupport"),
         .testTarget(name: "KVCoreTests", dependencies: ["KVCore", "KVTestSupport", "CKVStoreABI"]),
         .testTarget(name: "KVAcceleratorTests", dependencies: ["KVAccelerator", "KVCore", "KVTestSupport"]),
-        .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVAccelerator", "KVCore"]),
-        .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVAccelerator", "KVTransfer", "KVTestSupport"]),
-        .testTarget(name: "KVMasterTests", dependencies: ["KVMaster", "KVCore", "KVAccelerator", "KVTransfer", "KVStore", "KVTestSupport"]),
+        .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVSystem", "KVAccelerator", "KVCore"]),
+        .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVSystem", "KVAccelerator", "KVTransfer", "KVTestSupport"]),
+        .testTarget(name: "KVMasterTests", dependencies: ["KVMaster", "KVCore", "KVSystem", "KVAccelerator", "KVTransfer", "KVStore", "KVTestSupport"]),
     ]
 )

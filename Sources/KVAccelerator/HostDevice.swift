@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import KVCore
+import KVSystem
 
 /// Host memory: always available, the only device that classifies every non-null pointer.
 /// Copies are `memcpy`; pinning is `mlock` (page-locking for the kernel's sake; accelerators

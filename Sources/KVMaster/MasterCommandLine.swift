@@ -2,8 +2,7 @@
 import Glibc
 #endif
 import KVCore
-import KVTransfer
-import KVAccelerator
+import KVSystem
 
 /// The master's command line, defined once: the `kvstore-master` executable and `kvstore
 /// master` / `python -m kvstore master` (through the C ABI's `kv_master_main`) both parse

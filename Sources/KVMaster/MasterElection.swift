@@ -1,9 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import KVAccelerator
 import KVCore
-import KVTransfer
+import KVSystem
 import Synchronization
 
 /// Leader election for the masters of one cluster, on etcd (`--etcd`, `--cluster`).

@@ -1,9 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import KVAccelerator
 import KVCore
-import KVTransfer
+import KVSystem
 
 /// The network master: `MasterService` behind a TCP control plane, plus a small HTTP endpoint
 /// serving Prometheus text at `/metrics` and `/health`.

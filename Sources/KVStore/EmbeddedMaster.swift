@@ -1,5 +1,6 @@
 import KVAccelerator
 import KVCore
+import KVSystem
 
 #if canImport(Glibc)
 import Glibc

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import KVAccelerator
 import KVCore
+import KVSystem
 import KVTransfer
 import Synchronization
 

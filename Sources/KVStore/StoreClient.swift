@@ -1,5 +1,6 @@
 import KVAccelerator
 import KVCore
+import KVSystem
 import KVTransfer
 import Synchronization
 

@@ -4,6 +4,7 @@ import Glibc
 import CKVCopy
 import KVAccelerator
 import KVCore
+import KVSystem
 
 /// How block copies are issued (docs/architecture.md §3, "KV blocks").
 public enum KVCopyExecutor: String, Sendable, CaseIterable {

@@ -4,6 +4,7 @@ import Glibc
 import CKVCopy
 import KVAccelerator
 import KVCore
+import KVSystem
 import Synchronization
 
 // The data plane between hosts (docs/architecture.md §3): each client serves reads and writes of its own

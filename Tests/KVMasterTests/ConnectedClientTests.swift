@@ -1,6 +1,7 @@
 import XCTest
 import KVAccelerator
 import KVCore
+import KVSystem
 import KVStore
 import KVTestSupport
 @testable import KVTransfer

@@ -2,6 +2,7 @@ import XCTest
 import Synchronization
 import KVAccelerator
 import KVCore
+import KVSystem
 import KVTestSupport
 @testable import KVStore
 import KVTransfer

@@ -1,6 +1,7 @@
 import XCTest
 import KVCore
-@testable import KVTransfer
+import KVTransfer
+@testable import KVSystem
 
 /// The etcd client's parsing: endpoints, HTTP answers (Content-Length and chunked), range
 /// answers, all refused cleanly when malformed.

@@ -1,6 +1,7 @@
 import XCTest
 import KVAccelerator
 import KVCore
+import KVSystem
 @testable import KVTransfer
 #if canImport(Glibc)
 import Glibc

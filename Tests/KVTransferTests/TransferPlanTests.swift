@@ -1,6 +1,7 @@
 import XCTest
 import KVAccelerator
 import KVCore
+@testable import KVSystem
 @testable import KVTransfer
 
 final class TransferPlanTests: XCTestCase {

@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import KVAccelerator
 import KVCore
 
 /// A TCP socket (IPv4) or a local (abstract Unix-domain) stream socket, owning its descriptor: closed by `close()` or deinit. Calls that can

@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import KVAccelerator
 import KVCore
 import Synchronization
 

@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import KVAccelerator
 import KVCore
 
 /// Reads frames from a blocking socket through a buffer: one `recv` usually brings a whole
