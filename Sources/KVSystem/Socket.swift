@@ -208,13 +208,11 @@ public final class Socket: @unchecked Sendable {
     public func writeAll(_ bytes: UnsafeRawBufferPointer) throws(KVError) {
         var done = 0
         while done < bytes.count {
-            let n = send(fd, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
-            if n < 0 {
-                if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK { throw KVError(.transfer, "send timed out: the peer stopped reading") }
-                throw SystemCall.failure("send", code: .transfer)
+            let base = bytes.baseAddress! + done, left = bytes.count - done
+            switch try SystemCall.io("send", { send(fd, base, left, Int32(MSG_NOSIGNAL)) }) {
+            case .bytes(let n): done += n
+            case .wouldBlock: throw KVError(.transfer, "send timed out: the peer stopped reading")
             }
-            done += n
         }
     }
 
@@ -223,36 +221,30 @@ public final class Socket: @unchecked Sendable {
     public func readExactly(into: UnsafeMutableRawBufferPointer) throws(KVError) {
         var done = 0
         while done < into.count {
-            let n = recv(fd, into.baseAddress! + done, into.count - done, 0)
-            if n == 0 { throw KVError(.transfer, "the peer closed the connection") }
-            if n < 0 {
-                if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK { throw KVError(.transfer, "recv timed out: the peer stopped answering") }
-                throw SystemCall.failure("recv", code: .transfer)
+            let base = into.baseAddress! + done, left = into.count - done
+            switch try SystemCall.io("recv", { recv(fd, base, left, 0) }) {
+            case .bytes(0): throw KVError(.transfer, "the peer closed the connection")
+            case .bytes(let n): done += n
+            case .wouldBlock: throw KVError(.transfer, "recv timed out: the peer stopped answering")
             }
-            done += n
         }
     }
 
     /// One non-blocking read into `buffer`: bytes read, 0 at end of stream, nil when nothing
     /// is available.
     public func readAvailable(into buffer: UnsafeMutableRawBufferPointer) throws(KVError) -> Int? {
-        let n = recv(fd, buffer.baseAddress, buffer.count, 0)
-        if n < 0 {
-            if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { return nil }
-            throw SystemCall.failure("recv", code: .transfer)
+        switch try SystemCall.io("recv", { recv(fd, buffer.baseAddress, buffer.count, 0) }) {
+        case .bytes(let n): return n
+        case .wouldBlock: return nil
         }
-        return n
     }
 
     /// One non-blocking write of `bytes`: bytes written (possibly fewer), 0 when the socket
     /// cannot take any now.
     public func writeAvailable(_ bytes: UnsafeRawBufferPointer) throws(KVError) -> Int {
-        let n = send(fd, bytes.baseAddress!, bytes.count, Int32(MSG_NOSIGNAL))
-        if n < 0 {
-            if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { return 0 }
-            throw SystemCall.failure("send", code: .transfer)
+        switch try SystemCall.io("send", { send(fd, bytes.baseAddress!, bytes.count, Int32(MSG_NOSIGNAL)) }) {
+        case .bytes(let n): return n
+        case .wouldBlock: return 0
         }
-        return n
     }
 }

@@ -24,6 +24,29 @@ public enum SystemCall {
         return p
     }
 
+    /// What a call that moves bytes (send, recv, read, write) came to.
+    public enum IO: Equatable {
+        /// Bytes moved; 0 from a read: the end of the stream.
+        case bytes(Int)
+        /// Nothing now: EAGAIN on a non-blocking descriptor, or a blocking one's timeout.
+        case wouldBlock
+    }
+
+    /// Runs `call` (a send, recv, read or write returning -1 on failure) with the one retry
+    /// policy for byte-moving calls: EINTR is retried, EAGAIN/EWOULDBLOCK is `.wouldBlock`,
+    /// anything else throws `code` naming `what` and the errno.
+    public static func io(_ what: @autoclosure () -> String, code: KVError.Code = .transfer,
+                          _ call: () -> Int) throws(KVError) -> IO {
+        while true {
+            let n = call()
+            if n >= 0 { return .bytes(n) }
+            let e = errno
+            if e == EINTR { continue }
+            if e == EAGAIN || e == EWOULDBLOCK { return .wouldBlock }
+            throw failure(what(), code: code)
+        }
+    }
+
     /// A `KVError` for the current errno.
     public static func failure(_ what: String, code: KVError.Code = .internal) -> KVError {
         let e = errno
