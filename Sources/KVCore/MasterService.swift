@@ -133,7 +133,9 @@ public struct MasterService: Sendable {
     var clients: [UInt64: Client] = [:]
     var segmentInfo: [SegmentID: SegmentInfo] = [:]
     var segmentOwner: [SegmentID: UInt64] = [:]
-    var writes: [VersionHandle: (ticket: WriteTicket, client: UInt64, key: ObjectKey, started: Nanoseconds)] = [:]
+    /// ... with the writer's process id where the kernel named it (0: a TCP client), so a
+    /// write whose writer is stopped is not expired under it (`expireWrites`).
+    var writes: [VersionHandle: (ticket: WriteTicket, client: UInt64, key: ObjectKey, started: Nanoseconds, pid: Int)] = [:]
     /// Read holds of remote readers, per (client, version): their ends, earliest first. A
     /// hold keeps the version's bytes until the reader says its copy ended (`release`) or
     /// its lease ends, whichever is first; a departed client's holds run to their end (its
@@ -521,7 +523,7 @@ public struct MasterService: Sendable {
         let limit = Int(Double(table.capacity) * config.quotas.hardPinShare)
         let t = try table.beginWrite(key: key, size: size, mode: mode, options: options, replicas: options.replicas,
                                      preferred: preferred, owner: id, ownerHardPinLimit: limit, now: now)
-        writes[t.handle] = (t, id, key, now)
+        writes[t.handle] = (t, id, key, now, clients[id]!.pid)
         writingKeys[key, default: 0] += 1
         clients[id]!.writes.insert(t.handle)
         return t
@@ -656,7 +658,7 @@ public struct MasterService: Sendable {
 
     /// Drops write `h` from the writes in flight.
     @discardableResult
-    private mutating func forget(_ h: VersionHandle) -> (ticket: WriteTicket, client: UInt64, key: ObjectKey, started: Nanoseconds)? {
+    private mutating func forget(_ h: VersionHandle) -> (ticket: WriteTicket, client: UInt64, key: ObjectKey, started: Nanoseconds, pid: Int)? {
         guard let w = writes.removeValue(forKey: h) else { return nil }
         if writingKeys[w.key]! == 1 { writingKeys[w.key] = nil } else { writingKeys[w.key]! -= 1 }
         return w
@@ -676,8 +678,14 @@ public struct MasterService: Sendable {
     /// Aborts writes started longer than the write timeout ago (a writer that never commits
     /// cannot hold space forever); returns how many.
     @discardableResult
-    public mutating func expireWrites(now: Nanoseconds) -> Int {
-        let stale = writes.filter { now > $0.value.started && now - $0.value.started > config.quotas.writeTimeout }.keys
+    ///
+    /// `hold(pid)`: whether a stale write of that writer process (pid > 0: on this host, named
+    /// by the kernel) must wait: the network master holds writes whose writer is stopped
+    /// (SIGSTOP, a debugger) or was moments ago, since a copy it began before its deadline
+    /// resumes with it, and the space must not belong to another object by then.
+    public mutating func expireWrites(now: Nanoseconds, hold: (Int) -> Bool = { _ in false }) -> Int {
+        let stale = writes.filter { now > $0.value.started && now - $0.value.started > config.quotas.writeTimeout }
+            .filter { !hold($0.value.pid) }.keys
         for h in stale {
             guard let w = forget(h) else { continue }
             clients[w.client]?.writes.remove(h)

@@ -344,7 +344,7 @@ public final class MasterServer: @unchecked Sendable {
                     limited.log("auth-timeout", now: now, log) { "closed a connection that did not authenticate within \(options.authTimeout / 1_000_000) ms" }
                 }
                 service.expireHolds(now: now)
-                if service.expireWrites(now: now) > 0 {
+                if service.expireWrites(now: now, hold: { pid in self.writerHeld(pid, now: now) }) > 0 {
                     limited.log("expired-writes", now: now, log) { "aborted writes not committed within \(options.config.quotas.writeTimeout / 1_000_000_000) s" }
                 }
                 for d in service.expireClients(now: now) {
@@ -634,6 +634,34 @@ public final class MasterServer: @unchecked Sendable {
     /// Whether process `pid` (of this PID namespace) is gone or exiting: no /proc entry, a
     /// zombie, or the kernel's PF_EXITING flag set (it is set before an exiting process's
     /// descriptors close, so a peer that died is seen as such when its socket's EOF arrives).
+    /// Writer processes (pid) last seen stopped, and when.
+    private var stoppedWriters: [Int: Nanoseconds] = [:]
+
+    /// Whether a stale write of writer `pid` must wait (`MasterService.expireWrites`): the
+    /// process is stopped now, or was within the last half second (after SIGCONT, a copy it
+    /// had begun finishes first). Unknown pids (TCP writers) and gone processes: no.
+    private func writerHeld(_ pid: Int, now: Nanoseconds) -> Bool {
+        guard pid > 0, let state = Self.processState(Int32(pid)) else { stoppedWriters[pid] = nil; return false }
+        if state == UInt8(ascii: "T") || state == UInt8(ascii: "t") {
+            stoppedWriters[pid] = now
+            return true
+        }
+        if let seen = stoppedWriters[pid], now &- seen < 500_000_000 { return true }
+        stoppedWriters[pid] = nil
+        return false
+    }
+
+    /// The state letter of process `pid` (/proc/pid/stat: R, S, D, T, t, Z, ...); nil when it is gone.
+    static func processState(_ pid: Int32) -> UInt8? {
+        let fd = open("/proc/\(pid)/stat", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 1024)
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard n > 0, let paren = buf[0..<n].lastIndex(of: UInt8(ascii: ")")), paren + 2 < n else { return nil }
+        return buf[paren + 2]
+    }
+
     static func processExiting(_ pid: Int32) -> Bool {
         let fd = open("/proc/\(pid)/stat", O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return true }

@@ -181,6 +181,7 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(errorCode(m.handle(.putStart(key: "w3", size: 100, mode: .put, options: .default, preferred: nil), session: &a, now: 0)), .noSpace)
         // Never committed: aborted after the write timeout, and their space is free again.
         XCTAssertEqual(m.expireWrites(now: 1 * Self.s), 0)
+        XCTAssertEqual(m.expireWrites(now: 3 * Self.s, hold: { _ in true }), 0, "a stopped writer's writes wait for it")
         XCTAssertEqual(m.expireWrites(now: 3 * Self.s), 3)
         XCTAssertEqual(m.handle(.stats, session: &a, now: 3 * Self.s).statsValue("writes_in_flight"), 0)
         XCTAssertEqual(m.handle(.stats, session: &a, now: 3 * Self.s).statsValue("bytes_used"), 0)

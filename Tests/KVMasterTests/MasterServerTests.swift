@@ -475,6 +475,23 @@ final class MasterCommandLineTests: XCTestCase {
         }
     }
 
+    /// The process state the master reads before expiring a local writer's writes: a stopped
+    /// process is 'T', a running or sleeping one is not, a gone one has none.
+    func testProcessStateSeesAStoppedWriter() throws {
+        var pid: pid_t = 0
+        let args: [UnsafeMutablePointer<CChar>?] = [strdup("/bin/sleep"), strdup("30"), nil]
+        defer { args.forEach { free($0) } }
+        XCTAssertEqual(posix_spawn(&pid, "/bin/sleep", nil, nil, args, nil), 0)
+        defer { kill(pid, SIGKILL); var st: Int32 = 0; waitpid(pid, &st, 0) }
+        XCTAssertNotEqual(MasterServer.processState(pid), UInt8(ascii: "T"))
+        kill(pid, SIGSTOP)
+        var state: UInt8? = nil
+        for _ in 0..<200 { state = MasterServer.processState(pid); if state == UInt8(ascii: "T") { break }; usleep(5000) }
+        XCTAssertEqual(state, UInt8(ascii: "T"))
+        kill(pid, SIGCONT)
+        XCTAssertNil(MasterServer.processState(Int32.max))
+    }
+
     /// A fenced master stops serving once its deadline passes: it closes every connection and
     /// answers nothing that arrives after (`run` returns `.fenced`).
     func testAFencedMasterStopsServingAtItsDeadline() throws {
