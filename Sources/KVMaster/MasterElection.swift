@@ -105,7 +105,15 @@ public final class MasterElection: Sendable {
         return n > 0
     }
 
-    private func margin(_ ttl: Int) -> Nanoseconds { max(50_000_000, Nanoseconds(ttl) * 100_000_000) }
+    /// Until when a lease renewed (or granted) by a request sent at `sent` is surely alive: the
+    /// TTL etcd answered, never more than the one it granted (a renewal claiming a longer one
+    /// is not believed), less a tenth of it (at least 50 ms).
+    static func deadline(sent: Nanoseconds, answered: Int, granted: Int) -> Nanoseconds {
+        let ttl = Nanoseconds(max(0, min(answered, granted)))
+        let margin = max(50_000_000, ttl * 100_000_000)
+        let alive = ttl * 1_000_000_000
+        return alive > margin ? sent &+ (alive - margin) : sent
+    }
 
     /// Waits as a standby until this master wins the leader key with `address`; returns the
     /// term. Returns nil when interrupted or when `stopFD` turns readable (a signal). etcd
@@ -127,7 +135,7 @@ public final class MasterElection: Sendable {
                     let (won, current) = try etcd.create(key, value: Array(address.utf8), lease: lease)
                     if let won {
                         held.withLock { $0 = (lease, won, ttl) }
-                        until.store(sent &+ Nanoseconds(ttl) * 1_000_000_000 &- margin(ttl), ordering: .releasing)
+                        until.store(Self.deadline(sent: sent, answered: ttl, granted: ttl), ordering: .releasing)
                         _ = self.won.add(1, ordering: .relaxed)
                         log("leader of cluster '\(options.cluster)' (term \(won), etcd lease TTL \(ttl) s) at \(address)")
                         return won
@@ -170,7 +178,7 @@ public final class MasterElection: Sendable {
                         onLost()
                         return
                     }
-                    until.store(sent &+ Nanoseconds(left) * 1_000_000_000 &- margin(ttl), ordering: .releasing)
+                    until.store(Self.deadline(sent: sent, answered: left, granted: ttl), ordering: .releasing)
                     next = sent &+ period
                 } catch {
                     log("leader: cannot renew the etcd lease: \(error.message)")

@@ -86,9 +86,8 @@ public final class EtcdClient: Sendable {
         let r = try post("/v3/lease/keepalive", "{\"ID\":\"\(id)\"}")
         // The gateway streams this call: each answer is wrapped in "result".
         guard let result = r["result"] else { throw KVError(.transfer, "etcd answered a keepalive without a result\(Self.reason(r))") }
-        guard let t = result["TTL"]?.int64 ?? Optional(0), t >= 0, t <= 1 << 31 else {
-            throw KVError(.transfer, "etcd answered a keepalive with a bad TTL")
-        }
+        guard let field = result["TTL"] else { return 0 }   // etcd leaves out a zero TTL: the lease is gone
+        guard let t = field.int64, t >= 0, t <= 1 << 31 else { throw KVError(.transfer, "etcd answered a keepalive with a bad TTL") }
         return Int(t)
     }
 

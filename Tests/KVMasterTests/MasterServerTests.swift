@@ -475,6 +475,15 @@ final class MasterCommandLineTests: XCTestCase {
         }
     }
 
+    /// A leader believes a renewal only up to the TTL etcd granted: a lying or confused etcd
+    /// answering a longer one cannot stretch the fence; a tiny TTL leaves no serving time.
+    func testTheLeaseDeadlineNeverOutrunsTheGrantedTTL() {
+        XCTAssertEqual(MasterElection.deadline(sent: 1_000, answered: 1, granted: 1), 1_000 + 900_000_000)
+        XCTAssertEqual(MasterElection.deadline(sent: 1_000, answered: 1 << 31, granted: 2), 1_000 + 1_800_000_000, "capped")
+        XCTAssertEqual(MasterElection.deadline(sent: 1_000, answered: 0, granted: 2), 1_000, "lease gone")
+        XCTAssertEqual(MasterElection.deadline(sent: 1_000, answered: -5, granted: 2), 1_000)
+    }
+
     /// The process state the master reads before expiring a local writer's writes: a stopped
     /// process is 'T', a running or sleeping one is not, a gone one has none.
     func testProcessStateSeesAStoppedWriter() throws {

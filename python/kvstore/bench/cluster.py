@@ -36,16 +36,9 @@ from typing import Any
 import numpy as np
 
 from .._store import Store
-from .common import _close_all, _fmt_size, _gather, _paired, _Process, _put_all, _same, _scatter
+from .common import _close_all, _fmt_size, _gather, _holder, _paired, _Process, _put_all, _same, _scatter
 
 MOONCAKE_OPS_PER_S = 18_000
-
-
-_HOLDER = ("import sys, kvstore\n"
-           "s = kvstore.Store.connect(sys.argv[1], segment_size=int(sys.argv[2]), prefault=True)\n"
-           "print('ready', flush=True)\n"
-           "sys.stdin.read()\n"
-           "s.close()\n")
 
 
 def _iperf3_gbps() -> float | None:
@@ -111,7 +104,7 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
     procs = [master]
     stores: list[Store] = []
     try:
-        shm_holder = _Process([sys.executable, "-c", _HOLDER, url, str(holder_bytes)], "ready", stream="stdout")
+        shm_holder = _holder(url, holder_bytes, prefault=True)
         procs.append(shm_holder)
         client = Store.connect(url, segment_size=0)
         stores.append(client)
@@ -202,8 +195,7 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
 
         if "tcp" in cases:
             # tcp: the second holder has another host identity
-            tcp_holder = _Process([sys.executable, "-c", _HOLDER, url, str(holder_bytes)], "ready", stream="stdout",
-                                  env={"KVSTORE_HOST_ID": "bench-remote-host"})
+            tcp_holder = _holder(url, holder_bytes, prefault=True, env={"KVSTORE_HOST_ID": "bench-remote-host"})
             procs.append(tcp_holder)
             shm_holder.stop()   # its segment leaves: every write now goes to the remote one
             procs.remove(shm_holder)
@@ -231,7 +223,7 @@ def run_cluster(size: int, budget: int, batch_count: int, batch_size: int, repea
         if "ops" not in cases:
             return 0
         # ops: 4 KiB through the master (a local holder again, so the data path is one memcpy)
-        ops_holder = _Process([sys.executable, "-c", _HOLDER, url, str(256 << 20)], "ready", stream="stdout")
+        ops_holder = _holder(url, 256 << 20, prefault=True)
         procs.append(ops_holder)
         small = bytes(4096)
         m = max(100, min(20_000, small_ops))

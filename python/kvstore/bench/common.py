@@ -91,6 +91,27 @@ def _fill(writer: Store, keys: list[str], values: list[bytes], name: str) -> boo
     return True
 
 
+# A client that holds a segment and idles until its standard input closes (argv: url,
+# segment bytes, token or "", "1" to prefault).
+_HOLDER = ("import sys, kvstore\n"
+           "s = kvstore.Store.connect(sys.argv[1], segment_size=int(sys.argv[2]), token=sys.argv[3] or None,\n"
+           "                          prefault=sys.argv[4] == '1')\n"
+           "print('ready', flush=True)\n"
+           "sys.stdin.read()\n"
+           "s.close()\n")
+
+
+def _holder(url: str, segment: int, token: str = "", prefault: bool = False, env: dict[str, str] | None = None) -> _Process:
+    """A holder process with a segment of ``segment`` bytes, once it is ready."""
+    return _Process([sys.executable, "-c", _HOLDER, url, str(segment), token, "1" if prefault else "0"], "ready",
+                    env=env, stream="stdout")
+
+
+def _holders(url: str, count: int, segment: int, token: str = "") -> list[_Process]:
+    """``count`` holders (see ``_holder``)."""
+    return [_holder(url, segment, token) for _ in range(count)]
+
+
 def _put_all(store: Store, keys: list[str], values: list[np.ndarray]) -> None:
     """``batch_put_from`` that raises the first per-key failure: a refused put must not be
     timed as a fast one."""

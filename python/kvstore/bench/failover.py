@@ -22,14 +22,8 @@ from typing import Any
 
 from .._errors import StoreError
 from .._store import Store
-from .common import _fill, _Process
+from .common import _fill, _holders, _Process
 from .etcd import ElectedMaster, Etcd, etcd_binary, token_file
-
-_HOLDER = ("import sys, kvstore\n"
-           "s = kvstore.Store.connect(sys.argv[1], segment_size=int(sys.argv[2]), token=sys.argv[3])\n"
-           "print('ready', flush=True)\n"
-           "sys.stdin.read()\n"
-           "s.close()\n")
 
 
 def _leader(etcd: Etcd, cluster: str) -> int:
@@ -73,8 +67,7 @@ def run_failover(count: int, size: int, repeat: int, record: Callable[[dict[str,
                         return 1
                     term = _leader(etcd, cluster)
                     segment = count * ((size + 63) // 64 * 64) + (32 << 20)
-                    for _ in range(2):
-                        procs.append(_Process([sys.executable, "-c", _HOLDER, url, str(segment), secret], "ready", stream="stdout"))
+                    procs += _holders(url, 2, segment, secret)
                     writer = Store.connect(url, segment_size=0, token=secret)
                     stores.append(writer)
                     keys = [f"f{i}" for i in range(count)]

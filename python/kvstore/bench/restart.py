@@ -14,13 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._store import Store
-from .common import _close_all, _fill, _Process
-
-_HOLDER = ("import sys, kvstore\n"
-           "s = kvstore.Store.connect(sys.argv[1], segment_size=int(sys.argv[2]))\n"
-           "print('ready', flush=True)\n"
-           "sys.stdin.read()\n"
-           "s.close()\n")
+from .common import _close_all, _fill, _holders, _Process
 
 
 def _master(port: int) -> _Process:
@@ -40,8 +34,7 @@ def run_restart(count: int, size: int, repeat: int, record: Callable[[dict[str, 
             port = int(master.match.group(1))
             url = f"kvstore://127.0.0.1:{port}"
             segment = (count * ((size + 63) // 64 * 64) // 4) * 2 + (64 << 20)
-            for _ in range(4):
-                procs.append(_Process([sys.executable, "-c", _HOLDER, url, str(segment)], "ready", stream="stdout"))
+            procs += _holders(url, 4, segment)
             writer = Store.connect(url, segment_size=0)
             stores.append(writer)
             keys = [f"r{run}-{i}" for i in range(count)]
