@@ -229,8 +229,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 onConnect: @escaping @Sendable (Int, SegmentID, Bool) -> Void = { _, _, _ in }) throws(KVError) {
         address = try Address(url: url)
         tenant = address.tenant
-        let first = try address.resolve()
-        dialed = Locked((first.host, first.port))
+        // `connect` resolves the master (for etcd: asks for the leader) and records it here.
+        dialed = Locked(address.fixed ?? ("", 0))
         self.token = token
         self.dataKey = dataKey
         self.name = name

@@ -269,6 +269,15 @@ def test_the_mooncake_drop_in_follows_the_leader_named_by_etcd(etcd, token, monk
             m.stop()
 
 
+@pytest.mark.parametrize("address", ["etcd://", "etcd://;", "etcd://not-an-ip:2379", "etcd://127.0.0.1:1"])
+def test_the_mooncake_drop_in_refuses_a_bad_etcd_address(address, monkeypatch):
+    from kvstore.mooncake import MooncakeDistributedStore
+    monkeypatch.setenv("KVSTORE_MASTER_TOKEN", "t" * 32)
+    s = MooncakeDistributedStore()
+    assert s.setup("localhost", "P2PHANDSHAKE", 4 << 20, 0, "tcp", "", address) != 0
+    assert s.setup("localhost", "P2PHANDSHAKE", 4 << 20, 0, "tcp", "", address) != 0   # still nothing set up
+
+
 def test_an_elected_master_publishes_its_term(etcd, token):
     import urllib.request
 
