@@ -87,6 +87,11 @@ static int module_exec(PyObject *m) {
     PyObject *type = PyType_FromSpec(&kvpy_store_spec);
     if (!type) return -1;
     if (PyModule_AddObject(m, "Store", type) < 0) { Py_DECREF(type); return -1; }
+    PyObject *buffer = PyType_FromSpec(&kvpy_buffer_spec);
+    if (!buffer) return -1;
+    Py_INCREF(buffer);
+    kvpy_buffer_type = buffer;   /* kept for the module's life */
+    if (PyModule_AddObject(m, "Buffer", buffer) < 0) { Py_DECREF(buffer); return -1; }
     if (PyModule_AddIntConstant(m, "MAX_KEY_BYTES", (long)kv_max_key_bytes()) < 0) return -1;
     if (PyModule_AddIntConstant(m, "GIL_RELEASE_BYTES", KVPY_GIL_THRESHOLD) < 0) return -1;
     kvpy_install_wait_hooks();   /* a wait of a call that kept the GIL releases it */

@@ -472,15 +472,40 @@ int32_t kvpy_read_begin(StoreObject *self, const char *k, Py_ssize_t klen, kv_re
  * that outlived its lease is thrown away and the read begins again; a copy whose replica
  * failed (a dead holder, a checksum mismatch) is read again through kv_get_into, which tries
  * every replica. */
-static PyObject *read_key_bytes(StoreObject *self, const char *k, Py_ssize_t klen, int32_t *begin_status) {
+/* A new object of `size` writable bytes to read into: bytes when make is NULL, else
+ * make(size), which must return an object exposing at least `size` writable, C-contiguous
+ * bytes whose memory stays put while it lives (a numpy array, a bytearray never resized). */
+static PyObject *new_value(PyObject *make, uint64_t size, void **ptr) {
+    if (!make) {
+        PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+        if (bytes) *ptr = PyBytes_AsString(bytes);
+        return bytes;
+    }
+    if (make == kvpy_buffer_type) return kvpy_buffer_new(size, ptr);
+    PyObject *value = PyObject_CallFunction(make, "K", (unsigned long long)size);
+    if (!value) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(value, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) { Py_DECREF(value); return NULL; }
+    int small = (uint64_t)view.len < size;
+    *ptr = view.buf;
+    PyBuffer_Release(&view);
+    if (small) {
+        Py_DECREF(value);
+        return kvpy_raise(KV_E_INVALID_ARGUMENT, "make(size) returned a buffer smaller than size");
+    }
+    return value;
+}
+
+static PyObject *read_key_value(StoreObject *self, const char *k, Py_ssize_t klen, PyObject *make, int32_t *begin_status) {
     *begin_status = 0;
     for (int tries = 0;; tries++) {
         kv_read hold;
         int32_t st = read_begin(self, k, klen, &hold);
         if (st) { *begin_status = st; return NULL; }
-        PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)hold.size);
+        void *ptr = NULL;
+        PyObject *bytes = new_value(make, hold.size, &ptr);
         if (!bytes) { kvpy_read_end(self, &hold); return NULL; }
-        kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)hold.size};
+        kv_mut_buffer dst = {ptr, (size_t)hold.size};
         RUN_UNLOCKED(self, hold.size, st = kv_read_copy(self->store, &hold, &dst, 1, KV_HOST_MEMORY, NULL));
         if (st == 0) { kvpy_read_end(self, &hold); return bytes; }
         if (REPLICA_FAILURE(st)) {
@@ -489,7 +514,9 @@ static PyObject *read_key_bytes(StoreObject *self, const char *k, Py_ssize_t kle
             RUN_UNLOCKED(self, hold.size, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, KV_HOST_MEMORY, &copied));
             if (st == 0 && copied == hold.size) return bytes;
             if (st == 0) {   /* replaced meanwhile by a shorter value */
-                PyObject *shorter = PyBytes_FromStringAndSize(PyBytes_AsString(bytes), (Py_ssize_t)copied);
+                void *to = NULL;
+                PyObject *shorter = new_value(make, copied, &to);
+                if (shorter) memcpy(to, ptr, (size_t)copied);
                 Py_DECREF(bytes);
                 return shorter;
             }
@@ -511,7 +538,7 @@ static PyObject *store_get(StoreObject *self, PyObject *key) {
     Py_ssize_t klen;
     if (key_arg(self, key, &k, &klen) < 0) return NULL;
     int32_t st;
-    PyObject *bytes = read_key_bytes(self, k, klen, &st);
+    PyObject *bytes = read_key_value(self, k, klen, NULL, &st);
     return bytes || !st ? bytes : kvpy_raise_last(st);
 }
 
@@ -536,7 +563,7 @@ static PyObject *store_get_into(StoreObject *self, PyObject *const *args, Py_ssi
 /* get_batch(keys): holds on every key in one kv_batch_read_begin (one master request per
  * chunk), then each object copied into new bytes; a copy that outlived its lease is read
  * again on its own. A missing key gives None. */
-static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
+static PyObject *get_batch(StoreObject *self, PyObject *keys, PyObject *make) {
     ENSURE_OPEN(self);
     Py_ssize_t n;
     batch_item *items = batch_begin(keys, NULL, NULL, &n);
@@ -564,9 +591,10 @@ static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
                 if (statuses[j] != KV_E_OBJECT_NOT_FOUND) { it->status = statuses[j]; it->message = strdup(kv_batch_error(j - base, NULL)); }
                 continue;
             }
-            PyObject *bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)holds[j].size);
+            void *ptr = NULL;
+            PyObject *bytes = new_value(make, holds[j].size, &ptr);
             if (!bytes) { it->error = kvpy_take_error(); kvpy_read_end(self, &holds[j]); statuses[j] = -1; continue; }
-            kv_mut_buffer dst = {PyBytes_AsString(bytes), (size_t)holds[j].size};
+            kv_mut_buffer dst = {ptr, (size_t)holds[j].size};
             RUN_UNLOCKED(self, holds[j].size, st = kv_read_copy(self->store, &holds[j], &dst, 1, KV_HOST_MEMORY, NULL));
             if (st == 0) values[j] = bytes;
             else {
@@ -581,7 +609,7 @@ static PyObject *store_get_batch(StoreObject *self, PyObject *keys) {
         batch_item *it = &items[index[j]];
         if (statuses[j] != KV_STALE) continue;
         int32_t bst;
-        values[j] = read_key_bytes(self, it->k, it->klen, &bst);
+        values[j] = read_key_value(self, it->k, it->klen, make, &bst);
         if (!values[j] && bst == KV_E_OBJECT_NOT_FOUND) statuses[j] = KV_E_OBJECT_NOT_FOUND;
         else if (!values[j] && bst) { it->status = bst; it->message = strdup(kv_last_error(NULL)); }
         else if (!values[j]) it->error = kvpy_take_error();
@@ -604,6 +632,115 @@ done:
     PyMem_Free(ks); PyMem_Free(index); PyMem_Free(statuses); PyMem_Free(holds);
     batch_end(items, n);
     return list;
+}
+
+static PyObject *store_get_batch(StoreObject *self, PyObject *keys) { return get_batch(self, keys, NULL); }
+
+/* _get_batch_new(keys, make): get_batch whose values are make(size) objects (see new_value). */
+static PyObject *store_get_batch_new(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("_get_batch_new", nargs, 2, 2) < 0) return NULL;
+    if (!PyCallable_Check(args[1])) return kvpy_type_error(args[1], "make", "a callable");
+    return get_batch(self, args[0], args[1]);
+}
+
+/* One ranged read's item result: a list with, per range, its length or its exception. */
+static PyObject *range_results(const batch_item *it, const kv_range *ranges, const int32_t *statuses, size_t first, Py_ssize_t count) {
+    PyObject *list = PyList_New(count);
+    for (Py_ssize_t r = 0; list && r < count; r++) {
+        size_t j = first + (size_t)r;
+        PyObject *v;
+        if (it->error) { v = it->error; Py_INCREF(v); }
+        else if (statuses[j]) {
+            v = kvpy_error_object(statuses[j], kv_batch_error(j, NULL));
+            if (!v) v = kvpy_take_error();
+        } else v = PyLong_FromUnsignedLongLong(ranges[j].length);
+        if (!v) { Py_CLEAR(list); break; }
+        PyList_SetItem(list, r, v);
+    }
+    return list;
+}
+
+/* _read_ranges(keys, range_lists) -> [[length | exception]]: range_lists[i] lists
+ * (address, offset, length) triples, each copying bytes [offset, offset+length) of object
+ * keys[i] to the address (memory on any device). One kv_batch_read_ranges call. */
+static PyObject *store_read_ranges(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("_read_ranges", nargs, 2, 2) < 0) return NULL;
+    ENSURE_OPEN(self);
+    Py_ssize_t n;
+    batch_item *items = batch_begin(args[0], args[1], "range_lists", &n);
+    if (!items) return NULL;
+    PyObject *result = NULL;
+    kv_range_item *ris = PyMem_Calloc((size_t)(n ? n : 1), sizeof *ris);
+    kv_range *ranges = NULL;
+    int32_t *statuses = NULL;
+    size_t total = 0;
+    uint64_t bytes = 0;
+    if (!ris) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *lst = PySequence_GetItem(args[1], i);
+        if (!lst) goto done;
+        Py_ssize_t c = seq_len(lst, "a range list");
+        Py_DECREF(lst);
+        if (c < 0) goto done;
+        items[i].first = (Py_ssize_t)total;
+        items[i].count = c;
+        total += (size_t)c;
+    }
+    ranges = PyMem_Calloc(total ? total : 1, sizeof *ranges);
+    statuses = PyMem_Calloc(total ? total : 1, sizeof *statuses);
+    if (!ranges || !statuses) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *lst = PySequence_GetItem(args[1], i);
+        if (!lst) goto done;
+        if (seq_len(lst, "a range list") != items[i].count) {
+            Py_DECREF(lst);
+            kvpy_raise(KV_E_INVALID_ARGUMENT, "a range list changed during the call");
+            goto done;
+        }
+        for (Py_ssize_t r = 0; r < items[i].count; r++) {
+            PyObject *t = PySequence_GetItem(lst, r);
+            unsigned long long off = 0, len = 0;
+            void *dst = NULL;
+            int ok = t && PyTuple_Check(t) && PyTuple_Size(t) == 3 && PyLong_Check(PyTuple_GetItem(t, 0)) &&
+                     PyLong_Check(PyTuple_GetItem(t, 1)) && PyLong_Check(PyTuple_GetItem(t, 2));
+            if (ok) {
+                dst = PyLong_AsVoidPtr(PyTuple_GetItem(t, 0));
+                off = PyLong_AsUnsignedLongLong(PyTuple_GetItem(t, 1));
+                len = PyLong_AsUnsignedLongLong(PyTuple_GetItem(t, 2));
+                if (PyErr_Occurred()) {
+                    PyErr_Clear();
+                    Py_XDECREF(t);
+                    Py_DECREF(lst);
+                    kvpy_raise(KV_E_INVALID_ARGUMENT, "a range's address, offset and length must be non-negative ints that fit 64 bits");
+                    goto done;
+                }
+            }
+            if (!ok) {
+                if (t) kvpy_type_error(t, "a range", "an (address, offset, length) tuple of ints");
+                Py_XDECREF(t);
+                Py_DECREF(lst);
+                goto done;
+            }
+            Py_DECREF(t);
+            ranges[items[i].first + r] = (kv_range){off, len, dst};
+            bytes += len;
+        }
+        Py_DECREF(lst);
+        ris[i] = (kv_range_item){items[i].k, (size_t)items[i].klen, ranges + items[i].first, (size_t)items[i].count};
+    }
+    int32_t st;
+    RUN_UNLOCKED(self, bytes, st = kv_batch_read_ranges(self->store, ris, (size_t)n, 0, statuses));
+    if (st) { kvpy_raise_last(st); goto done; }
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result && i < n; i++) {
+        PyObject *r = range_results(&items[i], ranges, statuses, (size_t)items[i].first, items[i].count);
+        if (!r) { Py_CLEAR(result); break; }
+        PyList_SetItem(result, i, r);
+    }
+done:
+    PyMem_Free(ris); PyMem_Free(ranges); PyMem_Free(statuses);
+    batch_end(items, n);
+    return result;
 }
 
 static PyObject *store_batch_get_into(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -792,6 +929,8 @@ static PyMethodDef store_methods[] = {
     {"get", (PyCFunction)store_get, METH_O, "get(key) -> bytes."},
     {"get_into", (PyCFunction)(void (*)(void))store_get_into, METH_FASTCALL, "get_into(key, buffer) -> int."},
     {"get_batch", (PyCFunction)store_get_batch, METH_O, "get_batch(keys) -> list."},
+    {"_get_batch_new", (PyCFunction)(void (*)(void))store_get_batch_new, METH_FASTCALL, "_get_batch_new(keys, make) -> list: get_batch into make(size) objects."},
+    {"_read_ranges", (PyCFunction)(void (*)(void))store_read_ranges, METH_FASTCALL, "_read_ranges(keys, range_lists) -> list of lists: ranged reads to raw addresses."},
     {"batch_get_into", (PyCFunction)(void (*)(void))store_batch_get_into, METH_FASTCALL, "batch_get_into(keys, buffers) -> list."},
     {"exists", (PyCFunction)store_exists, METH_O, "exists(key) -> bool."},
     {"batch_exists", (PyCFunction)store_batch_exists, METH_O, "batch_exists(keys) -> list."},

@@ -183,3 +183,51 @@ public func kvBatchError(_ index: Int, _ len: UnsafeMutablePointer<Int>?) -> Uns
     len?.pointee = strlen(message)
     return UnsafePointer(message)
 }
+
+@c(kv_batch_read_ranges)
+public func kvBatchReadRanges(_ store: OpaquePointer?, _ items: UnsafePointer<kv_range_item>?, _ n: Int, _ flags: UInt32,
+                              _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.batchClient(store, n, items, statuses)
+        var keys: [ObjectKey] = []
+        var pieces: [Range<Int>] = []
+        var copies: [StoreClient.RangeCopy] = []
+        var positions: [Int] = []            // item of each converted key
+        var errors: [KVError?] = []          // per range, every item's ranges in order
+        var first: [Int] = []                // index of item i's first range in errors
+        keys.reserveCapacity(n)
+        for i in 0..<n {
+            let it = items![i]
+            first.append(errors.count)
+            guard it.nranges == 0 || it.ranges != nil else { throw .invalidArgument("ranges of item \(i) are NULL") }
+            errors.append(contentsOf: repeatElement(nil, count: it.nranges))
+            do throws(KVError) {
+                let k = try ABI.key(it.key, it.key_len)
+                let start = copies.count
+                for j in 0..<it.nranges {
+                    let r = it.ranges![j]
+                    guard r.offset <= UInt64(Int.max), r.length <= UInt64(Int.max) - r.offset else {
+                        throw .invalidArgument("range \(j) of item \(i): offset \(r.offset) length \(r.length) overflows")
+                    }
+                    guard r.dst != nil || r.length == 0 else { throw .invalidArgument("range \(j) of item \(i) has a NULL destination") }
+                    copies.append(StoreClient.RangeCopy(offset: Int(r.offset), length: Int(r.length),
+                                                        destination: MemoryRegion(address: UInt(bitPattern: r.dst), length: Int(r.length))))
+                }
+                keys.append(k)
+                pieces.append(start..<copies.count)
+                positions.append(i)
+            } catch {
+                for j in 0..<it.nranges { errors[first[i] + j] = error }
+            }
+        }
+        let outcome = try copies.withUnsafeBufferPointer { (cp) throws(KVError) in
+            try c.readRanges(keys: keys, pieces: pieces, copies: cp, memory: memoryHint(flags))
+        }
+        for (j, p) in pieces.enumerated() {
+            let base = first[positions[j]]
+            for (k, c) in p.enumerated() { errors[base + k] = outcome[c] }
+        }
+        for (i, e) in errors.enumerated() { statuses![i] = e?.code.rawValue ?? 0 }
+        LastError.setBatch(errors)
+    }
+}

@@ -48,6 +48,41 @@ final class StoreClientTests: XCTestCase {
         XCTAssertEqual(stat(s, "active_readers"), 0, "a failed get_into releases its hold")
     }
 
+    func testRangedReadsCopyOnlyTheirRangesAndFailAlone() throws {
+        let s = try StoreClient(segmentSize: 1 << 20)
+        defer { s.close() }
+        let v = Self.value(tag: 9, length: 5000)
+        try put(s, "a", v)
+        let copiedBefore = stat(s, "bytes_copied")
+        var out = [UInt8](repeating: 0, count: 64)
+        let outcome = try out.withUnsafeMutableBytes { (b) throws(KVError) -> [KVError?] in
+            let base = UInt(bitPattern: b.baseAddress!)
+            let copies = [
+                StoreClient.RangeCopy(offset: 100, length: 10, destination: MemoryRegion(address: base, length: 10)),
+                StoreClient.RangeCopy(offset: 4995, length: 10, destination: MemoryRegion(address: base + 10, length: 10)),
+                StoreClient.RangeCopy(offset: 0, length: 1, destination: MemoryRegion(address: base + 20, length: 1)),
+                StoreClient.RangeCopy(offset: 4990, length: 10, destination: MemoryRegion(address: base + 30, length: 10)),
+                StoreClient.RangeCopy(offset: 0, length: 8, destination: MemoryRegion(address: base + 40, length: 4)),
+            ]
+            return try copies.withUnsafeBufferPointer { (c) throws(KVError) in
+                try s.readRanges(keys: ["a", "missing", "a"], pieces: [0..<2, 2..<3, 3..<5], copies: c)
+            }
+        }
+        XCTAssertNil(outcome[0])
+        XCTAssertEqual(outcome[1]?.code, .invalidArgument, "past the object's end")
+        XCTAssertEqual(outcome[2]?.code, .objectNotFound)
+        XCTAssertNil(outcome[3])
+        XCTAssertEqual(outcome[4]?.code, .invalidArgument, "a destination too small")
+        XCTAssertEqual(Array(out[0..<10]), Array(v[100..<110]))
+        XCTAssertEqual(Array(out[30..<40]), Array(v[4990..<5000]))
+        XCTAssertEqual(Array(out[10..<30]), [UInt8](repeating: 0, count: 20))
+        XCTAssertEqual(stat(s, "bytes_copied") - copiedBefore, 20, "only the ranges are copied")
+        XCTAssertEqual(stat(s, "active_readers"), 0, "every hold is released")
+        XCTAssertThrowsError(try [StoreClient.RangeCopy]().withUnsafeBufferPointer { (c) throws(KVError) in
+            try s.readRanges(keys: ["a"], pieces: [0..<1], copies: c)
+        }) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+    }
+
     func testCallsAfterCloseFail() throws {
         let s = try StoreClient(segmentSize: 1 << 20)
         try put(s, "a", [1, 2, 3])

@@ -19,7 +19,7 @@ import kvstore
 SIZE = 32 << 20
 
 READER = """
-import json, sys, kvstore
+import ctypes, json, sys, kvstore
 url, how, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 s = kvstore.Store.connect(url, segment_size=0)
 print("ready", flush=True)
@@ -36,6 +36,20 @@ try:
             raise data
         if data is None:
             raise KeyError("victim")
+    elif how == "ranges":
+        buf = bytearray(size)
+        address = ctypes.addressof((ctypes.c_char * size).from_buffer(buf))
+        n = s._read_ranges(["victim"], [[(address, 0, size)]])[0][0]
+        if isinstance(n, Exception):
+            raise n
+        data = bytes(buf[:n])
+    elif how == "buffer":
+        data = s._get_batch_new(["victim"], kvstore._native.Buffer)[0]
+        if isinstance(data, Exception):
+            raise data
+        if data is None:
+            raise KeyError("victim")
+        data = bytes(data)
     else:
         data = s.get("victim")
     out["ok"] = True
@@ -101,7 +115,7 @@ def check(out: dict) -> None:
         assert out["reads_expired"] >= 1
 
 
-@pytest.mark.parametrize("how", ["get", "get_into", "batch"])
+@pytest.mark.parametrize("how", ["get", "get_into", "batch", "ranges", "buffer"])
 def test_a_read_that_outlives_its_lease_never_returns_another_objects_bytes(master, how):
     check(race(master.url, how))   # the reader maps the owner's segment (same host)
 

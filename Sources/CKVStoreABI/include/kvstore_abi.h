@@ -179,6 +179,18 @@ int32_t kv_batch_remove(kv_store *store, const kv_key *keys, size_t n, uint32_t 
 /* kv_read_begin (waiting) of n keys, one master request per chunk of keys: holds[i] is valid
  * when statuses[i] is KV_OK, and must then be ended with kv_read_end. */
 int32_t kv_batch_read_begin(kv_store *store, const kv_key *keys, size_t n, kv_read *holds, int32_t *statuses);
+/* One range of kv_batch_read_ranges: bytes [offset, offset+length) of its item's object into
+ * dst (which must hold length bytes). */
+typedef struct { uint64_t offset; uint64_t length; void *dst; } kv_range;
+/* One object of kv_batch_read_ranges: its key and its ranges. */
+typedef struct { const char *key; size_t key_len; const kv_range *ranges; size_t nranges; } kv_range_item;
+/* Ranged reads of n objects: every object held first (one master request per chunk of keys),
+ * its ranges copied, its hold ended; an object whose copies outlived the lease is read again
+ * on its own. statuses gets one status per range, the ranges of every item in order
+ * (kv_batch_error takes the same index): a range outside its object fails alone, a missing
+ * object fails all its ranges. Ranges are not checked against a checksum (it covers the
+ * whole object). */
+int32_t kv_batch_read_ranges(kv_store *store, const kv_range_item *items, size_t n, uint32_t flags, int32_t *statuses);
 /* Message of item `index` of the last batch call on this thread ("" when it succeeded). */
 const char *kv_batch_error(size_t index, size_t *len);
 /* kv_read_begin, kv_get_into, kv_batch_get_into, kv_exists and kv_size lease the object they

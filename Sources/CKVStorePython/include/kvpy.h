@@ -72,6 +72,10 @@ PyObject *kvpy_take_error(void);
 PyObject *kvpy_set_error_classes(PyObject *module, PyObject *mapping);
 
 extern PyType_Spec kvpy_store_spec;
+extern PyType_Spec kvpy_buffer_spec;
+extern PyObject *kvpy_buffer_type;   /* kvstore._native.Buffer */
+/* A new Buffer of size bytes (not zeroed); *data gets its address. */
+PyObject *kvpy_buffer_new(uint64_t size, void **data);
 
 /* ---- shared by store.c and raw.c ---- */
 

@@ -1,0 +1,99 @@
+import KVAccelerator
+import KVCore
+
+// Ranged reads: pieces of objects copied straight into the caller's memory, without reading
+// the whole object (Mooncake's `get_into_ranges`, tensor shards read out of a larger tensor).
+
+extension StoreClient {
+    /// One piece of a ranged read: bytes `offset..<offset+length` of an object into `destination`
+    /// (which must hold `length` bytes).
+    public struct RangeCopy: Sendable {
+        public var offset: Int
+        public var length: Int
+        public var destination: MemoryRegion
+
+        public init(offset: Int, length: Int, destination: MemoryRegion) {
+            self.offset = offset
+            self.length = length
+            self.destination = destination
+        }
+    }
+
+    /// Copies `copies[pieces[i]]` out of object `keys[i]`, for every i; returns one outcome per
+    /// copy (nil: copied). Every object is held first (one master request per chunk of keys),
+    /// its pieces copied, then its hold released. A piece outside its object fails alone
+    /// (`invalidArgument`); a missing object fails all its pieces. An object whose copies
+    /// outlived the read's lease is read again on its own (its bytes may have been another
+    /// object's), at most `expiredReadRetries` more times. Ranges are not checked against the
+    /// object's checksum, which covers the whole object.
+    public func readRanges(keys: [ObjectKey], pieces: [Range<Int>], copies: UnsafeBufferPointer<RangeCopy>,
+                           memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
+        guard keys.count == pieces.count else { throw .invalidArgument("\(keys.count) keys but \(pieces.count) piece lists") }
+        for p in pieces where p.lowerBound < 0 || p.upperBound > copies.count {
+            throw .invalidArgument("piece list \(p) is outside \(copies.count) copies")
+        }
+        var outcome = [KVError?](repeating: nil, count: copies.count)
+        var again: [Int] = []
+        for (i, r) in try beginReads(keys: keys).enumerated() {
+            switch r {
+            case .failure(let e):
+                for c in pieces[i] { outcome[c] = e }
+            case .success(let t):
+                if !copyPieces(t, copies, pieces[i], &outcome, memory) { again.append(i) }
+                try? endRead(t)
+            }
+        }
+        for i in again {
+            var tries = 1
+            while true {
+                let t: ReadTicket
+                do throws(KVError) {
+                    t = try beginRead(key: keys[i])
+                } catch {
+                    for c in pieces[i] { outcome[c] = error }
+                    break
+                }
+                for c in pieces[i] { outcome[c] = nil }
+                let held = copyPieces(t, copies, pieces[i], &outcome, memory)
+                try? endRead(t)
+                if held { break }
+                tries += 1
+                if tries > Self.expiredReadRetries {
+                    for c in pieces[i] where outcome[c] == nil { outcome[c] = Self.leaseExpired(t, tries: tries) }
+                    break
+                }
+            }
+        }
+        return outcome
+    }
+
+    /// Copies the pieces `which` of held object `t`, recording each failure; false when a copy
+    /// outlived the lease (read the object again).
+    private func copyPieces(_ t: ReadTicket, _ copies: UnsafeBufferPointer<RangeCopy>, _ which: Range<Int>,
+                            _ outcome: inout [KVError?], _ memory: MemoryHint) -> Bool {
+        var held = true
+        for c in which {
+            let piece = copies[c]
+            guard piece.offset >= 0, piece.length >= 0, piece.offset <= t.size, piece.length <= t.size - piece.offset else {
+                outcome[c] = .invalidArgument("range at \(piece.offset) of \(piece.length) bytes is outside an object of \(t.size) bytes")
+                continue
+            }
+            guard piece.destination.length >= piece.length else {
+                outcome[c] = .invalidArgument("destination of \(piece.destination.length) bytes is smaller than the range's \(piece.length)")
+                continue
+            }
+            if piece.length == 0 { continue }
+            let destination = MemoryRegion(address: piece.destination.address, length: piece.length)
+            do throws(KVError) {
+                let n = try withUnsafePointer(to: destination) { (d) throws(KVError) in
+                    try copyOutIfLeased(t, range: piece.offset..<piece.offset + piece.length,
+                                        to: UnsafeBufferPointer(start: d, count: 1), memory: memory)
+                }
+                if n == nil { held = false }
+            } catch {
+                outcome[c] = error
+            }
+        }
+        return held
+    }
+}
