@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import os
+import random
 import re
 import socket
 import sys
@@ -22,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _errors, _tensor
+from . import _errors, _native, _tensor
 from ._errors import StoreError
 from ._sizes import parse_size
 from ._store import Store
 
-__all__ = ["MooncakeDistributedStore", "ReplicateConfig", "SoftPinAction", "ErrorCode"]
+__all__ = ["BufferHandle", "MooncakeDistributedStore", "ReplicateConfig", "SoftPinAction", "ErrorCode"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -83,9 +84,14 @@ class ReplicateConfig:
         self.replica_num = 1
         self.with_hard_pin = False
         self.soft_pin_action = SoftPinAction.PRESERVE
-        self.soft_pin_ttl_ms = 0
+        self.soft_pin_ttl_ms: int | None = None
         self.preferred_segments: list[str] = []
         self.preferred_segment = ""
+        self.prefer_alloc_in_same_node: bool | str = False
+        self.nof_replica_num = 0
+        self.dfs_replica_num = 0
+        self.group_ids: list[str] | None = None
+        self.session_ids: list[str] | None = None
 
     @property
     def with_soft_pin(self) -> bool:
@@ -95,7 +101,23 @@ class ReplicateConfig:
     def with_soft_pin(self, on: bool) -> None:
         self.soft_pin_action = SoftPinAction.ENABLE if on else SoftPinAction.PRESERVE
 
-    def _options(self) -> dict[str, Any]:
+    def _check_ids(self, count: int) -> None:
+        """``group_ids`` / ``session_ids``: None, or one str per object written (``count``)."""
+        for name in ("group_ids", "session_ids"):
+            ids = getattr(self, name)
+            if ids is None:
+                continue
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(i, str) for i in ids):
+                raise _errors.InvalidArgumentError(f"{name} must be None or a list of str")
+            if len(ids) != count:
+                raise _errors.InvalidArgumentError(f"{name} has {len(ids)} entries for {count} objects")
+
+    def _options(self, count: int = 1, upsert: bool = False) -> dict[str, Any]:
+        self._check_ids(count)
+        for name in ("nof_replica_num", "dfs_replica_num"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise _errors.InvalidArgumentError(f"{name} must be a non-negative int, not {v!r}")
         n = self.replica_num
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise _errors.InvalidArgumentError(f"replica_num must be a positive int, not {n!r}")
@@ -106,8 +128,10 @@ class ReplicateConfig:
         except ValueError:
             raise _errors.InvalidArgumentError(f"soft_pin_action {self.soft_pin_action!r} is not a SoftPinAction") from None
         ttl = self.soft_pin_ttl_ms
-        if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 0:
-            raise _errors.InvalidArgumentError(f"soft_pin_ttl_ms must be a non-negative int, not {ttl!r}")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 0):
+            raise _errors.InvalidArgumentError(f"soft_pin_ttl_ms must be None or a non-negative int, not {ttl!r}")
+        if upsert and ttl is not None and action != SoftPinAction.ENABLE:
+            raise _errors.InvalidArgumentError("soft_pin_ttl_ms is set but soft_pin_action is not ENABLE")
         options: dict[str, Any] = {"replicas": n, "hard_pin": self.with_hard_pin}
         if action == SoftPinAction.ENABLE and not self.with_hard_pin:   # a hard pin already covers it
             options["soft_pin"] = True
@@ -121,30 +145,77 @@ class ReplicateConfig:
                 f"preferred_segments={self.preferred_segments}, preferred_segment={self.preferred_segment!r})")
 
 
+# What ``get_buffer`` returns: the object's bytes in memory of their own (64-byte aligned,
+# writable; the buffer protocol, ``len``, numpy and ``torch.frombuffer`` work on it), with
+# Mooncake's ``ptr()`` (their address) and ``size()`` (their length). The bytes are one copy
+# made under the object's read lease and verified like every read: they stay valid while the
+# handle lives, whatever happens to the object afterwards.
+BufferHandle = _native.Buffer
+
+
 _NONE = object()   # `_call(fail=_NONE)`: None on failure
 _CODE = object()   # `_call_each(fill=_CODE)`: the error's code per key
 
 _SETUP_KEYS = ("local_hostname", "metadata_server", "global_segment_size", "local_buffer_size", "protocol",
-               "rdma_devices", "master_server_addr")
+               "rdma_devices", "master_server_addr", "enable_ssd_offload", "ssd_offload_path", "tenant_id")
+_PORTS = range(12300, 14301)   # where Mooncake picks a client's port when local_hostname names none
+_TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def _options(config: ReplicateConfig | None) -> dict[str, Any]:
+def _options(config: ReplicateConfig | None, count: int = 1, upsert: bool = False) -> dict[str, Any]:
+    """kvstore's write options for a ReplicateConfig used on `count` objects (an upsert when
+    `upsert`)."""
     if config is None:
         return {}
     if not isinstance(config, ReplicateConfig):
         raise _errors.ArgumentTypeError(f"config must be a ReplicateConfig, not {type(config).__name__}")
-    return config._options()
+    return config._options(count, upsert)
 
 
-def _master_url(address: str) -> str:
+def _length(r: Any) -> int:
+    """A ranged read's result as Mooncake's int: the bytes copied, or the error's code."""
+    return _code(r) if isinstance(r, BaseException) else int(r)
+
+
+def _count(keys: Any) -> int:
+    return len(keys) if isinstance(keys, (list, tuple)) else 0
+
+
+def _master_url(address: str, tenant: str = "") -> str:
     """A kvstore URL for Mooncake's ``master_server_address``: "host:port", a kvstore URL as is,
     or Mooncake's highly available form "etcd://host:port[;host:port...]" (the leader elected
-    on that etcd, for the cluster named by ``MC_STORE_CLUSTER_ID``, default "kvstore")."""
+    on that etcd, for the cluster named by ``MC_STORE_CLUSTER_ID``, default "kvstore"), with
+    `tenant` ("": none) as the URL's tenant."""
     if address.startswith("etcd://"):
         endpoints = address[len("etcd://"):].rstrip("/").replace(";", ",")
         cluster = os.environ.get("MC_STORE_CLUSTER_ID") or "kvstore"
-        return f"kvstore+etcd://{endpoints}/{cluster}"
-    return address if "://" in address else f"kvstore://{address}"
+        url = f"kvstore+etcd://{endpoints}/{cluster}"
+    else:
+        url = address if "://" in address else f"kvstore://{address}"
+    if not tenant:
+        return url
+    scheme, _, rest = url.partition("://")
+    named, at, _ = rest.partition("@")
+    if at and named != tenant:
+        raise _errors.InvalidArgumentError(f"tenant_id {tenant!r} differs from the tenant {named!r} in {address!r}")
+    return url if at else f"{scheme}://{tenant}@{rest}"
+
+
+def _free_port(host: str) -> int:
+    """A port in Mooncake's range (12300-14300) free on `host` right now (any free port when
+    the whole range is taken)."""
+    start = random.randrange(len(_PORTS))
+    for i in range(len(_PORTS)):
+        port = _PORTS[(start + i) % len(_PORTS)]
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
 
 
 def _log(message: str) -> None:
@@ -157,17 +228,23 @@ class MooncakeDistributedStore:
     def __init__(self) -> None:
         self._store: Store | None = None
         self._hostname = ""
+        self._registered: dict[int, int] = {}   # buffers registered here: address -> size
 
     # ---- lifecycle ----
 
     def setup(self, local_hostname: Any, metadata_server: str = "P2PHANDSHAKE", global_segment_size: int | str = 16 << 20,
               local_buffer_size: int | str = 16 << 20, protocol: str = "tcp", rdma_devices: str = "",
-              master_server_addr: str = "127.0.0.1:50051", engine: Any = None) -> int:
+              master_server_addr: str = "127.0.0.1:50051", engine: Any = None, enable_ssd_offload: bool = False,
+              ssd_offload_path: str = "", tenant_id: str = "default") -> int:
         """Joins the master at ``master_server_addr`` with a segment of ``global_segment_size``
         bytes (0: a pure client). Also takes one dict with the same keys (sizes as ints or
         strings such as "16MB"; ``master_server_address`` and ``device_name`` are accepted
         spellings). ``local_buffer_size`` and ``rdma_devices`` are accepted and unused (kvstore
-        needs no staging buffer; RDMA devices are found at run time). Returns 0 or an error code."""
+        needs no staging buffer; RDMA devices are found at run time). ``tenant_id`` other than
+        "default" joins as that kvstore tenant (its own key namespace; its token from
+        ``KVSTORE_MASTER_TOKEN``). ``enable_ssd_offload`` and ``ssd_offload_path`` are checked
+        and logged: kvstore has no disk tier yet, so objects stay in memory and evicted ones
+        are misses. Returns 0 or an error code."""
         if isinstance(local_hostname, dict):
             cfg = dict(local_hostname)
             if "master_server_address" in cfg:
@@ -192,12 +269,20 @@ class MooncakeDistributedStore:
                 raise _errors.InvalidArgumentError(f"protocol {protocol!r} is not 'tcp' or 'rdma'")
             size = parse_size(global_segment_size, name="global_segment_size")
             parse_size(local_buffer_size, name="local_buffer_size")
+            for name, v in (("enable_ssd_offload", enable_ssd_offload),):
+                if not isinstance(v, (bool, str)) or (isinstance(v, str) and v.lower() not in ("true", "false", "1", "0", "")):
+                    raise _errors.ArgumentTypeError(f"{name} must be a bool, not {v!r}")
+            if not isinstance(ssd_offload_path, str):
+                raise _errors.ArgumentTypeError(f"ssd_offload_path must be a str, not {type(ssd_offload_path).__name__}")
+            if not isinstance(tenant_id, str) or not (tenant_id in ("", "default") or _TENANT.fullmatch(tenant_id)):
+                raise _errors.InvalidArgumentError(f"tenant_id {tenant_id!r}: 1 to 64 of A-Z a-z 0-9 . _ -")
+            if enable_ssd_offload in (True, "true", "True", "1") or ssd_offload_path:
+                _log("setup: enable_ssd_offload / ssd_offload_path accepted, but kvstore has no disk tier yet: "
+                     "objects stay in memory")
             host, _, port = local_hostname.rpartition(":") if ":" in local_hostname else (local_hostname, "", "")
             if not port:
-                with socket.socket() as s:   # a free port, as Mooncake picks one
-                    s.bind(("", 0))
-                    port = str(s.getsockname()[1])
-            url = _master_url(master_server_addr)
+                port = str(_free_port(host))
+            url = _master_url(master_server_addr, "" if tenant_id in ("", "default") else tenant_id)
             self._store = Store.connect(url, segment_size=size)
             self._hostname = f"{host or 'localhost'}:{port}"
             return 0
@@ -214,6 +299,7 @@ class MooncakeDistributedStore:
         if self._store is not None:
             self._store.close()
             self._store = None
+        self._registered.clear()
         return 0
 
     def health_check(self) -> int:
@@ -269,17 +355,98 @@ class MooncakeDistributedStore:
         return self._put_keeping(lambda s: s.put(key, value, **_options(config)))
 
     def upsert(self, key: str, value: Any, config: ReplicateConfig | None = None) -> int:
-        return self._call(lambda s: s.upsert(key, value, **_options(config)) or 0)
+        return self._call(lambda s: s.upsert(key, value, **_options(config, upsert=True)) or 0)
 
     def put_parts(self, key: str, *parts: Any, config: ReplicateConfig | None = None) -> int:
         return self._put_keeping(lambda s: s.put_parts(key, *parts, **_options(config)))
 
     def upsert_parts(self, key: str, *parts: Any, config: ReplicateConfig | None = None) -> int:
-        return self._call(lambda s: s.upsert_parts(key, *parts, **_options(config)) or 0)
+        return self._call(lambda s: s.upsert_parts(key, *parts, **_options(config, upsert=True)) or 0)
 
     def get(self, key: str) -> bytes:
         """The value, or b"" when it is missing (or on any error)."""
         return self._call(lambda s: s.get(key), fail=b"")
+
+    def get_buffer(self, key: str) -> BufferHandle | None:
+        """The object's bytes in a new ``BufferHandle``, or None when it is missing (or on any
+        error)."""
+        return self.batch_get_buffer([key])[0] if isinstance(key, str) else None
+
+    def batch_get_buffer(self, keys: Sequence[str]) -> list[BufferHandle | None]:
+        """One ``BufferHandle`` per key, None for a missing key (or any error): every object held
+        in one master request per chunk, each copied once into its new handle."""
+        def get(s: Store) -> list[BufferHandle | None]:
+            if not isinstance(keys, (list, tuple)):
+                raise _errors.ArgumentTypeError(f"keys must be a list of str, not {type(keys).__name__}")
+            return [v if isinstance(v, BufferHandle) else None for v in s._get_batch_new(list(keys), BufferHandle)]
+        return self._call_each(get, keys, None)
+
+    def get_into_ranges(self, buffer_ptrs: Sequence[int], all_keys: Sequence[Sequence[str]],
+                        all_dst_offsets: Sequence[Sequence[Sequence[int]]], all_src_offsets: Sequence[Sequence[Sequence[int]]],
+                        all_sizes: Sequence[Sequence[Sequence[int]]]) -> list[list[list[int]]]:
+        """Ranged reads, buffer-major: for each buffer i, key j and fragment k, bytes
+        ``[all_src_offsets[i][j][k], + all_sizes[i][j][k])`` of object ``all_keys[i][j]`` are
+        copied to ``buffer_ptrs[i] + all_dst_offsets[i][j][k]``. Returns ``results[i][j][k]``:
+        the bytes copied, or a negative code for that fragment (-600 for a shape that does not
+        match, a fragment outside its object, or outside the registered buffer that holds
+        ``buffer_ptrs[i]``; -704 for a missing object). Every object is held in one master request
+        per chunk; only the ranges are copied, never the whole object."""
+        def shape(i: int) -> list[list[int]]:
+            keys = all_keys[i] if i < len(all_keys) and isinstance(all_keys[i], (list, tuple)) else [None]
+            out = []
+            for j in range(len(keys)):
+                try:
+                    out.append([int(ErrorCode.INVALID_PARAMS)] * max(1, len(all_sizes[i][j])))
+                except (IndexError, TypeError):
+                    out.append([int(ErrorCode.INVALID_PARAMS)])
+            return out
+
+        def run(s: Store) -> list[list[list[int]]]:
+            if not all(isinstance(x, (list, tuple)) for x in (buffer_ptrs, all_keys, all_dst_offsets, all_src_offsets, all_sizes)):
+                raise _errors.InvalidArgumentError("get_into_ranges takes lists")
+            results = [shape(i) for i in range(len(buffer_ptrs))]
+            if not len(buffer_ptrs) == len(all_keys) == len(all_dst_offsets) == len(all_src_offsets) == len(all_sizes):
+                return results
+            keys: list[str] = []
+            ranges: list[list[tuple[int, int, int]]] = []
+            where: list[tuple[int, int, list[int]]] = []   # (buffer, key, per fragment: -600 or 0 to read)
+            for i, ptr in enumerate(buffer_ptrs):
+                ks, dsts, srcs, sizes = all_keys[i], all_dst_offsets[i], all_src_offsets[i], all_sizes[i]
+                if not all(isinstance(x, (list, tuple)) for x in (ks, dsts, srcs, sizes)) or \
+                        not len(ks) == len(dsts) == len(srcs) == len(sizes) or \
+                        not all(isinstance(x, (list, tuple)) and len(x) == len(sizes[j])
+                                for j in range(len(ks)) for x in (dsts[j], srcs[j], sizes[j])):
+                    continue
+                region = self._region(ptr)
+                for j, key in enumerate(ks):
+                    fragments, marks = [], []
+                    for d, o, n in zip(dsts[j], srcs[j], sizes[j]):
+                        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (d, o, n)) and \
+                            region is not None and ptr + d + n <= region[0] + region[1]
+                        marks.append(0 if ok else int(ErrorCode.INVALID_PARAMS))
+                        if ok:
+                            fragments.append((ptr + d, o, n))
+                    keys.append(key)
+                    ranges.append(fragments)
+                    where.append((i, j, marks))
+            for (i, j, marks), got in zip(where, s._read_ranges(keys, ranges)):
+                done = iter(got)
+                results[i][j] = [m or _length(next(done)) for m in marks]
+            return results
+        try:
+            return self._run(run)
+        except Exception as e:   # noqa: BLE001
+            code = _code(e)
+            return [[[code] * len(f) for f in shape(i)] for i in range(len(buffer_ptrs) if isinstance(buffer_ptrs, (list, tuple)) else 0)]
+
+    def _region(self, address: Any) -> tuple[int, int] | None:
+        """The buffer registered through ``register_buffer`` that holds `address`: (start, size)."""
+        if isinstance(address, bool) or not isinstance(address, int):
+            return None
+        for start, size in self._registered.items():
+            if start <= address < start + size:
+                return start, size
+        return None
 
     def get_size(self, key: str) -> int:
         return self._call(lambda s: s.size(key))
@@ -296,13 +463,13 @@ class MooncakeDistributedStore:
     def put_batch(self, keys: Sequence[str], values: Sequence[Any], config: ReplicateConfig | None = None) -> int:
         """0 when every value is stored (existing keys count as stored), else the first error."""
         def put(s: Store) -> int:
-            codes = self._batch_codes(s.put_batch(list(keys), list(values), **_options(config)), exists_ok=True)
+            codes = self._batch_codes(s.put_batch(list(keys), list(values), **_options(config, _count(keys))), exists_ok=True)
             return next((c for c in codes if c), 0)
         return self._call(put)
 
     def upsert_batch(self, keys: Sequence[str], values: Sequence[Any], config: ReplicateConfig | None = None) -> int:
         def upsert(s: Store) -> int:
-            codes = self._batch_codes(s.upsert_batch(list(keys), list(values), **_options(config)))
+            codes = self._batch_codes(s.upsert_batch(list(keys), list(values), **_options(config, _count(keys), upsert=True)))
             return next((c for c in codes if c), 0)
         return self._call(upsert)
 
@@ -358,7 +525,7 @@ class MooncakeDistributedStore:
         return self._put_keeping(lambda s: s.put_tensor(key, tensor, **_options(config)))
 
     def upsert_tensor(self, key: str, tensor: Any, config: ReplicateConfig | None = None) -> int:
-        return self._call(lambda s: s.upsert_tensor(key, tensor, **_options(config)) or 0)
+        return self._call(lambda s: s.upsert_tensor(key, tensor, **_options(config, upsert=True)) or 0)
 
     def get_tensor(self, key: str) -> Any:
         """The tensor, or None when it is missing or not a tensor."""
@@ -366,13 +533,17 @@ class MooncakeDistributedStore:
 
     def batch_put_tensor(self, keys: Sequence[str], tensors_list: Sequence[Any],
                          config: ReplicateConfig | None = None) -> list[int]:
-        return self._call_each(lambda s: self._batch_codes(s.batch_put_tensor(list(keys), list(tensors_list), **_options(config)),
-                                                           exists_ok=True), keys)
+        def put(s: Store) -> list[int]:
+            options = _options(config, _count(keys))
+            return self._batch_codes(s.batch_put_tensor(list(keys), list(tensors_list), **options), exists_ok=True)
+        return self._call_each(put, keys)
 
     def batch_upsert_tensor(self, keys: Sequence[str], tensors_list: Sequence[Any],
                             config: ReplicateConfig | None = None) -> list[int]:
-        return self._call_each(lambda s: self._batch_codes(s.batch_upsert_tensor(list(keys), list(tensors_list), **_options(config))),
-                               keys)
+        def upsert(s: Store) -> list[int]:
+            options = _options(config, _count(keys), upsert=True)
+            return self._batch_codes(s.batch_upsert_tensor(list(keys), list(tensors_list), **options))
+        return self._call_each(upsert, keys)
 
     def batch_get_tensor(self, keys: Sequence[str]) -> list[Any]:
         """One tensor per key; None for a missing key."""
@@ -411,11 +582,16 @@ class MooncakeDistributedStore:
                 if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                     raise _errors.InvalidArgumentError(f"{name} must be a positive int")
             s._register_raw(buffer_ptr, size, "cpu", None)
+            self._registered[buffer_ptr] = size
             return 0
         return self._call(register)
 
     def unregister_buffer(self, buffer_ptr: int) -> int:
-        return self._call(lambda s: s.unregister_buffer(buffer_ptr) or 0)
+        def unregister(s: Store) -> int:
+            s.unregister_buffer(buffer_ptr)
+            self._registered.pop(buffer_ptr, None)
+            return 0
+        return self._call(unregister)
 
     def put_from(self, key: str, buffer_ptr: int, size: int, config: ReplicateConfig | None = None) -> int:
         return self.batch_put_from([key], [buffer_ptr], [size], config)[0]
@@ -461,7 +637,8 @@ class MooncakeDistributedStore:
             parts = [[(int(p), int(n)) for p, n in zip(ps, ns)] for ps, ns in zip(ptrs, sizes)]
             if op == "get":
                 return self._batch_codes(s._batch_get_raw(list(keys), parts), ok=int)
-            return self._batch_codes(s._batch_put_raw(list(keys), parts, op == "upsert", **_options(config)), exists_ok=op == "put")
+            options = _options(config, len(keys), op == "upsert")
+            return self._batch_codes(s._batch_put_raw(list(keys), parts, op == "upsert", **options), exists_ok=op == "put")
         return self._call_each(run, keys)
 
     def __repr__(self) -> str:

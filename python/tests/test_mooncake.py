@@ -123,7 +123,8 @@ def test_zero_copy_with_integer_addresses(master):
 def test_replicate_config_fields_and_checks(master):
     c = ReplicateConfig()
     assert (c.replica_num, c.with_hard_pin, c.soft_pin_action, c.soft_pin_ttl_ms, c.preferred_segments, c.preferred_segment) == \
-        (1, False, SoftPinAction.PRESERVE, 0, [], "")
+        (1, False, SoftPinAction.PRESERVE, None, [], "")
+    assert (c.nof_replica_num, c.dfs_replica_num, c.prefer_alloc_in_same_node, c.group_ids, c.session_ids) == (0, 0, False, None, None)
     c.with_soft_pin = True
     assert c.soft_pin_action == SoftPinAction.ENABLE and c.with_soft_pin
     assert "ENABLE" in repr(c)
@@ -137,8 +138,102 @@ def test_replicate_config_fields_and_checks(master):
             setattr(d, field, bad)
             assert s.put("bad", b"x", d) == ErrorCode.INVALID_PARAMS, field
         assert s.put("bad", b"x", config="replicas") == ErrorCode.INVALID_PARAMS and s.is_exist("bad") == 0
+        for field, bad in (("nof_replica_num", -1), ("dfs_replica_num", True), ("group_ids", ["a", "b"]),
+                           ("session_ids", "s"), ("group_ids", [1])):
+            d = ReplicateConfig()
+            setattr(d, field, bad)
+            assert s.put("bad", b"x", d) == ErrorCode.INVALID_PARAMS, field
+        assert s.is_exist("bad") == 0
+        # one group / session id per object written
+        d = ReplicateConfig()
+        d.group_ids, d.session_ids = ["g1", ""], ["s1", "s2"]
+        assert s.put_batch(["g1", "g2"], [b"1", b"2"], d) == 0 and s.get("g2") == b"2"
+        assert s.put_batch(["g3"], [b"3"], d) == ErrorCode.INVALID_PARAMS and s.is_exist("g3") == 0
+        # a TTL without a soft pin: an upsert refuses it (Mooncake's rule), a put ignores it
+        d = ReplicateConfig()
+        d.soft_pin_ttl_ms = 1000
+        assert s.upsert("ttl", b"x", d) == ErrorCode.INVALID_PARAMS and s.is_exist("ttl") == 0
+        assert s.put("ttl", b"x", d) == 0
+        d.soft_pin_action = SoftPinAction.ENABLE
+        assert s.upsert("ttl", b"y", d) == 0 and s.get("ttl") == b"y"
     finally:
         s.close()
+
+
+def test_get_buffer_and_batch_get_buffer(master):
+    a, b = client(master), client(master, 0)     # b holds nothing: it reads from a's segment
+    try:
+        value = bytes(range(256)) * 4096            # 1 MiB
+        assert a.put("big", value) == 0 and a.put("small", b"abc") == 0
+        h = b.get_buffer("big")
+        assert h is not None and len(h) == h.size() == len(value) and bool(h) and h.ptr() % 64 == 0
+        assert bytes(h) == value and np.frombuffer(h, dtype=np.uint8)[5] == 5
+        view = memoryview(h)
+        assert not view.readonly and view.nbytes == len(value)
+        view[0] = 0xFF                              # the handle's own memory: the object is unchanged
+        assert a.get("big") == value
+        handles = b.batch_get_buffer(["small", "nope", "big"])
+        assert [None if x is None else bytes(x) for x in handles] == [b"abc", None, value]
+        # the bytes stay valid after the object is replaced and removed
+        assert a.upsert("small", b"xyz") == 0 and a.remove("small", force=True) == 0
+        assert bytes(handles[0]) == b"abc" and b.get_buffer("small") is None
+        assert b.get_buffer(5) is None and b.batch_get_buffer("notalist") == []
+        assert b.batch_get_buffer([]) == []
+    finally:
+        a.close()
+        b.close()
+    assert a.get_buffer("big") is None and a.batch_get_buffer(["big"]) == [None]
+
+
+def test_get_into_ranges(master):
+    s = client(master)
+    try:
+        assert s.put("key1", bytes(range(40))) == 0 and s.put("key2", bytes(range(100, 140))) == 0
+        b0, b1 = np.zeros(32, np.uint8), np.zeros(32, np.uint8)
+        p0, p1 = b0.ctypes.data, b1.ctypes.data
+        assert s.register_buffer(p0, 32) == 0 and s.register_buffer(p1, 32) == 0
+        # buffer 0: key1[1:5] -> 0, key1[30:33] -> 20, key2[2:7] -> 8; buffer 1: key2[0:6] -> 4, key1[10:14] -> 16
+        r = s.get_into_ranges([p0, p1], [["key1", "key2"], ["key2", "key1"]], [[[0, 20], [8]], [[4], [16]]],
+                              [[[1, 30], [2]], [[0], [10]]], [[[4, 3], [5]], [[6], [4]]])
+        assert r == [[[4, 3], [5]], [[6], [4]]]
+        assert list(b0[:4]) == [1, 2, 3, 4] and list(b0[8:13]) == [102, 103, 104, 105, 106] and list(b0[20:23]) == [30, 31, 32]
+        assert list(b1[4:10]) == list(range(100, 106)) and list(b1[16:20]) == [10, 11, 12, 13]
+        before = b0.copy()
+        bad = ErrorCode.INVALID_PARAMS
+        # per fragment: outside the object, outside the registered buffer, a missing object
+        assert s.get_into_ranges([p0], [["key1", "nope"]], [[[0, 30], [0]]], [[[38, 0], [0]]], [[[4, 4], [1]]]) == \
+            [[[bad, bad], [ErrorCode.OBJECT_NOT_FOUND]]]
+        assert s.get_into_ranges([p0], [["key1"]], [[[0, 28]]], [[[0, 0]]], [[[2, 4]]]) == [[[2, 4]]]
+        assert (b0[:2] == [0, 1]).all() and (b0[28:32] == [0, 1, 2, 3]).all()
+        b0[:] = before
+        # shapes that do not match, an unregistered buffer, a bad key, negative numbers
+        other = np.zeros(8, np.uint8)
+        assert s.get_into_ranges([p0], [["key1"]], [[[0, 1]]], [[[0]]], [[[1]]]) == [[[bad]]]
+        assert s.get_into_ranges([p0, p1], [["key1"]], [[[0]]], [[[0]]], [[[1]]]) == [[[bad]], [[bad]]]
+        assert s.get_into_ranges([other.ctypes.data], [["key1"]], [[[0]]], [[[0]]], [[[1]]]) == [[[bad]]]
+        assert s.get_into_ranges([p0], [[5]], [[[0]]], [[[0]]], [[[1]]]) == [[[bad]]]
+        assert s.get_into_ranges([p0], [["key1"]], [[[-1]]], [[[0]]], [[[1]]]) == [[[bad]]]
+        assert (b0 == before).all() and not other.any()
+        assert s.unregister_buffer(p1) == 0
+        assert s.get_into_ranges([p1], [["key1"]], [[[0]]], [[[0]]], [[[1]]]) == [[[bad]]]
+    finally:
+        s.close()
+
+
+def test_setup_tenant_ssd_offload_and_port_range(master, tmp_path):
+    s = MooncakeDistributedStore()
+    assert s.setup("localhost", "P2PHANDSHAKE", 1 << 20, 0, "tcp", "", f"127.0.0.1:{master.port}",
+                   enable_ssd_offload=True, ssd_offload_path=str(tmp_path), tenant_id="default") == 0
+    host, port = s.get_hostname().split(":")
+    assert host == "localhost" and 12300 <= int(port) <= 14300
+    assert s.put("k", b"v") == 0 and s.get("k") == b"v"
+    s.close()
+    for kwargs in ({"tenant_id": "no/slash"}, {"tenant_id": 5}, {"ssd_offload_path": 5}, {"enable_ssd_offload": "maybe"}):
+        assert s.setup("localhost", "P2PHANDSHAKE", 0, 0, "tcp", "", f"127.0.0.1:{master.port}", **kwargs) == \
+            ErrorCode.INVALID_PARAMS, kwargs
+    # a tenant the master does not know is refused
+    assert s.setup("localhost", "P2PHANDSHAKE", 0, 0, "tcp", "", f"127.0.0.1:{master.port}", tenant_id="team-a") != 0
+    assert s.health_check() == 1
 
 
 def test_two_clients_in_one_process_replicate_across_their_segments(master):
