@@ -66,6 +66,45 @@ install_mooncake() {
     fi
 }
 
+# The engines' connector code (python/tests/test_engines.py) in its own environment,
+# .venv-engines: CPU torch from the machine's find-links folder (never PyPI's CUDA build), the
+# engines with --no-deps and their pinned import chain (python/tests/engines/requirements.txt).
+# When the registry cannot be reached, KVSTORE_ENGINES_SKIP says why and those tests skip.
+ENGINES_VENV=$ROOT/.venv-engines
+LMCACHE=lmcache==0.5.6
+torch_cpu_wheel() {
+    local links d
+    links="${PIP_FIND_LINKS:-} $("$PY" -m pip config list 2>/dev/null | sed -n "s/^[a-z:.]*find-links='\(.*\)'$/\1/p")"
+    for d in $links; do
+        for w in "$d"/torch-*+cpu-cp311-*.whl; do [ -f "$w" ] && { echo "$w"; return; }; done
+    done
+}
+install_engines() {
+    local want torch stamp=$ENGINES_VENV/.kvstore-engines
+    torch=$(torch_cpu_wheel)
+    if [ -z "$torch" ]; then
+        export KVSTORE_ENGINES_SKIP="no CPU torch wheel (torch-*+cpu-cp311-*.whl) in pip's find-links folders"
+        log "$KVSTORE_ENGINES_SKIP: the engine connector tests skip"
+        return
+    fi
+    want="$(basename "$torch") $LMCACHE $(sha256sum "$ROOT/python/tests/engines/requirements.txt" | cut -c1-16)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        log "installing the engine connectors ($LMCACHE, CPU torch) in $ENGINES_VENV"
+        rm -rf "$ENGINES_VENV"
+        if ! { "$PY" -m venv "$ENGINES_VENV" &&
+               "$ENGINES_VENV/bin/python" -m pip install -q --retries 2 --timeout 60 "$torch" &&
+               "$ENGINES_VENV/bin/python" -m pip install -q --retries 2 --timeout 60 --no-deps "$LMCACHE" &&
+               "$ENGINES_VENV/bin/python" -m pip install -q --retries 2 --timeout 60 \
+                   -r "$ROOT/python/tests/engines/requirements.txt"; }; then
+            export KVSTORE_ENGINES_SKIP="the engine packages could not be installed from the package registry"
+            log "$KVSTORE_ENGINES_SKIP: the engine connector tests skip"
+            return
+        fi
+        echo "$want" >"$stamp"
+    fi
+    export KVSTORE_ENGINES_PYTHON=$ENGINES_VENV/bin/python
+}
+
 # etcd (Debian's etcd-server) for master election: the failover tests, `bench --ops failover`
 # and `./dev.sh etcd`. The package's own service is left stopped: tests run their own members.
 install_etcd() {
@@ -173,6 +212,7 @@ case "$cmd" in
         setup_all
         install_mooncake
         install_etcd
+        install_engines
         python_build_env
         log "Swift tests (thread sanitizer)"
         swift test --sanitize=thread --scratch-path .build-tsan -Xcc "-I$PY_INCLUDE"

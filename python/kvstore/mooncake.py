@@ -18,6 +18,7 @@ import random
 import re
 import socket
 import sys
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,7 +29,8 @@ from ._errors import StoreError
 from ._sizes import parse_size
 from ._store import Store
 
-__all__ = ["BufferHandle", "MooncakeDistributedStore", "ReplicateConfig", "SoftPinAction", "ErrorCode"]
+__all__ = ["BufferHandle", "ErrorCode", "MooncakeDistributedStore", "MooncakeHostMemAllocator", "ReplicateConfig",
+           "SoftPinAction", "bind_to_numa_node", "install_as_mooncake"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -216,6 +218,64 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])
+
+
+def install_as_mooncake() -> None:
+    """Makes ``import mooncake.store`` (and ``from mooncake.store import ...``) give this module,
+    so an engine's unchanged Mooncake connector runs on kvstore. Call it before the engine
+    imports Mooncake; it refuses (ImportError) when a real ``mooncake`` is already imported."""
+    this = sys.modules[__name__]
+    present = sys.modules.get("mooncake")
+    if present is not None and getattr(present, "store", None) is not this:
+        raise ImportError("a mooncake package is already imported: call install_as_mooncake() before anything imports it")
+    package = types.ModuleType("mooncake")
+    package.__path__ = []            # a package, so "mooncake.store" resolves to the entry below
+    package.store = this             # type: ignore[attr-defined]
+    sys.modules["mooncake"] = package
+    sys.modules["mooncake.store"] = this
+
+
+def bind_to_numa_node(node: int) -> int:
+    """Runs the calling thread on the CPUs of NUMA node ``node`` (as Mooncake's helper, which
+    LMCache calls before setup). 0, or -600 for a node this machine does not have."""
+    if isinstance(node, bool) or not isinstance(node, int) or node < 0:
+        return int(ErrorCode.INVALID_PARAMS)
+    try:
+        with open(f"/sys/devices/system/node/node{node}/cpulist") as f:
+            listed = f.read().strip()
+    except OSError:
+        return int(ErrorCode.INVALID_PARAMS)
+    cpus: set[int] = set()
+    for part in filter(None, listed.split(",")):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    if not cpus:
+        return int(ErrorCode.INVALID_PARAMS)
+    os.sched_setaffinity(0, cpus)
+    return 0
+
+
+class MooncakeHostMemAllocator:
+    """Mooncake's host memory allocator: ``alloc(size)`` gives the address of ``size`` zeroed,
+    64-byte-aligned bytes (0 on failure), ``free(ptr)`` returns them (0, or -600 for an address
+    it did not give). The memory is host memory of this process; register it with a store
+    (``register_buffer``) to use it with the zero-copy calls."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, Any] = {}
+
+    def alloc(self, size: int) -> int:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            return 0
+        try:
+            block = _native.Buffer(size)
+        except (MemoryError, StoreError):
+            return 0
+        self._blocks[block.ptr()] = block
+        return block.ptr()
+
+    def free(self, ptr: int) -> int:
+        return 0 if self._blocks.pop(ptr, None) is not None else int(ErrorCode.INVALID_PARAMS)
 
 
 def _log(message: str) -> None:
