@@ -837,6 +837,60 @@ done:
 
 static PyObject *store_batch_exists(StoreObject *self, PyObject *keys) { return keys_batch(self, keys, 0, 0, ok_bool); }
 
+#define MAX_REPLICAS 16   /* the most replicas an object has (KV_OPT_REPLICAS) */
+
+/* _replicas(keys) -> [(size, [(segment, offset), ...]) | None | exception]: where each object
+ * is (one kv_batch_replicas call; each found object is leased); None for a missing key. */
+static PyObject *store_replicas(StoreObject *self, PyObject *keys) {
+    ENSURE_OPEN(self);
+    Py_ssize_t n;
+    batch_item *items = batch_begin(keys, NULL, NULL, &n);
+    if (!items) return NULL;
+    PyObject *list = NULL;
+    size_t cap = (size_t)(n ? n : 1);
+    kv_key *ks = PyMem_Calloc(cap, sizeof *ks);
+    Py_ssize_t *index = PyMem_Calloc(cap, sizeof *index);
+    int32_t *statuses = PyMem_Calloc(cap, sizeof *statuses);
+    uint32_t *counts = PyMem_Calloc(cap, sizeof *counts);
+    kv_replica *out = PyMem_Calloc(cap * MAX_REPLICAS, sizeof *out);
+    if (!ks || !index || !statuses || !counts || !out) { PyErr_NoMemory(); goto done; }
+    size_t m = batch_keys(items, n, ks, index);
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_batch_replicas(self->store, ks, m, statuses, counts, out, m * MAX_REPLICAS));
+    if (st) { kvpy_raise_last(st); goto done; }
+    for (size_t j = 0; j < m; j++) {
+        if (statuses[j] && statuses[j] != KV_E_OBJECT_NOT_FOUND) {
+            items[index[j]].status = statuses[j];
+            items[index[j]].message = strdup(kv_batch_error(j, NULL));
+        }
+    }
+    list = PyList_New(n);
+    size_t next = 0;
+    for (size_t j = 0; list && j < m; j++) {
+        if (statuses[j]) continue;
+        PyObject *places = PyList_New((Py_ssize_t)counts[j]);
+        for (uint32_t r = 0; places && r < counts[j]; r++) {
+            PyObject *t = Py_BuildValue("(KK)", (unsigned long long)out[next + r].segment, (unsigned long long)out[next + r].offset);
+            if (!t) { Py_CLEAR(places); break; }
+            PyList_SetItem(places, r, t);
+        }
+        PyObject *entry = places ? Py_BuildValue("(KN)", (unsigned long long)(counts[j] ? out[next].size : 0), places) : NULL;
+        next += counts[j];
+        if (!entry) { Py_CLEAR(list); break; }
+        PyList_SetItem(list, index[j], entry);
+    }
+    for (Py_ssize_t i = 0; list && i < n; i++) {
+        if (PyList_GetItem(list, i)) continue;
+        PyObject *e = batch_error(&items[i]);
+        if (!e) { e = Py_None; Py_INCREF(e); }
+        PyList_SetItem(list, i, e);
+    }
+done:
+    PyMem_Free(ks); PyMem_Free(index); PyMem_Free(statuses); PyMem_Free(counts); PyMem_Free(out);
+    batch_end(items, n);
+    return list;
+}
+
 static PyObject *store_batch_remove(StoreObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"keys", "force", NULL};
     PyObject *keys;
@@ -934,6 +988,7 @@ static PyMethodDef store_methods[] = {
     {"batch_get_into", (PyCFunction)(void (*)(void))store_batch_get_into, METH_FASTCALL, "batch_get_into(keys, buffers) -> list."},
     {"exists", (PyCFunction)store_exists, METH_O, "exists(key) -> bool."},
     {"batch_exists", (PyCFunction)store_batch_exists, METH_O, "batch_exists(keys) -> list."},
+    {"_replicas", (PyCFunction)store_replicas, METH_O, "_replicas(keys) -> [(size, [(segment, offset)]) | None | exception]."},
     {"size", (PyCFunction)store_size, METH_O, "size(key) -> int."},
     {"remove", (PyCFunction)(void (*)(void))store_remove, METH_VARARGS | METH_KEYWORDS, "remove(key, force=False)."},
     {"batch_remove", (PyCFunction)(void (*)(void))store_batch_remove, METH_VARARGS | METH_KEYWORDS, "batch_remove(keys, force=False) -> list."},

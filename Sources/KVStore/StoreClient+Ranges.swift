@@ -97,3 +97,23 @@ extension StoreClient {
         return held
     }
 }
+
+extension StoreClient {
+    /// Where an object's bytes are: its size and its replicas (segment and offset), first the
+    /// one a read tries first.
+    public struct Placement: Sendable, Equatable {
+        public var size: Int
+        public var replicas: [Replica]
+    }
+
+    /// The placement of each key (`notFound` for a missing one): one master request per chunk
+    /// of keys. Like `exists`, it leases each object it finds; it copies nothing.
+    public func placements(keys: [ObjectKey]) throws(KVError) -> [Result<Placement, KVError>] {
+        try beginReads(keys: keys).map { r in
+            r.map { t in
+                try? endRead(t)
+                return Placement(size: t.size, replicas: [Replica(segment: t.segment, offset: t.offset)] + t.fallbacks)
+            }
+        }
+    }
+}

@@ -231,3 +231,31 @@ public func kvBatchReadRanges(_ store: OpaquePointer?, _ items: UnsafePointer<kv
         LastError.setBatch(errors)
     }
 }
+
+@c(kv_batch_replicas)
+public func kvBatchReplicas(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int,
+                            _ statuses: UnsafeMutablePointer<Int32>?, _ counts: UnsafeMutablePointer<UInt32>?,
+                            _ out: UnsafeMutablePointer<kv_replica>?, _ cap: Int) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.batchClient(store, n, keys, statuses)
+        guard n == 0 || counts != nil, cap >= 0, cap == 0 || out != nil else { throw .invalidArgument("batch arrays are NULL") }
+        var batch = KeyBatch(keys, n)
+        let found = try c.placements(keys: batch.keys)
+        let total = found.reduce(0) { sum, r in sum + ((try? r.get())?.replicas.count ?? 0) }
+        guard total <= cap else { throw .invalidArgument("\(total) replicas do not fit in \(cap)") }
+        for i in 0..<n { counts![i] = 0 }
+        var next = 0
+        for (j, r) in found.enumerated() {
+            switch r {
+            case .success(let p):
+                counts![batch.positions[j]] = UInt32(p.replicas.count)
+                for replica in p.replicas {
+                    out![next] = kv_replica(segment: UInt64(replica.segment), offset: UInt64(replica.offset), size: UInt64(p.size))
+                    next += 1
+                }
+            case .failure(let e): batch.set(j, e)
+            }
+        }
+        batch.finish(statuses)
+    }
+}

@@ -83,6 +83,20 @@ final class StoreClientTests: XCTestCase {
         }) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
     }
 
+    func testPlacementsNameEachReplicaAndCopyNothing() throws {
+        let s = try StoreClient(segmentSize: 1 << 20)
+        defer { s.close() }
+        try put(s, "a", Self.value(tag: 3, length: 3000))
+        let copied = stat(s, "bytes_copied")
+        let found = try s.placements(keys: ["a", "missing"])
+        let a = try found[0].get()
+        XCTAssertEqual(a.size, 3000)
+        XCTAssertEqual(a.replicas.count, 1)
+        XCTAssertThrowsError(try found[1].get()) { XCTAssertEqual(($0 as? KVError)?.code, .objectNotFound) }
+        XCTAssertEqual(stat(s, "bytes_copied"), copied)
+        XCTAssertEqual(stat(s, "active_readers"), 0)
+    }
+
     func testCallsAfterCloseFail() throws {
         let s = try StoreClient(segmentSize: 1 << 20)
         try put(s, "a", [1, 2, 3])

@@ -29,8 +29,8 @@ from ._errors import StoreError
 from ._sizes import parse_size
 from ._store import Store
 
-__all__ = ["BufferHandle", "ErrorCode", "MooncakeDistributedStore", "MooncakeHostMemAllocator", "ReplicateConfig",
-           "SoftPinAction", "bind_to_numa_node", "install_as_mooncake"]
+__all__ = ["BufferHandle", "ErrorCode", "MooncakeDistributedStore", "MooncakeHostMemAllocator", "ReplicaDescriptor",
+           "ReplicaStatus", "ReplicateConfig", "SoftPinAction", "bind_to_numa_node", "install_as_mooncake"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -153,6 +153,70 @@ class ReplicateConfig:
 # made under the object's read lease and verified like every read: they stay valid while the
 # handle lives, whatever happens to the object afterwards.
 BufferHandle = _native.Buffer
+
+
+class ReplicaStatus(enum.IntEnum):
+    """A replica's state, as Mooncake names them (kvstore describes only complete replicas:
+    one being written or removed is not found)."""
+
+    UNDEFINED = 0
+    INITIALIZED = 1
+    PROCESSING = 2
+    COMPLETE = 3
+    REMOVED = 4
+    FAILED = 5
+
+
+class BufferDescriptor:
+    """Where a memory replica's bytes are: ``transport_endpoint_`` names the segment
+    ("kvstore-segment-<id>"), ``buffer_address_`` is the offset in it, ``size_`` the bytes."""
+
+    def __init__(self, endpoint: str, address: int, size: int) -> None:
+        self.transport_endpoint_ = endpoint
+        self.buffer_address_ = address
+        self.size_ = size
+
+    def __repr__(self) -> str:
+        return f"BufferDescriptor({self.transport_endpoint_!r}, offset={self.buffer_address_}, size={self.size_})"
+
+
+class MemoryDescriptor:
+    def __init__(self, buffer: BufferDescriptor) -> None:
+        self.buffer_descriptor = buffer
+
+    def __repr__(self) -> str:
+        return f"MemoryDescriptor({self.buffer_descriptor!r})"
+
+
+class ReplicaDescriptor:
+    """One replica of an object, as ``get_replica_desc`` describes it. Every kvstore replica is in
+    memory (there is no disk tier yet): ``is_memory_replica()`` is true, the disk kinds false."""
+
+    def __init__(self, segment: int, offset: int, size: int) -> None:
+        self.status = ReplicaStatus.COMPLETE
+        self.object_size = size
+        self._memory = MemoryDescriptor(BufferDescriptor(f"kvstore-segment-{segment}", offset, size))
+
+    def is_memory_replica(self) -> bool:
+        return True
+
+    def is_disk_replica(self) -> bool:
+        return False
+
+    def is_local_disk_replica(self) -> bool:
+        return False
+
+    def is_nof_replica(self) -> bool:
+        return False
+
+    def get_memory_descriptor(self) -> MemoryDescriptor:
+        return self._memory
+
+    def get_disk_descriptor(self) -> Any:
+        raise _errors.InvalidArgumentError("a kvstore replica is in memory: it has no disk descriptor")
+
+    def __repr__(self) -> str:
+        return f"<ReplicaDescriptor {self.status.name} memory {self._memory.buffer_descriptor!r}>"
 
 
 _NONE = object()   # `_call(fail=_NONE)`: None on failure
@@ -507,6 +571,28 @@ class MooncakeDistributedStore:
             if start <= address < start + size:
                 return start, size
         return None
+
+    def get_replica_desc(self, key: str) -> list[ReplicaDescriptor]:
+        """The object's replicas, the one a read tries first first; [] when it is missing (or on
+        any error). Leases the object, as ``is_exist``; copies nothing."""
+        return self.batch_get_replica_desc([key]).get(key, []) if isinstance(key, str) else []
+
+    def batch_get_replica_desc(self, keys: Sequence[str]) -> dict[str, list[ReplicaDescriptor]]:
+        """Each key's replicas (``get_replica_desc``), in one master request per chunk of keys; a
+        missing key maps to []."""
+        def describe(s: Store) -> dict[str, list[ReplicaDescriptor]]:
+            if not isinstance(keys, (list, tuple)):
+                raise _errors.ArgumentTypeError(f"keys must be a list of str, not {type(keys).__name__}")
+            out: dict[str, list[ReplicaDescriptor]] = {}
+            for key, found in zip(keys, s._replicas(list(keys))):
+                if isinstance(key, str):
+                    out[key] = [] if found is None or isinstance(found, BaseException) else \
+                        [ReplicaDescriptor(segment, offset, found[0]) for segment, offset in found[1]]
+            return out
+        try:
+            return self._run(describe)
+        except Exception:   # noqa: BLE001 - Mooncake's convention: nothing found, never an exception
+            return {k: [] for k in keys if isinstance(k, str)} if isinstance(keys, (list, tuple)) else {}
 
     def get_size(self, key: str) -> int:
         return self._call(lambda s: s.size(key))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from cluster import Master
 
-from kvstore.mooncake import ErrorCode, MooncakeDistributedStore, ReplicateConfig, SoftPinAction
+import kvstore
+from kvstore.mooncake import ErrorCode, MooncakeDistributedStore, ReplicaStatus, ReplicateConfig, SoftPinAction
 
 
 @pytest.fixture
@@ -441,3 +442,32 @@ def test_wrong_arguments_return_codes_and_change_nothing(master):
         assert s.batch_is_exist(["a", "b", "n", "t"]) == [0, 0, 0, 0]
     finally:
         s.close()
+
+
+def test_replica_descriptors(master):
+    a, b = client(master), client(master)
+    try:
+        c = ReplicateConfig()
+        c.replica_num = 2
+        assert a.put("two", b"x" * 1000, c) == 0 and a.put("one", b"y" * 10) == 0
+        found = b.batch_get_replica_desc(["two", "one", "nope"])
+        assert set(found) == {"two", "one", "nope"} and found["nope"] == []
+        assert len(found["two"]) == 2 and len(found["one"]) == 1
+        ends = {d.get_memory_descriptor().buffer_descriptor.transport_endpoint_ for d in found["two"]}
+        assert len(ends) == 2                          # two distinct segments
+        for d in found["two"] + found["one"]:
+            assert d.status == ReplicaStatus.COMPLETE and d.is_memory_replica()
+            assert not (d.is_disk_replica() or d.is_local_disk_replica() or d.is_nof_replica())
+            with pytest.raises(kvstore.InvalidArgumentError):
+                d.get_disk_descriptor()
+        assert [d.object_size for d in found["two"]] == [1000, 1000]
+        assert found["one"][0].get_memory_descriptor().buffer_descriptor.size_ == 10
+        assert [d.object_size for d in b.get_replica_desc("one")] == [10]
+        assert b.get_replica_desc("nope") == [] and b.get_replica_desc(5) == []
+        assert b.batch_get_replica_desc("notalist") == {}
+        assert [len(v) for v in b.batch_get_replica_desc(["one", 7]).values()] == [1]   # a bad key is left out
+        assert b.remove("one") == ErrorCode.OBJECT_HAS_LEASE      # describing leases the object, as is_exist
+    finally:
+        a.close()
+        b.close()
+    assert a.batch_get_replica_desc(["two"]) == {"two": []}

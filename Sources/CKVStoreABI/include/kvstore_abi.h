@@ -191,6 +191,15 @@ typedef struct { const char *key; size_t key_len; const kv_range *ranges; size_t
  * object fails all its ranges. Ranges are not checked against a checksum (it covers the
  * whole object). */
 int32_t kv_batch_read_ranges(kv_store *store, const kv_range_item *items, size_t n, uint32_t flags, int32_t *statuses);
+/* One replica of an object: its segment, its offset there, and the object's size. */
+typedef struct { uint64_t segment; uint64_t offset; uint64_t size; } kv_replica;
+/* The replicas of n objects, one master request per chunk of keys (each found object is
+ * leased, as by kv_batch_size; nothing is copied): counts[i] gets object i's number of
+ * replicas (0 unless statuses[i] is KV_OK), out the replicas of every object in order, the
+ * first of each the one a read tries first. KV_E_INVALID_ARGUMENT, with nothing written to
+ * out, when they are more than cap. */
+int32_t kv_batch_replicas(kv_store *store, const kv_key *keys, size_t n, int32_t *statuses, uint32_t *counts,
+                          kv_replica *out, size_t cap);
 /* Message of item `index` of the last batch call on this thread ("" when it succeeded). */
 const char *kv_batch_error(size_t index, size_t *len);
 /* kv_read_begin, kv_get_into, kv_batch_get_into, kv_exists and kv_size lease the object they
