@@ -21,7 +21,8 @@ static void copy_head(unsigned char **d, const unsigned char **s, size_t *n) {
     *d += head; *s += head; *n -= head;
 }
 
-void kv_copy_streaming(void *dst, const void *src, size_t n) {
+/* kv_copy_streaming without its closing fence (the caller fences once after many). */
+static void stream_unfenced(void *dst, const void *src, size_t n) {
     unsigned char *d = dst;
     const unsigned char *s = src;
     copy_head(&d, &s, &n);
@@ -45,9 +46,13 @@ void kv_copy_streaming(void *dst, const void *src, size_t n) {
         _mm_stream_si128((__m128i *)(d + 112), a7);
         s += 128; d += 128; n -= 128;
     }
+    memcpy(d, s, n);
+}
+
+void kv_copy_streaming(void *dst, const void *src, size_t n) {
+    stream_unfenced(dst, src, n);
     /* Streaming stores are weakly ordered: fence before anyone may see the bytes. */
     _mm_sfence();
-    memcpy(d, s, n);
 }
 
 void kv_copy_streaming3(void *dst, const void *src, size_t n) {
@@ -75,10 +80,21 @@ void kv_copy_streaming3(void *dst, const void *src, size_t n) {
     memcpy(d + 3 * part, s + 3 * part, n - 3 * part);
 }
 
+void kv_copy_pieces_streaming(void *const *dst, const void *const *src, const size_t *len, size_t count) {
+    for (size_t i = 0; i < count; i++) {
+        if (i + 1 < count) _mm_prefetch((const char *)src[i + 1], _MM_HINT_NTA);
+        stream_unfenced(dst[i], src[i], len[i]);
+    }
+    _mm_sfence();   /* once for all: a fence per piece cost 8% on 16 KiB pieces */
+}
+
 #else
 
 void kv_copy_streaming(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 void kv_copy_streaming3(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+void kv_copy_pieces_streaming(void *const *dst, const void *const *src, const size_t *len, size_t count) {
+    for (size_t i = 0; i < count; i++) memcpy(dst[i], src[i], len[i]);
+}
 
 #endif
 

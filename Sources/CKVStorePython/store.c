@@ -645,6 +645,12 @@ static PyObject *store_get_batch_new(StoreObject *self, PyObject *const *args, P
 
 /* One ranged read's item result: a list with, per range, its length or its exception. */
 static PyObject *range_results(const batch_item *it, const kv_range *ranges, const int32_t *statuses, size_t first, Py_ssize_t count) {
+    if (it->value && !it->error) {   /* a packed range list that all succeeded: its total */
+        uint64_t total = 0;
+        Py_ssize_t r = 0;
+        for (; r < count && !statuses[first + (size_t)r]; r++) total += ranges[first + (size_t)r].length;
+        if (r == count) return PyLong_FromUnsignedLongLong(total);
+    }
     PyObject *list = PyList_New(count);
     for (Py_ssize_t r = 0; list && r < count; r++) {
         size_t j = first + (size_t)r;
@@ -660,11 +666,48 @@ static PyObject *range_results(const batch_item *it, const kv_range *ranges, con
     return list;
 }
 
-/* _read_ranges(keys, range_lists) -> [[length | exception]]: range_lists[i] lists
- * (address, offset, length) triples, each copying bytes [offset, offset+length) of object
- * keys[i] to the address (memory on any device). One kv_batch_read_ranges call. */
+/* How many ranges a range list holds: a list or tuple of (address, offset, length) tuples, or
+ * a C-contiguous buffer of native int64 triples (a numpy int64 array of shape (n, 3): plans of
+ * thousands of ranges without a Python object each). -1 with an error set otherwise. */
+static Py_ssize_t range_count(PyObject *lst) {
+    if (PyList_Check(lst) || PyTuple_Check(lst)) return PySequence_Size(lst);
+    if (!PyObject_CheckBuffer(lst)) { kvpy_type_error(lst, "a range list", "a list of (address, offset, length) tuples or an int64 array of triples"); return -1; }
+    Py_buffer v;
+    if (PyObject_GetBuffer(lst, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    int ok = v.itemsize == 8 && v.format && (strcmp(v.format, "q") == 0 || strcmp(v.format, "l") == 0 ||
+                                             strcmp(v.format, "<q") == 0 || strcmp(v.format, "=q") == 0) &&
+             v.len % 24 == 0;
+    Py_ssize_t n = v.len / 24;
+    PyBuffer_Release(&v);
+    if (!ok) { kvpy_raise(KV_E_INVALID_ARGUMENT, "a packed range list must be native int64 triples (address, offset, length)"); return -1; }
+    return n;
+}
+
+/* Reads `count` packed (address, offset, length) int64 triples of lst into out. */
+static int range_unpack(PyObject *lst, kv_range *out, Py_ssize_t count, uint64_t *bytes) {
+    Py_buffer v;
+    if (PyObject_GetBuffer(lst, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
+    int ok = v.len == count * 24;
+    const int64_t *t = v.buf;
+    for (Py_ssize_t r = 0; ok && r < count; r++) {
+        if (t[3 * r] < 0 || t[3 * r + 1] < 0 || t[3 * r + 2] < 0) { ok = 0; break; }
+        out[r] = (kv_range){(uint64_t)t[3 * r + 1], (uint64_t)t[3 * r + 2], (void *)(uintptr_t)t[3 * r]};
+        *bytes += (uint64_t)t[3 * r + 2];
+    }
+    PyBuffer_Release(&v);
+    if (!ok) { kvpy_raise(KV_E_INVALID_ARGUMENT, "a range's address, offset and length must be non-negative"); return -1; }
+    return 0;
+}
+
+/* _read_ranges(keys, range_lists, host=False) -> [[length | exception] | total]: range_lists[i]
+ * lists (address, offset, length) triples (or packs them, see range_count), each copying bytes
+ * [offset, offset+length) of object keys[i] to the address (memory on any device; `host`: the
+ * caller vouches it is all host memory). One kv_batch_read_ranges call. A packed list whose
+ * ranges all succeeded gives the bytes copied as one int. */
 static PyObject *store_read_ranges(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("_read_ranges", nargs, 2, 2) < 0) return NULL;
+    if (check_nargs("_read_ranges", nargs, 2, 3) < 0) return NULL;
+    int host = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    if (host < 0) return NULL;
     ENSURE_OPEN(self);
     Py_ssize_t n;
     batch_item *items = batch_begin(args[0], args[1], "range_lists", &n);
@@ -679,7 +722,7 @@ static PyObject *store_read_ranges(StoreObject *self, PyObject *const *args, Py_
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *lst = PySequence_GetItem(args[1], i);
         if (!lst) goto done;
-        Py_ssize_t c = seq_len(lst, "a range list");
+        Py_ssize_t c = range_count(lst);
         Py_DECREF(lst);
         if (c < 0) goto done;
         items[i].first = (Py_ssize_t)total;
@@ -692,10 +735,18 @@ static PyObject *store_read_ranges(StoreObject *self, PyObject *const *args, Py_
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *lst = PySequence_GetItem(args[1], i);
         if (!lst) goto done;
-        if (seq_len(lst, "a range list") != items[i].count) {
+        if (range_count(lst) != items[i].count) {
             Py_DECREF(lst);
-            kvpy_raise(KV_E_INVALID_ARGUMENT, "a range list changed during the call");
+            if (!PyErr_Occurred()) kvpy_raise(KV_E_INVALID_ARGUMENT, "a range list changed during the call");
             goto done;
+        }
+        if (!PyList_Check(lst) && !PyTuple_Check(lst)) {   /* packed int64 triples */
+            items[i].value = 1;
+            int r = range_unpack(lst, ranges + items[i].first, items[i].count, &bytes);
+            Py_DECREF(lst);
+            if (r < 0) goto done;
+            ris[i] = (kv_range_item){items[i].k, (size_t)items[i].klen, ranges + items[i].first, (size_t)items[i].count};
+            continue;
         }
         for (Py_ssize_t r = 0; r < items[i].count; r++) {
             PyObject *t = PySequence_GetItem(lst, r);
@@ -729,7 +780,7 @@ static PyObject *store_read_ranges(StoreObject *self, PyObject *const *args, Py_
         ris[i] = (kv_range_item){items[i].k, (size_t)items[i].klen, ranges + items[i].first, (size_t)items[i].count};
     }
     int32_t st;
-    RUN_UNLOCKED(self, bytes, st = kv_batch_read_ranges(self->store, ris, (size_t)n, 0, statuses));
+    RUN_UNLOCKED(self, bytes, st = kv_batch_read_ranges(self->store, ris, (size_t)n, host ? KV_HOST_MEMORY : 0, statuses));
     if (st) { kvpy_raise_last(st); goto done; }
     result = PyList_New(n);
     for (Py_ssize_t i = 0; result && i < n; i++) {
@@ -984,7 +1035,7 @@ static PyMethodDef store_methods[] = {
     {"get_into", (PyCFunction)(void (*)(void))store_get_into, METH_FASTCALL, "get_into(key, buffer) -> int."},
     {"get_batch", (PyCFunction)store_get_batch, METH_O, "get_batch(keys) -> list."},
     {"_get_batch_new", (PyCFunction)(void (*)(void))store_get_batch_new, METH_FASTCALL, "_get_batch_new(keys, make) -> list: get_batch into make(size) objects."},
-    {"_read_ranges", (PyCFunction)(void (*)(void))store_read_ranges, METH_FASTCALL, "_read_ranges(keys, range_lists) -> list of lists: ranged reads to raw addresses."},
+    {"_read_ranges", (PyCFunction)(void (*)(void))store_read_ranges, METH_FASTCALL, "_read_ranges(keys, range_lists, host=False) -> list of lists: ranged reads to raw addresses (host: all in host memory)."},
     {"batch_get_into", (PyCFunction)(void (*)(void))store_batch_get_into, METH_FASTCALL, "batch_get_into(keys, buffers) -> list."},
     {"exists", (PyCFunction)store_exists, METH_O, "exists(key) -> bool."},
     {"batch_exists", (PyCFunction)store_batch_exists, METH_O, "batch_exists(keys) -> list."},

@@ -220,7 +220,7 @@ public final class StoreClient: Sendable {
 
     /// Replica `r`'s `size` bytes in mapped segment `s`; `internal` when the master's answer
     /// points outside it.
-    private static func region(of s: HostSegment, _ r: Replica, _ size: Int) throws(KVError) -> MemoryRegion {
+    static func region(of s: HostSegment, _ r: Replica, _ size: Int) throws(KVError) -> MemoryRegion {
         guard r.offset >= 0, size >= 0, r.offset <= s.size, size <= s.size - r.offset else {
             throw KVError(.internal, "replica \(r) of \(size) bytes lies outside its \(s.size)-byte segment")
         }

@@ -91,6 +91,26 @@ public struct LocalCopyTransport: Sendable {
         count(op.length)
     }
 
+    /// Many separate host copies into cold caller memory (the pieces of a ranged read that add
+    /// up to more than a cache holds), with streaming stores and one fence for all
+    /// (`kv_copy_pieces_streaming`).
+    public func copyColdPieces(_ ops: [CopyOp]) {
+        var d = [UnsafeMutableRawPointer?](), s = [UnsafeRawPointer?](), n = [Int]()
+        d.reserveCapacity(ops.count)
+        s.reserveCapacity(ops.count)
+        n.reserveCapacity(ops.count)
+        var total = 0
+        for op in ops {
+            d.append(UnsafeMutableRawPointer(bitPattern: op.destination))
+            s.append(UnsafeRawPointer(bitPattern: op.source))
+            n.append(op.length)
+            total += op.length
+        }
+        kv_copy_pieces_streaming(d, s, n, ops.count)
+        counters.bytesCopied.add(total, ordering: .relaxed)
+        counters.copyOps.add(ops.count, ordering: .relaxed)
+    }
+
     /// Counts one slice of `length` bytes that a device copied.
     public func count(_ length: Int) {
         counters.bytesCopied.add(length, ordering: .relaxed)

@@ -4,6 +4,12 @@ public struct CopyOp: Sendable, Hashable {
     public let source: UInt
     public let destination: UInt
     public let length: Int
+
+    public init(source: UInt, destination: UInt, length: Int) {
+        self.source = source
+        self.destination = destination
+        self.length = length
+    }
 }
 
 /// Splits a transfer between two lists of regions (a gather on one side, a scatter on the

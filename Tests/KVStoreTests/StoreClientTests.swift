@@ -49,7 +49,7 @@ final class StoreClientTests: XCTestCase {
     }
 
     func testRangedReadsCopyOnlyTheirRangesAndFailAlone() throws {
-        let s = try StoreClient(segmentSize: 1 << 20)
+        let s = try StoreClient(segmentSize: 32 << 20)
         defer { s.close() }
         let v = Self.value(tag: 9, length: 5000)
         try put(s, "a", v)
@@ -81,6 +81,34 @@ final class StoreClientTests: XCTestCase {
         XCTAssertThrowsError(try [StoreClient.RangeCopy]().withUnsafeBufferPointer { (c) throws(KVError) in
             try s.readRanges(keys: ["a"], pieces: [0..<1], copies: c)
         }) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+
+        // Host memory from a mapped segment: the pieces are copied in one pass (small ones with
+        // memcpy, pieces adding up to a cold plan with streaming stores), with the same outcomes.
+        for pieceLength in [100, 1 << 20] {
+            let big = Self.value(tag: 11, length: 8 * pieceLength)
+            try put(s, "big\(pieceLength)", big)
+            var dst = [UInt8](repeating: 0, count: 8 * pieceLength)
+            let before = stat(s, "bytes_copied")
+            let got = try dst.withUnsafeMutableBytes { (b) throws(KVError) -> [KVError?] in
+                let base = UInt(bitPattern: b.baseAddress!)
+                // the object's eight pieces in reverse order, and one past its end
+                var copies = (0..<8).map { i in
+                    StoreClient.RangeCopy(offset: i * pieceLength, length: pieceLength,
+                                          destination: MemoryRegion(address: base + UInt((7 - i) * pieceLength), length: pieceLength))
+                }
+                copies.append(StoreClient.RangeCopy(offset: 8 * pieceLength, length: 1, destination: MemoryRegion(address: base, length: 1)))
+                return try copies.withUnsafeBufferPointer { (c) throws(KVError) in
+                    try s.readRanges(keys: ["big\(pieceLength)"], pieces: [0..<9], copies: c, memory: .host)
+                }
+            }
+            XCTAssertEqual(got.prefix(8).compactMap { $0 }.count, 0)
+            XCTAssertEqual(got[8]?.code, .invalidArgument)
+            for i in 0..<8 {
+                XCTAssertEqual(Array(dst[(7 - i) * pieceLength..<(8 - i) * pieceLength]), Array(big[i * pieceLength..<(i + 1) * pieceLength]))
+            }
+            XCTAssertEqual(stat(s, "bytes_copied") - before, 8 * pieceLength)
+        }
+        XCTAssertEqual(stat(s, "active_readers"), 0)
     }
 
     func testPlacementsNameEachReplicaAndCopyNothing() throws {

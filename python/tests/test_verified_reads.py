@@ -19,7 +19,7 @@ import kvstore
 SIZE = 32 << 20
 
 READER = """
-import ctypes, json, sys, kvstore
+import array, ctypes, json, sys, kvstore
 url, how, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 s = kvstore.Store.connect(url, segment_size=0)
 print("ready", flush=True)
@@ -42,6 +42,14 @@ try:
         n = s._read_ranges(["victim"], [[(address, 0, size)]])[0][0]
         if isinstance(n, Exception):
             raise n
+        data = bytes(buf[:n])
+    elif how == "ranges-packed":   # the mapped, host-memory path: one lease check per object
+        buf = bytearray(size)
+        address = ctypes.addressof((ctypes.c_char * size).from_buffer(buf))
+        n = s._read_ranges(["victim"], [array.array("q", [address, 0, size // 2, address + size // 2, size // 2, size // 2])],
+                           True)[0]
+        if isinstance(n, list):
+            raise next(r for r in n if isinstance(r, Exception))
         data = bytes(buf[:n])
     elif how == "buffer":
         data = s._get_batch_new(["victim"], kvstore._native.Buffer)[0]
@@ -115,7 +123,7 @@ def check(out: dict) -> None:
         assert out["reads_expired"] >= 1
 
 
-@pytest.mark.parametrize("how", ["get", "get_into", "batch", "ranges", "buffer"])
+@pytest.mark.parametrize("how", ["get", "get_into", "batch", "ranges", "ranges-packed", "buffer"])
 def test_a_read_that_outlives_its_lease_never_returns_another_objects_bytes(master, how):
     check(race(master.url, how))   # the reader maps the owner's segment (same host)
 
