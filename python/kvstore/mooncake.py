@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import math
 import os
 import random
 import re
@@ -24,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _errors, _native, _tensor
+from . import _errors, _native, _tensor, parallel
 from ._errors import StoreError
 from ._sizes import parse_size
 from ._store import Store
 
-__all__ = ["BufferHandle", "ErrorCode", "MooncakeDistributedStore", "MooncakeHostMemAllocator", "ReplicaDescriptor",
-           "ReplicaStatus", "ReplicateConfig", "SoftPinAction", "bind_to_numa_node", "install_as_mooncake"]
+__all__ = ["BufferHandle", "ErrorCode", "MooncakeDistributedStore", "MooncakeHostMemAllocator", "ParallelAxis",
+           "ReadTarget", "ReplicaDescriptor", "ReplicaStatus", "ReplicateConfig", "SoftPinAction", "TensorParallelism",
+           "bind_to_numa_node", "install_as_mooncake"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -219,6 +221,67 @@ class ReplicaDescriptor:
         return f"<ReplicaDescriptor {self.status.name} memory {self._memory.buffer_descriptor!r}>"
 
 
+class ParallelAxis:
+    """One axis of a shard's identity (Mooncake's ``ParallelAxis``): ``kind`` ("tp", "dp", "ep",
+    "pp"), ``rank`` of ``size``, ``split_dim`` (the dimension it splits; None: it does not),
+    ``expert_id``, ``stage_id``."""
+
+    def __init__(self, kind: str = "tp", rank: int = 0, size: int = 1, split_dim: int | None = None,
+                 expert_id: int | None = None, stage_id: int | None = None) -> None:
+        self.kind, self.rank, self.size, self.split_dim = kind, rank, size, split_dim
+        self.expert_id, self.stage_id = expert_id, stage_id
+
+    def _axis(self) -> parallel.Axis:
+        split = None if self.split_dim is None or self.split_dim == -1 else self.split_dim
+        return parallel.Axis(self.kind, self.rank, self.size, split, self.expert_id, self.stage_id)
+
+    def __repr__(self) -> str:
+        return f"ParallelAxis({self.kind!r}, rank={self.rank}, size={self.size}, split_dim={self.split_dim})"
+
+
+class TensorParallelism:
+    """An ordered list of ``ParallelAxis`` naming a stored or requested shard."""
+
+    def __init__(self, axes: Sequence[ParallelAxis] | None = None) -> None:
+        self.axes: list[ParallelAxis] = list(axes or [])
+
+    def _axes(self) -> tuple[parallel.Axis, ...]:
+        if not isinstance(self.axes, (list, tuple)) or not all(isinstance(a, ParallelAxis) for a in self.axes):
+            raise _errors.InvalidArgumentError("TensorParallelism.axes must be a list of ParallelAxis")
+        return parallel.check_axes([a._axis() for a in self.axes])
+
+    def __repr__(self) -> str:
+        return f"TensorParallelism({self.axes!r})"
+
+
+class ReadTarget:
+    """What a parallel read returns: ``mode`` "as_stored" (the object as written; with a
+    ``parallelism``, that shard's object), "shard" (the shard ``parallelism`` names, in any
+    stored layout) or "full" (the whole tensor)."""
+
+    MODES = ("as_stored", "shard", "full")
+
+    def __init__(self, mode: str = "as_stored", parallelism: TensorParallelism | None = None) -> None:
+        self.mode = mode
+        self.parallelism = parallelism
+
+
+def _axes_of(p: TensorParallelism | None) -> tuple[parallel.Axis, ...] | None:
+    if p is None:
+        return None
+    if not isinstance(p, TensorParallelism):
+        raise _errors.ArgumentTypeError(f"parallelism must be a TensorParallelism, not {type(p).__name__}")
+    return p._axes()
+
+
+def _partition(writer_partition: Any) -> tuple[parallel.Axis, ...]:
+    """A writer_partition (rank, size, split_dim) as the TP axis it names."""
+    if not isinstance(writer_partition, (tuple, list)) or len(writer_partition) != 3:
+        raise _errors.InvalidArgumentError("writer_partition must be (rank, size, split_dim)")
+    rank, size, dim = writer_partition
+    return parallel.check_axes([parallel.Axis("tp", rank, size, dim)])
+
+
 _NONE = object()   # `_call(fail=_NONE)`: None on failure
 _CODE = object()   # `_call_each(fill=_CODE)`: the error's code per key
 
@@ -236,6 +299,10 @@ def _options(config: ReplicateConfig | None, count: int = 1, upsert: bool = Fals
     if not isinstance(config, ReplicateConfig):
         raise _errors.ArgumentTypeError(f"config must be a ReplicateConfig, not {type(config).__name__}")
     return config._options(count, upsert)
+
+
+def _valid_dim(d: Any) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
 
 
 def _length(r: Any) -> int:
@@ -717,6 +784,351 @@ class MooncakeDistributedStore:
             data = (ctypes.c_uint8 * (n - _tensor.HEADER_SIZE)).from_address(buffer_ptr + _tensor.HEADER_SIZE)
             return self._as_torch(np.frombuffer(data, dtype=_tensor.numpy_dtype(code)).reshape(shape))
         return self._call(get, fail=_NONE)
+
+    # ---- publishing (puts with a config) and tensors from addresses ----
+
+    def pub_tensor(self, key: str, tensor: Any, config: ReplicateConfig | None = None) -> int:
+        """``put_tensor`` with a config (Mooncake's name for it)."""
+        return self.put_tensor(key, tensor, config)
+
+    def batch_pub_tensor(self, keys: Sequence[str], tensors_list: Sequence[Any], config: ReplicateConfig | None = None) -> list[int]:
+        return self.batch_put_tensor(keys, tensors_list, config)
+
+    def upsert_pub_tensor(self, key: str, tensor: Any, config: ReplicateConfig | None = None) -> int:
+        return self.upsert_tensor(key, tensor, config)
+
+    def batch_upsert_pub_tensor(self, keys: Sequence[str], tensors_list: Sequence[Any],
+                                config: ReplicateConfig | None = None) -> list[int]:
+        return self.batch_upsert_tensor(keys, tensors_list, config)
+
+    def _tensor_at(self, buffer_ptr: int, size: int, what: str = "buffer") -> np.ndarray:
+        """The tensor serialized at `buffer_ptr` ([header][data], `size` bytes), viewed in place."""
+        for name, v in ((f"{what}_ptr", buffer_ptr), ("size", size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise _errors.InvalidArgumentError(f"{name} must be a positive int")
+        header = bytes((ctypes.c_char * min(size, _tensor.HEADER_SIZE)).from_address(buffer_ptr))
+        code, shape = _tensor.decode(header, size, what)
+        data = (ctypes.c_uint8 * (size - _tensor.HEADER_SIZE)).from_address(buffer_ptr + _tensor.HEADER_SIZE)
+        return np.frombuffer(data, dtype=_tensor.numpy_dtype(code)).reshape(shape)
+
+    def _tensor_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int], upsert: bool,
+                     config: ReplicateConfig | None) -> list[int]:
+        def run(s: Store) -> list[int]:
+            if not (len(keys) == len(buffer_ptrs) == len(sizes)):
+                raise _errors.InvalidArgumentError("keys, buffer pointers and sizes differ in length")
+            codes = []
+            for p, n in zip(buffer_ptrs, sizes):
+                try:
+                    self._tensor_at(p, n)   # a tensor object, checked before anything is written
+                    codes.append(0)
+                except Exception as e:   # noqa: BLE001
+                    codes.append(_code(e))
+            ok = [i for i, c in enumerate(codes) if c == 0]
+            done = self._raw("upsert" if upsert else "put", [keys[i] for i in ok], [buffer_ptrs[i] for i in ok],
+                             [sizes[i] for i in ok], config, single=True)
+            for i, c in zip(ok, done):
+                codes[i] = c
+            return codes
+        return self._call_each(run, keys)
+
+    def batch_put_tensor_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
+                              config: ReplicateConfig | None = None) -> list[int]:
+        """Tensors serialized at addresses ([header][data], as ``get_tensor_into`` leaves them)."""
+        return self._tensor_from(keys, buffer_ptrs, sizes, False, config)
+
+    def upsert_tensor_from(self, key: str, buffer_ptr: int, size: int, config: ReplicateConfig | None = None) -> int:
+        return self._tensor_from([key], [buffer_ptr], [size], True, config)[0]
+
+    def batch_upsert_tensor_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
+                                 config: ReplicateConfig | None = None) -> list[int]:
+        return self._tensor_from(keys, buffer_ptrs, sizes, True, config)
+
+    def batch_get_tensor_into(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int]) -> list[Any]:
+        """``get_tensor_into`` per key: a tensor viewing its buffer, or None."""
+        if not isinstance(keys, (list, tuple)) or not isinstance(buffer_ptrs, (list, tuple)) or \
+                not isinstance(sizes, (list, tuple)) or not len(keys) == len(buffer_ptrs) == len(sizes):
+            return [None] * (len(keys) if isinstance(keys, (list, tuple)) else 0)
+        return [self.get_tensor_into(k, p, n) for k, p, n in zip(keys, buffer_ptrs, sizes)]
+
+    def put_from_with_metadata(self, key: str, buffer_ptr: int, metadata_buffer_ptr: int, size: int, metadata_size: int,
+                               config: ReplicateConfig | None = None) -> int:
+        """One object of the metadata's bytes then the data's (as Mooncake lays it out)."""
+        return self._raw("put", [key], [[metadata_buffer_ptr, buffer_ptr]], [[metadata_size, size]], config)[0] \
+            if isinstance(key, str) else int(ErrorCode.INVALID_PARAMS)
+
+    # ---- unified parallel tensor IO (kvstore.parallel) ----
+
+    def _put_parallel(self, key: str, tensor: Any, axes: tuple[parallel.Axis, ...] | None, full_input: bool,
+                      upsert: bool, config: ReplicateConfig | None) -> int:
+        def run(s: Store) -> int:
+            options = _options(config, upsert=upsert)
+            try:
+                if axes is None:
+                    (s.upsert_tensor if upsert else s.put_tensor)(key, tensor, **options)
+                else:
+                    parallel.put_tensor(s, key, tensor, axes, full_input=full_input, upsert=upsert, **options)
+            except _errors.ObjectExistsError:
+                pass   # Mooncake's put keeps the stored value
+            return 0
+        return self._call(run)
+
+    def _parallel_args(self, parallelism: Any, writer_partition: Any) -> tuple[tuple[parallel.Axis, ...] | None, bool]:
+        """The axes a parallel write stores and whether its input is the full tensor: a
+        writer_partition names a TP shard of a full input; a parallelism with a TP axis among
+        others takes the full tensor (the shard is cut out of it); a single axis, the shard."""
+        if parallelism is not None and writer_partition is not None:
+            raise _errors.InvalidArgumentError("give parallelism or writer_partition, not both")
+        if writer_partition is not None:
+            return _partition(writer_partition), True
+        axes = _axes_of(parallelism)
+        return axes, axes is not None and len(axes) > 1 and any(a.kind == "tp" for a in axes)
+
+    def put_tensor_with_parallelism(self, key: str, tensor: Any, parallelism: TensorParallelism | None = None,
+                                    config: ReplicateConfig | None = None, writer_partition: Any = None) -> int:
+        """Stores a full tensor (no parallelism), or the shard its parallelism names (see
+        ``kvstore.parallel``). 0, or an error code."""
+        try:
+            axes, full = self._parallel_args(parallelism, writer_partition)
+        except Exception as e:   # noqa: BLE001
+            return _code(e)
+        return self._put_parallel(key, tensor, axes, full, False, config)
+
+    def upsert_tensor_with_parallelism(self, key: str, tensor: Any, parallelism: TensorParallelism | None = None,
+                                       config: ReplicateConfig | None = None, writer_partition: Any = None) -> int:
+        try:
+            axes, full = self._parallel_args(parallelism, writer_partition)
+        except Exception as e:   # noqa: BLE001
+            return _code(e)
+        return self._put_parallel(key, tensor, axes, full, True, config)
+
+    def _batch_parallel(self, one: Callable[..., int], keys: Sequence[str], tensors: Sequence[Any], parallelisms: Any,
+                        config: ReplicateConfig | None, writer_partitions: Any) -> list[int]:
+        n = len(keys) if isinstance(keys, (list, tuple)) else 0
+        bad = [int(ErrorCode.INVALID_PARAMS)] * n
+        if not isinstance(keys, (list, tuple)) or not isinstance(tensors, (list, tuple)) or len(tensors) != n:
+            return bad
+        ps = [None] * n if parallelisms is None else list(parallelisms)
+        ws = [None] * n if writer_partitions is None else list(writer_partitions)
+        if len(ps) != n or len(ws) != n:
+            return bad
+        return [one(k, t, p, config, w) for k, t, p, w in zip(keys, tensors, ps, ws)]
+
+    def batch_put_tensor_with_parallelism(self, keys: Sequence[str], tensors: Sequence[Any], parallelisms: Any = None,
+                                          config: ReplicateConfig | None = None, writer_partitions: Any = None) -> list[int]:
+        return self._batch_parallel(self.put_tensor_with_parallelism, keys, tensors, parallelisms, config, writer_partitions)
+
+    def batch_upsert_tensor_with_parallelism(self, keys: Sequence[str], tensors: Sequence[Any], parallelisms: Any = None,
+                                             config: ReplicateConfig | None = None,
+                                             writer_partitions: Any = None) -> list[int]:
+        return self._batch_parallel(self.upsert_tensor_with_parallelism, keys, tensors, parallelisms, config,
+                                    writer_partitions)
+
+    def put_tensor_with_parallelism_from(self, key: str, buffer_ptr: int, size: int,
+                                         parallelism: TensorParallelism | None = None,
+                                         config: ReplicateConfig | None = None, writer_partition: Any = None) -> int:
+        """``put_tensor_with_parallelism`` of the tensor serialized at an address."""
+        try:
+            tensor = self._tensor_at(buffer_ptr, size)
+        except Exception as e:   # noqa: BLE001
+            return _code(e)
+        return self.put_tensor_with_parallelism(key, tensor, parallelism, config, writer_partition)
+
+    def upsert_tensor_with_parallelism_from(self, key: str, buffer_ptr: int, size: int,
+                                            parallelism: TensorParallelism | None = None,
+                                            config: ReplicateConfig | None = None, writer_partition: Any = None) -> int:
+        try:
+            tensor = self._tensor_at(buffer_ptr, size)
+        except Exception as e:   # noqa: BLE001
+            return _code(e)
+        return self.upsert_tensor_with_parallelism(key, tensor, parallelism, config, writer_partition)
+
+    def batch_put_tensor_with_parallelism_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
+                                               parallelisms: Any = None, config: ReplicateConfig | None = None,
+                                               writer_partitions: Any = None) -> list[int]:
+        return self._batch_from(self.put_tensor_with_parallelism_from, keys, buffer_ptrs, sizes, parallelisms, config,
+                                writer_partitions)
+
+    def batch_upsert_tensor_with_parallelism_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int],
+                                                  sizes: Sequence[int], parallelisms: Any = None,
+                                                  config: ReplicateConfig | None = None,
+                                                  writer_partitions: Any = None) -> list[int]:
+        return self._batch_from(self.upsert_tensor_with_parallelism_from, keys, buffer_ptrs, sizes, parallelisms, config,
+                                writer_partitions)
+
+    def _batch_from(self, one: Callable[..., int], keys: Sequence[str], ptrs: Sequence[int], sizes: Sequence[int],
+                    parallelisms: Any, config: ReplicateConfig | None, writer_partitions: Any) -> list[int]:
+        n = len(keys) if isinstance(keys, (list, tuple)) else 0
+        if not isinstance(ptrs, (list, tuple)) or not isinstance(sizes, (list, tuple)) or not n == len(ptrs) == len(sizes):
+            return [int(ErrorCode.INVALID_PARAMS)] * n
+        ps = [None] * n if parallelisms is None else list(parallelisms)
+        ws = [None] * n if writer_partitions is None else list(writer_partitions)
+        if len(ps) != n or len(ws) != n:
+            return [int(ErrorCode.INVALID_PARAMS)] * n
+        return [one(k, p, m, q, config, w) for k, p, m, q, w in zip(keys, ptrs, sizes, ps, ws)]
+
+    def _read_parallel(self, s: Store, key: str, target: ReadTarget | None, into: Any = None) -> Any:
+        """A parallel read (see ``get_tensor_with_parallelism``); `into` a target array or None."""
+        if target is None:
+            target = ReadTarget()
+        if not isinstance(target, ReadTarget) or target.mode not in ReadTarget.MODES:
+            raise _errors.InvalidArgumentError("target must be a ReadTarget with mode 'as_stored', 'shard' or 'full'")
+        axes = _axes_of(target.parallelism)
+        if target.mode == "shard" and not axes:
+            raise _errors.InvalidArgumentError("a 'shard' read needs target.parallelism")
+        if target.mode == "as_stored":
+            name = key if axes is None else parallel.shard_key(key, axes)
+            return s.get_tensor(name) if into is None else s.get_tensor_into(name, into)
+        if target.mode == "full" and s.exists(key) and not s.exists(key + parallel.LAYOUT_SUFFIX):
+            return s.get_tensor(key) if into is None else s.get_tensor_into(key, into)   # stored whole
+        return parallel.get_tensor(s, key, axes if target.mode == "shard" else None, into=into)
+
+    def get_tensor_with_parallelism(self, key: str, target: ReadTarget | None = None) -> Any:
+        """The tensor as ``target`` asks (None: as stored), or None when it is missing."""
+        return self._call(lambda s: self._as_torch(self._read_parallel(s, key, target)), fail=_NONE)
+
+    def batch_get_tensor_with_parallelism(self, keys: Sequence[str], targets: Any = None) -> list[Any]:
+        if not isinstance(keys, (list, tuple)):
+            return []
+        ts = [None] * len(keys) if targets is None else list(targets)
+        if len(ts) != len(keys):
+            return [None] * len(keys)
+        return [self.get_tensor_with_parallelism(k, t) for k, t in zip(keys, ts)]
+
+    def _shape_of(self, s: Store, key: str, target: ReadTarget | None) -> tuple[int, tuple[int, ...]]:
+        """(dtype code, shape) that a parallel read of `key` for `target` gives: from the layout,
+        or (as stored) from the object's header alone (a ranged read of its first bytes)."""
+        mode = "as_stored" if target is None else target.mode
+        axes = None if target is None else _axes_of(target.parallelism)
+        layout = None if mode == "as_stored" else parallel._read_layout(s, key)
+        if layout is None:
+            name = key if mode != "as_stored" or axes is None else parallel.shard_key(key, axes)
+            header = np.empty(_tensor.HEADER_SIZE, np.uint8)
+            got = s._read_ranges([name], [[(header.ctypes.data, 0, _tensor.HEADER_SIZE)]], True)[0][0]
+            if isinstance(got, BaseException):
+                raise got
+            code, shape, _n = _native.decode_tensor_header(header.tobytes())
+            return code, tuple(shape)
+        want = parallel.region(layout.shape, axes if mode == "shard" and axes else ())
+        return layout.code, tuple(b - a for a, b in want)
+
+    def get_tensor_with_parallelism_into(self, key: str, buffer_ptr: int, size: int, target: ReadTarget | None = None) -> Any:
+        """The parallel read into host memory at `buffer_ptr` (``size`` bytes), laid out as
+        ``get_tensor_into`` leaves a tensor (header, then data): a tensor viewing the data, or
+        None."""
+        def run(s: Store) -> Any:
+            for name, v in (("buffer_ptr", buffer_ptr), ("size", size)):
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise _errors.InvalidArgumentError(f"{name} must be a positive int")
+            code, shape = self._shape_of(s, key, target)
+            nbytes = math.prod(shape) * _tensor.ITEM_SIZES[code]
+            if _tensor.HEADER_SIZE + nbytes > size:
+                raise _errors.InvalidArgumentError(f"the buffer holds {size} bytes; the tensor needs {_tensor.HEADER_SIZE + nbytes}")
+            data = (ctypes.c_uint8 * nbytes).from_address(buffer_ptr + _tensor.HEADER_SIZE)
+            view = np.frombuffer(data, dtype=_tensor.numpy_dtype(code)).reshape(shape)
+            self._read_parallel(s, key, target, into=view)
+            ctypes.memmove(buffer_ptr, _native.tensor_header(code, shape), _tensor.HEADER_SIZE)
+            return self._as_torch(view)
+        return self._call(run, fail=_NONE)
+
+    def batch_get_tensor_with_parallelism_into(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
+                                               targets: Any = None) -> list[Any]:
+        if not isinstance(keys, (list, tuple)):
+            return []
+        ts = [None] * len(keys) if targets is None else list(targets)
+        if not isinstance(buffer_ptrs, (list, tuple)) or not isinstance(sizes, (list, tuple)) or \
+                not len(keys) == len(buffer_ptrs) == len(sizes) == len(ts):
+            return [None] * len(keys)
+        return [self.get_tensor_with_parallelism_into(k, p, n, t) for k, p, n, t in zip(keys, buffer_ptrs, sizes, ts)]
+
+    # ---- the TP wrappers (Mooncake's legacy names, lowered to the parallel IO) ----
+
+    @staticmethod
+    def _tp_target(tp_rank: int, tp_size: int, split_dim: int) -> ReadTarget:
+        return ReadTarget("shard", TensorParallelism([ParallelAxis("tp", tp_rank, tp_size, split_dim)]))
+
+    def _put_all_tp(self, key: str, tensor: Any, tp_size: int, split_dim: int, config: ReplicateConfig | None,
+                    upsert: bool = False) -> int:
+        """Every TP shard of a full tensor, as "key_tp_<rank>" (tp_size 1: the tensor at key)."""
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+            return int(ErrorCode.INVALID_PARAMS)
+        if tp_size == 1:
+            return self._put_parallel(key, tensor, None, False, upsert, config)
+        if not _valid_dim(split_dim):
+            return int(ErrorCode.INVALID_PARAMS)
+        for r in range(tp_size):
+            code = self._put_parallel(key, tensor, _partition((r, tp_size, split_dim)), True, upsert, config)
+            if code:
+                return code
+        return 0
+
+    def put_tensor_with_tp(self, key: str, tensor: Any, tp_rank: int = 0, tp_size: int = 1, split_dim: int = 0) -> int:
+        """Splits a full tensor into ``tp_size`` shards along ``split_dim`` and stores them all
+        ("key_tp_<rank>"; ``tp_rank`` is accepted for Mooncake's signature)."""
+        return self._put_all_tp(key, tensor, tp_size, split_dim, None)
+
+    def pub_tensor_with_tp(self, key: str, tensor: Any, config: ReplicateConfig | None = None, tp_rank: int = 0,
+                           tp_size: int = 1, split_dim: int = 0) -> int:
+        return self._put_all_tp(key, tensor, tp_size, split_dim, config)
+
+    def batch_put_tensor_with_tp(self, base_keys: Sequence[str], tensors_list: Sequence[Any], tp_rank: int = 0,
+                                 tp_size: int = 1, split_dim: int = 0) -> list[int]:
+        if not isinstance(base_keys, (list, tuple)) or not isinstance(tensors_list, (list, tuple)) or \
+                len(base_keys) != len(tensors_list):
+            return [int(ErrorCode.INVALID_PARAMS)] * (len(base_keys) if isinstance(base_keys, (list, tuple)) else 0)
+        return [self._put_all_tp(k, t, tp_size, split_dim, None) for k, t in zip(base_keys, tensors_list)]
+
+    def batch_pub_tensor_with_tp(self, base_keys: Sequence[str], tensors_list: Sequence[Any],
+                                 config: ReplicateConfig | None = None, tp_rank: int = 0, tp_size: int = 1,
+                                 split_dim: int = 0) -> list[int]:
+        if not isinstance(base_keys, (list, tuple)) or not isinstance(tensors_list, (list, tuple)) or \
+                len(base_keys) != len(tensors_list):
+            return [int(ErrorCode.INVALID_PARAMS)] * (len(base_keys) if isinstance(base_keys, (list, tuple)) else 0)
+        return [self._put_all_tp(k, t, tp_size, split_dim, config) for k, t in zip(base_keys, tensors_list)]
+
+    def put_tensor_with_tp_from(self, key: str, buffer_ptr: int, size: int, tp_rank: int = 0, tp_size: int = 1,
+                                split_dim: int = 0) -> int:
+        """``put_tensor_with_tp`` of the full tensor serialized at an address."""
+        try:
+            tensor = self._tensor_at(buffer_ptr, size)
+        except Exception as e:   # noqa: BLE001
+            return _code(e)
+        return self._put_all_tp(key, tensor, tp_size, split_dim, None)
+
+    def batch_put_tensor_with_tp_from(self, base_keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
+                                      tp_rank: int = 0, tp_size: int = 1, split_dim: int = 0) -> list[int]:
+        n = len(base_keys) if isinstance(base_keys, (list, tuple)) else 0
+        if not isinstance(buffer_ptrs, (list, tuple)) or not isinstance(sizes, (list, tuple)) or \
+                not n == len(buffer_ptrs) == len(sizes):
+            return [int(ErrorCode.INVALID_PARAMS)] * n
+        return [self.put_tensor_with_tp_from(k, p, m, tp_rank, tp_size, split_dim) for k, p, m in zip(base_keys, buffer_ptrs, sizes)]
+
+    def get_tensor_with_tp(self, key: str, tp_rank: int = 0, tp_size: int = 1, split_dim: int = 0) -> Any:
+        """The TP shard ``tp_rank`` of ``tp_size`` along ``split_dim`` (tp_size 1: the tensor at
+        key), read from whatever layout it was stored in; None when missing."""
+        if tp_size == 1:
+            return self.get_tensor(key)
+        return self.get_tensor_with_parallelism(key, self._tp_target(tp_rank, tp_size, split_dim))
+
+    def get_tensor_with_tp_into(self, key: str, buffer_ptr: int, size: int, tp_rank: int = 0, tp_size: int = 1,
+                                split_dim: int = 0) -> Any:
+        if tp_size == 1:
+            return self.get_tensor_into(key, buffer_ptr, size)
+        return self.get_tensor_with_parallelism_into(key, buffer_ptr, size, self._tp_target(tp_rank, tp_size, split_dim))
+
+    def batch_get_tensor_with_tp(self, base_keys: Sequence[str], tp_rank: int = 0, tp_size: int = 1) -> list[Any]:
+        """Each key's stored shard "key_tp_<rank>" (tp_size 1: the tensor at key), as written."""
+        if not isinstance(base_keys, (list, tuple)):
+            return []
+        if tp_size == 1:
+            return self.batch_get_tensor(base_keys)
+        return self.batch_get_tensor([f"{k}_tp_{tp_rank}" for k in base_keys])
+
+    def batch_get_tensor_with_tp_into(self, base_keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
+                                      tp_rank: int = 0, tp_size: int = 1) -> list[Any]:
+        if not isinstance(base_keys, (list, tuple)):
+            return []
+        keys = list(base_keys) if tp_size == 1 else [f"{k}_tp_{tp_rank}" for k in base_keys]
+        return self.batch_get_tensor_into(keys, buffer_ptrs, sizes)
 
     # ---- zero copy with integer addresses ----
 

@@ -471,3 +471,78 @@ def test_replica_descriptors(master):
         a.close()
         b.close()
     assert a.batch_get_replica_desc(["two"]) == {"two": []}
+
+
+def test_tp_wrappers_and_unified_parallel_io(master):
+    from kvstore.mooncake import ParallelAxis, ReadTarget, TensorParallelism
+    s = client(master, 64 << 20)
+    try:
+        full = np.arange(8 * 12, dtype=np.float32).reshape(8, 12)
+        assert s.put_tensor_with_tp("w", full, tp_rank=0, tp_size=4, split_dim=1) == 0
+        assert all(s.is_exist(f"w_tp_{r}") == 1 for r in range(4))          # Mooncake's shard names
+        assert np.array_equal(s.get_tensor_with_tp("w", 1, 4, 1), full[:, 3:6])
+        assert np.array_equal(s.get_tensor_with_tp("w", 1, 2, 1), full[:, 6:])   # resharded on read
+        assert np.array_equal(s.get_tensor_with_tp("w", 0, 2, 0), full[:4])
+        assert [t.shape for t in s.batch_get_tensor_with_tp(["w", "w"], 3, 4)] == [(8, 3), (8, 3)]
+        assert s.batch_get_tensor_with_tp(["nope"], 0, 2) == [None]
+        tp2 = TensorParallelism([ParallelAxis("tp", 1, 2, 0)])
+        assert np.array_equal(s.get_tensor_with_parallelism("w", ReadTarget("shard", tp2)), full[4:])
+        assert np.array_equal(s.get_tensor_with_parallelism("w", ReadTarget("full")), full)
+        assert s.get_tensor_with_parallelism("w") is None                    # nothing stored whole at "w"
+        # into a buffer: header then data, as get_tensor_into leaves a tensor
+        buf = np.zeros(4096, np.uint8)
+        got = s.get_tensor_with_parallelism_into("w", buf.ctypes.data, buf.nbytes, ReadTarget("shard", tp2))
+        assert np.array_equal(got, full[4:])
+        assert s.put_tensor_from("copy", buf.ctypes.data, 304 + full[4:].nbytes) == 0
+        assert np.array_equal(s.get_tensor("copy"), full[4:])
+        assert s.get_tensor_with_parallelism_into("w", buf.ctypes.data, 100, ReadTarget("full")) is None   # too small
+        # writer_partition: a full tensor in, one shard stored; parallelism with DP and TP: full tensor in
+        assert s.put_tensor_with_parallelism("x", full, writer_partition=(2, 3, 0)) == 0
+        stored = TensorParallelism([ParallelAxis("tp", 2, 3, 0)])
+        assert np.array_equal(s.get_tensor_with_parallelism("x", ReadTarget("as_stored", stored)), full[6:])
+        dp_tp = [TensorParallelism([ParallelAxis("dp", 0, 1), ParallelAxis("tp", r, 2, 1)]) for r in range(2)]
+        assert s.batch_put_tensor_with_parallelism(["y", "y"], [full, full], dp_tp) == [0, 0]
+        assert np.array_equal(s.get_tensor_with_parallelism("y", ReadTarget("full")), full)
+        assert s.put_tensor_with_parallelism("z", full) == 0 and np.array_equal(s.get_tensor_with_parallelism("z"), full)
+        assert np.array_equal(s.get_tensor_with_parallelism("z", ReadTarget("full")), full)   # stored whole
+        # from addresses: [header][data] of a full tensor, split on write
+        assert s.put_tensor_with_tp_from("v", buf.ctypes.data, 304 + full[4:].nbytes, 0, 2, 1) == 0
+        assert np.array_equal(s.get_tensor_with_tp("v", 1, 2, 1), full[4:, 6:])
+        # bad arguments: codes, nothing written
+        bad = ErrorCode.INVALID_PARAMS
+        assert s.put_tensor_with_parallelism("b", full, tp2, writer_partition=(0, 2, 0)) == bad
+        assert s.put_tensor_with_parallelism("b", full, writer_partition=(0, 2, 9)) == bad
+        assert s.put_tensor_with_parallelism("b", full, TensorParallelism([ParallelAxis("xp", 0, 2)])) == bad
+        assert s.put_tensor_with_tp("b", full, tp_size=0) == bad and s.put_tensor_with_tp("b", full, 0, 2, -1) == bad
+        assert s.get_tensor_with_parallelism("w", ReadTarget("shard")) is None
+        assert s.get_tensor_with_parallelism("w", ReadTarget("sideways")) is None
+        assert s.is_exist("b") == 0 and s.is_exist("b_tp_0") == 0
+    finally:
+        s.close()
+
+
+def test_publishing_metadata_and_tensor_addresses(master):
+    s = client(master)
+    try:
+        t = np.arange(12, dtype=np.int32).reshape(3, 4)
+        c = ReplicateConfig()
+        c.with_hard_pin = True
+        assert s.pub_tensor("p", t, c) == 0 and s.batch_pub_tensor(["q"], [t], c) == [0]
+        assert s.upsert_pub_tensor("p", t * 2, c) == 0 and np.array_equal(s.get_tensor("p"), t * 2)
+        assert s.batch_upsert_pub_tensor(["q"], [t * 3]) == [0] and np.array_equal(s.get_tensor("q"), t * 3)
+        buf = np.zeros(1024, np.uint8)
+        assert s.get_tensor_into("p", buf.ctypes.data, buf.nbytes) is not None
+        n = 304 + t.nbytes
+        assert s.batch_put_tensor_from(["r", "bad"], [buf.ctypes.data, buf.ctypes.data + 1], [n, n]) == \
+            [0, ErrorCode.INVALID_PARAMS]
+        assert np.array_equal(s.get_tensor("r"), t * 2) and s.is_exist("bad") == 0
+        assert s.upsert_tensor_from("r", buf.ctypes.data, n) == 0
+        assert s.batch_upsert_tensor_from(["r"], [buf.ctypes.data], [n]) == [0]
+        out = np.zeros(2048, np.uint8)
+        got = s.batch_get_tensor_into(["r", "nope"], [out.ctypes.data, out.ctypes.data + 1024], [1024, 1024])
+        assert np.array_equal(got[0], t * 2) and got[1] is None
+        meta, data = np.frombuffer(b"META", np.uint8).copy(), np.arange(10, dtype=np.uint8)
+        assert s.put_from_with_metadata("md", data.ctypes.data, meta.ctypes.data, 10, 4) == 0
+        assert s.get("md") == b"META" + bytes(range(10))
+    finally:
+        s.close()

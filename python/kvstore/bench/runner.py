@@ -44,7 +44,7 @@ from .._store import Store
 from .common import _count_for, _fmt_size, _gather, _paired, _put_all, _same, _scatter, _segment_for
 
 _ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", "evict", "cluster", "kv", "checksum",
-            "restart", "failover", "cold")
+            "restart", "failover", "cold", "reshard")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -78,7 +78,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     results: list[dict[str, object]] = []
     header = f"{'operation':<16}{'size':>10}{'count':>8}{'ops/s':>14}{'GB/s':>9}{'copyto GB/s':>13}{'ratio':>8}"
-    if any(o not in ("evict", "cluster", "kv", "checksum", "restart", "failover", "cold") for o in ops):
+    if any(o not in ("evict", "cluster", "kv", "checksum", "restart", "failover", "cold", "reshard") for o in ops):
         print(f"kvstore bench: {args.repeat} alternating store/copyto pairs after a warm-up; medians; ratio = store / numpy.copyto")
         print(header)
         print("-" * len(header))
@@ -96,7 +96,8 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{op:<16}{_fmt_size(size):>10}{count:>8}{ops_s:>14,.0f}{row['gb_per_s']:>9.2f}"
               f"{row['copyto_gb_per_s']:>13.2f}{row['ratio']:>8.2f}", flush=True)
 
-    single = [o for o in ops if o not in ("batch", "gpu", "evict", "cluster", "kv", "checksum", "restart", "failover", "cold")]
+    single = [o for o in ops if o not in ("batch", "gpu", "evict", "cluster", "kv", "checksum", "restart", "failover", "cold",
+                                          "reshard")]
     for size in (sizes if single else []):
         n = _count_for(size, budget, args.small_ops)
         keys = [f"bench-{size}-{i}" for i in range(n)]
@@ -227,6 +228,13 @@ def run_bench(args: argparse.Namespace) -> int:
         from .cold import run_cold
 
         rc = run_cold(parse_size(args.cold_segment, name="cold segment"), args.cold_wait, args.repeat, results.append)
+        if rc:
+            return rc
+
+    if "reshard" in ops:
+        from .reshard import run_reshard
+
+        rc = run_reshard(args.repeat, results.append)
         if rc:
             return rc
 
