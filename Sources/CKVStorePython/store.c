@@ -421,6 +421,176 @@ static PyObject *store_batch_put_raw(StoreObject *self, PyObject *const *args, P
     return batch_call(self, args[0], args[1], "part_lists", 0, 1, upsert ? KV_UPSERT : KV_PUT, &o, ok_none);
 }
 
+/* ---- writes in pieces (sessions) ---- */
+
+static Py_ssize_t range_count(PyObject *lst);
+static int fill_ranges(PyObject *lst, batch_item *it, kv_range *out, uint64_t *bytes);
+static PyObject *range_results(const batch_item *it, const kv_range *ranges, const int32_t *statuses, size_t first,
+                               Py_ssize_t count);
+
+/* An int list of n (ids) as uint64s into out; -1 with an error set. */
+static int ids_arg(PyObject *seq, const char *what, uint64_t *out, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PySequence_GetItem(seq, i);
+        if (!v) return -1;
+        unsigned long long id = PyLong_Check(v) ? PyLong_AsUnsignedLongLong(v) : (unsigned long long)-1;
+        Py_DECREF(v);
+        if (PyErr_Occurred() || id == (unsigned long long)-1) {
+            PyErr_Clear();
+            kvpy_raise_format(KV_E_INVALID_ARGUMENT, "%s must be a list of write ids", what);
+            return -1;
+        }
+        out[i] = id;
+    }
+    return 0;
+}
+
+/* The outcome list of a session call: ok(i) for a success, else the error of status i. */
+static PyObject *statuses_list(const int32_t *statuses, Py_ssize_t n, const batch_item *items, PyObject *(*ok)(Py_ssize_t, void *), void *ctx) {
+    PyObject *list = PyList_New(n);
+    for (Py_ssize_t i = 0; list && i < n; i++) {
+        PyObject *v;
+        if (items && items[i].error) { v = items[i].error; Py_INCREF(v); }
+        else if (statuses[i]) {
+            v = kvpy_error_object(statuses[i], kv_batch_error((size_t)i, NULL));
+            if (!v) v = kvpy_take_error();
+        } else v = ok(i, ctx);
+        if (!v) { Py_CLEAR(list); break; }
+        PyList_SetItem(list, i, v);
+    }
+    return list;
+}
+
+static PyObject *ok_id(Py_ssize_t i, void *ctx) { return PyLong_FromUnsignedLongLong(((uint64_t *)ctx)[i]); }
+static PyObject *ok_nothing(Py_ssize_t i, void *ctx) { (void)i; (void)ctx; Py_RETURN_NONE; }
+
+/* _write_begin(keys, sizes, upsert, **options) -> [id | exception]: reserves each object's
+ * space; nothing is visible until _write_end. */
+static PyObject *store_write_begin(StoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    kv_put_options o;
+    if (write_args("_write_begin", args, nargs, kwnames, 3, 3, &o) < 0) return NULL;
+    int upsert = PyObject_IsTrue(args[2]);
+    if (upsert < 0) return NULL;
+    ENSURE_OPEN(self);
+    Py_ssize_t n;
+    batch_item *items = batch_begin(args[0], args[1], "sizes", &n);
+    if (!items) return NULL;
+    PyObject *result = NULL;
+    kv_write_item *wi = PyMem_Calloc((size_t)(n ? n : 1), sizeof *wi);
+    uint64_t *ids = PyMem_Calloc((size_t)(n ? n : 1), sizeof *ids);
+    int32_t *statuses = PyMem_Calloc((size_t)(n ? n : 1), sizeof *statuses);
+    if (!wi || !ids || !statuses) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PySequence_GetItem(args[1], i);
+        if (!v) goto done;
+        long long size = PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
+        Py_DECREF(v);
+        if (PyErr_Occurred() || size < 0) {
+            PyErr_Clear();
+            kvpy_raise(KV_E_INVALID_ARGUMENT, "sizes must be non-negative ints");
+            goto done;
+        }
+        wi[i] = (kv_write_item){items[i].k, (size_t)items[i].klen, (uint64_t)size};
+    }
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_batch_write_begin(self->store, wi, (size_t)n, upsert ? KV_UPSERT : KV_PUT, &o, ids, statuses));
+    if (st) { kvpy_raise_last(st); goto done; }
+    result = statuses_list(statuses, n, items, ok_id, ids);
+    /* a write begun for a key whose Python conversion failed cannot happen: its key was NULL */
+done:
+    PyMem_Free(wi); PyMem_Free(ids); PyMem_Free(statuses);
+    batch_end(items, n);
+    return result;
+}
+
+/* _write_ranges(ids, range_lists, host=False) -> [[length | exception] | total]: range_lists[i]
+ * lists (address, offset, length) triples (or packs them, as _read_ranges) copying length
+ * bytes at the address to [offset, offset+length) of open write ids[i]. */
+static PyObject *store_write_ranges(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("_write_ranges", nargs, 2, 3) < 0) return NULL;
+    int host = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    if (host < 0) return NULL;
+    ENSURE_OPEN(self);
+    Py_ssize_t n = seq_len(args[0], "ids");
+    if (n < 0) return NULL;
+    if (seq_len(args[1], "range_lists") != n) {
+        if (!PyErr_Occurred()) kvpy_raise(KV_E_INVALID_ARGUMENT, "ids and range_lists have different lengths");
+        return NULL;
+    }
+    PyObject *result = NULL;
+    size_t total = 0;
+    uint64_t bytes = 0;
+    batch_item *items = PyMem_Calloc((size_t)(n ? n : 1), sizeof *items);   /* first/count/value per write */
+    uint64_t *ids = PyMem_Calloc((size_t)(n ? n : 1), sizeof *ids);
+    kv_write_ranges_item *wr = PyMem_Calloc((size_t)(n ? n : 1), sizeof *wr);
+    kv_range *ranges = NULL;
+    kv_write_range *wranges = NULL;
+    int32_t *statuses = NULL;
+    if (!items || !ids || !wr) { PyErr_NoMemory(); goto done; }
+    if (ids_arg(args[0], "ids", ids, n) < 0) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *lst = PySequence_GetItem(args[1], i);
+        if (!lst) goto done;
+        Py_ssize_t c = range_count(lst);
+        Py_DECREF(lst);
+        if (c < 0) goto done;
+        items[i].first = (Py_ssize_t)total;
+        items[i].count = c;
+        total += (size_t)c;
+    }
+    ranges = PyMem_Calloc(total ? total : 1, sizeof *ranges);
+    wranges = PyMem_Calloc(total ? total : 1, sizeof *wranges);
+    statuses = PyMem_Calloc(total ? total : 1, sizeof *statuses);
+    if (!ranges || !wranges || !statuses) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *lst = PySequence_GetItem(args[1], i);
+        if (!lst) goto done;
+        int r = fill_ranges(lst, &items[i], ranges + items[i].first, &bytes);
+        Py_DECREF(lst);
+        if (r < 0) goto done;
+        for (Py_ssize_t j = 0; j < items[i].count; j++) {
+            kv_range *g = &ranges[items[i].first + j];
+            wranges[items[i].first + j] = (kv_write_range){g->offset, g->length, g->dst};
+        }
+        wr[i] = (kv_write_ranges_item){ids[i], wranges + items[i].first, (size_t)items[i].count};
+    }
+    int32_t st;
+    RUN_UNLOCKED(self, bytes, st = kv_batch_write_ranges(self->store, wr, (size_t)n, host ? KV_HOST_MEMORY : 0, statuses));
+    if (st) { kvpy_raise_last(st); goto done; }
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result && i < n; i++) {
+        PyObject *r = range_results(&items[i], ranges, statuses, (size_t)items[i].first, items[i].count);
+        if (!r) { Py_CLEAR(result); break; }
+        PyList_SetItem(result, i, r);
+    }
+done:
+    PyMem_Free(items); PyMem_Free(ids); PyMem_Free(wr); PyMem_Free(ranges); PyMem_Free(wranges); PyMem_Free(statuses);
+    return result;
+}
+
+/* _write_end(ids, abort=False) -> [None | exception]: commits open writes (visible from now)
+ * or frees their space. */
+static PyObject *store_write_end(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("_write_end", nargs, 1, 2) < 0) return NULL;
+    int abort_ = nargs == 2 ? PyObject_IsTrue(args[1]) : 0;
+    if (abort_ < 0) return NULL;
+    ENSURE_OPEN(self);
+    Py_ssize_t n = seq_len(args[0], "ids");
+    if (n < 0) return NULL;
+    PyObject *result = NULL;
+    uint64_t *ids = PyMem_Calloc((size_t)(n ? n : 1), sizeof *ids);
+    int32_t *statuses = PyMem_Calloc((size_t)(n ? n : 1), sizeof *statuses);
+    if (!ids || !statuses) { PyErr_NoMemory(); goto done; }
+    if (ids_arg(args[0], "ids", ids, n) < 0) goto done;
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_batch_write_end(self->store, ids, (size_t)n, abort_ ? KV_WRITE_ABORT : 0, statuses));
+    if (st) { kvpy_raise_last(st); goto done; }
+    result = statuses_list(statuses, n, NULL, ok_nothing, NULL);
+done:
+    PyMem_Free(ids); PyMem_Free(statuses);
+    return result;
+}
+
 /* ---- the wait hooks ---- */
 
 /* Per thread: whether the running ABI call kept the GIL, and the thread state once a wait
@@ -699,6 +869,43 @@ static int range_unpack(PyObject *lst, kv_range *out, Py_ssize_t count, uint64_t
     return 0;
 }
 
+/* Reads range list lst (it->count ranges, see range_count) into out, adding their lengths to
+ * *bytes; marks a packed list in it->value. -1 with an error set. */
+static int fill_ranges(PyObject *lst, batch_item *it, kv_range *out, uint64_t *bytes) {
+    if (!PyList_Check(lst) && !PyTuple_Check(lst)) {   /* packed int64 triples */
+        it->value = 1;
+        return range_unpack(lst, out, it->count, bytes);
+    }
+    for (Py_ssize_t r = 0; r < it->count; r++) {
+        PyObject *t = PySequence_GetItem(lst, r);
+        unsigned long long off = 0, len = 0;
+        void *dst = NULL;
+        int ok = t && PyTuple_Check(t) && PyTuple_Size(t) == 3 && PyLong_Check(PyTuple_GetItem(t, 0)) &&
+                 PyLong_Check(PyTuple_GetItem(t, 1)) && PyLong_Check(PyTuple_GetItem(t, 2));
+        if (ok) {
+            dst = PyLong_AsVoidPtr(PyTuple_GetItem(t, 0));
+            off = PyLong_AsUnsignedLongLong(PyTuple_GetItem(t, 1));
+            len = PyLong_AsUnsignedLongLong(PyTuple_GetItem(t, 2));
+            if (PyErr_Occurred()) {
+                PyErr_Clear();
+                Py_XDECREF(t);
+                kvpy_raise(KV_E_INVALID_ARGUMENT, "a range's address, offset and length must be non-negative ints that fit 64 bits");
+                return -1;
+            }
+        }
+        if (!ok) {
+            if (t) kvpy_type_error(t, "a range", "an (address, offset, length) tuple of ints");
+            else PyErr_Clear(), kvpy_raise(KV_E_INVALID_ARGUMENT, "a range list changed during the call");
+            Py_XDECREF(t);
+            return -1;
+        }
+        Py_DECREF(t);
+        out[r] = (kv_range){off, len, dst};
+        *bytes += len;
+    }
+    return 0;
+}
+
 /* _read_ranges(keys, range_lists, host=False) -> [[length | exception] | total]: range_lists[i]
  * lists (address, offset, length) triples (or packs them, see range_count), each copying bytes
  * [offset, offset+length) of object keys[i] to the address (memory on any device; `host`: the
@@ -740,42 +947,8 @@ static PyObject *store_read_ranges(StoreObject *self, PyObject *const *args, Py_
             if (!PyErr_Occurred()) kvpy_raise(KV_E_INVALID_ARGUMENT, "a range list changed during the call");
             goto done;
         }
-        if (!PyList_Check(lst) && !PyTuple_Check(lst)) {   /* packed int64 triples */
-            items[i].value = 1;
-            int r = range_unpack(lst, ranges + items[i].first, items[i].count, &bytes);
-            Py_DECREF(lst);
-            if (r < 0) goto done;
-            ris[i] = (kv_range_item){items[i].k, (size_t)items[i].klen, ranges + items[i].first, (size_t)items[i].count};
-            continue;
-        }
-        for (Py_ssize_t r = 0; r < items[i].count; r++) {
-            PyObject *t = PySequence_GetItem(lst, r);
-            unsigned long long off = 0, len = 0;
-            void *dst = NULL;
-            int ok = t && PyTuple_Check(t) && PyTuple_Size(t) == 3 && PyLong_Check(PyTuple_GetItem(t, 0)) &&
-                     PyLong_Check(PyTuple_GetItem(t, 1)) && PyLong_Check(PyTuple_GetItem(t, 2));
-            if (ok) {
-                dst = PyLong_AsVoidPtr(PyTuple_GetItem(t, 0));
-                off = PyLong_AsUnsignedLongLong(PyTuple_GetItem(t, 1));
-                len = PyLong_AsUnsignedLongLong(PyTuple_GetItem(t, 2));
-                if (PyErr_Occurred()) {
-                    PyErr_Clear();
-                    Py_XDECREF(t);
-                    Py_DECREF(lst);
-                    kvpy_raise(KV_E_INVALID_ARGUMENT, "a range's address, offset and length must be non-negative ints that fit 64 bits");
-                    goto done;
-                }
-            }
-            if (!ok) {
-                if (t) kvpy_type_error(t, "a range", "an (address, offset, length) tuple of ints");
-                Py_XDECREF(t);
-                Py_DECREF(lst);
-                goto done;
-            }
-            Py_DECREF(t);
-            ranges[items[i].first + r] = (kv_range){off, len, dst};
-            bytes += len;
-        }
+        int r = fill_ranges(lst, &items[i], ranges + items[i].first, &bytes);
+        if (r < 0) { Py_DECREF(lst); goto done; }
         Py_DECREF(lst);
         ris[i] = (kv_range_item){items[i].k, (size_t)items[i].klen, ranges + items[i].first, (size_t)items[i].count};
     }
@@ -1035,6 +1208,12 @@ static PyMethodDef store_methods[] = {
     {"get_into", (PyCFunction)(void (*)(void))store_get_into, METH_FASTCALL, "get_into(key, buffer) -> int."},
     {"get_batch", (PyCFunction)store_get_batch, METH_O, "get_batch(keys) -> list."},
     {"_get_batch_new", (PyCFunction)(void (*)(void))store_get_batch_new, METH_FASTCALL, "_get_batch_new(keys, make) -> list: get_batch into make(size) objects."},
+    {"_write_begin", (PyCFunction)(void (*)(void))store_write_begin, METH_FASTCALL | METH_KEYWORDS,
+     "_write_begin(keys, sizes, upsert, **options) -> [id | exception]: reserves space; nothing visible until _write_end."},
+    {"_write_ranges", (PyCFunction)(void (*)(void))store_write_ranges, METH_FASTCALL,
+     "_write_ranges(ids, range_lists, host=False) -> [[length | exception] | total]: ranges into open writes."},
+    {"_write_end", (PyCFunction)(void (*)(void))store_write_end, METH_FASTCALL,
+     "_write_end(ids, abort=False) -> [None | exception]: commits (or frees) open writes."},
     {"_read_ranges", (PyCFunction)(void (*)(void))store_read_ranges, METH_FASTCALL, "_read_ranges(keys, range_lists, host=False) -> list of lists: ranged reads to raw addresses (host: all in host memory)."},
     {"batch_get_into", (PyCFunction)(void (*)(void))store_batch_get_into, METH_FASTCALL, "batch_get_into(keys, buffers) -> list."},
     {"exists", (PyCFunction)store_exists, METH_O, "exists(key) -> bool."},

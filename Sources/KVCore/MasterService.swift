@@ -210,6 +210,12 @@ public struct MasterService: Sendable {
 
     /// Whether any notice waits (the server delivers within a millisecond). `mutating` so a
     /// server holding the service in a class property does not copy it per call (see `needsDrain`).
+    /// The mounted segments for the master's HTTP service: each one's use and what its owner
+    /// registered (nil for the embedded master's own segment).
+    public func segmentReport() -> [(usage: SegmentUsage, info: SegmentInfo?)] {
+        table.segmentUsage.map { ($0, segmentInfo[$0.segment]) }
+    }
+
     public mutating func hasNotices() -> Bool { !pendingNotices.isEmpty || !table.notices.isEmpty }
     /// Whether a waiting notice says that space was freed: it must reach its owner before any
     /// answer hands space out again (`MasterRequest.allocates`).

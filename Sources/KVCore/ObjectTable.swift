@@ -192,6 +192,8 @@ public struct ObjectTable: Sendable {
     /// Bytes of the mounted segments in use: visible objects, writes in flight, and invisible
     /// versions still held or leased by readers.
     public var usedBytes: Int { segments.usedBytes }
+    /// Each mounted segment's capacity and use.
+    public var segmentUsage: [SegmentUsage] { segments.usage }
     /// Number of mounted segments.
     public var segmentCount: Int { segments.mountedCount }
 

@@ -65,6 +65,13 @@ struct PlacementList: Sendable {
     }
 }
 
+/// One mounted segment's capacity and bytes in use (objects, writes in flight, hidden versions).
+public struct SegmentUsage: Sendable, Equatable {
+    public var segment: SegmentID
+    public var capacity: Int
+    public var used: Int
+}
+
 /// The segments an object table places objects in, each with its own allocator. Segments are
 /// mounted and unmounted at run time (clients join and leave); a slot is never reused, so a
 /// placement always names the segment it was made in.
@@ -91,6 +98,11 @@ struct SegmentSet: Sendable {
     private(set) var largestCapacity = 0
 
     var freeBytes: Int { capacity - usedBytes }
+
+    /// Each mounted segment's id, capacity and bytes in use, in mount order.
+    var usage: [SegmentUsage] {
+        slots.filter(\.mounted).map { SegmentUsage(segment: $0.id, capacity: $0.allocator.capacity, used: $0.allocator.usedBytes) }
+    }
 
     func slot(of id: SegmentID) -> Int32? {
         guard let s = byID[id], slots[Int(s)].mounted else { return nil }

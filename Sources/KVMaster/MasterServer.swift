@@ -691,16 +691,79 @@ public final class MasterServer: @unchecked Sendable {
         let head = String(decoding: c.input[..<end.lowerBound], as: UTF8.self)
         c.input.removeAll()
         let parts = head.split(separator: " ", maxSplits: 2)
-        let path = parts.count >= 2 && parts[0] == "GET" ? String(parts[1]) : ""
+        let target = parts.count >= 2 && parts[0] == "GET" ? String(parts[1]) : ""
+        let (path, query) = target.firstIndex(of: "?").map { (String(target[..<$0]), String(target[target.index(after: $0)...])) }
+            ?? (target, "")
         let (status, body, type): (String, String, String)
+        let text = "text/plain; version=0.0.4"
         switch path {
         case "/health": (status, body, type) = ("200 OK", "ok\n", "text/plain")
-        case "/metrics": (status, body, type) = ("200 OK", metricsText(), "text/plain; version=0.0.4")
+        case "/metrics": (status, body, type) = ("200 OK", metricsText(), text)
+        case "/get_all_segments": (status, body, type) = ("200 OK", segmentsText(), text)
+        case "/query_segment":
+            if let line = segmentText(named: Self.queryValue(query, "segment")) {
+                (status, body, type) = ("200 OK", line, text)
+            } else {
+                (status, body, type) = ("404 Not Found", "segment not found\n", "text/plain")
+            }
+        case "/get_segments_detail": (status, body, type) = ("200 OK", segmentsJSON(), "application/json; charset=utf-8")
         default: (status, body, type) = ("404 Not Found", "not found\n", "text/plain")
         }
         c.output += Array("HTTP/1.1 \(status)\r\nContent-Type: \(type)\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)".utf8)
         c.closeAfterFlush = true
         flush(c)
+    }
+
+    // Mooncake's segment endpoints (its master's HTTP service; SGLang's check_server polls
+    // /get_all_segments until it is not empty). Segments are named as the Mooncake drop-in's
+    // replica descriptors name them. Keys are not listed here: that needs a member's token.
+
+    static func segmentName(_ id: SegmentID) -> String { "kvstore-segment-\(id)" }
+
+    /// The value of `name` in a URL query ("a=1&b=2"), percent-decoded; nil when absent.
+    static func queryValue(_ query: String, _ name: String) -> String? {
+        for pair in query.split(separator: "&") {
+            let kv = pair.split(separator: "=", maxSplits: 1)
+            guard kv.count == 2, kv[0] == name else { continue }
+            var out: [UInt8] = []
+            var bytes = Array(kv[1].utf8)[...]
+            while let b = bytes.popFirst() {
+                if b == UInt8(ascii: "%"), bytes.count >= 2, let v = UInt8(String(decoding: bytes.prefix(2), as: UTF8.self), radix: 16) {
+                    out.append(v)
+                    bytes = bytes.dropFirst(2)
+                } else {
+                    out.append(b == UInt8(ascii: "+") ? UInt8(ascii: " ") : b)
+                }
+            }
+            return String(decoding: out, as: UTF8.self)
+        }
+        return nil
+    }
+
+    /// The mounted segments' names, one per line ("" when none).
+    func segmentsText() -> String {
+        service.segmentReport().map { Self.segmentName($0.usage.segment) + "\n" }.joined()
+    }
+
+    /// One segment's name, bytes used and capacity; nil when no mounted segment has that name.
+    func segmentText(named name: String?) -> String? {
+        guard let name, let r = service.segmentReport().first(where: { Self.segmentName($0.usage.segment) == name }) else { return nil }
+        return "\(name)\nUsed(bytes): \(r.usage.used)\nCapacity(bytes): \(r.usage.capacity)\n"
+    }
+
+    /// Every mounted segment in Mooncake's /get_segments_detail form.
+    func segmentsJSON() -> String {
+        let report = service.segmentReport()
+        let items = report.map { r -> String in
+            let pct = r.usage.capacity > 0 ? Double(r.usage.used) * 100 / Double(r.usage.capacity) : 0
+            let endpoint = JSONValue.quote(r.info?.endpoint ?? "")
+            let host = JSONValue.quote(r.info?.host ?? "")
+            return "{\"segment_name\":\"\(Self.segmentName(r.usage.segment))\",\"segment_id\":\"\(r.usage.segment)\",\"host\":\(host),"
+                + "\"size_bytes\":\(r.usage.capacity),\"te_endpoint\":\(endpoint),\"protocol\":\"tcp\",\"status\":\"MOUNTED\","
+                + "\"allocator_used_bytes\":\(r.usage.used),\"allocator_capacity_bytes\":\(r.usage.capacity),"
+                + "\"allocator_usage_percent\":\(Double(Int(pct * 100)) / 100)}"
+        }
+        return "{\"total_segments\":\(report.count),\"segments\":[\(items.joined(separator: ","))]}\n"
     }
 
     /// The statistics in Prometheus text format.

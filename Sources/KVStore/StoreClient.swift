@@ -37,6 +37,8 @@ public final class StoreClient: Sendable {
     let gate = OperationGate()
     /// This client's published KV layout (prefill→decode transfer), if any.
     let kvNode = Locked<PublishedLayout?>(nil)
+    /// Writes begun by `beginWrites` and not yet ended (`StoreClient+Sessions`).
+    let openWrites = Locked<OpenWrites>(OpenWrites())
     let operations = OperationCounters()
 
     /// Creates an embedded store with one host segment of `segmentSize` bytes; `prefault`
@@ -157,7 +159,7 @@ public final class StoreClient: Sendable {
     /// another host over TCP at once. With `checksum`, returns the bytes' CRC32C when it could
     /// be had now (in the copy's pass for host parts into a mapped segment); nil when the copy
     /// is planned (the caller computes it from the segment once the plan has run).
-    private func write(_ parts: UnsafeBufferPointer<MemoryRegion>, locations: [MemoryLocation]?, size: Int,
+    func write(_ parts: UnsafeBufferPointer<MemoryRegion>, locations: [MemoryLocation]?, size: Int,
                        to r: Replica, of ticket: WriteTicket, plan: inout DeviceCopyPlan, owner: Int,
                        checksum: Bool = false) throws(KVError) -> UInt32? {
         let target = try access(r.segment)
@@ -201,7 +203,7 @@ public final class StoreClient: Sendable {
 
     /// The CRC32C of a write's first replica as it lies in its (mapped) segment: for bytes a
     /// device copied there.
-    private func checksumOfFirstReplica(_ t: WriteTicket) throws(KVError) -> UInt32 {
+    func checksumOfFirstReplica(_ t: WriteTicket) throws(KVError) -> UInt32 {
         guard case .mapped(let s) = try access(t.segment) else {
             throw KVError(.unsupported, "checksum=True with device memory needs the write's first replica on this host")
         }

@@ -259,3 +259,77 @@ public func kvBatchReplicas(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_ke
         batch.finish(statuses)
     }
 }
+
+@c(kv_batch_write_begin)
+public func kvBatchWriteBegin(_ store: OpaquePointer?, _ items: UnsafePointer<kv_write_item>?, _ n: Int, _ flags: UInt32,
+                              _ options: UnsafePointer<kv_put_options>?, _ ids: UnsafeMutablePointer<UInt64>?,
+                              _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.batchClient(store, n, items, statuses)
+        guard n == 0 || ids != nil else { throw .invalidArgument("batch arrays are NULL") }
+        let o = try writeOptions(options, c)
+        var errors = [KVError?](repeating: nil, count: n)
+        var keys: [ObjectKey] = [], sizes: [Int] = [], positions: [Int] = []
+        for i in 0..<n {
+            do throws(KVError) {
+                let k = try ABI.key(items![i].key, items![i].key_len)
+                guard items![i].size <= UInt64(Int.max) else { throw .invalidArgument("size \(items![i].size) is too large") }
+                keys.append(k)
+                sizes.append(Int(items![i].size))
+                positions.append(i)
+            } catch {
+                errors[i] = error
+            }
+            ids![i] = 0
+        }
+        for (j, r) in try c.beginWrites(keys: keys, sizes: sizes, mode: writeMode(flags), options: o).enumerated() {
+            switch r {
+            case .success(let id): ids![positions[j]] = id
+            case .failure(let e): errors[positions[j]] = e
+            }
+        }
+        for (i, e) in errors.enumerated() { statuses![i] = e?.code.rawValue ?? 0 }
+        LastError.setBatch(errors)
+    }
+}
+
+@c(kv_batch_write_ranges)
+public func kvBatchWriteRanges(_ store: OpaquePointer?, _ items: UnsafePointer<kv_write_ranges_item>?, _ n: Int,
+                               _ flags: UInt32, _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.batchClient(store, n, items, statuses)
+        var ids: [UInt64] = [], pieces: [Range<Int>] = [], copies: [StoreClient.WritePiece] = []
+        var errors: [KVError?] = []
+        for i in 0..<n {
+            let it = items![i]
+            guard it.nranges == 0 || it.ranges != nil else { throw .invalidArgument("ranges of item \(i) are NULL") }
+            let start = copies.count
+            for j in 0..<it.nranges {
+                let r = it.ranges![j]
+                guard r.offset <= UInt64(Int.max), r.length <= UInt64(Int.max) - r.offset, r.src != nil || r.length == 0 else {
+                    throw .invalidArgument("range \(j) of item \(i) is malformed")
+                }
+                copies.append(StoreClient.WritePiece(offset: Int(r.offset), length: Int(r.length),
+                                                     source: MemoryRegion(address: UInt(bitPattern: r.src), length: Int(r.length))))
+            }
+            ids.append(it.id)
+            pieces.append(start..<copies.count)
+        }
+        errors = try copies.withUnsafeBufferPointer { (cp) throws(KVError) in
+            try c.writeRanges(ids: ids, pieces: pieces, copies: cp, memory: memoryHint(flags))
+        }
+        for (i, e) in errors.enumerated() { statuses![i] = e?.code.rawValue ?? 0 }
+        LastError.setBatch(errors)
+    }
+}
+
+@c(kv_batch_write_end)
+public func kvBatchWriteEnd(_ store: OpaquePointer?, _ ids: UnsafePointer<UInt64>?, _ n: Int, _ flags: UInt32,
+                            _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.batchClient(store, n, ids, statuses)
+        let errors = try c.endWrites(ids: (0..<n).map { ids![$0] }, abort: flags & UInt32(KV_WRITE_ABORT) != 0)
+        for (i, e) in errors.enumerated() { statuses![i] = e?.code.rawValue ?? 0 }
+        LastError.setBatch(errors)
+    }
+}

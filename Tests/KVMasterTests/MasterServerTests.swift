@@ -114,6 +114,14 @@ final class MasterServerTests: XCTestCase {
         return (server, t, logs)
     }
 
+    func testHTTPQueryValuesArePercentDecoded() {
+        XCTAssertEqual(MasterServer.queryValue("segment=kvstore-segment-7", "segment"), "kvstore-segment-7")
+        XCTAssertEqual(MasterServer.queryValue("a=1&segment=x%2Fy+z&b=2", "segment"), "x/y z")
+        XCTAssertEqual(MasterServer.queryValue("segment=%zz%4", "segment"), "%zz%4")   // bad escapes stay as they are
+        XCTAssertNil(MasterServer.queryValue("segments=1&x", "segment"))
+        XCTAssertNil(MasterServer.queryValue("", "segment"))
+    }
+
     func testRequestsOverTCP() throws {
         let (server, thread, _) = try start()
         defer { server.stop(); thread.join() }

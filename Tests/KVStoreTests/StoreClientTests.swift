@@ -111,6 +111,41 @@ final class StoreClientTests: XCTestCase {
         XCTAssertEqual(stat(s, "active_readers"), 0)
     }
 
+    func testWritesInPiecesAreInvisibleUntilTheyEnd() throws {
+        let s = try StoreClient(segmentSize: 1 << 20)
+        defer { s.close() }
+        try put(s, "taken", [1])
+        let v = Self.value(tag: 5, length: 3000)
+        let begun = try s.beginWrites(keys: ["w", "taken", "empty", "gone"], sizes: [3000, 10, 0, 100], mode: .put)
+        let w = try begun[0].get(), gone = try begun[3].get()
+        XCTAssertThrowsError(try begun[1].get()) { XCTAssertEqual(($0 as? KVError)?.code, .objectExists) }
+        XCTAssertThrowsError(try begun[2].get()) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+        let outcome = try v.withUnsafeBytes { (b) throws(KVError) -> [KVError?] in
+            let base = UInt(bitPattern: b.baseAddress!)
+            // the back half first, then the front, then one past the end and one for no write
+            let pieces = [StoreClient.WritePiece(offset: 1500, length: 1500, source: MemoryRegion(address: base + 1500, length: 1500)),
+                          StoreClient.WritePiece(offset: 0, length: 1500, source: MemoryRegion(address: base, length: 1500)),
+                          StoreClient.WritePiece(offset: 2999, length: 2, source: MemoryRegion(address: base, length: 2)),
+                          StoreClient.WritePiece(offset: 0, length: 1, source: MemoryRegion(address: base, length: 1))]
+            return try pieces.withUnsafeBufferPointer { (p) throws(KVError) in
+                try s.writeRanges(ids: [w, w, 999], pieces: [0..<2, 2..<3, 3..<4], copies: p)
+            }
+        }
+        XCTAssertNil(outcome[0])
+        XCTAssertNil(outcome[1])
+        XCTAssertEqual(outcome[2]?.code, .invalidArgument)
+        XCTAssertEqual(outcome[3]?.code, .invalidArgument, "no write 999 is open")
+        XCTAssertFalse(try s.exists(key: "w"), "invisible until the write ends")
+        let ended = try s.endWrites(ids: [w, w], abort: false)
+        XCTAssertNil(ended[0])
+        XCTAssertEqual(ended[1]?.code, .invalidArgument, "ended once")
+        XCTAssertEqual(try get(s, "w"), v)
+        let used = stat(s, "bytes_used")
+        XCTAssertEqual(try s.endWrites(ids: [gone], abort: true).compactMap { $0 }.count, 0)
+        XCTAssertFalse(try s.exists(key: "gone"))
+        XCTAssertLessThan(stat(s, "bytes_used"), used, "a revoked write frees its space")
+    }
+
     func testPlacementsNameEachReplicaAndCopyNothing() throws {
         let s = try StoreClient(segmentSize: 1 << 20)
         defer { s.close() }

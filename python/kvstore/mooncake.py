@@ -420,6 +420,8 @@ class MooncakeDistributedStore:
         self._store: Store | None = None
         self._hostname = ""
         self._registered: dict[int, int] = {}   # buffers registered here: address -> size
+        self._get_sessions: dict[str, int] = {}  # keys with batch get sessions open: how many
+        self._put_sessions: dict[str, int] = {}  # keys with a put session open: its write id
 
     # ---- lifecycle ----
 
@@ -491,6 +493,8 @@ class MooncakeDistributedStore:
             self._store.close()
             self._store = None
         self._registered.clear()
+        self._get_sessions.clear()
+        self._put_sessions.clear()   # the store's close ended its writes; the master frees their space
         return 0
 
     def health_check(self) -> int:
@@ -1129,6 +1133,121 @@ class MooncakeDistributedStore:
             return []
         keys = list(base_keys) if tp_size == 1 else [f"{k}_tp_{tp_rank}" for k in base_keys]
         return self.batch_get_tensor_into(keys, buffer_ptrs, sizes)
+
+    # ---- batch sessions: reads held across calls, writes in pieces ----
+
+    def _ranges_of(self, name: str, all_buffer_ptrs: Any, all_sizes: Any, all_offsets: Any, n: int) -> list[Any]:
+        """Per key, its (address, object offset, length) triples; -600 for a key whose lists do
+        not match."""
+        out: list[Any] = []
+        if not all(isinstance(x, (list, tuple)) and len(x) == n for x in (all_buffer_ptrs, all_sizes, all_offsets)):
+            return [int(ErrorCode.INVALID_PARAMS)] * n
+        for ptrs, sizes, offsets in zip(all_buffer_ptrs, all_sizes, all_offsets):
+            ok = all(isinstance(x, (list, tuple)) for x in (ptrs, sizes, offsets)) and len(ptrs) == len(sizes) == len(offsets) \
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*ptrs, *sizes, *offsets))
+            out.append([(p, o, n) for p, o, n in zip(ptrs, offsets, sizes)] if ok else int(ErrorCode.INVALID_PARAMS))
+        return out
+
+    def _host(self, addresses: Any) -> bool:
+        """Whether every address lies in host memory registered here (no device lookup needed)."""
+        return all(self._region(a) is not None for a in addresses)
+
+    def batch_get_session_start(self, keys: Sequence[str]) -> list[int]:
+        """Starts reads of several keys that later calls copy ranges of: 0 per key found (the
+        object is leased, so it is neither evicted nor removed without force while the session
+        lasts), else its code. Reads between start and end each take a fresh, verified hold."""
+        def start(s: Store) -> list[int]:
+            codes = [0 if r is True else _code(r) if isinstance(r, BaseException) else int(ErrorCode.OBJECT_NOT_FOUND)
+                     for r in s.batch_exists(list(keys))]
+            for k, c in zip(keys, codes):
+                if c == 0:
+                    self._get_sessions[k] = self._get_sessions.get(k, 0) + 1
+            return codes
+        return self._call_each(start, keys)
+
+    def batch_get_into_multi_buffer_ranges(self, keys: Sequence[str], all_buffer_ptrs: Any, all_sizes: Any,
+                                           all_src_offsets: Any) -> list[int]:
+        """Per key, its ranges ``all_sizes[i][k]`` bytes from ``all_src_offsets[i][k]`` of the
+        object to ``all_buffer_ptrs[i][k]``: the bytes copied per key, or a code. One ranged
+        read of every key (one master request per chunk)."""
+        def run(s: Store) -> list[int]:
+            plans = self._ranges_of("src", all_buffer_ptrs, all_sizes, all_src_offsets, len(keys))
+            good = [i for i, p in enumerate(plans) if isinstance(p, list)]
+            codes = [p if isinstance(p, int) else 0 for p in plans]
+            host = self._host(a for i in good for a, _o, _n in plans[i])
+            for i, got in zip(good, s._read_ranges([keys[i] for i in good], [plans[i] for i in good], host)):
+                bad = next((r for r in got if isinstance(r, BaseException)), None)
+                codes[i] = _code(bad) if bad is not None else sum(got)
+            return codes
+        return self._call_each(run, keys)
+
+    def batch_get_session_end(self, keys: Sequence[str]) -> int:
+        """Ends the reads ``batch_get_session_start`` began (their leases end as usual). 0."""
+        for k in keys if isinstance(keys, (list, tuple)) else ():
+            left = self._get_sessions.get(k, 0) - 1
+            if left > 0:
+                self._get_sessions[k] = left
+            else:
+                self._get_sessions.pop(k, None)
+        return 0
+
+    def batch_put_session_start(self, keys: Sequence[str], sizes: Sequence[int], config: ReplicateConfig | None = None) -> list[int]:
+        """Reserves space for objects of ``sizes`` bytes, written later in ranges
+        (``batch_put_from_multi_buffer_ranges``) and visible only at ``batch_put_session_end``:
+        0 per key, -705 for a key that exists, -600 for one with a session open here, or a code."""
+        def start(s: Store) -> list[int]:
+            if not isinstance(sizes, (list, tuple)) or len(sizes) != len(keys):
+                raise _errors.InvalidArgumentError("keys and sizes differ in length")
+            codes = [int(ErrorCode.INVALID_PARAMS) if k in self._put_sessions or not isinstance(k, str) else 0 for k in keys]
+            if len({k for k in keys if isinstance(k, str)}) != len(keys):
+                raise _errors.InvalidArgumentError("a key appears twice")
+            ask = [i for i, c in enumerate(codes) if c == 0]
+            got = s._write_begin([keys[i] for i in ask], [sizes[i] for i in ask], False, **_options(config, len(ask)))
+            for i, r in zip(ask, got):
+                if isinstance(r, BaseException):
+                    codes[i] = _code(r)
+                else:
+                    self._put_sessions[keys[i]] = r
+            return codes
+        return self._call_each(start, keys)
+
+    def batch_put_from_multi_buffer_ranges(self, keys: Sequence[str], all_buffer_ptrs: Any, all_sizes: Any,
+                                           all_dst_offsets: Any) -> list[int]:
+        """Per key with a put session open, its ranges ``all_sizes[i][k]`` bytes from
+        ``all_buffer_ptrs[i][k]`` to ``all_dst_offsets[i][k]`` of the object: the bytes copied
+        per key, or a code."""
+        def run(s: Store) -> list[int]:
+            plans = self._ranges_of("dst", all_buffer_ptrs, all_sizes, all_dst_offsets, len(keys))
+            codes = [p if isinstance(p, int) else 0 for p in plans]
+            for i, k in enumerate(keys):
+                if codes[i] == 0 and k not in self._put_sessions:
+                    codes[i] = int(ErrorCode.INVALID_PARAMS)
+            good = [i for i, c in enumerate(codes) if c == 0]
+            host = self._host(a for i in good for a, _o, _n in plans[i])
+            got = s._write_ranges([self._put_sessions[keys[i]] for i in good], [plans[i] for i in good], host)
+            for i, r in zip(good, got):
+                bad = next((x for x in r if isinstance(x, BaseException)), None)
+                codes[i] = _code(bad) if bad is not None else sum(r)
+            return codes
+        return self._call_each(run, keys)
+
+    def _end_puts(self, keys: Sequence[str], abort: bool) -> list[int]:
+        def end(s: Store) -> list[int]:
+            codes = [0 if k in self._put_sessions else int(ErrorCode.INVALID_PARAMS) for k in keys]
+            ends = [i for i, c in enumerate(codes) if c == 0]
+            got = s._write_end([self._put_sessions.pop(keys[i]) for i in ends], abort)
+            for i, r in zip(ends, got):
+                codes[i] = _code(r) if isinstance(r, BaseException) else 0
+            return codes
+        return self._call_each(end, keys)
+
+    def batch_put_session_end(self, keys: Sequence[str]) -> list[int]:
+        """Commits the put sessions of `keys`: each object visible from now. 0 per key or a code."""
+        return self._end_puts(keys, False)
+
+    def batch_put_session_revoke(self, keys: Sequence[str]) -> list[int]:
+        """Abandons the put sessions of `keys`: their space is freed, nothing becomes visible."""
+        return self._end_puts(keys, True)
 
     # ---- zero copy with integer addresses ----
 

@@ -93,6 +93,46 @@ def test_master_serves_health_and_metrics_and_stops_on_sigterm():
         assert "stopped" in p.stderr.read()
 
 
+def test_master_serves_mooncakes_segment_endpoints():
+    import json as _json
+    import re
+    import signal
+    import urllib.error
+    import urllib.request
+
+    import kvstore
+
+    p, line = _start_master()
+    try:
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+), metrics on 127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        base = f"http://127.0.0.1:{m.group(2)}"
+
+        def get(path: str) -> bytes:
+            return urllib.request.urlopen(base + path, timeout=5).read()
+
+        assert get("/get_all_segments") == b""          # SGLang's check_server waits while it is empty
+        assert _json.loads(get("/get_segments_detail")) == {"total_segments": 0, "segments": []}
+        with kvstore.Store.connect(f"kvstore://127.0.0.1:{m.group(1)}", segment_size=8 << 20) as s:
+            s.put("k", b"x" * 5000)
+            names = get("/get_all_segments").decode().split()
+            assert len(names) == 1 and names[0].startswith("kvstore-segment-")
+            detail = get(f"/query_segment?segment={names[0]}").decode().splitlines()
+            assert detail[0] == names[0] and detail[2] == f"Capacity(bytes): {8 << 20}"
+            assert int(detail[1].split(": ")[1]) >= 5000
+            seg = _json.loads(get("/get_segments_detail"))["segments"][0]
+            assert seg["segment_name"] == names[0] and seg["size_bytes"] == 8 << 20 and seg["status"] == "MOUNTED"
+            for bad in ("/query_segment?segment=nope", "/query_segment", "/get_all_keys"):
+                try:
+                    get(bad)
+                    raise AssertionError(bad)
+                except urllib.error.HTTPError as e:
+                    assert e.code == 404, bad
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+
+
 def test_master_refuses_bad_settings():
     for args in (["--token", "too-short"], ["--token-file", "/nonexistent/token"], ["--max-clients", "-1"],
                  ["--lease-ttl", "0"], ["--client-ttl", "-1"], ["--host", "not-an-ip"],

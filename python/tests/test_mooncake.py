@@ -546,3 +546,44 @@ def test_publishing_metadata_and_tensor_addresses(master):
         assert s.get("md") == b"META" + bytes(range(10))
     finally:
         s.close()
+
+
+def test_batch_sessions_read_and_write_in_pieces(master):
+    a, b = client(master), client(master, 0)
+    try:
+        layers, per = 3, 4096
+        src = np.random.default_rng(3).integers(0, 256, (2, layers, per), dtype=np.uint8)   # 2 objects x 3 layers
+        keys = ["page-0", "page-1"]
+        assert a.batch_put_session_start(keys, [layers * per] * 2) == [0, 0]
+        assert b.batch_is_exist(keys) == [0, 0]                       # nothing visible while writing
+        for layer in range(layers):                                    # a layer at a time, as a layer-wise save
+            ptrs = [[int(src[i, layer].ctypes.data)] for i in range(2)]
+            assert a.batch_put_from_multi_buffer_ranges(keys, ptrs, [[per]] * 2, [[layer * per]] * 2) == [per, per]
+        assert b.batch_is_exist(keys) == [0, 0]
+        assert a.batch_put_session_end(keys) == [0, 0]
+        assert [b.get(k) for k in keys] == [src[0].tobytes(), src[1].tobytes()]
+        # a put session for an existing key, a duplicate, an unknown session, a revoked one
+        assert a.batch_put_session_start(["page-0"], [10]) == [ErrorCode.OBJECT_ALREADY_EXISTS]
+        assert a.batch_put_session_start(["x", "x"], [10, 10]) == [ErrorCode.INVALID_PARAMS] * 2
+        assert a.batch_put_session_end(["never"]) == [ErrorCode.INVALID_PARAMS]
+        assert a.batch_put_session_start(["gone"], [8]) == [0]
+        assert a.batch_put_from_multi_buffer_ranges(["gone"], [[src.ctypes.data]], [[16]], [[0]]) == [ErrorCode.INVALID_PARAMS]
+        assert a.batch_put_session_revoke(["gone"]) == [0] and a.is_exist("gone") == 0
+        assert a.batch_put_session_start(["gone"], [8]) == [0] and a.batch_put_session_end(["gone"]) == [0]
+        assert len(a.get("gone")) == 8                                  # bytes never written are unspecified
+        # reads in sessions: ranges of each page into the reader's buffer, layer by layer, in reverse
+        out = np.zeros((2, layers, per), np.uint8)
+        assert b.register_buffer(out.ctypes.data, out.nbytes) == 0
+        assert b.batch_get_session_start(keys + ["nope"]) == [0, 0, ErrorCode.OBJECT_NOT_FOUND]
+        assert a.remove("page-0") == ErrorCode.OBJECT_HAS_LEASE       # a session leases its objects
+        for layer in reversed(range(layers)):
+            ptrs = [[int(out[i, layer].ctypes.data)] for i in range(2)]
+            assert b.batch_get_into_multi_buffer_ranges(keys, ptrs, [[per]] * 2, [[layer * per]] * 2) == [per, per]
+        assert np.array_equal(out, src)
+        assert b.batch_get_into_multi_buffer_ranges(keys, [[out.ctypes.data]] * 2, [[per + 1]] * 2, [[layers * per - per]] * 2) == \
+            [ErrorCode.INVALID_PARAMS] * 2                              # past the object's end
+        assert b.batch_get_into_multi_buffer_ranges(keys, [[out.ctypes.data]], [[per]], [[0]]) == [ErrorCode.INVALID_PARAMS] * 2
+        assert b.batch_get_session_end(keys) == 0
+    finally:
+        a.close()
+        b.close()

@@ -200,6 +200,24 @@ typedef struct { uint64_t segment; uint64_t offset; uint64_t size; } kv_replica;
  * out, when they are more than cap. */
 int32_t kv_batch_replicas(kv_store *store, const kv_key *keys, size_t n, int32_t *statuses, uint32_t *counts,
                           kv_replica *out, size_t cap);
+
+/* Writes in pieces (sessions): kv_batch_write_begin reserves each object's space (flags
+ * KV_PUT or KV_UPSERT, options as kv_batch_put) and gives an open write's id per object;
+ * kv_batch_write_ranges copies ranges into open writes (flags: KV_HOST_MEMORY); and
+ * kv_batch_write_end commits them (visible from then on) or, with KV_WRITE_ABORT, frees their
+ * space. An object is invisible until its write ends; a write not ended within the master's
+ * write timeout is aborted by it. At most 4096 writes are open per store. */
+typedef struct { const char *key; size_t key_len; uint64_t size; } kv_write_item;
+int32_t kv_batch_write_begin(kv_store *store, const kv_write_item *items, size_t n, uint32_t flags,
+                             const kv_put_options *options, uint64_t *ids, int32_t *statuses);
+/* One range of kv_batch_write_ranges: length bytes at src to [offset, offset+length) of the object. */
+typedef struct { uint64_t offset; uint64_t length; const void *src; } kv_write_range;
+typedef struct { uint64_t id; const kv_write_range *ranges; size_t nranges; } kv_write_ranges_item;
+/* statuses: one per range, the ranges of every item in order (kv_batch_error takes that index). */
+int32_t kv_batch_write_ranges(kv_store *store, const kv_write_ranges_item *items, size_t n, uint32_t flags,
+                              int32_t *statuses);
+enum { KV_WRITE_ABORT = 1 };
+int32_t kv_batch_write_end(kv_store *store, const uint64_t *ids, size_t n, uint32_t flags, int32_t *statuses);
 /* Message of item `index` of the last batch call on this thread ("" when it succeeded). */
 const char *kv_batch_error(size_t index, size_t *len);
 /* kv_read_begin, kv_get_into, kv_batch_get_into, kv_exists and kv_size lease the object they
