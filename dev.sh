@@ -104,6 +104,18 @@ install_engines() {
     fi
     export KVSTORE_ENGINES_PYTHON=$ENGINES_VENV/bin/python
 }
+# For `bench --against mooncake --engines`: Mooncake Store in the engines' environment too.
+install_engines_mooncake() {
+    [ -n "${KVSTORE_ENGINES_PYTHON:-}" ] || return 0
+    local stamp=$ENGINES_VENV/.kvstore-mooncake
+    [ "$(cat "$stamp" 2>/dev/null)" = "$MOONCAKE" ] && return
+    log "installing Mooncake Store ($MOONCAKE) in $ENGINES_VENV (optional, for bench --engines)"
+    if "$ENGINES_VENV/bin/python" -m pip install -q --retries 1 --timeout 30 "$MOONCAKE"; then
+        echo "$MOONCAKE" >"$stamp"
+    else
+        log "Mooncake Store could not be installed there: bench --engines runs kvstore alone"
+    fi
+}
 
 # etcd (Debian's etcd-server) for master election: the failover tests, `bench --ops failover`
 # and `./dev.sh etcd`. The package's own service is left stopped: tests run their own members.
@@ -207,7 +219,10 @@ case "$cmd" in
         ;;
     demo) setup_all; exec "$VENV/bin/python" -m kvstore demo "$@" ;;
     etcd) install_etcd; run_etcd "$@" ;;
-    bench) setup_all; install_mooncake; install_redis; install_etcd; exec "$VENV/bin/python" -m kvstore bench "$@" ;;
+    bench)
+        setup_all; install_mooncake; install_redis; install_etcd
+        case " $* " in *" --engines "*) install_engines; install_engines_mooncake ;; esac
+        exec "$VENV/bin/python" -m kvstore bench "$@" ;;
     test)
         setup_all
         install_mooncake

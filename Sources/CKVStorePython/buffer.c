@@ -9,9 +9,59 @@ typedef struct {
     PyObject_HEAD
     void *data;
     Py_ssize_t size;
+    size_t cap;   /* bytes of the block at data */
 } BufferObject;
 
 PyObject *kvpy_buffer_type;
+
+/* Memory of freed Buffers, kept warm for the next ones: a new large block is fresh pages
+ * (glibc maps it anew), and faulting them in cost more than the copy (batch_get_buffer of
+ * 4 MiB objects: 2.3 GB/s with a fresh block each, against memcpy's 20). Blocks of at least
+ * 64 KiB, at most CACHE_BLOCKS and CACHE_BYTES in all; a new Buffer takes the smallest
+ * cached block that holds it and is at most twice its size. Guarded by the GIL (Buffers are
+ * made and freed with it held). */
+#define CACHE_BLOCKS 64
+#define CACHE_BYTES ((size_t)256 << 20)
+#define CACHE_MIN ((size_t)64 << 10)
+static struct { void *p; size_t cap; } cache[CACHE_BLOCKS];
+static int cached_blocks;
+static size_t cached_bytes;
+
+static void *block_take(size_t size, size_t *cap) {
+    int best = -1;
+    for (int i = 0; i < cached_blocks; i++) {
+        if (cache[i].cap >= size && cache[i].cap / 2 <= size && (best < 0 || cache[i].cap < cache[best].cap)) best = i;
+    }
+    if (best >= 0) {
+        void *p = cache[best].p;
+        *cap = cache[best].cap;
+        cached_bytes -= *cap;
+        cache[best] = cache[--cached_blocks];
+        return p;
+    }
+    size_t want = size < CACHE_MIN ? (size ? size : 1) : (size + 4095) & ~(size_t)4095;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, want) != 0) return NULL;
+    *cap = want;
+    return p;
+}
+
+static void block_give(void *p, size_t cap) {
+    if (!p) return;
+    if (cap >= CACHE_MIN && cap <= CACHE_BYTES) {
+        while (cached_blocks > 0 && (cached_blocks == CACHE_BLOCKS || cached_bytes + cap > CACHE_BYTES)) {
+            cached_blocks--;   /* the oldest-added last-slot block goes first */
+            cached_bytes -= cache[cached_blocks].cap;
+            free(cache[cached_blocks].p);
+        }
+        cache[cached_blocks].p = p;
+        cache[cached_blocks].cap = cap;
+        cached_blocks++;
+        cached_bytes += cap;
+        return;
+    }
+    free(p);
+}
 
 PyObject *kvpy_buffer_new(uint64_t size, void **data) {
     if (size > (uint64_t)PY_SSIZE_T_MAX) return PyErr_NoMemory();
@@ -19,8 +69,8 @@ PyObject *kvpy_buffer_new(uint64_t size, void **data) {
     allocfunc alloc = (allocfunc)PyType_GetSlot(tp, Py_tp_alloc);
     BufferObject *self = (BufferObject *)alloc(tp, 0);
     if (!self) return NULL;
-    if (posix_memalign(&self->data, 64, size ? (size_t)size : 1) != 0) {
-        self->data = NULL;
+    self->data = block_take((size_t)size, &self->cap);
+    if (!self->data) {
         Py_DECREF((PyObject *)self);
         return PyErr_NoMemory();
     }
@@ -43,7 +93,7 @@ static PyObject *buffer_new(PyTypeObject *tp, PyObject *args, PyObject *kwargs) 
 
 static void buffer_dealloc(BufferObject *self) {
     PyTypeObject *tp = Py_TYPE((PyObject *)self);
-    free(self->data);
+    block_give(self->data, self->cap);
     freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     tp_free(self);
     Py_DECREF(tp);

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvstore") -> int:
     bench.add_argument("--against", default=None, metavar="PEERS",
                        help="compare with mooncake and/or redis (comma-separated): the same workloads on each, "
                             "interleaved; runs only the comparison")
+    bench.add_argument("--engines", action="store_true",
+                       help="with --against mooncake: run the engines' own connectors (LMCache) through kvstore and Mooncake "
+                            "instead (needs KVSTORE_ENGINES_PYTHON; ./dev.sh bench sets it up)")
     bench.add_argument("--against-count", type=int, default=256, help="1 MiB values per round in --against (default 256)")
     bench.add_argument("--chart", metavar="PNG", default=None, help="with --against: write a chart (needs matplotlib)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")

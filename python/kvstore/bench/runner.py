@@ -56,6 +56,18 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.cluster_cases != "shm,tcp,ops":   # (a baseline build may not know the flag)
             argv += ["--cluster-cases", args.cluster_cases]
         return run_compare(args.baseline, argv, max(2, args.rounds))
+    if args.against and args.engines:
+        from .engines import run_engines
+
+        if [p.strip() for p in args.against.split(",") if p.strip()] != ["mooncake"]:
+            print("--engines compares with Mooncake Store only: --against mooncake", file=sys.stderr)
+            return 2
+        rows: list[dict[str, object]] = []
+        rc = run_engines(args.repeat, rows.append)
+        if rc == 0 and args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return rc
     if args.against:
         from .against import run_against
 
