@@ -649,21 +649,20 @@ class MooncakeDistributedStore:
         return self.batch_get_replica_desc([key]).get(key, []) if isinstance(key, str) else []
 
     def batch_get_replica_desc(self, keys: Sequence[str]) -> dict[str, list[ReplicaDescriptor]]:
-        """Each key's replicas (``get_replica_desc``), in one master request per chunk of keys; a
-        missing key maps to []."""
+        """Each found key's replicas (``get_replica_desc``), in one master request per chunk of
+        keys; a missing key is left out (as Mooncake does)."""
         def describe(s: Store) -> dict[str, list[ReplicaDescriptor]]:
             if not isinstance(keys, (list, tuple)):
                 raise _errors.ArgumentTypeError(f"keys must be a list of str, not {type(keys).__name__}")
             out: dict[str, list[ReplicaDescriptor]] = {}
             for key, found in zip(keys, s._replicas(list(keys))):
-                if isinstance(key, str):
-                    out[key] = [] if found is None or isinstance(found, BaseException) else \
-                        [ReplicaDescriptor(segment, offset, found[0]) for segment, offset in found[1]]
+                if isinstance(key, str) and isinstance(found, tuple):
+                    out[key] = [ReplicaDescriptor(segment, offset, found[0]) for segment, offset in found[1]]
             return out
         try:
             return self._run(describe)
         except Exception:   # noqa: BLE001 - Mooncake's convention: nothing found, never an exception
-            return {k: [] for k in keys if isinstance(k, str)} if isinstance(keys, (list, tuple)) else {}
+            return {}
 
     def get_size(self, key: str) -> int:
         return self._call(lambda s: s.size(key))

@@ -47,6 +47,40 @@ rec("empty", s.put("e", b""), s.put("", b"x"))
 rec("upsert", s.upsert("u", b"1"), s.upsert("u", b"22"), s.get("u"))
 rec("remove_by_regex", s.remove_by_regex("^[abc]$"))
 rec("batch_remove", s.batch_remove(["x", "nope"]))
+# get_buffer / batch_get_buffer: the bytes (or None), and the handle's size
+b = s.get_buffer("z")
+rec("get_buffer", None if b is None else bytes(memoryview(b)).hex(), None if b is None else b.size(), s.get_buffer("nope") is None)
+rec("batch_get_buffer", [None if h is None else bytes(memoryview(h)).hex() for h in s.batch_get_buffer(["x", "nope", "y"])])
+# replica descriptors: how many, and that they are memory replicas
+desc = s.batch_get_replica_desc(["z", "nope"])
+rec("replica_desc", len(s.get_replica_desc("z")), [d.is_memory_replica() for d in s.get_replica_desc("z")],
+    len(s.get_replica_desc("nope")), sorted(desc), [len(desc[k]) for k in sorted(desc)])
+# ranged reads, buffer-major, into registered memory (Mooncake's documented example)
+s.put("key1", bytes(range(40)))
+s.put("key2", bytes(range(100, 140)))
+r0 = np.zeros(32, dtype=np.uint8)
+r1 = np.zeros(32, dtype=np.uint8)
+s.register_buffer(r0.ctypes.data, 32)
+s.register_buffer(r1.ctypes.data, 32)
+rec("get_into_ranges", s.get_into_ranges([r0.ctypes.data, r1.ctypes.data], [["key1", "key2"], ["key2", "key1"]],
+                                         [[[0, 20], [8]], [[4], [16]]], [[[1, 30], [2]], [[0], [10]]], [[[4, 3], [5]], [[6], [4]]]),
+    r0.tobytes(), r1.tobytes())
+# put sessions: reserve, write ranges in any order, end or revoke
+src = np.arange(64, dtype=np.uint8)
+rec("put_session_start", s.batch_put_session_start(["s1", "s2", "key1"], [32, 16, 8]))
+rec("put_session_ranges", s.batch_put_from_multi_buffer_ranges(["s1", "s2"], [[src.ctypes.data + 16, src.ctypes.data],
+                                                                            [src.ctypes.data + 40]], [[16, 16], [16]], [[16, 0], [0]]))
+rec("put_session_invisible", s.is_exist("s1"))
+rec("put_session_end", s.batch_put_session_end(["s1"]), s.batch_put_session_revoke(["s2"]), s.get("s1"), s.is_exist("s2"))
+# get sessions: ranges of held objects into registered memory
+rec("get_session_start", s.batch_get_session_start(["s1", "key2"]))
+rec("get_session_ranges", s.batch_get_into_multi_buffer_ranges(["s1", "key2"], [[r0.ctypes.data, r0.ctypes.data + 8], [r1.ctypes.data]],
+                                                                [[4, 4], [8]], [[0, 28], [32]]), r0[:12].tobytes(), r1[:8].tobytes())
+rec("get_session_end", s.batch_get_session_end(["s1", "key2"]))
+meta = np.frombuffer(b"META", dtype=np.uint8).copy()
+rec("put_from_with_metadata", s.put_from_with_metadata("md", buf.ctypes.data, meta.ctypes.data, 6, 4), s.get("md"))
+s.unregister_buffer(r0.ctypes.data)
+s.unregister_buffer(r1.ctypes.data)
 rec("remove_all", s.remove_all())
 rec("unregister", s.unregister_buffer(buf.ctypes.data), s.unregister_buffer(buf.ctypes.data))
 rec("close", s.close())

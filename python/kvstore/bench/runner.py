@@ -44,7 +44,7 @@ from .._store import Store
 from .common import _count_for, _fmt_size, _gather, _paired, _put_all, _same, _scatter, _segment_for
 
 _ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", "evict", "cluster", "kv", "checksum",
-            "restart", "failover", "cold", "reshard")
+            "restart", "failover", "cold", "reshard", "dropin")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -90,7 +90,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     results: list[dict[str, object]] = []
     header = f"{'operation':<16}{'size':>10}{'count':>8}{'ops/s':>14}{'GB/s':>9}{'copyto GB/s':>13}{'ratio':>8}"
-    if any(o not in ("evict", "cluster", "kv", "checksum", "restart", "failover", "cold", "reshard") for o in ops):
+    if any(o not in ("evict", "cluster", "kv", "checksum", "restart", "failover", "cold", "reshard", "dropin") for o in ops):
         print(f"kvstore bench: {args.repeat} alternating store/copyto pairs after a warm-up; medians; ratio = store / numpy.copyto")
         print(header)
         print("-" * len(header))
@@ -109,7 +109,7 @@ def run_bench(args: argparse.Namespace) -> int:
               f"{row['copyto_gb_per_s']:>13.2f}{row['ratio']:>8.2f}", flush=True)
 
     single = [o for o in ops if o not in ("batch", "gpu", "evict", "cluster", "kv", "checksum", "restart", "failover", "cold",
-                                          "reshard")]
+                                          "reshard", "dropin")]
     for size in (sizes if single else []):
         n = _count_for(size, budget, args.small_ops)
         keys = [f"bench-{size}-{i}" for i in range(n)]
@@ -240,6 +240,13 @@ def run_bench(args: argparse.Namespace) -> int:
         from .cold import run_cold
 
         rc = run_cold(parse_size(args.cold_segment, name="cold segment"), args.cold_wait, args.repeat, results.append)
+        if rc:
+            return rc
+
+    if "dropin" in ops:
+        from .dropin import run_dropin
+
+        rc = run_dropin(args.repeat, results.append)
         if rc:
             return rc
 
