@@ -139,6 +139,24 @@ fail:
     return -1;
 }
 
+int kvpy_buffers_add_raw(kvpy_buffers *b, PyObject *address, PyObject *length) {
+    PyObject *pair = PyTuple_Pack(2, address, length);
+    if (!pair) return -1;
+    void *p;
+    size_t len;
+    int r = kvpy_raw_part(pair, &p, &len);
+    Py_DECREF(pair);
+    if (r < 0) return -1;
+    if (r == 0) { kvpy_type_error(address, "an address and a length", "ints"); return -1; }
+    if (reserve(b, 1) < 0) return -1;
+    memset(&b->views[b->count], 0, sizeof(Py_buffer));
+    b->parts[b->count].ptr = p;
+    b->parts[b->count].len = len;
+    b->count++;
+    b->raw++;
+    return 0;
+}
+
 size_t kvpy_buffers_bytes(const kvpy_buffers *b, Py_ssize_t first, Py_ssize_t n) {
     size_t total = 0;
     for (Py_ssize_t i = first; i < first + n; i++) total += b->parts[i].len;

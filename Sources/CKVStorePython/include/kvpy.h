@@ -62,6 +62,8 @@ Py_ssize_t kvpy_buffers_add(kvpy_buffers *b, PyObject *obj, int writable, int al
 Py_ssize_t kvpy_buffers_add_raw_list(kvpy_buffers *b, PyObject *list, int writable);
 /* A raw part (address, length) tuple. Returns 1 (filled), 0 (not a raw part) or -1 (error). */
 int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len);
+/* Appends one raw part (an int address and length); -1 with an error set. */
+int kvpy_buffers_add_raw(kvpy_buffers *b, PyObject *address, PyObject *length);
 /* Total bytes of parts [first, first + n). */
 size_t kvpy_buffers_bytes(const kvpy_buffers *b, Py_ssize_t first, Py_ssize_t n);
 void kvpy_buffers_release(kvpy_buffers *b);

@@ -4,7 +4,8 @@ own API on the same calls, timed alternately in one run.
 A master process on this host; two clients in this process, each holding a 1 GiB segment: a
 ``kvstore.Store`` and a ``MooncakeDistributedStore`` set up against the same master. Cases:
 ``batch_put_from`` and ``batch_get_into`` of 256 x 4 KiB, ``put_from`` and ``get_into`` of
-1 MiB (each put round writes fresh keys; the keys are removed between rounds). Medians of
+1 MiB (each put round writes fresh keys into the caller's own segment; both clients read the
+same objects, so only the API differs). Medians of
 ``--repeat`` alternating rounds; the cost is the drop-in's time over the native one, minus one."""
 
 from __future__ import annotations
@@ -72,11 +73,11 @@ def run_dropin(repeat: int, record: Callable[[dict[str, Any]], None]) -> int:
                 ("batch_put_from 256 x 4 KiB", lambda r: native.batch_put_from(keys("n", r), views),
                  lambda r: mc.batch_put_from(keys("m", r), ptrs, sizes), n * small),
                 ("batch_get_into 256 x 4 KiB", lambda r: native.batch_get_into(keys("n", 0), outs),
-                 lambda r: mc.batch_get_into(keys("m", 0), optrs, sizes), n * small),
+                 lambda r: mc.batch_get_into(keys("n", 0), optrs, sizes), n * small),
                 ("put_from 1 MiB", lambda r: native.put_from(f"nb-{r}", bigsrc),
                  lambda r: mc.put_from(f"mb-{r}", bigsrc.ctypes.data, big), big),
                 ("get_into 1 MiB", lambda r: native.get_into("nb-0", bigdst),
-                 lambda r: mc.get_into("mb-0", bigdst.ctypes.data, big), big),
+                 lambda r: mc.get_into("nb-0", bigdst.ctypes.data, big), big),
             ]
             print(f"{'call':<30}{'kvstore':>12}{'drop-in':>12}{'cost':>9}")
             for name, a, b, nbytes in cases:
