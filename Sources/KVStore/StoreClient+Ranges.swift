@@ -71,6 +71,17 @@ extension StoreClient {
         return outcome
     }
 
+    /// Why `piece` cannot be copied out of an object of `size` bytes; nil when it can.
+    static func check(_ piece: RangeCopy, in size: Int) -> KVError? {
+        guard piece.offset >= 0, piece.length >= 0, piece.offset <= size, piece.length <= size - piece.offset else {
+            return .invalidArgument("range at \(piece.offset) of \(piece.length) bytes is outside an object of \(size) bytes")
+        }
+        guard piece.destination.length >= piece.length else {
+            return .invalidArgument("destination of \(piece.destination.length) bytes is smaller than the range's \(piece.length)")
+        }
+        return nil
+    }
+
     /// Copies the pieces `which` of held object `t`, recording each failure; false when a copy
     /// outlived the lease (read the object again).
     private func copyPieces(_ t: ReadTicket, _ copies: UnsafeBufferPointer<RangeCopy>, _ which: Range<Int>,
@@ -79,12 +90,8 @@ extension StoreClient {
         var held = true
         for c in which {
             let piece = copies[c]
-            guard piece.offset >= 0, piece.length >= 0, piece.offset <= t.size, piece.length <= t.size - piece.offset else {
-                outcome[c] = .invalidArgument("range at \(piece.offset) of \(piece.length) bytes is outside an object of \(t.size) bytes")
-                continue
-            }
-            guard piece.destination.length >= piece.length else {
-                outcome[c] = .invalidArgument("destination of \(piece.destination.length) bytes is smaller than the range's \(piece.length)")
+            if let e = Self.check(piece, in: t.size) {
+                outcome[c] = e
                 continue
             }
             if piece.length == 0 { continue }
@@ -129,12 +136,8 @@ extension StoreClient {
         var total = 0
         for c in which {
             let piece = copies[c]
-            guard piece.offset >= 0, piece.length >= 0, piece.offset <= t.size, piece.length <= t.size - piece.offset else {
-                outcome[c] = .invalidArgument("range at \(piece.offset) of \(piece.length) bytes is outside an object of \(t.size) bytes")
-                continue
-            }
-            guard piece.destination.length >= piece.length else {
-                outcome[c] = .invalidArgument("destination of \(piece.destination.length) bytes is smaller than the range's \(piece.length)")
+            if let e = Self.check(piece, in: t.size) {
+                outcome[c] = e
                 continue
             }
             if piece.length == 0 { continue }

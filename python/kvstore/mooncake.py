@@ -926,24 +926,27 @@ class MooncakeDistributedStore:
         return self._batch_parallel(self.upsert_tensor_with_parallelism, keys, tensors, parallelisms, config,
                                     writer_partitions)
 
+    def _parallel_from(self, write: Callable[..., int], key: str, buffer_ptr: int, size: int, parallelism: Any,
+                       config: ReplicateConfig | None, writer_partition: Any) -> int:
+        """`write` (a parallel put or upsert) of the tensor serialized at an address."""
+        try:
+            tensor = self._tensor_at(buffer_ptr, size)
+        except Exception as e:   # noqa: BLE001
+            return _code(e)
+        return write(key, tensor, parallelism, config, writer_partition)
+
     def put_tensor_with_parallelism_from(self, key: str, buffer_ptr: int, size: int,
                                          parallelism: TensorParallelism | None = None,
                                          config: ReplicateConfig | None = None, writer_partition: Any = None) -> int:
         """``put_tensor_with_parallelism`` of the tensor serialized at an address."""
-        try:
-            tensor = self._tensor_at(buffer_ptr, size)
-        except Exception as e:   # noqa: BLE001
-            return _code(e)
-        return self.put_tensor_with_parallelism(key, tensor, parallelism, config, writer_partition)
+        return self._parallel_from(self.put_tensor_with_parallelism, key, buffer_ptr, size, parallelism, config,
+                                   writer_partition)
 
     def upsert_tensor_with_parallelism_from(self, key: str, buffer_ptr: int, size: int,
                                             parallelism: TensorParallelism | None = None,
                                             config: ReplicateConfig | None = None, writer_partition: Any = None) -> int:
-        try:
-            tensor = self._tensor_at(buffer_ptr, size)
-        except Exception as e:   # noqa: BLE001
-            return _code(e)
-        return self.upsert_tensor_with_parallelism(key, tensor, parallelism, config, writer_partition)
+        return self._parallel_from(self.upsert_tensor_with_parallelism, key, buffer_ptr, size, parallelism, config,
+                                   writer_partition)
 
     def batch_put_tensor_with_parallelism_from(self, keys: Sequence[str], buffer_ptrs: Sequence[int], sizes: Sequence[int],
                                                parallelisms: Any = None, config: ReplicateConfig | None = None,
