@@ -336,13 +336,19 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     }
 
     /// A write older than this when it commits has its commit confirmed before the put
-    /// returns: the master aborts writes not committed within its write timeout (300 s), and
-    /// a pipelined commit it then refuses would otherwise be acknowledged and lost.
+    /// returns: the master aborts writes not committed within its write timeout (300 s by
+    /// default), and a pipelined commit it then refuses would otherwise be acknowledged and
+    /// lost. A fifth of the master's write timeout when that is shorter (`slowCommitAfter`).
     public static let slowCommit: Nanoseconds = 60_000_000_000
 
-    /// Whether write `h` started more than `slowCommit` ago.
+    /// The age past which a write's commit is confirmed: `slowCommit`, or a fifth of the
+    /// master's write timeout when that is less (a master run with `--write-timeout 1`).
+    public var slowCommitAfter: Nanoseconds { min(Self.slowCommit, writeTimeout / 5) }
+
+    /// Whether write `h` started more than `slowCommitAfter` ago.
     private func isSlow(_ h: VersionHandle, _ l: Link) -> Bool {
-        l.writes[h].map { clock() &- $0.sentAt > Self.slowCommit } ?? false
+        let after = slowCommitAfter
+        return l.writes[h].map { clock() &- $0.sentAt > after } ?? false
     }
 
     /// Waits until the master has handled everything sent before (one round trip); false when

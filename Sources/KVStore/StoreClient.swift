@@ -182,7 +182,7 @@ public final class StoreClient: Sendable {
         case .peer(let p):
             guard let locations else {
                 let crc = checksum ? LocalCopyTransport.checksum(parts, length: size) : nil
-                try p.write(segment: r.segment, offset: r.offset, length: size, from: parts)
+                try p.write(segment: r.segment, offset: r.offset, length: size, from: parts, deadline: ticket.deadline)
                 return crc
             }
             // A socket cannot read device memory: stage through host memory (docs/architecture.md §3).
@@ -194,7 +194,7 @@ public final class StoreClient: Sendable {
                 try withUnsafePointer(to: staging) { (s) throws(KVError) in
                     let one = UnsafeBufferPointer(start: s, count: 1)
                     if checksum { crc = LocalCopyTransport.checksum(one, length: size) }
-                    try p.write(segment: r.segment, offset: r.offset, length: size, from: one)
+                    try p.write(segment: r.segment, offset: r.offset, length: size, from: one, deadline: ticket.deadline)
                 }
             }
             return crc

@@ -230,6 +230,34 @@ public final class Socket: @unchecked Sendable {
         }
     }
 
+    /// `readExactly` that stores only bytes that arrived before `deadline` (`monotonicClock`):
+    /// it waits for data without taking it (a one-byte `MSG_PEEK`), reads the clock, then
+    /// takes what has arrived. Past the deadline it throws `transfer` and stores nothing more:
+    /// a writer frozen mid-copy cannot finish its copy into space given to another object.
+    public func readExactly(into: UnsafeMutableRawBufferPointer, arrivingBy deadline: Nanoseconds) throws(KVError) {
+        var done = 0
+        var probe: UInt8 = 0
+        while done < into.count {
+            let peeked = try withUnsafeMutablePointer(to: &probe) { (p) throws(KVError) in
+                try SystemCall.io("recv", { recv(fd, p, 1, Int32(MSG_PEEK)) })
+            }
+            switch peeked {
+            case .bytes(0): throw KVError(.transfer, "the peer closed the connection")
+            case .bytes: break
+            case .wouldBlock: throw KVError(.transfer, "recv timed out: the peer stopped answering")
+            }
+            guard monotonicClock() < deadline else {
+                throw KVError(.transfer, "the write's deadline passed while its bytes were arriving: the rest is refused")
+            }
+            let base = into.baseAddress! + done, left = into.count - done
+            switch try SystemCall.io("recv", { recv(fd, base, left, Int32(MSG_DONTWAIT)) }) {
+            case .bytes(0): throw KVError(.transfer, "the peer closed the connection")
+            case .bytes(let n): done += n
+            case .wouldBlock: continue
+            }
+        }
+    }
+
     /// One non-blocking read into `buffer`: bytes read, 0 at end of stream, nil when nothing
     /// is available.
     public func readAvailable(into buffer: UnsafeMutableRawBufferPointer) throws(KVError) -> Int? {

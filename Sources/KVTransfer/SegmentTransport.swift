@@ -15,7 +15,10 @@ import Synchronization
 //   200 hello(client nonce)               -> 213 challenge(server nonce, server proof) | 211 error
 //   206 prove(client proof)               -> 210 ok | 211 error, then close (see `Authentication`)
 //   201 read(segment, offset, length)     -> 210 ok + `length` raw bytes | 211 error
-//   202 write(segment, offset, length) + `length` raw bytes -> 210 ok | 211 error, then close
+//   202 write(segment, offset, length, remaining) + `length` raw bytes -> 210 ok | 211 error,
+//                                            then close (`remaining`: nanoseconds until the
+//                                            write's deadline, 0 for none; bytes arriving after
+//                                            it are refused, see `Socket.readExactly(arrivingBy:)`)
 //   203 rdmaConnect(queue-pair address)   -> 212 rdmaAccepted(address, base, rkey, size, segment)
 //                                            | 211 error (`unsupported`: no RDMA here; TCP goes on)
 //   204 kvRead(n, n x (address, length))  -> 210 ok + the ranges' raw bytes in order | 211 error
@@ -98,6 +101,9 @@ extension Socket {
 /// segment. Every request is checked: a peer must say hello with the cluster's token first,
 /// name the segment id this server currently serves (`segmentID`), and stay inside it.
 public final class SegmentServer: @unchecked Sendable {
+    /// Longest time a write frame may say is left before its deadline (a peer's claim: a day).
+    static let maxRemaining: UInt64 = 86_400 * 1_000_000_000
+
     public let region: MemoryRegion
     public let host: String
     public let port: Int
@@ -337,9 +343,15 @@ public final class SegmentServer: @unchecked Sendable {
                     try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
                 case DataFrame.read, DataFrame.write:
                     guard welcomed else { throw .invalidArgument("the first request must be hello") }
-                    let (seg, offset, length) = try WireReader.parse(payload, "transfer request") { (r) throws(KVError) in
-                        (try r.u32(), try r.size(max: MasterLimits.maxSize, "offset"), try r.size(max: MasterLimits.maxSize, "length"))
+                    let isWrite = header.kind == DataFrame.write
+                    let (seg, offset, length, remaining) = try WireReader.parse(payload, "transfer request") { (r) throws(KVError) in
+                        (try r.u32(), try r.size(max: MasterLimits.maxSize, "offset"), try r.size(max: MasterLimits.maxSize, "length"),
+                         isWrite ? min(try r.u64(), Self.maxRemaining) : 0)
                     }
+                    // The writer's deadline on this host's clock: when the frame arrived plus what
+                    // was left of it when it was sent (later than the writer's by the frame's
+                    // transit; the writer's own deadline is the write timeout less a margin).
+                    let deadline = remaining > 0 ? monotonicClock() &+ Nanoseconds(remaining) : 0
                     try whileServing { (current) throws(KVError) in
                         guard current != 0, seg == current else { throw .notFound("segment \(seg) is not served here (this server serves \(current))") }
                         guard offset <= region.length, length <= region.length - offset else {
@@ -350,7 +362,11 @@ public final class SegmentServer: @unchecked Sendable {
                             try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
                             try s.writeAll(UnsafeRawBufferPointer(bytes))
                         } else {
-                            try s.readExactly(into: bytes)
+                            if deadline != 0 {
+                                try s.readExactly(into: bytes, arrivingBy: deadline)
+                            } else {
+                                try s.readExactly(into: bytes)
+                            }
                             try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
                         }
                     }
@@ -470,8 +486,11 @@ public final class PeerLink: Sendable {
 
     /// Writes the first `length` bytes of the concatenation of `parts` at `offset` of the
     /// peer's segment (`parts` must hold at least `length` bytes: `invalidArgument`
-    /// otherwise, nothing sent).
-    public func write(segment: SegmentID, offset: Int, length: Int, from parts: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+    /// otherwise, nothing sent). `deadline` (this host's `monotonicClock`; 0: none) is the
+    /// write's: the peer stores no byte that reaches it later (over TCP; an RDMA write is
+    /// one-sided and is not checked).
+    public func write(segment: SegmentID, offset: Int, length: Int, from parts: UnsafeBufferPointer<MemoryRegion>,
+                      deadline: Nanoseconds = 0) throws(KVError) {
         try Self.checkLength(parts, length, "parts")
         try exchange(length) { (c) throws(KVError) in
             if let r = c.rdma, r.covers(segment, offset, length) {
@@ -480,11 +499,33 @@ public final class PeerLink: Sendable {
                 }
                 return
             }
-            try c.socket.writeFrame(kind: DataFrame.write, payload: Self.request(segment, offset, length))
-            try c.socket.writeAll(length, from: parts)
+            var remaining: UInt64 = 0
+            if deadline != 0 {
+                let now = monotonicClock()
+                guard now < deadline else { throw KVError(.transfer, "the write's deadline passed before its copy began") }
+                remaining = UInt64(deadline - now)
+            }
+            var w = WireWriter()
+            w.u32(segment); w.u64(UInt64(offset)); w.u64(UInt64(length)); w.u64(remaining)
+            try c.socket.writeFrame(kind: DataFrame.write, payload: w.bytes)
+            if Self.testWriteStall > 0 && length >= 2 {
+                // Test hook: a writer frozen mid-copy (half sent, then a pause).
+                let half = length / 2
+                try c.socket.writeAll(half, from: parts)
+                usleep(Self.testWriteStall)
+                try PeerLink.pieces(of: parts, skipping: half, count: length - half) { (p, _) throws(KVError) in
+                    try c.socket.writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: p.address), count: p.length))
+                }
+            } else {
+                try c.socket.writeAll(length, from: parts)
+            }
             try Self.expectOK(c.socket)
         }
     }
+
+    /// Test hook: `KVSTORE_TEST_WRITE_STALL_US` pauses every TCP write this long after sending
+    /// half of its bytes (a writer descheduled mid-copy).
+    static let testWriteStall: UInt32 = getenv("KVSTORE_TEST_WRITE_STALL_US").flatMap { UInt32(String(cString: $0)) } ?? 0
 
     /// Moves bytes between the peer's published KV buffers (`remote`) and this process's
     /// memory (`local`, same lengths pairwise) in one request: `write` sends local → remote.

@@ -575,6 +575,7 @@ final class SlowWriteTests: XCTestCase {
                                       clock: { time.now.withLock { $0 } })
         defer { remote.close() }
         _ = try remote.mount(RemoteMaster.Mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "127.0.0.1:1"))
+        XCTAssertEqual(remote.slowCommitAfter, 200_000_000, "a fifth of a 1 s write timeout")
         let fast = try remote.beginWrite(key: "fast", size: 100, mode: .put, options: .default, preferred: nil)
         try remote.commitWrite(fast)
         let slow = try remote.beginWrite(key: "slow", size: 100, mode: .put, options: .default, preferred: nil)

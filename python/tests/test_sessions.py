@@ -228,3 +228,35 @@ def test_a_writer_paused_past_the_write_timeout_never_overwrites_the_next_object
         assert not owner.exists("stale")
     finally:
         owner.close()
+
+
+def test_a_writer_on_another_host_frozen_mid_copy_never_overwrites_the_next_object(netns):
+    """The writer (another network namespace: its copy goes over TCP to the owner's segment
+    server) sends half its bytes, then freezes 2.5 s; the master aborts the write after 1 s and
+    gives its space to a new object. The segment server refuses the bytes that arrive after the
+    write's deadline, so the new object keeps its own."""
+    from test_cluster import TOKEN
+    with Master("--token", TOKEN, "--client-ttl", "5", "--write-timeout", "1", host="10.213.0.1") as m:
+        owner = kvstore.Store.connect(m.url, segment_size=4 << 20, token=TOKEN)
+        try:
+            w = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", WRITER, m.url], stdout=subprocess.PIPE,
+                                 text=True, env={**os.environ, "KVSTORE_MASTER_TOKEN": TOKEN,
+                                                 "KVSTORE_TEST_WRITE_STALL_US": "2500000"})
+            assert w.stdout.readline().strip() == "ready"
+            time.sleep(0.5)                    # half its bytes are in the owner's segment; it is frozen
+            fresh = b"\x55" * (3 << 20)
+            end = time.monotonic() + 5
+            while True:                        # room once the master aborted the frozen write
+                try:
+                    owner.put("fresh", fresh)
+                    break
+                except kvstore.NoSpaceError:
+                    assert time.monotonic() < end, "the abandoned write's space was never freed"
+                    time.sleep(0.05)
+            out, _ = w.communicate(timeout=20)
+            assert out.startswith("refused"), out
+            time.sleep(0.2)
+            assert owner.get("fresh") == fresh, "a writer's late bytes landed in another object's space"
+            assert not owner.exists("stale")
+        finally:
+            owner.close()
