@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import json
 import math
 import os
 import random
@@ -409,6 +410,57 @@ class MooncakeHostMemAllocator:
         return 0 if self._blocks.pop(ptr, None) is not None else int(ErrorCode.INVALID_PARAMS)
 
 
+def _dummy_name(port: str) -> bytes:
+    """The abstract Unix socket a client set up with port `port` answers dummy clients on."""
+    return b"\0kvstore-mooncake-" + port.encode()
+
+
+def _same_user(sock: socket.socket) -> bool:
+    """Whether the process at the other end of a Unix socket runs as this process's user
+    (the kernel's SO_PEERCRED, never a claim)."""
+    import struct
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid == os.getuid()
+
+
+class _DummyServer:
+    """What a client set up with ``setup`` offers dummy clients on its host (``setup_dummy``):
+    the master it joined, told to processes of the same user on an abstract Unix socket named
+    by its port. A dummy client then joins the same master without a segment of its own, and
+    its objects live in the full clients' segments, reached through shared memory."""
+
+    def __init__(self, port: str, url: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(_dummy_name(port))
+        self.sock.listen(16)
+        self.answer = json.dumps({"master": url}).encode()
+        import threading
+        self.thread = threading.Thread(target=self._serve, name="kvstore-mooncake-dummy", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return   # closed
+            with c:
+                try:
+                    c.settimeout(2)
+                    if _same_user(c):
+                        c.sendall(self.answer)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
 def _log(message: str) -> None:
     print(f"kvstore.mooncake: {message}", file=sys.stderr)
 
@@ -420,6 +472,8 @@ class MooncakeDistributedStore:
         self._store: Store | None = None
         self._hostname = ""
         self._registered: dict[int, int] = {}   # buffers registered here: address -> size
+        self._dummies: _DummyServer | None = None
+        self._pool = MooncakeHostMemAllocator()   # alloc_from_mem_pool's memory
         self._get_sessions: dict[str, int] = {}  # keys with batch get sessions open: how many
         self._put_sessions: dict[str, int] = {}  # keys with a put session open: its write id
 
@@ -478,6 +532,10 @@ class MooncakeDistributedStore:
             url = _master_url(master_server_addr, "" if tenant_id in ("", "default") else tenant_id)
             self._store = Store.connect(url, segment_size=size)
             self._hostname = f"{host or 'localhost'}:{port}"
+            try:
+                self._dummies = _DummyServer(port, url)
+            except OSError as e:   # another client of this host took the name: no dummies for this one
+                _log(f"setup: dummy clients cannot attach to port {port}: {e}")
             return 0
         except Exception as e:   # noqa: BLE001 - Mooncake's convention: a code, not an exception
             _log(f"setup failed: {e}")
@@ -487,12 +545,53 @@ class MooncakeDistributedStore:
         """"host:port" of this client (the port picked at setup when none was given)."""
         return self._hostname
 
+    def setup_dummy(self, mem_pool_size: int | str, local_buffer_size: int | str, server_address: str) -> int:
+        """Joins as a dummy client of the full client set up at ``server_address`` ("host:port",
+        its ``get_hostname()``) on this host: the same master, no segment of its own (its
+        objects go to the full clients' segments, reached through shared memory).
+        ``mem_pool_size`` and ``local_buffer_size`` are checked and unused (no staging buffer
+        is needed). Only a full client run by the same user is accepted. 0, or an error code
+        (-800 when no full client answers at that address)."""
+        try:
+            if self._store is not None and not self._store.closed:
+                raise _errors.InvalidArgumentError("setup was already called; close() first")
+            parse_size(mem_pool_size, name="mem_pool_size")
+            parse_size(local_buffer_size, name="local_buffer_size")
+            if not isinstance(server_address, str) or not server_address.rpartition(":")[2].isdigit():
+                raise _errors.InvalidArgumentError(f"server_address {server_address!r} must be 'host:port'")
+            port = server_address.rpartition(":")[2]
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+                c.settimeout(5)
+                try:
+                    c.connect(_dummy_name(port))
+                except OSError as e:
+                    raise _errors.TransferError(f"no full client of this host answers at {server_address}: {e}") from None
+                if not _same_user(c):
+                    raise _errors.TransferError(f"the client at {server_address} runs as another user: refused")
+                raw = c.recv(4096)
+            try:
+                url = json.loads(raw)["master"]
+                if not isinstance(url, str):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError):
+                raise _errors.TransferError(f"the client at {server_address} gave no master address") from None
+            self._store = Store.connect(url, segment_size=0)
+            self._hostname = server_address
+            return 0
+        except Exception as e:   # noqa: BLE001
+            _log(f"setup_dummy failed: {e}")
+            return _code(e)
+
     def close(self) -> int:
         """Leaves the cluster. Idempotent; returns 0."""
+        if self._dummies is not None:
+            self._dummies.close()
+            self._dummies = None
         if self._store is not None:
             self._store.close()
             self._store = None
         self._registered.clear()
+        self._pool = MooncakeHostMemAllocator()   # the old blocks go when nothing views them
         self._get_sessions.clear()
         self._put_sessions.clear()   # the store's close ended its writes; the master frees their space
         return 0
@@ -1264,6 +1363,17 @@ class MooncakeDistributedStore:
         return self._end_puts(keys, True)
 
     # ---- zero copy with integer addresses ----
+
+    def alloc_from_mem_pool(self, size: int) -> int:
+        """The address of ``size`` bytes of host memory (zeroed, 64-byte aligned) registered
+        with this store for the zero-copy calls, kept until ``close``; 0 on failure."""
+        if self._store is None or isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            return 0
+        address = self._pool.alloc(size)
+        if address and self.register_buffer(address, size) != 0:
+            self._pool.free(address)
+            return 0
+        return address
 
     def register_buffer(self, buffer_ptr: int, size: int) -> int:
         """Registers host memory at an integer address (device memory: register it through

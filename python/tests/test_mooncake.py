@@ -587,3 +587,29 @@ def test_batch_sessions_read_and_write_in_pieces(master):
     finally:
         a.close()
         b.close()
+
+
+def test_dummy_clients_join_through_a_full_client(master):
+    full = client(master, 32 << 20)
+    dummy, stray = MooncakeDistributedStore(), MooncakeDistributedStore()
+    try:
+        assert dummy.setup_dummy(256 << 20, 64 << 20, full.get_hostname()) == 0
+        assert dummy.get_hostname() == full.get_hostname() and dummy.health_check() == 0
+        assert dummy.put("from-dummy", b"d" * 5000) == 0 and full.get("from-dummy") == b"d" * 5000
+        assert full.put("from-full", b"f" * 100) == 0 and dummy.get("from-full") == b"f" * 100
+        assert dummy._store.stats()["segment_size"] == 0            # a dummy owns no segment
+        # memory for the zero-copy calls, registered with the store
+        a = dummy.alloc_from_mem_pool(4096)
+        assert a != 0 and dummy.get_into("from-full", a, 4096) == 100
+        assert dummy.alloc_from_mem_pool(0) == 0 and stray.alloc_from_mem_pool(10) == 0   # not set up
+        # nothing answers at another port; bad arguments
+        assert stray.setup_dummy(1 << 20, 1 << 20, "localhost:1") == ErrorCode.TRANSFER_FAIL
+        assert stray.setup_dummy(1 << 20, 1 << 20, "no-port") == ErrorCode.INVALID_PARAMS
+        assert stray.setup_dummy("lots", 1 << 20, full.get_hostname()) == ErrorCode.INVALID_PARAMS
+        assert dummy.setup_dummy(1 << 20, 1 << 20, full.get_hostname()) == ErrorCode.INVALID_PARAMS   # already set up
+        port = full.get_hostname()
+        full.close()
+        assert stray.setup_dummy(1 << 20, 1 << 20, port) == ErrorCode.TRANSFER_FAIL   # the full client is gone
+    finally:
+        for s in (dummy, stray, full):
+            s.close()
