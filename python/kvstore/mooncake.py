@@ -31,9 +31,9 @@ from ._errors import StoreError
 from ._sizes import parse_size
 from ._store import Store
 
-__all__ = ["BufferHandle", "ErrorCode", "MooncakeDistributedStore", "MooncakeHostMemAllocator", "ParallelAxis",
-           "ReadTarget", "ReplicaDescriptor", "ReplicaStatus", "ReplicateConfig", "SoftPinAction", "TensorParallelism",
-           "bind_to_numa_node", "install_as_mooncake"]
+__all__ = ["BufferHandle", "BufferLease", "BufferPool", "ErrorCode", "MooncakeDistributedStore", "MooncakeHostMemAllocator",
+           "ParallelAxis", "ReadTarget", "ReplicaDescriptor", "ReplicaStatus", "ReplicateConfig", "SoftPinAction",
+           "TensorParallelism", "bind_to_numa_node", "install_as_mooncake"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -363,8 +363,13 @@ def install_as_mooncake() -> None:
     package = types.ModuleType("mooncake")
     package.__path__ = []            # a package, so "mooncake.store" resolves to the entry below
     package.store = this             # type: ignore[attr-defined]
+    pool = types.ModuleType("mooncake.buffer_pool")
+    pool.BufferPool = BufferPool     # type: ignore[attr-defined]
+    pool.RegisteredBufferPool = BufferPool   # type: ignore[attr-defined]  (its legacy name)
+    package.buffer_pool = pool       # type: ignore[attr-defined]
     sys.modules["mooncake"] = package
     sys.modules["mooncake.store"] = this
+    sys.modules["mooncake.buffer_pool"] = pool
 
 
 def bind_to_numa_node(node: int) -> int:
@@ -385,6 +390,103 @@ def bind_to_numa_node(node: int) -> int:
         return int(ErrorCode.INVALID_PARAMS)
     os.sched_setaffinity(0, cpus)
     return 0
+
+
+class BufferLease:
+    """Memory leased from a ``BufferPool``: ``ptr`` (its address, registered with the pool's
+    store while leased), ``size``, ``buffer`` (a memoryview of it), ``release()``. A context
+    manager."""
+
+    def __init__(self, pool: BufferPool, block: Any, size: int) -> None:
+        self._pool, self._block, self.size = pool, block, size
+        self.ptr = block.ptr()
+        self._view: memoryview | None = memoryview(block)[:size]
+
+    @property
+    def buffer(self) -> memoryview:
+        if self._view is None:
+            raise _errors.InvalidArgumentError("the lease was released")
+        return self._view
+
+    def release(self) -> None:
+        """Returns the lease to its pool. Views of ``buffer`` made before (numpy arrays,
+        memoryviews) stay valid: they keep the memory alive, and it goes to no other lease
+        until the last of them is gone."""
+        if self._view is None:
+            return
+        try:
+            self._view.release()
+        except BufferError:
+            pass   # an export still uses it: the block lives on with that export
+        self._view = None
+        self._block = None
+        self._pool._give_back(self)
+
+    def __enter__(self) -> BufferLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class BufferPool:
+    """Mooncake's ``BufferPool``: scratch buffers for the zero-copy calls, registered with the
+    store. ``acquire(size, block=True, timeout=None)`` or ``buffer(size)`` give a
+    ``BufferLease``; at most ``max_regions`` leases and ``max_bytes`` bytes at once (default: no
+    limit on regions, 1 GiB), beyond which ``acquire`` waits (``block``, up to ``timeout``
+    seconds) or raises ``NoSpaceError``. Freed memory is reused warm by the next leases.
+    ``close()`` fails while leases are active."""
+
+    def __init__(self, store: MooncakeDistributedStore, max_regions: int | None = None, max_bytes: int | None = None) -> None:
+        import threading
+        if not isinstance(store, MooncakeDistributedStore):
+            raise _errors.ArgumentTypeError(f"store must be a MooncakeDistributedStore, not {type(store).__name__}")
+        self._store = store
+        self._max_regions = max_regions
+        self._max_bytes = (1 << 30) if max_bytes is None else max_bytes
+        self._active: dict[int, BufferLease] = {}
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def acquire(self, size: int, block: bool = True, timeout: float | None = None) -> BufferLease:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise _errors.InvalidArgumentError(f"size must be a positive int, not {size!r}")
+        if size > self._max_bytes:
+            raise _errors.NoSpaceError(f"{size} bytes is more than the pool's {self._max_bytes}")
+        with self._cond:
+            def room() -> bool:
+                return self._closed or (self._bytes + size <= self._max_bytes and
+                                        (self._max_regions is None or len(self._active) < self._max_regions))
+            if not room() and (not block or not self._cond.wait_for(room, timeout)):
+                raise _errors.NoSpaceError(f"no room for {size} more bytes in the pool ({self._bytes} leased)")
+            if self._closed:
+                raise _errors.StoreClosedError("the pool is closed")
+            block_ = _native.Buffer(size)
+            if self._store.register_buffer(block_.ptr(), size) != 0:
+                raise _errors.StoreClosedError("the pool's store is not set up")
+            lease = BufferLease(self, block_, size)
+            self._active[lease.ptr] = lease
+            self._bytes += size
+            return lease
+
+    def buffer(self, size: int) -> BufferLease:
+        """``acquire(size)``, to use in a ``with`` statement."""
+        return self.acquire(size)
+
+    def _give_back(self, lease: BufferLease) -> None:
+        with self._cond:
+            if self._active.pop(lease.ptr, None) is not None:
+                self._store.unregister_buffer(lease.ptr)
+                self._bytes -= lease.size
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            if self._active:
+                raise _errors.InvalidArgumentError(f"{len(self._active)} leases are still active: release them first")
+            self._closed = True
+            self._cond.notify_all()
 
 
 class MooncakeHostMemAllocator:

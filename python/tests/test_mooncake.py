@@ -613,3 +613,42 @@ def test_dummy_clients_join_through_a_full_client(master):
     finally:
         for s in (dummy, stray, full):
             s.close()
+
+
+def test_buffer_pool_leases_registered_scratch_memory(master):
+    import threading
+
+    from kvstore.mooncake import BufferPool
+    s = client(master)
+    try:
+        assert s.put("v", bytes(range(200))) == 0
+        pool = BufferPool(s, max_regions=2, max_bytes=1 << 20)
+        with pool.buffer(4096) as lease:
+            assert lease.size == 4096 and lease.ptr % 64 == 0
+            assert s.get_into("v", lease.ptr, lease.size) == 200 and bytes(lease.buffer[:200]) == bytes(range(200))
+            held = np.frombuffer(lease.buffer, dtype=np.uint8)        # a view that outlives the lease
+        assert bytes(held[:200]) == bytes(range(200))                   # still valid: it keeps the memory
+        again = pool.acquire(4096)
+        assert again.ptr != int(held.ctypes.data)                       # and no other lease gets it
+        again.release()
+        del held
+        a, b = pool.acquire(100), pool.acquire(100)
+        with pytest.raises(kvstore.NoSpaceError):
+            pool.acquire(100, block=False)                              # max_regions
+        with pytest.raises(kvstore.NoSpaceError):
+            pool.acquire(100, timeout=0.05)
+        threading.Timer(0.1, a.release).start()
+        c = pool.acquire(100, timeout=5)                                # waits for a release
+        with pytest.raises(kvstore.NoSpaceError):
+            pool.acquire(2 << 20)                                       # past max_bytes
+        with pytest.raises(kvstore.InvalidArgumentError):
+            pool.close()                                                # leases still active
+        b.release()
+        c.release()
+        with pytest.raises(kvstore.InvalidArgumentError):
+            _ = c.buffer
+        pool.close()
+        with pytest.raises(kvstore.StoreClosedError):
+            pool.acquire(10)
+    finally:
+        s.close()
