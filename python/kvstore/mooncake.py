@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _errors, _native, _tensor, parallel
+from . import _errors, _native, _tensor, parallel, structured
 from ._errors import StoreError
 from ._sizes import parse_size
 from ._store import Store
 
-__all__ = ["BufferHandle", "BufferLease", "BufferPool", "ErrorCode", "MooncakeDistributedStore", "MooncakeHostMemAllocator",
-           "ParallelAxis", "ReadTarget", "ReplicaDescriptor", "ReplicaStatus", "ReplicateConfig", "SoftPinAction",
-           "TensorParallelism", "bind_to_numa_node", "install_as_mooncake"]
+__all__ = ["BufferHandle", "BufferLease", "BufferPool", "ErrorCode", "MooncakeBundleTransfer", "MooncakeDistributedStore",
+           "MooncakeHostMemAllocator", "ParallelAxis", "ReadTarget", "ReplicaDescriptor", "ReplicaStatus", "ReplicateConfig",
+           "SoftPinAction", "TensorParallelism", "bind_to_numa_node", "install_as_mooncake"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -352,6 +352,29 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+class MooncakeBundleTransfer(structured.BundleTransfer):
+    """Mooncake's structured object helper (``mooncake.structured_object_store``) over a
+    ``MooncakeDistributedStore``: ``kvstore.structured.BundleTransfer`` on its store. Unlike
+    the store's calls it raises (as Mooncake's helper does), never returns codes."""
+
+    def __init__(self, store: MooncakeDistributedStore, key_prefix: str = "structured") -> None:
+        if not isinstance(store, MooncakeDistributedStore):
+            raise _errors.ArgumentTypeError(f"store must be a MooncakeDistributedStore, not {type(store).__name__}")
+        self._mooncake = store
+        super().__init__(None, key_prefix)
+
+    @property   # type: ignore[override]
+    def store(self) -> Store:
+        s = self._mooncake._store
+        if s is None:
+            raise _errors.StoreClosedError("the store is not set up (call setup first) or closed")
+        return s
+
+    @store.setter
+    def store(self, value: Any) -> None:
+        pass   # the MooncakeDistributedStore's own store, whatever it is set up with
+
+
 def install_as_mooncake() -> None:
     """Makes ``import mooncake.store`` (and ``from mooncake.store import ...``) give this module,
     so an engine's unchanged Mooncake connector runs on kvstore. Call it before the engine
@@ -367,9 +390,15 @@ def install_as_mooncake() -> None:
     pool.BufferPool = BufferPool     # type: ignore[attr-defined]
     pool.RegisteredBufferPool = BufferPool   # type: ignore[attr-defined]  (its legacy name)
     package.buffer_pool = pool       # type: ignore[attr-defined]
+    objects = types.ModuleType("mooncake.structured_object_store")
+    for name in ("StructuredObjectPayload", "StructuredMemberSlice", "BundleTransferPolicy"):
+        setattr(objects, name, getattr(structured, name))
+    objects.MooncakeBundleTransfer = MooncakeBundleTransfer   # type: ignore[attr-defined]
+    package.structured_object_store = objects   # type: ignore[attr-defined]
     sys.modules["mooncake"] = package
     sys.modules["mooncake.store"] = this
     sys.modules["mooncake.buffer_pool"] = pool
+    sys.modules["mooncake.structured_object_store"] = objects
 
 
 def bind_to_numa_node(node: int) -> int:
