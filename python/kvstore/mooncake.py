@@ -32,8 +32,8 @@ from ._sizes import parse_size
 from ._store import Store
 
 __all__ = ["BufferHandle", "BufferLease", "BufferPool", "ErrorCode", "MooncakeBundleTransfer", "MooncakeDistributedStore",
-           "MooncakeHostMemAllocator", "ParallelAxis", "ReadTarget", "ReplicaDescriptor", "ReplicaStatus", "ReplicateConfig",
-           "SoftPinAction", "TensorParallelism", "bind_to_numa_node", "install_as_mooncake"]
+           "MooncakeDistributedStoreAsync", "MooncakeHostMemAllocator", "ParallelAxis", "ReadTarget", "ReplicaDescriptor",
+           "ReplicaStatus", "ReplicateConfig", "SoftPinAction", "TensorParallelism", "bind_to_numa_node", "install_as_mooncake"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -1600,3 +1600,22 @@ class MooncakeDistributedStore:
     def __repr__(self) -> str:
         state = "closed" if self._store is None else self._hostname
         return f"<kvstore.mooncake.MooncakeDistributedStore {state}>"
+
+
+class MooncakeDistributedStoreAsync(MooncakeDistributedStore):
+    """The async wrapper: every call also as ``async_<name>``, a coroutine that runs the call
+    in a worker thread (``asyncio.to_thread``; kvstore's calls leave the GIL while they wait
+    or copy, so other coroutines and threads run meanwhile)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("async_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        call = getattr(self, name[len("async_"):], None)
+        if call is None or not callable(call):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r} (nor {name[6:]!r})")
+
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            import asyncio
+            return await asyncio.to_thread(call, *args, **kwargs)
+        run.__name__ = name
+        return run

@@ -652,3 +652,25 @@ def test_buffer_pool_leases_registered_scratch_memory(master):
             pool.acquire(10)
     finally:
         s.close()
+
+
+def test_the_async_wrapper_runs_calls_in_worker_threads(master):
+    import asyncio
+
+    from kvstore.mooncake import MooncakeDistributedStoreAsync
+    s = MooncakeDistributedStoreAsync()
+    assert s.setup("localhost", "P2PHANDSHAKE", 16 << 20, 0, "tcp", "", f"127.0.0.1:{master.port}") == 0
+
+    async def main() -> list:
+        puts = await asyncio.gather(*(s.async_put(f"a{i}", bytes([i]) * 100) for i in range(8)))
+        got = await asyncio.gather(*(s.async_get(f"a{i}") for i in range(8)))
+        return [puts, got, await s.async_batch_is_exist(["a0", "nope"])]
+    try:
+        puts, got, exist = asyncio.run(main())
+        assert puts == [0] * 8 and got == [bytes([i]) * 100 for i in range(8)] and exist == [1, 0]
+        with pytest.raises(AttributeError):
+            _ = s.async_nothing
+        with pytest.raises(AttributeError):
+            _ = s.nothing
+    finally:
+        s.close()
