@@ -83,12 +83,16 @@ class _Server:
 
 
 class _Redis:
-    """SET / GET / DEL over RESP on a unix socket (one request at a time)."""
+    """SET / GET / DEL over RESP on a unix socket, one request at a time: a lock keeps the
+    threaded cases' requests and replies paired (interleaved, they desynchronized the stream:
+    wrong bytes, then a read that never ended)."""
 
     def __init__(self, path: str) -> None:
+        import threading
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.connect(path)
         self.file = self.sock.makefile("rb")
+        self.lock = threading.Lock()
 
     def _send(self, *parts: bytes) -> None:
         out = [b"*%d\r\n" % len(parts)]
@@ -112,16 +116,19 @@ class _Redis:
         return rest
 
     def set(self, key: str, value: bytes) -> None:
-        self._send(b"SET", key.encode(), value)
-        self._reply()
+        with self.lock:
+            self._send(b"SET", key.encode(), value)
+            self._reply()
 
     def get(self, key: str) -> bytes | None:
-        self._send(b"GET", key.encode())
-        return self._reply()
+        with self.lock:
+            self._send(b"GET", key.encode())
+            return self._reply()
 
     def flush(self) -> None:
-        self._send(b"FLUSHALL")
-        self._reply()
+        with self.lock:
+            self._send(b"FLUSHALL")
+            self._reply()
 
     def close(self) -> None:
         self.file.close()
