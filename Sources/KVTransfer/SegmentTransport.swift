@@ -345,8 +345,10 @@ public final class SegmentServer: @unchecked Sendable {
                     guard welcomed else { throw .invalidArgument("the first request must be hello") }
                     let isWrite = header.kind == DataFrame.write
                     let (seg, offset, length, remaining) = try WireReader.parse(payload, "transfer request") { (r) throws(KVError) in
-                        (try r.u32(), try r.size(max: MasterLimits.maxSize, "offset"), try r.size(max: MasterLimits.maxSize, "length"),
-                         isWrite ? min(try r.u64(), Self.maxRemaining) : 0)
+                        let seg = try r.u32()
+                        let offset = try r.size(max: MasterLimits.maxSize, "offset"), length = try r.size(max: MasterLimits.maxSize, "length")
+                        let remaining: UInt64 = isWrite ? try r.u64() : 0
+                        return (seg, offset, length, min(remaining, Self.maxRemaining))
                     }
                     // The writer's deadline on this host's clock: when the frame arrived plus what
                     // was left of it when it was sent (later than the writer's by the frame's

@@ -307,7 +307,7 @@ def test_segment_server_survives_random_and_mutated_frames(master, honest):
     token = wire.data_key(wire.read_token(master.port))
     rng = random.Random(99)
     valid = [wire.frame(wire.D_READ, struct.pack("<IQQ", 1, 0, 64)), wire.frame(wire.D_KV_READ, struct.pack("<I", 1) + bytes(16)),
-             wire.frame(wire.D_WRITE, struct.pack("<IQQ", 1, 0, 8) + b"x" * 8), wire.frame(203, bytes(40))]
+             wire.frame(wire.D_WRITE, struct.pack("<IQQQ", 1, 0, 8, 10**9)) + b"x" * 8, wire.frame(203, bytes(40))]
     end = time.monotonic() + 2.0
     sent = 0
     while time.monotonic() < end:
@@ -331,6 +331,33 @@ def test_segment_server_survives_random_and_mutated_frames(master, honest):
     code = f"import kvstore; s = kvstore.Store.connect({master.url!r}, segment_size=0); print(len(s.get('honest/1'))); s.close()"
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
     assert p.returncode == 0 and p.stdout.strip() == str(4096 + 1), p.stderr
+
+
+def test_segment_server_refuses_bytes_past_a_writes_deadline(master, honest):
+    """A write frame says how long its write has left (the writer's deadline). Bytes that arrive
+    after it are refused, never stored; a forged huge figure is capped, not overflowed."""
+    host, port = _segment_endpoint(master, "honest/2")
+    r = authenticated(master)
+    kind, body = r.call(wire.GET, wire.lp(b"honest/2") + wire.lp(b"elsewhere"))
+    (seg,) = struct.unpack_from("<I", body, 12)
+    r.close()
+    token = wire.data_key(wire.read_token(master.port))
+    d = wire.Raw.tcp(port, host)
+    assert d.authenticate(token, data_plane=True) == wire.D_OK
+    # 1 ns left: refused even though the bytes came with the frame (the honest objects stay)
+    d.send(wire.D_WRITE, struct.pack("<IQQQ", seg, 0, 4096, 1))
+    d.s.sendall(b"\xee" * 4096)                     # the bytes follow the frame raw
+    kind, body = d.read()
+    assert kind == wire.D_ERROR and "deadline" in wire.error_message(body)
+    assert d.closed_by_peer()
+    # 2^64-1 ns left: capped at a day; the write (past every honest object) is served
+    d = wire.Raw.tcp(port, host)
+    assert d.authenticate(token, data_plane=True) == wire.D_OK
+    d.send(wire.D_WRITE, struct.pack("<IQQQ", seg, (32 << 20) - 8, 8, 2**64 - 1))
+    d.s.sendall(b"z" * 8)
+    kind, body = d.read()
+    assert kind == wire.D_OK, wire.error_message(body)
+    d.close()
 
 
 def _host_identity() -> str:
