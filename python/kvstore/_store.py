@@ -199,6 +199,16 @@ class Store(KVLayoutMixin, _native.Store):
 
         return self._read_object(key, _tensor.HEADER_SIZE, resolve)
 
+    def _get_small(self, key: str, limit: int) -> bytes:
+        """The bytes of a small object (a layout, a manifest) that another writer may have
+        forged: at most `limit` bytes are copied, and a larger object raises
+        ``InvalidArgumentError`` (one read hold; nothing past the limit is copied)."""
+        def resolve(prefix: bytes, size: int) -> tuple[bytes, None]:
+            if size > limit:
+                raise InvalidArgumentError(f"object {key!r} holds {size} bytes; at most {limit} are expected here")
+            return prefix, None
+        return self._read_object(key, limit, resolve)
+
     def get_tensor_into(self, key: str, target: Any) -> Any:
         """Reads a stored tensor into ``target`` (an existing array or tensor of the same shape
         and dtype, on any device; a uint16 / uint8 target also takes bf16 / fp8). Returns

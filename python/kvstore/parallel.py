@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import _native, _tensor
-from ._errors import InvalidArgumentError, ObjectExistsError
+from ._errors import InvalidArgumentError, ObjectExistsError, ObjectNotFoundError
 
 __all__ = ["Axis", "LAYOUT_SUFFIX", "Layout", "get_tensor", "put_tensor", "shard_key", "split_range"]
 
@@ -42,6 +42,12 @@ KINDS = ("tp", "dp", "ep", "pp")
 LAYOUT_SUFFIX = ".kvstore-layout"
 MAX_AXES = 8
 MAX_LAYOUT_BYTES = 4096
+#: Most shards one tensor is split into (the product of its splitting axes' sizes): a read
+#: plans one ranged read per stored shard.
+MAX_SHARDS = 4096
+#: Largest full tensor a layout may describe (a layout is read from the store: another writer
+#: may have forged it, and a read allocates its result before the shards are checked).
+MAX_TENSOR_BYTES = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,8 @@ def check_axes(axes: Sequence[Axis], ndim: int | None = None) -> tuple[Axis, ...
         a.check(ndim)
     if len({a.kind for a in axes}) != len(axes):
         raise InvalidArgumentError("each axis kind may appear once")
+    if math.prod(a.size for a in axes if a.split_dim is not None) > MAX_SHARDS:
+        raise InvalidArgumentError(f"the splitting axes make more than {MAX_SHARDS} shards")
     return axes
 
 
@@ -138,8 +146,10 @@ class Layout:
             code = d["dtype"]
             axes = tuple(Axis(a["kind"], 0, a["size"], a["split_dim"], a["expert_id"], a["stage_id"]) for a in d["axes"])
             if d["version"] != 1 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape) \
-                    or len(shape) > 32 or code not in _tensor.ITEM_SIZES:
+                    or len(shape) > 8 or code not in _tensor.ITEM_SIZES:
                 raise ValueError("bad fields")
+            if math.prod(shape) * _tensor.ITEM_SIZES[code] > MAX_TENSOR_BYTES:
+                raise ValueError(f"a tensor of shape {shape} is larger than {MAX_TENSOR_BYTES} bytes")
             check_axes(axes, len(shape))
         except (ValueError, KeyError, TypeError, InvalidArgumentError) as e:
             raise InvalidArgumentError(f"{key + LAYOUT_SUFFIX!r} is not a kvstore tensor layout: {e}") from None
@@ -192,12 +202,14 @@ def runs(src: Sequence[tuple[int, int]], dst: Sequence[tuple[int, int]], itemsiz
 
 
 def _read_layout(store: Any, key: str) -> Layout | None:
+    """`key`'s layout, or None when it is not stored in shards (at most MAX_LAYOUT_BYTES are
+    read: a larger object is refused as not a layout)."""
     try:
-        raw = store.get(key + LAYOUT_SUFFIX)
-    except Exception as e:  # noqa: BLE001 - a missing layout is "not stored sharded"
-        if type(e).__name__ == "ObjectNotFoundError":
-            return None
-        raise
+        raw = store._get_small(key + LAYOUT_SUFFIX, MAX_LAYOUT_BYTES)
+    except ObjectNotFoundError:
+        return None
+    except InvalidArgumentError as e:
+        raise InvalidArgumentError(f"{key + LAYOUT_SUFFIX!r} is not a kvstore tensor layout: {e}") from None
     return Layout.decode(raw, key)
 
 
@@ -279,9 +291,11 @@ def get_tensor(store: Any, key: str, want: Sequence[Axis] | None = None, *, into
     stored layout holds exactly that shard it is one ranged read of that object; otherwise each
     needed piece of each stored shard is copied straight into place, every shard held by one
     master request. ``ObjectNotFoundError`` when the tensor or a shard it needs is missing."""
+    if kind not in ("numpy", "torch", "cupy"):
+        raise InvalidArgumentError(f"kind {kind!r} is not 'numpy', 'torch' or 'cupy'")
     layout = _read_layout(store, key)
     if layout is None:
-        raise _errors_not_found(key)
+        raise ObjectNotFoundError(f"tensor {key!r} is not stored in shards (no {key + LAYOUT_SUFFIX!r})")
     ndim = len(layout.shape)
     want = check_axes(want, ndim) if want else ()
     target = region(layout.shape, want)
@@ -323,8 +337,3 @@ def get_tensor(store: Any, key: str, want: Sequence[Axis] | None = None, *, into
             raise InvalidArgumentError(f"shard {k!r} holds a {_tensor.DTYPE_NAMES.get(code, code)} tensor of shape "
                                        f"{tuple(stored_shape)}; its layout says {_tensor.DTYPE_NAMES[layout.code]} {shard_shape}")
     return result
-
-
-def _errors_not_found(key: str) -> Exception:
-    from ._errors import ObjectNotFoundError
-    return ObjectNotFoundError(f"tensor {key!r} is not stored in shards (no {key + LAYOUT_SUFFIX!r})")

@@ -18,6 +18,7 @@ written last: a reader never sees a manifest whose members are not all stored.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -116,6 +117,30 @@ class MaterializeResult:
     metadata: Any
 
 
+MAX_MEMBER_BYTES = 1 << 40
+
+
+def _check_members(members: Any) -> None:
+    """A manifest's members as read from the store: ValueError naming the first bad one."""
+    if not isinstance(members, dict) or not 0 < len(members) <= MAX_MEMBERS:
+        raise ValueError(f"members must be a mapping of 1 to {MAX_MEMBERS} entries")
+    for name, m in members.items():
+        if not isinstance(name, str) or not name or "/" in name or not isinstance(m, dict):
+            raise ValueError(f"member {name!r} is malformed")
+        if m.get("kind") == "bytes":
+            size = m.get("size")
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_MEMBER_BYTES:
+                raise ValueError(f"member {name!r} has a bad size")
+        elif m.get("kind") == "array":
+            shape, code = m.get("shape"), m.get("dtype")
+            if code not in _tensor.ITEM_SIZES or isinstance(code, bool) or not isinstance(shape, list) or len(shape) > 8 \
+                    or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape) \
+                    or math.prod(shape) * _tensor.ITEM_SIZES[code] > MAX_MEMBER_BYTES:
+                raise ValueError(f"member {name!r} has a bad dtype or shape")
+        else:
+            raise ValueError(f"member {name!r} has an unknown kind")
+
+
 def _member_key(ref: BundleRef, name: str) -> str:
     return f"{ref.key}/m/{name}"
 
@@ -173,16 +198,22 @@ class BundleTransfer:
         return self.put_structured_object(StructuredObjectPayload(payloads, manifest), key=key)
 
     def read_spec(self, ref: BundleRef) -> ReadSpec:
-        """Every member, whole (narrow it with ``select_members`` / ``slice_member``)."""
+        """Every member, whole (narrow it with ``select_members`` / ``slice_member``). The
+        manifest is read from the store, so it is checked as any peer's claim: at most
+        MAX_MANIFEST bytes, at most MAX_MEMBERS members of known kinds, names without '/',
+        array shapes of at most 8 dimensions and MAX_MEMBER_BYTES."""
+        if not isinstance(ref, BundleRef):
+            raise InvalidArgumentError(f"ref must be a BundleRef, not {type(ref).__name__}")
         try:
-            raw = self.store.get(f"{ref.key}/manifest")
+            raw = self.store._get_small(f"{ref.key}/manifest", MAX_MANIFEST)
         except ObjectNotFoundError:
             raise ObjectNotFoundError(f"no structured object {ref.key!r}") from None
         try:
             manifest = json.loads(raw)
-            if manifest.get("version") != 1 or not isinstance(manifest.get("members"), dict):
-                raise ValueError("bad fields")
-        except (ValueError, AttributeError) as e:
+            if not isinstance(manifest, dict) or manifest.get("version") != 1:
+                raise ValueError("not a version-1 manifest")
+            _check_members(manifest.get("members"))
+        except (ValueError, InvalidArgumentError) as e:
             raise InvalidArgumentError(f"{ref.key!r} has no valid manifest: {e}") from None
         return ReadSpec(ref, manifest)
 
@@ -246,6 +277,8 @@ class BundleTransfer:
                 raise ObjectNotFoundError(f"member {name!r} of {spec.ref.key!r} is missing")
             if isinstance(value, BaseException):
                 raise value
+            if len(value) != spec.manifest["members"][name]["size"]:
+                raise InvalidArgumentError(f"member {name!r} of {spec.ref.key!r} does not match its manifest")
             objects[name] = value
         return MaterializeResult(objects, spec.manifest.get("metadata"))
 

@@ -92,8 +92,13 @@ def test_layouts_that_disagree_and_tampered_shards_are_refused(store):
     store.upsert_tensor("t_tp_1", np.zeros((4, 3), np.float64))
     with pytest.raises(kvstore.InvalidArgumentError, match="t_tp_1"):
         P.get_tensor(store, "t")
-    # layouts that lie
-    for raw in (b"{", b'{"version":1,"shape":[-1],"dtype":0,"axes":[{"kind":"tp","size":2,"split_dim":0,'
+    # layouts that lie: malformed, a negative or huge shape, a split past the dimensions, too
+    # many shards to plan, an object far larger than any layout (never read past the limit)
+    axis = b'{"kind":"tp","size":%d,"split_dim":0,"expert_id":null,"stage_id":null}'
+    for raw in (b'{"version":1,"shape":[1099511627776,1024],"dtype":0,"axes":[' + axis % 2 + b"]}",
+                b'{"version":1,"shape":[65536,65536],"dtype":0,"axes":[' + axis % 65536 + b',{"kind":"dp","size":65536,'
+                b'"split_dim":1,"expert_id":null,"stage_id":null}]}', b"\x00" * (64 << 20),
+                b"{", b'{"version":1,"shape":[-1],"dtype":0,"axes":[{"kind":"tp","size":2,"split_dim":0,'
                 b'"expert_id":null,"stage_id":null}]}', b'{"version":1,"shape":[4],"dtype":0,"axes":[{"kind":"tp",'
                 b'"size":2,"split_dim":5,"expert_id":null,"stage_id":null}]}', b"x" * 5000):
         store.upsert("bad" + P.LAYOUT_SUFFIX, raw)
@@ -101,10 +106,15 @@ def test_layouts_that_disagree_and_tampered_shards_are_refused(store):
             P.get_tensor(store, "bad")
     with pytest.raises(kvstore.ObjectNotFoundError):
         P.get_tensor(store, "never")
+    keys = sorted(store.keys())
+    with pytest.raises(kvstore.InvalidArgumentError):
+        P.get_tensor(store, "t", kind="tensorflow")
+    assert sorted(store.keys()) == keys   # nothing changed
 
 
 @pytest.mark.parametrize("axes", [[P.Axis("xp", 0, 2)], [tp(2, 2, 0)], [tp(0, 0, 0)], [tp(0, 2, 7)], [],
-                                  [tp(0, 2, 0), tp(1, 2, 1)], ["tp"]])
+                                  [tp(0, 2, 0), tp(1, 2, 1)], ["tp"], [tp(0, 65536, 0), P.Axis("ep", 0, 2, 1)],
+                                  [P.Axis("tp", True, 2, 0)], [P.Axis("tp", 0, 2, -1)]])
 def test_bad_axes_are_refused_and_nothing_is_written(store, axes):
     with pytest.raises(kvstore.InvalidArgumentError):
         P.put_tensor(store, "x", np.zeros((4, 4)), axes, full_input=True)

@@ -3,6 +3,8 @@ as slices of array members (issue 19, Mooncake's structured_object_store)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from cluster import Master
@@ -55,6 +57,28 @@ def test_bad_reads_and_writes_are_refused(transfer):
     transfer.store.upsert_tensor(f"{ref.key}/m/tokens", np.zeros((6, 4), np.float32))
     with pytest.raises(kvstore.InvalidArgumentError, match="manifest"):
         transfer.materialize(transfer.read_spec(ref))
+    # manifests that lie: a member name that reaches another key, an unknown kind or dtype, a
+    # huge shape, a bytes member whose object differs from its size, an oversized manifest
+    good = transfer.store.get(f"{ref.key}/manifest")
+    for forged in ({"version": 1, "members": {"../x": {"kind": "bytes", "size": 1}}},
+                   {"version": 1, "members": {"a": {"kind": "pickle"}}},
+                   {"version": 1, "members": {"a": {"kind": "array", "dtype": 99, "shape": [1]}}},
+                   {"version": 1, "members": {"a": {"kind": "array", "dtype": 0, "shape": [1 << 40, 1 << 20]}}},
+                   {"version": 1, "members": {}}, {"version": 2, "members": {"a": {"kind": "bytes", "size": 1}}}, [1]):
+        transfer.store.upsert(f"{ref.key}/manifest", json.dumps(forged).encode())
+        with pytest.raises(kvstore.InvalidArgumentError, match="manifest"):
+            transfer.read_spec(ref)
+    transfer.store.upsert(f"{ref.key}/manifest", b" " * (2 << 20))
+    with pytest.raises(kvstore.InvalidArgumentError, match="manifest"):
+        transfer.read_spec(ref)
+    lie = json.loads(good)
+    lie["members"]["prompt_ids"]["size"] = 3
+    transfer.store.upsert(f"{ref.key}/manifest", json.dumps(lie).encode())
+    with pytest.raises(kvstore.InvalidArgumentError, match="prompt_ids"):
+        transfer.materialize(transfer.read_spec(ref).select_members(["prompt_ids"]))
+    with pytest.raises(kvstore.InvalidArgumentError):
+        transfer.read_spec("not a ref")
+    transfer.store.upsert(f"{ref.key}/manifest", good)
     transfer.remove_bundle(ref)
     with pytest.raises(kvstore.ObjectNotFoundError):
         transfer.read_spec(ref)
