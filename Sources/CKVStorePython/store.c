@@ -504,8 +504,8 @@ static PyObject *store_get_into_addr(StoreObject *self, PyObject *const *args, P
 
 /* ---- writes in pieces (sessions) ---- */
 
-static Py_ssize_t range_count(PyObject *lst);
-static int fill_ranges(PyObject *lst, batch_item *it, kv_range *out, uint64_t *bytes);
+static int convert_range_lists(PyObject *lists, Py_ssize_t n, batch_item *items, kv_range **out, size_t *total,
+                               uint64_t *bytes);
 static PyObject *range_results(const batch_item *it, const kv_range *ranges, const int32_t *statuses, size_t first,
                                Py_ssize_t count);
 
@@ -605,36 +605,13 @@ static PyObject *store_write_ranges(StoreObject *self, PyObject *const *args, Py
     uint64_t *ids = PyMem_Calloc((size_t)(n ? n : 1), sizeof *ids);
     kv_write_ranges_item *wr = PyMem_Calloc((size_t)(n ? n : 1), sizeof *wr);
     kv_range *ranges = NULL;
-    kv_write_range *wranges = NULL;
     int32_t *statuses = NULL;
     if (!items || !ids || !wr) { PyErr_NoMemory(); goto done; }
     if (ids_arg(args[0], "ids", ids, n) < 0) goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *lst = PySequence_GetItem(args[1], i);
-        if (!lst) goto done;
-        Py_ssize_t c = range_count(lst);
-        Py_DECREF(lst);
-        if (c < 0) goto done;
-        items[i].first = (Py_ssize_t)total;
-        items[i].count = c;
-        total += (size_t)c;
-    }
-    ranges = PyMem_Calloc(total ? total : 1, sizeof *ranges);
-    wranges = PyMem_Calloc(total ? total : 1, sizeof *wranges);
+    if (convert_range_lists(args[1], n, items, &ranges, &total, &bytes) < 0) goto done;
     statuses = PyMem_Calloc(total ? total : 1, sizeof *statuses);
-    if (!ranges || !wranges || !statuses) { PyErr_NoMemory(); goto done; }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *lst = PySequence_GetItem(args[1], i);
-        if (!lst) goto done;
-        int r = fill_ranges(lst, &items[i], ranges + items[i].first, &bytes);
-        Py_DECREF(lst);
-        if (r < 0) goto done;
-        for (Py_ssize_t j = 0; j < items[i].count; j++) {
-            kv_range *g = &ranges[items[i].first + j];
-            wranges[items[i].first + j] = (kv_write_range){g->offset, g->length, g->dst};
-        }
-        wr[i] = (kv_write_ranges_item){ids[i], wranges + items[i].first, (size_t)items[i].count};
-    }
+    if (!statuses) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t i = 0; i < n; i++) wr[i] = (kv_write_ranges_item){ids[i], ranges + items[i].first, (size_t)items[i].count};
     int32_t st;
     RUN_UNLOCKED(self, bytes, st = kv_batch_write_ranges(self->store, wr, (size_t)n, host ? KV_HOST_MEMORY : 0, statuses));
     if (st) { kvpy_raise_last(st); goto done; }
@@ -645,7 +622,7 @@ static PyObject *store_write_ranges(StoreObject *self, PyObject *const *args, Py
         PyList_SetItem(result, i, r);
     }
 done:
-    PyMem_Free(items); PyMem_Free(ids); PyMem_Free(wr); PyMem_Free(ranges); PyMem_Free(wranges); PyMem_Free(statuses);
+    PyMem_Free(items); PyMem_Free(ids); PyMem_Free(wr); PyMem_Free(ranges); PyMem_Free(statuses);
     return result;
 }
 
@@ -987,6 +964,38 @@ static int fill_ranges(PyObject *lst, batch_item *it, kv_range *out, uint64_t *b
     return 0;
 }
 
+/* Converts n range lists (see range_count) into *out (PyMem_Free it), recording each item's
+ * first range, count and packed flag in items; *total ranges, *bytes their lengths. -1 with an
+ * error set. */
+static int convert_range_lists(PyObject *lists, Py_ssize_t n, batch_item *items, kv_range **out, size_t *total,
+                               uint64_t *bytes) {
+    *out = NULL;
+    *total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *lst = PySequence_GetItem(lists, i);
+        if (!lst) return -1;
+        Py_ssize_t c = range_count(lst);
+        Py_DECREF(lst);
+        if (c < 0) return -1;
+        items[i].first = (Py_ssize_t)*total;
+        items[i].count = c;
+        *total += (size_t)c;
+    }
+    *out = PyMem_Calloc(*total ? *total : 1, sizeof **out);
+    if (!*out) { PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *lst = PySequence_GetItem(lists, i);
+        if (!lst) return -1;
+        int r = range_count(lst) != items[i].count ? -1 : fill_ranges(lst, &items[i], *out + items[i].first, bytes);
+        Py_DECREF(lst);
+        if (r < 0) {
+            if (!PyErr_Occurred()) kvpy_raise(KV_E_INVALID_ARGUMENT, "a range list changed during the call");
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* _read_ranges(keys, range_lists, host=False) -> [[length | exception] | total]: range_lists[i]
  * lists (address, offset, length) triples (or packs them, see range_count), each copying bytes
  * [offset, offset+length) of object keys[i] to the address (memory on any device; `host`: the
@@ -1007,30 +1016,10 @@ static PyObject *store_read_ranges(StoreObject *self, PyObject *const *args, Py_
     size_t total = 0;
     uint64_t bytes = 0;
     if (!ris) { PyErr_NoMemory(); goto done; }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *lst = PySequence_GetItem(args[1], i);
-        if (!lst) goto done;
-        Py_ssize_t c = range_count(lst);
-        Py_DECREF(lst);
-        if (c < 0) goto done;
-        items[i].first = (Py_ssize_t)total;
-        items[i].count = c;
-        total += (size_t)c;
-    }
-    ranges = PyMem_Calloc(total ? total : 1, sizeof *ranges);
+    if (convert_range_lists(args[1], n, items, &ranges, &total, &bytes) < 0) goto done;
     statuses = PyMem_Calloc(total ? total : 1, sizeof *statuses);
-    if (!ranges || !statuses) { PyErr_NoMemory(); goto done; }
+    if (!statuses) { PyErr_NoMemory(); goto done; }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *lst = PySequence_GetItem(args[1], i);
-        if (!lst) goto done;
-        if (range_count(lst) != items[i].count) {
-            Py_DECREF(lst);
-            if (!PyErr_Occurred()) kvpy_raise(KV_E_INVALID_ARGUMENT, "a range list changed during the call");
-            goto done;
-        }
-        int r = fill_ranges(lst, &items[i], ranges + items[i].first, &bytes);
-        if (r < 0) { Py_DECREF(lst); goto done; }
-        Py_DECREF(lst);
         ris[i] = (kv_range_item){items[i].k, (size_t)items[i].klen, ranges + items[i].first, (size_t)items[i].count};
     }
     int32_t st;

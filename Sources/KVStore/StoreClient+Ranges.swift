@@ -9,17 +9,18 @@ import KVTransfer
 // the whole object (Mooncake's `get_into_ranges`, tensor shards read out of a larger tensor).
 
 extension StoreClient {
-    /// One piece of a ranged read: bytes `offset..<offset+length` of an object into `destination`
-    /// (which must hold `length` bytes).
-    public struct RangeCopy: Sendable {
+    /// One piece of a ranged read or of a write in pieces: bytes `offset..<offset+length` of an
+    /// object, and the caller's `memory` (at least `length` bytes) they are copied into (a read)
+    /// or from (a write).
+    public struct Piece: Sendable {
         public var offset: Int
         public var length: Int
-        public var destination: MemoryRegion
+        public var memory: MemoryRegion
 
-        public init(offset: Int, length: Int, destination: MemoryRegion) {
+        public init(offset: Int, length: Int, memory: MemoryRegion) {
             self.offset = offset
             self.length = length
-            self.destination = destination
+            self.memory = memory
         }
     }
 
@@ -30,7 +31,7 @@ extension StoreClient {
     /// outlived the read's lease is read again on its own (its bytes may have been another
     /// object's), at most `expiredReadRetries` more times. Ranges are not checked against the
     /// object's checksum, which covers the whole object.
-    public func readRanges(keys: [ObjectKey], pieces: [Range<Int>], copies: UnsafeBufferPointer<RangeCopy>,
+    public func readRanges(keys: [ObjectKey], pieces: [Range<Int>], copies: UnsafeBufferPointer<Piece>,
                            memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
         guard keys.count == pieces.count else { throw .invalidArgument("\(keys.count) keys but \(pieces.count) piece lists") }
         for p in pieces where p.lowerBound < 0 || p.upperBound > copies.count {
@@ -72,30 +73,30 @@ extension StoreClient {
     }
 
     /// Why `piece` cannot be copied out of an object of `size` bytes; nil when it can.
-    static func check(_ piece: RangeCopy, in size: Int) -> KVError? {
+    static func check(_ piece: Piece, in size: Int) -> KVError? {
         guard piece.offset >= 0, piece.length >= 0, piece.offset <= size, piece.length <= size - piece.offset else {
             return .invalidArgument("range at \(piece.offset) of \(piece.length) bytes is outside an object of \(size) bytes")
         }
-        guard piece.destination.length >= piece.length else {
-            return .invalidArgument("destination of \(piece.destination.length) bytes is smaller than the range's \(piece.length)")
+        guard piece.memory.length >= piece.length else {
+            return .invalidArgument("memory of \(piece.memory.length) bytes is smaller than the range's \(piece.length)")
         }
         return nil
     }
 
     /// Copies the pieces `which` of held object `t`, recording each failure; false when a copy
     /// outlived the lease (read the object again).
-    private func copyPieces(_ t: ReadTicket, _ copies: UnsafeBufferPointer<RangeCopy>, _ which: Range<Int>,
+    private func copyPieces(_ t: ReadTicket, _ copies: UnsafeBufferPointer<Piece>, _ which: Range<Int>,
                             _ outcome: inout [KVError?], _ memory: MemoryHint) -> Bool {
-        if let held = copyMappedPieces(t, copies, which, &outcome, memory) { return held }
-        var held = true
+        var valid: [Int] = []   // the pieces to copy: inside the object, with room, not empty
+        valid.reserveCapacity(which.count)
         for c in which {
+            if let e = Self.check(copies[c], in: t.size) { outcome[c] = e } else if copies[c].length > 0 { valid.append(c) }
+        }
+        if let held = copyMappedPieces(t, copies, valid, memory) { return held }
+        var held = true
+        for c in valid {
             let piece = copies[c]
-            if let e = Self.check(piece, in: t.size) {
-                outcome[c] = e
-                continue
-            }
-            if piece.length == 0 { continue }
-            let destination = MemoryRegion(address: piece.destination.address, length: piece.length)
+            let destination = MemoryRegion(address: piece.memory.address, length: piece.length)
             do throws(KVError) {
                 let n = try withUnsafePointer(to: destination) { (d) throws(KVError) in
                     try copyOutIfLeased(t, range: piece.offset..<piece.offset + piece.length,
@@ -119,8 +120,8 @@ extension StoreClient {
     /// once and each piece is one copy, the lease checked once after the last (a plan of
     /// thousands of row pieces costs little more than its bytes). nil when that does not apply
     /// (device memory, a peer's segment): the caller copies piece by piece.
-    private func copyMappedPieces(_ t: ReadTicket, _ copies: UnsafeBufferPointer<RangeCopy>, _ which: Range<Int>,
-                                  _ outcome: inout [KVError?], _ memory: MemoryHint) -> Bool? {
+    private func copyMappedPieces(_ t: ReadTicket, _ copies: UnsafeBufferPointer<Piece>, _ valid: [Int],
+                                  _ memory: MemoryHint) -> Bool? {
         guard case .host = memory else { return nil }
         do throws(KVError) {
             try enter()
@@ -131,19 +132,10 @@ extension StoreClient {
         guard case .mapped(let s)? = try? access(t.segment),
               let whole = try? Self.region(of: s, Replica(segment: t.segment, offset: t.offset), t.size) else { return nil }
         if t.leaseEnd != 0, Self.testReadPause > 0 { usleep(Self.testReadPause) }
-        var ops: [CopyOp] = []
-        ops.reserveCapacity(which.count)
-        var total = 0
-        for c in which {
-            let piece = copies[c]
-            if let e = Self.check(piece, in: t.size) {
-                outcome[c] = e
-                continue
-            }
-            if piece.length == 0 { continue }
-            ops.append(CopyOp(source: whole.address + UInt(piece.offset), destination: piece.destination.address, length: piece.length))
-            total += piece.length
+        let ops = valid.map { c in
+            CopyOp(source: whole.address + UInt(copies[c].offset), destination: copies[c].memory.address, length: copies[c].length)
         }
+        let total = ops.reduce(0) { $0 + $1.length }
         // Pieces that add up to more than a cache's worth land on cold lines: streaming stores,
         // one fence for all (a TP=4 → TP=2 reshard of 256 MiB, rows of 16 KiB: 66% of
         // get_into's rate with a memcpy per piece, 78% so).

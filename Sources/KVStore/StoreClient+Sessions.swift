@@ -17,20 +17,6 @@ extension StoreClient {
     /// per client, and aborts one not ended within its write timeout).
     public static let maxOpenWrites = 4096
 
-    /// One piece of a write in progress: `source` (which must hold `length` bytes) copied to
-    /// bytes `offset..<offset+length` of the object.
-    public struct WritePiece: Sendable {
-        public var offset: Int
-        public var length: Int
-        public var source: MemoryRegion
-
-        public init(offset: Int, length: Int, source: MemoryRegion) {
-            self.offset = offset
-            self.length = length
-            self.source = source
-        }
-    }
-
     /// Reserves space for objects `keys[i]` of `sizes[i]` bytes (one master request per chunk);
     /// returns an open write's id per key, or its error (`objectExists` for a put of an
     /// existing key). Nothing is visible until `endWrites`.
@@ -71,10 +57,10 @@ extension StoreClient {
         return out
     }
 
-    /// Copies `pieces[j]` of `copies` into open write `ids[j]`, every replica; returns one
+    /// Copies `pieces[j]` of `copies` (their memory the source) into open write `ids[j]`, every replica; returns one
     /// outcome per piece (nil: copied). A piece outside its object, or of a write that is not
     /// open, fails alone; a write whose deadline passed fails (revoke it).
-    public func writeRanges(ids: [UInt64], pieces: [Range<Int>], copies: UnsafeBufferPointer<WritePiece>,
+    public func writeRanges(ids: [UInt64], pieces: [Range<Int>], copies: UnsafeBufferPointer<Piece>,
                             memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
         try enter()
         defer { leave() }
@@ -83,8 +69,7 @@ extension StoreClient {
             throw .invalidArgument("piece list \(p) is outside \(copies.count) pieces")
         }
         var outcome = [KVError?](repeating: nil, count: copies.count)
-        var plan = DeviceCopyPlan()
-        var owners: [Int: [Int]] = [:]   // plan owner (piece) -> pieces it stands for
+        var plan = DeviceCopyPlan()   // device sources; each copy's owner is its piece
         for (j, id) in ids.enumerated() {
             guard let t = openWrites.withLock({ $0.byID[id]?.ticket }) else {
                 for c in pieces[j] { outcome[c] = .invalidArgument("write \(id) is not open") }
@@ -92,15 +77,12 @@ extension StoreClient {
             }
             for c in pieces[j] {
                 let piece = copies[c]
-                guard piece.offset >= 0, piece.length > 0, piece.offset <= t.size, piece.length <= t.size - piece.offset else {
-                    outcome[c] = .invalidArgument("range at \(piece.offset) of \(piece.length) bytes is outside an object of \(t.size) bytes")
+                if let e = Self.check(piece, in: t.size) {
+                    outcome[c] = e
                     continue
                 }
-                guard piece.source.length >= piece.length else {
-                    outcome[c] = .invalidArgument("source of \(piece.source.length) bytes is shorter than the range's \(piece.length)")
-                    continue
-                }
-                var source = MemoryRegion(address: piece.source.address, length: piece.length)
+                if piece.length == 0 { continue }
+                var source = MemoryRegion(address: piece.memory.address, length: piece.length)
                 do throws(KVError) {
                     try withUnsafePointer(to: &source) { (src) throws(KVError) in
                         let part = UnsafeBufferPointer(start: src, count: 1)
@@ -109,15 +91,14 @@ extension StoreClient {
                             _ = try write(part, locations: locations, size: piece.length,
                                           to: Replica(segment: r.segment, offset: r.offset + piece.offset), of: t, plan: &plan, owner: c)
                         }
-                        if locations != nil { owners[c, default: []].append(c) }
                     }
                 } catch {
                     outcome[c] = error
                 }
             }
         }
-        for (owner, e) in plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot) {
-            for c in owners[owner] ?? [] where outcome[c] == nil { outcome[c] = e }
+        for (c, e) in plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot) where outcome[c] == nil {
+            outcome[c] = e
         }
         return outcome
     }

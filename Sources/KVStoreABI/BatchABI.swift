@@ -184,51 +184,71 @@ public func kvBatchError(_ index: Int, _ len: UnsafeMutablePointer<Int>?) -> Uns
     return UnsafePointer(message)
 }
 
-@c(kv_batch_read_ranges)
-public func kvBatchReadRanges(_ store: OpaquePointer?, _ items: UnsafePointer<kv_range_item>?, _ n: Int, _ flags: UInt32,
-                              _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
-    ABI.status { () throws(KVError) in
-        let c = try ABI.batchClient(store, n, items, statuses)
-        var keys: [ObjectKey] = []
-        var pieces: [Range<Int>] = []
-        var copies: [StoreClient.RangeCopy] = []
-        var positions: [Int] = []            // item of each converted key
-        var errors: [KVError?] = []          // per range, every item's ranges in order
-        var first: [Int] = []                // index of item i's first range in errors
-        keys.reserveCapacity(n)
-        for i in 0..<n {
-            let it = items![i]
-            first.append(errors.count)
-            guard it.nranges == 0 || it.ranges != nil else { throw .invalidArgument("ranges of item \(i) are NULL") }
-            errors.append(contentsOf: repeatElement(nil, count: it.nranges))
-            do throws(KVError) {
-                let k = try ABI.key(it.key, it.key_len)
-                let start = copies.count
-                for j in 0..<it.nranges {
-                    let r = it.ranges![j]
-                    guard r.offset <= UInt64(Int.max), r.length <= UInt64(Int.max) - r.offset else {
-                        throw .invalidArgument("range \(j) of item \(i): offset \(r.offset) length \(r.length) overflows")
-                    }
-                    guard r.dst != nil || r.length == 0 else { throw .invalidArgument("range \(j) of item \(i) has a NULL destination") }
-                    copies.append(StoreClient.RangeCopy(offset: Int(r.offset), length: Int(r.length),
-                                                        destination: MemoryRegion(address: UInt(bitPattern: r.dst), length: Int(r.length))))
+/// The items of a ranged call (reads or writes), converted: each item's pieces in `copies`
+/// (its range in `pieces`), its position, and one error slot per range, every item's ranges in
+/// order. An item whose key (or id) or ranges are malformed fails with all its ranges.
+struct RangeBatch {
+    var pieces: [Range<Int>] = []
+    var copies: [StoreClient.Piece] = []
+    var positions: [Int] = []
+    var errors: [KVError?] = []
+    private var first: [Int] = []
+
+    /// Adds item `i` of `count` ranges; `accept` converts the rest of the item (its key) and
+    /// runs once its ranges are valid. Throws only when the range list is NULL.
+    mutating func add(_ i: Int, _ ranges: UnsafePointer<kv_range>?, _ count: Int,
+                      _ accept: () throws(KVError) -> Void) throws(KVError) {
+        guard count == 0 || ranges != nil else { throw .invalidArgument("ranges of item \(i) are NULL") }
+        first.append(errors.count)
+        errors.append(contentsOf: repeatElement(nil, count: count))
+        let start = copies.count
+        do throws(KVError) {
+            for j in 0..<count {
+                let r = ranges![j]
+                guard r.offset <= UInt64(Int.max), r.length <= UInt64(Int.max) - r.offset else {
+                    throw .invalidArgument("range \(j) of item \(i): offset \(r.offset) length \(r.length) overflows")
                 }
-                keys.append(k)
-                pieces.append(start..<copies.count)
-                positions.append(i)
-            } catch {
-                for j in 0..<it.nranges { errors[first[i] + j] = error }
+                guard r.mem != nil || r.length == 0 else { throw .invalidArgument("range \(j) of item \(i) has NULL memory") }
+                copies.append(StoreClient.Piece(offset: Int(r.offset), length: Int(r.length),
+                                                memory: MemoryRegion(address: UInt(bitPattern: r.mem), length: Int(r.length))))
             }
+            try accept()
+            pieces.append(start..<copies.count)
+            positions.append(i)
+        } catch {
+            copies.removeSubrange(start...)
+            for j in 0..<count { errors[first[i] + j] = error }
         }
-        let outcome = try copies.withUnsafeBufferPointer { (cp) throws(KVError) in
-            try c.readRanges(keys: keys, pieces: pieces, copies: cp, memory: memoryHint(flags))
-        }
+    }
+
+    /// Records the outcome per piece of the converted items, then writes every range's status
+    /// and keeps the messages for kv_batch_error.
+    mutating func finish(_ outcome: [KVError?], statuses: UnsafeMutablePointer<Int32>?) {
         for (j, p) in pieces.enumerated() {
             let base = first[positions[j]]
             for (k, c) in p.enumerated() { errors[base + k] = outcome[c] }
         }
         for (i, e) in errors.enumerated() { statuses![i] = e?.code.rawValue ?? 0 }
         LastError.setBatch(errors)
+    }
+}
+
+@c(kv_batch_read_ranges)
+public func kvBatchReadRanges(_ store: OpaquePointer?, _ items: UnsafePointer<kv_range_item>?, _ n: Int, _ flags: UInt32,
+                              _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.batchClient(store, n, items, statuses)
+        var batch = RangeBatch()
+        var keys: [ObjectKey] = []
+        for i in 0..<n {
+            try batch.add(i, items![i].ranges, items![i].nranges) { () throws(KVError) in
+                keys.append(try ABI.key(items![i].key, items![i].key_len))
+            }
+        }
+        let outcome = try batch.copies.withUnsafeBufferPointer { (cp) throws(KVError) in
+            try c.readRanges(keys: keys, pieces: batch.pieces, copies: cp, memory: memoryHint(flags))
+        }
+        batch.finish(outcome, statuses: statuses)
     }
 }
 
@@ -298,28 +318,15 @@ public func kvBatchWriteRanges(_ store: OpaquePointer?, _ items: UnsafePointer<k
                                _ flags: UInt32, _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.batchClient(store, n, items, statuses)
-        var ids: [UInt64] = [], pieces: [Range<Int>] = [], copies: [StoreClient.WritePiece] = []
-        var errors: [KVError?] = []
+        var batch = RangeBatch()
+        var ids: [UInt64] = []
         for i in 0..<n {
-            let it = items![i]
-            guard it.nranges == 0 || it.ranges != nil else { throw .invalidArgument("ranges of item \(i) are NULL") }
-            let start = copies.count
-            for j in 0..<it.nranges {
-                let r = it.ranges![j]
-                guard r.offset <= UInt64(Int.max), r.length <= UInt64(Int.max) - r.offset, r.src != nil || r.length == 0 else {
-                    throw .invalidArgument("range \(j) of item \(i) is malformed")
-                }
-                copies.append(StoreClient.WritePiece(offset: Int(r.offset), length: Int(r.length),
-                                                     source: MemoryRegion(address: UInt(bitPattern: r.src), length: Int(r.length))))
-            }
-            ids.append(it.id)
-            pieces.append(start..<copies.count)
+            try batch.add(i, items![i].ranges, items![i].nranges) { ids.append(items![i].id) }
         }
-        errors = try copies.withUnsafeBufferPointer { (cp) throws(KVError) in
-            try c.writeRanges(ids: ids, pieces: pieces, copies: cp, memory: memoryHint(flags))
+        let outcome = try batch.copies.withUnsafeBufferPointer { (cp) throws(KVError) in
+            try c.writeRanges(ids: ids, pieces: batch.pieces, copies: cp, memory: memoryHint(flags))
         }
-        for (i, e) in errors.enumerated() { statuses![i] = e?.code.rawValue ?? 0 }
-        LastError.setBatch(errors)
+        batch.finish(outcome, statuses: statuses)
     }
 }
 

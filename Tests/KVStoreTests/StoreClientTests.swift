@@ -58,11 +58,11 @@ final class StoreClientTests: XCTestCase {
         let outcome = try out.withUnsafeMutableBytes { (b) throws(KVError) -> [KVError?] in
             let base = UInt(bitPattern: b.baseAddress!)
             let copies = [
-                StoreClient.RangeCopy(offset: 100, length: 10, destination: MemoryRegion(address: base, length: 10)),
-                StoreClient.RangeCopy(offset: 4995, length: 10, destination: MemoryRegion(address: base + 10, length: 10)),
-                StoreClient.RangeCopy(offset: 0, length: 1, destination: MemoryRegion(address: base + 20, length: 1)),
-                StoreClient.RangeCopy(offset: 4990, length: 10, destination: MemoryRegion(address: base + 30, length: 10)),
-                StoreClient.RangeCopy(offset: 0, length: 8, destination: MemoryRegion(address: base + 40, length: 4)),
+                StoreClient.Piece(offset: 100, length: 10, memory: MemoryRegion(address: base, length: 10)),
+                StoreClient.Piece(offset: 4995, length: 10, memory: MemoryRegion(address: base + 10, length: 10)),
+                StoreClient.Piece(offset: 0, length: 1, memory: MemoryRegion(address: base + 20, length: 1)),
+                StoreClient.Piece(offset: 4990, length: 10, memory: MemoryRegion(address: base + 30, length: 10)),
+                StoreClient.Piece(offset: 0, length: 8, memory: MemoryRegion(address: base + 40, length: 4)),
             ]
             return try copies.withUnsafeBufferPointer { (c) throws(KVError) in
                 try s.readRanges(keys: ["a", "missing", "a"], pieces: [0..<2, 2..<3, 3..<5], copies: c)
@@ -78,7 +78,7 @@ final class StoreClientTests: XCTestCase {
         XCTAssertEqual(Array(out[10..<30]), [UInt8](repeating: 0, count: 20))
         XCTAssertEqual(stat(s, "bytes_copied") - copiedBefore, 20, "only the ranges are copied")
         XCTAssertEqual(stat(s, "active_readers"), 0, "every hold is released")
-        XCTAssertThrowsError(try [StoreClient.RangeCopy]().withUnsafeBufferPointer { (c) throws(KVError) in
+        XCTAssertThrowsError(try [StoreClient.Piece]().withUnsafeBufferPointer { (c) throws(KVError) in
             try s.readRanges(keys: ["a"], pieces: [0..<1], copies: c)
         }) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
 
@@ -93,10 +93,10 @@ final class StoreClientTests: XCTestCase {
                 let base = UInt(bitPattern: b.baseAddress!)
                 // the object's eight pieces in reverse order, and one past its end
                 var copies = (0..<8).map { i in
-                    StoreClient.RangeCopy(offset: i * pieceLength, length: pieceLength,
-                                          destination: MemoryRegion(address: base + UInt((7 - i) * pieceLength), length: pieceLength))
+                    StoreClient.Piece(offset: i * pieceLength, length: pieceLength,
+                                          memory: MemoryRegion(address: base + UInt((7 - i) * pieceLength), length: pieceLength))
                 }
-                copies.append(StoreClient.RangeCopy(offset: 8 * pieceLength, length: 1, destination: MemoryRegion(address: base, length: 1)))
+                copies.append(StoreClient.Piece(offset: 8 * pieceLength, length: 1, memory: MemoryRegion(address: base, length: 1)))
                 return try copies.withUnsafeBufferPointer { (c) throws(KVError) in
                     try s.readRanges(keys: ["big\(pieceLength)"], pieces: [0..<9], copies: c, memory: .host)
                 }
@@ -123,10 +123,10 @@ final class StoreClientTests: XCTestCase {
         let outcome = try v.withUnsafeBytes { (b) throws(KVError) -> [KVError?] in
             let base = UInt(bitPattern: b.baseAddress!)
             // the back half first, then the front, then one past the end and one for no write
-            let pieces = [StoreClient.WritePiece(offset: 1500, length: 1500, source: MemoryRegion(address: base + 1500, length: 1500)),
-                          StoreClient.WritePiece(offset: 0, length: 1500, source: MemoryRegion(address: base, length: 1500)),
-                          StoreClient.WritePiece(offset: 2999, length: 2, source: MemoryRegion(address: base, length: 2)),
-                          StoreClient.WritePiece(offset: 0, length: 1, source: MemoryRegion(address: base, length: 1))]
+            let pieces = [StoreClient.Piece(offset: 1500, length: 1500, memory: MemoryRegion(address: base + 1500, length: 1500)),
+                          StoreClient.Piece(offset: 0, length: 1500, memory: MemoryRegion(address: base, length: 1500)),
+                          StoreClient.Piece(offset: 2999, length: 2, memory: MemoryRegion(address: base, length: 2)),
+                          StoreClient.Piece(offset: 0, length: 1, memory: MemoryRegion(address: base, length: 1))]
             return try pieces.withUnsafeBufferPointer { (p) throws(KVError) in
                 try s.writeRanges(ids: [w, w, 999], pieces: [0..<2, 2..<3, 3..<4], copies: p)
             }
@@ -248,7 +248,7 @@ final class StoreClientTests: XCTestCase {
                     let ok: Bool = v.withUnsafeBytes { b in
                         let base = UInt(bitPattern: b.baseAddress!)
                         let pieces = [(cut2, length - cut2), (0, cut1), (cut1, cut2 - cut1)].map { (o, n) in
-                            StoreClient.WritePiece(offset: o, length: n, source: MemoryRegion(address: base + UInt(o), length: n))
+                            StoreClient.Piece(offset: o, length: n, memory: MemoryRegion(address: base + UInt(o), length: n))
                         }
                         let r = pieces.withUnsafeBufferPointer { p in try? s.writeRanges(ids: [id], pieces: [0..<3], copies: p) }
                         return r?.allSatisfy { $0 == nil } ?? false
@@ -260,7 +260,7 @@ final class StoreClientTests: XCTestCase {
                     let got: [KVError?]? = out.withUnsafeMutableBytes { b in
                         let base = UInt(bitPattern: b.baseAddress!)
                         let copies = [(cut2, length - cut2), (cut1, cut2 - cut1), (0, cut1)].map { (o, n) in
-                            StoreClient.RangeCopy(offset: o, length: n, destination: MemoryRegion(address: base + UInt(o), length: n))
+                            StoreClient.Piece(offset: o, length: n, memory: MemoryRegion(address: base + UInt(o), length: n))
                         }
                         return copies.withUnsafeBufferPointer { c in
                             try? s.readRanges(keys: [key], pieces: [0..<3], copies: c, memory: rng.next() % 2 == 0 ? .host : .locate)

@@ -179,9 +179,10 @@ int32_t kv_batch_remove(kv_store *store, const kv_key *keys, size_t n, uint32_t 
 /* kv_read_begin (waiting) of n keys, one master request per chunk of keys: holds[i] is valid
  * when statuses[i] is KV_OK, and must then be ended with kv_read_end. */
 int32_t kv_batch_read_begin(kv_store *store, const kv_key *keys, size_t n, kv_read *holds, int32_t *statuses);
-/* One range of kv_batch_read_ranges: bytes [offset, offset+length) of its item's object into
- * dst (which must hold length bytes). */
-typedef struct { uint64_t offset; uint64_t length; void *dst; } kv_range;
+/* One range of kv_batch_read_ranges / kv_batch_write_ranges: bytes [offset, offset+length) of
+ * its item's object, and the caller's memory of length bytes they are copied to (a read) or
+ * from (a write). */
+typedef struct { uint64_t offset; uint64_t length; void *mem; } kv_range;
 /* One object of kv_batch_read_ranges: its key and its ranges. */
 typedef struct { const char *key; size_t key_len; const kv_range *ranges; size_t nranges; } kv_range_item;
 /* Ranged reads of n objects: every object held first (one master request per chunk of keys),
@@ -210,9 +211,8 @@ int32_t kv_batch_replicas(kv_store *store, const kv_key *keys, size_t n, int32_t
 typedef struct { const char *key; size_t key_len; uint64_t size; } kv_write_item;
 int32_t kv_batch_write_begin(kv_store *store, const kv_write_item *items, size_t n, uint32_t flags,
                              const kv_put_options *options, uint64_t *ids, int32_t *statuses);
-/* One range of kv_batch_write_ranges: length bytes at src to [offset, offset+length) of the object. */
-typedef struct { uint64_t offset; uint64_t length; const void *src; } kv_write_range;
-typedef struct { uint64_t id; const kv_write_range *ranges; size_t nranges; } kv_write_ranges_item;
+/* One open write of kv_batch_write_ranges and its ranges (kv_range: mem is the source). */
+typedef struct { uint64_t id; const kv_range *ranges; size_t nranges; } kv_write_ranges_item;
 /* statuses: one per range, the ranges of every item in order (kv_batch_error takes that index). */
 int32_t kv_batch_write_ranges(kv_store *store, const kv_write_ranges_item *items, size_t n, uint32_t flags,
                               int32_t *statuses);
