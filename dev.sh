@@ -55,14 +55,16 @@ make_venv() {
 # `bench --against mooncake`) and, for the benchmark, Redis from Debian. Without them those
 # parts skip.
 MOONCAKE=mooncake-transfer-engine-non-cuda==0.3.13.post1
+# install_mooncake [VENV [WHAT-SKIPS]]: Mooncake Store into a virtual environment (default .venv).
 install_mooncake() {
-    local stamp=$VENV/.kvstore-mooncake
+    local venv=${1:-$VENV} skips=${2:-the comparisons with it are skipped}
+    local stamp=$venv/.kvstore-mooncake
     [ "$(cat "$stamp" 2>/dev/null)" = "$MOONCAKE" ] && return
-    log "installing Mooncake Store ($MOONCAKE; optional, for comparisons)"
-    if "$VENV/bin/python" -m pip install -q --retries 1 --timeout 30 "$MOONCAKE"; then
+    log "installing Mooncake Store ($MOONCAKE) in $venv (optional, for comparisons)"
+    if "$venv/bin/python" -m pip install -q --retries 1 --timeout 30 "$MOONCAKE"; then
         echo "$MOONCAKE" >"$stamp"
     else
-        log "Mooncake Store could not be installed: the comparisons with it are skipped"
+        log "Mooncake Store could not be installed in $venv: $skips"
     fi
 }
 
@@ -104,19 +106,6 @@ install_engines() {
     fi
     export KVSTORE_ENGINES_PYTHON=$ENGINES_VENV/bin/python
 }
-# For `bench --against mooncake --engines`: Mooncake Store in the engines' environment too.
-install_engines_mooncake() {
-    [ -n "${KVSTORE_ENGINES_PYTHON:-}" ] || return 0
-    local stamp=$ENGINES_VENV/.kvstore-mooncake
-    [ "$(cat "$stamp" 2>/dev/null)" = "$MOONCAKE" ] && return
-    log "installing Mooncake Store ($MOONCAKE) in $ENGINES_VENV (optional, for bench --engines)"
-    if "$ENGINES_VENV/bin/python" -m pip install -q --retries 1 --timeout 30 "$MOONCAKE"; then
-        echo "$MOONCAKE" >"$stamp"
-    else
-        log "Mooncake Store could not be installed there: bench --engines runs kvstore alone"
-    fi
-}
-
 # etcd (Debian's etcd-server) for master election: the failover tests, `bench --ops failover`
 # and `./dev.sh etcd`. The package's own service is left stopped: tests run their own members.
 install_etcd() {
@@ -221,7 +210,11 @@ case "$cmd" in
     etcd) install_etcd; run_etcd "$@" ;;
     bench)
         setup_all; install_mooncake; install_redis; install_etcd
-        case " $* " in *" --engines "*) install_engines; install_engines_mooncake ;; esac
+        case " $* " in
+            *" --engines "*) install_engines
+                             [ -z "${KVSTORE_ENGINES_PYTHON:-}" ] ||
+                                 install_mooncake "$ENGINES_VENV" "bench --engines runs kvstore alone" ;;
+        esac
         exec "$VENV/bin/python" -m kvstore bench "$@" ;;
     test)
         setup_all
