@@ -424,16 +424,13 @@ static PyObject *store_batch_put_raw(StoreObject *self, PyObject *const *args, P
 /* _batch_flat(keys, addresses, lengths, op, **options) -> [size | None | exception]: one object
  * per key at one (address, length) of memory on any device (Mooncake's batch_put_from /
  * batch_get_into with integer addresses), converted here without a Python object per part.
- * op: 0 get (the bytes read per key), 1 put, 2 upsert; plus 8 when every address is host
- * memory (the caller knows: no device lookup per part). */
+ * op: 0 get (the bytes read per key), 1 put, 2 upsert. */
 static PyObject *store_batch_flat(StoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     kv_put_options o;
     if (write_args("_batch_flat", args, nargs, kwnames, 4, 4, &o) < 0) return NULL;
     long op = PyLong_AsLong(args[3]);
     if (op == -1 && PyErr_Occurred()) return NULL;
-    int host = (op & 8) != 0;   /* the caller vouches every address is host memory: no device lookup */
-    op &= ~8L;
-    if (op < 0 || op > 2) return kvpy_raise(KV_E_INVALID_ARGUMENT, "op must be 0 (get), 1 (put) or 2 (upsert), plus 8 for host memory");
+    if (op < 0 || op > 2) return kvpy_raise(KV_E_INVALID_ARGUMENT, "op must be 0 (get), 1 (put) or 2 (upsert)");
     ENSURE_OPEN(self);
     Py_ssize_t n;
     batch_item *items = batch_begin(args[0], args[1], "addresses", &n);
@@ -455,12 +452,11 @@ static PyObject *store_batch_flat(StoreObject *self, PyObject *const *args, Py_s
         items[i].first = b.count - 1;
         items[i].count = 1;
     }
-    if (host) b.raw = 0;   /* run_batch then passes KV_HOST_MEMORY */
     PyObject *r = NULL;
     if (n == 1 && items[0].key && !items[0].error) {
         /* One object: kv_get_into / kv_put, without the batch machinery (about 3 us of a 30 us
          * 1 MiB get). */
-        uint32_t flags = host ? KV_HOST_MEMORY : 0;
+        uint32_t flags = 0;   /* raw addresses: the core finds their device (registered memory: at once) */
         int32_t st;
         uint64_t copied = 0;
         RUN_UNLOCKED(self, b.parts[0].len,
@@ -479,10 +475,10 @@ static PyObject *store_batch_flat(StoreObject *self, PyObject *const *args, Py_s
     return r;
 }
 
-/* _get_into_addr(key, address, length, host) -> bytes read: get_into at an integer address
- * (Mooncake's get_into), with no list or batch around it; raises on failure. */
+/* _get_into_addr(key, address, length) -> bytes read: get_into at an integer address (memory on
+ * any device; Mooncake's get_into), with no list or batch around it; raises on failure. */
 static PyObject *store_get_into_addr(StoreObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs("_get_into_addr", nargs, 4, 4) < 0) return NULL;
+    if (check_nargs("_get_into_addr", nargs, 3, 3) < 0) return NULL;
     const char *k;
     Py_ssize_t klen;
     if (key_arg(self, args[0], &k, &klen) < 0) return NULL;
@@ -493,11 +489,9 @@ static PyObject *store_get_into_addr(StoreObject *self, PyObject *const *args, P
     Py_DECREF(pair);
     if (r < 0) return NULL;
     if (r == 0) return kvpy_type_error(args[1], "address and length", "ints");
-    int host = PyObject_IsTrue(args[3]);
-    if (host < 0) return NULL;
     uint64_t copied = 0;
     int32_t st;
-    RUN_UNLOCKED(self, dst.len, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, host ? KV_HOST_MEMORY : 0, &copied));
+    RUN_UNLOCKED(self, dst.len, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, 0, &copied));
     if (st) return kvpy_raise_last(st);
     return PyLong_FromUnsignedLongLong(copied);
 }
@@ -1279,9 +1273,9 @@ static PyMethodDef store_methods[] = {
     {"get_batch", (PyCFunction)store_get_batch, METH_O, "get_batch(keys) -> list."},
     {"_get_batch_new", (PyCFunction)(void (*)(void))store_get_batch_new, METH_FASTCALL, "_get_batch_new(keys, make) -> list: get_batch into make(size) objects."},
     {"_get_into_addr", (PyCFunction)(void (*)(void))store_get_into_addr, METH_FASTCALL,
-     "_get_into_addr(key, address, length, host) -> int: get_into at an integer address."},
+     "_get_into_addr(key, address, length) -> int: get_into at an integer address."},
     {"_batch_flat", (PyCFunction)(void (*)(void))store_batch_flat, METH_FASTCALL | METH_KEYWORDS,
-     "_batch_flat(keys, addresses, lengths, op, **options) -> list: one (address, length) per key; op 0 get, 1 put, 2 upsert; +8: all host memory."},
+     "_batch_flat(keys, addresses, lengths, op, **options) -> list: one (address, length) per key; op 0 get, 1 put, 2 upsert."},
     {"_write_begin", (PyCFunction)(void (*)(void))store_write_begin, METH_FASTCALL | METH_KEYWORDS,
      "_write_begin(keys, sizes, upsert, **options) -> [id | exception]: reserves space; nothing visible until _write_end."},
     {"_write_ranges", (PyCFunction)(void (*)(void))store_write_ranges, METH_FASTCALL,

@@ -1202,8 +1202,9 @@ class MooncakeDistributedStore:
             return [int(ErrorCode.INVALID_PARAMS)] * n
         return [one(k, p, m, q, config, w) for k, p, m, q, w in zip(keys, ptrs, sizes, ps, ws)]
 
-    def _read_parallel(self, s: Store, key: str, target: ReadTarget | None, into: Any = None) -> Any:
-        """A parallel read (see ``get_tensor_with_parallelism``); `into` a target array or None."""
+    @staticmethod
+    def _target(target: ReadTarget | None) -> tuple[str, tuple[parallel.Axis, ...] | None]:
+        """A read target's mode and axes, checked."""
         if target is None:
             target = ReadTarget()
         if not isinstance(target, ReadTarget) or target.mode not in ReadTarget.MODES:
@@ -1211,12 +1212,20 @@ class MooncakeDistributedStore:
         axes = _axes_of(target.parallelism)
         if target.mode == "shard" and not axes:
             raise _errors.InvalidArgumentError("a 'shard' read needs target.parallelism")
-        if target.mode == "as_stored":
+        return target.mode, axes
+
+    def _read_parallel(self, s: Store, key: str, target: ReadTarget | None, into: Any = None,
+                       layout: parallel.Layout | None = None) -> Any:
+        """A parallel read (see ``get_tensor_with_parallelism``); `into` a target array or None;
+        `layout` the caller already read (or None)."""
+        mode, axes = self._target(target)
+        if mode == "as_stored":
             name = key if axes is None else parallel.shard_key(key, axes)
             return s.get_tensor(name) if into is None else s.get_tensor_into(name, into)
-        if target.mode == "full" and s.exists(key) and not s.exists(key + parallel.LAYOUT_SUFFIX):
-            return s.get_tensor(key) if into is None else s.get_tensor_into(key, into)   # stored whole
-        return parallel.get_tensor(s, key, axes if target.mode == "shard" else None, into=into)
+        layout = layout or parallel.read_layout(s, key)
+        if layout is None and mode == "full":   # stored whole, not in shards
+            return s.get_tensor(key) if into is None else s.get_tensor_into(key, into)
+        return parallel.get_tensor(s, key, axes if mode == "shard" else None, into=into, layout=layout)
 
     def get_tensor_with_parallelism(self, key: str, target: ReadTarget | None = None) -> Any:
         """The tensor as ``target`` asks (None: as stored), or None when it is missing."""
@@ -1230,12 +1239,12 @@ class MooncakeDistributedStore:
             return [None] * len(keys)
         return [self.get_tensor_with_parallelism(k, t) for k, t in zip(keys, ts)]
 
-    def _shape_of(self, s: Store, key: str, target: ReadTarget | None) -> tuple[int, tuple[int, ...]]:
-        """(dtype code, shape) that a parallel read of `key` for `target` gives: from the layout,
-        or (as stored) from the object's header alone (a ranged read of its first bytes)."""
-        mode = "as_stored" if target is None else target.mode
-        axes = None if target is None else _axes_of(target.parallelism)
-        layout = None if mode == "as_stored" else parallel._read_layout(s, key)
+    def _shape_of(self, s: Store, key: str, target: ReadTarget | None) -> tuple[int, tuple[int, ...], parallel.Layout | None]:
+        """(dtype code, shape) that a parallel read of `key` for `target` gives, and the layout
+        it was found in: from the layout, or (stored whole) from the object's header alone (a
+        ranged read of its first bytes)."""
+        mode, axes = self._target(target)
+        layout = None if mode == "as_stored" else parallel.read_layout(s, key)
         if layout is None:
             name = key if mode != "as_stored" or axes is None else parallel.shard_key(key, axes)
             header = np.empty(_tensor.HEADER_SIZE, np.uint8)
@@ -1243,9 +1252,9 @@ class MooncakeDistributedStore:
             if isinstance(got, BaseException):
                 raise got
             code, shape, _n = _native.decode_tensor_header(header.tobytes())
-            return code, tuple(shape)
+            return code, tuple(shape), None
         want = parallel.region(layout.shape, axes if mode == "shard" and axes else ())
-        return layout.code, tuple(b - a for a, b in want)
+        return layout.code, tuple(b - a for a, b in want), layout
 
     def get_tensor_with_parallelism_into(self, key: str, buffer_ptr: int, size: int, target: ReadTarget | None = None) -> Any:
         """The parallel read into host memory at `buffer_ptr` (``size`` bytes), laid out as
@@ -1255,13 +1264,13 @@ class MooncakeDistributedStore:
             for name, v in (("buffer_ptr", buffer_ptr), ("size", size)):
                 if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                     raise _errors.InvalidArgumentError(f"{name} must be a positive int")
-            code, shape = self._shape_of(s, key, target)
+            code, shape, layout = self._shape_of(s, key, target)
             nbytes = math.prod(shape) * _tensor.ITEM_SIZES[code]
             if _tensor.HEADER_SIZE + nbytes > size:
                 raise _errors.InvalidArgumentError(f"the buffer holds {size} bytes; the tensor needs {_tensor.HEADER_SIZE + nbytes}")
             data = (ctypes.c_uint8 * nbytes).from_address(buffer_ptr + _tensor.HEADER_SIZE)
             view = np.frombuffer(data, dtype=_tensor.numpy_dtype(code)).reshape(shape)
-            self._read_parallel(s, key, target, into=view)
+            self._read_parallel(s, key, target, into=view, layout=layout)
             ctypes.memmove(buffer_ptr, _native.tensor_header(code, shape), _tensor.HEADER_SIZE)
             return self._as_torch(view)
         return self._call(run, fail=_NONE)
@@ -1291,11 +1300,12 @@ class MooncakeDistributedStore:
             return self._put_parallel(key, tensor, None, False, upsert, config)
         if not _valid_dim(split_dim):
             return int(ErrorCode.INVALID_PARAMS)
-        for r in range(tp_size):
-            code = self._put_parallel(key, tensor, _partition((r, tp_size, split_dim)), True, upsert, config)
-            if code:
-                return code
-        return 0
+
+        def put(s: Store) -> int:
+            shards = [_partition((r, tp_size, split_dim)) for r in range(tp_size)]
+            results = parallel.put_shards(s, key, tensor, shards, upsert=upsert, **_options(config, tp_size, upsert))
+            return next((_code(e) for e in results if e is not None and not isinstance(e, _errors.ObjectExistsError)), 0)
+        return self._call(put)
 
     def put_tensor_with_tp(self, key: str, tensor: Any, tp_rank: int = 0, tp_size: int = 1, split_dim: int = 0) -> int:
         """Splits a full tensor into ``tp_size`` shards along ``split_dim`` and stores them all
@@ -1379,18 +1389,6 @@ class MooncakeDistributedStore:
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*ptrs, *sizes, *offsets))
             out.append([(p, o, n) for p, o, n in zip(ptrs, offsets, sizes)] if ok else int(ErrorCode.INVALID_PARAMS))
         return out
-
-    def _host_range(self, addresses: list[Any]) -> bool:
-        """Whether the addresses all lie in one buffer registered here (host memory): checked by
-        their lowest and highest, not one by one."""
-        if not addresses or not self._registered:
-            return False
-        try:
-            lo, hi = min(addresses), max(addresses)
-        except TypeError:
-            return False
-        region = self._region(lo)
-        return region is not None and hi < region[0] + region[1]
 
     def _host(self, addresses: Any) -> bool:
         """Whether every address lies in host memory registered here (no device lookup needed)."""
@@ -1530,7 +1528,7 @@ class MooncakeDistributedStore:
         if s is None or config is not None:
             return self.batch_put_from([key], [buffer_ptr], [size], config)[0]
         try:   # the common case straight to the core: a 1 MiB put is tens of microseconds
-            r = s._batch_flat([key], [buffer_ptr], [size], 1 | (8 if self._region(buffer_ptr) else 0))[0]
+            r = s._batch_flat([key], [buffer_ptr], [size], 1)[0]
         except Exception as e:   # noqa: BLE001
             return _code(e)
         return 0 if r is None or isinstance(r, _errors.ObjectExistsError) else _code(r)
@@ -1544,7 +1542,7 @@ class MooncakeDistributedStore:
         if s is None:
             return int(ErrorCode.INVALID_PARAMS)
         try:
-            return s._get_into_addr(key, buffer_ptr, size, self._region(buffer_ptr) is not None)
+            return s._get_into_addr(key, buffer_ptr, size)
         except Exception as e:   # noqa: BLE001
             return _code(e)
 
@@ -1580,13 +1578,12 @@ class MooncakeDistributedStore:
                 ks = keys if isinstance(keys, list) else list(keys)
                 ps = all_ptrs if isinstance(all_ptrs, list) else list(all_ptrs)
                 ns = all_sizes if isinstance(all_sizes, list) else list(all_sizes)
-                host = 8 if self._host_range(ps) else 0
                 if op == "get":
-                    return [r if r.__class__ is int else _code(r) for r in s._batch_flat(ks, ps, ns, host)]
+                    return [r if r.__class__ is int else _code(r) for r in s._batch_flat(ks, ps, ns, 0)]
                 options = _options(config, len(ks), op == "upsert")
                 exists = _errors.ObjectExistsError if op == "put" else ()
                 return [0 if r is None or isinstance(r, exists) else _code(r)
-                        for r in s._batch_flat(ks, ps, ns, (2 if op == "upsert" else 1) | host, **options)]
+                        for r in s._batch_flat(ks, ps, ns, 2 if op == "upsert" else 1, **options)]
             ptrs, sizes = all_ptrs, all_sizes
             if not (len(keys) == len(ptrs) == len(sizes)) or any(len(p) != len(n) for p, n in zip(ptrs, sizes)):
                 raise _errors.InvalidArgumentError("keys, buffer pointers and sizes differ in length")

@@ -36,7 +36,8 @@ import numpy as np
 from . import _native, _tensor
 from ._errors import InvalidArgumentError, ObjectExistsError, ObjectNotFoundError
 
-__all__ = ["Axis", "LAYOUT_SUFFIX", "Layout", "get_tensor", "put_tensor", "shard_key", "split_range"]
+__all__ = ["Axis", "LAYOUT_SUFFIX", "Layout", "get_tensor", "put_shards", "put_tensor", "read_layout", "shard_key",
+           "split_range"]
 
 KINDS = ("tp", "dp", "ep", "pp")
 LAYOUT_SUFFIX = ".kvstore-layout"
@@ -201,7 +202,7 @@ def runs(src: Sequence[tuple[int, int]], dst: Sequence[tuple[int, int]], itemsiz
     return out
 
 
-def _read_layout(store: Any, key: str) -> Layout | None:
+def read_layout(store: Any, key: str) -> Layout | None:
     """`key`'s layout, or None when it is not stored in shards (at most MAX_LAYOUT_BYTES are
     read: a larger object is refused as not a layout)."""
     try:
@@ -223,21 +224,15 @@ def _write_layout(store: Any, key: str, layout: Layout, upsert: bool) -> None:
     try:
         store.put(key + LAYOUT_SUFFIX, raw)
     except ObjectExistsError:
-        have = _read_layout(store, key)
+        have = read_layout(store, key)
         if have is None or not have.same_as(layout):
             raise InvalidArgumentError(f"{key!r} is already stored with another layout "
                                        f"({have.shape if have else '?'}, {have.axes if have else '?'})") from None
 
 
-def put_tensor(store: Any, key: str, tensor: Any, axes: Sequence[Axis], *, full_input: bool,
-               upsert: bool = False, **options: Any) -> None:
-    """Stores the shard `axes` of a tensor under `key`. With `full_input`, `tensor` is the full
-    tensor and the shard is cut out of it while it is copied (one copy of each run of the shard,
-    nothing staged); otherwise `tensor` is the shard itself, and the full tensor is taken to be
-    split evenly (its shape is the shard's, multiplied by each splitting axis's size).
-    ``options`` are ``put``'s."""
-    ref = _tensor.describe(tensor)
-    axes = check_axes(axes, len(ref.shape))
+def _shard(ref: _tensor.TensorRef, axes: tuple[Axis, ...], full_input: bool) -> tuple[Layout, list[Any]]:
+    """The layout shard `axes` of described tensor `ref` belongs to, and the parts of its
+    object (its header, then its bytes: cut out of a full input run by run, nothing staged)."""
     itemsize = _tensor.ITEM_SIZES[ref.code]
     if full_input:
         full = tuple(ref.shape)
@@ -255,9 +250,35 @@ def put_tensor(store: Any, key: str, tensor: Any, axes: Sequence[Axis], *, full_
                 full_list[a.split_dim] *= a.size
         full = tuple(full_list)   # every rank's shard of it has this shard's shape
         data = ref.data_parts
-    _write_layout(store, key, Layout(full, ref.code, axes), upsert)
-    header = _native.tensor_header(ref.code, shard_shape)
-    store._put_raw(shard_key(key, axes), [header, *data], upsert, **options)
+    return Layout(full, ref.code, axes), [_native.tensor_header(ref.code, shard_shape), *data]
+
+
+def put_tensor(store: Any, key: str, tensor: Any, axes: Sequence[Axis], *, full_input: bool,
+               upsert: bool = False, **options: Any) -> None:
+    """Stores the shard `axes` of a tensor under `key`. With `full_input`, `tensor` is the full
+    tensor and the shard is cut out of it while it is copied (one copy of each run of the shard,
+    nothing staged); otherwise `tensor` is the shard itself, and the full tensor is taken to be
+    split evenly (its shape is the shard's, multiplied by each splitting axis's size).
+    ``options`` are ``put``'s."""
+    ref = _tensor.describe(tensor)
+    axes = check_axes(axes, len(ref.shape))
+    layout, parts = _shard(ref, axes, full_input)
+    _write_layout(store, key, layout, upsert)
+    store._put_raw(shard_key(key, axes), parts, upsert, **options)
+
+
+def put_shards(store: Any, key: str, tensor: Any, shards: Sequence[Sequence[Axis]], *, upsert: bool = False,
+               **options: Any) -> list[Exception | None]:
+    """Stores several shards of one full tensor (one writer holding all of it: Mooncake's
+    ``put_tensor_with_tp``): the layout written once, the shards in one batch write, each cut
+    out of the tensor as it is copied. The shards must share one layout. One result per shard."""
+    ref = _tensor.describe(tensor)
+    cut = [_shard(ref, check_axes(axes, len(ref.shape)), True) for axes in shards]
+    if not cut or any(not layout.same_as(cut[0][0]) for layout, _ in cut):
+        raise InvalidArgumentError("the shards must be one or more of one layout")
+    _write_layout(store, key, cut[0][0], upsert)
+    return store._batch_put_raw([shard_key(key, tuple(axes)) for axes in shards], [parts for _, parts in cut], upsert,
+                                **options)
 
 
 def _address(ref: _tensor.TensorRef) -> tuple[int, int]:
@@ -284,16 +305,18 @@ def _stored_shards(layout: Layout, want: Sequence[Axis] | None) -> list[tuple[Ax
 
 
 def get_tensor(store: Any, key: str, want: Sequence[Axis] | None = None, *, into: Any = None,
-               kind: str = "numpy", like: Any = None, device: str | None = None) -> Any:
+               kind: str = "numpy", like: Any = None, device: str | None = None, layout: Layout | None = None) -> Any:
     """Reads shard `want` (None: the full tensor) of `key`, stored sharded by ``put_tensor``
     in any layout: a new tensor of `kind` ("numpy", "torch", "cupy"), or `into` (a writable
     C-contiguous tensor of the result's shape and dtype, any device), returned. When the
     stored layout holds exactly that shard it is one ranged read of that object; otherwise each
     needed piece of each stored shard is copied straight into place, every shard held by one
-    master request. ``ObjectNotFoundError`` when the tensor or a shard it needs is missing."""
+    master request. ``ObjectNotFoundError`` when the tensor or a shard it needs is missing.
+    `layout`: the one the caller read with ``read_layout`` (not read again)."""
     if kind not in ("numpy", "torch", "cupy"):
         raise InvalidArgumentError(f"kind {kind!r} is not 'numpy', 'torch' or 'cupy'")
-    layout = _read_layout(store, key)
+    if layout is None:
+        layout = read_layout(store, key)
     if layout is None:
         raise ObjectNotFoundError(f"tensor {key!r} is not stored in shards (no {key + LAYOUT_SUFFIX!r})")
     ndim = len(layout.shape)

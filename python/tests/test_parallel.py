@@ -137,3 +137,17 @@ def test_shards_in_other_clients_segments(tmp_path):
         finally:
             for s in (a, b, reader):
                 s.close()
+
+
+def test_put_shards_writes_every_shard_of_one_layout(store):
+    full = RNG.standard_normal((6, 8)).astype(np.float32)
+    assert P.put_shards(store, "all", full, [[tp(r, 4, 1)] for r in range(4)]) == [None] * 4
+    assert np.array_equal(P.get_tensor(store, "all"), full)
+    assert np.array_equal(P.get_tensor(store, "all", [tp(0, 2, 0)]), full[:3])
+    again = P.put_shards(store, "all", full, [[tp(r, 4, 1)] for r in range(4)])      # already there
+    assert all(isinstance(e, kvstore.ObjectExistsError) for e in again)
+    keys = sorted(store.keys())
+    for bad in ([], [[tp(0, 2, 0)], [tp(1, 4, 0)]], [[tp(0, 2, 9)]]):
+        with pytest.raises(kvstore.InvalidArgumentError):
+            P.put_shards(store, "other", full, bad)
+    assert sorted(store.keys()) == keys
