@@ -674,3 +674,46 @@ def test_the_async_wrapper_runs_calls_in_worker_threads(master):
             _ = s.nothing
     finally:
         s.close()
+
+
+def test_new_calls_refuse_bad_arguments_and_change_nothing(master):
+    from kvstore.mooncake import BufferPool, MooncakeHostMemAllocator, bind_to_numa_node
+    s = client(master)
+    try:
+        assert s.put("kept", b"k" * 64) == 0
+        buf = np.zeros(64, np.uint8)
+        p = buf.ctypes.data
+        assert s.register_buffer(p, 64) == 0
+        bad = ErrorCode.INVALID_PARAMS
+        # put sessions: sizes of the wrong type or sign, lists that differ, keys not a list
+        assert s.batch_put_session_start(["n1"], [-1]) == [bad]
+        assert s.batch_put_session_start(["n1"], ["8"]) == [bad]
+        assert s.batch_put_session_start(["n1", "n2"], [8]) == [bad, bad]
+        assert s.batch_put_session_start("n1", [8]) == []
+        assert s.batch_put_from_multi_buffer_ranges(["n1"], [[p]], [[8]], [[0]]) == [bad]   # no session open
+        assert s.batch_put_session_start(["n1"], [16]) == [0]
+        for ptrs, sizes, offsets in (([[p]], [[8, 8]], [[0]]), ([[p]], [[-8]], [[0]]), ([[p]], [[8]], [["0"]]),
+                                     ([p], [8], [0]), ([[p]], [[8]], [[16]])):
+            assert s.batch_put_from_multi_buffer_ranges(["n1"], ptrs, sizes, offsets) == [bad], (ptrs, sizes, offsets)
+        assert s.batch_put_session_revoke(["n1"]) == [0] and s.is_exist("n1") == 0
+        # get sessions and ranges: the same checks on the read side
+        assert s.batch_get_session_start(["nope"]) == [ErrorCode.OBJECT_NOT_FOUND]
+        for ptrs, sizes, offsets in (([[p]], [[8, 8]], [[0]]), ([[p]], [[-8]], [[0]]), ([[p]], [[8]], [[60]])):
+            assert s.batch_get_into_multi_buffer_ranges(["kept"], ptrs, sizes, offsets) == [bad]
+        assert s.batch_get_session_end("notalist") == 0
+        # allocators, the pool and NUMA binding
+        alloc = MooncakeHostMemAllocator()
+        assert alloc.alloc(0) == 0 and alloc.alloc(-1) == 0 and alloc.alloc(True) == 0 and alloc.free(12345) == bad
+        pool = BufferPool(s)
+        for size in (0, -1, True, "8", 1 << 40):
+            with pytest.raises((kvstore.InvalidArgumentError, kvstore.NoSpaceError)):
+                pool.acquire(size)
+        pool.close()
+        with pytest.raises(kvstore.ArgumentTypeError):
+            BufferPool("store")
+        assert bind_to_numa_node(-1) == bad and bind_to_numa_node(10_000) == bad and bind_to_numa_node("0") == bad
+        assert not buf.any()
+        assert s.get("kept") == b"k" * 64 and s.batch_is_exist(["n1", "n2", "nope"]) == [0, 0, 0]
+        assert s._store.stats()["objects"] == 1
+    finally:
+        s.close()
