@@ -717,3 +717,25 @@ def test_new_calls_refuse_bad_arguments_and_change_nothing(master):
         assert s._store.stats()["objects"] == 1
     finally:
         s.close()
+
+
+def test_another_user_learns_nothing_from_a_full_client(master):
+    """A full client tells dummy clients its master only when they run as its user."""
+    import os
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or not shutil.which("setpriv") or not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to act as user nobody")
+    full = client(master)
+    try:
+        port = full.get_hostname().rpartition(":")[2]
+        probe = ("import socket; c = socket.socket(socket.AF_UNIX); c.settimeout(5); "
+                 f"c.connect(b'\\0kvstore-mooncake-{port}'); print(repr(c.recv(4096)))")
+        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c", probe],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.strip() == "b''", (r.stdout, r.stderr)   # closed, nothing said
+        same = MooncakeDistributedStore()
+        assert same.setup_dummy(1 << 20, 1 << 20, full.get_hostname()) == 0          # the same user is answered
+        same.close()
+    finally:
+        full.close()
