@@ -502,6 +502,7 @@ static int convert_range_lists(PyObject *lists, Py_ssize_t n, batch_item *items,
                                uint64_t *bytes);
 static PyObject *range_results(const batch_item *it, const kv_range *ranges, const int32_t *statuses, size_t first,
                                Py_ssize_t count);
+static PyObject *all_range_results(const batch_item *items, Py_ssize_t n, const kv_range *ranges, const int32_t *statuses);
 
 /* An int list of n (ids) as uint64s into out; -1 with an error set. */
 static int ids_arg(PyObject *seq, const char *what, uint64_t *out, Py_ssize_t n) {
@@ -609,12 +610,7 @@ static PyObject *store_write_ranges(StoreObject *self, PyObject *const *args, Py
     int32_t st;
     RUN_UNLOCKED(self, bytes, st = kv_batch_write_ranges(self->store, wr, (size_t)n, host ? KV_HOST_MEMORY : 0, statuses));
     if (st) { kvpy_raise_last(st); goto done; }
-    result = PyList_New(n);
-    for (Py_ssize_t i = 0; result && i < n; i++) {
-        PyObject *r = range_results(&items[i], ranges, statuses, (size_t)items[i].first, items[i].count);
-        if (!r) { Py_CLEAR(result); break; }
-        PyList_SetItem(result, i, r);
-    }
+    result = all_range_results(items, n, ranges, statuses);
 done:
     PyMem_Free(items); PyMem_Free(ids); PyMem_Free(wr); PyMem_Free(ranges); PyMem_Free(statuses);
     return result;
@@ -888,6 +884,17 @@ static PyObject *range_results(const batch_item *it, const kv_range *ranges, con
     return list;
 }
 
+/* The result of a ranged call: range_results for each of its n items. */
+static PyObject *all_range_results(const batch_item *items, Py_ssize_t n, const kv_range *ranges, const int32_t *statuses) {
+    PyObject *list = PyList_New(n);
+    for (Py_ssize_t i = 0; list && i < n; i++) {
+        PyObject *r = range_results(&items[i], ranges, statuses, (size_t)items[i].first, items[i].count);
+        if (!r) { Py_CLEAR(list); break; }
+        PyList_SetItem(list, i, r);
+    }
+    return list;
+}
+
 /* How many ranges a range list holds: a list or tuple of (address, offset, length) tuples, or
  * a C-contiguous buffer of native int64 triples (a numpy int64 array of shape (n, 3): plans of
  * thousands of ranges without a Python object each). -1 with an error set otherwise. */
@@ -1019,12 +1026,7 @@ static PyObject *store_read_ranges(StoreObject *self, PyObject *const *args, Py_
     int32_t st;
     RUN_UNLOCKED(self, bytes, st = kv_batch_read_ranges(self->store, ris, (size_t)n, host ? KV_HOST_MEMORY : 0, statuses));
     if (st) { kvpy_raise_last(st); goto done; }
-    result = PyList_New(n);
-    for (Py_ssize_t i = 0; result && i < n; i++) {
-        PyObject *r = range_results(&items[i], ranges, statuses, (size_t)items[i].first, items[i].count);
-        if (!r) { Py_CLEAR(result); break; }
-        PyList_SetItem(result, i, r);
-    }
+    result = all_range_results(items, n, ranges, statuses);
 done:
     PyMem_Free(ris); PyMem_Free(ranges); PyMem_Free(statuses);
     batch_end(items, n);
