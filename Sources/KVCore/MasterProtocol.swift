@@ -77,6 +77,10 @@ public enum MasterRequest: Sendable, Equatable {
     /// request, ascending offsets. Answered by `values`: 1 per object taken back, 0 per one
     /// refused (`ObjectTable.restore`).
     case restore(segment: SegmentID, objects: [ObjectTable.Restored])
+    /// The owner of `segment` has applied its notices up to number `through`
+    /// (`ObjectTable.SegmentNotice.number`): space freed before them may be handed out again
+    /// (`ObjectTable.confirm`). Pipelined, never answered.
+    case confirmNotices(segment: SegmentID, through: UInt64)
 
     /// Every request kind, numbered once (the wire numbers never change).
     public enum Kind: UInt16, CaseIterable {
@@ -108,6 +112,7 @@ public enum MasterRequest: Sendable, Equatable {
         case leave = 26
         case resume = 27
         case restore = 28
+        case confirmNotices = 29
     }
 
     public var requestKind: Kind {
@@ -140,6 +145,7 @@ public enum MasterRequest: Sendable, Equatable {
         case .leave: .leave
         case .resume: .resume
         case .restore: .restore
+        case .confirmNotices: .confirmNotices
         }
     }
 
@@ -153,7 +159,7 @@ public enum MasterRequest: Sendable, Equatable {
     /// Requests answered only when they fail.
     public var isPipelined: Bool {
         switch self {
-        case .putCommit, .putAbort, .release: true
+        case .putCommit, .putAbort, .release, .confirmNotices: true
         default: false
         }
     }
@@ -539,6 +545,9 @@ extension MasterRequest {
         case let .release(holds):
             w.count(holds.count)
             for h in holds { w.u64(h) }
+        case let .confirmNotices(segment, through):
+            w.u32(segment)
+            w.u64(through)
         case let .restore(segment, objects):
             w.u32(segment)
             w.count(objects.count)
@@ -622,6 +631,7 @@ extension MasterRequest {
             m = .removeBatch(keys: try Self.decodeKeys(&r), force: force)
         case .release: m = .release(holds: try Self.decodeHandles(&r, "holds"))
         case .leave: m = .leave
+        case .confirmNotices: m = .confirmNotices(segment: try r.u32(), through: try r.u64())
         case .restore:
             let segment = try r.u32()
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 40, "restored objects")
@@ -690,7 +700,7 @@ extension MasterResponse {
         case let .notices(ns):
             w.count(ns.count)
             for n in ns {
-                w.u32(n.segment); w.u64(UInt64(n.offset)); w.u64(n.seq); w.bool(n.object != nil)
+                w.u32(n.segment); w.u64(UInt64(n.offset)); w.u64(n.seq); w.u64(n.number); w.bool(n.object != nil)
                 if let o = n.object { MasterRequest.encodeRestored(o, &w) }
             }
         }
@@ -780,13 +790,13 @@ extension MasterResponse {
             }
             m = .sizes(ns)
         case .notices:
-            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 21, "notices")
+            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 29, "notices")
             var ns: [ObjectTable.SegmentNotice] = []
             ns.reserveCapacity(n)
             for _ in 0..<n {
-                let segment = try r.u32(), offset = try r.size(max: MasterLimits.maxSize, "offset"), seq = try r.u64()
+                let segment = try r.u32(), offset = try r.size(max: MasterLimits.maxSize, "offset"), seq = try r.u64(), number = try r.u64()
                 let object = try r.bool() ? try MasterRequest.decodeRestored(&r) : nil
-                ns.append(ObjectTable.SegmentNotice(segment: segment, offset: offset, seq: seq, object: object))
+                ns.append(ObjectTable.SegmentNotice(segment: segment, offset: offset, seq: seq, object: object, number: number))
             }
             m = .notices(ns)
         }

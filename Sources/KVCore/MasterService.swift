@@ -222,15 +222,29 @@ public struct MasterService: Sendable {
     public private(set) var freedNoticesWaiting = false
 
     /// Moves the table's new notices to their owners' queues (a tenant's client hears of
-    /// stored objects only when their keys are its tenant's).
+    /// stored objects only when their keys are its tenant's: of another's, a blank notice
+    /// that keeps the numbering whole).
     mutating func routeNotices() {
-        for n in table.takeNotices() {
+        for var n in table.takeNotices() {
             guard let owner = segmentOwner[n.segment], let c = clients.index(forKey: owner) else { continue }
-            if let o = n.object, let prefix = clients[c].value.tenant?.prefix, !o.key.withUTF8({ $0.starts(with: prefix) }) { continue }
+            if let o = n.object, let prefix = clients[c].value.tenant?.prefix, !o.key.withUTF8({ $0.starts(with: prefix) }) {
+                n.object = nil
+                n.seq = 0
+            }
             if n.object == nil { freedNoticesWaiting = true }
             pendingNotices[owner, default: []].append(n)
         }
     }
+
+    /// Writes the server held back until an owner confirmed freed space (`countSpaceWait`).
+    public private(set) var writesWaitedForSpace = 0
+    public mutating func countSpaceWait() { writesWaitedForSpace += 1 }
+
+    /// Times an owner's confirmation freed space (`confirmNotices`): a write held back for
+    /// room (`MasterServer`) is tried again when it changes.
+    public private(set) var confirmations = 0
+    /// Bytes freed that wait for their owners' confirmation (`ObjectTable.awaitingOwner`).
+    public var awaitingBytes: Int { table.awaitingBytes }
 
     /// What connected owners must hear of their segments, grouped per client (at most
     /// `MasterLimits.maxBatch` a group): every queue with `all`, else only `requester`'s (its
@@ -403,6 +417,10 @@ public struct MasterService: Sendable {
             var results = [Result<Int, KVError>](repeating: .success(0), count: objects.count)
             for (i, ok) in zip(at, try table.restore(mine, segment: seg, now: now)) where ok { results[i] = .success(1) }
             return .values(results)
+        case let .confirmNotices(seg, through):
+            guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
+            if table.confirm(segment: seg, through: through) > 0 { confirmations &+= 1 }
+            return .ok
         case let .unmount(seg):
             guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
             _ = try unmount(seg, now: now)
@@ -553,6 +571,7 @@ public struct MasterService: Sendable {
                 Statistic("sessions_detached", detachedSessions), Statistic("sessions_waiting", clients.values.count { !$0.connected }),
                 Statistic("commits_resumed", resumedCommits), Statistic("writes_abandoned", abandonedWrites),
                 Statistic("reads_waited", readsWaited), Statistic("read_waits_expired", readWaitsExpired),
+                Statistic("bytes_awaiting_owner", table.awaitingBytes), Statistic("writes_waited_for_space", writesWaitedForSpace),
                 Statistic("puts_superseded", table.supersededPuts),
                 Statistic("objects_restored", table.restoredObjects), Statistic("restores_refused", table.refusedRestores),
             ])

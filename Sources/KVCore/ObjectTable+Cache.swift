@@ -172,7 +172,7 @@ extension ObjectTable {
         guard size <= segments.largestCapacity, rounded <= segments.freeBytes + evictableBytes else { return nil }
         let target = min(replicas, segments.mountedCount)
         let high = Int(Double(capacity) * policy.highWatermark)
-        let over = usedBytes + rounded * target - high
+        let over = usedBytes - awaitingBytes + rounded * target - high   // space awaiting its owner comes back soon
         if over > 0 { evict(atLeast: max(over, roundBytes)) }
         var placed = PlacementList()
         while true {
@@ -184,6 +184,9 @@ extension ObjectTable {
                 }
             }
             if placed.count == target { return placed }
+            // Space freed moments ago waits for its owner's confirmation (`awaitingOwner`):
+            // evicting on would empty the cache for room that is about to come back.
+            if awaitingBytes >= rounded * (target - placed.count) { return placed.isEmpty ? nil : placed }
             if evict(atLeast: max(rounded, roundBytes)) == 0 { return placed.isEmpty ? nil : placed }
         }
     }

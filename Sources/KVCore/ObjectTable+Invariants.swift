@@ -13,6 +13,11 @@ extension ObjectTable {
             if v.list != .none { listed += v.placements.length }
         }
         for q in quarantined where segments.slots[Int(q.placement.slot)].mounted { used += q.placement.allocation.length }
+        var awaiting = 0
+        for (slot, ps) in awaitingOwner where segments.slots[Int(slot)].mounted {
+            for p in ps { awaiting += p.placement.allocation.length }
+        }
+        used += awaiting
         var onLists = 0
         for l in [List.ordinary, .softPinned] {
             var s = lists[Int(l.rawValue)].head, prev: Int32 = -1
@@ -30,7 +35,7 @@ extension ObjectTable {
             ("activeReaders", activeReaders, readers), ("activeLeases", activeLeases, leases),
             ("hardPinnedBytes", hardPinnedBytes, hard), ("softPinnedBytes", softPinnedBytes, soft),
             ("hard pins by owner", hardPinnedByOwner.values.reduce(0, +), hard),
-            ("usedBytes", usedBytes, used), ("evictableBytes", evictableBytes, listed), ("listed bytes", evictableBytes, onLists),
+            ("usedBytes", usedBytes, used), ("awaitingBytes", awaitingBytes, awaiting), ("evictableBytes", evictableBytes, listed), ("listed bytes", evictableBytes, onLists),
             ("visible entries", entries.values.filter { $0.current >= 0 }.count, objects),
         ]
         for (name, kept, actual) in checks where kept != actual { return "\(name) is \(kept), recomputed \(actual)" }

@@ -269,7 +269,8 @@ public struct ObjectTable: Sendable {
         guard let placed = placeEvicting(size, replicas: replicas, preferred: preferred) else {
             if mode == .put { releasePutClaim(key) }
             let held = quarantined.reduce(0) { $0 + $1.placement.allocation.length }
-            let remounted = held == 0 ? "" : ", \(held) bytes of remounted segments held until readers of the old mount are done (one lease TTL)"
+            let remounted = (held == 0 ? "" : ", \(held) bytes of remounted segments held until readers of the old mount are done (one lease TTL)")
+                + (awaitingBytes == 0 ? "" : ", \(awaitingBytes) bytes freed moments ago waiting for their segment owner to confirm it heard")
             throw .noSpace("no space for \(size) bytes and nothing left to evict: \(segments.freeBytes) of \(segments.capacity) bytes free (largest free block \(segments.largestFreeBlock) bytes), \(hardPinnedBytes) bytes hard-pinned, \(activeLeases) objects leased, \(activeReaders) reads in progress\(remounted)")
         }
         let slot = newVersion(Version(state: .writing, key: key, placements: placed, size: size, mode: mode, options: options, owner: owner))
@@ -398,6 +399,7 @@ public struct ObjectTable: Sendable {
         advance(now: now)
         guard let dead = segments.unmount(id) else { throw .invalidArgument("segment \(id) is not mounted") }
         quarantined.removeAll { $0.placement.slot == dead }
+        awaitingBytes -= awaitingOwner.removeValue(forKey: dead)?.reduce(0) { $0 + $1.placement.allocation.length } ?? 0
         var report = UnmountReport()
         for i in versions.indices where versions[i].state != .free && versions[i].placements.contains(slot: dead) {
             let s = Int32(i)
@@ -671,11 +673,15 @@ public struct ObjectTable: Sendable {
         public var offset: Int
         public var seq: UInt64
         public var object: Restored?
-        public init(segment: SegmentID, offset: Int, seq: UInt64, object: Restored?) {
+        /// Its place in its segment's stream of notices (1, 2, ...): the owner confirms the
+        /// notices it has applied by number (`confirm`).
+        public var number: UInt64
+        public init(segment: SegmentID, offset: Int, seq: UInt64, object: Restored?, number: UInt64 = 0) {
             self.segment = segment
             self.offset = offset
             self.seq = seq
             self.object = object
+            self.number = number
         }
     }
 
@@ -693,6 +699,49 @@ public struct ObjectTable: Sendable {
     public private(set) var restoredObjects = 0
     public private(set) var refusedRestores = 0
 
+    /// Per segment slot: notices recorded so far (the last one's `number`), and the last
+    /// number its owner confirmed.
+    var noticesRecorded: [Int32: UInt64] = [:]
+    var noticesConfirmed: [Int32: UInt64] = [:]
+
+    /// Appends a notice about slot `slot`, numbered in its segment's stream.
+    private mutating func record(_ slot: Int32, offset: Int, seq: UInt64, object: Restored?) {
+        let n = noticesRecorded[slot, default: 0] &+ 1
+        noticesRecorded[slot] = n
+        notices.append(SegmentNotice(segment: segments.id(of: slot), offset: offset, seq: seq, object: object, number: n))
+    }
+
+    /// Space of committed versions that went, per segment slot, each with the number of the
+    /// slot's last notice when it went: its owner may still list the version (it has not
+    /// confirmed hearing that it went), so the space is not handed out again until it
+    /// confirms that notice (`confirm`). Otherwise a master that dies meanwhile would be told
+    /// by the owner that the version is still there, over bytes other writes have replaced.
+    var awaitingOwner: [Int32: [(placement: Placement, notice: UInt64)]] = [:]
+    /// Bytes in `awaitingOwner` (counted as used until then).
+    public private(set) var awaitingBytes = 0
+
+    /// The owner of segment `id` has applied its notices up to `number`: the space whose
+    /// notices those were is free again. Numbers past the last recorded one are clamped.
+    /// Returns the bytes freed.
+    @discardableResult
+    public mutating func confirm(segment id: SegmentID, through number: UInt64) -> Int {
+        guard let slot = segments.slot(of: id) else { return 0 }
+        let upTo = min(number, noticesRecorded[slot, default: 0])
+        noticesConfirmed[slot] = max(noticesConfirmed[slot, default: 0], upTo)
+        guard var waiting = awaitingOwner[slot] else { return 0 }
+        var freed = 0
+        var done = 0
+        while done < waiting.count, waiting[done].notice <= upTo {
+            segments.free(waiting[done].placement)
+            freed += waiting[done].placement.allocation.length
+            done += 1
+        }
+        waiting.removeFirst(done)
+        awaitingOwner[slot] = waiting.isEmpty ? nil : waiting
+        awaitingBytes -= freed
+        return freed
+    }
+
     public mutating func takeNotices() -> [SegmentNotice] {
         var taken: [SegmentNotice] = []
         swap(&taken, &notices)   // hands the buffer over: no copy
@@ -702,9 +751,8 @@ public struct ObjectTable: Sendable {
     private mutating func notice(stored s: Int32) {
         let v = versions[Int(s)]
         v.placements.forEach { p in
-            notices.append(SegmentNotice(segment: segments.id(of: p.slot), offset: p.allocation.offset, seq: v.seq,
-                                         object: Restored(key: v.key, offset: p.allocation.offset, size: v.size, seq: v.seq,
-                                                          options: v.options, checksum: v.checksum)))
+            record(p.slot, offset: p.allocation.offset, seq: v.seq,
+                   object: Restored(key: v.key, offset: p.allocation.offset, size: v.size, seq: v.seq, options: v.options, checksum: v.checksum))
         }
     }
 
@@ -821,9 +869,7 @@ public struct ObjectTable: Sendable {
     mutating func unlink(_ s: Int32) {
         if recordNotices, versions[Int(s)].seq != 0 {
             let seq = versions[Int(s)].seq
-            versions[Int(s)].placements.forEach { p in
-                notices.append(SegmentNotice(segment: segments.id(of: p.slot), offset: p.allocation.offset, seq: seq, object: nil))
-            }
+            versions[Int(s)].placements.forEach { p in record(p.slot, offset: p.allocation.offset, seq: seq, object: nil) }
         }
         clearCacheState(s)
         versions[Int(s)].linked = false
@@ -839,7 +885,18 @@ public struct ObjectTable: Sendable {
     private mutating func dropVersion(_ s: Int32) {
         timers.cancelAll(slot: s)
         if versions[Int(s)].leaseUntil != 0 { activeLeases -= 1 }
-        versions[Int(s)].placements.forEach { segments.free($0) }
+        if recordNotices, versions[Int(s)].seq != 0 {   // its owners may list it: free once they heard it went
+            versions[Int(s)].placements.forEach { p in
+                let last = noticesRecorded[p.slot, default: 0]
+                // Gone from an unmounted segment, or its owner already confirmed every notice
+                // (the version went once its last reader was done, after its removal was heard).
+                guard segments.slots[Int(p.slot)].mounted, last > noticesConfirmed[p.slot, default: 0] else { return segments.free(p) }
+                awaitingOwner[p.slot, default: []].append((p, last))
+                awaitingBytes += p.allocation.length
+            }
+        } else {
+            versions[Int(s)].placements.forEach { segments.free($0) }
+        }
         let next = versions[Int(s)].generation &+ 1
         let gen = next == 0 ? 1 : next
         versions[Int(s)] = Version()

@@ -96,8 +96,10 @@ public final class MasterServer: @unchecked Sendable {
         var session = MasterService.Session()
         var closeAfterFlush = false
         /// A read held back until a write of its key commits, or `until` (`MasterService.mustWait`);
-        /// the connection's later requests wait behind it, so answers stay in order.
-        var parked: (header: WireFrameHeader, request: MasterRequest, until: Nanoseconds)?
+        /// or a write held back for room until an owner confirms freed space (`space`: the
+        /// service's confirmations then). The connection's later requests wait behind it, so
+        /// answers stay in order.
+        var parked: (header: WireFrameHeader, request: MasterRequest, until: Nanoseconds, space: Int?)?
         init(_ s: Socket, http: Bool, accepted: Nanoseconds) { socket = s; self.http = http; self.accepted = accepted }
         var pending: Int { output.count - sent }
         var authenticated: Bool { session.client != nil }
@@ -465,7 +467,7 @@ public final class MasterServer: @unchecked Sendable {
                 if service.mustWait(request, session: c.session) {
                     // Its key's write has not committed yet, though its put may have returned
                     // on another host with the commit still on the wire: wait for it (bounded).
-                    c.parked = (header, request, clock() &+ service.config.readWait)
+                    c.parked = (header, request, clock() &+ service.config.readWait, nil)
                     parked.insert(c.socket.fd)
                     break
                 }
@@ -500,8 +502,20 @@ public final class MasterServer: @unchecked Sendable {
 
     /// Handles `request` of `c` and queues its answer. nil when there is none (a pipelined
     /// request that succeeded) or `c` was dropped.
-    private func respond(_ c: Connection, _ header: WireFrameHeader, _ request: MasterRequest) -> MasterResponse? {
+    private func respond(_ c: Connection, _ header: WireFrameHeader, _ request: MasterRequest,
+                         waitForSpaceUntil: Nanoseconds? = 0) -> MasterResponse? {
         let response = service.handle(request, session: &c.session, now: clock())
+        if let until = waitForSpaceUntil, request.allocates, case .error(let e) = response, e.code == .noSpace,
+           service.awaitingBytes > 0 {
+            // Room freed moments ago waits for its owner to confirm it heard (its index must
+            // not list what went before the space is reused): hold the write back until a
+            // confirmation comes (bounded), then try it again. The failed try changed nothing.
+            c.parked = (header, request, until == 0 ? clock() &+ Self.spaceWait : until, service.confirmations)
+            parked.insert(c.socket.fd)
+            if until == 0 { service.countSpaceWait() }
+            deliverNotices(all: true)
+            return nil
+        }
         // The requester's own notices ride with this answer; everyone's go out now when this
         // answer hands out space that was freed meanwhile, else within a millisecond (the loop).
         let urgent = request.allocates && service.freedNoticesWaiting
@@ -557,8 +571,12 @@ public final class MasterServer: @unchecked Sendable {
     /// resumed.
     private var owners: [UInt64: Connection] = [:]
 
-    /// Connections with a read held back (`Connection.parked`).
+    /// Connections with a read or write held back (`Connection.parked`).
     private var parked: Set<Int32> = []
+
+    /// The longest a write waits for owners to confirm freed space before its `noSpace`
+    /// goes out (an owner confirms within its heartbeat thread's notice round, 5 ms).
+    static let spaceWait: Nanoseconds = 200_000_000
 
     /// Answers the held-back reads whose key's write has ended, or whose wait ran out, then
     /// goes on with the requests queued behind them.
@@ -570,11 +588,15 @@ public final class MasterServer: @unchecked Sendable {
                 continue
             }
             let expired = now >= p.until
-            guard expired || !service.mustWait(p.request, session: c.session) else { continue }
+            if let space = p.space {
+                guard expired || service.confirmations != space else { continue }
+            } else {
+                guard expired || !service.mustWait(p.request, session: c.session) else { continue }
+            }
             c.parked = nil
             parked.remove(fd)
-            service.countWait(expired: expired)
-            _ = respond(c, p.header, p.request)
+            if p.space == nil { service.countWait(expired: expired) }
+            _ = respond(c, p.header, p.request, waitForSpaceUntil: p.space == nil || expired ? nil : p.until)
             guard connections[fd] === c else { continue }
             flush(c)
             if connections[fd] === c, !c.input.isEmpty { handleInput(c) }

@@ -114,6 +114,11 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         /// The objects in this client's segment, by offset, as the master's `notices` told
         /// them: what it reports to a restarted master (`restore`).
         var index: [Int: ObjectTable.Restored] = [:]
+        /// The number of the last notice about `segment` applied to `index`, and the last one
+        /// confirmed to the master (which reuses freed space only once its owner confirmed
+        /// hearing that it was freed: `ObjectTable.confirm`).
+        var noticed: UInt64 = 0
+        var confirmed: UInt64 = 0
     }
 
     /// At most this many unconfirmed commits and orphans are kept (then one round trip
@@ -605,6 +610,29 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         l.releases.removeAll(keepingCapacity: true)
     }
 
+    /// Appends a confirmation of the notices applied since the last one (`confirmNotices`).
+    private func takeConfirmation(into frames: inout WireWriter, _ l: inout Link) {
+        guard l.noticed > l.confirmed, l.segment != 0, l.socket != nil else { return }
+        let r = MasterRequest.confirmNotices(segment: l.segment, through: l.noticed)
+        frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
+        l.nextID &+= 1
+        l.confirmed = l.noticed
+    }
+
+    /// Sends the pending confirmation on its own (an owner that makes no calls: the heartbeat
+    /// thread). Returns false when the connection turned out broken.
+    private func sendConfirmation(_ l: inout Link) -> Bool {
+        var frames = WireWriter()
+        takeConfirmation(into: &frames, &l)
+        guard !frames.bytes.isEmpty, let s = l.socket else { return true }
+        do throws(KVError) {
+            try rethrowingKVError { try frames.bytes.withUnsafeBytes { try s.writeAll($0) } }
+            return true
+        } catch {
+            return false
+        }
+    }
+
     public func lease(key: ObjectKey) throws(KVError) -> Int? {
         do throws(KVError) {
             guard case .value(let n) = try call(.size(key: key)) else { throw KVError(.internal, "unexpected answer to size") }
@@ -744,9 +772,18 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// Applies the master's notices about this client's segment to `index`. A notice that
     /// does not fit the segment (a master that lies, or a bug) is dropped: the index never
     /// holds more entries than the segment has granules.
+    ///
+    /// Notices are numbered per segment. One numbered past the next expected says some were
+    /// lost (with a connection): the index may then list objects whose space was reused, so
+    /// it is dropped (a restarted master then gets nothing from this client rather than a
+    /// wrong object). The numbers applied are confirmed to the master (`takeConfirmation`).
     static func apply(_ notices: [ObjectTable.SegmentNotice], _ l: inout Link) {
         guard l.segment != 0, let size = l.mount?.size else { return }
-        for n in notices where n.segment == l.segment && n.offset >= 0 && n.offset < size && n.offset % SegmentAllocator.granule == 0 {
+        for n in notices where n.segment == l.segment {
+            if n.number <= l.noticed { continue }   // heard already
+            if n.number != l.noticed &+ 1 { l.index.removeAll() }
+            l.noticed = n.number
+            guard n.offset >= 0, n.offset < size, n.offset % SegmentAllocator.granule == 0 else { continue }
             if let o = n.object {
                 guard o.offset == n.offset, o.size > 0, o.size <= size - n.offset else { continue }
                 l.index[n.offset] = o
@@ -777,6 +814,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
         l.mount = m
         l.segment = seg
+        l.noticed = 0      // a new segment id: its notices are numbered from 1
+        l.confirmed = 0
     }
 
     /// Sends `r`, reads the pipelined answers before it, returns its answer; throws the
@@ -795,6 +834,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
         var frames = WireWriter()
         takeReleases(into: &frames, &l)
+        takeConfirmation(into: &frames, &l)
         let id = l.nextID
         l.nextID &+= 1
         do throws(KVError) {
@@ -942,6 +982,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 l.client = welcome.client
                 l.secret = l.welcomeSecret
                 l.segment = 0
+                l.noticed = 0
+                l.confirmed = 0
                 l.writes.removeAll()
                 l.holds.removeAll()
                 l.releases.removeAll()
@@ -1034,7 +1076,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             var p = pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0)
             if poll(&p, 1, Int32((wait + 999_999) / 1_000_000)) > 0 { return }
             _ = link.withLockIfFree { l in
-                guard l.socket != nil, !drainReady(&l) else { return }
+                guard l.socket != nil, !(drainReady(&l) && sendConfirmation(&l)) else { return }
                 _ = lost(&l, KVError(.transfer, "the master closed the connection"))
             }
             guard clock() >= nextRound else { continue }

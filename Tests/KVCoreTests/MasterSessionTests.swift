@@ -219,6 +219,10 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertEqual(batches.map(\.client), [a.client!], "only the owner hears")
         XCTAssertEqual(batches.first?.notices.first?.seq, 5)
         XCTAssertNil(batches.first?.notices.first?.object, "a removal")
+        // Only the owner confirms what it heard (the space is then handed out again: `ObjectTable`).
+        let number = try XCTUnwrap(batches.first?.notices.last?.number)
+        XCTAssertEqual(errorCode(m.handle(.confirmNotices(segment: segA, through: number), session: &b, now: 0)), .invalidArgument)
+        XCTAssertEqual(m.handle(.confirmNotices(segment: segA, through: number), session: &a, now: 0), .ok)
     }
 
     /// A tenant's client restores only its tenant's keys, and hears only of them; forged
@@ -252,7 +256,7 @@ final class MasterSessionTests: XCTestCase {
 
     /// Message kinds are numbered once (`Kind`); the numbers are the wire format and never move.
     func testMessageKindNumbersAreStable() {
-        XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...28))
+        XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...29))
         XCTAssertEqual(MasterResponse.Kind.allCases.map(\.rawValue), Array(100...117))
         XCTAssertEqual(MasterRequest.heartbeat.kind, 4)
         XCTAssertEqual(MasterRequest.restore(segment: 1, objects: []).kind, 28)
@@ -260,7 +264,8 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertEqual(MasterResponse.notices([]).kind, 116)
         XCTAssertEqual(MasterResponse.sizes([]).kind, 117)
         XCTAssertTrue(MasterRequest.isHandshakeKind(1) && MasterRequest.isHandshakeKind(21) && !MasterRequest.isHandshakeKind(2))
-        XCTAssertFalse(MasterRequest.isRequestKind(29) || MasterResponse.isResponseKind(118) || MasterRequest.isRequestKind(0))
+        XCTAssertEqual(MasterRequest.confirmNotices(segment: 1, through: 1).kind, 29)
+        XCTAssertFalse(MasterRequest.isRequestKind(30) || MasterResponse.isResponseKind(118) || MasterRequest.isRequestKind(0))
     }
 
     /// `sizes` (the answer to `sizeBatch`): 8 bytes a key, absent as all ones; a size past
@@ -281,7 +286,8 @@ final class MasterSessionTests: XCTestCase {
     }
 
     func testSessionMessagesRoundTrip() throws {
-        for r in [MasterRequest.leave, .resume(client: 7, proof: [1, 2, 3], commits: [PipelinedCommit(handle: 4), PipelinedCommit(handle: 5, checksum: 9)], aborts: [6])] {
+        for r in [MasterRequest.leave, .confirmNotices(segment: 3, through: 1 << 40),
+                  .resume(client: 7, proof: [1, 2, 3], commits: [PipelinedCommit(handle: 4), PipelinedCommit(handle: 5, checksum: 9)], aborts: [6])] {
             XCTAssertEqual(try r.encode().withUnsafeBytes { try MasterRequest.decode(kind: r.kind, $0) }, r)
         }
         var w = WireWriter()

@@ -71,6 +71,61 @@ final class ObjectTableRestoreTests: XCTestCase {
         XCTAssertNil(t.invariantViolation())
     }
 
+    /// Space of a committed version that went is handed out again only once its segment's
+    /// owner confirmed the notice saying so: until then its index lists the version, and a
+    /// restarted master would take it back over bytes another write put there.
+    func testFreedSpaceWaitsForItsOwnersConfirmation() throws {
+        var t = ObjectTable(policy: Self.noLeases)
+        t.recordNotices = true
+        try t.mount(segment: 1, capacity: 64 << 10, now: 0)
+        for i in 0..<4 {
+            let w = try t.beginWrite(key: "k\(i)", size: 16 << 10, mode: .put, now: 0)
+            try t.commitWrite(w, now: 0)
+        }
+        let stored = t.takeNotices()
+        XCTAssertEqual(stored.map(\.number), [1, 2, 3, 4], "numbered per segment")
+        try t.remove(key: "k0", now: 0)
+        XCTAssertEqual(t.takeNotices().map(\.number), [5])
+        XCTAssertEqual(t.awaitingBytes, 16 << 10)
+        XCTAssertThrowsError(try t.beginWrite(key: "new", size: 16 << 10, mode: .put, now: 0)) { e in
+            XCTAssertEqual((e as? KVError)?.code, .noSpace)
+        }
+        XCTAssertEqual(t.statistics.objects, 3, "nothing was evicted for room that is about to come back")
+        XCTAssertEqual(t.confirm(segment: 1, through: 4), 0, "the removal's notice is number 5")
+        XCTAssertEqual(t.confirm(segment: 1, through: 99), 16 << 10, "confirmed (numbers past the last are clamped)")
+        XCTAssertEqual(t.awaitingBytes, 0)
+        XCTAssertNoThrow(try t.beginWrite(key: "new", size: 16 << 10, mode: .put, now: 0))
+        XCTAssertNil(t.invariantViolation())
+        // A version that goes after its owner confirmed its removal (its last reader was
+        // slower) is freed at once: no notice of it is left to confirm.
+        try t.remove(key: "k1", now: 0)
+        XCTAssertEqual(t.takeNotices().count, 1, "k1 went")
+        t.confirm(segment: 1, through: .max)
+        let r = try t.beginWrite(key: "read", size: 16 << 10, mode: .put, now: 0)
+        try t.commitWrite(r, now: 0)
+        guard case .found(let held) = t.acquireRead(key: "read", now: 0) else { return XCTFail("read") }
+        try t.remove(key: "read", force: true, now: 0)
+        let last = try XCTUnwrap(t.takeNotices().last?.number)
+        t.confirm(segment: 1, through: last)
+        try t.releaseRead(held.handle)
+        XCTAssertEqual(t.awaitingBytes, 0)
+        XCTAssertNil(t.invariantViolation())
+        // A write that never committed was never noticed: its space is free at once.
+        var u = ObjectTable(policy: Self.noLeases)
+        u.recordNotices = true
+        try u.mount(segment: 1, capacity: 64 << 10, now: 0)
+        try u.abortWrite(try u.beginWrite(key: "a", size: 64 << 10, mode: .put, now: 0), now: 0)
+        XCTAssertEqual(u.awaitingBytes, 0)
+        // A segment that goes takes its waiting space with it.
+        let w = try u.beginWrite(key: "b", size: 64 << 10, mode: .put, now: 0)
+        try u.commitWrite(w, now: 0)
+        try u.remove(key: "b", now: 0)
+        XCTAssertEqual(u.awaitingBytes, 64 << 10)
+        _ = try u.unmount(segment: 1, now: 0)
+        XCTAssertEqual(u.awaitingBytes, 0)
+        XCTAssertNil(u.invariantViolation())
+    }
+
     func testCommitsAndRemovalsAreNoticedPerPlacement() throws {
         var t = ObjectTable(policy: Self.noLeases)
         t.recordNotices = true

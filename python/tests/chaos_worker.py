@@ -51,6 +51,18 @@ def check(key: str, value: bytes) -> int | None:
     return gen
 
 
+def describe(key: str, value: bytes, writers: int, keys: int) -> dict[str, object]:
+    """What a wrong value holds instead: whose header, which generation, whether its payload is intact."""
+    d: dict[str, object] = {"key": key, "length": len(value)}
+    if len(value) >= HEADER.size:
+        digest, gen, size, crc = HEADER.unpack_from(value)
+        owners = [f"w{w}-k{k}" for w in range(writers) for k in range(keys)
+                  if hashlib.sha256(f"w{w}-k{k}".encode()).digest()[:16] == digest]
+        d.update(header_of=owners[0] if owners else None, gen=gen, size=size,
+                 payload_intact=len(value) - HEADER.size == size and zlib.crc32(value[HEADER.size:]) == crc)
+    return d
+
+
 def connect(url: str, segment: int) -> kvstore.Store:
     end = time.monotonic() + 20
     while True:
@@ -116,6 +128,8 @@ def main() -> None:
                     counts[type(v).__name__] = counts.get(type(v).__name__, 0) + 1
                 elif check(key, v) is None:
                     counts["wrong"] += 1
+                    if counts["wrong"] <= 5:
+                        print(json.dumps({"wrong": describe(key, v, writers, keys), "batch": len(batch), "t": time.time()}), flush=True)
                 else:
                     counts["verified"] += 1
         summary.update(counts)

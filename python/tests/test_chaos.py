@@ -76,15 +76,17 @@ class Chaos:
             assert p.ready.wait(20)
         self.losses: list[float] = []      # when an event that may lose objects happened
         self.killed: list[Proc] = []
+        self.events: list[tuple[str, float]] = []   # what the test did when, to read a failure by
 
-    @staticmethod
-    def freeze(p: Proc | subprocess.Popen, seconds: float) -> None:
+    def freeze(self, p: Proc | subprocess.Popen, seconds: float) -> None:
+        self.events.append((f"freeze {seconds} s", time.time()))
         p.send_signal(signal.SIGSTOP) if isinstance(p, subprocess.Popen) else p.signal(signal.SIGSTOP)
         time.sleep(seconds)
         p.send_signal(signal.SIGCONT) if isinstance(p, subprocess.Popen) else p.signal(signal.SIGCONT)
 
     def kill_holder(self, i: int) -> None:
         self.losses.append(time.time())
+        self.events.append((f"kill holder {i}", time.time()))
         self.holders[i].signal(signal.SIGKILL)
         self.killed.append(self.holders[i])
         self.holders.append(Proc("holder", self.url, f"h{len(self.holders)}"))
@@ -100,8 +102,8 @@ class Chaos:
         summaries = [r.finish() for r in self.readers]
         writer_summaries = [w.finish() for w in self.writers]
         # Readers: zero wrong reads, and they read plenty.
-        for s in summaries:
-            assert s["wrong"] == 0, s
+        for r, s in zip(self.readers, summaries):
+            assert s["wrong"] == 0, (s, [line for line in r.lines if "\"wrong\"" in line], self.events)
         assert sum(s["verified"] for s in summaries) > 100, summaries
         assert sum(w["acked"] for w in writer_summaries) > 100, writer_summaries
 
@@ -194,6 +196,7 @@ def test_chaos_with_standby_masters_on_etcd(tmp_path, monkeypatch):
                 c.kill_holder(0)                         # a holder dies
                 time.sleep(1.5)
                 c.losses.append(time.time())
+                c.events.append(("kill leader", time.time()))
                 first.proc.kill()                        # the elected leader dies; the standby takes over
                 masters.append(ElectedMaster(etcd, "chaos", path, *FLAGS))   # and a new standby joins
                 second = leader(first.terms()[-1])

@@ -100,3 +100,71 @@ def test_a_put_whose_commit_the_dead_master_never_read_comes_back():
         p.stdin.close()
         p.wait(timeout=10)
         m.stop()
+
+
+HOLDER = """
+import sys, time, kvstore
+s = kvstore.Store.connect(sys.argv[1], segment_size=4 << 20)
+print("ready", flush=True)
+sys.stdin.readline()
+print(s.stats()["objects_reregistered"], flush=True)
+s.close()
+"""
+
+
+def test_space_reused_while_its_owner_was_frozen_does_not_come_back_as_the_old_object():
+    """The owner of the only segment is frozen while the master frees an object in it and
+    hands its space to other writes; then the master dies. The owner's index still lists the
+    freed object (it never heard that it went): reported to the restarted master, that object
+    would be read back with the bytes of the writes that took its space. The master hands out
+    freed space only once the owner confirmed hearing of it, so the writes wait, then fail
+    (`NoSpaceError`) while the owner is frozen, and the object comes back intact (or not at
+    all), never with another object's bytes."""
+    flags = ("--client-ttl", "30", "--lease-ttl", "0.2")
+    m = Master(*flags)
+    h = subprocess.Popen([sys.executable, "-c", HOLDER, m.url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    w = reader = None
+    try:
+        assert h.stdout.readline().strip() == "ready"
+        w = kvstore.Store.connect(m.url, segment_size=0)
+        victim = b"V" * (64 << 10)
+        w.put("victim", victim)
+        time.sleep(0.3)                                         # the owner indexed it
+        h.send_signal(signal.SIGSTOP)
+        churned = 0
+        for i in range(20000):                                  # notices pile up unread
+            try:
+                w.upsert(f"churn{i % 16}", bytes([i % 251]) * 4096)
+                churned += 1
+            except kvstore.NoSpaceError:                        # freed space waits for the frozen owner
+                break
+        w.remove("victim")
+        for i in range(64):                                     # new objects take every free byte
+            try:
+                w.put(f"fill{i}", b"F" * (64 << 10))
+            except kvstore.NoSpaceError:
+                break
+        port = m.port
+        m.stop(signal.SIGKILL)
+        m = Master(*flags, port=port)
+        h.send_signal(signal.SIGCONT)
+        reader = kvstore.Store.connect(m.url, segment_size=0)
+        assert wait_for(lambda: reader.exists("churn0") or reader.exists("victim"), 10)   # the owner is back
+        try:
+            got = reader.get("victim")
+        except kvstore.ObjectNotFoundError:
+            got = None
+        assert got in (None, victim), f"read back {got[:8]!r}... for the removed object"
+        assert churned < 20000, "freed space was handed out again before its owner heard it was freed"
+        h.stdin.write("done\n")
+        h.stdin.flush()
+        print("re-registered:", h.stdout.readline().strip())
+    finally:
+        h.send_signal(signal.SIGCONT)
+        if h.poll() is None:
+            h.stdin.close()
+            h.wait(timeout=10)
+        for s in (w, reader):
+            if s is not None:
+                s.close()
+        m.stop()
