@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvstore") -> int:
     bench.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB,256MiB",
                        help="comma-separated value sizes (default 4KiB,64KiB,1MiB,16MiB,256MiB)")
     bench.add_argument("--ops", default="put,get,put_from,get_into,put_tensor,get_tensor_into,batch,evict,cluster,kv",
-                       help="comma-separated operations: put,get,put_from,get_into,put_tensor,get_tensor_into,batch,evict,"
+                       help="comma-separated operations: put,get,put_from,get_into,put_tensor,get_tensor_into,batch,evict,evict-cluster,"
                             "cluster,kv,gpu (gpu needs torch and a CUDA device); also checksum, cold, restart, failover (needs etcd)")
     bench.add_argument("--repeat", type=int, default=7, help="timed store/copyto pairs per case (batch cases: 5x); medians are reported")
     bench.add_argument("--batch", default="256x64KiB", help="batch shape COUNTxSIZE (default 256x64KiB)")

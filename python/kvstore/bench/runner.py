@@ -23,7 +23,8 @@ per-pair ratios (copyto time / store time), i.e. the fraction of the memcpy limi
   the rows of a 2-D array; baseline: one copyto of the whole array (the memcpy limit for the
   same bytes).
 - evict: 64 KiB puts into a store at 300% fill (evicting) against a store at 50% fill, side
-  by side (``bench/cache.py``; its own table).
+  by side (``bench/cache.py``; its own table). evict-cluster: the same in two clusters (a
+  master and a holder process each), where freed space waits for its holder's confirmation.
 - cluster: a master and holder processes; shared-memory and TCP transfers and 4 KiB
   operations through the network master (``bench/cluster.py``; its own table).
 - kv: prefill→decode block pulls, per-block against aggregated and against copyto, in one
@@ -43,8 +44,9 @@ from .._sizes import parse_size
 from .._store import Store
 from .common import _count_for, _fmt_size, _gather, _paired, _put_all, _same, _scatter, _segment_for
 
-_ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", "evict", "cluster", "kv", "checksum",
-            "restart", "failover", "cold", "reshard", "dropin")
+# Operations with their own table (and their own setup), then all of them.
+_OWN_TABLE = ("evict", "evict-cluster", "cluster", "kv", "checksum", "restart", "failover", "cold", "reshard", "dropin")
+_ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", *_OWN_TABLE)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -90,7 +92,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     results: list[dict[str, object]] = []
     header = f"{'operation':<16}{'size':>10}{'count':>8}{'ops/s':>14}{'GB/s':>9}{'copyto GB/s':>13}{'ratio':>8}"
-    if any(o not in ("evict", "cluster", "kv", "checksum", "restart", "failover", "cold", "reshard", "dropin") for o in ops):
+    if any(o not in _OWN_TABLE for o in ops):
         print(f"kvstore bench: {args.repeat} alternating store/copyto pairs after a warm-up; medians; ratio = store / numpy.copyto")
         print(header)
         print("-" * len(header))
@@ -108,8 +110,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"{op:<16}{_fmt_size(size):>10}{count:>8}{ops_s:>14,.0f}{row['gb_per_s']:>9.2f}"
               f"{row['copyto_gb_per_s']:>13.2f}{row['ratio']:>8.2f}", flush=True)
 
-    single = [o for o in ops if o not in ("batch", "gpu", "evict", "cluster", "kv", "checksum", "restart", "failover", "cold",
-                                          "reshard", "dropin")]
+    single = [o for o in ops if o not in ("batch", "gpu", *_OWN_TABLE)]
     for size in (sizes if single else []):
         n = _count_for(size, budget, args.small_ops)
         keys = [f"bench-{size}-{i}" for i in range(n)]
@@ -209,11 +210,13 @@ def run_bench(args: argparse.Namespace) -> int:
         if rc:
             return rc
 
-    if "evict" in ops:
+    for op in ("evict", "evict-cluster"):
+        if op not in ops:
+            continue
         from .cache import run_evict
 
         rc = run_evict(parse_size(args.evict_segment, name="evict segment"), parse_size(args.evict_size, name="evict size"),
-                       args.evict_count, args.repeat * 3, results.append)
+                       args.evict_count, args.repeat * 3, results.append, cluster=op == "evict-cluster")
         if rc:
             return rc
 
