@@ -236,6 +236,23 @@ public struct MasterService: Sendable {
         }
     }
 
+    /// Whether write start `request` must wait for freed space its owners have not yet
+    /// confirmed (see `ObjectTable.mustWaitForRoom`): a batch is held back whole before it is
+    /// handled, so its later objects do not fail for want of room that is about to come back.
+    public mutating func mustWaitForRoom(_ request: MasterRequest, now: Nanoseconds) -> Bool {
+        let bytes: Int
+        switch request {
+        case let .putStart(_, size, _, options, _):
+            bytes = SegmentAllocator.roundedLength(size) * max(1, min(options.replicas, table.segmentCount))
+        case let .putStartBatch(items, _, options, _):
+            bytes = items.reduce(0) { $0 + SegmentAllocator.roundedLength($1.size) } * max(1, min(options.replicas, table.segmentCount))
+        default:
+            return false
+        }
+        table.advance(now: now)
+        return table.mustWaitForRoom(bytes)
+    }
+
     /// Writes the server held back until an owner confirmed freed space (`countSpaceWait`).
     public private(set) var writesWaitedForSpace = 0
     public mutating func countSpaceWait() { writesWaitedForSpace += 1 }

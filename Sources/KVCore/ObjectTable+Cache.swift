@@ -191,6 +191,18 @@ extension ObjectTable {
         }
     }
 
+    /// Whether a write of `bytes` (all its replicas) should wait for space that awaits its
+    /// owners' confirmation (`awaitingOwner`): it does not fit the free space now. Evicts
+    /// first what the confirmations will not bring back, so that once they come the write
+    /// fits; a write larger than every segment together is never held back (it fails).
+    public mutating func mustWaitForRoom(_ bytes: Int) -> Bool {
+        let free = segments.freeBytes
+        guard free < bytes, bytes <= capacity else { return false }
+        let short = bytes - free - awaitingBytes
+        if short > 0 { evict(atLeast: short) }
+        return awaitingBytes > 0
+    }
+
     /// Evicts from the eviction end until `target` bytes are freed or nothing evictable is
     /// left; returns the bytes freed.
     @discardableResult

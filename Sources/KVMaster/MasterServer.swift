@@ -471,6 +471,16 @@ public final class MasterServer: @unchecked Sendable {
                     parked.insert(c.socket.fd)
                     break
                 }
+                if request.allocates, service.mustWaitForRoom(request, now: clock()) {
+                    // Room freed moments ago waits for its owners' confirmation: hold the
+                    // write back until one comes (bounded), so no object of it fails for want
+                    // of space that is about to come back.
+                    c.parked = (header, request, clock() &+ Self.spaceWait, service.confirmations)
+                    parked.insert(c.socket.fd)
+                    service.countSpaceWait()
+                    deliverNotices(all: true)
+                    break
+                }
                 guard let response = respond(c, header, request) else {
                     if connections[c.socket.fd] !== c { return }
                     continue   // a pipelined request that succeeded: no answer
@@ -590,6 +600,10 @@ public final class MasterServer: @unchecked Sendable {
             let expired = now >= p.until
             if let space = p.space {
                 guard expired || service.confirmations != space else { continue }
+                if !expired, service.mustWaitForRoom(p.request, now: now) {   // not yet: wait for the next
+                    c.parked = (p.header, p.request, p.until, service.confirmations)
+                    continue
+                }
             } else {
                 guard expired || !service.mustWait(p.request, session: c.session) else { continue }
             }

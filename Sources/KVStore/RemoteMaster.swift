@@ -1073,8 +1073,15 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             if !connected { nextRound = min(nextRound, clock() &+ 100_000_000) }
             let untilRound = Int(bitPattern: UInt(nextRound &- clock()))
             let wait = min(max(0, untilRound), Int(Self.noticeDrainNanos))
-            var p = pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0)
-            if poll(&p, 1, Int32((wait + 999_999) / 1_000_000)) > 0 { return }
+            // An idle client (no request for a drain period: a holder, typically) also wakes
+            // when the master writes: notices are then applied and confirmed at once, and
+            // writes waiting for the space they freed go on (`ObjectTable.awaitingOwner`). A
+            // busy one is not woken by its own answers (that halved 4 KiB puts).
+            let idle = link.withLockIfFree { l in
+                l.socket.map { s in clock() &- l.lastRequest >= Self.noticeDrainNanos ? s.fd : -1 } ?? -1
+            } ?? -1
+            var fds = [pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0), pollfd(fd: idle, events: Int16(POLLIN), revents: 0)]
+            if poll(&fds, 2, Int32((wait + 999_999) / 1_000_000)) > 0, fds[0].revents != 0 { return }
             _ = link.withLockIfFree { l in
                 guard l.socket != nil, !(drainReady(&l) && sendConfirmation(&l)) else { return }
                 _ = lost(&l, KVError(.transfer, "the master closed the connection"))

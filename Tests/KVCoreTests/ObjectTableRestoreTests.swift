@@ -126,6 +126,31 @@ final class ObjectTableRestoreTests: XCTestCase {
         XCTAssertNil(u.invariantViolation())
     }
 
+    /// A write larger than the free space waits for space awaiting confirmation, after
+    /// evicting what the confirmations will not bring back; once they come, it fits whole.
+    func testAWriteWaitsForRoomAfterEvictingWhatIsMissing() throws {
+        var t = ObjectTable(policy: Self.noLeases)
+        t.recordNotices = true
+        try t.mount(segment: 1, capacity: 64 << 10, now: 0)
+        for i in 0..<4 {
+            try t.commitWrite(try t.beginWrite(key: "k\(i)", size: 16 << 10, mode: .put, now: 0), now: 0)
+        }
+        XCTAssertTrue(t.mustWaitForRoom(16 << 10), "full: one object evicted, its space awaits confirmation")
+        XCTAssertEqual(t.statistics.objects, 3)
+        XCTAssertEqual(t.awaitingBytes, 16 << 10)
+        XCTAssertTrue(t.mustWaitForRoom(16 << 10), "no second eviction while waiting")
+        XCTAssertEqual(t.statistics.objects, 3)
+        try t.remove(key: "k1", now: 0)
+        XCTAssertTrue(t.mustWaitForRoom(48 << 10))
+        XCTAssertEqual(t.statistics.objects, 1, "one more evicted for what the confirmation will not bring back")
+        XCTAssertEqual(t.awaitingBytes, 48 << 10)
+        XCTAssertFalse(t.mustWaitForRoom(1 << 20), "larger than every segment: never held back")
+        t.confirm(segment: 1, through: .max)
+        XCTAssertFalse(t.mustWaitForRoom(48 << 10))
+        XCTAssertNoThrow(try t.beginWrite(key: "big", size: 48 << 10, mode: .put, now: 0))
+        XCTAssertNil(t.invariantViolation())
+    }
+
     func testCommitsAndRemovalsAreNoticedPerPlacement() throws {
         var t = ObjectTable(policy: Self.noLeases)
         t.recordNotices = true
