@@ -164,8 +164,8 @@ public enum MasterRequest: Sendable, Equatable {
         }
     }
 
-    /// Requests that hand out space (their answers wait until every owner heard of the space
-    /// freed before them: `MasterService.freedNoticesWaiting`).
+    /// Requests that hand out space (held back while the room they need awaits its owners'
+    /// confirmation: `MasterService.mustWaitForRoom`).
     public var allocates: Bool {
         switch self {
         case .putStart, .putStartBatch: true

@@ -217,10 +217,6 @@ public struct MasterService: Sendable {
     }
 
     public mutating func hasNotices() -> Bool { !pendingNotices.isEmpty || !table.notices.isEmpty }
-    /// Whether a waiting notice says that space was freed: it must reach its owner before any
-    /// answer hands space out again (`MasterRequest.allocates`).
-    public private(set) var freedNoticesWaiting = false
-
     /// Moves the table's new notices to their owners' queues (a tenant's client hears of
     /// stored objects only when their keys are its tenant's: of another's, a blank notice
     /// that keeps the numbering whole).
@@ -231,7 +227,6 @@ public struct MasterService: Sendable {
                 n.object = nil
                 n.seq = 0
             }
-            if n.object == nil { freedNoticesWaiting = true }
             pendingNotices[owner, default: []].append(n)
         }
     }
@@ -266,9 +261,9 @@ public struct MasterService: Sendable {
     /// What connected owners must hear of their segments, grouped per client (at most
     /// `MasterLimits.maxBatch` a group): every queue with `all`, else only `requester`'s (its
     /// notices ride with its answer at no cost). The server takes them all at least every
-    /// millisecond, and before the answer of any request that allocates when space was freed
-    /// meanwhile (`freedNoticesWaiting`), so an owner always hears that space was freed before
-    /// anyone can write into it again. A lost session's queue waits for its resume.
+    /// millisecond, and at once when it holds a write back for room (freed space is handed out
+    /// again only once its owner confirmed the notice: `ObjectTable.awaitingOwner`). A lost
+    /// session's queue waits for its resume.
     public mutating func takeNotices(now: Nanoseconds, all: Bool, requester: UInt64? = nil) -> [(client: UInt64, notices: [ObjectTable.SegmentNotice])] {
         routeNotices()
         if pendingNotices.isEmpty { return [] }
@@ -286,7 +281,6 @@ public struct MasterService: Sendable {
                 i += MasterLimits.maxBatch
             }
         }
-        if all { freedNoticesWaiting = pendingNotices.values.contains { ns in ns.contains { $0.object == nil } } }
         return out
     }
 

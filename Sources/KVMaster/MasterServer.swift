@@ -526,10 +526,9 @@ public final class MasterServer: @unchecked Sendable {
             deliverNotices(all: true)
             return nil
         }
-        // The requester's own notices ride with this answer; everyone's go out now when this
-        // answer hands out space that was freed meanwhile, else within a millisecond (the loop).
-        let urgent = request.allocates && service.freedNoticesWaiting
-        if urgent || c.session.ownsSegment { deliverNotices(all: urgent, requester: c) }
+        // The requester's own notices ride with this answer; everyone's go out within a
+        // notice round (the loop, `noticeRound`), or at once when a write is held back for room.
+        if c.session.ownsSegment { deliverNotices(all: false, requester: c) }
         if connections[c.socket.fd] !== c { return nil }
         if case .welcome = response, let id = c.session.client { owners[id] = c }
         if case .resume = request, case .value = response, let id = c.session.client { owners[id] = c }
@@ -553,16 +552,20 @@ public final class MasterServer: @unchecked Sendable {
         return response
     }
 
+    /// How often notices go to every owner (an idle one wakes for them: `RemoteMaster`);
+    /// at once when a write is held back for the room they free.
+    static let noticeRound: Nanoseconds = 5_000_000
+
     /// When notices last went to every owner.
     private var noticesSent: Nanoseconds = 0
 
     /// Sends owners what changed in their segments (`MasterService.takeNotices`): `requester`'s
     /// are queued ahead of its answer (one write for both); everyone's are written at once
-    /// when `all`, or when a millisecond has passed since they last were.
+    /// when `all`, or when a notice round has passed since they last were.
     private func deliverNotices(all: Bool, requester: Connection? = nil) {
         guard service.hasNotices() else { return }
         let now = clock()
-        let everyone = all || now &- noticesSent >= 1_000_000
+        let everyone = all || now &- noticesSent >= Self.noticeRound
         if everyone { noticesSent = now }
         let batches = service.takeNotices(now: now, all: everyone, requester: requester?.session.client)
         for (client, notices) in batches {

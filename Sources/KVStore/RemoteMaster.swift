@@ -1073,10 +1073,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             if !connected { nextRound = min(nextRound, clock() &+ 100_000_000) }
             let untilRound = Int(bitPattern: UInt(nextRound &- clock()))
             let wait = min(max(0, untilRound), Int(Self.noticeDrainNanos))
-            // An idle client (no request for a drain period: a holder, typically) also wakes
-            // when the master writes: notices are then applied and confirmed at once, and
-            // writes waiting for the space they freed go on (`ObjectTable.awaitingOwner`). A
-            // busy one is not woken by its own answers (that halved 4 KiB puts).
+            // An idle client (no request for a drain round: a holder, typically) also wakes
+            // when the master writes (it sends notices every 5 ms, and at once when a write
+            // waits for room they free): they are applied and confirmed at once. A busy one
+            // is not woken by its own answers (that halved 4 KiB puts).
             let idle = link.withLockIfFree { l in
                 l.socket.map { s in clock() &- l.lastRequest >= Self.noticeDrainNanos ? s.fd : -1 } ?? -1
             } ?? -1

@@ -83,13 +83,20 @@ def run_evict(segment: int, size: int, count: int, repeat: int,
         fill_half = half.stats()["bytes_used"] / segment
         serial = [0]
 
-        def round_on(store: Store) -> float:
+        values = [value] * count
+
+        def round_on(store: Store, batch: bool = False) -> float:
             keys = [f"r{serial[0]}-{i}" for i in range(count)]
             serial[0] += 1
             put = store.put
             t0 = time.perf_counter()
-            for k in keys:
-                put(k, value)
+            if batch:   # one call: a refused object must not be timed as a fast one
+                failed = next((f for f in store.batch_put_from(keys, values) if f is not None), None)
+                if failed is not None:
+                    raise failed
+            else:
+                for k in keys:
+                    put(k, value)
             t = time.perf_counter() - t0
             if store is half:
                 half.batch_remove(keys, force=True)
@@ -107,6 +114,18 @@ def run_evict(segment: int, size: int, count: int, repeat: int,
             ratios.append(half_t[-1] / full_t[-1])
         evictions_per_put = (full.stats()["evicted_objects"] - evicted0) / (repeat * count)
         st = full.stats()
+        batch_rows: list[tuple[str, list[float], float, float | None]] = []
+        if cluster:   # the same rounds as one batch_put_from each (a batch needs room whole)
+            bh, bf, br = [], [], []
+            evicted1 = full.stats()["evicted_objects"]
+            for rep in range(repeat):
+                order = (half, full) if rep % 2 == 0 else (full, half)
+                times = {id(s): round_on(s, batch=True) for s in order}
+                bh.append(times[id(half)])
+                bf.append(times[id(full)])
+                br.append(bh[-1] / bf[-1])
+            batch_epp = (full.stats()["evicted_objects"] - evicted1) / (repeat * count)
+            batch_rows = [(f"{fill_half:.0%} batch", bh, 0.0, None), ("300% batch", bf, batch_epp, statistics.median(br))]
         waited = [_metric(port, "writes_waited_for_space") for port in metrics]
     finally:
         _close_all(stores, procs)
@@ -118,7 +137,7 @@ def run_evict(segment: int, size: int, count: int, repeat: int,
     print(header)
     print("-" * len(header))
     for name, times, epp, ratio in ((f"{fill_half:.0%} fill", half_t, 0.0, None),
-                                    ("300% fill", full_t, evictions_per_put, statistics.median(ratios))):
+                                    ("300% fill", full_t, evictions_per_put, statistics.median(ratios)), *batch_rows):
         t = statistics.median(times)
         row = {"op": "put_evict_cluster" if cluster else "put_evict", "fill": name, "size": size, "count": count, "seconds": t,
                "ops_per_s": count / t, "gb_per_s": count * size / t / 1e9, "evictions_per_put": epp,
