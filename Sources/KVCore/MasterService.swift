@@ -235,17 +235,14 @@ public struct MasterService: Sendable {
     /// confirmed (see `ObjectTable.mustWaitForRoom`): a batch is held back whole before it is
     /// handled, so its later objects do not fail for want of room that is about to come back.
     public mutating func mustWaitForRoom(_ request: MasterRequest, now: Nanoseconds) -> Bool {
-        let bytes: Int
+        let bytes: Int, options: WriteOptions
         switch request {
-        case let .putStart(_, size, _, options, _):
-            bytes = SegmentAllocator.roundedLength(size) * max(1, min(options.replicas, table.segmentCount))
-        case let .putStartBatch(items, _, options, _):
-            bytes = items.reduce(0) { $0 + SegmentAllocator.roundedLength($1.size) } * max(1, min(options.replicas, table.segmentCount))
-        default:
-            return false
+        case let .putStart(_, size, _, o, _): (bytes, options) = (SegmentAllocator.roundedLength(size), o)
+        case let .putStartBatch(items, _, o, _): (bytes, options) = (items.reduce(0) { $0 + SegmentAllocator.roundedLength($1.size) }, o)
+        default: return false
         }
         table.advance(now: now)
-        return table.mustWaitForRoom(bytes)
+        return table.mustWaitForRoom(bytes * max(1, min(options.replicas, table.segmentCount)))
     }
 
     /// Writes the server held back until an owner confirmed freed space (`countSpaceWait`).
@@ -255,14 +252,14 @@ public struct MasterService: Sendable {
     /// Times an owner's confirmation freed space (`confirmNotices`): a write held back for
     /// room (`MasterServer`) is tried again when it changes.
     public private(set) var confirmations = 0
-    /// Bytes freed that wait for their owners' confirmation (`ObjectTable.awaitingOwner`).
+    /// Bytes freed that wait for their owners' confirmation (`ObjectTable.ledgers`).
     public var awaitingBytes: Int { table.awaitingBytes }
 
     /// What connected owners must hear of their segments, grouped per client (at most
     /// `MasterLimits.maxBatch` a group): every queue with `all`, else only `requester`'s (its
-    /// notices ride with its answer at no cost). The server takes them all at least every
-    /// millisecond, and at once when it holds a write back for room (freed space is handed out
-    /// again only once its owner confirmed the notice: `ObjectTable.awaitingOwner`). A lost
+    /// notices ride with its answer at no cost). The server takes them all each notice round
+    /// (`MasterServer.noticeRound`), and at once when it holds a write back for room (freed space is handed out
+    /// again only once its owner confirmed the notice: `ObjectTable.ledgers`). A lost
     /// session's queue waits for its resume.
     public mutating func takeNotices(now: Nanoseconds, all: Bool, requester: UInt64? = nil) -> [(client: UInt64, notices: [ObjectTable.SegmentNotice])] {
         routeNotices()

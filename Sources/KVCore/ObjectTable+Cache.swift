@@ -184,7 +184,7 @@ extension ObjectTable {
                 }
             }
             if placed.count == target { return placed }
-            // Space freed moments ago waits for its owner's confirmation (`awaitingOwner`):
+            // Space freed moments ago waits for its owner's confirmation (`ledgers`):
             // evicting on would empty the cache for room that is about to come back.
             if awaitingBytes >= rounded * (target - placed.count) { return placed.isEmpty ? nil : placed }
             if evict(atLeast: max(rounded, roundBytes)) == 0 { return placed.isEmpty ? nil : placed }
@@ -192,7 +192,7 @@ extension ObjectTable {
     }
 
     /// Whether a write of `bytes` (all its replicas) should wait for space that awaits its
-    /// owners' confirmation (`awaitingOwner`): it does not fit the free space now. Evicts
+    /// owners' confirmation (`ledgers`): it does not fit the free space now. Evicts
     /// first what the confirmations will not bring back, so that once they come the write
     /// fits; a write larger than every segment together is never held back (it fails).
     public mutating func mustWaitForRoom(_ bytes: Int) -> Bool {

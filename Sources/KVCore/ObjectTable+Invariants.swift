@@ -14,8 +14,8 @@ extension ObjectTable {
         }
         for q in quarantined where segments.slots[Int(q.placement.slot)].mounted { used += q.placement.allocation.length }
         var awaiting = 0
-        for (slot, ps) in awaitingOwner where segments.slots[Int(slot)].mounted {
-            for p in ps { awaiting += p.placement.allocation.length }
+        for (slot, l) in ledgers where segments.slots[Int(slot)].mounted {
+            for w in l.awaiting { awaiting += w.placement.allocation.length }
         }
         used += awaiting
         var onLists = 0

@@ -399,7 +399,7 @@ public struct ObjectTable: Sendable {
         advance(now: now)
         guard let dead = segments.unmount(id) else { throw .invalidArgument("segment \(id) is not mounted") }
         quarantined.removeAll { $0.placement.slot == dead }
-        awaitingBytes -= awaitingOwner.removeValue(forKey: dead)?.reduce(0) { $0 + $1.placement.allocation.length } ?? 0
+        awaitingBytes -= ledgers.removeValue(forKey: dead)?.awaiting.reduce(0) { $0 + $1.placement.allocation.length } ?? 0
         var report = UnmountReport()
         for i in versions.indices where versions[i].state != .free && versions[i].placements.contains(slot: dead) {
             let s = Int32(i)
@@ -699,45 +699,46 @@ public struct ObjectTable: Sendable {
     public private(set) var restoredObjects = 0
     public private(set) var refusedRestores = 0
 
-    /// Per segment slot: notices recorded so far (the last one's `number`), and the last
-    /// number its owner confirmed.
-    var noticesRecorded: [Int32: UInt64] = [:]
-    var noticesConfirmed: [Int32: UInt64] = [:]
+    /// What a segment's owner has heard of it (a master's table: `recordNotices`).
+    struct Ledger {
+        /// Notices recorded so far (the last one's `number`), and the last number the owner
+        /// confirmed.
+        var recorded: UInt64 = 0
+        var confirmed: UInt64 = 0
+        /// Space of committed versions that went, each with `recorded` when it went: the owner
+        /// may still list the version (it has not confirmed hearing that it went), so the space
+        /// is not handed out again until it confirms that notice (`confirm`). Otherwise a
+        /// master that dies meanwhile would be told by the owner that the version is still
+        /// there, over bytes other writes have replaced.
+        var awaiting: [(placement: Placement, notice: UInt64)] = []
+    }
+    /// Per mounted segment slot that has had a notice (gone with its segment: `unmount`).
+    var ledgers: [Int32: Ledger] = [:]
+    /// Bytes in the ledgers' `awaiting` (counted as used until then).
+    public private(set) var awaitingBytes = 0
 
     /// Appends a notice about slot `slot`, numbered in its segment's stream.
     private mutating func record(_ slot: Int32, offset: Int, seq: UInt64, object: Restored?) {
-        let n = noticesRecorded[slot, default: 0] &+ 1
-        noticesRecorded[slot] = n
+        ledgers[slot, default: Ledger()].recorded &+= 1
+        let n = ledgers[slot]!.recorded
         notices.append(SegmentNotice(segment: segments.id(of: slot), offset: offset, seq: seq, object: object, number: n))
     }
-
-    /// Space of committed versions that went, per segment slot, each with the number of the
-    /// slot's last notice when it went: its owner may still list the version (it has not
-    /// confirmed hearing that it went), so the space is not handed out again until it
-    /// confirms that notice (`confirm`). Otherwise a master that dies meanwhile would be told
-    /// by the owner that the version is still there, over bytes other writes have replaced.
-    var awaitingOwner: [Int32: [(placement: Placement, notice: UInt64)]] = [:]
-    /// Bytes in `awaitingOwner` (counted as used until then).
-    public private(set) var awaitingBytes = 0
 
     /// The owner of segment `id` has applied its notices up to `number`: the space whose
     /// notices those were is free again. Numbers past the last recorded one are clamped.
     /// Returns the bytes freed.
     @discardableResult
     public mutating func confirm(segment id: SegmentID, through number: UInt64) -> Int {
-        guard let slot = segments.slot(of: id) else { return 0 }
-        let upTo = min(number, noticesRecorded[slot, default: 0])
-        noticesConfirmed[slot] = max(noticesConfirmed[slot, default: 0], upTo)
-        guard var waiting = awaitingOwner[slot] else { return 0 }
+        guard let slot = segments.slot(of: id), var ledger = ledgers[slot] else { return 0 }
+        ledger.confirmed = max(ledger.confirmed, min(number, ledger.recorded))
+        let heard = ledger.awaiting.prefix { $0.notice <= ledger.confirmed }   // in notice order
         var freed = 0
-        var done = 0
-        while done < waiting.count, waiting[done].notice <= upTo {
-            segments.free(waiting[done].placement)
-            freed += waiting[done].placement.allocation.length
-            done += 1
+        for w in heard {
+            segments.free(w.placement)
+            freed += w.placement.allocation.length
         }
-        waiting.removeFirst(done)
-        awaitingOwner[slot] = waiting.isEmpty ? nil : waiting
+        ledger.awaiting.removeFirst(heard.count)
+        ledgers[slot] = ledger
         awaitingBytes -= freed
         return freed
     }
@@ -887,11 +888,10 @@ public struct ObjectTable: Sendable {
         if versions[Int(s)].leaseUntil != 0 { activeLeases -= 1 }
         if recordNotices, versions[Int(s)].seq != 0 {   // its owners may list it: free once they heard it went
             versions[Int(s)].placements.forEach { p in
-                let last = noticesRecorded[p.slot, default: 0]
                 // Gone from an unmounted segment, or its owner already confirmed every notice
                 // (the version went once its last reader was done, after its removal was heard).
-                guard segments.slots[Int(p.slot)].mounted, last > noticesConfirmed[p.slot, default: 0] else { return segments.free(p) }
-                awaitingOwner[p.slot, default: []].append((p, last))
+                guard segments.slots[Int(p.slot)].mounted, let l = ledgers[p.slot], l.recorded > l.confirmed else { return segments.free(p) }
+                ledgers[p.slot]!.awaiting.append((p, l.recorded))
                 awaitingBytes += p.allocation.length
             }
         } else {

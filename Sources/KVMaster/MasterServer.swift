@@ -472,13 +472,8 @@ public final class MasterServer: @unchecked Sendable {
                     break
                 }
                 if request.allocates, service.mustWaitForRoom(request, now: clock()) {
-                    // Room freed moments ago waits for its owners' confirmation: hold the
-                    // write back until one comes (bounded), so no object of it fails for want
-                    // of space that is about to come back.
-                    c.parked = (header, request, clock() &+ Self.spaceWait, service.confirmations)
-                    parked.insert(c.socket.fd)
-                    service.countSpaceWait()
-                    deliverNotices(all: true)
+                    // Before handling it, so no object of a batch fails for want of room.
+                    parkForRoom(c, header, request, until: nil)
                     break
                 }
                 guard let response = respond(c, header, request) else {
@@ -517,13 +512,9 @@ public final class MasterServer: @unchecked Sendable {
         let response = service.handle(request, session: &c.session, now: clock())
         if let until = waitForSpaceUntil, request.allocates, case .error(let e) = response, e.code == .noSpace,
            service.awaitingBytes > 0 {
-            // Room freed moments ago waits for its owner to confirm it heard (its index must
-            // not list what went before the space is reused): hold the write back until a
-            // confirmation comes (bounded), then try it again. The failed try changed nothing.
-            c.parked = (header, request, until == 0 ? clock() &+ Self.spaceWait : until, service.confirmations)
-            parked.insert(c.socket.fd)
-            if until == 0 { service.countSpaceWait() }
-            deliverNotices(all: true)
+            // The room it lacked (fragmented, or in segments it may not use) may be what the
+            // confirmations bring back: try again then. The failed try changed nothing.
+            parkForRoom(c, header, request, until: until == 0 ? nil : until)
             return nil
         }
         // The requester's own notices ride with this answer; everyone's go out within a
@@ -583,6 +574,17 @@ public final class MasterServer: @unchecked Sendable {
     /// Each client's current connection (for notices), kept when a session is welcomed or
     /// resumed.
     private var owners: [UInt64: Connection] = [:]
+
+    /// Holds `c`'s write start back until an owner's confirmation brings back room freed
+    /// moments ago (its index must not list what went before the space is reused:
+    /// `ObjectTable.ledgers`), or until `until` (nil: `spaceWait` from now, a new wait). The
+    /// owners hear their notices now, so they confirm soon.
+    private func parkForRoom(_ c: Connection, _ header: WireFrameHeader, _ request: MasterRequest, until: Nanoseconds?) {
+        if until == nil { service.countSpaceWait() }
+        c.parked = (header, request, until ?? clock() &+ Self.spaceWait, service.confirmations)
+        parked.insert(c.socket.fd)
+        deliverNotices(all: true)
+    }
 
     /// Connections with a read or write held back (`Connection.parked`).
     private var parked: Set<Int32> = []

@@ -438,11 +438,12 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         if l.unconfirmed.count >= Self.maxUnconfirmed { _ = try expect(&l, .heartbeat) }
     }
 
-    /// Writes `frames` after the queued hold releases (nothing to write is a success); false
-    /// when the connection is lost.
+    /// Writes `frames` after the queued hold releases and notice confirmation (nothing to
+    /// write is a success); false when the connection is lost.
     private func send(_ pipelined: WireWriter, _ l: inout Link) -> Bool {
         var frames = WireWriter()
         takeReleases(into: &frames, &l)
+        takeConfirmation(into: &frames, &l)
         frames.append(pipelined)
         guard !frames.bytes.isEmpty else { return true }
         guard let s = l.socket else { return false }
@@ -617,20 +618,6 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
         l.nextID &+= 1
         l.confirmed = l.noticed
-    }
-
-    /// Sends the pending confirmation on its own (an owner that makes no calls: the heartbeat
-    /// thread). Returns false when the connection turned out broken.
-    private func sendConfirmation(_ l: inout Link) -> Bool {
-        var frames = WireWriter()
-        takeConfirmation(into: &frames, &l)
-        guard !frames.bytes.isEmpty, let s = l.socket else { return true }
-        do throws(KVError) {
-            try rethrowingKVError { try frames.bytes.withUnsafeBytes { try s.writeAll($0) } }
-            return true
-        } catch {
-            return false
-        }
     }
 
     public func lease(key: ObjectKey) throws(KVError) -> Int? {
@@ -1083,8 +1070,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             var fds = [pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0), pollfd(fd: idle, events: Int16(POLLIN), revents: 0)]
             if poll(&fds, 2, Int32((wait + 999_999) / 1_000_000)) > 0, fds[0].revents != 0 { return }
             _ = link.withLockIfFree { l in
-                guard l.socket != nil, !(drainReady(&l) && sendConfirmation(&l)) else { return }
-                _ = lost(&l, KVError(.transfer, "the master closed the connection"))
+                guard l.socket != nil else { return }
+                guard drainReady(&l) else { return _ = lost(&l, KVError(.transfer, "the master closed the connection")) }
+                if l.noticed > l.confirmed { _ = send(WireWriter(), &l) }   // confirms what it applied
             }
             guard clock() >= nextRound else { continue }
             nextRound = clock() &+ Nanoseconds(interval) * 1_000_000

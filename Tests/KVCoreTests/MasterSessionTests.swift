@@ -290,6 +290,11 @@ final class MasterSessionTests: XCTestCase {
                   .resume(client: 7, proof: [1, 2, 3], commits: [PipelinedCommit(handle: 4), PipelinedCommit(handle: 5, checksum: 9)], aborts: [6])] {
             XCTAssertEqual(try r.encode().withUnsafeBytes { try MasterRequest.decode(kind: r.kind, $0) }, r)
         }
+        // A forged confirmation: cut short, or with bytes after it.
+        let confirm = MasterRequest.confirmNotices(segment: 3, through: 9)
+        for bad in [Array(confirm.encode().dropLast()), confirm.encode() + [0]] {
+            XCTAssertThrowsError(try bad.withUnsafeBytes { try MasterRequest.decode(kind: confirm.kind, $0) })
+        }
         var w = WireWriter()
         w.u64(1); w.bytes([0]); w.count(MasterLimits.maxBatch + 1)
         XCTAssertThrowsError(try w.bytes.withUnsafeBytes { try MasterRequest.decode(kind: 27, $0) }, "a bounded list")
