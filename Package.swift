@@ -24,7 +24,7 @@ let package = Package(
         // RDMA over libibverbs, loaded with dlopen (verbs structures from libibverbs-dev's header).
         .target(name: "CKVVerbs", cSettings: [.unsafeFlags(["-O2"])]),
         .target(name: "KVTransfer", dependencies: ["KVCore", "KVSystem", "KVAccelerator", "CKVCopy", "CKVVerbs"]),
-        .target(name: "KVStore", dependencies: ["KVCore", "KVSystem", "KVAccelerator", "KVTransfer"]),
+        .target(name: "KVStore", dependencies: ["KVCore", "KVSystem", "KVAccelerator", "KVTransfer", "CKVCopy"]),
         // The network master: MasterService (KVCore) behind a poll loop, plus /metrics and /health.
         .target(name: "KVMaster", dependencies: ["KVCore", "KVSystem"]),
         // Its command line is KVMaster.MasterCommandLine, shared with `kvstore master`.

@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "kv_copy.h"
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/vfs.h>
@@ -156,6 +157,8 @@ long kv_recv_fd(int sock, int *fd, void *data, size_t cap) {
     if (msg.msg_flags & MSG_CTRUNC) { if (*fd >= 0) close(*fd); *fd = -1; errno = EMSGSIZE; return -1; }
     return (long)n;
 }
+
+int kv_o_direct(void) { return O_DIRECT; }
 
 long kv_fs_type(int fd) {
     struct statfs fs;

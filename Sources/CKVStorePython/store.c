@@ -62,16 +62,28 @@ static uint32_t create_flags(int prefault, int pin, int checksum) {
 
 static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"segment_size", "prefault", "pin_memory", "lease_ttl", "soft_pin_ttl",
-                             "eviction_high_watermark", "eviction_ratio", "checksum", NULL};
-    long long size = 0;
+                             "eviction_high_watermark", "eviction_ratio", "checksum",
+                             "disk_path", "disk_size", "disk_admission", NULL};
+    long long size = 0, disk_size = 0;
+    const char *disk_path = NULL;
+    int disk_admission = 0;
     int prefault = 0, pin = 1, checksum = 0;
     PyObject *prefault_obj = Py_False, *pin_obj = Py_True, *lease = NULL, *soft = NULL, *watermark = NULL, *ratio = NULL;
     PyObject *checksum_obj = Py_False;
     kv_store_config config;
     kv_store_config_init(&config);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|OOOOOOO", kwlist, &size, &prefault_obj, &pin_obj, &lease, &soft,
-                                     &watermark, &ratio, &checksum_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|OOOOOOOzLi", kwlist, &size, &prefault_obj, &pin_obj, &lease, &soft,
+                                     &watermark, &ratio, &checksum_obj, &disk_path, &disk_size, &disk_admission))
         return -1;
+    if (disk_path) {
+        if (disk_size <= 0) {
+            kvpy_raise(KV_E_INVALID_ARGUMENT, "disk_size must be positive with disk_path");
+            return -1;
+        }
+        config.disk_path = disk_path;
+        config.disk_size = (uint64_t)disk_size;
+        config.disk_admission = (uint32_t)disk_admission;
+    }
     if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0 ||
         kvpy_flag(checksum_obj, "checksum", &checksum) < 0 ||
         (lease && kvpy_seconds(lease, "lease_ttl", &config.lease_ttl) < 0) ||
@@ -143,10 +155,10 @@ static PyObject *store_get_closed(StoreObject *self, void *unused) {
 static PyObject *store_stats(StoreObject *self, PyObject *unused) {
     (void)unused;
     ENSURE_OPEN(self);
-    kv_stat stats[64];
+    kv_stat stats[128];
     size_t n;
-    RUN_UNLOCKED(self, 0, n = kv_stats(self->store, stats, 64));
-    if (n > 64) n = 64;
+    RUN_UNLOCKED(self, 0, n = kv_stats(self->store, stats, 128));
+    if (n > 128) n = 128;
     PyObject *d = PyDict_New();
     if (!d) return NULL;
     for (size_t i = 0; i < n; i++) {
@@ -714,11 +726,33 @@ static PyObject *new_value(PyObject *make, uint64_t size, void **ptr) {
     return value;
 }
 
+/* The value of k when a hold cannot be had because the object is on the disk tier and the
+ * segment cannot take it back (everything there leased or pinned): kv_get_into reads the
+ * disk copy straight into the new value. */
+static PyObject *read_from_disk_tier(StoreObject *self, const char *k, Py_ssize_t klen, PyObject *make,
+                                     int32_t *begin_status) {
+    uint64_t size = 0, copied = 0;
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_size(self->store, k, (size_t)klen, &size));
+    if (st == KV_E_OBJECT_NOT_FOUND) { *begin_status = st; return NULL; }
+    if (st) return kvpy_raise_last(st);
+    void *ptr = NULL;
+    PyObject *value = new_value(make, size, &ptr);
+    if (!value) return NULL;
+    kv_mut_buffer dst = {ptr, (size_t)size};
+    RUN_UNLOCKED(self, size, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, KV_HOST_MEMORY, &copied));
+    if (st == 0 && copied == size) return value;
+    Py_DECREF(value);
+    if (st == KV_E_OBJECT_NOT_FOUND) { *begin_status = st; return NULL; }
+    return st ? kvpy_raise_last(st) : kvpy_raise(KV_E_TRANSFER, "the object changed size while it was read");
+}
+
 static PyObject *read_key_value(StoreObject *self, const char *k, Py_ssize_t klen, PyObject *make, int32_t *begin_status) {
     *begin_status = 0;
     for (int tries = 0;; tries++) {
         kv_read hold;
         int32_t st = read_begin(self, k, klen, &hold);
+        if (st == KV_E_NO_SPACE) return read_from_disk_tier(self, k, klen, make, begin_status);
         if (st) { *begin_status = st; return NULL; }
         void *ptr = NULL;
         PyObject *bytes = new_value(make, hold.size, &ptr);

@@ -156,6 +156,32 @@ extension ObjectTable {
         return out
     }
 
+    /// One object next in line for eviction (`coldest`).
+    public struct ColdObject: Sendable, Equatable {
+        public var key: ObjectKey
+        public var size: Int
+        /// Its TTL deadline (monotonic ns), nil when it has none.
+        public var expiresAt: Nanoseconds?
+    }
+
+    /// The objects eviction would take first, in that order (ordinary, then soft-pinned),
+    /// until `bytes` of them have been looked at; those `skip` names are left out of the
+    /// answer (but counted). What a lower tier copies ahead of eviction.
+    public func coldest(bytes: Int, skip: (ObjectKey) -> Bool) -> [ColdObject] {
+        var out: [ColdObject] = []
+        var seen = 0
+        for l in [List.ordinary, .softPinned] {
+            var s = lists[Int(l.rawValue)].tail
+            while s >= 0 && seen < bytes {
+                let v = versions[Int(s)]
+                seen += v.placements.length
+                if !skip(v.key) { out.append(ColdObject(key: v.key, size: v.size, expiresAt: timers.deadline(slot: s, kind: .expiry))) }
+                s = v.prev
+            }
+        }
+        return out
+    }
+
     // MARK: eviction
 
     /// Bytes one eviction round frees at least.

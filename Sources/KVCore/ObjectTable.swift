@@ -450,6 +450,27 @@ public struct ObjectTable: Sendable {
                                  checksum: versions[c].checksum))
     }
 
+    /// A read hold on the visible version of `key` that grants no lease and leaves the object
+    /// where it is in the eviction order (released with `releaseRead`): a copy to a lower
+    /// tier must not make the object look used. nil when absent or being rewritten in place.
+    /// Eviction may still hide the object meanwhile; its space is freed at the release.
+    public mutating func holdInPlace(key: ObjectKey, now: Nanoseconds) -> ReadTicket? {
+        advance(now: now)
+        guard let e = entries[key], e.current >= 0 else { return nil }
+        let c = Int(e.current)
+        guard versions[c].state == .complete else { return nil }
+        versions[c].readers += 1
+        activeReaders += 1
+        let r = segments.replica(versions[c].placements.first!)
+        return ReadTicket(handle: handle(e.current), segment: r.segment, offset: r.offset, size: versions[c].size,
+                          checksum: versions[c].checksum)
+    }
+
+    /// The key of the version `h` names (a write in flight or a visible object).
+    public func key(of h: VersionHandle) throws(KVError) -> ObjectKey {
+        versions[try slot(h)].key
+    }
+
     /// The replicas of the visible version of `key`, or nil.
     public func replicas(key: ObjectKey) -> [Replica]? {
         guard let e = entries[key], e.current >= 0 else { return nil }

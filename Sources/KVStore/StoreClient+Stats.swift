@@ -19,6 +19,8 @@ extension StoreClient {
         // A connected client shows the cluster's table (zeros while the master is unreachable).
         let s = (try? master.statistics()) ?? CacheStatistics([])
         let hits = operations.hits.load(ordering: .relaxed), misses = operations.misses.load(ordering: .relaxed)
+        let tier = master as? TieredMaster
+        let d = tier?.disk.statistics ?? DiskTierStatistics()
         return [
             .init("objects", s.objects), .init("object_bytes", s.objectBytes), .init("bytes_used", s.usedBytes),
             .init("capacity", s.capacity), .init("bytes_free", s.capacity - s.usedBytes),
@@ -54,6 +56,12 @@ extension StoreClient {
             .init("master_local", remote?.isLocal ?? false ? 1 : 0),
             .init("peers", cluster?.peers.withLock { $0.map.count } ?? 0),
             .init("peers_pruned", cluster?.pruned.load(ordering: .relaxed) ?? 0),
+            .init("disk_objects", d.objects), .init("disk_bytes", d.bytes), .init("disk_capacity", d.capacity),
+            .init("disk_offloads", d.offloads), .init("disk_offloaded_bytes", d.offloadedBytes),
+            .init("disk_offload_failures", d.offloadFailures), .init("disk_hits", d.hits), .init("disk_misses", d.misses),
+            .init("disk_read_bytes", d.readBytes), .init("disk_evictions", d.evictions),
+            .init("disk_corrupt", d.corrupt), .init("disk_recovered", d.recovered),
+            .init("disk_promotions", tier?.promotions.load(ordering: .relaxed) ?? 0),
         ]
     }
 }

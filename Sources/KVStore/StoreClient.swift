@@ -45,15 +45,30 @@ public final class StoreClient: Sendable {
     /// commits the segment's pages now instead of on first use. The segment is pinned when an
     /// accelerator is present and `pinning` (default: from the environment, see
     /// `PinningPolicy`) allows; a refused pin leaves it pageable and is counted in stats.
-    /// `cache` sets leases and eviction (checked here); `clock` is for tests.
+    /// `cache` sets leases and eviction (checked here); `disk` adds a disk tier below the
+    /// segment (`TieredMaster`); `clock` is for tests.
     public init(segmentSize: Int, prefault: Bool = false, pinning: PinningPolicy? = nil,
-                cache: CachePolicy = CachePolicy(), clock: @escaping Clock = monotonicClock) throws(KVError) {
+                cache: CachePolicy = CachePolicy(), disk: DiskTierOptions? = nil,
+                clock: @escaping Clock = monotonicClock) throws(KVError) {
         guard segmentSize >= SegmentAllocator.granule else {
             throw .invalidArgument("segment size must be at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
         try cache.validate()
-        segment = try HostSegment(size: segmentSize, prefault: prefault, pinning: try Self.pinningPolicy(pinning))
-        master = EmbeddedMaster(capacity: segmentSize, policy: cache, clock: clock)
+        let tier = try disk.map { (d) throws(KVError) in try DiskTier(d) }
+        let seg = try HostSegment(size: segmentSize, prefault: prefault, pinning: try Self.pinningPolicy(pinning))
+        segment = seg
+        let embedded = EmbeddedMaster(capacity: segmentSize, policy: cache, clock: clock)
+        if let tier {
+            do throws(KVError) {
+                master = try TieredMaster(inner: embedded, disk: tier, segment: seg)
+            } catch {
+                tier.close()
+                seg.unmap()
+                throw error
+            }
+        } else {
+            master = embedded
+        }
         remote = nil
         cluster = nil
         transport = LocalCopyTransport(counters: counters)
@@ -425,7 +440,16 @@ public final class StoreClient: Sendable {
                          memory: MemoryHint) throws(KVError) -> Int {
         var tries = 0
         while true {
-            let t = try heldBeginRead(key: key)
+            let t: ReadTicket
+            do throws(KVError) {
+                t = try heldBeginRead(key: key)
+            } catch where error.code == .noSpace {
+                // On the disk tier, and DRAM cannot take it back: read it from disk directly.
+                guard let tier = master as? TieredMaster, locate(destinations, memory) == nil else { throw error }
+                let n = try tier.readDirect(key, into: destinations)
+                operations.hits.add(1, ordering: .relaxed)
+                return n
+            }
             defer { try? master.releaseRead(t.handle) }
             let n = try uncheckedCopyOut(t, range: 0..<t.size, to: destinations, memory: memory)
             if leaseHeld(t) { return n }
@@ -479,7 +503,12 @@ public final class StoreClient: Sendable {
                 do throws(KVError) {
                     let t: ReadTicket
                     switch r {
-                    case .failure(let e): throw e
+                    case .failure(let e):
+                        let mine = UnsafeBufferPointer(rebasing: destinations[items[i].regions])
+                        guard e.code == .noSpace, let tier = master as? TieredMaster, locate(mine, memory) == nil else { throw e }
+                        results[i] = .success(try tier.readDirect(items[i].key, into: mine))   // see heldGet
+                        operations.hits.add(1, ordering: .relaxed)
+                        continue
                     case .success(.found(let found)):
                         countLookup(.found(found))
                         t = found
@@ -839,6 +868,7 @@ public final class StoreClient: Sendable {
     /// connected: unmount, stop serving) and releases the segment. Idempotent.
     public func close() {
         if gate.close() {
+            (master as? TieredMaster)?.close()
             remote?.close()
             cluster?.close()
             registry.removeAll()

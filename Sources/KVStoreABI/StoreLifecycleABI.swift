@@ -27,7 +27,19 @@ extension CachePolicy {
 public func kvStoreConfigInit(_ config: UnsafeMutablePointer<kv_store_config>?) {
     let d = CachePolicy()
     config?.pointee = kv_store_config(lease_ttl: Double(d.leaseTTL) / 1e9, soft_pin_ttl: Double(d.softPinTTL) / 1e9,
-                                      eviction_high_watermark: d.highWatermark, eviction_ratio: d.evictionRatio)
+                                      eviction_high_watermark: d.highWatermark, eviction_ratio: d.evictionRatio,
+                                      disk_path: nil, disk_size: 0, disk_admission: 0)
+}
+
+/// The disk tier a `kv_store_config` asks for (nil: none), every value checked.
+private func diskTier(_ c: kv_store_config) throws(KVError) -> DiskTierOptions? {
+    guard let p = c.disk_path else { return nil }
+    let path = String(cString: p)
+    guard c.disk_size <= UInt64(Int.max) else { throw .invalidArgument("disk_size \(c.disk_size) is too large") }
+    guard let admission = DiskAdmission(rawValue: Int32(bitPattern: c.disk_admission)) else {
+        throw .invalidArgument("disk_admission must be 0 (reuse) or 1 (all), got \(c.disk_admission)")
+    }
+    return DiskTierOptions(path: path, capacity: Int(c.disk_size), admission: admission)
 }
 
 /// A segment size from the ABI, checked to fit an Int.
@@ -56,8 +68,9 @@ public func kvStoreCreate(_ segmentSize: UInt64, _ flags: UInt32, _ config: Unsa
         guard let out else { throw .invalidArgument("out pointer is NULL") }
         let size = try segmentBytes(segmentSize)
         let cache = try config.map { (c) throws(KVError) in try CachePolicy(c.pointee) } ?? CachePolicy()
+        let disk = try config.flatMap { (c) throws(KVError) in try diskTier(c.pointee) }
         let client = try StoreClient(segmentSize: size, prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0,
-                                     pinning: try pinning(flags), cache: cache)
+                                     pinning: try pinning(flags), cache: cache, disk: disk)
         client.checksumDefault.store(flags & UInt32(KV_CREATE_CHECKSUM) != 0, ordering: .relaxed)
         out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
     }

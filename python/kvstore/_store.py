@@ -17,6 +17,10 @@ from ._sizes import parse_size
 DEFAULT_SEGMENT_SIZE = 1 << 30
 
 
+#: Disk-tier admission policies, by the number the C ABI takes.
+_DISK_ADMISSION = {"reuse": 0, "all": 1}
+
+
 class Store(KVLayoutMixin, _native.Store):
     """An embedded, in-process KV-cache store: an in-process master and one host segment.
 
@@ -59,6 +63,14 @@ class Store(KVLayoutMixin, _native.Store):
     ``ChecksumError`` (a ``TransferError``); the bytes are never returned. Ranged reads
     (``get_into`` with an offset, ``kv_read_copy_range``) and KV block moves are not checked.
     ``stats()`` counts ``checksums_verified`` and ``checksum_failures``.
+
+    Disk tier (docs/disk-tier.md): ``disk_path`` (a directory this store alone uses while
+    open) and ``disk_size`` (bytes its files may take) put a disk below the segment. Objects
+    about to be evicted are copied there in the background, when ``disk_admission`` lets them
+    (``"reuse"``, the default: keys written or looked up again after their first write;
+    ``"all"``); any read finds them there, checks their CRC32C and brings them back into the
+    segment. They survive a restart of the store with the same ``disk_path``. A second store
+    on the same directory raises ``InvalidArgumentError``.
     """
 
     def keys(self, pattern: str | None = None) -> list[str]:
@@ -88,10 +100,26 @@ class Store(KVLayoutMixin, _native.Store):
 
     def __init__(self, segment_size: int | str = DEFAULT_SEGMENT_SIZE, *, prefault: bool = False,
                  pin_memory: bool = True, lease_ttl: float = 5.0, soft_pin_ttl: float = 1800.0,
-                 eviction_high_watermark: float = 0.9, eviction_ratio: float = 0.05, checksum: bool = False) -> None:
+                 eviction_high_watermark: float = 0.9, eviction_ratio: float = 0.05, checksum: bool = False,
+                 disk_path: str | os.PathLike[str] | None = None, disk_size: int | str | None = None,
+                 disk_admission: str = "reuse") -> None:
         # The extension checks every setting's type, the core its value.
+        disk: tuple[str | None, int, int] = (None, 0, 0)
+        if disk_path is not None:
+            if not isinstance(disk_path, (str, os.PathLike)):
+                raise ArgumentTypeError(f"disk_path must be a str or path, got {type(disk_path).__name__}")
+            path = os.path.abspath(os.fspath(disk_path))
+            if "\0" in path:
+                raise InvalidArgumentError("disk_path must not contain a NUL character")
+            if disk_size is None:
+                raise InvalidArgumentError("disk_size is required with disk_path (for example disk_size='100GiB')")
+            if disk_admission not in _DISK_ADMISSION:
+                raise InvalidArgumentError(f"disk_admission must be one of {sorted(_DISK_ADMISSION)}, got {disk_admission!r}")
+            disk = (path, parse_size(disk_size, name="disk_size"), _DISK_ADMISSION[disk_admission])
+        elif disk_size is not None:
+            raise InvalidArgumentError("disk_size needs disk_path")
         super().__init__(parse_size(segment_size, name="segment_size"), prefault, pin_memory, lease_ttl, soft_pin_ttl,
-                         eviction_high_watermark, eviction_ratio, checksum)
+                         eviction_high_watermark, eviction_ratio, checksum, *disk)
 
     @classmethod
     def connect(cls, url: str = "kvstore://127.0.0.1:50051", *, segment_size: int | str = DEFAULT_SEGMENT_SIZE,

@@ -46,6 +46,9 @@ unsigned kv_crc32c_copy(void *dst, const void *src, size_t n, unsigned crc, int 
 /* 1 when kv_crc32c_copy runs on the hardware instruction, 0 on the table. */
 int kv_crc32c_hardware(void);
 
+/* open(2)'s O_DIRECT flag (a _GNU_SOURCE macro Swift does not see). */
+int kv_o_direct(void);
+
 /* The file system type of an open file (statfs f_type, e.g. TMPFS_MAGIC), or -1. */
 long kv_fs_type(int fd);
 

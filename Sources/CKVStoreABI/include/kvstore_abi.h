@@ -88,12 +88,19 @@ size_t kv_max_key_bytes(void);
 enum { KV_CREATE_PREFAULT = 1, KV_CREATE_NO_PIN = 2, KV_CREATE_CHECKSUM = 4 };
 
 /* Cache rules of a store. Durations in seconds; kv_store_config_init fills the defaults
- * (lease 5 s, soft pin 1800 s, high watermark 0.9, eviction ratio 0.05). */
+ * (lease 5 s, soft pin 1800 s, high watermark 0.9, eviction ratio 0.05, no disk tier). */
 typedef struct {
     double lease_ttl;                /* >= 0; 0: reads grant no lease */
     double soft_pin_ttl;             /* > 0: how long a soft pin lasts when a put does not say */
     double eviction_high_watermark;  /* (0, 1]: evict when a write would take usage above it */
     double eviction_ratio;           /* (0, 1]: fraction of capacity one eviction round frees */
+    /* The disk tier (kv_store_create only): NULL for none; else a directory this store owns
+     * while open (created mode 0700; a second store on it is KV_E_INVALID_ARGUMENT), whose
+     * object files take at most disk_size bytes (>= 8192). disk_admission: 0 reuse (keys
+     * seen twice), 1 all. */
+    const char *disk_path;
+    uint64_t disk_size;
+    uint32_t disk_admission;
 } kv_store_config;
 void kv_store_config_init(kv_store_config *config);
 
