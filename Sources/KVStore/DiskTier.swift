@@ -4,6 +4,7 @@ import Glibc
 import CKVCopy
 import KVCore
 import KVSystem
+import Synchronization
 
 /// What may go to the disk tier when DRAM no longer holds an object.
 public enum DiskAdmission: Int32, Sendable {
@@ -532,12 +533,14 @@ public final class DiskTier: @unchecked Sendable {
     }
 
     /// Reads the whole of `copy` into `destination` (`copy.size` bytes), checking every
-    /// chunk's CRC32C. Direct I/O in `bounce` (aligned, `bounceBytes`, a multiple of the
-    /// chunk size), copied on with the check in the same pass. Throws `objectNotFound` when the
-    /// file is gone (dropped meanwhile), `checksum` for corrupt bytes (the copy is dropped),
-    /// `transfer` for an I/O error.
+    /// chunk's CRC32C. Direct I/O into the aligned buffers `bounces` (`bounceBytes` each, a
+    /// multiple of the chunk size), copied on with the check in the same pass; an object of
+    /// several buffers' worth is read as that many pieces at once (one thread each), so the
+    /// disk sees a deeper queue and the copies overlap the reads. Throws `objectNotFound` when
+    /// the file is gone (dropped meanwhile), `checksum` for corrupt or truncated bytes (the
+    /// copy is dropped; nothing is returned), `transfer` for an I/O error.
     public func read(_ copy: Copy, into destination: UnsafeMutableRawPointer,
-                     bounce: UnsafeMutableRawPointer, bounceBytes: Int) throws(KVError) {
+                     bounces: [UnsafeMutableRawPointer], bounceBytes: Int) throws(KVError) {
         let e = copy.entry
         let name = file(e.generation)
         let fd = open(name, O_RDONLY | O_CLOEXEC | (direct ? kv_o_direct() : 0))
@@ -546,41 +549,71 @@ public final class DiskTier: @unchecked Sendable {
             throw SystemCall.failure("opening \(name)", code: .transfer)
         }
         defer { Glibc.close(fd) }
-        var done = 0
-        while done < e.size {
-            let n = min(bounceBytes, e.size - done)
-            let want = DiskRecord.padded(n)
-            var got = 0
-            while got < want {
-                let r = pread(fd, bounce + got, want - got, off_t(e.headerBytes + done + got))
-                if r < 0 {
-                    if errno == EINTR { continue }
-                    throw SystemCall.failure("reading \(name)", code: .transfer)
+        let pieces = (e.size + bounceBytes - 1) / bounceBytes
+        let threads = min(pieces, bounces.count)
+        if threads <= 1 {
+            for p in 0..<pieces { try readPiece(fd, copy, name, p * bounceBytes, min(bounceBytes, e.size - p * bounceBytes), bounces[0], destination) }
+        } else {
+            let next = Atomic<Int>(0)
+            let failure = Locked<KVError?>(nil)
+            let dst = UInt(bitPattern: destination)
+            let work: @Sendable (UInt) -> Void = { [self] b in
+                while failure.withLock({ $0 == nil }) {
+                    let p = next.add(1, ordering: .relaxed).oldValue
+                    guard p < pieces else { return }
+                    do throws(KVError) {
+                        try readPiece(fd, copy, name, p * bounceBytes, min(bounceBytes, e.size - p * bounceBytes),
+                                      UnsafeMutableRawPointer(bitPattern: b)!, UnsafeMutableRawPointer(bitPattern: dst)!)
+                    } catch {
+                        failure.withLock { if $0 == nil { $0 = error } }
+                    }
                 }
-                if r == 0 { break }
-                got += r
             }
-            guard got >= n else {
-                forgetIfSame(copy)
-                state.withLock { $0.stats.corrupt += 1 }
-                throw KVError(.checksum, "disk copy of '\(copy.key)' is truncated (\(name)); dropped")
+            let helpers = bounces[1..<threads].compactMap { b in
+                let a = UInt(bitPattern: b)
+                return try? BackgroundThread { work(a) }
             }
-            var at = 0
-            while at < n {
-                let c = min(DiskRecord.chunk, n - at)
-                let crc = kv_crc32c_copy(destination + done + at, bounce + at, c, 0, 0)
-                if crc != e.crcs[(done + at) >> DiskRecord.chunkShift] {
-                    forgetIfSame(copy)
-                    state.withLock { $0.stats.corrupt += 1 }
-                    throw KVError(.checksum, "disk copy of '\(copy.key)' failed its CRC32C check at byte \(done + at) (\(name)); dropped, nothing returned")
-                }
-                at += c
-            }
-            done += n
+            work(UInt(bitPattern: bounces[0]))
+            for h in helpers { h.join() }
+            if let f = failure.withLock({ $0 }) { throw f }
         }
         state.withLock { s in
             s.stats.hits += 1
             s.stats.readBytes += e.size
+        }
+    }
+
+    /// Reads bytes `at ..< at + n` of `copy` (`at` a multiple of the chunk size) through
+    /// `bounce` into `destination + at`, checking each chunk.
+    private func readPiece(_ fd: Int32, _ copy: Copy, _ name: String, _ at: Int, _ n: Int,
+                           _ bounce: UnsafeMutableRawPointer, _ destination: UnsafeMutableRawPointer) throws(KVError) {
+        let e = copy.entry
+        let want = DiskRecord.padded(n)
+        var got = 0
+        while got < want {
+            let r = pread(fd, bounce + got, want - got, off_t(e.headerBytes + at + got))
+            if r < 0 {
+                if errno == EINTR { continue }
+                throw SystemCall.failure("reading \(name)", code: .transfer)
+            }
+            if r == 0 { break }
+            got += r
+        }
+        guard got >= n else {
+            forgetIfSame(copy)
+            state.withLock { $0.stats.corrupt += 1 }
+            throw KVError(.checksum, "disk copy of '\(copy.key)' is truncated (\(name)); dropped, nothing returned")
+        }
+        var c0 = 0
+        while c0 < n {
+            let c = min(DiskRecord.chunk, n - c0)
+            let crc = kv_crc32c_copy(destination + at + c0, bounce + c0, c, 0, 0)
+            if crc != e.crcs[(at + c0) >> DiskRecord.chunkShift] {
+                forgetIfSame(copy)
+                state.withLock { $0.stats.corrupt += 1 }
+                throw KVError(.checksum, "disk copy of '\(copy.key)' failed its CRC32C check at byte \(at + c0) (\(name)); dropped, nothing returned")
+            }
+            c0 += c
         }
     }
 
@@ -618,7 +651,7 @@ struct FrequencySketch: Sendable {
     }
 
     private static func index(_ h: UInt64, _ row: Int) -> Int {
-        row * width + Int(truncatingIfNeeded: (h >> UInt64(row * 13)) &* 0x9E37_79B9_7F4A_7C15 >> 52) % width
+        row * width + Int(((h >> UInt64(row * 13)) &* 0x9E37_79B9_7F4A_7C15) >> 52)   // the top 12 bits: < width
     }
 
     mutating func add(_ h: UInt64) {

@@ -206,6 +206,15 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
     /// a write of the key came first (read DRAM again); `busy`: another thread is at it.
     func promote(_ key: ObjectKey, bounce: UnsafeMutableRawPointer) throws(KVError) -> Promotion {
         guard let copy = disk.lookup(key) else { return .absent }
+        // Room for it may evict: only objects already on disk (or not admitted) may go, or
+        // this read would drop something a later read wants. Else the reader reads the disk
+        // copy directly (the caller sees `noSpace` and falls back, see `readDirect`).
+        let (used, capacity) = inner.fill()
+        let round = max(Int(Double(capacity) * inner.policy.evictionRatio), copy.size) + copy.size
+        if used + round > Int(Double(capacity) * inner.policy.highWatermark),
+           inner.coldest(bytes: round, skip: { disk.contains($0) }).contains(where: { disk.admits($0.key) }) {
+            throw .noSpace("object '\(key)' is on the disk tier; bringing it back now would evict objects not yet copied there")
+        }
         guard disk.beginTransfer(key) else { return .busy }
         var options = WriteOptions.default
         options.ttl = copy.ttlLeft
@@ -221,8 +230,10 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
             throw error
         }
         do throws(KVError) {
-            try disk.read(copy, into: UnsafeMutableRawPointer(bitPattern: segment.region(offset: ticket.offset, length: copy.size).address)!, bounce: bounce,
-                          bounceBytes: Self.bounceBytes)
+            try withBounces(copy.size, first: bounce) { (b) throws(KVError) in
+                try disk.read(copy, into: UnsafeMutableRawPointer(bitPattern: segment.region(offset: ticket.offset, length: copy.size).address)!,
+                              bounces: b, bounceBytes: Self.bounceBytes)
+            }
         } catch {
             try? inner.abortWrite(ticket)
             disk.endTransfer(key)
@@ -246,13 +257,16 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         let bounce = takeBounce()
         defer { giveBounce(bounce) }
         if destinations.count == 1 || destinations[0].length >= copy.size {
-            try disk.read(copy, into: UnsafeMutableRawPointer(bitPattern: destinations[0].address)!, bounce: bounce,
-                          bounceBytes: Self.bounceBytes)
+            try withBounces(copy.size, first: bounce) { (b) throws(KVError) in
+                try disk.read(copy, into: UnsafeMutableRawPointer(bitPattern: destinations[0].address)!, bounces: b, bounceBytes: Self.bounceBytes)
+            }
             return copy.size
         }
         let whole = UnsafeMutableRawPointer.allocate(byteCount: copy.size, alignment: 64)
         defer { whole.deallocate() }
-        try disk.read(copy, into: whole, bounce: bounce, bounceBytes: Self.bounceBytes)
+        try withBounces(copy.size, first: bounce) { (b) throws(KVError) in
+            try disk.read(copy, into: whole, bounces: b, bounceBytes: Self.bounceBytes)
+        }
         var at = 0
         for d in destinations where at < copy.size {
             let n = min(d.length, copy.size - at)
@@ -286,6 +300,17 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         work()
         for h in helpers { h.join() }
         return results.withLock { $0 }
+    }
+
+    /// Runs `body` with `first` and as many more bounce buffers as a read of `size` bytes
+    /// uses at once (at most `readThreads`).
+    private func withBounces(_ size: Int, first: UnsafeMutableRawPointer,
+                             _ body: ([UnsafeMutableRawPointer]) throws(KVError) -> Void) throws(KVError) {
+        let want = min(Self.readThreads, (size + Self.bounceBytes - 1) / Self.bounceBytes)
+        var all = [first]
+        for _ in 1..<max(want, 1) { all.append(takeBounce()) }
+        defer { for b in all.dropFirst() { giveBounce(b) } }
+        try body(all)
     }
 
     private func takeBounce() -> UnsafeMutableRawPointer {

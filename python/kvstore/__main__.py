@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvstore") -> int:
     bench.add_argument("--evict-count", type=int, default=1024, help="puts per timed round in the evict case (default 1024)")
     bench.add_argument("--restart-count", type=int, default=100_000,
                        help="objects of 1 KiB held by 4 clients in --ops restart (default 100000)")
+    bench.add_argument("--disk-dir", default=None, help="directory for --ops disk (its file system is measured; default /var/tmp)")
     bench.add_argument("--cold-segment", default="2GiB", help="segment of the fresh client in --ops cold (default 2GiB)")
     bench.add_argument("--cold-wait", type=float, default=5.0, help="seconds from connect to the first put in --ops cold (default 5)")
     bench.add_argument("--failover-count", type=int, default=10_000,

@@ -27,6 +27,8 @@ per-pair ratios (copyto time / store time), i.e. the fraction of the memcpy limi
   master and a holder process each), where freed space waits for its holder's confirmation.
 - cluster: a master and holder processes; shared-memory and TCP transfers and 4 KiB
   operations through the network master (``bench/cluster.py``; its own table).
+- disk: the disk tier's read-back against fio, puts while it offloads, and the hit rate of a
+  working set 4x the segment (``bench/disk.py``; its own table).
 - kv: prefill→decode block pulls, per-block against aggregated and against copyto, in one
   process, between processes and over TCP (``bench/kv.py``; its own table).
 """
@@ -45,7 +47,7 @@ from .._store import Store
 from .common import _count_for, _fmt_size, _gather, _paired, _put_all, _same, _scatter, _segment_for
 
 # Operations with their own table (and their own setup), then all of them.
-_OWN_TABLE = ("evict", "evict-cluster", "cluster", "kv", "checksum", "restart", "failover", "cold", "reshard", "dropin")
+_OWN_TABLE = ("evict", "evict-cluster", "cluster", "kv", "checksum", "restart", "failover", "cold", "reshard", "dropin", "disk")
 _ALL_OPS = ("put", "get", "put_from", "get_into", "put_tensor", "get_tensor_into", "batch", "gpu", *_OWN_TABLE)
 
 
@@ -243,6 +245,13 @@ def run_bench(args: argparse.Namespace) -> int:
         from .cold import run_cold
 
         rc = run_cold(parse_size(args.cold_segment, name="cold segment"), args.cold_wait, args.repeat, results.append)
+        if rc:
+            return rc
+
+    if "disk" in ops:
+        from .disk import run_disk
+
+        rc = run_disk(args.disk_dir, args.repeat, results.append)
         if rc:
             return rc
 

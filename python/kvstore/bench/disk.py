@@ -1,0 +1,220 @@
+"""``bench --ops disk``: the disk tier of the embedded store (docs/disk-tier.md), with ``fio``
+measured in the same run on the same file system (``--disk-dir``, default /var/tmp).
+
+- read-back: objects of 1 MiB and 16 MiB, and batches of 256 x 64 KiB, several times the
+  segment, all copied to disk first; then read in a cycle (``get_into`` / ``batch_get_into``),
+  so every read finds its object on disk only. Next to ``fio`` sequential and random reads
+  of a file in the same directory, direct I/O, at the object's size as block size (batches:
+  64 KiB blocks on 4 jobs, as a batch reads on 4 threads). Ratio = store / fio random.
+- puts while offloading: 64 KiB ``put_from`` rounds into a store at 300% fill with a disk
+  tier (admission ``all``: every eviction candidate is written) and one without, alternating,
+  medians; ratio = with / without.
+- hit rate: a working set 4x the segment, random reads of 64 KiB objects; a miss is "rebuilt"
+  (put again), as an engine recomputes a block. With the default admission (``reuse``) and
+  without a disk tier, the same segment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .._store import Store
+from .common import _fmt_size
+
+
+def _fio(directory: str, rw: str, bs: int, jobs: int = 1, size: int = 512 << 20, seconds: float = 3.0) -> float | None:
+    """GB/s of fio ``rw`` (read or randread) with block size ``bs``, direct I/O, ``jobs`` jobs."""
+    if not shutil.which("fio"):
+        return None
+    path = os.path.join(directory, "fio.dat")
+    if not os.path.exists(path) or os.path.getsize(path) < size:
+        subprocess.run(["fio", "--name=w", f"--filename={path}", f"--size={size}", "--rw=write", "--bs=4M", "--direct=1",
+                        "--ioengine=psync", "--output-format=terse"], check=True, capture_output=True)
+    out = subprocess.run(["fio", "--name=r", f"--filename={path}", f"--size={size}", f"--rw={rw}", f"--bs={bs}", "--direct=1",
+                          "--ioengine=psync", f"--numjobs={jobs}", "--group_reporting", f"--runtime={seconds}", "--time_based",
+                          "--output-format=json"], check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out)["jobs"][0]["read"]["bw_bytes"]) / 1e9
+
+
+def _settle(store: Store) -> None:
+    """Waits until the offloading thread has nothing left to copy."""
+    last = -1
+    while True:
+        n = store.stats()["disk_offloads"]
+        if n == last:
+            return
+        last = n
+        time.sleep(0.05)
+
+
+def _filled(directory: str, segment: int, size: int, count: int, admission: str = "all") -> tuple[Store, list[str], np.ndarray]:
+    store = Store(segment, prefault=True, lease_ttl=0, disk_path=directory, disk_size=4 * size * count + (64 << 20),
+                  disk_admission=admission)
+    keys = [f"d-{size}-{i}" for i in range(count)]
+    src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    for i, k in enumerate(keys):
+        store.put_from(k, src)
+        if (i + 1) * size % (segment // 8) == 0:
+            _settle(store)   # keep the puts within what the disk takes: none evicted uncopied
+    _settle(store)
+    return store, keys, src
+
+
+def run_disk(directory: str | None, repeat: int, record: Callable[[dict[str, Any]], None]) -> int:
+    base = tempfile.mkdtemp(prefix="kvstore-disk-bench-", dir=directory or "/var/tmp")
+    try:
+        print(f"\nkvstore bench disk: in {base}; fio in the same directory, direct I/O; medians of {repeat}")
+        rc = _readback(base, repeat, record)
+        if rc == 0:
+            rc = _puts(base, repeat, record)
+        if rc == 0:
+            rc = _hit_rate(base, record)
+        return rc
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _readback(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) -> int:
+    header = f"{'read-back':<22}{'size':>9}{'count':>7}{'store GB/s':>12}{'fio seq':>9}{'fio rand':>10}{'ratio':>8}{'from disk':>11}"
+    print(header)
+    print("-" * len(header))
+    cases = [("get_into", 1 << 20, 384, 64 << 20, 1), ("get_into", 16 << 20, 24, 64 << 20, 1),
+             ("batch_get_into", 64 << 10, 2048, 32 << 20, 256)]
+    for op, size, count, segment, batch in cases:
+        d = os.path.join(base, f"tier-{size}")
+        store, keys, src = _filled(d, segment, size, count)
+        try:
+            dst = np.empty(size, dtype=np.uint8)
+            dsts = np.empty((batch, size), dtype=np.uint8)
+            dst.fill(0)
+            dsts.fill(0)
+
+            def one_pass() -> None:
+                if batch == 1:
+                    for k in keys:
+                        store.get_into(k, dst)
+                else:
+                    for i in range(0, len(keys), batch):
+                        store.batch_get_into(keys[i:i + batch], list(dsts))
+
+            one_pass()   # every object's first read (the last ones written are still in DRAM)
+            times = []
+            hits0 = store.stats()["disk_hits"]
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                one_pass()
+                times.append(time.perf_counter() - t0)
+            from_disk = (store.stats()["disk_hits"] - hits0) / (repeat * count)
+            store.get_into(keys[0], dst)
+            if not np.array_equal(dst, src):
+                print(f"{op}: wrong bytes read back", flush=True)
+                return 1
+        finally:
+            store.close()
+            shutil.rmtree(d, ignore_errors=True)
+        gbps = size * count / statistics.median(times) / 1e9
+        jobs = 4 if batch > 1 else 1
+        seq = _fio(base, "read", size, jobs)
+        rand = _fio(base, "randread", size, jobs)
+        ratio = gbps / rand if rand else None
+        record({"op": f"disk_{op}", "size": size, "count": count, "batch": batch, "gb_per_s": gbps, "fio_seq_gb_per_s": seq,
+                "fio_rand_gb_per_s": rand, "ratio": ratio, "from_disk": from_disk})
+        what = f"{op}" + (f" x{batch}" if batch > 1 else "")
+        print(f"{what:<22}{_fmt_size(size):>9}{count:>7}{gbps:>12.2f}{seq or 0:>9.2f}{rand or 0:>10.2f}"
+              f"{ratio or 0:>8.2f}{from_disk * 100:>10.0f}%", flush=True)
+    return 0
+
+
+def _puts(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) -> int:
+    size, segment, per_round = 64 << 10, 64 << 20, 1024
+    src = np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8)
+    d = os.path.join(base, "tier-puts")
+    tiered = Store(segment, prefault=True, disk_path=d, disk_size="4GiB", disk_admission="all")
+    plain = Store(segment, prefault=True)
+    try:
+        counter = {"t": 0, "p": 0}
+
+        def put_round(store: Store, tag: str) -> float:
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                store.put_from(f"{tag}-{counter[tag]}", src)
+                counter[tag] += 1
+            return per_round / (time.perf_counter() - t0)
+
+        for _ in range(3 * segment // (size * per_round)):   # to 300% fill
+            put_round(tiered, "t")
+            put_round(plain, "p")
+        with_t, without_t, ratios = [], [], []
+        for _ in range(3 * repeat):
+            a = put_round(tiered, "t")
+            b = put_round(plain, "p")
+            with_t.append(a)
+            without_t.append(b)
+            ratios.append(a / b)
+        offloads = tiered.stats()["disk_offloads"]
+    finally:
+        tiered.close()
+        plain.close()
+        shutil.rmtree(d, ignore_errors=True)
+    row = {"op": "disk_puts_while_offloading", "size": size, "count": per_round, "puts_per_s_with_tier": statistics.median(with_t),
+           "puts_per_s_without": statistics.median(without_t), "ratio": statistics.median(ratios), "offloads": offloads}
+    record(row)
+    print(f"\nputs at 300% fill, {_fmt_size(size)}: with disk tier {row['puts_per_s_with_tier']:,.0f}/s, "
+          f"without {row['puts_per_s_without']:,.0f}/s, ratio {row['ratio']:.2f} ({offloads} objects offloaded meanwhile)", flush=True)
+    return 0
+
+
+def _hit_rate(base: str, record: Callable[[dict[str, Any]], None]) -> int:
+    size, segment = 64 << 10, 32 << 20
+    count = 4 * segment // size
+    keys = [f"w-{i}" for i in range(count)]
+    src = np.random.default_rng(9).integers(0, 256, size, dtype=np.uint8)
+    dst = np.empty(size, dtype=np.uint8)
+    rng = np.random.default_rng(11)
+    warm, measured = 6 * count, 4 * count
+    order = rng.integers(0, count, warm + measured)
+    fio = _fio(base, "randread", size, 1)
+    print(f"\nhit rate: {count} objects of {_fmt_size(size)} (4x a {_fmt_size(segment)} segment), uniform random reads, "
+          "a miss puts the object again")
+    for name in ("disk tier", "no disk tier"):
+        d = os.path.join(base, "tier-hits")
+        store = Store(segment, prefault=True, lease_ttl=0, **({"disk_path": d, "disk_size": "1GiB"} if name == "disk tier" else {}))
+        try:
+            hits = 0
+            t_read = 0.0
+            for n, i in enumerate(order):
+                k = keys[i]
+                t0 = time.perf_counter()
+                try:
+                    store.get_into(k, dst)
+                    hit = True
+                except KeyError:
+                    hit = False
+                t_read += time.perf_counter() - t0
+                if not hit:
+                    store.put_from(k, src)
+                if n >= warm:
+                    hits += hit
+                if n % 256 == 0 and name == "disk tier":
+                    _settle(store)
+            st = store.stats()
+        finally:
+            store.close()
+            shutil.rmtree(d, ignore_errors=True)
+        rate = hits / measured
+        gbps = (warm + measured) * size / t_read / 1e9
+        record({"op": "disk_hit_rate", "tier": name, "size": size, "objects": count, "segment": segment, "hit_rate": rate,
+                "disk_hits": st["disk_hits"], "reads_gb_per_s": gbps, "fio_rand_gb_per_s": fio})
+        print(f"  {name:<13} hit rate {rate * 100:5.1f}%  (disk hits {st['disk_hits']}, reads {gbps:.2f} GB/s; "
+              f"fio random {_fmt_size(size)} reads, 1 job: {fio or 0:.2f} GB/s)", flush=True)
+    return 0
