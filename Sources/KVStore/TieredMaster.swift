@@ -207,13 +207,12 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
     func promote(_ key: ObjectKey, bounce: UnsafeMutableRawPointer) throws(KVError) -> Promotion {
         guard let copy = disk.lookup(key) else { return .absent }
         // Room for it may evict: only objects already on disk (or not admitted) may go, or
-        // this read would drop something a later read wants. Else the reader reads the disk
-        // copy directly (the caller sees `noSpace` and falls back, see `readDirect`).
+        // this read would drop something a later read wants.
+        // The reader copies them first itself (reads outpaced the offloading thread).
         let (used, capacity) = inner.fill()
         let round = max(Int(Double(capacity) * inner.policy.evictionRatio), copy.size) + copy.size
-        if used + round > Int(Double(capacity) * inner.policy.highWatermark),
-           inner.coldest(bytes: round, skip: { disk.contains($0) }).contains(where: { disk.admits($0.key) }) {
-            throw .noSpace("object '\(key)' is on the disk tier; bringing it back now would evict objects not yet copied there")
+        if used + round > Int(Double(capacity) * inner.policy.highWatermark) {
+            offload(inner.coldest(bytes: round, skip: { disk.contains($0) }), bounce: bounce)
         }
         guard disk.beginTransfer(key) else { return .busy }
         var options = WriteOptions.default
@@ -346,7 +345,12 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         let high = Int(Double(capacity) * inner.policy.highWatermark)
         let m = margin(capacity)
         guard used > high - m else { return 0 }
-        let candidates = inner.coldest(bytes: m) { disk.contains($0) }
+        return offload(inner.coldest(bytes: m) { disk.contains($0) }, bounce: bounce)
+    }
+
+    /// Copies those of `candidates` the admission policy lets in to disk; returns how many.
+    @discardableResult
+    private func offload(_ candidates: [ObjectTable.ColdObject], bounce: UnsafeMutableRawPointer) -> Int {
         var copied = 0
         for c in candidates {
             if stop.load(ordering: .relaxed) { break }
