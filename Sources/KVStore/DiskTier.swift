@@ -306,6 +306,11 @@ public final class DiskTier: @unchecked Sendable {
         return gone
     }
 
+    /// Those of `objects` without a disk copy (one lock for all).
+    func withoutCopies(_ objects: [ObjectTable.ColdObject]) -> [ObjectTable.ColdObject] {
+        state.withLock { s in objects.filter { s.index[$0.key] == nil } }
+    }
+
     /// Whether `key` has a disk copy.
     public func contains(_ key: ObjectKey) -> Bool { state.withLock { $0.index[key] != nil } }
 

@@ -212,7 +212,7 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         let (used, capacity) = inner.fill()
         let round = max(Int(Double(capacity) * inner.policy.evictionRatio), copy.size) + copy.size
         if used + round > Int(Double(capacity) * inner.policy.highWatermark) {
-            offload(inner.coldest(bytes: round, skip: { disk.contains($0) }), bounce: bounce)
+            offload(disk.withoutCopies(inner.coldest(bytes: round, skip: { _ in false })), bounce: bounce)
         }
         guard disk.beginTransfer(key) else { return .busy }
         var options = WriteOptions.default
@@ -345,7 +345,8 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         let high = Int(Double(capacity) * inner.policy.highWatermark)
         let m = margin(capacity)
         guard used > high - m else { return 0 }
-        return offload(inner.coldest(bytes: m) { disk.contains($0) }, bounce: bounce)
+        // The walk holds the table's lock; the disk index is asked afterwards, once.
+        return offload(disk.withoutCopies(inner.coldest(bytes: m) { _ in false }), bounce: bounce)
     }
 
     /// Copies those of `candidates` the admission policy lets in to disk; returns how many.
