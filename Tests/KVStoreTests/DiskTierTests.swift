@@ -1,5 +1,8 @@
 import XCTest
 import KVCore
+import KVAccelerator
+import KVTestSupport
+import Synchronization
 @testable import KVStore
 #if canImport(Glibc)
 import Glibc
@@ -146,5 +149,78 @@ enum DirectoryEntries {
             if name != "." && name != ".." { n += 1 }
         }
         return n
+    }
+}
+
+/// The disk tier under a store: readers racing upserts through a segment far smaller than
+/// the keys' values, so reads go to disk, promotions race writes, and the copier races both.
+final class TieredStoreTests: XCTestCase {
+    func testReadersRacingUpsertsAcrossTiersSeeOnlyWholeCurrentKeysValues() throws {
+        var template = Array("/tmp/kvstore-tiered-test-XXXXXX".utf8CString)
+        let dir = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
+        defer { _ = system("rm -rf '\(dir)'") }
+        var policy = CachePolicy()
+        policy.leaseTTL = 0
+        let s = try StoreClient(segmentSize: 1 << 20, cache: policy,
+                                disk: DiskTierOptions(path: dir, capacity: 64 << 20, admission: .all))
+        defer { s.close() }
+        let done = Atomic(false), badReads = Atomic(0), otherErrors = Atomic(0), hits = Atomic(0)
+        runThreads(4) { thread in
+            if thread < 2 {
+                for i in 0..<600 {
+                    let key = ObjectKey(stringLiteral: "w\(thread)-\(i % 24)")
+                    do { try put(s, key, StoreClientTests.value(tag: UInt64(thread) << 32 | UInt64(i), length: 40_000), .upsert) } catch {
+                        otherErrors.add(1, ordering: .relaxed)
+                    }
+                    if i % 8 == 0 { usleep(500) }
+                }
+                if thread == 0 { done.store(true, ordering: .releasing) }
+                return
+            }
+            var out = [UInt8](repeating: 0, count: 64 << 10)
+            var j = thread
+            while !done.load(ordering: .acquiring) {
+                let w = j % 2, k = (j / 2) % 24
+                j += 1
+                do {
+                    let size: Int = try out.withUnsafeMutableBytes { b in
+                        var r = MemoryRegion(b.baseAddress!, length: b.count)
+                        return try withUnsafePointer(to: &r) {
+                            try s.get(key: ObjectKey(stringLiteral: "w\(w)-\(k)"), into: UnsafeBufferPointer(start: $0, count: 1))
+                        }
+                    }
+                    hits.add(1, ordering: .relaxed)
+                    let ok = out.withUnsafeBytes { b in
+                        let tag = b.loadUnaligned(as: UInt64.self)
+                        return StoreClientTests.check(b, count: size) && tag >> 32 == UInt64(w) && (tag & 0xFFFF_FFFF) % 24 == UInt64(k)
+                    }
+                    if !ok { badReads.add(1, ordering: .relaxed) }
+                } catch let e as KVError where e.code == .objectNotFound {
+                } catch {
+                    otherErrors.add(1, ordering: .relaxed)
+                }
+            }
+        }
+        XCTAssertEqual(badReads.load(ordering: .relaxed), 0, "a reader got another key's bytes or a torn value")
+        XCTAssertEqual(otherErrors.load(ordering: .relaxed), 0)
+        XCTAssertGreaterThan(hits.load(ordering: .relaxed), 0)
+        let stats = Dictionary(uniqueKeysWithValues: s.statistics().map { ("\($0.name)", $0.value) })
+        XCTAssertGreaterThan(stats["disk_offloads"]!, 0)
+        XCTAssertGreaterThan(stats["disk_hits"]!, 0)
+        // The last value of every key is the one read now, from whichever tier.
+        for w in 0..<2 {
+            for k in 0..<24 {
+                let last = (0..<600).last { $0 % 24 == k }!
+                var out = [UInt8](repeating: 0, count: 64 << 10)
+                let size: Int = try out.withUnsafeMutableBytes { b in
+                    var r = MemoryRegion(b.baseAddress!, length: b.count)
+                    return try withUnsafePointer(to: &r) {
+                        try s.get(key: ObjectKey(stringLiteral: "w\(w)-\(k)"), into: UnsafeBufferPointer(start: $0, count: 1))
+                    }
+                }
+                XCTAssertEqual(size, 40_000)
+                XCTAssertEqual(out.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }, UInt64(w) << 32 | UInt64(last))
+            }
+        }
     }
 }
