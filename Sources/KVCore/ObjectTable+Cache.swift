@@ -48,6 +48,7 @@ extension ObjectTable {
 
     /// A read of version `s`: leases it and takes it off the eviction order while leased or held.
     mutating func noteRead(_ s: Int32, now: Nanoseconds) {
+        if versions[Int(s)].lowerTier == .refused { versions[Int(s)].lowerTier = .undecided }   // wanted again: ask again
         grantLease(s, now: now)
         updateList(s)
     }
@@ -162,11 +163,14 @@ extension ObjectTable {
         public var size: Int
         /// Its TTL deadline (monotonic ns), nil when it has none.
         public var expiresAt: Nanoseconds?
+        /// The version (for `decide`).
+        public var handle: VersionHandle
     }
 
     /// The objects eviction would take first, in that order (ordinary, then soft-pinned),
-    /// until `bytes` of them have been looked at; those `skip` names are left out of the
-    /// answer (but counted). What a lower tier copies ahead of eviction.
+    /// until `bytes` of them have been looked at; those a lower tier decided on and those
+    /// `skip` names are left out of the answer (but counted). What a lower tier copies ahead
+    /// of eviction.
     public func coldest(bytes: Int, skip: (ObjectKey) -> Bool) -> [ColdObject] {
         var out: [ColdObject] = []
         var seen = 0
@@ -175,7 +179,9 @@ extension ObjectTable {
             while s >= 0 && seen < bytes {
                 let v = versions[Int(s)]
                 seen += v.placements.length
-                if !skip(v.key) { out.append(ColdObject(key: v.key, size: v.size, expiresAt: timers.deadline(slot: s, kind: .expiry))) }
+                if v.lowerTier == .undecided && !skip(v.key) {
+                    out.append(ColdObject(key: v.key, size: v.size, expiresAt: timers.deadline(slot: s, kind: .expiry), handle: handle(s)))
+                }
                 s = v.prev
             }
         }
@@ -238,6 +244,14 @@ extension ObjectTable {
             var s = lists[Int(List.ordinary.rawValue)].tail
             if s < 0 { s = lists[Int(List.softPinned.rawValue)].tail }
             guard s >= 0 else { break }
+            // With a lower tier: the first version it decided on near the end, so one it has
+            // not reached yet is not lost while another can go.
+            var c = s, looked = 0
+            while c >= 0 && looked < evictionLooksAhead {
+                if versions[Int(c)].lowerTier != .undecided { s = c; break }
+                c = versions[Int(c)].prev
+                looked += 1
+            }
             freed += versions[Int(s)].placements.length
             evictedObjects += 1
             evictedBytes += versions[Int(s)].size

@@ -134,7 +134,25 @@ public struct ObjectTable: Sendable {
         var list = List.none
         var prev: Int32 = -1
         var next: Int32 = -1
+        /// What a lower tier (the embedded store's disk) made of this version.
+        var lowerTier = LowerTier.undecided
     }
+
+    /// A lower tier's decision on a version, which eviction may look ahead for
+    /// (`evictionLooksAhead`).
+    public enum LowerTier: UInt8, Sendable {
+        /// Not yet looked at: evicting it may lose something the lower tier wanted.
+        case undecided
+        /// The lower tier holds a copy: evicting it loses nothing.
+        case copied
+        /// Its admission refused it (reset when the object is read again).
+        case refused
+    }
+
+    /// How many versions at the eviction end an eviction looks through for one a lower tier
+    /// has decided on (copied or refused) before it takes the last one anyway; 0: plain
+    /// least-recently-used order. Set by the embedded store's disk tier.
+    public var evictionLooksAhead = 0
 
     struct Entry: Sendable {
         var current: Int32 = -1
@@ -261,6 +279,7 @@ public struct ObjectTable: Sendable {
                versions[c].placements.count == min(replicas, segments.mountedCount) {
                 clearCacheState(e.current)
                 versions[c].state = .rewriting
+                versions[c].lowerTier = .undecided
                 versions[c].options = options
                 versions[c].owner = owner
                 return ticket(e.current, inPlace: true)
@@ -464,6 +483,12 @@ public struct ObjectTable: Sendable {
         let r = segments.replica(versions[c].placements.first!)
         return ReadTicket(handle: handle(e.current), segment: r.segment, offset: r.offset, size: versions[c].size,
                           checksum: versions[c].checksum)
+    }
+
+    /// Records a lower tier's decision on the version `h` names (ignored when it is gone).
+    public mutating func decide(_ h: VersionHandle, _ d: LowerTier) {
+        guard let s = try? slot(h) else { return }
+        versions[s].lowerTier = d
     }
 
     /// The key of the version `h` names (a write in flight or a visible object).

@@ -223,6 +223,14 @@ public final class EmbeddedMaster: MasterLink {
         table.withLock { $0.coldest(bytes: bytes, skip: skip) }
     }
 
+    func decide(_ h: VersionHandle, _ d: ObjectTable.LowerTier) {
+        table.withLock { $0.decide(h, d) }
+    }
+
+    func setEvictionLooksAhead(_ n: Int) {
+        table.withLock { $0.evictionLooksAhead = n }
+    }
+
     func holdInPlace(key: ObjectKey) -> ReadTicket? {
         let now = clock()
         return table.withLock { $0.holdInPlace(key: key, now: now) }

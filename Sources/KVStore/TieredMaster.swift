@@ -30,6 +30,9 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
     private let bounces = Locked<[UInt]>([])   // addresses of spare bounce buffers
     let promotions = Atomic<Int>(0)
     static let bounceBytes = 4 << 20
+    /// How far eviction looks past objects not yet copied (or refused) for one that was:
+    /// a burst of writes faster than the disk then evicts copies first.
+    static let evictionLooksAhead = 64
     /// Promotions of one batch run on at most this many threads.
     static let readThreads = 4
 
@@ -37,6 +40,7 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         self.inner = inner
         self.disk = disk
         self.segment = segment
+        inner.setEvictionLooksAhead(Self.evictionLooksAhead)
         let t = try BackgroundThread { [self] in offloadLoop() }
         worker.withLock { $0 = t }
     }
@@ -241,6 +245,7 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         }
         let committed = try inner.commitWrite(ticket) { disk.transferIsStale(key) }
         disk.endTransfer(key)
+        if committed { inner.decide(ticket.handle, .copied) }   // its disk copy stays
         if committed { promotions.add(1, ordering: .relaxed) }
         return committed ? .promoted : .raced
     }
@@ -355,7 +360,7 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         var copied = 0
         for c in candidates {
             if stop.load(ordering: .relaxed) { break }
-            guard disk.admits(c.key) else { continue }
+            guard disk.admits(c.key) else { inner.decide(c.handle, .refused); continue }
             guard disk.beginTransfer(c.key) else { continue }
             guard let t = inner.holdInPlace(key: c.key) else { disk.endTransfer(c.key); continue }
             var expires: Int64 = 0
@@ -365,7 +370,10 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
             }
             let source = UnsafeRawPointer(bitPattern: segment.region(offset: t.offset, length: t.size).address)!
             if (try? disk.offload(c.key, from: source, size: t.size, expiresAt: expires,
-                                  bounce: bounce, bounceBytes: Self.bounceBytes)) != nil { copied += 1 }
+                                  bounce: bounce, bounceBytes: Self.bounceBytes)) != nil {
+                copied += 1
+                if !disk.transferIsStale(c.key) { inner.decide(t.handle, .copied) }
+            }
             try? inner.releaseRead(t.handle)
             disk.endTransfer(c.key)
         }

@@ -33,6 +33,40 @@ final class ObjectTableCacheTests: XCTestCase {
         return nil
     }
 
+    // MARK: a lower tier
+
+    /// With a lower tier, eviction takes a version it decided on (copied or refused) from
+    /// near the eviction end before one it has not reached; beyond its look-ahead, or when
+    /// none is decided, plain LRU. `coldest` lists only undecided versions, and a read makes
+    /// a refused one undecided again. An in-place rewrite makes a copied one undecided.
+    func testEvictionLooksAheadForWhatALowerTierHasDecided() throws {
+        var t = table(kib: 8, lease: 0, watermark: 1, ratio: 0.01)
+        t.evictionLooksAhead = 2
+        var w: [ObjectKey: WriteTicket] = [:]
+        for k in ["a", "b", "c", "d"] as [ObjectKey] { w[k] = try put(&t, k, 2 * kib) }
+        XCTAssertEqual(t.coldest(bytes: 1 << 20, skip: { _ in false }).map(\.key), ["a", "b", "c", "d"])
+        t.decide(w["b"]!.handle, .copied)
+        t.decide(w["d"]!.handle, .copied)
+        XCTAssertEqual(t.coldest(bytes: 1 << 20, skip: { _ in false }).map(\.key), ["a", "c"])
+        try put(&t, "e", 2 * kib)                     // evicts b (decided), not a
+        XCTAssertTrue(t.contains(key: "a"))
+        XCTAssertFalse(t.contains(key: "b"))
+        try put(&t, "f", 2 * kib)                     // a and c undecided, d beyond the look-ahead: a
+        XCTAssertFalse(t.contains(key: "a"))
+        XCTAssertTrue(t.contains(key: "c") && t.contains(key: "d"))
+        guard case .found(let r) = t.acquireRead(key: "c", now: 0) else { return XCTFail() }
+        try t.releaseRead(r.handle)
+        t.decide(r.handle, .refused)
+        XCTAssertEqual(t.coldest(bytes: 1 << 20, skip: { _ in false }).map(\.key), ["e", "f"])
+        try read(&t, "c")                              // wanted again: undecided again
+        XCTAssertEqual(t.coldest(bytes: 1 << 20, skip: { _ in false }).map(\.key), ["e", "f", "c"])
+        let rewrite = try t.beginWrite(key: "d", size: 2 * kib, mode: .upsert, now: 0)
+        XCTAssertTrue(rewrite.inPlace)
+        try t.commitWrite(rewrite, now: 0)
+        XCTAssertTrue(t.coldest(bytes: 1 << 20, skip: { _ in false }).map(\.key).contains("d"))
+        XCTAssertNil(t.invariantViolation())
+    }
+
     // MARK: leases
 
     func testReadLeasesTheObjectUntilTheLeaseEnds() throws {
