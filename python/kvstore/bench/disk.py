@@ -5,7 +5,9 @@ measured in the same run on the same file system (``--disk-dir``, default /var/t
   segment, all copied to disk first; then read in a cycle (``get_into`` / ``batch_get_into``),
   so every read finds its object on disk only. Next to ``fio`` sequential and random reads
   of a file in the same directory, direct I/O, at the object's size as block size (batches:
-  64 KiB blocks on 4 jobs, as a batch reads on 4 threads). Ratio = store / fio random.
+  64 KiB blocks on 4 jobs, as a batch reads on 4 threads), one second of each after every
+  store pass (a virtual disk's speed drifts). Ratio = median of the per-pass ratios store /
+  fio random.
 - puts while offloading: 64 KiB ``put_from`` rounds into a store at 300% fill with a disk
   tier (admission ``all``: every eviction candidate is written) and one without, alternating,
   medians; ratio = with / without.
@@ -107,13 +109,23 @@ def _readback(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) 
                     for i in range(0, len(keys), batch):
                         store.batch_get_into(keys[i:i + batch], list(dsts))
 
+            jobs = 4 if batch > 1 else 1
             one_pass()   # every object's first read (the last ones written are still in DRAM)
-            times = []
+            times: list[float] = []
+            seqs: list[float] = []
+            rands: list[float] = []
+            ratios: list[float] = []
             hits0 = store.stats()["disk_hits"]
-            for _ in range(repeat):
+            for _ in range(repeat):   # store and fio alternate: a virtual disk's speed drifts
                 t0 = time.perf_counter()
                 one_pass()
                 times.append(time.perf_counter() - t0)
+                seq = _fio(base, "read", size, jobs, seconds=1.0)
+                rand = _fio(base, "randread", size, jobs, seconds=1.0)
+                if seq is not None and rand is not None:
+                    seqs.append(seq)
+                    rands.append(rand)
+                    ratios.append(size * count / times[-1] / 1e9 / rand)
             from_disk = (store.stats()["disk_hits"] - hits0) / (repeat * count)
             store.get_into(keys[0], dst)
             if not np.array_equal(dst, src):
@@ -123,10 +135,9 @@ def _readback(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) 
             store.close()
             shutil.rmtree(d, ignore_errors=True)
         gbps = size * count / statistics.median(times) / 1e9
-        jobs = 4 if batch > 1 else 1
-        seq = _fio(base, "read", size, jobs)
-        rand = _fio(base, "randread", size, jobs)
-        ratio = gbps / rand if rand else None
+        seq = statistics.median(seqs) if seqs else None
+        rand = statistics.median(rands) if rands else None
+        ratio = statistics.median(ratios) if ratios else None
         record({"op": f"disk_{op}", "size": size, "count": count, "batch": batch, "gb_per_s": gbps, "fio_seq_gb_per_s": seq,
                 "fio_rand_gb_per_s": rand, "ratio": ratio, "from_disk": from_disk})
         what = f"{op}" + (f" x{batch}" if batch > 1 else "")
