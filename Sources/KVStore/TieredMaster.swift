@@ -31,8 +31,10 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
     let promotions = Atomic<Int>(0)
     static let bounceBytes = 4 << 20
     /// How far eviction looks past objects not yet copied (or refused) for one that was:
-    /// a burst of writes faster than the disk then evicts copies first.
-    static let evictionLooksAhead = 64
+    /// a burst of writes faster than the disk then evicts copies first. Each step costs a
+    /// pointer walk per eviction: puts at 300% fill ran at 0.89 of a store without a disk
+    /// tier with no look-ahead, 0.88 with 16, 0.86 with 64.
+    static let evictionLooksAhead = 16
     /// Promotions of one batch run on at most this many threads.
     static let readThreads = 4
 
