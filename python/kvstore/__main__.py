@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m kvstore") -> int:
     demo.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
     demo.add_argument("--segment-size", default=None, help="store size, e.g. 1GiB (default: 1.25 x the data)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--disk", default=None, metavar="DIR",
+                      help="add a disk tier in DIR; the segment defaults to a quarter of the data (docs/disk-tier.md)")
+    demo.add_argument("--disk-size", default=None, help="disk tier size (default: 4 x the data)")
 
     bench = sub.add_parser("bench", help="measure put/get throughput against numpy.copyto")
     bench.add_argument("--sizes", default="4KiB,64KiB,1MiB,16MiB,256MiB",

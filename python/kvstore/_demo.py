@@ -5,6 +5,11 @@ written as one object per block, gathered from two buffers with ``batch_put_from
 concatenation). Decode: requests are read back in another order with ``batch_get_into``,
 scattering each object into separate K and V cache pages, and every byte is compared with
 what prefill wrote.
+
+With ``--disk DIR`` the store gets a disk tier in DIR and a segment of a quarter of the data:
+most blocks are evicted from DRAM during prefill, copied to disk first, and decode reads them
+back from there (every byte still compared). Prefill waits for the disk copier after each
+layer, as an engine's prefill compute (far slower than its puts) would let it.
 """
 
 from __future__ import annotations
@@ -53,6 +58,17 @@ def _kv(seed: int, req: int, layer: int, blocks: int, half: int) -> np.ndarray:
     return rng.integers(0, 256, size=(blocks, 2, half), dtype=np.uint8)
 
 
+def _settle(store: Store) -> None:
+    """Waits until the disk tier's copier has caught up."""
+    last = -1
+    while True:
+        n = store.stats()["disk_offloads"]
+        if n == last:
+            return
+        last = n
+        time.sleep(0.02)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     for name in ("requests", "layers", "blocks", "block_tokens", "kv_heads", "head_dim"):
         if getattr(args, name) <= 0:
@@ -61,16 +77,23 @@ def run_demo(args: argparse.Namespace) -> int:
     half = args.block_tokens * args.kv_heads * args.head_dim * 2  # bf16 K (or V) bytes per block
     n_objects = args.requests * args.layers * args.blocks
     total = n_objects * 2 * half
-    segment = parse_size(args.segment_size, name="segment_size") if args.segment_size else int(total * 1.25) + (1 << 20)
+    disk = getattr(args, "disk", None)
+    default_segment = int(total * 1.25) + (1 << 20) if not disk else total // 4 + (1 << 20)
+    segment = parse_size(args.segment_size, name="segment_size") if args.segment_size else default_segment
+    tier: dict[str, object] = {}
+    if disk:
+        tier = {"disk_path": disk, "disk_size": parse_size(args.disk_size, name="disk_size") if args.disk_size else 4 * total + (64 << 20),
+                "disk_admission": "all", "lease_ttl": 0}
 
-    print(f"kvstore demo: embedded store, segment {_fmt_bytes(segment)}")
+    print(f"kvstore demo: embedded store, segment {_fmt_bytes(segment)}"
+          + (f", disk tier in {disk} ({_fmt_bytes(int(tier['disk_size']))}, admission 'all')" if disk else ""))
     print(f"model: {args.layers} layers; KV block = {args.block_tokens} tokens x {args.kv_heads} heads x "
           f"{args.head_dim} dim x bf16 = {_fmt_bytes(half)} each for K and V")
     print(f"workload: {args.requests} requests x {args.blocks} blocks -> {n_objects} objects, {_fmt_bytes(total)}")
 
     errors = 0
     t = time.perf_counter()
-    with Store(segment, prefault=True) as store:
+    with Store(segment, prefault=True, **tier) as store:  # type: ignore[arg-type]
         print(f"store ready in {time.perf_counter() - t:.3f} s (segment memory committed up front)")
         # Prefill: one object per (request, layer, block), gathered from the K and V buffers.
         progress = _Progress("prefill", args.requests)
@@ -87,6 +110,8 @@ def run_demo(args: argparse.Namespace) -> int:
                     if r is not None:
                         errors += 1
                         print(f"  put {key} failed: {r!r}", file=sys.stderr)
+                if disk:
+                    _settle(store)
             progress.step()
         progress.finish()
         stats = store.stats()
@@ -121,6 +146,10 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"decode: {n_objects} objects, {_fmt_bytes(total)} read and verified in {get_time:.3f} s "
               f"({total / get_time / 1e9:.2f} GB/s)")
         stats = store.stats()
+        if disk:
+            print(f"disk tier: {stats['disk_offloads']} objects copied to disk ({_fmt_bytes(stats['disk_offloaded_bytes'])}), "
+                  f"{stats['disk_hits']} read back from disk, {stats['evicted_objects']} evicted from DRAM, "
+                  f"{stats['disk_objects']} on disk now")
     print(f"summary: objects={stats['objects']} bytes={stats['object_bytes']} "
           f"prefill={total / put_time / 1e9:.2f} GB/s decode={total / get_time / 1e9:.2f} GB/s "
           f"staged={stats['bytes_staged']} errors={errors}")

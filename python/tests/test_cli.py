@@ -19,6 +19,17 @@ def test_demo_runs_and_verifies():
     assert "prefill" in r.stderr and "decode" in r.stderr  # progress
 
 
+def test_demo_with_a_disk_tier_reads_back_from_disk(tmp_path):
+    r = run("demo", "--requests", "8", "--layers", "4", "--blocks", "8", "--disk", str(tmp_path / "tier"))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    summary = out.strip().splitlines()[-1]
+    assert "errors=0" in summary
+    line = next(x for x in out.splitlines() if x.startswith("disk tier:"))
+    copied, read_back = int(line.split()[2]), int(line.split(" read back")[0].rsplit(None, 1)[1])
+    assert copied > 0 and read_back > 0, line
+
+
 def test_demo_rejects_bad_arguments():
     assert run("demo", "--requests", "0").returncode == 2
 
