@@ -688,15 +688,25 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
+    /// Least time between two attempts to reach a lost master.
+    static let retryInterval: Nanoseconds = 200_000_000
+
     /// Dials the master again when the connection was lost (at most every 200 ms): waits for
-    /// operations using segment memory, reconnects, remounts. Throws `transfer` while the
-    /// master stays unreachable.
+    /// operations using segment memory, reconnects, remounts. A call that comes within 200 ms
+    /// of a failed attempt (the heartbeat thread's, during an election, say) waits for the
+    /// next attempt rather than failing at once. Throws `transfer` while the master stays
+    /// unreachable.
     public func reconnectIfNeeded() throws(KVError) {
-        let (lost, recent, why) = link.withLock { l in
-            (l.socket == nil, clock() &- l.lastAttempt < 200_000_000, l.lastFailure)
-        }
+        var (lost, since, why) = link.withLock { l in (l.socket == nil, clock() &- l.lastAttempt, l.lastFailure) }
         guard lost else { return }
-        if recent { throw KVError(.transfer, "the master at \(host):\(port) is unreachable (\(why)); retrying") }
+        if since < Self.retryInterval {
+            let pause = UInt32((Self.retryInterval - since) / 1000) + 1
+            _ = WaitHooks.waiting { usleep(pause) }   // the GIL is released meanwhile
+            (lost, since, why) = link.withLock { l in (l.socket == nil, clock() &- l.lastAttempt, l.lastFailure) }
+            guard lost else { return }
+            // Another thread's attempt failed meanwhile: report it rather than dial again.
+            if since < Self.retryInterval { throw KVError(.transfer, "the master at \(host):\(port) is unreachable (\(why)); retrying") }
+        }
         dataLock.lockExclusive()
         defer { dataLock.unlock() }
         try link.withLock { (l: inout Link) throws(KVError) in

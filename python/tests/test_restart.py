@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from cluster import Master, wait_for
 from test_cluster import _reconnected as back
 
@@ -203,4 +204,25 @@ def test_a_full_cluster_still_takes_whole_batches():
             h.wait(timeout=10)
         if w is not None:
             w.close()
+        m.stop()
+
+
+def test_a_call_right_after_a_failed_reconnect_waits_for_the_next_attempt():
+    """A client whose last attempt to reach its master failed moments ago (the heartbeat
+    thread's, during a restart or an election) dials again when the next attempt is due
+    instead of failing at once: the first call after the master is back succeeds."""
+    m = Master("--client-ttl", "5")
+    w = kvstore.Store.connect(m.url, segment_size=0)
+    try:
+        assert not w.exists("k")
+        port = m.port
+        m.stop(signal.SIGKILL)
+        with pytest.raises(kvstore.TransferError):
+            w.exists("k")                    # this attempt fails: nobody listens
+        m = Master("--client-ttl", "5", port=port)   # up in well under 200 ms
+        t0 = time.monotonic()
+        assert not w.exists("k")             # the master is back: no "unreachable; retrying"
+        assert time.monotonic() - t0 < 5
+    finally:
+        w.close()
         m.stop()
