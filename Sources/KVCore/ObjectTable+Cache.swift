@@ -252,6 +252,7 @@ extension ObjectTable {
                 c = versions[Int(c)].prev
                 looked += 1
             }
+            if evictionLooksAhead > 0 && versions[Int(s)].lowerTier == .undecided { evictedUndecided += 1 }
             freed += versions[Int(s)].placements.length
             evictedObjects += 1
             evictedBytes += versions[Int(s)].size

@@ -153,6 +153,9 @@ public struct ObjectTable: Sendable {
     /// has decided on (copied or refused) before it takes the last one anyway; 0: plain
     /// least-recently-used order. Set by the embedded store's disk tier.
     public var evictionLooksAhead = 0
+    /// Versions evicted before a lower tier decided on them (counted while it looks ahead):
+    /// what a disk tier could not keep up with.
+    public internal(set) var evictedUndecided = 0
 
     struct Entry: Sendable {
         var current: Int32 = -1

@@ -420,8 +420,13 @@ public final class DiskTier: @unchecked Sendable {
     /// the chunk size). `expiresAt`: Unix ns, 0 for none. Throws on an I/O error (ENOSPC,
     /// EROFS, EIO): nothing of the copy remains then. A copy made stale while it was written
     /// is dropped (not an error).
+    /// `sourceRead` runs once, as soon as the last byte of `source` has been read (before the
+    /// last write to disk) or the offload has failed: the caller may let go of the source then.
     public func offload(_ key: ObjectKey, from source: UnsafeRawPointer, size: Int, expiresAt: Int64,
-                        bounce: UnsafeMutableRawPointer, bounceBytes: Int) throws(KVError) {
+                        bounce: UnsafeMutableRawPointer, bounceBytes: Int,
+                        sourceRead: () -> Void = {}) throws(KVError) {
+        var sourceHeld = true
+        defer { if sourceHeld { sourceRead() } }
         let headerBytes = DiskRecord.headerBytes(keyBytes: key.count, size: size)
         let fileBytes = headerBytes + DiskRecord.padded(size)
         guard headerBytes <= bounceBytes else {
@@ -461,6 +466,10 @@ public final class DiskTier: @unchecked Sendable {
                 }
                 let padded = DiskRecord.padded(n)
                 if padded > n { memset(bounce + n, 0, padded - n) }
+                if done + n == size {
+                    sourceHeld = false
+                    sourceRead()
+                }
                 try Self.writeAll(fd, bounce, padded, at: headerBytes + done, path: tmp)
                 done += n
             }

@@ -227,6 +227,8 @@ public final class EmbeddedMaster: MasterLink {
         table.withLock { $0.decide(h, d) }
     }
 
+    func evictedUndecided() -> Int { table.withLock { $0.evictedUndecided } }
+
     func setEvictionLooksAhead(_ n: Int) {
         table.withLock { $0.evictionLooksAhead = n }
     }

@@ -345,7 +345,9 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         let bounce = UnsafeMutableRawPointer.allocate(byteCount: Self.bounceBytes, alignment: 4096)
         defer { bounce.deallocate() }
         while !stop.load(ordering: .relaxed) {
-            if offloadRound(bounce) == 0 { usleep(2_000) }
+            // Between rounds that found work too: each walk of the eviction end holds the
+            // table's lock, and back to back they cost writers the most (docs/disk-tier.md).
+            usleep(offloadRound(bounce) == 0 ? 2_000 : 1_000)
         }
     }
 
@@ -375,12 +377,17 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
                 if expires <= DiskTier.wallNow() { try? inner.releaseRead(t.handle); disk.endTransfer(c.key); continue }
             }
             let source = UnsafeRawPointer(bitPattern: segment.region(offset: t.offset, length: t.size).address)!
-            if (try? disk.offload(c.key, from: source, size: t.size, expiresAt: expires,
-                                  bounce: bounce, bounceBytes: Self.bounceBytes)) != nil {
+            // The hold ends once the bytes are in the bounce buffer, not after the disk write:
+            // a held object that eviction takes keeps its space until then.
+            var held = true
+            let ok = (try? disk.offload(c.key, from: source, size: t.size, expiresAt: expires, bounce: bounce,
+                                        bounceBytes: Self.bounceBytes,
+                                        sourceRead: { if held { held = false; try? inner.releaseRead(t.handle) } })) != nil
+            if held { try? inner.releaseRead(t.handle) }
+            if ok {
                 copied += 1
                 if !disk.transferIsStale(c.key) { inner.decide(t.handle, .copied) }
             }
-            try? inner.releaseRead(t.handle)
             disk.endTransfer(c.key)
         }
         return copied

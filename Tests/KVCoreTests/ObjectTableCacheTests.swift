@@ -51,8 +51,10 @@ final class ObjectTableCacheTests: XCTestCase {
         try put(&t, "e", 2 * kib)                     // evicts b (decided), not a
         XCTAssertTrue(t.contains(key: "a"))
         XCTAssertFalse(t.contains(key: "b"))
+        XCTAssertEqual(t.evictedUndecided, 0)
         try put(&t, "f", 2 * kib)                     // a and c undecided, d beyond the look-ahead: a
         XCTAssertFalse(t.contains(key: "a"))
+        XCTAssertEqual(t.evictedUndecided, 1)
         XCTAssertTrue(t.contains(key: "c") && t.contains(key: "d"))
         guard case .found(let r) = t.acquireRead(key: "c", now: 0) else { return XCTFail() }
         try t.releaseRead(r.handle)

@@ -54,6 +54,7 @@ def test_objects_evicted_from_dram_read_back_from_disk_byte_exact(tmp_path):
         fill(s, keys)
         st = s.stats()
         assert st["evicted_objects"] > 24 and st["disk_offloads"] >= st["evicted_objects"]   # none dropped
+        assert st["disk_dropped"] == 0
         assert st["disk_objects"] == st["disk_offloads"]
         for k in keys:                                    # get (bytes)
             assert s.get(k) == value(k), k
