@@ -58,17 +58,6 @@ def _kv(seed: int, req: int, layer: int, blocks: int, half: int) -> np.ndarray:
     return rng.integers(0, 256, size=(blocks, 2, half), dtype=np.uint8)
 
 
-def _settle(store: Store) -> None:
-    """Waits until the disk tier's copier has caught up."""
-    last = -1
-    while True:
-        n = store.stats()["disk_offloads"]
-        if n == last:
-            return
-        last = n
-        time.sleep(0.02)
-
-
 def run_demo(args: argparse.Namespace) -> int:
     for name in ("requests", "layers", "blocks", "block_tokens", "kv_heads", "head_dim"):
         if getattr(args, name) <= 0:
@@ -111,7 +100,7 @@ def run_demo(args: argparse.Namespace) -> int:
                         errors += 1
                         print(f"  put {key} failed: {r!r}", file=sys.stderr)
                 if disk:
-                    _settle(store)
+                    store.wait_for_disk_copies()
             progress.step()
         progress.finish()
         stats = store.stats()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -72,6 +73,20 @@ class Store(KVLayoutMixin, _native.Store):
     segment. They survive a restart of the store with the same ``disk_path``. A second store
     on the same directory raises ``InvalidArgumentError``.
     """
+
+    def wait_for_disk_copies(self, timeout: float = 30.0) -> bool:
+        """With a disk tier: waits until its background copier has caught up (its count of
+        copies unchanged for 50 ms); False when ``timeout`` seconds pass first. For a workload
+        that wants the copier to keep up, as an engine's compute between writes lets it."""
+        deadline = time.monotonic() + timeout
+        last = -1
+        while time.monotonic() < deadline:
+            n = self.stats()["disk_offloads"]
+            if n == last:
+                return True
+            last = n
+            time.sleep(0.05)
+        return False
 
     def keys(self, pattern: str | None = None) -> list[str]:
         """Every key (of the cluster, when connected), or those ``pattern`` matches (Python

@@ -24,23 +24,12 @@ def value(key: str, size: int = SIZE) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
 
 
-def settle(store: kvstore.Store) -> None:
-    """Waits until the offloading thread has copied what it will."""
-    last = -1
-    while True:
-        n = store.stats()["disk_offloads"]
-        if n == last:
-            return
-        last = n
-        time.sleep(0.05)
-
-
 def fill(store: kvstore.Store, keys: list[str], every: int = 1) -> None:
     """Puts keys, letting the offloader keep up every `every` puts (as an engine's pace would)."""
     for i, k in enumerate(keys):
         store.put(k, value(k))
         if (i + 1) % every == 0 or i == len(keys) - 1:
-            settle(store)
+            store.wait_for_disk_copies()
 
 
 def tiered(path: os.PathLike[str] | str, **kw: object) -> kvstore.Store:
@@ -78,7 +67,7 @@ def test_tensors_come_back_from_disk(tmp_path):
         tensors = {f"t-{i}": np.arange(SIZE // 4, dtype=np.float32) * i for i in range(40)}
         for k, t in tensors.items():
             s.put_tensor(k, t)
-            settle(s)
+            s.wait_for_disk_copies()
         assert s.stats()["disk_offloads"] > 20
         for k, t in tensors.items():
             np.testing.assert_array_equal(s.get_tensor(k), t)

@@ -48,17 +48,6 @@ def _fio(directory: str, rw: str, bs: int, jobs: int = 1, size: int = 512 << 20,
     return float(json.loads(out)["jobs"][0]["read"]["bw_bytes"]) / 1e9
 
 
-def _settle(store: Store) -> None:
-    """Waits until the offloading thread has nothing left to copy."""
-    last = -1
-    while True:
-        n = store.stats()["disk_offloads"]
-        if n == last:
-            return
-        last = n
-        time.sleep(0.05)
-
-
 def _filled(directory: str, segment: int, size: int, count: int, admission: str = "all") -> tuple[Store, list[str], np.ndarray]:
     store = Store(segment, prefault=True, lease_ttl=0, disk_path=directory, disk_size=4 * size * count + (64 << 20),
                   disk_admission=admission)
@@ -67,8 +56,8 @@ def _filled(directory: str, segment: int, size: int, count: int, admission: str 
     for i, k in enumerate(keys):
         store.put_from(k, src)
         if (i + 1) * size % (segment // 8) == 0:
-            _settle(store)   # keep the puts within what the disk takes: none evicted uncopied
-    _settle(store)
+            store.wait_for_disk_copies()   # keep the puts within what the disk takes: none evicted uncopied
+    store.wait_for_disk_copies()
     return store, keys, src
 
 
@@ -217,7 +206,7 @@ def _hit_rate(base: str, record: Callable[[dict[str, Any]], None]) -> int:
                 if n >= warm:
                     hits += hit
                 if n % 256 == 0 and name == "disk tier":
-                    _settle(store)
+                    store.wait_for_disk_copies()
             st = store.stats()
         finally:
             store.close()
