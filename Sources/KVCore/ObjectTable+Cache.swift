@@ -160,18 +160,14 @@ extension ObjectTable {
     /// One object next in line for eviction (`coldest`).
     public struct ColdObject: Sendable, Equatable {
         public var key: ObjectKey
-        public var size: Int
-        /// Its TTL deadline (monotonic ns), nil when it has none.
-        public var expiresAt: Nanoseconds?
-        /// The version (for `decide`).
+        /// The version (for `holdInPlace` and `decide`).
         public var handle: VersionHandle
     }
 
     /// The objects eviction would take first, in that order (ordinary, then soft-pinned),
-    /// until `bytes` of them have been looked at; those a lower tier decided on and those
-    /// `skip` names are left out of the answer (but counted). What a lower tier copies ahead
-    /// of eviction.
-    public func coldest(bytes: Int, skip: (ObjectKey) -> Bool) -> [ColdObject] {
+    /// until `bytes` of them have been looked at; those a lower tier decided on are left out
+    /// of the answer (but counted). What a lower tier copies ahead of eviction.
+    public func coldest(bytes: Int) -> [ColdObject] {
         var out: [ColdObject] = []
         var seen = 0
         for l in [List.ordinary, .softPinned] {
@@ -179,8 +175,8 @@ extension ObjectTable {
             while s >= 0 && seen < bytes {
                 let v = versions[Int(s)]
                 seen += v.placements.length
-                if v.lowerTier == .undecided && !skip(v.key) {
-                    out.append(ColdObject(key: v.key, size: v.size, expiresAt: timers.deadline(slot: s, kind: .expiry), handle: handle(s)))
+                if v.lowerTier == .undecided {
+                    out.append(ColdObject(key: v.key, handle: handle(s)))
                 }
                 s = v.prev
             }

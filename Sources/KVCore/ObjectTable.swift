@@ -472,20 +472,21 @@ public struct ObjectTable: Sendable {
                                  checksum: versions[c].checksum))
     }
 
-    /// A read hold on the visible version of `key` that grants no lease and leaves the object
-    /// where it is in the eviction order (released with `releaseRead`): a copy to a lower
-    /// tier must not make the object look used. nil when absent or being rewritten in place.
+    /// A read hold on the version `h` names, while it is the visible one and complete, that
+    /// grants no lease and leaves the object where it is in the eviction order (released with
+    /// `releaseRead`): a copy to a lower tier must not make the object look used, and must
+    /// copy the version it was told about (`coldest`), not a newer one. nil otherwise.
     /// Eviction may still hide the object meanwhile; its space is freed at the release.
-    public mutating func holdInPlace(key: ObjectKey, now: Nanoseconds) -> ReadTicket? {
+    /// Also returns the version's TTL deadline now (an in-place upsert keeps the version and
+    /// may change it).
+    public mutating func holdInPlace(_ h: VersionHandle, now: Nanoseconds) -> (ReadTicket, expiresAt: Nanoseconds?)? {
         advance(now: now)
-        guard let e = entries[key], e.current >= 0 else { return nil }
-        let c = Int(e.current)
-        guard versions[c].state == .complete else { return nil }
+        guard let c = try? slot(h), versions[c].linked, versions[c].state == .complete else { return nil }
         versions[c].readers += 1
         activeReaders += 1
         let r = segments.replica(versions[c].placements.first!)
-        return ReadTicket(handle: handle(e.current), segment: r.segment, offset: r.offset, size: versions[c].size,
-                          checksum: versions[c].checksum)
+        return (ReadTicket(handle: h, segment: r.segment, offset: r.offset, size: versions[c].size, checksum: versions[c].checksum),
+                timers.deadline(slot: Int32(c), kind: .expiry))
     }
 
     /// Records a lower tier's decision on the version `h` names (ignored when it is gone).

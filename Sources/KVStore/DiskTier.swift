@@ -121,7 +121,6 @@ public struct DiskTierStatistics: Sendable, Equatable {
     public var offloadedBytes = 0
     public var offloadFailures = 0
     public var hits = 0
-    public var misses = 0
     public var readBytes = 0
     public var evictions = 0
     public var corrupt = 0
@@ -176,9 +175,10 @@ public final class DiskTier: @unchecked Sendable {
         capacity = options.capacity
         admission = options.admission
         objects = options.path + "/objects"
-        if mkdir(path, 0o700) != 0 && errno != EEXIST { throw SystemCall.failure("creating disk_path \(path)", code: .invalidArgument) }
-        if mkdir(objects, 0o700) != 0 && errno != EEXIST { throw SystemCall.failure("creating \(objects)", code: .invalidArgument) }
-        let fd = open(path + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        // Nobody else may plant a file here: it would be served as a cached object.
+        try PrivateDirectory.ensure(path, what: "disk_path", forbidden: 0o022)
+        try PrivateDirectory.ensure(objects, what: "disk tier directory", forbidden: 0o022)
+        let fd = open(path + "/lock", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else { throw SystemCall.failure("opening \(path)/lock", code: .invalidArgument) }
         if flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let e = errno
@@ -229,10 +229,13 @@ public final class DiskTier: @unchecked Sendable {
             if name.hasSuffix(".tmp") { unlink(full); continue }
             guard let gen = DiskRecord.generation(ofName: name) else { continue }
             maxGeneration = max(maxGeneration, gen)
-            let fd = open(full, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { continue }
+            let fd = open(full, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+            guard fd >= 0 else {
+                if errno == ELOOP { unlink(full) }   // a symbolic link: never one of ours
+                continue
+            }
             var st = stat()
-            var n = fstat(fd, &st) == 0 ? pread(fd, header, DiskRecord.block, 0) : -1
+            var n = fstat(fd, &st) == 0 && st.st_mode & S_IFMT == S_IFREG ? pread(fd, header, DiskRecord.block, 0) : -1
             if n == DiskRecord.block {
                 // A header longer than one block (a long key, a large object): read it whole.
                 let want = Int(UInt32(littleEndian: header.loadUnaligned(fromByteOffset: 8, as: UInt32.self)))
@@ -255,7 +258,8 @@ public final class DiskTier: @unchecked Sendable {
             s.nextGeneration = maxGeneration + 1
             let now = Self.wallNow()
             for (key, entry) in found {
-                if entry.expiresAt != 0 && entry.expiresAt <= now { drop.append(entry.generation); continue }
+                // Expired, or larger than the whole tier (a header that claims too much).
+                if (entry.expiresAt != 0 && entry.expiresAt <= now) || entry.fileBytes > capacity { drop.append(entry.generation); continue }
                 if let old = s.index[key] { drop.append(old.generation); remove(&s, key) }
                 insert(&s, key, entry)
                 s.stats.recovered += 1
@@ -348,9 +352,17 @@ public final class DiskTier: @unchecked Sendable {
 
     /// Drops every disk copy; returns how many there were.
     public func forgetAll() -> Int {
-        let gone: [UInt64] = state.withLock { s in
+        let gone = forgetAllLater()
+        removeFiles(gone.map(\.generation))
+        return gone.count
+    }
+
+    /// `forgetAll` without the file removals (for callers holding another lock): the keys
+    /// and generations dropped.
+    public func forgetAllLater() -> [(key: ObjectKey, generation: UInt64)] {
+        state.withLock { s in
             for k in s.inFlight.keys { s.inFlight[k] = true }
-            let g = s.index.values.map(\.generation)
+            let g = s.index.map { (key: $0.key, generation: $0.value.generation) }
             s.index.removeAll()
             s.ring.removeAll()
             s.freeSlots.removeAll()
@@ -361,8 +373,6 @@ public final class DiskTier: @unchecked Sendable {
             s.stats.bytes = 0
             return g
         }
-        for g in gone { unlink(file(g)) }
-        return gone.count
     }
 
     /// The keys on disk, in byte order, after `after` (nil: from the first), at most `limit`.
@@ -479,12 +489,11 @@ public final class DiskTier: @unchecked Sendable {
             try Self.writeAll(fd, bounce, headerBytes, at: 0, path: tmp)
             try SystemCall.check("renaming \(tmp)", rename(tmp, file(gen)), code: .transfer)
         } catch {
-            let e = errno
             unlink(tmp)
             state.withLock { s in
                 s.bytes -= fileBytes
                 s.stats.offloadFailures += 1
-                if e == ENOSPC { s.fullAt = s.bytes }
+                if error.code == .noSpace { s.fullAt = s.bytes }   // ENOSPC (`writeAll`)
             }
             throw error
         }
@@ -527,16 +536,15 @@ public final class DiskTier: @unchecked Sendable {
         public let ttlLeft: Nanoseconds?
     }
 
-    /// The disk copy of `key` (marked used for eviction), or nil (counted as a miss).
+    /// The disk copy of `key` (marked used for eviction), or nil.
     public func lookup(_ key: ObjectKey) -> Copy? {
         let now = Self.wallNow()
         var expired: UInt64? = nil
         let found: Copy? = state.withLock { s in
-            guard let e = s.index[key] else { s.stats.misses += 1; return nil }
+            guard let e = s.index[key] else { return nil }
             if e.expiresAt != 0 && e.expiresAt <= now {
                 remove(&s, key)
                 expired = e.generation
-                s.stats.misses += 1
                 return nil
             }
             s.index[key]!.referenced = true
@@ -557,7 +565,7 @@ public final class DiskTier: @unchecked Sendable {
                      bounces: [UnsafeMutableRawPointer], bounceBytes: Int) throws(KVError) {
         let e = copy.entry
         let name = file(e.generation)
-        let fd = open(name, O_RDONLY | O_CLOEXEC | (direct ? kv_o_direct() : 0))
+        let fd = open(name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | (direct ? kv_o_direct() : 0))
         guard fd >= 0 else {
             if errno == ENOENT { forgetIfSame(copy); throw .notFound("object '\(copy.key)' left the disk tier") }
             throw SystemCall.failure("opening \(name)", code: .transfer)

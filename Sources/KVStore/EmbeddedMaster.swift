@@ -178,74 +178,12 @@ public final class EmbeddedMaster: MasterLink {
 
     // MARK: for a lower tier (`TieredMaster`)
 
-    /// `commitWrite`, then `committed(key)` under the same lock (so nothing sees the new
-    /// version before the lower tier forgot the old one).
-    func commitWrite(_ ticket: WriteTicket, committed: (ObjectKey) -> Void) throws(KVError) {
+    /// Runs `body` on the table under its lock with the time now: a lower tier composes
+    /// its steps with the table's there (a commit and the drop of the key's disk copy, say),
+    /// so no other call sees one without the other. `body` must not do I/O.
+    func withTable<R, E: Error>(_ body: (inout ObjectTable, Nanoseconds) throws(E) -> R) throws(E) -> R {
         let now = clock()
-        try table.withLock { (t: inout ObjectTable) throws(KVError) in
-            let key = try t.key(of: ticket.handle)
-            try t.commitWrite(ticket, now: now)
-            committed(key)
-        }
-    }
-
-    /// `finishWrites` calling `committed` for each key committed, under the lock.
-    func finishWrites(commit: [WriteTicket], abort: [WriteTicket], committed: (ObjectKey) -> Void) -> [KVError?] {
-        let now = clock()
-        return table.withLock { t in
-            for a in abort { try? t.abortWrite(a, now: now) }
-            return commit.map { c in
-                do throws(KVError) {
-                    let key = try t.key(of: c.handle)
-                    try t.commitWrite(c, now: now)
-                    committed(key)
-                    return nil
-                } catch { return error }
-            }
-        }
-    }
-
-    /// Commits `ticket` unless `stale()` (asked under the lock) says its bytes are out of
-    /// date; then aborts it. Returns whether it committed.
-    func commitWrite(_ ticket: WriteTicket, unless stale: () -> Bool) throws(KVError) -> Bool {
-        let now = clock()
-        return try table.withLock { (t: inout ObjectTable) throws(KVError) in
-            if stale() {
-                try t.abortWrite(ticket, now: now)
-                return false
-            }
-            try t.commitWrite(ticket, now: now)
-            return true
-        }
-    }
-
-    func coldest(bytes: Int, skip: (ObjectKey) -> Bool) -> [ObjectTable.ColdObject] {
-        table.withLock { $0.coldest(bytes: bytes, skip: skip) }
-    }
-
-    func decide(_ h: VersionHandle, _ d: ObjectTable.LowerTier) {
-        table.withLock { $0.decide(h, d) }
-    }
-
-    func evictedUndecided() -> Int { table.withLock { $0.evictedUndecided } }
-
-    func setEvictionLooksAhead(_ n: Int) {
-        table.withLock { $0.evictionLooksAhead = n }
-    }
-
-    func holdInPlace(key: ObjectKey) -> ReadTicket? {
-        let now = clock()
-        return table.withLock { $0.holdInPlace(key: key, now: now) }
-    }
-
-    /// Whether `key` is visible (no lease taken).
-    func contains(_ key: ObjectKey) -> Bool {
-        table.withLock { $0.cacheState(key: key) != nil }
-    }
-
-    /// Bytes in use and capacity, without running timers.
-    func fill() -> (used: Int, capacity: Int) {
-        table.withLock { ($0.usedBytes, $0.capacity) }
+        return try table.withLock { (t: inout ObjectTable) throws(E) in try body(&t, now) }
     }
 
     /// The table's counters, after running the timers due now.

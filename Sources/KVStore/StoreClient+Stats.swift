@@ -58,11 +58,11 @@ extension StoreClient {
             .init("peers_pruned", cluster?.pruned.load(ordering: .relaxed) ?? 0),
             .init("disk_objects", d.objects), .init("disk_bytes", d.bytes), .init("disk_capacity", d.capacity),
             .init("disk_offloads", d.offloads), .init("disk_offloaded_bytes", d.offloadedBytes),
-            .init("disk_offload_failures", d.offloadFailures), .init("disk_hits", d.hits), .init("disk_misses", d.misses),
+            .init("disk_offload_failures", d.offloadFailures), .init("disk_hits", d.hits), .init("disk_misses", tier == nil ? 0 : misses),
             .init("disk_read_bytes", d.readBytes), .init("disk_evictions", d.evictions),
             .init("disk_corrupt", d.corrupt), .init("disk_recovered", d.recovered),
             .init("disk_promotions", tier?.promotions.load(ordering: .relaxed) ?? 0),
-            .init("disk_dropped", tier?.inner.evictedUndecided() ?? 0),
+            .init("disk_dropped", tier?.inner.withTable { t, _ in t.evictedUndecided } ?? 0),
         ]
     }
 }

@@ -42,7 +42,7 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         self.inner = inner
         self.disk = disk
         self.segment = segment
-        inner.setEvictionLooksAhead(Self.evictionLooksAhead)
+        inner.withTable { t, _ in t.evictionLooksAhead = Self.evictionLooksAhead }
         let t = try BackgroundThread { [self] in offloadLoop() }
         worker.withLock { $0 = t }
     }
@@ -70,10 +70,16 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         return try inner.beginWrite(key: key, size: size, mode: mode, options: options, preferred: preferred)
     }
 
+    /// The commit and the drop of the key's disk copy happen under the table's lock: nothing
+    /// sees the new version while the old one is still on disk (a promotion checks there).
     func commitWrite(_ ticket: WriteTicket) throws(KVError) {
         var gone: [UInt64] = []
-        try inner.commitWrite(ticket) { key in if let g = disk.forgetLater(key) { gone.append(g) } }
-        disk.removeFiles(gone)
+        defer { disk.removeFiles(gone) }
+        try inner.withTable { (t, now) throws(KVError) in
+            let key = try t.key(of: ticket.handle)
+            try t.commitWrite(ticket, now: now)
+            if let g = disk.forgetLater(key) { gone.append(g) }
+        }
     }
 
     func abortWrite(_ ticket: WriteTicket) throws(KVError) { try inner.abortWrite(ticket) }
@@ -96,21 +102,33 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
 
     func finishWrites(commit: [WriteTicket], abort: [WriteTicket]) -> [KVError?] {
         var gone: [UInt64] = []
-        let r = inner.finishWrites(commit: commit, abort: abort) { key in if let g = disk.forgetLater(key) { gone.append(g) } }
-        disk.removeFiles(gone)
-        return r
+        defer { disk.removeFiles(gone) }
+        return inner.withTable { t, now in
+            for a in abort { try? t.abortWrite(a, now: now) }
+            return commit.map { c in
+                do throws(KVError) {
+                    let key = try t.key(of: c.handle)
+                    try t.commitWrite(c, now: now)
+                    if let g = disk.forgetLater(key) { gone.append(g) }
+                    return nil
+                } catch { return error }
+            }
+        }
     }
 
     // MARK: reads
 
     func acquireRead(key: ObjectKey, host: String) throws(KVError) -> ReadResult {
         disk.note(key)
+        return try acquire(key, host: host)
+    }
+
+    /// `acquireRead` without counting a sighting: DRAM, else the disk copy brought back.
+    private func acquire(_ key: ObjectKey, host: String) throws(KVError) -> ReadResult {
         for _ in 0..<1000 {
             let r = inner.acquireRead(key: key, host: host)
             guard r == .notFound else { return r }
-            let bounce = takeBounce()
-            defer { giveBounce(bounce) }
-            switch try promote(key, bounce: bounce) {
+            switch try promote(key) {
             case .absent: return .notFound
             case .promoted, .raced: continue
             case .busy: usleep(50)
@@ -130,7 +148,7 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
             for (j, i) in missing.enumerated() {
                 switch answers[j] {
                 case .failure(let e): results[i] = .failure(e)
-                case .success: results[i] = Result { () throws(KVError) in try acquireRead(key: keys[i], host: host) }
+                case .success: results[i] = Result { () throws(KVError) in try acquire(keys[i], host: host) }
                 }
             }
         }
@@ -151,30 +169,46 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
 
     // MARK: removal
 
+    /// Removals drop the disk copy under the table's lock, like commits: a promotion of the
+    /// key cannot commit between the two and bring a removed object back.
     func remove(key: ObjectKey, force: Bool) throws(KVError) {
-        do throws(KVError) {
-            try inner.remove(key: key, force: force)
-        } catch where error.code == .objectNotFound {
-            if disk.forget(key) { return }
-            throw error
-        }
-        disk.forget(key)
+        var gone: [UInt64] = []
+        defer { disk.removeFiles(gone) }
+        try inner.withTable { (t, now) throws(KVError) in try Self.remove(key, force: force, from: &t, disk, now, &gone) }
     }
 
     func remove(keys: [ObjectKey], force: Bool) throws(KVError) -> [KVError?] {
-        let r = inner.remove(keys: keys, force: force)
-        return zip(keys, r).map { k, e in
-            if e == nil { disk.forget(k); return nil }
-            if e!.code == .objectNotFound, disk.forget(k) { return nil }
-            return e
+        var gone: [UInt64] = []
+        defer { disk.removeFiles(gone) }
+        return inner.withTable { t, now in
+            keys.map { k in
+                do throws(KVError) { try Self.remove(k, force: force, from: &t, disk, now, &gone); return nil } catch { return error }
+            }
         }
     }
 
+    /// Removes `key` from `t` and `disk`; `objectNotFound` only when neither had it.
+    private static func remove(_ key: ObjectKey, force: Bool, from t: inout ObjectTable, _ disk: DiskTier,
+                               _ now: Nanoseconds, _ gone: inout [UInt64]) throws(KVError) {
+        do throws(KVError) {
+            try t.remove(key: key, force: force, now: now)
+        } catch where error.code == .objectNotFound {
+            guard let g = disk.forgetLater(key) else { throw error }
+            gone.append(g)
+            return
+        }
+        if let g = disk.forgetLater(key) { gone.append(g) }
+    }
+
     func removeAll(force: Bool) throws(KVError) -> Int {
-        let onDisk = disk.keys(after: nil, limit: Int.max)
-        let alsoInDRAM = onDisk.filter { inner.contains($0) }.count
-        let n = inner.removeAll(force: force)
-        return n + disk.forgetAll() - alsoInDRAM
+        var gone: [UInt64] = []
+        defer { disk.removeFiles(gone) }
+        return inner.withTable { t, now in
+            let dropped = disk.forgetAllLater()
+            gone = dropped.map(\.generation)
+            let diskOnly = dropped.filter { t.cacheState(key: $0.key) == nil }.count
+            return t.removeAll(force: force, now: now) + diskOnly
+        }
     }
 
     func statistics() throws(KVError) -> CacheStatistics { inner.statistics() }
@@ -210,16 +244,18 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
 
     /// Brings the disk copy of `key` back into the segment. `absent`: no disk copy; `raced`:
     /// a write of the key came first (read DRAM again); `busy`: another thread is at it.
-    func promote(_ key: ObjectKey, bounce: UnsafeMutableRawPointer) throws(KVError) -> Promotion {
+    func promote(_ key: ObjectKey) throws(KVError) -> Promotion {
         guard let copy = disk.lookup(key) else { return .absent }
+        let bounce = takeBounce()
+        defer { giveBounce(bounce) }
         // Room for it may evict: only objects already on disk (or not admitted) may go, or
         // this read would drop something a later read wants.
         // The reader copies them first itself (reads outpaced the offloading thread).
-        let (used, capacity) = inner.fill()
-        let round = max(Int(Double(capacity) * inner.policy.evictionRatio), copy.size) + copy.size
-        if used + round > Int(Double(capacity) * inner.policy.highWatermark) {
-            offload(disk.withoutCopies(inner.coldest(bytes: round, skip: { _ in false })), bounce: bounce)
+        let cold: [ObjectTable.ColdObject] = inner.withTable { t, _ in
+            let round = max(Int(Double(t.capacity) * policy.evictionRatio), copy.size) + copy.size
+            return t.usedBytes + round > Int(Double(t.capacity) * policy.highWatermark) ? t.coldest(bytes: round) : []
         }
+        if !cold.isEmpty { offload(disk.withoutCopies(cold), bounce: bounce) }
         guard disk.beginTransfer(key) else { return .busy }
         var options = WriteOptions.default
         options.ttl = copy.ttlLeft
@@ -245,9 +281,18 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
             if error.code == .objectNotFound { return .absent }
             throw error
         }
-        let committed = try inner.commitWrite(ticket) { disk.transferIsStale(key) }
+        // Under the table's lock, where commits and removals drop disk copies: a write or
+        // removal of the key since the transfer began means these bytes are out of date.
+        let committed = try inner.withTable { (t, now) throws(KVError) -> Bool in
+            if disk.transferIsStale(key) {
+                try t.abortWrite(ticket, now: now)
+                return false
+            }
+            try t.commitWrite(ticket, now: now)
+            t.decide(ticket.handle, .copied)   // its disk copy stays
+            return true
+        }
         disk.endTransfer(key)
-        if committed { inner.decide(ticket.handle, .copied) }   // its disk copy stays
         if committed { promotions.add(1, ordering: .relaxed) }
         return committed ? .promoted : .raced
     }
@@ -262,7 +307,7 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         }
         let bounce = takeBounce()
         defer { giveBounce(bounce) }
-        if destinations.count == 1 || destinations[0].length >= copy.size {
+        if destinations[0].length >= copy.size {
             try withBounces(copy.size, first: bounce) { (b) throws(KVError) in
                 try disk.read(copy, into: UnsafeMutableRawPointer(bitPattern: destinations[0].address)!, bounces: b, bounceBytes: Self.bounceBytes)
             }
@@ -287,14 +332,12 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         let results = Locked([Result<Void, KVError>](repeating: .success(()), count: keys.count))
         let next = Atomic<Int>(0)
         let work: @Sendable () -> Void = { [self] in
-            let bounce = takeBounce()
-            defer { giveBounce(bounce) }
             while true {
                 let i = next.add(1, ordering: .relaxed).oldValue
                 guard i < keys.count else { return }
                 do throws(KVError) {
                     for _ in 0..<1000 {
-                        if try promote(keys[i], bounce: bounce) != .busy { break }
+                        if try promote(keys[i]) != .busy { break }
                         usleep(50)
                     }
                 } catch {
@@ -353,12 +396,12 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
 
     /// One pass over the eviction end; returns the objects copied.
     func offloadRound(_ bounce: UnsafeMutableRawPointer) -> Int {
-        let (used, capacity) = inner.fill()
-        let high = Int(Double(capacity) * inner.policy.highWatermark)
-        let m = margin(capacity)
-        guard used > high - m else { return 0 }
         // The walk holds the table's lock; the disk index is asked afterwards, once.
-        return offload(disk.withoutCopies(inner.coldest(bytes: m) { _ in false }), bounce: bounce)
+        let cold: [ObjectTable.ColdObject] = inner.withTable { t, _ in
+            let m = margin(t.capacity)
+            return t.usedBytes > Int(Double(t.capacity) * policy.highWatermark) - m ? t.coldest(bytes: m) : []
+        }
+        return cold.isEmpty ? 0 : offload(disk.withoutCopies(cold), bounce: bounce)
     }
 
     /// Copies those of `candidates` the admission policy lets in to disk; returns how many.
@@ -367,12 +410,16 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         var copied = 0
         for c in candidates {
             if stop.load(ordering: .relaxed) { break }
-            guard disk.admits(c.key) else { inner.decide(c.handle, .refused); continue }
+            guard disk.admits(c.key) else { inner.withTable { t, _ in t.decide(c.handle, .refused) }; continue }
             guard disk.beginTransfer(c.key) else { continue }
             // Another thread may have copied it since the list was made.
-            guard !disk.contains(c.key), let t = inner.holdInPlace(key: c.key) else { disk.endTransfer(c.key); continue }
+            // The candidate's own version (a newer one waits for its turn), with its TTL now.
+            guard !disk.contains(c.key), let (t, expiresAt) = inner.withTable({ t, now in t.holdInPlace(c.handle, now: now) }) else {
+                disk.endTransfer(c.key)
+                continue
+            }
             var expires: Int64 = 0
-            if let e = c.expiresAt {
+            if let e = expiresAt {
                 expires = DiskTier.wallNow() + Int64(bitPattern: e) - Int64(bitPattern: inner.clock())
                 if expires <= DiskTier.wallNow() { try? inner.releaseRead(t.handle); disk.endTransfer(c.key); continue }
             }
@@ -386,7 +433,7 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
             if held { try? inner.releaseRead(t.handle) }
             if ok {
                 copied += 1
-                if !disk.transferIsStale(c.key) { inner.decide(t.handle, .copied) }
+                if !disk.transferIsStale(c.key) { inner.withTable { tb, _ in tb.decide(t.handle, .copied) } }
             }
             disk.endTransfer(c.key)
         }

@@ -60,6 +60,28 @@ public final class ClusterToken: Sendable, ExpressibleByStringLiteral {
     }
 }
 
+/// A directory only this user may change: created mode 0700 when missing; an existing one
+/// must be a real directory (not a link) owned by this user, with none of the `forbidden`
+/// mode bits (0o077: nobody else may even read it; 0o022: nobody else may plant files).
+public enum PrivateDirectory {
+    /// Throws `invalidArgument` naming `what` and the problem.
+    public static func ensure(_ dir: String, what: String, forbidden: mode_t) throws(KVError) {
+        if mkdir(dir, 0o700) != 0 && errno != EEXIST {
+            throw SystemCall.failure("mkdir of the \(what) \(dir)", code: .invalidArgument)
+        }
+        var st = stat()
+        guard lstat(dir, &st) == 0 else { throw SystemCall.failure("lstat of \(dir)", code: .invalidArgument) }
+        guard st.st_mode & S_IFMT == S_IFDIR else { throw .invalidArgument("\(what) \(dir) is not a directory") }
+        guard st.st_uid == geteuid() else {
+            throw .invalidArgument("\(what) \(dir) belongs to uid \(st.st_uid), not to this user (\(geteuid())): refusing it")
+        }
+        guard st.st_mode & forbidden == 0 else {
+            throw .invalidArgument("\(what) \(dir) has mode \(String(st.st_mode & 0o777, radix: 8)); "
+                                   + (forbidden & 0o044 != 0 ? "it must be 700" : "others must not be able to write to it (chmod go-w)"))
+        }
+    }
+}
+
 /// The token files of masters: `<runtime dir>/master-<port>.token`, mode 0600, in a directory
 /// of mode 0700 owned by this user. The runtime directory is `KVSTORE_RUNTIME_DIR`, else
 /// `$XDG_RUNTIME_DIR/kvstore`, else `/tmp/kvstore-<uid>`. A directory or file that another
@@ -83,18 +105,7 @@ public enum TokenFile {
         } else {
             dir = "/tmp/kvstore-\(geteuid())"
         }
-        if mkdir(dir, 0o700) != 0 && errno != EEXIST {
-            throw SystemCall.failure("mkdir of the runtime directory \(dir)", code: .invalidArgument)
-        }
-        var st = stat()
-        guard lstat(dir, &st) == 0 else { throw SystemCall.failure("lstat of \(dir)", code: .invalidArgument) }
-        guard st.st_mode & S_IFMT == S_IFDIR else { throw .invalidArgument("runtime directory \(dir) is not a directory") }
-        guard st.st_uid == geteuid() else {
-            throw .invalidArgument("runtime directory \(dir) belongs to uid \(st.st_uid), not to this user (\(geteuid())): refusing it")
-        }
-        guard st.st_mode & 0o077 == 0 else {
-            throw .invalidArgument("runtime directory \(dir) has mode \(String(st.st_mode & 0o777, radix: 8)); it must be 700")
-        }
+        try PrivateDirectory.ensure(dir, what: "runtime directory", forbidden: 0o077)
         return dir
     }
 

@@ -177,22 +177,16 @@ final class TieredStoreTests: XCTestCase {
                 if thread == 0 { done.store(true, ordering: .releasing) }
                 return
             }
-            var out = [UInt8](repeating: 0, count: 64 << 10)
             var j = thread
             while !done.load(ordering: .acquiring) {
                 let w = j % 2, k = (j / 2) % 24
                 j += 1
                 do {
-                    let size: Int = try out.withUnsafeMutableBytes { b in
-                        var r = MemoryRegion(b.baseAddress!, length: b.count)
-                        return try withUnsafePointer(to: &r) {
-                            try s.get(key: ObjectKey(stringLiteral: "w\(w)-\(k)"), into: UnsafeBufferPointer(start: $0, count: 1))
-                        }
-                    }
+                    let value = try get(s, ObjectKey(stringLiteral: "w\(w)-\(k)"))
                     hits.add(1, ordering: .relaxed)
-                    let ok = out.withUnsafeBytes { b in
+                    let ok = value.withUnsafeBytes { b in
                         let tag = b.loadUnaligned(as: UInt64.self)
-                        return StoreClientTests.check(b, count: size) && tag >> 32 == UInt64(w) && (tag & 0xFFFF_FFFF) % 24 == UInt64(k)
+                        return StoreClientTests.check(b, count: b.count) && tag >> 32 == UInt64(w) && (tag & 0xFFFF_FFFF) % 24 == UInt64(k)
                     }
                     if !ok { badReads.add(1, ordering: .relaxed) }
                 } catch let e as KVError where e.code == .objectNotFound {
@@ -214,16 +208,10 @@ final class TieredStoreTests: XCTestCase {
         for w in 0..<2 {
             for k in 0..<24 {
                 let last = (0..<600).last { $0 % 24 == k }!
-                var out = [UInt8](repeating: 0, count: 64 << 10)
                 do {
-                    let size: Int = try out.withUnsafeMutableBytes { b in
-                        var r = MemoryRegion(b.baseAddress!, length: b.count)
-                        return try withUnsafePointer(to: &r) {
-                            try s.get(key: ObjectKey(stringLiteral: "w\(w)-\(k)"), into: UnsafeBufferPointer(start: $0, count: 1))
-                        }
-                    }
-                    XCTAssertEqual(size, 40_000)
-                    XCTAssertEqual(out.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }, UInt64(w) << 32 | UInt64(last))
+                    let value = try get(s, ObjectKey(stringLiteral: "w\(w)-\(k)"))
+                    XCTAssertEqual(value.count, 40_000)
+                    XCTAssertEqual(value.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }, UInt64(w) << 32 | UInt64(last))
                     found += 1
                 } catch let e as KVError where e.code == .objectNotFound {}
             }

@@ -78,6 +78,10 @@ class Store(KVLayoutMixin, _native.Store):
         """With a disk tier: waits until its background copier has caught up (its count of
         copies unchanged for 50 ms); False when ``timeout`` seconds pass first. For a workload
         that wants the copier to keep up, as an engine's compute between writes lets it."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise ArgumentTypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+        if not timeout >= 0:
+            raise InvalidArgumentError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
         deadline = time.monotonic() + timeout
         last = -1
         while time.monotonic() < deadline:
@@ -123,11 +127,16 @@ class Store(KVLayoutMixin, _native.Store):
         if disk_path is not None:
             if not isinstance(disk_path, (str, os.PathLike)):
                 raise ArgumentTypeError(f"disk_path must be a str or path, got {type(disk_path).__name__}")
-            path = os.path.abspath(os.fspath(disk_path))
+            raw = os.fspath(disk_path)
+            if not isinstance(raw, str) or not raw:
+                raise InvalidArgumentError("disk_path must be a non-empty str path")
+            path = os.path.abspath(raw)
             if "\0" in path:
                 raise InvalidArgumentError("disk_path must not contain a NUL character")
             if disk_size is None:
                 raise InvalidArgumentError("disk_size is required with disk_path (for example disk_size='100GiB')")
+            if not isinstance(disk_admission, str):
+                raise ArgumentTypeError(f"disk_admission must be a str, got {type(disk_admission).__name__}")
             if disk_admission not in _DISK_ADMISSION:
                 raise InvalidArgumentError(f"disk_admission must be one of {sorted(_DISK_ADMISSION)}, got {disk_admission!r}")
             disk = (path, parse_size(disk_size, name="disk_size"), _DISK_ADMISSION[disk_admission])

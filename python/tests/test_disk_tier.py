@@ -159,6 +159,171 @@ def test_bad_disk_settings_are_refused(tmp_path):
         kvstore.Store(SEGMENT, disk_path=tmp_path / "file" / "d", disk_size="1GiB")
 
 
+@pytest.mark.parametrize("kwargs, error", [
+    ({"disk_path": 5, "disk_size": "1GiB"}, kvstore.ArgumentTypeError),
+    ({"disk_path": b"/tmp/x", "disk_size": "1GiB"}, kvstore.ArgumentTypeError),
+    ({"disk_path": "", "disk_size": "1GiB"}, kvstore.InvalidArgumentError),
+    ({"disk_path": "{d}\0x", "disk_size": "1GiB"}, kvstore.InvalidArgumentError),
+    ({"disk_path": "{d}", "disk_size": -1}, kvstore.InvalidArgumentError),
+    ({"disk_path": "{d}", "disk_size": 0}, kvstore.InvalidArgumentError),
+    ({"disk_path": "{d}", "disk_size": "lots"}, kvstore.InvalidArgumentError),
+    ({"disk_path": "{d}", "disk_size": 1.5}, kvstore.ArgumentTypeError),
+    ({"disk_path": "{d}", "disk_size": "1GiB", "disk_admission": 1}, kvstore.ArgumentTypeError),
+    ({"disk_path": "{d}", "disk_size": "1GiB", "disk_admission": ["all"]}, kvstore.ArgumentTypeError),
+])
+def test_each_wrong_disk_setting_is_a_typed_error_and_creates_nothing(tmp_path, kwargs, error):
+    d = str(tmp_path / "d")
+    kwargs = {k: (v.replace("{d}", d) if isinstance(v, str) else v) for k, v in kwargs.items()}
+    with pytest.raises(error):
+        kvstore.Store(SEGMENT, **kwargs)
+    assert not os.path.exists(d)
+
+
+def test_wait_for_disk_copies_checks_its_timeout(tmp_path):
+    with tiered(tmp_path / "d") as s:
+        with pytest.raises(kvstore.ArgumentTypeError):
+            s.wait_for_disk_copies("soon")  # type: ignore[arg-type]
+        with pytest.raises(kvstore.InvalidArgumentError):
+            s.wait_for_disk_copies(-1)
+        with pytest.raises(kvstore.InvalidArgumentError):
+            s.wait_for_disk_copies(float("nan"))
+        assert s.wait_for_disk_copies(5)
+
+
+def test_a_directory_others_can_write_to_is_refused(tmp_path):
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o777)
+    with pytest.raises(kvstore.InvalidArgumentError, match="mode 777"):
+        tiered(d)
+    assert os.listdir(d) == []                    # nothing created there
+    (d / "objects").mkdir(mode=0o700)
+    d.chmod(0o755)                                # readable by others is fine: files are 0600
+    (d / "objects").chmod(0o775)
+    with pytest.raises(kvstore.InvalidArgumentError, match="disk tier directory"):
+        tiered(d)
+    (d / "objects").chmod(0o700)
+    with tiered(d):
+        pass
+    link = tmp_path / "link"
+    link.symlink_to(d)
+    with pytest.raises(kvstore.InvalidArgumentError, match="not a directory"):
+        tiered(link)
+
+
+def test_a_directory_of_another_user_is_refused(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to hand a directory to another user")
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o700)
+    os.chown(d, 65534, 65534)
+    with pytest.raises(kvstore.InvalidArgumentError, match="belongs to uid 65534"):
+        tiered(d)
+
+
+def _crc32c(data: bytes, crc: int = 0) -> int:
+    crc ^= 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def _forge(directory, generation: int, key: str, size: int, payload: bytes = b"") -> str:
+    """An object file with a header that checks out, claiming `size` bytes (sparse beyond `payload`)."""
+    import struct
+    k = key.encode()
+    chunks = (size + (1 << 20) - 1) >> 20
+    fixed = struct.pack("<8sIIQQqII", b"KVSDISK1", 0, len(k), size, generation, 0, 20, chunks)
+    header_bytes = (48 + len(k) + 4 * chunks + 4 + 4095) // 4096 * 4096
+    fixed = fixed[:8] + struct.pack("<I", header_bytes) + fixed[12:]
+    crcs = b"".join(struct.pack("<I", _crc32c(payload[i << 20:(i + 1) << 20])) for i in range(chunks))
+    body = fixed + k + crcs
+    header = body + struct.pack("<I", _crc32c(body))
+    path = os.path.join(directory, "objects", f"{generation:016x}")
+    with open(path, "wb") as f:
+        f.write(header.ljust(header_bytes, b"\0"))
+        f.write(payload)
+        f.truncate(header_bytes + (size + 4095) // 4096 * 4096)
+    return path
+
+
+def test_forged_object_files_are_bounded_checked_and_never_served_wrong(tmp_path):
+    d = tmp_path / "d"
+    with tiered(d):
+        pass
+    good = b"G" * 5000
+    _forge(d, 0x100, "forged-good", len(good), good)                      # well formed: served
+    huge = _forge(d, 0x101, "forged-huge", 10 << 30)                      # 10 GiB claimed: more than the tier
+    wrong = _forge(d, 0x102, "forged-wrong", 5000, b"W" * 5000)
+    with open(wrong, "r+b") as f:                                         # payload no longer matches its CRC
+        f.seek(4096 + 10)
+        f.write(b"X")
+    too_long = os.path.join(d, "objects", f"{0x103:016x}")               # a header longer than any real one
+    with open(too_long, "wb") as f:
+        f.write(b"KVSDISK1" + (0xFFFFFFF0).to_bytes(4, "little") + b"\0" * 4084)
+    planted = os.path.join(d, "objects", f"{0x104:016x}")                # a link to a good file: not ours
+    os.symlink(os.path.join(d, "objects", f"{0x100:016x}"), planted)
+    with tiered(d) as s:
+        assert s.get("forged-good") == good
+        assert not os.path.exists(huge) and not s.exists("forged-huge")
+        assert not os.path.exists(too_long) and not os.path.lexists(planted)
+        with pytest.raises(kvstore.ChecksumError):
+            s.get("forged-wrong")
+        assert not s.exists("forged-wrong")
+        assert sorted(s.keys()) == ["forged-good"]
+        assert s.stats()["disk_recovered"] == 2   # good and wrong (found out on read)
+    with pytest.raises(kvstore.ObjectExistsError):
+        with tiered(d) as s:
+            s.put("forged-good", b"again")
+
+
+def test_a_removal_racing_reads_that_bring_the_object_back_wins(tmp_path):
+    """A reader bringing a disk copy back into DRAM while another thread removes the key:
+    once remove returns, no read finds the object (the promotion's commit and the removal's
+    drop of the disk copy are ordered under one lock)."""
+    import threading
+
+    keys = [f"obj-{i}" for i in range(40)]
+    with tiered(tmp_path / "d") as s:
+        fill(s, keys)
+        on_disk = [k for k in keys[:24] if s.exists(k)]
+        stop = threading.Event()
+        came_back: list[str] = []
+        removed: set[str] = set()
+        lock = threading.Lock()
+
+        def reader() -> None:
+            buf = np.empty(SIZE, dtype=np.uint8)
+            while not stop.is_set():
+                for k in on_disk:
+                    with lock:
+                        gone = k in removed
+                    try:
+                        s.get_into(k, buf)
+                        if gone:
+                            came_back.append(k)
+                    except kvstore.ObjectNotFoundError:
+                        pass
+
+        threads = [threading.Thread(target=reader) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for k in on_disk:
+            time.sleep(0.005)
+            s.remove(k)
+            with lock:
+                removed.add(k)
+        time.sleep(0.1)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not came_back, f"removed objects read back: {came_back[:5]}"
+        for k in on_disk:
+            assert not s.exists(k)
+
+
 def _object_files(path: os.PathLike[str] | str) -> list[str]:
     d = os.path.join(path, "objects")
     return [os.path.join(d, n) for n in os.listdir(d)]
