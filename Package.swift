@@ -30,7 +30,7 @@ let package = Package(
         // Its command line is KVMaster.MasterCommandLine, shared with `kvstore master`.
         .executableTarget(name: "kvstore-master", dependencies: ["KVMaster"]),
         // Header-only C target: the flat C ABI's types and prototypes (ownership rules live there).
-        .target(name: "CKVStoreABI"),
+        .target(name: "CKVStoreABI", dependencies: ["CKVAccelerator"]),
         .target(name: "KVStoreABI", dependencies: ["CKVStoreABI", "KVStore", "KVCore", "KVSystem", "KVAccelerator", "KVTransfer", "KVMaster"]),
         .systemLibrary(name: "CPython", path: "Sources/CPython", pkgConfig: "python3"),
         .target(

@@ -49,6 +49,25 @@ void kvpy_buffers_init(kvpy_buffers *b) {
     b->count = 0;
     b->capacity = 4;
     b->raw = 0;
+    b->dev = b->dev_inline;
+    b->ndev = 0;
+    b->devcap = 2;
+}
+
+/* Records a declared raw part and (re)declares this list's parts for the coming calls. */
+static int add_declared(kvpy_buffers *b, const kv_device_part *d) {
+    if (b->ndev == b->devcap) {
+        Py_ssize_t cap = b->devcap * 2;
+        kv_device_part *n = PyMem_Malloc(sizeof(kv_device_part) * (size_t)cap);
+        if (!n) { PyErr_NoMemory(); return -1; }
+        memcpy(n, b->dev, sizeof(kv_device_part) * (size_t)b->ndev);
+        if (b->dev != b->dev_inline) PyMem_Free(b->dev);
+        b->dev = n;
+        b->devcap = cap;
+    }
+    b->dev[b->ndev++] = *d;
+    kv_call_devices(b->dev, (size_t)b->ndev);
+    return 0;
 }
 
 static int reserve(kvpy_buffers *b, Py_ssize_t extra) {
@@ -95,8 +114,10 @@ Py_ssize_t kvpy_buffers_add(kvpy_buffers *b, PyObject *obj, int writable, int al
     return add_one(b, obj, writable) < 0 ? -1 : 1;
 }
 
-int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len) {
-    if (!PyTuple_Check(obj) || PyTuple_Size(obj) != 2) return 0;
+int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len, kv_device_part *dev) {
+    if (!PyTuple_Check(obj)) return 0;
+    Py_ssize_t size = PyTuple_Size(obj);
+    if (size != 2 && size != 5) return 0;
     PyObject *a = PyTuple_GetItem(obj, 0), *n = PyTuple_GetItem(obj, 1);
     if (!PyLong_Check(a) || !PyLong_Check(n)) return 0;
     void *p = PyLong_AsVoidPtr(a);
@@ -107,8 +128,29 @@ int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len) {
         kvpy_raise_format(KV_E_INVALID_ARGUMENT, "raw part (address, length) is invalid: length %lld at %p", l, p);
         return -1;
     }
+    kv_device_part d = {(uint64_t)(uintptr_t)p, (uint64_t)l, 0, 0, 0, 0, 0};
+    if (size == 5) {
+        PyObject *k = PyTuple_GetItem(obj, 2), *i = PyTuple_GetItem(obj, 3), *s = PyTuple_GetItem(obj, 4);
+        long kind = PyLong_Check(k) ? PyLong_AsLong(k) : -9, index = PyLong_Check(i) ? PyLong_AsLong(i) : -9;
+        if (PyErr_Occurred()) return -1;
+        if ((kind != KV_DEVICE_HOST && kind != KV_DEVICE_CUDA) || index < -1 || index > INT32_MAX) {
+            kvpy_raise_format(KV_E_INVALID_ARGUMENT, "raw part's device (kind %ld, index %ld) is invalid", kind, index);
+            return -1;
+        }
+        d.kind = (int32_t)kind;
+        d.device = (int32_t)index;
+        if (s != Py_None) {
+            if (!PyLong_Check(s)) { kvpy_type_error(s, "raw part's stream", "an int or None"); return -1; }
+            d.stream = PyLong_AsUnsignedLongLong(s);
+            if (PyErr_Occurred()) return -1;
+            d.flags = KV_DEVICE_STREAM_KNOWN;
+        }
+    } else {
+        d.length = 0;   /* no declaration */
+    }
     *ptr = p;
     *len = (size_t)l;
+    if (dev) *dev = d;
     return 1;
 }
 
@@ -119,10 +161,12 @@ Py_ssize_t kvpy_buffers_add_raw_list(kvpy_buffers *b, PyObject *list, int writab
         PyObject *item = PyList_GetItem(list, i);
         void *p;
         size_t len;
-        int r = kvpy_raw_part(item, &p, &len);
+        kv_device_part d;
+        int r = kvpy_raw_part(item, &p, &len, &d);
         if (r < 0) goto fail;
         if (r == 1) {
             if (reserve(b, 1) < 0) goto fail;
+            if (d.length > 0 && add_declared(b, &d) < 0) goto fail;
             memset(&b->views[b->count], 0, sizeof(Py_buffer));  /* obj NULL: nothing to release */
             b->parts[b->count].ptr = p;
             b->parts[b->count].len = len;
@@ -144,7 +188,7 @@ int kvpy_buffers_add_raw(kvpy_buffers *b, PyObject *address, PyObject *length) {
     if (!pair) return -1;
     void *p;
     size_t len;
-    int r = kvpy_raw_part(pair, &p, &len);
+    int r = kvpy_raw_part(pair, &p, &len, NULL);
     Py_DECREF(pair);
     if (r < 0) return -1;
     if (r == 0) { kvpy_type_error(address, "an address and a length", "ints"); return -1; }
@@ -166,5 +210,7 @@ size_t kvpy_buffers_bytes(const kvpy_buffers *b, Py_ssize_t first, Py_ssize_t n)
 void kvpy_buffers_release(kvpy_buffers *b) {
     for (Py_ssize_t i = 0; i < b->count; i++) PyBuffer_Release(&b->views[i]);
     if (b->views != b->views_inline) { PyMem_Free(b->views); PyMem_Free(b->parts); }
+    if (b->ndev) kv_call_devices(NULL, 0);
+    if (b->dev != b->dev_inline) PyMem_Free(b->dev);
     kvpy_buffers_init(b);
 }

@@ -30,8 +30,9 @@ static PyObject *read_held_object(StoreObject *self, kv_read *hold, Py_ssize_t p
     uint64_t rest = hold->size - have;
     if (dest != Py_None) {
         kv_mut_buffer d;
+        kv_device_part declared;
         uint32_t flags = 0;
-        int r = kvpy_raw_part(dest, &d.ptr, &d.len);
+        int r = kvpy_raw_part(dest, &d.ptr, &d.len, &declared);
         if (r < 0) goto done;
         if (r == 0) {
             if (kvpy_target(dest, &view) < 0) goto done;
@@ -40,7 +41,9 @@ static PyObject *read_held_object(StoreObject *self, kv_read *hold, Py_ssize_t p
             flags = KV_HOST_MEMORY;
         }
         if (rest > 0) {
+            if (r == 1 && declared.length > 0) kv_call_devices(&declared, 1);
             RUN_UNLOCKED(self, rest, st = kv_read_copy_range(self->store, hold, have, rest, &d, 1, flags, NULL));
+            if (r == 1 && declared.length > 0) kv_call_devices(NULL, 0);
             if (st == KV_STALE) { *stale = 1; goto done; }
             if (st) { kvpy_raise_last(st); goto done; }
         }
@@ -90,7 +93,7 @@ PyObject *kvpy_store_register_raw(StoreObject *self, PyObject *const *args, Py_s
     if (!pair) return NULL;
     void *p;
     size_t len;
-    int r = kvpy_raw_part(pair, &p, &len);
+    int r = kvpy_raw_part(pair, &p, &len, NULL);
     Py_DECREF(pair);
     if (r < 0) return NULL;
     if (r == 0) return kvpy_type_error(args[0], "address and length", "ints");

@@ -497,7 +497,7 @@ static PyObject *store_get_into_addr(StoreObject *self, PyObject *const *args, P
     PyObject *pair = PyTuple_Pack(2, args[1], args[2]);
     if (!pair) return NULL;
     kv_mut_buffer dst;
-    int r = kvpy_raw_part(pair, &dst.ptr, &dst.len);
+    int r = kvpy_raw_part(pair, &dst.ptr, &dst.len, NULL);
     Py_DECREF(pair);
     if (r < 0) return NULL;
     if (r == 0) return kvpy_type_error(args[1], "address and length", "ints");

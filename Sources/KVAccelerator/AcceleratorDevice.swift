@@ -19,23 +19,37 @@ public protocol AcceleratorDevice: AnyObject, Sendable {
     /// Where this device's memory lives ("cuda:0").
     var location: MemoryLocation { get }
 
-    /// Which device of this kind owns the memory at `address` (never 0), or nil when it is not
-    /// this kind's memory. The fallback for unregistered memory: it may ask the driver.
-    func classify(_ address: UInt) -> MemoryLocation?
+    /// Which device of this kind owns the memory at `address` (never 0), or nil when the
+    /// driver says it is not this kind's memory. Throws when the driver cannot tell (it failed
+    /// to answer): such memory must not be treated as host memory. The fallback for
+    /// unregistered memory whose location the caller did not declare.
+    func classify(_ address: UInt) throws(KVError) -> MemoryLocation?
+
+    /// Takes a hold on the device for one user (a store): a CUDA device retains its primary
+    /// context on the first hold. Every `withCurrent` needs a hold; `release` ends one.
+    /// Probing, listing and classifying never acquire.
+    func acquire() throws(KVError)
+    func release()
 
     /// Runs `body` with this device current on the calling thread and restores the caller's
-    /// previous current device afterwards, also when `body` throws.
+    /// previous current device afterwards, also when `body` throws. Needs a hold (`acquire`).
     func withCurrent<R>(_ body: () throws(KVError) -> R) throws(KVError) -> R
 
-    /// Copies `count` bytes from `source` to `destination`; `direction` says which side is
-    /// this device's memory. A direction this device cannot perform is `unsupported`. Call it
-    /// inside `withCurrent` (one scope can hold many copies: `DeviceCopyPlan` enters it once
-    /// per device per batch).
-    func copy(_ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int) throws(KVError)
+    /// Runs `body`, which queues copies on `stream`, ordered after the work queued on that
+    /// stream before (an unknown stream: after all of the device's queued work), and returns
+    /// once they are complete, also when `body` throws. Call it inside `withCurrent`.
+    func withCopies<R>(on stream: DeviceStream, _ body: () throws(KVError) -> R) throws(KVError) -> R
+
+    /// Queues a copy of `count` bytes from `source` to `destination` on `stream` (call it
+    /// inside `withCopies`); `direction` says which side is this device's memory. A direction
+    /// this device cannot perform is `unsupported`.
+    func copy(_ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int,
+              stream: DeviceStream) throws(KVError)
     /// Many copies of one direction in one driver call (`sources[i]` → `destinations[i]`,
-    /// `counts[i]` bytes; the arrays are equally long), complete when it returns. Devices
-    /// without such a call throw `unsupported` (the default). Call it inside `withCurrent`.
-    func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int]) throws(KVError)
+    /// `counts[i]` bytes; the arrays are equally long), queued on `stream` (call it inside
+    /// `withCopies`). Devices without such a call throw `unsupported` (the default).
+    func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int],
+                   stream: DeviceStream) throws(KVError)
 
     /// Allocates `bytes` of page-locked host memory usable for fast copies with this device.
     /// Freed with `freePinned`.
@@ -51,9 +65,18 @@ public protocol AcceleratorDevice: AnyObject, Sendable {
 extension AcceleratorDevice {
     public var kind: DeviceKind { Self.kind }
 
-    public func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int]) throws(KVError) {
+    public func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int],
+                          stream: DeviceStream) throws(KVError) {
         throw KVError(.unsupported, "\(location) has no batched copy")
     }
+
+    /// Devices whose copies complete within `copy` need no ordering.
+    public func withCopies<R>(on stream: DeviceStream, _ body: () throws(KVError) -> R) throws(KVError) -> R {
+        try body()
+    }
+
+    public func acquire() throws(KVError) {}
+    public func release() {}
 }
 
 /// The registration record of one device type: a C function in the `kvstore_accelerators`

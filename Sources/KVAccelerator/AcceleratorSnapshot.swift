@@ -45,17 +45,26 @@ public final class AcceleratorSnapshot: Sendable {
     /// The device at `location`; throws `invalidArgument` naming the devices that exist.
     public func requireDevice(at location: MemoryLocation) throws(KVError) -> any AcceleratorDevice {
         if let d = device(at: location) { return d }
+        throw missing(location)
+    }
+
+    /// The error for a location with no device: names the devices that exist and, for CUDA,
+    /// why the driver offers none.
+    public func missing(_ location: MemoryLocation) -> KVError {
         let names = devices.map { $0.location.description }.joined(separator: ", ")
-        throw .invalidArgument("no device '\(location)' on this machine (available: \(names))")
+        var why = ""
+        if location.kind == .cuda, !CUDADevice.unavailableReason.isEmpty { why = "; \(CUDADevice.unavailableReason)" }
+        return .invalidArgument("no device '\(location)' on this machine (available: \(names)\(why))")
     }
 
     /// Where the memory at `address` lives: asks each accelerator kind (a driver query), and
-    /// answers host when none claims it. Nil for the null pointer. With no accelerator present
-    /// this is a comparison, not a query.
-    public func classify(_ address: UInt) -> MemoryLocation? {
+    /// answers host when every driver says it is not its memory. Nil for the null pointer.
+    /// Throws when a driver cannot tell. With no accelerator present this is a comparison,
+    /// not a query.
+    public func classify(_ address: UInt) throws(KVError) -> MemoryLocation? {
         guard address != 0 else { return nil }
         for c in classifiers {
-            if let loc = c.classify(address) { return loc }
+            if let loc = try c.classify(address) { return loc }
         }
         return .host
     }

@@ -18,31 +18,34 @@ final class CUDADriver: @unchecked Sendable {
     let cuDeviceGetCount: @convention(c) (UnsafeMutablePointer<Int32>) -> Result
     let cuDeviceGet: @convention(c) (UnsafeMutablePointer<Int32>, Int32) -> Result
     let cuDevicePrimaryCtxRetain: @convention(c) (UnsafeMutablePointer<Context?>, Int32) -> Result
+    let cuDevicePrimaryCtxRelease: @convention(c) (Int32) -> Result
+    let cuCtxSynchronize: @convention(c) () -> Result
     let cuCtxGetCurrent: @convention(c) (UnsafeMutablePointer<Context?>) -> Result
     let cuCtxSetCurrent: @convention(c) (Context?) -> Result
     let cuPointerGetAttribute: @convention(c) (UnsafeMutableRawPointer, Int32, UInt64) -> Result
-    let cuMemcpyHtoD: @convention(c) (UInt64, UnsafeRawPointer, Int) -> Result
-    let cuMemcpyDtoH: @convention(c) (UnsafeMutableRawPointer, UInt64, Int) -> Result
-    let cuMemcpy: @convention(c) (UInt64, UInt64, Int) -> Result
+    let cuMemcpyHtoDAsync: @convention(c) (UInt64, UnsafeRawPointer, Int, OpaquePointer?) -> Result
+    let cuMemcpyDtoHAsync: @convention(c) (UnsafeMutableRawPointer, UInt64, Int, OpaquePointer?) -> Result
+    let cuMemcpyAsync: @convention(c) (UInt64, UInt64, Int, OpaquePointer?) -> Result
     let cuMemHostAlloc: @convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>, Int, UInt32) -> Result
     let cuMemFreeHost: @convention(c) (UnsafeMutableRawPointer) -> Result
     let cuMemHostRegister: @convention(c) (UnsafeMutableRawPointer, Int, UInt32) -> Result
     let cuMemHostUnregister: @convention(c) (UnsafeMutableRawPointer) -> Result
     let cuGetErrorString: (@convention(c) (Result, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Result)?
     /// CUDA 12.8+: many copies in one call (the 12.8 signature, with failIdx; drivers keep it
-    /// beside the 13.x `_v2`), on a stream of its own. nil on older drivers.
+    /// beside the 13.x `_v2`), on any stream but the legacy default one. nil on older drivers.
     typealias MemcpyBatchAsync = @convention(c) (UnsafeMutablePointer<UInt64>, UnsafeMutablePointer<UInt64>, UnsafeMutablePointer<Int>, Int,
                                                  UnsafeMutableRawPointer, UnsafeMutablePointer<Int>, Int, UnsafeMutablePointer<Int>,
                                                  OpaquePointer?) -> Result
     let cuMemcpyBatchAsync: MemcpyBatchAsync?
-    let cuStreamCreate: (@convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Result)?
-    let cuStreamSynchronize: (@convention(c) (OpaquePointer?) -> Result)?
-    let cuStreamDestroy: (@convention(c) (OpaquePointer?) -> Result)?
+    let cuStreamCreate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Result
+    let cuStreamSynchronize: @convention(c) (OpaquePointer?) -> Result
+    let cuStreamDestroy: @convention(c) (OpaquePointer?) -> Result
 
     /// Number of devices the driver reports (> 0).
     let deviceCount: Int
 
     // Constants of cuda.h.
+    static let errorInvalidValue: Result = 1        // CUDA_ERROR_INVALID_VALUE: "not my pointer"
     static let attributeMemoryType: Int32 = 2      // CU_POINTER_ATTRIBUTE_MEMORY_TYPE
     static let attributeDeviceOrdinal: Int32 = 9   // CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
     static let memoryTypeDevice: UInt32 = 2        // CU_MEMORYTYPE_DEVICE
@@ -78,13 +81,17 @@ final class CUDADriver: @unchecked Sendable {
         cuDeviceGet = try sym("cuDeviceGet", (@convention(c) (UnsafeMutablePointer<Int32>, Int32) -> Result).self)
         cuDevicePrimaryCtxRetain = try sym("cuDevicePrimaryCtxRetain",
                                            (@convention(c) (UnsafeMutablePointer<Context?>, Int32) -> Result).self)
+        cuDevicePrimaryCtxRelease = try sym("cuDevicePrimaryCtxRelease_v2", (@convention(c) (Int32) -> Result).self)
+        cuCtxSynchronize = try sym("cuCtxSynchronize", (@convention(c) () -> Result).self)
         cuCtxGetCurrent = try sym("cuCtxGetCurrent", (@convention(c) (UnsafeMutablePointer<Context?>) -> Result).self)
         cuCtxSetCurrent = try sym("cuCtxSetCurrent", (@convention(c) (Context?) -> Result).self)
         cuPointerGetAttribute = try sym("cuPointerGetAttribute",
                                         (@convention(c) (UnsafeMutableRawPointer, Int32, UInt64) -> Result).self)
-        cuMemcpyHtoD = try sym("cuMemcpyHtoD_v2", (@convention(c) (UInt64, UnsafeRawPointer, Int) -> Result).self)
-        cuMemcpyDtoH = try sym("cuMemcpyDtoH_v2", (@convention(c) (UnsafeMutableRawPointer, UInt64, Int) -> Result).self)
-        cuMemcpy = try sym("cuMemcpy", (@convention(c) (UInt64, UInt64, Int) -> Result).self)
+        cuMemcpyHtoDAsync = try sym("cuMemcpyHtoDAsync_v2",
+                                    (@convention(c) (UInt64, UnsafeRawPointer, Int, OpaquePointer?) -> Result).self)
+        cuMemcpyDtoHAsync = try sym("cuMemcpyDtoHAsync_v2",
+                                    (@convention(c) (UnsafeMutableRawPointer, UInt64, Int, OpaquePointer?) -> Result).self)
+        cuMemcpyAsync = try sym("cuMemcpyAsync", (@convention(c) (UInt64, UInt64, Int, OpaquePointer?) -> Result).self)
         cuMemHostAlloc = try sym("cuMemHostAlloc",
                                  (@convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>, Int, UInt32) -> Result).self)
         cuMemFreeHost = try sym("cuMemFreeHost", (@convention(c) (UnsafeMutableRawPointer) -> Result).self)
@@ -92,9 +99,9 @@ final class CUDADriver: @unchecked Sendable {
         cuMemHostUnregister = try sym("cuMemHostUnregister", (@convention(c) (UnsafeMutableRawPointer) -> Result).self)
         func optional<T>(_ name: String, _: T.Type) -> T? { dlsym(h, name).map { unsafeBitCast($0, to: T.self) } }
         cuMemcpyBatchAsync = optional("cuMemcpyBatchAsync", MemcpyBatchAsync.self)
-        cuStreamCreate = optional("cuStreamCreate", (@convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Result).self)
-        cuStreamSynchronize = optional("cuStreamSynchronize", (@convention(c) (OpaquePointer?) -> Result).self)
-        cuStreamDestroy = optional("cuStreamDestroy_v2", (@convention(c) (OpaquePointer?) -> Result).self)
+        cuStreamCreate = try sym("cuStreamCreate", (@convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Result).self)
+        cuStreamSynchronize = try sym("cuStreamSynchronize", (@convention(c) (OpaquePointer?) -> Result).self)
+        cuStreamDestroy = try sym("cuStreamDestroy_v2", (@convention(c) (OpaquePointer?) -> Result).self)
         cuGetErrorString = dlsym(h, "cuGetErrorString").map {
             unsafeBitCast($0, to: (@convention(c) (Result, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Result).self)
         }

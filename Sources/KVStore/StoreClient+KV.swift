@@ -22,7 +22,14 @@ extension StoreClient {
         let devices = AcceleratorRegistry.snapshot
         for (i, d) in descriptors.enumerated() {
             do throws(KVError) {
-                _ = try devices.requireDevice(at: try MemoryLocation(parsing: d.location))
+                // The location is checked against the memory, as register_buffer does: a GPU
+                // buffer labelled "cpu" would be memmoved, host memory labelled "cuda:0" given
+                // to the copy engine.
+                let loc = try MemoryLocation(parsing: d.location)
+                _ = try devices.requireDevice(at: loc)
+                if devices.hasAccelerator, d.length > 0, let actual = try devices.classify(d.address), actual != loc {
+                    throw KVError.invalidArgument("buffer at 0x\(String(d.address, radix: 16)) is \(actual) memory, not \(loc)")
+                }
             } catch {
                 throw .invalidArgument("descriptor \(i) \(d.name): \(error.message)")
             }
@@ -127,10 +134,11 @@ extension StoreClient {
                 groups.append((device, direction, [c]))
             }
         }
+        for g in groups where g.direction != .hostToHost { try deviceHolds.hold(g.device) }
         if batched {   // refuse before moving anything when a device has no batched call
             for g in groups where g.direction != .hostToHost {
                 try g.device.withCurrent { () throws(KVError) in
-                    try g.device.copyBatch(g.direction, sources: [], destinations: [], counts: [])
+                    try g.device.copyBatch(g.direction, sources: [], destinations: [], counts: [], stream: .unknown)
                 }
             }
         }
@@ -140,18 +148,23 @@ extension StoreClient {
                 calls += try mover.run(g.copies, pull: true, route: .sameProcess, executor: .perBlock)
                 continue
             }
+            // KV caches carry no stream: the copies wait for all of the device's queued work
+            // and are complete on return.
             try g.device.withCurrent { () throws(KVError) in
-                let step = batched ? KVBlockMover.maxRunsPerOperation : 1
-                for start in stride(from: 0, to: g.copies.count, by: step) {
-                    let chunk = g.copies[start..<min(start + step, g.copies.count)]
-                    if batched {
-                        try g.device.copyBatch(g.direction, sources: chunk.map(\.source), destinations: chunk.map(\.destination),
-                                               counts: chunk.map(\.length))
-                    } else {
-                        try g.device.copy(g.direction, from: chunk.first!.source, to: chunk.first!.destination, count: chunk.first!.length)
+                try g.device.withCopies(on: .unknown) { () throws(KVError) in
+                    let step = batched ? KVBlockMover.maxRunsPerOperation : 1
+                    for start in stride(from: 0, to: g.copies.count, by: step) {
+                        let chunk = g.copies[start..<min(start + step, g.copies.count)]
+                        if batched {
+                            try g.device.copyBatch(g.direction, sources: chunk.map(\.source), destinations: chunk.map(\.destination),
+                                                   counts: chunk.map(\.length), stream: .unknown)
+                        } else {
+                            try g.device.copy(g.direction, from: chunk.first!.source, to: chunk.first!.destination,
+                                              count: chunk.first!.length, stream: .unknown)
+                        }
+                        for c in chunk { transport.count(c.length) }
+                        calls += 1
                     }
-                    for c in chunk { transport.count(c.length) }
-                    calls += 1
                 }
             }
         }

@@ -86,7 +86,7 @@ extension StoreClient {
                 do throws(KVError) {
                     try withUnsafePointer(to: &source) { (src) throws(KVError) in
                         let part = UnsafeBufferPointer(start: src, count: 1)
-                        let locations = locate(part, memory)
+                        let locations = try locate(part, memory)
                         for r in t.replicas {
                             _ = try write(part, locations: locations, size: piece.length,
                                           to: Replica(segment: r.segment, offset: r.offset + piece.offset), of: t, plan: &plan, owner: c)
@@ -97,7 +97,7 @@ extension StoreClient {
                 }
             }
         }
-        for (c, e) in plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot) where outcome[c] == nil {
+        for (c, e) in plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot, holds: deviceHolds) where outcome[c] == nil {
             outcome[c] = e
         }
         return outcome

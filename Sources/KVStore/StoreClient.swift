@@ -28,6 +28,8 @@ public final class StoreClient: Sendable {
     /// This client's segment (nil for a pure client of a cluster).
     public let segment: HostSegment?
     public let registry = MemoryRegistry()
+    /// The devices this store has copied with (their contexts held until close).
+    public let deviceHolds = DeviceHolds()
     public let counters = TransferCounters()
     let master: any MasterLink
     /// The master server, when this client is connected to one.
@@ -146,7 +148,7 @@ public final class StoreClient: Sendable {
         defer { leave() }
         let total = TransferPlan.totalLength(parts)
         guard total > 0 else { throw .invalidArgument("value must not be empty") }
-        let locations = locate(parts, memory)
+        let locations = try locate(parts, memory)
         let ticket = try master.beginWrite(key: key, size: total, mode: mode, options: options, preferred: ownSegmentID)
         var done = ticket
         do throws(KVError) {
@@ -158,7 +160,7 @@ public final class StoreClient: Sendable {
             }
             if locations != nil {
                 try Self.checkDeadline(ticket)
-                if let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] { throw e }
+                if let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot, holds: deviceHolds)[0] { throw e }
             }
             if options.checksum && done.checksum == nil { done.checksum = try checksumOfFirstReplica(ticket) }
         } catch {
@@ -205,7 +207,7 @@ public final class StoreClient: Sendable {
             try withStaging(size) { (staging) throws(KVError) in
                 var d2h = DeviceCopyPlan()
                 d2h.addWrite(parts, locations: locations, into: staging, owner: 0)
-                if let e = d2h.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot)[0] { throw e }
+                if let e = d2h.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot, holds: deviceHolds)[0] { throw e }
                 try withUnsafePointer(to: staging) { (s) throws(KVError) in
                     let one = UnsafeBufferPointer(start: s, count: 1)
                     if checksum { crc = LocalCopyTransport.checksum(one, length: size) }
@@ -309,7 +311,7 @@ public final class StoreClient: Sendable {
                 case .success(var t):
                     do throws(KVError) {
                         let mine = UnsafeBufferPointer(rebasing: parts[items[i].regions])
-                        let locations = locate(mine, memory)
+                        let locations = try locate(mine, memory)
                         for (k, r) in t.replicas.enumerated() {
                             let crc = try write(mine, locations: locations, size: t.size, to: r, of: t, plan: &plan, owner: i,
                                                 checksum: options.checksum && k == 0)
@@ -326,7 +328,7 @@ public final class StoreClient: Sendable {
             // per-client limit is `writesInFlight`).
             if plan.hostCopies.isEmpty && plan.deviceGroups.isEmpty && tickets.count >= Self.commitChunk { finish(failed: [:]) }
         }
-        finish(failed: plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot))
+        finish(failed: plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot, holds: deviceHolds))
         return results
     }
 
@@ -342,13 +344,14 @@ public final class StoreClient: Sendable {
         return UnsafeBufferPointer(rebasing: all[range])
     }
 
-    /// Where each of `regions` lives; nil when all are host memory (the fast path).
-    func locate(_ regions: UnsafeBufferPointer<MemoryRegion>, _ hint: MemoryHint) -> [MemoryLocation]? {
+    /// Where each of `regions` lives; nil when all are host memory (the fast path). Throws
+    /// when a driver cannot tell where some memory lives.
+    func locate(_ regions: UnsafeBufferPointer<MemoryRegion>, _ hint: MemoryHint) throws(KVError) -> [MemoryLocation]? {
         guard hint == .locate else { return nil }
         let snapshot = AcceleratorRegistry.snapshot
         var out: [MemoryLocation]? = nil
         for (i, r) in regions.enumerated() {
-            let loc = location(of: r, snapshot: snapshot)
+            let loc = try location(of: r, snapshot: snapshot)
             if loc.isHost && out == nil { continue }
             if out == nil { out = [MemoryLocation](repeating: .host, count: regions.count) }
             out![i] = loc
@@ -356,10 +359,26 @@ public final class StoreClient: Sendable {
         return out
     }
 
-    /// The location of `region`: its registration's, else the registry's classification.
-    public func location(of region: MemoryRegion, snapshot: AcceleratorSnapshot = AcceleratorRegistry.snapshot) -> MemoryLocation {
+    /// The location of `region`: its registration's, else what the caller declared for it
+    /// (`CallDevices`: a tensor's device, never asked again), else the registry's
+    /// classification. Memory declared as CUDA memory of an unknown device is classified and
+    /// must be CUDA memory; memory no driver can place throws.
+    public func location(of region: MemoryRegion, snapshot: AcceleratorSnapshot = AcceleratorRegistry.snapshot) throws(KVError) -> MemoryLocation {
         if let e = registry.lookup(region) { return e.location }
-        return snapshot.classify(region.address) ?? .host
+        if let declared = CallDevices.lookup(region) {
+            if let loc = declared.location { return loc }
+            return try Self.cudaLocation(of: region.address, snapshot: snapshot)
+        }
+        return try snapshot.classify(region.address) ?? .host
+    }
+
+    /// The GPU holding `address`, which the caller says is CUDA memory of some device.
+    static func cudaLocation(of address: UInt, snapshot: AcceleratorSnapshot) throws(KVError) -> MemoryLocation {
+        guard snapshot.devices.contains(where: { $0.kind == .cuda }) else { throw snapshot.missing(MemoryLocation(kind: .cuda, index: 0)) }
+        guard let loc = try snapshot.classify(address), loc.kind == .cuda else {
+            throw .invalidArgument("memory at 0x\(String(address, radix: 16)) is declared CUDA device memory, but the CUDA driver does not know it")
+        }
+        return loc
     }
 
     // MARK: reads
@@ -445,7 +464,7 @@ public final class StoreClient: Sendable {
                 t = try heldBeginRead(key: key)
             } catch where error.code == .noSpace {
                 // On the disk tier, and DRAM cannot take it back: read it from disk directly.
-                guard let tier = master as? TieredMaster, locate(destinations, memory) == nil else { throw error }
+                guard let tier = master as? TieredMaster, (try locate(destinations, memory)) == nil else { throw error }
                 let n = try tier.readDirect(key, into: destinations)
                 operations.hits.add(1, ordering: .relaxed)
                 return n
@@ -505,7 +524,7 @@ public final class StoreClient: Sendable {
                     switch r {
                     case .failure(let e):
                         let mine = UnsafeBufferPointer(rebasing: destinations[items[i].regions])
-                        guard e.code == .noSpace, let tier = master as? TieredMaster, locate(mine, memory) == nil else { throw e }
+                        guard e.code == .noSpace, let tier = master as? TieredMaster, (try locate(mine, memory)) == nil else { throw e }
                         results[i] = .success(try tier.readDirect(items[i].key, into: mine))   // see heldGet
                         operations.hits.add(1, ordering: .relaxed)
                         continue
@@ -520,14 +539,14 @@ public final class StoreClient: Sendable {
                     }
                     held.append(t)
                     let mine = UnsafeBufferPointer(rebasing: destinations[items[i].regions])
-                    results[i] = .success(try heldCopyOut(t, range: 0..<t.size, to: mine, locations: locate(mine, memory), plan: &plan, owner: i))
+                    results[i] = .success(try heldCopyOut(t, range: 0..<t.size, to: mine, locations: try locate(mine, memory), plan: &plan, owner: i))
                     if t.leaseEnd != 0 { leased.append((i, t)) }
                 } catch {
                     results[i] = .failure(error)
                 }
             }
         }
-        for (i, e) in plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot) {
+        for (i, e) in plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot, holds: deviceHolds) {
             results[i] = .failure(e)
         }
         for (i, t) in leased {
@@ -624,10 +643,10 @@ public final class StoreClient: Sendable {
     /// `heldCopyOut` without the lease check: the caller checks (`leaseHeld`).
     private func uncheckedCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
                                   memory: MemoryHint) throws(KVError) -> Int {
-        let locations = locate(destinations, memory)
+        let locations = try locate(destinations, memory)
         var plan = DeviceCopyPlan()
         let n = try heldCopyOut(ticket, range: range, to: destinations, locations: locations, plan: &plan, owner: 0)
-        if locations != nil, let e = plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] {
+        if locations != nil, let e = plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot, holds: deviceHolds)[0] {
             throw e
         }
         return n
@@ -703,7 +722,7 @@ public final class StoreClient: Sendable {
                 }
                 var h2d = DeviceCopyPlan()
                 h2d.addRead(from: staging, into: destinations, locations: locations, owner: 0)
-                if let e = h2d.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot)[0] { throw e }
+                if let e = h2d.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot, holds: deviceHolds)[0] { throw e }
             }
             return crc
         }
@@ -845,10 +864,12 @@ public final class StoreClient: Sendable {
     public func registerBuffer(_ region: MemoryRegion, location: String) throws(KVError) {
         try gate.enter()
         defer { gate.leave() }
-        let loc = try MemoryLocation(parsing: location)
         let snapshot = AcceleratorRegistry.snapshot
+        // "cuda" without an index (an __cuda_array_interface__ buffer): the driver names it.
+        let loc = location == "cuda" ? try Self.cudaLocation(of: region.address, snapshot: snapshot)
+                                     : try MemoryLocation(parsing: location)
         _ = try snapshot.requireDevice(at: loc)
-        if snapshot.hasAccelerator, let actual = snapshot.classify(region.address), actual != loc {
+        if snapshot.hasAccelerator, let actual = try snapshot.classify(region.address), actual != loc {
             throw .invalidArgument("buffer at 0x\(String(region.address, radix: 16)) is \(actual) memory, not \(loc)")
         }
         try registry.register(region, location: loc)
@@ -873,6 +894,7 @@ public final class StoreClient: Sendable {
             cluster?.close()
             registry.removeAll()
             segment?.unmap()
+            deviceHolds.releaseAll()
         }
     }
 

@@ -6,10 +6,13 @@ import KVCore
 /// Each source and destination region comes with its location. A slice between two host
 /// regions is a host copy; any other slice is performed by a device — the source's for a
 /// device→host or device→device copy, the destination's for host→device — with its direction
-/// named. `execute` runs the host copies, then each device's copies inside one
-/// `withCurrent` scope per device, so a batch mixing several devices switches device once per
-/// device, not once per buffer. Each copy carries an owner (an object of a batch): a failure
-/// fails its owner only, and the owner's remaining copies are skipped.
+/// named, on the stream the caller declared for the device-side memory (`CallDevices`;
+/// unknown otherwise). `execute` runs the host copies, then each (device, stream) group's
+/// copies inside one `withCurrent` and one `withCopies` scope, so a batch mixing several
+/// devices switches device once per device, not once per buffer, and each group is ordered
+/// after its stream's earlier work and complete before `execute` returns. Each copy carries an
+/// owner (an object of a batch): a failure fails its owner only, and the owner's remaining
+/// copies are skipped.
 public struct DeviceCopyPlan {
     public struct Copy: Sendable, Hashable {
         public let op: CopyOp
@@ -19,8 +22,8 @@ public struct DeviceCopyPlan {
 
     /// Host→host slices.
     public private(set) var hostCopies: [Copy] = []
-    /// Device slices per performing device, devices in order of first use.
-    public private(set) var deviceGroups: [(device: MemoryLocation, copies: [Copy])] = []
+    /// Device slices per performing device and stream, in order of first use.
+    public private(set) var deviceGroups: [(device: MemoryLocation, stream: DeviceStream, copies: [Copy])] = []
 
     public init() {}
 
@@ -56,35 +59,40 @@ public struct DeviceCopyPlan {
                 return
             }
             let performer = s.isHost ? d : s
-            if let g = deviceGroups.firstIndex(where: { $0.device == performer }) {
+            let stream = CallDevices.stream(at: s.isHost ? op.destination : op.source)
+            if let g = deviceGroups.firstIndex(where: { $0.device == performer && $0.stream == stream }) {
                 deviceGroups[g].copies.append(copy)
             } else {
-                deviceGroups.append((performer, [copy]))
+                deviceGroups.append((performer, stream, [copy]))
             }
         }
     }
 
     /// Runs every copy; returns the failure of each owner that failed (empty when all
     /// succeeded). A device missing from `devices` fails its copies with `invalidArgument`.
+    /// Each device used is held in `holds` (acquired once per store).
     public func execute(transport: LocalCopyTransport, into destination: LocalCopyTransport.Destination,
-                        devices: AcceleratorSnapshot) -> [Int: KVError] {
+                        devices: AcceleratorSnapshot, holds: DeviceHolds) -> [Int: KVError] {
         var failed: [Int: KVError] = [:]
         for c in hostCopies { transport.copyHost(c.op, into: destination) }
         for group in deviceGroups {
             guard let device = devices.device(at: group.device) else {
-                for c in group.copies where failed[c.owner] == nil {
-                    failed[c.owner] = .invalidArgument("no device '\(group.device)' on this machine")
-                }
+                let error = devices.missing(group.device)
+                for c in group.copies where failed[c.owner] == nil { failed[c.owner] = error }
                 continue
             }
             do throws(KVError) {
+                try holds.hold(device)
                 try device.withCurrent { () throws(KVError) in
-                    for c in group.copies where failed[c.owner] == nil {
-                        do throws(KVError) {
-                            try device.copy(c.direction, from: c.op.source, to: c.op.destination, count: c.op.length)
-                            transport.count(c.op.length)
-                        } catch {
-                            failed[c.owner] = error
+                    try device.withCopies(on: group.stream) { () throws(KVError) in
+                        for c in group.copies where failed[c.owner] == nil {
+                            do throws(KVError) {
+                                try device.copy(c.direction, from: c.op.source, to: c.op.destination, count: c.op.length,
+                                                stream: group.stream)
+                                transport.count(c.op.length)
+                            } catch {
+                                failed[c.owner] = error
+                            }
                         }
                     }
                 }

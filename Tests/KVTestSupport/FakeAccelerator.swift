@@ -98,7 +98,8 @@ public final class FakeAccelerator: AcceleratorDevice {
         return try body()
     }
 
-    public func copy(_ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int) throws(KVError) {
+    public func copy(_ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int,
+                     stream: DeviceStream = .unknown) throws(KVError) {
         // Checks what a real copy engine would: the device side is this device's memory, the
         // host side is not device memory, and this device is current.
         let srcDev = Self.owner(source), dstDev = Self.owner(destination)
@@ -118,7 +119,8 @@ public final class FakeAccelerator: AcceleratorDevice {
     }
 
     /// Checks every copy as `copy` does, then records one event for the whole batch.
-    public func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int]) throws(KVError) {
+    public func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int],
+                          stream: DeviceStream = .unknown) throws(KVError) {
         if Self.state.withLock({ $0.noBatches }) { throw KVError(.unsupported, "fake:\(index) has no batched copy") }
         guard !sources.isEmpty else { return }
         for i in sources.indices {

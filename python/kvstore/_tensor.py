@@ -63,7 +63,9 @@ class TensorRef:
         self.code = code
         self.shape = shape
         self.nbytes = nbytes
-        #: a buffer-protocol object over the bytes (host memory), or an (address, length) pair
+        #: a buffer-protocol object over the bytes (host memory), or a raw part (address,
+        #: length, kind, device, stream) declaring its device and the stream that orders the
+        #: owner's work on it (see `raw_part`)
         self.part = part
         #: "cpu", "cuda:N", or "cuda" when the index is the registry's to find
         self.location = location
@@ -74,6 +76,23 @@ class TensorRef:
     @property
     def data_parts(self) -> list[Any]:
         return [self.part] if self.nbytes else []
+
+
+# Raw-part device kinds (kv_accelerator.h: KV_DEVICE_HOST, KV_DEVICE_CUDA).
+_KIND_HOST, _KIND_CUDA = 0, 1
+
+
+def raw_part(address: int, nbytes: int, location: str, stream: int | None = None) -> tuple[int, int, int, int, int | None]:
+    """A raw part that declares where its bytes are: "cpu", "cuda:N", or "cuda" (the driver
+    names the GPU). ``stream``: the CUstream handle whose earlier work the copies must follow
+    (0 or 1: the legacy default stream); None when unknown (kvstore then waits for all of
+    the device's queued work)."""
+    if location == "cpu":
+        return (address, nbytes, _KIND_HOST, 0, None)
+    kind, _, index = location.partition(":")
+    if kind != "cuda":
+        raise UnsupportedError(f"kvstore moves tensors in host memory and on CUDA devices, not on {location!r}")
+    return (address, nbytes, _KIND_CUDA, int(index) if index else -1, stream)
 
 
 def _c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...] | None, unit: int) -> bool:
@@ -150,7 +169,12 @@ def _describe_numpy(a: np.ndarray, what: str) -> TensorRef:
 def _torch_location(device: Any) -> str:
     if device.type == "cpu":
         return "cpu"
-    return f"{device.type}:{device.index or 0}"
+    return f"{device.type}:{device.index if device.index is not None else _torch_current(device.type)}"
+
+
+def _torch_current(kind: str) -> int:
+    import torch
+    return int(torch.cuda.current_device()) if kind == "cuda" else 0
 
 
 def _describe_torch(t: Any, what: str) -> TensorRef:
@@ -159,7 +183,14 @@ def _describe_torch(t: Any, what: str) -> TensorRef:
     if not t.is_contiguous():
         raise _not_contiguous(what)
     nbytes = int(t.numel()) * int(t.element_size())
-    return TensorRef(code, shape, nbytes, (int(t.data_ptr()), nbytes), _torch_location(t.device), True, t)
+    location = _torch_location(t.device)
+    stream = None
+    if t.device.type == "cuda":
+        # torch queues its work on the device's current stream (a side stream when the caller
+        # is inside `with torch.cuda.stream(s)`): kvstore's copies go after it.
+        import torch
+        stream = int(torch.cuda.current_stream(t.device).cuda_stream)
+    return TensorRef(code, shape, nbytes, raw_part(int(t.data_ptr()), nbytes, location, stream), location, True, t)
 
 
 def _describe_cai(obj: Any, cai: dict[str, Any], what: str) -> TensorRef:
@@ -176,8 +207,14 @@ def _describe_cai(obj: Any, cai: dict[str, Any], what: str) -> TensorRef:
     nbytes = ITEM_SIZES[code]
     for d in shape:
         nbytes *= d
-    # __cuda_array_interface__ does not say which GPU: the device registry finds out.
-    return TensorRef(code, shape, nbytes, (int(address), nbytes), "cuda", not readonly, obj)
+    # Version 3's "stream": the stream to order after (None: the producer says no
+    # synchronisation is needed; the legacy default stream is then as good as any). Without
+    # the field the stream is unknown.
+    stream = None
+    if "stream" in cai:
+        stream = 0 if cai["stream"] is None else int(cai["stream"])
+    # __cuda_array_interface__ does not say which GPU: the driver names it ("cuda").
+    return TensorRef(code, shape, nbytes, raw_part(int(address), nbytes, "cuda", stream), "cuda", not readonly, obj)
 
 
 def _describe_dlpack(obj: Any, what: str) -> TensorRef:
@@ -188,7 +225,17 @@ def _describe_dlpack(obj: Any, what: str) -> TensorRef:
         location = f"cuda:{dev_id}"
     else:
         raise UnsupportedError(f"{what} lives on DLPack device type {dev_type}, which kvstore does not support")
-    capsule = obj.__dlpack__()
+    stream = None
+    if location == "cpu":
+        capsule = obj.__dlpack__()
+    else:
+        # Ask the producer to order its work before the legacy default stream (DLPack's
+        # stream=1), where kvstore then copies; a producer without the argument: unknown.
+        try:
+            capsule = obj.__dlpack__(stream=1)
+            stream = 1
+        except TypeError:
+            capsule = obj.__dlpack__()
     address, _, _, (tcode, bits, lanes), shape, strides = _native.dlpack_info(capsule)
     code = _DLPACK.get((tcode, bits)) if lanes == 1 else None
     if code is None:
@@ -199,7 +246,8 @@ def _describe_dlpack(obj: Any, what: str) -> TensorRef:
     nbytes = ITEM_SIZES[code]
     for d in shape:
         nbytes *= d
-    return TensorRef(code, tuple(shape), nbytes, (int(address), nbytes), location, True, (obj, capsule))
+    return TensorRef(code, tuple(shape), nbytes, raw_part(int(address), nbytes, location, stream), location, True,
+                     (obj, capsule))
 
 
 # ---- reading ----

@@ -20,6 +20,10 @@
 
 #include <stddef.h>
 #include <stdint.h>
+/* kv_device_part and kv_call_devices: a caller declares the device and stream of memory it
+ * passes by address (a tensor's data pointer), so kvstore neither asks the driver nor guesses
+ * host memory, and orders device copies after the caller's stream. */
+#include "kv_accelerator.h"
 
 #ifdef __cplusplus
 extern "C" {

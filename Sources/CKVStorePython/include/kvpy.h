@@ -49,19 +49,28 @@ typedef struct {
     kv_buffer *parts; /* kv_mut_buffer has the same layout; cast for targets */
     Py_ssize_t count, capacity;
     Py_ssize_t raw;   /* how many parts are raw (address, length) pairs: memory of unknown device */
+    /* Raw parts whose device (and stream) the caller declared: handed to kv_call_devices for
+     * the calls made while these buffers live. */
+    kv_device_part *dev;
+    Py_ssize_t ndev, devcap;
     Py_buffer views_inline[4];
     kv_buffer parts_inline[4];
+    kv_device_part dev_inline[2];
 } kvpy_buffers;
 
 void kvpy_buffers_init(kvpy_buffers *b);
 /* Appends obj (a buffer) or, when allow_list, each item of obj (a list or tuple of buffers).
  * Returns the number appended, or -1 with an error set (nothing appended then). */
 Py_ssize_t kvpy_buffers_add(kvpy_buffers *b, PyObject *obj, int writable, int allow_list);
-/* Appends each item of `list` (a list): a buffer, or a raw part, a tuple (address, length) of
+/* Appends each item of `list` (a list): a buffer, or a raw part (see kvpy_raw_part) of
  * memory on any device that the caller keeps alive. Returns the number appended or -1. */
 Py_ssize_t kvpy_buffers_add_raw_list(kvpy_buffers *b, PyObject *list, int writable);
-/* A raw part (address, length) tuple. Returns 1 (filled), 0 (not a raw part) or -1 (error). */
-int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len);
+/* A raw part: a tuple (address, length) of memory on a device kvstore finds, or (address,
+ * length, kind, device, stream) declaring it: kind KV_DEVICE_HOST or KV_DEVICE_CUDA, device
+ * the ordinal or -1 (the driver names it), stream a CUstream handle or None (unknown).
+ * Returns 1 (filled), 0 (not a raw part) or -1 (error). `dev` (may be NULL) gets the
+ * declaration; its length is 0 when there is none. */
+int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len, kv_device_part *dev);
 /* Appends one raw part (an int address and length); -1 with an error set. */
 int kvpy_buffers_add_raw(kvpy_buffers *b, PyObject *address, PyObject *length);
 /* Total bytes of parts [first, first + n). */
