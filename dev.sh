@@ -106,6 +106,44 @@ install_engines() {
     fi
     export KVSTORE_ENGINES_PYTHON=$ENGINES_VENV/bin/python
 }
+# The CUDA driver test double (python/tests/doubles/cuda_driver.c), compiled against the real
+# cuda.h from NVIDIA's runtime wheel (only that header is used; nothing of NVIDIA's is linked),
+# into build/cuda-double/libcuda.so.1: test_cuda_double.py runs kvstore's CUDA paths on it.
+# When the wheel cannot be fetched, KVSTORE_CUDA_DOUBLE_SKIP says why and those tests skip.
+CUDA_HEADERS=nvidia-cuda-runtime-cu12==12.8.90
+build_cuda_double() {
+    local dir=$ROOT/build/cuda-double src=$ROOT/python/tests/doubles/cuda_driver.c want cc
+    want="$CUDA_HEADERS $(sha256sum "$src" | cut -c1-16)"
+    if [ "$(cat "$dir/.stamp" 2>/dev/null)" != "$want" ]; then
+        log "building the CUDA driver test double (cuda.h from $CUDA_HEADERS)"
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        cc=${CC:-cc}
+        command -v "$cc" >/dev/null || cc=clang
+        if ! { [ -f "$ROOT/build/cuda-headers/cuda.h" ] ||
+               { "$VENV/bin/python" -m pip download -q --retries 2 --timeout 60 --no-deps --only-binary=:all: \
+                     "$CUDA_HEADERS" -d "$dir/wheel" &&
+                 "$VENV/bin/python" - "$dir" <<'PY'
+import sys, zipfile, glob, os
+d = sys.argv[1]
+with zipfile.ZipFile(glob.glob(os.path.join(d, "wheel", "*.whl"))[0]) as z:
+    data = z.read("nvidia/cuda_runtime/include/cuda.h")
+os.makedirs(os.path.join(d, "..", "cuda-headers"), exist_ok=True)
+open(os.path.join(d, "..", "cuda-headers", "cuda.h"), "wb").write(data)
+PY
+               }; } ||
+           ! "$cc" -std=gnu11 -Wall -Wextra -Werror -O1 -shared -fPIC -I"$ROOT/build/cuda-headers" "$src" \
+                 -o "$dir/libcuda.so.1" -lpthread; then
+            export KVSTORE_CUDA_DOUBLE_SKIP="the CUDA driver test double could not be built (no cuda.h from $CUDA_HEADERS, or no C compiler)"
+            log "$KVSTORE_CUDA_DOUBLE_SKIP: its tests skip"
+            return
+        fi
+        rm -rf "$dir/wheel"
+        echo "$want" >"$dir/.stamp"
+    fi
+    export KVSTORE_CUDA_DOUBLE=$dir/libcuda.so.1
+}
+
 # etcd (Debian's etcd-server) for master election: the failover tests, `bench --ops failover`
 # and `./dev.sh etcd`. The package's own service is left stopped: tests run their own members.
 install_etcd() {
@@ -221,6 +259,7 @@ case "$cmd" in
         install_mooncake
         install_etcd
         install_engines
+        build_cuda_double
         python_build_env
         log "Swift tests (thread sanitizer)"
         swift test --sanitize=thread --scratch-path .build-tsan -Xcc "-I$PY_INCLUDE"

@@ -156,7 +156,7 @@ int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len, kv_device_part *dev) {
 
 Py_ssize_t kvpy_buffers_add_raw_list(kvpy_buffers *b, PyObject *list, int writable) {
     if (!PyList_Check(list)) { kvpy_type_error(list, "parts", "a list"); return -1; }
-    Py_ssize_t start = b->count, start_raw = b->raw, n = PyList_Size(list);
+    Py_ssize_t start = b->count, start_raw = b->raw, start_dev = b->ndev, n = PyList_Size(list);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GetItem(list, i);
         void *p;
@@ -176,10 +176,21 @@ Py_ssize_t kvpy_buffers_add_raw_list(kvpy_buffers *b, PyObject *list, int writab
             goto fail;
         }
     }
+    /* With declared raw parts, the buffer-protocol parts beside them are declared host
+     * memory too: nothing in such a list needs a driver query. */
+    if (b->ndev > start_dev) {
+        for (Py_ssize_t i = start; i < b->count; i++) {
+            if (!b->views[i].obj || b->parts[i].len == 0) continue;
+            kv_device_part h = {(uint64_t)(uintptr_t)b->parts[i].ptr, (uint64_t)b->parts[i].len, 0, KV_DEVICE_HOST, 0, 0, 0};
+            if (add_declared(b, &h) < 0) goto fail;
+        }
+    }
     return n;
 fail:
     while (b->count > start) PyBuffer_Release(&b->views[--b->count]);
     b->raw = start_raw;
+    b->ndev = start_dev;
+    kv_call_devices(b->ndev ? b->dev : NULL, (size_t)b->ndev);
     return -1;
 }
 

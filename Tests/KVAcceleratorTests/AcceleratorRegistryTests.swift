@@ -49,19 +49,19 @@ final class AcceleratorRegistryTests: XCTestCase {
         }
     }
 
-    func testPointerLookup() {
+    func testPointerLookup() throws {
         FakeAccelerator.setDevices(2)
         let s = AcceleratorRegistry.snapshot
-        XCTAssertNil(s.classify(0), "null pointers are skipped")
+        XCTAssertNil(try s.classify(0), "null pointers are skipped")
         var local = 0
-        withUnsafePointer(to: &local) { p in
-            XCTAssertEqual(s.classify(UInt(bitPattern: p)), .host)
+        try withUnsafePointer(to: &local) { p in
+            XCTAssertEqual(try s.classify(UInt(bitPattern: p)), .host)
         }
         let dev1 = UInt(bitPattern: FakeAccelerator.memory(1).baseAddress!) + 100
-        XCTAssertEqual(s.classify(dev1), MemoryLocation(kind: FakeAccelerator.kind, index: 1))
+        XCTAssertEqual(try s.classify(dev1), MemoryLocation(kind: FakeAccelerator.kind, index: 1))
         // Memory of a device that is not present now is host memory as far as anyone knows.
         let dev3 = UInt(bitPattern: FakeAccelerator.memory(3).baseAddress!)
-        XCTAssertEqual(s.classify(dev3), .host)
+        XCTAssertEqual(try s.classify(dev3), .host)
     }
 
     func testRequireDeviceNamesWhatExists() {
@@ -79,6 +79,10 @@ final class AcceleratorRegistryTests: XCTestCase {
         let s = AcceleratorRegistry.snapshot
         let d0 = try s.requireDevice(at: MemoryLocation(kind: FakeAccelerator.kind, index: 0))
         let d1 = try s.requireDevice(at: MemoryLocation(kind: FakeAccelerator.kind, index: 1))
+        let holds = DeviceHolds()
+        defer { holds.releaseAll() }
+        try holds.hold(d0)
+        try holds.hold(d1)
         try d1.withCurrent { () throws(KVError) in
             XCTAssertEqual(FakeAccelerator.currentDevice, 1)
             try d0.withCurrent { () throws(KVError) in XCTAssertEqual(FakeAccelerator.currentDevice, 0) }
@@ -89,10 +93,37 @@ final class AcceleratorRegistryTests: XCTestCase {
         XCTAssertNil(FakeAccelerator.currentDevice)
     }
 
+    /// A device is used only under a hold; a store's holds take one per device whatever how
+    /// often it is asked, and give all back at once.
+    func testDeviceHoldsAcquireOncePerDeviceAndReleaseAll() throws {
+        FakeAccelerator.setDevices(2)
+        let s = AcceleratorRegistry.snapshot
+        let d0 = try s.requireDevice(at: MemoryLocation(kind: FakeAccelerator.kind, index: 0))
+        let d1 = try s.requireDevice(at: MemoryLocation(kind: FakeAccelerator.kind, index: 1))
+        XCTAssertThrowsError(try d0.withCurrent { () throws(KVError) in }) { e in
+            XCTAssertEqual((e as! KVError).code, .internal)
+        }
+        let a = DeviceHolds(), b = DeviceHolds()
+        for _ in 0..<3 { try a.hold(d0) }
+        try b.hold(d0)
+        try b.hold(d1)
+        XCTAssertEqual([FakeAccelerator.holds(0), FakeAccelerator.holds(1)], [2, 1])
+        XCTAssertEqual(b.locations, [d0.location, d1.location])
+        a.releaseAll()
+        XCTAssertEqual([FakeAccelerator.holds(0), FakeAccelerator.holds(1)], [1, 1])
+        b.releaseAll()
+        b.releaseAll()   // idempotent
+        XCTAssertEqual([FakeAccelerator.holds(0), FakeAccelerator.holds(1)], [0, 0])
+    }
+
     func testCopyDispatchByDirection() throws {
         FakeAccelerator.setDevices(2)
         let s = AcceleratorRegistry.snapshot
         let d0 = try s.requireDevice(at: MemoryLocation(kind: FakeAccelerator.kind, index: 0))
+        let holds = DeviceHolds()
+        defer { holds.releaseAll() }
+        try holds.hold(d0)
+        try holds.hold(try s.requireDevice(at: MemoryLocation(kind: FakeAccelerator.kind, index: 1)))
         let m0 = FakeAccelerator.memory(0), m1 = FakeAccelerator.memory(1)
         let a0 = UInt(bitPattern: m0.baseAddress!), a1 = UInt(bitPattern: m1.baseAddress!)
         var host = [UInt8](repeating: 0, count: 64)
@@ -100,23 +131,23 @@ final class AcceleratorRegistryTests: XCTestCase {
         try source.withUnsafeBytes { src in
             let hs = UInt(bitPattern: src.baseAddress!)
             try d0.withCurrent { () throws(KVError) in
-                try d0.copy(.hostToDevice, from: hs, to: a0, count: 64)
-                try d0.copy(.deviceToDevice, from: a0, to: a1, count: 64)
+                try d0.copy(.hostToDevice, from: hs, to: a0, count: 64, stream: .unknown)
+                try d0.copy(.deviceToDevice, from: a0, to: a1, count: 64, stream: .unknown)
             }
         }
         try host.withUnsafeMutableBytes { h in
             let hd = UInt(bitPattern: h.baseAddress!)
             try d0.withCurrent { () throws(KVError) in
                 // Wrong direction for the pointers: refused, nothing copied.
-                XCTAssertThrowsError(try d0.copy(.hostToDevice, from: a1, to: hd, count: 64))
+                XCTAssertThrowsError(try d0.copy(.hostToDevice, from: a1, to: hd, count: 64, stream: .unknown))
             }
             XCTAssertEqual(Array(h), [UInt8](repeating: 0, count: 64))
             let d1 = try s.requireDevice(at: MemoryLocation(kind: FakeAccelerator.kind, index: 1))
-            try d1.withCurrent { () throws(KVError) in try d1.copy(.deviceToHost, from: a1, to: hd, count: 64) }
+            try d1.withCurrent { () throws(KVError) in try d1.copy(.deviceToHost, from: a1, to: hd, count: 64, stream: .unknown) }
         }
         XCTAssertEqual(host, source)
         // The host device copies host→host only.
-        XCTAssertThrowsError(try s.host.copy(.hostToDevice, from: 1, to: a0, count: 1)) { e in
+        XCTAssertThrowsError(try s.host.copy(.hostToDevice, from: 1, to: a0, count: 1, stream: .unknown)) { e in
             XCTAssertEqual((e as! KVError).code, .unsupported)
         }
     }

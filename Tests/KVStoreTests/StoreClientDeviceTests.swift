@@ -1,4 +1,5 @@
 import XCTest
+import CKVAccelerator
 import KVAccelerator
 import KVTestSupport
 #if canImport(Glibc)
@@ -54,6 +55,61 @@ final class StoreClientDeviceTests: XCTestCase {
         XCTAssertEqual(bytes(dst), bytes(src))
         XCTAssertEqual(FakeAccelerator.events, [.enter(1), .copy(.hostToDevice, device: 1, bytes: 10_000), .leave(1)])
         XCTAssertEqual(stat(s, "bytes_staged"), 0)
+    }
+
+    /// A store takes a hold on a device at its first copy with it (a CUDA device retains its
+    /// context then), never on a device it does not use, and gives it back at close.
+    func testAStoreHoldsOnlyTheDevicesItCopiedWithUntilClose() throws {
+        let s = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: false))
+        XCTAssertEqual([FakeAccelerator.holds(0), FakeAccelerator.holds(1)], [0, 0])
+        let src = region(1, offset: 0, length: 4096)
+        try [src].withUnsafeBufferPointer { try s.put(key: "a", parts: $0, mode: .put) }
+        try [src].withUnsafeBufferPointer { try s.put(key: "b", parts: $0, mode: .put) }
+        XCTAssertEqual([FakeAccelerator.holds(0), FakeAccelerator.holds(1)], [0, 1])
+        s.close()
+        XCTAssertEqual([FakeAccelerator.holds(0), FakeAccelerator.holds(1)], [0, 0])
+    }
+
+    /// Memory the caller declared (kv_call_devices) is copied on the declared stream, one
+    /// ordered scope per stream; undeclared device memory on an unknown stream; a declared
+    /// location is used as is, without asking the devices.
+    func testDeclaredStreamsGroupTheCopiesAndDeclaredLocationsAreNotClassifiedAgain() throws {
+        let s = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: false))
+        defer { s.close() }
+        let a = region(0, offset: 0, length: 4096), b = region(0, offset: 8192, length: 4096), c = region(0, offset: 16384, length: 4096)
+        let d = region(1, offset: 0, length: 4096)
+        for (i, r) in [a, b, c, d].enumerated() { fill(r, seed: UInt8(i + 1)) }
+        for r in [a, b, c] { try s.registerBuffer(r, location: "fake:0") }
+        var declared = [
+            kv_device_part(address: UInt64(a.address), length: 4096, stream: 0x10, kind: Int32(KV_DEVICE_CUDA), device: 0,
+                           flags: UInt32(KV_DEVICE_STREAM_KNOWN), reserved: 0),
+            kv_device_part(address: UInt64(b.address), length: 4096, stream: 0x20, kind: Int32(KV_DEVICE_CUDA), device: 0,
+                           flags: UInt32(KV_DEVICE_STREAM_KNOWN), reserved: 0),
+            // fake:1 memory declared host: used as host memory, no device copy.
+            kv_device_part(address: UInt64(d.address), length: 4096, stream: 0, kind: Int32(KV_DEVICE_HOST), device: 0,
+                           flags: 0, reserved: 0),
+        ]
+        FakeAccelerator.clearEvents()
+        let regions = [a, b, c, d]
+        let items = (0..<4).map { StoreClient.BatchItem(key: "k\($0)", regions: $0..<($0 + 1)) }
+        let results: [KVError?] = try declared.withUnsafeMutableBufferPointer { p in
+            kv_call_devices(p.baseAddress, p.count)
+            defer { kv_call_devices(nil, 0) }
+            return try regions.withUnsafeBufferPointer { try s.putBatch(items, parts: $0, mode: .put) }
+        }
+        XCTAssertEqual(results.map { $0 == nil }, [true, true, true, true])
+        XCTAssertEqual(FakeAccelerator.copyScopes, [DeviceStream(handle: 0x10), DeviceStream(handle: 0x20), .unknown])
+        XCTAssertEqual(FakeAccelerator.copyStreams, [DeviceStream(handle: 0x10), DeviceStream(handle: 0x20), .unknown])
+        XCTAssertFalse(FakeAccelerator.events.contains { if case .copy(_, device: 1, _) = $0 { true } else { false } })
+        for (i, r) in regions.enumerated() {
+            let t = try s.beginRead(key: "k\(i)")
+            defer { try? s.endRead(t) }
+            var back = [UInt8](repeating: 0, count: 4096)
+            _ = try back.withUnsafeMutableBytes { m in
+                try [MemoryRegion(m.baseAddress!, length: 4096)].withUnsafeBufferPointer { try s.copyOut(t, range: 0..<4096, to: $0) }
+            }
+            XCTAssertEqual(back, bytes(r), "object \(i)")
+        }
     }
 
     func testBatchMixingDevicesIsGroupedPerDevice() throws {
@@ -112,7 +168,7 @@ final class StoreClientDeviceTests: XCTestCase {
         defer { s.close() }
         let r = region(1, offset: 0, length: 8192)
         try s.registerBuffer(r, location: "fake:1")
-        XCTAssertEqual(s.location(of: region(1, offset: 100, length: 10)), fake1)
+        XCTAssertEqual(try s.location(of: region(1, offset: 100, length: 10)), fake1)
         XCTAssertThrowsError(try s.registerBuffer(region(0, offset: 0, length: 10), location: "fake:1")) { e in
             XCTAssertEqual((e as! KVError).code, .invalidArgument, "fake:0 memory claimed as fake:1")
         }

@@ -32,6 +32,11 @@ public final class FakeAccelerator: AcceleratorDevice {
         var events: [Event] = []
         var pinned: [MemoryRegion] = []
         var current: Int? = nil
+        /// Holds per device (`acquire`/`release`), as a CUDA device counts context retains.
+        var holds: [Int: Int] = [:]
+        /// The stream of each copy queued, and the streams of each `withCopies` scope.
+        var copyStreams: [DeviceStream] = []
+        var scopes: [DeviceStream] = []
     }
 
     static let state = Locked(State())
@@ -53,6 +58,9 @@ public final class FakeAccelerator: AcceleratorDevice {
     public static func clearEvents() { state.withLock { $0.events = [] } }
     public static var pinnedRanges: [MemoryRegion] { state.withLock { $0.pinned } }
     public static var currentDevice: Int? { state.withLock { $0.current } }
+    public static func holds(_ i: Int) -> Int { state.withLock { $0.holds[i] ?? 0 } }
+    public static var copyStreams: [DeviceStream] { state.withLock { $0.copyStreams } }
+    public static var copyScopes: [DeviceStream] { state.withLock { $0.scopes } }
     public static func failPins(_ on: Bool) { state.withLock { $0.failPins = on } }
     /// Makes the devices lack a batched copy call (`unsupported`, as older CUDA drivers).
     public static func failBatches(_ on: Bool) { state.withLock { $0.noBatches = on } }
@@ -87,7 +95,18 @@ public final class FakeAccelerator: AcceleratorDevice {
         return MemoryLocation(kind: Self.kind, index: i)
     }
 
+    public func acquire() throws(KVError) { Self.state.withLock { $0.holds[index, default: 0] += 1 } }
+
+    public func release() { Self.state.withLock { $0.holds[index, default: 0] -= 1 } }
+
+    public func withCopies<R>(on stream: DeviceStream, _ body: () throws(KVError) -> R) throws(KVError) -> R {
+        Self.state.withLock { $0.scopes.append(stream) }
+        return try body()
+    }
+
+    /// Needs a hold, as a CUDA device needs its retained context.
     public func withCurrent<R>(_ body: () throws(KVError) -> R) throws(KVError) -> R {
+        guard Self.holds(index) > 0 else { throw KVError(.internal, "fake:\(index) used without a hold") }
         let previous = Self.state.withLock { s in
             let p = s.current
             s.current = index
@@ -112,6 +131,7 @@ public final class FakeAccelerator: AcceleratorDevice {
         guard ok else { throw KVError(.transfer, "fake:\(index) refuses \(direction) from 0x\(String(source, radix: 16)) to 0x\(String(destination, radix: 16))") }
         let fail: Bool = Self.state.withLock { s in
             s.events.append(.copy(direction, device: index, bytes: count))
+            s.copyStreams.append(stream)
             return s.current != index || s.failCopiesTo == destination
         }
         guard !fail else { throw KVError(.transfer, "fake:\(index) copy failed (injected, or device not current)") }
@@ -124,7 +144,7 @@ public final class FakeAccelerator: AcceleratorDevice {
         if Self.state.withLock({ $0.noBatches }) { throw KVError(.unsupported, "fake:\(index) has no batched copy") }
         guard !sources.isEmpty else { return }
         for i in sources.indices {
-            try copy(direction, from: sources[i], to: destinations[i], count: counts[i])
+            try copy(direction, from: sources[i], to: destinations[i], count: counts[i], stream: stream)
         }
         Self.state.withLock { s in
             s.events.removeLast(sources.count)
