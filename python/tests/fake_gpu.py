@@ -13,7 +13,7 @@ import ctypes
 import os
 from pathlib import Path
 
-from dlpack_producer import _DType, _Deleter, _Device, _Managed, _PyCapsule_New
+from dlpack_producer import _Deleter, _Device, _DType, _Managed, _PyCapsule_New
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PATH = ROOT / "build" / "cuda-double" / "libcuda.so.1"

@@ -15,9 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 import fake_gpu
+import pytest
 
 TESTS = Path(__file__).resolve().parent
 
