@@ -144,6 +144,29 @@ PY
     export KVSTORE_CUDA_DOUBLE=$dir/libcuda.so.1
 }
 
+# The libibverbs test double (python/tests/doubles/verbs.c), compiled against the system's
+# <infiniband/verbs.h> (libibverbs-dev) into build/verbs-double/libibverbs.so.1:
+# test_rdma_double.py runs kvstore's RDMA transport on it.
+build_verbs_double() {
+    local dir=$ROOT/build/verbs-double src=$ROOT/python/tests/doubles/verbs.c map=$ROOT/python/tests/doubles/verbs.map want cc
+    want="$(cat "$src" "$map" | sha256sum | cut -c1-16)"
+    if [ "$(cat "$dir/.stamp" 2>/dev/null)" != "$want" ]; then
+        log "building the libibverbs test double"
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        cc=${CC:-cc}
+        command -v "$cc" >/dev/null || cc=clang
+        if ! "$cc" -std=gnu11 -Wall -Wextra -Werror -O1 -shared -fPIC "$src" -Wl,--version-script="$map" \
+                -o "$dir/libibverbs.so.1" -lpthread; then
+            export KVSTORE_VERBS_DOUBLE_SKIP="the libibverbs test double could not be built (no <infiniband/verbs.h>, or no C compiler)"
+            log "$KVSTORE_VERBS_DOUBLE_SKIP: its tests skip"
+            return
+        fi
+        echo "$want" >"$dir/.stamp"
+    fi
+    export KVSTORE_VERBS_DOUBLE=$dir/libibverbs.so.1
+}
+
 # etcd (Debian's etcd-server) for master election: the failover tests, `bench --ops failover`
 # and `./dev.sh etcd`. The package's own service is left stopped: tests run their own members.
 install_etcd() {
@@ -260,6 +283,7 @@ case "$cmd" in
         install_etcd
         install_engines
         build_cuda_double
+        build_verbs_double
         python_build_env
         log "Swift tests (thread sanitizer)"
         swift test --sanitize=thread --scratch-path .build-tsan -Xcc "-I$PY_INCLUDE"

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 static void say(char *err, size_t errlen, const char *fmt, ...) {
@@ -42,6 +43,12 @@ static struct {
     struct ibv_qp *(*create_qp)(struct ibv_pd *, struct ibv_qp_init_attr *);
     int (*destroy_qp)(struct ibv_qp *);
     int (*modify_qp)(struct ibv_qp *, struct ibv_qp_attr *, int);
+    /* Optional (NULL when the library lacks them). */
+    int (*query_device)(struct ibv_context *, struct ibv_device_attr *);
+    int (*query_gid_ex)(struct ibv_context *, uint32_t, uint32_t, struct ibv_gid_entry *, uint32_t, size_t);
+    int (*fork_init)(void);
+    enum ibv_fork_status (*is_fork_initialized)(void);
+    const char *(*wc_status_str)(enum ibv_wc_status);
 } V;
 static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -84,6 +91,24 @@ int kv_verbs_load(const char *path, char *err, size_t errlen) {
     RESOLVE(destroy_qp, "ibv_destroy_qp");
     RESOLVE(modify_qp, "ibv_modify_qp");
 #undef RESOLVE
+    *(void **)&V.query_device = dlsym(h, "ibv_query_device");
+    *(void **)&V.query_gid_ex = dlsym(h, "_ibv_query_gid_ex");
+    *(void **)&V.fork_init = dlsym(h, "ibv_fork_init");
+    *(void **)&V.is_fork_initialized = dlsym(h, "ibv_is_fork_initialized");
+    *(void **)&V.wc_status_str = dlsym(h, "ibv_wc_status_str");
+    /* Fork safety before any registration: without copy-on-fork for DMA pages in the kernel
+     * (rdma-core answers DISABLED; UNNEEDED when the kernel has it), a fork() would leave the
+     * NIC writing into pages the child took. Older libraries lack the query: ask for it. */
+    if (V.fork_init && (!V.is_fork_initialized || V.is_fork_initialized() == IBV_FORK_DISABLED)) {
+        int frc = V.fork_init();
+        if (frc != 0) {
+            say(err, errlen, "ibv_fork_init failed (%s): RDMA would not be fork-safe", strerror(frc < 0 ? -frc : frc));
+            memset(&V, 0, sizeof V);
+            dlclose(h);
+            rc = -1;
+            goto done;
+        }
+    }
     V.handle = h;
 done:
     pthread_mutex_unlock(&load_lock);
@@ -157,10 +182,53 @@ struct kv_rdma_context {
     struct ibv_pd *pd;
     uint8_t port;
     int gid_index;
+    int gid_type;            /* enum ibv_gid_type */
+    int link_layer;          /* IBV_LINK_LAYER_* */
     union ibv_gid gid;
     uint16_t lid;
     enum ibv_mtu mtu;
+    int rd_atomic;           /* RDMA READs in flight per queue pair (the device's limit, at most 16) */
 };
+
+/* The type of GID `index` (IBV_GID_TYPE_*): the library's query when it has it, else sysfs. */
+static int gid_type_of(kv_rdma_context *k, const char *name, int index) {
+    if (V.query_gid_ex) {
+        struct ibv_gid_entry e;
+        if (V.query_gid_ex(k->ctx, k->port, (uint32_t)index, &e, 0, sizeof e) == 0) return (int)e.gid_type;
+        return -1;
+    }
+    char path[256], text[32] = {0};
+    snprintf(path, sizeof path, "/sys/class/infiniband/%s/ports/%d/gid_attrs/types/%d", name, k->port, index);
+    FILE *f = fopen(path, "re");
+    if (!f) return k->link_layer == IBV_LINK_LAYER_INFINIBAND ? IBV_GID_TYPE_IB : -1;
+    if (!fgets(text, sizeof text, f)) text[0] = 0;
+    fclose(f);
+    if (strncmp(text, "RoCE v2", 7) == 0) return IBV_GID_TYPE_ROCE_V2;
+    if (strstr(text, "RoCE v1")) return IBV_GID_TYPE_ROCE_V1;
+    return k->link_layer == IBV_LINK_LAYER_INFINIBAND ? IBV_GID_TYPE_IB : -1;
+}
+
+static int gid_is_zero(const union ibv_gid *g) {
+    static const uint8_t zero[16];
+    return memcmp(g->raw, zero, 16) == 0;
+}
+
+/* Chooses the GID (see kv_rdma_open). Returns the index or -1 with the reason. */
+static int choose_gid(kv_rdma_context *k, const char *name, int table, char *err, size_t errlen) {
+    if (k->link_layer == IBV_LINK_LAYER_INFINIBAND) return 0;
+    int best = -1, rank = 0;
+    for (int i = 0; i < table && i < 256; i++) {
+        union ibv_gid g;
+        if (V.query_gid(k->ctx, k->port, i, &g) != 0 || gid_is_zero(&g)) continue;
+        if (gid_type_of(k, name, i) != IBV_GID_TYPE_ROCE_V2) continue;
+        static const uint8_t v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        int link_local = g.raw[0] == 0xfe && (g.raw[1] & 0xc0) == 0x80;
+        int r = memcmp(g.raw, v4mapped, 12) == 0 ? 3 : !link_local ? 2 : 1;
+        if (r > rank) { rank = r; best = i; }
+    }
+    if (best < 0) say(err, errlen, "port %d of '%s' has no RoCE v2 GID (set KVSTORE_RDMA_GID_INDEX to choose one)", k->port, name);
+    return best;
+}
 
 kv_rdma_context *kv_rdma_open(const char *name, int port, int gid_index, char *err, size_t errlen) {
     if (!loaded(err, errlen)) return NULL;
@@ -185,11 +253,36 @@ kv_rdma_context *kv_rdma_open(const char *name, int port, int gid_index, char *e
     struct ibv_port_attr a;
     if (port_attr(k->ctx, (uint8_t)port, &a) != 0) { say(err, errlen, "cannot query port %d of '%s'", port, name); goto fail; }
     if (a.state != IBV_PORT_ACTIVE) { say(err, errlen, "port %d of '%s' is not active", port, name); goto fail; }
+    if (a.link_layer != IBV_LINK_LAYER_INFINIBAND && a.link_layer != IBV_LINK_LAYER_ETHERNET) {
+        say(err, errlen, "port %d of '%s' has link layer %d, neither InfiniBand nor Ethernet (RoCE): no reliable-connected "
+            "RDMA there", port, name, a.link_layer);
+        goto fail;
+    }
     k->port = (uint8_t)port;
     k->lid = a.lid;
     k->mtu = a.active_mtu;
+    k->link_layer = a.link_layer;
+    k->rd_atomic = 16;
+    if (V.query_device) {
+        struct ibv_device_attr d;
+        if (V.query_device(k->ctx, &d) == 0) {
+            int lim = d.max_qp_rd_atom < d.max_qp_init_rd_atom ? d.max_qp_rd_atom : d.max_qp_init_rd_atom;
+            if (lim < k->rd_atomic) k->rd_atomic = lim;
+        }
+    }
+    if (k->rd_atomic < 1) { say(err, errlen, "'%s' allows no RDMA READ in flight", name); goto fail; }
+    if (gid_index < 0) {
+        gid_index = choose_gid(k, name, a.gid_tbl_len, err, errlen);
+        if (gid_index < 0) goto fail;
+    }
     k->gid_index = gid_index;
     if (V.query_gid(k->ctx, k->port, gid_index, &k->gid) != 0) { say(err, errlen, "cannot read GID %d of '%s'", gid_index, name); goto fail; }
+    k->gid_type = gid_type_of(k, name, gid_index);
+    if (k->link_layer == IBV_LINK_LAYER_ETHERNET && (gid_is_zero(&k->gid) || k->gid_type < 0)) {
+        say(err, errlen, "GID %d of '%s' is empty or of unknown type: RoCE needs a GID", gid_index, name);
+        goto fail;
+    }
+    if (k->gid_type < 0) k->gid_type = IBV_GID_TYPE_IB;
     k->pd = V.alloc_pd(k->ctx);
     if (!k->pd) { say(err, errlen, "cannot allocate a protection domain on '%s'", name); goto fail; }
     return k;
@@ -199,6 +292,11 @@ fail:
     return NULL;
 }
 
+int kv_rdma_gid(const kv_rdma_context *k, int *gid_type) {
+    if (gid_type) *gid_type = k->gid_type;
+    return k->gid_index;
+}
+
 void kv_rdma_close(kv_rdma_context *k) {
     if (!k) return;
     if (k->pd) V.dealloc_pd(k->pd);
@@ -206,11 +304,21 @@ void kv_rdma_close(kv_rdma_context *k) {
     free(k);
 }
 
-static const int access_all = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE;
+static const int access_remote = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE;
 
-void *kv_rdma_register(kv_rdma_context *k, void *addr, size_t len, uint32_t *lkey, uint32_t *rkey, char *err, size_t errlen) {
-    struct ibv_mr *mr = V.reg_mr(k->pd, addr, len, access_all);
-    if (!mr) { say(err, errlen, "cannot register %zu bytes for RDMA: %s", len, strerror(errno)); return NULL; }
+void *kv_rdma_register(kv_rdma_context *k, void *addr, size_t len, int remote, uint32_t *lkey, uint32_t *rkey,
+                       char *err, size_t errlen) {
+    struct ibv_mr *mr = V.reg_mr(k->pd, addr, len, remote ? access_remote : IBV_ACCESS_LOCAL_WRITE);
+    if (!mr) {
+        int e = errno;
+        struct rlimit rl;
+        if (e == ENOMEM && getrlimit(RLIMIT_MEMLOCK, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+            say(err, errlen, "cannot register %zu bytes for RDMA: %s (the locked-memory limit, ulimit -l, is %llu bytes)", len,
+                strerror(e), (unsigned long long)rl.rlim_cur);
+        else
+            say(err, errlen, "cannot register %zu bytes for RDMA: %s", len, strerror(e));
+        return NULL;
+    }
     *lkey = mr->lkey;
     *rkey = mr->rkey;
     return mr;
@@ -229,7 +337,7 @@ struct kv_rdma_qp {
     uint32_t psn;
 };
 
-kv_rdma_qp *kv_rdma_qp_create(kv_rdma_context *k, kv_rdma_address *local, char *err, size_t errlen) {
+kv_rdma_qp *kv_rdma_qp_create(kv_rdma_context *k, int remote, kv_rdma_address *local, char *err, size_t errlen) {
     kv_rdma_qp *q = calloc(1, sizeof *q);
     if (!q) { say(err, errlen, "out of memory"); return NULL; }
     q->k = k;
@@ -251,7 +359,7 @@ kv_rdma_qp *kv_rdma_qp_create(kv_rdma_context *k, kv_rdma_address *local, char *
     a.qp_state = IBV_QPS_INIT;
     a.pkey_index = 0;
     a.port_num = k->port;
-    a.qp_access_flags = access_all;
+    a.qp_access_flags = remote ? IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE : 0;
     if (V.modify_qp(q->qp, &a, IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS) != 0) {
         say(err, errlen, "cannot move the queue pair to INIT: %s", strerror(errno));
         kv_rdma_qp_destroy(q);
@@ -266,23 +374,35 @@ kv_rdma_qp *kv_rdma_qp_create(kv_rdma_context *k, kv_rdma_address *local, char *
     local->lid = k->lid;
     memcpy(local->gid, k->gid.raw, 16);
     local->mtu = (int32_t)k->mtu;
+    local->gid_type = (uint8_t)k->gid_type;
+    local->link_layer = k->link_layer == IBV_LINK_LAYER_INFINIBAND ? 1 : 2;
     return q;
 }
 
 int kv_rdma_qp_connect(kv_rdma_qp *q, const kv_rdma_address *r, char *err, size_t errlen) {
     if (r->mtu < IBV_MTU_256 || r->mtu > IBV_MTU_4096) { say(err, errlen, "bad peer MTU %d", r->mtu); return -1; }
+    int mine = q->k->link_layer == IBV_LINK_LAYER_INFINIBAND ? 1 : 2;
+    if (r->link_layer != mine) { say(err, errlen, "the peer's port is %s, ours %s", r->link_layer == 1 ? "InfiniBand" : "Ethernet (RoCE)",
+                                     mine == 1 ? "InfiniBand" : "Ethernet (RoCE)"); return -1; }
+    static const uint8_t zero[16];
+    int peer_gid = memcmp(r->gid, zero, 16) != 0;
+    if (mine == 2 && !peer_gid) { say(err, errlen, "the RoCE peer sent no GID"); return -1; }
+    if (peer_gid && r->gid_type != q->k->gid_type) {
+        say(err, errlen, "GID types differ (ours %d, the peer's %d: RoCE v1 and v2 do not talk; set KVSTORE_RDMA_GID_INDEX "
+            "alike on both)", q->k->gid_type, r->gid_type);
+        return -1;
+    }
     struct ibv_qp_attr a;
     memset(&a, 0, sizeof a);
     a.qp_state = IBV_QPS_RTR;
     a.path_mtu = (enum ibv_mtu)r->mtu < q->k->mtu ? (enum ibv_mtu)r->mtu : q->k->mtu;
     a.dest_qp_num = r->qpn;
     a.rq_psn = r->psn & 0xffffff;
-    a.max_dest_rd_atomic = 16;
+    a.max_dest_rd_atomic = (uint8_t)q->k->rd_atomic;
     a.min_rnr_timer = 12;
     a.ah_attr.dlid = r->lid;
     a.ah_attr.port_num = q->k->port;
-    static const uint8_t zero[16];
-    if (memcmp(r->gid, zero, 16) != 0) {   /* RoCE, or IB across subnets: route by GID */
+    if (mine == 2 || peer_gid) {   /* RoCE always carries the routing header; IB across subnets too */
         a.ah_attr.is_global = 1;
         memcpy(a.ah_attr.grh.dgid.raw, r->gid, 16);
         a.ah_attr.grh.sgid_index = (uint8_t)q->k->gid_index;
@@ -299,7 +419,7 @@ int kv_rdma_qp_connect(kv_rdma_qp *q, const kv_rdma_address *r, char *err, size_
     a.retry_cnt = 7;
     a.rnr_retry = 7;
     a.sq_psn = q->psn;
-    a.max_rd_atomic = 16;
+    a.max_rd_atomic = (uint8_t)q->k->rd_atomic;
     if (V.modify_qp(q->qp, &a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
                                    IBV_QP_MAX_QP_RD_ATOMIC) != 0) {
         say(err, errlen, "cannot move the queue pair to RTS: %s", strerror(errno));
@@ -342,8 +462,8 @@ int kv_rdma_transfer(kv_rdma_qp *q, int write, void *local, uint32_t lkey, uint6
         if (got < 0) { say(err, errlen, "polling the completion queue failed"); return -1; }
         for (int i = 0; i < got; i++) {
             if (wc[i].status != IBV_WC_SUCCESS) {
-                say(err, errlen, "RDMA %s failed with completion status %d (vendor error %u)", write ? "WRITE" : "READ",
-                    (int)wc[i].status, wc[i].vendor_err);
+                say(err, errlen, "RDMA %s failed: %s (completion status %d, vendor error 0x%x)", write ? "WRITE" : "READ",
+                    V.wc_status_str ? V.wc_status_str(wc[i].status) : "error", (int)wc[i].status, wc[i].vendor_err);
                 return -1;
             }
             done += (size_t)wc[i].wr_id;
@@ -371,11 +491,12 @@ int kv_verbs_load(const char *path, char *err, size_t errlen) { (void)path; say(
 int kv_rdma_devices(kv_rdma_device *out, int max, char *err, size_t errlen) { (void)out; (void)max; say(err, errlen, "%s", why); return -1; }
 kv_rdma_context *kv_rdma_open(const char *n, int p, int g, char *err, size_t errlen) { (void)n; (void)p; (void)g; say(err, errlen, "%s", why); return NULL; }
 void kv_rdma_close(kv_rdma_context *k) { (void)k; }
-void *kv_rdma_register(kv_rdma_context *k, void *a, size_t l, uint32_t *lk, uint32_t *rk, char *err, size_t errlen) {
-    (void)k; (void)a; (void)l; (void)lk; (void)rk; say(err, errlen, "%s", why); return NULL;
+int kv_rdma_gid(const kv_rdma_context *k, int *t) { (void)k; if (t) *t = 0; return 0; }
+void *kv_rdma_register(kv_rdma_context *k, void *a, size_t l, int r, uint32_t *lk, uint32_t *rk, char *err, size_t errlen) {
+    (void)k; (void)a; (void)l; (void)r; (void)lk; (void)rk; say(err, errlen, "%s", why); return NULL;
 }
 void kv_rdma_deregister(void *mr) { (void)mr; }
-kv_rdma_qp *kv_rdma_qp_create(kv_rdma_context *k, kv_rdma_address *l, char *err, size_t errlen) { (void)k; (void)l; say(err, errlen, "%s", why); return NULL; }
+kv_rdma_qp *kv_rdma_qp_create(kv_rdma_context *k, int r, kv_rdma_address *l, char *err, size_t errlen) { (void)k; (void)r; (void)l; say(err, errlen, "%s", why); return NULL; }
 int kv_rdma_qp_connect(kv_rdma_qp *q, const kv_rdma_address *r, char *err, size_t errlen) { (void)q; (void)r; say(err, errlen, "%s", why); return -1; }
 int kv_rdma_transfer(kv_rdma_qp *q, int w, void *l, uint32_t lk, uint64_t r, uint32_t rk, size_t n, int t, char *err, size_t errlen) {
     (void)q; (void)w; (void)l; (void)lk; (void)r; (void)rk; (void)n; (void)t; say(err, errlen, "%s", why); return -1;

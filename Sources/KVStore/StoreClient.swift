@@ -105,8 +105,7 @@ public final class StoreClient: Sendable {
                 if !prefault { s.populateInBackground() }
                 own = s
                 let server = try SegmentServer(region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: remote.dataKey,
-                                               dataLock: remote.dataLock, rdma: RDMA.shared.context, shareFD: s.fd,
-                                               log: { line in _ = "kvstore: \(line)\n".withCString { Glibc.write(2, $0, strlen($0)) } })
+                                               dataLock: remote.dataLock, rdma: RDMA.shared.context, shareFD: s.fd, log: logLine)
                 state.server.withLock { $0 = server }
                 _ = try remote.mount(RemoteMaster.Mount(size: segmentSize, host: state.host, sharePath: server.localName,
                                                         endpoint: server.endpoint))

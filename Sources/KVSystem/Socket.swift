@@ -142,6 +142,18 @@ public final class Socket: @unchecked Sendable {
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
+    /// Turns TCP keepalive on: after `idle` seconds without traffic, a probe every `interval`
+    /// seconds; `count` unanswered probes end the connection (reads fail then). Best effort:
+    /// a refused option leaves the socket as it was.
+    public func setKeepAlive(idle: Int32, interval: Int32, count: Int32) {
+        var on: Int32 = 1, i = idle, v = interval, c = count
+        let size = socklen_t(MemoryLayout<Int32>.size)
+        guard setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, size) == 0 else { return }
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPIDLE, &i, size)
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPINTVL, &v, size)
+        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPCNT, &c, size)
+    }
+
     /// The local IPv4 address this socket is bound or connected from ("a.b.c.d").
     public var localHost: String {
         var a = sockaddr_in()

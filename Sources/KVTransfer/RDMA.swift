@@ -4,6 +4,7 @@ import Glibc
 import CKVVerbs
 import KVAccelerator
 import KVCore
+import KVSystem
 
 /// RDMA between hosts (docs/architecture.md §3): libibverbs loaded at run time (`CKVVerbs`), device
 /// discovery, memory registration, reliable-connected queue pairs and one-sided READ/WRITE.
@@ -11,7 +12,8 @@ import KVCore
 ///
 /// Environment: `KVSTORE_RDMA=0` turns RDMA off; `KVSTORE_IBVERBS_LIBRARY` names the library
 /// file to load (default `libibverbs.so.1`); `KVSTORE_RDMA_DEVICE` picks a device by name
-/// (default: the first with an active port); `KVSTORE_RDMA_GID_INDEX` the GID (default 0).
+/// (default: the first with an active InfiniBand or RoCE port); `KVSTORE_RDMA_GID_INDEX` the
+/// GID (default: chosen, see `kv_rdma_open`: a routable RoCE v2 GID, GID 0 on InfiniBand).
 public enum RDMA {
     /// One device as discovery found it.
     public struct Device: Sendable, Equatable {
@@ -29,10 +31,11 @@ public enum RDMA {
         /// Why RDMA is not in use, or "" when a device is usable.
         public var reason: String
         public var devices: [Device]
-        /// The device `PeerLink`s use: the chosen one, if it has an active port.
+        /// The device `PeerLink`s use: the chosen one, if it has an active port whose link
+        /// layer carries reliable-connected RDMA (InfiniBand or RoCE; not, for example, EFA).
         public var usable: Device? {
             let wanted = environment("KVSTORE_RDMA_DEVICE")
-            return devices.first { $0.active && (wanted == nil || $0.name == wanted) }
+            return devices.first { $0.active && $0.linkLayer != "unknown" && (wanted == nil || $0.name == wanted) }
         }
     }
 
@@ -64,8 +67,11 @@ public enum RDMA {
         }
         var found = Discovery(loaded: true, reason: "", devices: devices)
         if found.usable == nil {
+            let named = environment("KVSTORE_RDMA_DEVICE").map { " named '\($0)'" } ?? ""
             found.reason = devices.isEmpty ? "no RDMA devices on this machine"
-                : "no RDMA device with an active port" + (environment("KVSTORE_RDMA_DEVICE").map { " named '\($0)'" } ?? "")
+                : devices.contains(where: { $0.active }) && !devices.contains(where: { $0.active && $0.linkLayer != "unknown" })
+                    ? "no RDMA device\(named) with an active InfiniBand or RoCE port (the link layer is unspecified: no reliable-connected RDMA)"
+                    : "no RDMA device with an active port" + named
         }
         return found
     }
@@ -78,7 +84,7 @@ public enum RDMA {
     public static let shared: (context: RDMAContext?, openFailure: String) = {
         guard let d = discovery.usable else { return (nil, discovery.reason) }
         do throws(KVError) {
-            let gid = environment("KVSTORE_RDMA_GID_INDEX").flatMap { Int32($0) } ?? 0
+            let gid = environment("KVSTORE_RDMA_GID_INDEX").flatMap { Int32($0) } ?? -1
             return (try RDMAContext(device: d.name, port: d.port, gidIndex: gid), "")
         } catch {
             return (nil, error.message)
@@ -110,25 +116,37 @@ public final class RDMAContext: @unchecked Sendable {
     let raw: OpaquePointer
     public let device: String
 
-    public init(device: String, port: Int, gidIndex: Int32 = 0) throws(KVError) {
+    /// The GID index in use and its type (0 InfiniBand, 1 RoCE v1, 2 RoCE v2).
+    public let gidIndex: Int
+    public let gidType: Int
+
+    /// `gidIndex` -1 lets the device choose (see `kv_rdma_open`).
+    public init(device: String, port: Int, gidIndex: Int32 = -1) throws(KVError) {
         raw = try RDMA.call(.unsupported) { err, n in kv_rdma_open(device, Int32(port), gidIndex, err, n) }
         self.device = device
+        var type: Int32 = 0
+        self.gidIndex = Int(kv_rdma_gid(raw, &type))
+        self.gidType = Int(type)
     }
 
     deinit { kv_rdma_close(raw) }
 
-    /// Registers `region` (memory someone else owns) for local and remote access.
-    public func register(_ region: MemoryRegion) throws(KVError) -> RDMAMemory {
-        try RDMAMemory(self, region, owned: false)
+    /// Registers `region` (memory someone else owns) for local access and, with `remote`,
+    /// for peers' READ and WRITE.
+    public func register(_ region: MemoryRegion, remote: Bool = true) throws(KVError) -> RDMAMemory {
+        try RDMAMemory(self, region, remote: remote, owned: false)
     }
 
-    /// Allocates `size` bytes and registers them (freed with the registration).
+    /// Maps `size` bytes (whole pages of their own, so no other data shares a registered
+    /// page: fork-safe) and registers them for local access only (a staging buffer); unmapped
+    /// with the registration.
     public func allocate(_ size: Int) throws(KVError) -> RDMAMemory {
-        let p = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: 4096)
+        let bytes = (max(size, 1) + 4095) & ~4095
+        let p = try SystemCall.mmap(length: bytes, protection: PROT_READ | PROT_WRITE, flags: MAP_PRIVATE | MAP_ANONYMOUS)
         do throws(KVError) {
-            return try RDMAMemory(self, MemoryRegion(address: UInt(bitPattern: p), length: size), owned: true)
+            return try RDMAMemory(self, MemoryRegion(address: UInt(bitPattern: p), length: bytes), remote: false, owned: true)
         } catch {
-            p.deallocate()
+            munmap(p, bytes)
             throw error
         }
     }
@@ -144,10 +162,11 @@ public final class RDMAMemory: @unchecked Sendable {
     private let context: RDMAContext
     private let owned: Bool
 
-    init(_ context: RDMAContext, _ region: MemoryRegion, owned: Bool) throws(KVError) {
+    init(_ context: RDMAContext, _ region: MemoryRegion, remote: Bool, owned: Bool) throws(KVError) {
         var l: UInt32 = 0, r: UInt32 = 0
         mr = try RDMA.call(.transfer) { err, n in
-            kv_rdma_register(context.raw, UnsafeMutableRawPointer(bitPattern: region.address), region.length, &l, &r, err, n)
+            kv_rdma_register(context.raw, UnsafeMutableRawPointer(bitPattern: region.address), region.length, remote ? 1 : 0,
+                             &l, &r, err, n)
         }
         self.context = context
         self.region = region
@@ -158,7 +177,7 @@ public final class RDMAMemory: @unchecked Sendable {
 
     deinit {
         kv_rdma_deregister(mr)
-        if owned { UnsafeMutableRawPointer(bitPattern: region.address)?.deallocate() }
+        if owned { munmap(UnsafeMutableRawPointer(bitPattern: region.address), region.length) }
     }
 }
 
@@ -169,9 +188,11 @@ public final class RDMAQueuePair: @unchecked Sendable {
     /// What the peer needs to connect to this queue pair.
     public let address: RDMAAddress
 
-    public init(_ context: RDMAContext) throws(KVError) {
+    /// `remote`: whether the peer may READ and WRITE through this queue pair (the serving
+    /// side's; the initiating side's allows nothing remote).
+    public init(_ context: RDMAContext, remote: Bool) throws(KVError) {
         var a = kv_rdma_address()
-        raw = try RDMA.call(.transfer) { err, n in kv_rdma_qp_create(context.raw, &a, err, n) }
+        raw = try RDMA.call(.transfer) { err, n in kv_rdma_qp_create(context.raw, remote ? 1 : 0, &a, err, n) }
         self.context = context
         address = RDMAAddress(a)
     }
@@ -201,6 +222,10 @@ public struct RDMAAddress: Sendable, Equatable {
     public var lid: UInt16
     public var gid: [UInt8]
     public var mtu: Int32
+    /// 0 InfiniBand, 1 RoCE v1, 2 RoCE v2.
+    public var gidType: UInt8
+    /// 1 InfiniBand, 2 Ethernet (RoCE).
+    public var linkLayer: UInt8
 
     init(_ a: kv_rdma_address) {
         qpn = a.qpn
@@ -208,14 +233,18 @@ public struct RDMAAddress: Sendable, Equatable {
         lid = a.lid
         gid = withUnsafeBytes(of: a.gid) { Array($0) }
         mtu = a.mtu
+        gidType = a.gid_type
+        linkLayer = a.link_layer
     }
 
-    public init(qpn: UInt32, psn: UInt32, lid: UInt16, gid: [UInt8], mtu: Int32) {
+    public init(qpn: UInt32, psn: UInt32, lid: UInt16, gid: [UInt8], mtu: Int32, gidType: UInt8 = 0, linkLayer: UInt8 = 1) {
         self.qpn = qpn
         self.psn = psn
         self.lid = lid
         self.gid = gid
         self.mtu = mtu
+        self.gidType = gidType
+        self.linkLayer = linkLayer
     }
 
     var raw: kv_rdma_address {
@@ -225,6 +254,8 @@ public struct RDMAAddress: Sendable, Equatable {
         a.lid = lid
         withUnsafeMutableBytes(of: &a.gid) { b in for (i, v) in gid.prefix(16).enumerated() { b[i] = v } }
         a.mtu = mtu
+        a.gid_type = gidType
+        a.link_layer = linkLayer
         return a
     }
 
@@ -232,6 +263,7 @@ public struct RDMAAddress: Sendable, Equatable {
         w.u32(qpn); w.u32(psn); w.u16(lid)
         for i in 0..<16 { w.u8(i < gid.count ? gid[i] : 0) }
         w.u32(UInt32(bitPattern: mtu))
+        w.u8(gidType); w.u8(linkLayer)
     }
 
     public static func decode(_ r: inout WireReader) throws(KVError) -> RDMAAddress {
@@ -240,6 +272,8 @@ public struct RDMAAddress: Sendable, Equatable {
         for _ in 0..<16 { gid.append(try r.u8()) }
         let mtu = Int32(bitPattern: try r.u32())
         guard (1...5).contains(mtu) else { throw .invalidArgument("bad RDMA MTU \(mtu)") }
-        return RDMAAddress(qpn: qpn, psn: psn, lid: lid, gid: gid, mtu: mtu)
+        let gidType = try r.u8(), linkLayer = try r.u8()
+        guard gidType <= 2, (1...2).contains(linkLayer) else { throw .invalidArgument("bad RDMA GID type \(gidType) or link layer \(linkLayer)") }
+        return RDMAAddress(qpn: qpn, psn: psn, lid: lid, gid: gid, mtu: mtu, gidType: gidType, linkLayer: linkLayer)
     }
 }

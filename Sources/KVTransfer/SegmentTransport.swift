@@ -152,7 +152,7 @@ public final class SegmentServer: @unchecked Sendable {
     /// With `rdma`, the segment is registered with that device and peers may connect queue
     /// pairs to it (a registration failure is logged and leaves TCP only).
     public init(region: MemoryRegion, host: String, port: Int = 0, token: ClusterToken, dataLock: SharedLock? = nil,
-                rdma: RDMAContext? = nil, shareFD: Int32 = -1, idleTimeout: Double = 30,
+                rdma: RDMAContext? = nil, shareFD: Int32 = -1, idleTimeout: Double = SegmentServer.defaultIdleTimeout,
                 log: @escaping @Sendable (String) -> Void = { _ in }) throws(KVError) {
         self.region = region
         self.dataLock = dataLock
@@ -188,6 +188,18 @@ public final class SegmentServer: @unchecked Sendable {
     }
 
     public var endpoint: String { "\(host):\(port)" }
+
+    /// Seconds a TCP-only connection may stay silent before the server closes it:
+    /// `KVSTORE_SEGMENT_IDLE_TIMEOUT` (a positive number), else 30. A connection that carries a
+    /// queue pair is not timed out (RDMA traffic sends no TCP message); TCP keepalive finds a
+    /// dead peer there instead.
+    public static let defaultIdleTimeout: Double = {
+        if let v = getenv("KVSTORE_SEGMENT_IDLE_TIMEOUT").flatMap({ Double(String(cString: $0)) }), v > 0, v.isFinite { return v }
+        return 30
+    }()
+
+    /// Queue pairs one connection may hold (a peer connects one per connection).
+    static let maxQueuePairsPerConnection = 1
 
     /// Serves the segment under id `seg` from now on (0: refuse requests). With RDMA, the
     /// segment is registered again: keys handed out under the old id stop working.
@@ -253,6 +265,7 @@ public final class SegmentServer: @unchecked Sendable {
         for c in all { c.thread?.join() }
         listener.close()
         localListener?.close()
+        registration.withLock { $0 = nil }   // the segment is not reachable by RDMA once stopped
     }
 
     private func acceptLoop() {
@@ -406,13 +419,26 @@ public final class SegmentServer: @unchecked Sendable {
                 case DataFrame.rdmaConnect:
                     guard welcomed else { throw .invalidArgument("the first request must be hello") }
                     let theirs = try WireReader.parse(payload, "rdmaConnect") { (r) throws(KVError) in try RDMAAddress.decode(&r) }
+                    guard queuePairs.count < Self.maxQueuePairsPerConnection else {
+                        throw .invalidArgument("a connection holds at most \(Self.maxQueuePairsPerConnection) queue pair")
+                    }
                     try whileServing { (current) throws(KVError) in
                         guard let rdma, let memory = registration.withLock({ $0 }) else {
                             throw KVError(.unsupported, "this peer has no RDMA device (\(RDMA.shared.openFailure)); use TCP")
                         }
-                        let qp = try RDMAQueuePair(rdma)
-                        try qp.connect(to: theirs)
+                        let qp: RDMAQueuePair
+                        do throws(KVError) {
+                            qp = try RDMAQueuePair(rdma, remote: true)
+                            try qp.connect(to: theirs)
+                        } catch {
+                            // Our side of RDMA failed: the peer goes on over TCP.
+                            throw KVError(.unsupported, "RDMA queue pair: \(error.message)")
+                        }
                         queuePairs.append(qp)
+                        // RDMA traffic sends nothing over this socket: no idle timeout from
+                        // now on, keepalive probes notice a peer that is gone.
+                        s.setTimeout(0)
+                        s.setKeepAlive(idle: 30, interval: 5, count: 4)
                         var w = WireWriter()
                         qp.address.encode(into: &w)
                         w.u64(UInt64(memory.region.address)); w.u32(memory.rkey); w.u64(UInt64(memory.region.length)); w.u32(current)
@@ -436,10 +462,14 @@ public final class SegmentServer: @unchecked Sendable {
 /// one operation at a time), opened on demand with the cluster's token. A failed connection
 /// is dropped, never reused; the operation fails with `transfer`.
 ///
-/// With an RDMA context, each new connection also connects a queue pair to the peer's; reads
-/// and writes then move by one-sided RDMA READ/WRITE, staged through a registered buffer of
-/// the connection (docs/architecture.md §3: caller memory is not registered). A peer that answers that
-/// it has no RDMA is remembered, and TCP carries everything from then on.
+/// With an RDMA context, each new connection also connects a queue pair to the peer's and
+/// tests the data path with a small RDMA READ; reads and writes then move by one-sided RDMA
+/// READ/WRITE, staged through a registered buffer of the connection (docs/architecture.md §3:
+/// caller memory is not registered). A peer that answers that it has no RDMA, or a data path
+/// that fails its test (a GID that does not route, an MTU, a firewall), is remembered, and TCP
+/// carries everything from then on. An RDMA transfer that fails later (the queue pair in
+/// error, a staging buffer past the locked-memory limit) moves that connection to TCP and the
+/// operation is done again over TCP on the same connection.
 ///
 /// Every byte moved is counted in `counters` (`networkBytes`; `rdmaBytes` and `bytesStaged`
 /// for RDMA).
@@ -452,7 +482,8 @@ public final class PeerLink: Sendable {
     private let timeout: Double
     private let rdma: RDMAContext?
     private let counters: TransferCounters
-    /// The peer said it has no RDMA (or connecting a queue pair failed): TCP only.
+    private let log: @Sendable (String) -> Void
+    /// The peer said it has no RDMA, or the data path failed its test: TCP only.
     public let rdmaRefused = Atomic<Bool>(false)
 
     /// Largest registered staging buffer of a connection; bigger transfers go in pieces.
@@ -460,12 +491,13 @@ public final class PeerLink: Sendable {
 
     /// `endpoint` is "a.b.c.d:port".
     public init(endpoint: String, token: ClusterToken, timeout: Double = 30, rdma: RDMAContext? = nil,
-                counters: TransferCounters = TransferCounters()) throws(KVError) {
+                counters: TransferCounters = TransferCounters(), log: @escaping @Sendable (String) -> Void = logLine) throws(KVError) {
         (host, port) = try Socket.endpoint(Substring(endpoint))
         self.token = token
         self.timeout = timeout
         self.rdma = rdma
         self.counters = counters
+        self.log = log
         if rdma == nil { rdmaRefused.store(true, ordering: .relaxed) }
     }
 
@@ -475,10 +507,14 @@ public final class PeerLink: Sendable {
         try Self.checkLength(destinations, length, "destinations")
         try exchange(length) { (c) throws(KVError) in
             if let r = c.rdma, r.covers(segment, offset, length) {
-                try c.transfer(write: false, r, offset: offset, length: length, counters: counters) { piece, at in
-                    Self.scatter(piece, skipping: at, into: destinations)
+                do throws(KVError) {
+                    try c.transfer(write: false, r, offset: offset, length: length, counters: counters) { piece, at in
+                        Self.scatter(piece, skipping: at, into: destinations)
+                    }
+                    return
+                } catch {
+                    leaveRDMA(c, error)   // and read the same bytes over TCP below
                 }
-                return
             }
             try c.socket.writeFrame(kind: DataFrame.read, payload: Self.request(segment, offset, length))
             try Self.expectOK(c.socket)
@@ -496,10 +532,16 @@ public final class PeerLink: Sendable {
         try Self.checkLength(parts, length, "parts")
         try exchange(length) { (c) throws(KVError) in
             if let r = c.rdma, r.covers(segment, offset, length) {
-                try c.transfer(write: true, r, offset: offset, length: length, counters: counters) { piece, at in
-                    Self.gather(parts, skipping: at, into: piece)
+                do throws(KVError) {
+                    try c.transfer(write: true, r, offset: offset, length: length, counters: counters) { piece, at in
+                        Self.gather(parts, skipping: at, into: piece)
+                    }
+                    return
+                } catch {
+                    // Some pieces may have landed: the TCP write below writes the same bytes
+                    // into the same space, not yet visible to anyone.
+                    leaveRDMA(c, error)
                 }
-                return
             }
             var remaining: UInt64 = 0
             if deadline != 0 {
@@ -654,28 +696,63 @@ public final class PeerLink: Sendable {
         let c = PeerConnection(s)
         if let rdma, !rdmaRefused.load(ordering: .relaxed) {
             do throws(KVError) {
-                c.rdma = try connectQueuePair(s, rdma)
+                c.rdma = try connectQueuePair(c, rdma)
             } catch {
-                // No RDMA on the peer, or the queue pairs could not connect: TCP from now on.
-                rdmaRefused.store(true, ordering: .relaxed)
-                if error.code == .transfer { s.close(); throw KVError(.transfer, "peer \(host):\(port): \(error.message)") }
+                s.close()
+                throw KVError(error.code, "peer \(host):\(port): \(error.message)")
             }
         }
         return c
     }
 
-    /// Connects a queue pair to one of the peer's (over the connection `s`).
-    private func connectQueuePair(_ s: Socket, _ rdma: RDMAContext) throws(KVError) -> PeerConnection.RemoteSegment {
-        let qp = try RDMAQueuePair(rdma)
+    /// Moves connection `c` to TCP after its RDMA transfer failed.
+    private func leaveRDMA(_ c: PeerConnection, _ error: KVError) {
+        c.rdma = nil
+        c.dropStaging()
+        log("RDMA with peer \(host):\(port) failed (\(error.message)); falling back to TCP on this connection")
+    }
+
+    /// Connects a queue pair to one of the peer's over the connection and tests the data path
+    /// with a small READ. Nil when RDMA is not to be used (the reason logged; the connection
+    /// goes on over TCP); throws only when the connection itself failed.
+    private func connectQueuePair(_ c: PeerConnection, _ rdma: RDMAContext) throws(KVError) -> PeerConnection.RemoteSegment? {
+        let qp: RDMAQueuePair
+        do throws(KVError) {
+            qp = try RDMAQueuePair(rdma, remote: false)
+        } catch {
+            log("cannot create an RDMA queue pair for peer \(host):\(port) (\(error.message)); falling back to TCP on this connection")
+            return nil
+        }
         var w = WireWriter()
         qp.address.encode(into: &w)
-        try s.writeFrame(kind: DataFrame.rdmaConnect, payload: w.bytes)
-        let payload = try Self.expect(DataFrame.rdmaAccepted, s)
-        let (theirs, base, rkey, size, seg) = try WireReader.parse(payload, "rdmaAccepted") { (r) throws(KVError) in
-            (try RDMAAddress.decode(&r), try r.u64(), try r.u32(), try r.size(max: MasterLimits.maxSize, "segment size"), try r.u32())
+        try c.socket.writeFrame(kind: DataFrame.rdmaConnect, payload: w.bytes)
+        let payload: [UInt8]
+        do throws(KVError) {
+            payload = try Self.expect(DataFrame.rdmaAccepted, c.socket)
+        } catch where error.code == .unsupported {
+            rdmaRefused.store(true, ordering: .relaxed)   // the peer cannot do RDMA with us: TCP from now on
+            log("peer \(host):\(port) refused RDMA (\(error.message)); using TCP for this peer")
+            return nil
         }
-        try qp.connect(to: theirs)
-        return PeerConnection.RemoteSegment(queuePair: qp, base: base, rkey: rkey, size: size, segment: seg)
+        let parsed: (RDMAAddress, UInt64, UInt32, Int, SegmentID)
+        do throws(KVError) {
+            parsed = try WireReader.parse(payload, "rdmaAccepted") { (r) throws(KVError) in
+                (try RDMAAddress.decode(&r), try r.u64(), try r.u32(), try r.size(max: MasterLimits.maxSize, "segment size"), try r.u32())
+            }
+        } catch {
+            throw KVError(.transfer, "the peer's RDMA answer does not decode: \(error.message)")
+        }
+        let (theirs, base, rkey, size, seg) = parsed
+        let remote = PeerConnection.RemoteSegment(queuePair: qp, base: base, rkey: rkey, size: size, segment: seg)
+        do throws(KVError) {
+            try qp.connect(to: theirs)
+            try c.probe(remote)
+        } catch {
+            rdmaRefused.store(true, ordering: .relaxed)
+            log("RDMA with peer \(host):\(port) does not work (\(error.message)); falling back to TCP for this peer")
+            return nil
+        }
+        return remote
     }
 
     /// Reads a response frame: returns on ok, throws the peer's error otherwise.
@@ -723,16 +800,17 @@ final class PeerConnection: @unchecked Sendable {
     init(_ s: Socket) { socket = s }
 
     /// Moves `length` bytes at `offset` of the remote segment by RDMA, in pieces of at most
-    /// `PeerLink.stagingLimit` through the staging buffer: `stage(piece, at)` fills the piece
-    /// before a WRITE, or empties it after a READ (`at`: the piece's position in the transfer).
+    /// the staging buffer's size: `stage(piece, at)` fills the piece before a WRITE, or
+    /// empties it after a READ (`at`: the piece's position in the transfer).
     func transfer(write: Bool, _ r: RemoteSegment, offset: Int, length: Int, counters: TransferCounters,
                   _ stage: (MemoryRegion, Int) -> Void) throws(KVError) {
         let buffer = try stagingBuffer(min(length, PeerLink.stagingLimit), r.queuePair.context)
         var done = 0
         while done < length {
-            let piece = MemoryRegion(address: buffer.region.address, length: min(length - done, PeerLink.stagingLimit))
+            let piece = MemoryRegion(address: buffer.region.address, length: min(length - done, buffer.region.length))
             if write { stage(piece, done) }
-            try r.queuePair.transfer(write: write, local: piece, lkey: buffer.lkey, remote: r.base + UInt64(offset + done), rkey: r.rkey)
+            try r.queuePair.transfer(write: write, local: piece, lkey: buffer.lkey, remote: r.base + UInt64(offset + done), rkey: r.rkey,
+                                     timeoutMilliseconds: PeerConnection.transferTimeoutMilliseconds)
             if !write { stage(piece, done) }
             done += piece.length
         }
@@ -740,12 +818,38 @@ final class PeerConnection: @unchecked Sendable {
         counters.bytesStaged.add(length, ordering: .relaxed)
     }
 
+    /// How long one RDMA piece may take before the connection gives up on RDMA (and redoes
+    /// the operation over TCP): a 16 MiB piece takes milliseconds on any RDMA link.
+    static let transferTimeoutMilliseconds: Int32 = 5_000
+
+    /// Reads a few bytes of the remote segment by RDMA: whether the data path works.
+    func probe(_ r: RemoteSegment) throws(KVError) {
+        guard r.size > 0 else { throw KVError(.unsupported, "the peer serves an empty segment") }
+        let buffer = try stagingBuffer(64, r.queuePair.context)
+        try r.queuePair.transfer(write: false, local: MemoryRegion(address: buffer.region.address, length: min(64, r.size)),
+                                 lkey: buffer.lkey, remote: r.base, rkey: r.rkey, timeoutMilliseconds: 2_000)
+    }
+
+    func dropStaging() { staging = nil }
+
+    /// A registered staging buffer of at least `size` bytes (at least 1 MiB) or, when the
+    /// locked-memory limit refuses that, the largest of halving sizes down to 64 KiB.
     private func stagingBuffer(_ size: Int, _ context: RDMAContext) throws(KVError) -> RDMAMemory {
         if let s = staging, s.region.length >= size { return s }
-        staging = nil
-        let s = try context.allocate(max(size, 1 << 20))
-        staging = s
-        return s
+        staging = nil   // deregistered first: its bytes count against the limit
+        var want = max(size, 1 << 20)
+        var failure: KVError? = nil
+        while want >= 64 << 10 {
+            do throws(KVError) {
+                let s = try context.allocate(want)
+                staging = s
+                return s
+            } catch {
+                failure = failure ?? error
+                want /= 2
+            }
+        }
+        throw failure ?? KVError(.transfer, "no RDMA staging buffer")
     }
 }
 

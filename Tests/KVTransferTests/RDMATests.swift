@@ -50,13 +50,19 @@ final class RDMATests: XCTestCase {
     }
 
     func testAddressCodec() throws {
-        let a = RDMAAddress(qpn: 0x12345, psn: 0xABCDEF, lid: 7, gid: (0..<16).map { UInt8($0 * 3) }, mtu: 5)
+        let a = RDMAAddress(qpn: 0x12345, psn: 0xABCDEF, lid: 7, gid: (0..<16).map { UInt8($0 * 3) }, mtu: 5, gidType: 2, linkLayer: 2)
         var w = WireWriter()
         a.encode(into: &w)
         let back = try WireReader.parse(w.bytes, "address") { (r) throws(KVError) in try RDMAAddress.decode(&r) }
         XCTAssertEqual(back, a)
         var bad = w.bytes
-        bad[bad.count - 4] = 9   // MTU enum out of range
+        bad[bad.count - 6] = 9   // MTU enum out of range
+        XCTAssertThrowsError(try bad.withUnsafeBytes { b in var r = WireReader(b); return try RDMAAddress.decode(&r) })
+        bad = w.bytes
+        bad[bad.count - 2] = 3   // no such GID type
+        XCTAssertThrowsError(try bad.withUnsafeBytes { b in var r = WireReader(b); return try RDMAAddress.decode(&r) })
+        bad = w.bytes
+        bad[bad.count - 1] = 0   // no such link layer
         XCTAssertThrowsError(try bad.withUnsafeBytes { b in var r = WireReader(b); return try RDMAAddress.decode(&r) })
         XCTAssertThrowsError(try w.bytes.dropLast().withUnsafeBytes { b in var r = WireReader(b); return try RDMAAddress.decode(&r) })
     }
