@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from cluster import Master
 
 TESTS = Path(__file__).resolve().parent
