@@ -111,6 +111,12 @@ install_engines() {
 # into build/cuda-double/libcuda.so.1: test_cuda_double.py runs kvstore's CUDA paths on it.
 # When the wheel cannot be fetched, KVSTORE_CUDA_DOUBLE_SKIP says why and those tests skip.
 CUDA_HEADERS=nvidia-cuda-runtime-cu12==12.8.90
+# The C compiler of the test doubles: $CC, else cc, else the Swift toolchain's clang.
+c_compiler() {
+    local cc=${CC:-cc}
+    command -v "$cc" >/dev/null || cc=clang
+    echo "$cc"
+}
 build_cuda_double() {
     local dir=$ROOT/build/cuda-double src=$ROOT/python/tests/doubles/cuda_driver.c want cc
     want="$CUDA_HEADERS $(sha256sum "$src" | cut -c1-16)"
@@ -118,8 +124,7 @@ build_cuda_double() {
         log "building the CUDA driver test double (cuda.h from $CUDA_HEADERS)"
         rm -rf "$dir"
         mkdir -p "$dir"
-        cc=${CC:-cc}
-        command -v "$cc" >/dev/null || cc=clang
+        cc=$(c_compiler)
         if ! { [ -f "$ROOT/build/cuda-headers/cuda.h" ] ||
                { "$VENV/bin/python" -m pip download -q --retries 2 --timeout 60 --no-deps --only-binary=:all: \
                      "$CUDA_HEADERS" -d "$dir/wheel" &&
@@ -154,8 +159,7 @@ build_verbs_double() {
         log "building the libibverbs test double"
         rm -rf "$dir"
         mkdir -p "$dir"
-        cc=${CC:-cc}
-        command -v "$cc" >/dev/null || cc=clang
+        cc=$(c_compiler)
         if ! "$cc" -std=gnu11 -Wall -Wextra -Werror -O1 -shared -fPIC "$src" -Wl,--version-script="$map" \
                 -o "$dir/libibverbs.so.1" -lpthread; then
             export KVSTORE_VERBS_DOUBLE_SKIP="the libibverbs test double could not be built (no <infiniband/verbs.h>, or no C compiler)"

@@ -70,17 +70,24 @@ def read(url: str, env: dict[str, str], count: int, size: int, *args: str, timeo
     return out
 
 
+def pair(fabric: dict[str, str], count: int, size: int, *read_args: str, hold: dict[str, str] | None = None,
+         reader: dict[str, str] | None = None, segment: str = "4MiB") -> dict:
+    """A master, a holder of `count` objects of `size` bytes and one reader run with
+    `read_args`; the reader's summary. `hold`/`reader`: extra environment of each side."""
+    with Master() as m:
+        h = Holder(m.url, {**fabric, **(hold or {})}, count, size, segment=segment)
+        try:
+            return read(m.url, {**fabric, **(reader or {})}, count, size, *read_args)
+        finally:
+            h.stop()
+
+
 def exact(out: dict) -> None:
     assert out["wrong"] == 0 and out["errors"] == [], out
 
 
 def test_reads_and_writes_move_by_rdma_byte_exact(fabric):
-    with Master() as m:
-        h = Holder(m.url, fabric, 8, 256 * KiB)
-        try:
-            out = read(m.url, fabric, 8, 256 * KiB, "--write")
-        finally:
-            h.stop()
+    out = pair(fabric, 8, 256 * KiB, "--write")
     exact(out)
     assert out["rdma"]["in_use"] and out["rdma_bytes"] >= 2 * 8 * 256 * KiB, out
 
@@ -88,13 +95,7 @@ def test_reads_and_writes_move_by_rdma_byte_exact(fabric):
 def test_a_connection_idle_past_the_servers_timeout_keeps_its_queue_pair(fabric):
     # RDMA traffic sends no TCP message: the server must not tear the connection (and its
     # queue pair) down as idle while the peer still reads by RDMA.
-    env = {**fabric, "KVSTORE_SEGMENT_IDLE_TIMEOUT": "1"}
-    with Master() as m:
-        h = Holder(m.url, env, 4, 64 * KiB)
-        try:
-            out = read(m.url, env, 4, 64 * KiB, "--pause", "2.5")
-        finally:
-            h.stop()
+    out = pair({**fabric, "KVSTORE_SEGMENT_IDLE_TIMEOUT": "1"}, 4, 64 * KiB, "--pause", "2.5")
     exact(out)
     assert out["rounds"] == 2 and out["rdma_bytes"] >= 2 * 2 * 4 * 64 * KiB, out
     assert out["queue_pairs_created"] == 1, out   # not torn down and connected again
@@ -102,22 +103,11 @@ def test_a_connection_idle_past_the_servers_timeout_keeps_its_queue_pair(fabric)
 
 def test_routed_roce_picks_a_routable_v2_gid_and_a_wrong_gid_falls_back_to_tcp(fabric):
     # The two hosts are in different subnets: RoCE v1 and link-local GIDs do not route.
-    hold_env = {**fabric, "FAKEVERBS_SUBNET": "1"}
-    read_env = {**fabric, "FAKEVERBS_SUBNET": "2"}
-    with Master() as m:
-        h = Holder(m.url, hold_env, 4, 64 * KiB)
-        try:
-            chosen = read(m.url, read_env, 4, 64 * KiB)
-        finally:
-            h.stop()
+    chosen = pair(fabric, 4, 64 * KiB, hold={"FAKEVERBS_SUBNET": "1"}, reader={"FAKEVERBS_SUBNET": "2"})
     # GID 0 (RoCE v1, link-local) on both sides: the handshake succeeds, the data path does
     # not. The connection must notice and carry the bytes over TCP.
-    with Master() as m:
-        h = Holder(m.url, {**hold_env, "KVSTORE_RDMA_GID_INDEX": "0"}, 4, 64 * KiB)
-        try:
-            forced = read(m.url, {**read_env, "KVSTORE_RDMA_GID_INDEX": "0"}, 4, 64 * KiB)
-        finally:
-            h.stop()
+    forced = pair(fabric, 4, 64 * KiB, hold={"FAKEVERBS_SUBNET": "1", "KVSTORE_RDMA_GID_INDEX": "0"},
+                  reader={"FAKEVERBS_SUBNET": "2", "KVSTORE_RDMA_GID_INDEX": "0"})
     exact(chosen)
     assert chosen["rdma_bytes"] > 0, chosen
     exact(forced)
@@ -128,38 +118,22 @@ def test_routed_roce_picks_a_routable_v2_gid_and_a_wrong_gid_falls_back_to_tcp(f
 def test_a_memlock_limit_below_the_staging_size_falls_back_instead_of_failing(fabric):
     # The holder may register its 24 MiB segment (a raised limit); the reader's limit is
     # this machine's 8 MiB, below a 16 MiB staging buffer.
-    with Master() as m:
-        h = Holder(m.url, {**fabric, "FAKEVERBS_MEMLOCK": str(1 << 30)}, 1, 16 * MiB, segment="24MiB")
-        try:
-            out = read(m.url, {**fabric, "FAKEVERBS_MEMLOCK": str(8 * MiB)}, 1, 16 * MiB)
-        finally:
-            h.stop()
+    out = pair(fabric, 1, 16 * MiB, hold={"FAKEVERBS_MEMLOCK": str(1 << 30)}, reader={"FAKEVERBS_MEMLOCK": str(8 * MiB)},
+               segment="24MiB")
     exact(out)
 
 
 def test_a_fork_after_registration_does_not_corrupt_rdma_reads(fabric):
     # On a kernel without copy-on-fork for DMA pages, a fork makes memory registered before
     # it stop receiving DMA in the parent unless ibv_fork_init ran first.
-    env = {**fabric, "FAKEVERBS_FORK": "unsafe"}
-    with Master() as m:
-        h = Holder(m.url, env, 4, 64 * KiB)
-        try:
-            out = read(m.url, env, 4, 64 * KiB, "--fork")
-        finally:
-            h.stop()
+    out = pair({**fabric, "FAKEVERBS_FORK": "unsafe"}, 4, 64 * KiB, "--fork")
     exact(out)
     assert out["rounds"] == 2 and out["rdma_bytes"] > 0, out
 
 
 def test_hard_coded_rdma_read_depths_fit_the_device(fabric):
     # A device that allows 4 outstanding RDMA READs per queue pair refuses a depth of 16.
-    env = {**fabric, "FAKEVERBS_MAX_RD_ATOM": "4"}
-    with Master() as m:
-        h = Holder(m.url, env, 4, 64 * KiB)
-        try:
-            out = read(m.url, env, 4, 64 * KiB)
-        finally:
-            h.stop()
+    out = pair({**fabric, "FAKEVERBS_MAX_RD_ATOM": "4"}, 4, 64 * KiB)
     exact(out)
     assert out["rdma_bytes"] > 0, out
 
@@ -180,13 +154,7 @@ def test_a_peer_that_dies_mid_transfer_gives_errors_not_wrong_bytes(fabric):
 
 
 def test_an_unspecified_link_layer_is_not_used_for_rdma(fabric):
-    env = {**fabric, "FAKEVERBS_LINK": "unspecified"}
-    with Master() as m:
-        h = Holder(m.url, env, 2, 64 * KiB)
-        try:
-            out = read(m.url, env, 2, 64 * KiB)
-        finally:
-            h.stop()
+    out = pair({**fabric, "FAKEVERBS_LINK": "unspecified"}, 2, 64 * KiB)
     exact(out)
     assert not out["rdma"]["in_use"] and out["rdma_bytes"] == 0, out
     assert "link layer" in out["rdma"]["reason"], out["rdma"]
