@@ -197,15 +197,16 @@ static int gid_type_of(kv_rdma_context *k, const char *name, int index) {
         if (V.query_gid_ex(k->ctx, k->port, (uint32_t)index, &e, 0, sizeof e) == 0) return (int)e.gid_type;
         return -1;
     }
+    if (k->link_layer == IBV_LINK_LAYER_INFINIBAND) return IBV_GID_TYPE_IB;   /* sysfs says "IB/RoCE v1" there */
     char path[256], text[32] = {0};
     snprintf(path, sizeof path, "/sys/class/infiniband/%s/ports/%d/gid_attrs/types/%d", name, k->port, index);
     FILE *f = fopen(path, "re");
-    if (!f) return k->link_layer == IBV_LINK_LAYER_INFINIBAND ? IBV_GID_TYPE_IB : -1;
+    if (!f) return -1;
     if (!fgets(text, sizeof text, f)) text[0] = 0;
     fclose(f);
     if (strncmp(text, "RoCE v2", 7) == 0) return IBV_GID_TYPE_ROCE_V2;
     if (strstr(text, "RoCE v1")) return IBV_GID_TYPE_ROCE_V1;
-    return k->link_layer == IBV_LINK_LAYER_INFINIBAND ? IBV_GID_TYPE_IB : -1;
+    return -1;
 }
 
 static int gid_is_zero(const union ibv_gid *g) {

@@ -158,3 +158,9 @@ def test_an_unspecified_link_layer_is_not_used_for_rdma(fabric):
     exact(out)
     assert not out["rdma"]["in_use"] and out["rdma_bytes"] == 0, out
     assert "link layer" in out["rdma"]["reason"], out["rdma"]
+
+
+def test_infiniband_ports_use_gid_0_and_move_bytes(fabric):
+    out = pair({**fabric, "FAKEVERBS_LINK": "infiniband"}, 4, 64 * KiB, "--write")
+    exact(out)
+    assert out["rdma"]["devices"][0]["link_layer"] == "infiniband" and out["rdma_bytes"] > 0, out
