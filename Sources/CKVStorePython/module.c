@@ -42,7 +42,7 @@ static PyMethodDef module_methods[] = {
     {"decode_tensor_header", (PyCFunction)kvpy_decode_tensor_header, METH_O,
      "decode_tensor_header(buffer) -> (dtype_code, shape, data_bytes); InvalidArgumentError when corrupt."},
     {"dlpack_info", (PyCFunction)kvpy_dlpack_info, METH_O,
-     "dlpack_info(capsule) -> (address, device_type, device_id, (code, bits, lanes), shape, strides)."},
+     "dlpack_info(capsule) -> (address, device_type, device_id, (code, bits, lanes), shape, strides, read_only)."},
     {"devices", (PyCFunction)(void (*)(void))kvpy_devices, METH_FASTCALL,
      "devices(refresh=False) -> list of locations ('cpu:0', 'cuda:0', ...)."},
     {"rdma_info", (PyCFunction)(void (*)(void))kvpy_rdma_info, METH_FASTCALL,

@@ -172,17 +172,24 @@ typedef struct {
     kv_dl_tensor dl_tensor;
 } kv_dl_managed_versioned;
 
-/* dlpack_info(capsule) -> (address, device_type, device_id, (code, bits, lanes), shape, strides|None)
- * Reads the capsule without consuming it: its producer frees the tensor when it is dropped. */
+/* DLPACK_FLAG_BITMASK_READ_ONLY of a versioned tensor's flags (DLPack 1.0). */
+#define KV_DL_READ_ONLY 1u
+
+/* dlpack_info(capsule) -> (address, device_type, device_id, (code, bits, lanes), shape, strides|None,
+ * read_only). Reads the capsule without consuming it: its producer frees the tensor when it is
+ * dropped. read_only is the versioned capsule's flag (a legacy capsule has none: False). */
 PyObject *kvpy_dlpack_info(PyObject *module, PyObject *capsule) {
     (void)module;
     const kv_dl_tensor *t = NULL;
+    int read_only = 0;
     if (PyCapsule_IsValid(capsule, "dltensor")) {
         const kv_dl_managed *m = PyCapsule_GetPointer(capsule, "dltensor");
         if (m) t = &m->dl_tensor;
     } else if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
         const kv_dl_managed_versioned *m = PyCapsule_GetPointer(capsule, "dltensor_versioned");
-        if (m) t = &m->dl_tensor;
+        if (m && m->major != 1) return kvpy_raise_format(KV_E_UNSUPPORTED, "DLPack version %u.%u is not supported (1.x is)",
+                                                         m->major, m->minor);
+        if (m) { t = &m->dl_tensor; read_only = (m->flags & KV_DL_READ_ONLY) != 0; }
     }
     if (!t) {
         PyErr_Clear();
@@ -201,9 +208,10 @@ PyObject *kvpy_dlpack_info(PyObject *module, PyObject *capsule) {
         strides = Py_None;
         Py_INCREF(strides);
     }
-    return Py_BuildValue("(Kii(iii)NN)", (unsigned long long)((uintptr_t)t->data + t->byte_offset),
+    return Py_BuildValue("(Kii(iii)NNO)", (unsigned long long)((uintptr_t)t->data + t->byte_offset),
                          (int)t->device.device_type, (int)t->device.device_id,
-                         (int)t->dtype.code, (int)t->dtype.bits, (int)t->dtype.lanes, shape, strides);
+                         (int)t->dtype.code, (int)t->dtype.bits, (int)t->dtype.lanes, shape, strides,
+                         read_only ? Py_True : Py_False);
 }
 
 /* devices(refresh=False) -> ["cpu:0", ...] */

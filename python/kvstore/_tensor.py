@@ -225,18 +225,23 @@ def _describe_dlpack(obj: Any, what: str) -> TensorRef:
         location = f"cuda:{dev_id}"
     else:
         raise UnsupportedError(f"{what} lives on DLPack device type {dev_type}, which kvstore does not support")
-    stream = None
-    if location == "cpu":
-        capsule = obj.__dlpack__()
-    else:
-        # Ask the producer to order its work before the legacy default stream (DLPack's
-        # stream=1), where kvstore then copies; a producer without the argument: unknown.
+    # Ask for a versioned capsule (DLPack 1.0: it carries the read-only flag) and, for a GPU
+    # tensor, for the producer to order its work before the legacy default stream
+    # (stream=1), where kvstore then copies. Older producers lack the arguments: the legacy
+    # capsule, and an unknown stream.
+    stream = None if location == "cpu" else 1
+    capsule = None
+    for kwargs in ({"max_version": (1, 0), "stream": stream}, {"stream": stream}, {}):
         try:
-            capsule = obj.__dlpack__(stream=1)
-            stream = 1
+            capsule = obj.__dlpack__(**kwargs)
+            break
         except TypeError:
-            capsule = obj.__dlpack__()
-    address, _, _, (tcode, bits, lanes), shape, strides = _native.dlpack_info(capsule)
+            continue
+    if capsule is None:
+        raise ArgumentTypeError(f"{what}'s __dlpack__() takes none of the standard arguments")
+    if "stream" not in kwargs:
+        stream = None
+    address, _, _, (tcode, bits, lanes), shape, strides, read_only = _native.dlpack_info(capsule)
     code = _DLPACK.get((tcode, bits)) if lanes == 1 else None
     if code is None:
         raise InvalidArgumentError(f"{what} has DLPack dtype (code {tcode}, {bits} bits, {lanes} lanes), "
@@ -246,7 +251,7 @@ def _describe_dlpack(obj: Any, what: str) -> TensorRef:
     nbytes = ITEM_SIZES[code]
     for d in shape:
         nbytes *= d
-    return TensorRef(code, tuple(shape), nbytes, raw_part(int(address), nbytes, location, stream), location, True,
+    return TensorRef(code, tuple(shape), nbytes, raw_part(int(address), nbytes, location, stream), location, not read_only,
                      (obj, capsule))
 
 

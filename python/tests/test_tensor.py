@@ -97,6 +97,23 @@ def test_bf16_and_fp8_round_trip_as_raw_element_types(store, code, bits, name, r
     assert np.array_equal(into, bits_)
 
 
+@pytest.mark.parametrize("versioned", [True, False])
+def test_a_read_only_dlpack_tensor_is_a_source_but_never_a_target(store, versioned):
+    # DLPack 1.0's versioned capsule carries a read-only flag; a legacy capsule has none.
+    a = sample("uint16", (4, 5), seed=3)
+    src = DLPackTensor(a, 1, 16, (4, 5), read_only=True, versioned=versioned)
+    store.put_tensor("t", src)
+    assert np.array_equal(store.get_tensor("t"), a)
+    store.put_tensor("u", np.full((4, 5), 9, np.uint16))
+    if versioned:
+        with pytest.raises(kvstore.InvalidArgumentError, match="read-only"):
+            store.get_tensor_into("u", src)
+        assert np.array_equal(a, sample("uint16", (4, 5), seed=3))   # not written
+    else:
+        store.get_tensor_into("u", src)   # nothing says it is read-only
+        assert (a == 9).all()
+
+
 def test_dlpack_input_of_every_numpy_dtype(store):
     for i, dtype in enumerate(NUMPY_DTYPES):
         a = sample(dtype, (3, 2), seed=i)
