@@ -6,6 +6,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -438,7 +439,7 @@ static long long now_ms(void) {
 int kv_rdma_transfer(kv_rdma_qp *q, int write, void *local, uint32_t lkey, uint64_t remote, uint32_t rkey,
                      size_t len, int timeout_ms, char *err, size_t errlen) {
     size_t posted = 0, done = 0;
-    int outstanding = 0;
+    int outstanding = 0, idle = 0;
     long long deadline = now_ms() + timeout_ms;
     while (done < len) {
         while (posted < len && outstanding < SEND_DEPTH) {
@@ -470,9 +471,16 @@ int kv_rdma_transfer(kv_rdma_qp *q, int write, void *local, uint32_t lkey, uint6
             done += (size_t)wc[i].wr_id;
             outstanding--;
         }
-        if (got == 0 && now_ms() > deadline) {
-            say(err, errlen, "RDMA %s of %zu bytes timed out after %d ms", write ? "WRITE" : "READ", len, timeout_ms);
-            return -1;
+        if (got == 0) {
+            if (now_ms() > deadline) {
+                say(err, errlen, "RDMA %s of %zu bytes timed out after %d ms", write ? "WRITE" : "READ", len, timeout_ms);
+                return -1;
+            }
+            /* Spin briefly (completions usually come within microseconds), then give the CPU
+             * away between polls instead of burning it for the whole timeout. */
+            if (++idle > 4096) sched_yield();
+        } else {
+            idle = 0;
         }
     }
     return 0;

@@ -309,8 +309,19 @@ public final class SegmentServer: @unchecked Sendable {
     /// that no remount changes it meanwhile. Never waits: the owner's reconnect may itself
     /// wait for an operation that waits for this peer, so a remount in progress refuses the
     /// request with `transfer` instead.
-    private func whileServing(_ body: (SegmentID) throws(KVError) -> Void) throws(KVError) {
-        guard dataLock?.tryLockShared() ?? true else { throw KVError(.transfer, "the segment is being remounted by its owner") }
+    ///
+    /// `patience`: seconds to keep trying (a queue pair asked for during a remount: the peer
+    /// would otherwise go without RDMA on that connection). Polling holds nothing, so it cannot
+    /// take part in that wait.
+    private func whileServing(patience: Double = 0, _ body: (SegmentID) throws(KVError) -> Void) throws(KVError) {
+        if let dataLock, !dataLock.tryLockShared() {
+            let until = monotonicClock() + Nanoseconds(patience * 1e9)
+            while true {
+                guard monotonicClock() < until else { throw KVError(.transfer, "the segment is being remounted by its owner") }
+                usleep(1000)
+                if dataLock.tryLockShared() { break }
+            }
+        }
         defer { dataLock?.unlock() }
         try body(segmentID.withLock { $0 })
     }
@@ -422,7 +433,7 @@ public final class SegmentServer: @unchecked Sendable {
                     guard queuePairs.count < Self.maxQueuePairsPerConnection else {
                         throw .invalidArgument("a connection holds at most \(Self.maxQueuePairsPerConnection) queue pair")
                     }
-                    try whileServing { (current) throws(KVError) in
+                    try whileServing(patience: 0.5) { (current) throws(KVError) in
                         guard let rdma, let memory = registration.withLock({ $0 }) else {
                             throw KVError(.unsupported, "this peer has no RDMA device (\(RDMA.shared.openFailure)); use TCP")
                         }

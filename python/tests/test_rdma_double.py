@@ -115,6 +115,15 @@ def test_routed_roce_picks_a_routable_v2_gid_and_a_wrong_gid_falls_back_to_tcp(f
     assert "falling back to TCP" in forced["log"], forced["log"]
 
 
+def test_a_transfer_that_fails_after_connect_is_done_again_over_tcp(fabric):
+    # The link drops on the reader's 4th work request (after the connect-time test READ and
+    # two reads): that read and the rest of the connection's go over TCP, nothing fails.
+    out = pair(fabric, 4, 64 * KiB, reader={"FAKEVERBS_FAIL_WR": "4"})
+    exact(out)
+    assert 0 < out["rdma_bytes"] < out["network_bytes"], out
+    assert "falling back to TCP on this connection" in out["log"], out["log"]
+
+
 def test_a_memlock_limit_below_the_staging_size_falls_back_instead_of_failing(fabric):
     # The holder may register its 24 MiB segment (a raised limit); the reader's limit is
     # this machine's 8 MiB, below a 16 MiB staging buffer.
@@ -151,6 +160,31 @@ def test_a_peer_that_dies_mid_transfer_gives_errors_not_wrong_bytes(fabric):
     assert reader.returncode == 0, stdout + stderr
     out = json.loads(stdout.strip().splitlines()[-1])
     assert out["wrong"] == 0, out
+
+
+def test_after_a_master_restart_and_remount_reads_are_right_and_use_rdma_again(fabric):
+    # The master restarts, the holder remounts and registers its segment again (the old keys
+    # stop working): the reader's next reads must be right and RDMA must not be off for good.
+    m = Master("--client-ttl", "5", "--lease-ttl", "1")
+    try:
+        h = Holder(m.url, fabric, 4, 64 * KiB)
+        reader = subprocess.Popen([sys.executable, PEER, "read", m.url, "4", str(64 * KiB), "--pause", "4"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "KVSTORE_HOST_ID": "h2", "FAKEVERBS_HOST": "2", **fabric})
+        time.sleep(1.0)
+        port = m.port
+        m.stop(signal.SIGKILL)
+        m = Master("--client-ttl", "5", "--lease-ttl", "1", port=port)
+        stdout, stderr = reader.communicate(timeout=90)
+        h.stop()
+    finally:
+        m.stop()
+    assert reader.returncode == 0, stdout + stderr
+    out = json.loads(stdout.strip().splitlines()[-1])
+    exact(out)
+    # Both rounds by RDMA: the reader's links were made again after its own reconnect, and
+    # the remounted segment's new registration serves them.
+    assert out["rounds"] == 2 and out["rdma_bytes"] == 2 * 2 * 4 * 64 * KiB, (out, stderr)
 
 
 def test_an_unspecified_link_layer_is_not_used_for_rdma(fabric):

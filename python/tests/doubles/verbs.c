@@ -18,7 +18,8 @@
  * - keys and access: the lkey must cover the local buffer with local write for READs; the
  *   rkey must belong to the remote QP's process and cover the range with remote read/write
  *   access, and the remote QP must allow it; errors complete with the statuses a NIC uses;
- * - a dead peer (its process gone) gives retry-exceeded; a QP in error flushes later work.
+ * - a dead peer (its process gone) gives retry-exceeded; a QP in error flushes later work;
+ *   FAKEVERBS_FAIL_WR=N makes this process's N-th work request fail so (a link that drops).
  * - RLIMIT_MEMLOCK caps the bytes a process registers (ENOMEM past it, root included);
  *   FAKEVERBS_MEMLOCK (bytes) replaces that limit, as a raised `ulimit -l` would.
  * - fork: with FAKEVERBS_FORK=unsafe the "kernel" lacks copy-on-fork for DMA pages: after a
@@ -94,6 +95,7 @@ static int fork_unsafe, fork_enabled;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static int init_errno;
 static int created_qps;
+static int posted_wrs;
 
 static int env_int(const char *name, int dflt) {
     const char *v = getenv(name);
@@ -627,7 +629,9 @@ static int post_send(struct ibv_qp *qp, struct ibv_send_wr *wr, struct ibv_send_
         if (lock_fabric() != 0) { *bad = wr; return errno; }
         fabric_qp *l = &F->qps[q->slot];
         if (l->state != IBV_QPS_RTS && l->state != IBV_QPS_ERR) { unlock_fabric(); *bad = wr; return EINVAL; }
-        enum ibv_wc_status st = l->state == IBV_QPS_ERR ? IBV_WC_WR_FLUSH_ERR : execute(l, wr);
+        int nth = __atomic_add_fetch(&posted_wrs, 1, __ATOMIC_RELAXED);
+        enum ibv_wc_status st = l->state == IBV_QPS_ERR ? IBV_WC_WR_FLUSH_ERR
+                              : nth == env_int("FAKEVERBS_FAIL_WR", 0) ? IBV_WC_RETRY_EXC_ERR : execute(l, wr);
         if (st != IBV_WC_SUCCESS) { l->state = IBV_QPS_ERR; qp->state = IBV_QPS_ERR; }
         unlock_fabric();
         uint32_t len = 0;
