@@ -25,12 +25,18 @@ public final class HostSegment: @unchecked Sendable {
     private var mapped = true
     /// The shared-memory file of a shared segment, -1 for a private one. Closed by `unmap()`.
     public private(set) var fd: Int32 = -1
-    /// The pin taken at creation, if any: released (only it, exactly once) before unmapping.
-    public private(set) var pinned: PinnedRange?
-    /// Bytes pinned at creation (0 when pageable); constant, so readable without the gate.
-    public let pinnedLength: Int
-    /// Why pinning was refused ("" when pinned or not attempted).
-    public let pinFallbackReason: String
+    /// How the segment may be pinned (page-locked for a GPU's copies): chunk by chunk, each
+    /// on the first device copy that touches it (`pinForDeviceCopy`), so a segment is not
+    /// committed and locked whole at creation. Only chunks this process pinned are unpinned,
+    /// exactly once, before unmapping.
+    private let pinning: PinningPolicy
+    /// Pinned chunks by index, and chunks whose pin was refused (not asked again).
+    private let pins = Locked<(pinned: [Int: PinnedRange], refused: Set<Int>)>(([:], []))
+    /// Bytes pinned now, and pins refused (budget or driver), readable without the lock.
+    private let pinnedNow = Atomic<Int>(0)
+    private let refusedPins = Atomic<Int>(0)
+    /// The size of a pinned chunk.
+    public static let pinChunk = 64 << 20
     /// The thread building the page tables (`populateInBackground`), and its stop flag:
     /// `unmap()` stops and joins it first, so it never touches an address after the munmap.
     private let populator = Locked<BackgroundThread?>(nil)
@@ -46,9 +52,9 @@ public final class HostSegment: @unchecked Sendable {
     /// Bytes whose page tables the background thread has built so far.
     public var populatedBytes: Int { population.done.load(ordering: .relaxed) }
 
-    /// Maps `size` bytes (> 0) — in a new shared-memory file when `shared` — then pins them when `pinning`
-    /// allows and an accelerator is present. Throws `noSpace` when the memory cannot be had; a
-    /// refused pin is not an error.
+    /// Maps `size` bytes (> 0) — in a new shared-memory file when `shared`. Pins nothing yet:
+    /// `pinning` applies chunk by chunk as device copies first touch them. Throws `noSpace`
+    /// when the memory cannot be had.
     public init(size: Int, prefault: Bool = false, pinning: PinningPolicy = PinningPolicy(enabled: false),
                 shared: Bool = false) throws(KVError) {
         guard size > 0 else { throw .invalidArgument("segment size must be positive") }
@@ -78,11 +84,7 @@ public final class HostSegment: @unchecked Sendable {
                 while offset < size { base.storeBytes(of: 0, toByteOffset: offset, as: UInt8.self); offset += page }
             }
         }
-        switch PinnedMemory.shared.pin(MemoryRegion(base, length: size), policy: pinning) {
-        case .pinned(let r): pinned = r; pinFallbackReason = ""; pinnedLength = size
-        case .notNeeded: pinned = nil; pinFallbackReason = ""; pinnedLength = 0
-        case .fellBack(let why): pinned = nil; pinFallbackReason = why; pinnedLength = 0
-        }
+        self.pinning = pinning
     }
 
     /// Maps the shared segment of another process (or of this one) from its descriptor `fd`,
@@ -120,9 +122,7 @@ public final class HostSegment: @unchecked Sendable {
         }
         self.fd = fd
         self.size = size
-        pinned = nil
-        pinnedLength = 0
-        pinFallbackReason = ""
+        pinning = PinningPolicy(enabled: false)
     }
 
     /// Builds this mapping's page tables on a background thread (MADV_POPULATE_WRITE, Linux
@@ -180,8 +180,40 @@ public final class HostSegment: @unchecked Sendable {
     /// Whether the segment lives in a shared-memory file other processes can map.
     public var isShared: Bool { fd >= 0 }
 
-    /// Whether a pin was refused at creation.
-    public var pinFellBack: Bool { !pinFallbackReason.isEmpty }
+    /// Bytes of this segment pinned now.
+    public var pinnedBytes: Int { pinnedNow.load(ordering: .relaxed) }
+    /// Chunk pins refused (the budget, or the driver) so far.
+    public var pinRefusals: Int { refusedPins.load(ordering: .relaxed) }
+
+    /// Whether `address` lies in this segment.
+    public func contains(_ address: UInt) -> Bool {
+        address >= UInt(bitPattern: base) && address < UInt(bitPattern: base) + UInt(size)
+    }
+
+    /// Pins the chunks of `region` (inside this segment) not pinned yet, when the policy
+    /// allows and an accelerator is present: called before a device copy touches them. A
+    /// refused pin leaves the chunk pageable (the copy still runs) and is not asked again.
+    public func pinForDeviceCopy(_ region: MemoryRegion) {
+        guard pinning.enabled, region.length > 0, mapped else { return }
+        let start = Int(region.address - UInt(bitPattern: base))
+        let first = start / Self.pinChunk, last = (start + region.length - 1) / Self.pinChunk
+        for chunk in first...last {
+            pins.withLock { p in
+                guard p.pinned[chunk] == nil, !p.refused.contains(chunk) else { return }
+                let offset = chunk * Self.pinChunk
+                switch PinnedMemory.shared.pin(MemoryRegion(base + offset, length: min(Self.pinChunk, size - offset)), policy: pinning) {
+                case .pinned(let r):
+                    p.pinned[chunk] = r
+                    pinnedNow.add(r.region.length, ordering: .relaxed)
+                case .notNeeded:
+                    p.refused.insert(chunk)   // no accelerator: nothing to pin, ever
+                case .fellBack:
+                    p.refused.insert(chunk)
+                    refusedPins.add(1, ordering: .relaxed)
+                }
+            }
+        }
+    }
 
     /// The bytes at `offset` ..< `offset + length` as a region.
     public func region(offset: Int, length: Int) -> MemoryRegion {
@@ -194,10 +226,9 @@ public final class HostSegment: @unchecked Sendable {
         population.stop.store(true, ordering: .releasing)
         populator.withLock { t -> BackgroundThread? in defer { t = nil }; return t }?.join()
         if mapped {
-            if let p = pinned {
-                PinnedMemory.shared.unpin(p)
-                pinned = nil
-            }
+            let all = pins.withLock { p in defer { p.pinned.removeAll() }; return Array(p.pinned.values) }
+            for r in all { PinnedMemory.shared.unpin(r) }
+            pinnedNow.store(0, ordering: .relaxed)
             munmap(base, size)
             if fd >= 0 { close(fd); fd = -1 }
             mapped = false

@@ -97,7 +97,7 @@ extension StoreClient {
                 }
             }
         }
-        for (c, e) in plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot, holds: deviceHolds) where outcome[c] == nil {
+        for (c, e) in run(plan, into: .segment) where outcome[c] == nil {
             outcome[c] = e
         }
         return outcome

@@ -159,7 +159,7 @@ public final class StoreClient: Sendable {
             }
             if locations != nil {
                 try Self.checkDeadline(ticket)
-                if let e = plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot, holds: deviceHolds)[0] { throw e }
+                if let e = run(plan, into: .segment)[0] { throw e }
             }
             if options.checksum && done.checksum == nil { done.checksum = try checksumOfFirstReplica(ticket) }
         } catch {
@@ -206,7 +206,7 @@ public final class StoreClient: Sendable {
             try withStaging(size) { (staging) throws(KVError) in
                 var d2h = DeviceCopyPlan()
                 d2h.addWrite(parts, locations: locations, into: staging, owner: 0)
-                if let e = d2h.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot, holds: deviceHolds)[0] { throw e }
+                if let e = run(d2h, into: .segment)[0] { throw e }
                 try withUnsafePointer(to: staging) { (s) throws(KVError) in
                     let one = UnsafeBufferPointer(start: s, count: 1)
                     if checksum { crc = LocalCopyTransport.checksum(one, length: size) }
@@ -327,7 +327,7 @@ public final class StoreClient: Sendable {
             // per-client limit is `writesInFlight`).
             if plan.hostCopies.isEmpty && plan.deviceGroups.isEmpty && tickets.count >= Self.commitChunk { finish(failed: [:]) }
         }
-        finish(failed: plan.execute(transport: transport, into: .segment, devices: AcceleratorRegistry.snapshot, holds: deviceHolds))
+        finish(failed: run(plan, into: .segment))
         return results
     }
 
@@ -341,6 +341,21 @@ public final class StoreClient: Sendable {
             throw .invalidArgument("\(what) \(range) out of range of \(all.count) \(what)")
         }
         return UnsafeBufferPointer(rebasing: all[range])
+    }
+
+    /// Runs a device copy plan: first pins the chunks of this client's segment that its device
+    /// copies touch (`HostSegment.pinForDeviceCopy`), then executes it with this store's
+    /// device holds. Returns the failure of each owner that failed.
+    func run(_ plan: DeviceCopyPlan, into destination: LocalCopyTransport.Destination) -> [Int: KVError] {
+        if let segment {
+            for g in plan.deviceGroups {
+                for c in g.copies where c.direction != .deviceToDevice {
+                    let host = c.direction == .hostToDevice ? c.op.source : c.op.destination
+                    if segment.contains(host) { segment.pinForDeviceCopy(MemoryRegion(address: host, length: c.op.length)) }
+                }
+            }
+        }
+        return plan.execute(transport: transport, into: destination, devices: AcceleratorRegistry.snapshot, holds: deviceHolds)
     }
 
     /// Where each of `regions` lives; nil when all are host memory (the fast path). Throws
@@ -545,7 +560,7 @@ public final class StoreClient: Sendable {
                 }
             }
         }
-        for (i, e) in plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot, holds: deviceHolds) {
+        for (i, e) in run(plan, into: .callerMemory) {
             results[i] = .failure(e)
         }
         for (i, t) in leased {
@@ -645,7 +660,7 @@ public final class StoreClient: Sendable {
         let locations = try locate(destinations, memory)
         var plan = DeviceCopyPlan()
         let n = try heldCopyOut(ticket, range: range, to: destinations, locations: locations, plan: &plan, owner: 0)
-        if locations != nil, let e = plan.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot, holds: deviceHolds)[0] {
+        if locations != nil, let e = run(plan, into: .callerMemory)[0] {
             throw e
         }
         return n
@@ -721,7 +736,7 @@ public final class StoreClient: Sendable {
                 }
                 var h2d = DeviceCopyPlan()
                 h2d.addRead(from: staging, into: destinations, locations: locations, owner: 0)
-                if let e = h2d.execute(transport: transport, into: .callerMemory, devices: AcceleratorRegistry.snapshot, holds: deviceHolds)[0] { throw e }
+                if let e = run(h2d, into: .callerMemory)[0] { throw e }
             }
             return crc
         }

@@ -177,24 +177,55 @@ final class StoreClientDeviceTests: XCTestCase {
         XCTAssertEqual(stat(s, "registered_buffers"), 1)
     }
 
-    func testSegmentIsPinnedWithinTheBudgetAndUnpinnedOnClose() throws {
+    /// A segment is pinned chunk by chunk as device copies first touch it (never at creation,
+    /// never for host copies), within the budget, and only what was pinned is unpinned.
+    func testSegmentIsPinnedOnFirstDeviceCopyWithinTheBudgetAndUnpinnedOnClose() throws {
         let before = PinnedMemory.shared.pinnedBytes.load(ordering: .relaxed)
         let s = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: true, maxBytes: 0))
+        XCTAssertEqual(stat(s, "page_locked_bytes"), 0, "nothing pinned at creation")
+        try [UInt8](repeating: 1, count: 100).withUnsafeBytes { b in
+            try [MemoryRegion(b.baseAddress!, length: 100)].withUnsafeBufferPointer { try s.put(key: "h", parts: $0, mode: .put) }
+        }
+        XCTAssertEqual(stat(s, "page_locked_bytes"), 0, "host copies pin nothing")
+        let src = region(0, offset: 0, length: 4096)
+        fill(src, seed: 9)
+        try [src].withUnsafeBufferPointer { try s.put(key: "d", parts: $0, mode: .put) }
         XCTAssertEqual(stat(s, "page_locked_bytes"), 1 << 20)
         XCTAssertEqual(stat(s, "page_lock_fallbacks"), 0)
         XCTAssertEqual(FakeAccelerator.pinnedRanges.count, 1)
-        // A second store does not fit a 1.5 MiB budget: it stays pageable and says so.
+        // A second store does not fit a 1.5 MiB budget: its chunk stays pageable and says so,
+        // and the copy still runs.
         let t = try StoreClient(segmentSize: 1 << 20, pinning: PinningPolicy(enabled: true, maxBytes: before + 3 << 19))
+        try [src].withUnsafeBufferPointer { try t.put(key: "d", parts: $0, mode: .put) }
+        try [src].withUnsafeBufferPointer { try t.put(key: "e", parts: $0, mode: .put) }
         XCTAssertEqual(stat(t, "page_locked_bytes"), 0)
-        XCTAssertEqual(stat(t, "page_lock_fallbacks"), 1)
-        try [UInt8](repeating: 1, count: 100).withUnsafeBytes { b in
-            try [MemoryRegion(b.baseAddress!, length: 100)].withUnsafeBufferPointer { try t.put(key: "x", parts: $0, mode: .put) }
+        XCTAssertEqual(stat(t, "page_lock_fallbacks"), 1, "a refused chunk is not asked again")
+        var back = [UInt8](repeating: 0, count: 4096)
+        _ = try back.withUnsafeMutableBytes { m in
+            try [MemoryRegion(m.baseAddress!, length: 4096)].withUnsafeBufferPointer { try t.get(key: "e", into: $0) }
         }
+        XCTAssertEqual(back, bytes(src))
         s.close()
         t.close()
-        XCTAssertTrue(FakeAccelerator.pinnedRanges.isEmpty, "the pinned segment was unpinned on close")
+        XCTAssertTrue(FakeAccelerator.pinnedRanges.isEmpty, "the pinned chunk was unpinned on close")
         XCTAssertEqual(FakeAccelerator.events.filter { if case .unpin = $0 { true } else { false } }.count, 1,
                        "only the range that was pinned is unpinned")
         XCTAssertEqual(PinnedMemory.shared.pinnedBytes.load(ordering: .relaxed), before)
+    }
+
+    /// Chunks of a larger segment: each pinned once, the last one short.
+    func testSegmentChunksArePinnedOnceEach() throws {
+        let chunk = HostSegment.pinChunk
+        let seg = try HostSegment(size: 3 * chunk + 100, pinning: PinningPolicy(enabled: true))
+        seg.pinForDeviceCopy(seg.region(offset: chunk + 10, length: chunk))      // chunks 1 and 2
+        XCTAssertEqual(seg.pinnedBytes, 2 * chunk)
+        seg.pinForDeviceCopy(seg.region(offset: chunk, length: 2 * chunk))       // nothing new
+        XCTAssertEqual(FakeAccelerator.pinnedRanges.count, 2)
+        seg.pinForDeviceCopy(seg.region(offset: 3 * chunk + 50, length: 50))     // the short last chunk
+        XCTAssertEqual(seg.pinnedBytes, 2 * chunk + 100)
+        XCTAssertFalse(seg.contains(UInt(bitPattern: FakeAccelerator.memory(0).baseAddress!)))
+        seg.unmap()
+        XCTAssertTrue(FakeAccelerator.pinnedRanges.isEmpty)
+        XCTAssertEqual(seg.pinnedBytes, 0)
     }
 }

@@ -35,11 +35,11 @@ class Store(KVLayoutMixin, _native.Store):
     creation takes longer and later writes never wait for page faults.
 
     When an accelerator (a CUDA GPU) is present the segment is pinned (page-locked for fast
-    DMA) within a byte budget: ``KVSTORE_PIN_MEMORY=0`` turns pinning off,
-    ``KVSTORE_PIN_MEMORY_MAX_BYTES`` caps the bytes pinned by the process (``MC_STORE_``
-    names are aliases). A refused pin leaves the segment pageable and shows in ``stats()``
-    (``page_locked_bytes``, ``page_lock_fallbacks``); it never fails. ``pin_memory=False`` skips
-    pinning for this store.
+    DMA) in 64 MiB chunks, each when a GPU copy first touches it, within a byte budget:
+    ``KVSTORE_PIN_MEMORY=0`` turns pinning off, ``KVSTORE_PIN_MEMORY_MAX_BYTES`` caps the bytes
+    pinned by the process (``MC_STORE_`` names are aliases). A refused pin leaves that chunk
+    pageable and shows in ``stats()`` (``page_locked_bytes``, ``page_lock_fallbacks``); it never
+    fails. ``pin_memory=False`` skips pinning for this store.
 
     The store is a cache (docs/cache.md):
 

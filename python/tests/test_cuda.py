@@ -56,13 +56,15 @@ def test_registered_cuda_buffer_is_found_by_address(store):
     store.unregister_buffer(buf)
 
 
-def test_segment_is_pinned_by_default_and_budget_falls_back():
+def test_segment_is_pinned_by_default_on_its_first_gpu_copy_and_budget_falls_back():
     with kvstore.Store("64MiB") as s:
+        assert s.stats()["page_locked_bytes"] == 0
+        s.put_tensor("x", torch.ones(1000, device="cuda:0"))
         assert s.stats()["page_locked_bytes"] == 64 << 20
-    code = ("import kvstore; s = kvstore.Store('64MiB'); st = s.stats(); "
-            "print(st['page_locked_bytes'], st['page_lock_fallbacks']); "
+    code = ("import kvstore; s = kvstore.Store('64MiB'); "
             "import torch; t = torch.ones(1000, device='cuda:0'); s.put_tensor('x', t); "
-            "assert torch.equal(s.get_tensor('x', like=t), t); s.close()")
+            "assert torch.equal(s.get_tensor('x', like=t), t); st = s.stats(); "
+            "print(st['page_locked_bytes'], st['page_lock_fallbacks']); s.close()")
     env = dict(os.environ, KVSTORE_PIN_MEMORY_MAX_BYTES=str(1 << 20))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", "1"]

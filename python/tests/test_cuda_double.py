@@ -203,13 +203,21 @@ def test_contexts_are_retained_on_first_use_only_on_the_device_used_and_released
     """, devices=2)
 
 
-def test_a_pinned_segment_holds_one_context_until_close():
+def test_a_segment_is_pinned_on_its_first_gpu_copy_and_holds_one_context_until_close():
+    # Pinning commits and locks memory: it happens chunk by chunk as GPU copies first touch
+    # the segment, not at creation (nor for host copies).
     run("""
         import os
         os.environ["KVSTORE_PIN_MEMORY"] = "1"
         s = kvstore.Store("16MiB", pin_memory=True)
-        assert s.stats()["page_locked_bytes"] == 16 * MiB, s.stats()
+        s.put("h", b"x" * 4096)
+        assert s.stats()["page_locked_bytes"] == 0 and fg.retained(0) == 0, s.stats()
+        a = fg.DeviceArray(MiB, stream=None)
+        a.write(b"P" * MiB)
+        s.put_tensor("t", a)
+        assert s.stats()["page_locked_bytes"] == 16 * MiB, s.stats()   # one chunk: the whole segment
         assert fg.retained(0) == 1
+        assert s.get_tensor("t").tobytes() == b"P" * MiB
         s.close()
         assert fg.retained(0) == 0
     """)
