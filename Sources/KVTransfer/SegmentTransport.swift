@@ -130,6 +130,11 @@ public final class SegmentServer: @unchecked Sendable {
     /// RDMA: the device context and the segment's current registration (nil: TCP only).
     private let rdma: RDMAContext?
     private let registration = Locked<RDMAMemory?>(nil)
+    /// Counts `serve(segment:)` calls that changed the registration: a background
+    /// registration publishes only while its generation is still current.
+    private let registrationGeneration = Locked<Int>(0)
+    /// The thread registering the segment now, if any.
+    private let registrar = Locked<BackgroundThread?>(nil)
     /// The host buffers of this process's published KV layout, sorted by address; written
     /// under `kvLock` held exclusively, read (and copied from or into) with it shared, so a
     /// layout is never withdrawn while a peer's transfer touches it.
@@ -201,19 +206,36 @@ public final class SegmentServer: @unchecked Sendable {
     /// Queue pairs one connection may hold (a peer connects one per connection).
     static let maxQueuePairsPerConnection = 1
 
-    /// Serves the segment under id `seg` from now on (0: refuse requests). With RDMA, the
-    /// segment is registered again: keys handed out under the old id stop working.
+    /// Serves the segment under id `seg` from now on (0: refuse requests). With RDMA and a
+    /// new id, the old registration is dropped at once (keys handed out under the old id stop
+    /// working before anything is served under the new one) and the segment is registered
+    /// again on a background thread: pinning a large segment takes long, and the caller holds
+    /// its master link. Until it is done, queue pairs are refused (peers use TCP and ask again
+    /// later). The same id again (a resumed session) keeps the registration and its keys.
     public func serve(segment seg: SegmentID) {
-        segmentID.withLock { $0 = seg }
-        guard let rdma else { return }
+        let previous = segmentID.withLock { id in defer { id = seg }; return id }
+        guard let rdma, seg != previous || registration.withLock({ $0 }) == nil else { return }
+        let generation = registrationGeneration.withLock { g in g += 1; return g }
         registration.withLock { $0 = nil }   // deregistered: the old keys stop working
         guard seg != 0 else { return }
-        do throws(KVError) {
-            let m = try rdma.register(region)
-            registration.withLock { $0 = m }
-        } catch {
-            log("segment server: RDMA registration failed (\(error.message)); serving over TCP only")
+        let thread = try? BackgroundThread { [self] in
+            do throws(KVError) {
+                let m = try rdma.register(region)
+                // Published only if no later serve(segment:) (or stop) came meanwhile.
+                registrationGeneration.withLock { g in if g == generation { registration.withLock { $0 = m } } }
+            } catch {
+                log("segment server: RDMA registration failed (\(error.message)); serving over TCP only")
+            }
         }
+        registrar.withLock { old in
+            old?.join()
+            old = thread
+        }
+    }
+
+    /// Waits for the registration in progress, if any (tests; `stop`).
+    public func waitForRegistration() {
+        registrar.withLock { t in t?.join(); t = nil }
     }
 
     /// Serves kvRead/kvWrite of these host buffers from now on (empty: none). Waits for the
@@ -265,6 +287,8 @@ public final class SegmentServer: @unchecked Sendable {
         for c in all { c.thread?.join() }
         listener.close()
         localListener?.close()
+        registrationGeneration.withLock { $0 += 1 }
+        waitForRegistration()
         registration.withLock { $0 = nil }   // the segment is not reachable by RDMA once stopped
     }
 
@@ -434,8 +458,11 @@ public final class SegmentServer: @unchecked Sendable {
                         throw .invalidArgument("a connection holds at most \(Self.maxQueuePairsPerConnection) queue pair")
                     }
                     try whileServing(patience: 0.5) { (current) throws(KVError) in
-                        guard let rdma, let memory = registration.withLock({ $0 }) else {
+                        guard let rdma else {
                             throw KVError(.unsupported, "this peer has no RDMA device (\(RDMA.shared.openFailure)); use TCP")
+                        }
+                        guard let memory = registration.withLock({ $0 }) else {
+                            throw KVError(.unsupported, "this peer's segment is not registered for RDMA (yet, or past its locked-memory limit); use TCP")
                         }
                         let qp: RDMAQueuePair
                         do throws(KVError) {
@@ -476,9 +503,9 @@ public final class SegmentServer: @unchecked Sendable {
 /// With an RDMA context, each new connection also connects a queue pair to the peer's and
 /// tests the data path with a small RDMA READ; reads and writes then move by one-sided RDMA
 /// READ/WRITE, staged through a registered buffer of the connection (docs/architecture.md §3:
-/// caller memory is not registered). A peer that answers that it has no RDMA, or a data path
-/// that fails its test (a GID that does not route, an MTU, a firewall), is remembered, and TCP
-/// carries everything from then on. An RDMA transfer that fails later (the queue pair in
+/// caller memory is not registered). A peer that answers that it has no RDMA (or not yet), or
+/// a data path that fails its test (a GID that does not route, an MTU, a firewall), is
+/// remembered: TCP carries everything for the next 30 s, then a new connection asks again. An RDMA transfer that fails later (the queue pair in
 /// error, a staging buffer past the locked-memory limit) moves that connection to TCP and the
 /// operation is done again over TCP on the same connection.
 ///
@@ -494,8 +521,17 @@ public final class PeerLink: Sendable {
     private let rdma: RDMAContext?
     private let counters: TransferCounters
     private let log: @Sendable (String) -> Void
-    /// The peer said it has no RDMA, or the data path failed its test: TCP only.
-    public let rdmaRefused = Atomic<Bool>(false)
+    /// Until when (`monotonicClock`) new connections go without RDMA: the peer said it has
+    /// none or is not ready (its registration in progress), or the data path failed its test.
+    /// `UInt64.max` without an RDMA context here.
+    private let rdmaRefusedUntil = Atomic<UInt64>(0)
+    /// How long a refusal lasts before a new connection asks again.
+    static let rdmaRetryAfter: Nanoseconds = 30_000_000_000
+
+    /// Whether new connections go without RDMA now.
+    public var rdmaRefused: Bool { monotonicClock() < rdmaRefusedUntil.load(ordering: .relaxed) }
+
+    private func refuseRDMA() { rdmaRefusedUntil.store(monotonicClock() &+ Self.rdmaRetryAfter, ordering: .relaxed) }
 
     /// Largest registered staging buffer of a connection; bigger transfers go in pieces.
     static let stagingLimit = 16 << 20
@@ -509,7 +545,7 @@ public final class PeerLink: Sendable {
         self.rdma = rdma
         self.counters = counters
         self.log = log
-        if rdma == nil { rdmaRefused.store(true, ordering: .relaxed) }
+        if rdma == nil { rdmaRefusedUntil.store(.max, ordering: .relaxed) }
     }
 
     /// Copies `length` bytes at `offset` of the peer's segment `segment` into `destinations`
@@ -705,7 +741,7 @@ public final class PeerLink: Sendable {
             throw KVError(error.code, "peer \(host):\(port): \(error.message)")
         }
         let c = PeerConnection(s)
-        if let rdma, !rdmaRefused.load(ordering: .relaxed) {
+        if let rdma, !rdmaRefused {
             do throws(KVError) {
                 c.rdma = try connectQueuePair(c, rdma)
             } catch {
@@ -741,8 +777,8 @@ public final class PeerLink: Sendable {
         do throws(KVError) {
             payload = try Self.expect(DataFrame.rdmaAccepted, c.socket)
         } catch where error.code == .unsupported {
-            rdmaRefused.store(true, ordering: .relaxed)   // the peer cannot do RDMA with us: TCP from now on
-            log("peer \(host):\(port) refused RDMA (\(error.message)); using TCP for this peer")
+            refuseRDMA()   // the peer cannot do RDMA with us (now): TCP, asked again later
+            log("peer \(host):\(port) refused RDMA (\(error.message)); using TCP for this peer for now")
             return nil
         }
         let parsed: (RDMAAddress, UInt64, UInt32, Int, SegmentID)
@@ -759,8 +795,8 @@ public final class PeerLink: Sendable {
             try qp.connect(to: theirs)
             try c.probe(remote)
         } catch {
-            rdmaRefused.store(true, ordering: .relaxed)
-            log("RDMA with peer \(host):\(port) does not work (\(error.message)); falling back to TCP for this peer")
+            refuseRDMA()
+            log("RDMA with peer \(host):\(port) does not work (\(error.message)); falling back to TCP for this peer for now")
             return nil
         }
         return remote

@@ -102,7 +102,7 @@ final class RDMATests: XCTestCase {
         // A PeerLink without an RDMA context never asks, and moves bytes over TCP.
         let counters = TransferCounters()
         let peer = try PeerLink(endpoint: server.endpoint, token: "t", counters: counters)
-        XCTAssertTrue(peer.rdmaRefused.load(ordering: .relaxed))
+        XCTAssertTrue(peer.rdmaRefused)
         var out = [UInt8](repeating: 0, count: 16)
         try out.withUnsafeMutableBytes { b in
             var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: 16)
