@@ -5,6 +5,7 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>
@@ -50,6 +51,9 @@ static struct {
     int (*fork_init)(void);
     enum ibv_fork_status (*is_fork_initialized)(void);
     const char *(*wc_status_str)(enum ibv_wc_status);
+    int (*get_async_event)(struct ibv_context *, struct ibv_async_event *);
+    void (*ack_async_event)(struct ibv_async_event *);
+    const char *(*event_type_str)(enum ibv_event_type);
 } V;
 static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -97,6 +101,9 @@ int kv_verbs_load(const char *path, char *err, size_t errlen) {
     *(void **)&V.fork_init = dlsym(h, "ibv_fork_init");
     *(void **)&V.is_fork_initialized = dlsym(h, "ibv_is_fork_initialized");
     *(void **)&V.wc_status_str = dlsym(h, "ibv_wc_status_str");
+    *(void **)&V.get_async_event = dlsym(h, "ibv_get_async_event");
+    *(void **)&V.ack_async_event = dlsym(h, "ibv_ack_async_event");
+    *(void **)&V.event_type_str = dlsym(h, "ibv_event_type_str");
     /* Fork safety before any registration: without copy-on-fork for DMA pages in the kernel
      * (rdma-core answers DISABLED; UNNEEDED when the kernel has it), a fork() would leave the
      * NIC writing into pages the child took. Older libraries lack the query: ask for it. */
@@ -493,6 +500,23 @@ void kv_rdma_qp_destroy(kv_rdma_qp *q) {
     free(q);
 }
 
+int kv_rdma_next_event(kv_rdma_context *k, int timeout_ms, int *type, int *port, char *text, size_t textlen) {
+    if (!V.get_async_event || !V.ack_async_event) { say(text, textlen, "libibverbs reports no async events"); return -1; }
+    struct pollfd p = {.fd = k->ctx->async_fd, .events = POLLIN};
+    int n = poll(&p, 1, timeout_ms);
+    if (n == 0 || (n < 0 && errno == EINTR)) return 0;
+    if (n < 0 || k->ctx->async_fd < 0) { say(text, textlen, "waiting for RDMA events failed: %s", strerror(errno)); return -1; }
+    struct ibv_async_event e;
+    if (V.get_async_event(k->ctx, &e) != 0) { say(text, textlen, "reading an RDMA event failed: %s", strerror(errno)); return -1; }
+    *type = (int)e.event_type;
+    *port = e.event_type == IBV_EVENT_PORT_ACTIVE || e.event_type == IBV_EVENT_PORT_ERR || e.event_type == IBV_EVENT_LID_CHANGE ||
+            e.event_type == IBV_EVENT_PKEY_CHANGE || e.event_type == IBV_EVENT_SM_CHANGE || e.event_type == IBV_EVENT_GID_CHANGE ||
+            e.event_type == IBV_EVENT_CLIENT_REREGISTER ? e.element.port_num : 0;
+    say(text, textlen, "%s", V.event_type_str ? V.event_type_str(e.event_type) : "event");
+    V.ack_async_event(&e);
+    return 1;
+}
+
 #else  /* built without <infiniband/verbs.h>: no RDMA, every call says why */
 
 static const char *why = "kvstore was built without libibverbs headers (install libibverbs-dev and rebuild)";
@@ -511,4 +535,7 @@ int kv_rdma_transfer(kv_rdma_qp *q, int w, void *l, uint32_t lk, uint64_t r, uin
     (void)q; (void)w; (void)l; (void)lk; (void)r; (void)rk; (void)n; (void)t; say(err, errlen, "%s", why); return -1;
 }
 void kv_rdma_qp_destroy(kv_rdma_qp *q) { (void)q; }
+int kv_rdma_next_event(kv_rdma_context *k, int t, int *ty, int *p, char *text, size_t textlen) {
+    (void)k; (void)t; (void)ty; (void)p; say(text, textlen, "%s", why); return -1;
+}
 #endif

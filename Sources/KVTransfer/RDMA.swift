@@ -5,6 +5,7 @@ import CKVVerbs
 import KVAccelerator
 import KVCore
 import KVSystem
+import Synchronization
 
 /// RDMA between hosts (docs/architecture.md §3): libibverbs loaded at run time (`CKVVerbs`), device
 /// discovery, memory registration, reliable-connected queue pairs and one-sided READ/WRITE.
@@ -120,16 +121,54 @@ public final class RDMAContext: @unchecked Sendable {
     public let gidIndex: Int
     public let gidType: Int
 
-    /// `gidIndex` -1 lets the device choose (see `kv_rdma_open`).
-    public init(device: String, port: Int, gidIndex: Int32 = -1) throws(KVError) {
+    /// What the event watcher shares with the context (not the context itself).
+    final class Events: Sendable {
+        let up = Atomic<Bool>(true)
+        let stop = Atomic<Bool>(false)
+    }
+    private let events = Events()
+    private var watcher: BackgroundThread?
+
+    /// `gidIndex` -1 lets the device choose (see `kv_rdma_open`). A thread reads the device's
+    /// asynchronous events (`kv_rdma_next_event`): each is logged, and a port error or a fatal
+    /// device error marks the context down (`isUp`) until the port is active again.
+    public init(device: String, port: Int, gidIndex: Int32 = -1, log: @escaping @Sendable (String) -> Void = logLine) throws(KVError) {
         raw = try RDMA.call(.unsupported) { err, n in kv_rdma_open(device, Int32(port), gidIndex, err, n) }
         self.device = device
         var type: Int32 = 0
         self.gidIndex = Int(kv_rdma_gid(raw, &type))
         self.gidType = Int(type)
+        let context = UInt(bitPattern: raw), events = self.events
+        watcher = try? BackgroundThread {
+            var type: Int32 = 0, eventPort: Int32 = 0
+            var text = [CChar](repeating: 0, count: 256)
+            while !events.stop.load(ordering: .acquiring) {
+                let r = kv_rdma_next_event(OpaquePointer(bitPattern: context), 200, &type, &eventPort, &text, text.count)
+                if r < 0 { return }   // this library reports no events
+                guard r == 1, eventPort == 0 || Int(eventPort) == port else { continue }
+                let name = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                switch type {
+                case Int32(KV_RDMA_EVENT_PORT_ERR), Int32(KV_RDMA_EVENT_DEVICE_FATAL):
+                    events.up.store(false, ordering: .releasing)
+                    log("RDMA device \(device) port \(port): \(name); RDMA is not used until the port is active again (TCP meanwhile)")
+                case Int32(KV_RDMA_EVENT_PORT_ACTIVE):
+                    events.up.store(true, ordering: .releasing)
+                    log("RDMA device \(device) port \(port): \(name); RDMA is used again")
+                default:
+                    log("RDMA device \(device): \(name)")
+                }
+            }
+        }
     }
 
-    deinit { kv_rdma_close(raw) }
+    /// Whether the port is usable as far as the device's events tell.
+    public var isUp: Bool { events.up.load(ordering: .acquiring) }
+
+    deinit {
+        events.stop.store(true, ordering: .releasing)
+        watcher?.join()
+        kv_rdma_close(raw)
+    }
 
     /// Registers `region` (memory someone else owns) for local access and, with `remote`,
     /// for peers' READ and WRITE.

@@ -553,7 +553,7 @@ public final class PeerLink: Sendable {
     public func read(segment: SegmentID, offset: Int, length: Int, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
         try Self.checkLength(destinations, length, "destinations")
         try exchange(length) { (c) throws(KVError) in
-            if let r = c.rdma, r.covers(segment, offset, length) {
+            if let r = usableRDMA(c), r.covers(segment, offset, length) {
                 do throws(KVError) {
                     try c.transfer(write: false, r, offset: offset, length: length, counters: counters) { piece, at in
                         Self.scatter(piece, skipping: at, into: destinations)
@@ -578,7 +578,7 @@ public final class PeerLink: Sendable {
                       deadline: Nanoseconds = 0) throws(KVError) {
         try Self.checkLength(parts, length, "parts")
         try exchange(length) { (c) throws(KVError) in
-            if let r = c.rdma, r.covers(segment, offset, length) {
+            if let r = usableRDMA(c), r.covers(segment, offset, length) {
                 do throws(KVError) {
                     try c.transfer(write: true, r, offset: offset, length: length, counters: counters) { piece, at in
                         Self.gather(parts, skipping: at, into: piece)
@@ -741,7 +741,7 @@ public final class PeerLink: Sendable {
             throw KVError(error.code, "peer \(host):\(port): \(error.message)")
         }
         let c = PeerConnection(s)
-        if let rdma, !rdmaRefused {
+        if let rdma, rdma.isUp, !rdmaRefused {
             do throws(KVError) {
                 c.rdma = try connectQueuePair(c, rdma)
             } catch {
@@ -750,6 +750,16 @@ public final class PeerLink: Sendable {
             }
         }
         return c
+    }
+
+    /// The connection's RDMA, unless the device reported its port down: then the connection
+    /// goes on over TCP (its queue pair is dropped).
+    private func usableRDMA(_ c: PeerConnection) -> PeerConnection.RemoteSegment? {
+        guard let r = c.rdma else { return nil }
+        if rdma?.isUp ?? false { return r }
+        c.rdma = nil
+        c.dropStaging()
+        return nil
     }
 
     /// Moves connection `c` to TCP after its RDMA transfer failed.

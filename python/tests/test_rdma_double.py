@@ -198,3 +198,13 @@ def test_infiniband_ports_use_gid_0_and_move_bytes(fabric):
     out = pair({**fabric, "FAKEVERBS_LINK": "infiniband"}, 4, 64 * KiB, "--write")
     exact(out)
     assert out["rdma"]["devices"][0]["link_layer"] == "infiniband" and out["rdma_bytes"] > 0, out
+
+
+def test_a_port_that_goes_down_is_left_for_tcp_at_once(fabric):
+    # The reader's port goes down between its two rounds: the device's asynchronous event
+    # tells kvstore, which uses TCP from then on without first failing a transfer there.
+    out = pair(fabric, 4, 64 * KiB, "--pause", "1.5", reader={"FAKEVERBS_PORT_DOWN_AFTER_MS": "700"})
+    exact(out)
+    assert "port error; RDMA is not used" in out["log"], out["log"]
+    assert "falling back to TCP on this connection" not in out["log"], out["log"]
+    assert 0 < out["rdma_bytes"] < out["network_bytes"], out

@@ -83,6 +83,14 @@ int kv_rdma_transfer(kv_rdma_qp *qp, int write, void *local, uint32_t lkey, uint
                      size_t len, int timeout_ms, char *err, size_t errlen);
 void kv_rdma_qp_destroy(kv_rdma_qp *qp);
 
+/* The device's next asynchronous event (port down or up, a fatal device error, a queue pair
+ * error), waiting at most timeout_ms: 1 with *type (enum ibv_event_type), *port (the port of
+ * a port event, else 0) and its name in `text`; 0 when none came; -1 with the reason (also
+ * when the library cannot report events). Each event is acknowledged before returning. */
+int kv_rdma_next_event(kv_rdma_context *ctx, int timeout_ms, int *type, int *port, char *text, size_t textlen);
+/* Event types kvstore acts on (enum ibv_event_type values). */
+enum { KV_RDMA_EVENT_DEVICE_FATAL = 8, KV_RDMA_EVENT_PORT_ACTIVE = 9, KV_RDMA_EVENT_PORT_ERR = 10 };
+
 #ifdef __cplusplus
 }
 #endif

@@ -25,6 +25,10 @@
  * - fork: with FAKEVERBS_FORK=unsafe the "kernel" lacks copy-on-fork for DMA pages: after a
  *   fork, memory registered before it no longer receives DMA in the parent (writes are
  *   silently lost) unless ibv_fork_init ran first.
+ * - asynchronous events: each context's async_fd (a pipe) delivers them to
+ *   ibv_get_async_event; FAKEVERBS_PORT_DOWN_AFTER_MS=N takes the port down N ms after the
+ *   device is opened (IBV_EVENT_PORT_ERR, ibv_query_port says DOWN, every later work request
+ *   completes with retry-exceeded), as a cable pulled from the NIC.
  * Devices: FAKEVERBS_DEVICES (count, default 1, "fakerxe0"...), FAKEVERBS_LINK ("ethernet",
  * "infiniband" or "unspecified"), FAKEVERBS_HOST (this process's host number, 1..250, default
  * 1), FAKEVERBS_MTU (bytes, default 1024). An Ethernet port's GID table is mlx5's: 0 RoCE v1
@@ -95,6 +99,11 @@ static int fork_unsafe, fork_enabled;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static int init_errno;
 static int created_qps;
+static int port_down;
+static pthread_once_t down_once = PTHREAD_ONCE_INIT;
+static int event_pipes[16][2];
+static int nevent_pipes;
+static pthread_mutex_t event_lock = PTHREAD_MUTEX_INITIALIZER;
 static int posted_wrs;
 
 static int env_int(const char *name, int dflt) {
@@ -176,7 +185,27 @@ typedef struct {
 typedef struct {
     struct ibv_context ctx;
     int index;
+    int events[2];   /* the async event pipe: [0] is async_fd */
 } fake_context;
+
+static void *take_port_down(void *arg) {
+    unsigned ms = (unsigned)(uintptr_t)arg;
+    usleep(ms * 1000);
+    __atomic_store_n(&port_down, 1, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&event_lock);
+    int ev = IBV_EVENT_PORT_ERR;
+    for (int i = 0; i < nevent_pipes; i++)
+        if (write(event_pipes[i][1], &ev, sizeof ev) != sizeof ev) continue;
+    pthread_mutex_unlock(&event_lock);
+    return NULL;
+}
+
+static void start_port_timer(void) {
+    int ms = env_int("FAKEVERBS_PORT_DOWN_AFTER_MS", 0);
+    if (ms <= 0) return;
+    pthread_t t;
+    if (pthread_create(&t, NULL, take_port_down, (void *)(uintptr_t)ms) == 0) pthread_detach(t);
+}
 
 typedef struct {
     struct ibv_cq cq;
@@ -241,6 +270,13 @@ struct ibv_context *ibv_open_device(struct ibv_device *device) {
     c->ctx.ops.poll_cq = poll_cq;
     c->ctx.cmd_fd = -1;
     c->ctx.async_fd = -1;
+    if (pipe2(c->events, O_CLOEXEC) == 0) {
+        c->ctx.async_fd = c->events[0];
+        pthread_mutex_lock(&event_lock);
+        if (nevent_pipes < 16) { event_pipes[nevent_pipes][0] = c->events[0]; event_pipes[nevent_pipes][1] = c->events[1]; nevent_pipes++; }
+        pthread_mutex_unlock(&event_lock);
+    }
+    pthread_once(&down_once, start_port_timer);
     c->ctx.num_comp_vectors = 1;
     c->ctx.abi_compat = NULL;   /* not an extended verbs_context: the exported calls are used */
     pthread_mutex_init(&c->ctx.mutex, NULL);
@@ -248,7 +284,37 @@ struct ibv_context *ibv_open_device(struct ibv_device *device) {
     return &c->ctx;
 }
 
-int ibv_close_device(struct ibv_context *context) { free(context); return 0; }
+int ibv_close_device(struct ibv_context *context) {
+    fake_context *c = (fake_context *)context;
+    pthread_mutex_lock(&event_lock);
+    for (int i = 0; i < nevent_pipes; i++)
+        if (event_pipes[i][0] == c->events[0]) { event_pipes[i][0] = event_pipes[nevent_pipes - 1][0]; event_pipes[i][1] = event_pipes[nevent_pipes - 1][1]; nevent_pipes--; break; }
+    pthread_mutex_unlock(&event_lock);
+    if (c->ctx.async_fd >= 0) { close(c->events[0]); close(c->events[1]); }
+    free(context);
+    return 0;
+}
+
+int ibv_get_async_event(struct ibv_context *context, struct ibv_async_event *event) {
+    int ev;
+    ssize_t n = read(context->async_fd, &ev, sizeof ev);
+    if (n != sizeof ev) { errno = n < 0 ? errno : EIO; return -1; }
+    memset(event, 0, sizeof *event);
+    event->event_type = (enum ibv_event_type)ev;
+    event->element.port_num = 1;
+    return 0;
+}
+
+void ibv_ack_async_event(struct ibv_async_event *event) { (void)event; }
+
+const char *ibv_event_type_str(enum ibv_event_type event) {
+    switch (event) {
+    case IBV_EVENT_PORT_ERR: return "port error";
+    case IBV_EVENT_PORT_ACTIVE: return "port active";
+    case IBV_EVENT_DEVICE_FATAL: return "local catastrophic error";
+    default: return "unknown";
+    }
+}
 
 int ibv_query_device(struct ibv_context *context, struct ibv_device_attr *attr) {
     (void)context;
@@ -272,7 +338,7 @@ int ibv_query_port(struct ibv_context *context, uint8_t port_num, struct _compat
     if (port_num != 1) return EINVAL;
     struct ibv_port_attr *a = (struct ibv_port_attr *)compat;
     memset(a, 0, sizeof *a);
-    a->state = IBV_PORT_ACTIVE;
+    a->state = __atomic_load_n(&port_down, __ATOMIC_ACQUIRE) ? IBV_PORT_DOWN : IBV_PORT_ACTIVE;
     a->max_mtu = IBV_MTU_4096;
     a->active_mtu = port_mtu;
     a->gid_tbl_len = ngids();
@@ -631,7 +697,8 @@ static int post_send(struct ibv_qp *qp, struct ibv_send_wr *wr, struct ibv_send_
         if (l->state != IBV_QPS_RTS && l->state != IBV_QPS_ERR) { unlock_fabric(); *bad = wr; return EINVAL; }
         int nth = __atomic_add_fetch(&posted_wrs, 1, __ATOMIC_RELAXED);
         enum ibv_wc_status st = l->state == IBV_QPS_ERR ? IBV_WC_WR_FLUSH_ERR
-                              : nth == env_int("FAKEVERBS_FAIL_WR", 0) ? IBV_WC_RETRY_EXC_ERR : execute(l, wr);
+                              : nth == env_int("FAKEVERBS_FAIL_WR", 0) || __atomic_load_n(&port_down, __ATOMIC_ACQUIRE)
+                                  ? IBV_WC_RETRY_EXC_ERR : execute(l, wr);
         if (st != IBV_WC_SUCCESS) { l->state = IBV_QPS_ERR; qp->state = IBV_QPS_ERR; }
         unlock_fabric();
         uint32_t len = 0;
