@@ -71,11 +71,12 @@ public final class PinnedMemory: Sendable {
 
     public init() {}
 
-    /// Pins `region` with the first accelerator of `snapshot`, if the policy allows and the
-    /// budget has room.
-    public func pin(_ region: MemoryRegion, policy: PinningPolicy,
+    /// Pins `region` with `device` (nil: the first accelerator of `snapshot`), if the policy
+    /// allows and the budget has room. Pins are portable: usable by every device's copies.
+    public func pin(_ region: MemoryRegion, policy: PinningPolicy, device: (any AcceleratorDevice)? = nil,
                     snapshot: AcceleratorSnapshot = AcceleratorRegistry.snapshot) -> PinOutcome {
-        guard policy.enabled, region.length > 0, let device = snapshot.accelerators.first else { return .notNeeded }
+        guard policy.enabled, region.length > 0, let device = device ?? snapshot.accelerators.first,
+              !device.location.isHost else { return .notNeeded }
         guard reserve(region.length, cap: policy.maxBytes) else {
             fallbacks.add(1, ordering: .relaxed)
             return .fellBack("pinning \(region.length) bytes would exceed the pinned-memory budget of \(policy.maxBytes) bytes")

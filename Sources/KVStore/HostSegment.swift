@@ -191,9 +191,10 @@ public final class HostSegment: @unchecked Sendable {
     }
 
     /// Pins the chunks of `region` (inside this segment) not pinned yet, when the policy
-    /// allows and an accelerator is present: called before a device copy touches them. A
-    /// refused pin leaves the chunk pageable (the copy still runs) and is not asked again.
-    public func pinForDeviceCopy(_ region: MemoryRegion) {
+    /// allows, through `device` (the one about to copy; nil: the first accelerator): called
+    /// before a device copy touches them. A refused pin leaves the chunk pageable (the copy
+    /// still runs) and is not asked again.
+    public func pinForDeviceCopy(_ region: MemoryRegion, device: (any AcceleratorDevice)? = nil) {
         guard pinning.enabled, region.length > 0, mapped else { return }
         let start = Int(region.address - UInt(bitPattern: base))
         let first = start / Self.pinChunk, last = (start + region.length - 1) / Self.pinChunk
@@ -201,7 +202,8 @@ public final class HostSegment: @unchecked Sendable {
             pins.withLock { p in
                 guard p.pinned[chunk] == nil, !p.refused.contains(chunk) else { return }
                 let offset = chunk * Self.pinChunk
-                switch PinnedMemory.shared.pin(MemoryRegion(base + offset, length: min(Self.pinChunk, size - offset)), policy: pinning) {
+                switch PinnedMemory.shared.pin(MemoryRegion(base + offset, length: min(Self.pinChunk, size - offset)), policy: pinning,
+                                               device: device) {
                 case .pinned(let r):
                     p.pinned[chunk] = r
                     pinnedNow.add(r.region.length, ordering: .relaxed)

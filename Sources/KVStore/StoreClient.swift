@@ -347,15 +347,17 @@ public final class StoreClient: Sendable {
     /// copies touch (`HostSegment.pinForDeviceCopy`), then executes it with this store's
     /// device holds. Returns the failure of each owner that failed.
     func run(_ plan: DeviceCopyPlan, into destination: LocalCopyTransport.Destination) -> [Int: KVError] {
+        let devices = AcceleratorRegistry.snapshot
         if let segment {
             for g in plan.deviceGroups {
+                let device = devices.device(at: g.device)   // pinned through the GPU that copies
                 for c in g.copies where c.direction != .deviceToDevice {
                     let host = c.direction == .hostToDevice ? c.op.source : c.op.destination
-                    if segment.contains(host) { segment.pinForDeviceCopy(MemoryRegion(address: host, length: c.op.length)) }
+                    if segment.contains(host) { segment.pinForDeviceCopy(MemoryRegion(address: host, length: c.op.length), device: device) }
                 }
             }
         }
-        return plan.execute(transport: transport, into: destination, devices: AcceleratorRegistry.snapshot, holds: deviceHolds)
+        return plan.execute(transport: transport, into: destination, devices: devices, holds: deviceHolds)
     }
 
     /// Where each of `regions` lives; nil when all are host memory (the fast path). Throws

@@ -225,6 +225,20 @@ def test_a_segment_is_pinned_on_its_first_gpu_copy_and_holds_one_context_until_c
 
 # ---- two devices ----
 
+def test_a_segment_used_only_by_the_second_gpu_is_pinned_through_it():
+    run("""
+        import os
+        os.environ["KVSTORE_PIN_MEMORY"] = "1"
+        with kvstore.Store("16MiB", pin_memory=True) as s:
+            a = fg.DeviceArray(MiB, device=1, stream=None)
+            s.put_tensor("t", a)
+            s.get_tensor_into("t", a)
+            assert s.stats()["page_locked_bytes"] == 16 * MiB, s.stats()
+            assert (fg.retained(0), fg.retained(1)) == (0, 1)   # GPU 0 never touched
+        assert (fg.retained(0), fg.retained(1)) == (0, 0)
+    """, devices=2)
+
+
 def test_array_interface_memory_on_the_second_gpu_is_found_there():
     # The array interface does not name the GPU: the driver does (it used to be cuda:0).
     run("""
