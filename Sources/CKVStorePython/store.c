@@ -215,7 +215,7 @@ static PyObject *store_put_raw(StoreObject *self, PyObject *const *args, Py_ssiz
     if (upsert < 0) return NULL;
     kvpy_buffers b;
     kvpy_buffers_init(&b);
-    if (kvpy_buffers_add_raw_list(&b, args[1], 0) < 0) return NULL;
+    if (kvpy_buffers_add_raw_list(&b, args[1], 0) < 0) { kvpy_buffers_release(&b); return NULL; }
     return put_buffers(self, k, klen, &b, upsert ? KV_UPSERT : KV_PUT, &o);
 }
 

@@ -505,9 +505,10 @@ public final class SegmentServer: @unchecked Sendable {
 /// READ/WRITE, staged through a registered buffer of the connection (docs/architecture.md §3:
 /// caller memory is not registered). A peer that answers that it has no RDMA (or not yet), or
 /// a data path that fails its test (a GID that does not route, an MTU, a firewall), is
-/// remembered: TCP carries everything for the next 30 s, then a new connection asks again. An RDMA transfer that fails later (the queue pair in
-/// error, a staging buffer past the locked-memory limit) moves that connection to TCP and the
-/// operation is done again over TCP on the same connection.
+/// remembered: TCP carries everything for the next 30 s, then a new connection asks again.
+/// An RDMA transfer that fails later (the queue pair in error, a staging buffer past the
+/// locked-memory limit) moves that connection to TCP and the operation is done again over TCP
+/// on the same connection. A port the device reports down stops RDMA at once.
 ///
 /// Every byte moved is counted in `counters` (`networkBytes`; `rdmaBytes` and `bytesStaged`
 /// for RDMA).
@@ -853,6 +854,8 @@ final class PeerConnection: @unchecked Sendable {
     var rdma: RemoteSegment?
     /// Registered memory for RDMA staging, kept for the connection's next transfers.
     private var staging: RDMAMemory?
+    /// The largest staging buffer the locked-memory limit allowed (see `stagingBuffer`).
+    private var stagingCeiling = Int.max
 
     init(_ s: Socket) { socket = s }
 
@@ -891,15 +894,18 @@ final class PeerConnection: @unchecked Sendable {
 
     /// A registered staging buffer of at least `size` bytes (at least 1 MiB) or, when the
     /// locked-memory limit refuses that, the largest of halving sizes down to 64 KiB.
+    /// A size that had to be halved is the connection's ceiling from then on (larger
+    /// transfers go in pieces of it, not through a new registration attempt each time).
     private func stagingBuffer(_ size: Int, _ context: RDMAContext) throws(KVError) -> RDMAMemory {
-        if let s = staging, s.region.length >= size { return s }
+        if let s = staging, s.region.length >= min(size, stagingCeiling) { return s }
         staging = nil   // deregistered first: its bytes count against the limit
-        var want = max(size, 1 << 20)
+        var want = min(max(size, 1 << 20), stagingCeiling)
         var failure: KVError? = nil
         while want >= 64 << 10 {
             do throws(KVError) {
                 let s = try context.allocate(want)
                 staging = s
+                if failure != nil { stagingCeiling = want }
                 return s
             } catch {
                 failure = failure ?? error

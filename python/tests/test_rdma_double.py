@@ -130,6 +130,7 @@ def test_a_memlock_limit_below_the_staging_size_falls_back_instead_of_failing(fa
     out = pair(fabric, 1, 16 * MiB, hold={"FAKEVERBS_MEMLOCK": str(1 << 30)}, reader={"FAKEVERBS_MEMLOCK": str(8 * MiB)},
                segment="24MiB")
     exact(out)
+    assert out["rdma_bytes"] == 2 * 16 * MiB, out   # by RDMA, through a smaller staging buffer
 
 
 def test_a_fork_after_registration_does_not_corrupt_rdma_reads(fabric):
