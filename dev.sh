@@ -8,6 +8,9 @@
 #   ./dev.sh install-master [PREFIX]  build the kvstore-master executable, install it in PREFIX/bin
 #   ./dev.sh etcd [args]   run a single-member etcd on 127.0.0.1:2379 (for masters run with --etcd)
 #   ./dev.sh setup         set everything up only
+#   ./dev.sh gpu-check [OUT]  on a GPU machine without Swift: install the abi3 wheel from dist/
+#                          (built here by `./dev.sh wheel`), then run the CUDA tests and the GPU
+#                          benchmark, results in OUT (default gpu-check/)
 #
 # Set-up installs missing Debian packages (python3-dev, python3-venv, libibverbs-dev, iproute2, iperf3,
 # libnuma-dev, pkg-config), creates .venv with numpy and pytest, and builds and installs the
@@ -301,5 +304,20 @@ case "$cmd" in
         log "the wheel in a fresh virtual environment"
         smoke_wheel
         ;;
-    *) sed -n '2,17p' "$0"; exit 2 ;;
+    gpu-check)
+        # Nothing is built or downloaded: the machine has CUDA, torch and Python, not Swift or
+        # a network. Each step runs even when an earlier one failed; the log says which.
+        set +e
+        out=${1:-$ROOT/gpu-check}
+        mkdir -p "$out"
+        env=$out/venv
+        "$PY" -m venv --system-site-packages "$env" && "$env/bin/python" -m pip install -q --no-index --no-deps "$ROOT"/dist/*.whl
+        lib=$(ldconfig -p 2>/dev/null | sed -n 's/.*libcuda.so.1 .*=> //p' | head -1)
+        { echo "driver: ${lib:-not found}"; [ -n "$lib" ] && nm -D "$lib" | grep -E ' cuMemcpyBatchAsync'; } | tee "$out/driver.txt"
+        "$env/bin/python" -c 'import kvstore, torch; print(kvstore.devices(), torch.__version__, torch.cuda.get_device_name(0))' \
+            2>&1 | tee "$out/devices.txt"
+        (cd /tmp && "$env/bin/python" -m pytest -q -m cuda "$ROOT/python/tests/test_cuda.py") 2>&1 | tee "$out/pytest-cuda.txt"
+        "$env/bin/python" -m kvstore bench --ops gpu --sizes 64MiB,512MiB --repeat 5 --json "$out/gpu.json" 2>&1 | tee "$out/bench-gpu.txt"
+        ;;
+    *) sed -n '2,20p' "$0"; exit 2 ;;
 esac
