@@ -104,7 +104,7 @@ extension StoreClient {
             guard sameProcess else {
                 throw KVError(.unsupported, "KV blocks in device memory move only within one process here (no GPU transport between processes is built in)")
             }
-            return try deviceCopies(copies, from: fromLocations, to: toLocations, batched: executor == .aggregated, mover: mover)
+            return try deviceCopies(copies, from: fromLocations, to: toLocations, batched: executor == .aggregated)
         }
         if sameProcess { return try mover.run(copies, pull: pull, route: .sameProcess, executor: executor) }
         let link = peer.endpoint.isEmpty ? nil : try kvLink(peer.endpoint)
@@ -115,60 +115,24 @@ extension StoreClient {
         return try mover.run(copies, pull: pull, route: .network(link), executor: executor)
     }
 
-    /// Copies grouped by the device that owns either side and the direction (named): one
-    /// copy per run, or (`batched`) one batched driver call per group for up to 1024 runs (a
-    /// device without one: `unsupported`, before any byte moves). Host runs of a mixed layout
-    /// go to `mover` in this process. `from`/`to`: each descriptor's location. Returns the
-    /// operations issued.
-    private func deviceCopies(_ copies: [KVBlockCopy], from: [MemoryLocation], to: [MemoryLocation], batched: Bool,
-                              mover: KVBlockMover) throws(KVError) -> Int {
+    /// The KV copies of a layout with device memory, through the one device-copy executor
+    /// (`DeviceCopyPlan`): grouped by the device that owns either side, one copy per run, or
+    /// (`batched`) one batched driver call per device and direction for up to 1024 runs (a
+    /// device without one: `unsupported`, before any byte moves); host runs of a mixed layout
+    /// are copied in this process. KV caches carry no stream: each device's copies wait for
+    /// all of its queued work and are complete on return. `from`/`to`: each descriptor's
+    /// location. Returns the operations issued.
+    private func deviceCopies(_ copies: [KVBlockCopy], from: [MemoryLocation], to: [MemoryLocation], batched: Bool) throws(KVError) -> Int {
         let snapshot = AcceleratorRegistry.snapshot
-        var groups: [(device: any AcceleratorDevice, direction: CopyDirection, copies: [KVBlockCopy])] = []
+        for loc in from + to { _ = try snapshot.requireDevice(at: loc) }   // every device exists before a byte moves
+        var plan = DeviceCopyPlan()
         for c in copies {
-            let s = from[c.sourceDescriptor], d = to[c.destinationDescriptor]
-            let direction = CopyDirection(from: s, to: d)
-            let device = try snapshot.requireDevice(at: s.isHost ? d : s)
-            if let i = groups.firstIndex(where: { $0.device === device && $0.direction == direction }) {
-                groups[i].copies.append(c)
-            } else {
-                groups.append((device, direction, [c]))
-            }
+            plan.add(CopyOp(source: c.source, destination: c.destination, length: c.length),
+                     from: from[c.sourceDescriptor], to: to[c.destinationDescriptor], owner: 0)
         }
-        for g in groups where g.direction != .hostToHost { try deviceHolds.hold(g.device) }
-        if batched {   // refuse before moving anything when a device has no batched call
-            for g in groups where g.direction != .hostToHost {
-                try g.device.withCurrent { () throws(KVError) in
-                    try g.device.copyBatch(g.direction, sources: [], destinations: [], counts: [], stream: .unknown)
-                }
-            }
-        }
-        var calls = 0
-        for g in groups {
-            if g.direction == .hostToHost {
-                calls += try mover.run(g.copies, pull: true, route: .sameProcess, executor: .perBlock)
-                continue
-            }
-            // KV caches carry no stream: the copies wait for all of the device's queued work
-            // and are complete on return.
-            try g.device.withCurrent { () throws(KVError) in
-                try g.device.withCopies(on: .unknown) { () throws(KVError) in
-                    let step = batched ? KVBlockMover.maxRunsPerOperation : 1
-                    for start in stride(from: 0, to: g.copies.count, by: step) {
-                        let chunk = g.copies[start..<min(start + step, g.copies.count)]
-                        if batched {
-                            try g.device.copyBatch(g.direction, sources: chunk.map(\.source), destinations: chunk.map(\.destination),
-                                                   counts: chunk.map(\.length), stream: .unknown)
-                        } else {
-                            try g.device.copy(g.direction, from: chunk.first!.source, to: chunk.first!.destination,
-                                              count: chunk.first!.length, stream: .unknown)
-                        }
-                        for c in chunk { transport.count(c.length) }
-                        calls += 1
-                    }
-                }
-            }
-        }
-        return calls
+        let outcome = plan.execute(transport: transport, into: .callerMemory, devices: snapshot, holds: deviceHolds, batched: batched)
+        if let e = outcome.failed[0] { throw e }
+        return outcome.operations
     }
 
     private func kvLink(_ endpoint: String) throws(KVError) -> PeerLink {

@@ -51,45 +51,87 @@ public struct DeviceCopyPlan {
                               destinations: UnsafeBufferPointer<MemoryRegion>, destination: (Int) -> MemoryLocation,
                               owner: Int) {
         TransferPlan.forEachIndexedSlice(sources: sources, destinations: destinations) { op, si, di in
-            let s = source(si), d = destination(di)
-            let direction = CopyDirection(from: s, to: d)
-            let copy = Copy(op: op, direction: direction, owner: owner)
-            if direction == .hostToHost {
-                hostCopies.append(copy)
-                return
-            }
-            let performer = s.isHost ? d : s
-            let stream = CallDevices.stream(at: s.isHost ? op.destination : op.source)
-            if let g = deviceGroups.firstIndex(where: { $0.device == performer && $0.stream == stream }) {
-                deviceGroups[g].copies.append(copy)
-            } else {
-                deviceGroups.append((performer, stream, [copy]))
-            }
+            add(op, from: source(si), to: destination(di), owner: owner)
         }
     }
+
+    /// Plans one copy of `op` whose source lives at `from` and destination at `to` (a KV block
+    /// run, say) for `owner`.
+    public mutating func add(_ op: CopyOp, from s: MemoryLocation, to d: MemoryLocation, owner: Int) {
+        let direction = CopyDirection(from: s, to: d)
+        let copy = Copy(op: op, direction: direction, owner: owner)
+        if direction == .hostToHost {
+            hostCopies.append(copy)
+            return
+        }
+        let performer = s.isHost ? d : s
+        let stream = CallDevices.stream(at: s.isHost ? op.destination : op.source)
+        if let g = deviceGroups.firstIndex(where: { $0.device == performer && $0.stream == stream }) {
+            deviceGroups[g].copies.append(copy)
+        } else {
+            deviceGroups.append((performer, stream, [copy]))
+        }
+    }
+
+    /// Device calls of one batched call at most (a KV pull's aggregated executor).
+    public static let maxCopiesPerBatch = 1024
 
     /// Runs every copy; returns the failure of each owner that failed (empty when all
     /// succeeded). A device missing from `devices` fails its copies with `invalidArgument`.
     /// Each device used is held in `holds` (acquired once per store).
     public func execute(transport: LocalCopyTransport, into destination: LocalCopyTransport.Destination,
                         devices: AcceleratorSnapshot, holds: DeviceHolds) -> [Int: KVError] {
+        execute(transport: transport, into: destination, devices: devices, holds: holds, batched: false).failed
+    }
+
+    /// `execute`, and how many operations it issued (a host copy, a device copy or a batched
+    /// device call each count one). `batched`: each group's copies of one direction go in
+    /// batched calls of up to `maxCopiesPerBatch` (`copyBatch`); a device without one fails
+    /// every owner with `unsupported` before any byte moves.
+    public func execute(transport: LocalCopyTransport, into destination: LocalCopyTransport.Destination,
+                        devices: AcceleratorSnapshot, holds: DeviceHolds, batched: Bool) -> (failed: [Int: KVError], operations: Int) {
         var failed: [Int: KVError] = [:]
-        for c in hostCopies { transport.copyHost(c.op, into: destination) }
+        var operations = 0
+        func fail(_ copies: [Copy], _ error: KVError) {
+            for c in copies where failed[c.owner] == nil { failed[c.owner] = error }
+        }
+        if batched {   // refuse before moving anything when a device has no batched call
+            for group in deviceGroups {
+                guard let device = devices.device(at: group.device) else { continue }
+                do throws(KVError) {
+                    try holds.hold(device)
+                    try device.withCurrent { () throws(KVError) in
+                        try device.copyBatch(group.copies[0].direction, sources: [], destinations: [], counts: [], stream: group.stream)
+                    }
+                } catch {
+                    fail(hostCopies + deviceGroups.flatMap(\.copies), error)
+                    return (failed, 0)
+                }
+            }
+        }
+        for c in hostCopies where failed[c.owner] == nil {
+            transport.copyHost(c.op, into: destination)
+            operations += 1
+        }
         for group in deviceGroups {
             guard let device = devices.device(at: group.device) else {
-                let error = devices.missing(group.device)
-                for c in group.copies where failed[c.owner] == nil { failed[c.owner] = error }
+                fail(group.copies, devices.missing(group.device))
                 continue
             }
             do throws(KVError) {
                 try holds.hold(device)
                 try device.withCurrent { () throws(KVError) in
                     try device.withCopies(on: group.stream) { () throws(KVError) in
+                        if batched {
+                            operations += runBatches(group.copies, on: device, stream: group.stream, transport: transport, fail: fail)
+                            return
+                        }
                         for c in group.copies where failed[c.owner] == nil {
                             do throws(KVError) {
                                 try device.copy(c.direction, from: c.op.source, to: c.op.destination, count: c.op.length,
                                                 stream: group.stream)
                                 transport.count(c.op.length)
+                                operations += 1
                             } catch {
                                 failed[c.owner] = error
                             }
@@ -97,9 +139,33 @@ public struct DeviceCopyPlan {
                     }
                 }
             } catch {
-                for c in group.copies where failed[c.owner] == nil { failed[c.owner] = error }
+                fail(group.copies, error)
             }
         }
-        return failed
+        return (failed, operations)
+    }
+
+    /// One group's copies in batched calls, per direction in order of first use; returns the
+    /// calls made. A failed call fails the owners of its copies.
+    private func runBatches(_ copies: [Copy], on device: any AcceleratorDevice, stream: DeviceStream, transport: LocalCopyTransport,
+                            fail: ([Copy], KVError) -> Void) -> Int {
+        var directions: [CopyDirection] = []
+        for c in copies where !directions.contains(c.direction) { directions.append(c.direction) }
+        var calls = 0
+        for d in directions {
+            let mine = copies.filter { $0.direction == d }
+            for start in stride(from: 0, to: mine.count, by: Self.maxCopiesPerBatch) {
+                let chunk = Array(mine[start..<min(start + Self.maxCopiesPerBatch, mine.count)])
+                do throws(KVError) {
+                    try device.copyBatch(d, sources: chunk.map(\.op.source), destinations: chunk.map(\.op.destination),
+                                         counts: chunk.map(\.op.length), stream: stream)
+                    for c in chunk { transport.count(c.op.length) }
+                } catch {
+                    fail(chunk, error)
+                }
+                calls += 1
+            }
+        }
+        return calls
     }
 }

@@ -554,15 +554,8 @@ public final class PeerLink: Sendable {
     public func read(segment: SegmentID, offset: Int, length: Int, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
         try Self.checkLength(destinations, length, "destinations")
         try exchange(length) { (c) throws(KVError) in
-            if let r = usableRDMA(c), r.covers(segment, offset, length) {
-                do throws(KVError) {
-                    try c.transfer(write: false, r, offset: offset, length: length, counters: counters) { piece, at in
-                        Self.scatter(piece, skipping: at, into: destinations)
-                    }
-                    return
-                } catch {
-                    leaveRDMA(c, error)   // and read the same bytes over TCP below
-                }
+            if viaRDMA(c, write: false, segment, offset, length, { piece, at in Self.scatter(piece, skipping: at, into: destinations) }) {
+                return
             }
             try c.socket.writeFrame(kind: DataFrame.read, payload: Self.request(segment, offset, length))
             try Self.expectOK(c.socket)
@@ -579,17 +572,10 @@ public final class PeerLink: Sendable {
                       deadline: Nanoseconds = 0) throws(KVError) {
         try Self.checkLength(parts, length, "parts")
         try exchange(length) { (c) throws(KVError) in
-            if let r = usableRDMA(c), r.covers(segment, offset, length) {
-                do throws(KVError) {
-                    try c.transfer(write: true, r, offset: offset, length: length, counters: counters) { piece, at in
-                        Self.gather(parts, skipping: at, into: piece)
-                    }
-                    return
-                } catch {
-                    // Some pieces may have landed: the TCP write below writes the same bytes
-                    // into the same space, not yet visible to anyone.
-                    leaveRDMA(c, error)
-                }
+            // After a failed RDMA write some pieces may have landed: the TCP write below writes
+            // the same bytes into the same space, not yet visible to anyone.
+            if viaRDMA(c, write: true, segment, offset, length, { piece, at in Self.gather(parts, skipping: at, into: piece) }) {
+                return
             }
             var remaining: UInt64 = 0
             if deadline != 0 {
@@ -761,6 +747,22 @@ public final class PeerLink: Sendable {
         c.rdma = nil
         c.dropStaging()
         return nil
+    }
+
+    /// Moves the bytes by RDMA when connection `c` can reach them that way (`stage` as in
+    /// `PeerConnection.transfer`). False when TCP must carry them: no usable RDMA here, or the
+    /// RDMA transfer just failed and moved the connection to TCP (the caller then does the
+    /// whole operation over TCP).
+    private func viaRDMA(_ c: PeerConnection, write: Bool, _ segment: SegmentID, _ offset: Int, _ length: Int,
+                         _ stage: (MemoryRegion, Int) -> Void) -> Bool {
+        guard let r = usableRDMA(c), r.covers(segment, offset, length) else { return false }
+        do throws(KVError) {
+            try c.transfer(write: write, r, offset: offset, length: length, counters: counters, stage)
+            return true
+        } catch {
+            leaveRDMA(c, error)
+            return false
+        }
     }
 
     /// Moves connection `c` to TCP after its RDMA transfer failed.
