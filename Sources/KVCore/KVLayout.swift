@@ -26,10 +26,10 @@ public struct KVBufferDescriptor: Sendable, Equatable {
     public var address: UInt
     public var length: Int
     public var bytesPerBlock: Int
-    /// "cpu" or "cuda:N" (as given; the store checks that the device exists).
-    public var location: String
+    /// Where the buffer lives, parsed once (the store checks that the device exists).
+    public var location: MemoryLocation
 
-    public init(layer: Int, kind: KVBufferKind, address: UInt, length: Int, bytesPerBlock: Int, location: String = "cpu") {
+    public init(layer: Int, kind: KVBufferKind, address: UInt, length: Int, bytesPerBlock: Int, location: MemoryLocation = .host) {
         self.layer = layer
         self.kind = kind
         self.address = address
@@ -72,7 +72,6 @@ public struct KVLayout: Sendable, Equatable {
             guard d.address != 0, UInt.max - d.address >= UInt(d.length) else {
                 throw .invalidArgument("\(what): address \(d.address) with length \(d.length) is not a valid range")
             }
-            guard !d.location.isEmpty, d.location.utf8.count <= 64 else { throw .invalidArgument("\(what): location must be 1 to 64 bytes") }
         }
         let sorted = descriptors.enumerated().sorted { a, b in
             (a.element.layer, a.element.kind.rawValue) < (b.element.layer, b.element.kind.rawValue)
@@ -82,7 +81,7 @@ public struct KVLayout: Sendable, Equatable {
         }
         // Overlaps, per location (the same address on two devices is two places).
         let byAddress = descriptors.enumerated().sorted { a, b in
-            (a.element.location, a.element.address) < (b.element.location, b.element.address)
+            (a.element.location.description, a.element.address) < (b.element.location.description, b.element.address)
         }
         for (a, b) in zip(byAddress, byAddress.dropFirst()) where a.element.location == b.element.location {
             if a.element.address + UInt(a.element.length) > b.element.address {
@@ -121,7 +120,7 @@ public struct KVLayout: Sendable, Equatable {
         w.count(descriptors.count)
         for d in descriptors {
             w.u32(UInt32(d.layer)); w.u8(d.kind.rawValue); w.u64(UInt64(d.address))
-            w.u64(UInt64(d.length)); w.u64(UInt64(d.bytesPerBlock)); w.string(d.location)
+            w.u64(UInt64(d.length)); w.u64(UInt64(d.bytesPerBlock)); w.string(d.location.name)
         }
     }
 
@@ -136,8 +135,9 @@ public struct KVLayout: Sendable, Equatable {
             let address = UInt(try r.u64())
             let length = try r.size(max: MasterLimits.maxSize, "length")
             let bpb = try r.size(max: MasterLimits.maxSize, "bytes per block")
+            let location = try MemoryLocation(parsing: try r.string(max: MemoryLocation.maxTextBytes, "location"))
             ds.append(KVBufferDescriptor(layer: layer, kind: kind, address: address, length: length, bytesPerBlock: bpb,
-                                         location: try r.string(max: 64, "location")))
+                                         location: location))
         }
         return try KVLayout(ds)
     }

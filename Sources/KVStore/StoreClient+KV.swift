@@ -25,7 +25,7 @@ extension StoreClient {
                 // The location is checked against the memory, as register_buffer does: a GPU
                 // buffer labelled "cpu" would be memmoved, host memory labelled "cuda:0" given
                 // to the copy engine.
-                let loc = try MemoryLocation(parsing: d.location)
+                let loc = d.location
                 _ = try devices.requireDevice(at: loc)
                 if devices.hasAccelerator, d.length > 0, let actual = try devices.classify(d.address), actual != loc {
                     throw KVError.invalidArgument("buffer at 0x\(String(d.address, radix: 16)) is \(actual) memory, not \(loc)")
@@ -37,7 +37,7 @@ extension StoreClient {
         let old = kvNode.withLock { $0 }
         var endpoint = ""
         if let cluster, let remote {
-            let hostBuffers = layout.descriptors.filter { (try? MemoryLocation(parsing: $0.location))?.isHost ?? false }
+            let hostBuffers = layout.descriptors.filter { $0.location.isHost }
                 .map { MemoryRegion(address: $0.address, length: $0.length) }
             var found = cluster.server.withLock { $0 } ?? cluster.kvServer.withLock { $0 }
             if found == nil {
@@ -97,8 +97,7 @@ extension StoreClient {
         let sharesPIDs = cluster?.sharesPIDs.load(ordering: .relaxed) ?? true
         let sameProcess = peer.node == mine.node || (sharesPIDs && peer.host == mine.host && peer.pid == Int(getpid()))
         // Device memory: copies by the device, in this process only.
-        let fromLocations = try from.descriptors.map { (d) throws(KVError) in try MemoryLocation(parsing: d.location) }
-        let toLocations = try to.descriptors.map { (d) throws(KVError) in try MemoryLocation(parsing: d.location) }
+        let fromLocations = from.descriptors.map(\.location), toLocations = to.descriptors.map(\.location)
         let mover = KVBlockMover(counters: counters)
         if (fromLocations + toLocations).contains(where: { !$0.isHost }) {
             guard sameProcess else {

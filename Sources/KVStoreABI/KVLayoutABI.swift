@@ -48,8 +48,10 @@ public func kvLayoutRegister(_ store: OpaquePointer?, _ node: UnsafePointer<CCha
                 return String(validating: raw[..<end], as: UTF8.self)
             }
             guard let location else { throw .invalidArgument("descriptor \(i): location must be NUL-terminated UTF-8 within 32 bytes") }
+            let parsed: MemoryLocation
+            do throws(KVError) { parsed = try MemoryLocation(parsing: location) } catch { throw .invalidArgument("descriptor \(i): \(error.message)") }
             ds.append(KVBufferDescriptor(layer: Int(b.layer), kind: kind, address: UInt(b.address), length: Int(b.length),
-                                         bytesPerBlock: Int(b.bytes_per_block), location: location))
+                                         bytesPerBlock: Int(b.bytes_per_block), location: parsed))
         }
         try c.registerKVLayout(node: n, descriptors: ds)
     }
@@ -78,7 +80,7 @@ public func kvLayoutFetch(_ store: OpaquePointer?, _ node: UnsafePointer<CChar>?
             b.length = UInt64(d.length)
             b.bytes_per_block = UInt64(d.bytesPerBlock)
             withUnsafeMutableBytes(of: &b.location) { raw in
-                let utf8 = Array(d.location.utf8.prefix(raw.count - 1))
+                let utf8 = Array(d.location.name.utf8.prefix(raw.count - 1))
                 raw.copyBytes(from: utf8)
                 raw[utf8.count] = 0
             }

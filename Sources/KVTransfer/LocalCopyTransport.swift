@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CKVCopy
 import KVAccelerator
+import KVCore
 
 /// Moves bytes within this process's address space: one copy per slice, straight from source
 /// to destination, no staging. Safe to use from many threads at once; the caller guarantees

@@ -1,4 +1,5 @@
 import KVAccelerator
+import KVCore
 /// One copy of `length` bytes (at most `TransferPlan.maxSliceSize`).
 public struct CopyOp: Sendable, Hashable {
     public let source: UInt

@@ -54,11 +54,9 @@ final class KVLayoutTests: XCTestCase {
         refused(d, "not a valid range")
         d = ds; d[0].layer = -1
         refused(d, "layer must be")
-        d = ds; d[0].location = ""
-        refused(d, "location")
         refused([], "at least one")
         // The same addresses on two devices do not overlap.
-        d = ds; d[3].address = d[2].address; d[3].location = "cuda:0"
+        d = ds; d[3].address = d[2].address; d[3].location = MemoryLocation(kind: .cuda, index: 0)
         XCTAssertNoThrow(try KVLayout(d))
     }
 
@@ -115,9 +113,19 @@ final class KVLayoutTests: XCTestCase {
         d[1].length -= 1
         var bad = WireWriter()
         bad.string("n"); bad.count(d.count)
-        for x in d { bad.u32(UInt32(x.layer)); bad.u8(x.kind.rawValue); bad.u64(UInt64(x.address)); bad.u64(UInt64(x.length)); bad.u64(UInt64(x.bytesPerBlock)); bad.string(x.location) }
+        for x in d { bad.u32(UInt32(x.layer)); bad.u8(x.kind.rawValue); bad.u64(UInt64(x.address)); bad.u64(UInt64(x.length)); bad.u64(UInt64(x.bytesPerBlock)); bad.string(x.location.name) }
         bad.string("h"); bad.u64(1); bad.string("")
         XCTAssertThrowsError(try WireReader.parse(bad.bytes, "layout") { (r) throws(KVError) in try PublishedLayout.decode(&r) })
+        // Locations are parsed when decoded: an empty, malformed or too long one is refused.
+        for location in ["", "cuda:x", "CPU", String(repeating: "a", count: MemoryLocation.maxTextBytes + 1)] {
+            var w = WireWriter()
+            w.string("n"); w.count(1)
+            w.u32(0); w.u8(KVBufferKind.key.rawValue); w.u64(4096); w.u64(4096); w.u64(4096); w.string(location)
+            w.string("h"); w.u64(1); w.string("")
+            XCTAssertThrowsError(try WireReader.parse(w.bytes, "layout") { (r) throws(KVError) in try PublishedLayout.decode(&r) }, location)
+        }
+        XCTAssertEqual(MemoryLocation.host.name, "cpu")
+        XCTAssertEqual(MemoryLocation(kind: .cuda, index: 2).name, "cuda:2")
     }
 
     func testDirectoryOwnership() throws {

@@ -381,7 +381,7 @@ final class MasterServiceTests: XCTestCase {
     ]
     static let published = PublishedLayout(
         node: "n", layout: try! KVLayout([KVBufferDescriptor(layer: 0, kind: .key, address: 4096, length: 8192, bytesPerBlock: 4096),
-                                          KVBufferDescriptor(layer: 0, kind: .value, address: 4096, length: 4096, bytesPerBlock: 4096, location: "cuda:1")]),
+                                          KVBufferDescriptor(layer: 0, kind: .value, address: 4096, length: 4096, bytesPerBlock: 4096, location: MemoryLocation(kind: .cuda, index: 1))]),
         host: "h", pid: 7, endpoint: "127.0.0.1:9")
     static let responses: [MasterResponse] = [
         .ok, .error(KVError(.leaseHeld, "held")), .welcome(Welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1", pid: 77, data: [5, 6], session: [7], writeTimeout: 8)), .mounted(segment: 4),

@@ -19,7 +19,7 @@ final class StoreClientKVTests: XCTestCase {
 
     func descriptor(_ layer: Int, _ kind: KVBufferKind, device: Int, offset: Int) -> KVBufferDescriptor {
         KVBufferDescriptor(layer: layer, kind: kind, address: UInt(bitPattern: FakeAccelerator.memory(device).baseAddress!) + UInt(offset),
-                           length: Self.blocks * Self.bpb, bytesPerBlock: Self.bpb, location: "fake:\(device)")
+                           length: Self.blocks * Self.bpb, bytesPerBlock: Self.bpb, location: MemoryLocation(kind: FakeAccelerator.kind, index: device))
     }
 
     func testDeviceLayoutsMoveBlocksPerBlockWithDeviceCopies() throws {
@@ -27,7 +27,7 @@ final class StoreClientKVTests: XCTestCase {
         defer { s.close() }
         let layer0 = [descriptor(0, .key, device: 0, offset: 0), descriptor(0, .value, device: 1, offset: 0)]
         var bad = layer0
-        bad[1].location = "fake:3"
+        bad[1].location = MemoryLocation(kind: FakeAccelerator.kind, index: 3)
         XCTAssertThrowsError(try s.registerKVLayout(node: "n", descriptors: bad)) {
             XCTAssertTrue(($0 as? KVError)?.message.contains("descriptor 1 (layer 0, VALUE): no device 'fake:3'") ?? false, "\($0)")
         }

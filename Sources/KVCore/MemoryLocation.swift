@@ -1,5 +1,3 @@
-import KVCore
-
 /// A kind of device: "cpu" for host memory, "cuda" for NVIDIA GPUs, and whatever other kinds
 /// register themselves (tests register "fake"). A name: lower-case letters, digits and '_',
 /// starting with a letter.
@@ -22,13 +20,18 @@ public struct DeviceKind: RawRepresentable, Sendable, Hashable, CustomStringConv
 }
 
 /// Where a range of memory lives: host memory or one device. Written "cpu", "cpu:0",
-/// "cuda:3" (the form Python users pass as `location=`). Parsing checks the form only;
-/// whether the device exists is `AcceleratorRegistry`'s question.
+/// "cuda:3" (the form Python users pass as `location=`), at most `maxTextBytes` bytes.
+/// Parsing checks the form only; whether the device exists is `AcceleratorRegistry`'s
+/// question (KVAccelerator). A value type of KVCore: KV layouts carry it parsed.
 public struct MemoryLocation: Sendable, Hashable, CustomStringConvertible {
     public let kind: DeviceKind
     public let index: Int
 
     public static let host = MemoryLocation(kind: .cpu, index: 0)
+
+    /// The longest written form accepted: the C ABI's `kv_block_buffer.location` holds 32
+    /// bytes with its NUL (Python reads the same limit from the ABI).
+    public static let maxTextBytes = 31
 
     public init(kind: DeviceKind, index: Int) {
         self.kind = kind
@@ -38,6 +41,9 @@ public struct MemoryLocation: Sendable, Hashable, CustomStringConvertible {
     /// Parses "kind" or "kind:N" (N a non-negative decimal). Throws `invalidArgument` for
     /// anything else.
     public init(parsing text: String) throws(KVError) {
+        guard text.utf8.count <= Self.maxTextBytes else {
+            throw .invalidArgument("memory location '\(text.prefix(40))' is longer than \(Self.maxTextBytes) bytes")
+        }
         let parts = text.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
         guard DeviceKind.isValidName(parts[0]) else {
             throw .invalidArgument("unknown memory location '\(text)'; expected 'cpu' or 'cuda:N'")
@@ -56,6 +62,8 @@ public struct MemoryLocation: Sendable, Hashable, CustomStringConvertible {
 
     public var isHost: Bool { kind == .cpu }
     public var description: String { "\(kind.rawValue):\(index)" }
+    /// The form KV layouts give back: "cpu" for the host, else "kind:N".
+    public var name: String { isHost ? "cpu" : description }
 }
 
 /// The direction of a copy, always named explicitly: a device copy engine needs it, and a
