@@ -192,11 +192,12 @@ public final class MasterServer: @unchecked Sendable {
         self.log = log
     }
 
-    /// Writes "kvstore-master: <line>" to standard error.
-    public static let logToStandardError: @Sendable (String) -> Void = { line in
-        let text = "kvstore-master: \(line)\n"
-        _ = text.withCString { write(2, $0, strlen($0)) }
-    }
+    /// The master's logger: "kvstore-master: <line>" on standard error, rate-limited, level
+    /// from `KVSTORE_LOG_LEVEL`.
+    public static let logger = Logger(prefix: "kvstore-master")
+
+    /// Writes "kvstore-master: <line>" to standard error (through `logger`, at level info).
+    public static let logToStandardError: @Sendable (String) -> Void = { line in logger.info(line) }
 
     deinit {
         if wake.read >= 0 { close(wake.read); close(wake.write) }

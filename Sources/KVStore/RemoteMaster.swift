@@ -723,10 +723,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 if let p = l.layout, (try? expect(&l, .publishLayout(p))) == nil { l.layout = nil }
             }
             onConnect(l.epoch, l.segment, l.sharesPIDs)
-            let text = "kvstore: reconnected to the master at \(host):\(port) (reconnect \(reconnects.load(ordering: .relaxed)))"
-                + (resumed ? "; resumed this client's session: its segment and objects are kept\n"
-                   : l.mount != nil ? "; this client's segment was remounted as \(l.segment), \(l.index.count) of its objects re-registered\n" : "\n")
-            _ = text.withCString { write(2, $0, strlen($0)) }
+            Logger.shared.info("reconnected to the master at \(host):\(port) (reconnect \(reconnects.load(ordering: .relaxed)))"
+                + (resumed ? "; resumed this client's session: its segment and objects are kept"
+                   : l.mount != nil ? "; this client's segment was remounted as \(l.segment), \(l.index.count) of its objects re-registered" : ""))
         }
     }
 
@@ -951,8 +950,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             let newTerm = previousTerm != 0 && previousTerm != welcome.term
             if newTerm {
                 _ = failovers.add(1, ordering: .relaxed)
-                let text = "kvstore: cluster '\(address.cluster)' elected a new leader at \(host):\(port) (term \(welcome.term))\n"
-                _ = text.withCString { write(2, $0, strlen($0)) }
+                Logger.shared.info("cluster '\(address.cluster)' elected a new leader at \(host):\(port) (term \(welcome.term))")
             }
             l.epoch += 1
             l.leaseTTL = welcome.leaseTTL
@@ -973,8 +971,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 let unknown = l.unconfirmed.filter { u in u.place.segment != l.segment }.count
                 if unknown > 0 {
                     _ = commitFailures.add(unknown, ordering: .relaxed)
-                    let text = "kvstore: \(unknown) commits sent just before the connection was lost may not have reached the master, which no longer knows this client: those objects may be missing\n"
-                    _ = text.withCString { write(2, $0, strlen($0)) }
+                    Logger.shared.warning("\(unknown) commits sent just before the connection was lost may not have reached the master, which no longer knows this client: those objects may be missing")
                 }
                 l.client = welcome.client
                 l.secret = l.welcomeSecret
@@ -1010,8 +1007,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             _ = resumedCommits.add(n, ordering: .relaxed)
             return true
         } catch where l.socket != nil {
-            let text = "kvstore: the master did not resume this client's session: \(error.message)\n"
-            _ = text.withCString { write(2, $0, strlen($0)) }
+            Logger.shared.warning("the master did not resume this client's session: \(error.message)")
             return false   // the master refused: a new session
         }
     }
