@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import KVCore
+import KVSystem
 
 /// The CUDA driver API (`libcuda.so.1`), loaded with `dlopen` at run time: kvstore links no
 /// vendor library, and a machine without the driver simply has no CUDA devices.
@@ -59,7 +60,7 @@ final class CUDADriver: @unchecked Sendable {
 
     private static func load() -> (driver: CUDADriver?, reason: String) {
         var names = ["libcuda.so.1", "libcuda.so"]
-        if let p = getenv("KVSTORE_CUDA_DRIVER") { names = [String(cString: p)] }
+        if let p = Environment.string("KVSTORE_CUDA_DRIVER") { names = [p] }
         var handle: UnsafeMutableRawPointer?
         for n in names where handle == nil { handle = dlopen(n, RTLD_NOW | RTLD_LOCAL) }
         guard let handle else { return (nil, "no CUDA driver library (\(names.joined(separator: ", ")))") }

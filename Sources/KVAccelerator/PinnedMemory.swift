@@ -21,6 +21,7 @@ public struct PinningPolicy: Sendable, Equatable {
     /// The policy the environment asks for; throws `invalidArgument` for a value it cannot read.
     public static func fromEnvironment() throws(KVError) -> PinningPolicy {
         func value(_ names: String...) -> (String, String)? {
+            // Set but empty counts as set here ("" means on, as before).
             for n in names { if let v = getenv(n) { return (n, String(cString: v)) } }
             return nil
         }

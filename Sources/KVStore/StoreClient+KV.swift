@@ -3,6 +3,7 @@ import Glibc
 #endif
 import KVAccelerator
 import KVCore
+import KVSystem
 import KVTransfer
 
 /// Prefill→decode KV transfer (docs/architecture.md §3, "KV blocks"): this client publishes its KV

@@ -598,7 +598,7 @@ public final class StoreClient: Sendable {
 
     /// Test hook: `KVSTORE_TEST_READ_PAUSE_US` pauses every read under a remote lease this
     /// long between the lease and the copy (a reader descheduled at the worst moment).
-    static let testReadPause: UInt32 = getenv("KVSTORE_TEST_READ_PAUSE_US").flatMap { UInt32(String(cString: $0)) } ?? 0
+    static let testReadPause: UInt32 = Environment.integer("KVSTORE_TEST_READ_PAUSE_US") ?? 0
 
     /// Writes store a CRC32C unless their options say not to (`Store(checksum=True)`); set
     /// once when the store is created, before its handle is shared.
@@ -607,7 +607,7 @@ public final class StoreClient: Sendable {
 
     /// Test hook: `KVSTORE_TEST_WRITE_PAUSE_US` pauses every write to a remote master this
     /// long between its start and its copy.
-    static let testWritePause: UInt32 = getenv("KVSTORE_TEST_WRITE_PAUSE_US").flatMap { UInt32(String(cString: $0)) } ?? 0
+    static let testWritePause: UInt32 = Environment.integer("KVSTORE_TEST_WRITE_PAUSE_US") ?? 0
 
     /// The error of a read whose copy outlived its lease `tries` times in a row.
     public static func leaseExpired(_ t: ReadTicket, tries: Int) -> KVError {

@@ -90,7 +90,7 @@ public enum PrivateDirectory {
 public enum TokenFile {
     /// The token in `KVSTORE_MASTER_TOKEN`, if set and not empty.
     public static func environmentToken() -> String? {
-        guard let v = getenv("KVSTORE_MASTER_TOKEN"), v.pointee != 0 else { return nil }
+        guard let v = Environment.string("KVSTORE_MASTER_TOKEN") else { return nil }
         return String(cString: v)
     }
 
@@ -98,10 +98,10 @@ public enum TokenFile {
     /// exists with the wrong owner, type or mode.
     public static func directory() throws(KVError) -> String {
         let dir: String
-        if let v = getenv("KVSTORE_RUNTIME_DIR"), v.pointee != 0 {
-            dir = String(cString: v)
-        } else if let v = getenv("XDG_RUNTIME_DIR"), v.pointee != 0 {
-            dir = String(cString: v) + "/kvstore"
+        if let v = Environment.string("KVSTORE_RUNTIME_DIR") {
+            dir = v
+        } else if let v = Environment.string("XDG_RUNTIME_DIR") {
+            dir = v + "/kvstore"
         } else {
             dir = "/tmp/kvstore-\(geteuid())"
         }

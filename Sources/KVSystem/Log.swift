@@ -54,7 +54,7 @@ public final class Logger: Sendable {
 
     /// `KVSTORE_LOG_LEVEL` ("error", "warning", "info", "debug"); `info` when unset or unknown.
     public static var levelFromEnvironment: LogLevel {
-        getenv("KVSTORE_LOG_LEVEL").flatMap { LogLevel(name: String(cString: $0)) } ?? .info
+        Environment.string("KVSTORE_LOG_LEVEL").flatMap { LogLevel(name: $0) } ?? .info
     }
 
     public func log(_ level: LogLevel, _ line: String) {

@@ -106,10 +106,7 @@ public enum RDMA {
         return r
     }
 
-    static func environment(_ name: String) -> String? {
-        guard let v = getenv(name), v.pointee != 0 else { return nil }
-        return String(cString: v)
-    }
+    static func environment(_ name: String) -> String? { Environment.string(name) }
 }
 
 /// An open device port with its protection domain. Thread-safe (verbs calls are).

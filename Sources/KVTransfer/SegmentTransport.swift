@@ -199,8 +199,7 @@ public final class SegmentServer: @unchecked Sendable {
     /// queue pair is not timed out (RDMA traffic sends no TCP message); TCP keepalive finds a
     /// dead peer there instead.
     public static let defaultIdleTimeout: Double = {
-        if let v = getenv("KVSTORE_SEGMENT_IDLE_TIMEOUT").flatMap({ Double(String(cString: $0)) }), v > 0, v.isFinite { return v }
-        return 30
+        Environment.positiveDouble("KVSTORE_SEGMENT_IDLE_TIMEOUT") ?? 30
     }()
 
     /// Queue pairs one connection may hold (a peer connects one per connection).
@@ -603,7 +602,7 @@ public final class PeerLink: Sendable {
 
     /// Test hook: `KVSTORE_TEST_WRITE_STALL_US` pauses every TCP write this long after sending
     /// half of its bytes (a writer descheduled mid-copy).
-    static let testWriteStall: UInt32 = getenv("KVSTORE_TEST_WRITE_STALL_US").flatMap { UInt32(String(cString: $0)) } ?? 0
+    static let testWriteStall: UInt32 = Environment.integer("KVSTORE_TEST_WRITE_STALL_US") ?? 0
 
     /// Moves bytes between the peer's published KV buffers (`remote`) and this process's
     /// memory (`local`, same lengths pairwise) in one request: `write` sends local → remote.
