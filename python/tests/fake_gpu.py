@@ -42,6 +42,11 @@ def lib() -> ctypes.CDLL:
         lib.fakecuda_fill_async.argtypes = [ctypes.c_uint64, ctypes.c_int, ctypes.c_uint64, ctypes.c_int,
                                             ctypes.c_size_t, ctypes.c_uint]
         lib.fakecuda_retained.argtypes = [ctypes.c_int]
+        lib.cuInit.argtypes = [ctypes.c_uint]
+        lib.cuEventCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+        lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuStreamWaitEvent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+        lib.cuEventDestroy_v2.argtypes = [ctypes.c_void_p]
         _lib = lib
     return _lib
 
@@ -101,12 +106,15 @@ class DeviceArray:
 
 
 class DLPackDeviceArray:
-    """Device memory exported with DLPack (device type 2, uint8). Records the `stream` the
-    consumer asked for, and as a producer orders its pending work before that stream: here,
-    by enqueueing nothing and letting `ready_stream` be waited for by the test."""
+    """Device memory exported with DLPack (device type 2, uint8). Records the `stream` each
+    consumer asked for and, as a producer whose work runs on `producer_stream`, honours it the
+    way frameworks do: an event recorded on its own stream, which the consumer's stream then
+    waits for (1: the legacy default stream; None: the legacy one too, as the standard says;
+    -1: no synchronisation)."""
 
-    def __init__(self, array: DeviceArray):
+    def __init__(self, array: DeviceArray, producer_stream: int | None = None):
         self.array = array
+        self.producer_stream = producer_stream
         self.requested_streams: list[object] = []
         self._shape = (ctypes.c_int64 * 1)(array.nbytes)
         self._managed = _Managed()
@@ -125,4 +133,11 @@ class DLPackDeviceArray:
 
     def __dlpack__(self, stream=None):  # noqa: ANN001 - DLPack signature
         self.requested_streams.append(stream)
+        if self.producer_stream is not None and stream != -1:
+            lib().cuInit(0)
+            event = ctypes.c_void_p()
+            assert lib().cuEventCreate(ctypes.byref(event), 0) == 0
+            assert lib().cuEventRecord(event, self.producer_stream) == 0
+            assert lib().cuStreamWaitEvent(LEGACY if stream is None else stream, event, 0) == 0
+            lib().cuEventDestroy_v2(event)
         return _PyCapsule_New(ctypes.addressof(self._managed), b"dltensor", None)

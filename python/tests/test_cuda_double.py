@@ -120,6 +120,25 @@ def test_dlpack_producers_are_asked_to_order_their_work_before_the_legacy_stream
     """)
 
 
+def test_a_dlpack_producer_on_a_side_stream_is_waited_for_through_its_event():
+    # What torch does for __dlpack__(stream=1): an event on its own (non-blocking) stream,
+    # waited for by the legacy stream, where kvstore then copies. Also a get into it.
+    run("""
+        side = fg.stream(0, nonblocking=True)
+        a = fg.DeviceArray(MiB)
+        a.fill_async(side, ord("E"), delay_ms=100)
+        d = fg.DLPackDeviceArray(a, producer_stream=side)
+        with kvstore.Store("64MiB") as s:
+            s.put_tensor("t", d)
+            assert s.get_tensor("t").tobytes() == b"E" * MiB
+            s.put_tensor("u", np.full(MiB, 5, np.uint8))
+            a.fill_async(side, ord("F"), delay_ms=100)       # still writing the target
+            s.get_tensor_into("u", d)
+            fg.drain()
+            assert a.read() == bytes([5]) * MiB              # the copy came after the kernel
+    """)
+
+
 def test_a_batch_of_tensors_on_two_streams_is_ordered_after_each():
     run("""
         s1, s2 = fg.stream(0), fg.stream(0)

@@ -16,7 +16,9 @@
  *   ordered against nothing. Synchronous copies follow the CUDA documentation's "API
  *   synchronization behavior": host-to-device from pageable memory returns once the source
  *   is staged, device-to-device returns at once, device-to-host returns when done. A missing
- *   synchronisation therefore shows up as stale or torn bytes.
+ *   synchronisation therefore shows up as stale or torn bytes. Events record a point of a
+ *   stream; cuStreamWaitEvent makes another stream's later work wait for it (how a
+ *   producer honours DLPack's stream argument).
  * - Pointer attributes: device memory answers DEVICE and its ordinal, pinned or registered
  *   host memory HOST, anything else CUDA_ERROR_INVALID_VALUE (the driver's "not mine").
  * - Failure modes, chosen by FAKECUDA_MODE: "retain_refused" (every context retain fails,
@@ -590,6 +592,78 @@ CUresult CUDAAPI cuStreamSynchronize(CUstream hStream) {
     if (s) wait_for(s, s->enqueued);
     pthread_mutex_unlock(&g.lock);
     return s ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+/* ---- events ---- */
+
+struct CUevent_st {
+    stream *s;          /* NULL until recorded */
+    uint64_t seq;
+};
+
+CUresult CUDAAPI cuEventCreate(CUevent *phEvent, unsigned int Flags) {
+    (void)Flags;
+    if (!g.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!phEvent) return CUDA_ERROR_INVALID_VALUE;
+    CUevent e = calloc(1, sizeof *e);
+    if (!e) return CUDA_ERROR_OUT_OF_MEMORY;
+    *phEvent = e;
+    return CUDA_SUCCESS;
+}
+
+CUresult CUDAAPI cuEventDestroy(CUevent hEvent) {
+    if (!hEvent) return CUDA_ERROR_INVALID_HANDLE;
+    free(hEvent);
+    return CUDA_SUCCESS;
+}
+
+/* The device a stream handle means: a created stream's own, else (the legacy and per-thread
+ * handles) the current context's, else GPU 0. */
+static int handle_device(CUstream h) {
+    uintptr_t v = (uintptr_t)h;
+    if (v > 2) return ((stream *)h)->device;
+    return current >= 0 ? current : 0;
+}
+
+CUresult CUDAAPI cuEventRecord(CUevent hEvent, CUstream hStream) {
+    if (!g.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!hEvent) return CUDA_ERROR_INVALID_HANDLE;
+    pthread_mutex_lock(&g.lock);
+    stream *st = resolve(hStream, handle_device(hStream));
+    if (st) { hEvent->s = st; hEvent->seq = st->enqueued; }
+    pthread_mutex_unlock(&g.lock);
+    return st ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+/* Later work on hStream waits until the event's point of its stream has run. */
+CUresult CUDAAPI cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags) {
+    if (!g.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!hEvent || Flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&g.lock);
+    stream *st = resolve(hStream, hEvent->s ? hEvent->s->device : handle_device(hStream));
+    CUresult r = st ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (st && hEvent->s && hEvent->s->completed < hEvent->seq) {
+        op *o = calloc(1, sizeof *o);   /* a marker: runs once the event's point has */
+        if (!o) r = CUDA_ERROR_OUT_OF_MEMORY;
+        else {
+            o->kind = 2;
+            o->dep_stream[0] = hEvent->s;
+            o->dep_seq[0] = hEvent->seq;
+            o->ndeps = 1;
+            enqueue(st, o);
+        }
+    }
+    pthread_mutex_unlock(&g.lock);
+    return r;
+}
+
+CUresult CUDAAPI cuEventSynchronize(CUevent hEvent) {
+    if (!g.initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!hEvent) return CUDA_ERROR_INVALID_HANDLE;
+    pthread_mutex_lock(&g.lock);
+    if (hEvent->s) wait_for(hEvent->s, hEvent->seq);
+    pthread_mutex_unlock(&g.lock);
+    return CUDA_SUCCESS;
 }
 
 /* ---- test helpers (not CUDA API) ---- */
