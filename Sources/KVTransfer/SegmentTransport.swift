@@ -349,139 +349,52 @@ public final class SegmentServer: @unchecked Sendable {
         try body(segmentID.withLock { $0 })
     }
 
+    /// One served connection: its socket and what it has established so far.
+    private final class Connection {
+        let socket: Socket
+        let serial: Int
+        var welcomed = false
+        var handshake: ServerHandshake?
+        var queuePairs: [RDMAQueuePair] = []   // live as long as this connection
+
+        init(_ s: Socket, _ serial: Int) {
+            socket = s
+            self.serial = serial
+        }
+    }
+
+    /// Reads frames and hands each to the handler of its kind (one handler per message of
+    /// `DataFrame.Kind`); a failure is answered with an error frame, and ends the connection
+    /// when the stream's state is unknown (see the end of the loop).
     private func serve(_ s: Socket, _ serial: Int) {
+        let c = Connection(s, serial)
         defer {
+            c.queuePairs.removeAll()
             // Stop joins the threads it finds; a connection that ends by itself detaches.
             s.shutdown()
             state.withLock { st in if !st.stopped { st.connections[serial] = nil } }
         }
-        var welcomed = false
-        var handshake: ServerHandshake?
-        var queuePairs: [RDMAQueuePair] = []   // live as long as this connection
-        defer { queuePairs.removeAll() }
         // Until the peer has proved the token: tiny frames only, and a deadline.
         s.setTimeout(DataFrame.authTimeout)
         while true {
             let header: WireFrameHeader, payload: [UInt8]
             do throws(KVError) {
-                (header, payload) = try s.readFrame(maxPayload: welcomed ? DataFrame.maxPayload : DataFrame.maxPreAuthPayload,
-                                                    isKnown: welcomed ? DataFrame.isKnown : { $0 == DataFrame.hello || $0 == DataFrame.prove })
+                (header, payload) = try s.readFrame(maxPayload: c.welcomed ? DataFrame.maxPayload : DataFrame.maxPreAuthPayload,
+                                                    isKnown: c.welcomed ? DataFrame.isKnown : { $0 == DataFrame.hello || $0 == DataFrame.prove })
             } catch {
                 if error.code != .transfer { log("segment server: closing a connection: \(error.message)") }
                 return
             }
+            let kind = DataFrame.Kind(rawValue: header.kind)
             do throws(KVError) {
-                switch header.kind {
-                case DataFrame.hello:
-                    guard !welcomed, handshake == nil else { throw .invalidArgument("hello was already sent on this connection") }
-                    let cn = try WireReader.parse(payload, "hello") { (r) throws(KVError) in Array(try r.bytes(max: 64, "nonce")) }
-                    let h = try ServerHandshake(clientNonce: cn)
-                    handshake = h
-                    var w = WireWriter()
-                    w.bytes(h.serverNonce)
-                    w.bytes(h.serverProof(token: token.bytes))
-                    try s.writeFrame(kind: DataFrame.challenge, requestID: header.requestID, payload: w.bytes)
-                case DataFrame.prove:
-                    guard !welcomed, let h = handshake else { throw .invalidArgument("prove must follow hello") }
-                    let proof = try WireReader.parse(payload, "prove") { (r) throws(KVError) in Array(try r.bytes(max: 64, "proof")) }
-                    guard h.accepts(clientProof: proof, token: token.bytes) else { throw .invalidArgument("the segment server refused the token") }
-                    welcomed = true
-                    s.setTimeout(idleTimeout)
-                    try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
-                case DataFrame.read, DataFrame.write:
-                    guard welcomed else { throw .invalidArgument("the first request must be hello") }
-                    let isWrite = header.kind == DataFrame.write
-                    let (seg, offset, length, remaining) = try WireReader.parse(payload, "transfer request") { (r) throws(KVError) in
-                        let seg = try r.u32()
-                        let offset = try r.size(max: MasterLimits.maxSize, "offset"), length = try r.size(max: MasterLimits.maxSize, "length")
-                        let remaining: UInt64 = isWrite ? try r.u64() : 0
-                        return (seg, offset, length, min(remaining, Self.maxRemaining))
-                    }
-                    // The writer's deadline on this host's clock: when the frame arrived plus what
-                    // was left of it when it was sent (later than the writer's by the frame's
-                    // transit; the writer's own deadline is the write timeout less a margin).
-                    let deadline = remaining > 0 ? monotonicClock() &+ Nanoseconds(remaining) : 0
-                    try whileServing { (current) throws(KVError) in
-                        guard current != 0, seg == current else { throw .notFound("segment \(seg) is not served here (this server serves \(current))") }
-                        guard offset <= region.length, length <= region.length - offset else {
-                            throw .invalidArgument("range \(offset)+\(length) is outside the \(region.length)-byte segment")
-                        }
-                        let bytes = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: region.address + UInt(offset)), count: length)
-                        if header.kind == DataFrame.read {
-                            try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
-                            try s.writeAll(UnsafeRawBufferPointer(bytes))
-                        } else {
-                            if deadline != 0 {
-                                try s.readExactly(into: bytes, arrivingBy: deadline)
-                            } else {
-                                try s.readExactly(into: bytes)
-                            }
-                            try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
-                        }
-                    }
-                case DataFrame.kvRead, DataFrame.kvWrite:
-                    guard welcomed else { throw .invalidArgument("the first request must be hello") }
-                    let ranges = try WireReader.parse(payload, "KV transfer request") { (r) throws(KVError) in try KVRanges.decode(&r) }
-                    kvActive.withLock { $0[serial] = s }
-                    defer { kvActive.withLock { _ = $0.removeValue(forKey: serial) } }
-                    kvLock.lockShared()
-                    defer { kvLock.unlock() }
-                    try checkKV(ranges)
-                    let total = ranges.reduce(0) { $0 + $1.length }
-                    try ranges.withUnsafeBufferPointer { (rs) throws(KVError) in
-                        if header.kind == DataFrame.kvRead {
-                            try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
-                            try s.writeAll(total, from: rs)
-                        } else {
-                            try s.readExactly(total, into: rs)
-                            try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
-                        }
-                    }
-                case DataFrame.segmentFD:
-                    guard welcomed else { throw .invalidArgument("the first request must be hello") }
-                    guard shareFD >= 0, s.isUnixDomain else {
-                        throw KVError(.unsupported, "this server hands out no segment descriptor on this connection")
-                    }
-                    try whileServing { (current) throws(KVError) in
-                        guard current != 0 else { throw .notFound("the segment is not mounted") }
-                        var w = WireWriter()
-                        w.u64(UInt64(region.length))
-                        let f = WireWriter.frame(kind: DataFrame.ok, requestID: header.requestID, payload: w.bytes)
-                        let n = f.withUnsafeBytes { kv_send_fd(s.fd, shareFD, $0.baseAddress, $0.count) }
-                        guard n == f.count else { throw SystemCall.failure("sending the segment descriptor", code: .transfer) }
-                    }
-                case DataFrame.rdmaConnect:
-                    guard welcomed else { throw .invalidArgument("the first request must be hello") }
-                    let theirs = try WireReader.parse(payload, "rdmaConnect") { (r) throws(KVError) in try RDMAAddress.decode(&r) }
-                    guard queuePairs.count < Self.maxQueuePairsPerConnection else {
-                        throw .invalidArgument("a connection holds at most \(Self.maxQueuePairsPerConnection) queue pair")
-                    }
-                    try whileServing(patience: 0.5) { (current) throws(KVError) in
-                        guard let rdma else {
-                            throw KVError(.unsupported, "this peer has no RDMA device (\(RDMA.shared.openFailure)); use TCP")
-                        }
-                        guard let memory = registration.withLock({ $0 }) else {
-                            throw KVError(.unsupported, "this peer's segment is not registered for RDMA (yet, or past its locked-memory limit); use TCP")
-                        }
-                        let qp: RDMAQueuePair
-                        do throws(KVError) {
-                            qp = try RDMAQueuePair(rdma, remote: true)
-                            try qp.connect(to: theirs)
-                        } catch {
-                            // Our side of RDMA failed: the peer goes on over TCP.
-                            throw KVError(.unsupported, "RDMA queue pair: \(error.message)")
-                        }
-                        queuePairs.append(qp)
-                        // RDMA traffic sends nothing over this socket: no idle timeout from
-                        // now on, keepalive probes notice a peer that is gone.
-                        s.setTimeout(0)
-                        s.setKeepAlive(idle: 30, interval: 5, count: 4)
-                        var w = WireWriter()
-                        qp.address.encode(into: &w)
-                        w.u64(UInt64(memory.region.address)); w.u32(memory.rkey); w.u64(UInt64(memory.region.length)); w.u32(current)
-                        try s.writeFrame(kind: DataFrame.rdmaAccepted, requestID: header.requestID, payload: w.bytes)
-                    }
-                default:
+                switch kind {
+                case .hello: try hello(c, header, payload)
+                case .prove: try prove(c, header, payload)
+                case .read, .write: try transfer(c, header, payload, write: kind == .write)
+                case .kvRead, .kvWrite: try kvTransfer(c, header, payload, write: kind == .kvWrite)
+                case .segmentFD: try segmentDescriptor(c, header)
+                case .rdmaConnect: try rdmaConnect(c, header, payload)
+                case .ok, .error, .rdmaAccepted, .challenge, nil:
                     throw .invalidArgument("unexpected frame kind \(header.kind)")
                 }
             } catch {
@@ -489,8 +402,145 @@ public final class SegmentServer: @unchecked Sendable {
                 try? s.writeFrame(kind: DataFrame.error, requestID: header.requestID, payload: MasterResponse.error(error).encode())
                 // A refused write leaves its raw bytes unread, a transfer failure leaves the
                 // stream in an unknown state: either way the connection ends.
-                if error.code == .transfer || !welcomed || header.kind == DataFrame.write || header.kind == DataFrame.kvWrite { return }
+                if error.code == .transfer || !c.welcomed || kind == .write || kind == .kvWrite { return }
             }
+        }
+    }
+
+    private func requireWelcome(_ c: Connection) throws(KVError) {
+        guard c.welcomed else { throw .invalidArgument("the first request must be hello") }
+    }
+
+    /// hello(client nonce) → challenge(server nonce, server proof).
+    private func hello(_ c: Connection, _ header: WireFrameHeader, _ payload: [UInt8]) throws(KVError) {
+        guard !c.welcomed, c.handshake == nil else { throw .invalidArgument("hello was already sent on this connection") }
+        let cn = try WireReader.parse(payload, "hello") { (r) throws(KVError) in Array(try r.bytes(max: 64, "nonce")) }
+        let h = try ServerHandshake(clientNonce: cn)
+        c.handshake = h
+        var w = WireWriter()
+        w.bytes(h.serverNonce)
+        w.bytes(h.serverProof(token: token.bytes))
+        try c.socket.writeFrame(kind: DataFrame.challenge, requestID: header.requestID, payload: w.bytes)
+    }
+
+    /// prove(client proof) → ok: the connection is welcomed and gets the idle timeout.
+    private func prove(_ c: Connection, _ header: WireFrameHeader, _ payload: [UInt8]) throws(KVError) {
+        guard !c.welcomed, let h = c.handshake else { throw .invalidArgument("prove must follow hello") }
+        let proof = try WireReader.parse(payload, "prove") { (r) throws(KVError) in Array(try r.bytes(max: 64, "proof")) }
+        guard h.accepts(clientProof: proof, token: token.bytes) else { throw .invalidArgument("the segment server refused the token") }
+        c.welcomed = true
+        c.socket.setTimeout(idleTimeout)
+        try c.socket.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+    }
+
+    /// read(segment, offset, length) → ok + the bytes; write(segment, offset, length, ns left)
+    /// + the bytes → ok, storing only bytes that arrive before the writer's deadline.
+    private func transfer(_ c: Connection, _ header: WireFrameHeader, _ payload: [UInt8], write isWrite: Bool) throws(KVError) {
+        try requireWelcome(c)
+        let s = c.socket
+        let (seg, offset, length, remaining) = try WireReader.parse(payload, "transfer request") { (r) throws(KVError) in
+            let seg = try r.u32()
+            let offset = try r.size(max: MasterLimits.maxSize, "offset"), length = try r.size(max: MasterLimits.maxSize, "length")
+            let remaining: UInt64 = isWrite ? try r.u64() : 0
+            return (seg, offset, length, min(remaining, Self.maxRemaining))
+        }
+        // The writer's deadline on this host's clock: when the frame arrived plus what
+        // was left of it when it was sent (later than the writer's by the frame's
+        // transit; the writer's own deadline is the write timeout less a margin).
+        let deadline = remaining > 0 ? monotonicClock() &+ Nanoseconds(remaining) : 0
+        try whileServing { (current) throws(KVError) in
+            guard current != 0, seg == current else { throw .notFound("segment \(seg) is not served here (this server serves \(current))") }
+            guard offset <= region.length, length <= region.length - offset else {
+                throw .invalidArgument("range \(offset)+\(length) is outside the \(region.length)-byte segment")
+            }
+            let bytes = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: region.address + UInt(offset)), count: length)
+            if !isWrite {
+                try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                try s.writeAll(UnsafeRawBufferPointer(bytes))
+            } else {
+                if deadline != 0 {
+                    try s.readExactly(into: bytes, arrivingBy: deadline)
+                } else {
+                    try s.readExactly(into: bytes)
+                }
+                try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+            }
+        }
+    }
+
+    /// kvRead(ranges) → ok + the bytes; kvWrite(ranges) + the bytes → ok; every range inside
+    /// a KV buffer this process published.
+    private func kvTransfer(_ c: Connection, _ header: WireFrameHeader, _ payload: [UInt8], write: Bool) throws(KVError) {
+        try requireWelcome(c)
+        let s = c.socket
+        let ranges = try WireReader.parse(payload, "KV transfer request") { (r) throws(KVError) in try KVRanges.decode(&r) }
+        kvActive.withLock { $0[c.serial] = s }
+        defer { kvActive.withLock { _ = $0.removeValue(forKey: c.serial) } }
+        kvLock.lockShared()
+        defer { kvLock.unlock() }
+        try checkKV(ranges)
+        let total = ranges.reduce(0) { $0 + $1.length }
+        try ranges.withUnsafeBufferPointer { (rs) throws(KVError) in
+            if !write {
+                try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                try s.writeAll(total, from: rs)
+            } else {
+                try s.readExactly(total, into: rs)
+                try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+            }
+        }
+    }
+
+    /// segmentFD → ok(size) with the segment's descriptor attached (local socket only).
+    private func segmentDescriptor(_ c: Connection, _ header: WireFrameHeader) throws(KVError) {
+        try requireWelcome(c)
+        let s = c.socket
+        guard shareFD >= 0, s.isUnixDomain else {
+            throw KVError(.unsupported, "this server hands out no segment descriptor on this connection")
+        }
+        try whileServing { (current) throws(KVError) in
+            guard current != 0 else { throw .notFound("the segment is not mounted") }
+            var w = WireWriter()
+            w.u64(UInt64(region.length))
+            let f = WireWriter.frame(kind: DataFrame.ok, requestID: header.requestID, payload: w.bytes)
+            let n = f.withUnsafeBytes { kv_send_fd(s.fd, shareFD, $0.baseAddress, $0.count) }
+            guard n == f.count else { throw SystemCall.failure("sending the segment descriptor", code: .transfer) }
+        }
+    }
+
+    /// rdmaConnect(peer's queue-pair address) → rdmaAccepted(ours, segment base, rkey, size,
+    /// id), or `unsupported` (the peer goes on over TCP).
+    private func rdmaConnect(_ c: Connection, _ header: WireFrameHeader, _ payload: [UInt8]) throws(KVError) {
+        try requireWelcome(c)
+        let s = c.socket
+        let theirs = try WireReader.parse(payload, "rdmaConnect") { (r) throws(KVError) in try RDMAAddress.decode(&r) }
+        guard c.queuePairs.count < Self.maxQueuePairsPerConnection else {
+            throw .invalidArgument("a connection holds at most \(Self.maxQueuePairsPerConnection) queue pair")
+        }
+        try whileServing(patience: 0.5) { (current) throws(KVError) in
+            guard let rdma else {
+                throw KVError(.unsupported, "this peer has no RDMA device (\(RDMA.shared.openFailure)); use TCP")
+            }
+            guard let memory = registration.withLock({ $0 }) else {
+                throw KVError(.unsupported, "this peer's segment is not registered for RDMA (yet, or past its locked-memory limit); use TCP")
+            }
+            let qp: RDMAQueuePair
+            do throws(KVError) {
+                qp = try RDMAQueuePair(rdma, remote: true)
+                try qp.connect(to: theirs)
+            } catch {
+                // Our side of RDMA failed: the peer goes on over TCP.
+                throw KVError(.unsupported, "RDMA queue pair: \(error.message)")
+            }
+            c.queuePairs.append(qp)
+            // RDMA traffic sends nothing over this socket: no idle timeout from now on,
+            // keepalive probes notice a peer that is gone.
+            s.setTimeout(0)
+            s.setKeepAlive(idle: 30, interval: 5, count: 4)
+            var w = WireWriter()
+            qp.address.encode(into: &w)
+            w.u64(UInt64(memory.region.address)); w.u32(memory.rkey); w.u64(UInt64(memory.region.length)); w.u32(current)
+            try s.writeFrame(kind: DataFrame.rdmaAccepted, requestID: header.requestID, payload: w.bytes)
         }
     }
 }
