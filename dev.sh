@@ -17,7 +17,9 @@
 # package (swift build -c release) into it. Every step is skipped when already done. `test` and
 # `bench` also try to install Mooncake Store from PyPI (the parity test, bench --against), and
 # `bench` redis-server; when they cannot be installed, those parts skip. Both install etcd-server
-# (master election: the failover tests and benchmark).
+# (master election: the failover tests and benchmark). `test` also builds the CUDA driver and
+# libibverbs test doubles (python/tests/doubles; cuda.h comes from NVIDIA's
+# nvidia-cuda-runtime-cu12 wheel on PyPI, headers only); without them their tests skip.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
@@ -319,5 +321,5 @@ case "$cmd" in
         (cd /tmp && "$env/bin/python" -m pytest -q -m cuda "$ROOT/python/tests/test_cuda.py") 2>&1 | tee "$out/pytest-cuda.txt"
         "$env/bin/python" -m kvstore bench --ops gpu --sizes 64MiB,512MiB --repeat 5 --json "$out/gpu.json" 2>&1 | tee "$out/bench-gpu.txt"
         ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
 esac
