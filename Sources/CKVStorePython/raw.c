@@ -60,6 +60,69 @@ done:
     return result;
 }
 
+/* _read_object when no hold can be had because the object is on the disk tier and DRAM cannot
+ * take it back (everything there leased or pinned): the whole object is read from disk into a
+ * host buffer of its own (kv_get_into's disk path), then resolve() sees the prefix and the rest
+ * is copied into its destination. Host destinations only: a device destination (a raw part not
+ * declared host memory) gets the original NoSpaceError. */
+static PyObject *read_object_from_disk_tier(StoreObject *self, const char *k, Py_ssize_t klen, Py_ssize_t prefix,
+                                            PyObject *resolve) {
+    uint64_t size = 0, copied = 0;
+    int32_t st;
+    kvpy_raise_last(KV_E_NO_SPACE);   /* the message to give back when this path cannot help */
+    PyObject *no_space = kvpy_take_error();
+    PyObject *result = NULL, *whole = NULL, *pair = NULL;
+    Py_buffer view = {0};
+    RUN_UNLOCKED(self, 0, st = kv_size(self->store, k, (size_t)klen, &size));
+    if (st) { kvpy_raise_last(st); goto done; }
+    whole = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (!whole) goto done;
+    kv_mut_buffer all = {PyBytes_AsString(whole), (size_t)size};
+    RUN_UNLOCKED(self, size, st = kv_get_into(self->store, k, (size_t)klen, &all, 1, KV_HOST_MEMORY, &copied));
+    if (st) { kvpy_raise_last(st); goto done; }
+    if (copied != size) { kvpy_raise(KV_E_TRANSFER, "the object changed size while it was read from disk"); goto done; }
+    uint64_t have = size < (uint64_t)prefix ? size : (uint64_t)prefix;
+    PyObject *prefix_bytes = PyBytes_FromStringAndSize(PyBytes_AsString(whole), (Py_ssize_t)have);
+    if (!prefix_bytes) goto done;
+    pair = PyObject_CallFunction(resolve, "NK", prefix_bytes, (unsigned long long)size);
+    if (!pair) goto done;
+    if (!PyTuple_Check(pair) || PyTuple_Size(pair) != 2) {
+        kvpy_type_error(pair, "resolve()'s result", "a (result, destination) tuple");
+        goto done;
+    }
+    PyObject *dest = PyTuple_GetItem(pair, 1);
+    uint64_t rest = size - have;
+    if (dest != Py_None) {
+        void *ptr;
+        size_t len;
+        kv_device_part declared;
+        int r = kvpy_raw_part(dest, &ptr, &len, &declared);
+        if (r < 0) goto done;
+        if (r == 1 && !(declared.length > 0 && declared.kind == KV_DEVICE_HOST)) {
+            PyErr_SetObject((PyObject *)Py_TYPE(no_space), no_space);   /* device memory: not from here */
+            goto done;
+        }
+        if (r == 0) {
+            if (kvpy_target(dest, &view) < 0) goto done;
+            ptr = view.buf;
+            len = (size_t)view.len;
+        }
+        if (len < rest) { kvpy_raise(KV_E_INVALID_ARGUMENT, "resolve() gave a destination smaller than the object's remaining bytes"); goto done; }
+        memcpy(ptr, PyBytes_AsString(whole) + have, (size_t)rest);
+    } else if (rest > 0) {
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "resolve() gave no destination for the object's remaining bytes");
+        goto done;
+    }
+    result = PyTuple_GetItem(pair, 0);
+    Py_INCREF(result);
+done:
+    if (view.obj) PyBuffer_Release(&view);
+    Py_XDECREF(pair);
+    Py_XDECREF(whole);
+    Py_XDECREF(no_space);
+    return result;
+}
+
 /* _read_object(key, prefix_len, resolve) -> result: reads the first prefix_len bytes,
  * calls resolve(prefix, size) -> (result, destination), copies the rest into destination.
  * A copy that outlived its lease is thrown away and the read begins again (at most 3 times). */
@@ -76,6 +139,7 @@ PyObject *kvpy_store_read_object(StoreObject *self, PyObject *const *args, Py_ss
     for (int tries = 0;; tries++) {
         kv_read hold;
         int32_t st = kvpy_read_begin(self, k, klen, &hold);
+        if (st == KV_E_NO_SPACE) return read_object_from_disk_tier(self, k, klen, prefix, args[2]);
         if (st) return kvpy_raise_last(st);
         int stale = 0;
         PyObject *result = read_held_object(self, &hold, prefix, args[2], &stale);

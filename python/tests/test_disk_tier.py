@@ -73,6 +73,30 @@ def test_tensors_come_back_from_disk(tmp_path):
             np.testing.assert_array_equal(s.get_tensor(k), t)
 
 
+def test_reads_find_disk_objects_while_dram_is_all_hard_pinned(tmp_path):
+    # DRAM cannot take the object back (every byte hard-pinned): get, get_into and tensor
+    # reads into host memory read the disk copy directly; a GPU target could not, and says so.
+    with tiered(tmp_path / "d") as s:
+        t = np.arange(SIZE // 4, dtype=np.float32)
+        s.put_tensor("t", t)
+        s.put("b", value("b"))
+        fill(s, [f"f{i}" for i in range(40)], every=4)
+        pinned = 0
+        while True:
+            try:
+                s.put(f"p{pinned}", b"p" * SIZE, hard_pin=True)
+                pinned += 1
+            except kvstore.NoSpaceError:
+                break
+        assert s.stats()["hard_pinned_bytes"] > 0 and s.stats()["disk_objects"] > 0
+        assert s.get("b") == value("b")
+        np.testing.assert_array_equal(s.get_tensor("t"), t)
+        into = np.zeros_like(t)
+        assert s.get_tensor_into("t", into) is into
+        np.testing.assert_array_equal(into, t)
+        assert s.stats()["disk_hits"] >= 3
+
+
 def test_a_newer_version_or_a_removal_is_never_undone_by_the_disk_copy(tmp_path):
     with tiered(tmp_path / "d") as s:
         fill(s, ["victim"] + [f"f-{i}" for i in range(24)])
