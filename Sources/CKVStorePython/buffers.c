@@ -131,8 +131,12 @@ int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len, kv_device_part *dev) {
     kv_device_part d = {(uint64_t)(uintptr_t)p, (uint64_t)l, 0, 0, 0, 0, 0};
     if (size == 5) {
         PyObject *k = PyTuple_GetItem(obj, 2), *i = PyTuple_GetItem(obj, 3), *s = PyTuple_GetItem(obj, 4);
-        long kind = PyLong_Check(k) ? PyLong_AsLong(k) : -9, index = PyLong_Check(i) ? PyLong_AsLong(i) : -9;
-        if (PyErr_Occurred()) return -1;
+        if (!PyLong_Check(k) || !PyLong_Check(i)) { kvpy_type_error(obj, "raw part's kind and device", "ints"); return -1; }
+        long kind = PyLong_AsLong(k), index = PyLong_AsLong(i);
+        if (PyErr_Occurred()) {   /* out of a long's range */
+            PyErr_Clear();
+            kind = -9;
+        }
         if ((kind != KV_DEVICE_HOST && kind != KV_DEVICE_CUDA) || index < -1 || index > INT32_MAX) {
             kvpy_raise_format(KV_E_INVALID_ARGUMENT, "raw part's device (kind %ld, index %ld) is invalid", kind, index);
             return -1;
@@ -142,7 +146,11 @@ int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len, kv_device_part *dev) {
         if (s != Py_None) {
             if (!PyLong_Check(s)) { kvpy_type_error(s, "raw part's stream", "an int or None"); return -1; }
             d.stream = PyLong_AsUnsignedLongLong(s);
-            if (PyErr_Occurred()) return -1;
+            if (PyErr_Occurred()) {
+                PyErr_Clear();
+                kvpy_raise(KV_E_INVALID_ARGUMENT, "raw part's stream must be a stream handle (0 to 2^64-1)");
+                return -1;
+            }
             d.flags = KV_DEVICE_STREAM_KNOWN;
         }
     } else {

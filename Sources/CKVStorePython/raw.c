@@ -7,56 +7,83 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Where resolve() says an object's remaining bytes go. */
+typedef struct {
+    kv_mut_buffer buf;
+    kv_device_part declared;   /* length 0: nothing declared */
+    int raw;                   /* a raw part (address, length, ...), not a buffer */
+    int has;                   /* 0: resolve() gave None */
+    Py_buffer view;
+} kvpy_destination;
+
+/* Calls resolve(prefix_bytes, size) (stealing prefix_bytes), checks that it gave a (result,
+ * destination) pair and converts the destination: a writable buffer or a raw part, None only
+ * when `rest` is 0. Returns the pair (its item 0 is the result), or NULL with an error set.
+ * Release d with release_destination in either case. */
+static PyObject *resolve_destination(PyObject *resolve, PyObject *prefix_bytes, uint64_t size, uint64_t rest,
+                                     kvpy_destination *d) {
+    memset(d, 0, sizeof *d);
+    PyObject *pair = PyObject_CallFunction(resolve, "NK", prefix_bytes, (unsigned long long)size);
+    if (!pair) return NULL;
+    if (!PyTuple_Check(pair) || PyTuple_Size(pair) != 2) {
+        kvpy_type_error(pair, "resolve()'s result", "a (result, destination) tuple");
+        Py_DECREF(pair);
+        return NULL;
+    }
+    PyObject *dest = PyTuple_GetItem(pair, 1);
+    if (dest == Py_None) {
+        if (rest == 0) return pair;
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "resolve() gave no destination for the object's remaining bytes");
+        Py_DECREF(pair);
+        return NULL;
+    }
+    d->has = 1;
+    int r = kvpy_raw_part(dest, &d->buf.ptr, &d->buf.len, &d->declared);
+    if (r == 0 && kvpy_target(dest, &d->view) == 0) {
+        d->buf.ptr = d->view.buf;
+        d->buf.len = (size_t)d->view.len;
+    }
+    if (r < 0 || (r == 0 && !d->view.obj)) { Py_DECREF(pair); return NULL; }
+    d->raw = r == 1;
+    return pair;
+}
+
+static void release_destination(kvpy_destination *d) {
+    if (d->view.obj) PyBuffer_Release(&d->view);
+}
+
 /* One try of _read_object on a held object: the result, or NULL with an error set, or NULL
  * with *stale set (a copy outlived the lease: nothing was returned, begin again). */
 static PyObject *read_held_object(StoreObject *self, kv_read *hold, Py_ssize_t prefix, PyObject *resolve, int *stale) {
-    PyObject *result = NULL, *pair = NULL, *prefix_bytes = NULL;
-    Py_buffer view = {0};
+    PyObject *result = NULL, *pair = NULL;
+    kvpy_destination d = {0};
     int32_t st;
     uint64_t have = hold->size < (uint64_t)prefix ? hold->size : (uint64_t)prefix;
-    prefix_bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)have);
-    if (!prefix_bytes) goto done;
+    PyObject *prefix_bytes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)have);
+    if (!prefix_bytes) return NULL;
     kv_mut_buffer head = {PyBytes_AsString(prefix_bytes), (size_t)have};
     RUN_UNLOCKED(self, have, st = kv_read_copy_range(self->store, hold, 0, have, &head, 1, KV_HOST_MEMORY, NULL));
-    if (st == KV_STALE) { *stale = 1; goto done; }
-    if (st) { kvpy_raise_last(st); goto done; }
-    pair = PyObject_CallFunction(resolve, "OK", prefix_bytes, (unsigned long long)hold->size);
-    if (!pair) goto done;
-    if (!PyTuple_Check(pair) || PyTuple_Size(pair) != 2) {
-        kvpy_type_error(pair, "resolve()'s result", "a (result, destination) tuple");
-        goto done;
+    if (st) {
+        Py_DECREF(prefix_bytes);
+        if (st == KV_STALE) *stale = 1; else kvpy_raise_last(st);
+        return NULL;
     }
-    PyObject *dest = PyTuple_GetItem(pair, 1);
     uint64_t rest = hold->size - have;
-    if (dest != Py_None) {
-        kv_mut_buffer d;
-        kv_device_part declared;
-        uint32_t flags = 0;
-        int r = kvpy_raw_part(dest, &d.ptr, &d.len, &declared);
-        if (r < 0) goto done;
-        if (r == 0) {
-            if (kvpy_target(dest, &view) < 0) goto done;
-            d.ptr = view.buf;
-            d.len = (size_t)view.len;
-            flags = KV_HOST_MEMORY;
-        }
-        if (rest > 0) {
-            if (r == 1 && declared.length > 0) kv_call_devices(&declared, 1);
-            RUN_UNLOCKED(self, rest, st = kv_read_copy_range(self->store, hold, have, rest, &d, 1, flags, NULL));
-            if (r == 1 && declared.length > 0) kv_call_devices(NULL, 0);
-            if (st == KV_STALE) { *stale = 1; goto done; }
-            if (st) { kvpy_raise_last(st); goto done; }
-        }
-    } else if (rest > 0) {
-        kvpy_raise(KV_E_INVALID_ARGUMENT, "resolve() gave no destination for the object's remaining bytes");
-        goto done;
+    pair = resolve_destination(resolve, prefix_bytes, hold->size, rest, &d);
+    if (!pair) goto done;
+    if (d.has && rest > 0) {
+        int declared = d.raw && d.declared.length > 0;
+        if (declared) kv_call_devices(&d.declared, 1);
+        RUN_UNLOCKED(self, rest, st = kv_read_copy_range(self->store, hold, have, rest, &d.buf, 1, d.raw ? 0 : KV_HOST_MEMORY, NULL));
+        if (declared) kv_call_devices(NULL, 0);
+        if (st == KV_STALE) { *stale = 1; goto done; }
+        if (st) { kvpy_raise_last(st); goto done; }
     }
     result = PyTuple_GetItem(pair, 0);
     Py_INCREF(result);
 done:
-    if (view.obj) PyBuffer_Release(&view);
+    release_destination(&d);
     Py_XDECREF(pair);
-    Py_XDECREF(prefix_bytes);
     return result;
 }
 
@@ -72,7 +99,7 @@ static PyObject *read_object_from_disk_tier(StoreObject *self, const char *k, Py
     kvpy_raise_last(KV_E_NO_SPACE);   /* the message to give back when this path cannot help */
     PyObject *no_space = kvpy_take_error();
     PyObject *result = NULL, *whole = NULL, *pair = NULL;
-    Py_buffer view = {0};
+    kvpy_destination d = {0};
     RUN_UNLOCKED(self, 0, st = kv_size(self->store, k, (size_t)klen, &size));
     if (st) { kvpy_raise_last(st); goto done; }
     whole = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
@@ -81,42 +108,26 @@ static PyObject *read_object_from_disk_tier(StoreObject *self, const char *k, Py
     RUN_UNLOCKED(self, size, st = kv_get_into(self->store, k, (size_t)klen, &all, 1, KV_HOST_MEMORY, &copied));
     if (st) { kvpy_raise_last(st); goto done; }
     if (copied != size) { kvpy_raise(KV_E_TRANSFER, "the object changed size while it was read from disk"); goto done; }
-    uint64_t have = size < (uint64_t)prefix ? size : (uint64_t)prefix;
+    uint64_t have = size < (uint64_t)prefix ? size : (uint64_t)prefix, rest = size - have;
     PyObject *prefix_bytes = PyBytes_FromStringAndSize(PyBytes_AsString(whole), (Py_ssize_t)have);
     if (!prefix_bytes) goto done;
-    pair = PyObject_CallFunction(resolve, "NK", prefix_bytes, (unsigned long long)size);
+    pair = resolve_destination(resolve, prefix_bytes, size, rest, &d);
     if (!pair) goto done;
-    if (!PyTuple_Check(pair) || PyTuple_Size(pair) != 2) {
-        kvpy_type_error(pair, "resolve()'s result", "a (result, destination) tuple");
-        goto done;
-    }
-    PyObject *dest = PyTuple_GetItem(pair, 1);
-    uint64_t rest = size - have;
-    if (dest != Py_None) {
-        void *ptr;
-        size_t len;
-        kv_device_part declared;
-        int r = kvpy_raw_part(dest, &ptr, &len, &declared);
-        if (r < 0) goto done;
-        if (r == 1 && !(declared.length > 0 && declared.kind == KV_DEVICE_HOST)) {
+    if (d.has && rest > 0) {
+        if (d.raw && !(d.declared.length > 0 && d.declared.kind == KV_DEVICE_HOST)) {
             PyErr_SetObject((PyObject *)Py_TYPE(no_space), no_space);   /* device memory: not from here */
             goto done;
         }
-        if (r == 0) {
-            if (kvpy_target(dest, &view) < 0) goto done;
-            ptr = view.buf;
-            len = (size_t)view.len;
+        if (d.buf.len < rest) {
+            kvpy_raise(KV_E_INVALID_ARGUMENT, "resolve() gave a destination smaller than the object's remaining bytes");
+            goto done;
         }
-        if (len < rest) { kvpy_raise(KV_E_INVALID_ARGUMENT, "resolve() gave a destination smaller than the object's remaining bytes"); goto done; }
-        memcpy(ptr, PyBytes_AsString(whole) + have, (size_t)rest);
-    } else if (rest > 0) {
-        kvpy_raise(KV_E_INVALID_ARGUMENT, "resolve() gave no destination for the object's remaining bytes");
-        goto done;
+        memcpy(d.buf.ptr, PyBytes_AsString(whole) + have, (size_t)rest);
     }
     result = PyTuple_GetItem(pair, 0);
     Py_INCREF(result);
 done:
-    if (view.obj) PyBuffer_Release(&view);
+    release_destination(&d);
     Py_XDECREF(pair);
     Py_XDECREF(whole);
     Py_XDECREF(no_space);

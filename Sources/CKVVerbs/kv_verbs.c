@@ -301,11 +301,6 @@ fail:
     return NULL;
 }
 
-int kv_rdma_gid(const kv_rdma_context *k, int *gid_type) {
-    if (gid_type) *gid_type = k->gid_type;
-    return k->gid_index;
-}
-
 void kv_rdma_close(kv_rdma_context *k) {
     if (!k) return;
     if (k->pd) V.dealloc_pd(k->pd);
@@ -524,7 +519,6 @@ int kv_verbs_load(const char *path, char *err, size_t errlen) { (void)path; say(
 int kv_rdma_devices(kv_rdma_device *out, int max, char *err, size_t errlen) { (void)out; (void)max; say(err, errlen, "%s", why); return -1; }
 kv_rdma_context *kv_rdma_open(const char *n, int p, int g, char *err, size_t errlen) { (void)n; (void)p; (void)g; say(err, errlen, "%s", why); return NULL; }
 void kv_rdma_close(kv_rdma_context *k) { (void)k; }
-int kv_rdma_gid(const kv_rdma_context *k, int *t) { (void)k; if (t) *t = 0; return 0; }
 void *kv_rdma_register(kv_rdma_context *k, void *a, size_t l, int r, uint32_t *lk, uint32_t *rk, char *err, size_t errlen) {
     (void)k; (void)a; (void)l; (void)r; (void)lk; (void)rk; say(err, errlen, "%s", why); return NULL;
 }

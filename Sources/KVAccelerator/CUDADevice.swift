@@ -78,9 +78,6 @@ public final class CUDADevice: AcceleratorDevice {
         }
     }
 
-    /// Retains held on this device by kvstore now (tests).
-    public var holds: Int { context.withLock { $0.holds } }
-
     public func withCurrent<R>(_ body: () throws(KVError) -> R) throws(KVError) -> R {
         let handle = context.withLock { $0.handle }
         guard handle != 0 else { throw KVError(.internal, "\(location) is used without a hold on its context") }

@@ -19,8 +19,6 @@ public struct DeviceStream: Sendable, Hashable, CustomStringConvertible {
     }
 
     public static let unknown = DeviceStream(handle: 0, known: false)
-    /// The legacy default stream (CU_STREAM_LEGACY's meaning of handle 0).
-    public static let legacy = DeviceStream(handle: 0)
 
     /// Whether the handle names the legacy default stream (0 or CU_STREAM_LEGACY).
     public var isLegacy: Bool { handle == 0 || handle == 1 }

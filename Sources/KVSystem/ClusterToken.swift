@@ -90,8 +90,7 @@ public enum PrivateDirectory {
 public enum TokenFile {
     /// The token in `KVSTORE_MASTER_TOKEN`, if set and not empty.
     public static func environmentToken() -> String? {
-        guard let v = Environment.string("KVSTORE_MASTER_TOKEN") else { return nil }
-        return String(cString: v)
+        Environment.string("KVSTORE_MASTER_TOKEN")
     }
 
     /// The runtime directory (created 0700 when missing). Throws `invalidArgument` when it

@@ -22,14 +22,4 @@ public enum Environment {
     public static func integer<T: FixedWidthInteger>(_ name: String, as: T.Type = T.self) -> T? {
         string(name).flatMap { T($0) }.flatMap { $0 >= 0 ? $0 : nil }
     }
-
-    /// A flag of `name`: "0", "false", "no", "off" are false; "1", "true", "yes", "on" true
-    /// (any case); nil when unset or anything else.
-    public static func flag(_ name: String) -> Bool? {
-        switch string(name)?.lowercased() {
-        case "0", "false", "no", "off": false
-        case "1", "true", "yes", "on": true
-        default: nil
-        }
-    }
 }

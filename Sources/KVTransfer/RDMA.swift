@@ -114,10 +114,6 @@ public final class RDMAContext: @unchecked Sendable {
     let raw: OpaquePointer
     public let device: String
 
-    /// The GID index in use and its type (0 InfiniBand, 1 RoCE v1, 2 RoCE v2).
-    public let gidIndex: Int
-    public let gidType: Int
-
     /// What the event watcher shares with the context (not the context itself).
     final class Events: Sendable {
         let up = Atomic<Bool>(true)
@@ -132,9 +128,6 @@ public final class RDMAContext: @unchecked Sendable {
     public init(device: String, port: Int, gidIndex: Int32 = -1, log: @escaping @Sendable (String) -> Void = logLine) throws(KVError) {
         raw = try RDMA.call(.unsupported) { err, n in kv_rdma_open(device, Int32(port), gidIndex, err, n) }
         self.device = device
-        var type: Int32 = 0
-        self.gidIndex = Int(kv_rdma_gid(raw, &type))
-        self.gidType = Int(type)
         let context = UInt(bitPattern: raw), events = self.events
         watcher = try? BackgroundThread {
             var type: Int32 = 0, eventPort: Int32 = 0

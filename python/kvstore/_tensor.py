@@ -212,7 +212,14 @@ def _describe_cai(obj: Any, cai: dict[str, Any], what: str) -> TensorRef:
     # the field the stream is unknown.
     stream = None
     if "stream" in cai:
-        stream = 0 if cai["stream"] is None else int(cai["stream"])
+        stream = cai["stream"]
+        if stream is None:
+            stream = 0
+        elif not isinstance(stream, int) or isinstance(stream, bool):
+            raise ArgumentTypeError(f"{what}'s __cuda_array_interface__ stream must be an int or None, "
+                                    f"not {type(stream).__name__}")
+        elif stream < 0 or stream >= 1 << 64:
+            raise InvalidArgumentError(f"{what}'s __cuda_array_interface__ stream {stream} is not a stream handle")
     # __cuda_array_interface__ does not say which GPU: the driver names it ("cuda").
     return TensorRef(code, shape, nbytes, raw_part(int(address), nbytes, "cuda", stream), "cuda", not readonly, obj)
 

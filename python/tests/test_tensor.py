@@ -493,3 +493,44 @@ def test_tensor_codec_functions_bad_values():
     with pytest.raises(kvstore.ArgumentTypeError):
         native.dlpack_info(5)
     assert native.decode_tensor_header(native.tensor_header(12, (2, 3))) == (12, (2, 3), 12)
+
+
+@pytest.mark.parametrize("part,error", [
+    (lambda a: (a, 16, 9, 0, None), kvstore.InvalidArgumentError),          # no such kind
+    (lambda a: (a, 16, 1, -5, None), kvstore.InvalidArgumentError),         # no such device
+    (lambda a: (a, 16, 1, 1 << 70, None), kvstore.InvalidArgumentError),    # device out of range
+    (lambda a: (a, 16, "cuda", 0, None), kvstore.ArgumentTypeError),
+    (lambda a: (a, 16, 0, 0, "stream"), kvstore.ArgumentTypeError),
+    (lambda a: (a, 16, 0, 0, -1), kvstore.InvalidArgumentError),            # not a stream handle
+    (lambda a: (a, 16, 0, 0, 1 << 64), kvstore.InvalidArgumentError),
+])
+def test_declared_raw_parts_with_wrong_values_are_refused_and_store_nothing(store, part, error):
+    buf = np.arange(16, dtype=np.uint8)
+    with pytest.raises(error):
+        store._put_raw("k", [b"h", part(buf.ctypes.data)], False)
+    assert not store.exists("k")
+    store._put_raw("k", [b"h", (buf.ctypes.data, 16, 0, 0, None)], False)   # the same part, declared right
+    assert store.get("k") == b"h" + buf.tobytes()
+
+
+@pytest.mark.parametrize("stream,error", [("1", kvstore.ArgumentTypeError), (True, kvstore.ArgumentTypeError),
+                                          (-3, kvstore.InvalidArgumentError), (1 << 64, kvstore.InvalidArgumentError)])
+def test_an_array_interface_stream_of_a_wrong_type_or_value_is_refused(store, stream, error):
+    a = np.arange(10, dtype=np.float64)
+
+    class CAI:
+        __cuda_array_interface__ = {"shape": (10,), "typestr": "<f8", "data": (a.ctypes.data, False), "version": 3,
+                                    "stream": stream}
+
+    with pytest.raises(error, match="stream"):
+        store.put_tensor("c", CAI())
+    assert not store.exists("c")
+
+
+def test_a_dlpack_capsule_of_an_unknown_major_version_is_refused(store):
+    a = sample("uint16", (4, 5), seed=1)
+    t = DLPackTensor(a, 1, 16, (4, 5))
+    t._versioned.major = 2
+    with pytest.raises(kvstore.UnsupportedError, match="DLPack version 2"):
+        store.put_tensor("t", t)
+    assert not store.exists("t")

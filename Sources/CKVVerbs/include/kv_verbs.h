@@ -58,8 +58,6 @@ int kv_rdma_devices(kv_rdma_device *out, int max, char *err, size_t errlen);
  * InfiniBand nor Ethernet). */
 kv_rdma_context *kv_rdma_open(const char *name, int port, int gid_index, char *err, size_t errlen);
 void kv_rdma_close(kv_rdma_context *ctx);
-/* The GID index the context uses and its type (0 IB, 1 RoCE v1, 2 RoCE v2). */
-int kv_rdma_gid(const kv_rdma_context *ctx, int *gid_type);
 
 /* Registers [addr, addr+len): for local write always, and for remote read and write when
  * `remote` (a segment peers reach; a staging buffer needs no remote access). Returns the

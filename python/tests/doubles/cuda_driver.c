@@ -95,7 +95,6 @@ static struct {
     stream *legacy[MAX_DEVICES];
     struct { uintptr_t start, end; int registered; } host[MAX_HOST_RANGES];
     int nhost;
-    int batch_calls;
 } g = {.lock = PTHREAD_MUTEX_INITIALIZER, .changed = PTHREAD_COND_INITIALIZER};
 
 static __thread int current = -1;   /* current context's device, -1 none */
@@ -550,7 +549,6 @@ CUresult CUDAAPI cuMemcpyBatchAsync(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t
         if (attrs[k].srcAccessOrder == CU_MEMCPY_SRC_ACCESS_ORDER_INVALID) return CUDA_ERROR_INVALID_VALUE;
         if (k > 0 && attrsIdxs[k] <= attrsIdxs[k - 1]) return CUDA_ERROR_INVALID_VALUE;
     }
-    __atomic_add_fetch(&g.batch_calls, 1, __ATOMIC_RELAXED);
     for (size_t i = 0; i < count; i++) {
         CUresult r = copy_on(dsts[i], srcs[i], sizes[i], hStream, 0);
         if (r != CUDA_SUCCESS) { *failIdx = i; return r; }
@@ -731,6 +729,5 @@ void fakecuda_drain(void) {
     pthread_mutex_unlock(&g.lock);
 }
 
-/* Primary-context retains held now on `dev`, and the number of batched-copy calls. */
+/* Primary-context retains held now on `dev`. */
 int fakecuda_retained(int dev) { return dev >= 0 && dev < MAX_DEVICES ? g.ctx[dev].retains : -1; }
-int fakecuda_batch_calls(void) { return __atomic_load_n(&g.batch_calls, __ATOMIC_RELAXED); }

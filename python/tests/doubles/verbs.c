@@ -34,8 +34,7 @@
  * 1), FAKEVERBS_MTU (bytes, default 1024). An Ethernet port's GID table is mlx5's: 0 RoCE v1
  * fe80::host, 1 RoCE v2 fe80::host, 2 RoCE v1 ::ffff:10.213.<subnet>.<host>, 3 RoCE v2 of it.
  *
- * Test helpers: fakeverbs_live_qps() counts this process's queue pairs (not destroyed),
- * fakeverbs_created_qps() those it ever created. */
+ * Test helper: fakeverbs_created_qps() counts the queue pairs this process ever created. */
 #define _GNU_SOURCE
 #include <infiniband/verbs.h>
 #include <errno.h>
@@ -711,14 +710,5 @@ static int post_send(struct ibv_qp *qp, struct ibv_send_wr *wr, struct ibv_send_
 }
 
 /* ---- test helpers ---- */
-
-int fakeverbs_live_qps(void) {
-    if (lock_fabric() != 0) return -1;
-    int n = 0;
-    for (int i = 0; i < MAX_QPS; i++)
-        if (F->qps[i].used && F->qps[i].pid == getpid()) n++;
-    unlock_fabric();
-    return n;
-}
 
 int fakeverbs_created_qps(void) { return __atomic_load_n(&created_qps, __ATOMIC_RELAXED); }
