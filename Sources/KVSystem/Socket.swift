@@ -164,6 +164,18 @@ public final class Socket: @unchecked Sendable {
         return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
+    /// The IPv4 address at the other end of a TCP connection ("a.b.c.d"); nil for a
+    /// Unix-domain socket or on failure.
+    public var peerHost: String? {
+        var a = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let rc = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) } }
+        guard rc == 0, Int32(a.sin_family) == AF_INET else { return nil }
+        var text = [CChar](repeating: 0, count: Int(INET_ADDRSTRLEN))
+        guard inet_ntop(AF_INET, &a.sin_addr, &text, socklen_t(text.count)) != nil else { return nil }
+        return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
     /// The process at the other end of a Unix-domain socket, as the kernel saw it when it
     /// connected (SO_PEERCRED): nil for TCP or on failure.
     public var peerCredentials: (pid: Int32, uid: UInt32, gid: UInt32)? {
@@ -217,7 +229,9 @@ public final class Socket: @unchecked Sendable {
     }
 
     /// Writes all of `bytes` (blocking socket), retrying short writes. Throws `transfer`.
-    public func writeAll(_ bytes: UnsafeRawBufferPointer) throws(KVError) {
+    /// `deadline` (`monotonicClock`; 0: none): a write still unfinished then fails, however
+    /// steadily the peer takes bytes (each `send` is also bounded by `setTimeout`).
+    public func writeAll(_ bytes: UnsafeRawBufferPointer, deadline: Nanoseconds = 0) throws(KVError) {
         var done = 0
         while done < bytes.count {
             let base = bytes.baseAddress! + done, left = bytes.count - done
@@ -225,12 +239,13 @@ public final class Socket: @unchecked Sendable {
             case .bytes(let n): done += n
             case .wouldBlock: throw KVError(.transfer, "send timed out: the peer stopped reading")
             }
+            if deadline != 0, done < bytes.count, monotonicClock() >= deadline { throw Self.pastDeadline }
         }
     }
 
     /// Reads exactly `into.count` bytes (blocking socket). Throws `transfer` when the peer
-    /// closes first.
-    public func readExactly(into: UnsafeMutableRawBufferPointer) throws(KVError) {
+    /// closes first, or when `deadline` (`monotonicClock`; 0: none) passes before the last byte.
+    public func readExactly(into: UnsafeMutableRawBufferPointer, deadline: Nanoseconds = 0) throws(KVError) {
         var done = 0
         while done < into.count {
             let base = into.baseAddress! + done, left = into.count - done
@@ -239,8 +254,11 @@ public final class Socket: @unchecked Sendable {
             case .bytes(let n): done += n
             case .wouldBlock: throw KVError(.transfer, "recv timed out: the peer stopped answering")
             }
+            if deadline != 0, done < into.count, monotonicClock() >= deadline { throw Self.pastDeadline }
         }
     }
+
+    static let pastDeadline = KVError(.transfer, "the transfer's deadline passed: the peer is too slow")
 
     /// `readExactly` that stores only bytes that arrived before `deadline` (`monotonicClock`):
     /// it waits for data without taking it (a one-byte `MSG_PEEK`), reads the clock, then

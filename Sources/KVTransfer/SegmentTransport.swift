@@ -68,38 +68,55 @@ extension Socket {
 
     /// Reads one whole frame (blocking). Throws `transfer` for I/O failures and
     /// `invalidArgument` for a frame that does not decode.
-    public func readFrame(maxPayload: Int, isKnown: (UInt16) -> Bool) throws(KVError) -> (WireFrameHeader, [UInt8]) {
+    public func readFrame(maxPayload: Int, isKnown: (UInt16) -> Bool, deadline: Nanoseconds = 0) throws(KVError) -> (WireFrameHeader, [UInt8]) {
         var head = [UInt8](repeating: 0, count: WireFrameHeader.size)
-        try rethrowingKVError { try head.withUnsafeMutableBytes { try readExactly(into: $0) } }
+        try rethrowingKVError { try head.withUnsafeMutableBytes { try readExactly(into: $0, deadline: deadline) } }
         let h = try rethrowingKVError { try head.withUnsafeBytes { try WireFrameHeader.decode($0, maxPayload: maxPayload, isKnown: isKnown) } }
         var payload = [UInt8](repeating: 0, count: h.length)
-        if h.length > 0 { try rethrowingKVError { try payload.withUnsafeMutableBytes { try readExactly(into: $0) } } }
+        if h.length > 0 { try rethrowingKVError { try payload.withUnsafeMutableBytes { try readExactly(into: $0, deadline: deadline) } } }
         return (h, payload)
     }
 
-    /// Reads exactly `count` bytes into `regions`, filling them in order.
-    func readExactly(_ count: Int, into regions: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+    /// Sends one small frame without waiting: all of it, or `transfer` (a peer that does not
+    /// read its handshake answers is not waited for).
+    func writeFrameNow(kind: UInt16, requestID: UInt32 = 0, payload: [UInt8]) throws(KVError) {
+        let f = WireWriter.frame(kind: kind, requestID: requestID, payload: payload)
+        let n = f.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+        guard n == f.count else { throw KVError(.transfer, "the peer does not take its answer") }
+    }
+
+    /// Reads exactly `count` bytes into `regions`, filling them in order (`deadline`: see
+    /// `readExactly(into:deadline:)`).
+    func readExactly(_ count: Int, into regions: UnsafeBufferPointer<MemoryRegion>, deadline: Nanoseconds = 0) throws(KVError) {
         var left = count
         for r in regions where left > 0 {
             let n = min(left, r.length)
-            try readExactly(into: UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: r.address), count: n))
+            try readExactly(into: UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: r.address), count: n), deadline: deadline)
             left -= n
         }
         if left > 0 { throw .invalidArgument("destinations hold \(count - left) of \(count) bytes") }
     }
 
     /// Writes the first `count` bytes of the concatenation of `regions`.
-    func writeAll(_ count: Int, from regions: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+    func writeAll(_ count: Int, from regions: UnsafeBufferPointer<MemoryRegion>, deadline: Nanoseconds = 0) throws(KVError) {
         try PeerLink.pieces(of: regions, skipping: 0, count: count) { (p, _) throws(KVError) in
-            try writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: p.address), count: p.length))
+            try writeAll(UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: p.address), count: p.length), deadline: deadline)
         }
     }
 }
 
-/// Serves reads and writes of one segment (`region`) to peers on other hosts: an accept
-/// thread plus one thread per connection, blocking I/O straight between the socket and the
-/// segment. Every request is checked: a peer must say hello with the cluster's token first,
-/// name the segment id this server currently serves (`segmentID`), and stay inside it.
+/// Serves reads and writes of one segment (`region`) to peers on other hosts. Every request is
+/// checked: a peer must say hello with the cluster's token first, name the segment id this
+/// server currently serves (`segmentID`), and stay inside it.
+///
+/// Threads: one poller owns every connection while it waits. It accepts, runs the handshake
+/// itself with non-blocking reads of tiny frames (a stranger never gets a thread), closes
+/// connections past their deadline (authentication, then idleness), and hands a welcomed
+/// connection with bytes to read to a pool of at most `maxWorkers` worker threads, which
+/// serve its requests with blocking I/O straight between the socket and the segment and give
+/// it back once it falls quiet (`linger`). Idle connections hold no thread; a worker idle for
+/// `workerIdle` seconds ends. Every request has a deadline (`requestDeadline`): a peer that
+/// stalls or trickles is cut off, and no lock is held across a network wait past it.
 public final class SegmentServer: @unchecked Sendable {
     /// Longest time a write frame may say is left before its deadline (a peer's claim: a day).
     static let maxRemaining: UInt64 = 86_400 * 1_000_000_000
@@ -115,11 +132,14 @@ public final class SegmentServer: @unchecked Sendable {
     public let localName: String
     /// The shared segment's file (-1: none); owned by the segment, not by this server.
     private let shareFD: Int32
-    /// An authenticated connection silent this long (or a transfer stalled this long) is closed.
+    /// An authenticated connection silent this long is closed (one that carries a queue pair
+    /// excepted); also the longest a single `recv`/`send` may wait for progress.
     private let idleTimeout: Double
     private let wake: (read: Int32, write: Int32)
     private let state = Locked(State())
-    private var acceptThread: BackgroundThread?
+    private var pollThread: BackgroundThread?
+    /// Welcomed connections with a request waiting, for the workers.
+    private let ready = WorkQueue<Connection>()
     /// The id the master gave this segment (0: not mounted; requests are refused); set by
     /// `serve(segment:)`.
     private let segmentID = Locked<SegmentID>(0)
@@ -145,13 +165,26 @@ public final class SegmentServer: @unchecked Sendable {
 
     private struct State: @unchecked Sendable {
         /// By serial number (descriptor numbers are reused as soon as a socket closes).
-        var connections: [Int: (socket: Socket, thread: BackgroundThread?)] = [:]
+        var connections: [Int: Connection] = [:]
         var nextSerial = 0
         var stopped = false
+        /// Worker threads by number; a worker that ends by itself removes its entry.
+        var workers: [Int: BackgroundThread] = [:]
+        var nextWorker = 0
     }
 
-    /// Most connections served at once (each has a thread); more are closed at accept.
+    /// Most connections kept at once; more are closed at accept.
     public static let maxConnections = 256
+    /// Most worker threads (connections with requests beyond that wait for one).
+    public static let maxWorkers = 64
+    /// Seconds an idle worker waits for work before it ends.
+    static let workerIdle = 10.0
+    /// Milliseconds a worker keeps a quiet connection before giving it back to the poller
+    /// (a client's next request usually follows within; no thread wake-up then).
+    static let linger: Int32 = 20
+    /// The slowest a peer may move a transfer's bytes (bytes per second) before it is cut off:
+    /// a request may take `idleTimeout` plus its bytes at this rate.
+    public static let minimumRate = 16.0 * 1024 * 1024
 
     /// Listens on host:port (0: any free port) and starts serving.
     /// With `rdma`, the segment is registered with that device and peers may connect queue
@@ -182,9 +215,12 @@ public final class SegmentServer: @unchecked Sendable {
         }
         var fds: [Int32] = [0, 0]
         try SystemCall.check("pipe", pipe(&fds))
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        for fd in fds {
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            _ = fcntl(fd, F_SETFL, O_NONBLOCK)   // a full pipe already holds a wake-up; the poller drains it
+        }
         wake = (fds[0], fds[1])
-        acceptThread = try BackgroundThread { [unowned self] in self.acceptLoop() }
+        pollThread = try BackgroundThread { [unowned self] in self.pollLoop() }
     }
 
     deinit {
@@ -204,6 +240,9 @@ public final class SegmentServer: @unchecked Sendable {
 
     /// Queue pairs one connection may hold (a peer connects one per connection).
     static let maxQueuePairsPerConnection = 1
+
+    /// Threads serving connections now (tests).
+    public var workerCount: Int { state.withLock { $0.workers.count } }
 
     /// Serves the segment under id `seg` from now on (0: refuse requests). With RDMA and a
     /// new id, the old registration is dropped at once (keys handed out under the old id stop
@@ -271,19 +310,22 @@ public final class SegmentServer: @unchecked Sendable {
     /// Whether peers can reach this segment over RDMA now.
     public var servesRDMA: Bool { registration.withLock { $0 != nil } }
 
-    /// Stops accepting, ends every connection and waits for their threads. Idempotent.
+    /// Stops accepting, ends every connection and waits for every thread. Idempotent.
     public func stop() {
         let first = state.withLock { s -> Bool in
             defer { s.stopped = true }
             return !s.stopped
         }
         guard first else { return }
-        var b: UInt8 = 1
-        _ = write(wake.write, &b, 1)
-        acceptThread?.join()
-        let all = state.withLock { s in s.connections.values.map { $0 } }
-        for c in all { c.socket.shutdown() }
-        for c in all { c.thread?.join() }
+        wakePoller()
+        pollThread?.join()
+        _ = ready.close()
+        // Workers blocked on a socket wake up as it is shut down; then every thread is joined.
+        let (connections, workers) = state.withLock { s in (Array(s.connections.values), Array(s.workers.values)) }
+        for c in connections { c.socket.shutdown() }
+        for w in workers { w.join() }
+        state.withLock { s in s.connections.removeAll() }
+        for c in connections { c.queuePairs.removeAll() }
         listener.close()
         localListener?.close()
         registrationGeneration.withLock { $0 += 1 }
@@ -291,40 +333,218 @@ public final class SegmentServer: @unchecked Sendable {
         registration.withLock { $0 = nil }   // the segment is not reachable by RDMA once stopped
     }
 
-    private func acceptLoop() {
+    private func wakePoller() {
+        var b: UInt8 = 1
+        _ = write(wake.write, &b, 1)   // a full pipe already holds a wake-up
+    }
+
+    /// One served connection: its socket and what it has established so far. The poller owns
+    /// it while `busy` is false, one worker while it is true (`busy` changes under `state`).
+    private final class Connection: @unchecked Sendable {
+        let socket: Socket
+        let serial: Int
+        var welcomed = false
+        var handshake: ServerHandshake?
+        var queuePairs: [RDMAQueuePair] = []   // live as long as this connection
+        /// Handshake bytes read so far (the poller reads without waiting).
+        var inbound: [UInt8] = []
+        /// When the poller closes it (`monotonicClock`; 0: never): the authentication deadline,
+        /// then the idle deadline.
+        var expires: Nanoseconds
+        var busy = false
+
+        init(_ s: Socket, _ serial: Int, expires: Nanoseconds) {
+            socket = s
+            self.serial = serial
+            self.expires = expires
+        }
+    }
+
+    /// The poller: accepts, authenticates, expires, and hands connections with requests to
+    /// workers. Returns once `stop` was called.
+    private func pollLoop() {
+        var fds: [pollfd] = []
+        var polled: [Connection] = []
+        var restUntil: Nanoseconds = 0   // accept failed (out of descriptors): listeners rest
         while true {
-            var fds = [pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: listener.fd, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: localListener?.fd ?? -1, events: Int16(POLLIN), revents: 0)]
-            let n = poll(&fds, 3, -1)
-            if n < 0 && errno != EINTR { return }
-            if fds[0].revents != 0 { return }
-            let local = fds[2].revents != 0
-            guard let l = local ? localListener : (fds[1].revents != 0 ? listener : nil) else { continue }
-            guard let s = try? l.accept() else {
-                usleep(10_000)   // accept failed (out of descriptors): rest instead of spinning
+            let now = monotonicClock()
+            var next: Nanoseconds = restUntil > now ? restUntil : .max
+            var expired: [Connection] = []
+            fds.removeAll(keepingCapacity: true)
+            polled.removeAll(keepingCapacity: true)
+            let resting = restUntil > now
+            fds.append(pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0))
+            fds.append(pollfd(fd: resting ? -1 : listener.fd, events: Int16(POLLIN), revents: 0))
+            fds.append(pollfd(fd: resting ? -1 : localListener?.fd ?? -1, events: Int16(POLLIN), revents: 0))
+            let stopped = state.withLock { st -> Bool in
+                for c in st.connections.values where !c.busy {
+                    if c.expires != 0 {
+                        if c.expires <= now { expired.append(c); continue }
+                        next = min(next, c.expires)
+                    }
+                    fds.append(pollfd(fd: c.socket.fd, events: Int16(POLLIN), revents: 0))
+                    polled.append(c)
+                }
+                for c in expired { st.connections[c.serial] = nil }
+                return st.stopped
+            }
+            if stopped { return }
+            for c in expired { drop(c) }   // too slow to authenticate, or idle too long
+            let wait = next == .max ? Int32(-1) : Int32(min(1000, (next - now) / 1_000_000 + 1))
+            let n = poll(&fds, nfds_t(fds.count), wait)
+            if n < 0 {
+                if errno != EINTR { usleep(1000) }
                 continue
             }
-            _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)
-            var full = false
-            let serial = state.withLock { st -> Int? in
-                guard !st.stopped else { return nil }
-                guard st.connections.count < Self.maxConnections else { full = true; return nil }
+            if fds[0].revents != 0 {
+                var sink = [UInt8](repeating: 0, count: 64)
+                while read(wake.read, &sink, sink.count) > 0 {}
+            }
+            for (i, l) in [(1, listener), (2, localListener)] where fds[i].revents != 0 {
+                if let l, !accept(from: l) { restUntil = monotonicClock() &+ 100_000_000 }
+            }
+            for (i, c) in polled.enumerated() where fds[i + 3].revents != 0 {
+                if c.welcomed { dispatch(c) } else { handshake(c) }
+            }
+        }
+    }
+
+    /// Accepts what is pending on `l` (at most 64 at a time); false when accept failed.
+    private func accept(from l: Socket) -> Bool {
+        for _ in 0..<64 {
+            let accepted: Socket?
+            do throws(KVError) { accepted = try l.accept() } catch { return false }
+            guard let s = accepted else { return true }
+            _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)   // workers block; the poller uses MSG_DONTWAIT
+            let deadline = monotonicClock() &+ Nanoseconds(DataFrame.authTimeout * 1e9)
+            let kept = state.withLock { st -> Bool in
+                // A peer cannot make this process keep connections without bound.
+                guard !st.stopped, st.connections.count < Self.maxConnections else { return false }
                 st.nextSerial += 1
-                st.connections[st.nextSerial] = (s, nil)
-                return st.nextSerial
+                st.connections[st.nextSerial] = Connection(s, st.nextSerial, expires: deadline)
+                return true
             }
-            if full {   // a peer cannot make this process start threads without bound
-                s.close()
-                continue
+            if !kept { s.close() }
+        }
+        return true
+    }
+
+    /// Forgets a connection and closes it (its thread, if any, has finished with it).
+    private func drop(_ c: Connection) {
+        state.withLock { st in _ = st.connections.removeValue(forKey: c.serial) }
+        c.queuePairs.removeAll()
+        c.socket.shutdown()
+    }
+
+    /// Reads what has arrived of the handshake (hello, then prove) without waiting, and answers
+    /// each whole frame; any failure ends the connection.
+    private func handshake(_ c: Connection) {
+        do throws(KVError) {
+            let limit = WireFrameHeader.size + DataFrame.maxPreAuthPayload
+            var chunk = [UInt8](repeating: 0, count: limit - c.inbound.count)
+            let fd = c.socket.fd, room = chunk.count
+            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, room, Int32(MSG_DONTWAIT)) }
+            if n == 0 { throw KVError(.transfer, "the peer closed the connection") }
+            if n < 0 {
+                if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { return }
+                throw SystemCall.failure("recv", code: .transfer)
             }
-            guard let serial else { return }
-            do {
-                let t = try BackgroundThread { [unowned self] in self.serve(s, serial) }
-                state.withLock { $0.connections[serial]?.thread = t }
+            c.inbound += chunk[..<n]
+            while !c.welcomed && c.inbound.count >= WireFrameHeader.size {
+                let h = try rethrowingKVError { try c.inbound.withUnsafeBytes { b in
+                    try WireFrameHeader.decode(UnsafeRawBufferPointer(rebasing: b[..<WireFrameHeader.size]), maxPayload: DataFrame.maxPreAuthPayload,
+                                               isKnown: { $0 == DataFrame.hello || $0 == DataFrame.prove })
+                } }
+                guard c.inbound.count >= WireFrameHeader.size + h.length else { return }
+                let payload = Array(c.inbound[WireFrameHeader.size..<WireFrameHeader.size + h.length])
+                c.inbound.removeFirst(WireFrameHeader.size + h.length)
+                do throws(KVError) {
+                    if h.kind == DataFrame.hello { try hello(c, h, payload) } else { try prove(c, h, payload) }
+                } catch {
+                    // The payload of the master's `error` answer (same codec); best effort.
+                    try? c.socket.writeFrameNow(kind: DataFrame.error, requestID: h.requestID, payload: MasterResponse.error(error).encode())
+                    throw error
+                }
+            }
+            if c.welcomed {
+                // A request before the handshake's answer is a protocol error.
+                guard c.inbound.isEmpty else { throw .invalidArgument("a request came before the handshake's answer") }
+                c.socket.setTimeout(idleTimeout)
+                state.withLock { _ in c.expires = monotonicClock() &+ Nanoseconds(idleTimeout * 1e9) }
+            }
+        } catch {
+            if error.code != .transfer { log("segment server: closing a connection: \(error.message)") }
+            drop(c)
+        }
+    }
+
+    /// Hands a welcomed connection with bytes to read to a worker (starting one if none is free
+    /// and the pool is not full; otherwise it waits in `ready`).
+    private func dispatch(_ c: Connection) {
+        state.withLock { st in
+            c.busy = true
+            guard !ready.push(c), !st.stopped, st.workers.count < Self.maxWorkers else { return }
+            st.nextWorker += 1
+            let id = st.nextWorker
+            if let t = try? BackgroundThread({ [self] in work(id) }) { st.workers[id] = t }
+        }
+    }
+
+    /// A worker: serves connections from `ready` until none comes for `workerIdle` seconds.
+    private func work(_ id: Int) {
+        while let c = ready.pop(timeout: Self.workerIdle) {
+            if serveRequests(c) {
+                state.withLock { _ in
+                    c.busy = false
+                    c.expires = c.queuePairs.isEmpty ? monotonicClock() &+ Nanoseconds(idleTimeout * 1e9) : 0
+                }
+                wakePoller()
+            } else {
+                drop(c)
+            }
+        }
+        state.withLock { st in
+            // A worker that ends by itself detaches (stop joins the ones it finds).
+            if !st.stopped { st.workers[id] = nil }
+        }
+    }
+
+    /// Serves requests on `c` while they keep coming (within `linger`). A failure is answered
+    /// with an error frame, and ends the connection when the stream's state is unknown.
+    /// Returns whether the connection goes on.
+    private func serveRequests(_ c: Connection) -> Bool {
+        let s = c.socket
+        while true {
+            let header: WireFrameHeader, payload: [UInt8]
+            do throws(KVError) {
+                (header, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown,
+                                                    deadline: requestDeadline(0))
             } catch {
-                state.withLock { _ = $0.connections.removeValue(forKey: serial) }
+                if error.code != .transfer { log("segment server: closing a connection: \(error.message)") }
+                return false
             }
+            let kind = DataFrame.Kind(rawValue: header.kind)
+            do throws(KVError) {
+                switch kind {
+                case .read, .write: try transfer(c, header, payload, write: kind == .write)
+                case .kvRead, .kvWrite: try kvTransfer(c, header, payload, write: kind == .kvWrite)
+                case .segmentFD: try segmentDescriptor(c, header)
+                case .rdmaConnect: try rdmaConnect(c, header, payload)
+                case .hello, .prove: throw .invalidArgument("this connection has already authenticated")
+                case .ok, .error, .rdmaAccepted, .challenge, nil:
+                    throw .invalidArgument("unexpected frame kind \(header.kind)")
+                }
+            } catch {
+                // The payload of the master's `error` answer (same codec); best effort.
+                try? s.writeFrame(kind: DataFrame.error, requestID: header.requestID, payload: MasterResponse.error(error).encode())
+                // A refused write leaves its raw bytes unread, a transfer failure leaves the
+                // stream in an unknown state: either way the connection ends.
+                if error.code == .transfer || kind == .write || kind == .kvWrite { return false }
+            }
+            // Keep the connection while its next request follows soon and nobody waits.
+            if ready.count > 0 { return true }
+            var p = pollfd(fd: s.fd, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, Self.linger) <= 0 { return true }
         }
     }
 
@@ -349,62 +569,10 @@ public final class SegmentServer: @unchecked Sendable {
         try body(segmentID.withLock { $0 })
     }
 
-    /// One served connection: its socket and what it has established so far.
-    private final class Connection {
-        let socket: Socket
-        let serial: Int
-        var welcomed = false
-        var handshake: ServerHandshake?
-        var queuePairs: [RDMAQueuePair] = []   // live as long as this connection
-
-        init(_ s: Socket, _ serial: Int) {
-            socket = s
-            self.serial = serial
-        }
-    }
-
-    /// Reads frames and hands each to the handler of its kind (one handler per message of
-    /// `DataFrame.Kind`); a failure is answered with an error frame, and ends the connection
-    /// when the stream's state is unknown (see the end of the loop).
-    private func serve(_ s: Socket, _ serial: Int) {
-        let c = Connection(s, serial)
-        defer {
-            c.queuePairs.removeAll()
-            // Stop joins the threads it finds; a connection that ends by itself detaches.
-            s.shutdown()
-            state.withLock { st in if !st.stopped { st.connections[serial] = nil } }
-        }
-        // Until the peer has proved the token: tiny frames only, and a deadline.
-        s.setTimeout(DataFrame.authTimeout)
-        while true {
-            let header: WireFrameHeader, payload: [UInt8]
-            do throws(KVError) {
-                (header, payload) = try s.readFrame(maxPayload: c.welcomed ? DataFrame.maxPayload : DataFrame.maxPreAuthPayload,
-                                                    isKnown: c.welcomed ? DataFrame.isKnown : { $0 == DataFrame.hello || $0 == DataFrame.prove })
-            } catch {
-                if error.code != .transfer { log("segment server: closing a connection: \(error.message)") }
-                return
-            }
-            let kind = DataFrame.Kind(rawValue: header.kind)
-            do throws(KVError) {
-                switch kind {
-                case .hello: try hello(c, header, payload)
-                case .prove: try prove(c, header, payload)
-                case .read, .write: try transfer(c, header, payload, write: kind == .write)
-                case .kvRead, .kvWrite: try kvTransfer(c, header, payload, write: kind == .kvWrite)
-                case .segmentFD: try segmentDescriptor(c, header)
-                case .rdmaConnect: try rdmaConnect(c, header, payload)
-                case .ok, .error, .rdmaAccepted, .challenge, nil:
-                    throw .invalidArgument("unexpected frame kind \(header.kind)")
-                }
-            } catch {
-                // The payload of the master's `error` answer (same codec); best effort.
-                try? s.writeFrame(kind: DataFrame.error, requestID: header.requestID, payload: MasterResponse.error(error).encode())
-                // A refused write leaves its raw bytes unread, a transfer failure leaves the
-                // stream in an unknown state: either way the connection ends.
-                if error.code == .transfer || !c.welcomed || kind == .write || kind == .kvWrite { return }
-            }
-        }
+    /// The deadline of a request moving `bytes` bytes: `idleTimeout` plus the bytes at
+    /// `minimumRate`, from now.
+    private func requestDeadline(_ bytes: Int) -> Nanoseconds {
+        monotonicClock() &+ Nanoseconds((idleTimeout + Double(bytes) / Self.minimumRate) * 1e9)
     }
 
     private func requireWelcome(_ c: Connection) throws(KVError) {
@@ -420,17 +588,16 @@ public final class SegmentServer: @unchecked Sendable {
         var w = WireWriter()
         w.bytes(h.serverNonce)
         w.bytes(h.serverProof(token: token.bytes))
-        try c.socket.writeFrame(kind: DataFrame.challenge, requestID: header.requestID, payload: w.bytes)
+        try c.socket.writeFrameNow(kind: DataFrame.challenge, requestID: header.requestID, payload: w.bytes)
     }
 
-    /// prove(client proof) → ok: the connection is welcomed and gets the idle timeout.
+    /// prove(client proof) → ok: the connection is welcomed.
     private func prove(_ c: Connection, _ header: WireFrameHeader, _ payload: [UInt8]) throws(KVError) {
         guard !c.welcomed, let h = c.handshake else { throw .invalidArgument("prove must follow hello") }
         let proof = try WireReader.parse(payload, "prove") { (r) throws(KVError) in Array(try r.bytes(max: 64, "proof")) }
         guard h.accepts(clientProof: proof, token: token.bytes) else { throw .invalidArgument("the segment server refused the token") }
+        try c.socket.writeFrameNow(kind: DataFrame.ok, requestID: header.requestID, payload: [])
         c.welcomed = true
-        c.socket.setTimeout(idleTimeout)
-        try c.socket.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
     }
 
     /// read(segment, offset, length) → ok + the bytes; write(segment, offset, length, ns left)
@@ -448,6 +615,8 @@ public final class SegmentServer: @unchecked Sendable {
         // was left of it when it was sent (later than the writer's by the frame's
         // transit; the writer's own deadline is the write timeout less a margin).
         let deadline = remaining > 0 ? monotonicClock() &+ Nanoseconds(remaining) : 0
+        // This server's own: nobody holds a worker (and the data lock) for longer.
+        let own = requestDeadline(length)
         try whileServing { (current) throws(KVError) in
             guard current != 0, seg == current else { throw .notFound("segment \(seg) is not served here (this server serves \(current))") }
             guard offset <= region.length, length <= region.length - offset else {
@@ -456,12 +625,12 @@ public final class SegmentServer: @unchecked Sendable {
             let bytes = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: region.address + UInt(offset)), count: length)
             if !isWrite {
                 try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
-                try s.writeAll(UnsafeRawBufferPointer(bytes))
+                try s.writeAll(UnsafeRawBufferPointer(bytes), deadline: own)
             } else {
                 if deadline != 0 {
-                    try s.readExactly(into: bytes, arrivingBy: deadline)
+                    try s.readExactly(into: bytes, arrivingBy: min(deadline, own))
                 } else {
-                    try s.readExactly(into: bytes)
+                    try s.readExactly(into: bytes, deadline: own)
                 }
                 try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
             }
@@ -480,12 +649,13 @@ public final class SegmentServer: @unchecked Sendable {
         defer { kvLock.unlock() }
         try checkKV(ranges)
         let total = ranges.reduce(0) { $0 + $1.length }
+        let deadline = requestDeadline(total)
         try ranges.withUnsafeBufferPointer { (rs) throws(KVError) in
             if !write {
                 try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
-                try s.writeAll(total, from: rs)
+                try s.writeAll(total, from: rs, deadline: deadline)
             } else {
-                try s.readExactly(total, into: rs)
+                try s.readExactly(total, into: rs, deadline: deadline)
                 try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
             }
         }
@@ -533,9 +703,8 @@ public final class SegmentServer: @unchecked Sendable {
                 throw KVError(.unsupported, "RDMA queue pair: \(error.message)")
             }
             c.queuePairs.append(qp)
-            // RDMA traffic sends nothing over this socket: no idle timeout from now on,
-            // keepalive probes notice a peer that is gone.
-            s.setTimeout(0)
+            // RDMA traffic sends nothing over this socket: the poller does not time it out
+            // (see `work`), keepalive probes notice a peer that is gone.
             s.setKeepAlive(idle: 30, interval: 5, count: 4)
             var w = WireWriter()
             qp.address.encode(into: &w)

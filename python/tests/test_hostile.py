@@ -289,16 +289,135 @@ def test_segment_server_refuses_strangers_and_caps_connections(master, honest):
     assert r.closed_by_peer()
     r = wire.Raw.tcp(port, host)
     assert r.authenticate(b"a guess at the token, 32 bytes..", data_plane=True) == wire.D_ERROR
-    # Hundreds of idle connections: at most 256 get a thread; the rest are closed at once.
+    # Hundreds of idle strangers: at most 256 are kept, none gets a thread (the poller runs
+    # the handshake), the rest are closed at once.
     threads_before = len(os.listdir("/proc/self/task"))
     conns = [socket.create_connection((host, port)) for _ in range(400)]
     time.sleep(0.5)
-    assert len(os.listdir("/proc/self/task")) - threads_before <= 260
+    assert len(os.listdir("/proc/self/task")) - threads_before <= 2
+    refused = 0
     for c in conns:
+        c.settimeout(0.01)
+        try:
+            refused += c.recv(1) == b""
+        except (TimeoutError, ConnectionError):
+            pass
         c.close()
+    assert refused >= 400 - 256
     # A member with the token is served.
     r = wire.Raw.tcp(port, host)
     assert r.authenticate(wire.data_key(wire.read_token(master.port)), data_plane=True) == wire.D_OK
+
+
+SLOW_HOLDER = """
+import sys, kvstore
+s = kvstore.Store.connect({url!r}, segment_size="8MiB")
+s.put("slow/0", b"s" * 65536)
+print("ready", flush=True)
+sys.stdin.read()
+s.close()
+"""
+
+
+def test_segment_server_keeps_no_thread_per_idle_peer_and_cuts_off_slow_ones(master, honest):
+    """Idle connections, authenticated or not, hold no thread of the serving process; a peer
+    that trickles a write or reads a transfer too slowly is cut off at the request's deadline
+    (idle timeout + bytes at 16 MiB/s) while others are served; idle peers are closed."""
+    env = {**os.environ, "KVSTORE_SEGMENT_IDLE_TIMEOUT": "1"}
+    holder = subprocess.Popen([sys.executable, "-c", SLOW_HOLDER.format(url=master.url)], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
+        host, port = _segment_endpoint(master, "slow/0")
+        r = authenticated(master)
+        kind, body = r.call(wire.GET, wire.lp(b"slow/0") + wire.lp(b"elsewhere"))
+        (seg,) = struct.unpack_from("<I", body, 12)
+        r.close()
+        token = wire.data_key(wire.read_token(master.port))
+
+        def threads() -> int:
+            return len(os.listdir(f"/proc/{holder.pid}/task"))
+
+        def served() -> bool:
+            d = wire.Raw.tcp(port, host)
+            try:
+                assert d.authenticate(token, data_plane=True) == wire.D_OK
+                kind, _ = d.call(wire.D_READ, struct.pack("<IQQ", seg, 0, 4096))
+                return kind == wire.D_OK and len(d.recv_exactly(4096)) == 4096
+            finally:
+                d.close()
+
+        assert served()
+        time.sleep(0.2)
+        base = threads()
+        # 100 authenticated peers and 100 half-sent hellos, all idle: no thread for any.
+        peers = []
+        for _ in range(100):
+            d = wire.Raw.tcp(port, host)
+            assert d.authenticate(token, data_plane=True) == wire.D_OK
+            peers.append(d)
+        half = []
+        for _ in range(100):
+            h = socket.create_connection((host, port))
+            h.sendall(wire.frame(wire.D_HELLO, bytes(32))[:7])
+            half.append(h)
+        time.sleep(0.3)
+        assert threads() - base <= 2, (base, threads())
+
+        # A writer trickling a 64 KiB write (512 bytes every 0.2 s, each well within the 1 s
+        # per-recv timeout, no deadline of its own) is cut off near 1 s + 64 KiB / 16 MiB/s.
+        t = wire.Raw.tcp(port, host)
+        assert t.authenticate(token, data_plane=True) == wire.D_OK
+        t.send(wire.D_WRITE, struct.pack("<IQQQ", seg, (8 << 20) - 65536, 65536, 0))
+        start = time.monotonic()
+        sent = 0
+        try:
+            while time.monotonic() - start < 10 and sent < 65536:
+                t.s.sendall(b"t" * 512)
+                sent += 512
+                if time.monotonic() - start > 0.4 and time.monotonic() - start < 0.7:
+                    assert served()      # others are served meanwhile
+                time.sleep(0.2)
+        except OSError:
+            pass
+        assert t.closed_by_peer(timeout=5)
+        cut = time.monotonic() - start
+        assert sent < 65536 and 0.9 < cut < 4, (sent, cut)
+
+        # A reader taking an 8 MiB read at 4 KiB every 0.2 s (a small receive window) is cut
+        # off too: drained at full speed afterwards, the stream ends short of 8 MiB.
+        rs = socket.socket()
+        rs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        rs.settimeout(5)
+        rs.connect((host, port))
+        t = wire.Raw(rs)
+        assert t.authenticate(token, data_plane=True) == wire.D_OK
+        t.send(wire.D_READ, struct.pack("<IQQ", seg, 0, 8 << 20))
+        got = 0
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:
+            got += len(t.s.recv(4096))
+            time.sleep(0.2)
+        try:
+            while b := t.s.recv(1 << 20):
+                got += len(b)
+        except OSError:
+            pass
+        assert got < (8 << 20), got
+        t.close()
+
+        # Idle peers are closed after the idle timeout, strangers after the 5 s handshake deadline.
+        assert all(p.closed_by_peer(timeout=3) for p in peers[:5])
+        for h in half[:5]:
+            h.settimeout(7)
+            assert h.recv(1) == b""
+        for c in peers + [*map(wire.Raw, half)]:
+            c.close()
+        assert served()
+        assert threads() - base <= 3
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
 
 
 def test_segment_server_survives_random_and_mutated_frames(master, honest):
