@@ -86,6 +86,16 @@ public struct MasterService: Sendable {
         /// The peer's process id as the kernel reports it (SO_PEERCRED of a local socket);
         /// 0 when unknown (TCP). Set by the server, never from a message.
         public var peerPID: Int32 = 0
+        /// The peer's IPv4 address as the connection shows it (TCP; nil on the local socket).
+        /// Set by the server, never from a message: a segment or KV endpoint this client
+        /// announces must be on it.
+        public var peerAddress: String? = nil
+        /// Whether this connection came through the master's local (Unix-domain) socket; set
+        /// by the server. A local client's `mount` must come with its segment's descriptor.
+        public var local = false
+        /// The size of the shared-memory file passed with this connection's `mount` (checked by
+        /// the server: `SharedMemoryFile.check`); nil when none came. Set by the server.
+        public var passedSegmentBytes: Int? = nil
         /// The tenant this connection proved (nil: the cluster's token).
         var tenant: Tenant? = nil
         /// Which attachment of its client this connection is (a resume on another
@@ -384,8 +394,35 @@ public struct MasterService: Sendable {
     /// `request` of client `id`, inside its session's tenant.
     private mutating func tenantDispatch(_ request: MasterRequest, client id: UInt64, session: Session,
                                          now: Nanoseconds) throws(KVError) -> MasterResponse {
+        if let address = session.peerAddress { try Self.checkEndpoint(of: request, from: address) }
+        if session.local, case let .mount(size, _, _, _, _) = request {
+            // Capacity is the file's, not a claim: a local client passes its segment's descriptor.
+            guard let have = session.passedSegmentBytes else {
+                throw .invalidArgument("a mount on the local socket must come with the segment's descriptor")
+            }
+            guard have >= size else {
+                throw .invalidArgument("a mount of \(size) bytes came with a segment file of \(have) bytes")
+            }
+        }
         guard let tenant = session.tenant else { return try dispatch(request, client: id, tenant: nil, now: now) }
         return tenant.unscoped(try dispatch(try tenant.scoped(request), client: id, tenant: tenant, now: now))
+    }
+
+    /// Refuses a mount or layout whose endpoint (where other clients will connect and send
+    /// bytes) is not on the address its TCP client connects from: a client cannot point the
+    /// cluster's writers and readers at another machine or service.
+    static func checkEndpoint(of request: MasterRequest, from address: String) throws(KVError) {
+        let endpoint: String
+        switch request {
+        case let .mount(_, _, _, e, _): endpoint = e
+        case let .publishLayout(p): endpoint = p.endpoint
+        default: return
+        }
+        guard !endpoint.isEmpty else { return }
+        let host = endpoint.lastIndex(of: ":").map { String(endpoint[..<$0]) } ?? endpoint
+        guard host == address else {
+            throw .invalidArgument("endpoint '\(endpoint)' is not on this client's address \(address) (as its connection shows)")
+        }
     }
 
     /// `request` (already inside `tenant`'s namespace) of client `id`.

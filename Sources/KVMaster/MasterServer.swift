@@ -95,6 +95,11 @@ public final class MasterServer: @unchecked Sendable {
         var sent = 0
         var session = MasterService.Session()
         var closeAfterFlush = false
+        /// A descriptor the client attached to its bytes (local socket only; at most one kept,
+        /// closed once its `mount` is handled or the connection ends): its segment's file.
+        var passedFD: Int32 = -1
+        func takePassedFD() -> Int32 { defer { passedFD = -1 }; return passedFD }
+        deinit { if passedFD >= 0 { close(passedFD) } }
         /// A read held back until a write of its key commits, or `until` (`MasterService.mustWait`);
         /// or a write held back for room until an owner confirms freed space (`space`: the
         /// service's confirmations then). The connection's later requests wait behind it, so
@@ -396,6 +401,7 @@ public final class MasterServer: @unchecked Sendable {
             }
             let c = Connection(s, http: http, accepted: clock())
             c.session.peerPID = cred?.pid ?? 0
+            if l !== localListener { c.session.peerAddress = s.peerHost ?? "" } else { c.session.local = true }
             connections[s.fd] = c
         }
     }
@@ -421,7 +427,17 @@ public final class MasterServer: @unchecked Sendable {
         while true {
             let n: Int?
             do {
-                n = try scratch.withUnsafeMutableBytes { b in try c.socket.readAvailable(into: b) }
+                if c.session.local {
+                    var fd: Int32 = -1
+                    n = try scratch.withUnsafeMutableBytes { b in try c.socket.readAvailable(into: b, descriptor: &fd) }
+                    if fd >= 0 {
+                        let old = c.passedFD
+                        if old >= 0 { close(old) }   // one kept: the latest
+                        c.passedFD = fd
+                    }
+                } else {
+                    n = try scratch.withUnsafeMutableBytes { b in try c.socket.readAvailable(into: b) }
+                }
             } catch { return drop(c, reason: (error as? KVError)?.message ?? "\(error)") }
             guard let n else { break }
             if n == 0 { return drop(c, reason: c.http ? nil : Self.closedByClient) }
@@ -510,7 +526,17 @@ public final class MasterServer: @unchecked Sendable {
     /// request that succeeded) or `c` was dropped.
     private func respond(_ c: Connection, _ header: WireFrameHeader, _ request: MasterRequest,
                          waitForSpaceUntil: Nanoseconds? = 0) -> MasterResponse? {
-        let response = service.handle(request, session: &c.session, now: clock())
+        var refused: KVError? = nil
+        if case let .mount(size, _, _, _, _) = request, c.session.local {
+            // The capacity a local client mounts is its file's (checked here, told to the service).
+            let fd = c.takePassedFD()
+            if fd >= 0 {
+                do throws(KVError) { c.session.passedSegmentBytes = try SharedMemoryFile.check(fd, holding: size) } catch { refused = error }
+                close(fd)
+            }
+        }
+        let response = refused.map { MasterResponse.error($0) } ?? service.handle(request, session: &c.session, now: clock())
+        c.session.passedSegmentBytes = nil
         if let until = waitForSpaceUntil, request.allocates, case .error(let e) = response, e.code == .noSpace,
            service.awaitingBytes > 0 {
             // The room it lacked (fragmented, or in segments it may not use) may be what the

@@ -94,22 +94,11 @@ public final class HostSegment: @unchecked Sendable {
     /// cannot make this process write into a file of its choosing. Never pinned.
     public init(attaching fd: Int32, size: Int) throws(KVError) {
         guard size > 0 else { close(fd); throw .invalidArgument("segment size must be positive") }
-        var st = stat()
-        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
+        do throws(KVError) {
+            try SharedMemoryFile.check(fd, holding: size)
+        } catch {
             close(fd)
-            throw .invalidArgument("the segment descriptor is not a regular file")
-        }
-        guard SegmentShare.isSharedMemoryFile(fd) else {
-            close(fd)
-            throw .invalidArgument("the segment descriptor is not a shared-memory file (tmpfs or hugetlbfs)")
-        }
-        guard fcntl(fd, F_GETFL) & O_ACCMODE == O_RDWR else {
-            close(fd)
-            throw .invalidArgument("the segment descriptor is not open for reading and writing")
-        }
-        guard Int(st.st_size) >= size else {
-            close(fd)
-            throw .invalidArgument("the segment file is smaller than \(size) bytes")
+            throw error
         }
         // The pages exist (shared segments are reserved at creation); this mapping's page
         // tables are built in the background (`populateInBackground`), not here: mapping a

@@ -60,6 +60,17 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         public var host: String
         public var sharePath: String
         public var endpoint: String
+        /// The segment's shared-memory file (-1: none): passed with the mount on the master's
+        /// local socket, where the master takes the capacity from the file, not from `size`.
+        public var shareFD: Int32 = -1
+
+        public init(size: Int, host: String, sharePath: String, endpoint: String, shareFD: Int32 = -1) {
+            self.size = size
+            self.host = host
+            self.sharePath = sharePath
+            self.endpoint = endpoint
+            self.shareFD = shareFD
+        }
     }
 
     struct Link: @unchecked Sendable {
@@ -804,8 +815,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     private func send(_ m: Mount, _ l: inout Link) throws(KVError) {
         // A remount (after a reconnect) says so: readers may still copy under earlier leases.
         let reused = l.mount != nil
-        guard case .mounted(let seg) = try expect(&l, .mount(size: m.size, host: m.host, sharePath: m.sharePath, endpoint: m.endpoint,
-                                                             reused: reused)) else {
+        let request = MasterRequest.mount(size: m.size, host: m.host, sharePath: m.sharePath, endpoint: m.endpoint, reused: reused)
+        let answer = try receive(&l, try send(&l, request, attaching: l.local ? m.shareFD : -1))
+        if case .error(let e) = answer { throw e }
+        guard case .mounted(let seg) = answer else {
             throw KVError(.internal, "unexpected answer to mount")
         }
         l.mount = m
@@ -824,7 +837,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     /// Sends `r`; returns its request id. `awaited`: its answer may be read by another call
     /// first, which parks it.
-    private func send(_ l: inout Link, _ r: MasterRequest, awaited: Bool = false) throws(KVError) -> UInt32 {
+    /// `attaching`: a descriptor sent with the request's bytes (local socket only; -1: none).
+    private func send(_ l: inout Link, _ r: MasterRequest, awaited: Bool = false, attaching fd: Int32 = -1) throws(KVError) -> UInt32 {
         guard let s = l.socket else {
             throw KVError(.transfer, "the connection to the master at \(host):\(port) was lost (\(l.lastFailure))")
         }
@@ -834,7 +848,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         let id = l.nextID
         l.nextID &+= 1
         do throws(KVError) {
-            if frames.bytes.isEmpty {
+            if fd >= 0 {
+                frames.frame(kind: r.kind, requestID: id, payload: r.encode())
+                try rethrowingKVError { try frames.bytes.withUnsafeBytes { try s.writeAll($0, attaching: fd) } }
+            } else if frames.bytes.isEmpty {
                 try s.writeFrame(kind: r.kind, requestID: id, payload: r.encode())
             } else {
                 frames.frame(kind: r.kind, requestID: id, payload: r.encode())

@@ -108,7 +108,7 @@ public final class StoreClient: Sendable {
                                                dataLock: remote.dataLock, rdma: RDMA.shared.context, shareFD: s.fd, log: logLine)
                 state.server.withLock { $0 = server }
                 _ = try remote.mount(RemoteMaster.Mount(size: segmentSize, host: state.host, sharePath: server.localName,
-                                                        endpoint: server.endpoint))
+                                                        endpoint: server.endpoint, shareFD: s.fd))
             }
             remote.maintenance = { [weak remote] in if let remote { state.prunePeers(remote) } }
             try remote.startHeartbeat()

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CKVCopy
 import KVCore
 
 /// A TCP socket (IPv4) or a local (abstract Unix-domain) stream socket, owning its descriptor: closed by `close()` or deinit. Calls that can
@@ -295,6 +296,25 @@ public final class Socket: @unchecked Sendable {
         case .bytes(let n): return n
         case .wouldBlock: return nil
         }
+    }
+
+    /// `readAvailable` that also takes a descriptor the peer attached (SCM_RIGHTS; Unix-domain
+    /// sockets): `descriptor` is set to it (the caller owns it), else -1.
+    public func readAvailable(into buffer: UnsafeMutableRawBufferPointer, descriptor: inout Int32) throws(KVError) -> Int? {
+        var fd: Int32 = -1
+        let n = kv_recv_fd(self.fd, &fd, buffer.baseAddress, buffer.count)
+        descriptor = fd
+        if n >= 0 { return n }
+        if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { return nil }
+        throw SystemCall.failure("recvmsg", code: .transfer)
+    }
+
+    /// Writes all of `bytes` with the descriptor `fd` attached to the first of them
+    /// (SCM_RIGHTS; Unix-domain sockets), the rest as `writeAll`. Throws `transfer`.
+    public func writeAll(_ bytes: UnsafeRawBufferPointer, attaching fd: Int32) throws(KVError) {
+        let n = kv_send_fd(self.fd, fd, bytes.baseAddress, bytes.count)
+        guard n > 0 else { throw SystemCall.failure("sendmsg with a descriptor", code: .transfer) }
+        if n < bytes.count { try writeAll(UnsafeRawBufferPointer(rebasing: bytes[n...])) }
     }
 
     /// One non-blocking write of `bytes`: bytes written (possibly fewer), 0 when the socket

@@ -34,12 +34,6 @@ enum PeerHandshake {
 /// Same-host segments travel as open files: a member connects to the owner's segment server
 /// on its local socket and receives the descriptor (SCM_RIGHTS).
 public enum SegmentShare {
-    /// Whether `fd` is a file on tmpfs or hugetlbfs (what shared segments live in).
-    public static func isSharedMemoryFile(_ fd: Int32) -> Bool {
-        let type = kv_fs_type(fd)
-        return type == 0x0102_1994 || type == 0x9584_58f6   // TMPFS_MAGIC, HUGETLBFS_MAGIC
-    }
-
     /// The descriptor of the segment served at the abstract socket `name` (the caller owns
     /// it). Throws unless the process listening there is `pid` (the kernel's word, checked
     /// with SO_PEERCRED), proves the cluster token and hands over a descriptor.

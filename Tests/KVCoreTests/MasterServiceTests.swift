@@ -106,6 +106,54 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(q.pid, 0, "a TCP client cannot name a pid")
     }
 
+    func testEndpointsOfTCPClientsMustBeOnTheAddressTheyConnectFrom() throws {
+        var m = try master()
+        var tcp = MasterService.Session()
+        tcp.peerAddress = "10.0.0.7"              // what the server read with getpeername
+        guard case .welcome = Self.authenticate(&m, &tcp) else { return XCTFail() }
+        // Another machine's (or service's) address: refused, nothing mounted or published.
+        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.8:7000", reused: false),
+                                          session: &tcp, now: 0)), .invalidArgument)
+        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.70:7000", reused: false),
+                                          session: &tcp, now: 0)), .invalidArgument, "a prefix of the address is not the address")
+        XCTAssertEqual(m.handle(.stats, session: &tcp, now: 0).statsValue("segments"), 0)
+        var elsewhere = Self.published
+        elsewhere.endpoint = "192.168.1.1:7100"
+        XCTAssertEqual(errorCode(m.handle(.publishLayout(elsewhere), session: &tcp, now: 0)), .invalidArgument)
+        XCTAssertEqual(errorCode(m.handle(.fetchLayout(node: elsewhere.node), session: &tcp, now: 0)), .objectNotFound)
+        // Its own address is accepted.
+        guard case .mounted = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.7:7000", reused: false),
+                                       session: &tcp, now: 0) else { return XCTFail() }
+        var own = Self.published
+        own.endpoint = "10.0.0.7:7100"
+        XCTAssertEqual(m.handle(.publishLayout(own), session: &tcp, now: 0), .ok)
+        // A local client (the kernel vouches for its uid; no address) is not checked.
+        var local = MasterService.Session()
+        local.peerPID = 4242
+        local.local = true
+        guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
+        local.passedSegmentBytes = 1 << 20
+        guard case .mounted = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.9:7000", reused: false),
+                                       session: &local, now: 0) else { return XCTFail() }
+    }
+
+    func testALocalMountTakesItsCapacityFromThePassedFileNotFromTheClaim() throws {
+        var m = try master()
+        var local = MasterService.Session()
+        local.peerPID = 4242
+        local.local = true
+        guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
+        let mount = MasterRequest.mount(size: 1 << 30, host: "h", sharePath: "s", endpoint: "127.0.0.1:7000", reused: false)
+        XCTAssertEqual(errorCode(m.handle(mount, session: &local, now: 0)), .invalidArgument, "no descriptor came with it")
+        local.passedSegmentBytes = 1 << 20                   // what the server found with fstat
+        guard case .error(let e) = m.handle(mount, session: &local, now: 0) else { return XCTFail() }
+        XCTAssertEqual(e.code, .invalidArgument)
+        XCTAssertTrue(e.message.contains("1048576"), e.message)
+        XCTAssertEqual(m.handle(.stats, session: &local, now: 0).statsValue("capacity"), 0, "nothing mounted")
+        local.passedSegmentBytes = 1 << 30
+        guard case .mounted = m.handle(mount, session: &local, now: 0) else { return XCTFail() }
+    }
+
     func testTenantsSeeOnlyTheirOwnKeysAndLayouts() throws {
         var config = MasterConfig(token: "the-cluster-token", clientTTL: 10 * Self.s)
         config.tenants = ["acme": "acme-token-0123456789", "beta": "beta-token-0123456789"]

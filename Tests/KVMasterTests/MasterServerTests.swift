@@ -127,7 +127,7 @@ final class MasterServerTests: XCTestCase {
         defer { server.stop(); thread.join() }
         let c = try Client(port: server.port)
         guard case .welcome = try c.hello(name: "t") else { return XCTFail() }
-        guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
+        guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else { return XCTFail() }
         guard case .putStarted(let w) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         let (h, rs) = (w.handle, w.replicas)
         XCTAssertEqual(rs.first?.segment, seg)
@@ -151,7 +151,7 @@ final class MasterServerTests: XCTestCase {
         guard case .welcome(let w) = try tcp.hello(token: "s3cret-s3cret-s3cret", name: "tcp", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
         let name = w.local
         XCTAssertTrue(name.hasPrefix("kvstore-master."), name)
-        guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
+        guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else { return XCTFail() }
         // The local socket checks the token too, and a refused hello closes it.
         let refused = try Client(local: name)
         guard case .error(let e) = try refused.hello(token: "nope", name: "x", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
@@ -185,7 +185,7 @@ final class MasterServerTests: XCTestCase {
         // socket do that with their TCP connection); one holding a segment is logged.
         let held = try Client(port: server.port)
         _ = try held.hello(name: "held")
-        _ = try held.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false))
+        _ = try held.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false))
         c.socket.close()
         XCTAssertEqual(try held.call(.leave), .ok)
         held.socket.close()
@@ -199,7 +199,7 @@ final class MasterServerTests: XCTestCase {
         defer { server.stop(); thread.join() }
         let good = try Client(port: server.port)
         guard case .welcome = try good.hello(name: "good") else { return XCTFail() }
-        guard case .mounted = try good.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
+        guard case .mounted = try good.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else { return XCTFail() }
         let bad = [
             Array("GET / HTTP/1.1\r\n\r\n".utf8),                                           // not our protocol
             WireWriter.frame(kind: 999, requestID: 1, payload: []),                            // unknown kind
@@ -222,8 +222,8 @@ final class MasterServerTests: XCTestCase {
         _ = try a.hello(name: "a")
         _ = try b.hello(name: "b")
         _ = try lost.hello(name: "lost")
-        guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
-        guard case .mounted(let kept) = try lost.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false)) else { return XCTFail() }
+        guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else { return XCTFail() }
+        guard case .mounted(let kept) = try lost.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else { return XCTFail() }
         guard case .putStarted(let w) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
         let h = w.handle
         try a.post(.putCommit(handle: h))
@@ -240,7 +240,7 @@ final class MasterServerTests: XCTestCase {
         var gone = false
         for _ in 0..<100 where !gone {
             usleep(10_000)
-            gone = try b.call(.segmentInfo(segment: seg)) != .segment(SegmentInfo(segment: seg, size: 1 << 20, host: "h", sharePath: "p", endpoint: "e"))
+            gone = try b.call(.segmentInfo(segment: seg)) != .segment(SegmentInfo(segment: seg, size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1"))
         }
         XCTAssertTrue(gone)
         XCTAssertEqual(try b.call(.exists(key: "k")), .flag(false))
@@ -574,7 +574,9 @@ final class SlowWriteTests: XCTestCase {
         let remote = try RemoteMaster(url: "kvstore://127.0.0.1:\(server.port)", token: MasterServerTests.token, name: "slow",
                                       clock: { time.now.withLock { $0 } })
         defer { remote.close() }
-        _ = try remote.mount(RemoteMaster.Mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "127.0.0.1:1"))
+        let segment = try HostSegment(size: 1 << 20, shared: true)
+        defer { segment.unmap() }
+        _ = try remote.mount(RemoteMaster.Mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "127.0.0.1:1", shareFD: segment.fd))
         XCTAssertEqual(remote.slowCommitAfter, 200_000_000, "a fifth of a 1 s write timeout")
         let fast = try remote.beginWrite(key: "fast", size: 100, mode: .put, options: .default, preferred: nil)
         try remote.commitWrite(fast)

@@ -61,7 +61,7 @@ final class HostSegmentTests: XCTestCase {
         refused(987_654, 4096, "not a regular file")
         let owner = try HostSegment(size: 1 << 16, shared: true)
         defer { owner.unmap() }
-        refused(dup(owner.fd), 1 << 20, "smaller")
+        refused(dup(owner.fd), 1 << 20, "fewer than")
         // A file a peer could open only for reading: never mapped for writing.
         let readOnly = open("/proc/self/fd/\(owner.fd)", O_RDONLY | O_CLOEXEC)
         refused(readOnly, 1 << 16, "reading and writing")

@@ -58,6 +58,21 @@ def authenticated(m: Master) -> wire.Raw:
     return r
 
 
+def test_a_tcp_client_cannot_announce_an_endpoint_on_another_address(master, honest):
+    """Where other clients connect and send bytes comes from the connection: a TCP client's
+    segment or KV endpoint must be on the address the master sees it connect from."""
+    r = authenticated(master)
+    kind, body = r.call(wire.MOUNT, struct.pack("<Q", 1 << 20) + wire.lp(b"h") + wire.lp(b"") + wire.lp(b"127.0.0.2:6379") + b"\0")
+    assert kind == wire.ERROR and "127.0.0.1" in wire.error_message(body), kind
+    kind, body = r.call(wire.STATS)
+    d = struct.pack("<I", 1) + struct.pack("<IBQQQ", 0, 0, 1 << 20, 4096, 4096) + wire.lp(b"cpu")
+    kind, body = r.call(17, wire.lp(b"elsewhere") + d + wire.lp(b"h") + struct.pack("<Q", 0) + wire.lp(b"10.9.9.9:80"))
+    assert kind == wire.ERROR and "is not on this client's address" in wire.error_message(body)
+    kind, body = r.call(wire.MOUNT, struct.pack("<Q", 1 << 20) + wire.lp(b"h") + wire.lp(b"") + wire.lp(b"127.0.0.1:1") + b"\0")
+    assert kind == 103, wire.error_message(body) if kind == wire.ERROR else kind
+    r.close()
+
+
 def test_mounts_whose_sizes_overflow_are_refused(master, honest):
     r = authenticated(master)
     refused = 0
@@ -492,8 +507,20 @@ import wire
 r = wire.Raw.local({name!r})
 assert r.authenticate(wire.read_token({port})) == 102
 # A segment whose "share path" is the victim's file, served at a port where nothing listens.
-kind, _ = r.call(wire.MOUNT, struct.pack("<Q", 1 << 20) + wire.lp({host!r}.encode()) + wire.lp({path!r}.encode())
-                 + wire.lp(b"127.0.0.1:1") + b"\\0")
+mount = struct.pack("<Q", 1 << 20) + wire.lp({host!r}.encode()) + wire.lp({path!r}.encode()) + wire.lp(b"127.0.0.1:1") + b"\\0"
+# Its capacity must come with a shared-memory file of that size (not a claim, not another file).
+kind, body = r.call(wire.MOUNT, mount)
+assert kind == wire.ERROR and "descriptor" in wire.error_message(body), kind
+with open({path!r}, "rb") as f:
+    kind, body = r.call_with_fd(wire.MOUNT, mount, f.fileno())
+assert kind == wire.ERROR and "not a shared-memory file" in wire.error_message(body), kind
+small = os.memfd_create("small")
+os.ftruncate(small, 4096)
+kind, body = r.call_with_fd(wire.MOUNT, mount, small)
+assert kind == wire.ERROR and "fewer than" in wire.error_message(body), kind
+real = os.memfd_create("segment")
+os.ftruncate(real, 1 << 20)
+kind, body = r.call_with_fd(wire.MOUNT, mount, real)
 assert kind == 103, kind
 # A layout over the victim's private memory, claiming the victim's pid and host.
 d = struct.pack("<I", 2) + struct.pack("<IBQQQ", 0, 0, {address}, 4096, 4096) + wire.lp(b"cpu") \\

@@ -58,6 +58,12 @@ class Raw:
         self.rid += 1
         self.s.sendall(frame(kind, payload, self.rid))
 
+    def call_with_fd(self, kind: int, payload: bytes, fd: int) -> tuple[int, bytes]:
+        """`call` with a descriptor attached to the frame (SCM_RIGHTS; local socket)."""
+        self.rid += 1
+        socket.send_fds(self.s, [frame(kind, payload, self.rid)], [fd])
+        return self.read()
+
     def recv_exactly(self, n: int) -> bytes:
         out = b""
         while len(out) < n:
