@@ -427,7 +427,9 @@ public final class MasterServer: @unchecked Sendable {
         while true {
             let n: Int?
             do {
-                if c.session.local {
+                if c.session.local && !c.session.ownsSegment {
+                    // Until it has mounted, a local client may pass its segment's file (recvmsg);
+                    // afterwards plain reads (a descriptor sent then is closed by the kernel).
                     var fd: Int32 = -1
                     n = try scratch.withUnsafeMutableBytes { b in try c.socket.readAvailable(into: b, descriptor: &fd) }
                     if fd >= 0 {
