@@ -36,20 +36,9 @@ extension StoreClient {
             }
         }
         let old = kvNode.withLock { $0 }
-        var endpoint = ""
-        if let cluster, let remote {
-            let hostBuffers = layout.descriptors.filter { $0.location.isHost }
-                .map { MemoryRegion(address: $0.address, length: $0.length) }
-            var found = cluster.server.withLock { $0 } ?? cluster.kvServer.withLock { $0 }
-            if found == nil {
-                let made = try SegmentServer(region: MemoryRegion(address: 0, length: 0), host: remote.localHost, token: cluster.token)
-                cluster.kvServer.withLock { $0 = made }
-                found = made
-            }
-            found!.serveKV(hostBuffers)
-            endpoint = found!.endpoint
-        }
-        let published = PublishedLayout(node: node, layout: layout, host: cluster?.host ?? localHostIdentity(),
+        let hostBuffers = layout.descriptors.filter { $0.location.isHost }.map { MemoryRegion(address: $0.address, length: $0.length) }
+        let endpoint = try directory.serveKV(hostBuffers)
+        let published = PublishedLayout(node: node, layout: layout, host: directory.host,
                                         pid: Int(getpid()), endpoint: endpoint)
         if let old, old.node != node { try? master.unpublishLayout(node: old.node) }
         try master.publishLayout(published)
@@ -62,8 +51,7 @@ extension StoreClient {
         try enter()
         defer { leave() }
         guard let old = kvNode.withLock({ $0 }) else { return }
-        cluster?.server.withLock { $0 }?.serveKV([])
-        cluster?.kvServer.withLock { $0 }?.serveKV([])
+        directory.stopServingKV()
         kvNode.withLock { $0 = nil }
         try master.unpublishLayout(node: old.node)
     }
@@ -95,7 +83,7 @@ extension StoreClient {
         let copies = try KVBlockPlan.copies(from: from, to: to, sourceBlocks: sourceBlocks, destinationBlocks: destinationBlocks, layers: layers)
         // Addresses are used directly only for this store's own layout; another layout's pid is
         // the one the master verified (0: unknown, so never a same-host target).
-        let sharesPIDs = cluster?.sharesPIDs.load(ordering: .relaxed) ?? true
+        let sharesPIDs = directory.sharesPIDs
         let sameProcess = peer.node == mine.node || (sharesPIDs && peer.host == mine.host && peer.pid == Int(getpid()))
         // Device memory: copies by the device, in this process only.
         let fromLocations = from.descriptors.map(\.location), toLocations = to.descriptors.map(\.location)
@@ -107,7 +95,7 @@ extension StoreClient {
             return try deviceCopies(copies, from: fromLocations, to: toLocations, batched: executor == .aggregated)
         }
         if sameProcess { return try mover.run(copies, pull: pull, route: .sameProcess, executor: executor) }
-        let link = peer.endpoint.isEmpty ? nil : try kvLink(peer.endpoint)
+        let link = peer.endpoint.isEmpty ? nil : try directory.kvLink(peer.endpoint)
         if peer.host == mine.host, peer.pid > 0, sharesPIDs {
             return try mover.run(copies, pull: pull, route: .sameHost(pid: Int32(peer.pid), link: link), executor: executor)
         }
@@ -133,13 +121,5 @@ extension StoreClient {
         let outcome = plan.execute(transport: transport, into: .callerMemory, devices: snapshot, holds: deviceHolds, batched: batched)
         if let e = outcome.failed[0] { throw e }
         return outcome.operations
-    }
-
-    private func kvLink(_ endpoint: String) throws(KVError) -> PeerLink {
-        guard let cluster else { throw KVError(.internal, "an embedded store has no peers") }
-        if let l = cluster.kvLinks.withLock({ $0[endpoint] }) { return l }
-        let l = try PeerLink(endpoint: endpoint, token: cluster.token, counters: counters)
-        cluster.kvLinks.withLock { $0[endpoint] = l }
-        return l
     }
 }

@@ -21,6 +21,7 @@ extension StoreClient {
         let hits = operations.hits.load(ordering: .relaxed), misses = operations.misses.load(ordering: .relaxed)
         let tier = master as? TieredMaster
         let d = tier?.disk.statistics ?? DiskTierStatistics()
+        let link = directory.linkStatistics
         return [
             .init("objects", s.objects), .init("object_bytes", s.objectBytes), .init("bytes_used", s.usedBytes),
             .init("capacity", s.capacity), .init("bytes_free", s.capacity - s.usedBytes),
@@ -43,19 +44,14 @@ extension StoreClient {
             .init("accelerators", AcceleratorRegistry.snapshot.accelerators.count), .init("closed", isClosed ? 1 : 0),
             .init("segment_size", segment?.size ?? 0),
             .init("segment_populated_bytes", segment?.populatedBytes ?? 0),
-            .init("master_reconnects", remote?.reconnects.load(ordering: .relaxed) ?? 0),
-            .init("commit_failures", remote?.commitFailures.load(ordering: .relaxed) ?? 0),
-            .init("sessions_resumed", remote?.resumes.load(ordering: .relaxed) ?? 0),
-            .init("objects_reregistered", remote?.restoredObjects.load(ordering: .relaxed) ?? 0),
-            .init("commits_resent", remote?.resumedCommits.load(ordering: .relaxed) ?? 0),
-            .init("master_failovers", remote?.failovers.load(ordering: .relaxed) ?? 0),
-            .init("master_term", Int(clamping: remote?.term.load(ordering: .relaxed) ?? 0)),
+            .init("master_reconnects", link.reconnects), .init("commit_failures", link.commitFailures),
+            .init("sessions_resumed", link.resumes), .init("objects_reregistered", link.restoredObjects),
+            .init("commits_resent", link.resumedCommits), .init("master_failovers", link.failovers),
+            .init("master_term", link.term),
             .init("network_bytes", counters.networkBytes.load(ordering: .relaxed)),
             .init("rdma_bytes", counters.rdmaBytes.load(ordering: .relaxed)),
-            .init("rdma_devices", remote == nil ? 0 : RDMA.discovery.devices.filter(\.active).count),
-            .init("master_local", remote?.isLocal ?? false ? 1 : 0),
-            .init("peers", cluster?.peers.withLock { $0.map.count } ?? 0),
-            .init("peers_pruned", cluster?.pruned.load(ordering: .relaxed) ?? 0),
+            .init("rdma_devices", link.rdmaDevices), .init("master_local", link.local ? 1 : 0),
+            .init("peers", link.peers), .init("peers_pruned", link.peersPruned),
             .init("disk_objects", d.objects), .init("disk_bytes", d.bytes), .init("disk_capacity", d.capacity),
             .init("disk_offloads", d.offloads), .init("disk_offloaded_bytes", d.offloadedBytes),
             .init("disk_offload_failures", d.offloadFailures), .init("disk_hits", d.hits), .init("disk_misses", tier == nil ? 0 : misses),

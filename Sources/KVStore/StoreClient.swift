@@ -32,9 +32,8 @@ public final class StoreClient: Sendable {
     public let deviceHolds = DeviceHolds()
     public let counters = TransferCounters()
     let master: any MasterLink
-    /// The master server, when this client is connected to one.
-    public let remote: RemoteMaster?
-    let cluster: ClusterState?
+    /// Where objects live and how to reach them: the embedded store's segment, or the cluster.
+    let directory: any SegmentDirectory
     let transport: LocalCopyTransport
     let gate = OperationGate()
     /// This client's published KV layout (prefill→decode transfer), if any.
@@ -71,8 +70,7 @@ public final class StoreClient: Sendable {
         } else {
             master = embedded
         }
-        remote = nil
-        cluster = nil
+        directory = EmbeddedDirectory(segment: seg)
         transport = LocalCopyTransport(counters: counters)
     }
 
@@ -120,8 +118,7 @@ public final class StoreClient: Sendable {
         }
         segment = own
         master = remote
-        self.remote = remote
-        cluster = state
+        directory = ClusterDirectory(remote: remote, state: state, segment: own)
         transport = LocalCopyTransport(counters: counters)
     }
 
@@ -520,7 +517,7 @@ public final class StoreClient: Sendable {
         var leased: [(item: Int, ticket: ReadTicket)] = []   // copies to check once they are done
         var stale: [Int] = []                                  // copies that outlived their lease
         var plan = DeviceCopyPlan()
-        try master.acquireReads(keys: keys, host: cluster?.host ?? "") { range, answers in
+        try master.acquireReads(keys: keys, host: directory.host) { range, answers in
             // With every copy of the batch so far done (host memory: nothing planned), this
             // chunk's holds are checked and ended now, so a batch of any length holds at most
             // a chunk's worth at the master (its per-client limit is `readsInFlight`).
@@ -626,7 +623,7 @@ public final class StoreClient: Sendable {
     }
 
     private func heldTryBeginRead(key: ObjectKey) throws(KVError) -> ReadResult {
-        let r = try master.acquireRead(key: key, host: cluster?.host ?? "")
+        let r = try master.acquireRead(key: key, host: directory.host)
         countLookup(r)
         return r
     }
@@ -825,7 +822,7 @@ public final class StoreClient: Sendable {
         defer { leave() }
         var out: [Result<ReadTicket, KVError>] = []
         out.reserveCapacity(keys.count)
-        try master.acquireReads(keys: keys, host: cluster?.host ?? "") { range, answers in
+        try master.acquireReads(keys: keys, host: directory.host) { range, answers in
             for (key, r) in zip(keys[range], answers) {
                 switch r {
                 case .failure(let e): out.append(.failure(e))
@@ -906,8 +903,7 @@ public final class StoreClient: Sendable {
     public func close() {
         if gate.close() {
             (master as? TieredMaster)?.close()
-            remote?.close()
-            cluster?.close()
+            directory.close()
             registry.removeAll()
             segment?.unmap()
             deviceHolds.releaseAll()
@@ -916,166 +912,29 @@ public final class StoreClient: Sendable {
 
     // MARK: cluster plumbing
 
-    /// Enters an operation: passes the gate and, when connected to a master, reconnects if
-    /// the connection was lost, then shares the data lock (a reconnect waits for it).
+    /// Enters an operation: passes the gate, then the directory's entry (a connected store
+    /// reconnects a lost link and shares its data lock, which a reconnect waits for).
     @inline(__always)
     func enter() throws(KVError) {
         try gate.enter()
-        guard let remote else { return }
         do throws(KVError) {
-            try remote.reconnectIfNeeded()
+            try directory.enterOperation()
         } catch {
             gate.leave()
             throw error
         }
-        remote.dataLock.lockShared()
     }
 
     @inline(__always)
     func leave() {
-        remote?.dataLock.unlock()
+        directory.leaveOperation()
         gate.leave()
     }
 
     /// The segment to place a write's first replica in: this client's own, when it has one.
-    var ownSegmentID: SegmentID? {
-        guard segment != nil else { return nil }
-        return cluster?.segment.load(ordering: .relaxed) ?? 0
-    }
+    var ownSegmentID: SegmentID? { directory.ownSegmentID }
 
-    /// How to reach segment `seg`: this client's own or another local client's (mapped), or
-    /// a peer's on another host (TCP). Asks the master about a segment once per connection.
-    func access(_ seg: SegmentID) throws(KVError) -> SegmentAccess {
-        guard let cluster, let remote else {
-            guard let segment, seg == 0 else { throw KVError(.internal, "segment \(seg) is not this store's") }
-            return .mapped(segment)
-        }
-        if let segment, seg == cluster.segment.load(ordering: .relaxed) { return .mapped(segment) }
-        if let a = cluster.peers.withLock({ $0.map[seg] }) { return a }
-        let (info, epoch) = try remote.segmentInfo(seg)
-        let a = try cluster.reach(info)
-        cluster.peers.withLock { p in if p.epoch == epoch { p.map[seg] = a } }
-        return a
-    }
-}
-
-/// How a client reaches one segment.
-enum SegmentAccess: Sendable {
-    /// Mapped into this process: its own, or another local client's shared segment.
-    case mapped(HostSegment)
-    /// Served over TCP by its owner on another host.
-    case peer(PeerLink)
-}
-
-/// A connected client's view of the cluster: its host identity, its own segment id and
-/// server, and the segments of others it has mapped or dialled (forgotten at each reconnect,
-/// since a restarted master numbers segments afresh).
-final class ClusterState: Sendable {
-    let host = localHostIdentity()
-    let token: ClusterToken
-    /// The client's counters, which its peer links add their network bytes to.
-    let counters: TransferCounters
-    let segment = Atomic<SegmentID>(0)
-    /// This client reaches the master over its local socket and sees its pid as it does: the
-    /// owner pids the master verified name processes here too. Without it, same-host peers
-    /// are reached over TCP.
-    let sharesPIDs = Atomic<Bool>(false)
-    let server = Locked<SegmentServer?>(nil)
-    /// The server of a pure client's KV layout (a client with a segment serves it on the
-    /// segment's server).
-    let kvServer = Locked<SegmentServer?>(nil)
-    /// Peers' KV servers by endpoint.
-    let kvLinks = Locked<[String: PeerLink]>([:])
-    let peers = Locked<(epoch: Int, map: [SegmentID: SegmentAccess])>((0, [:]))
-    /// Most peers kept mapped or dialled; past it, `prunePeers` drops the excess.
-    static let maxPeers = 256
-
-    init(token: ClusterToken, counters: TransferCounters) {
-        self.token = token
-        self.counters = counters
-    }
-
-    /// After each (re)connect: a new epoch, this client's segment id (0: none), and whether
-    /// the link is the master's local socket (`sharesPIDs`).
-    func connected(epoch: Int, segment seg: SegmentID, local: Bool) {
-        segment.store(seg, ordering: .relaxed)
-        sharesPIDs.store(local, ordering: .relaxed)
-        server.withLock { $0?.serve(segment: seg) }
-        let old = peers.withLock { p in
-            defer { p = (epoch, [:]) }
-            return p.map
-        }
-        _ = old   // released outside the lock (unmaps, closes sockets)
-    }
-
-    /// Maps a segment of this host, or dials one of another host (or of this host when its
-    /// descriptor cannot be had: another PID or network namespace, an owner on TCP). The
-    /// descriptor comes only from the process the master verified as the owner.
-    func reach(_ info: SegmentInfo) throws(KVError) -> SegmentAccess {
-        if info.host == host, info.pid > 0, !info.sharePath.isEmpty, sharesPIDs.load(ordering: .relaxed),
-           let fd = try? SegmentShare.receive(name: info.sharePath, pid: info.pid, token: token),
-           let s = try? HostSegment(attaching: fd, size: info.size) {
-            s.populateInBackground()
-            return .mapped(s)
-        }
-        return .peer(try PeerLink(endpoint: info.endpoint, token: token, rdma: RDMA.shared.context, counters: counters))
-    }
-
-    /// Forgets the segments the master no longer knows (their owners departed): mappings are
-    /// unmapped and descriptors closed, so dead peers' shared memory is freed; keeps at most
-    /// `maxPeers`. Runs on the heartbeat thread; drops entries only while no operation is in
-    /// flight (an operation may hold addresses in a mapping), else tries again next round.
-    ///
-    /// One round trip per round when nothing changed: the segments are asked about one by one
-    /// only when the master's count of unmounts moved since the last complete prune (or the
-    /// cache is over its bound).
-    func prunePeers(_ remote: RemoteMaster) {
-        let (epoch, known) = peers.withLock { ($0.epoch, Array($0.map.keys)) }
-        guard !known.isEmpty, let (unmounts, countEpoch) = try? remote.unmountCount(), countEpoch == epoch else { return }
-        let seen = prunedAtUnmounts.withLock { $0 }
-        if seen?.epoch == epoch, seen?.unmounts == unmounts, known.count <= Self.maxPeers { return }
-        var gone = Set<SegmentID>()
-        for seg in known {
-            do throws(KVError) {
-                _ = try remote.segmentInfo(seg)
-            } catch where error.code == .objectNotFound {
-                gone.insert(seg)
-            } catch {
-                return   // the master is unreachable: nothing can be concluded now
-            }
-        }
-        let excess = max(0, known.count - gone.count - Self.maxPeers)
-        guard !gone.isEmpty || excess > 0 else {
-            prunedAtUnmounts.withLock { $0 = (epoch, unmounts) }
-            return
-        }
-        guard remote.dataLock.tryLockExclusive() else { return }   // an operation is in flight: next round
-        prunedAtUnmounts.withLock { $0 = (epoch, unmounts) }
-        let dropped = peers.withLock { p -> [SegmentAccess] in
-            guard p.epoch == epoch else { return [] }
-            var out = gone.compactMap { p.map.removeValue(forKey: $0) }
-            for seg in Array(p.map.keys.prefix(excess)) { if let a = p.map.removeValue(forKey: seg) { out.append(a) } }
-            pruned.add(out.count, ordering: .relaxed)   // with the removal: statistics agree
-            return out
-        }
-        remote.dataLock.unlock()
-        for case .peer(let l) in dropped { l.closeIdle() }
-    }   // the mapped segments in `dropped` are unmapped here, as their last reference goes
-
-    /// Peers forgotten by `prunePeers`.
-    let pruned = Atomic<Int>(0)
-    /// The master's unmount count (and epoch) at the last complete prune: until it moves,
-    /// every mapped peer is known to be mounted still.
-    let prunedAtUnmounts = Locked<(epoch: Int, unmounts: Int)?>(nil)
-
-    func close() {
-        server.withLock { $0 }?.stop()
-        kvServer.withLock { $0 }?.stop()
-        for l in kvLinks.withLock({ l in defer { l = [:] }; return l }).values { l.closeIdle() }
-        let old = peers.withLock { p in
-            defer { p.map = [:] }
-            return p.map
-        }
-        for case .peer(let l) in old.values { l.closeIdle() }
-    }
+    /// How to reach segment `seg` (`SegmentDirectory.access`).
+    @inline(__always)
+    func access(_ seg: SegmentID) throws(KVError) -> SegmentAccess { try directory.access(seg) }
 }
