@@ -43,7 +43,8 @@ static int replicas_arg(PyObject *v, kv_put_options *out) {
     long long n = PyLong_AsLongLongAndOverflow(v, &overflow);
     if (n == -1 && PyErr_Occurred()) return -1;
     if (overflow || n < 0 || n > 0xffffffffLL) {
-        kvpy_raise_format(KV_E_INVALID_ARGUMENT, "replicas must be between 1 and 16, got %R", v);
+        /* Not even a 32-bit count: the core's range (1...16) is its own to state. */
+        kvpy_raise_format(KV_E_INVALID_ARGUMENT, "the replica count %R is out of range", v);
         return -1;
     }
     out->replicas = (uint32_t)n;

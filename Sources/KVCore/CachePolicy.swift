@@ -50,8 +50,8 @@ public struct CachePolicy: Sendable, Equatable {
 
     /// Builds a policy from user values in seconds and fractions; every value is checked.
     public init(leaseSeconds: Double, softPinSeconds: Double, highWatermark: Double, evictionRatio: Double) throws(KVError) {
-        leaseTTL = try Seconds.nanoseconds(leaseSeconds, name: "lease_ttl", allowZero: true)
-        softPinTTL = try Seconds.nanoseconds(softPinSeconds, name: "soft_pin_ttl")
+        leaseTTL = try Seconds.nanoseconds(leaseSeconds, name: "the lease TTL", allowZero: true)
+        softPinTTL = try Seconds.nanoseconds(softPinSeconds, name: "the soft-pin TTL")
         self.highWatermark = highWatermark
         self.evictionRatio = evictionRatio
         try validate()
@@ -59,10 +59,10 @@ public struct CachePolicy: Sendable, Equatable {
 
     public func validate() throws(KVError) {
         guard highWatermark.isFinite, highWatermark > 0, highWatermark <= 1 else {
-            throw .invalidArgument("eviction_high_watermark must be in (0, 1], got \(highWatermark)")
+            throw .invalidArgument("the eviction high watermark must be a fraction in (0, 1], got \(highWatermark)")
         }
         guard evictionRatio.isFinite, evictionRatio > 0, evictionRatio <= 1 else {
-            throw .invalidArgument("eviction_ratio must be in (0, 1], got \(evictionRatio)")
+            throw .invalidArgument("the eviction ratio must be a fraction in (0, 1], got \(evictionRatio)")
         }
         guard leaseTTL <= Seconds.maximumNanoseconds, softPinTTL > 0, softPinTTL <= Seconds.maximumNanoseconds else {
             throw .invalidArgument("lease and soft-pin durations must be at most 365 days (soft pin: more than 0)")
@@ -102,28 +102,28 @@ public struct WriteOptions: Sendable, Equatable {
     /// a soft pin without its own TTL lasts `policy.softPinTTL`.
     public init(hardPin: Bool, softPin: Bool, softPinSeconds: Double?, ttlSeconds: Double?, replicas: Int = 1,
                 checksum: Bool = false, policy: CachePolicy) throws(KVError) {
-        if softPinSeconds != nil && !softPin { throw .invalidArgument("soft_pin_ttl is given without soft_pin=True") }
+        if softPinSeconds != nil && !softPin { throw .invalidArgument("a soft-pin TTL is given for a write that is not soft-pinned") }
         self.hardPin = hardPin
         self.replicas = replicas
         self.checksum = checksum
         if softPin {
-            softPinTTL = try softPinSeconds.map { s throws(KVError) in try Seconds.nanoseconds(s, name: "soft_pin_ttl") } ?? policy.softPinTTL
+            softPinTTL = try softPinSeconds.map { s throws(KVError) in try Seconds.nanoseconds(s, name: "the soft-pin TTL") } ?? policy.softPinTTL
         }
-        if let ttlSeconds { ttl = try Seconds.nanoseconds(ttlSeconds, name: "ttl") }
+        if let ttlSeconds { ttl = try Seconds.nanoseconds(ttlSeconds, name: "the object TTL") }
         try validate()
     }
 
     /// Checks options that arrive already in nanoseconds (from the wire): the pins are
     /// exclusive and each duration is more than 0 and at most 365 days.
     public func validate() throws(KVError) {
-        if hardPin && softPinTTL != nil { throw .invalidArgument("hard_pin and soft_pin are exclusive: choose one") }
-        for (name, v) in [("soft_pin_ttl", softPinTTL), ("ttl", ttl)] {
+        if hardPin && softPinTTL != nil { throw .invalidArgument("a write is hard-pinned or soft-pinned, not both: choose one") }
+        for (name, v) in [("the soft-pin TTL", softPinTTL), ("the object TTL", ttl)] {
             if let v, v == 0 || v > Seconds.maximumNanoseconds {
                 throw .invalidArgument("\(name) must be greater than 0 and at most 365 days")
             }
         }
         guard (1...ObjectTable.maxReplicas).contains(replicas) else {
-            throw .invalidArgument("replicas must be between 1 and \(ObjectTable.maxReplicas), got \(replicas)")
+            throw .invalidArgument("the replica count must be between 1 and \(ObjectTable.maxReplicas), got \(replicas)")
         }
     }
 }

@@ -167,16 +167,16 @@ public final class DiskTier: @unchecked Sendable {
     /// files of writes that never completed, and indexes every complete object (header
     /// checked; a bad header removes the file). Objects past `capacity` are dropped.
     public init(_ options: DiskTierOptions) throws(KVError) {
-        guard !options.path.isEmpty else { throw .invalidArgument("disk_path must not be empty") }
+        guard !options.path.isEmpty else { throw .invalidArgument("the disk tier's directory must not be empty") }
         guard options.capacity >= DiskRecord.block * 2 else {
-            throw .invalidArgument("disk_size must be at least \(DiskRecord.block * 2) bytes, got \(options.capacity)")
+            throw .invalidArgument("the disk tier's size must be at least \(DiskRecord.block * 2) bytes, got \(options.capacity)")
         }
         path = options.path
         capacity = options.capacity
         admission = options.admission
         objects = options.path + "/objects"
         // Nobody else may plant a file here: it would be served as a cached object.
-        try PrivateDirectory.ensure(path, what: "disk_path", forbidden: 0o022)
+        try PrivateDirectory.ensure(path, what: "the disk tier directory", forbidden: 0o022)
         try PrivateDirectory.ensure(objects, what: "disk tier directory", forbidden: 0o022)
         let fd = open(path + "/lock", O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else { throw SystemCall.failure("opening \(path)/lock", code: .invalidArgument) }
@@ -184,7 +184,7 @@ public final class DiskTier: @unchecked Sendable {
             let e = errno
             Glibc.close(fd)
             if e == EWOULDBLOCK {
-                throw .invalidArgument("disk_path \(path) is in use by another store (its lock file \(path)/lock is held); each process needs its own disk_path")
+                throw .invalidArgument("disk_path \(path) is in use by another store (its lock file \(path)/lock is held); each process needs its own disk tier directory")
             }
             errno = e
             throw SystemCall.failure("locking \(path)/lock", code: .invalidArgument)

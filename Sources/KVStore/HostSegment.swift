@@ -162,7 +162,7 @@ public final class HostSegment: @unchecked Sendable {
         let total = free >= 0 ? Int(fs.f_blocks) * Int(fs.f_frsize) : -1
         let what = String(cString: strerror(rc))
         let room = free >= 0 ? "/dev/shm has \(free) of \(total) bytes free" : "/dev/shm could not be measured"
-        throw KVError(.noSpace, "cannot reserve a \(size)-byte shared segment (\(what)): \(room); use a smaller segment_size, "
+        throw KVError(.noSpace, "cannot reserve a \(size)-byte shared segment (\(what)): \(room); use a smaller segment, "
             + "or give /dev/shm more room (in Docker: docker run --shm-size=...; on a host: mount -o remount,size=... /dev/shm)")
     }
 

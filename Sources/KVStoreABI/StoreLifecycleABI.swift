@@ -35,9 +35,9 @@ public func kvStoreConfigInit(_ config: UnsafeMutablePointer<kv_store_config>?) 
 private func diskTier(_ c: kv_store_config) throws(KVError) -> DiskTierOptions? {
     guard let p = c.disk_path else { return nil }
     let path = String(cString: p)
-    guard c.disk_size <= UInt64(Int.max) else { throw .invalidArgument("disk_size \(c.disk_size) is too large") }
+    guard c.disk_size <= UInt64(Int.max) else { throw .invalidArgument("a disk tier of \(c.disk_size) bytes is too large") }
     guard let admission = DiskAdmission(rawValue: Int32(bitPattern: c.disk_admission)) else {
-        throw .invalidArgument("disk_admission must be 0 (reuse) or 1 (all), got \(c.disk_admission)")
+        throw .invalidArgument("the disk admission policy must be 0 (reuse) or 1 (all), got \(c.disk_admission)")
     }
     return DiskTierOptions(path: path, capacity: Int(c.disk_size), admission: admission)
 }

@@ -251,7 +251,7 @@ final class ObjectTableCacheTests: XCTestCase {
         for bad in [-1.0, .nan, .infinity, 0, 366 * 86400.0] {
             XCTAssertThrowsError(try WriteOptions(hardPin: false, softPin: false, softPinSeconds: nil, ttlSeconds: bad, policy: p)) {
                 XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument)
-                XCTAssertTrue(($0 as? KVError)?.message.contains("ttl") ?? false)
+                XCTAssertTrue(($0 as? KVError)?.message.contains("TTL") ?? false)
             }
             XCTAssertThrowsError(try WriteOptions(hardPin: false, softPin: true, softPinSeconds: bad, ttlSeconds: nil, policy: p))
         }

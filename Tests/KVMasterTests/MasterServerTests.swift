@@ -420,7 +420,7 @@ final class MasterCommandLineTests: XCTestCase {
             (["--allow-uid", "root"], "not a uid"), (["--tenant", "nocolon"], "NAME:TOKEN_FILE"),
             (["--tenant", "a/b:/nonexistent"], "tenant name"), (["--token", "short"], "at least 16"),
             (["--token-file", "/nonexistent/token"], "cannot read a token"), (["--client-ttl", "nan"], "--client-ttl"),
-            (["--lease-ttl", "-1"], "lease_ttl"), (["--eviction-ratio", "2"], "eviction_ratio"),
+            (["--lease-ttl", "-1"], "lease TTL"), (["--eviction-ratio", "2"], "eviction ratio"),
             (["--default_kv_lease_ttl", "zero"], "--default_kv_lease_ttl"), (["--bogus"], "unknown argument"),
             (["--write-timeout", "0"], "write_timeout"), (["--write-timeout", "-5"], "write_timeout"),
             (["--write-timeout", "inf"], "--write-timeout"), (["--read-wait", "-1"], "--read-wait"),

@@ -218,7 +218,7 @@ def test_master_refuses_a_short_token():
 def test_bad_replica_counts_leave_nothing_behind(master, bad):
     a = connect(master)
     try:
-        with pytest.raises(kvstore.InvalidArgumentError, match="replicas"):
+        with pytest.raises(kvstore.InvalidArgumentError, match="replica count"):
             a.put("k", b"v", replicas=bad)
         with pytest.raises(kvstore.ArgumentTypeError):
             a.put("k", b"v", replicas="2")
