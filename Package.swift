@@ -8,7 +8,7 @@ let package = Package(
         // The CPython extension. setup.py copies lib_native.so to kvstore/_native.abi3.so.
         .library(name: "_native", type: .dynamic, targets: ["CKVStorePython"]),
         .library(name: "KVStore", targets: ["KVStore"]),
-        .executable(name: "kvstore-master", targets: ["kvstore-master"]),
+        .executable(name: "kvstore-master", targets: ["kvstore-master"])
     ],
     dependencies: [],
     targets: [
@@ -38,13 +38,13 @@ let package = Package(
             dependencies: ["CKVStoreABI", "KVStoreABI", "CPython"],
             cSettings: [
                 .define("Py_LIMITED_API", to: "0x030B0000"),
-                .unsafeFlags(["-O2", "-fvisibility=hidden"]),
+                .unsafeFlags(["-O2", "-fvisibility=hidden"])
             ],
             linkerSettings: [
                 .unsafeFlags([
                     "-static-stdlib",
-                    "-Xlinker", "--version-script=Sources/CKVStorePython/exports.map",
-                ]),
+                    "-Xlinker", "--version-script=Sources/CKVStorePython/exports.map"
+                ])
             ]
         ),
         // Helpers shared by the test targets (seeded random numbers).
@@ -53,6 +53,6 @@ let package = Package(
         .testTarget(name: "KVAcceleratorTests", dependencies: ["KVAccelerator", "KVCore", "KVTestSupport"]),
         .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVSystem", "KVAccelerator", "KVCore"]),
         .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVSystem", "KVAccelerator", "KVTransfer", "KVTestSupport"]),
-        .testTarget(name: "KVMasterTests", dependencies: ["KVMaster", "KVCore", "KVSystem", "KVAccelerator", "KVTransfer", "KVStore", "KVTestSupport"]),
+        .testTarget(name: "KVMasterTests", dependencies: ["KVMaster", "KVCore", "KVSystem", "KVAccelerator", "KVTransfer", "KVStore", "KVTestSupport"])
     ]
 )

@@ -43,13 +43,15 @@ public protocol AcceleratorDevice: AnyObject, Sendable {
     /// Queues a copy of `count` bytes from `source` to `destination` on `stream` (call it
     /// inside `withCopies`); `direction` says which side is this device's memory. A direction
     /// this device cannot perform is `unsupported`.
-    func copy(_ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int,
-              stream: DeviceStream) throws(KVError)
+    func copy(
+        _ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int,
+        stream: DeviceStream) throws(KVError)
     /// Many copies of one direction in one driver call (`sources[i]` → `destinations[i]`,
     /// `counts[i]` bytes; the arrays are equally long), queued on `stream` (call it inside
     /// `withCopies`). Devices without such a call throw `unsupported` (the default).
-    func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int],
-                   stream: DeviceStream) throws(KVError)
+    func copyBatch(
+        _ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int],
+        stream: DeviceStream) throws(KVError)
 
     /// Allocates `bytes` of page-locked host memory usable for fast copies with this device.
     /// Freed with `freePinned`.
@@ -65,8 +67,10 @@ public protocol AcceleratorDevice: AnyObject, Sendable {
 extension AcceleratorDevice {
     public var kind: DeviceKind { Self.kind }
 
-    public func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int],
-                          stream: DeviceStream) throws(KVError) {
+    public func copyBatch(
+        _ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int],
+        stream: DeviceStream
+    ) throws(KVError) {
         throw KVError(.unsupported, "\(location) has no batched copy")
     }
 

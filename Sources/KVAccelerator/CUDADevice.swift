@@ -44,8 +44,9 @@ public final class CUDADevice: AcceleratorDevice {
         try driver.check(r, "asking the CUDA driver where memory at 0x\(String(address, radix: 16)) lives")
         guard type == CUDADriver.memoryTypeDevice || type == CUDADriver.memoryTypeUnified else { return nil }
         var ordinal: Int32 = 0
-        try driver.check(driver.cuPointerGetAttribute(&ordinal, CUDADriver.attributeDeviceOrdinal, UInt64(address)),
-                         "asking the CUDA driver which GPU holds 0x\(String(address, radix: 16))")
+        try driver.check(
+            driver.cuPointerGetAttribute(&ordinal, CUDADriver.attributeDeviceOrdinal, UInt64(address)),
+            "asking the CUDA driver which GPU holds 0x\(String(address, radix: 16))")
         return MemoryLocation(kind: .cuda, index: Int(ordinal))
     }
 
@@ -54,8 +55,9 @@ public final class CUDADevice: AcceleratorDevice {
             if c.holds == 0 {
                 var ctx: OpaquePointer?
                 do throws(KVError) {
-                    try driver.check(driver.cuDevicePrimaryCtxRetain(&ctx, device), "cuDevicePrimaryCtxRetain on \(location)",
-                                     code: .unsupported)
+                    try driver.check(
+                        driver.cuDevicePrimaryCtxRetain(&ctx, device), "cuDevicePrimaryCtxRetain on \(location)",
+                        code: .unsupported)
                 } catch {
                     return error
                 }
@@ -105,8 +107,10 @@ public final class CUDADevice: AcceleratorDevice {
         return value
     }
 
-    public func copy(_ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int,
-                     stream: DeviceStream) throws(KVError) {
+    public func copy(
+        _ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int,
+        stream: DeviceStream
+    ) throws(KVError) {
         guard count > 0 else { return }
         let s = OpaquePointer(bitPattern: stream.handle)
         let r: CUDADriver.Result
@@ -127,8 +131,10 @@ public final class CUDADevice: AcceleratorDevice {
     /// stream made for the call, which the legacy stream orders against, synchronized and
     /// destroyed before returning. Source access in stream order (valid for pageable host
     /// memory too); no location hints.
-    public func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int],
-                          stream: DeviceStream) throws(KVError) {
+    public func copyBatch(
+        _ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int],
+        stream: DeviceStream
+    ) throws(KVError) {
         guard let batch = driver.cuMemcpyBatchAsync else {
             throw KVError(.unsupported, "the CUDA driver has no cuMemcpyBatchAsync (it needs CUDA 12.8 or newer)")
         }
@@ -138,7 +144,7 @@ public final class CUDADevice: AcceleratorDevice {
         guard !sources.isEmpty else { return }
         var own: OpaquePointer? = nil
         if stream.isLegacy {
-            try driver.check(driver.cuStreamCreate(&own, 0), "cuStreamCreate")   // blocking: ordered with the legacy stream
+            try driver.check(driver.cuStreamCreate(&own, 0), "cuStreamCreate") // blocking: ordered with the legacy stream
         }
         defer {
             if let own {
@@ -152,8 +158,9 @@ public final class CUDADevice: AcceleratorDevice {
         var attributes: (Int32, Int32, Int32, Int32, Int32, UInt32) = (1, 0, 0, 0, 0, 0)
         var firstIndex = [0], failed = Int.max
         let r = withUnsafeMutableBytes(of: &attributes) { a in
-            batch(&dst, &src, &sizes, sizes.count, a.baseAddress!, &firstIndex, 1, &failed,
-                  own ?? OpaquePointer(bitPattern: stream.handle))
+            batch(
+                &dst, &src, &sizes, sizes.count, a.baseAddress!, &firstIndex, 1, &failed,
+                own ?? OpaquePointer(bitPattern: stream.handle))
         }
         let which = failed >= 0 && failed < sizes.count ? " (copy \(failed) failed)" : ""
         try driver.check(r, "cuMemcpyBatchAsync of \(sizes.count) \(direction) copies on \(location)\(which)")
@@ -165,8 +172,9 @@ public final class CUDADevice: AcceleratorDevice {
         do throws(KVError) {
             return try withCurrent { () throws(KVError) -> MemoryRegion in
                 var p: UnsafeMutableRawPointer?
-                try driver.check(driver.cuMemHostAlloc(&p, bytes, CUDADriver.hostAllocPortable),
-                                 "cuMemHostAlloc(\(bytes))", code: .noSpace)
+                try driver.check(
+                    driver.cuMemHostAlloc(&p, bytes, CUDADriver.hostAllocPortable),
+                    "cuMemHostAlloc(\(bytes))", code: .noSpace)
                 return MemoryRegion(p!, length: bytes)
             }
         } catch {
@@ -188,8 +196,9 @@ public final class CUDADevice: AcceleratorDevice {
         try acquire()
         do throws(KVError) {
             try withCurrent { () throws(KVError) in
-                try driver.check(driver.cuMemHostRegister(p, region.length, CUDADriver.hostRegisterPortable),
-                                 "cuMemHostRegister of \(region.length) bytes", code: .noSpace)
+                try driver.check(
+                    driver.cuMemHostRegister(p, region.length, CUDADriver.hostRegisterPortable),
+                    "cuMemHostRegister of \(region.length) bytes", code: .noSpace)
             }
         } catch {
             release()

@@ -34,9 +34,12 @@ final class CUDADriver: @unchecked Sendable {
     let cuGetErrorString: (@convention(c) (Result, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Result)?
     /// CUDA 12.8+: many copies in one call (the 12.8 signature, with failIdx; drivers keep it
     /// beside the 13.x `_v2`), on any stream but the legacy default one. nil on older drivers.
-    typealias MemcpyBatchAsync = @convention(c) (UnsafeMutablePointer<UInt64>, UnsafeMutablePointer<UInt64>, UnsafeMutablePointer<Int>, Int,
-                                                 UnsafeMutableRawPointer, UnsafeMutablePointer<Int>, Int, UnsafeMutablePointer<Int>,
-                                                 OpaquePointer?) -> Result
+    typealias MemcpyBatchAsync =
+        @convention(c) (
+            UnsafeMutablePointer<UInt64>, UnsafeMutablePointer<UInt64>, UnsafeMutablePointer<Int>, Int,
+            UnsafeMutableRawPointer, UnsafeMutablePointer<Int>, Int, UnsafeMutablePointer<Int>,
+            OpaquePointer?
+        ) -> Result
     let cuMemcpyBatchAsync: MemcpyBatchAsync?
     let cuStreamCreate: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UInt32) -> Result
     let cuStreamSynchronize: @convention(c) (OpaquePointer?) -> Result
@@ -46,13 +49,13 @@ final class CUDADriver: @unchecked Sendable {
     let deviceCount: Int
 
     // Constants of cuda.h.
-    static let errorInvalidValue: Result = 1        // CUDA_ERROR_INVALID_VALUE: "not my pointer"
-    static let attributeMemoryType: Int32 = 2      // CU_POINTER_ATTRIBUTE_MEMORY_TYPE
-    static let attributeDeviceOrdinal: Int32 = 9   // CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
-    static let memoryTypeDevice: UInt32 = 2        // CU_MEMORYTYPE_DEVICE
-    static let memoryTypeUnified: UInt32 = 4       // CU_MEMORYTYPE_UNIFIED
-    static let hostAllocPortable: UInt32 = 1       // CU_MEMHOSTALLOC_PORTABLE
-    static let hostRegisterPortable: UInt32 = 1    // CU_MEMHOSTREGISTER_PORTABLE
+    static let errorInvalidValue: Result = 1 // CUDA_ERROR_INVALID_VALUE: "not my pointer"
+    static let attributeMemoryType: Int32 = 2 // CU_POINTER_ATTRIBUTE_MEMORY_TYPE
+    static let attributeDeviceOrdinal: Int32 = 9 // CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+    static let memoryTypeDevice: UInt32 = 2 // CU_MEMORYTYPE_DEVICE
+    static let memoryTypeUnified: UInt32 = 4 // CU_MEMORYTYPE_UNIFIED
+    static let hostAllocPortable: UInt32 = 1 // CU_MEMHOSTALLOC_PORTABLE
+    static let hostRegisterPortable: UInt32 = 1 // CU_MEMHOSTREGISTER_PORTABLE
 
     /// The loaded driver, or nil with the reason (no library, a missing symbol, cuInit failed,
     /// no device). Loaded once per process.
@@ -80,21 +83,26 @@ final class CUDADriver: @unchecked Sendable {
         cuInit = try sym("cuInit", (@convention(c) (UInt32) -> Result).self)
         cuDeviceGetCount = try sym("cuDeviceGetCount", (@convention(c) (UnsafeMutablePointer<Int32>) -> Result).self)
         cuDeviceGet = try sym("cuDeviceGet", (@convention(c) (UnsafeMutablePointer<Int32>, Int32) -> Result).self)
-        cuDevicePrimaryCtxRetain = try sym("cuDevicePrimaryCtxRetain",
-                                           (@convention(c) (UnsafeMutablePointer<Context?>, Int32) -> Result).self)
+        cuDevicePrimaryCtxRetain = try sym(
+            "cuDevicePrimaryCtxRetain",
+            (@convention(c) (UnsafeMutablePointer<Context?>, Int32) -> Result).self)
         cuDevicePrimaryCtxRelease = try sym("cuDevicePrimaryCtxRelease_v2", (@convention(c) (Int32) -> Result).self)
         cuCtxSynchronize = try sym("cuCtxSynchronize", (@convention(c) () -> Result).self)
         cuCtxGetCurrent = try sym("cuCtxGetCurrent", (@convention(c) (UnsafeMutablePointer<Context?>) -> Result).self)
         cuCtxSetCurrent = try sym("cuCtxSetCurrent", (@convention(c) (Context?) -> Result).self)
-        cuPointerGetAttribute = try sym("cuPointerGetAttribute",
-                                        (@convention(c) (UnsafeMutableRawPointer, Int32, UInt64) -> Result).self)
-        cuMemcpyHtoDAsync = try sym("cuMemcpyHtoDAsync_v2",
-                                    (@convention(c) (UInt64, UnsafeRawPointer, Int, OpaquePointer?) -> Result).self)
-        cuMemcpyDtoHAsync = try sym("cuMemcpyDtoHAsync_v2",
-                                    (@convention(c) (UnsafeMutableRawPointer, UInt64, Int, OpaquePointer?) -> Result).self)
+        cuPointerGetAttribute = try sym(
+            "cuPointerGetAttribute",
+            (@convention(c) (UnsafeMutableRawPointer, Int32, UInt64) -> Result).self)
+        cuMemcpyHtoDAsync = try sym(
+            "cuMemcpyHtoDAsync_v2",
+            (@convention(c) (UInt64, UnsafeRawPointer, Int, OpaquePointer?) -> Result).self)
+        cuMemcpyDtoHAsync = try sym(
+            "cuMemcpyDtoHAsync_v2",
+            (@convention(c) (UnsafeMutableRawPointer, UInt64, Int, OpaquePointer?) -> Result).self)
         cuMemcpyAsync = try sym("cuMemcpyAsync", (@convention(c) (UInt64, UInt64, Int, OpaquePointer?) -> Result).self)
-        cuMemHostAlloc = try sym("cuMemHostAlloc",
-                                 (@convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>, Int, UInt32) -> Result).self)
+        cuMemHostAlloc = try sym(
+            "cuMemHostAlloc",
+            (@convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>, Int, UInt32) -> Result).self)
         cuMemFreeHost = try sym("cuMemFreeHost", (@convention(c) (UnsafeMutableRawPointer) -> Result).self)
         cuMemHostRegister = try sym("cuMemHostRegister_v2", (@convention(c) (UnsafeMutableRawPointer, Int, UInt32) -> Result).self)
         cuMemHostUnregister = try sym("cuMemHostUnregister", (@convention(c) (UnsafeMutableRawPointer) -> Result).self)

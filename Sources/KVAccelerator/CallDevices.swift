@@ -43,7 +43,8 @@ public enum CallDevices {
         for i in 0..<n {
             let p = parts[i]
             guard UInt(p.address) <= region.address, region.address + UInt(region.length) <= UInt(p.address) + UInt(p.length),
-                  region.length > 0 || UInt(p.address) == region.address else { continue }
+                region.length > 0 || UInt(p.address) == region.address
+            else { continue }
             let stream = p.flags & UInt32(KV_DEVICE_STREAM_KNOWN) != 0 ? DeviceStream(handle: UInt(p.stream)) : .unknown
             switch p.kind {
             case Int32(KV_DEVICE_HOST):
@@ -89,7 +90,9 @@ public final class DeviceHolds: Sendable {
 
     /// Releases every device held (on close).
     public func releaseAll() {
-        let list = held.withLock { l in defer { l.removeAll() }; return l }
+        let list = held.withLock { l in
+            defer { l.removeAll() }; return l
+        }
         for d in list { d.release() }
     }
 }

@@ -19,13 +19,16 @@ public final class HostDevice: AcceleratorDevice {
 
     public func withCurrent<R>(_ body: () throws(KVError) -> R) throws(KVError) -> R { try body() }
 
-    public func copy(_ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int,
-                     stream: DeviceStream = .unknown) throws(KVError) {
+    public func copy(
+        _ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int,
+        stream: DeviceStream = .unknown
+    ) throws(KVError) {
         guard direction == .hostToHost else {
             throw KVError(.unsupported, "the host device cannot copy \(direction)")
         }
         guard count > 0, let d = UnsafeMutableRawPointer(bitPattern: destination),
-              let s = UnsafeRawPointer(bitPattern: source) else { return }
+            let s = UnsafeRawPointer(bitPattern: source)
+        else { return }
         memcpy(d, s, count)
     }
 

@@ -74,10 +74,13 @@ public final class PinnedMemory: Sendable {
 
     /// Pins `region` with `device` (nil: the first accelerator of `snapshot`), if the policy
     /// allows and the budget has room. Pins are portable: usable by every device's copies.
-    public func pin(_ region: MemoryRegion, policy: PinningPolicy, device: (any AcceleratorDevice)? = nil,
-                    snapshot: AcceleratorSnapshot = AcceleratorRegistry.snapshot) -> PinOutcome {
+    public func pin(
+        _ region: MemoryRegion, policy: PinningPolicy, device: (any AcceleratorDevice)? = nil,
+        snapshot: AcceleratorSnapshot = AcceleratorRegistry.snapshot
+    ) -> PinOutcome {
         guard policy.enabled, region.length > 0, let device = device ?? snapshot.accelerators.first,
-              !device.location.isHost else { return .notNeeded }
+            !device.location.isHost
+        else { return .notNeeded }
         guard reserve(region.length, cap: policy.maxBytes) else {
             fallbacks.add(1, ordering: .relaxed)
             return .fellBack("pinning \(region.length) bytes would exceed the pinned-memory budget of \(policy.maxBytes) bytes")

@@ -47,7 +47,7 @@ public enum Authentication {
 
     /// `count` random bytes from the kernel's generator.
     public static func randomBytes(_ count: Int) -> [UInt8] {
-        var g = SystemRandomNumberGenerator()   // getrandom(2) on Linux
+        var g = SystemRandomNumberGenerator() // getrandom(2) on Linux
         return (0..<count).map { _ in UInt8.random(in: 0...255, using: &g) }
     }
 
@@ -82,8 +82,11 @@ public struct ServerHandshake: Sendable {
 
     /// Whether the client proved `token` (constant time).
     public func accepts(clientProof: [UInt8], token: [UInt8]) -> Bool {
-        Authentication.constantTimeEqual(clientProof, Authentication.proof(token: token, role: .client, clientNonce: clientNonce,
-                                                                           serverNonce: serverNonce))
+        Authentication.constantTimeEqual(
+            clientProof,
+            Authentication.proof(
+                token: token, role: .client, clientNonce: clientNonce,
+                serverNonce: serverNonce))
     }
 }
 
@@ -98,8 +101,12 @@ public struct ClientHandshake: Sendable {
     /// cluster's, or the tokens differ: nothing of ours must reach it).
     public func answer(serverNonce: [UInt8], serverProof: [UInt8], token: [UInt8]) -> [UInt8]? {
         guard serverNonce.count == Authentication.nonceSize,
-              Authentication.constantTimeEqual(serverProof, Authentication.proof(token: token, role: .server, clientNonce: clientNonce,
-                                                                                serverNonce: serverNonce)) else { return nil }
+            Authentication.constantTimeEqual(
+                serverProof,
+                Authentication.proof(
+                    token: token, role: .server, clientNonce: clientNonce,
+                    serverNonce: serverNonce))
+        else { return nil }
         return Authentication.proof(token: token, role: .client, clientNonce: clientNonce, serverNonce: serverNonce)
     }
 }
@@ -129,7 +136,7 @@ public struct SHA256: Sendable {
         0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
         0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
         0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2
     ]
 
     private var h: [UInt32] = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]

@@ -87,8 +87,10 @@ public struct WriteOptions: Sendable, Equatable {
     /// travel with `putStart` (the CRC travels with the commit).
     public var checksum = false
 
-    public init(hardPin: Bool = false, softPinTTL: Nanoseconds? = nil, ttl: Nanoseconds? = nil, replicas: Int = 1,
-                checksum: Bool = false) {
+    public init(
+        hardPin: Bool = false, softPinTTL: Nanoseconds? = nil, ttl: Nanoseconds? = nil, replicas: Int = 1,
+        checksum: Bool = false
+    ) {
         self.hardPin = hardPin
         self.softPinTTL = softPinTTL
         self.ttl = ttl
@@ -100,8 +102,10 @@ public struct WriteOptions: Sendable, Equatable {
 
     /// Builds options from user values: `softPinSeconds`/`ttlSeconds` nil when not given;
     /// a soft pin without its own TTL lasts `policy.softPinTTL`.
-    public init(hardPin: Bool, softPin: Bool, softPinSeconds: Double?, ttlSeconds: Double?, replicas: Int = 1,
-                checksum: Bool = false, policy: CachePolicy) throws(KVError) {
+    public init(
+        hardPin: Bool, softPin: Bool, softPinSeconds: Double?, ttlSeconds: Double?, replicas: Int = 1,
+        checksum: Bool = false, policy: CachePolicy
+    ) throws(KVError) {
         if softPinSeconds != nil && !softPin { throw .invalidArgument("a soft-pin TTL is given for a write that is not soft-pinned") }
         self.hardPin = hardPin
         self.replicas = replicas

@@ -146,8 +146,9 @@ private struct JSONParser {
         if i < bytes.count, bytes[i] == UInt8(ascii: "-") { i += 1 }
         var digits = 0
         while i < bytes.count, let c = Optional(bytes[i]),
-              (c >= 0x30 && c <= 0x39) || c == UInt8(ascii: ".") || c == UInt8(ascii: "e") || c == UInt8(ascii: "E")
-                || ((c == UInt8(ascii: "+") || c == UInt8(ascii: "-")) && i > start && (bytes[i - 1] | 0x20) == UInt8(ascii: "e")) {
+            (c >= 0x30 && c <= 0x39) || c == UInt8(ascii: ".") || c == UInt8(ascii: "e") || c == UInt8(ascii: "E")
+                || ((c == UInt8(ascii: "+") || c == UInt8(ascii: "-")) && i > start && (bytes[i - 1] | 0x20) == UInt8(ascii: "e"))
+        {
             if c >= 0x30 && c <= 0x39 { digits += 1 }
             i += 1
         }
@@ -174,7 +175,7 @@ private struct JSONParser {
     }
 
     mutating func string() throws(KVError) -> String {
-        i += 1   // the opening quote
+        i += 1 // the opening quote
         var out: [UInt8] = []
         while true {
             guard i < bytes.count else { throw error("unterminated string") }
@@ -195,7 +196,7 @@ private struct JSONParser {
             case UInt8(ascii: "t"): out.append(0x09)
             case UInt8(ascii: "u"):
                 var scalar = try hex4()
-                if (0xD800..<0xDC00).contains(scalar) {   // a surrogate pair
+                if (0xD800..<0xDC00).contains(scalar) { // a surrogate pair
                     guard i + 2 <= bytes.count, bytes[i] == UInt8(ascii: "\\"), bytes[i + 1] == UInt8(ascii: "u") else {
                         throw error("lone surrogate")
                     }
@@ -259,7 +260,7 @@ public enum Base64 {
                 case UInt8(ascii: "=") where i + 4 == t.count && j >= 2: pad += 1; d = 0
                 default: return nil
                 }
-                if pad > 0 && c != UInt8(ascii: "=") { return nil }   // data after padding
+                if pad > 0 && c != UInt8(ascii: "=") { return nil } // data after padding
                 v = v << 6 | d
             }
             out.append(UInt8(v >> 16 & 0xFF))

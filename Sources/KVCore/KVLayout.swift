@@ -85,7 +85,8 @@ public struct KVLayout: Sendable, Equatable {
         }
         for (a, b) in zip(byAddress, byAddress.dropFirst()) where a.element.location == b.element.location {
             if a.element.address + UInt(a.element.length) > b.element.address {
-                throw .invalidArgument("descriptor \(b.offset) \(b.element.name) overlaps descriptor \(a.offset) \(a.element.name) in \(a.element.location) memory")
+                throw .invalidArgument(
+                    "descriptor \(b.offset) \(b.element.name) overlaps descriptor \(a.offset) \(a.element.name) in \(a.element.location) memory")
             }
         }
         let layers = sorted.last!.element.layer + 1
@@ -102,7 +103,8 @@ public struct KVLayout: Sendable, Equatable {
             for layer in 0..<layers {
                 let has = byLayer[layer] ?? []
                 if let k = kinds.first(where: { !has.contains($0) }) {
-                    throw .invalidArgument("layer \(layer) has no \(k.name) buffer: every layer needs the same kinds (\(kinds.map(\.name).joined(separator: ", ")))")
+                    throw .invalidArgument(
+                        "layer \(layer) has no \(k.name) buffer: every layer needs the same kinds (\(kinds.map(\.name).joined(separator: ", ")))")
                 }
             }
         }
@@ -136,8 +138,10 @@ public struct KVLayout: Sendable, Equatable {
             let length = try r.size(max: MasterLimits.maxSize, "length")
             let bpb = try r.size(max: MasterLimits.maxSize, "bytes per block")
             let location = try MemoryLocation(parsing: try r.string(max: MemoryLocation.maxTextBytes, "location"))
-            ds.append(KVBufferDescriptor(layer: layer, kind: kind, address: address, length: length, bytesPerBlock: bpb,
-                                         location: location))
+            ds.append(
+                KVBufferDescriptor(
+                    layer: layer, kind: kind, address: address, length: length, bytesPerBlock: bpb,
+                    location: location))
         }
         return try KVLayout(ds)
     }
@@ -167,9 +171,10 @@ public struct PublishedLayout: Sendable, Equatable {
     }
 
     public static func decode(_ r: inout WireReader) throws(KVError) -> PublishedLayout {
-        PublishedLayout(node: try r.string(max: MasterLimits.maxString, "node id"), layout: try KVLayout.decode(&r),
-                        host: try r.string(max: MasterLimits.maxString, "host"), pid: try r.size(max: Int(Int32.max), "pid"),
-                        endpoint: try r.string(max: MasterLimits.maxString, "endpoint"))
+        PublishedLayout(
+            node: try r.string(max: MasterLimits.maxString, "node id"), layout: try KVLayout.decode(&r),
+            host: try r.string(max: MasterLimits.maxString, "host"), pid: try r.size(max: Int(Int32.max), "pid"),
+            endpoint: try r.string(max: MasterLimits.maxString, "endpoint"))
     }
 }
 
@@ -199,8 +204,10 @@ public enum KVBlockPlan {
     /// equal, lists of equal length, ids in range, no duplicate destination, layers in range
     /// and distinct), then coalesces runs of consecutive ids on both sides into one copy per
     /// run and buffer.
-    public static func copies(from source: KVLayout, to destination: KVLayout, sourceBlocks: [Int], destinationBlocks: [Int],
-                              layers: [Int]? = nil) throws(KVError) -> [KVBlockCopy] {
+    public static func copies(
+        from source: KVLayout, to destination: KVLayout, sourceBlocks: [Int], destinationBlocks: [Int],
+        layers: [Int]? = nil
+    ) throws(KVError) -> [KVBlockCopy] {
         guard source.layers == destination.layers else {
             throw .invalidArgument("the layouts have \(source.layers) and \(destination.layers) layers: they must have the same number")
         }
@@ -243,8 +250,10 @@ public enum KVBlockPlan {
                 assert(s.kind == kind && d.kind == kind)
                 let bpb = s.bytesPerBlock
                 for r in runs {
-                    copies.append(KVBlockCopy(source: s.address + UInt(r.source * bpb), destination: d.address + UInt(r.destination * bpb),
-                                              length: r.count * bpb, sourceDescriptor: i, destinationDescriptor: i))
+                    copies.append(
+                        KVBlockCopy(
+                            source: s.address + UInt(r.source * bpb), destination: d.address + UInt(r.destination * bpb),
+                            length: r.count * bpb, sourceDescriptor: i, destinationDescriptor: i))
                 }
             }
         }

@@ -261,8 +261,9 @@ public struct FoundObject: Sendable, Equatable {
     /// `ReadTicket`). `internal` when the master named no replica.
     public func ticket(leaseEnd: Nanoseconds) throws(KVError) -> ReadTicket {
         guard let first = replicas.first else { throw KVError(.internal, "the master found an object with no replica") }
-        return ReadTicket(handle: hold, segment: first.segment, offset: first.offset, size: size, fallbacks: Array(replicas.dropFirst()),
-                          leaseEnd: leaseEnd, checksum: checksum)
+        return ReadTicket(
+            handle: hold, segment: first.segment, offset: first.offset, size: size, fallbacks: Array(replicas.dropFirst()),
+            leaseEnd: leaseEnd, checksum: checksum)
     }
 }
 
@@ -293,8 +294,10 @@ public struct Welcome: Sendable, Equatable {
     /// key; 0: not elected). A client that found the leader in etcd refuses another term.
     public var term: UInt64
 
-    public init(client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds, local: String, pid: Int, data: [UInt8],
-                session: [UInt8] = [], writeTimeout: Nanoseconds = 0, term: UInt64 = 0) {
+    public init(
+        client: UInt64, leaseTTL: Nanoseconds, clientTTL: Nanoseconds, local: String, pid: Int, data: [UInt8],
+        session: [UInt8] = [], writeTimeout: Nanoseconds = 0, term: UInt64 = 0
+    ) {
         self.client = client
         self.leaseTTL = leaseTTL
         self.clientTTL = clientTTL
@@ -474,9 +477,10 @@ extension MasterRequest {
         let seq = try r.u64()
         let hard = try r.bool()
         let soft = try r.u64(), ttl = try r.u64()
-        return ObjectTable.Restored(key: key, offset: offset, size: size, seq: seq,
-                                    options: WriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl),
-                                    checksum: try decodeChecksum(&r))
+        return ObjectTable.Restored(
+            key: key, offset: offset, size: size, seq: seq,
+            options: WriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl),
+            checksum: try decodeChecksum(&r))
     }
 
     /// An optional CRC32C: a flag byte, then the value when set.
@@ -580,8 +584,10 @@ extension MasterRequest {
         let replicas = Int(try r.u8())
         let hasPreferred = try r.bool()
         let preferred = try r.u32()
-        return (mode, WriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl, replicas: replicas),
-                hasPreferred ? preferred : nil)
+        return (
+            mode, WriteOptions(hardPin: hard, softPinTTL: soft == 0 ? nil : soft, ttl: ttl == 0 ? nil : ttl, replicas: replicas),
+            hasPreferred ? preferred : nil
+        )
     }
 
     /// Decodes the payload of a frame of `kind`; throws `invalidArgument` naming the problem.
@@ -591,14 +597,16 @@ extension MasterRequest {
         guard let k = Kind(rawValue: kind) else { throw .invalidArgument("unknown request kind \(kind)") }
         switch k {
         case .hello:
-            m = .hello(name: try r.string(max: MasterLimits.maxName, "name"), nonce: Array(try r.bytes(max: 64, "nonce")),
-                       tenant: try r.string(max: Tenant.maxNameBytes, "tenant"))
+            m = .hello(
+                name: try r.string(max: MasterLimits.maxName, "name"), nonce: Array(try r.bytes(max: 64, "nonce")),
+                tenant: try r.string(max: Tenant.maxNameBytes, "tenant"))
         case .prove: m = .prove(proof: Array(try r.bytes(max: 64, "proof")))
         case .unmountCount: m = .unmountCount
         case .mount:
-            m = .mount(size: try r.size(max: MasterLimits.maxSize, "segment size"), host: try r.string(max: MasterLimits.maxString, "host"),
-                       sharePath: try r.string(max: MasterLimits.maxString, "share path"),
-                       endpoint: try r.string(max: MasterLimits.maxString, "endpoint"), reused: try r.bool())
+            m = .mount(
+                size: try r.size(max: MasterLimits.maxSize, "segment size"), host: try r.string(max: MasterLimits.maxString, "host"),
+                sharePath: try r.string(max: MasterLimits.maxString, "share path"),
+                endpoint: try r.string(max: MasterLimits.maxString, "endpoint"), reused: try r.bool())
         case .unmount: m = .unmount(segment: try r.u32())
         case .heartbeat: m = .heartbeat
         case .putStart:
@@ -640,8 +648,9 @@ extension MasterRequest {
             for _ in 0..<n { objects.append(try Self.decodeRestored(&r)) }
             m = .restore(segment: segment, objects: objects)
         case .resume:
-            m = .resume(client: try r.u64(), proof: Array(try r.bytes(max: 64, "proof")),
-                        commits: try Self.decodeCommits(&r), aborts: try Self.decodeHandles(&r, "aborts"))
+            m = .resume(
+                client: try r.u64(), proof: Array(try r.bytes(max: 64, "proof")),
+                commits: try Self.decodeCommits(&r), aborts: try Self.decodeHandles(&r, "aborts"))
         case .publishLayout: m = .publishLayout(try PublishedLayout.decode(&r))
         case .fetchLayout: m = .fetchLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
         case .unpublishLayout: m = .unpublishLayout(node: try r.string(max: MasterLimits.maxString, "node id"))
@@ -724,8 +733,9 @@ extension MasterResponse {
             StartedWrite(handle: try r.u64(), inPlace: try r.bool(), replicas: try replicas())
         }
         func found() throws(KVError) -> FoundObject {
-            FoundObject(size: try r.size(max: MasterLimits.maxSize), replicas: try replicas(), hold: try r.u64(),
-                        checksum: try MasterRequest.decodeChecksum(&r))
+            FoundObject(
+                size: try r.size(max: MasterLimits.maxSize), replicas: try replicas(), hold: try r.u64(),
+                checksum: try MasterRequest.decodeChecksum(&r))
         }
         func results<V>(_ value: () throws(KVError) -> V) throws(KVError) -> [Result<V, KVError>] {
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 5, "batch results")
@@ -746,10 +756,12 @@ extension MasterResponse {
         case .ok: m = .ok
         case .error: m = .error(try error())
         case .welcome:
-            m = .welcome(Welcome(client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64(),
-                                 local: try r.string(max: MasterLimits.maxString, "local socket"), pid: try r.size(max: Int(Int32.max), "pid"),
-                                 data: Array(try r.bytes(max: 64, "data key")), session: Array(try r.bytes(max: 64, "session secret")),
-                                 writeTimeout: try r.u64(), term: try r.u64()))
+            m = .welcome(
+                Welcome(
+                    client: try r.u64(), leaseTTL: try r.u64(), clientTTL: try r.u64(),
+                    local: try r.string(max: MasterLimits.maxString, "local socket"), pid: try r.size(max: Int(Int32.max), "pid"),
+                    data: Array(try r.bytes(max: 64, "data key")), session: Array(try r.bytes(max: 64, "session secret")),
+                    writeTimeout: try r.u64(), term: try r.u64()))
         case .mounted: m = .mounted(segment: try r.u32())
         case .putStarted: m = .putStarted(try started())
         case .found: m = .found(try found())
@@ -761,11 +773,13 @@ extension MasterResponse {
             for _ in 0..<n { pairs.append(Statistic(try r.string(max: 64, "statistic name"), Int(try r.i64()))) }
             m = .stats(pairs)
         case .segment:
-            m = .segment(SegmentInfo(segment: try r.u32(), size: try r.size(max: MasterLimits.maxSize),
-                                     host: try r.string(max: MasterLimits.maxString, "host"),
-                                     sharePath: try r.string(max: MasterLimits.maxString, "share path"),
-                                     endpoint: try r.string(max: MasterLimits.maxString, "endpoint"),
-                                     pid: try r.size(max: Int(Int32.max), "pid")))
+            m = .segment(
+                SegmentInfo(
+                    segment: try r.u32(), size: try r.size(max: MasterLimits.maxSize),
+                    host: try r.string(max: MasterLimits.maxString, "host"),
+                    sharePath: try r.string(max: MasterLimits.maxString, "share path"),
+                    endpoint: try r.string(max: MasterLimits.maxString, "endpoint"),
+                    pid: try r.size(max: Int(Int32.max), "pid")))
         case .putStartedBatch: m = .putStartedBatch(try results(started))
         case .foundBatch: m = .foundBatch(try results(found))
         case .layout: m = .layout(try PublishedLayout.decode(&r))

@@ -59,7 +59,8 @@ public struct MasterConfig: Sendable {
         guard cache.leaseTTL > 0 else { throw .invalidArgument("a master needs read leases: lease TTL must be greater than 0") }
         guard clientTTL > 0 else { throw .invalidArgument("client TTL must be greater than 0") }
         guard quotas.segments > 0, quotas.writesInFlight > 0, quotas.layouts > 0, quotas.writeTimeout > 0,
-              quotas.hardPinShare > 0, quotas.hardPinShare <= 1 else {
+            quotas.hardPinShare > 0, quotas.hardPinShare <= 1
+        else {
             throw .invalidArgument("client quotas must be greater than 0")
         }
         for (name, token) in tenants {
@@ -358,11 +359,13 @@ public struct MasterService: Sendable {
                 session.attachment = 1
                 session.nonces = c.handshake.clientNonce + c.handshake.serverNonce
                 let (cn, sn) = (c.handshake.clientNonce, c.handshake.serverNonce)
-                return .welcome(Welcome(client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket,
-                                        pid: config.masterPID,
-                                        data: Authentication.mask(dataKey, token: proved, clientNonce: cn, serverNonce: sn),
-                                        session: Authentication.mask(secret, token: proved, clientNonce: cn, serverNonce: sn),
-                                        writeTimeout: config.quotas.writeTimeout, term: config.term))
+                return .welcome(
+                    Welcome(
+                        client: id, leaseTTL: config.cache.leaseTTL, clientTTL: config.clientTTL, local: config.localSocket,
+                        pid: config.masterPID,
+                        data: Authentication.mask(dataKey, token: proved, clientNonce: cn, serverNonce: sn),
+                        session: Authentication.mask(secret, token: proved, clientNonce: cn, serverNonce: sn),
+                        writeTimeout: config.quotas.writeTimeout, term: config.term))
             }
             guard let id = session.client, let client = clients[id] else {
                 throw .invalidArgument(session.client == nil ? "the first request must be hello" : "this client was expired; reconnect")
@@ -392,8 +395,10 @@ public struct MasterService: Sendable {
     }
 
     /// `request` of client `id`, inside its session's tenant.
-    private mutating func tenantDispatch(_ request: MasterRequest, client id: UInt64, session: Session,
-                                         now: Nanoseconds) throws(KVError) -> MasterResponse {
+    private mutating func tenantDispatch(
+        _ request: MasterRequest, client id: UInt64, session: Session,
+        now: Nanoseconds
+    ) throws(KVError) -> MasterResponse {
         if let address = session.peerAddress { try Self.checkEndpoint(of: request, from: address) }
         if session.local, case let .mount(size, _, _, _, _) = request {
             // Capacity is the file's, not a claim: a local client passes its segment's descriptor.
@@ -477,11 +482,12 @@ public struct MasterService: Sendable {
             return .putStarted(StartedWrite(t))
         case let .putStartBatch(items, mode, options, preferred):
             try options.validate()
-            return .putStartedBatch(items.map { i in
-                Result { () throws(KVError) in
-                    StartedWrite(try startWrite(key: i.key, size: i.size, mode: mode, options: options, preferred: preferred, client: id, now: now))
-                }
-            })
+            return .putStartedBatch(
+                items.map { i in
+                    Result { () throws(KVError) in
+                        StartedWrite(try startWrite(key: i.key, size: i.size, mode: mode, options: options, preferred: preferred, client: id, now: now))
+                    }
+                })
         case let .putCommit(handle, checksum):
             guard let w = writes[handle], w.client == id else { throw .invalidArgument("no write \(handle) in flight for this client") }
             forget(handle)
@@ -514,7 +520,12 @@ public struct MasterService: Sendable {
         case let .sizeBatch(keys):
             return .sizes(keys.map { key in table.lease(key: key, now: now) })
         case let .removeBatch(keys, force):
-            return .values(keys.map { key in Result { () throws(KVError) in try table.remove(key: key, force: force, now: now); return 0 } })
+            return .values(
+                keys.map { key in
+                    Result { () throws(KVError) in
+                        try table.remove(key: key, force: force, now: now); return 0
+                    }
+                })
         case let .removeAll(force):
             return .value(table.removeAll(force: force, prefix: tenant?.prefix, now: now))
         case .stats:
@@ -527,7 +538,7 @@ public struct MasterService: Sendable {
                 throw .noSpace("this client has published \(config.quotas.layouts) KV layouts, its quota")
             }
             var verified = p
-            verified.pid = clients[id]!.pid   // same-host transfers target only a pid the kernel reported
+            verified.pid = clients[id]!.pid // same-host transfers target only a pid the kernel reported
             try layouts.publish(verified, owner: id)
             return .ok
         case let .fetchLayout(node):
@@ -577,21 +588,24 @@ public struct MasterService: Sendable {
             if let ends = holds[h], ends.first <= end { release(h); n += 1 }
         }
         holdsExpired += n
-        if holdEndsHead > 4096 && holdEndsHead * 2 > holdEnds.count {   // drop the consumed front
+        if holdEndsHead > 4096 && holdEndsHead * 2 > holdEnds.count { // drop the consumed front
             holdEnds.removeFirst(holdEndsHead)
             holdEndsHead = 0
         }
         return n
     }
 
-    private mutating func startWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
-                                     client id: UInt64, now: Nanoseconds) throws(KVError) -> WriteTicket {
+    private mutating func startWrite(
+        key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
+        client id: UInt64, now: Nanoseconds
+    ) throws(KVError) -> WriteTicket {
         guard clients[id]!.writes.count < config.quotas.writesInFlight else {
             throw .noSpace("this client has \(config.quotas.writesInFlight) writes in flight, its quota: commit or abort some first")
         }
         let limit = Int(Double(table.capacity) * config.quotas.hardPinShare)
-        let t = try table.beginWrite(key: key, size: size, mode: mode, options: options, replicas: options.replicas,
-                                     preferred: preferred, owner: id, ownerHardPinLimit: limit, now: now)
+        let t = try table.beginWrite(
+            key: key, size: size, mode: mode, options: options, replicas: options.replicas,
+            preferred: preferred, owner: id, ownerHardPinLimit: limit, now: now)
         writes[t.handle] = (t, id, key, now, clients[id]!.pid)
         writingKeys[key, default: 0] += 1
         clients[id]!.writes.insert(t.handle)
@@ -600,26 +614,26 @@ public struct MasterService: Sendable {
 
     /// The master's statistics (what `stats` returns and `/metrics` shows).
     public mutating func statistics(now: Nanoseconds) -> MasterResponse {
-            table.advance(now: now)
-            let s = table.statistics
-            return .stats([
-                Statistic("objects", s.objects), Statistic("object_bytes", s.objectBytes), Statistic("bytes_used", s.usedBytes), Statistic("capacity", s.capacity),
-                Statistic("hard_pinned_bytes", s.hardPinnedBytes), Statistic("soft_pinned_bytes", s.softPinnedBytes),
-                Statistic("evicted_objects", s.evictedObjects), Statistic("evicted_bytes", s.evictedBytes), Statistic("expired_objects", s.expiredObjects),
-                Statistic("leases_active", s.activeLeases), Statistic("segments", table.segmentCount), Statistic("clients", clients.count),
-                Statistic("writes_in_flight", writes.count), Statistic("requests", requests),
-                Statistic("kv_layouts", layouts.count), Statistic("expired_writes", expiredWrites),
-                Statistic("refused_handshakes", refusedHandshakes),
-                Statistic("read_holds", holdCount.values.reduce(0, +)), Statistic("read_holds_released", holdsReleased),
-                Statistic("read_holds_expired", holdsExpired), Statistic("remounts", remounts),
-                Statistic("sessions_resumed", resumedSessions), Statistic("sessions_refused", refusedResumes),
-                Statistic("sessions_detached", detachedSessions), Statistic("sessions_waiting", clients.values.count { !$0.connected }),
-                Statistic("commits_resumed", resumedCommits), Statistic("writes_abandoned", abandonedWrites),
-                Statistic("reads_waited", readsWaited), Statistic("read_waits_expired", readWaitsExpired),
-                Statistic("bytes_awaiting_owner", table.awaitingBytes), Statistic("writes_waited_for_space", writesWaitedForSpace),
-                Statistic("puts_superseded", table.supersededPuts),
-                Statistic("objects_restored", table.restoredObjects), Statistic("restores_refused", table.refusedRestores),
-            ])
+        table.advance(now: now)
+        let s = table.statistics
+        return .stats([
+            Statistic("objects", s.objects), Statistic("object_bytes", s.objectBytes), Statistic("bytes_used", s.usedBytes), Statistic("capacity", s.capacity),
+            Statistic("hard_pinned_bytes", s.hardPinnedBytes), Statistic("soft_pinned_bytes", s.softPinnedBytes),
+            Statistic("evicted_objects", s.evictedObjects), Statistic("evicted_bytes", s.evictedBytes), Statistic("expired_objects", s.expiredObjects),
+            Statistic("leases_active", s.activeLeases), Statistic("segments", table.segmentCount), Statistic("clients", clients.count),
+            Statistic("writes_in_flight", writes.count), Statistic("requests", requests),
+            Statistic("kv_layouts", layouts.count), Statistic("expired_writes", expiredWrites),
+            Statistic("refused_handshakes", refusedHandshakes),
+            Statistic("read_holds", holdCount.values.reduce(0, +)), Statistic("read_holds_released", holdsReleased),
+            Statistic("read_holds_expired", holdsExpired), Statistic("remounts", remounts),
+            Statistic("sessions_resumed", resumedSessions), Statistic("sessions_refused", refusedResumes),
+            Statistic("sessions_detached", detachedSessions), Statistic("sessions_waiting", clients.values.count { !$0.connected }),
+            Statistic("commits_resumed", resumedCommits), Statistic("writes_abandoned", abandonedWrites),
+            Statistic("reads_waited", readsWaited), Statistic("read_waits_expired", readWaitsExpired),
+            Statistic("bytes_awaiting_owner", table.awaitingBytes), Statistic("writes_waited_for_space", writesWaitedForSpace),
+            Statistic("puts_superseded", table.supersededPuts),
+            Statistic("objects_restored", table.restoredObjects), Statistic("restores_refused", table.refusedRestores)
+        ])
     }
 
     private mutating func unmount(_ seg: SegmentID, now: Nanoseconds) throws(KVError) -> ObjectTable.UnmountReport {
@@ -676,21 +690,24 @@ public struct MasterService: Sendable {
     }
 
     /// Moves session `old` to this connection (see `MasterRequest.resume`).
-    private mutating func resume(_ old: UInt64, proof: [UInt8], commits: [PipelinedCommit], aborts: [VersionHandle],
-                                 session: inout Session, now: Nanoseconds) throws(KVError) -> MasterResponse {
+    private mutating func resume(
+        _ old: UInt64, proof: [UInt8], commits: [PipelinedCommit], aborts: [VersionHandle],
+        session: inout Session, now: Nanoseconds
+    ) throws(KVError) -> MasterResponse {
         let id = session.client!
         let fresh = clients[id]!
         guard fresh.segments.isEmpty, fresh.writes.isEmpty, holdCount[id] == nil, layouts.count(of: id) == 0 else {
             throw .invalidArgument("resume must be the first request after welcome")
         }
-        guard old != id, let o = clients[old] else {   // (a restarted master may give the same id again)
+        guard old != id, let o = clients[old] else { // (a restarted master may give the same id again)
             refusedResumes += 1
             throw .notFound("session \(old) is gone (its grace period ended, it left, or the master restarted)")
         }
         // A session whose process the kernel named (a local connection) resumes only from
         // that process; one the master knew only by TCP may come back on either.
         guard o.tenant == fresh.tenant, o.pid == 0 || o.pid == fresh.pid,
-              Authentication.constantTimeEqual(proof, HMACSHA256.mac(key: o.secret, message: session.nonces)) else {
+            Authentication.constantTimeEqual(proof, HMACSHA256.mac(key: o.secret, message: session.nonces))
+        else {
             refusedResumes += 1
             throw .invalidArgument("the master refused to resume session \(old): wrong proof, tenant or process")
         }
@@ -772,12 +789,13 @@ extension CacheStatistics {
     public init(_ stats: [Statistic]) {
         var all: [String: Int] = [:]
         for s in stats where all[s.name] == nil { all[s.name] = s.value }
-        self.init(objects: all["objects", default: 0], objectBytes: all["object_bytes", default: 0],
-                  usedBytes: all["bytes_used", default: 0], capacity: all["capacity", default: 0],
-                  activeReaders: 0, activeLeases: all["leases_active", default: 0],
-                  hardPinnedBytes: all["hard_pinned_bytes", default: 0], softPinnedBytes: all["soft_pinned_bytes", default: 0],
-                  evictedObjects: all["evicted_objects", default: 0], evictedBytes: all["evicted_bytes", default: 0],
-                  expiredObjects: all["expired_objects", default: 0], freeBlocks: 0, largestFreeBlock: 0)
+        self.init(
+            objects: all["objects", default: 0], objectBytes: all["object_bytes", default: 0],
+            usedBytes: all["bytes_used", default: 0], capacity: all["capacity", default: 0],
+            activeReaders: 0, activeLeases: all["leases_active", default: 0],
+            hardPinnedBytes: all["hard_pinned_bytes", default: 0], softPinnedBytes: all["soft_pinned_bytes", default: 0],
+            evictedObjects: all["evicted_objects", default: 0], evictedBytes: all["evicted_bytes", default: 0],
+            expiredObjects: all["expired_objects", default: 0], freeBlocks: 0, largestFreeBlock: 0)
     }
 }
 
@@ -798,9 +816,11 @@ public struct Tenant: Sendable, Equatable {
 
     /// Names are 1 to 64 of A-Z a-z 0-9 . _ - (no "/": namespaces never overlap).
     public static func validate(name: String) throws(KVError) {
-        let ok = !name.isEmpty && name.utf8.count <= maxNameBytes && name.utf8.allSatisfy { c in
-            (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5A) || (c >= 0x61 && c <= 0x7A) || c == 0x2E || c == 0x5F || c == 0x2D
-        }
+        let ok =
+            !name.isEmpty && name.utf8.count <= maxNameBytes
+            && name.utf8.allSatisfy { c in
+                (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5A) || (c >= 0x61 && c <= 0x7A) || c == 0x2E || c == 0x5F || c == 0x2D
+            }
         guard ok else { throw .invalidArgument("tenant name '\(name)' must be 1 to \(maxNameBytes) of A-Z a-z 0-9 . _ -") }
     }
 

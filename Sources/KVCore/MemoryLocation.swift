@@ -51,7 +51,8 @@ public struct MemoryLocation: Sendable, Hashable, CustomStringConvertible {
         var index = 0
         if parts.count == 2 {
             guard parts[1].utf8.allSatisfy({ (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) }),
-                  let i = Int(parts[1]) else {
+                let i = Int(parts[1])
+            else {
                 throw .invalidArgument("bad device index in memory location '\(text)'")
             }
             index = i

@@ -48,7 +48,7 @@ extension ObjectTable {
 
     /// A read of version `s`: leases it and takes it off the eviction order while leased or held.
     mutating func noteRead(_ s: Int32, now: Nanoseconds) {
-        if versions[Int(s)].lowerTier == .refused { versions[Int(s)].lowerTier = .undecided }   // wanted again: ask again
+        if versions[Int(s)].lowerTier == .refused { versions[Int(s)].lowerTier = .undecided } // wanted again: ask again
         grantLease(s, now: now)
         updateList(s)
     }
@@ -200,11 +200,11 @@ extension ObjectTable {
         guard size <= segments.largestCapacity, rounded <= segments.freeBytes + evictableBytes else { return nil }
         let target = min(replicas, segments.mountedCount)
         let high = Int(Double(capacity) * policy.highWatermark)
-        let over = usedBytes - awaitingBytes + rounded * target - high   // space awaiting its owner comes back soon
+        let over = usedBytes - awaitingBytes + rounded * target - high // space awaiting its owner comes back soon
         if over > 0 { evict(atLeast: max(over, roundBytes)) }
         var placed = PlacementList()
         while true {
-            if segments.slots.count == 1 {  // the embedded store: no ordering to compute
+            if segments.slots.count == 1 { // the embedded store: no ordering to compute
                 if let p = segments.allocate(size, in: 0) { placed.append(p) }
             } else {
                 for s in segments.placementOrder(preferred: preferred) where placed.count < target && !placed.contains(slot: s) {
@@ -261,11 +261,12 @@ extension ObjectTable {
 
     /// The table's counters at one instant.
     public var statistics: CacheStatistics {
-        CacheStatistics(objects: objectCount, objectBytes: objectBytes, usedBytes: usedBytes, capacity: capacity,
-                        activeReaders: activeReaders, activeLeases: activeLeases,
-                        hardPinnedBytes: hardPinnedBytes, softPinnedBytes: softPinnedBytes,
-                        evictedObjects: evictedObjects, evictedBytes: evictedBytes, expiredObjects: expiredObjects,
-                        freeBlocks: segments.freeBlockCount, largestFreeBlock: segments.largestFreeBlock)
+        CacheStatistics(
+            objects: objectCount, objectBytes: objectBytes, usedBytes: usedBytes, capacity: capacity,
+            activeReaders: activeReaders, activeLeases: activeLeases,
+            hardPinnedBytes: hardPinnedBytes, softPinnedBytes: softPinnedBytes,
+            evictedObjects: evictedObjects, evictedBytes: evictedBytes, expiredObjects: expiredObjects,
+            freeBlocks: segments.freeBlockCount, largestFreeBlock: segments.largestFreeBlock)
     }
 }
 

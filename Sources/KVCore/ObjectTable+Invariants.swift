@@ -35,8 +35,9 @@ extension ObjectTable {
             ("activeReaders", activeReaders, readers), ("activeLeases", activeLeases, leases),
             ("hardPinnedBytes", hardPinnedBytes, hard), ("softPinnedBytes", softPinnedBytes, soft),
             ("hard pins by owner", hardPinnedByOwner.values.reduce(0, +), hard),
-            ("usedBytes", usedBytes, used), ("awaitingBytes", awaitingBytes, awaiting), ("evictableBytes", evictableBytes, listed), ("listed bytes", evictableBytes, onLists),
-            ("visible entries", entries.values.filter { $0.current >= 0 }.count, objects),
+            ("usedBytes", usedBytes, used), ("awaitingBytes", awaitingBytes, awaiting), ("evictableBytes", evictableBytes, listed),
+            ("listed bytes", evictableBytes, onLists),
+            ("visible entries", entries.values.filter { $0.current >= 0 }.count, objects)
         ]
         for (name, kept, actual) in checks where kept != actual { return "\(name) is \(kept), recomputed \(actual)" }
         return nil

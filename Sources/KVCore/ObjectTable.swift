@@ -39,8 +39,9 @@ public struct WriteTicket: Sendable, Equatable {
 extension WriteTicket {
     /// A ticket as a remote master describes it (`replicas` not empty).
     public init(handle: VersionHandle, size: Int, inPlace: Bool, replicas: [Replica]) {
-        self.init(handle: handle, segment: replicas[0].segment, offset: replicas[0].offset, size: size,
-                  inPlace: inPlace, moreReplicas: Array(replicas.dropFirst()))
+        self.init(
+            handle: handle, segment: replicas[0].segment, offset: replicas[0].offset, size: size,
+            inPlace: inPlace, moreReplicas: Array(replicas.dropFirst()))
     }
 }
 
@@ -62,8 +63,10 @@ public struct ReadTicket: Sendable, Equatable {
     public var checksum: UInt32? = nil
 
     /// Rebuilds a ticket handed across the C ABI; it must be one `acquireRead` returned.
-    public init(handle: VersionHandle, segment: SegmentID = 0, offset: Int, size: Int, fallbacks: [Replica] = [],
-                leaseEnd: Nanoseconds = 0, checksum: UInt32? = nil) {
+    public init(
+        handle: VersionHandle, segment: SegmentID = 0, offset: Int, size: Int, fallbacks: [Replica] = [],
+        leaseEnd: Nanoseconds = 0, checksum: UInt32? = nil
+    ) {
         self.handle = handle
         self.segment = segment
         self.offset = offset
@@ -109,7 +112,7 @@ public struct ObjectTable: Sendable {
     enum List: UInt8, Sendable { case none = 0, ordinary = 1, softPinned = 2 }
 
     struct Version: Sendable {
-        var generation: UInt32 = 1   // from 1, so no handle is 0 (0 means "no hold")
+        var generation: UInt32 = 1 // from 1, so no handle is 0 (0 means "no hold")
         var state: State = .free
         var key = ObjectKey()
         var placements = PlacementList()
@@ -227,7 +230,8 @@ public struct ObjectTable: Sendable {
     public mutating func mount(segment id: SegmentID, capacity: Int, readyAt: Nanoseconds = 0, now: Nanoseconds = 0) throws(KVError) {
         try segments.mount(id, capacity: capacity)
         guard readyAt > now, let slot = segments.slot(of: id),
-              let all = segments.allocate(segments.slots[Int(slot)].allocator.capacity, in: slot) else { return }
+            let all = segments.allocate(segments.slots[Int(slot)].allocator.capacity, in: slot)
+        else { return }
         quarantined.append((all, readyAt))
     }
 
@@ -238,7 +242,7 @@ public struct ObjectTable: Sendable {
     mutating func releaseQuarantine(now: Nanoseconds) {
         quarantined.removeAll { q in
             guard q.until <= now else { return false }
-            segments.free(q.placement)   // a no-op once the segment is unmounted
+            segments.free(q.placement) // a no-op once the segment is unmounted
             return true
         }
     }
@@ -252,10 +256,12 @@ public struct ObjectTable: Sendable {
     ///
     /// `owner` is the writer (a master's client id); with `ownerHardPinLimit`, a hard-pinned
     /// write that would take the owner's hard-pinned bytes past it is `noSpace`.
-    public mutating func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions = .default,
-                                    replicas: Int = 1, preferred: SegmentID? = nil, owner: UInt64 = 0,
-                                    ownerHardPinLimit: Int? = nil,
-                                    now: Nanoseconds) throws(KVError) -> WriteTicket {
+    public mutating func beginWrite(
+        key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions = .default,
+        replicas: Int = 1, preferred: SegmentID? = nil, owner: UInt64 = 0,
+        ownerHardPinLimit: Int? = nil,
+        now: Nanoseconds
+    ) throws(KVError) -> WriteTicket {
         advance(now: now)
         guard size > 0 else { throw .invalidArgument("value must not be empty") }
         guard replicas >= 1, replicas <= Self.maxReplicas else {
@@ -269,7 +275,9 @@ public struct ObjectTable: Sendable {
             throw .noSpace("hard-pinning \(size) bytes would exceed the capacity: \(hardPinnedBytes) of \(capacity) bytes are hard-pinned already")
         }
         if options.hardPin, let limit = ownerHardPinLimit, hardPinnedByOwner[owner, default: 0] + size > limit {
-            throw .noSpace("hard-pinning \(size) bytes would take this client past its quota of \(limit) hard-pinned bytes (\(hardPinnedByOwner[owner, default: 0]) pinned)")
+            throw .noSpace(
+                "hard-pinning \(size) bytes would take this client past its quota of \(limit) hard-pinned bytes (\(hardPinnedByOwner[owner, default: 0]) pinned)"
+            )
         }
         if mode == .put {
             // One hash lookup: claims the key (inserting an entry when absent) unless taken.
@@ -279,7 +287,8 @@ public struct ObjectTable: Sendable {
         } else if let e = entries[key], e.current >= 0 {
             let c = Int(e.current)
             if policy.inPlaceUpserts, versions[c].state == .complete, versions[c].size == size, versions[c].readers == 0, versions[c].leaseUntil == 0,
-               versions[c].placements.count == min(replicas, segments.mountedCount) {
+                versions[c].placements.count == min(replicas, segments.mountedCount)
+            {
                 clearCacheState(e.current)
                 versions[c].state = .rewriting
                 versions[c].lowerTier = .undecided
@@ -291,9 +300,12 @@ public struct ObjectTable: Sendable {
         guard let placed = placeEvicting(size, replicas: replicas, preferred: preferred) else {
             if mode == .put { releasePutClaim(key) }
             let held = quarantined.reduce(0) { $0 + $1.placement.allocation.length }
-            let remounted = (held == 0 ? "" : ", \(held) bytes of remounted segments held until readers of the old mount are done (one lease TTL)")
+            let remounted =
+                (held == 0 ? "" : ", \(held) bytes of remounted segments held until readers of the old mount are done (one lease TTL)")
                 + (awaitingBytes == 0 ? "" : ", \(awaitingBytes) bytes freed moments ago waiting for their segment owner to confirm it heard")
-            throw .noSpace("no space for \(size) bytes and nothing left to evict: \(segments.freeBytes) of \(segments.capacity) bytes free (largest free block \(segments.largestFreeBlock) bytes), \(hardPinnedBytes) bytes hard-pinned, \(activeLeases) objects leased, \(activeReaders) reads in progress\(remounted)")
+            throw .noSpace(
+                "no space for \(size) bytes and nothing left to evict: \(segments.freeBytes) of \(segments.capacity) bytes free (largest free block \(segments.largestFreeBlock) bytes), \(hardPinnedBytes) bytes hard-pinned, \(activeLeases) objects leased, \(activeReaders) reads in progress\(remounted)"
+            )
         }
         let slot = newVersion(Version(state: .writing, key: key, placements: placed, size: size, mode: mode, options: options, owner: owner))
         return ticket(slot, inPlace: false)
@@ -305,8 +317,9 @@ public struct ObjectTable: Sendable {
     private func ticket(_ s: Int32, inPlace: Bool) -> WriteTicket {
         let v = versions[Int(s)]
         let first = segments.replica(v.placements.first!)
-        return WriteTicket(handle: handle(s), segment: first.segment, offset: first.offset, size: v.size, inPlace: inPlace,
-                           moreReplicas: v.placements.rest.map { segments.replica($0) })
+        return WriteTicket(
+            handle: handle(s), segment: first.segment, offset: first.offset, size: v.size, inPlace: inPlace,
+            moreReplicas: v.placements.rest.map { segments.replica($0) })
     }
 
     @inline(__always)
@@ -426,7 +439,7 @@ public struct ObjectTable: Sendable {
         for i in versions.indices where versions[i].state != .free && versions[i].placements.contains(slot: dead) {
             let s = Int32(i)
             let listed = versions[i].list
-            listRemove(s)  // eviction accounting counts placements: take it off before changing them
+            listRemove(s) // eviction accounting counts placements: take it off before changing them
             _ = versions[i].placements.remove(slot: dead)
             if !versions[i].placements.isEmpty {
                 if versions[i].linked { report.degradedObjects += 1 }
@@ -468,8 +481,10 @@ public struct ObjectTable: Sendable {
             versions[c].placements.forEach { if $0.slot == ps { chosen = $0 } }
         }
         let r = segments.replica(chosen)
-        return .found(ReadTicket(handle: handle(e.current), segment: r.segment, offset: r.offset, size: versions[c].size,
-                                 checksum: versions[c].checksum))
+        return .found(
+            ReadTicket(
+                handle: handle(e.current), segment: r.segment, offset: r.offset, size: versions[c].size,
+                checksum: versions[c].checksum))
     }
 
     /// A read hold on the version `h` names, while it is the visible one and complete, that
@@ -485,8 +500,10 @@ public struct ObjectTable: Sendable {
         versions[c].readers += 1
         activeReaders += 1
         let r = segments.replica(versions[c].placements.first!)
-        return (ReadTicket(handle: h, segment: r.segment, offset: r.offset, size: versions[c].size, checksum: versions[c].checksum),
-                timers.deadline(slot: Int32(c), kind: .expiry))
+        return (
+            ReadTicket(handle: h, segment: r.segment, offset: r.offset, size: versions[c].size, checksum: versions[c].checksum),
+            timers.deadline(slot: Int32(c), kind: .expiry)
+        )
     }
 
     /// Records a lower tier's decision on the version `h` names (ignored when it is gone).
@@ -532,8 +549,10 @@ public struct ObjectTable: Sendable {
     /// of the others: a reader's own host) and the hold's handle; nil when absent or being
     /// rewritten in place. What a remote reader gets: its master releases the hold when the
     /// reader says its copy ended, or when the lease would have.
-    public mutating func holdReplicas(key: ObjectKey, now: Nanoseconds,
-                                      first: (SegmentID) -> Bool = { _ in false }) -> (size: Int, replicas: [Replica], handle: VersionHandle, checksum: UInt32?)? {
+    public mutating func holdReplicas(
+        key: ObjectKey, now: Nanoseconds,
+        first: (SegmentID) -> Bool = { _ in false }
+    ) -> (size: Int, replicas: [Replica], handle: VersionHandle, checksum: UInt32?)? {
         advance(now: now)
         guard let e = entries[key], e.current >= 0, versions[Int(e.current)].state == .complete else { return nil }
         versions[Int(e.current)].readers += 1
@@ -781,7 +800,7 @@ public struct ObjectTable: Sendable {
     public mutating func confirm(segment id: SegmentID, through number: UInt64) -> Int {
         guard let slot = segments.slot(of: id), var ledger = ledgers[slot] else { return 0 }
         ledger.confirmed = max(ledger.confirmed, min(number, ledger.recorded))
-        let heard = ledger.awaiting.prefix { $0.notice <= ledger.confirmed }   // in notice order
+        let heard = ledger.awaiting.prefix { $0.notice <= ledger.confirmed } // in notice order
         var freed = 0
         for w in heard {
             segments.free(w.placement)
@@ -795,15 +814,16 @@ public struct ObjectTable: Sendable {
 
     public mutating func takeNotices() -> [SegmentNotice] {
         var taken: [SegmentNotice] = []
-        swap(&taken, &notices)   // hands the buffer over: no copy
+        swap(&taken, &notices) // hands the buffer over: no copy
         return taken
     }
 
     private mutating func notice(stored s: Int32) {
         let v = versions[Int(s)]
         v.placements.forEach { p in
-            record(p.slot, offset: p.allocation.offset, seq: v.seq,
-                   object: Restored(key: v.key, offset: p.allocation.offset, size: v.size, seq: v.seq, options: v.options, checksum: v.checksum))
+            record(
+                p.slot, offset: p.allocation.offset, seq: v.seq,
+                object: Restored(key: v.key, offset: p.allocation.offset, size: v.size, seq: v.seq, options: v.options, checksum: v.checksum))
         }
     }
 
@@ -831,7 +851,7 @@ public struct ObjectTable: Sendable {
             if ok { restoredObjects += 1 } else { refusedRestores += 1 }
             taken.append(ok)
         }
-        if until > now {   // the rest of the segment stays held until the old leases have ended
+        if until > now { // the rest of the segment stays held until the old leases have ended
             while case let n = segments.slots[Int(slot)].allocator.largestFreeBlock, n > 0, let p = segments.allocate(n, in: slot) {
                 quarantined.append((p, until))
             }
@@ -845,15 +865,17 @@ public struct ObjectTable: Sendable {
         // Offsets must ascend across all of a segment's reports: each range is then found where
         // the last one ended (O(1)), so no report can make the master scan the segment.
         guard o.size > 0, o.seq != 0, o.offset >= restoreCursor[slot, default: 0], (try? o.options.validate()) != nil,
-              let p = segments.reserve(offset: o.offset, size: o.size, in: slot) else { return false }
+            let p = segments.reserve(offset: o.offset, size: o.size, in: slot)
+        else { return false }
         restoreCursor[slot] = p.allocation.offset + p.allocation.length
         nextSeq = max(nextSeq, o.seq &+ 1)
         if let e = entries[o.key], e.current >= 0 {
             let c = e.current
             let v = versions[Int(c)]
-            if v.seq == o.seq {   // the same write, another replica
+            if v.seq == o.seq { // the same write, another replica
                 guard v.size == o.size, v.checksum == o.checksum, !v.placements.contains(slot: slot),
-                      v.placements.count < Self.maxReplicas else {
+                    v.placements.count < Self.maxReplicas
+                else {
                     segments.free(p)
                     return false
                 }
@@ -868,8 +890,10 @@ public struct ObjectTable: Sendable {
                 return false
             }
         }
-        let s = newVersion(Version(state: .complete, key: o.key, placements: PlacementList(p), size: o.size, mode: .upsert,
-                                   options: o.options, owner: 0))
+        let s = newVersion(
+            Version(
+                state: .complete, key: o.key, placements: PlacementList(p), size: o.size, mode: .upsert,
+                options: o.options, owner: 0))
         versions[Int(s)].seq = o.seq
         versions[Int(s)].checksum = o.checksum
         versions[Int(s)].linked = true
@@ -936,7 +960,7 @@ public struct ObjectTable: Sendable {
     private mutating func dropVersion(_ s: Int32) {
         timers.cancelAll(slot: s)
         if versions[Int(s)].leaseUntil != 0 { activeLeases -= 1 }
-        if recordNotices, versions[Int(s)].seq != 0 {   // its owners may list it: free once they heard it went
+        if recordNotices, versions[Int(s)].seq != 0 { // its owners may list it: free once they heard it went
             versions[Int(s)].placements.forEach { p in
                 // Gone from an unmounted segment, or its owner already confirmed every notice
                 // (the version went once its last reader was done, after its removal was heard).

@@ -25,14 +25,14 @@ public struct SegmentAllocator: Sendable {
     static let flCount = 64 - slBits
 
     struct Block {
-        var start: Int        // granules
-        var size: Int         // granules
-        var prevPhys: Int32   // -1: none
+        var start: Int // granules
+        var size: Int // granules
+        var prevPhys: Int32 // -1: none
         var nextPhys: Int32
         var prevFree: Int32
         var nextFree: Int32
         var isFree: Bool
-        var inUse: Bool       // the record is live (not on the recycled list)
+        var inUse: Bool // the record is live (not on the recycled list)
     }
 
     public let capacity: Int
@@ -53,8 +53,10 @@ public struct SegmentAllocator: Sendable {
         heads = Array(repeating: -1, count: Self.flCount * Self.slCount)
         slBitmaps = Array(repeating: 0, count: Self.flCount)
         if granules > 0 {
-            let b = newBlock(Block(start: 0, size: granules, prevPhys: -1, nextPhys: -1,
-                                   prevFree: -1, nextFree: -1, isFree: true, inUse: true))
+            let b = newBlock(
+                Block(
+                    start: 0, size: granules, prevPhys: -1, nextPhys: -1,
+                    prevFree: -1, nextFree: -1, isFree: true, inUse: true))
             insertFree(b)
         }
     }
@@ -76,8 +78,9 @@ public struct SegmentAllocator: Sendable {
         blocks[Int(found)].isFree = false
         usedBytes += want * Self.granule
         allocationCount += 1
-        return Allocation(offset: blocks[Int(found)].start * Self.granule,
-                          length: want * Self.granule, block: found)
+        return Allocation(
+            offset: blocks[Int(found)].start * Self.granule,
+            length: want * Self.granule, block: found)
     }
 
     /// Takes exactly the range at `offset` for `bytes` bytes (rounded up to the granule) when
@@ -87,17 +90,21 @@ public struct SegmentAllocator: Sendable {
     /// range taken); others scan the blocks before them.
     public mutating func reserve(offset: Int, bytes: Int) -> Allocation? {
         guard bytes > 0, offset >= 0, offset % Self.granule == 0, offset <= capacity, bytes <= capacity - offset,
-              !blocks.isEmpty else { return nil }
+            !blocks.isEmpty
+        else { return nil }
         let start = offset / Self.granule, want = (bytes + Self.granule - 1) / Self.granule
-        var b: Int32 = 0   // block 0 always starts the segment: nothing merges into a predecessor of it
+        var b: Int32 = 0 // block 0 always starts the segment: nothing merges into a predecessor of it
         if reserveHint >= 0, Int(reserveHint) < blocks.count, blocks[Int(reserveHint)].inUse,
-           blocks[Int(reserveHint)].start <= start { b = reserveHint }
+            blocks[Int(reserveHint)].start <= start
+        {
+            b = reserveHint
+        }
         while b >= 0, blocks[Int(b)].start + blocks[Int(b)].size <= start { b = blocks[Int(b)].nextPhys }
         guard b >= 0, blocks[Int(b)].isFree, blocks[Int(b)].start + blocks[Int(b)].size >= start + want else { return nil }
         removeFree(b)
         var r = b
         let left = start - blocks[Int(b)].start
-        if left > 0, let tail = split(b, keeping: left) {   // the free part before the range stays free
+        if left > 0, let tail = split(b, keeping: left) { // the free part before the range stays free
             insertFree(b)
             r = tail
         }
@@ -120,7 +127,7 @@ public struct SegmentAllocator: Sendable {
     public mutating func free(_ a: Allocation) throws(KVError) {
         let i = Int(a.block)
         guard i >= 0, i < blocks.count, blocks[i].inUse, !blocks[i].isFree,
-              blocks[i].start * Self.granule == a.offset, blocks[i].size * Self.granule == a.length
+            blocks[i].start * Self.granule == a.offset, blocks[i].size * Self.granule == a.length
         else { throw KVError(.internal, "free of an unknown or already freed range at offset \(a.offset)") }
         usedBytes -= a.length
         allocationCount -= 1
@@ -198,8 +205,10 @@ public struct SegmentAllocator: Sendable {
         let rest = blocks[Int(b)].size - keep
         guard rest > 0 else { return nil }
         let next = blocks[Int(b)].nextPhys
-        let tail = newBlock(Block(start: blocks[Int(b)].start + keep, size: rest, prevPhys: b, nextPhys: next,
-                                  prevFree: -1, nextFree: -1, isFree: false, inUse: true))
+        let tail = newBlock(
+            Block(
+                start: blocks[Int(b)].start + keep, size: rest, prevPhys: b, nextPhys: next,
+                prevFree: -1, nextFree: -1, isFree: false, inUse: true))
         if next >= 0 { blocks[Int(next)].prevPhys = tail }
         blocks[Int(b)].nextPhys = tail
         blocks[Int(b)].size = keep

@@ -155,8 +155,9 @@ public struct TensorHeader: Sendable, Equatable {
         self.layoutKind = layout
         self.axes = (0..<axisCount).map { i in
             let o = 176 + 32 * i
-            return Axis(kind: get(o, Int32.self), axisIndex: get(o + 4, Int32.self), shardRank: get(o + 8, Int32.self),
-                        shardCount: get(o + 12, Int32.self), splitDim: get(o + 16, Int32.self))
+            return Axis(
+                kind: get(o, Int32.self), axisIndex: get(o + 4, Int32.self), shardRank: get(o + 8, Int32.self),
+                shardCount: get(o + 12, Int32.self), splitDim: get(o + 16, Int32.self))
         }
         let expected: Int
         do { expected = try validatedDataBytes() } catch { throw .invalidArgument("corrupt tensor header: \(error.message)") }

@@ -35,8 +35,10 @@ public struct WireFrameHeader: Sendable, Equatable {
     /// Decodes and validates a header from the first 16 bytes of `bytes`. Throws
     /// `invalidArgument` naming the bad field: short input, wrong magic, another protocol
     /// version, a kind `isKnown` rejects, or a payload longer than `maxPayload`.
-    public static func decode(_ bytes: UnsafeRawBufferPointer, maxPayload: Int = defaultMaxPayload,
-                              isKnown: (UInt16) -> Bool = { _ in true }) throws(KVError) -> WireFrameHeader {
+    public static func decode(
+        _ bytes: UnsafeRawBufferPointer, maxPayload: Int = defaultMaxPayload,
+        isKnown: (UInt16) -> Bool = { _ in true }
+    ) throws(KVError) -> WireFrameHeader {
         guard bytes.count >= size else { throw .invalidArgument("frame header is \(bytes.count) bytes, needs \(size)") }
         var r = WireReader(bytes)
         let m = try r.u32()
@@ -122,8 +124,10 @@ public struct WireReader {
 
     /// Reads all of `payload` with `body`, which must consume every byte (`what` names the
     /// message in the error when it does not).
-    public static func parse<T>(_ payload: [UInt8], _ what: String,
-                                _ body: (inout WireReader) throws(KVError) -> T) throws(KVError) -> T {
+    public static func parse<T>(
+        _ payload: [UInt8], _ what: String,
+        _ body: (inout WireReader) throws(KVError) -> T
+    ) throws(KVError) -> T {
         try rethrowingKVError {
             try payload.withUnsafeBytes { b in
                 var r = WireReader(b)

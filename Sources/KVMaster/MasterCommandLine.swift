@@ -17,7 +17,7 @@ public enum MasterCommandLine {
 
     struct Flag: Sendable {
         let names: [String]
-        let value: String      // placeholder shown in the help ("" for none)
+        let value: String // placeholder shown in the help ("" for none)
         let help: String
         let apply: @Sendable (inout Settings, String) throws(KVError) -> Void
     }
@@ -53,15 +53,19 @@ public enum MasterCommandLine {
         Flag(names: ["--metrics-host"], value: "ADDRESS", help: "address of /metrics and /health (default 127.0.0.1)") { s, v in
             s.options.metricsHost = v
         },
-        Flag(names: ["--metrics-port", "--metrics_port"], value: "PORT",
-             help: "port of /metrics and /health; 0: any free port; -1: none (default 9003)") { s, v throws(KVError) in
+        Flag(
+            names: ["--metrics-port", "--metrics_port"], value: "PORT",
+            help: "port of /metrics and /health; 0: any free port; -1: none (default 9003)"
+        ) { s, v throws(KVError) in
             let p = try int(v, "--metrics-port")
             guard p >= -1 else { throw .invalidArgument("--metrics-port must be -1 (none), 0 (any) or a port, not \(p)") }
             s.options.metricsPort = p < 0 ? nil : p
         },
-        Flag(names: ["--token"], value: "TOKEN",
-             help: "token clients must prove (visible to other users in ps: prefer --token-file or $KVSTORE_MASTER_TOKEN; "
-                 + "default: generated, and written to this user's token file)") { s, v in s.token = v },
+        Flag(
+            names: ["--token"], value: "TOKEN",
+            help: "token clients must prove (visible to other users in ps: prefer --token-file or $KVSTORE_MASTER_TOKEN; "
+                + "default: generated, and written to this user's token file)"
+        ) { s, v in s.token = v },
         Flag(names: ["--token-file"], value: "FILE", help: "read the token from this file (mode 600)") { s, v in s.tokenFile = v },
         Flag(names: ["--max-clients"], value: "N", help: "most connections at once (default 0: from the file-descriptor limit)") {
             s, v throws(KVError) in
@@ -69,14 +73,18 @@ public enum MasterCommandLine {
             guard n >= 0 else { throw .invalidArgument("--max-clients must be 0 (from the descriptor limit) or more, not \(n)") }
             s.options.maxClients = n
         },
-        Flag(names: ["--allow-uid"], value: "UID",
-             help: "also accept this user's processes on the local socket (repeatable; default: the master's own user and root)") {
+        Flag(
+            names: ["--allow-uid"], value: "UID",
+            help: "also accept this user's processes on the local socket (repeatable; default: the master's own user and root)"
+        ) {
             s, v throws(KVError) in
             s.options.allowedUIDs += try MasterServer.uids(v)
         },
-        Flag(names: ["--tenant"], value: "NAME:TOKEN_FILE",
-             help: "a tenant: clients proving the token in TOKEN_FILE connect as kvstore://NAME@host:port and see only NAME's keys "
-                 + "(repeatable)") { s, v in s.tenants.append(v) },
+        Flag(
+            names: ["--tenant"], value: "NAME:TOKEN_FILE",
+            help: "a tenant: clients proving the token in TOKEN_FILE connect as kvstore://NAME@host:port and see only NAME's keys "
+                + "(repeatable)"
+        ) { s, v in s.tenants.append(v) },
         Flag(names: ["--client-ttl", "--client_ttl"], value: "SECONDS", help: "silence after which a client is dead (default 10)") {
             s, v throws(KVError) in
             s.clientTTL = try double(v, "--client-ttl")
@@ -87,41 +95,53 @@ public enum MasterCommandLine {
         Flag(names: ["--default_kv_lease_ttl"], value: "MS", help: "Mooncake's --lease-ttl, in milliseconds") { s, v throws(KVError) in
             s.leaseMilliseconds = try int(v, "--default_kv_lease_ttl")
         },
-        Flag(names: ["--eviction-high-watermark", "--eviction_high_watermark_ratio"], value: "RATIO",
-             help: "evict above this fraction of capacity (default 0.9)") { s, v throws(KVError) in
+        Flag(
+            names: ["--eviction-high-watermark", "--eviction_high_watermark_ratio"], value: "RATIO",
+            help: "evict above this fraction of capacity (default 0.9)"
+        ) { s, v throws(KVError) in
             s.highWatermark = try double(v, "--eviction-high-watermark")
         },
-        Flag(names: ["--eviction-ratio", "--eviction_ratio"], value: "RATIO",
-             help: "fraction of capacity one eviction round frees (default 0.05)") { s, v throws(KVError) in
+        Flag(
+            names: ["--eviction-ratio", "--eviction_ratio"], value: "RATIO",
+            help: "fraction of capacity one eviction round frees (default 0.05)"
+        ) { s, v throws(KVError) in
             s.evictionRatio = try double(v, "--eviction-ratio")
         },
         Flag(names: ["--soft-pin-ttl"], value: "SECONDS", help: "how long a soft pin lasts when a put does not say (default 1800)") {
             s, v throws(KVError) in
             s.softPinTTL = try double(v, "--soft-pin-ttl")
         },
-        Flag(names: ["--write-timeout"], value: "SECONDS",
-             help: "a write not committed within this time is aborted and its space reused (default 300)") { s, v throws(KVError) in
+        Flag(
+            names: ["--write-timeout"], value: "SECONDS",
+            help: "a write not committed within this time is aborted and its space reused (default 300)"
+        ) { s, v throws(KVError) in
             s.writeTimeout = try double(v, "--write-timeout")
         },
-        Flag(names: ["--read-wait"], value: "SECONDS",
-             help: "how long a read of a key with a write in flight waits for its commit (default 0.05; 0: never)") { s, v throws(KVError) in
+        Flag(
+            names: ["--read-wait"], value: "SECONDS",
+            help: "how long a read of a key with a write in flight waits for its commit (default 0.05; 0: never)"
+        ) { s, v throws(KVError) in
             s.readWait = try double(v, "--read-wait")
         },
-        Flag(names: ["--etcd", "--etcd-endpoints", "--etcd_endpoints"], value: "URLS",
-             help: "run as leader or hot standby, elected on etcd at these endpoints (http://host:port, comma-separated; "
-                 + "clients connect with kvstore+etcd://host:port/CLUSTER)") { s, v in s.etcd = v },
+        Flag(
+            names: ["--etcd", "--etcd-endpoints", "--etcd_endpoints"], value: "URLS",
+            help: "run as leader or hot standby, elected on etcd at these endpoints (http://host:port, comma-separated; "
+                + "clients connect with kvstore+etcd://host:port/CLUSTER)"
+        ) { s, v in s.etcd = v },
         Flag(names: ["--cluster", "--cluster_id"], value: "NAME", help: "the cluster whose leader this master stands for (default kvstore)") {
             s, v throws(KVError) in
             try MasterElection.validate(cluster: v)
             s.cluster = v
         },
-        Flag(names: ["--etcd-ttl"], value: "SECONDS",
-             help: "the leader's etcd lease: a dead leader is replaced after about this long (default 2)") { s, v throws(KVError) in
+        Flag(
+            names: ["--etcd-ttl"], value: "SECONDS",
+            help: "the leader's etcd lease: a dead leader is replaced after about this long (default 2)"
+        ) { s, v throws(KVError) in
             s.etcdTTL = try int(v, "--etcd-ttl")
         },
         Flag(names: ["--advertise"], value: "ADDRESS", help: "the address clients dial, published in etcd (default the --host)") { s, v in
             s.advertise = v
-        },
+        }
     ]
 
     /// The help text, for `program`.
@@ -158,12 +178,14 @@ public enum MasterCommandLine {
             i += 1
         }
         let lease = s.leaseMilliseconds.map { Double($0) / 1000 } ?? s.leaseTTL
-        let cache = try CachePolicy(leaseSeconds: lease, softPinSeconds: s.softPinTTL, highWatermark: s.highWatermark,
-                                    evictionRatio: s.evictionRatio)
+        let cache = try CachePolicy(
+            leaseSeconds: lease, softPinSeconds: s.softPinTTL, highWatermark: s.highWatermark,
+            evictionRatio: s.evictionRatio)
         var options = s.options
         let tenants = options.config.tenants
-        options.config = MasterConfig(token: try MasterServer.token(given: s.token, file: s.tokenFile),
-                                      clientTTL: try Seconds.nanoseconds(s.clientTTL, name: "client_ttl"), cache: cache)
+        options.config = MasterConfig(
+            token: try MasterServer.token(given: s.token, file: s.tokenFile),
+            clientTTL: try Seconds.nanoseconds(s.clientTTL, name: "client_ttl"), cache: cache)
         options.config.tenants = tenants.merging(try MasterServer.tenants(s.tenants)) { _, new in new }
         options.config.quotas.writeTimeout = try Seconds.nanoseconds(s.writeTimeout, name: "write_timeout")
         guard s.readWait >= 0, s.readWait <= 60 else { throw .invalidArgument("--read-wait must be between 0 and 60 seconds") }

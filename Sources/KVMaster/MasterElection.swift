@@ -63,8 +63,10 @@ public final class MasterElection: Sendable {
 
     public static func validate(cluster: String) throws(KVError) { try MasterElectionKey.validate(cluster: cluster) }
 
-    public init(options: Options, clock: @escaping Clock = monotonicClock,
-                log: @escaping @Sendable (String) -> Void = MasterServer.logToStandardError) throws(KVError) {
+    public init(
+        options: Options, clock: @escaping Clock = monotonicClock,
+        log: @escaping @Sendable (String) -> Void = MasterServer.logToStandardError
+    ) throws(KVError) {
         try options.validate()
         self.options = options
         etcd = try EtcdClient(endpoints: options.endpoints, timeout: max(0.2, min(1, Double(options.ttl) / 3)))
@@ -140,7 +142,7 @@ public final class MasterElection: Sendable {
                         log("leader of cluster '\(options.cluster)' (term \(won), etcd lease TTL \(ttl) s) at \(address)")
                         return won
                     }
-                    try? etcd.revoke(lease)   // lost the race: the lease is not needed
+                    try? etcd.revoke(lease) // lost the race: the lease is not needed
                     if let current, !announced {
                         log("standby for cluster '\(options.cluster)': the leader is \(String(decoding: current.value.prefix(80), as: UTF8.self))")
                         announced = true
@@ -164,7 +166,7 @@ public final class MasterElection: Sendable {
             var next = clock() &+ period
             while true {
                 let now = clock()
-                if now < next, sleep(next &- now) { return }   // resign
+                if now < next, sleep(next &- now) { return } // resign
                 if clock() >= deadline {
                     end("its etcd lease was not renewed in time")
                     onLost()
@@ -199,12 +201,16 @@ public final class MasterElection: Sendable {
     /// key at once, so a standby takes over without waiting for the TTL).
     public func resign() {
         interrupt()
-        let t = keeper.withLock { t -> BackgroundThread? in defer { t = nil }; return t }
+        let t = keeper.withLock { t -> BackgroundThread? in
+            defer { t = nil }; return t
+        }
         t?.join()
         var b: UInt8 = 0
-        while read(wake.read, &b, 1) > 0 {}   // drain the wake-up
+        while read(wake.read, &b, 1) > 0 {} // drain the wake-up
         until.store(0, ordering: .releasing)
-        let (lease, term, _) = held.withLock { h in defer { h = (0, 0, 0) }; return h }
+        let (lease, term, _) = held.withLock { h in
+            defer { h = (0, 0, 0) }; return h
+        }
         guard lease != 0 else { return }
         do throws(KVError) {
             try etcd.revoke(lease)

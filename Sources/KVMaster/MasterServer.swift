@@ -82,7 +82,7 @@ public final class MasterServer: @unchecked Sendable {
     static func defaultMaxClients() -> Int {
         var r = rlimit()
         guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &r) == 0 else { return 1000 }
-        let soft = r.rlim_cur == rlim_t.max ? 65_536 : Int(clamping: r.rlim_cur)   // RLIM_INFINITY
+        let soft = r.rlim_cur == rlim_t.max ? 65_536 : Int(clamping: r.rlim_cur) // RLIM_INFINITY
         return max(16, min(65_536, soft - 32))
     }
 
@@ -138,8 +138,10 @@ public final class MasterServer: @unchecked Sendable {
 
     /// Binds the listeners. Without a token in the configuration, generates one; writes the
     /// token to this user's token file for the port (0600), where same-user clients find it.
-    public init(options: Options, clock: @escaping Clock = monotonicClock,
-                log: @escaping @Sendable (String) -> Void = MasterServer.logToStandardError) throws(KVError) {
+    public init(
+        options: Options, clock: @escaping Clock = monotonicClock,
+        log: @escaping @Sendable (String) -> Void = MasterServer.logToStandardError
+    ) throws(KVError) {
         try options.validate()
         var config = options.config
         if (config.token ?? "").isEmpty { config.token = Authentication.newToken() }
@@ -218,7 +220,8 @@ public final class MasterServer: @unchecked Sendable {
         if !given.isEmpty { return given }
         if !file.isEmpty {
             guard let t = TokenFile.read(file) else {
-                throw .invalidArgument("cannot read a token from \(file): it must exist, belong to this user, be readable by no one else (chmod 600) and not be empty")
+                throw .invalidArgument(
+                    "cannot read a token from \(file): it must exist, belong to this user, be readable by no one else (chmod 600) and not be empty")
             }
             return t
         }
@@ -353,7 +356,9 @@ public final class MasterServer: @unchecked Sendable {
                 }
                 service.expireHolds(now: now)
                 if service.expireWrites(now: now, hold: { pid in self.writerHeld(pid, now: now) }) > 0 {
-                    limited.log("expired-writes", now: now, log) { "aborted writes not committed within \(options.config.quotas.writeTimeout / 1_000_000_000) s" }
+                    limited.log("expired-writes", now: now, log) {
+                        "aborted writes not committed within \(options.config.quotas.writeTimeout / 1_000_000_000) s"
+                    }
                 }
                 for d in service.expireClients(now: now) {
                     logDeparture(d, why: "silent for longer than the client TTL")
@@ -365,7 +370,7 @@ public final class MasterServer: @unchecked Sendable {
             deliverNotices(all: false)
         }
         for c in connections.values { drop(c, reason: nil) }
-        if let tokenPath { TokenFile.remove(tokenPath, ifHolding: token) }   // (deinit covers a server never run)
+        if let tokenPath { TokenFile.remove(tokenPath, ifHolding: token) } // (deinit covers a server never run)
         log(ended == .fenced ? "stopped serving: the leadership may have passed to another master" : "stopped")
         return ended
     }
@@ -417,8 +422,9 @@ public final class MasterServer: @unchecked Sendable {
 
     /// Best effort: tells a refused peer why, then closes.
     private func refuse(_ s: Socket, _ why: String) {
-        let f = WireWriter.frame(kind: MasterResponse.errorKind, requestID: 0,
-                                 payload: MasterResponse.error(KVError(.invalidArgument, why)).encode())
+        let f = WireWriter.frame(
+            kind: MasterResponse.errorKind, requestID: 0,
+            payload: MasterResponse.error(KVError(.invalidArgument, why)).encode())
         _ = f.withUnsafeBytes { try? s.writeAvailable($0) }
         s.close()
     }
@@ -434,7 +440,7 @@ public final class MasterServer: @unchecked Sendable {
                     n = try scratch.withUnsafeMutableBytes { b in try c.socket.readAvailable(into: b, descriptor: &fd) }
                     if fd >= 0 {
                         let old = c.passedFD
-                        if old >= 0 { close(old) }   // one kept: the latest
+                        if old >= 0 { close(old) } // one kept: the latest
                         c.passedFD = fd
                     }
                 } else {
@@ -444,7 +450,7 @@ public final class MasterServer: @unchecked Sendable {
             guard let n else { break }
             if n == 0 { return drop(c, reason: c.http ? nil : Self.closedByClient) }
             c.input += scratch[0..<n]
-            if n < scratch.count { break }   // drained for now; poll says when more arrives
+            if n < scratch.count { break } // drained for now; poll says when more arrives
             if c.input.count > maxPayload(c) + WireFrameHeader.size { break }
         }
         if c.http { return serveHTTP(c) }
@@ -469,9 +475,11 @@ public final class MasterServer: @unchecked Sendable {
                 let (header, request) = try c.input.withUnsafeBytes { (all) throws -> (WireFrameHeader, MasterRequest?) in
                     let rest = UnsafeRawBufferPointer(rebasing: all[consumed...])
                     // Before authentication only handshake frames are decoded, and only small ones.
-                    let h = try WireFrameHeader.decode(rest, maxPayload: limit, isKnown: { k in
-                        authenticated ? MasterRequest.isRequestKind(k) : MasterRequest.isHandshakeKind(k)
-                    })
+                    let h = try WireFrameHeader.decode(
+                        rest, maxPayload: limit,
+                        isKnown: { k in
+                            authenticated ? MasterRequest.isRequestKind(k) : MasterRequest.isHandshakeKind(k)
+                        })
                     guard rest.count >= WireFrameHeader.size + h.length else { return (h, nil) }
                     let payload = UnsafeRawBufferPointer(rebasing: rest[WireFrameHeader.size..<WireFrameHeader.size + h.length])
                     return (h, try MasterRequest.decode(kind: h.kind, payload))
@@ -497,13 +505,13 @@ public final class MasterServer: @unchecked Sendable {
                 }
                 guard let response = respond(c, header, request) else {
                     if connections[c.socket.fd] !== c { return }
-                    continue   // a pipelined request that succeeded: no answer
+                    continue // a pipelined request that succeeded: no answer
                 }
                 // Answer at once: a client streaming a batch has its next chunk queued behind
                 // this one and copies this chunk's objects while the master starts the next.
                 if c.input.count - consumed > WireFrameHeader.size {
                     flush(c)
-                    if connections[c.socket.fd] !== c { return }   // the flush failed and dropped it
+                    if connections[c.socket.fd] !== c { return } // the flush failed and dropped it
                 }
                 if !wasWelcomed, case .error(let e) = response {
                     // A failed handshake ends the connection: one guess per connection.
@@ -526,8 +534,10 @@ public final class MasterServer: @unchecked Sendable {
 
     /// Handles `request` of `c` and queues its answer. nil when there is none (a pipelined
     /// request that succeeded) or `c` was dropped.
-    private func respond(_ c: Connection, _ header: WireFrameHeader, _ request: MasterRequest,
-                         waitForSpaceUntil: Nanoseconds? = 0) -> MasterResponse? {
+    private func respond(
+        _ c: Connection, _ header: WireFrameHeader, _ request: MasterRequest,
+        waitForSpaceUntil: Nanoseconds? = 0
+    ) -> MasterResponse? {
         var refused: KVError? = nil
         if case let .mount(size, _, _, _, _) = request, c.session.local {
             // The capacity a local client mounts is its file's (checked here, told to the service).
@@ -540,7 +550,8 @@ public final class MasterServer: @unchecked Sendable {
         let response = refused.map { MasterResponse.error($0) } ?? service.handle(request, session: &c.session, now: clock())
         c.session.passedSegmentBytes = nil
         if let until = waitForSpaceUntil, request.allocates, case .error(let e) = response, e.code == .noSpace,
-           service.awaitingBytes > 0 {
+            service.awaitingBytes > 0
+        {
             // The room it lacked (fragmented, or in segments it may not use) may be what the
             // confirmations bring back: try again then. The failed try changed nothing.
             parkForRoom(c, header, request, until: until == 0 ? nil : until)
@@ -552,7 +563,7 @@ public final class MasterServer: @unchecked Sendable {
         if connections[c.socket.fd] !== c { return nil }
         if case .welcome = response, let id = c.session.client { owners[id] = c }
         if case .resume = request, case .value = response, let id = c.session.client { owners[id] = c }
-        if response == .ok, request.isPipelined { return nil }   // answered only when it fails
+        if response == .ok, request.isPipelined { return nil } // answered only when it fails
         if case .leave = request {
             for d in service.takeDepartures() where !(d.segments.isEmpty && d.lostObjects.isEmpty && d.abandonedWrites == 0) {
                 logDeparture(d, why: "it closed its store")
@@ -634,7 +645,7 @@ public final class MasterServer: @unchecked Sendable {
             let expired = now >= p.until
             if let space = p.space {
                 guard expired || service.confirmations != space else { continue }
-                if !expired, service.mustWaitForRoom(p.request, now: now) {   // not yet: wait for the next
+                if !expired, service.mustWaitForRoom(p.request, now: now) { // not yet: wait for the next
                     c.parked = (p.header, p.request, p.until, service.confirmations)
                     continue
                 }
@@ -744,11 +755,13 @@ public final class MasterServer: @unchecked Sendable {
         guard fields.count > 6, let state = fields[0].first else { return true }
         if state == UInt8(ascii: "Z") || state == UInt8(ascii: "X") { return true }
         let flags = UInt64(String(decoding: fields[6], as: UTF8.self)) ?? 0
-        return flags & 0x4 != 0   // PF_EXITING
+        return flags & 0x4 != 0 // PF_EXITING
     }
 
     private func logDeparture(_ d: MasterService.Departure, why: String) {
-        log("client \(d.client) '\(d.name)' left (\(why)): unmounted segments \(d.segments), \(d.lostObjects.count) objects lost, \(d.abandonedWrites) writes abandoned")
+        log(
+            "client \(d.client) '\(d.name)' left (\(why)): unmounted segments \(d.segments), \(d.lostObjects.count) objects lost, \(d.abandonedWrites) writes abandoned"
+        )
     }
 
     // MARK: HTTP
@@ -762,7 +775,8 @@ public final class MasterServer: @unchecked Sendable {
         c.input.removeAll()
         let parts = head.split(separator: " ", maxSplits: 2)
         let target = parts.count >= 2 && parts[0] == "GET" ? String(parts[1]) : ""
-        let (path, query) = target.firstIndex(of: "?").map { (String(target[..<$0]), String(target[target.index(after: $0)...])) }
+        let (path, query) =
+            target.firstIndex(of: "?").map { (String(target[..<$0]), String(target[target.index(after: $0)...])) }
             ?? (target, "")
         let (status, body, type): (String, String, String)
         let text = "text/plain; version=0.0.4"
@@ -840,8 +854,10 @@ public final class MasterServer: @unchecked Sendable {
     func metricsText() -> String {
         guard case .stats(let pairs) = service.statistics(now: clock()) else { return "" }
         var out = ""
-        let extra = [Statistic("connections", connections.count), Statistic("refused_connections", refusedConnections),
-                     Statistic("term", Int(clamping: options.config.term))]
+        let extra = [
+            Statistic("connections", connections.count), Statistic("refused_connections", refusedConnections),
+            Statistic("term", Int(clamping: options.config.term))
+        ]
         for p in pairs + extra {
             out += "# TYPE kvstore_\(p.name) gauge\nkvstore_\(p.name) \(p.value)\n"
         }

@@ -99,16 +99,22 @@ enum DiskRecord {
         let size64 = get(16, UInt64.self), gen = get(24, UInt64.self), expires = get(32, Int64.self)
         let shift = Int(get(40, UInt32.self)), count = Int(get(44, UInt32.self))
         guard keyBytes >= 1, keyBytes <= ObjectKey.maxBytes, size64 >= 1, size64 <= UInt64(Int.max / 2),
-              shift == chunkShift, gen == generation else { return nil }
+            shift == chunkShift, gen == generation
+        else { return nil }
         let size = Int(size64)
         guard count == chunks(size), headerBytes == Self.headerBytes(keyBytes: keyBytes, size: size),
-              headerBytes <= p.count, fileBytes == headerBytes + padded(size) else { return nil }
+            headerBytes <= p.count, fileBytes == headerBytes + padded(size)
+        else { return nil }
         let end = fixed + keyBytes + 4 * count
         guard get(end, UInt32.self) == kv_crc32c_copy(nil, p.baseAddress!, end, 0, 0) else { return nil }
         guard let key = try? ObjectKey(utf8: UnsafeRawBufferPointer(rebasing: p[fixed..<(fixed + keyBytes)])) else { return nil }
         let crcs = (0..<count).map { get(fixed + keyBytes + 4 * $0, UInt32.self) }
-        return (key, DiskEntry(generation: gen, size: size, expiresAt: expires, crcs: crcs, headerBytes: headerBytes,
-                               slot: -1, referenced: false))
+        return (
+            key,
+            DiskEntry(
+                generation: gen, size: size, expiresAt: expires, crcs: crcs, headerBytes: headerBytes,
+                slot: -1, referenced: false)
+        )
     }
 }
 
@@ -184,7 +190,8 @@ public final class DiskTier: @unchecked Sendable {
             let e = errno
             Glibc.close(fd)
             if e == EWOULDBLOCK {
-                throw .invalidArgument("disk_path \(path) is in use by another store (its lock file \(path)/lock is held); each process needs its own disk tier directory")
+                throw .invalidArgument(
+                    "disk_path \(path) is in use by another store (its lock file \(path)/lock is held); each process needs its own disk tier directory")
             }
             errno = e
             throw SystemCall.failure("locking \(path)/lock", code: .invalidArgument)
@@ -231,7 +238,7 @@ public final class DiskTier: @unchecked Sendable {
             maxGeneration = max(maxGeneration, gen)
             let fd = open(full, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
             guard fd >= 0 else {
-                if errno == ELOOP { unlink(full) }   // a symbolic link: never one of ours
+                if errno == ELOOP { unlink(full) } // a symbolic link: never one of ours
                 continue
             }
             var st = stat()
@@ -242,8 +249,11 @@ public final class DiskTier: @unchecked Sendable {
                 if want > DiskRecord.block && want <= headerLimit { n = pread(fd, header, want, 0) }
             }
             Glibc.close(fd)
-            guard n > 0, let (key, entry) = DiskRecord.decode(UnsafeRawBufferPointer(start: header, count: n),
-                                                               fileBytes: Int(st.st_size), generation: gen) else {
+            guard n > 0,
+                let (key, entry) = DiskRecord.decode(
+                    UnsafeRawBufferPointer(start: header, count: n),
+                    fileBytes: Int(st.st_size), generation: gen)
+            else {
                 unlink(full)
                 continue
             }
@@ -406,7 +416,6 @@ public final class DiskTier: @unchecked Sendable {
         return sketch.withLock { $0.estimate(h) } >= 2
     }
 
-
     // MARK: writing
 
     /// Starts a copy of `key` between the tiers (an offload or a promotion): from now on a
@@ -432,9 +441,11 @@ public final class DiskTier: @unchecked Sendable {
     /// is dropped (not an error).
     /// `sourceRead` runs once, as soon as the last byte of `source` has been read (before the
     /// last write to disk) or the offload has failed: the caller may let go of the source then.
-    public func offload(_ key: ObjectKey, from source: UnsafeRawPointer, size: Int, expiresAt: Int64,
-                        bounce: UnsafeMutableRawPointer, bounceBytes: Int,
-                        sourceRead: () -> Void = {}) throws(KVError) {
+    public func offload(
+        _ key: ObjectKey, from source: UnsafeRawPointer, size: Int, expiresAt: Int64,
+        bounce: UnsafeMutableRawPointer, bounceBytes: Int,
+        sourceRead: () -> Void = {}
+    ) throws(KVError) {
         var sourceHeld = true
         defer { if sourceHeld { sourceRead() } }
         let headerBytes = DiskRecord.headerBytes(keyBytes: key.count, size: size)
@@ -444,7 +455,7 @@ public final class DiskTier: @unchecked Sendable {
         }
         // Reserve the room first (evicting), so the tier never holds more than its capacity.
         let (reserved, gone): (UInt64?, [UInt64]) = state.withLock { s in
-            if let full = s.fullAt, s.bytes < full / 2 { s.fullAt = nil }   // freed enough: try the disk again
+            if let full = s.fullAt, s.bytes < full / 2 { s.fullAt = nil } // freed enough: try the disk again
             let limit = min(capacity, s.fullAt ?? capacity)
             guard fileBytes <= limit else { return (nil, []) }
             let gone = evictLocked(&s, toFit: fileBytes)
@@ -493,7 +504,7 @@ public final class DiskTier: @unchecked Sendable {
             state.withLock { s in
                 s.bytes -= fileBytes
                 s.stats.offloadFailures += 1
-                if error.code == .noSpace { s.fullAt = s.bytes }   // ENOSPC (`writeAll`)
+                if error.code == .noSpace { s.fullAt = s.bytes } // ENOSPC (`writeAll`)
             }
             throw error
         }
@@ -502,8 +513,11 @@ public final class DiskTier: @unchecked Sendable {
             let stale = s.inFlight[key] ?? true
             guard !stale else { return (true, nil) }
             let old = remove(&s, key)
-            insert(&s, key, DiskEntry(generation: gen, size: size, expiresAt: expiresAt, crcs: crcs, headerBytes: headerBytes,
-                                      slot: -1, referenced: false))
+            insert(
+                &s, key,
+                DiskEntry(
+                    generation: gen, size: size, expiresAt: expiresAt, crcs: crcs, headerBytes: headerBytes,
+                    slot: -1, referenced: false))
             s.stats.offloads += 1
             s.stats.offloadedBytes += size
             return (false, old?.generation)
@@ -561,8 +575,10 @@ public final class DiskTier: @unchecked Sendable {
     /// disk sees a deeper queue and the copies overlap the reads. Throws `objectNotFound` when
     /// the file is gone (dropped meanwhile), `checksum` for corrupt or truncated bytes (the
     /// copy is dropped; nothing is returned), `transfer` for an I/O error.
-    public func read(_ copy: Copy, into destination: UnsafeMutableRawPointer,
-                     bounces: [UnsafeMutableRawPointer], bounceBytes: Int) throws(KVError) {
+    public func read(
+        _ copy: Copy, into destination: UnsafeMutableRawPointer,
+        bounces: [UnsafeMutableRawPointer], bounceBytes: Int
+    ) throws(KVError) {
         let e = copy.entry
         let name = file(e.generation)
         let fd = open(name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | (direct ? kv_o_direct() : 0))
@@ -584,8 +600,9 @@ public final class DiskTier: @unchecked Sendable {
                     let p = next.add(1, ordering: .relaxed).oldValue
                     guard p < pieces else { return }
                     do throws(KVError) {
-                        try readPiece(fd, copy, name, p * bounceBytes, min(bounceBytes, e.size - p * bounceBytes),
-                                      UnsafeMutableRawPointer(bitPattern: b)!, UnsafeMutableRawPointer(bitPattern: dst)!)
+                        try readPiece(
+                            fd, copy, name, p * bounceBytes, min(bounceBytes, e.size - p * bounceBytes),
+                            UnsafeMutableRawPointer(bitPattern: b)!, UnsafeMutableRawPointer(bitPattern: dst)!)
                     } catch {
                         failure.withLock { if $0 == nil { $0 = error } }
                     }
@@ -607,8 +624,10 @@ public final class DiskTier: @unchecked Sendable {
 
     /// Reads bytes `at ..< at + n` of `copy` (`at` a multiple of the chunk size) through
     /// `bounce` into `destination + at`, checking each chunk.
-    private func readPiece(_ fd: Int32, _ copy: Copy, _ name: String, _ at: Int, _ n: Int,
-                           _ bounce: UnsafeMutableRawPointer, _ destination: UnsafeMutableRawPointer) throws(KVError) {
+    private func readPiece(
+        _ fd: Int32, _ copy: Copy, _ name: String, _ at: Int, _ n: Int,
+        _ bounce: UnsafeMutableRawPointer, _ destination: UnsafeMutableRawPointer
+    ) throws(KVError) {
         let e = copy.entry
         let want = DiskRecord.padded(n)
         var got = 0
@@ -673,7 +692,7 @@ struct FrequencySketch: Sendable {
     }
 
     private static func index(_ h: UInt64, _ row: Int) -> Int {
-        row * width + Int(((h >> UInt64(row * 13)) &* 0x9E37_79B9_7F4A_7C15) >> 52)   // the top 12 bits: < width
+        row * width + Int(((h >> UInt64(row * 13)) &* 0x9E37_79B9_7F4A_7C15) >> 52) // the top 12 bits: < width
     }
 
     mutating func add(_ h: UInt64) {

@@ -11,8 +11,10 @@ import Glibc
 public protocol MasterLink: AnyObject, Sendable {
     var policy: CachePolicy { get }
     /// Space for a write, in `options.replicas` segments (`preferred` first when it has room).
-    func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
-                    preferred: SegmentID?) throws(KVError) -> WriteTicket
+    func beginWrite(
+        key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
+        preferred: SegmentID?
+    ) throws(KVError) -> WriteTicket
     /// Makes a written object visible. A remote master may only send it (the answer is
     /// read with the next request): the object is visible to this client's next request
     /// at once, to other clients as soon as the master reads it.
@@ -38,15 +40,17 @@ public protocol MasterLink: AnyObject, Sendable {
     /// sent before `started` runs for this one, so the caller's copies overlap the master's
     /// work. Throws only when the master cannot be asked at all (some chunks may have been
     /// started: their tickets were handed to `started`).
-    func beginWrites(_ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
-                     started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void) throws(KVError)
+    func beginWrites(
+        _ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
+        started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void) throws(KVError)
     /// Commits `commit` and aborts `abort` (a remote master gets them in one send); returns
     /// one error per `commit` ticket (nil: committed, or sent to a remote master, which
     /// answers only failures, see `commitWrite`).
     func finishWrites(commit: [WriteTicket], abort: [WriteTicket]) -> [KVError?]
     /// `acquireRead` of several keys, handed to `found` chunk by chunk like `beginWrites`.
-    func acquireReads(keys: [ObjectKey], host: String,
-                      found: (Range<Int>, [Result<ReadResult, KVError>]) -> Void) throws(KVError)
+    func acquireReads(
+        keys: [ObjectKey], host: String,
+        found: (Range<Int>, [Result<ReadResult, KVError>]) -> Void) throws(KVError)
 
     /// KV layouts (prefill→decode transfer): publish this client's under its node id, find
     /// another's, withdraw this client's.
@@ -73,8 +77,10 @@ public final class EmbeddedMaster: MasterLink {
         self.policy = policy
     }
 
-    public func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
-                           preferred: SegmentID? = nil) throws(KVError) -> WriteTicket {
+    public func beginWrite(
+        key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
+        preferred: SegmentID? = nil
+    ) throws(KVError) -> WriteTicket {
         let now = clock()
         return try table.withLock { (t: inout ObjectTable) throws(KVError) in
             try t.beginWrite(key: key, size: size, mode: mode, options: options, replicas: options.replicas, now: now)
@@ -130,8 +136,10 @@ public final class EmbeddedMaster: MasterLink {
         return table.withLock { $0.removeAll(force: force, now: now) }
     }
 
-    public func beginWrites(_ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
-                            started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void) {
+    public func beginWrites(
+        _ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
+        started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void
+    ) {
         let now = clock()
         let results = table.withLock { t in
             items.map { i in

@@ -55,8 +55,10 @@ public final class HostSegment: @unchecked Sendable {
     /// Maps `size` bytes (> 0) — in a new shared-memory file when `shared`. Pins nothing yet:
     /// `pinning` applies chunk by chunk as device copies first touch them. Throws `noSpace`
     /// when the memory cannot be had.
-    public init(size: Int, prefault: Bool = false, pinning: PinningPolicy = PinningPolicy(enabled: false),
-                shared: Bool = false) throws(KVError) {
+    public init(
+        size: Int, prefault: Bool = false, pinning: PinningPolicy = PinningPolicy(enabled: false),
+        shared: Bool = false
+    ) throws(KVError) {
         guard size > 0 else { throw .invalidArgument("segment size must be positive") }
         if shared {
             let fd = try Self.anonymousSharedFile()
@@ -70,8 +72,9 @@ public final class HostSegment: @unchecked Sendable {
             }
             self.fd = fd
         } else {
-            base = try SystemCall.mmap(length: size, protection: PROT_READ | PROT_WRITE,
-                                       flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+            base = try SystemCall.mmap(
+                length: size, protection: PROT_READ | PROT_WRITE,
+                flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
         }
         self.size = size
         _ = madvise(base, size, 14 /* MADV_HUGEPAGE */)
@@ -162,8 +165,10 @@ public final class HostSegment: @unchecked Sendable {
         let total = free >= 0 ? Int(fs.f_blocks) * Int(fs.f_frsize) : -1
         let what = String(cString: strerror(rc))
         let room = free >= 0 ? "/dev/shm has \(free) of \(total) bytes free" : "/dev/shm could not be measured"
-        throw KVError(.noSpace, "cannot reserve a \(size)-byte shared segment (\(what)): \(room); use a smaller segment, "
-            + "or give /dev/shm more room (in Docker: docker run --shm-size=...; on a host: mount -o remount,size=... /dev/shm)")
+        throw KVError(
+            .noSpace,
+            "cannot reserve a \(size)-byte shared segment (\(what)): \(room); use a smaller segment, "
+                + "or give /dev/shm more room (in Docker: docker run --shm-size=...; on a host: mount -o remount,size=... /dev/shm)")
     }
 
     /// Whether the segment lives in a shared-memory file other processes can map.
@@ -191,13 +196,15 @@ public final class HostSegment: @unchecked Sendable {
             pins.withLock { p in
                 guard p.pinned[chunk] == nil, !p.refused.contains(chunk) else { return }
                 let offset = chunk * Self.pinChunk
-                switch PinnedMemory.shared.pin(MemoryRegion(base + offset, length: min(Self.pinChunk, size - offset)), policy: pinning,
-                                               device: device) {
+                switch PinnedMemory.shared.pin(
+                    MemoryRegion(base + offset, length: min(Self.pinChunk, size - offset)), policy: pinning,
+                    device: device)
+                {
                 case .pinned(let r):
                     p.pinned[chunk] = r
                     pinnedNow.add(r.region.length, ordering: .relaxed)
                 case .notNeeded:
-                    p.refused.insert(chunk)   // no accelerator: nothing to pin, ever
+                    p.refused.insert(chunk) // no accelerator: nothing to pin, ever
                 case .fellBack:
                     p.refused.insert(chunk)
                     refusedPins.add(1, ordering: .relaxed)
@@ -215,9 +222,13 @@ public final class HostSegment: @unchecked Sendable {
     /// Unmaps the segment. Call once no operation uses it.
     public func unmap() {
         population.stop.store(true, ordering: .releasing)
-        populator.withLock { t -> BackgroundThread? in defer { t = nil }; return t }?.join()
+        populator.withLock { t -> BackgroundThread? in
+            defer { t = nil }; return t
+        }?.join()
         if mapped {
-            let all = pins.withLock { p in defer { p.pinned.removeAll() }; return Array(p.pinned.values) }
+            let all = pins.withLock { p in
+                defer { p.pinned.removeAll() }; return Array(p.pinned.values)
+            }
             for r in all { PinnedMemory.shared.unpin(r) }
             pinnedNow.store(0, ordering: .relaxed)
             munmap(base, size)

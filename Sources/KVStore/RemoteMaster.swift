@@ -170,9 +170,13 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         public init(url: String) throws(KVError) {
             var rest = Substring(url)
             var etcd = false
-            if rest.hasPrefix("kvstore://") { rest = rest.dropFirst("kvstore://".count) }
-            else if rest.hasPrefix("kvstore+etcd://") { rest = rest.dropFirst("kvstore+etcd://".count); etcd = true }
-            else if rest.contains("://") { throw .invalidArgument("master address '\(url)' must start with kvstore:// or kvstore+etcd://") }
+            if rest.hasPrefix("kvstore://") {
+                rest = rest.dropFirst("kvstore://".count)
+            } else if rest.hasPrefix("kvstore+etcd://") {
+                rest = rest.dropFirst("kvstore+etcd://".count); etcd = true
+            } else if rest.contains("://") {
+                throw .invalidArgument("master address '\(url)' must start with kvstore:// or kvstore+etcd://")
+            }
             var t = ""
             if let at = rest.firstIndex(of: "@") {
                 t = String(rest[..<at])
@@ -231,18 +235,23 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     /// Connects and says hello; throws `transfer` when the master cannot be reached and
     /// `invalidArgument` when it refuses the token.
-    public convenience init(url: String, token: String?, name: String, timeout: Double = 10,
-                            clock: @escaping Clock = monotonicClock,
-                            onConnect: @escaping @Sendable (Int, SegmentID, Bool) -> Void = { _, _, _ in }) throws(KVError) {
+    public convenience init(
+        url: String, token: String?, name: String, timeout: Double = 10,
+        clock: @escaping Clock = monotonicClock,
+        onConnect: @escaping @Sendable (Int, SegmentID, Bool) -> Void = { _, _, _ in }
+    ) throws(KVError) {
         let (tenant, h, p) = try Self.parseWithTenant(url: url)
-        try self.init(url: url, token: ClusterToken(explicit: token, host: h, port: p, tenant: tenant), name: name, timeout: timeout,
-                      clock: clock, onConnect: onConnect)
+        try self.init(
+            url: url, token: ClusterToken(explicit: token, host: h, port: p, tenant: tenant), name: name, timeout: timeout,
+            clock: clock, onConnect: onConnect)
     }
 
     /// Connects and authenticates with `token`; each welcome's data-plane key goes to `dataKey`.
-    public init(url: String, token: ClusterToken, dataKey: ClusterToken = ClusterToken(""), name: String, timeout: Double = 10,
-                clock: @escaping Clock = monotonicClock,
-                onConnect: @escaping @Sendable (Int, SegmentID, Bool) -> Void = { _, _, _ in }) throws(KVError) {
+    public init(
+        url: String, token: ClusterToken, dataKey: ClusterToken = ClusterToken(""), name: String, timeout: Double = 10,
+        clock: @escaping Clock = monotonicClock,
+        onConnect: @escaping @Sendable (Int, SegmentID, Bool) -> Void = { _, _, _ in }
+    ) throws(KVError) {
         address = try Address(url: url)
         tenant = address.tenant
         // `connect` resolves the master (for etcd: asks for the leader) and records it here.
@@ -316,8 +325,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     // MARK: MasterLink
 
-    public func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
-                           preferred: SegmentID?) throws(KVError) -> WriteTicket {
+    public func beginWrite(
+        key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
+        preferred: SegmentID?
+    ) throws(KVError) -> WriteTicket {
         try link.withLock { (l: inout Link) throws(KVError) -> WriteTicket in
             let sentAt = clock()
             guard case .putStarted(let w) = try expect(&l, .putStart(key: key, size: size, mode: mode, options: options, preferred: preferred)) else {
@@ -327,15 +338,22 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
-    public func beginWrites(_ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
-                            started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void) throws(KVError) {
-        try streamed(items.count, { r in .putStartBatch(items: Array(items[r]), mode: mode, options: options, preferred: preferred) },
-                     decode: { (l: inout Link, range: Range<Int>, sentAt: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<WriteTicket, KVError>] in
-            guard case .putStartedBatch(let rs) = answer, rs.count == range.count else {
-                throw KVError(.internal, "unexpected answer to putStartBatch")
-            }
-            return zip(range, rs).map { i, r in r.flatMap { w in Result { () throws(KVError) in try self.started(w, key: items[i].key, size: items[i].size, options: options, sentAt: sentAt, &l) } } }
-        }, handle: started)
+    public func beginWrites(
+        _ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
+        started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void
+    ) throws(KVError) {
+        try streamed(
+            items.count, { r in .putStartBatch(items: Array(items[r]), mode: mode, options: options, preferred: preferred) },
+            decode: { (l: inout Link, range: Range<Int>, sentAt: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<WriteTicket, KVError>] in
+                guard case .putStartedBatch(let rs) = answer, rs.count == range.count else {
+                    throw KVError(.internal, "unexpected answer to putStartBatch")
+                }
+                return zip(range, rs).map { i, r in
+                    r.flatMap { w in
+                        Result { () throws(KVError) in try self.started(w, key: items[i].key, size: items[i].size, options: options, sentAt: sentAt, &l) }
+                    }
+                }
+            }, handle: started)
     }
 
     /// The ticket of a write the master started on this connection, asked for at `sentAt`
@@ -343,8 +361,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// `sentAt`, less a margin (as `leaseEnd`): the master, which started the write later,
     /// keeps its space at least that long, so a copy begun before the deadline lands in space
     /// that is still this write's.
-    private func started(_ w: StartedWrite, key: ObjectKey, size: Int, options: WriteOptions, sentAt: Nanoseconds,
-                         _ l: inout Link) throws(KVError) -> WriteTicket {
+    private func started(
+        _ w: StartedWrite, key: ObjectKey, size: Int, options: WriteOptions, sentAt: Nanoseconds,
+        _ l: inout Link
+    ) throws(KVError) -> WriteTicket {
         var t = try w.ticket(size: size)
         t.deadline = Self.leaseEnd(sentAt: sentAt, ttl: writeTimeout)
         l.writes[t.handle] = (sentAt, t.segment == l.segment && l.segment != 0 ? (key, options) : nil)
@@ -467,23 +487,26 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
-    public func acquireReads(keys: [ObjectKey], host: String,
-                             found: (Range<Int>, [Result<ReadResult, KVError>]) -> Void) throws(KVError) {
-        try streamed(keys.count, { r in .getBatch(keys: Array(keys[r]), host: host) },
-                     decode: { (l: inout Link, range: Range<Int>, sentAt: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<ReadResult, KVError>] in
-            guard case .foundBatch(let rs) = answer, rs.count == range.count else {
-                throw KVError(.internal, "unexpected answer to getBatch")
-            }
-            let end = Self.leaseEnd(sentAt: sentAt, ttl: l.leaseTTL)
-            for case .success(let f) in rs where f.hold != 0 { l.holds[f.hold, default: 0] += 1 }
-            return rs.map { r in
-                switch r {   // a missing object is `.notFound`, not an error
-                case .success(let f): Result { () throws(KVError) in .found(try f.ticket(leaseEnd: end)) }
-                case .failure(let e) where e.code == .objectNotFound: .success(.notFound)
-                case .failure(let e): .failure(e)
+    public func acquireReads(
+        keys: [ObjectKey], host: String,
+        found: (Range<Int>, [Result<ReadResult, KVError>]) -> Void
+    ) throws(KVError) {
+        try streamed(
+            keys.count, { r in .getBatch(keys: Array(keys[r]), host: host) },
+            decode: { (l: inout Link, range: Range<Int>, sentAt: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<ReadResult, KVError>] in
+                guard case .foundBatch(let rs) = answer, rs.count == range.count else {
+                    throw KVError(.internal, "unexpected answer to getBatch")
                 }
-            }
-        }, handle: found)
+                let end = Self.leaseEnd(sentAt: sentAt, ttl: l.leaseTTL)
+                for case .success(let f) in rs where f.hold != 0 { l.holds[f.hold, default: 0] += 1 }
+                return rs.map { r in
+                    switch r { // a missing object is `.notFound`, not an error
+                    case .success(let f): Result { () throws(KVError) in .found(try f.ticket(leaseEnd: end)) }
+                    case .failure(let e) where e.code == .objectNotFound: .success(.notFound)
+                    case .failure(let e): .failure(e)
+                    }
+                }
+            }, handle: found)
     }
 
     /// The reader's deadline for a lease asked for at `sentAt` (this client's clock): the
@@ -505,11 +528,12 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     public func leases(keys: [ObjectKey]) throws(KVError) -> [Int?] {
         var out: [Int?] = []
         out.reserveCapacity(keys.count)
-        try streamed(keys.count, firstChunk: Self.keysChunk, chunk: Self.keysChunk, { r in .sizeBatch(keys: Array(keys[r])) },
-                     decode: { (_: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Int?] in
-            guard case .sizes(let ns) = answer, ns.count == range.count else { throw KVError(.internal, "unexpected answer to sizeBatch") }
-            return ns
-        }, handle: { _, ns in out.append(contentsOf: ns) })
+        try streamed(
+            keys.count, firstChunk: Self.keysChunk, chunk: Self.keysChunk, { r in .sizeBatch(keys: Array(keys[r])) },
+            decode: { (_: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Int?] in
+                guard case .sizes(let ns) = answer, ns.count == range.count else { throw KVError(.internal, "unexpected answer to sizeBatch") }
+                return ns
+            }, handle: { _, ns in out.append(contentsOf: ns) })
         return out
     }
 
@@ -521,15 +545,18 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     }
 
     /// The `values` answers of `request` for `keys`, `keysChunk` keys per request.
-    private func keyBatches(_ keys: [ObjectKey], _ name: String,
-                            _ request: ([ObjectKey]) -> MasterRequest) throws(KVError) -> [Result<Int, KVError>] {
+    private func keyBatches(
+        _ keys: [ObjectKey], _ name: String,
+        _ request: ([ObjectKey]) -> MasterRequest
+    ) throws(KVError) -> [Result<Int, KVError>] {
         var out: [Result<Int, KVError>] = []
         out.reserveCapacity(keys.count)
-        try streamed(keys.count, firstChunk: Self.keysChunk, chunk: Self.keysChunk, { r in request(Array(keys[r])) },
-                     decode: { (_: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<Int, KVError>] in
-            guard case .values(let rs) = answer, rs.count == range.count else { throw KVError(.internal, "unexpected answer to \(name)") }
-            return rs
-        }, handle: { _, rs in out.append(contentsOf: rs) })
+        try streamed(
+            keys.count, firstChunk: Self.keysChunk, chunk: Self.keysChunk, { r in request(Array(keys[r])) },
+            decode: { (_: inout Link, range: Range<Int>, _: Nanoseconds, answer: MasterResponse) throws(KVError) -> [Result<Int, KVError>] in
+                guard case .values(let rs) = answer, rs.count == range.count else { throw KVError(.internal, "unexpected answer to \(name)") }
+                return rs
+            }, handle: { _, rs in out.append(contentsOf: rs) })
         return out
     }
 
@@ -542,21 +569,24 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// sent before chunk k's answer is handled, so the master works while `handle` runs.
     /// `decode` runs under the connection's lock, `handle` outside it (it may ask the master
     /// for a segment's address: an answer meant for this batch is then parked for it).
-    private func streamed<R>(_ count: Int, firstChunk: Int = RemoteMaster.firstChunk, chunk: Int = RemoteMaster.streamChunk,
-                             _ request: (Range<Int>) -> MasterRequest,
-                             decode: (inout Link, Range<Int>, Nanoseconds, MasterResponse) throws(KVError) -> [R],
-                             handle: (Range<Int>, [R]) -> Void) throws(KVError) {
+    private func streamed<R>(
+        _ count: Int, firstChunk: Int = RemoteMaster.firstChunk, chunk: Int = RemoteMaster.streamChunk,
+        _ request: (Range<Int>) -> MasterRequest,
+        decode: (inout Link, Range<Int>, Nanoseconds, MasterResponse) throws(KVError) -> [R],
+        handle: (Range<Int>, [R]) -> Void
+    ) throws(KVError) {
         // A small first chunk, so copying starts soon; then chunks of `chunk`.
         let first = min(count, firstChunk)
-        let chunks = (first > 0 ? [0..<first] : [])
+        let chunks =
+            (first > 0 ? [0..<first] : [])
             + stride(from: first, to: count, by: chunk).map { $0..<min($0 + chunk, count) }
         guard !chunks.isEmpty else { return }
         var ids: [UInt32] = []
         ids.reserveCapacity(chunks.count)
-        var sentAt: [Nanoseconds] = []   // when each chunk's request left (before it was written)
+        var sentAt: [Nanoseconds] = [] // when each chunk's request left (before it was written)
         sentAt.reserveCapacity(chunks.count)
         var received = 0
-        defer {   // after a failure: the answer to the chunk already sent is read and dropped
+        defer { // after a failure: the answer to the chunk already sent is read and dropped
             link.withLock { l in for id in ids[received...] where l.socket != nil { _ = try? receive(&l, id) } }
         }
         for (k, range) in chunks.enumerated() {
@@ -588,7 +618,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             }
             guard case .found(let f) = answer else { throw KVError(.internal, "unexpected answer to get") }
             return .found(try f.ticket(leaseEnd: end))
-        } catch where error.code == .objectNotFound {
+        } catch  where error.code == .objectNotFound {
             return .notFound
         }
     }
@@ -612,7 +642,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     private func takeReleases(into frames: inout WireWriter, _ l: inout Link) {
         guard !l.releases.isEmpty, l.socket != nil else { return }
         var i = 0
-        while i < l.releases.count {   // a request carries at most maxBatch
+        while i < l.releases.count { // a request carries at most maxBatch
             let chunk = Array(l.releases[i..<min(i + MasterLimits.maxBatch, l.releases.count)])
             let r = MasterRequest.release(holds: chunk)
             frames.frame(kind: r.kind, requestID: l.nextID, payload: r.encode())
@@ -635,7 +665,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         do throws(KVError) {
             guard case .value(let n) = try call(.size(key: key)) else { throw KVError(.internal, "unexpected answer to size") }
             return n
-        } catch where error.code == .objectNotFound {
+        } catch  where error.code == .objectNotFound {
             return nil
         }
     }
@@ -712,7 +742,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         guard lost else { return }
         if since < Self.retryInterval {
             let pause = UInt32((Self.retryInterval - since) / 1000) + 1
-            _ = WaitHooks.waiting { usleep(pause) }   // the GIL is released meanwhile
+            _ = WaitHooks.waiting { usleep(pause) } // the GIL is released meanwhile
             (lost, since, why) = link.withLock { l in (l.socket == nil, clock() &- l.lastAttempt, l.lastFailure) }
             guard lost else { return }
             // Another thread's attempt failed meanwhile: report it rather than dial again.
@@ -734,9 +764,11 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 if let p = l.layout, (try? expect(&l, .publishLayout(p))) == nil { l.layout = nil }
             }
             onConnect(l.epoch, l.segment, l.sharesPIDs)
-            Logger.shared.info("reconnected to the master at \(host):\(port) (reconnect \(reconnects.load(ordering: .relaxed)))"
-                + (resumed ? "; resumed this client's session: its segment and objects are kept"
-                   : l.mount != nil ? "; this client's segment was remounted as \(l.segment), \(l.index.count) of its objects re-registered" : ""))
+            Logger.shared.info(
+                "reconnected to the master at \(host):\(port) (reconnect \(reconnects.load(ordering: .relaxed)))"
+                    + (resumed
+                        ? "; resumed this client's session: its segment and objects are kept"
+                        : l.mount != nil ? "; this client's segment was remounted as \(l.segment), \(l.index.count) of its objects re-registered" : ""))
         }
     }
 
@@ -787,7 +819,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     static func apply(_ notices: [ObjectTable.SegmentNotice], _ l: inout Link) {
         guard l.segment != 0, let size = l.mount?.size else { return }
         for n in notices where n.segment == l.segment {
-            if n.number <= l.noticed { continue }   // heard already
+            if n.number <= l.noticed { continue } // heard already
             if n.number != l.noticed &+ 1 { l.index.removeAll() }
             l.noticed = n.number
             guard n.offset >= 0, n.offset < size, n.offset % SegmentAllocator.granule == 0 else { continue }
@@ -823,7 +855,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
         l.mount = m
         l.segment = seg
-        l.noticed = 0      // a new segment id: its notices are numbered from 1
+        l.noticed = 0 // a new segment id: its notices are numbered from 1
         l.confirmed = 0
     }
 
@@ -888,7 +920,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                     l.awaited.remove(id)
                     return answer
                 }
-                if l.awaited.contains(rid) { l.parked[rid] = answer; continue }   // a streamed batch's
+                if l.awaited.contains(rid) { l.parked[rid] = answer; continue } // a streamed batch's
                 _ = commitFailures.add(1, ordering: .relaxed)
             }
         } catch {
@@ -925,7 +957,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// again on it, then the TCP connection closes (`KVSTORE_MASTER_LOCAL=0`: stay on TCP).
     private func connect(_ l: inout Link) throws(KVError) -> (welcome: Welcome, resumed: Bool) {
         l.lastAttempt = clock()
-        token.reload()   // a restarted master wrote a new token file
+        token.reload() // a restarted master wrote a new token file
         do throws(KVError) {
             // A master elected on etcd: dial the leader etcd names now.
             let (host, port, term) = try address.resolve()
@@ -944,7 +976,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             // A client kept on TCP (KVSTORE_MASTER_LOCAL=0) still checks, and closes the socket.
             var probe: Socket? = nil
             if !welcome.local.isEmpty, let u = try? Socket.connectLocal(name: welcome.local),
-               let cred = u.peerCredentials, Int(cred.pid) == welcome.pid {
+                let cred = u.peerCredentials, Int(cred.pid) == welcome.pid
+            {
                 probe = u
             }
             l.sharesPIDs = probe != nil
@@ -955,7 +988,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                     l.local = true
                     tcp?.close()
                 } else {
-                    l.socket = tcp   // the local socket failed: stay on the TCP connection
+                    l.socket = tcp // the local socket failed: stay on the TCP connection
                 }
             }
             // Identity from the connection: the master that answered must hold the term etcd
@@ -975,7 +1008,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             let resumed = newTerm ? false : try resume(&l)
             if resumed {
                 _ = resumes.add(1, ordering: .relaxed)
-            } else {   // a new session: nothing of the old one exists at this master
+            } else { // a new session: nothing of the old one exists at this master
                 // Commits with no answer after them: those the master applied were noticed (into
                 // this client's own segment, then re-registered); the others may be missing.
                 // Commits into this client's own segment are re-registered whatever became of them
@@ -988,7 +1021,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 let unknown = l.unconfirmed.filter { u in u.place.segment != l.segment }.count
                 if unknown > 0 {
                     _ = commitFailures.add(unknown, ordering: .relaxed)
-                    Logger.shared.warning("\(unknown) commits sent just before the connection was lost may not have reached the master, which no longer knows this client: those objects may be missing")
+                    Logger.shared.warning(
+                        "\(unknown) commits sent just before the connection was lost may not have reached the master, which no longer knows this client: those objects may be missing"
+                    )
                 }
                 l.client = welcome.client
                 l.secret = l.welcomeSecret
@@ -1006,8 +1041,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             l.socket?.close()
             l.socket = nil
             l.lastFailure = error.message
-            if error.code == .invalidArgument { throw error }   // a refused token
-            throw KVError(.transfer, "cannot reach the master at \(host):\(port)\(address.etcd == nil ? "" : " (cluster '\(address.cluster)')"): \(error.message)")
+            if error.code == .invalidArgument { throw error } // a refused token
+            throw KVError(
+                .transfer, "cannot reach the master at \(host):\(port)\(address.etcd == nil ? "" : " (cluster '\(address.cluster)')"): \(error.message)")
         }
     }
 
@@ -1016,16 +1052,17 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// passed). Throws only when the connection fails.
     private func resume(_ l: inout Link) throws(KVError) -> Bool {
         guard l.client != 0, !l.secret.isEmpty else { return false }
-        let r = MasterRequest.resume(client: l.client, proof: HMACSHA256.mac(key: l.secret, message: l.nonces),
-                                     commits: l.unconfirmed.suffix(MasterLimits.maxBatch).map(\.commit),
-                                     aborts: Array(l.orphans.suffix(MasterLimits.maxBatch)))
+        let r = MasterRequest.resume(
+            client: l.client, proof: HMACSHA256.mac(key: l.secret, message: l.nonces),
+            commits: l.unconfirmed.suffix(MasterLimits.maxBatch).map(\.commit),
+            aborts: Array(l.orphans.suffix(MasterLimits.maxBatch)))
         do throws(KVError) {
             guard case .value(let n) = try expect(&l, r) else { throw KVError(.internal, "unexpected answer to resume") }
             _ = resumedCommits.add(n, ordering: .relaxed)
             return true
-        } catch where l.socket != nil {
+        } catch  where l.socket != nil {
             Logger.shared.warning("the master did not resume this client's session: \(error.message)")
-            return false   // the master refused: a new session
+            return false // the master refused: a new session
         }
     }
 
@@ -1045,12 +1082,14 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         // (after a crash) learns nothing and gets no proof of ours.
         guard let answer = handshake.answer(serverNonce: sn, serverProof: proof, token: secret) else {
             let which = tenant.isEmpty ? "the cluster token" : "the token of tenant '\(tenant)'"
-            throw KVError(.invalidArgument, "the server at \(host):\(port) could not prove \(which): it is not this cluster's master, or the token differs (\(token.hint))")
+            throw KVError(
+                .invalidArgument,
+                "the server at \(host):\(port) could not prove \(which): it is not this cluster's master, or the token differs (\(token.hint))")
         }
         let welcome: MasterResponse
         do throws(KVError) {
             welcome = try expect(&l, .prove(proof: answer))
-        } catch where error.code == .invalidArgument {
+        } catch  where error.code == .invalidArgument {
             throw KVError(.invalidArgument, "\(error.message) (\(token.hint))")
         }
         guard case let .welcome(w) = welcome, w.data.count == 32, w.session.count == 32 else {
@@ -1073,7 +1112,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     static let noticeDrainNanos: Nanoseconds = 5_000_000
 
     private func heartbeatLoop() {
-        let interval = max(Int32(clientTTL / 4_000_000), 20)   // ms
+        let interval = max(Int32(clientTTL / 4_000_000), 20) // ms
         var nextRound = clock() &+ Nanoseconds(interval) * 1_000_000
         while true {
             // Without a connection, dial again soon (a restarted master wants its segments
@@ -1086,15 +1125,16 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             // when the master writes (it sends notices every 5 ms, and at once when a write
             // waits for room they free): they are applied and confirmed at once. A busy one
             // is not woken by its own answers (that halved 4 KiB puts).
-            let idle = link.withLockIfFree { l in
-                l.socket.map { s in clock() &- l.lastRequest >= Self.noticeDrainNanos ? s.fd : -1 } ?? -1
-            } ?? -1
+            let idle =
+                link.withLockIfFree { l in
+                    l.socket.map { s in clock() &- l.lastRequest >= Self.noticeDrainNanos ? s.fd : -1 } ?? -1
+                } ?? -1
             var fds = [pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0), pollfd(fd: idle, events: Int16(POLLIN), revents: 0)]
             if poll(&fds, 2, Int32((wait + 999_999) / 1_000_000)) > 0, fds[0].revents != 0 { return }
             _ = link.withLockIfFree { l in
                 guard l.socket != nil else { return }
                 guard drainReady(&l) else { return _ = lost(&l, KVError(.transfer, "the master closed the connection")) }
-                if l.noticed > l.confirmed { _ = send(WireWriter(), &l) }   // confirms what it applied
+                if l.noticed > l.confirmed { _ = send(WireWriter(), &l) } // confirms what it applied
             }
             guard clock() >= nextRound else { continue }
             nextRound = clock() &+ Nanoseconds(interval) * 1_000_000

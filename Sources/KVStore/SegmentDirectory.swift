@@ -141,12 +141,13 @@ final class ClusterDirectory: SegmentDirectory {
     }
 
     var linkStatistics: LinkStatistics {
-        LinkStatistics(reconnects: remote.reconnects.load(ordering: .relaxed), commitFailures: remote.commitFailures.load(ordering: .relaxed),
-                       resumes: remote.resumes.load(ordering: .relaxed), restoredObjects: remote.restoredObjects.load(ordering: .relaxed),
-                       resumedCommits: remote.resumedCommits.load(ordering: .relaxed), failovers: remote.failovers.load(ordering: .relaxed),
-                       term: Int(clamping: remote.term.load(ordering: .relaxed)),
-                       rdmaDevices: RDMA.discovery.devices.filter(\.active).count, local: remote.isLocal,
-                       peers: state.peers.withLock { $0.map.count }, peersPruned: state.pruned.load(ordering: .relaxed))
+        LinkStatistics(
+            reconnects: remote.reconnects.load(ordering: .relaxed), commitFailures: remote.commitFailures.load(ordering: .relaxed),
+            resumes: remote.resumes.load(ordering: .relaxed), restoredObjects: remote.restoredObjects.load(ordering: .relaxed),
+            resumedCommits: remote.resumedCommits.load(ordering: .relaxed), failovers: remote.failovers.load(ordering: .relaxed),
+            term: Int(clamping: remote.term.load(ordering: .relaxed)),
+            rdmaDevices: RDMA.discovery.devices.filter(\.active).count, local: remote.isLocal,
+            peers: state.peers.withLock { $0.map.count }, peersPruned: state.pruned.load(ordering: .relaxed))
     }
 
     func close() {
@@ -193,7 +194,7 @@ final class ClusterState: Sendable {
             defer { p = (epoch, [:]) }
             return p.map
         }
-        _ = old   // released outside the lock (unmaps, closes sockets)
+        _ = old // released outside the lock (unmaps, closes sockets)
     }
 
     /// Maps a segment of this host, or dials one of another host (or of this host when its
@@ -201,8 +202,9 @@ final class ClusterState: Sendable {
     /// descriptor comes only from the process the master verified as the owner.
     func reach(_ info: SegmentInfo) throws(KVError) -> SegmentAccess {
         if info.host == host, info.pid > 0, !info.sharePath.isEmpty, sharesPIDs.load(ordering: .relaxed),
-           let fd = try? SegmentShare.receive(name: info.sharePath, pid: info.pid, token: token),
-           let s = try? HostSegment(attaching: fd, size: info.size) {
+            let fd = try? SegmentShare.receive(name: info.sharePath, pid: info.pid, token: token),
+            let s = try? HostSegment(attaching: fd, size: info.size)
+        {
             s.populateInBackground()
             return .mapped(s)
         }
@@ -226,10 +228,10 @@ final class ClusterState: Sendable {
         for seg in known {
             do throws(KVError) {
                 _ = try remote.segmentInfo(seg)
-            } catch where error.code == .objectNotFound {
+            } catch  where error.code == .objectNotFound {
                 gone.insert(seg)
             } catch {
-                return   // the master is unreachable: nothing can be concluded now
+                return // the master is unreachable: nothing can be concluded now
             }
         }
         let excess = max(0, known.count - gone.count - Self.maxPeers)
@@ -237,18 +239,18 @@ final class ClusterState: Sendable {
             prunedAtUnmounts.withLock { $0 = (epoch, unmounts) }
             return
         }
-        guard remote.dataLock.tryLockExclusive() else { return }   // an operation is in flight: next round
+        guard remote.dataLock.tryLockExclusive() else { return } // an operation is in flight: next round
         prunedAtUnmounts.withLock { $0 = (epoch, unmounts) }
         let dropped = peers.withLock { p -> [SegmentAccess] in
             guard p.epoch == epoch else { return [] }
             var out = gone.compactMap { p.map.removeValue(forKey: $0) }
             for seg in Array(p.map.keys.prefix(excess)) { if let a = p.map.removeValue(forKey: seg) { out.append(a) } }
-            pruned.add(out.count, ordering: .relaxed)   // with the removal: statistics agree
+            pruned.add(out.count, ordering: .relaxed) // with the removal: statistics agree
             return out
         }
         remote.dataLock.unlock()
         for case .peer(let l) in dropped { l.closeIdle() }
-    }   // the mapped segments in `dropped` are unmapped here, as their last reference goes
+    } // the mapped segments in `dropped` are unmapped here, as their last reference goes
 
     /// Peers forgotten by `prunePeers`.
     let pruned = Atomic<Int>(0)
@@ -259,7 +261,9 @@ final class ClusterState: Sendable {
     func close() {
         server.withLock { $0 }?.stop()
         kvServer.withLock { $0 }?.stop()
-        for l in kvLinks.withLock({ l in defer { l = [:] }; return l }).values { l.closeIdle() }
+        for l in kvLinks.withLock({ l in
+            defer { l = [:] }; return l
+        }).values { l.closeIdle() }
         let old = peers.withLock { p in
             defer { p.map = [:] }
             return p.map

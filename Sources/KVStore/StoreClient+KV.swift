@@ -38,8 +38,9 @@ extension StoreClient {
         let old = kvNode.withLock { $0 }
         let hostBuffers = layout.descriptors.filter { $0.location.isHost }.map { MemoryRegion(address: $0.address, length: $0.length) }
         let endpoint = try directory.serveKV(hostBuffers)
-        let published = PublishedLayout(node: node, layout: layout, host: directory.host,
-                                        pid: Int(getpid()), endpoint: endpoint)
+        let published = PublishedLayout(
+            node: node, layout: layout, host: directory.host,
+            pid: Int(getpid()), endpoint: endpoint)
         if let old, old.node != node { try? master.unpublishLayout(node: old.node) }
         try master.publishLayout(published)
         kvNode.withLock { $0 = published }
@@ -71,8 +72,10 @@ extension StoreClient {
     /// client's `sourceBlocks[i]` into the peer's `destinationBlocks[i]`, for every kind of
     /// `layers` (nil: all). Everything is validated before any byte moves (`KVBlockPlan`);
     /// runs of consecutive ids are coalesced. Returns the transfer operations issued.
-    public func moveKVBlocks(peer node: String, pull: Bool, sourceBlocks: [Int], destinationBlocks: [Int],
-                             layers: [Int]? = nil, executor: KVCopyExecutor = .perBlock) throws(KVError) -> Int {
+    public func moveKVBlocks(
+        peer node: String, pull: Bool, sourceBlocks: [Int], destinationBlocks: [Int],
+        layers: [Int]? = nil, executor: KVCopyExecutor = .perBlock
+    ) throws(KVError) -> Int {
         try enter()
         defer { leave() }
         guard let mine = kvNode.withLock({ $0 }) else {
@@ -112,11 +115,12 @@ extension StoreClient {
     /// location. Returns the operations issued.
     private func deviceCopies(_ copies: [KVBlockCopy], from: [MemoryLocation], to: [MemoryLocation], batched: Bool) throws(KVError) -> Int {
         let snapshot = AcceleratorRegistry.snapshot
-        for loc in from + to { _ = try snapshot.requireDevice(at: loc) }   // every device exists before a byte moves
+        for loc in from + to { _ = try snapshot.requireDevice(at: loc) } // every device exists before a byte moves
         var plan = DeviceCopyPlan()
         for c in copies {
-            plan.add(CopyOp(source: c.source, destination: c.destination, length: c.length),
-                     from: from[c.sourceDescriptor], to: to[c.destinationDescriptor], owner: 0)
+            plan.add(
+                CopyOp(source: c.source, destination: c.destination, length: c.length),
+                from: from[c.sourceDescriptor], to: to[c.destinationDescriptor], owner: 0)
         }
         let outcome = plan.execute(transport: transport, into: .callerMemory, devices: snapshot, holds: deviceHolds, batched: batched)
         if let e = outcome.failed[0] { throw e }

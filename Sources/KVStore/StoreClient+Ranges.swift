@@ -31,8 +31,10 @@ extension StoreClient {
     /// outlived the read's lease is read again on its own (its bytes may have been another
     /// object's), at most `expiredReadRetries` more times. Ranges are not checked against the
     /// object's checksum, which covers the whole object.
-    public func readRanges(keys: [ObjectKey], pieces: [Range<Int>], copies: UnsafeBufferPointer<Piece>,
-                           memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
+    public func readRanges(
+        keys: [ObjectKey], pieces: [Range<Int>], copies: UnsafeBufferPointer<Piece>,
+        memory: MemoryHint = .locate
+    ) throws(KVError) -> [KVError?] {
         guard keys.count == pieces.count else { throw .invalidArgument("\(keys.count) keys but \(pieces.count) piece lists") }
         for p in pieces where p.lowerBound < 0 || p.upperBound > copies.count {
             throw .invalidArgument("piece list \(p) is outside \(copies.count) copies")
@@ -85,9 +87,11 @@ extension StoreClient {
 
     /// Copies the pieces `which` of held object `t`, recording each failure; false when a copy
     /// outlived the lease (read the object again).
-    private func copyPieces(_ t: ReadTicket, _ copies: UnsafeBufferPointer<Piece>, _ which: Range<Int>,
-                            _ outcome: inout [KVError?], _ memory: MemoryHint) -> Bool {
-        var valid: [Int] = []   // the pieces to copy: inside the object, with room, not empty
+    private func copyPieces(
+        _ t: ReadTicket, _ copies: UnsafeBufferPointer<Piece>, _ which: Range<Int>,
+        _ outcome: inout [KVError?], _ memory: MemoryHint
+    ) -> Bool {
+        var valid: [Int] = [] // the pieces to copy: inside the object, with room, not empty
         valid.reserveCapacity(which.count)
         for c in which {
             if let e = Self.check(copies[c], in: t.size) { outcome[c] = e } else if copies[c].length > 0 { valid.append(c) }
@@ -99,8 +103,9 @@ extension StoreClient {
             let destination = MemoryRegion(address: piece.memory.address, length: piece.length)
             do throws(KVError) {
                 let n = try withUnsafePointer(to: destination) { (d) throws(KVError) in
-                    try copyOutIfLeased(t, range: piece.offset..<piece.offset + piece.length,
-                                        to: UnsafeBufferPointer(start: d, count: 1), memory: memory)
+                    try copyOutIfLeased(
+                        t, range: piece.offset..<piece.offset + piece.length,
+                        to: UnsafeBufferPointer(start: d, count: 1), memory: memory)
                 }
                 if n == nil { held = false }
             } catch {
@@ -120,8 +125,10 @@ extension StoreClient {
     /// once and each piece is one copy, the lease checked once after the last (a plan of
     /// thousands of row pieces costs little more than its bytes). nil when that does not apply
     /// (device memory, a peer's segment): the caller copies piece by piece.
-    private func copyMappedPieces(_ t: ReadTicket, _ copies: UnsafeBufferPointer<Piece>, _ valid: [Int],
-                                  _ memory: MemoryHint) -> Bool? {
+    private func copyMappedPieces(
+        _ t: ReadTicket, _ copies: UnsafeBufferPointer<Piece>, _ valid: [Int],
+        _ memory: MemoryHint
+    ) -> Bool? {
         guard case .host = memory else { return nil }
         do throws(KVError) {
             try enter()
@@ -130,7 +137,8 @@ extension StoreClient {
         }
         defer { leave() }
         guard case .mapped(let s)? = try? access(t.segment),
-              let whole = try? Self.region(of: s, Replica(segment: t.segment, offset: t.offset), t.size) else { return nil }
+            let whole = try? Self.region(of: s, Replica(segment: t.segment, offset: t.offset), t.size)
+        else { return nil }
         if t.leaseEnd != 0, Self.testReadPause > 0 { usleep(Self.testReadPause) }
         let ops = valid.map { c in
             CopyOp(source: whole.address + UInt(copies[c].offset), destination: copies[c].memory.address, length: copies[c].length)

@@ -20,8 +20,10 @@ extension StoreClient {
     /// Reserves space for objects `keys[i]` of `sizes[i]` bytes (one master request per chunk);
     /// returns an open write's id per key, or its error (`objectExists` for a put of an
     /// existing key). Nothing is visible until `endWrites`.
-    public func beginWrites(keys: [ObjectKey], sizes: [Int], mode: WriteMode,
-                            options: WriteOptions = .default) throws(KVError) -> [Result<UInt64, KVError>] {
+    public func beginWrites(
+        keys: [ObjectKey], sizes: [Int], mode: WriteMode,
+        options: WriteOptions = .default
+    ) throws(KVError) -> [Result<UInt64, KVError>] {
         try enter()
         defer { leave() }
         guard keys.count == sizes.count else { throw .invalidArgument("\(keys.count) keys but \(sizes.count) sizes") }
@@ -45,12 +47,13 @@ extension StoreClient {
                 switch r {
                 case .failure(let e): out[i] = .failure(e)
                 case .success(let t):
-                    out[i] = .success(openWrites.withLock { w in
-                        let id = w.next
-                        w.next += 1
-                        w.byID[id] = (t, options.checksum)
-                        return id
-                    })
+                    out[i] = .success(
+                        openWrites.withLock { w in
+                            let id = w.next
+                            w.next += 1
+                            w.byID[id] = (t, options.checksum)
+                            return id
+                        })
                 }
             }
         }
@@ -60,8 +63,10 @@ extension StoreClient {
     /// Copies `pieces[j]` of `copies` (their memory the source) into open write `ids[j]`, every replica; returns one
     /// outcome per piece (nil: copied). A piece outside its object, or of a write that is not
     /// open, fails alone; a write whose deadline passed fails (revoke it).
-    public func writeRanges(ids: [UInt64], pieces: [Range<Int>], copies: UnsafeBufferPointer<Piece>,
-                            memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
+    public func writeRanges(
+        ids: [UInt64], pieces: [Range<Int>], copies: UnsafeBufferPointer<Piece>,
+        memory: MemoryHint = .locate
+    ) throws(KVError) -> [KVError?] {
         try enter()
         defer { leave() }
         guard ids.count == pieces.count else { throw .invalidArgument("\(ids.count) writes but \(pieces.count) piece lists") }
@@ -69,7 +74,7 @@ extension StoreClient {
             throw .invalidArgument("piece list \(p) is outside \(copies.count) pieces")
         }
         var outcome = [KVError?](repeating: nil, count: copies.count)
-        var plan = DeviceCopyPlan()   // device sources; each copy's owner is its piece
+        var plan = DeviceCopyPlan() // device sources; each copy's owner is its piece
         for (j, id) in ids.enumerated() {
             guard let t = openWrites.withLock({ $0.byID[id]?.ticket }) else {
                 for c in pieces[j] { outcome[c] = .invalidArgument("write \(id) is not open") }
@@ -88,8 +93,9 @@ extension StoreClient {
                         let part = UnsafeBufferPointer(start: src, count: 1)
                         let locations = try locate(part, memory)
                         for r in t.replicas {
-                            _ = try write(part, locations: locations, size: piece.length,
-                                          to: Replica(segment: r.segment, offset: r.offset + piece.offset), of: t, plan: &plan, owner: c)
+                            _ = try write(
+                                part, locations: locations, size: piece.length,
+                                to: Replica(segment: r.segment, offset: r.offset + piece.offset), of: t, plan: &plan, owner: c)
                         }
                     }
                 } catch {

@@ -58,7 +58,7 @@ extension StoreClient {
             .init("disk_read_bytes", d.readBytes), .init("disk_evictions", d.evictions),
             .init("disk_corrupt", d.corrupt), .init("disk_recovered", d.recovered),
             .init("disk_promotions", tier?.promotions.load(ordering: .relaxed) ?? 0),
-            .init("disk_dropped", tier?.inner.withTable { t, _ in t.evictedUndecided } ?? 0),
+            .init("disk_dropped", tier?.inner.withTable { t, _ in t.evictedUndecided } ?? 0)
         ]
     }
 }

@@ -48,9 +48,11 @@ public final class StoreClient: Sendable {
     /// `PinningPolicy`) allows; a refused pin leaves it pageable and is counted in stats.
     /// `cache` sets leases and eviction (checked here); `disk` adds a disk tier below the
     /// segment (`TieredMaster`); `clock` is for tests.
-    public init(segmentSize: Int, prefault: Bool = false, pinning: PinningPolicy? = nil,
-                cache: CachePolicy = CachePolicy(), disk: DiskTierOptions? = nil,
-                clock: @escaping Clock = monotonicClock) throws(KVError) {
+    public init(
+        segmentSize: Int, prefault: Bool = false, pinning: PinningPolicy? = nil,
+        cache: CachePolicy = CachePolicy(), disk: DiskTierOptions? = nil,
+        clock: @escaping Clock = monotonicClock
+    ) throws(KVError) {
         guard segmentSize >= SegmentAllocator.granule else {
             throw .invalidArgument("segment size must be at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
@@ -80,8 +82,10 @@ public final class StoreClient: Sendable {
     /// `token` is the cluster's (nil: `KVSTORE_MASTER_TOKEN`, else the token file a master on
     /// a loopback address wrote for this user; see `ClusterToken`). Throws `transfer` when the
     /// master cannot be reached and `invalidArgument` when the token is refused.
-    public init(connecting url: String, segmentSize: Int, token: String? = nil, prefault: Bool = false,
-                pinning: PinningPolicy? = nil, name: String = "") throws(KVError) {
+    public init(
+        connecting url: String, segmentSize: Int, token: String? = nil, prefault: Bool = false,
+        pinning: PinningPolicy? = nil, name: String = ""
+    ) throws(KVError) {
         guard segmentSize == 0 || segmentSize >= SegmentAllocator.granule else {
             throw .invalidArgument("segment size must be 0 (a pure client) or at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
@@ -91,8 +95,9 @@ public final class StoreClient: Sendable {
         // The data plane uses the key each welcome carries (the same for every member).
         let dataKey = ClusterToken("")
         let state = ClusterState(token: dataKey, counters: counters)
-        let remote = try RemoteMaster(url: url, token: clusterToken, dataKey: dataKey, name: name.isEmpty ? "pid \(getpid())" : name,
-                                      onConnect: { epoch, seg, local in state.connected(epoch: epoch, segment: seg, local: local) })
+        let remote = try RemoteMaster(
+            url: url, token: clusterToken, dataKey: dataKey, name: name.isEmpty ? "pid \(getpid())" : name,
+            onConnect: { epoch, seg, local in state.connected(epoch: epoch, segment: seg, local: local) })
         var own: HostSegment? = nil
         do throws(KVError) {
             if segmentSize > 0 {
@@ -102,11 +107,14 @@ public final class StoreClient: Sendable {
                 // connect, do not take a page fault per 4 KiB.
                 if !prefault { s.populateInBackground() }
                 own = s
-                let server = try SegmentServer(region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: remote.dataKey,
-                                               dataLock: remote.dataLock, rdma: RDMA.shared.context, shareFD: s.fd, log: logLine)
+                let server = try SegmentServer(
+                    region: s.region(offset: 0, length: segmentSize), host: remote.localHost, token: remote.dataKey,
+                    dataLock: remote.dataLock, rdma: RDMA.shared.context, shareFD: s.fd, log: logLine)
                 state.server.withLock { $0 = server }
-                _ = try remote.mount(RemoteMaster.Mount(size: segmentSize, host: state.host, sharePath: server.localName,
-                                                        endpoint: server.endpoint, shareFD: s.fd))
+                _ = try remote.mount(
+                    RemoteMaster.Mount(
+                        size: segmentSize, host: state.host, sharePath: server.localName,
+                        endpoint: server.endpoint, shareFD: s.fd))
             }
             remote.maintenance = { [weak remote] in if let remote { state.prunePeers(remote) } }
             try remote.startHeartbeat()
@@ -138,8 +146,10 @@ public final class StoreClient: Sendable {
     /// completely written.
     /// Parts on a device are copied by that device (device→host); see `MemoryHint`.
     /// `options` pin the object or give it a TTL. Evicts when the store is full.
-    public func put(key: ObjectKey, parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
-                    options: WriteOptions = .default, memory: MemoryHint = .locate) throws(KVError) {
+    public func put(
+        key: ObjectKey, parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
+        options: WriteOptions = .default, memory: MemoryHint = .locate
+    ) throws(KVError) {
         try enter()
         defer { leave() }
         let total = TransferPlan.totalLength(parts)
@@ -148,10 +158,11 @@ public final class StoreClient: Sendable {
         let ticket = try master.beginWrite(key: key, size: total, mode: mode, options: options, preferred: ownSegmentID)
         var done = ticket
         do throws(KVError) {
-            var plan = DeviceCopyPlan()   // device parts only; host parts are copied at once
+            var plan = DeviceCopyPlan() // device parts only; host parts are copied at once
             for (i, r) in ticket.replicas.enumerated() {
-                let crc = try write(parts, locations: locations, size: total, to: r, of: ticket, plan: &plan, owner: 0,
-                                    checksum: options.checksum && i == 0)
+                let crc = try write(
+                    parts, locations: locations, size: total, to: r, of: ticket, plan: &plan, owner: 0,
+                    checksum: options.checksum && i == 0)
                 if i == 0 { done.checksum = crc }
             }
             if locations != nil {
@@ -172,9 +183,11 @@ public final class StoreClient: Sendable {
     /// another host over TCP at once. With `checksum`, returns the bytes' CRC32C when it could
     /// be had now (in the copy's pass for host parts into a mapped segment); nil when the copy
     /// is planned (the caller computes it from the segment once the plan has run).
-    func write(_ parts: UnsafeBufferPointer<MemoryRegion>, locations: [MemoryLocation]?, size: Int,
-                       to r: Replica, of ticket: WriteTicket, plan: inout DeviceCopyPlan, owner: Int,
-                       checksum: Bool = false) throws(KVError) -> UInt32? {
+    func write(
+        _ parts: UnsafeBufferPointer<MemoryRegion>, locations: [MemoryLocation]?, size: Int,
+        to r: Replica, of ticket: WriteTicket, plan: inout DeviceCopyPlan, owner: Int,
+        checksum: Bool = false
+    ) throws(KVError) -> UInt32? {
         let target = try access(r.segment)
         if ticket.deadline != 0, Self.testWritePause > 0 { usleep(Self.testWritePause) }
         try Self.checkDeadline(ticket)
@@ -229,8 +242,10 @@ public final class StoreClient: Sendable {
     /// has passed; the caller aborts the write.
     static func checkDeadline(_ t: WriteTicket) throws(KVError) {
         guard t.deadline != 0, monotonicClock() >= t.deadline else { return }
-        throw KVError(.transfer, "this write outlived the master's write timeout before its copy began, so it was not stored "
-                      + "(the writer was paused, or the copies were slower than the timeout)")
+        throw KVError(
+            .transfer,
+            "this write outlived the master's write timeout before its copy began, so it was not stored "
+                + "(the writer was paused, or the copies were slower than the timeout)")
     }
 
     /// Replica `r`'s `size` bytes in mapped segment `s`; `internal` when the master's answer
@@ -257,12 +272,14 @@ public final class StoreClient: Sendable {
     /// object is taken first (one request to the master), then all copies run grouped per
     /// device (each device made current once), then every object commits — or is revoked if
     /// its copy failed — in one more message.
-    public func putBatch(_ items: [BatchItem], parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
-                         options: WriteOptions = .default, memory: MemoryHint = .locate) throws(KVError) -> [KVError?] {
+    public func putBatch(
+        _ items: [BatchItem], parts: UnsafeBufferPointer<MemoryRegion>, mode: WriteMode,
+        options: WriteOptions = .default, memory: MemoryHint = .locate
+    ) throws(KVError) -> [KVError?] {
         try enter()
         defer { leave() }
         var results = [KVError?](repeating: nil, count: items.count)
-        var asked: [Int] = []         // items with a valid slice, in request order
+        var asked: [Int] = [] // items with a valid slice, in request order
         var requests: [BatchWrite] = []
         for (i, item) in items.enumerated() {
             do throws(KVError) {
@@ -283,7 +300,7 @@ public final class StoreClient: Sendable {
             var commit: [(item: Int, ticket: WriteTicket)] = [], abort: [WriteTicket] = []
             for (i, t) in tickets {
                 var t = t
-                if results[i] == nil, failed[i] == nil, options.checksum, t.checksum == nil {   // a device copy: from the segment
+                if results[i] == nil, failed[i] == nil, options.checksum, t.checksum == nil { // a device copy: from the segment
                     do throws(KVError) { t.checksum = try checksumOfFirstReplica(t) } catch { results[i] = error }
                 }
                 if let e = results[i] ?? failed[i] {
@@ -309,8 +326,9 @@ public final class StoreClient: Sendable {
                         let mine = UnsafeBufferPointer(rebasing: parts[items[i].regions])
                         let locations = try locate(mine, memory)
                         for (k, r) in t.replicas.enumerated() {
-                            let crc = try write(mine, locations: locations, size: t.size, to: r, of: t, plan: &plan, owner: i,
-                                                checksum: options.checksum && k == 0)
+                            let crc = try write(
+                                mine, locations: locations, size: t.size, to: r, of: t, plan: &plan, owner: i,
+                                checksum: options.checksum && k == 0)
                             if k == 0 { t.checksum = crc }
                         }
                     } catch {
@@ -332,8 +350,10 @@ public final class StoreClient: Sendable {
     static let commitChunk = 1024
 
     /// Regions `range` of `all` (one batch item's); throws `invalidArgument` when out of range.
-    static func slice(_ all: UnsafeBufferPointer<MemoryRegion>, _ range: Range<Int>,
-                      _ what: String) throws(KVError) -> UnsafeBufferPointer<MemoryRegion> {
+    static func slice(
+        _ all: UnsafeBufferPointer<MemoryRegion>, _ range: Range<Int>,
+        _ what: String
+    ) throws(KVError) -> UnsafeBufferPointer<MemoryRegion> {
         guard range.lowerBound >= 0, range.upperBound <= all.count else {
             throw .invalidArgument("\(what) \(range) out of range of \(all.count) \(what)")
         }
@@ -347,7 +367,7 @@ public final class StoreClient: Sendable {
         let devices = AcceleratorRegistry.snapshot
         if let segment {
             for g in plan.deviceGroups {
-                let device = devices.device(at: g.device)   // pinned through the GPU that copies
+                let device = devices.device(at: g.device) // pinned through the GPU that copies
                 for c in g.copies where c.direction != .deviceToDevice {
                     let host = c.direction == .hostToDevice ? c.op.source : c.op.destination
                     if segment.contains(host) { segment.pinForDeviceCopy(MemoryRegion(address: host, length: c.op.length), device: device) }
@@ -415,8 +435,10 @@ public final class StoreClient: Sendable {
 
     /// Copies a held object into `destinations` (filled in order); returns bytes copied.
     /// Throws `invalidArgument` when they hold fewer than `ticket.size` bytes (nothing copied).
-    public func copyOut(_ ticket: ReadTicket, to destinations: UnsafeBufferPointer<MemoryRegion>,
-                        memory: MemoryHint = .locate) throws(KVError) -> Int {
+    public func copyOut(
+        _ ticket: ReadTicket, to destinations: UnsafeBufferPointer<MemoryRegion>,
+        memory: MemoryHint = .locate
+    ) throws(KVError) -> Int {
         try enter()
         defer { leave() }
         return try heldCopyOut(ticket, range: 0..<ticket.size, to: destinations, memory: memory)
@@ -424,8 +446,10 @@ public final class StoreClient: Sendable {
 
     /// Copies bytes `range` of a held object into `destinations` (which must hold at least
     /// `range.count` bytes); returns bytes copied.
-    public func copyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
-                        memory: MemoryHint = .locate) throws(KVError) -> Int {
+    public func copyOut(
+        _ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
+        memory: MemoryHint = .locate
+    ) throws(KVError) -> Int {
         try enter()
         defer { leave() }
         guard range.lowerBound >= 0, range.upperBound <= ticket.size else {
@@ -436,8 +460,10 @@ public final class StoreClient: Sendable {
 
     /// `copyOut` of bytes `range` for a caller that retries: nil when the copy outlived the
     /// read's lease (its bytes are not the object's: end the read and begin it again).
-    public func copyOutIfLeased(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
-                                memory: MemoryHint = .locate) throws(KVError) -> Int? {
+    public func copyOutIfLeased(
+        _ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
+        memory: MemoryHint = .locate
+    ) throws(KVError) -> Int? {
         try enter()
         defer { leave() }
         guard range.lowerBound >= 0, range.upperBound <= ticket.size else {
@@ -456,8 +482,10 @@ public final class StoreClient: Sendable {
 
     /// Copies object `key` into `destinations`; returns its size. The store is unchanged when
     /// it fails.
-    public func get(key: ObjectKey, into destinations: UnsafeBufferPointer<MemoryRegion>,
-                    memory: MemoryHint = .locate) throws(KVError) -> Int {
+    public func get(
+        key: ObjectKey, into destinations: UnsafeBufferPointer<MemoryRegion>,
+        memory: MemoryHint = .locate
+    ) throws(KVError) -> Int {
         try enter()
         defer { leave() }
         return try heldGet(key: key, into: destinations, memory: memory)
@@ -468,14 +496,16 @@ public final class StoreClient: Sendable {
 
     /// `get` inside the gate: a copy that ended after its lease deadline is thrown away and
     /// the read starts again (the object may have moved, or be gone: `notFound` then).
-    private func heldGet(key: ObjectKey, into destinations: UnsafeBufferPointer<MemoryRegion>,
-                         memory: MemoryHint) throws(KVError) -> Int {
+    private func heldGet(
+        key: ObjectKey, into destinations: UnsafeBufferPointer<MemoryRegion>,
+        memory: MemoryHint
+    ) throws(KVError) -> Int {
         var tries = 0
         while true {
             let t: ReadTicket
             do throws(KVError) {
                 t = try heldBeginRead(key: key)
-            } catch where error.code == .noSpace {
+            } catch  where error.code == .noSpace {
                 // On the disk tier, and DRAM cannot take it back: read it from disk directly.
                 guard let tier = master as? TieredMaster, (try locate(destinations, memory)) == nil else { throw error }
                 let n = try tier.readDirect(key, into: destinations)
@@ -494,8 +524,10 @@ public final class StoreClient: Sendable {
     /// result per object (its size, or the error). Every object is held first (one request
     /// to the master), then all copies run grouped per device, then the holds are released.
     /// An object whose copy outlived its lease is read again on its own (see `get`).
-    public func getBatch(_ items: [BatchItem], destinations: UnsafeBufferPointer<MemoryRegion>,
-                         memory: MemoryHint = .locate) throws(KVError) -> [Result<Int, KVError>] {
+    public func getBatch(
+        _ items: [BatchItem], destinations: UnsafeBufferPointer<MemoryRegion>,
+        memory: MemoryHint = .locate
+    ) throws(KVError) -> [Result<Int, KVError>] {
         try enter()
         defer { leave() }
         var results = [Result<Int, KVError>](repeating: .success(0), count: items.count)
@@ -514,8 +546,8 @@ public final class StoreClient: Sendable {
         var held: [ReadTicket] = []
         held.reserveCapacity(keys.count)
         defer { for t in held { try? master.releaseRead(t.handle) } }
-        var leased: [(item: Int, ticket: ReadTicket)] = []   // copies to check once they are done
-        var stale: [Int] = []                                  // copies that outlived their lease
+        var leased: [(item: Int, ticket: ReadTicket)] = [] // copies to check once they are done
+        var stale: [Int] = [] // copies that outlived their lease
         var plan = DeviceCopyPlan()
         try master.acquireReads(keys: keys, host: directory.host) { range, answers in
             // With every copy of the batch so far done (host memory: nothing planned), this
@@ -538,7 +570,7 @@ public final class StoreClient: Sendable {
                     case .failure(let e):
                         let mine = UnsafeBufferPointer(rebasing: destinations[items[i].regions])
                         guard e.code == .noSpace, let tier = master as? TieredMaster, (try locate(mine, memory)) == nil else { throw e }
-                        results[i] = .success(try tier.readDirect(items[i].key, into: mine))   // see heldGet
+                        results[i] = .success(try tier.readDirect(items[i].key, into: mine)) // see heldGet
                         operations.hits.add(1, ordering: .relaxed)
                         continue
                     case .success(.found(let found)):
@@ -548,7 +580,7 @@ public final class StoreClient: Sendable {
                         countLookup(.notFound)
                         throw .notFound("object '\(items[i].key)' not found")
                     case .success(.busy):
-                        t = try heldBeginRead(key: items[i].key)   // an in-place upsert (embedded only): wait for it alone
+                        t = try heldBeginRead(key: items[i].key) // an in-place upsert (embedded only): wait for it alone
                     }
                     held.append(t)
                     let mine = UnsafeBufferPointer(rebasing: destinations[items[i].regions])
@@ -587,7 +619,7 @@ public final class StoreClient: Sendable {
     @inline(__always)
     func leaseHeld(_ t: ReadTicket) -> Bool {
         guard t.leaseEnd != 0 else { return true }
-        atomicMemoryFence(ordering: .sequentiallyConsistent)   // every load of the copy before the clock is read
+        atomicMemoryFence(ordering: .sequentiallyConsistent) // every load of the copy before the clock is read
         if monotonicClock() < t.leaseEnd { return true }
         operations.readsExpired.add(1, ordering: .relaxed)
         return false
@@ -608,7 +640,9 @@ public final class StoreClient: Sendable {
 
     /// The error of a read whose copy outlived its lease `tries` times in a row.
     public static func leaseExpired(_ t: ReadTicket, tries: Int) -> KVError {
-        KVError(.transfer, "the read outlived its lease \(tries) time\(tries == 1 ? "" : "s") (object of \(t.size) bytes in segment \(t.segment)), "
+        KVError(
+            .transfer,
+            "the read outlived its lease \(tries) time\(tries == 1 ? "" : "s") (object of \(t.size) bytes in segment \(t.segment)), "
                 + "so its bytes were thrown away: the reader was paused or the copy was slower than the master's lease TTL")
     }
 
@@ -638,24 +672,30 @@ public final class StoreClient: Sendable {
     }
 
     /// Throws `invalidArgument` when `destinations` hold fewer than `count` bytes of `ticket`'s object.
-    private static func checkRoom(_ destinations: UnsafeBufferPointer<MemoryRegion>, for count: Int,
-                                  of ticket: ReadTicket) throws(KVError) {
+    private static func checkRoom(
+        _ destinations: UnsafeBufferPointer<MemoryRegion>, for count: Int,
+        of ticket: ReadTicket
+    ) throws(KVError) {
         let room = TransferPlan.totalLength(destinations)
         guard room < count else { return }
         let what = count == ticket.size ? "an object of \(ticket.size) bytes" : "\(count) bytes"
         throw .invalidArgument("buffer of \(room) bytes is too small for \(what)")
     }
 
-    private func heldCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
-                             memory: MemoryHint) throws(KVError) -> Int {
+    private func heldCopyOut(
+        _ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
+        memory: MemoryHint
+    ) throws(KVError) -> Int {
         let n = try uncheckedCopyOut(ticket, range: range, to: destinations, memory: memory)
         guard leaseHeld(ticket) else { throw Self.leaseExpired(ticket, tries: 1) }
         return n
     }
 
     /// `heldCopyOut` without the lease check: the caller checks (`leaseHeld`).
-    private func uncheckedCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
-                                  memory: MemoryHint) throws(KVError) -> Int {
+    private func uncheckedCopyOut(
+        _ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
+        memory: MemoryHint
+    ) throws(KVError) -> Int {
         let locations = try locate(destinations, memory)
         var plan = DeviceCopyPlan()
         let n = try heldCopyOut(ticket, range: range, to: destinations, locations: locations, plan: &plan, owner: 0)
@@ -668,8 +708,10 @@ public final class StoreClient: Sendable {
     /// Copies bytes `range` of a held object into `destinations`, trying its replicas in
     /// order: host memory at once, device memory of a mapped segment into `plan` (the caller
     /// executes it). Returns `range.count`.
-    private func heldCopyOut(_ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
-                             locations: [MemoryLocation]?, plan: inout DeviceCopyPlan, owner: Int) throws(KVError) -> Int {
+    private func heldCopyOut(
+        _ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
+        locations: [MemoryLocation]?, plan: inout DeviceCopyPlan, owner: Int
+    ) throws(KVError) -> Int {
         try Self.checkRoom(destinations, for: range.count, of: ticket)
         if ticket.leaseEnd != 0, Self.testReadPause > 0 { usleep(Self.testReadPause) }
         let verify = ticket.checksum != nil && range.lowerBound == 0 && range.count == ticket.size
@@ -677,8 +719,9 @@ public final class StoreClient: Sendable {
         var next = 0
         while true {
             do throws(KVError) {
-                let crc = try read(r, size: ticket.size, range: range, into: destinations, locations: locations, plan: &plan,
-                                   owner: owner, checksum: verify)
+                let crc = try read(
+                    r, size: ticket.size, range: range, into: destinations, locations: locations, plan: &plan,
+                    owner: owner, checksum: verify)
                 if verify, let want = ticket.checksum {
                     // A copy that outlived its lease may hold reused space: the caller's lease
                     // check throws it away and reads again. Otherwise a difference is corruption.
@@ -689,8 +732,8 @@ public final class StoreClient: Sendable {
                     if crc == want { operations.checksumsVerified.add(1, ordering: .relaxed) }
                 }
                 return range.count
-            } catch where (error.code == .transfer || error.code == .objectNotFound || error.code == .checksum) && next < ticket.fallbacks.count {
-                r = ticket.fallbacks[next]   // that replica's holder died or left: try the next one
+            } catch  where (error.code == .transfer || error.code == .objectNotFound || error.code == .checksum) && next < ticket.fallbacks.count {
+                r = ticket.fallbacks[next] // that replica's holder died or left: try the next one
                 next += 1
             }
         }
@@ -702,15 +745,19 @@ public final class StoreClient: Sendable {
     /// With `checksum`, returns the CRC32C of the bytes read: in the copy's pass from a mapped
     /// segment into host memory, over the source before a planned device copy, over what
     /// arrived from a peer.
-    private func read(_ r: Replica, size: Int, range: Range<Int>, into destinations: UnsafeBufferPointer<MemoryRegion>,
-                      locations: [MemoryLocation]?, plan: inout DeviceCopyPlan, owner: Int,
-                      checksum: Bool = false) throws(KVError) -> UInt32? {
+    private func read(
+        _ r: Replica, size: Int, range: Range<Int>, into destinations: UnsafeBufferPointer<MemoryRegion>,
+        locations: [MemoryLocation]?, plan: inout DeviceCopyPlan, owner: Int,
+        checksum: Bool = false
+    ) throws(KVError) -> UInt32? {
         switch try access(r.segment) {
         case .mapped(let s):
             let whole = try Self.region(of: s, r, size)
             let source = MemoryRegion(address: whole.address + UInt(range.lowerBound), length: range.count)
             if let locations {
-                let crc = checksum ? withUnsafePointer(to: source) { LocalCopyTransport.checksum(UnsafeBufferPointer(start: $0, count: 1), length: source.length) } : nil
+                let crc =
+                    checksum
+                    ? withUnsafePointer(to: source) { LocalCopyTransport.checksum(UnsafeBufferPointer(start: $0, count: 1), length: source.length) } : nil
                 plan.addRead(from: source, into: destinations, locations: locations, owner: owner)
                 return crc
             }
@@ -729,8 +776,9 @@ public final class StoreClient: Sendable {
             var crc: UInt32? = nil
             try withStaging(range.count) { (staging) throws(KVError) in
                 try withUnsafePointer(to: staging) { (s) throws(KVError) in
-                    try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count,
-                               into: UnsafeBufferPointer(start: s, count: 1))
+                    try p.read(
+                        segment: r.segment, offset: r.offset + range.lowerBound, length: range.count,
+                        into: UnsafeBufferPointer(start: s, count: 1))
                     if checksum { crc = LocalCopyTransport.checksum(UnsafeBufferPointer(start: s, count: 1), length: range.count) }
                 }
                 var h2d = DeviceCopyPlan()
@@ -743,7 +791,9 @@ public final class StoreClient: Sendable {
 
     /// The error of a whole-object read whose copy differed from the writer's CRC32C.
     static func checksumMismatch(_ t: ReadTicket, _ r: Replica, got: UInt32) -> KVError {
-        KVError(.checksum, "checksum mismatch reading an object of \(t.size) bytes in segment \(r.segment) at offset \(r.offset): "
+        KVError(
+            .checksum,
+            "checksum mismatch reading an object of \(t.size) bytes in segment \(r.segment) at offset \(r.offset): "
                 + "CRC32C \(String(got, radix: 16)), its writer stored \(String(t.checksum ?? 0, radix: 16)); the bytes are corrupt and were not returned")
     }
 
@@ -831,7 +881,7 @@ public final class StoreClient: Sendable {
                     switch found {
                     case .found(let t): out.append(.success(t))
                     case .notFound: out.append(.failure(.notFound("object '\(key)' not found")))
-                    case .busy: out.append(Result { () throws(KVError) in try heldBeginRead(key: key) })   // embedded only: wait for it alone
+                    case .busy: out.append(Result { () throws(KVError) in try heldBeginRead(key: key) }) // embedded only: wait for it alone
                     }
                 }
             }
@@ -879,8 +929,10 @@ public final class StoreClient: Sendable {
         defer { gate.leave() }
         let snapshot = AcceleratorRegistry.snapshot
         // "cuda" without an index (an __cuda_array_interface__ buffer): the driver names it.
-        let loc = location == "cuda" ? try Self.cudaLocation(of: region.address, snapshot: snapshot)
-                                     : try MemoryLocation(parsing: location)
+        let loc =
+            location == "cuda"
+            ? try Self.cudaLocation(of: region.address, snapshot: snapshot)
+            : try MemoryLocation(parsing: location)
         _ = try snapshot.requireDevice(at: loc)
         if snapshot.hasAccelerator, let actual = try snapshot.classify(region.address), actual != loc {
             throw .invalidArgument("buffer at 0x\(String(region.address, radix: 16)) is \(actual) memory, not \(loc)")

@@ -27,7 +27,7 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
     private let segment: HostSegment
     private let stop = Atomic<Bool>(false)
     private let worker = Locked<BackgroundThread?>(nil)
-    private let bounces = Locked<[UInt]>([])   // addresses of spare bounce buffers
+    private let bounces = Locked<[UInt]>([]) // addresses of spare bounce buffers
     let promotions = Atomic<Int>(0)
     static let bounceBytes = 4 << 20
     /// How far eviction looks past objects not yet copied (or refused) for one that was:
@@ -50,7 +50,9 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
     /// Stops the offloading thread and closes the disk tier (its files stay).
     func close() {
         stop.store(true, ordering: .relaxed)
-        let t = worker.withLock { w in defer { w = nil }; return w }
+        let t = worker.withLock { w in
+            defer { w = nil }; return w
+        }
         t?.join()
         disk.close()
         bounces.withLock { b in
@@ -63,8 +65,10 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
 
     // MARK: writes
 
-    func beginWrite(key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
-                    preferred: SegmentID?) throws(KVError) -> WriteTicket {
+    func beginWrite(
+        key: ObjectKey, size: Int, mode: WriteMode, options: WriteOptions,
+        preferred: SegmentID?
+    ) throws(KVError) -> WriteTicket {
         disk.note(key)
         if mode == .put, disk.size(key) != nil { throw .exists("object '\(key)' already exists (on disk)") }
         return try inner.beginWrite(key: key, size: size, mode: mode, options: options, preferred: preferred)
@@ -84,8 +88,10 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
 
     func abortWrite(_ ticket: WriteTicket) throws(KVError) { try inner.abortWrite(ticket) }
 
-    func beginWrites(_ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
-                     started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void) throws(KVError) {
+    func beginWrites(
+        _ items: [BatchWrite], mode: WriteMode, options: WriteOptions, preferred: SegmentID?,
+        started: (Range<Int>, [Result<WriteTicket, KVError>]) -> Void
+    ) throws(KVError) {
         for i in items { disk.note(i.key) }
         inner.beginWrites(items, mode: mode, options: options, preferred: preferred) { range, results in
             guard mode == .put else { return started(range, results) }
@@ -188,11 +194,13 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
     }
 
     /// Removes `key` from `t` and `disk`; `objectNotFound` only when neither had it.
-    private static func remove(_ key: ObjectKey, force: Bool, from t: inout ObjectTable, _ disk: DiskTier,
-                               _ now: Nanoseconds, _ gone: inout [UInt64]) throws(KVError) {
+    private static func remove(
+        _ key: ObjectKey, force: Bool, from t: inout ObjectTable, _ disk: DiskTier,
+        _ now: Nanoseconds, _ gone: inout [UInt64]
+    ) throws(KVError) {
         do throws(KVError) {
             try t.remove(key: key, force: force, now: now)
-        } catch where error.code == .objectNotFound {
+        } catch  where error.code == .objectNotFound {
             guard let g = disk.forgetLater(key) else { throw error }
             gone.append(g)
             return
@@ -272,8 +280,9 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         }
         do throws(KVError) {
             try withBounces(copy.size, first: bounce) { (b) throws(KVError) in
-                try disk.read(copy, into: UnsafeMutableRawPointer(bitPattern: segment.region(offset: ticket.offset, length: copy.size).address)!,
-                              bounces: b, bounceBytes: Self.bounceBytes)
+                try disk.read(
+                    copy, into: UnsafeMutableRawPointer(bitPattern: segment.region(offset: ticket.offset, length: copy.size).address)!,
+                    bounces: b, bounceBytes: Self.bounceBytes)
             }
         } catch {
             try? inner.abortWrite(ticket)
@@ -289,7 +298,7 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
                 return false
             }
             try t.commitWrite(ticket, now: now)
-            t.decide(ticket.handle, .copied)   // its disk copy stays
+            t.decide(ticket.handle, .copied) // its disk copy stays
             return true
         }
         disk.endTransfer(key)
@@ -353,8 +362,10 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
 
     /// Runs `body` with `first` and as many more bounce buffers as a read of `size` bytes
     /// uses at once (at most `readThreads`).
-    private func withBounces(_ size: Int, first: UnsafeMutableRawPointer,
-                             _ body: ([UnsafeMutableRawPointer]) throws(KVError) -> Void) throws(KVError) {
+    private func withBounces(
+        _ size: Int, first: UnsafeMutableRawPointer,
+        _ body: ([UnsafeMutableRawPointer]) throws(KVError) -> Void
+    ) throws(KVError) {
         let want = min(Self.readThreads, (size + Self.bounceBytes - 1) / Self.bounceBytes)
         var all = [first]
         for _ in 1..<max(want, 1) { all.append(takeBounce()) }
@@ -427,9 +438,11 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
             // The hold ends once the bytes are in the bounce buffer, not after the disk write:
             // a held object that eviction takes keeps its space until then.
             var held = true
-            let ok = (try? disk.offload(c.key, from: source, size: t.size, expiresAt: expires, bounce: bounce,
-                                        bounceBytes: Self.bounceBytes,
-                                        sourceRead: { if held { held = false; try? inner.releaseRead(t.handle) } })) != nil
+            let ok =
+                (try? disk.offload(
+                    c.key, from: source, size: t.size, expiresAt: expires, bounce: bounce,
+                    bounceBytes: Self.bounceBytes,
+                    sourceRead: { if held { held = false; try? inner.releaseRead(t.handle) } })) != nil
             if held { try? inner.releaseRead(t.handle) }
             if ok {
                 copied += 1

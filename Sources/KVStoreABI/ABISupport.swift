@@ -20,8 +20,10 @@ enum ABI {
 
     /// The client of a batch call of `n` items, once its arrays are checked (NULL only when empty).
     @inline(__always)
-    static func batchClient(_ store: OpaquePointer?, _ n: Int, _ items: UnsafeRawPointer?,
-                            _ statuses: UnsafeMutablePointer<Int32>?) throws(KVError) -> StoreClient {
+    static func batchClient(
+        _ store: OpaquePointer?, _ n: Int, _ items: UnsafeRawPointer?,
+        _ statuses: UnsafeMutablePointer<Int32>?
+    ) throws(KVError) -> StoreClient {
         let c = try client(store)
         guard n >= 0, n == 0 || (items != nil && statuses != nil) else { throw .invalidArgument("batch arrays are NULL") }
         return c
@@ -40,21 +42,27 @@ enum ABI {
 
     /// Destination counterpart of `withSources`.
     @inline(__always)
-    static func withDestinations<R>(_ parts: UnsafePointer<kv_mut_buffer>?, _ count: Int,
-                                    _ body: (UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> R) throws(KVError) -> R {
+    static func withDestinations<R>(
+        _ parts: UnsafePointer<kv_mut_buffer>?, _ count: Int,
+        _ body: (UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> R
+    ) throws(KVError) -> R {
         try withRegions(count, { i in (UInt(bitPattern: parts![i].ptr), parts![i].len) }, body)
     }
 
     @inline(__always)
-    static func withSources<R>(_ parts: UnsafePointer<kv_buffer>?, _ count: Int,
-                               _ body: (UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> R) throws(KVError) -> R {
+    static func withSources<R>(
+        _ parts: UnsafePointer<kv_buffer>?, _ count: Int,
+        _ body: (UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> R
+    ) throws(KVError) -> R {
         try withRegions(count, { i in (UInt(bitPattern: parts![i].ptr), parts![i].len) }, body)
     }
 
     /// Calls `body` with `count` regions read by `element` (stack storage).
     @inline(__always)
-    static func withRegions<R>(_ count: Int, _ element: (Int) -> (UInt, Int),
-                               _ body: (UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> R) throws(KVError) -> R {
+    static func withRegions<R>(
+        _ count: Int, _ element: (Int) -> (UInt, Int),
+        _ body: (UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> R
+    ) throws(KVError) -> R {
         guard count > 0 else { return try body(UnsafeBufferPointer(start: nil, count: 0)) }
         return try withUnsafeTemporaryAllocation(of: MemoryRegion.self, capacity: count) { (buf) throws(KVError) -> R in
             for i in 0..<count {

@@ -59,9 +59,11 @@ struct BatchInput {
 }
 
 @c(kv_batch_put)
-public func kvBatchPut(_ store: OpaquePointer?, _ items: UnsafePointer<kv_batch_put_item>?, _ n: Int,
-                       _ flags: UInt32, _ options: UnsafePointer<kv_put_options>?,
-                       _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+public func kvBatchPut(
+    _ store: OpaquePointer?, _ items: UnsafePointer<kv_batch_put_item>?, _ n: Int,
+    _ flags: UInt32, _ options: UnsafePointer<kv_put_options>?,
+    _ statuses: UnsafeMutablePointer<Int32>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.batchClient(store, n, items, statuses)
         let o = try writeOptions(options, c)
@@ -74,9 +76,11 @@ public func kvBatchPut(_ store: OpaquePointer?, _ items: UnsafePointer<kv_batch_
 }
 
 @c(kv_batch_get_into)
-public func kvBatchGetInto(_ store: OpaquePointer?, _ items: UnsafePointer<kv_batch_get_item>?, _ n: Int,
-                           _ flags: UInt32, _ statuses: UnsafeMutablePointer<Int32>?,
-                           _ sizes: UnsafeMutablePointer<UInt64>?) -> Int32 {
+public func kvBatchGetInto(
+    _ store: OpaquePointer?, _ items: UnsafePointer<kv_batch_get_item>?, _ n: Int,
+    _ flags: UInt32, _ statuses: UnsafeMutablePointer<Int32>?,
+    _ sizes: UnsafeMutablePointer<UInt64>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.batchClient(store, n, items, statuses)
         var input = BatchInput(count: n) { i in
@@ -131,8 +135,10 @@ struct KeyBatch {
 private let missingObject = KVError.notFound("object not found")
 
 @c(kv_batch_size)
-public func kvBatchSize(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int,
-                        _ statuses: UnsafeMutablePointer<Int32>?, _ sizes: UnsafeMutablePointer<UInt64>?) -> Int32 {
+public func kvBatchSize(
+    _ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int,
+    _ statuses: UnsafeMutablePointer<Int32>?, _ sizes: UnsafeMutablePointer<UInt64>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.batchClient(store, n, keys, statuses)
         guard n == 0 || sizes != nil else { throw .invalidArgument("batch arrays are NULL") }
@@ -145,8 +151,10 @@ public func kvBatchSize(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?,
 }
 
 @c(kv_batch_remove)
-public func kvBatchRemove(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int, _ flags: UInt32,
-                          _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+public func kvBatchRemove(
+    _ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int, _ flags: UInt32,
+    _ statuses: UnsafeMutablePointer<Int32>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.batchClient(store, n, keys, statuses)
         var batch = KeyBatch(keys, n)
@@ -156,8 +164,10 @@ public func kvBatchRemove(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>
 }
 
 @c(kv_batch_read_begin)
-public func kvBatchReadBegin(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int,
-                             _ holds: UnsafeMutablePointer<kv_read>?, _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+public func kvBatchReadBegin(
+    _ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int,
+    _ holds: UnsafeMutablePointer<kv_read>?, _ statuses: UnsafeMutablePointer<Int32>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.batchClient(store, n, keys, statuses)
         guard n == 0 || holds != nil else { throw .invalidArgument("batch arrays are NULL") }
@@ -196,8 +206,10 @@ struct RangeBatch {
 
     /// Adds item `i` of `count` ranges; `accept` converts the rest of the item (its key) and
     /// runs once its ranges are valid. Throws only when the range list is NULL.
-    mutating func add(_ i: Int, _ ranges: UnsafePointer<kv_range>?, _ count: Int,
-                      _ accept: () throws(KVError) -> Void) throws(KVError) {
+    mutating func add(
+        _ i: Int, _ ranges: UnsafePointer<kv_range>?, _ count: Int,
+        _ accept: () throws(KVError) -> Void
+    ) throws(KVError) {
         guard count == 0 || ranges != nil else { throw .invalidArgument("ranges of item \(i) are NULL") }
         first.append(errors.count)
         errors.append(contentsOf: repeatElement(nil, count: count))
@@ -209,8 +221,10 @@ struct RangeBatch {
                     throw .invalidArgument("range \(j) of item \(i): offset \(r.offset) length \(r.length) overflows")
                 }
                 guard r.mem != nil || r.length == 0 else { throw .invalidArgument("range \(j) of item \(i) has NULL memory") }
-                copies.append(StoreClient.Piece(offset: Int(r.offset), length: Int(r.length),
-                                                memory: MemoryRegion(address: UInt(bitPattern: r.mem), length: Int(r.length))))
+                copies.append(
+                    StoreClient.Piece(
+                        offset: Int(r.offset), length: Int(r.length),
+                        memory: MemoryRegion(address: UInt(bitPattern: r.mem), length: Int(r.length))))
             }
             try accept()
             pieces.append(start..<copies.count)
@@ -234,8 +248,10 @@ struct RangeBatch {
 }
 
 @c(kv_batch_read_ranges)
-public func kvBatchReadRanges(_ store: OpaquePointer?, _ items: UnsafePointer<kv_range_item>?, _ n: Int, _ flags: UInt32,
-                              _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+public func kvBatchReadRanges(
+    _ store: OpaquePointer?, _ items: UnsafePointer<kv_range_item>?, _ n: Int, _ flags: UInt32,
+    _ statuses: UnsafeMutablePointer<Int32>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.batchClient(store, n, items, statuses)
         var batch = RangeBatch()
@@ -253,9 +269,11 @@ public func kvBatchReadRanges(_ store: OpaquePointer?, _ items: UnsafePointer<kv
 }
 
 @c(kv_batch_replicas)
-public func kvBatchReplicas(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int,
-                            _ statuses: UnsafeMutablePointer<Int32>?, _ counts: UnsafeMutablePointer<UInt32>?,
-                            _ out: UnsafeMutablePointer<kv_replica>?, _ cap: Int) -> Int32 {
+public func kvBatchReplicas(
+    _ store: OpaquePointer?, _ keys: UnsafePointer<kv_key>?, _ n: Int,
+    _ statuses: UnsafeMutablePointer<Int32>?, _ counts: UnsafeMutablePointer<UInt32>?,
+    _ out: UnsafeMutablePointer<kv_replica>?, _ cap: Int
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.batchClient(store, n, keys, statuses)
         guard n == 0 || counts != nil, cap >= 0, cap == 0 || out != nil else { throw .invalidArgument("batch arrays are NULL") }
@@ -281,9 +299,11 @@ public func kvBatchReplicas(_ store: OpaquePointer?, _ keys: UnsafePointer<kv_ke
 }
 
 @c(kv_batch_write_begin)
-public func kvBatchWriteBegin(_ store: OpaquePointer?, _ items: UnsafePointer<kv_write_item>?, _ n: Int, _ flags: UInt32,
-                              _ options: UnsafePointer<kv_put_options>?, _ ids: UnsafeMutablePointer<UInt64>?,
-                              _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+public func kvBatchWriteBegin(
+    _ store: OpaquePointer?, _ items: UnsafePointer<kv_write_item>?, _ n: Int, _ flags: UInt32,
+    _ options: UnsafePointer<kv_put_options>?, _ ids: UnsafeMutablePointer<UInt64>?,
+    _ statuses: UnsafeMutablePointer<Int32>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.batchClient(store, n, items, statuses)
         guard n == 0 || ids != nil else { throw .invalidArgument("batch arrays are NULL") }
@@ -314,8 +334,10 @@ public func kvBatchWriteBegin(_ store: OpaquePointer?, _ items: UnsafePointer<kv
 }
 
 @c(kv_batch_write_ranges)
-public func kvBatchWriteRanges(_ store: OpaquePointer?, _ items: UnsafePointer<kv_write_ranges_item>?, _ n: Int,
-                               _ flags: UInt32, _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+public func kvBatchWriteRanges(
+    _ store: OpaquePointer?, _ items: UnsafePointer<kv_write_ranges_item>?, _ n: Int,
+    _ flags: UInt32, _ statuses: UnsafeMutablePointer<Int32>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.batchClient(store, n, items, statuses)
         var batch = RangeBatch()
@@ -331,8 +353,10 @@ public func kvBatchWriteRanges(_ store: OpaquePointer?, _ items: UnsafePointer<k
 }
 
 @c(kv_batch_write_end)
-public func kvBatchWriteEnd(_ store: OpaquePointer?, _ ids: UnsafePointer<UInt64>?, _ n: Int, _ flags: UInt32,
-                            _ statuses: UnsafeMutablePointer<Int32>?) -> Int32 {
+public func kvBatchWriteEnd(
+    _ store: OpaquePointer?, _ ids: UnsafePointer<UInt64>?, _ n: Int, _ flags: UInt32,
+    _ statuses: UnsafeMutablePointer<Int32>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.batchClient(store, n, ids, statuses)
         let errors = try c.endWrites(ids: (0..<n).map { ids![$0] }, abort: flags & UInt32(KV_WRITE_ABORT) != 0)

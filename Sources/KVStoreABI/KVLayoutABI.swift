@@ -25,8 +25,10 @@ extension ABI {
 }
 
 @c(kv_layout_register)
-public func kvLayoutRegister(_ store: OpaquePointer?, _ node: UnsafePointer<CChar>?, _ nodeLen: Int,
-                             _ buffers: UnsafePointer<kv_block_buffer>?, _ count: Int) -> Int32 {
+public func kvLayoutRegister(
+    _ store: OpaquePointer?, _ node: UnsafePointer<CChar>?, _ nodeLen: Int,
+    _ buffers: UnsafePointer<kv_block_buffer>?, _ count: Int
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         let n = try ABI.node(node, nodeLen)
@@ -50,8 +52,10 @@ public func kvLayoutRegister(_ store: OpaquePointer?, _ node: UnsafePointer<CCha
             guard let location else { throw .invalidArgument("descriptor \(i): location must be NUL-terminated UTF-8 within 32 bytes") }
             let parsed: MemoryLocation
             do throws(KVError) { parsed = try MemoryLocation(parsing: location) } catch { throw .invalidArgument("descriptor \(i): \(error.message)") }
-            ds.append(KVBufferDescriptor(layer: Int(b.layer), kind: kind, address: UInt(b.address), length: Int(b.length),
-                                         bytesPerBlock: Int(b.bytes_per_block), location: parsed))
+            ds.append(
+                KVBufferDescriptor(
+                    layer: Int(b.layer), kind: kind, address: UInt(b.address), length: Int(b.length),
+                    bytesPerBlock: Int(b.bytes_per_block), location: parsed))
         }
         try c.registerKVLayout(node: n, descriptors: ds)
     }
@@ -63,8 +67,10 @@ public func kvLayoutUnregister(_ store: OpaquePointer?) -> Int32 {
 }
 
 @c(kv_layout_fetch)
-public func kvLayoutFetch(_ store: OpaquePointer?, _ node: UnsafePointer<CChar>?, _ nodeLen: Int,
-                          _ out: UnsafeMutablePointer<kv_block_buffer>?, _ capacity: Int, _ count: UnsafeMutablePointer<Int>?) -> Int32 {
+public func kvLayoutFetch(
+    _ store: OpaquePointer?, _ node: UnsafePointer<CChar>?, _ nodeLen: Int,
+    _ out: UnsafeMutablePointer<kv_block_buffer>?, _ capacity: Int, _ count: UnsafeMutablePointer<Int>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         let n = try ABI.node(node, nodeLen)
@@ -90,17 +96,20 @@ public func kvLayoutFetch(_ store: OpaquePointer?, _ node: UnsafePointer<CChar>?
 }
 
 @c(kv_blocks_move)
-public func kvBlocksMove(_ store: OpaquePointer?, _ peer: UnsafePointer<CChar>?, _ peerLen: Int, _ flags: UInt32,
-                         _ src: UnsafePointer<Int64>?, _ dst: UnsafePointer<Int64>?, _ count: Int,
-                         _ layers: UnsafePointer<Int64>?, _ layerCount: Int, _ transfers: UnsafeMutablePointer<UInt64>?) -> Int32 {
+public func kvBlocksMove(
+    _ store: OpaquePointer?, _ peer: UnsafePointer<CChar>?, _ peerLen: Int, _ flags: UInt32,
+    _ src: UnsafePointer<Int64>?, _ dst: UnsafePointer<Int64>?, _ count: Int,
+    _ layers: UnsafePointer<Int64>?, _ layerCount: Int, _ transfers: UnsafeMutablePointer<UInt64>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         let n = try ABI.node(peer, peerLen)
         guard flags & ~UInt32(KV_BLOCKS_PUSH | KV_BLOCKS_AGGREGATED) == 0 else { throw .invalidArgument("unknown flags \(flags)") }
         let s = try ABI.ints(src, count, "source blocks"), d = try ABI.ints(dst, count, "destination blocks")
         let l = layers == nil ? nil : try ABI.ints(layers, layerCount, "layers")
-        let issued = try c.moveKVBlocks(peer: n, pull: flags & UInt32(KV_BLOCKS_PUSH) == 0, sourceBlocks: s, destinationBlocks: d,
-                                        layers: l, executor: flags & UInt32(KV_BLOCKS_AGGREGATED) != 0 ? .aggregated : .perBlock)
+        let issued = try c.moveKVBlocks(
+            peer: n, pull: flags & UInt32(KV_BLOCKS_PUSH) == 0, sourceBlocks: s, destinationBlocks: d,
+            layers: l, executor: flags & UInt32(KV_BLOCKS_AGGREGATED) != 0 ? .aggregated : .perBlock)
         transfers?.pointee = UInt64(issued)
     }
 }

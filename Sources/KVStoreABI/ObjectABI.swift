@@ -19,17 +19,20 @@ func writeOptions(_ p: UnsafePointer<kv_put_options>?, _ c: StoreClient) throws(
     }
     let on = o.flags & UInt32(KV_OPT_CHECKSUM) != 0, off = o.flags & UInt32(KV_OPT_NO_CHECKSUM) != 0
     guard !(on && off) else { throw .invalidArgument("KV_OPT_CHECKSUM and KV_OPT_NO_CHECKSUM are exclusive") }
-    return try WriteOptions(hardPin: o.flags & UInt32(KV_PIN_HARD) != 0, softPin: o.flags & UInt32(KV_PIN_SOFT) != 0,
-                            softPinSeconds: o.flags & UInt32(KV_OPT_SOFT_PIN_TTL) != 0 ? o.soft_pin_ttl : nil,
-                            ttlSeconds: o.flags & UInt32(KV_OPT_TTL) != 0 ? o.ttl : nil,
-                            replicas: o.flags & UInt32(KV_OPT_REPLICAS) != 0 ? Int(o.replicas) : 1,
-                            checksum: on || (c.checksumByDefault && !off), policy: c.cachePolicy)
+    return try WriteOptions(
+        hardPin: o.flags & UInt32(KV_PIN_HARD) != 0, softPin: o.flags & UInt32(KV_PIN_SOFT) != 0,
+        softPinSeconds: o.flags & UInt32(KV_OPT_SOFT_PIN_TTL) != 0 ? o.soft_pin_ttl : nil,
+        ttlSeconds: o.flags & UInt32(KV_OPT_TTL) != 0 ? o.ttl : nil,
+        replicas: o.flags & UInt32(KV_OPT_REPLICAS) != 0 ? Int(o.replicas) : 1,
+        checksum: on || (c.checksumByDefault && !off), policy: c.cachePolicy)
 }
 
 @c(kv_put)
-public func kvPut(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
-                  _ parts: UnsafePointer<kv_buffer>?, _ nparts: Int, _ flags: UInt32,
-                  _ options: UnsafePointer<kv_put_options>?) -> Int32 {
+public func kvPut(
+    _ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
+    _ parts: UnsafePointer<kv_buffer>?, _ nparts: Int, _ flags: UInt32,
+    _ options: UnsafePointer<kv_put_options>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         let k = try ABI.key(key, keyLen)
@@ -41,8 +44,10 @@ public func kvPut(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLe
 }
 
 @c(kv_read_begin)
-public func kvReadBegin(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
-                        _ flags: UInt32, _ out: UnsafeMutablePointer<kv_read>?) -> Int32 {
+public func kvReadBegin(
+    _ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
+    _ flags: UInt32, _ out: UnsafeMutablePointer<kv_read>?
+) -> Int32 {
     var busy = false
     let s = ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
@@ -66,21 +71,25 @@ public func kvReadBegin(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _
 /// The C record of a read hold (`ticket` reads it back).
 @inline(__always)
 func readRecord(_ t: ReadTicket) -> kv_read {
-    kv_read(handle: t.handle, segment: UInt64(t.segment), offset: UInt64(t.offset), size: UInt64(t.size), lease_end: t.leaseEnd,
-            checksum: t.checksum ?? 0, has_checksum: t.checksum == nil ? 0 : 1)
+    kv_read(
+        handle: t.handle, segment: UInt64(t.segment), offset: UInt64(t.offset), size: UInt64(t.size), lease_end: t.leaseEnd,
+        checksum: t.checksum ?? 0, has_checksum: t.checksum == nil ? 0 : 1)
 }
 
 @inline(__always)
 func ticket(_ hold: UnsafePointer<kv_read>) -> ReadTicket {
-    ReadTicket(handle: hold.pointee.handle, segment: SegmentID(truncatingIfNeeded: hold.pointee.segment),
-               offset: Int(hold.pointee.offset), size: Int(hold.pointee.size), leaseEnd: hold.pointee.lease_end,
-               checksum: hold.pointee.has_checksum != 0 ? hold.pointee.checksum : nil)
+    ReadTicket(
+        handle: hold.pointee.handle, segment: SegmentID(truncatingIfNeeded: hold.pointee.segment),
+        offset: Int(hold.pointee.offset), size: Int(hold.pointee.size), leaseEnd: hold.pointee.lease_end,
+        checksum: hold.pointee.has_checksum != 0 ? hold.pointee.checksum : nil)
 }
 
 @c(kv_read_copy)
-public func kvReadCopy(_ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?,
-                       _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int, _ flags: UInt32,
-                       _ copied: UnsafeMutablePointer<UInt64>?) -> Int32 {
+public func kvReadCopy(
+    _ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?,
+    _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int, _ flags: UInt32,
+    _ copied: UnsafeMutablePointer<UInt64>?
+) -> Int32 {
     var stale = false
     let s = ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
@@ -102,9 +111,11 @@ private func staleRead(_ hold: UnsafePointer<kv_read>) -> Int32 {
 }
 
 @c(kv_read_copy_range)
-public func kvReadCopyRange(_ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?, _ offset: UInt64, _ length: UInt64,
-                            _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int, _ flags: UInt32,
-                            _ copied: UnsafeMutablePointer<UInt64>?) -> Int32 {
+public func kvReadCopyRange(
+    _ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?, _ offset: UInt64, _ length: UInt64,
+    _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int, _ flags: UInt32,
+    _ copied: UnsafeMutablePointer<UInt64>?
+) -> Int32 {
     var stale = false
     let s = ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
@@ -132,9 +143,11 @@ public func kvReadEnd(_ store: OpaquePointer?, _ hold: UnsafePointer<kv_read>?) 
 }
 
 @c(kv_get_into)
-public func kvGetInto(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
-                      _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int, _ flags: UInt32,
-                      _ copied: UnsafeMutablePointer<UInt64>?) -> Int32 {
+public func kvGetInto(
+    _ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
+    _ dst: UnsafePointer<kv_mut_buffer>?, _ ndst: Int, _ flags: UInt32,
+    _ copied: UnsafeMutablePointer<UInt64>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         let k = try ABI.key(key, keyLen)
@@ -144,8 +157,10 @@ public func kvGetInto(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ k
 }
 
 @c(kv_exists)
-public func kvExists(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
-                     _ out: UnsafeMutablePointer<Int32>?) -> Int32 {
+public func kvExists(
+    _ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
+    _ out: UnsafeMutablePointer<Int32>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         let k = try ABI.key(key, keyLen)
@@ -154,8 +169,10 @@ public func kvExists(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ ke
 }
 
 @c(kv_size)
-public func kvSize(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
-                   _ out: UnsafeMutablePointer<UInt64>?) -> Int32 {
+public func kvSize(
+    _ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
+    _ out: UnsafeMutablePointer<UInt64>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         let k = try ABI.key(key, keyLen)
@@ -181,8 +198,10 @@ public func kvRemoveAll(_ store: OpaquePointer?, _ flags: UInt32, _ removed: Uns
 }
 
 @c(kv_register_buffer)
-public func kvRegisterBuffer(_ store: OpaquePointer?, _ ptr: UnsafeRawPointer?, _ len: Int,
-                             _ location: UnsafePointer<CChar>?, _ locationLen: Int) -> Int32 {
+public func kvRegisterBuffer(
+    _ store: OpaquePointer?, _ ptr: UnsafeRawPointer?, _ len: Int,
+    _ location: UnsafePointer<CChar>?, _ locationLen: Int
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         guard let ptr else { throw .invalidArgument("buffer pointer is NULL") }
@@ -200,9 +219,11 @@ public func kvUnregisterBuffer(_ store: OpaquePointer?, _ ptr: UnsafeRawPointer?
 }
 
 @c(kv_keys_page)
-public func kvKeysPage(_ store: OpaquePointer?, _ after: UnsafePointer<CChar>?, _ afterLength: Int,
-                       _ out: UnsafeMutableRawPointer?, _ cap: Int,
-                       _ count: UnsafeMutablePointer<Int>?, _ more: UnsafeMutablePointer<Int32>?) -> Int32 {
+public func kvKeysPage(
+    _ store: OpaquePointer?, _ after: UnsafePointer<CChar>?, _ afterLength: Int,
+    _ out: UnsafeMutableRawPointer?, _ cap: Int,
+    _ count: UnsafeMutablePointer<Int>?, _ more: UnsafeMutablePointer<Int32>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         let c = try ABI.client(store)
         guard let out, let count, let more else { throw .invalidArgument("out, count and more must not be NULL") }

@@ -18,17 +18,19 @@ public func kvMaxKeyBytes() -> Int { ObjectKey.maxBytes }
 extension CachePolicy {
     /// The policy a `kv_store_config` describes, every value checked.
     init(_ c: kv_store_config) throws(KVError) {
-        try self.init(leaseSeconds: c.lease_ttl, softPinSeconds: c.soft_pin_ttl,
-                      highWatermark: c.eviction_high_watermark, evictionRatio: c.eviction_ratio)
+        try self.init(
+            leaseSeconds: c.lease_ttl, softPinSeconds: c.soft_pin_ttl,
+            highWatermark: c.eviction_high_watermark, evictionRatio: c.eviction_ratio)
     }
 }
 
 @c(kv_store_config_init)
 public func kvStoreConfigInit(_ config: UnsafeMutablePointer<kv_store_config>?) {
     let d = CachePolicy()
-    config?.pointee = kv_store_config(lease_ttl: Double(d.leaseTTL) / 1e9, soft_pin_ttl: Double(d.softPinTTL) / 1e9,
-                                      eviction_high_watermark: d.highWatermark, eviction_ratio: d.evictionRatio,
-                                      disk_path: nil, disk_size: 0, disk_admission: 0)
+    config?.pointee = kv_store_config(
+        lease_ttl: Double(d.leaseTTL) / 1e9, soft_pin_ttl: Double(d.softPinTTL) / 1e9,
+        eviction_high_watermark: d.highWatermark, eviction_ratio: d.evictionRatio,
+        disk_path: nil, disk_size: 0, disk_admission: 0)
 }
 
 /// The disk tier a `kv_store_config` asks for (nil: none), every value checked.
@@ -62,30 +64,36 @@ public func kvSetWaitHooks(_ before: (@convention(c) () -> Void)?, _ after: (@co
 }
 
 @c(kv_store_create)
-public func kvStoreCreate(_ segmentSize: UInt64, _ flags: UInt32, _ config: UnsafePointer<kv_store_config>?,
-                          _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+public func kvStoreCreate(
+    _ segmentSize: UInt64, _ flags: UInt32, _ config: UnsafePointer<kv_store_config>?,
+    _ out: UnsafeMutablePointer<OpaquePointer?>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         guard let out else { throw .invalidArgument("out pointer is NULL") }
         let size = try segmentBytes(segmentSize)
         let cache = try config.map { (c) throws(KVError) in try CachePolicy(c.pointee) } ?? CachePolicy()
         let disk = try config.flatMap { (c) throws(KVError) in try diskTier(c.pointee) }
-        let client = try StoreClient(segmentSize: size, prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0,
-                                     pinning: try pinning(flags), cache: cache, disk: disk)
+        let client = try StoreClient(
+            segmentSize: size, prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0,
+            pinning: try pinning(flags), cache: cache, disk: disk)
         client.checksumDefault.store(flags & UInt32(KV_CREATE_CHECKSUM) != 0, ordering: .relaxed)
         out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
     }
 }
 
 @c(kv_store_connect)
-public func kvStoreConnect(_ url: UnsafePointer<CChar>?, _ segmentSize: UInt64, _ flags: UInt32,
-                           _ token: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+public func kvStoreConnect(
+    _ url: UnsafePointer<CChar>?, _ segmentSize: UInt64, _ flags: UInt32,
+    _ token: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<OpaquePointer?>?
+) -> Int32 {
     ABI.status { () throws(KVError) in
         guard let out else { throw .invalidArgument("out pointer is NULL") }
         guard let url else { throw .invalidArgument("master url is NULL") }
         let size = try segmentBytes(segmentSize)
         let t = token.map { String(cString: $0) }
-        let client = try StoreClient(connecting: String(cString: url), segmentSize: size, token: t?.isEmpty == false ? t : nil,
-                                     prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: try pinning(flags))
+        let client = try StoreClient(
+            connecting: String(cString: url), segmentSize: size, token: t?.isEmpty == false ? t : nil,
+            prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: try pinning(flags))
         client.checksumDefault.store(flags & UInt32(KV_CREATE_CHECKSUM) != 0, ordering: .relaxed)
         out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
     }

@@ -6,8 +6,10 @@ import KVTransfer
 // The tensor header codec and the device list of the C ABI. Contracts: include/kvstore_abi.h.
 
 @c(kv_tensor_header_encode)
-public func kvTensorHeaderEncode(_ dtype: Int32, _ ndim: Int32, _ shape: UnsafePointer<Int64>?,
-                                 _ out: UnsafeMutableRawPointer?, _ outLen: Int) -> Int32 {
+public func kvTensorHeaderEncode(
+    _ dtype: Int32, _ ndim: Int32, _ shape: UnsafePointer<Int64>?,
+    _ out: UnsafeMutableRawPointer?, _ outLen: Int
+) -> Int32 {
     ABI.status { () throws(KVError) in
         guard let dt = TensorDType(rawValue: dtype) else { throw .invalidArgument("unknown dtype code \(dtype)") }
         guard ndim >= 0, ndim <= Int32(TensorHeader.maxDimensions) else {

@@ -17,11 +17,13 @@ public final class BackgroundThread: @unchecked Sendable {
     /// Starts `body` on a new thread. Throws `internal` when the system refuses a thread.
     public init(_ body: @escaping @Sendable () -> Void) throws(KVError) {
         let box = Unmanaged.passRetained(Box(body)).toOpaque()
-        let rc = pthread_create(&thread, nil, { arg in
-            let b = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
-            b.body()
-            return nil
-        }, box)
+        let rc = pthread_create(
+            &thread, nil,
+            { arg in
+                let b = Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue()
+                b.body()
+                return nil
+            }, box)
         guard rc == 0 else {
             Unmanaged<Box>.fromOpaque(box).release()
             throw KVError(.internal, "pthread_create failed: error \(rc)")

@@ -76,8 +76,9 @@ public enum PrivateDirectory {
             throw .invalidArgument("\(what) \(dir) belongs to uid \(st.st_uid), not to this user (\(geteuid())): refusing it")
         }
         guard st.st_mode & forbidden == 0 else {
-            throw .invalidArgument("\(what) \(dir) has mode \(String(st.st_mode & 0o777, radix: 8)); "
-                                   + (forbidden & 0o044 != 0 ? "it must be 700" : "others must not be able to write to it (chmod go-w)"))
+            throw .invalidArgument(
+                "\(what) \(dir) has mode \(String(st.st_mode & 0o777, radix: 8)); "
+                    + (forbidden & 0o044 != 0 ? "it must be 700" : "others must not be able to write to it (chmod go-w)"))
         }
     }
 }

@@ -86,7 +86,7 @@ public final class EtcdClient: Sendable {
         let r = try post("/v3/lease/keepalive", "{\"ID\":\"\(id)\"}")
         // The gateway streams this call: each answer is wrapped in "result".
         guard let result = r["result"] else { throw KVError(.transfer, "etcd answered a keepalive without a result\(Self.reason(r))") }
-        guard let field = result["TTL"] else { return 0 }   // etcd leaves out a zero TTL: the lease is gone
+        guard let field = result["TTL"] else { return 0 } // etcd leaves out a zero TTL: the lease is gone
         guard let t = field.int64, t >= 0, t <= 1 << 31 else { throw KVError(.transfer, "etcd answered a keepalive with a bad TTL") }
         return Int(t)
     }
@@ -100,7 +100,8 @@ public final class EtcdClient: Sendable {
     /// that created it (won), or the key as it stands (lost; nil when it vanished meanwhile).
     public func create(_ key: [UInt8], value: [UInt8], lease: Int64) throws(KVError) -> (won: Int64?, current: EtcdKeyValue?) {
         let k = Self.b64(key)
-        let body = "{\"compare\":[{\"key\":\(k),\"target\":\"CREATE\",\"result\":\"EQUAL\",\"create_revision\":\"0\"}],"
+        let body =
+            "{\"compare\":[{\"key\":\(k),\"target\":\"CREATE\",\"result\":\"EQUAL\",\"create_revision\":\"0\"}],"
             + "\"success\":[{\"request_put\":{\"key\":\(k),\"value\":\(Self.b64(value)),\"lease\":\"\(lease)\"}}],"
             + "\"failure\":[{\"request_range\":{\"key\":\(k)}}]}"
         let r = try post("/v3/kv/txn", body)
@@ -120,7 +121,8 @@ public final class EtcdClient: Sendable {
     @discardableResult
     public func delete(_ key: [UInt8], ifCreatedAt revision: Int64) throws(KVError) -> Bool {
         let k = Self.b64(key)
-        let body = "{\"compare\":[{\"key\":\(k),\"target\":\"CREATE\",\"result\":\"EQUAL\",\"create_revision\":\"\(revision)\"}],"
+        let body =
+            "{\"compare\":[{\"key\":\(k),\"target\":\"CREATE\",\"result\":\"EQUAL\",\"create_revision\":\"\(revision)\"}],"
             + "\"success\":[{\"request_delete_range\":{\"key\":\(k)}}]}"
         return try post("/v3/kv/txn", body)["succeeded"]?.bool == true
     }
@@ -141,13 +143,15 @@ public final class EtcdClient: Sendable {
             throw KVError(.transfer, "etcd answered a range with kvs that are not a list")
         }
         guard let k = first["key"]?.string.flatMap(Base64.decode),
-              let create = first["create_revision"]?.int64, create > 0,
-              let mod = first["mod_revision"]?.int64, mod >= create else {
+            let create = first["create_revision"]?.int64, create > 0,
+            let mod = first["mod_revision"]?.int64, mod >= create
+        else {
             throw KVError(.transfer, "etcd answered a range with a malformed key")
         }
         // etcd leaves out empty values and zero leases.
         guard let v = first["value"].map({ $0.string.flatMap(Base64.decode) }) ?? [],
-              let lease = first["lease"].map({ $0.int64 }) ?? 0 else {
+            let lease = first["lease"].map({ $0.int64 }) ?? 0
+        else {
             throw KVError(.transfer, "etcd answered a range with a malformed value or lease")
         }
         return EtcdKeyValue(key: k, value: v, createRevision: create, modRevision: mod, lease: lease)
@@ -186,7 +190,8 @@ public final class EtcdClient: Sendable {
         let s = try Socket.connect(host: host, port: port, timeout: timeout)
         defer { s.close() }
         s.setTimeout(timeout)
-        let request = "POST \(path) HTTP/1.1\r\nHost: \(host):\(port)\r\nContent-Type: application/json\r\n"
+        let request =
+            "POST \(path) HTTP/1.1\r\nHost: \(host):\(port)\r\nContent-Type: application/json\r\n"
             + "Content-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n" + body
         try rethrowingKVError { try Array(request.utf8).withUnsafeBytes { try s.writeAll($0) } }
         var answer: [UInt8] = []
@@ -199,7 +204,7 @@ public final class EtcdClient: Sendable {
             answer += chunk[0..<n]
             guard answer.count <= maxResponse else { throw KVError(.transfer, "answer longer than \(maxResponse) bytes") }
             guard monotonicClock() < deadline else { throw KVError(.transfer, "no full answer within \(timeout) s") }
-            if (try? HTTPResponse.parse(answer)) != nil { break }   // complete (etcd may keep the connection)
+            if (try? HTTPResponse.parse(answer)) != nil { break } // complete (etcd may keep the connection)
         }
         guard let r = try HTTPResponse.parse(answer) else { throw KVError(.transfer, "the answer ended early") }
         return (r.status, try JSONValue.parse(r.body))
@@ -248,7 +253,7 @@ public struct HTTPResponse: Sendable, Equatable {
                     throw KVError(.transfer, "bad chunk size")
                 }
                 i = lineEnd + 2
-                if size == 0 { return HTTPResponse(status: status, body: body) }   // trailers are not read
+                if size == 0 { return HTTPResponse(status: status, body: body) } // trailers are not read
                 guard bytes.count >= i + size + 2 else { return nil }
                 body += bytes[i..<i + size]
                 guard bytes[i + size] == 13, bytes[i + size + 1] == 10 else { throw KVError(.transfer, "bad chunk end") }
@@ -278,7 +283,8 @@ public struct HTTPResponse: Sendable, Equatable {
 public enum MasterElectionKey {
     /// Cluster names: 1 to 64 letters, digits, '.', '_' or '-'.
     public static func validate(cluster: String) throws(KVError) {
-        let ok = !cluster.isEmpty && cluster.utf8.count <= 64
+        let ok =
+            !cluster.isEmpty && cluster.utf8.count <= 64
             && cluster.utf8.allSatisfy { c in (c >= 0x30 && c <= 0x39) || (c | 0x20 >= 0x61 && c | 0x20 <= 0x7A) || c == 0x2E || c == 0x5F || c == 0x2D }
         guard ok else { throw .invalidArgument("cluster name '\(cluster.prefix(80))' must be 1-64 letters, digits, '.', '_' or '-'") }
     }

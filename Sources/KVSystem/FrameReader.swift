@@ -23,10 +23,13 @@ public struct FrameReader: Sendable {
     /// The next frame. Throws `transfer` for I/O failures, `invalidArgument` for a bad frame.
     public mutating func next(_ s: Socket, isKnown: (UInt16) -> Bool) throws(KVError) -> (WireFrameHeader, [UInt8]) {
         try fill(s, WireFrameHeader.size)
-        let h = try rethrowingKVError { try buffer.withUnsafeBytes { b in
-            try WireFrameHeader.decode(UnsafeRawBufferPointer(rebasing: b[start..<start + WireFrameHeader.size]),
-                                       maxPayload: maxPayload, isKnown: isKnown)
-        } }
+        let h = try rethrowingKVError {
+            try buffer.withUnsafeBytes { b in
+                try WireFrameHeader.decode(
+                    UnsafeRawBufferPointer(rebasing: b[start..<start + WireFrameHeader.size]),
+                    maxPayload: maxPayload, isKnown: isKnown)
+            }
+        }
         try fill(s, WireFrameHeader.size + h.length)
         let payload = Array(buffer[start + WireFrameHeader.size..<start + WireFrameHeader.size + h.length])
         start += WireFrameHeader.size + h.length
@@ -39,10 +42,13 @@ public struct FrameReader: Sendable {
     public mutating func nextIfReady(_ s: Socket, isKnown: (UInt16) -> Bool) throws(KVError) -> (WireFrameHeader, [UInt8])? {
         while true {
             if end - start >= WireFrameHeader.size {
-                let h = try rethrowingKVError { try buffer.withUnsafeBytes { b in
-                    try WireFrameHeader.decode(UnsafeRawBufferPointer(rebasing: b[start..<start + WireFrameHeader.size]),
-                                               maxPayload: maxPayload, isKnown: isKnown)
-                } }
+                let h = try rethrowingKVError {
+                    try buffer.withUnsafeBytes { b in
+                        try WireFrameHeader.decode(
+                            UnsafeRawBufferPointer(rebasing: b[start..<start + WireFrameHeader.size]),
+                            maxPayload: maxPayload, isKnown: isKnown)
+                    }
+                }
                 if end - start >= WireFrameHeader.size + h.length { return try next(s, isKnown: isKnown) }
                 if buffer.count < WireFrameHeader.size + h.length || start > 0 {
                     buffer.withUnsafeMutableBytes { b in b.baseAddress!.copyMemory(from: b.baseAddress! + start, byteCount: end - start) }
@@ -67,7 +73,7 @@ public struct FrameReader: Sendable {
     /// Ensures `count` buffered bytes from `start`.
     private mutating func fill(_ s: Socket, _ count: Int) throws(KVError) {
         guard end - start < count else { return }
-        if start > 0 {   // move what is left to the front
+        if start > 0 { // move what is left to the front
             buffer.withUnsafeMutableBytes { b in
                 b.baseAddress!.copyMemory(from: b.baseAddress! + start, byteCount: end - start)
             }

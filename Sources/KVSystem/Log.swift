@@ -37,9 +37,11 @@ public final class Logger: Sendable {
     /// Tokens left, when they were counted, and lines dropped since the last one written.
     private let bucket: Locked<(tokens: Double, at: Nanoseconds, dropped: Int)>
 
-    public init(prefix: String, level: LogLevel = Logger.levelFromEnvironment, burst: Int = 100, perSecond: Int = 20,
-                clock: @escaping Clock = monotonicClock,
-                sink: @escaping @Sendable (String) -> Void = { text in _ = text.withCString { Glibc.write(2, $0, strlen($0)) } }) {
+    public init(
+        prefix: String, level: LogLevel = Logger.levelFromEnvironment, burst: Int = 100, perSecond: Int = 20,
+        clock: @escaping Clock = monotonicClock,
+        sink: @escaping @Sendable (String) -> Void = { text in _ = text.withCString { Glibc.write(2, $0, strlen($0)) } }
+    ) {
         self.prefix = prefix
         self.level = level
         self.burst = Double(burst)

@@ -18,7 +18,7 @@ public enum SharedMemoryFile {
             throw .invalidArgument("the segment descriptor is not a regular file")
         }
         let type = kv_fs_type(fd)
-        guard type == 0x0102_1994 || type == 0x9584_58f6 else {   // TMPFS_MAGIC, HUGETLBFS_MAGIC
+        guard type == 0x0102_1994 || type == 0x9584_58f6 else { // TMPFS_MAGIC, HUGETLBFS_MAGIC
             throw .invalidArgument("the segment descriptor is not a shared-memory file (tmpfs or hugetlbfs)")
         }
         guard fcntl(fd, F_GETFL) & O_ACCMODE == O_RDWR else {

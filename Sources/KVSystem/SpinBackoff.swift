@@ -74,8 +74,10 @@ public struct SpinBackoff: Sendable {
             var fields = 0, value = 0, i = 0
             while i < n {
                 let c = b[i]
-                if c == 0x20 { fields += 1 } else if fields == 3 {
-                    guard c >= 0x30 && c <= 0x39 else { return value }   // the '/'
+                if c == 0x20 {
+                    fields += 1
+                } else if fields == 3 {
+                    guard c >= 0x30 && c <= 0x39 else { return value } // the '/'
                     value = value * 10 + Int(c - 0x30)
                 }
                 i += 1

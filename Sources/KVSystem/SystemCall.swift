@@ -9,15 +9,19 @@ import KVCore
 public enum SystemCall {
     /// Throws when `result` is -1, with `what` and the errno text in the message.
     @discardableResult
-    public static func check<T: BinaryInteger>(_ what: @autoclosure () -> String, _ result: T,
-                                               code: KVError.Code = .internal) throws(KVError) -> T {
+    public static func check<T: BinaryInteger>(
+        _ what: @autoclosure () -> String, _ result: T,
+        code: KVError.Code = .internal
+    ) throws(KVError) -> T {
         if result == -1 { throw failure(what(), code: code) }
         return result
     }
 
     /// mmap that throws on MAP_FAILED.
-    public static func mmap(length: Int, protection: Int32, flags: Int32, fd: Int32 = -1,
-                            offset: Int = 0) throws(KVError) -> UnsafeMutableRawPointer {
+    public static func mmap(
+        length: Int, protection: Int32, flags: Int32, fd: Int32 = -1,
+        offset: Int = 0
+    ) throws(KVError) -> UnsafeMutableRawPointer {
         guard let p = Glibc.mmap(nil, length, protection, flags, fd, off_t(offset)), p != MAP_FAILED else {
             throw failure("mmap of \(length) bytes", code: .noSpace)
         }
@@ -35,8 +39,10 @@ public enum SystemCall {
     /// Runs `call` (a send, recv, read or write returning -1 on failure) with the one retry
     /// policy for byte-moving calls: EINTR is retried, EAGAIN/EWOULDBLOCK is `.wouldBlock`,
     /// anything else throws `code` naming `what` and the errno.
-    public static func io(_ what: @autoclosure () -> String, code: KVError.Code = .transfer,
-                          _ call: () -> Int) throws(KVError) -> IO {
+    public static func io(
+        _ what: @autoclosure () -> String, code: KVError.Code = .transfer,
+        _ call: () -> Int
+    ) throws(KVError) -> IO {
         while true {
             let n = call()
             if n >= 0 { return .bytes(n) }

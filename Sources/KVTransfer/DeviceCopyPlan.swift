@@ -29,27 +29,35 @@ public struct DeviceCopyPlan {
 
     /// Plans writing the `parts` stream into the host region `destination` (a segment) for
     /// `owner`. `locations` is aligned with `parts`; nil means every part is host memory.
-    public mutating func addWrite(_ parts: UnsafeBufferPointer<MemoryRegion>, locations: [MemoryLocation]?,
-                                  into destination: MemoryRegion, owner: Int) {
+    public mutating func addWrite(
+        _ parts: UnsafeBufferPointer<MemoryRegion>, locations: [MemoryLocation]?,
+        into destination: MemoryRegion, owner: Int
+    ) {
         withUnsafePointer(to: destination) { d in
-            add(sources: parts, source: { locations?[$0] ?? .host },
+            add(
+                sources: parts, source: { locations?[$0] ?? .host },
                 destinations: UnsafeBufferPointer(start: d, count: 1), destination: { _ in .host }, owner: owner)
         }
     }
 
     /// Plans reading the host region `source` (a segment) into the `destinations` stream for
     /// `owner`. `locations` is aligned with `destinations`; nil means all are host memory.
-    public mutating func addRead(from source: MemoryRegion, into destinations: UnsafeBufferPointer<MemoryRegion>,
-                                 locations: [MemoryLocation]?, owner: Int) {
+    public mutating func addRead(
+        from source: MemoryRegion, into destinations: UnsafeBufferPointer<MemoryRegion>,
+        locations: [MemoryLocation]?, owner: Int
+    ) {
         withUnsafePointer(to: source) { s in
-            add(sources: UnsafeBufferPointer(start: s, count: 1), source: { _ in .host },
+            add(
+                sources: UnsafeBufferPointer(start: s, count: 1), source: { _ in .host },
                 destinations: destinations, destination: { locations?[$0] ?? .host }, owner: owner)
         }
     }
 
-    private mutating func add(sources: UnsafeBufferPointer<MemoryRegion>, source: (Int) -> MemoryLocation,
-                              destinations: UnsafeBufferPointer<MemoryRegion>, destination: (Int) -> MemoryLocation,
-                              owner: Int) {
+    private mutating func add(
+        sources: UnsafeBufferPointer<MemoryRegion>, source: (Int) -> MemoryLocation,
+        destinations: UnsafeBufferPointer<MemoryRegion>, destination: (Int) -> MemoryLocation,
+        owner: Int
+    ) {
         TransferPlan.forEachIndexedSlice(sources: sources, destinations: destinations) { op, si, di in
             add(op, from: source(si), to: destination(di), owner: owner)
         }
@@ -79,8 +87,10 @@ public struct DeviceCopyPlan {
     /// Runs every copy; returns the failure of each owner that failed (empty when all
     /// succeeded). A device missing from `devices` fails its copies with `invalidArgument`.
     /// Each device used is held in `holds` (acquired once per store).
-    public func execute(transport: LocalCopyTransport, into destination: LocalCopyTransport.Destination,
-                        devices: AcceleratorSnapshot, holds: DeviceHolds) -> [Int: KVError] {
+    public func execute(
+        transport: LocalCopyTransport, into destination: LocalCopyTransport.Destination,
+        devices: AcceleratorSnapshot, holds: DeviceHolds
+    ) -> [Int: KVError] {
         execute(transport: transport, into: destination, devices: devices, holds: holds, batched: false).failed
     }
 
@@ -88,14 +98,16 @@ public struct DeviceCopyPlan {
     /// device call each count one). `batched`: each group's copies of one direction go in
     /// batched calls of up to `maxCopiesPerBatch` (`copyBatch`); a device without one fails
     /// every owner with `unsupported` before any byte moves.
-    public func execute(transport: LocalCopyTransport, into destination: LocalCopyTransport.Destination,
-                        devices: AcceleratorSnapshot, holds: DeviceHolds, batched: Bool) -> (failed: [Int: KVError], operations: Int) {
+    public func execute(
+        transport: LocalCopyTransport, into destination: LocalCopyTransport.Destination,
+        devices: AcceleratorSnapshot, holds: DeviceHolds, batched: Bool
+    ) -> (failed: [Int: KVError], operations: Int) {
         var failed: [Int: KVError] = [:]
         var operations = 0
         func fail(_ copies: [Copy], _ error: KVError) {
             for c in copies where failed[c.owner] == nil { failed[c.owner] = error }
         }
-        if batched {   // refuse before moving anything when a device has no batched call
+        if batched { // refuse before moving anything when a device has no batched call
             for group in deviceGroups {
                 guard let device = devices.device(at: group.device) else { continue }
                 do throws(KVError) {
@@ -128,8 +140,9 @@ public struct DeviceCopyPlan {
                         }
                         for c in group.copies where failed[c.owner] == nil {
                             do throws(KVError) {
-                                try device.copy(c.direction, from: c.op.source, to: c.op.destination, count: c.op.length,
-                                                stream: group.stream)
+                                try device.copy(
+                                    c.direction, from: c.op.source, to: c.op.destination, count: c.op.length,
+                                    stream: group.stream)
                                 transport.count(c.op.length)
                                 operations += 1
                             } catch {
@@ -147,8 +160,10 @@ public struct DeviceCopyPlan {
 
     /// One group's copies in batched calls, per direction in order of first use; returns the
     /// calls made. A failed call fails the owners of its copies.
-    private func runBatches(_ copies: [Copy], on device: any AcceleratorDevice, stream: DeviceStream, transport: LocalCopyTransport,
-                            fail: ([Copy], KVError) -> Void) -> Int {
+    private func runBatches(
+        _ copies: [Copy], on device: any AcceleratorDevice, stream: DeviceStream, transport: LocalCopyTransport,
+        fail: ([Copy], KVError) -> Void
+    ) -> Int {
         var directions: [CopyDirection] = []
         for c in copies where !directions.contains(c.direction) { directions.append(c.direction) }
         var calls = 0
@@ -157,8 +172,9 @@ public struct DeviceCopyPlan {
             for start in stride(from: 0, to: mine.count, by: Self.maxCopiesPerBatch) {
                 let chunk = Array(mine[start..<min(start + Self.maxCopiesPerBatch, mine.count)])
                 do throws(KVError) {
-                    try device.copyBatch(d, sources: chunk.map(\.op.source), destinations: chunk.map(\.op.destination),
-                                         counts: chunk.map(\.op.length), stream: stream)
+                    try device.copyBatch(
+                        d, sources: chunk.map(\.op.source), destinations: chunk.map(\.op.destination),
+                        counts: chunk.map(\.op.length), stream: stream)
                     for c in chunk { transport.count(c.op.length) }
                 } catch {
                     fail(chunk, error)

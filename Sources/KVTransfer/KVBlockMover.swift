@@ -54,7 +54,7 @@ public struct KVBlockMover: Sendable {
         case let .sameHost(pid, link):
             do throws(KVError) {
                 return try crossProcess(copies, pull: pull, pid: pid, batch: batch)
-            } catch where error.code == .unsupported && link != nil {
+            } catch  where error.code == .unsupported && link != nil {
                 return try network(copies, pull: pull, link: link!, batch: batch)
             }
         case let .network(link):

@@ -43,9 +43,11 @@ public struct LocalCopyTransport: Sendable {
     /// Copies the source stream into the destination stream; returns bytes copied
     /// (`min` of the two totals).
     @discardableResult
-    public func copy(from sources: UnsafeBufferPointer<MemoryRegion>,
-                     to destinations: UnsafeBufferPointer<MemoryRegion>,
-                     into destination: Destination) -> Int {
+    public func copy(
+        from sources: UnsafeBufferPointer<MemoryRegion>,
+        to destinations: UnsafeBufferPointer<MemoryRegion>,
+        into destination: Destination
+    ) -> Int {
         let threshold = destination.streamingThreshold
         var ops = 0
         let moved = TransferPlan.forEachSlice(sources: sources, destinations: destinations) { (op: CopyOp) in
@@ -59,15 +61,18 @@ public struct LocalCopyTransport: Sendable {
 
     /// `copy` that also computes the CRC32C of the bytes in the same pass, chained from `crc`
     /// (the CRC of the bytes before these; 0 for none). Returns bytes copied and the CRC.
-    public func copyChecksummed(from sources: UnsafeBufferPointer<MemoryRegion>,
-                                to destinations: UnsafeBufferPointer<MemoryRegion>,
-                                into destination: Destination, crc: UInt32 = 0) -> (Int, UInt32) {
+    public func copyChecksummed(
+        from sources: UnsafeBufferPointer<MemoryRegion>,
+        to destinations: UnsafeBufferPointer<MemoryRegion>,
+        into destination: Destination, crc: UInt32 = 0
+    ) -> (Int, UInt32) {
         let threshold = destination.streamingThreshold
         var ops = 0
         var c = crc
         let moved = TransferPlan.forEachSlice(sources: sources, destinations: destinations) { (op: CopyOp) in
-            c = kv_crc32c_copy(UnsafeMutableRawPointer(bitPattern: op.destination), UnsafeRawPointer(bitPattern: op.source),
-                               op.length, c, op.length < threshold ? 0 : destination == .segment ? 2 : 1)
+            c = kv_crc32c_copy(
+                UnsafeMutableRawPointer(bitPattern: op.destination), UnsafeRawPointer(bitPattern: op.source),
+                op.length, c, op.length < threshold ? 0 : destination == .segment ? 2 : 1)
             ops += 1
         }
         counters.bytesCopied.add(moved, ordering: .relaxed)

@@ -1,7 +1,6 @@
 import KVAccelerator
 import KVCore
 
-
 /// Memory ranges registered by the user, each with the location captured at registration.
 /// Ranges never overlap. Lookup by address is a binary search over a sorted array.
 /// Thread-safe (one mutex).
@@ -67,6 +66,8 @@ public final class MemoryRegistry: Sendable {
     }
 
     private static func overlap(_ r: MemoryRegion, _ e: Entry) -> KVError {
-        .invalidArgument("buffer [0x\(String(r.address, radix: 16)), +\(r.length)) overlaps a registered buffer [0x\(String(e.region.address, radix: 16)), +\(e.region.length))")
+        .invalidArgument(
+            "buffer [0x\(String(r.address, radix: 16)), +\(r.length)) overlaps a registered buffer [0x\(String(e.region.address, radix: 16)), +\(e.region.length))"
+        )
     }
 }

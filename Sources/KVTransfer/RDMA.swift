@@ -62,14 +62,17 @@ public enum RDMA {
             return Discovery(loaded: true, reason: error.message, devices: [])
         }
         let devices = raw.prefix(Int(min(n, 32))).map { d in
-            Device(name: withUnsafeBytes(of: d.name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) },
-                   port: Int(d.port), active: d.active != 0,
-                   linkLayer: d.link_layer == 1 ? "infiniband" : d.link_layer == 2 ? "ethernet" : "unknown", mtu: Int(d.mtu))
+            Device(
+                name: withUnsafeBytes(of: d.name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) },
+                port: Int(d.port), active: d.active != 0,
+                linkLayer: d.link_layer == 1 ? "infiniband" : d.link_layer == 2 ? "ethernet" : "unknown", mtu: Int(d.mtu))
         }
         var found = Discovery(loaded: true, reason: "", devices: devices)
         if found.usable == nil {
             let named = environment("KVSTORE_RDMA_DEVICE").map { " named '\($0)'" } ?? ""
-            found.reason = devices.isEmpty ? "no RDMA devices on this machine"
+            found.reason =
+                devices.isEmpty
+                ? "no RDMA devices on this machine"
                 : devices.contains(where: { $0.active }) && !devices.contains(where: { $0.active && $0.linkLayer != "unknown" })
                     ? "no RDMA device\(named) with an active InfiniBand or RoCE port (the link layer is unspecified: no reliable-connected RDMA)"
                     : "no RDMA device with an active port" + named
@@ -134,7 +137,7 @@ public final class RDMAContext: @unchecked Sendable {
             var text = [CChar](repeating: 0, count: 256)
             while !events.stop.load(ordering: .acquiring) {
                 let r = kv_rdma_next_event(OpaquePointer(bitPattern: context), 200, &type, &eventPort, &text, text.count)
-                if r < 0 { return }   // this library reports no events
+                if r < 0 { return } // this library reports no events
                 guard r == 1, eventPort == 0 || Int(eventPort) == port else { continue }
                 let name = String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
                 switch type {
@@ -194,8 +197,9 @@ public final class RDMAMemory: @unchecked Sendable {
     init(_ context: RDMAContext, _ region: MemoryRegion, remote: Bool, owned: Bool) throws(KVError) {
         var l: UInt32 = 0, r: UInt32 = 0
         mr = try RDMA.call(.transfer) { err, n in
-            kv_rdma_register(context.raw, UnsafeMutableRawPointer(bitPattern: region.address), region.length, remote ? 1 : 0,
-                             &l, &r, err, n)
+            kv_rdma_register(
+                context.raw, UnsafeMutableRawPointer(bitPattern: region.address), region.length, remote ? 1 : 0,
+                &l, &r, err, n)
         }
         self.context = context
         self.region = region
@@ -235,11 +239,14 @@ public final class RDMAQueuePair: @unchecked Sendable {
 
     /// One-sided READ (remote → `local`) or WRITE (`local` → remote) of `local.length` bytes;
     /// `local` must lie in memory registered with `lkey`.
-    public func transfer(write: Bool, local: MemoryRegion, lkey: UInt32, remote: UInt64, rkey: UInt32,
-                         timeoutMilliseconds: Int32 = 30_000) throws(KVError) {
+    public func transfer(
+        write: Bool, local: MemoryRegion, lkey: UInt32, remote: UInt64, rkey: UInt32,
+        timeoutMilliseconds: Int32 = 30_000
+    ) throws(KVError) {
         try RDMA.call(.transfer) { err, n in
-            kv_rdma_transfer(raw, write ? 1 : 0, UnsafeMutableRawPointer(bitPattern: local.address), lkey, remote, rkey,
-                             local.length, timeoutMilliseconds, err, n) == 0 ? () : nil
+            kv_rdma_transfer(
+                raw, write ? 1 : 0, UnsafeMutableRawPointer(bitPattern: local.address), lkey, remote, rkey,
+                local.length, timeoutMilliseconds, err, n) == 0 ? () : nil
         }
     }
 }

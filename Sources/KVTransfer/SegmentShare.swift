@@ -56,7 +56,8 @@ public enum SegmentShare {
         let h = try rethrowingKVError { try frame.withUnsafeBytes { try WireFrameHeader.decode($0, maxPayload: 64, isKnown: DataFrame.isKnown) } }
         guard h.kind == DataFrame.ok, fd >= 0 else {
             if fd >= 0 { close(fd) }
-            throw h.kind == DataFrame.error ? PeerLink.errorOf(Array(frame[WireFrameHeader.size..<min(n, WireFrameHeader.size + h.length)]))
+            throw h.kind == DataFrame.error
+                ? PeerLink.errorOf(Array(frame[WireFrameHeader.size..<min(n, WireFrameHeader.size + h.length)]))
                 : KVError(.transfer, "no segment descriptor from \(name)")
         }
         return fd

@@ -189,9 +189,11 @@ public final class SegmentServer: @unchecked Sendable {
     /// Listens on host:port (0: any free port) and starts serving.
     /// With `rdma`, the segment is registered with that device and peers may connect queue
     /// pairs to it (a registration failure is logged and leaves TCP only).
-    public init(region: MemoryRegion, host: String, port: Int = 0, token: ClusterToken, dataLock: SharedLock? = nil,
-                rdma: RDMAContext? = nil, shareFD: Int32 = -1, idleTimeout: Double = SegmentServer.defaultIdleTimeout,
-                log: @escaping @Sendable (String) -> Void = { _ in }) throws(KVError) {
+    public init(
+        region: MemoryRegion, host: String, port: Int = 0, token: ClusterToken, dataLock: SharedLock? = nil,
+        rdma: RDMAContext? = nil, shareFD: Int32 = -1, idleTimeout: Double = SegmentServer.defaultIdleTimeout,
+        log: @escaping @Sendable (String) -> Void = { _ in }
+    ) throws(KVError) {
         self.region = region
         self.dataLock = dataLock
         self.rdma = rdma
@@ -217,7 +219,7 @@ public final class SegmentServer: @unchecked Sendable {
         try SystemCall.check("pipe", pipe(&fds))
         for fd in fds {
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-            _ = fcntl(fd, F_SETFL, O_NONBLOCK)   // a full pipe already holds a wake-up; the poller drains it
+            _ = fcntl(fd, F_SETFL, O_NONBLOCK) // a full pipe already holds a wake-up; the poller drains it
         }
         wake = (fds[0], fds[1])
         pollThread = try BackgroundThread { [unowned self] in self.pollLoop() }
@@ -251,10 +253,14 @@ public final class SegmentServer: @unchecked Sendable {
     /// its master link. Until it is done, queue pairs are refused (peers use TCP and ask again
     /// later). The same id again (a resumed session) keeps the registration and its keys.
     public func serve(segment seg: SegmentID) {
-        let previous = segmentID.withLock { id in defer { id = seg }; return id }
+        let previous = segmentID.withLock { id in
+            defer { id = seg }; return id
+        }
         guard let rdma, seg != previous || registration.withLock({ $0 }) == nil else { return }
-        let generation = registrationGeneration.withLock { g in g += 1; return g }
-        registration.withLock { $0 = nil }   // deregistered: the old keys stop working
+        let generation = registrationGeneration.withLock { g in
+            g += 1; return g
+        }
+        registration.withLock { $0 = nil } // deregistered: the old keys stop working
         guard seg != 0 else { return }
         let thread = try? BackgroundThread { [self] in
             do throws(KVError) {
@@ -273,7 +279,9 @@ public final class SegmentServer: @unchecked Sendable {
 
     /// Waits for the registration in progress, if any (tests; `stop`).
     public func waitForRegistration() {
-        registrar.withLock { t in t?.join(); t = nil }
+        registrar.withLock { t in
+            t?.join(); t = nil
+        }
     }
 
     /// Serves kvRead/kvWrite of these host buffers from now on (empty: none). Waits for the
@@ -301,7 +309,8 @@ public final class SegmentServer: @unchecked Sendable {
                 if kvBuffers[mid].address <= r.address { lo = mid + 1 } else { hi = mid }
             }
             guard lo > 0, r.length >= 0, r.address - kvBuffers[lo - 1].address <= UInt(kvBuffers[lo - 1].length),
-                  UInt(r.length) <= UInt(kvBuffers[lo - 1].length) - (r.address - kvBuffers[lo - 1].address) else {
+                UInt(r.length) <= UInt(kvBuffers[lo - 1].length) - (r.address - kvBuffers[lo - 1].address)
+            else {
                 throw .invalidArgument("range \(r.address)+\(r.length) is not inside a KV buffer this peer published")
             }
         }
@@ -330,12 +339,12 @@ public final class SegmentServer: @unchecked Sendable {
         localListener?.close()
         registrationGeneration.withLock { $0 += 1 }
         waitForRegistration()
-        registration.withLock { $0 = nil }   // the segment is not reachable by RDMA once stopped
+        registration.withLock { $0 = nil } // the segment is not reachable by RDMA once stopped
     }
 
     private func wakePoller() {
         var b: UInt8 = 1
-        _ = write(wake.write, &b, 1)   // a full pipe already holds a wake-up
+        _ = write(wake.write, &b, 1) // a full pipe already holds a wake-up
     }
 
     /// One served connection: its socket and what it has established so far. The poller owns
@@ -345,7 +354,7 @@ public final class SegmentServer: @unchecked Sendable {
         let serial: Int
         var welcomed = false
         var handshake: ServerHandshake?
-        var queuePairs: [RDMAQueuePair] = []   // live as long as this connection
+        var queuePairs: [RDMAQueuePair] = [] // live as long as this connection
         /// Handshake bytes read so far (the poller reads without waiting).
         var inbound: [UInt8] = []
         /// When the poller closes it (`monotonicClock`; 0: never): the authentication deadline,
@@ -365,7 +374,7 @@ public final class SegmentServer: @unchecked Sendable {
     private func pollLoop() {
         var fds: [pollfd] = []
         var polled: [Connection] = []
-        var restUntil: Nanoseconds = 0   // accept failed (out of descriptors): listeners rest
+        var restUntil: Nanoseconds = 0 // accept failed (out of descriptors): listeners rest
         while true {
             let now = monotonicClock()
             var next: Nanoseconds = restUntil > now ? restUntil : .max
@@ -389,7 +398,7 @@ public final class SegmentServer: @unchecked Sendable {
                 return st.stopped
             }
             if stopped { return }
-            for c in expired { drop(c) }   // too slow to authenticate, or idle too long
+            for c in expired { drop(c) } // too slow to authenticate, or idle too long
             let wait = next == .max ? Int32(-1) : Int32(min(1000, (next - now) / 1_000_000 + 1))
             let n = poll(&fds, nfds_t(fds.count), wait)
             if n < 0 {
@@ -415,7 +424,7 @@ public final class SegmentServer: @unchecked Sendable {
             let accepted: Socket?
             do throws(KVError) { accepted = try l.accept() } catch { return false }
             guard let s = accepted else { return true }
-            _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)   // workers block; the poller uses MSG_DONTWAIT
+            _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK) // workers block; the poller uses MSG_DONTWAIT
             let deadline = monotonicClock() &+ Nanoseconds(DataFrame.authTimeout * 1e9)
             let kept = state.withLock { st -> Bool in
                 // A peer cannot make this process keep connections without bound.
@@ -451,10 +460,13 @@ public final class SegmentServer: @unchecked Sendable {
             }
             c.inbound += chunk[..<n]
             while !c.welcomed && c.inbound.count >= WireFrameHeader.size {
-                let h = try rethrowingKVError { try c.inbound.withUnsafeBytes { b in
-                    try WireFrameHeader.decode(UnsafeRawBufferPointer(rebasing: b[..<WireFrameHeader.size]), maxPayload: DataFrame.maxPreAuthPayload,
-                                               isKnown: { $0 == DataFrame.hello || $0 == DataFrame.prove })
-                } }
+                let h = try rethrowingKVError {
+                    try c.inbound.withUnsafeBytes { b in
+                        try WireFrameHeader.decode(
+                            UnsafeRawBufferPointer(rebasing: b[..<WireFrameHeader.size]), maxPayload: DataFrame.maxPreAuthPayload,
+                            isKnown: { $0 == DataFrame.hello || $0 == DataFrame.prove })
+                    }
+                }
                 guard c.inbound.count >= WireFrameHeader.size + h.length else { return }
                 let payload = Array(c.inbound[WireFrameHeader.size..<WireFrameHeader.size + h.length])
                 c.inbound.removeFirst(WireFrameHeader.size + h.length)
@@ -517,8 +529,9 @@ public final class SegmentServer: @unchecked Sendable {
         while true {
             let header: WireFrameHeader, payload: [UInt8]
             do throws(KVError) {
-                (header, payload) = try s.readFrame(maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown,
-                                                    deadline: requestDeadline(0))
+                (header, payload) = try s.readFrame(
+                    maxPayload: DataFrame.maxPayload, isKnown: DataFrame.isKnown,
+                    deadline: requestDeadline(0))
             } catch {
                 if error.code != .transfer { log("segment server: closing a connection: \(error.message)") }
                 return false
@@ -756,8 +769,10 @@ public final class PeerLink: Sendable {
     static let stagingLimit = 16 << 20
 
     /// `endpoint` is "a.b.c.d:port".
-    public init(endpoint: String, token: ClusterToken, timeout: Double = 30, rdma: RDMAContext? = nil,
-                counters: TransferCounters = TransferCounters(), log: @escaping @Sendable (String) -> Void = logLine) throws(KVError) {
+    public init(
+        endpoint: String, token: ClusterToken, timeout: Double = 30, rdma: RDMAContext? = nil,
+        counters: TransferCounters = TransferCounters(), log: @escaping @Sendable (String) -> Void = logLine
+    ) throws(KVError) {
         (host, port) = try Socket.endpoint(Substring(endpoint))
         self.token = token
         self.timeout = timeout
@@ -786,8 +801,10 @@ public final class PeerLink: Sendable {
     /// otherwise, nothing sent). `deadline` (this host's `monotonicClock`; 0: none) is the
     /// write's: the peer stores no byte that reaches it later (over TCP; an RDMA write is
     /// one-sided and is not checked).
-    public func write(segment: SegmentID, offset: Int, length: Int, from parts: UnsafeBufferPointer<MemoryRegion>,
-                      deadline: Nanoseconds = 0) throws(KVError) {
+    public func write(
+        segment: SegmentID, offset: Int, length: Int, from parts: UnsafeBufferPointer<MemoryRegion>,
+        deadline: Nanoseconds = 0
+    ) throws(KVError) {
         try Self.checkLength(parts, length, "parts")
         try exchange(length) { (c) throws(KVError) in
             // After a failed RDMA write some pieces may have landed: the TCP write below writes
@@ -829,7 +846,8 @@ public final class PeerLink: Sendable {
     /// buffers (`invalidArgument` from the peer otherwise, nothing moved).
     public func kvTransfer(write: Bool, remote: [MemoryRegion], local: [MemoryRegion]) throws(KVError) {
         guard remote.count == local.count, remote.count <= DataFrame.maxKVRanges,
-              zip(remote, local).allSatisfy({ $0.length == $1.length && $0.length >= 0 }) else {
+            zip(remote, local).allSatisfy({ $0.length == $1.length && $0.length >= 0 })
+        else {
             throw .invalidArgument("a KV transfer needs at most \(DataFrame.maxKVRanges) remote and local ranges of equal lengths")
         }
         var w = WireWriter(capacity: 8 + 16 * remote.count)
@@ -851,7 +869,9 @@ public final class PeerLink: Sendable {
 
     /// Drops every idle connection.
     public func closeIdle() {
-        let all = idle.withLock { i in defer { i.removeAll() }; return i }
+        let all = idle.withLock { i in
+            defer { i.removeAll() }; return i
+        }
         for c in all { c.socket.close() }
     }
 
@@ -882,8 +902,10 @@ public final class PeerLink: Sendable {
 
     /// Calls `body` with the pieces of bytes `skip..<skip+count` of the stream `regions`, each
     /// with its position from `skip`.
-    static func pieces<E: Error>(of regions: UnsafeBufferPointer<MemoryRegion>, skipping skip: Int, count: Int,
-                                 _ body: (MemoryRegion, Int) throws(E) -> Void) throws(E) {
+    static func pieces<E: Error>(
+        of regions: UnsafeBufferPointer<MemoryRegion>, skipping skip: Int, count: Int,
+        _ body: (MemoryRegion, Int) throws(E) -> Void
+    ) throws(E) {
         var skip = skip, at = 0
         for r in regions where at < count {
             if skip >= r.length { skip -= r.length; continue }
@@ -971,8 +993,10 @@ public final class PeerLink: Sendable {
     /// `PeerConnection.transfer`). False when TCP must carry them: no usable RDMA here, or the
     /// RDMA transfer just failed and moved the connection to TCP (the caller then does the
     /// whole operation over TCP).
-    private func viaRDMA(_ c: PeerConnection, write: Bool, _ segment: SegmentID, _ offset: Int, _ length: Int,
-                         _ stage: (MemoryRegion, Int) -> Void) -> Bool {
+    private func viaRDMA(
+        _ c: PeerConnection, write: Bool, _ segment: SegmentID, _ offset: Int, _ length: Int,
+        _ stage: (MemoryRegion, Int) -> Void
+    ) -> Bool {
         guard let r = usableRDMA(c), r.covers(segment, offset, length) else { return false }
         do throws(KVError) {
             try c.transfer(write: write, r, offset: offset, length: length, counters: counters, stage)
@@ -1007,8 +1031,8 @@ public final class PeerLink: Sendable {
         let payload: [UInt8]
         do throws(KVError) {
             payload = try Self.expect(DataFrame.rdmaAccepted, c.socket)
-        } catch where error.code == .unsupported {
-            refuseRDMA()   // the peer cannot do RDMA with us (now): TCP, asked again later
+        } catch  where error.code == .unsupported {
+            refuseRDMA() // the peer cannot do RDMA with us (now): TCP, asked again later
             log("peer \(host):\(port) refused RDMA (\(error.message)); using TCP for this peer for now")
             return nil
         }
@@ -1082,15 +1106,18 @@ final class PeerConnection: @unchecked Sendable {
     /// Moves `length` bytes at `offset` of the remote segment by RDMA, in pieces of at most
     /// the staging buffer's size: `stage(piece, at)` fills the piece before a WRITE, or
     /// empties it after a READ (`at`: the piece's position in the transfer).
-    func transfer(write: Bool, _ r: RemoteSegment, offset: Int, length: Int, counters: TransferCounters,
-                  _ stage: (MemoryRegion, Int) -> Void) throws(KVError) {
+    func transfer(
+        write: Bool, _ r: RemoteSegment, offset: Int, length: Int, counters: TransferCounters,
+        _ stage: (MemoryRegion, Int) -> Void
+    ) throws(KVError) {
         let buffer = try stagingBuffer(min(length, PeerLink.stagingLimit), r.queuePair.context)
         var done = 0
         while done < length {
             let piece = MemoryRegion(address: buffer.region.address, length: min(length - done, buffer.region.length))
             if write { stage(piece, done) }
-            try r.queuePair.transfer(write: write, local: piece, lkey: buffer.lkey, remote: r.base + UInt64(offset + done), rkey: r.rkey,
-                                     timeoutMilliseconds: PeerConnection.transferTimeoutMilliseconds)
+            try r.queuePair.transfer(
+                write: write, local: piece, lkey: buffer.lkey, remote: r.base + UInt64(offset + done), rkey: r.rkey,
+                timeoutMilliseconds: PeerConnection.transferTimeoutMilliseconds)
             if !write { stage(piece, done) }
             done += piece.length
         }
@@ -1106,8 +1133,9 @@ final class PeerConnection: @unchecked Sendable {
     func probe(_ r: RemoteSegment) throws(KVError) {
         guard r.size > 0 else { throw KVError(.unsupported, "the peer serves an empty segment") }
         let buffer = try stagingBuffer(64, r.queuePair.context)
-        try r.queuePair.transfer(write: false, local: MemoryRegion(address: buffer.region.address, length: min(64, r.size)),
-                                 lkey: buffer.lkey, remote: r.base, rkey: r.rkey, timeoutMilliseconds: 2_000)
+        try r.queuePair.transfer(
+            write: false, local: MemoryRegion(address: buffer.region.address, length: min(64, r.size)),
+            lkey: buffer.lkey, remote: r.base, rkey: r.rkey, timeoutMilliseconds: 2_000)
     }
 
     func dropStaging() { staging = nil }
@@ -1118,7 +1146,7 @@ final class PeerConnection: @unchecked Sendable {
     /// transfers go in pieces of it, not through a new registration attempt each time).
     private func stagingBuffer(_ size: Int, _ context: RDMAContext) throws(KVError) -> RDMAMemory {
         if let s = staging, s.region.length >= min(size, stagingCeiling) { return s }
-        staging = nil   // deregistered first: its bytes count against the limit
+        staging = nil // deregistered first: its bytes count against the limit
         var want = min(max(size, 1 << 20), stagingCeiling)
         var failure: KVError? = nil
         while want >= 64 << 10 {

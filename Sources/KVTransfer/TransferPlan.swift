@@ -63,8 +63,10 @@ public enum TransferPlan {
     }
 
     /// The slices as an array (for inspection and tests; the copy paths use `forEachSlice`).
-    public static func slices(sources: [MemoryRegion], destinations: [MemoryRegion],
-                              maxSlice: Int = maxSliceSize) -> [CopyOp] {
+    public static func slices(
+        sources: [MemoryRegion], destinations: [MemoryRegion],
+        maxSlice: Int = maxSliceSize
+    ) -> [CopyOp] {
         var ops: [CopyOp] = []
         _ = sources.withUnsafeBufferPointer { s in
             destinations.withUnsafeBufferPointer { d in

@@ -25,7 +25,7 @@ final class AcceleratorRegistryTests: XCTestCase {
     func testSnapshotIsImmutableAndRefreshPublishesANewOne() {
         let before = AcceleratorRegistry.snapshot
         XCTAssertFalse(before.devices.contains { $0.kind == FakeAccelerator.kind })
-        FakeAccelerator.setDevices(2)   // probes again
+        FakeAccelerator.setDevices(2) // probes again
         let after = AcceleratorRegistry.snapshot
         XCTAssertGreaterThan(after.generation, before.generation)
         XCTAssertFalse(before.devices.contains { $0.kind == FakeAccelerator.kind }, "an old snapshot never changes")
@@ -112,7 +112,7 @@ final class AcceleratorRegistryTests: XCTestCase {
         a.releaseAll()
         XCTAssertEqual([FakeAccelerator.holds(0), FakeAccelerator.holds(1)], [1, 1])
         b.releaseAll()
-        b.releaseAll()   // idempotent
+        b.releaseAll() // idempotent
         XCTAssertEqual([FakeAccelerator.holds(0), FakeAccelerator.holds(1)], [0, 0])
     }
 

@@ -74,7 +74,7 @@ final class PinnedMemoryTests: XCTestCase {
         setenv("MC_STORE_PIN_MEMORY", "0", 1)
         setenv("MC_STORE_PIN_MEMORY_MAX_BYTES", "4096", 1)
         XCTAssertEqual(try PinningPolicy.fromEnvironment(), PinningPolicy(enabled: false, maxBytes: 4096))
-        setenv("KVSTORE_PIN_MEMORY", "1", 1)   // the KVSTORE_ name wins over the alias
+        setenv("KVSTORE_PIN_MEMORY", "1", 1) // the KVSTORE_ name wins over the alias
         setenv("KVSTORE_PIN_MEMORY_MAX_BYTES", "0", 1)
         XCTAssertEqual(try PinningPolicy.fromEnvironment(), PinningPolicy(enabled: true, maxBytes: 0))
         setenv("KVSTORE_PIN_MEMORY_MAX_BYTES", "-5", 1)

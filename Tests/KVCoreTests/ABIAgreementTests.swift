@@ -12,7 +12,7 @@ final class ABIAgreementTests: XCTestCase {
             .leaseHeld: Int(KV_E_LEASE_HELD), .invalidArgument: Int(KV_E_INVALID_ARGUMENT), .transfer: Int(KV_E_TRANSFER),
             .storeClosed: Int(KV_E_STORE_CLOSED), .unsupported: Int(KV_E_UNSUPPORTED), .internal: Int(KV_E_INTERNAL),
             .argumentType: Int(KV_E_ARGUMENT_TYPE),
-            .checksum: Int(KV_E_CHECKSUM),
+            .checksum: Int(KV_E_CHECKSUM)
         ]
         XCTAssertEqual(Set(header.keys), Set(KVError.Code.allCases), "every Swift code has a C constant")
         for (code, value) in header { XCTAssertEqual(Int(code.rawValue), value, "\(code)") }

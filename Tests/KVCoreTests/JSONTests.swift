@@ -5,7 +5,8 @@ import XCTest
 /// sends is bounded and checked, and nothing traps.
 final class JSONTests: XCTestCase {
     func testParsesWhatEtcdSends() throws {
-        let text = #"{"header":{"revision":"12","raft_term":"2"},"kvs":[{"key":"eA==","create_revision":"7","value":"MTI3LjAuMC4xOjE="}],"count":"1","more":false,"n":-1.5e3,"z":null}"#
+        let text =
+            #"{"header":{"revision":"12","raft_term":"2"},"kvs":[{"key":"eA==","create_revision":"7","value":"MTI3LjAuMC4xOjE="}],"count":"1","more":false,"n":-1.5e3,"z":null}"#
         let v = try JSONValue.parse(Array(text.utf8))
         XCTAssertEqual(v["header"]?["revision"]?.int64, 12)
         XCTAssertEqual(v["kvs"]?.array?.first?["create_revision"]?.int64, 7)
@@ -13,7 +14,7 @@ final class JSONTests: XCTestCase {
         XCTAssertEqual(v["n"], .number("-1.5e3"))
         XCTAssertEqual(v["z"], .null)
         XCTAssertNil(v["missing"])
-        XCTAssertNil(v["count"]?.array)   // wrong shape: nil, not a trap
+        XCTAssertNil(v["count"]?.array) // wrong shape: nil, not a trap
     }
 
     func testStringsAndEscapes() throws {
@@ -25,15 +26,17 @@ final class JSONTests: XCTestCase {
     }
 
     func testRefusesWhatIsNotJSON() {
-        let bad = ["", "{", "[1,]", "{\"a\" 1}", "{\"a\":1,}", "tru", "nul", "\"open", "\"\\x\"", "\"\\ud800\"", "01a", "-",
-                   "1 2", "{\"a\":1}}", "\"a\u{1}b\"", "[" + String(repeating: "[", count: 40) + String(repeating: "]", count: 41),
-                   String(repeating: "9", count: 100)]
+        let bad = [
+            "", "{", "[1,]", "{\"a\" 1}", "{\"a\":1,}", "tru", "nul", "\"open", "\"\\x\"", "\"\\ud800\"", "01a", "-",
+            "1 2", "{\"a\":1}}", "\"a\u{1}b\"", "[" + String(repeating: "[", count: 40) + String(repeating: "]", count: 41),
+            String(repeating: "9", count: 100)
+        ]
         for text in bad {
             XCTAssertThrowsError(try JSONValue.parse(Array(text.utf8)), text) { e in
                 XCTAssertEqual((e as? KVError)?.code, .transfer, text)
             }
         }
-        XCTAssertThrowsError(try JSONValue.parse([0x22, 0xFF, 0x22]))   // not UTF-8
+        XCTAssertThrowsError(try JSONValue.parse([0x22, 0xFF, 0x22])) // not UTF-8
     }
 
     func testBase64RoundTripsAndRefusesBadText() {

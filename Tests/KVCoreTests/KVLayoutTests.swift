@@ -5,13 +5,17 @@ import XCTest
 /// layouts and the lists before producing copies, and coalesces runs.
 final class KVLayoutTests: XCTestCase {
     /// `layers` x kinds buffers of `blocks` x `bpb` bytes at made-up, disjoint addresses.
-    func layout(layers: Int = 2, kinds: [KVBufferKind] = [.key, .value], blocks: Int = 8, bpb: Int = 64,
-                base: UInt = 1 << 20) -> [KVBufferDescriptor] {
+    func layout(
+        layers: Int = 2, kinds: [KVBufferKind] = [.key, .value], blocks: Int = 8, bpb: Int = 64,
+        base: UInt = 1 << 20
+    ) -> [KVBufferDescriptor] {
         var out: [KVBufferDescriptor] = []
         for l in 0..<layers {
             for (k, kind) in kinds.enumerated() {
-                out.append(KVBufferDescriptor(layer: l, kind: kind, address: base + UInt((l * kinds.count + k) * blocks * bpb),
-                                              length: blocks * bpb, bytesPerBlock: bpb))
+                out.append(
+                    KVBufferDescriptor(
+                        layer: l, kind: kind, address: base + UInt((l * kinds.count + k) * blocks * bpb),
+                        length: blocks * bpb, bytesPerBlock: bpb))
             }
         }
         return out
@@ -36,13 +40,17 @@ final class KVLayoutTests: XCTestCase {
     func testEveryRuleNamesTheBadDescriptor() {
         let ds = layout()
         var d = ds
-        d[3].address = d[2].address + 8                       // inside descriptor 2
+        d[3].address = d[2].address + 8 // inside descriptor 2
         refused(d, "descriptor 3 (layer 1, VALUE) overlaps descriptor 2 (layer 1, KEY)")
         d = ds; d[1].length -= 1
         refused(d, "descriptor 1 (layer 0, VALUE): length 511 is not a multiple of bytes per block 64")
         d = ds; d[2].layer = 0; d[2].kind = .key
         refused(d, "both (layer 0, KEY)")
-        refused(ds + layout(layers: 1, base: 1 << 30).map { var x = $0; x.layer = 3; return x }, "layer 2 has no buffer")
+        refused(
+            ds
+                + layout(layers: 1, base: 1 << 30).map {
+                    var x = $0; x.layer = 3; return x
+                }, "layer 2 has no buffer")
         refused(Array(ds.dropLast()), "layer 1 has no VALUE buffer")
         d = ds; d[0].bytesPerBlock = 0
         refused(d, "descriptor 0 (layer 0, KEY): bytes per block")
@@ -61,8 +69,9 @@ final class KVLayoutTests: XCTestCase {
     }
 
     func testRunsCoalesceOnlyWhenBothSidesAreConsecutive() {
-        XCTAssertEqual(KVBlockPlan.runs([1, 2, 3, 7, 8, 5], [4, 5, 6, 9, 11, 0]).map { [$0.source, $0.destination, $0.count] },
-                       [[1, 4, 3], [7, 9, 1], [8, 11, 1], [5, 0, 1]])
+        XCTAssertEqual(
+            KVBlockPlan.runs([1, 2, 3, 7, 8, 5], [4, 5, 6, 9, 11, 0]).map { [$0.source, $0.destination, $0.count] },
+            [[1, 4, 3], [7, 9, 1], [8, 11, 1], [5, 0, 1]])
         XCTAssertEqual(KVBlockPlan.runs([3, 2, 1], [3, 2, 1]).count, 3)
         XCTAssertTrue(KVBlockPlan.runs([], []).isEmpty)
     }
@@ -70,7 +79,7 @@ final class KVLayoutTests: XCTestCase {
     func testPlanMakesOneCopyPerRunAndBuffer() throws {
         let src = try KVLayout(layout(layers: 3)), dst = try KVLayout(layout(layers: 3, base: 1 << 30))
         let copies = try KVBlockPlan.copies(from: src, to: dst, sourceBlocks: [0, 1, 2, 6], destinationBlocks: [4, 5, 6, 0], layers: [2, 0])
-        XCTAssertEqual(copies.count, 2 * 2 * 2)   // 2 runs x 2 layers x 2 kinds
+        XCTAssertEqual(copies.count, 2 * 2 * 2) // 2 runs x 2 layers x 2 kinds
         let first = copies[0]
         XCTAssertEqual(first.source, src.descriptor(layer: 2, kind: .key).address)
         XCTAssertEqual(first.destination, dst.descriptor(layer: 2, kind: .key).address + 4 * 64)
@@ -113,7 +122,10 @@ final class KVLayoutTests: XCTestCase {
         d[1].length -= 1
         var bad = WireWriter()
         bad.string("n"); bad.count(d.count)
-        for x in d { bad.u32(UInt32(x.layer)); bad.u8(x.kind.rawValue); bad.u64(UInt64(x.address)); bad.u64(UInt64(x.length)); bad.u64(UInt64(x.bytesPerBlock)); bad.string(x.location.name) }
+        for x in d {
+            bad.u32(UInt32(x.layer)); bad.u8(x.kind.rawValue); bad.u64(UInt64(x.address)); bad.u64(UInt64(x.length)); bad.u64(UInt64(x.bytesPerBlock));
+            bad.string(x.location.name)
+        }
         bad.string("h"); bad.u64(1); bad.string("")
         XCTAssertThrowsError(try WireReader.parse(bad.bytes, "layout") { (r) throws(KVError) in try PublishedLayout.decode(&r) })
         // Locations are parsed when decoded: an empty, malformed or too long one is refused.
@@ -132,7 +144,7 @@ final class KVLayoutTests: XCTestCase {
         var dir = LayoutDirectory()
         let p = PublishedLayout(node: "n", layout: try KVLayout(layout()), host: "h", pid: 1, endpoint: "")
         try dir.publish(p, owner: 1)
-        try dir.publish(p, owner: 1)   // replacing one's own
+        try dir.publish(p, owner: 1) // replacing one's own
         XCTAssertThrowsError(try dir.publish(p, owner: 2)) { XCTAssertEqual(($0 as? KVError)?.code, .objectExists) }
         XCTAssertThrowsError(try dir.unpublish("n", owner: 2)) { XCTAssertEqual(($0 as? KVError)?.code, .objectNotFound) }
         XCTAssertEqual(try dir.fetch("n"), p)

@@ -14,8 +14,10 @@ final class MasterServiceTests: XCTestCase {
     /// The handshake of a client holding `token`: hello, check the master's proof, prove.
     /// Returns the answer to prove (a welcome, or the refusal).
     @discardableResult
-    static func authenticate(_ m: inout MasterService, _ session: inout MasterService.Session, token: String = "", name: String = "c",
-                             tenant: String = "", now: Nanoseconds = 0) -> MasterResponse {
+    static func authenticate(
+        _ m: inout MasterService, _ session: inout MasterService.Session, token: String = "", name: String = "c",
+        tenant: String = "", now: Nanoseconds = 0
+    ) -> MasterResponse {
         let cn = Authentication.randomBytes(Authentication.nonceSize)
         let answer = m.handle(.hello(name: name, nonce: cn, tenant: tenant), session: &session, now: now)
         guard case let .challenge(sn, proof) = answer else { return answer }
@@ -29,15 +31,23 @@ final class MasterServiceTests: XCTestCase {
     func join(_ m: inout MasterService, _ name: String, host: String, kib: Int = 256, now: Nanoseconds = 0) -> (MasterService.Session, SegmentID) {
         var session = MasterService.Session()
         guard case .welcome = Self.authenticate(&m, &session, token: m.config.token ?? "", name: name, now: now) else { XCTFail(); return (session, 0) }
-        guard case .mounted(let seg) = m.handle(.mount(size: kib << 10, host: host, sharePath: "/proc/1/fd/3", endpoint: "\(host):7000", reused: false),
-                                                session: &session, now: now) else { XCTFail(); return (session, 0) }
+        guard
+            case .mounted(let seg) = m.handle(
+                .mount(size: kib << 10, host: host, sharePath: "/proc/1/fd/3", endpoint: "\(host):7000", reused: false),
+                session: &session, now: now)
+        else { XCTFail(); return (session, 0) }
         return (session, seg)
     }
 
-    func put(_ m: inout MasterService, _ session: inout MasterService.Session, _ key: ObjectKey, size: Int = 1000,
-             replicas: Int = 1, preferred: SegmentID? = nil, now: Nanoseconds = 0) -> [Replica] {
-        guard case let .putStarted(w) = m.handle(.putStart(key: key, size: size, mode: .put, options: WriteOptions(replicas: replicas), preferred: preferred),
-                                                                 session: &session, now: now) else { XCTFail("putStart"); return [] }
+    func put(
+        _ m: inout MasterService, _ session: inout MasterService.Session, _ key: ObjectKey, size: Int = 1000,
+        replicas: Int = 1, preferred: SegmentID? = nil, now: Nanoseconds = 0
+    ) -> [Replica] {
+        guard
+            case let .putStarted(w) = m.handle(
+                .putStart(key: key, size: size, mode: .put, options: WriteOptions(replicas: replicas), preferred: preferred),
+                session: &session, now: now)
+        else { XCTFail("putStart"); return [] }
         XCTAssertFalse(w.inPlace)
         XCTAssertEqual(m.handle(.putCommit(handle: w.handle), session: &session, now: now), .ok)
         return w.replicas
@@ -52,8 +62,9 @@ final class MasterServiceTests: XCTestCase {
         var m = try master(token: "secret")
         var s = MasterService.Session()
         XCTAssertEqual(errorCode(m.handle(.heartbeat, session: &s, now: 0)), .invalidArgument)
-        XCTAssertEqual(errorCode(m.handle(.prove(proof: [UInt8](repeating: 0, count: 32)), session: &s, now: 0)), .invalidArgument,
-                       "prove before hello")
+        XCTAssertEqual(
+            errorCode(m.handle(.prove(proof: [UInt8](repeating: 0, count: 32)), session: &s, now: 0)), .invalidArgument,
+            "prove before hello")
         XCTAssertEqual(errorCode(m.handle(.hello(name: "a", nonce: [1, 2, 3], tenant: ""), session: &s, now: 0)), .invalidArgument, "short nonce")
         XCTAssertEqual(errorCode(Self.authenticate(&m, &s, token: "wrong")), .invalidArgument)
         XCTAssertNil(s.client)
@@ -64,7 +75,7 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(fresh.client, id)
         XCTAssertEqual(lease, 5 * Self.s)
         XCTAssertEqual(ttl, 10 * Self.s)
-        XCTAssertEqual(local, "")   // the service alone advertises no local socket
+        XCTAssertEqual(local, "") // the service alone advertises no local socket
         XCTAssertEqual(errorCode(m.handle(.hello(name: "a", nonce: Authentication.randomBytes(32), tenant: ""), session: &fresh, now: 0)), .invalidArgument)
         XCTAssertEqual(m.handle(.heartbeat, session: &fresh, now: 0), .ok)
         XCTAssertEqual(m.handle(.stats, session: &fresh, now: 0).statsValue("refused_handshakes"), 1)
@@ -85,13 +96,15 @@ final class MasterServiceTests: XCTestCase {
     func testOwnerPidsComeFromTheConnectionNeverFromAClaim() throws {
         var m = try master()
         var local = MasterService.Session()
-        local.peerPID = 4242                      // what the server read with SO_PEERCRED
+        local.peerPID = 4242 // what the server read with SO_PEERCRED
         guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
-        guard case .mounted(let seg) = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e", reused: false), session: &local, now: 0) else { return XCTFail() }
+        guard case .mounted(let seg) = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e", reused: false), session: &local, now: 0) else {
+            return XCTFail()
+        }
         var claimed = Self.published
-        claimed.pid = 1                           // a claim of another process's pid
+        claimed.pid = 1 // a claim of another process's pid
         XCTAssertEqual(m.handle(.publishLayout(claimed), session: &local, now: 0), .ok)
-        var (tcp, tcpSeg) = join(&m, "tcp", host: "h")   // no peer credentials: pid unknown
+        var (tcp, tcpSeg) = join(&m, "tcp", host: "h") // no peer credentials: pid unknown
         guard case .segment(let info) = m.handle(.segmentInfo(segment: seg), session: &tcp, now: 0) else { return XCTFail() }
         XCTAssertEqual(info.pid, 4242)
         guard case .layout(let p) = m.handle(.fetchLayout(node: "n"), session: &tcp, now: 0) else { return XCTFail() }
@@ -109,21 +122,30 @@ final class MasterServiceTests: XCTestCase {
     func testEndpointsOfTCPClientsMustBeOnTheAddressTheyConnectFrom() throws {
         var m = try master()
         var tcp = MasterService.Session()
-        tcp.peerAddress = "10.0.0.7"              // what the server read with getpeername
+        tcp.peerAddress = "10.0.0.7" // what the server read with getpeername
         guard case .welcome = Self.authenticate(&m, &tcp) else { return XCTFail() }
         // Another machine's (or service's) address: refused, nothing mounted or published.
-        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.8:7000", reused: false),
-                                          session: &tcp, now: 0)), .invalidArgument)
-        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.70:7000", reused: false),
-                                          session: &tcp, now: 0)), .invalidArgument, "a prefix of the address is not the address")
+        XCTAssertEqual(
+            errorCode(
+                m.handle(
+                    .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.8:7000", reused: false),
+                    session: &tcp, now: 0)), .invalidArgument)
+        XCTAssertEqual(
+            errorCode(
+                m.handle(
+                    .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.70:7000", reused: false),
+                    session: &tcp, now: 0)), .invalidArgument, "a prefix of the address is not the address")
         XCTAssertEqual(m.handle(.stats, session: &tcp, now: 0).statsValue("segments"), 0)
         var elsewhere = Self.published
         elsewhere.endpoint = "192.168.1.1:7100"
         XCTAssertEqual(errorCode(m.handle(.publishLayout(elsewhere), session: &tcp, now: 0)), .invalidArgument)
         XCTAssertEqual(errorCode(m.handle(.fetchLayout(node: elsewhere.node), session: &tcp, now: 0)), .objectNotFound)
         // Its own address is accepted.
-        guard case .mounted = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.7:7000", reused: false),
-                                       session: &tcp, now: 0) else { return XCTFail() }
+        guard
+            case .mounted = m.handle(
+                .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.7:7000", reused: false),
+                session: &tcp, now: 0)
+        else { return XCTFail() }
         var own = Self.published
         own.endpoint = "10.0.0.7:7100"
         XCTAssertEqual(m.handle(.publishLayout(own), session: &tcp, now: 0), .ok)
@@ -133,8 +155,11 @@ final class MasterServiceTests: XCTestCase {
         local.local = true
         guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
         local.passedSegmentBytes = 1 << 20
-        guard case .mounted = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.9:7000", reused: false),
-                                       session: &local, now: 0) else { return XCTFail() }
+        guard
+            case .mounted = m.handle(
+                .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.9:7000", reused: false),
+                session: &local, now: 0)
+        else { return XCTFail() }
     }
 
     func testALocalMountTakesItsCapacityFromThePassedFileNotFromTheClaim() throws {
@@ -145,7 +170,7 @@ final class MasterServiceTests: XCTestCase {
         guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
         let mount = MasterRequest.mount(size: 1 << 30, host: "h", sharePath: "s", endpoint: "127.0.0.1:7000", reused: false)
         XCTAssertEqual(errorCode(m.handle(mount, session: &local, now: 0)), .invalidArgument, "no descriptor came with it")
-        local.passedSegmentBytes = 1 << 20                   // what the server found with fstat
+        local.passedSegmentBytes = 1 << 20 // what the server found with fstat
         guard case .error(let e) = m.handle(mount, session: &local, now: 0) else { return XCTFail() }
         XCTAssertEqual(e.code, .invalidArgument)
         XCTAssertTrue(e.message.contains("1048576"), e.message)
@@ -163,12 +188,15 @@ final class MasterServiceTests: XCTestCase {
         guard case .welcome = Self.authenticate(&m, &acme, token: "acme-token-0123456789", tenant: "acme") else { return XCTFail() }
         guard case .welcome = Self.authenticate(&m, &beta, token: "beta-token-0123456789", tenant: "beta") else { return XCTFail() }
         var wrong = MasterService.Session(), unknown = MasterService.Session()
-        XCTAssertEqual(errorCode(Self.authenticate(&m, &wrong, token: "beta-token-0123456789", tenant: "acme")), .invalidArgument,
-                       "another tenant's token")
+        XCTAssertEqual(
+            errorCode(Self.authenticate(&m, &wrong, token: "beta-token-0123456789", tenant: "acme")), .invalidArgument,
+            "another tenant's token")
         XCTAssertEqual(errorCode(Self.authenticate(&m, &unknown, token: "x", tenant: "nobody")), .invalidArgument)
-        guard case .mounted = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e", reused: false), session: &admin, now: 0) else { return XCTFail() }
+        guard case .mounted = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e", reused: false), session: &admin, now: 0) else {
+            return XCTFail()
+        }
         _ = put(&m, &acme, "k")
-        _ = put(&m, &beta, "k")                                 // the same name, another object
+        _ = put(&m, &beta, "k") // the same name, another object
         _ = put(&m, &beta, "only-beta")
         XCTAssertEqual(m.handle(.exists(key: "only-beta"), session: &acme, now: 0), .flag(false))
         XCTAssertEqual(m.handle(.exists(key: "k"), session: &acme, now: 0), .flag(true))
@@ -197,8 +225,11 @@ final class MasterServiceTests: XCTestCase {
             let cn = Authentication.randomBytes(32)
             guard case let .challenge(sn, _) = m.handle(.hello(name: "k", nonce: cn, tenant: tenant), session: &s, now: 0) else { return XCTFail() }
             let t = Array(token.utf8)
-            guard case let .welcome(welcomed) = m.handle(.prove(proof: Authentication.proof(token: t, role: .client, clientNonce: cn, serverNonce: sn)),
-                                                                     session: &s, now: 0) else { return XCTFail() }
+            guard
+                case let .welcome(welcomed) = m.handle(
+                    .prove(proof: Authentication.proof(token: t, role: .client, clientNonce: cn, serverNonce: sn)),
+                    session: &s, now: 0)
+            else { return XCTFail() }
             let data = welcomed.data
             XCTAssertNotEqual(data, Authentication.dataKey(clusterToken: Array("the-cluster-token".utf8)), "never in the clear")
             keys.append(Authentication.mask(data, token: t, clientNonce: cn, serverNonce: sn))
@@ -224,7 +255,9 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)), nil)
         XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)), .noSpace)
         for i in 0..<3 {
-            guard case .putStarted = m.handle(.putStart(key: "w\(i)", size: 100, mode: .put, options: .default, preferred: nil), session: &a, now: 0) else { return XCTFail() }
+            guard case .putStarted = m.handle(.putStart(key: "w\(i)", size: 100, mode: .put, options: .default, preferred: nil), session: &a, now: 0) else {
+                return XCTFail()
+            }
         }
         XCTAssertEqual(errorCode(m.handle(.putStart(key: "w3", size: 100, mode: .put, options: .default, preferred: nil), session: &a, now: 0)), .noSpace)
         // Never committed: aborted after the write timeout, and their space is free again.
@@ -234,7 +267,9 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(m.handle(.stats, session: &a, now: 3 * Self.s).statsValue("writes_in_flight"), 0)
         XCTAssertEqual(m.handle(.stats, session: &a, now: 3 * Self.s).statsValue("bytes_used"), 0)
         XCTAssertEqual(m.handle(.stats, session: &a, now: 3 * Self.s).statsValue("expired_writes"), 3)
-        guard case .putStarted = m.handle(.putStart(key: "w3", size: 100, mode: .put, options: .default, preferred: nil), session: &a, now: 3 * Self.s) else { return XCTFail() }
+        guard case .putStarted = m.handle(.putStart(key: "w3", size: 100, mode: .put, options: .default, preferred: nil), session: &a, now: 3 * Self.s) else {
+            return XCTFail()
+        }
         XCTAssertEqual(m.handle(.publishLayout(Self.published), session: &a, now: 0), .ok)
         XCTAssertEqual(m.handle(.publishLayout(Self.published), session: &a, now: 0), .ok, "replacing its own is no new layout")
         var other = Self.published
@@ -244,14 +279,19 @@ final class MasterServiceTests: XCTestCase {
     }
 
     func testHardPinsCountAgainstTheirWritersQuota() throws {
-        var m = try master()                     // hardPinShare 0.5 by default
+        var m = try master() // hardPinShare 0.5 by default
         var (a, segA) = join(&m, "a", host: "h", kib: 1024)
-        var (b, segB) = join(&m, "b", host: "h", kib: 1024)   // 2 MiB in all: 1 MiB of pins each
+        var (b, segB) = join(&m, "b", host: "h", kib: 1024) // 2 MiB in all: 1 MiB of pins each
         func pin(_ s: inout MasterService.Session, _ key: ObjectKey, _ kib: Int) -> MasterResponse {
-            guard case .putStarted(let w) = m.handle(.putStart(key: key, size: kib << 10, mode: .put, options: WriteOptions(hardPin: true),
-                                                              preferred: nil), session: &s, now: 0) else {
-                return m.handle(.putStart(key: key, size: kib << 10, mode: .put, options: WriteOptions(hardPin: true), preferred: nil),
-                                session: &s, now: 0)
+            guard
+                case .putStarted(let w) = m.handle(
+                    .putStart(
+                        key: key, size: kib << 10, mode: .put, options: WriteOptions(hardPin: true),
+                        preferred: nil), session: &s, now: 0)
+            else {
+                return m.handle(
+                    .putStart(key: key, size: kib << 10, mode: .put, options: WriteOptions(hardPin: true), preferred: nil),
+                    session: &s, now: 0)
             }
             return m.handle(.putCommit(handle: w.handle), session: &s, now: 0)
         }
@@ -284,8 +324,10 @@ final class MasterServiceTests: XCTestCase {
         var m = try MasterService(config: config)
         var (a, _) = join(&m, "a", host: "h")
         var refused = 0
-        for _ in 0..<32_768 {   // 2^48 bytes each: their sum would pass Int.max
-            if errorCode(m.handle(.mount(size: 1 << 48, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)) == .noSpace { refused += 1 }
+        for _ in 0..<32_768 { // 2^48 bytes each: their sum would pass Int.max
+            if errorCode(m.handle(.mount(size: 1 << 48, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)) == .noSpace {
+                refused += 1
+            }
         }
         XCTAssertGreaterThan(refused, 32_000)
         let capacity = m.handle(.stats, session: &a, now: 0).statsValue("capacity")!
@@ -324,7 +366,10 @@ final class MasterServiceTests: XCTestCase {
         var m = try master()
         var (a, _) = join(&m, "a", host: "h1")
         _ = put(&m, &a, "k")
-        guard case let .putStarted(w) = m.handle(.putStart(key: "k", size: 1000, mode: .upsert, options: WriteOptions(replicas: 1), preferred: nil), session: &a, now: 0) else { return XCTFail() }
+        guard
+            case let .putStarted(w) = m.handle(
+                .putStart(key: "k", size: 1000, mode: .upsert, options: WriteOptions(replicas: 1), preferred: nil), session: &a, now: 0)
+        else { return XCTFail() }
         XCTAssertFalse(w.inPlace)
         XCTAssertEqual(m.handle(.putCommit(handle: w.handle), session: &a, now: 0), .ok)
     }
@@ -333,12 +378,20 @@ final class MasterServiceTests: XCTestCase {
         var m = try master()
         var (a, _) = join(&m, "a", host: "h1")
         var (b, _) = join(&m, "b", host: "h1")
-        guard case let .putStarted(w) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1),
-                                                            preferred: nil), session: &a, now: 0) else { return XCTFail() }
+        guard
+            case let .putStarted(w) = m.handle(
+                .putStart(
+                    key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1),
+                    preferred: nil), session: &a, now: 0)
+        else { return XCTFail() }
         let h = w.handle
         XCTAssertEqual(errorCode(m.handle(.putCommit(handle: h), session: &b, now: 0)), .invalidArgument)
         XCTAssertEqual(errorCode(m.handle(.putCommit(handle: h + 1), session: &a, now: 0)), .invalidArgument)
-        XCTAssertEqual(errorCode(m.handle(.putStart(key: "x", size: 10, mode: .put, options: WriteOptions(hardPin: true, softPinTTL: 5, replicas: 1), preferred: nil), session: &a, now: 0)), .invalidArgument)
+        XCTAssertEqual(
+            errorCode(
+                m.handle(
+                    .putStart(key: "x", size: 10, mode: .put, options: WriteOptions(hardPin: true, softPinTTL: 5, replicas: 1), preferred: nil), session: &a,
+                    now: 0)), .invalidArgument)
         XCTAssertEqual(errorCode(m.handle(.unmount(segment: 999), session: &a, now: 0)), .invalidArgument)
         XCTAssertEqual(m.handle(.putAbort(handle: h), session: &a, now: 0), .ok)
         XCTAssertEqual(m.handle(.exists(key: "k"), session: &a, now: 0), .flag(false))
@@ -350,8 +403,12 @@ final class MasterServiceTests: XCTestCase {
         var (b, _) = join(&m, "b", host: "h2")
         _ = put(&m, &a, "onA", preferred: segA)
         _ = put(&m, &a, "both", replicas: 2)
-        guard case .putStarted = m.handle(.putStart(key: "pending", size: 10, mode: .put, options: WriteOptions(replicas: 1),
-                                                     preferred: segA), session: &a, now: 0) else { return XCTFail() }
+        guard
+            case .putStarted = m.handle(
+                .putStart(
+                    key: "pending", size: 10, mode: .put, options: WriteOptions(replicas: 1),
+                    preferred: segA), session: &a, now: 0)
+        else { return XCTFail() }
         // b keeps talking, a goes silent.
         for t in stride(from: Self.s, through: 10 * Self.s, by: Int(Self.s)) {
             XCTAssertEqual(m.handle(.heartbeat, session: &b, now: t), .ok)
@@ -379,10 +436,15 @@ final class MasterServiceTests: XCTestCase {
         var (a, segA) = join(&m, "a", host: "h1", kib: 64)
         var (b, segB) = join(&m, "b", host: "h2", kib: 64)
         _ = put(&m, &a, "old")
-        let items = [BatchWrite(key: "x", size: 1000), BatchWrite(key: "old", size: 10), BatchWrite(key: "huge", size: 1 << 20),
-                     BatchWrite(key: "y", size: 2000)]
-        guard case .putStartedBatch(let rs) = m.handle(.putStartBatch(items: items, mode: .put, options: WriteOptions(replicas: 2), preferred: segB),
-                                                       session: &b, now: 0) else { return XCTFail() }
+        let items = [
+            BatchWrite(key: "x", size: 1000), BatchWrite(key: "old", size: 10), BatchWrite(key: "huge", size: 1 << 20),
+            BatchWrite(key: "y", size: 2000)
+        ]
+        guard
+            case .putStartedBatch(let rs) = m.handle(
+                .putStartBatch(items: items, mode: .put, options: WriteOptions(replicas: 2), preferred: segB),
+                session: &b, now: 0)
+        else { return XCTFail() }
         XCTAssertEqual(rs.count, 4)
         var handles: [VersionHandle] = []
         for (i, r) in rs.enumerated() {
@@ -405,8 +467,11 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(y.size, 2000)
         XCTAssertEqual(x.replicas.first?.segment, segA, "the reader's host first")
         XCTAssertEqual(missing.code, .objectNotFound)
-        XCTAssertEqual(errorCode(m.handle(.putStartBatch(items: items, mode: .put, options: WriteOptions(replicas: 0), preferred: nil),
-                                          session: &a, now: 0)), .invalidArgument, "bad options refuse the whole batch")
+        XCTAssertEqual(
+            errorCode(
+                m.handle(
+                    .putStartBatch(items: items, mode: .put, options: WriteOptions(replicas: 0), preferred: nil),
+                    session: &a, now: 0)), .invalidArgument, "bad options refuse the whole batch")
         XCTAssertEqual(m.handle(.stats, session: &a, now: 0).statsValue("writes_in_flight"), 0)
         XCTAssertNil(m.table.invariantViolation())
     }
@@ -414,34 +479,46 @@ final class MasterServiceTests: XCTestCase {
     // MARK: codec
 
     static let requests: [MasterRequest] = [
-        .hello(name: "n", nonce: [1, 2, 3], tenant: "acme"), .prove(proof: [9, 8]), .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1", reused: true),
+        .hello(name: "n", nonce: [1, 2, 3], tenant: "acme"), .prove(proof: [9, 8]),
+        .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1", reused: true),
         .unmount(segment: 3), .heartbeat, .unmountCount,
         .putStart(key: "k", size: 5, mode: .upsert, options: WriteOptions(hardPin: false, softPinTTL: 7, ttl: 9, replicas: 2), preferred: 4),
         .putStart(key: "k", size: 5, mode: .put, options: WriteOptions(hardPin: true, replicas: 1), preferred: nil),
         .putCommit(handle: 1 << 40), .putAbort(handle: 2), .get(key: "k", host: "h"), .exists(key: "é"), .size(key: "k"),
         .remove(key: "k", force: true), .removeAll(force: false), .stats, .segmentInfo(segment: 9),
-        .putStartBatch(items: [BatchWrite(key: "a", size: 1), BatchWrite(key: "b", size: 1 << 20)], mode: .put,
-                       options: WriteOptions(ttl: 3, replicas: 2), preferred: 7),
+        .putStartBatch(
+            items: [BatchWrite(key: "a", size: 1), BatchWrite(key: "b", size: 1 << 20)], mode: .put,
+            options: WriteOptions(ttl: 3, replicas: 2), preferred: 7),
         .putStartBatch(items: [], mode: .upsert, options: .default, preferred: nil),
         .getBatch(keys: ["a", "b", "é"], host: "h"),
         .publishLayout(MasterServiceTests.published), .fetchLayout(node: "n"), .unpublishLayout(node: "é"), .listKeys(after: nil),
-        .listKeys(after: "req/1"), .sizeBatch(keys: ["a", "é"]), .sizeBatch(keys: []), .removeBatch(keys: ["a"], force: true),
+        .listKeys(after: "req/1"), .sizeBatch(keys: ["a", "é"]), .sizeBatch(keys: []), .removeBatch(keys: ["a"], force: true)
     ]
     static let published = PublishedLayout(
-        node: "n", layout: try! KVLayout([KVBufferDescriptor(layer: 0, kind: .key, address: 4096, length: 8192, bytesPerBlock: 4096),
-                                          KVBufferDescriptor(layer: 0, kind: .value, address: 4096, length: 4096, bytesPerBlock: 4096, location: MemoryLocation(kind: .cuda, index: 1))]),
+        node: "n",
+        layout: try! KVLayout([
+            KVBufferDescriptor(layer: 0, kind: .key, address: 4096, length: 8192, bytesPerBlock: 4096),
+            KVBufferDescriptor(layer: 0, kind: .value, address: 4096, length: 4096, bytesPerBlock: 4096, location: MemoryLocation(kind: .cuda, index: 1))
+        ]),
         host: "h", pid: 7, endpoint: "127.0.0.1:9")
     static let responses: [MasterResponse] = [
-        .ok, .error(KVError(.leaseHeld, "held")), .welcome(Welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1", pid: 77, data: [5, 6], session: [7], writeTimeout: 8)), .mounted(segment: 4),
+        .ok, .error(KVError(.leaseHeld, "held")),
+        .welcome(Welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1", pid: 77, data: [5, 6], session: [7], writeTimeout: 8)),
+        .mounted(segment: 4),
         .putStarted(StartedWrite(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)])), .found(FoundObject(size: 6, replicas: [])),
         .flag(true), .value(-7), .stats([Statistic("objects", 1), Statistic("bytes_used", 2)]),
         .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e", pid: 31)),
-        .putStartedBatch([.success(StartedWrite(handle: 3, inPlace: false, replicas: [Replica(segment: 2, offset: 128)])),
-                          .failure(KVError(.noSpace, "full"))]),
-        .foundBatch([.failure(KVError(.objectNotFound, "gone")),
-                     .success(FoundObject(size: 9, replicas: [Replica(segment: 1, offset: 0), Replica(segment: 2, offset: 64)]))]),
+        .putStartedBatch([
+            .success(StartedWrite(handle: 3, inPlace: false, replicas: [Replica(segment: 2, offset: 128)])),
+            .failure(KVError(.noSpace, "full"))
+        ]),
+        .foundBatch([
+            .failure(KVError(.objectNotFound, "gone")),
+            .success(FoundObject(size: 9, replicas: [Replica(segment: 1, offset: 0), Replica(segment: 2, offset: 64)]))
+        ]),
         .layout(MasterServiceTests.published), .keys(["a", "é", "req/1"], more: true), .keys([], more: false),
-        .challenge(nonce: [1, 2], proof: [3]), .values([.success(0), .success(1 << 40), .failure(KVError(.objectNotFound, "gone"))]), .sizes([3, nil, 0]), .sizes([]),
+        .challenge(nonce: [1, 2], proof: [3]), .values([.success(0), .success(1 << 40), .failure(KVError(.objectNotFound, "gone"))]), .sizes([3, nil, 0]),
+        .sizes([])
     ]
 
     func testKeyBatchesAnswerPerKeyAndLeaseWhatTheyFind() throws {
@@ -510,7 +587,7 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(m.handle(.publishLayout(Self.published), session: &sa, now: 0), .ok)
         XCTAssertEqual(errorCode(m.handle(.publishLayout(Self.published), session: &sb, now: 0)), .objectExists)
         var seen = Self.published
-        seen.pid = 0   // the master keeps the pid it verified (none for a session without peer credentials)
+        seen.pid = 0 // the master keeps the pid it verified (none for a session without peer credentials)
         XCTAssertEqual(m.handle(.fetchLayout(node: "n"), session: &sb, now: 0), .layout(seen))
         XCTAssertEqual(errorCode(m.handle(.unpublishLayout(node: "n"), session: &sb, now: 0)), .objectNotFound)
         XCTAssertEqual(errorCode(m.handle(.fetchLayout(node: "other"), session: &sb, now: 0)), .objectNotFound)
@@ -537,11 +614,12 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertThrowsError(try tooMany.encode().withUnsafeBytes { try MasterRequest.decode(kind: tooMany.kind, $0) }) {
             XCTAssertTrue(($0 as? KVError)?.message.contains("exceeds") ?? false, "\($0)")
         }
-        let writes = MasterRequest.putStartBatch(items: Array(repeating: BatchWrite(key: "k", size: 1), count: MasterLimits.maxBatch + 1),
-                                                 mode: .put, options: .default, preferred: nil)
+        let writes = MasterRequest.putStartBatch(
+            items: Array(repeating: BatchWrite(key: "k", size: 1), count: MasterLimits.maxBatch + 1),
+            mode: .put, options: .default, preferred: nil)
         XCTAssertThrowsError(try writes.encode().withUnsafeBytes { try MasterRequest.decode(kind: writes.kind, $0) })
         var bytes = MasterResponse.foundBatch([.failure(KVError(.objectNotFound, "x"))]).encode()
-        bytes[4] = 7   // the result tag after the count
+        bytes[4] = 7 // the result tag after the count
         XCTAssertThrowsError(try bytes.withUnsafeBytes { try MasterResponse.decode(kind: 111, $0) }) {
             XCTAssertTrue(($0 as? KVError)?.message.contains("tag") ?? false, "\($0)")
         }

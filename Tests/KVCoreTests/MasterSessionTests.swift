@@ -21,8 +21,10 @@ final class MasterSessionTests: XCTestCase {
         session.peerPID = pid
         let cn = Authentication.randomBytes(Authentication.nonceSize)
         guard case let .challenge(sn, _) = m.handle(.hello(name: "c", nonce: cn, tenant: ""), session: &session, now: now),
-              case let .welcome(w) = m.handle(.prove(proof: Authentication.proof(token: Array(token.utf8), role: .client, clientNonce: cn, serverNonce: sn)),
-                                               session: &session, now: now) else {
+            case let .welcome(w) = m.handle(
+                .prove(proof: Authentication.proof(token: Array(token.utf8), role: .client, clientNonce: cn, serverNonce: sn)),
+                session: &session, now: now)
+        else {
             XCTFail("handshake")
             return (session, [])
         }
@@ -35,15 +37,23 @@ final class MasterSessionTests: XCTestCase {
     }
 
     func mount(_ m: inout MasterService, _ s: inout MasterService.Session, kib: Int = 256, now: Nanoseconds = 0) -> SegmentID {
-        guard case .mounted(let seg) = m.handle(.mount(size: kib << 10, host: "h", sharePath: "", endpoint: "h:1", reused: false),
-                                                session: &s, now: now) else { XCTFail("mount"); return 0 }
+        guard
+            case .mounted(let seg) = m.handle(
+                .mount(size: kib << 10, host: "h", sharePath: "", endpoint: "h:1", reused: false),
+                session: &s, now: now)
+        else { XCTFail("mount"); return 0 }
         return seg
     }
 
-    func start(_ m: inout MasterService, _ s: inout MasterService.Session, _ key: ObjectKey, size: Int = 1000,
-               preferred: SegmentID? = nil, now: Nanoseconds = 0) -> StartedWrite? {
-        guard case .putStarted(let w) = m.handle(.putStart(key: key, size: size, mode: .put, options: .default, preferred: preferred),
-                                                 session: &s, now: now) else { return nil }
+    func start(
+        _ m: inout MasterService, _ s: inout MasterService.Session, _ key: ObjectKey, size: Int = 1000,
+        preferred: SegmentID? = nil, now: Nanoseconds = 0
+    ) -> StartedWrite? {
+        guard
+            case .putStarted(let w) = m.handle(
+                .putStart(key: key, size: size, mode: .put, options: .default, preferred: preferred),
+                session: &s, now: now)
+        else { return nil }
         return w
     }
 
@@ -61,7 +71,8 @@ final class MasterSessionTests: XCTestCase {
         let seg = mount(&m, &a)
         let oldID = a.client!
         guard let done = start(&m, &a, "kept", preferred: seg), let pending = start(&m, &a, "pending", preferred: seg),
-              let dropped = start(&m, &a, "dropped", preferred: seg) else { return XCTFail() }
+            let dropped = start(&m, &a, "dropped", preferred: seg)
+        else { return XCTFail() }
         XCTAssertEqual(m.handle(.putCommit(handle: done.handle), session: &a, now: 0), .ok)
         var (b, _) = connect(&m)
 
@@ -70,21 +81,28 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertTrue(found(&m, &b, "kept", now: 2 * Self.s), "its objects stay readable meanwhile")
 
         var (a2, _) = connect(&m, now: 3 * Self.s)
-        XCTAssertEqual(errorCode(m.handle(.resume(client: oldID, proof: proof([UInt8](repeating: 1, count: 32), a2), commits: [], aborts: []),
-                                          session: &a2, now: 3 * Self.s)), .invalidArgument, "a wrong proof")
+        XCTAssertEqual(
+            errorCode(
+                m.handle(
+                    .resume(client: oldID, proof: proof([UInt8](repeating: 1, count: 32), a2), commits: [], aborts: []),
+                    session: &a2, now: 3 * Self.s)), .invalidArgument, "a wrong proof")
         XCTAssertEqual(m.refusedResumes, 1)
         var (a3, _) = connect(&m, now: 3 * Self.s)
-        XCTAssertEqual(m.handle(.resume(client: oldID, proof: proof(secret, a3), commits: [PipelinedCommit(handle: pending.handle, checksum: 7)], aborts: [dropped.handle]),
-                                session: &a3, now: 3 * Self.s), .value(1), "the commit sent before the loss is applied")
+        XCTAssertEqual(
+            m.handle(
+                .resume(client: oldID, proof: proof(secret, a3), commits: [PipelinedCommit(handle: pending.handle, checksum: 7)], aborts: [dropped.handle]),
+                session: &a3, now: 3 * Self.s), .value(1), "the commit sent before the loss is applied")
         XCTAssertEqual(a3.client, oldID)
         XCTAssertTrue(found(&m, &b, "pending", now: 4 * Self.s))
         XCTAssertFalse(found(&m, &b, "dropped", now: 4 * Self.s), "the write reported lost is aborted")
-        XCTAssertEqual(m.handle(.putCommit(handle: done.handle), session: &a3, now: 4 * Self.s).kind, MasterResponse.errorKind,
-                       "a commit already applied is not applied twice")
+        XCTAssertEqual(
+            m.handle(.putCommit(handle: done.handle), session: &a3, now: 4 * Self.s).kind, MasterResponse.errorKind,
+            "a commit already applied is not applied twice")
         XCTAssertEqual(m.handle(.heartbeat, session: &a3, now: 5 * Self.s), .ok)
         XCTAssertEqual(m.handle(.segmentInfo(segment: seg), session: &a3, now: 5 * Self.s).kind, 109, "the segment stayed mounted")
-        XCTAssertEqual(errorCode(m.handle(.heartbeat, session: &a, now: 5 * Self.s)), .invalidArgument,
-                       "the old connection's session moved: it may not act")
+        XCTAssertEqual(
+            errorCode(m.handle(.heartbeat, session: &a, now: 5 * Self.s)), .invalidArgument,
+            "the old connection's session moved: it may not act")
         XCTAssertNil(m.closed(a, peerGone: false, now: 5 * Self.s), "closing the old connection leaves the resumed session alone")
         XCTAssertEqual(m.handle(.heartbeat, session: &a3, now: 5 * Self.s), .ok)
         XCTAssertEqual(m.resumedSessions, 1)
@@ -104,8 +122,11 @@ final class MasterSessionTests: XCTestCase {
         let gone = m.expireClients(now: 10 * Self.s + 1)
         XCTAssertEqual(gone.map(\.lostObjects), [["k"]])
         var (late, _) = connect(&m, now: 11 * Self.s)
-        XCTAssertEqual(errorCode(m.handle(.resume(client: a.client!, proof: proof(secret, late), commits: [], aborts: []),
-                                          session: &late, now: 11 * Self.s)), .objectNotFound)
+        XCTAssertEqual(
+            errorCode(
+                m.handle(
+                    .resume(client: a.client!, proof: proof(secret, late), commits: [], aborts: []),
+                    session: &late, now: 11 * Self.s)), .objectNotFound)
         XCTAssertEqual(m.handle(.heartbeat, session: &late, now: 11 * Self.s), .ok, "a refused resume leaves the new session usable")
     }
 
@@ -116,12 +137,18 @@ final class MasterSessionTests: XCTestCase {
         _ = mount(&m, &a)
         XCTAssertNil(m.closed(a, peerGone: false, now: 0))
         var (other, _) = connect(&m, pid: 200)
-        XCTAssertEqual(errorCode(m.handle(.resume(client: a.client!, proof: proof(secret, other), commits: [], aborts: []),
-                                          session: &other, now: 0)), .invalidArgument, "another process may not take the session")
+        XCTAssertEqual(
+            errorCode(
+                m.handle(
+                    .resume(client: a.client!, proof: proof(secret, other), commits: [], aborts: []),
+                    session: &other, now: 0)), .invalidArgument, "another process may not take the session")
         var (busy, _) = connect(&m, pid: 100)
         _ = mount(&m, &busy)
-        XCTAssertEqual(errorCode(m.handle(.resume(client: a.client!, proof: proof(secret, busy), commits: [], aborts: []),
-                                          session: &busy, now: 0)), .invalidArgument, "resume must come first")
+        XCTAssertEqual(
+            errorCode(
+                m.handle(
+                    .resume(client: a.client!, proof: proof(secret, busy), commits: [], aborts: []),
+                    session: &busy, now: 0)), .invalidArgument, "resume must come first")
         var (same, _) = connect(&m, pid: 100)
         XCTAssertEqual(m.handle(.resume(client: a.client!, proof: proof(secret, same), commits: [], aborts: []), session: &same, now: 0), .value(0))
     }
@@ -152,10 +179,12 @@ final class MasterSessionTests: XCTestCase {
         guard let w = start(&m, &writer, "stale", size: 64 << 10, preferred: seg) else { return XCTFail() }
         let d = m.depart(client: writer.client!, now: 1 * Self.s)
         XCTAssertEqual(d?.abandonedWrites, 1)
-        XCTAssertNil(start(&m, &owner, "new", size: 64 << 10, preferred: seg, now: 2 * Self.s),
-                     "the abandoned write's space is not given to another object")
-        XCTAssertEqual(errorCode(m.handle(.putCommit(handle: w.handle), session: &writer, now: 3 * Self.s)), .invalidArgument,
-                       "the departed writer's commit is refused")
+        XCTAssertNil(
+            start(&m, &owner, "new", size: 64 << 10, preferred: seg, now: 2 * Self.s),
+            "the abandoned write's space is not given to another object")
+        XCTAssertEqual(
+            errorCode(m.handle(.putCommit(handle: w.handle), session: &writer, now: 3 * Self.s)), .invalidArgument,
+            "the departed writer's commit is refused")
         XCTAssertEqual(m.expireWrites(now: 30 * Self.s), 0)
         XCTAssertEqual(m.expireWrites(now: 30 * Self.s + 1), 1)
         guard let n = start(&m, &owner, "new", size: 64 << 10, preferred: seg, now: 31 * Self.s) else { return XCTFail("space freed") }
@@ -171,8 +200,11 @@ final class MasterSessionTests: XCTestCase {
         var (a, _) = connect(&m)
         let seg = mount(&m, &a)
         guard let put = start(&m, &a, "k", size: 100, preferred: seg) else { return XCTFail() }
-        guard case .putStarted(let up) = m.handle(.putStart(key: "k", size: 200, mode: .upsert, options: .default, preferred: seg),
-                                                   session: &a, now: 0) else { return XCTFail() }
+        guard
+            case .putStarted(let up) = m.handle(
+                .putStart(key: "k", size: 200, mode: .upsert, options: .default, preferred: seg),
+                session: &a, now: 0)
+        else { return XCTFail() }
         XCTAssertEqual(m.handle(.putCommit(handle: up.handle), session: &a, now: 0), .ok)
         XCTAssertEqual(m.handle(.putCommit(handle: put.handle), session: &a, now: 0), .ok)
         XCTAssertEqual(m.handle(.size(key: "k"), session: &a, now: 0), .value(200), "the upsert's value stays")
@@ -185,8 +217,10 @@ final class MasterSessionTests: XCTestCase {
         var (a, _) = connect(&m)
         let seg = mount(&m, &a)
         guard let w = start(&m, &a, "k", preferred: seg) else { return XCTFail() }
-        for r in [MasterRequest.get(key: "k", host: "h"), .exists(key: "k"), .size(key: "k"), .getBatch(keys: ["x", "k"], host: "h"),
-                  .sizeBatch(keys: ["k"])] {
+        for r in [
+            MasterRequest.get(key: "k", host: "h"), .exists(key: "k"), .size(key: "k"), .getBatch(keys: ["x", "k"], host: "h"),
+            .sizeBatch(keys: ["k"])
+        ] {
             XCTAssertTrue(m.mustWait(r, session: a), "\(r)")
         }
         XCTAssertFalse(m.mustWait(.get(key: "other", host: "h"), session: a))
@@ -210,8 +244,9 @@ final class MasterSessionTests: XCTestCase {
         var (b, _) = connect(&m)
         let segA = mount(&m, &a)
         let obj = ObjectTable.Restored(key: "k", offset: 0, size: 100, seq: 5, options: .default, checksum: nil)
-        XCTAssertEqual(errorCode(m.handle(.restore(segment: segA, objects: [obj]), session: &b, now: 0)), .invalidArgument,
-                       "another client's segment")
+        XCTAssertEqual(
+            errorCode(m.handle(.restore(segment: segA, objects: [obj]), session: &b, now: 0)), .invalidArgument,
+            "another client's segment")
         XCTAssertEqual(m.handle(.restore(segment: segA, objects: [obj]), session: &a, now: 0), .values([.success(1)]))
         XCTAssertTrue(found(&m, &b, "k", now: 0))
         XCTAssertEqual(m.handle(.remove(key: "k", force: true), session: &b, now: 0), .ok)
@@ -234,8 +269,12 @@ final class MasterSessionTests: XCTestCase {
         var t = MasterService.Session()
         let cn = Authentication.randomBytes(Authentication.nonceSize)
         guard case let .challenge(sn, _) = m.handle(.hello(name: "t", nonce: cn, tenant: "acme"), session: &t, now: 0),
-              case .welcome = m.handle(.prove(proof: Authentication.proof(token: Array("acme-token-0123456789".utf8), role: .client,
-                                                                         clientNonce: cn, serverNonce: sn)), session: &t, now: 0) else {
+            case .welcome = m.handle(
+                .prove(
+                    proof: Authentication.proof(
+                        token: Array("acme-token-0123456789".utf8), role: .client,
+                        clientNonce: cn, serverNonce: sn)), session: &t, now: 0)
+        else {
             return XCTFail("tenant handshake")
         }
         let seg = mount(&m, &t)
@@ -286,8 +325,10 @@ final class MasterSessionTests: XCTestCase {
     }
 
     func testSessionMessagesRoundTrip() throws {
-        for r in [MasterRequest.leave, .confirmNotices(segment: 3, through: 1 << 40),
-                  .resume(client: 7, proof: [1, 2, 3], commits: [PipelinedCommit(handle: 4), PipelinedCommit(handle: 5, checksum: 9)], aborts: [6])] {
+        for r in [
+            MasterRequest.leave, .confirmNotices(segment: 3, through: 1 << 40),
+            .resume(client: 7, proof: [1, 2, 3], commits: [PipelinedCommit(handle: 4), PipelinedCommit(handle: 5, checksum: 9)], aborts: [6])
+        ] {
             XCTAssertEqual(try r.encode().withUnsafeBytes { try MasterRequest.decode(kind: r.kind, $0) }, r)
         }
         // A forged confirmation: cut short, or with bytes after it.

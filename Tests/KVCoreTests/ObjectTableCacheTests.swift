@@ -8,15 +8,20 @@ final class ObjectTableCacheTests: XCTestCase {
     let kib = 1024
 
     /// A table of `objects` KiB with the given rules (lease 5 s by default).
-    func table(kib objects: Int, lease: Nanoseconds = 5 * second, watermark: Double = 0.9,
-               ratio: Double = 0.05) -> ObjectTable {
-        ObjectTable(capacity: objects * kib,
-                    policy: CachePolicy(leaseTTL: lease, softPinTTL: 60 * Self.second, highWatermark: watermark, evictionRatio: ratio))
+    func table(
+        kib objects: Int, lease: Nanoseconds = 5 * second, watermark: Double = 0.9,
+        ratio: Double = 0.05
+    ) -> ObjectTable {
+        ObjectTable(
+            capacity: objects * kib,
+            policy: CachePolicy(leaseTTL: lease, softPinTTL: 60 * Self.second, highWatermark: watermark, evictionRatio: ratio))
     }
 
     @discardableResult
-    func put(_ t: inout ObjectTable, _ key: ObjectKey, _ size: Int = 1024, _ mode: WriteMode = .put,
-             options: WriteOptions = .default, at now: Nanoseconds = 0) throws -> WriteTicket {
+    func put(
+        _ t: inout ObjectTable, _ key: ObjectKey, _ size: Int = 1024, _ mode: WriteMode = .put,
+        options: WriteOptions = .default, at now: Nanoseconds = 0
+    ) throws -> WriteTicket {
         let w = try t.beginWrite(key: key, size: size, mode: mode, options: options, now: now)
         try t.commitWrite(w, now: now)
         return w
@@ -48,11 +53,11 @@ final class ObjectTableCacheTests: XCTestCase {
         t.decide(w["b"]!.handle, .copied)
         t.decide(w["d"]!.handle, .copied)
         XCTAssertEqual(t.coldest(bytes: 1 << 20).map(\.key), ["a", "c"])
-        try put(&t, "e", 2 * kib)                     // evicts b (decided), not a
+        try put(&t, "e", 2 * kib) // evicts b (decided), not a
         XCTAssertTrue(t.contains(key: "a"))
         XCTAssertFalse(t.contains(key: "b"))
         XCTAssertEqual(t.evictedUndecided, 0)
-        try put(&t, "f", 2 * kib)                     // a and c undecided, d beyond the look-ahead: a
+        try put(&t, "f", 2 * kib) // a and c undecided, d beyond the look-ahead: a
         XCTAssertFalse(t.contains(key: "a"))
         XCTAssertEqual(t.evictedUndecided, 1)
         XCTAssertTrue(t.contains(key: "c") && t.contains(key: "d"))
@@ -60,7 +65,7 @@ final class ObjectTableCacheTests: XCTestCase {
         try t.releaseRead(r.handle)
         t.decide(r.handle, .refused)
         XCTAssertEqual(t.coldest(bytes: 1 << 20).map(\.key), ["e", "f"])
-        try read(&t, "c")                              // wanted again: undecided again
+        try read(&t, "c") // wanted again: undecided again
         XCTAssertEqual(t.coldest(bytes: 1 << 20).map(\.key), ["e", "f", "c"])
         let rewrite = try t.beginWrite(key: "d", size: 2 * kib, mode: .upsert, now: 0)
         XCTAssertTrue(rewrite.inPlace)
@@ -81,21 +86,21 @@ final class ObjectTableCacheTests: XCTestCase {
         XCTAssertEqual(t.evictionOrder(), ["a", "b"], "still first to go")
         try put(&t, "c", 2 * kib)
         try put(&t, "d", 2 * kib)
-        try put(&t, "e", 2 * kib)                      // evicts a although held
+        try put(&t, "e", 2 * kib) // evicts a although held
         XCTAssertFalse(t.contains(key: "a"))
         XCTAssertNil(t.invariantViolation())
         let usedWhileHeld = t.usedBytes
         try t.releaseRead(held.handle)
         XCTAssertEqual(t.usedBytes, usedWhileHeld - 2 * kib, "its space comes back at the release")
         let d = try XCTUnwrap(t.coldest(bytes: 1 << 20).first { $0.key == "d" })
-        try put(&t, "d", 1 * kib, .upsert)              // a newer version: the old handle holds nothing
+        try put(&t, "d", 1 * kib, .upsert) // a newer version: the old handle holds nothing
         XCTAssertNil(t.holdInPlace(d.handle, now: 0))
         let c = try XCTUnwrap(t.coldest(bytes: 1 << 20).first { $0.key == "c" })
         var ttl = WriteOptions.default
         ttl.ttl = 7 * Self.second
         let rewrite = try t.beginWrite(key: "c", size: 2 * kib, mode: .upsert, options: ttl, now: 0)
         XCTAssertTrue(rewrite.inPlace)
-        try t.commitWrite(rewrite, now: 0)             // same version, new bytes and TTL: the hold says so
+        try t.commitWrite(rewrite, now: 0) // same version, new bytes and TTL: the hold says so
         guard let (hc, cExpiry) = t.holdInPlace(c.handle, now: 0) else { return XCTFail("c is visible") }
         XCTAssertEqual(cExpiry, 7 * Self.second)
         try t.releaseRead(hc.handle)
@@ -214,7 +219,7 @@ final class ObjectTableCacheTests: XCTestCase {
     func testUpsertAppliesItsOwnOptions() throws {
         var t = table(kib: 64)
         try put(&t, "a", options: WriteOptions(hardPin: true, ttl: Self.second))
-        try put(&t, "a", 1024, .upsert)  // same size, no reader: in place, options replaced
+        try put(&t, "a", 1024, .upsert) // same size, no reader: in place, options replaced
         XCTAssertEqual(t.hardPinnedBytes, 0)
         XCTAssertNil(t.cacheState(key: "a")?.expiresAt)
         t.advance(now: 2 * Self.second)
@@ -260,8 +265,10 @@ final class ObjectTableCacheTests: XCTestCase {
         let soft = try? WriteOptions(hardPin: false, softPin: true, softPinSeconds: nil, ttlSeconds: 2.5, policy: p)
         XCTAssertEqual(soft, WriteOptions(softPinTTL: p.softPinTTL, ttl: 2_500_000_000))
         XCTAssertNoThrow(try CachePolicy(leaseSeconds: 0, softPinSeconds: 1, highWatermark: 1, evictionRatio: 1))
-        for (lease, soft, wm, ratio) in [(-1.0, 1.0, 0.9, 0.05), (1, 0, 0.9, 0.05), (1, 1, 0, 0.05), (1, 1, 1.5, 0.05),
-                                         (1, 1, 0.9, 0), (1, 1, 0.9, .nan), (.infinity, 1, 0.9, 0.05)] {
+        for (lease, soft, wm, ratio) in [
+            (-1.0, 1.0, 0.9, 0.05), (1, 0, 0.9, 0.05), (1, 1, 0, 0.05), (1, 1, 1.5, 0.05),
+            (1, 1, 0.9, 0), (1, 1, 0.9, .nan), (.infinity, 1, 0.9, 0.05)
+        ] {
             XCTAssertThrowsError(try CachePolicy(leaseSeconds: lease, softPinSeconds: soft, highWatermark: wm, evictionRatio: ratio)) {
                 XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument)
             }
@@ -272,7 +279,7 @@ final class ObjectTableCacheTests: XCTestCase {
 
     func testTimerQueueMatchesAReferenceModel() {
         var q = TimerQueue()
-        var model: [Int: Nanoseconds] = [:]  // slot * 3 + kind -> deadline
+        var model: [Int: Nanoseconds] = [:] // slot * 3 + kind -> deadline
         var rng = SplitMix64(seed: 11)
         var now: Nanoseconds = 0
         for _ in 0..<20_000 {

@@ -29,12 +29,18 @@ final class ObjectTableRestoreTests: XCTestCase {
         var t = ObjectTable(policy: Self.noLeases)
         try t.mount(segment: 1, capacity: 1 << 20, now: 0)
         try t.mount(segment: 2, capacity: 1 << 20, now: 0)
-        XCTAssertEqual(try t.restore([r("a", 0, 100, seq: 10, checksum: 7), r("b", 128, 50, seq: 11), r("old", 256, 64, seq: 5)],
-                                     segment: 1, now: 0), [true, true, true])
+        XCTAssertEqual(
+            try t.restore(
+                [r("a", 0, 100, seq: 10, checksum: 7), r("b", 128, 50, seq: 11), r("old", 256, 64, seq: 5)],
+                segment: 1, now: 0), [true, true, true])
         // Segment 2 holds a's other replica (same seq), a newer b, an older "old", and junk.
-        XCTAssertEqual(try t.restore([r("b", 0, 60, seq: 12), r("a", 512, 100, seq: 10, checksum: 7), r("old", 1024, 64, seq: 4),
-                                      r("zero", 2048, 64, seq: 0), r("bad", 1 << 20, 64, seq: 9)], segment: 2, now: 0),
-                       [true, true, false, false, false])
+        XCTAssertEqual(
+            try t.restore(
+                [
+                    r("b", 0, 60, seq: 12), r("a", 512, 100, seq: 10, checksum: 7), r("old", 1024, 64, seq: 4),
+                    r("zero", 2048, 64, seq: 0), r("bad", 1 << 20, 64, seq: 9)
+                ], segment: 2, now: 0),
+            [true, true, false, false, false])
         XCTAssertEqual(t.replicas(key: "a")?.count, 2)
         XCTAssertEqual(t.size(key: "b"), 60, "the newer report wins")
         XCTAssertEqual(t.replicas(key: "b"), [Replica(segment: 2, offset: 0)])
@@ -54,10 +60,12 @@ final class ObjectTableRestoreTests: XCTestCase {
     func testReportsMustAscend() throws {
         var t = ObjectTable(policy: Self.noLeases)
         try t.mount(segment: 1, capacity: 1 << 20, now: 0)
-        XCTAssertEqual(try t.restore([r("b", 4096, 100, seq: 2), r("a", 0, 100, seq: 1)], segment: 1, now: 0), [true, false],
-                       "a report below the last one is refused (no scans of the segment)")
-        XCTAssertEqual(try t.restore([r("a", 0, 100, seq: 1), r("c", 8192, 64, seq: 3)], segment: 1, now: 0), [false, true],
-                       "also across requests")
+        XCTAssertEqual(
+            try t.restore([r("b", 4096, 100, seq: 2), r("a", 0, 100, seq: 1)], segment: 1, now: 0), [true, false],
+            "a report below the last one is refused (no scans of the segment)")
+        XCTAssertEqual(
+            try t.restore([r("a", 0, 100, seq: 1), r("c", 8192, 64, seq: 3)], segment: 1, now: 0), [false, true],
+            "also across requests")
         XCTAssertNil(t.invariantViolation())
     }
 

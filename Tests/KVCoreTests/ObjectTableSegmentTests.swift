@@ -13,8 +13,10 @@ final class ObjectTableSegmentTests: XCTestCase {
         return t
     }
 
-    func put(_ t: inout ObjectTable, _ key: ObjectKey, _ size: Int = 1024, replicas: Int = 1,
-             preferred: SegmentID? = nil) throws -> WriteTicket {
+    func put(
+        _ t: inout ObjectTable, _ key: ObjectKey, _ size: Int = 1024, replicas: Int = 1,
+        preferred: SegmentID? = nil
+    ) throws -> WriteTicket {
         let w = try t.beginWrite(key: key, size: size, mode: .put, replicas: replicas, preferred: preferred, now: 0)
         try t.commitWrite(w, now: 0)
         return w
@@ -34,7 +36,7 @@ final class ObjectTableSegmentTests: XCTestCase {
         _ = try t.unmount(segment: 7, now: 0)
         XCTAssertEqual(t.capacity, 0)
         XCTAssertEqual(code { _ = try put(&t, "a") }, .noSpace, "no segment mounted")
-        try t.mount(segment: 7, capacity: 32 * kib)  // a client may come back with the same id
+        try t.mount(segment: 7, capacity: 32 * kib) // a client may come back with the same id
         _ = try put(&t, "a")
         XCTAssertNil(t.invariantViolation())
     }
@@ -45,7 +47,7 @@ final class ObjectTableSegmentTests: XCTestCase {
         XCTAssertEqual(t.usedBytes, 64 * kib, "its whole space is taken until then")
         XCTAssertNil(t.invariantViolation())
         XCTAssertEqual(code { _ = try t.beginWrite(key: "a", size: 10, mode: .put, now: 999) }, .noSpace)
-        try t.mount(segment: 2, capacity: 64 * kib, now: 999)   // a fresh segment: ready at once
+        try t.mount(segment: 2, capacity: 64 * kib, now: 999) // a fresh segment: ready at once
         XCTAssertEqual(try t.beginWrite(key: "a", size: 10, mode: .put, now: 999).segment, 2)
         let w = try t.beginWrite(key: "b", size: 60 * kib, mode: .put, preferred: 1, now: 1_000)
         XCTAssertEqual(w.segment, 1, "ready now")
@@ -83,7 +85,7 @@ final class ObjectTableSegmentTests: XCTestCase {
         _ = try put(&t, "both", replicas: 2)
         _ = try put(&t, "only1", preferred: 1)
         _ = try put(&t, "only2", preferred: 2)
-        guard case .found(let r) = t.acquireRead(key: "only1", now: 0) else { return XCTFail() }  // held and leased
+        guard case .found(let r) = t.acquireRead(key: "only1", now: 0) else { return XCTFail() } // held and leased
         let inFlight = try t.beginWrite(key: "writing", size: 100, mode: .put, preferred: 1, now: 0)
         XCTAssertEqual(inFlight.segment, 1)
         let report = try t.unmount(segment: 1, now: 1)
@@ -98,7 +100,7 @@ final class ObjectTableSegmentTests: XCTestCase {
         XCTAssertEqual(t.activeLeases, 0, "the lost object's lease ended with it")
         XCTAssertEqual(code { try t.commitWrite(inFlight, now: 2) }, .transfer)
         XCTAssertFalse(t.contains(key: "writing"))
-        _ = try put(&t, "writing")  // the key is free again
+        _ = try put(&t, "writing") // the key is free again
         try t.releaseRead(r.handle)
         XCTAssertEqual(t.activeReaders, 0)
         XCTAssertNil(t.invariantViolation())

@@ -207,14 +207,14 @@ final class ObjectTableTests: XCTestCase {
         func refused(_ p: Page, after: ObjectKey?, _ line: UInt = #line) {
             XCTAssertThrowsError(try p.validate(after: after), line: line) { XCTAssertEqual(($0 as? KVError)?.code, .transfer) }
         }
-        refused(Page(keys: ["b", "a"], more: false), after: nil)          // out of order
-        refused(Page(keys: ["a", "a"], more: false), after: nil)          // repeated
-        refused(Page(keys: ["a", "c"], more: true), after: "b")           // not after the cursor: a walk that never ends
-        refused(Page(keys: [], more: true), after: "b")                   // claims more, moves nowhere
+        refused(Page(keys: ["b", "a"], more: false), after: nil) // out of order
+        refused(Page(keys: ["a", "a"], more: false), after: nil) // repeated
+        refused(Page(keys: ["a", "c"], more: true), after: "b") // not after the cursor: a walk that never ends
+        refused(Page(keys: [], more: true), after: "b") // claims more, moves nowhere
         let big = (0..<1100).map { i in
             try! ObjectKey(String(repeating: "0", count: 5 - String(i).count) + String(i) + String(repeating: "x", count: 1000))
         }
-        refused(Page(keys: big, more: false), after: nil)                 // larger than the C ABI's page buffer
+        refused(Page(keys: big, more: false), after: nil) // larger than the C ABI's page buffer
     }
 
     func testKeysCompareAsBytesInlineAndOnTheHeap() throws {

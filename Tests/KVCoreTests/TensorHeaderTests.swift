@@ -21,9 +21,9 @@ final class TensorHeaderTests: XCTestCase {
         func u32(_ o: Int) -> UInt32 { bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o, as: UInt32.self) } }
         func i64(_ o: Int) -> Int64 { bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: o, as: Int64.self) } }
         XCTAssertEqual(u32(0), 0x4D4F_4F4E)
-        XCTAssertEqual(u32(4), 1 | 304 << 16)   // version, header size
-        XCTAssertEqual(u32(8), 12)              // dtype bf16
-        XCTAssertEqual(u32(12), 2)              // ndim
+        XCTAssertEqual(u32(4), 1 | 304 << 16) // version, header size
+        XCTAssertEqual(u32(8), 12) // dtype bf16
+        XCTAssertEqual(u32(12), 2) // ndim
         XCTAssertEqual(i64(24), 304)
         XCTAssertEqual(i64(32), 12)
         XCTAssertEqual([i64(40), i64(48), i64(56)], [2, 3, -1])
@@ -45,7 +45,7 @@ final class TensorHeaderTests: XCTestCase {
                 XCTAssertEqual((e as! KVError).code, .invalidArgument)
             }
         }
-        good[48] = 5   // an unused dimension that is not -1
+        good[48] = 5 // an unused dimension that is not -1
         XCTAssertThrowsError(try decode(good))
     }
 }

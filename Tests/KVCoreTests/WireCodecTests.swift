@@ -40,8 +40,9 @@ final class WireCodecTests: XCTestCase {
         }
     }
 
-    let sample = Sample(key: "req-7/layer-3/block-9", size: 65536, force: true, ttl: 2.5,
-                        replicas: [Replica(segment: 1, offset: 4096), Replica(segment: 9, offset: 0)], note: "héllo")
+    let sample = Sample(
+        key: "req-7/layer-3/block-9", size: 65536, force: true, ttl: 2.5,
+        replicas: [Replica(segment: 1, offset: 4096), Replica(segment: 9, offset: 0)], note: "héllo")
 
     func decode(_ bytes: [UInt8]) throws -> Sample {
         try bytes.withUnsafeBytes { b in try Sample.decode(b) }
@@ -50,8 +51,10 @@ final class WireCodecTests: XCTestCase {
     /// The key validator agrees with the standard library on ASCII, every UTF-8 form, and
     /// broken sequences at every position (its ASCII fast path must not skip a bad byte).
     func testKeyUTF8ValidationAgreesWithTheStandardLibrary() {
-        var cases: [[UInt8]] = [[], Array("plain-ascii-key-0123456789".utf8), Array("é".utf8), Array("ключ/😀/鍵".utf8),
-                                [0xC3], [0xC3, 0x28], [0x80], [0xED, 0xA0, 0x80], [0xF4, 0x90, 0x80, 0x80], [0xC0, 0xAF], [0xFF]]
+        var cases: [[UInt8]] = [
+            [], Array("plain-ascii-key-0123456789".utf8), Array("é".utf8), Array("ключ/😀/鍵".utf8),
+            [0xC3], [0xC3, 0x28], [0x80], [0xED, 0xA0, 0x80], [0xF4, 0x90, 0x80, 0x80], [0xC0, 0xAF], [0xFF]
+        ]
         var g = SystemRandomNumberGenerator()
         for _ in 0..<2000 {
             let n = Int.random(in: 1...40, using: &g)
@@ -101,9 +104,9 @@ final class WireCodecTests: XCTestCase {
     func testHostileLengthsAndValuesAreRefusedBeforeAllocating() {
         var w = WireWriter()
         w.key("k"); w.u64(1); w.bool(false); w.f64(0)
-        w.u32(16)  // sixteen replicas announced, none present
+        w.u32(16) // sixteen replicas announced, none present
         XCTAssertThrowsError(try decode(w.bytes)) { XCTAssertTrue(($0 as? KVError)?.message.contains("cannot fit") ?? false) }
-        var big = WireWriter(); big.u32(UInt32.max)  // a 4 GiB key
+        var big = WireWriter(); big.u32(UInt32.max) // a 4 GiB key
         XCTAssertThrowsError(try decode(big.bytes)) { XCTAssertTrue(($0 as? KVError)?.message.contains("exceeds") ?? false) }
         var empty = WireWriter(); empty.u32(0)
         XCTAssertThrowsError(try decode(empty.bytes)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }

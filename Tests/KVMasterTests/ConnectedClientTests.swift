@@ -38,8 +38,9 @@ final class ConnectedClientTests: XCTestCase {
         try bytes.withUnsafeBytes { b in
             var r = MemoryRegion(b.baseAddress!, length: b.count)
             try withUnsafePointer(to: &r) { p in
-                try c.put(key: key, parts: UnsafeBufferPointer(start: p, count: 1), mode: .put,
-                          options: WriteOptions(replicas: replicas), memory: .host)
+                try c.put(
+                    key: key, parts: UnsafeBufferPointer(start: p, count: 1), mode: .put,
+                    options: WriteOptions(replicas: replicas), memory: .host)
             }
         }
     }
@@ -68,7 +69,7 @@ final class ConnectedClientTests: XCTestCase {
         let a = try StoreClient(connecting: url, segmentSize: 1 << 20)
         let b = try StoreClient(connecting: url, segmentSize: 0)
         defer { a.close(); b.close() }
-        try Self.put(b, "k", Self.pattern(1, 5000))                 // into a's segment (b has none)
+        try Self.put(b, "k", Self.pattern(1, 5000)) // into a's segment (b has none)
         XCTAssertEqual(try Self.get(a, "k", 5000), Self.pattern(1, 5000))
         XCTAssertEqual(try Self.get(b, "k", 5000), Self.pattern(1, 5000))
         XCTAssertEqual(b.counters.networkBytes.load(ordering: .relaxed), 0)
@@ -85,16 +86,18 @@ final class ConnectedClientTests: XCTestCase {
         defer { a.close(); far.close() }
         try Self.put(far, "two", Self.pattern(2, 70_000), replicas: 2)
         try Self.put(a, "one", Self.pattern(3, 40_000))
-        XCTAssertEqual(try Self.get(far, "one", 40_000), Self.pattern(3, 40_000))   // a's segment, over TCP
+        XCTAssertEqual(try Self.get(far, "one", 40_000), Self.pattern(3, 40_000)) // a's segment, over TCP
         XCTAssertGreaterThan(far.counters.networkBytes.load(ordering: .relaxed), 0)
         XCTAssertEqual(try Self.get(a, "two", 70_000), Self.pattern(2, 70_000))
         XCTAssertGreaterThanOrEqual(statistic(a, "bytes_used"), 2 * 70_000 + 40_000)
     }
 
     func testConcurrentWritersAndReadersOnThreeClients() throws {
-        let clients = [try StoreClient(connecting: url, segmentSize: 4 << 20),
-                       try StoreClient(connecting: url, segmentSize: 4 << 20),
-                       try StoreClient(connecting: url, segmentSize: 0)]
+        let clients = [
+            try StoreClient(connecting: url, segmentSize: 4 << 20),
+            try StoreClient(connecting: url, segmentSize: 4 << 20),
+            try StoreClient(connecting: url, segmentSize: 0)
+        ]
         defer { clients.forEach { $0.close() } }
         let failures = Locked([String]())
         runThreads(6) { t in
@@ -148,7 +151,7 @@ final class ConnectedClientTests: XCTestCase {
             dests.append(dests[0])
             var gets = (0..<40).map { StoreClient.BatchItem(key: "b\($0)", regions: $0..<$0 + 1) }
             gets.append(.init(key: "missing", regions: 40..<41))
-            gets.append(.init(key: "b1", regions: 0..<1))   // too small for b1
+            gets.append(.init(key: "b1", regions: 0..<1)) // too small for b1
             let got = try dests.withUnsafeBufferPointer { d in try reader.getBatch(gets, destinations: d, memory: .host) }
             for i in 0..<40 {
                 XCTAssertEqual(try got[i].get(), values[i].count)
@@ -200,7 +203,9 @@ final class ConnectedClientTests: XCTestCase {
                     let dests = (0..<n).map { MemoryRegion(address: UInt(bitPattern: dst.baseAddress!) + UInt($0 * size), length: size) }
                     let items = (0..<n).map { StoreClient.BatchItem(key: "s\(t)-\(round)-\($0)", regions: $0..<$0 + 1) }
                     do {
-                        let put = try parts.withUnsafeBufferPointer { try c.putBatch(items, parts: $0, mode: .put, options: WriteOptions(replicas: 2), memory: .host) }
+                        let put = try parts.withUnsafeBufferPointer {
+                            try c.putBatch(items, parts: $0, mode: .put, options: WriteOptions(replicas: 2), memory: .host)
+                        }
                         if let e = put.compactMap({ $0 }).first { failures.withLock { $0.append("putBatch: \(e)") } }
                         let got = try dests.withUnsafeBufferPointer { try c.getBatch(items, destinations: $0, memory: .host) }
                         for i in 0..<n where (try? got[i].get()) != size || Array(dst[i * size..<(i + 1) * size]) != values[i] {
@@ -245,7 +250,7 @@ final class ConnectedClientTests: XCTestCase {
         let peer = try PeerLink(endpoint: s.endpoint, token: "t")
         var buf = [UInt8](repeating: 0, count: 16)
         try Self.read(peer, 3, 100, 16, into: &buf)
-        usleep(500_000)   // the server closes the pooled connection meanwhile
+        usleep(500_000) // the server closes the pooled connection meanwhile
         buf = [UInt8](repeating: 0, count: 16)
         try Self.read(peer, 3, 200, 16, into: &buf)
         XCTAssertEqual(buf, (200..<216).map { UInt8(truncatingIfNeeded: $0) })
@@ -308,10 +313,12 @@ final class ConnectedClientTests: XCTestCase {
         let before = Array(UnsafeRawBufferPointer(start: memory, count: 4096))
         for length in [32, -1] {
             XCTAssertThrowsError(try Self.read(peer, 7, 0, length, into: &buf)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
-            XCTAssertThrowsError(try buf.withUnsafeBytes { b in
-                var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: b.count)
-                try withUnsafePointer(to: &r) { try peer.write(segment: 7, offset: 0, length: length, from: UnsafeBufferPointer(start: $0, count: 1)) }
-            }) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+            XCTAssertThrowsError(
+                try buf.withUnsafeBytes { b in
+                    var r = MemoryRegion(address: UInt(bitPattern: b.baseAddress!), length: b.count)
+                    try withUnsafePointer(to: &r) { try peer.write(segment: 7, offset: 0, length: length, from: UnsafeBufferPointer(start: $0, count: 1)) }
+                }
+            ) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
         }
         XCTAssertEqual(Array(UnsafeRawBufferPointer(start: memory, count: 4096)), before)
         try Self.read(peer, 7, 100, 16, into: &buf)

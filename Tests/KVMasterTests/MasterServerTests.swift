@@ -45,8 +45,10 @@ final class MasterServerTests: XCTestCase {
 
         /// The handshake with `token`: the master's answer to prove (a welcome or an error),
         /// or its error to hello. Checks the master's proof.
-        func hello(token: String = MasterServerTests.token, name: String,
-                   expectedToken: String = MasterServerTests.token) throws -> MasterResponse {
+        func hello(
+            token: String = MasterServerTests.token, name: String,
+            expectedToken: String = MasterServerTests.token
+        ) throws -> MasterResponse {
             let cn = Authentication.randomBytes(Authentication.nonceSize)
             let answer = try call(.hello(name: name, nonce: cn, tenant: ""))
             guard case let .challenge(sn, proof) = answer else { return answer }
@@ -93,13 +95,17 @@ final class MasterServerTests: XCTestCase {
 
     static let token = "master-server-tests-token"
 
-    func start(token: String = MasterServerTests.token, localSocket: Bool = true,
-               _ adjust: (inout MasterServer.Options) -> Void = { _ in }) throws -> (MasterServer, TestThread, Logs) {
+    func start(
+        token: String = MasterServerTests.token, localSocket: Bool = true,
+        _ adjust: (inout MasterServer.Options) -> Void = { _ in }
+    ) throws -> (MasterServer, TestThread, Logs) {
         try Self.start(token: token, localSocket: localSocket, adjust)
     }
 
-    static func start(token: String = MasterServerTests.token, localSocket: Bool = true,
-                      _ adjust: (inout MasterServer.Options) -> Void = { _ in }) throws -> (MasterServer, TestThread, Logs) {
+    static func start(
+        token: String = MasterServerTests.token, localSocket: Bool = true,
+        _ adjust: (inout MasterServer.Options) -> Void = { _ in }
+    ) throws -> (MasterServer, TestThread, Logs) {
         var o = MasterServer.Options()
         o.localSocket = localSocket
         o.port = 0
@@ -117,7 +123,7 @@ final class MasterServerTests: XCTestCase {
     func testHTTPQueryValuesArePercentDecoded() {
         XCTAssertEqual(MasterServer.queryValue("segment=kvstore-segment-7", "segment"), "kvstore-segment-7")
         XCTAssertEqual(MasterServer.queryValue("a=1&segment=x%2Fy+z&b=2", "segment"), "x/y z")
-        XCTAssertEqual(MasterServer.queryValue("segment=%zz%4", "segment"), "%zz%4")   // bad escapes stay as they are
+        XCTAssertEqual(MasterServer.queryValue("segment=%zz%4", "segment"), "%zz%4") // bad escapes stay as they are
         XCTAssertNil(MasterServer.queryValue("segments=1&x", "segment"))
         XCTAssertNil(MasterServer.queryValue("", "segment"))
     }
@@ -127,16 +133,20 @@ final class MasterServerTests: XCTestCase {
         defer { server.stop(); thread.join() }
         let c = try Client(port: server.port)
         guard case .welcome = try c.hello(name: "t") else { return XCTFail() }
-        guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else { return XCTFail() }
-        guard case .putStarted(let w) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
+        guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else {
+            return XCTFail()
+        }
+        guard case .putStarted(let w) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else {
+            return XCTFail()
+        }
         let (h, rs) = (w.handle, w.replicas)
         XCTAssertEqual(rs.first?.segment, seg)
-        try c.post(.putCommit(handle: h))                       // no answer when it succeeds
+        try c.post(.putCommit(handle: h)) // no answer when it succeeds
         guard case .found(let f) = try c.call(.get(key: "k", host: "h")) else { return XCTFail() }
         XCTAssertEqual(f.size, 100)
         XCTAssertEqual(f.replicas, rs)
         XCTAssertNotEqual(f.hold, 0, "a hold the reader releases when its copy ends")
-        let bad = try c.post(.putCommit(handle: h))             // a second commit fails: answered
+        let bad = try c.post(.putCommit(handle: h)) // a second commit fails: answered
         let (id, answer) = try c.next()
         XCTAssertEqual(id, bad)
         guard case .error(let e) = answer else { return XCTFail("\(answer)") }
@@ -151,7 +161,9 @@ final class MasterServerTests: XCTestCase {
         guard case .welcome(let w) = try tcp.hello(token: "s3cret-s3cret-s3cret", name: "tcp", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
         let name = w.local
         XCTAssertTrue(name.hasPrefix("kvstore-master."), name)
-        guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else { return XCTFail() }
+        guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else {
+            return XCTFail()
+        }
         // The local socket checks the token too, and a refused hello closes it.
         let refused = try Client(local: name)
         guard case .error(let e) = try refused.hello(token: "nope", name: "x", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
@@ -159,10 +171,14 @@ final class MasterServerTests: XCTestCase {
         XCTAssertTrue(refused.isClosedByPeer())
         // Same table: a write over the local socket is seen over TCP.
         let local = try Client(local: name)
-        guard case .welcome(let w2) = try local.hello(token: "s3cret-s3cret-s3cret", name: "local", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
+        guard case .welcome(let w2) = try local.hello(token: "s3cret-s3cret-s3cret", name: "local", expectedToken: "s3cret-s3cret-s3cret") else {
+            return XCTFail()
+        }
         let again = w2.local
         XCTAssertEqual(again, name)
-        guard case .putStarted(let w) = try local.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
+        guard case .putStarted(let w) = try local.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else {
+            return XCTFail()
+        }
         try local.post(.putCommit(handle: w.handle))
         XCTAssertEqual(try tcp.call(.exists(key: "k")), .flag(true))
         // A malformed frame closes only that local connection.
@@ -201,10 +217,10 @@ final class MasterServerTests: XCTestCase {
         guard case .welcome = try good.hello(name: "good") else { return XCTFail() }
         guard case .mounted = try good.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else { return XCTFail() }
         let bad = [
-            Array("GET / HTTP/1.1\r\n\r\n".utf8),                                           // not our protocol
-            WireWriter.frame(kind: 999, requestID: 1, payload: []),                            // unknown kind
-            WireWriter.frame(kind: MasterRequest.heartbeat.kind, requestID: 1, payload: [1]),  // trailing bytes
-            Array(WireWriter.frame(kind: 1, requestID: 1, payload: []).prefix(12)) + [0xFF, 0xFF, 0xFF, 0x7F],  // 2 GiB length
+            Array("GET / HTTP/1.1\r\n\r\n".utf8), // not our protocol
+            WireWriter.frame(kind: 999, requestID: 1, payload: []), // unknown kind
+            WireWriter.frame(kind: MasterRequest.heartbeat.kind, requestID: 1, payload: [1]), // trailing bytes
+            Array(WireWriter.frame(kind: 1, requestID: 1, payload: []).prefix(12)) + [0xFF, 0xFF, 0xFF, 0x7F] // 2 GiB length
         ]
         for b in bad {
             let c = try Client(port: server.port)
@@ -222,12 +238,18 @@ final class MasterServerTests: XCTestCase {
         _ = try a.hello(name: "a")
         _ = try b.hello(name: "b")
         _ = try lost.hello(name: "lost")
-        guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else { return XCTFail() }
-        guard case .mounted(let kept) = try lost.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else { return XCTFail() }
-        guard case .putStarted(let w) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else { return XCTFail() }
+        guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else {
+            return XCTFail()
+        }
+        guard case .mounted(let kept) = try lost.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else {
+            return XCTFail()
+        }
+        guard case .putStarted(let w) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else {
+            return XCTFail()
+        }
         let h = w.handle
         try a.post(.putCommit(handle: h))
-        XCTAssertEqual(try b.call(.exists(key: "k")), .flag(true))   // applied before b's question
+        XCTAssertEqual(try b.call(.exists(key: "k")), .flag(true)) // applied before b's question
         // A TCP connection that closes (a partition, a client's timeout) keeps its session
         // for a resume: its segment stays mounted until the client TTL.
         lost.socket.close()
@@ -240,7 +262,8 @@ final class MasterServerTests: XCTestCase {
         var gone = false
         for _ in 0..<100 where !gone {
             usleep(10_000)
-            gone = try b.call(.segmentInfo(segment: seg)) != .segment(SegmentInfo(segment: seg, size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1"))
+            gone =
+                try b.call(.segmentInfo(segment: seg)) != .segment(SegmentInfo(segment: seg, size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1"))
         }
         XCTAssertTrue(gone)
         XCTAssertEqual(try b.call(.exists(key: "k")), .flag(false))
@@ -424,7 +447,7 @@ final class MasterCommandLineTests: XCTestCase {
             (["--default_kv_lease_ttl", "zero"], "--default_kv_lease_ttl"), (["--bogus"], "unknown argument"),
             (["--write-timeout", "0"], "write_timeout"), (["--write-timeout", "-5"], "write_timeout"),
             (["--write-timeout", "inf"], "--write-timeout"), (["--read-wait", "-1"], "--read-wait"),
-            (["--read-wait", "61"], "--read-wait"), (["--read-wait", "soon"], "--read-wait"),
+            (["--read-wait", "61"], "--read-wait"), (["--read-wait", "soon"], "--read-wait")
         ]
         for (args, words) in bad {
             XCTAssertThrowsError(try MasterCommandLine.parse(args), "\(args)") { e in
@@ -447,8 +470,11 @@ final class MasterCommandLineTests: XCTestCase {
     }
 
     func testBothSpellingsAndEqualsFormsParse() throws {
-        guard case .run(let o) = try MasterCommandLine.parse(["--rpc_port=0", "--metrics_port", "-1", "--token", "a-token-of-16+bytes",
-                                                              "--allow-uid", "7,8", "--default_kv_lease_ttl", "250", "--max-clients=9"])
+        guard
+            case .run(let o) = try MasterCommandLine.parse([
+                "--rpc_port=0", "--metrics_port", "-1", "--token", "a-token-of-16+bytes",
+                "--allow-uid", "7,8", "--default_kv_lease_ttl", "250", "--max-clients=9"
+            ])
         else { return XCTFail() }
         XCTAssertEqual(o.port, 0)
         XCTAssertNil(o.metricsPort)
@@ -460,11 +486,18 @@ final class MasterCommandLineTests: XCTestCase {
     }
 
     func testElectionFlags() throws {
-        guard case .run(let o) = try MasterCommandLine.parse(["--etcd", "http://127.0.0.1:2379,127.0.0.2:2380", "--cluster_id", "prod",
-                                                              "--etcd-ttl", "1", "--advertise", "10.0.0.5", "--host", "0.0.0.0",
-                                                              "--token", "a-token-of-16+bytes"]) else { return XCTFail() }
-        XCTAssertEqual(o.election, MasterElection.Options(endpoints: "http://127.0.0.1:2379,127.0.0.2:2380", cluster: "prod", ttl: 1,
-                                                          advertise: "10.0.0.5"))
+        guard
+            case .run(let o) = try MasterCommandLine.parse([
+                "--etcd", "http://127.0.0.1:2379,127.0.0.2:2380", "--cluster_id", "prod",
+                "--etcd-ttl", "1", "--advertise", "10.0.0.5", "--host", "0.0.0.0",
+                "--token", "a-token-of-16+bytes"
+            ])
+        else { return XCTFail() }
+        XCTAssertEqual(
+            o.election,
+            MasterElection.Options(
+                endpoints: "http://127.0.0.1:2379,127.0.0.2:2380", cluster: "prod", ttl: 1,
+                advertise: "10.0.0.5"))
         guard case .run(let plain) = try MasterCommandLine.parse(["--token", "a-token-of-16+bytes"]) else { return XCTFail() }
         XCTAssertNil(plain.election)
         let bad: [([String], String)] = [
@@ -474,7 +507,7 @@ final class MasterCommandLineTests: XCTestCase {
             (["--etcd", "http://127.0.0.1:2379", "--port", "0", "--token", "a-token-of-16+bytes"], "fixed --port"),
             (["--etcd", "http://127.0.0.1:2379", "--host", "0.0.0.0", "--token", "a-token-of-16+bytes"], "--advertise"),
             (["--etcd", "ftp://x", "--token", "a-token-of-16+bytes"], "etcd endpoint"),
-            (["--etcd", "http://127.0.0.1:2379", "--cluster", "a b", "--token", "a-token-of-16+bytes"], "cluster name"),
+            (["--etcd", "http://127.0.0.1:2379", "--cluster", "a b", "--token", "a-token-of-16+bytes"], "cluster name")
         ]
         for (args, words) in bad {
             XCTAssertThrowsError(try MasterCommandLine.parse(args), "\(args)") { e in
@@ -526,11 +559,11 @@ final class MasterCommandLineTests: XCTestCase {
         let c = try MasterServerTests.Client(port: fenced.port)
         guard case .welcome = try c.hello(name: "t") else { return XCTFail() }
         XCTAssertNoThrow(try c.call(.heartbeat))
-        deadline.store(monotonicClock(), ordering: .relaxed)   // the lease may have passed
+        deadline.store(monotonicClock(), ordering: .relaxed) // the lease may have passed
         t.join()
         defer { fenced.stop() }
         XCTAssertEqual(ended.withLock { $0 }, .fenced)
-        XCTAssertThrowsError(try c.call(.heartbeat))            // closed, unanswered
+        XCTAssertThrowsError(try c.call(.heartbeat)) // closed, unanswered
     }
 }
 
@@ -571,8 +604,9 @@ final class SlowWriteTests: XCTestCase {
         let (server, thread, _) = try MasterServerTests.start { $0.config.quotas.writeTimeout = 1_000_000_000 }
         defer { server.stop(); thread.join() }
         let time = FakeClock()
-        let remote = try RemoteMaster(url: "kvstore://127.0.0.1:\(server.port)", token: MasterServerTests.token, name: "slow",
-                                      clock: { time.now.withLock { $0 } })
+        let remote = try RemoteMaster(
+            url: "kvstore://127.0.0.1:\(server.port)", token: MasterServerTests.token, name: "slow",
+            clock: { time.now.withLock { $0 } })
         defer { remote.close() }
         let segment = try HostSegment(size: 1 << 20, shared: true)
         defer { segment.unmap() }
@@ -581,8 +615,8 @@ final class SlowWriteTests: XCTestCase {
         let fast = try remote.beginWrite(key: "fast", size: 100, mode: .put, options: .default, preferred: nil)
         try remote.commitWrite(fast)
         let slow = try remote.beginWrite(key: "slow", size: 100, mode: .put, options: .default, preferred: nil)
-        time.now.withLock { $0 += RemoteMaster.slowCommit + 1 }   // the copy took over a minute...
-        usleep(1_600_000)                                          // ...and the master gave up on it
+        time.now.withLock { $0 += RemoteMaster.slowCommit + 1 } // the copy took over a minute...
+        usleep(1_600_000) // ...and the master gave up on it
         XCTAssertThrowsError(try remote.commitWrite(slow)) { XCTAssertEqual(($0 as? KVError)?.code, .transfer) }
         XCTAssertNil(try remote.lease(key: "slow"), "never stored, and the put was not acknowledged")
         XCTAssertEqual(try remote.lease(key: "fast"), 100)

@@ -44,7 +44,7 @@ final class DiskTierTests: XCTestCase {
     }
 
     func testObjectsRoundTripAcrossPiecesAndAReopen() throws {
-        let sizes = [1, 4095, 4096, 1 << 20, (1 << 20) + 7, (4 << 20) + 100]   // the last: two pieces on two threads
+        let sizes = [1, 4095, 4096, 1 << 20, (1 << 20) + 7, (4 << 20) + 100] // the last: two pieces on two threads
         do {
             let t = try DiskTier(DiskTierOptions(path: dir, capacity: 1 << 30))
             for (i, n) in sizes.enumerated() { try offload(t, ObjectKey("k\(i)"), bytes(n, seed: UInt8(i))) }
@@ -81,7 +81,7 @@ final class DiskTierTests: XCTestCase {
         let key = ObjectKey("k")
         XCTAssertTrue(t.beginTransfer(key))
         XCTAssertFalse(t.beginTransfer(key))
-        XCTAssertFalse(t.forget(key))     // a newer version committed meanwhile
+        XCTAssertFalse(t.forget(key)) // a newer version committed meanwhile
         XCTAssertTrue(t.transferIsStale(key))
         let b = bytes(10_000, seed: 3)
         try b.withUnsafeBytes { try t.offload(key, from: $0.baseAddress!, size: b.count, expiresAt: 0, bounce: bounce, bounceBytes: bounceBytes) }
@@ -93,7 +93,7 @@ final class DiskTierTests: XCTestCase {
     func testItsOwnEvictionKeepsItUnderCapacityAndGivesReadObjectsASecondChance() throws {
         let t = try DiskTier(DiskTierOptions(path: dir, capacity: 10 * (4096 + 65536)))
         for i in 0..<10 { try offload(t, ObjectKey("k\(i)"), bytes(65536, seed: UInt8(i))) }
-        XCTAssertNotNil(t.lookup(ObjectKey("k0")))     // used: survives the next pass of the hand
+        XCTAssertNotNil(t.lookup(ObjectKey("k0"))) // used: survives the next pass of the hand
         for i in 10..<15 { try offload(t, ObjectKey("k\(i)"), bytes(65536, seed: UInt8(i))) }
         let s = t.statistics
         XCTAssertLessThanOrEqual(s.bytes, t.capacity)
@@ -161,8 +161,9 @@ final class TieredStoreTests: XCTestCase {
         defer { _ = system("rm -rf '\(dir)'") }
         var policy = CachePolicy()
         policy.leaseTTL = 0
-        let s = try StoreClient(segmentSize: 1 << 20, cache: policy,
-                                disk: DiskTierOptions(path: dir, capacity: 64 << 20, admission: .all))
+        let s = try StoreClient(
+            segmentSize: 1 << 20, cache: policy,
+            disk: DiskTierOptions(path: dir, capacity: 64 << 20, admission: .all))
         defer { s.close() }
         let done = Atomic(false), badReads = Atomic(0), otherErrors = Atomic(0), hits = Atomic(0)
         runThreads(4) { thread in

@@ -11,9 +11,10 @@ final class SegmentIndexTests: XCTestCase {
     func next() -> UInt64 { number += 1; return number }
 
     func stored(_ seg: SegmentID, _ offset: Int, _ size: Int, seq: UInt64, key: ObjectKey = "k") -> ObjectTable.SegmentNotice {
-        ObjectTable.SegmentNotice(segment: seg, offset: offset, seq: seq,
-                                  object: ObjectTable.Restored(key: key, offset: offset, size: size, seq: seq, options: .default, checksum: nil),
-                                  number: seg == 7 ? next() : 1)
+        ObjectTable.SegmentNotice(
+            segment: seg, offset: offset, seq: seq,
+            object: ObjectTable.Restored(key: key, offset: offset, size: size, seq: seq, options: .default, checksum: nil),
+            number: seg == 7 ? next() : 1)
     }
 
     func gone(_ offset: Int, seq: UInt64) -> ObjectTable.SegmentNotice {
@@ -38,7 +39,7 @@ final class SegmentIndexTests: XCTestCase {
         let again = [ObjectTable.SegmentNotice(segment: 7, offset: 0, seq: 1, object: nil, number: 1)]
         RemoteMaster.apply(again, &l)
         XCTAssertEqual(l.index.count, 2, "a notice heard already is not applied twice")
-        _ = next()                                   // number 3 never arrives
+        _ = next() // number 3 never arrives
         RemoteMaster.apply([stored(7, 8192, 64, seq: 4)], &l)
         XCTAssertEqual(l.index.keys.sorted(), [8192], "only what came after the gap is trusted")
         XCTAssertEqual(l.noticed, 4)
@@ -50,12 +51,16 @@ final class SegmentIndexTests: XCTestCase {
         XCTAssertEqual(l.index.keys.sorted(), [0, 4096])
         // Forged: another segment, past the end, overrunning the end, unaligned, negative,
         // an object whose offset differs from the notice's, an empty object.
-        RemoteMaster.apply([stored(8, 8192, 64, seq: 3), stored(7, 1 << 20, 64, seq: 3), stored(7, (1 << 20) - 64, 128, seq: 3),
-                            stored(7, 100, 64, seq: 3), stored(7, -64, 64, seq: 3), stored(7, 0, 0, seq: 3),
-                            ObjectTable.SegmentNotice(segment: 7, offset: 8192, seq: 3,
-                                                      object: ObjectTable.Restored(key: "k", offset: 0, size: 64, seq: 3, options: .default, checksum: nil),
-                                                      number: next())],
-                           &l)
+        RemoteMaster.apply(
+            [
+                stored(8, 8192, 64, seq: 3), stored(7, 1 << 20, 64, seq: 3), stored(7, (1 << 20) - 64, 128, seq: 3),
+                stored(7, 100, 64, seq: 3), stored(7, -64, 64, seq: 3), stored(7, 0, 0, seq: 3),
+                ObjectTable.SegmentNotice(
+                    segment: 7, offset: 8192, seq: 3,
+                    object: ObjectTable.Restored(key: "k", offset: 0, size: 64, seq: 3, options: .default, checksum: nil),
+                    number: next())
+            ],
+            &l)
         XCTAssertEqual(l.index.keys.sorted(), [0, 4096], "nothing forged entered the index")
         XCTAssertEqual(l.index[0]?.size, 100)
         // A removal names the commit it removes: a stale one leaves a newer object alone.

@@ -50,7 +50,7 @@ final class StoreClientCacheTests: XCTestCase {
         }
         XCTAssertEqual(stat(s, "hard_pinned_bytes"), 8192)
         XCTAssertEqual(stat(s, "soft_pinned_bytes"), 4096)
-        for i in 0..<40 { try put(s, ObjectKey(stringLiteral: "k\(i)"), v) }  // 172 KiB through 64 KiB
+        for i in 0..<40 { try put(s, ObjectKey(stringLiteral: "k\(i)"), v) } // 172 KiB through 64 KiB
         XCTAssertGreaterThan(stat(s, "evicted_objects"), 20)
         XCTAssertEqual(stat(s, "evicted_bytes"), stat(s, "evicted_objects") * 4096)
         XCTAssertTrue(try s.exists(key: "pinned"))
@@ -75,7 +75,7 @@ final class StoreClientCacheTests: XCTestCase {
     func testReadersSeeOnlyWholeObjectsWhileWritersFillFarPastCapacity() throws {
         let capacity = 2 << 20
         var policy = CachePolicy()
-        policy.leaseTTL = 1_000_000  // 1 ms
+        policy.leaseTTL = 1_000_000 // 1 ms
         let s = try StoreClient(segmentSize: capacity, cache: policy)
         defer { s.close() }
         let written = Atomic(0), done = Atomic(false)

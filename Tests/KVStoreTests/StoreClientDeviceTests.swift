@@ -81,13 +81,16 @@ final class StoreClientDeviceTests: XCTestCase {
         for (i, r) in [a, b, c, d].enumerated() { fill(r, seed: UInt8(i + 1)) }
         for r in [a, b, c] { try s.registerBuffer(r, location: "fake:0") }
         var declared = [
-            kv_device_part(address: UInt64(a.address), length: 4096, stream: 0x10, kind: Int32(KV_DEVICE_CUDA), device: 0,
-                           flags: UInt32(KV_DEVICE_STREAM_KNOWN), reserved: 0),
-            kv_device_part(address: UInt64(b.address), length: 4096, stream: 0x20, kind: Int32(KV_DEVICE_CUDA), device: 0,
-                           flags: UInt32(KV_DEVICE_STREAM_KNOWN), reserved: 0),
+            kv_device_part(
+                address: UInt64(a.address), length: 4096, stream: 0x10, kind: Int32(KV_DEVICE_CUDA), device: 0,
+                flags: UInt32(KV_DEVICE_STREAM_KNOWN), reserved: 0),
+            kv_device_part(
+                address: UInt64(b.address), length: 4096, stream: 0x20, kind: Int32(KV_DEVICE_CUDA), device: 0,
+                flags: UInt32(KV_DEVICE_STREAM_KNOWN), reserved: 0),
             // fake:1 memory declared host: used as host memory, no device copy.
-            kv_device_part(address: UInt64(d.address), length: 4096, stream: 0, kind: Int32(KV_DEVICE_HOST), device: 0,
-                           flags: 0, reserved: 0),
+            kv_device_part(
+                address: UInt64(d.address), length: 4096, stream: 0, kind: Int32(KV_DEVICE_HOST), device: 0,
+                flags: 0, reserved: 0)
         ]
         FakeAccelerator.clearEvents()
         let regions = [a, b, c, d]
@@ -120,11 +123,12 @@ final class StoreClientDeviceTests: XCTestCase {
         // Objects alternate fake:0, host, fake:1, fake:0, host, fake:1 …
         var parts: [MemoryRegion] = []
         for i in 0..<12 {
-            let r: MemoryRegion = switch i % 3 {
-            case 0: region(0, offset: i * 4096, length: 4096)
-            case 1: MemoryRegion(host + (i / 3) * 4096, length: 4096)
-            default: region(1, offset: i * 4096, length: 4096)
-            }
+            let r: MemoryRegion =
+                switch i % 3 {
+                case 0: region(0, offset: i * 4096, length: 4096)
+                case 1: MemoryRegion(host + (i / 3) * 4096, length: 4096)
+                default: region(1, offset: i * 4096, length: 4096)
+                }
             fill(r, seed: UInt8(i))
             parts.append(r)
         }
@@ -208,8 +212,9 @@ final class StoreClientDeviceTests: XCTestCase {
         s.close()
         t.close()
         XCTAssertTrue(FakeAccelerator.pinnedRanges.isEmpty, "the pinned chunk was unpinned on close")
-        XCTAssertEqual(FakeAccelerator.events.filter { if case .unpin = $0 { true } else { false } }.count, 1,
-                       "only the range that was pinned is unpinned")
+        XCTAssertEqual(
+            FakeAccelerator.events.filter { if case .unpin = $0 { true } else { false } }.count, 1,
+            "only the range that was pinned is unpinned")
         XCTAssertEqual(PinnedMemory.shared.pinnedBytes.load(ordering: .relaxed), before)
     }
 
@@ -217,11 +222,11 @@ final class StoreClientDeviceTests: XCTestCase {
     func testSegmentChunksArePinnedOnceEach() throws {
         let chunk = HostSegment.pinChunk
         let seg = try HostSegment(size: 3 * chunk + 100, pinning: PinningPolicy(enabled: true))
-        seg.pinForDeviceCopy(seg.region(offset: chunk + 10, length: chunk))      // chunks 1 and 2
+        seg.pinForDeviceCopy(seg.region(offset: chunk + 10, length: chunk)) // chunks 1 and 2
         XCTAssertEqual(seg.pinnedBytes, 2 * chunk)
-        seg.pinForDeviceCopy(seg.region(offset: chunk, length: 2 * chunk))       // nothing new
+        seg.pinForDeviceCopy(seg.region(offset: chunk, length: 2 * chunk)) // nothing new
         XCTAssertEqual(FakeAccelerator.pinnedRanges.count, 2)
-        seg.pinForDeviceCopy(seg.region(offset: 3 * chunk + 50, length: 50))     // the short last chunk
+        seg.pinForDeviceCopy(seg.region(offset: 3 * chunk + 50, length: 50)) // the short last chunk
         XCTAssertEqual(seg.pinnedBytes, 2 * chunk + 100)
         XCTAssertFalse(seg.contains(UInt(bitPattern: FakeAccelerator.memory(0).baseAddress!)))
         seg.unmap()

@@ -18,8 +18,9 @@ final class StoreClientKVTests: XCTestCase {
     static let bpb = 128, blocks = 16
 
     func descriptor(_ layer: Int, _ kind: KVBufferKind, device: Int, offset: Int) -> KVBufferDescriptor {
-        KVBufferDescriptor(layer: layer, kind: kind, address: UInt(bitPattern: FakeAccelerator.memory(device).baseAddress!) + UInt(offset),
-                           length: Self.blocks * Self.bpb, bytesPerBlock: Self.bpb, location: MemoryLocation(kind: FakeAccelerator.kind, index: device))
+        KVBufferDescriptor(
+            layer: layer, kind: kind, address: UInt(bitPattern: FakeAccelerator.memory(device).baseAddress!) + UInt(offset),
+            length: Self.blocks * Self.bpb, bytesPerBlock: Self.bpb, location: MemoryLocation(kind: FakeAccelerator.kind, index: device))
     }
 
     func testDeviceLayoutsMoveBlocksPerBlockWithDeviceCopies() throws {
@@ -58,9 +59,11 @@ final class StoreClientKVTests: XCTestCase {
         let host = UnsafeMutableRawPointer.allocate(byteCount: Self.blocks * Self.bpb, alignment: 64)
         defer { host.deallocate() }
         memset(host, 7, Self.blocks * Self.bpb)
-        try s.registerKVLayout(node: "n", descriptors: [
-            KVBufferDescriptor(layer: 0, kind: .key, address: UInt(bitPattern: host), length: Self.blocks * Self.bpb, bytesPerBlock: Self.bpb),
-        ])
+        try s.registerKVLayout(
+            node: "n",
+            descriptors: [
+                KVBufferDescriptor(layer: 0, kind: .key, address: UInt(bitPattern: host), length: Self.blocks * Self.bpb, bytesPerBlock: Self.bpb)
+            ])
         // Host-only layouts never reach a device: the aggregated executor is the host path.
         XCTAssertEqual(try s.moveKVBlocks(peer: "n", pull: true, sourceBlocks: [0], destinationBlocks: [1], executor: .aggregated), 1)
         FakeAccelerator.failBatches(true)

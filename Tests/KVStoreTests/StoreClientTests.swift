@@ -62,7 +62,7 @@ final class StoreClientTests: XCTestCase {
                 StoreClient.Piece(offset: 4995, length: 10, memory: MemoryRegion(address: base + 10, length: 10)),
                 StoreClient.Piece(offset: 0, length: 1, memory: MemoryRegion(address: base + 20, length: 1)),
                 StoreClient.Piece(offset: 4990, length: 10, memory: MemoryRegion(address: base + 30, length: 10)),
-                StoreClient.Piece(offset: 0, length: 8, memory: MemoryRegion(address: base + 40, length: 4)),
+                StoreClient.Piece(offset: 0, length: 8, memory: MemoryRegion(address: base + 40, length: 4))
             ]
             return try copies.withUnsafeBufferPointer { (c) throws(KVError) in
                 try s.readRanges(keys: ["a", "missing", "a"], pieces: [0..<2, 2..<3, 3..<5], copies: c)
@@ -78,9 +78,11 @@ final class StoreClientTests: XCTestCase {
         XCTAssertEqual(Array(out[10..<30]), [UInt8](repeating: 0, count: 20))
         XCTAssertEqual(stat(s, "bytes_copied") - copiedBefore, 20, "only the ranges are copied")
         XCTAssertEqual(stat(s, "active_readers"), 0, "every hold is released")
-        XCTAssertThrowsError(try [StoreClient.Piece]().withUnsafeBufferPointer { (c) throws(KVError) in
-            try s.readRanges(keys: ["a"], pieces: [0..<1], copies: c)
-        }) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+        XCTAssertThrowsError(
+            try [StoreClient.Piece]().withUnsafeBufferPointer { (c) throws(KVError) in
+                try s.readRanges(keys: ["a"], pieces: [0..<1], copies: c)
+            }
+        ) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
 
         // Host memory from a mapped segment: the pieces are copied in one pass (small ones with
         // memcpy, pieces adding up to a cold plan with streaming stores), with the same outcomes.
@@ -93,8 +95,9 @@ final class StoreClientTests: XCTestCase {
                 let base = UInt(bitPattern: b.baseAddress!)
                 // the object's eight pieces in reverse order, and one past its end
                 var copies = (0..<8).map { i in
-                    StoreClient.Piece(offset: i * pieceLength, length: pieceLength,
-                                          memory: MemoryRegion(address: base + UInt((7 - i) * pieceLength), length: pieceLength))
+                    StoreClient.Piece(
+                        offset: i * pieceLength, length: pieceLength,
+                        memory: MemoryRegion(address: base + UInt((7 - i) * pieceLength), length: pieceLength))
                 }
                 copies.append(StoreClient.Piece(offset: 8 * pieceLength, length: 1, memory: MemoryRegion(address: base, length: 1)))
                 return try copies.withUnsafeBufferPointer { (c) throws(KVError) in
@@ -123,10 +126,12 @@ final class StoreClientTests: XCTestCase {
         let outcome = try v.withUnsafeBytes { (b) throws(KVError) -> [KVError?] in
             let base = UInt(bitPattern: b.baseAddress!)
             // the back half first, then the front, then one past the end and one for no write
-            let pieces = [StoreClient.Piece(offset: 1500, length: 1500, memory: MemoryRegion(address: base + 1500, length: 1500)),
-                          StoreClient.Piece(offset: 0, length: 1500, memory: MemoryRegion(address: base, length: 1500)),
-                          StoreClient.Piece(offset: 2999, length: 2, memory: MemoryRegion(address: base, length: 2)),
-                          StoreClient.Piece(offset: 0, length: 1, memory: MemoryRegion(address: base, length: 1))]
+            let pieces = [
+                StoreClient.Piece(offset: 1500, length: 1500, memory: MemoryRegion(address: base + 1500, length: 1500)),
+                StoreClient.Piece(offset: 0, length: 1500, memory: MemoryRegion(address: base, length: 1500)),
+                StoreClient.Piece(offset: 2999, length: 2, memory: MemoryRegion(address: base, length: 2)),
+                StoreClient.Piece(offset: 0, length: 1, memory: MemoryRegion(address: base, length: 1))
+            ]
             return try pieces.withUnsafeBufferPointer { (p) throws(KVError) in
                 try s.writeRanges(ids: [w, w, 999], pieces: [0..<2, 2..<3, 3..<4], copies: p)
             }
@@ -200,7 +205,7 @@ final class StoreClientTests: XCTestCase {
             }
         }
         XCTAssertEqual(torn.load(ordering: .relaxed), 0, "a read returned a torn or mixed value")
-        clock.advance(seconds: 10)  // every lease ends: replaced versions are freed
+        clock.advance(seconds: 10) // every lease ends: replaced versions are freed
         var expectedObjects = 0, expectedUsed = 0, expectedBytes = 0
         for k in keys where try s.exists(key: k) {
             let v = try get(s, k)
@@ -266,7 +271,7 @@ final class StoreClientTests: XCTestCase {
                             try? s.readRanges(keys: [key], pieces: [0..<3], copies: c, memory: rng.next() % 2 == 0 ? .host : .locate)
                         }
                     }
-                    guard let got, got.allSatisfy({ $0 == nil }) else { continue }   // missing, or of another length
+                    guard let got, got.allSatisfy({ $0 == nil }) else { continue } // missing, or of another length
                     let stored = out.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self) }
                     guard stored == UInt64(length) else { continue }
                     checked.add(1, ordering: .relaxed)
@@ -330,4 +335,3 @@ func get(_ s: StoreClient, _ key: ObjectKey, capacity: Int = 1 << 16) throws -> 
     }
     return Array(out[0..<n])
 }
-

@@ -45,7 +45,9 @@ public final class FakeAccelerator: AcceleratorDevice {
 
     /// Makes `n` (0...4) fake devices appear at the next registry refresh, and refreshes.
     public static func setDevices(_ n: Int) {
-        state.withLock { $0.devices = n; $0.events = [] }
+        state.withLock {
+            $0.devices = n; $0.events = []
+        }
         AcceleratorRegistry.refresh()
     }
 
@@ -113,22 +115,31 @@ public final class FakeAccelerator: AcceleratorDevice {
             s.events.append(.enter(index))
             return p
         }
-        defer { Self.state.withLock { s in s.current = previous; s.events.append(.leave(index)) } }
+        defer {
+            Self.state.withLock { s in
+                s.current = previous; s.events.append(.leave(index))
+            }
+        }
         return try body()
     }
 
-    public func copy(_ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int,
-                     stream: DeviceStream = .unknown) throws(KVError) {
+    public func copy(
+        _ direction: CopyDirection, from source: UInt, to destination: UInt, count: Int,
+        stream: DeviceStream = .unknown
+    ) throws(KVError) {
         // Checks what a real copy engine would: the device side is this device's memory, the
         // host side is not device memory, and this device is current.
         let srcDev = Self.owner(source), dstDev = Self.owner(destination)
-        let ok: Bool = switch direction {
-        case .hostToDevice: srcDev == nil && dstDev == index
-        case .deviceToHost: srcDev == index && dstDev == nil
-        case .deviceToDevice: srcDev != nil && dstDev != nil && (srcDev == index || dstDev == index)
-        case .hostToHost: false
+        let ok: Bool =
+            switch direction {
+            case .hostToDevice: srcDev == nil && dstDev == index
+            case .deviceToHost: srcDev == index && dstDev == nil
+            case .deviceToDevice: srcDev != nil && dstDev != nil && (srcDev == index || dstDev == index)
+            case .hostToHost: false
+            }
+        guard ok else {
+            throw KVError(.transfer, "fake:\(index) refuses \(direction) from 0x\(String(source, radix: 16)) to 0x\(String(destination, radix: 16))")
         }
-        guard ok else { throw KVError(.transfer, "fake:\(index) refuses \(direction) from 0x\(String(source, radix: 16)) to 0x\(String(destination, radix: 16))") }
         let fail: Bool = Self.state.withLock { s in
             s.events.append(.copy(direction, device: index, bytes: count))
             s.copyStreams.append(stream)
@@ -139,8 +150,10 @@ public final class FakeAccelerator: AcceleratorDevice {
     }
 
     /// Checks every copy as `copy` does, then records one event for the whole batch.
-    public func copyBatch(_ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int],
-                          stream: DeviceStream = .unknown) throws(KVError) {
+    public func copyBatch(
+        _ direction: CopyDirection, sources: [UInt], destinations: [UInt], counts: [Int],
+        stream: DeviceStream = .unknown
+    ) throws(KVError) {
         if Self.state.withLock({ $0.noBatches }) { throw KVError(.unsupported, "fake:\(index) has no batched copy") }
         guard !sources.isEmpty else { return }
         for i in sources.indices {

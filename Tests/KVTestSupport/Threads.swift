@@ -3,7 +3,7 @@ import Glibc
 #endif
 
 /// A pthread running one closure (no Foundation): `start()`, then `join()`.
-public final class TestThread: @unchecked Sendable {  // `t` is touched by start and join only, on the creating thread
+public final class TestThread: @unchecked Sendable { // `t` is touched by start and join only, on the creating thread
     private var t = pthread_t()
     private let body: @Sendable () -> Void
 
@@ -11,11 +11,13 @@ public final class TestThread: @unchecked Sendable {  // `t` is touched by start
 
     public func start() {
         let me = Unmanaged.passRetained(self).toOpaque()
-        let rc = pthread_create(&t, nil, { raw in
-            let me = Unmanaged<TestThread>.fromOpaque(raw!).takeRetainedValue()
-            me.body()
-            return nil
-        }, me)
+        let rc = pthread_create(
+            &t, nil,
+            { raw in
+                let me = Unmanaged<TestThread>.fromOpaque(raw!).takeRetainedValue()
+                me.body()
+                return nil
+            }, me)
         precondition(rc == 0, "pthread_create failed: \(rc)")
     }
 

@@ -38,7 +38,7 @@ final class CopyKernelTests: XCTestCase {
         for n in [0, 1, 7, 8, 9, 4095, 12_287, 12_288, 12_289, 24_576, 24_676, 196_607, 196_608, 196_609, 599_999] {
             var out = [UInt8](repeating: 0, count: n)
             let want = Self.reference(Array(data[0..<n]))
-            for streaming: Int32 in [0, 1, 2] {   // 2: the folding path from 32 KiB (where the processor has it)
+            for streaming: Int32 in [0, 1, 2] { // 2: the folding path from 32 KiB (where the processor has it)
                 let got = data.withUnsafeBytes { s in out.withUnsafeMutableBytes { d in kv_crc32c_copy(d.baseAddress, s.baseAddress, n, 0, streaming) } }
                 XCTAssertEqual(got, want, "length \(n)")
                 XCTAssertEqual(out, Array(data[0..<n]), "the copy, length \(n)")
@@ -62,13 +62,21 @@ final class CopyKernelTests: XCTestCase {
         let a = [UInt8](repeating: 1, count: 5000) + [UInt8](repeating: 2, count: 3), b = [UInt8](repeating: 9, count: 20_000)
         var out = [UInt8](repeating: 0, count: a.count + b.count)
         let t = LocalCopyTransport(counters: TransferCounters())
-        let (moved, crc) = a.withUnsafeBytes { pa in b.withUnsafeBytes { pb in out.withUnsafeMutableBytes { po in
-            let sources = [MemoryRegion(address: UInt(bitPattern: pa.baseAddress!), length: pa.count),
-                           MemoryRegion(address: UInt(bitPattern: pb.baseAddress!), length: pb.count)]
-            let dests = [MemoryRegion(address: UInt(bitPattern: po.baseAddress!), length: 7000),
-                         MemoryRegion(address: UInt(bitPattern: po.baseAddress! + 7000), length: po.count - 7000)]
-            return sources.withUnsafeBufferPointer { s in dests.withUnsafeBufferPointer { d in t.copyChecksummed(from: s, to: d, into: .segment) } }
-        } } }
+        let (moved, crc) = a.withUnsafeBytes { pa in
+            b.withUnsafeBytes { pb in
+                out.withUnsafeMutableBytes { po in
+                    let sources = [
+                        MemoryRegion(address: UInt(bitPattern: pa.baseAddress!), length: pa.count),
+                        MemoryRegion(address: UInt(bitPattern: pb.baseAddress!), length: pb.count)
+                    ]
+                    let dests = [
+                        MemoryRegion(address: UInt(bitPattern: po.baseAddress!), length: 7000),
+                        MemoryRegion(address: UInt(bitPattern: po.baseAddress! + 7000), length: po.count - 7000)
+                    ]
+                    return sources.withUnsafeBufferPointer { s in dests.withUnsafeBufferPointer { d in t.copyChecksummed(from: s, to: d, into: .segment) } }
+                }
+            }
+        }
         XCTAssertEqual(moved, a.count + b.count)
         XCTAssertEqual(out, a + b)
         XCTAssertEqual(crc, Self.reference(a + b))

@@ -25,8 +25,9 @@ final class KVBlockMoverTests: XCTestCase {
         func block(_ b: Int) -> [UInt8] { Array(UnsafeRawBufferPointer(start: dst + b * bpb, count: bpb)) }
         func copies(_ s: [Int], _ d: [Int]) -> [KVBlockCopy] {
             KVBlockPlan.runs(s, d).map { r in
-                KVBlockCopy(source: UInt(bitPattern: src) + UInt(r.source * bpb), destination: UInt(bitPattern: dst) + UInt(r.destination * bpb),
-                            length: r.count * bpb, sourceDescriptor: 0, destinationDescriptor: 0)
+                KVBlockCopy(
+                    source: UInt(bitPattern: src) + UInt(r.source * bpb), destination: UInt(bitPattern: dst) + UInt(r.destination * bpb),
+                    length: r.count * bpb, sourceDescriptor: 0, destinationDescriptor: 0)
             }
         }
         func check(_ s: [Int], _ d: [Int], file: StaticString = #filePath, line: UInt = #line) {
@@ -34,7 +35,7 @@ final class KVBlockMoverTests: XCTestCase {
         }
     }
 
-    let s = [3, 4, 5, 9, 0, 1], d = [10, 11, 12, 2, 30, 31]   // three runs
+    let s = [3, 4, 5, 9, 0, 1], d = [10, 11, 12, 2, 30, 31] // three runs
 
     func testSameProcessIsOneMemcpyPerRun() throws {
         let b = Buffers(), counters = TransferCounters()
@@ -48,15 +49,19 @@ final class KVBlockMoverTests: XCTestCase {
     func testSameHostBatchesRunsIntoOneSystemCall() throws {
         for (executor, calls) in [(KVCopyExecutor.perBlock, 3), (.aggregated, 1)] {
             let b = Buffers()
-            let n = try KVBlockMover(counters: TransferCounters()).run(b.copies(s, d), pull: true, route: .sameHost(pid: getpid(), link: nil),
-                                                                      executor: executor)
+            let n = try KVBlockMover(counters: TransferCounters()).run(
+                b.copies(s, d), pull: true, route: .sameHost(pid: getpid(), link: nil),
+                executor: executor)
             XCTAssertEqual(n, calls)
             b.check(s, d)
         }
         // A process that does not exist: a transfer error, nothing half-reported.
         let b = Buffers()
-        XCTAssertThrowsError(try KVBlockMover(counters: TransferCounters()).run(b.copies(s, d), pull: true, route: .sameHost(pid: Int32.max, link: nil),
-                                                                                executor: .aggregated)) {
+        XCTAssertThrowsError(
+            try KVBlockMover(counters: TransferCounters()).run(
+                b.copies(s, d), pull: true, route: .sameHost(pid: Int32.max, link: nil),
+                executor: .aggregated)
+        ) {
             XCTAssertEqual(($0 as? KVError)?.code, .transfer)
         }
     }
@@ -92,7 +97,7 @@ final class KVBlockMoverTests: XCTestCase {
                 XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument, "\($0)", line: line)
             }
         }
-        refused(MemoryRegion(address: base, length: Self.bpb))   // nothing served yet
+        refused(MemoryRegion(address: base, length: Self.bpb)) // nothing served yet
         server.serveKV([b.srcRegion])
         XCTAssertNoThrow(try link.kvTransfer(write: false, remote: [MemoryRegion(address: base, length: Self.bpb)], local: local))
         refused(MemoryRegion(address: base - 1, length: Self.bpb))
@@ -100,7 +105,8 @@ final class KVBlockMoverTests: XCTestCase {
         refused(MemoryRegion(address: base + UInt(Self.blocks * Self.bpb), length: 1))
         // Writes outside are refused too, and the buffer is unchanged.
         let before = Array(UnsafeRawBufferPointer(start: b.src, count: Self.blocks * Self.bpb))
-        XCTAssertThrowsError(try link.kvTransfer(write: true, remote: [MemoryRegion(address: base - 64, length: 128)], local: [MemoryRegion(b.dst, length: 128)]))
+        XCTAssertThrowsError(
+            try link.kvTransfer(write: true, remote: [MemoryRegion(address: base - 64, length: 128)], local: [MemoryRegion(b.dst, length: 128)]))
         XCTAssertEqual(Array(UnsafeRawBufferPointer(start: b.src, count: Self.blocks * Self.bpb)), before)
         // Mismatched lengths and too many ranges never leave this process.
         XCTAssertThrowsError(try link.kvTransfer(write: false, remote: [MemoryRegion(address: base, length: 8)], local: [MemoryRegion(b.dst, length: 4)]))
@@ -126,7 +132,7 @@ final class KVBlockMoverTests: XCTestCase {
         XCTAssertTrue(RDMATests.isClosedUnread(early), "nothing but the handshake before authentication")
         let s = try RDMATests.welcomed(server.port, token: "t")
         defer { s.close() }
-        try s.writeFrame(kind: DataFrame.kvRead, payload: Array(w.bytes.dropLast()))   // truncated
+        try s.writeFrame(kind: DataFrame.kvRead, payload: Array(w.bytes.dropLast())) // truncated
         XCTAssertEqual(try RDMATests.errorCode(s), .invalidArgument)
     }
 }

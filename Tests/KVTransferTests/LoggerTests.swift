@@ -25,11 +25,12 @@ final class LoggerTests: XCTestCase {
     func testABurstIsCutAndTheNextLineSaysHowManyWereSuppressed() {
         let lines = Lines()
         let now = Atomic<UInt64>(1_000_000_000)
-        let log = Logger(prefix: "m", level: .info, burst: 3, perSecond: 1, clock: { now.load(ordering: .relaxed) },
-                         sink: { lines.add($0) })
+        let log = Logger(
+            prefix: "m", level: .info, burst: 3, perSecond: 1, clock: { now.load(ordering: .relaxed) },
+            sink: { lines.add($0) })
         for i in 0..<10 { log.info("line \(i)") }
         XCTAssertEqual(lines.list, ["m: line 0\n", "m: line 1\n", "m: line 2\n"])
-        now.add(1_000_000_000, ordering: .relaxed)   // one second: one more line may pass
+        now.add(1_000_000_000, ordering: .relaxed) // one second: one more line may pass
         log.info("after")
         log.info("dropped")
         XCTAssertEqual(lines.list.count, 4)

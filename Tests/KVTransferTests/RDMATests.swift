@@ -23,7 +23,10 @@ final class RDMATests: XCTestCase {
 
     func testDiscoveryMatchesTheMachine() {
         let d = RDMA.discover()
-        let libraryPresent = dlopen("libibverbs.so.1", RTLD_NOW | RTLD_LOCAL).map { dlclose($0); return true } ?? false
+        let libraryPresent =
+            dlopen("libibverbs.so.1", RTLD_NOW | RTLD_LOCAL).map {
+                dlclose($0); return true
+            } ?? false
         XCTAssertEqual(d.loaded, libraryPresent, d.reason)
         let sysDevices = (try? FileManagerless.entries("/sys/class/infiniband")) ?? []
         XCTAssertEqual(d.devices.map(\.name).sorted(), sysDevices.sorted())
@@ -42,7 +45,7 @@ final class RDMATests: XCTestCase {
     }
 
     func testOpeningAMissingDeviceIsATypedError() {
-        guard RDMA.discover().loaded else { return }   // without the library every open fails the same way
+        guard RDMA.discover().loaded else { return } // without the library every open fails the same way
         XCTAssertThrowsError(try RDMAContext(device: "no-such-rdma-device", port: 1)) {
             XCTAssertEqual(($0 as? KVError)?.code, .unsupported)
         }
@@ -56,15 +59,27 @@ final class RDMATests: XCTestCase {
         let back = try WireReader.parse(w.bytes, "address") { (r) throws(KVError) in try RDMAAddress.decode(&r) }
         XCTAssertEqual(back, a)
         var bad = w.bytes
-        bad[bad.count - 6] = 9   // MTU enum out of range
-        XCTAssertThrowsError(try bad.withUnsafeBytes { b in var r = WireReader(b); return try RDMAAddress.decode(&r) })
+        bad[bad.count - 6] = 9 // MTU enum out of range
+        XCTAssertThrowsError(
+            try bad.withUnsafeBytes { b in
+                var r = WireReader(b); return try RDMAAddress.decode(&r)
+            })
         bad = w.bytes
-        bad[bad.count - 2] = 3   // no such GID type
-        XCTAssertThrowsError(try bad.withUnsafeBytes { b in var r = WireReader(b); return try RDMAAddress.decode(&r) })
+        bad[bad.count - 2] = 3 // no such GID type
+        XCTAssertThrowsError(
+            try bad.withUnsafeBytes { b in
+                var r = WireReader(b); return try RDMAAddress.decode(&r)
+            })
         bad = w.bytes
-        bad[bad.count - 1] = 0   // no such link layer
-        XCTAssertThrowsError(try bad.withUnsafeBytes { b in var r = WireReader(b); return try RDMAAddress.decode(&r) })
-        XCTAssertThrowsError(try w.bytes.dropLast().withUnsafeBytes { b in var r = WireReader(b); return try RDMAAddress.decode(&r) })
+        bad[bad.count - 1] = 0 // no such link layer
+        XCTAssertThrowsError(
+            try bad.withUnsafeBytes { b in
+                var r = WireReader(b); return try RDMAAddress.decode(&r)
+            })
+        XCTAssertThrowsError(
+            try w.bytes.dropLast().withUnsafeBytes { b in
+                var r = WireReader(b); return try RDMAAddress.decode(&r)
+            })
     }
 
     /// A segment server without RDMA answers a queue-pair request with `unsupported` and keeps
@@ -135,10 +150,14 @@ final class RDMATests: XCTestCase {
             let regions = zip(buffers, sizes).map { MemoryRegion(address: UInt(bitPattern: $0.0.baseAddress!), length: $0.1) }
             let piece = UnsafeMutableRawBufferPointer.allocate(byteCount: n, alignment: 1)
             defer { piece.deallocate() }
-            regions.withUnsafeBufferPointer { PeerLink.gather($0, skipping: skip, into: MemoryRegion(address: UInt(bitPattern: piece.baseAddress!), length: n)) }
+            regions.withUnsafeBufferPointer {
+                PeerLink.gather($0, skipping: skip, into: MemoryRegion(address: UInt(bitPattern: piece.baseAddress!), length: n))
+            }
             XCTAssertEqual(Array(piece), Array(stream[skip..<skip + n]))
             for b in buffers { b.initializeMemory(as: UInt8.self, repeating: 0) }
-            regions.withUnsafeBufferPointer { PeerLink.scatter(MemoryRegion(address: UInt(bitPattern: piece.baseAddress!), length: n), skipping: skip, into: $0) }
+            regions.withUnsafeBufferPointer {
+                PeerLink.scatter(MemoryRegion(address: UInt(bitPattern: piece.baseAddress!), length: n), skipping: skip, into: $0)
+            }
             var back: [UInt8] = []
             for (b, size) in zip(buffers, sizes) { back += b.prefix(size) }
             XCTAssertEqual(Array(back[skip..<skip + n]), Array(stream[skip..<skip + n]))

@@ -20,16 +20,24 @@ final class TransferPlanTests: XCTestCase {
 
     func testGatherPlacesEachPartOnceInOrder() {
         let ops = TransferPlan.slices(sources: [r(100, 3), r(200, 5), r(300, 0), r(400, 2)], destinations: [r(1000, 10)])
-        XCTAssertEqual(ops, [CopyOp(source: 100, destination: 1000, length: 3),
-                             CopyOp(source: 200, destination: 1003, length: 5),
-                             CopyOp(source: 400, destination: 1008, length: 2)])
+        XCTAssertEqual(
+            ops,
+            [
+                CopyOp(source: 100, destination: 1000, length: 3),
+                CopyOp(source: 200, destination: 1003, length: 5),
+                CopyOp(source: 400, destination: 1008, length: 2)
+            ])
     }
 
     func testScatterAndGatherTogether() {
         let ops = TransferPlan.slices(sources: [r(0, 4), r(10, 4)], destinations: [r(100, 3), r(200, 5)])
-        XCTAssertEqual(ops, [CopyOp(source: 0, destination: 100, length: 3),
-                             CopyOp(source: 3, destination: 200, length: 1),
-                             CopyOp(source: 10, destination: 201, length: 4)])
+        XCTAssertEqual(
+            ops,
+            [
+                CopyOp(source: 0, destination: 100, length: 3),
+                CopyOp(source: 3, destination: 200, length: 1),
+                CopyOp(source: 10, destination: 201, length: 4)
+            ])
     }
 
     func testMovesTheShorterSide() {
@@ -64,11 +72,11 @@ final class SpinBackoffTests: XCTestCase {
         let t0 = 1_000_000_000
         s.noteBusy(now: t0)
         XCTAssertEqual(s.budget(now: t0 + 500_000), 0, "quiet for 1 ms")
-        s.noteBusy(now: t0 + 1_100_000)                    // right after the period: back off longer
+        s.noteBusy(now: t0 + 1_100_000) // right after the period: back off longer
         XCTAssertEqual(s.quietLength, 2_000_000)
         for i in 0..<10 { s.noteBusy(now: t0 + 2_000_000 + i * 100_000) }
         XCTAssertEqual(s.quietLength, SpinBackoff.quiet, "capped")
-        s.noteBusy(now: t0 + 10_000_000_000)              // long after: an isolated sign
+        s.noteBusy(now: t0 + 10_000_000_000) // long after: an isolated sign
         XCTAssertEqual(s.quietLength, SpinBackoff.minQuiet)
         XCTAssertEqual(s.budget(now: t0 + 10_000_000_000 + SpinBackoff.minQuiet), 200_000)
     }
