@@ -19,7 +19,9 @@ static void copy_head(unsigned char **d, const unsigned char **s, size_t *n) {
     size_t head = (64 - ((uintptr_t)*d & 63)) & 63;
     if (head > *n) head = *n;
     memcpy(*d, *s, head);
-    *d += head; *s += head; *n -= head;
+    *d += head;
+    *s += head;
+    *n -= head;
 }
 
 /* kv_copy_streaming without its closing fence (the caller fences once after many). */
@@ -45,7 +47,9 @@ static void stream_unfenced(void *dst, const void *src, size_t n) {
         _mm_stream_si128((__m128i *)(d + 80), a5);
         _mm_stream_si128((__m128i *)(d + 96), a6);
         _mm_stream_si128((__m128i *)(d + 112), a7);
-        s += 128; d += 128; n -= 128;
+        s += 128;
+        d += 128;
+        n -= 128;
     }
     memcpy(d, s, n);
 }
@@ -60,7 +64,7 @@ void kv_copy_streaming3(void *dst, const void *src, size_t n) {
     unsigned char *d = dst;
     const unsigned char *s = src;
     copy_head(&d, &s, &n);
-    size_t part = (n / 3) & ~(size_t)63;   /* multiples of 64: every stream's stores stay aligned */
+    size_t part = (n / 3) & ~(size_t)63; /* multiples of 64: every stream's stores stay aligned */
     const unsigned char *s1 = s + part, *s2 = s + 2 * part;
     unsigned char *d1 = d + part, *d2 = d + 2 * part;
     for (size_t i = 0; i < part; i += 64) {
@@ -70,12 +74,18 @@ void kv_copy_streaming3(void *dst, const void *src, size_t n) {
         __m128i b2 = _mm_loadu_si128((const __m128i *)(s1 + i + 32)), b3 = _mm_loadu_si128((const __m128i *)(s1 + i + 48));
         __m128i c0 = _mm_loadu_si128((const __m128i *)(s2 + i)), c1 = _mm_loadu_si128((const __m128i *)(s2 + i + 16));
         __m128i c2 = _mm_loadu_si128((const __m128i *)(s2 + i + 32)), c3 = _mm_loadu_si128((const __m128i *)(s2 + i + 48));
-        _mm_stream_si128((__m128i *)(d + i), a0); _mm_stream_si128((__m128i *)(d + i + 16), a1);
-        _mm_stream_si128((__m128i *)(d + i + 32), a2); _mm_stream_si128((__m128i *)(d + i + 48), a3);
-        _mm_stream_si128((__m128i *)(d1 + i), b0); _mm_stream_si128((__m128i *)(d1 + i + 16), b1);
-        _mm_stream_si128((__m128i *)(d1 + i + 32), b2); _mm_stream_si128((__m128i *)(d1 + i + 48), b3);
-        _mm_stream_si128((__m128i *)(d2 + i), c0); _mm_stream_si128((__m128i *)(d2 + i + 16), c1);
-        _mm_stream_si128((__m128i *)(d2 + i + 32), c2); _mm_stream_si128((__m128i *)(d2 + i + 48), c3);
+        _mm_stream_si128((__m128i *)(d + i), a0);
+        _mm_stream_si128((__m128i *)(d + i + 16), a1);
+        _mm_stream_si128((__m128i *)(d + i + 32), a2);
+        _mm_stream_si128((__m128i *)(d + i + 48), a3);
+        _mm_stream_si128((__m128i *)(d1 + i), b0);
+        _mm_stream_si128((__m128i *)(d1 + i + 16), b1);
+        _mm_stream_si128((__m128i *)(d1 + i + 32), b2);
+        _mm_stream_si128((__m128i *)(d1 + i + 48), b3);
+        _mm_stream_si128((__m128i *)(d2 + i), c0);
+        _mm_stream_si128((__m128i *)(d2 + i + 16), c1);
+        _mm_stream_si128((__m128i *)(d2 + i + 32), c2);
+        _mm_stream_si128((__m128i *)(d2 + i + 48), c3);
     }
     _mm_sfence();
     memcpy(d + 3 * part, s + 3 * part, n - 3 * part);
@@ -102,7 +112,10 @@ void kv_copy_pieces_streaming(void *const *dst, const void *const *src, const si
 #endif
 
 long kv_process_vm_copy(int pid, int write, void *const *local, void *const *remote, const size_t *lengths, size_t count) {
-    if (count > 1024) { errno = EINVAL; return -1; }
+    if (count > 1024) {
+        errno = EINVAL;
+        return -1;
+    }
     struct iovec l[1024], r[1024];
     for (size_t i = 0; i < count; i++) {
         l[i].iov_base = local[i];
@@ -116,7 +129,10 @@ long kv_process_vm_copy(int pid, int write, void *const *local, void *const *rem
 
 long kv_send_fd(int sock, int fd, const void *data, size_t len) {
     struct iovec iov = {(void *)data, len};
-    union { struct cmsghdr h; char space[CMSG_SPACE(sizeof(int))]; } control;
+    union {
+        struct cmsghdr h;
+        char space[CMSG_SPACE(sizeof(int))];
+    } control;
     memset(&control, 0, sizeof control);
     struct msghdr msg = {0};
     msg.msg_iov = &iov;
@@ -136,7 +152,10 @@ long kv_send_fd(int sock, int fd, const void *data, size_t len) {
 long kv_recv_fd(int sock, int *fd, void *data, size_t cap) {
     *fd = -1;
     struct iovec iov = {data, cap};
-    union { struct cmsghdr h; char space[CMSG_SPACE(4 * sizeof(int))]; } control;
+    union {
+        struct cmsghdr h;
+        char space[CMSG_SPACE(4 * sizeof(int))];
+    } control;
     struct msghdr msg = {0};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
@@ -151,10 +170,18 @@ long kv_recv_fd(int sock, int *fd, void *data, size_t cap) {
         for (size_t i = 0; i < count; i++) {
             int got;
             memcpy(&got, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-            if (*fd < 0) *fd = got; else close(got);   /* one descriptor is expected */
+            if (*fd < 0)
+                *fd = got;
+            else
+                close(got); /* one descriptor is expected */
         }
     }
-    if (msg.msg_flags & MSG_CTRUNC) { if (*fd >= 0) close(*fd); *fd = -1; errno = EMSGSIZE; return -1; }
+    if (msg.msg_flags & MSG_CTRUNC) {
+        if (*fd >= 0) close(*fd);
+        *fd = -1;
+        errno = EMSGSIZE;
+        return -1;
+    }
     return (long)n;
 }
 
@@ -174,10 +201,10 @@ long kv_fs_type(int fd) {
 
 #include <pthread.h>
 
-#define CRC_POLY 0x82F63B78u   /* reflected Castagnoli polynomial */
+#define CRC_POLY 0x82F63B78u /* reflected Castagnoli polynomial */
 #define CRC_BLOCK 4096
 #define CRC_PREFETCH 512
-#define CRC_SPLIT (192 * 1024)   /* from here, three thirds instead of 4 KiB blocks */
+#define CRC_SPLIT (192 * 1024) /* from here, three thirds instead of 4 KiB blocks */
 
 static uint32_t crc_table[256];
 /* Folding constants for the carry-less multiply path: fold[j] moves a 16-byte lane forward
@@ -186,7 +213,7 @@ static uint32_t crc_table[256];
  * bytewise CRC: CopyKernelTests). */
 static uint64_t fold_lo[17], fold_hi[17];
 static int crc_clmul;
-static uint32_t shift_table[4][256];   /* advance over CRC_BLOCK zero bytes, by byte of the register */
+static uint32_t shift_table[4][256]; /* advance over CRC_BLOCK zero bytes, by byte of the register */
 static int crc_hw;
 static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
 
@@ -213,7 +240,8 @@ static void crc_init(void) {
     for (int k = 0; k < 4; k++)
         for (uint32_t b = 0; b < 256; b++) {
             uint32_t v = 0;
-            for (int j = 0; j < 8; j++) if (b & (1u << j)) v ^= basis[8 * k + j];
+            for (int j = 0; j < 8; j++)
+                if (b & (1u << j)) v ^= basis[8 * k + j];
             shift_table[k][b] = v;
         }
     crc_init_powers();
@@ -228,8 +256,8 @@ static void crc_init(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     crc_hw = __builtin_cpu_supports("sse4.2") != 0;
-    crc_clmul = crc_hw && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
-        && __builtin_cpu_supports("vpclmulqdq") && getenv("KVSTORE_CRC_NO_CLMUL") == NULL;
+    crc_clmul = crc_hw && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("vpclmulqdq") &&
+                getenv("KVSTORE_CRC_NO_CLMUL") == NULL;
 #endif
 }
 
@@ -240,7 +268,8 @@ static uint32_t zeros_op[CRC_POWERS][32];
 
 static uint32_t gf2_apply(const uint32_t *m, uint32_t v) {
     uint32_t r = 0;
-    for (int i = 0; v; i++, v >>= 1) if (v & 1) r ^= m[i];
+    for (int i = 0; v; i++, v >>= 1)
+        if (v & 1) r ^= m[i];
     return r;
 }
 
@@ -250,16 +279,17 @@ static void gf2_square(uint32_t *out, const uint32_t *m) {
 
 static void crc_init_powers(void) {
     uint32_t bit[32], two[32], four[32];
-    bit[0] = CRC_POLY;                          /* one zero bit */
+    bit[0] = CRC_POLY; /* one zero bit */
     for (int i = 1; i < 32; i++) bit[i] = 1u << (i - 1);
     gf2_square(two, bit);
     gf2_square(four, two);
-    gf2_square(zeros_op[0], four);              /* one zero byte */
+    gf2_square(zeros_op[0], four); /* one zero byte */
     for (int k = 1; k < CRC_POWERS; k++) gf2_square(zeros_op[k], zeros_op[k - 1]);
 }
 
 static uint32_t crc_shift_len(uint32_t v, size_t len) {
-    for (int k = 0; len && k < CRC_POWERS; k++, len >>= 1) if (len & 1) v = gf2_apply(zeros_op[k], v);
+    for (int k = 0; len && k < CRC_POWERS; k++, len >>= 1)
+        if (len & 1) v = gf2_apply(zeros_op[k], v);
     return v;
 }
 
@@ -278,12 +308,16 @@ int kv_crc32c_hardware(void) {
 /* 16 bytes to each of three destinations: streaming stores (16-byte aligned) or plain ones.
  * The CRC loops load 16 bytes a stream and store them whole: 8-byte streaming stores
  * (movnti) cost a fifth of put_from's speed against the 16-byte ones of the plain copy. */
-__attribute__((target("sse4.2"), always_inline))
-static inline void store3(unsigned char *d0, unsigned char *d1, unsigned char *d2, __m128i x, __m128i y, __m128i z, int nt) {
+__attribute__((target("sse4.2"), always_inline)) static inline void store3(unsigned char *d0, unsigned char *d1, unsigned char *d2, __m128i x, __m128i y,
+                                                                           __m128i z, int nt) {
     if (nt) {
-        _mm_stream_si128((__m128i *)d0, x); _mm_stream_si128((__m128i *)d1, y); _mm_stream_si128((__m128i *)d2, z);
+        _mm_stream_si128((__m128i *)d0, x);
+        _mm_stream_si128((__m128i *)d1, y);
+        _mm_stream_si128((__m128i *)d2, z);
     } else {
-        _mm_storeu_si128((__m128i *)d0, x); _mm_storeu_si128((__m128i *)d1, y); _mm_storeu_si128((__m128i *)d2, z);
+        _mm_storeu_si128((__m128i *)d0, x);
+        _mm_storeu_si128((__m128i *)d1, y);
+        _mm_storeu_si128((__m128i *)d2, z);
     }
 }
 
@@ -294,18 +328,27 @@ static inline void store3(unsigned char *d0, unsigned char *d1, unsigned char *d
  * checksum=True 25% below the plain copy; then the lanes fold into one, whose 16 bytes go
  * through crc32. */
 #define FOLD512(x, k, y) _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128((x), (k), 0x00), _mm512_clmulepi64_epi128((x), (k), 0x11), (y), 0x96)
-__attribute__((target("sse4.2,avx512f,avx512vl,vpclmulqdq")))
-static uint32_t fold_run(unsigned char *d, const unsigned char *s, size_t n, int copy, int nt) {
+__attribute__((target("sse4.2,avx512f,avx512vl,vpclmulqdq"))) static uint32_t fold_run(unsigned char *d, const unsigned char *s, size_t n, int copy, int nt) {
     __m512i x[4];
     for (int j = 0; j < 4; j++) {
         x[j] = _mm512_loadu_si512((const void *)(s + 64 * j));
-        if (copy) { if (nt) _mm512_stream_si512((void *)(d + 64 * j), x[j]); else _mm512_storeu_si512((void *)(d + 64 * j), x[j]); }
+        if (copy) {
+            if (nt)
+                _mm512_stream_si512((void *)(d + 64 * j), x[j]);
+            else
+                _mm512_storeu_si512((void *)(d + 64 * j), x[j]);
+        }
     }
     const __m512i k16 = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)fold_hi[16], (long long)fold_lo[16]));
     for (size_t i = 256; i < n; i += 256) {
         for (int j = 0; j < 4; j++) {
             __m512i y = _mm512_loadu_si512((const void *)(s + i + 64 * j));
-            if (copy) { if (nt) _mm512_stream_si512((void *)(d + i + 64 * j), y); else _mm512_storeu_si512((void *)(d + i + 64 * j), y); }
+            if (copy) {
+                if (nt)
+                    _mm512_stream_si512((void *)(d + i + 64 * j), y);
+                else
+                    _mm512_storeu_si512((void *)(d + i + 64 * j), y);
+            }
             x[j] = FOLD512(x[j], k16, y);
         }
     }
@@ -330,10 +373,9 @@ static uint32_t fold_run(unsigned char *d, const unsigned char *s, size_t n, int
 #define CRC_FOLD_MIN (32 * 1024)
 
 /* 16 bytes of each of three streams: into their CRC registers, and copied when copy is set. */
-__attribute__((target("sse4.2"), always_inline))
-static inline void step3(const unsigned char *s0, const unsigned char *s1, const unsigned char *s2,
-                         unsigned char *d0, unsigned char *d1, unsigned char *d2,
-                         uint64_t *a, uint64_t *b, uint64_t *c, int copy, int nt) {
+__attribute__((target("sse4.2"), always_inline)) static inline void step3(const unsigned char *s0, const unsigned char *s1, const unsigned char *s2,
+                                                                          unsigned char *d0, unsigned char *d1, unsigned char *d2, uint64_t *a, uint64_t *b,
+                                                                          uint64_t *c, int copy, int nt) {
     __m128i x = _mm_loadu_si128((const __m128i *)s0);
     __m128i y = _mm_loadu_si128((const __m128i *)s1);
     __m128i z = _mm_loadu_si128((const __m128i *)s2);
@@ -346,8 +388,8 @@ static inline void step3(const unsigned char *s0, const unsigned char *s1, const
     if (copy) store3(d0, d1, d2, x, y, z, nt);
 }
 
-__attribute__((target("sse4.2"), always_inline))
-static inline uint32_t hw_run(unsigned char *d, const unsigned char *s, size_t n, uint32_t v, int copy, int nt) {
+__attribute__((target("sse4.2"), always_inline)) static inline uint32_t hw_run(unsigned char *d, const unsigned char *s, size_t n, uint32_t v, int copy,
+                                                                               int nt) {
     uint64_t a = v;
     if (n >= CRC_SPLIT) {
         /* Three long sequential streams (thirds of the buffer): the hardware prefetchers follow
@@ -356,11 +398,10 @@ static inline uint32_t hw_run(unsigned char *d, const unsigned char *s, size_t n
         const unsigned char *s1 = s + part, *s2 = s + 2 * part;
         unsigned char *d1 = d + part, *d2 = d + 2 * part;
         uint64_t b = 0, c = 0;
-        for (size_t i = 0; i < part; i += 16) {
-            step3(s + i, s1 + i, s2 + i, d + i, d1 + i, d2 + i, &a, &b, &c, copy, nt);
-        }
+        for (size_t i = 0; i < part; i += 16) { step3(s + i, s1 + i, s2 + i, d + i, d1 + i, d2 + i, &a, &b, &c, copy, nt); }
         a = crc_shift_len(crc_shift_len((uint32_t)a, part) ^ (uint32_t)b, part) ^ (uint32_t)c;
-        s += 3 * part; n -= 3 * part;
+        s += 3 * part;
+        n -= 3 * part;
         if (copy) d += 3 * part;
     }
     while (n >= 3 * CRC_BLOCK) {
@@ -373,12 +414,11 @@ static inline uint32_t hw_run(unsigned char *d, const unsigned char *s, size_t n
             _mm_prefetch((const char *)(s + line + CRC_PREFETCH), _MM_HINT_T0);
             _mm_prefetch((const char *)(s1 + line + CRC_PREFETCH), _MM_HINT_T0);
             _mm_prefetch((const char *)(s2 + line + CRC_PREFETCH), _MM_HINT_T0);
-            for (size_t i = line; i < line + 64; i += 16) {
-                step3(s + i, s1 + i, s2 + i, d + i, d1 + i, d2 + i, &a, &b, &c, copy, nt);
-            }
+            for (size_t i = line; i < line + 64; i += 16) { step3(s + i, s1 + i, s2 + i, d + i, d1 + i, d2 + i, &a, &b, &c, copy, nt); }
         }
         a = crc_shift(crc_shift((uint32_t)a) ^ (uint32_t)b) ^ (uint32_t)c;
-        s += 3 * CRC_BLOCK; n -= 3 * CRC_BLOCK;
+        s += 3 * CRC_BLOCK;
+        n -= 3 * CRC_BLOCK;
         if (copy) d += 3 * CRC_BLOCK;
     }
     while (n >= 8) {
@@ -386,7 +426,8 @@ static inline uint32_t hw_run(unsigned char *d, const unsigned char *s, size_t n
         memcpy(&x, s, 8);
         a = _mm_crc32_u64(a, x);
         if (copy) memcpy(d, &x, 8), d += 8;
-        s += 8; n -= 8;
+        s += 8;
+        n -= 8;
     }
     uint32_t r = (uint32_t)a;
     while (n--) {
@@ -397,8 +438,7 @@ static inline uint32_t hw_run(unsigned char *d, const unsigned char *s, size_t n
     return r;
 }
 
-__attribute__((target("sse4.2")))
-static uint32_t hw_crc(unsigned char *d, const unsigned char *s, size_t n, uint32_t v, int streaming) {
+__attribute__((target("sse4.2"))) static uint32_t hw_crc(unsigned char *d, const unsigned char *s, size_t n, uint32_t v, int streaming) {
     /* Folding for copies into a segment (streaming 2: put_from's source is the caller's
      * buffer, usually warm): reads of cold memory (get_into's segment side, a verification
      * without a copy) keep the three crc32 streams, which the prefetchers serve better than
@@ -409,7 +449,9 @@ static uint32_t hw_crc(unsigned char *d, const unsigned char *s, size_t n, uint3
         int nt = ((uintptr_t)d & 63) == 0;
         v = crc_shift_len(v, run) ^ fold_run(d, s, run, 1, nt);
         if (nt) _mm_sfence();
-        s += run; n -= run; d += run;
+        s += run;
+        n -= run;
+        d += run;
         if (!n) return v;
     }
     if (!d) return hw_run(NULL, s, n, v, 0, 0);

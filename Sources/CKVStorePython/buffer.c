@@ -6,10 +6,9 @@
 #include <string.h>
 
 typedef struct {
-    PyObject_HEAD
-    void *data;
+    PyObject_HEAD void *data;
     Py_ssize_t size;
-    size_t cap;   /* bytes of the block at data */
+    size_t cap; /* bytes of the block at data */
 } BufferObject;
 
 PyObject *kvpy_buffer_type;
@@ -23,7 +22,10 @@ PyObject *kvpy_buffer_type;
 #define CACHE_BLOCKS 64
 #define CACHE_BYTES ((size_t)256 << 20)
 #define CACHE_MIN ((size_t)64 << 10)
-static struct { void *p; size_t cap; } cache[CACHE_BLOCKS];
+static struct {
+    void *p;
+    size_t cap;
+} cache[CACHE_BLOCKS];
 static int cached_blocks;
 static size_t cached_bytes;
 
@@ -50,7 +52,7 @@ static void block_give(void *p, size_t cap) {
     if (!p) return;
     if (cap >= CACHE_MIN && cap <= CACHE_BYTES) {
         while (cached_blocks > 0 && (cached_blocks == CACHE_BLOCKS || cached_bytes + cap > CACHE_BYTES)) {
-            cached_blocks--;   /* the oldest-added last-slot block goes first */
+            cached_blocks--; /* the oldest-added last-slot block goes first */
             cached_bytes -= cache[cached_blocks].cap;
             free(cache[cached_blocks].p);
         }
@@ -121,9 +123,7 @@ static PyObject *buffer_size(BufferObject *self, PyObject *unused) {
 static Py_ssize_t buffer_len(BufferObject *self) { return self->size; }
 static int buffer_bool(BufferObject *self) { return self->size > 0; }
 
-static PyObject *buffer_repr(BufferObject *self) {
-    return PyUnicode_FromFormat("<kvstore Buffer of %zd bytes at %p>", self->size, self->data);
-}
+static PyObject *buffer_repr(BufferObject *self) { return PyUnicode_FromFormat("<kvstore Buffer of %zd bytes at %p>", self->size, self->data); }
 
 static PyMethodDef buffer_methods[] = {
     {"ptr", (PyCFunction)buffer_ptr, METH_NOARGS, "ptr() -> int: the address of the bytes."},

@@ -59,7 +59,10 @@ static int add_declared(kvpy_buffers *b, const kv_device_part *d) {
     if (b->ndev == b->devcap) {
         Py_ssize_t cap = b->devcap * 2;
         kv_device_part *n = PyMem_Malloc(sizeof(kv_device_part) * (size_t)cap);
-        if (!n) { PyErr_NoMemory(); return -1; }
+        if (!n) {
+            PyErr_NoMemory();
+            return -1;
+        }
         memcpy(n, b->dev, sizeof(kv_device_part) * (size_t)b->ndev);
         if (b->dev != b->dev_inline) PyMem_Free(b->dev);
         b->dev = n;
@@ -76,10 +79,18 @@ static int reserve(kvpy_buffers *b, Py_ssize_t extra) {
     while (cap < b->count + extra) cap *= 2;
     Py_buffer *v = PyMem_Malloc(sizeof(Py_buffer) * (size_t)cap);
     kv_buffer *p = PyMem_Malloc(sizeof(kv_buffer) * (size_t)cap);
-    if (!v || !p) { PyMem_Free(v); PyMem_Free(p); PyErr_NoMemory(); return -1; }
+    if (!v || !p) {
+        PyMem_Free(v);
+        PyMem_Free(p);
+        PyErr_NoMemory();
+        return -1;
+    }
     memcpy(v, b->views, sizeof(Py_buffer) * (size_t)b->count);
     memcpy(p, b->parts, sizeof(kv_buffer) * (size_t)b->count);
-    if (b->views != b->views_inline) { PyMem_Free(b->views); PyMem_Free(b->parts); }
+    if (b->views != b->views_inline) {
+        PyMem_Free(b->views);
+        PyMem_Free(b->parts);
+    }
     b->views = v;
     b->parts = p;
     b->capacity = cap;
@@ -131,9 +142,12 @@ int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len, kv_device_part *dev) {
     kv_device_part d = {(uint64_t)(uintptr_t)p, (uint64_t)l, 0, 0, 0, 0, 0};
     if (size == 5) {
         PyObject *k = PyTuple_GetItem(obj, 2), *i = PyTuple_GetItem(obj, 3), *s = PyTuple_GetItem(obj, 4);
-        if (!PyLong_Check(k) || !PyLong_Check(i)) { kvpy_type_error(obj, "raw part's kind and device", "ints"); return -1; }
+        if (!PyLong_Check(k) || !PyLong_Check(i)) {
+            kvpy_type_error(obj, "raw part's kind and device", "ints");
+            return -1;
+        }
         long kind = PyLong_AsLong(k), index = PyLong_AsLong(i);
-        if (PyErr_Occurred()) {   /* out of a long's range */
+        if (PyErr_Occurred()) { /* out of a long's range */
             PyErr_Clear();
             kind = -9;
         }
@@ -144,7 +158,10 @@ int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len, kv_device_part *dev) {
         d.kind = (int32_t)kind;
         d.device = (int32_t)index;
         if (s != Py_None) {
-            if (!PyLong_Check(s)) { kvpy_type_error(s, "raw part's stream", "an int or None"); return -1; }
+            if (!PyLong_Check(s)) {
+                kvpy_type_error(s, "raw part's stream", "an int or None");
+                return -1;
+            }
             d.stream = PyLong_AsUnsignedLongLong(s);
             if (PyErr_Occurred()) {
                 PyErr_Clear();
@@ -154,7 +171,7 @@ int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len, kv_device_part *dev) {
             d.flags = KV_DEVICE_STREAM_KNOWN;
         }
     } else {
-        d.length = 0;   /* no declaration */
+        d.length = 0; /* no declaration */
     }
     *ptr = p;
     *len = (size_t)l;
@@ -163,7 +180,10 @@ int kvpy_raw_part(PyObject *obj, void **ptr, size_t *len, kv_device_part *dev) {
 }
 
 Py_ssize_t kvpy_buffers_add_raw_list(kvpy_buffers *b, PyObject *list, int writable) {
-    if (!PyList_Check(list)) { kvpy_type_error(list, "parts", "a list"); return -1; }
+    if (!PyList_Check(list)) {
+        kvpy_type_error(list, "parts", "a list");
+        return -1;
+    }
     Py_ssize_t start = b->count, start_raw = b->raw, start_dev = b->ndev, n = PyList_Size(list);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GetItem(list, i);
@@ -175,7 +195,7 @@ Py_ssize_t kvpy_buffers_add_raw_list(kvpy_buffers *b, PyObject *list, int writab
         if (r == 1) {
             if (reserve(b, 1) < 0) goto fail;
             if (d.length > 0 && add_declared(b, &d) < 0) goto fail;
-            memset(&b->views[b->count], 0, sizeof(Py_buffer));  /* obj NULL: nothing to release */
+            memset(&b->views[b->count], 0, sizeof(Py_buffer)); /* obj NULL: nothing to release */
             b->parts[b->count].ptr = p;
             b->parts[b->count].len = len;
             b->count++;
@@ -210,7 +230,10 @@ int kvpy_buffers_add_raw(kvpy_buffers *b, PyObject *address, PyObject *length) {
     int r = kvpy_raw_part(pair, &p, &len, NULL);
     Py_DECREF(pair);
     if (r < 0) return -1;
-    if (r == 0) { kvpy_type_error(address, "an address and a length", "ints"); return -1; }
+    if (r == 0) {
+        kvpy_type_error(address, "an address and a length", "ints");
+        return -1;
+    }
     if (reserve(b, 1) < 0) return -1;
     memset(&b->views[b->count], 0, sizeof(Py_buffer));
     b->parts[b->count].ptr = p;
@@ -228,7 +251,10 @@ size_t kvpy_buffers_bytes(const kvpy_buffers *b, Py_ssize_t first, Py_ssize_t n)
 
 void kvpy_buffers_release(kvpy_buffers *b) {
     for (Py_ssize_t i = 0; i < b->count; i++) PyBuffer_Release(&b->views[i]);
-    if (b->views != b->views_inline) { PyMem_Free(b->views); PyMem_Free(b->parts); }
+    if (b->views != b->views_inline) {
+        PyMem_Free(b->views);
+        PyMem_Free(b->parts);
+    }
     if (b->ndev) kv_call_devices(NULL, 0);
     if (b->dev != b->dev_inline) PyMem_Free(b->dev);
     kvpy_buffers_init(b);

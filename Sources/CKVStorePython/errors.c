@@ -55,13 +55,9 @@ PyObject *kvpy_type_error(PyObject *obj, const char *what, const char *expected)
     return NULL;
 }
 
-PyObject *kvpy_raise_last(int32_t code) {
-    return kvpy_raise(code, kv_last_error(NULL));
-}
+PyObject *kvpy_raise_last(int32_t code) { return kvpy_raise(code, kv_last_error(NULL)); }
 
-PyObject *kvpy_error_object(int32_t code, const char *message) {
-    return PyObject_CallFunction(class_for(code), "s", message);
-}
+PyObject *kvpy_error_object(int32_t code, const char *message) { return PyObject_CallFunction(class_for(code), "s", message); }
 
 PyObject *kvpy_take_error(void) {
     PyObject *type, *value, *tb;

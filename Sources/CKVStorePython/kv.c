@@ -30,10 +30,11 @@ PyObject *kvpy_kv_register(StoreObject *self, PyObject *const *args, Py_ssize_t 
     Py_buffer v;
     if (PyObject_GetBuffer(args[1], &v, PyBUF_SIMPLE) < 0) return NULL;
     int32_t st;
-    if (v.len % sizeof(kv_block_buffer)) st = -1;
+    if (v.len % sizeof(kv_block_buffer))
+        st = -1;
     else {
-        Py_BEGIN_ALLOW_THREADS
-        st = kv_layout_register(self->store, node, (size_t)nlen, (const kv_block_buffer *)v.buf, (size_t)(v.len / sizeof(kv_block_buffer)));
+        Py_BEGIN_ALLOW_THREADS st =
+            kv_layout_register(self->store, node, (size_t)nlen, (const kv_block_buffer *)v.buf, (size_t)(v.len / sizeof(kv_block_buffer)));
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&v);
@@ -47,10 +48,8 @@ PyObject *kvpy_kv_unregister(StoreObject *self, PyObject *unused) {
     (void)unused;
     if (kvpy_ensure_open(self) < 0) return NULL;
     int32_t st;
-    Py_BEGIN_ALLOW_THREADS
-    st = kv_layout_unregister(self->store);
-    Py_END_ALLOW_THREADS
-    if (st) return kvpy_raise_last(st);
+    Py_BEGIN_ALLOW_THREADS st = kv_layout_unregister(self->store);
+    Py_END_ALLOW_THREADS if (st) return kvpy_raise_last(st);
     Py_RETURN_NONE;
 }
 
@@ -62,12 +61,13 @@ PyObject *kvpy_kv_fetch(StoreObject *self, PyObject *node_obj) {
     if (kvpy_utf8(node_obj, "node_id", &node, &nlen) < 0) return NULL;
     size_t count = 0, capacity = 0;
     kv_block_buffer *buf = NULL;
-    for (int attempt = 0; attempt < 4; attempt++) {   /* the layout may be replaced between calls */
+    for (int attempt = 0; attempt < 4; attempt++) { /* the layout may be replaced between calls */
         int32_t st;
-        Py_BEGIN_ALLOW_THREADS
-        st = kv_layout_fetch(self->store, node, (size_t)nlen, buf, capacity, &count);
-        Py_END_ALLOW_THREADS
-        if (st) { PyMem_Free(buf); return kvpy_raise_last(st); }
+        Py_BEGIN_ALLOW_THREADS st = kv_layout_fetch(self->store, node, (size_t)nlen, buf, capacity, &count);
+        Py_END_ALLOW_THREADS if (st) {
+            PyMem_Free(buf);
+            return kvpy_raise_last(st);
+        }
         if (count <= capacity) {
             PyObject *out = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)(count * sizeof(kv_block_buffer)));
             PyMem_Free(buf);
@@ -93,8 +93,15 @@ PyObject *kvpy_kv_move(StoreObject *self, PyObject *const *args, Py_ssize_t narg
     Py_buffer s, d, l;
     int have_layers = args[4] != Py_None;
     if (int64_view(args[2], "src_block_ids", &s) < 0) return NULL;
-    if (int64_view(args[3], "dst_block_ids", &d) < 0) { PyBuffer_Release(&s); return NULL; }
-    if (have_layers && int64_view(args[4], "layers", &l) < 0) { PyBuffer_Release(&s); PyBuffer_Release(&d); return NULL; }
+    if (int64_view(args[3], "dst_block_ids", &d) < 0) {
+        PyBuffer_Release(&s);
+        return NULL;
+    }
+    if (have_layers && int64_view(args[4], "layers", &l) < 0) {
+        PyBuffer_Release(&s);
+        PyBuffer_Release(&d);
+        return NULL;
+    }
     int32_t st;
     uint64_t transfers = 0;
     /* An empty layer list is a list (refused by the core), never "all layers": no NULL. */
@@ -103,10 +110,8 @@ PyObject *kvpy_kv_move(StoreObject *self, PyObject *const *args, Py_ssize_t narg
     if (s.len != d.len) {
         st = -1;
     } else {
-        Py_BEGIN_ALLOW_THREADS
-        st = kv_blocks_move(self->store, peer, (size_t)plen, (uint32_t)flags, (const int64_t *)s.buf, (const int64_t *)d.buf,
-                            (size_t)(s.len / 8), have_layers ? layers_ptr : NULL, have_layers ? (size_t)(l.len / 8) : 0,
-                            &transfers);
+        Py_BEGIN_ALLOW_THREADS st = kv_blocks_move(self->store, peer, (size_t)plen, (uint32_t)flags, (const int64_t *)s.buf, (const int64_t *)d.buf,
+                                                   (size_t)(s.len / 8), have_layers ? layers_ptr : NULL, have_layers ? (size_t)(l.len / 8) : 0, &transfers);
         Py_END_ALLOW_THREADS
     }
     Py_ssize_t ns = s.len / 8, nd = d.len / 8;
@@ -133,16 +138,20 @@ PyObject *kvpy_keys_page(StoreObject *self, PyObject *after) {
     if (!buf) return PyErr_NoMemory();
     size_t count = 0;
     int32_t more = 0, st;
-    Py_BEGIN_ALLOW_THREADS
-    st = kv_keys_page(self->store, a, (size_t)alen, buf, KV_KEYS_PAGE_BYTES, &count, &more);
-    Py_END_ALLOW_THREADS
-    if (st) { PyMem_Free(buf); return kvpy_raise_last(st); }
+    Py_BEGIN_ALLOW_THREADS st = kv_keys_page(self->store, a, (size_t)alen, buf, KV_KEYS_PAGE_BYTES, &count, &more);
+    Py_END_ALLOW_THREADS if (st) {
+        PyMem_Free(buf);
+        return kvpy_raise_last(st);
+    }
     PyObject *list = PyList_New((Py_ssize_t)count);
     size_t at = 0;
     for (size_t i = 0; list && i < count; i++) {
         uint32_t n = (uint32_t)buf[at] | (uint32_t)buf[at + 1] << 8 | (uint32_t)buf[at + 2] << 16 | (uint32_t)buf[at + 3] << 24;
         PyObject *k = PyUnicode_DecodeUTF8((const char *)buf + at + 4, (Py_ssize_t)n, "strict");
-        if (!k) { Py_CLEAR(list); break; }
+        if (!k) {
+            Py_CLEAR(list);
+            break;
+        }
         PyList_SetItem(list, (Py_ssize_t)i, k);
         at += 4 + n;
     }

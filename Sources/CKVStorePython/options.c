@@ -13,9 +13,7 @@ int kvpy_number(PyObject *obj, const char *name, const char *expected, double *o
     return 0;
 }
 
-int kvpy_seconds(PyObject *obj, const char *name, double *out) {
-    return kvpy_number(obj, name, "a number of seconds (int or float)", out);
-}
+int kvpy_seconds(PyObject *obj, const char *name, double *out) { return kvpy_number(obj, name, "a number of seconds (int or float)", out); }
 
 int kvpy_flag(PyObject *obj, const char *name, int *out) {
     if (!PyBool_Check(obj)) {
@@ -80,8 +78,7 @@ int kvpy_put_options(const char *fname, PyObject *const *kwvalues, PyObject *kwn
             rc = kvpy_flag(v, "checksum", &on);
             if (rc == 0) out->flags |= on ? KV_OPT_CHECKSUM : KV_OPT_NO_CHECKSUM;
         } else {
-            kvpy_raise_format(KV_E_ARGUMENT_TYPE,
-                              "%s() got an unknown option %R; the options are hard_pin, soft_pin, soft_pin_ttl, ttl, replicas, checksum",
+            kvpy_raise_format(KV_E_ARGUMENT_TYPE, "%s() got an unknown option %R; the options are hard_pin, soft_pin, soft_pin_ttl, ttl, replicas, checksum",
                               fname, name);
             return -1;
         }

@@ -10,9 +10,9 @@
 /* Where resolve() says an object's remaining bytes go. */
 typedef struct {
     kv_mut_buffer buf;
-    kv_device_part declared;   /* length 0: nothing declared */
-    int raw;                   /* a raw part (address, length, ...), not a buffer */
-    int has;                   /* 0: resolve() gave None */
+    kv_device_part declared; /* length 0: nothing declared */
+    int raw; /* a raw part (address, length, ...), not a buffer */
+    int has; /* 0: resolve() gave None */
     Py_buffer view;
 } kvpy_destination;
 
@@ -20,8 +20,7 @@ typedef struct {
  * destination) pair and converts the destination: a writable buffer or a raw part, None only
  * when `rest` is 0. Returns the pair (its item 0 is the result), or NULL with an error set.
  * Release d with release_destination in either case. */
-static PyObject *resolve_destination(PyObject *resolve, PyObject *prefix_bytes, uint64_t size, uint64_t rest,
-                                     kvpy_destination *d) {
+static PyObject *resolve_destination(PyObject *resolve, PyObject *prefix_bytes, uint64_t size, uint64_t rest, kvpy_destination *d) {
     memset(d, 0, sizeof *d);
     PyObject *pair = PyObject_CallFunction(resolve, "NK", prefix_bytes, (unsigned long long)size);
     if (!pair) return NULL;
@@ -43,7 +42,10 @@ static PyObject *resolve_destination(PyObject *resolve, PyObject *prefix_bytes, 
         d->buf.ptr = d->view.buf;
         d->buf.len = (size_t)d->view.len;
     }
-    if (r < 0 || (r == 0 && !d->view.obj)) { Py_DECREF(pair); return NULL; }
+    if (r < 0 || (r == 0 && !d->view.obj)) {
+        Py_DECREF(pair);
+        return NULL;
+    }
     d->raw = r == 1;
     return pair;
 }
@@ -65,7 +67,10 @@ static PyObject *read_held_object(StoreObject *self, kv_read *hold, Py_ssize_t p
     RUN_UNLOCKED(self, have, st = kv_read_copy_range(self->store, hold, 0, have, &head, 1, KV_HOST_MEMORY, NULL));
     if (st) {
         Py_DECREF(prefix_bytes);
-        if (st == KV_STALE) *stale = 1; else kvpy_raise_last(st);
+        if (st == KV_STALE)
+            *stale = 1;
+        else
+            kvpy_raise_last(st);
         return NULL;
     }
     uint64_t rest = hold->size - have;
@@ -76,8 +81,14 @@ static PyObject *read_held_object(StoreObject *self, kv_read *hold, Py_ssize_t p
         if (declared) kv_call_devices(&d.declared, 1);
         RUN_UNLOCKED(self, rest, st = kv_read_copy_range(self->store, hold, have, rest, &d.buf, 1, d.raw ? 0 : KV_HOST_MEMORY, NULL));
         if (declared) kv_call_devices(NULL, 0);
-        if (st == KV_STALE) { *stale = 1; goto done; }
-        if (st) { kvpy_raise_last(st); goto done; }
+        if (st == KV_STALE) {
+            *stale = 1;
+            goto done;
+        }
+        if (st) {
+            kvpy_raise_last(st);
+            goto done;
+        }
     }
     result = PyTuple_GetItem(pair, 0);
     Py_INCREF(result);
@@ -92,22 +103,30 @@ done:
  * host buffer of its own (kv_get_into's disk path), then resolve() sees the prefix and the rest
  * is copied into its destination. Host destinations only: a device destination (a raw part not
  * declared host memory) gets the original NoSpaceError. */
-static PyObject *read_object_from_disk_tier(StoreObject *self, const char *k, Py_ssize_t klen, Py_ssize_t prefix,
-                                            PyObject *resolve) {
+static PyObject *read_object_from_disk_tier(StoreObject *self, const char *k, Py_ssize_t klen, Py_ssize_t prefix, PyObject *resolve) {
     uint64_t size = 0, copied = 0;
     int32_t st;
-    kvpy_raise_last(KV_E_NO_SPACE);   /* the message to give back when this path cannot help */
+    kvpy_raise_last(KV_E_NO_SPACE); /* the message to give back when this path cannot help */
     PyObject *no_space = kvpy_take_error();
     PyObject *result = NULL, *whole = NULL, *pair = NULL;
     kvpy_destination d = {0};
     RUN_UNLOCKED(self, 0, st = kv_size(self->store, k, (size_t)klen, &size));
-    if (st) { kvpy_raise_last(st); goto done; }
+    if (st) {
+        kvpy_raise_last(st);
+        goto done;
+    }
     whole = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
     if (!whole) goto done;
     kv_mut_buffer all = {PyBytes_AsString(whole), (size_t)size};
     RUN_UNLOCKED(self, size, st = kv_get_into(self->store, k, (size_t)klen, &all, 1, KV_HOST_MEMORY, &copied));
-    if (st) { kvpy_raise_last(st); goto done; }
-    if (copied != size) { kvpy_raise(KV_E_TRANSFER, "the object changed size while it was read from disk"); goto done; }
+    if (st) {
+        kvpy_raise_last(st);
+        goto done;
+    }
+    if (copied != size) {
+        kvpy_raise(KV_E_TRANSFER, "the object changed size while it was read from disk");
+        goto done;
+    }
     uint64_t have = size < (uint64_t)prefix ? size : (uint64_t)prefix, rest = size - have;
     PyObject *prefix_bytes = PyBytes_FromStringAndSize(PyBytes_AsString(whole), (Py_ssize_t)have);
     if (!prefix_bytes) goto done;
@@ -115,7 +134,7 @@ static PyObject *read_object_from_disk_tier(StoreObject *self, const char *k, Py
     if (!pair) goto done;
     if (d.has && rest > 0) {
         if (d.raw && !(d.declared.length > 0 && d.declared.kind == KV_DEVICE_HOST)) {
-            PyErr_SetObject((PyObject *)Py_TYPE(no_space), no_space);   /* device memory: not from here */
+            PyErr_SetObject((PyObject *)Py_TYPE(no_space), no_space); /* device memory: not from here */
             goto done;
         }
         if (d.buf.len < rest) {
@@ -195,10 +214,7 @@ PyObject *kvpy_tensor_header(PyObject *module, PyObject *const *args, Py_ssize_t
     if (dtype == -1 && PyErr_Occurred()) return NULL;
     if (!PyTuple_Check(args[1])) return kvpy_type_error(args[1], "shape", "a tuple of ints");
     Py_ssize_t ndim = PyTuple_Size(args[1]);
-    if (ndim > KV_TENSOR_MAX_DIMS) {
-        return kvpy_raise_format(KV_E_INVALID_ARGUMENT, "a tensor has at most %d dimensions, got %zd",
-                                 KV_TENSOR_MAX_DIMS, ndim);
-    }
+    if (ndim > KV_TENSOR_MAX_DIMS) { return kvpy_raise_format(KV_E_INVALID_ARGUMENT, "a tensor has at most %d dimensions, got %zd", KV_TENSOR_MAX_DIMS, ndim); }
     int64_t shape[KV_TENSOR_MAX_DIMS];
     for (Py_ssize_t i = 0; i < ndim; i++) {
         shape[i] = PyLong_AsLongLong(PyTuple_GetItem(args[1], i));
@@ -207,7 +223,10 @@ PyObject *kvpy_tensor_header(PyObject *module, PyObject *const *args, Py_ssize_t
     PyObject *out = PyBytes_FromStringAndSize(NULL, KV_TENSOR_HEADER_SIZE);
     if (!out) return NULL;
     int32_t st = kv_tensor_header_encode((int32_t)dtype, (int32_t)ndim, shape, PyBytes_AsString(out), KV_TENSOR_HEADER_SIZE);
-    if (st) { Py_DECREF(out); return kvpy_raise_last(st); }
+    if (st) {
+        Py_DECREF(out);
+        return kvpy_raise_last(st);
+    }
     return out;
 }
 
@@ -227,8 +246,15 @@ PyObject *kvpy_decode_tensor_header(PyObject *module, PyObject *arg) {
 }
 
 /* DLPack's C structs (dlpack.h, stable ABI; written here to avoid the dependency). */
-typedef struct { int32_t device_type; int32_t device_id; } kv_dl_device;
-typedef struct { uint8_t code; uint8_t bits; uint16_t lanes; } kv_dl_dtype;
+typedef struct {
+    int32_t device_type;
+    int32_t device_id;
+} kv_dl_device;
+typedef struct {
+    uint8_t code;
+    uint8_t bits;
+    uint16_t lanes;
+} kv_dl_dtype;
 typedef struct {
     void *data;
     kv_dl_device device;
@@ -238,7 +264,11 @@ typedef struct {
     int64_t *strides;
     uint64_t byte_offset;
 } kv_dl_tensor;
-typedef struct { kv_dl_tensor dl_tensor; void *manager_ctx; void (*deleter)(void *); } kv_dl_managed;
+typedef struct {
+    kv_dl_tensor dl_tensor;
+    void *manager_ctx;
+    void (*deleter)(void *);
+} kv_dl_managed;
 typedef struct {
     uint32_t major, minor;
     void *manager_ctx;
@@ -262,9 +292,11 @@ PyObject *kvpy_dlpack_info(PyObject *module, PyObject *capsule) {
         if (m) t = &m->dl_tensor;
     } else if (PyCapsule_IsValid(capsule, "dltensor_versioned")) {
         const kv_dl_managed_versioned *m = PyCapsule_GetPointer(capsule, "dltensor_versioned");
-        if (m && m->major != 1) return kvpy_raise_format(KV_E_UNSUPPORTED, "DLPack version %u.%u is not supported (1.x is)",
-                                                         m->major, m->minor);
-        if (m) { t = &m->dl_tensor; read_only = (m->flags & KV_DL_READ_ONLY) != 0; }
+        if (m && m->major != 1) return kvpy_raise_format(KV_E_UNSUPPORTED, "DLPack version %u.%u is not supported (1.x is)", m->major, m->minor);
+        if (m) {
+            t = &m->dl_tensor;
+            read_only = (m->flags & KV_DL_READ_ONLY) != 0;
+        }
     }
     if (!t) {
         PyErr_Clear();
@@ -277,16 +309,17 @@ PyObject *kvpy_dlpack_info(PyObject *module, PyObject *capsule) {
     PyObject *strides;
     if (t->strides) {
         strides = PyTuple_New(t->ndim);
-        if (!strides) { Py_DECREF(shape); return NULL; }
+        if (!strides) {
+            Py_DECREF(shape);
+            return NULL;
+        }
         for (int32_t i = 0; i < t->ndim; i++) PyTuple_SetItem(strides, i, PyLong_FromLongLong(t->strides[i]));
     } else {
         strides = Py_None;
         Py_INCREF(strides);
     }
-    return Py_BuildValue("(Kii(iii)NNO)", (unsigned long long)((uintptr_t)t->data + t->byte_offset),
-                         (int)t->device.device_type, (int)t->device.device_id,
-                         (int)t->dtype.code, (int)t->dtype.bits, (int)t->dtype.lanes, shape, strides,
-                         read_only ? Py_True : Py_False);
+    return Py_BuildValue("(Kii(iii)NNO)", (unsigned long long)((uintptr_t)t->data + t->byte_offset), (int)t->device.device_type, (int)t->device.device_id,
+                         (int)t->dtype.code, (int)t->dtype.bits, (int)t->dtype.lanes, shape, strides, read_only ? Py_True : Py_False);
 }
 
 /* devices(refresh=False) -> ["cpu:0", ...] */
@@ -297,10 +330,8 @@ PyObject *kvpy_devices(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     if (refresh < 0) return NULL;
     char buf[1024];
     size_t n;
-    Py_BEGIN_ALLOW_THREADS
-    n = kv_devices(refresh, buf, sizeof buf);
-    Py_END_ALLOW_THREADS
-    if (n >= sizeof buf) n = sizeof buf - 1;
+    Py_BEGIN_ALLOW_THREADS n = kv_devices(refresh, buf, sizeof buf);
+    Py_END_ALLOW_THREADS if (n >= sizeof buf) n = sizeof buf - 1;
     PyObject *text = PyUnicode_FromStringAndSize(buf, (Py_ssize_t)n);
     if (!text) return NULL;
     PyObject *sep = PyUnicode_FromString(",");
@@ -317,9 +348,7 @@ PyObject *kvpy_rdma_info(PyObject *module, PyObject *const *args, Py_ssize_t nar
     if (kvpy_check_nargs("rdma_info", nargs, 0, 0) < 0) return NULL;
     char buf[4096];
     size_t n;
-    Py_BEGIN_ALLOW_THREADS
-    n = kv_rdma_info(buf, sizeof buf);
-    Py_END_ALLOW_THREADS
-    if (n >= sizeof buf) n = sizeof buf - 1;
+    Py_BEGIN_ALLOW_THREADS n = kv_rdma_info(buf, sizeof buf);
+    Py_END_ALLOW_THREADS if (n >= sizeof buf) n = sizeof buf - 1;
     return PyUnicode_DecodeUTF8(buf, (Py_ssize_t)n, "replace");
 }

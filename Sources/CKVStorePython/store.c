@@ -26,8 +26,10 @@ int kvpy_key_arg(StoreObject *self, PyObject *key, const char **k, Py_ssize_t *k
 
 int kvpy_check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssize_t max) {
     if (nargs < min || nargs > max) {
-        if (min == max) PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, min, nargs);
-        else PyErr_Format(PyExc_TypeError, "%s() takes at least %zd arguments (%zd given)", name, min, nargs);
+        if (min == max)
+            PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, min, nargs);
+        else
+            PyErr_Format(PyExc_TypeError, "%s() takes at least %zd arguments (%zd given)", name, min, nargs);
         return -1;
     }
     return 0;
@@ -41,7 +43,7 @@ static int store_can_create(StoreObject *self, long long size) {
         kvpy_raise(KV_E_INVALID_ARGUMENT, "the store is already initialised");
         return -1;
     }
-    if (size < 0) {  /* the ABI takes an unsigned size; the core checks the minimum */
+    if (size < 0) { /* the ABI takes an unsigned size; the core checks the minimum */
         kvpy_raise(KV_E_INVALID_ARGUMENT, "segment_size must not be negative");
         return -1;
     }
@@ -50,7 +52,10 @@ static int store_can_create(StoreObject *self, long long size) {
 
 /* Takes the handle kv_store_create or kv_store_connect returned with status st. */
 static int store_adopt(StoreObject *self, int32_t st, kv_store *s) {
-    if (st) { kvpy_raise_last(st); return -1; }
+    if (st) {
+        kvpy_raise_last(st);
+        return -1;
+    }
     self->store = s;
     if (!self->registered && !(self->registered = PyDict_New())) return -1;
     return 0;
@@ -61,9 +66,8 @@ static uint32_t create_flags(int prefault, int pin, int checksum) {
 }
 
 static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"segment_size", "prefault", "pin_memory", "lease_ttl", "soft_pin_ttl",
-                             "eviction_high_watermark", "eviction_ratio", "checksum",
-                             "disk_path", "disk_size", "disk_admission", NULL};
+    static char *kwlist[] = {"segment_size",   "prefault", "pin_memory", "lease_ttl", "soft_pin_ttl",   "eviction_high_watermark",
+                             "eviction_ratio", "checksum", "disk_path",  "disk_size", "disk_admission", NULL};
     long long size = 0, disk_size = 0;
     const char *disk_path = NULL;
     int disk_admission = 0;
@@ -72,8 +76,8 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     PyObject *checksum_obj = Py_False;
     kv_store_config config;
     kv_store_config_init(&config);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|OOOOOOOzLi", kwlist, &size, &prefault_obj, &pin_obj, &lease, &soft,
-                                     &watermark, &ratio, &checksum_obj, &disk_path, &disk_size, &disk_admission))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|OOOOOOOzLi", kwlist, &size, &prefault_obj, &pin_obj, &lease, &soft, &watermark, &ratio, &checksum_obj,
+                                     &disk_path, &disk_size, &disk_admission))
         return -1;
     if (disk_path) {
         if (disk_size <= 0) {
@@ -85,8 +89,7 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
         config.disk_admission = (uint32_t)disk_admission;
     }
     if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0 ||
-        kvpy_flag(checksum_obj, "checksum", &checksum) < 0 ||
-        (lease && kvpy_seconds(lease, "lease_ttl", &config.lease_ttl) < 0) ||
+        kvpy_flag(checksum_obj, "checksum", &checksum) < 0 || (lease && kvpy_seconds(lease, "lease_ttl", &config.lease_ttl) < 0) ||
         (soft && kvpy_seconds(soft, "soft_pin_ttl", &config.soft_pin_ttl) < 0) ||
         (watermark && kvpy_number(watermark, "eviction_high_watermark", "a number", &config.eviction_high_watermark) < 0) ||
         (ratio && kvpy_number(ratio, "eviction_ratio", "a number", &config.eviction_ratio) < 0))
@@ -94,10 +97,8 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     if (store_can_create(self, size) < 0) return -1;
     kv_store *s = NULL;
     int32_t st;
-    Py_BEGIN_ALLOW_THREADS
-    st = kv_store_create((uint64_t)size, create_flags(prefault, pin, checksum), &config, &s);
-    Py_END_ALLOW_THREADS
-    return store_adopt(self, st, s);
+    Py_BEGIN_ALLOW_THREADS st = kv_store_create((uint64_t)size, create_flags(prefault, pin, checksum), &config, &s);
+    Py_END_ALLOW_THREADS return store_adopt(self, st, s);
 }
 
 /* _connect(url, segment_size, prefault, pin_memory, token, checksum): makes an uninitialised
@@ -108,23 +109,19 @@ static PyObject *store_connect(StoreObject *self, PyObject *args) {
     PyObject *prefault_obj, *pin_obj, *checksum_obj = Py_False;
     int prefault = 0, pin = 1, checksum = 0;
     if (!PyArg_ParseTuple(args, "sLOOz|O", &url, &size, &prefault_obj, &pin_obj, &token, &checksum_obj)) return NULL;
-    if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0 ||
-        kvpy_flag(checksum_obj, "checksum", &checksum) < 0)
+    if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0 || kvpy_flag(checksum_obj, "checksum", &checksum) < 0)
         return NULL;
     if (store_can_create(self, size) < 0) return NULL;
     kv_store *s = NULL;
     int32_t st;
-    Py_BEGIN_ALLOW_THREADS
-    st = kv_store_connect(url, (uint64_t)size, create_flags(prefault, pin, checksum), token, &s);
-    Py_END_ALLOW_THREADS
-    if (store_adopt(self, st, s) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS st = kv_store_connect(url, (uint64_t)size, create_flags(prefault, pin, checksum), token, &s);
+    Py_END_ALLOW_THREADS if (store_adopt(self, st, s) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
 static void store_close_impl(StoreObject *self) {
     if (self->store) {
-        Py_BEGIN_ALLOW_THREADS
-        kv_store_close(self->store);
+        Py_BEGIN_ALLOW_THREADS kv_store_close(self->store);
         Py_END_ALLOW_THREADS
     }
     if (self->registered) PyDict_Clear(self->registered);
@@ -163,7 +160,11 @@ static PyObject *store_stats(StoreObject *self, PyObject *unused) {
     if (!d) return NULL;
     for (size_t i = 0; i < n; i++) {
         PyObject *v = PyLong_FromLongLong(stats[i].value);
-        if (!v || PyDict_SetItemString(d, stats[i].name, v) < 0) { Py_XDECREF(v); Py_DECREF(d); return NULL; }
+        if (!v || PyDict_SetItemString(d, stats[i].name, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
         Py_DECREF(v);
     }
     return d;
@@ -173,33 +174,32 @@ static PyObject *store_stats(StoreObject *self, PyObject *unused) {
 
 /* Writes the collected buffers as one object and releases them. Raw (address, length) parts
  * make the core find their device; buffer-protocol parts are host memory. */
-static PyObject *put_buffers(StoreObject *self, const char *k, Py_ssize_t klen, kvpy_buffers *b, uint32_t flags,
-                             const kv_put_options *options) {
+static PyObject *put_buffers(StoreObject *self, const char *k, Py_ssize_t klen, kvpy_buffers *b, uint32_t flags, const kv_put_options *options) {
     if (b->raw == 0) flags |= KV_HOST_MEMORY;
     int32_t st;
-    RUN_UNLOCKED(self, kvpy_buffers_bytes(b, 0, b->count),
-                       st = kv_put(self->store, k, (size_t)klen, b->parts, (size_t)b->count, flags, options));
+    RUN_UNLOCKED(self, kvpy_buffers_bytes(b, 0, b->count), st = kv_put(self->store, k, (size_t)klen, b->parts, (size_t)b->count, flags, options));
     kvpy_buffers_release(b);
     if (st) return kvpy_raise_last(st);
     Py_RETURN_NONE;
 }
 
 /* A write method's arguments: nargs positional (min..max), then keyword options. */
-static int write_args(const char *name, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                      Py_ssize_t min, Py_ssize_t max, kv_put_options *options) {
+static int write_args(const char *name, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Py_ssize_t min, Py_ssize_t max, kv_put_options *options) {
     if (check_nargs(name, nargs, min, max) < 0) return -1;
     return kvpy_put_options(name, args + nargs, kwnames, options);
 }
 
-static PyObject *put_impl(StoreObject *self, PyObject *key, PyObject *const *parts, Py_ssize_t nparts, uint32_t flags,
-                          const kv_put_options *options) {
+static PyObject *put_impl(StoreObject *self, PyObject *key, PyObject *const *parts, Py_ssize_t nparts, uint32_t flags, const kv_put_options *options) {
     const char *k;
     Py_ssize_t klen;
     if (key_arg(self, key, &k, &klen) < 0) return NULL;
     kvpy_buffers b;
     kvpy_buffers_init(&b);
     for (Py_ssize_t i = 0; i < nparts; i++) {
-        if (kvpy_buffers_add(&b, parts[i], 0, 0) < 0) { kvpy_buffers_release(&b); return NULL; }
+        if (kvpy_buffers_add(&b, parts[i], 0, 0) < 0) {
+            kvpy_buffers_release(&b);
+            return NULL;
+        }
     }
     return put_buffers(self, k, klen, &b, flags, options);
 }
@@ -215,16 +215,19 @@ static PyObject *store_put_raw(StoreObject *self, PyObject *const *args, Py_ssiz
     if (upsert < 0) return NULL;
     kvpy_buffers b;
     kvpy_buffers_init(&b);
-    if (kvpy_buffers_add_raw_list(&b, args[1], 0) < 0) { kvpy_buffers_release(&b); return NULL; }
+    if (kvpy_buffers_add_raw_list(&b, args[1], 0) < 0) {
+        kvpy_buffers_release(&b);
+        return NULL;
+    }
     return put_buffers(self, k, klen, &b, upsert ? KV_UPSERT : KV_PUT, &o);
 }
 
 /* The single-object writes: name, positional count (PY_SSIZE_T_MAX: key then any parts), mode. */
-#define SINGLE_WRITE(fn, name, max, flags) \
+#define SINGLE_WRITE(fn, name, max, flags)                                                               \
     static PyObject *fn(StoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) { \
-        kv_put_options o; \
-        if (write_args(name, args, nargs, kwnames, (max) == 2 ? 2 : 1, max, &o) < 0) return NULL; \
-        return put_impl(self, args[0], args + 1, nargs - 1, flags, &o); \
+        kv_put_options o;                                                                                \
+        if (write_args(name, args, nargs, kwnames, (max) == 2 ? 2 : 1, max, &o) < 0) return NULL;        \
+        return put_impl(self, args[0], args + 1, nargs - 1, flags, &o);                                  \
     }
 SINGLE_WRITE(store_put, "put", 2, KV_PUT)
 SINGLE_WRITE(store_upsert, "upsert", 2, KV_UPSERT)
@@ -237,14 +240,14 @@ SINGLE_WRITE(store_upsert_parts, "upsert_parts", PY_SSIZE_T_MAX, KV_UPSERT)
 
 /* Per-key state of a batch: the key (a held reference), its parts, and its outcome. */
 typedef struct {
-    PyObject *key;      /* new reference, or NULL when the key was bad */
+    PyObject *key; /* new reference, or NULL when the key was bad */
     const char *k;
     Py_ssize_t klen;
     Py_ssize_t first, count;
-    PyObject *error;    /* exception instance found while converting, or NULL */
+    PyObject *error; /* exception instance found while converting, or NULL */
     int32_t status;
-    char *message;      /* malloc'd ABI message when status != 0 */
-    uint64_t value;     /* bytes copied, size, or flag */
+    char *message; /* malloc'd ABI message when status != 0 */
+    uint64_t value; /* bytes copied, size, or flag */
 } batch_item;
 
 static Py_ssize_t seq_len(PyObject *obj, const char *what) {
@@ -268,10 +271,16 @@ static batch_item *batch_begin(PyObject *keys, PyObject *second, const char *sec
         }
     }
     batch_item *items = PyMem_Calloc((size_t)(n ? n : 1), sizeof(batch_item));
-    if (!items) { PyErr_NoMemory(); return NULL; }
+    if (!items) {
+        PyErr_NoMemory();
+        return NULL;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *key = PySequence_GetItem(keys, i);
-        if (!key) { items[i].error = kvpy_take_error(); continue; }
+        if (!key) {
+            items[i].error = kvpy_take_error();
+            continue;
+        }
         if (kvpy_key(key, &items[i].k, &items[i].klen) < 0) {
             items[i].error = kvpy_take_error();
             Py_DECREF(key);
@@ -305,7 +314,10 @@ static void batch_record_failure(batch_item *it, int32_t st) {
 
 /* The error of item i as an exception instance (new reference), or NULL if it succeeded. */
 static PyObject *batch_error(batch_item *it) {
-    if (it->error) { Py_INCREF(it->error); return it->error; }
+    if (it->error) {
+        Py_INCREF(it->error);
+        return it->error;
+    }
     if (it->status) {
         PyObject *e = kvpy_error_object(it->status, it->message ? it->message : "");
         if (!e) e = kvpy_take_error();
@@ -330,13 +342,19 @@ static PyObject *batch_results(batch_item *items, Py_ssize_t n, PyObject *(*ok)(
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *r = batch_error(&items[i]);
         if (!r) r = ok(&items[i]);
-        if (!r) { Py_DECREF(list); return NULL; }
+        if (!r) {
+            Py_DECREF(list);
+            return NULL;
+        }
         PyList_SetItem(list, i, r);
     }
     return list;
 }
 
-static PyObject *ok_none(batch_item *it) { (void)it; Py_RETURN_NONE; }
+static PyObject *ok_none(batch_item *it) {
+    (void)it;
+    Py_RETURN_NONE;
+}
 static PyObject *ok_value(batch_item *it) { return PyLong_FromUnsignedLongLong(it->value); }
 static PyObject *ok_bool(batch_item *it) { return PyBool_FromLong(it->value != 0); }
 
@@ -350,7 +368,10 @@ static void batch_buffers(batch_item *items, Py_ssize_t n, PyObject *seq, int wr
         PyObject *v = PySequence_GetItem(seq, i);
         Py_ssize_t added = !v ? -1 : raw ? kvpy_buffers_add_raw_list(b, v, writable) : kvpy_buffers_add(b, v, writable, 1);
         Py_XDECREF(v);
-        if (added < 0) { items[i].error = kvpy_take_error(); continue; }
+        if (added < 0) {
+            items[i].error = kvpy_take_error();
+            continue;
+        }
         items[i].first = b->count - added;
         items[i].count = added;
     }
@@ -360,8 +381,7 @@ static void batch_buffers(batch_item *items, Py_ssize_t n, PyObject *seq, int wr
  * kv_batch_get_into): the core plans every copy and runs them grouped per device. Records
  * each item's status, message and size. Returns 0, or -1 with an error set when the call
  * itself failed. */
-static int run_batch(StoreObject *self, batch_item *items, Py_ssize_t n, const kvpy_buffers *b, int get, uint32_t flags,
-                     const kv_put_options *options) {
+static int run_batch(StoreObject *self, batch_item *items, Py_ssize_t n, const kvpy_buffers *b, int get, uint32_t flags, const kv_put_options *options) {
     size_t cap = (size_t)(n ? n : 1);
     Py_ssize_t *index = PyMem_Calloc(cap, sizeof *index);
     int32_t *statuses = PyMem_Calloc(cap, sizeof *statuses);
@@ -369,21 +389,28 @@ static int run_batch(StoreObject *self, batch_item *items, Py_ssize_t n, const k
     kv_batch_put_item *puts = get ? NULL : PyMem_Calloc(cap, sizeof *puts);
     kv_batch_get_item *gets = get ? PyMem_Calloc(cap, sizeof *gets) : NULL;
     int rc = -1;
-    if (!index || !statuses || !sizes || (!puts && !gets)) { PyErr_NoMemory(); goto done; }
+    if (!index || !statuses || !sizes || (!puts && !gets)) {
+        PyErr_NoMemory();
+        goto done;
+    }
     if (b->raw == 0) flags |= KV_HOST_MEMORY;
     size_t m = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         batch_item *it = &items[i];
         if (!it->key || it->error) continue;
-        if (get) gets[m] = (kv_batch_get_item){it->k, (size_t)it->klen, (const kv_mut_buffer *)(b->parts + it->first), (size_t)it->count};
-        else puts[m] = (kv_batch_put_item){it->k, (size_t)it->klen, b->parts + it->first, (size_t)it->count};
+        if (get)
+            gets[m] = (kv_batch_get_item){it->k, (size_t)it->klen, (const kv_mut_buffer *)(b->parts + it->first), (size_t)it->count};
+        else
+            puts[m] = (kv_batch_put_item){it->k, (size_t)it->klen, b->parts + it->first, (size_t)it->count};
         index[m++] = i;
     }
     int32_t st;
     RUN_UNLOCKED(self, kvpy_buffers_bytes(b, 0, b->count),
-                       st = get ? kv_batch_get_into(self->store, gets, m, flags, statuses, sizes)
-                                : kv_batch_put(self->store, puts, m, flags, options, statuses));
-    if (st) { kvpy_raise_last(st); goto done; }
+                 st = get ? kv_batch_get_into(self->store, gets, m, flags, statuses, sizes) : kv_batch_put(self->store, puts, m, flags, options, statuses));
+    if (st) {
+        kvpy_raise_last(st);
+        goto done;
+    }
     for (size_t j = 0; j < m; j++) {
         batch_item *it = &items[index[j]];
         it->status = statuses[j];
@@ -392,13 +419,17 @@ static int run_batch(StoreObject *self, batch_item *items, Py_ssize_t n, const k
     }
     rc = 0;
 done:
-    PyMem_Free(index); PyMem_Free(statuses); PyMem_Free(sizes); PyMem_Free(puts); PyMem_Free(gets);
+    PyMem_Free(index);
+    PyMem_Free(statuses);
+    PyMem_Free(sizes);
+    PyMem_Free(puts);
+    PyMem_Free(gets);
     return rc;
 }
 
 /* A whole batch call: convert keys and buffers, run, build the per-key results. */
-static PyObject *batch_call(StoreObject *self, PyObject *keys, PyObject *values, const char *values_name,
-                            int get, int raw, uint32_t flags, const kv_put_options *options, PyObject *(*ok)(batch_item *)) {
+static PyObject *batch_call(StoreObject *self, PyObject *keys, PyObject *values, const char *values_name, int get, int raw, uint32_t flags,
+                            const kv_put_options *options, PyObject *(*ok)(batch_item *)) {
     ENSURE_OPEN(self);
     Py_ssize_t n;
     batch_item *items = batch_begin(keys, values, values_name, &n);
@@ -413,11 +444,11 @@ static PyObject *batch_call(StoreObject *self, PyObject *keys, PyObject *values,
 
 /* ---- batch writes ---- */
 
-#define BATCH_WRITE(fn, name, second_name, flags) \
+#define BATCH_WRITE(fn, name, second_name, flags)                                                        \
     static PyObject *fn(StoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) { \
-        kv_put_options o; \
-        if (write_args(name, args, nargs, kwnames, 2, 2, &o) < 0) return NULL; \
-        return batch_call(self, args[0], args[1], second_name, 0, 0, flags, &o, ok_none); \
+        kv_put_options o;                                                                                \
+        if (write_args(name, args, nargs, kwnames, 2, 2, &o) < 0) return NULL;                           \
+        return batch_call(self, args[0], args[1], second_name, 0, 0, flags, &o, ok_none);                \
     }
 BATCH_WRITE(store_put_batch, "put_batch", "values", KV_PUT)
 BATCH_WRITE(store_upsert_batch, "upsert_batch", "values", KV_UPSERT)
@@ -460,7 +491,10 @@ static PyObject *store_batch_flat(StoreObject *self, PyObject *const *args, Py_s
         int r = l ? kvpy_buffers_add_raw(&b, a, l) : -1;
         Py_XDECREF(a);
         Py_XDECREF(l);
-        if (r < 0) { items[i].error = kvpy_take_error(); continue; }
+        if (r < 0) {
+            items[i].error = kvpy_take_error();
+            continue;
+        }
         items[i].first = b.count - 1;
         items[i].count = 1;
     }
@@ -468,14 +502,12 @@ static PyObject *store_batch_flat(StoreObject *self, PyObject *const *args, Py_s
     if (n == 1 && items[0].key && !items[0].error) {
         /* One object: kv_get_into / kv_put, without the batch machinery (about 3 us of a 30 us
          * 1 MiB get). */
-        uint32_t flags = 0;   /* raw addresses: the core finds their device (registered memory: at once) */
+        uint32_t flags = 0; /* raw addresses: the core finds their device (registered memory: at once) */
         int32_t st;
         uint64_t copied = 0;
         RUN_UNLOCKED(self, b.parts[0].len,
-                     st = op == 0 ? kv_get_into(self->store, items[0].k, (size_t)items[0].klen, (const kv_mut_buffer *)b.parts, 1,
-                                                flags, &copied)
-                                  : kv_put(self->store, items[0].k, (size_t)items[0].klen, b.parts, 1,
-                                           flags | (op == 2 ? KV_UPSERT : KV_PUT), &o));
+                     st = op == 0 ? kv_get_into(self->store, items[0].k, (size_t)items[0].klen, (const kv_mut_buffer *)b.parts, 1, flags, &copied)
+                                  : kv_put(self->store, items[0].k, (size_t)items[0].klen, b.parts, 1, flags | (op == 2 ? KV_UPSERT : KV_PUT), &o));
         items[0].value = copied;
         if (st) batch_record_failure(&items[0], st);
         r = batch_results(items, n, op == 0 ? ok_value : ok_none);
@@ -510,10 +542,8 @@ static PyObject *store_get_into_addr(StoreObject *self, PyObject *const *args, P
 
 /* ---- writes in pieces (sessions) ---- */
 
-static int convert_range_lists(PyObject *lists, Py_ssize_t n, batch_item *items, kv_range **out, size_t *total,
-                               uint64_t *bytes);
-static PyObject *range_results(const batch_item *it, const kv_range *ranges, const int32_t *statuses, size_t first,
-                               Py_ssize_t count);
+static int convert_range_lists(PyObject *lists, Py_ssize_t n, batch_item *items, kv_range **out, size_t *total, uint64_t *bytes);
+static PyObject *range_results(const batch_item *it, const kv_range *ranges, const int32_t *statuses, size_t first, Py_ssize_t count);
 static PyObject *all_range_results(const batch_item *items, Py_ssize_t n, const kv_range *ranges, const int32_t *statuses);
 
 /* An int list of n (ids) as uint64s into out; -1 with an error set. */
@@ -538,19 +568,29 @@ static PyObject *statuses_list(const int32_t *statuses, Py_ssize_t n, const batc
     PyObject *list = PyList_New(n);
     for (Py_ssize_t i = 0; list && i < n; i++) {
         PyObject *v;
-        if (items && items[i].error) { v = items[i].error; Py_INCREF(v); }
-        else if (statuses[i]) {
+        if (items && items[i].error) {
+            v = items[i].error;
+            Py_INCREF(v);
+        } else if (statuses[i]) {
             v = kvpy_error_object(statuses[i], kv_batch_error((size_t)i, NULL));
             if (!v) v = kvpy_take_error();
-        } else v = ok(i, ctx);
-        if (!v) { Py_CLEAR(list); break; }
+        } else
+            v = ok(i, ctx);
+        if (!v) {
+            Py_CLEAR(list);
+            break;
+        }
         PyList_SetItem(list, i, v);
     }
     return list;
 }
 
 static PyObject *ok_id(Py_ssize_t i, void *ctx) { return PyLong_FromUnsignedLongLong(((uint64_t *)ctx)[i]); }
-static PyObject *ok_nothing(Py_ssize_t i, void *ctx) { (void)i; (void)ctx; Py_RETURN_NONE; }
+static PyObject *ok_nothing(Py_ssize_t i, void *ctx) {
+    (void)i;
+    (void)ctx;
+    Py_RETURN_NONE;
+}
 
 /* _write_begin(keys, sizes, upsert, **options) -> [id | exception]: reserves each object's
  * space; nothing is visible until _write_end. */
@@ -567,7 +607,10 @@ static PyObject *store_write_begin(StoreObject *self, PyObject *const *args, Py_
     kv_write_item *wi = PyMem_Calloc((size_t)(n ? n : 1), sizeof *wi);
     uint64_t *ids = PyMem_Calloc((size_t)(n ? n : 1), sizeof *ids);
     int32_t *statuses = PyMem_Calloc((size_t)(n ? n : 1), sizeof *statuses);
-    if (!wi || !ids || !statuses) { PyErr_NoMemory(); goto done; }
+    if (!wi || !ids || !statuses) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *v = PySequence_GetItem(args[1], i);
         if (!v) goto done;
@@ -582,11 +625,16 @@ static PyObject *store_write_begin(StoreObject *self, PyObject *const *args, Py_
     }
     int32_t st;
     RUN_UNLOCKED(self, 0, st = kv_batch_write_begin(self->store, wi, (size_t)n, upsert ? KV_UPSERT : KV_PUT, &o, ids, statuses));
-    if (st) { kvpy_raise_last(st); goto done; }
+    if (st) {
+        kvpy_raise_last(st);
+        goto done;
+    }
     result = statuses_list(statuses, n, items, ok_id, ids);
     /* a write begun for a key whose Python conversion failed cannot happen: its key was NULL */
 done:
-    PyMem_Free(wi); PyMem_Free(ids); PyMem_Free(statuses);
+    PyMem_Free(wi);
+    PyMem_Free(ids);
+    PyMem_Free(statuses);
     batch_end(items, n);
     return result;
 }
@@ -608,23 +656,36 @@ static PyObject *store_write_ranges(StoreObject *self, PyObject *const *args, Py
     PyObject *result = NULL;
     size_t total = 0;
     uint64_t bytes = 0;
-    batch_item *items = PyMem_Calloc((size_t)(n ? n : 1), sizeof *items);   /* first/count/value per write */
+    batch_item *items = PyMem_Calloc((size_t)(n ? n : 1), sizeof *items); /* first/count/value per write */
     uint64_t *ids = PyMem_Calloc((size_t)(n ? n : 1), sizeof *ids);
     kv_write_ranges_item *wr = PyMem_Calloc((size_t)(n ? n : 1), sizeof *wr);
     kv_range *ranges = NULL;
     int32_t *statuses = NULL;
-    if (!items || !ids || !wr) { PyErr_NoMemory(); goto done; }
+    if (!items || !ids || !wr) {
+        PyErr_NoMemory();
+        goto done;
+    }
     if (ids_arg(args[0], "ids", ids, n) < 0) goto done;
     if (convert_range_lists(args[1], n, items, &ranges, &total, &bytes) < 0) goto done;
     statuses = PyMem_Calloc(total ? total : 1, sizeof *statuses);
-    if (!statuses) { PyErr_NoMemory(); goto done; }
+    if (!statuses) {
+        PyErr_NoMemory();
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < n; i++) wr[i] = (kv_write_ranges_item){ids[i], ranges + items[i].first, (size_t)items[i].count};
     int32_t st;
     RUN_UNLOCKED(self, bytes, st = kv_batch_write_ranges(self->store, wr, (size_t)n, host ? KV_HOST_MEMORY : 0, statuses));
-    if (st) { kvpy_raise_last(st); goto done; }
+    if (st) {
+        kvpy_raise_last(st);
+        goto done;
+    }
     result = all_range_results(items, n, ranges, statuses);
 done:
-    PyMem_Free(items); PyMem_Free(ids); PyMem_Free(wr); PyMem_Free(ranges); PyMem_Free(statuses);
+    PyMem_Free(items);
+    PyMem_Free(ids);
+    PyMem_Free(wr);
+    PyMem_Free(ranges);
+    PyMem_Free(statuses);
     return result;
 }
 
@@ -640,14 +701,21 @@ static PyObject *store_write_end(StoreObject *self, PyObject *const *args, Py_ss
     PyObject *result = NULL;
     uint64_t *ids = PyMem_Calloc((size_t)(n ? n : 1), sizeof *ids);
     int32_t *statuses = PyMem_Calloc((size_t)(n ? n : 1), sizeof *statuses);
-    if (!ids || !statuses) { PyErr_NoMemory(); goto done; }
+    if (!ids || !statuses) {
+        PyErr_NoMemory();
+        goto done;
+    }
     if (ids_arg(args[0], "ids", ids, n) < 0) goto done;
     int32_t st;
     RUN_UNLOCKED(self, 0, st = kv_batch_write_end(self->store, ids, (size_t)n, abort_ ? KV_WRITE_ABORT : 0, statuses));
-    if (st) { kvpy_raise_last(st); goto done; }
+    if (st) {
+        kvpy_raise_last(st);
+        goto done;
+    }
     result = statuses_list(statuses, n, NULL, ok_nothing, NULL);
 done:
-    PyMem_Free(ids); PyMem_Free(statuses);
+    PyMem_Free(ids);
+    PyMem_Free(statuses);
     return result;
 }
 
@@ -665,7 +733,10 @@ void kvpy_keep_gil_begin(void) { keeping_gil = 1; }
 
 void kvpy_keep_gil_end(void) {
     keeping_gil = 0;
-    if (released) { PyEval_RestoreThread(released); released = NULL; }
+    if (released) {
+        PyEval_RestoreThread(released);
+        released = NULL;
+    }
 }
 
 static void wait_begins(void) {
@@ -683,8 +754,7 @@ int32_t kvpy_read_begin(StoreObject *self, const char *k, Py_ssize_t klen, kv_re
     int32_t st;
     RUN_UNLOCKED(self, 0, st = kv_read_begin(self->store, k, (size_t)klen, KV_READ_NOWAIT, hold));
     if (st == KV_BUSY) {
-        Py_BEGIN_ALLOW_THREADS
-        st = kv_read_begin(self->store, k, (size_t)klen, KV_READ_WAIT, hold);
+        Py_BEGIN_ALLOW_THREADS st = kv_read_begin(self->store, k, (size_t)klen, KV_READ_WAIT, hold);
         Py_END_ALLOW_THREADS
     }
     return st;
@@ -715,7 +785,10 @@ static PyObject *new_value(PyObject *make, uint64_t size, void **ptr) {
     PyObject *value = PyObject_CallFunction(make, "K", (unsigned long long)size);
     if (!value) return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(value, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) { Py_DECREF(value); return NULL; }
+    if (PyObject_GetBuffer(value, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        Py_DECREF(value);
+        return NULL;
+    }
     int small = (uint64_t)view.len < size;
     *ptr = view.buf;
     PyBuffer_Release(&view);
@@ -729,12 +802,14 @@ static PyObject *new_value(PyObject *make, uint64_t size, void **ptr) {
 /* The value of k when a hold cannot be had because the object is on the disk tier and the
  * segment cannot take it back (everything there leased or pinned): kv_get_into reads the
  * disk copy straight into the new value. */
-static PyObject *read_from_disk_tier(StoreObject *self, const char *k, Py_ssize_t klen, PyObject *make,
-                                     int32_t *begin_status) {
+static PyObject *read_from_disk_tier(StoreObject *self, const char *k, Py_ssize_t klen, PyObject *make, int32_t *begin_status) {
     uint64_t size = 0, copied = 0;
     int32_t st;
     RUN_UNLOCKED(self, 0, st = kv_size(self->store, k, (size_t)klen, &size));
-    if (st == KV_E_OBJECT_NOT_FOUND) { *begin_status = st; return NULL; }
+    if (st == KV_E_OBJECT_NOT_FOUND) {
+        *begin_status = st;
+        return NULL;
+    }
     if (st) return kvpy_raise_last(st);
     void *ptr = NULL;
     PyObject *value = new_value(make, size, &ptr);
@@ -743,7 +818,10 @@ static PyObject *read_from_disk_tier(StoreObject *self, const char *k, Py_ssize_
     RUN_UNLOCKED(self, size, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, KV_HOST_MEMORY, &copied));
     if (st == 0 && copied == size) return value;
     Py_DECREF(value);
-    if (st == KV_E_OBJECT_NOT_FOUND) { *begin_status = st; return NULL; }
+    if (st == KV_E_OBJECT_NOT_FOUND) {
+        *begin_status = st;
+        return NULL;
+    }
     return st ? kvpy_raise_last(st) : kvpy_raise(KV_E_TRANSFER, "the object changed size while it was read");
 }
 
@@ -753,19 +831,28 @@ static PyObject *read_key_value(StoreObject *self, const char *k, Py_ssize_t kle
         kv_read hold;
         int32_t st = read_begin(self, k, klen, &hold);
         if (st == KV_E_NO_SPACE) return read_from_disk_tier(self, k, klen, make, begin_status);
-        if (st) { *begin_status = st; return NULL; }
+        if (st) {
+            *begin_status = st;
+            return NULL;
+        }
         void *ptr = NULL;
         PyObject *bytes = new_value(make, hold.size, &ptr);
-        if (!bytes) { kvpy_read_end(self, &hold); return NULL; }
+        if (!bytes) {
+            kvpy_read_end(self, &hold);
+            return NULL;
+        }
         kv_mut_buffer dst = {ptr, (size_t)hold.size};
         RUN_UNLOCKED(self, hold.size, st = kv_read_copy(self->store, &hold, &dst, 1, KV_HOST_MEMORY, NULL));
-        if (st == 0) { kvpy_read_end(self, &hold); return bytes; }
+        if (st == 0) {
+            kvpy_read_end(self, &hold);
+            return bytes;
+        }
         if (REPLICA_FAILURE(st)) {
             kvpy_read_end(self, &hold);
             uint64_t copied = 0;
             RUN_UNLOCKED(self, hold.size, st = kv_get_into(self->store, k, (size_t)klen, &dst, 1, KV_HOST_MEMORY, &copied));
             if (st == 0 && copied == hold.size) return bytes;
-            if (st == 0) {   /* replaced meanwhile by a shorter value */
+            if (st == 0) { /* replaced meanwhile by a shorter value */
                 void *to = NULL;
                 PyObject *shorter = new_value(make, copied, &to);
                 if (shorter) memcpy(to, ptr, (size_t)copied);
@@ -773,13 +860,19 @@ static PyObject *read_key_value(StoreObject *self, const char *k, Py_ssize_t kle
                 return shorter;
             }
             Py_DECREF(bytes);
-            if (st == KV_E_INVALID_ARGUMENT && tries < STALE_RETRIES) continue;   /* replaced by a longer one */
-            if (st == KV_E_OBJECT_NOT_FOUND) { *begin_status = st; return NULL; }
+            if (st == KV_E_INVALID_ARGUMENT && tries < STALE_RETRIES) continue; /* replaced by a longer one */
+            if (st == KV_E_OBJECT_NOT_FOUND) {
+                *begin_status = st;
+                return NULL;
+            }
             return kvpy_raise_last(st);
         }
         Py_DECREF(bytes);
-        if (st == KV_STALE && tries < STALE_RETRIES) { kvpy_read_end(self, &hold); continue; }
-        kvpy_raise_last(st == KV_STALE ? KV_E_TRANSFER : st);   /* before kv_read_end: its message */
+        if (st == KV_STALE && tries < STALE_RETRIES) {
+            kvpy_read_end(self, &hold);
+            continue;
+        }
+        kvpy_raise_last(st == KV_STALE ? KV_E_TRANSFER : st); /* before kv_read_end: its message */
         kvpy_read_end(self, &hold);
         return NULL;
     }
@@ -826,33 +919,54 @@ static PyObject *get_batch(StoreObject *self, PyObject *keys, PyObject *make) {
     Py_ssize_t *index = PyMem_Calloc(cap, sizeof *index);
     int32_t *statuses = PyMem_Calloc(cap, sizeof *statuses);
     kv_read *holds = PyMem_Calloc(cap, sizeof *holds);
-    if (!ks || !index || !statuses || !holds) { PyErr_NoMemory(); goto done; }
+    if (!ks || !index || !statuses || !holds) {
+        PyErr_NoMemory();
+        goto done;
+    }
     m = batch_keys(items, n, ks, index);
-    PyObject **values = PyMem_Calloc(cap, sizeof *values);   /* the bytes of each held key */
-    if (!values) { PyErr_NoMemory(); goto done; }
+    PyObject **values = PyMem_Calloc(cap, sizeof *values); /* the bytes of each held key */
+    if (!values) {
+        PyErr_NoMemory();
+        goto done;
+    }
     /* Chunk by chunk, so a batch of any length holds at most READ_CHUNK objects at a time (a
      * cluster master limits the reads one client has in flight). */
     for (size_t base = 0; base < m; base += READ_CHUNK) {
         size_t cn = m - base < READ_CHUNK ? m - base : READ_CHUNK;
         int32_t st;
         RUN_UNLOCKED(self, 0, st = kv_batch_read_begin(self->store, ks + base, cn, holds + base, statuses + base));
-        if (st) { kvpy_raise_last(st); goto free_values; }
+        if (st) {
+            kvpy_raise_last(st);
+            goto free_values;
+        }
         for (size_t j = base; j < base + cn; j++) {
             batch_item *it = &items[index[j]];
             if (statuses[j]) {
-                if (statuses[j] != KV_E_OBJECT_NOT_FOUND) { it->status = statuses[j]; it->message = strdup(kv_batch_error(j - base, NULL)); }
+                if (statuses[j] != KV_E_OBJECT_NOT_FOUND) {
+                    it->status = statuses[j];
+                    it->message = strdup(kv_batch_error(j - base, NULL));
+                }
                 continue;
             }
             void *ptr = NULL;
             PyObject *bytes = new_value(make, holds[j].size, &ptr);
-            if (!bytes) { it->error = kvpy_take_error(); kvpy_read_end(self, &holds[j]); statuses[j] = -1; continue; }
+            if (!bytes) {
+                it->error = kvpy_take_error();
+                kvpy_read_end(self, &holds[j]);
+                statuses[j] = -1;
+                continue;
+            }
             kv_mut_buffer dst = {ptr, (size_t)holds[j].size};
             RUN_UNLOCKED(self, holds[j].size, st = kv_read_copy(self->store, &holds[j], &dst, 1, KV_HOST_MEMORY, NULL));
-            if (st == 0) values[j] = bytes;
+            if (st == 0)
+                values[j] = bytes;
             else {
                 Py_DECREF(bytes);
-                if (st != KV_STALE && !REPLICA_FAILURE(st)) { it->status = st; it->message = strdup(kv_last_error(NULL)); }
-                else statuses[j] = KV_STALE;   /* read again below, once its hold ended (every replica) */
+                if (st != KV_STALE && !REPLICA_FAILURE(st)) {
+                    it->status = st;
+                    it->message = strdup(kv_last_error(NULL));
+                } else
+                    statuses[j] = KV_STALE; /* read again below, once its hold ended (every replica) */
             }
             kvpy_read_end(self, &holds[j]);
         }
@@ -862,26 +976,39 @@ static PyObject *get_batch(StoreObject *self, PyObject *keys, PyObject *make) {
         if (statuses[j] != KV_STALE) continue;
         int32_t bst;
         values[j] = read_key_value(self, it->k, it->klen, make, &bst);
-        if (!values[j] && bst == KV_E_OBJECT_NOT_FOUND) statuses[j] = KV_E_OBJECT_NOT_FOUND;
-        else if (!values[j] && bst) { it->status = bst; it->message = strdup(kv_last_error(NULL)); }
-        else if (!values[j]) it->error = kvpy_take_error();
+        if (!values[j] && bst == KV_E_OBJECT_NOT_FOUND)
+            statuses[j] = KV_E_OBJECT_NOT_FOUND;
+        else if (!values[j] && bst) {
+            it->status = bst;
+            it->message = strdup(kv_last_error(NULL));
+        } else if (!values[j])
+            it->error = kvpy_take_error();
     }
     /* Each item: its bytes, None when missing, or its error. */
     list = PyList_New(n);
     for (Py_ssize_t i = 0; i < n && list; i++) {
         PyObject *e = batch_error(&items[i]);
-        if (e) { PyList_SetItem(list, i, e); continue; }
+        if (e) {
+            PyList_SetItem(list, i, e);
+            continue;
+        }
         Py_INCREF(Py_None);
         PyList_SetItem(list, i, Py_None);
     }
     for (size_t j = 0; j < m && list; j++) {
-        if (values[j]) { PyList_SetItem(list, index[j], values[j]); values[j] = NULL; }
+        if (values[j]) {
+            PyList_SetItem(list, index[j], values[j]);
+            values[j] = NULL;
+        }
     }
 free_values:
     for (size_t j = 0; j < m; j++) Py_XDECREF(values[j]);
     PyMem_Free(values);
 done:
-    PyMem_Free(ks); PyMem_Free(index); PyMem_Free(statuses); PyMem_Free(holds);
+    PyMem_Free(ks);
+    PyMem_Free(index);
+    PyMem_Free(statuses);
+    PyMem_Free(holds);
     batch_end(items, n);
     return list;
 }
@@ -897,7 +1024,7 @@ static PyObject *store_get_batch_new(StoreObject *self, PyObject *const *args, P
 
 /* One ranged read's item result: a list with, per range, its length or its exception. */
 static PyObject *range_results(const batch_item *it, const kv_range *ranges, const int32_t *statuses, size_t first, Py_ssize_t count) {
-    if (it->value && !it->error) {   /* a packed range list that all succeeded: its total */
+    if (it->value && !it->error) { /* a packed range list that all succeeded: its total */
         uint64_t total = 0;
         Py_ssize_t r = 0;
         for (; r < count && !statuses[first + (size_t)r]; r++) total += ranges[first + (size_t)r].length;
@@ -907,12 +1034,18 @@ static PyObject *range_results(const batch_item *it, const kv_range *ranges, con
     for (Py_ssize_t r = 0; list && r < count; r++) {
         size_t j = first + (size_t)r;
         PyObject *v;
-        if (it->error) { v = it->error; Py_INCREF(v); }
-        else if (statuses[j]) {
+        if (it->error) {
+            v = it->error;
+            Py_INCREF(v);
+        } else if (statuses[j]) {
             v = kvpy_error_object(statuses[j], kv_batch_error(j, NULL));
             if (!v) v = kvpy_take_error();
-        } else v = PyLong_FromUnsignedLongLong(ranges[j].length);
-        if (!v) { Py_CLEAR(list); break; }
+        } else
+            v = PyLong_FromUnsignedLongLong(ranges[j].length);
+        if (!v) {
+            Py_CLEAR(list);
+            break;
+        }
         PyList_SetItem(list, r, v);
     }
     return list;
@@ -923,7 +1056,10 @@ static PyObject *all_range_results(const batch_item *items, Py_ssize_t n, const 
     PyObject *list = PyList_New(n);
     for (Py_ssize_t i = 0; list && i < n; i++) {
         PyObject *r = range_results(&items[i], ranges, statuses, (size_t)items[i].first, items[i].count);
-        if (!r) { Py_CLEAR(list); break; }
+        if (!r) {
+            Py_CLEAR(list);
+            break;
+        }
         PyList_SetItem(list, i, r);
     }
     return list;
@@ -934,15 +1070,20 @@ static PyObject *all_range_results(const batch_item *items, Py_ssize_t n, const 
  * thousands of ranges without a Python object each). -1 with an error set otherwise. */
 static Py_ssize_t range_count(PyObject *lst) {
     if (PyList_Check(lst) || PyTuple_Check(lst)) return PySequence_Size(lst);
-    if (!PyObject_CheckBuffer(lst)) { kvpy_type_error(lst, "a range list", "a list of (address, offset, length) tuples or an int64 array of triples"); return -1; }
+    if (!PyObject_CheckBuffer(lst)) {
+        kvpy_type_error(lst, "a range list", "a list of (address, offset, length) tuples or an int64 array of triples");
+        return -1;
+    }
     Py_buffer v;
     if (PyObject_GetBuffer(lst, &v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return -1;
-    int ok = v.itemsize == 8 && v.format && (strcmp(v.format, "q") == 0 || strcmp(v.format, "l") == 0 ||
-                                             strcmp(v.format, "<q") == 0 || strcmp(v.format, "=q") == 0) &&
-             v.len % 24 == 0;
+    int ok = v.itemsize == 8 && v.format &&
+             (strcmp(v.format, "q") == 0 || strcmp(v.format, "l") == 0 || strcmp(v.format, "<q") == 0 || strcmp(v.format, "=q") == 0) && v.len % 24 == 0;
     Py_ssize_t n = v.len / 24;
     PyBuffer_Release(&v);
-    if (!ok) { kvpy_raise(KV_E_INVALID_ARGUMENT, "a packed range list must be native int64 triples (address, offset, length)"); return -1; }
+    if (!ok) {
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "a packed range list must be native int64 triples (address, offset, length)");
+        return -1;
+    }
     return n;
 }
 
@@ -953,19 +1094,25 @@ static int range_unpack(PyObject *lst, kv_range *out, Py_ssize_t count, uint64_t
     int ok = v.len == count * 24;
     const int64_t *t = v.buf;
     for (Py_ssize_t r = 0; ok && r < count; r++) {
-        if (t[3 * r] < 0 || t[3 * r + 1] < 0 || t[3 * r + 2] < 0) { ok = 0; break; }
+        if (t[3 * r] < 0 || t[3 * r + 1] < 0 || t[3 * r + 2] < 0) {
+            ok = 0;
+            break;
+        }
         out[r] = (kv_range){(uint64_t)t[3 * r + 1], (uint64_t)t[3 * r + 2], (void *)(uintptr_t)t[3 * r]};
         *bytes += (uint64_t)t[3 * r + 2];
     }
     PyBuffer_Release(&v);
-    if (!ok) { kvpy_raise(KV_E_INVALID_ARGUMENT, "a range's address, offset and length must be non-negative"); return -1; }
+    if (!ok) {
+        kvpy_raise(KV_E_INVALID_ARGUMENT, "a range's address, offset and length must be non-negative");
+        return -1;
+    }
     return 0;
 }
 
 /* Reads range list lst (it->count ranges, see range_count) into out, adding their lengths to
  * *bytes; marks a packed list in it->value. -1 with an error set. */
 static int fill_ranges(PyObject *lst, batch_item *it, kv_range *out, uint64_t *bytes) {
-    if (!PyList_Check(lst) && !PyTuple_Check(lst)) {   /* packed int64 triples */
+    if (!PyList_Check(lst) && !PyTuple_Check(lst)) { /* packed int64 triples */
         it->value = 1;
         return range_unpack(lst, out, it->count, bytes);
     }
@@ -973,8 +1120,8 @@ static int fill_ranges(PyObject *lst, batch_item *it, kv_range *out, uint64_t *b
         PyObject *t = PySequence_GetItem(lst, r);
         unsigned long long off = 0, len = 0;
         void *dst = NULL;
-        int ok = t && PyTuple_Check(t) && PyTuple_Size(t) == 3 && PyLong_Check(PyTuple_GetItem(t, 0)) &&
-                 PyLong_Check(PyTuple_GetItem(t, 1)) && PyLong_Check(PyTuple_GetItem(t, 2));
+        int ok = t && PyTuple_Check(t) && PyTuple_Size(t) == 3 && PyLong_Check(PyTuple_GetItem(t, 0)) && PyLong_Check(PyTuple_GetItem(t, 1)) &&
+                 PyLong_Check(PyTuple_GetItem(t, 2));
         if (ok) {
             dst = PyLong_AsVoidPtr(PyTuple_GetItem(t, 0));
             off = PyLong_AsUnsignedLongLong(PyTuple_GetItem(t, 1));
@@ -987,8 +1134,10 @@ static int fill_ranges(PyObject *lst, batch_item *it, kv_range *out, uint64_t *b
             }
         }
         if (!ok) {
-            if (t) kvpy_type_error(t, "a range", "an (address, offset, length) tuple of ints");
-            else PyErr_Clear(), kvpy_raise(KV_E_INVALID_ARGUMENT, "a range list changed during the call");
+            if (t)
+                kvpy_type_error(t, "a range", "an (address, offset, length) tuple of ints");
+            else
+                PyErr_Clear(), kvpy_raise(KV_E_INVALID_ARGUMENT, "a range list changed during the call");
             Py_XDECREF(t);
             return -1;
         }
@@ -1002,8 +1151,7 @@ static int fill_ranges(PyObject *lst, batch_item *it, kv_range *out, uint64_t *b
 /* Converts n range lists (see range_count) into *out (PyMem_Free it), recording each item's
  * first range, count and packed flag in items; *total ranges, *bytes their lengths. -1 with an
  * error set. */
-static int convert_range_lists(PyObject *lists, Py_ssize_t n, batch_item *items, kv_range **out, size_t *total,
-                               uint64_t *bytes) {
+static int convert_range_lists(PyObject *lists, Py_ssize_t n, batch_item *items, kv_range **out, size_t *total, uint64_t *bytes) {
     *out = NULL;
     *total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -1017,7 +1165,10 @@ static int convert_range_lists(PyObject *lists, Py_ssize_t n, batch_item *items,
         *total += (size_t)c;
     }
     *out = PyMem_Calloc(*total ? *total : 1, sizeof **out);
-    if (!*out) { PyErr_NoMemory(); return -1; }
+    if (!*out) {
+        PyErr_NoMemory();
+        return -1;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *lst = PySequence_GetItem(lists, i);
         if (!lst) return -1;
@@ -1050,19 +1201,28 @@ static PyObject *store_read_ranges(StoreObject *self, PyObject *const *args, Py_
     int32_t *statuses = NULL;
     size_t total = 0;
     uint64_t bytes = 0;
-    if (!ris) { PyErr_NoMemory(); goto done; }
+    if (!ris) {
+        PyErr_NoMemory();
+        goto done;
+    }
     if (convert_range_lists(args[1], n, items, &ranges, &total, &bytes) < 0) goto done;
     statuses = PyMem_Calloc(total ? total : 1, sizeof *statuses);
-    if (!statuses) { PyErr_NoMemory(); goto done; }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        ris[i] = (kv_range_item){items[i].k, (size_t)items[i].klen, ranges + items[i].first, (size_t)items[i].count};
+    if (!statuses) {
+        PyErr_NoMemory();
+        goto done;
     }
+    for (Py_ssize_t i = 0; i < n; i++) { ris[i] = (kv_range_item){items[i].k, (size_t)items[i].klen, ranges + items[i].first, (size_t)items[i].count}; }
     int32_t st;
     RUN_UNLOCKED(self, bytes, st = kv_batch_read_ranges(self->store, ris, (size_t)n, host ? KV_HOST_MEMORY : 0, statuses));
-    if (st) { kvpy_raise_last(st); goto done; }
+    if (st) {
+        kvpy_raise_last(st);
+        goto done;
+    }
     result = all_range_results(items, n, ranges, statuses);
 done:
-    PyMem_Free(ris); PyMem_Free(ranges); PyMem_Free(statuses);
+    PyMem_Free(ris);
+    PyMem_Free(ranges);
+    PyMem_Free(statuses);
     batch_end(items, n);
     return result;
 }
@@ -1137,15 +1297,20 @@ static PyObject *keys_batch(StoreObject *self, PyObject *keys, int op, uint32_t 
     Py_ssize_t *index = PyMem_Calloc(cap, sizeof *index);
     int32_t *statuses = PyMem_Calloc(cap, sizeof *statuses);
     uint64_t *sizes = PyMem_Calloc(cap, sizeof *sizes);
-    if (!ks || !index || !statuses || !sizes) { PyErr_NoMemory(); goto done; }
+    if (!ks || !index || !statuses || !sizes) {
+        PyErr_NoMemory();
+        goto done;
+    }
     m = batch_keys(items, n, ks, index);
     int32_t st;
-    RUN_UNLOCKED(self, 0, st = op == 0 ? kv_batch_size(self->store, ks, m, statuses, sizes)
-                                        : kv_batch_remove(self->store, ks, m, flags, statuses));
-    if (st) { kvpy_raise_last(st); goto done; }
+    RUN_UNLOCKED(self, 0, st = op == 0 ? kv_batch_size(self->store, ks, m, statuses, sizes) : kv_batch_remove(self->store, ks, m, flags, statuses));
+    if (st) {
+        kvpy_raise_last(st);
+        goto done;
+    }
     for (size_t j = 0; j < m; j++) {
         batch_item *it = &items[index[j]];
-        if (op == 0 && statuses[j] == KV_E_OBJECT_NOT_FOUND) continue;   /* exists: False */
+        if (op == 0 && statuses[j] == KV_E_OBJECT_NOT_FOUND) continue; /* exists: False */
         it->value = op == 0 ? 1 : 0;
         if (statuses[j]) {
             it->status = statuses[j];
@@ -1154,14 +1319,17 @@ static PyObject *keys_batch(StoreObject *self, PyObject *keys, int op, uint32_t 
     }
     r = batch_results(items, n, ok);
 done:
-    PyMem_Free(ks); PyMem_Free(index); PyMem_Free(statuses); PyMem_Free(sizes);
+    PyMem_Free(ks);
+    PyMem_Free(index);
+    PyMem_Free(statuses);
+    PyMem_Free(sizes);
     batch_end(items, n);
     return r;
 }
 
 static PyObject *store_batch_exists(StoreObject *self, PyObject *keys) { return keys_batch(self, keys, 0, 0, ok_bool); }
 
-#define MAX_REPLICAS 16   /* the most replicas an object has (KV_OPT_REPLICAS) */
+#define MAX_REPLICAS 16 /* the most replicas an object has (KV_OPT_REPLICAS) */
 
 /* _replicas(keys) -> [(size, [(segment, offset), ...]) | None | exception]: where each object
  * is (one kv_batch_replicas call; each found object is leased); None for a missing key. */
@@ -1177,11 +1345,17 @@ static PyObject *store_replicas(StoreObject *self, PyObject *keys) {
     int32_t *statuses = PyMem_Calloc(cap, sizeof *statuses);
     uint32_t *counts = PyMem_Calloc(cap, sizeof *counts);
     kv_replica *out = PyMem_Calloc(cap * MAX_REPLICAS, sizeof *out);
-    if (!ks || !index || !statuses || !counts || !out) { PyErr_NoMemory(); goto done; }
+    if (!ks || !index || !statuses || !counts || !out) {
+        PyErr_NoMemory();
+        goto done;
+    }
     size_t m = batch_keys(items, n, ks, index);
     int32_t st;
     RUN_UNLOCKED(self, 0, st = kv_batch_replicas(self->store, ks, m, statuses, counts, out, m * MAX_REPLICAS));
-    if (st) { kvpy_raise_last(st); goto done; }
+    if (st) {
+        kvpy_raise_last(st);
+        goto done;
+    }
     for (size_t j = 0; j < m; j++) {
         if (statuses[j] && statuses[j] != KV_E_OBJECT_NOT_FOUND) {
             items[index[j]].status = statuses[j];
@@ -1195,22 +1369,35 @@ static PyObject *store_replicas(StoreObject *self, PyObject *keys) {
         PyObject *places = PyList_New((Py_ssize_t)counts[j]);
         for (uint32_t r = 0; places && r < counts[j]; r++) {
             PyObject *t = Py_BuildValue("(KK)", (unsigned long long)out[next + r].segment, (unsigned long long)out[next + r].offset);
-            if (!t) { Py_CLEAR(places); break; }
+            if (!t) {
+                Py_CLEAR(places);
+                break;
+            }
             PyList_SetItem(places, r, t);
         }
         PyObject *entry = places ? Py_BuildValue("(KN)", (unsigned long long)(counts[j] ? out[next].size : 0), places) : NULL;
         next += counts[j];
-        if (!entry) { Py_CLEAR(list); break; }
+        if (!entry) {
+            Py_CLEAR(list);
+            break;
+        }
         PyList_SetItem(list, index[j], entry);
     }
     for (Py_ssize_t i = 0; list && i < n; i++) {
         if (PyList_GetItem(list, i)) continue;
         PyObject *e = batch_error(&items[i]);
-        if (!e) { e = Py_None; Py_INCREF(e); }
+        if (!e) {
+            e = Py_None;
+            Py_INCREF(e);
+        }
         PyList_SetItem(list, i, e);
     }
 done:
-    PyMem_Free(ks); PyMem_Free(index); PyMem_Free(statuses); PyMem_Free(counts); PyMem_Free(out);
+    PyMem_Free(ks);
+    PyMem_Free(index);
+    PyMem_Free(statuses);
+    PyMem_Free(counts);
+    PyMem_Free(out);
     batch_end(items, n);
     return list;
 }
@@ -1239,7 +1426,10 @@ static PyObject *store_remove_all(StoreObject *self, PyObject *args, PyObject *k
 
 static void capsule_release(PyObject *capsule) {
     Py_buffer *view = PyCapsule_GetPointer(capsule, "kvstore.registered_buffer");
-    if (view) { PyBuffer_Release(view); PyMem_Free(view); }
+    if (view) {
+        PyBuffer_Release(view);
+        PyMem_Free(view);
+    }
 }
 
 static PyObject *store_register_buffer(StoreObject *self, PyObject *args, PyObject *kwds) {
@@ -1252,14 +1442,24 @@ static PyObject *store_register_buffer(StoreObject *self, PyObject *args, PyObje
     if (location && kvpy_utf8(location, "location", &loc, &loclen) < 0) return NULL;
     Py_buffer *view = PyMem_Malloc(sizeof(Py_buffer));
     if (!view) return PyErr_NoMemory();
-    if (kvpy_source(obj, view) < 0) { PyMem_Free(view); return NULL; }
+    if (kvpy_source(obj, view) < 0) {
+        PyMem_Free(view);
+        return NULL;
+    }
     int32_t st = kvpy_register(self, view->buf, (size_t)view->len, loc, (size_t)loclen);
-    if (st) { PyBuffer_Release(view); PyMem_Free(view); return kvpy_raise_last(st); }
+    if (st) {
+        PyBuffer_Release(view);
+        PyMem_Free(view);
+        return kvpy_raise_last(st);
+    }
     PyObject *capsule = PyCapsule_New(view, "kvstore.registered_buffer", capsule_release);
     PyObject *addr = PyLong_FromVoidPtr(view->buf);
     if (!capsule || !addr || PyDict_SetItem(self->registered, addr, capsule) < 0) {
         kvpy_unregister(self, view->buf);
-        if (!capsule) { PyBuffer_Release(view); PyMem_Free(view); }
+        if (!capsule) {
+            PyBuffer_Release(view);
+            PyMem_Free(view);
+        }
         Py_XDECREF(capsule);
         Py_XDECREF(addr);
         return NULL;
@@ -1294,7 +1494,8 @@ static PyObject *store_unregister_buffer(StoreObject *self, PyObject *obj) {
 /* ---- type ---- */
 
 static PyMethodDef store_methods[] = {
-    {"put", (PyCFunction)(void (*)(void))store_put, METH_FASTCALL | METH_KEYWORDS, "put(key, value, *, hard_pin=False, soft_pin=False, soft_pin_ttl=None, ttl=None): store a new object."},
+    {"put", (PyCFunction)(void (*)(void))store_put, METH_FASTCALL | METH_KEYWORDS,
+     "put(key, value, *, hard_pin=False, soft_pin=False, soft_pin_ttl=None, ttl=None): store a new object."},
     {"upsert", (PyCFunction)(void (*)(void))store_upsert, METH_FASTCALL | METH_KEYWORDS, "upsert(key, value): store or replace."},
     {"put_from", (PyCFunction)(void (*)(void))store_put_from, METH_FASTCALL | METH_KEYWORDS, "put_from(key, buffer): put from a (registered) buffer."},
     {"upsert_from", (PyCFunction)(void (*)(void))store_upsert_from, METH_FASTCALL | METH_KEYWORDS, "upsert_from(key, buffer)."},
@@ -1303,11 +1504,13 @@ static PyMethodDef store_methods[] = {
     {"put_batch", (PyCFunction)(void (*)(void))store_put_batch, METH_FASTCALL | METH_KEYWORDS, "put_batch(keys, values) -> list."},
     {"upsert_batch", (PyCFunction)(void (*)(void))store_upsert_batch, METH_FASTCALL | METH_KEYWORDS, "upsert_batch(keys, values) -> list."},
     {"batch_put_from", (PyCFunction)(void (*)(void))store_batch_put_from, METH_FASTCALL | METH_KEYWORDS, "batch_put_from(keys, buffers) -> list."},
-    {"batch_upsert_from", (PyCFunction)(void (*)(void))store_batch_upsert_from, METH_FASTCALL | METH_KEYWORDS, "batch_upsert_from(keys, buffer_lists) -> list."},
+    {"batch_upsert_from", (PyCFunction)(void (*)(void))store_batch_upsert_from, METH_FASTCALL | METH_KEYWORDS,
+     "batch_upsert_from(keys, buffer_lists) -> list."},
     {"get", (PyCFunction)store_get, METH_O, "get(key) -> bytes."},
     {"get_into", (PyCFunction)(void (*)(void))store_get_into, METH_FASTCALL, "get_into(key, buffer) -> int."},
     {"get_batch", (PyCFunction)store_get_batch, METH_O, "get_batch(keys) -> list."},
-    {"_get_batch_new", (PyCFunction)(void (*)(void))store_get_batch_new, METH_FASTCALL, "_get_batch_new(keys, make) -> list: get_batch into make(size) objects."},
+    {"_get_batch_new", (PyCFunction)(void (*)(void))store_get_batch_new, METH_FASTCALL,
+     "_get_batch_new(keys, make) -> list: get_batch into make(size) objects."},
     {"_get_into_addr", (PyCFunction)(void (*)(void))store_get_into_addr, METH_FASTCALL,
      "_get_into_addr(key, address, length) -> int: get_into at an integer address."},
     {"_batch_flat", (PyCFunction)(void (*)(void))store_batch_flat, METH_FASTCALL | METH_KEYWORDS,
@@ -1318,7 +1521,8 @@ static PyMethodDef store_methods[] = {
      "_write_ranges(ids, range_lists, host=False) -> [[length | exception] | total]: ranges into open writes."},
     {"_write_end", (PyCFunction)(void (*)(void))store_write_end, METH_FASTCALL,
      "_write_end(ids, abort=False) -> [None | exception]: commits (or frees) open writes."},
-    {"_read_ranges", (PyCFunction)(void (*)(void))store_read_ranges, METH_FASTCALL, "_read_ranges(keys, range_lists, host=False) -> list of lists: ranged reads to raw addresses (host: all in host memory)."},
+    {"_read_ranges", (PyCFunction)(void (*)(void))store_read_ranges, METH_FASTCALL,
+     "_read_ranges(keys, range_lists, host=False) -> list of lists: ranged reads to raw addresses (host: all in host memory)."},
     {"batch_get_into", (PyCFunction)(void (*)(void))store_batch_get_into, METH_FASTCALL, "batch_get_into(keys, buffers) -> list."},
     {"exists", (PyCFunction)store_exists, METH_O, "exists(key) -> bool."},
     {"batch_exists", (PyCFunction)store_batch_exists, METH_O, "batch_exists(keys) -> list."},
@@ -1326,7 +1530,8 @@ static PyMethodDef store_methods[] = {
     {"size", (PyCFunction)store_size, METH_O, "size(key) -> int."},
     {"remove", (PyCFunction)(void (*)(void))store_remove, METH_VARARGS | METH_KEYWORDS, "remove(key, force=False)."},
     {"batch_remove", (PyCFunction)(void (*)(void))store_batch_remove, METH_VARARGS | METH_KEYWORDS, "batch_remove(keys, force=False) -> list."},
-    {"remove_all", (PyCFunction)(void (*)(void))store_remove_all, METH_VARARGS | METH_KEYWORDS, "remove_all(force=False) -> int: removes every object that is not leased (every object with force)."},
+    {"remove_all", (PyCFunction)(void (*)(void))store_remove_all, METH_VARARGS | METH_KEYWORDS,
+     "remove_all(force=False) -> int: removes every object that is not leased (every object with force)."},
     {"register_buffer", (PyCFunction)(void (*)(void))store_register_buffer, METH_VARARGS | METH_KEYWORDS, "register_buffer(buffer, location='cpu')."},
     {"unregister_buffer", (PyCFunction)store_unregister_buffer, METH_O, "unregister_buffer(buffer)."},
     {"_put_raw", (PyCFunction)(void (*)(void))store_put_raw, METH_FASTCALL | METH_KEYWORDS,
@@ -1335,9 +1540,9 @@ static PyMethodDef store_methods[] = {
      "_batch_get_raw(keys, part_lists) -> list: batch_get_into into buffers or (address, length) parts."},
     {"_batch_put_raw", (PyCFunction)(void (*)(void))store_batch_put_raw, METH_FASTCALL | METH_KEYWORDS,
      "_batch_put_raw(keys, part_lists, upsert) -> list: like _put_raw per key; copies grouped per device."},
-    KVPY_RAW_METHODS
-    {"stats", (PyCFunction)store_stats, METH_NOARGS, "stats() -> dict."},
-    {"_keys_page", (PyCFunction)kvpy_keys_page, METH_O, "_keys_page(after) -> (list[str], more): one page of keys in byte order after `after` (None: the first)."},
+    KVPY_RAW_METHODS{"stats", (PyCFunction)store_stats, METH_NOARGS, "stats() -> dict."},
+    {"_keys_page", (PyCFunction)kvpy_keys_page, METH_O,
+     "_keys_page(after) -> (list[str], more): one page of keys in byte order after `after` (None: the first)."},
     {"_kv_register", (PyCFunction)(void (*)(void))kvpy_kv_register, METH_FASTCALL, "_kv_register(node_id, packed_descriptors)."},
     {"_kv_unregister", (PyCFunction)kvpy_kv_unregister, METH_NOARGS, "_kv_unregister()."},
     {"_kv_fetch", (PyCFunction)kvpy_kv_fetch, METH_O, "_kv_fetch(node_id) -> packed descriptors."},
@@ -1363,6 +1568,5 @@ static PyType_Slot store_slots[] = {
 };
 
 PyType_Spec kvpy_store_spec = {
-    "kvstore._native.Store", sizeof(StoreObject), 0,
-    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, store_slots,
+    "kvstore._native.Store", sizeof(StoreObject), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, store_slots,
 };

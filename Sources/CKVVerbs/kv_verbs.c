@@ -34,7 +34,7 @@ static struct {
     const char *(*get_device_name)(struct ibv_device *);
     struct ibv_context *(*open_device)(struct ibv_device *);
     int (*close_device)(struct ibv_context *);
-    int (*query_port)(struct ibv_context *, uint8_t, struct ibv_port_attr *);   /* the exported (compat) entry */
+    int (*query_port)(struct ibv_context *, uint8_t, struct ibv_port_attr *); /* the exported (compat) entry */
     int (*query_gid)(struct ibv_context *, uint8_t, int, union ibv_gid *);
     struct ibv_pd *(*alloc_pd)(struct ibv_context *);
     int (*dealloc_pd)(struct ibv_pd *);
@@ -68,16 +68,16 @@ int kv_verbs_load(const char *path, char *err, size_t errlen) {
         rc = -1;
         goto done;
     }
-#define RESOLVE(field, symbol)                                                      \
-    do {                                                                            \
-        *(void **)&V.field = dlsym(h, symbol);                                      \
-        if (!V.field) {                                                             \
-            say(err, errlen, "%s lacks %s", lib, symbol);                           \
-            memset(&V, 0, sizeof V);                                                \
-            dlclose(h);                                                             \
-            rc = -1;                                                                \
-            goto done;                                                              \
-        }                                                                           \
+#define RESOLVE(field, symbol)                            \
+    do {                                                  \
+        *(void **)&V.field = dlsym(h, symbol);            \
+        if (!V.field) {                                   \
+            say(err, errlen, "%s lacks %s", lib, symbol); \
+            memset(&V, 0, sizeof V);                      \
+            dlclose(h);                                   \
+            rc = -1;                                      \
+            goto done;                                    \
+        }                                                 \
     } while (0)
     RESOLVE(get_device_list, "ibv_get_device_list");
     RESOLVE(free_device_list, "ibv_free_device_list");
@@ -155,7 +155,7 @@ int kv_rdma_devices(kv_rdma_device *out, int max, char *err, size_t errlen) {
     errno = 0;
     struct ibv_device **list = V.get_device_list(&n);
     if (!list) {
-        if (errno == ENOSYS || errno == 0) return 0;   /* no RDMA stack in this kernel: zero devices */
+        if (errno == ENOSYS || errno == 0) return 0; /* no RDMA stack in this kernel: zero devices */
         say(err, errlen, "ibv_get_device_list failed: %s", strerror(errno));
         return -1;
     }
@@ -190,12 +190,12 @@ struct kv_rdma_context {
     struct ibv_pd *pd;
     uint8_t port;
     int gid_index;
-    int gid_type;            /* enum ibv_gid_type */
-    int link_layer;          /* IBV_LINK_LAYER_* */
+    int gid_type; /* enum ibv_gid_type */
+    int link_layer; /* IBV_LINK_LAYER_* */
     union ibv_gid gid;
     uint16_t lid;
     enum ibv_mtu mtu;
-    int rd_atomic;           /* RDMA READs in flight per queue pair (the device's limit, at most 16) */
+    int rd_atomic; /* RDMA READs in flight per queue pair (the device's limit, at most 16) */
 };
 
 /* The type of GID `index` (IBV_GID_TYPE_*): the library's query when it has it, else sysfs. */
@@ -205,7 +205,7 @@ static int gid_type_of(kv_rdma_context *k, const char *name, int index) {
         if (V.query_gid_ex(k->ctx, k->port, (uint32_t)index, &e, 0, sizeof e) == 0) return (int)e.gid_type;
         return -1;
     }
-    if (k->link_layer == IBV_LINK_LAYER_INFINIBAND) return IBV_GID_TYPE_IB;   /* sysfs says "IB/RoCE v1" there */
+    if (k->link_layer == IBV_LINK_LAYER_INFINIBAND) return IBV_GID_TYPE_IB; /* sysfs says "IB/RoCE v1" there */
     char path[256], text[32] = {0};
     snprintf(path, sizeof path, "/sys/class/infiniband/%s/ports/%d/gid_attrs/types/%d", name, k->port, index);
     FILE *f = fopen(path, "re");
@@ -233,7 +233,10 @@ static int choose_gid(kv_rdma_context *k, const char *name, int table, char *err
         static const uint8_t v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
         int link_local = g.raw[0] == 0xfe && (g.raw[1] & 0xc0) == 0x80;
         int r = memcmp(g.raw, v4mapped, 12) == 0 ? 3 : !link_local ? 2 : 1;
-        if (r > rank) { rank = r; best = i; }
+        if (r > rank) {
+            rank = r;
+            best = i;
+        }
     }
     if (best < 0) say(err, errlen, "port %d of '%s' has no RoCE v2 GID (set KVSTORE_RDMA_GID_INDEX to choose one)", k->port, name);
     return best;
@@ -241,13 +244,22 @@ static int choose_gid(kv_rdma_context *k, const char *name, int table, char *err
 
 kv_rdma_context *kv_rdma_open(const char *name, int port, int gid_index, char *err, size_t errlen) {
     if (!loaded(err, errlen)) return NULL;
-    if (port < 1 || port > 255) { say(err, errlen, "bad RDMA port %d", port); return NULL; }
+    if (port < 1 || port > 255) {
+        say(err, errlen, "bad RDMA port %d", port);
+        return NULL;
+    }
     int n = 0;
     struct ibv_device **list = V.get_device_list(&n);
-    if (!list) { say(err, errlen, "no RDMA devices"); return NULL; }
+    if (!list) {
+        say(err, errlen, "no RDMA devices");
+        return NULL;
+    }
     struct ibv_device *dev = NULL;
     for (int i = 0; i < n; i++) {
-        if (strcmp(V.get_device_name(list[i]), name) == 0) { dev = list[i]; break; }
+        if (strcmp(V.get_device_name(list[i]), name) == 0) {
+            dev = list[i];
+            break;
+        }
     }
     if (!dev) {
         V.free_device_list(list);
@@ -255,16 +267,32 @@ kv_rdma_context *kv_rdma_open(const char *name, int port, int gid_index, char *e
         return NULL;
     }
     kv_rdma_context *k = calloc(1, sizeof *k);
-    if (!k) { V.free_device_list(list); say(err, errlen, "out of memory"); return NULL; }
+    if (!k) {
+        V.free_device_list(list);
+        say(err, errlen, "out of memory");
+        return NULL;
+    }
     k->ctx = V.open_device(dev);
     V.free_device_list(list);
-    if (!k->ctx) { say(err, errlen, "cannot open RDMA device '%s': %s", name, strerror(errno)); free(k); return NULL; }
+    if (!k->ctx) {
+        say(err, errlen, "cannot open RDMA device '%s': %s", name, strerror(errno));
+        free(k);
+        return NULL;
+    }
     struct ibv_port_attr a;
-    if (port_attr(k->ctx, (uint8_t)port, &a) != 0) { say(err, errlen, "cannot query port %d of '%s'", port, name); goto fail; }
-    if (a.state != IBV_PORT_ACTIVE) { say(err, errlen, "port %d of '%s' is not active", port, name); goto fail; }
+    if (port_attr(k->ctx, (uint8_t)port, &a) != 0) {
+        say(err, errlen, "cannot query port %d of '%s'", port, name);
+        goto fail;
+    }
+    if (a.state != IBV_PORT_ACTIVE) {
+        say(err, errlen, "port %d of '%s' is not active", port, name);
+        goto fail;
+    }
     if (a.link_layer != IBV_LINK_LAYER_INFINIBAND && a.link_layer != IBV_LINK_LAYER_ETHERNET) {
-        say(err, errlen, "port %d of '%s' has link layer %d, neither InfiniBand nor Ethernet (RoCE): no reliable-connected "
-            "RDMA there", port, name, a.link_layer);
+        say(err, errlen,
+            "port %d of '%s' has link layer %d, neither InfiniBand nor Ethernet (RoCE): no reliable-connected "
+            "RDMA there",
+            port, name, a.link_layer);
         goto fail;
     }
     k->port = (uint8_t)port;
@@ -279,13 +307,19 @@ kv_rdma_context *kv_rdma_open(const char *name, int port, int gid_index, char *e
             if (lim < k->rd_atomic) k->rd_atomic = lim;
         }
     }
-    if (k->rd_atomic < 1) { say(err, errlen, "'%s' allows no RDMA READ in flight", name); goto fail; }
+    if (k->rd_atomic < 1) {
+        say(err, errlen, "'%s' allows no RDMA READ in flight", name);
+        goto fail;
+    }
     if (gid_index < 0) {
         gid_index = choose_gid(k, name, a.gid_tbl_len, err, errlen);
         if (gid_index < 0) goto fail;
     }
     k->gid_index = gid_index;
-    if (V.query_gid(k->ctx, k->port, gid_index, &k->gid) != 0) { say(err, errlen, "cannot read GID %d of '%s'", gid_index, name); goto fail; }
+    if (V.query_gid(k->ctx, k->port, gid_index, &k->gid) != 0) {
+        say(err, errlen, "cannot read GID %d of '%s'", gid_index, name);
+        goto fail;
+    }
     k->gid_type = gid_type_of(k, name, gid_index);
     if (k->link_layer == IBV_LINK_LAYER_ETHERNET && (gid_is_zero(&k->gid) || k->gid_type < 0)) {
         say(err, errlen, "GID %d of '%s' is empty or of unknown type: RoCE needs a GID", gid_index, name);
@@ -293,7 +327,10 @@ kv_rdma_context *kv_rdma_open(const char *name, int port, int gid_index, char *e
     }
     if (k->gid_type < 0) k->gid_type = IBV_GID_TYPE_IB;
     k->pd = V.alloc_pd(k->ctx);
-    if (!k->pd) { say(err, errlen, "cannot allocate a protection domain on '%s'", name); goto fail; }
+    if (!k->pd) {
+        say(err, errlen, "cannot allocate a protection domain on '%s'", name);
+        goto fail;
+    }
     return k;
 fail:
     V.close_device(k->ctx);
@@ -310,15 +347,14 @@ void kv_rdma_close(kv_rdma_context *k) {
 
 static const int access_remote = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE;
 
-void *kv_rdma_register(kv_rdma_context *k, void *addr, size_t len, int remote, uint32_t *lkey, uint32_t *rkey,
-                       char *err, size_t errlen) {
+void *kv_rdma_register(kv_rdma_context *k, void *addr, size_t len, int remote, uint32_t *lkey, uint32_t *rkey, char *err, size_t errlen) {
     struct ibv_mr *mr = V.reg_mr(k->pd, addr, len, remote ? access_remote : IBV_ACCESS_LOCAL_WRITE);
     if (!mr) {
         int e = errno;
         struct rlimit rl;
         if (e == ENOMEM && getrlimit(RLIMIT_MEMLOCK, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
-            say(err, errlen, "cannot register %zu bytes for RDMA: %s (the locked-memory limit, ulimit -l, is %llu bytes)", len,
-                strerror(e), (unsigned long long)rl.rlim_cur);
+            say(err, errlen, "cannot register %zu bytes for RDMA: %s (the locked-memory limit, ulimit -l, is %llu bytes)", len, strerror(e),
+                (unsigned long long)rl.rlim_cur);
         else
             say(err, errlen, "cannot register %zu bytes for RDMA: %s", len, strerror(e));
         return NULL;
@@ -343,10 +379,17 @@ struct kv_rdma_qp {
 
 kv_rdma_qp *kv_rdma_qp_create(kv_rdma_context *k, int remote, kv_rdma_address *local, char *err, size_t errlen) {
     kv_rdma_qp *q = calloc(1, sizeof *q);
-    if (!q) { say(err, errlen, "out of memory"); return NULL; }
+    if (!q) {
+        say(err, errlen, "out of memory");
+        return NULL;
+    }
     q->k = k;
     q->cq = V.create_cq(k->ctx, 2 * SEND_DEPTH, NULL, NULL, 0);
-    if (!q->cq) { say(err, errlen, "cannot create a completion queue: %s", strerror(errno)); free(q); return NULL; }
+    if (!q->cq) {
+        say(err, errlen, "cannot create a completion queue: %s", strerror(errno));
+        free(q);
+        return NULL;
+    }
     struct ibv_qp_init_attr ia;
     memset(&ia, 0, sizeof ia);
     ia.send_cq = q->cq;
@@ -357,7 +400,12 @@ kv_rdma_qp *kv_rdma_qp_create(kv_rdma_context *k, int remote, kv_rdma_address *l
     ia.cap.max_send_sge = 1;
     ia.cap.max_recv_sge = 1;
     q->qp = V.create_qp(k->pd, &ia);
-    if (!q->qp) { say(err, errlen, "cannot create a queue pair: %s", strerror(errno)); V.destroy_cq(q->cq); free(q); return NULL; }
+    if (!q->qp) {
+        say(err, errlen, "cannot create a queue pair: %s", strerror(errno));
+        V.destroy_cq(q->cq);
+        free(q);
+        return NULL;
+    }
     struct ibv_qp_attr a;
     memset(&a, 0, sizeof a);
     a.qp_state = IBV_QPS_INIT;
@@ -384,16 +432,26 @@ kv_rdma_qp *kv_rdma_qp_create(kv_rdma_context *k, int remote, kv_rdma_address *l
 }
 
 int kv_rdma_qp_connect(kv_rdma_qp *q, const kv_rdma_address *r, char *err, size_t errlen) {
-    if (r->mtu < IBV_MTU_256 || r->mtu > IBV_MTU_4096) { say(err, errlen, "bad peer MTU %d", r->mtu); return -1; }
+    if (r->mtu < IBV_MTU_256 || r->mtu > IBV_MTU_4096) {
+        say(err, errlen, "bad peer MTU %d", r->mtu);
+        return -1;
+    }
     int mine = q->k->link_layer == IBV_LINK_LAYER_INFINIBAND ? 1 : 2;
-    if (r->link_layer != mine) { say(err, errlen, "the peer's port is %s, ours %s", r->link_layer == 1 ? "InfiniBand" : "Ethernet (RoCE)",
-                                     mine == 1 ? "InfiniBand" : "Ethernet (RoCE)"); return -1; }
+    if (r->link_layer != mine) {
+        say(err, errlen, "the peer's port is %s, ours %s", r->link_layer == 1 ? "InfiniBand" : "Ethernet (RoCE)", mine == 1 ? "InfiniBand" : "Ethernet (RoCE)");
+        return -1;
+    }
     static const uint8_t zero[16];
     int peer_gid = memcmp(r->gid, zero, 16) != 0;
-    if (mine == 2 && !peer_gid) { say(err, errlen, "the RoCE peer sent no GID"); return -1; }
+    if (mine == 2 && !peer_gid) {
+        say(err, errlen, "the RoCE peer sent no GID");
+        return -1;
+    }
     if (peer_gid && r->gid_type != q->k->gid_type) {
-        say(err, errlen, "GID types differ (ours %d, the peer's %d: RoCE v1 and v2 do not talk; set KVSTORE_RDMA_GID_INDEX "
-            "alike on both)", q->k->gid_type, r->gid_type);
+        say(err, errlen,
+            "GID types differ (ours %d, the peer's %d: RoCE v1 and v2 do not talk; set KVSTORE_RDMA_GID_INDEX "
+            "alike on both)",
+            q->k->gid_type, r->gid_type);
         return -1;
     }
     struct ibv_qp_attr a;
@@ -406,26 +464,25 @@ int kv_rdma_qp_connect(kv_rdma_qp *q, const kv_rdma_address *r, char *err, size_
     a.min_rnr_timer = 12;
     a.ah_attr.dlid = r->lid;
     a.ah_attr.port_num = q->k->port;
-    if (mine == 2 || peer_gid) {   /* RoCE always carries the routing header; IB across subnets too */
+    if (mine == 2 || peer_gid) { /* RoCE always carries the routing header; IB across subnets too */
         a.ah_attr.is_global = 1;
         memcpy(a.ah_attr.grh.dgid.raw, r->gid, 16);
         a.ah_attr.grh.sgid_index = (uint8_t)q->k->gid_index;
         a.ah_attr.grh.hop_limit = 64;
     }
-    if (V.modify_qp(q->qp, &a, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
-                                   IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER) != 0) {
+    if (V.modify_qp(q->qp, &a,
+                    IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER) != 0) {
         say(err, errlen, "cannot move the queue pair to RTR: %s", strerror(errno));
         return -1;
     }
     memset(&a, 0, sizeof a);
     a.qp_state = IBV_QPS_RTS;
-    a.timeout = 14;     /* 4.096 us * 2^14 = 67 ms per try */
+    a.timeout = 14; /* 4.096 us * 2^14 = 67 ms per try */
     a.retry_cnt = 7;
     a.rnr_retry = 7;
     a.sq_psn = q->psn;
     a.max_rd_atomic = (uint8_t)q->k->rd_atomic;
-    if (V.modify_qp(q->qp, &a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
-                                   IBV_QP_MAX_QP_RD_ATOMIC) != 0) {
+    if (V.modify_qp(q->qp, &a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC) != 0) {
         say(err, errlen, "cannot move the queue pair to RTS: %s", strerror(errno));
         return -1;
     }
@@ -438,8 +495,8 @@ static long long now_ms(void) {
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-int kv_rdma_transfer(kv_rdma_qp *q, int write, void *local, uint32_t lkey, uint64_t remote, uint32_t rkey,
-                     size_t len, int timeout_ms, char *err, size_t errlen) {
+int kv_rdma_transfer(kv_rdma_qp *q, int write, void *local, uint32_t lkey, uint64_t remote, uint32_t rkey, size_t len, int timeout_ms, char *err,
+                     size_t errlen) {
     size_t posted = 0, done = 0;
     int outstanding = 0, idle = 0;
     long long deadline = now_ms() + timeout_ms;
@@ -457,13 +514,19 @@ int kv_rdma_transfer(kv_rdma_qp *q, int write, void *local, uint32_t lkey, uint6
             wr.wr.rdma.remote_addr = remote + posted;
             wr.wr.rdma.rkey = rkey;
             int rc = ibv_post_send(q->qp, &wr, &bad);
-            if (rc != 0) { say(err, errlen, "posting an RDMA %s failed: %s", write ? "WRITE" : "READ", strerror(rc)); return -1; }
+            if (rc != 0) {
+                say(err, errlen, "posting an RDMA %s failed: %s", write ? "WRITE" : "READ", strerror(rc));
+                return -1;
+            }
             posted += n;
             outstanding++;
         }
         struct ibv_wc wc[16];
         int got = ibv_poll_cq(q->cq, 16, wc);
-        if (got < 0) { say(err, errlen, "polling the completion queue failed"); return -1; }
+        if (got < 0) {
+            say(err, errlen, "polling the completion queue failed");
+            return -1;
+        }
         for (int i = 0; i < got; i++) {
             if (wc[i].status != IBV_WC_SUCCESS) {
                 say(err, errlen, "RDMA %s failed: %s (completion status %d, vendor error 0x%x)", write ? "WRITE" : "READ",
@@ -496,40 +559,98 @@ void kv_rdma_qp_destroy(kv_rdma_qp *q) {
 }
 
 int kv_rdma_next_event(kv_rdma_context *k, int timeout_ms, int *type, int *port, char *text, size_t textlen) {
-    if (!V.get_async_event || !V.ack_async_event) { say(text, textlen, "libibverbs reports no async events"); return -1; }
+    if (!V.get_async_event || !V.ack_async_event) {
+        say(text, textlen, "libibverbs reports no async events");
+        return -1;
+    }
     struct pollfd p = {.fd = k->ctx->async_fd, .events = POLLIN};
     int n = poll(&p, 1, timeout_ms);
     if (n == 0 || (n < 0 && errno == EINTR)) return 0;
-    if (n < 0 || k->ctx->async_fd < 0) { say(text, textlen, "waiting for RDMA events failed: %s", strerror(errno)); return -1; }
+    if (n < 0 || k->ctx->async_fd < 0) {
+        say(text, textlen, "waiting for RDMA events failed: %s", strerror(errno));
+        return -1;
+    }
     struct ibv_async_event e;
-    if (V.get_async_event(k->ctx, &e) != 0) { say(text, textlen, "reading an RDMA event failed: %s", strerror(errno)); return -1; }
+    if (V.get_async_event(k->ctx, &e) != 0) {
+        say(text, textlen, "reading an RDMA event failed: %s", strerror(errno));
+        return -1;
+    }
     *type = (int)e.event_type;
     *port = e.event_type == IBV_EVENT_PORT_ACTIVE || e.event_type == IBV_EVENT_PORT_ERR || e.event_type == IBV_EVENT_LID_CHANGE ||
-            e.event_type == IBV_EVENT_PKEY_CHANGE || e.event_type == IBV_EVENT_SM_CHANGE || e.event_type == IBV_EVENT_GID_CHANGE ||
-            e.event_type == IBV_EVENT_CLIENT_REREGISTER ? e.element.port_num : 0;
+                    e.event_type == IBV_EVENT_PKEY_CHANGE || e.event_type == IBV_EVENT_SM_CHANGE || e.event_type == IBV_EVENT_GID_CHANGE ||
+                    e.event_type == IBV_EVENT_CLIENT_REREGISTER
+                ? e.element.port_num
+                : 0;
     say(text, textlen, "%s", V.event_type_str ? V.event_type_str(e.event_type) : "event");
     V.ack_async_event(&e);
     return 1;
 }
 
-#else  /* built without <infiniband/verbs.h>: no RDMA, every call says why */
+#else /* built without <infiniband/verbs.h>: no RDMA, every call says why */
 
 static const char *why = "kvstore was built without libibverbs headers (install libibverbs-dev and rebuild)";
-int kv_verbs_load(const char *path, char *err, size_t errlen) { (void)path; say(err, errlen, "%s", why); return -1; }
-int kv_rdma_devices(kv_rdma_device *out, int max, char *err, size_t errlen) { (void)out; (void)max; say(err, errlen, "%s", why); return -1; }
-kv_rdma_context *kv_rdma_open(const char *n, int p, int g, char *err, size_t errlen) { (void)n; (void)p; (void)g; say(err, errlen, "%s", why); return NULL; }
+int kv_verbs_load(const char *path, char *err, size_t errlen) {
+    (void)path;
+    say(err, errlen, "%s", why);
+    return -1;
+}
+int kv_rdma_devices(kv_rdma_device *out, int max, char *err, size_t errlen) {
+    (void)out;
+    (void)max;
+    say(err, errlen, "%s", why);
+    return -1;
+}
+kv_rdma_context *kv_rdma_open(const char *n, int p, int g, char *err, size_t errlen) {
+    (void)n;
+    (void)p;
+    (void)g;
+    say(err, errlen, "%s", why);
+    return NULL;
+}
 void kv_rdma_close(kv_rdma_context *k) { (void)k; }
 void *kv_rdma_register(kv_rdma_context *k, void *a, size_t l, int r, uint32_t *lk, uint32_t *rk, char *err, size_t errlen) {
-    (void)k; (void)a; (void)l; (void)r; (void)lk; (void)rk; say(err, errlen, "%s", why); return NULL;
+    (void)k;
+    (void)a;
+    (void)l;
+    (void)r;
+    (void)lk;
+    (void)rk;
+    say(err, errlen, "%s", why);
+    return NULL;
 }
 void kv_rdma_deregister(void *mr) { (void)mr; }
-kv_rdma_qp *kv_rdma_qp_create(kv_rdma_context *k, int r, kv_rdma_address *l, char *err, size_t errlen) { (void)k; (void)r; (void)l; say(err, errlen, "%s", why); return NULL; }
-int kv_rdma_qp_connect(kv_rdma_qp *q, const kv_rdma_address *r, char *err, size_t errlen) { (void)q; (void)r; say(err, errlen, "%s", why); return -1; }
+kv_rdma_qp *kv_rdma_qp_create(kv_rdma_context *k, int r, kv_rdma_address *l, char *err, size_t errlen) {
+    (void)k;
+    (void)r;
+    (void)l;
+    say(err, errlen, "%s", why);
+    return NULL;
+}
+int kv_rdma_qp_connect(kv_rdma_qp *q, const kv_rdma_address *r, char *err, size_t errlen) {
+    (void)q;
+    (void)r;
+    say(err, errlen, "%s", why);
+    return -1;
+}
 int kv_rdma_transfer(kv_rdma_qp *q, int w, void *l, uint32_t lk, uint64_t r, uint32_t rk, size_t n, int t, char *err, size_t errlen) {
-    (void)q; (void)w; (void)l; (void)lk; (void)r; (void)rk; (void)n; (void)t; say(err, errlen, "%s", why); return -1;
+    (void)q;
+    (void)w;
+    (void)l;
+    (void)lk;
+    (void)r;
+    (void)rk;
+    (void)n;
+    (void)t;
+    say(err, errlen, "%s", why);
+    return -1;
 }
 void kv_rdma_qp_destroy(kv_rdma_qp *q) { (void)q; }
 int kv_rdma_next_event(kv_rdma_context *k, int t, int *ty, int *p, char *text, size_t textlen) {
-    (void)k; (void)t; (void)ty; (void)p; say(text, textlen, "%s", why); return -1;
+    (void)k;
+    (void)t;
+    (void)ty;
+    (void)p;
+    say(text, textlen, "%s", why);
+    return -1;
 }
 #endif

@@ -64,20 +64,37 @@ enum { KV_REMOVE_FORCE = 1 };
 typedef struct kv_store kv_store;
 
 /* A source buffer: `len` readable bytes at `ptr`. */
-typedef struct { const void *ptr; size_t len; } kv_buffer;
+typedef struct {
+    const void *ptr;
+    size_t len;
+} kv_buffer;
 /* A destination buffer: `len` writable bytes at `ptr`. */
-typedef struct { void *ptr; size_t len; } kv_mut_buffer;
+typedef struct {
+    void *ptr;
+    size_t len;
+} kv_mut_buffer;
 /* A key: `len` UTF-8 bytes at `ptr`. */
-typedef struct { const char *ptr; size_t len; } kv_key;
+typedef struct {
+    const char *ptr;
+    size_t len;
+} kv_key;
 /* A read hold on one object version (see kv_read_begin): which replica (segment, offset), for
  * a read under a cluster master's lease the reader's deadline (monotonic ns; 0: held), and the
  * writer's CRC32C when has_checksum is 1 (a copy of the whole object is checked against it). */
 typedef struct {
-    uint64_t handle; uint64_t segment; uint64_t offset; uint64_t size; uint64_t lease_end;
-    uint32_t checksum; uint32_t has_checksum;
+    uint64_t handle;
+    uint64_t segment;
+    uint64_t offset;
+    uint64_t size;
+    uint64_t lease_end;
+    uint32_t checksum;
+    uint32_t has_checksum;
 } kv_read;
 /* One statistic; `name` is a static NUL-terminated string. */
-typedef struct { const char *name; int64_t value; } kv_stat;
+typedef struct {
+    const char *name;
+    int64_t value;
+} kv_stat;
 
 /* Message of the last failing call on this thread (UTF-8, NUL-terminated); *len gets its
  * length when len is not NULL. Never NULL. */
@@ -94,10 +111,10 @@ enum { KV_CREATE_PREFAULT = 1, KV_CREATE_NO_PIN = 2, KV_CREATE_CHECKSUM = 4 };
 /* Cache rules of a store. Durations in seconds; kv_store_config_init fills the defaults
  * (lease 5 s, soft pin 1800 s, high watermark 0.9, eviction ratio 0.05, no disk tier). */
 typedef struct {
-    double lease_ttl;                /* >= 0; 0: reads grant no lease */
-    double soft_pin_ttl;             /* > 0: how long a soft pin lasts when a put does not say */
-    double eviction_high_watermark;  /* (0, 1]: evict when a write would take usage above it */
-    double eviction_ratio;           /* (0, 1]: fraction of capacity one eviction round frees */
+    double lease_ttl; /* >= 0; 0: reads grant no lease */
+    double soft_pin_ttl; /* > 0: how long a soft pin lasts when a put does not say */
+    double eviction_high_watermark; /* (0, 1]: evict when a write would take usage above it */
+    double eviction_ratio; /* (0, 1]: fraction of capacity one eviction round frees */
     /* The disk tier (kv_store_create only): NULL for none; else a directory this store owns
      * while open (created mode 0700; a second store on it is KV_E_INVALID_ARGUMENT), whose
      * object files take at most disk_size bytes (>= 8192). disk_admission: 0 reuse (keys
@@ -143,44 +160,53 @@ int32_t kv_store_is_closed(kv_store *store);
  * KV_OPT_CHECKSUM / KV_OPT_NO_CHECKSUM: store a CRC32C of the bytes (computed in the same pass
  * as the copy) or not, whatever the store's default (KV_CREATE_CHECKSUM); every read of a whole
  * object with a CRC checks its copy and fails with KV_E_CHECKSUM when every replica differs. */
-enum { KV_PIN_HARD = 1, KV_PIN_SOFT = 2, KV_OPT_TTL = 4, KV_OPT_SOFT_PIN_TTL = 8, KV_OPT_REPLICAS = 16,
-       KV_OPT_CHECKSUM = 32, KV_OPT_NO_CHECKSUM = 64 };
-typedef struct { uint32_t flags; double ttl; double soft_pin_ttl; uint32_t replicas; } kv_put_options;
+enum { KV_PIN_HARD = 1, KV_PIN_SOFT = 2, KV_OPT_TTL = 4, KV_OPT_SOFT_PIN_TTL = 8, KV_OPT_REPLICAS = 16, KV_OPT_CHECKSUM = 32, KV_OPT_NO_CHECKSUM = 64 };
+typedef struct {
+    uint32_t flags;
+    double ttl;
+    double soft_pin_ttl;
+    uint32_t replicas;
+} kv_put_options;
 
 /* Writes the concatenation of parts[0..nparts) as one object (each part copied once), with
  * options (NULL: none). When the store is full it evicts least-recently-used objects;
  * KV_E_NO_SPACE only when nothing evictable is left. */
-int32_t kv_put(kv_store *store, const char *key, size_t key_len,
-               const kv_buffer *parts, size_t nparts, uint32_t flags, const kv_put_options *options);
+int32_t kv_put(kv_store *store, const char *key, size_t key_len, const kv_buffer *parts, size_t nparts, uint32_t flags, const kv_put_options *options);
 /* Takes a read hold on key: *out gets its size. Every successful kv_read_begin must be
  * matched by one kv_read_end. With KV_READ_NOWAIT it returns KV_BUSY instead of waiting. */
 int32_t kv_read_begin(kv_store *store, const char *key, size_t key_len, uint32_t flags, kv_read *out);
 /* Copies a held object into dst[0..ndst) (filled in order); *copied gets the bytes copied.
  * KV_STALE: the copy outlived the lease (see KV_STALE). */
-int32_t kv_read_copy(kv_store *store, const kv_read *hold, const kv_mut_buffer *dst, size_t ndst,
-                     uint32_t flags, uint64_t *copied);
+int32_t kv_read_copy(kv_store *store, const kv_read *hold, const kv_mut_buffer *dst, size_t ndst, uint32_t flags, uint64_t *copied);
 /* Copies bytes [offset, offset+length) of a held object into dst (which must hold length). */
-int32_t kv_read_copy_range(kv_store *store, const kv_read *hold, uint64_t offset, uint64_t length,
-                           const kv_mut_buffer *dst, size_t ndst, uint32_t flags, uint64_t *copied);
+int32_t kv_read_copy_range(kv_store *store, const kv_read *hold, uint64_t offset, uint64_t length, const kv_mut_buffer *dst, size_t ndst, uint32_t flags,
+                           uint64_t *copied);
 int32_t kv_read_end(kv_store *store, const kv_read *hold);
 
 /* begin + copy + end in one call; *copied gets the object's size. */
-int32_t kv_get_into(kv_store *store, const char *key, size_t key_len,
-                    const kv_mut_buffer *dst, size_t ndst, uint32_t flags, uint64_t *copied);
+int32_t kv_get_into(kv_store *store, const char *key, size_t key_len, const kv_mut_buffer *dst, size_t ndst, uint32_t flags, uint64_t *copied);
 
 /* One object of kv_batch_put: its key and parts. */
-typedef struct { const char *key; size_t key_len; const kv_buffer *parts; size_t nparts; } kv_batch_put_item;
+typedef struct {
+    const char *key;
+    size_t key_len;
+    const kv_buffer *parts;
+    size_t nparts;
+} kv_batch_put_item;
 /* One object of kv_batch_get_into: its key and destinations. */
-typedef struct { const char *key; size_t key_len; const kv_mut_buffer *dst; size_t ndst; } kv_batch_get_item;
+typedef struct {
+    const char *key;
+    size_t key_len;
+    const kv_mut_buffer *dst;
+    size_t ndst;
+} kv_batch_get_item;
 
 /* Writes n objects, each with options (NULL: none); statuses[i] gets each object's status (its
  * message: kv_batch_error(i)). All copies run grouped per device. Returns non-zero only when
  * the call itself is malformed (bad options included). */
-int32_t kv_batch_put(kv_store *store, const kv_batch_put_item *items, size_t n, uint32_t flags,
-                     const kv_put_options *options, int32_t *statuses);
+int32_t kv_batch_put(kv_store *store, const kv_batch_put_item *items, size_t n, uint32_t flags, const kv_put_options *options, int32_t *statuses);
 /* Reads n objects; statuses[i] as above, sizes[i] (may be NULL) gets each object's size. */
-int32_t kv_batch_get_into(kv_store *store, const kv_batch_get_item *items, size_t n, uint32_t flags,
-                          int32_t *statuses, uint64_t *sizes);
+int32_t kv_batch_get_into(kv_store *store, const kv_batch_get_item *items, size_t n, uint32_t flags, int32_t *statuses, uint64_t *sizes);
 /* kv_size of n keys: sizes[i] gets each found object's size (the object is leased);
  * statuses[i] is KV_E_OBJECT_NOT_FOUND for a missing key. A cluster's master gets one request
  * per 1,024 keys, not one per key. */
@@ -193,9 +219,18 @@ int32_t kv_batch_read_begin(kv_store *store, const kv_key *keys, size_t n, kv_re
 /* One range of kv_batch_read_ranges / kv_batch_write_ranges: bytes [offset, offset+length) of
  * its item's object, and the caller's memory of length bytes they are copied to (a read) or
  * from (a write). */
-typedef struct { uint64_t offset; uint64_t length; void *mem; } kv_range;
+typedef struct {
+    uint64_t offset;
+    uint64_t length;
+    void *mem;
+} kv_range;
 /* One object of kv_batch_read_ranges: its key and its ranges. */
-typedef struct { const char *key; size_t key_len; const kv_range *ranges; size_t nranges; } kv_range_item;
+typedef struct {
+    const char *key;
+    size_t key_len;
+    const kv_range *ranges;
+    size_t nranges;
+} kv_range_item;
 /* Ranged reads of n objects: every object held first (one master request per chunk of keys),
  * its ranges copied, its hold ended; an object whose copies outlived the lease is read again
  * on its own. statuses gets one status per range, the ranges of every item in order
@@ -204,14 +239,17 @@ typedef struct { const char *key; size_t key_len; const kv_range *ranges; size_t
  * whole object). */
 int32_t kv_batch_read_ranges(kv_store *store, const kv_range_item *items, size_t n, uint32_t flags, int32_t *statuses);
 /* One replica of an object: its segment, its offset there, and the object's size. */
-typedef struct { uint64_t segment; uint64_t offset; uint64_t size; } kv_replica;
+typedef struct {
+    uint64_t segment;
+    uint64_t offset;
+    uint64_t size;
+} kv_replica;
 /* The replicas of n objects, one master request per chunk of keys (each found object is
  * leased, as by kv_batch_size; nothing is copied): counts[i] gets object i's number of
  * replicas (0 unless statuses[i] is KV_OK), out the replicas of every object in order, the
  * first of each the one a read tries first. KV_E_INVALID_ARGUMENT, with nothing written to
  * out, when they are more than cap. */
-int32_t kv_batch_replicas(kv_store *store, const kv_key *keys, size_t n, int32_t *statuses, uint32_t *counts,
-                          kv_replica *out, size_t cap);
+int32_t kv_batch_replicas(kv_store *store, const kv_key *keys, size_t n, int32_t *statuses, uint32_t *counts, kv_replica *out, size_t cap);
 
 /* Writes in pieces (sessions): kv_batch_write_begin reserves each object's space (flags
  * KV_PUT or KV_UPSERT, options as kv_batch_put) and gives an open write's id per object;
@@ -219,14 +257,21 @@ int32_t kv_batch_replicas(kv_store *store, const kv_key *keys, size_t n, int32_t
  * kv_batch_write_end commits them (visible from then on) or, with KV_WRITE_ABORT, frees their
  * space. An object is invisible until its write ends; a write not ended within the master's
  * write timeout is aborted by it. At most 4096 writes are open per store. */
-typedef struct { const char *key; size_t key_len; uint64_t size; } kv_write_item;
-int32_t kv_batch_write_begin(kv_store *store, const kv_write_item *items, size_t n, uint32_t flags,
-                             const kv_put_options *options, uint64_t *ids, int32_t *statuses);
+typedef struct {
+    const char *key;
+    size_t key_len;
+    uint64_t size;
+} kv_write_item;
+int32_t kv_batch_write_begin(kv_store *store, const kv_write_item *items, size_t n, uint32_t flags, const kv_put_options *options, uint64_t *ids,
+                             int32_t *statuses);
 /* One open write of kv_batch_write_ranges and its ranges (kv_range: mem is the source). */
-typedef struct { uint64_t id; const kv_range *ranges; size_t nranges; } kv_write_ranges_item;
+typedef struct {
+    uint64_t id;
+    const kv_range *ranges;
+    size_t nranges;
+} kv_write_ranges_item;
 /* statuses: one per range, the ranges of every item in order (kv_batch_error takes that index). */
-int32_t kv_batch_write_ranges(kv_store *store, const kv_write_ranges_item *items, size_t n, uint32_t flags,
-                              int32_t *statuses);
+int32_t kv_batch_write_ranges(kv_store *store, const kv_write_ranges_item *items, size_t n, uint32_t flags, int32_t *statuses);
 enum { KV_WRITE_ABORT = 1 };
 int32_t kv_batch_write_end(kv_store *store, const uint64_t *ids, size_t n, uint32_t flags, int32_t *statuses);
 /* Message of item `index` of the last batch call on this thread ("" when it succeeded). */
@@ -241,17 +286,16 @@ int32_t kv_remove(kv_store *store, const char *key, size_t key_len, uint32_t fla
 int32_t kv_remove_all(kv_store *store, uint32_t flags, uint64_t *removed);
 
 /* Registers [ptr, ptr+len) as user memory at `location` ("cpu", "cuda:N"). */
-int32_t kv_register_buffer(kv_store *store, const void *ptr, size_t len,
-                           const char *location, size_t location_len);
+int32_t kv_register_buffer(kv_store *store, const void *ptr, size_t len, const char *location, size_t location_len);
 int32_t kv_unregister_buffer(kv_store *store, const void *ptr);
 
 /* Tensor header (304 bytes; layout in Sources/KVCore/TensorHeader.swift). */
 enum { KV_TENSOR_HEADER_SIZE = 304, KV_TENSOR_MAX_DIMS = 8 };
 typedef struct {
-    int32_t dtype;         /* dtype code */
+    int32_t dtype; /* dtype code */
     int32_t ndim;
-    int64_t shape[8];      /* unused dims -1 */
-    uint64_t data_offset;  /* 304 */
+    int64_t shape[8]; /* unused dims -1 */
+    uint64_t data_offset; /* 304 */
     uint64_t data_bytes;
 } kv_tensor_info;
 /* Writes the header of a full tensor to out[0..out_len) (out_len >= 304). */
@@ -285,8 +329,7 @@ size_t kv_stats(kv_store *store, kv_stat *out, size_t cap);
  * many. *count receives the number of keys, *more 1 when keys after the last one remain
  * (ask again after it, like Redis SCAN: a key present for the whole walk comes exactly once). */
 enum { KV_KEYS_PAGE_BYTES = 1 << 20 };
-int32_t kv_keys_page(kv_store *s, const char *after, size_t after_len, void *out, size_t cap,
-                     size_t *count, int32_t *more);
+int32_t kv_keys_page(kv_store *s, const char *after, size_t after_len, void *out, size_t cap, size_t *count, int32_t *more);
 
 /* ---- KV layouts and block transfer (prefill -> decode) ----
  * A node publishes its KV cache as buffers (kv_block_buffer), one per (layer, kind), each
@@ -295,11 +338,11 @@ int32_t kv_keys_page(kv_store *s, const char *after, size_t after_len, void *out
 enum { KV_KIND_KEY = 0, KV_KIND_VALUE = 1, KV_KIND_INDEX = 2 };
 typedef struct {
     int64_t layer;
-    int32_t kind;             /* KV_KIND_* */
+    int32_t kind; /* KV_KIND_* */
     uint64_t address;
     uint64_t length;
     uint64_t bytes_per_block;
-    char location[32];        /* "cpu" or "cuda:N", NUL-terminated */
+    char location[32]; /* "cpu" or "cuda:N", NUL-terminated */
 } kv_block_buffer;
 
 /* Validates and publishes this store's layout under node (UTF-8, node_len bytes), replacing
@@ -318,8 +361,8 @@ enum { KV_BLOCKS_PULL = 0, KV_BLOCKS_PUSH = 1, KV_BLOCKS_AGGREGATED = 2 };
  * peer's dst blocks) for every kind of the listed layers (layers NULL: all). Everything is
  * validated before any byte moves; runs of consecutive ids are coalesced. KV_BLOCKS_AGGREGATED
  * issues many runs per operation. *transfers (may be NULL) receives the operations issued. */
-int32_t kv_blocks_move(kv_store *s, const char *peer, size_t peer_len, uint32_t flags, const int64_t *src,
-                       const int64_t *dst, size_t count, const int64_t *layers, size_t layer_count, uint64_t *transfers);
+int32_t kv_blocks_move(kv_store *s, const char *peer, size_t peer_len, uint32_t flags, const int64_t *src, const int64_t *dst, size_t count,
+                       const int64_t *layers, size_t layer_count, uint64_t *transfers);
 
 #ifdef __cplusplus
 }

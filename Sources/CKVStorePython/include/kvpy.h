@@ -48,7 +48,7 @@ typedef struct {
     Py_buffer *views;
     kv_buffer *parts; /* kv_mut_buffer has the same layout; cast for targets */
     Py_ssize_t count, capacity;
-    Py_ssize_t raw;   /* how many parts are raw (address, length) pairs: memory of unknown device */
+    Py_ssize_t raw; /* how many parts are raw (address, length) pairs: memory of unknown device */
     /* Raw parts whose device (and stream) the caller declared: handed to kv_call_devices for
      * the calls made while these buffers live. */
     kv_device_part *dev;
@@ -84,15 +84,14 @@ PyObject *kvpy_set_error_classes(PyObject *module, PyObject *mapping);
 
 extern PyType_Spec kvpy_store_spec;
 extern PyType_Spec kvpy_buffer_spec;
-extern PyObject *kvpy_buffer_type;   /* kvstore._native.Buffer */
+extern PyObject *kvpy_buffer_type; /* kvstore._native.Buffer */
 /* A new Buffer of size bytes (not zeroed); *data gets its address. */
 PyObject *kvpy_buffer_new(uint64_t size, void **data);
 
 /* ---- shared by store.c and raw.c ---- */
 
 typedef struct {
-    PyObject_HEAD
-    kv_store *store;
+    PyObject_HEAD kv_store *store;
     PyObject *registered; /* {address: capsule holding the registered Py_buffer, or the object kept alive} */
 } StoreObject;
 
@@ -106,18 +105,18 @@ void kvpy_install_wait_hooks(void);
 /* Runs stmt, a call of self's store moving `bytes`: with the GIL released for copies of
  * KVPY_GIL_THRESHOLD bytes or more; otherwise keeping it, except while the call waits (see
  * the wait hooks), so a thread stalled on the master or a peer never stops the others. */
-#define RUN_UNLOCKED(self, bytes, stmt) \
-    do { \
-        if ((bytes) >= KVPY_GIL_THRESHOLD) { \
+#define RUN_UNLOCKED(self, bytes, stmt)               \
+    do {                                              \
+        if ((bytes) >= KVPY_GIL_THRESHOLD) {          \
             PyThreadState *_ts = PyEval_SaveThread(); \
-            stmt; \
-            PyEval_RestoreThread(_ts); \
-        } else { \
-            (void)(self); \
-            kvpy_keep_gil_begin(); \
-            stmt; \
-            kvpy_keep_gil_end(); \
-        } \
+            stmt;                                     \
+            PyEval_RestoreThread(_ts);                \
+        } else {                                      \
+            (void)(self);                             \
+            kvpy_keep_gil_begin();                    \
+            stmt;                                     \
+            kvpy_keep_gil_end();                      \
+        }                                             \
     } while (0)
 
 /* kv_read_end, kv_register_buffer and kv_unregister_buffer, marked as calls that keep the GIL
@@ -140,7 +139,8 @@ static inline int32_t kvpy_unregister(StoreObject *self, const void *p) {
 
 /* 0 when the store is open, else -1 with StoreClosedError set. */
 int kvpy_ensure_open(StoreObject *self);
-#define ENSURE_OPEN(self) if (kvpy_ensure_open(self) < 0) return NULL
+#define ENSURE_OPEN(self) \
+    if (kvpy_ensure_open(self) < 0) return NULL
 /* The store is open and `key` converts (the prologue of single-key methods). */
 int kvpy_key_arg(StoreObject *self, PyObject *key, const char **k, Py_ssize_t *klen);
 int kvpy_check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssize_t max);
@@ -150,11 +150,12 @@ int32_t kvpy_read_begin(StoreObject *self, const char *k, Py_ssize_t klen, kv_re
 /* Methods of raw.c: tensor reads and registration of memory on any device. */
 PyObject *kvpy_store_read_object(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kvpy_store_register_raw(StoreObject *self, PyObject *const *args, Py_ssize_t nargs);
-#define KVPY_RAW_METHODS \
-    {"_read_object", (PyCFunction)(void (*)(void))kvpy_store_read_object, METH_FASTCALL, \
-     "_read_object(key, prefix_len, resolve) -> object: reads the prefix, resolve(prefix_bytes, size) returns (result, destination), the rest is copied there under one read hold."}, \
-    {"_register_raw", (PyCFunction)(void (*)(void))kvpy_store_register_raw, METH_FASTCALL, \
-     "_register_raw(address, length, location, owner): registers device memory, keeping owner alive."},
+#define KVPY_RAW_METHODS                                                                                                                                  \
+    {"_read_object", (PyCFunction)(void (*)(void))kvpy_store_read_object, METH_FASTCALL,                                                                  \
+     "_read_object(key, prefix_len, resolve) -> object: reads the prefix, resolve(prefix_bytes, size) returns (result, destination), the rest is copied " \
+     "there under one read hold."},                                                                                                                       \
+        {"_register_raw", (PyCFunction)(void (*)(void))kvpy_store_register_raw, METH_FASTCALL,                                                            \
+         "_register_raw(address, length, location, owner): registers device memory, keeping owner alive."},
 
 /* Module functions of raw.c. */
 PyObject *kvpy_tensor_header(PyObject *module, PyObject *const *args, Py_ssize_t nargs);

@@ -21,10 +21,10 @@ typedef struct kv_rdma_qp kv_rdma_qp;
 /* One RDMA device as discovery sees it. */
 typedef struct {
     char name[64];
-    int32_t port;        /* first ACTIVE port, else the first port; 0 when it has none */
-    int32_t active;      /* that port is ACTIVE */
-    int32_t link_layer;  /* 1 InfiniBand, 2 Ethernet (RoCE), 0 unknown */
-    int32_t mtu;         /* active MTU in bytes */
+    int32_t port; /* first ACTIVE port, else the first port; 0 when it has none */
+    int32_t active; /* that port is ACTIVE */
+    int32_t link_layer; /* 1 InfiniBand, 2 Ethernet (RoCE), 0 unknown */
+    int32_t mtu; /* active MTU in bytes */
     uint16_t lid;
 } kv_rdma_device;
 
@@ -34,9 +34,9 @@ typedef struct {
     uint32_t psn;
     uint16_t lid;
     uint8_t gid[16];
-    int32_t mtu;         /* ibv_mtu enum value */
-    uint8_t gid_type;    /* 0 InfiniBand, 1 RoCE v1, 2 RoCE v2 (enum ibv_gid_type) */
-    uint8_t link_layer;  /* 1 InfiniBand, 2 Ethernet */
+    int32_t mtu; /* ibv_mtu enum value */
+    uint8_t gid_type; /* 0 InfiniBand, 1 RoCE v1, 2 RoCE v2 (enum ibv_gid_type) */
+    uint8_t link_layer; /* 1 InfiniBand, 2 Ethernet */
 } kv_rdma_address;
 
 /* Loads the library (NULL: "libibverbs.so.1") and resolves its functions. Returns 0, or -1
@@ -63,8 +63,7 @@ void kv_rdma_close(kv_rdma_context *ctx);
  * `remote` (a segment peers reach; a staging buffer needs no remote access). Returns the
  * registration and its keys, or NULL with the reason (past RLIMIT_MEMLOCK the reason says so
  * and names the limit). */
-void *kv_rdma_register(kv_rdma_context *ctx, void *addr, size_t len, int remote, uint32_t *lkey, uint32_t *rkey,
-                       char *err, size_t errlen);
+void *kv_rdma_register(kv_rdma_context *ctx, void *addr, size_t len, int remote, uint32_t *lkey, uint32_t *rkey, char *err, size_t errlen);
 void kv_rdma_deregister(void *mr);
 
 /* A reliable-connected queue pair (INIT state) and the address a peer connects to. `remote`:
@@ -77,8 +76,8 @@ int kv_rdma_qp_connect(kv_rdma_qp *qp, const kv_rdma_address *remote, char *err,
 /* One-sided RDMA READ (write = 0: remote -> local) or WRITE (local -> remote) of `len` bytes,
  * posted in pieces and waited for (busy polling, at most timeout_ms). 0, or -1 with the
  * reason; after a failure the queue pair is in error and must be destroyed. */
-int kv_rdma_transfer(kv_rdma_qp *qp, int write, void *local, uint32_t lkey, uint64_t remote, uint32_t rkey,
-                     size_t len, int timeout_ms, char *err, size_t errlen);
+int kv_rdma_transfer(kv_rdma_qp *qp, int write, void *local, uint32_t lkey, uint64_t remote, uint32_t rkey, size_t len, int timeout_ms, char *err,
+                     size_t errlen);
 void kv_rdma_qp_destroy(kv_rdma_qp *qp);
 
 /* The device's next asynchronous event (port down or up, a fatal device error, a queue pair

@@ -43,7 +43,7 @@
 #include <unistd.h>
 
 #define MAX_DEVICES 4
-#define DEVICE_BYTES ((size_t)1 << 30)   /* address space per device */
+#define DEVICE_BYTES ((size_t)1 << 30) /* address space per device */
 #define MAX_STREAMS 256
 #define MAX_HOST_RANGES 256
 
@@ -52,13 +52,13 @@ typedef struct stream stream;
 
 struct op {
     op *next;
-    int kind;                      /* 0 copy, 1 fill, 2 event marker */
+    int kind; /* 0 copy, 1 fill, 2 event marker */
     void *dst;
     const void *src;
     size_t n;
     int byte;
     unsigned delay_us;
-    void *owned;                   /* staging buffer freed after the copy */
+    void *owned; /* staging buffer freed after the copy */
     stream *dep_stream[MAX_STREAMS + 1];
     uint64_t dep_seq[MAX_STREAMS + 1];
     int ndeps;
@@ -75,7 +75,7 @@ struct stream {
     uint64_t enqueued, completed;
 };
 
-struct context {                   /* one primary context per device */
+struct context { /* one primary context per device */
     int retains;
     int total_retains, total_releases;
 };
@@ -87,17 +87,20 @@ static struct {
     int ndevices;
     int mode_retain_refused, mode_pointer_fails;
     unsigned latency_us;
-    char *base[MAX_DEVICES];       /* PROT_NONE: what device pointers point into */
-    char *backing[MAX_DEVICES];    /* the bytes */
+    char *base[MAX_DEVICES]; /* PROT_NONE: what device pointers point into */
+    char *backing[MAX_DEVICES]; /* the bytes */
     size_t used_bytes[MAX_DEVICES];
     struct context ctx[MAX_DEVICES];
     stream streams[MAX_STREAMS];
     stream *legacy[MAX_DEVICES];
-    struct { uintptr_t start, end; int registered; } host[MAX_HOST_RANGES];
+    struct {
+        uintptr_t start, end;
+        int registered;
+    } host[MAX_HOST_RANGES];
     int nhost;
 } g = {.lock = PTHREAD_MUTEX_INITIALIZER, .changed = PTHREAD_COND_INITIALIZER};
 
-static __thread int current = -1;   /* current context's device, -1 none */
+static __thread int current = -1; /* current context's device, -1 none */
 
 static void sleep_us(unsigned us) {
     struct timespec t = {us / 1000000, (long)(us % 1000000) * 1000};
@@ -145,7 +148,8 @@ static void *worker(void *arg) {
             while (o->dep_stream[i]->completed < o->dep_seq[i]) pthread_cond_wait(&g.changed, &g.lock);
         pthread_mutex_unlock(&g.lock);
         sleep_us(g.latency_us + o->delay_us);
-        if (o->kind == 0) memcpy(o->dst, o->src, o->n);
+        if (o->kind == 0)
+            memcpy(o->dst, o->src, o->n);
         else if (o->kind == 1) {
             /* a kernel that writes its output in two halves, some time apart */
             memset(o->dst, o->byte, o->n / 2);
@@ -166,7 +170,7 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-static stream *new_stream(int dev, int nonblocking) {   /* lock held */
+static stream *new_stream(int dev, int nonblocking) { /* lock held */
     for (int i = 0; i < MAX_STREAMS; i++) {
         stream *s = &g.streams[i];
         if (s->used) continue;
@@ -179,20 +183,23 @@ static stream *new_stream(int dev, int nonblocking) {   /* lock held */
         pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
         int rc = pthread_create(&s->thread, &a, worker, s);
         pthread_attr_destroy(&a);
-        if (rc != 0) { s->used = 0; return NULL; }
+        if (rc != 0) {
+            s->used = 0;
+            return NULL;
+        }
         return s;
     }
     return NULL;
 }
 
-static stream *legacy_stream(int dev) {   /* lock held */
+static stream *legacy_stream(int dev) { /* lock held */
     if (!g.legacy[dev]) g.legacy[dev] = new_stream(dev, 0);
     return g.legacy[dev];
 }
 
 /* The stream a handle names for device `dev`: NULL, CU_STREAM_LEGACY and CU_STREAM_PER_THREAD
  * are the legacy default stream (the double has no per-thread streams). NULL result: invalid. */
-static stream *resolve(CUstream h, int dev) {   /* lock held */
+static stream *resolve(CUstream h, int dev) { /* lock held */
     uintptr_t v = (uintptr_t)h;
     if (v == 0 || v == 1 || v == 2) return dev >= 0 ? legacy_stream(dev) : NULL;
     for (int i = 0; i < MAX_STREAMS; i++)
@@ -219,12 +226,15 @@ static void enqueue(stream *s, op *o) {
         add_dep(o, legacy_stream(s->device));
     }
     o->seq = ++s->enqueued;
-    if (s->tail) s->tail->next = o; else s->head = o;
+    if (s->tail)
+        s->tail->next = o;
+    else
+        s->head = o;
     s->tail = o;
     pthread_cond_broadcast(&g.changed);
 }
 
-static void wait_for(stream *s, uint64_t seq) {   /* lock held */
+static void wait_for(stream *s, uint64_t seq) { /* lock held */
     while (s->completed < seq) pthread_cond_wait(&g.changed, &g.lock);
 }
 
@@ -309,8 +319,12 @@ CUresult CUDAAPI cuDevicePrimaryCtxRelease(CUdevice dev) {
     if (dev < 0 || dev >= g.ndevices) return CUDA_ERROR_INVALID_DEVICE;
     pthread_mutex_lock(&g.lock);
     CUresult r = CUDA_SUCCESS;
-    if (g.ctx[dev].retains == 0) r = CUDA_ERROR_INVALID_CONTEXT;
-    else { g.ctx[dev].retains--; g.ctx[dev].total_releases++; }
+    if (g.ctx[dev].retains == 0)
+        r = CUDA_ERROR_INVALID_CONTEXT;
+    else {
+        g.ctx[dev].retains--;
+        g.ctx[dev].total_releases++;
+    }
     pthread_mutex_unlock(&g.lock);
     return r;
 }
@@ -324,10 +338,13 @@ CUresult CUDAAPI cuCtxGetCurrent(CUcontext *pctx) {
 
 CUresult CUDAAPI cuCtxSetCurrent(CUcontext ctx) {
     if (!g.initialized) return CUDA_ERROR_NOT_INITIALIZED;
-    if (!ctx) { current = -1; return CUDA_SUCCESS; }
+    if (!ctx) {
+        current = -1;
+        return CUDA_SUCCESS;
+    }
     int d = ctx_device(ctx);
     if (d < 0) return CUDA_ERROR_INVALID_CONTEXT;
-    if (g.ctx[d].retains == 0) return CUDA_ERROR_INVALID_CONTEXT;   /* a destroyed primary context */
+    if (g.ctx[d].retains == 0) return CUDA_ERROR_INVALID_CONTEXT; /* a destroyed primary context */
     current = d;
     return CUDA_SUCCESS;
 }
@@ -374,14 +391,9 @@ CUresult CUDAAPI cuPointerGetAttribute(void *data, CUpointer_attribute attribute
     pthread_mutex_unlock(&g.lock);
     if (dev < 0 && !host) return CUDA_ERROR_INVALID_VALUE;
     switch (attribute) {
-    case CU_POINTER_ATTRIBUTE_MEMORY_TYPE:
-        *(unsigned int *)data = dev >= 0 ? CU_MEMORYTYPE_DEVICE : CU_MEMORYTYPE_HOST;
-        return CUDA_SUCCESS;
-    case CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL:
-        *(int *)data = dev >= 0 ? dev : 0;
-        return CUDA_SUCCESS;
-    default:
-        return CUDA_ERROR_INVALID_VALUE;
+    case CU_POINTER_ATTRIBUTE_MEMORY_TYPE: *(unsigned int *)data = dev >= 0 ? CU_MEMORYTYPE_DEVICE : CU_MEMORYTYPE_HOST; return CUDA_SUCCESS;
+    case CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: *(int *)data = dev >= 0 ? dev : 0; return CUDA_SUCCESS;
+    default: return CUDA_ERROR_INVALID_VALUE;
     }
 }
 
@@ -404,7 +416,7 @@ CUresult CUDAAPI cuMemAlloc(CUdeviceptr *dptr, size_t bytesize) {
 }
 
 CUresult CUDAAPI cuMemFree(CUdeviceptr dptr) {
-    (void)dptr;   /* a bump allocator: freed memory stays mapped (tests are short) */
+    (void)dptr; /* a bump allocator: freed memory stays mapped (tests are short) */
     return g.initialized ? CUDA_SUCCESS : CUDA_ERROR_NOT_INITIALIZED;
 }
 
@@ -459,8 +471,10 @@ CUresult CUDAAPI cuMemHostRegister(void *p, size_t bytesize, unsigned int Flags)
     for (int i = 0; i < g.nhost; i++)
         if (s < g.host[i].end && g.host[i].start < e) r = CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
     if (r == CUDA_SUCCESS) {
-        if (g.nhost == MAX_HOST_RANGES) r = CUDA_ERROR_OUT_OF_MEMORY;
-        else g.host[g.nhost++] = (typeof(g.host[0])){s, e, 1};
+        if (g.nhost == MAX_HOST_RANGES)
+            r = CUDA_ERROR_OUT_OF_MEMORY;
+        else
+            g.host[g.nhost++] = (typeof(g.host[0])){s, e, 1};
     }
     pthread_mutex_unlock(&g.lock);
     return r;
@@ -493,20 +507,32 @@ static CUresult copy_on(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream h, 
         pthread_mutex_unlock(&g.lock);
         return !st ? CUDA_ERROR_INVALID_HANDLE : CUDA_ERROR_INVALID_VALUE;
     }
-    if (st->device != current) { pthread_mutex_unlock(&g.lock); return CUDA_ERROR_INVALID_HANDLE; }
+    if (st->device != current) {
+        pthread_mutex_unlock(&g.lock);
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
     op *o = copy_op(d, s, n);
-    if (!o) { pthread_mutex_unlock(&g.lock); return CUDA_ERROR_OUT_OF_MEMORY; }
+    if (!o) {
+        pthread_mutex_unlock(&g.lock);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
     int wait = 0;
-    if (sync_kind == 1) {                       /* synchronous API, by direction */
+    if (sync_kind == 1) { /* synchronous API, by direction */
         if (!sd && dd) {
-            if (pinned_host((uintptr_t)src)) wait = 1;
-            else {                              /* pageable: staged now, lands later */
+            if (pinned_host((uintptr_t)src))
+                wait = 1;
+            else { /* pageable: staged now, lands later */
                 o->owned = malloc(n);
-                if (!o->owned) { free(o); pthread_mutex_unlock(&g.lock); return CUDA_ERROR_OUT_OF_MEMORY; }
+                if (!o->owned) {
+                    free(o);
+                    pthread_mutex_unlock(&g.lock);
+                    return CUDA_ERROR_OUT_OF_MEMORY;
+                }
                 memcpy(o->owned, s, n);
                 o->src = o->owned;
             }
-        } else if (sd && !dd) wait = 1;         /* device to host: done on return */
+        } else if (sd && !dd)
+            wait = 1; /* device to host: done on return */
     }
     enqueue(st, o);
     if (wait) wait_for(st, o->seq);
@@ -520,38 +546,35 @@ CUresult CUDAAPI cuMemcpyHtoD(CUdeviceptr dstDevice, const void *srcHost, size_t
 CUresult CUDAAPI cuMemcpyDtoH(void *dstHost, CUdeviceptr srcDevice, size_t ByteCount) {
     return copy_on((CUdeviceptr)(uintptr_t)dstHost, srcDevice, ByteCount, NULL, 1);
 }
-CUresult CUDAAPI cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t ByteCount) {
-    return copy_on(dst, src, ByteCount, NULL, 1);
-}
+CUresult CUDAAPI cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t ByteCount) { return copy_on(dst, src, ByteCount, NULL, 1); }
 CUresult CUDAAPI cuMemcpyHtoDAsync(CUdeviceptr dstDevice, const void *srcHost, size_t ByteCount, CUstream hStream) {
     return copy_on(dstDevice, (CUdeviceptr)(uintptr_t)srcHost, ByteCount, hStream, 0);
 }
 CUresult CUDAAPI cuMemcpyDtoHAsync(void *dstHost, CUdeviceptr srcDevice, size_t ByteCount, CUstream hStream) {
     return copy_on((CUdeviceptr)(uintptr_t)dstHost, srcDevice, ByteCount, hStream, 0);
 }
-CUresult CUDAAPI cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t ByteCount, CUstream hStream) {
-    return copy_on(dst, src, ByteCount, hStream, 0);
-}
+CUresult CUDAAPI cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t ByteCount, CUstream hStream) { return copy_on(dst, src, ByteCount, hStream, 0); }
 
 /* Copies are enqueued in order until one is invalid: then that index is reported and the
  * copies before it still land later (the caller must synchronize before trusting either). */
-CUresult CUDAAPI cuMemcpyBatchAsync(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_t count,
-                                    CUmemcpyAttributes *attrs, size_t *attrsIdxs, size_t numAttrs,
-                                    size_t *failIdx, CUstream hStream) {
+CUresult CUDAAPI cuMemcpyBatchAsync(CUdeviceptr *dsts, CUdeviceptr *srcs, size_t *sizes, size_t count, CUmemcpyAttributes *attrs, size_t *attrsIdxs,
+                                    size_t numAttrs, size_t *failIdx, CUstream hStream) {
     if (!g.initialized) return CUDA_ERROR_NOT_INITIALIZED;
     if (current < 0) return CUDA_ERROR_INVALID_CONTEXT;
     if (failIdx) *failIdx = SIZE_MAX;
     uintptr_t h = (uintptr_t)hStream;
-    if (h == 0 || h == 1) return CUDA_ERROR_INVALID_VALUE;   /* "must not be legacy NULL stream" */
-    if (!dsts || !srcs || !sizes || !attrs || !attrsIdxs || numAttrs == 0 || numAttrs > count || attrsIdxs[0] != 0 || !failIdx)
-        return CUDA_ERROR_INVALID_VALUE;
+    if (h == 0 || h == 1) return CUDA_ERROR_INVALID_VALUE; /* "must not be legacy NULL stream" */
+    if (!dsts || !srcs || !sizes || !attrs || !attrsIdxs || numAttrs == 0 || numAttrs > count || attrsIdxs[0] != 0 || !failIdx) return CUDA_ERROR_INVALID_VALUE;
     for (size_t k = 0; k < numAttrs; k++) {
         if (attrs[k].srcAccessOrder == CU_MEMCPY_SRC_ACCESS_ORDER_INVALID) return CUDA_ERROR_INVALID_VALUE;
         if (k > 0 && attrsIdxs[k] <= attrsIdxs[k - 1]) return CUDA_ERROR_INVALID_VALUE;
     }
     for (size_t i = 0; i < count; i++) {
         CUresult r = copy_on(dsts[i], srcs[i], sizes[i], hStream, 0);
-        if (r != CUDA_SUCCESS) { *failIdx = i; return r; }
+        if (r != CUDA_SUCCESS) {
+            *failIdx = i;
+            return r;
+        }
     }
     return CUDA_SUCCESS;
 }
@@ -576,7 +599,10 @@ CUresult CUDAAPI cuStreamDestroy(CUstream hStream) {
     pthread_mutex_lock(&g.lock);
     uintptr_t v = (uintptr_t)hStream;
     stream *s = v > 2 ? resolve(hStream, -1) : NULL;
-    if (s) { s->destroyed = 1; pthread_cond_broadcast(&g.changed); }
+    if (s) {
+        s->destroyed = 1;
+        pthread_cond_broadcast(&g.changed);
+    }
     pthread_mutex_unlock(&g.lock);
     return s ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
@@ -585,7 +611,10 @@ CUresult CUDAAPI cuStreamSynchronize(CUstream hStream) {
     if (!g.initialized) return CUDA_ERROR_NOT_INITIALIZED;
     pthread_mutex_lock(&g.lock);
     uintptr_t v = (uintptr_t)hStream;
-    if (v <= 2 && current < 0) { pthread_mutex_unlock(&g.lock); return CUDA_ERROR_INVALID_CONTEXT; }
+    if (v <= 2 && current < 0) {
+        pthread_mutex_unlock(&g.lock);
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
     stream *s = resolve(hStream, current);
     if (s) wait_for(s, s->enqueued);
     pthread_mutex_unlock(&g.lock);
@@ -595,7 +624,7 @@ CUresult CUDAAPI cuStreamSynchronize(CUstream hStream) {
 /* ---- events ---- */
 
 struct CUevent_st {
-    stream *s;          /* NULL until recorded */
+    stream *s; /* NULL until recorded */
     uint64_t seq;
 };
 
@@ -628,7 +657,10 @@ CUresult CUDAAPI cuEventRecord(CUevent hEvent, CUstream hStream) {
     if (!hEvent) return CUDA_ERROR_INVALID_HANDLE;
     pthread_mutex_lock(&g.lock);
     stream *st = resolve(hStream, handle_device(hStream));
-    if (st) { hEvent->s = st; hEvent->seq = st->enqueued; }
+    if (st) {
+        hEvent->s = st;
+        hEvent->seq = st->enqueued;
+    }
     pthread_mutex_unlock(&g.lock);
     return st ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
@@ -641,8 +673,9 @@ CUresult CUDAAPI cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned in
     stream *st = resolve(hStream, hEvent->s ? hEvent->s->device : handle_device(hStream));
     CUresult r = st ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
     if (st && hEvent->s && hEvent->s->completed < hEvent->seq) {
-        op *o = calloc(1, sizeof *o);   /* a marker: runs once the event's point has */
-        if (!o) r = CUDA_ERROR_OUT_OF_MEMORY;
+        op *o = calloc(1, sizeof *o); /* a marker: runs once the event's point has */
+        if (!o)
+            r = CUDA_ERROR_OUT_OF_MEMORY;
         else {
             o->kind = 2;
             o->dep_stream[0] = hEvent->s;
@@ -709,7 +742,10 @@ int fakecuda_fill_async(uintptr_t h, int dev, CUdeviceptr p, int byte, size_t n,
     pthread_mutex_lock(&g.lock);
     stream *s = resolve((CUstream)h, dev);
     char *b = bytes_of(p, n);
-    if (!s || !b) { pthread_mutex_unlock(&g.lock); return -1; }
+    if (!s || !b) {
+        pthread_mutex_unlock(&g.lock);
+        return -1;
+    }
     op *o = calloc(1, sizeof *o);
     o->kind = 1;
     o->dst = b;

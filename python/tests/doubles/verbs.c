@@ -62,16 +62,16 @@ typedef struct {
     int used;
     pid_t pid;
     uint32_t qpn;
-    int state;               /* enum ibv_qp_state */
+    int state; /* enum ibv_qp_state */
     uint32_t dest_qpn;
     int is_global;
     uint8_t dgid[16];
     uint16_t dlid;
     int sgid_index;
-    int path_mtu;            /* enum ibv_mtu */
+    int path_mtu; /* enum ibv_mtu */
     int access;
     int max_rd_atomic, max_dest_rd_atomic;
-    int host, subnet;        /* of the owning process */
+    int host, subnet; /* of the owning process */
 } fabric_qp;
 
 typedef struct {
@@ -80,7 +80,7 @@ typedef struct {
     uint64_t addr, len;
     uint32_t lkey, rkey;
     int access;
-    int stale;               /* fork broke copy-on-write for it: DMA goes nowhere */
+    int stale; /* fork broke copy-on-write for it: DMA goes nowhere */
 } fabric_mr;
 
 typedef struct {
@@ -121,14 +121,19 @@ static void after_fork_parent(void) {
 static void setup(void) {
     char path[256];
     const char *p = getenv("FAKEVERBS_FABRIC");
-    if (!p || !*p) { snprintf(path, sizeof path, "/dev/shm/kvstore-fakeverbs-%u", (unsigned)getuid()); p = path; }
+    if (!p || !*p) {
+        snprintf(path, sizeof path, "/dev/shm/kvstore-fakeverbs-%u", (unsigned)getuid());
+        p = path;
+    }
     host_id = env_int("FAKEVERBS_HOST", 1);
     subnet_id = env_int("FAKEVERBS_SUBNET", 0);
     ndevices = env_int("FAKEVERBS_DEVICES", 1);
     max_rd_atom = env_int("FAKEVERBS_MAX_RD_ATOM", 16);
     const char *l = getenv("FAKEVERBS_LINK");
-    if (l && strcmp(l, "infiniband") == 0) link_layer = IBV_LINK_LAYER_INFINIBAND;
-    else if (l && strcmp(l, "unspecified") == 0) link_layer = IBV_LINK_LAYER_UNSPECIFIED;
+    if (l && strcmp(l, "infiniband") == 0)
+        link_layer = IBV_LINK_LAYER_INFINIBAND;
+    else if (l && strcmp(l, "unspecified") == 0)
+        link_layer = IBV_LINK_LAYER_UNSPECIFIED;
     switch (env_int("FAKEVERBS_MTU", 1024)) {
     case 256: port_mtu = IBV_MTU_256; break;
     case 512: port_mtu = IBV_MTU_512; break;
@@ -139,7 +144,10 @@ static void setup(void) {
     const char *f = getenv("FAKEVERBS_FORK");
     fork_unsafe = f && strcmp(f, "unsafe") == 0;
     int fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) { init_errno = errno; return; }
+    if (fd < 0) {
+        init_errno = errno;
+        return;
+    }
     struct stat st;
     if (fstat(fd, &st) != 0 || ((size_t)st.st_size < sizeof(fabric) && ftruncate(fd, sizeof(fabric)) != 0)) {
         init_errno = errno;
@@ -148,7 +156,11 @@ static void setup(void) {
     }
     F = mmap(NULL, sizeof(fabric), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
-    if (F == MAP_FAILED) { F = NULL; init_errno = errno; return; }
+    if (F == MAP_FAILED) {
+        F = NULL;
+        init_errno = errno;
+        return;
+    }
     /* First user initialises the lock (a zeroed file: ready == 0). Tests give each run a
      * fresh file, so the unlocked check is enough here. */
     if (!__atomic_load_n(&F->ready, __ATOMIC_ACQUIRE)) {
@@ -166,7 +178,10 @@ static void setup(void) {
 
 static int lock_fabric(void) {
     pthread_once(&once, setup);
-    if (!F) { errno = init_errno ? init_errno : ENODEV; return -1; }
+    if (!F) {
+        errno = init_errno ? init_errno : ENODEV;
+        return -1;
+    }
     int rc = pthread_mutex_lock(&F->lock);
     if (rc == EOWNERDEAD) pthread_mutex_consistent(&F->lock);
     return 0;
@@ -184,7 +199,7 @@ typedef struct {
 typedef struct {
     struct ibv_context ctx;
     int index;
-    int events[2];   /* the async event pipe: [0] is async_fd */
+    int events[2]; /* the async event pipe: [0] is async_fd */
 } fake_context;
 
 static void *take_port_down(void *arg) {
@@ -215,7 +230,7 @@ typedef struct {
 
 typedef struct {
     struct ibv_qp qp;
-    int slot;                /* in F->qps */
+    int slot; /* in F->qps */
     int max_send_wr, max_send_sge, outstanding;
 } fake_qp;
 
@@ -224,12 +239,24 @@ static fake_device devices[4];
 static void make_gid(int index, int host, int subnet, uint8_t out[16], uint32_t *type) {
     memset(out, 0, 16);
     if (link_layer != IBV_LINK_LAYER_ETHERNET) {
-        out[0] = 0xfe; out[1] = 0x80; out[15] = (uint8_t)host;
+        out[0] = 0xfe;
+        out[1] = 0x80;
+        out[15] = (uint8_t)host;
         *type = IBV_GID_TYPE_IB;
         return;
     }
-    if (index < 2) { out[0] = 0xfe; out[1] = 0x80; out[15] = (uint8_t)host; }
-    else { out[10] = 0xff; out[11] = 0xff; out[12] = 10; out[13] = 213; out[14] = (uint8_t)subnet; out[15] = (uint8_t)host; }
+    if (index < 2) {
+        out[0] = 0xfe;
+        out[1] = 0x80;
+        out[15] = (uint8_t)host;
+    } else {
+        out[10] = 0xff;
+        out[11] = 0xff;
+        out[12] = 10;
+        out[13] = 213;
+        out[14] = (uint8_t)subnet;
+        out[15] = (uint8_t)host;
+    }
     *type = index % 2 == 0 ? IBV_GID_TYPE_ROCE_V1 : IBV_GID_TYPE_ROCE_V2;
 }
 
@@ -239,7 +266,10 @@ struct ibv_device **ibv_get_device_list(int *num_devices) {
     pthread_once(&once, setup);
     int n = ndevices < 0 ? 0 : ndevices > 4 ? 4 : ndevices;
     struct ibv_device **list = calloc((size_t)n + 1, sizeof *list);
-    if (!list) { errno = ENOMEM; return NULL; }
+    if (!list) {
+        errno = ENOMEM;
+        return NULL;
+    }
     for (int i = 0; i < n; i++) {
         fake_device *d = &devices[i];
         snprintf(d->dev.name, sizeof d->dev.name, "fakerxe%d", i);
@@ -257,12 +287,19 @@ void ibv_free_device_list(struct ibv_device **list) { free(list); }
 const char *ibv_get_device_name(struct ibv_device *device) { return device->name; }
 
 static int post_send(struct ibv_qp *qp, struct ibv_send_wr *wr, struct ibv_send_wr **bad);
-static int post_recv(struct ibv_qp *qp, struct ibv_recv_wr *wr, struct ibv_recv_wr **bad) { (void)qp; *bad = wr; return EINVAL; }
+static int post_recv(struct ibv_qp *qp, struct ibv_recv_wr *wr, struct ibv_recv_wr **bad) {
+    (void)qp;
+    *bad = wr;
+    return EINVAL;
+}
 static int poll_cq(struct ibv_cq *cq, int n, struct ibv_wc *wc);
 
 struct ibv_context *ibv_open_device(struct ibv_device *device) {
     fake_context *c = calloc(1, sizeof *c);
-    if (!c) { errno = ENOMEM; return NULL; }
+    if (!c) {
+        errno = ENOMEM;
+        return NULL;
+    }
     c->ctx.device = device;
     c->ctx.ops.post_send = post_send;
     c->ctx.ops.post_recv = post_recv;
@@ -272,12 +309,16 @@ struct ibv_context *ibv_open_device(struct ibv_device *device) {
     if (pipe2(c->events, O_CLOEXEC) == 0) {
         c->ctx.async_fd = c->events[0];
         pthread_mutex_lock(&event_lock);
-        if (nevent_pipes < 16) { event_pipes[nevent_pipes][0] = c->events[0]; event_pipes[nevent_pipes][1] = c->events[1]; nevent_pipes++; }
+        if (nevent_pipes < 16) {
+            event_pipes[nevent_pipes][0] = c->events[0];
+            event_pipes[nevent_pipes][1] = c->events[1];
+            nevent_pipes++;
+        }
         pthread_mutex_unlock(&event_lock);
     }
     pthread_once(&down_once, start_port_timer);
     c->ctx.num_comp_vectors = 1;
-    c->ctx.abi_compat = NULL;   /* not an extended verbs_context: the exported calls are used */
+    c->ctx.abi_compat = NULL; /* not an extended verbs_context: the exported calls are used */
     pthread_mutex_init(&c->ctx.mutex, NULL);
     c->index = (int)((fake_device *)device - devices);
     return &c->ctx;
@@ -287,9 +328,17 @@ int ibv_close_device(struct ibv_context *context) {
     fake_context *c = (fake_context *)context;
     pthread_mutex_lock(&event_lock);
     for (int i = 0; i < nevent_pipes; i++)
-        if (event_pipes[i][0] == c->events[0]) { event_pipes[i][0] = event_pipes[nevent_pipes - 1][0]; event_pipes[i][1] = event_pipes[nevent_pipes - 1][1]; nevent_pipes--; break; }
+        if (event_pipes[i][0] == c->events[0]) {
+            event_pipes[i][0] = event_pipes[nevent_pipes - 1][0];
+            event_pipes[i][1] = event_pipes[nevent_pipes - 1][1];
+            nevent_pipes--;
+            break;
+        }
     pthread_mutex_unlock(&event_lock);
-    if (c->ctx.async_fd >= 0) { close(c->events[0]); close(c->events[1]); }
+    if (c->ctx.async_fd >= 0) {
+        close(c->events[0]);
+        close(c->events[1]);
+    }
     free(context);
     return 0;
 }
@@ -297,7 +346,10 @@ int ibv_close_device(struct ibv_context *context) {
 int ibv_get_async_event(struct ibv_context *context, struct ibv_async_event *event) {
     int ev;
     ssize_t n = read(context->async_fd, &ev, sizeof ev);
-    if (n != sizeof ev) { errno = n < 0 ? errno : EIO; return -1; }
+    if (n != sizeof ev) {
+        errno = n < 0 ? errno : EIO;
+        return -1;
+    }
     memset(event, 0, sizeof *event);
     event->event_type = (enum ibv_event_type)ev;
     event->element.port_num = 1;
@@ -355,8 +407,7 @@ int ibv_query_gid(struct ibv_context *context, uint8_t port_num, int index, unio
     return 0;
 }
 
-int _ibv_query_gid_ex(struct ibv_context *context, uint32_t port_num, uint32_t gid_index, struct ibv_gid_entry *entry,
-                      uint32_t flags, size_t entry_size) {
+int _ibv_query_gid_ex(struct ibv_context *context, uint32_t port_num, uint32_t gid_index, struct ibv_gid_entry *entry, uint32_t flags, size_t entry_size) {
     (void)context;
     if (flags != 0 || entry_size < sizeof *entry || port_num != 1 || gid_index >= (uint32_t)ngids()) return EINVAL;
     memset(entry, 0, sizeof *entry);
@@ -378,7 +429,10 @@ const char *ibv_wc_status_str(enum ibv_wc_status status) {
     }
 }
 
-int ibv_fork_init(void) { fork_enabled = 1; return 0; }
+int ibv_fork_init(void) {
+    fork_enabled = 1;
+    return 0;
+}
 
 enum ibv_fork_status ibv_is_fork_initialized(void) {
     pthread_once(&once, setup);
@@ -389,15 +443,24 @@ enum ibv_fork_status ibv_is_fork_initialized(void) {
 
 struct ibv_pd *ibv_alloc_pd(struct ibv_context *context) {
     struct ibv_pd *pd = calloc(1, sizeof *pd);
-    if (!pd) { errno = ENOMEM; return NULL; }
+    if (!pd) {
+        errno = ENOMEM;
+        return NULL;
+    }
     pd->context = context;
     return pd;
 }
 
-int ibv_dealloc_pd(struct ibv_pd *pd) { free(pd); return 0; }
+int ibv_dealloc_pd(struct ibv_pd *pd) {
+    free(pd);
+    return 0;
+}
 
 struct ibv_mr *ibv_reg_mr(struct ibv_pd *pd, void *addr, size_t length, int access) {
-    if (!addr || length == 0) { errno = EINVAL; return NULL; }
+    if (!addr || length == 0) {
+        errno = EINVAL;
+        return NULL;
+    }
     if ((access & (IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_ATOMIC)) && !(access & IBV_ACCESS_LOCAL_WRITE)) {
         errno = EINVAL;
         return NULL;
@@ -408,19 +471,29 @@ struct ibv_mr *ibv_reg_mr(struct ibv_pd *pd, void *addr, size_t length, int acce
     for (int i = 0; i < MAX_MRS; i++)
         if (F->mrs[i].used && F->mrs[i].pid == getpid()) mine += F->mrs[i].len;
     const char *cap = getenv("FAKEVERBS_MEMLOCK");
-    if (cap && *cap) { rl.rlim_cur = strtoull(cap, NULL, 10); }
-    else if (getrlimit(RLIMIT_MEMLOCK, &rl) != 0) rl.rlim_cur = RLIM_INFINITY;
+    if (cap && *cap) {
+        rl.rlim_cur = strtoull(cap, NULL, 10);
+    } else if (getrlimit(RLIMIT_MEMLOCK, &rl) != 0)
+        rl.rlim_cur = RLIM_INFINITY;
     if (rl.rlim_cur != RLIM_INFINITY && mine + length > rl.rlim_cur) {
         unlock_fabric();
-        errno = ENOMEM;   /* pinning past RLIMIT_MEMLOCK */
+        errno = ENOMEM; /* pinning past RLIMIT_MEMLOCK */
         return NULL;
     }
     int slot = -1;
     for (int i = 0; i < MAX_MRS && slot < 0; i++)
         if (!F->mrs[i].used || !alive(F->mrs[i].pid)) slot = i;
-    if (slot < 0) { unlock_fabric(); errno = ENOMEM; return NULL; }
+    if (slot < 0) {
+        unlock_fabric();
+        errno = ENOMEM;
+        return NULL;
+    }
     struct ibv_mr *mr = calloc(1, sizeof *mr);
-    if (!mr) { unlock_fabric(); errno = ENOMEM; return NULL; }
+    if (!mr) {
+        unlock_fabric();
+        errno = ENOMEM;
+        return NULL;
+    }
     fabric_mr *m = &F->mrs[slot];
     memset(m, 0, sizeof *m);
     m->used = 1;
@@ -452,14 +525,23 @@ int ibv_dereg_mr(struct ibv_mr *mr) {
 
 /* ---- completion queues ---- */
 
-struct ibv_cq *ibv_create_cq(struct ibv_context *context, int cqe, void *cq_context, struct ibv_comp_channel *channel,
-                             int comp_vector) {
+struct ibv_cq *ibv_create_cq(struct ibv_context *context, int cqe, void *cq_context, struct ibv_comp_channel *channel, int comp_vector) {
     (void)comp_vector;
-    if (cqe <= 0 || cqe > 4096) { errno = EINVAL; return NULL; }
+    if (cqe <= 0 || cqe > 4096) {
+        errno = EINVAL;
+        return NULL;
+    }
     fake_cq *c = calloc(1, sizeof *c);
-    if (!c) { errno = ENOMEM; return NULL; }
+    if (!c) {
+        errno = ENOMEM;
+        return NULL;
+    }
     c->ring = calloc((size_t)cqe, sizeof *c->ring);
-    if (!c->ring) { free(c); errno = ENOMEM; return NULL; }
+    if (!c->ring) {
+        free(c);
+        errno = ENOMEM;
+        return NULL;
+    }
     c->cap = cqe;
     pthread_mutex_init(&c->lock, NULL);
     c->cq.context = context;
@@ -476,11 +558,10 @@ int ibv_destroy_cq(struct ibv_cq *cq) {
     return 0;
 }
 
-static void complete(struct ibv_cq *cq, uint64_t wr_id, enum ibv_wc_status status, enum ibv_wc_opcode op, uint32_t len,
-                     uint32_t qpn) {
+static void complete(struct ibv_cq *cq, uint64_t wr_id, enum ibv_wc_status status, enum ibv_wc_opcode op, uint32_t len, uint32_t qpn) {
     fake_cq *c = (fake_cq *)cq;
     pthread_mutex_lock(&c->lock);
-    if (c->count < c->cap) {   /* an overrun is the caller's bug: completions are lost */
+    if (c->count < c->cap) { /* an overrun is the caller's bug: completions are lost */
         struct ibv_wc *w = &c->ring[(c->head + c->count) % c->cap];
         memset(w, 0, sizeof *w);
         w->wr_id = wr_id;
@@ -510,8 +591,8 @@ static int poll_cq(struct ibv_cq *cq, int n, struct ibv_wc *wc) {
 /* ---- queue pairs ---- */
 
 struct ibv_qp *ibv_create_qp(struct ibv_pd *pd, struct ibv_qp_init_attr *ia) {
-    if (ia->qp_type != IBV_QPT_RC || !ia->send_cq || !ia->recv_cq || ia->cap.max_send_wr == 0 || ia->cap.max_send_wr > 1024 ||
-        ia->cap.max_send_sge == 0 || ia->cap.max_send_sge > 4) {
+    if (ia->qp_type != IBV_QPT_RC || !ia->send_cq || !ia->recv_cq || ia->cap.max_send_wr == 0 || ia->cap.max_send_wr > 1024 || ia->cap.max_send_sge == 0 ||
+        ia->cap.max_send_sge > 4) {
         errno = EINVAL;
         return NULL;
     }
@@ -519,9 +600,17 @@ struct ibv_qp *ibv_create_qp(struct ibv_pd *pd, struct ibv_qp_init_attr *ia) {
     int slot = -1;
     for (int i = 0; i < MAX_QPS && slot < 0; i++)
         if (!F->qps[i].used || !alive(F->qps[i].pid)) slot = i;
-    if (slot < 0) { unlock_fabric(); errno = ENOMEM; return NULL; }
+    if (slot < 0) {
+        unlock_fabric();
+        errno = ENOMEM;
+        return NULL;
+    }
     fake_qp *q = calloc(1, sizeof *q);
-    if (!q) { unlock_fabric(); errno = ENOMEM; return NULL; }
+    if (!q) {
+        unlock_fabric();
+        errno = ENOMEM;
+        return NULL;
+    }
     fabric_qp *f = &F->qps[slot];
     memset(f, 0, sizeof *f);
     f->used = 1;
@@ -567,19 +656,18 @@ int ibv_modify_qp(struct ibv_qp *qp, struct ibv_qp_attr *a, int mask) {
     fabric_qp *f = &F->qps[q->slot];
     int from = f->state, to = a->qp_state, rc = 0;
     const int init = IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS;
-    const int rtr = IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
-                    IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER;
-    const int rts = IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN |
-                    IBV_QP_MAX_QP_RD_ATOMIC;
+    const int rtr = IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER;
+    const int rts = IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC;
     if (to == IBV_QPS_RESET || to == IBV_QPS_ERR) {
         if (mask != IBV_QP_STATE) rc = EINVAL;
     } else if (from == IBV_QPS_RESET && to == IBV_QPS_INIT) {
-        if (mask != init || a->port_num != 1 || a->pkey_index != 0) rc = EINVAL;
-        else f->access = a->qp_access_flags;
+        if (mask != init || a->port_num != 1 || a->pkey_index != 0)
+            rc = EINVAL;
+        else
+            f->access = a->qp_access_flags;
     } else if (from == IBV_QPS_INIT && to == IBV_QPS_RTR) {
-        if (mask != rtr || !ibv_mtu_ok(a->path_mtu) || (int)a->path_mtu > (int)port_mtu || a->max_dest_rd_atomic > max_rd_atom ||
-            a->ah_attr.port_num != 1 || (link_layer == IBV_LINK_LAYER_ETHERNET && !a->ah_attr.is_global) ||
-            (a->ah_attr.is_global && a->ah_attr.grh.sgid_index >= ngids()))
+        if (mask != rtr || !ibv_mtu_ok(a->path_mtu) || (int)a->path_mtu > (int)port_mtu || a->max_dest_rd_atomic > max_rd_atom || a->ah_attr.port_num != 1 ||
+            (link_layer == IBV_LINK_LAYER_ETHERNET && !a->ah_attr.is_global) || (a->ah_attr.is_global && a->ah_attr.grh.sgid_index >= ngids()))
             rc = EINVAL;
         else {
             f->dest_qpn = a->dest_qp_num;
@@ -591,8 +679,10 @@ int ibv_modify_qp(struct ibv_qp *qp, struct ibv_qp_attr *a, int mask) {
             f->max_dest_rd_atomic = a->max_dest_rd_atomic;
         }
     } else if (from == IBV_QPS_RTR && to == IBV_QPS_RTS) {
-        if (mask != rts || a->max_rd_atomic > max_rd_atom) rc = EINVAL;
-        else f->max_rd_atomic = a->max_rd_atomic;
+        if (mask != rts || a->max_rd_atomic > max_rd_atom)
+            rc = EINVAL;
+        else
+            f->max_rd_atomic = a->max_rd_atomic;
     } else {
         rc = EINVAL;
     }
@@ -606,15 +696,23 @@ int ibv_modify_qp(struct ibv_qp *qp, struct ibv_qp_attr *a, int mask) {
 
 static void debug(const char *what, const fabric_qp *l, const fabric_qp *r) {
     if (getenv("FAKEVERBS_DEBUG"))
-        fprintf(stderr, "fakeverbs: qp 0x%x -> 0x%x: %s (remote state %d, dest 0x%x)\n", l->qpn, l->dest_qpn, what,
-                r ? r->state : -1, r ? r->dest_qpn : 0);
+        fprintf(stderr, "fakeverbs: qp 0x%x -> 0x%x: %s (remote state %d, dest 0x%x)\n", l->qpn, l->dest_qpn, what, r ? r->state : -1, r ? r->dest_qpn : 0);
 }
 
 /* Whether a packet from QP `l` reaches QP `r` (lock held). */
 static int reachable(const fabric_qp *l, const fabric_qp *r) {
-    if (r->state != IBV_QPS_RTR && r->state != IBV_QPS_RTS) { debug("remote not ready", l, r); return 0; }
-    if (r->dest_qpn != l->qpn || l->dest_qpn != r->qpn) { debug("not connected to each other", l, r); return 0; }
-    if (l->path_mtu > r->path_mtu && r->path_mtu) { debug("path MTU too large", l, r); return 0; }
+    if (r->state != IBV_QPS_RTR && r->state != IBV_QPS_RTS) {
+        debug("remote not ready", l, r);
+        return 0;
+    }
+    if (r->dest_qpn != l->qpn || l->dest_qpn != r->qpn) {
+        debug("not connected to each other", l, r);
+        return 0;
+    }
+    if (l->path_mtu > r->path_mtu && r->path_mtu) {
+        debug("path MTU too large", l, r);
+        return 0;
+    }
     if (link_layer != IBV_LINK_LAYER_ETHERNET) {
         if (!l->is_global) return l->dlid == (uint16_t)r->host;
     }
@@ -631,7 +729,10 @@ static int reachable(const fabric_qp *l, const fabric_qp *r) {
         same_bytes = 1;
         if (type != stype) continue;
         int link_local = g[0] == 0xfe && g[1] == 0x80;
-        if ((type == IBV_GID_TYPE_ROCE_V1 || link_local) && l->subnet != r->subnet) { debug("GID does not route", l, r); return 0; }
+        if ((type == IBV_GID_TYPE_ROCE_V1 || link_local) && l->subnet != r->subnet) {
+            debug("GID does not route", l, r);
+            return 0;
+        }
         return 1;
     }
     debug(same_bytes ? "GID types differ" : "no such destination GID", l, r);
@@ -650,8 +751,10 @@ static fabric_mr *find_mr(pid_t pid, uint32_t key, int remote, uint64_t addr, ui
 
 static int move_bytes(pid_t pid, int write, void *local, uint64_t remote, size_t len) {
     if (pid == getpid()) {
-        if (write) memcpy((void *)(uintptr_t)remote, local, len);
-        else memcpy(local, (const void *)(uintptr_t)remote, len);
+        if (write)
+            memcpy((void *)(uintptr_t)remote, local, len);
+        else
+            memcpy(local, (const void *)(uintptr_t)remote, len);
         return 0;
     }
     struct iovec l = {local, len}, r = {(void *)(uintptr_t)remote, len};
@@ -662,8 +765,14 @@ static int move_bytes(pid_t pid, int write, void *local, uint64_t remote, size_t
 static enum ibv_wc_status execute(fabric_qp *l, struct ibv_send_wr *wr) {
     fabric_qp *r = NULL;
     for (int i = 0; i < MAX_QPS; i++)
-        if (F->qps[i].used && F->qps[i].qpn == l->dest_qpn) { r = &F->qps[i]; break; }
-    if (!r || !alive(r->pid)) { debug("no remote queue pair", l, r); return IBV_WC_RETRY_EXC_ERR; }
+        if (F->qps[i].used && F->qps[i].qpn == l->dest_qpn) {
+            r = &F->qps[i];
+            break;
+        }
+    if (!r || !alive(r->pid)) {
+        debug("no remote queue pair", l, r);
+        return IBV_WC_RETRY_EXC_ERR;
+    }
     if (!reachable(l, r)) return IBV_WC_RETRY_EXC_ERR;
     int write = wr->opcode == IBV_WR_RDMA_WRITE;
     if (!write && (l->max_rd_atomic < 1 || r->max_dest_rd_atomic < 1)) return IBV_WC_REM_INV_REQ_ERR;
@@ -686,25 +795,33 @@ static enum ibv_wc_status execute(fabric_qp *l, struct ibv_send_wr *wr) {
 static int post_send(struct ibv_qp *qp, struct ibv_send_wr *wr, struct ibv_send_wr **bad) {
     fake_qp *q = (fake_qp *)qp;
     for (; wr; wr = wr->next) {
-        if ((wr->opcode != IBV_WR_RDMA_READ && wr->opcode != IBV_WR_RDMA_WRITE) || wr->num_sge < 1 ||
-            wr->num_sge > q->max_send_sge) {
+        if ((wr->opcode != IBV_WR_RDMA_READ && wr->opcode != IBV_WR_RDMA_WRITE) || wr->num_sge < 1 || wr->num_sge > q->max_send_sge) {
             *bad = wr;
             return EINVAL;
         }
-        if (lock_fabric() != 0) { *bad = wr; return errno; }
+        if (lock_fabric() != 0) {
+            *bad = wr;
+            return errno;
+        }
         fabric_qp *l = &F->qps[q->slot];
-        if (l->state != IBV_QPS_RTS && l->state != IBV_QPS_ERR) { unlock_fabric(); *bad = wr; return EINVAL; }
+        if (l->state != IBV_QPS_RTS && l->state != IBV_QPS_ERR) {
+            unlock_fabric();
+            *bad = wr;
+            return EINVAL;
+        }
         int nth = __atomic_add_fetch(&posted_wrs, 1, __ATOMIC_RELAXED);
-        enum ibv_wc_status st = l->state == IBV_QPS_ERR ? IBV_WC_WR_FLUSH_ERR
-                              : nth == env_int("FAKEVERBS_FAIL_WR", 0) || __atomic_load_n(&port_down, __ATOMIC_ACQUIRE)
-                                  ? IBV_WC_RETRY_EXC_ERR : execute(l, wr);
-        if (st != IBV_WC_SUCCESS) { l->state = IBV_QPS_ERR; qp->state = IBV_QPS_ERR; }
+        enum ibv_wc_status st = l->state == IBV_QPS_ERR                                                                   ? IBV_WC_WR_FLUSH_ERR
+                                : nth == env_int("FAKEVERBS_FAIL_WR", 0) || __atomic_load_n(&port_down, __ATOMIC_ACQUIRE) ? IBV_WC_RETRY_EXC_ERR
+                                                                                                                          : execute(l, wr);
+        if (st != IBV_WC_SUCCESS) {
+            l->state = IBV_QPS_ERR;
+            qp->state = IBV_QPS_ERR;
+        }
         unlock_fabric();
         uint32_t len = 0;
         for (int s = 0; s < wr->num_sge; s++) len += wr->sg_list[s].length;
         if ((wr->send_flags & IBV_SEND_SIGNALED) || st != IBV_WC_SUCCESS)
-            complete(qp->send_cq, wr->wr_id, st, wr->opcode == IBV_WR_RDMA_WRITE ? IBV_WC_RDMA_WRITE : IBV_WC_RDMA_READ, len,
-                     qp->qp_num);
+            complete(qp->send_cq, wr->wr_id, st, wr->opcode == IBV_WR_RDMA_WRITE ? IBV_WC_RDMA_WRITE : IBV_WC_RDMA_READ, len, qp->qp_num);
     }
     return 0;
 }
