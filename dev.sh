@@ -2,7 +2,8 @@
 # kvstore's one entry point for a fresh Debian 12 machine with the Swift 6 toolchain on PATH.
 #
 #   ./dev.sh demo [args]   set everything up, then run the LLM-serving demo (python -m kvstore demo)
-#   ./dev.sh test          set everything up, then run the Swift tests and pytest
+#   ./dev.sh test          set everything up, then check the style, run the Swift tests and pytest
+#   ./dev.sh format        rewrite Swift (swift format) and C (clang-format) in the project's style
 #   ./dev.sh bench [args]  set everything up, then run the benchmarks (python -m kvstore bench)
 #   ./dev.sh wheel         set everything up, then build a manylinux abi3 wheel into dist/
 #   ./dev.sh install-master [PREFIX]  build the kvstore-master executable, install it in PREFIX/bin
@@ -13,7 +14,7 @@
 #                          benchmark, results in OUT (default gpu-check/)
 #
 # Set-up installs missing Debian packages (python3-dev, python3-venv, libibverbs-dev, iproute2, iperf3,
-# libnuma-dev, pkg-config), creates .venv with numpy and pytest, and builds and installs the
+# libnuma-dev, pkg-config, clang-format), creates .venv with numpy and pytest, and builds and installs the
 # package (swift build -c release) into it. Every step is skipped when already done. `test` and
 # `bench` also try to install Mooncake Store from PyPI (the parity test, bench --against), and
 # `bench` redis-server; when they cannot be installed, those parts skip. Both install etcd-server
@@ -30,7 +31,7 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 install_system_packages() {
     local missing=()
-    for p in python3-dev python3-venv libibverbs-dev libnuma-dev pkg-config iproute2 iperf3; do
+    for p in python3-dev python3-venv libibverbs-dev libnuma-dev pkg-config iproute2 iperf3 clang-format; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return
@@ -209,6 +210,14 @@ install_redis() {
     { command -v systemctl >/dev/null && $sudo systemctl disable --now redis-server >/dev/null 2>&1; } || true
 }
 
+# Style, checked by `test` (rewrite with `./dev.sh format`): Swift by the toolchain's
+# `swift format` with `.swift-format`, C by clang-format with `.clang-format`.
+c_sources() { find Sources python/tests/doubles \( -name '*.c' -o -name '*.h' \) ! -path 'Sources/CPython/*' | sort; }
+check_style() {
+    swift format lint --strict --recursive Sources Tests Package.swift
+    clang-format --dry-run -Werror $(c_sources)
+}
+
 # Checkers run by `test`: ruff and mypy (for stubtest), pinned.
 CHECKERS="ruff==0.17.6 mypy==2.4.1"
 install_checkers() {
@@ -278,6 +287,9 @@ case "$cmd" in
         ;;
     demo) setup_all; exec "$VENV/bin/python" -m kvstore demo "$@" ;;
     etcd) install_etcd; run_etcd "$@" ;;
+    format)
+        swift format format --in-place --recursive Sources Tests Package.swift
+        clang-format -i $(c_sources) ;;
     bench)
         setup_all; install_mooncake; install_redis; install_etcd
         case " $* " in
@@ -294,6 +306,8 @@ case "$cmd" in
         build_cuda_double
         build_verbs_double
         python_build_env
+        log "style: swift format (.swift-format) and clang-format (.clang-format)"
+        check_style
         log "Swift tests (thread sanitizer)"
         swift test --sanitize=thread --scratch-path .build-tsan -Xcc "-I$PY_INCLUDE"
         install_checkers
