@@ -165,7 +165,7 @@ public enum MasterRequest: Sendable, Equatable {
     }
 
     /// Requests that hand out space (held back while the room they need awaits its owners'
-    /// confirmation: `MasterService.mustWaitForRoom`).
+    /// confirmation: `MasterLogic.mustWaitForRoom`).
     public var allocates: Bool {
         switch self {
         case .putStart, .putStartBatch: true

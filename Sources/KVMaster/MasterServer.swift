@@ -4,7 +4,7 @@ import Glibc
 import KVCore
 import KVSystem
 
-/// The network master: `MasterService` behind a TCP control plane, plus a small HTTP endpoint
+/// The network master: `MasterLogic` behind a TCP control plane, plus a small HTTP endpoint
 /// serving Prometheus text at `/metrics` and `/health`.
 ///
 /// One thread runs `run()`: a `poll` loop over the listeners and every connection, so the
@@ -13,7 +13,7 @@ import KVSystem
 /// with a logged reason; the master and every other connection carry on. A client that
 /// leaves (`leave`), or whose connection closes while it holds nothing or its process is gone,
 /// departs at once; a client whose connection is lost keeps its session for a resume, and a
-/// silent or lost one departs after the client TTL (`MasterService.closed`).
+/// silent or lost one departs after the client TTL (`MasterLogic.closed`).
 ///
 /// `@unchecked Sendable`: all state is touched only by the thread in `run()`, except `stop()`,
 /// which only writes to a pipe.
@@ -93,14 +93,14 @@ public final class MasterServer: @unchecked Sendable {
         var input: [UInt8] = []
         var output: [UInt8] = []
         var sent = 0
-        var session = MasterService.Session()
+        var session = MasterLogic.Session()
         var closeAfterFlush = false
         /// A descriptor the client attached to its bytes (local socket only; at most one kept,
         /// closed once its `mount` is handled or the connection ends): its segment's file.
         var passedFD: Int32 = -1
         func takePassedFD() -> Int32 { defer { passedFD = -1 }; return passedFD }
         deinit { if passedFD >= 0 { close(passedFD) } }
-        /// A read held back until a write of its key commits, or `until` (`MasterService.mustWait`);
+        /// A read held back until a write of its key commits, or `until` (`MasterLogic.mustWait`);
         /// or a write held back for room until an owner confirms freed space (`space`: the
         /// service's confirmations then). The connection's later requests wait behind it, so
         /// answers stay in order.
@@ -116,7 +116,7 @@ public final class MasterServer: @unchecked Sendable {
     private let localListener: Socket?
     private let httpListener: Socket?
     private var wake: (read: Int32, write: Int32) = (-1, -1)
-    private var service: MasterService
+    private var service: MasterLogic
     private var connections: [Int32: Connection] = [:]
     /// Where every read lands before its bytes join a connection's input (allocated once).
     private var scratch = [UInt8](repeating: 0, count: 1 << 16)
@@ -181,7 +181,7 @@ public final class MasterServer: @unchecked Sendable {
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
         config.sequenceBase = UInt64(max(1, now.tv_sec)) &* 1_000_000_000 &+ UInt64(max(0, now.tv_nsec))
-        service = try MasterService(config: config)
+        service = try MasterLogic(config: config)
         if let mp = options.metricsPort {
             let h = try Socket.listen(host: options.metricsHost, port: mp)
             h.setNonBlocking()
@@ -590,7 +590,7 @@ public final class MasterServer: @unchecked Sendable {
     /// When notices last went to every owner.
     private var noticesSent: Nanoseconds = 0
 
-    /// Sends owners what changed in their segments (`MasterService.takeNotices`): `requester`'s
+    /// Sends owners what changed in their segments (`MasterLogic.takeNotices`): `requester`'s
     /// are queued ahead of its answer (one write for both); everyone's are written at once
     /// when `all`, or when a notice round has passed since they last were.
     private func deliverNotices(all: Bool, requester: Connection? = nil) {
@@ -694,7 +694,7 @@ public final class MasterServer: @unchecked Sendable {
     /// Closes `c`. Its client departs at once when it held nothing, or its process is gone
     /// (a local connection whose pid no longer exists), or `keepSession` is false (the master
     /// closes a misbehaving connection); otherwise its session waits for a resume until the
-    /// client TTL (`MasterService.closed`). A client that closes its connection holding
+    /// client TTL (`MasterLogic.closed`). A client that closes its connection holding
     /// nothing leaves without a log line: every client on this host does that with its first
     /// (TCP) connection when it moves to the local socket.
     private func drop(_ c: Connection, reason: String?, keepSession: Bool = true) {
@@ -718,7 +718,7 @@ public final class MasterServer: @unchecked Sendable {
     /// Writer processes (pid) last seen stopped, and when.
     private var stoppedWriters: [Int: Nanoseconds] = [:]
 
-    /// Whether a stale write of writer `pid` must wait (`MasterService.expireWrites`): the
+    /// Whether a stale write of writer `pid` must wait (`MasterLogic.expireWrites`): the
     /// process is stopped now, or was within the last half second (after SIGCONT, a copy it
     /// had begun finishes first). Unknown pids (TCP writers) and gone processes: no.
     private func writerHeld(_ pid: Int, now: Nanoseconds) -> Bool {
@@ -758,7 +758,7 @@ public final class MasterServer: @unchecked Sendable {
         return flags & 0x4 != 0 // PF_EXITING
     }
 
-    private func logDeparture(_ d: MasterService.Departure, why: String) {
+    private func logDeparture(_ d: MasterLogic.Departure, why: String) {
         log(
             "client \(d.client) '\(d.name)' left (\(why)): unmounted segments \(d.segments), \(d.lostObjects.count) objects lost, \(d.abandonedWrites) writes abandoned"
         )

@@ -8,16 +8,16 @@ final class MasterSessionTests: XCTestCase {
     static let s: Nanoseconds = 1_000_000_000
     let token = "the-cluster-token"
 
-    func master(writeTimeout: Nanoseconds = 300 * MasterSessionTests.s) throws -> MasterService {
+    func master(writeTimeout: Nanoseconds = 300 * MasterSessionTests.s) throws -> MasterLogic {
         var c = MasterConfig(token: token, clientTTL: 10 * Self.s)
         c.quotas.writeTimeout = writeTimeout
-        return try MasterService(config: c)
+        return try MasterLogic(config: c)
     }
 
     /// A new connection's handshake; returns its session and the session secret the welcome
     /// carried (unmasked as a client does).
-    func connect(_ m: inout MasterService, pid: Int32 = 0, now: Nanoseconds = 0) -> (MasterService.Session, [UInt8]) {
-        var session = MasterService.Session()
+    func connect(_ m: inout MasterLogic, pid: Int32 = 0, now: Nanoseconds = 0) -> (MasterLogic.Session, [UInt8]) {
+        var session = MasterLogic.Session()
         session.peerPID = pid
         let cn = Authentication.randomBytes(Authentication.nonceSize)
         guard case let .challenge(sn, _) = m.handle(.hello(name: "c", nonce: cn, tenant: ""), session: &session, now: now),
@@ -36,7 +36,7 @@ final class MasterSessionTests: XCTestCase {
         return (session, secret)
     }
 
-    func mount(_ m: inout MasterService, _ s: inout MasterService.Session, kib: Int = 256, now: Nanoseconds = 0) -> SegmentID {
+    func mount(_ m: inout MasterLogic, _ s: inout MasterLogic.Session, kib: Int = 256, now: Nanoseconds = 0) -> SegmentID {
         guard
             case .mounted(let seg) = m.handle(
                 .mount(size: kib << 10, host: "h", sharePath: "", endpoint: "h:1", reused: false),
@@ -46,7 +46,7 @@ final class MasterSessionTests: XCTestCase {
     }
 
     func start(
-        _ m: inout MasterService, _ s: inout MasterService.Session, _ key: ObjectKey, size: Int = 1000,
+        _ m: inout MasterLogic, _ s: inout MasterLogic.Session, _ key: ObjectKey, size: Int = 1000,
         preferred: SegmentID? = nil, now: Nanoseconds = 0
     ) -> StartedWrite? {
         guard
@@ -57,9 +57,9 @@ final class MasterSessionTests: XCTestCase {
         return w
     }
 
-    func proof(_ secret: [UInt8], _ s: MasterService.Session) -> [UInt8] { HMACSHA256.mac(key: secret, message: s.nonces) }
+    func proof(_ secret: [UInt8], _ s: MasterLogic.Session) -> [UInt8] { HMACSHA256.mac(key: secret, message: s.nonces) }
 
-    func found(_ m: inout MasterService, _ s: inout MasterService.Session, _ key: ObjectKey, now: Nanoseconds) -> Bool {
+    func found(_ m: inout MasterLogic, _ s: inout MasterLogic.Session, _ key: ObjectKey, now: Nanoseconds) -> Bool {
         if case .found = m.handle(.get(key: key, host: "h"), session: &s, now: now) { return true }
         return false
     }
@@ -229,7 +229,7 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertFalse(m.mustWait(.get(key: "k", host: "h"), session: a))
         var c = MasterConfig(token: token)
         c.readWait = 0
-        var off = try MasterService(config: c)
+        var off = try MasterLogic(config: c)
         var (b, _) = connect(&off)
         let seg2 = mount(&off, &b)
         _ = start(&off, &b, "k", preferred: seg2)
@@ -265,8 +265,8 @@ final class MasterSessionTests: XCTestCase {
     func testATenantRestoresAndHearsOnlyItsOwnKeys() throws {
         var c = MasterConfig(token: token, clientTTL: 10 * Self.s)
         c.tenants = ["acme": "acme-token-0123456789"]
-        var m = try MasterService(config: c)
-        var t = MasterService.Session()
+        var m = try MasterLogic(config: c)
+        var t = MasterLogic.Session()
         let cn = Authentication.randomBytes(Authentication.nonceSize)
         guard case let .challenge(sn, _) = m.handle(.hello(name: "t", nonce: cn, tenant: "acme"), session: &t, now: 0),
             case .welcome = m.handle(

@@ -78,7 +78,7 @@ public struct MasterConfig: Sendable {
 /// with the connection's session; tests feed it directly with a hand-moved clock.
 ///
 /// Not thread-safe: the server serialises calls.
-public struct MasterService: Sendable {
+public struct MasterLogic: Sendable {
     /// One connection's state: nil client until `hello` succeeds.
     public struct Session: Sendable {
         public var client: UInt64? = nil

@@ -4,18 +4,18 @@ import KVTestSupport
 
 /// The master's logic without sockets: sessions, segments, writes, reads, client death, and
 /// the protocol codec, with time moved by hand.
-final class MasterServiceTests: XCTestCase {
+final class MasterLogicTests: XCTestCase {
     static let s: Nanoseconds = 1_000_000_000
 
-    func master(token: String? = nil) throws -> MasterService {
-        try MasterService(config: MasterConfig(token: token, clientTTL: 10 * Self.s))
+    func master(token: String? = nil) throws -> MasterLogic {
+        try MasterLogic(config: MasterConfig(token: token, clientTTL: 10 * Self.s))
     }
 
     /// The handshake of a client holding `token`: hello, check the master's proof, prove.
     /// Returns the answer to prove (a welcome, or the refusal).
     @discardableResult
     static func authenticate(
-        _ m: inout MasterService, _ session: inout MasterService.Session, token: String = "", name: String = "c",
+        _ m: inout MasterLogic, _ session: inout MasterLogic.Session, token: String = "", name: String = "c",
         tenant: String = "", now: Nanoseconds = 0
     ) -> MasterResponse {
         let cn = Authentication.randomBytes(Authentication.nonceSize)
@@ -28,8 +28,8 @@ final class MasterServiceTests: XCTestCase {
     }
 
     /// A connected client with one segment of `kib` KiB on `host`.
-    func join(_ m: inout MasterService, _ name: String, host: String, kib: Int = 256, now: Nanoseconds = 0) -> (MasterService.Session, SegmentID) {
-        var session = MasterService.Session()
+    func join(_ m: inout MasterLogic, _ name: String, host: String, kib: Int = 256, now: Nanoseconds = 0) -> (MasterLogic.Session, SegmentID) {
+        var session = MasterLogic.Session()
         guard case .welcome = Self.authenticate(&m, &session, token: m.config.token ?? "", name: name, now: now) else { XCTFail(); return (session, 0) }
         guard
             case .mounted(let seg) = m.handle(
@@ -40,7 +40,7 @@ final class MasterServiceTests: XCTestCase {
     }
 
     func put(
-        _ m: inout MasterService, _ session: inout MasterService.Session, _ key: ObjectKey, size: Int = 1000,
+        _ m: inout MasterLogic, _ session: inout MasterLogic.Session, _ key: ObjectKey, size: Int = 1000,
         replicas: Int = 1, preferred: SegmentID? = nil, now: Nanoseconds = 0
     ) -> [Replica] {
         guard
@@ -60,7 +60,7 @@ final class MasterServiceTests: XCTestCase {
 
     func testSessionsNeedHelloAndTheToken() throws {
         var m = try master(token: "secret")
-        var s = MasterService.Session()
+        var s = MasterLogic.Session()
         XCTAssertEqual(errorCode(m.handle(.heartbeat, session: &s, now: 0)), .invalidArgument)
         XCTAssertEqual(
             errorCode(m.handle(.prove(proof: [UInt8](repeating: 0, count: 32)), session: &s, now: 0)), .invalidArgument,
@@ -69,7 +69,7 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(errorCode(Self.authenticate(&m, &s, token: "wrong")), .invalidArgument)
         XCTAssertNil(s.client)
         XCTAssertEqual(m.handle(.stats, session: &s, now: 0).statsValue("refused_handshakes"), nil, "still not authenticated")
-        var fresh = MasterService.Session()
+        var fresh = MasterLogic.Session()
         guard case .welcome(let w) = Self.authenticate(&m, &fresh, token: "secret") else { return XCTFail() }
         let (id, lease, ttl, local) = (w.client, w.leaseTTL, w.clientTTL, w.local)
         XCTAssertEqual(fresh.client, id)
@@ -83,7 +83,7 @@ final class MasterServiceTests: XCTestCase {
 
     func testTheMastersProofNeedsTheToken() throws {
         var m = try master(token: "secret")
-        var s = MasterService.Session()
+        var s = MasterLogic.Session()
         let cn = Authentication.randomBytes(32)
         guard case let .challenge(sn, proof) = m.handle(.hello(name: "a", nonce: cn, tenant: ""), session: &s, now: 0) else { return XCTFail() }
         XCTAssertEqual(proof, Authentication.proof(token: Array("secret".utf8), role: .server, clientNonce: cn, serverNonce: sn))
@@ -95,7 +95,7 @@ final class MasterServiceTests: XCTestCase {
 
     func testOwnerPidsComeFromTheConnectionNeverFromAClaim() throws {
         var m = try master()
-        var local = MasterService.Session()
+        var local = MasterLogic.Session()
         local.peerPID = 4242 // what the server read with SO_PEERCRED
         guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
         guard case .mounted(let seg) = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e", reused: false), session: &local, now: 0) else {
@@ -121,7 +121,7 @@ final class MasterServiceTests: XCTestCase {
 
     func testEndpointsOfTCPClientsMustBeOnTheAddressTheyConnectFrom() throws {
         var m = try master()
-        var tcp = MasterService.Session()
+        var tcp = MasterLogic.Session()
         tcp.peerAddress = "10.0.0.7" // what the server read with getpeername
         guard case .welcome = Self.authenticate(&m, &tcp) else { return XCTFail() }
         // Another machine's (or service's) address: refused, nothing mounted or published.
@@ -150,7 +150,7 @@ final class MasterServiceTests: XCTestCase {
         own.endpoint = "10.0.0.7:7100"
         XCTAssertEqual(m.handle(.publishLayout(own), session: &tcp, now: 0), .ok)
         // A local client (the kernel vouches for its uid; no address) is not checked.
-        var local = MasterService.Session()
+        var local = MasterLogic.Session()
         local.peerPID = 4242
         local.local = true
         guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
@@ -164,7 +164,7 @@ final class MasterServiceTests: XCTestCase {
 
     func testALocalMountTakesItsCapacityFromThePassedFileNotFromTheClaim() throws {
         var m = try master()
-        var local = MasterService.Session()
+        var local = MasterLogic.Session()
         local.peerPID = 4242
         local.local = true
         guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
@@ -182,12 +182,12 @@ final class MasterServiceTests: XCTestCase {
     func testTenantsSeeOnlyTheirOwnKeysAndLayouts() throws {
         var config = MasterConfig(token: "the-cluster-token", clientTTL: 10 * Self.s)
         config.tenants = ["acme": "acme-token-0123456789", "beta": "beta-token-0123456789"]
-        var m = try MasterService(config: config)
-        var admin = MasterService.Session(), acme = MasterService.Session(), beta = MasterService.Session()
+        var m = try MasterLogic(config: config)
+        var admin = MasterLogic.Session(), acme = MasterLogic.Session(), beta = MasterLogic.Session()
         guard case .welcome = Self.authenticate(&m, &admin, token: "the-cluster-token") else { return XCTFail() }
         guard case .welcome = Self.authenticate(&m, &acme, token: "acme-token-0123456789", tenant: "acme") else { return XCTFail() }
         guard case .welcome = Self.authenticate(&m, &beta, token: "beta-token-0123456789", tenant: "beta") else { return XCTFail() }
-        var wrong = MasterService.Session(), unknown = MasterService.Session()
+        var wrong = MasterLogic.Session(), unknown = MasterLogic.Session()
         XCTAssertEqual(
             errorCode(Self.authenticate(&m, &wrong, token: "beta-token-0123456789", tenant: "acme")), .invalidArgument,
             "another tenant's token")
@@ -221,7 +221,7 @@ final class MasterServiceTests: XCTestCase {
         // Every member gets the same data-plane key, masked for its own handshake.
         var keys: [[UInt8]] = []
         for (token, tenant) in [("the-cluster-token", ""), ("acme-token-0123456789", "acme")] {
-            var s = MasterService.Session()
+            var s = MasterLogic.Session()
             let cn = Authentication.randomBytes(32)
             guard case let .challenge(sn, _) = m.handle(.hello(name: "k", nonce: cn, tenant: tenant), session: &s, now: 0) else { return XCTFail() }
             let t = Array(token.utf8)
@@ -238,9 +238,9 @@ final class MasterServiceTests: XCTestCase {
         XCTAssertEqual(keys[0], keys[1])
         var bad = MasterConfig(token: "the-cluster-token")
         bad.tenants = ["a/b": "a-token-0123456789"]
-        XCTAssertThrowsError(try MasterService(config: bad))
+        XCTAssertThrowsError(try MasterLogic(config: bad))
         bad.tenants = ["ab": "short"]
-        XCTAssertThrowsError(try MasterService(config: bad))
+        XCTAssertThrowsError(try MasterLogic(config: bad))
         XCTAssertNil(m.table.invariantViolation())
     }
 
@@ -250,7 +250,7 @@ final class MasterServiceTests: XCTestCase {
         config.quotas.writesInFlight = 3
         config.quotas.layouts = 1
         config.quotas.writeTimeout = 2 * Self.s
-        var m = try MasterService(config: config)
+        var m = try MasterLogic(config: config)
         var (a, _) = join(&m, "a", host: "h")
         XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)), nil)
         XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)), .noSpace)
@@ -282,7 +282,7 @@ final class MasterServiceTests: XCTestCase {
         var m = try master() // hardPinShare 0.5 by default
         var (a, segA) = join(&m, "a", host: "h", kib: 1024)
         var (b, segB) = join(&m, "b", host: "h", kib: 1024) // 2 MiB in all: 1 MiB of pins each
-        func pin(_ s: inout MasterService.Session, _ key: ObjectKey, _ kib: Int) -> MasterResponse {
+        func pin(_ s: inout MasterLogic.Session, _ key: ObjectKey, _ kib: Int) -> MasterResponse {
             guard
                 case .putStarted(let w) = m.handle(
                     .putStart(
@@ -321,7 +321,7 @@ final class MasterServiceTests: XCTestCase {
     func testMountedCapacityCannotOverflow() throws {
         var config = MasterConfig(clientTTL: 10 * Self.s)
         config.quotas.segments = 1 << 20
-        var m = try MasterService(config: config)
+        var m = try MasterLogic(config: config)
         var (a, _) = join(&m, "a", host: "h")
         var refused = 0
         for _ in 0..<32_768 { // 2^48 bytes each: their sum would pass Int.max
@@ -338,7 +338,7 @@ final class MasterServiceTests: XCTestCase {
     func testConfigNeedsLeases() {
         var c = MasterConfig()
         c.cache.leaseTTL = 0
-        XCTAssertThrowsError(try MasterService(config: c)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
+        XCTAssertThrowsError(try MasterLogic(config: c)) { XCTAssertEqual(($0 as? KVError)?.code, .invalidArgument) }
         XCTAssertFalse(MasterConfig().cache.inPlaceUpserts)
     }
 
@@ -491,7 +491,7 @@ final class MasterServiceTests: XCTestCase {
             options: WriteOptions(ttl: 3, replicas: 2), preferred: 7),
         .putStartBatch(items: [], mode: .upsert, options: .default, preferred: nil),
         .getBatch(keys: ["a", "b", "é"], host: "h"),
-        .publishLayout(MasterServiceTests.published), .fetchLayout(node: "n"), .unpublishLayout(node: "é"), .listKeys(after: nil),
+        .publishLayout(MasterLogicTests.published), .fetchLayout(node: "n"), .unpublishLayout(node: "é"), .listKeys(after: nil),
         .listKeys(after: "req/1"), .sizeBatch(keys: ["a", "é"]), .sizeBatch(keys: []), .removeBatch(keys: ["a"], force: true)
     ]
     static let published = PublishedLayout(
@@ -516,7 +516,7 @@ final class MasterServiceTests: XCTestCase {
             .failure(KVError(.objectNotFound, "gone")),
             .success(FoundObject(size: 9, replicas: [Replica(segment: 1, offset: 0), Replica(segment: 2, offset: 64)]))
         ]),
-        .layout(MasterServiceTests.published), .keys(["a", "é", "req/1"], more: true), .keys([], more: false),
+        .layout(MasterLogicTests.published), .keys(["a", "é", "req/1"], more: true), .keys([], more: false),
         .challenge(nonce: [1, 2], proof: [3]), .values([.success(0), .success(1 << 40), .failure(KVError(.objectNotFound, "gone"))]), .sizes([3, nil, 0]),
         .sizes([])
     ]
@@ -569,7 +569,7 @@ final class MasterServiceTests: XCTestCase {
     func testAReaderThatNeverReleasesIsBoundedAndItsHoldsEndWithTheirLeases() throws {
         var config = MasterConfig(token: nil, clientTTL: 10 * Self.s)
         config.quotas.readsInFlight = 3
-        var m = try MasterService(config: config)
+        var m = try MasterLogic(config: config)
         var (a, _) = join(&m, "a", host: "h")
         _ = put(&m, &a, "k", size: 10)
         for t in 1...3 { guard case .found = m.handle(.get(key: "k", host: "h"), session: &a, now: Nanoseconds(t)) else { return XCTFail() } }
@@ -630,7 +630,7 @@ final class MasterServiceTests: XCTestCase {
     func testFuzzedRequestsNeverBreakTheMaster() throws {
         var m = try master()
         var rng = SplitMix64(seed: 99)
-        var sessions = (0..<4).map { _ in MasterService.Session() }
+        var sessions = (0..<4).map { _ in MasterLogic.Session() }
         var decoded = 0
         for i in 0..<30_000 {
             let now = Nanoseconds(i) * 1_000_000
