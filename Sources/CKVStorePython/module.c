@@ -45,6 +45,31 @@ static PyMethodDef module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* _native.DTYPES: ((name, code, item size), ...) of every element type the core stores, read
+ * from the core (kv_tensor_dtype), so that Python does not keep its own table. */
+static int add_dtypes(PyObject *m) {
+    PyObject *list = PyList_New(0);
+    if (!list) return -1;
+    const char *name;
+    int32_t size;
+    for (int32_t code = 0; kv_tensor_dtype(code, &name, &size) == KV_OK; code++) {
+        PyObject *t = Py_BuildValue("(sii)", name, (int)code, (int)size);
+        if (!t || PyList_Append(list, t) < 0) {
+            Py_XDECREF(t);
+            Py_DECREF(list);
+            return -1;
+        }
+        Py_DECREF(t);
+    }
+    PyObject *tuple = PyList_AsTuple(list);
+    Py_DECREF(list);
+    if (!tuple || PyModule_AddObject(m, "DTYPES", tuple) < 0) {
+        Py_XDECREF(tuple);
+        return -1;
+    }
+    return 0;
+}
+
 /* The C ABI's constants, so that Python reads them from here instead of repeating them:
  * _native.ABI maps each name to its value (error codes, flags, record sizes and offsets). */
 static int add_abi_constants(PyObject *m) {
@@ -116,7 +141,7 @@ static int module_exec(PyObject *m) {
     if (PyModule_AddIntConstant(m, "GIL_RELEASE_BYTES", KVPY_GIL_THRESHOLD) < 0) return -1;
     kvpy_install_wait_hooks(); /* a wait of a call that kept the GIL releases it */
     if (PyModule_AddIntConstant(m, "TENSOR_HEADER_SIZE", KV_TENSOR_HEADER_SIZE) < 0) return -1;
-    return 0;
+    return add_dtypes(m);
 }
 
 static PyModuleDef_Slot module_slots[] = {

@@ -172,6 +172,27 @@ public enum TensorDType: Int32, Sendable, CaseIterable {
     case float32 = 0, float64, int8, uint8, int16, uint16, int32, uint32, int64, uint64, bool
     case float16, bfloat16, float8E4M3, float8E5M2
 
+    /// The name numpy and torch give it (torch without "torch.").
+    public var name: StaticString {
+        switch self {
+        case .float32: "float32"
+        case .float64: "float64"
+        case .int8: "int8"
+        case .uint8: "uint8"
+        case .int16: "int16"
+        case .uint16: "uint16"
+        case .int32: "int32"
+        case .uint32: "uint32"
+        case .int64: "int64"
+        case .uint64: "uint64"
+        case .bool: "bool"
+        case .float16: "float16"
+        case .bfloat16: "bfloat16"
+        case .float8E4M3: "float8_e4m3fn"
+        case .float8E5M2: "float8_e5m2"
+        }
+    }
+
     /// Bytes per element.
     public var itemSize: Int {
         switch self {

@@ -21,6 +21,16 @@ public func kvTensorHeaderEncode(
     }
 }
 
+@c(kv_tensor_dtype)
+public func kvTensorDType(_ code: Int32, _ name: UnsafeMutablePointer<UnsafePointer<CChar>?>?, _ itemSize: UnsafeMutablePointer<Int32>?) -> Int32 {
+    ABI.status { () throws(KVError) in
+        guard let dt = TensorDType(rawValue: code) else { throw .invalidArgument("unknown dtype code \(code)") }
+        guard let name, let itemSize else { throw .invalidArgument("name or item size is NULL") }
+        name.pointee = UnsafeRawPointer(dt.name.utf8Start).assumingMemoryBound(to: CChar.self)
+        itemSize.pointee = Int32(dt.itemSize)
+    }
+}
+
 @c(kv_tensor_header_decode)
 public func kvTensorHeaderDecode(_ bytes: UnsafeRawPointer?, _ len: Int, _ out: UnsafeMutablePointer<kv_tensor_info>?) -> Int32 {
     ABI.status { () throws(KVError) in

@@ -17,6 +17,7 @@ GIL_RELEASE_BYTES: int
 _Parts = _Buffer | Sequence[_Buffer]
 
 TENSOR_HEADER_SIZE: int
+DTYPES: tuple[tuple[str, int, int], ...]
 
 # A part of an object on any device: a buffer, or (address, length) of memory the caller keeps
 # alive (its device is found by registration or by asking the device registry).

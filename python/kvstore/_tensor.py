@@ -30,24 +30,31 @@ def _numpy() -> Any:
 
 HEADER_SIZE = _native.TENSOR_HEADER_SIZE
 
-#: dtype name -> code (see `TensorHeader`). Names are numpy's and torch's (without "torch.").
-DTYPE_CODES = {
-    "float32": 0, "float64": 1, "int8": 2, "uint8": 3, "int16": 4, "uint16": 5, "int32": 6,
-    "uint32": 7, "int64": 8, "uint64": 9, "bool": 10, "float16": 11, "bfloat16": 12,
-    "float8_e4m3fn": 13, "float8_e5m2": 14,
-}
-DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}
-ITEM_SIZES = {0: 4, 1: 8, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 4, 8: 8, 9: 8, 10: 1, 11: 2, 12: 2, 13: 1, 14: 1}
-#: Codes numpy has no type for, and the raw unsigned type their bytes are returned as.
-RAW_CODES = {12: 5, 13: 3, 14: 3}
+#: dtype name -> code, from the core (`TensorDType`). Names are numpy's and torch's (without "torch.").
+DTYPE_CODES = {name: code for name, code, _ in _native.DTYPES}
+DTYPE_NAMES = {code: name for name, code, _ in _native.DTYPES}
+ITEM_SIZES = {code: size for _, code, size in _native.DTYPES}
+#: Codes numpy has no type for, and the raw unsigned type of their size their bytes are returned as.
+RAW_CODES = {DTYPE_CODES[n]: DTYPE_CODES[f"uint{ITEM_SIZES[DTYPE_CODES[n]] * 8}"]
+             for n in ("bfloat16", "float8_e4m3fn", "float8_e5m2")}
 
-_TYPESTR = {"f4": 0, "f8": 1, "i1": 2, "u1": 3, "i2": 4, "u2": 5, "i4": 6, "u4": 7, "i8": 8,
-            "u8": 9, "b1": 10, "f2": 11}
+
+def _by_kind(kinds: dict[str, Any]) -> dict[Any, int]:
+    """{kinds[k] and the size: code} for the plain types ``<kind><bits>`` and ``bool``."""
+    out = {}
+    for name, code, size in _native.DTYPES:
+        kind = name.rstrip("0123456789")
+        if kind in kinds and name[len(kind):] in ("", str(size * 8)) and code not in RAW_CODES:
+            out[kinds[kind], size] = code
+    return out
+
+
+# Array interface typestr (without byte order) -> dtype code: "f4", "i8", "b1", ...
+_TYPESTR = {f"{k}{size}": code for (k, size), code in _by_kind({"float": "f", "int": "i", "uint": "u", "bool": "b"}).items()}
 # DLPack (type code, bits) -> dtype code. Type codes: 0 int, 1 uint, 2 float, 4 bfloat,
 # 6 bool, 10 float8_e4m3fn, 12 float8_e5m2 (DLPack 1.1); 5 is complex.
-_DLPACK = {(0, 8): 2, (0, 16): 4, (0, 32): 6, (0, 64): 8, (1, 8): 3, (1, 16): 5, (1, 32): 7,
-           (1, 64): 9, (2, 16): 11, (2, 32): 0, (2, 64): 1, (4, 16): 12, (6, 8): 10,
-           (10, 8): 13, (12, 8): 14}
+_DLPACK = {(k, size * 8): code for (k, size), code in _by_kind({"int": 0, "uint": 1, "float": 2, "bool": 6}).items()}
+_DLPACK.update({(4, 16): DTYPE_CODES["bfloat16"], (10, 8): DTYPE_CODES["float8_e4m3fn"], (12, 8): DTYPE_CODES["float8_e5m2"]})
 # DLPack device types: 1 CPU, 2 CUDA, 3 CUDA pinned host, 13 CUDA managed.
 _DL_HOST = {1, 3}
 _DL_CUDA = {2, 13}

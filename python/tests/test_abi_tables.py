@@ -42,3 +42,23 @@ def test_the_descriptor_record_is_the_headers():
     at = _native.ABI["BLOCK_BUFFER_LOCATION"]
     assert packed[at:at + 7] == b"cuda:1\0"
     assert _kv.move_flags(True, "aggregated") == _native.ABI["BLOCKS_PUSH"] | _native.ABI["BLOCKS_AGGREGATED"]
+
+
+def test_the_dtype_tables_come_from_the_core_and_agree_with_numpy():
+    import numpy as np
+    from kvstore import _tensor
+    codes = [code for _, code, _ in _native.DTYPES]
+    assert codes == list(range(len(codes))) and len(codes) >= 15       # the ABI's table has no gaps
+    assert len({name for name, _, _ in _native.DTYPES}) == len(codes)
+    for name, code, size in _native.DTYPES:
+        assert _tensor.DTYPE_CODES[name] == code and _tensor.ITEM_SIZES[code] == size
+        header = _native.tensor_header(code, (3, 2))
+        assert _native.decode_tensor_header(header) == (code, (3, 2), 6 * size)
+        if code in _tensor.RAW_CODES:                                    # numpy has no such type
+            raw = np.dtype(_tensor.DTYPE_NAMES[_tensor.RAW_CODES[code]])
+            assert raw.kind == "u" and raw.itemsize == size
+            continue
+        t = np.dtype(name)
+        assert t.itemsize == size
+        assert _tensor._TYPESTR[t.str[1:]] == code                      # the array interface's typestr
+    assert set(_tensor._TYPESTR.values()) | set(_tensor.RAW_CODES) == set(codes)

@@ -302,6 +302,10 @@ typedef struct {
 int32_t kv_tensor_header_encode(int32_t dtype, int32_t ndim, const int64_t *shape, void *out, size_t out_len);
 /* Validates and decodes a header: KV_E_INVALID_ARGUMENT names the bad field. */
 int32_t kv_tensor_header_decode(const void *bytes, size_t len, kv_tensor_info *out);
+/* The element type of dtype code `code`: its name as numpy and torch spell it (static,
+ * NUL-terminated) and its bytes per element. Codes are 0, 1, 2, ... without gaps: the first
+ * code that returns KV_E_INVALID_ARGUMENT ends the table. */
+int32_t kv_tensor_dtype(int32_t code, const char **name, int32_t *item_size);
 
 /* Devices, comma-separated ("cpu:0,cuda:0"), NUL-terminated into out[0..cap); returns the
  * full length. refresh != 0 probes the machine again first. */
