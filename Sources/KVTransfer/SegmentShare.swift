@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CKVCopy
 import KVCore
 import Synchronization
 import KVSystem
@@ -48,7 +47,10 @@ public enum SegmentShare {
         try s.writeFrame(kind: DataFrame.segmentFD, payload: [])
         var frame = [UInt8](repeating: 0, count: WireFrameHeader.size + 64)
         var fd: Int32 = -1
-        let n = frame.withUnsafeMutableBytes { kv_recv_fd(s.fd, &fd, $0.baseAddress, $0.count) }
+        var n = -1 // stays -1 on a failure or (a blocking socket) when its timeout passed
+        do {
+            n = try frame.withUnsafeMutableBytes { try s.readAvailable(into: $0, descriptor: &fd) } ?? -1
+        } catch {}
         guard n >= WireFrameHeader.size else {
             if fd >= 0 { close(fd) }
             throw KVError(.transfer, "no segment descriptor from \(name)")

@@ -686,8 +686,7 @@ public final class SegmentServer: @unchecked Sendable {
             var w = WireWriter()
             w.u64(UInt64(region.length))
             let f = WireWriter.frame(kind: DataFrame.ok, requestID: header.requestID, payload: w.bytes)
-            let n = f.withUnsafeBytes { kv_send_fd(s.fd, shareFD, $0.baseAddress, $0.count) }
-            guard n == f.count else { throw SystemCall.failure("sending the segment descriptor", code: .transfer) }
+            try rethrowingKVError { try f.withUnsafeBytes { try s.writeAll($0, attaching: shareFD) } }
         }
     }
 
