@@ -75,8 +75,8 @@ public final class MasterElection: Sendable {
         self.log = log
         var fds: [Int32] = [0, 0]
         try SystemCall.check("pipe", pipe(&fds))
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
+        for fd in fds { SystemCall.bestEffort("fcntl FD_CLOEXEC", fcntl(fd, F_SETFD, FD_CLOEXEC)) }
+        SystemCall.bestEffort("fcntl O_NONBLOCK", fcntl(fds[0], F_SETFL, O_NONBLOCK))
         wake = (fds[0], fds[1])
     }
 

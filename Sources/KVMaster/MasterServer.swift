@@ -194,7 +194,7 @@ public final class MasterServer: @unchecked Sendable {
         var fds: [Int32] = [0, 0]
         try SystemCall.check("pipe", pipe(&fds))
         wake = (fds[0], fds[1])
-        _ = fcntl(wake.read, F_SETFL, O_NONBLOCK)
+        SystemCall.bestEffort("fcntl O_NONBLOCK", fcntl(wake.read, F_SETFL, O_NONBLOCK))
         self.clock = clock
         self.log = log
     }

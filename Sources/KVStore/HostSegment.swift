@@ -77,7 +77,7 @@ public final class HostSegment: @unchecked Sendable {
                 flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
         }
         self.size = size
-        _ = madvise(base, size, 14 /* MADV_HUGEPAGE */)
+        SystemCall.bestEffort("madvise MADV_HUGEPAGE", madvise(base, size, 14 /* MADV_HUGEPAGE */))
         if prefault {
             // MADV_POPULATE_WRITE (Linux 5.14+) faults every page in writable; on older
             // kernels touch one byte per page.

@@ -264,7 +264,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         self.onConnect = onConnect
         var fds: [Int32] = [0, 0]
         try SystemCall.check("pipe", pipe(&fds))
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        for fd in fds { SystemCall.bestEffort("fcntl FD_CLOEXEC", fcntl(fd, F_SETFD, FD_CLOEXEC)) }
         stopPipe = (fds[0], fds[1])
         var welcome = Welcome(client: 0, leaseTTL: 0, clientTTL: 0, local: "", pid: 0, data: [])
         do throws(KVError) {

@@ -58,7 +58,7 @@ public final class Socket: @unchecked Sendable {
         var addr = try address(host: host, port: port)
         let s = Socket(adopting: try SystemCall.check("socket", Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)))
         var one: Int32 = 1
-        setsockopt(s.fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        SystemCall.bestEffort("setsockopt SO_REUSEADDR", setsockopt(s.fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size)))
         let rc = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s.fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
@@ -93,7 +93,7 @@ public final class Socket: @unchecked Sendable {
                 throw SystemCall.failure("connect to \(host):\(port)", code: .transfer)
             }
         }
-        _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK)
+        SystemCall.bestEffort("fcntl clearing O_NONBLOCK", fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK))
         s.setNoDelay()
         return s
     }
@@ -139,8 +139,8 @@ public final class Socket: @unchecked Sendable {
     /// Makes blocking reads and writes fail with `transfer` after `seconds` without progress.
     public func setTimeout(_ seconds: Double) {
         var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - seconds.rounded(.down)) * 1e6))
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        SystemCall.bestEffort("setsockopt SO_RCVTIMEO", setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size)))
+        SystemCall.bestEffort("setsockopt SO_SNDTIMEO", setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size)))
     }
 
     /// Turns TCP keepalive on: after `idle` seconds without traffic, a probe every `interval`
@@ -150,9 +150,9 @@ public final class Socket: @unchecked Sendable {
         var on: Int32 = 1, i = idle, v = interval, c = count
         let size = socklen_t(MemoryLayout<Int32>.size)
         guard setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, size) == 0 else { return }
-        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPIDLE, &i, size)
-        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPINTVL, &v, size)
-        _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPCNT, &c, size)
+        SystemCall.bestEffort("setsockopt TCP_KEEPIDLE", setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPIDLE, &i, size))
+        SystemCall.bestEffort("setsockopt TCP_KEEPINTVL", setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPINTVL, &v, size))
+        SystemCall.bestEffort("setsockopt TCP_KEEPCNT", setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPCNT, &c, size))
     }
 
     /// The local IPv4 address this socket is bound or connected from ("a.b.c.d").
@@ -216,17 +216,17 @@ public final class Socket: @unchecked Sendable {
             throw SystemCall.failure("accept")
         }
         let s = Socket(adopting: c)
-        _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+        SystemCall.bestEffort("fcntl FD_CLOEXEC", fcntl(c, F_SETFD, FD_CLOEXEC))
         s.setNonBlocking()
         s.setNoDelay()
         return s
     }
 
-    public func setNonBlocking() { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+    public func setNonBlocking() { SystemCall.bestEffort("fcntl O_NONBLOCK", fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)) }
 
     public func setNoDelay() {
         var one: Int32 = 1
-        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        SystemCall.bestEffort("setsockopt TCP_NODELAY", setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size)))
     }
 
     /// Writes all of `bytes` (blocking socket), retrying short writes. Throws `transfer`.

@@ -53,6 +53,16 @@ public enum SystemCall {
         }
     }
 
+    /// A call whose failure the caller can live with (a hint such as `MADV_HUGEPAGE`, an option
+    /// such as keepalive, a flag on a descriptor it just made): a failure is logged (rate
+    /// limited, `Logger`), never silently dropped. Returns whether the call succeeded.
+    @discardableResult
+    public static func bestEffort<T: BinaryInteger>(_ what: @autoclosure () -> String, _ result: T) -> Bool {
+        guard result == -1 else { return true }
+        Logger.shared.warning(failure(what()).message)
+        return false
+    }
+
     /// A `KVError` for the current errno.
     public static func failure(_ what: String, code: KVError.Code = .internal) -> KVError {
         let e = errno

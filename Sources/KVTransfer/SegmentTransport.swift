@@ -218,8 +218,8 @@ public final class SegmentServer: @unchecked Sendable {
         var fds: [Int32] = [0, 0]
         try SystemCall.check("pipe", pipe(&fds))
         for fd in fds {
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-            _ = fcntl(fd, F_SETFL, O_NONBLOCK) // a full pipe already holds a wake-up; the poller drains it
+            SystemCall.bestEffort("fcntl FD_CLOEXEC", fcntl(fd, F_SETFD, FD_CLOEXEC))
+            SystemCall.bestEffort("fcntl O_NONBLOCK", fcntl(fd, F_SETFL, O_NONBLOCK)) // a full pipe already holds a wake-up; the poller drains it
         }
         wake = (fds[0], fds[1])
         pollThread = try BackgroundThread { [unowned self] in self.pollLoop() }
@@ -424,7 +424,8 @@ public final class SegmentServer: @unchecked Sendable {
             let accepted: Socket?
             do throws(KVError) { accepted = try l.accept() } catch { return false }
             guard let s = accepted else { return true }
-            _ = fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK) // workers block; the poller uses MSG_DONTWAIT
+            // Workers block; the poller reads with MSG_DONTWAIT.
+            SystemCall.bestEffort("fcntl clearing O_NONBLOCK", fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL) & ~O_NONBLOCK))
             let deadline = monotonicClock() &+ Nanoseconds(DataFrame.authTimeout * 1e9)
             let kept = state.withLock { st -> Bool in
                 // A peer cannot make this process keep connections without bound.
