@@ -46,6 +46,7 @@ def test_the_descriptor_record_is_the_headers():
 
 def test_the_dtype_tables_come_from_the_core_and_agree_with_numpy():
     import numpy as np
+
     from kvstore import _tensor
     codes = [code for _, code, _ in _native.DTYPES]
     assert codes == list(range(len(codes))) and len(codes) >= 15       # the ABI's table has no gaps

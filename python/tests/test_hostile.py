@@ -296,6 +296,16 @@ def _segment_endpoint(m: Master, key: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _segment_of(m: Master, key: str) -> tuple[str, int, int, bytes]:
+    """The segment server of `key`'s holder, its segment id, and the data plane's key."""
+    host, port = _segment_endpoint(m, key)
+    r = authenticated(m)
+    kind, body = r.call(wire.GET, wire.lp(key.encode()) + wire.lp(b"elsewhere"))
+    (seg,) = struct.unpack_from("<I", body, 12)
+    r.close()
+    return host, port, seg, wire.data_key(wire.read_token(m.port))
+
+
 def test_segment_server_refuses_strangers_and_caps_connections(master, honest):
     host, port = _segment_endpoint(master, "honest/0")
     # No proof, no service: a read before the handshake closes the connection unanswered.
@@ -343,12 +353,7 @@ def test_segment_server_keeps_no_thread_per_idle_peer_and_cuts_off_slow_ones(mas
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
-        host, port = _segment_endpoint(master, "slow/0")
-        r = authenticated(master)
-        kind, body = r.call(wire.GET, wire.lp(b"slow/0") + wire.lp(b"elsewhere"))
-        (seg,) = struct.unpack_from("<I", body, 12)
-        r.close()
-        token = wire.data_key(wire.read_token(master.port))
+        host, port, seg, token = _segment_of(master, "slow/0")
 
         def threads() -> int:
             return len(os.listdir(f"/proc/{holder.pid}/task"))
@@ -470,12 +475,7 @@ def test_segment_server_survives_random_and_mutated_frames(master, honest):
 def test_segment_server_refuses_bytes_past_a_writes_deadline(master, honest):
     """A write frame says how long its write has left (the writer's deadline). Bytes that arrive
     after it are refused, never stored; a forged huge figure is capped, not overflowed."""
-    host, port = _segment_endpoint(master, "honest/2")
-    r = authenticated(master)
-    kind, body = r.call(wire.GET, wire.lp(b"honest/2") + wire.lp(b"elsewhere"))
-    (seg,) = struct.unpack_from("<I", body, 12)
-    r.close()
-    token = wire.data_key(wire.read_token(master.port))
+    host, port, seg, token = _segment_of(master, "honest/2")
     d = wire.Raw.tcp(port, host)
     assert d.authenticate(token, data_plane=True) == wire.D_OK
     # 1 ns left: refused even though the bytes came with the frame (the honest objects stay)
