@@ -98,6 +98,8 @@ public final class MasterServer: @unchecked Sendable {
         /// A descriptor the client attached to its bytes (local socket only; at most one kept,
         /// closed once its `mount` is handled or the connection ends): its segment's file.
         var passedFD: Int32 = -1
+        /// Requests answered on this connection (a descriptor is read only with the first ones).
+        var handled = 0
         func takePassedFD() -> Int32 { defer { passedFD = -1 }; return passedFD }
         deinit { if passedFD >= 0 { close(passedFD) } }
         /// A read held back until a write of its key commits, or `until` (`MasterLogic.mustWait`);
@@ -429,13 +431,19 @@ public final class MasterServer: @unchecked Sendable {
         s.close()
     }
 
+    /// A local client's mount, and its file, must come within this many requests of a new
+    /// connection (a client sends hello, prove, perhaps a refused resume and the releases and
+    /// confirmations it had queued, then mount: at most six).
+    static let descriptorRequests = 16
+
     private func readFrom(_ c: Connection) {
         while true {
             let n: Int?
             do {
-                if c.session.local && !c.session.ownsSegment {
-                    // Until it has mounted, a local client may pass its segment's file (recvmsg);
-                    // afterwards plain reads (a descriptor sent then is closed by the kernel).
+                if c.session.local && !c.session.ownsSegment && c.handled < Self.descriptorRequests {
+                    // Early in a connection, until it has mounted, a local client may pass its
+                    // segment's file (recvmsg); afterwards plain reads (a descriptor sent then
+                    // is closed by the kernel), so a pure client's requests cost what they did.
                     var fd: Int32 = -1
                     n = try scratch.withUnsafeMutableBytes { b in try c.socket.readAvailable(into: b, descriptor: &fd) }
                     if fd >= 0 {
@@ -548,6 +556,7 @@ public final class MasterServer: @unchecked Sendable {
             }
         }
         let response = refused.map { MasterResponse.error($0) } ?? service.handle(request, session: &c.session, now: clock())
+        c.handled += 1
         c.session.passedSegmentBytes = nil
         if let until = waitForSpaceUntil, request.allocates, case .error(let e) = response, e.code == .noSpace,
             service.awaitingBytes > 0
