@@ -208,7 +208,7 @@ public final class Socket: @unchecked Sendable {
         return Int(UInt16(bigEndian: a.sin_port))
     }
 
-    /// Accepts one connection (non-blocking, TCP_NODELAY); nil when none is pending.
+    /// Accepts one connection (non-blocking; TCP_NODELAY over TCP); nil when none is pending.
     public func accept() throws(KVError) -> Socket? {
         let c = Glibc.accept(fd, nil, nil)
         if c < 0 {
@@ -218,7 +218,7 @@ public final class Socket: @unchecked Sendable {
         let s = Socket(adopting: c)
         SystemCall.bestEffort("fcntl FD_CLOEXEC", fcntl(c, F_SETFD, FD_CLOEXEC))
         s.setNonBlocking()
-        s.setNoDelay()
+        if !s.isUnixDomain { s.setNoDelay() } // a Unix-domain socket has no Nagle to turn off
         return s
     }
 
