@@ -53,6 +53,7 @@ let package = Package(
         .testTarget(name: "KVAcceleratorTests", dependencies: ["KVAccelerator", "KVCore", "KVTestSupport"]),
         .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVSystem", "KVAccelerator", "KVCore"]),
         .testTarget(name: "KVStoreTests", dependencies: ["KVStore", "KVCore", "KVSystem", "KVAccelerator", "KVTransfer", "KVTestSupport"]),
-        .testTarget(name: "KVMasterTests", dependencies: ["KVMaster", "KVCore", "KVSystem", "KVAccelerator", "KVTransfer", "KVStore", "KVTestSupport"])
+        .testTarget(
+            name: "KVMasterTests", dependencies: ["KVMaster", "KVCore", "KVSystem", "KVAccelerator", "KVTransfer", "KVStore", "KVStoreABI", "KVTestSupport"])
     ]
 )

@@ -234,13 +234,11 @@ public enum MasterCommandLine {
     static func runElected(_ base: MasterServer.Options) throws(KVError) -> Int32 {
         let e = base.election!
         let election = try MasterElection(options: e)
-        var fds: [Int32] = [0, 0]
-        try SystemCall.check("pipe", pipe(&fds))
-        defer { close(fds[0]); close(fds[1]) }
+        let stop = try WakePipe() // written by SIGINT and SIGTERM
         let address = "\(e.advertise.isEmpty ? base.host : e.advertise):\(base.port)"
         while true {
-            let saved = MasterServer.stopOnSignals(writingTo: fds[1])
-            let won = election.campaign(address: address, stopFD: fds[0])
+            let saved = MasterServer.stopOnSignals(writingTo: stop.writeFD)
+            let won = election.campaign(address: address, stopFD: stop.readFD)
             MasterServer.restoreSignals(saved)
             guard let term = won else { return 0 }
             var options = base
@@ -251,8 +249,7 @@ public enum MasterCommandLine {
             } catch {
                 MasterServer.logToStandardError("cannot serve as leader: \(error.message); resigning")
                 election.resign()
-                var p = pollfd(fd: fds[0], events: Int16(POLLIN), revents: 0)
-                if poll(&p, 1, 1000) > 0 { return 0 }
+                if stop.wait(millis: 1000) { return 0 }
                 continue
             }
             server.fence = { election.deadline }

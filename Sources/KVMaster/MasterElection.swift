@@ -56,7 +56,7 @@ public final class MasterElection: Sendable {
     private let until = Atomic<UInt64>(0)
     private let held = Locked<(lease: Int64, term: Int64, ttl: Int)>((0, 0, 0))
     private let keeper = Locked<BackgroundThread?>(nil)
-    private let wake: (read: Int32, write: Int32)
+    private let wake: WakePipe
     /// Elections this master won, and leaderships it lost (lease lost or not renewed in time).
     public let won = Atomic<Int>(0)
     public let lost = Atomic<Int>(0)
@@ -73,16 +73,7 @@ public final class MasterElection: Sendable {
         key = MasterElectionKey.leader(cluster: options.cluster)
         self.clock = clock
         self.log = log
-        var fds: [Int32] = [0, 0]
-        try SystemCall.check("pipe", pipe(&fds))
-        for fd in fds { SystemCall.bestEffort("fcntl FD_CLOEXEC", fcntl(fd, F_SETFD, FD_CLOEXEC)) }
-        SystemCall.bestEffort("fcntl O_NONBLOCK", fcntl(fds[0], F_SETFL, O_NONBLOCK))
-        wake = (fds[0], fds[1])
-    }
-
-    deinit {
-        close(wake.read)
-        close(wake.write)
+        wake = try WakePipe()
     }
 
     /// The monotonic time until which this master may act as leader (0: it is not).
@@ -95,16 +86,11 @@ public final class MasterElection: Sendable {
     public var grantedTTL: Int { held.withLock { $0.ttl } }
 
     /// Wakes `campaign` (which then returns nil) and the keepalive thread. Thread-safe.
-    public func interrupt() {
-        var b: UInt8 = 1
-        _ = write(wake.write, &b, 1)
-    }
+    public func interrupt() { wake.wake() }
 
     /// Sleeps up to `nanos`; true when `interrupt()` or `stopFD` woke it.
     private func sleep(_ nanos: Nanoseconds, stopFD: Int32 = -1) -> Bool {
-        var fds = [pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0), pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0)]
-        let n = poll(&fds, 2, Int32(max(1, nanos / 1_000_000)))
-        return n > 0
+        wake.wait(millis: Int32(max(1, nanos / 1_000_000)), or: stopFD)
     }
 
     /// Until when a lease renewed (or granted) by a request sent at `sent` is surely alive: the
@@ -205,8 +191,7 @@ public final class MasterElection: Sendable {
             defer { t = nil }; return t
         }
         t?.join()
-        var b: UInt8 = 0
-        while read(wake.read, &b, 1) > 0 {} // drain the wake-up
+        wake.drain()
         until.store(0, ordering: .releasing)
         let (lease, term, _) = held.withLock { h in
             defer { h = (0, 0, 0) }; return h

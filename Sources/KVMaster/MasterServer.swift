@@ -117,7 +117,7 @@ public final class MasterServer: @unchecked Sendable {
     /// The abstract Unix-domain listener advertised in the welcome (nil: none).
     private let localListener: Socket?
     private let httpListener: Socket?
-    private var wake: (read: Int32, write: Int32) = (-1, -1)
+    private let wake: WakePipe
     private var service: MasterLogic
     private var connections: [Int32: Connection] = [:]
     /// Where every read lands before its bytes join a connection's input (allocated once).
@@ -193,10 +193,7 @@ public final class MasterServer: @unchecked Sendable {
             httpListener = nil
             metricsPort = nil
         }
-        var fds: [Int32] = [0, 0]
-        try SystemCall.check("pipe", pipe(&fds))
-        wake = (fds[0], fds[1])
-        SystemCall.bestEffort("fcntl O_NONBLOCK", fcntl(wake.read, F_SETFL, O_NONBLOCK))
+        wake = try WakePipe()
         self.clock = clock
         self.log = log
     }
@@ -209,7 +206,6 @@ public final class MasterServer: @unchecked Sendable {
     public static let logToStandardError: @Sendable (String) -> Void = { line in logger.info(line) }
 
     deinit {
-        if wake.read >= 0 { close(wake.read); close(wake.write) }
         if let tokenPath { TokenFile.remove(tokenPath, ifHolding: token) }
     }
 
@@ -262,7 +258,7 @@ public final class MasterServer: @unchecked Sendable {
     /// Makes SIGINT and SIGTERM stop this server (`run()` returns and the process can exit
     /// cleanly, closing every connection). Returns the handlers it replaced.
     @discardableResult
-    public func stopOnSignals() -> SavedSignals { Self.stopOnSignals(writingTo: wake.write) }
+    public func stopOnSignals() -> SavedSignals { Self.stopOnSignals(writingTo: wake.writeFD) }
 
     /// Makes SIGINT and SIGTERM write a byte to `fd` (a pipe); returns the handlers replaced.
     @discardableResult
@@ -287,10 +283,7 @@ public final class MasterServer: @unchecked Sendable {
     }
 
     /// Makes `run()` return soon. Thread-safe.
-    public func stop() {
-        var b: UInt8 = 1
-        _ = write(wake.write, &b, 1)
-    }
+    public func stop() { wake.wake() }
 
     /// Why `run()` returned.
     public enum Ended: Sendable, Equatable {
@@ -319,7 +312,7 @@ public final class MasterServer: @unchecked Sendable {
         var fds: [pollfd] = []
         while true {
             fds.removeAll(keepingCapacity: true)
-            fds.append(pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0))
+            fds.append(pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0))
             // Out of descriptors: the listeners rest a moment instead of spinning in accept.
             let loopStart = clock()
             let accepting = loopStart >= acceptPausedUntil

@@ -154,7 +154,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// Runs on the heartbeat thread after each round (outside the link's lock); set before
     /// `startHeartbeat`.
     public var maintenance: (@Sendable () -> Void)?
-    private let stopPipe: (read: Int32, write: Int32)
+    private let stopPipe: WakePipe
 
     /// A master URL: "kvstore://[tenant@]host:port" (or "host:port"; the port defaults to
     /// 50051), or "kvstore+etcd://[tenant@]etcd-host:port[,etcd-host:port...][/CLUSTER]": the
@@ -262,27 +262,13 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         self.timeout = timeout
         self.clock = clock
         self.onConnect = onConnect
-        var fds: [Int32] = [0, 0]
-        try SystemCall.check("pipe", pipe(&fds))
-        for fd in fds { SystemCall.bestEffort("fcntl FD_CLOEXEC", fcntl(fd, F_SETFD, FD_CLOEXEC)) }
-        stopPipe = (fds[0], fds[1])
-        var welcome = Welcome(client: 0, leaseTTL: 0, clientTTL: 0, local: "", pid: 0, data: [])
-        do throws(KVError) {
-            welcome = try link.withLock { (l: inout Link) throws(KVError) in try connect(&l).welcome }
-        } catch {
-            Glibc.close(stopPipe.read); Glibc.close(stopPipe.write)
-            throw error
-        }
+        stopPipe = try WakePipe()
+        let welcome = try link.withLock { (l: inout Link) throws(KVError) in try connect(&l).welcome }
         onConnect(1, 0, sharesPIDs)
         policy.leaseTTL = welcome.leaseTTL
         policy.inPlaceUpserts = false
         clientTTL = welcome.clientTTL
         if welcome.writeTimeout > 0 { writeTimeout = welcome.writeTimeout }
-    }
-
-    deinit {
-        Glibc.close(stopPipe.read)
-        Glibc.close(stopPipe.write)
     }
 
     /// The connection's local address: where peers on other hosts can reach this client.
@@ -311,8 +297,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     /// Stops the heartbeat, leaves (best effort: the master departs this client at once,
     /// unmounting its segment) and closes the connection. Idempotent.
     public func close() {
-        var b: UInt8 = 1
-        _ = write(stopPipe.write, &b, 1)
+        stopPipe.wake()
         heartbeat?.join()
         heartbeat = nil
         link.withLock { l in
@@ -1129,7 +1114,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 link.withLockIfFree { l in
                     l.socket.map { s in clock() &- l.lastRequest >= Self.noticeDrainNanos ? s.fd : -1 } ?? -1
                 } ?? -1
-            var fds = [pollfd(fd: stopPipe.read, events: Int16(POLLIN), revents: 0), pollfd(fd: idle, events: Int16(POLLIN), revents: 0)]
+            var fds = [pollfd(fd: stopPipe.readFD, events: Int16(POLLIN), revents: 0), pollfd(fd: idle, events: Int16(POLLIN), revents: 0)]
             if poll(&fds, 2, Int32((wait + 999_999) / 1_000_000)) > 0, fds[0].revents != 0 { return }
             _ = link.withLockIfFree { l in
                 guard l.socket != nil else { return }

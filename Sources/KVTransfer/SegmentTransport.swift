@@ -135,7 +135,7 @@ public final class SegmentServer: @unchecked Sendable {
     /// An authenticated connection silent this long is closed (one that carries a queue pair
     /// excepted); also the longest a single `recv`/`send` may wait for progress.
     private let idleTimeout: Double
-    private let wake: (read: Int32, write: Int32)
+    private let wake: WakePipe
     private let state = Locked(State())
     private var pollThread: BackgroundThread?
     /// Welcomed connections with a request waiting, for the workers.
@@ -184,7 +184,7 @@ public final class SegmentServer: @unchecked Sendable {
     static let linger: Int32 = 20
     /// The slowest a peer may move a transfer's bytes (bytes per second) before it is cut off:
     /// a request may take `idleTimeout` plus its bytes at this rate.
-    public static let minimumRate = 16.0 * 1024 * 1024
+    static let minimumRate = 16.0 * 1024 * 1024
 
     /// Listens on host:port (0: any free port) and starts serving.
     /// With `rdma`, the segment is registered with that device and peers may connect queue
@@ -215,19 +215,8 @@ public final class SegmentServer: @unchecked Sendable {
             localListener = nil
             localName = ""
         }
-        var fds: [Int32] = [0, 0]
-        try SystemCall.check("pipe", pipe(&fds))
-        for fd in fds {
-            SystemCall.bestEffort("fcntl FD_CLOEXEC", fcntl(fd, F_SETFD, FD_CLOEXEC))
-            SystemCall.bestEffort("fcntl O_NONBLOCK", fcntl(fd, F_SETFL, O_NONBLOCK)) // a full pipe already holds a wake-up; the poller drains it
-        }
-        wake = (fds[0], fds[1])
+        wake = try WakePipe()
         pollThread = try BackgroundThread { [unowned self] in self.pollLoop() }
-    }
-
-    deinit {
-        close(wake.read)
-        close(wake.write)
     }
 
     public var endpoint: String { "\(host):\(port)" }
@@ -242,9 +231,6 @@ public final class SegmentServer: @unchecked Sendable {
 
     /// Queue pairs one connection may hold (a peer connects one per connection).
     static let maxQueuePairsPerConnection = 1
-
-    /// Threads serving connections now (tests).
-    public var workerCount: Int { state.withLock { $0.workers.count } }
 
     /// Serves the segment under id `seg` from now on (0: refuse requests). With RDMA and a
     /// new id, the old registration is dropped at once (keys handed out under the old id stop
@@ -326,7 +312,7 @@ public final class SegmentServer: @unchecked Sendable {
             return !s.stopped
         }
         guard first else { return }
-        wakePoller()
+        wake.wake()
         pollThread?.join()
         _ = ready.close()
         // Workers blocked on a socket wake up as it is shut down; then every thread is joined.
@@ -340,11 +326,6 @@ public final class SegmentServer: @unchecked Sendable {
         registrationGeneration.withLock { $0 += 1 }
         waitForRegistration()
         registration.withLock { $0 = nil } // the segment is not reachable by RDMA once stopped
-    }
-
-    private func wakePoller() {
-        var b: UInt8 = 1
-        _ = write(wake.write, &b, 1) // a full pipe already holds a wake-up
     }
 
     /// One served connection: its socket and what it has established so far. The poller owns
@@ -382,7 +363,7 @@ public final class SegmentServer: @unchecked Sendable {
             fds.removeAll(keepingCapacity: true)
             polled.removeAll(keepingCapacity: true)
             let resting = restUntil > now
-            fds.append(pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0))
+            fds.append(pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0))
             fds.append(pollfd(fd: resting ? -1 : listener.fd, events: Int16(POLLIN), revents: 0))
             fds.append(pollfd(fd: resting ? -1 : localListener?.fd ?? -1, events: Int16(POLLIN), revents: 0))
             let stopped = state.withLock { st -> Bool in
@@ -405,10 +386,7 @@ public final class SegmentServer: @unchecked Sendable {
                 if errno != EINTR { usleep(1000) }
                 continue
             }
-            if fds[0].revents != 0 {
-                var sink = [UInt8](repeating: 0, count: 64)
-                while read(wake.read, &sink, sink.count) > 0 {}
-            }
+            if fds[0].revents != 0 { wake.drain() }
             for (i, l) in [(1, listener), (2, localListener)] where fds[i].revents != 0 {
                 if let l, !accept(from: l) { restUntil = monotonicClock() &+ 100_000_000 }
             }
@@ -511,7 +489,7 @@ public final class SegmentServer: @unchecked Sendable {
                     c.busy = false
                     c.expires = c.queuePairs.isEmpty ? monotonicClock() &+ Nanoseconds(idleTimeout * 1e9) : 0
                 }
-                wakePoller()
+                wake.wake()
             } else {
                 drop(c)
             }
