@@ -671,3 +671,25 @@ def test_tenants_see_and_remove_only_their_own_keys(tmp_path):
         finally:
             for s in (beta, acme, admin):
                 s.close()
+
+
+def test_a_local_client_flooding_descriptors_cannot_exhaust_the_masters(master, honest):
+    """A descriptor rides along only with a mount: the master keeps at most one per
+    connection (a newer one closes the older), none after its first requests, and none once
+    the connection ends."""
+    names = wire.local_socket_names(master.proc.pid)
+    r = wire.Raw.local(names[0])
+    assert r.authenticate(wire.read_token(master.port)) == 102
+
+    def master_fds() -> int:
+        return len(os.listdir(f"/proc/{master.proc.pid}/fd"))
+
+    before = master_fds()
+    f = os.memfd_create("flood")
+    for _ in range(200):                        # heartbeats, each with the descriptor attached
+        kind, _ = r.call_with_fd(wire.HEARTBEAT, b"", f)
+        assert kind == wire.OK
+    assert master_fds() - before <= 1
+    r.close()
+    os.close(f)
+    assert wait_for(lambda: master_fds() <= before, 5)
