@@ -141,6 +141,18 @@ public struct MasterLogic: Sendable {
 
     public let config: MasterConfig
     public private(set) var table: ObjectTable
+    /// Until when this master surely leads (an elected one: `MasterElection.deadline`, set by
+    /// `MasterServer` before it handles anything; `.max`: not elected). No lease it grants
+    /// and no write window outlasts it (`granted`), so once a later leader is elected every
+    /// reader and writer of this one is done with the segments: they take new objects at once
+    /// when remounted under that leader (`mount`).
+    public var leadershipEnd: Nanoseconds = .max
+
+    /// `ttl`, cut to what is left of the leadership at `now`.
+    func granted(_ ttl: Nanoseconds, now: Nanoseconds) -> Nanoseconds {
+        guard leadershipEnd != .max else { return ttl }
+        return leadershipEnd > now ? min(ttl, leadershipEnd - now) : 0
+    }
     var clients: [UInt64: Client] = [:]
     var segmentInfo: [SegmentID: SegmentInfo] = [:]
     var segmentOwner: [SegmentID: UInt64] = [:]
@@ -448,8 +460,11 @@ public struct MasterLogic: Sendable {
             let seg = nextSegment
             // Memory that served reads before (its owner lost the master) may still be read
             // under leases granted then: it takes new objects only once they have all ended.
-            try table.mount(segment: seg, capacity: size, readyAt: reused ? now &+ table.policy.leaseTTL : 0, now: now)
-            if reused { remounts += 1 }
+            // Those of an earlier elected leader ended with its leadership, before this term began.
+            let earlierLeader = reused.map { t in t != 0 && t < config.term } ?? false
+            let hold = reused != nil && !earlierLeader
+            try table.mount(segment: seg, capacity: size, readyAt: hold ? now &+ table.policy.leaseTTL : 0, now: now)
+            if reused != nil { remounts += 1 }
             nextSegment += 1
             // The pid is the one the kernel reported, whatever the client claims elsewhere.
             segmentInfo[seg] = SegmentInfo(segment: seg, size: size, host: host, sharePath: path, endpoint: endpoint, pid: clients[id]!.pid)
@@ -479,13 +494,15 @@ public struct MasterLogic: Sendable {
         case let .putStart(key, size, mode, options, preferred):
             try options.validate()
             let t = try startWrite(key: key, size: size, mode: mode, options: options, preferred: preferred, client: id, now: now)
-            return .putStarted(StartedWrite(t))
+            return .putStarted(StartedWrite(t, window: granted(config.quotas.writeTimeout, now: now)))
         case let .putStartBatch(items, mode, options, preferred):
             try options.validate()
             return .putStartedBatch(
                 items.map { i in
                     Result { () throws(KVError) in
-                        StartedWrite(try startWrite(key: i.key, size: i.size, mode: mode, options: options, preferred: preferred, client: id, now: now))
+                        StartedWrite(
+                            try startWrite(key: i.key, size: i.size, mode: mode, options: options, preferred: preferred, client: id, now: now),
+                            window: granted(config.quotas.writeTimeout, now: now))
                     }
                 })
         case let .putCommit(handle, checksum):
@@ -561,11 +578,12 @@ public struct MasterLogic: Sendable {
             throw .notFound("object '\(key)' not found")
         }
         let h = Hold(client: client, version: handle)
-        let end = now &+ table.policy.leaseTTL
+        let lease = granted(table.policy.leaseTTL, now: now)
+        let end = now &+ lease
         if holds[h] == nil { holds[h] = HoldEnds(first: end) } else { holds[h]!.rest.append(end) }
         holdEnds.append((end, h))
         holdCount[client, default: 0] += 1
-        return FoundObject(size: size, replicas: replicas, hold: handle, checksum: checksum)
+        return FoundObject(size: size, replicas: replicas, hold: handle, checksum: checksum, lease: lease)
     }
 
     /// Ends `client`'s earliest hold on `version`; false when it has none (it already ended).

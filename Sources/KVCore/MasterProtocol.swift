@@ -15,8 +15,10 @@ public enum MasterRequest: Sendable, Equatable {
     /// Offers a segment of `size` bytes owned by this client: `host` identifies the machine
     /// (clients on the same host map `sharePath`); `endpoint` is where the owner serves reads
     /// and writes of it to other hosts.
-    /// `reused`: this memory served reads under an earlier mount (see `ObjectTable.mount(readyAt:)`).
-    case mount(size: Int, host: String, sharePath: String, endpoint: String, reused: Bool)
+    /// `reused`: this memory served reads under an earlier mount, granted by a master of that
+    /// term (0: a master not elected); nil: fresh memory (see `MasterLogic`'s mount and
+    /// `ObjectTable.mount(readyAt:)`).
+    case mount(size: Int, host: String, sharePath: String, endpoint: String, reused: UInt64?)
     case unmount(segment: SegmentID)
     case heartbeat
     /// `options` travel as the C ABI's flags, durations in nanoseconds (0: not given); the
@@ -226,13 +228,17 @@ public struct StartedWrite: Sendable, Equatable {
     public var handle: VersionHandle
     public var inPlace: Bool
     public var replicas: [Replica]
-    public init(handle: VersionHandle, inPlace: Bool, replicas: [Replica]) {
+    /// How long from the master's answer the writer may begin copies: the write timeout, or
+    /// less when the master's leadership may end sooner (`MasterLogic.leadershipEnd`).
+    public var window: Nanoseconds
+    public init(handle: VersionHandle, inPlace: Bool, replicas: [Replica], window: Nanoseconds) {
         self.handle = handle
         self.inPlace = inPlace
         self.replicas = replicas
+        self.window = window
     }
 
-    public init(_ t: WriteTicket) { self.init(handle: t.handle, inPlace: t.inPlace, replicas: t.replicas) }
+    public init(_ t: WriteTicket, window: Nanoseconds) { self.init(handle: t.handle, inPlace: t.inPlace, replicas: t.replicas, window: window) }
 
     /// The writer's ticket for `size` bytes; `internal` when the master named no replica.
     public func ticket(size: Int) throws(KVError) -> WriteTicket {
@@ -249,11 +255,15 @@ public struct FoundObject: Sendable, Equatable {
     public var hold: VersionHandle
     /// The writer's CRC32C of the bytes (nil: none).
     public var checksum: UInt32?
-    public init(size: Int, replicas: [Replica], hold: VersionHandle = 0, checksum: UInt32? = nil) {
+    /// The lease's length from the master's answer: the master's lease TTL, or less when its
+    /// leadership may end sooner (`MasterLogic.leadershipEnd`). A copy must end within it.
+    public var lease: Nanoseconds
+    public init(size: Int, replicas: [Replica], hold: VersionHandle = 0, checksum: UInt32? = nil, lease: Nanoseconds) {
         self.size = size
         self.replicas = replicas
         self.hold = hold
         self.checksum = checksum
+        self.lease = lease
     }
 
     /// A reader's ticket: the first replica, the others as fallbacks, the master's hold as
@@ -516,7 +526,8 @@ extension MasterRequest {
         case let .hello(name, nonce, tenant): w.string(name); w.bytes(nonce); w.string(tenant)
         case let .prove(proof): w.bytes(proof)
         case let .mount(size, host, path, endpoint, reused):
-            w.u64(UInt64(size)); w.string(host); w.string(path); w.string(endpoint); w.u8(reused ? 1 : 0)
+            w.u64(UInt64(size)); w.string(host); w.string(path); w.string(endpoint); w.bool(reused != nil)
+            if let reused { w.u64(reused) }
         case let .unmount(segment): w.u32(segment)
         case .heartbeat, .stats, .unmountCount, .leave: break
         case let .listKeys(after):
@@ -606,7 +617,7 @@ extension MasterRequest {
             m = .mount(
                 size: try r.size(max: MasterLimits.maxSize, "segment size"), host: try r.string(max: MasterLimits.maxString, "host"),
                 sharePath: try r.string(max: MasterLimits.maxString, "share path"),
-                endpoint: try r.string(max: MasterLimits.maxString, "endpoint"), reused: try r.bool())
+                endpoint: try r.string(max: MasterLimits.maxString, "endpoint"), reused: try r.bool() ? try r.u64() : nil)
         case .unmount: m = .unmount(segment: try r.u32())
         case .heartbeat: m = .heartbeat
         case .putStart:
@@ -671,8 +682,10 @@ extension MasterResponse {
         func error(_ e: KVError) {
             w.u32(UInt32(bitPattern: e.code.rawValue)); w.string(String(decoding: e.message.utf8.prefix(MasterLimits.maxString - 8), as: UTF8.self))
         }
-        func started(_ s: StartedWrite) { w.u64(s.handle); w.bool(s.inPlace); replicas(s.replicas) }
-        func found(_ f: FoundObject) { w.u64(UInt64(f.size)); replicas(f.replicas); w.u64(f.hold); MasterRequest.encodeChecksum(f.checksum, &w) }
+        func started(_ s: StartedWrite) { w.u64(s.handle); w.bool(s.inPlace); replicas(s.replicas); w.u64(s.window) }
+        func found(_ f: FoundObject) {
+            w.u64(UInt64(f.size)); replicas(f.replicas); w.u64(f.hold); MasterRequest.encodeChecksum(f.checksum, &w); w.u64(f.lease)
+        }
         func results<V>(_ rs: [Result<V, KVError>], _ value: (V) -> Void) {
             w.count(rs.count)
             for r in rs {
@@ -730,12 +743,12 @@ extension MasterResponse {
             return KVError(code, try r.string(max: MasterLimits.maxString, "error message"))
         }
         func started() throws(KVError) -> StartedWrite {
-            StartedWrite(handle: try r.u64(), inPlace: try r.bool(), replicas: try replicas())
+            StartedWrite(handle: try r.u64(), inPlace: try r.bool(), replicas: try replicas(), window: try r.u64())
         }
         func found() throws(KVError) -> FoundObject {
             FoundObject(
                 size: try r.size(max: MasterLimits.maxSize), replicas: try replicas(), hold: try r.u64(),
-                checksum: try MasterRequest.decodeChecksum(&r))
+                checksum: try MasterRequest.decodeChecksum(&r), lease: try r.u64())
         }
         func results<V>(_ value: () throws(KVError) -> V) throws(KVError) -> [Result<V, KVError>] {
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 5, "batch results")

@@ -28,6 +28,10 @@ public struct WriteTicket: Sendable, Equatable {
     /// into the write's space may begin later, since a remote master frees the space of a
     /// write not committed within its write timeout (`RemoteMaster.started`).
     public var deadline: Nanoseconds = 0
+    /// The writer's last moment to begin a copy (0: `deadline`): earlier than `deadline` when
+    /// the master's leadership may end first (`StartedWrite.window`). A copy begun by then
+    /// may still run to `deadline` (a segment server takes its bytes until then).
+    public var beginBy: Nanoseconds = 0
     /// The CRC32C of the object's bytes when its writer computed one (`WriteOptions.checksum`),
     /// set before the commit; stored with the version and checked by every whole-object read.
     public var checksum: UInt32? = nil

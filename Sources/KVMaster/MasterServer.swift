@@ -330,7 +330,11 @@ public final class MasterServer: @unchecked Sendable {
             let n = poll(&fds, nfds_t(fds.count), busy ? 0 : parked.isEmpty && !service.hasNotices() ? idle : 1)
             if n < 0 && errno != EINTR { log("poll failed: errno \(errno)"); break }
             // Fenced: nothing that arrived is handled once the lease may have ended.
-            if let fence, clock() >= fence() { ended = .fenced; break }
+            if let fence {
+                let end = fence()
+                if clock() >= end { ended = .fenced; break }
+                service.leadershipEnd = end // no lease or write window granted now outlasts it
+            }
             if n > 0 { lastActivity = clock() }
             if fds[0].revents != 0 { break }
             for (i, (l, http)) in listeners.enumerated() where fds[i + 1].revents != 0 { acceptAll(l, http: http) }

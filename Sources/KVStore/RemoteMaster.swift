@@ -88,6 +88,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         /// local socket, whether or not the link then runs there).
         var sharesPIDs = false
         var mount: Mount?
+        /// The term of the master `mount` was last mounted with (0: a master not elected).
+        var mountTerm: UInt64 = 0
         /// This client's published KV layout (published again after a reconnect).
         var layout: PublishedLayout?
         var segment: SegmentID = 0
@@ -352,6 +354,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     ) throws(KVError) -> WriteTicket {
         var t = try w.ticket(size: size)
         t.deadline = Self.leaseEnd(sentAt: sentAt, ttl: writeTimeout)
+        if w.window < writeTimeout { t.beginBy = Self.leaseEnd(sentAt: sentAt, ttl: w.window) }
         l.writes[t.handle] = (sentAt, t.segment == l.segment && l.segment != 0 ? (key, options) : nil)
         return t
     }
@@ -482,11 +485,12 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 guard case .foundBatch(let rs) = answer, rs.count == range.count else {
                     throw KVError(.internal, "unexpected answer to getBatch")
                 }
-                let end = Self.leaseEnd(sentAt: sentAt, ttl: l.leaseTTL)
                 for case .success(let f) in rs where f.hold != 0 { l.holds[f.hold, default: 0] += 1 }
+                let ttl = l.leaseTTL
                 return rs.map { r in
                     switch r { // a missing object is `.notFound`, not an error
-                    case .success(let f): Result { () throws(KVError) in .found(try f.ticket(leaseEnd: end)) }
+                    case .success(let f):
+                        Result { () throws(KVError) in .found(try f.ticket(leaseEnd: Self.leaseEnd(sentAt: sentAt, ttl: min(ttl, f.lease)))) }
                     case .failure(let e) where e.code == .objectNotFound: .success(.notFound)
                     case .failure(let e): .failure(e)
                     }
@@ -599,7 +603,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 let sentAt = clock()
                 let answer = try expect(&l, .get(key: key, host: host))
                 if case .found(let f) = answer, f.hold != 0 { l.holds[f.hold, default: 0] += 1 }
-                return (answer, Self.leaseEnd(sentAt: sentAt, ttl: l.leaseTTL))
+                let lease = if case .found(let f) = answer { min(l.leaseTTL, f.lease) } else { l.leaseTTL }
+                return (answer, Self.leaseEnd(sentAt: sentAt, ttl: lease))
             }
             guard case .found(let f) = answer else { throw KVError(.internal, "unexpected answer to get") }
             return .found(try f.ticket(leaseEnd: end))
@@ -830,8 +835,9 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
 
     /// Mounts `m` on this connection and remembers it (for remounts after a reconnect).
     private func send(_ m: Mount, _ l: inout Link) throws(KVError) {
-        // A remount (after a reconnect) says so: readers may still copy under earlier leases.
-        let reused = l.mount != nil
+        // A remount (after a reconnect) says so, and under which term the memory last served:
+        // readers may still copy under that master's leases.
+        let reused = l.mount != nil ? l.mountTerm : nil
         let request = MasterRequest.mount(size: m.size, host: m.host, sharePath: m.sharePath, endpoint: m.endpoint, reused: reused)
         let answer = try receive(&l, try send(&l, request, attaching: l.local ? m.shareFD : -1))
         if case .error(let e) = answer { throw e }
@@ -839,6 +845,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             throw KVError(.internal, "unexpected answer to mount")
         }
         l.mount = m
+        l.mountTerm = term.load(ordering: .relaxed)
         l.segment = seg
         l.noticed = 0 // a new segment id: its notices are numbered from 1
         l.confirmed = 0

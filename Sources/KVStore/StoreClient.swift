@@ -238,14 +238,19 @@ public final class StoreClient: Sendable {
     }
 
     /// Fenced writers: no copy into a write's space begins after the write's deadline (the
-    /// master may have freed the space and given it to another object). `transfer` when it
-    /// has passed; the caller aborts the write.
+    /// master may have freed the space and given it to another object), nor after the
+    /// master's leadership may have ended (`beginBy`: a later leader may hand the space out).
+    /// `transfer` when it has passed; the caller aborts the write.
     static func checkDeadline(_ t: WriteTicket) throws(KVError) {
-        guard t.deadline != 0, monotonicClock() >= t.deadline else { return }
+        let by = t.beginBy != 0 ? t.beginBy : t.deadline
+        guard by != 0, monotonicClock() >= by else { return }
         throw KVError(
             .transfer,
-            "this write outlived the master's write timeout before its copy began, so it was not stored "
-                + "(the writer was paused, or the copies were slower than the timeout)")
+            by < t.deadline
+                ? "this write outlived its master's leadership before its copy began, so it was not stored "
+                    + "(the master may have lost its etcd lease; put again)"
+                : "this write outlived the master's write timeout before its copy began, so it was not stored "
+                    + "(the writer was paused, or the copies were slower than the timeout)")
     }
 
     /// Replica `r`'s `size` bytes in mapped segment `s`; `internal` when the master's answer

@@ -33,7 +33,7 @@ final class MasterLogicTests: XCTestCase {
         guard case .welcome = Self.authenticate(&m, &session, token: m.config.token ?? "", name: name, now: now) else { XCTFail(); return (session, 0) }
         guard
             case .mounted(let seg) = m.handle(
-                .mount(size: kib << 10, host: host, sharePath: "/proc/1/fd/3", endpoint: "\(host):7000", reused: false),
+                .mount(size: kib << 10, host: host, sharePath: "/proc/1/fd/3", endpoint: "\(host):7000", reused: nil),
                 session: &session, now: now)
         else { XCTFail(); return (session, 0) }
         return (session, seg)
@@ -98,7 +98,7 @@ final class MasterLogicTests: XCTestCase {
         var local = MasterLogic.Session()
         local.peerPID = 4242 // what the server read with SO_PEERCRED
         guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
-        guard case .mounted(let seg) = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e", reused: false), session: &local, now: 0) else {
+        guard case .mounted(let seg) = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e", reused: nil), session: &local, now: 0) else {
             return XCTFail()
         }
         var claimed = Self.published
@@ -128,12 +128,12 @@ final class MasterLogicTests: XCTestCase {
         XCTAssertEqual(
             errorCode(
                 m.handle(
-                    .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.8:7000", reused: false),
+                    .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.8:7000", reused: nil),
                     session: &tcp, now: 0)), .invalidArgument)
         XCTAssertEqual(
             errorCode(
                 m.handle(
-                    .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.70:7000", reused: false),
+                    .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.70:7000", reused: nil),
                     session: &tcp, now: 0)), .invalidArgument, "a prefix of the address is not the address")
         XCTAssertEqual(m.handle(.stats, session: &tcp, now: 0).statsValue("segments"), 0)
         var elsewhere = Self.published
@@ -143,7 +143,7 @@ final class MasterLogicTests: XCTestCase {
         // Its own address is accepted.
         guard
             case .mounted = m.handle(
-                .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.7:7000", reused: false),
+                .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.7:7000", reused: nil),
                 session: &tcp, now: 0)
         else { return XCTFail() }
         var own = Self.published
@@ -157,7 +157,7 @@ final class MasterLogicTests: XCTestCase {
         local.passedSegmentBytes = 1 << 20
         guard
             case .mounted = m.handle(
-                .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.9:7000", reused: false),
+                .mount(size: 1 << 20, host: "h", sharePath: "", endpoint: "10.0.0.9:7000", reused: nil),
                 session: &local, now: 0)
         else { return XCTFail() }
     }
@@ -168,7 +168,7 @@ final class MasterLogicTests: XCTestCase {
         local.peerPID = 4242
         local.local = true
         guard case .welcome = Self.authenticate(&m, &local) else { return XCTFail() }
-        let mount = MasterRequest.mount(size: 1 << 30, host: "h", sharePath: "s", endpoint: "127.0.0.1:7000", reused: false)
+        let mount = MasterRequest.mount(size: 1 << 30, host: "h", sharePath: "s", endpoint: "127.0.0.1:7000", reused: nil)
         XCTAssertEqual(errorCode(m.handle(mount, session: &local, now: 0)), .invalidArgument, "no descriptor came with it")
         local.passedSegmentBytes = 1 << 20 // what the server found with fstat
         guard case .error(let e) = m.handle(mount, session: &local, now: 0) else { return XCTFail() }
@@ -192,7 +192,7 @@ final class MasterLogicTests: XCTestCase {
             errorCode(Self.authenticate(&m, &wrong, token: "beta-token-0123456789", tenant: "acme")), .invalidArgument,
             "another tenant's token")
         XCTAssertEqual(errorCode(Self.authenticate(&m, &unknown, token: "x", tenant: "nobody")), .invalidArgument)
-        guard case .mounted = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e", reused: false), session: &admin, now: 0) else {
+        guard case .mounted = m.handle(.mount(size: 1 << 20, host: "h", sharePath: "s", endpoint: "e", reused: nil), session: &admin, now: 0) else {
             return XCTFail()
         }
         _ = put(&m, &acme, "k")
@@ -252,8 +252,8 @@ final class MasterLogicTests: XCTestCase {
         config.quotas.writeTimeout = 2 * Self.s
         var m = try MasterLogic(config: config)
         var (a, _) = join(&m, "a", host: "h")
-        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)), nil)
-        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)), .noSpace)
+        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: nil), session: &a, now: 0)), nil)
+        XCTAssertEqual(errorCode(m.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "e", reused: nil), session: &a, now: 0)), .noSpace)
         for i in 0..<3 {
             guard case .putStarted = m.handle(.putStart(key: "w\(i)", size: 100, mode: .put, options: .default, preferred: nil), session: &a, now: 0) else {
                 return XCTFail()
@@ -325,7 +325,7 @@ final class MasterLogicTests: XCTestCase {
         var (a, _) = join(&m, "a", host: "h")
         var refused = 0
         for _ in 0..<32_768 { // 2^48 bytes each: their sum would pass Int.max
-            if errorCode(m.handle(.mount(size: 1 << 48, host: "h", sharePath: "p", endpoint: "e", reused: false), session: &a, now: 0)) == .noSpace {
+            if errorCode(m.handle(.mount(size: 1 << 48, host: "h", sharePath: "p", endpoint: "e", reused: nil), session: &a, now: 0)) == .noSpace {
                 refused += 1
             }
         }
@@ -480,7 +480,9 @@ final class MasterLogicTests: XCTestCase {
 
     static let requests: [MasterRequest] = [
         .hello(name: "n", nonce: [1, 2, 3], tenant: "acme"), .prove(proof: [9, 8]),
-        .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1", reused: true),
+        .mount(size: 1 << 30, host: "h", sharePath: "/proc/1/fd/4", endpoint: "h:1", reused: 0),
+        .mount(size: 1 << 30, host: "h", sharePath: "", endpoint: "h:1", reused: 1 << 40),
+        .mount(size: 1, host: "", sharePath: "", endpoint: "", reused: nil),
         .unmount(segment: 3), .heartbeat, .unmountCount,
         .putStart(key: "k", size: 5, mode: .upsert, options: WriteOptions(hardPin: false, softPinTTL: 7, ttl: 9, replicas: 2), preferred: 4),
         .putStart(key: "k", size: 5, mode: .put, options: WriteOptions(hardPin: true, replicas: 1), preferred: nil),
@@ -505,16 +507,16 @@ final class MasterLogicTests: XCTestCase {
         .ok, .error(KVError(.leaseHeld, "held")),
         .welcome(Welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1", pid: 77, data: [5, 6], session: [7], writeTimeout: 8)),
         .mounted(segment: 4),
-        .putStarted(StartedWrite(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)])), .found(FoundObject(size: 6, replicas: [])),
+        .putStarted(StartedWrite(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)], window: 7)), .found(FoundObject(size: 6, replicas: [], lease: 1_000)),
         .flag(true), .value(-7), .stats([Statistic("objects", 1), Statistic("bytes_used", 2)]),
         .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e", pid: 31)),
         .putStartedBatch([
-            .success(StartedWrite(handle: 3, inPlace: false, replicas: [Replica(segment: 2, offset: 128)])),
+            .success(StartedWrite(handle: 3, inPlace: false, replicas: [Replica(segment: 2, offset: 128)], window: 300_000_000_000)),
             .failure(KVError(.noSpace, "full"))
         ]),
         .foundBatch([
             .failure(KVError(.objectNotFound, "gone")),
-            .success(FoundObject(size: 9, replicas: [Replica(segment: 1, offset: 0), Replica(segment: 2, offset: 64)]))
+            .success(FoundObject(size: 9, replicas: [Replica(segment: 1, offset: 0), Replica(segment: 2, offset: 64)], lease: 5_000_000_000))
         ]),
         .layout(MasterLogicTests.published), .keys(["a", "é", "req/1"], more: true), .keys([], more: false),
         .challenge(nonce: [1, 2], proof: [3]), .values([.success(0), .success(1 << 40), .failure(KVError(.objectNotFound, "gone"))]), .sizes([3, nil, 0]),
@@ -564,6 +566,60 @@ final class MasterLogicTests: XCTestCase {
         XCTAssertEqual(m.handle(.stats, session: &a, now: 7).statsValue("read_holds_expired"), 1)
         XCTAssertEqual(m.handle(.stats, session: &a, now: 7).statsValue("read_holds"), 0)
         XCTAssertNil(m.table.invariantViolation())
+    }
+
+    /// An elected master grants no lease or write window past its leadership, so a later
+    /// leader can hand out space in segments remounted from its term at once.
+    func testAnElectedLeaderGrantsNothingPastItsLeadershipAndItsSuccessorHoldsNothingBack() throws {
+        func elected(_ term: UInt64) throws -> MasterLogic {
+            var c = MasterConfig(token: nil, clientTTL: 10 * Self.s)
+            c.term = term
+            return try MasterLogic(config: c)
+        }
+        var m = try elected(10)
+        var (a, seg) = join(&m, "a", host: "h")
+        _ = put(&m, &a, "k")
+        let ttl = m.table.policy.leaseTTL
+        func found(_ now: Nanoseconds) -> FoundObject? {
+            if case .found(let f) = m.handle(.get(key: "k", host: "h"), session: &a, now: now) { return f }
+            return nil
+        }
+        func window(_ now: Nanoseconds) -> Nanoseconds? {
+            guard case .putStarted(let w) = m.handle(.putStart(key: "w\(now)", size: 10, mode: .put, options: .default, preferred: nil), session: &a, now: now)
+            else { return nil }
+            return w.window
+        }
+        XCTAssertEqual(found(1)?.lease, ttl, "a master not told of a leadership end grants the whole TTL")
+        XCTAssertEqual(window(1), m.config.quotas.writeTimeout)
+        // As `MasterServer` does: the end is set before anything is handled.
+        m = try elected(10)
+        m.leadershipEnd = 2 * Self.s
+        (a, seg) = join(&m, "a", host: "h")
+        _ = put(&m, &a, "k")
+        XCTAssertEqual(found(Self.s + Self.s / 2)?.lease, Self.s / 2)
+        XCTAssertEqual(window(Self.s + Self.s / 2), Self.s / 2)
+        XCTAssertEqual(found(3 * Self.s)?.lease, 0, "past the leadership: a lease no copy can use")
+        XCTAssertEqual(window(3 * Self.s), 0, "and a write whose copies may not begin")
+        // The master's own hold ends with the cut lease, not the TTL.
+        XCTAssertEqual(m.handle(.remove(key: "k", force: true), session: &a, now: 3 * Self.s), .ok)
+        m.leadershipEnd = .max
+        XCTAssertEqual(m.expireHolds(now: 2 * Self.s - 1), 0)
+        XCTAssertEqual(m.expireHolds(now: 2 * Self.s), 1)
+        XCTAssertEqual(found(4 * Self.s)?.lease, nil, "removed")
+        _ = seg
+
+        // Remounted memory: held for a lease TTL unless it last served an earlier elected leader.
+        for (term, reused, held) in [(10, UInt64?.some(9), false), (10, 10, true), (10, 0, true), (0, 0, true), (10, nil, false)] as [(UInt64, UInt64?, Bool)] {
+            var n = try elected(term)
+            var s = MasterLogic.Session()
+            guard case .welcome = Self.authenticate(&n, &s, name: "b") else { return XCTFail() }
+            guard case .mounted(let b) = n.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "h:1", reused: reused), session: &s, now: 0)
+            else { return XCTFail() }
+            let answer = n.handle(.putStart(key: "x", size: 4096, mode: .put, options: .default, preferred: b), session: &s, now: 1)
+            XCTAssertEqual(errorCode(answer), held ? .noSpace : nil, "term \(term), memory of term \(String(describing: reused))")
+            XCTAssertEqual(n.handle(.stats, session: &s, now: 1).statsValue("remounts"), reused == nil ? 0 : 1)
+            XCTAssertNil(n.table.invariantViolation())
+        }
     }
 
     func testAReaderThatNeverReleasesIsBoundedAndItsHoldsEndWithTheirLeases() throws {

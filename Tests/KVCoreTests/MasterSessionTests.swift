@@ -39,7 +39,7 @@ final class MasterSessionTests: XCTestCase {
     func mount(_ m: inout MasterLogic, _ s: inout MasterLogic.Session, kib: Int = 256, now: Nanoseconds = 0) -> SegmentID {
         guard
             case .mounted(let seg) = m.handle(
-                .mount(size: kib << 10, host: "h", sharePath: "", endpoint: "h:1", reused: false),
+                .mount(size: kib << 10, host: "h", sharePath: "", endpoint: "h:1", reused: nil),
                 session: &s, now: now)
         else { XCTFail("mount"); return 0 }
         return seg

@@ -133,7 +133,7 @@ final class MasterServerTests: XCTestCase {
         defer { server.stop(); thread.join() }
         let c = try Client(port: server.port)
         guard case .welcome = try c.hello(name: "t") else { return XCTFail() }
-        guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else {
+        guard case .mounted(let seg) = try c.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: nil)) else {
             return XCTFail()
         }
         guard case .putStarted(let w) = try c.call(.putStart(key: "k", size: 100, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else {
@@ -161,7 +161,7 @@ final class MasterServerTests: XCTestCase {
         guard case .welcome(let w) = try tcp.hello(token: "s3cret-s3cret-s3cret", name: "tcp", expectedToken: "s3cret-s3cret-s3cret") else { return XCTFail() }
         let name = w.local
         XCTAssertTrue(name.hasPrefix("kvstore-master."), name)
-        guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else {
+        guard case .mounted(let seg) = try tcp.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: nil)) else {
             return XCTFail()
         }
         // The local socket checks the token too, and a refused hello closes it.
@@ -201,7 +201,7 @@ final class MasterServerTests: XCTestCase {
         // socket do that with their TCP connection); one holding a segment is logged.
         let held = try Client(port: server.port)
         _ = try held.hello(name: "held")
-        _ = try held.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false))
+        _ = try held.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: nil))
         c.socket.close()
         XCTAssertEqual(try held.call(.leave), .ok)
         held.socket.close()
@@ -215,7 +215,7 @@ final class MasterServerTests: XCTestCase {
         defer { server.stop(); thread.join() }
         let good = try Client(port: server.port)
         guard case .welcome = try good.hello(name: "good") else { return XCTFail() }
-        guard case .mounted = try good.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else { return XCTFail() }
+        guard case .mounted = try good.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: nil)) else { return XCTFail() }
         let bad = [
             Array("GET / HTTP/1.1\r\n\r\n".utf8), // not our protocol
             WireWriter.frame(kind: 999, requestID: 1, payload: []), // unknown kind
@@ -238,10 +238,10 @@ final class MasterServerTests: XCTestCase {
         _ = try a.hello(name: "a")
         _ = try b.hello(name: "b")
         _ = try lost.hello(name: "lost")
-        guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else {
+        guard case .mounted(let seg) = try a.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: nil)) else {
             return XCTFail()
         }
-        guard case .mounted(let kept) = try lost.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: false)) else {
+        guard case .mounted(let kept) = try lost.call(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "127.0.0.1:1", reused: nil)) else {
             return XCTFail()
         }
         guard case .putStarted(let w) = try a.call(.putStart(key: "k", size: 10, mode: .put, options: WriteOptions(replicas: 1), preferred: seg)) else {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -106,6 +107,116 @@ def test_a_standby_takes_over_and_every_object_survives(etcd, token):
     finally:
         for s in stores:
             s.close()
+        for m in masters:
+            m.stop()
+
+
+def test_a_new_leader_takes_new_objects_at_once_without_waiting_out_the_old_leases(etcd, token):
+    """The killed leader granted no lease past its leadership, which ended before the new
+    leader's term began: segments remounted from its term take new objects at once, even with
+    a 30 s lease TTL (before, they took none for a lease TTL: NoSpaceError)."""
+    path, secret = token
+    masters = [ElectedMaster(etcd, "fo-hold", path, "--lease-ttl", "30", "--client-ttl", "5") for _ in range(2)]
+    url = _url(etcd, "fo-hold")
+    stores: list[kvstore.Store] = []
+    try:
+        first = _lead(etcd, "fo-hold", masters)
+        a = kvstore.Store.connect(url, segment_size=8 << 20, token=secret)
+        stores.append(a)
+        for i in range(50):
+            a.put(f"k{i}", bytes([i]) * 4096)
+        assert a.get("k7") == b"\x07" * 4096    # a lease of the old leader on k7's bytes
+        time.sleep(0.2)                          # the owner has read its notices
+        term = a.stats()["master_term"]
+        first.stop(signal.SIGKILL)
+        _lead(etcd, "fo-hold", masters, after=term)
+        assert wait_for(lambda: a.stats()["master_failovers"] == 1 and a.stats()["objects_reregistered"] == 50, 10)
+        a.put("after", b"n" * (1 << 20))         # the only segment is the remounted one
+        assert a.get("after") == b"n" * (1 << 20) and a.get("k7") == b"\x07" * 4096
+    finally:
+        for s in stores:
+            s.close()
+        for m in masters:
+            m.stop()
+
+
+PAUSED_READER = r"""
+import json, sys, kvstore
+s = kvstore.Store.connect(sys.argv[1], segment_size=0, token=sys.argv[2])
+out = {}
+try:
+    out["value"] = s.get("k").hex()
+except kvstore.TransferError as e:
+    out["error"] = str(e)
+out["reads_expired"] = s.stats()["reads_expired"]
+s.close()
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_an_elected_leaders_leases_end_with_its_leadership(etcd, token):
+    """With an etcd lease of 1 s the leader cannot promise a reader 30 s: a reader paused
+    1.5 s between its lease and its copy throws the copy away (as it would past any lease)."""
+    path, secret = token
+    masters = [ElectedMaster(etcd, "fo-lease", path, "--lease-ttl", "30")]
+    url = _url(etcd, "fo-lease")
+    try:
+        _lead(etcd, "fo-lease", masters)
+        with kvstore.Store.connect(url, segment_size=1 << 20, token=secret) as a:
+            a.put("k", b"v" * 100)
+            env = {**os.environ, "KVSTORE_TEST_READ_PAUSE_US": "1500000"}
+            reader = subprocess.run([sys.executable, "-c", PAUSED_READER, url, secret], env=env,
+                                    capture_output=True, text=True, timeout=60)
+            assert reader.returncode == 0, reader.stderr
+            out = json.loads(reader.stdout)
+            assert "value" not in out and "lease" in out["error"], out
+            assert out["reads_expired"] >= 1
+            # Without the pause the same read succeeds.
+            env.pop("KVSTORE_TEST_READ_PAUSE_US")
+            reader = subprocess.run([sys.executable, "-c", PAUSED_READER, url, secret], env=env,
+                                    capture_output=True, text=True, timeout=60)
+            assert json.loads(reader.stdout) == {"value": (b"v" * 100).hex(), "reads_expired": 0}
+    finally:
+        for m in masters:
+            m.stop()
+
+
+PAUSED_WRITER = r"""
+import json, sys, kvstore
+s = kvstore.Store.connect(sys.argv[1], segment_size=0, token=sys.argv[2])
+out = {}
+try:
+    s.put("w", b"x" * 1000)
+    out["stored"] = True
+except kvstore.TransferError as e:
+    out["error"] = str(e)
+s.close()
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_an_elected_leaders_writes_begin_no_copy_past_its_leadership(etcd, token):
+    """A writer paused 1.5 s between its ticket and its copy, under a leader whose etcd lease
+    is 1 s, begins no copy (a later leader may have given the space away) and stores nothing,
+    although the write timeout (300 s) is far off."""
+    path, secret = token
+    masters = [ElectedMaster(etcd, "fo-write", path)]
+    url = _url(etcd, "fo-write")
+    try:
+        _lead(etcd, "fo-write", masters)
+        with kvstore.Store.connect(url, segment_size=1 << 20, token=secret) as a:
+            env = {**os.environ, "KVSTORE_TEST_WRITE_PAUSE_US": "1500000"}
+            writer = subprocess.run([sys.executable, "-c", PAUSED_WRITER, url, secret], env=env,
+                                    capture_output=True, text=True, timeout=60)
+            assert writer.returncode == 0, writer.stderr
+            out = json.loads(writer.stdout)
+            assert "leadership" in out.get("error", ""), out
+            assert not a.exists("w") and a.stats()["bytes_used"] == 0
+            env["KVSTORE_TEST_WRITE_PAUSE_US"] = "100000"
+            writer = subprocess.run([sys.executable, "-c", PAUSED_WRITER, url, secret], env=env,
+                                    capture_output=True, text=True, timeout=60)
+            assert json.loads(writer.stdout) == {"stored": True} and a.get("w") == b"x" * 1000
+    finally:
         for m in masters:
             m.stop()
 
