@@ -507,7 +507,8 @@ final class MasterLogicTests: XCTestCase {
         .ok, .error(KVError(.leaseHeld, "held")),
         .welcome(Welcome(client: 1, leaseTTL: 2, clientTTL: 3, local: "kvstore-master.1", pid: 77, data: [5, 6], session: [7], writeTimeout: 8)),
         .mounted(segment: 4),
-        .putStarted(StartedWrite(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)], window: 7)), .found(FoundObject(size: 6, replicas: [], lease: 1_000)),
+        .putStarted(StartedWrite(handle: 5, inPlace: true, replicas: [Replica(segment: 1, offset: 64)], window: 7)),
+        .found(FoundObject(size: 6, replicas: [], lease: 1_000)),
         .flag(true), .value(-7), .stats([Statistic("objects", 1), Statistic("bytes_used", 2)]),
         .segment(SegmentInfo(segment: 1, size: 2, host: "h", sharePath: "p", endpoint: "e", pid: 31)),
         .putStartedBatch([
