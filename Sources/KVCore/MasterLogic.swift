@@ -272,11 +272,14 @@ public struct MasterLogic: Sendable {
     public private(set) var writesWaitedForSpace = 0
     public mutating func countSpaceWait() { writesWaitedForSpace += 1 }
 
-    /// Times an owner's confirmation freed space (`confirmNotices`): a write held back for
-    /// room (`MasterServer`) is tried again when it changes.
+    /// Times an owner's confirmation freed space (`confirmNotices`) or its last report let a
+    /// remounted segment take objects: a write held back for room (`MasterServer`) is tried
+    /// again when it changes.
     public private(set) var confirmations = 0
     /// Bytes freed that wait for their owners' confirmation (`ObjectTable.ledgers`).
     public var awaitingBytes: Int { table.awaitingBytes }
+    /// ... and those bytes with remounted segments waiting for their owners' last report.
+    public var comingBackBytes: Int { table.comingBackBytes }
 
     /// What connected owners must hear of their segments, grouped per client (at most
     /// `MasterLimits.maxBatch` a group): every queue with `all`, else only `requester`'s (its
@@ -463,7 +466,11 @@ public struct MasterLogic: Sendable {
             // Those of an earlier elected leader ended with its leadership, before this term began.
             let earlierLeader = reused.map { t in t != 0 && t < config.term } ?? false
             let hold = reused != nil && !earlierLeader
-            try table.mount(segment: seg, capacity: size, readyAt: hold ? now &+ table.policy.leaseTTL : 0, now: now)
+            // It also holds objects its owner is about to report (`restore`): nothing new
+            // lands there before the last report, or the client TTL at the latest.
+            try table.mount(
+                segment: seg, capacity: size, readyAt: hold ? now &+ table.policy.leaseTTL : 0,
+                indexBy: reused != nil ? now &+ config.clientTTL : 0, now: now)
             if reused != nil { remounts += 1 }
             nextSegment += 1
             // The pid is the one the kernel reported, whatever the client claims elsewhere.
@@ -471,7 +478,7 @@ public struct MasterLogic: Sendable {
             segmentOwner[seg] = id
             clients[id]!.segments.insert(seg)
             return .mounted(segment: seg)
-        case let .restore(seg, objects):
+        case let .restore(seg, objects, last):
             guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
             let prefix = tenant?.prefix
             var mine: [ObjectTable.Restored] = [], at: [Int] = []
@@ -480,7 +487,8 @@ public struct MasterLogic: Sendable {
                 at.append(i)
             }
             var results = [Result<Int, KVError>](repeating: .success(0), count: objects.count)
-            for (i, ok) in zip(at, try table.restore(mine, segment: seg, now: now)) where ok { results[i] = .success(1) }
+            for (i, ok) in zip(at, try table.restore(mine, segment: seg, last: last, now: now)) where ok { results[i] = .success(1) }
+            if last { confirmations &+= 1 } // writes waiting for room try again
             return .values(results)
         case let .confirmNotices(seg, through):
             guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }

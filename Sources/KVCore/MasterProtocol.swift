@@ -76,9 +76,10 @@ public enum MasterRequest: Sendable, Equatable {
     case resume(client: UInt64, proof: [UInt8], commits: [PipelinedCommit], aborts: [VersionHandle])
     /// After a master restart: the objects in this client's `segment` (mounted with `reused`)
     /// as its owner knows them from the old master's `notices`, up to `MasterLimits.maxBatch` a
-    /// request, ascending offsets. Answered by `values`: 1 per object taken back, 0 per one
-    /// refused (`ObjectTable.restore`).
-    case restore(segment: SegmentID, objects: [ObjectTable.Restored])
+    /// request, ascending offsets; `last` on the final request (sent even when there is
+    /// nothing to report): the segment takes new objects only after it. Answered by `values`:
+    /// 1 per object taken back, 0 per one refused (`ObjectTable.restore`).
+    case restore(segment: SegmentID, objects: [ObjectTable.Restored], last: Bool)
     /// The owner of `segment` has applied its notices up to number `through`
     /// (`ObjectTable.SegmentNotice.number`): space freed before them may be handed out again
     /// (`ObjectTable.confirm`). Pipelined, never answered.
@@ -563,10 +564,11 @@ extension MasterRequest {
         case let .confirmNotices(segment, through):
             w.u32(segment)
             w.u64(through)
-        case let .restore(segment, objects):
+        case let .restore(segment, objects, last):
             w.u32(segment)
             w.count(objects.count)
             for o in objects { Self.encodeRestored(o, &w) }
+            w.bool(last)
         case let .resume(client, proof, commits, aborts):
             w.u64(client); w.bytes(proof)
             w.count(commits.count)
@@ -657,7 +659,7 @@ extension MasterRequest {
             var objects: [ObjectTable.Restored] = []
             objects.reserveCapacity(n)
             for _ in 0..<n { objects.append(try Self.decodeRestored(&r)) }
-            m = .restore(segment: segment, objects: objects)
+            m = .restore(segment: segment, objects: objects, last: try r.bool())
         case .resume:
             m = .resume(
                 client: try r.u64(), proof: Array(try r.bytes(max: 64, "proof")),

@@ -200,7 +200,7 @@ extension ObjectTable {
         guard size <= segments.largestCapacity, rounded <= segments.freeBytes + evictableBytes else { return nil }
         let target = min(replicas, segments.mountedCount)
         let high = Int(Double(capacity) * policy.highWatermark)
-        let over = usedBytes - awaitingBytes + rounded * target - high // space awaiting its owner comes back soon
+        let over = usedBytes - comingBackBytes + rounded * target - high // space awaiting its owner comes back soon
         if over > 0 { evict(atLeast: max(over, roundBytes)) }
         var placed = PlacementList()
         while true {
@@ -214,7 +214,7 @@ extension ObjectTable {
             if placed.count == target { return placed }
             // Space freed moments ago waits for its owner's confirmation (`ledgers`):
             // evicting on would empty the cache for room that is about to come back.
-            if awaitingBytes >= rounded * (target - placed.count) { return placed.isEmpty ? nil : placed }
+            if comingBackBytes >= rounded * (target - placed.count) { return placed.isEmpty ? nil : placed }
             if evict(atLeast: max(rounded, roundBytes)) == 0 { return placed.isEmpty ? nil : placed }
         }
     }
@@ -226,9 +226,9 @@ extension ObjectTable {
     public mutating func mustWaitForRoom(_ bytes: Int) -> Bool {
         let free = segments.freeBytes
         guard free < bytes, bytes <= capacity else { return false }
-        let short = bytes - free - awaitingBytes
+        let short = bytes - free - comingBackBytes
         if short > 0 { evict(atLeast: short) }
-        return awaitingBytes > 0
+        return comingBackBytes > 0
     }
 
     /// Evicts from the eviction end until `target` bytes are freed or nothing evictable is

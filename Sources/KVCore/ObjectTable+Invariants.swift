@@ -13,6 +13,7 @@ extension ObjectTable {
             if v.list != .none { listed += v.placements.length }
         }
         for q in quarantined where segments.slots[Int(q.placement.slot)].mounted { used += q.placement.allocation.length }
+        let reporting = quarantined.reduce(0) { $0 + (awaitingReport.contains($1.placement.slot) ? $1.placement.allocation.length : 0) }
         var awaiting = 0
         for (slot, l) in ledgers where segments.slots[Int(slot)].mounted {
             for w in l.awaiting { awaiting += w.placement.allocation.length }
@@ -35,7 +36,8 @@ extension ObjectTable {
             ("activeReaders", activeReaders, readers), ("activeLeases", activeLeases, leases),
             ("hardPinnedBytes", hardPinnedBytes, hard), ("softPinnedBytes", softPinnedBytes, soft),
             ("hard pins by owner", hardPinnedByOwner.values.reduce(0, +), hard),
-            ("usedBytes", usedBytes, used), ("awaitingBytes", awaitingBytes, awaiting), ("evictableBytes", evictableBytes, listed),
+            ("usedBytes", usedBytes, used), ("awaitingBytes", awaitingBytes, awaiting), ("reportBytes", reportBytes, reporting),
+            ("evictableBytes", evictableBytes, listed),
             ("listed bytes", evictableBytes, onLists),
             ("visible entries", entries.values.filter { $0.current >= 0 }.count, objects)
         ]

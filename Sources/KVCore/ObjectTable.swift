@@ -231,12 +231,50 @@ public struct ObjectTable: Sendable {
     /// `readyAt`: the segment's memory served reads before (a client that lost its master
     /// remounts the same memory), so readers under an earlier lease may still be copying out
     /// of it; it takes no object before then. Its whole space counts as used until then.
-    public mutating func mount(segment id: SegmentID, capacity: Int, readyAt: Nanoseconds = 0, now: Nanoseconds = 0) throws(KVError) {
+    ///
+    /// `indexBy`: the memory holds objects its owner will report (`restore`): it takes no
+    /// object until the last report (`restore(last: true)`), or `indexBy` at the latest, so
+    /// no write lands on an object not yet taken back.
+    public mutating func mount(
+        segment id: SegmentID, capacity: Int, readyAt: Nanoseconds = 0, indexBy: Nanoseconds = 0, now: Nanoseconds = 0
+    ) throws(KVError) {
         try segments.mount(id, capacity: capacity)
-        guard readyAt > now, let slot = segments.slot(of: id),
+        let until = max(readyAt, indexBy)
+        guard until > now, let slot = segments.slot(of: id),
             let all = segments.allocate(segments.slots[Int(slot)].allocator.capacity, in: slot)
         else { return }
-        quarantined.append((all, readyAt))
+        quarantined.append((all, until))
+        if readyAt > now {
+            leaseHolds[slot] = readyAt
+        } else {
+            awaitingReport.insert(slot)
+            reportBytes += all.allocation.length
+        }
+    }
+
+    /// Per segment slot mounted with a `readyAt` ahead: until when old readers may copy out of it.
+    var leaseHolds: [Int32: Nanoseconds] = [:]
+    /// Segment slots held only until their owner's last report (no old leases), and the bytes
+    /// held there: they come back within moments, so writes wait for them (as for
+    /// `awaitingBytes`) instead of evicting.
+    var awaitingReport: Set<Int32> = []
+    public private(set) var reportBytes = 0
+    /// Held space that comes back within moments: freed space awaiting its owner's
+    /// confirmation, and remounted segments awaiting their owner's report.
+    public var comingBackBytes: Int { awaitingBytes + reportBytes }
+
+    /// Takes the quarantine entries for which `take` holds off the list and frees them;
+    /// returns the latest `until` among them (0: none taken).
+    private mutating func dropQuarantine(where take: ((placement: Placement, until: Nanoseconds)) -> Bool) -> Nanoseconds {
+        var until: Nanoseconds = 0
+        quarantined.removeAll { q in
+            guard take(q) else { return false }
+            until = max(until, q.until)
+            if awaitingReport.contains(q.placement.slot) { reportBytes -= q.placement.allocation.length }
+            segments.free(q.placement) // a no-op once the segment is unmounted
+            return true
+        }
+        return until
     }
 
     /// Whole segments mounted with a `readyAt` still ahead: their placeholder allocation and when it goes.
@@ -244,11 +282,8 @@ public struct ObjectTable: Sendable {
 
     /// Frees the quarantined segments that are ready by `now`.
     mutating func releaseQuarantine(now: Nanoseconds) {
-        quarantined.removeAll { q in
-            guard q.until <= now else { return false }
-            segments.free(q.placement) // a no-op once the segment is unmounted
-            return true
-        }
+        guard dropQuarantine(where: { $0.until <= now }) != 0, !awaitingReport.isEmpty else { return }
+        awaitingReport = awaitingReport.filter { slot in quarantined.contains { $0.placement.slot == slot } }
     }
 
     // MARK: writes
@@ -305,7 +340,10 @@ public struct ObjectTable: Sendable {
             if mode == .put { releasePutClaim(key) }
             let held = quarantined.reduce(0) { $0 + $1.placement.allocation.length }
             let remounted =
-                (held == 0 ? "" : ", \(held) bytes of remounted segments held until readers of the old mount are done (one lease TTL)")
+                (held == 0
+                    ? ""
+                    : ", \(held) bytes of remounted segments held until their owners have reported what they hold "
+                        + "and readers of the old mount are done")
                 + (awaitingBytes == 0 ? "" : ", \(awaitingBytes) bytes freed moments ago waiting for their segment owner to confirm it heard")
             throw .noSpace(
                 "no space for \(size) bytes and nothing left to evict: \(segments.freeBytes) of \(segments.capacity) bytes free (largest free block \(segments.largestFreeBlock) bytes), \(hardPinnedBytes) bytes hard-pinned, \(activeLeases) objects leased, \(activeReaders) reads in progress\(remounted)"
@@ -437,7 +475,9 @@ public struct ObjectTable: Sendable {
     public mutating func unmount(segment id: SegmentID, now: Nanoseconds) throws(KVError) -> UnmountReport {
         advance(now: now)
         guard let dead = segments.unmount(id) else { throw .invalidArgument("segment \(id) is not mounted") }
-        quarantined.removeAll { $0.placement.slot == dead }
+        _ = dropQuarantine { $0.placement.slot == dead }
+        leaseHolds[dead] = nil
+        awaitingReport.remove(dead)
         awaitingBytes -= ledgers.removeValue(forKey: dead)?.awaiting.reduce(0) { $0 + $1.placement.allocation.length } ?? 0
         var report = UnmountReport()
         for i in versions.indices where versions[i].state != .free && versions[i].placements.contains(slot: dead) {
@@ -837,27 +877,28 @@ public struct ObjectTable: Sendable {
     /// not free (or leaves the segment) is refused. Returns, per object, whether it was taken.
     /// A segment still held for old leases (`mount(readyAt:)`) stays held around what was
     /// taken. Leases are not restored; pins and TTLs start again from `now` (an object lives
-    /// at least as long as it would have).
-    public mutating func restore(_ objects: [Restored], segment id: SegmentID, now: Nanoseconds) throws(KVError) -> [Bool] {
+    /// at least as long as it would have). `last`: the owner has nothing more to report, so a
+    /// segment mounted with `indexBy` is held from now on only for old leases, if at all.
+    public mutating func restore(_ objects: [Restored], segment id: SegmentID, last: Bool = true, now: Nanoseconds) throws(KVError) -> [Bool] {
         advance(now: now)
         guard let slot = segments.slot(of: id) else { throw .invalidArgument("segment \(id) is not mounted") }
-        var until: Nanoseconds = 0
-        quarantined.removeAll { q in
-            guard q.placement.slot == slot else { return false }
-            until = max(until, q.until)
-            segments.free(q.placement)
-            return true
+        var until = dropQuarantine { $0.placement.slot == slot }
+        let leaseHeld = leaseHolds[slot].map { $0 > now } ?? false
+        if last {
+            until = leaseHeld ? leaseHolds[slot]! : 0
+            awaitingReport.remove(slot)
         }
         var taken: [Bool] = []
         taken.reserveCapacity(objects.count)
         for o in objects {
-            let ok = restoreOne(o, slot: slot, held: until > now, now: now)
+            let ok = restoreOne(o, slot: slot, held: leaseHeld, now: now)
             if ok { restoredObjects += 1 } else { refusedRestores += 1 }
             taken.append(ok)
         }
         if until > now { // the rest of the segment stays held until the old leases have ended
             while case let n = segments.slots[Int(slot)].allocator.largestFreeBlock, n > 0, let p = segments.allocate(n, in: slot) {
                 quarantined.append((p, until))
+                if awaitingReport.contains(slot) { reportBytes += p.allocation.length }
             }
         }
         return taken

@@ -556,7 +556,7 @@ public final class MasterServer: @unchecked Sendable {
         c.handled += 1
         c.session.passedSegmentBytes = nil
         if let until = waitForSpaceUntil, request.allocates, case .error(let e) = response, e.code == .noSpace,
-            service.awaitingBytes > 0
+            service.comingBackBytes > 0
         {
             // The room it lacked (fragmented, or in segments it may not use) may be what the
             // confirmations bring back: try again then. The failed try changed nothing.

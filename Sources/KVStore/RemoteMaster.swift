@@ -767,16 +767,17 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
     private func restoreIndex(_ l: inout Link) throws(KVError) {
         let all = l.index.values.sorted { $0.offset < $1.offset }
         var i = 0
-        while i < all.count {
+        repeat { // at least one request: the last one lets the segment take new objects
             let chunk = Array(all[i..<min(i + MasterLimits.maxBatch, all.count)])
-            guard case .values(let rs) = try expect(&l, .restore(segment: l.segment, objects: chunk)), rs.count == chunk.count else {
+            let last = i + chunk.count == all.count
+            guard case .values(let rs) = try expect(&l, .restore(segment: l.segment, objects: chunk, last: last)), rs.count == chunk.count else {
                 throw KVError(.internal, "unexpected answer to restore")
             }
             for (o, r) in zip(chunk, rs) {
                 if case .success(1) = r { _ = restoredObjects.add(1, ordering: .relaxed) } else { l.index[o.offset] = nil }
             }
             i += chunk.count
-        }
+        } while i < all.count
     }
 
     /// Handles the frames that are already here, without waiting: notices, and answers to

@@ -616,6 +616,10 @@ final class MasterLogicTests: XCTestCase {
             guard case .welcome = Self.authenticate(&n, &s, name: "b") else { return XCTFail() }
             guard case .mounted(let b) = n.handle(.mount(size: 1 << 20, host: "h", sharePath: "p", endpoint: "h:1", reused: reused), session: &s, now: 0)
             else { return XCTFail() }
+            if reused != nil { // before its owner's last report, no remounted segment takes anything
+                XCTAssertEqual(errorCode(n.handle(.putStart(key: "x", size: 4096, mode: .put, options: .default, preferred: b), session: &s, now: 1)), .noSpace)
+                XCTAssertEqual(n.handle(.restore(segment: b, objects: [], last: true), session: &s, now: 1), .values([]))
+            }
             let answer = n.handle(.putStart(key: "x", size: 4096, mode: .put, options: .default, preferred: b), session: &s, now: 1)
             XCTAssertEqual(errorCode(answer), held ? .noSpace : nil, "term \(term), memory of term \(String(describing: reused))")
             XCTAssertEqual(n.handle(.stats, session: &s, now: 1).statsValue("remounts"), reused == nil ? 0 : 1)

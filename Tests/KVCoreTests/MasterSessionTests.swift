@@ -245,9 +245,9 @@ final class MasterSessionTests: XCTestCase {
         let segA = mount(&m, &a)
         let obj = ObjectTable.Restored(key: "k", offset: 0, size: 100, seq: 5, options: .default, checksum: nil)
         XCTAssertEqual(
-            errorCode(m.handle(.restore(segment: segA, objects: [obj]), session: &b, now: 0)), .invalidArgument,
+            errorCode(m.handle(.restore(segment: segA, objects: [obj], last: true), session: &b, now: 0)), .invalidArgument,
             "another client's segment")
-        XCTAssertEqual(m.handle(.restore(segment: segA, objects: [obj]), session: &a, now: 0), .values([.success(1)]))
+        XCTAssertEqual(m.handle(.restore(segment: segA, objects: [obj], last: true), session: &a, now: 0), .values([.success(1)]))
         XCTAssertTrue(found(&m, &b, "k", now: 0))
         XCTAssertEqual(m.handle(.remove(key: "k", force: true), session: &b, now: 0), .ok)
         let batches = m.takeNotices(now: 0, all: true)
@@ -280,7 +280,7 @@ final class MasterSessionTests: XCTestCase {
         let seg = mount(&m, &t)
         let mine = ObjectTable.Restored(key: "acme/k", offset: 0, size: 64, seq: 5, options: .default, checksum: nil)
         let theirs = ObjectTable.Restored(key: "other/k", offset: 64, size: 64, seq: 6, options: .default, checksum: nil)
-        XCTAssertEqual(m.handle(.restore(segment: seg, objects: [mine, theirs]), session: &t, now: 0), .values([.success(1), .success(0)]))
+        XCTAssertEqual(m.handle(.restore(segment: seg, objects: [mine, theirs], last: true), session: &t, now: 0), .values([.success(1), .success(0)]))
         XCTAssertEqual(m.table.objectCount, 1)
         XCTAssertNil(m.table.size(key: "other/k"), "another tenant's key cannot be forged")
         // An admin writes another tenant's key into this tenant's segment: the owner hears nothing of it.
@@ -298,7 +298,7 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...29))
         XCTAssertEqual(MasterResponse.Kind.allCases.map(\.rawValue), Array(100...117))
         XCTAssertEqual(MasterRequest.heartbeat.kind, 4)
-        XCTAssertEqual(MasterRequest.restore(segment: 1, objects: []).kind, 28)
+        XCTAssertEqual(MasterRequest.restore(segment: 1, objects: [], last: false).kind, 28)
         XCTAssertEqual(MasterResponse.errorKind, 101)
         XCTAssertEqual(MasterResponse.notices([]).kind, 116)
         XCTAssertEqual(MasterResponse.sizes([]).kind, 117)

@@ -69,6 +69,41 @@ final class ObjectTableRestoreTests: XCTestCase {
         XCTAssertNil(t.invariantViolation())
     }
 
+    /// A remounted segment takes no new object until its owner's last report: a write placed
+    /// between the mount and the reports would land on an object not yet taken back (the
+    /// failover benchmark lost 10,000 objects that way once old leases no longer held it).
+    func testARemountedSegmentTakesNothingNewUntilItsOwnersLastReport() throws {
+        let s: Nanoseconds = 1_000_000_000
+        var t = ObjectTable(policy: CachePolicy(leaseTTL: 2 * s, softPinTTL: s, highWatermark: 1, evictionRatio: 0.05))
+        try t.mount(segment: 1, capacity: 1 << 20, indexBy: 10 * s, now: 0)
+        XCTAssertThrowsError(try t.beginWrite(key: "new", size: 64, mode: .put, now: 1), "not before the reports")
+        XCTAssertEqual(try t.restore([r("a", 0, 4096, seq: 3)], segment: 1, last: false, now: 2), [true])
+        XCTAssertEqual(t.reportBytes, (1 << 20) - 4096)
+        XCTAssertThrowsError(try t.beginWrite(key: "new", size: 64, mode: .put, now: 3), "nor between them")
+        XCTAssertNotNil(t.size(key: "a"), "the held space comes back soon: nothing is evicted for the write")
+        XCTAssertTrue(t.mustWaitForRoom(64), "the write waits for it")
+        XCTAssertNil(t.invariantViolation())
+        XCTAssertEqual(try t.restore([r("b", 8192, 4096, seq: 4)], segment: 1, last: true, now: 4), [true], "b's range was still free")
+        XCTAssertEqual(t.reportBytes, 0)
+        let w = try t.beginWrite(key: "new", size: 64, mode: .put, now: 5)
+        XCTAssertFalse([0, 8192].contains(w.offset), "new objects go around what was taken back")
+        XCTAssertNil(t.invariantViolation())
+
+        // An owner that never sends its last report holds its segment only until `indexBy`.
+        var u = ObjectTable(policy: Self.noLeases)
+        try u.mount(segment: 1, capacity: 1 << 20, indexBy: 10 * s, now: 0)
+        XCTAssertThrowsError(try u.beginWrite(key: "new", size: 64, mode: .put, now: 10 * s - 1))
+        XCTAssertNoThrow(try u.beginWrite(key: "new", size: 64, mode: .put, now: 10 * s))
+
+        // Old leases outlast a quick last report: held until they end.
+        var v = ObjectTable(policy: CachePolicy(leaseTTL: 2 * s, softPinTTL: s, highWatermark: 1, evictionRatio: 0.05))
+        try v.mount(segment: 1, capacity: 1 << 20, readyAt: 2 * s, indexBy: 10 * s, now: 0)
+        XCTAssertEqual(try v.restore([], segment: 1, last: true, now: 1), [])
+        XCTAssertThrowsError(try v.beginWrite(key: "new", size: 64, mode: .put, now: 2 * s - 1))
+        XCTAssertNoThrow(try v.beginWrite(key: "new", size: 64, mode: .put, now: 2 * s))
+        XCTAssertNil(v.invariantViolation())
+    }
+
     func testASegmentHeldForOldLeasesStaysHeldAroundWhatWasRestored() throws {
         var t = ObjectTable(policy: CachePolicy(leaseTTL: 2_000_000_000, softPinTTL: 1_000_000_000, highWatermark: 1, evictionRatio: 0.05))
         try t.mount(segment: 1, capacity: 1 << 20, readyAt: 2_000_000_000, now: 0)
