@@ -1422,6 +1422,59 @@ static PyObject *store_remove_all(StoreObject *self, PyObject *args, PyObject *k
     return PyLong_FromUnsignedLongLong(n);
 }
 
+/* copy_replicas(key, targets, drop=None): a replica of key in each target segment id; with
+ * drop (a segment id), a move of that segment's replica. Bad ids are ValueError, not ints TypeError. */
+static PyObject *store_copy_replicas(StoreObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"key", "targets", "drop", NULL};
+    PyObject *key, *targets, *drop = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O", kwlist, &key, &targets, &drop)) return NULL;
+    const char *k;
+    Py_ssize_t klen;
+    if (key_arg(self, key, &k, &klen) < 0) return NULL;
+    if (!PyList_Check(targets) && !PyTuple_Check(targets)) {
+        PyErr_SetString(PyExc_TypeError, "targets must be a list of segment ids");
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Size(targets);
+    if (n < 1 || n > 16) {
+        PyErr_Format(PyExc_ValueError, "between 1 and 16 target segments, not %zd", n);
+        return NULL;
+    }
+    uint32_t ids[16], dropped = 0, flags = 0;
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        if (i == n && drop == Py_None) break;
+        PyObject *v = i < n ? PySequence_GetItem(targets, i) : (Py_INCREF(drop), drop);
+        if (!v) return NULL;
+        if (!PyLong_Check(v) || PyBool_Check(v)) {
+            PyErr_SetString(PyExc_TypeError, "a segment id must be an int");
+            Py_DECREF(v);
+            return NULL;
+        }
+        unsigned long long id = PyLong_AsUnsignedLongLong(v);
+        Py_DECREF(v);
+        if (id == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_SetString(PyExc_ValueError, "a segment id must be between 1 and 4294967295");
+            return NULL;
+        }
+        if (id == 0 || id > UINT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "a segment id must be between 1 and 4294967295, not %llu", id);
+            return NULL;
+        }
+        if (i < n) {
+            ids[i] = (uint32_t)id;
+        } else {
+            dropped = (uint32_t)id;
+            flags = KV_COPY_MOVE;
+        }
+    }
+    ENSURE_OPEN(self);
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_copy_replicas(self->store, k, (size_t)klen, ids, (size_t)n, dropped, flags));
+    if (st) return kvpy_raise_last(st);
+    Py_RETURN_NONE;
+}
+
 /* ---- registered buffers ---- */
 
 static void capsule_release(PyObject *capsule) {
@@ -1530,6 +1583,8 @@ static PyMethodDef store_methods[] = {
     {"size", (PyCFunction)store_size, METH_O, "size(key) -> int."},
     {"remove", (PyCFunction)(void (*)(void))store_remove, METH_VARARGS | METH_KEYWORDS, "remove(key, force=False)."},
     {"batch_remove", (PyCFunction)(void (*)(void))store_batch_remove, METH_VARARGS | METH_KEYWORDS, "batch_remove(keys, force=False) -> list."},
+    {"copy_replicas", (PyCFunction)(void (*)(void))store_copy_replicas, METH_VARARGS | METH_KEYWORDS,
+     "copy_replicas(key, targets, drop=None) -> None: adds a replica of key in each target segment (a move of drop's)."},
     {"remove_all", (PyCFunction)(void (*)(void))store_remove_all, METH_VARARGS | METH_KEYWORDS,
      "remove_all(force=False) -> int: removes every object that is not leased (every object with force)."},
     {"register_buffer", (PyCFunction)(void (*)(void))store_register_buffer, METH_VARARGS | METH_KEYWORDS, "register_buffer(buffer, location='cpu')."},

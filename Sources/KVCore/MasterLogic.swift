@@ -117,6 +117,8 @@ public struct MasterLogic: Sendable {
         var pid: Int = 0
         var segments: Set<SegmentID> = []
         var writes: Set<VersionHandle> = []
+        /// Its replica copies in flight (`copyStart`).
+        var copies: Set<UInt64> = []
         /// The tenant it proved (nil: the cluster's token); a resume must prove the same.
         var tenant: Tenant? = nil
         /// The session secret (32 random bytes) a `resume` proves.
@@ -209,6 +211,10 @@ public struct MasterLogic: Sendable {
     public private(set) var unmounts = 0
     /// Writes aborted because they were not committed within the write timeout.
     public private(set) var expiredWrites = 0
+    /// Replica copies in flight: their client and when they started (they expire as writes do).
+    var copies: [UInt64: (client: UInt64, started: Nanoseconds)] = [:]
+    public private(set) var copiesCommitted = 0
+    public private(set) var copiesFailed = 0
     /// Handshakes refused (a wrong token, or a proof that does not match).
     public private(set) var refusedHandshakes = 0
 
@@ -494,6 +500,31 @@ public struct MasterLogic: Sendable {
             guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
             if table.confirm(segment: seg, through: through) > 0 { confirmations &+= 1 }
             return .ok
+        case let .copyStart(key, targets, drop):
+            guard clients[id]!.copies.count < config.quotas.writesInFlight else {
+                throw .noSpace("this client has \(config.quotas.writesInFlight) replica copies in flight, its quota")
+            }
+            let c = try table.beginCopy(key: key, to: targets, dropping: drop, now: now)
+            copies[c.handle] = (id, now)
+            clients[id]!.copies.insert(c.handle)
+            return .copyStarted(
+                c, lease: granted(table.policy.leaseTTL, now: now), window: granted(config.quotas.writeTimeout, now: now))
+        case let .copyEnd(handle, commit):
+            guard let c = copies[handle], c.client == id else { throw .invalidArgument("no replica copy \(handle) in flight for this client") }
+            copies[handle] = nil
+            clients[id]!.copies.remove(handle)
+            guard commit else {
+                try table.abortCopy(handle)
+                return .ok
+            }
+            do throws(KVError) {
+                try table.commitCopy(handle, now: now)
+                copiesCommitted += 1
+            } catch {
+                copiesFailed += 1
+                throw error
+            }
+            return .ok
         case let .unmount(seg):
             guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
             _ = try unmount(seg, now: now)
@@ -649,6 +680,8 @@ public struct MasterLogic: Sendable {
             Statistic("leases_active", s.activeLeases), Statistic("segments", table.segmentCount), Statistic("clients", clients.count),
             Statistic("writes_in_flight", writes.count), Statistic("requests", requests),
             Statistic("kv_layouts", layouts.count), Statistic("expired_writes", expiredWrites),
+            Statistic("replica_copies_in_flight", copies.count), Statistic("replica_copies_committed", copiesCommitted),
+            Statistic("replica_copies_failed", copiesFailed),
             Statistic("refused_handshakes", refusedHandshakes),
             Statistic("read_holds", holdCount.values.reduce(0, +)), Statistic("read_holds_released", holdsReleased),
             Statistic("read_holds_expired", holdsExpired), Statistic("remounts", remounts),
@@ -701,7 +734,7 @@ public struct MasterLogic: Sendable {
     /// would lose every object in its segments). Returns the departure, if any.
     public mutating func closed(_ session: Session, peerGone: Bool, now: Nanoseconds) -> Departure? {
         guard let id = session.client, let c = clients[id], c.attachment == session.attachment else { return nil }
-        let holding = !c.segments.isEmpty || !c.writes.isEmpty || holdCount[id] != nil || layouts.count(of: id) > 0
+        let holding = !c.segments.isEmpty || !c.writes.isEmpty || !c.copies.isEmpty || holdCount[id] != nil || layouts.count(of: id) > 0
         if peerGone || !holding { return depart(client: id, now: now) }
         clients[id]!.connected = false
         clients[id]!.lastSeen = now
@@ -804,8 +837,15 @@ public struct MasterLogic: Sendable {
             clients[w.client]?.writes.remove(h)
             try? table.abortWrite(w.ticket, now: now)
         }
-        expiredWrites += stale.count
-        return stale.count
+        // Replica copies too: the copier may still be writing until its deadline.
+        let staleCopies = copies.filter { now > $0.value.started && now - $0.value.started > config.quotas.writeTimeout }.keys
+        for h in staleCopies {
+            clients[copies[h]!.client]?.copies.remove(h)
+            copies[h] = nil
+            try? table.abortCopy(h)
+        }
+        expiredWrites += stale.count + staleCopies.count
+        return stale.count + staleCopies.count
     }
 }
 
@@ -884,6 +924,7 @@ public struct Tenant: Sendable, Equatable {
             for i in items { scoped.append(BatchWrite(key: try key(i.key), size: i.size)) }
             return .putStartBatch(items: scoped, mode: mode, options: options, preferred: preferred)
         case let .get(k, host): return .get(key: try key(k), host: host)
+        case let .copyStart(k, targets, drop): return .copyStart(key: try key(k), targets: targets, drop: drop)
         case let .getBatch(keys, host):
             var scoped: [ObjectKey] = []
             scoped.reserveCapacity(keys.count)

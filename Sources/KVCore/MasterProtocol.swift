@@ -84,6 +84,14 @@ public enum MasterRequest: Sendable, Equatable {
     /// (`ObjectTable.SegmentNotice.number`): space freed before them may be handed out again
     /// (`ObjectTable.confirm`). Pipelined, never answered.
     case confirmNotices(segment: SegmentID, through: UInt64)
+    /// Begins copying `key`'s current version into `targets` (at most
+    /// `ObjectTable.maxReplicas` distinct segments); with `drop`, a move: that segment's
+    /// replica goes when the copy commits (`ObjectTable.beginCopy`). Answered by
+    /// `copyStarted`; the client copies the bytes and ends it with `copyEnd`.
+    case copyStart(key: ObjectKey, targets: [SegmentID], drop: SegmentID?)
+    /// Ends replica copy `handle`: `commit` adds the copies (a move drops its source), else
+    /// their space is freed. Answered by `ok`.
+    case copyEnd(handle: UInt64, commit: Bool)
 
     /// Every request kind, numbered once (the wire numbers never change).
     public enum Kind: UInt16, CaseIterable {
@@ -116,6 +124,8 @@ public enum MasterRequest: Sendable, Equatable {
         case resume = 27
         case restore = 28
         case confirmNotices = 29
+        case copyStart = 30
+        case copyEnd = 31
     }
 
     public var requestKind: Kind {
@@ -149,6 +159,8 @@ public enum MasterRequest: Sendable, Equatable {
         case .resume: .resume
         case .restore: .restore
         case .confirmNotices: .confirmNotices
+        case .copyStart: .copyStart
+        case .copyEnd: .copyEnd
         }
     }
 
@@ -179,7 +191,7 @@ public enum MasterRequest: Sendable, Equatable {
     /// Requests that read keys (a read of a key being written waits for its commit).
     public var isRead: Bool {
         switch self {
-        case .get, .getBatch, .exists, .size, .sizeBatch: true
+        case .get, .getBatch, .exists, .size, .sizeBatch, .copyStart: true
         default: false
         }
     }
@@ -196,7 +208,9 @@ public enum MasterRequest: Sendable, Equatable {
     /// Whether any key the request is about satisfies `test`.
     public func anyKey(_ test: (ObjectKey) -> Bool) -> Bool {
         switch self {
-        case let .putStart(key, _, _, _, _), let .get(key, _), let .exists(key), let .size(key), let .remove(key, _): test(key)
+        case let .putStart(key, _, _, _, _), let .get(key, _), let .exists(key), let .size(key), let .remove(key, _),
+            let .copyStart(key, _, _):
+            test(key)
         case let .putStartBatch(items, _, _, _): items.contains { test($0.key) }
         case let .getBatch(keys, _), let .sizeBatch(keys), let .removeBatch(keys, _): keys.contains(where: test)
         default: false
@@ -385,6 +399,9 @@ public enum MasterResponse: Sendable, Equatable {
     /// The answer to `sizeBatch`: each key's size, nil when it is absent (8 bytes a key, no
     /// error text: `batch_exists` of 10,000 keys is mostly this).
     case sizes([Int?])
+    /// The answer to `copyStart`: the copy, with how long the client may read its sources
+    /// (as `FoundObject.lease`) and begin writing its targets (as `StartedWrite.window`).
+    case copyStarted(ReplicaCopy, lease: Nanoseconds, window: Nanoseconds)
 
     /// Every answer kind, numbered once.
     public enum Kind: UInt16, CaseIterable {
@@ -406,6 +423,7 @@ public enum MasterResponse: Sendable, Equatable {
         case values = 115
         case notices = 116
         case sizes = 117
+        case copyStarted = 118
     }
 
     public var responseKind: Kind {
@@ -428,6 +446,7 @@ public enum MasterResponse: Sendable, Equatable {
         case .values: .values
         case .notices: .notices
         case .sizes: .sizes
+        case .copyStarted: .copyStarted
         }
     }
 
@@ -564,6 +583,15 @@ extension MasterRequest {
         case let .confirmNotices(segment, through):
             w.u32(segment)
             w.u64(through)
+        case let .copyStart(key, targets, drop):
+            w.key(key)
+            w.count(targets.count)
+            for t in targets { w.u32(t) }
+            w.bool(drop != nil)
+            if let drop { w.u32(drop) }
+        case let .copyEnd(handle, commit):
+            w.u64(handle)
+            w.bool(commit)
         case let .restore(segment, objects, last):
             w.u32(segment)
             w.count(objects.count)
@@ -653,6 +681,13 @@ extension MasterRequest {
         case .release: m = .release(holds: try Self.decodeHandles(&r, "holds"))
         case .leave: m = .leave
         case .confirmNotices: m = .confirmNotices(segment: try r.u32(), through: try r.u64())
+        case .copyStart:
+            let key = try r.key()
+            let n = try r.count(max: ObjectTable.maxReplicas, minElementSize: 4, "target segments")
+            var targets: [SegmentID] = []
+            for _ in 0..<n { targets.append(try r.u32()) }
+            m = .copyStart(key: key, targets: targets, drop: try r.bool() ? try r.u32() : nil)
+        case .copyEnd: m = .copyEnd(handle: try r.u64(), commit: try r.bool())
         case .restore:
             let segment = try r.u32()
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 40, "restored objects")
@@ -721,6 +756,9 @@ extension MasterResponse {
         case let .sizes(ns):
             w.count(ns.count)
             for n in ns { w.u64(n.map { UInt64($0) } ?? UInt64.max) }
+        case let .copyStarted(c, lease, window):
+            w.u64(c.handle); w.u64(UInt64(c.size)); replicas(c.sources); replicas(c.targets)
+            MasterRequest.encodeChecksum(c.checksum, &w); w.u64(lease); w.u64(window)
         case let .notices(ns):
             w.count(ns.count)
             for n in ns {
@@ -818,6 +856,12 @@ extension MasterResponse {
                 ns.append(Int(v))
             }
             m = .sizes(ns)
+        case .copyStarted:
+            let handle = try r.u64()
+            let size = try r.size(max: MasterLimits.maxSize, "size")
+            let sources = try replicas(), targets = try replicas()
+            let c = ReplicaCopy(handle: handle, size: size, sources: sources, targets: targets, checksum: try MasterRequest.decodeChecksum(&r))
+            m = .copyStarted(c, lease: try r.u64(), window: try r.u64())
         case .notices:
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 29, "notices")
             var ns: [ObjectTable.SegmentNotice] = []

@@ -13,6 +13,8 @@ extension ObjectTable {
             if v.list != .none { listed += v.placements.length }
         }
         for q in quarantined where segments.slots[Int(q.placement.slot)].mounted { used += q.placement.allocation.length }
+        for c in copies.values { for p in c.targets where segments.slots[Int(p.slot)].mounted { used += p.allocation.length } }
+        for ps in retired.values { for p in ps where segments.slots[Int(p.slot)].mounted { used += p.allocation.length } }
         let reporting = quarantined.reduce(0) { $0 + (awaitingReport.contains($1.placement.slot) ? $1.placement.allocation.length : 0) }
         var awaiting = 0
         for (slot, l) in ledgers where segments.slots[Int(slot)].mounted {

@@ -187,7 +187,7 @@ public struct ObjectTable: Sendable {
     /// Sum of the sizes of visible objects, in bytes.
     public internal(set) var objectBytes = 0
     /// Read holds currently outstanding.
-    public private(set) var activeReaders = 0
+    public internal(set) var activeReaders = 0
     /// Versions whose read lease has not ended (visible or not).
     public internal(set) var activeLeases = 0
     /// Sizes of the visible hard-pinned / soft-pinned objects, in bytes.
@@ -479,6 +479,14 @@ public struct ObjectTable: Sendable {
         leaseHolds[dead] = nil
         awaitingReport.remove(dead)
         awaitingBytes -= ledgers.removeValue(forKey: dead)?.awaiting.reduce(0) { $0 + $1.placement.allocation.length } ?? 0
+        for (h, c) in copies where c.targets.contains(where: { $0.slot == dead }) {
+            copies[h]!.targets.removeAll { $0.slot == dead }
+            copies[h]!.lostTarget = true
+        }
+        for (v, ps) in retired where ps.contains(where: { $0.slot == dead }) {
+            retired[v] = ps.filter { $0.slot != dead }
+            if retired[v]!.isEmpty { retired[v] = nil }
+        }
         var report = UnmountReport()
         for i in versions.indices where versions[i].state != .free && versions[i].placements.contains(slot: dead) {
             let s = Int32(i)
@@ -576,6 +584,7 @@ public struct ObjectTable: Sendable {
         guard versions[s].readers > 0 else { throw KVError(.internal, "release of a version that is not read") }
         versions[s].readers -= 1
         activeReaders -= 1
+        if versions[s].readers == 0, let gone = retired.removeValue(forKey: Int32(s)) { gone.forEach { freeNoticed($0) } }
         if versions[s].linked { updateList(Int32(s)) } else { reclaimIfUnused(Int32(s)) }
     }
 
@@ -828,10 +837,17 @@ public struct ObjectTable: Sendable {
     /// Per mounted segment slot that has had a notice (gone with its segment: `unmount`).
     var ledgers: [Int32: Ledger] = [:]
     /// Bytes in the ledgers' `awaiting` (counted as used until then).
-    public private(set) var awaitingBytes = 0
+    public internal(set) var awaitingBytes = 0
+
+    /// Replica copies and moves in flight (`beginCopy`), by their handle.
+    var copies: [UInt64: ReplicaCopyState] = [:]
+    var nextCopy: UInt64 = 1
+    /// Placements taken off a version by a move while readers still held it: freed when its
+    /// last reader is done (`releaseRead`) or it goes.
+    var retired: [Int32: [Placement]] = [:]
 
     /// Appends a notice about slot `slot`, numbered in its segment's stream.
-    private mutating func record(_ slot: Int32, offset: Int, seq: UInt64, object: Restored?) {
+    mutating func record(_ slot: Int32, offset: Int, seq: UInt64, object: Restored?) {
         ledgers[slot, default: Ledger()].recorded &+= 1
         let n = ledgers[slot]!.recorded
         notices.append(SegmentNotice(segment: segments.id(of: slot), offset: offset, seq: seq, object: object, number: n))
@@ -966,7 +982,7 @@ public struct ObjectTable: Sendable {
         VersionHandle(versions[Int(slot)].generation) << 32 | VersionHandle(UInt32(slot))
     }
 
-    private func slot(_ h: VersionHandle) throws(KVError) -> Int {
+    func slot(_ h: VersionHandle) throws(KVError) -> Int {
         let s = Int(h & 0xFFFF_FFFF)
         guard s < versions.count, versions[s].generation == UInt32(h >> 32), versions[s].state != .free else {
             throw KVError(.internal, "stale or unknown version handle \(h)")
@@ -997,6 +1013,18 @@ public struct ObjectTable: Sendable {
         reclaimIfUnused(s)
     }
 
+    /// Frees the space of a committed placement whose owner was told it went: once the owner
+    /// confirms that notice (`ledgers`). At once when the segment is gone or its owner already
+    /// confirmed every notice (the version went after its removal was heard), or in a table
+    /// that records no notices.
+    mutating func freeNoticed(_ p: Placement) {
+        guard recordNotices, segments.slots[Int(p.slot)].mounted, let l = ledgers[p.slot], l.recorded > l.confirmed else {
+            return segments.free(p)
+        }
+        ledgers[p.slot]!.awaiting.append((p, l.recorded))
+        awaitingBytes += p.allocation.length
+    }
+
     mutating func reclaimIfUnused(_ s: Int32) {
         let v = versions[Int(s)]
         if v.readers == 0 && v.state == .complete && !v.linked { dropVersion(s) }
@@ -1005,14 +1033,9 @@ public struct ObjectTable: Sendable {
     private mutating func dropVersion(_ s: Int32) {
         timers.cancelAll(slot: s)
         if versions[Int(s)].leaseUntil != 0 { activeLeases -= 1 }
+        retired.removeValue(forKey: s)?.forEach { freeNoticed($0) }
         if recordNotices, versions[Int(s)].seq != 0 { // its owners may list it: free once they heard it went
-            versions[Int(s)].placements.forEach { p in
-                // Gone from an unmounted segment, or its owner already confirmed every notice
-                // (the version went once its last reader was done, after its removal was heard).
-                guard segments.slots[Int(p.slot)].mounted, let l = ledgers[p.slot], l.recorded > l.confirmed else { return segments.free(p) }
-                ledgers[p.slot]!.awaiting.append((p, l.recorded))
-                awaitingBytes += p.allocation.length
-            }
+            versions[Int(s)].placements.forEach { freeNoticed($0) }
         } else {
             versions[Int(s)].placements.forEach { segments.free($0) }
         }

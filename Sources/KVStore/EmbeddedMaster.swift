@@ -59,6 +59,32 @@ public protocol MasterLink: AnyObject, Sendable {
     func unpublishLayout(node: String) throws(KVError)
     /// One page of the keys of the store (or cluster), in byte order after `after`.
     func keysPage(after: ObjectKey?) throws(KVError) -> ObjectTable.KeysPage
+
+    /// Begins copying `key`'s current version into `targets` (a move with `dropping`; see
+    /// `ObjectTable.beginCopy`); the caller copies the bytes and calls `endCopy`.
+    func beginCopy(key: ObjectKey, to targets: [SegmentID], dropping: SegmentID?) throws(KVError) -> CopyTicket
+    func endCopy(_ handle: UInt64, commit: Bool) throws(KVError)
+}
+
+/// A replica copy as its copier holds it: what to read and write, and its deadlines on the
+/// copier's clock (`leaseEnd` for reading the sources, as `ReadTicket.leaseEnd`; `beginBy`
+/// and `deadline` for writing the targets, as `WriteTicket`'s).
+public struct CopyTicket: Sendable, Equatable {
+    public var copy: ReplicaCopy
+    public var leaseEnd: Nanoseconds
+    public var beginBy: Nanoseconds
+    public var deadline: Nanoseconds
+}
+
+extension MasterLink {
+    /// An embedded store has one segment: there is nowhere to copy a replica to.
+    public func beginCopy(key: ObjectKey, to targets: [SegmentID], dropping: SegmentID?) throws(KVError) -> CopyTicket {
+        throw KVError(.unsupported, "replica copies and moves need a cluster: an embedded store has one segment")
+    }
+
+    public func endCopy(_ handle: UInt64, commit: Bool) throws(KVError) {
+        throw KVError(.unsupported, "replica copies and moves need a cluster: an embedded store has one segment")
+    }
 }
 
 /// The in-process master: the `ObjectTable` state machine behind one lock, fed by `clock`.

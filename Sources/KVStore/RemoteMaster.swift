@@ -498,6 +498,23 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
             }, handle: found)
     }
 
+    public func beginCopy(key: ObjectKey, to targets: [SegmentID], dropping: SegmentID?) throws(KVError) -> CopyTicket {
+        try link.withLock { (l: inout Link) throws(KVError) -> CopyTicket in
+            let sentAt = clock()
+            guard case let .copyStarted(c, lease, window) = try expect(&l, .copyStart(key: key, targets: targets, drop: dropping)) else {
+                throw KVError(.internal, "unexpected answer to copyStart")
+            }
+            return CopyTicket(
+                copy: c, leaseEnd: Self.leaseEnd(sentAt: sentAt, ttl: min(l.leaseTTL, lease)),
+                beginBy: Self.leaseEnd(sentAt: sentAt, ttl: min(writeTimeout, window)),
+                deadline: Self.leaseEnd(sentAt: sentAt, ttl: writeTimeout))
+        }
+    }
+
+    public func endCopy(_ handle: UInt64, commit: Bool) throws(KVError) {
+        _ = try call(.copyEnd(handle: handle, commit: commit))
+    }
+
     /// The reader's deadline for a lease asked for at `sentAt` (this client's clock): the
     /// master starts the lease when it handles the request, after `sentAt`, so a copy that
     /// ends before `sentAt + leaseTTL` ended inside the lease. The margin (1/32 of the TTL,

@@ -687,7 +687,7 @@ public final class StoreClient: Sendable {
         throw .invalidArgument("buffer of \(room) bytes is too small for \(what)")
     }
 
-    private func heldCopyOut(
+    func heldCopyOut(
         _ ticket: ReadTicket, range: Range<Int>, to destinations: UnsafeBufferPointer<MemoryRegion>,
         memory: MemoryHint
     ) throws(KVError) -> Int {
@@ -803,7 +803,7 @@ public final class StoreClient: Sendable {
     }
 
     /// Runs `body` with `size` bytes of host memory, counted as staged.
-    private func withStaging(_ size: Int, _ body: (MemoryRegion) throws(KVError) -> Void) throws(KVError) {
+    func withStaging(_ size: Int, _ body: (MemoryRegion) throws(KVError) -> Void) throws(KVError) {
         let p = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: 64)
         defer { p.deallocate() }
         counters.bytesStaged.add(size, ordering: .relaxed)

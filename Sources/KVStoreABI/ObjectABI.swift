@@ -189,6 +189,23 @@ public func kvRemove(_ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ ke
     }
 }
 
+@c(kv_copy_replicas)
+public func kvCopyReplicas(
+    _ store: OpaquePointer?, _ key: UnsafePointer<CChar>?, _ keyLen: Int,
+    _ targets: UnsafePointer<UInt32>?, _ ntargets: Int, _ drop: UInt32, _ flags: UInt32
+) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let c = try ABI.client(store)
+        let k = try ABI.key(key, keyLen)
+        guard ntargets >= 0, ntargets <= ObjectTable.maxReplicas, ntargets == 0 || targets != nil else {
+            throw .invalidArgument("between 1 and \(ObjectTable.maxReplicas) target segments, not \(ntargets)")
+        }
+        let list = ntargets == 0 ? [] : Array(UnsafeBufferPointer(start: targets, count: ntargets))
+        let moving = flags & UInt32(KV_COPY_MOVE) != 0
+        try c.copyReplicas(key: k, to: list, dropping: moving ? drop : nil)
+    }
+}
+
 @c(kv_remove_all)
 public func kvRemoveAll(_ store: OpaquePointer?, _ flags: UInt32, _ removed: UnsafeMutablePointer<UInt64>?) -> Int32 {
     ABI.status { () throws(KVError) in

@@ -494,7 +494,9 @@ final class MasterLogicTests: XCTestCase {
         .putStartBatch(items: [], mode: .upsert, options: .default, preferred: nil),
         .getBatch(keys: ["a", "b", "é"], host: "h"),
         .publishLayout(MasterLogicTests.published), .fetchLayout(node: "n"), .unpublishLayout(node: "é"), .listKeys(after: nil),
-        .listKeys(after: "req/1"), .sizeBatch(keys: ["a", "é"]), .sizeBatch(keys: []), .removeBatch(keys: ["a"], force: true)
+        .listKeys(after: "req/1"), .sizeBatch(keys: ["a", "é"]), .sizeBatch(keys: []), .removeBatch(keys: ["a"], force: true),
+        .copyStart(key: "k", targets: [2, 3], drop: 1), .copyStart(key: "é", targets: [7], drop: nil), .copyEnd(handle: 1 << 40, commit: true),
+        .copyEnd(handle: 2, commit: false)
     ]
     static let published = PublishedLayout(
         node: "n",
@@ -520,6 +522,10 @@ final class MasterLogicTests: XCTestCase {
             .success(FoundObject(size: 9, replicas: [Replica(segment: 1, offset: 0), Replica(segment: 2, offset: 64)], lease: 5_000_000_000))
         ]),
         .layout(MasterLogicTests.published), .keys(["a", "é", "req/1"], more: true), .keys([], more: false),
+        .copyStarted(
+            ReplicaCopy(handle: 4, size: 9, sources: [Replica(segment: 1, offset: 64)], targets: [Replica(segment: 2, offset: 0)], checksum: 7),
+            lease: 5, window: 6),
+        .copyStarted(ReplicaCopy(handle: 1, size: 1, sources: [], targets: [], checksum: nil), lease: 0, window: 0),
         .challenge(nonce: [1, 2], proof: [3]), .values([.success(0), .success(1 << 40), .failure(KVError(.objectNotFound, "gone"))]), .sizes([3, nil, 0]),
         .sizes([])
     ]
@@ -625,6 +631,31 @@ final class MasterLogicTests: XCTestCase {
             XCTAssertEqual(n.handle(.stats, session: &s, now: 1).statsValue("remounts"), reused == nil ? 0 : 1)
             XCTAssertNil(n.table.invariantViolation())
         }
+    }
+
+    func testReplicaCopiesBelongToTheirClient() throws {
+        var m = try master()
+        var (a, segA) = join(&m, "a", host: "h")
+        var (b, segB) = join(&m, "b", host: "h")
+        _ = put(&m, &a, "k", preferred: segA)
+        guard case .copyStarted(let c, let lease, let window) = m.handle(.copyStart(key: "k", targets: [segB], drop: segA), session: &a, now: 1)
+        else { return XCTFail("copyStart") }
+        XCTAssertEqual(c.targets.map(\.segment), [segB])
+        XCTAssertEqual(lease, m.table.policy.leaseTTL)
+        XCTAssertEqual(window, m.config.quotas.writeTimeout)
+        XCTAssertEqual(m.handle(.stats, session: &a, now: 1).statsValue("replica_copies_in_flight"), 1)
+        XCTAssertEqual(errorCode(m.handle(.copyEnd(handle: c.handle, commit: true), session: &b, now: 2)), .invalidArgument, "not b's")
+        XCTAssertEqual(m.handle(.copyEnd(handle: c.handle, commit: true), session: &a, now: 2), .ok)
+        XCTAssertEqual(m.table.replicas(key: "k")?.map(\.segment), [segB], "moved")
+        XCTAssertEqual(m.handle(.stats, session: &a, now: 2).statsValue("replica_copies_committed"), 1)
+        // A copy the client never ends expires with the write timeout, and frees its space.
+        guard case .copyStarted(let d, _, _) = m.handle(.copyStart(key: "k", targets: [segA], drop: nil), session: &b, now: 3)
+        else { return XCTFail("copyStart") }
+        XCTAssertEqual(m.expireWrites(now: 3 + m.config.quotas.writeTimeout), 0)
+        XCTAssertEqual(m.expireWrites(now: 4 + m.config.quotas.writeTimeout), 1)
+        XCTAssertEqual(errorCode(m.handle(.copyEnd(handle: d.handle, commit: true), session: &b, now: 5)), .invalidArgument)
+        XCTAssertEqual(m.table.replicas(key: "k")?.map(\.segment), [segB])
+        XCTAssertNil(m.table.invariantViolation())
     }
 
     func testAReaderThatNeverReleasesIsBoundedAndItsHoldsEndWithTheirLeases() throws {

@@ -295,8 +295,8 @@ final class MasterSessionTests: XCTestCase {
 
     /// Message kinds are numbered once (`Kind`); the numbers are the wire format and never move.
     func testMessageKindNumbersAreStable() {
-        XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...29))
-        XCTAssertEqual(MasterResponse.Kind.allCases.map(\.rawValue), Array(100...117))
+        XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...31))
+        XCTAssertEqual(MasterResponse.Kind.allCases.map(\.rawValue), Array(100...118))
         XCTAssertEqual(MasterRequest.heartbeat.kind, 4)
         XCTAssertEqual(MasterRequest.restore(segment: 1, objects: [], last: false).kind, 28)
         XCTAssertEqual(MasterResponse.errorKind, 101)
@@ -304,7 +304,9 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertEqual(MasterResponse.sizes([]).kind, 117)
         XCTAssertTrue(MasterRequest.isHandshakeKind(1) && MasterRequest.isHandshakeKind(21) && !MasterRequest.isHandshakeKind(2))
         XCTAssertEqual(MasterRequest.confirmNotices(segment: 1, through: 1).kind, 29)
-        XCTAssertFalse(MasterRequest.isRequestKind(30) || MasterResponse.isResponseKind(118) || MasterRequest.isRequestKind(0))
+        XCTAssertEqual(MasterRequest.copyStart(key: "k", targets: [1], drop: nil).kind, 30)
+        XCTAssertEqual(MasterRequest.copyEnd(handle: 1, commit: true).kind, 31)
+        XCTAssertFalse(MasterRequest.isRequestKind(32) || MasterResponse.isResponseKind(119) || MasterRequest.isRequestKind(0))
     }
 
     /// `sizes` (the answer to `sizeBatch`): 8 bytes a key, absent as all ones; a size past

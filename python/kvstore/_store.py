@@ -92,6 +92,26 @@ class Store(KVLayoutMixin, _native.Store):
             time.sleep(0.05)
         return False
 
+    def replicas(self, key: str) -> list[int]:
+        """The segments holding ``key``'s replicas (segment ids, the one a read tries first
+        first); ``ObjectNotFoundError`` when it is missing. Leases the object, as ``exists``."""
+        found = self._replicas([key])[0]
+        if isinstance(found, Exception):
+            raise found
+        if found is None:
+            raise ObjectNotFoundError(f"object '{key}' not found")
+        return [segment for segment, _ in found[1]]
+
+    def copy_replicas(self, key: str, targets: Sequence[int], drop: int | None = None) -> None:
+        """Adds a replica of ``key`` in each of ``targets`` (segment ids of the cluster that
+        hold none yet, at most 16); with ``drop``, moves the replica in that segment instead
+        (it goes once the copies are in place). The bytes go through this client: read and
+        verified as any read, then written. Readers see the object all along. When it is
+        removed or replaced meanwhile nothing changes and ``ObjectNotFoundError`` is raised;
+        ``NoSpaceError`` when a target has no room (nothing is evicted for a copy);
+        ``UnsupportedError`` in an embedded store, which has one segment."""
+        super().copy_replicas(key, targets, drop)
+
     def keys(self, pattern: str | None = None) -> list[str]:
         """Every key (of the cluster, when connected), or those ``pattern`` matches (Python
         ``re.search``), in byte order. Read page by page (``scan_keys``): no answer is ever

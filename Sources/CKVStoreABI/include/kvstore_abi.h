@@ -285,6 +285,15 @@ int32_t kv_remove(kv_store *store, const char *key, size_t key_len, uint32_t fla
 /* Removes every object that is not leased (with KV_REMOVE_FORCE: every object). */
 int32_t kv_remove_all(kv_store *store, uint32_t flags, uint64_t *removed);
 
+/* Flags of kv_copy_replicas. */
+#define KV_COPY_MOVE 1u
+/* Adds a replica of `key` in each of `targets` (ntargets distinct segment ids of the cluster
+ * that hold none yet, at most 16); with KV_COPY_MOVE, moves the replica in segment `drop`
+ * instead (it goes once the copies are in place). The bytes go through this client (read,
+ * verified, then written). KV_E_OBJECT_NOT_FOUND when the object is missing or changed meanwhile (nothing
+ * changes then); KV_E_UNSUPPORTED in an embedded store (one segment). */
+int32_t kv_copy_replicas(kv_store *store, const char *key, size_t key_len, const uint32_t *targets, size_t ntargets, uint32_t drop, uint32_t flags);
+
 /* Registers [ptr, ptr+len) as user memory at `location` ("cpu", "cuda:N"). */
 int32_t kv_register_buffer(kv_store *store, const void *ptr, size_t len, const char *location, size_t location_len);
 int32_t kv_unregister_buffer(kv_store *store, const void *ptr);

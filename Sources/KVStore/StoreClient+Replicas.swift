@@ -1,0 +1,41 @@
+import KVAccelerator
+import KVCore
+import KVTransfer
+
+extension StoreClient {
+    /// Adds replicas of `key` in each of `targets` (segments of the cluster that hold none
+    /// yet); with `dropping`, moves the replica in that segment instead (it goes once the copy
+    /// is in place). The bytes go through this client: read from a current replica (verified
+    /// as any read: lease and checksum) into host memory, then written to each target. Readers
+    /// see the object all along; when it is removed or replaced meanwhile, nothing changes and
+    /// this throws `objectNotFound`. `unsupported` in an embedded store (one segment).
+    public func copyReplicas(key: ObjectKey, to targets: [SegmentID], dropping: SegmentID? = nil) throws(KVError) {
+        try enter()
+        defer { leave() }
+        let t = try master.beginCopy(key: key, to: targets, dropping: dropping)
+        let c = t.copy
+        do throws(KVError) {
+            guard let first = c.sources.first else { throw KVError(.internal, "the master named no replica to copy from") }
+            try withStaging(c.size) { (staging) throws(KVError) in
+                let read = ReadTicket(
+                    handle: 0, segment: first.segment, offset: first.offset, size: c.size, fallbacks: Array(c.sources.dropFirst()),
+                    leaseEnd: t.leaseEnd, checksum: c.checksum)
+                try withUnsafePointer(to: staging) { (s) throws(KVError) in
+                    let one = UnsafeBufferPointer(start: s, count: 1)
+                    _ = try self.heldCopyOut(read, range: 0..<c.size, to: one, memory: .host)
+                    var write = WriteTicket(handle: 0, size: c.size, inPlace: false, replicas: c.targets)
+                    write.deadline = t.deadline
+                    write.beginBy = t.beginBy
+                    var plan = DeviceCopyPlan()
+                    for r in c.targets {
+                        _ = try self.write(one, locations: nil, size: c.size, to: r, of: write, plan: &plan, owner: 0)
+                    }
+                }
+            }
+            try master.endCopy(c.handle, commit: true)
+        } catch {
+            try? master.endCopy(c.handle, commit: false)
+            throw error
+        }
+    }
+}
