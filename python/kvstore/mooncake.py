@@ -20,7 +20,10 @@ import random
 import re
 import socket
 import sys
+import threading
+import time
 import types
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +36,8 @@ from ._store import Store
 
 __all__ = ["BufferHandle", "BufferLease", "BufferPool", "ErrorCode", "MooncakeBundleTransfer", "MooncakeDistributedStore",
            "MooncakeDistributedStoreAsync", "MooncakeHostMemAllocator", "ParallelAxis", "ReadTarget", "ReplicaDescriptor",
-           "ReplicaStatus", "ReplicateConfig", "SoftPinAction", "TensorParallelism", "bind_to_numa_node", "install_as_mooncake"]
+           "QueryTaskResponse", "ReplicaStatus", "ReplicateConfig", "SoftPinAction", "TaskStatus", "TaskType", "TensorParallelism",
+           "bind_to_numa_node", "install_as_mooncake"]
 
 
 class ErrorCode(enum.IntEnum):
@@ -46,7 +50,11 @@ class ErrorCode(enum.IntEnum):
     OBJECT_NOT_FOUND = -704
     OBJECT_ALREADY_EXISTS = -705
     OBJECT_HAS_LEASE = -706
+    REPLICA_NOT_FOUND = -710
+    REPLICA_ALREADY_EXISTS = -711
     TRANSFER_FAIL = -800
+    TASK_NOT_FOUND = -1400
+    TASK_PENDING_LIMIT_EXCEEDED = -1401
 
 
 _CODES: dict[type[BaseException], int] = {
@@ -189,6 +197,59 @@ class MemoryDescriptor:
 
     def __repr__(self) -> str:
         return f"MemoryDescriptor({self.buffer_descriptor!r})"
+
+
+class TaskType(enum.IntEnum):
+    """What a task does (``query_task``)."""
+
+    REPLICA_COPY = 0
+    REPLICA_MOVE = 1
+
+
+class TaskStatus(enum.IntEnum):
+    """Where a copy or move task is: ``PENDING`` until this client's task thread takes it,
+    then ``PROCESSING``, then ``SUCCESS`` or ``FAILED``."""
+
+    PENDING = 0
+    PROCESSING = 1
+    SUCCESS = 2
+    FAILED = 3
+
+
+def _uuid_pair(u: uuid.UUID) -> tuple[int, int]:
+    """A UUID as Mooncake's (high, low) pair of 64-bit ints."""
+    return u.int >> 64, u.int & ((1 << 64) - 1)
+
+
+class QueryTaskResponse:
+    """A task's state (``query_task``): ``id`` and ``assigned_client`` as (high, low) pairs,
+    ``type``, ``status``, the times it was created and last changed (ms since the epoch) and
+    ``message`` (why it failed, or "" )."""
+
+    def __init__(self, task_id: tuple[int, int], kind: TaskType, client: tuple[int, int]) -> None:
+        self.id, self.type, self.assigned_client = task_id, kind, client
+        self.status = TaskStatus.PENDING
+        self.created_at_ms_epoch = self.last_updated_at_ms_epoch = int(time.time() * 1000)
+        self.message = ""
+
+    def _set(self, status: TaskStatus, message: str = "") -> None:
+        self.status, self.message = status, message
+        self.last_updated_at_ms_epoch = int(time.time() * 1000)
+
+    def __repr__(self) -> str:
+        return f"<QueryTaskResponse {self.type.name} {self.status.name} {self.message!r}>"
+
+
+def _segment_id(name: Any) -> int:
+    """A segment as ``get_replica_desc`` names it ("kvstore-segment-<id>"), or its id."""
+    if isinstance(name, int) and not isinstance(name, bool) and 0 < name < 1 << 32:
+        return name
+    if isinstance(name, str):
+        m = re.fullmatch(r"kvstore-segment-([1-9][0-9]{0,9})", name)
+        if m and int(m.group(1)) < 1 << 32:
+            return int(m.group(1))
+    raise _errors.InvalidArgumentError(f"segment {name!r}: kvstore names segments 'kvstore-segment-<id>' "
+                                       "(see get_replica_desc)")
 
 
 class ReplicaDescriptor:
@@ -607,6 +668,13 @@ class MooncakeDistributedStore:
         self._pool = MooncakeHostMemAllocator()   # alloc_from_mem_pool's memory
         self._get_sessions: dict[str, int] = {}  # keys with batch get sessions open: how many
         self._put_sessions: dict[str, int] = {}  # keys with a put session open: its write id
+        # Copy and move tasks: run by one thread of this client, kept for query_task (the
+        # newest _MAX_TASKS; finished ones go first).
+        self._tasks: dict[tuple[int, int], QueryTaskResponse] = {}
+        self._task_queue: list[tuple[QueryTaskResponse, str, list[int], int | None]] = []
+        self._task_lock = threading.Condition()
+        self._task_thread: threading.Thread | None = None
+        self._client_id = _uuid_pair(uuid.uuid4())
 
     # ---- lifecycle ----
 
@@ -714,7 +782,15 @@ class MooncakeDistributedStore:
             return _code(e)
 
     def close(self) -> int:
-        """Leaves the cluster. Idempotent; returns 0."""
+        """Leaves the cluster. Idempotent; returns 0. Tasks not yet done fail."""
+        with self._task_lock:
+            thread, self._task_thread = self._task_thread, None
+            for task, *_ in self._task_queue:
+                task._set(TaskStatus.FAILED, "the client closed before the task ran")
+            self._task_queue.clear()
+            self._task_lock.notify_all()
+        if thread is not None:
+            thread.join()
         if self._dummies is not None:
             self._dummies.close()
             self._dummies = None
@@ -893,6 +969,94 @@ class MooncakeDistributedStore:
             return self._run(describe)
         except Exception:   # noqa: BLE001 - Mooncake's convention: nothing found, never an exception
             return {}
+
+    # ---- copy and move tasks ----
+
+    _MAX_TASKS = 10_000
+
+    def create_copy_task(self, key: str, targets: Sequence[str]) -> tuple[tuple[int, int], int]:
+        """Queues a copy of ``key`` to each of ``targets`` (segment names as
+        ``get_replica_desc`` gives them, "kvstore-segment-<id>"): a real replica, made by this
+        client's task thread (``Store.copy_replicas``). Returns (task id, 0), or ((0, 0), code)
+        when it cannot be queued (the object is missing, a name is bad, too many tasks)."""
+        def check(s: Store) -> tuple[str, list[int], int | None]:
+            if not isinstance(key, str):
+                raise _errors.ArgumentTypeError(f"key must be a str, not {type(key).__name__}")
+            if not isinstance(targets, (list, tuple)) or not 1 <= len(targets) <= 16:
+                raise _errors.InvalidArgumentError("targets must be a list of 1 to 16 segment names")
+            ids = [_segment_id(t) for t in targets]
+            s.replicas(key)   # missing: OBJECT_NOT_FOUND now, as Mooncake
+            return key, ids, None
+        return self._submit(TaskType.REPLICA_COPY, check)
+
+    def create_move_task(self, key: str, source: str, target: str) -> tuple[tuple[int, int], int]:
+        """Queues a move of ``key``'s replica in segment ``source`` to segment ``target``
+        (names as for ``create_copy_task``). ((0, 0), code) when the object or its replica in
+        ``source`` is missing now."""
+        def check(s: Store) -> tuple[str, list[int], int | None]:
+            if not isinstance(key, str):
+                raise _errors.ArgumentTypeError(f"key must be a str, not {type(key).__name__}")
+            src, dst = _segment_id(source), _segment_id(target)
+            if src not in s.replicas(key):
+                raise _errors.InvalidArgumentError(f"segment {source!r} holds no replica of {key!r}")
+            return key, [dst], src
+        return self._submit(TaskType.REPLICA_MOVE, check)
+
+    def query_task(self, task_id: Any) -> tuple[QueryTaskResponse | None, int]:
+        """(the task's state, 0), or (None, TASK_NOT_FOUND) for an id this client did not
+        create or has forgotten (it keeps the newest 10,000)."""
+        with self._task_lock:
+            found = self._tasks.get(tuple(task_id)) if isinstance(task_id, (tuple, list)) else None
+        return (found, 0) if found is not None else (None, int(ErrorCode.TASK_NOT_FOUND))
+
+    def _submit(self, kind: TaskType, check: Callable[[Store], tuple[str, list[int], int | None]]) -> tuple[tuple[int, int], int]:
+        try:
+            key, targets, drop = self._run(check)
+        except Exception as e:   # noqa: BLE001 - Mooncake's convention
+            return (0, 0), _code(e)
+        with self._task_lock:
+            if len(self._task_queue) >= self._MAX_TASKS:
+                return (0, 0), int(ErrorCode.TASK_PENDING_LIMIT_EXCEEDED)
+            task = QueryTaskResponse(_uuid_pair(uuid.uuid4()), kind, self._client_id)
+            while len(self._tasks) >= self._MAX_TASKS:   # forget the oldest finished one
+                old = next((t for t, q in self._tasks.items() if q.status in (TaskStatus.SUCCESS, TaskStatus.FAILED)), None)
+                if old is None:
+                    break
+                del self._tasks[old]
+            self._tasks[task.id] = task
+            self._task_queue.append((task, key, targets, drop))
+            if self._task_thread is None:
+                self._task_thread = threading.Thread(target=self._run_tasks, name="kvstore-mooncake-tasks", daemon=True)
+                self._task_thread.start()
+            self._task_lock.notify_all()
+        return task.id, 0
+
+    def _run_tasks(self) -> None:
+        """The task thread: runs queued tasks one by one until the client closes. A task
+        that finds no room is tried again up to 3 times, 0.1 s apart (as Mooncake retries
+        NO_AVAILABLE_HANDLE)."""
+        me = threading.current_thread()
+        while True:
+            with self._task_lock:
+                while not self._task_queue and self._task_thread is me:
+                    self._task_lock.wait()
+                if self._task_thread is not me:
+                    return
+                task, key, targets, drop = self._task_queue.pop(0)
+                task._set(TaskStatus.PROCESSING)
+            for attempt in range(4):
+                try:
+                    self._run(lambda s: s.copy_replicas(key, targets, drop))
+                    task._set(TaskStatus.SUCCESS)
+                    break
+                except _errors.NoSpaceError as e:
+                    if attempt == 3:
+                        task._set(TaskStatus.FAILED, f"{ErrorCode.NO_AVAILABLE_HANDLE.name}: {e}")
+                    else:
+                        time.sleep(0.1)
+                except Exception as e:   # noqa: BLE001 - the task records it
+                    task._set(TaskStatus.FAILED, f"{ErrorCode(_code(e)).name}: {e}")
+                    break
 
     def get_size(self, key: str) -> int:
         return self._call(lambda s: s.size(key))

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from cluster import Master
 
 import kvstore
-from kvstore.mooncake import ErrorCode, MooncakeDistributedStore, ReplicaStatus, ReplicateConfig, SoftPinAction
+from kvstore.mooncake import (
+    ErrorCode,
+    MooncakeDistributedStore,
+    ReplicaStatus,
+    ReplicateConfig,
+    SoftPinAction,
+    TaskStatus,
+    TaskType,
+)
 
 
 @pytest.fixture
@@ -471,6 +481,67 @@ def test_replica_descriptors(master):
         a.close()
         b.close()
     assert a.batch_get_replica_desc(["two"]) == {}
+
+
+def _segments(s: MooncakeDistributedStore, key: str) -> list[str]:
+    return [d.get_memory_descriptor().buffer_descriptor.transport_endpoint_ for d in s.get_replica_desc(key)]
+
+
+def _finished(s: MooncakeDistributedStore, task_id) -> object:
+    for _ in range(500):
+        response, code = s.query_task(task_id)
+        assert code == 0
+        if response.status in (TaskStatus.SUCCESS, TaskStatus.FAILED):
+            return response
+        time.sleep(0.01)
+    raise AssertionError("the task did not finish")
+
+
+def test_copy_and_move_tasks_make_real_replicas(master):
+    """create_copy_task / create_move_task / query_task: the replicas really move (the source
+    client closes and the bytes are still served), with Mooncake's task states and codes."""
+    a, b, w = client(master), client(master), client(master, 0)
+    try:
+        assert a.put("k", b"v" * 100_000) == 0 and a.put("m", b"w" * 5000) == 0
+        c = ReplicateConfig()
+        c.replica_num = 2
+        assert w.put("probe", b"p", c) == 0
+        seg_a = _segments(w, "k")[0]
+        seg_b = next(x for x in _segments(w, "probe") if x != seg_a)
+
+        task, code = w.create_copy_task("k", [seg_b])
+        assert code == 0 and task != (0, 0)
+        done = _finished(w, task)
+        assert (done.status, done.type, done.message) == (TaskStatus.SUCCESS, TaskType.REPLICA_COPY, "")
+        assert done.id == task and done.last_updated_at_ms_epoch >= done.created_at_ms_epoch
+        assert sorted(_segments(w, "k")) == sorted([seg_a, seg_b])
+
+        task, code = w.create_move_task("m", seg_a, seg_b)
+        assert code == 0
+        assert _finished(w, task).status == TaskStatus.SUCCESS
+        assert _segments(w, "m") == [seg_b]
+
+        # Refused at submission, as Mooncake: nothing queued.
+        assert w.create_copy_task("missing", [seg_b]) == ((0, 0), ErrorCode.OBJECT_NOT_FOUND)
+        assert w.create_move_task("m", seg_a, seg_b) == ((0, 0), ErrorCode.INVALID_PARAMS)   # no replica in a now
+        assert w.create_copy_task("k", ["segment1"]) == ((0, 0), ErrorCode.INVALID_PARAMS)
+        assert w.create_copy_task("k", []) == ((0, 0), ErrorCode.INVALID_PARAMS)
+        assert w.create_copy_task(5, [seg_b]) == ((0, 0), ErrorCode.INVALID_PARAMS)
+        assert w.query_task((1, 2)) == (None, ErrorCode.TASK_NOT_FOUND)
+        assert w.query_task("nonsense") == (None, ErrorCode.TASK_NOT_FOUND)
+
+        # Accepted, then failed when it runs: the segment already holds a replica.
+        task, code = w.create_copy_task("k", [seg_a])
+        assert code == 0
+        failed = _finished(w, task)
+        assert failed.status == TaskStatus.FAILED and "already holds" in failed.message
+
+        a.close()                                     # a's segment goes: the copies serve
+        assert w.get("k") == b"v" * 100_000 and w.get("m") == b"w" * 5000
+    finally:
+        for s in (w, b, a):
+            s.close()
+    assert w.query_task(task)[1] == 0                  # closed clients still answer for their tasks
 
 
 def test_tp_wrappers_and_unified_parallel_io(master):
