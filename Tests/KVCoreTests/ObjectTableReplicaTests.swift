@@ -1,4 +1,5 @@
 import XCTest
+import KVTestSupport
 @testable import KVCore
 
 /// Replica copies and moves (Mooncake's copy and move tasks): new replicas of the current
@@ -118,5 +119,71 @@ final class ObjectTableReplicaTests: XCTestCase {
         XCTAssertThrowsError(try t.commitCopy(c.handle, now: 3)) { XCTAssertEqual(($0 as? KVError)?.code, .transfer) }
         XCTAssertEqual(t.replicas(key: "k")?.map(\.segment), [1])
         XCTAssertNil(t.invariantViolation())
+    }
+
+    /// Copies and moves mixed with writes, reads, removals, evictions, confirmations and
+    /// unmounts: the accounting holds after every step, and everything is freed at the end.
+    func testAccountingSurvivesRandomCopiesAndMoves() throws {
+        var t = ObjectTable(policy: CachePolicy(leaseTTL: 2_000, softPinTTL: 1_000_000_000, highWatermark: 0.9, evictionRatio: 0.05))
+        t.recordNotices = true
+        for s: SegmentID in 1...3 { try t.mount(segment: s, capacity: 96 << 10, now: 0) }
+        var rng = SplitMix64(seed: 7)
+        var held: [VersionHandle] = [], copies: [UInt64] = []
+        var next: SegmentID = 4, now: Nanoseconds = 0, committed = 0
+        func mounted() -> [SegmentID] { t.segments.slots.filter(\.mounted).map(\.id) }
+        for step in 0..<20_000 {
+            now += rng.next() % 200
+            let key = ObjectKey(stringLiteral: "k\(rng.next() % 200)")
+            switch rng.next() % 100 {
+            case 0..<30:
+                let mode: WriteMode = rng.next() % 3 == 0 ? .upsert : .put
+                if let w = try? t.beginWrite(
+                    key: key, size: 64 + Int(rng.next() % 6000), mode: mode, options: WriteOptions(replicas: 1 + Int(rng.next() % 2)), now: now)
+                {
+                    try? t.commitWrite(w, now: now)
+                }
+            case 30..<45:
+                if case .found(let r) = t.acquireRead(key: key, now: now) { held.append(r.handle) }
+            case 45..<55:
+                if !held.isEmpty { try t.releaseRead(held.remove(at: Int(rng.next() % UInt64(held.count)))) }
+            case 55..<62:
+                try? t.remove(key: key, force: rng.next() % 2 == 0, now: now)
+            case 62..<75:
+                let ids = mounted()
+                let target = ids[Int(rng.next() % UInt64(ids.count))]
+                let drop = rng.next() % 2 == 0 ? t.replicas(key: key)?.first?.segment : nil
+                if let c = try? t.beginCopy(key: key, to: [target], dropping: drop, now: now) { copies.append(c.handle) }
+            case 75..<85:
+                if !copies.isEmpty {
+                    let h = copies.remove(at: Int(rng.next() % UInt64(copies.count)))
+                    if rng.next() % 4 == 0 {
+                        try t.abortCopy(h)
+                    } else if (try? t.commitCopy(h, now: now)) != nil {
+                        committed += 1
+                    }
+                }
+            case 85..<93:
+                for n in t.takeNotices() { t.confirm(segment: n.segment, through: n.number) }
+            case 93..<96:
+                if t.segmentCount > 1 {
+                    let ids = mounted()
+                    _ = try t.unmount(segment: ids[Int(rng.next() % UInt64(ids.count))], now: now)
+                }
+            default:
+                if t.segmentCount < 5 {
+                    try t.mount(segment: next, capacity: (32 + Int(rng.next() % 96)) << 10, now: now)
+                    next += 1
+                }
+            }
+            if let v = t.invariantViolation() { return XCTFail("step \(step): \(v)") }
+        }
+        for h in copies { try? t.commitCopy(h, now: now) }
+        for h in held { try t.releaseRead(h) }
+        t.advance(now: now + 1_000_000)
+        _ = t.removeAll(force: true, now: now + 1_000_000)
+        for n in t.takeNotices() { t.confirm(segment: n.segment, through: n.number) }
+        XCTAssertEqual(t.usedBytes, 0)
+        XCTAssertNil(t.invariantViolation())
+        XCTAssertGreaterThan(committed, 100, "copies and moves did commit")
     }
 }

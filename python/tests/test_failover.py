@@ -161,18 +161,32 @@ def test_a_new_leader_takes_new_objects_at_once_without_waiting_out_the_old_leas
             m.stop()
 
 
-PAUSED_READER = r"""
+PAUSED_CLIENT = r"""
 import json, sys, kvstore
 s = kvstore.Store.connect(sys.argv[1], segment_size=0, token=sys.argv[2])
 out = {}
 try:
-    out["value"] = s.get("k").hex()
+    if sys.argv[3] == "get":
+        out["value"] = s.get("k").hex()
+    else:
+        s.put("w", b"x" * 1000)
+        out["stored"] = True
 except kvstore.TransferError as e:
     out["error"] = str(e)
 out["reads_expired"] = s.stats()["reads_expired"]
 s.close()
 print(json.dumps(out), flush=True)
 """
+
+
+def _paused(url: str, secret: str, op: str, hook: str, micros: int) -> dict:
+    """What a client process that `op`s ("get" k or "put" w) with the test hook `hook`
+    (KVSTORE_TEST_READ_PAUSE_US or KVSTORE_TEST_WRITE_PAUSE_US) set to `micros` reports."""
+    env = {**os.environ, hook: str(micros)}
+    done = subprocess.run([sys.executable, "-c", PAUSED_CLIENT, url, secret, op], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def test_an_elected_leaders_leases_end_with_its_leadership(etcd, token):
@@ -185,35 +199,15 @@ def test_an_elected_leaders_leases_end_with_its_leadership(etcd, token):
         _lead(etcd, "fo-lease", masters)
         with kvstore.Store.connect(url, segment_size=1 << 20, token=secret) as a:
             a.put("k", b"v" * 100)
-            env = {**os.environ, "KVSTORE_TEST_READ_PAUSE_US": "1500000"}
-            reader = subprocess.run([sys.executable, "-c", PAUSED_READER, url, secret], env=env,
-                                    capture_output=True, text=True, timeout=60)
-            assert reader.returncode == 0, reader.stderr
-            out = json.loads(reader.stdout)
+            out = _paused(url, secret, "get", "KVSTORE_TEST_READ_PAUSE_US", 1_500_000)
             assert "value" not in out and "lease" in out["error"], out
             assert out["reads_expired"] >= 1
             # Without the pause the same read succeeds.
-            env.pop("KVSTORE_TEST_READ_PAUSE_US")
-            reader = subprocess.run([sys.executable, "-c", PAUSED_READER, url, secret], env=env,
-                                    capture_output=True, text=True, timeout=60)
-            assert json.loads(reader.stdout) == {"value": (b"v" * 100).hex(), "reads_expired": 0}
+            out = _paused(url, secret, "get", "KVSTORE_TEST_READ_PAUSE_US", 0)
+            assert out == {"value": (b"v" * 100).hex(), "reads_expired": 0}
     finally:
         for m in masters:
             m.stop()
-
-
-PAUSED_WRITER = r"""
-import json, sys, kvstore
-s = kvstore.Store.connect(sys.argv[1], segment_size=0, token=sys.argv[2])
-out = {}
-try:
-    s.put("w", b"x" * 1000)
-    out["stored"] = True
-except kvstore.TransferError as e:
-    out["error"] = str(e)
-s.close()
-print(json.dumps(out), flush=True)
-"""
 
 
 def test_an_elected_leaders_writes_begin_no_copy_past_its_leadership(etcd, token):
@@ -226,17 +220,11 @@ def test_an_elected_leaders_writes_begin_no_copy_past_its_leadership(etcd, token
     try:
         _lead(etcd, "fo-write", masters)
         with kvstore.Store.connect(url, segment_size=1 << 20, token=secret) as a:
-            env = {**os.environ, "KVSTORE_TEST_WRITE_PAUSE_US": "1500000"}
-            writer = subprocess.run([sys.executable, "-c", PAUSED_WRITER, url, secret], env=env,
-                                    capture_output=True, text=True, timeout=60)
-            assert writer.returncode == 0, writer.stderr
-            out = json.loads(writer.stdout)
+            out = _paused(url, secret, "put", "KVSTORE_TEST_WRITE_PAUSE_US", 1_500_000)
             assert "leadership" in out.get("error", ""), out
             assert not a.exists("w") and a.stats()["bytes_used"] == 0
-            env["KVSTORE_TEST_WRITE_PAUSE_US"] = "100000"
-            writer = subprocess.run([sys.executable, "-c", PAUSED_WRITER, url, secret], env=env,
-                                    capture_output=True, text=True, timeout=60)
-            assert json.loads(writer.stdout) == {"stored": True} and a.get("w") == b"x" * 1000
+            assert _paused(url, secret, "put", "KVSTORE_TEST_WRITE_PAUSE_US", 100_000)["stored"]
+            assert a.get("w") == b"x" * 1000
     finally:
         for m in masters:
             m.stop()
