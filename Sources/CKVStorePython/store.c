@@ -1475,6 +1475,15 @@ static PyObject *store_copy_replicas(StoreObject *self, PyObject *args, PyObject
     Py_RETURN_NONE;
 }
 
+static PyObject *store_drain_segment(StoreObject *self, PyObject *unused) {
+    (void)unused;
+    ENSURE_OPEN(self);
+    int32_t st;
+    RUN_UNLOCKED(self, 0, st = kv_drain_segment(self->store));
+    if (st) return kvpy_raise_last(st);
+    Py_RETURN_NONE;
+}
+
 /* ---- registered buffers ---- */
 
 static void capsule_release(PyObject *capsule) {
@@ -1583,6 +1592,7 @@ static PyMethodDef store_methods[] = {
     {"size", (PyCFunction)store_size, METH_O, "size(key) -> int."},
     {"remove", (PyCFunction)(void (*)(void))store_remove, METH_VARARGS | METH_KEYWORDS, "remove(key, force=False)."},
     {"batch_remove", (PyCFunction)(void (*)(void))store_batch_remove, METH_VARARGS | METH_KEYWORDS, "batch_remove(keys, force=False) -> list."},
+    {"drain_segment", (PyCFunction)store_drain_segment, METH_NOARGS, "drain_segment() -> None: this client's segment takes no new object from now on."},
     {"copy_replicas", (PyCFunction)(void (*)(void))store_copy_replicas, METH_VARARGS | METH_KEYWORDS,
      "copy_replicas(key, targets, drop=None) -> None: adds a replica of key in each target segment (a move of drop's)."},
     {"remove_all", (PyCFunction)(void (*)(void))store_remove_all, METH_VARARGS | METH_KEYWORDS,

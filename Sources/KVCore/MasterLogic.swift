@@ -509,6 +509,10 @@ public struct MasterLogic: Sendable {
             clients[id]!.copies.insert(c.handle)
             return .copyStarted(
                 c, lease: granted(table.policy.leaseTTL, now: now), window: granted(config.quotas.writeTimeout, now: now))
+        case let .drain(seg):
+            guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
+            try table.drain(segment: seg)
+            return .ok
         case let .copyEnd(handle, commit):
             guard let c = copies[handle], c.client == id else { throw .invalidArgument("no replica copy \(handle) in flight for this client") }
             copies[handle] = nil

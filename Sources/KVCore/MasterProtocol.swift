@@ -92,6 +92,9 @@ public enum MasterRequest: Sendable, Equatable {
     /// Ends replica copy `handle`: `commit` adds the copies (a move drops its source), else
     /// their space is freed. Answered by `ok`.
     case copyEnd(handle: UInt64, commit: Bool)
+    /// The owner of `segment` is about to unmount it: it takes no new object from now on
+    /// (`ObjectTable.drain`); what it holds stays readable. Answered by `ok`.
+    case drain(segment: SegmentID)
 
     /// Every request kind, numbered once (the wire numbers never change).
     public enum Kind: UInt16, CaseIterable {
@@ -126,6 +129,7 @@ public enum MasterRequest: Sendable, Equatable {
         case confirmNotices = 29
         case copyStart = 30
         case copyEnd = 31
+        case drain = 32
     }
 
     public var requestKind: Kind {
@@ -161,6 +165,7 @@ public enum MasterRequest: Sendable, Equatable {
         case .confirmNotices: .confirmNotices
         case .copyStart: .copyStart
         case .copyEnd: .copyEnd
+        case .drain: .drain
         }
     }
 
@@ -592,6 +597,7 @@ extension MasterRequest {
         case let .copyEnd(handle, commit):
             w.u64(handle)
             w.bool(commit)
+        case let .drain(segment): w.u32(segment)
         case let .restore(segment, objects, last):
             w.u32(segment)
             w.count(objects.count)
@@ -688,6 +694,7 @@ extension MasterRequest {
             for _ in 0..<n { targets.append(try r.u32()) }
             m = .copyStart(key: key, targets: targets, drop: try r.bool() ? try r.u32() : nil)
         case .copyEnd: m = .copyEnd(handle: try r.u64(), commit: try r.bool())
+        case .drain: m = .drain(segment: try r.u32())
         case .restore:
             let segment = try r.u32()
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 40, "restored objects")

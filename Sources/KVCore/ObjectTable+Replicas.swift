@@ -50,6 +50,7 @@ extension ObjectTable {
         var slots: [Int32] = []
         for t in targets {
             guard let s = segments.slot(of: t) else { throw .invalidArgument("segment \(t) is not mounted") }
+            guard !segments.slots[Int(s)].draining else { throw .invalidArgument("segment \(t) is being unmounted (drained)") }
             guard !versions[Int(c)].placements.contains(slot: s) else {
                 throw .invalidArgument("segment \(t) already holds a replica of '\(key)'")
             }

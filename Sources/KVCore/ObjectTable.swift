@@ -252,6 +252,13 @@ public struct ObjectTable: Sendable {
         }
     }
 
+    /// Segment `id` takes no new object from now on (its owner is about to unmount it); what
+    /// it holds stays readable, and may still be evicted or removed.
+    public mutating func drain(segment id: SegmentID) throws(KVError) {
+        guard let s = segments.slot(of: id) else { throw .invalidArgument("segment \(id) is not mounted") }
+        segments.drain(s)
+    }
+
     /// Per segment slot mounted with a `readyAt` ahead: until when old readers may copy out of it.
     var leaseHolds: [Int32: Nanoseconds] = [:]
     /// Segment slots held only until their owner's last report (no old leases), and the bytes

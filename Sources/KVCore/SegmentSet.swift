@@ -82,6 +82,8 @@ struct SegmentSet: Sendable {
         var id: SegmentID
         var allocator: SegmentAllocator
         var mounted: Bool
+        /// Its owner is taking it away (`drain`): it keeps what it holds and takes nothing new.
+        var draining = false
     }
 
     /// Most bytes all mounted segments may add up to (64 PiB): sums of sizes never overflow.
@@ -168,7 +170,7 @@ struct SegmentSet: Sendable {
     /// Mounted slots in the order a new object's replicas should try them: `preferred` first,
     /// then by free bytes, most first.
     func placementOrder(preferred: SegmentID?) -> [Int32] {
-        var order = (0..<Int32(slots.count)).filter { slots[Int($0)].mounted }
+        var order = (0..<Int32(slots.count)).filter { slots[Int($0)].mounted && !slots[Int($0)].draining }
         order.sort { slots[Int($0)].allocator.freeBytes > slots[Int($1)].allocator.freeBytes }
         if let preferred, let p = slot(of: preferred), let i = order.firstIndex(of: p) {
             order.remove(at: i)
@@ -176,6 +178,9 @@ struct SegmentSet: Sendable {
         }
         return order
     }
+
+    /// Segment slot `s` takes no new placement from now on (`placementOrder` skips it).
+    mutating func drain(_ s: Int32) { slots[Int(s)].draining = true }
 
     /// Free blocks across mounted segments (a fragmentation measure).
     var freeBlockCount: Int { slots.reduce(0) { $0 + ($1.mounted ? $1.allocator.freeBlockCount : 0) } }

@@ -64,6 +64,8 @@ public protocol MasterLink: AnyObject, Sendable {
     /// `ObjectTable.beginCopy`); the caller copies the bytes and calls `endCopy`.
     func beginCopy(key: ObjectKey, to targets: [SegmentID], dropping: SegmentID?) throws(KVError) -> CopyTicket
     func endCopy(_ handle: UInt64, commit: Bool) throws(KVError)
+    /// This client's segment takes no new object from now on (it is about to leave).
+    func drainSegment() throws(KVError)
 }
 
 /// A replica copy as its copier holds it: what to read and write, and its deadlines on the
@@ -84,6 +86,10 @@ extension MasterLink {
 
     public func endCopy(_ handle: UInt64, commit: Bool) throws(KVError) {
         throw KVError(.unsupported, "replica copies and moves need a cluster: an embedded store has one segment")
+    }
+
+    public func drainSegment() throws(KVError) {
+        throw KVError(.unsupported, "draining a segment needs a cluster: an embedded store's one segment takes every object")
     }
 }
 

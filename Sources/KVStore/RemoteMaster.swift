@@ -90,6 +90,8 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         var mount: Mount?
         /// The term of the master `mount` was last mounted with (0: a master not elected).
         var mountTerm: UInt64 = 0
+        /// The segment was drained (`drainSegment`): a remount drains it again.
+        var drained = false
         /// This client's published KV layout (published again after a reconnect).
         var layout: PublishedLayout?
         var segment: SegmentID = 0
@@ -515,6 +517,15 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         _ = try call(.copyEnd(handle: handle, commit: commit))
     }
 
+    /// Drains this client's segment, now and after every remount (`reconnectIfNeeded`).
+    public func drainSegment() throws(KVError) {
+        try link.withLock { (l: inout Link) throws(KVError) in
+            guard l.segment != 0 else { throw KVError(.invalidArgument, "this client has no segment to drain") }
+            _ = try expect(&l, .drain(segment: l.segment))
+            l.drained = true
+        }
+    }
+
     /// The reader's deadline for a lease asked for at `sentAt` (this client's clock): the
     /// master starts the lease when it handles the request, after `sentAt`, so a copy that
     /// ends before `sentAt + leaseTTL` ended inside the lease. The margin (1/32 of the TTL,
@@ -765,6 +776,7 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 if let m = l.mount {
                     try send(m, &l)
                     try restoreIndex(&l)
+                    if l.drained { _ = try expect(&l, .drain(segment: l.segment)) }
                 }
                 // The layout's memory and server outlive the master: publish it again (another
                 // client may have taken the node id meanwhile: then it stays unpublished).

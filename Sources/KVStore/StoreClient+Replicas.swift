@@ -3,6 +3,15 @@ import KVCore
 import KVTransfer
 
 extension StoreClient {
+    /// This client's segment takes no new object from now on; what it holds stays readable
+    /// until it leaves (a graceful unmount). `unsupported` in an embedded store,
+    /// `invalidArgument` for a client without a segment.
+    public func drainSegment() throws(KVError) {
+        try enter()
+        defer { leave() }
+        try master.drainSegment()
+    }
+
     /// Adds replicas of `key` in each of `targets` (segments of the cluster that hold none
     /// yet); with `dropping`, moves the replica in that segment instead (it goes once the copy
     /// is in place). The bytes go through this client: read from a current replica (verified

@@ -43,6 +43,7 @@ extension StoreClient {
             .init("page_lock_fallbacks", segment?.pinRefusals ?? 0),
             .init("accelerators", AcceleratorRegistry.snapshot.accelerators.count), .init("closed", isClosed ? 1 : 0),
             .init("segment_size", segment?.size ?? 0),
+            .init("segment_id", Int(ownSegmentID ?? 0)),
             .init("segment_populated_bytes", segment?.populatedBytes ?? 0),
             .init("master_reconnects", link.reconnects), .init("commit_failures", link.commitFailures),
             .init("sessions_resumed", link.resumes), .init("objects_reregistered", link.restoredObjects),

@@ -206,6 +206,11 @@ public func kvCopyReplicas(
     }
 }
 
+@c(kv_drain_segment)
+public func kvDrainSegment(_ store: OpaquePointer?) -> Int32 {
+    ABI.status { () throws(KVError) in try ABI.client(store).drainSegment() }
+}
+
 @c(kv_remove_all)
 public func kvRemoveAll(_ store: OpaquePointer?, _ flags: UInt32, _ removed: UnsafeMutablePointer<UInt64>?) -> Int32 {
     ABI.status { () throws(KVError) in

@@ -496,7 +496,7 @@ final class MasterLogicTests: XCTestCase {
         .publishLayout(MasterLogicTests.published), .fetchLayout(node: "n"), .unpublishLayout(node: "é"), .listKeys(after: nil),
         .listKeys(after: "req/1"), .sizeBatch(keys: ["a", "é"]), .sizeBatch(keys: []), .removeBatch(keys: ["a"], force: true),
         .copyStart(key: "k", targets: [2, 3], drop: 1), .copyStart(key: "é", targets: [7], drop: nil), .copyEnd(handle: 1 << 40, commit: true),
-        .copyEnd(handle: 2, commit: false)
+        .copyEnd(handle: 2, commit: false), .drain(segment: 5)
     ]
     static let published = PublishedLayout(
         node: "n",
@@ -656,6 +656,13 @@ final class MasterLogicTests: XCTestCase {
         XCTAssertEqual(errorCode(m.handle(.copyEnd(handle: d.handle, commit: true), session: &b, now: 5)), .invalidArgument)
         XCTAssertEqual(m.table.replicas(key: "k")?.map(\.segment), [segB])
         XCTAssertNil(m.table.invariantViolation())
+
+        // A drained segment takes nothing new; only its owner may drain it.
+        XCTAssertEqual(errorCode(m.handle(.drain(segment: segA), session: &b, now: 6)), .invalidArgument)
+        XCTAssertEqual(m.handle(.drain(segment: segB), session: &b, now: 6), .ok)
+        for i in 0..<8 { XCTAssertEqual(put(&m, &a, "d\(i)", preferred: segB).map(\.segment), [segA], "not into the drained one") }
+        XCTAssertEqual(errorCode(m.handle(.copyStart(key: "d0", targets: [segB], drop: nil), session: &a, now: 7)), .invalidArgument)
+        XCTAssertNotNil(m.table.replicas(key: "k"), "what it holds stays")
     }
 
     func testAReaderThatNeverReleasesIsBoundedAndItsHoldsEndWithTheirLeases() throws {

@@ -295,7 +295,7 @@ final class MasterSessionTests: XCTestCase {
 
     /// Message kinds are numbered once (`Kind`); the numbers are the wire format and never move.
     func testMessageKindNumbersAreStable() {
-        XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...31))
+        XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...32))
         XCTAssertEqual(MasterResponse.Kind.allCases.map(\.rawValue), Array(100...118))
         XCTAssertEqual(MasterRequest.heartbeat.kind, 4)
         XCTAssertEqual(MasterRequest.restore(segment: 1, objects: [], last: false).kind, 28)
@@ -306,7 +306,8 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertEqual(MasterRequest.confirmNotices(segment: 1, through: 1).kind, 29)
         XCTAssertEqual(MasterRequest.copyStart(key: "k", targets: [1], drop: nil).kind, 30)
         XCTAssertEqual(MasterRequest.copyEnd(handle: 1, commit: true).kind, 31)
-        XCTAssertFalse(MasterRequest.isRequestKind(32) || MasterResponse.isResponseKind(119) || MasterRequest.isRequestKind(0))
+        XCTAssertEqual(MasterRequest.drain(segment: 1).kind, 32)
+        XCTAssertFalse(MasterRequest.isRequestKind(33) || MasterResponse.isResponseKind(119) || MasterRequest.isRequestKind(0))
     }
 
     /// `sizes` (the answer to `sizeBatch`): 8 bytes a key, absent as all ones; a size past

@@ -675,6 +675,11 @@ class MooncakeDistributedStore:
         self._task_lock = threading.Condition()
         self._task_thread: threading.Thread | None = None
         self._client_id = _uuid_pair(uuid.uuid4())
+        self._url = ""   # the master, as setup reached it
+        # Segments allocate_and_mount_segment added: each a session of its own, by name; and
+        # the timers of those unmounting after a grace period.
+        self._extra: dict[str, Store] = {}
+        self._unmounting: list[tuple[threading.Timer, Store]] = []
 
     # ---- lifecycle ----
 
@@ -730,6 +735,7 @@ class MooncakeDistributedStore:
                 port = str(_free_port(host))
             url = _master_url(master_server_addr, "" if tenant_id in ("", "default") else tenant_id)
             self._store = Store.connect(url, segment_size=size)
+            self._url = url
             self._hostname = f"{host or 'localhost'}:{port}"
             try:
                 self._dummies = _DummyServer(port, url)
@@ -791,6 +797,13 @@ class MooncakeDistributedStore:
             self._task_lock.notify_all()
         if thread is not None:
             thread.join()
+        for timer, extra in self._unmounting:
+            timer.cancel()
+            extra.close()   # idempotent: the timer may have closed it already
+        self._unmounting.clear()
+        for extra in self._extra.values():
+            extra.close()
+        self._extra.clear()
         if self._dummies is not None:
             self._dummies.close()
             self._dummies = None
@@ -969,6 +982,63 @@ class MooncakeDistributedStore:
             return self._run(describe)
         except Exception:   # noqa: BLE001 - Mooncake's convention: nothing found, never an exception
             return {}
+
+    # ---- segments ----
+
+    def allocate_and_mount_segment(self, size: Any, protocol: str = "tcp", location: str = "") -> dict[str, Any]:
+        """Allocates ``size`` bytes in this process and mounts them as one more segment of the
+        cluster: a real segment, mounted by a session of its own at the master and served like
+        this client's, named "kvstore-segment-<id>". Returns {"ret": 0, "segment_ids": [name],
+        "allocated_size": bytes}, or {"ret": code, "segment_ids": [], "allocated_size": 0}.
+        ``protocol`` ("tcp" or "rdma") and ``location`` are checked and not used (kvstore picks
+        the transport; the memory is host memory)."""
+        def mount(s: Store) -> dict[str, Any]:
+            n = parse_size(size, name="size")
+            if n <= 0:
+                raise _errors.InvalidArgumentError(f"size must be positive, not {size!r}")
+            if protocol not in ("tcp", "rdma"):
+                raise _errors.InvalidArgumentError(f"protocol {protocol!r} is not 'tcp' or 'rdma'")
+            if not isinstance(location, str):
+                raise _errors.ArgumentTypeError(f"location must be a str, not {type(location).__name__}")
+            if not self._url:
+                raise _errors.InvalidArgumentError("a dummy client mounts no segment")
+            extra = Store.connect(self._url, segment_size=n)
+            stats = extra.stats()
+            name = f"kvstore-segment-{stats['segment_id']}"
+            self._extra[name] = extra
+            return {"ret": 0, "segment_ids": [name], "allocated_size": stats["segment_size"]}
+        try:
+            return self._run(mount)
+        except Exception as e:   # noqa: BLE001 - Mooncake's convention
+            return {"ret": _code(e), "segment_ids": [], "allocated_size": 0}
+
+    def unmount_and_free_segment(self, segment_ids: Sequence[str], grace_period_seconds: int = 0) -> int:
+        """Unmounts segments ``allocate_and_mount_segment`` added and frees their memory: at
+        once, or after ``grace_period_seconds``, during which they take no new object but what
+        they hold stays readable (the master drains them). Objects with no replica elsewhere are
+        lost, as when any client leaves. 0, or −600 (nothing done) for a name this client did
+        not mount or a bad grace period."""
+        try:
+            if not isinstance(segment_ids, (list, tuple)) or not segment_ids or \
+                    any(not isinstance(n, str) or n not in self._extra for n in segment_ids) or \
+                    len(set(segment_ids)) != len(segment_ids):
+                raise _errors.InvalidArgumentError(f"segment_ids {segment_ids!r}: names this client mounted, each once")
+            if not isinstance(grace_period_seconds, int) or isinstance(grace_period_seconds, bool) or \
+                    not 0 <= grace_period_seconds <= 86_400:
+                raise _errors.InvalidArgumentError(f"grace_period_seconds must be an int from 0 to 86400, not {grace_period_seconds!r}")
+            for name in segment_ids:
+                extra = self._extra.pop(name)
+                if grace_period_seconds == 0:
+                    extra.close()
+                    continue
+                extra.drain_segment()
+                timer = threading.Timer(grace_period_seconds, extra.close)
+                timer.daemon = True
+                timer.start()
+                self._unmounting.append((timer, extra))
+            return 0
+        except Exception as e:   # noqa: BLE001
+            return _code(e)
 
     # ---- copy and move tasks ----
 

@@ -544,6 +544,41 @@ def test_copy_and_move_tasks_make_real_replicas(master):
     assert w.query_task(task)[1] == 0                  # closed clients still answer for their tasks
 
 
+def test_allocated_segments_are_real_and_unmount_with_a_grace_period(master):
+    """allocate_and_mount_segment adds a real segment (objects land there and are served from
+    it); unmount_and_free_segment with a grace period drains it first: no new object, still
+    readable, then gone."""
+    a, w = client(master, "1MB"), client(master, 0)
+    try:
+        got = a.allocate_and_mount_segment(8 << 20, "tcp", "")
+        assert got["ret"] == 0 and got["allocated_size"] >= 8 << 20 and len(got["segment_ids"]) == 1
+        name = got["segment_ids"][0]
+        assert name.startswith("kvstore-segment-")
+        big = b"b" * (2 << 20)                           # does not fit a's own 1 MB segment
+        assert w.put("big", big) == 0
+        assert _segments(w, "big") == [name] and w.get("big") == big
+        assert a.unmount_and_free_segment([name], grace_period_seconds=1) == 0
+        assert w.put("big2", big) == ErrorCode.NO_AVAILABLE_HANDLE   # drained: nowhere to go ("big" is leased)
+        assert w.get("big") == big                          # still readable during the grace period
+        deadline = time.monotonic() + 10
+        while w.get("big") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.get("big") == b""                          # unmounted: its only replica is gone
+        # Bad calls change nothing.
+        assert a.unmount_and_free_segment([name]) == ErrorCode.INVALID_PARAMS          # already gone
+        assert a.unmount_and_free_segment("kvstore-segment-1") == ErrorCode.INVALID_PARAMS
+        got = a.allocate_and_mount_segment(8 << 20)
+        assert a.unmount_and_free_segment(got["segment_ids"], grace_period_seconds=-1) == ErrorCode.INVALID_PARAMS
+        assert a.unmount_and_free_segment(got["segment_ids"], grace_period_seconds=0) == 0
+        for bad in ((0,), (-5,), ("lots",), (1 << 20, "udp"), (1 << 20, "tcp", 7)):
+            assert a.allocate_and_mount_segment(*bad) == {"ret": ErrorCode.INVALID_PARAMS, "segment_ids": [], "allocated_size": 0}
+        assert a.allocate_and_mount_segment(1 << 20)["ret"] == 0   # left mounted: close() unmounts it
+    finally:
+        for s in (w, a):
+            s.close()
+    assert a.allocate_and_mount_segment(1 << 20)["ret"] == ErrorCode.INVALID_PARAMS   # closed
+
+
 def test_tp_wrappers_and_unified_parallel_io(master):
     from kvstore.mooncake import ParallelAxis, ReadTarget, TensorParallelism
     s = client(master, 64 << 20)

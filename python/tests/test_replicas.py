@@ -160,3 +160,21 @@ def test_a_restarted_master_takes_the_copied_replica_back(cluster):
         assert w.get("k") == b"r" * 50_000
     finally:
         m2.stop()
+
+
+def test_a_drained_segment_takes_nothing_new_and_keeps_what_it_holds(cluster):
+    m, a, b, w, (seg_a, seg_b) = cluster
+    a.put("kept", b"k" * 10_000)
+    a.drain_segment()
+    for i in range(20):                               # nothing new lands in a's segment
+        w.put(f"n{i}", b"n" * 1000)
+        assert w.replicas(f"n{i}") == [seg_b]
+    a.put("own", b"o" * 1000)                         # not even a's own writes
+    assert w.replicas("own") == [seg_b]
+    with pytest.raises(kvstore.InvalidArgumentError, match="drained"):
+        w.copy_replicas("n0", [seg_a])
+    assert w.get("kept") == b"k" * 10_000 and w.replicas("kept") == [seg_a]
+    with pytest.raises(kvstore.InvalidArgumentError, match="no segment"):
+        w.drain_segment()
+    with kvstore.Store(segment_size=1 << 20) as embedded, pytest.raises(kvstore.UnsupportedError):
+        embedded.drain_segment()

@@ -285,6 +285,11 @@ int32_t kv_remove(kv_store *store, const char *key, size_t key_len, uint32_t fla
 /* Removes every object that is not leased (with KV_REMOVE_FORCE: every object). */
 int32_t kv_remove_all(kv_store *store, uint32_t flags, uint64_t *removed);
 
+/* This client's segment takes no new object from now on (a graceful unmount: what it holds
+ * stays readable until the store closes, and after a reconnect too). KV_E_UNSUPPORTED in an
+ * embedded store, KV_E_INVALID_ARGUMENT for a client without a segment. */
+int32_t kv_drain_segment(kv_store *store);
+
 /* Flags of kv_copy_replicas. */
 #define KV_COPY_MOVE 1u
 /* Adds a replica of `key` in each of `targets` (ntargets distinct segment ids of the cluster
