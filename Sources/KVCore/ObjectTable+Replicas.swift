@@ -134,7 +134,7 @@ extension ObjectTable {
     /// After a hold on `s` ended: frees what a move retired once no reader is left, and the
     /// version itself when it went meanwhile.
     private mutating func finishRead(_ s: Int32) {
-        if versions[Int(s)].readers == 0, let gone = retired.removeValue(forKey: s) { gone.forEach { freeNoticed($0) } }
+        if versions[Int(s)].readers == 0, !retired.isEmpty, let gone = retired.removeValue(forKey: s) { gone.forEach { freeNoticed($0) } }
         if versions[Int(s)].linked { updateList(s) } else { reclaimIfUnused(s) }
     }
 }
