@@ -101,20 +101,23 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     Py_END_ALLOW_THREADS return store_adopt(self, st, s);
 }
 
-/* _connect(url, segment_size, prefault, pin_memory, token, checksum): makes an uninitialised
- * store a client of the master at url (Store.connect). token None or "": none. */
+/* _connect(url, segment_size, prefault, pin_memory, token, checksum, segment_file): makes an
+ * uninitialised store a client of the master at url (Store.connect). token None or "": none;
+ * segment_file None: new memory. */
 static PyObject *store_connect(StoreObject *self, PyObject *args) {
-    const char *url, *token = NULL;
+    const char *url, *token = NULL, *file = NULL;
     long long size = 0;
     PyObject *prefault_obj, *pin_obj, *checksum_obj = Py_False;
     int prefault = 0, pin = 1, checksum = 0;
-    if (!PyArg_ParseTuple(args, "sLOOz|O", &url, &size, &prefault_obj, &pin_obj, &token, &checksum_obj)) return NULL;
+    if (!PyArg_ParseTuple(args, "sLOOz|Oz", &url, &size, &prefault_obj, &pin_obj, &token, &checksum_obj, &file)) return NULL;
     if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0 || kvpy_flag(checksum_obj, "checksum", &checksum) < 0)
         return NULL;
     if (store_can_create(self, size) < 0) return NULL;
     kv_store *s = NULL;
     int32_t st;
-    Py_BEGIN_ALLOW_THREADS st = kv_store_connect(url, (uint64_t)size, create_flags(prefault, pin, checksum), token, &s);
+    uint32_t flags = create_flags(prefault, pin, checksum);
+    Py_BEGIN_ALLOW_THREADS st =
+        file ? kv_store_connect_file(url, file, (uint64_t)size, flags, token, &s) : kv_store_connect(url, (uint64_t)size, flags, token, &s);
     Py_END_ALLOW_THREADS if (store_adopt(self, st, s) < 0) return NULL;
     Py_RETURN_NONE;
 }

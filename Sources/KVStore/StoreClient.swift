@@ -82,9 +82,14 @@ public final class StoreClient: Sendable {
     /// `token` is the cluster's (nil: `KVSTORE_MASTER_TOKEN`, else the token file a master on
     /// a loopback address wrote for this user; see `ClusterToken`). Throws `transfer` when the
     /// master cannot be reached and `invalidArgument` when the token is refused.
+    ///
+    /// `segmentFile`: the segment is the first `segmentSize` bytes of this shared-memory file
+    /// (tmpfs or hugetlbfs, this user's, not writable by others) instead of new memory: what
+    /// Mooncake's `mount_segment` mounts. Its bytes are the segment's: objects are written
+    /// there, and whatever it held before is overwritten as space is used.
     public init(
         connecting url: String, segmentSize: Int, token: String? = nil, prefault: Bool = false,
-        pinning: PinningPolicy? = nil, name: String = ""
+        pinning: PinningPolicy? = nil, name: String = "", segmentFile: String? = nil
     ) throws(KVError) {
         guard segmentSize == 0 || segmentSize >= SegmentAllocator.granule else {
             throw .invalidArgument("segment size must be 0 (a pure client) or at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
@@ -100,8 +105,14 @@ public final class StoreClient: Sendable {
             onConnect: { epoch, seg, local in state.connected(epoch: epoch, segment: seg, local: local) })
         var own: HostSegment? = nil
         do throws(KVError) {
+            if segmentFile != nil && segmentSize == 0 { throw .invalidArgument("a segment file needs a segment size") }
             if segmentSize > 0 {
-                let s = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy, shared: true)
+                let s: HostSegment
+                if let path = segmentFile {
+                    s = try HostSegment(attaching: try Self.openSegmentFile(path), size: segmentSize)
+                } else {
+                    s = try HostSegment(size: segmentSize, prefault: prefault, pinning: policy, shared: true)
+                }
                 // Its pages are reserved (posix_fallocate) but not yet mapped: without prefault,
                 // map them on a background thread, so an engine's first puts, long after
                 // connect, do not take a page fault per 4 KiB.
@@ -128,6 +139,21 @@ public final class StoreClient: Sendable {
         master = remote
         directory = ClusterDirectory(remote: remote, state: state, segment: own)
         transport = LocalCopyTransport(counters: counters)
+    }
+
+    /// Opens a caller's segment file for `segmentFile`: read-write, not through a symbolic
+    /// link, a regular file of this user that nobody else may write (another user could change
+    /// objects under the store otherwise); `HostSegment(attaching:)` checks it is shared memory.
+    static func openSegmentFile(_ path: String) throws(KVError) -> Int32 {
+        guard !path.isEmpty, !path.utf8.contains(0) else { throw .invalidArgument("segment file path \"\(path)\" is not a path") }
+        let fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else { throw SystemCall.failure("opening segment file \(path)", code: .invalidArgument) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, st.st_uid == geteuid(), st.st_mode & 0o022 == 0 else {
+            Glibc.close(fd)
+            throw .invalidArgument("segment file \(path) must belong to this user and be writable by nobody else")
+        }
+        return fd
     }
 
     /// `pinning`, or the environment's policy when nil.

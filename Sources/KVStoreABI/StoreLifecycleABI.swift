@@ -99,6 +99,25 @@ public func kvStoreConnect(
     }
 }
 
+@c(kv_store_connect_file)
+public func kvStoreConnectFile(
+    _ url: UnsafePointer<CChar>?, _ path: UnsafePointer<CChar>?, _ segmentSize: UInt64, _ flags: UInt32,
+    _ token: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<OpaquePointer?>?
+) -> Int32 {
+    ABI.status { () throws(KVError) in
+        guard let out else { throw .invalidArgument("out pointer is NULL") }
+        guard let url else { throw .invalidArgument("master url is NULL") }
+        guard let path else { throw .invalidArgument("segment file path is NULL") }
+        let size = try segmentBytes(segmentSize)
+        let t = token.map { String(cString: $0) }
+        let client = try StoreClient(
+            connecting: String(cString: url), segmentSize: size, token: t?.isEmpty == false ? t : nil,
+            segmentFile: String(cString: path))
+        client.checksumDefault.store(flags & UInt32(KV_CREATE_CHECKSUM) != 0, ordering: .relaxed)
+        out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
+    }
+}
+
 @c(kv_store_destroy)
 public func kvStoreDestroy(_ store: OpaquePointer?) {
     guard let store else { return }

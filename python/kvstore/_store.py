@@ -167,7 +167,8 @@ class Store(KVLayoutMixin, _native.Store):
 
     @classmethod
     def connect(cls, url: str = "kvstore://127.0.0.1:50051", *, segment_size: int | str = DEFAULT_SEGMENT_SIZE,
-                token: str | None = None, prefault: bool = False, pin_memory: bool = True, checksum: bool = False) -> Store:
+                token: str | None = None, prefault: bool = False, pin_memory: bool = True, checksum: bool = False,
+                segment_file: str | None = None) -> Store:
         """Joins the cluster of the master server at ``url`` (``python -m kvstore master``).
 
         The client mounts a shared-memory segment of ``segment_size`` bytes (``0``: a pure
@@ -177,6 +178,10 @@ class Store(KVLayoutMixin, _native.Store):
         match the master's (default: ``KVSTORE_MASTER_TOKEN`` from the environment). Writes
         take ``replicas=N`` to place copies in N distinct segments (best effort).
         ``checksum=True`` makes every write store a CRC32C of its bytes (see ``Store``).
+        ``segment_file``: the segment is the first ``segment_size`` bytes of this
+        shared-memory file (tmpfs such as /dev/shm, or hugetlbfs; this user's and writable by
+        nobody else) instead of new memory; objects are written into it (Mooncake's
+        ``mount_segment``).
 
         Leases and eviction are the master's settings. The client heartbeats in the
         background; after a lost connection it reconnects on its next call and resumes its
@@ -194,11 +199,13 @@ class Store(KVLayoutMixin, _native.Store):
             raise ArgumentTypeError(f"url must be a str such as 'kvstore://127.0.0.1:50051', got {type(url).__name__}")
         if token is not None and not isinstance(token, str):
             raise ArgumentTypeError(f"token must be a str or None, got {type(token).__name__}")
-        for name, text in (("url", url), ("token", token or "")):
+        if segment_file is not None and not isinstance(segment_file, str):
+            raise ArgumentTypeError(f"segment_file must be a str or None, got {type(segment_file).__name__}")
+        for name, text in (("url", url), ("token", token or ""), ("segment_file", segment_file or "")):
             if "\0" in text:
                 raise InvalidArgumentError(f"{name} must not contain a NUL character")
         store = cls.__new__(cls)
-        store._connect(url, parse_size(segment_size, name="segment_size"), prefault, pin_memory, token, checksum)
+        store._connect(url, parse_size(segment_size, name="segment_size"), prefault, pin_memory, token, checksum, segment_file)
         return store
 
     # ---- tensors (header layout: Sources/KVCore/TensorHeader.swift; helpers in _tensor.py) ----

@@ -679,6 +679,7 @@ class MooncakeDistributedStore:
         # Segments allocate_and_mount_segment added: each a session of its own, by name; and
         # the timers of those unmounting after a grace period.
         self._extra: dict[str, Store] = {}
+        self._files: set[str] = set()   # those of _extra that mount_segment mounted (a caller's file)
         self._unmounting: list[tuple[threading.Timer, Store]] = []
 
     # ---- lifecycle ----
@@ -804,6 +805,7 @@ class MooncakeDistributedStore:
         for extra in self._extra.values():
             extra.close()
         self._extra.clear()
+        self._files.clear()
         if self._dummies is not None:
             self._dummies.close()
             self._dummies = None
@@ -993,34 +995,69 @@ class MooncakeDistributedStore:
         ``protocol`` ("tcp" or "rdma") and ``location`` are checked and not used (kvstore picks
         the transport; the memory is host memory)."""
         def mount(s: Store) -> dict[str, Any]:
-            n = parse_size(size, name="size")
-            if n <= 0:
-                raise _errors.InvalidArgumentError(f"size must be positive, not {size!r}")
-            if protocol not in ("tcp", "rdma"):
-                raise _errors.InvalidArgumentError(f"protocol {protocol!r} is not 'tcp' or 'rdma'")
-            if not isinstance(location, str):
-                raise _errors.ArgumentTypeError(f"location must be a str, not {type(location).__name__}")
-            if not self._url:
-                raise _errors.InvalidArgumentError("a dummy client mounts no segment")
-            extra = Store.connect(self._url, segment_size=n)
-            stats = extra.stats()
-            name = f"kvstore-segment-{stats['segment_id']}"
-            self._extra[name] = extra
-            return {"ret": 0, "segment_ids": [name], "allocated_size": stats["segment_size"]}
+            name = self._mount_extra(s, size, protocol, location)
+            return {"ret": 0, "segment_ids": [name], "allocated_size": self._extra[name].stats()["segment_size"]}
         try:
             return self._run(mount)
         except Exception as e:   # noqa: BLE001 - Mooncake's convention
             return {"ret": _code(e), "segment_ids": [], "allocated_size": 0}
+
+    def mount_segment(self, path: str, size: Any, offset: int = 0, protocol: str = "tcp",
+                      location: str = "") -> dict[str, Any]:
+        """Mounts the first ``size`` bytes of the shared-memory file at ``path`` (tmpfs such as
+        /dev/shm, or hugetlbfs; this user's and writable by nobody else) as one more segment of
+        the cluster, by a session of its own at the master: objects are written into that
+        file. Returns {"ret": 0, "segment_ids": ["kvstore-segment-<id>"]} or {"ret": code,
+        "segment_ids": []}. ``offset`` must be 0 (kvstore maps a segment file from its start);
+        ``protocol`` and ``location`` are checked and not used."""
+        def mount(s: Store) -> dict[str, Any]:
+            if not isinstance(path, str):
+                raise _errors.ArgumentTypeError(f"path must be a str, not {type(path).__name__}")
+            if offset != 0 or isinstance(offset, bool):
+                raise _errors.InvalidArgumentError(f"offset {offset!r}: kvstore mounts a segment file from its start (0)")
+            name = self._mount_extra(s, size, protocol, location, path)
+            return {"ret": 0, "segment_ids": [name]}
+        try:
+            return self._run(mount)
+        except Exception as e:   # noqa: BLE001 - Mooncake's convention
+            return {"ret": _code(e), "segment_ids": []}
+
+    def unmount_segment(self, segment_ids: Sequence[str], grace_period_seconds: int = 0) -> int:
+        """Unmounts segments ``mount_segment`` mounted (their files stay, with whatever the
+        objects left in them): at once, or drained for ``grace_period_seconds`` first, as
+        ``unmount_and_free_segment``. 0, or −600 (nothing done)."""
+        return self._unmount(segment_ids, grace_period_seconds, files=True)
 
     def unmount_and_free_segment(self, segment_ids: Sequence[str], grace_period_seconds: int = 0) -> int:
         """Unmounts segments ``allocate_and_mount_segment`` added and frees their memory: at
         once, or after ``grace_period_seconds``, during which they take no new object but what
         they hold stays readable (the master drains them). Objects with no replica elsewhere are
         lost, as when any client leaves. 0, or −600 (nothing done) for a name this client did
-        not mount or a bad grace period."""
+        not mount that way or a bad grace period."""
+        return self._unmount(segment_ids, grace_period_seconds, files=False)
+
+    def _mount_extra(self, s: Store, size: Any, protocol: Any, location: Any, path: str | None = None) -> str:
+        """A session of its own with a segment of ``size`` bytes (in ``path`` when given); its name."""
+        n = parse_size(size, name="size")
+        if n <= 0:
+            raise _errors.InvalidArgumentError(f"size must be positive, not {size!r}")
+        if protocol not in ("tcp", "rdma"):
+            raise _errors.InvalidArgumentError(f"protocol {protocol!r} is not 'tcp' or 'rdma'")
+        if not isinstance(location, str):
+            raise _errors.ArgumentTypeError(f"location must be a str, not {type(location).__name__}")
+        if not self._url:
+            raise _errors.InvalidArgumentError("a dummy client mounts no segment")
+        extra = Store.connect(self._url, segment_size=n, segment_file=path)
+        name = f"kvstore-segment-{extra.stats()['segment_id']}"
+        self._extra[name] = extra
+        if path is not None:
+            self._files.add(name)
+        return name
+
+    def _unmount(self, segment_ids: Any, grace_period_seconds: Any, files: bool) -> int:
         try:
             if not isinstance(segment_ids, (list, tuple)) or not segment_ids or \
-                    any(not isinstance(n, str) or n not in self._extra for n in segment_ids) or \
+                    any(not isinstance(n, str) or n not in self._extra or (n in self._files) != files for n in segment_ids) or \
                     len(set(segment_ids)) != len(segment_ids):
                 raise _errors.InvalidArgumentError(f"segment_ids {segment_ids!r}: names this client mounted, each once")
             if not isinstance(grace_period_seconds, int) or isinstance(grace_period_seconds, bool) or \
@@ -1028,6 +1065,7 @@ class MooncakeDistributedStore:
                 raise _errors.InvalidArgumentError(f"grace_period_seconds must be an int from 0 to 86400, not {grace_period_seconds!r}")
             for name in segment_ids:
                 extra = self._extra.pop(name)
+                self._files.discard(name)
                 if grace_period_seconds == 0:
                     extra.close()
                     continue

@@ -579,6 +579,49 @@ def test_allocated_segments_are_real_and_unmount_with_a_grace_period(master):
     assert a.allocate_and_mount_segment(1 << 20)["ret"] == ErrorCode.INVALID_PARAMS   # closed
 
 
+def test_mount_segment_stores_objects_in_the_callers_shared_memory_file(master, tmp_path):
+    """mount_segment maps the caller's tmpfs file as a segment: an object put there is in the
+    file's bytes; unmount_segment leaves the file. Other files are refused."""
+    import os
+    a, w = client(master, "1MB"), client(master, 0)
+    shm = f"/dev/shm/kvstore-test-{os.getpid()}"
+    fd = os.open(shm, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, 8 << 20)
+        got = a.mount_segment(shm, 8 << 20, 0, "tcp", "")
+        assert got["ret"] == 0 and got["segment_ids"][0].startswith("kvstore-segment-")
+        marker = b"in-the-callers-file!" * 100_000                 # 2 MB: only the mounted file has room
+        assert w.put("m", marker) == 0
+        assert _segments(w, "m") == got["segment_ids"]
+        with open(shm, "rb") as f:
+            assert marker in f.read()                               # the bytes went to the caller's memory
+        assert a.unmount_and_free_segment(got["segment_ids"]) == ErrorCode.INVALID_PARAMS   # not allocated here
+        assert a.unmount_segment(got["segment_ids"]) == 0
+        assert os.path.exists(shm) and w.get("m") == b""
+        # Refused: offset, a file larger than it holds, a disk file, a file others may write, a link.
+        assert a.mount_segment(shm, 8 << 20, 4096)["ret"] == ErrorCode.INVALID_PARAMS
+        assert a.mount_segment(shm, 16 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+        disk = tmp_path / "segment"
+        disk.write_bytes(bytes(1 << 20))
+        assert a.mount_segment(str(disk), 1 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+        os.chmod(shm, 0o622)
+        assert a.mount_segment(shm, 1 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+        os.chmod(shm, 0o600)
+        link = f"{shm}-link"
+        os.symlink(shm, link)
+        try:
+            assert a.mount_segment(link, 1 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+        finally:
+            os.unlink(link)
+        assert a.mount_segment("/dev/shm/kvstore-no-such-file", 1 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+        assert a.mount_segment(5, 1 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+    finally:
+        os.close(fd)
+        os.unlink(shm)
+        for s in (w, a):
+            s.close()
+
+
 def test_tp_wrappers_and_unified_parallel_io(master):
     from kvstore.mooncake import ParallelAxis, ReadTarget, TensorParallelism
     s = client(master, 64 << 20)

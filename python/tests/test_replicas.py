@@ -178,3 +178,14 @@ def test_a_drained_segment_takes_nothing_new_and_keeps_what_it_holds(cluster):
         w.drain_segment()
     with kvstore.Store(segment_size=1 << 20) as embedded, pytest.raises(kvstore.UnsupportedError):
         embedded.drain_segment()
+
+
+def test_segment_file_arguments_are_checked(cluster):
+    m, a, b, w, _ = cluster
+    with pytest.raises(kvstore.ArgumentTypeError):
+        kvstore.Store.connect(m.url, segment_size=1 << 20, segment_file=5)
+    with pytest.raises(kvstore.InvalidArgumentError, match="NUL"):
+        kvstore.Store.connect(m.url, segment_size=1 << 20, segment_file="/dev/shm/a\0b")
+    with pytest.raises(kvstore.InvalidArgumentError, match="segment size"):
+        kvstore.Store.connect(m.url, segment_size=0, segment_file="/dev/shm/anything")
+    assert w.stats()["segment_id"] == 0 and a.stats()["segment_id"] != b.stats()["segment_id"]

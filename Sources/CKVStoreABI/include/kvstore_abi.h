@@ -144,6 +144,12 @@ void kv_set_wait_hooks(void (*before)(void), void (*after)(void));
  * cannot be reached, KV_E_INVALID_ARGUMENT for a bad url or a refused token. Leases and
  * eviction are the master's. */
 int32_t kv_store_connect(const char *url, uint64_t segment_size, uint32_t flags, const char *token, kv_store **out);
+/* kv_store_connect whose segment is the first segment_size bytes of the shared-memory file at
+ * path (tmpfs or hugetlbfs, owned by this user and writable by nobody else, opened without
+ * following a link): Mooncake's mount_segment. KV_E_INVALID_ARGUMENT for any other file or one
+ * smaller than segment_size. Of the flags only KV_CREATE_CHECKSUM applies (the file is never
+ * prefaulted or pinned). */
+int32_t kv_store_connect_file(const char *url, const char *path, uint64_t segment_size, uint32_t flags, const char *token, kv_store **out);
 /* Closes (waits for operations in flight) and frees the handle. NULL is ignored. */
 void kv_store_destroy(kv_store *store);
 /* Closes the store; idempotent. */
