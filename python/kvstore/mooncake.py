@@ -747,6 +747,13 @@ class MooncakeDistributedStore:
             _log(f"setup failed: {e}")
             return _code(e)
 
+    def init_all(self, protocol: str, device_name: str, mount_segment_size: int | str = 16 << 20) -> int:
+        """``setup`` with Mooncake's fixed defaults: host "localhost:12345", a segment of
+        ``mount_segment_size`` bytes, the master at 127.0.0.1:50051 (Mooncake's metadata
+        server address, 127.0.0.1:2379, is not needed). −600 when already set up."""
+        return self.setup("localhost:12345", "P2PHANDSHAKE", mount_segment_size, 1 << 30, protocol, device_name,
+                          "127.0.0.1:50051")
+
     def get_hostname(self) -> str:
         """"host:port" of this client (the port picked at setup when none was given)."""
         return self._hostname

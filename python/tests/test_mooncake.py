@@ -622,6 +622,25 @@ def test_mount_segment_stores_objects_in_the_callers_shared_memory_file(master, 
             s.close()
 
 
+def test_init_all_is_setup_with_mooncakes_defaults():
+    """init_all joins the master at 127.0.0.1:50051 with a segment of the size given."""
+    import socket
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", 50051))
+        except OSError:
+            pytest.skip("port 50051 (init_all's fixed master address) is in use on this machine")
+    with Master(port=50051):
+        s = MooncakeDistributedStore()
+        try:
+            assert s.init_all("tcp", "", 4 << 20) == 0
+            assert s.put("k", b"v") == 0 and s.get("k") == b"v"
+            assert s.init_all("tcp", "") == ErrorCode.INVALID_PARAMS        # already set up
+        finally:
+            s.close()
+        assert MooncakeDistributedStore().init_all("udp", "") == ErrorCode.INVALID_PARAMS
+
+
 def test_tp_wrappers_and_unified_parallel_io(master):
     from kvstore.mooncake import ParallelAxis, ReadTarget, TensorParallelism
     s = client(master, 64 << 20)
