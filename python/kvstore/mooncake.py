@@ -1022,7 +1022,12 @@ class MooncakeDistributedStore:
                 raise _errors.ArgumentTypeError(f"path must be a str, not {type(path).__name__}")
             if offset != 0 or isinstance(offset, bool):
                 raise _errors.InvalidArgumentError(f"offset {offset!r}: kvstore mounts a segment file from its start (0)")
-            name = self._mount_extra(s, size, protocol, location, path)
+            parse_size(size, name="size")
+            try:
+                name = self._mount_extra(s, size, protocol, location, path)
+            except _errors.InvalidArgumentError as e:   # a file that cannot be mounted: -1, as Mooncake
+                _log(f"mount_segment {path!r}: {e}")
+                return {"ret": int(ErrorCode.INTERNAL_ERROR), "segment_ids": []}
             return {"ret": 0, "segment_ids": [name]}
         try:
             return self._run(mount)
@@ -1064,9 +1069,11 @@ class MooncakeDistributedStore:
     def _unmount(self, segment_ids: Any, grace_period_seconds: Any, files: bool) -> int:
         try:
             if not isinstance(segment_ids, (list, tuple)) or not segment_ids or \
-                    any(not isinstance(n, str) or n not in self._extra or (n in self._files) != files for n in segment_ids) or \
-                    len(set(segment_ids)) != len(segment_ids):
-                raise _errors.InvalidArgumentError(f"segment_ids {segment_ids!r}: names this client mounted, each once")
+                    any(not isinstance(n, str) for n in segment_ids) or len(set(segment_ids)) != len(segment_ids):
+                raise _errors.InvalidArgumentError(f"segment_ids {segment_ids!r}: a list of names, each once")
+            if any(n not in self._extra or (n in self._files) != files for n in segment_ids):
+                _log(f"unmount: {segment_ids!r} are not all segments this client mounted that way")
+                return int(ErrorCode.INTERNAL_ERROR)   # an unknown segment id: -1, as Mooncake
             if not isinstance(grace_period_seconds, int) or isinstance(grace_period_seconds, bool) or \
                     not 0 <= grace_period_seconds <= 86_400:
                 raise _errors.InvalidArgumentError(f"grace_period_seconds must be an int from 0 to 86400, not {grace_period_seconds!r}")
@@ -1097,11 +1104,10 @@ class MooncakeDistributedStore:
         def check(s: Store) -> tuple[str, list[int], int | None]:
             if not isinstance(key, str):
                 raise _errors.ArgumentTypeError(f"key must be a str, not {type(key).__name__}")
+            s.replicas(key)   # missing: OBJECT_NOT_FOUND first, as Mooncake
             if not isinstance(targets, (list, tuple)) or not 1 <= len(targets) <= 16:
                 raise _errors.InvalidArgumentError("targets must be a list of 1 to 16 segment names")
-            ids = [_segment_id(t) for t in targets]
-            s.replicas(key)   # missing: OBJECT_NOT_FOUND now, as Mooncake
-            return key, ids, None
+            return key, [_segment_id(t) for t in targets], None
         return self._submit(TaskType.REPLICA_COPY, check)
 
     def create_move_task(self, key: str, source: str, target: str) -> tuple[tuple[int, int], int]:
@@ -1111,8 +1117,9 @@ class MooncakeDistributedStore:
         def check(s: Store) -> tuple[str, list[int], int | None]:
             if not isinstance(key, str):
                 raise _errors.ArgumentTypeError(f"key must be a str, not {type(key).__name__}")
+            where = s.replicas(key)   # missing: OBJECT_NOT_FOUND first, as Mooncake
             src, dst = _segment_id(source), _segment_id(target)
-            if src not in s.replicas(key):
+            if src not in where:
                 raise _errors.InvalidArgumentError(f"segment {source!r} holds no replica of {key!r}")
             return key, [dst], src
         return self._submit(TaskType.REPLICA_MOVE, check)

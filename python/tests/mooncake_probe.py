@@ -81,6 +81,12 @@ meta = np.frombuffer(b"META", dtype=np.uint8).copy()
 rec("put_from_with_metadata", s.put_from_with_metadata("md", buf.ctypes.data, meta.ctypes.data, 6, 4), s.get("md"))
 s.unregister_buffer(r0.ctypes.data)
 s.unregister_buffer(r1.ctypes.data)
+# copy and move tasks, extra segments: codes (ids and segment names differ by design)
+rec("tasks", s.create_copy_task("missing", ["x"]), s.create_copy_task("z", ["no-such-segment"]),
+    s.create_move_task("missing", "a", "b"), s.query_task((0, 0)), s.query_task((1, 2)))
+extra = s.allocate_and_mount_segment(8 << 20)
+rec("segments", extra["ret"], len(extra["segment_ids"]), s.unmount_and_free_segment(extra["segment_ids"]),
+    s.unmount_and_free_segment(["no-such-segment"]), s.mount_segment("/dev/shm/kvstore-probe-no-such-file", 1 << 20))
 rec("remove_all", s.remove_all())
 rec("unregister", s.unregister_buffer(buf.ctypes.data), s.unregister_buffer(buf.ctypes.data))
 rec("close", s.close())

@@ -565,7 +565,7 @@ def test_allocated_segments_are_real_and_unmount_with_a_grace_period(master):
             time.sleep(0.05)
         assert w.get("big") == b""                          # unmounted: its only replica is gone
         # Bad calls change nothing.
-        assert a.unmount_and_free_segment([name]) == ErrorCode.INVALID_PARAMS          # already gone
+        assert a.unmount_and_free_segment([name]) == ErrorCode.INTERNAL_ERROR          # already gone (-1, as Mooncake)
         assert a.unmount_and_free_segment("kvstore-segment-1") == ErrorCode.INVALID_PARAMS
         got = a.allocate_and_mount_segment(8 << 20)
         assert a.unmount_and_free_segment(got["segment_ids"], grace_period_seconds=-1) == ErrorCode.INVALID_PARAMS
@@ -595,26 +595,28 @@ def test_mount_segment_stores_objects_in_the_callers_shared_memory_file(master, 
         assert _segments(w, "m") == got["segment_ids"]
         with open(shm, "rb") as f:
             assert marker in f.read()                               # the bytes went to the caller's memory
-        assert a.unmount_and_free_segment(got["segment_ids"]) == ErrorCode.INVALID_PARAMS   # not allocated here
+        assert a.unmount_and_free_segment(got["segment_ids"]) == ErrorCode.INTERNAL_ERROR   # not allocated here
         assert a.unmount_segment(got["segment_ids"]) == 0
         assert os.path.exists(shm) and w.get("m") == b""
         # Refused: offset, a file larger than it holds, a disk file, a file others may write, a link.
         assert a.mount_segment(shm, 8 << 20, 4096)["ret"] == ErrorCode.INVALID_PARAMS
-        assert a.mount_segment(shm, 16 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+        # A file that cannot be mounted is -1, as Mooncake answers for a missing one.
+        assert a.mount_segment(shm, 16 << 20)["ret"] == ErrorCode.INTERNAL_ERROR
         disk = tmp_path / "segment"
         disk.write_bytes(bytes(1 << 20))
-        assert a.mount_segment(str(disk), 1 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+        assert a.mount_segment(str(disk), 1 << 20)["ret"] == ErrorCode.INTERNAL_ERROR
         os.chmod(shm, 0o622)
-        assert a.mount_segment(shm, 1 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+        assert a.mount_segment(shm, 1 << 20)["ret"] == ErrorCode.INTERNAL_ERROR
         os.chmod(shm, 0o600)
         link = f"{shm}-link"
         os.symlink(shm, link)
         try:
-            assert a.mount_segment(link, 1 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+            assert a.mount_segment(link, 1 << 20)["ret"] == ErrorCode.INTERNAL_ERROR
         finally:
             os.unlink(link)
-        assert a.mount_segment("/dev/shm/kvstore-no-such-file", 1 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+        assert a.mount_segment("/dev/shm/kvstore-no-such-file", 1 << 20)["ret"] == ErrorCode.INTERNAL_ERROR
         assert a.mount_segment(5, 1 << 20)["ret"] == ErrorCode.INVALID_PARAMS
+        assert a.mount_segment(shm, "lots")["ret"] == ErrorCode.INVALID_PARAMS
     finally:
         os.close(fd)
         os.unlink(shm)
