@@ -48,7 +48,7 @@ let package = Package(
             ]
         ),
         // Helpers shared by the test targets (seeded random numbers).
-        .target(name: "KVTestSupport", dependencies: ["KVAccelerator", "KVCore"], path: "Tests/KVTestSupport"),
+        .target(name: "KVTestSupport", dependencies: ["KVAccelerator", "KVCore", "KVSystem"], path: "Tests/KVTestSupport"),
         .testTarget(name: "KVCoreTests", dependencies: ["KVCore", "KVTestSupport", "CKVStoreABI"]),
         .testTarget(name: "KVAcceleratorTests", dependencies: ["KVAccelerator", "KVCore", "KVTestSupport"]),
         .testTarget(name: "KVTransferTests", dependencies: ["KVTransfer", "KVSystem", "KVAccelerator", "KVCore"]),

@@ -86,17 +86,7 @@ public func kvStoreConnect(
     _ url: UnsafePointer<CChar>?, _ segmentSize: UInt64, _ flags: UInt32,
     _ token: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<OpaquePointer?>?
 ) -> Int32 {
-    ABI.status { () throws(KVError) in
-        guard let out else { throw .invalidArgument("out pointer is NULL") }
-        guard let url else { throw .invalidArgument("master url is NULL") }
-        let size = try segmentBytes(segmentSize)
-        let t = token.map { String(cString: $0) }
-        let client = try StoreClient(
-            connecting: String(cString: url), segmentSize: size, token: t?.isEmpty == false ? t : nil,
-            prefault: flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: try pinning(flags))
-        client.checksumDefault.store(flags & UInt32(KV_CREATE_CHECKSUM) != 0, ordering: .relaxed)
-        out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
-    }
+    ABI.status { () throws(KVError) in try connect(url, segmentFile: nil, segmentSize, flags, token, out) }
 }
 
 @c(kv_store_connect_file)
@@ -105,17 +95,27 @@ public func kvStoreConnectFile(
     _ token: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<OpaquePointer?>?
 ) -> Int32 {
     ABI.status { () throws(KVError) in
-        guard let out else { throw .invalidArgument("out pointer is NULL") }
-        guard let url else { throw .invalidArgument("master url is NULL") }
         guard let path else { throw .invalidArgument("segment file path is NULL") }
-        let size = try segmentBytes(segmentSize)
-        let t = token.map { String(cString: $0) }
-        let client = try StoreClient(
-            connecting: String(cString: url), segmentSize: size, token: t?.isEmpty == false ? t : nil,
-            segmentFile: String(cString: path))
-        client.checksumDefault.store(flags & UInt32(KV_CREATE_CHECKSUM) != 0, ordering: .relaxed)
-        out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
+        try connect(url, segmentFile: String(cString: path), segmentSize, flags, token, out)
     }
+}
+
+/// Both connects: a client of the master at `url`, its segment new memory or `segmentFile`
+/// (which is never prefaulted or pinned).
+private func connect(
+    _ url: UnsafePointer<CChar>?, segmentFile: String?, _ segmentSize: UInt64, _ flags: UInt32,
+    _ token: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<OpaquePointer?>?
+) throws(KVError) {
+    guard let out else { throw .invalidArgument("out pointer is NULL") }
+    guard let url else { throw .invalidArgument("master url is NULL") }
+    let size = try segmentBytes(segmentSize)
+    let t = token.map { String(cString: $0) }
+    let client = try StoreClient(
+        connecting: String(cString: url), segmentSize: size, token: t?.isEmpty == false ? t : nil,
+        prefault: segmentFile == nil && flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: try pinning(flags),
+        segmentFile: segmentFile)
+    client.checksumDefault.store(flags & UInt32(KV_CREATE_CHECKSUM) != 0, ordering: .relaxed)
+    out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
 }
 
 @c(kv_store_destroy)

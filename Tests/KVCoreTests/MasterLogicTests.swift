@@ -533,9 +533,7 @@ final class MasterLogicTests: XCTestCase {
     func testKeyBatchesAnswerPerKeyAndLeaseWhatTheyFind() throws {
         var m = try master()
         var (a, _) = join(&m, "a", host: "h")
-        guard case .putStarted(let w) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: .default, preferred: nil), session: &a, now: 0)
-        else { return XCTFail() }
-        XCTAssertEqual(m.handle(.putCommit(handle: w.handle), session: &a, now: 0), .ok)
+        _ = put(&m, &a, "k", size: 10)
         XCTAssertEqual(m.handle(.sizeBatch(keys: ["k", "missing"]), session: &a, now: 1), .sizes([10, nil]))
         guard case .values(let removed) = m.handle(.removeBatch(keys: ["k", "missing"], force: false), session: &a, now: 2) else { return XCTFail() }
         XCTAssertEqual(removed[0].failureCode, .leaseHeld, "sizeBatch leased it")
@@ -548,9 +546,7 @@ final class MasterLogicTests: XCTestCase {
     func testARemoteReadHoldsTheBytesUntilReleasedOrItsLeaseEnds() throws {
         var m = try master()
         var (a, _) = join(&m, "a", host: "h")
-        guard case .putStarted(let w) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: .default, preferred: nil), session: &a, now: 0)
-        else { return XCTFail() }
-        XCTAssertEqual(m.handle(.putCommit(handle: w.handle), session: &a, now: 0), .ok)
+        _ = put(&m, &a, "k", size: 10)
         // Bytes in use, less those freed and waiting for the owner's confirmation.
         func live() -> Int { m.table.usedBytes - m.awaitingBytes }
         let used = live()
@@ -560,9 +556,7 @@ final class MasterLogicTests: XCTestCase {
         XCTAssertEqual(m.handle(.release(holds: [f.hold, f.hold, 12345]), session: &a, now: 3), .ok, "extra and unknown ones are ignored")
         XCTAssertEqual(live(), 0, "freed once the reader released it")
         // A hold that is never released ends with its lease.
-        guard case .putStarted(let w2) = m.handle(.putStart(key: "k", size: 10, mode: .put, options: .default, preferred: nil), session: &a, now: 4)
-        else { return XCTFail() }
-        XCTAssertEqual(m.handle(.putCommit(handle: w2.handle), session: &a, now: 4), .ok)
+        _ = put(&m, &a, "k", size: 10, now: 4)
         guard case .found = m.handle(.get(key: "k", host: "h"), session: &a, now: 5) else { return XCTFail() }
         XCTAssertEqual(m.handle(.remove(key: "k", force: true), session: &a, now: 6), .ok)
         XCTAssertEqual(m.expireHolds(now: 5 + m.table.policy.leaseTTL - 1), 0)

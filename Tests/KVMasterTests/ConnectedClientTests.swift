@@ -16,7 +16,7 @@ import Glibc
 /// refusing bad requests.
 final class ConnectedClientTests: XCTestCase {
     var server: MasterServer!
-    var thread: TestThread!
+    var thread: BackgroundThread!
     var url: String { "kvstore://127.0.0.1:\(server.port)" }
 
     override func setUpWithError() throws {
@@ -25,8 +25,7 @@ final class ConnectedClientTests: XCTestCase {
         o.metricsPort = nil
         server = try MasterServer(options: o, log: { _ in })
         let s = server!
-        thread = TestThread { s.run() }
-        thread.start()
+        thread = try BackgroundThread { s.run() }
     }
 
     override func tearDown() {

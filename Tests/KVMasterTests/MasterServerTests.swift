@@ -98,14 +98,14 @@ final class MasterServerTests: XCTestCase {
     func start(
         token: String = MasterServerTests.token, localSocket: Bool = true,
         _ adjust: (inout MasterServer.Options) -> Void = { _ in }
-    ) throws -> (MasterServer, TestThread, Logs) {
+    ) throws -> (MasterServer, BackgroundThread, Logs) {
         try Self.start(token: token, localSocket: localSocket, adjust)
     }
 
     static func start(
         token: String = MasterServerTests.token, localSocket: Bool = true,
         _ adjust: (inout MasterServer.Options) -> Void = { _ in }
-    ) throws -> (MasterServer, TestThread, Logs) {
+    ) throws -> (MasterServer, BackgroundThread, Logs) {
         var o = MasterServer.Options()
         o.localSocket = localSocket
         o.port = 0
@@ -115,8 +115,7 @@ final class MasterServerTests: XCTestCase {
         adjust(&o)
         let logs = Logs()
         let server = try MasterServer(options: o, log: { logs.add($0) })
-        let t = TestThread { server.run() }
-        t.start()
+        let t = try BackgroundThread { server.run() }
         return (server, t, logs)
     }
 
@@ -316,7 +315,7 @@ final class MasterServerTests: XCTestCase {
 final class MasterServerLimitTests: XCTestCase {
     typealias Client = MasterServerTests.Client
 
-    func start(_ adjust: (inout MasterServer.Options) -> Void) throws -> (MasterServer, TestThread, MasterServerTests.Logs) {
+    func start(_ adjust: (inout MasterServer.Options) -> Void) throws -> (MasterServer, BackgroundThread, MasterServerTests.Logs) {
         try MasterServerTests.start(adjust)
     }
 
@@ -398,8 +397,7 @@ final class MasterServerLimitTests: XCTestCase {
         var frames = WireWriter()
         for i in 0..<n { frames.frame(kind: MasterRequest.stats.kind, requestID: UInt32(100 + i), payload: []) }
         let bytes = frames.bytes
-        let sender = TestThread { try? bytes.withUnsafeBytes { try greedy.socket.writeAll($0) } }
-        sender.start()
+        let sender = try BackgroundThread { try? bytes.withUnsafeBytes { try greedy.socket.writeAll($0) } }
         usleep(300_000)
         let other = try Client(port: server.port)
         guard case .welcome = try other.hello(name: "other") else { return XCTFail() }
@@ -554,8 +552,7 @@ final class MasterCommandLineTests: XCTestCase {
         let fenced = try MasterServer(options: o, log: { _ in })
         fenced.fence = { deadline.load(ordering: .relaxed) }
         let ended = Locked<MasterServer.Ended?>(nil)
-        let t = TestThread { ended.withLock { $0 = fenced.run() } }
-        t.start()
+        let t = try BackgroundThread { ended.withLock { $0 = fenced.run() } }
         let c = try MasterServerTests.Client(port: fenced.port)
         guard case .welcome = try c.hello(name: "t") else { return XCTFail() }
         XCTAssertNoThrow(try c.call(.heartbeat))

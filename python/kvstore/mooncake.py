@@ -678,8 +678,7 @@ class MooncakeDistributedStore:
         self._url = ""   # the master, as setup reached it
         # Segments allocate_and_mount_segment added: each a session of its own, by name; and
         # the timers of those unmounting after a grace period.
-        self._extra: dict[str, Store] = {}
-        self._files: set[str] = set()   # those of _extra that mount_segment mounted (a caller's file)
+        self._extra: dict[str, tuple[Store, bool]] = {}   # and whether mount_segment mounted it (a caller's file)
         self._unmounting: list[tuple[threading.Timer, Store]] = []
 
     # ---- lifecycle ----
@@ -809,10 +808,9 @@ class MooncakeDistributedStore:
             timer.cancel()
             extra.close()   # idempotent: the timer may have closed it already
         self._unmounting.clear()
-        for extra in self._extra.values():
+        for extra, _ in self._extra.values():
             extra.close()
         self._extra.clear()
-        self._files.clear()
         if self._dummies is not None:
             self._dummies.close()
             self._dummies = None
@@ -1002,8 +1000,8 @@ class MooncakeDistributedStore:
         ``protocol`` ("tcp" or "rdma") and ``location`` are checked and not used (kvstore picks
         the transport; the memory is host memory)."""
         def mount(s: Store) -> dict[str, Any]:
-            name = self._mount_extra(s, size, protocol, location)
-            return {"ret": 0, "segment_ids": [name], "allocated_size": self._extra[name].stats()["segment_size"]}
+            name = self._mount_extra(self._extra_size(size, protocol, location))
+            return {"ret": 0, "segment_ids": [name], "allocated_size": self._extra[name][0].stats()["segment_size"]}
         try:
             return self._run(mount)
         except Exception as e:   # noqa: BLE001 - Mooncake's convention
@@ -1022,9 +1020,9 @@ class MooncakeDistributedStore:
                 raise _errors.ArgumentTypeError(f"path must be a str, not {type(path).__name__}")
             if offset != 0 or isinstance(offset, bool):
                 raise _errors.InvalidArgumentError(f"offset {offset!r}: kvstore mounts a segment file from its start (0)")
-            parse_size(size, name="size")
+            n = self._extra_size(size, protocol, location)
             try:
-                name = self._mount_extra(s, size, protocol, location, path)
+                name = self._mount_extra(n, path)
             except _errors.InvalidArgumentError as e:   # a file that cannot be mounted: -1, as Mooncake
                 _log(f"mount_segment {path!r}: {e}")
                 return {"ret": int(ErrorCode.INTERNAL_ERROR), "segment_ids": []}
@@ -1048,8 +1046,8 @@ class MooncakeDistributedStore:
         not mount that way or a bad grace period."""
         return self._unmount(segment_ids, grace_period_seconds, files=False)
 
-    def _mount_extra(self, s: Store, size: Any, protocol: Any, location: Any, path: str | None = None) -> str:
-        """A session of its own with a segment of ``size`` bytes (in ``path`` when given); its name."""
+    def _extra_size(self, size: Any, protocol: Any, location: Any) -> int:
+        """The checked size of an extra segment (its protocol and location checked too)."""
         n = parse_size(size, name="size")
         if n <= 0:
             raise _errors.InvalidArgumentError(f"size must be positive, not {size!r}")
@@ -1059,11 +1057,13 @@ class MooncakeDistributedStore:
             raise _errors.ArgumentTypeError(f"location must be a str, not {type(location).__name__}")
         if not self._url:
             raise _errors.InvalidArgumentError("a dummy client mounts no segment")
-        extra = Store.connect(self._url, segment_size=n, segment_file=path)
+        return n
+
+    def _mount_extra(self, size: int, path: str | None = None) -> str:
+        """A session of its own with a segment of ``size`` bytes (in ``path`` when given); its name."""
+        extra = Store.connect(self._url, segment_size=size, segment_file=path)
         name = f"kvstore-segment-{extra.stats()['segment_id']}"
-        self._extra[name] = extra
-        if path is not None:
-            self._files.add(name)
+        self._extra[name] = (extra, path is not None)
         return name
 
     def _unmount(self, segment_ids: Any, grace_period_seconds: Any, files: bool) -> int:
@@ -1071,15 +1071,14 @@ class MooncakeDistributedStore:
             if not isinstance(segment_ids, (list, tuple)) or not segment_ids or \
                     any(not isinstance(n, str) for n in segment_ids) or len(set(segment_ids)) != len(segment_ids):
                 raise _errors.InvalidArgumentError(f"segment_ids {segment_ids!r}: a list of names, each once")
-            if any(n not in self._extra or (n in self._files) != files for n in segment_ids):
+            if any(n not in self._extra or self._extra[n][1] != files for n in segment_ids):
                 _log(f"unmount: {segment_ids!r} are not all segments this client mounted that way")
                 return int(ErrorCode.INTERNAL_ERROR)   # an unknown segment id: -1, as Mooncake
             if not isinstance(grace_period_seconds, int) or isinstance(grace_period_seconds, bool) or \
                     not 0 <= grace_period_seconds <= 86_400:
                 raise _errors.InvalidArgumentError(f"grace_period_seconds must be an int from 0 to 86400, not {grace_period_seconds!r}")
             for name in segment_ids:
-                extra = self._extra.pop(name)
-                self._files.discard(name)
+                extra, _ = self._extra.pop(name)
                 if grace_period_seconds == 0:
                     extra.close()
                     continue

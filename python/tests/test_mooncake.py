@@ -527,6 +527,10 @@ def test_copy_and_move_tasks_make_real_replicas(master):
         assert w.create_copy_task("k", ["segment1"]) == ((0, 0), ErrorCode.INVALID_PARAMS)
         assert w.create_copy_task("k", []) == ((0, 0), ErrorCode.INVALID_PARAMS)
         assert w.create_copy_task(5, [seg_b]) == ((0, 0), ErrorCode.INVALID_PARAMS)
+        assert w.create_copy_task("k", [None]) == ((0, 0), ErrorCode.INVALID_PARAMS)
+        assert w.create_copy_task("k", "kvstore-segment-1") == ((0, 0), ErrorCode.INVALID_PARAMS)
+        assert w.create_move_task("k", seg_a, 5.5) == ((0, 0), ErrorCode.INVALID_PARAMS)
+        assert sorted(_segments(w, "k")) == sorted([seg_a, seg_b])          # nothing changed
         assert w.query_task((1, 2)) == (None, ErrorCode.TASK_NOT_FOUND)
         assert w.query_task("nonsense") == (None, ErrorCode.TASK_NOT_FOUND)
 
@@ -569,6 +573,7 @@ def test_allocated_segments_are_real_and_unmount_with_a_grace_period(master):
         assert a.unmount_and_free_segment("kvstore-segment-1") == ErrorCode.INVALID_PARAMS
         got = a.allocate_and_mount_segment(8 << 20)
         assert a.unmount_and_free_segment(got["segment_ids"], grace_period_seconds=-1) == ErrorCode.INVALID_PARAMS
+        assert a.unmount_and_free_segment(got["segment_ids"], grace_period_seconds="1") == ErrorCode.INVALID_PARAMS
         assert a.unmount_and_free_segment(got["segment_ids"], grace_period_seconds=0) == 0
         for bad in ((0,), (-5,), ("lots",), (1 << 20, "udp"), (1 << 20, "tcp", 7)):
             assert a.allocate_and_mount_segment(*bad) == {"ret": ErrorCode.INVALID_PARAMS, "segment_ids": [], "allocated_size": 0}
@@ -617,6 +622,9 @@ def test_mount_segment_stores_objects_in_the_callers_shared_memory_file(master, 
         assert a.mount_segment("/dev/shm/kvstore-no-such-file", 1 << 20)["ret"] == ErrorCode.INTERNAL_ERROR
         assert a.mount_segment(5, 1 << 20)["ret"] == ErrorCode.INVALID_PARAMS
         assert a.mount_segment(shm, "lots")["ret"] == ErrorCode.INVALID_PARAMS
+        for bad in ((0,), ("lots",), (1 << 20, 0, "udp"), (1 << 20, 0, "tcp", 7)):   # bad arguments, not a bad file
+            assert a.mount_segment(shm, *bad)["ret"] == ErrorCode.INVALID_PARAMS
+        assert a.unmount_segment([]) == ErrorCode.INVALID_PARAMS and a.unmount_segment(["x", "x"]) == ErrorCode.INVALID_PARAMS
     finally:
         os.close(fd)
         os.unlink(shm)

@@ -85,6 +85,16 @@ def test_bad_copies_raise_clear_errors_and_change_nothing(cluster):
         w.copy_replicas("k", ["1"])
     with pytest.raises(TypeError):
         w.copy_replicas("k", [True])
+    with pytest.raises(TypeError):
+        w.copy_replicas(5, [seg_b])
+    with pytest.raises(TypeError):
+        w.copy_replicas("k", [seg_b], drop="1")
+    with pytest.raises(ValueError):
+        w.copy_replicas("k", [seg_b], drop=0)
+    with pytest.raises(TypeError):
+        w.replicas(5)
+    with pytest.raises(kvstore.ObjectNotFoundError):
+        w.replicas("missing")
     b.put("fill", b"f" * ((8 << 20) - 512))
     with pytest.raises(kvstore.NoSpaceError):
         w.copy_replicas("k", [seg_b])
@@ -189,3 +199,40 @@ def test_segment_file_arguments_are_checked(cluster):
     with pytest.raises(kvstore.InvalidArgumentError, match="segment size"):
         kvstore.Store.connect(m.url, segment_size=0, segment_file="/dev/shm/anything")
     assert w.stats()["segment_id"] == 0 and a.stats()["segment_id"] != b.stats()["segment_id"]
+
+
+COPIER = r"""
+import json, sys, kvstore
+s = kvstore.Store.connect(sys.argv[1], segment_size=0)
+s.copy_replicas("k", [int(sys.argv[2])], drop=int(sys.argv[3]))
+print(json.dumps({"network_bytes": s.stats()["network_bytes"]}))
+s.close()
+"""
+
+
+def test_a_copier_on_another_host_moves_a_replica_over_tcp(netns):
+    """The copier is in another network namespace: both segments are remote to it, so it
+    reads over TCP into staging memory and writes the target over TCP."""
+    import json
+    import subprocess
+    import sys
+    token = "replica-copy-token"
+    env = {**os.environ, "KVSTORE_MASTER_TOKEN": token}
+    with Master("--token", token, host="10.213.0.1") as m:
+        a = kvstore.Store.connect(m.url, segment_size=8 << 20, token=token)
+        b = kvstore.Store.connect(m.url, segment_size=8 << 20, token=token)
+        try:
+            value = os.urandom(3 << 20)
+            a.put("k", value, checksum=True)
+            b.put("in-b", b"b")
+            seg_a, seg_b = a.replicas("k")[0], b.replicas("in-b")[0]
+            done = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", COPIER, m.url, str(seg_b), str(seg_a)],
+                                  env=env, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["network_bytes"] >= 2 * len(value)   # read and written over TCP
+            assert b.replicas("k") == [seg_b]
+            a.close()
+            assert b.get("k") == value
+        finally:
+            b.close()
+            a.close()
