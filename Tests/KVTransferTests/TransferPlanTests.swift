@@ -1,3 +1,4 @@
+import Synchronization
 import XCTest
 import KVAccelerator
 import KVCore
@@ -84,5 +85,45 @@ final class SpinBackoffTests: XCTestCase {
     func testTheLoadIsRead() {
         XCTAssertGreaterThanOrEqual(SpinBackoff.runnableTasks(), 1, "this thread is running")
         XCTAssertGreaterThanOrEqual(SpinBackoff.cores, 1)
+    }
+
+    /// The calling thread's CPUs (sched_getaffinity/sched_setaffinity: Swift's Glibc does not
+    /// declare them).
+    typealias Affinity = @convention(c) (Int32, Int, UnsafeMutableRawPointer) -> Int32
+    static func affinity(_ name: String, _ set: inout cpu_set_t) {
+        guard let symbol = dlsym(nil, name) else { return XCTFail("no \(name)") }
+        let rc = withUnsafeMutableBytes(of: &set) { unsafeBitCast(symbol, to: Affinity.self)(0, $0.count, $0.baseAddress!) }
+        XCTAssertEqual(rc, 0, name)
+    }
+
+    /// Pins the calling thread to CPU 0.
+    static func pinToFirstCPU() {
+        var set = cpu_set_t()
+        set.__bits.0 = 1
+        affinity("sched_setaffinity", &set)
+    }
+
+    func testAnotherSpinnerOnTheCoreStopsSpinning() throws {
+        try XCTSkipUnless(SpinBackoff.schedstatReadable, "this kernel keeps no per-thread schedstat")
+        Self.pinToFirstCPU()
+        var before = cpu_set_t()
+        Self.affinity("sched_getaffinity", &before)
+        defer { Self.affinity("sched_setaffinity", &before) }
+        // Another thread spins on the same core: the run delay passes a quarter, waits block.
+        let stop = Atomic<Bool>(false)
+        let other = try BackgroundThread {
+            Self.pinToFirstCPU()
+            while !stop.load(ordering: .relaxed) {}
+        }
+        defer {
+            stop.store(true, ordering: .relaxed)
+            other.join()
+        }
+        var u = SpinBackoff(spinNanos: 200_000)
+        let t0 = SpinBackoff.now()
+        var blocked = false
+        while !blocked && SpinBackoff.now() - t0 < 2_000_000_000 { blocked = u.budget(now: SpinBackoff.now()) == 0 }
+        XCTAssertTrue(blocked, "a spinner sharing its core with another stops spinning")
+        XCTAssertNotNil(SpinBackoff.runDelay())
     }
 }
