@@ -847,8 +847,10 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
                 guard o.offset == n.offset, o.size > 0, o.size <= size - n.offset else { continue }
                 l.index[n.offset] = o
                 // The master applied this commit: the index now follows it (not re-reported).
-                for i in l.unconfirmed.indices where l.unconfirmed[i].object != nil && l.unconfirmed[i].place.offset == n.offset {
-                    l.unconfirmed[i].object = nil
+                // (The offset is compared first: reading `object` copies it, key and all, and
+                // this runs for every notice over every unconfirmed commit.)
+                l.unconfirmed.withUnsafeMutableBufferPointer { u in
+                    for i in u.indices where u[i].place.offset == n.offset && u[i].object != nil { u[i].object = nil }
                 }
             } else if l.index[n.offset]?.seq == n.seq {
                 l.index[n.offset] = nil
