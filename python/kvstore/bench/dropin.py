@@ -6,7 +6,8 @@ A master process on this host; two clients in this process, each holding a 1 GiB
 ``batch_put_from`` and ``batch_get_into`` of 256 x 4 KiB, ``put_from`` and ``get_into`` of
 1 MiB (each put round writes fresh keys into the caller's own segment; both clients read the
 same objects, so only the API differs). Medians of
-``--repeat`` alternating rounds; the cost is the drop-in's time over the native one, minus one."""
+``--repeat`` alternating rounds, per call (a round times 64 reads or 16 puts of each API); the
+cost is the drop-in's time over the native one, minus one."""
 
 from __future__ import annotations
 
@@ -23,19 +24,32 @@ from ..mooncake import MooncakeDistributedStore
 from .common import _Process
 
 
-def _median_pair(repeat: int, native: Callable[[int], None], dropin: Callable[[int], None]) -> tuple[float, float]:
+def _median_pair(repeat: int, inner: int, native: Callable[[int], None], dropin: Callable[[int], None]) -> tuple[float, float]:
+    """Medians of ``repeat`` alternating rounds (after one to warm up) of ``inner`` calls each,
+    per call: one call of tens of microseconds is too short to time alone. Each API goes
+    first in every other round."""
+    def timed(call: Callable[[int], None], r: int) -> float:
+        t = time.perf_counter()
+        for j in range(inner):
+            call(r * inner + j)
+        return (time.perf_counter() - t) / inner
+
     a, b = [], []
     for r in range(repeat + 1):   # round 0 warms up
-        t = time.perf_counter()
-        native(r)
-        x = time.perf_counter() - t
-        t = time.perf_counter()
-        dropin(r)
-        y = time.perf_counter() - t
+        # Each API goes first in every other round: the second finds caches the first left.
+        if r % 2:
+            y, x = timed(dropin, r), timed(native, r)
+        else:
+            x, y = timed(native, r), timed(dropin, r)
         if r:
             a.append(x)
             b.append(y)
     return statistics.median(a), statistics.median(b)
+
+
+# Calls per timed round: reads repeat the same call; puts write fresh keys each call.
+INNER_READS = 64
+INNER_PUTS = 16
 
 
 def run_dropin(repeat: int, record: Callable[[dict[str, Any]], None]) -> int:
@@ -83,12 +97,13 @@ def run_dropin(repeat: int, record: Callable[[dict[str, Any]], None]) -> int:
             for name, a, b, nbytes in cases:
                 if name.startswith("batch_put") or name.startswith("put_from"):
                     clear()
-                    t_native, t_dropin = _median_pair(repeat, a, b)
-                    # leave round 0's objects for the reads
-                    native.batch_remove([k for r in range(1, repeat + 1) for k in (keys("n", r) + keys("m", r)
+                    t_native, t_dropin = _median_pair(repeat, INNER_PUTS, a, b)
+                    # leave the first call's objects for the reads
+                    calls = range(1, (repeat + 1) * INNER_PUTS)
+                    native.batch_remove([k for r in calls for k in (keys("n", r) + keys("m", r)
                                          if name.startswith("batch") else [f"nb-{r}", f"mb-{r}"])], force=True)
                 else:
-                    t_native, t_dropin = _median_pair(repeat, a, b)
+                    t_native, t_dropin = _median_pair(repeat, INNER_READS, a, b)
                 cost = t_dropin / t_native - 1
                 unit = "us" if t_native < 1e-3 else "ms"
                 scale = 1e6 if unit == "us" else 1e3
