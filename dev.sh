@@ -112,6 +112,37 @@ install_engines() {
     fi
     export KVSTORE_ENGINES_PYTHON=$ENGINES_VENV/bin/python
 }
+
+# vLLM's MooncakeStoreWorker in an environment of its own, .venv-vllm (its import chain pins
+# other versions than LMCache's): CPU torch, vLLM with --no-deps (it pins CUDA torch) and every
+# package of its import chain pinned and installed with --no-deps
+# (python/tests/engines/requirements-vllm.txt). KVSTORE_VLLM_SKIP says why when it cannot be.
+VLLM_VENV=$ROOT/.venv-vllm
+VLLM=vllm==0.33.0
+install_vllm() {
+    local want torch stamp=$VLLM_VENV/.kvstore-vllm
+    torch=$(torch_cpu_wheel)
+    if [ -z "$torch" ]; then
+        export KVSTORE_VLLM_SKIP="no CPU torch wheel (torch-*+cpu-cp311-*.whl) in pip's find-links folders"
+        log "$KVSTORE_VLLM_SKIP: the vLLM connector test skips"
+        return
+    fi
+    want="$(basename "$torch") $VLLM $(sha256sum "$ROOT/python/tests/engines/requirements-vllm.txt" | cut -c1-16)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        log "installing vLLM's connector ($VLLM, CPU torch, its import chain) in $VLLM_VENV"
+        rm -rf "$VLLM_VENV"
+        if ! { "$PY" -m venv "$VLLM_VENV" &&
+               "$VLLM_VENV/bin/python" -m pip install -q --retries 2 --timeout 60 "$torch" &&
+               "$VLLM_VENV/bin/python" -m pip install -q --retries 2 --timeout 60 --no-deps "$VLLM" \
+                   -r "$ROOT/python/tests/engines/requirements-vllm.txt"; }; then
+            export KVSTORE_VLLM_SKIP="vLLM and its import chain could not be installed from the package registry"
+            log "$KVSTORE_VLLM_SKIP: the vLLM connector test skips"
+            return
+        fi
+        echo "$want" >"$stamp"
+    fi
+    export KVSTORE_VLLM_PYTHON=$VLLM_VENV/bin/python
+}
 # The CUDA driver test double (python/tests/doubles/cuda_driver.c), compiled against the real
 # cuda.h from NVIDIA's runtime wheel (only that header is used; nothing of NVIDIA's is linked),
 # into build/cuda-double/libcuda.so.1: test_cuda_double.py runs kvstore's CUDA paths on it.
@@ -303,6 +334,7 @@ case "$cmd" in
         install_mooncake
         install_etcd
         install_engines
+        install_vllm
         build_cuda_double
         build_verbs_double
         python_build_env
