@@ -326,7 +326,10 @@ case "$cmd" in
         case " $* " in
             *" --engines "*) install_engines
                              [ -z "${KVSTORE_ENGINES_PYTHON:-}" ] ||
-                                 install_mooncake "$ENGINES_VENV" "bench --engines runs kvstore alone" ;;
+                                 install_mooncake "$ENGINES_VENV" "bench --engines runs kvstore alone"
+                             install_vllm
+                             [ -z "${KVSTORE_VLLM_PYTHON:-}" ] ||
+                                 install_mooncake "$VLLM_VENV" "bench --engines runs vLLM on kvstore alone" ;;
         esac
         exec "$VENV/bin/python" -m kvstore bench "$@" ;;
     test)

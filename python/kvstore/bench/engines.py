@@ -9,6 +9,11 @@ each with one client holding the only segment (the engine's own process). Cases:
 - LMCache 0.5.6, ``mooncakestore://``: ``batched_put`` then ``batched_get`` of 32 chunks of
   4 MiB, with its default chunk metadata (``put_parts`` + ``batch_get_buffer``) and without it
   (``batch_put_from`` + ``batch_get_into``), ``--repeat`` rounds after a warm-up, medians.
+- vLLM 0.33.0's ``MooncakeStoreWorker`` (``engine_vllm.py``, in vLLM's own environment,
+  ``KVSTORE_VLLM_PYTHON``, with Mooncake Store installed there too): 64 blocks of 16 tokens of 8
+  layers (8 KV heads of 128, bf16: 64 KiB a block and layer, 32 MiB in all) saved through its
+  save thread (``batch_put_from_multi_buffers``) and loaded into other blocks through its load
+  thread (``batch_get_into_multi_buffers``), ``--repeat`` rounds after a warm-up, medians.
 """
 
 from __future__ import annotations
@@ -39,13 +44,19 @@ def _run(python: str, script: str, args: list[str], env: dict[str, str]) -> dict
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _interpreter(variable: str) -> str | None:
+    python = os.environ.get(variable, "")
+    return python if python and os.access(python, os.X_OK) else None
+
+
 def run_engines(repeat: int, record: Callable[[dict[str, Any]], None]) -> int:
-    python = os.environ.get("KVSTORE_ENGINES_PYTHON", "")
+    python, vllm = _interpreter("KVSTORE_ENGINES_PYTHON"), _interpreter("KVSTORE_VLLM_PYTHON")
     print("\nkvstore bench engines: each engine's own connector, kvstore against Mooncake Store in one run; medians")
-    if not python or not os.access(python, os.X_OK):
-        print("engines: skipped (no engines environment: set KVSTORE_ENGINES_PYTHON, or run ./dev.sh bench)")
+    if not python and not vllm:
+        print("engines: skipped (no engines environment: set KVSTORE_ENGINES_PYTHON / KVSTORE_VLLM_PYTHON, "
+              "or run ./dev.sh bench)")
         return 0
-    mooncake_master = Path(python).with_name("mooncake_master")
+    mooncake_master = Path(python or vllm or "").with_name("mooncake_master")
     servers: list[_Server] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kvstore-path"
@@ -68,12 +79,18 @@ def run_engines(repeat: int, record: Callable[[dict[str, Any]], None]) -> int:
             if mc_port is None:
                 print("engines: Mooncake Store is not in the engines environment (or its master did not start): kvstore alone")
             print(f"{'engine path':<44}{'kvstore GB/s':>14}{'Mooncake GB/s':>15}{'ratio':>8}")
-            for meta, label in (("1", "LMCache default (chunk metadata)"), ("0", "LMCache save_chunk_meta=false")):
+            cases: list[tuple[str, str, str, list[str]]] = []
+            if python:
+                cases += [(python, "engine_lmcache.py", label, [meta, "32", str(repeat)])
+                          for meta, label in (("1", "LMCache default (chunk metadata)"), ("0", "LMCache save_chunk_meta=false"))]
+            if vllm:
+                cases.append((vllm, "engine_vllm.py", "vLLM MooncakeStoreWorker", ["64", str(repeat)]))
+            for interpreter, script, label, args in cases:
                 results: dict[str, Any] = {}
                 for backend, port in (("kvstore", kv_port), ("mooncake", mc_port)):
                     if port is None:
                         continue
-                    results[backend] = _run(python, "engine_lmcache.py", [backend, f"127.0.0.1:{port}", meta, "32", str(repeat)], env)
+                    results[backend] = _run(interpreter, script, [backend, f"127.0.0.1:{port}", *args], env)
                 for op in ("put", "get"):
                     k, m = results.get("kvstore"), results.get("mooncake")
                     kv = k[f"{op}_gbps"] if isinstance(k, dict) else None
@@ -81,7 +98,8 @@ def run_engines(repeat: int, record: Callable[[dict[str, Any]], None]) -> int:
                     exact = all(r.get("exact") for r in results.values() if isinstance(r, dict))
                     print(f"{label + ' ' + op:<44}{_cell(kv, k):>14}{_cell(mc, m):>15}"
                           f"{(kv / mc if kv and mc else float('nan')):>8.2f}{'' if exact else '  WRONG BYTES'}", flush=True)
-                    record({"op": "engine", "engine": "lmcache", "path": f"{label} {op}", "kvstore_gbps": kv,
+                    engine = script.removeprefix("engine_").removesuffix(".py")
+                    record({"op": "engine", "engine": engine, "path": f"{label} {op}", "kvstore_gbps": kv,
                             "mooncake_gbps": mc, "exact": exact})
                     if not exact:
                         return 1
