@@ -87,31 +87,35 @@ torch_cpu_wheel() {
         for w in "$d"/torch-*+cpu-cp311-*.whl; do [ -f "$w" ] && { echo "$w"; return; }; done
     done
 }
-install_engines() {
-    local want torch stamp=$ENGINES_VENV/.kvstore-engines
+# engine_venv VAR VENV ENGINE REQUIREMENTS WHAT [--no-deps]: ENGINE (pip --no-deps) and its
+# import chain (REQUIREMENTS; with --no-deps every package pinned there is installed alone) on
+# CPU torch in VENV; exports KVSTORE_<VAR>_PYTHON, or KVSTORE_<VAR>_SKIP with the reason.
+engine_venv() {
+    local var=$1 venv=$2 engine=$3 req=$ROOT/python/tests/engines/$4 what=$5 alone=${6:-} want torch
+    local stamp=$venv/.kvstore-$(echo "$var" | tr 'A-Z' 'a-z')
     torch=$(torch_cpu_wheel)
     if [ -z "$torch" ]; then
-        export KVSTORE_ENGINES_SKIP="no CPU torch wheel (torch-*+cpu-cp311-*.whl) in pip's find-links folders"
-        log "$KVSTORE_ENGINES_SKIP: the engine connector tests skip"
+        export "KVSTORE_${var}_SKIP=no CPU torch wheel (torch-*+cpu-cp311-*.whl) in pip's find-links folders"
+        log "no CPU torch wheel: $what skips"
         return
     fi
-    want="$(basename "$torch") $LMCACHE $(sha256sum "$ROOT/python/tests/engines/requirements.txt" | cut -c1-16)"
+    want="$(basename "$torch") $engine $(sha256sum "$req" | cut -c1-16)"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        log "installing the engine connectors ($LMCACHE, CPU torch) in $ENGINES_VENV"
-        rm -rf "$ENGINES_VENV"
-        if ! { "$PY" -m venv "$ENGINES_VENV" &&
-               "$ENGINES_VENV/bin/python" -m pip install -q --retries 2 --timeout 60 "$torch" &&
-               "$ENGINES_VENV/bin/python" -m pip install -q --retries 2 --timeout 60 --no-deps "$LMCACHE" &&
-               "$ENGINES_VENV/bin/python" -m pip install -q --retries 2 --timeout 60 \
-                   -r "$ROOT/python/tests/engines/requirements.txt"; }; then
-            export KVSTORE_ENGINES_SKIP="the engine packages could not be installed from the package registry"
-            log "$KVSTORE_ENGINES_SKIP: the engine connector tests skip"
+        log "installing $engine (CPU torch, its import chain) in $venv for $what"
+        rm -rf "$venv"
+        if ! { "$PY" -m venv "$venv" &&
+               "$venv/bin/python" -m pip install -q --retries 2 --timeout 60 "$torch" &&
+               "$venv/bin/python" -m pip install -q --retries 2 --timeout 60 --no-deps "$engine" &&
+               "$venv/bin/python" -m pip install -q --retries 2 --timeout 60 $alone -r "$req"; }; then
+            export "KVSTORE_${var}_SKIP=$engine and its import chain could not be installed from the package registry"
+            log "$engine could not be installed from the package registry: $what skips"
             return
         fi
         echo "$want" >"$stamp"
     fi
-    export KVSTORE_ENGINES_PYTHON=$ENGINES_VENV/bin/python
+    export "KVSTORE_${var}_PYTHON=$venv/bin/python"
 }
+install_engines() { engine_venv ENGINES "$ENGINES_VENV" "$LMCACHE" requirements.txt "the LMCache connector test"; }
 
 # vLLM's MooncakeStoreWorker in an environment of its own, .venv-vllm (its import chain pins
 # other versions than LMCache's): CPU torch, vLLM with --no-deps (it pins CUDA torch) and every
@@ -119,30 +123,7 @@ install_engines() {
 # (python/tests/engines/requirements-vllm.txt). KVSTORE_VLLM_SKIP says why when it cannot be.
 VLLM_VENV=$ROOT/.venv-vllm
 VLLM=vllm==0.33.0
-install_vllm() {
-    local want torch stamp=$VLLM_VENV/.kvstore-vllm
-    torch=$(torch_cpu_wheel)
-    if [ -z "$torch" ]; then
-        export KVSTORE_VLLM_SKIP="no CPU torch wheel (torch-*+cpu-cp311-*.whl) in pip's find-links folders"
-        log "$KVSTORE_VLLM_SKIP: the vLLM connector test skips"
-        return
-    fi
-    want="$(basename "$torch") $VLLM $(sha256sum "$ROOT/python/tests/engines/requirements-vllm.txt" | cut -c1-16)"
-    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-        log "installing vLLM's connector ($VLLM, CPU torch, its import chain) in $VLLM_VENV"
-        rm -rf "$VLLM_VENV"
-        if ! { "$PY" -m venv "$VLLM_VENV" &&
-               "$VLLM_VENV/bin/python" -m pip install -q --retries 2 --timeout 60 "$torch" &&
-               "$VLLM_VENV/bin/python" -m pip install -q --retries 2 --timeout 60 --no-deps "$VLLM" \
-                   -r "$ROOT/python/tests/engines/requirements-vllm.txt"; }; then
-            export KVSTORE_VLLM_SKIP="vLLM and its import chain could not be installed from the package registry"
-            log "$KVSTORE_VLLM_SKIP: the vLLM connector test skips"
-            return
-        fi
-        echo "$want" >"$stamp"
-    fi
-    export KVSTORE_VLLM_PYTHON=$VLLM_VENV/bin/python
-}
+install_vllm() { engine_venv VLLM "$VLLM_VENV" "$VLLM" requirements-vllm.txt "the vLLM connector test" --no-deps; }
 # The CUDA driver test double (python/tests/doubles/cuda_driver.c), compiled against the real
 # cuda.h from NVIDIA's runtime wheel (only that header is used; nothing of NVIDIA's is linked),
 # into build/cuda-double/libcuda.so.1: test_cuda_double.py runs kvstore's CUDA paths on it.

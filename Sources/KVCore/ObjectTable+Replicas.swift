@@ -131,10 +131,17 @@ extension ObjectTable {
         finishRead(copy.version)
     }
 
+    /// Frees the placements a move retired from version `s` (kept while readers held it).
+    /// (Checked for emptiness first: no move, no hash of `s` on every read's end.)
+    mutating func freeRetired(of s: Int32) {
+        guard !retired.isEmpty, let gone = retired.removeValue(forKey: s) else { return }
+        gone.forEach { freeNoticed($0) }
+    }
+
     /// After a hold on `s` ended: frees what a move retired once no reader is left, and the
     /// version itself when it went meanwhile.
     private mutating func finishRead(_ s: Int32) {
-        if versions[Int(s)].readers == 0, !retired.isEmpty, let gone = retired.removeValue(forKey: s) { gone.forEach { freeNoticed($0) } }
+        if versions[Int(s)].readers == 0 { freeRetired(of: s) }
         if versions[Int(s)].linked { updateList(s) } else { reclaimIfUnused(s) }
     }
 }

@@ -591,7 +591,7 @@ public struct ObjectTable: Sendable {
         guard versions[s].readers > 0 else { throw KVError(.internal, "release of a version that is not read") }
         versions[s].readers -= 1
         activeReaders -= 1
-        if versions[s].readers == 0, !retired.isEmpty, let gone = retired.removeValue(forKey: Int32(s)) { gone.forEach { freeNoticed($0) } }
+        if versions[s].readers == 0 { freeRetired(of: Int32(s)) }
         if versions[s].linked { updateList(Int32(s)) } else { reclaimIfUnused(Int32(s)) }
     }
 
@@ -1040,7 +1040,7 @@ public struct ObjectTable: Sendable {
     private mutating func dropVersion(_ s: Int32) {
         timers.cancelAll(slot: s)
         if versions[Int(s)].leaseUntil != 0 { activeLeases -= 1 }
-        if !retired.isEmpty { retired.removeValue(forKey: s)?.forEach { freeNoticed($0) } }
+        freeRetired(of: s)
         if recordNotices, versions[Int(s)].seq != 0 { // its owners may list it: free once they heard it went
             versions[Int(s)].placements.forEach { freeNoticed($0) }
         } else {

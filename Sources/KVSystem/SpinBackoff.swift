@@ -102,49 +102,40 @@ public struct SpinBackoff: Sendable {
     /// /proc/loadavg, "running/total"); 0 when it cannot be read.
     static func runnableTasks() -> Int {
         guard loadavg >= 0 else { return 0 }
-        var buf = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-        return withUnsafeMutableBytes(of: &buf) { b -> Int in
-            let n = pread(loadavg, b.baseAddress!, b.count, 0)
-            guard n > 0 else { return 0 }
-            var fields = 0, value = 0, i = 0
-            while i < n {
-                let c = b[i]
-                if c == 0x20 {
-                    fields += 1
-                } else if fields == 3 {
-                    guard c >= 0x30 && c <= 0x39 else { return value } // the '/'
-                    value = value * 10 + Int(c - 0x30)
-                }
-                i += 1
-            }
-            return value
-        }
+        return decimalField(3, of: loadavg) ?? 0
     }
 
     /// This thread's run delay so far, in nanoseconds (the second field of
-    /// /proc/thread-self/schedstat); nil when the kernel does not keep it.
+    /// /proc/thread-self/schedstat); nil when the kernel does not keep it. (Opened per sample,
+    /// at most once a millisecond: the file names the thread that opens it.)
     static func runDelay() -> Int? {
         guard schedstatReadable else { return nil }
         let fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
+        return decimalField(1, of: fd)
+    }
+
+    /// The number that starts space-separated field `index` of the first 64 bytes of `fd`
+    /// (read from its start; the number ends at the first non-digit); nil when there is none.
+    static func decimalField(_ index: Int, of fd: Int32) -> Int? {
         var buf = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
         return withUnsafeMutableBytes(of: &buf) { b -> Int? in
-            let n = read(fd, b.baseAddress!, b.count)
+            let n = pread(fd, b.baseAddress!, b.count, 0)
             guard n > 0 else { return nil }
-            var field = 0, value = 0, i = 0
-            while i < n {
+            var field = 0, value = 0, digits = 0, i = 0
+            while i < n, field <= index {
                 let c = b[i]
                 if c == 0x20 {
-                    if field == 1 { return value }
                     field += 1
-                } else if field == 1 {
-                    guard c >= 0x30 && c <= 0x39 else { return nil }
+                } else if field == index {
+                    guard c >= 0x30 && c <= 0x39 else { break }
                     value = value &* 10 &+ Int(c - 0x30)
+                    digits += 1
                 }
                 i += 1
             }
-            return nil
+            return digits > 0 ? value : nil
         }
     }
 

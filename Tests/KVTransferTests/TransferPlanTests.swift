@@ -87,6 +87,22 @@ final class SpinBackoffTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(SpinBackoff.cores, 1)
     }
 
+    func testProcFieldsAreParsedAsTheKernelWritesThem() throws {
+        var name = Array("/tmp/kvstore-fields-XXXXXX".utf8CString)
+        let fd = mkstemp(&name)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer {
+            close(fd)
+            unlink(name)
+        }
+        let text = Array("0.52 0.31 0.18 3/412 90817\n".utf8) // /proc/loadavg's shape
+        XCTAssertEqual(text.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }, text.count)
+        XCTAssertEqual(SpinBackoff.decimalField(3, of: fd), 3, "running, before the '/'")
+        XCTAssertEqual(SpinBackoff.decimalField(4, of: fd), 90817)
+        XCTAssertEqual(SpinBackoff.decimalField(0, of: fd), 0, "the digits before the '.'")
+        XCTAssertNil(SpinBackoff.decimalField(9, of: fd), "no such field")
+    }
+
     /// The calling thread's CPUs (sched_getaffinity/sched_setaffinity: Swift's Glibc does not
     /// declare them).
     typealias Affinity = @convention(c) (Int32, Int, UnsafeMutableRawPointer) -> Int32
