@@ -101,23 +101,37 @@ static int store_init(StoreObject *self, PyObject *args, PyObject *kwds) {
     Py_END_ALLOW_THREADS return store_adopt(self, st, s);
 }
 
-/* _connect(url, segment_size, prefault, pin_memory, token, checksum, segment_file): makes an
- * uninitialised store a client of the master at url (Store.connect). token None or "": none;
- * segment_file None: new memory. */
+/* _connect(url, segment_size, prefault, pin_memory, token, checksum, segment_file, disk_path,
+ * disk_size, disk_admission): makes an uninitialised store a client of the master at url
+ * (Store.connect). token None or "": none; segment_file None: new memory; disk_path None: no
+ * disk tier. */
 static PyObject *store_connect(StoreObject *self, PyObject *args) {
-    const char *url, *token = NULL, *file = NULL;
-    long long size = 0;
+    const char *url, *token = NULL, *file = NULL, *disk_path = NULL;
+    long long size = 0, disk_size = 0;
+    int disk_admission = 0;
     PyObject *prefault_obj, *pin_obj, *checksum_obj = Py_False;
     int prefault = 0, pin = 1, checksum = 0;
-    if (!PyArg_ParseTuple(args, "sLOOz|Oz", &url, &size, &prefault_obj, &pin_obj, &token, &checksum_obj, &file)) return NULL;
+    if (!PyArg_ParseTuple(args, "sLOOz|OzzLi", &url, &size, &prefault_obj, &pin_obj, &token, &checksum_obj, &file, &disk_path, &disk_size,
+                          &disk_admission))
+        return NULL;
     if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0 || kvpy_flag(checksum_obj, "checksum", &checksum) < 0)
         return NULL;
     if (store_can_create(self, size) < 0) return NULL;
     kv_store *s = NULL;
     int32_t st;
     uint32_t flags = create_flags(prefault, pin, checksum);
-    Py_BEGIN_ALLOW_THREADS st =
-        file ? kv_store_connect_file(url, file, (uint64_t)size, flags, token, &s) : kv_store_connect(url, (uint64_t)size, flags, token, &s);
+    kv_store_config config;
+    kv_store_config_init(&config);
+    if (disk_path) {
+        if (disk_size <= 0) {
+            kvpy_raise(KV_E_INVALID_ARGUMENT, "disk_size must be positive with disk_path");
+            return NULL;
+        }
+        config.disk_path = disk_path;
+        config.disk_size = (uint64_t)disk_size;
+        config.disk_admission = (uint32_t)disk_admission;
+    }
+    Py_BEGIN_ALLOW_THREADS st = kv_store_connect_config(url, file, (uint64_t)size, flags, token, &config, &s);
     Py_END_ALLOW_THREADS if (store_adopt(self, st, s) < 0) return NULL;
     Py_RETURN_NONE;
 }

@@ -156,6 +156,8 @@ public struct MasterLogic: Sendable {
         return leadershipEnd > now ? min(ttl, leadershipEnd - now) : 0
     }
     var clients: [UInt64: Client] = [:]
+    /// Copies of objects on clients' disk tiers (docs/architecture.md, "Disk tier (cluster)").
+    public internal(set) var disk = DiskDirectory()
     var segmentInfo: [SegmentID: SegmentInfo] = [:]
     var segmentOwner: [SegmentID: UInt64] = [:]
     /// ... with the writer's process id where the kernel named it (0: a TCP client), so a
@@ -479,6 +481,7 @@ public struct MasterLogic: Sendable {
                 indexBy: reused != nil ? now &+ config.clientTTL : 0, now: now)
             if reused != nil { remounts += 1 }
             nextSegment += 1
+            if nextSegment >= DiskDirectory.segmentBit { nextSegment = 1 } // the bit marks disk segments
             // The pid is the one the kernel reported, whatever the client claims elsewhere.
             segmentInfo[seg] = SegmentInfo(segment: seg, size: size, host: host, sharePath: path, endpoint: endpoint, pid: clients[id]!.pid)
             segmentOwner[seg] = id
@@ -555,6 +558,7 @@ public struct MasterLogic: Sendable {
             var t = w.ticket
             t.checksum = checksum
             try table.commitWrite(t, now: now)
+            if disk.anyTier { disk.drop(w.key) }
             return .ok
         case let .putAbort(handle):
             guard let w = writes[handle], w.client == id else { throw .invalidArgument("no write \(handle) in flight for this client") }
@@ -570,24 +574,25 @@ public struct MasterLogic: Sendable {
             for v in versions where release(Hold(client: id, version: v)) { holdsReleased += 1 }
             return .ok
         case let .exists(key):
-            return .flag(table.lease(key: key, now: now) != nil)
+            return .flag(lease(key, now: now) != nil)
         case let .size(key):
-            guard let n = table.lease(key: key, now: now) else { throw .notFound("object '\(key)' not found") }
+            guard let n = lease(key, now: now) else { throw .notFound("object '\(key)' not found") }
             return .value(n)
         case let .remove(key, force):
-            try table.remove(key: key, force: force, now: now)
+            try remove(key, force: force, now: now)
             return .ok
         case let .sizeBatch(keys):
-            return .sizes(keys.map { key in table.lease(key: key, now: now) })
+            return .sizes(keys.map { key in lease(key, now: now) })
         case let .removeBatch(keys, force):
             return .values(
                 keys.map { key in
                     Result { () throws(KVError) in
-                        try table.remove(key: key, force: force, now: now); return 0
+                        try remove(key, force: force, now: now); return 0
                     }
                 })
         case let .removeAll(force):
-            return .value(table.removeAll(force: force, prefix: tenant?.prefix, now: now))
+            let diskOnly = disk.anyTier || disk.count > 0 ? disk.dropAll(prefix: tenant?.prefix) { table.cacheState(key: $0) != nil } : 0
+            return .value(table.removeAll(force: force, prefix: tenant?.prefix, now: now) + diskOnly)
         case .stats:
             return statistics(now: now)
         case let .segmentInfo(seg):
@@ -607,9 +612,121 @@ public struct MasterLogic: Sendable {
             try layouts.unpublish(node, owner: id)
             return .ok
         case let .listKeys(after):
-            let page = table.keysPage(after: after, prefix: tenant?.prefix, now: now)
+            let page = keysPage(after: after, prefix: tenant?.prefix, now: now)
             return .keys(page.keys, more: page.more)
+        case let .diskRound(seg, d, capacity, reports, dropped, want):
+            guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
+            let first = !disk.anyTier
+            try disk.declare(client: id, disk: d, segment: seg, capacity: capacity) { self.clients[$0]?.connected ?? false }
+            if first { table.evictionLooksAhead = 16 } // eviction takes copied objects first
+            return diskRound(seg, reports: reports, dropped: dropped, want: want, client: id, prefix: tenant?.prefix, now: now)
+        case let .diskRestore(seg, files):
+            guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
+            guard disk.disk(of: id) != nil else { throw .invalidArgument("this client has declared no disk tier (diskRound first)") }
+            let prefix = tenant?.prefix
+            return .values(
+                files.map { f in
+                    let mine = prefix.map { p in f.key.withUTF8 { $0.starts(with: p) } } ?? true
+                    let taken =
+                        mine
+                        && disk.restore(
+                            f.key, generation: f.generation, size: f.size, checksum: f.checksum,
+                            expiresAt: f.ttlLeft.map { now &+ max($0, 1) } ?? 0, client: id,
+                            inTable: table.cacheState(key: f.key) != nil || writingKeys[f.key] != nil)
+                    return .success(taken ? 1 : 0)
+                })
         }
+    }
+
+    /// A lease on `key`'s DRAM copy, else its disk copy's size (nil: neither).
+    private mutating func lease(_ key: ObjectKey, now: Nanoseconds) -> Int? {
+        if let n = table.lease(key: key, now: now) { return n }
+        return disk.count > 0 ? disk.lookup(key, now: now)?.size : nil
+    }
+
+    /// Removes `key` from DRAM and the disk tiers; `objectNotFound` only when neither had it.
+    private mutating func remove(_ key: ObjectKey, force: Bool, now: Nanoseconds) throws(KVError) {
+        guard disk.count > 0 || disk.anyTier else { return try table.remove(key: key, force: force, now: now) }
+        do throws(KVError) {
+            try table.remove(key: key, force: force, now: now)
+        } catch where error.code == .objectNotFound {
+            guard disk.drop(key) else { throw error }
+            return
+        }
+        disk.drop(key)
+    }
+
+    /// A page of keys in DRAM or on a disk tier.
+    private mutating func keysPage(after: ObjectKey?, prefix: [UInt8]?, now: Nanoseconds) -> ObjectTable.KeysPage {
+        let page = table.keysPage(after: after, prefix: prefix, now: now)
+        guard disk.count > 0 else { return page }
+        let ceiling = page.more ? page.keys.last : nil
+        var onDisk = disk.keys(after: after, prefix: prefix, limit: ObjectTable.keysPageBytes / 5)
+        if let ceiling { onDisk = onDisk.filter { !(ceiling < $0) } }
+        var merged = Array(Set(page.keys).union(onDisk)).sorted()
+        var more = page.more || onDisk.count == ObjectTable.keysPageBytes / 5
+        var bytes = 0
+        for (i, k) in merged.enumerated() {
+            bytes += 4 + k.count
+            if bytes > ObjectTable.keysPageBytes {
+                merged.removeSubrange(i...)
+                more = true
+                break
+            }
+        }
+        return ObjectTable.KeysPage(keys: merged, more: more && !merged.isEmpty)
+    }
+
+    /// Most objects one `diskRound` offers, and the most bytes of them.
+    static let offersPerRound = 256
+    static let offerBytesPerRound = 256 << 20
+    /// Versions one round's walk of the eviction end looks at, at most (it runs on the
+    /// master's only thread).
+    static let diskWalk = 16_384
+
+    /// One round of a client's disk tier (`MasterRequest.diskRound`).
+    private mutating func diskRound(
+        _ seg: SegmentID, reports: [DiskReport], dropped: [UInt64], want: Int,
+        client id: UInt64, prefix: [UInt8]?, now: Nanoseconds
+    ) -> MasterResponse {
+        for r in reports {
+            // The hold ends with the report at the latest (the client releases it sooner).
+            if release(Hold(client: id, version: r.handle)) { holdsReleased += 1 }
+            // A version evicted meanwhile keeps its copy (that is the point); one written over
+            // or removed meanwhile does not (`DiskDirectory.drop` withdrew the offer).
+            if disk.report(r.handle, generation: r.generation, stored: r.stored, client: id) != nil {
+                table.decide(r.handle, .copied)
+            } else if !r.stored {
+                table.decide(r.handle, .refused)
+            }
+        }
+        for g in dropped { disk.dropped(client: id, generation: g) }
+        var offers: [DiskOffer] = []
+        let room = min(want, Self.offersPerRound, DiskDirectory.maxOffersPerClient - disk.offers(of: id))
+        if room > 0, holdCount[id, default: 0] + room <= config.quotas.readsInFlight {
+            table.advance(now: now)
+            let margin = max(table.capacity / 4, 4096)
+            if table.usedBytes > Int(Double(table.capacity) * table.policy.highWatermark) - margin {
+                var bytes = 0
+                for c in table.coldest(bytes: margin, in: seg, walk: Self.diskWalk, skip: { disk.isOffered($0) }) {
+                    if offers.count >= room || bytes >= Self.offerBytesPerRound { break }
+                    if let p = prefix, !c.key.withUTF8({ $0.starts(with: p) }) { continue }
+                    guard let (t, expiresAt) = table.holdInPlace(c.handle, now: now) else { continue }
+                    guard t.segment == seg else { try? table.releaseRead(c.handle); continue }
+                    var ttl: Nanoseconds? = nil
+                    if let e = expiresAt {
+                        guard e > now else { try? table.releaseRead(c.handle); continue }
+                        ttl = e - now
+                    }
+                    addHold(client: id, version: c.handle, now: now)
+                    disk.offer(c.handle, key: c.key, client: id, size: t.size, checksum: t.checksum, expiresAt: expiresAt ?? 0)
+                    offers.append(
+                        DiskOffer(key: c.key, handle: c.handle, offset: t.offset, size: t.size, checksum: t.checksum, ttlLeft: ttl, wasRead: c.wasRead))
+                    bytes += t.size
+                }
+            }
+        }
+        return .diskRound(offers: offers, forget: disk.takeForget(id))
     }
 
     /// Leases `key` and lists its replicas, those on `host` first.
@@ -618,15 +735,29 @@ public struct MasterLogic: Sendable {
             throw .noSpace("this client has \(config.quotas.readsInFlight) reads in flight, its quota")
         }
         guard let (size, replicas, handle, checksum) = table.holdReplicas(key: key, now: now, first: { self.segmentInfo[$0]?.host == host }) else {
+            // Not in DRAM: a disk tier's copy, read from its owner's disk segment (no hold:
+            // the owner checks the file's generation and CRC32C before sending a byte).
+            if disk.count > 0, let (e, replica) = disk.hit(key, now: now) {
+                return FoundObject(
+                    size: e.size, replicas: [replica], hold: 0, checksum: e.checksum, lease: granted(table.policy.leaseTTL, now: now))
+            }
             throw .notFound("object '\(key)' not found")
         }
-        let h = Hold(client: client, version: handle)
+        let lease = addHold(client: client, version: handle, now: now)
+        return FoundObject(size: size, replicas: replicas, hold: handle, checksum: checksum, lease: lease)
+    }
+
+    /// Records `client`'s hold on `version` (taken in the table) until it releases it or a
+    /// lease TTL passes; returns the lease granted.
+    @discardableResult
+    private mutating func addHold(client: UInt64, version: VersionHandle, now: Nanoseconds) -> Nanoseconds {
+        let h = Hold(client: client, version: version)
         let lease = granted(table.policy.leaseTTL, now: now)
         let end = now &+ lease
         if holds[h] == nil { holds[h] = HoldEnds(first: end) } else { holds[h]!.rest.append(end) }
         holdEnds.append((end, h))
         holdCount[client, default: 0] += 1
-        return FoundObject(size: size, replicas: replicas, hold: handle, checksum: checksum, lease: lease)
+        return lease
     }
 
     /// Ends `client`'s earliest hold on `version`; false when it has none (it already ended).
@@ -663,6 +794,9 @@ public struct MasterLogic: Sendable {
         guard clients[id]!.writes.count < config.quotas.writesInFlight else {
             throw .noSpace("this client has \(config.quotas.writesInFlight) writes in flight, its quota: commit or abort some first")
         }
+        if mode == .put, disk.count > 0, disk.lookup(key, now: now) != nil {
+            throw .exists("object '\(key)' already exists (on a disk tier)")
+        }
         let limit = Int(Double(table.capacity) * config.quotas.hardPinShare)
         let t = try table.beginWrite(
             key: key, size: size, mode: mode, options: options, replicas: options.replicas,
@@ -695,7 +829,12 @@ public struct MasterLogic: Sendable {
             Statistic("reads_waited", readsWaited), Statistic("read_waits_expired", readWaitsExpired),
             Statistic("bytes_awaiting_owner", table.awaitingBytes), Statistic("writes_waited_for_space", writesWaitedForSpace),
             Statistic("puts_superseded", table.supersededPuts),
-            Statistic("objects_restored", table.restoredObjects), Statistic("restores_refused", table.refusedRestores)
+            Statistic("objects_restored", table.restoredObjects), Statistic("restores_refused", table.refusedRestores),
+            Statistic("disk_tiers", disk.online.count), Statistic("disk_capacity", disk.capacity),
+            Statistic("disk_objects", disk.count), Statistic("disk_bytes", disk.bytes), Statistic("disk_hits", disk.hits),
+            Statistic("disk_copies", disk.copies), Statistic("disk_reports_refused", disk.refusedReports),
+            Statistic("disk_restored", disk.restored), Statistic("disk_restores_refused", disk.refusedRestores),
+            Statistic("evicted_before_disk_copy", table.evictedUndecided)
         ])
     }
 
@@ -717,6 +856,7 @@ public struct MasterLogic: Sendable {
     public mutating func depart(client id: UInt64, now: Nanoseconds) -> Departure? {
         guard let c = clients.removeValue(forKey: id) else { return nil }
         layouts.depart(id)
+        disk.depart(id, now: now)
         var d = Departure(client: id, name: c.name, segments: c.segments.sorted(), lostObjects: [], abandonedWrites: c.writes.count)
         abandonedWrites += c.writes.count
         for seg in d.segments {
@@ -794,7 +934,10 @@ public struct MasterLogic: Sendable {
             clients[old]!.writes.remove(c.handle)
             var t = w.ticket
             t.checksum = c.checksum
-            if (try? table.commitWrite(t, now: now)) != nil { applied += 1 }
+            if (try? table.commitWrite(t, now: now)) != nil {
+                applied += 1
+                if disk.anyTier { disk.drop(w.key) }
+            }
         }
         resumedCommits += applied
         return .value(applied)

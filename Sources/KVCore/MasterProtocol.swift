@@ -95,6 +95,16 @@ public enum MasterRequest: Sendable, Equatable {
     /// The owner of `segment` is about to unmount it: it takes no new object from now on
     /// (`ObjectTable.drain`); what it holds stays readable. Answered by `ok`.
     case drain(segment: SegmentID)
+    /// A disk tier's round (docs/architecture.md, "Disk tier (cluster)"): the owner of
+    /// `segment` declares its tier (`disk`: the id its directory keeps; `capacity`), reports on the offers of its last round
+    /// (`reports`, at most `MasterLimits.maxBatch`) and the files it dropped by itself
+    /// (`dropped`, generations), and asks for up to `want` more objects of its segment to
+    /// copy. Answered by `diskRound`.
+    case diskRound(segment: SegmentID, disk: UInt64, capacity: Int, reports: [DiskReport], dropped: [UInt64], want: Int)
+    /// Files of this client's disk tier to index again (after its restart or the master's),
+    /// at most `MasterLimits.maxBatch` a request. Answered by `values`: 1 per file taken,
+    /// 0 per file refused (its owner deletes it).
+    case diskRestore(segment: SegmentID, files: [DiskFile])
 
     /// Every request kind, numbered once (the wire numbers never change).
     public enum Kind: UInt16, CaseIterable {
@@ -130,6 +140,8 @@ public enum MasterRequest: Sendable, Equatable {
         case copyStart = 30
         case copyEnd = 31
         case drain = 32
+        case diskRound = 33
+        case diskRestore = 34
     }
 
     public var requestKind: Kind {
@@ -166,6 +178,8 @@ public enum MasterRequest: Sendable, Equatable {
         case .copyStart: .copyStart
         case .copyEnd: .copyEnd
         case .drain: .drain
+        case .diskRound: .diskRound
+        case .diskRestore: .diskRestore
         }
     }
 
@@ -220,6 +234,59 @@ public enum MasterRequest: Sendable, Equatable {
         case let .getBatch(keys, _), let .sizeBatch(keys), let .removeBatch(keys, _): keys.contains(where: test)
         default: false
         }
+    }
+}
+
+/// A disk tier's report on one offer (`diskRound`): the offered version, and the file it
+/// was stored as (`stored`), or not.
+public struct DiskReport: Sendable, Equatable {
+    public var handle: VersionHandle
+    public var generation: UInt64
+    public var stored: Bool
+    public init(handle: VersionHandle, generation: UInt64, stored: Bool) {
+        self.handle = handle
+        self.generation = generation
+        self.stored = stored
+    }
+}
+
+/// A file of a disk tier as its owner registers it (`diskRestore`).
+public struct DiskFile: Sendable, Equatable {
+    public var key: ObjectKey
+    public var generation: UInt64
+    public var size: Int
+    public var checksum: UInt32?
+    /// Nanoseconds of TTL left; nil: none.
+    public var ttlLeft: Nanoseconds?
+    public init(key: ObjectKey, generation: UInt64, size: Int, checksum: UInt32?, ttlLeft: Nanoseconds?) {
+        self.key = key
+        self.generation = generation
+        self.size = size
+        self.checksum = checksum
+        self.ttlLeft = ttlLeft
+    }
+}
+
+/// An object a disk tier is asked to copy (`diskRound`): held for the client (release the
+/// hold with `release` once its bytes are read), at `offset` of the client's own segment.
+public struct DiskOffer: Sendable, Equatable {
+    public var key: ObjectKey
+    public var handle: VersionHandle
+    public var offset: Int
+    public var size: Int
+    public var checksum: UInt32?
+    /// Nanoseconds of TTL left; nil: none.
+    public var ttlLeft: Nanoseconds?
+    /// Read or looked up since its write (the reuse admission takes only these).
+    public var wasRead: Bool
+    public init(key: ObjectKey, handle: VersionHandle, offset: Int, size: Int, checksum: UInt32?, ttlLeft: Nanoseconds?, wasRead: Bool) {
+        self.key = key
+        self.handle = handle
+        self.offset = offset
+        self.size = size
+        self.checksum = checksum
+        self.ttlLeft = ttlLeft
+        self.wasRead = wasRead
     }
 }
 
@@ -291,9 +358,11 @@ public struct FoundObject: Sendable, Equatable {
     /// `ReadTicket`). `internal` when the master named no replica.
     public func ticket(leaseEnd: Nanoseconds) throws(KVError) -> ReadTicket {
         guard let first = replicas.first else { throw KVError(.internal, "the master found an object with no replica") }
+        // A disk tier's copy is checked by its owner (key, generation, CRC32C) as it is read:
+        // no deadline to keep.
         return ReadTicket(
             handle: hold, segment: first.segment, offset: first.offset, size: size, fallbacks: Array(replicas.dropFirst()),
-            leaseEnd: leaseEnd, checksum: checksum)
+            leaseEnd: DiskDirectory.isDisk(first.segment) ? 0 : leaseEnd, checksum: checksum)
     }
 }
 
@@ -407,6 +476,8 @@ public enum MasterResponse: Sendable, Equatable {
     /// The answer to `copyStart`: the copy, with how long the client may read its sources
     /// (as `FoundObject.lease`) and begin writing its targets (as `StartedWrite.window`).
     case copyStarted(ReplicaCopy, lease: Nanoseconds, window: Nanoseconds)
+    /// The answer to `diskRound`: objects to copy, and files to delete (generations).
+    case diskRound(offers: [DiskOffer], forget: [UInt64])
 
     /// Every answer kind, numbered once.
     public enum Kind: UInt16, CaseIterable {
@@ -429,6 +500,7 @@ public enum MasterResponse: Sendable, Equatable {
         case notices = 116
         case sizes = 117
         case copyStarted = 118
+        case diskRound = 119
     }
 
     public var responseKind: Kind {
@@ -452,6 +524,7 @@ public enum MasterResponse: Sendable, Equatable {
         case .notices: .notices
         case .sizes: .sizes
         case .copyStarted: .copyStarted
+        case .diskRound: .diskRound
         }
     }
 
@@ -598,6 +671,18 @@ extension MasterRequest {
             w.u64(handle)
             w.bool(commit)
         case let .drain(segment): w.u32(segment)
+        case let .diskRound(segment, disk, capacity, reports, dropped, want):
+            w.u32(segment); w.u64(disk); w.u64(UInt64(capacity)); w.u32(UInt32(clamping: want))
+            w.count(reports.count)
+            for r in reports { w.u64(r.handle); w.u64(r.generation); w.bool(r.stored) }
+            w.count(dropped.count)
+            for g in dropped { w.u64(g) }
+        case let .diskRestore(segment, files):
+            w.u32(segment)
+            w.count(files.count)
+            for f in files {
+                w.key(f.key); w.u64(f.generation); w.u64(UInt64(f.size)); Self.encodeChecksum(f.checksum, &w); w.u64(f.ttlLeft ?? 0)
+            }
         case let .restore(segment, objects, last):
             w.u32(segment)
             w.count(objects.count)
@@ -695,6 +780,33 @@ extension MasterRequest {
             m = .copyStart(key: key, targets: targets, drop: try r.bool() ? try r.u32() : nil)
         case .copyEnd: m = .copyEnd(handle: try r.u64(), commit: try r.bool())
         case .drain: m = .drain(segment: try r.u32())
+        case .diskRound:
+            let segment = try r.u32()
+            let disk = try r.u64()
+            let capacity = try r.size(max: MasterLimits.maxSize, "disk capacity")
+            let want = Int(try r.u32())
+            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 17, "disk reports")
+            var reports: [DiskReport] = []
+            reports.reserveCapacity(n)
+            for _ in 0..<n { reports.append(DiskReport(handle: try r.u64(), generation: try r.u64(), stored: try r.bool())) }
+            let d = try r.count(max: MasterLimits.maxBatch, minElementSize: 8, "dropped files")
+            var dropped: [UInt64] = []
+            dropped.reserveCapacity(d)
+            for _ in 0..<d { dropped.append(try r.u64()) }
+            m = .diskRound(segment: segment, disk: disk, capacity: capacity, reports: reports, dropped: dropped, want: want)
+        case .diskRestore:
+            let segment = try r.u32()
+            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 30, "disk files")
+            var files: [DiskFile] = []
+            files.reserveCapacity(n)
+            for _ in 0..<n {
+                let key = try r.key()
+                let generation = try r.u64(), size = try r.size(max: MasterLimits.maxSize, "size")
+                let checksum = try Self.decodeChecksum(&r)
+                let ttl = try r.u64()
+                files.append(DiskFile(key: key, generation: generation, size: size, checksum: checksum, ttlLeft: ttl == 0 ? nil : ttl))
+            }
+            m = .diskRestore(segment: segment, files: files)
         case .restore:
             let segment = try r.u32()
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 40, "restored objects")
@@ -766,6 +878,14 @@ extension MasterResponse {
         case let .copyStarted(c, lease, window):
             w.u64(c.handle); w.u64(UInt64(c.size)); replicas(c.sources); replicas(c.targets)
             MasterRequest.encodeChecksum(c.checksum, &w); w.u64(lease); w.u64(window)
+        case let .diskRound(offers, forget):
+            w.count(offers.count)
+            for o in offers {
+                w.key(o.key); w.u64(o.handle); w.u64(UInt64(o.offset)); w.u64(UInt64(o.size))
+                MasterRequest.encodeChecksum(o.checksum, &w); w.u64(o.ttlLeft ?? 0); w.bool(o.wasRead)
+            }
+            w.count(forget.count)
+            for g in forget { w.u64(g) }
         case let .notices(ns):
             w.count(ns.count)
             for n in ns {
@@ -869,6 +989,24 @@ extension MasterResponse {
             let sources = try replicas(), targets = try replicas()
             let c = ReplicaCopy(handle: handle, size: size, sources: sources, targets: targets, checksum: try MasterRequest.decodeChecksum(&r))
             m = .copyStarted(c, lease: try r.u64(), window: try r.u64())
+        case .diskRound:
+            let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 39, "disk offers")
+            var offers: [DiskOffer] = []
+            offers.reserveCapacity(n)
+            for _ in 0..<n {
+                let key = try r.key()
+                let handle = try r.u64()
+                let offset = try r.size(max: MasterLimits.maxSize, "offset"), size = try r.size(max: MasterLimits.maxSize, "size")
+                let checksum = try MasterRequest.decodeChecksum(&r)
+                let ttl = try r.u64()
+                offers.append(
+                    DiskOffer(key: key, handle: handle, offset: offset, size: size, checksum: checksum, ttlLeft: ttl == 0 ? nil : ttl, wasRead: try r.bool()))
+            }
+            let f = try r.count(max: DiskDirectory.forgetPerRound, minElementSize: 8, "files to forget")
+            var forget: [UInt64] = []
+            forget.reserveCapacity(f)
+            for _ in 0..<f { forget.append(try r.u64()) }
+            m = .diskRound(offers: offers, forget: forget)
         case .notices:
             let n = try r.count(max: MasterLimits.maxBatch, minElementSize: 29, "notices")
             var ns: [ObjectTable.SegmentNotice] = []

@@ -165,7 +165,14 @@ public final class DiskTier: @unchecked Sendable {
         var stats = DiskTierStatistics()
         /// After ENOSPC: the tier takes no more bytes than it holds now until it frees some.
         var fullAt: Int? = nil
+        /// Each file's key, by generation (a cluster peer reads a file by its generation).
+        var byGeneration: [UInt64: ObjectKey] = [:]
+        /// A cluster member's tier: the generations that left the index since the master last
+        /// heard (`takeDropped`), at most `maxDropped`.
+        var reportDrops = false
+        var dropped: [UInt64] = []
     }
+    static let maxDropped = 1 << 20
     private let state = Locked(State())
     private let sketch = Locked(FrequencySketch())
 
@@ -198,7 +205,34 @@ public final class DiskTier: @unchecked Sendable {
         }
         lockFD = fd
         direct = Self.takesDirectIO(objects)
+        id = Self.identity(options.path + "/id")
         recover()
+    }
+
+    /// This directory's id (a random number kept in `<path>/id`): what a cluster's master
+    /// knows the disk's files by across restarts of the process.
+    public let id: UInt64
+
+    /// The id in file `name`, made (random) when it is missing or unreadable.
+    private static func identity(_ name: String) -> UInt64 {
+        var buf = [UInt8](repeating: 0, count: 17)
+        let fd = open(name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
+        if fd >= 0 {
+            let n = Glibc.read(fd, &buf, 17)
+            Glibc.close(fd)
+            if n == 16, let v = UInt64(String(decoding: buf[0..<16], as: UTF8.self), radix: 16), v != 0 { return v }
+        }
+        let v = UInt64.random(in: 1...UInt64.max)
+        let text = Array(DiskRecord.name(v).utf8)
+        let tmp = name + ".tmp"
+        unlink(tmp)
+        let w = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        if w >= 0 {
+            let ok = Glibc.write(w, text, text.count) == text.count && fsync(w) == 0
+            Glibc.close(w)
+            if ok { rename(tmp, name) } else { unlink(tmp) }
+        }
+        return v
     }
 
     deinit { close() }
@@ -285,6 +319,7 @@ public final class DiskTier: @unchecked Sendable {
         var e = e
         if let slot = s.freeSlots.popLast() { e.slot = slot; s.ring[slot] = key } else { e.slot = s.ring.count; s.ring.append(key) }
         s.index[key] = e
+        s.byGeneration[e.generation] = key
         s.bytes += e.fileBytes
         s.stats.objects = s.index.count
         s.stats.bytes = s.bytes
@@ -293,6 +328,8 @@ public final class DiskTier: @unchecked Sendable {
     @discardableResult
     private func remove(_ s: inout State, _ key: ObjectKey) -> DiskEntry? {
         guard let e = s.index.removeValue(forKey: key) else { return nil }
+        s.byGeneration[e.generation] = nil
+        if s.reportDrops && s.dropped.count < Self.maxDropped { s.dropped.append(e.generation) }
         s.ring[e.slot] = nil
         s.freeSlots.append(e.slot)
         s.bytes -= e.fileBytes
@@ -374,6 +411,7 @@ public final class DiskTier: @unchecked Sendable {
             for k in s.inFlight.keys { s.inFlight[k] = true }
             let g = s.index.map { (key: $0.key, generation: $0.value.generation) }
             s.index.removeAll()
+            s.byGeneration.removeAll()
             s.ring.removeAll()
             s.freeSlots.removeAll()
             s.hand = 0
@@ -397,6 +435,99 @@ public final class DiskTier: @unchecked Sendable {
             var st = s.stats
             st.capacity = capacity
             return st
+        }
+    }
+
+    // MARK: a cluster member's tier
+
+    /// Reports every generation that leaves the index from now on (`takeDropped`).
+    func reportDrops() { state.withLock { $0.reportDrops = true } }
+
+    /// The generations that left the index since the last call.
+    func takeDropped() -> [UInt64] {
+        state.withLock { s in
+            defer { s.dropped.removeAll() }
+            return s.dropped
+        }
+    }
+
+    /// Drops file `generation` if it is still indexed (the master says its key moved on).
+    func forget(generation g: UInt64) {
+        let gone: Bool = state.withLock { s in
+            guard let k = s.byGeneration[g], s.index[k]?.generation == g else { return false }
+            remove(&s, k)
+            return true
+        }
+        if gone { unlink(file(g)) }
+    }
+
+    /// Every indexed file (to register with a master), without expired ones.
+    func files() -> [DiskFile] {
+        let now = Self.wallNow()
+        return state.withLock { s in
+            s.index.compactMap { (k, e) in
+                guard e.expiresAt == 0 || e.expiresAt > now else { return nil }
+                return DiskFile(
+                    key: k, generation: e.generation, size: e.size, checksum: nil,
+                    ttlLeft: e.expiresAt == 0 ? nil : Nanoseconds(e.expiresAt - now))
+            }
+        }
+    }
+
+    /// Reads bytes `offset ..< offset + length` of file `generation` and hands them to `send`
+    /// in order, in pieces of at most `bounceBytes` (a multiple of the chunk size): each piece
+    /// read whole chunks at a time (direct I/O where the file system takes it) into one
+    /// aligned buffer, checked (CRC32C of every chunk it touches) while copied into another,
+    /// then sent. Nothing reaches `send` from a chunk that failed its check. Throws
+    /// `objectNotFound` when the file is not (or no longer) indexed, `checksum` for corrupt or
+    /// truncated bytes (the file is dropped), `transfer` for an I/O error; an error from
+    /// `send` is passed on.
+    func serve(
+        generation g: UInt64, offset: Int, length: Int, bounceBytes: Int,
+        send: (UnsafeRawBufferPointer) throws(KVError) -> Void
+    ) throws(KVError) {
+        let now = Self.wallNow()
+        let found: Copy? = state.withLock { s in
+            guard let k = s.byGeneration[g], let e = s.index[k], e.generation == g else { return nil }
+            guard e.expiresAt == 0 || e.expiresAt > now else { return nil }
+            s.index[k]!.referenced = true
+            return Copy(key: k, size: e.size, entry: e, ttlLeft: nil)
+        }
+        guard let copy = found else { throw .notFound("file \(g) is not on this disk tier") }
+        guard offset >= 0, length >= 0, offset <= copy.size, length <= copy.size - offset else {
+            throw .invalidArgument("range \(offset)+\(length) is outside an object of \(copy.size) bytes")
+        }
+        let e = copy.entry
+        let name = file(g)
+        let fd = open(name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | (direct ? kv_o_direct() : 0))
+        guard fd >= 0 else {
+            if errno == ENOENT { forgetIfSame(copy); throw .notFound("object '\(copy.key)' left the disk tier") }
+            throw SystemCall.failure("opening \(name)", code: .transfer)
+        }
+        defer { Glibc.close(fd) }
+        let first = (offset >> DiskRecord.chunkShift) << DiskRecord.chunkShift
+        // Whole chunks (each checked as a whole), at most a bounce buffer's worth at a time.
+        let span = min(bounceBytes, DiskRecord.chunks(offset + length - first) * DiskRecord.chunk)
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: max(span, DiskRecord.block), alignment: DiskRecord.block)
+        let checked = UnsafeMutableRawPointer.allocate(byteCount: max(span, DiskRecord.block), alignment: 64)
+        defer {
+            raw.deallocate()
+            checked.deallocate()
+        }
+        var at = first
+        let end = offset + length
+        while at < end || (length == 0 && at == first) {
+            let n = min(span, e.size - at) // object bytes in this piece
+            guard n > 0 else { break }
+            try readPiece(fd, copy, name, at, n, raw, checked - at) // leaves the piece at `checked`
+            let lo = max(offset, at), hi = min(end, at + n)
+            if hi > lo { try send(UnsafeRawBufferPointer(start: checked + (lo - at), count: hi - lo)) }
+            at += n
+            if length == 0 { break }
+        }
+        state.withLock { s in
+            s.stats.hits += 1
+            s.stats.readBytes += length
         }
     }
 
@@ -441,11 +572,13 @@ public final class DiskTier: @unchecked Sendable {
     /// is dropped (not an error).
     /// `sourceRead` runs once, as soon as the last byte of `source` has been read (before the
     /// last write to disk) or the offload has failed: the caller may let go of the source then.
+    /// Returns the copy's generation (its file's name), nil when it was stale.
+    @discardableResult
     public func offload(
         _ key: ObjectKey, from source: UnsafeRawPointer, size: Int, expiresAt: Int64,
         bounce: UnsafeMutableRawPointer, bounceBytes: Int,
         sourceRead: () -> Void = {}
-    ) throws(KVError) {
+    ) throws(KVError) -> UInt64? {
         var sourceHeld = true
         defer { if sourceHeld { sourceRead() } }
         let headerBytes = DiskRecord.headerBytes(keyBytes: key.count, size: size)
@@ -524,6 +657,7 @@ public final class DiskTier: @unchecked Sendable {
         }
         if stale { unlink(file(gen)) }
         if let replaced { unlink(file(replaced)) }
+        return stale ? nil : gen
     }
 
     private static func writeAll(_ fd: Int32, _ p: UnsafeRawPointer, _ n: Int, at offset: Int, path: String) throws(KVError) {

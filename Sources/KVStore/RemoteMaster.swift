@@ -737,6 +737,35 @@ public final class RemoteMaster: MasterLink, @unchecked Sendable {
         }
     }
 
+    /// One round of this client's disk tier (`MasterRequest.diskRound`); returns the answer
+    /// and the epoch it belongs to. The offers' holds are this client's to release
+    /// (`releaseRead`) once their bytes are read.
+    func diskRound(
+        segment: SegmentID, disk: UInt64, capacity: Int, reports: [DiskReport], dropped: [UInt64], want: Int
+    ) throws(KVError) -> (offers: [DiskOffer], forget: [UInt64], epoch: Int) {
+        try link.withLock { (l: inout Link) throws(KVError) -> ([DiskOffer], [UInt64], Int) in
+            let answer = try expect(
+                &l, .diskRound(segment: segment, disk: disk, capacity: capacity, reports: reports, dropped: dropped, want: want))
+            guard case let .diskRound(offers, forget) = answer else { throw KVError(.internal, "unexpected answer to diskRound") }
+            for o in offers { l.holds[o.handle, default: 0] += 1 }
+            return (offers, forget, l.epoch)
+        }
+    }
+
+    /// Registers disk tier files again (`MasterRequest.diskRestore`); one flag per file
+    /// (false: refused, delete it).
+    func diskRestore(segment: SegmentID, files: [DiskFile]) throws(KVError) -> [Bool] {
+        try link.withLock { (l: inout Link) throws(KVError) -> [Bool] in
+            guard case let .values(rs) = try expect(&l, .diskRestore(segment: segment, files: files)), rs.count == files.count else {
+                throw KVError(.internal, "unexpected answer to diskRestore")
+            }
+            return rs.map { (try? $0.get()) == 1 }
+        }
+    }
+
+    /// The link's epoch now (it moves at every reconnect).
+    var epoch: Int { link.withLock { $0.epoch } }
+
     /// Where segment `seg` lives, and the epoch the answer belongs to.
     public func segmentInfo(_ seg: SegmentID) throws(KVError) -> (SegmentInfo, Int) {
         try link.withLock { (l: inout Link) throws(KVError) -> (SegmentInfo, Int) in

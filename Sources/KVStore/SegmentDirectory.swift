@@ -32,6 +32,11 @@ protocol SegmentDirectory: AnyObject, Sendable {
     func stopServingKV()
     /// The link to a peer's KV server at `endpoint` (kept for reuse).
     func kvLink(_ endpoint: String) throws(KVError) -> PeerLink
+    /// Copies bytes `range` of the disk copy replica `r` names (`DiskDirectory.isDisk`) into
+    /// `destinations` (host memory): from this client's own disk tier, or its owner's.
+    func readDisk(_ r: Replica, range: Range<Int>, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError)
+    /// This client's disk tier in a cluster (nil: none; the embedded store's is its master's).
+    var clusterDisk: ClusterDisk? { get }
     /// The counters of the master link and the peers (zeros without them).
     var linkStatistics: LinkStatistics { get }
     /// Leaves: closes the master link, stops serving, forgets the peers. Idempotent.
@@ -72,6 +77,10 @@ final class EmbeddedDirectory: SegmentDirectory {
     func serveKV(_ buffers: [MemoryRegion]) throws(KVError) -> String { "" }
     func stopServingKV() {}
     func kvLink(_ endpoint: String) throws(KVError) -> PeerLink { throw KVError(.internal, "an embedded store has no peers") }
+    func readDisk(_ r: Replica, range: Range<Int>, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+        throw KVError(.internal, "an embedded store reads its disk tier through its master")
+    }
+    var clusterDisk: ClusterDisk? { nil }
     var linkStatistics: LinkStatistics { LinkStatistics() }
     func close() {}
 }
@@ -81,11 +90,13 @@ final class ClusterDirectory: SegmentDirectory {
     let remote: RemoteMaster
     let state: ClusterState
     let segment: HostSegment?
+    let clusterDisk: ClusterDisk?
 
-    init(remote: RemoteMaster, state: ClusterState, segment: HostSegment?) {
+    init(remote: RemoteMaster, state: ClusterState, segment: HostSegment?, disk: ClusterDisk?) {
         self.remote = remote
         self.state = state
         self.segment = segment
+        clusterDisk = disk
     }
 
     var host: String { state.host }
@@ -140,6 +151,24 @@ final class ClusterDirectory: SegmentDirectory {
         return l
     }
 
+    /// This client's own disk copies without the network; another's through its owner's
+    /// segment server (found once per connection, like a segment).
+    func readDisk(_ r: Replica, range: Range<Int>, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+        let owner = DiskDirectory.ownerSegment(of: r.segment)
+        let generation = UInt64(r.offset)
+        if let clusterDisk, owner == state.segment.load(ordering: .relaxed) {
+            return try clusterDisk.read(generation: generation, range: range, into: destinations)
+        }
+        var endpoint = state.endpoints.withLock { $0.map[owner] }
+        if endpoint == nil {
+            let (info, epoch) = try remote.segmentInfo(owner)
+            endpoint = info.endpoint
+            state.endpoints.withLock { e in if e.epoch == epoch && e.map.count < ClusterState.maxPeers { e.map[owner] = info.endpoint } }
+        }
+        try kvLink(endpoint!).readDisk(
+            segment: r.segment, generation: generation, offset: range.lowerBound, length: range.count, into: destinations)
+    }
+
     var linkStatistics: LinkStatistics {
         LinkStatistics(
             reconnects: remote.reconnects.load(ordering: .relaxed), commitFailures: remote.commitFailures.load(ordering: .relaxed),
@@ -151,6 +180,7 @@ final class ClusterDirectory: SegmentDirectory {
     }
 
     func close() {
+        clusterDisk?.close() // its thread talks to the master
         remote.close()
         state.close()
     }
@@ -176,6 +206,8 @@ final class ClusterState: Sendable {
     /// Peers' KV servers by endpoint.
     let kvLinks = Locked<[String: PeerLink]>([:])
     let peers = Locked<(epoch: Int, map: [SegmentID: SegmentAccess])>((0, [:]))
+    /// Peers' segment servers by segment (their disk copies are read there), per epoch.
+    let endpoints = Locked<(epoch: Int, map: [SegmentID: String])>((0, [:]))
     /// Most peers kept mapped or dialled; past it, `prunePeers` drops the excess.
     static let maxPeers = 256
 
@@ -194,6 +226,7 @@ final class ClusterState: Sendable {
             defer { p = (epoch, [:]) }
             return p.map
         }
+        endpoints.withLock { $0 = (epoch, [:]) }
         _ = old // released outside the lock (unmaps, closes sockets)
     }
 

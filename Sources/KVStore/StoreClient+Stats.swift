@@ -20,7 +20,8 @@ extension StoreClient {
         let s = (try? master.statistics()) ?? CacheStatistics([])
         let hits = operations.hits.load(ordering: .relaxed), misses = operations.misses.load(ordering: .relaxed)
         let tier = master as? TieredMaster
-        let d = tier?.disk.statistics ?? DiskTierStatistics()
+        let disk = tier?.disk ?? directory.clusterDisk?.disk
+        let d = disk?.statistics ?? DiskTierStatistics()
         let link = directory.linkStatistics
         return [
             .init("objects", s.objects), .init("object_bytes", s.objectBytes), .init("bytes_used", s.usedBytes),
@@ -55,7 +56,7 @@ extension StoreClient {
             .init("peers", link.peers), .init("peers_pruned", link.peersPruned),
             .init("disk_objects", d.objects), .init("disk_bytes", d.bytes), .init("disk_capacity", d.capacity),
             .init("disk_offloads", d.offloads), .init("disk_offloaded_bytes", d.offloadedBytes),
-            .init("disk_offload_failures", d.offloadFailures), .init("disk_hits", d.hits), .init("disk_misses", tier == nil ? 0 : misses),
+            .init("disk_offload_failures", d.offloadFailures), .init("disk_hits", d.hits), .init("disk_misses", disk == nil ? 0 : misses),
             .init("disk_read_bytes", d.readBytes), .init("disk_evictions", d.evictions),
             .init("disk_corrupt", d.corrupt), .init("disk_recovered", d.recovered),
             .init("disk_promotions", tier?.promotions.load(ordering: .relaxed) ?? 0),

@@ -87,13 +87,18 @@ public final class StoreClient: Sendable {
     /// (tmpfs or hugetlbfs, this user's, not writable by others) instead of new memory: what
     /// Mooncake's `mount_segment` mounts. Its bytes are the segment's: objects are written
     /// there, and whatever it held before is overwritten as space is used.
+    ///
+    /// `disk`: a disk tier below the segment (`ClusterDisk`): objects of this segment next in
+    /// line for eviction are copied there, and every client reads them back from it.
     public init(
         connecting url: String, segmentSize: Int, token: String? = nil, prefault: Bool = false,
-        pinning: PinningPolicy? = nil, name: String = "", segmentFile: String? = nil
+        pinning: PinningPolicy? = nil, name: String = "", segmentFile: String? = nil,
+        disk: DiskTierOptions? = nil
     ) throws(KVError) {
         guard segmentSize == 0 || segmentSize >= SegmentAllocator.granule else {
             throw .invalidArgument("segment size must be 0 (a pure client) or at least \(SegmentAllocator.granule) bytes, got \(segmentSize)")
         }
+        if disk != nil && segmentSize == 0 { throw .invalidArgument("a disk tier needs a segment (segment size 0 stores nothing)") }
         let policy = try Self.pinningPolicy(pinning)
         let (tenant, host, port) = try RemoteMaster.parseWithTenant(url: url)
         let clusterToken = ClusterToken(explicit: token, host: host, port: port, tenant: tenant)
@@ -104,8 +109,11 @@ public final class StoreClient: Sendable {
             url: url, token: clusterToken, dataKey: dataKey, name: name.isEmpty ? "pid \(getpid())" : name,
             onConnect: { epoch, seg, local in state.connected(epoch: epoch, segment: seg, local: local) })
         var own: HostSegment? = nil
+        var tier: DiskTier? = nil
+        var clusterDisk: ClusterDisk? = nil
         do throws(KVError) {
             if segmentFile != nil && segmentSize == 0 { throw .invalidArgument("a segment file needs a segment size") }
+            tier = try disk.map { (d) throws(KVError) in try DiskTier(d) } // its lock before anything is mounted
             if segmentSize > 0 {
                 let s: HostSegment
                 if let path = segmentFile {
@@ -129,7 +137,10 @@ public final class StoreClient: Sendable {
             }
             remote.maintenance = { [weak remote] in if let remote { state.prunePeers(remote) } }
             try remote.startHeartbeat()
+            if let tier, let own { clusterDisk = try ClusterDisk(disk: tier, remote: remote, state: state, segment: own) }
         } catch {
+            clusterDisk?.close()
+            tier?.close()
             remote.close()
             state.close()
             own?.unmap()
@@ -137,7 +148,7 @@ public final class StoreClient: Sendable {
         }
         segment = own
         master = remote
-        directory = ClusterDirectory(remote: remote, state: state, segment: own)
+        directory = ClusterDirectory(remote: remote, state: state, segment: own, disk: clusterDisk)
         transport = LocalCopyTransport(counters: counters)
     }
 
@@ -781,6 +792,11 @@ public final class StoreClient: Sendable {
         locations: [MemoryLocation]?, plan: inout DeviceCopyPlan, owner: Int,
         checksum: Bool = false
     ) throws(KVError) -> UInt32? {
+        if DiskDirectory.isDisk(r.segment) { // a disk tier's copy (the master lost the DRAM one)
+            return try fetched(range.count, into: destinations, locations: locations, checksum: checksum) { (d) throws(KVError) in
+                try directory.readDisk(r, range: range, into: d)
+            }
+        }
         switch try access(r.segment) {
         case .mapped(let s):
             let whole = try Self.region(of: s, r, size)
@@ -800,24 +816,35 @@ public final class StoreClient: Sendable {
             copyHost(source, into: destinations)
             return nil
         case .peer(let p):
-            guard let locations else {
-                try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count, into: destinations)
-                return checksum ? LocalCopyTransport.checksum(destinations, length: range.count) : nil
+            return try fetched(range.count, into: destinations, locations: locations, checksum: checksum) { (d) throws(KVError) in
+                try p.read(segment: r.segment, offset: r.offset + range.lowerBound, length: range.count, into: d)
             }
-            var crc: UInt32? = nil
-            try withStaging(range.count) { (staging) throws(KVError) in
-                try withUnsafePointer(to: staging) { (s) throws(KVError) in
-                    try p.read(
-                        segment: r.segment, offset: r.offset + range.lowerBound, length: range.count,
-                        into: UnsafeBufferPointer(start: s, count: 1))
-                    if checksum { crc = LocalCopyTransport.checksum(UnsafeBufferPointer(start: s, count: 1), length: range.count) }
-                }
-                var h2d = DeviceCopyPlan()
-                h2d.addRead(from: staging, into: destinations, locations: locations, owner: 0)
-                if let e = run(h2d, into: .callerMemory)[0] { throw e }
-            }
-            return crc
         }
+    }
+
+    /// Runs `fetch`, which fills host memory with `count` bytes: straight into `destinations`
+    /// when they are host memory (`locations` nil), else into staging copied on to the
+    /// devices. With `checksum`, returns the CRC32C of what arrived.
+    private func fetched(
+        _ count: Int, into destinations: UnsafeBufferPointer<MemoryRegion>, locations: [MemoryLocation]?, checksum: Bool,
+        _ fetch: (UnsafeBufferPointer<MemoryRegion>) throws(KVError) -> Void
+    ) throws(KVError) -> UInt32? {
+        guard let locations else {
+            try fetch(destinations)
+            return checksum ? LocalCopyTransport.checksum(destinations, length: count) : nil
+        }
+        var crc: UInt32? = nil
+        try withStaging(count) { (staging) throws(KVError) in
+            try withUnsafePointer(to: staging) { (s) throws(KVError) in
+                let one = UnsafeBufferPointer(start: s, count: 1)
+                try fetch(one)
+                if checksum { crc = LocalCopyTransport.checksum(one, length: count) }
+            }
+            var h2d = DeviceCopyPlan()
+            h2d.addRead(from: staging, into: destinations, locations: locations, owner: 0)
+            if let e = run(h2d, into: .callerMemory)[0] { throw e }
+        }
+        return crc
     }
 
     /// The error of a whole-object read whose copy differed from the writer's CRC32C.

@@ -100,11 +100,22 @@ public func kvStoreConnectFile(
     }
 }
 
-/// Both connects: a client of the master at `url`, its segment new memory or `segmentFile`
-/// (which is never prefaulted or pinned).
+@c(kv_store_connect_config)
+public func kvStoreConnectConfig(
+    _ url: UnsafePointer<CChar>?, _ path: UnsafePointer<CChar>?, _ segmentSize: UInt64, _ flags: UInt32,
+    _ token: UnsafePointer<CChar>?, _ config: UnsafePointer<kv_store_config>?, _ out: UnsafeMutablePointer<OpaquePointer?>?
+) -> Int32 {
+    ABI.status { () throws(KVError) in
+        let disk = try config.flatMap { (c) throws(KVError) in try diskTier(c.pointee) }
+        try connect(url, segmentFile: path.map { String(cString: $0) }, segmentSize, flags, token, out, disk: disk)
+    }
+}
+
+/// Every connect: a client of the master at `url`, its segment new memory or `segmentFile`
+/// (which is never prefaulted or pinned), with the disk tier `disk` below it (nil: none).
 private func connect(
     _ url: UnsafePointer<CChar>?, segmentFile: String?, _ segmentSize: UInt64, _ flags: UInt32,
-    _ token: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<OpaquePointer?>?
+    _ token: UnsafePointer<CChar>?, _ out: UnsafeMutablePointer<OpaquePointer?>?, disk: DiskTierOptions? = nil
 ) throws(KVError) {
     guard let out else { throw .invalidArgument("out pointer is NULL") }
     guard let url else { throw .invalidArgument("master url is NULL") }
@@ -113,7 +124,7 @@ private func connect(
     let client = try StoreClient(
         connecting: String(cString: url), segmentSize: size, token: t?.isEmpty == false ? t : nil,
         prefault: segmentFile == nil && flags & UInt32(KV_CREATE_PREFAULT) != 0, pinning: try pinning(flags),
-        segmentFile: segmentFile)
+        segmentFile: segmentFile, disk: disk)
     client.checksumDefault.store(flags & UInt32(KV_CREATE_CHECKSUM) != 0, ordering: .relaxed)
     out.pointee = OpaquePointer(Unmanaged.passRetained(client).toOpaque())
 }

@@ -25,6 +25,9 @@ import Synchronization
 //   205 kvWrite(n, n x (address, length)) + raw bytes -> 210 ok | 211 error, then close
 //   207 segmentFD                         -> 210 ok(u64 size) with the segment's descriptor
 //                                            attached (SCM_RIGHTS; local socket only) | 211 error
+//   208 diskRead(disk segment, generation, offset, length)
+//                                         -> 210 ok + the bytes | 211 error (nothing sent yet);
+//                                            a failure after ok closes the connection
 //
 // A server with a shared segment also listens on an abstract Unix-domain socket (`localName`)
 // for members on its host: they check the kernel's peer credentials against the owner's pid
@@ -40,12 +43,12 @@ import Synchronization
 enum DataFrame {
     /// Every data-plane frame kind, numbered once (the wire format: they never move).
     enum Kind: UInt16, CaseIterable {
-        case hello = 200, read, write, rdmaConnect, kvRead, kvWrite, prove, segmentFD
+        case hello = 200, read, write, rdmaConnect, kvRead, kvWrite, prove, segmentFD, diskRead
         case ok = 210, error, rdmaAccepted, challenge
     }
     static let hello = Kind.hello.rawValue, read = Kind.read.rawValue, write = Kind.write.rawValue
     static let rdmaConnect = Kind.rdmaConnect.rawValue, kvRead = Kind.kvRead.rawValue, kvWrite = Kind.kvWrite.rawValue
-    static let prove = Kind.prove.rawValue, segmentFD = Kind.segmentFD.rawValue
+    static let prove = Kind.prove.rawValue, segmentFD = Kind.segmentFD.rawValue, diskRead = Kind.diskRead.rawValue
     static let ok = Kind.ok.rawValue, error = Kind.error.rawValue, rdmaAccepted = Kind.rdmaAccepted.rawValue
     static let challenge = Kind.challenge.rawValue
     static let maxPayload = 16 * maxKVRanges + 64
@@ -162,6 +165,18 @@ public final class SegmentServer: @unchecked Sendable {
     private let kvLock = SharedLock()
     /// Connections inside a KV transfer now, by serial (cut when the layout changes).
     private let kvActive = Locked<[Int: Socket]>([:])
+    /// Reads a range of one of this process's disk tier files (nil: no disk tier).
+    private let diskReader = Locked<DiskReader?>(nil)
+
+    /// Reads bytes `offset ..< offset + length` of disk tier file `generation`, handing them
+    /// to `send` in order (checked before each piece is handed over).
+    public typealias DiskReader = @Sendable (
+        _ generation: UInt64, _ offset: Int, _ length: Int, _ send: (UnsafeRawBufferPointer) throws(KVError) -> Void
+    ) throws(KVError) -> Void
+
+    /// Serves `diskRead` of this segment's disk segment (`DiskDirectory.diskSegment`) with
+    /// `reader` from now on (nil: refused).
+    public func serveDisk(_ reader: DiskReader?) { diskReader.withLock { $0 = reader } }
 
     private struct State: @unchecked Sendable {
         /// By serial number (descriptor numbers are reused as soon as a socket closes).
@@ -521,6 +536,7 @@ public final class SegmentServer: @unchecked Sendable {
                 case .read, .write: try transfer(c, header, payload, write: kind == .write)
                 case .kvRead, .kvWrite: try kvTransfer(c, header, payload, write: kind == .kvWrite)
                 case .segmentFD: try segmentDescriptor(c, header)
+                case .diskRead: try diskRead(c, header, payload)
                 case .rdmaConnect: try rdmaConnect(c, header, payload)
                 case .hello, .prove: throw .invalidArgument("this connection has already authenticated")
                 case .ok, .error, .rdmaAccepted, .challenge, nil:
@@ -626,6 +642,40 @@ public final class SegmentServer: @unchecked Sendable {
                 }
                 try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
             }
+        }
+    }
+
+    /// diskRead(disk segment, generation, offset, length) → ok + the bytes, read and checked
+    /// by the disk tier. A failure before the first byte is answered with an error frame; one
+    /// after it closes the connection (`transfer`), so the peer never takes a short or
+    /// unchecked answer for the object's bytes.
+    private func diskRead(_ c: Connection, _ header: WireFrameHeader, _ payload: [UInt8]) throws(KVError) {
+        try requireWelcome(c)
+        let s = c.socket
+        let (seg, generation, offset, length) = try WireReader.parse(payload, "disk read request") { (r) throws(KVError) in
+            (try r.u32(), try r.u64(), try r.size(max: MasterLimits.maxSize, "offset"), try r.size(max: MasterLimits.maxSize, "length"))
+        }
+        guard let reader = diskReader.withLock({ $0 }) else { throw .notFound("this peer has no disk tier") }
+        let own = requestDeadline(length)
+        var started = false
+        do throws(KVError) {
+            try whileServing { (current) throws(KVError) in
+                guard current != 0, seg == DiskDirectory.diskSegment(of: current) else {
+                    throw .notFound("disk segment \(seg) is not served here")
+                }
+                try reader(generation, offset, length) { (piece) throws(KVError) in
+                    if !started {
+                        try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: [])
+                        started = true
+                    }
+                    try s.writeAll(piece, deadline: own)
+                }
+                if !started { try s.writeFrame(kind: DataFrame.ok, requestID: header.requestID, payload: []) }
+            }
+        } catch {
+            guard started else { throw error }
+            s.shutdown() // the peer sees the stream end, never an error frame taken for bytes
+            throw KVError(.transfer, "disk read failed after its first byte: \(error.message)")
         }
     }
 
@@ -774,6 +824,22 @@ public final class PeerLink: Sendable {
         }
     }
 
+    /// Copies bytes `offset ..< offset + length` of disk tier file `generation` of the peer's
+    /// disk segment `segment` (`DiskDirectory.diskSegment`) into `destinations` (which must
+    /// hold at least `length` bytes). The peer checks the bytes before sending them.
+    public func readDisk(
+        segment: SegmentID, generation: UInt64, offset: Int, length: Int, into destinations: UnsafeBufferPointer<MemoryRegion>
+    ) throws(KVError) {
+        try Self.checkLength(destinations, length, "destinations")
+        try exchange(length) { (c) throws(KVError) in
+            var w = WireWriter()
+            w.u32(segment); w.u64(generation); w.u64(UInt64(offset)); w.u64(UInt64(length))
+            try c.socket.writeFrame(kind: DataFrame.diskRead, payload: w.bytes)
+            try Self.expectOK(c.socket)
+            try c.socket.readExactly(length, into: destinations)
+        }
+    }
+
     /// Writes the first `length` bytes of the concatenation of `parts` at `offset` of the
     /// peer's segment (`parts` must hold at least `length` bytes: `invalidArgument`
     /// otherwise, nothing sent). `deadline` (this host's `monotonicClock`; 0: none) is the
@@ -880,7 +946,7 @@ public final class PeerLink: Sendable {
 
     /// Calls `body` with the pieces of bytes `skip..<skip+count` of the stream `regions`, each
     /// with its position from `skip`.
-    static func pieces<E: Error>(
+    public static func pieces<E: Error>(
         of regions: UnsafeBufferPointer<MemoryRegion>, skipping skip: Int, count: Int,
         _ body: (MemoryRegion, Int) throws(E) -> Void
     ) throws(E) {

@@ -22,6 +22,33 @@ DEFAULT_SEGMENT_SIZE = 1 << 30
 _DISK_ADMISSION = {"reuse": 0, "all": 1}
 
 
+
+def _disk_tier(disk_path: str | os.PathLike[str] | None, disk_size: int | str | None,
+               disk_admission: str) -> tuple[str | None, int, int]:
+    """The disk tier arguments of ``Store()`` and ``Store.connect()``, checked: (absolute
+    path, bytes, admission code), or (None, 0, 0) for none."""
+    disk: tuple[str | None, int, int] = (None, 0, 0)
+    if disk_path is not None:
+        if not isinstance(disk_path, (str, os.PathLike)):
+            raise ArgumentTypeError(f"disk_path must be a str or path, got {type(disk_path).__name__}")
+        raw = os.fspath(disk_path)
+        if not isinstance(raw, str) or not raw:
+            raise InvalidArgumentError("disk_path must be a non-empty str path")
+        path = os.path.abspath(raw)
+        if "\0" in path:
+            raise InvalidArgumentError("disk_path must not contain a NUL character")
+        if disk_size is None:
+            raise InvalidArgumentError("disk_size is required with disk_path (for example disk_size='100GiB')")
+        if not isinstance(disk_admission, str):
+            raise ArgumentTypeError(f"disk_admission must be a str, got {type(disk_admission).__name__}")
+        if disk_admission not in _DISK_ADMISSION:
+            raise InvalidArgumentError(f"disk_admission must be one of {sorted(_DISK_ADMISSION)}, got {disk_admission!r}")
+        disk = (path, parse_size(disk_size, name="disk_size"), _DISK_ADMISSION[disk_admission])
+    elif disk_size is not None:
+        raise InvalidArgumentError("disk_size needs disk_path")
+    return disk
+
+
 class Store(KVLayoutMixin, _native.Store):
     """An embedded, in-process KV-cache store: an in-process master and one host segment.
 
@@ -143,32 +170,15 @@ class Store(KVLayoutMixin, _native.Store):
                  disk_path: str | os.PathLike[str] | None = None, disk_size: int | str | None = None,
                  disk_admission: str = "reuse") -> None:
         # The extension checks every setting's type, the core its value.
-        disk: tuple[str | None, int, int] = (None, 0, 0)
-        if disk_path is not None:
-            if not isinstance(disk_path, (str, os.PathLike)):
-                raise ArgumentTypeError(f"disk_path must be a str or path, got {type(disk_path).__name__}")
-            raw = os.fspath(disk_path)
-            if not isinstance(raw, str) or not raw:
-                raise InvalidArgumentError("disk_path must be a non-empty str path")
-            path = os.path.abspath(raw)
-            if "\0" in path:
-                raise InvalidArgumentError("disk_path must not contain a NUL character")
-            if disk_size is None:
-                raise InvalidArgumentError("disk_size is required with disk_path (for example disk_size='100GiB')")
-            if not isinstance(disk_admission, str):
-                raise ArgumentTypeError(f"disk_admission must be a str, got {type(disk_admission).__name__}")
-            if disk_admission not in _DISK_ADMISSION:
-                raise InvalidArgumentError(f"disk_admission must be one of {sorted(_DISK_ADMISSION)}, got {disk_admission!r}")
-            disk = (path, parse_size(disk_size, name="disk_size"), _DISK_ADMISSION[disk_admission])
-        elif disk_size is not None:
-            raise InvalidArgumentError("disk_size needs disk_path")
+        disk = _disk_tier(disk_path, disk_size, disk_admission)
         super().__init__(parse_size(segment_size, name="segment_size"), prefault, pin_memory, lease_ttl, soft_pin_ttl,
                          eviction_high_watermark, eviction_ratio, checksum, *disk)
 
     @classmethod
     def connect(cls, url: str = "kvstore://127.0.0.1:50051", *, segment_size: int | str = DEFAULT_SEGMENT_SIZE,
                 token: str | None = None, prefault: bool = False, pin_memory: bool = True, checksum: bool = False,
-                segment_file: str | None = None) -> Store:
+                segment_file: str | None = None, disk_path: str | os.PathLike[str] | None = None,
+                disk_size: int | str | None = None, disk_admission: str = "reuse") -> Store:
         """Joins the cluster of the master server at ``url`` (``python -m kvstore master``).
 
         The client mounts a shared-memory segment of ``segment_size`` bytes (``0``: a pure
@@ -190,6 +200,10 @@ class Store(KVLayoutMixin, _native.Store):
         its segment and reports the objects in it, which the new master takes back
         (``stats()['objects_reregistered']``; ``stats()['master_reconnects']`` counts both).
         ``close()`` leaves the cluster at once (its segment's objects go with it).
+        ``disk_path``, ``disk_size``, ``disk_admission``: a disk tier below the segment, as
+        for ``Store`` (docs/disk-tier.md, "In a cluster"): objects of this client's segment
+        about to be evicted are copied there, and every client of the cluster reads them back
+        (from this client's segment server) once DRAM has lost them. It needs a segment.
         ``TransferError`` when the master cannot be reached, ``InvalidArgumentError`` for a
         bad address or a refused token.
         """
@@ -204,8 +218,10 @@ class Store(KVLayoutMixin, _native.Store):
         for name, text in (("url", url), ("token", token or ""), ("segment_file", segment_file or "")):
             if "\0" in text:
                 raise InvalidArgumentError(f"{name} must not contain a NUL character")
+        disk = _disk_tier(disk_path, disk_size, disk_admission)
         store = cls.__new__(cls)
-        store._connect(url, parse_size(segment_size, name="segment_size"), prefault, pin_memory, token, checksum, segment_file)
+        store._connect(url, parse_size(segment_size, name="segment_size"), prefault, pin_memory, token, checksum, segment_file,
+                       *disk)
         return store
 
     # ---- tensors (header layout: Sources/KVCore/TensorHeader.swift; helpers in _tensor.py) ----

@@ -115,7 +115,7 @@ typedef struct {
     double soft_pin_ttl; /* > 0: how long a soft pin lasts when a put does not say */
     double eviction_high_watermark; /* (0, 1]: evict when a write would take usage above it */
     double eviction_ratio; /* (0, 1]: fraction of capacity one eviction round frees */
-    /* The disk tier (kv_store_create only): NULL for none; else a directory this store owns
+    /* The disk tier (kv_store_create, kv_store_connect_config): NULL for none; else a directory this store owns
      * while open (created mode 0700; a second store on it is KV_E_INVALID_ARGUMENT), whose
      * object files take at most disk_size bytes (>= 8192). disk_admission: 0 reuse (keys
      * seen twice), 1 all. */
@@ -150,6 +150,11 @@ int32_t kv_store_connect(const char *url, uint64_t segment_size, uint32_t flags,
  * smaller than segment_size. Of the flags only KV_CREATE_CHECKSUM applies (the file is never
  * prefaulted or pinned). */
 int32_t kv_store_connect_file(const char *url, const char *path, uint64_t segment_size, uint32_t flags, const char *token, kv_store **out);
+/* kv_store_connect (path NULL) or kv_store_connect_file (path a segment file) with a disk
+ * tier below the segment: of config only the disk fields apply (the master owns the cache
+ * rules); disk_path NULL is none. A disk tier needs segment_size > 0. */
+int32_t kv_store_connect_config(const char *url, const char *path, uint64_t segment_size, uint32_t flags, const char *token,
+                                const kv_store_config *config, kv_store **out);
 /* Closes (waits for operations in flight) and frees the handle. NULL is ignored. */
 void kv_store_destroy(kv_store *store);
 /* Closes the store; idempotent. */
