@@ -141,6 +141,12 @@ public struct DiskDirectory: Sendable {
         return e
     }
 
+    /// `lookup` of a copy whose disk is connected (what reads, `exists` and listings see).
+    public mutating func served(_ key: ObjectKey, now: Nanoseconds) -> Entry? {
+        guard let e = lookup(key, now: now), online[e.disk] != nil else { return nil }
+        return e
+    }
+
     /// Where to read `key`'s disk copy now: the disk segment of the client serving it (nil:
     /// none, or its disk is away). Counted as a disk hit.
     public mutating func hit(_ key: ObjectKey, now: Nanoseconds) -> (Entry, Replica)? {
@@ -282,10 +288,12 @@ public struct DiskDirectory: Sendable {
         if forgottenOrder.count > Self.maxForgottenDisks { forgotten.remove(forgottenOrder.removeFirst()) }
     }
 
-    /// Keys with a disk copy after `after` (sorted), at most `limit`, inside `prefix`.
+    /// Keys with a copy on a connected disk after `after` (sorted), at most `limit`, inside
+    /// `prefix`.
     public func keys(after: ObjectKey?, prefix: [UInt8]?, limit: Int) -> [ObjectKey] {
         var out: [ObjectKey] = []
-        for k in entries.keys where (after.map { $0 < k } ?? true) && (prefix.map { p in k.withUTF8 { $0.starts(with: p) } } ?? true) {
+        for (k, e) in entries
+        where online[e.disk] != nil && (after.map { $0 < k } ?? true) && (prefix.map { p in k.withUTF8 { $0.starts(with: p) } } ?? true) {
             out.append(k)
         }
         out.sort()

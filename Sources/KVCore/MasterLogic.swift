@@ -641,10 +641,11 @@ public struct MasterLogic: Sendable {
     /// A lease on `key`'s DRAM copy, else its disk copy's size (nil: neither).
     private mutating func lease(_ key: ObjectKey, now: Nanoseconds) -> Int? {
         if let n = table.lease(key: key, now: now) { return n }
-        return disk.count > 0 ? disk.lookup(key, now: now)?.size : nil
+        return disk.count > 0 ? disk.served(key, now: now)?.size : nil
     }
 
-    /// Removes `key` from DRAM and the disk tiers; `objectNotFound` only when neither had it.
+    /// Removes `key` from DRAM and the disk tiers (a copy on a disk that is away included, so
+    /// it does not come back with it); `objectNotFound` only when neither had it.
     private mutating func remove(_ key: ObjectKey, force: Bool, now: Nanoseconds) throws(KVError) {
         guard disk.count > 0 || disk.anyTier else { return try table.remove(key: key, force: force, now: now) }
         do throws(KVError) {
@@ -794,7 +795,7 @@ public struct MasterLogic: Sendable {
         guard clients[id]!.writes.count < config.quotas.writesInFlight else {
             throw .noSpace("this client has \(config.quotas.writesInFlight) writes in flight, its quota: commit or abort some first")
         }
-        if mode == .put, disk.count > 0, disk.lookup(key, now: now) != nil {
+        if mode == .put, disk.count > 0, disk.served(key, now: now) != nil {
             throw .exists("object '\(key)' already exists (on a disk tier)")
         }
         let limit = Int(Double(table.capacity) * config.quotas.hardPinShare)

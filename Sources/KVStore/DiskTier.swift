@@ -171,7 +171,11 @@ public final class DiskTier: @unchecked Sendable {
         /// heard (`takeDropped`), at most `maxDropped`.
         var reportDrops = false
         var dropped: [UInt64] = []
+        /// Generations dropped after failing a check (the last `maxCorrupt`): a peer asking
+        /// for one again learns why it is gone.
+        var corrupt: [UInt64] = []
     }
+    static let maxCorrupt = 1024
     static let maxDropped = 1 << 20
     private let state = Locked(State())
     private let sketch = Locked(FrequencySketch())
@@ -493,7 +497,12 @@ public final class DiskTier: @unchecked Sendable {
             s.index[k]!.referenced = true
             return Copy(key: k, size: e.size, entry: e, ttlLeft: nil)
         }
-        guard let copy = found else { throw .notFound("file \(g) is not on this disk tier") }
+        guard let copy = found else {
+            if state.withLock({ $0.corrupt.contains(g) }) {
+                throw KVError(.checksum, "disk copy (file \(g)) failed its CRC32C check and was dropped; nothing returned")
+            }
+            throw .notFound("the object left the disk tier (file \(g))")
+        }
         guard offset >= 0, length >= 0, offset <= copy.size, length <= copy.size - offset else {
             throw .invalidArgument("range \(offset)+\(length) is outside an object of \(copy.size) bytes")
         }
@@ -776,7 +785,7 @@ public final class DiskTier: @unchecked Sendable {
         }
         guard got >= n else {
             forgetIfSame(copy)
-            state.withLock { $0.stats.corrupt += 1 }
+            noteCorrupt(e.generation)
             throw KVError(.checksum, "disk copy of '\(copy.key)' is truncated (\(name)); dropped, nothing returned")
         }
         var c0 = 0
@@ -785,10 +794,18 @@ public final class DiskTier: @unchecked Sendable {
             let crc = kv_crc32c_copy(destination + at + c0, bounce + c0, c, 0, 0)
             if crc != e.crcs[(at + c0) >> DiskRecord.chunkShift] {
                 forgetIfSame(copy)
-                state.withLock { $0.stats.corrupt += 1 }
+                noteCorrupt(e.generation)
                 throw KVError(.checksum, "disk copy of '\(copy.key)' failed its CRC32C check at byte \(at + c0) (\(name)); dropped, nothing returned")
             }
             c0 += c
+        }
+    }
+
+    private func noteCorrupt(_ g: UInt64) {
+        state.withLock { s in
+            s.stats.corrupt += 1
+            s.corrupt.append(g)
+            if s.corrupt.count > Self.maxCorrupt { s.corrupt.removeFirst() }
         }
     }
 
