@@ -295,8 +295,8 @@ final class MasterSessionTests: XCTestCase {
 
     /// Message kinds are numbered once (`Kind`); the numbers are the wire format and never move.
     func testMessageKindNumbersAreStable() {
-        XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...32))
-        XCTAssertEqual(MasterResponse.Kind.allCases.map(\.rawValue), Array(100...118))
+        XCTAssertEqual(MasterRequest.Kind.allCases.map(\.rawValue), Array(1...34))
+        XCTAssertEqual(MasterResponse.Kind.allCases.map(\.rawValue), Array(100...119))
         XCTAssertEqual(MasterRequest.heartbeat.kind, 4)
         XCTAssertEqual(MasterRequest.restore(segment: 1, objects: [], last: false).kind, 28)
         XCTAssertEqual(MasterResponse.errorKind, 101)
@@ -307,7 +307,10 @@ final class MasterSessionTests: XCTestCase {
         XCTAssertEqual(MasterRequest.copyStart(key: "k", targets: [1], drop: nil).kind, 30)
         XCTAssertEqual(MasterRequest.copyEnd(handle: 1, commit: true).kind, 31)
         XCTAssertEqual(MasterRequest.drain(segment: 1).kind, 32)
-        XCTAssertFalse(MasterRequest.isRequestKind(33) || MasterResponse.isResponseKind(119) || MasterRequest.isRequestKind(0))
+        XCTAssertEqual(MasterRequest.diskRound(segment: 1, disk: 1, capacity: 1, reports: [], dropped: [], want: 0).kind, 33)
+        XCTAssertEqual(MasterRequest.diskRestore(segment: 1, files: []).kind, 34)
+        XCTAssertEqual(MasterResponse.diskRound(offers: [], forget: []).kind, 119)
+        XCTAssertFalse(MasterRequest.isRequestKind(35) || MasterResponse.isResponseKind(120) || MasterRequest.isRequestKind(0))
     }
 
     /// `sizes` (the answer to `sizeBatch`): 8 bytes a key, absent as all ones; a size past
