@@ -376,6 +376,19 @@ def _count(keys: Any) -> int:
     return len(keys) if isinstance(keys, (list, tuple)) else 0
 
 
+def _ssd_offload_size(path: str) -> int:
+    """``KVSTORE_SSD_OFFLOAD_SIZE``, else 80% of the free space of the file system that holds
+    ``path`` (or would: its nearest existing parent) now."""
+    given = os.environ.get("KVSTORE_SSD_OFFLOAD_SIZE")
+    if given:
+        return parse_size(given, name="KVSTORE_SSD_OFFLOAD_SIZE")
+    at = os.path.abspath(path)
+    while not os.path.exists(at) and os.path.dirname(at) != at:
+        at = os.path.dirname(at)
+    st = os.statvfs(at)
+    return max(int(st.f_bavail * st.f_frsize * 0.8), 1 << 20)
+
+
 def _master_url(address: str, tenant: str = "") -> str:
     """A kvstore URL for Mooncake's ``master_server_address``: "host:port", a kvstore URL as is,
     or Mooncake's highly available form "etcd://host:port[;host:port...]" (the leader elected
@@ -693,9 +706,11 @@ class MooncakeDistributedStore:
         spellings). ``local_buffer_size`` and ``rdma_devices`` are accepted and unused (kvstore
         needs no staging buffer; RDMA devices are found at run time). ``tenant_id`` other than
         "default" joins as that kvstore tenant (its own key namespace; its token from
-        ``KVSTORE_MASTER_TOKEN``). ``enable_ssd_offload`` and ``ssd_offload_path`` are checked
-        and logged: kvstore has no disk tier yet, so objects stay in memory and evicted ones
-        are misses. Returns 0 or an error code."""
+        ``KVSTORE_MASTER_TOKEN``). ``enable_ssd_offload`` with ``ssd_offload_path`` puts a
+        kvstore disk tier below the segment (docs/disk-tier.md, "In a cluster"): a directory
+        this process alone uses, taking at most ``KVSTORE_SSD_OFFLOAD_SIZE`` bytes (a size
+        such as "500GiB"; default 80% of the file system's free space at setup), reuse
+        admission. Returns 0 or an error code."""
         if isinstance(local_hostname, dict):
             cfg = dict(local_hostname)
             if "master_server_address" in cfg:
@@ -727,14 +742,21 @@ class MooncakeDistributedStore:
                 raise _errors.ArgumentTypeError(f"ssd_offload_path must be a str, not {type(ssd_offload_path).__name__}")
             if not isinstance(tenant_id, str) or not (tenant_id in ("", "default") or _TENANT.fullmatch(tenant_id)):
                 raise _errors.InvalidArgumentError(f"tenant_id {tenant_id!r}: 1 to 64 of A-Z a-z 0-9 . _ -")
-            if enable_ssd_offload in (True, "true", "True", "1") or ssd_offload_path:
-                _log("setup: enable_ssd_offload / ssd_offload_path accepted, but kvstore has no disk tier yet: "
-                     "objects stay in memory")
+            disk: dict[str, Any] = {}
+            if enable_ssd_offload in (True, "true", "True", "1"):
+                if not ssd_offload_path:
+                    raise _errors.InvalidArgumentError("enable_ssd_offload needs ssd_offload_path (a directory)")
+                if size == 0:
+                    _log("setup: a client without a segment has nothing to offload: enable_ssd_offload ignored")
+                else:
+                    disk = {"disk_path": ssd_offload_path, "disk_size": _ssd_offload_size(ssd_offload_path)}
+            elif ssd_offload_path:
+                _log("setup: ssd_offload_path given without enable_ssd_offload: no disk tier")
             host, _, port = local_hostname.rpartition(":") if ":" in local_hostname else (local_hostname, "", "")
             if not port:
                 port = str(_free_port(host))
             url = _master_url(master_server_addr, "" if tenant_id in ("", "default") else tenant_id)
-            self._store = Store.connect(url, segment_size=size)
+            self._store = Store.connect(url, segment_size=size, **disk)
             self._url = url
             self._hostname = f"{host or 'localhost'}:{port}"
             try:

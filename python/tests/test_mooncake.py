@@ -247,6 +247,36 @@ def test_setup_tenant_ssd_offload_and_port_range(master, tmp_path):
     assert s.health_check() == 1
 
 
+def test_ssd_offload_keeps_evicted_objects_readable(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSTORE_SSD_OFFLOAD_SIZE", "256MiB")
+    with Master("--lease-ttl", "0.05") as m:   # reads' leases end before the next puts evict
+        ssd_offload_round_trip(m, tmp_path)
+
+
+def ssd_offload_round_trip(master: Master, tmp_path) -> None:
+    s = MooncakeDistributedStore()
+    assert s.setup("localhost", "P2PHANDSHAKE", 16 << 20, 0, "tcp", "", f"127.0.0.1:{master.port}",
+                   enable_ssd_offload=True, ssd_offload_path=str(tmp_path / "ssd")) == 0
+    reader = client(master, 0)
+    try:
+        values = {f"b{i}": bytes([i]) * (1 << 20) for i in range(40)}   # 40 MiB through 16 MiB
+        for k, v in values.items():
+            assert s.put(k, v) == 0
+            assert reader.get(k) == v          # read once: the reuse admission takes it
+            s._store.wait_for_disk_copies()
+        st = s._store.stats()
+        assert st["evicted_objects"] > 10 and st["disk_offloads"] > 10 and st["disk_capacity"] == 256 << 20
+        for k, v in values.items():
+            assert reader.get(k) == v, k
+            assert reader.is_exist(k) == 1
+        assert s._store.stats()["disk_hits"] > 10
+    finally:
+        reader.close()
+        s.close()
+    assert s.setup("localhost", "P2PHANDSHAKE", 1 << 20, 0, "tcp", "", f"127.0.0.1:{master.port}",
+                   enable_ssd_offload=True) == ErrorCode.INVALID_PARAMS    # no directory
+
+
 def test_two_clients_in_one_process_replicate_across_their_segments(master):
     a, b = client(master), client(master)
     try:
