@@ -15,10 +15,10 @@ import Glibc
 final class RDMATests: XCTestCase {
     /// Data-plane kinds are numbered once (`DataFrame.Kind`); the numbers are the wire format.
     func testDataPlaneKindNumbersAreStable() {
-        XCTAssertEqual(DataFrame.Kind.allCases.map(\.rawValue), Array(200...207) + Array(210...213))
-        XCTAssertEqual([DataFrame.hello, DataFrame.segmentFD, DataFrame.ok, DataFrame.challenge], [200, 207, 210, 213])
+        XCTAssertEqual(DataFrame.Kind.allCases.map(\.rawValue), Array(200...208) + Array(210...213))
+        XCTAssertEqual([DataFrame.hello, DataFrame.segmentFD, DataFrame.diskRead, DataFrame.ok, DataFrame.challenge], [200, 207, 208, 210, 213])
         XCTAssertTrue(DataFrame.isKnown(205) && DataFrame.isKnown(212))
-        XCTAssertFalse(DataFrame.isKnown(208) || DataFrame.isKnown(209) || DataFrame.isKnown(214) || DataFrame.isKnown(116))
+        XCTAssertFalse(DataFrame.isKnown(209) || DataFrame.isKnown(214) || DataFrame.isKnown(116))
     }
 
     func testDiscoveryMatchesTheMachine() {

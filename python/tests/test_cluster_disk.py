@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -265,3 +266,42 @@ def test_one_client_per_disk_path_and_bad_settings(tmp_path):
         with pytest.raises(kvstore.InvalidArgumentError, match="disk_admission"):
             kvstore.Store.connect(m.url, segment_size=SEGMENT, disk_path=tmp_path / "e", disk_size="1GiB",
                                   disk_admission="sometimes")
+
+
+def test_forged_disk_requests_get_errors_never_bytes(tmp_path):
+    import wire
+    from test_hostile import _segment_endpoint, authenticated
+
+    keys = [f"h{i}" for i in range(40)]
+    with Master() as m, owner(m, tmp_path / "d") as a:
+        fill(a, keys)
+        victim = next(k for k in keys if on_disk(a, k))
+        gen = max(int(n, 16) for n in os.listdir(tmp_path / "d" / "objects"))
+        seg = a.stats()["segment_id"]
+        host, port = _segment_endpoint(m, keys[-1])
+        d = wire.Raw.tcp(port, host)
+        assert d.authenticate(wire.data_key(wire.read_token(m.port)), data_plane=True) == wire.D_OK
+
+        def disk_read(segment: int, generation: int, offset: int, length: int) -> tuple[int, bytes]:
+            d.send(DISK_READ, struct.pack("<IQQQ", segment, generation, offset, length))
+            kind, body = d.read()
+            return kind, (d.recv_exactly(length) if kind == wire.D_OK else body)
+
+        disk = seg | 1 << 31
+        assert disk_read(disk, gen, 0, 4096)[0] == wire.D_OK                  # a member may read a copy
+        for bad in ((seg, gen, 0, 16), (disk ^ 1, gen, 0, 16), (disk, gen + 1000, 0, 16), (disk, gen, SIZE, 1),
+                    (disk, gen, 0, SIZE + 1), (disk, gen, 1 << 47, 16)):
+            kind, body = disk_read(*bad)
+            assert kind == wire.D_ERROR, bad                                  # an error frame, no byte
+        d.close()
+        # The master: a disk round or a registration for a segment this connection does not own.
+        r = authenticated(m)
+        kind, body = r.call(33, struct.pack("<IQQI", seg, 7, 1 << 30, 0) + struct.pack("<I", 0) * 2)
+        assert kind == wire.ERROR and "not mounted by this client" in wire.error_message(body)
+        kind, body = r.call(34, struct.pack("<I", seg) + struct.pack("<I", 0))
+        assert kind == wire.ERROR
+        r.close()
+        assert a.get(victim) == value(victim)                                # nothing changed
+
+
+DISK_READ = 208
