@@ -14,6 +14,11 @@ measured in the same run on the same file system (``--disk-dir``, default /var/t
 - hit rate: a working set 4x the segment, random reads of 64 KiB objects; a miss is "rebuilt"
   (put again), as an engine recomputes a block. With the default admission (``reuse``) and
   without a disk tier, the same segment.
+- cluster: the same read-back through a master process (``python -m kvstore master``): a
+  client whose segment and disk tier hold the objects reads them itself (its own files), and
+  a pure client reads them from it (the owner's segment server over loopback TCP: the disk
+  read, the checks and the network); then the hit rate of the same working set, read by the
+  pure client, against a cluster whose client has no disk tier.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .._store import Store
-from .common import _fmt_size
+from .common import _close_all, _fmt_size, _Process
 
 
 def _fio(directory: str, rw: str, bs: int, jobs: int = 1, size: int = 512 << 20, seconds: float = 3.0) -> float | None:
@@ -70,6 +76,8 @@ def run_disk(directory: str | None, repeat: int, record: Callable[[dict[str, Any
             rc = _puts(base, repeat, record)
         if rc == 0:
             rc = _hit_rate(base, record)
+        if rc == 0:
+            rc = _cluster(base, repeat, record)
         return rc
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -217,4 +225,110 @@ def _hit_rate(base: str, record: Callable[[dict[str, Any]], None]) -> int:
                 "disk_hits": st["disk_hits"], "reads_gb_per_s": gbps, "fio_rand_gb_per_s": fio})
         print(f"  {name:<13} hit rate {rate * 100:5.1f}%  (disk hits {st['disk_hits']}, reads {gbps:.2f} GB/s; "
               f"fio random {_fmt_size(size)} reads, 1 job: {fio or 0:.2f} GB/s)", flush=True)
+    return 0
+
+
+def _cluster(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) -> int:
+    """Read-back and hit rate of a connected client's disk tier (see the module's doc)."""
+    master = _Process([sys.executable, "-m", "kvstore", "master", "--port", "0", "--metrics-port", "-1",
+                       "--lease-ttl", "0.1"], r"listening on 127\.0\.0\.1:(\d+)")
+    url = f"kvstore://127.0.0.1:{master.match.group(1)}"
+    try:
+        print(f"\ncluster (a master process; owner: a client with the segment and the disk tier; remote: a pure "
+              f"client reading through the owner's segment server)")
+        header = f"{'read-back':<22}{'size':>9}{'count':>7}{'owner GB/s':>12}{'remote GB/s':>13}{'fio rand':>10}" \
+                 f"{'owner/fio':>11}{'remote/fio':>12}"
+        print(header)
+        print("-" * len(header))
+        for size, count, segment in ((1 << 20, 384, 64 << 20), (16 << 20, 24, 64 << 20)):
+            d = os.path.join(base, f"cluster-{size}")
+            owner = Store.connect(url, segment_size=segment, prefault=True, disk_path=d, disk_size=4 * size * count + (64 << 20),
+                                  disk_admission="all")
+            reader = Store.connect(url, segment_size=0)
+            try:
+                keys = [f"c-{size}-{i}" for i in range(count)]
+                src = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+                for i, k in enumerate(keys):
+                    owner.put_from(k, src)
+                    if (i + 1) * size % (segment // 8) == 0:
+                        owner.wait_for_disk_copies()
+                owner.wait_for_disk_copies()
+                dst = np.zeros(size, dtype=np.uint8)
+
+                def one_pass(store: Store) -> float:
+                    t0 = time.perf_counter()
+                    for k in keys:
+                        store.get_into(k, dst)
+                    return time.perf_counter() - t0
+
+                one_pass(reader)
+                owners, remotes, rands = [], [], []
+                for _ in range(repeat):
+                    owners.append(one_pass(owner))
+                    remotes.append(one_pass(reader))
+                    rand = _fio(base, "randread", size, 1, seconds=1.0)
+                    if rand is not None:
+                        rands.append(rand)
+                if not np.array_equal(dst, src):
+                    print("cluster read-back: wrong bytes", flush=True)
+                    return 1
+                hits = owner.stats()["disk_hits"]
+            finally:
+                _close_all([reader, owner], [])
+                shutil.rmtree(d, ignore_errors=True)
+            og = size * count / statistics.median(owners) / 1e9
+            rg = size * count / statistics.median(remotes) / 1e9
+            rand = statistics.median(rands) if rands else None
+            record({"op": "disk_cluster_get_into", "size": size, "count": count, "owner_gb_per_s": og, "remote_gb_per_s": rg,
+                    "fio_rand_gb_per_s": rand, "disk_hits": hits})
+            print(f"{'get_into':<22}{_fmt_size(size):>9}{count:>7}{og:>12.2f}{rg:>13.2f}{rand or 0:>10.2f}"
+                  f"{og / rand if rand else 0:>11.2f}{rg / rand if rand else 0:>12.2f}", flush=True)
+        return _cluster_hit_rate(base, url, record)
+    finally:
+        master.stop()
+
+
+def _cluster_hit_rate(base: str, url: str, record: Callable[[dict[str, Any]], None]) -> int:
+    size, segment = 64 << 10, 32 << 20
+    count = 4 * segment // size
+    keys = [f"cw-{i}" for i in range(count)]
+    src = np.random.default_rng(9).integers(0, 256, size, dtype=np.uint8)
+    dst = np.empty(size, dtype=np.uint8)
+    order = np.random.default_rng(11).integers(0, count, 10 * count)
+    warm = 6 * count
+    print(f"\ncluster hit rate: {count} objects of {_fmt_size(size)} (4x the owner's {_fmt_size(segment)} segment), "
+          "read by a pure client, uniform random; a miss puts the object again")
+    for name in ("disk tier", "no disk tier"):
+        d = os.path.join(base, "cluster-hits")
+        owner = Store.connect(url, segment_size=segment, prefault=True,
+                              **({"disk_path": d, "disk_size": "1GiB"} if name == "disk tier" else {}))
+        reader = Store.connect(url, segment_size=0)
+        try:
+            reader.remove_all(force=True)
+            hits = 0
+            t_read = 0.0
+            for n, i in enumerate(order):
+                k = keys[i]
+                t0 = time.perf_counter()
+                try:
+                    reader.get_into(k, dst)
+                    hit = True
+                except KeyError:
+                    hit = False
+                t_read += time.perf_counter() - t0
+                if not hit:
+                    reader.put_from(k, src)
+                if n >= warm:
+                    hits += hit
+                if n % 256 == 0 and name == "disk tier":
+                    owner.wait_for_disk_copies()
+            st = owner.stats()
+        finally:
+            _close_all([reader, owner], [])
+            shutil.rmtree(d, ignore_errors=True)
+        rate = hits / (len(order) - warm)
+        gbps = len(order) * size / t_read / 1e9
+        record({"op": "disk_cluster_hit_rate", "tier": name, "size": size, "objects": count, "segment": segment,
+                "hit_rate": rate, "disk_hits": st["disk_hits"], "reads_gb_per_s": gbps})
+        print(f"  {name:<13} hit rate {rate * 100:5.1f}%  (disk hits {st['disk_hits']}, reads {gbps:.2f} GB/s)", flush=True)
     return 0
