@@ -107,14 +107,14 @@ public struct DiskDirectory: Sendable {
 
     /// `client` serves disk `disk` (of `capacity` bytes) through segment `segment`. A disk
     /// another client declared is taken over when that client's connection is gone
-    /// (`isConnected`: a restarted process whose old session still waits out its TTL);
-    /// refused while it is connected (two processes cannot hold one directory, its lock: a
-    /// copied directory, or a lie).
+    /// (`holderConnected` false: a restarted process whose old session still waits out its
+    /// TTL); refused while it is connected (two processes cannot hold one directory, its
+    /// lock: a copied directory, or a lie).
     public mutating func declare(
-        client: UInt64, disk d: UInt64, segment: SegmentID, capacity: Int, isConnected: (UInt64) -> Bool
+        client: UInt64, disk d: UInt64, segment: SegmentID, capacity: Int, holderConnected: Bool
     ) throws(KVError) {
         if let o = online[d], o.client != client {
-            guard !isConnected(o.client) else {
+            guard !holderConnected else {
                 throw .invalidArgument(
                     "disk \(String(d, radix: 16)) is served by another connected client (a copied disk_path directory?)")
             }

@@ -617,7 +617,9 @@ public struct MasterLogic: Sendable {
         case let .diskRound(seg, d, capacity, reports, dropped, want):
             guard segmentOwner[seg] == id else { throw .invalidArgument("segment \(seg) is not mounted by this client") }
             let first = !disk.anyTier
-            try disk.declare(client: id, disk: d, segment: seg, capacity: capacity) { self.clients[$0]?.connected ?? false }
+            let holder = disk.online[d]?.client
+            let holderConnected = holder.flatMap { clients[$0]?.connected } ?? false
+            try disk.declare(client: id, disk: d, segment: seg, capacity: capacity, holderConnected: holderConnected)
             if first { table.evictionLooksAhead = 16 } // eviction takes copied objects first
             return diskRound(seg, reports: reports, dropped: dropped, want: want, client: id, prefix: tenant?.prefix, now: now)
         case let .diskRestore(seg, files):
