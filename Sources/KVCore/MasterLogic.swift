@@ -158,6 +158,9 @@ public struct MasterLogic: Sendable {
     var clients: [UInt64: Client] = [:]
     /// Copies of objects on clients' disk tiers (docs/architecture.md, "Disk tier (cluster)").
     public internal(set) var disk = DiskDirectory()
+    /// How often each key was written or looked up, while any client has a disk tier: the
+    /// reuse admission's answer (`DiskOffer.reused`), as the embedded tier's sketch.
+    var sightings = FrequencySketch()
     var segmentInfo: [SegmentID: SegmentInfo] = [:]
     var segmentOwner: [SegmentID: UInt64] = [:]
     /// ... with the writer's process id where the kernel named it (0: a TCP client), so a
@@ -642,6 +645,7 @@ public struct MasterLogic: Sendable {
 
     /// A lease on `key`'s DRAM copy, else its disk copy's size (nil: neither).
     private mutating func lease(_ key: ObjectKey, now: Nanoseconds) -> Int? {
+        if disk.anyTier { sightings.add(FrequencySketch.hash(key)) }
         if let n = table.lease(key: key, now: now) { return n }
         return disk.count > 0 ? disk.served(key, now: now)?.size : nil
     }
@@ -723,8 +727,9 @@ public struct MasterLogic: Sendable {
                     }
                     addHold(client: id, version: c.handle, now: now)
                     disk.offer(c.handle, key: c.key, client: id, size: t.size, checksum: t.checksum, expiresAt: expiresAt ?? 0)
+                    let reused = sightings.estimate(FrequencySketch.hash(c.key)) >= 2
                     offers.append(
-                        DiskOffer(key: c.key, handle: c.handle, offset: t.offset, size: t.size, checksum: t.checksum, ttlLeft: ttl, wasRead: c.wasRead))
+                        DiskOffer(key: c.key, handle: c.handle, offset: t.offset, size: t.size, checksum: t.checksum, ttlLeft: ttl, reused: reused))
                     bytes += t.size
                 }
             }
@@ -737,6 +742,7 @@ public struct MasterLogic: Sendable {
         guard holdCount[client, default: 0] < config.quotas.readsInFlight else {
             throw .noSpace("this client has \(config.quotas.readsInFlight) reads in flight, its quota")
         }
+        if disk.anyTier { sightings.add(FrequencySketch.hash(key)) }
         guard let (size, replicas, handle, checksum) = table.holdReplicas(key: key, now: now, first: { self.segmentInfo[$0]?.host == host }) else {
             // Not in DRAM: a disk tier's copy, read from its owner's disk segment (no hold:
             // the owner checks the file's generation and CRC32C before sending a byte).
@@ -797,6 +803,7 @@ public struct MasterLogic: Sendable {
         guard clients[id]!.writes.count < config.quotas.writesInFlight else {
             throw .noSpace("this client has \(config.quotas.writesInFlight) writes in flight, its quota: commit or abort some first")
         }
+        if disk.anyTier { sightings.add(FrequencySketch.hash(key)) }
         if mode == .put, disk.count > 0, disk.served(key, now: now) != nil {
             throw .exists("object '\(key)' already exists (on a disk tier)")
         }

@@ -277,16 +277,17 @@ public struct DiskOffer: Sendable, Equatable {
     public var checksum: UInt32?
     /// Nanoseconds of TTL left; nil: none.
     public var ttlLeft: Nanoseconds?
-    /// Read or looked up since its write (the reuse admission takes only these).
-    public var wasRead: Bool
-    public init(key: ObjectKey, handle: VersionHandle, offset: Int, size: Int, checksum: UInt32?, ttlLeft: Nanoseconds?, wasRead: Bool) {
+    /// Seen at least twice (written, read or looked up: the master's count-min sketch of
+    /// every client's calls); the reuse admission takes only these.
+    public var reused: Bool
+    public init(key: ObjectKey, handle: VersionHandle, offset: Int, size: Int, checksum: UInt32?, ttlLeft: Nanoseconds?, reused: Bool) {
         self.key = key
         self.handle = handle
         self.offset = offset
         self.size = size
         self.checksum = checksum
         self.ttlLeft = ttlLeft
-        self.wasRead = wasRead
+        self.reused = reused
     }
 }
 
@@ -882,7 +883,7 @@ extension MasterResponse {
             w.count(offers.count)
             for o in offers {
                 w.key(o.key); w.u64(o.handle); w.u64(UInt64(o.offset)); w.u64(UInt64(o.size))
-                MasterRequest.encodeChecksum(o.checksum, &w); w.u64(o.ttlLeft ?? 0); w.bool(o.wasRead)
+                MasterRequest.encodeChecksum(o.checksum, &w); w.u64(o.ttlLeft ?? 0); w.bool(o.reused)
             }
             w.count(forget.count)
             for g in forget { w.u64(g) }
@@ -1000,7 +1001,7 @@ extension MasterResponse {
                 let checksum = try MasterRequest.decodeChecksum(&r)
                 let ttl = try r.u64()
                 offers.append(
-                    DiskOffer(key: key, handle: handle, offset: offset, size: size, checksum: checksum, ttlLeft: ttl == 0 ? nil : ttl, wasRead: try r.bool()))
+                    DiskOffer(key: key, handle: handle, offset: offset, size: size, checksum: checksum, ttlLeft: ttl == 0 ? nil : ttl, reused: try r.bool()))
             }
             let f = try r.count(max: DiskDirectory.forgetPerRound, minElementSize: 8, "files to forget")
             var forget: [UInt64] = []

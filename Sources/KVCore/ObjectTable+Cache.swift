@@ -49,7 +49,6 @@ extension ObjectTable {
     /// A read of version `s`: leases it and takes it off the eviction order while leased or held.
     mutating func noteRead(_ s: Int32, now: Nanoseconds) {
         if versions[Int(s)].lowerTier == .refused { versions[Int(s)].lowerTier = .undecided } // wanted again: ask again
-        versions[Int(s)].wasRead = true
         grantLease(s, now: now)
         updateList(s)
     }
@@ -185,21 +184,13 @@ extension ObjectTable {
         return out
     }
 
-    /// One object a cluster client's disk tier may copy (`coldest(bytes:in:)`).
-    public struct ColdReplica: Sendable, Equatable {
-        public var key: ObjectKey
-        public var handle: VersionHandle
-        /// Read or looked up since its write (the reuse admission's sign).
-        public var wasRead: Bool
-    }
-
     /// `coldest(bytes:)` for one segment's owner: the undecided versions among the coldest
     /// `bytes` of the whole table whose first replica is in segment `seg`, looking at no more
     /// than `walk` versions (the walk runs on the master's only thread) and leaving out those
     /// `skip` names.
-    public func coldest(bytes: Int, in seg: SegmentID, walk: Int, skip: (ObjectKey) -> Bool) -> [ColdReplica] {
+    public func coldest(bytes: Int, in seg: SegmentID, walk: Int, skip: (ObjectKey) -> Bool) -> [ColdObject] {
         guard let slot = segments.slot(of: seg) else { return [] }
-        var out: [ColdReplica] = []
+        var out: [ColdObject] = []
         var seen = 0, looked = 0
         for l in [List.ordinary, .softPinned] {
             var s = lists[Int(l.rawValue)].tail
@@ -208,7 +199,7 @@ extension ObjectTable {
                 seen += v.placements.length
                 looked += 1
                 if v.lowerTier == .undecided, v.placements.first?.slot == slot, !skip(v.key) {
-                    out.append(ColdReplica(key: v.key, handle: handle(s), wasRead: v.wasRead))
+                    out.append(ColdObject(key: v.key, handle: handle(s)))
                 }
                 s = v.prev
             }

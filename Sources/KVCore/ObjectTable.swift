@@ -143,8 +143,6 @@ public struct ObjectTable: Sendable {
         var next: Int32 = -1
         /// What a lower tier (the embedded store's disk) made of this version.
         var lowerTier = LowerTier.undecided
-        /// Read or looked up since its write (a cluster disk tier's reuse admission).
-        var wasRead = false
     }
 
     /// A lower tier's decision on a version, which eviction may look ahead for

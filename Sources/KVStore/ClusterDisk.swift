@@ -126,8 +126,8 @@ final class ClusterDisk: @unchecked Sendable {
             }
         }
         defer { release() }
-        // The reuse admission takes only objects read (or looked up) since their write.
-        guard disk.admission == .all || o.wasRead else { return nil }
+        // The reuse admission takes only keys the master has seen twice (written or looked up).
+        guard disk.admission == .all || o.reused else { return nil }
         guard o.offset >= 0, o.size > 0, o.offset <= segment.size, o.size <= segment.size - o.offset else { return nil }
         guard disk.beginTransfer(o.key) else { return nil }
         defer { disk.endTransfer(o.key) }

@@ -52,7 +52,7 @@ extension MasterSessionTests {
         let offers = round(&m, &a, seg).offers
         XCTAssertEqual(offers.first?.key, "k0", "the coldest first")
         XCTAssertEqual(offers.first?.size, 4096)
-        XCTAssertTrue(offers.allSatisfy { !$0.wasRead })
+        XCTAssertTrue(offers.allSatisfy { !$0.reused })
         let again = round(&m, &a, seg).offers
         XCTAssertTrue(again.allSatisfy { o in !offers.contains { $0.key == o.key } }, "not offered twice")
         var reports = [DiskReport(handle: offers[0].handle, generation: 100, stored: true)]
@@ -166,7 +166,7 @@ extension MasterSessionTests {
             XCTAssertEqual(try r.encode().withUnsafeBytes { try MasterRequest.decode(kind: r.kind, $0) }, r)
         }
         let answer = MasterResponse.diskRound(
-            offers: [DiskOffer(key: "k", handle: 1, offset: 4096, size: 10, checksum: 9, ttlLeft: 100, wasRead: true)], forget: [1, 2])
+            offers: [DiskOffer(key: "k", handle: 1, offset: 4096, size: 10, checksum: 9, ttlLeft: 100, reused: true)], forget: [1, 2])
         XCTAssertEqual(try answer.encode().withUnsafeBytes { try MasterResponse.decode(kind: answer.kind, $0) }, answer)
         var long = WireWriter()
         long.u32(1); long.u64(1); long.u64(1); long.u32(1)
