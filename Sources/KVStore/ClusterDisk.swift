@@ -28,7 +28,7 @@ final class ClusterDisk: @unchecked Sendable {
     private let worker = Locked<BackgroundThread?>(nil)
     /// Rounds that failed (the master unreachable, a refused declaration), for statistics.
     let failedRounds = Atomic<Int>(0)
-    static let bounceBytes = 4 << 20
+    static let bounceBytes = DiskTier.bufferBytes
     /// Objects asked for per round.
     static let perRound = 64
     /// Pause between rounds that found nothing to copy (µs).
@@ -41,7 +41,7 @@ final class ClusterDisk: @unchecked Sendable {
         self.segment = segment
         disk.reportDrops()
         state.server.withLock { $0 }?.serveDisk { [disk] g, offset, length, send throws(KVError) in
-            try disk.serve(generation: g, offset: offset, length: length, bounceBytes: ClusterDisk.bounceBytes, send: send)
+            try disk.serve(generation: g, offset: offset, length: length, send: send)
         }
         let t = try BackgroundThread { [self] in loop() }
         worker.withLock { $0 = t }
@@ -58,10 +58,19 @@ final class ClusterDisk: @unchecked Sendable {
         disk.close()
     }
 
-    /// Reads bytes `range` of this client's own disk file `generation` into `destinations`.
+    /// Reads bytes `range` of this client's own disk file `generation` into `destinations`:
+    /// a whole object into one buffer as the embedded tier reads it (pieces on up to four
+    /// threads, checked as they are copied in), anything else piece by piece.
     func read(generation: UInt64, range: Range<Int>, into destinations: UnsafeBufferPointer<MemoryRegion>) throws(KVError) {
+        let copy = try disk.copy(generation: generation)
+        if range == 0..<copy.size, let first = destinations.first, first.length >= copy.size {
+            let want = max(1, min(4, (copy.size + DiskTier.bufferBytes - 1) / DiskTier.bufferBytes))
+            let bounces = (0..<want).map { _ in disk.takeBuffer() }
+            defer { for b in bounces { disk.giveBuffer(b) } }
+            return try disk.read(copy, into: UnsafeMutableRawPointer(bitPattern: first.address)!, bounces: bounces, bounceBytes: DiskTier.bufferBytes)
+        }
         var at = 0
-        try disk.serve(generation: generation, offset: range.lowerBound, length: range.count, bounceBytes: Self.bounceBytes) {
+        try disk.serve(generation: generation, offset: range.lowerBound, length: range.count) {
             (piece) throws(KVError) in
             PeerLink.pieces(of: destinations, skipping: at, count: piece.count) { d, done in
                 UnsafeMutableRawPointer(bitPattern: d.address)!.copyMemory(from: piece.baseAddress! + done, byteCount: d.length)

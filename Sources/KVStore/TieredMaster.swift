@@ -27,9 +27,8 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
     private let segment: HostSegment
     private let stop = Atomic<Bool>(false)
     private let worker = Locked<BackgroundThread?>(nil)
-    private let bounces = Locked<[UInt]>([]) // addresses of spare bounce buffers
     let promotions = Atomic<Int>(0)
-    static let bounceBytes = 4 << 20
+    static let bounceBytes = DiskTier.bufferBytes
     /// How far eviction looks past objects not yet copied (or refused) for one that was:
     /// a burst of writes faster than the disk then evicts copies first. Each step costs a
     /// pointer walk per eviction: puts at 300% fill ran at 0.89 of a store without a disk
@@ -55,10 +54,6 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         }
         t?.join()
         disk.close()
-        bounces.withLock { b in
-            for p in b { UnsafeMutableRawPointer(bitPattern: p)!.deallocate() }
-            b.removeAll()
-        }
     }
 
     var policy: CachePolicy { inner.policy }
@@ -373,19 +368,8 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
         try body(all)
     }
 
-    private func takeBounce() -> UnsafeMutableRawPointer {
-        if let p = bounces.withLock({ $0.popLast() }) { return UnsafeMutableRawPointer(bitPattern: p)! }
-        return UnsafeMutableRawPointer.allocate(byteCount: Self.bounceBytes, alignment: 4096)
-    }
-
-    private func giveBounce(_ p: UnsafeMutableRawPointer) {
-        let kept = bounces.withLock { b in
-            guard b.count < 2 * Self.readThreads else { return false }
-            b.append(UInt(bitPattern: p))
-            return true
-        }
-        if !kept { p.deallocate() }
-    }
+    private func takeBounce() -> UnsafeMutableRawPointer { disk.takeBuffer() }
+    private func giveBounce(_ p: UnsafeMutableRawPointer) { disk.giveBuffer(p) }
 
     // MARK: offloading
 
