@@ -111,8 +111,7 @@ static PyObject *store_connect(StoreObject *self, PyObject *args) {
     int disk_admission = 0;
     PyObject *prefault_obj, *pin_obj, *checksum_obj = Py_False;
     int prefault = 0, pin = 1, checksum = 0;
-    if (!PyArg_ParseTuple(args, "sLOOz|OzzLi", &url, &size, &prefault_obj, &pin_obj, &token, &checksum_obj, &file, &disk_path, &disk_size,
-                          &disk_admission))
+    if (!PyArg_ParseTuple(args, "sLOOz|OzzLi", &url, &size, &prefault_obj, &pin_obj, &token, &checksum_obj, &file, &disk_path, &disk_size, &disk_admission))
         return NULL;
     if (kvpy_flag(prefault_obj, "prefault", &prefault) < 0 || kvpy_flag(pin_obj, "pin_memory", &pin) < 0 || kvpy_flag(checksum_obj, "checksum", &checksum) < 0)
         return NULL;

@@ -656,7 +656,7 @@ public struct MasterLogic: Sendable {
         guard disk.count > 0 || disk.anyTier else { return try table.remove(key: key, force: force, now: now) }
         do throws(KVError) {
             try table.remove(key: key, force: force, now: now)
-        } catch where error.code == .objectNotFound {
+        } catch  where error.code == .objectNotFound {
             guard disk.drop(key) else { throw error }
             return
         }

@@ -142,9 +142,10 @@ final class ClusterDisk: @unchecked Sendable {
         defer { disk.endTransfer(o.key) }
         let expires = o.ttlLeft.map { DiskTier.wallNow() + Int64(clamping: $0) } ?? 0
         let source = UnsafeRawPointer(bitPattern: segment.region(offset: o.offset, length: o.size).address)!
-        return (try? disk.offload(
-            o.key, from: source, size: o.size, expiresAt: expires, bounce: bounce, bounceBytes: Self.bounceBytes,
-            sourceRead: release)) ?? nil
+        return
+            (try? disk.offload(
+                o.key, from: source, size: o.size, expiresAt: expires, bounce: bounce, bounceBytes: Self.bounceBytes,
+                sourceRead: release)) ?? nil
     }
 
     /// Registers every file with the master (after a connect); deletes those it refuses.

@@ -170,9 +170,10 @@ public final class SegmentServer: @unchecked Sendable {
 
     /// Reads bytes `offset ..< offset + length` of disk tier file `generation`, handing them
     /// to `send` in order (checked before each piece is handed over).
-    public typealias DiskReader = @Sendable (
-        _ generation: UInt64, _ offset: Int, _ length: Int, _ send: (UnsafeRawBufferPointer) throws(KVError) -> Void
-    ) throws(KVError) -> Void
+    public typealias DiskReader =
+        @Sendable (
+            _ generation: UInt64, _ offset: Int, _ length: Int, _ send: (UnsafeRawBufferPointer) throws(KVError) -> Void
+        ) throws(KVError) -> Void
 
     /// Serves `diskRead` of this segment's disk segment (`DiskDirectory.diskSegment`) with
     /// `reader` from now on (nil: refused).

@@ -90,7 +90,7 @@ extension MasterSessionTests {
             reports: [
                 DiskReport(handle: offers[0].handle, generation: 100, stored: true),
                 DiskReport(handle: offers[1].handle, generation: 101, stored: true),
-                DiskReport(handle: offers[2].handle, generation: 102, stored: true),
+                DiskReport(handle: offers[2].handle, generation: 102, stored: true)
             ], want: 0)
         XCTAssertEqual(answer.forget, [102], "the stale copy is deleted, never indexed")
         XCTAssertEqual(m.disk.count, 2)
@@ -118,7 +118,8 @@ extension MasterSessionTests {
         let seg = mount(&m, &a)
         for i in 0..<50 { write(&m, &a, ObjectKey("k\(i)")) }
         let offers = round(&m, &a, seg).offers
-        _ = round(&m, &a, seg, reports: offers.prefix(3).enumerated().map { DiskReport(handle: $1.handle, generation: UInt64(100 + $0), stored: true) }, want: 0)
+        _ = round(
+            &m, &a, seg, reports: offers.prefix(3).enumerated().map { DiskReport(handle: $1.handle, generation: UInt64(100 + $0), stored: true) }, want: 0)
         XCTAssertEqual(m.disk.count, 3)
         XCTAssertEqual(m.handle(.leave, session: &a, now: 0), .ok)
         var (b, _) = connect(&m)
@@ -149,7 +150,10 @@ extension MasterSessionTests {
         let back = fresh.handle(
             .diskRestore(
                 segment: segC,
-                files: [DiskFile(key: "x", generation: 1, size: 10, checksum: 7, ttlLeft: nil), DiskFile(key: "in-dram", generation: 2, size: 10, checksum: nil, ttlLeft: nil)]),
+                files: [
+                    DiskFile(key: "x", generation: 1, size: 10, checksum: 7, ttlLeft: nil),
+                    DiskFile(key: "in-dram", generation: 2, size: 10, checksum: nil, ttlLeft: nil)
+                ]),
             session: &c, now: 0)
         XCTAssertEqual(back, .values([.success(1), .success(0)]))
         XCTAssertEqual(replica(&fresh, &c, "x"), Replica(segment: DiskDirectory.diskSegment(of: segC), offset: 1))
@@ -160,7 +164,11 @@ extension MasterSessionTests {
             .diskRound(
                 segment: 3, disk: 9, capacity: 1 << 40, reports: [DiskReport(handle: 5, generation: 6, stored: true)], dropped: [7, 8],
                 want: 64),
-            .diskRestore(segment: 3, files: [DiskFile(key: "a", generation: 1, size: 2, checksum: 3, ttlLeft: 4), DiskFile(key: "b", generation: 5, size: 6, checksum: nil, ttlLeft: nil)]),
+            .diskRestore(
+                segment: 3,
+                files: [
+                    DiskFile(key: "a", generation: 1, size: 2, checksum: 3, ttlLeft: 4), DiskFile(key: "b", generation: 5, size: 6, checksum: nil, ttlLeft: nil)
+                ])
         ]
         for r in requests {
             XCTAssertEqual(try r.encode().withUnsafeBytes { try MasterRequest.decode(kind: r.kind, $0) }, r)

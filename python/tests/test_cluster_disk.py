@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 import pytest
+from cluster import Master, wait_for
 
 import kvstore
-from cluster import Master, wait_for
 
 SIZE = 1 << 20
 SEGMENT = "16MiB"
@@ -146,7 +146,7 @@ def test_remove_all_and_ttl_reach_the_disk_copies(tmp_path):
 def test_a_restarted_owner_re_registers_its_files_but_not_what_changed_while_it_was_away(tmp_path):
     keys = [f"s{i}" for i in range(40)]
     with Master() as m, kvstore.Store.connect(m.url, segment_size=0) as b, \
-            kvstore.Store.connect(m.url, segment_size="8MiB") as c:
+            kvstore.Store.connect(m.url, segment_size="8MiB"):   # takes the write made while a is away
         a = owner(m, tmp_path / "d")
         fill(a, keys, writer=b)
         copied = [k for k in keys if on_disk(b, k)]

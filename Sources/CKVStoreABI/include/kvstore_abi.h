@@ -153,8 +153,8 @@ int32_t kv_store_connect_file(const char *url, const char *path, uint64_t segmen
 /* kv_store_connect (path NULL) or kv_store_connect_file (path a segment file) with a disk
  * tier below the segment: of config only the disk fields apply (the master owns the cache
  * rules); disk_path NULL is none. A disk tier needs segment_size > 0. */
-int32_t kv_store_connect_config(const char *url, const char *path, uint64_t segment_size, uint32_t flags, const char *token,
-                                const kv_store_config *config, kv_store **out);
+int32_t kv_store_connect_config(const char *url, const char *path, uint64_t segment_size, uint32_t flags, const char *token, const kv_store_config *config,
+                                kv_store **out);
 /* Closes (waits for operations in flight) and frees the handle. NULL is ignored. */
 void kv_store_destroy(kv_store *store);
 /* Closes the store; idempotent. */

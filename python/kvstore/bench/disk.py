@@ -234,8 +234,8 @@ def _cluster(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) -
                        "--lease-ttl", "0.1"], r"listening on 127\.0\.0\.1:(\d+)")
     url = f"kvstore://127.0.0.1:{master.match.group(1)}"
     try:
-        print(f"\ncluster (a master process; owner: a client with the segment and the disk tier; remote: a pure "
-              f"client reading through the owner's segment server)")
+        print("\ncluster (a master process; owner: a client with the segment and the disk tier; remote: a pure "
+              "client reading through the owner's segment server)")
         header = f"{'read-back':<22}{'size':>9}{'count':>7}{'owner GB/s':>12}{'remote GB/s':>13}{'fio rand':>10}" \
                  f"{'owner/fio':>11}{'remote/fio':>12}"
         print(header)
