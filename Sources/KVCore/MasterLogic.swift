@@ -663,25 +663,13 @@ public struct MasterLogic: Sendable {
         disk.drop(key)
     }
 
-    /// A page of keys in DRAM or on a disk tier.
+    /// A page of keys in DRAM or on a connected disk tier.
     private mutating func keysPage(after: ObjectKey?, prefix: [UInt8]?, now: Nanoseconds) -> ObjectTable.KeysPage {
         let page = table.keysPage(after: after, prefix: prefix, now: now)
         guard disk.count > 0 else { return page }
-        let ceiling = page.more ? page.keys.last : nil
-        var onDisk = disk.keys(after: after, prefix: prefix, limit: ObjectTable.keysPageBytes / 5)
-        if let ceiling { onDisk = onDisk.filter { !(ceiling < $0) } }
-        var merged = Array(Set(page.keys).union(onDisk)).sorted()
-        var more = page.more || onDisk.count == ObjectTable.keysPageBytes / 5
-        var bytes = 0
-        for (i, k) in merged.enumerated() {
-            bytes += 4 + k.count
-            if bytes > ObjectTable.keysPageBytes {
-                merged.removeSubrange(i...)
-                more = true
-                break
-            }
-        }
-        return ObjectTable.KeysPage(keys: merged, more: more && !merged.isEmpty)
+        let limit = ObjectTable.keysPageBytes / 5
+        let onDisk = disk.keys(after: after, prefix: prefix, limit: limit)
+        return page.merged(with: onDisk, lowerMore: onDisk.count == limit)
     }
 
     /// Most objects one `diskRound` offers, and the most bytes of them.

@@ -665,6 +665,27 @@ public struct ObjectTable: Sendable {
             self.more = more
         }
 
+        /// This page with the keys of a lower tier after the same cursor (`lower`, sorted;
+        /// `lowerMore`: it has more past them) merged in: sorted, each key once, none past
+        /// this page's last when more pages follow (the next one starts there), cut to
+        /// `keysPageBytes`.
+        public func merged(with lower: [ObjectKey], lowerMore: Bool) -> KeysPage {
+            var lower = lower
+            if more, let ceiling = keys.last { lower = lower.filter { !(ceiling < $0) } }
+            var all = Array(Set(keys).union(lower)).sorted()
+            var more = more || lowerMore
+            var bytes = 0
+            for (i, k) in all.enumerated() {
+                bytes += 4 + k.count
+                if bytes > ObjectTable.keysPageBytes {
+                    all.removeSubrange(i...)
+                    more = true
+                    break
+                }
+            }
+            return KeysPage(keys: all, more: more && !all.isEmpty)
+        }
+
         /// Checks a page that came from a master, which may lie: keys strictly increasing
         /// and all after `after` (so walking the pages always moves forward and ends), at
         /// most `keysPageBytes` encoded (the C ABI copies a page into a buffer that size), and

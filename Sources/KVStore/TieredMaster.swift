@@ -217,22 +217,7 @@ final class TieredMaster: MasterLink, @unchecked Sendable {
     func statistics() throws(KVError) -> CacheStatistics { inner.statistics() }
 
     func keysPage(after: ObjectKey?) throws(KVError) -> ObjectTable.KeysPage {
-        let page = inner.keysPage(after: after)
-        let ceiling = page.more ? page.keys.last : nil
-        var onDisk = disk.keys(after: after, limit: 1 << 20)
-        if let ceiling { onDisk = onDisk.filter { !(ceiling < $0) } }
-        var merged = Array(Set(page.keys).union(onDisk)).sorted()
-        var more = page.more
-        var bytes = 0
-        for (i, k) in merged.enumerated() {
-            bytes += 4 + k.count
-            if bytes > ObjectTable.keysPageBytes {
-                merged.removeSubrange(i...)
-                more = true
-                break
-            }
-        }
-        return ObjectTable.KeysPage(keys: merged, more: more && !merged.isEmpty)
+        inner.keysPage(after: after).merged(with: disk.keys(after: after, limit: 1 << 20), lowerMore: false)
     }
 
     // MARK: layouts

@@ -182,6 +182,31 @@ def _puts(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) -> i
     return 0
 
 
+def _hit_loop(reader: Store, tier: Store | None, keys: list[str], order: np.ndarray, warm: int, src: np.ndarray,
+              dst: np.ndarray) -> tuple[int, float]:
+    """Reads keys[i] for i in `order` with `reader`, putting a missing one again; returns the
+    hits after the first `warm` reads and the seconds spent reading. Every 256 reads `tier`'s
+    copier (when given) catches up, as an engine's compute between reads lets it."""
+    hits = 0
+    t_read = 0.0
+    for n, i in enumerate(order):
+        k = keys[i]
+        t0 = time.perf_counter()
+        try:
+            reader.get_into(k, dst)
+            hit = True
+        except KeyError:
+            hit = False
+        t_read += time.perf_counter() - t0
+        if not hit:
+            reader.put_from(k, src)
+        if n >= warm:
+            hits += hit
+        if n % 256 == 0 and tier is not None:
+            tier.wait_for_disk_copies()
+    return hits, t_read
+
+
 def _hit_rate(base: str, record: Callable[[dict[str, Any]], None]) -> int:
     size, segment = 64 << 10, 32 << 20
     count = 4 * segment // size
@@ -198,23 +223,7 @@ def _hit_rate(base: str, record: Callable[[dict[str, Any]], None]) -> int:
         d = os.path.join(base, "tier-hits")
         store = Store(segment, prefault=True, lease_ttl=0, **({"disk_path": d, "disk_size": "1GiB"} if name == "disk tier" else {}))
         try:
-            hits = 0
-            t_read = 0.0
-            for n, i in enumerate(order):
-                k = keys[i]
-                t0 = time.perf_counter()
-                try:
-                    store.get_into(k, dst)
-                    hit = True
-                except KeyError:
-                    hit = False
-                t_read += time.perf_counter() - t0
-                if not hit:
-                    store.put_from(k, src)
-                if n >= warm:
-                    hits += hit
-                if n % 256 == 0 and name == "disk tier":
-                    store.wait_for_disk_copies()
+            hits, t_read = _hit_loop(store, store if name == "disk tier" else None, keys, order, warm, src, dst)
             st = store.stats()
         finally:
             store.close()
@@ -305,23 +314,7 @@ def _cluster_hit_rate(base: str, url: str, record: Callable[[dict[str, Any]], No
         reader = Store.connect(url, segment_size=0)
         try:
             reader.remove_all(force=True)
-            hits = 0
-            t_read = 0.0
-            for n, i in enumerate(order):
-                k = keys[i]
-                t0 = time.perf_counter()
-                try:
-                    reader.get_into(k, dst)
-                    hit = True
-                except KeyError:
-                    hit = False
-                t_read += time.perf_counter() - t0
-                if not hit:
-                    reader.put_from(k, src)
-                if n >= warm:
-                    hits += hit
-                if n % 256 == 0 and name == "disk tier":
-                    owner.wait_for_disk_copies()
+            hits, t_read = _hit_loop(reader, owner if name == "disk tier" else None, keys, order, warm, src, dst)
             st = owner.stats()
         finally:
             _close_all([reader, owner], [])
