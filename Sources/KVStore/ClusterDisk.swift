@@ -43,6 +43,13 @@ final class ClusterDisk: @unchecked Sendable {
         state.server.withLock { $0 }?.serveDisk { [disk] g, offset, length, send throws(KVError) in
             try disk.serve(generation: g, offset: offset, length: length, send: send)
         }
+        // The first round declares the tier before `connect` returns, so the master counts
+        // the sightings of the very first puts and reads (reuse admission) and offers copies
+        // from the start. A master that refuses now (a previous holder of this disk not yet
+        // seen gone) is asked again by the thread.
+        let bounce = UnsafeMutableRawPointer.allocate(byteCount: Self.bounceBytes, alignment: DiskRecord.block)
+        defer { bounce.deallocate() }
+        do throws(KVError) { _ = try round(bounce) } catch { failedRounds.add(1, ordering: .relaxed) }
         let t = try BackgroundThread { [self] in loop() }
         worker.withLock { $0 = t }
     }
