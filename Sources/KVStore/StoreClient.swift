@@ -590,6 +590,7 @@ public final class StoreClient: Sendable {
         defer { for t in held { try? master.releaseRead(t.handle) } }
         var leased: [(item: Int, ticket: ReadTicket)] = [] // copies to check once they are done
         var stale: [Int] = [] // copies that outlived their lease
+        var fromDisk: [(item: Int, ticket: ReadTicket)] = [] // disk tier copies into host memory: read together at the end
         var plan = DeviceCopyPlan()
         try master.acquireReads(keys: keys, host: directory.host) { range, answers in
             // With every copy of the batch so far done (host memory: nothing planned), this
@@ -626,7 +627,13 @@ public final class StoreClient: Sendable {
                     }
                     held.append(t)
                     let mine = UnsafeBufferPointer(rebasing: destinations[items[i].regions])
-                    results[i] = .success(try heldCopyOut(t, range: 0..<t.size, to: mine, locations: try locate(mine, memory), plan: &plan, owner: i))
+                    let locations = try locate(mine, memory)
+                    if DiskDirectory.isDisk(t.segment) && locations == nil && t.fallbacks.isEmpty {
+                        try Self.checkRoom(mine, for: t.size, of: t)
+                        fromDisk.append((i, t))
+                        continue
+                    }
+                    results[i] = .success(try heldCopyOut(t, range: 0..<t.size, to: mine, locations: locations, plan: &plan, owner: i))
                     if t.leaseEnd != 0 { leased.append((i, t)) }
                 } catch {
                     results[i] = .failure(error)
@@ -636,6 +643,7 @@ public final class StoreClient: Sendable {
         for (i, e) in run(plan, into: .callerMemory) {
             results[i] = .failure(e)
         }
+        for (i, r) in readFromDisk(fromDisk, items, destinations) { results[i] = r }
         for (i, t) in leased {
             if case .success = results[i], !leaseHeld(t) { stale.append(i) }
         }
@@ -646,6 +654,47 @@ public final class StoreClient: Sendable {
         }
         return results
     }
+
+    /// Disk tiers' copies a batch found, read into host memory on up to
+    /// `diskReadThreads` threads (each disk read waits on a disk and often a peer: one after
+    /// another they leave both idle). One result per entry.
+    private func readFromDisk(
+        _ reads: [(item: Int, ticket: ReadTicket)], _ items: [BatchItem], _ destinations: UnsafeBufferPointer<MemoryRegion>
+    ) -> [(Int, Result<Int, KVError>)] {
+        guard !reads.isEmpty else { return [] }
+        let out = Locked([(Int, Result<Int, KVError>)]())
+        let next = Atomic<Int>(0)
+        let base = UInt(bitPattern: destinations.baseAddress), count = destinations.count
+        let work: @Sendable () -> Void = { [self] in
+            let all = UnsafeBufferPointer(start: UnsafePointer<MemoryRegion>(bitPattern: base), count: count)
+            while true {
+                let j = next.add(1, ordering: .relaxed).oldValue
+                guard j < reads.count else { return }
+                let (i, t) = reads[j]
+                let mine = UnsafeBufferPointer(rebasing: all[items[i].regions])
+                let r = Result { () throws(KVError) -> Int in
+                    try directory.readDisk(Replica(segment: t.segment, offset: t.offset), range: 0..<t.size, into: mine)
+                    if let want = t.checksum { // the writer's CRC32C, end to end
+                        let got = LocalCopyTransport.checksum(mine, length: t.size)
+                        guard got == want else {
+                            operations.checksumFailures.add(1, ordering: .relaxed)
+                            throw Self.checksumMismatch(t, Replica(segment: t.segment, offset: t.offset), got: got)
+                        }
+                        operations.checksumsVerified.add(1, ordering: .relaxed)
+                    }
+                    return t.size
+                }
+                out.withLock { $0.append((i, r)) }
+            }
+        }
+        let helpers = (1..<min(Self.diskReadThreads, reads.count)).compactMap { _ in try? BackgroundThread(work) }
+        work()
+        for h in helpers { h.join() }
+        return out.withLock { $0 }
+    }
+
+    /// Threads one batch reads disk tier copies on.
+    static let diskReadThreads = 4
 
     /// Whether a copy from `t`'s replica that has just ended ended inside the lease: the bytes
     /// it copied are the object's. Counts the copies that did not (their bytes must be thrown
