@@ -129,6 +129,32 @@ def test_reuse_admission_writes_only_keys_seen_twice(tmp_path):
         assert s.stats()["disk_objects"] == len(reused)
 
 
+def test_eviction_order_across_tiers(tmp_path):
+    """DRAM evicts its least recently used objects to disk, the disk tier evicts its own
+    oldest unread ones under disk_size, and a read brings an object back to the hot end of
+    both: what survives is the newest writes plus what was read."""
+    file_bytes = 4096 + SIZE                      # one header block and the value
+    with kvstore.Store(SEGMENT, lease_ttl=0, disk_path=tmp_path / "d", disk_size=8 * file_bytes,
+                       disk_admission="all") as s:
+        keys = [f"e-{i}" for i in range(40)]
+        fill(s, keys)
+        st = s.stats()
+        assert st["disk_evictions"] > 0 and st["disk_bytes"] <= 8 * file_bytes
+        present = [s.exists(k) for k in keys]
+        first = present.index(True)
+        assert first > 0 and all(present[first:]), present   # the oldest went first, in order
+        assert len(keys) - first > st["objects"]       # more survive than DRAM holds: the disk has the rest
+        hot = keys[first]                              # the oldest survivor: on disk only
+        hits = s.stats()["disk_hits"]
+        assert s.get(hot) == value(hot)
+        assert s.stats()["disk_hits"] == hits + 1
+        more = [f"m-{i}" for i in range(12)]
+        fill(s, more)
+        assert s.exists(hot) and s.get(hot) == value(hot)   # read since: kept
+        assert not s.exists(keys[first + 1])           # its neighbour, never read: evicted
+        assert all(s.exists(k) for k in more)
+
+
 def test_ttl_holds_on_disk(tmp_path):
     with tiered(tmp_path / "d") as s:
         t0 = time.monotonic()
