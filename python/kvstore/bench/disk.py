@@ -249,7 +249,9 @@ def _cluster(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) -
                  f"{'owner/fio':>11}{'remote/fio':>12}"
         print(header)
         print("-" * len(header))
-        for size, count, segment in ((1 << 20, 384, 64 << 20), (16 << 20, 24, 64 << 20)):
+        for op, size, count, segment, batch in (("get_into", 1 << 20, 384, 64 << 20, 1),
+                                                ("get_into", 16 << 20, 24, 64 << 20, 1),
+                                                ("batch_get_into", 64 << 10, 2048, 32 << 20, 256)):
             d = os.path.join(base, f"cluster-{size}")
             owner = Store.connect(url, segment_size=segment, prefault=True, disk_path=d, disk_size=4 * size * count + (64 << 20),
                                   disk_admission="all")
@@ -263,11 +265,16 @@ def _cluster(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) -
                         owner.wait_for_disk_copies()
                 owner.wait_for_disk_copies()
                 dst = np.zeros(size, dtype=np.uint8)
+                dsts = np.zeros((batch, size), dtype=np.uint8)
 
                 def one_pass(store: Store) -> float:
                     t0 = time.perf_counter()
-                    for k in keys:
-                        store.get_into(k, dst)
+                    if batch == 1:
+                        for k in keys:
+                            store.get_into(k, dst)
+                    else:
+                        for i in range(0, len(keys), batch):
+                            store.batch_get_into(keys[i:i + batch], list(dsts))
                     return time.perf_counter() - t0
 
                 one_pass(reader)
@@ -275,9 +282,11 @@ def _cluster(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) -
                 for _ in range(repeat):
                     owners.append(one_pass(owner))
                     remotes.append(one_pass(reader))
-                    rand = _fio(base, "randread", size, 1, seconds=1.0)
+                    rand = _fio(base, "randread", size, 4 if batch > 1 else 1, seconds=1.0)
                     if rand is not None:
                         rands.append(rand)
+                if batch > 1:
+                    dst[:] = dsts[-1]
                 if not np.array_equal(dst, src):
                     print("cluster read-back: wrong bytes", flush=True)
                     return 1
@@ -288,9 +297,10 @@ def _cluster(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) -
             og = size * count / statistics.median(owners) / 1e9
             rg = size * count / statistics.median(remotes) / 1e9
             rand = statistics.median(rands) if rands else None
-            record({"op": "disk_cluster_get_into", "size": size, "count": count, "owner_gb_per_s": og, "remote_gb_per_s": rg,
-                    "fio_rand_gb_per_s": rand, "disk_hits": hits})
-            print(f"{'get_into':<22}{_fmt_size(size):>9}{count:>7}{og:>12.2f}{rg:>13.2f}{rand or 0:>10.2f}"
+            record({"op": f"disk_cluster_{op}", "size": size, "count": count, "batch": batch, "owner_gb_per_s": og,
+                    "remote_gb_per_s": rg, "fio_rand_gb_per_s": rand, "disk_hits": hits})
+            what = op + (f" x{batch}" if batch > 1 else "")
+            print(f"{what:<22}{_fmt_size(size):>9}{count:>7}{og:>12.2f}{rg:>13.2f}{rand or 0:>10.2f}"
                   f"{og / rand if rand else 0:>11.2f}{rg / rand if rand else 0:>12.2f}", flush=True)
         return _cluster_hit_rate(base, url, record)
     finally:
