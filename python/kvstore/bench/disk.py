@@ -67,6 +67,17 @@ def _filled(directory: str, segment: int, size: int, count: int, admission: str 
     return store, keys, src
 
 
+def _read_all(store: Store, keys: list[str], dst: np.ndarray, dsts: np.ndarray) -> None:
+    """Reads every key once: ``get_into`` into ``dst``, or ``batch_get_into`` of ``len(dsts)``
+    keys at a time when there is more than one row."""
+    if len(dsts) == 1:
+        for k in keys:
+            store.get_into(k, dst)
+    else:
+        for i in range(0, len(keys), len(dsts)):
+            store.batch_get_into(keys[i:i + len(dsts)], list(dsts))
+
+
 def run_disk(directory: str | None, repeat: int, record: Callable[[dict[str, Any]], None]) -> int:
     base = tempfile.mkdtemp(prefix="kvstore-disk-bench-", dir=directory or "/var/tmp")
     try:
@@ -99,12 +110,7 @@ def _readback(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) 
             dsts.fill(0)
 
             def one_pass() -> None:
-                if batch == 1:
-                    for k in keys:
-                        store.get_into(k, dst)
-                else:
-                    for i in range(0, len(keys), batch):
-                        store.batch_get_into(keys[i:i + batch], list(dsts))
+                _read_all(store, keys, dst, dsts)
 
             jobs = 4 if batch > 1 else 1
             one_pass()   # every object's first read (the last ones written are still in DRAM)
@@ -269,12 +275,7 @@ def _cluster(base: str, repeat: int, record: Callable[[dict[str, Any]], None]) -
 
                 def one_pass(store: Store) -> float:
                     t0 = time.perf_counter()
-                    if batch == 1:
-                        for k in keys:
-                            store.get_into(k, dst)
-                    else:
-                        for i in range(0, len(keys), batch):
-                            store.batch_get_into(keys[i:i + batch], list(dsts))
+                    _read_all(store, keys, dst, dsts)
                     return time.perf_counter() - t0
 
                 one_pass(reader)
